@@ -1,0 +1,179 @@
+"""The silo's Flower ClientApp.
+
+A silo is named by its node config (`silo=payments`, deployment) or by the simulation engine's
+`partition-id` (0, 1, 2 -> payments, social, device). Its table lives in `<data-dir>/<silo>/`.
+Model, optimiser and alignment live in the node's `context.state`, which Flower keeps on the
+silo's side between messages; the prepared feature matrix is cached per process because it is
+derived from the table and cheap to rebuild.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, Context, Message
+from flwr.clientapp import ClientApp
+
+from clients import messages as m
+from clients.model import ModelSpec, SiloTrainer
+from clients.schema import SILOS, feature_names
+from clients.silo_data import SiloDataError, SiloMatrix, load_silo
+from crypto.psi import PsiError, PsiKey, hash_to_points
+
+log = logging.getLogger(__name__)
+
+_CACHE: dict[tuple[str, str, float], SiloMatrix] = {}
+
+
+def silo_name(context: Context) -> str:
+    node = context.node_config
+    if "silo" in node:
+        return str(node["silo"])
+    if "partition-id" in node:
+        pid = int(node["partition-id"])
+        if not 0 <= pid < len(SILOS):
+            raise SiloDataError(f"partition-id {pid} has no silo; run {len(SILOS)} supernodes")
+        return SILOS[pid]
+    raise SiloDataError("this node has no silo: start the SuperNode with --node-config 'silo=...'")
+
+
+def silo_dir(context: Context, default_root: Path | None) -> Path:
+    root = context.node_config.get("data-dir") or context.run_config.get("data-dir")
+    if root is None and default_root is None:
+        raise SiloDataError("no data directory: set node config or run config 'data-dir'")
+    return Path(str(root)) / silo_name(context) if root else default_root / silo_name(context)
+
+
+def silo_matrix(context: Context, default_root: Path | None) -> SiloMatrix:
+    directory = silo_dir(context, default_root)
+    silo = silo_name(context)
+    mtime = max((p.stat().st_mtime for p in directory.glob("features.*")), default=0.0)
+    key = (str(directory.resolve()), silo, mtime)
+    if key not in _CACHE:
+        _CACHE.clear()  # one silo table per process is enough; keeps memory bounded
+        _CACHE[key] = load_silo(directory, silo, feature_names(silo))
+    return _CACHE[key]
+
+
+def _guarded(handler: Callable[[Message, Context], Message]) -> Callable:
+    """Turn the silo's own diagnoses into error replies with a readable reason."""
+
+    def run(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except SiloDataError as exc:
+            return m.error_reply(msg, m.INPUT_ERROR, str(exc))
+        except (m.ProtocolError, PsiError) as exc:
+            return m.error_reply(msg, m.PROTOCOL_ERROR, f"silo {silo_name(context)}: {exc}")
+
+    run.__name__ = handler.__name__
+    return run
+
+
+def _trainer(context: Context) -> SiloTrainer:
+    if "model" not in context.state:
+        raise m.ProtocolError("no model yet: the authority must send query.align first")
+    cfg = context.state["model"]
+    trainer = SiloTrainer(int(cfg["inputs"]), ModelSpec.from_config(dict(cfg)), int(cfg["salt"]))
+    trainer.load_bytes(bytes(cfg["blob"]))
+    return trainer
+
+
+def _save_trainer(context: Context, trainer: SiloTrainer) -> None:
+    context.state["model"]["blob"] = trainer.to_bytes()
+
+
+def _rows(context: Context, positions: np.ndarray) -> np.ndarray:
+    pos2row = context.state["align"]["pos2row"].numpy()
+    if len(positions) and (positions.min() < 0 or positions.max() >= len(pos2row)):
+        raise m.ProtocolError(f"positions outside 0..{len(pos2row) - 1}")
+    rows = pos2row[positions]
+    if (rows < 0).any():
+        raise m.ProtocolError("positions this silo does not hold were requested")
+    return rows
+
+
+def make_client_app(default_root: Path | None = None) -> ClientApp:
+    """The silo's app; `default_root` is the parties directory when no config names one."""
+    app = ClientApp()
+    torch.set_num_threads(1)  # one core per silo: the simulation runs silos side by side
+
+    @app.query("hello")
+    @_guarded
+    def hello(msg: Message, context: Context) -> Message:
+        data = silo_matrix(context, default_root)
+        reply = m.make_content({"silo": silo_name(context), "rows": len(data.x),
+                                "inputs": data.x.shape[1]})
+        return Message(reply, reply_to=msg)
+
+    @app.query("psi_blind")
+    @_guarded
+    def psi_blind(msg: Message, context: Context) -> Message:
+        data = silo_matrix(context, default_root)
+        key = PsiKey()
+        context.state["psi"] = ConfigRecord({"secret": key.secret})
+        points = key.blind(hash_to_points(data.ids.to_numpy()))
+        return Message(m.make_content(points=points), reply_to=msg)
+
+    @app.query("psi_finish")
+    @_guarded
+    def psi_finish(msg: Message, context: Context) -> Message:
+        if "psi" not in context.state:
+            raise m.ProtocolError("psi_finish without psi_blind")
+        key = PsiKey(bytes(context.state["psi"]["secret"]))
+        del context.state["psi"]  # the blinding key is single-use
+        points = key.blind(m.get_array(msg, "points", np.uint8, 2))
+        return Message(m.make_content(points=points), reply_to=msg)
+
+    @app.query("align")
+    @_guarded
+    def align(msg: Message, context: Context) -> Message:
+        data = silo_matrix(context, default_root)
+        cfg = m.get_config(msg)
+        rows = m.get_array(msg, "rows", np.int64, 1)
+        positions = m.get_array(msg, "positions", np.int64, 1)
+        size = int(cfg["positions"])
+        if len(rows) != len(positions) or (rows < 0).any() or (rows >= len(data.x)).any():
+            raise m.ProtocolError("alignment rows do not fit this silo's table")
+        pos2row = np.full(size, -1, dtype=np.int64)
+        pos2row[positions] = rows
+        context.state["align"] = m.arrays(pos2row=pos2row)
+        spec = ModelSpec.from_config(cfg)
+        salt = SILOS.index(silo_name(context)) + 1 if silo_name(context) in SILOS else 0
+        trainer = SiloTrainer(data.x.shape[1], spec, salt)
+        context.state["model"] = ConfigRecord(
+            {**spec.to_config(), "inputs": data.x.shape[1], "salt": salt,
+             "blob": trainer.to_bytes()}
+        )
+        return Message(m.make_content({"inputs": data.x.shape[1]}), reply_to=msg)
+
+    @app.train("step")
+    @_guarded
+    def step(msg: Message, context: Context) -> Message:
+        t0 = time.perf_counter()
+        x = silo_matrix(context, default_root).x
+        trainer = _trainer(context)
+        grad = m.get_array(msg, "grad", np.float32, 1, required=False)
+        if grad is not None:
+            done = m.get_array(msg, "done_plan", np.int64, 1)
+            sizes = m.get_array(msg, "done_sizes", np.int64, 1)
+            batches = [x[_rows(context, b)] for b in m.split_batches(done, sizes)]
+            trainer.replay(batches, m.split_batches(grad, sizes))
+            _save_trainer(context, trainer)
+        out: dict[str, np.ndarray] = {}
+        for key in ("plan", "eval"):
+            positions = m.get_array(msg, key, np.int64, 1, required=False)
+            if positions is not None:
+                out[key] = trainer.contributions(x[_rows(context, positions)])
+        reply = m.make_content({"seconds": time.perf_counter() - t0}, **out)
+        return Message(reply, reply_to=msg)
+
+    return app
+
+
+app = make_client_app()

@@ -1,0 +1,92 @@
+"""The message schema between the authority and the silos.
+
+It lives on the silo side so a silo deploys without the authority's code; `server/` imports it.
+After alignment no message carries an identifier: only row positions 0..M-1 of the shared order,
+contributions and gradients.
+
+Message types (Flower "<category>.<action>"):
+  query.hello        -> silo name, table size                       (discovery + validation)
+  query.psi_blind    -> b*H(y) for the silo's rows                  (PSI step 1)
+  query.psi_finish   a*H(x) -> b*(a*H(x))                           (PSI step 3)
+  query.align        silo rows + shared positions + model spec      (alignment, model init)
+  train.step         [grad for the previous plan] [new plan] [eval positions]
+                     -> contributions for the new plan and the eval positions
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, RecordDict
+
+HELLO = "query.hello"
+PSI_BLIND = "query.psi_blind"
+PSI_FINISH = "query.psi_finish"
+ALIGN = "query.align"
+STEP = "train.step"
+
+# Error codes a silo uses for problems it diagnosed itself; the reason is meant for people.
+INPUT_ERROR = 4001
+PROTOCOL_ERROR = 4002
+
+
+class ProtocolError(ValueError):
+    """A message that does not follow this schema (wrong shape, missing field, stale plan)."""
+
+
+def arrays(**values: np.ndarray) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in values.items()})
+
+
+def make_content(
+    config: dict | None = None, **values: np.ndarray | None
+) -> RecordDict:
+    """Content with an optional "config" record and an "arrays" record of the given arrays."""
+    content = RecordDict()
+    if config:
+        content["config"] = ConfigRecord(config)
+    present = {k: v for k, v in values.items() if v is not None}
+    if present:
+        content["arrays"] = arrays(**present)
+    return content
+
+
+def get_config(msg: Message) -> dict:
+    return dict(msg.content["config"]) if "config" in msg.content else {}
+
+
+def get_array(
+    msg: Message,
+    key: str,
+    dtype: type | None = None,
+    ndim: int | None = None,
+    required: bool = True,
+) -> np.ndarray | None:
+    """Read array `key`, checking dtype and rank so a malformed peer fails loudly here."""
+    record = msg.content.get("arrays", None)
+    if record is None or key not in record:
+        if required:
+            raise ProtocolError(f"message {msg.metadata.message_type} lacks array {key!r}")
+        return None
+    value = record[key].numpy()
+    if dtype is not None and value.dtype != np.dtype(dtype):
+        raise ProtocolError(
+            f"array {key!r} has dtype {value.dtype}, expected {np.dtype(dtype)}"
+        )
+    if ndim is not None and value.ndim != ndim:
+        raise ProtocolError(f"array {key!r} has {value.ndim} dimensions, expected {ndim}")
+    if value.dtype.kind == "f" and not np.isfinite(value).all():
+        raise ProtocolError(f"array {key!r} holds NaN or infinite values")
+    return value
+
+
+def error_reply(msg: Message, code: int, reason: str) -> Message:
+    return Message(Error(code=code, reason=reason), reply_to=msg)
+
+
+def split_batches(flat: np.ndarray, sizes: np.ndarray) -> list[np.ndarray]:
+    """Cut a concatenated batch plan (or per-row values) back into batches."""
+    if int(sizes.sum()) != len(flat):
+        raise ProtocolError(
+            f"batch sizes add to {int(sizes.sum())} but {len(flat)} values were sent"
+        )
+    return np.split(flat, np.cumsum(sizes)[:-1])

@@ -1,0 +1,68 @@
+"""What each party's table looks like.
+
+The silo side owns this schema: a silo deploys with it and validates its own table against it,
+and the generator in `simulations/` writes tables that follow it. The authority never needs
+the feature names; it only sees row positions and contributions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ID_COLUMN = "phone"
+LABEL_COLUMN = "default"
+
+# Partition ids of the simulation engine map to silos in this order.
+SILOS: tuple[str, ...] = ("payments", "social", "device")
+AUTHORITY = "authority"
+
+
+@dataclass(frozen=True)
+class Feature:
+    name: str
+    kind: str  # "amount" (skewed, >= 0), "count" (>= 0), "rate" (0..1), "flag" (0/1), "real"
+    description: str
+
+
+SILO_FEATURES: dict[str, tuple[Feature, ...]] = {
+    "payments": (
+        Feature("on_time_repayment_rate", "rate", "share of instalments repaid on time, 12 m"),
+        Feature("overdue_count", "count", "overdue events in 24 months"),
+        Feature("overdue_max_days", "count", "longest overdue spell, days"),
+        Feature("balance", "amount", "average wallet and card balance, CNY"),
+        Feature("spend_level", "amount", "average monthly spend, CNY"),
+        Feature("spend_stability", "rate", "1 - coefficient of variation of monthly spend"),
+        Feature("wealth_holdings", "amount", "wealth-management holdings, CNY"),
+        Feature("bill_payments", "count", "utility and phone bills paid in 12 months"),
+        Feature("high_risk_merchant_share", "rate", "share of spend at high-risk merchants"),
+        Feature("complaints", "count", "complaints filed against the person in 12 months"),
+    ),
+    "social": (
+        Feature("interaction_freq", "amount", "messages and calls per week"),
+        Feature("red_packet_exchange", "count", "red packets sent and received, 12 months"),
+        Feature("group_activity", "rate", "share of joined groups active in 30 days"),
+        Feature("contacts_avg_standing", "real", "average score of frequent contacts"),
+        Feature("mini_program_use", "count", "mini-program / official-account sessions, 30 d"),
+        Feature("donations", "count", "charitable donations, 12 months"),
+        Feature("violation_reports", "count", "violation reports against the person, 12 m"),
+    ),
+    "device": (
+        Feature("common_device_share", "rate", "share of logins from the usual device"),
+        Feature("devices_90d", "count", "distinct devices used in 90 days"),
+        Feature("abnormal_location_logins", "count", "logins from unusual locations, 90 d"),
+        Feature("rebinding_count", "count", "phone or card rebindings in 12 months"),
+        Feature("two_factor_on", "flag", "two-factor authentication enabled"),
+        Feature("password_age_days", "amount", "days since the last password change"),
+        Feature("location_stability", "rate", "share of days at the two usual locations"),
+    ),
+}
+
+
+def feature_names(silo: str) -> list[str]:
+    """Feature column names of `silo`, in schema order."""
+    try:
+        return [f.name for f in SILO_FEATURES[silo]]
+    except KeyError:
+        raise ValueError(
+            f"unknown silo {silo!r}: expected one of {', '.join(SILO_FEATURES)}"
+        ) from None

@@ -1,0 +1,102 @@
+"""Identity alignment: PSI with every silo, then one shared row order 0..M-1.
+
+The authority keeps the people every silo holds (the joint intersection), shuffles them into
+positions, and tells each silo which of its rows sits at which position. From here on messages
+carry positions only. What each party learns is in docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from clients import messages as m
+from crypto.psi import PsiKey, hash_to_points, match
+from server.federation import Federation, FederationError
+
+log = logging.getLogger(__name__)
+
+
+class AlignmentError(FederationError):
+    """No usable overlap between the parties."""
+
+
+@dataclass(frozen=True)
+class Alignment:
+    authority_rows: np.ndarray  # authority table row at each position
+    silo_rows: dict[str, np.ndarray]  # silo table row at each position
+    overlap: dict[str, int]  # people each silo shares with the authority
+
+    @property
+    def size(self) -> int:
+        return len(self.authority_rows)
+
+
+def private_intersections(
+    fed: Federation, ids: pd.Series, workers: int = 1
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{silo: (authority rows, silo rows)} of the people both hold, via ECDH PSI."""
+    key = PsiKey()
+    pending = fed.push(m.PSI_BLIND, {s: m.make_content() for s in fed.silos})
+    # Blind our own set while the silos blind theirs.
+    own = key.blind(hash_to_points(ids.to_numpy()), workers)
+    theirs = {s: m.get_array(r, "points", np.uint8, 2) for s, r in fed.collect(pending).items()}
+    pending = fed.push(m.PSI_FINISH, {s: m.make_content(points=own) for s in fed.silos})
+    theirs = {s: key.blind(points, workers) for s, points in theirs.items()}
+    doubled = {s: m.get_array(r, "points", np.uint8, 2) for s, r in fed.collect(pending).items()}
+    out = {}
+    for silo in fed.silos:
+        if len(doubled[silo]) != len(own):
+            raise AlignmentError(
+                f"silo {silo!r} returned {len(doubled[silo])} points for {len(own)} sent"
+            )
+        auth_rows, silo_rows = match(doubled[silo], theirs[silo])
+        if len(auth_rows) == 0:
+            raise AlignmentError(
+                f"silo {silo!r} shares no one with the authority; check that both tables hold "
+                "phone numbers of the same people (compared after E.164 normalisation)"
+            )
+        out[silo] = (auth_rows, silo_rows)
+        log.info("PSI with %s: %d people in common", silo, len(auth_rows))
+    return out
+
+
+def joint_order(
+    pairs: dict[str, tuple[np.ndarray, np.ndarray]], n_authority: int, seed: int
+) -> Alignment:
+    """Positions for the people all silos hold, in a seeded random order."""
+    silo_row_of: dict[str, np.ndarray] = {}
+    present = np.ones(n_authority, dtype=bool)
+    for silo, (auth_rows, silo_rows) in pairs.items():
+        row_of = np.full(n_authority, -1, dtype=np.int64)
+        row_of[auth_rows] = silo_rows
+        silo_row_of[silo] = row_of
+        present &= row_of >= 0
+    joint = np.flatnonzero(present)
+    if len(joint) == 0:
+        raise AlignmentError(
+            "no person is held by every silo; the vertical model needs people all parties know"
+        )
+    authority_rows = np.random.default_rng([seed, 0xA11]).permutation(joint)
+    return Alignment(
+        authority_rows=authority_rows,
+        silo_rows={s: row_of[authority_rows] for s, row_of in silo_row_of.items()},
+        overlap={s: len(a) for s, (a, _) in pairs.items()},
+    )
+
+
+def announce(fed: Federation, alignment: Alignment, model_config: dict) -> dict[str, int]:
+    """Tell each silo its positions and how to build its model; returns its input widths."""
+    positions = np.arange(alignment.size, dtype=np.int64)
+    config = {**model_config, "positions": alignment.size}
+    replies = fed.exchange(
+        m.ALIGN,
+        {
+            s: m.make_content(config, rows=alignment.silo_rows[s], positions=positions)
+            for s in fed.silos
+        },
+    )
+    return {s: int(m.get_config(r)["inputs"]) for s, r in replies.items()}

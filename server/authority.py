@@ -1,0 +1,146 @@
+"""One run of the scoring authority, start to finish.
+
+connect -> PSI alignment -> split -> federated training -> calibration -> scores -> outputs.
+Writes into the run directory only what the authority may publish: keyed subject references
+(HMAC under the authority's pepper), never a phone number or an unkeyed hash of one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from clients.model import ModelSpec
+from clients.schema import AUTHORITY
+from crypto.identity import keyed_refs, load_or_create_pepper
+from server import metrics, scoring
+from server.alignment import announce, joint_order, private_intersections
+from server.config import AuthorityConfig, to_flat
+from server.federation import Federation
+from server.labels import load_labels
+from server.split import SPLIT_NAMES, stratified_split
+from server.training import train
+
+log = logging.getLogger(__name__)
+
+PEPPER_FILE = "pepper.key"
+
+
+@dataclass
+class RunResult:
+    metrics: dict
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+class Phases:
+    """Wall time per phase, reported in metrics.json and the progress display."""
+
+    def __init__(self, progress: Callable[..., None] | None) -> None:
+        self.seconds: dict[str, float] = {}
+        self.progress = progress
+        self._name: str | None = None
+        self._t = 0.0
+
+    def start(self, name: str) -> None:
+        self.stop()
+        self._name, self._t = name, time.perf_counter()
+        if self.progress:
+            self.progress(name, 0, None)
+        log.info("phase %s", name)
+
+    def stop(self) -> None:
+        if self._name is not None:
+            self.seconds[self._name] = round(time.perf_counter() - self._t, 3)
+            if self.progress:
+                self.progress(self._name, 1, 1)
+        self._name = None
+
+
+def run_authority(
+    fed: Federation,
+    cfg: AuthorityConfig,
+    data_dir: Path,
+    out_dir: Path,
+    progress: Callable[..., None] | None = None,
+) -> RunResult:
+    phases = Phases(progress)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    phases.start("connect")
+    ids, labels = load_labels(data_dir / AUTHORITY)
+    info = fed.connect()
+
+    phases.start("psi")
+    pairs = private_intersections(fed, ids, workers=cfg.psi.workers)
+    alignment = joint_order(pairs, len(ids), cfg.seed)
+    y = labels[alignment.authority_rows].astype(np.int8)
+    split = stratified_split(y, cfg.split, cfg.seed)
+    spec = ModelSpec(cfg.model.hidden, cfg.train.lr, cfg.train.weight_decay, cfg.seed)
+    inputs = announce(fed, alignment, spec.to_config())
+
+    phases.start("train")
+    result = train(
+        fed, y.astype(np.float64), split.train, split.val, alignment.size, cfg.train, cfg.seed,
+        progress,
+    )
+
+    phases.start("score")
+    calibrate = scoring.Platt.fit(result.logits[split.val], y[split.val])
+    p = calibrate(result.logits)
+    score = scoring.to_score(p, cfg.score)
+    tier = scoring.to_tier(score)
+    test = split.test
+    summary = metrics.summary(y[test], p[test])
+    pepper = load_or_create_pepper(data_dir / AUTHORITY / PEPPER_FILE)
+    refs = keyed_refs(ids.to_numpy()[alignment.authority_rows], pepper)
+    split_of = split.labels(alignment.size)
+    scores = pd.DataFrame(
+        {
+            "subject_ref": refs,
+            "split": pd.Categorical.from_codes(split_of, SPLIT_NAMES),
+            "probability": p.astype(np.float64),
+            "score": score,
+            "tier": pd.Categorical.from_codes(tier, scoring.TIER_KEYS),
+        }
+    )
+    scores.to_parquet(out_dir / "scores.parquet", index=False)
+    phases.stop()
+
+    out = {
+        **summary,
+        "tiers": scoring.tier_counts(tier),
+        "test_tiers": scoring.tier_counts(tier[test]),
+        "test_default_rate_by_tier": _rate_by_tier(y[test], tier[test]),
+        "calibration": {"a": calibrate.a, "b": calibrate.b},
+        "people": {
+            "authority": len(ids),
+            "silo_rows": {s: int(info[s]["rows"]) for s in fed.silos},
+            "overlap": alignment.overlap,
+            "aligned": alignment.size,
+            "train": len(split.train), "val": len(split.val), "test": len(split.test),
+        },
+        "model_inputs": inputs,
+        "history": result.history,
+        "round_trips": fed.round_trips,
+        "silo_compute_seconds": {s: round(v, 3) for s, v in result.silo_seconds.items()},
+        "seconds": phases.seconds,
+        "config": to_flat(cfg),
+    }
+    (out_dir / "authority.json").write_text(json.dumps(out, indent=2))
+    log.info("test AUC %.4f, KS %.4f, Brier %.4f", summary["auc"], summary["ks"], summary["brier"])
+    return RunResult(metrics=out, seconds=phases.seconds)
+
+
+def _rate_by_tier(y: np.ndarray, tier: np.ndarray) -> dict[str, float | None]:
+    out: dict[str, float | None] = {}
+    for i, key in enumerate(scoring.TIER_KEYS):
+        sel = tier == i
+        out[key] = float(y[sel].mean()) if sel.any() else None
+    return out

@@ -1,0 +1,219 @@
+"""The authority's run configuration.
+
+Sections are dataclasses validated at construction. On the command line and in Flower's run
+config they appear as flat dotted keys ("train.epochs"), so one parser serves `fedscore run
+--set train.epochs=5`, `[tool.flwr.app.config]` and `config.json`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration key or value that cannot be used."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    hidden: tuple[int, ...] = (32, 16)
+
+    def __post_init__(self) -> None:
+        if not self.hidden or any(h < 1 or h > 4096 for h in self.hidden):
+            raise ConfigError(
+                f"model.hidden={self.hidden}: give 1 to 4096 units per layer, e.g. 32,16"
+            )
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 8
+    batch_size: int = 512
+    lr: float = 0.003
+    weight_decay: float = 0.0
+    # Batches per Flower round trip: each trip costs ~100 ms, while staleness grows with it.
+    chunk_batches: int = 8
+
+    def __post_init__(self) -> None:
+        _positive("train.epochs", self.epochs)
+        _positive("train.batch_size", self.batch_size)
+        _positive("train.chunk_batches", self.chunk_batches)
+        if not 0 < self.lr < 1:
+            raise ConfigError(f"train.lr={self.lr}: use a learning rate in (0, 1), e.g. 0.003")
+        if self.weight_decay < 0:
+            raise ConfigError(f"train.weight_decay={self.weight_decay}: must be >= 0")
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    train: float = 0.7
+    val: float = 0.15
+
+    @property
+    def test(self) -> float:
+        return 1.0 - self.train - self.val
+
+    def __post_init__(self) -> None:
+        if not (0 < self.train < 1 and 0 < self.val < 1 and self.train + self.val < 0.96):
+            raise ConfigError(
+                f"split.train={self.train}, split.val={self.val}: both in (0, 1) with at "
+                "least 5 % left for the test set, e.g. 0.7 and 0.15"
+            )
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    base_score: float = 650.0
+    base_odds: float = 30.0
+    pdo: float = 50.0
+
+    def __post_init__(self) -> None:
+        if self.pdo <= 0 or self.base_odds <= 0:
+            raise ConfigError(
+                f"score.pdo={self.pdo}, score.base_odds={self.base_odds}: both must be > 0"
+            )
+        if not 300 <= self.base_score <= 850:
+            raise ConfigError(f"score.base_score={self.base_score}: must lie in 300..850")
+
+
+@dataclass(frozen=True)
+class PsiConfig:
+    # Processes for the authority's own blinding; silos blind in their own processes.
+    workers: int = 1
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.workers <= 64:
+            raise ConfigError(f"psi.workers={self.workers}: use 1 to 64 processes")
+
+
+@dataclass(frozen=True)
+class AuthorityConfig:
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    psi: PsiConfig = field(default_factory=PsiConfig)
+    # How long to wait for all silos to join, and for any one reply.
+    join_timeout: float = 120.0
+    reply_timeout: float = 600.0
+
+
+def _positive(name: str, value: int) -> None:
+    if value < 1:
+        raise ConfigError(f"{name}={value}: must be a positive whole number")
+
+
+# ---- flat dotted keys ------------------------------------------------------------------------
+
+
+def flat_fields(cls: type, prefix: str = "") -> dict[str, Any]:
+    """{dotted key: type} of every leaf field of a (nested) config dataclass."""
+    out: dict[str, Any] = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out.update(flat_fields(tp, f"{prefix}{f.name}."))
+        else:
+            out[f"{prefix}{f.name}"] = tp
+    return out
+
+
+def to_flat(obj: Any, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update(to_flat(value, f"{prefix}{f.name}."))
+        else:
+            out[f"{prefix}{f.name}"] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def coerce(key: str, tp: Any, value: Any) -> Any:
+    """Turn a command-line string or a JSON/TOML value into a field's type."""
+    try:
+        return _coerce(tp, value)
+    except (TypeError, ValueError, KeyError):
+        raise ConfigError(f"{key}={value!r}: expected {_type_name(tp)}") from None
+
+
+def _coerce(tp: Any, value: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or str(value).strip().lower() in ("none", "null", ""):
+            return None
+        (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _coerce(inner, value)
+    if origin is tuple:
+        items = value.split(",") if isinstance(value, str) else list(value)
+        inner = typing.get_args(tp)[0]
+        return tuple(_coerce(inner, v) for v in items if str(v).strip() != "")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        return {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}[
+            str(value).strip().lower()
+        ]
+    if tp is int:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError(value)
+        return int(value.strip().replace("_", "")) if isinstance(value, str) else int(value)
+    if tp is float:
+        if isinstance(value, bool):
+            raise ValueError(value)
+        number = float(value)
+        if math.isnan(number):
+            raise ValueError(value)
+        return number
+    if tp is str:
+        return str(value)
+    raise TypeError(f"unsupported field type {tp}")
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is tuple:
+        return f"a comma-separated list of {_type_name(typing.get_args(tp)[0])}s"
+    names = {int: "a whole number", float: "a number", bool: "true or false", str: "text"}
+    return names.get(tp, str(tp))
+
+
+def unknown_key_error(key: str, known: typing.Iterable[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, list(known), n=3, cutoff=0.5)
+    hint = f"did you mean {' or '.join(close)}?" if close else "see `fedscore run --help-config`"
+    return ConfigError(f"unknown config key {key!r}: {hint}")
+
+
+def build(cls: type, flat: dict[str, Any], prefix: str = "") -> Any:
+    """Instantiate nested dataclass `cls` from dotted keys (already coerced), defaults elsewhere."""
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(tp):
+            kwargs[f.name] = build(tp, flat, f"{key}.")
+        elif key in flat:
+            kwargs[f.name] = flat[key]
+    return cls(**kwargs)
+
+
+def parse_flat(cls: type, values: dict[str, Any], ignore: typing.Iterable[str] = ()) -> Any:
+    """Validate keys, coerce values and build `cls`. Keys in `ignore` are skipped."""
+    fields = flat_fields(cls)
+    skip = set(ignore)
+    coerced = {}
+    for key, value in values.items():
+        if key in skip:
+            continue
+        if key not in fields:
+            raise unknown_key_error(key, fields)
+        coerced[key] = coerce(key, fields[key], value)
+    return build(cls, coerced)

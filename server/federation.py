@@ -1,0 +1,125 @@
+"""The authority's view of the silos: who they are, and sending them messages.
+
+Uses `push_messages` + `pull_messages` with a short backoff of our own rather than
+`send_and_receive`, which under a SuperLink sleeps 3 s between pulls; pushing first also lets
+the authority compute while the silos work.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Iterable, Mapping
+
+from flwr.app import Message, RecordDict
+from flwr.serverapp import Grid
+
+from clients import messages as m
+
+log = logging.getLogger(__name__)
+
+
+class FederationError(RuntimeError):
+    """A silo is missing, failed, or did not answer in time."""
+
+
+def _reason(msg: Message) -> str:
+    """The readable part of an error reply (the simulation engine wraps tracebacks around it)."""
+    reason = msg.error.reason
+    if msg.error.code in (m.INPUT_ERROR, m.PROTOCOL_ERROR):
+        return reason
+    found = re.findall(r"Message: (.+?)(?:'>|$)", reason, flags=re.S)
+    return found[-1].strip() if found else reason.strip().splitlines()[-1][:500]
+
+
+class Federation:
+    def __init__(
+        self,
+        grid: Grid,
+        silos: Iterable[str],
+        join_timeout: float = 120.0,
+        reply_timeout: float = 600.0,
+    ) -> None:
+        self.grid = grid
+        self.silos = tuple(silos)
+        self.join_timeout = join_timeout
+        self.reply_timeout = reply_timeout
+        self.nodes: dict[str, int] = {}
+        self.info: dict[str, dict] = {}
+        self.round_trips = 0
+
+    def connect(self) -> dict[str, dict]:
+        """Wait for the SuperNodes, ask each which silo it is, and check all are present."""
+        deadline = time.monotonic() + self.join_timeout
+        while len(node_ids := list(self.grid.get_node_ids())) < len(self.silos):
+            if time.monotonic() > deadline:
+                raise FederationError(
+                    f"only {len(node_ids)} of {len(self.silos)} silos joined within "
+                    f"{self.join_timeout:.0f} s; start one SuperNode per silo"
+                )
+            time.sleep(0.05)
+        replies = self._collect(self._push_to(_hello_messages(node_ids)))
+        for node_id, reply in replies.items():
+            cfg = m.get_config(reply)
+            silo = str(cfg["silo"])
+            if silo in self.nodes:
+                raise FederationError(f"two SuperNodes claim silo {silo!r}; give each its own")
+            self.nodes[silo] = node_id
+            self.info[silo] = cfg
+        missing = [s for s in self.silos if s not in self.nodes]
+        if missing:
+            raise FederationError(f"no SuperNode serves silo(s) {', '.join(missing)}")
+        return self.info
+
+    def push(self, message_type: str, contents: Mapping[str, RecordDict]) -> dict[str, str]:
+        """Send one message per silo; returns {message id: silo} to `collect` later."""
+        msgs = {
+            silo: Message(content, dst_node_id=self.nodes[silo], message_type=message_type)
+            for silo, content in contents.items()
+        }
+        return self._push_to(msgs)
+
+    def collect(self, pending: Mapping[str, str]) -> dict[str, Message]:
+        return self._collect(pending)
+
+    def exchange(self, message_type: str, contents: Mapping[str, RecordDict]) -> dict[str, Message]:
+        return self.collect(self.push(message_type, contents))
+
+    def broadcast(self, message_type: str, content: RecordDict) -> dict[str, Message]:
+        return self.exchange(message_type, dict.fromkeys(self.silos, content))
+
+    # ---- internals ---------------------------------------------------------------------------
+
+    def _push_to(self, msgs: Mapping) -> dict[str, object]:
+        keys = list(msgs)
+        ids = list(self.grid.push_messages([msgs[k] for k in keys]))
+        self.round_trips += 1
+        return dict(zip(ids, keys, strict=True))
+
+    def _collect(self, pending: Mapping[str, object]) -> dict:
+        waiting = dict(pending)
+        replies: dict = {}
+        deadline = time.monotonic() + self.reply_timeout
+        pause = 0.002
+        while waiting:
+            for reply in self.grid.pull_messages(list(waiting)):
+                who = waiting.pop(reply.metadata.reply_to_message_id)
+                if reply.has_error():
+                    name = who if isinstance(who, str) else f"node {who}"
+                    raise FederationError(f"{name}: {_reason(reply)}")
+                replies[who] = reply
+            if waiting:
+                if time.monotonic() > deadline:
+                    late = ", ".join(str(w) for w in waiting.values())
+                    raise FederationError(
+                        f"no reply from {late} within {self.reply_timeout:.0f} s; check that "
+                        "its SuperNode is running"
+                    )
+                time.sleep(pause)
+                pause = min(pause * 2, 0.05)
+        return replies
+
+
+def _hello_messages(node_ids: Iterable[int]) -> dict[int, Message]:
+    return {n: Message(RecordDict(), dst_node_id=n, message_type=m.HELLO) for n in node_ids}

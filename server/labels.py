@@ -1,0 +1,49 @@
+"""The authority's own table: who it knows and whether they defaulted."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from clients.schema import ID_COLUMN, LABEL_COLUMN
+from crypto.identity import IdentifierError, normalize_phones
+
+
+class LabelDataError(ValueError):
+    """The authority's label table cannot be used as it is."""
+
+
+def load_labels(authority_dir: Path) -> tuple[pd.Series, np.ndarray]:
+    """Normalised identifiers and 0/1 labels from `<authority_dir>/labels.parquet` (or .csv)."""
+    for name in ("labels.parquet", "labels.csv"):
+        path = authority_dir / name
+        if path.exists():
+            break
+    else:
+        raise LabelDataError(
+            f"no label table in {authority_dir}: expected labels.parquet or labels.csv; "
+            "generate party tables with `fedscore generate --parties DIR`"
+        )
+    df = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(
+        path, dtype={ID_COLUMN: "string"}
+    )
+    for col in (ID_COLUMN, LABEL_COLUMN):
+        if col not in df.columns:
+            raise LabelDataError(f"{path}: no column {col!r}; the label table needs "
+                                 f"{ID_COLUMN!r} and {LABEL_COLUMN!r}")
+    labels = pd.to_numeric(df[LABEL_COLUMN], errors="coerce")
+    if labels.isna().any() or not labels.isin((0, 1)).all():
+        raise LabelDataError(
+            f"{path}: column {LABEL_COLUMN!r} must be 0 or 1 in every row "
+            f"({int((~labels.isin((0, 1))).sum())} rows are not); fix or drop them"
+        )
+    try:
+        ids = normalize_phones(df[ID_COLUMN])
+    except IdentifierError as exc:
+        raise LabelDataError(f"{path}: {exc}") from None
+    dup = int(ids.duplicated().sum())
+    if dup:
+        raise LabelDataError(f"{path}: {dup} identifiers appear more than once; keep one row each")
+    return ids, labels.to_numpy(dtype=np.int8)

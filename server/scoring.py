@@ -1,0 +1,85 @@
+"""From default probability to a 300..850 score and a tier.
+
+score = offset + factor * ln((1 - p) / p), factor = PDO / ln 2, offset = base - factor * ln(odds):
+every PDO points double the odds of repaying; base_score sits at base_odds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from server.config import ScoreConfig
+
+SCORE_MIN, SCORE_MAX = 300, 850
+
+
+@dataclass(frozen=True)
+class Tier:
+    key: str
+    name_zh: str
+    low: int  # inclusive
+    high: int  # inclusive
+    benefit: str
+
+
+TIERS: tuple[Tier, ...] = (
+    Tier("watch", "待观察", 300, 409, "none, observation"),
+    Tier("fair", "普通", 410, 559, "basic payment functions"),
+    Tier("good", "良好", 560, 659, "priority customer service"),
+    Tier("excellent", "优秀", 660, 759, "deposit fully offset"),
+    Tier("exceptional", "极优", 760, 850, "deposit-free limit of 20,000 CNY"),
+)
+TIER_KEYS = tuple(t.key for t in TIERS)
+_LOWER = np.array([t.low for t in TIERS[1:]])
+
+
+def scale(cfg: ScoreConfig) -> tuple[float, float]:
+    """(offset, factor) of the PDO scaling."""
+    factor = cfg.pdo / np.log(2.0)
+    return float(cfg.base_score - factor * np.log(cfg.base_odds)), float(factor)
+
+
+def to_score(p: np.ndarray, cfg: ScoreConfig) -> np.ndarray:
+    """Integer scores in 300..850 from default probabilities."""
+    offset, factor = scale(cfg)
+    p = np.clip(np.asarray(p, dtype=np.float64), 1e-12, 1 - 1e-12)
+    raw = offset + factor * (np.log1p(-p) - np.log(p))
+    return np.clip(np.rint(raw), SCORE_MIN, SCORE_MAX).astype(np.int16)
+
+
+def to_tier(score: np.ndarray) -> np.ndarray:
+    """Tier index 0..4 (see TIERS) for integer scores."""
+    return np.searchsorted(_LOWER, np.asarray(score), side="right").astype(np.int8)
+
+
+def tier_counts(tier_index: np.ndarray) -> dict[str, int]:
+    counts = np.bincount(np.asarray(tier_index, dtype=np.int64), minlength=len(TIERS))
+    return {t.key: int(c) for t, c in zip(TIERS, counts, strict=True)}
+
+
+@dataclass(frozen=True)
+class Platt:
+    """p = sigmoid(a * z + b), fitted on held-out logits by Newton's method."""
+
+    a: float = 1.0
+    b: float = 0.0
+
+    @classmethod
+    def fit(cls, z: np.ndarray, y: np.ndarray, iterations: int = 50) -> Platt:
+        z, y = np.asarray(z, dtype=np.float64), np.asarray(y, dtype=np.float64)
+        X = np.column_stack([z, np.ones_like(z)])
+        w = np.array([1.0, 0.0])
+        for _ in range(iterations):
+            p = 1 / (1 + np.exp(-(X @ w)))
+            grad = X.T @ (p - y)
+            hess = (X * (p * (1 - p))[:, None]).T @ X + 1e-9 * np.eye(2)
+            step = np.linalg.solve(hess, grad)
+            w -= step
+            if np.abs(step).max() < 1e-10:
+                break
+        return cls(float(w[0]), float(w[1]))
+
+    def __call__(self, z: np.ndarray) -> np.ndarray:
+        return 1 / (1 + np.exp(-(self.a * np.asarray(z, dtype=np.float64) + self.b)))

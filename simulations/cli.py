@@ -1,0 +1,178 @@
+"""`fedscore`: run federated credit-scoring experiments.
+
+  fedscore run --out DIR [--users N] [--seed S] [--set key=value ...]
+  fedscore generate --parties DIR [--users N] [--seed S] [--set population.key=value ...]
+  fedscore config                      # every --set key with its type and default
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import threading
+from pathlib import Path
+
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.table import Table
+
+from simulations.engine import configure_environment, quiet_engine_logs
+
+console = Console(stderr=True)
+log = logging.getLogger("fedscore")
+
+PHASE_LABELS = {
+    "generate": "Generate population",
+    "validate": "Validate party tables",
+    "connect": "Start engine, connect silos",
+    "psi": "Align identities (ECDH PSI)",
+    "train": "Federated training",
+    "score": "Calibrate and score",
+    "join": "Join tables for baselines",
+    "baseline_central": "Baseline: central model",
+    "baseline_payments": "Baseline: payments silo only",
+}
+
+
+class PhaseProgress:
+    """Adapts the pipeline's progress(phase, done, total, **info) calls to a rich display."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.tasks: dict[str, int] = {}
+        self.lock = threading.Lock()
+
+    def __call__(self, phase: str, done: float, total: float | None, **info: object) -> None:
+        with self.lock:
+            label = PHASE_LABELS.get(phase, phase)
+            if "epoch" in info:
+                label = f"{label} (epoch {info['epoch']})"
+            if phase not in self.tasks:
+                self.tasks[phase] = self.progress.add_task(label, total=total)
+            task = self.tasks[phase]
+            if total is None:
+                self.progress.update(task, description=label)
+            else:
+                self.progress.update(task, completed=done, total=total, description=label)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fedscore", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="generate parties, train the federation, score, compare")
+    run.add_argument("--out", type=Path, required=True, help="new run directory")
+    run.add_argument("--parties", type=Path, default=None,
+                     help="party tables (default: <out>.parties, beside the run)")
+    _population_args(run)
+
+    gen = sub.add_parser("generate", help="write a generated population's party tables")
+    gen.add_argument("--parties", type=Path, required=True, help="directory for party tables")
+    gen.add_argument("--overwrite", action="store_true", help="replace existing tables")
+    _population_args(gen)
+
+    sub.add_parser("config", help="list every --set key with its type and default")
+    return p
+
+
+def _population_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--users", type=int, default=None, help="people the authority knows")
+    p.add_argument("--seed", type=int, default=None, help="seed for data and training")
+    p.add_argument("--set", dest="assignments", action="append", default=[],
+                   metavar="KEY=VALUE", help="override a config key (see `fedscore config`)")
+
+
+def _run(args: argparse.Namespace) -> int:
+    from simulations.config import make_config, parse_assignments
+    from simulations.paths import default_parties_dir
+    from simulations.runner import run_experiment
+
+    cfg = make_config(parse_assignments(args.assignments), args.users, args.seed)
+    out_dir = args.out.resolve()
+    parties = (args.parties or default_parties_dir(args.out)).resolve()
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+               MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False) as progress:
+        metrics = run_experiment(cfg, out_dir, parties, PhaseProgress(progress))
+    _print_summary(metrics, out_dir, parties)
+    return 0
+
+
+def _print_summary(metrics: dict, out_dir: Path, parties: Path) -> None:
+    table = Table(title="fedscore run", show_header=True)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key in ("auc", "ks", "gini", "brier", "oracle_auc", "baseline_central_auc",
+                "baseline_payments_only_auc"):
+        table.add_row(key, f"{metrics[key]:.4f}")
+    table.add_row("aligned people", f"{metrics['people']['aligned']:,}")
+    table.add_row("tiers", ", ".join(f"{k} {v:,}" for k, v in metrics["tiers"].items()))
+    table.add_row("round trips", str(metrics["round_trips"]))
+    table.add_row("seconds (total)", f"{metrics['seconds']['total']:.1f}")
+    out = Console()
+    out.print(table)
+    out.print(f"results: {out_dir}  (metrics.json, scores.parquet, manifest.json)")
+    out.print(f"party tables: {parties}")
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from simulations.config import POPULATION_PREFIX, make_config, parse_assignments
+    from simulations.population import generate, write_parties
+
+    values = parse_assignments(args.assignments)
+    bad = [k for k in values if not k.startswith(POPULATION_PREFIX)]
+    if bad:
+        from server.config import ConfigError
+
+        raise ConfigError(f"`generate` takes only population.* keys, not {', '.join(bad)}")
+    cfg = make_config(values, args.users, args.seed)
+    with console.status("generating population"):
+        paths = write_parties(generate(cfg.population), args.parties, overwrite=args.overwrite)
+    Console().print(f"wrote {len(paths)} files under {args.parties}")
+    return 0
+
+
+def _config(_: argparse.Namespace) -> int:
+    from simulations.config import describe_keys
+
+    table = Table("key", "type", "default")
+    for row in describe_keys():
+        table.add_row(*row)
+    Console().print(table)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(message)s",
+        handlers=[RichHandler(console=console, show_path=False)],
+    )
+    configure_environment()
+    quiet_engine_logs(args.verbose)
+    from simulations.errors import USER_ERRORS
+
+    try:
+        return {"run": _run, "generate": _generate, "config": _config}[args.command](args)
+    except USER_ERRORS as exc:
+        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        return 2
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""The one place that starts Flower's simulation engine.
+
+`flwr.simulation.run_simulation` is marked deprecated but is the in-process entry in flwr 1.41;
+keeping it behind `run_federation` lets a later Flower be swapped in here alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+from flwr.clientapp import ClientApp
+from flwr.serverapp import ServerApp
+
+log = logging.getLogger(__name__)
+
+QUIET_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "RAY_DEDUP_LOGS": "0",
+    # Ray would otherwise warn about, and later change, how it handles accelerator env vars.
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+}
+
+
+def private_engine_home() -> Path:
+    """A per-user directory for Flower and Ray state, kept out of ~/.flwr and /tmp/ray.
+
+    Ray's socket paths must stay under ~107 bytes, so this lives directly under the temp dir.
+    """
+    home = Path(tempfile.gettempdir()) / f"fedscore-{os.getuid()}"
+    home.mkdir(mode=0o700, exist_ok=True)
+    return home
+
+
+def configure_environment() -> None:
+    home = private_engine_home()
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("FLWR_HOME", str(home / "flwr"))
+    os.environ.setdefault("RAY_TMPDIR", str(home / "ray"))
+
+
+def quiet_engine_logs(verbose: bool = False) -> None:
+    """Flower and Ray log a great deal at INFO; keep their warnings and errors only."""
+    level = logging.INFO if verbose else logging.ERROR
+    for name in ("flwr", "ray"):
+        logging.getLogger(name).setLevel(level)
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module="flwr")
+
+
+def run_federation(server_app: ServerApp, client_app: ClientApp, silos: int) -> None:
+    """Run the apps in-process: one virtual SuperNode per silo, each on its own Ray actor."""
+    configure_environment()
+    from flwr.simulation import run_simulation
+
+    run_simulation(
+        server_app=server_app,
+        client_app=client_app,
+        num_supernodes=silos,
+        backend_config={
+            # One logical CPU per silo, so all silos work side by side; torch in each actor
+            # is pinned to one thread, so two cores are shared without oversubscription blowups.
+            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            "init_args": {
+                "num_cpus": silos,
+                "num_gpus": 0,
+                "logging_level": logging.ERROR,
+                "log_to_driver": False,
+            },
+        },
+    )

@@ -1,0 +1,25 @@
+"""Errors a user can fix: the CLI prints their message without a traceback."""
+
+from __future__ import annotations
+
+from clients.messages import ProtocolError
+from clients.silo_data import SiloDataError
+from crypto.identity import IdentifierError
+from crypto.psi import PsiError
+from server.config import ConfigError
+from server.federation import FederationError
+from server.labels import LabelDataError
+from server.split import SplitError
+
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ConfigError,
+    SiloDataError,
+    LabelDataError,
+    IdentifierError,
+    FederationError,
+    ProtocolError,
+    PsiError,
+    SplitError,
+    FileExistsError,
+    PermissionError,
+)
