@@ -55,7 +55,10 @@ def silo_matrix(context: Context, default_root: Path | None) -> SiloMatrix:
     mtime = max((p.stat().st_mtime for p in directory.glob("features.*")), default=0.0)
     key = (str(directory.resolve()), silo, mtime)
     if key not in _CACHE:
-        _CACHE.clear()  # one silo table per process is enough; keeps memory bounded
+        # The engine may route any silo's message to any worker process, so keep every silo's
+        # matrix (a few MB per 100k people); drop stale versions of this silo's table only.
+        for old in [k for k in _CACHE if k[:2] == key[:2]]:
+            del _CACHE[old]
         _CACHE[key] = load_silo(directory, silo, feature_names(silo))
     return _CACHE[key]
 

@@ -33,7 +33,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 8
+    epochs: int = 4
     batch_size: int = 512
     lr: float = 0.003
     weight_decay: float = 0.0

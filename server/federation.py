@@ -117,7 +117,7 @@ class Federation:
                         "its SuperNode is running"
                     )
                 time.sleep(pause)
-                pause = min(pause * 2, 0.05)
+                pause = min(pause * 2, 0.01)
         return replies
 
 

@@ -61,25 +61,49 @@ def tier_counts(tier_index: np.ndarray) -> dict[str, int]:
 
 @dataclass(frozen=True)
 class Platt:
-    """p = sigmoid(a * z + b), fitted on held-out logits by Newton's method."""
+    """p = sigmoid(a * z + b), fitted on held-out logits.
+
+    Newton's method with backtracking on the standardised logit, so extreme or badly scaled
+    logits (an unstable model) still give a finite, loss-decreasing fit instead of diverging.
+    """
 
     a: float = 1.0
     b: float = 0.0
 
     @classmethod
-    def fit(cls, z: np.ndarray, y: np.ndarray, iterations: int = 50) -> Platt:
+    def fit(cls, z: np.ndarray, y: np.ndarray, iterations: int = 100) -> Platt:
         z, y = np.asarray(z, dtype=np.float64), np.asarray(y, dtype=np.float64)
-        X = np.column_stack([z, np.ones_like(z)])
-        w = np.array([1.0, 0.0])
+        mu, sd = z.mean(), z.std()
+        sd = sd if sd > 0 else 1.0
+        X = np.column_stack([(z - mu) / sd, np.ones_like(z)])
+        prior = np.clip(y.mean(), 1e-6, 1 - 1e-6)
+        w = np.array([0.0, np.log(prior / (1 - prior))])
+        loss = _nll(X, y, w)
         for _ in range(iterations):
-            p = 1 / (1 + np.exp(-(X @ w)))
+            p = _sigmoid(X @ w)
             grad = X.T @ (p - y)
             hess = (X * (p * (1 - p))[:, None]).T @ X + 1e-9 * np.eye(2)
             step = np.linalg.solve(hess, grad)
-            w -= step
-            if np.abs(step).max() < 1e-10:
+            t = 1.0
+            while t > 1e-8 and _nll(X, y, w - t * step) > loss:
+                t /= 2
+            w_new = w - t * step
+            new_loss = _nll(X, y, w_new)
+            converged = loss - new_loss < 1e-12
+            w, loss = w_new, min(loss, new_loss)
+            if converged:
                 break
-        return cls(float(w[0]), float(w[1]))
+        return cls(float(w[0] / sd), float(w[1] - w[0] * mu / sd))
 
     def __call__(self, z: np.ndarray) -> np.ndarray:
-        return 1 / (1 + np.exp(-(self.a * np.asarray(z, dtype=np.float64) + self.b)))
+        return _sigmoid(self.a * np.asarray(z, dtype=np.float64) + self.b)
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 0.5 * (1 + np.tanh(0.5 * x))  # stable for large |x|
+
+
+def _nll(X: np.ndarray, y: np.ndarray, w: np.ndarray) -> float:
+    s = X @ w
+    # log(1 + e^s) - y s, computed without overflow
+    return float(np.sum(np.logaddexp(0.0, s) - y * s))

@@ -327,14 +327,14 @@ def _social(rng: np.random.Generator, R, W, S, H) -> dict[str, np.ndarray]:
     n = len(R)
     # Contacts' standing: people know people like them; about 600 +- 60 on 300..850.
     standing_signal = (0.6 * R + 0.4 * W) / math.sqrt(0.36 + 0.16 + 2 * 0.24 * LATENT_CORR[0, 1])
-    standing = 600.0 + 60.0 * (0.4 * standing_signal + 0.917 * rng.standard_normal(n))
+    standing = 600.0 + 60.0 * (0.25 * standing_signal + 0.968 * rng.standard_normal(n))
     return {
         "interaction_freq": _lognormal(rng, 80.0, 0.8 * S, 0.7),
         "red_packet_exchange": _negbin(rng, np.exp(np.log(30.0) + 0.7 * S + 0.3 * W), 2.0),
         "group_activity": _beta(rng, _sigmoid(-0.5 + 0.8 * S), 6.0),
         "contacts_avg_standing": np.round(np.clip(standing, 300.0, 850.0), 1),
         "mini_program_use": _negbin(rng, np.exp(np.log(20.0) + 0.5 * S + 0.2 * W), 1.5),
-        "donations": rng.poisson(np.exp(-0.5 + 0.2 * R + 0.4 * S + 0.1 * W)).astype(np.float64),
+        "donations": rng.poisson(np.exp(-0.5 + 0.1 * R + 0.4 * S + 0.1 * W)).astype(np.float64),
         "violation_reports": _negbin(rng, np.exp(-2.8 - 0.3 * R - 0.2 * S), 0.8),
     }
 

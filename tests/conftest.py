@@ -1,0 +1,42 @@
+"""Shared fixtures. Engine runs go through the CLI in a subprocess, as a user would run them,
+so each gets a fresh Ray and a private Flower home."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ENGINE_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+}
+os.environ.update(ENGINE_ENV)
+
+
+def run_cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, **ENGINE_ENV, "FLWR_HOME": str(cwd / ".flwr"),
+           "COLUMNS": "200"}
+    return subprocess.run(
+        [sys.executable, "-m", "simulations.cli", *args],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False,
+    )
+
+
+@pytest.fixture(scope="session")
+def small_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One small federated run with one batch per round trip (no staleness), shared by the
+    end-to-end tests."""
+    work = tmp_path_factory.mktemp("small_run")
+    proc = run_cli(
+        "run", "--out", str(work / "run"), "--users", "3000", "--seed", "7",
+        "--set", "train.epochs=2", "--set", "train.batch_size=256",
+        "--set", "train.chunk_batches=1",
+        cwd=work,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return work / "run"

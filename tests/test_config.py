@@ -1,0 +1,71 @@
+"""Configuration: unknown keys, wrong types and impossible values stop with a clear message."""
+
+from __future__ import annotations
+
+import pytest
+
+from server.config import AuthorityConfig, ConfigError, parse_flat
+from simulations.config import ExperimentConfig, make_config, parse_assignments
+
+
+def test_defaults_round_trip_through_flat_keys():
+    cfg = make_config()
+    assert make_config(cfg.flat()) == cfg == ExperimentConfig()
+
+
+def test_overrides_and_shortcuts():
+    cfg = make_config({"train.epochs": "3", "model.hidden": "8,4"}, users=5000, seed=9)
+    assert cfg.authority.train.epochs == 3
+    assert cfg.authority.model.hidden == (8, 4)
+    assert cfg.population.users == 5000
+    assert cfg.population.seed == cfg.authority.seed == 9
+
+
+def test_unknown_key_suggests_the_closest():
+    with pytest.raises(ConfigError, match=r"unknown config key 'train.epoch'.*train\.epochs"):
+        make_config({"train.epoch": "3"})
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        ("train.epochs", "three", "whole number"),
+        ("train.epochs", "2.5", "whole number"),
+        ("train.lr", "fast", "number"),
+        ("train.lr", "nan", "number"),
+        ("model.hidden", "32,x", "comma-separated"),
+        ("population.users", "many", "whole number"),
+    ],
+)
+def test_wrong_types_name_the_key_and_the_expected_type(key, value, expected):
+    with pytest.raises(ConfigError, match=rf"{key}=.*{expected}"):
+        make_config({key: value})
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "field"),
+    [
+        ("train.epochs", "0", "train.epochs"),
+        ("train.lr", "2", "train.lr"),
+        ("split.train", "0.95", "split.train"),
+        ("score.pdo", "-1", "score.pdo"),
+        ("population.users", "10", "users"),
+        ("population.default_rate", "0.9", "default_rate"),
+    ],
+)
+def test_impossible_values_name_the_field(key, value, field):
+    with pytest.raises(ConfigError, match=field):
+        make_config({key: value})
+
+
+def test_assignments_need_an_equals_sign():
+    assert parse_assignments(["a=1", "a=2"]) == {"a": "2"}
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_assignments(["train.epochs"])
+
+
+def test_flower_run_config_path_keys_are_ignored_but_others_checked():
+    cfg = parse_flat(AuthorityConfig, {"data-dir": "x", "train.epochs": 2}, ignore=["data-dir"])
+    assert cfg.train.epochs == 2
+    with pytest.raises(ConfigError, match="unknown"):
+        parse_flat(AuthorityConfig, {"data-dir": "x"})

@@ -1,0 +1,66 @@
+"""Known answers for the score scale, tiers and calibration."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from server.config import ScoreConfig
+from server.scoring import TIERS, Platt, tier_counts, to_score, to_tier
+
+CFG = ScoreConfig()  # 650 at 30:1, 50 points to double the odds
+
+
+def test_base_odds_give_the_base_score():
+    assert to_score(np.array([1 / 31]), CFG)[0] == 650
+
+
+def test_doubling_the_odds_adds_pdo_points():
+    p_base, p_double = 1 / 31, 1 / 61
+    s = to_score(np.array([p_base, p_double, 1 / 121]), CFG)
+    assert list(s) == [650, 700, 750]
+
+
+def test_scores_are_clipped_to_300_850():
+    assert list(to_score(np.array([0.999999, 1e-9, 0.0, 1.0]), CFG)) == [300, 850, 850, 300]
+
+
+def test_scores_fall_as_risk_rises():
+    p = np.linspace(0.001, 0.999, 500)
+    assert (np.diff(to_score(p, CFG).astype(int)) <= 0).all()
+
+
+@pytest.mark.parametrize(
+    ("score", "tier"),
+    [(300, "watch"), (409, "watch"), (410, "fair"), (559, "fair"), (560, "good"),
+     (659, "good"), (660, "excellent"), (759, "excellent"), (760, "exceptional"),
+     (850, "exceptional")],
+)
+def test_tier_bounds_are_inclusive(score, tier):
+    assert TIERS[to_tier(np.array([score]))[0]].key == tier
+
+
+def test_tier_counts_cover_every_tier():
+    counts = tier_counts(to_tier(np.array([300, 420, 420, 800])))
+    assert counts == {"watch": 1, "fair": 2, "good": 0, "excellent": 0, "exceptional": 1}
+
+
+def test_platt_recovers_a_known_calibration():
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=200_000)
+    y = (rng.random(z.size) < 1 / (1 + np.exp(-(0.5 * z - 2.0)))).astype(float)
+    cal = Platt.fit(z, y)
+    assert cal.a == pytest.approx(0.5, abs=0.03)
+    assert cal.b == pytest.approx(-2.0, abs=0.03)
+
+
+def test_platt_stays_finite_on_extreme_logits():
+    rng = np.random.default_rng(3)
+    z = rng.normal(size=5000) * 1e6  # a diverged model's logits
+    y = (rng.random(5000) < 0.1).astype(float)
+    cal = Platt.fit(z, y)
+    p = cal(z)
+    assert np.isfinite([cal.a, cal.b]).all()
+    assert np.isfinite(p).all()
+    assert 0 < p.mean() < 1
+    assert abs(p.mean() - y.mean()) < 0.02
