@@ -49,9 +49,25 @@ def batch_plan(train: np.ndarray, batch_size: int, epoch: int, seed: int) -> lis
     return np.array_split(order, max(1, int(np.ceil(len(order) / batch_size))))
 
 
-def chunks(batches: list[np.ndarray], size: int) -> Iterator[list[np.ndarray]]:
-    for start in range(0, len(batches), size):
+def chunk_sizes(cfg: TrainConfig) -> Iterator[int]:
+    """Batches per round trip: doubling from 1 to chunk_batches with warm-up, else constant."""
+    size = 1 if cfg.chunk_warmup else cfg.chunk_batches
+    while True:
+        yield size
+        size = min(2 * size, cfg.chunk_batches)
+
+
+def chunks(batches: list[np.ndarray], sizes: Iterator[int]) -> Iterator[list[np.ndarray]]:
+    start = 0
+    while start < len(batches):
+        size = next(sizes)
         yield batches[start : start + size]
+        start += size
+
+
+def count_trips(n_batches: int, epochs: int, cfg: TrainConfig) -> int:
+    sizes = chunk_sizes(cfg)
+    return sum(len(list(chunks([np.empty(0)] * n_batches, sizes))) for _ in range(epochs))
 
 
 class Top:
@@ -107,7 +123,8 @@ def train(
 ) -> TrainResult:
     top = Top(prior=float(y[train_pos].mean()), lr=cfg.lr)
     n_batches = int(np.ceil(len(train_pos) / cfg.batch_size))
-    total_chunks = cfg.epochs * int(np.ceil(n_batches / cfg.chunk_batches))
+    total_chunks = count_trips(n_batches, cfg.epochs, cfg)
+    sizes_of_chunks = chunk_sizes(cfg)
     result = TrainResult(bias=top.value, logits=np.empty(0))
     silo_seconds = dict.fromkeys(fed.silos, 0.0)
     done: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
@@ -125,7 +142,8 @@ def train(
         return replies
 
     for epoch in range(cfg.epochs):
-        for chunk in chunks(batch_plan(train_pos, cfg.batch_size, epoch, seed), cfg.chunk_batches):
+        batches = batch_plan(train_pos, cfg.batch_size, epoch, seed)
+        for chunk in chunks(batches, sizes_of_chunks):
             plan = np.concatenate(chunk).astype(np.int64)
             sizes = [len(b) for b in chunk]
             replies = send(plan, sizes, val_pos if eval_next else None)
