@@ -50,7 +50,8 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     run_config = dict(context.run_config)
     data_dir = Path(str(run_config.get("data-dir", "parties/default"))).resolve()
-    out_dir = Path(str(run_config.get("out-dir", "runs/flwr"))).resolve()
+    # One subdirectory per Flower run, so a later run never overwrites an earlier one.
+    out_dir = Path(str(run_config.get("out-dir", "runs/flwr"))).resolve() / str(context.run_id)
     cfg = parse_flat(AuthorityConfig, run_config, ignore=PATH_KEYS)
     log.info("authority: data %s, outputs %s", data_dir, out_dir)
     fed = Federation(grid, SILOS, cfg.join_timeout, cfg.reply_timeout)

@@ -69,3 +69,27 @@ def test_flower_run_config_path_keys_are_ignored_but_others_checked():
     assert cfg.train.epochs == 2
     with pytest.raises(ConfigError, match="unknown"):
         parse_flat(AuthorityConfig, {"data-dir": "x"})
+
+
+def test_flower_app_config_matches_the_defaults():
+    import tomllib
+    from pathlib import Path
+
+    from server.config import to_flat
+
+    root = Path(__file__).resolve().parents[1]
+    app_config = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
+    flat: dict = {}
+
+    def walk(prefix: str, table: dict) -> None:
+        for key, value in table.items():
+            if isinstance(value, dict):
+                walk(f"{prefix}{key}.", value)
+            else:
+                flat[f"{prefix}{key}"] = value
+
+    walk("", app_config["config"])
+    flat.pop("data-dir")
+    flat.pop("out-dir")
+    assert parse_flat(AuthorityConfig, flat) == AuthorityConfig()
+    assert set(flat) == set(to_flat(AuthorityConfig()))
