@@ -173,6 +173,8 @@ def make_client_app(default_root: Path | None = None) -> ClientApp:
             positions = m.get_array(msg, key, np.int64, 1, required=False)
             if positions is not None:
                 out[key] = trainer.contributions(x[_rows(context, positions)])
+        if trainer.history:
+            out["accountant"] = np.array(trainer.history, dtype=np.float64)
         reply = m.make_content({"seconds": time.perf_counter() - t0}, **out)
         return Message(reply, reply_to=msg)
 

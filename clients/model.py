@@ -1,18 +1,29 @@
-"""A silo's bottom model and its local optimiser.
+"""A silo's bottom model and its local optimiser, optionally with DP-SGD (Opacus).
 
 The bottom model g_k maps a silo's features to one logit contribution. No BatchNorm: DP-SGD needs
 per-sample gradients, and BatchNorm mixes samples. The last layer starts at zero so every silo
 begins by contributing nothing and the authority's bias starts at the prior.
+
+With DP, the model is wrapped in Opacus's GradSampleModule and the optimiser in its DPOptimizer:
+backpropagating the authority's d loss / d contribution gives per-sample gradients, which are
+clipped to `max_grad_norm` and noised before each step. The party's accountant history covers
+the whole run and travels with its state.
 """
 
 from __future__ import annotations
 
 import io
+import logging
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from opacus import GradSampleModule
+from opacus.optimizers import DPOptimizer
 from torch import nn
+
+from clients.accounting import History, add_steps
 
 
 @dataclass(frozen=True)
@@ -21,6 +32,15 @@ class ModelSpec:
     lr: float = 0.003
     weight_decay: float = 0.0
     seed: int = 0
+    # DP-SGD: noise_multiplier 0 means no DP. expected_batch is q * N for Poisson plans.
+    noise_multiplier: float = 0.0
+    max_grad_norm: float = 1.0
+    sample_rate: float = 0.0
+    expected_batch: int = 0
+
+    @property
+    def dp(self) -> bool:
+        return self.noise_multiplier > 0
 
     def to_config(self) -> dict:
         return {
@@ -28,6 +48,10 @@ class ModelSpec:
             "lr": self.lr,
             "weight_decay": self.weight_decay,
             "seed": self.seed,
+            "noise_multiplier": self.noise_multiplier,
+            "max_grad_norm": self.max_grad_norm,
+            "sample_rate": self.sample_rate,
+            "expected_batch": self.expected_batch,
         }
 
     @classmethod
@@ -37,6 +61,10 @@ class ModelSpec:
             lr=float(cfg["lr"]),
             weight_decay=float(cfg["weight_decay"]),
             seed=int(cfg["seed"]),
+            noise_multiplier=float(cfg.get("noise_multiplier", 0.0)),
+            max_grad_norm=float(cfg.get("max_grad_norm", 1.0)),
+            sample_rate=float(cfg.get("sample_rate", 0.0)),
+            expected_batch=int(cfg.get("expected_batch", 0)),
         )
 
 
@@ -67,34 +95,91 @@ def build(n_inputs: int, spec: ModelSpec, salt: int = 0) -> tuple[BottomModel, t
     return model, opt
 
 
+def make_private(
+    model: nn.Module, opt: torch.optim.Optimizer, spec: ModelSpec, generator: torch.Generator
+) -> tuple[GradSampleModule, DPOptimizer]:
+    """Opacus's per-sample gradients, clipping and Gaussian noise around a model/optimiser."""
+    private = GradSampleModule(model, loss_reduction="mean")
+    dp_opt = DPOptimizer(
+        opt,
+        noise_multiplier=spec.noise_multiplier,
+        max_grad_norm=spec.max_grad_norm,
+        expected_batch_size=spec.expected_batch,
+        loss_reduction="mean",
+        generator=generator,
+    )
+    # Opacus sets the `flwr` logger (and others) to DEBUG when imported; keep them quiet.
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    return private, dp_opt
+
+
 class SiloTrainer:
-    """A silo's model and optimiser, serialisable into the node's Flower state between messages."""
+    """A silo's model, optimiser and accountant history, serialisable into the node's Flower
+    state between messages."""
 
     def __init__(self, n_inputs: int, spec: ModelSpec, salt: int = 0) -> None:
         self.n_inputs = n_inputs
         self.spec = spec
-        self.model, self.opt = build(n_inputs, spec, salt)
+        self.base, opt = build(n_inputs, spec, salt)
+        self.generator = torch.Generator().manual_seed(spec.seed * 7_919 + salt)
+        self.history: History = []
+        if spec.dp:
+            self.model, self.opt = make_private(self.base, opt, spec, self.generator)
+        else:
+            self.model, self.opt = self.base, opt
+
+    def _inner_opt(self) -> torch.optim.Optimizer:
+        return self.opt.original_optimizer if isinstance(self.opt, DPOptimizer) else self.opt
 
     def to_bytes(self) -> bytes:
         buf = io.BytesIO()
-        torch.save({"model": self.model.state_dict(), "opt": self.opt.state_dict()}, buf)
+        torch.save(
+            {
+                "model": self.base.state_dict(),
+                "opt": self._inner_opt().state_dict(),
+                "rng": self.generator.get_state(),
+                "history": [list(h) for h in self.history],
+            },
+            buf,
+        )
         return buf.getvalue()
 
     def load_bytes(self, blob: bytes) -> None:
         state = torch.load(io.BytesIO(blob), weights_only=True)
-        self.model.load_state_dict(state["model"])
-        self.opt.load_state_dict(state["opt"])
+        self.base.load_state_dict(state["model"])
+        self._inner_opt().load_state_dict(state["opt"])
+        self.generator.set_state(state["rng"])
+        self.history = [(float(s), float(q), int(n)) for s, q, n in state["history"]]
 
     @torch.no_grad()
     def contributions(self, x: np.ndarray) -> np.ndarray:
-        self.model.eval()
-        return self.model(torch.from_numpy(x)).numpy().astype(np.float32)
+        self.base.eval()
+        return self.base(torch.from_numpy(x)).numpy().astype(np.float32)
 
     def replay(self, batches: list[np.ndarray], grads: list[np.ndarray]) -> None:
-        """One optimiser step per batch, backpropagating the authority's d loss / d contribution."""
+        """One optimiser step per batch, backpropagating the authority's d loss / d contribution.
+
+        With DP every batch is one DP-SGD step on the accountant, empty batches included (a
+        Poisson sample can be empty; the noise is still added and the step still counts).
+        """
         self.model.train()
+        with warnings.catch_warnings():
+            # Opacus's hooks fire on module outputs because inputs need no gradient: expected.
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            self._replay(batches, grads)
+
+    def _replay(self, batches: list[np.ndarray], grads: list[np.ndarray]) -> None:
         for xb, gb in zip(batches, grads, strict=True):
             self.opt.zero_grad(set_to_none=True)
-            out = self.model(torch.from_numpy(xb))
-            out.backward(torch.from_numpy(gb))
-            self.opt.step()
+            if len(xb):
+                out = self.model(torch.from_numpy(xb))
+                out.backward(torch.from_numpy(gb))
+            elif self.spec.dp:
+                for p in self.base.parameters():
+                    p.grad_sample = torch.zeros((0, *p.shape))
+            if len(xb) or self.spec.dp:
+                self.opt.step()
+            if self.spec.dp:
+                self.history = add_steps(
+                    self.history, self.spec.noise_multiplier, self.spec.sample_rate, 1
+                )

@@ -24,7 +24,10 @@ from server import metrics, scoring
 from server.alignment import announce, joint_order, private_intersections
 from server.config import AuthorityConfig, to_flat
 from server.federation import Federation
+from server.label_dp import randomized_response
 from server.labels import load_labels
+from server.ledger import Ledger
+from server.privacy import PrivacyPlan
 from server.split import SPLIT_NAMES, stratified_split
 from server.training import train
 
@@ -82,14 +85,30 @@ def run_authority(
     alignment = joint_order(pairs, len(ids), cfg.seed)
     y = labels[alignment.authority_rows].astype(np.int8)
     split = stratified_split(y, cfg.split, cfg.seed)
-    spec = ModelSpec(cfg.model.hidden, cfg.train.lr, cfg.train.weight_decay, cfg.seed)
+    privacy = PrivacyPlan(cfg.privacy, fed.silos, len(split.train), cfg.train.batch_size,
+                          cfg.train.epochs, Ledger(out_dir))
+    spec = ModelSpec(
+        cfg.model.hidden, cfg.train.lr, cfg.train.weight_decay, cfg.seed,
+        noise_multiplier=privacy.sigma, max_grad_norm=cfg.privacy.max_grad_norm,
+        sample_rate=privacy.q, expected_batch=privacy.expected_batch,
+    )
     inputs = announce(fed, alignment, spec.to_config())
+    # Randomised response once, before training: gradients only ever see y_view.
+    y_view = y.astype(np.float64)
+    if cfg.privacy.label_dp:
+        rng = np.random.default_rng([cfg.seed, 0x1AB])
+        y_view[split.train] = randomized_response(y[split.train], cfg.privacy.label_epsilon, rng)
+    privacy.record_labels()
 
     phases.start("train")
-    result = train(
-        fed, y.astype(np.float64), split.train, split.val, alignment.size, cfg.train, cfg.seed,
-        progress,
-    )
+    try:
+        result = train(
+            fed, y_view, y.astype(np.float64), split.train, split.val, alignment.size,
+            cfg.train, spec, privacy, progress,
+        )
+        privacy_summary = privacy.summary()
+    finally:
+        privacy.close()
 
     phases.start("score")
     calibrate = scoring.Platt.fit(result.logits[split.val], y[split.val])
@@ -126,6 +145,9 @@ def run_authority(
             "aligned": alignment.size,
             "train": len(split.train), "val": len(split.val), "test": len(split.test),
         },
+        **privacy_summary,
+        "training_steps": result.steps,
+        "stopped_by_budget_cap": result.stopped_by_cap,
         "model_inputs": inputs,
         "history": result.history,
         "round_trips": fed.round_trips,

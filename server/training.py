@@ -12,12 +12,18 @@ A `train.step` message carries the gradient for the previous chunk and the plan 
 
 This is block-coordinate descent with staleness bounded by the chunk size: a batch's gradient
 was computed from contributions made before the chunk's earlier batches were applied.
+
+With DP-SGD, batches are Poisson samples (each training row independently with probability q),
+every party clips per-sample gradients and adds noise (Opacus), and every party's accountant
+advances one step per batch. The authority checks the budget cap before each chunk and refuses
+the steps that would pass it.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -25,9 +31,13 @@ import numpy as np
 import torch
 
 from clients import messages as m
+from clients.accounting import History
+from clients.model import ModelSpec, make_private
 from server.config import TrainConfig
 from server.federation import Federation, FederationError
+from server.label_dp import corrected_gradient
 from server.metrics import auc, log_loss
+from server.privacy import PrivacyPlan
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +50,29 @@ class TrainResult:
     logits: np.ndarray  # z for every position, after training
     history: list[dict] = field(default_factory=list)
     round_trips: int = 0
+    steps: int = 0
+    stopped_by_cap: bool = False
     silo_seconds: dict[str, float] = field(default_factory=dict)
+    accountant_history: dict[str, History] = field(default_factory=dict)
 
 
-def batch_plan(train: np.ndarray, batch_size: int, epoch: int, seed: int) -> list[np.ndarray]:
-    """Shuffled mini-batches of the training positions for one epoch."""
-    order = np.random.default_rng([seed, 0xBA7C, epoch]).permutation(train)
-    return np.array_split(order, max(1, int(np.ceil(len(order) / batch_size))))
+def batch_plan(
+    train: np.ndarray, batch_size: int, epoch: int, seed: int, poisson: bool = False
+) -> list[np.ndarray]:
+    """One epoch of mini-batches over the training positions.
+
+    Without DP: a shuffled partition. With DP: round(1/q) Poisson samples, q = batch / N, drawn
+    as a Binomial size and then a uniform subset of that size (the same distribution as
+    independent coin flips per row, without materialising N coins per step).
+    """
+    rng = np.random.default_rng([seed, 0xBA7C, epoch])
+    if not poisson:
+        order = rng.permutation(train)
+        return np.array_split(order, max(1, int(np.ceil(len(order) / batch_size))))
+    q = min(1.0, batch_size / len(train))
+    steps = max(1, round(1 / q))
+    sizes = rng.binomial(len(train), q, size=steps)
+    return [np.sort(rng.choice(train, size=s, replace=False)) for s in sizes]
 
 
 def chunk_sizes(cfg: TrainConfig) -> Iterator[int]:
@@ -65,40 +91,62 @@ def chunks(batches: list[np.ndarray], sizes: Iterator[int]) -> Iterator[list[np.
         start += size
 
 
-def count_trips(n_batches: int, epochs: int, cfg: TrainConfig) -> int:
+def count_trips(batches_per_epoch: int, epochs: int, cfg: TrainConfig) -> int:
     sizes = chunk_sizes(cfg)
-    return sum(len(list(chunks([np.empty(0)] * n_batches, sizes))) for _ in range(epochs))
+    placeholder = [np.empty(0)] * batches_per_epoch
+    return sum(len(list(chunks(placeholder, sizes))) for _ in range(epochs))
 
 
 class Top:
-    """The authority's part of the model: the bias b (trained with Adam like the silos)."""
+    """The authority's part of the model: the bias b, trained with Adam like the silos, and
+    with DP-SGD (Opacus, one step per batch) when the run is private."""
 
-    def __init__(self, prior: float, lr: float) -> None:
-        logit = np.log(prior / (1 - prior))
-        self.bias = torch.nn.Parameter(torch.tensor([logit], dtype=torch.float32))
-        self.opt = torch.optim.Adam([self.bias], lr=lr)
+    def __init__(self, prior: float, cfg: TrainConfig, spec: ModelSpec, rho: float) -> None:
+        self.rho = rho
+        self.linear = torch.nn.Linear(1, 1, bias=False)  # b = weight * 1, so Opacus can wrap it
+        with torch.no_grad():
+            self.linear.weight.fill_(float(np.log(prior / (1 - prior))))
+        opt = torch.optim.Adam(self.linear.parameters(), lr=cfg.lr)
+        self.dp = spec.dp
+        if spec.dp:
+            gen = torch.Generator().manual_seed(spec.seed * 7_919)
+            self.module, self.opt = make_private(self.linear, opt, spec, gen)
+        else:
+            self.module, self.opt = self.linear, opt
 
     @property
     def value(self) -> float:
-        return float(self.bias.detach()[0])
+        return float(self.linear.weight.detach()[0, 0])
 
     def gradients(self, partial: np.ndarray, y: np.ndarray, sizes: list[int]) -> np.ndarray:
-        """d mean-BCE / d z for each row of each batch, stepping b after every batch."""
+        """d mean-loss / d z for each row of each batch, stepping b after every batch."""
         grads = np.empty(len(partial), dtype=np.float32)
         start = 0
-        for size in sizes:
-            stop = start + size
-            z = self.value + partial[start:stop]
-            g = (1.0 / (1.0 + np.exp(-z)) - y[start:stop]) / size
-            grads[start:stop] = g
-            self.opt.zero_grad()
-            self.bias.grad = torch.tensor([g.sum()], dtype=torch.float32)
-            self.opt.step()
-            start = stop
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            for size in sizes:
+                stop = start + size
+                z = self.value + partial[start:stop]
+                g = (corrected_gradient(z, y[start:stop], self.rho) / max(size, 1)).astype(
+                    np.float32
+                )
+                grads[start:stop] = g
+                self._step(g)
+                start = stop
         return grads
 
+    def _step(self, g: np.ndarray) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        if len(g):
+            out = self.module(torch.ones(len(g), 1)).squeeze(-1)
+            out.backward(torch.from_numpy(g))
+        elif self.dp:
+            self.linear.weight.grad_sample = torch.zeros((0, 1, 1))
+        if len(g) or self.dp:
+            self.opt.step()
 
-def _summed(replies: dict[str, object], key: str, expected: int) -> np.ndarray:
+
+def _summed(replies: dict, key: str, expected: int) -> np.ndarray:
     total = np.zeros(expected, dtype=np.float64)
     for silo, reply in replies.items():
         part = m.get_array(reply, key, np.float32, 1)
@@ -113,26 +161,30 @@ def _summed(replies: dict[str, object], key: str, expected: int) -> np.ndarray:
 
 def train(
     fed: Federation,
+    y_train_view: np.ndarray,
     y: np.ndarray,
     train_pos: np.ndarray,
     val_pos: np.ndarray,
     n_positions: int,
     cfg: TrainConfig,
-    seed: int,
+    spec: ModelSpec,
+    privacy: PrivacyPlan,
     progress: Progress | None = None,
 ) -> TrainResult:
-    top = Top(prior=float(y[train_pos].mean()), lr=cfg.lr)
-    n_batches = int(np.ceil(len(train_pos) / cfg.batch_size))
+    """Train; `y_train_view` holds the labels the gradients may see (randomised under label
+    DP), `y` the authority's clean labels for validation."""
+    top = Top(float(y_train_view[train_pos].mean()), cfg, spec, privacy.rho)
+    poisson = spec.dp
+    n_batches = len(batch_plan(train_pos, cfg.batch_size, 0, spec.seed, poisson))
     total_chunks = count_trips(n_batches, cfg.epochs, cfg)
-    sizes_of_chunks = chunk_sizes(cfg)
     result = TrainResult(bias=top.value, logits=np.empty(0))
     silo_seconds = dict.fromkeys(fed.silos, 0.0)
     done: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
     eval_next = False
-    step = 0
+    trip = 0
     t0 = time.perf_counter()
 
-    def send(plan: np.ndarray | None, sizes: list[int] | None, eval_pos: np.ndarray | None):
+    def send(plan: np.ndarray | None, eval_pos: np.ndarray | None) -> dict:
         extras: dict[str, np.ndarray | None] = {"plan": plan, "eval": eval_pos}
         if done is not None:
             extras.update(done_plan=done[0], done_sizes=done[1], grad=done[2])
@@ -141,36 +193,61 @@ def train(
             silo_seconds[silo] += float(m.get_config(reply).get("seconds", 0.0))
         return replies
 
+    sizes_of_chunks = chunk_sizes(cfg)
     for epoch in range(cfg.epochs):
-        batches = batch_plan(train_pos, cfg.batch_size, epoch, seed)
+        batches = batch_plan(train_pos, cfg.batch_size, epoch, spec.seed, poisson)
         for chunk in chunks(batches, sizes_of_chunks):
+            allowed = privacy.allow(len(chunk))
+            if allowed < len(chunk):
+                privacy.refuse(len(chunk) - allowed, allowed, trip + 1)
+                result.stopped_by_cap = True
+                chunk = chunk[:allowed]
+            if not chunk:
+                break
             plan = np.concatenate(chunk).astype(np.int64)
             sizes = [len(b) for b in chunk]
-            replies = send(plan, sizes, val_pos if eval_next else None)
+            replies = send(plan, val_pos if eval_next else None)
+            trip += 1
             if eval_next:
                 result.history.append(_evaluate(replies, top.value, y, val_pos, epoch, t0))
                 eval_next = False
+            if done is not None:
+                privacy.record_round(trip - 1, _reported_histories(replies))
             partial = _summed(replies, "plan", len(plan))
-            grads = top.gradients(partial, y[plan].astype(np.float64), sizes)
+            grads = top.gradients(partial, y_train_view[plan].astype(np.float64), sizes)
+            privacy.spend(len(sizes))
             done = (plan, np.asarray(sizes, dtype=np.int64), grads)
-            step += 1
+            result.steps += len(sizes)
             if progress:
-                progress("train", step, total_chunks, epoch=epoch + 1)
+                progress("train", trip, total_chunks, epoch=epoch + 1)
+        if result.stopped_by_cap:
+            break
         eval_next = True
     # Apply the last chunk and read every position's contribution at the final weights.
     everyone = np.arange(n_positions, dtype=np.int64)
-    replies = send(None, None, everyone)
+    replies = send(None, everyone)
+    trip += 1
+    if done is not None:
+        privacy.record_round(trip - 1, _reported_histories(replies))
     result.logits = top.value + _summed(replies, "eval", n_positions)
-    result.history.append(
-        _history_row(result.logits[val_pos], y[val_pos], cfg.epochs - 1, t0)
-    )
+    last_epoch = len(result.history)
+    result.history.append(_history_row(result.logits[val_pos], y[val_pos], last_epoch, t0))
     result.bias = top.value
-    result.round_trips = step + 1
+    result.round_trips = trip
     result.silo_seconds = silo_seconds
     return result
 
 
-def _evaluate(replies, bias: float, y, val_pos, epoch: int, t0: float) -> dict:
+def _reported_histories(replies: dict) -> dict[str, History]:
+    out = {}
+    for silo, reply in replies.items():
+        steps = m.get_array(reply, "accountant", np.float64, 2, required=False)
+        out[silo] = [] if steps is None else [(s, q, int(n)) for s, q, n in steps]
+    return out
+
+
+def _evaluate(replies: dict, bias: float, y: np.ndarray, val_pos: np.ndarray, epoch: int,
+              t0: float) -> dict:
     z = bias + _summed(replies, "eval", len(val_pos))
     return _history_row(z, y[val_pos], epoch - 1, t0)
 
@@ -185,3 +262,4 @@ def _history_row(z: np.ndarray, y: np.ndarray, epoch: int, t0: float) -> dict:
     }
     log.info("epoch %d: val AUC %.4f, loss %.4f", row["epoch"], row["val_auc"], row["val_loss"])
     return row
+

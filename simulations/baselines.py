@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 import torch
+from opacus import GradSampleModule
+from opacus.optimizers import DPOptimizer
 
 from clients.model import ModelSpec, build
 from clients.schema import AUTHORITY, SILOS, feature_names
@@ -65,43 +67,78 @@ class BaselineResult:
     seconds: float = 0.0
 
 
+class _Joint(torch.nn.Module):
+    """The summed model in one module, so Opacus can clip each person's whole gradient."""
+
+    def __init__(self, parts: list[torch.nn.Module], prior: float) -> None:
+        super().__init__()
+        self.parts = torch.nn.ModuleList(parts)
+        self.bias = torch.nn.Linear(1, 1, bias=False)
+        with torch.no_grad():
+            self.bias.weight.fill_(float(np.log(prior / (1 - prior))))
+
+    def forward(self, xs: list[torch.Tensor]) -> torch.Tensor:
+        ones = torch.ones(len(xs[0]), 1)
+        return self.bias(ones).squeeze(-1) + sum(p(x) for p, x in zip(self.parts, xs, strict=True))
+
+
 def train_central(
-    data: JoinedData, silos: tuple[str, ...], cfg: AuthorityConfig
+    data: JoinedData,
+    silos: tuple[str, ...],
+    cfg: AuthorityConfig,
+    noise_multiplier: float = 0.0,
 ) -> BaselineResult:
-    """Train the summed bottom models of `silos` jointly; metrics on the test positions."""
+    """Train the summed bottom models of `silos` jointly; metrics on the test positions.
+
+    With `noise_multiplier` > 0 this is central DP-SGD (Opacus) with the federated run's
+    Poisson batch plan, clipping bound and noise: one clip over each person's whole gradient,
+    where the federation clips each party's part separately.
+    """
     t0 = time.perf_counter()
     spec = ModelSpec(cfg.model.hidden, cfg.train.lr, cfg.train.weight_decay, cfg.seed)
     # Same salts as the silos use, so the central and federated models start identical.
-    parts = [build(data.xs[s].shape[1], spec, SILOS.index(s) + 1) for s in silos]
+    parts = [build(data.xs[s].shape[1], spec, SILOS.index(s) + 1)[0] for s in silos]
     xs = [torch.from_numpy(data.xs[s]) for s in silos]
     y = torch.from_numpy(data.y).float()
     train, val, test = (data.positions(n) for n in ("train", "val", "test"))
-    prior = float(data.y[train].mean())
-    bias = torch.nn.Parameter(torch.tensor([np.log(prior / (1 - prior))], dtype=torch.float32))
-    opt_bias = torch.optim.Adam([bias], lr=cfg.train.lr)
+    model = _Joint(parts, float(data.y[train].mean()))
+    # Adam keeps its state per parameter, so one Adam over everything is the same optimiser as
+    # the federation's one per party.
+    opt: torch.optim.Optimizer = torch.optim.Adam(
+        model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
+    )
+    dp = noise_multiplier > 0
+    module: torch.nn.Module = model
+    if dp:
+        q = min(1.0, cfg.train.batch_size / len(train))
+        module = GradSampleModule(model, loss_reduction="mean")
+        opt = DPOptimizer(opt, noise_multiplier=noise_multiplier,
+                          max_grad_norm=cfg.privacy.max_grad_norm,
+                          expected_batch_size=max(1, round(q * len(train))),
+                          loss_reduction="mean",
+                          generator=torch.Generator().manual_seed(cfg.seed * 7_919))
     loss_fn = torch.nn.BCEWithLogitsLoss()
 
-    def logits(idx: np.ndarray) -> torch.Tensor:
-        return bias + sum(model(x[idx]) for (model, _), x in zip(parts, xs, strict=True))
+    def logits(idx: np.ndarray, net: torch.nn.Module) -> torch.Tensor:
+        return net([x[idx] for x in xs])
 
     history = []
     for epoch in range(cfg.train.epochs):
-        for model, _ in parts:
-            model.train()
-        for batch in batch_plan(train, cfg.train.batch_size, epoch, cfg.seed):
-            for _, opt in parts:
-                opt.zero_grad(set_to_none=True)
-            opt_bias.zero_grad(set_to_none=True)
-            loss_fn(logits(batch), y[batch]).backward()
-            for _, opt in parts:
-                opt.step()
-            opt_bias.step()
+        module.train()
+        for batch in batch_plan(train, cfg.train.batch_size, epoch, cfg.seed, poisson=dp):
+            opt.zero_grad(set_to_none=True)
+            if len(batch):
+                loss_fn(logits(batch, module), y[batch]).backward()
+            elif dp:
+                for p in model.parameters():
+                    p.grad_sample = torch.zeros((0, *p.shape))
+            opt.step()
         with torch.no_grad():
-            z_val = logits(val).numpy()
+            z_val = logits(val, model).numpy()
         history.append({"epoch": epoch + 1, **_val_metrics(data.y[val], z_val),
                         "seconds": time.perf_counter() - t0})
     with torch.no_grad():
-        z = logits(np.arange(len(data.y))).numpy().astype(np.float64)
+        z = logits(np.arange(len(data.y)), model).numpy().astype(np.float64)
     calibrate = Platt.fit(z[val], data.y[val])
     metrics = summary(data.y[test], calibrate(z[test]))
     return BaselineResult(metrics=metrics, history=history, seconds=time.perf_counter() - t0)

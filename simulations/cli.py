@@ -39,6 +39,7 @@ PHASE_LABELS = {
     "score": "Calibrate and score",
     "join": "Join tables for baselines",
     "baseline_central": "Baseline: central model",
+    "baseline_central_dp": "Baseline: central model, DP",
     "baseline_payments": "Baseline: payments silo only",
 }
 
@@ -83,6 +84,13 @@ def _parser() -> argparse.ArgumentParser:
     _population_args(gen)
 
     sub.add_parser("config", help="list every --set key with its type and default")
+
+    led = sub.add_parser("ledger", help="privacy ledger tools")
+    led_sub = led.add_subparsers(dest="ledger_command", required=True)
+    verify = led_sub.add_parser(
+        "verify", help="recompute every party's epsilon with Google's dp-accounting"
+    )
+    verify.add_argument("run_dir", type=Path)
     return p
 
 
@@ -114,8 +122,15 @@ def _print_summary(metrics: dict, out_dir: Path, parties: Path) -> None:
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key in ("auc", "ks", "gini", "brier", "oracle_auc", "baseline_central_auc",
-                "baseline_payments_only_auc"):
-        table.add_row(key, f"{metrics[key]:.4f}")
+                "baseline_central_dp_auc", "baseline_payments_only_auc"):
+        if metrics.get(key) is not None:
+            table.add_row(key, f"{metrics[key]:.4f}")
+    eps = metrics["epsilon"]
+    model_eps = set(eps["model"].values())
+    table.add_row("epsilon (model, per party)",
+                  "off" if model_eps == {None} else ", ".join(f"{v:.3f}" for v in model_eps))
+    table.add_row("epsilon (labels)", "off" if eps["label"] is None else f"{eps['label']:g}")
+    table.add_row("delta", f"{metrics['delta']:.2e}")
     table.add_row("aligned people", f"{metrics['people']['aligned']:,}")
     table.add_row("tiers", ", ".join(f"{k} {v:,}" for k, v in metrics["tiers"].items()))
     table.add_row("round trips", str(metrics["round_trips"]))
@@ -153,6 +168,23 @@ def _config(_: argparse.Namespace) -> int:
     return 0
 
 
+def _ledger(args: argparse.Namespace) -> int:
+    from simulations.ledger_verify import TOLERANCE, verify
+
+    with console.status("recomputing epsilons with dp-accounting"):
+        checks = verify(args.run_dir)
+    table = Table("party", "budget", "accountant", "steps", "ledger epsilon",
+                  "dp-accounting", "gap", "ok", title=f"ledger {args.run_dir}")
+    for c in checks:
+        table.add_row(c.party, c.budget, c.accountant, str(c.steps), f"{c.reported:.5f}",
+                      f"{c.independent:.5f}", f"{100 * c.relative_gap:.2f} %",
+                      "[green]yes[/]" if c.ok else "[red]NO[/]")
+    out = Console()
+    out.print(table)
+    out.print(f"tolerances: RDP vs RDP {TOLERANCE['rdp']:.0%}, PRV vs PLD {TOLERANCE['prv']:.0%}")
+    return 0 if all(c.ok for c in checks) else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(
@@ -165,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     from simulations.errors import USER_ERRORS
 
     try:
-        return {"run": _run, "generate": _generate, "config": _config}[args.command](args)
+        commands = {"run": _run, "generate": _generate, "config": _config, "ledger": _ledger}
+        return commands[args.command](args)
     except USER_ERRORS as exc:
         console.print(f"[bold red]error:[/] {exc}", highlight=False)
         return 2

@@ -9,12 +9,14 @@ from crypto.psi import PsiError
 from server.config import ConfigError
 from server.federation import FederationError
 from server.labels import LabelDataError
+from server.ledger import LedgerError
 from server.split import SplitError
 
 USER_ERRORS: tuple[type[BaseException], ...] = (
     ConfigError,
     SiloDataError,
     LabelDataError,
+    LedgerError,
     IdentifierError,
     FederationError,
     ProtocolError,

@@ -36,6 +36,8 @@ from simulations.population import PopulationConfig, generate, write_parties
 log = logging.getLogger(__name__)
 
 Progress = Callable[..., None]
+PRIVACY_KEYS = ("epsilon", "delta", "accountant", "noise_multiplier", "sample_rate",
+                "max_grad_norm", "training_steps", "stopped_by_budget_cap")
 
 
 class RunDirError(FileExistsError):
@@ -116,8 +118,15 @@ def run_experiment(
 
     scores = pd.read_parquet(out_dir / "scores.parquet")
     joined = phase("join", join_parties, parties, scores)
+    sigma = authority["noise_multiplier"]
     central = phase("baseline_central", train_central, joined, SILOS, cfg.authority)
-    payments = phase("baseline_payments", train_central, joined, ("payments",), cfg.authority)
+    central_dp = (
+        phase("baseline_central_dp", train_central, joined, SILOS, cfg.authority, sigma)
+        if sigma > 0 else None
+    )
+    # The best single silo, under the run's own privacy.
+    payments = phase("baseline_payments", train_central, joined, ("payments",), cfg.authority,
+                     sigma)
     test = joined.positions("test")
     oracle = _oracle_auc(parties, joined.ids[test], joined.y[test])
     seconds["total"] = round(time.perf_counter() - t_total, 3)
@@ -126,6 +135,7 @@ def run_experiment(
         **{k: authority[k] for k in ("auc", "ks", "gini", "brier", "log_loss")},
         "oracle_auc": oracle,
         "baseline_central_auc": central.metrics["auc"],
+        "baseline_central_dp_auc": central_dp.metrics["auc"] if central_dp else None,
         "baseline_payments_only_auc": payments.metrics["auc"],
         "gap_to_oracle": oracle - authority["auc"],
         "gap_to_central": central.metrics["auc"] - authority["auc"],
@@ -134,8 +144,11 @@ def run_experiment(
         "seconds": seconds,
         "people": authority["people"],
         "round_trips": authority["round_trips"],
-        "history": {"federated": authority["history"], "central": central.history},
-        "baselines": {"central": central.metrics, "payments_only": payments.metrics},
+        **{k: authority[k] for k in PRIVACY_KEYS},
+        "history": {"federated": authority["history"], "central": central.history,
+                    "central_dp": central_dp.history if central_dp else None},
+        "baselines": {"central": central.metrics, "payments_only": payments.metrics,
+                      "central_dp": central_dp.metrics if central_dp else None},
     }
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     manifest = _manifest(cfg, started, seconds, reused)

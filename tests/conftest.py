@@ -35,7 +35,23 @@ def small_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     proc = run_cli(
         "run", "--out", str(work / "run"), "--users", "3000", "--seed", "7",
         "--set", "train.epochs=2", "--set", "train.batch_size=256",
-        "--set", "train.chunk_batches=1",
+        "--set", "train.chunk_batches=1", "--set", "privacy.epsilon=inf",
+        cwd=work,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return work / "run"
+
+
+@pytest.fixture(scope="session")
+def private_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small private run: DP-SGD at eps 2 with a cap at 1.2 (so it stops early), label DP at
+    eps 5, RDP accounting."""
+    work = tmp_path_factory.mktemp("private_run")
+    proc = run_cli(
+        "run", "--out", str(work / "run"), "--users", "3000", "--seed", "5",
+        "--set", "train.epochs=3", "--set", "train.batch_size=256",
+        "--set", "privacy.epsilon=2", "--set", "privacy.cap=1.2",
+        "--set", "privacy.label_epsilon=5", "--set", "privacy.accountant=rdp",
         cwd=work,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr

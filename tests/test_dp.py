@@ -1,0 +1,116 @@
+"""DP-SGD mechanics at a party, label DP, and privacy configuration errors."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from clients.model import ModelSpec, SiloTrainer
+from server.config import ConfigError, PrivacyConfig
+from server.label_dp import corrected_gradient, flip_probability, randomized_response
+from server.privacy import PrivacyPlan
+
+C = 1.0
+
+
+def _update(trainer: SiloTrainer, x: np.ndarray, g: np.ndarray) -> torch.Tensor:
+    """The noisy, clipped, averaged gradient a DP step applies (before Adam)."""
+    trainer.replay([x], [g])
+    return torch.cat([p.grad.flatten() for p in trainer.base.parameters()])
+
+
+def test_clipping_bounds_one_extreme_persons_influence():
+    spec = ModelSpec(noise_multiplier=1e-6, max_grad_norm=C, sample_rate=0.01, expected_batch=1)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 6)).astype(np.float32)
+    g = np.full(64, 1e-3, np.float32)
+    normal = _update(SiloTrainer(6, spec, 1), x, g)
+    x_extreme, g_extreme = x.copy(), g.copy()
+    x_extreme[0] *= 1e4
+    g_extreme[0] = 1e4
+    extreme = _update(SiloTrainer(6, spec, 1), x_extreme, g_extreme)
+    # Replacing one person moves the summed gradient by at most 2C (plus the tiny noise).
+    assert float((extreme - normal).norm()) <= 2 * C + 1e-3
+    # Without clipping that person alone would move it by orders of magnitude more.
+    assert float(extreme.norm()) > 0.5 * C
+
+
+def test_noise_has_the_calibrated_scale():
+    sigma, batch = 2.0, 50
+    spec = ModelSpec(noise_multiplier=sigma, max_grad_norm=C, sample_rate=0.01,
+                     expected_batch=batch)
+    trainer = SiloTrainer(6, spec, 1)
+    noise = _update(trainer, np.zeros((batch, 6), np.float32), np.zeros(batch, np.float32))
+    assert float(noise.std()) == pytest.approx(sigma * C / batch, rel=0.2)
+
+
+def test_accountant_history_survives_serialisation():
+    spec = ModelSpec(noise_multiplier=1.0, max_grad_norm=C, sample_rate=0.01, expected_batch=8)
+    t = SiloTrainer(4, spec, 2)
+    t.replay([np.ones((8, 4), np.float32)] * 3, [np.zeros(8, np.float32)] * 3)
+    clone = SiloTrainer(4, spec, 2)
+    clone.load_bytes(t.to_bytes())
+    assert clone.history == t.history == [(1.0, 0.01, 3)]
+
+
+def test_randomised_response_flips_at_the_right_rate():
+    rng = np.random.default_rng(1)
+    y = (rng.random(200_000) < 0.06).astype(np.int8)
+    noisy = randomized_response(y, 2.0, rng)
+    rho = flip_probability(2.0)
+    assert np.mean(noisy != y) == pytest.approx(rho, abs=0.003)
+    assert flip_probability(math.inf) == 0.0
+
+
+def test_corrected_gradient_is_the_derivative_of_the_corrected_loss():
+    rho = 0.2
+    z = torch.linspace(-4, 4, 9, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0, 1, 0, 1, 1, 0, 0, 1, 0], dtype=torch.float64)
+    p = rho + (1 - 2 * rho) * torch.sigmoid(z)
+    loss = torch.nn.functional.binary_cross_entropy(p, y, reduction="sum")
+    loss.backward()
+    ours = corrected_gradient(z.detach().numpy(), y.numpy(), rho)
+    assert np.allclose(ours, z.grad.numpy(), atol=1e-9)
+    assert np.allclose(corrected_gradient(z.detach().numpy(), y.numpy(), 0.0),
+                       torch.sigmoid(z).detach().numpy() - y.numpy())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"epsilon": 0}, "privacy.epsilon"),
+        ({"epsilon": -1}, "privacy.epsilon"),
+        ({"accountant": "gdp"}, "privacy.accountant"),
+        ({"delta": 1.5}, "privacy.delta"),
+        ({"label_epsilon": 0}, "privacy.label_epsilon"),
+    ],
+)
+def test_bad_privacy_settings_are_refused(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        PrivacyConfig(**kwargs)
+
+
+def test_delta_must_be_below_one_over_n():
+    with pytest.raises(ConfigError, match="not below 1/N"):
+        PrivacyConfig(delta=1e-3).delta_for(5000)
+    assert PrivacyConfig().delta_for(5000) == 1 / 5000
+
+
+def test_a_cap_below_one_steps_cost_is_refused():
+    with pytest.raises(ConfigError, match="below the cost of a single step"):
+        PrivacyPlan(PrivacyConfig(epsilon=1.0, cap=1e-6, accountant="rdp"), ("a",), 10_000,
+                    500, 2, ledger=None)
+
+
+def test_plan_refuses_steps_past_the_cap():
+    plan = PrivacyPlan(PrivacyConfig(epsilon=1.0, cap=0.5, accountant="rdp"), ("a",), 10_000,
+                       500, 4, ledger=None)
+    allowed = plan.allow(10**6)
+    assert 0 < allowed < plan.steps_planned
+    plan.spend(allowed)
+    assert plan.allow(1) == 0
+    assert plan.summary()["epsilon"]["model"]["a"] <= 0.5
+    plan.close()
