@@ -1,11 +1,14 @@
 """Federated training time against central training of the same model, in the same run.
 
-Runs the whole default experiment (simulation engine, 3 silos) and reports:
+Runs the whole default experiment (simulation engine, 3 silos; private by default) and reports:
   - engine start-up (Ray, actors, silo discovery), separately;
   - federated training time (the `train` phase: every round trip, silo compute, validation);
   - central training time of the same model, initialisation, epochs and batch plan, trained in
     one process on the joined data (`baseline_central`, which also validates every epoch);
-  - their ratio (target <= 2.0) and the AUCs.
+  - their ratio (target <= 2.0) and the AUCs;
+  - for a private run, central DP-SGD with the same noise, clip and Poisson plan, the ratio
+    federated DP / central DP (target <= 1.5) and every party's epsilon.
+Non-private comparison: --set privacy.epsilon=inf
 
     .venv/bin/python bench/train_speed.py [--users 100000] [--set key=value ...]
 """
@@ -41,6 +44,15 @@ def main() -> None:
     print(f"  federated training: {s['train']:.2f} s over {m['round_trips']} round trips")
     print(f"  central training (same model, epochs, batch plan): {s['baseline_central']:.2f} s")
     print(f"  ratio federated / central: {s['train'] / s['baseline_central']:.2f} (target <= 2.0)")
+    if "baseline_central_dp" in s:
+        eps = next(iter(m["epsilon"]["model"].values()))
+        print(f"  central DP training (same sigma {m['noise_multiplier']:.3f}, clip, plan): "
+              f"{s['baseline_central_dp']:.2f} s")
+        print(f"  ratio federated DP / central DP: {s['train'] / s['baseline_central_dp']:.2f} "
+              "(target <= 1.5)")
+        print(f"  epsilon per party ({m['accountant']}, delta {m['delta']:.2e}): "
+              + ", ".join(f"{k} {v:.4f}" for k, v in m["epsilon"]["model"].items()))
+        print(f"  AUC central DP {m['baseline_central_dp_auc']:.4f} (eps {eps:.3f})")
     print(f"  AUC federated {m['auc']:.4f}, central {m['baseline_central_auc']:.4f}, "
           f"oracle {m['oracle_auc']:.4f}")
     print(f"  end to end: {s['total']:.1f} s")

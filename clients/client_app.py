@@ -9,6 +9,7 @@ derived from the table and cheap to rebuild.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -76,6 +77,27 @@ def _guarded(handler: Callable[[Message, Context], Message]) -> Callable:
 
     run.__name__ = handler.__name__
     return run
+
+
+# ---- the silo's own checkpoints: <silo dir>/checkpoints/<run key>/ ---------------------------
+# A silo keeps its last two rounds: the authority's newest checkpoint may be one round behind.
+
+
+def _checkpoint_dir(context: Context, default_root: Path | None, run_key: str) -> Path:
+    if not run_key.isalnum():
+        raise m.ProtocolError("malformed run key")
+    return silo_dir(context, default_root) / "checkpoints" / run_key
+
+
+def _save_round(context: Context, default_root: Path | None, round_: int) -> None:
+    cfg = context.state["model"]
+    directory = _checkpoint_dir(context, default_root, str(cfg["run"]))
+    tmp = directory / f"round-{round_}.tmp"
+    tmp.write_bytes(bytes(cfg["blob"]))
+    tmp.replace(directory / f"round-{round_}.pt")
+    for old in directory.glob("round-*.pt"):
+        if int(old.stem.split("-")[1]) < round_ - 1:
+            old.unlink(missing_ok=True)
 
 
 def _trainer(context: Context) -> SiloTrainer:
@@ -149,11 +171,33 @@ def make_client_app(default_root: Path | None = None) -> ClientApp:
         spec = ModelSpec.from_config(cfg)
         salt = SILOS.index(silo_name(context)) + 1 if silo_name(context) in SILOS else 0
         trainer = SiloTrainer(data.x.shape[1], spec, salt)
-        context.state["model"] = ConfigRecord(
-            {**spec.to_config(), "inputs": data.x.shape[1], "salt": salt,
-             "blob": trainer.to_bytes()}
-        )
+        run_key = str(cfg["run"])
+        model = {**spec.to_config(), "inputs": data.x.shape[1], "salt": salt, "run": run_key}
+        context.state["model"] = ConfigRecord({**model, "blob": trainer.to_bytes()})
+        directory = _checkpoint_dir(context, default_root, run_key)
+        directory.mkdir(parents=True, exist_ok=True)
+        np.save(directory / "alignment.npy", pos2row)
+        (directory / "model.json").write_text(json.dumps(model))
+        _save_round(context, default_root, 0)
         return Message(m.make_content({"inputs": data.x.shape[1]}), reply_to=msg)
+
+    @app.query("resume")
+    @_guarded
+    def resume(msg: Message, context: Context) -> Message:
+        cfg = m.get_config(msg)
+        round_ = int(cfg["round"])
+        directory = _checkpoint_dir(context, default_root, str(cfg["run"]))
+        blob = directory / f"round-{round_}.pt"
+        if not blob.exists():
+            raise SiloDataError(
+                f"silo {silo_name(context)} has no checkpoint of round {round_} for this run "
+                f"(looked in {directory}); the run cannot resume, start a new one"
+            )
+        pos2row = np.load(directory / "alignment.npy", allow_pickle=False)
+        model = json.loads((directory / "model.json").read_text())
+        context.state["align"] = m.arrays(pos2row=pos2row)
+        context.state["model"] = ConfigRecord({**model, "blob": blob.read_bytes()})
+        return Message(m.make_content({"round": round_}), reply_to=msg)
 
     @app.train("step")
     @_guarded
@@ -168,6 +212,8 @@ def make_client_app(default_root: Path | None = None) -> ClientApp:
             batches = [x[_rows(context, b)] for b in m.split_batches(done, sizes)]
             trainer.replay(batches, m.split_batches(grad, sizes))
             _save_trainer(context, trainer)
+        if "round" in m.get_config(msg):
+            _save_round(context, default_root, int(m.get_config(msg)["round"]))
         out: dict[str, np.ndarray] = {}
         for key in ("plan", "eval"):
             positions = m.get_array(msg, key, np.int64, 1, required=False)

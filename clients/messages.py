@@ -11,6 +11,7 @@ Message types (Flower "<category>.<action>"):
   query.align        silo rows + shared positions + model spec      (alignment, model init)
   train.step         [grad for the previous plan] [new plan] [eval positions]
                      -> contributions for the new plan and the eval positions
+  query.resume       run key + round -> the silo restores its own checkpoint of that round
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ PSI_BLIND = "query.psi_blind"
 PSI_FINISH = "query.psi_finish"
 ALIGN = "query.align"
 STEP = "train.step"
+RESUME = "query.resume"
 
 # Error codes a silo uses for problems it diagnosed itself; the reason is meant for people.
 INPUT_ERROR = 4001

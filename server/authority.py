@@ -9,26 +9,30 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from clients import messages as m
 from clients.model import ModelSpec
 from clients.schema import AUTHORITY
 from crypto.identity import keyed_refs, load_or_create_pepper
-from server import metrics, scoring
-from server.alignment import announce, joint_order, private_intersections
+from server import checkpoint, metrics, scoring
+from server.alignment import Alignment, announce, joint_order, private_intersections
+from server.checkpoint import RunState, TrainState
 from server.config import AuthorityConfig, to_flat
 from server.federation import Federation
 from server.label_dp import randomized_response
 from server.labels import load_labels
 from server.ledger import Ledger
 from server.privacy import PrivacyPlan
-from server.split import SPLIT_NAMES, stratified_split
+from server.split import SPLIT_NAMES, Split, stratified_split
 from server.training import train
 
 log = logging.getLogger(__name__)
@@ -72,39 +76,55 @@ def run_authority(
     data_dir: Path,
     out_dir: Path,
     progress: Callable[..., None] | None = None,
+    resume: bool = False,
 ) -> RunResult:
+    """Run (or, with `resume`, continue from its checkpoint) the authority's side of a run."""
     phases = Phases(progress)
     out_dir.mkdir(parents=True, exist_ok=True)
+    config = to_flat(cfg)
+    ledger = Ledger(out_dir)
 
     phases.start("connect")
     ids, labels = load_labels(data_dir / AUTHORITY)
     info = fed.connect()
 
-    phases.start("psi")
-    pairs = private_intersections(fed, ids, workers=cfg.psi.workers)
-    alignment = joint_order(pairs, len(ids), cfg.seed)
-    y = labels[alignment.authority_rows].astype(np.int8)
-    split = stratified_split(y, cfg.split, cfg.seed)
+    if resume:
+        run, state, ledger_offset = checkpoint.load(out_dir, config)
+        ledger.truncate(ledger_offset)
+        fed.broadcast(m.RESUME, m.make_content({"run": run.run_key, "round": state.trip}))
+        log.info("resuming run %s after round %d", run.run_key, state.trip)
+    else:
+        phases.start("psi")
+        run, state = _align_and_split(fed, cfg, ids, labels, config), None
+    split = Split(run.train, run.val, run.test)
+    y = labels[run.authority_rows].astype(np.int8)
+    n_positions = len(run.authority_rows)
     privacy = PrivacyPlan(cfg.privacy, fed.silos, len(split.train), cfg.train.batch_size,
-                          cfg.train.epochs, Ledger(out_dir))
+                          cfg.train.epochs, ledger)
     spec = ModelSpec(
         cfg.model.hidden, cfg.train.lr, cfg.train.weight_decay, cfg.seed,
         noise_multiplier=privacy.sigma, max_grad_norm=cfg.privacy.max_grad_norm,
         sample_rate=privacy.q, expected_batch=privacy.expected_batch,
     )
-    inputs = announce(fed, alignment, spec.to_config())
-    # Randomised response once, before training: gradients only ever see y_view.
-    y_view = y.astype(np.float64)
-    if cfg.privacy.label_dp:
-        rng = np.random.default_rng([cfg.seed, 0x1AB])
-        y_view[split.train] = randomized_response(y[split.train], cfg.privacy.label_epsilon, rng)
-    privacy.record_labels()
+    if state is None:
+        inputs = announce(fed, Alignment(run.authority_rows, run.silo_rows, {}),
+                          {**spec.to_config(), "run": run.run_key})
+        privacy.record_labels()
+    else:
+        inputs = {s: int(info[s]["inputs"]) for s in fed.silos}
+        privacy.restore(state.privacy_history, state.privacy_spent, state.privacy_round_steps)
+
+    def on_round(current: TrainState) -> None:
+        snapshot = replace(current, history=list(current.history),
+                           silo_seconds=dict(current.silo_seconds))
+        privacy.after_ledger(lambda: checkpoint.save(out_dir, run, snapshot, ledger.offset()))
+        _maybe_inject_failure(current.trip, privacy)
 
     phases.start("train")
     try:
         result = train(
-            fed, y_view, y.astype(np.float64), split.train, split.val, alignment.size,
-            cfg.train, spec, privacy, progress,
+            fed, run.y_view, y.astype(np.float64), split.train, split.val, n_positions,
+            cfg.train, spec, privacy, progress, state=state, on_round=on_round,
         )
         privacy_summary = privacy.summary()
     finally:
@@ -118,8 +138,8 @@ def run_authority(
     test = split.test
     summary = metrics.summary(y[test], p[test])
     pepper = load_or_create_pepper(data_dir / AUTHORITY / PEPPER_FILE)
-    refs = keyed_refs(ids.to_numpy()[alignment.authority_rows], pepper)
-    split_of = split.labels(alignment.size)
+    refs = keyed_refs(ids.to_numpy()[run.authority_rows], pepper)
+    split_of = split.labels(n_positions)
     scores = pd.DataFrame(
         {
             "subject_ref": refs,
@@ -141,8 +161,8 @@ def run_authority(
         "people": {
             "authority": len(ids),
             "silo_rows": {s: int(info[s]["rows"]) for s in fed.silos},
-            "overlap": alignment.overlap,
-            "aligned": alignment.size,
+            "overlap": run.overlap,
+            "aligned": n_positions,
             "train": len(split.train), "val": len(split.val), "test": len(split.test),
         },
         **privacy_summary,
@@ -150,14 +170,47 @@ def run_authority(
         "stopped_by_budget_cap": result.stopped_by_cap,
         "model_inputs": inputs,
         "history": result.history,
-        "round_trips": fed.round_trips,
+        "round_trips": result.round_trips,
+        "resumed": resume,
         "silo_compute_seconds": {s: round(v, 3) for s, v in result.silo_seconds.items()},
         "seconds": phases.seconds,
         "config": to_flat(cfg),
     }
     (out_dir / "authority.json").write_text(json.dumps(out, indent=2))
+    checkpoint.remove(out_dir)
     log.info("test AUC %.4f, KS %.4f, Brier %.4f", summary["auc"], summary["ks"], summary["brier"])
     return RunResult(metrics=out, seconds=phases.seconds)
+
+
+def _align_and_split(
+    fed: Federation, cfg: AuthorityConfig, ids: pd.Series, labels: np.ndarray, config: dict
+) -> RunState:
+    """PSI with every silo, the shared order, the split, and the labels gradients may see."""
+    pairs = private_intersections(fed, ids, workers=cfg.psi.workers)
+    alignment = joint_order(pairs, len(ids), cfg.seed)
+    y = labels[alignment.authority_rows].astype(np.int8)
+    split = stratified_split(y, cfg.split, cfg.seed)
+    # Randomised response once, before training: gradients only ever see y_view.
+    y_view = y.astype(np.float64)
+    if cfg.privacy.label_dp:
+        rng = np.random.default_rng([cfg.seed, 0x1AB])
+        y_view[split.train] = randomized_response(y[split.train], cfg.privacy.label_epsilon, rng)
+    return RunState(
+        run_key=secrets.token_hex(8), config=config,
+        authority_rows=alignment.authority_rows, silo_rows=alignment.silo_rows,
+        train=split.train, val=split.val, test=split.test, y_view=y_view,
+        overlap=alignment.overlap,
+    )
+
+
+FAIL_AFTER_ROUND = "FEDSCORE_FAIL_AFTER_ROUND"
+
+
+def _maybe_inject_failure(round_: int, privacy: PrivacyPlan) -> None:
+    """Crash on purpose after a round (for resume tests): `FEDSCORE_FAIL_AFTER_ROUND=N`."""
+    if os.environ.get(FAIL_AFTER_ROUND) == str(round_):
+        privacy.flush()
+        raise RuntimeError(f"injected failure after round {round_} ({FAIL_AFTER_ROUND})")
 
 
 def _rate_by_tier(y: np.ndarray, tier: np.ndarray) -> dict[str, float | None]:

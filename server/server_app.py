@@ -30,13 +30,14 @@ def make_server_app(
     out_dir: Path,
     progress: Callable[..., None] | None = None,
     on_result: Callable[[RunResult], None] | None = None,
+    resume: bool = False,
 ) -> ServerApp:
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         fed = Federation(grid, SILOS, cfg.join_timeout, cfg.reply_timeout)
-        result = run_authority(fed, cfg, data_dir, out_dir, progress)
+        result = run_authority(fed, cfg, data_dir, out_dir, progress, resume=resume)
         if on_result is not None:
             on_result(result)
 

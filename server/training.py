@@ -21,6 +21,7 @@ the steps that would pass it.
 
 from __future__ import annotations
 
+import io
 import logging
 import time
 import warnings
@@ -33,6 +34,7 @@ import torch
 from clients import messages as m
 from clients.accounting import History
 from clients.model import ModelSpec, make_private
+from server.checkpoint import TrainState
 from server.config import TrainConfig
 from server.federation import Federation, FederationError
 from server.label_dp import corrected_gradient
@@ -83,20 +85,6 @@ def chunk_sizes(cfg: TrainConfig) -> Iterator[int]:
         size = min(2 * size, cfg.chunk_batches)
 
 
-def chunks(batches: list[np.ndarray], sizes: Iterator[int]) -> Iterator[list[np.ndarray]]:
-    start = 0
-    while start < len(batches):
-        size = next(sizes)
-        yield batches[start : start + size]
-        start += size
-
-
-def count_trips(batches_per_epoch: int, epochs: int, cfg: TrainConfig) -> int:
-    sizes = chunk_sizes(cfg)
-    placeholder = [np.empty(0)] * batches_per_epoch
-    return sum(len(list(chunks(placeholder, sizes))) for _ in range(epochs))
-
-
 class Top:
     """The authority's part of the model: the bias b, trained with Adam like the silos, and
     with DP-SGD (Opacus, one step per batch) when the run is private."""
@@ -108,15 +96,30 @@ class Top:
             self.linear.weight.fill_(float(np.log(prior / (1 - prior))))
         opt = torch.optim.Adam(self.linear.parameters(), lr=cfg.lr)
         self.dp = spec.dp
+        self.generator = torch.Generator().manual_seed(spec.seed * 7_919)
         if spec.dp:
-            gen = torch.Generator().manual_seed(spec.seed * 7_919)
-            self.module, self.opt = make_private(self.linear, opt, spec, gen)
+            self.module, self.opt = make_private(self.linear, opt, spec, self.generator)
         else:
             self.module, self.opt = self.linear, opt
 
     @property
     def value(self) -> float:
         return float(self.linear.weight.detach()[0, 0])
+
+    def _inner_opt(self) -> torch.optim.Optimizer:
+        return getattr(self.opt, "original_optimizer", self.opt)
+
+    def to_bytes(self) -> bytes:
+        buf = io.BytesIO()
+        torch.save({"linear": self.linear.state_dict(), "opt": self._inner_opt().state_dict(),
+                    "rng": self.generator.get_state()}, buf)
+        return buf.getvalue()
+
+    def load_bytes(self, blob: bytes) -> None:
+        state = torch.load(io.BytesIO(blob), weights_only=True)
+        self.linear.load_state_dict(state["linear"])
+        self._inner_opt().load_state_dict(state["opt"])
+        self.generator.set_state(state["rng"])
 
     def gradients(self, partial: np.ndarray, y: np.ndarray, sizes: list[int]) -> np.ndarray:
         """d mean-loss / d z for each row of each batch, stepping b after every batch."""
@@ -159,6 +162,20 @@ def _summed(replies: dict, key: str, expected: int) -> np.ndarray:
     return total
 
 
+def chunk_schedule(batches_per_epoch: int, cfg: TrainConfig) -> list[tuple[int, int, int]]:
+    """(epoch, first batch, end batch) of every round trip, fixed before training starts so a
+    resumed run continues at exactly the chunk it stopped before."""
+    sizes = chunk_sizes(cfg)
+    out = []
+    for epoch in range(cfg.epochs):
+        start = 0
+        while start < batches_per_epoch:
+            stop = min(batches_per_epoch, start + next(sizes))
+            out.append((epoch, start, stop))
+            start = stop
+    return out
+
+
 def train(
     fed: Federation,
     y_train_view: np.ndarray,
@@ -170,72 +187,82 @@ def train(
     spec: ModelSpec,
     privacy: PrivacyPlan,
     progress: Progress | None = None,
+    state: TrainState | None = None,
+    on_round: Callable[[TrainState], None] | None = None,
 ) -> TrainResult:
-    """Train; `y_train_view` holds the labels the gradients may see (randomised under label
-    DP), `y` the authority's clean labels for validation."""
+    """Train from `state` (a fresh start when None); `on_round` receives the state after every
+    round trip, for checkpoints. `y_train_view` holds the labels the gradients may see
+    (randomised under label DP), `y` the authority's clean labels for validation."""
     top = Top(float(y_train_view[train_pos].mean()), cfg, spec, privacy.rho)
+    if state is None:
+        state = TrainState(silo_seconds=dict.fromkeys(fed.silos, 0.0))
+    else:
+        top.load_bytes(state.top)
     poisson = spec.dp
-    n_batches = len(batch_plan(train_pos, cfg.batch_size, 0, spec.seed, poisson))
-    total_chunks = count_trips(n_batches, cfg.epochs, cfg)
-    result = TrainResult(bias=top.value, logits=np.empty(0))
-    silo_seconds = dict.fromkeys(fed.silos, 0.0)
-    done: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
-    eval_next = False
-    trip = 0
+    schedule = chunk_schedule(len(batch_plan(train_pos, cfg.batch_size, 0, spec.seed, poisson)),
+                              cfg)
+    epoch_batches: dict[int, list[np.ndarray]] = {}
     t0 = time.perf_counter()
 
     def send(plan: np.ndarray | None, eval_pos: np.ndarray | None) -> dict:
         extras: dict[str, np.ndarray | None] = {"plan": plan, "eval": eval_pos}
-        if done is not None:
-            extras.update(done_plan=done[0], done_sizes=done[1], grad=done[2])
-        replies = fed.broadcast(m.STEP, m.make_content(**extras))
+        if state.done_grad is not None:
+            extras.update(done_plan=state.done_plan, done_sizes=state.done_sizes,
+                          grad=state.done_grad)
+        config = {"round": state.trip + 1}
+        replies = fed.broadcast(m.STEP, m.make_content(config, **extras))
+        state.trip += 1
         for silo, reply in replies.items():
-            silo_seconds[silo] += float(m.get_config(reply).get("seconds", 0.0))
+            state.silo_seconds[silo] += float(m.get_config(reply).get("seconds", 0.0))
+        if state.done_grad is not None:
+            privacy.record_round(state.trip - 1, _reported_histories(replies), final=plan is None)
         return replies
 
-    sizes_of_chunks = chunk_sizes(cfg)
-    for epoch in range(cfg.epochs):
-        batches = batch_plan(train_pos, cfg.batch_size, epoch, spec.seed, poisson)
-        for chunk in chunks(batches, sizes_of_chunks):
-            allowed = privacy.allow(len(chunk))
-            if allowed < len(chunk):
-                privacy.refuse(len(chunk) - allowed, allowed, trip + 1)
-                result.stopped_by_cap = True
-                chunk = chunk[:allowed]
+    for index in range(state.next_chunk, len(schedule)):
+        if state.stopped_by_cap:
+            break
+        epoch, first, end = schedule[index]
+        if epoch not in epoch_batches:
+            epoch_batches = {epoch: batch_plan(train_pos, cfg.batch_size, epoch, spec.seed,
+                                               poisson)}
+        chunk = epoch_batches[epoch][first:end]
+        allowed = privacy.allow(len(chunk))
+        if allowed < len(chunk):
+            privacy.refuse(len(chunk) - allowed, allowed, state.trip + 1)
+            state.stopped_by_cap = True
+            chunk = chunk[:allowed]
             if not chunk:
                 break
-            plan = np.concatenate(chunk).astype(np.int64)
-            sizes = [len(b) for b in chunk]
-            replies = send(plan, val_pos if eval_next else None)
-            trip += 1
-            if eval_next:
-                result.history.append(_evaluate(replies, top.value, y, val_pos, epoch, t0))
-                eval_next = False
-            if done is not None:
-                privacy.record_round(trip - 1, _reported_histories(replies))
-            partial = _summed(replies, "plan", len(plan))
-            grads = top.gradients(partial, y_train_view[plan].astype(np.float64), sizes)
-            privacy.spend(len(sizes))
-            done = (plan, np.asarray(sizes, dtype=np.int64), grads)
-            result.steps += len(sizes)
-            if progress:
-                progress("train", trip, total_chunks, epoch=epoch + 1)
-        if result.stopped_by_cap:
-            break
-        eval_next = True
+        evaluate = epoch > 0 and first == 0  # validation after the previous epoch
+        plan = np.concatenate(chunk).astype(np.int64)
+        sizes = [len(b) for b in chunk]
+        replies = send(plan, val_pos if evaluate else None)
+        if evaluate:
+            state.history.append(_evaluate(replies, top.value, y, val_pos, epoch, t0))
+        partial = _summed(replies, "plan", len(plan))
+        grads = top.gradients(partial, y_train_view[plan].astype(np.float64), sizes)
+        privacy.spend(len(sizes))
+        state.done_plan, state.done_sizes, state.done_grad = (
+            plan, np.asarray(sizes, dtype=np.int64), grads
+        )
+        state.steps += len(sizes)
+        state.next_chunk = index + 1
+        if on_round:
+            state.top = top.to_bytes()
+            state.privacy_history = [list(h) for h in privacy.history]
+            state.privacy_spent, state.privacy_round_steps = privacy.spent, privacy.round_steps
+            on_round(state)
+        if progress:
+            progress("train", index + 1, len(schedule), epoch=epoch + 1)
     # Apply the last chunk and read every position's contribution at the final weights.
     everyone = np.arange(n_positions, dtype=np.int64)
     replies = send(None, everyone)
-    trip += 1
-    if done is not None:
-        privacy.record_round(trip - 1, _reported_histories(replies))
-    result.logits = top.value + _summed(replies, "eval", n_positions)
-    last_epoch = len(result.history)
-    result.history.append(_history_row(result.logits[val_pos], y[val_pos], last_epoch, t0))
-    result.bias = top.value
-    result.round_trips = trip
-    result.silo_seconds = silo_seconds
-    return result
+    logits = top.value + _summed(replies, "eval", n_positions)
+    history = [*state.history, _history_row(logits[val_pos], y[val_pos], len(state.history), t0)]
+    return TrainResult(
+        bias=top.value, logits=logits, history=history, round_trips=state.trip,
+        steps=state.steps, stopped_by_cap=state.stopped_by_cap, silo_seconds=state.silo_seconds,
+    )
 
 
 def _reported_histories(replies: dict) -> dict[str, History]:

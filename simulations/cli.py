@@ -73,7 +73,10 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="generate parties, train the federation, score, compare")
-    run.add_argument("--out", type=Path, required=True, help="new run directory")
+    target = run.add_mutually_exclusive_group(required=True)
+    target.add_argument("--out", type=Path, help="new run directory")
+    target.add_argument("--resume", type=Path, metavar="RUN_DIR",
+                        help="continue an interrupted run from its last checkpoint")
     run.add_argument("--parties", type=Path, default=None,
                      help="party tables (default: <out>.parties, beside the run)")
     _population_args(run)
@@ -104,15 +107,24 @@ def _population_args(p: argparse.ArgumentParser) -> None:
 def _run(args: argparse.Namespace) -> int:
     from simulations.config import make_config, parse_assignments
     from simulations.paths import default_parties_dir
-    from simulations.runner import run_experiment
+    from simulations.runner import resume_target, run_experiment
 
-    cfg = make_config(parse_assignments(args.assignments), args.users, args.seed)
-    out_dir = args.out.resolve()
-    parties = (args.parties or default_parties_dir(args.out)).resolve()
+    overrides = parse_assignments(args.assignments)
+    if args.resume:
+        if args.users is not None or args.seed is not None:
+            overrides.update({"population.users": args.users} if args.users else {})
+            overrides.update({"seed": args.seed} if args.seed is not None else {})
+        out_dir = args.resume.resolve()
+        cfg, parties = resume_target(out_dir, overrides)
+    else:
+        cfg = make_config(overrides, args.users, args.seed)
+        out_dir = args.out.resolve()
+        parties = (args.parties or default_parties_dir(args.out)).resolve()
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as progress:
-        metrics = run_experiment(cfg, out_dir, parties, PhaseProgress(progress))
+        metrics = run_experiment(cfg, out_dir, parties, PhaseProgress(progress),
+                                 resume=args.resume is not None)
     _print_summary(metrics, out_dir, parties)
     return 0
 

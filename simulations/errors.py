@@ -6,6 +6,7 @@ from clients.messages import ProtocolError
 from clients.silo_data import SiloDataError
 from crypto.identity import IdentifierError
 from crypto.psi import PsiError
+from server.checkpoint import CheckpointError
 from server.config import ConfigError
 from server.federation import FederationError
 from server.labels import LabelDataError
@@ -14,6 +15,7 @@ from server.split import SplitError
 
 USER_ERRORS: tuple[type[BaseException], ...] = (
     ConfigError,
+    CheckpointError,
     SiloDataError,
     LabelDataError,
     LedgerError,

@@ -24,11 +24,12 @@ import pandas as pd
 from clients.client_app import make_client_app
 from clients.schema import AUTHORITY, SILOS, feature_names
 from clients.silo_data import load_silo
+from server.config import ConfigError
 from server.labels import load_labels
 from server.metrics import auc
 from server.server_app import make_server_app
 from simulations.baselines import join_parties, train_central
-from simulations.config import ExperimentConfig
+from simulations.config import ExperimentConfig, from_flat, make_config
 from simulations.engine import run_federation
 from simulations.paths import Parties
 from simulations.population import PopulationConfig, generate, write_parties
@@ -78,18 +79,48 @@ def claim_run_dir(out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
 
 
+RUN_FILE = "run.json"
+
+
+def resume_target(out_dir: Path, overrides: dict | None) -> tuple[ExperimentConfig, Path]:
+    """The configuration and parties directory of an interrupted run in `out_dir`.
+
+    Overrides must agree with the run's own config.json: a resumed run is the same run.
+    """
+    if not (out_dir / "config.json").exists() or not (out_dir / RUN_FILE).exists():
+        raise RunDirError(f"{out_dir} is not a fedscore run directory; nothing to resume")
+    if (out_dir / "metrics.json").exists():
+        raise RunDirError(f"{out_dir} already finished (metrics.json exists); nothing to resume")
+    saved = json.loads((out_dir / "config.json").read_text())
+    cfg = from_flat(saved)
+    if overrides:
+        resolved = cfg.flat()
+        asked = make_config({**resolved, **overrides}).flat()
+        changed = sorted(k for k in asked if asked[k] != resolved[k])
+        if changed:
+            raise ConfigError(
+                f"cannot resume {out_dir} with a different configuration ({', '.join(changed)} "
+                "differ from its config.json); drop those --set options or start a new run"
+            )
+    parties = Path(json.loads((out_dir / RUN_FILE).read_text())["parties"])
+    return cfg, parties
+
+
 def run_experiment(
     cfg: ExperimentConfig,
     out_dir: Path,
     parties_dir: Path,
     progress: Progress | None = None,
+    resume: bool = False,
 ) -> dict:
     started = datetime.now(UTC)
     t_total = time.perf_counter()
     seconds: dict[str, float] = {}
     parties = Parties(parties_dir)
-    claim_run_dir(out_dir)
-    (out_dir / "config.json").write_text(json.dumps(cfg.flat(), indent=2) + "\n")
+    if not resume:
+        claim_run_dir(out_dir)
+        (out_dir / "config.json").write_text(json.dumps(cfg.flat(), indent=2) + "\n")
+        (out_dir / RUN_FILE).write_text(json.dumps({"parties": str(parties_dir)}) + "\n")
 
     def phase(name: str, fn: Callable, *args):
         if progress:
@@ -108,7 +139,7 @@ def run_experiment(
     t = time.perf_counter()
     run_federation(
         make_server_app(cfg.authority, parties.root, out_dir, progress,
-                        on_result=lambda r: authority.update(r.metrics)),
+                        on_result=lambda r: authority.update(r.metrics), resume=resume),
         make_client_app(parties.root),
         silos=len(SILOS),
     )

@@ -1,0 +1,86 @@
+"""Interrupt and resume: a crashed run, resumed, equals an uninterrupted one."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from server.authority import FAIL_AFTER_ROUND
+from tests.conftest import run_cli
+
+pytestmark = pytest.mark.slow
+ARGS = ("--users", "3000", "--seed", "3", "--set", "train.epochs=2",
+        "--set", "train.batch_size=256")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    work = tmp_path_factory.mktemp("resume")
+    crashed, full = work / "crashed", work / "full"
+    os.environ[FAIL_AFTER_ROUND] = "2"
+    try:
+        first = run_cli("run", "--out", str(crashed), *ARGS, cwd=work)
+    finally:
+        del os.environ[FAIL_AFTER_ROUND]
+    assert first.returncode != 0
+    assert "injected failure after round 2" in first.stderr
+    assert (crashed / "checkpoint" / "authority.npz").exists()
+    assert not (crashed / "metrics.json").exists()
+    resumed = run_cli("run", "--resume", str(crashed), cwd=work)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    parties = crashed.with_name(crashed.name + ".parties")
+    whole = run_cli("run", "--out", str(full), "--parties", str(parties), *ARGS, cwd=work)
+    assert whole.returncode == 0, whole.stderr
+    return crashed, full
+
+
+def _model_lines(run: Path) -> list[tuple]:
+    entries = [json.loads(x) for x in (run / "ledger.jsonl").read_text().splitlines()]
+    return [(e["party"], e["round"], e["steps"], e["epsilon"]) for e in entries
+            if e["budget"] == "model"]
+
+
+def test_resumed_run_reports_the_same_epsilon(runs):
+    crashed, full = (json.loads((r / "metrics.json").read_text()) for r in runs)
+    assert crashed["epsilon"] == full["epsilon"]
+    assert crashed["training_steps"] == full["training_steps"]
+
+
+def test_ledger_neither_double_counts_nor_drops_a_step(runs):
+    crashed, full = runs
+    assert _model_lines(crashed) == _model_lines(full)
+    rounds = [r for party, r, _, _ in _model_lines(crashed) if party == "authority"]
+    assert rounds == sorted(set(rounds))
+
+
+def test_resumed_model_matches_the_uninterrupted_one(runs):
+    crashed, full = (json.loads((r / "metrics.json").read_text()) for r in runs)
+    assert crashed["auc"] == pytest.approx(full["auc"], abs=0.005)
+
+
+def test_checkpoint_is_removed_after_success(runs):
+    crashed, _ = runs
+    assert not (crashed / "checkpoint").exists()
+
+
+def test_resuming_a_finished_run_is_refused(runs, tmp_path: Path):
+    crashed, _ = runs
+    before = (crashed / "metrics.json").read_bytes()
+    proc = run_cli("run", "--resume", str(crashed), cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "already finished" in proc.stderr
+    assert (crashed / "metrics.json").read_bytes() == before
+
+
+def test_resuming_with_another_config_is_refused(tmp_path: Path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"train.epochs": 2}))
+    (run / "run.json").write_text(json.dumps({"parties": str(tmp_path / "p")}))
+    proc = run_cli("run", "--resume", str(run), "--set", "train.epochs=5", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "different configuration (train.epochs" in proc.stderr
+    assert json.loads((run / "config.json").read_text()) == {"train.epochs": 2}
