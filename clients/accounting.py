@@ -18,6 +18,10 @@ from opacus.accountants.utils import get_noise_multiplier
 
 History = list[tuple[float, float, int]]
 
+# Opacus warns about optimal RDP orders at the edge of its grid; the numbers stay valid upper
+# bounds. Filtered once here: catch_warnings() is not thread-safe and the ledger runs on a thread.
+warnings.filterwarnings("ignore", module=r"opacus\.accountants")
+
 
 def make_accountant(kind: str, history: History | None = None) -> IAccountant:
     acc: IAccountant = {"rdp": RDPAccountant, "prv": PRVAccountant}[kind]()
@@ -40,13 +44,11 @@ def epsilon(kind: str, history: History, delta: float, precise: bool = True) -> 
     if not history or sum(h[2] for h in history) == 0:
         return 0.0
     acc = make_accountant(kind, history)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # Opacus warns about optimal-order edge cases
-        if kind != "prv" or not precise:
-            return float(acc.get_epsilon(delta))
-        rough = float(acc.get_epsilon(delta))
-        error = max(PRV_MIN_ERROR, PRV_RELATIVE_ERROR * rough)
-        return rough if error >= 0.01 else float(acc.get_epsilon(delta, eps_error=error))
+    if kind != "prv" or not precise:
+        return float(acc.get_epsilon(delta))
+    rough = float(acc.get_epsilon(delta))
+    error = max(PRV_MIN_ERROR, PRV_RELATIVE_ERROR * rough)
+    return rough if error >= 0.01 else float(acc.get_epsilon(delta, eps_error=error))
 
 
 def add_steps(history: History, sigma: float, q: float, steps: int) -> History:
@@ -68,18 +70,16 @@ def calibrate_sigma(
     `sample_rate` within (target_epsilon, delta)."""
     if not math.isfinite(target_epsilon):
         return 0.0
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return float(
-            get_noise_multiplier(
-                target_epsilon=target_epsilon,
-                target_delta=delta,
-                sample_rate=sample_rate,
-                steps=steps,
-                accountant=kind,
-                epsilon_tolerance=0.005,
-            )
+    return float(
+        get_noise_multiplier(
+            target_epsilon=target_epsilon,
+            target_delta=delta,
+            sample_rate=sample_rate,
+            steps=steps,
+            accountant=kind,
+            epsilon_tolerance=0.005,
         )
+    )
 
 
 def affordable_steps(

@@ -218,7 +218,7 @@ def make_client_app(default_root: Path | None = None) -> ClientApp:
         for key in ("plan", "eval"):
             positions = m.get_array(msg, key, np.int64, 1, required=False)
             if positions is not None:
-                out[key] = trainer.contributions(x[_rows(context, positions)])
+                out[key] = trainer.released(x[_rows(context, positions)])
         if trainer.history:
             out["accountant"] = np.array(trainer.history, dtype=np.float64)
         reply = m.make_content({"seconds": time.perf_counter() - t0}, **out)

@@ -25,6 +25,11 @@ from torch import nn
 
 from clients.accounting import History, add_steps
 
+# Opacus's hooks fire on module outputs because the inputs need no gradient: expected here.
+# A module-level filter, not catch_warnings(): that context manager is not thread-safe, and the
+# authority runs DP steps while its ledger thread computes epsilons.
+warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -37,6 +42,10 @@ class ModelSpec:
     max_grad_norm: float = 1.0
     sample_rate: float = 0.0
     expected_batch: int = 0
+    # eps_transcript: contributions clipped to [-transcript_clip, transcript_clip] and sent with
+    # Gaussian noise of std transcript_sigma * 2 * transcript_clip (replace-one sensitivity).
+    transcript_sigma: float = 0.0
+    transcript_clip: float = 4.0
 
     @property
     def dp(self) -> bool:
@@ -52,6 +61,8 @@ class ModelSpec:
             "max_grad_norm": self.max_grad_norm,
             "sample_rate": self.sample_rate,
             "expected_batch": self.expected_batch,
+            "transcript_sigma": self.transcript_sigma,
+            "transcript_clip": self.transcript_clip,
         }
 
     @classmethod
@@ -65,6 +76,8 @@ class ModelSpec:
             max_grad_norm=float(cfg.get("max_grad_norm", 1.0)),
             sample_rate=float(cfg.get("sample_rate", 0.0)),
             expected_batch=int(cfg.get("expected_batch", 0)),
+            transcript_sigma=float(cfg.get("transcript_sigma", 0.0)),
+            transcript_clip=float(cfg.get("transcript_clip", 4.0)),
         )
 
 
@@ -156,6 +169,20 @@ class SiloTrainer:
         self.base.eval()
         return self.base(torch.from_numpy(x)).numpy().astype(np.float32)
 
+    def released(self, x: np.ndarray) -> np.ndarray:
+        """Contributions as they leave the silo: clipped and noised under transcript DP.
+
+        The noise is drawn from the operating system's entropy, not from the run's seed: the
+        authority must not be able to predict and subtract it."""
+        values = self.contributions(x)
+        if self.spec.transcript_sigma <= 0:
+            return values
+        clip = self.spec.transcript_clip
+        noise = np.random.default_rng().normal(
+            0.0, self.spec.transcript_sigma * 2 * clip, size=len(values)
+        )
+        return (np.clip(values, -clip, clip) + noise).astype(np.float32)
+
     def replay(self, batches: list[np.ndarray], grads: list[np.ndarray]) -> None:
         """One optimiser step per batch, backpropagating the authority's d loss / d contribution.
 
@@ -163,12 +190,6 @@ class SiloTrainer:
         Poisson sample can be empty; the noise is still added and the step still counts).
         """
         self.model.train()
-        with warnings.catch_warnings():
-            # Opacus's hooks fire on module outputs because inputs need no gradient: expected.
-            warnings.filterwarnings("ignore", message="Full backward hook is firing")
-            self._replay(batches, grads)
-
-    def _replay(self, batches: list[np.ndarray], grads: list[np.ndarray]) -> None:
         for xb, gb in zip(batches, grads, strict=True):
             self.opt.zero_grad(set_to_none=True)
             if len(xb):

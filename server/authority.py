@@ -105,19 +105,23 @@ def run_authority(
         cfg.model.hidden, cfg.train.lr, cfg.train.weight_decay, cfg.seed,
         noise_multiplier=privacy.sigma, max_grad_norm=cfg.privacy.max_grad_norm,
         sample_rate=privacy.q, expected_batch=privacy.expected_batch,
+        transcript_sigma=cfg.privacy.transcript_sigma,
+        transcript_clip=cfg.privacy.transcript_clip,
     )
     if state is None:
+        checkpoint.save_run(out_dir, run)
         inputs = announce(fed, Alignment(run.authority_rows, run.silo_rows, {}),
                           {**spec.to_config(), "run": run.run_key})
         privacy.record_labels()
     else:
         inputs = {s: int(info[s]["inputs"]) for s in fed.silos}
-        privacy.restore(state.privacy_history, state.privacy_spent, state.privacy_round_steps)
+        privacy.restore(state.privacy_history, state.privacy_spent, state.privacy_round_steps,
+                        state.transcript_releases)
 
     def on_round(current: TrainState) -> None:
         snapshot = replace(current, history=list(current.history),
                            silo_seconds=dict(current.silo_seconds))
-        privacy.after_ledger(lambda: checkpoint.save(out_dir, run, snapshot, ledger.offset()))
+        privacy.after_ledger(lambda: checkpoint.save(out_dir, snapshot, ledger.offset()))
         _maybe_inject_failure(current.trip, privacy)
 
     phases.start("train")

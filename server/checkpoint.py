@@ -39,9 +39,10 @@ class TrainState:
     done_plan: np.ndarray | None = None
     done_sizes: np.ndarray | None = None
     done_grad: np.ndarray | None = None
+    transcript_releases: np.ndarray | None = None
     top: bytes = b""
 
-    _ARRAYS = ("done_plan", "done_sizes", "done_grad")
+    _ARRAYS = ("done_plan", "done_sizes", "done_grad", "transcript_releases")
 
     def meta(self) -> dict:
         out = asdict(self)
@@ -65,75 +66,89 @@ class RunState:
     overlap: dict[str, int] = field(default_factory=dict)
 
 
+RUN_FILE = "run.npz"  # written once: alignment, split, labels the gradients see
+
+
 def remove(out_dir: Path) -> None:
     """Delete the checkpoint once the run's results are written: it holds the labels."""
-    target = path(out_dir)
-    target.unlink(missing_ok=True)
-    if target.parent.exists() and not any(target.parent.iterdir()):
-        target.parent.rmdir()
+    directory = out_dir / CHECKPOINT_DIR
+    for name in (CHECKPOINT_FILE, RUN_FILE):
+        (directory / name).unlink(missing_ok=True)
+    if directory.exists() and not any(directory.iterdir()):
+        directory.rmdir()
 
 
 def path(out_dir: Path) -> Path:
     return out_dir / CHECKPOINT_DIR / CHECKPOINT_FILE
 
 
-def save(out_dir: Path, run: RunState, state: TrainState, ledger_offset: int) -> None:
-    target = path(out_dir)
+def _write_npz(target: Path, **arrays: np.ndarray) -> None:
     target.parent.mkdir(exist_ok=True)
-    meta = {
-        "run_key": run.run_key,
-        "config": run.config,
-        "silos": list(run.silo_rows),
-        "overlap": run.overlap,
-        "train": state.meta(),
-        "ledger_offset": ledger_offset,
-    }
-    arrays = {
-        "authority_rows": run.authority_rows,
-        "train_pos": run.train, "val_pos": run.val, "test_pos": run.test,
-        "y_view": run.y_view,
-        "top": np.frombuffer(state.top, dtype=np.uint8),
-        **{f"silo_rows__{s}": rows for s, rows in run.silo_rows.items()},
-    }
-    for key in TrainState._ARRAYS:
-        value = getattr(state, key)
-        if value is not None:
-            arrays[key] = value
     tmp = target.with_suffix(".tmp.npz")
     with open(tmp, "wb") as fh:
-        np.savez(fh, meta=np.array(json.dumps(meta)), **arrays)
+        np.savez(fh, **arrays)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, target)
 
 
+def _read_npz(source: Path) -> dict[str, np.ndarray]:
+    with np.load(source, allow_pickle=False) as npz:
+        return {k: npz[k] for k in npz.files}
+
+
+def save_run(out_dir: Path, run: RunState) -> None:
+    """The parts of a run fixed before training, once."""
+    meta = {"run_key": run.run_key, "config": run.config, "silos": list(run.silo_rows),
+            "overlap": run.overlap}
+    _write_npz(
+        out_dir / CHECKPOINT_DIR / RUN_FILE,
+        meta=np.array(json.dumps(meta)),
+        authority_rows=run.authority_rows,
+        train_pos=run.train, val_pos=run.val, test_pos=run.test, y_view=run.y_view,
+        **{f"silo_rows__{s}": rows for s, rows in run.silo_rows.items()},
+    )
+
+
+def save(out_dir: Path, state: TrainState, ledger_offset: int) -> None:
+    """Training state after a round (small: the run's fixed parts are in run.npz)."""
+    meta = {"train": state.meta(), "ledger_offset": ledger_offset}
+    arrays = {"top": np.frombuffer(state.top, dtype=np.uint8)}
+    for key in TrainState._ARRAYS:
+        value = getattr(state, key)
+        if value is not None:
+            arrays[key] = value
+    _write_npz(path(out_dir), meta=np.array(json.dumps(meta)), **arrays)
+
+
 def load(out_dir: Path, config: dict) -> tuple[RunState, TrainState, int]:
     """The run and training state of `out_dir`, checked against `config`."""
-    source = path(out_dir)
-    if not source.exists():
+    source, run_source = path(out_dir), out_dir / CHECKPOINT_DIR / RUN_FILE
+    if not source.exists() or not run_source.exists():
         raise CheckpointError(
             f"{out_dir} has no checkpoint ({source}); it never finished a training round, "
             "so start a new run instead of resuming"
         )
-    with np.load(source, allow_pickle=False) as npz:
-        arrays = {k: npz[k] for k in npz.files}
-    meta = json.loads(str(arrays.pop("meta")))
-    if meta["config"] != config:
-        changed = sorted(k for k in set(meta["config"]) | set(config)
-                         if meta["config"].get(k) != config.get(k))
+    fixed = _read_npz(run_source)
+    run_meta = json.loads(str(fixed.pop("meta")))
+    if run_meta["config"] != config:
+        changed = sorted(k for k in set(run_meta["config"]) | set(config)
+                         if run_meta["config"].get(k) != config.get(k))
         raise CheckpointError(
             f"the checkpoint in {out_dir} was made with another configuration "
             f"(differs in {', '.join(changed)}); resume with the run's own config.json"
         )
     run = RunState(
-        run_key=meta["run_key"],
-        config=meta["config"],
-        authority_rows=arrays["authority_rows"],
-        silo_rows={s: arrays[f"silo_rows__{s}"] for s in meta["silos"]},
-        train=arrays["train_pos"], val=arrays["val_pos"], test=arrays["test_pos"],
-        y_view=arrays["y_view"],
-        overlap=meta.get("overlap", {}),
+        run_key=run_meta["run_key"],
+        config=run_meta["config"],
+        authority_rows=fixed["authority_rows"],
+        silo_rows={s: fixed[f"silo_rows__{s}"] for s in run_meta["silos"]},
+        train=fixed["train_pos"], val=fixed["val_pos"], test=fixed["test_pos"],
+        y_view=fixed["y_view"],
+        overlap=run_meta.get("overlap", {}),
     )
+    arrays = _read_npz(source)
+    meta = json.loads(str(arrays.pop("meta")))
     state = TrainState(**meta["train"])
     state.top = arrays["top"].tobytes()
     for key in TrainState._ARRAYS:

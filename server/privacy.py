@@ -12,6 +12,8 @@ import logging
 import math
 from concurrent.futures import Future, ThreadPoolExecutor
 
+import numpy as np
+
 from clients.accounting import History, add_steps, affordable_steps, calibrate_sigma, epsilon
 from server.config import ConfigError, PrivacyConfig
 from server.federation import FederationError
@@ -59,6 +61,11 @@ class PrivacyPlan:
                     "raise the cap or privacy.epsilon"
                 )
         self.history: History = []
+        # eps_transcript: how often each person's contribution has left the silos. The
+        # authority picks who is sampled, so there is no amplification: the worst-off person's
+        # count of Gaussian releases is what composes.
+        self.releases = np.zeros(0, dtype=np.int64)
+        self.transcript_history: History = []
         self.spent = 0
         self.round_steps = 0
         self.ledger = ledger
@@ -141,9 +148,43 @@ class PrivacyPlan:
         """Run `job` once every ledger line recorded so far is written (for checkpoints)."""
         self._pending.append(self._pool.submit(job))
 
-    def restore(self, history: History, spent: int, round_steps: int) -> None:
+    def restore(self, history: History, spent: int, round_steps: int,
+                releases: np.ndarray | None = None) -> None:
         self.history = [tuple(h) for h in history]
         self.spent, self.round_steps = spent, round_steps
+        if releases is not None and len(releases):
+            self.releases = releases.astype(np.int64)
+            worst = int(self.releases.max())
+            self.transcript_history = add_steps([], self.cfg.transcript_sigma, 1.0, worst)
+
+    def record_releases(self, round_: int, n_positions: int, *sent: np.ndarray | None) -> None:
+        """Count the contributions a round released; log the transcript budget's spend."""
+        if not self.cfg.transcript_dp:
+            return
+        if len(self.releases) != n_positions:
+            self.releases = np.zeros(n_positions, dtype=np.int64)
+        before = int(self.releases.max(initial=0))
+        for positions in sent:
+            if positions is not None and len(positions):
+                self.releases += np.bincount(positions, minlength=n_positions)
+        added = int(self.releases.max(initial=0)) - before
+        if added == 0:
+            return
+        self.transcript_history = add_steps(
+            self.transcript_history, self.cfg.transcript_sigma, 1.0, added
+        )
+        history = list(self.transcript_history)
+        self._pending.append(self._pool.submit(self._log_transcript, round_, added, history))
+
+    def _log_transcript(self, round_: int, steps: int, history: History) -> None:
+        eps = epsilon(self.cfg.accountant, history, self.delta)
+        for silo in self.silos:
+            self._write(
+                party=silo, budget="transcript", mechanism="gaussian",
+                noise_multiplier=self.cfg.transcript_sigma, sample_rate=1.0, steps=steps,
+                round=round_, epsilon=eps, delta=self.delta, accountant=self.cfg.accountant,
+                clip=self.cfg.transcript_clip,
+            )
 
     def _write(self, **entry: object) -> None:
         if self.ledger is not None:
@@ -166,11 +207,15 @@ class PrivacyPlan:
         model_eps = (
             epsilon(self.cfg.accountant, self.history, self.delta) if self.cfg.dp_sgd else None
         )
+        transcript_eps = (
+            epsilon(self.cfg.accountant, self.transcript_history, self.delta)
+            if self.cfg.transcript_dp else None
+        )
         return {
             "epsilon": {
                 "model": dict.fromkeys(self.parties, model_eps),
                 "label": self.cfg.label_epsilon if self.cfg.label_dp else None,
-                "transcript": dict.fromkeys(self.silos),
+                "transcript": dict.fromkeys(self.silos, transcript_eps),
             },
             "delta": self.delta,
             "accountant": self.cfg.accountant,
@@ -180,4 +225,5 @@ class PrivacyPlan:
             "steps": self.spent,
             "steps_planned": self.steps_planned,
             "label_flip_probability": self.rho,
+            "transcript_releases_max": int(self.releases.max(initial=0)),
         }

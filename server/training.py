@@ -24,7 +24,6 @@ from __future__ import annotations
 import io
 import logging
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -125,17 +124,13 @@ class Top:
         """d mean-loss / d z for each row of each batch, stepping b after every batch."""
         grads = np.empty(len(partial), dtype=np.float32)
         start = 0
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Full backward hook is firing")
-            for size in sizes:
-                stop = start + size
-                z = self.value + partial[start:stop]
-                g = (corrected_gradient(z, y[start:stop], self.rho) / max(size, 1)).astype(
-                    np.float32
-                )
-                grads[start:stop] = g
-                self._step(g)
-                start = stop
+        for size in sizes:
+            stop = start + size
+            z = self.value + partial[start:stop]
+            g = corrected_gradient(z, y[start:stop], self.rho) / max(size, 1)
+            grads[start:stop] = g
+            self._step(grads[start:stop])
+            start = stop
         return grads
 
     def _step(self, g: np.ndarray) -> None:
@@ -212,6 +207,7 @@ def train(
         config = {"round": state.trip + 1}
         replies = fed.broadcast(m.STEP, m.make_content(config, **extras))
         state.trip += 1
+        privacy.record_releases(state.trip, n_positions, plan, eval_pos)
         for silo, reply in replies.items():
             state.silo_seconds[silo] += float(m.get_config(reply).get("seconds", 0.0))
         if state.done_grad is not None:
@@ -251,6 +247,7 @@ def train(
             state.top = top.to_bytes()
             state.privacy_history = [list(h) for h in privacy.history]
             state.privacy_spent, state.privacy_round_steps = privacy.spent, privacy.round_steps
+            state.transcript_releases = privacy.releases.copy()
             on_round(state)
         if progress:
             progress("train", index + 1, len(schedule), epoch=epoch + 1)

@@ -19,14 +19,14 @@ TOLERANCE = {"rdp": 0.01, "prv": 0.02}
 
 
 def _event(history: list[tuple[float, float, int]]) -> dpa.DpEvent:
+    def one(sigma: float, q: float) -> dpa.DpEvent:
+        gaussian = dpa.GaussianDpEvent(sigma)
+        # q = 1: every release of a person's contribution, no sampling (the transcript budget)
+        return gaussian if q >= 1.0 else dpa.PoissonSampledDpEvent(q, gaussian)
+
     return dpa.ComposedDpEvent(
-        [
-            dpa.SelfComposedDpEvent(
-                dpa.PoissonSampledDpEvent(q, dpa.GaussianDpEvent(sigma)), int(steps)
-            )
-            for sigma, q, steps in history
-            if steps > 0
-        ]
+        [dpa.SelfComposedDpEvent(one(sigma, q), int(steps)) for sigma, q, steps in history
+         if steps > 0]
     )
 
 

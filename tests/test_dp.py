@@ -114,3 +114,37 @@ def test_plan_refuses_steps_past_the_cap():
     assert plan.allow(1) == 0
     assert plan.summary()["epsilon"]["model"]["a"] <= 0.5
     plan.close()
+
+
+def test_transcript_noise_and_clipping_at_the_silo():
+    spec = ModelSpec(transcript_sigma=0.5, transcript_clip=2.0)
+    trainer = SiloTrainer(3, spec, 1)
+    x = np.zeros((20_000, 3), np.float32)
+    with torch.no_grad():
+        trainer.base.net[-1].bias.fill_(10.0)  # every raw contribution is 10, above the clip
+    released = trainer.released(x)
+    assert np.mean(released) == pytest.approx(2.0, abs=0.05)  # clipped to 2
+    assert np.std(released) == pytest.approx(0.5 * 2 * 2.0, rel=0.05)
+    assert np.array_equal(SiloTrainer(3, ModelSpec(), 1).released(x[:5]), np.zeros(5))
+
+
+def test_transcript_budget_composes_over_each_persons_releases(tmp_path):
+    from server.ledger import Ledger
+    from simulations.ledger_verify import verify
+
+    cfg = PrivacyConfig(epsilon=math.inf, transcript_sigma=4.0, accountant="rdp")
+    plan = PrivacyPlan(cfg, ("a", "b"), 1000, 100, 1, ledger=Ledger(tmp_path))
+    plan.record_releases(1, 10, np.array([0, 1, 1, 2]), np.array([1, 5]))  # person 1: 3 times
+    plan.record_releases(2, 10, np.array([3, 4]), None)  # the worst case does not move
+    plan.record_releases(3, 10, np.arange(10), None)  # person 1: 4 times
+    summary = plan.summary()
+    plan.close()
+    assert summary["transcript_releases_max"] == 4
+    eps = summary["epsilon"]["transcript"]["a"]
+    # No amplification: four full Gaussian releases at sigma 4.
+    from clients.accounting import epsilon
+
+    assert eps == pytest.approx(epsilon("rdp", [(4.0, 1.0, 4)], 1 / 1000))
+    checks = verify(tmp_path)
+    assert [c.steps for c in checks] == [4, 4]
+    assert all(c.ok for c in checks)
