@@ -126,6 +126,27 @@ def make_private(
     return private, dp_opt
 
 
+def state_bytes(model: nn.Module, opt: torch.optim.Optimizer, generator: torch.Generator,
+                **extra: object) -> bytes:
+    """A party's model, optimiser and noise generator (plus `extra`) as bytes, pickle-free on
+    load (weights_only)."""
+    inner = getattr(opt, "original_optimizer", opt)
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": inner.state_dict(),
+                "rng": generator.get_state(), **extra}, buf)
+    return buf.getvalue()
+
+
+def load_state_bytes(blob: bytes, model: nn.Module, opt: torch.optim.Optimizer,
+                     generator: torch.Generator) -> dict:
+    """Restore what `state_bytes` saved; returns the whole state for the extras."""
+    state = torch.load(io.BytesIO(blob), weights_only=True)
+    model.load_state_dict(state["model"])
+    getattr(opt, "original_optimizer", opt).load_state_dict(state["opt"])
+    generator.set_state(state["rng"])
+    return state
+
+
 class SiloTrainer:
     """A silo's model, optimiser and accountant history, serialisable into the node's Flower
     state between messages."""
@@ -141,27 +162,12 @@ class SiloTrainer:
         else:
             self.model, self.opt = self.base, opt
 
-    def _inner_opt(self) -> torch.optim.Optimizer:
-        return self.opt.original_optimizer if isinstance(self.opt, DPOptimizer) else self.opt
-
     def to_bytes(self) -> bytes:
-        buf = io.BytesIO()
-        torch.save(
-            {
-                "model": self.base.state_dict(),
-                "opt": self._inner_opt().state_dict(),
-                "rng": self.generator.get_state(),
-                "history": [list(h) for h in self.history],
-            },
-            buf,
-        )
-        return buf.getvalue()
+        return state_bytes(self.base, self.opt, self.generator,
+                           history=[list(h) for h in self.history])
 
     def load_bytes(self, blob: bytes) -> None:
-        state = torch.load(io.BytesIO(blob), weights_only=True)
-        self.base.load_state_dict(state["model"])
-        self._inner_opt().load_state_dict(state["opt"])
-        self.generator.set_state(state["rng"])
+        state = load_state_bytes(blob, self.base, self.opt, self.generator)
         self.history = [(float(s), float(q), int(n)) for s, q, n in state["history"]]
 
     @torch.no_grad()

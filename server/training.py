@@ -21,7 +21,6 @@ the steps that would pass it.
 
 from __future__ import annotations
 
-import io
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -32,7 +31,7 @@ import torch
 
 from clients import messages as m
 from clients.accounting import History
-from clients.model import ModelSpec, make_private
+from clients.model import ModelSpec, load_state_bytes, make_private, state_bytes
 from server.checkpoint import TrainState
 from server.config import TrainConfig
 from server.federation import Federation, FederationError
@@ -105,20 +104,11 @@ class Top:
     def value(self) -> float:
         return float(self.linear.weight.detach()[0, 0])
 
-    def _inner_opt(self) -> torch.optim.Optimizer:
-        return getattr(self.opt, "original_optimizer", self.opt)
-
     def to_bytes(self) -> bytes:
-        buf = io.BytesIO()
-        torch.save({"linear": self.linear.state_dict(), "opt": self._inner_opt().state_dict(),
-                    "rng": self.generator.get_state()}, buf)
-        return buf.getvalue()
+        return state_bytes(self.linear, self.opt, self.generator)
 
     def load_bytes(self, blob: bytes) -> None:
-        state = torch.load(io.BytesIO(blob), weights_only=True)
-        self.linear.load_state_dict(state["linear"])
-        self._inner_opt().load_state_dict(state["opt"])
-        self.generator.set_state(state["rng"])
+        load_state_bytes(blob, self.linear, self.opt, self.generator)
 
     def gradients(self, partial: np.ndarray, y: np.ndarray, sizes: list[int]) -> np.ndarray:
         """d mean-loss / d z for each row of each batch, stepping b after every batch."""
