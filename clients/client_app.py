@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +25,7 @@ from clients import messages as m
 from clients.model import ModelSpec, SiloTrainer
 from clients.schema import SILOS, feature_names
 from clients.silo_data import SiloDataError, SiloMatrix, load_silo
+from crypto.masking import MaskingError, PairwiseKeys, mask_context, masked_share
 from crypto.psi import PsiError, PsiKey, hash_to_points
 
 log = logging.getLogger(__name__)
@@ -100,6 +102,30 @@ def _save_round(context: Context, default_root: Path | None, round_: int) -> Non
             old.unlink(missing_ok=True)
 
 
+def _write_private(path: Path, secret: bytes) -> None:
+    """A secret key file readable by its owner only (0600), created fresh."""
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(secret)
+
+
+def _masked(context: Context, values: np.ndarray, round_: int, purpose: str) -> np.ndarray:
+    if "mask" not in context.state:
+        raise m.ProtocolError("secure aggregation without pairwise keys: send query.peers first")
+    record = context.state["mask"]
+    shared = {k.removeprefix("peer."): bytes(v) for k, v in record.items()
+              if k.startswith("peer.")}
+    if not shared:
+        raise m.ProtocolError("secure aggregation needs at least two silos")
+    run_key = str(context.state["model"]["run"])
+    try:
+        return masked_share(values, silo_name(context), shared,
+                            mask_context(run_key, round_, purpose))
+    except MaskingError as exc:
+        raise m.ProtocolError(str(exc)) from None
+
+
 def _trainer(context: Context) -> SiloTrainer:
     if "model" not in context.state:
         raise m.ProtocolError("no model yet: the authority must send query.align first")
@@ -172,14 +198,41 @@ def make_client_app(default_root: Path | None = None) -> ClientApp:
         salt = SILOS.index(silo_name(context)) + 1 if silo_name(context) in SILOS else 0
         trainer = SiloTrainer(data.x.shape[1], spec, salt)
         run_key = str(cfg["run"])
-        model = {**spec.to_config(), "inputs": data.x.shape[1], "salt": salt, "run": run_key}
+        model = {**spec.to_config(), "inputs": data.x.shape[1], "salt": salt, "run": run_key,
+                 "secure": bool(cfg.get("secure", False))}
         context.state["model"] = ConfigRecord({**model, "blob": trainer.to_bytes()})
         directory = _checkpoint_dir(context, default_root, run_key)
         directory.mkdir(parents=True, exist_ok=True)
         np.save(directory / "alignment.npy", pos2row)
         (directory / "model.json").write_text(json.dumps(model))
         _save_round(context, default_root, 0)
-        return Message(m.make_content({"inputs": data.x.shape[1]}), reply_to=msg)
+        reply: dict = {"inputs": data.x.shape[1]}
+        if model["secure"]:
+            keys = PairwiseKeys()
+            _write_private(directory / "mask.key", keys.secret)
+            context.state["mask"] = ConfigRecord({"secret": keys.secret})
+            reply["mask_public"] = keys.public
+        return Message(m.make_content(reply), reply_to=msg)
+
+    @app.query("peers")
+    @_guarded
+    def peers(msg: Message, context: Context) -> Message:
+        """Agree a pairwise secret with every other silo from its relayed public key."""
+        if "mask" not in context.state:
+            raise m.ProtocolError("peers before align, or secure aggregation is off")
+        publics = {k.removeprefix("peer."): bytes(v) for k, v in m.get_config(msg).items()
+                   if k.startswith("peer.")}
+        me = silo_name(context)
+        if me not in publics:
+            raise m.ProtocolError("the peer list does not include this silo")
+        keys = PairwiseKeys(bytes(context.state["mask"]["secret"]))
+        if publics[me] != keys.public:
+            raise m.ProtocolError("the relayed key for this silo is not its own")
+        record = {f"peer.{s}": keys.shared_with(pub) for s, pub in publics.items() if s != me}
+        context.state["mask"] = ConfigRecord({"secret": keys.secret, **record})
+        directory = _checkpoint_dir(context, default_root, str(context.state["model"]["run"]))
+        (directory / "peers.json").write_text(json.dumps({s: p.hex() for s, p in publics.items()}))
+        return Message(m.make_content({"peers": len(record)}), reply_to=msg)
 
     @app.query("resume")
     @_guarded
@@ -197,6 +250,13 @@ def make_client_app(default_root: Path | None = None) -> ClientApp:
         model = json.loads((directory / "model.json").read_text())
         context.state["align"] = m.arrays(pos2row=pos2row)
         context.state["model"] = ConfigRecord({**model, "blob": blob.read_bytes()})
+        if model.get("secure"):
+            keys = PairwiseKeys((directory / "mask.key").read_bytes())
+            publics = json.loads((directory / "peers.json").read_text())
+            me = silo_name(context)
+            context.state["mask"] = ConfigRecord({"secret": keys.secret, **{
+                f"peer.{s}": keys.shared_with(bytes.fromhex(p))
+                for s, p in publics.items() if s != me}})
         return Message(m.make_content({"round": round_}), reply_to=msg)
 
     @app.train("step")
@@ -215,10 +275,13 @@ def make_client_app(default_root: Path | None = None) -> ClientApp:
         if "round" in m.get_config(msg):
             _save_round(context, default_root, int(m.get_config(msg)["round"]))
         out: dict[str, np.ndarray] = {}
+        secure = bool(context.state["model"].get("secure", False))
+        round_ = int(m.get_config(msg).get("round", 0))
         for key in ("plan", "eval"):
             positions = m.get_array(msg, key, np.int64, 1, required=False)
             if positions is not None:
-                out[key] = trainer.released(x[_rows(context, positions)])
+                values = trainer.released(x[_rows(context, positions)])
+                out[key] = _masked(context, values, round_, key) if secure else values
         if trainer.history:
             out["accountant"] = np.array(trainer.history, dtype=np.float64)
         reply = m.make_content({"seconds": time.perf_counter() - t0}, **out)

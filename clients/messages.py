@@ -11,7 +11,11 @@ Message types (Flower "<category>.<action>"):
   query.align        silo rows + shared positions + model spec      (alignment, model init)
   train.step         [grad for the previous plan] [new plan] [eval positions]
                      -> contributions for the new plan and the eval positions
+  query.peers        every silo's masking public key (relayed, secure sum only)
   query.resume       run key + round -> the silo restores its own checkpoint of that round
+
+With secure aggregation, contributions travel as uint64 fixed-point shares masked pairwise
+(crypto.masking): the authority can decode only their sum.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ PSI_FINISH = "query.psi_finish"
 ALIGN = "query.align"
 STEP = "train.step"
 RESUME = "query.resume"
+PEERS = "query.peers"
 
 # Error codes a silo uses for problems it diagnosed itself; the reason is meant for people.
 INPUT_ERROR = 4001

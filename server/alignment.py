@@ -99,4 +99,10 @@ def announce(fed: Federation, alignment: Alignment, model_config: dict) -> dict[
             for s in fed.silos
         },
     )
-    return {s: int(m.get_config(r)["inputs"]) for s, r in replies.items()}
+    inputs = {s: int(m.get_config(r)["inputs"]) for s, r in replies.items()}
+    if model_config.get("secure"):
+        # Relay every silo's masking public key to every silo; the authority cannot derive
+        # the pairwise secrets from them (X25519).
+        publics = {f"peer.{s}": bytes(m.get_config(r)["mask_public"]) for s, r in replies.items()}
+        fed.broadcast(m.PEERS, m.make_content(publics))
+    return inputs

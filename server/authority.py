@@ -111,7 +111,8 @@ def run_authority(
     if state is None:
         checkpoint.save_run(out_dir, run)
         inputs = announce(fed, Alignment(run.authority_rows, run.silo_rows, {}),
-                          {**spec.to_config(), "run": run.run_key})
+                          {**spec.to_config(), "run": run.run_key,
+                           "secure": cfg.aggregation.secure})
         privacy.record_labels()
     else:
         inputs = {s: int(info[s]["inputs"]) for s in fed.silos}
@@ -129,6 +130,7 @@ def run_authority(
         result = train(
             fed, run.y_view, y.astype(np.float64), split.train, split.val, n_positions,
             cfg.train, spec, privacy, progress, state=state, on_round=on_round,
+            secure=cfg.aggregation.secure,
         )
         privacy_summary = privacy.summary()
     finally:
@@ -175,6 +177,7 @@ def run_authority(
         "model_inputs": inputs,
         "history": result.history,
         "round_trips": result.round_trips,
+        "secure_aggregation": cfg.aggregation.secure,
         "resumed": resume,
         "silo_compute_seconds": {s: round(v, 3) for s, v in result.silo_seconds.items()},
         "seconds": phases.seconds,

@@ -95,6 +95,12 @@ class PsiConfig:
             raise ConfigError(f"psi.workers={self.workers}: use 1 to 64 processes")
 
 
+@dataclass(frozen=True)
+class AggregationConfig:
+    # Pairwise-masked secure sum: the authority decodes only sum_k g_k, never one silo's g_k.
+    secure: bool = True
+
+
 ACCOUNTANTS = ("rdp", "prv")
 
 
@@ -190,6 +196,7 @@ class AuthorityConfig:
     score: ScoreConfig = field(default_factory=ScoreConfig)
     psi: PsiConfig = field(default_factory=PsiConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     # How long to wait for all silos to join, and for any one reply.
     join_timeout: float = 120.0
     reply_timeout: float = 600.0

@@ -32,6 +32,7 @@ import torch
 from clients import messages as m
 from clients.accounting import History
 from clients.model import ModelSpec, load_state_bytes, make_private, state_bytes
+from crypto.masking import decode, ring_sum
 from server.checkpoint import TrainState
 from server.config import TrainConfig
 from server.federation import Federation, FederationError
@@ -134,17 +135,25 @@ class Top:
             self.opt.step()
 
 
-def _summed(replies: dict, key: str, expected: int) -> np.ndarray:
-    total = np.zeros(expected, dtype=np.float64)
+def _summed(replies: dict, key: str, expected: int, secure: bool) -> np.ndarray:
+    """sum_k g_k for `expected` rows: float contributions, or masked uint64 shares of which
+    only the ring sum can be decoded (secure aggregation)."""
+    parts = []
     for silo, reply in replies.items():
-        part = m.get_array(reply, key, np.float32, 1)
+        try:
+            part = m.get_array(reply, key, np.uint64 if secure else np.float32, 1)
+        except m.ProtocolError as exc:
+            mode = "masked uint64 shares" if secure else "float32 contributions"
+            raise FederationError(f"silo {silo!r} did not send {mode}: {exc}") from None
         if len(part) != expected:
             raise FederationError(
                 f"silo {silo!r} sent {len(part)} contributions for {expected} rows; "
                 "its model or alignment is out of step"
             )
-        total += part
-    return total
+        parts.append(part)
+    if secure:
+        return decode(ring_sum(parts))
+    return np.sum(np.asarray(parts, dtype=np.float64), axis=0)
 
 
 def chunk_schedule(batches_per_epoch: int, cfg: TrainConfig) -> list[tuple[int, int, int]]:
@@ -174,6 +183,7 @@ def train(
     progress: Progress | None = None,
     state: TrainState | None = None,
     on_round: Callable[[TrainState], None] | None = None,
+    secure: bool = False,
 ) -> TrainResult:
     """Train from `state` (a fresh start when None); `on_round` receives the state after every
     round trip, for checkpoints. `y_train_view` holds the labels the gradients may see
@@ -224,8 +234,8 @@ def train(
         sizes = [len(b) for b in chunk]
         replies = send(plan, val_pos if evaluate else None)
         if evaluate:
-            state.history.append(_evaluate(replies, top.value, y, val_pos, epoch, t0))
-        partial = _summed(replies, "plan", len(plan))
+            state.history.append(_evaluate(replies, top.value, y, val_pos, epoch, t0, secure))
+        partial = _summed(replies, "plan", len(plan), secure)
         grads = top.gradients(partial, y_train_view[plan].astype(np.float64), sizes)
         privacy.spend(len(sizes))
         state.done_plan, state.done_sizes, state.done_grad = (
@@ -244,7 +254,7 @@ def train(
     # Apply the last chunk and read every position's contribution at the final weights.
     everyone = np.arange(n_positions, dtype=np.int64)
     replies = send(None, everyone)
-    logits = top.value + _summed(replies, "eval", n_positions)
+    logits = top.value + _summed(replies, "eval", n_positions, secure)
     history = [*state.history, _history_row(logits[val_pos], y[val_pos], len(state.history), t0)]
     return TrainResult(
         bias=top.value, logits=logits, history=history, round_trips=state.trip,
@@ -261,8 +271,8 @@ def _reported_histories(replies: dict) -> dict[str, History]:
 
 
 def _evaluate(replies: dict, bias: float, y: np.ndarray, val_pos: np.ndarray, epoch: int,
-              t0: float) -> dict:
-    z = bias + _summed(replies, "eval", len(val_pos))
+              t0: float, secure: bool) -> dict:
+    z = bias + _summed(replies, "eval", len(val_pos), secure)
     return _history_row(z, y[val_pos], epoch - 1, t0)
 
 

@@ -1,0 +1,97 @@
+"""Secure sum: encoding round trips, masks cancel, a lone share reveals nothing useful."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from crypto.masking import (
+    FRACTION_BITS,
+    MaskingError,
+    PairwiseKeys,
+    decode,
+    encode,
+    mask_context,
+    masked_share,
+    pair_mask,
+    ring_sum,
+)
+
+finite = st.floats(-1e6, 1e6, allow_nan=False, allow_infinity=False)
+
+
+@given(arrays(np.float64, st.integers(0, 50), elements=finite))
+def test_fixed_point_round_trip(values):
+    assert np.allclose(decode(encode(values)), values, atol=2.0 ** -FRACTION_BITS)
+
+
+@given(arrays(np.float64, st.integers(1, 30), elements=finite),
+       arrays(np.float64, st.integers(1, 30), elements=finite))
+def test_ring_sum_of_encodings_is_the_encoding_of_the_sum(a, b):
+    n = min(len(a), len(b))
+    total = decode(ring_sum([encode(a[:n]), encode(b[:n])]))
+    assert np.allclose(total, a[:n] + b[:n], atol=2 * 2.0 ** -FRACTION_BITS)
+
+
+def _shared(names: list[str]) -> dict[str, dict[str, bytes]]:
+    keys = {n: PairwiseKeys() for n in names}
+    return {n: {p: keys[n].shared_with(keys[p].public) for p in names if p != n} for n in names}
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(arrays(np.float64, 40, elements=st.floats(-50, 50)), min_size=2, max_size=4),
+       st.integers(0, 2**40))
+def test_masks_cancel_in_the_sum(parts, round_):
+    names = [f"silo{i}" for i in range(len(parts))]
+    shared = _shared(names)
+    ctx = mask_context("run1", round_, "plan")
+    shares = [masked_share(v, n, shared[n], ctx) for n, v in zip(names, parts, strict=True)]
+    assert np.allclose(decode(ring_sum(shares)), np.sum(parts, axis=0), atol=1e-5)
+
+
+def test_a_lone_share_looks_uniform_and_masks_are_fresh():
+    shared = _shared(["a", "b", "c"])
+    values = np.zeros(20_000)
+    share = masked_share(values, "a", shared["a"], mask_context("r", 1, "plan"))
+    # Far from the encoding of zeros: top byte spread over all 256 values.
+    assert len(np.unique(share >> np.uint64(56))) == 256
+    again = masked_share(values, "a", shared["a"], mask_context("r", 2, "plan"))
+    assert not np.array_equal(share, again)
+    other = masked_share(values, "a", shared["a"], mask_context("r", 1, "eval"))
+    assert not np.array_equal(share, other)
+
+
+def test_pairwise_secrets_agree_and_the_relay_cannot_derive_them():
+    a, b, relay = PairwiseKeys(), PairwiseKeys(), PairwiseKeys()
+    assert a.shared_with(b.public) == b.shared_with(a.public)
+    assert relay.shared_with(a.public) != a.shared_with(b.public)
+    assert a.secret.hex() not in repr(a)
+
+
+def test_a_share_from_a_stale_round_breaks_the_sum_visibly():
+    shared = _shared(["a", "b"])
+    v = np.ones(10)
+    fresh = masked_share(v, "a", shared["a"], mask_context("r", 5, "plan"))
+    stale = masked_share(v, "b", shared["b"], mask_context("r", 4, "plan"))
+    assert np.abs(decode(ring_sum([fresh, stale]))).max() > 1e3
+
+
+@pytest.mark.parametrize("bad", [np.array([np.nan]), np.array([np.inf]), np.array([1e12])])
+def test_unencodable_values_are_refused(bad):
+    with pytest.raises(MaskingError):
+        encode(bad)
+
+
+def test_malformed_share_is_refused():
+    with pytest.raises(MaskingError, match="out of step"):
+        ring_sum([np.zeros(3, np.uint64), np.zeros(4, np.uint64)])
+    with pytest.raises(MaskingError, match="out of step"):
+        ring_sum([np.zeros(3, np.uint64), np.zeros(3, np.float32)])
+
+
+def test_mask_is_deterministic_per_context():
+    secret = b"k" * 32
+    assert np.array_equal(pair_mask(secret, b"x", 5), pair_mask(secret, b"x", 5))
