@@ -21,6 +21,7 @@ import torch
 from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
+from clients import capture
 from clients import messages as m
 from clients.model import ModelSpec, SiloTrainer
 from clients.schema import SILOS, feature_names
@@ -151,7 +152,7 @@ def _rows(context: Context, positions: np.ndarray) -> np.ndarray:
 
 def make_client_app(default_root: Path | None = None) -> ClientApp:
     """The silo's app; `default_root` is the parties directory when no config names one."""
-    app = ClientApp()
+    app = ClientApp(mods=[capture.capture_mod] if capture.enabled() else None)
     torch.set_num_threads(1)  # one core per silo: the simulation runs silos side by side
 
     @app.query("hello")

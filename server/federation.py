@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
+from clients import capture
 from clients import messages as m
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,9 @@ class Federation:
 
     def _push_to(self, msgs: Mapping) -> dict[str, object]:
         keys = list(msgs)
+        if capture.enabled():
+            for msg in msgs.values():
+                capture.record("authority-out", msg)
         ids = list(self.grid.push_messages([msgs[k] for k in keys]))
         self.round_trips += 1
         return dict(zip(ids, keys, strict=True))
@@ -104,6 +108,8 @@ class Federation:
         pause = 0.002
         while waiting:
             for reply in self.grid.pull_messages(list(waiting)):
+                if capture.enabled():
+                    capture.record("authority-in", reply)
                 who = waiting.pop(reply.metadata.reply_to_message_id)
                 if reply.has_error():
                     name = who if isinstance(who, str) else f"node {who}"
