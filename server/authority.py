@@ -7,6 +7,7 @@ Writes into the run directory only what the authority may publish: keyed subject
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -22,6 +23,7 @@ import pandas as pd
 from clients import messages as m
 from clients.model import ModelSpec
 from clients.schema import AUTHORITY
+from crypto.at_rest import AtRestError, Keystore, read_encrypted, write_encrypted
 from crypto.identity import keyed_refs, load_or_create_pepper
 from server import checkpoint, metrics, scoring
 from server.alignment import Alignment, announce, joint_order, private_intersections
@@ -83,13 +85,14 @@ def run_authority(
     out_dir.mkdir(parents=True, exist_ok=True)
     config = to_flat(cfg)
     ledger = Ledger(out_dir)
+    store = Keystore(Path(cfg.storage.keystore)) if cfg.storage.keystore else None
 
     phases.start("connect")
     ids, labels = load_labels(data_dir / AUTHORITY)
     info = fed.connect()
 
     if resume:
-        run, state, ledger_offset = checkpoint.load(out_dir, config)
+        run, state, ledger_offset = checkpoint.load(out_dir, config, store)
         ledger.truncate(ledger_offset)
         fed.broadcast(m.RESUME, m.make_content({"run": run.run_key, "round": state.trip}))
         log.info("resuming run %s after round %d", run.run_key, state.trip)
@@ -109,7 +112,7 @@ def run_authority(
         transcript_clip=cfg.privacy.transcript_clip,
     )
     if state is None:
-        checkpoint.save_run(out_dir, run)
+        checkpoint.save_run(out_dir, run, store)
         inputs = announce(fed, Alignment(run.authority_rows, run.silo_rows, {}),
                           {**spec.to_config(), "run": run.run_key,
                            "secure": cfg.aggregation.secure})
@@ -122,7 +125,9 @@ def run_authority(
     def on_round(current: TrainState) -> None:
         snapshot = replace(current, history=list(current.history),
                            silo_seconds=dict(current.silo_seconds))
-        privacy.after_ledger(lambda: checkpoint.save(out_dir, snapshot, ledger.offset()))
+        privacy.after_ledger(
+            lambda: checkpoint.save(out_dir, snapshot, ledger.offset(), store)
+        )
         _maybe_inject_failure(current.trip, privacy)
 
     phases.start("train")
@@ -155,7 +160,7 @@ def run_authority(
             "tier": pd.Categorical.from_codes(tier, scoring.TIER_KEYS),
         }
     )
-    scores.to_parquet(out_dir / "scores.parquet", index=False)
+    write_scores(out_dir, scores, store, run.run_key)
     phases.stop()
 
     out = {
@@ -187,6 +192,38 @@ def run_authority(
     checkpoint.remove(out_dir)
     log.info("test AUC %.4f, KS %.4f, Brier %.4f", summary["auc"], summary["ks"], summary["brier"])
     return RunResult(metrics=out, seconds=phases.seconds)
+
+
+SCORES_FILE = "scores.parquet"
+
+
+def scores_context(run_key: str) -> bytes:
+    return f"fedscore/{run_key}/authority/{SCORES_FILE}".encode()
+
+
+def write_scores(out_dir: Path, scores: pd.DataFrame, store: Keystore | None, run_key: str
+                 ) -> None:
+    """scores.parquet, or scores.parquet.enc bound to this run when a keystore is in use."""
+    if store is None:
+        scores.to_parquet(out_dir / SCORES_FILE, index=False)
+        return
+    buf = io.BytesIO()
+    scores.to_parquet(buf, index=False)
+    write_encrypted(store, out_dir / f"{SCORES_FILE}.enc", buf.getvalue(),
+                    scores_context(run_key))
+    (out_dir / "run_key.txt").write_text(run_key + "\n")
+
+
+def read_scores(out_dir: Path, keystore: str) -> pd.DataFrame:
+    """The scores a run wrote, decrypting them with `keystore` when they are encrypted."""
+    encrypted = out_dir / f"{SCORES_FILE}.enc"
+    if not encrypted.exists():
+        return pd.read_parquet(out_dir / SCORES_FILE)
+    if not keystore:
+        raise AtRestError(f"{encrypted} is encrypted; set storage.keystore to read it")
+    run_key = (out_dir / "run_key.txt").read_text().strip()
+    data = read_encrypted(Keystore(Path(keystore)), encrypted, scores_context(run_key))
+    return pd.read_parquet(io.BytesIO(data))
 
 
 def _align_and_split(

@@ -7,12 +7,15 @@ drops ledger lines written after it and neither double-counts nor loses a step.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from crypto.at_rest import Keystore, decrypt, encrypt
 
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_FILE = "authority.npz"
@@ -82,27 +85,41 @@ def path(out_dir: Path) -> Path:
     return out_dir / CHECKPOINT_DIR / CHECKPOINT_FILE
 
 
-def _write_npz(target: Path, **arrays: np.ndarray) -> None:
+def _write_npz(target: Path, store: Keystore | None = None, **arrays: np.ndarray) -> None:
+    """Atomic; encrypted and bound to the file's name when a keystore is given."""
     target.parent.mkdir(exist_ok=True)
-    tmp = target.with_suffix(".tmp.npz")
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    data = buf.getvalue()
+    if store is not None:
+        data = encrypt(store, data, _context(target))
+    tmp = target.with_suffix(".tmp")
     with open(tmp, "wb") as fh:
-        np.savez(fh, **arrays)
+        fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, target)
 
 
-def _read_npz(source: Path) -> dict[str, np.ndarray]:
-    with np.load(source, allow_pickle=False) as npz:
+def _read_npz(source: Path, store: Keystore | None = None) -> dict[str, np.ndarray]:
+    data = source.read_bytes()
+    if store is not None:
+        data = decrypt(store, data, _context(source))
+    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
         return {k: npz[k] for k in npz.files}
 
 
-def save_run(out_dir: Path, run: RunState) -> None:
+def _context(path: Path) -> bytes:
+    return f"fedscore/authority/checkpoint/{path.name}".encode()
+
+
+def save_run(out_dir: Path, run: RunState, store: Keystore | None = None) -> None:
     """The parts of a run fixed before training, once."""
     meta = {"run_key": run.run_key, "config": run.config, "silos": list(run.silo_rows),
             "overlap": run.overlap}
     _write_npz(
         out_dir / CHECKPOINT_DIR / RUN_FILE,
+        store,
         meta=np.array(json.dumps(meta)),
         authority_rows=run.authority_rows,
         train_pos=run.train, val_pos=run.val, test_pos=run.test, y_view=run.y_view,
@@ -110,7 +127,8 @@ def save_run(out_dir: Path, run: RunState) -> None:
     )
 
 
-def save(out_dir: Path, state: TrainState, ledger_offset: int) -> None:
+def save(out_dir: Path, state: TrainState, ledger_offset: int,
+         store: Keystore | None = None) -> None:
     """Training state after a round (small: the run's fixed parts are in run.npz)."""
     meta = {"train": state.meta(), "ledger_offset": ledger_offset}
     arrays = {"top": np.frombuffer(state.top, dtype=np.uint8)}
@@ -118,10 +136,11 @@ def save(out_dir: Path, state: TrainState, ledger_offset: int) -> None:
         value = getattr(state, key)
         if value is not None:
             arrays[key] = value
-    _write_npz(path(out_dir), meta=np.array(json.dumps(meta)), **arrays)
+    _write_npz(path(out_dir), store, meta=np.array(json.dumps(meta)), **arrays)
 
 
-def load(out_dir: Path, config: dict) -> tuple[RunState, TrainState, int]:
+def load(out_dir: Path, config: dict, store: Keystore | None = None
+         ) -> tuple[RunState, TrainState, int]:
     """The run and training state of `out_dir`, checked against `config`."""
     source, run_source = path(out_dir), out_dir / CHECKPOINT_DIR / RUN_FILE
     if not source.exists() or not run_source.exists():
@@ -129,7 +148,7 @@ def load(out_dir: Path, config: dict) -> tuple[RunState, TrainState, int]:
             f"{out_dir} has no checkpoint ({source}); it never finished a training round, "
             "so start a new run instead of resuming"
         )
-    fixed = _read_npz(run_source)
+    fixed = _read_npz(run_source, store)
     run_meta = json.loads(str(fixed.pop("meta")))
     if run_meta["config"] != config:
         changed = sorted(k for k in set(run_meta["config"]) | set(config)
@@ -147,7 +166,7 @@ def load(out_dir: Path, config: dict) -> tuple[RunState, TrainState, int]:
         y_view=fixed["y_view"],
         overlap=run_meta.get("overlap", {}),
     )
-    arrays = _read_npz(source)
+    arrays = _read_npz(source, store)
     meta = json.loads(str(arrays.pop("meta")))
     state = TrainState(**meta["train"])
     state.top = arrays["top"].tobytes()

@@ -101,6 +101,13 @@ class AggregationConfig:
     secure: bool = True
 
 
+@dataclass(frozen=True)
+class StorageConfig:
+    # A keystore directory (`fedscore keys init DIR`): when set, the authority's person-level
+    # files (scores, checkpoint) are written encrypted and bound to the run. Empty = plaintext.
+    keystore: str = ""
+
+
 ACCOUNTANTS = ("rdp", "prv")
 
 
@@ -197,6 +204,7 @@ class AuthorityConfig:
     psi: PsiConfig = field(default_factory=PsiConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
     # How long to wait for all silos to join, and for any one reply.
     join_timeout: float = 120.0
     reply_timeout: float = 600.0

@@ -94,6 +94,14 @@ def _parser() -> argparse.ArgumentParser:
         "verify", help="recompute every party's epsilon with Google's dp-accounting"
     )
     verify.add_argument("run_dir", type=Path)
+
+    keys = sub.add_parser("keys", help="keystores for encryption at rest")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    init = keys_sub.add_parser("init", help="create a keystore (0700 directory, 0600 keys)")
+    init.add_argument("dir", type=Path)
+    init.add_argument("--suite", default="aes-256-gcm", choices=["aes-256-gcm", "sm4-gcm"])
+    rotate = keys_sub.add_parser("rotate", help="add a key and make it active")
+    rotate.add_argument("dir", type=Path)
     return p
 
 
@@ -197,6 +205,21 @@ def _ledger(args: argparse.Namespace) -> int:
     return 0 if all(c.ok for c in checks) else 1
 
 
+def _keys(args: argparse.Namespace) -> int:
+    from crypto.at_rest import Keystore
+
+    if args.keys_command == "init":
+        store = Keystore.init(args.dir, args.suite)
+        verb = "created"
+    else:
+        store = Keystore(args.dir)
+        store.rotate()
+        verb = "rotated"
+    key = store.active()
+    Console().print(f"{verb} keystore {args.dir} ({store.suite}); active key {key.key_id.hex()}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(
@@ -209,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     from simulations.errors import USER_ERRORS
 
     try:
-        commands = {"run": _run, "generate": _generate, "config": _config, "ledger": _ledger}
+        commands = {"run": _run, "generate": _generate, "config": _config, "ledger": _ledger,
+                    "keys": _keys}
         return commands[args.command](args)
     except USER_ERRORS as exc:
         console.print(f"[bold red]error:[/] {exc}", highlight=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from clients.messages import ProtocolError
 from clients.silo_data import SiloDataError
+from crypto.at_rest import AtRestError
 from crypto.identity import IdentifierError
 from crypto.psi import PsiError
 from server.checkpoint import CheckpointError
@@ -20,6 +21,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     LabelDataError,
     LedgerError,
     IdentifierError,
+    AtRestError,
     FederationError,
     ProtocolError,
     PsiError,

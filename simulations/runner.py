@@ -24,6 +24,8 @@ import pandas as pd
 from clients.client_app import make_client_app
 from clients.schema import AUTHORITY, SILOS, feature_names
 from clients.silo_data import load_silo
+from crypto.at_rest import Keystore
+from server.authority import read_scores
 from server.config import ConfigError
 from server.labels import load_labels
 from server.metrics import auc
@@ -134,6 +136,8 @@ def run_experiment(
 
     reused = phase("generate", prepare_parties, cfg.population, parties)
     phase("validate", check_parties, parties)
+    if cfg.authority.storage.keystore:
+        Keystore(Path(cfg.authority.storage.keystore))  # a missing or leaky keystore stops here
 
     authority: dict = {}
     t = time.perf_counter()
@@ -147,7 +151,7 @@ def run_experiment(
     seconds.update(authority["seconds"])
     seconds["engine"] = round(federation_seconds - sum(authority["seconds"].values()), 3)
 
-    scores = pd.read_parquet(out_dir / "scores.parquet")
+    scores = read_scores(out_dir, cfg.authority.storage.keystore)
     joined = phase("join", join_parties, parties, scores)
     sigma = authority["noise_multiplier"]
     central = phase("baseline_central", train_central, joined, SILOS, cfg.authority)

@@ -1,0 +1,180 @@
+"""Encryption at rest: a keystore of data keys, and authenticated encryption bound to context.
+
+Suites: `aes-256-gcm` (default) and `sm4-gcm` (the national-standard suite; its keyed hash is
+HMAC-SM3, see `keyed_digest`). Every file is
+    MAGIC | suite id (1 byte) | key id (8 bytes) | nonce (12 bytes) | ciphertext + tag
+and the header plus a caller-supplied context (e.g. run id, party, file name) is authenticated
+as associated data, so a file cannot be swapped between runs or parties unnoticed.
+
+Key files live in a keystore directory (0700) with 0600 permissions; a key file that others
+can read is refused, as is a missing keystore. Rotation adds a key and makes it active; old keys
+stay for decryption. Keys are never logged or shown in an exception.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hmac as crypto_hmac
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+MAGIC = b"FSENC1"
+SUITES = {"aes-256-gcm": (1, 32), "sm4-gcm": (2, 16)}  # id, key length
+_SUITE_BY_ID = {v[0]: k for k, v in SUITES.items()}
+HEADER = len(MAGIC) + 1 + 8 + 12
+TAG = 16
+META = "keystore.json"
+
+
+class AtRestError(ValueError):
+    """A keystore or encrypted file that cannot be used: named problem, suggested fix."""
+
+
+@dataclass(frozen=True)
+class Key:
+    key_id: bytes
+    suite: str
+    material: bytes
+
+    def __repr__(self) -> str:  # never show key material
+        return f"Key(id={self.key_id.hex()}, suite={self.suite})"
+
+
+class Keystore:
+    """A directory of data keys; one is active for new encryptions."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        meta = self.path / META
+        if not meta.exists():
+            raise AtRestError(
+                f"no keystore at {self.path}; create one with `fedscore keys init {self.path}`"
+            )
+        self._check_private(self.path, 0o700)
+        self.meta = json.loads(meta.read_text())
+
+    @classmethod
+    def init(cls, path: Path, suite: str = "aes-256-gcm") -> Keystore:
+        if suite not in SUITES:
+            raise AtRestError(f"unknown suite {suite!r}: choose one of {', '.join(SUITES)}")
+        path = Path(path)
+        if path.exists() and any(path.iterdir()):
+            raise AtRestError(f"{path} is not empty; a keystore needs a new directory")
+        path.mkdir(parents=True, exist_ok=True)
+        path.chmod(0o700)
+        (path / META).write_text(json.dumps({"suite": suite, "active": None, "keys": []}))
+        store = cls(path)
+        store.rotate()
+        return store
+
+    @property
+    def suite(self) -> str:
+        return str(self.meta["suite"])
+
+    def rotate(self) -> Key:
+        """Add a fresh key and make it active; older keys still decrypt."""
+        key_id = secrets.token_bytes(8)
+        material = secrets.token_bytes(SUITES[self.suite][1])
+        target = self.path / f"key-{key_id.hex()}.bin"
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(material)
+        self.meta["keys"].append(key_id.hex())
+        self.meta["active"] = key_id.hex()
+        tmp = self.path / (META + ".tmp")
+        tmp.write_text(json.dumps(self.meta))
+        tmp.replace(self.path / META)
+        return Key(key_id, self.suite, material)
+
+    def active(self) -> Key:
+        return self.key(bytes.fromhex(self.meta["active"]))
+
+    def key(self, key_id: bytes) -> Key:
+        if key_id.hex() not in self.meta["keys"]:
+            raise AtRestError(
+                f"the file was encrypted with key {key_id.hex()}, which the keystore at "
+                f"{self.path} does not hold; use the keystore it was written with"
+            )
+        path = self.path / f"key-{key_id.hex()}.bin"
+        self._check_private(path, 0o600)
+        return Key(key_id, self.suite, path.read_bytes())
+
+    @staticmethod
+    def _check_private(path: Path, mode: int) -> None:
+        actual = stat.S_IMODE(path.stat().st_mode)
+        if actual & 0o077:
+            raise AtRestError(
+                f"{path} is readable by others (mode {actual:o}); run `chmod {mode:o} {path}`"
+            )
+
+
+def _crypt(key: Key, nonce: bytes, data: bytes, aad: bytes, encrypt: bool) -> bytes:
+    if key.suite == "aes-256-gcm":
+        aead = AESGCM(key.material)
+        return aead.encrypt(nonce, data, aad) if encrypt else aead.decrypt(nonce, data, aad)
+    if encrypt:
+        enc = Cipher(algorithms.SM4(key.material), modes.GCM(nonce)).encryptor()
+        enc.authenticate_additional_data(aad)
+        return enc.update(data) + enc.finalize() + enc.tag
+    if len(data) < TAG:
+        raise InvalidTag
+    dec = Cipher(algorithms.SM4(key.material), modes.GCM(nonce, data[-TAG:])).decryptor()
+    dec.authenticate_additional_data(aad)
+    return dec.update(data[:-TAG]) + dec.finalize()
+
+
+def encrypt(store: Keystore, data: bytes, context: bytes) -> bytes:
+    key = store.active()
+    nonce = secrets.token_bytes(12)
+    header = MAGIC + bytes([SUITES[key.suite][0]]) + key.key_id + nonce
+    return header + _crypt(key, nonce, data, header + context, encrypt=True)
+
+
+def decrypt(store: Keystore, blob: bytes, context: bytes) -> bytes:
+    if len(blob) < HEADER + TAG or not blob.startswith(MAGIC):
+        raise AtRestError("not a fedscore encrypted file (bad header); was it truncated?")
+    suite = _SUITE_BY_ID.get(blob[len(MAGIC)])
+    if suite != store.suite:
+        raise AtRestError(
+            f"the file uses suite {suite}, the keystore {store.suite}; use the right keystore"
+        )
+    key_id = blob[len(MAGIC) + 1 : len(MAGIC) + 9]
+    nonce = blob[len(MAGIC) + 9 : HEADER]
+    key = store.key(key_id)
+    try:
+        return _crypt(key, nonce, blob[HEADER:], blob[:HEADER] + context, encrypt=False)
+    except InvalidTag:
+        raise AtRestError(
+            "authentication failed: the file was modified, or it belongs to another run or "
+            "party than the one given; restore it from the run that wrote it"
+        ) from None
+
+
+def write_encrypted(store: Keystore, path: Path, data: bytes, context: bytes) -> None:
+    """Atomically: a reader sees the whole encrypted file or none, never a partial one."""
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_bytes(encrypt(store, data, context))
+    os.replace(tmp, path)
+
+
+def read_encrypted(store: Keystore, path: Path, context: bytes) -> bytes:
+    return decrypt(store, path.read_bytes(), context)
+
+
+def keyed_digest(suite: str, key: bytes, data: bytes) -> bytes:
+    """The suite's keyed hash: HMAC-SHA256, or HMAC-SM3 for the national-standard suite."""
+    if suite == "sm4-gcm":
+        h = crypto_hmac.HMAC(key, hashes.SM3())
+        h.update(data)
+        return h.finalize()
+    return hmac.new(key, data, hashlib.sha256).digest()
