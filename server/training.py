@@ -152,8 +152,19 @@ def _summed(replies: dict, key: str, expected: int, secure: bool) -> np.ndarray:
             )
         parts.append(part)
     if secure:
-        return decode(ring_sum(parts))
+        total = decode(ring_sum(parts))
+        # Masks from the wrong round or run do not cancel: the "sum" is then uniform over
+        # about +-2^39, while real logits are small. Fail loudly rather than train on noise.
+        if len(total) and np.abs(total).max() > MAX_PLAUSIBLE_LOGIT:
+            raise FederationError(
+                "the secure sum did not decode: a silo's masks are from another round or run, "
+                "or its share is malformed; restart the silos or resume from the checkpoint"
+            )
+        return total
     return np.sum(np.asarray(parts, dtype=np.float64), axis=0)
+
+
+MAX_PLAUSIBLE_LOGIT = 1e6
 
 
 def chunk_schedule(batches_per_epoch: int, cfg: TrainConfig) -> list[tuple[int, int, int]]:

@@ -95,3 +95,26 @@ def test_malformed_share_is_refused():
 def test_mask_is_deterministic_per_context():
     secret = b"k" * 32
     assert np.array_equal(pair_mask(secret, b"x", 5), pair_mask(secret, b"x", 5))
+
+
+def test_the_authority_refuses_a_sum_with_stale_masks():
+    from server.federation import FederationError
+    from server.training import _summed
+
+    class Reply:  # the two calls _summed makes on a Flower message
+        def __init__(self, share: np.ndarray) -> None:
+            from clients.messages import make_content
+
+            self.content = make_content(plan=share)
+            self.metadata = type("M", (), {"message_type": "train.step"})()
+
+    shared = _shared(["a", "b"])
+    v = np.ones(10)
+    fresh = masked_share(v, "a", shared["a"], mask_context("r", 5, "plan"))
+    good = masked_share(v, "b", shared["b"], mask_context("r", 5, "plan"))
+    stale = masked_share(v, "b", shared["b"], mask_context("r", 4, "plan"))
+    assert np.allclose(_summed({"a": Reply(fresh), "b": Reply(good)}, "plan", 10, True), 2.0)
+    with pytest.raises(FederationError, match="did not decode"):
+        _summed({"a": Reply(fresh), "b": Reply(stale)}, "plan", 10, True)
+    with pytest.raises(FederationError, match="did not send masked uint64 shares"):
+        _summed({"a": Reply(fresh), "b": Reply(v.astype(np.float32))}, "plan", 10, True)
