@@ -27,6 +27,21 @@ def run_cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.Completed
     )
 
 
+def run_cli_crashing(after_round: int, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """Run the CLI with the authority failing on purpose after `after_round` (its checkpoint
+    for that round is written first); the run must then stop with an error."""
+    from server.authority import FAIL_AFTER_ROUND
+
+    os.environ[FAIL_AFTER_ROUND] = str(after_round)
+    try:
+        proc = run_cli(*args, cwd=cwd)
+    finally:
+        del os.environ[FAIL_AFTER_ROUND]
+    assert proc.returncode != 0
+    assert f"injected failure after round {after_round}" in proc.stderr
+    return proc
+
+
 @pytest.fixture(scope="session")
 def small_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One small federated run with one batch per round trip (no staleness), shared by the

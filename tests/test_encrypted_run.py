@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
 from crypto.at_rest import MAGIC, AtRestError
-from server.authority import FAIL_AFTER_ROUND, read_scores
-from tests.conftest import run_cli
+from server.authority import read_scores
+from tests.conftest import run_cli, run_cli_crashing
 
 pytestmark = pytest.mark.slow
 
@@ -19,12 +18,7 @@ def test_encrypted_outputs_and_checkpoints(tmp_path: Path):
     assert run_cli("keys", "init", str(keys), cwd=tmp_path).returncode == 0
     args = ("--users", "2000", "--seed", "4", "--set", "train.epochs=2",
             "--set", "train.batch_size=256", "--set", f"storage.keystore={keys}")
-    os.environ[FAIL_AFTER_ROUND] = "2"
-    try:
-        crashed = run_cli("run", "--out", str(run), *args, cwd=tmp_path)
-    finally:
-        del os.environ[FAIL_AFTER_ROUND]
-    assert crashed.returncode != 0
+    run_cli_crashing(2, "run", "--out", str(run), *args, cwd=tmp_path)
     for name in ("run.npz", "authority.npz"):
         assert (run / "checkpoint" / name).read_bytes().startswith(MAGIC)
     resumed = run_cli("run", "--resume", str(run), cwd=tmp_path)

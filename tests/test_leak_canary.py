@@ -22,8 +22,7 @@ from cryptography.hazmat.primitives import hashes
 
 from clients.capture import CAPTURE_ENV
 from crypto.identity import normalize_phones
-from server.authority import FAIL_AFTER_ROUND
-from tests.conftest import run_cli
+from tests.conftest import run_cli, run_cli_crashing
 
 pytestmark = pytest.mark.slow
 PARTY_TABLES = ("authority/labels.parquet", "payments/features.parquet",
@@ -97,20 +96,18 @@ def test_no_identifier_leaks_anywhere(tmp_path: Path):
     canaries = Canaries(parties)
 
     os.environ[CAPTURE_ENV] = str(capture)
-    os.environ[FAIL_AFTER_ROUND] = "2"
     try:
-        crashed = run_cli("-v", "run", "--out", str(run), "--parties", str(parties),
-                          "--users", "1500", "--seed", "11", "--set", "train.epochs=2",
-                          "--set", "train.batch_size=128", cwd=tmp_path)
-        assert crashed.returncode != 0
+        crashed = run_cli_crashing(
+            2, "-v", "run", "--out", str(run), "--parties", str(parties), "--users", "1500",
+            "--seed", "11", "--set", "train.epochs=2", "--set", "train.batch_size=128",
+            cwd=tmp_path,
+        )
         assert (run / "checkpoint" / "run.npz").exists()
         checkpoint_leaks = _scan_tree(run, canaries)
-        del os.environ[FAIL_AFTER_ROUND]
         resumed = run_cli("-v", "run", "--resume", str(run), cwd=tmp_path)
         assert resumed.returncode == 0, resumed.stderr[-2000:]
     finally:
         os.environ.pop(CAPTURE_ENV, None)
-        os.environ.pop(FAIL_AFTER_ROUND, None)
 
     captured = sorted(capture.glob("*.bin"))
     sides = {p.name.split("-")[0] + "-" + p.name.split("-")[1] for p in captured}

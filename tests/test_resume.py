@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 
-from server.authority import FAIL_AFTER_ROUND
-from tests.conftest import run_cli
+from tests.conftest import run_cli, run_cli_crashing
 
 pytestmark = pytest.mark.slow
 ARGS = ("--users", "3000", "--seed", "3", "--set", "train.epochs=2",
@@ -20,13 +18,7 @@ ARGS = ("--users", "3000", "--seed", "3", "--set", "train.epochs=2",
 def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     work = tmp_path_factory.mktemp("resume")
     crashed, full = work / "crashed", work / "full"
-    os.environ[FAIL_AFTER_ROUND] = "2"
-    try:
-        first = run_cli("run", "--out", str(crashed), *ARGS, cwd=work)
-    finally:
-        del os.environ[FAIL_AFTER_ROUND]
-    assert first.returncode != 0
-    assert "injected failure after round 2" in first.stderr
+    run_cli_crashing(2, "run", "--out", str(crashed), *ARGS, cwd=work)
     assert (crashed / "checkpoint" / "authority.npz").exists()
     assert not (crashed / "metrics.json").exists()
     resumed = run_cli("run", "--resume", str(crashed), cwd=work)
