@@ -1,7 +1,6 @@
 """Encryption at rest: a keystore of data keys, and authenticated encryption bound to context.
 
-Suites: `aes-256-gcm` (default) and `sm4-gcm` (the national-standard suite; its keyed hash is
-HMAC-SM3, see `keyed_digest`). Every file is
+Suites: `aes-256-gcm` (default) and `sm4-gcm` (the national-standard suite). Every file is
     MAGIC | suite id (1 byte) | key id (8 bytes) | nonce (12 bytes) | ciphertext + tag
 and the header plus a caller-supplied context (e.g. run id, party, file name) is authenticated
 as associated data, so a file cannot be swapped between runs or parties unnoticed.
@@ -13,8 +12,6 @@ stay for decryption. Keys are never logged or shown in an exception.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import os
 import secrets
@@ -23,8 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives import hmac as crypto_hmac
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
@@ -169,12 +164,3 @@ def write_encrypted(store: Keystore, path: Path, data: bytes, context: bytes) ->
 
 def read_encrypted(store: Keystore, path: Path, context: bytes) -> bytes:
     return decrypt(store, path.read_bytes(), context)
-
-
-def keyed_digest(suite: str, key: bytes, data: bytes) -> bytes:
-    """The suite's keyed hash: HMAC-SHA256, or HMAC-SM3 for the national-standard suite."""
-    if suite == "sm4-gcm":
-        h = crypto_hmac.HMAC(key, hashes.SM3())
-        h.update(data)
-        return h.finalize()
-    return hmac.new(key, data, hashlib.sha256).digest()

@@ -48,7 +48,6 @@ class Federation:
         self.reply_timeout = reply_timeout
         self.nodes: dict[str, int] = {}
         self.info: dict[str, dict] = {}
-        self.round_trips = 0
 
     def connect(self) -> dict[str, dict]:
         """Wait for the SuperNodes, ask each which silo it is, and check all are present."""
@@ -98,7 +97,6 @@ class Federation:
             for msg in msgs.values():
                 capture.record("authority-out", msg)
         ids = list(self.grid.push_messages([msgs[k] for k in keys]))
-        self.round_trips += 1
         return dict(zip(ids, keys, strict=True))
 
     def _collect(self, pending: Mapping[str, object]) -> dict:

@@ -71,7 +71,6 @@ class PrivacyPlan:
         self.ledger = ledger
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger")
         self._pending: list[Future] = []
-        self.last_epsilon = 0.0
         log.info(
             "privacy: sigma %.4f, q %.5f, %d steps planned, delta %.2e, cap %s",
             self.sigma, self.q, self.steps_planned, self.delta, cfg.budget_cap,
@@ -136,7 +135,6 @@ class PrivacyPlan:
 
     def _log_round(self, round_: int, steps: int, history: History, final: bool) -> None:
         eps = epsilon(self.cfg.accountant, history, self.delta, precise=final)
-        self.last_epsilon = eps
         for party in self.parties:
             self._write(
                 party=party, budget="model", mechanism="poisson_gaussian",

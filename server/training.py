@@ -54,7 +54,6 @@ class TrainResult:
     steps: int = 0
     stopped_by_cap: bool = False
     silo_seconds: dict[str, float] = field(default_factory=dict)
-    accountant_history: dict[str, History] = field(default_factory=dict)
 
 
 def batch_plan(

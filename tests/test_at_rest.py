@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import os
-
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -16,7 +12,6 @@ from crypto.at_rest import (
     Keystore,
     decrypt,
     encrypt,
-    keyed_digest,
     read_encrypted,
     write_encrypted,
 )
@@ -103,14 +98,6 @@ def test_init_refuses_a_used_directory_and_unknown_suites(tmp_path):
 def test_keys_never_show_in_reprs(store):
     key = store.active()
     assert key.material.hex() not in repr(key)
-
-
-def test_keyed_digests():
-    key = os.urandom(32)
-    assert keyed_digest("aes-256-gcm", key, b"x") == hmac.new(key, b"x", hashlib.sha256).digest()
-    sm3 = keyed_digest("sm4-gcm", key, b"x")
-    assert len(sm3) == 32
-    assert sm3 != keyed_digest("sm4-gcm", os.urandom(32), b"x")
 
 
 def test_keys_cli(tmp_path):
