@@ -46,6 +46,8 @@ class ModelSpec:
     # Gaussian noise of std transcript_sigma * 2 * transcript_clip (replace-one sensitivity).
     transcript_sigma: float = 0.0
     transcript_clip: float = 4.0
+    # Values per person a silo sends: 1 in `sum` mode, the embedding width in `concat` mode.
+    outputs: int = 1
 
     @property
     def dp(self) -> bool:
@@ -63,6 +65,7 @@ class ModelSpec:
             "expected_batch": self.expected_batch,
             "transcript_sigma": self.transcript_sigma,
             "transcript_clip": self.transcript_clip,
+            "outputs": self.outputs,
         }
 
     @classmethod
@@ -78,32 +81,41 @@ class ModelSpec:
             expected_batch=int(cfg.get("expected_batch", 0)),
             transcript_sigma=float(cfg.get("transcript_sigma", 0.0)),
             transcript_clip=float(cfg.get("transcript_clip", 4.0)),
+            outputs=int(cfg.get("outputs", 1)),
         )
 
 
 class BottomModel(nn.Module):
-    def __init__(self, n_inputs: int, hidden: tuple[int, ...]) -> None:
+    """One logit contribution per person (`outputs` = 1), or an embedding of `outputs` values.
+
+    A single contribution starts at zero so the sum starts at the authority's prior; an
+    embedding keeps its random start, or the head above it would see only zeros."""
+
+    def __init__(self, n_inputs: int, hidden: tuple[int, ...], outputs: int = 1) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         width = n_inputs
         for h in hidden:
             layers += [nn.Linear(width, h), nn.ReLU()]
             width = h
-        out = nn.Linear(width, 1)
-        nn.init.zeros_(out.weight)
-        nn.init.zeros_(out.bias)
+        out = nn.Linear(width, outputs)
+        if outputs == 1:
+            nn.init.zeros_(out.weight)
+            nn.init.zeros_(out.bias)
         layers.append(out)
         self.net = nn.Sequential(*layers)
+        self.outputs = outputs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x).squeeze(-1)
+        out = self.net(x)
+        return out.squeeze(-1) if self.outputs == 1 else out
 
 
 def build(n_inputs: int, spec: ModelSpec, salt: int = 0) -> tuple[BottomModel, torch.optim.Adam]:
     """A freshly initialised model and optimiser; `salt` separates parties sharing a seed."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed * 1_000_003 + salt)
-        model = BottomModel(n_inputs, spec.hidden)
+        model = BottomModel(n_inputs, spec.hidden, spec.outputs)
     opt = torch.optim.Adam(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
     return model, opt
 

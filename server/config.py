@@ -23,12 +23,18 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class ModelConfig:
     hidden: tuple[int, ...] = (32, 16)
+    # `concat` mode only: each silo's embedding width, and the authority's MLP layers on top.
+    embedding_dim: int = 4
+    top_hidden: tuple[int, ...] = (16,)
 
     def __post_init__(self) -> None:
-        if not self.hidden or any(h < 1 or h > 4096 for h in self.hidden):
-            raise ConfigError(
-                f"model.hidden={self.hidden}: give 1 to 4096 units per layer, e.g. 32,16"
-            )
+        for key, layers in (("model.hidden", self.hidden), ("model.top_hidden", self.top_hidden)):
+            if not layers or any(h < 1 or h > 4096 for h in layers):
+                raise ConfigError(
+                    f"{key}={layers}: give 1 to 4096 units per layer, e.g. 32,16"
+                )
+        if not 1 <= self.embedding_dim <= 256:
+            raise ConfigError(f"model.embedding_dim={self.embedding_dim}: use 1 to 256")
 
 
 @dataclass(frozen=True)
@@ -95,10 +101,28 @@ class PsiConfig:
             raise ConfigError(f"psi.workers={self.workers}: use 1 to 64 processes")
 
 
+AGGREGATION_MODES = ("sum", "concat")
+
+
 @dataclass(frozen=True)
 class AggregationConfig:
+    # `sum`: z = b + sum_k g_k (a scorecard). `concat`: split learning, an MLP over the silos'
+    # embeddings; weaker, the authority sees each silo's embedding (docs/threat-model.md).
+    mode: str = "sum"
     # Pairwise-masked secure sum: the authority decodes only sum_k g_k, never one silo's g_k.
+    # Applies to `sum` mode; in `concat` mode there is no sum to protect.
     secure: bool = True
+
+    def __post_init__(self) -> None:
+        if self.mode not in AGGREGATION_MODES:
+            raise ConfigError(
+                f"aggregation.mode={self.mode!r}: choose one of {', '.join(AGGREGATION_MODES)}"
+            )
+
+    @property
+    def secure_sum(self) -> bool:
+        """Whether contributions travel masked: secure aggregation in force in `sum` mode."""
+        return self.secure and self.mode == "sum"
 
 
 @dataclass(frozen=True)
@@ -208,6 +232,13 @@ class AuthorityConfig:
     # How long to wait for all silos to join, and for any one reply.
     join_timeout: float = 120.0
     reply_timeout: float = 600.0
+
+    def __post_init__(self) -> None:
+        if self.aggregation.mode == "concat" and self.privacy.transcript_dp:
+            raise ConfigError(
+                "privacy.transcript_sigma > 0 needs aggregation.mode=sum: transcript noise is "
+                "defined on one clipped contribution per person, not on embeddings"
+            )
 
 
 def _positive(name: str, value: int) -> None:

@@ -1,4 +1,5 @@
-"""Vertical federated training in `sum` mode: z = b + sum_k g_k(x_k).
+"""Vertical federated training: z = b + sum_k g_k(x_k) (`sum`), or an MLP over the silos'
+embeddings (`concat`, server/top.py).
 
 One Flower round trip per chunk of batches, never per mini-batch (each trip costs ~100 ms).
 A `train.step` message carries the gradient for the previous chunk and the plan of the next:
@@ -27,18 +28,17 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 from clients import messages as m
 from clients.accounting import History
-from clients.model import ModelSpec, load_state_bytes, make_private, state_bytes
+from clients.model import ModelSpec
 from crypto.masking import decode, ring_sum
 from server.checkpoint import TrainState
 from server.config import TrainConfig
 from server.federation import Federation, FederationError
-from server.label_dp import corrected_gradient
 from server.metrics import auc, log_loss
 from server.privacy import PrivacyPlan
+from server.top import BiasHead, MlpHead
 
 log = logging.getLogger(__name__)
 
@@ -83,57 +83,6 @@ def chunk_sizes(cfg: TrainConfig) -> Iterator[int]:
         size = min(2 * size, cfg.chunk_batches)
 
 
-class Top:
-    """The authority's part of the model: the bias b, trained with Adam like the silos, and
-    with DP-SGD (Opacus, one step per batch) when the run is private."""
-
-    def __init__(self, prior: float, cfg: TrainConfig, spec: ModelSpec, rho: float) -> None:
-        self.rho = rho
-        self.linear = torch.nn.Linear(1, 1, bias=False)  # b = weight * 1, so Opacus can wrap it
-        with torch.no_grad():
-            self.linear.weight.fill_(float(np.log(prior / (1 - prior))))
-        opt = torch.optim.Adam(self.linear.parameters(), lr=cfg.lr)
-        self.dp = spec.dp
-        self.generator = torch.Generator().manual_seed(spec.seed * 7_919)
-        if spec.dp:
-            self.module, self.opt = make_private(self.linear, opt, spec, self.generator)
-        else:
-            self.module, self.opt = self.linear, opt
-
-    @property
-    def value(self) -> float:
-        return float(self.linear.weight.detach()[0, 0])
-
-    def to_bytes(self) -> bytes:
-        return state_bytes(self.linear, self.opt, self.generator)
-
-    def load_bytes(self, blob: bytes) -> None:
-        load_state_bytes(blob, self.linear, self.opt, self.generator)
-
-    def gradients(self, partial: np.ndarray, y: np.ndarray, sizes: list[int]) -> np.ndarray:
-        """d mean-loss / d z for each row of each batch, stepping b after every batch."""
-        grads = np.empty(len(partial), dtype=np.float32)
-        start = 0
-        for size in sizes:
-            stop = start + size
-            z = self.value + partial[start:stop]
-            g = corrected_gradient(z, y[start:stop], self.rho) / max(size, 1)
-            grads[start:stop] = g
-            self._step(grads[start:stop])
-            start = stop
-        return grads
-
-    def _step(self, g: np.ndarray) -> None:
-        self.opt.zero_grad(set_to_none=True)
-        if len(g):
-            out = self.module(torch.ones(len(g), 1)).squeeze(-1)
-            out.backward(torch.from_numpy(g))
-        elif self.dp:
-            self.linear.weight.grad_sample = torch.zeros((0, 1, 1))
-        if len(g) or self.dp:
-            self.opt.step()
-
-
 def _summed(replies: dict, key: str, expected: int, secure: bool) -> np.ndarray:
     """sum_k g_k for `expected` rows: float contributions, or masked uint64 shares of which
     only the ring sum can be decoded (secure aggregation)."""
@@ -166,6 +115,24 @@ def _summed(replies: dict, key: str, expected: int, secure: bool) -> np.ndarray:
 MAX_PLAUSIBLE_LOGIT = 1e6
 
 
+def _stacked(replies: dict, key: str, expected: int, silos: tuple[str, ...], width: int
+             ) -> np.ndarray:
+    """[e_1, ..., e_K] side by side, in the federation's silo order (`concat` mode)."""
+    parts = []
+    for silo in silos:
+        try:
+            part = m.get_array(replies[silo], key, np.float32, 2)
+        except m.ProtocolError as exc:
+            raise FederationError(f"silo {silo!r} did not send embeddings: {exc}") from None
+        if part.shape != (expected, width):
+            raise FederationError(
+                f"silo {silo!r} sent embeddings of shape {part.shape}, expected "
+                f"{(expected, width)}; its model or alignment is out of step"
+            )
+        parts.append(part)
+    return np.concatenate(parts, axis=1)
+
+
 def chunk_schedule(batches_per_epoch: int, cfg: TrainConfig) -> list[tuple[int, int, int]]:
     """(epoch, first batch, end batch) of every round trip, fixed before training starts so a
     resumed run continues at exactly the chunk it stopped before."""
@@ -194,28 +161,46 @@ def train(
     state: TrainState | None = None,
     on_round: Callable[[TrainState], None] | None = None,
     secure: bool = False,
+    mode: str = "sum",
+    top_hidden: tuple[int, ...] = (16,),
 ) -> TrainResult:
     """Train from `state` (a fresh start when None); `on_round` receives the state after every
     round trip, for checkpoints. `y_train_view` holds the labels the gradients may see
     (randomised under label DP), `y` the authority's clean labels for validation."""
-    top = Top(float(y_train_view[train_pos].mean()), cfg, spec, privacy.rho)
+    prior = float(y_train_view[train_pos].mean())
+    concat = mode == "concat"
+    head: BiasHead | MlpHead = (
+        MlpHead(prior, spec, privacy.rho, len(fed.silos), top_hidden) if concat
+        else BiasHead(prior, spec, privacy.rho)
+    )
     if state is None:
         state = TrainState(silo_seconds=dict.fromkeys(fed.silos, 0.0))
     else:
-        top.load_bytes(state.top)
+        head.load_bytes(state.top)
     poisson = spec.dp
     schedule = chunk_schedule(len(batch_plan(train_pos, cfg.batch_size, 0, spec.seed, poisson)),
                               cfg)
     epoch_batches: dict[int, list[np.ndarray]] = {}
     t0 = time.perf_counter()
 
+    def inputs(replies: dict, key: str, expected: int) -> np.ndarray:
+        if concat:
+            return _stacked(replies, key, expected, fed.silos, spec.outputs)
+        return _summed(replies, key, expected, secure)
+
     def send(plan: np.ndarray | None, eval_pos: np.ndarray | None) -> dict:
+        config = {"round": state.trip + 1}
         extras: dict[str, np.ndarray | None] = {"plan": plan, "eval": eval_pos}
         if state.done_grad is not None:
-            extras.update(done_plan=state.done_plan, done_sizes=state.done_sizes,
-                          grad=state.done_grad)
-        config = {"round": state.trip + 1}
-        replies = fed.broadcast(m.STEP, m.make_content(config, **extras))
+            extras.update(done_plan=state.done_plan, done_sizes=state.done_sizes)
+        if concat:  # each silo gets its own embedding's gradient
+            contents = {silo: m.make_content(config, **extras,
+                                             grad=_grad_for(state.done_grad, k, spec))
+                        for k, silo in enumerate(fed.silos)}
+        else:
+            shared = m.make_content(config, **extras, grad=state.done_grad)
+            contents = dict.fromkeys(fed.silos, shared)
+        replies = fed.exchange(m.STEP, contents)
         state.trip += 1
         privacy.record_releases(state.trip, n_positions, plan, eval_pos)
         for silo, reply in replies.items():
@@ -244,9 +229,10 @@ def train(
         sizes = [len(b) for b in chunk]
         replies = send(plan, val_pos if evaluate else None)
         if evaluate:
-            state.history.append(_evaluate(replies, top.value, y, val_pos, epoch, t0, secure))
-        partial = _summed(replies, "plan", len(plan), secure)
-        grads = top.gradients(partial, y_train_view[plan].astype(np.float64), sizes)
+            z_val = head.logits(inputs(replies, "eval", len(val_pos)))
+            state.history.append(_history_row(z_val, y[val_pos], epoch - 1, t0))
+        grads = head.gradients(inputs(replies, "plan", len(plan)),
+                               y_train_view[plan].astype(np.float64), sizes)
         privacy.spend(len(sizes))
         state.done_plan, state.done_sizes, state.done_grad = (
             plan, np.asarray(sizes, dtype=np.int64), grads
@@ -254,7 +240,7 @@ def train(
         state.steps += len(sizes)
         state.next_chunk = index + 1
         if on_round:
-            state.top = top.to_bytes()
+            state.top = head.to_bytes()
             state.privacy_history = [list(h) for h in privacy.history]
             state.privacy_spent, state.privacy_round_steps = privacy.spent, privacy.round_steps
             state.transcript_releases = privacy.releases.copy()
@@ -264,12 +250,19 @@ def train(
     # Apply the last chunk and read every position's contribution at the final weights.
     everyone = np.arange(n_positions, dtype=np.int64)
     replies = send(None, everyone)
-    logits = top.value + _summed(replies, "eval", n_positions, secure)
+    logits = head.logits(inputs(replies, "eval", n_positions))
     history = [*state.history, _history_row(logits[val_pos], y[val_pos], len(state.history), t0)]
     return TrainResult(
-        bias=top.value, logits=logits, history=history, round_trips=state.trip,
+        bias=head.bias, logits=logits, history=history, round_trips=state.trip,
         steps=state.steps, stopped_by_cap=state.stopped_by_cap, silo_seconds=state.silo_seconds,
     )
+
+
+def _grad_for(grads: np.ndarray | None, k: int, spec: ModelSpec) -> np.ndarray | None:
+    """Silo k's columns of d loss / d [e_1, ..., e_K]."""
+    if grads is None:
+        return None
+    return np.ascontiguousarray(grads[:, k * spec.outputs:(k + 1) * spec.outputs])
 
 
 def _reported_histories(replies: dict) -> dict[str, History]:
@@ -278,12 +271,6 @@ def _reported_histories(replies: dict) -> dict[str, History]:
         steps = m.get_array(reply, "accountant", np.float64, 2, required=False)
         out[silo] = [] if steps is None else [(s, q, int(n)) for s, q, n in steps]
     return out
-
-
-def _evaluate(replies: dict, bias: float, y: np.ndarray, val_pos: np.ndarray, epoch: int,
-              t0: float, secure: bool) -> dict:
-    z = bias + _summed(replies, "eval", len(val_pos), secure)
-    return _history_row(z, y[val_pos], epoch - 1, t0)
 
 
 def _history_row(z: np.ndarray, y: np.ndarray, epoch: int, t0: float) -> dict:

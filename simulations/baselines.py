@@ -1,6 +1,7 @@
 """Baselines that only the experiment layer can compute: it sees every party's table.
 
-`central`: the same model (one bottom model per silo, summed, plus a bias), the same
+`central`: the same model (one bottom model per silo, summed plus a bias, or under an MLP head
+in `concat` mode), the same
 initialisation, split, epochs and batch plan, trained in one process on the joined data with no
 staleness. `payments_only`: the payments silo's bottom model alone. Both are calibrated and
 scored exactly like the federated model.
@@ -20,12 +21,14 @@ from opacus.optimizers import DPOptimizer
 from clients.model import ModelSpec, build
 from clients.schema import AUTHORITY, SILOS, feature_names
 from clients.silo_data import load_silo
+from crypto.at_rest import Keystore
 from crypto.identity import keyed_refs
 from server.authority import PEPPER_FILE
 from server.config import AuthorityConfig
 from server.labels import load_labels
 from server.metrics import summary
 from server.scoring import Platt
+from server.top import build_head, prior_logit
 from server.training import batch_plan
 from simulations.paths import Parties
 
@@ -43,17 +46,20 @@ class JoinedData:
         return np.flatnonzero((self.split == name).to_numpy())
 
 
-def join_parties(parties: Parties, scores: pd.DataFrame) -> JoinedData:
-    """Rebuild the federated run's rows from the party tables through the keyed references."""
-    auth_ids, labels = load_labels(parties.party(AUTHORITY))
+def join_parties(parties: Parties, scores: pd.DataFrame, ref_hash: str = "sha256",
+                 store: Keystore | None = None) -> JoinedData:
+    """Rebuild the federated run's rows from the party tables through the keyed references
+    (HMAC with `ref_hash`, as the run wrote them)."""
+    auth_ids, labels = load_labels(parties.party(AUTHORITY), store)
     pepper = parties.party(AUTHORITY).joinpath(PEPPER_FILE).read_bytes()
-    rows = pd.Index(keyed_refs(auth_ids.to_numpy(), pepper)).get_indexer(scores["subject_ref"])
+    refs = keyed_refs(auth_ids.to_numpy(), pepper, ref_hash)
+    rows = pd.Index(refs).get_indexer(scores["subject_ref"])
     if (rows < 0).any():
         raise ValueError("scores.parquet names people the authority's table does not hold")
     ids = auth_ids.to_numpy()[rows]
     xs = {}
     for silo in SILOS:
-        data = load_silo(parties.party(silo), silo, feature_names(silo))
+        data = load_silo(parties.party(silo), silo, feature_names(silo), store)
         silo_rows = pd.Index(data.ids.to_numpy()).get_indexer(ids)
         xs[silo] = data.x[silo_rows]
     return JoinedData(xs=xs, y=labels[rows].astype(np.float64),
@@ -68,18 +74,24 @@ class BaselineResult:
 
 
 class _Joint(torch.nn.Module):
-    """The summed model in one module, so Opacus can clip each person's whole gradient."""
+    """The whole model in one module, so Opacus can clip each person's whole gradient: the
+    silos' parts summed plus a bias (`sum`), or a head over their embeddings (`concat`)."""
 
-    def __init__(self, parts: list[torch.nn.Module], prior: float) -> None:
+    def __init__(self, parts: list[torch.nn.Module], prior: float,
+                 head: torch.nn.Module | None = None) -> None:
         super().__init__()
         self.parts = torch.nn.ModuleList(parts)
-        self.bias = torch.nn.Linear(1, 1, bias=False)
-        with torch.no_grad():
-            self.bias.weight.fill_(float(np.log(prior / (1 - prior))))
+        self.head = head
+        if head is None:
+            self.bias = torch.nn.Linear(1, 1, bias=False)
+            with torch.no_grad():
+                self.bias.weight.fill_(prior_logit(prior))
 
     def forward(self, xs: list[torch.Tensor]) -> torch.Tensor:
-        ones = torch.ones(len(xs[0]), 1)
-        return self.bias(ones).squeeze(-1) + sum(p(x) for p, x in zip(self.parts, xs, strict=True))
+        outs = [p(x) for p, x in zip(self.parts, xs, strict=True)]
+        if self.head is not None:
+            return self.head(torch.cat(outs, dim=1))
+        return self.bias(torch.ones(len(xs[0]), 1)).squeeze(-1) + sum(outs)
 
 
 def train_central(
@@ -95,13 +107,17 @@ def train_central(
     where the federation clips each party's part separately.
     """
     t0 = time.perf_counter()
-    spec = ModelSpec(cfg.model.hidden, cfg.train.lr, cfg.train.weight_decay, cfg.seed)
+    concat = cfg.aggregation.mode == "concat"
+    spec = ModelSpec(cfg.model.hidden, cfg.train.lr, cfg.train.weight_decay, cfg.seed,
+                     outputs=cfg.model.embedding_dim if concat else 1)
     # Same salts as the silos use, so the central and federated models start identical.
     parts = [build(data.xs[s].shape[1], spec, SILOS.index(s) + 1)[0] for s in silos]
     xs = [torch.from_numpy(data.xs[s]) for s in silos]
     y = torch.from_numpy(data.y).float()
     train, val, test = (data.positions(n) for n in ("train", "val", "test"))
-    model = _Joint(parts, float(data.y[train].mean()))
+    prior = float(data.y[train].mean())
+    head = build_head(len(silos), spec, cfg.model.top_hidden, prior) if concat else None
+    model = _Joint(parts, prior, head)
     # Adam keeps its state per parameter, so one Adam over everything is the same optimiser as
     # the federation's one per party.
     opt: torch.optim.Optimizer = torch.optim.Adam(

@@ -1,0 +1,164 @@
+"""The authority's part of the model, on top of what the silos send.
+
+`sum` mode (the default, a scorecard): z = b + sum_k g_k. The authority learns only the bias b
+and, under secure aggregation, sees only the sum.
+
+`concat` mode (split learning): each silo sends a d-dimensional embedding e_k and the authority
+runs a small MLP on [e_1, ..., e_K]. More expressive, but the authority sees every silo's
+embedding of every person it asks about, so secure aggregation cannot apply; it is offered for
+comparison and documented as the weaker mode (docs/threat-model.md).
+
+Both heads train with Adam, and with DP-SGD (Opacus, one step per batch) when the run is
+private: the head is trained on person-level data (the authority's labels and the silos'
+outputs) and is released with the model, so it needs its own eps_model like any silo.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from clients.model import ModelSpec, load_state_bytes, make_private, state_bytes
+from server.label_dp import corrected_gradient
+
+# Separates the head's initialisation from the silos' (their salts are 1..K).
+HEAD_SALT = 0x70B
+
+
+def prior_logit(prior: float) -> float:
+    return float(np.log(prior / (1 - prior)))
+
+
+class ConcatHead(nn.Module):
+    """MLP over the silos' concatenated embeddings; the output bias starts at the prior."""
+
+    def __init__(self, inputs: int, hidden: tuple[int, ...], prior: float) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = inputs
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.ReLU()]
+            width = h
+        out = nn.Linear(width, 1)
+        with torch.no_grad():
+            out.weight.mul_(0.1)  # small, so early logits stay near the prior
+            out.bias.fill_(prior_logit(prior))
+        layers.append(out)
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, e: torch.Tensor) -> torch.Tensor:
+        return self.net(e).squeeze(-1)
+
+
+def build_head(silos: int, spec: ModelSpec, top_hidden: tuple[int, ...], prior: float
+               ) -> ConcatHead:
+    """The concat head with the run's seeded initialisation (the central baseline reuses it)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed * 1_000_003 + HEAD_SALT)
+        return ConcatHead(silos * spec.outputs, top_hidden, prior)
+
+
+class _Head:
+    """Shared optimiser, DP wrapping and checkpointing of either head."""
+
+    def __init__(self, module: nn.Module, spec: ModelSpec, rho: float) -> None:
+        self.rho = rho
+        self.base = module
+        self.dp = spec.dp
+        self.generator = torch.Generator().manual_seed(spec.seed * 7_919)
+        opt = torch.optim.Adam(module.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
+        if spec.dp:
+            self.module, self.opt = make_private(module, opt, spec, self.generator)
+        else:
+            self.module, self.opt = module, opt
+
+    def to_bytes(self) -> bytes:
+        return state_bytes(self.base, self.opt, self.generator)
+
+    def load_bytes(self, blob: bytes) -> None:
+        load_state_bytes(blob, self.base, self.opt, self.generator)
+
+    def _empty_step(self) -> None:
+        """A Poisson batch can be empty: under DP the noisy step still happens and counts."""
+        if self.dp:
+            for p in self.base.parameters():
+                p.grad_sample = torch.zeros((0, *p.shape))
+            self.opt.step()
+
+    def _loss_grad(self, z: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """d mean-loss / d z under the (possibly randomised) labels."""
+        return (corrected_gradient(z, y, self.rho) / max(len(z), 1)).astype(np.float32)
+
+
+class BiasHead(_Head):
+    """`sum` mode: z = b + sum_k g_k; `inputs` is the decoded sum, one value per row."""
+
+    def __init__(self, prior: float, spec: ModelSpec, rho: float) -> None:
+        linear = nn.Linear(1, 1, bias=False)  # b = weight * 1, so Opacus can wrap it
+        with torch.no_grad():
+            linear.weight.fill_(prior_logit(prior))
+        super().__init__(linear, spec, rho)
+
+    @property
+    def bias(self) -> float:
+        return float(self.base.weight.detach()[0, 0])
+
+    def logits(self, inputs: np.ndarray) -> np.ndarray:
+        return self.bias + inputs
+
+    def gradients(self, inputs: np.ndarray, y: np.ndarray, sizes: list[int]) -> np.ndarray:
+        """d mean-loss / d g_k for each row of each batch (the same for every silo), stepping
+        b after every batch."""
+        grads = np.empty(len(inputs), dtype=np.float32)
+        start = 0
+        for size in sizes:
+            stop = start + size
+            g = self._loss_grad(self.bias + inputs[start:stop], y[start:stop])
+            grads[start:stop] = g
+            if size:
+                self.opt.zero_grad(set_to_none=True)
+                self.module(torch.ones(size, 1)).squeeze(-1).backward(torch.from_numpy(g))
+                self.opt.step()
+            else:
+                self._empty_step()
+            start = stop
+        return grads
+
+
+class MlpHead(_Head):
+    """`concat` mode: z = MLP([e_1, ..., e_K]); `inputs` holds the embeddings side by side."""
+
+    def __init__(self, prior: float, spec: ModelSpec, rho: float, silos: int,
+                 top_hidden: tuple[int, ...]) -> None:
+        super().__init__(build_head(silos, spec, top_hidden, prior), spec, rho)
+
+    @property
+    def bias(self) -> float:
+        return float("nan")  # no single bias: the head is an MLP
+
+    @torch.no_grad()
+    def logits(self, inputs: np.ndarray) -> np.ndarray:
+        self.base.eval()
+        return self.base(torch.from_numpy(inputs.astype(np.float32))).numpy().astype(np.float64)
+
+    def gradients(self, inputs: np.ndarray, y: np.ndarray, sizes: list[int]) -> np.ndarray:
+        """d mean-loss / d e for each row (each silo gets its own columns), stepping the head
+        after every batch; the gradient is taken at the weights before that batch's step."""
+        self.base.train()
+        grads = np.empty(inputs.shape, dtype=np.float32)
+        start = 0
+        for size in sizes:
+            stop = start + size
+            if size:
+                e = torch.from_numpy(inputs[start:stop].astype(np.float32)).requires_grad_()
+                self.opt.zero_grad(set_to_none=True)
+                z = self.module(e)
+                g = self._loss_grad(z.detach().numpy().astype(np.float64), y[start:stop])
+                z.backward(torch.from_numpy(g))
+                grads[start:stop] = e.grad.numpy()
+                self.opt.step()
+            else:
+                self._empty_step()
+            start = stop
+        return grads
