@@ -9,11 +9,13 @@ derived from the table and cheap to rebuild.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +28,7 @@ from clients import messages as m
 from clients.model import ModelSpec, SiloTrainer
 from clients.schema import SILOS, feature_names
 from clients.silo_data import SiloDataError, SiloMatrix, load_silo
+from crypto.at_rest import Keystore, read_encrypted, write_encrypted
 from crypto.masking import MaskingError, PairwiseKeys, mask_context, masked_share
 from crypto.psi import PsiError, PsiKey, hash_to_points
 
@@ -46,15 +49,32 @@ def silo_name(context: Context) -> str:
     raise SiloDataError("this node has no silo: start the SuperNode with --node-config 'silo=...'")
 
 
-def silo_dir(context: Context, default_root: Path | None) -> Path:
+@dataclass(frozen=True)
+class Defaults:
+    """What the simulation hands every silo when no config names them: the parties directory
+    and the keystore for the silo's files at rest."""
+
+    root: Path | None = None
+    keystore: Path | None = None
+
+
+def silo_dir(context: Context, defaults: Defaults) -> Path:
     root = context.node_config.get("data-dir") or context.run_config.get("data-dir")
-    if root is None and default_root is None:
+    if root is None and defaults.root is None:
         raise SiloDataError("no data directory: set node config or run config 'data-dir'")
-    return Path(str(root)) / silo_name(context) if root else default_root / silo_name(context)
+    return Path(str(root)) / silo_name(context) if root else defaults.root / silo_name(context)
 
 
-def silo_matrix(context: Context, default_root: Path | None) -> SiloMatrix:
-    directory = silo_dir(context, default_root)
+def silo_store(context: Context, defaults: Defaults) -> Keystore | None:
+    """The silo's keystore: node config `keystore=DIR` (deployment), else the one the
+    simulation gives, else the run's `storage.keystore` (`flwr run` on one machine)."""
+    path = (context.node_config.get("keystore") or defaults.keystore
+            or context.run_config.get("storage.keystore"))
+    return Keystore(Path(str(path))) if path else None
+
+
+def silo_matrix(context: Context, defaults: Defaults) -> SiloMatrix:
+    directory = silo_dir(context, defaults)
     silo = silo_name(context)
     mtime = max((p.stat().st_mtime for p in directory.glob("features.*")), default=0.0)
     key = (str(directory.resolve()), silo, mtime)
@@ -63,7 +83,8 @@ def silo_matrix(context: Context, default_root: Path | None) -> SiloMatrix:
         # matrix (a few MB per 100k people); drop stale versions of this silo's table only.
         for old in [k for k in _CACHE if k[:2] == key[:2]]:
             del _CACHE[old]
-        _CACHE[key] = load_silo(directory, silo, feature_names(silo))
+        _CACHE[key] = load_silo(directory, silo, feature_names(silo),
+                                silo_store(context, defaults))
     return _CACHE[key]
 
 
@@ -86,21 +107,56 @@ def _guarded(handler: Callable[[Message, Context], Message]) -> Callable:
 # A silo keeps its last two rounds: the authority's newest checkpoint may be one round behind.
 
 
-def _checkpoint_dir(context: Context, default_root: Path | None, run_key: str) -> Path:
+def _checkpoint_dir(context: Context, defaults: Defaults, run_key: str) -> Path:
     if not run_key.isalnum():
         raise m.ProtocolError("malformed run key")
-    return silo_dir(context, default_root) / "checkpoints" / run_key
+    return silo_dir(context, defaults) / "checkpoints" / run_key
 
 
-def _save_round(context: Context, default_root: Path | None, round_: int) -> None:
+def _save_round(context: Context, defaults: Defaults, round_: int) -> None:
     cfg = context.state["model"]
-    directory = _checkpoint_dir(context, default_root, str(cfg["run"]))
-    tmp = directory / f"round-{round_}.tmp"
-    tmp.write_bytes(bytes(cfg["blob"]))
-    tmp.replace(directory / f"round-{round_}.pt")
-    for old in directory.glob("round-*.pt"):
-        if int(old.stem.split("-")[1]) < round_ - 1:
+    directory = _checkpoint_dir(context, defaults, str(cfg["run"]))
+    _write_file(context, defaults, directory, f"round-{round_}.pt", bytes(cfg["blob"]))
+    for old in directory.glob("round-*.pt*"):
+        if int(old.name.split("-")[1].split(".")[0]) < round_ - 1:
             old.unlink(missing_ok=True)
+
+
+def _write_file(context: Context, defaults: Defaults, directory: Path, name: str, data: bytes,
+                private: bool = False) -> None:
+    """A checkpoint file, atomically; `name.enc`, bound to the run and silo, when the silo has a
+    keystore. `private` files (keys) are 0600 when they stay in plaintext."""
+    store = silo_store(context, defaults)
+    if store is not None:
+        context_ = _file_context(directory, silo_name(context), name)
+        write_encrypted(store, directory / f"{name}.enc", data, context_)
+    elif private:
+        _write_private(directory / name, data)
+    else:
+        tmp = directory / f"{name}.partial"
+        tmp.write_bytes(data)
+        tmp.replace(directory / name)
+
+
+def _read_file(context: Context, defaults: Defaults, directory: Path, name: str) -> bytes:
+    encrypted = directory / f"{name}.enc"
+    if not encrypted.exists():
+        return (directory / name).read_bytes()
+    store = silo_store(context, defaults)
+    if store is None:
+        raise SiloDataError(f"{encrypted} is encrypted; start the silo with its keystore "
+                            "(node config keystore=DIR)")
+    return read_encrypted(store, encrypted, _file_context(directory, silo_name(context), name))
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _file_context(directory: Path, silo: str, name: str) -> bytes:
+    return f"fedscore/{directory.name}/{silo}/{name}".encode()  # directory name = run key
 
 
 def _write_private(path: Path, secret: bytes) -> None:
@@ -150,15 +206,17 @@ def _rows(context: Context, positions: np.ndarray) -> np.ndarray:
     return rows
 
 
-def make_client_app(default_root: Path | None = None) -> ClientApp:
-    """The silo's app; `default_root` is the parties directory when no config names one."""
+def make_client_app(root: Path | None = None, keystore: Path | None = None) -> ClientApp:
+    """The silo's app; `root` is the parties directory and `keystore` the silos' keystore when
+    no config names them (the simulation)."""
+    defaults = Defaults(root, keystore)
     app = ClientApp(mods=[capture.capture_mod] if capture.enabled() else None)
     torch.set_num_threads(1)  # one core per silo: the simulation runs silos side by side
 
     @app.query("hello")
     @_guarded
     def hello(msg: Message, context: Context) -> Message:
-        data = silo_matrix(context, default_root)
+        data = silo_matrix(context, defaults)
         reply = m.make_content({"silo": silo_name(context), "rows": len(data.x),
                                 "inputs": data.x.shape[1]})
         return Message(reply, reply_to=msg)
@@ -166,7 +224,7 @@ def make_client_app(default_root: Path | None = None) -> ClientApp:
     @app.query("psi_blind")
     @_guarded
     def psi_blind(msg: Message, context: Context) -> Message:
-        data = silo_matrix(context, default_root)
+        data = silo_matrix(context, defaults)
         key = PsiKey()
         context.state["psi"] = ConfigRecord({"secret": key.secret})
         points = key.blind(hash_to_points(data.ids.to_numpy()))
@@ -185,7 +243,7 @@ def make_client_app(default_root: Path | None = None) -> ClientApp:
     @app.query("align")
     @_guarded
     def align(msg: Message, context: Context) -> Message:
-        data = silo_matrix(context, default_root)
+        data = silo_matrix(context, defaults)
         cfg = m.get_config(msg)
         rows = m.get_array(msg, "rows", np.int64, 1)
         positions = m.get_array(msg, "positions", np.int64, 1)
@@ -202,15 +260,15 @@ def make_client_app(default_root: Path | None = None) -> ClientApp:
         model = {**spec.to_config(), "inputs": data.x.shape[1], "salt": salt, "run": run_key,
                  "secure": bool(cfg.get("secure", False))}
         context.state["model"] = ConfigRecord({**model, "blob": trainer.to_bytes()})
-        directory = _checkpoint_dir(context, default_root, run_key)
+        directory = _checkpoint_dir(context, defaults, run_key)
         directory.mkdir(parents=True, exist_ok=True)
-        np.save(directory / "alignment.npy", pos2row)
+        _write_file(context, defaults, directory, "alignment.npy", _npy_bytes(pos2row))
         (directory / "model.json").write_text(json.dumps(model))
-        _save_round(context, default_root, 0)
+        _save_round(context, defaults, 0)
         reply: dict = {"inputs": data.x.shape[1]}
         if model["secure"]:
             keys = PairwiseKeys()
-            _write_private(directory / "mask.key", keys.secret)
+            _write_file(context, defaults, directory, "mask.key", keys.secret, private=True)
             context.state["mask"] = ConfigRecord({"secret": keys.secret})
             reply["mask_public"] = keys.public
         return Message(m.make_content(reply), reply_to=msg)
@@ -231,7 +289,7 @@ def make_client_app(default_root: Path | None = None) -> ClientApp:
             raise m.ProtocolError("the relayed key for this silo is not its own")
         record = {f"peer.{s}": keys.shared_with(pub) for s, pub in publics.items() if s != me}
         context.state["mask"] = ConfigRecord({"secret": keys.secret, **record})
-        directory = _checkpoint_dir(context, default_root, str(context.state["model"]["run"]))
+        directory = _checkpoint_dir(context, defaults, str(context.state["model"]["run"]))
         (directory / "peers.json").write_text(json.dumps({s: p.hex() for s, p in publics.items()}))
         return Message(m.make_content({"peers": len(record)}), reply_to=msg)
 
@@ -240,19 +298,21 @@ def make_client_app(default_root: Path | None = None) -> ClientApp:
     def resume(msg: Message, context: Context) -> Message:
         cfg = m.get_config(msg)
         round_ = int(cfg["round"])
-        directory = _checkpoint_dir(context, default_root, str(cfg["run"]))
-        blob = directory / f"round-{round_}.pt"
-        if not blob.exists():
+        directory = _checkpoint_dir(context, defaults, str(cfg["run"]))
+        name = f"round-{round_}.pt"
+        if not any((directory / n).exists() for n in (name, f"{name}.enc")):
             raise SiloDataError(
                 f"silo {silo_name(context)} has no checkpoint of round {round_} for this run "
                 f"(looked in {directory}); the run cannot resume, start a new one"
             )
-        pos2row = np.load(directory / "alignment.npy", allow_pickle=False)
+        pos2row = np.load(io.BytesIO(_read_file(context, defaults, directory, "alignment.npy")),
+                          allow_pickle=False)
         model = json.loads((directory / "model.json").read_text())
         context.state["align"] = m.arrays(pos2row=pos2row)
-        context.state["model"] = ConfigRecord({**model, "blob": blob.read_bytes()})
+        blob = _read_file(context, defaults, directory, name)
+        context.state["model"] = ConfigRecord({**model, "blob": blob})
         if model.get("secure"):
-            keys = PairwiseKeys((directory / "mask.key").read_bytes())
+            keys = PairwiseKeys(_read_file(context, defaults, directory, "mask.key"))
             publics = json.loads((directory / "peers.json").read_text())
             me = silo_name(context)
             context.state["mask"] = ConfigRecord({"secret": keys.secret, **{
@@ -264,9 +324,13 @@ def make_client_app(default_root: Path | None = None) -> ClientApp:
     @_guarded
     def step(msg: Message, context: Context) -> Message:
         t0 = time.perf_counter()
-        x = silo_matrix(context, default_root).x
+        x = silo_matrix(context, defaults).x
         trainer = _trainer(context)
-        grad = m.get_array(msg, "grad", np.float32, 1, required=False)
+        width = trainer.spec.outputs
+        grad = m.get_array(msg, "grad", np.float32, 1 if width == 1 else 2, required=False)
+        if grad is not None and grad.ndim == 2 and grad.shape[1] != width:
+            raise m.ProtocolError(f"gradients have {grad.shape[1]} columns; this silo's "
+                                  f"embedding has {width}")
         if grad is not None:
             done = m.get_array(msg, "done_plan", np.int64, 1)
             sizes = m.get_array(msg, "done_sizes", np.int64, 1)
@@ -274,7 +338,7 @@ def make_client_app(default_root: Path | None = None) -> ClientApp:
             trainer.replay(batches, m.split_batches(grad, sizes))
             _save_trainer(context, trainer)
         if "round" in m.get_config(msg):
-            _save_round(context, default_root, int(m.get_config(msg)["round"]))
+            _save_round(context, defaults, int(m.get_config(msg)["round"]))
         out: dict[str, np.ndarray] = {}
         secure = bool(context.state["model"].get("secure", False))
         round_ = int(m.get_config(msg).get("round", 0))

@@ -7,6 +7,7 @@ missing-value indicator column, so the model can learn what absence means.
 
 from __future__ import annotations
 
+import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,11 +16,12 @@ import numpy as np
 import pandas as pd
 
 from clients.schema import ID_COLUMN
+from crypto.at_rest import Keystore, read_party_file
 from crypto.identity import IdentifierError, normalize_phones
 
 log = logging.getLogger(__name__)
 
-TABLE_NAMES = ("features.parquet", "features.csv")
+TABLE_NAMES = ("features.parquet", "features.parquet.enc", "features.csv")
 
 
 class SiloDataError(ValueError):
@@ -36,7 +38,10 @@ def find_table(silo_dir: Path) -> Path:
     )
 
 
-def read_table(path: Path) -> pd.DataFrame:
+def read_table(path: Path, silo: str = "", store: Keystore | None = None) -> pd.DataFrame:
+    """A table as a frame; an encrypted `.parquet.enc` is decrypted in memory with `store`."""
+    if path.name.endswith(".parquet.enc"):
+        return pd.read_parquet(io.BytesIO(read_party_file(path, silo, store)))
     if path.suffix == ".parquet":
         return pd.read_parquet(path)
     if path.suffix == ".csv":
@@ -133,5 +138,6 @@ def prepare(df: pd.DataFrame, silo: str, expected: list[str]) -> SiloMatrix:
     return SiloMatrix(x=matrix, columns=columns, ids=ids)
 
 
-def load_silo(silo_dir: Path, silo: str, expected: list[str]) -> SiloMatrix:
-    return prepare(read_table(find_table(silo_dir)), silo, expected)
+def load_silo(silo_dir: Path, silo: str, expected: list[str], store: Keystore | None = None
+              ) -> SiloMatrix:
+    return prepare(read_table(find_table(silo_dir), silo, store), silo, expected)

@@ -25,6 +25,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 MAGIC = b"FSENC1"
 SUITES = {"aes-256-gcm": (1, 32), "sm4-gcm": (2, 16)}  # id, key length
+# The keyed hash of subject references that goes with each suite.
+REF_HASH = {"aes-256-gcm": "sha256", "sm4-gcm": "sm3"}
 _SUITE_BY_ID = {v[0]: k for k, v in SUITES.items()}
 HEADER = len(MAGIC) + 1 + 8 + 12
 TAG = 16
@@ -164,3 +166,34 @@ def write_encrypted(store: Keystore, path: Path, data: bytes, context: bytes) ->
 
 def read_encrypted(store: Keystore, path: Path, context: bytes) -> bytes:
     return decrypt(store, path.read_bytes(), context)
+
+
+# ---- files that live with a party, outside any run ---------------------------------------------
+
+
+def party_context(party: str, name: str) -> bytes:
+    """A party's table (features, labels, the generator's truth) is bound to the party and the
+    file's name, not to a run: tables outlive runs."""
+    return f"fedscore/parties/{party}/{name}".encode()
+
+
+def read_party_file(path: Path, party: str, store: Keystore | None) -> bytes:
+    """The plaintext of `path`: decrypted when it is an `.enc` file, which needs `store`."""
+    if path.suffix != ".enc":
+        return path.read_bytes()
+    if store is None:
+        raise AtRestError(
+            f"{path} is encrypted; give the keystore it was written with "
+            "(`--set storage.keystore=DIR`, or node config `keystore=DIR` for a silo)"
+        )
+    return read_encrypted(store, path, party_context(party, path.name.removesuffix(".enc")))
+
+
+def write_party_file(path: Path, party: str, data: bytes, store: Keystore | None) -> Path:
+    """Write `path`, or `path.enc` encrypted and bound to the party when `store` is given."""
+    if store is None:
+        path.write_bytes(data)
+        return path
+    target = path.with_name(path.name + ".enc")
+    write_encrypted(store, target, data, party_context(party, path.name))
+    return target

@@ -23,7 +23,7 @@ import pandas as pd
 from clients import messages as m
 from clients.model import ModelSpec
 from clients.schema import AUTHORITY
-from crypto.at_rest import AtRestError, Keystore, read_encrypted, write_encrypted
+from crypto.at_rest import REF_HASH, AtRestError, Keystore, read_encrypted, write_encrypted
 from crypto.identity import keyed_refs, load_or_create_pepper
 from server import checkpoint, metrics, scoring
 from server.alignment import Alignment, announce, joint_order, private_intersections
@@ -88,7 +88,7 @@ def run_authority(
     store = Keystore(Path(cfg.storage.keystore)) if cfg.storage.keystore else None
 
     phases.start("connect")
-    ids, labels = load_labels(data_dir / AUTHORITY)
+    ids, labels = load_labels(data_dir / AUTHORITY, store)
     info = fed.connect()
 
     if resume:
@@ -110,12 +110,17 @@ def run_authority(
         sample_rate=privacy.q, expected_batch=privacy.expected_batch,
         transcript_sigma=cfg.privacy.transcript_sigma,
         transcript_clip=cfg.privacy.transcript_clip,
+        outputs=cfg.model.embedding_dim if cfg.aggregation.mode == "concat" else 1,
     )
+    secure = cfg.aggregation.secure_sum
+    if cfg.aggregation.mode == "concat":
+        log.warning("aggregation.mode=concat: the authority sees every silo's embeddings; "
+                    "secure aggregation does not apply (docs/threat-model.md)")
     if state is None:
         checkpoint.save_run(out_dir, run, store)
         inputs = announce(fed, Alignment(run.authority_rows, run.silo_rows, {}),
                           {**spec.to_config(), "run": run.run_key,
-                           "secure": cfg.aggregation.secure})
+                           "secure": secure})
         privacy.record_labels()
     else:
         inputs = {s: int(info[s]["inputs"]) for s in fed.silos}
@@ -135,7 +140,7 @@ def run_authority(
         result = train(
             fed, run.y_view, y.astype(np.float64), split.train, split.val, n_positions,
             cfg.train, spec, privacy, progress, state=state, on_round=on_round,
-            secure=cfg.aggregation.secure,
+            secure=secure, mode=cfg.aggregation.mode, top_hidden=cfg.model.top_hidden,
         )
         privacy_summary = privacy.summary()
     finally:
@@ -149,7 +154,8 @@ def run_authority(
     test = split.test
     summary = metrics.summary(y[test], p[test])
     pepper = load_or_create_pepper(data_dir / AUTHORITY / PEPPER_FILE)
-    refs = keyed_refs(ids.to_numpy()[run.authority_rows], pepper)
+    ref_hash = REF_HASH[store.suite] if store else "sha256"
+    refs = keyed_refs(ids.to_numpy()[run.authority_rows], pepper, ref_hash)
     split_of = split.labels(n_positions)
     scores = pd.DataFrame(
         {
@@ -182,7 +188,9 @@ def run_authority(
         "model_inputs": inputs,
         "history": result.history,
         "round_trips": result.round_trips,
-        "secure_aggregation": cfg.aggregation.secure,
+        "subject_ref": f"hmac-{ref_hash}",
+        "aggregation_mode": cfg.aggregation.mode,
+        "secure_aggregation": secure,
         "resumed": resume,
         "silo_compute_seconds": {s: round(v, 3) for s, v in result.silo_seconds.items()},
         "seconds": phases.seconds,

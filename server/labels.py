@@ -7,7 +7,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from clients.schema import ID_COLUMN, LABEL_COLUMN
+from clients.schema import AUTHORITY, ID_COLUMN, LABEL_COLUMN
+from clients.silo_data import read_table
+from crypto.at_rest import Keystore
 from crypto.identity import IdentifierError, normalize_phones
 
 
@@ -15,9 +17,11 @@ class LabelDataError(ValueError):
     """The authority's label table cannot be used as it is."""
 
 
-def load_labels(authority_dir: Path) -> tuple[pd.Series, np.ndarray]:
-    """Normalised identifiers and 0/1 labels from `<authority_dir>/labels.parquet` (or .csv)."""
-    for name in ("labels.parquet", "labels.csv"):
+def load_labels(authority_dir: Path, store: Keystore | None = None
+                ) -> tuple[pd.Series, np.ndarray]:
+    """Normalised identifiers and 0/1 labels from `<authority_dir>/labels.parquet` (or .csv,
+    or .parquet.enc decrypted with `store`)."""
+    for name in ("labels.parquet", "labels.parquet.enc", "labels.csv"):
         path = authority_dir / name
         if path.exists():
             break
@@ -26,9 +30,7 @@ def load_labels(authority_dir: Path) -> tuple[pd.Series, np.ndarray]:
             f"no label table in {authority_dir}: expected labels.parquet or labels.csv; "
             "generate party tables with `fedscore generate --parties DIR`"
         )
-    df = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(
-        path, dtype={ID_COLUMN: "string"}
-    )
+    df = read_table(path, AUTHORITY, store)
     for col in (ID_COLUMN, LABEL_COLUMN):
         if col not in df.columns:
             raise LabelDataError(f"{path}: no column {col!r}; the label table needs "

@@ -1,7 +1,7 @@
 """`fedscore`: run federated credit-scoring experiments.
 
   fedscore run --out DIR [--users N] [--seed S] [--set key=value ...]
-  fedscore generate --parties DIR [--users N] [--seed S] [--set population.key=value ...]
+  fedscore generate --parties DIR [--users N] [--seed S] [--keystore DIR] [--set population.k=v]
   fedscore config                      # every --set key with its type and default
 """
 
@@ -84,6 +84,8 @@ def _parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="write a generated population's party tables")
     gen.add_argument("--parties", type=Path, required=True, help="directory for party tables")
     gen.add_argument("--overwrite", action="store_true", help="replace existing tables")
+    gen.add_argument("--keystore", type=Path, default=None,
+                     help="write the tables encrypted with this keystore (fedscore keys init)")
     _population_args(gen)
 
     sub.add_parser("config", help="list every --set key with its type and default")
@@ -102,6 +104,10 @@ def _parser() -> argparse.ArgumentParser:
     init.add_argument("--suite", default="aes-256-gcm", choices=["aes-256-gcm", "sm4-gcm"])
     rotate = keys_sub.add_parser("rotate", help="add a key and make it active")
     rotate.add_argument("dir", type=Path)
+
+    report = sub.add_parser("report", help="write report.html, tables.tex and report/*.csv "
+                                           "into a run or sweep directory")
+    report.add_argument("dir", type=Path, metavar="RUN_OR_SWEEP_DIR")
     return p
 
 
@@ -162,6 +168,7 @@ def _print_summary(metrics: dict, out_dir: Path, parties: Path) -> None:
 
 
 def _generate(args: argparse.Namespace) -> int:
+    from crypto.at_rest import Keystore
     from simulations.config import POPULATION_PREFIX, make_config, parse_assignments
     from simulations.population import generate, write_parties
 
@@ -172,8 +179,10 @@ def _generate(args: argparse.Namespace) -> int:
 
         raise ConfigError(f"`generate` takes only population.* keys, not {', '.join(bad)}")
     cfg = make_config(values, args.users, args.seed)
+    store = Keystore(args.keystore) if args.keystore else None
     with console.status("generating population"):
-        paths = write_parties(generate(cfg.population), args.parties, overwrite=args.overwrite)
+        paths = write_parties(generate(cfg.population), args.parties, overwrite=args.overwrite,
+                              store=store)
     Console().print(f"wrote {len(paths)} files under {args.parties}")
     return 0
 
@@ -220,6 +229,25 @@ def _keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from simulations.report import ReportError, build_report
+
+    try:
+        with console.status(f"writing the report for {args.dir}"):
+            files = build_report(args.dir)
+    except ReportError as exc:
+        # Handled here rather than in USER_ERRORS so the report stays one self-contained edit.
+        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        return 2
+    out = Console()
+    # soft_wrap: paths are printed whole, so they can be copied from a narrow terminal.
+    out.print(f"[bold]{files.kind} report[/] {files.html}", soft_wrap=True, highlight=False)
+    out.print(f"[bold]LaTeX tables[/] {files.tex}", soft_wrap=True, highlight=False)
+    out.print(f"[bold]{len(files.csvs)} CSVs[/] {files.html.parent / 'report'}", soft_wrap=True,
+              highlight=False)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(
@@ -233,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         commands = {"run": _run, "generate": _generate, "config": _config, "ledger": _ledger,
-                    "keys": _keys}
+                    "keys": _keys, "report": _report}
         return commands[args.command](args)
     except USER_ERRORS as exc:
         console.print(f"[bold red]error:[/] {exc}", highlight=False)

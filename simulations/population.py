@@ -54,6 +54,7 @@ import pyarrow.parquet as pq
 from scipy.stats import rankdata
 
 from clients.schema import AUTHORITY, ID_COLUMN, LABEL_COLUMN, SILOS, feature_names
+from crypto.at_rest import Keystore, write_party_file
 
 log = logging.getLogger(__name__)
 
@@ -484,14 +485,18 @@ def generate(config: PopulationConfig) -> Population:
 # ---- writing ---------------------------------------------------------------------------------
 
 
-def _write_parquet(frame: pd.DataFrame, path: Path) -> Path:
+def _write_parquet(frame: pd.DataFrame, path: Path, party: str, store: Keystore | None = None
+                   ) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), path)
-    return path
+    buf = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), buf)
+    return write_party_file(path, party, buf.getvalue().to_pybytes(), store)
 
 
-def write_parties(pop: Population, parties_dir: Path, overwrite: bool = False) -> dict[str, Path]:
-    """Write each party's table into its own folder and the truth into `simulation/`.
+def write_parties(pop: Population, parties_dir: Path, overwrite: bool = False,
+                  store: Keystore | None = None) -> dict[str, Path]:
+    """Write each party's table into its own folder and the truth into `simulation/`;
+    encrypted (`*.parquet.enc`, bound to the party) when a keystore is given.
 
     Returns paths keyed by "authority", each silo name, "truth" and "config". With
     overwrite=True the files written here are replaced; other files in the folder are kept.
@@ -505,12 +510,13 @@ def write_parties(pop: Population, parties_dir: Path, overwrite: bool = False) -
             "folder, or pass overwrite=True (--overwrite) to replace them"
         )
     started = time.perf_counter()
-    paths = {AUTHORITY: _write_parquet(pop.authority, parties_dir / AUTHORITY / "labels.parquet")}
+    paths = {AUTHORITY: _write_parquet(pop.authority, parties_dir / AUTHORITY / "labels.parquet",
+                                       AUTHORITY, store)}
     for silo, table in pop.silos.items():
-        paths[silo] = _write_parquet(table, parties_dir / silo / "features.parquet")
+        paths[silo] = _write_parquet(table, parties_dir / silo / "features.parquet", silo, store)
     # The truth belongs to the experiment, never inside a party's folder.
     sim = parties_dir / "simulation"
-    paths["truth"] = _write_parquet(pop.truth, sim / "truth.parquet")
+    paths["truth"] = _write_parquet(pop.truth, sim / "truth.parquet", "simulation", store)
     paths["config"] = sim / "population.json"
     paths["config"].write_text(pop.config.to_json() + "\n")
     log.info("wrote parties to %s in %.2f s", parties_dir, time.perf_counter() - started)

@@ -7,6 +7,7 @@ Party tables live elsewhere (see simulations.paths); nothing here holds a phone 
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import platform
@@ -24,7 +25,7 @@ import pandas as pd
 from clients.client_app import make_client_app
 from clients.schema import AUTHORITY, SILOS, feature_names
 from clients.silo_data import load_silo
-from crypto.at_rest import Keystore
+from crypto.at_rest import Keystore, read_party_file
 from server.authority import read_scores
 from server.config import ConfigError
 from server.labels import load_labels
@@ -47,8 +48,10 @@ class RunDirError(FileExistsError):
     """The run directory already holds results."""
 
 
-def prepare_parties(pop: PopulationConfig, parties: Parties) -> bool:
-    """Generate and write the party tables unless the same population is already there.
+def prepare_parties(pop: PopulationConfig, parties: Parties, store: Keystore | None = None
+                    ) -> bool:
+    """Generate and write the party tables unless the same population is already there;
+    encrypted with `store` when given.
 
     Returns True when existing tables were reused.
     """
@@ -60,16 +63,16 @@ def prepare_parties(pop: PopulationConfig, parties: Parties) -> bool:
             f"{parties.root} holds party tables of another population; choose another "
             "--parties directory or delete that one"
         )
-    write_parties(generate(pop), parties.root)
+    write_parties(generate(pop), parties.root, store=store)
     return False
 
 
-def check_parties(parties: Parties) -> dict[str, int]:
+def check_parties(parties: Parties, store: Keystore | None = None) -> dict[str, int]:
     """Validate every party's table before the engine starts; returns row counts."""
-    ids, _ = load_labels(parties.party(AUTHORITY))
+    ids, _ = load_labels(parties.party(AUTHORITY), store)
     rows = {AUTHORITY: len(ids)}
     for silo in SILOS:
-        rows[silo] = len(load_silo(parties.party(silo), silo, feature_names(silo)).x)
+        rows[silo] = len(load_silo(parties.party(silo), silo, feature_names(silo), store).x)
     return rows
 
 
@@ -134,17 +137,18 @@ def run_experiment(
             progress(name, 1, 1)
         return value
 
-    reused = phase("generate", prepare_parties, cfg.population, parties)
-    phase("validate", check_parties, parties)
-    if cfg.authority.storage.keystore:
-        Keystore(Path(cfg.authority.storage.keystore))  # a missing or leaky keystore stops here
+    keystore = cfg.authority.storage.keystore
+    # A missing or leaky keystore stops the run here, before anything is written.
+    store = Keystore(Path(keystore)) if keystore else None
+    reused = phase("generate", prepare_parties, cfg.population, parties, store)
+    phase("validate", check_parties, parties, store)
 
     authority: dict = {}
     t = time.perf_counter()
     run_federation(
         make_server_app(cfg.authority, parties.root, out_dir, progress,
                         on_result=lambda r: authority.update(r.metrics), resume=resume),
-        make_client_app(parties.root),
+        make_client_app(parties.root, Path(keystore) if keystore else None),
         silos=len(SILOS),
     )
     federation_seconds = time.perf_counter() - t
@@ -152,7 +156,8 @@ def run_experiment(
     seconds["engine"] = round(federation_seconds - sum(authority["seconds"].values()), 3)
 
     scores = read_scores(out_dir, cfg.authority.storage.keystore)
-    joined = phase("join", join_parties, parties, scores)
+    ref_hash = authority["subject_ref"].removeprefix("hmac-")
+    joined = phase("join", join_parties, parties, scores, ref_hash, store)
     sigma = authority["noise_multiplier"]
     central = phase("baseline_central", train_central, joined, SILOS, cfg.authority)
     central_dp = (
@@ -163,7 +168,7 @@ def run_experiment(
     payments = phase("baseline_payments", train_central, joined, ("payments",), cfg.authority,
                      sigma)
     test = joined.positions("test")
-    oracle = _oracle_auc(parties, joined.ids[test], joined.y[test])
+    oracle = _oracle_auc(parties, joined.ids[test], joined.y[test], store)
     seconds["total"] = round(time.perf_counter() - t_total, 3)
 
     metrics = {
@@ -191,8 +196,13 @@ def run_experiment(
     return metrics
 
 
-def _oracle_auc(parties: Parties, ids: np.ndarray, y: np.ndarray) -> float:
-    truth = pd.read_parquet(parties.truth, columns=["phone", "p_true"])
+def _oracle_auc(parties: Parties, ids: np.ndarray, y: np.ndarray, store: Keystore | None
+                ) -> float:
+    path = parties.truth
+    if not path.exists():
+        path = path.with_name(path.name + ".enc")
+    data = read_party_file(path, "simulation", store)
+    truth = pd.read_parquet(io.BytesIO(data), columns=["phone", "p_true"])
     idx = pd.Index(truth["phone"].astype(str)).get_indexer(ids)
     if (idx < 0).any():
         raise ValueError("the truth table lacks people the run scored; regenerate the parties")

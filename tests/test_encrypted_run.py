@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
-from crypto.at_rest import MAGIC, AtRestError
+from crypto.at_rest import MAGIC, AtRestError, Keystore
+from crypto.identity import keyed_refs
 from server.authority import read_scores
+from server.labels import load_labels
 from tests.conftest import run_cli, run_cli_crashing
 
 pytestmark = pytest.mark.slow
@@ -25,6 +28,7 @@ def test_encrypted_outputs_and_checkpoints(tmp_path: Path):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
 
     assert not (run / "scores.parquet").exists()
+    _assert_parties_encrypted(Path(f"{run}.parties"))
     scores = read_scores(run, str(keys))
     assert len(scores) > 1000
     assert scores["score"].between(300, 850).all()
@@ -46,3 +50,39 @@ def test_a_missing_keystore_stops_before_the_engine(tmp_path: Path):
     assert proc.returncode == 2
     assert "fedscore keys init" in proc.stderr
     assert "Start engine" not in proc.stderr
+
+
+def _assert_parties_encrypted(parties: Path) -> None:
+    """Party tables and every silo's checkpoint files rest encrypted; no plaintext twin."""
+    tables = {"authority": "labels.parquet", "payments": "features.parquet",
+              "social": "features.parquet", "device": "features.parquet",
+              "simulation": "truth.parquet"}
+    for party, name in tables.items():
+        assert (parties / party / f"{name}.enc").read_bytes().startswith(MAGIC)
+        assert not (parties / party / name).exists()
+    for silo in ("payments", "social", "device"):
+        (checkpoints,) = (parties / silo / "checkpoints").iterdir()
+        names = {p.name for p in checkpoints.iterdir()}
+        assert {"alignment.npy.enc", "mask.key.enc"} <= names
+        assert any(n.startswith("round-") and n.endswith(".pt.enc") for n in names)
+        assert not names & {"alignment.npy", "mask.key"}
+        assert not [n for n in names if n.endswith(".pt")]
+        for name in names - {"model.json", "peers.json"}:
+            assert (checkpoints / name).read_bytes().startswith(MAGIC), name
+
+
+def test_sm4_suite_uses_hmac_sm3_references(tmp_path: Path):
+    keys, run = tmp_path / "keys", tmp_path / "run"
+    assert run_cli("keys", "init", str(keys), "--suite", "sm4-gcm", cwd=tmp_path).returncode == 0
+    proc = run_cli("run", "--out", str(run), "--users", "2000", "--seed", "4",
+                   "--set", "train.epochs=1", "--set", f"storage.keystore={keys}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    authority = json.loads((run / "authority.json").read_text())
+    assert authority["subject_ref"] == "hmac-sm3"
+    _assert_parties_encrypted(Path(f"{run}.parties"))
+    scores = read_scores(run, str(keys))
+    parties = Path(f"{run}.parties")
+    ids, _ = load_labels(parties / "authority", Keystore(keys))
+    pepper = (parties / "authority" / "pepper.key").read_bytes()
+    assert set(scores["subject_ref"]) <= set(keyed_refs(ids.to_numpy(), pepper, "sm3"))
+    assert set(scores["subject_ref"]).isdisjoint(keyed_refs(ids.to_numpy(), pepper, "sha256"))

@@ -5,8 +5,10 @@ from __future__ import annotations
 import hashlib
 import os
 
+import numpy as np
 import pandas as pd
 import pytest
+from cryptography.hazmat.primitives import hashes
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -60,6 +62,38 @@ def test_keyed_refs_depend_on_the_pepper_and_are_not_plain_hashes():
     plain = hashlib.sha256(ids[0].encode()).hexdigest()
     assert plain[:32] != r1[0]
     assert plain != r1[0]
+
+
+def _sm3(data: bytes) -> bytes:
+    digest = hashes.Hash(hashes.SM3())
+    digest.update(data)
+    return digest.finalize()
+
+
+def test_sm3_known_answer():
+    # GB/T 32905-2016, example 1.
+    assert _sm3(b"abc").hex() == (
+        "66c7f0f462eeedd9d1f2d46bdc10e4e24167c4875cf2f7a2297da02b8f4ba8e0")
+
+
+@given(pepper=st.binary(min_size=16, max_size=80),
+       ids=st.lists(st.from_regex(r"\+86 1[3-9][0-9]{9}", fullmatch=True).map(
+           lambda v: v.replace(" ", "")), min_size=1, max_size=5))
+def test_hmac_sm3_refs_follow_rfc_2104(pepper, ids):
+    """HMAC-SM3 built by hand from SM3 (block size 64) must give the same references."""
+    key = (_sm3(pepper) if len(pepper) > 64 else pepper).ljust(64, b"\0")
+    inner = bytes(b ^ 0x36 for b in key)
+    outer = bytes(b ^ 0x5C for b in key)
+    expected = [_sm3(outer + _sm3(inner + v.encode()))[:16].hex() for v in ids]
+    assert list(keyed_refs(np.array(ids, dtype=object), pepper, "sm3")) == expected
+
+
+def test_sm3_and_sha256_refs_differ_and_unknown_hash_is_refused():
+    ids = pd.Series(["+8613800000000"])
+    pepper = os.urandom(32)
+    assert keyed_refs(ids, pepper, "sm3")[0] != keyed_refs(ids, pepper, "sha256")[0]
+    with pytest.raises(ValueError, match="sha256, sm3"):
+        keyed_refs(ids, pepper, "md5")
 
 
 def test_pepper_file_is_private_and_stable(tmp_path):
