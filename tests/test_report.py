@@ -1,0 +1,473 @@
+"""`fedscore report`: HTML, LaTeX and CSV outputs from synthetic run and sweep directories.
+
+The fixtures follow the run directory's files (metrics.json with its audit, curves.json,
+ledger.jsonl, scores.parquet) and the sweep's (sweep.json, sweep.csv, summary.csv). The browser
+test opens the page in Debian's Chromium (scripts/browser-setup.sh) through playwright.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.figure import Figure
+
+from server.scoring import TIER_KEYS, TIERS
+from simulations import report
+from simulations.cli import main
+from simulations.report import ReportError, build_report
+
+PARTIES = ("payments", "social", "device", "authority")
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                  "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync"]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---- fixtures: directories that follow the run and sweep schemas ----------------------------
+
+
+def _history(start: float, rng: np.random.Generator) -> list[dict]:
+    return [{"epoch": e, "val_auc": start + 0.01 * e + rng.normal(0, 0.002),
+             "val_loss": 0.2 - 0.01 * e, "seconds": 1.5 * e} for e in range(1, 5)]
+
+
+def _metrics(eps: float, seed: int, audit: bool) -> dict:
+    rng = np.random.default_rng(seed)
+    private = np.isfinite(eps)
+    metrics = {
+        "auc": 0.84, "ks": 0.55, "gini": 0.68, "brier": 0.045, "log_loss": 0.168,
+        "oracle_auc": 0.867, "baseline_central_auc": 0.863, "baseline_central_dp_auc": 0.856,
+        "baseline_payments_only_auc": 0.818,
+        "tiers": {"watch": 240, "fair": 1500, "good": 3200, "excellent": 5100,
+                  "exceptional": 2600},
+        "test_default_rate_by_tier": {"watch": 0.63, "fair": 0.21, "good": 0.059,
+                                      "excellent": 0.018, "exceptional": 0.004},
+        "seconds": {"train": 12.2, "total": 66.9},
+        "people": {"authority": 1000, "aligned": 860, "train": 600, "val": 130, "test": 130},
+        "epsilon": {"model": dict.fromkeys(PARTIES, eps * 0.99 if private else None),
+                    "label": None, "transcript": dict.fromkeys(PARTIES[:3])},
+        "delta": 1.67e-05, "accountant": "prv", "noise_multiplier": 1.02,
+        "sample_rate": 0.0085, "max_grad_norm": 5.0, "training_steps": 468,
+        "history": {"federated": _history(0.82, rng), "central": _history(0.85, rng),
+                    "central_dp": _history(0.83, rng)},
+        "baselines": {
+            "central": {"auc": 0.863, "ks": 0.566, "gini": 0.726, "brier": 0.044,
+                        "log_loss": 0.165},
+            "central_dp": {"auc": 0.856, "ks": 0.557, "gini": 0.712, "brier": 0.045,
+                           "log_loss": 0.167},
+            "payments_only": {"auc": 0.818, "ks": 0.493, "gini": 0.635, "brier": 0.048,
+                              "log_loss": 0.181},
+        },
+    }
+    if audit:
+        metrics["audit"] = {"attack_auc": 0.52, "epsilon_lower": 0.21, "threshold": 0.4,
+                            "tpr": 0.3, "fpr": 0.25, "n_members": 500, "n_nonmembers": 500,
+                            "confidence": 0.95, "delta": 1.67e-05}
+    return metrics
+
+
+def _curves(contributions: bool) -> dict:
+    scores = np.linspace(300, 850, 56)
+    fpr = np.linspace(0, 1, 21)
+    edges = list(range(300, 851, 10))
+    counts = {t.key: [int(t.low <= lo <= t.high) * 7 for lo in edges[:-1]] for t in TIERS}
+    curves = {
+        "roc": {"fpr": fpr.tolist(), "tpr": np.sqrt(fpr).tolist()},
+        "ks": {"score": scores.tolist(),
+               "cdf_bad": np.clip((scores - 300) / 350, 0, 1).tolist(),
+               "cdf_good": np.clip((scores - 450) / 400, 0, 1).tolist()},
+        "score_histogram": {"bin_edges": edges, "counts": counts},
+        "calibration_by_tier": [
+            {"tier": k, "n": 100 + 10 * i, "mean_predicted": p, "observed_default_rate": p * 1.1,
+             "ci_low": p * 0.8, "ci_high": min(1.0, p * 1.4)}
+            for i, (k, p) in enumerate(zip(TIER_KEYS, (0.55, 0.2, 0.06, 0.02, 0.005),
+                                           strict=True))],
+    }
+    if contributions:
+        curves["contributions"] = {
+            s: {"mean_abs_points": 12.3 - i, "p10": -20.1 + i, "p50": 1.2, "p90": 18.0 - i}
+            for i, s in enumerate(("payments", "social", "device"))}
+    return curves
+
+
+def _ledger_lines(eps: float) -> list[dict]:
+    lines = []
+    for rnd in range(1, 6):
+        for party in PARTIES:
+            lines.append({"party": party, "budget": "model", "mechanism": "poisson_gaussian",
+                          "noise_multiplier": 1.02, "sample_rate": 0.0085, "steps": 16,
+                          "round": rnd, "epsilon": eps * rnd / 5, "delta": 1.67e-05,
+                          "accountant": "prv"})
+    lines.append({"party": "*", "budget": "model", "mechanism": "poisson_gaussian",
+                  "event": "refused", "noise_multiplier": 1.02, "sample_rate": 0.0085,
+                  "steps": 16, "round": 6, "epsilon": eps * 1.2, "delta": 1.67e-05,
+                  "accountant": "prv", "cap": eps})
+    return lines
+
+
+def write_run(path: Path, *, eps: float = 1.0, seed: int = 0, curves: bool = True,
+              audit: bool = True, contributions: bool = True, encrypted: bool = False,
+              ledger: bool = True) -> Path:
+    """A run directory with the files `fedscore run` writes (small and synthetic)."""
+    path.mkdir(parents=True)
+    config = {"seed": seed, "model.hidden": [32, 16], "privacy.epsilon": eps,
+              "privacy.label_epsilon": float("inf"), "population.users": 1000,
+              "storage.keystore": "keys/100%_ready"}
+    manifest = {"started_at": "2026-11-23T02:07:30+00:00",
+                "command": ["fedscore", "run", "--out", "runs/eps_1 100%", "--set",
+                            "privacy.epsilon=1"],
+                "python": "3.11.7", "platform": "Linux-x86_64", "git_commit": "abc123_dirty",
+                "versions": {"fedscore": "0.1.0", "torch": "2.13.0+cpu"},
+                "seed": seed, "population_seed": seed}
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    (path / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    (path / "metrics.json").write_text(json.dumps(_metrics(eps, seed, audit), indent=2))
+    (path / "authority.json").write_text(json.dumps({"auc": 0.84}))
+    if ledger and np.isfinite(eps):
+        (path / "ledger.jsonl").write_text(
+            "".join(json.dumps(e) + "\n" for e in _ledger_lines(eps)))
+    if curves:
+        (path / "curves.json").write_text(json.dumps(_curves(contributions)))
+    if encrypted:
+        (path / "scores.parquet.enc").write_bytes(os.urandom(256))
+    else:
+        rng = np.random.default_rng(seed)
+        p = rng.beta(1, 12, 300)
+        score = np.clip(np.rint(487 + 72 * np.log((1 - p) / p)), 300, 850).astype(np.int16)
+        tier = [TIER_KEYS[int(np.searchsorted([t.low for t in TIERS[1:]], s, side="right"))]
+                for s in score]
+        pd.DataFrame({"subject_ref": [f"{i:032x}" for i in range(300)],
+                      "split": rng.choice(["train", "val", "test"], 300),
+                      "probability": p, "score": score, "tier": tier,
+                      }).to_parquet(path / "scores.parquet")
+    return path
+
+
+SWEEP_EPS = (0.5, 1.0, 4.0, float("inf"))
+
+
+def _sweep_rows() -> list[dict]:
+    rows = []
+    for eps in SWEEP_EPS:
+        for seed in (0, 1):
+            utility = 0.86 - 0.03 / (1 + (eps if np.isfinite(eps) else 1e9))
+            private = np.isfinite(eps)
+            rows.append({
+                "epsilon": eps, "seed": seed, "run": f"eps={eps:g}_seed={seed}", "status": "done",
+                "auc": utility + 0.002 * seed, "auc_central": 0.863 + 0.001 * seed,
+                "auc_central_dp": utility + 0.004, "auc_best_silo": 0.81 + 0.002 * seed,
+                "auc_oracle": 0.867, "eps_model": eps * 0.99 if private else None,
+                "eps_label": None, "audit_epsilon_lower": 0.2 * min(eps, 5) + 0.01 * seed,
+                "audit_attack_auc": 0.51, "seconds": 60.0})
+    rows.append({**rows[0], "seed": 2, "run": "eps=0.5_seed=2", "status": "failed",
+                 "auc": None})
+    return rows
+
+
+def _summary(runs: pd.DataFrame, only_federated: bool = False) -> pd.DataFrame:
+    done = runs[runs["status"] == "done"]
+    out = []
+    for eps, part in done.groupby("epsilon"):
+        row = {"epsilon": eps, "n": len(part)}
+        for col in ("auc", "auc_central", "auc_central_dp", "auc_best_silo", "auc_oracle"):
+            if only_federated and col != "auc":
+                continue
+            m, half = part[col].mean(), 1.96 * part[col].std() / np.sqrt(len(part))
+            row |= {f"{col}_mean": m, f"{col}_ci_low": m - half, f"{col}_ci_high": m + half}
+        row["audit_epsilon_lower_max"] = part["audit_epsilon_lower"].max()
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def write_sweep(path: Path, *, representative: bool = True, only_federated: bool = False) -> Path:
+    path.mkdir(parents=True)
+    runs = pd.DataFrame(_sweep_rows())
+    if not representative:
+        runs = runs[~((runs["epsilon"] == 1.0) & (runs["seed"] == 0))]
+    (path / "sweep.json").write_text(json.dumps(
+        {"epsilons": ["0.5", "1", "4", "inf"], "seeds": [0, 1], "users": 1000}))
+    runs.to_csv(path / "sweep.csv", index=False)
+    _summary(runs, only_federated).to_csv(path / "summary.csv", index=False)
+    for _, row in runs[runs["status"] == "done"].iterrows():
+        if row["epsilon"] == 1.0 or not representative:
+            write_run(path / row["run"], eps=row["epsilon"], seed=int(row["seed"]))
+    return path
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = write_run(tmp_path_factory.mktemp("report") / "run")
+    build_report(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def sweep_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = write_sweep(tmp_path_factory.mktemp("report") / "sweep")
+    build_report(path)
+    return path
+
+
+def _hashes(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _csv_columns(path: Path) -> list[str]:
+    return list(pd.read_csv(path, nrows=0).columns)
+
+
+# ---- outputs ---------------------------------------------------------------------------------
+
+
+def test_run_report_writes_html_tex_and_csvs(run_dir: Path) -> None:
+    page = (run_dir / "report.html").read_text(encoding="utf-8")
+    assert page.count('<img src="data:image/png;base64,') >= 7
+    for heading in ("Headline numbers", "Learning curves", "Calibration by tier", "KS curve",
+                    "Tiers and seed benefits", "Per-silo contributions", "Privacy ledger",
+                    "Privacy audit", "Reproducibility"):
+        assert heading in page
+    for tier in TIERS:  # names, Chinese names and seed benefits all come from server.scoring
+        assert tier.name_zh in page
+        assert tier.benefit in page
+    assert "not available" not in page
+    assert not re.search(r"(https?|ftp)://|\bsrc=\"(?!data:)", page)  # nothing to fetch
+    expected = {
+        "learning_curves": ["model", "epoch", "val_auc", "val_loss", "seconds"],
+        "score_histogram": ["bin_low", "bin_high", *TIER_KEYS],
+        "calibration_by_tier": ["tier", "n", "mean_predicted", "observed_default_rate",
+                                "ci_low", "ci_high"],
+        "ks_curve": ["score", "cdf_bad", "cdf_good"],
+        "roc_curve": ["fpr", "tpr"],
+        "tiers": ["tier", "name", "scores", "seed benefit", "people", "share",
+                  "test default rate"],
+        "contributions": ["silo", "mean_abs_points", "p10", "p50", "p90"],
+        "ledger_final": ["party", "budget", "accountant", "rounds", "steps", "epsilon", "delta",
+                         "metrics_epsilon"],
+        "ledger_cumulative": ["party", "budget", "round", "epsilon"],
+        "ledger_lines": ["round", "parties", "budget", "mechanism", "event", "steps",
+                         "noise_multiplier", "sample_rate", "epsilon", "delta"],
+        "audit": ["quantity", "value"],
+        "reproducibility": ["key", "value"],
+        "model_comparison": ["model", "auc", "ks", "gini", "brier", "log_loss"],
+    }
+    for name, columns in expected.items():
+        assert _csv_columns(run_dir / "report" / f"{name}.csv") == columns, name
+
+
+def test_ledger_tables_leave_refusals_out_of_the_spend(run_dir: Path) -> None:
+    final = pd.read_csv(run_dir / "report" / "ledger_final.csv")
+    assert set(final["party"]) == set(PARTIES)  # the refusal's "*" is not a party
+    assert final["epsilon"].max() == pytest.approx(1.0)
+    assert (final["steps"] == 80).all()
+    lines = pd.read_csv(run_dir / "report" / "ledger_lines.csv")
+    assert len(lines) == 6  # five rounds with four parties merged, plus the refusal
+    assert lines["parties"].iloc[0] == ", ".join(PARTIES)
+    assert lines["event"].iloc[-1] == "refused"
+
+
+def test_tables_tex_uses_booktabs_and_escapes_specials(run_dir: Path) -> None:
+    tex = (run_dir / "tables.tex").read_text(encoding="utf-8")
+    n = tex.count(r"\begin{tabular}")
+    assert n >= 8
+    assert tex.count(r"\toprule") == tex.count(r"\midrule") == tex.count(r"\bottomrule") == n
+    for escaped in (r"100\%", r"log\_loss", r"abc123\_dirty", r"\fedscorezh{待观察}", r"$\infty$"):
+        assert escaped in tex
+    body = [line for line in tex.splitlines()
+            if not line.startswith(("%", r"\providecommand"))]
+    for line in body:  # '&' separates columns, '$' opens \infty: only these must be escaped
+        assert not re.search(r"(?<!\\)[%_#]", line), line
+
+
+def test_sweep_report_has_the_curve_tables_and_one_run(sweep_dir: Path) -> None:
+    page = (sweep_dir / "report.html").read_text(encoding="utf-8")
+    for text in ("Privacy–utility curve", "Privacy audit across ε",
+                 "Representative run eps=1_seed=0", "Run eps=1_seed=0: Privacy ledger"):
+        assert text in page
+    curve = pd.read_csv(sweep_dir / "report" / "privacy_utility.csv")
+    assert list(curve.columns) == ["series", "epsilon", "mean", "ci_low", "ci_high"]
+    assert set(curve["series"]) == {"federated", "central, DP", "best single silo",
+                                    "central, non-private", "oracle"}
+    assert np.isinf(curve["epsilon"]).any()
+    runs = pd.read_csv(sweep_dir / "report" / "sweep_runs.csv")
+    assert len(runs) == 9
+    assert (runs["status"] == "failed").sum() == 1
+    assert _csv_columns(sweep_dir / "report" / "sweep_summary.csv")[:5] == [
+        "epsilon", "n", "auc_mean", "auc_ci_low", "auc_ci_high"]
+    audit = pd.read_csv(sweep_dir / "report" / "sweep_audit.csv")
+    assert {"epsilon", "seed", "eps_model", "audit_epsilon_lower"} <= set(audit.columns)
+    assert len(audit) == 8  # done runs only
+
+
+def test_sweep_falls_back_to_first_done_run_and_sweep_csv(tmp_path: Path) -> None:
+    path = write_sweep(tmp_path / "sweep", representative=False, only_federated=True)
+    build_report(path)
+    page = (path / "report.html").read_text(encoding="utf-8")
+    assert "Representative run eps=0.5_seed=0" in page
+    # summary.csv lacks the baselines' columns: they come from sweep.csv's done runs.
+    curve = pd.read_csv(path / "report" / "privacy_utility.csv")
+    dp = curve[curve["series"] == "central, DP"]
+    assert len(dp) == len(SWEEP_EPS)
+    assert (dp["ci_low"] <= dp["mean"]).all()
+
+
+def test_infinity_sits_at_the_right_edge_of_the_epsilon_axis() -> None:
+    ax = Figure().subplots()
+    to_x = report._eps_axis(ax, np.array([0.5, 1.0, 4.0, np.inf]))
+    labels = [t.get_text() for t in ax.get_xticklabels()]
+    assert labels == ["0.5", "1", "4", "∞"]
+    assert ax.get_xscale() == "log"
+    assert to_x(np.array([np.inf]))[0] > 4.0
+
+
+def test_optional_pieces_become_notes(tmp_path: Path) -> None:
+    path = write_run(tmp_path / "run", curves=False, audit=False, encrypted=True, ledger=False)
+    build_report(path)
+    page = (path / "report.html").read_text(encoding="utf-8")
+    for missing in ("Score histogram not available", "Calibration by tier not available",
+                    "KS curve not available", "Per-silo contribution summary not available",
+                    "Privacy ledger not available", "Privacy audit not available"):
+        assert missing in page
+    assert "scores.parquet.enc" in page
+
+
+def test_minimal_run_and_unfinished_sweep_still_report(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    for name, text in (("config.json", "{}"), ("manifest.json", "{}"),
+                       ("metrics.json", '{"auc": 0.8}')):
+        (run / name).write_text(text)
+    build_report(run)
+    assert "Learning curves not available" in (run / "report.html").read_text(encoding="utf-8")
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    (sweep / "sweep.json").write_text("{}")
+    failed = pd.DataFrame(_sweep_rows()).assign(status="failed", auc=None)
+    failed.to_csv(sweep / "sweep.csv", index=False)
+    pd.DataFrame(columns=["epsilon", "auc_mean", "auc_ci_low", "auc_ci_high"]).to_csv(
+        sweep / "summary.csv", index=False)
+    build_report(sweep)
+    page = (sweep / "report.html").read_text(encoding="utf-8")
+    assert "No run of the sweep finished" in page
+    assert "Privacy–utility curve not available" in page
+
+
+def test_old_runs_without_curves_use_scores(tmp_path: Path) -> None:
+    path = write_run(tmp_path / "run", curves=False)
+    build_report(path)
+    hist = pd.read_csv(path / "report" / "score_histogram.csv")
+    assert int(hist[list(TIER_KEYS)].to_numpy().sum()) > 0
+    calib = pd.read_csv(path / "report" / "calibration_by_tier.csv")
+    assert (calib["ci_low"] <= calib["observed_default_rate"]).all()
+
+
+def test_report_never_modifies_existing_files(tmp_path: Path) -> None:
+    path = write_sweep(tmp_path / "sweep")
+    before = _hashes(path)
+    build_report(path)
+    build_report(path)  # and again: a second report only replaces its own outputs
+    build_report(path / "eps=1_seed=0")
+    after = _hashes(path)
+    assert {k: v for k, v in after.items() if k in before} == before
+    ours = re.compile(r"^(eps=1_seed=0/)?(report\.html|tables\.tex|report/[\w]+\.csv)$")
+    assert all(ours.match(k) for k in set(after) - set(before))
+
+
+# ---- errors ----------------------------------------------------------------------------------
+
+
+def _break(path: Path, name: str, text: str | None) -> None:
+    if text is None:
+        (path / name).unlink()
+    else:
+        (path / name).write_text(text)
+
+
+@pytest.mark.parametrize(("kind", "name", "text", "message"), [
+    ("run", "metrics.json", None, "metrics.json is missing"),
+    ("run", "metrics.json", '{"auc": 0.8', "metrics.json is corrupt"),
+    ("run", "curves.json", '{"roc": {"fpr": [0, 1], "tpr": [0]}}', "part 'roc' is malformed"),
+    ("run", "ledger.jsonl", "{not json\n", "ledger.jsonl:1 is not JSON"),
+    ("run", "scores.parquet", "not parquet", "scores.parquet cannot be read"),
+    ("sweep", "summary.csv", None, "summary.csv is missing"),
+    ("sweep", "sweep.csv", "epsilon,seed\n1,0\n", "sweep.csv lacks column(s) run, status, auc"),
+])
+def test_bad_directories_name_the_problem(tmp_path: Path, kind: str, name: str,
+                                          text: str | None, message: str) -> None:
+    path = write_run(tmp_path / "d") if kind == "run" else write_sweep(tmp_path / "d")
+    _break(path, name, text)
+    with pytest.raises(ReportError, match=re.escape(message)):
+        build_report(path)
+    assert not (path / "report.html").exists()
+
+
+def test_cli_reports_a_directory_that_is_neither(tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["report", str(tmp_path)]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "neither a run directory" in err
+    assert "fedscore run --out" in err
+    assert main(["report", str(tmp_path / "absent")]) == 2
+    assert "is not a directory" in " ".join(capsys.readouterr().err.split())
+
+
+def test_cli_writes_the_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_run(tmp_path / "run", curves=False, encrypted=True)
+    assert main(["report", str(path)]) == 0
+    assert "report.html" in capsys.readouterr().out
+    assert (path / "report.html").exists()
+    assert (path / "tables.tex").exists()
+
+
+# ---- the page in a real browser --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def chromium(tmp_path_factory: pytest.TempPathFactory):
+    """A headless Chromium context with a fresh profile (Debian's build, no download)."""
+    if not CHROMIUM.exists() and os.environ.get("CI") and os.geteuid() == 0:
+        # CI starts from a fresh machine: install the browser the documented way.
+        subprocess.run(["bash", str(ROOT / "scripts" / "browser-setup.sh")], check=True,
+                       timeout=600)
+    if not CHROMIUM.exists():
+        pytest.skip("no /usr/bin/chromium: run `bash scripts/browser-setup.sh`")
+    sync_api = pytest.importorskip("playwright.sync_api",
+                                   reason="playwright is in the dev extra: pip install -e .[dev]")
+    with sync_api.sync_playwright() as pw:
+        context = pw.chromium.launch_persistent_context(
+            str(tmp_path_factory.mktemp("chromium-profile")), executable_path=str(CHROMIUM),
+            headless=True, args=CHROMIUM_FLAGS, viewport={"width": 1200, "height": 900})
+        yield context
+        context.close()
+
+
+@pytest.mark.parametrize("which", ["run", "sweep"])
+def test_report_renders_in_chromium_offline(chromium, which: str, run_dir: Path,
+                                            sweep_dir: Path) -> None:
+    page_path = (run_dir if which == "run" else sweep_dir) / "report.html"
+    requests: list[str] = []
+    problems: list[str] = []
+    page = chromium.new_page()
+    # Anything that would leave the file is recorded, then refused.
+    page.route(re.compile(r"^(?!file:|data:)"), lambda route: route.abort())
+    page.on("request", lambda r: requests.append(r.url))
+    page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}")
+            if m.type in ("error", "warning") else None)
+    page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+    page.goto(page_path.as_uri(), wait_until="load")
+    images = page.evaluate(
+        "Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.alt])")
+    page.close()
+    assert len(images) >= 7
+    assert all(done and width > 0 and alt for done, width, alt in images), images
+    assert problems == []
+    assert all(u.startswith(("file://", "data:")) for u in requests), requests
