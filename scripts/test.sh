@@ -3,5 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+bash scripts/browser-setup.sh  # Debian's Chromium for the report's browser test
 .venv/bin/ruff check .
 .venv/bin/python -m pytest "$@"
