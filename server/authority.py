@@ -79,8 +79,12 @@ def run_authority(
     out_dir: Path,
     progress: Callable[..., None] | None = None,
     resume: bool = False,
+    psi_cache: dict | None = None,
 ) -> RunResult:
-    """Run (or, with `resume`, continue from its checkpoint) the authority's side of a run."""
+    """Run (or, with `resume`, continue from its checkpoint) the authority's side of a run.
+
+    `psi_cache` (a dict kept across runs of one federation session on unchanged tables) lets
+    later runs reuse the first run's private intersections instead of repeating PSI."""
     phases = Phases(progress)
     out_dir.mkdir(parents=True, exist_ok=True)
     config = to_flat(cfg)
@@ -98,7 +102,7 @@ def run_authority(
         log.info("resuming run %s after round %d", run.run_key, state.trip)
     else:
         phases.start("psi")
-        run, state = _align_and_split(fed, cfg, ids, labels, config), None
+        run, state = _align_and_split(fed, cfg, ids, labels, config, psi_cache), None
     split = Split(run.train, run.val, run.test)
     y = labels[run.authority_rows].astype(np.int8)
     n_positions = len(run.authority_rows)
@@ -235,10 +239,15 @@ def read_scores(out_dir: Path, keystore: str) -> pd.DataFrame:
 
 
 def _align_and_split(
-    fed: Federation, cfg: AuthorityConfig, ids: pd.Series, labels: np.ndarray, config: dict
+    fed: Federation, cfg: AuthorityConfig, ids: pd.Series, labels: np.ndarray, config: dict,
+    psi_cache: dict | None = None,
 ) -> RunState:
     """PSI with every silo, the shared order, the split, and the labels gradients may see."""
-    pairs = private_intersections(fed, ids, workers=cfg.psi.workers)
+    pairs = psi_cache.get("pairs") if psi_cache is not None else None
+    if pairs is None:
+        pairs = private_intersections(fed, ids, workers=cfg.psi.workers)
+        if psi_cache is not None:
+            psi_cache["pairs"] = pairs
     alignment = joint_order(pairs, len(ids), cfg.seed)
     y = labels[alignment.authority_rows].astype(np.int8)
     split = stratified_split(y, cfg.split, cfg.seed)

@@ -8,6 +8,7 @@ run config in pyproject.toml's [tool.flwr.app.config] and `--run-config` overrid
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -40,6 +41,39 @@ def make_server_app(
         result = run_authority(fed, cfg, data_dir, out_dir, progress, resume=resume)
         if on_result is not None:
             on_result(result)
+
+    return app
+
+
+
+CellDone = Callable[[int, RunResult | None, str, float], None]
+
+
+def make_cells_app(
+    cells: list[tuple[AuthorityConfig, Path, bool]],
+    data_dir: Path,
+    progress: Callable[..., None] | None,
+    on_done: CellDone,
+) -> ServerApp:
+    """Several runs (config, out dir, resume) one after another in one federation session, on
+    the same tables: PSI runs once. A failing run is reported through `on_done` (result None,
+    the error) and the next one starts: the silos reset their state at every alignment."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        psi_cache: dict = {}
+        for i, (cfg, out_dir, resume) in enumerate(cells):
+            fed = Federation(grid, SILOS, cfg.join_timeout, cfg.reply_timeout)
+            t0 = time.perf_counter()
+            try:
+                result = run_authority(fed, cfg, data_dir, out_dir, progress, resume=resume,
+                                       psi_cache=psi_cache)
+            except Exception as exc:  # recorded for this cell; the sweep goes on
+                log.exception("run %s failed", out_dir.name)
+                on_done(i, None, f"{type(exc).__name__}: {exc}", time.perf_counter() - t0)
+                continue
+            on_done(i, result, "", time.perf_counter() - t0)
 
     return app
 

@@ -2,6 +2,8 @@
 
   fedscore run --out DIR [--users N] [--seed S] [--set key=value ...]
   fedscore generate --parties DIR [--users N] [--seed S] [--keystore DIR] [--set population.k=v]
+  fedscore sweep --out DIR [--epsilons 0.5,1,2,4,8,inf] [--seeds 0,1,2] [--set key=value ...]
+  fedscore report RUN_OR_SWEEP_DIR     # report.html, tables.tex, report/*.csv
   fedscore config                      # every --set key with its type and default
 """
 
@@ -22,6 +24,7 @@ from rich.progress import (
     SpinnerColumn,
     TextColumn,
     TimeElapsedColumn,
+    TimeRemainingColumn,
 )
 from rich.table import Table
 
@@ -41,6 +44,9 @@ PHASE_LABELS = {
     "baseline_central": "Baseline: central model",
     "baseline_central_dp": "Baseline: central model, DP",
     "baseline_payments": "Baseline: payments silo only",
+    "baseline_social": "Baseline: social silo only",
+    "baseline_device": "Baseline: device silo only",
+    "audit": "Membership-inference audit",
 }
 
 
@@ -80,6 +86,17 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--parties", type=Path, default=None,
                      help="party tables (default: <out>.parties, beside the run)")
     _population_args(run)
+
+    sweep = sub.add_parser("sweep", help="one run per (epsilon, seed) with baselines and an "
+                                         "audit; repeat the command to continue")
+    sweep.add_argument("--out", type=Path, required=True, help="sweep directory")
+    sweep.add_argument("--epsilons", default="0.5,1,2,4,8,inf",
+                       help="eps_model per cell, comma-separated; inf = no DP")
+    sweep.add_argument("--seeds", default="0,1,2",
+                       help="seeds (data and training), comma-separated")
+    sweep.add_argument("--users", type=int, default=None, help="people the authority knows")
+    sweep.add_argument("--set", dest="assignments", action="append", default=[],
+                       metavar="KEY=VALUE", help="override a config key for every cell")
 
     gen = sub.add_parser("generate", help="write a generated population's party tables")
     gen.add_argument("--parties", type=Path, required=True, help="directory for party tables")
@@ -148,7 +165,7 @@ def _print_summary(metrics: dict, out_dir: Path, parties: Path) -> None:
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key in ("auc", "ks", "gini", "brier", "oracle_auc", "baseline_central_auc",
-                "baseline_central_dp_auc", "baseline_payments_only_auc"):
+                "baseline_central_dp_auc", "baseline_best_silo_auc"):
         if metrics.get(key) is not None:
             table.add_row(key, f"{metrics[key]:.4f}")
     eps = metrics["epsilon"]
@@ -156,6 +173,10 @@ def _print_summary(metrics: dict, out_dir: Path, parties: Path) -> None:
     table.add_row("epsilon (model, per party)",
                   "off" if model_eps == {None} else ", ".join(f"{v:.3f}" for v in model_eps))
     table.add_row("epsilon (labels)", "off" if eps["label"] is None else f"{eps['label']:g}")
+    audit = metrics.get("audit")
+    if audit:
+        table.add_row("audit: empirical epsilon >=",
+                      f"{audit['epsilon_lower']:.3f} (attack AUC {audit['attack_auc']:.3f})")
     table.add_row("delta", f"{metrics['delta']:.2e}")
     table.add_row("aligned people", f"{metrics['people']['aligned']:,}")
     table.add_row("tiers", ", ".join(f"{k} {v:,}" for k, v in metrics["tiers"].items()))
@@ -165,6 +186,72 @@ def _print_summary(metrics: dict, out_dir: Path, parties: Path) -> None:
     out.print(table)
     out.print(f"results: {out_dir}  (metrics.json, scores.parquet, manifest.json)")
     out.print(f"party tables: {parties}")
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from simulations.config import parse_assignments
+    from simulations.sweep import (
+        SweepSpec,
+        is_done,
+        parse_epsilons,
+        parse_seeds,
+        run_sweep,
+    )
+
+    spec = SweepSpec(parse_epsilons(args.epsilons), parse_seeds(args.seeds), args.users,
+                     tuple(sorted(parse_assignments(args.assignments).items())))
+    out = args.out.resolve()
+    cells = [(e, s) for s in spec.seeds for e in spec.epsilons]
+    from simulations.sweep import Cell
+
+    todo = sum(not is_done(out, Cell(e, s)) for e, s in cells)
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+               MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"),
+               TimeRemainingColumn())
+    with Progress(*columns, console=console) as progress:
+        overall = progress.add_task(f"Sweep: {todo} of {len(cells)} cells to run", total=todo)
+        phase = progress.add_task("starting", total=None)
+
+        def on_phase(name: str, done: float, total: float | None, **info: object) -> None:
+            label = PHASE_LABELS.get(name, name.replace("_", " "))
+            if "epoch" in info:
+                label = f"{label} (epoch {info['epoch']})"
+            progress.update(phase, description=label)
+
+        def on_cell(status: str, cell: Cell | None) -> None:
+            progress.advance(overall)
+            if status != "done" and cell is not None:
+                console.print(f"[red]cell {cell.name} failed:[/] {status}", highlight=False)
+
+        table = run_sweep(out, spec, on_cell, on_phase)
+    _print_sweep(out, table)
+    return 0
+
+
+def _print_sweep(out: Path, table) -> None:
+    import pandas as pd
+
+    summary = pd.read_csv(out / "summary.csv")
+    view = Table(title=f"fedscore sweep ({len(table)} runs)")
+    for col in ("epsilon", "n", "AUC (95 % CI)", "central DP", "best silo", "audit eps max"):
+        view.add_column(col, justify="right")
+    for _, row in summary.iterrows():
+        ci = "" if pd.isna(row["auc_ci_low"]) else f" [{row['auc_ci_low']:.3f}, " \
+            f"{row['auc_ci_high']:.3f}]"
+        view.add_row(f"{row['epsilon']:g}", str(int(row["n"])), f"{row['auc_mean']:.4f}{ci}",
+                     _fmt(row.get("central_dp_mean")), _fmt(row.get("best_silo_mean")),
+                     _fmt(row.get("audit_epsilon_lower_max"), 2))
+    Console().print(view)
+    Console().print(f"results: {out}/sweep.csv, summary.csv; report: fedscore report {out}",
+                    soft_wrap=True, highlight=False)
+
+
+def _fmt(value: object, digits: int = 4) -> str:
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return "-"
+    return "-" if number != number else f"{number:.{digits}f}"
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -260,8 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     from simulations.errors import USER_ERRORS
 
     try:
-        commands = {"run": _run, "generate": _generate, "config": _config, "ledger": _ledger,
-                    "keys": _keys, "report": _report}
+        commands = {"run": _run, "sweep": _sweep, "generate": _generate, "config": _config,
+                    "ledger": _ledger, "keys": _keys, "report": _report}
         return commands[args.command](args)
     except USER_ERRORS as exc:
         console.print(f"[bold red]error:[/] {exc}", highlight=False)

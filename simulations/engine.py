@@ -45,9 +45,17 @@ def configure_environment() -> None:
     os.environ.setdefault("RAY_TMPDIR", str(home / "ray"))
 
 
-def quiet_engine_logs(verbose: bool = False) -> None:
-    """Flower and Ray log a great deal at INFO; keep their warnings and errors only."""
-    level = logging.INFO if verbose else logging.ERROR
+_VERBOSE = False
+
+
+def quiet_engine_logs(verbose: bool | None = None) -> None:
+    """Flower and Ray log a great deal at INFO; keep their errors only (unless verbose).
+
+    Called again before every federation: importing Opacus resets the `flwr` logger."""
+    global _VERBOSE
+    if verbose is not None:
+        _VERBOSE = verbose
+    level = logging.INFO if _VERBOSE else logging.ERROR
     for name in ("flwr", "ray"):
         logging.getLogger(name).setLevel(level)
     warnings.filterwarnings("ignore", category=DeprecationWarning, module="flwr")
@@ -56,6 +64,7 @@ def quiet_engine_logs(verbose: bool = False) -> None:
 def run_federation(server_app: ServerApp, client_app: ClientApp, silos: int) -> None:
     """Run the apps in-process: one virtual SuperNode per silo, each on its own Ray actor."""
     configure_environment()
+    quiet_engine_logs()
     from flwr.simulation import run_simulation
 
     run_simulation(

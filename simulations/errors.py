@@ -13,6 +13,7 @@ from server.federation import FederationError
 from server.labels import LabelDataError
 from server.ledger import LedgerError
 from server.split import SplitError
+from simulations.sweep import SweepError
 
 USER_ERRORS: tuple[type[BaseException], ...] = (
     ConfigError,
@@ -26,6 +27,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     ProtocolError,
     PsiError,
     SplitError,
+    SweepError,
     FileExistsError,
     PermissionError,
 )

@@ -278,10 +278,14 @@ def load_sweep(sweep_dir: Path) -> SweepData:
     name = _representative(runs)
     rep = None
     if name is not None:
-        run_dir = (sweep_dir / name).resolve()
+        # Runs live in DIR/runs/<name> (simulations/sweep.py); DIR/<name> is accepted too.
+        run_dir = (sweep_dir / "runs" / name).resolve()
+        if not run_dir.is_dir():
+            run_dir = (sweep_dir / name).resolve()
         if sweep_dir.resolve() not in run_dir.parents or not run_dir.is_dir():
-            raise ReportError(f"sweep.csv lists run {name!r} as done but {sweep_dir / name} is "
-                              "not a directory inside the sweep; restore it or re-run that point")
+            raise ReportError(f"sweep.csv lists run {name!r} as done but "
+                              f"{sweep_dir / 'runs' / name} is not a directory inside the "
+                              "sweep; restore it or re-run that point")
         rep = load_run(run_dir)
     return SweepData(sweep_dir, config, runs.sort_values(["epsilon", "seed"]),
                      summary.sort_values("epsilon"), rep, name)
@@ -568,7 +572,7 @@ def _learning_section(run: RunData) -> Section:
 
 def _histogram_data(run: RunData) -> tuple[pd.DataFrame | None, str]:
     if run.curves is not None and run.curves.histogram is not None:
-        return run.curves.histogram, "Test split, from curves.json."
+        return run.curves.histogram, "Everyone scored, from curves.json."
     if run.scores is None:
         return None, run.scores_note
     # Older runs lack curves.json: count the published test scores directly.

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -26,13 +27,15 @@ from clients.client_app import make_client_app
 from clients.schema import AUTHORITY, SILOS, feature_names
 from clients.silo_data import load_silo
 from crypto.at_rest import Keystore, read_party_file
-from server.authority import read_scores
+from server.authority import RunResult, read_scores
 from server.config import ConfigError
 from server.labels import load_labels
 from server.metrics import auc
-from server.server_app import make_server_app
-from simulations.baselines import join_parties, train_central
+from server.server_app import make_cells_app, make_server_app
+from simulations.audit import membership_audit, per_example_loss
+from simulations.baselines import JoinedData, join_parties, train_central
 from simulations.config import ExperimentConfig, from_flat, make_config
+from simulations.curves import build_curves
 from simulations.engine import run_federation
 from simulations.paths import Parties
 from simulations.population import PopulationConfig, generate, write_parties
@@ -111,6 +114,67 @@ def resume_target(out_dir: Path, overrides: dict | None) -> tuple[ExperimentConf
     return cfg, parties
 
 
+class Timer:
+    """Seconds per phase of one run, reported to the progress display as it goes."""
+
+    def __init__(self, progress: Progress | None) -> None:
+        self.progress = progress
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, name: str, fn: Callable, *args):
+        if self.progress:
+            self.progress(name, 0, None)
+        t = time.perf_counter()
+        value = fn(*args)
+        self.seconds[name] = round(time.perf_counter() - t, 3)
+        if self.progress:
+            self.progress(name, 1, 1)
+        return value
+
+
+@dataclass
+class Run:
+    """One run directory being filled: what `finish_run` needs after the federation."""
+
+    cfg: ExperimentConfig
+    out_dir: Path
+    parties: Parties
+    resume: bool
+    started: datetime = field(default_factory=lambda: datetime.now(UTC))
+    t0: float = field(default_factory=time.perf_counter)
+    timer: Timer = field(default_factory=lambda: Timer(None))
+    reused: bool = False
+    authority: dict = field(default_factory=dict)
+
+
+def open_run(cfg: ExperimentConfig, out_dir: Path, parties_dir: Path, resume: bool,
+             progress: Progress | None = None) -> Run:
+    """Claim a new run directory (config.json, run.json), or reopen one to resume."""
+    if not resume:
+        claim_run_dir(out_dir)
+        (out_dir / "config.json").write_text(json.dumps(cfg.flat(), indent=2) + "\n")
+        (out_dir / RUN_FILE).write_text(json.dumps({"parties": str(parties_dir)}) + "\n")
+    return Run(cfg, out_dir, Parties(parties_dir), resume, timer=Timer(progress))
+
+
+def keystore_of(cfg: ExperimentConfig) -> Keystore | None:
+    # A missing or leaky keystore stops the run here, before anything is written.
+    path = cfg.authority.storage.keystore
+    return Keystore(Path(path)) if path else None
+
+
+def ready_parties(run: Run) -> None:
+    """Generate (or reuse) and validate the party tables before the engine starts."""
+    store = keystore_of(run.cfg)
+    run.reused = run.timer("generate", prepare_parties, run.cfg.population, run.parties, store)
+    run.timer("validate", check_parties, run.parties, store)
+
+
+def client_app_for(run: Run):
+    keystore = run.cfg.authority.storage.keystore
+    return make_client_app(run.parties.root, Path(keystore) if keystore else None)
+
+
 def run_experiment(
     cfg: ExperimentConfig,
     out_dir: Path,
@@ -118,65 +182,88 @@ def run_experiment(
     progress: Progress | None = None,
     resume: bool = False,
 ) -> dict:
-    started = datetime.now(UTC)
-    t_total = time.perf_counter()
-    seconds: dict[str, float] = {}
-    parties = Parties(parties_dir)
-    if not resume:
-        claim_run_dir(out_dir)
-        (out_dir / "config.json").write_text(json.dumps(cfg.flat(), indent=2) + "\n")
-        (out_dir / RUN_FILE).write_text(json.dumps({"parties": str(parties_dir)}) + "\n")
-
-    def phase(name: str, fn: Callable, *args):
-        if progress:
-            progress(name, 0, None)
-        t = time.perf_counter()
-        value = fn(*args)
-        seconds[name] = round(time.perf_counter() - t, 3)
-        if progress:
-            progress(name, 1, 1)
-        return value
-
-    keystore = cfg.authority.storage.keystore
-    # A missing or leaky keystore stops the run here, before anything is written.
-    store = Keystore(Path(keystore)) if keystore else None
-    reused = phase("generate", prepare_parties, cfg.population, parties, store)
-    phase("validate", check_parties, parties, store)
-
-    authority: dict = {}
+    run = open_run(cfg, out_dir, parties_dir, resume, progress)
+    ready_parties(run)
     t = time.perf_counter()
     run_federation(
-        make_server_app(cfg.authority, parties.root, out_dir, progress,
-                        on_result=lambda r: authority.update(r.metrics), resume=resume),
-        make_client_app(parties.root, Path(keystore) if keystore else None),
+        make_server_app(cfg.authority, run.parties.root, out_dir, progress,
+                        on_result=lambda r: run.authority.update(r.metrics), resume=resume),
+        client_app_for(run),
         silos=len(SILOS),
     )
-    federation_seconds = time.perf_counter() - t
+    return finish_run(run, time.perf_counter() - t)
+
+
+def run_cells(cells: list[tuple[ExperimentConfig, Path, bool]], parties_dir: Path,
+              progress: Progress | None = None,
+              on_done: Callable[[int, str], None] | None = None) -> list[str]:
+    """Several runs on the same parties in ONE federation (a sweep's cells of one seed): the
+    engine starts once and PSI runs once. Returns an error message per cell ("" = finished)."""
+    runs = [open_run(cfg, out, parties_dir, resume, progress) for cfg, out, resume in cells]
+    ready_parties(runs[0])
+    for other in runs[1:]:
+        other.reused, other.timer.seconds = True, dict(runs[0].timer.seconds)
+    errors = [""] * len(runs)
+    engine_seconds = [0.0] * len(runs)
+
+    def finished(i: int, result: RunResult | None, error: str, seconds: float) -> None:
+        engine_seconds[i] = seconds
+        if result is not None:
+            runs[i].authority.update(result.metrics)
+            try:
+                finish_run(runs[i], seconds)
+            except Exception as exc:  # one cell's baseline failing must not stop the others
+                log.exception("cell %s: finishing failed", runs[i].out_dir.name)
+                error = f"{type(exc).__name__}: {exc}"
+        errors[i] = error
+        if on_done:
+            on_done(i, error)
+
+    run_federation(
+        make_cells_app([(r.cfg.authority, r.out_dir, r.resume) for r in runs],
+                       runs[0].parties.root, progress, finished),
+        client_app_for(runs[0]),
+        silos=len(SILOS),
+    )
+    return errors
+
+
+def finish_run(run: Run, federation_seconds: float) -> dict:
+    """Baselines, the oracle, the audit and curves; writes metrics.json, curves.json and
+    manifest.json. `run.authority` holds what the authority measured."""
+    cfg, parties, authority, timer = run.cfg, run.parties, run.authority, run.timer
+    seconds = timer.seconds
     seconds.update(authority["seconds"])
     seconds["engine"] = round(federation_seconds - sum(authority["seconds"].values()), 3)
+    store = keystore_of(cfg)
 
-    scores = read_scores(out_dir, cfg.authority.storage.keystore)
+    scores = read_scores(run.out_dir, cfg.authority.storage.keystore)
     ref_hash = authority["subject_ref"].removeprefix("hmac-")
-    joined = phase("join", join_parties, parties, scores, ref_hash, store)
+    joined = timer("join", join_parties, parties, scores, ref_hash, store)
     sigma = authority["noise_multiplier"]
-    central = phase("baseline_central", train_central, joined, SILOS, cfg.authority)
+    central = timer("baseline_central", train_central, joined, SILOS, cfg.authority)
     central_dp = (
-        phase("baseline_central_dp", train_central, joined, SILOS, cfg.authority, sigma)
+        timer("baseline_central_dp", train_central, joined, SILOS, cfg.authority, sigma)
         if sigma > 0 else None
     )
-    # The best single silo, under the run's own privacy.
-    payments = phase("baseline_payments", train_central, joined, ("payments",), cfg.authority,
-                     sigma)
+    # Each silo alone, under the run's own privacy; the best is chosen on validation AUC.
+    alone = {silo: timer(f"baseline_{silo}", train_central, joined, (silo,), cfg.authority,
+                         sigma) for silo in SILOS}
+    best = max(alone, key=lambda s: alone[s].history[-1]["val_auc"])
     test = joined.positions("test")
     oracle = _oracle_auc(parties, joined.ids[test], joined.y[test], store)
-    seconds["total"] = round(time.perf_counter() - t_total, 3)
+    audit = timer("audit", _audit, joined, scores, authority)
+    curves = build_curves(scores, joined.y)
+    seconds["total"] = round(time.perf_counter() - run.t0, 3)
 
     metrics = {
         **{k: authority[k] for k in ("auc", "ks", "gini", "brier", "log_loss")},
         "oracle_auc": oracle,
         "baseline_central_auc": central.metrics["auc"],
         "baseline_central_dp_auc": central_dp.metrics["auc"] if central_dp else None,
-        "baseline_payments_only_auc": payments.metrics["auc"],
+        "baseline_best_silo_auc": alone[best].metrics["auc"],
+        "baseline_best_silo": best,
+        "baseline_payments_only_auc": alone["payments"].metrics["auc"],
         "gap_to_oracle": oracle - authority["auc"],
         "gap_to_central": central.metrics["auc"] - authority["auc"],
         "tiers": authority["tiers"],
@@ -184,16 +271,34 @@ def run_experiment(
         "seconds": seconds,
         "people": authority["people"],
         "round_trips": authority["round_trips"],
+        "aggregation_mode": authority["aggregation_mode"],
         **{k: authority[k] for k in PRIVACY_KEYS},
+        "audit": audit,
         "history": {"federated": authority["history"], "central": central.history,
                     "central_dp": central_dp.history if central_dp else None},
-        "baselines": {"central": central.metrics, "payments_only": payments.metrics,
-                      "central_dp": central_dp.metrics if central_dp else None},
+        "baselines": {"central": central.metrics, "central_dp": central_dp.metrics
+                      if central_dp else None,
+                      "payments_only": alone["payments"].metrics,
+                      **{f"{s}_only": alone[s].metrics for s in SILOS if s != "payments"}},
     }
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    manifest = _manifest(cfg, started, seconds, reused)
+    out_dir = run.out_dir
+    (out_dir / "curves.json").write_text(json.dumps(curves) + "\n")
+    manifest = _manifest(cfg, run.started, seconds, run.reused)
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    # metrics.json last: its presence marks the run finished (sweeps skip finished cells).
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
+
+
+def _audit(joined: JoinedData, scores: pd.DataFrame, authority: dict) -> dict:
+    """Membership inference on the released scores: training people against held-out test
+    people, with the clean labels; the bound must stay below the accounted epsilon."""
+    p = scores["probability"].to_numpy(dtype=np.float64)
+    loss = per_example_loss(joined.y, p)
+    result = membership_audit(loss[joined.positions("train")], loss[joined.positions("test")],
+                              authority["delta"])
+    model_eps = [v for v in authority["epsilon"]["model"].values() if v is not None]
+    return {**result.to_dict(), "accounted_epsilon": max(model_eps) if model_eps else None}
 
 
 def _oracle_auc(parties: Parties, ids: np.ndarray, y: np.ndarray, store: Keystore | None

@@ -72,3 +72,28 @@ def test_private_model_still_learns(private_run: Path):
     m = json.loads((private_run / "metrics.json").read_text())
     assert m["auc"] > 0.6
     assert m["baseline_central_dp_auc"] is not None
+
+
+def test_audit_bound_stays_below_the_accounted_epsilon(private_run: Path):
+    metrics = json.loads((private_run / "metrics.json").read_text())
+    audit = metrics["audit"]
+    accounted = max(metrics["epsilon"]["model"].values())
+    assert audit["accounted_epsilon"] == accounted
+    assert 0 <= audit["epsilon_lower"] <= accounted
+    assert audit["n_members"] == metrics["people"]["train"]
+    assert audit["n_nonmembers"] == metrics["people"]["test"]
+
+
+def test_curves_hold_only_aggregates_that_match_the_metrics(private_run: Path):
+    curves = json.loads((private_run / "curves.json").read_text())
+    metrics = json.loads((private_run / "metrics.json").read_text())
+    histogram = curves["score_histogram"]["counts"]
+    assert {k: sum(v) for k, v in histogram.items()} == metrics["tiers"]
+    calibration = {row["tier"]: row for row in curves["calibration_by_tier"]}
+    for tier, rate in metrics["test_default_rate_by_tier"].items():
+        if rate is not None:
+            assert calibration[tier]["observed_default_rate"] == pytest.approx(rate)
+            assert calibration[tier]["ci_low"] <= rate <= calibration[tier]["ci_high"]
+    ks = curves["ks"]
+    gap = max(abs(b - g) for b, g in zip(ks["cdf_bad"], ks["cdf_good"], strict=True))
+    assert gap == pytest.approx(metrics["ks"], abs=0.05)  # KS on 5-point score steps

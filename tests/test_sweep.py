@@ -1,0 +1,110 @@
+"""Privacy-budget sweeps: parsing, the summary statistics, resumption and refusal."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from simulations.sweep import (
+    SweepError,
+    SweepSpec,
+    claim_sweep,
+    mean_ci,
+    parse_epsilons,
+    parse_seeds,
+    summarise,
+)
+from tests.conftest import run_cli
+
+
+def test_epsilons_parse_sorted_with_inf():
+    assert parse_epsilons("8, 0.5,inf,1") == (0.5, 1.0, 8.0, math.inf)
+
+
+@pytest.mark.parametrize(("text", "problem"), [
+    ("1,-2", "must be > 0"), ("0,1", "must be > 0"), ("1,abc", "not a number"),
+    ("1,nan", "must be > 0"), ("1,1.0", "twice"),
+])
+def test_bad_epsilons_are_refused_by_name(text, problem):
+    with pytest.raises(SweepError, match=problem):
+        parse_epsilons(text)
+
+
+def test_bad_seeds_are_refused():
+    with pytest.raises(SweepError, match="whole numbers"):
+        parse_seeds("0,x")
+    with pytest.raises(SweepError, match="distinct"):
+        parse_seeds("1,1")
+
+
+def test_the_swept_keys_cannot_be_set():
+    with pytest.raises(SweepError, match="--epsilons"):
+        SweepSpec((1.0,), (0,), assignments=(("privacy.epsilon", "2"),))
+
+
+def test_mean_ci_known_answer():
+    # mean 2, sd 1, n 3: half-width t(0.975, 2) / sqrt(3) = 4.3027 / 1.7321 = 2.4841
+    mean, low, high = mean_ci(pd.Series([1.0, 2.0, 3.0]), bounds=(-math.inf, math.inf))
+    assert (mean, low, high) == pytest.approx((2.0, -0.4841, 4.4841), abs=1e-4)
+    assert mean_ci(pd.Series([0.9, 0.95, 0.99]))[2] <= 1.0  # AUC intervals stay in 0..1
+    assert math.isnan(mean_ci(pd.Series([0.8]))[1])
+
+
+def test_summary_groups_done_runs_by_epsilon():
+    table = pd.DataFrame({
+        "epsilon": [1.0, 1.0, math.inf, 1.0], "seed": [0, 1, 0, 2],
+        "status": ["done", "done", "done", "failed"],
+        "auc": [0.80, 0.82, 0.86, None], "auc_central": [0.86] * 3 + [None],
+        "auc_central_dp": [0.84, 0.85, None, None], "auc_best_silo": [0.8] * 3 + [None],
+        "auc_oracle": [0.87] * 3 + [None], "eps_model": [0.99, 0.98, math.inf, None],
+        "audit_epsilon_lower": [0.0, 0.1, 0.3, None],
+    })
+    summary = summarise(table).set_index("epsilon")
+    assert summary.loc[1.0, "n"] == 2
+    assert summary.loc[1.0, "auc_mean"] == pytest.approx(0.81)
+    assert summary.loc[1.0, "audit_epsilon_lower_max"] == pytest.approx(0.1)
+    assert math.isnan(summary.loc[math.inf, "central_dp_mean"])
+
+
+def test_another_config_in_the_same_directory_is_refused(tmp_path: Path):
+    claim_sweep(tmp_path / "s", SweepSpec((1.0, math.inf), (0,), users=2000))
+    before = (tmp_path / "s" / "sweep.json").read_bytes()
+    with pytest.raises(SweepError, match="epsilons"):
+        claim_sweep(tmp_path / "s", SweepSpec((2.0,), (0,), users=2000))
+    assert (tmp_path / "s" / "sweep.json").read_bytes() == before
+
+
+@pytest.mark.slow
+def test_sweep_runs_every_cell_once_and_resumes(tmp_path: Path):
+    out = tmp_path / "sweep"
+    args = ("sweep", "--out", str(out), "--users", "2000", "--epsilons", "2,inf",
+            "--seeds", "3", "--set", "train.epochs=1")
+    first = run_cli(*args, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    table = pd.read_csv(out / "sweep.csv")
+    assert list(table["status"]) == ["done", "done"]
+    assert table["auc"].between(0.5, 1).all()
+    private = table[table["epsilon"] == 2].iloc[0]
+    assert 0 <= private["audit_epsilon_lower"] <= private["eps_model"] <= 2.0
+    assert (table["auc_oracle"] >= table["auc"] - 0.05).all()
+    summary = pd.read_csv(out / "summary.csv")
+    assert list(summary["epsilon"]) == [2.0, math.inf]
+    runs = out / "runs"
+    digests = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in runs.rglob("*.json")}
+
+    again = run_cli(*args, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "0 of 2 cells to run" in again.stderr
+    assert digests == {p: hashlib.sha256(p.read_bytes()).hexdigest()
+                       for p in runs.rglob("*.json")}
+
+    other = run_cli("sweep", "--out", str(out), "--users", "2000", "--epsilons", "1",
+                    "--seeds", "3", cwd=tmp_path)
+    assert other.returncode == 2
+    assert "another configuration" in other.stderr
+    assert json.loads((out / "sweep.json").read_text())["epsilons"] == ["2", "inf"]
