@@ -26,7 +26,7 @@ from flwr.clientapp import ClientApp
 from clients import capture
 from clients import messages as m
 from clients.model import ModelSpec, SiloTrainer
-from clients.schema import SILOS, feature_names
+from clients.schema import federation_silos, silo_salt
 from clients.silo_data import SiloDataError, SiloMatrix, load_silo
 from crypto.at_rest import Keystore, read_encrypted, write_encrypted
 from crypto.masking import MaskingError, PairwiseKeys, mask_context, masked_share
@@ -37,15 +37,16 @@ log = logging.getLogger(__name__)
 _CACHE: dict[tuple[str, str, float], SiloMatrix] = {}
 
 
-def silo_name(context: Context) -> str:
+def silo_name(context: Context, defaults: Defaults | None = None) -> str:
     node = context.node_config
     if "silo" in node:
         return str(node["silo"])
     if "partition-id" in node:
         pid = int(node["partition-id"])
-        if not 0 <= pid < len(SILOS):
-            raise SiloDataError(f"partition-id {pid} has no silo; run {len(SILOS)} supernodes")
-        return SILOS[pid]
+        silos = federation_silos(defaults.root if defaults else None)
+        if not 0 <= pid < len(silos):
+            raise SiloDataError(f"partition-id {pid} has no silo; run {len(silos)} supernodes")
+        return silos[pid]
     raise SiloDataError("this node has no silo: start the SuperNode with --node-config 'silo=...'")
 
 
@@ -62,7 +63,8 @@ def silo_dir(context: Context, defaults: Defaults) -> Path:
     root = context.node_config.get("data-dir") or context.run_config.get("data-dir")
     if root is None and defaults.root is None:
         raise SiloDataError("no data directory: set node config or run config 'data-dir'")
-    return Path(str(root)) / silo_name(context) if root else defaults.root / silo_name(context)
+    base = Path(str(root)) if root else defaults.root
+    return base / silo_name(context, defaults)
 
 
 def silo_store(context: Context, defaults: Defaults) -> Keystore | None:
@@ -75,7 +77,7 @@ def silo_store(context: Context, defaults: Defaults) -> Keystore | None:
 
 def silo_matrix(context: Context, defaults: Defaults) -> SiloMatrix:
     directory = silo_dir(context, defaults)
-    silo = silo_name(context)
+    silo = silo_name(context, defaults)
     mtime = max((p.stat().st_mtime for p in directory.glob("features.*")), default=0.0)
     key = (str(directory.resolve()), silo, mtime)
     if key not in _CACHE:
@@ -83,8 +85,7 @@ def silo_matrix(context: Context, defaults: Defaults) -> SiloMatrix:
         # matrix (a few MB per 100k people); drop stale versions of this silo's table only.
         for old in [k for k in _CACHE if k[:2] == key[:2]]:
             del _CACHE[old]
-        _CACHE[key] = load_silo(directory, silo, feature_names(silo),
-                                silo_store(context, defaults))
+        _CACHE[key] = load_silo(directory, silo, silo_store(context, defaults))
     return _CACHE[key]
 
 
@@ -97,7 +98,9 @@ def _guarded(handler: Callable[[Message, Context], Message]) -> Callable:
         except SiloDataError as exc:
             return m.error_reply(msg, m.INPUT_ERROR, str(exc))
         except (m.ProtocolError, PsiError) as exc:
-            return m.error_reply(msg, m.PROTOCOL_ERROR, f"silo {silo_name(context)}: {exc}")
+            node = context.node_config
+            who = node.get("silo", f"partition {node.get('partition-id', '?')}")
+            return m.error_reply(msg, m.PROTOCOL_ERROR, f"silo {who}: {exc}")
 
     run.__name__ = handler.__name__
     return run
@@ -128,7 +131,7 @@ def _write_file(context: Context, defaults: Defaults, directory: Path, name: str
     keystore. `private` files (keys) are 0600 when they stay in plaintext."""
     store = silo_store(context, defaults)
     if store is not None:
-        context_ = _file_context(directory, silo_name(context), name)
+        context_ = _file_context(directory, silo_name(context, defaults), name)
         write_encrypted(store, directory / f"{name}.enc", data, context_)
     elif private:
         _write_private(directory / name, data)
@@ -146,7 +149,8 @@ def _read_file(context: Context, defaults: Defaults, directory: Path, name: str)
     if store is None:
         raise SiloDataError(f"{encrypted} is encrypted; start the silo with its keystore "
                             "(node config keystore=DIR)")
-    return read_encrypted(store, encrypted, _file_context(directory, silo_name(context), name))
+    aad = _file_context(directory, silo_name(context, defaults), name)
+    return read_encrypted(store, encrypted, aad)
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -167,7 +171,8 @@ def _write_private(path: Path, secret: bytes) -> None:
         fh.write(secret)
 
 
-def _masked(context: Context, values: np.ndarray, round_: int, purpose: str) -> np.ndarray:
+def _masked(context: Context, defaults: Defaults, values: np.ndarray, round_: int,
+            purpose: str) -> np.ndarray:
     if "mask" not in context.state:
         raise m.ProtocolError("secure aggregation without pairwise keys: send query.peers first")
     record = context.state["mask"]
@@ -177,7 +182,7 @@ def _masked(context: Context, values: np.ndarray, round_: int, purpose: str) -> 
         raise m.ProtocolError("secure aggregation needs at least two silos")
     run_key = str(context.state["model"]["run"])
     try:
-        return masked_share(values, silo_name(context), shared,
+        return masked_share(values, silo_name(context, defaults), shared,
                             mask_context(run_key, round_, purpose))
     except MaskingError as exc:
         raise m.ProtocolError(str(exc)) from None
@@ -217,7 +222,7 @@ def make_client_app(root: Path | None = None, keystore: Path | None = None) -> C
     @_guarded
     def hello(msg: Message, context: Context) -> Message:
         data = silo_matrix(context, defaults)
-        reply = m.make_content({"silo": silo_name(context), "rows": len(data.x),
+        reply = m.make_content({"silo": silo_name(context, defaults), "rows": len(data.x),
                                 "inputs": data.x.shape[1]})
         return Message(reply, reply_to=msg)
 
@@ -254,7 +259,7 @@ def make_client_app(root: Path | None = None, keystore: Path | None = None) -> C
         pos2row[positions] = rows
         context.state["align"] = m.arrays(pos2row=pos2row)
         spec = ModelSpec.from_config(cfg)
-        salt = SILOS.index(silo_name(context)) + 1 if silo_name(context) in SILOS else 0
+        salt = silo_salt(silo_name(context, defaults))
         trainer = SiloTrainer(data.x.shape[1], spec, salt)
         run_key = str(cfg["run"])
         model = {**spec.to_config(), "inputs": data.x.shape[1], "salt": salt, "run": run_key,
@@ -281,7 +286,7 @@ def make_client_app(root: Path | None = None, keystore: Path | None = None) -> C
             raise m.ProtocolError("peers before align, or secure aggregation is off")
         publics = {k.removeprefix("peer."): bytes(v) for k, v in m.get_config(msg).items()
                    if k.startswith("peer.")}
-        me = silo_name(context)
+        me = silo_name(context, defaults)
         if me not in publics:
             raise m.ProtocolError("the peer list does not include this silo")
         keys = PairwiseKeys(bytes(context.state["mask"]["secret"]))
@@ -302,8 +307,8 @@ def make_client_app(root: Path | None = None, keystore: Path | None = None) -> C
         name = f"round-{round_}.pt"
         if not any((directory / n).exists() for n in (name, f"{name}.enc")):
             raise SiloDataError(
-                f"silo {silo_name(context)} has no checkpoint of round {round_} for this run "
-                f"(looked in {directory}); the run cannot resume, start a new one"
+                f"silo {silo_name(context, defaults)} has no checkpoint of round {round_} for "
+                f"this run (looked in {directory}); the run cannot resume, start a new one"
             )
         pos2row = np.load(io.BytesIO(_read_file(context, defaults, directory, "alignment.npy")),
                           allow_pickle=False)
@@ -314,7 +319,7 @@ def make_client_app(root: Path | None = None, keystore: Path | None = None) -> C
         if model.get("secure"):
             keys = PairwiseKeys(_read_file(context, defaults, directory, "mask.key"))
             publics = json.loads((directory / "peers.json").read_text())
-            me = silo_name(context)
+            me = silo_name(context, defaults)
             context.state["mask"] = ConfigRecord({"secret": keys.secret, **{
                 f"peer.{s}": keys.shared_with(bytes.fromhex(p))
                 for s, p in publics.items() if s != me}})
@@ -346,7 +351,7 @@ def make_client_app(root: Path | None = None, keystore: Path | None = None) -> C
             positions = m.get_array(msg, key, np.int64, 1, required=False)
             if positions is not None:
                 values = trainer.released(x[_rows(context, positions)])
-                out[key] = _masked(context, values, round_, key) if secure else values
+                out[key] = _masked(context, defaults, values, round_, key) if secure else values
         if trainer.history:
             out["accountant"] = np.array(trainer.history, dtype=np.float64)
         reply = m.make_content({"seconds": time.perf_counter() - t0}, **out)

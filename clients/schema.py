@@ -7,7 +7,10 @@ the feature names; it only sees row positions and contributions.
 
 from __future__ import annotations
 
+import json
+import zlib
 from dataclasses import dataclass
+from pathlib import Path
 
 ID_COLUMN = "phone"
 LABEL_COLUMN = "default"
@@ -66,3 +69,72 @@ def feature_names(silo: str) -> list[str]:
         raise ValueError(
             f"unknown silo {silo!r}: expected one of {', '.join(SILO_FEATURES)}"
         ) from None
+
+
+# ---- tables that describe themselves (real data) ---------------------------------------------
+# A party folder may hold `schema.json`: its identifier column and kind, and its feature columns
+# (a silo) or label column (the authority). Without one, the generated layout above applies. The
+# parties directory may hold `parties.json` naming the silos (the simulation maps partition ids
+# to them in that order; the authority federates with them).
+
+SCHEMA_FILE = "schema.json"
+PARTIES_FILE = "parties.json"
+ID_KINDS = ("phone", "plain")
+
+
+@dataclass(frozen=True)
+class TableSchema:
+    id_column: str = ID_COLUMN
+    # "phone": normalised to E.164 before PSI; "plain": compared as given, trimmed.
+    id_kind: str = "phone"
+    features: tuple[str, ...] = ()
+    label_column: str = LABEL_COLUMN
+
+    def __post_init__(self) -> None:
+        if self.id_kind not in ID_KINDS:
+            raise ValueError(f"{SCHEMA_FILE}: id_kind {self.id_kind!r}: choose one of "
+                             f"{', '.join(ID_KINDS)}")
+
+
+def _read_schema(directory: Path) -> dict | None:
+    path = directory / SCHEMA_FILE
+    if not path.exists():
+        return None
+    try:
+        raw = json.loads(path.read_text())
+        if not isinstance(raw, dict):
+            raise ValueError("not an object")
+        return raw
+    except (json.JSONDecodeError, ValueError) as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc}); restore it or remove it") from None
+
+
+def silo_schema(silo_dir: Path, silo: str) -> TableSchema:
+    raw = _read_schema(silo_dir)
+    if raw is None:
+        return TableSchema(features=tuple(feature_names(silo)))
+    return TableSchema(raw.get("id_column", ID_COLUMN), raw.get("id_kind", "phone"),
+                       tuple(raw.get("features", ())))
+
+
+def authority_schema(authority_dir: Path) -> TableSchema:
+    raw = _read_schema(authority_dir)
+    if raw is None:
+        return TableSchema()
+    return TableSchema(raw.get("id_column", ID_COLUMN), raw.get("id_kind", "phone"),
+                       label_column=raw.get("label_column", LABEL_COLUMN))
+
+
+def federation_silos(parties_root: Path | None) -> tuple[str, ...]:
+    """The silos of a parties directory: parties.json, else the generated three."""
+    if parties_root is not None and (parties_root / PARTIES_FILE).exists():
+        return tuple(json.loads((parties_root / PARTIES_FILE).read_text())["silos"])
+    return SILOS
+
+
+def silo_salt(silo: str) -> int:
+    """Separates silos' initialisations under one seed; the same in the silo and in the central
+    baseline that must start from the same weights."""
+    if silo in SILOS:
+        return SILOS.index(silo) + 1
+    return 1_000 + zlib.crc32(silo.encode()) % 100_000

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from clients.schema import ID_COLUMN
+from clients.schema import ID_COLUMN, TableSchema, silo_schema
 from crypto.at_rest import Keystore, read_party_file
-from crypto.identity import IdentifierError, normalize_phones
+from crypto.identity import IdentifierError, normalize_ids
 
 log = logging.getLogger(__name__)
 
@@ -38,26 +38,30 @@ def find_table(silo_dir: Path) -> Path:
     )
 
 
-def read_table(path: Path, silo: str = "", store: Keystore | None = None) -> pd.DataFrame:
+def read_table(path: Path, silo: str = "", store: Keystore | None = None,
+               id_column: str = ID_COLUMN) -> pd.DataFrame:
     """A table as a frame; an encrypted `.parquet.enc` is decrypted in memory with `store`."""
     if path.name.endswith(".parquet.enc"):
         return pd.read_parquet(io.BytesIO(read_party_file(path, silo, store)))
     if path.suffix == ".parquet":
         return pd.read_parquet(path)
     if path.suffix == ".csv":
-        return pd.read_csv(path, dtype={ID_COLUMN: "string"})
+        return pd.read_csv(path, dtype={id_column: "string"})
     raise SiloDataError(f"unsupported table format {path.suffix!r} ({path}); use .parquet or .csv")
 
 
-def validate(df: pd.DataFrame, silo: str, expected: list[str]) -> pd.Series:
+def validate(df: pd.DataFrame, silo: str, expected: list[str],
+             schema: TableSchema | None = None) -> pd.Series:
     """Check `df` against the expected feature columns; return the normalised identifiers."""
+    schema = schema or TableSchema()
+    id_column = schema.id_column
     where = f"silo {silo!r}"
-    if ID_COLUMN not in df.columns:
+    if id_column not in df.columns:
         raise SiloDataError(
-            f"{where}: no identifier column {ID_COLUMN!r}; rename the phone-number column "
-            f"to {ID_COLUMN!r}"
+            f"{where}: no identifier column {id_column!r}; rename the identifier column "
+            f"to {id_column!r}"
         )
-    features = [c for c in df.columns if c != ID_COLUMN]
+    features = [c for c in df.columns if c != id_column]
     missing = [c for c in expected if c not in features]
     extra = [c for c in features if c not in expected]
     if missing:
@@ -86,7 +90,7 @@ def validate(df: pd.DataFrame, silo: str, expected: list[str]) -> pd.Series:
             "with real numbers or leave them empty"
         )
     try:
-        ids = normalize_phones(df[ID_COLUMN])
+        ids = normalize_ids(df[id_column], schema.id_kind)
     except IdentifierError as exc:
         raise SiloDataError(f"{where}: {exc}") from None
     dup = int(ids.duplicated().sum())
@@ -107,10 +111,11 @@ class SiloMatrix:
     ids: pd.Series  # normalised identifiers, E.164; never leaves the silo
 
 
-def prepare(df: pd.DataFrame, silo: str, expected: list[str]) -> SiloMatrix:
+def prepare(df: pd.DataFrame, silo: str, expected: list[str],
+            schema: TableSchema | None = None) -> SiloMatrix:
     """Validate, then: log1p for skewed non-negative columns, median imputation with missing
     indicators, standardisation. All statistics come from the silo's own table."""
-    ids = validate(df, silo, expected)
+    ids = validate(df, silo, expected, schema)
     raw = df[expected].to_numpy(dtype=np.float64)
     nan = np.isnan(raw)
     if nan.all(axis=0).any():
@@ -138,6 +143,11 @@ def prepare(df: pd.DataFrame, silo: str, expected: list[str]) -> SiloMatrix:
     return SiloMatrix(x=matrix, columns=columns, ids=ids)
 
 
-def load_silo(silo_dir: Path, silo: str, expected: list[str], store: Keystore | None = None
-              ) -> SiloMatrix:
-    return prepare(read_table(find_table(silo_dir), silo, store), silo, expected)
+def load_silo(silo_dir: Path, silo: str, store: Keystore | None = None) -> SiloMatrix:
+    """The silo's table, validated against its schema (schema.json, or the generated layout)."""
+    try:
+        schema = silo_schema(silo_dir, silo)
+    except ValueError as exc:
+        raise SiloDataError(f"silo {silo!r}: {exc}") from None
+    table = read_table(find_table(silo_dir), silo, store, schema.id_column)
+    return prepare(table, silo, list(schema.features), schema)

@@ -64,6 +64,21 @@ def normalize_phones(raw: pd.Series, default_country: str = "86") -> pd.Series:
     return out.astype("string")
 
 
+def normalize_ids(raw: pd.Series, kind: str = "phone") -> pd.Series:
+    """Canonical identifier strings: E.164 for phone numbers, trimmed text for `plain` ids
+    (customer numbers, already canonical in every party's table)."""
+    if kind == "phone":
+        return normalize_phones(raw)
+    if kind != "plain":
+        raise IdentifierError(f"unknown identifier kind {kind!r}: use phone or plain")
+    text = raw.astype("string").str.strip()
+    empty = text.isna() | (text == "")
+    if empty.any():
+        raise IdentifierError(f"{int(empty.sum())} identifiers are empty; every row needs one "
+                              "(drop those rows before loading)")
+    return text
+
+
 def new_pepper() -> bytes:
     return secrets.token_bytes(PEPPER_BYTES)
 

@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from clients.schema import AUTHORITY, ID_COLUMN, LABEL_COLUMN
+from clients.schema import AUTHORITY, authority_schema
 from clients.silo_data import read_table
 from crypto.at_rest import Keystore
-from crypto.identity import IdentifierError, normalize_phones
+from crypto.identity import IdentifierError, normalize_ids
 
 
 class LabelDataError(ValueError):
@@ -30,19 +30,24 @@ def load_labels(authority_dir: Path, store: Keystore | None = None
             f"no label table in {authority_dir}: expected labels.parquet or labels.csv; "
             "generate party tables with `fedscore generate --parties DIR`"
         )
-    df = read_table(path, AUTHORITY, store)
-    for col in (ID_COLUMN, LABEL_COLUMN):
+    try:
+        schema = authority_schema(authority_dir)
+    except ValueError as exc:
+        raise LabelDataError(str(exc)) from None
+    id_col, label_col = schema.id_column, schema.label_column
+    df = read_table(path, AUTHORITY, store, id_col)
+    for col in (id_col, label_col):
         if col not in df.columns:
             raise LabelDataError(f"{path}: no column {col!r}; the label table needs "
-                                 f"{ID_COLUMN!r} and {LABEL_COLUMN!r}")
-    labels = pd.to_numeric(df[LABEL_COLUMN], errors="coerce")
+                                 f"{id_col!r} and {label_col!r}")
+    labels = pd.to_numeric(df[label_col], errors="coerce")
     if labels.isna().any() or not labels.isin((0, 1)).all():
         raise LabelDataError(
-            f"{path}: column {LABEL_COLUMN!r} must be 0 or 1 in every row "
+            f"{path}: column {label_col!r} must be 0 or 1 in every row "
             f"({int((~labels.isin((0, 1))).sum())} rows are not); fix or drop them"
         )
     try:
-        ids = normalize_phones(df[ID_COLUMN])
+        ids = normalize_ids(df[id_col], schema.id_kind)
     except IdentifierError as exc:
         raise LabelDataError(f"{path}: {exc}") from None
     dup = int(ids.duplicated().sum())

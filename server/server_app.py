@@ -15,7 +15,7 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from clients.schema import SILOS
+from clients.schema import federation_silos
 from server.authority import RunResult, run_authority
 from server.config import AuthorityConfig, parse_flat
 from server.federation import Federation
@@ -37,7 +37,7 @@ def make_server_app(
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        fed = Federation(grid, SILOS, cfg.join_timeout, cfg.reply_timeout)
+        fed = Federation(grid, federation_silos(data_dir), cfg.join_timeout, cfg.reply_timeout)
         result = run_authority(fed, cfg, data_dir, out_dir, progress, resume=resume)
         if on_result is not None:
             on_result(result)
@@ -64,7 +64,8 @@ def make_cells_app(
     def main(grid: Grid, context: Context) -> None:
         psi_cache: dict = {}
         for i, (cfg, out_dir, resume) in enumerate(cells):
-            fed = Federation(grid, SILOS, cfg.join_timeout, cfg.reply_timeout)
+            fed = Federation(grid, federation_silos(data_dir), cfg.join_timeout,
+                             cfg.reply_timeout)
             t0 = time.perf_counter()
             try:
                 result = run_authority(fed, cfg, data_dir, out_dir, progress, resume=resume,
@@ -89,5 +90,5 @@ def main(grid: Grid, context: Context) -> None:
     out_dir = Path(str(run_config.get("out-dir", "runs/flwr"))).resolve() / str(context.run_id)
     cfg = parse_flat(AuthorityConfig, run_config, ignore=PATH_KEYS)
     log.info("authority: data %s, outputs %s", data_dir, out_dir)
-    fed = Federation(grid, SILOS, cfg.join_timeout, cfg.reply_timeout)
+    fed = Federation(grid, federation_silos(data_dir), cfg.join_timeout, cfg.reply_timeout)
     run_authority(fed, cfg, data_dir, out_dir)

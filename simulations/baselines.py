@@ -19,7 +19,7 @@ from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
 from clients.model import ModelSpec, build
-from clients.schema import AUTHORITY, SILOS, feature_names
+from clients.schema import AUTHORITY, federation_silos, silo_salt
 from clients.silo_data import load_silo
 from crypto.at_rest import Keystore
 from crypto.identity import keyed_refs
@@ -58,8 +58,8 @@ def join_parties(parties: Parties, scores: pd.DataFrame, ref_hash: str = "sha256
         raise ValueError("scores.parquet names people the authority's table does not hold")
     ids = auth_ids.to_numpy()[rows]
     xs = {}
-    for silo in SILOS:
-        data = load_silo(parties.party(silo), silo, feature_names(silo), store)
+    for silo in federation_silos(parties.root):
+        data = load_silo(parties.party(silo), silo, store)
         silo_rows = pd.Index(data.ids.to_numpy()).get_indexer(ids)
         xs[silo] = data.x[silo_rows]
     return JoinedData(xs=xs, y=labels[rows].astype(np.float64),
@@ -111,7 +111,7 @@ def train_central(
     spec = ModelSpec(cfg.model.hidden, cfg.train.lr, cfg.train.weight_decay, cfg.seed,
                      outputs=cfg.model.embedding_dim if concat else 1)
     # Same salts as the silos use, so the central and federated models start identical.
-    parts = [build(data.xs[s].shape[1], spec, SILOS.index(s) + 1)[0] for s in silos]
+    parts = [build(data.xs[s].shape[1], spec, silo_salt(s))[0] for s in silos]
     xs = [torch.from_numpy(data.xs[s]) for s in silos]
     y = torch.from_numpy(data.y).float()
     train, val, test = (data.positions(n) for n in ("train", "val", "test"))

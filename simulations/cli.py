@@ -35,6 +35,7 @@ log = logging.getLogger("fedscore")
 
 PHASE_LABELS = {
     "generate": "Generate population",
+    "import": "Import real data into party folders",
     "validate": "Validate party tables",
     "connect": "Start engine, connect silos",
     "psi": "Align identities (ECDH PSI)",
@@ -85,6 +86,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="continue an interrupted run from its last checkpoint")
     run.add_argument("--parties", type=Path, default=None,
                      help="party tables (default: <out>.parties, beside the run)")
+    run.add_argument("--data", default=None, metavar="uci|FILE.csv|DIR",
+                     help="real data instead of the generator: `uci` (../shared/data), a CSV in "
+                          "the UCI layout, or a directory of one CSV per party + mapping.json")
     _population_args(run)
 
     sweep = sub.add_parser("sweep", help="one run per (epsilon, seed) with baselines and an "
@@ -95,6 +99,8 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--seeds", default="0,1,2",
                        help="seeds (data and training), comma-separated")
     sweep.add_argument("--users", type=int, default=None, help="people the authority knows")
+    sweep.add_argument("--data", default=None, metavar="uci|FILE.csv|DIR",
+                       help="real data instead of the generator (as for `fedscore run`)")
     sweep.add_argument("--set", dest="assignments", action="append", default=[],
                        metavar="KEY=VALUE", help="override a config key for every cell")
 
@@ -148,6 +154,8 @@ def _run(args: argparse.Namespace) -> int:
         out_dir = args.resume.resolve()
         cfg, parties = resume_target(out_dir, overrides)
     else:
+        if args.data:
+            overrides["data"] = _data_source(args.data, args.users)
         cfg = make_config(overrides, args.users, args.seed)
         out_dir = args.out.resolve()
         parties = (args.parties or default_parties_dir(args.out)).resolve()
@@ -158,6 +166,16 @@ def _run(args: argparse.Namespace) -> int:
                                  resume=args.resume is not None)
     _print_summary(metrics, out_dir, parties)
     return 0
+
+
+def _data_source(data: str, users: int | None) -> str:
+    """`uci` as is; a path made absolute, so config.json still finds it from anywhere."""
+    from server.config import ConfigError
+
+    if users is not None:
+        raise ConfigError("--users applies to generated populations; real data (--data) has "
+                          "the people it has")
+    return data if data == "uci" else str(Path(data).resolve())
 
 
 def _print_summary(metrics: dict, out_dir: Path, parties: Path) -> None:
@@ -198,8 +216,11 @@ def _sweep(args: argparse.Namespace) -> int:
         run_sweep,
     )
 
+    assignments = parse_assignments(args.assignments)
+    if args.data:
+        assignments["data"] = _data_source(args.data, args.users)
     spec = SweepSpec(parse_epsilons(args.epsilons), parse_seeds(args.seeds), args.users,
-                     tuple(sorted(parse_assignments(args.assignments).items())))
+                     tuple(sorted(assignments.items())))
     out = args.out.resolve()
     cells = [(e, s) for s in spec.seeds for e in spec.epsilons]
     from simulations.sweep import Cell

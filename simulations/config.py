@@ -24,19 +24,29 @@ from simulations.population import PopulationConfig
 POPULATION_PREFIX = "population."
 
 
+DATA_KEY = "data"
+
+
 @dataclass(frozen=True)
 class ExperimentConfig:
     population: PopulationConfig = field(default_factory=PopulationConfig)
     authority: AuthorityConfig = field(default_factory=AuthorityConfig)
+    # Real data instead of the generator: "uci", a CSV in the UCI layout, or a directory with
+    # one CSV per party and mapping.json (simulations/real_data.py). Empty = generated.
+    data: str = ""
+
+    @property
+    def generated(self) -> bool:
+        return not self.data
 
     def flat(self) -> dict[str, Any]:
         pop = {POPULATION_PREFIX + k: v for k, v in to_flat(self.population).items()}
-        return {**to_flat(self.authority), **pop}
+        return {**to_flat(self.authority), **pop, DATA_KEY: self.data}
 
 
 def known_keys() -> dict[str, Any]:
     pop = {POPULATION_PREFIX + k: t for k, t in flat_fields(PopulationConfig).items()}
-    return {**flat_fields(AuthorityConfig), **pop}
+    return {**flat_fields(AuthorityConfig), **pop, DATA_KEY: str}
 
 
 def parse_assignments(items: list[str]) -> dict[str, str]:
@@ -64,11 +74,14 @@ def make_config(
         values.setdefault("population.seed", seed)
     types = known_keys()
     pop_values, auth_values = {}, {}
+    data = ""
     for key, value in values.items():
         if key not in types:
             raise unknown_key_error(key, types)
         typed = coerce(key, types[key], value)
-        if key.startswith(POPULATION_PREFIX):
+        if key == DATA_KEY:
+            data = typed
+        elif key.startswith(POPULATION_PREFIX):
             pop_values[key.removeprefix(POPULATION_PREFIX)] = typed
         else:
             auth_values[key] = typed
@@ -76,7 +89,8 @@ def make_config(
         population = build(PopulationConfig, pop_values)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    return ExperimentConfig(population=population, authority=build(AuthorityConfig, auth_values))
+    return ExperimentConfig(population=population, authority=build(AuthorityConfig, auth_values),
+                            data=data)
 
 
 def from_flat(values: dict[str, Any]) -> ExperimentConfig:

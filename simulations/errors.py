@@ -13,6 +13,7 @@ from server.federation import FederationError
 from server.labels import LabelDataError
 from server.ledger import LedgerError
 from server.split import SplitError
+from simulations.real_data import DataImportError
 from simulations.sweep import SweepError
 
 USER_ERRORS: tuple[type[BaseException], ...] = (
@@ -28,6 +29,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     PsiError,
     SplitError,
     SweepError,
+    DataImportError,
     FileExistsError,
     PermissionError,
 )

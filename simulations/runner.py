@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from clients.client_app import make_client_app
-from clients.schema import AUTHORITY, SILOS, feature_names
+from clients.schema import AUTHORITY, federation_silos
 from clients.silo_data import load_silo
 from crypto.at_rest import Keystore, read_party_file
 from server.authority import RunResult, read_scores
@@ -39,6 +39,7 @@ from simulations.curves import build_curves
 from simulations.engine import run_federation
 from simulations.paths import Parties
 from simulations.population import PopulationConfig, generate, write_parties
+from simulations.real_data import import_parties, resolve_mapping
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +75,8 @@ def check_parties(parties: Parties, store: Keystore | None = None) -> dict[str, 
     """Validate every party's table before the engine starts; returns row counts."""
     ids, _ = load_labels(parties.party(AUTHORITY), store)
     rows = {AUTHORITY: len(ids)}
-    for silo in SILOS:
-        rows[silo] = len(load_silo(parties.party(silo), silo, feature_names(silo), store).x)
+    for silo in federation_silos(parties.root):
+        rows[silo] = len(load_silo(parties.party(silo), silo, store).x)
     return rows
 
 
@@ -166,7 +167,12 @@ def keystore_of(cfg: ExperimentConfig) -> Keystore | None:
 def ready_parties(run: Run) -> None:
     """Generate (or reuse) and validate the party tables before the engine starts."""
     store = keystore_of(run.cfg)
-    run.reused = run.timer("generate", prepare_parties, run.cfg.population, run.parties, store)
+    if run.cfg.generated:
+        run.reused = run.timer("generate", prepare_parties, run.cfg.population, run.parties,
+                               store)
+    else:
+        mapping = resolve_mapping(run.cfg.data)
+        run.reused = run.timer("import", import_parties, mapping, run.parties.root, store)
     run.timer("validate", check_parties, run.parties, store)
 
 
@@ -189,7 +195,7 @@ def run_experiment(
         make_server_app(cfg.authority, run.parties.root, out_dir, progress,
                         on_result=lambda r: run.authority.update(r.metrics), resume=resume),
         client_app_for(run),
-        silos=len(SILOS),
+        silos=len(federation_silos(run.parties.root)),
     )
     return finish_run(run, time.perf_counter() - t)
 
@@ -223,7 +229,7 @@ def run_cells(cells: list[tuple[ExperimentConfig, Path, bool]], parties_dir: Pat
         make_cells_app([(r.cfg.authority, r.out_dir, r.resume) for r in runs],
                        runs[0].parties.root, progress, finished),
         client_app_for(runs[0]),
-        silos=len(SILOS),
+        silos=len(federation_silos(runs[0].parties.root)),
     )
     return errors
 
@@ -241,17 +247,20 @@ def finish_run(run: Run, federation_seconds: float) -> dict:
     ref_hash = authority["subject_ref"].removeprefix("hmac-")
     joined = timer("join", join_parties, parties, scores, ref_hash, store)
     sigma = authority["noise_multiplier"]
-    central = timer("baseline_central", train_central, joined, SILOS, cfg.authority)
+    silos = federation_silos(parties.root)
+    central = timer("baseline_central", train_central, joined, silos, cfg.authority)
     central_dp = (
-        timer("baseline_central_dp", train_central, joined, SILOS, cfg.authority, sigma)
+        timer("baseline_central_dp", train_central, joined, silos, cfg.authority, sigma)
         if sigma > 0 else None
     )
     # Each silo alone, under the run's own privacy; the best is chosen on validation AUC.
     alone = {silo: timer(f"baseline_{silo}", train_central, joined, (silo,), cfg.authority,
-                         sigma) for silo in SILOS}
+                         sigma) for silo in silos}
     best = max(alone, key=lambda s: alone[s].history[-1]["val_auc"])
     test = joined.positions("test")
-    oracle = _oracle_auc(parties, joined.ids[test], joined.y[test], store)
+    # Real data has no truth table, hence no oracle.
+    oracle = (_oracle_auc(parties, joined.ids[test], joined.y[test], store)
+              if cfg.generated else None)
     audit = timer("audit", _audit, joined, scores, authority)
     curves = build_curves(scores, joined.y)
     seconds["total"] = round(time.perf_counter() - run.t0, 3)
@@ -263,8 +272,9 @@ def finish_run(run: Run, federation_seconds: float) -> dict:
         "baseline_central_dp_auc": central_dp.metrics["auc"] if central_dp else None,
         "baseline_best_silo_auc": alone[best].metrics["auc"],
         "baseline_best_silo": best,
-        "baseline_payments_only_auc": alone["payments"].metrics["auc"],
-        "gap_to_oracle": oracle - authority["auc"],
+        "baseline_payments_only_auc": (alone["payments"].metrics["auc"]
+                                       if "payments" in alone else None),
+        "gap_to_oracle": oracle - authority["auc"] if oracle is not None else None,
         "gap_to_central": central.metrics["auc"] - authority["auc"],
         "tiers": authority["tiers"],
         "test_default_rate_by_tier": authority["test_default_rate_by_tier"],
@@ -278,8 +288,8 @@ def finish_run(run: Run, federation_seconds: float) -> dict:
                     "central_dp": central_dp.history if central_dp else None},
         "baselines": {"central": central.metrics, "central_dp": central_dp.metrics
                       if central_dp else None,
-                      "payments_only": alone["payments"].metrics,
-                      **{f"{s}_only": alone[s].metrics for s in SILOS if s != "payments"}},
+                      **{f"{s}_only": alone[s].metrics for s in silos}},
+        "data": cfg.data or "generated",
     }
     out_dir = run.out_dir
     (out_dir / "curves.json").write_text(json.dumps(curves) + "\n")
@@ -347,7 +357,8 @@ def _manifest(cfg: ExperimentConfig, started: datetime, seconds: dict, reused: b
         "versions": versions,
         "git_commit": _git_commit(),
         "seed": cfg.authority.seed,
-        "population_seed": cfg.population.seed,
+        "population_seed": cfg.population.seed if cfg.generated else None,
+        "data": cfg.data or "generated",
         "parties_reused": reused,
         "seconds": seconds,
     }
