@@ -80,6 +80,10 @@ def feature_names(silo: str) -> list[str]:
 SCHEMA_FILE = "schema.json"
 PARTIES_FILE = "parties.json"
 ID_KINDS = ("phone", "plain")
+# How a silo prepares a column: "auto" (log1p when skewed and >= 0, then standardised),
+# "signed_log" (sign(x) log1p |x|, for amounts that can be negative, then standardised),
+# "category" (one column per observed value: codes such as repayment status are not amounts).
+COLUMN_KINDS = ("auto", "signed_log", "category")
 
 
 @dataclass(frozen=True)
@@ -89,11 +93,19 @@ class TableSchema:
     id_kind: str = "phone"
     features: tuple[str, ...] = ()
     label_column: str = LABEL_COLUMN
+    kinds: tuple[tuple[str, str], ...] = ()  # (column, kind) where not "auto"
 
     def __post_init__(self) -> None:
         if self.id_kind not in ID_KINDS:
             raise ValueError(f"{SCHEMA_FILE}: id_kind {self.id_kind!r}: choose one of "
                              f"{', '.join(ID_KINDS)}")
+        for column, kind in self.kinds:
+            if kind not in COLUMN_KINDS:
+                raise ValueError(f"{SCHEMA_FILE}: column {column!r} has kind {kind!r}; choose "
+                                 f"one of {', '.join(COLUMN_KINDS)}")
+
+    def kind(self, column: str) -> str:
+        return dict(self.kinds).get(column, "auto")
 
 
 def _read_schema(directory: Path) -> dict | None:
@@ -114,7 +126,8 @@ def silo_schema(silo_dir: Path, silo: str) -> TableSchema:
     if raw is None:
         return TableSchema(features=tuple(feature_names(silo)))
     return TableSchema(raw.get("id_column", ID_COLUMN), raw.get("id_kind", "phone"),
-                       tuple(raw.get("features", ())))
+                       tuple(raw.get("features", ())),
+                       kinds=tuple(sorted(raw.get("kinds", {}).items())))
 
 
 def authority_schema(authority_dir: Path) -> TableSchema:

@@ -113,9 +113,47 @@ class SiloMatrix:
 
 def prepare(df: pd.DataFrame, silo: str, expected: list[str],
             schema: TableSchema | None = None) -> SiloMatrix:
-    """Validate, then: log1p for skewed non-negative columns, median imputation with missing
-    indicators, standardisation. All statistics come from the silo's own table."""
+    """Validate, then: log1p for skewed non-negative columns (signed log1p for `signed_log`
+    columns), median imputation with missing indicators, standardisation; `category` columns
+    become one-hot columns instead. All statistics come from the silo's own table."""
+    schema = schema or TableSchema()
     ids = validate(df, silo, expected, schema)
+    categorical = [c for c in expected if schema.kind(c) == "category"]
+    numeric = [c for c in expected if c not in categorical]
+    x, columns = _numeric_block(df, silo, numeric, schema)
+    blocks, names = [x], [columns]
+    for col in categorical:
+        block, block_names = _one_hot(df[col], col)
+        blocks.append(block)
+        names.append(block_names)
+    matrix = np.hstack(blocks).astype(np.float32)
+    columns = [c for group in names for c in group]
+    log.debug("silo %s: %d rows, %d model inputs", silo, len(matrix), matrix.shape[1])
+    return SiloMatrix(x=matrix, columns=columns, ids=ids)
+
+
+# Beyond this many distinct values a "category" column is probably an amount or an id.
+MAX_CATEGORIES = 64
+
+
+def _one_hot(values: pd.Series, col: str) -> tuple[np.ndarray, list[str]]:
+    """One 0/1 column per observed value (missing values get their own column)."""
+    codes, uniques = pd.factorize(values, sort=True, use_na_sentinel=True)
+    if len(uniques) > MAX_CATEGORIES:
+        raise SiloDataError(f"column {col!r} is declared a category but has {len(uniques)} "
+                            f"distinct values (more than {MAX_CATEGORIES}); declare it auto")
+    width = len(uniques) + int((codes < 0).any())
+    out = np.zeros((len(codes), width))
+    out[np.arange(len(codes)), np.where(codes < 0, width - 1, codes)] = 1.0
+    names = [f"{col}={v:g}" for v in uniques] + ([f"{col}=missing"] if width > len(uniques)
+                                                 else [])
+    return out, names
+
+
+def _numeric_block(df: pd.DataFrame, silo: str, expected: list[str], schema: TableSchema
+                   ) -> tuple[np.ndarray, list[str]]:
+    if not expected:
+        return np.zeros((len(df), 0)), []
     raw = df[expected].to_numpy(dtype=np.float64)
     nan = np.isnan(raw)
     if nan.all(axis=0).any():
@@ -130,7 +168,9 @@ def prepare(df: pd.DataFrame, silo: str, expected: list[str],
     median = np.nanmedian(x, axis=0)
     # Heavy right tails (amounts, counts) dominate a linear layer; log1p tames them.
     skewed = nonneg & (mean > 0) & (std > 2 * np.maximum(median, 1e-9)) & (np.nanmax(x, 0) > 10)
-    x[:, skewed] = np.log1p(x[:, skewed])
+    signed = np.array([schema.kind(c) == "signed_log" for c in expected], dtype=bool)
+    x[:, skewed & ~signed] = np.log1p(x[:, skewed & ~signed])
+    x[:, signed] = np.sign(x[:, signed]) * np.log1p(np.abs(x[:, signed]))
     x = np.where(nan, np.nanmedian(x, axis=0), x)
     mu, sd = x.mean(axis=0), x.std(axis=0)
     x = (x - mu) / np.where(sd > 0, sd, 1.0)
@@ -138,9 +178,7 @@ def prepare(df: pd.DataFrame, silo: str, expected: list[str],
     indicators = nan[:, has_nan].astype(np.float64)
     flagged = [c for c, h in zip(expected, has_nan, strict=True) if h]
     columns = list(expected) + [f"{c}__missing" for c in flagged]
-    matrix = np.hstack([x, indicators]).astype(np.float32)
-    log.debug("silo %s: %d rows, %d model inputs", silo, len(matrix), matrix.shape[1])
-    return SiloMatrix(x=matrix, columns=columns, ids=ids)
+    return np.hstack([x, indicators]), columns
 
 
 def load_silo(silo_dir: Path, silo: str, store: Keystore | None = None) -> SiloMatrix:

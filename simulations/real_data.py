@@ -20,13 +20,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from clients.schema import AUTHORITY, ID_KINDS, PARTIES_FILE, SCHEMA_FILE
+from clients.schema import AUTHORITY, COLUMN_KINDS, ID_KINDS, PARTIES_FILE, SCHEMA_FILE
 from crypto.at_rest import Keystore, write_party_file
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,8 @@ class Mapping:
     label: str
     silos: dict[str, tuple[str, ...]]
     files: dict[str, Path]  # party -> CSV (one file may serve every party)
+    # silo -> {column: kind} for columns not prepared "auto" (clients/schema.py COLUMN_KINDS)
+    kinds: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.identifier_kind not in ID_KINDS:
@@ -69,6 +71,14 @@ class Mapping:
                     raise DataImportError(f"column {col!r} is mapped to both {seen[col]!r} "
                                           f"and {silo!r}; give each column to one silo")
                 seen[col] = silo
+        for silo, kinds in self.kinds.items():
+            for col, kind in kinds.items():
+                if col not in self.silos.get(silo, ()):
+                    raise DataImportError(f"silo {silo!r}: kinds names {col!r}, which is not "
+                                          "one of its columns")
+                if kind not in COLUMN_KINDS:
+                    raise DataImportError(f"silo {silo!r}: column {col!r} has kind {kind!r}; "
+                                          f"choose one of {', '.join(COLUMN_KINDS)}")
 
 
 UCI_SILOS = {
@@ -119,8 +129,9 @@ def read_mapping(directory: Path) -> Mapping:
         silos = {name: tuple(spec["columns"]) for name, spec in raw["silos"].items()}
         files = {AUTHORITY: directory / authority["file"]}
         files.update({name: directory / spec["file"] for name, spec in raw["silos"].items()})
+        kinds = {name: dict(spec.get("kinds", {})) for name, spec in raw["silos"].items()}
         return Mapping(raw["identifier"], raw.get("identifier_kind", "plain"),
-                       authority["label"], silos, files)
+                       authority["label"], silos, files, kinds)
     except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
         raise DataImportError(f"{path} is not a valid mapping ({type(exc).__name__}: {exc}); "
                               "it needs identifier, authority.file, authority.label and "
@@ -151,7 +162,7 @@ def fingerprint(mapping: Mapping) -> dict:
                for p in sorted(set(mapping.files.values()))}
     return {"files": digests, "identifier": mapping.identifier,
             "identifier_kind": mapping.identifier_kind, "label": mapping.label,
-            "silos": {k: list(v) for k, v in mapping.silos.items()}}
+            "silos": {k: list(v) for k, v in mapping.silos.items()}, "kinds": mapping.kinds}
 
 
 def import_parties(mapping: Mapping, parties_dir: Path, store: Keystore | None = None) -> bool:
@@ -196,6 +207,8 @@ def _write_party(directory: Path, party: str, frame: pd.DataFrame, mapping: Mapp
         name = "labels.parquet"
     else:
         schema["features"] = list(mapping.silos[party])
+        if mapping.kinds.get(party):
+            schema["kinds"] = mapping.kinds[party]
         name = "features.parquet"
         frame = frame.astype(dict.fromkeys(mapping.silos[party], np.float64))
     (directory / SCHEMA_FILE).write_text(json.dumps(schema, indent=2) + "\n")

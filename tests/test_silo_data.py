@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from clients.schema import feature_names
+from clients.schema import TableSchema, feature_names
 from clients.silo_data import SiloDataError, prepare
 
 SILO = "device"
@@ -62,3 +62,28 @@ def test_duplicate_identifiers_are_found_after_normalisation_without_echoing_the
     with pytest.raises(SiloDataError, match="1 identifiers appear more than once") as err:
         prepare(df, SILO, COLS)
     assert "138" not in str(err.value)
+
+
+def test_column_kinds_one_hot_categories_and_sign_log_amounts():
+    df = pd.DataFrame({
+        "id": ["a", "b", "c", "d"],
+        "status": [-1.0, 0.0, 2.0, np.nan],
+        "bill": [-5000.0, 10.0, 300000.0, 0.0],
+    })
+    schema = TableSchema("id", "plain", ("status", "bill"),
+                         kinds=(("bill", "signed_log"), ("status", "category")))
+    m = prepare(df, "s", ["status", "bill"], schema)
+    assert m.columns == ["bill", "status=-1", "status=0", "status=2", "status=missing"]
+    np.testing.assert_array_equal(m.x[:, 1:], np.eye(4))
+    logged = np.sign(df["bill"]) * np.log1p(df["bill"].abs())
+    expected = (logged - logged.mean()) / logged.std(ddof=0)
+    np.testing.assert_allclose(m.x[:, 0], expected, rtol=1e-5)
+
+
+def test_unknown_kind_and_a_category_with_too_many_values_are_refused():
+    with pytest.raises(ValueError, match="choose one of auto, signed_log, category"):
+        TableSchema(kinds=(("x", "ordinal"),))
+    df = pd.DataFrame({"id": [str(i) for i in range(100)], "x": np.arange(100.0)})
+    schema = TableSchema("id", "plain", ("x",), kinds=(("x", "category"),))
+    with pytest.raises(SiloDataError, match="declare it auto"):
+        prepare(df, "s", ["x"], schema)
