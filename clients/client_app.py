@@ -153,6 +153,20 @@ def _read_file(context: Context, defaults: Defaults, directory: Path, name: str)
     return read_encrypted(store, encrypted, aad)
 
 
+SUMMARY_QUANTILES = (0.1, 0.5, 0.9)
+
+
+def contribution_summary(values: np.ndarray) -> dict[str, float]:
+    """Five numbers about this silo's contributions over everyone scored, for the report's
+    per-silo points: their mean, mean absolute deviation and 10/50/90 % quantiles. Aggregates
+    over the whole aligned population; no single person's value."""
+    g = values.astype(np.float64)
+    q10, q50, q90 = np.quantile(g, SUMMARY_QUANTILES)
+    return {"summary.mean": float(g.mean()),
+            "summary.mad": float(np.abs(g - g.mean()).mean()),
+            "summary.q10": float(q10), "summary.q50": float(q50), "summary.q90": float(q90)}
+
+
 def _npy_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, array, allow_pickle=False)
@@ -346,15 +360,20 @@ def make_client_app(root: Path | None = None, keystore: Path | None = None) -> C
             _save_round(context, defaults, int(m.get_config(msg)["round"]))
         out: dict[str, np.ndarray] = {}
         secure = bool(context.state["model"].get("secure", False))
-        round_ = int(m.get_config(msg).get("round", 0))
+        config = m.get_config(msg)
+        round_ = int(config.get("round", 0))
+        reply_config: dict = {"seconds": 0.0}
         for key in ("plan", "eval"):
             positions = m.get_array(msg, key, np.int64, 1, required=False)
             if positions is not None:
                 values = trainer.released(x[_rows(context, positions)])
                 out[key] = _masked(context, defaults, values, round_, key) if secure else values
+                if key == "eval" and config.get("summary") and values.ndim == 1:
+                    reply_config.update(contribution_summary(values))
         if trainer.history:
             out["accountant"] = np.array(trainer.history, dtype=np.float64)
-        reply = m.make_content({"seconds": time.perf_counter() - t0}, **out)
+        reply_config["seconds"] = time.perf_counter() - t0
+        reply = m.make_content(reply_config, **out)
         return Message(reply, reply_to=msg)
 
     return app

@@ -179,6 +179,8 @@ def run_authority(
         "test_tiers": scoring.tier_counts(tier[test]),
         "test_default_rate_by_tier": _rate_by_tier(y[test], tier[test]),
         "calibration": {"a": calibrate.a, "b": calibrate.b},
+        "contributions": {silo: scoring.contribution_points(s, calibrate, cfg.score)
+                          for silo, s in result.contributions.items()},
         "people": {
             "authority": len(ids),
             "silo_rows": {s: int(info[s]["rows"]) for s in fed.silos},

@@ -99,6 +99,21 @@ class Platt:
         return _sigmoid(self.a * np.asarray(z, dtype=np.float64) + self.b)
 
 
+def contribution_points(summary: dict[str, float], calibration: Platt, cfg: ScoreConfig
+                        ) -> dict[str, float]:
+    """A silo's contributions as score points against the population's average person.
+
+    score = offset - factor * (a z + b) and z = b0 + sum_k g_k, so silo k moves a score by
+    -factor * a * (g_k - mean g_k) points; the map is linear, so quantiles map to quantiles
+    (reversed when a > 0: a larger contribution means more risk, fewer points)."""
+    _, factor = scale(cfg)
+    slope = -factor * calibration.a
+    mean = summary["mean"]
+    points = sorted(slope * (summary[q] - mean) for q in ("q10", "q50", "q90"))
+    return {"mean_abs_points": abs(slope) * summary["mad"], "p10": points[0],
+            "p50": points[1], "p90": points[2]}
+
+
 def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 0.5 * (1 + np.tanh(0.5 * x))  # stable for large |x|
 

@@ -54,6 +54,8 @@ class TrainResult:
     steps: int = 0
     stopped_by_cap: bool = False
     silo_seconds: dict[str, float] = field(default_factory=dict)
+    # Per silo: mean, mad, q10, q50, q90 of its contributions over everyone (sum mode only).
+    contributions: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def batch_plan(
@@ -188,8 +190,9 @@ def train(
             return _stacked(replies, key, expected, fed.silos, spec.outputs)
         return _summed(replies, key, expected, secure)
 
-    def send(plan: np.ndarray | None, eval_pos: np.ndarray | None) -> dict:
-        config = {"round": state.trip + 1}
+    def send(plan: np.ndarray | None, eval_pos: np.ndarray | None, summary: bool = False
+             ) -> dict:
+        config = {"round": state.trip + 1, "summary": summary}
         extras: dict[str, np.ndarray | None] = {"plan": plan, "eval": eval_pos}
         if state.done_grad is not None:
             extras.update(done_plan=state.done_plan, done_sizes=state.done_sizes)
@@ -249,12 +252,18 @@ def train(
             progress("train", index + 1, len(schedule), epoch=epoch + 1)
     # Apply the last chunk and read every position's contribution at the final weights.
     everyone = np.arange(n_positions, dtype=np.int64)
-    replies = send(None, everyone)
+    # In sum mode each silo also reports five aggregates of its contributions (for the report's
+    # per-silo points); not under transcript DP, whose releases are all noised.
+    replies = send(None, everyone, summary=not concat and spec.transcript_sigma == 0)
     logits = head.logits(inputs(replies, "eval", n_positions))
+    contributions = {silo: {k.removeprefix("summary."): float(v)
+                            for k, v in m.get_config(reply).items() if k.startswith("summary.")}
+                     for silo, reply in replies.items()}
     history = [*state.history, _history_row(logits[val_pos], y[val_pos], len(state.history), t0)]
     return TrainResult(
         bias=head.bias, logits=logits, history=history, round_trips=state.trip,
         steps=state.steps, stopped_by_cap=state.stopped_by_cap, silo_seconds=state.silo_seconds,
+        contributions={s: c for s, c in contributions.items() if c},
     )
 
 

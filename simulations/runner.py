@@ -263,6 +263,8 @@ def finish_run(run: Run, federation_seconds: float) -> dict:
               if cfg.generated else None)
     audit = timer("audit", _audit, joined, scores, authority)
     curves = build_curves(scores, joined.y)
+    if authority.get("contributions"):
+        curves["contributions"] = authority["contributions"]
     seconds["total"] = round(time.perf_counter() - run.t0, 3)
 
     metrics = {

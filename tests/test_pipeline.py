@@ -128,3 +128,14 @@ def test_empty_intersection_names_the_silo(tmp_path: Path):
     assert proc.returncode == 2, proc.stderr
     assert "silo 'device' shares no one with the authority" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_each_silo_reports_its_points_for_the_report(small_run: Path):
+    curves = json.loads((small_run / "curves.json").read_text())
+    points = curves["contributions"]
+    assert set(points) == {"payments", "social", "device"}
+    for silo in points.values():
+        assert silo["p10"] <= silo["p50"] <= silo["p90"]
+        assert silo["mean_abs_points"] > 0
+    # The generated payments silo carries most of the signal (60 % of the logit's variance).
+    assert points["payments"]["mean_abs_points"] > points["device"]["mean_abs_points"]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from server.config import ScoreConfig
-from server.scoring import TIERS, Platt, tier_counts, to_score, to_tier
+from server.scoring import TIERS, Platt, contribution_points, tier_counts, to_score, to_tier
 
 CFG = ScoreConfig()  # 650 at 30:1, 50 points to double the odds
 
@@ -64,3 +64,13 @@ def test_platt_stays_finite_on_extreme_logits():
     assert np.isfinite(p).all()
     assert 0 < p.mean() < 1
     assert abs(p.mean() - y.mean()) < 0.02
+
+
+def test_contribution_points_known_answer():
+    """factor = 50 / ln 2 = 72.135; a = 2: a contribution 0.1 above the mean costs 14.43 points."""
+    summary = {"mean": 0.0, "mad": 0.1, "q10": -0.2, "q50": 0.0, "q90": 0.1}
+    pts = contribution_points(summary, Platt(a=2.0, b=0.0), ScoreConfig())
+    assert pts["mean_abs_points"] == pytest.approx(14.427, abs=1e-3)
+    assert pts["p10"] == pytest.approx(-14.427, abs=1e-3)  # from q90: more risk, fewer points
+    assert pts["p50"] == pytest.approx(0.0)
+    assert pts["p90"] == pytest.approx(28.854, abs=1e-3)
