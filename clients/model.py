@@ -85,6 +85,16 @@ class ModelSpec:
         )
 
 
+def hidden_layers(inputs: int, hidden: tuple[int, ...]) -> tuple[list[nn.Module], int]:
+    """Linear + ReLU per hidden width; returns the layers and the last width."""
+    layers: list[nn.Module] = []
+    width = inputs
+    for h in hidden:
+        layers += [nn.Linear(width, h), nn.ReLU()]
+        width = h
+    return layers, width
+
+
 class BottomModel(nn.Module):
     """One logit contribution per person (`outputs` = 1), or an embedding of `outputs` values.
 
@@ -93,11 +103,7 @@ class BottomModel(nn.Module):
 
     def __init__(self, n_inputs: int, hidden: tuple[int, ...], outputs: int = 1) -> None:
         super().__init__()
-        layers: list[nn.Module] = []
-        width = n_inputs
-        for h in hidden:
-            layers += [nn.Linear(width, h), nn.ReLU()]
-            width = h
+        layers, width = hidden_layers(n_inputs, hidden)
         out = nn.Linear(width, outputs)
         if outputs == 1:
             nn.init.zeros_(out.weight)

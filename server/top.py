@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from clients.model import ModelSpec, load_state_bytes, make_private, state_bytes
+from clients.model import ModelSpec, hidden_layers, load_state_bytes, make_private, state_bytes
 from server.label_dp import corrected_gradient
 
 # Separates the head's initialisation from the silos' (their salts are 1..K).
@@ -35,11 +35,7 @@ class ConcatHead(nn.Module):
 
     def __init__(self, inputs: int, hidden: tuple[int, ...], prior: float) -> None:
         super().__init__()
-        layers: list[nn.Module] = []
-        width = inputs
-        for h in hidden:
-            layers += [nn.Linear(width, h), nn.ReLU()]
-            width = h
+        layers, width = hidden_layers(inputs, hidden)
         out = nn.Linear(width, 1)
         with torch.no_grad():
             out.weight.mul_(0.1)  # small, so early logits stay near the prior

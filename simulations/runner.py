@@ -214,6 +214,8 @@ def run_cells(cells: list[tuple[ExperimentConfig, Path, bool]], parties_dir: Pat
 
     def finished(i: int, result: RunResult | None, error: str, seconds: float) -> None:
         engine_seconds[i] = seconds
+        # The cell's clock starts when its federated part did, not when the sweep opened it.
+        runs[i].t0 = time.perf_counter() - seconds
         if result is not None:
             runs[i].authority.update(result.metrics)
             try:
