@@ -28,7 +28,7 @@ from clients import messages as m
 from clients.model import ModelSpec, SiloTrainer
 from clients.schema import federation_silos, silo_salt
 from clients.silo_data import SiloDataError, SiloMatrix, load_silo
-from crypto.at_rest import Keystore, read_encrypted, write_encrypted
+from crypto.at_rest import AUTO, Keystore, open_keystore, read_encrypted, write_encrypted
 from crypto.masking import MaskingError, PairwiseKeys, mask_context, masked_share
 from crypto.psi import PsiError, PsiKey, hash_to_points
 
@@ -57,6 +57,7 @@ class Defaults:
 
     root: Path | None = None
     keystore: Path | None = None
+    plaintext: bool = False  # the run asked for storage.keystore=none
 
 
 def silo_dir(context: Context, defaults: Defaults) -> Path:
@@ -69,10 +70,16 @@ def silo_dir(context: Context, defaults: Defaults) -> Path:
 
 def silo_store(context: Context, defaults: Defaults) -> Keystore | None:
     """The silo's keystore: node config `keystore=DIR` (deployment), else the one the
-    simulation gives, else the run's `storage.keystore` (`flwr run` on one machine)."""
-    path = (context.node_config.get("keystore") or defaults.keystore
-            or context.run_config.get("storage.keystore"))
-    return Keystore(Path(str(path))) if path else None
+    simulation gives, else the run's `storage.keystore` ("auto": beside the parties
+    directory, created on first use; `flwr run` on one machine)."""
+    if "keystore" in context.node_config:
+        return Keystore(Path(str(context.node_config["keystore"])))
+    if defaults.plaintext:
+        return None
+    if defaults.keystore is not None:
+        return Keystore.open_or_init(defaults.keystore)
+    setting = str(context.run_config.get("storage.keystore", AUTO))
+    return open_keystore(setting, silo_dir(context, defaults).parent)
 
 
 def silo_matrix(context: Context, defaults: Defaults) -> SiloMatrix:
@@ -225,10 +232,11 @@ def _rows(context: Context, positions: np.ndarray) -> np.ndarray:
     return rows
 
 
-def make_client_app(root: Path | None = None, keystore: Path | None = None) -> ClientApp:
+def make_client_app(root: Path | None = None, keystore: Path | None = None,
+                    plaintext: bool = False) -> ClientApp:
     """The silo's app; `root` is the parties directory and `keystore` the silos' keystore when
     no config names them (the simulation)."""
-    defaults = Defaults(root, keystore)
+    defaults = Defaults(root, keystore, plaintext)
     app = ClientApp(mods=[capture.capture_mod] if capture.enabled() else None)
     torch.set_num_threads(1)  # one core per silo: the simulation runs silos side by side
 

@@ -15,7 +15,9 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import stat
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,6 +75,27 @@ class Keystore:
         store = cls(path)
         store.rotate()
         return store
+
+    @classmethod
+    def open_or_init(cls, path: Path, suite: str = "aes-256-gcm") -> Keystore:
+        """The keystore at `path`, created on first use. Creation builds it in a private
+        temporary directory and renames it into place, so parties starting together never
+        see a half-made keystore: the one rename that wins is the keystore for all."""
+        path = Path(path)
+        if (path / META).exists():
+            return cls(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+        try:
+            cls.init(staging, suite)
+            try:
+                os.rename(staging, path)
+            except OSError:  # another party created it first
+                shutil.rmtree(staging, ignore_errors=True)
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+        return cls(path)
 
     @property
     def suite(self) -> str:
@@ -166,6 +189,30 @@ def write_encrypted(store: Keystore, path: Path, data: bytes, context: bytes) ->
 
 def read_encrypted(store: Keystore, path: Path, context: bytes) -> bytes:
     return decrypt(store, path.read_bytes(), context)
+
+
+# ---- which keystore --------------------------------------------------------------------------
+
+AUTO = "auto"
+NONE = "none"
+
+
+def keystore_path(setting: str, parties_root: Path) -> Path | None:
+    """`storage.keystore`: "auto" = `<parties>.keys` beside the party tables (created on first
+    use; the simulation's operator holds every party), "none" = plaintext, else a directory."""
+    if setting == NONE:
+        return None
+    if setting == AUTO:
+        root = Path(parties_root).resolve()
+        return root.with_name(root.name + ".keys")
+    return Path(setting)
+
+
+def open_keystore(setting: str, parties_root: Path) -> Keystore | None:
+    path = keystore_path(setting, parties_root)
+    if path is None:
+        return None
+    return Keystore.open_or_init(path) if setting == AUTO else Keystore(path)
 
 
 # ---- files that live with a party, outside any run ---------------------------------------------

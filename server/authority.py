@@ -23,7 +23,14 @@ import pandas as pd
 from clients import messages as m
 from clients.model import ModelSpec
 from clients.schema import AUTHORITY
-from crypto.at_rest import REF_HASH, AtRestError, Keystore, read_encrypted, write_encrypted
+from crypto.at_rest import (
+    REF_HASH,
+    AtRestError,
+    Keystore,
+    open_keystore,
+    read_encrypted,
+    write_encrypted,
+)
 from crypto.identity import keyed_refs, load_or_create_pepper
 from server import checkpoint, metrics, scoring
 from server.alignment import Alignment, announce, joint_order, private_intersections
@@ -89,7 +96,7 @@ def run_authority(
     out_dir.mkdir(parents=True, exist_ok=True)
     config = to_flat(cfg)
     ledger = Ledger(out_dir)
-    store = Keystore(Path(cfg.storage.keystore)) if cfg.storage.keystore else None
+    store = open_keystore(cfg.storage.keystore, data_dir)
 
     phases.start("connect")
     ids, labels = load_labels(data_dir / AUTHORITY, store)
@@ -228,13 +235,14 @@ def write_scores(out_dir: Path, scores: pd.DataFrame, store: Keystore | None, ru
     (out_dir / "run_key.txt").write_text(run_key + "\n")
 
 
-def read_scores(out_dir: Path, keystore: str) -> pd.DataFrame:
-    """The scores a run wrote, decrypting them with `keystore` when they are encrypted."""
+def read_scores(out_dir: Path, keystore: str | Path | None) -> pd.DataFrame:
+    """The scores a run wrote, decrypting them with the keystore at `keystore` when they are
+    encrypted."""
     encrypted = out_dir / f"{SCORES_FILE}.enc"
     if not encrypted.exists():
         return pd.read_parquet(out_dir / SCORES_FILE)
     if not keystore:
-        raise AtRestError(f"{encrypted} is encrypted; set storage.keystore to read it")
+        raise AtRestError(f"{encrypted} is encrypted; give the keystore it was written with")
     run_key = (out_dir / "run_key.txt").read_text().strip()
     data = read_encrypted(Keystore(Path(keystore)), encrypted, scores_context(run_key))
     return pd.read_parquet(io.BytesIO(data))

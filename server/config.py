@@ -127,9 +127,16 @@ class AggregationConfig:
 
 @dataclass(frozen=True)
 class StorageConfig:
-    # A keystore directory (`fedscore keys init DIR`): when set, the authority's person-level
-    # files (scores, checkpoint) are written encrypted and bound to the run. Empty = plaintext.
-    keystore: str = ""
+    # Encryption at rest of every person-level file (party tables, identifier maps,
+    # checkpoints, scores). "auto": a keystore `<parties>.keys` beside the party tables,
+    # created on first use; a directory: that keystore (`fedscore keys init DIR`); "none":
+    # plaintext, for inspecting files by hand.
+    keystore: str = "auto"
+
+    def __post_init__(self) -> None:
+        if not self.keystore.strip():
+            raise ConfigError('storage.keystore is empty: use "auto", "none" or a keystore '
+                              "directory (fedscore keys init DIR)")
 
 
 ACCOUNTANTS = ("rdp", "prv")

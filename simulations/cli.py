@@ -202,7 +202,10 @@ def _print_summary(metrics: dict, out_dir: Path, parties: Path) -> None:
     table.add_row("seconds (total)", f"{metrics['seconds']['total']:.1f}")
     out = Console()
     out.print(table)
-    out.print(f"results: {out_dir}  (metrics.json, scores.parquet, manifest.json)")
+    scores = "scores.parquet.enc" if (out_dir / "scores.parquet.enc").exists() else \
+        "scores.parquet"
+    out.print(f"results: {out_dir}  (metrics.json, curves.json, {scores}, manifest.json); "
+              f"report: fedscore report {out_dir}", soft_wrap=True, highlight=False)
     out.print(f"party tables: {parties}")
 
 

@@ -26,7 +26,7 @@ import pandas as pd
 from clients.client_app import make_client_app
 from clients.schema import AUTHORITY, federation_silos
 from clients.silo_data import load_silo
-from crypto.at_rest import Keystore, read_party_file
+from crypto.at_rest import Keystore, keystore_path, open_keystore, read_party_file
 from server.authority import RunResult, read_scores
 from server.config import ConfigError
 from server.labels import load_labels
@@ -158,15 +158,15 @@ def open_run(cfg: ExperimentConfig, out_dir: Path, parties_dir: Path, resume: bo
     return Run(cfg, out_dir, Parties(parties_dir), resume, timer=Timer(progress))
 
 
-def keystore_of(cfg: ExperimentConfig) -> Keystore | None:
-    # A missing or leaky keystore stops the run here, before anything is written.
-    path = cfg.authority.storage.keystore
-    return Keystore(Path(path)) if path else None
+def keystore_of(cfg: ExperimentConfig, parties: Parties) -> Keystore | None:
+    # A missing or leaky keystore stops the run here, before anything is written; "auto"
+    # creates `<parties>.keys` on first use.
+    return open_keystore(cfg.authority.storage.keystore, parties.root)
 
 
 def ready_parties(run: Run) -> None:
     """Generate (or reuse) and validate the party tables before the engine starts."""
-    store = keystore_of(run.cfg)
+    store = keystore_of(run.cfg, run.parties)
     if run.cfg.generated:
         run.reused = run.timer("generate", prepare_parties, run.cfg.population, run.parties,
                                store)
@@ -177,8 +177,8 @@ def ready_parties(run: Run) -> None:
 
 
 def client_app_for(run: Run):
-    keystore = run.cfg.authority.storage.keystore
-    return make_client_app(run.parties.root, Path(keystore) if keystore else None)
+    keystore = keystore_path(run.cfg.authority.storage.keystore, run.parties.root)
+    return make_client_app(run.parties.root, keystore, plaintext=keystore is None)
 
 
 def run_experiment(
@@ -243,9 +243,9 @@ def finish_run(run: Run, federation_seconds: float) -> dict:
     seconds = timer.seconds
     seconds.update(authority["seconds"])
     seconds["engine"] = round(federation_seconds - sum(authority["seconds"].values()), 3)
-    store = keystore_of(cfg)
+    store = keystore_of(cfg, parties)
 
-    scores = read_scores(run.out_dir, cfg.authority.storage.keystore)
+    scores = read_scores(run.out_dir, store.path if store else None)
     ref_hash = authority["subject_ref"].removeprefix("hmac-")
     joined = timer("join", join_parties, parties, scores, ref_hash, store)
     sigma = authority["noise_multiplier"]

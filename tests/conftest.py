@@ -42,6 +42,16 @@ def run_cli_crashing(after_round: int, *args: str, cwd: Path) -> subprocess.Comp
     return proc
 
 
+def scores_of(run_dir: Path):
+    """A run's scores, decrypted with its automatic keystore (`<parties>.keys`)."""
+    import json
+
+    from server.authority import read_scores
+
+    parties = Path(json.loads((run_dir / "run.json").read_text())["parties"])
+    return read_scores(run_dir, parties.with_name(parties.name + ".keys"))
+
+
 @pytest.fixture(scope="session")
 def small_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One small federated run with one batch per round trip (no staleness), shared by the

@@ -12,6 +12,8 @@ from crypto.at_rest import (
     Keystore,
     decrypt,
     encrypt,
+    keystore_path,
+    open_keystore,
     read_encrypted,
     write_encrypted,
 )
@@ -115,3 +117,36 @@ def test_keys_cli(tmp_path):
     missing = run_cli("keys", "rotate", str(tmp_path / "none"), cwd=tmp_path)
     assert missing.returncode == 2
     assert "fedscore keys init" in missing.stderr
+
+
+def test_auto_keystore_sits_beside_the_parties_and_is_made_once(tmp_path):
+    parties = tmp_path / "runs" / "a.parties"
+    assert keystore_path("auto", parties) == tmp_path / "runs" / "a.parties.keys"
+    assert keystore_path("none", parties) is None
+    first = open_keystore("auto", parties)
+    again = open_keystore("auto", parties)
+    assert first.active().key_id == again.active().key_id
+    assert oct(first.path.stat().st_mode & 0o777) == "0o700"
+    assert [p.name for p in first.path.parent.iterdir()] == ["a.parties.keys"]  # no leftovers
+
+
+def test_parties_starting_together_share_one_keystore(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    path = tmp_path / "shared.keys"
+    with ThreadPoolExecutor(8) as pool:
+        stores = list(pool.map(lambda _: Keystore.open_or_init(path), range(8)))
+    assert len({s.active().key_id for s in stores}) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shared.keys"]
+
+
+def test_an_explicit_keystore_is_never_created_silently(tmp_path):
+    with pytest.raises(AtRestError, match="fedscore keys init"):
+        open_keystore(str(tmp_path / "typo"), tmp_path / "parties")
+
+
+def test_empty_keystore_setting_is_refused():
+    from server.config import AuthorityConfig, ConfigError, parse_flat
+
+    with pytest.raises(ConfigError, match='"auto", "none"'):
+        parse_flat(AuthorityConfig, {"storage.keystore": ""})

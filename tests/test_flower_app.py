@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from server.authority import read_scores
 from tests.conftest import ENGINE_ENV, run_cli
 
 pytestmark = pytest.mark.slow
@@ -45,5 +46,9 @@ def test_flwr_run_trains_and_leaves_no_process(tmp_path: Path):
     metrics = json.loads((run_dir / "authority.json").read_text())
     assert metrics["auc"] > 0.7
     assert metrics["config"]["train.epochs"] == 1
-    assert (run_dir / "scores.parquet").exists()
+    # storage.keystore=auto: encrypted, keystore beside the parties, shared by every party.
+    scores = read_scores(run_dir, parties.with_name(parties.name + ".keys"))
+    assert len(scores) == metrics["people"]["aligned"]
+    assert next((parties / "payments" / "checkpoints").iterdir()).joinpath(
+        "alignment.npy.enc").exists()
     assert _processes_using(home) == []

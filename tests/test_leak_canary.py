@@ -100,7 +100,8 @@ def test_no_identifier_leaks_anywhere(tmp_path: Path):
         crashed = run_cli_crashing(
             2, "-v", "run", "--out", str(run), "--parties", str(parties), "--users", "1500",
             "--seed", "11", "--set", "train.epochs=2", "--set", "train.batch_size=128",
-            cwd=tmp_path,
+            # Plaintext at rest: the scan must see inside every checkpoint, not ciphertext.
+            "--set", "storage.keystore=none", cwd=tmp_path,
         )
         assert (run / "checkpoint" / "run.npz").exists()
         checkpoint_leaks = _scan_tree(run, canaries)

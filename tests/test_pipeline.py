@@ -11,8 +11,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from crypto.identity import normalize_phones
-from tests.conftest import run_cli
+from crypto.at_rest import Keystore
+from server.labels import load_labels
+from tests.conftest import run_cli, scores_of
 
 pytestmark = pytest.mark.slow
 
@@ -22,7 +23,9 @@ METRIC_KEYS = {"auc", "ks", "gini", "brier", "oracle_auc", "baseline_central_auc
 
 def test_run_writes_every_output(small_run: Path):
     names = {p.name for p in small_run.iterdir()}
-    assert {"config.json", "manifest.json", "metrics.json", "scores.parquet"} <= names
+    # Encrypted at rest by default, with the keystore made beside the party tables.
+    assert {"config.json", "manifest.json", "metrics.json", "scores.parquet.enc"} <= names
+    assert "scores.parquet" not in names
     metrics = json.loads((small_run / "metrics.json").read_text())
     assert metrics.keys() >= METRIC_KEYS
     assert {"generate", "psi", "train", "score", "total"} <= metrics["seconds"].keys()
@@ -35,7 +38,7 @@ def test_run_writes_every_output(small_run: Path):
 
 
 def test_scores_are_on_the_scale_and_tiers_add_up(small_run: Path):
-    scores = pd.read_parquet(small_run / "scores.parquet")
+    scores = scores_of(small_run)
     metrics = json.loads((small_run / "metrics.json").read_text())
     assert list(scores.columns) == ["subject_ref", "split", "probability", "score", "tier"]
     assert scores["score"].between(300, 850).all()
@@ -65,8 +68,8 @@ def test_without_staleness_federated_training_equals_central(small_run: Path):
 
 def test_no_identifier_in_the_run_directory(small_run: Path):
     parties = small_run.with_name(small_run.name + ".parties")
-    raw = pd.read_parquet(parties / "authority" / "labels.parquet")["phone"]
-    e164 = normalize_phones(raw)
+    keys = Keystore(parties.with_name(parties.name + ".keys"))
+    e164, _ = load_labels(parties / "authority", keys)
     digits = set(e164.str.slice(1)) | set(e164.str.slice(3))
     hashes = {hashlib.sha256(v.encode()).hexdigest() for v in e164}
     hashes |= {hashlib.md5(v.encode()).hexdigest() for v in e164}

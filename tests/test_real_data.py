@@ -20,7 +20,7 @@ from simulations.real_data import (
     uci_default_path,
     uci_mapping,
 )
-from tests.conftest import run_cli
+from tests.conftest import run_cli, scores_of
 
 UCI = uci_default_path()
 needs_uci = pytest.mark.skipif(not UCI.exists(), reason="../shared/data is not beside the repo")
@@ -43,7 +43,8 @@ def test_uci_splits_into_the_readme_silos(tmp_path: Path):
     assert set(np.unique(labels)) <= {0, 1}
     for silo, columns in UCI_SILOS.items():
         matrix = load_silo(parties / silo, silo)
-        assert matrix.columns[: len(columns)] == list(columns)
+        # Codes become one-hot columns "PAY_0=-1", ...; every source column is represented.
+        assert {c.split("=")[0] for c in matrix.columns} == set(columns)
         assert np.isfinite(matrix.x).all()
     # The same source again is reused; the folder is never rewritten from other data.
     assert import_parties(uci_mapping(source), parties) is True
@@ -105,15 +106,16 @@ def test_uci_run_end_to_end(tmp_path: Path):
     """The same pipeline on real data, PSI included; no oracle without a truth table."""
     source = _small_uci(tmp_path)
     proc = run_cli("run", "--data", str(source), "--out", str(tmp_path / "run"),
-                   "--set", "train.epochs=2", "--set", "privacy.epsilon=inf", cwd=tmp_path)
+                   "--set", "train.epochs=1", "--set", "privacy.epsilon=inf", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["oracle_auc"] is None
     assert metrics["people"]["aligned"] == 3000
     assert set(metrics["people"]["silo_rows"]) == set(UCI_SILOS)
-    assert metrics["auc"] > 0.65
+    assert metrics["auc"] > 0.6
+    assert metrics["auc"] == pytest.approx(metrics["baseline_central_auc"], abs=0.03)
     assert metrics["baseline_best_silo"] == "payments"
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["data"] == str(source)
-    scores = pd.read_parquet(tmp_path / "run" / "scores.parquet")
+    scores = scores_of(tmp_path / "run")
     assert scores["subject_ref"].str.fullmatch(r"[0-9a-f]{32}").all()  # keyed refs, not IDs
