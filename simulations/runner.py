@@ -210,10 +210,8 @@ def run_cells(cells: list[tuple[ExperimentConfig, Path, bool]], parties_dir: Pat
     for other in runs[1:]:
         other.reused, other.timer.seconds = True, dict(runs[0].timer.seconds)
     errors = [""] * len(runs)
-    engine_seconds = [0.0] * len(runs)
 
     def finished(i: int, result: RunResult | None, error: str, seconds: float) -> None:
-        engine_seconds[i] = seconds
         # The cell's clock starts when its federated part did, not when the sweep opened it.
         runs[i].t0 = time.perf_counter() - seconds
         if result is not None:

@@ -27,7 +27,6 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from server.config import ConfigError
 from simulations.config import ExperimentConfig, make_config
 
 log = logging.getLogger(__name__)
@@ -273,7 +272,3 @@ def run_sweep(out: Path, spec: SweepSpec, on_cell: CellProgress | None = None,
         write_results(out, spec, failures)
     return write_results(out, spec, failures)
 
-
-def check_spec(spec: SweepSpec) -> None:
-    if not spec.epsilons or not spec.seeds:
-        raise ConfigError("a sweep needs at least one epsilon and one seed")
