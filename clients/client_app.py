@@ -17,20 +17,23 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from flwr.app import ConfigRecord, Context, Message
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients import capture
 from clients import messages as m
-from clients.model import ModelSpec, SiloTrainer
 from clients.schema import federation_silos, silo_salt
 from clients.silo_data import SiloDataError, SiloMatrix, load_silo
 from crypto.at_rest import AUTO, Keystore, open_keystore, read_encrypted, write_encrypted
 from crypto.masking import MaskingError, PairwiseKeys, mask_context, masked_share
 from crypto.psi import PsiError, PsiKey, hash_to_points
+
+if TYPE_CHECKING:
+    from clients.model import SiloTrainer
 
 log = logging.getLogger(__name__)
 
@@ -209,11 +212,24 @@ def _masked(context: Context, defaults: Defaults, values: np.ndarray, round_: in
         raise m.ProtocolError(str(exc)) from None
 
 
+def _model() -> ModuleType:
+    """torch and Opacus, imported by the messages that train. Under the deployment engine every
+    message runs in a fresh process, and importing them costs seconds that PSI never needs."""
+    import torch
+
+    from clients import model
+
+    torch.set_num_threads(1)  # one core per silo: silos run side by side
+    return model
+
+
 def _trainer(context: Context) -> SiloTrainer:
     if "model" not in context.state:
         raise m.ProtocolError("no model yet: the authority must send query.align first")
     cfg = context.state["model"]
-    trainer = SiloTrainer(int(cfg["inputs"]), ModelSpec.from_config(dict(cfg)), int(cfg["salt"]))
+    model = _model()
+    trainer = model.SiloTrainer(int(cfg["inputs"]), model.ModelSpec.from_config(dict(cfg)),
+                                int(cfg["salt"]))
     trainer.load_bytes(bytes(cfg["blob"]))
     return trainer
 
@@ -238,7 +254,6 @@ def make_client_app(root: Path | None = None, keystore: Path | None = None,
     no config names them (the simulation)."""
     defaults = Defaults(root, keystore, plaintext)
     app = ClientApp(mods=[capture.capture_mod] if capture.enabled() else None)
-    torch.set_num_threads(1)  # one core per silo: the simulation runs silos side by side
 
     @app.query("hello")
     @_guarded
@@ -279,10 +294,12 @@ def make_client_app(root: Path | None = None, keystore: Path | None = None,
             raise m.ProtocolError("alignment rows do not fit this silo's table")
         pos2row = np.full(size, -1, dtype=np.int64)
         pos2row[positions] = rows
+        _forget_steps(context)
         context.state["align"] = m.arrays(pos2row=pos2row)
-        spec = ModelSpec.from_config(cfg)
+        model_lib = _model()
+        spec = model_lib.ModelSpec.from_config(cfg)
         salt = silo_salt(silo_name(context, defaults))
-        trainer = SiloTrainer(data.x.shape[1], spec, salt)
+        trainer = model_lib.SiloTrainer(data.x.shape[1], spec, salt)
         run_key = str(cfg["run"])
         model = {**spec.to_config(), "inputs": data.x.shape[1], "salt": salt, "run": run_key,
                  "secure": bool(cfg.get("secure", False))}
@@ -335,6 +352,7 @@ def make_client_app(root: Path | None = None, keystore: Path | None = None,
         pos2row = np.load(io.BytesIO(_read_file(context, defaults, directory, "alignment.npy")),
                           allow_pickle=False)
         model = json.loads((directory / "model.json").read_text())
+        _forget_steps(context)
         context.state["align"] = m.arrays(pos2row=pos2row)
         blob = _read_file(context, defaults, directory, name)
         context.state["model"] = ConfigRecord({**model, "blob": blob})
@@ -351,6 +369,9 @@ def make_client_app(root: Path | None = None, keystore: Path | None = None,
     @_guarded
     def step(msg: Message, context: Context) -> Message:
         t0 = time.perf_counter()
+        repeated = _repeated_step(msg, context)
+        if repeated is not None:
+            return repeated
         x = silo_matrix(context, defaults).x
         trainer = _trainer(context)
         width = trainer.spec.outputs
@@ -382,9 +403,46 @@ def make_client_app(root: Path | None = None, keystore: Path | None = None,
             out["accountant"] = np.array(trainer.history, dtype=np.float64)
         reply_config["seconds"] = time.perf_counter() - t0
         reply = m.make_content(reply_config, **out)
+        _remember_step(context, round_, reply)
         return Message(reply, reply_to=msg)
 
     return app
+
+
+# ---- repeated steps: the authority re-sends a step whose reply it never got ------------------
+
+
+def _repeated_step(msg: Message, context: Context) -> Message | None:
+    """The cached reply when this step was already applied (its reply was lost); applying it
+    again would train on the same batches twice and spend privacy the ledger never sees."""
+    round_ = int(m.get_config(msg).get("round", 0))
+    if "last.step" not in context.state:
+        return None
+    last = int(context.state["last.step"]["round"])
+    if round_ == last:
+        log.warning("step %d arrived again; answering from the cache", round_)
+        reply = m.make_content(dict(context.state["last.config"]))
+        if "last.arrays" in context.state:
+            reply["arrays"] = context.state["last.arrays"]
+        return Message(reply, reply_to=msg)
+    if round_ < last:
+        raise m.ProtocolError(f"step {round_} is older than step {last}, already applied")
+    return None
+
+
+def _remember_step(context: Context, round_: int, reply: RecordDict) -> None:
+    context.state["last.step"] = ConfigRecord({"round": round_})
+    context.state["last.config"] = reply["config"]
+    if "arrays" in reply:
+        context.state["last.arrays"] = reply["arrays"]
+    elif "last.arrays" in context.state:
+        del context.state["last.arrays"]
+
+
+def _forget_steps(context: Context) -> None:
+    for key in ("last.step", "last.config", "last.arrays"):
+        if key in context.state:
+            del context.state[key]
 
 
 app = make_client_app()

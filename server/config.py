@@ -236,11 +236,19 @@ class AuthorityConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
-    # How long to wait for all silos to join, and for any one reply.
+    # How long to wait for all silos to join, and for any one reply; how many times a message
+    # that got no reply (its SuperNode gone or unreachable) is sent again before the run stops.
     join_timeout: float = 120.0
     reply_timeout: float = 600.0
+    retries: int = 2
 
     def __post_init__(self) -> None:
+        for name in ("join_timeout", "reply_timeout"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name}={getattr(self, name)}: must be a positive number of "
+                                  "seconds")
+        if self.retries < 0:
+            raise ConfigError(f"retries={self.retries}: must be 0 or more")
         if self.aggregation.mode == "concat" and self.privacy.transcript_dp:
             raise ConfigError(
                 "privacy.transcript_sigma > 0 needs aggregation.mode=sum: transcript noise is "

@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterable, Mapping
 
 from flwr.app import Message, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 from clients import capture
@@ -23,6 +24,13 @@ log = logging.getLogger(__name__)
 
 class FederationError(RuntimeError):
     """A silo is missing, failed, or did not answer in time."""
+
+
+# {message id: (silo or node id, the message sent)}
+Pending = dict[str, tuple[object, Message]]
+# The SuperLink's own replies for a message it could not deliver or whose reply is gone.
+UNDELIVERABLE = (ErrorCode.NODE_UNAVAILABLE, ErrorCode.MESSAGE_UNAVAILABLE,
+                 ErrorCode.REPLY_MESSAGE_UNAVAILABLE)
 
 
 def _reason(msg: Message) -> str:
@@ -41,11 +49,13 @@ class Federation:
         silos: Iterable[str],
         join_timeout: float = 120.0,
         reply_timeout: float = 600.0,
+        retries: int = 0,
     ) -> None:
         self.grid = grid
         self.silos = tuple(silos)
         self.join_timeout = join_timeout
         self.reply_timeout = reply_timeout
+        self.retries = retries
         self.nodes: dict[str, int] = {}
         self.info: dict[str, dict] = {}
 
@@ -72,15 +82,15 @@ class Federation:
             raise FederationError(f"no SuperNode serves silo(s) {', '.join(missing)}")
         return self.info
 
-    def push(self, message_type: str, contents: Mapping[str, RecordDict]) -> dict[str, str]:
-        """Send one message per silo; returns {message id: silo} to `collect` later."""
+    def push(self, message_type: str, contents: Mapping[str, RecordDict]) -> Pending:
+        """Send one message per silo; returns what `collect` needs to gather the replies."""
         msgs = {
             silo: Message(content, dst_node_id=self.nodes[silo], message_type=message_type)
             for silo, content in contents.items()
         }
         return self._push_to(msgs)
 
-    def collect(self, pending: Mapping[str, str]) -> dict[str, Message]:
+    def collect(self, pending: Pending) -> dict[str, Message]:
         return self._collect(pending)
 
     def exchange(self, message_type: str, contents: Mapping[str, RecordDict]) -> dict[str, Message]:
@@ -91,38 +101,70 @@ class Federation:
 
     # ---- internals ---------------------------------------------------------------------------
 
-    def _push_to(self, msgs: Mapping) -> dict[str, object]:
+    def _push_to(self, msgs: Mapping) -> Pending:
         keys = list(msgs)
         if capture.enabled():
             for msg in msgs.values():
                 capture.record("authority-out", msg)
         ids = list(self.grid.push_messages([msgs[k] for k in keys]))
-        return dict(zip(ids, keys, strict=True))
+        return {i: (k, msgs[k]) for i, k in zip(ids, keys, strict=True)}
 
-    def _collect(self, pending: Mapping[str, object]) -> dict:
-        waiting = dict(pending)
+    def _collect(self, pending: Pending) -> dict:
+        """Gather one reply per pending message. A message whose silo does not answer within
+        `reply_timeout` (or that the SuperLink reports undeliverable) is sent again, up to
+        `retries` times; silos answer a repeated message from their cache, so a retry never
+        applies a step twice. Then the run stops with a FederationError."""
+        waiting = {mid: (who, msg, 0) for mid, (who, msg) in pending.items()}
         replies: dict = {}
         deadline = time.monotonic() + self.reply_timeout
         pause = 0.002
         while waiting:
+            late: list[str] = []
             for reply in self.grid.pull_messages(list(waiting)):
                 if capture.enabled():
                     capture.record("authority-in", reply)
-                who = waiting.pop(reply.metadata.reply_to_message_id)
+                mid = reply.metadata.reply_to_message_id
+                who, msg, attempt = waiting.pop(mid)
                 if reply.has_error():
-                    name = who if isinstance(who, str) else f"node {who}"
-                    raise FederationError(f"{name}: {_reason(reply)}")
+                    if reply.error.code in UNDELIVERABLE:
+                        waiting[mid] = (who, msg, attempt)
+                        late.append(mid)
+                        continue
+                    raise FederationError(f"{_name(who)}: {_reason(reply)}")
                 replies[who] = reply
+            if waiting and time.monotonic() > deadline:
+                late = list(waiting)
+            if late:
+                waiting.update(self._retry({mid: waiting.pop(mid) for mid in set(late)}))
+                deadline = time.monotonic() + self.reply_timeout
+                pause = 0.002
             if waiting:
-                if time.monotonic() > deadline:
-                    late = ", ".join(str(w) for w in waiting.values())
-                    raise FederationError(
-                        f"no reply from {late} within {self.reply_timeout:.0f} s; check that "
-                        "its SuperNode is running"
-                    )
                 time.sleep(pause)
                 pause = min(pause * 2, 0.01)
         return replies
+
+    def _retry(self, late: Mapping[str, tuple]) -> dict[str, tuple]:
+        again = {}
+        for who, msg, attempt in late.values():
+            if attempt >= self.retries:
+                raise FederationError(
+                    f"{_name(who)} stopped answering: no reply to {msg.metadata.message_type} "
+                    f"after {attempt + 1} attempt(s) of {self.reply_timeout:.0f} s each; check "
+                    "that its SuperNode is running. Progress up to the last finished round is "
+                    "checkpointed: restart the SuperNode and resume the run"
+                )
+            log.warning("%s did not answer %s within %.0f s; sending it again (retry %d of %d)",
+                        _name(who), msg.metadata.message_type, self.reply_timeout, attempt + 1,
+                        self.retries)
+            again[(who, attempt + 1)] = Message(msg.content, dst_node_id=msg.metadata.dst_node_id,
+                                                message_type=msg.metadata.message_type)
+        ids = list(self.grid.push_messages(list(again.values())))
+        return {i: (who, msg, attempt) for i, ((who, attempt), msg)
+                in zip(ids, again.items(), strict=True)}
+
+
+def _name(who: object) -> str:
+    return who if isinstance(who, str) else f"node {who}"
 
 
 def _hello_messages(node_ids: Iterable[int]) -> dict[int, Message]:

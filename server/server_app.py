@@ -7,7 +7,9 @@ run config in pyproject.toml's [tool.flwr.app.config] and `--run-config` overrid
 
 from __future__ import annotations
 
+import json
 import logging
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +24,14 @@ from server.federation import Federation
 
 log = logging.getLogger(__name__)
 
-PATH_KEYS = ("data-dir", "out-dir")
+FAILURE_FILE = "authority-failed.json"
+# Run config keys that are not authority settings.
+PATH_KEYS = ("data-dir", "out-dir", "run-dir", "resume")
+
+
+def _federation(grid: Grid, cfg: AuthorityConfig, data_dir: Path) -> Federation:
+    return Federation(grid, federation_silos(data_dir), cfg.join_timeout, cfg.reply_timeout,
+                      cfg.retries)
 
 
 def make_server_app(
@@ -37,7 +46,7 @@ def make_server_app(
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        fed = Federation(grid, federation_silos(data_dir), cfg.join_timeout, cfg.reply_timeout)
+        fed = _federation(grid, cfg, data_dir)
         result = run_authority(fed, cfg, data_dir, out_dir, progress, resume=resume)
         if on_result is not None:
             on_result(result)
@@ -64,8 +73,7 @@ def make_cells_app(
     def main(grid: Grid, context: Context) -> None:
         psi_cache: dict = {}
         for i, (cfg, out_dir, resume) in enumerate(cells):
-            fed = Federation(grid, federation_silos(data_dir), cfg.join_timeout,
-                             cfg.reply_timeout)
+            fed = _federation(grid, cfg, data_dir)
             t0 = time.perf_counter()
             try:
                 result = run_authority(fed, cfg, data_dir, out_dir, progress, resume=resume,
@@ -86,9 +94,43 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     run_config = dict(context.run_config)
     data_dir = Path(str(run_config.get("data-dir", "parties/default"))).resolve()
-    # One subdirectory per Flower run, so a later run never overwrites an earlier one.
-    out_dir = Path(str(run_config.get("out-dir", "runs/flwr"))).resolve() / str(context.run_id)
+    out_dir = _out_dir(run_config, context.run_id)
+    resume = bool(run_config.get("resume", False))
     cfg = parse_flat(AuthorityConfig, run_config, ignore=PATH_KEYS)
     log.info("authority: data %s, outputs %s", data_dir, out_dir)
-    fed = Federation(grid, federation_silos(data_dir), cfg.join_timeout, cfg.reply_timeout)
-    run_authority(fed, cfg, data_dir, out_dir)
+    try:
+        run_authority(_federation(grid, cfg, data_dir), cfg, data_dir, out_dir,
+                      progress=report_progress, resume=resume)
+    except Exception as exc:
+        # Whoever launched `flwr run` reads why the authority stopped from the run directory,
+        # not from Flower's log stream.
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / FAILURE_FILE).write_text(json.dumps(
+            {"error": type(exc).__name__, "message": str(exc)}) + "\n")
+        raise
+
+
+PROGRESS_PREFIX = "fedscore-progress "
+_progress_log = logging.getLogger("fedscore.progress")
+
+
+def report_progress(phase: str, done: float, total: float | None, **info: object) -> None:
+    """Progress as one JSON line on stderr, which `flwr run --stream` relays to whoever
+    launched the run (`fedscore deploy` draws its progress bars from it)."""
+    if not _progress_log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        _progress_log.addHandler(handler)
+        _progress_log.setLevel(logging.INFO)
+        _progress_log.propagate = False
+    _progress_log.info("%s%s", PROGRESS_PREFIX,
+                       json.dumps({"phase": phase, "done": done, "total": total, **info}))
+
+
+def _out_dir(run_config: dict, run_id: int) -> Path:
+    """`run-dir` names the run directory itself (`fedscore deploy`, which resumes into it);
+    otherwise each Flower run gets its own subdirectory of `out-dir`, so a later run never
+    overwrites an earlier one."""
+    if run_config.get("run-dir"):
+        return Path(str(run_config["run-dir"])).resolve()
+    return Path(str(run_config.get("out-dir", "runs/flwr"))).resolve() / str(run_id)

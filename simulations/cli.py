@@ -1,6 +1,9 @@
 """`fedscore`: run federated credit-scoring experiments.
 
   fedscore run --out DIR [--users N] [--seed S] [--set key=value ...]
+  fedscore run --resume RUN_DIR        # continue an interrupted run, on its own engine
+  fedscore deploy --out DIR [...]      # `run` on the deployment engine (TLS, node auth)
+  fedscore certs --out DIR --host H    # TLS and SuperNode keys for separate machines
   fedscore generate --parties DIR [--users N] [--seed S] [--keystore DIR] [--set population.k=v]
   fedscore sweep --out DIR [--epsilons 0.5,1,2,4,8,inf] [--seeds 0,1,2] [--set key=value ...]
   fedscore report RUN_OR_SWEEP_DIR     # report.html, tables.tex, report/*.csv
@@ -80,16 +83,23 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="generate parties, train the federation, score, compare")
-    target = run.add_mutually_exclusive_group(required=True)
-    target.add_argument("--out", type=Path, help="new run directory")
-    target.add_argument("--resume", type=Path, metavar="RUN_DIR",
-                        help="continue an interrupted run from its last checkpoint")
-    run.add_argument("--parties", type=Path, default=None,
-                     help="party tables (default: <out>.parties, beside the run)")
-    run.add_argument("--data", default=None, metavar="uci|FILE.csv|DIR",
-                     help="real data instead of the generator: `uci` (../shared/data), a CSV in "
-                          "the UCI layout, or a directory of one CSV per party + mapping.json")
-    _population_args(run)
+    _run_args(run)
+    deploy = sub.add_parser(
+        "deploy", help="`run` on Flower's deployment engine: a TLS SuperLink and one "
+                       "authenticated SuperNode per silo, on this machine")
+    _run_args(deploy)
+    deploy.add_argument("--credentials", type=Path, default=None, metavar="DIR",
+                        help="TLS and node keys from `fedscore certs` (default: made on first "
+                             "use in <parties>.deploy/credentials)")
+
+    certs = sub.add_parser("certs", help="TLS certificates and SuperNode keys for a "
+                                         "federation across machines (docs/deployment.md)")
+    certs.add_argument("--out", type=Path, required=True, help="new credentials directory")
+    certs.add_argument("--host", dest="hosts", action="append", default=[],
+                       help="the SuperLink's host name or IP (repeat for several; default "
+                            "127.0.0.1 and localhost)")
+    certs.add_argument("--silos", default="payments,social,device",
+                       help="one node key per silo, comma-separated")
 
     sweep = sub.add_parser("sweep", help="one run per (epsilon, seed) with baselines and an "
                                          "audit; repeat the command to continue")
@@ -134,6 +144,20 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _run_args(run: argparse.ArgumentParser) -> None:
+    target = run.add_mutually_exclusive_group(required=True)
+    target.add_argument("--out", type=Path, help="new run directory")
+    target.add_argument("--resume", type=Path, metavar="RUN_DIR",
+                        help="continue an interrupted run from its last checkpoint, on the "
+                             "engine it started on")
+    run.add_argument("--parties", type=Path, default=None,
+                     help="party tables (default: <out>.parties, beside the run)")
+    run.add_argument("--data", default=None, metavar="uci|FILE.csv|DIR",
+                     help="real data instead of the generator: `uci` (../shared/data), a CSV in "
+                          "the UCI layout, or a directory of one CSV per party + mapping.json")
+    _population_args(run)
+
+
 def _population_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--users", type=int, default=None, help="people the authority knows")
     p.add_argument("--seed", type=int, default=None, help="seed for data and training")
@@ -142,17 +166,24 @@ def _population_args(p: argparse.ArgumentParser) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from server.federation import FederationError
     from simulations.config import make_config, parse_assignments
+    from simulations.deploy import DeploymentError
     from simulations.paths import default_parties_dir
     from simulations.runner import resume_target, run_experiment
 
     overrides = parse_assignments(args.assignments)
+    engine = "deployment" if args.command == "deploy" else "simulation"
+    credentials = getattr(args, "credentials", None)
     if args.resume:
         if args.users is not None or args.seed is not None:
             overrides.update({"population.users": args.users} if args.users else {})
             overrides.update({"seed": args.seed} if args.seed is not None else {})
         out_dir = args.resume.resolve()
-        cfg, parties = resume_target(out_dir, overrides)
+        cfg, parties, how = resume_target(out_dir, overrides)
+        # A run resumes on the engine it started on, whichever command resumes it.
+        engine = how.get("engine", "simulation")
+        credentials = Path(how["credentials"]) if how.get("credentials") else credentials
     else:
         if args.data:
             overrides["data"] = _data_source(args.data, args.users)
@@ -161,9 +192,19 @@ def _run(args: argparse.Namespace) -> int:
         parties = (args.parties or default_parties_dir(args.out)).resolve()
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=False) as progress:
-        metrics = run_experiment(cfg, out_dir, parties, PhaseProgress(progress),
-                                 resume=args.resume is not None)
+    try:
+        with Progress(*columns, console=console, transient=False) as progress:
+            metrics = run_experiment(cfg, out_dir, parties, PhaseProgress(progress),
+                                     resume=args.resume is not None, engine=engine,
+                                     credentials=credentials and credentials.resolve())
+    except (FederationError, DeploymentError, RuntimeError) as exc:
+        # A silo or the authority stopped: say how to go on when there is a checkpoint.
+        if not (out_dir / "checkpoint").exists():
+            raise
+        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        console.print(f"The run is checkpointed. Once the cause is fixed, resume it with:\n"
+                      f"  fedscore run --resume {out_dir}", soft_wrap=True, highlight=False)
+        return 2
     _print_summary(metrics, out_dir, parties)
     return 0
 
@@ -340,6 +381,24 @@ def _keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def _certs(args: argparse.Namespace) -> int:
+    from crypto.tls import write_credentials
+
+    hosts = args.hosts or ["127.0.0.1", "localhost"]
+    silos = [s.strip() for s in args.silos.split(",") if s.strip()]
+    creds = write_credentials(args.out, hosts, silos)
+    out = Console()
+    out.print(f"credentials in {creds.root} for SuperLink host(s) {', '.join(hosts)}",
+              soft_wrap=True, highlight=False)
+    out.print(f"  SuperLink: {creds.server_cert.name}, {creds.server_key.name}; "
+              f"every party: {creds.ca_cert.name}", highlight=False)
+    for silo in silos:
+        out.print(f"  silo {silo}: {creds.node_key(silo)} (private, to that silo only), "
+                  f"{creds.node_public_key(silo).name} (register at the SuperLink)",
+                  soft_wrap=True, highlight=False)
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     from simulations.report import ReportError, build_report
 
@@ -371,8 +430,9 @@ def main(argv: list[str] | None = None) -> int:
     from simulations.errors import USER_ERRORS
 
     try:
-        commands = {"run": _run, "sweep": _sweep, "generate": _generate, "config": _config,
-                    "ledger": _ledger, "keys": _keys, "report": _report}
+        commands = {"run": _run, "deploy": _run, "certs": _certs, "sweep": _sweep,
+                    "generate": _generate, "config": _config, "ledger": _ledger, "keys": _keys,
+                    "report": _report}
         return commands[args.command](args)
     except USER_ERRORS as exc:
         console.print(f"[bold red]error:[/] {exc}", highlight=False)

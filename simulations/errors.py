@@ -7,12 +7,14 @@ from clients.silo_data import SiloDataError
 from crypto.at_rest import AtRestError
 from crypto.identity import IdentifierError
 from crypto.psi import PsiError
+from crypto.tls import CredentialError
 from server.checkpoint import CheckpointError
 from server.config import ConfigError
 from server.federation import FederationError
 from server.labels import LabelDataError
 from server.ledger import LedgerError
 from server.split import SplitError
+from simulations.deploy import DeploymentError
 from simulations.real_data import DataImportError
 from simulations.sweep import SweepError
 
@@ -30,6 +32,8 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     SplitError,
     SweepError,
     DataImportError,
+    DeploymentError,
+    CredentialError,
     FileExistsError,
     PermissionError,
 )

@@ -28,7 +28,7 @@ from clients.schema import AUTHORITY, federation_silos
 from clients.silo_data import load_silo
 from crypto.at_rest import Keystore, keystore_path, open_keystore, read_party_file
 from server.authority import RunResult, read_scores
-from server.config import ConfigError
+from server.config import ConfigError, to_flat
 from server.labels import load_labels
 from server.metrics import auc
 from server.server_app import make_cells_app, make_server_app
@@ -91,8 +91,9 @@ def claim_run_dir(out_dir: Path) -> None:
 RUN_FILE = "run.json"
 
 
-def resume_target(out_dir: Path, overrides: dict | None) -> tuple[ExperimentConfig, Path]:
-    """The configuration and parties directory of an interrupted run in `out_dir`.
+def resume_target(out_dir: Path, overrides: dict | None
+                  ) -> tuple[ExperimentConfig, Path, dict]:
+    """The configuration, parties directory and run.json of an interrupted run in `out_dir`.
 
     Overrides must agree with the run's own config.json: a resumed run is the same run.
     """
@@ -111,8 +112,8 @@ def resume_target(out_dir: Path, overrides: dict | None) -> tuple[ExperimentConf
                 f"cannot resume {out_dir} with a different configuration ({', '.join(changed)} "
                 "differ from its config.json); drop those --set options or start a new run"
             )
-    parties = Path(json.loads((out_dir / RUN_FILE).read_text())["parties"])
-    return cfg, parties
+    how = json.loads((out_dir / RUN_FILE).read_text())
+    return cfg, Path(how["parties"]), how
 
 
 class Timer:
@@ -149,12 +150,14 @@ class Run:
 
 
 def open_run(cfg: ExperimentConfig, out_dir: Path, parties_dir: Path, resume: bool,
-             progress: Progress | None = None) -> Run:
-    """Claim a new run directory (config.json, run.json), or reopen one to resume."""
+             progress: Progress | None = None, how: dict | None = None) -> Run:
+    """Claim a new run directory (config.json, run.json), or reopen one to resume. `how`
+    (engine, credentials) goes into run.json, so a resumed run runs the same way."""
     if not resume:
         claim_run_dir(out_dir)
         (out_dir / "config.json").write_text(json.dumps(cfg.flat(), indent=2) + "\n")
-        (out_dir / RUN_FILE).write_text(json.dumps({"parties": str(parties_dir)}) + "\n")
+        (out_dir / RUN_FILE).write_text(
+            json.dumps({"parties": str(parties_dir), **(how or {})}) + "\n")
     return Run(cfg, out_dir, Parties(parties_dir), resume, timer=Timer(progress))
 
 
@@ -181,23 +184,54 @@ def client_app_for(run: Run):
     return make_client_app(run.parties.root, keystore, plaintext=keystore is None)
 
 
+ENGINES = ("simulation", "deployment")
+
+
 def run_experiment(
     cfg: ExperimentConfig,
     out_dir: Path,
     parties_dir: Path,
     progress: Progress | None = None,
     resume: bool = False,
+    engine: str = "simulation",
+    credentials: Path | None = None,
 ) -> dict:
-    run = open_run(cfg, out_dir, parties_dir, resume, progress)
+    """One run on Flower's simulation engine (in-process), or on the deployment engine
+    (a SuperLink and one SuperNode per silo on loopback, with TLS and node authentication)."""
+    if engine not in ENGINES:
+        raise ConfigError(f"engine {engine!r}: choose one of {', '.join(ENGINES)}")
+    run = open_run(cfg, out_dir, parties_dir, resume, progress,
+                   {"engine": engine, "credentials": str(credentials) if credentials else None})
     ready_parties(run)
     t = time.perf_counter()
-    run_federation(
-        make_server_app(cfg.authority, run.parties.root, out_dir, progress,
-                        on_result=lambda r: run.authority.update(r.metrics), resume=resume),
-        client_app_for(run),
-        silos=len(federation_silos(run.parties.root)),
-    )
+    if engine == "deployment":
+        run_deployed(run, progress, credentials)
+    else:
+        run_federation(
+            make_server_app(cfg.authority, run.parties.root, out_dir, progress,
+                            on_result=lambda r: run.authority.update(r.metrics), resume=resume),
+            client_app_for(run),
+            silos=len(federation_silos(run.parties.root)),
+        )
     return finish_run(run, time.perf_counter() - t)
+
+
+def run_deployed(run: Run, progress: Progress | None, credentials: Path | None) -> None:
+    """The federated part under the deployment engine; the authority writes authority.json
+    into the run directory, which is all `finish_run` needs from it."""
+    from simulations.deploy import deployment, progress_relay
+
+    root = run.parties.root
+    keystore = keystore_path(run.cfg.authority.storage.keystore, root)
+    run_config = {**to_flat(run.cfg.authority), "data-dir": str(root),
+                  "run-dir": str(run.out_dir), "resume": run.resume}
+    if progress:
+        progress("connect", 0, None)
+    with deployment(tuple(federation_silos(root)), root, keystore, run.out_dir / "deploy",
+                    state=root.with_name(root.name + ".deploy"),
+                    credentials=credentials) as dep:
+        dep.submit(run_config, run.out_dir, progress_relay(progress))
+    run.authority.update(json.loads((run.out_dir / "authority.json").read_text()))
 
 
 def run_cells(cells: list[tuple[ExperimentConfig, Path, bool]], parties_dir: Path,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from server.config import AuthorityConfig, ConfigError, parse_flat
+from server.server_app import PATH_KEYS
 from simulations.config import ExperimentConfig, make_config, parse_assignments
 
 
@@ -89,7 +90,7 @@ def test_flower_app_config_matches_the_defaults():
                 flat[f"{prefix}{key}"] = value
 
     walk("", app_config["config"])
-    flat.pop("data-dir")
-    flat.pop("out-dir")
+    for key in PATH_KEYS:
+        flat.pop(key)
     assert parse_flat(AuthorityConfig, flat) == AuthorityConfig()
     assert set(flat) == set(to_flat(AuthorityConfig()))

@@ -1,0 +1,207 @@
+"""Credentials for a federation across machines: a TLS certificate authority, the SuperLink's
+server certificate, and one authentication key pair per SuperNode.
+
+Everything is made with `cryptography`. Private keys are written 0600 into a 0700 directory and
+never logged. The layout of a credentials directory (`fedscore certs --out DIR`):
+
+    ca.pem, ca.key            the federation's own CA (the key signs server certificates only)
+    superlink.pem, .key       the SuperLink's TLS certificate (SANs: the hosts given)
+    nodes/<silo>.key, .pub    each SuperNode's key pair (EC P-384, OpenSSH format), which the
+                              SuperLink must have registered before the node may connect
+
+Copy ca.pem and nodes/<silo>.key to the silo's machine; nothing else leaves the authority.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+CA_DAYS = 365
+LEAF_DAYS = 90  # short-lived: a stolen server key stops working soon
+SILO_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789_-")
+
+
+class CredentialError(ValueError):
+    """Credentials that are missing, malformed or unsafe."""
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """Paths inside one credentials directory."""
+
+    root: Path
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.root / "ca.pem"
+
+    @property
+    def ca_key(self) -> Path:
+        return self.root / "ca.key"
+
+    @property
+    def server_cert(self) -> Path:
+        return self.root / "superlink.pem"
+
+    @property
+    def server_key(self) -> Path:
+        return self.root / "superlink.key"
+
+    def node_key(self, silo: str) -> Path:
+        return self.root / "nodes" / f"{silo}.key"
+
+    def node_public_key(self, silo: str) -> Path:
+        return self.root / "nodes" / f"{silo}.pub"
+
+    def check(self, silos: Iterable[str]) -> None:
+        """Every file present and every private key private; raises naming the first problem."""
+        needed = [self.ca_cert, self.server_cert, self.server_key]
+        for silo in silos:
+            needed += [self.node_key(silo), self.node_public_key(silo)]
+        for path in needed:
+            if not path.is_file():
+                raise CredentialError(
+                    f"{path} is missing; make the credentials with `fedscore certs --out "
+                    f"{self.root}` (add the silos and hosts the federation uses)"
+                )
+        for path in [self.server_key, *(self.node_key(s) for s in silos)]:
+            if path.stat().st_mode & 0o077:
+                raise CredentialError(
+                    f"{path} is readable by other users; run `chmod 600 {path}`"
+                )
+
+
+def _private_dir(path: Path) -> None:
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.chmod(0o700)
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    path.chmod(0o600)
+
+
+def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def _san(hosts: Iterable[str]) -> x509.SubjectAlternativeName:
+    names: list[x509.GeneralName] = []
+    for host in hosts:
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            names.append(x509.DNSName(host))
+    return x509.SubjectAlternativeName(names)
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedscore"),
+                      x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def make_ca(common_name: str = "fedscore federation CA"
+            ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    key = ec.generate_private_key(ec.SECP384R1())
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(common_name)).issuer_name(_name(common_name))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=CA_DAYS))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(
+            digital_signature=False, content_commitment=False, key_encipherment=False,
+            data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
+            encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+                       critical=False)
+        .sign(key, hashes.SHA384())
+    )
+    return key, cert
+
+
+def make_server_cert(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate,
+                     hosts: Iterable[str]) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """A TLS server certificate for the SuperLink, valid for every host name or IP in `hosts`."""
+    hosts = list(hosts)
+    if not hosts:
+        raise CredentialError("the SuperLink certificate needs at least one host name or IP")
+    key = ec.generate_private_key(ec.SECP384R1())
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(hosts[0])).issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=LEAF_DAYS))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(_san(hosts), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+                       critical=False)
+        .sign(ca_key, hashes.SHA384())
+    )
+    return key, cert
+
+
+def make_node_key() -> tuple[bytes, bytes]:
+    """A SuperNode's authentication key pair as OpenSSH private and public key bytes (EC
+    P-384: Flower 1.41 accepts NIST curves in OpenSSH format)."""
+    key = ec.generate_private_key(ec.SECP384R1())
+    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                serialization.NoEncryption())
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                           serialization.PublicFormat.OpenSSH)
+    return private, public + b"\n"
+
+
+def _check_silo(silo: str) -> None:
+    if not silo or not set(silo) <= SILO_NAME_CHARS:
+        raise CredentialError(f"silo name {silo!r}: use lower-case letters, digits, - and _")
+
+
+def write_credentials(root: Path, hosts: Iterable[str], silos: Iterable[str],
+                      overwrite: bool = False) -> Credentials:
+    """Make a CA, the SuperLink's certificate and each silo's node key under `root`.
+
+    Refuses to overwrite existing credentials unless asked: replacing them locks out every
+    SuperNode that was given the old ones."""
+    creds = Credentials(root)
+    silos = list(silos)
+    for silo in silos:
+        _check_silo(silo)
+    if creds.ca_cert.exists() and not overwrite:
+        raise CredentialError(
+            f"{root} already holds credentials; choose another directory (replacing them would "
+            "lock out every SuperNode that has the old ones)"
+        )
+    _private_dir(root)
+    _private_dir(root / "nodes")
+    ca_key, ca_cert = make_ca()
+    server_key, server_cert = make_server_cert(ca_key, ca_cert, hosts)
+    _write_private(creds.ca_key, _pem_key(ca_key))
+    creds.ca_cert.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    _write_private(creds.server_key, _pem_key(server_key))
+    creds.server_cert.write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
+    for silo in silos:
+        private, public = make_node_key()
+        _write_private(creds.node_key(silo), private)
+        creds.node_public_key(silo).write_bytes(public)
+    return creds
