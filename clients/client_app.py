@@ -401,12 +401,28 @@ def make_client_app(root: Path | None = None, keystore: Path | None = None,
                     reply_config.update(contribution_summary(values))
         if trainer.history:
             out["accountant"] = np.array(trainer.history, dtype=np.float64)
+        _maybe_misbehave(silo_name(context, defaults), round_, out)
         reply_config["seconds"] = time.perf_counter() - t0
         reply = m.make_content(reply_config, **out)
         _remember_step(context, round_, reply)
         return Message(reply, reply_to=msg)
 
     return app
+
+
+SILO_FAULT = "FEDSCORE_SILO_FAULT"
+
+
+def _maybe_misbehave(silo: str, round_: int, out: dict[str, np.ndarray]) -> None:
+    """A faulty silo on purpose (for tests): `FEDSCORE_SILO_FAULT=silo:round:kind` makes that
+    silo's reply to that step malformed: `shape` drops a contribution, `dtype` sends float64."""
+    fault = os.environ.get(SILO_FAULT, "").split(":")
+    if len(fault) != 3 or fault[0] != silo or fault[1] != str(round_) or "plan" not in out:
+        return
+    if fault[2] == "shape":
+        out["plan"] = out["plan"][:-1]
+    elif fault[2] == "dtype":
+        out["plan"] = out["plan"].astype(np.float64)
 
 
 # ---- repeated steps: the authority re-sends a step whose reply it never got ------------------

@@ -166,6 +166,7 @@ def _population_args(p: argparse.ArgumentParser) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from server import checkpoint
     from server.federation import FederationError
     from simulations.config import make_config, parse_assignments
     from simulations.deploy import DeploymentError
@@ -199,7 +200,7 @@ def _run(args: argparse.Namespace) -> int:
                                      credentials=credentials and credentials.resolve())
     except (FederationError, DeploymentError, RuntimeError) as exc:
         # A silo or the authority stopped: say how to go on when there is a checkpoint.
-        if not (out_dir / "checkpoint").exists():
+        if not checkpoint.path(out_dir).exists():  # no round finished: nothing to resume
             raise
         console.print(f"[bold red]error:[/] {exc}", highlight=False)
         console.print(f"The run is checkpointed. Once the cause is fixed, resume it with:\n"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,37 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     whole = run_cli("run", "--out", str(full), "--parties", str(parties), *ARGS, cwd=work)
     assert whole.returncode == 0, whole.stderr
     return crashed, full
+
+
+@pytest.fixture(scope="module")
+def faulty(runs: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run whose payments silo sends one contribution too few at round 3: refused, and the
+    run resumed from its round-2 checkpoint once the silo behaves."""
+    from clients.client_app import SILO_FAULT
+
+    work = tmp_path_factory.mktemp("faulty")
+    run = work / "run"
+    os.environ[SILO_FAULT] = "payments:3:shape"
+    try:
+        stopped = run_cli("run", "--out", str(run), *ARGS, cwd=work)
+    finally:
+        del os.environ[SILO_FAULT]
+    assert stopped.returncode == 2, stopped.stderr[-3000:]
+    assert "silo 'payments' sent" in stopped.stderr
+    assert "contributions for" in stopped.stderr
+    assert f"fedscore run --resume {run}" in stopped.stderr
+    assert not (run / "metrics.json").exists()
+    resumed = run_cli("run", "--resume", str(run), cwd=work)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    return run
+
+
+def test_malformed_contributions_are_refused_without_corrupting_the_model(runs, faulty):
+    _, full = runs
+    got, want = (json.loads((r / "metrics.json").read_text()) for r in (faulty, full))
+    assert got["epsilon"] == want["epsilon"]
+    assert got["auc"] == pytest.approx(want["auc"], abs=0.005)
+    assert _model_lines(faulty) == _model_lines(full)
 
 
 def _model_lines(run: Path) -> list[tuple]:
