@@ -67,19 +67,18 @@ def run_federation(server_app: ServerApp, client_app: ClientApp, silos: int) -> 
     quiet_engine_logs()
     from flwr.simulation import run_simulation
 
+    init_args: dict = {"logging_level": logging.ERROR, "log_to_driver": False}
+    if not os.environ.get("RAY_ADDRESS"):
+        # A private Ray with one logical CPU per silo, so all silos work side by side; torch
+        # in each actor is pinned to one thread. With RAY_ADDRESS set, Ray joins that cluster,
+        # which has its own resources (docs/deployment.md).
+        init_args.update(num_cpus=silos, num_gpus=0)
     run_simulation(
         server_app=server_app,
         client_app=client_app,
         num_supernodes=silos,
         backend_config={
-            # One logical CPU per silo, so all silos work side by side; torch in each actor
-            # is pinned to one thread, so two cores are shared without oversubscription blowups.
             "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-            "init_args": {
-                "num_cpus": silos,
-                "num_gpus": 0,
-                "logging_level": logging.ERROR,
-                "log_to_driver": False,
-            },
+            "init_args": init_args,
         },
     )

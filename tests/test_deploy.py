@@ -15,7 +15,8 @@ from simulations.deploy import Deployment, process_tree
 from tests.conftest import run_cli
 
 pytestmark = pytest.mark.slow
-ARGS = ("--users", "2000", "--seed", "4", "--set", "train.epochs=2",
+# Every message under the deployment engine starts a process: few round trips keep it quick.
+ARGS = ("--users", "2000", "--seed", "4", "--set", "train.epochs=1",
         "--set", "train.chunk_warmup=false")
 
 
