@@ -89,3 +89,26 @@ def test_a_killed_authority_stops_the_run_resumably(tmp_path: Path, uninterrupte
     assert "SuperLink stopped during the run" in stopped.stderr
     assert f"fedscore run --resume {run_dir}" in stopped.stderr
     _resume_and_check(run_dir, tmp_path, uninterrupted)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupting_deploy_stops_every_process_it_started(tmp_path: Path, sig: int):
+    run_dir = tmp_path / "run"
+    env = {**os.environ, **ENGINE_ENV, "FLWR_HOME": str(tmp_path / ".flwr")}
+    proc = subprocess.Popen([sys.executable, "-m", "simulations.cli", "deploy", "--out",
+                             str(run_dir), *ARGS], cwd=tmp_path, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: (run_dir / "deploy" / "run.log").exists() or proc.poll() is not None,
+                 300, "the run to be submitted")
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err[-3000:]
+    assert "interrupted" in err
+    started = json.loads((run_dir / "deploy" / "processes.json").read_text())
+    assert process_tree(list(started.values())) == set()
+    parties = Path(json.loads((run_dir / "run.json").read_text())["parties"])
+    assert processes_using(parties.with_name(parties.name + ".deploy") / "flwr") == []
