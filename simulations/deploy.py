@@ -125,6 +125,8 @@ class Deployment:
         proc = Process(name, popen, log_path)
         self.processes.append(proc)
         self.watch()
+        (self.logs / "processes.json").write_text(json.dumps(
+            {p.name: p.pid for p in self.processes}, indent=1) + "\n")
         log.info("started %s (pid %d)", name, proc.pid)
         return proc
 
@@ -134,8 +136,6 @@ class Deployment:
         them while they are still ours lets `stop_all` end them too."""
         self.known |= process_tree([p.pid for p in self.processes])
         self.known |= marked_processes(self.home)
-        (self.logs / "processes.json").write_text(json.dumps(
-            {p.name: p.pid for p in self.processes}, indent=1) + "\n")
 
     def stop_all(self) -> None:
         """Stop everything we started: the run and the SuperNodes first, then the SuperLink
