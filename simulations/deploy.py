@@ -125,8 +125,10 @@ class Deployment:
         proc = Process(name, popen, log_path)
         self.processes.append(proc)
         self.watch()
-        (self.logs / "processes.json").write_text(json.dumps(
-            {p.name: p.pid for p in self.processes}, indent=1) + "\n")
+        # Atomic: Ctrl-C may land mid-write, and whoever cleans up after us reads this file.
+        tmp = self.logs / "processes.json.tmp"
+        tmp.write_text(json.dumps({p.name: p.pid for p in self.processes}, indent=1) + "\n")
+        tmp.replace(self.logs / "processes.json")
         log.info("started %s (pid %d)", name, proc.pid)
         return proc
 
@@ -281,8 +283,14 @@ def deployment(silos: tuple[str, ...], parties: Path, keystore: Path | None, log
             dep.start_supernode(silo)
         yield dep
     finally:
-        dep.stop_all()
-        signal.signal(signal.SIGTERM, previous)
+        # A second Ctrl-C must not cut the clean-up short and leave processes behind.
+        previous_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        try:
+            dep.stop_all()
+        finally:
+            signal.signal(signal.SIGINT, previous_int)
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _credentials(root: Path, silos: tuple[str, ...]) -> Credentials:

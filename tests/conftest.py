@@ -42,6 +42,22 @@ def run_cli_crashing(after_round: int, *args: str, cwd: Path) -> subprocess.Comp
     return proc
 
 
+def processes_using(flwr_home: Path) -> list[int]:
+    """Living processes whose environment names `flwr_home`: every process a Flower launch
+    starts inherits it, and each test's home is private, so these are the test's own."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if f"FLWR_HOME={flwr_home}\0".encode() in (proc / "environ").read_bytes() and \
+                    "State:\tZ" not in (proc / "status").read_text():
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
 def scores_of(run_dir: Path):
     """A run's scores, decrypted with its automatic keystore (`<parties>.keys`)."""
     import json

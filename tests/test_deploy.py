@@ -12,27 +12,12 @@ import pytest
 
 from crypto.tls import make_node_key, write_credentials
 from simulations.deploy import Deployment, process_tree
-from tests.conftest import run_cli
+from tests.conftest import processes_using, run_cli
 
 pytestmark = pytest.mark.slow
 # Every message under the deployment engine starts a process: few round trips keep it quick.
 ARGS = ("--users", "2000", "--seed", "4", "--set", "train.epochs=1",
         "--set", "train.chunk_warmup=false")
-
-
-def processes_using(flwr_home: Path) -> list[int]:
-    """Living processes whose environment names `flwr_home` (ours, by construction)."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            if f"FLWR_HOME={flwr_home}\0".encode() in (proc / "environ").read_bytes() and \
-                    "State:\tZ" not in (proc / "status").read_text():
-                pids.append(int(proc.name))
-        except OSError:
-            continue
-    return pids
 
 
 def wait_for(predicate, timeout: float, what: str) -> None:

@@ -18,8 +18,8 @@ import pytest
 
 from server import checkpoint
 from simulations.deploy import process_tree
-from tests.conftest import ENGINE_ENV, run_cli
-from tests.test_deploy import processes_using, wait_for
+from tests.conftest import ENGINE_ENV, processes_using, run_cli
+from tests.test_deploy import wait_for
 
 pytestmark = pytest.mark.faults
 ARGS = ("--users", "2000", "--seed", "4", "--set", "train.epochs=2",

@@ -10,25 +10,10 @@ from pathlib import Path
 import pytest
 
 from server.authority import read_scores
-from tests.conftest import ENGINE_ENV, run_cli
+from tests.conftest import ENGINE_ENV, processes_using, run_cli
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _processes_using(flwr_home: Path) -> list[int]:
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            if f"FLWR_HOME={flwr_home}".encode() in (proc / "environ").read_bytes():
-                status = (proc / "status").read_text()
-                if "State:\tZ" not in status:
-                    pids.append(int(proc.name))
-        except OSError:
-            continue
-    return pids
 
 
 def test_flwr_run_trains_and_leaves_no_process(tmp_path: Path):
@@ -51,4 +36,4 @@ def test_flwr_run_trains_and_leaves_no_process(tmp_path: Path):
     assert len(scores) == metrics["people"]["aligned"]
     assert next((parties / "payments" / "checkpoints").iterdir()).joinpath(
         "alignment.npy.enc").exists()
-    assert _processes_using(home) == []
+    assert processes_using(home) == []
