@@ -111,34 +111,33 @@ class Federation:
 
     def _collect(self, pending: Pending) -> dict:
         """Gather one reply per pending message. A message whose silo does not answer within
-        `reply_timeout` (or that the SuperLink reports undeliverable) is sent again, up to
-        `retries` times; silos answer a repeated message from their cache, so a retry never
-        applies a step twice. Then the run stops with a FederationError."""
+        `reply_timeout`, or that the SuperLink reports undeliverable (its node offline), is sent
+        again when that time is up, giving the node the time to come back, up to `retries`
+        times; silos answer a repeated step from their cache, so a retry never applies a step
+        twice. Then the run stops with a FederationError."""
         waiting = {mid: (who, msg, 0) for mid, (who, msg) in pending.items()}
+        undelivered: dict[str, tuple] = {}
         replies: dict = {}
         deadline = time.monotonic() + self.reply_timeout
         pause = 0.002
-        while waiting:
-            late: list[str] = []
-            for reply in self.grid.pull_messages(list(waiting)):
+        while waiting or undelivered:
+            for reply in self.grid.pull_messages(list(waiting)) if waiting else ():
                 if capture.enabled():
                     capture.record("authority-in", reply)
                 mid = reply.metadata.reply_to_message_id
                 who, msg, attempt = waiting.pop(mid)
                 if reply.has_error():
                     if reply.error.code in UNDELIVERABLE:
-                        waiting[mid] = (who, msg, attempt)
-                        late.append(mid)
+                        undelivered[mid] = (who, msg, attempt)
                         continue
                     raise FederationError(f"{_name(who)}: {_reason(reply)}")
                 replies[who] = reply
-            if waiting and time.monotonic() > deadline:
-                late = list(waiting)
-            if late:
-                waiting.update(self._retry({mid: waiting.pop(mid) for mid in set(late)}))
+            if time.monotonic() > deadline and (waiting or undelivered):
+                waiting = self._retry({**waiting, **undelivered})
+                undelivered = {}
                 deadline = time.monotonic() + self.reply_timeout
                 pause = 0.002
-            if waiting:
+            if waiting or undelivered:
                 time.sleep(pause)
                 pause = min(pause * 2, 0.01)
         return replies

@@ -167,9 +167,7 @@ def _population_args(p: argparse.ArgumentParser) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from server import checkpoint
-    from server.federation import FederationError
     from simulations.config import make_config, parse_assignments
-    from simulations.deploy import DeploymentError
     from simulations.paths import default_parties_dir
     from simulations.runner import resume_target, run_experiment
 
@@ -198,8 +196,9 @@ def _run(args: argparse.Namespace) -> int:
             metrics = run_experiment(cfg, out_dir, parties, PhaseProgress(progress),
                                      resume=args.resume is not None, engine=engine,
                                      credentials=credentials and credentials.resolve())
-    except (FederationError, DeploymentError, RuntimeError) as exc:
-        # A silo or the authority stopped: say how to go on when there is a checkpoint.
+    except RuntimeError as exc:
+        # A silo or the authority stopped (FederationError, DeploymentError, a crash): say how
+        # to go on when there is a checkpoint.
         if not checkpoint.path(out_dir).exists():  # no round finished: nothing to resume
             raise
         console.print(f"[bold red]error:[/] {exc}", highlight=False)

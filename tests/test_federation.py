@@ -4,6 +4,7 @@ and a silo answers a repeated step from its cache instead of applying it twice."
 from __future__ import annotations
 
 import itertools
+import time
 
 import numpy as np
 import pytest
@@ -71,16 +72,19 @@ def test_a_silent_silo_is_retried_then_the_run_stops():
     assert {int(m.get_config(p)["round"]) for p in grid.pushed} == {4}  # the same step
 
 
-def test_an_undeliverable_message_is_sent_again():
+def test_an_undeliverable_message_is_sent_again_after_a_wait():
     def script(n: int, msg: Message):
         if n == 0:
             return Error(code=ErrorCode.NODE_UNAVAILABLE, reason="node unavailable")
         return m.make_content({"ok": 1})
 
     fed, grid = _federation(script)
+    t0 = time.monotonic()
     replies = fed.exchange(m.STEP, {"payments": m.make_content({"round": 1})})
     assert m.get_config(replies["payments"]) == {"ok": 1}
     assert len(grid.pushed) == 2
+    # Not at once: an offline node gets `reply_timeout` to come back before the re-send.
+    assert time.monotonic() - t0 >= fed.reply_timeout
 
 
 def test_a_silos_own_error_is_not_retried():
