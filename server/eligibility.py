@@ -118,8 +118,9 @@ def _days(series: pd.Series) -> np.ndarray:
 
 
 def assess(table: pd.DataFrame, cfg: EligibilityConfig | None = None) -> pd.DataFrame:
-    """Status ("eligible" / "ineligible"), reasons in English and Chinese, and machine codes
-    (";"-joined, e.g. "real_name;severe_default") for every row of `table`, same index."""
+    """Status ("eligible" / "ineligible"), reasons in English and Chinese ("" when eligible), and
+    machine codes (";"-joined, e.g. "real_name;severe_default") for every row of `table`, same
+    index; all four columns are categoricals."""
     cfg = EligibilityConfig() if cfg is None else cfg
     missing = [c for c in cfg.required_columns() if c not in table.columns]
     if missing:
@@ -136,14 +137,20 @@ def assess(table: pd.DataFrame, cfg: EligibilityConfig | None = None) -> pd.Data
         code |= ~_flag(table[CARD]) * 2
     if cfg.severe_default_window_days > 0:
         code |= (_days(table[DEFAULT_DAYS]) < cfg.severe_default_window_days) * 4
-    # Every combination of failed conditions has one text: look them up, no per-row work.
+    # Every combination of failed conditions has one text (8 in all, distinct): the columns are
+    # categoricals over them, so a million people cost a million small integers, no strings.
     reasons = _reasons(cfg)
     combos = [[r for bit, r in enumerate(reasons) if c >> bit & 1] for c in range(8)]
-    en = np.array(["; ".join(r[1] for r in rs) for rs in combos], dtype=object)
-    zh = np.array([";".join(r[2] for r in rs) for rs in combos], dtype=object)
-    codes = np.array([";".join(r[0] for r in rs) for rs in combos], dtype=object)
-    status = np.where(code == 0, ELIGIBLE, INELIGIBLE).astype(object)
-    out = pd.DataFrame({"status": status, "reason": en[code], "reason_zh": zh[code],
-                        "codes": codes[code]}, index=table.index)
+
+    def column(texts: list[str]) -> pd.Categorical:
+        return pd.Categorical.from_codes(code, categories=texts)
+
+    out = pd.DataFrame({
+        "status": pd.Categorical.from_codes((code != 0).astype(np.int8),
+                                            categories=[ELIGIBLE, INELIGIBLE]),
+        "reason": column(["; ".join(r[1] for r in rs) for rs in combos]),
+        "reason_zh": column([";".join(r[2] for r in rs) for rs in combos]),
+        "codes": column([";".join(r[0] for r in rs) for rs in combos]),
+    }, index=table.index)
     log.info("eligibility: %d of %d people ineligible", int((code != 0).sum()), n)
     return out
