@@ -1,0 +1,277 @@
+"""An append-only, hash-chained, encrypted audit log (disputes, re-scores, corrections).
+
+Why: a dispute changes a person's score after the run; the log is what lets anyone later show
+which corrections were made, in which order, and that none was removed or edited since.
+
+File format: UTF-8, one entry per line, each line the canonical JSON object
+
+    {"ct": base64(ciphertext), "hash": hex, "prev": hex, "seq": n}
+
+- `seq` counts from 0; `prev` is the previous entry's `hash` (for entry 0, a genesis hash derived
+  from the log's name); `hash` = SHA-256("fedscore/audit/v1" | prev | seq as 8 bytes | ciphertext).
+- The ciphertext is `crypto.at_rest.encrypt` (AES-256-GCM, or SM4-GCM with such a keystore) of
+  the JSON {"seq", "prev", "record"}, with associated data binding it to this log's name, its
+  sequence number and the previous hash: an entry cannot be moved to another log or position,
+  nor the chain rewired, without the key.
+
+Why SHA-256 over the ciphertext, not HMAC over the record:
+- Authenticity already comes from GCM: the tag covers the ciphertext and the associated data
+  (log name, seq, prev). Someone without the key who edits an entry and recomputes every later
+  hash still fails at that entry's decryption. An HMAC would add a second key to manage (and to
+  keep stable across the keystore's rotations) for no extra protection.
+- Hashing the ciphertext leaks nothing about the record, whereas an unkeyed hash of a record
+  (a phone number, a score) could be enumerated; the chain's structure (order, gaps, edits) can
+  be checked by someone who holds no key.
+- What no chain can show alone is that entries were cut from the end: `verify(expect_head=...)`
+  checks the last hash against one recorded elsewhere (e.g. in the run's manifest).
+
+Appends take an exclusive `flock` on the file, re-read the tail under it, write one line and
+fsync, so concurrent writers serialise instead of forking the chain. An incomplete last line
+(an interrupted write) is reported by `verify` and refused by `append`. Neither keys nor record
+contents are ever logged or put in an exception message.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import fcntl
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from crypto.at_rest import AtRestError, Keystore, decrypt, encrypt
+
+log = logging.getLogger(__name__)
+
+DOMAIN = b"fedscore/audit/v1"
+FIELDS = ("ct", "hash", "prev", "seq")
+_TAIL_CHUNK = 4096
+
+
+class AuditLogError(ValueError):
+    """An audit log that cannot be appended to or read: names the entry, the problem, the fix."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    seq: int
+    prev_hash: str
+    hash: str
+    record: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    ok: bool
+    entries: int  # entries that verified, all of them when ok
+    first_bad: int | None = None  # index of the first entry that failed
+    reason: str | None = None
+    head: str = ""  # hash of the last entry that verified (the genesis hash if none)
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+
+def genesis_hash(log_name: str) -> str:
+    """The `prev` of entry 0: binds the chain's start to the log's name."""
+    return hashlib.sha256(DOMAIN + b"/genesis\x00" + log_name.encode()).hexdigest()
+
+
+def chain_hash(prev: str, seq: int, ciphertext: bytes) -> str:
+    return hashlib.sha256(DOMAIN + bytes.fromhex(prev) + seq.to_bytes(8, "big")
+                          + ciphertext).hexdigest()
+
+
+def _context(log_name: str, seq: int, prev: str) -> bytes:
+    # Fixed-width fields first, the free-form name last: the encoding is unambiguous.
+    return DOMAIN + seq.to_bytes(8, "big") + bytes.fromhex(prev) + log_name.encode()
+
+
+def _line(seq: int, prev: str, ciphertext: bytes, digest: str) -> bytes:
+    obj = {"ct": base64.b64encode(ciphertext).decode("ascii"), "hash": digest, "prev": prev,
+           "seq": seq}
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode("ascii")
+
+
+def _encode_record(record: Mapping[str, Any]) -> dict[str, Any]:
+    """The record as it will read back; refuses what JSON would silently change."""
+    if not isinstance(record, Mapping):
+        raise AuditLogError(f"a record must be a mapping of field names to JSON values, got "
+                            f"{type(record).__name__}; pass a dict")
+    try:
+        text = json.dumps(dict(record), ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        kind = "NaN or infinity" if "Out of range" in str(exc) else "a value JSON cannot hold"
+        raise AuditLogError(f"the record holds {kind}; convert it (e.g. to a string or None) "
+                            "before appending") from None
+    back = json.loads(text)
+    if back != dict(record):
+        raise AuditLogError("the record would not read back unchanged (non-string keys, tuples "
+                            "or similar); use string keys, lists and plain JSON values")
+    return back
+
+
+class AuditLog:
+    """The log at `path`, encrypted with `store`.
+
+    `log_name` (default: the file's name) is bound into every entry; give the run's id (e.g.
+    "run-42/audit") to keep a log from being passed off as another run's with the same keys."""
+
+    def __init__(self, path: Path, store: Keystore, log_name: str | None = None) -> None:
+        self.path = Path(path)
+        self.store = store
+        self.log_name = self.path.name if log_name is None else log_name
+
+    def __repr__(self) -> str:
+        return f"AuditLog({self.path}, log_name={self.log_name!r})"
+
+    # ---- writing ----------------------------------------------------------------------------
+
+    def append(self, record: Mapping[str, Any]) -> Entry:
+        """Append `record`; returns the entry as written (durable when this returns)."""
+        body = _encode_record(record)
+        created = not self.path.exists()
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+        with os.fdopen(fd, "r+b") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)  # released when the file closes
+            seq, prev = self._tail(fh)
+            plaintext = json.dumps({"seq": seq, "prev": prev, "record": body},
+                                   ensure_ascii=False).encode()
+            ciphertext = encrypt(self.store, plaintext, _context(self.log_name, seq, prev))
+            digest = chain_hash(prev, seq, ciphertext)
+            fh.write(_line(seq, prev, ciphertext, digest) + b"\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        if created:
+            _fsync_dir(self.path.parent)
+        log.info("audit log %s: appended entry %d", self.path.name, seq)
+        return Entry(seq, prev, digest, body)
+
+    def _tail(self, fh: Any) -> tuple[int, str]:
+        """(next sequence number, hash to chain to), from the last line, checked."""
+        size = fh.seek(0, os.SEEK_END)
+        if size == 0:
+            return 0, genesis_hash(self.log_name)
+        chunk = _TAIL_CHUNK
+        while True:
+            start = max(0, size - chunk)
+            fh.seek(start)
+            data = fh.read(size - start)
+            if not data.endswith(b"\n"):
+                raise AuditLogError(
+                    f"{self.path}: the last line is incomplete (an interrupted write?); nothing "
+                    "was appended. Run `verify()` (`fedscore audit RUN_DIR`) to locate it and "
+                    "restore the log from a backup")
+            cut = data.rfind(b"\n", 0, len(data) - 1)
+            if cut >= 0 or start == 0:
+                last = data[cut + 1 : -1]
+                break
+            chunk *= 2
+        entry = self._check_line(last, None, None)
+        if isinstance(entry, str):
+            raise AuditLogError(f"{self.path}: the last {entry}; nothing was appended. Run "
+                                "`verify()` (`fedscore audit RUN_DIR`) before appending again")
+        return entry.seq + 1, entry.hash
+
+    # ---- reading ----------------------------------------------------------------------------
+
+    def _check_line(self, raw: bytes, index: int | None, prev: str | None) -> Entry | str:
+        """The entry on `raw`, or why it fails ("entry N: ..."). `index`/`prev`: what position
+        and link the entry must have (None: take its own, as for the tail on append)."""
+        name = "entry" if index is None else f"entry {index}"
+        try:
+            obj = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return f"{name}: not a well-formed entry line (corrupted)"
+        if (not isinstance(obj, dict) or sorted(obj) != list(FIELDS)
+                or not isinstance(obj["seq"], int) or isinstance(obj["seq"], bool)
+                or not all(isinstance(obj[k], str) for k in ("ct", "hash", "prev"))):
+            return f"{name}: not a well-formed entry line (fields missing or of the wrong type)"
+        seq, prev_field, digest = obj["seq"], obj["prev"], obj["hash"]
+        try:
+            ciphertext = base64.b64decode(obj["ct"], validate=True)
+            if obj["ct"] != base64.b64encode(ciphertext).decode("ascii"):
+                raise ValueError
+            canonical = _line(seq, prev_field, ciphertext, digest)
+            bytes.fromhex(prev_field)
+        except (binascii.Error, ValueError):
+            return f"{name}: not a well-formed entry line (bad base64 or hex)"
+        if canonical != raw:
+            return f"{name}: the line is not in canonical form (it was edited)"
+        if index is not None and seq != index:
+            return (f"{name}: carries sequence number {seq} (entries were deleted, inserted or "
+                    "reordered)")
+        if prev is not None and prev_field != prev:
+            return (f"{name}: its previous-entry hash does not match the entry before it (an "
+                    "earlier entry was deleted, changed or reordered)")
+        if len(prev_field) != 64 or chain_hash(prev_field, seq, ciphertext) != digest:
+            return f"{name}: its hash does not match its content (the entry was modified)"
+        try:
+            plain = decrypt(self.store, ciphertext, _context(self.log_name, seq, prev_field))
+        except AtRestError as exc:
+            return f"{name}: cannot be decrypted and authenticated ({exc})"
+        try:
+            body = json.loads(plain)
+            if body["seq"] != seq or body["prev"] != prev_field:
+                raise ValueError
+            record = body["record"]
+        except (ValueError, KeyError, TypeError):
+            return f"{name}: its decrypted content disagrees with its line"
+        return Entry(seq, prev_field, digest, record)
+
+    def _scan(self, expect_head: str | None) -> tuple[VerifyResult, list[Entry]]:
+        head = genesis_hash(self.log_name)
+        if not self.path.exists():
+            raise AuditLogError(f"no audit log at {self.path}; check the run directory")
+        data = self.path.read_bytes()
+        lines = data.split(b"\n")
+        complete = lines[:-1]  # the piece after the last newline is b"" unless truncated
+        entries: list[Entry] = []
+        for i, raw in enumerate(complete):
+            checked = self._check_line(raw, i, head)
+            if isinstance(checked, str):
+                return VerifyResult(False, i, i, checked, head), entries
+            entries.append(checked)
+            head = checked.hash
+        n = len(entries)
+        if lines[-1]:
+            reason = f"entry {n}: truncated last line (no line end; an interrupted write?)"
+            return VerifyResult(False, n, n, reason, head), entries
+        if expect_head is not None and head != expect_head:
+            reason = (f"entry {n}: missing; the log ends after {n} entries with a head hash that "
+                      "differs from the expected one (entries were cut from the end, or the log "
+                      "was replaced)")
+            return VerifyResult(False, n, n, reason, head), entries
+        return VerifyResult(True, n, None, None, head), entries
+
+    def verify(self, expect_head: str | None = None) -> VerifyResult:
+        """Check every entry (format, order, chain, hash, decryption) and, with `expect_head`,
+        that the log still ends where it did when that head was recorded."""
+        result, _ = self._scan(expect_head)
+        if result.ok:
+            log.info("audit log %s: %d entries verified", self.path.name, result.entries)
+        else:
+            log.warning("audit log %s: verification failed: %s", self.path.name, result.reason)
+        return result
+
+    def entries(self) -> list[dict[str, Any]]:
+        """The records in order; raises `AuditLogError` unless the whole log verifies."""
+        result, entries = self._scan(None)
+        if not result.ok:
+            raise AuditLogError(f"{self.path}: {result.reason}; restore the log from a backup")
+        return [e.record for e in entries]
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a new file's directory entry durable too."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
