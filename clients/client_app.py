@@ -24,7 +24,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients import capture
+from clients import capture, corrections
 from clients import messages as m
 from clients.schema import federation_silos, silo_salt
 from clients.silo_data import SiloDataError, SiloMatrix, load_silo
@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_CACHE: dict[tuple[str, str, float], SiloMatrix] = {}
+_CACHE: dict[tuple[str, str, float, float], SiloMatrix] = {}
 
 
 def silo_name(context: Context, defaults: Defaults | None = None) -> str:
@@ -86,16 +86,21 @@ def silo_store(context: Context, defaults: Defaults) -> Keystore | None:
 
 
 def silo_matrix(context: Context, defaults: Defaults) -> SiloMatrix:
+    """The silo's prepared table, with the corrections it accepted after disputes."""
     directory = silo_dir(context, defaults)
     silo = silo_name(context, defaults)
     mtime = max((p.stat().st_mtime for p in directory.glob("features.*")), default=0.0)
-    key = (str(directory.resolve()), silo, mtime)
+    fixes = corrections.path(directory)
+    key = (str(directory.resolve()), silo, mtime, fixes.stat().st_mtime if fixes else 0.0)
     if key not in _CACHE:
         # The engine may route any silo's message to any worker process, so keep every silo's
         # matrix (a few MB per 100k people); drop stale versions of this silo's table only.
         for old in [k for k in _CACHE if k[:2] == key[:2]]:
             del _CACHE[old]
-        _CACHE[key] = load_silo(directory, silo, silo_store(context, defaults))
+        store = silo_store(context, defaults)
+        matrix = load_silo(directory, silo, store)
+        items = corrections.load(directory, silo, store)
+        _CACHE[key] = corrections.apply(matrix, directory, silo, store, items)
     return _CACHE[key]
 
 
@@ -365,6 +370,74 @@ def make_client_app(root: Path | None = None, keystore: Path | None = None,
                 for s, p in publics.items() if s != me}})
         return Message(m.make_content({"round": round_}), reply_to=msg)
 
+    @app.query("correct")
+    @_guarded
+    def correct(msg: Message, context: Context) -> Message:
+        """Record a disputed field's corrected value for the person at one position."""
+        cfg = m.get_config(msg)
+        position = m.get_array(msg, "position", np.int64, 1)
+        if len(position) != 1:
+            raise m.ProtocolError("a correction names exactly one position")
+        data = silo_matrix(context, defaults)
+        silo = silo_name(context, defaults)
+        row = int(_rows(context, position)[0])
+        from clients.explain import features_of
+
+        value = corrections.check_value(silo, str(cfg["field"]), float(cfg["value"]),
+                                        features_of(data))
+        held = corrections.record(silo_dir(context, defaults), silo,
+                                  silo_store(context, defaults), str(data.ids.iloc[row]),
+                                  str(cfg["field"]), value, str(cfg.get("category", "")))
+        return Message(m.make_content({"corrections": held}), reply_to=msg)
+
+    @app.query("score")
+    @_guarded
+    def score(msg: Message, context: Context) -> Message:
+        """Contributions for positions at the restored model: the silo's current records (its
+        corrections applied), or a later cohort's (`cohort`), with reason codes when asked and,
+        with `drift`, the population stability index of the silo's points against its
+        contributions on the current records."""
+        t0 = time.perf_counter()
+        cfg = m.get_config(msg)
+        request = str(cfg.get("request", ""))
+        if not request.isalnum() or len(request) > 64:
+            raise m.ProtocolError("a score request needs an alphanumeric request id")
+        seen = context.state.get("served", ConfigRecord({"ids": []}))
+        if request in list(seen["ids"]):
+            raise m.ProtocolError("this request id was used already; masks are single-use")
+        context.state["served"] = ConfigRecord({"ids": [*seen["ids"], request]})
+        positions = m.get_array(msg, "positions", np.int64, 1)
+        rows = _rows(context, positions)
+        trainer = _trainer(context)
+        data = silo_matrix(context, defaults)
+        cohort = str(cfg.get("cohort", ""))
+        if cohort:
+            from clients.silo_data import load_cohort
+
+            x = load_cohort(silo_dir(context, defaults), silo_name(context, defaults), cohort,
+                            silo_store(context, defaults), data)[rows]
+        else:
+            x = data.x[rows]
+        values = trainer.released(x)
+        reply: dict = {}
+        out: dict[str, np.ndarray] = {}
+        if cfg.get("drift"):
+            from clients.drift import psi
+
+            before = trainer.contributions(data.x[rows])
+            # Points fall as contributions rise: compare -g, so bins follow points' order.
+            reply["drift.psi"] = psi(-before.astype(np.float64), -values.astype(np.float64))
+        if bool(context.state["model"].get("secure", False)):
+            out["contributions"] = _masked(context, defaults, values, 0, f"score/{request}")
+        else:
+            out["contributions"] = values
+        if int(cfg.get("explain", 0)) > 0:
+            arrays, extra = _explained(trainer, data, x, int(cfg["explain"]))
+            out.update(arrays)
+            reply.update(extra)
+        reply["seconds"] = time.perf_counter() - t0
+        return Message(m.make_content(reply, **out), reply_to=msg)
+
     @app.train("step")
     @_guarded
     def step(msg: Message, context: Context) -> Message:
@@ -399,6 +472,12 @@ def make_client_app(root: Path | None = None, keystore: Path | None = None,
                 out[key] = _masked(context, defaults, values, round_, key) if secure else values
                 if key == "eval" and config.get("summary") and values.ndim == 1:
                     reply_config.update(contribution_summary(values))
+                if key == "eval" and int(config.get("explain", 0)) > 0:
+                    data = silo_matrix(context, defaults)
+                    why = _explained(trainer, data, data.x[_rows(context, positions)],
+                                     int(config["explain"]))
+                    out.update(why[0])
+                    reply_config.update(why[1])
         if trainer.history:
             out["accountant"] = np.array(trainer.history, dtype=np.float64)
         _maybe_misbehave(silo_name(context, defaults), round_, out)
@@ -408,6 +487,22 @@ def make_client_app(root: Path | None = None, keystore: Path | None = None,
         return Message(reply, reply_to=msg)
 
     return app
+
+
+def _explained(trainer: SiloTrainer, data: SiloMatrix, x: np.ndarray, k: int
+               ) -> tuple[dict[str, np.ndarray], dict]:
+    """Reason codes for the rows `x`, as reply arrays and config entries."""
+    if trainer.spec.outputs != 1:
+        raise m.ProtocolError("reason codes need aggregation.mode=sum (one contribution each)")
+    if trainer.spec.transcript_sigma > 0:
+        raise m.ProtocolError("reason codes would release exact contributions that transcript "
+                              "DP's accounting does not cover; ask for none (explain=0)")
+    from clients.explain import explain
+
+    why = explain(trainer, data, x, k)
+    arrays = {"explain_delta": why.delta, "reason_index": why.index,
+              "reason_share": why.share}
+    return arrays, {"explain.reference": why.reference, "explain.features": why.features}
 
 
 SILO_FAULT = "FEDSCORE_SILO_FAULT"

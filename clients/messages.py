@@ -13,6 +13,14 @@ Message types (Flower "<category>.<action>"):
                      -> contributions for the new plan and the eval positions
   query.peers        every silo's masking public key (relayed, secure sum only)
   query.resume       run key + round -> the silo restores its own checkpoint of that round
+  query.correct      position + field + value -> the silo records a correction of its record
+  query.score        request id + positions [+ cohort] -> contributions (masked under secure
+                     sum), with reason codes when asked; [+ drift] the PSI of the silo's points
+
+The last step of training and `query.score` can ask for reason codes ("explain": k): each silo
+then also sends, per person, g_k(x) - g_k(typical person) and its k features that raise the
+default logit most with their shares (clients/explain.py). That is a deliberate disclosure of
+per-silo contributions (docs/threat-model.md); `explain.reasons=0` keeps secure sum whole.
 
 With secure aggregation, contributions travel as uint64 fixed-point shares masked pairwise
 (crypto.masking): the authority can decode only their sum.
@@ -30,6 +38,8 @@ ALIGN = "query.align"
 STEP = "train.step"
 RESUME = "query.resume"
 PEERS = "query.peers"
+CORRECT = "query.correct"
+SCORE = "query.score"
 
 # Error codes a silo uses for problems it diagnosed itself; the reason is meant for people.
 INPUT_ERROR = 4001

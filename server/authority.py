@@ -7,7 +7,6 @@ Writes into the run directory only what the authority may publish: keyed subject
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -25,14 +24,10 @@ from clients.model import ModelSpec
 from clients.schema import AUTHORITY
 from crypto.at_rest import (
     REF_HASH,
-    AtRestError,
-    Keystore,
     open_keystore,
-    read_encrypted,
-    write_encrypted,
 )
 from crypto.identity import keyed_refs, load_or_create_pepper
-from server import checkpoint, metrics, scoring
+from server import checkpoint, explanations, metrics, scoring
 from server.alignment import Alignment, announce, joint_order, private_intersections
 from server.checkpoint import RunState, TrainState
 from server.config import AuthorityConfig, to_flat
@@ -41,12 +36,12 @@ from server.label_dp import randomized_response
 from server.labels import load_labels
 from server.ledger import Ledger
 from server.privacy import PrivacyPlan
+from server.scores_file import PEPPER_FILE, write_scores
 from server.split import SPLIT_NAMES, Split, stratified_split
 from server.training import train
 
 log = logging.getLogger(__name__)
 
-PEPPER_FILE = "pepper.key"
 
 
 @dataclass
@@ -146,12 +141,14 @@ def run_authority(
         )
         _maybe_inject_failure(current.trip, privacy)
 
+    reasons = _reasons_asked(cfg)
     phases.start("train")
     try:
         result = train(
             fed, run.y_view, y.astype(np.float64), split.train, split.val, n_positions,
             cfg.train, spec, privacy, progress, state=state, on_round=on_round,
             secure=secure, mode=cfg.aggregation.mode, top_hidden=cfg.model.top_hidden,
+            explain=reasons,
         )
         privacy_summary = privacy.summary()
     finally:
@@ -168,6 +165,7 @@ def run_authority(
     ref_hash = REF_HASH[store.suite] if store else "sha256"
     refs = keyed_refs(ids.to_numpy()[run.authority_rows], pepper, ref_hash)
     split_of = split.labels(n_positions)
+    why = _reason_points(result.explained, result.bias, calibrate, cfg, reasons)
     scores = pd.DataFrame(
         {
             "subject_ref": refs,
@@ -177,6 +175,8 @@ def run_authority(
             "tier": pd.Categorical.from_codes(tier, scoring.TIER_KEYS),
         }
     )
+    if why is not None:
+        scores = pd.concat([scores, why], axis=1)
     write_scores(out_dir, scores, store, run.run_key)
     phases.stop()
 
@@ -186,6 +186,10 @@ def run_authority(
         "test_tiers": scoring.tier_counts(tier[test]),
         "test_default_rate_by_tier": _rate_by_tier(y[test], tier[test]),
         "calibration": {"a": calibrate.a, "b": calibrate.b},
+        # What re-scoring one person later needs (server/service.py): the silos keep their
+        # models of the final round under the run key.
+        "model": {"bias": result.bias, "final_round": result.round_trips,
+                  "run_key": run.run_key, "reasons": reasons if why is not None else 0},
         "contributions": {silo: scoring.contribution_points(s, calibrate, cfg.score)
                           for silo, s in result.contributions.items()},
         "people": {
@@ -215,39 +219,6 @@ def run_authority(
     return RunResult(metrics=out, seconds=phases.seconds)
 
 
-SCORES_FILE = "scores.parquet"
-
-
-def scores_context(run_key: str) -> bytes:
-    return f"fedscore/{run_key}/authority/{SCORES_FILE}".encode()
-
-
-def write_scores(out_dir: Path, scores: pd.DataFrame, store: Keystore | None, run_key: str
-                 ) -> None:
-    """scores.parquet, or scores.parquet.enc bound to this run when a keystore is in use."""
-    if store is None:
-        scores.to_parquet(out_dir / SCORES_FILE, index=False)
-        return
-    buf = io.BytesIO()
-    scores.to_parquet(buf, index=False)
-    write_encrypted(store, out_dir / f"{SCORES_FILE}.enc", buf.getvalue(),
-                    scores_context(run_key))
-    (out_dir / "run_key.txt").write_text(run_key + "\n")
-
-
-def read_scores(out_dir: Path, keystore: str | Path | None) -> pd.DataFrame:
-    """The scores a run wrote, decrypting them with the keystore at `keystore` when they are
-    encrypted."""
-    encrypted = out_dir / f"{SCORES_FILE}.enc"
-    if not encrypted.exists():
-        return pd.read_parquet(out_dir / SCORES_FILE)
-    if not keystore:
-        raise AtRestError(f"{encrypted} is encrypted; give the keystore it was written with")
-    run_key = (out_dir / "run_key.txt").read_text().strip()
-    data = read_encrypted(Keystore(Path(keystore)), encrypted, scores_context(run_key))
-    return pd.read_parquet(io.BytesIO(data))
-
-
 def _align_and_split(
     fed: Federation, cfg: AuthorityConfig, ids: pd.Series, labels: np.ndarray, config: dict,
     psi_cache: dict | None = None,
@@ -272,6 +243,29 @@ def _align_and_split(
         train=split.train, val=split.val, test=split.test, y_view=y_view,
         overlap=alignment.overlap,
     )
+
+
+def _reasons_asked(cfg: AuthorityConfig) -> int:
+    """Reason codes to ask the silos for: none outside plain `sum` mode (config comment)."""
+    if not cfg.explain.reasons:
+        return 0
+    if cfg.aggregation.mode != "sum" or cfg.privacy.transcript_dp:
+        why = ("aggregation.mode=concat has no additive points" if cfg.aggregation.mode != "sum"
+               else "transcript DP does not account for exact per-silo points")
+        log.warning("no reason codes: %s (explain.reasons=0 silences this)", why)
+        return 0
+    return cfg.explain.reasons
+
+
+def _reason_points(explained: dict, bias: float, calibrate: scoring.Platt,
+                   cfg: AuthorityConfig, reasons: int) -> pd.DataFrame | None:
+    if not explained:
+        return None
+    try:
+        return explanations.points_frame(explained, bias, calibrate, cfg.score, reasons)
+    except explanations.ExplanationError as exc:
+        log.warning("no reason codes: %s", exc)
+        return None
 
 
 FAIL_AFTER_ROUND = "FEDSCORE_FAIL_AFTER_ROUND"

@@ -91,6 +91,21 @@ class ScoreConfig:
             raise ConfigError(f"score.base_score={self.base_score}: must lie in 300..850")
 
 
+MAX_REASONS = 8
+
+
+@dataclass(frozen=True)
+class ExplainConfig:
+    # Reason codes per person (0 = none). They release each silo's exact points per person,
+    # which secure sum otherwise hides from the authority (docs/threat-model.md); so they are
+    # made in `sum` mode without transcript noise only, and skipped with a warning otherwise.
+    reasons: int = 4
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.reasons <= MAX_REASONS:
+            raise ConfigError(f"explain.reasons={self.reasons}: use 0 (none) to {MAX_REASONS}")
+
+
 @dataclass(frozen=True)
 class PsiConfig:
     # Processes for the authority's own blinding; silos blind in their own processes.
@@ -232,6 +247,7 @@ class AuthorityConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
+    explain: ExplainConfig = field(default_factory=ExplainConfig)
     psi: PsiConfig = field(default_factory=PsiConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)

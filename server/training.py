@@ -35,6 +35,7 @@ from clients.model import ModelSpec
 from crypto.masking import decode, ring_sum
 from server.checkpoint import TrainState
 from server.config import TrainConfig
+from server.explanations import Explained, parse
 from server.federation import Federation, FederationError
 from server.metrics import auc, log_loss
 from server.privacy import PrivacyPlan
@@ -56,6 +57,8 @@ class TrainResult:
     silo_seconds: dict[str, float] = field(default_factory=dict)
     # Per silo: mean, mad, q10, q50, q90 of its contributions over everyone (sum mode only).
     contributions: dict[str, dict[str, float]] = field(default_factory=dict)
+    # Per silo: its reason codes for everyone, when asked for (server/explanations.py).
+    explained: dict[str, Explained] = field(default_factory=dict)
 
 
 def batch_plan(
@@ -165,6 +168,7 @@ def train(
     secure: bool = False,
     mode: str = "sum",
     top_hidden: tuple[int, ...] = (16,),
+    explain: int = 0,
 ) -> TrainResult:
     """Train from `state` (a fresh start when None); `on_round` receives the state after every
     round trip, for checkpoints. `y_train_view` holds the labels the gradients may see
@@ -190,9 +194,9 @@ def train(
             return _stacked(replies, key, expected, fed.silos, spec.outputs)
         return _summed(replies, key, expected, secure)
 
-    def send(plan: np.ndarray | None, eval_pos: np.ndarray | None, summary: bool = False
-             ) -> dict:
-        config = {"round": state.trip + 1, "summary": summary}
+    def send(plan: np.ndarray | None, eval_pos: np.ndarray | None, summary: bool = False,
+             reasons: int = 0) -> dict:
+        config = {"round": state.trip + 1, "summary": summary, "explain": reasons}
         extras: dict[str, np.ndarray | None] = {"plan": plan, "eval": eval_pos}
         if state.done_grad is not None:
             extras.update(done_plan=state.done_plan, done_sizes=state.done_sizes)
@@ -254,8 +258,11 @@ def train(
     everyone = np.arange(n_positions, dtype=np.int64)
     # In sum mode each silo also reports five aggregates of its contributions (for the report's
     # per-silo points); not under transcript DP, whose releases are all noised.
-    replies = send(None, everyone, summary=not concat and spec.transcript_sigma == 0)
+    replies = send(None, everyone, summary=not concat and spec.transcript_sigma == 0,
+                   reasons=explain)
     logits = head.logits(inputs(replies, "eval", n_positions))
+    explained = {s: parse(replies[s], s, n_positions, explain) for s in fed.silos} if explain \
+        else {}
     contributions = {silo: {k.removeprefix("summary."): float(v)
                             for k, v in m.get_config(reply).items() if k.startswith("summary.")}
                      for silo, reply in replies.items()}
@@ -263,7 +270,7 @@ def train(
     return TrainResult(
         bias=head.bias, logits=logits, history=history, round_trips=state.trip,
         steps=state.steps, stopped_by_cap=state.stopped_by_cap, silo_seconds=state.silo_seconds,
-        contributions={s: c for s, c in contributions.items() if c},
+        contributions={s: c for s, c in contributions.items() if c}, explained=explained,
     )
 
 

@@ -23,10 +23,10 @@ from clients.schema import AUTHORITY, federation_silos, silo_salt
 from clients.silo_data import load_silo
 from crypto.at_rest import Keystore
 from crypto.identity import keyed_refs
-from server.authority import PEPPER_FILE
 from server.config import AuthorityConfig
 from server.labels import load_labels
 from server.metrics import summary
+from server.scores_file import PEPPER_FILE
 from server.scoring import Platt
 from server.top import build_head, prior_logit
 from server.training import batch_plan

@@ -8,6 +8,10 @@
   fedscore sweep --out DIR [--epsilons 0.5,1,2,4,8,inf] [--seeds 0,1,2] [--set key=value ...]
   fedscore report RUN_OR_SWEEP_DIR     # report.html, tables.tex, report/*.csv
   fedscore config                      # every --set key with its type and default
+  fedscore score RUN_DIR --subject PHONE   # one person's score and reasons, via the federation
+  fedscore dispute RUN_DIR --subject PHONE --silo S --field F --value V --category C
+  fedscore audit RUN_DIR               # verify the dispute audit log
+  fedscore drift RUN_DIR [--drift 0.3] # score a later cohort, population stability index
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from simulations import cli_people
 from simulations.engine import configure_environment, quiet_engine_logs
 
 console = Console(stderr=True)
@@ -141,6 +146,7 @@ def _parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="write report.html, tables.tex and report/*.csv "
                                            "into a run or sweep directory")
     report.add_argument("dir", type=Path, metavar="RUN_OR_SWEEP_DIR")
+    cli_people.add_parsers(sub)
     return p
 
 
@@ -433,6 +439,8 @@ def main(argv: list[str] | None = None) -> int:
         commands = {"run": _run, "deploy": _run, "certs": _certs, "sweep": _sweep,
                     "generate": _generate, "config": _config, "ledger": _ledger, "keys": _keys,
                     "report": _report}
+        if args.command in cli_people.COMMANDS:
+            return cli_people.COMMANDS[args.command](args, console)
         return commands[args.command](args)
     except USER_ERRORS as exc:
         console.print(f"[bold red]error:[/] {exc}", highlight=False)

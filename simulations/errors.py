@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+from clients.drift import DriftError
 from clients.messages import ProtocolError
+from clients.reasons import ReasonError
 from clients.silo_data import SiloDataError
 from crypto.at_rest import AtRestError
 from crypto.identity import IdentifierError
 from crypto.psi import PsiError
 from crypto.tls import CredentialError
+from server.audit_log import AuditLogError
 from server.checkpoint import CheckpointError
 from server.config import ConfigError
+from server.explanations import ExplanationError
 from server.federation import FederationError
 from server.labels import LabelDataError
 from server.ledger import LedgerError
+from server.rescore import RescoreError
 from server.split import SplitError
 from simulations.deploy import DeploymentError
 from simulations.real_data import DataImportError
@@ -36,4 +41,9 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     CredentialError,
     FileExistsError,
     PermissionError,
+    RescoreError,
+    ExplanationError,
+    AuditLogError,
+    ReasonError,
+    DriftError,
 )

@@ -27,10 +27,11 @@ from clients.client_app import make_client_app
 from clients.schema import AUTHORITY, federation_silos
 from clients.silo_data import load_silo
 from crypto.at_rest import Keystore, keystore_path, open_keystore, read_party_file
-from server.authority import RunResult, read_scores
+from server.authority import RunResult
 from server.config import ConfigError, to_flat
 from server.labels import load_labels
 from server.metrics import auc
+from server.scores_file import read_scores
 from server.server_app import make_cells_app, make_server_app
 from simulations.audit import membership_audit, per_example_loss
 from simulations.baselines import JoinedData, join_parties, train_central

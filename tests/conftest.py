@@ -62,7 +62,7 @@ def scores_of(run_dir: Path):
     """A run's scores, decrypted with its automatic keystore (`<parties>.keys`)."""
     import json
 
-    from server.authority import read_scores
+    from server.scores_file import read_scores
 
     parties = Path(json.loads((run_dir / "run.json").read_text())["parties"])
     return read_scores(run_dir, parties.with_name(parties.name + ".keys"))

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from server.drift import (
+from clients.drift import (
     EPSILON,
     DriftError,
     bin_counts,

@@ -9,8 +9,8 @@ import pytest
 
 from crypto.at_rest import MAGIC, AtRestError, Keystore
 from crypto.identity import keyed_refs
-from server.authority import read_scores
 from server.labels import load_labels
+from server.scores_file import read_scores
 from tests.conftest import run_cli, run_cli_crashing
 
 pytestmark = pytest.mark.slow

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from server.authority import read_scores
+from server.scores_file import read_scores
 from tests.conftest import ENGINE_ENV, processes_using, run_cli
 
 pytestmark = pytest.mark.slow

@@ -1,0 +1,128 @@
+"""Scoring after the run: the authority re-scores people through the federation.
+
+The silos keep their models of the final round under the run key (clients/client_app.py), so a
+later federation session restores them (`query.resume`) and answers `query.score` for any
+positions: the people's current records (with the corrections a dispute made), or a later
+cohort's. The authority adds the silos' contributions (a secure sum when the run used one),
+applies its bias and calibration, and turns the result into scores, tiers and reason codes
+exactly as at the end of the run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from clients import messages as m
+from server import explanations, scoring
+from server.config import AuthorityConfig, parse_flat
+from server.federation import Federation, FederationError
+
+log = logging.getLogger(__name__)
+
+
+class RescoreError(ValueError):
+    """A run that cannot be re-scored, or a request that does not fit it."""
+
+
+@dataclass(frozen=True)
+class Scorer:
+    """What the authority kept of a finished run to score again."""
+
+    cfg: AuthorityConfig
+    bias: float
+    calibrate: scoring.Platt
+    run_key: str
+    final_round: int
+    reasons: int
+    positions: int
+
+    @classmethod
+    def from_run(cls, run_dir: Path, ignore: tuple[str, ...] = ()) -> Scorer:
+        path = run_dir / "authority.json"
+        if not path.exists():
+            raise RescoreError(f"{run_dir} has no authority.json: the run did not finish; "
+                               "resume it (fedscore run --resume) before scoring with it")
+        info = json.loads(path.read_text())
+        if "model" not in info:
+            raise RescoreError(f"{run_dir} was made by an older fedscore that did not keep what "
+                               "re-scoring needs; run it again")
+        cfg = parse_flat(AuthorityConfig, info["config"], ignore=ignore)
+        if cfg.aggregation.mode != "sum":
+            raise RescoreError("re-scoring needs a run in aggregation.mode=sum; this run used "
+                               f"{cfg.aggregation.mode!r}")
+        model = info["model"]
+        return cls(cfg, float(model["bias"]), scoring.Platt(**info["calibration"]),
+                   str(model["run_key"]), int(model["final_round"]), int(model["reasons"]),
+                   int(info["people"]["aligned"]))
+
+
+@dataclass
+class Scored:
+    """Scores for the positions asked, in their order."""
+
+    positions: np.ndarray
+    frame: pd.DataFrame  # probability, score, tier [+ points and reasons]
+    seconds: float  # the federation round trip
+    drift: dict[str, float] = field(default_factory=dict)  # per silo: PSI of its points
+
+
+def restore(fed: Federation, scorer: Scorer) -> None:
+    """Every silo reloads its final-round model and the run's alignment."""
+    fed.broadcast(m.RESUME, m.make_content({"run": scorer.run_key,
+                                            "round": scorer.final_round}))
+
+
+def correct(fed: Federation, scorer: Scorer, position: int, silo: str, field_: str,
+            value: float, category: str) -> None:
+    """The silo records the corrected value of one field of the person at `position`."""
+    if silo not in fed.silos:
+        raise RescoreError(f"no silo {silo!r} in this federation; silos: {', '.join(fed.silos)}")
+    _check_positions(scorer, np.array([position]))
+    fed.exchange(m.CORRECT, {silo: m.make_content(
+        {"field": field_, "value": float(value), "category": category},
+        position=np.array([position], dtype=np.int64))})
+
+
+def score(fed: Federation, scorer: Scorer, positions: np.ndarray, cohort: str = "",
+          drift: bool = False, explain: int | None = None) -> Scored:
+    """Scores (and reason codes, unless explain=0) for `positions` through the federation."""
+    positions = np.asarray(positions, dtype=np.int64)
+    _check_positions(scorer, positions)
+    k = scorer.reasons if explain is None else explain
+    config = {"request": secrets.token_hex(8), "explain": k, "cohort": cohort, "drift": drift}
+    t0 = time.perf_counter()
+    replies = fed.broadcast(m.SCORE, m.make_content(config, positions=positions))
+    seconds = time.perf_counter() - t0
+    secure = scorer.cfg.aggregation.secure_sum
+    from server.training import _summed  # the training stack (torch) only when scoring
+
+    try:
+        total = _summed(replies, "contributions", len(positions), secure)
+    except FederationError as exc:
+        raise FederationError(f"re-scoring failed: {exc}") from None
+    p = scorer.calibrate(scorer.bias + total)
+    points = scoring.to_score(p, scorer.cfg.score)
+    frame = pd.DataFrame({
+        "probability": p, "score": points,
+        "tier": pd.Categorical.from_codes(scoring.to_tier(points), scoring.TIER_KEYS)})
+    if k:
+        explained = {s: explanations.parse(replies[s], s, len(positions), k) for s in fed.silos}
+        frame = pd.concat([frame, explanations.points_frame(
+            explained, scorer.bias, scorer.calibrate, scorer.cfg.score, k)], axis=1)
+    psi = {s: float(m.get_config(r)["drift.psi"]) for s, r in replies.items()} if drift else {}
+    return Scored(positions, frame, seconds, psi)
+
+
+def _check_positions(scorer: Scorer, positions: np.ndarray) -> None:
+    if len(positions) == 0:
+        raise RescoreError("no people to score")
+    if positions.min() < 0 or positions.max() >= scorer.positions:
+        raise RescoreError(f"positions must lie in 0..{scorer.positions - 1}")

@@ -1,0 +1,193 @@
+"""`fedscore score | dispute | audit | drift`: the score as people meet it, after a run.
+
+  fedscore score RUN_DIR --subject PHONE [--repeat N] [--lang en|zh]
+  fedscore dispute RUN_DIR --subject PHONE --silo payments --field overdue_count --value 0
+                   --category transaction|identity_theft|system_error
+  fedscore audit RUN_DIR [--expect-head HASH]
+  fedscore drift RUN_DIR [--cohort later] [--drift 0.3]
+  fedscore serve RUN_DIR               # keep the federation up: score and dispute in ~1 s
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from clients.reasons import reason_text
+from server.scoring import TIERS
+from simulations.session import DUE_HOURS
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    score = sub.add_parser("score", help="one person's score, tier and reasons, through the "
+                                         "federation")
+    score.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    score.add_argument("--subject", required=True, metavar="PHONE", help="the person's phone")
+    score.add_argument("--repeat", type=int, default=1,
+                       help="score this many times in one session and report the latency")
+    score.add_argument("--lang", choices=["en", "zh"], default="en", help="reason language")
+
+    dispute = sub.add_parser("dispute", help="correct a silo's record of a person, re-score "
+                                             "them and log the case")
+    dispute.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    dispute.add_argument("--subject", required=True, metavar="PHONE")
+    dispute.add_argument("--silo", required=True, help="the silo holding the wrong record")
+    dispute.add_argument("--field", required=True, help="the field to correct")
+    dispute.add_argument("--value", required=True, type=float, help="its corrected value")
+    dispute.add_argument("--category", required=True, choices=list(DUE_HOURS),
+                         help="transaction (24 h), identity_theft (48 h), system_error (72 h)")
+    dispute.add_argument("--lang", choices=["en", "zh"], default="en")
+
+    audit = sub.add_parser("audit", help="verify a run's dispute audit log")
+    audit.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    audit.add_argument("--expect-head", default=None, metavar="HASH",
+                       help="the head hash printed by the last dispute (catches a cut log)")
+
+    drift = sub.add_parser("drift", help="score a later cohort with behaviour drift and report "
+                                         "population stability")
+    drift.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    drift.add_argument("--cohort", default="later", help="cohort name (made if missing)")
+    drift.add_argument("--drift", type=float, default=0.3,
+                       help="behaviour drift of a new cohort: 0 = none, 1 = large")
+    drift.add_argument("--seed", type=int, default=None, help="seed of a new cohort")
+
+    serve = sub.add_parser("serve", help="keep a run's federation up so `score` and `dispute` "
+                                         "skip the engine start (Ctrl-C stops it)")
+    serve.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+
+
+def _reason_rows(row: dict, lang: str) -> list[tuple[str, str, str, str]]:
+    out = []
+    for j in range(1, 9):
+        code = row.get(f"reason_{j}")
+        if code is None:
+            continue
+        silo, feature = str(code).split(".", 1)
+        text = reason_text(silo, feature)
+        label, tip = (text.label_zh, text.tip_zh) if lang == "zh" else (text.label_en,
+                                                                          text.tip_en)
+        out.append((silo, label, f"{row[f'reason_{j}_points']:.1f}", tip))
+    return out
+
+
+def _print_person(row: dict, lang: str, title: str) -> None:
+    out = Console()
+    tier = next((t for t in TIERS if t.key == row.get("tier")), None)
+    status = row.get("status", "scored")
+    if status == "ineligible":
+        out.print(f"[bold]{title}[/]: ineligible: {row.get('ineligible_reason')}")
+        return
+    name = f"{tier.key} ({tier.name_zh})" if tier else "-"
+    out.print(f"[bold]{title}[/]: score {row['score']}, tier {name}", highlight=False)
+    if "points_base" in row:
+        parts = ", ".join(f"{k.removeprefix('points_')} {v:+.1f}" for k, v in row.items()
+                          if k.startswith("points_") and k != "points_base" and v)
+        out.print(f"points: typical person {row['points_base']:.1f}; {parts}", highlight=False)
+    reasons = _reason_rows(row, lang)
+    if reasons:
+        table = Table("silo", "reason", "points", "what helps", title="reason codes")
+        for r in reasons:
+            table.add_row(*r)
+        out.print(table)
+
+
+def score(args: argparse.Namespace, console: Console) -> int:
+    from simulations.session import lookup
+
+    if args.repeat < 1:
+        raise ValueError("--repeat must be 1 or more")
+    with console.status("scoring through the federation"):
+        result = lookup(args.run_dir, args.subject, args.repeat)
+    _print_person(result, args.lang, f"subject {result['subject_ref'][:12]}…")
+    lat = result["latency"]
+    Console().print(f"federation round trip: p50 {1000 * lat['p50']:.0f} ms, "
+                    f"p90 {1000 * lat['p90']:.0f} ms over {lat['trips']} trip(s)",
+                    highlight=False)
+    return 0
+
+
+def dispute(args: argparse.Namespace, console: Console) -> int:
+    from simulations.session import dispute as settle
+
+    with console.status("recording the correction and re-scoring through the federation"):
+        case = settle(args.run_dir, args.subject, args.silo, args.field, args.value,
+                      args.category)
+    out = Console()
+    out.print(f"dispute #{case['seq']} ({case['category']}, due {case['due']}): score "
+              f"{case['old_score']} -> {case['new_score']}, tier {case['old_tier']} -> "
+              f"{case['new_tier']}", highlight=False)
+    _print_person(case["reasons"], args.lang, "after the correction")
+    sec = case["seconds"]
+    how = "served federation" if case.get("served") else \
+        f"federation session {sec.get('session', 0):.2f} s"
+    out.print(f"took {sec['total']:.2f} s ({how}, correction {1000 * sec['correct']:.0f} ms, "
+              f"re-score {1000 * sec['score']:.0f} ms)", highlight=False)
+    out.print(f"audit log head: {case['head']}  (keep it: fedscore audit --expect-head)",
+              soft_wrap=True, highlight=False)
+    return 0
+
+
+def audit(args: argparse.Namespace, console: Console) -> int:
+    from simulations.session import open_finished
+
+    log = open_finished(args.run_dir).audit_log()
+    if not log.path.exists():
+        Console().print(f"{log.path}: no disputes yet")
+        return 0
+    result = log.verify(expect_head=args.expect_head)
+    out = Console()
+    if not result:
+        out.print(f"[bold red]audit log does not verify[/]: {result.reason}", highlight=False)
+        return 1
+    table = Table("#", "subject", "category", "silo.field", "score", "opened", "due",
+                  title=f"audit log: {result.entries} entries, chain verified")
+    for i, e in enumerate(log.entries()):
+        table.add_row(str(i), f"{e['subject_ref'][:12]}…", e["category"],
+                      f"{e['silo']}.{e['field']}", f"{e['old_score']} -> {e['new_score']}",
+                      e["opened"], e["due"])
+    out.print(table)
+    out.print(f"head: {result.head}", highlight=False)
+    return 0
+
+
+def drift(args: argparse.Namespace, console: Console) -> int:
+    from simulations.drift_run import run_drift
+
+    with console.status(f"scoring cohort {args.cohort!r} through the federation"):
+        report = run_drift(args.run_dir, args.cohort, args.drift, args.seed)
+    table = Table("population", "PSI", "status", title=f"drift: cohort {args.cohort!r} vs the "
+                  "run's people")
+    for name, row in report["psi"].items():
+        table.add_row(name, f"{row['psi']:.4f}", row["status"])
+    out = Console()
+    out.print(table)
+    out.print(f"mean score {report['mean_score']['before']:.1f} -> "
+              f"{report['mean_score']['after']:.1f}; {report['files']['json']}, "
+              f"{report['files']['png']}", soft_wrap=True, highlight=False)
+    return 0
+
+
+def serve(args: argparse.Namespace, console: Console) -> int:
+    import signal
+    import threading
+
+    from simulations.serve import serve as run_server
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+
+    def ready(path: Path) -> None:
+        console.print(f"serving {args.run_dir} (socket {path}); fedscore score / dispute now "
+                      "go through it. Ctrl-C stops.", soft_wrap=True, highlight=False)
+
+    with console.status("starting the federation and restoring the silos' models"):
+        served = run_server(args.run_dir, on_ready=ready, stop=stop)
+    console.print(f"stopped after {served} request(s)")
+    return 0
+
+
+COMMANDS = {"score": score, "dispute": dispute, "audit": audit, "drift": drift, "serve": serve}

@@ -1,0 +1,151 @@
+"""`fedscore serve RUN_DIR`: keep a run's federation up and answer people's requests.
+
+Starting Flower's simulation engine costs about 10 s, most of a one-off `fedscore score` or
+`fedscore dispute`. A served run keeps the session open (silos hold their restored models) and
+takes requests over a Unix socket readable by its owner only; `score` and `dispute` use it when
+it is up and open a session of their own when it is not. Requests carry the run's row position
+and keyed subject reference, never a phone number: the command line resolves those first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import socket
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from server.federation import Federation
+from server.rescore import Scorer
+from simulations.engine import private_engine_home
+from simulations.session import (
+    FinishedRun,
+    Progress,
+    open_finished,
+    run_session,
+    score_person,
+    settle,
+)
+
+log = logging.getLogger(__name__)
+
+SERVE_FILE = "serve.json"
+MAX_REQUEST = 1 << 16
+
+
+def socket_path(run_dir: Path) -> Path:
+    """Under the private engine home: a socket path must stay under ~107 bytes."""
+    digest = hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:16]
+    return private_engine_home() / f"serve-{digest}.sock"
+
+
+def request(run_dir: Path, payload: dict, timeout: float = 120.0) -> dict | None:
+    """The served run's answer to `payload`, or None when nobody serves `run_dir`."""
+    info = run_dir / SERVE_FILE
+    if not info.exists():
+        return None
+    path = Path(json.loads(info.read_text())["socket"])
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(str(path))
+        except (FileNotFoundError, ConnectionRefusedError):
+            # A server killed outright (Ray's SIGTERM handler exits at once) leaves its file.
+            log.info("%s names a server that is gone; scoring without it", info)
+            info.unlink(missing_ok=True)
+            return None
+        sock.sendall(json.dumps(payload).encode() + b"\n")
+        answer = json.loads(_read_line(sock))
+    if "error" in answer:
+        from simulations.errors import USER_ERRORS
+
+        kind = next((e for e in USER_ERRORS if e.__name__ == answer["error"]), RuntimeError)
+        raise kind(answer["message"])
+    answer["served"] = True
+    return answer
+
+
+def _read_line(sock: socket.socket) -> bytes:
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("the server closed the connection without an answer")
+        data += chunk
+        if len(data) > MAX_REQUEST * 64:
+            raise ConnectionError("the answer is too long")
+    return data
+
+
+def serve(run_dir: Path, progress: Progress | None = None,
+          on_ready: Callable[[Path], None] | None = None,
+          stop: threading.Event | None = None) -> int:
+    """Serve requests until `stop` is set or a `stop` request arrives; returns how many."""
+    run = open_finished(run_dir)
+    stop = stop or threading.Event()
+
+    def work(fed: Federation, scorer: Scorer) -> int:
+        return _loop(run, fed, scorer, stop, on_ready)
+
+    return run_session(run, work, progress)
+
+
+def _loop(run: FinishedRun, fed: Federation, scorer: Scorer, stop: threading.Event,
+          on_ready: Callable[[Path], None] | None) -> int:
+    path = socket_path(run.run_dir)
+    path.unlink(missing_ok=True)
+    served = 0
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        old = os.umask(0o177)  # the socket is born 0600: only its owner may connect
+        try:
+            server.bind(str(path))
+        finally:
+            os.umask(old)
+        server.listen(8)
+        server.settimeout(0.2)
+        info = run.run_dir / SERVE_FILE
+        info.write_text(json.dumps({"socket": str(path), "pid": os.getpid()}) + "\n")
+        if on_ready:
+            on_ready(path)
+        log.info("serving %s on %s", run.run_dir, path)
+        try:
+            while not stop.is_set():
+                try:
+                    conn, _ = server.accept()
+                except TimeoutError:
+                    continue
+                with conn:
+                    served += 1
+                    _answer(conn, run, fed, scorer, stop)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                info.unlink()
+            path.unlink(missing_ok=True)
+    return served
+
+
+def _answer(conn: socket.socket, run: FinishedRun, fed: Federation, scorer: Scorer,
+            stop: threading.Event) -> None:
+    conn.settimeout(30)
+    try:
+        req = json.loads(_read_line(conn))
+        op = req.pop("op", None)
+        if op == "score":
+            answer = score_person(fed, scorer, int(req["position"]), str(req["ref"]),
+                                  int(req.get("repeat", 1)))
+        elif op == "dispute":
+            answer = settle(run, fed, scorer, **req)
+        elif op == "stop":
+            stop.set()
+            answer = {"stopped": True}
+        else:
+            answer = {"error": "ValueError", "message": f"unknown request {op!r}"}
+    except Exception as exc:  # the caller gets the error; the server goes on
+        log.warning("request failed: %s: %s", type(exc).__name__, exc)
+        answer = {"error": type(exc).__name__, "message": str(exc)}
+    with contextlib.suppress(OSError):
+        conn.sendall(json.dumps(answer, default=str).encode() + b"\n")
