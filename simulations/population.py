@@ -140,6 +140,13 @@ class PopulationConfig:
     signal_share: tuple[float, float, float] = (0.60, 0.25, 0.15)
     # Tuned so the oracle AUC of the default population is about 0.86.
     signal_scale: float = 1.44
+    # Account status at the authority (the bureau), for the opening conditions
+    # (server/eligibility.py): shares of the authority's people without real-name verification,
+    # without a bound bank card, and with a severe default in the last 365 days (more likely
+    # for riskier people and for defaulters; as many again had one 1 to 10 years ago).
+    unverified_rate: float = 0.02
+    unbound_card_rate: float = 0.04
+    severe_default_rate: float = 0.03
 
     def __post_init__(self) -> None:
         if isinstance(self.users, bool) or not isinstance(self.users, int) or self.users < 1000:
@@ -154,7 +161,8 @@ class PopulationConfig:
                 f"default_rate={self.default_rate!r}: must be in (0, 0.5]; "
                 "pass e.g. default_rate=0.06"
             )
-        for name in ("outsiders", "missing_rate"):
+        for name in ("outsiders", "missing_rate", "unverified_rate", "unbound_card_rate",
+                     "severe_default_rate"):
             value = getattr(self, name)
             if not _is_rate(float(value), 0.0, 0.5, low_open=False):
                 raise ValueError(f"{name}={value!r}: must be in [0, 0.5]; pass e.g. {name}=0.02")
@@ -187,6 +195,7 @@ class PopulationConfig:
 
     @classmethod
     def from_json(cls, text: str) -> PopulationConfig:
+        """Fields absent from older files (e.g. the eligibility rates) take their defaults."""
         data = json.loads(text)
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
@@ -422,8 +431,63 @@ def _solve_intercept(logit: np.ndarray, rate: float) -> float:
     return b
 
 
+# Separate random streams, so adding them changed no earlier draw for any seed.
+ELIGIBILITY_STREAM = 0xE1161B
+COHORT_STREAM = 0xC0407
+# A recent (last-year) severe default: log-odds = b + true logit + this * label, b solved for
+# severe_default_rate. Older severe defaults (1 to 10 years ago) are as common again.
+SEVERE_DEFAULT_LABEL_WEIGHT = 1.5
+OLDER_DEFAULT_DAYS = (365, 3650)
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """What a later cohort reuses: everyone's latents and phone numbers, and which of them
+    (rows of `latents`) each silo's table holds, in the table's order."""
+
+    latents: np.ndarray  # (people + outsider pool, len(LATENTS))
+    numbers: np.ndarray  # 11-digit phone numbers, same rows
+    rows: dict[str, np.ndarray]
+
+
 def generate(config: PopulationConfig) -> Population:
     """Generate the parties' tables and the truth for `config` (deterministic per seed)."""
+    return _generate(config)[0]
+
+
+def _eligibility(config: PopulationConfig, logit: np.ndarray, label: np.ndarray
+                 ) -> dict[str, np.ndarray]:
+    """The authority's account-status columns (server/eligibility.py), from their own stream."""
+    rng = np.random.default_rng([config.seed, ELIGIBILITY_STREAM])
+    n = len(label)
+    verified = (rng.random(n) >= config.unverified_rate).astype(np.int8)
+    bound = (rng.random(n) >= config.unbound_card_rate).astype(np.int8)
+    days = np.full(n, np.nan)
+    if config.severe_default_rate > 0:
+        propensity = logit + SEVERE_DEFAULT_LABEL_WEIGHT * label
+        p = _sigmoid(_solve_intercept(propensity, config.severe_default_rate) + propensity)
+        recent = rng.random(n) < p
+        older = ~recent & (rng.random(n) < p)
+        low, high = OLDER_DEFAULT_DAYS
+        days = np.where(recent, rng.integers(0, low, n), days)
+        days = np.where(older, rng.integers(low, high + 1, n), days).astype(np.float64)
+    return {"real_name_verified": verified, "card_bound": bound,
+            "days_since_severe_default": days}
+
+
+def _draw_features(rng: np.random.Generator, latents: np.ndarray, missing_rate: float
+                   ) -> dict[str, dict[str, np.ndarray]]:
+    """Every silo's features for the rows of `latents`, then the missing cells."""
+    R, W, S, H = latents.T
+    features = {s: _GENERATORS[s](rng, R, W, S, H) for s in SILOS}
+    for silo in SILOS:
+        for column in MISSING_COLUMNS[silo]:
+            hide = rng.random(len(latents)) < missing_rate
+            features[silo][column] = np.where(hide, np.nan, features[silo][column])
+    return features
+
+
+def _generate(config: PopulationConfig) -> tuple[Population, _Layout]:
     started = time.perf_counter()
     rng = np.random.default_rng(config.seed)
     n_users = config.users
@@ -432,12 +496,7 @@ def generate(config: PopulationConfig) -> Population:
     n_total = n_users + 2 * n_out
 
     latents = rng.standard_normal((n_total, len(LATENTS))) @ np.linalg.cholesky(LATENT_CORR).T
-    R, W, S, H = latents.T
-    features = {s: _GENERATORS[s](rng, R, W, S, H) for s in SILOS}
-    for silo in SILOS:
-        for column in MISSING_COLUMNS[silo]:
-            hide = rng.random(n_total) < config.missing_rate
-            features[silo][column] = np.where(hide, np.nan, features[silo][column])
+    features = _draw_features(rng, latents, config.missing_rate)
     numbers = _PHONE_LOW + rng.choice(_PHONE_SPAN, size=n_total, replace=False)
     t_features = time.perf_counter()
 
@@ -449,16 +508,19 @@ def generate(config: PopulationConfig) -> Population:
     t_label = time.perf_counter()
 
     authority_phones = _format_phones(numbers[:n_users], AUTHORITY)
-    authority = pd.DataFrame({ID_COLUMN: authority_phones, LABEL_COLUMN: label})
+    authority = pd.DataFrame({ID_COLUMN: authority_phones, LABEL_COLUMN: label}
+                             | _eligibility(config, logit, label))
     truth = pd.DataFrame(
         {ID_COLUMN: authority_phones, "p_true": p_true, LABEL_COLUMN: label, "logit": logit}
         | {f"logit_{s}": parts[s] for s in SILOS}
     )
     silos: dict[str, pd.DataFrame] = {}
+    silo_rows: dict[str, np.ndarray] = {}
     for silo, cover in zip(SILOS, config.coverage, strict=True):
         insiders = rng.choice(n_users, size=round(cover * n_users), replace=False)
         outsiders = n_users + rng.choice(2 * n_out, size=n_out, replace=False)
         rows = rng.permutation(np.concatenate([insiders, outsiders]))
+        silo_rows[silo] = rows
         table = {ID_COLUMN: _format_phones(numbers[rows], silo)}
         table |= {c: features[silo][c][rows].astype(np.float64) for c in feature_names(silo)}
         silos[silo] = pd.DataFrame(table)
@@ -479,7 +541,8 @@ def generate(config: PopulationConfig) -> Population:
         timings["label"],
         timings["tables"],
     )
-    return Population(config, authority, silos, truth, model, timings)
+    return (Population(config, authority, silos, truth, model, timings),
+            _Layout(latents, numbers, silo_rows))
 
 
 # ---- writing ---------------------------------------------------------------------------------
