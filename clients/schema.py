@@ -94,6 +94,10 @@ class TableSchema:
     features: tuple[str, ...] = ()
     label_column: str = LABEL_COLUMN
     kinds: tuple[tuple[str, str], ...] = ()  # (column, kind) where not "auto"
+    # The authority's account-status columns for the opening conditions (server/eligibility.py)
+    # that its table holds. None: not declared, the generated layout (all of them); a
+    # schema.json (real data) lists the ones it has, none when it says nothing.
+    eligibility_columns: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.id_kind not in ID_KINDS:
@@ -134,8 +138,13 @@ def authority_schema(authority_dir: Path) -> TableSchema:
     raw = _read_schema(authority_dir)
     if raw is None:
         return TableSchema()
+    columns = raw.get("eligibility_columns", [])
+    if not isinstance(columns, list) or not all(isinstance(c, str) for c in columns):
+        raise ValueError(f"{authority_dir / SCHEMA_FILE}: eligibility_columns must be a list of "
+                         'column names, e.g. ["real_name_verified"] (or [] for none)')
     return TableSchema(raw.get("id_column", ID_COLUMN), raw.get("id_kind", "phone"),
-                       label_column=raw.get("label_column", LABEL_COLUMN))
+                       label_column=raw.get("label_column", LABEL_COLUMN),
+                       eligibility_columns=tuple(columns))
 
 
 def federation_silos(parties_root: Path | None) -> tuple[str, ...]:

@@ -15,6 +15,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from server.eligibility import EligibilityConfig
+
 
 class ConfigError(ValueError):
     """A configuration key or value that cannot be used."""
@@ -252,6 +254,8 @@ class AuthorityConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    # Opening conditions (server/eligibility.py): who may be scored at all.
+    eligibility: EligibilityConfig = field(default_factory=EligibilityConfig)
     # How long to wait for all silos to join, and for any one reply; how many times a message
     # that got no reply (its SuperNode gone or unreachable) is sent again before the run stops.
     join_timeout: float = 120.0
@@ -366,10 +370,22 @@ def build(cls: type, flat: dict[str, Any], prefix: str = "") -> Any:
         tp = hints[f.name]
         key = f"{prefix}{f.name}"
         if dataclasses.is_dataclass(tp):
-            kwargs[f.name] = build(tp, flat, f"{key}.")
+            kwargs[f.name] = _build_section(tp, flat, f"{key}.")
         elif key in flat:
             kwargs[f.name] = flat[key]
     return cls(**kwargs)
+
+
+def _build_section(cls: type, flat: dict[str, Any], prefix: str) -> Any:
+    """A nested section; a section that validates with its own error type (e.g.
+    EligibilityError, whose messages name the bare field) surfaces as a ConfigError naming the
+    dotted key."""
+    try:
+        return build(cls, flat, prefix)
+    except ConfigError:
+        raise
+    except ValueError as exc:
+        raise ConfigError(f"{prefix}{exc}") from None
 
 
 def parse_flat(cls: type, values: dict[str, Any], ignore: typing.Iterable[str] = ()) -> Any:

@@ -54,7 +54,15 @@ import pyarrow.parquet as pq
 from scipy.stats import rankdata
 
 from clients.schema import AUTHORITY, ID_COLUMN, LABEL_COLUMN, SILOS, feature_names
-from crypto.at_rest import Keystore, write_party_file
+from clients.silo_data import (
+    COHORT_INFO,
+    COHORT_TABLE,
+    cohort_context,
+    cohort_dir,
+    find_table,
+    read_table,
+)
+from crypto.at_rest import Keystore, write_encrypted, write_party_file
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +148,13 @@ class PopulationConfig:
     signal_share: tuple[float, float, float] = (0.60, 0.25, 0.15)
     # Tuned so the oracle AUC of the default population is about 0.86.
     signal_scale: float = 1.44
+    # Account status at the authority (the bureau), for the opening conditions
+    # (server/eligibility.py): shares of the authority's people without real-name verification,
+    # without a bound bank card, and with a severe default in the last 365 days (more likely
+    # for riskier people and for defaulters; as many again had one 1 to 10 years ago).
+    unverified_rate: float = 0.02
+    unbound_card_rate: float = 0.04
+    severe_default_rate: float = 0.03
 
     def __post_init__(self) -> None:
         if isinstance(self.users, bool) or not isinstance(self.users, int) or self.users < 1000:
@@ -154,7 +169,8 @@ class PopulationConfig:
                 f"default_rate={self.default_rate!r}: must be in (0, 0.5]; "
                 "pass e.g. default_rate=0.06"
             )
-        for name in ("outsiders", "missing_rate"):
+        for name in ("outsiders", "missing_rate", "unverified_rate", "unbound_card_rate",
+                     "severe_default_rate"):
             value = getattr(self, name)
             if not _is_rate(float(value), 0.0, 0.5, low_open=False):
                 raise ValueError(f"{name}={value!r}: must be in [0, 0.5]; pass e.g. {name}=0.02")
@@ -187,6 +203,7 @@ class PopulationConfig:
 
     @classmethod
     def from_json(cls, text: str) -> PopulationConfig:
+        """Fields absent from older files (e.g. the eligibility rates) take their defaults."""
         data = json.loads(text)
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
@@ -422,8 +439,63 @@ def _solve_intercept(logit: np.ndarray, rate: float) -> float:
     return b
 
 
+# Separate random streams, so adding them changed no earlier draw for any seed.
+ELIGIBILITY_STREAM = 0xE1161B
+COHORT_STREAM = 0xC0407
+# A recent (last-year) severe default: log-odds = b + true logit + this * label, b solved for
+# severe_default_rate. Older severe defaults (1 to 10 years ago) are as common again.
+SEVERE_DEFAULT_LABEL_WEIGHT = 1.5
+OLDER_DEFAULT_DAYS = (365, 3650)
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """What a later cohort reuses: everyone's latents and phone numbers, and which of them
+    (rows of `latents`) each silo's table holds, in the table's order."""
+
+    latents: np.ndarray  # (people + outsider pool, len(LATENTS))
+    numbers: np.ndarray  # 11-digit phone numbers, same rows
+    rows: dict[str, np.ndarray]
+
+
 def generate(config: PopulationConfig) -> Population:
     """Generate the parties' tables and the truth for `config` (deterministic per seed)."""
+    return _generate(config)[0]
+
+
+def _eligibility(config: PopulationConfig, logit: np.ndarray, label: np.ndarray
+                 ) -> dict[str, np.ndarray]:
+    """The authority's account-status columns (server/eligibility.py), from their own stream."""
+    rng = np.random.default_rng([config.seed, ELIGIBILITY_STREAM])
+    n = len(label)
+    verified = (rng.random(n) >= config.unverified_rate).astype(np.int8)
+    bound = (rng.random(n) >= config.unbound_card_rate).astype(np.int8)
+    days = np.full(n, np.nan)
+    if config.severe_default_rate > 0:
+        propensity = logit + SEVERE_DEFAULT_LABEL_WEIGHT * label
+        p = _sigmoid(_solve_intercept(propensity, config.severe_default_rate) + propensity)
+        recent = rng.random(n) < p
+        older = ~recent & (rng.random(n) < p)
+        low, high = OLDER_DEFAULT_DAYS
+        days = np.where(recent, rng.integers(0, low, n), days)
+        days = np.where(older, rng.integers(low, high + 1, n), days).astype(np.float64)
+    return {"real_name_verified": verified, "card_bound": bound,
+            "days_since_severe_default": days}
+
+
+def _draw_features(rng: np.random.Generator, latents: np.ndarray, missing_rate: float
+                   ) -> dict[str, dict[str, np.ndarray]]:
+    """Every silo's features for the rows of `latents`, then the missing cells."""
+    R, W, S, H = latents.T
+    features = {s: _GENERATORS[s](rng, R, W, S, H) for s in SILOS}
+    for silo in SILOS:
+        for column in MISSING_COLUMNS[silo]:
+            hide = rng.random(len(latents)) < missing_rate
+            features[silo][column] = np.where(hide, np.nan, features[silo][column])
+    return features
+
+
+def _generate(config: PopulationConfig) -> tuple[Population, _Layout]:
     started = time.perf_counter()
     rng = np.random.default_rng(config.seed)
     n_users = config.users
@@ -432,12 +504,7 @@ def generate(config: PopulationConfig) -> Population:
     n_total = n_users + 2 * n_out
 
     latents = rng.standard_normal((n_total, len(LATENTS))) @ np.linalg.cholesky(LATENT_CORR).T
-    R, W, S, H = latents.T
-    features = {s: _GENERATORS[s](rng, R, W, S, H) for s in SILOS}
-    for silo in SILOS:
-        for column in MISSING_COLUMNS[silo]:
-            hide = rng.random(n_total) < config.missing_rate
-            features[silo][column] = np.where(hide, np.nan, features[silo][column])
+    features = _draw_features(rng, latents, config.missing_rate)
     numbers = _PHONE_LOW + rng.choice(_PHONE_SPAN, size=n_total, replace=False)
     t_features = time.perf_counter()
 
@@ -449,16 +516,19 @@ def generate(config: PopulationConfig) -> Population:
     t_label = time.perf_counter()
 
     authority_phones = _format_phones(numbers[:n_users], AUTHORITY)
-    authority = pd.DataFrame({ID_COLUMN: authority_phones, LABEL_COLUMN: label})
+    authority = pd.DataFrame({ID_COLUMN: authority_phones, LABEL_COLUMN: label}
+                             | _eligibility(config, logit, label))
     truth = pd.DataFrame(
         {ID_COLUMN: authority_phones, "p_true": p_true, LABEL_COLUMN: label, "logit": logit}
         | {f"logit_{s}": parts[s] for s in SILOS}
     )
     silos: dict[str, pd.DataFrame] = {}
+    silo_rows: dict[str, np.ndarray] = {}
     for silo, cover in zip(SILOS, config.coverage, strict=True):
         insiders = rng.choice(n_users, size=round(cover * n_users), replace=False)
         outsiders = n_users + rng.choice(2 * n_out, size=n_out, replace=False)
         rows = rng.permutation(np.concatenate([insiders, outsiders]))
+        silo_rows[silo] = rows
         table = {ID_COLUMN: _format_phones(numbers[rows], silo)}
         table |= {c: features[silo][c][rows].astype(np.float64) for c in feature_names(silo)}
         silos[silo] = pd.DataFrame(table)
@@ -479,7 +549,8 @@ def generate(config: PopulationConfig) -> Population:
         timings["label"],
         timings["tables"],
     )
-    return Population(config, authority, silos, truth, model, timings)
+    return (Population(config, authority, silos, truth, model, timings),
+            _Layout(latents, numbers, silo_rows))
 
 
 # ---- writing ---------------------------------------------------------------------------------
@@ -521,3 +592,101 @@ def write_parties(pop: Population, parties_dir: Path, overwrite: bool = False,
     paths["config"].write_text(pop.config.to_json() + "\n")
     log.info("wrote parties to %s in %.2f s", parties_dir, time.perf_counter() - started)
     return paths
+
+
+# ---- a later cohort (drift monitoring) ---------------------------------------------------------
+# The same people some time later: each latent trait keeps a share rho of its old value and
+# refreshes the rest (L' = rho L + sqrt(1 - rho^2) eps, eps with the same correlations, so the
+# latents keep their N(0, LATENT_CORR) distribution), then moves by -drift * COHORT_RISK_SHIFT
+# standard deviations: less responsible, a little poorer and less careful with security, i.e.
+# riskier. drift=0 keeps the distribution (only the refresh). Measured on 20,000 people (seed 2),
+# PSI of the true logit over the three silos against the training table (server/drift.py):
+# drift 0 about 0.001, 0.3 about 0.14 ("moderate"), 0.5 about 0.38, 1 about 1.5 ("shift").
+COHORT_RHO = 0.9
+COHORT_RISK_SHIFT = np.array([1.5, 0.75, 0.0, 0.75])  # per LATENTS
+MAX_DRIFT = 5.0
+
+
+def write_later_cohort(parties_dir: Path, name: str = "later", drift: float = 0.3,
+                       seed: int | None = None, store: Keystore | None = None,
+                       overwrite: bool = False) -> dict[str, Path]:
+    """Write `<silo>/cohorts/<name>/features.parquet` (`.parquet.enc` bound to the silo and the
+    cohort's name when `store` is given) plus `cohort.json` for every silo of a generated
+    parties directory: the silo's people, in its table's order, with features re-drawn from
+    drifted latents. Deterministic per (population.json, drift, seed); `seed` defaults to the
+    population's. Returns the cohort tables' paths by silo."""
+    parties_dir = Path(parties_dir)
+    folders = {silo: cohort_dir(parties_dir / silo, name) for silo in SILOS}  # checks the name
+    if isinstance(drift, bool) or not isinstance(drift, int | float) or not (
+            0.0 <= drift <= MAX_DRIFT):
+        raise ValueError(f"drift={drift!r}: must be a number in [0, {MAX_DRIFT:g}] (0 = the same "
+                         "distribution, 0.3 noticeable, 1 large)")
+    config_path = parties_dir / "simulation" / "population.json"
+    if not config_path.exists():
+        raise FileNotFoundError(f"{config_path} does not exist: a later cohort is regenerated "
+                                "from the population's config; use a parties directory made "
+                                "by `fedscore generate`")
+    config = PopulationConfig.from_json(config_path.read_text())
+    seed = config.seed if seed is None else seed
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed={seed!r}: must be a non-negative integer")
+    taken = [str(f) for f in folders.values()
+             if any((f / n).exists() for n in (COHORT_TABLE, COHORT_TABLE + ".enc", COHORT_INFO))]
+    if taken and not overwrite:
+        raise FileExistsError(f"cohort {name!r} exists ({', '.join(taken)}); choose another "
+                              "name, or pass overwrite=True to replace it")
+    started = time.perf_counter()
+    pop, layout = _generate(config)
+    for silo in SILOS:
+        _check_same_people(parties_dir / silo, silo, pop.silos[silo][ID_COLUMN], store)
+
+    rng = np.random.default_rng([seed, COHORT_STREAM])
+    latents = layout.latents
+    eps = rng.standard_normal(latents.shape) @ np.linalg.cholesky(LATENT_CORR).T
+    moved = (COHORT_RHO * latents + math.sqrt(1.0 - COHORT_RHO**2) * eps
+             - drift * COHORT_RISK_SHIFT)
+    features = _draw_features(rng, moved, config.missing_rate)
+    info = {"name": name, "drift": float(drift), "seed": seed, "rho": COHORT_RHO,
+            "risk_shift": dict(zip(LATENTS, COHORT_RISK_SHIFT.tolist(), strict=True)),
+            "population_seed": config.seed}
+    paths: dict[str, Path] = {}
+    for silo in SILOS:
+        rows = layout.rows[silo]
+        table = pd.DataFrame({ID_COLUMN: pop.silos[silo][ID_COLUMN]}
+                             | {c: features[silo][c][rows].astype(np.float64)
+                                for c in feature_names(silo)})
+        folder = folders[silo]
+        folder.mkdir(parents=True, exist_ok=True)
+        for stale in (folder / COHORT_TABLE, folder / (COHORT_TABLE + ".enc")):
+            stale.unlink(missing_ok=True)  # a replaced cohort may change plaintext/encrypted
+        buf = pa.BufferOutputStream()
+        pq.write_table(pa.Table.from_pandas(table, preserve_index=False), buf)
+        data = buf.getvalue().to_pybytes()
+        if store is None:
+            path = folder / COHORT_TABLE
+            path.write_bytes(data)
+        else:
+            path = folder / (COHORT_TABLE + ".enc")
+            write_encrypted(store, path, data, cohort_context(silo, name))
+        (folder / COHORT_INFO).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+        paths[silo] = path
+    log.info("wrote cohort %r (drift %.2f) for %d silos in %.2f s", name, drift, len(SILOS),
+             time.perf_counter() - started)
+    return paths
+
+
+def _check_same_people(silo_dir: Path, silo: str, expected: pd.Series,
+                       store: Keystore | None) -> None:
+    """The silo's table holds the regenerated people in the regenerated order (compared as
+    written, without showing any identifier)."""
+    actual = read_table(find_table(silo_dir), silo, store)[ID_COLUMN]
+    if len(actual) != len(expected):
+        differ = f"it has {len(actual)} rows, the population {len(expected)}"
+    else:
+        n = int((actual.to_numpy(dtype=object) != expected.to_numpy(dtype=object)).sum())
+        if not n:
+            return
+        differ = f"{n} of {len(actual)} rows hold another person"
+    raise ValueError(f"silo {silo!r}: its table in {silo_dir} was not generated from this "
+                     f"population.json ({differ}); regenerate the parties with `fedscore "
+                     "generate`, or write cohorts only for parties that were generated")

@@ -215,6 +215,9 @@ def _write_party(directory: Path, party: str, frame: pd.DataFrame, mapping: Mapp
     schema: dict = {"id_column": mapping.identifier, "id_kind": mapping.identifier_kind}
     if party == AUTHORITY:
         schema["label_column"] = mapping.label
+        # No account-status columns: the opening conditions that need them are switched off
+        # when the labels are loaded (server/labels.py), with a log line saying so.
+        schema["eligibility_columns"] = []
         name = "labels.parquet"
     else:
         schema["features"] = list(mapping.silos[party])

@@ -64,7 +64,8 @@ def test_same_seed_identical_and_other_seed_differs(small: Population, tmp_path:
 
 
 def test_columns_and_dtypes(small: Population) -> None:
-    assert list(small.authority.columns) == [ID_COLUMN, LABEL_COLUMN]
+    assert list(small.authority.columns) == [ID_COLUMN, LABEL_COLUMN, "real_name_verified",
+                                             "card_bound", "days_since_severe_default"]
     assert small.authority[LABEL_COLUMN].dtype == np.int8
     assert set(small.authority[LABEL_COLUMN].unique()) == {0, 1}
     assert list(small.silos) == list(SILOS)
