@@ -31,9 +31,10 @@ from server import checkpoint, explanations, metrics, scoring
 from server.alignment import Alignment, announce, joint_order, private_intersections
 from server.checkpoint import RunState, TrainState
 from server.config import AuthorityConfig, to_flat
+from server.eligibility import ELIGIBLE
 from server.federation import Federation
 from server.label_dp import randomized_response
-from server.labels import load_labels
+from server.labels import load_authority
 from server.ledger import Ledger
 from server.privacy import PrivacyPlan
 from server.scores_file import PEPPER_FILE, write_scores
@@ -94,7 +95,7 @@ def run_authority(
     store = open_keystore(cfg.storage.keystore, data_dir)
 
     phases.start("connect")
-    ids, labels = load_labels(data_dir / AUTHORITY, store)
+    ids, labels, gate = load_authority(data_dir / AUTHORITY, store, cfg.eligibility)
     info = fed.connect()
 
     if resume:
@@ -159,7 +160,11 @@ def run_authority(
     p = calibrate(result.logits)
     score = scoring.to_score(p, cfg.score)
     tier = scoring.to_tier(score)
-    test = split.test
+    # The opening conditions: people who fail them get a status and reasons, not a score, and
+    # count in no metric. The model still learnt from their records.
+    gate = gate.iloc[run.authority_rows].reset_index(drop=True)
+    eligible = (gate["status"] == ELIGIBLE).to_numpy()
+    test = split.test[eligible[split.test]]
     summary = metrics.summary(y[test], p[test])
     pepper = load_or_create_pepper(data_dir / AUTHORITY / PEPPER_FILE)
     ref_hash = REF_HASH[store.suite] if store else "sha256"
@@ -177,12 +182,13 @@ def run_authority(
     )
     if why is not None:
         scores = pd.concat([scores, why], axis=1)
+    scores = _gated(scores, gate, eligible)
     write_scores(out_dir, scores, store, run.run_key)
     phases.stop()
 
     out = {
         **summary,
-        "tiers": scoring.tier_counts(tier),
+        "tiers": scoring.tier_counts(tier[eligible]),
         "test_tiers": scoring.tier_counts(tier[test]),
         "test_default_rate_by_tier": _rate_by_tier(y[test], tier[test]),
         "calibration": {"a": calibrate.a, "b": calibrate.b},
@@ -196,6 +202,9 @@ def run_authority(
             "authority": len(ids),
             "silo_rows": {s: int(info[s]["rows"]) for s in fed.silos},
             "overlap": run.overlap,
+            "ineligible": int((~eligible).sum()),
+            "ineligible_by_reason": {str(k): int(v) for k, v in
+                                     gate.loc[~eligible, "codes"].value_counts().items() if v},
             "aligned": n_positions,
             "train": len(split.train), "val": len(split.val), "test": len(split.test),
         },
@@ -243,6 +252,21 @@ def _align_and_split(
         train=split.train, val=split.val, test=split.test, y_view=y_view,
         overlap=alignment.overlap,
     )
+
+
+def _gated(scores: pd.DataFrame, gate: pd.DataFrame, eligible: np.ndarray) -> pd.DataFrame:
+    """`status` (scored / ineligible) and the reasons; no score, tier or points for people who
+    fail the opening conditions."""
+    out = scores.copy()
+    out["status"] = pd.Categorical.from_codes((~eligible).astype(np.int8),
+                                              ["scored", "ineligible"])
+    out["ineligible_reason"] = gate["reason"].to_numpy()
+    out["ineligible_reason_zh"] = gate["reason_zh"].to_numpy()
+    out["score"] = pd.array(np.where(eligible, out["score"], 0), dtype="Int16")
+    out.loc[~eligible, "score"] = pd.NA
+    hidden = ["probability", "tier"] + [c for c in out if c.startswith(("points_", "reason_"))]
+    out.loc[~eligible, hidden] = np.nan
+    return out
 
 
 def _reasons_asked(cfg: AuthorityConfig) -> int:

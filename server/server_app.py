@@ -13,14 +13,17 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from clients.schema import federation_silos
-from server.authority import RunResult, run_authority
 from server.config import AuthorityConfig, parse_flat
 from server.federation import Federation
+
+if TYPE_CHECKING:  # the training stack (torch) loads when a run starts, not on import
+    from server.authority import RunResult
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +49,8 @@ def make_server_app(
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        from server.authority import run_authority
+
         fed = _federation(grid, cfg, data_dir)
         result = run_authority(fed, cfg, data_dir, out_dir, progress, resume=resume)
         if on_result is not None:
@@ -55,7 +60,7 @@ def make_server_app(
 
 
 
-CellDone = Callable[[int, RunResult | None, str, float], None]
+CellDone = Callable[[int, "RunResult | None", str, float], None]
 
 
 def make_cells_app(
@@ -71,6 +76,8 @@ def make_cells_app(
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        from server.authority import run_authority
+
         psi_cache: dict = {}
         for i, (cfg, out_dir, resume) in enumerate(cells):
             fed = _federation(grid, cfg, data_dir)
@@ -97,6 +104,8 @@ def main(grid: Grid, context: Context) -> None:
     out_dir = _out_dir(run_config, context.run_id)
     resume = bool(run_config.get("resume", False))
     cfg = parse_flat(AuthorityConfig, run_config, ignore=PATH_KEYS)
+    from server.authority import run_authority
+
     log.info("authority: data %s, outputs %s", data_dir, out_dir)
     try:
         run_authority(_federation(grid, cfg, data_dir), cfg, data_dir, out_dir,

@@ -103,6 +103,8 @@ def score(args: argparse.Namespace, console: Console) -> int:
         result = lookup(args.run_dir, args.subject, args.repeat)
     _print_person(result, args.lang, f"subject {result['subject_ref'][:12]}…")
     lat = result["latency"]
+    if lat is None:
+        return 0
     Console().print(f"federation round trip: p50 {1000 * lat['p50']:.0f} ms, "
                     f"p90 {1000 * lat['p90']:.0f} ms over {lat['trips']} trip(s)",
                     highlight=False)

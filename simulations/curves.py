@@ -67,7 +67,10 @@ def calibration_by_tier(y: np.ndarray, p: np.ndarray, tier: pd.Series) -> list[d
 
 
 def build_curves(scores: pd.DataFrame, y: np.ndarray) -> dict:
-    """curves.json from the run's scores (in position order) and the labels of those people."""
+    """curves.json from the run's scores (in position order) and the labels of those people;
+    people without a score (ineligible) are left out."""
+    scored = scores["score"].notna().to_numpy()
+    scores, y = scores[scored], np.asarray(y)[scored]
     test = (scores["split"] == "test").to_numpy()
     p = scores["probability"].to_numpy(dtype=np.float64)
     score = scores["score"].to_numpy(dtype=np.int64)

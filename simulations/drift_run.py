@@ -43,7 +43,7 @@ def run_drift(run_dir: Path, cohort: str = "later", amount: float = 0.3, seed: i
     scores = read_scores(run.run_dir, run.keystore)
     scored = scores["score"].notna().to_numpy()
     if "status" in scores:
-        scored &= (scores["status"].astype(str) == "scored").to_numpy()
+        scored = scored & (scores["status"].astype(str) == "scored").to_numpy()
     positions = np.flatnonzero(scored)
 
     def work(fed: Federation, scorer: Scorer) -> rescore.Scored:

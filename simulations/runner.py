@@ -341,9 +341,14 @@ def _audit(joined: JoinedData, scores: pd.DataFrame, authority: dict) -> dict:
     """Membership inference on the released scores: training people against held-out test
     people, with the clean labels; the bound must stay below the accounted epsilon."""
     p = scores["probability"].to_numpy(dtype=np.float64)
-    loss = per_example_loss(joined.y, p)
-    result = membership_audit(loss[joined.positions("train")], loss[joined.positions("test")],
-                              authority["delta"])
+    loss = per_example_loss(joined.y, np.nan_to_num(p, nan=0.5))
+    scored = scores["score"].notna().to_numpy()  # ineligible people have no released score
+
+    def released(split: str) -> np.ndarray:
+        rows = joined.positions(split)
+        return loss[rows[scored[rows]]]
+
+    result = membership_audit(released("train"), released("test"), authority["delta"])
     model_eps = [v for v in authority["epsilon"]["model"].values() if v is not None]
     return {**result.to_dict(), "accounted_epsilon": max(model_eps) if model_eps else None}
 

@@ -19,6 +19,9 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+
+from server import rescore
 from server.federation import Federation
 from server.rescore import Scorer
 from simulations.engine import private_engine_home
@@ -96,6 +99,10 @@ def serve(run_dir: Path, progress: Progress | None = None,
 
 def _loop(run: FinishedRun, fed: Federation, scorer: Scorer, stop: threading.Event,
           on_ready: Callable[[Path], None] | None) -> int:
+    # The silos' first score loads torch and their tables in every engine worker (seconds);
+    # pay that before announcing the server, so the first person is as fast as the next.
+    for _ in range(2):
+        rescore.score(fed, scorer, np.zeros(1, dtype=np.int64))
     path = socket_path(run.run_dir)
     path.unlink(missing_ok=True)
     served = 0

@@ -135,7 +135,11 @@ def lookup(run_dir: Path, phone: str, repeat: int = 1, progress: Progress | None
     """One person's score and reasons through the federation; `repeat` times, for latency.
     Goes through `fedscore serve` when one serves the run."""
     run = open_finished(run_dir)
-    position, ref, _ = subject(run, phone)
+    position, ref, scores = subject(run, phone)
+    row = scores.iloc[position]
+    if _ineligible(row):
+        return {"subject_ref": ref, "position": position, **_plain(row.to_dict()),
+                "latency": None}
     from simulations import serve
 
     answer = serve.request(run.run_dir, {"op": "score", "position": position, "ref": ref,
@@ -165,6 +169,7 @@ def dispute(run_dir: Path, phone: str, silo: str, field: str, value: float, cate
         raise RescoreError(f"--category {category!r}: choose one of {', '.join(DUE_HOURS)}")
     t0 = time.perf_counter()
     run = open_finished(run_dir)
+    _checked_audit(run)  # before the engine starts: a broken log stops the case at once
     position, ref, _ = subject(run, phone)
     case = {"position": position, "ref": ref, "silo": silo, "field": field,
             "value": float(value), "category": category,
@@ -185,21 +190,21 @@ def dispute(run_dir: Path, phone: str, silo: str, field: str, value: float, cate
 def settle(run: FinishedRun, fed: Federation, scorer: Scorer, position: int, ref: str,
            silo: str, field: str, value: float, category: str, opened: str) -> dict:
     """A dispute inside a federation session whose silos restored the run's models."""
-    audit = run.audit_log()
-    checked = audit.verify()
-    if not checked:
-        raise RescoreError(f"{audit.path} does not verify ({checked.reason}); investigate "
-                           "with fedscore audit before appending to it")
+    audit = _checked_audit(run)
     scores = read_scores(run.run_dir, run.keystore)
     before = scores.iloc[position]
     timing: dict[str, float] = {}
     t = time.perf_counter()
     rescore.correct(fed, scorer, position, silo, field, value, category)
     timing["correct"] = time.perf_counter() - t
-    scored = rescore.score(fed, scorer, np.array([position]))
-    timing["score"] = scored.seconds
-    after = scored.frame.iloc[0]
-    _revise(run, scores, position, scored.frame)
+    if _ineligible(before):  # the correction stands; the opening conditions still fail
+        timing["score"] = 0.0
+        after = before
+    else:
+        scored = rescore.score(fed, scorer, np.array([position]))
+        timing["score"] = scored.seconds
+        after = scored.frame.iloc[0]
+        _revise(run, scores, position, scored.frame)
     start = datetime.fromisoformat(opened)
     record = {
         "kind": "dispute", "subject_ref": ref, "silo": silo, "field": field,
@@ -225,6 +230,20 @@ def _revise(run: FinishedRun, scores: pd.DataFrame, position: int, new: pd.DataF
             scores.loc[scores.index[position], column] = new[column].iloc[0]
     scores.loc[scores.index[position], "revised"] = True
     write_scores(run.run_dir, scores, run.store, run.scorer.run_key)
+
+
+def _checked_audit(run: FinishedRun) -> AuditLog:
+    audit = run.audit_log()
+    if audit.path.exists():
+        checked = audit.verify()
+        if not checked:
+            raise RescoreError(f"{audit.path} does not verify ({checked.reason}); investigate "
+                               "with fedscore audit before appending to it")
+    return audit
+
+
+def _ineligible(row: pd.Series) -> bool:
+    return "status" in row and str(row["status"]) == "ineligible"
 
 
 def _int(value: object) -> int | None:

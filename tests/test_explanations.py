@@ -59,7 +59,8 @@ def test_silo_explanation_known_answer():
     # Person 3: a +4, c -1: one reason.
     assert why.index[3].tolist() == [0, -1]
     assert why.index[4].tolist() == [-1, -1]
-    assert why.share.dtype == np.float32 and why.index.dtype == np.int16
+    assert why.share.dtype == np.float32
+    assert why.index.dtype == np.int16
 
 
 def test_silo_explanation_shares_add_up_for_a_nonlinear_model():
@@ -96,21 +97,22 @@ def test_points_add_up_to_the_score_and_reasons_merge_across_silos():
     assert frame["points_base"].iloc[0] == pytest.approx(base)
     z = bias + np.array([0.1 + 0.4 - 0.05 + 0.25, 0.1 - 0.2 - 0.05 + 0.1])
     score = to_score(cal(z), cfg)
-    total = frame[["points_base", "points_payments", "points_social", "points_limit"]].sum(1)
+    total = frame[["points_base", "points_payments", "points_social", "points_limit"]].sum(axis=1)
     np.testing.assert_allclose(total, score, atol=0.5 + 1e-9)
     # Person 0: costs p0 0.3, s0 0.25, p1 0.1 (logit) -> the two largest, in order.
     assert list(frame.loc[0, ["reason_1", "reason_2"]]) == ["payments.p0", "social.s0"]
     assert frame.loc[0, "reason_1_points"] == pytest.approx(-factor * cal.a * 0.3)
     # Person 1: one reason only; the second slot is empty.
     assert frame.loc[1, "reason_1"] == "social.s0"
-    assert pd.isna(frame.loc[1, "reason_2"]) and np.isnan(frame.loc[1, "reason_2_points"])
+    assert pd.isna(frame.loc[1, "reason_2"])
+    assert np.isnan(frame.loc[1, "reason_2_points"])
 
 
 def test_points_limit_carries_what_the_scale_cuts_off():
     cfg = ScoreConfig()
     huge = _explained([-40.0], [[-1]], [[0.0]], 0.0, ["f"])  # a very safe person: above 850
     frame = points_frame({"s": huge}, 0.0, Platt(1.0, 0.0), cfg, k=1)
-    total = frame[["points_base", "points_s", "points_limit"]].sum(1).iloc[0]
+    total = frame[["points_base", "points_s", "points_limit"]].sum(axis=1).iloc[0]
     assert frame["points_limit"].iloc[0] < 0
     assert total == pytest.approx(850, abs=0.5)
 
