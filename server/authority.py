@@ -160,12 +160,13 @@ def run_authority(
     p = calibrate(result.logits)
     score = scoring.to_score(p, cfg.score)
     tier = scoring.to_tier(score)
-    # The opening conditions: people who fail them get a status and reasons, not a score, and
-    # count in no metric. The model still learnt from their records.
+    # The opening conditions: people who fail them get a status and reasons, not a score. The
+    # model's metrics (AUC, KS, Brier) cover every test person, comparable with the baselines
+    # and the oracle; what is about scores (tiers, default rate by tier) covers scored people.
     gate = gate.iloc[run.authority_rows].reset_index(drop=True)
     eligible = (gate["status"] == ELIGIBLE).to_numpy()
+    summary = metrics.summary(y[split.test], p[split.test])
     test = split.test[eligible[split.test]]
-    summary = metrics.summary(y[test], p[test])
     pepper = load_or_create_pepper(data_dir / AUTHORITY / PEPPER_FILE)
     ref_hash = REF_HASH[store.suite] if store else "sha256"
     refs = keyed_refs(ids.to_numpy()[run.authority_rows], pepper, ref_hash)
@@ -188,6 +189,8 @@ def run_authority(
 
     out = {
         **summary,
+        "scored_test_auc": metrics.auc(y[test], p[test]) if len(np.unique(y[test])) == 2
+        else None,
         "tiers": scoring.tier_counts(tier[eligible]),
         "test_tiers": scoring.tier_counts(tier[test]),
         "test_default_rate_by_tier": _rate_by_tier(y[test], tier[test]),

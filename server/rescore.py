@@ -58,6 +58,10 @@ class Scorer:
         if cfg.aggregation.mode != "sum":
             raise RescoreError("re-scoring needs a run in aggregation.mode=sum; this run used "
                                f"{cfg.aggregation.mode!r}")
+        if cfg.privacy.transcript_dp:
+            raise RescoreError("this run noised every released contribution (transcript DP); "
+                               "scoring again would release more, which its accountant does not "
+                               "cover. Score with a run without privacy.transcript_sigma")
         model = info["model"]
         return cls(cfg, float(model["bias"]), scoring.Platt(**info["calibration"]),
                    str(model["run_key"]), int(model["final_round"]), int(model["reasons"]),

@@ -21,7 +21,7 @@ from server.federation import Federation
 from server.rescore import Scorer
 from server.scores_file import read_scores
 from server.scoring import TIER_KEYS
-from simulations.session import Progress, open_finished, run_session
+from simulations.session import FinishedRun, Progress, open_finished, run_session
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +30,9 @@ DRIFT_DIR = "drift"
 
 def run_drift(run_dir: Path, cohort: str = "later", amount: float = 0.3, seed: int | None = None,
               progress: Progress | None = None) -> dict:
+    """Write the cohort if it is new, then score it: through `fedscore serve` when one serves
+    the run, else in a session of its own."""
+    from simulations import serve
     from simulations.population import write_later_cohort
 
     run = open_finished(run_dir)
@@ -40,16 +43,22 @@ def run_drift(run_dir: Path, cohort: str = "later", amount: float = 0.3, seed: i
     else:
         log.info("cohort %r exists; scoring it as it is (--drift and --seed apply to new "
                  "cohorts only)", cohort)
+    answer = serve.request(run.run_dir, {"op": "drift", "cohort": cohort, "made": made})
+    if answer is None:
+        answer = run_session(run, lambda fed, scorer: drift_report(run, fed, scorer, cohort,
+                                                                   made), progress)
+    return answer
+
+
+def drift_report(run: FinishedRun, fed: Federation, scorer: Scorer, cohort: str, made: bool
+                 ) -> dict:
+    """Score the cohort's scored people, compare, and write drift.json and drift.png."""
     scores = read_scores(run.run_dir, run.keystore)
     scored = scores["score"].notna().to_numpy()
     if "status" in scores:
         scored = scored & (scores["status"].astype(str) == "scored").to_numpy()
     positions = np.flatnonzero(scored)
-
-    def work(fed: Federation, scorer: Scorer) -> rescore.Scored:
-        return rescore.score(fed, scorer, positions, cohort=cohort, drift=True, explain=0)
-
-    later = run_session(run, work, progress)
+    later = rescore.score(fed, scorer, positions, cohort=cohort, drift=True, explain=0)
     before = scores["score"].to_numpy()[positions].astype(np.float64)
     after = later.frame["score"].to_numpy().astype(np.float64)
     psi = {"score": _row(drift.psi(before, after))}

@@ -314,6 +314,7 @@ def finish_run(run: Run, federation_seconds: float) -> dict:
         "gap_to_oracle": oracle - authority["auc"] if oracle is not None else None,
         "gap_to_central": central.metrics["auc"] - authority["auc"],
         "tiers": authority["tiers"],
+        "scored_test_auc": authority.get("scored_test_auc"),
         "test_default_rate_by_tier": authority["test_default_rate_by_tier"],
         "seconds": seconds,
         "people": authority["people"],

@@ -146,6 +146,10 @@ def _answer(conn: socket.socket, run: FinishedRun, fed: Federation, scorer: Scor
                                   int(req.get("repeat", 1)))
         elif op == "dispute":
             answer = settle(run, fed, scorer, **req)
+        elif op == "drift":
+            from simulations.drift_run import drift_report
+
+            answer = drift_report(run, fed, scorer, str(req["cohort"]), bool(req["made"]))
         elif op == "stop":
             stop.set()
             answer = {"stopped": True}

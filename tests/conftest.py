@@ -3,6 +3,7 @@ so each gets a fresh Ray and a private Flower home."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -56,6 +57,37 @@ def processes_using(flwr_home: Path) -> list[int]:
         except OSError:
             continue
     return pids
+
+
+def assert_no_identifiers(run_dir: Path) -> None:
+    """No phone number of the run's people, nor an unkeyed hash of one, in any file of the run
+    directory (scores, logs, reports, the audit log, drift reports)."""
+    import hashlib
+    import re
+
+    import pandas as pd
+
+    from crypto.at_rest import Keystore
+    from server.labels import load_labels
+
+    parties = Path(json.loads((run_dir / "run.json").read_text())["parties"])
+    keys = Keystore(parties.with_name(parties.name + ".keys"))
+    e164, _ = load_labels(parties / "authority", keys)
+    digits = set(e164.str.slice(1)) | set(e164.str.slice(3))
+    hashes = {hashlib.sha256(v.encode()).hexdigest() for v in e164}
+    hashes |= {hashlib.md5(v.encode()).hexdigest() for v in e164}
+    for path in run_dir.rglob("*"):
+        if not path.is_file():
+            continue
+        if path.suffix == ".parquet":
+            text = pd.read_parquet(path).astype(str).to_csv()
+        else:
+            text = path.read_bytes().decode("latin-1")
+        found_digits = set(re.findall(r"\d{11,13}", re.sub(r"[ \-()+]", "", text)))
+        assert not found_digits & digits, f"a phone number appears in {path.name}"
+        assert not set(re.findall(r"[0-9a-f]{32,64}", text)) & hashes, path.name
+        for h in hashes:
+            assert h[:32] not in text, f"an unkeyed hash appears in {path.name}"
 
 
 def scores_of(run_dir: Path):

@@ -9,7 +9,7 @@ import pytest
 
 from server import ledger
 from simulations.ledger_verify import verify
-from tests.conftest import run_cli
+from tests.conftest import run_cli, scores_of
 
 pytestmark = pytest.mark.slow
 
@@ -80,8 +80,12 @@ def test_audit_bound_stays_below_the_accounted_epsilon(private_run: Path):
     accounted = max(metrics["epsilon"]["model"].values())
     assert audit["accounted_epsilon"] == accounted
     assert 0 <= audit["epsilon_lower"] <= accounted
-    assert audit["n_members"] == metrics["people"]["train"]
-    assert audit["n_nonmembers"] == metrics["people"]["test"]
+    # The attack sees released scores: every scored person of each split (none for ineligible).
+    scores = scores_of(private_run)
+    released = scores[scores["status"] == "scored"]
+    assert audit["n_members"] == (released["split"] == "train").sum()
+    assert audit["n_nonmembers"] == (released["split"] == "test").sum()
+    assert 0 < len(scores) - len(released) < 0.2 * len(scores)
 
 
 def test_curves_hold_only_aggregates_that_match_the_metrics(private_run: Path):
