@@ -75,9 +75,26 @@ def build_curves(scores: pd.DataFrame, y: np.ndarray) -> dict:
     p = scores["probability"].to_numpy(dtype=np.float64)
     score = scores["score"].to_numpy(dtype=np.int64)
     tier = scores["tier"].astype(str)
-    return {
+    out = {
         "roc": roc(y[test], p[test]),
         "ks": ks_curve(y[test], score[test]),
         "score_histogram": score_histogram(score, tier),
         "calibration_by_tier": calibration_by_tier(y[test], p[test], tier[test]),
     }
+    if "reason_1" in scores:
+        out["reasons"] = reason_counts(scores)
+    return out
+
+
+def reason_counts(scores: pd.DataFrame) -> dict[str, dict[str, float]]:
+    """Per `silo.feature`: how many scored people have it as their first reason and among
+    their reasons, and the mean points it costs them when listed (aggregates only)."""
+    slots = [c for c in scores if c.startswith("reason_") and not c.endswith("_points")]
+    codes = pd.concat([scores[c].astype(str).where(scores[c].notna()) for c in slots])
+    points = pd.concat([scores[f"{c}_points"] for c in slots])
+    listed = pd.DataFrame({"code": codes.to_numpy(), "points": points.to_numpy()}).dropna()
+    first = scores["reason_1"].value_counts()
+    stats = listed.groupby("code")["points"].agg(["size", "mean"])
+    return {str(code): {"first": int(first.get(code, 0)), "listed": int(row["size"]),
+                        "mean_points": float(row["mean"])}
+            for code, row in stats.sort_values("size", ascending=False).iterrows()}

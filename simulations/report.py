@@ -134,6 +134,7 @@ class Curves:
     histogram: pd.DataFrame | None = None
     calibration: pd.DataFrame | None = None
     contributions: pd.DataFrame | None = None
+    reasons: pd.DataFrame | None = None
 
 
 @dataclass
@@ -309,6 +310,7 @@ def parse_curves(raw: dict, path: Path) -> Curves:
     parsers: dict[str, Callable[[Any], pd.DataFrame]] = {
         "roc": _parse_roc, "ks": _parse_ks, "score_histogram": _parse_histogram,
         "calibration_by_tier": _parse_calibration, "contributions": _parse_contributions,
+        "reasons": _parse_reasons,
     }
     parsed: dict[str, pd.DataFrame | None] = {}
     for key, parse in parsers.items():
@@ -318,7 +320,7 @@ def parse_curves(raw: dict, path: Path) -> Curves:
             raise ReportError(f"{path}: part {key!r} is malformed ({exc}); re-run to rewrite "
                               "curves.json, or move it aside to report without curves") from None
     return Curves(parsed["roc"], parsed["ks"], parsed["score_histogram"],
-                  parsed["calibration_by_tier"], parsed["contributions"])
+                  parsed["calibration_by_tier"], parsed["contributions"], parsed["reasons"])
 
 
 def _columns(raw: dict, names: Iterable[str]) -> pd.DataFrame:
@@ -363,6 +365,12 @@ def _parse_contributions(raw: dict) -> pd.DataFrame:
     cols = ("mean_abs_points", "p10", "p50", "p90")
     rows = [{"silo": silo, **{c: float(v[c]) for c in cols}} for silo, v in raw.items()]
     return pd.DataFrame(rows, columns=["silo", *cols])
+
+
+def _parse_reasons(raw: dict) -> pd.DataFrame:
+    rows = [{"reason": code, "first": int(v["first"]), "listed": int(v["listed"]),
+             "mean_points": float(v["mean_points"])} for code, v in raw.items()]
+    return pd.DataFrame(rows, columns=["reason", "first", "listed", "mean_points"])
 
 
 # ---- formatting ------------------------------------------------------------------------------
@@ -916,10 +924,48 @@ def _repro_section(run: RunData) -> Section:
     ])
 
 
+def _reasons_section(run: RunData) -> Section:
+    section = Section("reasons", "Reason codes and eligibility")
+    people = run.metrics.get("people", {})
+    if people.get("ineligible") is not None:
+        by = ", ".join(f"{k.replace(';', ' + ')} {v:,}" for k, v in
+                       people.get("ineligible_by_reason", {}).items())
+        section.blocks.append(Note(f"{people['ineligible']:,} of {people.get('aligned', 0):,} "
+                                   f"people failed the opening conditions and got no score "
+                                   f"({by})."))
+    data = run.curves.reasons if run.curves is not None else None
+    if data is None or data.empty:
+        section.blocks.append(Note(f"Reason codes not available: {_curves_missing(run, 'reasons')}"
+                                   " (runs with explain.reasons=0 or in concat mode have none)."))
+        return section
+    from clients.reasons import reason_text
+
+    top = data.sort_values("first", ascending=False).head(12).reset_index(drop=True)
+    scored = sum(run.metrics.get("tiers", {}).values()) or 1
+    texts = [reason_text(*code.split(".", 1)) for code in top["reason"]]
+    table = pd.DataFrame({
+        "reason": top["reason"], "label": [t.label_en for t in texts],
+        "label_zh": [t.label_zh for t in texts], "first_share": top["first"] / scored,
+        "listed_share": top["listed"] / scored, "mean_points": top["mean_points"]})
+    fig, ax = _figure(6.4, 0.6 + 0.32 * len(table))
+    y = np.arange(len(table))[::-1]
+    ax.barh(y, table["first_share"], color="#1f4e79")
+    ax.set_yticks(y, table["label"])
+    ax.set_xlabel("share of scored people with it as their first reason")
+    section.blocks.append(Plot(
+        "reasons", "The most common first reason codes", png=_png(fig), data=table,
+        alt="Bar chart of the share of scored people whose first reason code is each feature."))
+    section.blocks.append(Table(
+        "reasons_table", "Reason codes: how often first and listed, mean points lost", table,
+        note="Points are lost against each silo's typical person; shares of scored people.",
+        data_key="reasons"))
+    return section
+
+
 def run_sections(run: RunData, prefix: str = "") -> list[Section]:
     sections = [_learning_section(run), _scores_section(run), _tiers_section(run),
-                _contributions_section(run), _ledger_section(run), _audit_section(run),
-                _repro_section(run)]
+                _contributions_section(run), _reasons_section(run), _ledger_section(run),
+                _audit_section(run), _repro_section(run)]
     if prefix:
         # In a sweep's report these tables and figures must say which run they describe.
         for s in sections:

@@ -95,6 +95,10 @@ def _curves(contributions: bool) -> dict:
         curves["contributions"] = {
             s: {"mean_abs_points": 12.3 - i, "p10": -20.1 + i, "p50": 1.2, "p90": 18.0 - i}
             for i, s in enumerate(("payments", "social", "device"))}
+        curves["reasons"] = {
+            "payments.overdue_count": {"first": 40, "listed": 90, "mean_points": -31.5},
+            "device.two_factor_on": {"first": 25, "listed": 70, "mean_points": -12.0},
+            "social.donations": {"first": 5, "listed": 30, "mean_points": -4.25}}
     return curves
 
 
@@ -232,7 +236,8 @@ def test_run_report_writes_html_tex_and_csvs(run_dir: Path) -> None:
     page = (run_dir / "report.html").read_text(encoding="utf-8")
     assert page.count('<img src="data:image/png;base64,') >= 7
     for heading in ("Headline numbers", "Learning curves", "Calibration by tier", "KS curve",
-                    "Tiers and seed benefits", "Per-silo contributions", "Privacy ledger",
+                    "Tiers and seed benefits", "Per-silo contributions",
+                    "Reason codes and eligibility", "存在逾期记录", "Privacy ledger",
                     "Privacy audit", "Reproducibility"):
         assert heading in page
     for tier in TIERS:  # names, Chinese names and seed benefits all come from server.scoring
@@ -250,6 +255,8 @@ def test_run_report_writes_html_tex_and_csvs(run_dir: Path) -> None:
         "tiers": ["tier", "name", "scores", "seed benefit", "people", "share",
                   "test default rate"],
         "contributions": ["silo", "mean_abs_points", "p10", "p50", "p90"],
+        "reasons": ["reason", "label", "label_zh", "first_share", "listed_share",
+                    "mean_points"],
         "ledger_final": ["party", "budget", "accountant", "rounds", "steps", "epsilon", "delta",
                          "metrics_epsilon"],
         "ledger_cumulative": ["party", "budget", "round", "epsilon"],
