@@ -61,18 +61,38 @@ def quiet_engine_logs(verbose: bool | None = None) -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning, module="flwr")
 
 
+WORKERS_ENV = "FEDSCORE_ENGINE_WORKERS"
+
+
+def engine_workers(silos: int) -> int:
+    """Ray workers (one silo message at a time each): one per core, at most one per silo.
+
+    More workers than cores only adds memory (each worker holds torch and the silos' tables)
+    and contention: at 100,000 people, 3 workers on 2 cores peaked at 3.0 GB against 2.4 GB for
+    2, for the same time (bench/RESULTS.md). FEDSCORE_ENGINE_WORKERS overrides."""
+    asked = os.environ.get(WORKERS_ENV, "").strip()
+    if asked:
+        if not asked.isdigit() or int(asked) < 1:
+            from server.config import ConfigError
+
+            raise ConfigError(f"{WORKERS_ENV}={asked!r}: give a whole number of workers >= 1")
+        return int(asked)
+    return max(1, min(silos, len(os.sched_getaffinity(0))))
+
+
 def run_federation(server_app: ServerApp, client_app: ClientApp, silos: int) -> None:
-    """Run the apps in-process: one virtual SuperNode per silo, each on its own Ray actor."""
+    """Run the apps in-process: one virtual SuperNode per silo, served by `engine_workers`
+    Ray workers."""
     configure_environment()
     quiet_engine_logs()
     from flwr.simulation import run_simulation
 
     init_args: dict = {"logging_level": logging.ERROR, "log_to_driver": False}
     if not os.environ.get("RAY_ADDRESS"):
-        # A private Ray with one logical CPU per silo, so all silos work side by side; torch
-        # in each actor is pinned to one thread. With RAY_ADDRESS set, Ray joins that cluster,
-        # which has its own resources (docs/deployment.md).
-        init_args.update(num_cpus=silos, num_gpus=0)
+        # A private Ray with one worker per core (engine_workers); torch in each is pinned to
+        # one thread. With RAY_ADDRESS set, Ray joins that cluster, which has its own
+        # resources (docs/deployment.md).
+        init_args.update(num_cpus=engine_workers(silos), num_gpus=0)
     run_simulation(
         server_app=server_app,
         client_app=client_app,

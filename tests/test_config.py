@@ -94,3 +94,19 @@ def test_flower_app_config_matches_the_defaults():
         flat.pop(key)
     assert parse_flat(AuthorityConfig, flat) == AuthorityConfig()
     assert set(flat) == set(to_flat(AuthorityConfig()))
+
+
+def test_engine_workers_one_per_core_at_most_one_per_silo(monkeypatch):
+    import os
+
+    from simulations.engine import WORKERS_ENV, engine_workers
+
+    monkeypatch.delenv(WORKERS_ENV, raising=False)
+    cores = len(os.sched_getaffinity(0))
+    assert engine_workers(3) == min(3, cores)
+    assert engine_workers(1) == 1
+    monkeypatch.setenv(WORKERS_ENV, "5")
+    assert engine_workers(3) == 5
+    monkeypatch.setenv(WORKERS_ENV, "zero")
+    with pytest.raises(ValueError, match="whole number"):
+        engine_workers(3)
