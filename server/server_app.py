@@ -19,7 +19,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from clients.schema import federation_silos
-from server.config import AuthorityConfig, parse_flat
+from server.config import AuthorityConfig, ConfigError, parse_flat
 from server.federation import Federation
 
 if TYPE_CHECKING:  # the training stack (torch) loads when a run starts, not on import
@@ -104,6 +104,9 @@ def main(grid: Grid, context: Context) -> None:
     out_dir = _out_dir(run_config, context.run_id)
     resume = bool(run_config.get("resume", False))
     cfg = parse_flat(AuthorityConfig, run_config, ignore=PATH_KEYS)
+    if cfg.topology != "vertical":
+        raise ConfigError("topology=horizontal runs on the simulation engine (fedscore run); "
+                          "this ServerApp serves the vertical topology")
     from server.authority import run_authority
 
     log.info("authority: data %s, outputs %s", data_dir, out_dir)

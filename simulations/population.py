@@ -155,6 +155,10 @@ class PopulationConfig:
     unverified_rate: float = 0.02
     unbound_card_rate: float = 0.04
     severe_default_rate: float = 0.03
+    # Horizontal topology only (simulations/regions.py): how far regions differ. 0 = people
+    # are dealt to regions at random; 1 = regions are strata of an economic trait (spend and
+    # balance), so their feature distributions and default rates differ most.
+    region_skew: float = 0.5
 
     def __post_init__(self) -> None:
         if isinstance(self.users, bool) or not isinstance(self.users, int) or self.users < 1000:
@@ -192,6 +196,9 @@ class PopulationConfig:
                 f"signal_share={self.signal_share!r}: shares must be in [0, 1] and sum to 1 "
                 f"(they sum to {sum(self.signal_share):.6g}); rescale them"
             )
+        if not 0.0 <= float(self.region_skew) <= 1.0:
+            raise ValueError(f"region_skew={self.region_skew!r}: must be in [0, 1] "
+                             "(0 = regions alike, 1 = regions as different as possible)")
         if not 0.0 < float(self.signal_scale) <= 10.0:
             raise ValueError(
                 f"signal_scale={self.signal_scale!r}: must be in (0, 10]; the default 1.44 "

@@ -61,8 +61,8 @@ def prepare_parties(pop: PopulationConfig, parties: Parties, store: Keystore | N
     Returns True when existing tables were reused.
     """
     if parties.population_json.exists():
-        existing = json.loads(parties.population_json.read_text())
-        if existing == json.loads(pop.to_json()):
+        # Compared as configs, so a file from before a field existed matches its default.
+        if PopulationConfig.from_json(parties.population_json.read_text()) == pop:
             return True
         raise RunDirError(
             f"{parties.root} holds party tables of another population; choose another "
@@ -201,6 +201,8 @@ def run_experiment(
     (a SuperLink and one SuperNode per silo on loopback, with TLS and node authentication)."""
     if engine not in ENGINES:
         raise ConfigError(f"engine {engine!r}: choose one of {', '.join(ENGINES)}")
+    if cfg.authority.topology == "horizontal":
+        return _run_horizontal(cfg, out_dir, parties_dir, progress, resume, engine)
     run = open_run(cfg, out_dir, parties_dir, resume, progress,
                    {"engine": engine, "credentials": str(credentials) if credentials else None})
     ready_parties(run)
@@ -215,6 +217,23 @@ def run_experiment(
             silos=len(federation_silos(run.parties.root)),
         )
     return finish_run(run, time.perf_counter() - t)
+
+
+def _run_horizontal(cfg: ExperimentConfig, out_dir: Path, parties_dir: Path,
+                    progress: Progress | None, resume: bool, engine: str) -> dict:
+    from simulations.horizontal_run import run_horizontal
+
+    if engine != "simulation":
+        raise ConfigError("topology=horizontal runs on the simulation engine (fedscore run); "
+                          "the deployment engine serves the vertical topology")
+    if resume:
+        raise ConfigError("a horizontal run cannot be resumed: its rounds are short; start it "
+                          "again with a new --out")
+    if not cfg.generated:
+        raise ConfigError("topology=horizontal needs a generated population; real data (--data) "
+                          "comes as vertical silos")
+    run = open_run(cfg, out_dir, parties_dir, resume, progress, {"engine": engine})
+    return run_horizontal(run, progress)
 
 
 def run_deployed(run: Run, progress: Progress | None, credentials: Path | None) -> None:
@@ -240,6 +259,8 @@ def run_cells(cells: list[tuple[ExperimentConfig, Path, bool]], parties_dir: Pat
               on_done: Callable[[int, str], None] | None = None) -> list[str]:
     """Several runs on the same parties in ONE federation (a sweep's cells of one seed): the
     engine starts once and PSI runs once. Returns an error message per cell ("" = finished)."""
+    if cells[0][0].authority.topology == "horizontal":
+        return _horizontal_cells(cells, parties_dir, progress, on_done)
     runs = [open_run(cfg, out, parties_dir, resume, progress) for cfg, out, resume in cells]
     ready_parties(runs[0])
     for other in runs[1:]:
@@ -266,6 +287,24 @@ def run_cells(cells: list[tuple[ExperimentConfig, Path, bool]], parties_dir: Pat
         client_app_for(runs[0]),
         silos=len(federation_silos(runs[0].parties.root)),
     )
+    return errors
+
+
+def _horizontal_cells(cells: list[tuple[ExperimentConfig, Path, bool]], parties_dir: Path,
+                      progress: Progress | None,
+                      on_done: Callable[[int, str], None] | None) -> list[str]:
+    """A horizontal sweep's cells, one federation each (a round costs little to restart)."""
+    errors = []
+    for i, (cfg, out, _) in enumerate(cells):
+        error = ""
+        try:
+            run_experiment(cfg, out, parties_dir, progress)
+        except Exception as exc:  # one cell failing must not stop the others
+            log.exception("cell %s failed", out.name)
+            error = f"{type(exc).__name__}: {exc}"
+        errors.append(error)
+        if on_done:
+            on_done(i, error)
     return errors
 
 

@@ -1,0 +1,259 @@
+"""A region's Flower ClientApp (horizontal topology).
+
+A region is named by node config `region=...` (deployment) or by the simulation's
+`partition-id` (0.. in the order of `<data-dir>/regions.json`). Messages:
+
+  train               global model + the local plan -> the model after one local round,
+                      {"weight": 1, "num-examples", "train_loss", "steps", "stopped"}
+  evaluate            global model -> validation loss and AUC on the region's own customers
+  query.privacy       -> the region's accountant history for the whole run, and its plan
+  query.predict       final global model + run key -> the region writes default
+                      probabilities for all its customers into its own folder
+                      (`predictions/<run key>.parquet[.enc]`) and replies with counts only
+
+No message carries an identifier or a customer's row: only model weights and aggregates. Each
+reply weighs 1, so FedAvg averages regions without weighting them by size (a size-weighted
+average changes a region's sensitivity and is not what Flower's DP wrappers account for).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+
+from clients import messages as m
+from clients.region_data import (
+    RegionData,
+    RegionDataError,
+    listed_regions,
+    load_region,
+    region_split,
+)
+from clients.region_trainer import LocalSpec, Plan, global_model, predict_logits, train_round
+from crypto.at_rest import AUTO, Keystore, open_keystore, write_party_file
+
+log = logging.getLogger(__name__)
+
+PRIVACY = "query.privacy"
+PREDICT = "query.predict"
+PREDICTIONS_DIR = "predictions"
+
+_CACHE: dict[tuple[str, float], tuple[RegionData, np.ndarray]] = {}
+
+
+@dataclass(frozen=True)
+class RegionDefaults:
+    root: Path | None = None
+    keystore: Path | None = None
+    plaintext: bool = False
+
+
+def region_name(context: Context, defaults: RegionDefaults) -> str:
+    node = context.node_config
+    if "region" in node:
+        return str(node["region"])
+    if "partition-id" in node and defaults.root is not None:
+        pid = int(node["partition-id"])
+        names = listed_regions(defaults.root)
+        if not 0 <= pid < len(names):
+            raise RegionDataError(f"partition-id {pid} has no region; run {len(names)} "
+                                  "supernodes")
+        return names[pid]
+    raise RegionDataError("this node has no region: start it with --node-config 'region=...'")
+
+
+def region_dir(context: Context, defaults: RegionDefaults) -> Path:
+    root = context.node_config.get("data-dir") or context.run_config.get("data-dir")
+    base = Path(str(root)) if root else defaults.root
+    if base is None:
+        raise RegionDataError("no data directory: set node config or run config 'data-dir'")
+    return base / region_name(context, defaults)
+
+
+def region_store(context: Context, defaults: RegionDefaults) -> Keystore | None:
+    if "keystore" in context.node_config:
+        return Keystore(Path(str(context.node_config["keystore"])))
+    if defaults.plaintext:
+        return None
+    if defaults.keystore is not None:
+        return Keystore.open_or_init(defaults.keystore)
+    setting = str(context.run_config.get("storage.keystore", AUTO))
+    return open_keystore(setting, region_dir(context, defaults).parent)
+
+
+def region_data(context: Context, defaults: RegionDefaults, seed: int, train: float,
+                val: float) -> tuple[RegionData, np.ndarray]:
+    """The region's inputs and labels, and its split codes (0 train, 1 val, 2 test)."""
+    directory = region_dir(context, defaults)
+    name = region_name(context, defaults)
+    mtime = max((p.stat().st_mtime for p in directory.glob("customers.*")), default=0.0)
+    key = (f"{directory.resolve()}|{seed}|{train}|{val}", mtime)
+    if key not in _CACHE:
+        for old in [k for k in _CACHE if k[0] == key[0]]:
+            del _CACHE[old]
+        data = load_region(directory, name, region_store(context, defaults))
+        _CACHE[key] = (data, region_split(len(data), seed, name, train, val))
+    return _CACHE[key]
+
+
+def _guarded(handler: Callable[[Message, Context], Message]) -> Callable:
+    def run(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except RegionDataError as exc:
+            return m.error_reply(msg, m.INPUT_ERROR, str(exc))
+        except (m.ProtocolError, KeyError, ValueError) as exc:
+            who = context.node_config.get("region",
+                                          f"partition {context.node_config.get('partition-id')}")
+            return m.error_reply(msg, m.PROTOCOL_ERROR, f"region {who}: {exc}")
+
+    run.__name__ = handler.__name__
+    return run
+
+
+def _model_from(msg: Message, n_inputs: int, spec: LocalSpec) -> torch.nn.Module:
+    if "arrays" not in msg.content:
+        raise m.ProtocolError("the message carries no model (an 'arrays' record)")
+    model = global_model(n_inputs, spec)
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    return model
+
+
+def _history(context: Context) -> list[tuple[float, float, int]]:
+    if "privacy" not in context.state:
+        return []
+    flat = list(context.state["privacy"]["history"])
+    return [(float(flat[i]), float(flat[i + 1]), int(flat[i + 2]))
+            for i in range(0, len(flat), 3)]
+
+
+def _save_history(context: Context, history: list, plan: Plan) -> None:
+    flat = [float(v) for h in history for v in h]
+    context.state["privacy"] = ConfigRecord({
+        "history": flat, "plan": [plan.sample_rate, float(plan.steps_per_round),
+                                  plan.noise_multiplier, plan.delta]})
+
+
+def _plan(context: Context, n_train: int, spec: LocalSpec) -> Plan:
+    """The plan is fixed at the first round and kept for the whole run."""
+    if "privacy" in context.state and "plan" in context.state["privacy"]:
+        q, steps, sigma, delta = context.state["privacy"]["plan"]
+        return Plan(float(q), int(steps), float(sigma), float(delta))
+    return Plan.make(n_train, spec)
+
+
+def _auc(y: np.ndarray, z: np.ndarray) -> float:
+    pos = y > 0.5
+    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = pd.Series(z).rank().to_numpy()
+    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def clipping_mod(msg: Message, context: Context, call_next) -> Message:
+    """Flower's `fixedclipping_mod` when the server asked for client-side clipping (user-level
+    DP); a plain pass otherwise."""
+    config = msg.content.config_records
+    if any(KEY_CLIPPING_NORM in record for record in config.values()):
+        return fixedclipping_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+def make_region_app(root: Path | None = None, keystore: Path | None = None,
+                    plaintext: bool = False) -> ClientApp:
+    defaults = RegionDefaults(root, keystore, plaintext)
+    app = ClientApp()
+
+    def setup(msg: Message, context: Context) -> tuple[LocalSpec, RegionData, np.ndarray]:
+        torch.set_num_threads(1)  # one core per region: regions run side by side
+        cfg = dict(msg.content["config"]) if "config" in msg.content else {}
+        try:
+            spec = LocalSpec.from_config(cfg)
+            train, val = float(cfg["split.train"]), float(cfg["split.val"])
+        except KeyError as exc:
+            raise m.ProtocolError(f"the plan lacks {exc}") from None
+        data, split = region_data(context, defaults, spec.seed, train, val)
+        return spec, data, split
+
+    @app.train(mods=[clipping_mod])
+    @_guarded
+    def train(msg: Message, context: Context) -> Message:
+        spec, data, split = setup(msg, context)
+        cfg = dict(msg.content["config"])
+        # FedProx's strategy sends its mu with the round; it overrides the plan's.
+        spec_mu = float(cfg.get("proximal-mu", spec.proximal_mu))
+        spec = LocalSpec(**{**spec.__dict__, "proximal_mu": spec_mu})
+        rows = split == 0
+        model = _model_from(msg, data.x.shape[1], spec)
+        plan = _plan(context, int(rows.sum()), spec)
+        round_ = int(cfg.get("server-round", 1))
+        result = train_round(model, data.x[rows], data.y[rows], spec, plan, _history(context),
+                             region_name(context, defaults), round_)
+        _save_history(context, result.history, plan)
+        content = RecordDict({
+            "arrays": ArrayRecord(model.state_dict()),
+            "metrics": MetricRecord({"weight": 1.0, "num-examples": int(rows.sum()),
+                                     "train_loss": result.loss, "steps": result.steps,
+                                     "stopped": int(result.stopped)}),
+        })
+        return Message(content, reply_to=msg)
+
+    @app.evaluate()
+    @_guarded
+    def evaluate(msg: Message, context: Context) -> Message:
+        spec, data, split = setup(msg, context)
+        rows = split == 1
+        model = _model_from(msg, data.x.shape[1], spec)
+        z = predict_logits(model, data.x[rows])
+        y = data.y[rows].astype(np.float64)
+        loss = float(np.mean(np.logaddexp(0.0, z) - y * z))
+        content = RecordDict({"metrics": MetricRecord({
+            "weight": 1.0, "num-examples": int(rows.sum()), "val_loss": loss,
+            "val_auc": _auc(y, z)})})
+        return Message(content, reply_to=msg)
+
+    @app.query(PRIVACY.split(".", 1)[1])
+    @_guarded
+    def privacy(msg: Message, context: Context) -> Message:
+        spec, _data, split = setup(msg, context)
+        plan = _plan(context, int((split == 0).sum()), spec)
+        history = _history(context)
+        reply = {"region": region_name(context, defaults), "n_train": int((split == 0).sum()),
+                 "history": [float(v) for h in history for v in h],
+                 "noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate,
+                 "delta": plan.delta}
+        return Message(m.make_content(reply), reply_to=msg)
+
+    @app.query(PREDICT.split(".", 1)[1])
+    @_guarded
+    def predict(msg: Message, context: Context) -> Message:
+        spec, data, split = setup(msg, context)
+        run_key = str(msg.content["config"]["run_key"])
+        if not run_key.isalnum():
+            raise m.ProtocolError("run_key must be letters and digits")
+        model = _model_from(msg, data.x.shape[1], spec)
+        z = predict_logits(model, data.x)
+        frame = pd.DataFrame({"split": np.array(["train", "val", "test"])[split],
+                              "probability": 1.0 / (1.0 + np.exp(-z))})
+        directory = region_dir(context, defaults) / PREDICTIONS_DIR
+        directory.mkdir(exist_ok=True)
+        buf = io.BytesIO()
+        frame.to_parquet(buf, index=False)
+        write_party_file(directory / f"{run_key}.parquet", region_name(context, defaults),
+                         buf.getvalue(), region_store(context, defaults))
+        reply = {"region": region_name(context, defaults), "rows": len(frame)}
+        return Message(m.make_content(reply), reply_to=msg)
+
+    return app

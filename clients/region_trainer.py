@@ -1,0 +1,165 @@
+"""A region's local training round (horizontal topology), optionally with DP-SGD (Opacus).
+
+Each round starts from the global model and takes `local_epochs / q` steps on Poisson samples
+of the region's training customers (sample rate q = batch / n). With sample-level DP the steps
+are Opacus DP-SGD steps and go on the region's ONE accountant history for the whole run. With
+FedProx the proximal gradient mu (w - w_global) is added after Opacus has clipped and noised the
+data gradient: it depends on no customer, so it costs no privacy and is never clipped.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from opacus import GradSampleModule
+from opacus.optimizers import DPOptimizer
+
+from clients.accounting import History, add_steps, affordable_steps, calibrate_sigma
+from clients.model import BottomModel
+from clients.schema import silo_salt
+
+
+@dataclass(frozen=True)
+class LocalSpec:
+    hidden: tuple[int, ...] = (32, 16)
+    lr: float = 0.003
+    batch_size: int = 512
+    local_epochs: float = 1.0
+    rounds: int = 8
+    seed: int = 0
+    proximal_mu: float = 0.0
+    # Sample-level DP: a target epsilon per region for the whole run (inf = off).
+    epsilon: float = math.inf
+    delta: float = 0.0  # 0 = 1 / (the region's training customers)
+    accountant: str = "prv"
+    max_grad_norm: float = 5.0
+    cap: float = 0.0  # 0 = the target
+
+    @property
+    def dp(self) -> bool:
+        return math.isfinite(self.epsilon)
+
+    def to_config(self) -> dict:
+        out = asdict(self)
+        out["hidden"] = list(self.hidden)
+        out["epsilon"] = self.epsilon if self.dp else -1.0  # Flower records hold no inf
+        return out
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> LocalSpec:
+        eps = float(cfg["epsilon"])
+        return cls(
+            hidden=tuple(int(h) for h in cfg["hidden"]), lr=float(cfg["lr"]),
+            batch_size=int(cfg["batch_size"]), local_epochs=float(cfg["local_epochs"]),
+            rounds=int(cfg["rounds"]), seed=int(cfg["seed"]),
+            proximal_mu=float(cfg["proximal_mu"]), epsilon=eps if eps > 0 else math.inf,
+            delta=float(cfg["delta"]), accountant=str(cfg["accountant"]),
+            max_grad_norm=float(cfg["max_grad_norm"]), cap=float(cfg["cap"]),
+        )
+
+
+def global_model(n_inputs: int, spec: LocalSpec) -> BottomModel:
+    """The model every region starts from (the server builds it; same seed, same weights)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed * 1_000_003 + 17)
+        return BottomModel(n_inputs, spec.hidden, 1)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A region's DP-SGD plan for the whole run, fixed at its first round."""
+
+    sample_rate: float
+    steps_per_round: int
+    noise_multiplier: float  # 0 without DP
+    delta: float
+
+    @classmethod
+    def make(cls, n_train: int, spec: LocalSpec) -> Plan:
+        q = min(1.0, spec.batch_size / n_train)
+        steps = max(1, round(spec.local_epochs / q))
+        delta = spec.delta or 1.0 / n_train
+        sigma = (calibrate_sigma(spec.epsilon, delta, q, steps * spec.rounds, spec.accountant)
+                 if spec.dp else 0.0)
+        return cls(q, steps, sigma, delta)
+
+
+@dataclass
+class RoundResult:
+    history: History
+    steps: int
+    loss: float
+    stopped: bool  # the budget cap allowed fewer steps than planned
+
+
+def train_round(model: BottomModel, x: np.ndarray, y: np.ndarray, spec: LocalSpec, plan: Plan,
+                history: History, region: str, round_: int) -> RoundResult:
+    """One round of local training on (x, y), in place on `model`."""
+    steps = plan.steps_per_round
+    stopped = False
+    if spec.dp:
+        cap = spec.cap or spec.epsilon
+        steps = affordable_steps(spec.accountant, history, plan.noise_multiplier,
+                                 plan.sample_rate, steps, plan.delta, cap)
+        stopped = steps < plan.steps_per_round
+    salt = silo_salt(region)
+    rng = np.random.default_rng([spec.seed, salt, round_])
+    anchor = [p.detach().clone() for p in model.parameters()]
+    opt: torch.optim.Optimizer = torch.optim.Adam(model.parameters(), lr=spec.lr)
+    module: torch.nn.Module = model
+    if spec.dp:
+        module = GradSampleModule(model, loss_reduction="mean")
+        opt = DPOptimizer(opt, noise_multiplier=plan.noise_multiplier,
+                          max_grad_norm=spec.max_grad_norm,
+                          expected_batch_size=max(1, round(plan.sample_rate * len(y))),
+                          loss_reduction="mean",
+                          generator=torch.Generator().manual_seed(spec.seed * 7_919 + salt
+                                                                  + 104_729 * round_))
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    losses = []
+    module.train()
+    for _ in range(steps):
+        idx = torch.from_numpy(np.flatnonzero(rng.random(len(y)) < plan.sample_rate))
+        opt.zero_grad(set_to_none=True)
+        if len(idx):
+            loss = loss_fn(module(xt[idx]), yt[idx])
+            loss.backward()
+            losses.append(float(loss.detach()))
+        elif spec.dp:  # an empty Poisson sample is still a noised step on the accountant
+            for p in model.parameters():
+                p.grad_sample = torch.zeros((0, *p.shape))
+        else:
+            continue
+        _step(opt, model, anchor, spec.proximal_mu, spec.dp)
+    if spec.dp and steps:
+        history = add_steps(history, plan.noise_multiplier, plan.sample_rate, steps)
+    if isinstance(module, GradSampleModule):
+        module.remove_hooks()
+    return RoundResult(history, steps, float(np.mean(losses)) if losses else float("nan"),
+                       stopped)
+
+
+def _step(opt: torch.optim.Optimizer, model: torch.nn.Module, anchor: list[torch.Tensor],
+          mu: float, dp: bool) -> None:
+    if dp:
+        assert isinstance(opt, DPOptimizer)
+        if not opt.pre_step():  # clipped, accumulated, noised into p.grad
+            return
+        inner = opt.original_optimizer
+    else:
+        inner = opt
+    if mu > 0:
+        with torch.no_grad():
+            for p, a in zip(model.parameters(), anchor, strict=True):
+                p.grad.add_(p.detach() - a, alpha=mu)
+    inner.step()
+
+
+@torch.no_grad()
+def predict_logits(model: BottomModel, x: np.ndarray) -> np.ndarray:
+    model.eval()
+    return model(torch.from_numpy(x)).numpy().astype(np.float64)

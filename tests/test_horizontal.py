@@ -1,0 +1,277 @@
+"""The horizontal topology: regions, the fixed input map, local DP training with FedProx, the
+user-level accountant, and small runs on Flower's simulation engine."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from clients.accounting import epsilon
+from clients.region_data import (
+    LOG_SCALE,
+    RegionDataError,
+    feature_columns,
+    input_columns,
+    load_region,
+    region_inputs,
+    region_split,
+)
+from clients.region_trainer import LocalSpec, Plan, global_model, train_round
+from server import ledger
+from server.config import ConfigError
+from simulations.config import make_config
+from simulations.ledger_verify import verify
+from simulations.population import PopulationConfig, generate
+from simulations.regions import assign_regions, customers, write_regions
+from tests.conftest import assert_no_identifiers, run_cli
+
+
+@pytest.fixture(scope="module")
+def people() -> pd.DataFrame:
+    return customers(generate(PopulationConfig(users=6000, seed=3)))
+
+
+def _table(n: int = 40, **overrides) -> pd.DataFrame:
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame({c: rng.random(n) for c, _ in feature_columns()})
+    frame["phone"] = [f"+86138{i:08d}" for i in range(n)]
+    frame["default"] = (rng.random(n) < 0.2).astype(int)
+    for k, v in overrides.items():
+        frame[k] = v
+    return frame
+
+
+# ---- regions and their data ---------------------------------------------------------------------
+
+
+def test_skew_spreads_default_rates_and_keeps_sizes(people: pd.DataFrame):
+    y = people["default"].to_numpy()
+    spread = {}
+    for skew in (0.0, 1.0):
+        where = assign_regions(people, 5, skew, seed=3)
+        sizes = np.bincount(where, minlength=5)
+        assert sizes.min() > 0.8 * len(y) / 5
+        rates = [y[where == k].mean() for k in range(5)]
+        spread[skew] = max(rates) - min(rates)
+    assert spread[1.0] > 2 * spread[0.0]
+    assert spread[1.0] > 0.04
+
+
+def test_every_person_is_in_exactly_one_region(tmp_path: Path):
+    pop = generate(PopulationConfig(users=2000, seed=1))
+    sizes = write_regions(pop, 3, tmp_path)
+    assert sum(sizes.values()) == len(pop.authority)
+    phones = pd.concat([load_region(tmp_path / r, r).ids for r in sizes])
+    assert phones.is_unique
+    assert len(phones) == len(pop.authority)
+    assert all(p.startswith("+") for p in phones)  # E.164, joined across the silos' formats
+
+
+def test_fixed_input_map_known_values():
+    frame = _table(3)
+    frame["overdue_count"] = [0.0, 100.0, np.nan]
+    frame["contacts_avg_standing"] = [575.0, 850.0, 300.0]
+    frame["on_time_repayment_rate"] = [0.25, 0.5, 1.0]
+    x = region_inputs(frame)
+    cols = input_columns()
+    assert x.shape == (3, 2 * len(feature_columns()))
+    j = cols.index("overdue_count")
+    assert x[:, j].tolist() == pytest.approx([0.0, np.log1p(100) / LOG_SCALE["count"], 0.0])
+    assert x[:, cols.index("overdue_count__missing")].tolist() == [0.0, 0.0, 1.0]
+    assert x[:, cols.index("contacts_avg_standing")].tolist() == pytest.approx([0, 1, -1])
+    assert x[:, cols.index("on_time_repayment_rate")].tolist() == pytest.approx([.25, .5, 1])
+
+
+def test_input_map_does_not_depend_on_other_rows():
+    frame = _table(50)
+    assert np.array_equal(region_inputs(frame)[:10], region_inputs(frame.iloc[:10]))
+
+
+def test_bad_region_tables_are_named(tmp_path: Path):
+    d = tmp_path / "region_1"
+    d.mkdir()
+    _table(40).drop(columns=["balance"]).to_parquet(d / "customers.parquet")
+    with pytest.raises(RegionDataError, match=r"missing column.*balance"):
+        load_region(d, "region_1")
+    _table(40, default=[2] + [0] * 39).to_parquet(d / "customers.parquet")
+    with pytest.raises(RegionDataError, match=r"1 label.*not 0 or 1"):
+        load_region(d, "region_1")
+    bad = _table(40)
+    bad.loc[0, "balance"] = np.inf
+    bad.to_parquet(d / "customers.parquet")
+    with pytest.raises(RegionDataError, match="infinite"):
+        load_region(d, "region_1")
+
+
+def test_split_is_reproducible_and_has_the_asked_shares():
+    a = region_split(1000, 4, "region_2", 0.7, 0.15)
+    assert np.array_equal(a, region_split(1000, 4, "region_2", 0.7, 0.15))
+    assert not np.array_equal(a, region_split(1000, 4, "region_3", 0.7, 0.15))
+    assert np.bincount(a).tolist() == [700, 150, 150]
+
+
+# ---- local training ------------------------------------------------------------------------------
+
+
+def _local(spec: LocalSpec, mu: float) -> float:
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((600, 48)).astype(np.float32)
+    y = (x[:, 0] > 0.5).astype(np.float32)
+    spec = replace(spec, proximal_mu=mu)
+    model = global_model(48, spec)
+    start = [p.detach().clone() for p in model.parameters()]
+    train_round(model, x, y, spec, Plan.make(len(y), spec), [], "region_1", 1)
+    return float(sum(((p.detach() - s) ** 2).sum() for p, s in
+                     zip(model.parameters(), start, strict=True)))
+
+
+@pytest.mark.parametrize("eps", [math.inf, 2.0])
+def test_fedprox_term_keeps_the_local_model_near_the_global_one(eps: float):
+    spec = LocalSpec(lr=0.03, batch_size=64, local_epochs=2, rounds=2, epsilon=eps)
+    assert _local(spec, 10.0) < 0.5 * _local(spec, 0.0)
+
+
+def test_plan_calibrates_to_the_target_over_the_whole_run():
+    spec = LocalSpec(batch_size=100, local_epochs=1, rounds=5, epsilon=1.0)
+    plan = Plan.make(2000, spec)
+    total = plan.steps_per_round * spec.rounds
+    assert plan.steps_per_round == 20
+    assert plan.delta == 1 / 2000
+    spent = epsilon("prv", [(plan.noise_multiplier, plan.sample_rate, total)], plan.delta)
+    assert 0.97 < spent <= 1.0
+
+
+def test_the_cap_stops_local_training_and_the_history_covers_every_step():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((500, 48)).astype(np.float32)
+    y = (rng.random(500) < 0.3).astype(np.float32)
+    spec = LocalSpec(batch_size=50, local_epochs=1, rounds=2, epsilon=1.0, cap=0.5,
+                     accountant="rdp")
+    plan = Plan.make(500, spec)
+    history: list = []
+    for round_ in (1, 2):
+        out = train_round(global_model(48, spec), x, y, spec, plan, history, "r", round_)
+        history = out.history
+    assert out.stopped
+    assert epsilon("rdp", history, plan.delta) <= 0.5
+    assert sum(h[2] for h in history) < 2 * plan.steps_per_round
+
+
+def test_user_level_epsilon_matches_flowers_own_accountant():
+    """Our Opacus RDP over R full-participation rounds against Flower 1.41's RdpAccountant
+    (which wraps Google's dp-accounting) for the same Gaussian releases."""
+    from flwr.supercore.privacy_accounting import (
+        GaussianPrivacyEvent,
+        NeighboringRelation,
+        PrivacyConfig,
+        SamplingMethod,
+    )
+    from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
+
+    for sigma, rounds in ((10.5, 10), (3.0, 4), (1.2, 20)):
+        flower = RdpAccountant(PrivacyConfig(
+            target_delta=1e-5, population_size=5,
+            neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+            sampling_method=SamplingMethod.NO_AMPLIFICATION))
+        flower.compose(GaussianPrivacyEvent(sigma, 5, 5), count=rounds)
+        ours = epsilon("rdp", [(sigma, 1.0, rounds)], 1e-5)
+        assert ours == pytest.approx(flower.get_epsilon(1e-5), rel=0.02)
+
+
+def test_config_errors_name_the_fix():
+    with pytest.raises(ConfigError, match=r"topology=.diagonal.*vertical, horizontal"):
+        make_config({"topology": "diagonal"})
+    with pytest.raises(ConfigError, match="regions=1"):
+        make_config({"regions": 1})
+    with pytest.raises(ConfigError, match=r"horizontal\.strategy=.fedsgd."):
+        make_config({"horizontal.strategy": "fedsgd"})
+    with pytest.raises(ConfigError, match="region_skew"):
+        make_config({"population.region_skew": 1.5})
+
+
+# ---- on the simulation engine ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def horizontal_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two small runs on one population of 3 regions: sample-level DP (FedProx) and user-level
+    DP with client-side clipping (Flower's fixedclipping_mod)."""
+    work = tmp_path_factory.mktemp("horizontal")
+    common = ("--users", "3000", "--seed", "2", "--parties", str(work / "parties"),
+              "--set", "topology=horizontal", "--set", "regions=3",
+              "--set", "horizontal.rounds=3", "--set", "train.batch_size=256")
+    runs = {"sample": ("--set", "horizontal.strategy=fedprox", "--set", "privacy.epsilon=2"),
+            "user": ("--set", "horizontal.dp=user", "--set", "horizontal.clipping=client",
+                     "--set", "privacy.accountant=rdp")}
+    out = {}
+    for name, extra in runs.items():
+        proc = run_cli("run", "--out", str(work / name), *common, *extra, cwd=work)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        out[name] = work / name
+    return out
+
+
+@pytest.mark.slow
+def test_sample_level_run_reports_one_budget_per_region(horizontal_runs: dict[str, Path]):
+    m = json.loads((horizontal_runs["sample"] / "metrics.json").read_text())
+    assert m["topology"] == "horizontal"
+    assert m["strategy"] == "fedprox"
+    assert set(m["epsilon"]["model"]) == {"region_1", "region_2", "region_3"}
+    assert all(0.5 < e <= 2.0 for e in m["epsilon"]["model"].values())
+    assert m["epsilon"]["user"] is None
+    assert 0.55 < m["auc"] <= 1
+    assert 0.55 < m["oracle_auc"] <= 1
+    assert len(m["history"]["federated"]) == 3
+    assert [r["region"] for r in m["regions"]] == ["region_1", "region_2", "region_3"]
+    assert sum(r["customers"] for r in m["regions"]) == m["people"]["aligned"]
+    assert sum(m["tiers"].values()) == m["people"]["aligned"]
+    # The released model is on disk and scores like the regions' predictions.
+    state = torch.load(horizontal_runs["sample"] / "global_model.pt", weights_only=True)
+    assert state["net.0.weight"].shape[1] == len(input_columns())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["sample", "user"])
+def test_ledger_of_a_horizontal_run_verifies_independently(horizontal_runs, name: str):
+    checks = verify(horizontal_runs[name])
+    expected = 3 if name == "sample" else 1
+    assert len(checks) == expected
+    assert all(c.ok for c in checks), [(c.party, c.reported, c.independent) for c in checks]
+    m = json.loads((horizontal_runs[name] / "metrics.json").read_text())
+    for entry in ledger.read(horizontal_runs[name]):
+        key = entry["party"]
+        reported = m["epsilon"]["user"] if key == "regions" else m["epsilon"]["model"][key]
+        assert entry["epsilon"] == pytest.approx(reported)
+
+
+@pytest.mark.slow
+def test_user_level_run_spends_one_budget_for_all_regions(horizontal_runs):
+    m = json.loads((horizontal_runs["user"] / "metrics.json").read_text())
+    assert m["dp_level"] == "user"
+    assert all(v is None for v in m["epsilon"]["model"].values())
+    assert 0.9 < m["epsilon"]["user"] <= 1.0
+    (line,) = ledger.read(horizontal_runs["user"])
+    assert line["budget"] == "user"
+    assert line["sample_rate"] == 1.0
+    assert line["steps"] == 3
+
+
+@pytest.mark.slow
+def test_horizontal_run_leaks_no_identifier(horizontal_runs):
+    for run in horizontal_runs.values():
+        assert_no_identifiers(run)
+
+
+@pytest.mark.slow
+def test_horizontal_refuses_real_data_and_the_deployment_engine(tmp_path: Path):
+    proc = run_cli("run", "--out", str(tmp_path / "r"), "--data", "uci", "--set",
+                   "topology=horizontal", cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "needs a generated population" in proc.stdout + proc.stderr
