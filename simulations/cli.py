@@ -146,6 +146,10 @@ def _parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="write report.html, tables.tex and report/*.csv "
                                            "into a run or sweep directory")
     report.add_argument("dir", type=Path, metavar="RUN_OR_SWEEP_DIR")
+    compare = sub.add_parser("compare", help="one report comparing runs or sweeps (e.g. the "
+                                             "vertical and horizontal topologies) at equal ε")
+    compare.add_argument("dirs", type=Path, nargs="+", metavar="RUN_OR_SWEEP_DIR")
+    compare.add_argument("--out", type=Path, required=True, help="directory for the report")
     cli_people.add_parsers(sub)
     return p
 
@@ -407,10 +411,12 @@ def _certs(args: argparse.Namespace) -> int:
 
 def _report(args: argparse.Namespace) -> int:
     from simulations.report import ReportError, build_report
+    from simulations.report_topology import build_comparison
 
     try:
-        with console.status(f"writing the report for {args.dir}"):
-            files = build_report(args.dir)
+        with console.status("writing the report"):
+            files = (build_comparison(args.dirs, args.out) if args.command == "compare"
+                     else build_report(args.dir))
     except ReportError as exc:
         # Handled here rather than in USER_ERRORS so the report stays one self-contained edit.
         console.print(f"[bold red]error:[/] {exc}", highlight=False)
@@ -438,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         commands = {"run": _run, "deploy": _run, "certs": _certs, "sweep": _sweep,
                     "generate": _generate, "config": _config, "ledger": _ledger, "keys": _keys,
-                    "report": _report}
+                    "report": _report, "compare": _report}
         if args.command in cli_people.COMMANDS:
             return cli_people.COMMANDS[args.command](args, console)
         return commands[args.command](args)

@@ -202,7 +202,9 @@ def finish_horizontal(run, federation_seconds: float) -> dict:
         "baseline_central_auc": auc(data.y[test], central_p[test]),
         "baseline_central_dp_auc": (auc(data.y[test], central_dp_p[test])
                                     if central_dp_p is not None else None),
-        "baseline_best_silo_auc": None,
+        # The best single party alone: here a region (sweeps and reports read this key).
+        "baseline_best_silo_auc": auc(data.y[test], alone[best][test]),
+        "baseline_best_silo": best,
         "baseline_best_region_auc": auc(data.y[test], alone[best][test]),
         "baseline_best_region": best,
         "gap_to_oracle": oracle_test - fed["auc"],
@@ -223,7 +225,16 @@ def finish_horizontal(run, federation_seconds: float) -> dict:
                                      "max_grad_norm", "training_steps",
                                      "stopped_by_budget_cap")},
         "audit": audit,
-        "history": {"federated": authority["history"]},
+        "baselines": {
+            "central": summary(data.y[test], central_p[test]),
+            "central_dp": (summary(data.y[test], central_dp_p[test])
+                           if central_dp_p is not None else None),
+            f"{best}_only": summary(data.y[test], alone[best][test]),
+        },
+        # Rounds on the report's epoch axis: round r has seen r * local_epochs epochs.
+        "history": {"federated": [
+            {**h, "epoch": h["round"] * auth.horizontal.local_epochs}
+            for h in authority["history"]]},
         "data": "generated",
     }
     out_dir = run.out_dir

@@ -963,9 +963,14 @@ def _reasons_section(run: RunData) -> Section:
 
 
 def run_sections(run: RunData, prefix: str = "") -> list[Section]:
+    from simulations.report_topology import regions_section
+
     sections = [_learning_section(run), _scores_section(run), _tiers_section(run),
                 _contributions_section(run), _reasons_section(run), _ledger_section(run),
                 _audit_section(run), _repro_section(run)]
+    regions = regions_section(run)
+    if regions is not None:
+        sections.insert(1, regions)
     if prefix:
         # In a sweep's report these tables and figures must say which run they describe.
         for s in sections:

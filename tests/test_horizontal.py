@@ -275,3 +275,26 @@ def test_horizontal_refuses_real_data_and_the_deployment_engine(tmp_path: Path):
                    "topology=horizontal", cwd=tmp_path)
     assert proc.returncode != 0
     assert "needs a generated population" in proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_report_shows_the_regions_and_compare_puts_topologies_side_by_side(
+        horizontal_runs, private_run: Path, tmp_path: Path):
+    from simulations.report import build_report
+    from simulations.report_topology import build_comparison
+
+    files = build_report(horizontal_runs["sample"])
+    page = files.html.read_text()
+    assert "Regions (horizontal topology)" in page
+    regions = pd.read_csv(files.html.parent / "report" / "regions.csv")
+    assert list(regions["region"]) != [] and set(regions["region"]) == {
+        "region_1", "region_2", "region_3"}
+    assert regions["median_spend_level"].is_monotonic_increasing
+
+    out = build_comparison([private_run, *horizontal_runs.values()], tmp_path / "cmp")
+    rows = pd.read_csv(out.html.parent / "report" / "compared_runs.csv")
+    assert set(rows["topology"]) == {"vertical", "horizontal"}
+    assert set(rows["dp_level"]) == {"sample", "user"}
+    by_eps = pd.read_csv(out.html.parent / "report" / "topologies_by_epsilon.csv")
+    assert {"vertical", "horizontal"} <= set(by_eps.columns)
+    assert "Topologies at equal ε" in out.html.read_text()
