@@ -202,12 +202,14 @@ def make_region_app(root: Path | None = None, keystore: Path | None = None,
         result = train_round(model, data.x[rows], data.y[rows], spec, plan, _history(context),
                              region_name(context, defaults), round_)
         _save_history(context, result.history, plan)
-        content = RecordDict({
-            "arrays": ArrayRecord(model.state_dict()),
-            "metrics": MetricRecord({"weight": 1.0, "num-examples": int(rows.sum()),
-                                     "train_loss": result.loss, "steps": result.steps,
-                                     "stopped": int(result.stopped)}),
-        })
+        metrics = {"weight": 1.0, "num-examples": int(rows.sum()), "steps": result.steps,
+                   "stopped": int(result.stopped)}
+        if not spec.dp:
+            # Under DP the model is the only release about the training customers; their
+            # average loss would be another, outside the accountant.
+            metrics["train_loss"] = result.loss
+        content = RecordDict({"arrays": ArrayRecord(model.state_dict()),
+                              "metrics": MetricRecord(metrics)})
         return Message(content, reply_to=msg)
 
     @app.evaluate()
