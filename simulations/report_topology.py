@@ -153,7 +153,12 @@ def build_comparison(directories: list[Path], out: Path) -> ReportFiles:
     rows = comparison_rows([Path(d) for d in directories])
     out.mkdir(parents=True, exist_ok=True)
     plot, grouped = _auc_by_epsilon(rows)
-    pairs = grouped.pivot_table(index="epsilon", columns="topology", values="auc")
+    # One column per topology and DP level: user-level and sample-level epsilons mean
+    # different things and are never averaged together.
+    labelled = grouped.assign(model=grouped["topology"].astype(str) + ", "
+                              + grouped["dp_level"].astype(str))
+    pairs = labelled.pivot_table(index="epsilon", columns="model", values="auc")
+    pairs.columns.name = None
     sections = [
         Section("topologies", "Topologies at equal ε", [
             Note("Vertical: three silos hold different facts about the same people. Horizontal: "

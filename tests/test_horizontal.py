@@ -295,5 +295,8 @@ def test_report_shows_the_regions_and_compare_puts_topologies_side_by_side(
     assert set(rows["topology"]) == {"vertical", "horizontal"}
     assert set(rows["dp_level"]) == {"sample", "user"}
     by_eps = pd.read_csv(out.html.parent / "report" / "topologies_by_epsilon.csv")
-    assert {"vertical", "horizontal"} <= set(by_eps.columns)
+    assert {"vertical, sample", "horizontal, sample", "horizontal, user"} <= set(by_eps.columns)
+    at_2 = by_eps[by_eps["epsilon"] == 2.0].iloc[0]
+    assert 0.5 < at_2["vertical, sample"] <= 1
+    assert 0.5 < at_2["horizontal, sample"] <= 1
     assert "Topologies at equal ε" in out.html.read_text()
