@@ -136,7 +136,9 @@ def test_the_canary_scanner_finds_planted_leaks(tmp_path: Path):
     canaries = Canaries(parties)
     phone = pd.read_parquet(parties / "payments" / "features.parquet")["phone"].iloc[0]
     e164 = normalize_phones(pd.Series([phone])).iloc[0]
-    noise = os.urandom(5000)
+    # No digits or separators in the noise: a digit next to the planted number would make it
+    # a longer run of digits, which is (rightly) not a phone number; that made this test flaky.
+    noise = bytes(b for b in os.urandom(6000) if b not in b"0123456789 -()+.")
     assert canaries.find(noise) == []
     assert canaries.find(noise + phone.encode() + noise)
     assert canaries.find(noise + hashlib.sha256(e164.encode()).hexdigest().encode())
