@@ -72,7 +72,11 @@ def silo_dir(context: Context, defaults: Defaults) -> Path:
 
 
 def silo_store(context: Context, defaults: Defaults) -> Keystore | None:
-    """The silo's keystore: node config `keystore=DIR` (deployment), else the one the
+    return node_store(context, defaults, silo_dir(context, defaults).parent)
+
+
+def node_store(context: Context, defaults: Defaults, parties_root: Path) -> Keystore | None:
+    """A party's keystore: node config `keystore=DIR` (deployment), else the one the
     simulation gives, else the run's `storage.keystore` ("auto": beside the parties
     directory, created on first use; `flwr run` on one machine)."""
     if "keystore" in context.node_config:
@@ -82,7 +86,7 @@ def silo_store(context: Context, defaults: Defaults) -> Keystore | None:
     if defaults.keystore is not None:
         return Keystore.open_or_init(defaults.keystore)
     setting = str(context.run_config.get("storage.keystore", AUTO))
-    return open_keystore(setting, silo_dir(context, defaults).parent)
+    return open_keystore(setting, parties_root)
 
 
 def silo_matrix(context: Context, defaults: Defaults) -> SiloMatrix:

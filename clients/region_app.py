@@ -21,7 +21,6 @@ from __future__ import annotations
 import io
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +32,7 @@ from flwr.clientapp.mod import fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from clients import messages as m
+from clients.client_app import Defaults, node_store
 from clients.region_data import (
     RegionData,
     RegionDataError,
@@ -41,7 +41,7 @@ from clients.region_data import (
     region_split,
 )
 from clients.region_trainer import LocalSpec, Plan, global_model, predict_logits, train_round
-from crypto.at_rest import AUTO, Keystore, open_keystore, write_party_file
+from crypto.at_rest import Keystore, write_party_file
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +52,8 @@ PREDICTIONS_DIR = "predictions"
 _CACHE: dict[tuple[str, float], tuple[RegionData, np.ndarray]] = {}
 
 
-@dataclass(frozen=True)
-class RegionDefaults:
-    root: Path | None = None
-    keystore: Path | None = None
-    plaintext: bool = False
+# The same defaults as a silo's: the parties directory, the keystore, plaintext or not.
+RegionDefaults = Defaults
 
 
 def region_name(context: Context, defaults: RegionDefaults) -> str:
@@ -82,14 +79,7 @@ def region_dir(context: Context, defaults: RegionDefaults) -> Path:
 
 
 def region_store(context: Context, defaults: RegionDefaults) -> Keystore | None:
-    if "keystore" in context.node_config:
-        return Keystore(Path(str(context.node_config["keystore"])))
-    if defaults.plaintext:
-        return None
-    if defaults.keystore is not None:
-        return Keystore.open_or_init(defaults.keystore)
-    setting = str(context.run_config.get("storage.keystore", AUTO))
-    return open_keystore(setting, region_dir(context, defaults).parent)
+    return node_store(context, defaults, region_dir(context, defaults).parent)
 
 
 def region_data(context: Context, defaults: RegionDefaults, seed: int, train: float,

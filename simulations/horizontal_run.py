@@ -150,7 +150,7 @@ def train_pooled(x: np.ndarray, y: np.ndarray, spec: LocalSpec, epochs: float, n
 
 
 def finish_horizontal(run, federation_seconds: float) -> dict:
-    from simulations.runner import _manifest, _oracle_auc
+    from simulations.runner import _oracle_auc, write_results
 
     cfg, auth, timer = run.cfg, run.cfg.authority, run.timer
     authority = run.authority
@@ -237,12 +237,7 @@ def finish_horizontal(run, federation_seconds: float) -> dict:
             for h in authority["history"]]},
         "data": "generated",
     }
-    out_dir = run.out_dir
-    (out_dir / "curves.json").write_text(json.dumps(curves) + "\n")
-    manifest = _manifest(cfg, run.started, seconds, run.reused)
-    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    return metrics
+    return write_results(run, metrics, curves)
 
 
 def _store(run):

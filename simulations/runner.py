@@ -368,11 +368,16 @@ def finish_run(run: Run, federation_seconds: float) -> dict:
                       **{f"{s}_only": alone[s].metrics for s in silos}},
         "data": cfg.data or "generated",
     }
+    return write_results(run, metrics, curves)
+
+
+def write_results(run: Run, metrics: dict, curves: dict) -> dict:
+    """curves.json, manifest.json, then metrics.json: its presence marks the run finished
+    (sweeps skip finished cells)."""
     out_dir = run.out_dir
     (out_dir / "curves.json").write_text(json.dumps(curves) + "\n")
-    manifest = _manifest(cfg, run.started, seconds, run.reused)
+    manifest = _manifest(run.cfg, run.started, run.timer.seconds, run.reused)
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    # metrics.json last: its presence marks the run finished (sweeps skip finished cells).
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
 
