@@ -12,7 +12,13 @@ from cryptography.hazmat.primitives import hashes
 from hypothesis import given
 from hypothesis import strategies as st
 
-from crypto.identity import IdentifierError, keyed_refs, load_or_create_pepper, normalize_phones
+from crypto.identity import (
+    WHITESPACE,
+    IdentifierError,
+    keyed_refs,
+    load_or_create_pepper,
+    normalize_phones,
+)
 
 FORMATS = (
     lambda n: f"+86{n}",
@@ -37,6 +43,29 @@ def test_normalisation_is_idempotent_and_injective(numbers):
     once = normalize_phones(pd.Series(numbers))
     assert once.equals(normalize_phones(once))
     assert once.is_unique
+
+
+def test_whitespace_is_every_character_python_calls_whitespace():
+    # The Arrow (RE2) regex spells out the class; Python's own is the reference.
+    assert set(WHITESPACE) == {chr(c) for c in range(0x110000) if chr(c).isspace()}
+
+
+@given(number=mobile, fmt=st.sampled_from(FORMATS),
+       noise=st.lists(st.tuples(st.integers(0, 20), st.sampled_from(WHITESPACE + "-./()")),
+                      max_size=6))
+def test_any_separator_anywhere_is_ignored(number, fmt, noise):
+    text = fmt(number)
+    for at, sep in noise:
+        text = text[:at] + sep + text[at:]
+    assert normalize_phones(pd.Series([text])).iloc[0] == f"+86{number}"
+
+
+def test_full_width_digits_count_as_ascii():
+    full = ("\uff0b\uff18\uff16 \uff11\uff13\uff18\u3000"
+            "\uff11\uff12\uff13\uff14 \uff15\uff16\uff17\uff18")
+    assert list(normalize_phones(pd.Series([full]))) == ["+8613812345678"]
+    with pytest.raises(IdentifierError, match="1 identifiers are not phone numbers"):
+        normalize_phones(pd.Series(["+8613812345678", "\u0661\u0663\u0668\u0661\u0662\u0663"]))
 
 
 def test_foreign_numbers_keep_their_country_code():
