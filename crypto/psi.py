@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
+from itertools import repeat
 from multiprocessing import get_context
 
 import numpy as np
@@ -30,6 +31,9 @@ POINT_BYTES = 32
 _DOMAIN = b"fedscore/psi/x25519/v1\x00"
 # Below this many points a process pool costs more to start than it saves.
 _POOL_MIN_POINTS = 20_000
+# Points per unit of work: bounds the temporary bytes objects (about 2 MB per chunk, where a
+# whole million-person set at once held ~100 MB of small objects) and feeds the pool evenly.
+CHUNK_POINTS = 65_536
 
 
 class PsiError(ValueError):
@@ -42,8 +46,12 @@ def hash_to_points(ids_e164: Iterable[str]) -> np.ndarray:
     Bit 255 is cleared because X25519 ignores it: leaving it set would give two encodings of
     the same point and break equality after blinding.
     """
-    digests = b"".join(hashlib.sha256(_DOMAIN + i.encode()).digest() for i in ids_e164)
-    points = np.frombuffer(digests, dtype=np.uint8).reshape(-1, POINT_BYTES).copy()
+    ids = list(ids_e164) if not isinstance(ids_e164, (list, np.ndarray)) else ids_e164
+    points = np.empty((len(ids), POINT_BYTES), dtype=np.uint8)
+    for start in range(0, len(ids), CHUNK_POINTS):
+        chunk = ids[start : start + CHUNK_POINTS]
+        digests = b"".join(hashlib.sha256(_DOMAIN + i.encode()).digest() for i in chunk)
+        points[start : start + len(chunk)] = np.frombuffer(digests, np.uint8).reshape(-1, 32)
     points[:, 31] &= 0x7F
     return points
 
@@ -85,17 +93,24 @@ class PsiKey:
         """Multiply every point by this key's scalar; `workers` > 1 spreads over processes."""
         points = check_points(points)
         n = len(points)
+        out = np.empty_like(points)
         if n == 0:
-            return points.copy()
+            return out
+        chunks = (points[i : i + CHUNK_POINTS].tobytes() for i in range(0, n, CHUNK_POINTS))
         if workers <= 1 or n < _POOL_MIN_POINTS:
-            out = _multiply(self._secret, points.tobytes())
+            self._fill(out, (_multiply(self._secret, chunk) for chunk in chunks))
         else:
-            parts = np.array_split(points, workers * 4)
             with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-                out = b"".join(
-                    pool.map(_multiply, [self._secret] * len(parts), [p.tobytes() for p in parts])
-                )
-        return np.frombuffer(out, dtype=np.uint8).reshape(n, POINT_BYTES).copy()
+                self._fill(out, pool.map(_multiply, repeat(self._secret), chunks))
+        return out
+
+    @staticmethod
+    def _fill(out: np.ndarray, results: Iterable[bytes]) -> None:
+        start = 0
+        for blob in results:
+            part = np.frombuffer(blob, dtype=np.uint8).reshape(-1, POINT_BYTES)
+            out[start : start + len(part)] = part
+            start += len(part)
 
 
 def check_points(points: np.ndarray) -> np.ndarray:

@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from crypto import psi
 from crypto.psi import PsiError, PsiKey, check_points, hash_to_points, match
 
 
@@ -53,6 +54,16 @@ def test_pool_gives_the_same_answer_as_one_process():
     points = hash_to_points([f"+86138{i:08d}" for i in range(25_000)])
     key = PsiKey()
     assert np.array_equal(key.blind(points, workers=2), key.blind(points))
+
+
+def test_chunking_changes_nothing(monkeypatch):
+    ids = [f"+86139{i:08d}" for i in range(1000)]
+    key = PsiKey()
+    whole_points = hash_to_points(ids)
+    whole = key.blind(whole_points)
+    monkeypatch.setattr(psi, "CHUNK_POINTS", 7)  # 1000 is no multiple of 7: a short last chunk
+    assert np.array_equal(hash_to_points(iter(ids)), whole_points)
+    assert np.array_equal(key.blind(whole_points), whole)
 
 
 def test_bit_255_is_cleared():
