@@ -50,11 +50,9 @@ PHASE_LABELS = {
     "train": "Federated training",
     "score": "Calibrate and score",
     "join": "Join tables for baselines",
+    "baselines": "Baselines: central, central DP, each party alone",
     "baseline_central": "Baseline: central model",
     "baseline_central_dp": "Baseline: central model, DP",
-    "baseline_payments": "Baseline: payments silo only",
-    "baseline_social": "Baseline: social silo only",
-    "baseline_device": "Baseline: device silo only",
     "audit": "Membership-inference audit",
 }
 

@@ -17,7 +17,6 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
-import torch
 
 from clients.region_app import PREDICTIONS_DIR, make_region_app
 from clients.region_data import listed_regions, load_region, region_split
@@ -28,6 +27,7 @@ from server.horizontal import local_spec, make_regions_app
 from server.metrics import auc, summary
 from server.scoring import TIERS, tier_counts, to_score, to_tier
 from simulations.audit import membership_audit, per_example_loss
+from simulations.baselines import one_thread
 from simulations.curves import build_curves
 from simulations.engine import run_federation
 from simulations.regions import prepare_regions
@@ -134,15 +134,9 @@ def train_pooled(x: np.ndarray, y: np.ndarray, spec: LocalSpec, epochs: float, n
     one = replace(spec, rounds=1, local_epochs=epochs, proximal_mu=0.0)
     model = global_model(x.shape[1], one)
     plan = Plan.make(len(y), one)
-    # This model's steps are far too small for two threads: measured 0.3 s on one thread
-    # against 27 s on two when the other core is busy (OpenMP threads wait on each other).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         result = train_round(model, x.astype(np.float32), y.astype(np.float32), one, plan, [],
                              name, 1)
-    finally:
-        torch.set_num_threads(threads)
     from clients.accounting import epsilon
 
     eps = epsilon(one.accountant, result.history, plan.delta) if one.dp else None

@@ -34,7 +34,7 @@ from server.metrics import auc
 from server.scores_file import read_scores
 from server.server_app import make_cells_app, make_server_app
 from simulations.audit import membership_audit, per_example_loss
-from simulations.baselines import JoinedData, join_parties, train_central
+from simulations.baselines import BaselineJob, JoinedData, join_parties, run_baselines
 from simulations.config import ExperimentConfig, from_flat, make_config
 from simulations.curves import build_curves
 from simulations.engine import run_federation
@@ -322,14 +322,14 @@ def finish_run(run: Run, federation_seconds: float) -> dict:
     joined = timer("join", join_parties, parties, scores, ref_hash, store)
     sigma = authority["noise_multiplier"]
     silos = federation_silos(parties.root)
-    central = timer("baseline_central", train_central, joined, silos, cfg.authority)
-    central_dp = (
-        timer("baseline_central_dp", train_central, joined, silos, cfg.authority, sigma)
-        if sigma > 0 else None
-    )
+    jobs = [BaselineJob("central", silos)]
+    if sigma > 0:
+        jobs.append(BaselineJob("central_dp", silos, sigma))
     # Each silo alone, under the run's own privacy; the best is chosen on validation AUC.
-    alone = {silo: timer(f"baseline_{silo}", train_central, joined, (silo,), cfg.authority,
-                         sigma) for silo in silos}
+    jobs += [BaselineJob(silo, (silo,), sigma) for silo in silos]
+    done = timer("baselines", run_baselines, joined, jobs, cfg.authority)
+    central, central_dp = done["central"], done.get("central_dp")
+    alone = {silo: done[silo] for silo in silos}
     best = max(alone, key=lambda s: alone[s].history[-1]["val_auc"])
     test = joined.positions("test")
     # Real data has no truth table, hence no oracle.
@@ -356,6 +356,8 @@ def finish_run(run: Run, federation_seconds: float) -> dict:
         "scored_test_auc": authority.get("scored_test_auc"),
         "test_default_rate_by_tier": authority["test_default_rate_by_tier"],
         "seconds": seconds,
+        # Each baseline's own training time; they may have run side by side.
+        "baseline_seconds": {name: round(r.seconds, 3) for name, r in done.items()},
         "people": authority["people"],
         "round_trips": authority["round_trips"],
         "aggregation_mode": authority["aggregation_mode"],

@@ -1,0 +1,60 @@
+"""The experiment layer's baselines: the same results serially and over processes."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from server.config import AuthorityConfig
+from simulations import baselines
+from simulations.baselines import BaselineJob, JoinedData, one_thread, run_baselines
+
+
+def _joined(n: int = 3000, seed: int = 0) -> JoinedData:
+    rng = np.random.default_rng(seed)
+    xs = {"payments": rng.normal(size=(n, 5)).astype(np.float32),
+          "social": rng.normal(size=(n, 3)).astype(np.float32)}
+    logit = 1.5 * xs["payments"][:, 0] - xs["social"][:, 1]
+    y = (rng.random(n) < 1 / (1 + np.exp(-logit))).astype(np.float64)
+    split = pd.Series(rng.choice(["train", "val", "test"], n, p=[0.6, 0.2, 0.2]))
+    return JoinedData(xs=xs, y=y, split=split, ids=np.empty(0, dtype=object))
+
+
+JOBS = [BaselineJob("central", ("payments", "social")),
+        BaselineJob("central_dp", ("payments", "social"), 1.0),
+        BaselineJob("payments", ("payments",), 1.0)]
+
+
+def test_processes_reproduce_the_serial_baselines(monkeypatch):
+    data, cfg = _joined(), AuthorityConfig()
+    serial = run_baselines(data, JOBS, cfg, workers=1)
+    monkeypatch.setattr(baselines, "PARALLEL_MIN_PEOPLE", 0)
+    parallel = run_baselines(data, JOBS, cfg, workers=2)
+    assert list(parallel) == [j.name for j in JOBS]
+    for name in serial:
+        assert parallel[name].metrics == serial[name].metrics
+        assert [h["val_auc"] for h in parallel[name].history] == [
+            h["val_auc"] for h in serial[name].history]
+    assert serial["central"].metrics["auc"] > 0.75
+    # DP noise costs something, and payments alone misses the social signal.
+    assert serial["payments"].metrics["auc"] < serial["central"].metrics["auc"]
+
+
+def test_a_failing_job_reaches_the_caller_and_frees_shared_memory(monkeypatch):
+    monkeypatch.setattr(baselines, "PARALLEL_MIN_PEOPLE", 0)
+    bad = [JOBS[0], BaselineJob("nobody", ("device",))]  # no such silo in the joined data
+    before = set(os.listdir("/dev/shm"))
+    with pytest.raises(KeyError, match="device"):
+        run_baselines(_joined(500), bad, AuthorityConfig(), workers=2)
+    assert set(os.listdir("/dev/shm")) <= before
+
+
+def test_one_thread_restores_the_thread_count():
+    before = torch.get_num_threads()
+    with one_thread():
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
