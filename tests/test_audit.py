@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from opacus import PrivacyEngine
 from torch.utils.data import DataLoader, TensorDataset
 
+from simulations import audit
 from simulations.audit import (
     AuditResult,
     clopper_pearson,
@@ -127,6 +128,23 @@ def test_false_claims_are_rare_across_many_null_audits():
         for s in range(40)
     ]
     assert sum(claims) <= 4  # alpha = 0.05 would expect 2 of 40 at worst
+
+
+def test_large_audits_try_at_most_max_thresholds(monkeypatch):
+    sizes = []
+
+    def counting(successes, trials, alpha):
+        sizes.append(np.size(successes))
+        return clopper_pearson(successes, trials, alpha)
+
+    monkeypatch.setattr(audit, "clopper_pearson", counting)
+    rng = np.random.default_rng(2)
+    members, nonmembers = rng.exponential(size=30_000), rng.exponential(size=30_000) + 0.5
+    result = membership_audit(members, nonmembers, DELTA)
+    assert max(sizes) == audit.MAX_THRESHOLDS  # 30,000 distinct losses in the selection half
+    # The coarser grid still finds the signal (everything below 0.5 is a member).
+    assert result.epsilon_lower > 0.2
+    assert result.threshold in set(members) | set(nonmembers)
 
 
 def test_perfect_separation_gives_the_closed_form_bound():
