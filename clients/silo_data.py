@@ -209,24 +209,34 @@ class Preparation:
                 raise SiloDataError(f"{where}: column {col!r} is not numeric (dtype "
                                     f"{df[col].dtype}); convert it to numbers, leaving unknown "
                                     "values empty")
-        raw = df[list(self.numeric)].to_numpy(dtype=np.float64)
+        raw = df[list(self.numeric)].to_numpy(dtype=np.float64, copy=True)
         if np.isinf(raw).any():
             raise SiloDataError(f"{where}: infinite values; replace them with real numbers or "
                                 "leave them empty")
         nan = np.isnan(raw)
-        x = _log_transforms(np.where(self.skewed, np.maximum(raw, 0.0), raw), self.skewed,
-                            self.signed)
-        x = np.where(nan, self.median, x)
-        x = (x - self.mean) / self.scale
+        # `raw` is this call's own copy (copy=True), so every step works in place: a
+        # million-row table costs one float64 copy and the float32 result, not five copies.
+        np.maximum(raw, 0.0, out=raw, where=self.skewed[None, :] & ~nan)
+        x = _log_transforms(raw, self.skewed, self.signed, in_place=True)
+        np.copyto(x, np.broadcast_to(self.median, x.shape), where=nan)
+        x -= self.mean
+        x /= self.scale
         flagged = [self.numeric.index(c) for c in self.indicators]
-        blocks = [x, nan[:, flagged].astype(np.float64)]
-        for col, values, missing in self.categories:
-            blocks.append(_one_hot(df[col].to_numpy(dtype=np.float64), values, missing))
-        return np.hstack(blocks).astype(np.float32)
+        widths = [len(v) + int(m) for _, v, m in self.categories]
+        out = np.empty((len(x), x.shape[1] + len(flagged) + sum(widths)), dtype=np.float32)
+        out[:, : x.shape[1]] = x
+        out[:, x.shape[1] : x.shape[1] + len(flagged)] = nan[:, flagged]
+        start = x.shape[1] + len(flagged)
+        for (col, values, missing), width in zip(self.categories, widths, strict=True):
+            out[:, start : start + width] = _one_hot(df[col].to_numpy(dtype=np.float64),
+                                                     values, missing)
+            start += width
+        return out
 
 
-def _log_transforms(raw: np.ndarray, skewed: np.ndarray, signed: np.ndarray) -> np.ndarray:
-    x = raw.copy()
+def _log_transforms(raw: np.ndarray, skewed: np.ndarray, signed: np.ndarray,
+                    in_place: bool = False) -> np.ndarray:
+    x = raw if in_place else raw.copy()
     x[:, skewed & ~signed] = np.log1p(x[:, skewed & ~signed])
     x[:, signed] = np.sign(x[:, signed]) * np.log1p(np.abs(x[:, signed]))
     return x

@@ -148,7 +148,7 @@ def _crypt(key: Key, nonce: bytes, data: bytes, aad: bytes, encrypt: bool) -> by
         return enc.update(data) + enc.finalize() + enc.tag
     if len(data) < TAG:
         raise InvalidTag
-    dec = Cipher(algorithms.SM4(key.material), modes.GCM(nonce, data[-TAG:])).decryptor()
+    dec = Cipher(algorithms.SM4(key.material), modes.GCM(nonce, bytes(data[-TAG:]))).decryptor()
     dec.authenticate_additional_data(aad)
     return dec.update(data[:-TAG]) + dec.finalize()
 
@@ -172,7 +172,9 @@ def decrypt(store: Keystore, blob: bytes, context: bytes) -> bytes:
     nonce = blob[len(MAGIC) + 9 : HEADER]
     key = store.key(key_id)
     try:
-        return _crypt(key, nonce, blob[HEADER:], blob[:HEADER] + context, encrypt=False)
+        # A view, not a slice: a party table is hundreds of MB and a slice would copy it.
+        return _crypt(key, nonce, memoryview(blob)[HEADER:], blob[:HEADER] + context,
+                      encrypt=False)
     except InvalidTag:
         raise AtRestError(
             "authentication failed: the file was modified, or it belongs to another run or "
