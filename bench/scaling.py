@@ -4,7 +4,8 @@ Each size runs `fedscore run` (and then `fedscore report`) in a fresh process, a
 A sampler reads the proportional set size (PSS, shared pages split between the processes that
 share them) of that process and all its descendants (Ray's raylet, GCS and silo workers
 included) every 0.25 s; the peak of that sum is the run's peak memory. Phase times come from
-the run's own metrics.json. Writes scaling.csv, scaling.md and scaling.png (log-log, with the
+the run's own metrics.json ("baselines" is everything after scoring: the join, the baselines,
+the oracle and the audit). Writes scaling.csv, scaling.md and scaling.png (log-log, with the
 fitted growth exponent of each phase) into --out.
 
     .venv/bin/python bench/scaling.py --out /tmp/scaling [--sizes 10000,100000,1000000]
@@ -80,7 +81,8 @@ def measure(n: int, out: Path, extra: list[str]) -> dict:
         "generate": s.get("generate", 0.0), "validate": s.get("validate", 0.0),
         "psi": s.get("psi", 0.0), "train": s.get("train", 0.0), "score": s.get("score", 0.0),
         "baselines": round(sum(v for k, v in s.items()
-                               if k.startswith("baseline") or k in ("join", "audit")), 3),
+                               if k.startswith("baseline") or k in ("join", "oracle", "audit")),
+                           3),
         "report": round(report_wall, 1), "total": round(wall + report_wall, 1),
     }
     print(json.dumps(row), flush=True)

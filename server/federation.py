@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 from flwr.app import Message, RecordDict
 from flwr.common.constant import ErrorCode
@@ -110,17 +110,21 @@ class Federation:
         return {i: (k, msgs[k]) for i, k in zip(ids, keys, strict=True)}
 
     def _collect(self, pending: Pending) -> dict:
-        """Gather one reply per pending message. A message whose silo does not answer within
-        `reply_timeout`, or that the SuperLink reports undeliverable (its node offline), is sent
-        again when that time is up, giving the node the time to come back, up to `retries`
-        times; silos answer a repeated step from their cache, so a retry never applies a step
-        twice. Then the run stops with a FederationError."""
+        return dict(self.each(pending))
+
+    def each(self, pending: Pending) -> Iterator[tuple[object, Message]]:
+        """(silo, reply) for every pending message, as the replies arrive, so the caller can
+        act on one silo's reply while the others still work. A message whose silo does not
+        answer within `reply_timeout`, or that the SuperLink reports undeliverable (its node
+        offline), is sent again when that time is up, giving the node the time to come back,
+        up to `retries` times; silos answer a repeated step from their cache, so a retry never
+        applies a step twice. Then the run stops with a FederationError."""
         waiting = {mid: (who, msg, 0) for mid, (who, msg) in pending.items()}
         undelivered: dict[str, tuple] = {}
-        replies: dict = {}
         deadline = time.monotonic() + self.reply_timeout
         pause = 0.002
         while waiting or undelivered:
+            arrived = []
             for reply in self.grid.pull_messages(list(waiting)) if waiting else ():
                 if capture.enabled():
                     capture.record("authority-in", reply)
@@ -131,16 +135,18 @@ class Federation:
                         undelivered[mid] = (who, msg, attempt)
                         continue
                     raise FederationError(f"{_name(who)}: {_reason(reply)}")
-                replies[who] = reply
+                arrived.append((who, reply))
+            yield from arrived
             if time.monotonic() > deadline and (waiting or undelivered):
                 waiting = self._retry({**waiting, **undelivered})
                 undelivered = {}
                 deadline = time.monotonic() + self.reply_timeout
                 pause = 0.002
-            if waiting or undelivered:
+            if arrived:
+                pause = 0.002
+            elif waiting or undelivered:
                 time.sleep(pause)
                 pause = min(pause * 2, 0.01)
-        return replies
 
     def _retry(self, late: Mapping[str, tuple]) -> dict[str, tuple]:
         again = {}

@@ -53,6 +53,7 @@ PHASE_LABELS = {
     "baselines": "Baselines: central, central DP, each party alone",
     "baseline_central": "Baseline: central model",
     "baseline_central_dp": "Baseline: central model, DP",
+    "oracle": "Oracle AUC from the generator's truth",
     "audit": "Membership-inference audit",
 }
 

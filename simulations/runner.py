@@ -333,7 +333,7 @@ def finish_run(run: Run, federation_seconds: float) -> dict:
     best = max(alone, key=lambda s: alone[s].history[-1]["val_auc"])
     test = joined.positions("test")
     # Real data has no truth table, hence no oracle.
-    oracle = (_oracle_auc(parties, joined.ids[test], joined.y[test], store)
+    oracle = (timer("oracle", _oracle_auc, parties, joined.ids[test], joined.y[test], store)
               if cfg.generated else None)
     audit = timer("audit", _audit, joined, scores, authority)
     curves = build_curves(scores, joined.y)

@@ -112,3 +112,27 @@ def test_a_repeated_step_is_answered_from_the_cache_and_a_stale_one_refused():
     assert _repeated_step(_step(4), context) is None  # the next step is new work
     with pytest.raises(m.ProtocolError, match="older than step 3"):
         _repeated_step(_step(2), context)
+
+
+def test_replies_are_handed_over_as_they_arrive():
+    """The PSI pipeline acts on one silo's reply while another silo still works: here the
+    social silo only answers once the authority has acted on the payments reply."""
+    held: list[Message] = []
+
+    def script(n: int, msg: Message):
+        if msg.metadata.dst_node_id == 2:
+            held.append(msg)  # social answers later
+            return None
+        return m.make_content({"ok": 1})
+
+    grid = ScriptedGrid(script)
+    fed = Federation(grid, ["payments", "social"], reply_timeout=5.0, retries=0)
+    fed.nodes = {"payments": 1, "social": 2}
+    pending = fed.push(m.STEP, {s: m.make_content({"round": 1}) for s in fed.silos})
+    order = []
+    for silo, _ in fed.each(pending):
+        order.append(silo)
+        if silo == "payments":
+            grid.replies[held[0].metadata.message_id] = Message(m.make_content({"ok": 1}),
+                                                                reply_to=held[0])
+    assert order == ["payments", "social"]
