@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from clients import messages as m
-from crypto.psi import PsiKey, hash_to_points, match
+from crypto.psi import PsiKey, blinding_pool, hash_to_points, match
 from server.federation import Federation, FederationError
 
 log = logging.getLogger(__name__)
@@ -41,17 +41,18 @@ def private_intersections(
     """{silo: (authority rows, silo rows)} of the people both hold, via ECDH PSI."""
     key = PsiKey()
     pending = fed.push(m.PSI_BLIND, {s: m.make_content() for s in fed.silos})
-    # Blind our own set while the silos blind theirs.
-    own = key.blind(hash_to_points(ids.to_numpy()), workers)
-    # Pipelined: a silo that has answered gets our points at once and goes on to its second
-    # step while we blind its points, instead of everyone waiting for the slowest silo (with
-    # three silos on two cores, one of them always runs alone at the end of a step).
     finishing: dict = {}
     theirs = {}
-    for silo, reply in fed.each(pending):
-        points = m.get_array(reply, "points", np.uint8, 2)
-        finishing.update(fed.push(m.PSI_FINISH, {silo: m.make_content(points=own)}))
-        theirs[silo] = key.blind(points, workers)
+    with blinding_pool(workers, len(ids)) as pool:
+        # Blind our own set while the silos blind theirs.
+        own = key.blind(hash_to_points(ids.to_numpy()), pool=pool)
+        # Pipelined: a silo that has answered gets our points at once and goes on to its
+        # second step while we blind its points, instead of everyone waiting for the slowest
+        # silo (with three silos on two cores, one of them always runs alone at the end).
+        for silo, reply in fed.each(pending):
+            points = m.get_array(reply, "points", np.uint8, 2)
+            finishing.update(fed.push(m.PSI_FINISH, {silo: m.make_content(points=own)}))
+            theirs[silo] = key.blind(points, pool=pool)
     doubled = {s: m.get_array(r, "points", np.uint8, 2)
                for s, r in fed.collect(finishing).items()}
     out = {}
