@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests import background
+
 ENGINE_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
     "RAY_USAGE_STATS_ENABLED": "0",
@@ -19,13 +21,37 @@ ENGINE_ENV = {
 os.environ.update(ENGINE_ENV)
 
 
+def _cli_env(cwd: Path) -> dict[str, str]:
+    return {**os.environ, **ENGINE_ENV, "FLWR_HOME": str(cwd / ".flwr"), "COLUMNS": "200"}
+
+
 def run_cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, **ENGINE_ENV, "FLWR_HOME": str(cwd / ".flwr"),
-           "COLUMNS": "200"}
     return subprocess.run(
         [sys.executable, "-m", "simulations.cli", *args],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False,
+        cwd=cwd, env=_cli_env(cwd), capture_output=True, text=True, timeout=timeout,
+        check=False,
     )
+
+
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config,
+                                  items: list[pytest.Item]) -> None:
+    # Tests that await a background run go last, so it has the whole suite to finish in.
+    items.sort(key=lambda item: background.awaited_by(item))
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    background.start_for(session.items, _cli_env)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    background.stop_all()
+
+
+@pytest.fixture(scope="session")
+def background_runs():
+    """finish(name) -> (one process result per command, work directory) of a background run
+    a test module registered (tests/background.py)."""
+    return background.finish
 
 
 def run_cli_crashing(after_round: int, *args: str, cwd: Path) -> subprocess.CompletedProcess:

@@ -12,12 +12,15 @@ import pytest
 
 from crypto.tls import make_node_key, write_credentials
 from simulations.deploy import Deployment, process_tree
+from tests import background
 from tests.conftest import processes_using, run_cli
 
 pytestmark = pytest.mark.slow
 # Every message under the deployment engine starts a process: few round trips keep it quick.
 ARGS = ("--users", "2000", "--seed", "4", "--set", "train.epochs=1",
         "--set", "train.chunk_warmup=false")
+# Mostly waiting on the SuperNodes' 3 s polls, so it runs beside the rest of the suite.
+background.register("deployed", lambda work: [("deploy", "--out", str(work / "deployed"), *ARGS)])
 
 
 def wait_for(predicate, timeout: float, what: str) -> None:
@@ -59,13 +62,13 @@ def test_unregistered_supernode_is_refused(tmp_path: Path):
 
 
 @pytest.fixture(scope="module")
-def deployed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def deployed(tmp_path_factory: pytest.TempPathFactory, background_runs) -> tuple[Path, Path]:
     work = tmp_path_factory.mktemp("deploy")
-    proc = run_cli("deploy", "--out", str(work / "deployed"), *ARGS, cwd=work, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     sim = run_cli("run", "--out", str(work / "simulated"), *ARGS, cwd=work)
     assert sim.returncode == 0, sim.stderr[-3000:]
-    return work / "deployed", work / "simulated"
+    (proc,), background_work = background_runs("deployed")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return background_work / "deployed", work / "simulated"
 
 
 def test_deployed_run_matches_the_simulation(deployed):

@@ -30,6 +30,7 @@ from simulations.config import make_config
 from simulations.ledger_verify import verify
 from simulations.population import PopulationConfig, generate
 from simulations.regions import assign_regions, customers, write_regions
+from tests import background
 from tests.conftest import assert_no_identifiers, run_cli
 
 
@@ -199,23 +200,28 @@ def test_config_errors_name_the_fix():
 # ---- on the simulation engine ------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def horizontal_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def _horizontal_commands(work: Path) -> list[tuple[str, ...]]:
     """Two small runs on one population of 3 regions: sample-level DP (FedProx) and user-level
     DP with client-side clipping (Flower's fixedclipping_mod)."""
-    work = tmp_path_factory.mktemp("horizontal")
     common = ("--users", "3000", "--seed", "2", "--parties", str(work / "parties"),
               "--set", "topology=horizontal", "--set", "regions=3",
               "--set", "horizontal.rounds=3", "--set", "train.batch_size=256")
     runs = {"sample": ("--set", "horizontal.strategy=fedprox", "--set", "privacy.epsilon=2"),
             "user": ("--set", "horizontal.dp=user", "--set", "horizontal.clipping=client",
                      "--set", "privacy.accountant=rdp")}
-    out = {}
-    for name, extra in runs.items():
-        proc = run_cli("run", "--out", str(work / name), *common, *extra, cwd=work)
+    return [("run", "--out", str(work / name), *common, *extra) for name, extra in runs.items()]
+
+
+background.register("horizontal_runs", _horizontal_commands)
+
+
+@pytest.fixture(scope="module")
+def horizontal_runs(background_runs) -> dict[str, Path]:
+    procs, work = background_runs("horizontal_runs")
+    for proc in procs:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        out[name] = work / name
-    return out
+    assert len(procs) == 2
+    return {"sample": work / "sample", "user": work / "user"}
 
 
 @pytest.mark.slow

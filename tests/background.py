@@ -1,0 +1,101 @@
+"""Engine runs that tests await, started in the background when collection ends.
+
+Most of the suite runs in one process on one core, and some engine runs mostly wait (under the
+deployment engine every SuperNode polls for work every 3 s). A test module registers such a run
+with `register(name, commands)` at import; if a collected test uses the fixture `name`, the
+commands start one after another in a thread as soon as collection ends, and the fixture
+collects them with `finish(name)`. Tests that await one go last (conftest).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pytest
+
+Commands = Callable[[Path], list[Sequence[str]]]  # work directory -> CLI argument lists
+
+_registered: dict[str, Commands] = {}
+_started: dict[str, _Runs] = {}
+
+
+def register(name: str, commands: Commands) -> None:
+    _registered[name] = commands
+
+
+def awaited_by(item: pytest.Item) -> bool:
+    return any(name in getattr(item, "fixturenames", ()) for name in _registered)
+
+
+class _Runs:
+    """The commands of one background run, one after another (they may share files); stops at
+    the first that fails."""
+
+    def __init__(self, commands: list[Sequence[str]], work: Path,
+                 env: Callable[[Path], dict[str, str]]) -> None:
+        self.work, self.results = work, []
+        self._current: subprocess.Popen | None = None
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, args=(commands, env(work)),
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self, commands: list[Sequence[str]], env: dict[str, str]) -> None:
+        for i, args in enumerate(commands):
+            out, err = self.work / f"cli-{i}.stdout", self.work / f"cli-{i}.stderr"
+            with out.open("w") as fo, err.open("w") as fe:
+                if self._stopped:
+                    return
+                self._current = subprocess.Popen(
+                    [sys.executable, "-m", "simulations.cli", *args], cwd=self.work, env=env,
+                    stdout=fo, stderr=fe)
+            code = self._current.wait()
+            self.results.append(subprocess.CompletedProcess(
+                list(args), code, out.read_text(), err.read_text()))
+            if code != 0:
+                return
+
+    def wait(self, timeout: float) -> list[subprocess.CompletedProcess]:
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self.stop()
+            raise TimeoutError(f"background run in {self.work} still running after {timeout} s")
+        return self.results
+
+    def stop(self) -> None:
+        """End the command still running, if any (the CLI stops the processes it started)."""
+        self._stopped = True
+        proc = self._current
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self._thread.join(60)
+
+
+def start_for(items: list[pytest.Item], env: Callable[[Path], dict[str, str]]) -> None:
+    for name, commands in _registered.items():
+        if name not in _started and any(name in getattr(i, "fixturenames", ()) for i in items):
+            work = Path(tempfile.mkdtemp(prefix=f"fedscore-{name}-"))
+            _started[name] = _Runs(commands(work), work, env)
+
+
+def finish(name: str, timeout: float = 900) -> tuple[list[subprocess.CompletedProcess], Path]:
+    runs = _started[name]
+    return runs.wait(timeout), runs.work
+
+
+def stop_all() -> None:
+    for runs in _started.values():
+        runs.stop()
+        shutil.rmtree(runs.work, ignore_errors=True)
+    _started.clear()
