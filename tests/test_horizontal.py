@@ -30,6 +30,7 @@ from simulations.config import make_config
 from simulations.ledger_verify import verify
 from simulations.population import PopulationConfig, generate
 from simulations.regions import assign_regions, customers, write_regions
+from tests import background
 from tests.conftest import assert_no_identifiers, run_cli
 
 
@@ -211,12 +212,15 @@ def _horizontal_commands(work: Path) -> list[tuple[str, ...]]:
     return [("run", "--out", str(work / name), *common, *extra) for name, extra in runs.items()]
 
 
+background.register("horizontal_runs", _horizontal_commands)
+
+
 @pytest.fixture(scope="module")
-def horizontal_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    work = tmp_path_factory.mktemp("horizontal")
-    for args in _horizontal_commands(work):
-        proc = run_cli(*args, cwd=work)
+def horizontal_runs(background_runs) -> dict[str, Path]:
+    procs, work = background_runs("horizontal_runs")
+    for proc in procs:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert len(procs) == 2
     return {"sample": work / "sample", "user": work / "user"}
 
 
