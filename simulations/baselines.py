@@ -175,9 +175,9 @@ def train_central(
 
 @contextmanager
 def one_thread() -> Iterator[None]:
-    """Torch on one thread for the block. These models' steps are far too small for two: a
-    batch step measured 0.3 s on one thread against 27 s on two when the other core is busy
-    (OpenMP threads waiting on each other)."""
+    """Torch on one thread for the block. These models' steps are far too small for two: with
+    the other core busy, central DP on 100,000 people took 3.5 s on one thread against 15.6 s
+    on two (OpenMP threads waiting on each other; bench/RESULTS.md)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
