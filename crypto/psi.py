@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from itertools import repeat
 from multiprocessing import get_context
 
@@ -52,7 +52,8 @@ def hash_to_points(ids_e164: Iterable[str]) -> np.ndarray:
     for start in range(0, len(ids), CHUNK_POINTS):
         chunk = ids[start : start + CHUNK_POINTS]
         digests = b"".join(hashlib.sha256(_DOMAIN + i.encode()).digest() for i in chunk)
-        points[start : start + len(chunk)] = np.frombuffer(digests, np.uint8).reshape(-1, 32)
+        part = np.frombuffer(digests, np.uint8).reshape(-1, POINT_BYTES)
+        points[start : start + len(chunk)] = part
     points[:, 31] &= 0x7F
     return points
 
@@ -100,13 +101,8 @@ class PsiKey:
         if n == 0:
             return out
         chunks = (points[i : i + CHUNK_POINTS].tobytes() for i in range(0, n, CHUNK_POINTS))
-        if pool is not None:
-            self._fill(out, pool.map(_multiply, repeat(self._secret), chunks))
-        elif workers <= 1 or n < _POOL_MIN_POINTS:
-            self._fill(out, (_multiply(self._secret, chunk) for chunk in chunks))
-        else:
-            with blinding_pool(workers, n) as own:
-                self._fill(out, own.map(_multiply, repeat(self._secret), chunks))
+        with nullcontext(pool) if pool is not None else blinding_pool(workers, n) as use:
+            self._fill(out, (use.map if use else map)(_multiply, repeat(self._secret), chunks))
         return out
 
     @staticmethod
