@@ -21,9 +21,11 @@ import numpy as np
 import torch
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from torch import nn
 
 from clients.accounting import History, add_steps
+from crypto.secret_random import SecretRandom
 
 # Opacus's hooks fire on module outputs because the inputs need no gradient: expected here.
 # A module-level filter, not catch_warnings(): that context manager is not thread-safe, and the
@@ -126,66 +128,106 @@ def build(n_inputs: int, spec: ModelSpec, salt: int = 0) -> tuple[BottomModel, t
     return model, opt
 
 
+class SecretNoiseDPOptimizer(DPOptimizer):
+    """Opacus's DPOptimizer whose Gaussian noise comes from the party's secret stream.
+
+    Opacus draws from a torch.Generator (Mersenne Twister), whose state follows from its seed;
+    here every step's noise is drawn from a ChaCha20 stream keyed by a secret only this party
+    holds (crypto/secret_random.py). The caller hands in the step's stream (`noise_rng`)
+    before each `step()`; a step without one fails rather than add predictable noise. Each
+    coordinate is the sum of four standard normals halved, as Opacus's secure mode does against
+    floating-point attacks on the Gaussian's low bits (Holohan et al. 2021)."""
+
+    noise_rng: np.random.Generator | None = None
+
+    def add_noise(self) -> None:
+        rng, self.noise_rng = self.noise_rng, None
+        if rng is None:
+            raise RuntimeError("a DP-SGD step without its secret noise stream (set noise_rng)")
+        std = self.noise_multiplier * self.max_grad_norm
+        for p in self.params:
+            _check_processed_flag(p.summed_grad)
+            noise = secret_gaussian(rng, tuple(p.summed_grad.shape), std)
+            p.grad = (p.summed_grad + noise.to(p.summed_grad.dtype)).view_as(p)
+            _mark_as_processed(p.summed_grad)
+
+
+def secret_gaussian(rng: np.random.Generator, shape: tuple[int, ...], std: float
+                    ) -> torch.Tensor:
+    """N(0, std^2) per coordinate from `rng`: (n1 + n2 + n3 + n4) / 2, in float64."""
+    if std == 0:
+        return torch.zeros(shape, dtype=torch.float64)
+    draws = rng.standard_normal((4, *shape)).sum(axis=0) * (0.5 * std)
+    return torch.from_numpy(draws)
+
+
 def make_private(
-    model: nn.Module, opt: torch.optim.Optimizer, spec: ModelSpec, generator: torch.Generator
-) -> tuple[GradSampleModule, DPOptimizer]:
-    """Opacus's per-sample gradients, clipping and Gaussian noise around a model/optimiser."""
+    model: nn.Module, opt: torch.optim.Optimizer, *, noise_multiplier: float,
+    max_grad_norm: float, expected_batch: int,
+) -> tuple[GradSampleModule, SecretNoiseDPOptimizer]:
+    """Opacus's per-sample gradients and clipping around a model/optimiser, with secret noise
+    (set `noise_rng` on the optimiser before every step)."""
     private = GradSampleModule(model, loss_reduction="mean")
-    dp_opt = DPOptimizer(
+    dp_opt = SecretNoiseDPOptimizer(
         opt,
-        noise_multiplier=spec.noise_multiplier,
-        max_grad_norm=spec.max_grad_norm,
-        expected_batch_size=spec.expected_batch,
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm,
+        expected_batch_size=expected_batch,
         loss_reduction="mean",
-        generator=generator,
     )
     # Opacus sets the `flwr` logger (and others) to DEBUG when imported; keep them quiet.
     logging.getLogger("flwr").setLevel(logging.WARNING)
     return private, dp_opt
 
 
-def state_bytes(model: nn.Module, opt: torch.optim.Optimizer, generator: torch.Generator,
-                **extra: object) -> bytes:
-    """A party's model, optimiser and noise generator (plus `extra`) as bytes, pickle-free on
-    load (weights_only)."""
+def state_bytes(model: nn.Module, opt: torch.optim.Optimizer, **extra: object) -> bytes:
+    """A party's model and optimiser (plus `extra`) as bytes, pickle-free on load
+    (weights_only). No random state: every draw is addressed by (purpose, run, step)."""
     inner = getattr(opt, "original_optimizer", opt)
     buf = io.BytesIO()
-    torch.save({"model": model.state_dict(), "opt": inner.state_dict(),
-                "rng": generator.get_state(), **extra}, buf)
+    torch.save({"model": model.state_dict(), "opt": inner.state_dict(), **extra}, buf)
     return buf.getvalue()
 
 
-def load_state_bytes(blob: bytes, model: nn.Module, opt: torch.optim.Optimizer,
-                     generator: torch.Generator) -> dict:
+def load_state_bytes(blob: bytes, model: nn.Module, opt: torch.optim.Optimizer) -> dict:
     """Restore what `state_bytes` saved; returns the whole state for the extras."""
     state = torch.load(io.BytesIO(blob), weights_only=True)
     model.load_state_dict(state["model"])
     getattr(opt, "original_optimizer", opt).load_state_dict(state["opt"])
-    generator.set_state(state["rng"])
     return state
 
 
 class SiloTrainer:
     """A silo's model, optimiser and accountant history, serialisable into the node's Flower
-    state between messages."""
+    state between messages. `random` is the silo's secret stream source: DP noise and
+    transcript noise come from it, never from the run seed (which only initialises)."""
 
-    def __init__(self, n_inputs: int, spec: ModelSpec, salt: int = 0) -> None:
+    def __init__(self, n_inputs: int, spec: ModelSpec, salt: int = 0, *,
+                 random: SecretRandom | None = None, run_key: str = "") -> None:
+        if spec.dp and random is None:
+            raise ValueError("DP-SGD needs the silo's secret randomness")
         self.n_inputs = n_inputs
         self.spec = spec
+        self.random = random
+        self.run_key = run_key
         self.base, opt = build(n_inputs, spec, salt)
-        self.generator = torch.Generator().manual_seed(spec.seed * 7_919 + salt)
         self.history: History = []
         if spec.dp:
-            self.model, self.opt = make_private(self.base, opt, spec, self.generator)
+            self.model, self.opt = make_private(
+                self.base, opt, noise_multiplier=spec.noise_multiplier,
+                max_grad_norm=spec.max_grad_norm, expected_batch=spec.expected_batch)
         else:
             self.model, self.opt = self.base, opt
 
+    @property
+    def steps_taken(self) -> int:
+        return sum(h[2] for h in self.history)
+
     def to_bytes(self) -> bytes:
-        return state_bytes(self.base, self.opt, self.generator,
-                           history=[list(h) for h in self.history])
+        return state_bytes(self.base, self.opt, history=[list(h) for h in self.history])
 
     def load_bytes(self, blob: bytes) -> None:
-        state = load_state_bytes(blob, self.base, self.opt, self.generator)
+        state = load_state_bytes(blob, self.base, self.opt)
         self.history = [(float(s), float(q), int(n)) for s, q, n in state["history"]]
 
     @torch.no_grad()
@@ -193,25 +235,28 @@ class SiloTrainer:
         self.base.eval()
         return self.base(torch.from_numpy(x)).numpy().astype(np.float32)
 
-    def released(self, x: np.ndarray) -> np.ndarray:
+    def released(self, x: np.ndarray, *purpose: object) -> np.ndarray:
         """Contributions as they leave the silo: clipped and noised under transcript DP.
 
-        The noise is drawn from the operating system's entropy, not from the run's seed: the
-        authority must not be able to predict and subtract it."""
+        The noise comes from the silo's secret stream for `purpose` (round, key and the digest
+        of the positions asked for): the authority cannot predict and subtract it, and the same
+        request answered again gets the same noise, not a second independent release."""
         values = self.contributions(x)
         if self.spec.transcript_sigma <= 0:
             return values
+        if self.random is None:
+            raise ValueError("transcript noise needs the silo's secret randomness")
         clip = self.spec.transcript_clip
-        noise = np.random.default_rng().normal(
-            0.0, self.spec.transcript_sigma * 2 * clip, size=len(values)
-        )
+        noise = self.random.generator("transcript", self.run_key, *purpose).normal(
+            0.0, self.spec.transcript_sigma * 2 * clip, size=len(values))
         return (np.clip(values, -clip, clip) + noise).astype(np.float32)
 
     def replay(self, batches: list[np.ndarray], grads: list[np.ndarray]) -> None:
         """One optimiser step per batch, backpropagating the authority's d loss / d contribution.
 
         With DP every batch is one DP-SGD step on the accountant, empty batches included (a
-        Poisson sample can be empty; the noise is still added and the step still counts).
+        Poisson sample can be empty; the noise is still added and the step still counts). Step
+        t's noise is the stream ("dp-noise", run, t) of the silo's secret.
         """
         self.model.train()
         for xb, gb in zip(batches, grads, strict=True):
@@ -222,6 +267,10 @@ class SiloTrainer:
             elif self.spec.dp:
                 for p in self.base.parameters():
                     p.grad_sample = torch.zeros((0, *p.shape))
+            if self.spec.dp:
+                assert self.random is not None and isinstance(self.opt, SecretNoiseDPOptimizer)
+                self.opt.noise_rng = self.random.generator("dp-noise", self.run_key,
+                                                           self.steps_taken)
             if len(xb) or self.spec.dp:
                 self.opt.step()
             if self.spec.dp:
