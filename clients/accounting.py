@@ -70,22 +70,37 @@ def add_steps(history: History, sigma: float, q: float, steps: int) -> History:
 
 
 def calibrate_sigma(
-    target_epsilon: float, delta: float, sample_rate: float, steps: int, kind: str
+    target_epsilon: float, delta: float, sample_rate: float, steps: int, kind: str,
+    prefix: History = (),
 ) -> float:
-    """The smallest noise multiplier (within Opacus's tolerance) that keeps `steps` steps at
-    `sample_rate` within (target_epsilon, delta)."""
+    """The smallest noise multiplier (within 0.5 % of the target epsilon) that keeps `steps`
+    steps at `sample_rate`, after the mechanisms already in `prefix`, within
+    (target_epsilon, delta)."""
     if not math.isfinite(target_epsilon):
         return 0.0
-    return float(
-        get_noise_multiplier(
-            target_epsilon=target_epsilon,
-            target_delta=delta,
-            sample_rate=sample_rate,
-            steps=steps,
-            accountant=kind,
-            epsilon_tolerance=0.005,
-        )
-    )
+    if not prefix:
+        return float(get_noise_multiplier(
+            target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
+            steps=steps, accountant=kind, epsilon_tolerance=0.005,
+        ))
+    prefix = [tuple(h) for h in prefix]
+    if epsilon(kind, prefix, delta) >= target_epsilon:
+        raise ValueError(f"the mechanisms before training already spend epsilon "
+                         f"{epsilon(kind, prefix, delta):.3g} >= {target_epsilon:g}")
+
+    def eps(sigma: float) -> float:
+        return epsilon(kind, add_steps(prefix, sigma, sample_rate, steps), delta, precise=False)
+
+    lo, hi = 0.1, 1.0
+    while eps(hi) > target_epsilon:
+        lo, hi = hi, 2 * hi
+    while hi - lo > 0.001 * hi:  # bisection on the noise; eps falls as sigma grows
+        mid = (lo + hi) / 2
+        if eps(mid) > target_epsilon:
+            lo = mid
+        else:
+            hi = mid
+    return hi
 
 
 def affordable_steps(

@@ -31,6 +31,7 @@ from clients.silo_data import SiloDataError, SiloMatrix, load_silo
 from crypto.at_rest import AUTO, Keystore, open_keystore, read_encrypted, write_encrypted
 from crypto.masking import MaskingError, PairwiseKeys, mask_context, masked_share
 from crypto.psi import PsiError, PsiKey, hash_to_points
+from crypto.secret_random import SecretRandom, digest
 
 if TYPE_CHECKING:
     from clients.model import SiloTrainer
@@ -87,6 +88,14 @@ def node_store(context: Context, defaults: Defaults, parties_root: Path) -> Keys
         return Keystore.open_or_init(defaults.keystore)
     setting = str(context.run_config.get("storage.keystore", AUTO))
     return open_keystore(setting, parties_root)
+
+
+def silo_random(context: Context, defaults: Defaults) -> SecretRandom:
+    """The silo's secret streams (DP noise, transcript noise, noisy statistics): the secret
+    lives in the silo's keystore, or in its own directory without one (0600)."""
+    store = silo_store(context, defaults)
+    where = store.path if store is not None else silo_dir(context, defaults)
+    return SecretRandom.load_or_create(where, silo_name(context, defaults))
 
 
 def silo_matrix(context: Context, defaults: Defaults) -> SiloMatrix:
@@ -232,13 +241,14 @@ def _model() -> ModuleType:
     return model
 
 
-def _trainer(context: Context) -> SiloTrainer:
+def _trainer(context: Context, defaults: Defaults) -> SiloTrainer:
     if "model" not in context.state:
         raise m.ProtocolError("no model yet: the authority must send query.align first")
     cfg = context.state["model"]
     model = _model()
     trainer = model.SiloTrainer(int(cfg["inputs"]), model.ModelSpec.from_config(dict(cfg)),
-                                int(cfg["salt"]))
+                                int(cfg["salt"]), random=silo_random(context, defaults),
+                                run_key=str(cfg["run"]))
     trainer.load_bytes(bytes(cfg["blob"]))
     return trainer
 
@@ -308,8 +318,11 @@ def make_client_app(root: Path | None = None, keystore: Path | None = None,
         model_lib = _model()
         spec = model_lib.ModelSpec.from_config(cfg)
         salt = silo_salt(silo_name(context, defaults))
-        trainer = model_lib.SiloTrainer(data.x.shape[1], spec, salt)
         run_key = str(cfg["run"])
+        if not run_key.isalnum():
+            raise m.ProtocolError("malformed run key")
+        trainer = model_lib.SiloTrainer(data.x.shape[1], spec, salt,
+                                        random=silo_random(context, defaults), run_key=run_key)
         model = {**spec.to_config(), "inputs": data.x.shape[1], "salt": salt, "run": run_key,
                  "secure": bool(cfg.get("secure", False))}
         context.state["model"] = ConfigRecord({**model, "blob": trainer.to_bytes()})
@@ -412,7 +425,7 @@ def make_client_app(root: Path | None = None, keystore: Path | None = None,
         context.state["served"] = ConfigRecord({"ids": [*seen["ids"], request]})
         positions = m.get_array(msg, "positions", np.int64, 1)
         rows = _rows(context, positions)
-        trainer = _trainer(context)
+        trainer = _trainer(context, defaults)
         data = silo_matrix(context, defaults)
         cohort = str(cfg.get("cohort", ""))
         if cohort:
@@ -422,7 +435,7 @@ def make_client_app(root: Path | None = None, keystore: Path | None = None,
                             silo_store(context, defaults), data)[rows]
         else:
             x = data.x[rows]
-        values = trainer.released(x)
+        values = trainer.released(x, "score", request, cohort, digest(positions))
         reply: dict = {}
         out: dict[str, np.ndarray] = {}
         if cfg.get("drift"):
@@ -450,7 +463,7 @@ def make_client_app(root: Path | None = None, keystore: Path | None = None,
         if repeated is not None:
             return repeated
         x = silo_matrix(context, defaults).x
-        trainer = _trainer(context)
+        trainer = _trainer(context, defaults)
         width = trainer.spec.outputs
         grad = m.get_array(msg, "grad", np.float32, 1 if width == 1 else 2, required=False)
         if grad is not None and grad.ndim == 2 and grad.shape[1] != width:
@@ -472,7 +485,8 @@ def make_client_app(root: Path | None = None, keystore: Path | None = None,
         for key in ("plan", "eval"):
             positions = m.get_array(msg, key, np.int64, 1, required=False)
             if positions is not None:
-                values = trainer.released(x[_rows(context, positions)])
+                values = trainer.released(x[_rows(context, positions)], round_, key,
+                                          digest(positions))
                 out[key] = _masked(context, defaults, values, round_, key) if secure else values
                 if key == "eval" and config.get("summary") and values.ndim == 1:
                     reply_config.update(contribution_summary(values))

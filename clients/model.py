@@ -268,7 +268,8 @@ class SiloTrainer:
                 for p in self.base.parameters():
                     p.grad_sample = torch.zeros((0, *p.shape))
             if self.spec.dp:
-                assert self.random is not None and isinstance(self.opt, SecretNoiseDPOptimizer)
+                assert self.random is not None
+                assert isinstance(self.opt, SecretNoiseDPOptimizer)
                 self.opt.noise_rng = self.random.generator("dp-noise", self.run_key,
                                                            self.steps_taken)
             if len(xb) or self.spec.dp:

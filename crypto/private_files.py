@@ -3,6 +3,7 @@ read them or when their length is wrong. Their contents never reach a log or an 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import stat
@@ -35,10 +36,8 @@ def load_or_create_secret(path: Path, size: int, what: str) -> bytes:
     path = Path(path)
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        try:
+        with contextlib.suppress(FileExistsError):  # another party made it first
             write_private(path, secrets.token_bytes(size))
-        except FileExistsError:
-            pass
     check_private(path, what)
     secret = path.read_bytes()
     if len(secret) != size:

@@ -73,9 +73,10 @@ def private_intersections(
 
 
 def joint_order(
-    pairs: dict[str, tuple[np.ndarray, np.ndarray]], n_authority: int, seed: int
+    pairs: dict[str, tuple[np.ndarray, np.ndarray]], n_authority: int, rng: np.random.Generator
 ) -> Alignment:
-    """Positions for the people all silos hold, in a seeded random order."""
+    """Positions for the people all silos hold, in a random order from `rng` (the authority's
+    secret stream): a silo learns nothing about the authority's table order from them."""
     silo_row_of: dict[str, np.ndarray] = {}
     present = np.ones(n_authority, dtype=bool)
     for silo, (auth_rows, silo_rows) in pairs.items():
@@ -88,7 +89,7 @@ def joint_order(
         raise AlignmentError(
             "no person is held by every silo; the vertical model needs people all parties know"
         )
-    authority_rows = np.random.default_rng([seed, 0xA11]).permutation(joint)
+    authority_rows = rng.permutation(joint)
     return Alignment(
         authority_rows=authority_rows,
         silo_rows={s: row_of[authority_rows] for s, row_of in silo_row_of.items()},

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -20,13 +19,12 @@ import numpy as np
 import pandas as pd
 
 from clients import messages as m
+from clients.accounting import STATISTICS_NOISE_MULTIPLIER
 from clients.model import ModelSpec
 from clients.schema import AUTHORITY
-from crypto.at_rest import (
-    REF_HASH,
-    open_keystore,
-)
+from crypto.at_rest import REF_HASH, Keystore, open_keystore
 from crypto.identity import keyed_refs, load_or_create_pepper
+from crypto.secret_random import SecretRandom
 from server import checkpoint, explanations, metrics, scoring
 from server.alignment import Alignment, announce, joint_order, private_intersections
 from server.checkpoint import RunState, TrainState
@@ -36,9 +34,9 @@ from server.federation import Federation
 from server.label_dp import randomized_response
 from server.labels import load_authority
 from server.ledger import Ledger
-from server.privacy import PrivacyPlan
-from server.scores_file import PEPPER_FILE, write_scores
-from server.split import SPLIT_NAMES, Split, stratified_split
+from server.privacy import CALIBRATION_STEPS, PrivacyPlan
+from server.scores_file import PEPPER_FILE, write_scores, write_split
+from server.split import Split, random_split
 from server.training import train
 
 log = logging.getLogger(__name__)
@@ -93,6 +91,7 @@ def run_authority(
     config = to_flat(cfg)
     ledger = Ledger(out_dir)
     store = open_keystore(cfg.storage.keystore, data_dir)
+    random = authority_random(store, data_dir)
 
     phases.start("connect")
     ids, labels, gate = load_authority(data_dir / AUTHORITY, store, cfg.eligibility)
@@ -105,7 +104,7 @@ def run_authority(
         log.info("resuming run %s after round %d", run.run_key, state.trip)
     else:
         phases.start("psi")
-        run, state = _align_and_split(fed, cfg, ids, labels, config, psi_cache), None
+        run, state = _align_and_split(fed, cfg, ids, labels, config, random, psi_cache), None
     split = Split(run.train, run.val, run.test)
     y = labels[run.authority_rows].astype(np.int8)
     n_positions = len(run.authority_rows)
@@ -128,11 +127,11 @@ def run_authority(
         inputs = announce(fed, Alignment(run.authority_rows, run.silo_rows, {}),
                           {**spec.to_config(), "run": run.run_key,
                            "secure": secure})
-        privacy.record_labels()
+        privacy.record_start()
     else:
         inputs = {s: int(info[s]["inputs"]) for s in fed.silos}
-        privacy.restore(state.privacy_history, state.privacy_spent, state.privacy_round_steps,
-                        state.transcript_releases)
+        privacy.restore(state.privacy_spent, state.privacy_round_steps,
+                        state.transcript_releases, state.transcript_sampled)
 
     def on_round(current: TrainState) -> None:
         snapshot = replace(current, history=list(current.history),
@@ -149,14 +148,15 @@ def run_authority(
             fed, run.y_view, y.astype(np.float64), split.train, split.val, n_positions,
             cfg.train, spec, privacy, progress, state=state, on_round=on_round,
             secure=secure, mode=cfg.aggregation.mode, top_hidden=cfg.model.top_hidden,
-            explain=reasons,
+            explain=reasons, random=random, run_key=run.run_key, prior=run.prior,
         )
+        phases.start("score")
+        calibrate = _calibration(result.logits[split.val], y[split.val], privacy, random,
+                                 run.run_key, n_positions * cfg.split.val, result.round_trips)
         privacy_summary = privacy.summary()
     finally:
         privacy.close()
 
-    phases.start("score")
-    calibrate = scoring.Platt.fit(result.logits[split.val], y[split.val])
     p = calibrate(result.logits)
     score = scoring.to_score(p, cfg.score)
     tier = scoring.to_tier(score)
@@ -170,12 +170,11 @@ def run_authority(
     pepper = load_or_create_pepper(data_dir / AUTHORITY / PEPPER_FILE)
     ref_hash = REF_HASH[store.suite] if store else "sha256"
     refs = keyed_refs(ids.to_numpy()[run.authority_rows], pepper, ref_hash)
-    split_of = split.labels(n_positions)
     why = _reason_points(result.explained, result.bias, calibrate, cfg, reasons)
+    # Published scores carry no split: who was trained on is the authority's private record.
     scores = pd.DataFrame(
         {
             "subject_ref": refs,
-            "split": pd.Categorical.from_codes(split_of, SPLIT_NAMES),
             "probability": p.astype(np.float64),
             "score": score,
             "tier": pd.Categorical.from_codes(tier, scoring.TIER_KEYS),
@@ -185,6 +184,7 @@ def run_authority(
         scores = pd.concat([scores, why], axis=1)
     scores = _gated(scores, gate, eligible)
     write_scores(out_dir, scores, store, run.run_key)
+    write_split(out_dir, split.labels(n_positions), store, run.run_key)
     phases.stop()
 
     out = {
@@ -233,28 +233,68 @@ def run_authority(
 
 def _align_and_split(
     fed: Federation, cfg: AuthorityConfig, ids: pd.Series, labels: np.ndarray, config: dict,
-    psi_cache: dict | None = None,
+    random: SecretRandom, psi_cache: dict | None = None,
 ) -> RunState:
-    """PSI with every silo, the shared order, the split, and the labels gradients may see."""
+    """PSI with every silo, the shared order, the split, and the labels gradients may see.
+
+    Every draw here (the order of positions, the split, the label flips, the prior's noise)
+    comes from the authority's secret streams for this run, never from the public seed."""
     pairs = psi_cache.get("pairs") if psi_cache is not None else None
     if pairs is None:
         pairs = private_intersections(fed, ids, workers=cfg.psi.workers)
         if psi_cache is not None:
             psi_cache["pairs"] = pairs
-    alignment = joint_order(pairs, len(ids), cfg.seed)
+    run_key = derive_run_key(random, config)
+    alignment = joint_order(pairs, len(ids), random.generator("positions", run_key))
     y = labels[alignment.authority_rows].astype(np.int8)
-    split = stratified_split(y, cfg.split, cfg.seed)
+    split = random_split(y, cfg.split, random.generator("split", run_key))
     # Randomised response once, before training: gradients only ever see y_view.
     y_view = y.astype(np.float64)
     if cfg.privacy.label_dp:
-        rng = np.random.default_rng([cfg.seed, 0x1AB])
-        y_view[split.train] = randomized_response(y[split.train], cfg.privacy.label_epsilon, rng)
+        y_view[split.train] = randomized_response(y[split.train], cfg.privacy.label_epsilon,
+                                                  random.generator("label-rr", run_key))
     return RunState(
-        run_key=secrets.token_hex(8), config=config,
+        run_key=run_key, config=config,
+        prior=private_prior(y_view[split.train], random.generator("prior", run_key)),
         authority_rows=alignment.authority_rows, silo_rows=alignment.silo_rows,
         train=split.train, val=split.val, test=split.test, y_view=y_view,
         overlap=alignment.overlap,
     )
+
+
+def authority_random(store: Keystore | None, data_dir: Path) -> SecretRandom:
+    """The authority's secret streams: its secret lives in its keystore (or, without one, in its
+    own party directory), 0600, never in config, messages or outputs."""
+    return SecretRandom.load_or_create(store.path if store else data_dir / AUTHORITY, AUTHORITY)
+
+
+def derive_run_key(random: SecretRandom, config: dict) -> str:
+    """The run's public key, derived from the authority's secret and the configuration: the
+    same keystore and config give the same run (bit for bit), other keystores other runs."""
+    return random.key("run-key", json.dumps(config, sort_keys=True))[:8].hex()
+
+
+def private_prior(y_train: np.ndarray, rng: np.random.Generator) -> float:
+    """The training default rate, from the count of positives and the count of people with
+    Gaussian noise (L2 sensitivity sqrt 2 under adding or removing one person, multiplier
+    STATISTICS_NOISE_MULTIPLIER; a ledger line of its own). It starts the bias."""
+    std = STATISTICS_NOISE_MULTIPLIER * np.sqrt(2.0)
+    positives, people = np.array([y_train.sum(), len(y_train)], float) + rng.normal(0, std, 2)
+    return float(np.clip(positives / max(people, 1.0), 0.001, 0.999))
+
+
+def _calibration(z_val: np.ndarray, y_val: np.ndarray, privacy: PrivacyPlan,
+                 random: SecretRandom, run_key: str, expected_n: float, round_: int
+                 ) -> scoring.Platt:
+    """Platt calibration on validation people: exact without DP, else the DP fit of
+    server/scoring.py (validation people are disjoint from training people: their own
+    population in the ledger)."""
+    if not privacy.cfg.dp_sgd:
+        return scoring.Platt.fit(z_val, y_val)
+    privacy.record_calibration(round_)
+    return scoring.Platt.fit_private(
+        z_val, y_val, noise_multiplier=privacy.calibration_sigma, steps=CALIBRATION_STEPS,
+        expected_n=expected_n, rng=random.generator("calibration", run_key))
 
 
 def _gated(scores: pd.DataFrame, gate: pd.DataFrame, eligible: np.ndarray) -> pd.DataFrame:

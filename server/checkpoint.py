@@ -35,7 +35,6 @@ class TrainState:
     stopped_by_cap: bool = False
     history: list[dict] = field(default_factory=list)
     silo_seconds: dict[str, float] = field(default_factory=dict)
-    privacy_history: list[list[float]] = field(default_factory=list)
     privacy_spent: int = 0
     privacy_round_steps: int = 0
     # Arrays: the chunk whose gradients the silos have not applied yet, and the bias model.
@@ -43,9 +42,11 @@ class TrainState:
     done_sizes: np.ndarray | None = None
     done_grad: np.ndarray | None = None
     transcript_releases: np.ndarray | None = None
+    transcript_sampled: np.ndarray | None = None
     top: bytes = b""
 
-    _ARRAYS = ("done_plan", "done_sizes", "done_grad", "transcript_releases")
+    _ARRAYS = ("done_plan", "done_sizes", "done_grad", "transcript_releases",
+               "transcript_sampled")
 
     def meta(self) -> dict:
         out = asdict(self)
@@ -67,6 +68,7 @@ class RunState:
     test: np.ndarray
     y_view: np.ndarray
     overlap: dict[str, int] = field(default_factory=dict)
+    prior: float = 0.5  # the DP estimate of the training default rate that starts the bias
 
 
 RUN_FILE = "run.npz"  # written once: alignment, split, labels the gradients see
@@ -116,7 +118,7 @@ def _context(path: Path) -> bytes:
 def save_run(out_dir: Path, run: RunState, store: Keystore | None = None) -> None:
     """The parts of a run fixed before training, once."""
     meta = {"run_key": run.run_key, "config": run.config, "silos": list(run.silo_rows),
-            "overlap": run.overlap}
+            "overlap": run.overlap, "prior": run.prior}
     _write_npz(
         out_dir / CHECKPOINT_DIR / RUN_FILE,
         store,
@@ -165,6 +167,7 @@ def load(out_dir: Path, config: dict, store: Keystore | None = None
         train=fixed["train_pos"], val=fixed["val_pos"], test=fixed["test_pos"],
         y_view=fixed["y_view"],
         overlap=run_meta.get("overlap", {}),
+        prior=float(run_meta.get("prior", 0.5)),
     )
     arrays = _read_npz(source, store)
     meta = json.loads(str(arrays.pop("meta")))

@@ -210,19 +210,24 @@ ACCOUNTANTS = ("rdp", "prv")
 
 @dataclass(frozen=True)
 class PrivacyConfig:
-    """The three budgets of DESIGN.md's privacy model.
+    """The three budgets of DESIGN.md's privacy model, each stated with whom it protects
+    against (docs/threat-model.md).
 
-    Default: eps_model = 1 for every party (DP-SGD), delta = 1/N. At eps 1 the default
-    population loses about 0.01 AUC against non-private training (measured in
-    bench/RESULTS.md), a common budget in the DP literature for a strong guarantee. Label DP and
-    transcript noise are off by default: they protect labels and contributions against the
-    other parties of the federation, not against whoever receives the model, and each costs
-    accuracy a researcher should choose to pay (`--set privacy.label_epsilon=4`).
+    - eps_model (default 1): the COMBINED released model and everything computed from it
+      (scores, reasons, metrics on released outputs), against whoever receives it. One
+      accountant over the joint mechanism of all parties' DP-SGD; per-party noise is calibrated
+      so the combination meets the target.
+    - eps_label (default 2): the authority's labels against the silos, by randomised response
+      from the authority's secret randomness, once, before training.
+    - eps_transcript (off by default): what the authority sees of a person (noised clipped
+      contributions and the model channel), without subsampling amplification.
+    delta defaults to 1/(10 N), N = people in training; a delta >= 1/N is refused.
     """
 
-    # eps_model target per party; `inf` turns DP-SGD off (baselines).
+    # eps_model target of the combined model; `inf` turns DP-SGD off (baselines).
     epsilon: float = 1.0
-    # 0 means 1/N, N = people in the training split (TOML and Flower run configs have no null).
+    # 0 means 1/(10 N), N = people in the training split (TOML and Flower run configs have no
+    # null).
     delta: float = 0.0
     accountant: str = "prv"
     # Per-sample clipping bound of every party. Measured on the default population at eps 1
@@ -230,13 +235,17 @@ class PrivacyConfig:
     # without DP. Small bounds clip the rare defaulters' large gradients in each silo while the
     # authority's bias gradient |p - y| <= 1 is never clipped, and the mismatch compounds.
     max_grad_norm: float = 5.0
-    # eps_model cap per party: training stops before a step would pass it. 0 = the target.
+    # eps_model cap of the combined model: training stops before a step would pass it.
+    # 0 = the target.
     cap: float = 0.0
-    # Randomised response on the labels, once, before training; `inf` = off.
-    label_epsilon: float = math.inf
+    # Randomised response on the labels, once, before training; `inf` = off (then every silo
+    # reads the training labels from the sign of the gradients it receives).
+    label_epsilon: float = 2.0
     # Gaussian noise multiplier on clipped contributions sent to the authority; 0 = off.
     transcript_sigma: float = 0.0
     transcript_clip: float = 4.0
+    # eps_transcript cap: training stops before a release would pass it; inf = no cap.
+    transcript_cap: float = math.inf
 
     def __post_init__(self) -> None:
         if not self.epsilon > 0:
@@ -245,7 +254,7 @@ class PrivacyConfig:
             )
         if not 0 <= self.delta < 1:
             raise ConfigError(
-                f"privacy.delta={self.delta}: must lie in (0, 1), e.g. 1e-5 (0 means 1/N)"
+                f"privacy.delta={self.delta}: must lie in (0, 1), e.g. 1e-6 (0 means 1/(10 N))"
             )
         if self.accountant not in ACCOUNTANTS:
             raise ConfigError(
@@ -263,16 +272,23 @@ class PrivacyConfig:
             raise ConfigError(
                 "privacy.transcript_sigma must be >= 0 and privacy.transcript_clip > 0"
             )
+        for key in ("max_grad_norm", "transcript_clip", "transcript_sigma"):
+            if not math.isfinite(getattr(self, key)):
+                raise ConfigError(f"privacy.{key}={getattr(self, key)}: must be a finite number")
+        if not self.transcript_cap > 0:
+            raise ConfigError(f"privacy.transcript_cap={self.transcript_cap}: must be > 0 "
+                              "(inf = no cap)")
 
     def delta_for(self, n_train: int) -> float:
-        """The delta in force; refuses a delta that is not below 1/N."""
-        delta = self.delta or 1.0 / n_train
-        if delta >= 1.0 / n_train and self.delta:
+        """The delta in force: 1/(10 N) by default; refuses a delta that is not below 1/N, the
+        level at which releasing one random record whole would be allowed."""
+        if self.delta and self.delta >= 1.0 / n_train:
             raise ConfigError(
                 f"privacy.delta={self.delta} is not below 1/N = {1 / n_train:.2e} "
-                f"(N = {n_train:,} people in training); use a smaller delta or 0 for 1/N"
+                f"(N = {n_train:,} people in training); use at most {0.1 / n_train:.1e}, or 0 "
+                "for the default 1/(10 N)"
             )
-        return delta
+        return self.delta or 0.1 / n_train
 
     @property
     def budget_cap(self) -> float:

@@ -1,9 +1,24 @@
-"""The run's privacy plan: calibrated noise, the budget cap, and the ledger.
+"""The run's privacy plan: one accountant for the combined model, the caps, and the ledger.
 
-Every party takes the same DP-SGD steps (same noise multiplier, sample rate and count), so the
-authority keeps a mirror of the accountant history and checks each silo's own accountant
-against it every round: a silo that accounted differently stops the run. Epsilons are computed
-on a background thread so they overlap the next round trip instead of adding to it.
+What is released is the COMBINED model z = b + sum_k g_k (and every score, reason and metric
+computed from it). All parties train on one shared Poisson batch; each clips its own
+per-sample gradient block at C and adds Gaussian noise of std sigma * C from its own secret
+stream. Stacked, that is one subsampled Gaussian mechanism on the joint gradient whose noise
+multiplier, after whitening each block by its own noise, is
+
+    sigma_joint = 1 / sqrt(sum_k 1 / sigma_k^2)  =  sigma / sqrt(K)  for K equal blocks,
+
+so the per-party sigma is calibrated as sqrt(K) times the joint multiplier that meets the
+target. Before training, every party releases data-preparation statistics (each silo's
+standardisation, the authority's prior) through a Gaussian mechanism with noise multiplier
+STATISTICS_NOISE_MULTIPLIER; they are composed in the same accountant. After training the
+authority fits its calibration on validation people, disjoint from training people by an
+independent secret draw, with a Gaussian mechanism of its own: eps_model is the larger of the
+two populations' compositions, each calibrated to the target.
+
+The authority mirrors every silo's accountant (same steps, same per-party sigma) and stops the
+run if one disagrees. Epsilons are computed on a background thread so they overlap the next
+round trip instead of adding to it.
 """
 
 from __future__ import annotations
@@ -14,7 +29,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
-from clients.accounting import History, add_steps, affordable_steps, calibrate_sigma, epsilon
+from clients.accounting import (
+    STATISTICS_NOISE_MULTIPLIER,
+    History,
+    add_steps,
+    affordable_steps,
+    calibrate_sigma,
+    epsilon,
+)
 from server.config import ConfigError, PrivacyConfig
 from server.federation import FederationError
 from server.label_dp import flip_probability
@@ -23,6 +45,17 @@ from server.ledger import Ledger
 log = logging.getLogger(__name__)
 
 AUTHORITY = "authority"
+JOINT = "*"
+# Full-batch noisy gradient steps of the DP calibration (server/scoring.py).
+CALIBRATION_STEPS = 200
+PER_PARTY_NOTE = ("per-party figure: the epsilon of one party's DP-SGD steps alone; it bounds "
+                  "no release (the scores come from the combined model)")
+
+
+def joint_multiplier(sigmas: list[float]) -> float:
+    """The noise multiplier of blocks stacked into one Gaussian mechanism (each block clipped
+    at its own bound, noised at sigma_k times it)."""
+    return 1.0 / math.sqrt(sum(1.0 / s**2 for s in sigmas))
 
 
 class PrivacyPlan:
@@ -38,77 +71,115 @@ class PrivacyPlan:
         self.cfg = cfg
         self.silos = silos
         self.parties = (*silos, AUTHORITY)
+        self.blocks = len(self.parties)  # every silo's bottom model and the authority's head
         self.delta = cfg.delta_for(n_train)
         self.q = min(1.0, batch_size / n_train)
         self.steps_planned = epochs * max(1, round(1 / self.q))
         self.expected_batch = max(1, round(self.q * n_train))
         self.rho = flip_probability(cfg.label_epsilon)
-        self.sigma = 0.0
+        # Each silo's preparation and the authority's prior: one Gaussian release per party.
+        self.statistics: History = [(STATISTICS_NOISE_MULTIPLIER, 1.0, len(self.parties))]
+        self.sigma = 0.0  # per party
+        self.joint_sigma = 0.0
+        self.calibration_sigma = 0.0
         self.max_steps = math.inf
         if cfg.dp_sgd:
-            self.sigma = calibrate_sigma(
-                cfg.epsilon, self.delta, self.q, self.steps_planned, cfg.accountant
-            )
+            try:
+                self.joint_sigma = calibrate_sigma(cfg.epsilon, self.delta, self.q,
+                                                   self.steps_planned, cfg.accountant,
+                                                   prefix=self.statistics)
+                self.calibration_sigma = calibrate_sigma(cfg.epsilon, self.delta, 1.0,
+                                                         CALIBRATION_STEPS, cfg.accountant,
+                                                         prefix=self.statistics)
+            except ValueError as exc:
+                raise ConfigError(f"privacy.epsilon={cfg.epsilon} is too small: {exc}; raise "
+                                  "it") from None
+            self.sigma = self.joint_sigma * math.sqrt(self.blocks)
             self.max_steps = affordable_steps(
-                cfg.accountant, [], self.sigma, self.q, self.steps_planned, self.delta,
-                cfg.budget_cap,
+                cfg.accountant, self.statistics, self.joint_sigma, self.q, self.steps_planned,
+                self.delta, cfg.budget_cap,
             )
             if self.max_steps == 0:
-                one = epsilon(cfg.accountant, [(self.sigma, self.q, 1)], self.delta)
+                one = epsilon(cfg.accountant,
+                              add_steps(self.statistics, self.joint_sigma, self.q, 1), self.delta)
                 raise ConfigError(
                     f"privacy.cap={cfg.budget_cap} is below the cost of a single step "
-                    f"(epsilon {one:.3g} at noise {self.sigma:.3g}, sample rate {self.q:.3g}); "
-                    "raise the cap or privacy.epsilon"
+                    f"(epsilon {one:.3g} at joint noise {self.joint_sigma:.3g}, sample rate "
+                    f"{self.q:.3g}); raise the cap or privacy.epsilon"
                 )
-        self.history: History = []
-        # eps_transcript: how often each person's contribution has left the silos. The
-        # authority picks who is sampled, so there is no amplification: the worst-off person's
-        # count of Gaussian releases is what composes.
+        self.history: History = list(self.statistics)  # the combined model's accountant
+        self.party_history: History = []  # one party's DP-SGD steps (what silos report)
+        self.calibration_history: History = []
+        # eps_transcript: how often each person's contribution has left the silos, and how
+        # often each person was in a batch. The authority picks who is sampled, so there is no
+        # amplification against it: the worst-off person's counts are what compose.
         self.releases = np.zeros(0, dtype=np.int64)
-        self.transcript_history: History = []
+        self.sampled = np.zeros(0, dtype=np.int64)
         self.spent = 0
         self.round_steps = 0
         self.ledger = ledger
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger")
         self._pending: list[Future] = []
         log.info(
-            "privacy: sigma %.4f, q %.5f, %d steps planned, delta %.2e, cap %s",
-            self.sigma, self.q, self.steps_planned, self.delta, cfg.budget_cap,
+            "privacy: joint sigma %.4f (%.4f per party, %d blocks), q %.5f, %d steps planned, "
+            "delta %.2e, cap %s", self.joint_sigma, self.sigma, self.blocks, self.q,
+            self.steps_planned, self.delta, cfg.budget_cap,
         )
 
     # ---- planning ---------------------------------------------------------------------------
 
     def allow(self, steps: int) -> int:
-        """How many of the next `steps` DP-SGD steps stay within every party's cap."""
+        """How many of the next `steps` DP-SGD steps stay within the model cap."""
         if not self.cfg.dp_sgd:
             return steps
         return int(min(steps, self.max_steps - self.spent))
+
+    def allow_releases(self, n_positions: int, *sent: np.ndarray | None) -> bool:
+        """Whether releasing `sent` keeps every silo's transcript epsilon within its cap."""
+        if not self.cfg.transcript_dp or not math.isfinite(self.cfg.transcript_cap):
+            return True
+        releases, sampled = self._counted(n_positions, *sent)
+        eps = epsilon(self.cfg.accountant, self._transcript_history(releases, sampled),
+                      self.delta, precise=False)
+        return eps <= self.cfg.transcript_cap
 
     def spend(self, steps: int) -> None:
         self.spent += steps
         self.round_steps = steps
         if self.cfg.dp_sgd:
-            self.history = add_steps(self.history, self.sigma, self.q, steps)
+            self.history = add_steps(self.history, self.joint_sigma, self.q, steps)
+            self.party_history = add_steps(self.party_history, self.sigma, self.q, steps)
 
-    def refuse(self, steps: int, allowed: int, round_: int) -> None:
+    def refuse(self, steps: int, allowed: int, round_: int, budget: str = "model") -> None:
         """Record that `steps` steps (after `allowed` granted ones) were refused because they
-        would pass the cap; the line carries the epsilon they would have reached."""
-        after = add_steps(self.history, self.sigma, self.q, allowed + steps)
-        would_be = epsilon(self.cfg.accountant, after, self.delta)
-        log.warning(
-            "privacy budget cap %.3g reached after %d steps: refusing %d more (epsilon would "
-            "be %.3g); training stops here", self.cfg.budget_cap, self.spent, steps, would_be,
-        )
-        self._write(
-            party="*", budget="model", mechanism="poisson_gaussian", event="refused",
-            noise_multiplier=self.sigma, sample_rate=self.q, steps=steps, round=round_,
-            epsilon=would_be, delta=self.delta, accountant=self.cfg.accountant,
-            cap=self.cfg.budget_cap,
-        )
+        would pass a cap; a model line carries the epsilon they would have reached."""
+        entry: dict = {"party": JOINT, "budget": budget, "mechanism": "refusal",
+                       "event": "refused", "steps": steps, "round": round_,
+                       "delta": self.delta, "accountant": self.cfg.accountant}
+        if budget == "model":
+            after = add_steps(self.history, self.joint_sigma, self.q, allowed + steps)
+            entry.update(epsilon=epsilon(self.cfg.accountant, after, self.delta),
+                         cap=self.cfg.budget_cap, population="train")
+        else:
+            entry.update(epsilon=None, cap=self.cfg.transcript_cap)
+        log.warning("privacy budget cap (%s) reached after %d steps: refusing %d more; "
+                    "training stops here", budget, self.spent, steps)
+        self._write(**entry)
 
     # ---- recording ----------------------------------------------------------------------------
 
-    def record_labels(self) -> None:
+    def record_start(self) -> None:
+        """The mechanisms before training: each party's preparation statistics, label DP."""
+        history: History = []
+        for party in self.parties:
+            history = add_steps(history, STATISTICS_NOISE_MULTIPLIER, 1.0, 1)
+            self._write(
+                party=party, budget="model", population="all", mechanism="gaussian",
+                purpose="preparation statistics" if party != AUTHORITY else "prior",
+                noise_multiplier=STATISTICS_NOISE_MULTIPLIER, sample_rate=1.0, steps=1, round=0,
+                epsilon=epsilon(self.cfg.accountant, history, self.delta), delta=self.delta,
+                accountant=self.cfg.accountant,
+            )
         if self.cfg.label_dp:
             self._write(
                 party=AUTHORITY, budget="label", mechanism="randomized_response",
@@ -117,72 +188,107 @@ class PrivacyPlan:
             )
 
     def record_round(self, round_: int, reported: dict[str, History], final: bool = False) -> None:
-        """Check each silo's accountant against the plan and log the round's spend.
+        """Check each silo's accountant against the plan and log the round's joint spend.
 
         Intermediate lines carry Opacus's default-precision bound (an upper bound within 0.01);
         the final round's line is computed to 0.5 %, as are the reported metrics."""
         if not self.cfg.dp_sgd:
             return
-        mine = [tuple(h) for h in self.history]
+        mine = [tuple(h) for h in self.party_history]
         for silo, hist in reported.items():
             if [tuple(h) for h in hist] != mine:
                 raise FederationError(
                     f"silo {silo!r} accounted {sum(h[2] for h in hist)} DP-SGD steps, the "
                     f"authority planned {self.spent}; its accountant is out of step"
                 )
-        steps, history = self.round_steps, list(mine)
+        steps, history = self.round_steps, list(self.history)
         self._pending.append(self._pool.submit(self._log_round, round_, steps, history, final))
 
     def _log_round(self, round_: int, steps: int, history: History, final: bool) -> None:
-        eps = epsilon(self.cfg.accountant, history, self.delta, precise=final)
-        for party in self.parties:
-            self._write(
-                party=party, budget="model", mechanism="poisson_gaussian",
-                noise_multiplier=self.sigma, sample_rate=self.q, steps=steps, round=round_,
-                epsilon=eps, delta=self.delta, accountant=self.cfg.accountant,
-            )
+        self._write(
+            party=JOINT, budget="model", population="train",
+            mechanism="joint_poisson_gaussian",
+            blocks=[{"party": p, "noise_multiplier": self.sigma,
+                     "clip": self.cfg.max_grad_norm} for p in self.parties],
+            noise_multiplier=self.joint_sigma, sample_rate=self.q, steps=steps, round=round_,
+            epsilon=epsilon(self.cfg.accountant, history, self.delta, precise=final),
+            delta=self.delta, accountant=self.cfg.accountant,
+        )
+
+    def record_calibration(self, round_: int) -> None:
+        """The authority's DP calibration on validation people (server/scoring.py)."""
+        if not self.cfg.dp_sgd:
+            return
+        self.calibration_history = add_steps(self.statistics, self.calibration_sigma, 1.0,
+                                             CALIBRATION_STEPS)
+        self._write(
+            party=AUTHORITY, budget="model", population="val", mechanism="gaussian",
+            purpose="calibration", noise_multiplier=self.calibration_sigma, sample_rate=1.0,
+            steps=CALIBRATION_STEPS, round=round_,
+            epsilon=epsilon(self.cfg.accountant, self.calibration_history, self.delta),
+            delta=self.delta, accountant=self.cfg.accountant,
+        )
 
     def after_ledger(self, job) -> None:
         """Run `job` once every ledger line recorded so far is written (for checkpoints)."""
         self._pending.append(self._pool.submit(job))
 
-    def restore(self, history: History, spent: int, round_steps: int,
-                releases: np.ndarray | None = None) -> None:
-        self.history = [tuple(h) for h in history]
-        self.spent, self.round_steps = spent, round_steps
+    def restore(self, spent: int, round_steps: int, releases: np.ndarray | None = None,
+                sampled: np.ndarray | None = None) -> None:
+        self.spent, self.round_steps = 0, 0
+        self.history, self.party_history = list(self.statistics), []
+        self.spend(spent)
+        self.round_steps = round_steps
         if releases is not None and len(releases):
             self.releases = releases.astype(np.int64)
-            worst = int(self.releases.max())
-            self.transcript_history = add_steps([], self.cfg.transcript_sigma, 1.0, worst)
+        if sampled is not None and len(sampled):
+            self.sampled = sampled.astype(np.int64)
 
-    def record_releases(self, round_: int, n_positions: int, *sent: np.ndarray | None) -> None:
-        """Count the contributions a round released; log the transcript budget's spend."""
-        if not self.cfg.transcript_dp:
-            return
-        if len(self.releases) != n_positions:
-            self.releases = np.zeros(n_positions, dtype=np.int64)
-        before = int(self.releases.max(initial=0))
+    def _counted(self, n_positions: int, *sent: np.ndarray | None,
+                 plan: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        releases = self.releases if len(self.releases) == n_positions \
+            else np.zeros(n_positions, dtype=np.int64)
+        sampled = self.sampled if len(self.sampled) == n_positions \
+            else np.zeros(n_positions, dtype=np.int64)
+        releases, sampled = releases.copy(), sampled.copy()
         for positions in sent:
             if positions is not None and len(positions):
-                self.releases += np.bincount(positions, minlength=n_positions)
-        added = int(self.releases.max(initial=0)) - before
-        if added == 0:
-            return
-        self.transcript_history = add_steps(
-            self.transcript_history, self.cfg.transcript_sigma, 1.0, added
-        )
-        history = list(self.transcript_history)
-        self._pending.append(self._pool.submit(self._log_transcript, round_, added, history))
+                releases += np.bincount(positions, minlength=n_positions)
+        if plan is not None and len(plan):
+            sampled += np.bincount(plan, minlength=n_positions)
+        return releases, sampled
 
-    def _log_transcript(self, round_: int, steps: int, history: History) -> None:
-        eps = epsilon(self.cfg.accountant, history, self.delta)
+    def _transcript_history(self, releases: np.ndarray, sampled: np.ndarray) -> History:
+        """What the authority sees of one person, composed without amplification: the noised
+        contributions released for the worst-off person, and every DP-SGD step of a silo's
+        model that person was in (the model channel: later contributions depend on it)."""
+        history = add_steps([], self.cfg.transcript_sigma, 1.0, int(releases.max(initial=0)))
+        return add_steps(history, self.sigma, 1.0, int(sampled.max(initial=0)))
+
+    def record_releases(self, round_: int, n_positions: int, plan: np.ndarray | None,
+                        *sent: np.ndarray | None) -> None:
+        """Count the contributions a round released (plan and evaluation positions) and the
+        people sampled into its batches; log the transcript budget's spend."""
+        if not self.cfg.transcript_dp:
+            return
+        self.releases, self.sampled = self._counted(n_positions, plan, *sent, plan=plan)
+        history = self._transcript_history(self.releases, self.sampled)
+        self._pending.append(self._pool.submit(self._log_transcript, round_, history))
+
+    def _log_transcript(self, round_: int, history: History) -> None:
+        eps = self._transcript_epsilon(history)
         for silo in self.silos:
             self._write(
                 party=silo, budget="transcript", mechanism="gaussian",
-                noise_multiplier=self.cfg.transcript_sigma, sample_rate=1.0, steps=steps,
-                round=round_, epsilon=eps, delta=self.delta, accountant=self.cfg.accountant,
-                clip=self.cfg.transcript_clip,
+                history=[list(h) for h in history], round=round_,
+                steps=sum(h[2] for h in history), epsilon=eps, delta=self.delta,
+                accountant=self.cfg.accountant, clip=self.cfg.transcript_clip,
             )
+
+    def _transcript_epsilon(self, history: History) -> float | None:
+        if not self.cfg.dp_sgd:
+            return None  # the model channel is not protected: no finite bound
+        return epsilon(self.cfg.accountant, history, self.delta)
 
     def _write(self, **entry: object) -> None:
         if self.ledger is not None:
@@ -202,26 +308,48 @@ class PrivacyPlan:
 
     def summary(self) -> dict:
         self.flush()
-        model_eps = (
-            epsilon(self.cfg.accountant, self.history, self.delta) if self.cfg.dp_sgd else None
-        )
-        transcript_eps = (
-            epsilon(self.cfg.accountant, self.transcript_history, self.delta)
-            if self.cfg.transcript_dp else None
-        )
+        dp = self.cfg.dp_sgd
+        train_eps = epsilon(self.cfg.accountant, self.history, self.delta) if dp else None
+        val_eps = (epsilon(self.cfg.accountant, self.calibration_history, self.delta)
+                   if dp and self.calibration_history else 0.0)
+        per_party = epsilon(self.cfg.accountant, self.party_history, self.delta) if dp else None
+        transcript = (self._transcript_epsilon(self._transcript_history(self.releases,
+                                                                        self.sampled))
+                      if self.cfg.transcript_dp else None)
         return {
             "epsilon": {
-                "model": dict.fromkeys(self.parties, model_eps),
+                # The headline: the combined released model, for every person (training people
+                # through DP-SGD, validation people through the calibration).
+                "model": max(train_eps, val_eps or 0.0) if dp else None,
+                "model_by_population": {"train": train_eps, "val": val_eps} if dp else None,
+                "model_per_party": {"note": PER_PARTY_NOTE,
+                                    **dict.fromkeys(self.parties, per_party)} if dp else None,
                 "label": self.cfg.label_epsilon if self.cfg.label_dp else None,
-                "transcript": dict.fromkeys(self.silos, transcript_eps),
+                "transcript": dict.fromkeys(self.silos, transcript) if self.cfg.transcript_dp
+                else None,
             },
             "delta": self.delta,
             "accountant": self.cfg.accountant,
             "noise_multiplier": self.sigma,
+            "joint_noise_multiplier": self.joint_sigma,
+            "blocks": self.blocks,
+            "statistics_noise_multiplier": STATISTICS_NOISE_MULTIPLIER,
+            "calibration_noise_multiplier": self.calibration_sigma,
             "sample_rate": self.q,
             "max_grad_norm": self.cfg.max_grad_norm,
             "steps": self.spent,
             "steps_planned": self.steps_planned,
             "label_flip_probability": self.rho,
             "transcript_releases_max": int(self.releases.max(initial=0)),
+            "transcript_sampled_max": int(self.sampled.max(initial=0)),
         }
+
+
+def model_epsilon(metrics: dict) -> float | None:
+    """The headline eps_model of a run's metrics: the combined model's (vertical), or the
+    largest region's (horizontal, a dict per region); None without DP."""
+    value = (metrics.get("epsilon") or {}).get("model")
+    if isinstance(value, dict):
+        spent = [v for k, v in value.items() if k != "note" and v is not None]
+        return max(spent) if spent else None
+    return value

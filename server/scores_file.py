@@ -9,9 +9,11 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from crypto.at_rest import AtRestError, Keystore, read_encrypted, write_encrypted
+from crypto.private_files import write_private
 
 PEPPER_FILE = "pepper.key"
 SCORES_FILE = "scores.parquet"
@@ -34,14 +36,53 @@ def write_scores(out_dir: Path, scores: pd.DataFrame, store: Keystore | None, ru
     (out_dir / "run_key.txt").write_text(run_key + "\n")
 
 
-def read_scores(out_dir: Path, keystore: str | Path | None) -> pd.DataFrame:
+def read_scores(out_dir: Path, keystore: str | Path | None, with_split: bool = False
+                ) -> pd.DataFrame:
     """The scores a run wrote, decrypting them with the keystore at `keystore` when they are
-    encrypted."""
+    encrypted. `with_split` adds the authority's private split per position (the experiment
+    layer's evaluation; the published scores carry none)."""
     encrypted = out_dir / f"{SCORES_FILE}.enc"
     if not encrypted.exists():
-        return pd.read_parquet(out_dir / SCORES_FILE)
+        scores = pd.read_parquet(out_dir / SCORES_FILE)
+    else:
+        data = _read_private(out_dir, keystore, f"{SCORES_FILE}.enc", scores_context)
+        scores = pd.read_parquet(io.BytesIO(data))
+    if with_split:
+        scores["split"] = read_split(out_dir, keystore)
+    return scores
+
+
+# The authority's private record of who was trained, validated and tested. Not a release: the
+# split is drawn from the authority's secret randomness and never shown to silos or in scores.
+SPLIT_FILE = "split.npy"
+
+
+def split_context(run_key: str) -> bytes:
+    return f"fedscore/{run_key}/authority/{SPLIT_FILE}".encode()
+
+
+def write_split(out_dir: Path, names: np.ndarray, store: Keystore | None, run_key: str) -> None:
+    buf = io.BytesIO()
+    np.save(buf, names.astype(np.int8), allow_pickle=False)
+    if store is None:
+        write_private(out_dir / SPLIT_FILE, buf.getvalue())
+        return
+    write_encrypted(store, out_dir / f"{SPLIT_FILE}.enc", buf.getvalue(), split_context(run_key))
+
+
+def read_split(out_dir: Path, keystore: str | Path | None) -> pd.Categorical:
+    """The split name per position ("train", "val", "test")."""
+    if (out_dir / SPLIT_FILE).exists():
+        data = (out_dir / SPLIT_FILE).read_bytes()
+    else:
+        data = _read_private(out_dir, keystore, f"{SPLIT_FILE}.enc", split_context)
+    codes = np.load(io.BytesIO(data), allow_pickle=False)
+    return pd.Categorical.from_codes(codes, ("train", "val", "test"))
+
+
+def _read_private(out_dir: Path, keystore: str | Path | None, name: str, context) -> bytes:
+    encrypted = out_dir / name
     if not keystore:
         raise AtRestError(f"{encrypted} is encrypted; give the keystore it was written with")
     run_key = (out_dir / "run_key.txt").read_text().strip()
-    data = read_encrypted(Keystore(Path(keystore)), encrypted, scores_context(run_key))
-    return pd.read_parquet(io.BytesIO(data))
+    return read_encrypted(Keystore(Path(keystore)), encrypted, context(run_key))

@@ -95,8 +95,36 @@ class Platt:
                 break
         return cls(float(w[0] / sd), float(w[1] - w[0] * mu / sd))
 
+    @classmethod
+    def fit_private(cls, z: np.ndarray, y: np.ndarray, *, noise_multiplier: float, steps: int,
+                    expected_n: float, rng: np.random.Generator) -> Platt:
+        """Differentially private fit: `steps` full-batch gradient steps on the logistic loss,
+        each gradient sum noised with N(0, (noise_multiplier * sqrt 2)^2) per coordinate.
+
+        Nothing about the data is used unnoised: the logit is mapped to x = clip((z + 3) / 3,
+        -1, 1) by declared constants, so each person's gradient (p - y) * (x, 1) has norm at
+        most sqrt 2 (no clipping needed), and the step divides by `expected_n`, a public count.
+        Starts at the identity (a = 1, b = 0): the model's logits are already probabilities.
+        """
+        x = np.clip((np.asarray(z, dtype=np.float64) - CALIBRATION_CENTRE) / CALIBRATION_SCALE,
+                    -1.0, 1.0)
+        X = np.column_stack([x, np.ones_like(x)])
+        y = np.asarray(y, dtype=np.float64)
+        w = np.array([CALIBRATION_SCALE, CALIBRATION_CENTRE])
+        std = noise_multiplier * np.sqrt(2.0)
+        for _ in range(steps):
+            grad = X.T @ (_sigmoid(X @ w) - y) + rng.normal(0.0, std, size=2)
+            w -= CALIBRATION_LR * grad / max(expected_n, 1.0)
+        a = w[0] / CALIBRATION_SCALE
+        return cls(float(a), float(w[1] - a * CALIBRATION_CENTRE))
+
     def __call__(self, z: np.ndarray) -> np.ndarray:
         return _sigmoid(self.a * np.asarray(z, dtype=np.float64) + self.b)
+
+
+# Declared constants of the private calibration: typical credit logits lie in [-6, 0].
+CALIBRATION_CENTRE, CALIBRATION_SCALE = -3.0, 3.0
+CALIBRATION_LR = 4.0  # below 2 / (largest curvature 0.5) for inputs in [-1, 1]
 
 
 def contribution_points(summary: dict[str, float], calibration: Platt, cfg: ScoreConfig

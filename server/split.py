@@ -1,5 +1,11 @@
-"""Train / validation / test split of the aligned rows, stratified by label, decided by the
-authority alone (it holds the labels)."""
+"""Train / validation / test split of the aligned positions, decided by the authority alone.
+
+Each person is assigned independently (train with probability split.train, validation with
+split.val, else test) from the authority's secret randomness. Not stratified: a split drawn
+from the labels would tell anyone who sees which positions are trained on something about the
+labels (silos see the batch plans). Independent assignment also keeps the privacy analysis
+simple: adding or removing one person changes no one else's assignment.
+"""
 
 from __future__ import annotations
 
@@ -28,24 +34,25 @@ class Split:
         out[self.train], out[self.val], out[self.test] = 0, 1, 2
         return out
 
+    @classmethod
+    def from_labels(cls, names: np.ndarray) -> Split:
+        return cls(*(np.flatnonzero(names == i) for i in range(3)))
+
 
 SPLIT_NAMES = ("train", "val", "test")
 
 
-def stratified_split(y: np.ndarray, cfg: SplitConfig, seed: int) -> Split:
-    rng = np.random.default_rng([seed, 0x5917])
-    parts: list[list[np.ndarray]] = [[], [], []]
-    for cls in (0, 1):
-        idx = rng.permutation(np.flatnonzero(y == cls))
-        n_train = round(cfg.train * len(idx))
-        n_val = round(cfg.val * len(idx))
-        cuts = np.split(idx, [n_train, n_train + n_val])
-        for part, chunk in zip(parts, cuts, strict=True):
-            if len(chunk) < MIN_PER_CLASS:
+def random_split(y: np.ndarray, cfg: SplitConfig, rng: np.random.Generator) -> Split:
+    """Independent assignment per person from `rng` (the authority's secret stream). The labels
+    are only checked, after the draw, for enough people of each class in every part."""
+    u = rng.random(len(y))
+    names = np.where(u < cfg.train, 0, np.where(u < cfg.train + cfg.val, 1, 2)).astype(np.int8)
+    split = Split.from_labels(names)
+    for part, name in zip((split.train, split.val, split.test), SPLIT_NAMES, strict=True):
+        for cls in (0, 1):
+            if int((y[part] == cls).sum()) < MIN_PER_CLASS:
                 raise SplitError(
-                    f"only {len(idx)} aligned people with label {cls}: each split needs at "
-                    f"least {MIN_PER_CLASS} of each class; raise --users (or the default rate)"
+                    f"fewer than {MIN_PER_CLASS} aligned people with label {cls} in the {name} "
+                    "split; raise --users (or the default rate), or enlarge that split"
                 )
-            part.append(chunk)
-    train, val, test = (np.sort(np.concatenate(p)) for p in parts)
-    return Split(train=train, val=val, test=test)
+    return split

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from clients.model import ModelSpec, hidden_layers, load_state_bytes, make_private, state_bytes
+from crypto.secret_random import SecretRandom
 from server.label_dp import corrected_gradient
 
 # Separates the head's initialisation from the silos' (their salts are 1..K).
@@ -58,29 +59,40 @@ def build_head(silos: int, spec: ModelSpec, top_hidden: tuple[int, ...], prior: 
 class _Head:
     """Shared optimiser, DP wrapping and checkpointing of either head."""
 
-    def __init__(self, module: nn.Module, spec: ModelSpec, rho: float) -> None:
+    def __init__(self, module: nn.Module, spec: ModelSpec, rho: float, random: SecretRandom,
+                 run_key: str) -> None:
         self.rho = rho
         self.base = module
         self.dp = spec.dp
-        self.generator = torch.Generator().manual_seed(spec.seed * 7_919)
+        self.random, self.run_key = random, run_key
+        self.steps = 0  # DP-SGD steps taken: step t's noise is the stream (run, t)
         opt = torch.optim.Adam(module.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
         if spec.dp:
-            self.module, self.opt = make_private(module, opt, spec, self.generator)
+            self.module, self.opt = make_private(
+                module, opt, noise_multiplier=spec.noise_multiplier,
+                max_grad_norm=spec.max_grad_norm, expected_batch=spec.expected_batch)
         else:
             self.module, self.opt = module, opt
 
     def to_bytes(self) -> bytes:
-        return state_bytes(self.base, self.opt, self.generator)
+        return state_bytes(self.base, self.opt, steps=self.steps)
 
     def load_bytes(self, blob: bytes) -> None:
-        load_state_bytes(blob, self.base, self.opt, self.generator)
+        self.steps = int(load_state_bytes(blob, self.base, self.opt).get("steps", 0))
+
+    def _step(self) -> None:
+        """One optimiser step; under DP its noise comes from the authority's secret stream."""
+        if self.dp:
+            self.opt.noise_rng = self.random.generator("head-noise", self.run_key, self.steps)
+            self.steps += 1
+        self.opt.step()
 
     def _empty_step(self) -> None:
         """A Poisson batch can be empty: under DP the noisy step still happens and counts."""
         if self.dp:
             for p in self.base.parameters():
                 p.grad_sample = torch.zeros((0, *p.shape))
-            self.opt.step()
+            self._step()
 
     def _loss_grad(self, z: np.ndarray, y: np.ndarray) -> np.ndarray:
         """d mean-loss / d z under the (possibly randomised) labels."""
@@ -90,11 +102,12 @@ class _Head:
 class BiasHead(_Head):
     """`sum` mode: z = b + sum_k g_k; `inputs` is the decoded sum, one value per row."""
 
-    def __init__(self, prior: float, spec: ModelSpec, rho: float) -> None:
+    def __init__(self, prior: float, spec: ModelSpec, rho: float, random: SecretRandom,
+                 run_key: str) -> None:
         linear = nn.Linear(1, 1, bias=False)  # b = weight * 1, so Opacus can wrap it
         with torch.no_grad():
             linear.weight.fill_(prior_logit(prior))
-        super().__init__(linear, spec, rho)
+        super().__init__(linear, spec, rho, random, run_key)
 
     @property
     def bias(self) -> float:
@@ -115,7 +128,7 @@ class BiasHead(_Head):
             if size:
                 self.opt.zero_grad(set_to_none=True)
                 self.module(torch.ones(size, 1)).squeeze(-1).backward(torch.from_numpy(g))
-                self.opt.step()
+                self._step()
             else:
                 self._empty_step()
             start = stop
@@ -126,8 +139,8 @@ class MlpHead(_Head):
     """`concat` mode: z = MLP([e_1, ..., e_K]); `inputs` holds the embeddings side by side."""
 
     def __init__(self, prior: float, spec: ModelSpec, rho: float, silos: int,
-                 top_hidden: tuple[int, ...]) -> None:
-        super().__init__(build_head(silos, spec, top_hidden, prior), spec, rho)
+                 top_hidden: tuple[int, ...], random: SecretRandom, run_key: str) -> None:
+        super().__init__(build_head(silos, spec, top_hidden, prior), spec, rho, random, run_key)
 
     @property
     def bias(self) -> float:
@@ -153,7 +166,7 @@ class MlpHead(_Head):
                 g = self._loss_grad(z.detach().numpy().astype(np.float64), y[start:stop])
                 z.backward(torch.from_numpy(g))
                 grads[start:stop] = e.grad.numpy()
-                self.opt.step()
+                self._step()
             else:
                 self._empty_step()
             start = stop

@@ -33,6 +33,7 @@ from clients import messages as m
 from clients.accounting import History
 from clients.model import ModelSpec
 from crypto.masking import decode, ring_sum
+from crypto.secret_random import SecretRandom
 from server.checkpoint import TrainState
 from server.config import TrainConfig
 from server.explanations import Explained, parse
@@ -62,15 +63,15 @@ class TrainResult:
 
 
 def batch_plan(
-    train: np.ndarray, batch_size: int, epoch: int, seed: int, poisson: bool = False
+    train: np.ndarray, batch_size: int, rng: np.random.Generator, poisson: bool = False
 ) -> list[np.ndarray]:
-    """One epoch of mini-batches over the training positions.
+    """One epoch of mini-batches over the training positions, drawn from `rng` (the
+    authority's secret stream for that epoch: nobody else can predict who is sampled).
 
     Without DP: a shuffled partition. With DP: round(1/q) Poisson samples, q = batch / N, drawn
     as a Binomial size and then a uniform subset of that size (the same distribution as
     independent coin flips per row, without materialising N coins per step).
     """
-    rng = np.random.default_rng([seed, 0xBA7C, epoch])
     if not poisson:
         order = rng.permutation(train)
         return np.array_split(order, max(1, int(np.ceil(len(order) / batch_size))))
@@ -169,23 +170,34 @@ def train(
     mode: str = "sum",
     top_hidden: tuple[int, ...] = (16,),
     explain: int = 0,
+    random: SecretRandom | None = None,
+    run_key: str = "",
+    prior: float = 0.5,
 ) -> TrainResult:
     """Train from `state` (a fresh start when None); `on_round` receives the state after every
     round trip, for checkpoints. `y_train_view` holds the labels the gradients may see
-    (randomised under label DP), `y` the authority's clean labels for validation."""
-    prior = float(y_train_view[train_pos].mean())
+    (randomised under label DP), `y` the authority's clean labels for validation. Batch plans
+    and the head's DP noise come from `random`, the authority's secret streams for `run_key`;
+    `prior` (a DP estimate of the default rate) starts the bias."""
+    if random is None:
+        raise ValueError("training needs the authority's secret randomness")
     concat = mode == "concat"
     head: BiasHead | MlpHead = (
-        MlpHead(prior, spec, privacy.rho, len(fed.silos), top_hidden) if concat
-        else BiasHead(prior, spec, privacy.rho)
+        MlpHead(prior, spec, privacy.rho, len(fed.silos), top_hidden, random, run_key)
+        if concat else BiasHead(prior, spec, privacy.rho, random, run_key)
     )
     if state is None:
         state = TrainState(silo_seconds=dict.fromkeys(fed.silos, 0.0))
     else:
         head.load_bytes(state.top)
     poisson = spec.dp
-    schedule = chunk_schedule(len(batch_plan(train_pos, cfg.batch_size, 0, spec.seed, poisson)),
-                              cfg)
+
+    def plan_of(epoch: int) -> list[np.ndarray]:
+        return batch_plan(train_pos, cfg.batch_size, random.generator("plan", run_key, epoch),
+                          poisson)
+
+    schedule = chunk_schedule(len(plan_of(0)), cfg)
+    everyone = np.arange(n_positions, dtype=np.int64)
     epoch_batches: dict[int, list[np.ndarray]] = {}
     t0 = time.perf_counter()
 
@@ -221,8 +233,7 @@ def train(
             break
         epoch, first, end = schedule[index]
         if epoch not in epoch_batches:
-            epoch_batches = {epoch: batch_plan(train_pos, cfg.batch_size, epoch, spec.seed,
-                                               poisson)}
+            epoch_batches = {epoch: plan_of(epoch)}
         chunk = epoch_batches[epoch][first:end]
         allowed = privacy.allow(len(chunk))
         if allowed < len(chunk):
@@ -231,12 +242,18 @@ def train(
             chunk = chunk[:allowed]
             if not chunk:
                 break
-        evaluate = epoch > 0 and first == 0  # validation after the previous epoch
+        # Validation after the previous epoch. Silos compute contributions for EVERY aligned
+        # person, so they never learn who is validated or tested.
+        evaluate = epoch > 0 and first == 0
         plan = np.concatenate(chunk).astype(np.int64)
         sizes = [len(b) for b in chunk]
-        replies = send(plan, val_pos if evaluate else None)
+        if not privacy.allow_releases(n_positions, plan, everyone if evaluate else None):
+            privacy.refuse(len(sizes), 0, state.trip + 1, budget="transcript")
+            state.stopped_by_cap = True
+            break
+        replies = send(plan, everyone if evaluate else None)
         if evaluate:
-            z_val = head.logits(inputs(replies, "eval", len(val_pos)))
+            z_val = head.logits(inputs(replies, "eval", n_positions))[val_pos]
             state.history.append(_history_row(z_val, y[val_pos], epoch - 1, t0))
         grads = head.gradients(inputs(replies, "plan", len(plan)),
                                y_train_view[plan].astype(np.float64), sizes)
@@ -248,14 +265,13 @@ def train(
         state.next_chunk = index + 1
         if on_round:
             state.top = head.to_bytes()
-            state.privacy_history = [list(h) for h in privacy.history]
             state.privacy_spent, state.privacy_round_steps = privacy.spent, privacy.round_steps
             state.transcript_releases = privacy.releases.copy()
+            state.transcript_sampled = privacy.sampled.copy()
             on_round(state)
         if progress:
             progress("train", index + 1, len(schedule), epoch=epoch + 1)
     # Apply the last chunk and read every position's contribution at the final weights.
-    everyone = np.arange(n_positions, dtype=np.int64)
     # In sum mode each silo also reports five aggregates of its contributions (for the report's
     # per-silo points); not under transcript DP, whose releases are all noised.
     replies = send(None, everyone, summary=not concat and spec.transcript_sigma == 0,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -22,14 +23,13 @@ from multiprocessing.shared_memory import SharedMemory
 import numpy as np
 import pandas as pd
 import torch
-from opacus import GradSampleModule
-from opacus.optimizers import DPOptimizer
 
-from clients.model import ModelSpec, build
+from clients.model import ModelSpec, build, make_private
 from clients.schema import AUTHORITY, federation_silos, silo_salt
 from clients.silo_data import load_silo
 from crypto.at_rest import Keystore
 from crypto.identity import keyed_refs
+from crypto.secret_random import SecretRandom
 from server.config import AuthorityConfig
 from server.labels import load_labels
 from server.metrics import summary
@@ -115,9 +115,11 @@ def train_central(
 ) -> BaselineResult:
     """Train the summed bottom models of `silos` jointly; metrics on the test positions.
 
-    With `noise_multiplier` > 0 this is central DP-SGD (Opacus) with the federated run's
-    Poisson batch plan, clipping bound and noise: one clip over each person's whole gradient,
-    where the federation clips each party's part separately.
+    With `noise_multiplier` > 0 this is central DP-SGD (Opacus) at the federated run's
+    combined epsilon: pass the run's JOINT noise multiplier; one clip over each person's whole
+    gradient, where the federation clips each party's part separately and noises each at
+    sqrt(K) times the joint multiplier. A simulation-only reference: its batch plans come from
+    the public seed (no party runs it), its noise from a fresh secret.
     """
     t0 = time.perf_counter()
     concat = cfg.aggregation.mode == "concat"
@@ -140,12 +142,11 @@ def train_central(
     module: torch.nn.Module = model
     if dp:
         q = min(1.0, cfg.train.batch_size / len(train))
-        module = GradSampleModule(model, loss_reduction="mean")
-        opt = DPOptimizer(opt, noise_multiplier=noise_multiplier,
-                          max_grad_norm=cfg.privacy.max_grad_norm,
-                          expected_batch_size=max(1, round(q * len(train))),
-                          loss_reduction="mean",
-                          generator=torch.Generator().manual_seed(cfg.seed * 7_919))
+        module, opt = make_private(model, opt, noise_multiplier=noise_multiplier,
+                                   max_grad_norm=cfg.privacy.max_grad_norm,
+                                   expected_batch=max(1, round(q * len(train))))
+    noise = SecretRandom(secrets.token_bytes(32))
+    steps = 0
     loss_fn = torch.nn.BCEWithLogitsLoss()
 
     def logits(idx: np.ndarray, net: torch.nn.Module) -> torch.Tensor:
@@ -154,13 +155,17 @@ def train_central(
     history = []
     for epoch in range(cfg.train.epochs):
         module.train()
-        for batch in batch_plan(train, cfg.train.batch_size, epoch, cfg.seed, poisson=dp):
+        plans = np.random.default_rng([cfg.seed, 0xBA7C, epoch])
+        for batch in batch_plan(train, cfg.train.batch_size, plans, poisson=dp):
             opt.zero_grad(set_to_none=True)
             if len(batch):
                 loss_fn(logits(batch, module), y[batch]).backward()
             elif dp:
                 for p in model.parameters():
                     p.grad_sample = torch.zeros((0, *p.shape))
+            if dp:
+                opt.noise_rng = noise.generator("baseline-noise", steps)  # type: ignore[attr-defined]
+                steps += 1
             opt.step()
         with torch.no_grad():
             z_val = logits(val, model).numpy()

@@ -35,6 +35,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from server.privacy import model_epsilon
 from simulations import cli_people
 from simulations.engine import configure_environment, quiet_engine_logs
 
@@ -228,23 +229,49 @@ def _data_source(data: str, users: int | None) -> str:
     return data if data == "uci" else str(Path(data).resolve())
 
 
+def privacy_rows(metrics: dict) -> list[tuple[str, str]]:
+    """Each budget with whom it protects against, in words (docs/threat-model.md)."""
+    eps = metrics.get("epsilon") or {}
+    model = model_epsilon(metrics)
+    rows = [(
+        "eps_model: the combined model, its scores, reasons and metrics, against anyone who "
+        "receives them",
+        "OFF: no protection" if model is None else f"{model:.3f}")]
+    label = eps.get("label")
+    rows.append((
+        "eps_label: the training labels, against each silo",
+        "OFF: every silo reads the training labels from its gradients" if label is None
+        else f"{label:g}"))
+    transcript = eps.get("transcript")
+    values = list((transcript or {}).values())
+    rows.append((
+        "eps_transcript: a person's contributions, against the authority",
+        "off: the authority sees each person's summed contribution exactly" if not transcript
+        else ("unbounded (no DP-SGD)" if None in values else f"{max(values):.3f}")))
+    return rows
+
+
 def _print_summary(metrics: dict, out_dir: Path, parties: Path) -> None:
     table = Table(title="fedscore run", show_header=True)
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for key in ("auc", "ks", "gini", "brier", "oracle_auc", "baseline_central_auc",
-                "baseline_central_dp_auc", "baseline_best_silo_auc"):
+    for key in ("auc", "ks", "gini", "brier"):
         if metrics.get(key) is not None:
             table.add_row(key, f"{metrics[key]:.4f}")
-    eps = metrics["epsilon"]
-    model_eps = set(eps["model"].values())
-    table.add_row("epsilon (model, per party)",
-                  "off" if model_eps == {None} else ", ".join(f"{v:.3f}" for v in model_eps))
-    table.add_row("epsilon (labels)", "off" if eps["label"] is None else f"{eps['label']:g}")
-    audit = metrics.get("audit")
-    if audit:
-        table.add_row("audit: empirical epsilon >=",
+    for row in privacy_rows(metrics):
+        table.add_row(*row)
+    audit = metrics.get("audit") or {}
+    canary = audit.get("canary")
+    if canary:
+        table.add_row("audit: one-run canary lower bound on eps_model",
+                      f"{canary['epsilon_lower_bound']:.3f}")
+    if "epsilon_lower" in audit:
+        table.add_row("audit: loss-threshold membership attack, eps >=",
                       f"{audit['epsilon_lower']:.3f} (attack AUC {audit['attack_auc']:.3f})")
+    for key in ("oracle_auc", "baseline_central_auc", "baseline_central_dp_auc",
+                "baseline_best_silo_auc"):
+        if metrics.get(key) is not None:
+            table.add_row(f"{key} (simulation-only reference)", f"{metrics[key]:.4f}")
     table.add_row("delta", f"{metrics['delta']:.2e}")
     table.add_row("aligned people", f"{metrics['people']['aligned']:,}")
     table.add_row("tiers", ", ".join(f"{k} {v:,}" for k, v in metrics["tiers"].items()))

@@ -14,6 +14,7 @@ import dp_accounting as dpa
 from dp_accounting import pld, rdp
 
 from server import ledger
+from server.privacy import joint_multiplier
 
 TOLERANCE = {"rdp": 0.01, "prv": 0.02}
 
@@ -62,27 +63,47 @@ class Check:
 
 
 def verify(run_dir: Path) -> list[Check]:
-    """One check per (party, budget): the last cumulative epsilon against a recomputation from
-    every line's steps."""
+    """One check per budget: the last cumulative epsilon against a recomputation from every
+    line's mechanism.
+
+    eps_model is checked per population: training people (each party's preparation statistics,
+    the authority's prior, then the joint DP-SGD steps) and validation people (the same
+    statistics, then the calibration). A joint line's noise multiplier is recomputed from its
+    blocks, 1 / sqrt(sum_k 1 / sigma_k^2), not read from the line."""
+    entries = [e for e in ledger.read(run_dir) if e.get("event") != "refused"]
     checks = []
-    for (party, budget), entries in ledger.budgets(ledger.read(run_dir)):
-        spent = [e for e in entries if e.get("event") != "refused"]
-        if not spent:
+    model = [e for e in entries if e["budget"] == "model"]
+    for population in ("train", "val"):
+        mine = [e for e in model if e.get("population", "train") in ("all", population)]
+        if not any(e.get("population", "train") == population for e in mine):
             continue
-        last = spent[-1]
+        history: list[tuple[float, float, int]] = []
+        for e in mine:
+            sigma = (joint_multiplier([b["noise_multiplier"] for b in e["blocks"]])
+                     if "blocks" in e else e["noise_multiplier"])
+            _add(history, sigma, e["sample_rate"], e["steps"])
+        last = mine[-1]
+        kind = last["accountant"]
+        checks.append(Check("combined model", f"model/{population}", kind,
+                            sum(h[2] for h in history), last["epsilon"],
+                            independent_epsilon(history, last["delta"], kind)))
+    for (party, budget), lines in ledger.budgets([e for e in entries
+                                                  if e["budget"] != "model"]):
+        last = lines[-1]
         if last["mechanism"] == "randomized_response":
             checks.append(Check(party, budget, "pure", 1, last["epsilon"], last["epsilon_rr"]))
             continue
-        history: list[tuple[float, float, int]] = []
-        for e in spent:
-            sigma, q = e["noise_multiplier"], e["sample_rate"]
-            if history and history[-1][:2] == (sigma, q):
-                history[-1] = (sigma, q, history[-1][2] + e["steps"])
-            else:
-                history.append((sigma, q, e["steps"]))
+        if last.get("epsilon") is None:
+            continue  # no finite bound was claimed (transcript without DP-SGD)
+        history = [(float(s), float(q), int(n)) for s, q, n in last["history"]]
         kind = last["accountant"]
-        checks.append(
-            Check(party, budget, kind, sum(h[2] for h in history), last["epsilon"],
-                  independent_epsilon(history, last["delta"], kind))
-        )
+        checks.append(Check(party, budget, kind, sum(h[2] for h in history), last["epsilon"],
+                            independent_epsilon(history, last["delta"], kind)))
     return checks
+
+
+def _add(history: list[tuple[float, float, int]], sigma: float, q: float, steps: int) -> None:
+    if history and history[-1][:2] == (sigma, q):
+        history[-1] = (sigma, q, history[-1][2] + steps)
+    else:
+        history.append((sigma, q, steps))

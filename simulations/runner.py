@@ -31,6 +31,7 @@ from server.authority import RunResult
 from server.config import ConfigError, to_flat
 from server.labels import load_labels
 from server.metrics import auc
+from server.privacy import model_epsilon
 from server.scores_file import read_scores
 from server.server_app import make_cells_app, make_server_app
 from simulations.audit import membership_audit, per_example_loss
@@ -45,8 +46,9 @@ from simulations.real_data import import_parties, resolve_mapping
 log = logging.getLogger(__name__)
 
 Progress = Callable[..., None]
-PRIVACY_KEYS = ("epsilon", "delta", "accountant", "noise_multiplier", "sample_rate",
-                "max_grad_norm", "training_steps", "stopped_by_budget_cap")
+PRIVACY_KEYS = ("epsilon", "delta", "accountant", "noise_multiplier", "joint_noise_multiplier",
+                "blocks", "statistics_noise_multiplier", "calibration_noise_multiplier",
+                "sample_rate", "max_grad_norm", "training_steps", "stopped_by_budget_cap")
 
 
 class RunDirError(FileExistsError):
@@ -317,10 +319,11 @@ def finish_run(run: Run, federation_seconds: float) -> dict:
     seconds["engine"] = round(federation_seconds - sum(authority["seconds"].values()), 3)
     store = keystore_of(cfg, parties)
 
-    scores = read_scores(run.out_dir, store.path if store else None)
+    scores = read_scores(run.out_dir, store.path if store else None, with_split=True)
     ref_hash = authority["subject_ref"].removeprefix("hmac-")
     joined = timer("join", join_parties, parties, scores, ref_hash, store)
-    sigma = authority["noise_multiplier"]
+    # Every DP baseline at the run's COMBINED epsilon: the joint noise multiplier.
+    sigma = authority.get("joint_noise_multiplier", authority["noise_multiplier"])
     silos = federation_silos(parties.root)
     jobs = [BaselineJob("central", silos)]
     if sigma > 0:
@@ -396,8 +399,7 @@ def _audit(joined: JoinedData, scores: pd.DataFrame, authority: dict) -> dict:
         return loss[rows[scored[rows]]]
 
     result = membership_audit(released("train"), released("test"), authority["delta"])
-    model_eps = [v for v in authority["epsilon"]["model"].values() if v is not None]
-    return {**result.to_dict(), "accounted_epsilon": max(model_eps) if model_eps else None}
+    return {**result.to_dict(), "accounted_epsilon": model_epsilon(authority)}
 
 
 def _oracle_auc(parties: Parties, ids: np.ndarray, y: np.ndarray, store: Keystore | None

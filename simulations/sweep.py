@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from server.privacy import model_epsilon
 from simulations.config import ExperimentConfig, make_config
 
 log = logging.getLogger(__name__)
@@ -174,8 +175,7 @@ def cell_row(out: Path, cell: Cell, status: str = "done", error: str = "") -> di
         metrics = json.loads(path.read_text())
         row["auc"] = metrics["auc"]
         row.update({col: metrics.get(key) for col, key in BASELINES.items()})
-        model_eps = [v for v in metrics["epsilon"]["model"].values() if v is not None]
-        row["eps_model"] = max(model_eps) if model_eps else math.inf
+        row["eps_model"] = model_epsilon(metrics) or math.inf
         row["eps_label"] = metrics["epsilon"]["label"]
         audit = metrics.get("audit") or {}
         row["audit_epsilon_lower"] = audit.get("epsilon_lower")

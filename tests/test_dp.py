@@ -8,12 +8,19 @@ import numpy as np
 import pytest
 import torch
 
+from clients.accounting import STATISTICS_NOISE_MULTIPLIER, epsilon
 from clients.model import ModelSpec, SiloTrainer
+from crypto.secret_random import SecretRandom
 from server.config import ConfigError, PrivacyConfig
 from server.label_dp import corrected_gradient, flip_probability, randomized_response
 from server.privacy import PrivacyPlan
 
 C = 1.0
+SECRET = SecretRandom(bytes(range(32)))
+
+
+def _trainer(n: int, spec: ModelSpec, salt: int, random: SecretRandom = SECRET) -> SiloTrainer:
+    return SiloTrainer(n, spec, salt, random=random, run_key="r")
 
 
 def _update(trainer: SiloTrainer, x: np.ndarray, g: np.ndarray) -> torch.Tensor:
@@ -27,11 +34,11 @@ def test_clipping_bounds_one_extreme_persons_influence():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(64, 6)).astype(np.float32)
     g = np.full(64, 1e-3, np.float32)
-    normal = _update(SiloTrainer(6, spec, 1), x, g)
+    normal = _update(_trainer(6, spec, 1), x, g)
     x_extreme, g_extreme = x.copy(), g.copy()
     x_extreme[0] *= 1e4
     g_extreme[0] = 1e4
-    extreme = _update(SiloTrainer(6, spec, 1), x_extreme, g_extreme)
+    extreme = _update(_trainer(6, spec, 1), x_extreme, g_extreme)
     # Replacing one person moves the summed gradient by at most 2C (plus the tiny noise).
     assert float((extreme - normal).norm()) <= 2 * C + 1e-3
     # Without clipping that person alone would move it by orders of magnitude more.
@@ -42,16 +49,38 @@ def test_noise_has_the_calibrated_scale():
     sigma, batch = 2.0, 50
     spec = ModelSpec(noise_multiplier=sigma, max_grad_norm=C, sample_rate=0.01,
                      expected_batch=batch)
-    trainer = SiloTrainer(6, spec, 1)
+    trainer = _trainer(6, spec, 1)
     noise = _update(trainer, np.zeros((batch, 6), np.float32), np.zeros(batch, np.float32))
     assert float(noise.std()) == pytest.approx(sigma * C / batch, rel=0.2)
 
 
+def test_dp_noise_comes_from_the_secret_not_the_seed():
+    """Same seed, same data: the same secret gives the same noise, another secret other noise,
+    and a trainer without a secret refuses to take a DP step."""
+    spec = ModelSpec(noise_multiplier=1.0, max_grad_norm=C, sample_rate=0.01, expected_batch=8,
+                     seed=7)
+    x, g = np.ones((8, 6), np.float32), np.zeros(8, np.float32)
+    same = [_update(_trainer(6, spec, 1), x, g) for _ in range(2)]
+    other = _update(_trainer(6, spec, 1, SecretRandom(bytes(32))), x, g)
+    assert torch.equal(same[0], same[1])
+    assert not torch.allclose(same[0], other)
+    with pytest.raises(ValueError, match="secret randomness"):
+        SiloTrainer(6, spec, 1)
+
+
+def test_each_step_draws_fresh_noise():
+    spec = ModelSpec(noise_multiplier=1.0, max_grad_norm=C, sample_rate=0.01, expected_batch=8)
+    trainer = _trainer(6, spec, 1)
+    x, g = np.ones((8, 6), np.float32), np.zeros(8, np.float32)
+    first, second = _update(trainer, x, g).clone(), _update(trainer, x, g)
+    assert not torch.allclose(first, second)
+
+
 def test_accountant_history_survives_serialisation():
     spec = ModelSpec(noise_multiplier=1.0, max_grad_norm=C, sample_rate=0.01, expected_batch=8)
-    t = SiloTrainer(4, spec, 2)
+    t = _trainer(4, spec, 2)
     t.replay([np.ones((8, 4), np.float32)] * 3, [np.zeros(8, np.float32)] * 3)
-    clone = SiloTrainer(4, spec, 2)
+    clone = _trainer(4, spec, 2)
     clone.load_bytes(t.to_bytes())
     assert clone.history == t.history == [(1.0, 0.01, 3)]
 
@@ -96,7 +125,29 @@ def test_bad_privacy_settings_are_refused(kwargs, message):
 def test_delta_must_be_below_one_over_n():
     with pytest.raises(ConfigError, match="not below 1/N"):
         PrivacyConfig(delta=1e-3).delta_for(5000)
-    assert PrivacyConfig().delta_for(5000) == 1 / 5000
+    with pytest.raises(ConfigError, match="not below 1/N"):
+        PrivacyConfig(delta=1 / 5000).delta_for(5000)
+    assert PrivacyConfig().delta_for(5000) == pytest.approx(1 / 50_000)
+
+
+def test_combined_epsilon_meets_the_target_and_per_party_noise_is_sqrt_k_larger():
+    """K parties each noising their own block at sigma: the joint mechanism's multiplier is
+    sigma / sqrt(K), and the statistics before training are in the same accountant."""
+    plan = PrivacyPlan(PrivacyConfig(epsilon=1.0, accountant="rdp"), ("a", "b", "c"), 20_000,
+                       500, 2, ledger=None)
+    assert plan.blocks == 4
+    assert plan.sigma == pytest.approx(2 * plan.joint_sigma)
+    plan.spend(plan.steps_planned)
+    summary = plan.summary()
+    plan.close()
+    combined = epsilon("rdp", [(STATISTICS_NOISE_MULTIPLIER, 1.0, 4),
+                               (plan.joint_sigma, plan.q, plan.steps_planned)], plan.delta)
+    assert summary["epsilon"]["model"] == pytest.approx(combined)
+    assert 0.95 <= combined <= 1.0
+    # A party's own steps alone look far cheaper: that figure bounds no release.
+    per_party = summary["epsilon"]["model_per_party"]["a"]
+    assert per_party < 0.6 * combined
+    assert "bounds no release" in summary["epsilon"]["model_per_party"]["note"]
 
 
 def test_a_cap_below_one_steps_cost_is_refused():
@@ -112,39 +163,53 @@ def test_plan_refuses_steps_past_the_cap():
     assert 0 < allowed < plan.steps_planned
     plan.spend(allowed)
     assert plan.allow(1) == 0
-    assert plan.summary()["epsilon"]["model"]["a"] <= 0.5
+    assert plan.summary()["epsilon"]["model"] <= 0.5
     plan.close()
 
 
 def test_transcript_noise_and_clipping_at_the_silo():
     spec = ModelSpec(transcript_sigma=0.5, transcript_clip=2.0)
-    trainer = SiloTrainer(3, spec, 1)
+    trainer = _trainer(3, spec, 1)
     x = np.zeros((20_000, 3), np.float32)
     with torch.no_grad():
         trainer.base.net[-1].bias.fill_(10.0)  # every raw contribution is 10, above the clip
-    released = trainer.released(x)
+    released = trainer.released(x, 1, "plan", "d")
     assert np.mean(released) == pytest.approx(2.0, abs=0.05)  # clipped to 2
     assert np.std(released) == pytest.approx(0.5 * 2 * 2.0, rel=0.05)
+    # The same request gets the same noise (a re-sent round releases nothing new), another
+    # request other noise.
+    assert np.array_equal(released, trainer.released(x, 1, "plan", "d"))
+    assert not np.array_equal(released, trainer.released(x, 2, "plan", "d"))
     assert np.array_equal(SiloTrainer(3, ModelSpec(), 1).released(x[:5]), np.zeros(5))
 
 
-def test_transcript_budget_composes_over_each_persons_releases(tmp_path):
+def test_transcript_budget_composes_each_persons_releases_and_model_steps(tmp_path):
     from server.ledger import Ledger
     from simulations.ledger_verify import verify
 
-    cfg = PrivacyConfig(epsilon=math.inf, transcript_sigma=4.0, accountant="rdp")
+    cfg = PrivacyConfig(epsilon=1.0, transcript_sigma=4.0, accountant="rdp")
     plan = PrivacyPlan(cfg, ("a", "b"), 1000, 100, 1, ledger=Ledger(tmp_path))
-    plan.record_releases(1, 10, np.array([0, 1, 1, 2]), np.array([1, 5]))  # person 1: 3 times
+    # Person 1: released 3 times, sampled twice into a batch.
+    plan.record_releases(1, 10, np.array([0, 1, 1, 2]), np.array([1, 5]))
     plan.record_releases(2, 10, np.array([3, 4]), None)  # the worst case does not move
-    plan.record_releases(3, 10, np.arange(10), None)  # person 1: 4 times
+    plan.record_releases(3, 10, None, np.arange(10))  # person 1: 4 releases
     summary = plan.summary()
     plan.close()
     assert summary["transcript_releases_max"] == 4
+    assert summary["transcript_sampled_max"] == 2
     eps = summary["epsilon"]["transcript"]["a"]
-    # No amplification: four full Gaussian releases at sigma 4.
-    from clients.accounting import epsilon
-
-    assert eps == pytest.approx(epsilon("rdp", [(4.0, 1.0, 4)], 1 / 1000))
-    checks = verify(tmp_path)
-    assert [c.steps for c in checks] == [4, 4]
+    # No amplification: four full Gaussian releases at sigma 4, and the model channel: each
+    # DP-SGD step the person was in, at the per-party multiplier.
+    assert eps == pytest.approx(epsilon("rdp", [(4.0, 1.0, 4), (plan.sigma, 1.0, 2)],
+                                        plan.delta))
+    checks = [c for c in verify(tmp_path) if c.budget == "transcript"]
+    assert [c.steps for c in checks] == [6, 6]
     assert all(c.ok for c in checks)
+
+
+def test_transcript_without_dp_sgd_claims_no_bound():
+    cfg = PrivacyConfig(epsilon=math.inf, transcript_sigma=4.0, accountant="rdp")
+    plan = PrivacyPlan(cfg, ("a",), 1000, 100, 1, ledger=None)
+    plan.record_releases(1, 10, np.array([0, 1]), None)
+    assert plan.summary()["epsilon"]["transcript"]["a"] is None
+    plan.close()
