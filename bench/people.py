@@ -45,13 +45,15 @@ CLI = [sys.executable, "-m", "simulations.cli"]
 
 def silo_model(parties: Path, silo: str, store: Keystore, run_key: str, round_: int):
     from clients.model import ModelSpec, SiloTrainer
+    from crypto.secret_random import SecretRandom
 
     directory = parties / silo / "checkpoints" / run_key
     model = json.loads((directory / "model.json").read_text())
     name = f"round-{round_}.pt"
     blob = read_encrypted(store, directory / f"{name}.enc",
                           f"fedscore/{run_key}/{silo}/{name}".encode())
-    trainer = SiloTrainer(int(model["inputs"]), ModelSpec.from_config(model), int(model["salt"]))
+    trainer = SiloTrainer(int(model["inputs"]), ModelSpec.from_config(model), int(model["salt"]),
+                          random=SecretRandom.load_or_create(store.path, silo), run_key=run_key)
     trainer.load_bytes(blob)
     return trainer
 

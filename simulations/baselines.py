@@ -112,6 +112,7 @@ def train_central(
     silos: tuple[str, ...],
     cfg: AuthorityConfig,
     noise_multiplier: float = 0.0,
+    noise_key: bytes = b"",
 ) -> BaselineResult:
     """Train the summed bottom models of `silos` jointly; metrics on the test positions.
 
@@ -119,7 +120,8 @@ def train_central(
     combined epsilon: pass the run's JOINT noise multiplier; one clip over each person's whole
     gradient, where the federation clips each party's part separately and noises each at
     sqrt(K) times the joint multiplier. A simulation-only reference: its batch plans come from
-    the public seed (no party runs it), its noise from a fresh secret.
+    the public seed (no party runs it), its noise from the experiment's secret `noise_key`
+    (32 bytes; a fresh one when empty).
     """
     t0 = time.perf_counter()
     concat = cfg.aggregation.mode == "concat"
@@ -145,7 +147,7 @@ def train_central(
         module, opt = make_private(model, opt, noise_multiplier=noise_multiplier,
                                    max_grad_norm=cfg.privacy.max_grad_norm,
                                    expected_batch=max(1, round(q * len(train))))
-    noise = SecretRandom(secrets.token_bytes(32))
+    noise = SecretRandom(noise_key or secrets.token_bytes(32))
     steps = 0
     loss_fn = torch.nn.BCEWithLogitsLoss()
 
@@ -198,6 +200,7 @@ class BaselineJob:
     name: str
     silos: tuple[str, ...]
     noise_multiplier: float = 0.0
+    noise_key: bytes = b""  # the DP noise's stream key (the experiment's secret)
 
 
 def run_baselines(data: JoinedData, jobs: list[BaselineJob], cfg: AuthorityConfig,
@@ -208,8 +211,8 @@ def run_baselines(data: JoinedData, jobs: list[BaselineJob], cfg: AuthorityConfi
     workers = workers or os.cpu_count() or 1
     if workers <= 1 or len(jobs) <= 1 or len(data.y) < PARALLEL_MIN_PEOPLE:
         with one_thread():
-            return {job.name: train_central(data, job.silos, cfg, job.noise_multiplier)
-                    for job in jobs}
+            return {job.name: train_central(data, job.silos, cfg, job.noise_multiplier,
+                                            job.noise_key) for job in jobs}
     with ExitStack() as stack:
         shared = {}
         for key, array in (*((f"x.{s}", x) for s, x in data.xs.items()), ("y", data.y)):
@@ -241,7 +244,7 @@ def _shared_job(shared: dict, split: pd.Series, job: BaselineJob, cfg: Authority
         data = JoinedData(xs=xs, y=arrays.pop("y"), split=split.astype(str),
                           ids=np.empty(0, dtype=object))
         with one_thread():
-            result = train_central(data, job.silos, cfg, job.noise_multiplier)
+            result = train_central(data, job.silos, cfg, job.noise_multiplier, job.noise_key)
         # The views must go before the blocks close, or close() finds them still exported.
         del data, xs, arrays
         return result

@@ -33,6 +33,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import FormatStrFormatter, MaxNLocator
 
+from server.privacy import model_epsilon
 from server.scoring import SCORE_MAX, SCORE_MIN, TIER_KEYS, TIERS
 
 log = logging.getLogger(__name__)
@@ -509,9 +510,9 @@ def _png_size(png: bytes) -> tuple[int, int]:
 
 
 def _model_epsilon(metrics: dict) -> float | None:
-    values = [_finite(v) for v in (metrics.get("epsilon") or {}).get("model", {}).values()]
-    values = [v for v in values if v is not None]
-    return max(values) if values else None
+    """The combined model's epsilon (vertical), the largest region's (horizontal)."""
+    value = model_epsilon(metrics)
+    return _finite(value) if value is not None else None
 
 
 def _headline_run(run: RunData) -> Section:
@@ -520,14 +521,14 @@ def _headline_run(run: RunData) -> Section:
     audit = m.get("audit") or {}
     cards = Cards([
         ("test AUC", fmt(m.get("auc"))), ("KS", fmt(m.get("ks"))), ("Gini", fmt(m.get("gini"))),
-        ("ε model (max over parties)", fmt(eps) if eps is not None else "non-private"),
+        ("ε model (combined model)", fmt(eps) if eps is not None else "non-private"),
         ("oracle AUC", fmt(m.get("oracle_auc"))),
         ("audit ε lower bound", fmt(audit.get("epsilon_lower"))),
     ])
     keys = ("auc", "ks", "gini", "brier", "log_loss", "oracle_auc", "baseline_central_auc",
             "baseline_central_dp_auc", "baseline_payments_only_auc")
     rows = [(k, m.get(k)) for k in keys]
-    rows += [("epsilon_model_max", eps), ("epsilon_label", (m.get("epsilon") or {}).get("label")),
+    rows += [("epsilon_model", eps), ("epsilon_label", (m.get("epsilon") or {}).get("label")),
              ("delta", m.get("delta")), ("audit_epsilon_lower", audit.get("epsilon_lower")),
              ("people_aligned", (m.get("people") or {}).get("aligned")),
              ("people_test", (m.get("people") or {}).get("test"))]
@@ -1076,7 +1077,7 @@ def _sweep_audit(sweep: SweepData) -> Plot | Note:
     x = to_x(data["epsilon"].to_numpy(dtype=np.float64))
     if "eps_model" in data:
         ax.plot(x, pd.to_numeric(data["eps_model"], errors="coerce"), "o", color="#1f4e79",
-                label="accounted ε (max over parties)")
+                label="accounted ε (combined model)")
     ax.plot(x, lower, "D", color="#e67e22", label="empirical ε lower bound (audit)")
     finite = np.unique(data["epsilon"][np.isfinite(data["epsilon"])])
     if finite.size:

@@ -27,6 +27,7 @@ from clients.client_app import make_client_app
 from clients.schema import AUTHORITY, federation_silos
 from clients.silo_data import load_silo
 from crypto.at_rest import Keystore, keystore_path, open_keystore, read_party_file
+from crypto.secret_random import SecretRandom
 from server.authority import RunResult
 from server.config import ConfigError, to_flat
 from server.labels import load_labels
@@ -36,6 +37,7 @@ from server.scores_file import read_scores
 from server.server_app import make_cells_app, make_server_app
 from simulations.audit import membership_audit, per_example_loss
 from simulations.baselines import BaselineJob, JoinedData, join_parties, run_baselines
+from simulations.canary_audit import canary_audit
 from simulations.config import ExperimentConfig, from_flat, make_config
 from simulations.curves import build_curves
 from simulations.engine import run_federation
@@ -325,11 +327,19 @@ def finish_run(run: Run, federation_seconds: float) -> dict:
     # Every DP baseline at the run's COMBINED epsilon: the joint noise multiplier.
     sigma = authority.get("joint_noise_multiplier", authority["noise_multiplier"])
     silos = federation_silos(parties.root)
-    jobs = [BaselineJob("central", silos)]
+    # The experiment's own secret (beside the parties' ones) keys the baselines' DP noise: the
+    # same keystore reproduces them, nobody else can.
+    secret = SecretRandom.load_or_create(store.path if store else parties.root, "simulation")
+
+    def job(name: str, members: tuple[str, ...], noise: float = 0.0) -> BaselineJob:
+        return BaselineJob(name, members, noise,
+                           secret.key("baseline", authority["model"]["run_key"], name))
+
+    jobs = [job("central", silos)]
     if sigma > 0:
-        jobs.append(BaselineJob("central_dp", silos, sigma))
+        jobs.append(job("central_dp", silos, sigma))
     # Each silo alone, under the run's own privacy; the best is chosen on validation AUC.
-    jobs += [BaselineJob(silo, (silo,), sigma) for silo in silos]
+    jobs += [job(silo, (silo,), sigma) for silo in silos]
     done = timer("baselines", run_baselines, joined, jobs, cfg.authority)
     central, central_dp = done["central"], done.get("central_dp")
     alone = {silo: done[silo] for silo in silos}
@@ -388,8 +398,14 @@ def write_results(run: Run, metrics: dict, curves: dict) -> dict:
 
 
 def _audit(joined: JoinedData, scores: pd.DataFrame, authority: dict) -> dict:
-    """Membership inference on the released scores: training people against held-out test
-    people, with the clean labels; the bound must stay below the accounted epsilon."""
+    """Two empirical lower bounds on epsilon; each must stay below the accounted epsilon.
+
+    `canary`: the one-run audit of the run's joint DP-SGD (its noise, blocks, sample rate,
+    steps and clip) with white-box gradient canaries, a proof at 95 % (simulations/
+    canary_audit.py). Its coins are the auditor's, fresh each run. `membership` (also kept
+    flat at the top for the readers of the old layout): the loss-threshold membership attack
+    on the released scores, training people against held-out test people with the clean
+    labels, a sanity check that cannot tell DP from no DP."""
     p = scores["probability"].to_numpy(dtype=np.float64)
     loss = per_example_loss(joined.y, np.nan_to_num(p, nan=0.5))
     scored = scores["score"].notna().to_numpy()  # ineligible people have no released score
@@ -398,8 +414,19 @@ def _audit(joined: JoinedData, scores: pd.DataFrame, authority: dict) -> dict:
         rows = joined.positions(split)
         return loss[rows[scored[rows]]]
 
+    accounted = model_epsilon(authority)
     result = membership_audit(released("train"), released("test"), authority["delta"])
-    return {**result.to_dict(), "accounted_epsilon": model_epsilon(authority)}
+    membership = {**result.to_dict(), "method": "loss-threshold membership attack",
+                  "accounted_epsilon": accounted}
+    canary = canary_audit(
+        noise_multiplier=float(authority["noise_multiplier"]),
+        blocks=int(authority.get("blocks") or len(joined.xs) + 1),
+        sample_rate=float(authority["sample_rate"]), steps=int(authority["steps"]),
+        max_grad_norm=float(authority["max_grad_norm"]), delta=float(authority["delta"]),
+        rng=np.random.default_rng(),
+    )
+    return {**membership, "membership": membership,
+            "canary": {**canary, "accounted_epsilon": accounted}}
 
 
 def _oracle_auc(parties: Parties, ids: np.ndarray, y: np.ndarray, store: Keystore | None

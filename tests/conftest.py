@@ -122,14 +122,15 @@ def assert_no_identifiers(run_dir: Path) -> None:
             assert h[:32] not in text, f"an unkeyed hash appears in {path.name}"
 
 
-def scores_of(run_dir: Path):
-    """A run's scores, decrypted with its automatic keystore (`<parties>.keys`)."""
+def scores_of(run_dir: Path, with_split: bool = False):
+    """A run's scores, decrypted with its automatic keystore (`<parties>.keys`); with the
+    authority's private split (the experiment layer's view) when asked."""
     import json
 
     from server.scores_file import read_scores
 
     parties = Path(json.loads((run_dir / "run.json").read_text())["parties"])
-    return read_scores(run_dir, parties.with_name(parties.name + ".keys"))
+    return read_scores(run_dir, parties.with_name(parties.name + ".keys"), with_split)
 
 
 @pytest.fixture(scope="session")
@@ -147,17 +148,17 @@ def small_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return work / "run"
 
 
+PRIVATE_RUN_ARGS = ("--users", "3000", "--seed", "5",
+                    "--set", "train.epochs=3", "--set", "train.batch_size=256",
+                    "--set", "privacy.epsilon=2", "--set", "privacy.cap=1.2",
+                    "--set", "privacy.label_epsilon=5", "--set", "privacy.accountant=rdp")
+
+
 @pytest.fixture(scope="session")
 def private_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small private run: DP-SGD at eps 2 with a cap at 1.2 (so it stops early), label DP at
     eps 5, RDP accounting."""
     work = tmp_path_factory.mktemp("private_run")
-    proc = run_cli(
-        "run", "--out", str(work / "run"), "--users", "3000", "--seed", "5",
-        "--set", "train.epochs=3", "--set", "train.batch_size=256",
-        "--set", "privacy.epsilon=2", "--set", "privacy.cap=1.2",
-        "--set", "privacy.label_epsilon=5", "--set", "privacy.accountant=rdp",
-        cwd=work,
-    )
+    proc = run_cli("run", "--out", str(work / "run"), *PRIVATE_RUN_ARGS, cwd=work)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return work / "run"

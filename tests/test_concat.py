@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from clients.model import ModelSpec
+from crypto.secret_random import SecretRandom
 from server.config import AuthorityConfig, ConfigError, parse_flat
 from server.top import MlpHead
 from tests.conftest import run_cli
@@ -71,8 +72,9 @@ def test_head_gradients_match_autograd_of_the_mean_loss():
     rng = np.random.default_rng(0)
     e = rng.normal(size=(12, 6)).astype(np.float32)
     y = rng.integers(0, 2, size=12).astype(np.float64)
-    head = MlpHead(0.3, spec, rho=0.0, silos=3, top_hidden=(5,))
-    reference = MlpHead(0.3, spec, rho=0.0, silos=3, top_hidden=(5,))
+    secret = SecretRandom(bytes(32))
+    head = MlpHead(0.3, spec, 0.0, 3, (5,), secret, "r")
+    reference = MlpHead(0.3, spec, 0.0, 3, (5,), secret, "r")
     grads = head.gradients(e, y, [7, 5])
     # The first batch's gradient is at the initial weights: recompute it with autograd.
     x = torch.from_numpy(e[:7]).requires_grad_()

@@ -16,25 +16,35 @@ pytestmark = pytest.mark.slow
 
 def test_metrics_report_every_budget(private_run: Path):
     m = json.loads((private_run / "metrics.json").read_text())
-    assert set(m["epsilon"]) == {"model", "label", "transcript"}
-    assert set(m["epsilon"]["model"]) == {"payments", "social", "device", "authority"}
-    assert m["epsilon"]["label"] == 5
-    assert m["epsilon"]["transcript"] == {"payments": None, "social": None, "device": None}
+    eps = m["epsilon"]
+    assert set(eps) == {"model", "model_by_population", "model_per_party", "label",
+                        "transcript"}
+    # The headline is ONE number for the combined model: the larger of the training and the
+    # validation populations' compositions.
+    assert eps["model"] == max(eps["model_by_population"].values())
+    per_party = {k: v for k, v in eps["model_per_party"].items() if k != "note"}
+    assert set(per_party) == {"payments", "social", "device", "authority"}
+    assert all(v < eps["model"] for v in per_party.values())
+    assert eps["label"] == 5
+    assert eps["transcript"] is None
     assert m["accountant"] == "rdp"
-    assert 0 < m["delta"] < 1 / 1000
+    assert m["blocks"] == 4
+    assert m["noise_multiplier"] == pytest.approx(2 * m["joint_noise_multiplier"])
+    n_train = m["people"]["train"]
+    assert m["delta"] == pytest.approx(0.1 / n_train)
 
 
 def test_the_cap_stops_training_before_it_is_passed(private_run: Path):
     m = json.loads((private_run / "metrics.json").read_text())
     assert m["stopped_by_budget_cap"] is True
-    assert all(0 < e <= 1.2 for e in m["epsilon"]["model"].values())
+    assert 0 < m["epsilon"]["model_by_population"]["train"] <= 1.2
     entries = ledger.read(private_run)
     refused = [e for e in entries if e.get("event") == "refused"]
     assert len(refused) == 1
     assert refused[0]["epsilon"] > 1.2  # what the refused steps would have cost
-    spent = [e for e in entries if e["budget"] == "model" and e.get("event") is None]
-    assert max(e["epsilon"] for e in spent) <= 1.2
-    assert m["training_steps"] == sum(e["steps"] for e in spent if e["party"] == "authority")
+    joint = [e for e in entries if e["mechanism"] == "joint_poisson_gaussian"]
+    assert max(e["epsilon"] for e in joint) <= 1.2
+    assert m["training_steps"] == sum(e["steps"] for e in joint)
 
 
 def test_ledger_is_consistent_and_verifies_independently(private_run: Path):
@@ -42,11 +52,17 @@ def test_ledger_is_consistent_and_verifies_independently(private_run: Path):
     label = [e for e in entries if e["budget"] == "label"]
     assert label == [label[0]]
     assert label[0]["mechanism"] == "randomized_response"
-    for party in ("payments", "social", "device", "authority"):
-        eps = [e["epsilon"] for e in entries if e["party"] == party and e["budget"] == "model"]
-        assert eps == sorted(eps), "cumulative epsilon never decreases"
+    # Every party's preparation statistics (the authority's prior) come first, then the joint
+    # DP-SGD rounds with their blocks, then the calibration on validation people.
+    statistics = [e for e in entries if e.get("population") == "all"]
+    assert [e["party"] for e in statistics] == ["payments", "social", "device", "authority"]
+    joint = [e for e in entries if e["mechanism"] == "joint_poisson_gaussian"]
+    assert all(len(e["blocks"]) == 4 for e in joint)
+    eps = [e["epsilon"] for e in statistics + joint]
+    assert eps == sorted(eps), "cumulative epsilon never decreases"
+    assert [e["purpose"] for e in entries if e.get("population") == "val"] == ["calibration"]
     checks = verify(private_run)
-    assert len(checks) == 5
+    assert [c.budget for c in checks] == ["model/train", "model/val", "label"]
     assert all(c.ok for c in checks), [(c.party, c.reported, c.independent) for c in checks]
 
 
@@ -58,8 +74,8 @@ def test_ledger_verify_command_fails_on_a_tampered_ledger(private_run: Path, tmp
     lines = (private_run / "ledger.jsonl").read_text().splitlines()
     entries = [json.loads(x) for x in lines]
     for e in entries:
-        if e["party"] == "device" and e["budget"] == "model":
-            e["epsilon"] *= 0.8  # under-report the device silo's spend
+        if e["mechanism"] == "joint_poisson_gaussian":
+            e["epsilon"] *= 0.8  # under-report the combined model's spend
     (tampered / "ledger.jsonl").write_text("\n".join(json.dumps(e) for e in entries) + "\n")
     bad = run_cli("ledger", "verify", str(tampered), cwd=tmp_path)
     assert bad.returncode == 1
@@ -77,11 +93,11 @@ def test_private_model_still_learns(private_run: Path):
 def test_audit_bound_stays_below_the_accounted_epsilon(private_run: Path):
     metrics = json.loads((private_run / "metrics.json").read_text())
     audit = metrics["audit"]
-    accounted = max(metrics["epsilon"]["model"].values())
+    accounted = metrics["epsilon"]["model"]
     assert audit["accounted_epsilon"] == accounted
     assert 0 <= audit["epsilon_lower"] <= accounted
     # The attack sees released scores: every scored person of each split (none for ineligible).
-    scores = scores_of(private_run)
+    scores = scores_of(private_run, with_split=True)
     released = scores[scores["status"] == "scored"]
     assert audit["n_members"] == (released["split"] == "train").sum()
     assert audit["n_nonmembers"] == (released["split"] == "test").sum()
@@ -101,3 +117,48 @@ def test_curves_hold_only_aggregates_that_match_the_metrics(private_run: Path):
     ks = curves["ks"]
     gap = max(abs(b - g) for b, g in zip(ks["cdf_bad"], ks["cdf_good"], strict=True))
     assert gap == pytest.approx(metrics["ks"], abs=0.05)  # KS on 5-point score steps
+
+
+def test_released_scores_carry_no_split(private_run: Path):
+    scores = scores_of(private_run)
+    assert "split" not in scores.columns
+    assert not any("split" in c for c in scores.columns)
+
+
+def test_same_keystore_reproduces_the_run_and_fresh_secrets_do_not(private_run: Path,
+                                                                   tmp_path: Path):
+    """The public seed decides only the data and the initialisation: rerun with the same
+    keystores, the run is the same bit for bit; with fresh randomness secrets (the tables'
+    data keys kept), the noise, plans, flips and split all differ."""
+    from crypto.secret_random import SECRET_FILE
+    from tests.conftest import PRIVATE_RUN_ARGS
+
+    parties = Path(json.loads((private_run / "run.json").read_text())["parties"])
+    again = tmp_path / "again"
+    proc = run_cli("run", "--out", str(again), "--parties", str(parties), *PRIVATE_RUN_ARGS,
+                   cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    first, second = (json.loads((r / "metrics.json").read_text()) for r in (private_run, again))
+    assert first["auc"] == second["auc"]
+    assert first["model"]["run_key"] == second["model"]["run_key"]
+    assert (private_run / "ledger.jsonl").read_bytes() == (again / "ledger.jsonl").read_bytes()
+    assert scores_of(private_run)["probability"].equals(scores_of(again)["probability"])
+
+    keys = parties.with_name(parties.name + ".keys")
+    secrets = sorted(keys.glob(SECRET_FILE.format(party="*")))
+    assert {p.name for p in secrets} >= {SECRET_FILE.format(party=s) for s in
+                                         ("authority", "payments", "social", "device")}
+    for path in secrets:
+        path.unlink()
+    fresh = tmp_path / "fresh"
+    proc = run_cli("run", "--out", str(fresh), "--parties", str(parties), *PRIVATE_RUN_ARGS,
+                   cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    third = json.loads((fresh / "metrics.json").read_text())
+    assert third["model"]["run_key"] != first["model"]["run_key"]
+    a, b = scores_of(private_run, True), scores_of(fresh, True)
+    assert not a["probability"].equals(b["probability"])
+    # The split is a fresh secret draw: about 70 % of training people stay training people by
+    # chance, not all of them.
+    same_train = ((a["split"] == "train") & (b["split"] == "train")).sum()
+    assert same_train < 0.8 * (a["split"] == "train").sum()
