@@ -1,4 +1,9 @@
-"""Empirical privacy audit: a membership-inference attack that lower-bounds epsilon.
+"""Secondary empirical privacy audit: the loss-threshold membership attack on released scores.
+
+The primary audit is the one-run canary audit in simulations/canary_audit.py (Steinke, Nasr,
+Jagielski 2023), which audits the DP-SGD mechanism itself and can tell DP from no DP. This
+attack on the released scores stays as a sanity check of what a scores recipient sees; see the
+caveat below for why its bound is not a proof.
 
 The accountant gives an UPPER bound on the privacy loss of training; an attack gives a LOWER
 bound. If the attack ever "proves" more than the accountant allows, the implementation (or the
@@ -36,10 +41,10 @@ Caveat. The guarantee above is per trial of the mechanism. Jagielski et al. trai
 (one trial each); scoring many members of ONE trained model treats examples as independent
 trials, which DP does not strictly license. Steinke, Nasr, Jagielski 2023 ("Privacy auditing
 with one (1) training run", NeurIPS) make the one-run audit rigorous by including each canary
-independently at random and bounding the number of correct guesses; that is the stronger method
-to add if the audit must be a proof rather than a sanity check. Either way, a loss-threshold
-attack is weak, so the bound is typically far below the accounted epsilon: it can expose a
-broken implementation, not certify a tight one.
+independently at random and bounding the number of correct guesses; simulations/canary_audit.py
+does that, and is the audit that must be a proof rather than a sanity check. Either way, a
+loss-threshold attack is weak, so the bound is typically far below the accounted epsilon: it can
+expose a broken implementation, not certify a tight one.
 """
 
 from __future__ import annotations
