@@ -16,13 +16,9 @@ from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.accountant import IAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
-History = list[tuple[float, float, int]]
+from clients.dp_constants import STATISTICS_NOISE_MULTIPLIER  # noqa: F401 (re-exported)
 
-# The noise multiplier of every data-preparation statistic a party releases before training
-# (a silo's standardisation, the authority's prior): Gaussian noise of this many times the
-# statistic's L2 sensitivity. With four parties the joint mechanism's multiplier is 50: a few
-# thousandths of epsilon, which the calibration of the training noise takes into account.
-STATISTICS_NOISE_MULTIPLIER = 100.0
+History = list[tuple[float, float, int]]
 
 # Opacus warns about optimal RDP orders at the edge of its grid; the numbers stay valid upper
 # bounds. Filtered once here: catch_warnings() is not thread-safe and the ledger runs on a thread.

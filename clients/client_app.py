@@ -26,6 +26,7 @@ from flwr.clientapp import ClientApp
 
 from clients import capture, corrections
 from clients import messages as m
+from clients.dp_constants import STATISTICS_NOISE_MULTIPLIER
 from clients.schema import federation_silos, silo_salt
 from clients.silo_data import SiloDataError, SiloMatrix, load_silo
 from crypto.at_rest import AUTO, Keystore, open_keystore, read_encrypted, write_encrypted
@@ -182,17 +183,29 @@ def _read_file(context: Context, defaults: Defaults, directory: Path, name: str)
 
 
 SUMMARY_QUANTILES = (0.1, 0.5, 0.9)
+# The summary's histogram: fixed bins over a declared range of contributions (logit units).
+SUMMARY_EDGES = np.linspace(-8.0, 8.0, 65)
 
 
-def contribution_summary(values: np.ndarray) -> dict[str, float]:
+def contribution_summary(values: np.ndarray, rng: np.random.Generator) -> dict[str, float]:
     """Five numbers about this silo's contributions over everyone scored, for the report's
-    per-silo points: their mean, mean absolute deviation and 10/50/90 % quantiles. Aggregates
-    over the whole aligned population; no single person's value."""
-    g = values.astype(np.float64)
-    q10, q50, q90 = np.quantile(g, SUMMARY_QUANTILES)
-    return {"summary.mean": float(g.mean()),
-            "summary.mad": float(np.abs(g - g.mean()).mean()),
-            "summary.q10": float(q10), "summary.q50": float(q50), "summary.q90": float(q90)}
+    per-silo points: their mean, mean absolute deviation and 10/50/90 % quantiles.
+
+    All five are read off ONE differentially private histogram: contributions clipped to the
+    declared range and counted in fixed bins, each count with Gaussian noise of std
+    STATISTICS_NOISE_MULTIPLIER (one person moves one count by one: L2 sensitivity 1), drawn
+    from the silo's secret stream `rng`; the authority accounts it as one Gaussian release."""
+    counts = np.histogram(np.clip(values.astype(np.float64), SUMMARY_EDGES[0], SUMMARY_EDGES[-1]),
+                          bins=SUMMARY_EDGES)[0].astype(np.float64)
+    counts = np.maximum(counts + rng.normal(0.0, STATISTICS_NOISE_MULTIPLIER, len(counts)), 0.0)
+    centres = (SUMMARY_EDGES[:-1] + SUMMARY_EDGES[1:]) / 2
+    total = max(counts.sum(), 1.0)
+    mean = float(counts @ centres / total)
+    cdf = np.cumsum(counts) / total
+    q10, q50, q90 = (float(centres[min(np.searchsorted(cdf, q), len(centres) - 1)])
+                     for q in SUMMARY_QUANTILES)
+    return {"summary.mean": mean, "summary.mad": float(counts @ np.abs(centres - mean) / total),
+            "summary.q10": q10, "summary.q50": q50, "summary.q90": q90}
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -489,7 +502,9 @@ def make_client_app(root: Path | None = None, keystore: Path | None = None,
                                           digest(positions))
                 out[key] = _masked(context, defaults, values, round_, key) if secure else values
                 if key == "eval" and config.get("summary") and values.ndim == 1:
-                    reply_config.update(contribution_summary(values))
+                    reply_config.update(contribution_summary(
+                        values, silo_random(context, defaults).generator(
+                            "summary", trainer.run_key, round_)))
                 if key == "eval" and int(config.get("explain", 0)) > 0:
                     data = silo_matrix(context, defaults)
                     why = _explained(trainer, data, data.x[_rows(context, positions)],

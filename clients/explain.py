@@ -1,7 +1,9 @@
 """Reason codes inside a silo: which of its features move a person's contribution most.
 
 The silo attributes g_k(x) - g_k(ref) to its own features (clients/reasons.py, "path" method,
-exact in sum) against its typical person `ref` (the column-wise median of its model inputs),
+exact in sum) against its average person `ref`: the all-zero input, i.e. every numeric column
+at the silo's DP-estimated mean, present, and in no category group. (A median of the inputs
+would be a private statistic shaping every released reason, outside the accountant.)
 and releases per person only: the total, and the k features that raise the default logit most
 with their shares. The authority turns logit units into score points (-PDO / ln 2 * Platt
 slope), so nothing here needs the calibration, and no feature value leaves the silo.
@@ -17,7 +19,6 @@ import numpy as np
 from clients.reasons import (
     feature_attributions,
     feature_groups,
-    median_reference,
     top_reasons_matrix,
 )
 from clients.silo_data import SiloMatrix
@@ -55,7 +56,7 @@ def explain(trainer: SiloTrainer, matrix: SiloMatrix, x: np.ndarray, k: int,
     """Attribute the contributions of the rows `x` (prepared inputs) to the silo's features."""
     features = features or features_of(matrix)
     groups = feature_groups(matrix.columns, features)
-    ref = median_reference(matrix.x).astype(np.float32)
+    ref = np.zeros(matrix.x.shape[1], dtype=np.float32)  # the DP-standardised average person
 
     def f(rows: np.ndarray) -> np.ndarray:
         return trainer.contributions(np.ascontiguousarray(rows, dtype=np.float32))

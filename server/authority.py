@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from clients import messages as m
-from clients.accounting import STATISTICS_NOISE_MULTIPLIER
+from clients.dp_constants import STATISTICS_NOISE_MULTIPLIER
 from clients.model import ModelSpec
 from clients.schema import AUTHORITY
 from crypto.at_rest import REF_HASH, Keystore, open_keystore
@@ -109,7 +109,7 @@ def run_authority(
     y = labels[run.authority_rows].astype(np.int8)
     n_positions = len(run.authority_rows)
     privacy = PrivacyPlan(cfg.privacy, fed.silos, len(split.train), cfg.train.batch_size,
-                          cfg.train.epochs, ledger)
+                          cfg.train.epochs, ledger, summaries=summaries_asked(cfg))
     spec = ModelSpec(
         cfg.model.hidden, cfg.train.lr, cfg.train.weight_decay, cfg.seed,
         noise_multiplier=privacy.sigma, max_grad_norm=cfg.privacy.max_grad_norm,
@@ -260,6 +260,12 @@ def _align_and_split(
         train=split.train, val=split.val, test=split.test, y_view=y_view,
         overlap=alignment.overlap,
     )
+
+
+def summaries_asked(cfg: AuthorityConfig) -> bool:
+    """Whether the silos send DP summaries of their contributions at the end (sum mode, no
+    transcript noise; server/training.py asks for them then)."""
+    return cfg.aggregation.mode == "sum" and not cfg.privacy.transcript_dp
 
 
 def authority_random(store: Keystore | None, data_dir: Path) -> SecretRandom:

@@ -30,13 +30,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 
 from clients.accounting import (
-    STATISTICS_NOISE_MULTIPLIER,
     History,
     add_steps,
     affordable_steps,
     calibrate_sigma,
     epsilon,
 )
+from clients.dp_constants import STATISTICS_NOISE_MULTIPLIER
 from server.config import ConfigError, PrivacyConfig
 from server.federation import FederationError
 from server.label_dp import flip_probability
@@ -67,7 +67,10 @@ class PrivacyPlan:
         batch_size: int,
         epochs: int,
         ledger: Ledger | None,
+        summaries: bool = False,
     ) -> None:
+        """`summaries`: each silo will release a DP histogram of its contributions after
+        training (the report's per-silo points), one more Gaussian release per silo."""
         self.cfg = cfg
         self.silos = silos
         self.parties = (*silos, AUTHORITY)
@@ -77,8 +80,14 @@ class PrivacyPlan:
         self.steps_planned = epochs * max(1, round(1 / self.q))
         self.expected_batch = max(1, round(self.q * n_train))
         self.rho = flip_probability(cfg.label_epsilon)
-        # Each silo's preparation and the authority's prior: one Gaussian release per party.
-        self.statistics: History = [(STATISTICS_NOISE_MULTIPLIER, 1.0, len(self.parties))]
+        # Each silo's preparation and the authority's prior: one Gaussian release per party;
+        # then, with summaries, one histogram per silo.
+        self.releases_outside_sgd = [(p, "preparation statistics" if p != AUTHORITY else "prior")
+                                     for p in self.parties]
+        if summaries:
+            self.releases_outside_sgd += [(p, "contribution summary") for p in silos]
+        self.statistics: History = [(STATISTICS_NOISE_MULTIPLIER, 1.0,
+                                     len(self.releases_outside_sgd))]
         self.sigma = 0.0  # per party
         self.joint_sigma = 0.0
         self.calibration_sigma = 0.0
@@ -171,11 +180,11 @@ class PrivacyPlan:
     def record_start(self) -> None:
         """The mechanisms before training: each party's preparation statistics, label DP."""
         history: History = []
-        for party in self.parties:
+        for party, purpose in self.releases_outside_sgd:
             history = add_steps(history, STATISTICS_NOISE_MULTIPLIER, 1.0, 1)
             self._write(
                 party=party, budget="model", population="all", mechanism="gaussian",
-                purpose="preparation statistics" if party != AUTHORITY else "prior",
+                purpose=purpose,
                 noise_multiplier=STATISTICS_NOISE_MULTIPLIER, sample_rate=1.0, steps=1, round=0,
                 epsilon=epsilon(self.cfg.accountant, history, self.delta), delta=self.delta,
                 accountant=self.cfg.accountant,

@@ -334,14 +334,15 @@ def _print_sweep(out: Path, table) -> None:
 
     summary = pd.read_csv(out / "summary.csv")
     view = Table(title=f"fedscore sweep ({len(table)} runs)")
-    for col in ("epsilon", "n", "AUC (95 % CI)", "central DP", "best silo", "audit eps max"):
+    for col in ("epsilon", "n", "AUC (95 % CI)", "central DP", "best silo",
+                "canary audit eps max"):
         view.add_column(col, justify="right")
     for _, row in summary.iterrows():
         ci = "" if pd.isna(row["auc_ci_low"]) else f" [{row['auc_ci_low']:.3f}, " \
             f"{row['auc_ci_high']:.3f}]"
         view.add_row(f"{row['epsilon']:g}", str(int(row["n"])), f"{row['auc_mean']:.4f}{ci}",
                      _fmt(row.get("central_dp_mean")), _fmt(row.get("best_silo_mean")),
-                     _fmt(row.get("audit_epsilon_lower_max"), 2))
+                     _fmt(row.get("audit_canary_epsilon_lower_max"), 2))
     Console().print(view)
     Console().print(f"results: {out}/sweep.csv, summary.csv; report: fedscore report {out}",
                     soft_wrap=True, highlight=False)

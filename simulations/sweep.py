@@ -178,8 +178,11 @@ def cell_row(out: Path, cell: Cell, status: str = "done", error: str = "") -> di
         row["eps_model"] = model_epsilon(metrics) or math.inf
         row["eps_label"] = metrics["epsilon"]["label"]
         audit = metrics.get("audit") or {}
-        row["audit_epsilon_lower"] = audit.get("epsilon_lower")
-        row["audit_attack_auc"] = audit.get("attack_auc")
+        membership = audit.get("membership") or audit
+        row["audit_canary_epsilon_lower"] = (audit.get("canary") or {}).get(
+            "epsilon_lower_bound")
+        row["audit_epsilon_lower"] = membership.get("epsilon_lower")
+        row["audit_attack_auc"] = membership.get("attack_auc")
         row["seconds"] = metrics["seconds"]["total"]
     else:
         row["error"] = error
@@ -230,6 +233,9 @@ def summarise(table: pd.DataFrame) -> pd.DataFrame:
                 group[col])
         row["eps_model_max"] = pd.to_numeric(group["eps_model"]).max()
         row["audit_epsilon_lower_max"] = pd.to_numeric(group["audit_epsilon_lower"]).max()
+        if "audit_canary_epsilon_lower" in group:
+            row["audit_canary_epsilon_lower_max"] = pd.to_numeric(
+                group["audit_canary_epsilon_lower"]).max()
         rows.append(row)
     return pd.DataFrame(rows)
 

@@ -213,3 +213,21 @@ def test_transcript_without_dp_sgd_claims_no_bound():
     plan.record_releases(1, 10, np.array([0, 1]), None)
     assert plan.summary()["epsilon"]["transcript"]["a"] is None
     plan.close()
+
+
+def test_contribution_summary_is_read_off_a_noisy_histogram():
+    """The five per-silo aggregates come from one Gaussian histogram (sensitivity 1): close to
+    the exact ones on many people, and a single person's extreme value moves nothing beyond a
+    bin."""
+    from clients.client_app import contribution_summary
+
+    rng = np.random.default_rng(3)
+    values = rng.normal(-0.5, 1.0, 200_000)
+    summary = contribution_summary(values, SECRET.generator("summary", 1))
+    assert summary["summary.mean"] == pytest.approx(-0.5, abs=0.05)
+    assert summary["summary.q50"] == pytest.approx(-0.5, abs=0.15)
+    assert summary["summary.q90"] - summary["summary.q10"] == pytest.approx(2.56, abs=0.3)
+    outlier = np.append(values, 1e9)
+    again = contribution_summary(outlier, SECRET.generator("summary", 1))
+    assert again["summary.mean"] == pytest.approx(summary["summary.mean"], abs=1e-3)
+    assert contribution_summary(values, SECRET.generator("summary", 1)) == summary

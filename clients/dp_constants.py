@@ -1,0 +1,9 @@
+"""Public constants of the privacy mechanisms that every party must agree on, in a module
+without torch or Opacus (a silo's light handlers import it; clients/accounting.py needs both).
+"""
+
+# The noise multiplier of every statistic a party releases outside DP-SGD (a silo's
+# preparation statistics and its contribution summary, the authority's prior): Gaussian noise
+# of this many times the statistic's L2 sensitivity. Composed for all of them, a few hundredths
+# of epsilon, which the calibration of the training noise takes into account.
+STATISTICS_NOISE_MULTIPLIER = 100.0
