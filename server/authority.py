@@ -297,6 +297,10 @@ def _calibration(z_val: np.ndarray, y_val: np.ndarray, privacy: PrivacyPlan,
     population in the ledger)."""
     if not privacy.cfg.dp_sgd:
         return scoring.Platt.fit(z_val, y_val)
+    if not scoring.Platt.private_fit_pays(privacy.calibration_sigma, expected_n):
+        log.warning("too few validation people (about %d) for a private calibration at this "
+                    "epsilon: the model's own probabilities are used", expected_n)
+        return scoring.Platt()
     privacy.record_calibration(round_)
     return scoring.Platt.fit_private(
         z_val, y_val, noise_multiplier=privacy.calibration_sigma, steps=CALIBRATION_STEPS,

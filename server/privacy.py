@@ -46,8 +46,8 @@ log = logging.getLogger(__name__)
 
 AUTHORITY = "authority"
 JOINT = "*"
-# Full-batch noisy gradient steps of the DP calibration (server/scoring.py).
-CALIBRATION_STEPS = 200
+# Noisy Newton steps of the DP calibration (server/scoring.py), each one Gaussian release.
+CALIBRATION_STEPS = 3
 PER_PARTY_NOTE = ("per-party figure: the epsilon of one party's DP-SGD steps alone; it bounds "
                   "no release (the scores come from the combined model)")
 

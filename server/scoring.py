@@ -98,25 +98,40 @@ class Platt:
     @classmethod
     def fit_private(cls, z: np.ndarray, y: np.ndarray, *, noise_multiplier: float, steps: int,
                     expected_n: float, rng: np.random.Generator) -> Platt:
-        """Differentially private fit: `steps` full-batch gradient steps on the logistic loss,
-        each gradient sum noised with N(0, (noise_multiplier * sqrt 2)^2) per coordinate.
+        """Differentially private fit: `steps` Newton steps from the identity (a = 1, b = 0:
+        the model's logits are already probabilities), each on a noisy gradient and Hessian.
 
         Nothing about the data is used unnoised: the logit is mapped to x = clip((z + 3) / 3,
-        -1, 1) by declared constants, so each person's gradient (p - y) * (x, 1) has norm at
-        most sqrt 2 (no clipping needed), and the step divides by `expected_n`, a public count.
-        Starts at the identity (a = 1, b = 0): the model's logits are already probabilities.
-        """
+        -1, 1) by declared constants, so one person adds at most sqrt 2 to the gradient
+        (p - y)(x, 1) and sqrt(3) / 4 to the Hessian's three entries p (1 - p)(x^2, x, 1);
+        each step releases those five sums with Gaussian noise of noise_multiplier times their
+        joint L2 sensitivity. The Hessian is ridged by a public share of `expected_n` and kept
+        positive definite, so a noisy step on few people stays small."""
         x = np.clip((np.asarray(z, dtype=np.float64) - CALIBRATION_CENTRE) / CALIBRATION_SCALE,
                     -1.0, 1.0)
         X = np.column_stack([x, np.ones_like(x)])
         y = np.asarray(y, dtype=np.float64)
         w = np.array([CALIBRATION_SCALE, CALIBRATION_CENTRE])
-        std = noise_multiplier * np.sqrt(2.0)
+        std = noise_multiplier * CALIBRATION_SENSITIVITY
+        ridge = CALIBRATION_RIDGE * max(expected_n, 1.0)
         for _ in range(steps):
-            grad = X.T @ (_sigmoid(X @ w) - y) + rng.normal(0.0, std, size=2)
-            w -= CALIBRATION_LR * grad / max(expected_n, 1.0)
-        a = w[0] / CALIBRATION_SCALE
-        return cls(float(a), float(w[1] - a * CALIBRATION_CENTRE))
+            p = _sigmoid(X @ w)
+            v = p * (1 - p)
+            sums = np.array([X[:, 0] @ (p - y), np.sum(p - y), v @ (x * x), v @ x, v.sum()])
+            g0, g1, h00, h01, h11 = sums + rng.normal(0.0, std, 5)
+            hess = np.array([[h00, h01], [h01, h11]]) + ridge * np.eye(2)
+            values, vectors = np.linalg.eigh(hess)
+            hess = (vectors * np.maximum(values, ridge)) @ vectors.T
+            w = w - np.linalg.solve(hess, np.array([g0, g1]))
+        # A calibration never reverses the ranking (post-processing, no privacy cost).
+        a = float(np.clip(w[0] / CALIBRATION_SCALE, 0.1, 10.0))
+        return cls(a, float(w[1] - a * CALIBRATION_CENTRE))
+
+    @staticmethod
+    def private_fit_pays(noise_multiplier: float, expected_n: float) -> bool:
+        """Whether a DP fit on about `expected_n` people is worth its noise: the noise on each
+        released sum must stay below 2 % of the count. A public decision (no data read)."""
+        return noise_multiplier * CALIBRATION_SENSITIVITY < 0.02 * expected_n
 
     def __call__(self, z: np.ndarray) -> np.ndarray:
         return _sigmoid(self.a * np.asarray(z, dtype=np.float64) + self.b)
@@ -124,7 +139,9 @@ class Platt:
 
 # Declared constants of the private calibration: typical credit logits lie in [-6, 0].
 CALIBRATION_CENTRE, CALIBRATION_SCALE = -3.0, 3.0
-CALIBRATION_LR = 4.0  # below 2 / (largest curvature 0.5) for inputs in [-1, 1]
+# One person's largest change to the five released sums: sqrt(2 + 3 / 16).
+CALIBRATION_SENSITIVITY = float(np.sqrt(2.0 + 3.0 / 16.0))
+CALIBRATION_RIDGE = 0.01  # share of the expected count added to the Hessian's diagonal
 
 
 def contribution_points(summary: dict[str, float], calibration: Platt, cfg: ScoreConfig

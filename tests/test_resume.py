@@ -66,7 +66,7 @@ def test_resumed_model_matches_the_uninterrupted_one(runs):
     """Same keystores, same config: the run key, the secret streams and so the whole run are
     the same, and a resume replays the interrupted round with the same noise (it releases
     nothing new): the resumed run is the uninterrupted one, bit for bit."""
-    crashed, full = (json.loads((r / "metrics.json").read_text()) for r in runs)
+    crashed, full = (json.loads((r / "authority.json").read_text()) for r in runs)
     assert crashed["model"]["run_key"] == full["model"]["run_key"]
     assert crashed["auc"] == full["auc"]
     assert scores_of(runs[0])["probability"].equals(scores_of(runs[1])["probability"])
