@@ -279,6 +279,11 @@ def _print_summary(metrics: dict, out_dir: Path, parties: Path) -> None:
     table.add_row("seconds (total)", f"{metrics['seconds']['total']:.1f}")
     out = Console()
     out.print(table)
+    if metrics.get("data", "generated") != "generated":
+        out.print("[yellow]note:[/] the baselines above are simulation-only references: they "
+                  "join every party's raw table in one place, which no party of a real "
+                  "federation could do. Do not publish them as what the federation achieves.",
+                  soft_wrap=True)
     scores = "scores.parquet.enc" if (out_dir / "scores.parquet.enc").exists() else \
         "scores.parquet"
     out.print(f"results: {out_dir}  (metrics.json, curves.json, {scores}, manifest.json); "
