@@ -8,6 +8,8 @@ the feature names; it only sees row positions and contributions.
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,37 +27,53 @@ class Feature:
     name: str
     kind: str  # "amount" (skewed, >= 0), "count" (>= 0), "rate" (0..1), "flag" (0/1), "real"
     description: str
+    # The column's declared range in its own units, where the kind's default range
+    # (clients/silo_data.py KIND_RANGES) is far wider than the feature can be: values outside
+    # are clipped before the silo's noisy statistics, so a tighter range means less relative
+    # noise. Public knowledge about the feature, never taken from data.
+    bounds: tuple[float, float] | None = None
 
 
+# Bounds are what the feature's definition allows (its time window, a score's scale), generous
+# and never read from data: e.g. at most 100 overdue events in 24 months.
 SILO_FEATURES: dict[str, tuple[Feature, ...]] = {
     "payments": (
         Feature("on_time_repayment_rate", "rate", "share of instalments repaid on time, 12 m"),
-        Feature("overdue_count", "count", "overdue events in 24 months"),
-        Feature("overdue_max_days", "count", "longest overdue spell, days"),
+        Feature("overdue_count", "count", "overdue events in 24 months", (0.0, 100.0)),
+        Feature("overdue_max_days", "count", "longest overdue spell, days", (0.0, 730.0)),
         Feature("balance", "amount", "average wallet and card balance, CNY"),
         Feature("spend_level", "amount", "average monthly spend, CNY"),
         Feature("spend_stability", "rate", "1 - coefficient of variation of monthly spend"),
         Feature("wealth_holdings", "amount", "wealth-management holdings, CNY"),
-        Feature("bill_payments", "count", "utility and phone bills paid in 12 months"),
+        Feature("bill_payments", "count", "utility and phone bills paid in 12 months",
+                (0.0, 1000.0)),
         Feature("high_risk_merchant_share", "rate", "share of spend at high-risk merchants"),
-        Feature("complaints", "count", "complaints filed against the person in 12 months"),
+        Feature("complaints", "count", "complaints filed against the person in 12 months",
+                (0.0, 100.0)),
     ),
     "social": (
-        Feature("interaction_freq", "amount", "messages and calls per week"),
-        Feature("red_packet_exchange", "count", "red packets sent and received, 12 months"),
+        Feature("interaction_freq", "amount", "messages and calls per week", (0.0, 1e5)),
+        Feature("red_packet_exchange", "count", "red packets sent and received, 12 months",
+                (0.0, 1e4)),
         Feature("group_activity", "rate", "share of joined groups active in 30 days"),
-        Feature("contacts_avg_standing", "real", "average score of frequent contacts"),
-        Feature("mini_program_use", "count", "mini-program / official-account sessions, 30 d"),
-        Feature("donations", "count", "charitable donations, 12 months"),
-        Feature("violation_reports", "count", "violation reports against the person, 12 m"),
+        Feature("contacts_avg_standing", "real", "average score of frequent contacts",
+                (300.0, 850.0)),
+        Feature("mini_program_use", "count", "mini-program / official-account sessions, 30 d",
+                (0.0, 1e4)),
+        Feature("donations", "count", "charitable donations, 12 months", (0.0, 1000.0)),
+        Feature("violation_reports", "count", "violation reports against the person, 12 m",
+                (0.0, 100.0)),
     ),
     "device": (
         Feature("common_device_share", "rate", "share of logins from the usual device"),
-        Feature("devices_90d", "count", "distinct devices used in 90 days"),
-        Feature("abnormal_location_logins", "count", "logins from unusual locations, 90 d"),
-        Feature("rebinding_count", "count", "phone or card rebindings in 12 months"),
+        Feature("devices_90d", "count", "distinct devices used in 90 days", (0.0, 100.0)),
+        Feature("abnormal_location_logins", "count", "logins from unusual locations, 90 d",
+                (0.0, 1000.0)),
+        Feature("rebinding_count", "count", "phone or card rebindings in 12 months",
+                (0.0, 100.0)),
         Feature("two_factor_on", "flag", "two-factor authentication enabled"),
-        Feature("password_age_days", "amount", "days since the last password change"),
+        Feature("password_age_days", "amount", "days since the last password change",
+                (0.0, 36500.0)),
         Feature("location_stability", "rate", "share of days at the two usual locations"),
     ),
 }
@@ -80,10 +98,15 @@ def feature_names(silo: str) -> list[str]:
 SCHEMA_FILE = "schema.json"
 PARTIES_FILE = "parties.json"
 ID_KINDS = ("phone", "plain")
-# How a silo prepares a column: "auto" (log1p when skewed and >= 0, then standardised),
-# "signed_log" (sign(x) log1p |x|, for amounts that can be negative, then standardised),
-# "category" (one column per observed value: codes such as repayment status are not amounts).
-COLUMN_KINDS = ("auto", "signed_log", "category")
+# How a silo prepares a column, fixed by the kind and never by the data (clients/silo_data.py):
+# "amount", "count" (log1p of the value, negatives as 0), "rate", "flag" (as they are, 0..1),
+# "signed_log", "real", "auto" (sign(x) log1p |x|: amounts that can be negative, or anything
+# undeclared); each is then clipped to a declared range and standardised with noisy statistics.
+# "category": one column per value (codes such as repayment status are not amounts), the values
+# listed in the schema or, without a list, chosen by a noisy thresholded count.
+COLUMN_KINDS = ("auto", "signed_log", "category", "amount", "count", "rate", "flag", "real")
+# Beyond this many values a "category" column is probably an amount or an id.
+MAX_CATEGORIES = 64
 
 
 @dataclass(frozen=True)
@@ -93,11 +116,18 @@ class TableSchema:
     id_kind: str = "phone"
     features: tuple[str, ...] = ()
     label_column: str = LABEL_COLUMN
-    kinds: tuple[tuple[str, str], ...] = ()  # (column, kind) where not "auto"
+    kinds: tuple[tuple[str, str], ...] = ()  # (column, kind); a column not named is "auto"
     # The authority's account-status columns for the opening conditions (server/eligibility.py)
     # that its table holds. None: not declared, the generated layout (all of them); a
     # schema.json (real data) lists the ones it has, none when it says nothing.
     eligibility_columns: tuple[str, ...] | None = None
+    # (column, (low, high)): a numeric column's declared range in its own units, tighter than
+    # its kind's default; schema.json `"ranges": {"age": [18, 100]}`.
+    ranges: tuple[tuple[str, tuple[float, float]], ...] = ()
+    # (column, values): a category column's declared values; schema.json
+    # `"categories": {"sex": [1, 2]}`. Without a list the values are chosen from the data by a
+    # noisy thresholded count, which loses rare values.
+    categories: tuple[tuple[str, tuple[float, ...]], ...] = ()
 
     def __post_init__(self) -> None:
         if self.id_kind not in ID_KINDS:
@@ -107,9 +137,47 @@ class TableSchema:
             if kind not in COLUMN_KINDS:
                 raise ValueError(f"{SCHEMA_FILE}: column {column!r} has kind {kind!r}; choose "
                                  f"one of {', '.join(COLUMN_KINDS)}")
+        declared = [c for c, _ in (*self.kinds, *self.ranges, *self.categories)]
+        unknown = [c for c in declared if self.features and c not in self.features]
+        if unknown:
+            raise ValueError(f"{SCHEMA_FILE}: kinds, ranges or categories name "
+                             f"{', '.join(repr(c) for c in sorted(set(unknown)))}, not among "
+                             "the features; fix the name or add it to features")
+        for column, bounds in self.ranges:
+            if self.kind(column) == "category":
+                raise ValueError(f"{SCHEMA_FILE}: ranges names {column!r}, a category column; "
+                                 "declare its values under categories instead")
+            if (len(bounds) != 2 or not all(_finite(b) for b in bounds)
+                    or not bounds[0] < bounds[1]):
+                raise ValueError(f"{SCHEMA_FILE}: the range of {column!r} must be two finite "
+                                 f"numbers [low, high] with low < high, not {list(bounds)}")
+        for column, values in self.categories:
+            if self.kind(column) != "category":
+                raise ValueError(f"{SCHEMA_FILE}: categories names {column!r}, whose kind is "
+                                 f"{self.kind(column)!r}; declare its kind category")
+            if not values or not all(_finite(v) for v in values) \
+                    or len(set(values)) != len(values):
+                raise ValueError(f"{SCHEMA_FILE}: the categories of {column!r} must be a "
+                                 "non-empty list of distinct numbers, e.g. [1, 2]")
+            if len(values) > MAX_CATEGORIES:
+                raise ValueError(f"{SCHEMA_FILE}: {column!r} declares {len(values)} categories "
+                                 f"(more than {MAX_CATEGORIES}); declare it auto")
 
     def kind(self, column: str) -> str:
         return dict(self.kinds).get(column, "auto")
+
+    def range(self, column: str) -> tuple[float, float] | None:
+        """The column's declared range in its own units, None for its kind's default."""
+        return dict(self.ranges).get(column)
+
+    def declared_categories(self, column: str) -> tuple[float, ...] | None:
+        """A category column's declared values, None when the schema lists none."""
+        return dict(self.categories).get(column)
+
+
+def _finite(value: object) -> bool:
+    return (isinstance(value, numbers.Real) and not isinstance(value, bool)
+            and math.isfinite(value))
 
 
 def _read_schema(directory: Path) -> dict | None:
@@ -128,10 +196,27 @@ def _read_schema(directory: Path) -> dict | None:
 def silo_schema(silo_dir: Path, silo: str) -> TableSchema:
     raw = _read_schema(silo_dir)
     if raw is None:
-        return TableSchema(features=tuple(feature_names(silo)))
+        features = SILO_FEATURES.get(silo)
+        if features is None:
+            feature_names(silo)  # the error naming the known silos
+        return TableSchema(features=tuple(f.name for f in features),
+                           kinds=tuple(sorted((f.name, f.kind) for f in features)),
+                           ranges=tuple(sorted((f.name, f.bounds) for f in features
+                                               if f.bounds is not None)))
+    ranges, categories = raw.get("ranges", {}), raw.get("categories", {})
+    if not isinstance(ranges, dict) or not isinstance(categories, dict):
+        raise ValueError(f"{silo_dir / SCHEMA_FILE}: ranges and categories map column names to "
+                         'lists, e.g. "ranges": {"age": [18, 100]}, "categories": {"sex": [1, 2]}')
     return TableSchema(raw.get("id_column", ID_COLUMN), raw.get("id_kind", "phone"),
                        tuple(raw.get("features", ())),
-                       kinds=tuple(sorted(raw.get("kinds", {}).items())))
+                       kinds=tuple(sorted(raw.get("kinds", {}).items())),
+                       ranges=tuple(sorted((c, tuple(_as_list(v))) for c, v in ranges.items())),
+                       categories=tuple(sorted((c, tuple(_as_list(v)))
+                                               for c, v in categories.items())))
+
+
+def _as_list(value: object) -> list:
+    return list(value) if isinstance(value, list) else [value]
 
 
 def authority_schema(authority_dir: Path) -> TableSchema:

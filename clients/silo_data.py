@@ -1,24 +1,34 @@
 """A silo's table: load, validate, and turn into a model-ready matrix.
 
 Everything here runs inside the silo. Validation errors name the problem and the fix but never
-echo an identifier. Missing values are normal: they are imputed with the column median and get a
-missing-value indicator column, so the model can learn what absence means.
+echo an identifier. Missing values are normal: every numeric column has a missing-value
+indicator column, so the model can learn what absence means.
+
+No private statistic shapes the model unaccounted (DESIGN "Privacy model"): transforms and
+clipping ranges are fixed by the declared column kinds, and the statistics fitted on the table
+are released once per table through one Gaussian mechanism with noise from the silo's secret
+stream, which the authority accounts (`statistics_mechanism`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import logging
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from statistics import NormalDist
 
 import numpy as np
 import pandas as pd
 
-from clients.schema import ID_COLUMN, TableSchema, silo_schema
+from clients.schema import ID_COLUMN, MAX_CATEGORIES, TableSchema, silo_schema
 from crypto.at_rest import AtRestError, Keystore, party_context, read_encrypted, read_party_file
 from crypto.identity import IdentifierError, normalize_ids
+from crypto.secret_random import SecretRandom
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +113,30 @@ def validate(df: pd.DataFrame, silo: str, expected: list[str],
     return ids
 
 
-# Beyond this many distinct values a "category" column is probably an amount or an id.
-MAX_CATEGORIES = 64
+# ---- preparation: fixed transforms, declared ranges, noisy statistics ------------------------
+# A column's transform and clipping range follow from its declared kind (clients/schema.py),
+# never from the data; what does come from the data (the mean and spread that standardise each
+# column, the values of a category column the schema does not list) is released once per table
+# through one Gaussian mechanism, accounted by the authority (`statistics_mechanism`).
+
+TRANSFORMS: dict[str, str] = {
+    "amount": "log1p", "count": "log1p",  # log1p(max(x, 0))
+    "rate": "identity", "flag": "identity",
+    "signed_log": "signed_log", "real": "signed_log", "auto": "signed_log",  # sign(x) log1p|x|
+}
+# The range each kind's transformed values are clipped to, unless the schema declares a tighter
+# one in the column's own units: log1p 20 is 4.9e8, signed log 25 is 7.2e10.
+KIND_RANGES: dict[str, tuple[float, float]] = {
+    "amount": (0.0, 20.0), "count": (0.0, 20.0), "rate": (0.0, 1.0), "flag": (0.0, 1.0),
+    "signed_log": (-25.0, 25.0), "real": (-25.0, 25.0), "auto": (-25.0, 25.0),
+}
+# The smallest standard deviation a column is divided by, on the [-1, 1] scale of its range, so
+# that a constant column stays finite. The floor also grows with the noise of the variance's
+# estimate, so on a table too small for its noise the scale is 1 and the inputs stay in [-2, 2].
+MIN_SCALE = 0.05
+# The probability, for one release of a silo's table, that a category value held by one person
+# only passes the threshold: the histograms' share of the release's delta.
+THRESHOLD_DELTA = 1e-9
 
 
 def _frozen(values: np.ndarray) -> np.ndarray:
@@ -113,88 +145,175 @@ def _frozen(values: np.ndarray) -> np.ndarray:
     return out
 
 
+def _noise_multiplier() -> float:
+    # Imported here: clients.accounting loads Opacus (seconds), and this module is also read by
+    # tools that only load tables.
+    from clients.accounting import STATISTICS_NOISE_MULTIPLIER
+
+    return float(STATISTICS_NOISE_MULTIPLIER)
+
+
+def statistics_mechanism() -> dict:
+    """What fitting a silo's preparation releases, for the authority's ledger.
+
+    One Gaussian mechanism per silo table: per numeric column the sum of u, the sum of u^2 and
+    the count of present cells, where u in [-1, 1] is the transformed value clipped to its
+    declared range; per category column whose values the schema does not list, the count of
+    each value seen. Adding or removing one person changes each numeric column's three numbers
+    by at most 1 each and one count per category column by 1, so the L2 sensitivity is
+    sqrt(3 numeric + histogram columns), and every number gets N(0, (multiplier *
+    sensitivity)^2): account it as `history` (noise multiplier, sample rate 1, 1 step), one
+    ledger line per silo. A category value is kept only when its noisy count passes a threshold
+    that a value held by one person passes with probability at most `extra_delta` over the
+    whole release: add it to the delta. The noise is drawn from the silo's secret stream
+    addressed by the table's digest: the same table repeats the same release (no new cost); a
+    changed table is a new release."""
+    multiplier = _noise_multiplier()
+    return {
+        "mechanism": "gaussian",
+        "noise_multiplier": multiplier,
+        "sample_rate": 1.0,
+        "steps": 1,
+        "history": [(multiplier, 1.0, 1)],
+        "releases": "one per silo table",
+        "sensitivity": "L2, add/remove one person: sqrt(3 * numeric columns + category "
+                       "columns without declared values)",
+        "extra_delta": THRESHOLD_DELTA,
+    }
+
+
+@dataclass(frozen=True, eq=False)
+class StatisticsRelease:
+    """What fitting one preparation released: the noisy statistics and their mechanism.
+    `noise_multiplier` 0 means exact statistics (rng=None: experiment-layer references only)."""
+
+    noise_multiplier: float  # noise std / sensitivity
+    sensitivity: float  # L2, adding or removing one person (one row)
+    histogram_columns: tuple[str, ...]  # category columns whose values came from the data
+    threshold: float  # the noisy count a category value needed to be kept
+    # Per numeric column, noisy: sum of u, sum of u^2, count of present cells.
+    sums: np.ndarray
+    squares: np.ndarray
+    counts: np.ndarray
+
+    @property
+    def sigma(self) -> float:
+        """The standard deviation of the noise on every released number."""
+        return self.noise_multiplier * self.sensitivity
+
+    @property
+    def private(self) -> bool:
+        return self.noise_multiplier > 0
+
+    @property
+    def extra_delta(self) -> float:
+        return THRESHOLD_DELTA if self.private and self.histogram_columns else 0.0
+
+
 @dataclass(frozen=True, eq=False)
 class Preparation:
     """How a silo turns its table into model inputs, fitted once on the training table and
     applied unchanged to other rows (a later cohort, new applicants), so that a shift in the
     data shows up in the inputs instead of being standardised away.
 
-    Numeric columns: log1p where the fitted column was skewed and non-negative (values below 0
-    in new rows are clipped to 0 first: log1p is only defined there, and such a column had none
-    at fit time), sign(x) log1p |x| for `signed_log` columns, the fitted median for missing
-    cells, then the fitted mean and standard deviation. A `__missing` indicator column exists
-    for exactly the columns that had missing cells at fit time: the model's inputs are fixed
-    then, so a new missing cell in another column is imputed with the median, without an
-    indicator, and a column entirely empty in the new rows is imputed throughout.
-    Category columns: one 0/1 column per value seen at fit time, plus `=missing` if the column
-    had missing cells then. A value never seen at fit time (or a missing cell when there is no
-    `=missing` column) gives an all-zero row: the person is like no group the model knows,
-    which is neutral for its first layer, rather than being counted as missing.
+    Numeric columns: a transform fixed by the column's kind (`TRANSFORMS`), clipped to the
+    kind's range or the schema's declared one (`KIND_RANGES`, so one extreme value moves
+    nothing beyond its clip) and mapped linearly to u in [-1, 1]; a missing cell takes the
+    fitted mean, then (u - mean) / scale. Every numeric column has a `__missing` indicator
+    column, whether or not the training table had missing cells (that too would be a private
+    fact). Category columns: one 0/1 column per value (declared in the schema, else kept by the
+    noisy count), then `=missing`. A value not among them gives an all-zero row: the person is
+    like no group the model knows, which is neutral for its first layer.
     """
 
     silo: str
     numeric: tuple[str, ...]
-    skewed: np.ndarray  # bool per numeric column: log1p
-    signed: np.ndarray  # bool per numeric column: sign(x) log1p |x|
-    median: np.ndarray  # per numeric column, after the log transforms
-    mean: np.ndarray
-    scale: np.ndarray  # the standard deviation, 1 where it was 0
-    indicators: tuple[str, ...]  # numeric columns with a missing-value indicator
-    # (column, values seen at fit time in sorted order, whether it has a `=missing` column)
-    categories: tuple[tuple[str, tuple[float, ...], bool], ...]
+    transforms: tuple[str, ...]  # per numeric column: "log1p", "identity" or "signed_log"
+    low: np.ndarray  # per numeric column, the clipping range after the transform
+    high: np.ndarray
+    mean: np.ndarray  # on the u scale; also the fill for missing cells
+    scale: np.ndarray  # the standard deviation on the u scale, at least MIN_SCALE
+    categories: tuple[tuple[str, tuple[float, ...]], ...]  # (column, values in sorted order)
     columns: tuple[str, ...]  # names of the model inputs, in order
+    release: StatisticsRelease
 
     @classmethod
     def fit(cls, df: pd.DataFrame, silo: str, expected: list[str],
-            schema: TableSchema | None = None) -> Preparation:
-        """Statistics from `df` (already validated, e.g. by `validate`)."""
+            schema: TableSchema | None = None, *,
+            rng: np.random.Generator | None) -> Preparation:
+        """Fit on `df` (already validated, e.g. by `validate`) with noisy statistics drawn from
+        `rng`, which must be the silo's secret stream (`load_silo` makes it). `rng=None` uses
+        exact statistics, which are NOT private: only for experiment-layer references
+        (simulations/ baselines, tests) that never release a model."""
         schema = schema or TableSchema()
+        where = f"silo {silo!r}"
         categorical = [c for c in expected if schema.kind(c) == "category"]
         numeric = [c for c in expected if c not in categorical]
-        raw = df[numeric].to_numpy(dtype=np.float64)
+        raw = df[numeric].to_numpy(dtype=np.float64, copy=True)
         nan = np.isnan(raw)
         if numeric and nan.all(axis=0).any():
             empty = [c for c, e in zip(numeric, nan.all(axis=0), strict=True) if e]
             raise SiloDataError(
-                f"silo {silo!r}: column(s) {', '.join(empty)} are entirely empty; drop them "
+                f"{where}: column(s) {', '.join(empty)} are entirely empty; drop them "
                 "from the table and the schema, or fill them"
             )
-        signed = np.array([schema.kind(c) == "signed_log" for c in numeric], dtype=bool)
-        if numeric:
-            nonneg = np.nanmin(raw, axis=0) >= 0
-            mean, std = np.nanmean(raw, axis=0), np.nanstd(raw, axis=0)
-            median = np.nanmedian(raw, axis=0)
-            # Heavy right tails (amounts, counts) dominate a linear layer; log1p tames them.
-            skewed = (nonneg & (mean > 0) & (std > 2 * np.maximum(median, 1e-9))
-                      & (np.nanmax(raw, 0) > 10))
-        else:
-            skewed = np.zeros(0, dtype=bool)
-        x = _log_transforms(raw, skewed, signed)
-        fill = np.nanmedian(x, axis=0) if numeric else np.zeros(0)
-        x = np.where(nan, fill, x)
-        mu, sd = x.mean(axis=0), x.std(axis=0)
-        has_nan = nan.any(axis=0)
-        indicators = tuple(c for c, h in zip(numeric, has_nan, strict=True) if h)
-        names = [*numeric, *(f"{c}__missing" for c in indicators)]
+        transforms = tuple(TRANSFORMS[schema.kind(c)] for c in numeric)
+        low, high = _ranges(numeric, transforms, schema, where)
+        u = _to_unit(raw, transforms, low, high)
+        present = ~nan
+        u[nan] = 0.0
+        u.sort(axis=0)  # sums independent of the row order, to the last bit
+        exact = np.stack([u.sum(axis=0), (u * u).sum(axis=0), present.sum(axis=0)])
+        histogram = [c for c in categorical if schema.declared_categories(c) is None]
+        multiplier = 0.0 if rng is None else _noise_multiplier()
+        sensitivity = math.sqrt(3 * len(numeric) + len(histogram))
+        sigma = multiplier * sensitivity
+        # Draw order (a known answer for tests): sums, squares, counts, each over the numeric
+        # columns; then each histogram column's counts in schema order, values ascending.
+        noisy = exact if rng is None else exact + sigma * rng.standard_normal(exact.shape)
+        threshold = 0.0
+        if rng is not None and histogram:
+            z = -NormalDist().inv_cdf(THRESHOLD_DELTA / len(histogram))
+            threshold = 1.0 + sigma * z
         categories = []
         for col in categorical:
-            uniques = pd.unique(df[col].dropna().to_numpy(dtype=np.float64))
-            uniques = np.sort(uniques)
-            if len(uniques) > MAX_CATEGORIES:
-                raise SiloDataError(
-                    f"column {col!r} is declared a category but has {len(uniques)} distinct "
-                    f"values (more than {MAX_CATEGORIES}); declare it auto")
-            missing = bool(df[col].isna().any())
-            categories.append((col, tuple(float(v) for v in uniques), missing))
-            names += [f"{col}={v:g}" for v in uniques] + ([f"{col}=missing"] if missing else [])
-        return cls(silo, tuple(numeric), _frozen(skewed & ~signed), _frozen(signed),
-                   _frozen(fill), _frozen(mu), _frozen(np.where(sd > 0, sd, 1.0)), indicators,
-                   tuple(categories), tuple(names))
+            declared = schema.declared_categories(col)
+            if declared is not None:
+                values = np.unique(np.asarray(declared, dtype=np.float64))
+            else:
+                values = _common_values(df[col].to_numpy(dtype=np.float64), col, rng, sigma,
+                                        threshold)
+            categories.append((col, tuple(float(v) for v in values)))
+        n = np.maximum(noisy[2], 1.0)
+        mean = np.clip(noisy[0] / n, -1.0, 1.0)
+        second = np.clip(noisy[1] / n, 0.0, 1.0)
+        # The variance is never taken below the noise of its own estimate (sigma / n on each
+        # moment, the mean's twice over through mean^2): noise may then shrink a column's
+        # inputs, but seldom blow them up more than twofold (which destabilises training).
+        floor = np.maximum(MIN_SCALE**2, sigma / n * np.sqrt(1.0 + 4.0 * mean * mean))
+        scale = np.sqrt(np.clip(second - mean * mean, np.minimum(floor, 1.0), 1.0))
+        names = [*numeric, *(f"{c}__missing" for c in numeric)]
+        for col, values in categories:
+            names += [f"{col}={v:g}" for v in values] + [f"{col}=missing"]
+        release = StatisticsRelease(multiplier, sensitivity, tuple(histogram), threshold,
+                                    _frozen(noisy[0]), _frozen(noisy[1]), _frozen(noisy[2]))
+        return cls(silo, tuple(numeric), transforms, _frozen(low), _frozen(high), _frozen(mean),
+                   _frozen(scale), tuple(categories), tuple(names), release)
 
     @property
     def features(self) -> tuple[str, ...]:
         """The table columns this preparation reads."""
-        return (*self.numeric, *(c for c, _, _ in self.categories))
+        return (*self.numeric, *(c for c, _ in self.categories))
+
+    @property
+    def fill(self) -> np.ndarray:
+        """What a missing numeric cell becomes, on the u scale: the fitted (noisy) mean."""
+        return self.mean
+
+    @property
+    def indicators(self) -> tuple[str, ...]:
+        """Numeric columns with a missing-value indicator: all of them."""
+        return self.numeric
 
     def transform(self, df: pd.DataFrame) -> np.ndarray:
         """Model inputs (float32, one row per row of `df`, `columns` in order) with the fitted
@@ -216,46 +335,103 @@ class Preparation:
         nan = np.isnan(raw)
         # `raw` is this call's own copy (copy=True), so every step works in place: a
         # million-row table costs one float64 copy and the float32 result, not five copies.
-        np.maximum(raw, 0.0, out=raw, where=self.skewed[None, :] & ~nan)
-        x = _log_transforms(raw, self.skewed, self.signed, in_place=True)
-        np.copyto(x, np.broadcast_to(self.median, x.shape), where=nan)
+        x = _to_unit(raw, self.transforms, self.low, self.high)
+        np.copyto(x, np.broadcast_to(self.mean, x.shape), where=nan)
         x -= self.mean
         x /= self.scale
-        flagged = [self.numeric.index(c) for c in self.indicators]
-        widths = [len(v) + int(m) for _, v, m in self.categories]
-        out = np.empty((len(x), x.shape[1] + len(flagged) + sum(widths)), dtype=np.float32)
-        out[:, : x.shape[1]] = x
-        out[:, x.shape[1] : x.shape[1] + len(flagged)] = nan[:, flagged]
-        start = x.shape[1] + len(flagged)
-        for (col, values, missing), width in zip(self.categories, widths, strict=True):
-            out[:, start : start + width] = _one_hot(df[col].to_numpy(dtype=np.float64),
-                                                     values, missing)
+        d = x.shape[1]
+        widths = [len(v) + 1 for _, v in self.categories]
+        out = np.empty((len(x), 2 * d + sum(widths)), dtype=np.float32)
+        out[:, :d] = x
+        out[:, d : 2 * d] = nan
+        start = 2 * d
+        for (col, values), width in zip(self.categories, widths, strict=True):
+            out[:, start : start + width] = _one_hot(df[col].to_numpy(dtype=np.float64), values)
             start += width
         return out
 
 
-def _log_transforms(raw: np.ndarray, skewed: np.ndarray, signed: np.ndarray,
-                    in_place: bool = False) -> np.ndarray:
-    x = raw if in_place else raw.copy()
-    x[:, skewed & ~signed] = np.log1p(x[:, skewed & ~signed])
-    x[:, signed] = np.sign(x[:, signed]) * np.log1p(np.abs(x[:, signed]))
+def _ranges(numeric: list[str], transforms: tuple[str, ...], schema: TableSchema,
+            where: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per numeric column the clipping range after its transform: the schema's declared range
+    (in the column's units, transformed) or its kind's default."""
+    low, high = np.zeros(len(numeric)), np.ones(len(numeric))
+    for j, (col, how) in enumerate(zip(numeric, transforms, strict=True)):
+        declared = schema.range(col)
+        if declared is None:
+            low[j], high[j] = KIND_RANGES[schema.kind(col)]
+            continue
+        ends = _apply(np.array([declared], dtype=np.float64), (how, how))[0]
+        if not ends[0] < ends[1]:
+            raise SiloDataError(f"{where}: the declared range {list(declared)} of {col!r} is "
+                                f"empty once transformed ({how}: negative values count as 0); "
+                                "declare a range with a positive upper end")
+        low[j], high[j] = ends
+    return low, high
+
+
+def _apply(x: np.ndarray, transforms: tuple[str, ...]) -> np.ndarray:
+    """The columns' transforms, in place (NaN stays NaN)."""
+    how = np.asarray(transforms)
+    logged, signed = how == "log1p", how == "signed_log"
+    if logged.any():
+        x[:, logged] = np.log1p(np.maximum(x[:, logged], 0.0))
+    if signed.any():
+        x[:, signed] = np.sign(x[:, signed]) * np.log1p(np.abs(x[:, signed]))
     return x
 
 
-def _one_hot(values: np.ndarray, categories: tuple[float, ...], missing: bool) -> np.ndarray:
-    """One 0/1 column per fitted value (then `=missing` if fitted); unseen values: all zero."""
+def _to_unit(raw: np.ndarray, transforms: tuple[str, ...], low: np.ndarray,
+             high: np.ndarray) -> np.ndarray:
+    """u in [-1, 1]: transformed, clipped to [low, high] and mapped linearly; in place on `raw`
+    (NaN stays NaN)."""
+    x = _apply(raw, transforms)
+    np.clip(x, low, high, out=x)
+    x -= (low + high) / 2
+    x /= (high - low) / 2
+    return x
+
+
+def _common_values(values: np.ndarray, col: str, rng: np.random.Generator | None, sigma: float,
+                   threshold: float) -> np.ndarray:
+    """The values of an undeclared category column: those whose count plus N(0, sigma^2)
+    passes `threshold` (with rng=None, every value seen: exact, not private)."""
+    seen, counts = np.unique(values[~np.isnan(values)], return_counts=True)
+    if rng is not None:
+        seen = seen[counts + sigma * rng.standard_normal(len(seen)) > threshold]
+    if len(seen) > MAX_CATEGORIES:
+        raise SiloDataError(
+            f"column {col!r} is declared a category but has {len(seen)} "
+            f"{'common ' if rng is not None else ''}distinct values (more than "
+            f"{MAX_CATEGORIES}); declare it auto")
+    return seen
+
+
+def _one_hot(values: np.ndarray, categories: tuple[float, ...]) -> np.ndarray:
+    """One 0/1 column per fitted value, then `=missing`; a value not among them: all zero."""
     known = np.asarray(categories, dtype=np.float64)
-    width = len(known) + int(missing)
+    width = len(known) + 1
     out = np.zeros((len(values), width))
     pos = np.searchsorted(known, values)
     found = (pos < len(known)) & (known[np.minimum(pos, len(known) - 1)] == values) \
         if len(known) else np.zeros(len(values), dtype=bool)
     column = np.where(found, pos, -1)
-    if missing:
-        column = np.where(np.isnan(values), width - 1, column)
+    column = np.where(np.isnan(values), width - 1, column)
     rows = np.flatnonzero(column >= 0)
     out[rows, column[rows]] = 1.0
     return out
+
+
+def table_digest(df: pd.DataFrame) -> str:
+    """SHA-256 of a table's content, whatever its row or column order and however it is stored
+    (plain or encrypted): it addresses the secret stream of the table's noisy statistics, so the
+    same table always gives the same preparation."""
+    columns = sorted(str(c) for c in df.columns)
+    frame = df.set_axis([str(c) for c in df.columns], axis=1)[columns]
+    rows = np.sort(pd.util.hash_pandas_object(frame, index=False).to_numpy(dtype=np.uint64))
+    h = hashlib.sha256(json.dumps(columns).encode())
+    h.update(rows.tobytes())
+    return h.hexdigest()
 
 
 @dataclass
@@ -263,34 +439,43 @@ class SiloMatrix:
     """Model-ready features of one silo, row i = table row i."""
 
     x: np.ndarray  # float32 (n, d)
-    columns: list[str]  # names of x's columns, indicators last
+    columns: list[str]  # names of x's columns, indicators after the numeric columns
     ids: pd.Series  # normalised identifiers, E.164; never leaves the silo
     # The fitted preparation, to turn other rows (a later cohort) into inputs the same way.
     prep: Preparation | None = None
 
 
 def prepare(df: pd.DataFrame, silo: str, expected: list[str],
-            schema: TableSchema | None = None) -> SiloMatrix:
-    """Validate, fit a `Preparation` on the table and apply it: log1p for skewed non-negative
-    columns (signed log1p for `signed_log` columns), median imputation with missing indicators,
-    standardisation; `category` columns become one-hot columns instead. All statistics come
-    from the silo's own table."""
+            schema: TableSchema | None = None, *,
+            rng: np.random.Generator | None) -> SiloMatrix:
+    """Validate, fit a `Preparation` on the table and apply it: each column transformed by its
+    kind, clipped to its declared range, standardised with noisy statistics drawn from `rng`
+    (the silo's secret stream), with a missing indicator per numeric column; `category` columns
+    become one-hot columns instead. `rng=None`: exact statistics, not private, for
+    experiment-layer references only (see `Preparation.fit`)."""
     schema = schema or TableSchema()
     ids = validate(df, silo, expected, schema)
-    prep = Preparation.fit(df, silo, expected, schema)
+    prep = Preparation.fit(df, silo, expected, schema, rng=rng)
     matrix = prep.transform(df)
     log.debug("silo %s: %d rows, %d model inputs", silo, len(matrix), matrix.shape[1])
     return SiloMatrix(x=matrix, columns=list(prep.columns), ids=ids, prep=prep)
 
 
 def load_silo(silo_dir: Path, silo: str, store: Keystore | None = None) -> SiloMatrix:
-    """The silo's table, validated against its schema (schema.json, or the generated layout)."""
+    """The silo's table, validated against its schema (schema.json, or the generated layout)
+    and prepared with noisy statistics (`statistics_mechanism`). The noise comes from the
+    silo's secret (in its keystore, or in `silo_dir` without one) on a stream addressed by the
+    table's digest: the same table always gives the same preparation, and nobody without the
+    secret can predict or remove the noise."""
     try:
         schema = silo_schema(silo_dir, silo)
     except ValueError as exc:
         raise SiloDataError(f"silo {silo!r}: {exc}") from None
     table = read_table(find_table(silo_dir), silo, store, schema.id_column)
-    return prepare(table, silo, list(schema.features), schema)
+    random = SecretRandom.load_or_create(store.path if store is not None else Path(silo_dir),
+                                         silo)
+    rng = random.generator("statistics", table_digest(table))
+    return prepare(table, silo, list(schema.features), schema, rng=rng)
 
 
 # ---- later cohorts (drift monitoring) ----------------------------------------------------------
