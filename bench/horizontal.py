@@ -8,6 +8,12 @@ Runs `fedscore run` (as a user would, each in a fresh process) for:
   - the vertical topology at eps = 1 and non-private, for the comparison at equal epsilon;
 then `fedscore compare` over all of them. Writes horizontal.csv and horizontal.md into --out.
 
+`eps_max` is the largest epsilon the run spent, and `eps_scope` says which: under sample-level DP
+each region's epsilon is per region (one customer of that region), under user-level DP one
+epsilon covers a whole region's contribution (add/remove), against everyone but the server.
+Every run draws its samples and noise from the parties' secrets (fresh keystores per --out), so
+two --out directories give two draws of the noise; one directory reruns identically.
+
     .venv/bin/python bench/horizontal.py --out /tmp/horizontal [--users 100000]
 """
 
@@ -85,6 +91,8 @@ def main() -> int:
                      "central_dp_auc": m["baseline_central_dp_auc"],
                      "gap_to_oracle": m["gap_to_oracle"], "gap_to_central": m["gap_to_central"],
                      "eps_max": max(spent) if spent else None,
+                     "eps_scope": ("user (a whole region)" if eps.get("user") is not None
+                                   else "per region (one customer)" if spent else "-"),
                      "seconds": m["seconds"]["total"],
                      "region_default_rates": " ".join(
                          f"{r['default_rate']:.3f}" for r in m.get("regions", [])),

@@ -4,16 +4,27 @@ A region is named by node config `region=...` (deployment) or by the simulation'
 `partition-id` (0.. in the order of `<data-dir>/regions.json`). Messages:
 
   train               global model + the local plan -> the model after one local round,
-                      {"weight": 1, "num-examples", "train_loss", "steps", "stopped"}
-  evaluate            global model -> validation loss and AUC on the region's own customers
-  query.privacy       -> the region's accountant history for the whole run, and its plan
+                      {"weight": 1, "num-examples", "steps", "stopped"} (+ "train_loss"
+                      without DP); under user-level DP {"weight": 1} only
+  evaluate            global model -> validation loss and AUC on the region's own customers;
+                      refused under user-level DP
+  query.privacy       -> the region's accountant history for the whole run, and its plan;
+                      under user-level DP the region's name only
   query.predict       final global model + run key -> the region writes default
                       probabilities for all its customers into its own folder
-                      (`predictions/<run key>.parquet[.enc]`) and replies with counts only
+                      (`predictions/<run key>.parquet[.enc]`) and replies with its name only
 
 No message carries an identifier or a customer's row: only model weights and aggregates. Each
 reply weighs 1, so FedAvg averages regions without weighting them by size (a size-weighted
 average changes a region's sensitivity and is not what Flower's DP wrappers account for).
+
+Under user-level DP (`horizontal.dp=user`) the clipped and noised average is the guarantee, so
+a region sends its model and nothing else: an exact loss, AUC, size or step count would be a
+release about the whole region outside the accountant.
+
+The Poisson samples and DP-SGD noise come from the region's own secret
+(crypto/secret_random.py), found like a silo's: in the region's keystore (`node_store`), else in
+the region's own data directory.
 """
 
 from __future__ import annotations
@@ -31,6 +42,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
+from clients import capture
 from clients import messages as m
 from clients.client_app import Defaults, node_store
 from clients.region_data import (
@@ -40,8 +52,16 @@ from clients.region_data import (
     load_region,
     region_split,
 )
-from clients.region_trainer import LocalSpec, Plan, global_model, predict_logits, train_round
+from clients.region_trainer import (
+    LocalSpec,
+    Plan,
+    global_model,
+    predict_logits,
+    round_stream,
+    train_round,
+)
 from crypto.at_rest import Keystore, write_party_file
+from crypto.secret_random import SecretRandom
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +100,14 @@ def region_dir(context: Context, defaults: RegionDefaults) -> Path:
 
 def region_store(context: Context, defaults: RegionDefaults) -> Keystore | None:
     return node_store(context, defaults, region_dir(context, defaults).parent)
+
+
+def region_random(context: Context, defaults: RegionDefaults) -> SecretRandom:
+    """The region's secret streams: the secret lives in the region's keystore when it has one
+    (found as a silo's is, `node_store`), else in its own data directory; made on first use."""
+    store = region_store(context, defaults)
+    directory = store.path if store is not None else region_dir(context, defaults)
+    return SecretRandom.load_or_create(directory, region_name(context, defaults))
 
 
 def region_data(context: Context, defaults: RegionDefaults, seed: int, train: float,
@@ -164,7 +192,7 @@ def clipping_mod(msg: Message, context: Context, call_next) -> Message:
 def make_region_app(root: Path | None = None, keystore: Path | None = None,
                     plaintext: bool = False) -> ClientApp:
     defaults = RegionDefaults(root, keystore, plaintext)
-    app = ClientApp()
+    app = ClientApp(mods=[capture.capture_mod] if capture.enabled() else None)
 
     def setup(msg: Message, context: Context) -> tuple[LocalSpec, RegionData, np.ndarray]:
         torch.set_num_threads(1)  # one core per region: regions run side by side
@@ -188,13 +216,18 @@ def make_region_app(root: Path | None = None, keystore: Path | None = None,
         rows = split == 0
         model = _model_from(msg, data.x.shape[1], spec)
         plan = _plan(context, int(rows.sum()), spec)
-        round_ = int(cfg.get("server-round", 1))
-        result = train_round(model, data.x[rows], data.y[rows], spec, plan, _history(context),
-                             region_name(context, defaults), round_)
+        x, y = data.x[rows], data.y[rows]
+        stream = round_stream(cfg, model, x, y)
+        result = train_round(model, x, y, spec, plan, _history(context),
+                             region_random(context, defaults), stream)
         _save_history(context, result.history, plan)
-        metrics = {"weight": 1.0, "num-examples": int(rows.sum()), "steps": result.steps,
-                   "stopped": int(result.stopped)}
-        if not spec.dp:
+        metrics: dict = {"weight": 1.0}
+        if not spec.user_level:
+            # Under user-level DP the clipped, noised average is the only release about the
+            # region; its size, steps (q = batch / size) or loss would be others, outside it.
+            metrics.update({"num-examples": int(rows.sum()), "steps": result.steps,
+                            "stopped": int(result.stopped)})
+        if not spec.dp and not spec.user_level:
             # Under DP the model is the only release about the training customers; their
             # average loss would be another, outside the accountant.
             metrics["train_loss"] = result.loss
@@ -206,6 +239,10 @@ def make_region_app(root: Path | None = None, keystore: Path | None = None,
     @_guarded
     def evaluate(msg: Message, context: Context) -> Message:
         spec, data, split = setup(msg, context)
+        if spec.user_level:
+            raise m.ProtocolError("under user-level DP a region sends no validation metrics "
+                                  "(an exact loss or AUC is outside the guarantee); evaluate "
+                                  "the released global model instead")
         rows = split == 1
         model = _model_from(msg, data.x.shape[1], spec)
         z = predict_logits(model, data.x[rows])
@@ -220,6 +257,11 @@ def make_region_app(root: Path | None = None, keystore: Path | None = None,
     @_guarded
     def privacy(msg: Message, context: Context) -> Message:
         spec, _data, split = setup(msg, context)
+        if spec.user_level:
+            # No size, plan or history: the size (and q, delta, which follow from it) would
+            # be exact aggregates about the region outside the user-level guarantee.
+            reply = {"region": region_name(context, defaults)}
+            return Message(m.make_content(reply), reply_to=msg)
         plan = _plan(context, int((split == 0).sum()), spec)
         history = _history(context)
         reply = {"region": region_name(context, defaults), "n_train": int((split == 0).sum()),
@@ -245,7 +287,7 @@ def make_region_app(root: Path | None = None, keystore: Path | None = None,
         frame.to_parquet(buf, index=False)
         write_party_file(directory / f"{run_key}.parquet", region_name(context, defaults),
                          buf.getvalue(), region_store(context, defaults))
-        reply = {"region": region_name(context, defaults), "rows": len(frame)}
+        reply = {"region": region_name(context, defaults)}
         return Message(m.make_content(reply), reply_to=msg)
 
     return app

@@ -91,7 +91,12 @@ def region_inputs(df: pd.DataFrame) -> np.ndarray:
 
 def region_split(n: int, seed: int, region: str, train: float, val: float) -> np.ndarray:
     """Split code per customer (0 train, 1 val, 2 test): a seeded permutation, the region's own
-    decision, reproducible by anyone who knows the seed and the region's name."""
+    decision, reproducible by anyone who knows the seed and the region's name.
+
+    The public seed may choose it: no guarantee rests on it. Sample-level DP protects every
+    customer of the training split whoever knows who is in it, and user-level DP a whole region;
+    the draws that do carry a guarantee (Poisson samples, noise) come from the region's secret
+    (region_trainer.py)."""
     rng = np.random.default_rng([seed, 4_409, *region.encode()])
     order = rng.permutation(n)
     codes = np.full(n, 2, dtype=np.int8)

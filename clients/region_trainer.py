@@ -5,21 +5,29 @@ of the region's training customers (sample rate q = batch / n). With sample-leve
 are Opacus DP-SGD steps and go on the region's ONE accountant history for the whole run. With
 FedProx the proximal gradient mu (w - w_global) is added after Opacus has clipped and noised the
 data gradient: it depends on no customer, so it costs no privacy and is never clipped.
+
+Every draw the guarantee rests on, the Poisson samples and the DP-SGD noise, comes from the
+region's own secret streams (crypto/secret_random.py), never from the public run seed, which
+only initialises the global model and chooses the split. A round's streams are addressed by the
+caller's `stream` (the region binds it to the plan, the global model it received and its own
+training data), so keeping the keystores reproduces a run and a round asked again with the same
+model gets the same answer, not a second, independent release.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 from opacus import GradSampleModule
-from opacus.optimizers import DPOptimizer
 
 from clients.accounting import History, add_steps, affordable_steps, calibrate_sigma
-from clients.model import BottomModel
-from clients.schema import silo_salt
+from clients.model import BottomModel, SecretNoiseDPOptimizer, make_private
+from crypto.secret_random import SecretRandom, digest
 
 
 @dataclass(frozen=True)
@@ -33,10 +41,13 @@ class LocalSpec:
     proximal_mu: float = 0.0
     # Sample-level DP: a target epsilon per region for the whole run (inf = off).
     epsilon: float = math.inf
-    delta: float = 0.0  # 0 = 1 / (the region's training customers)
+    delta: float = 0.0  # 0 = 1 / (10 x the region's training customers)
     accountant: str = "prv"
     max_grad_norm: float = 5.0
     cap: float = 0.0  # 0 = the target
+    # User-level DP (horizontal.dp=user) is in force: the server clips and noises each region's
+    # update, so the region sends its model and nothing else (no loss, AUC, size or steps).
+    user_level: bool = False
 
     @property
     def dp(self) -> bool:
@@ -58,6 +69,7 @@ class LocalSpec:
             proximal_mu=float(cfg["proximal_mu"]), epsilon=eps if eps > 0 else math.inf,
             delta=float(cfg["delta"]), accountant=str(cfg["accountant"]),
             max_grad_norm=float(cfg["max_grad_norm"]), cap=float(cfg["cap"]),
+            user_level=bool(cfg.get("user_level", False)),
         )
 
 
@@ -81,10 +93,24 @@ class Plan:
     def make(cls, n_train: int, spec: LocalSpec) -> Plan:
         q = min(1.0, spec.batch_size / n_train)
         steps = max(1, round(spec.local_epochs / q))
-        delta = spec.delta or 1.0 / n_train
+        delta = spec.delta or 0.1 / n_train  # at most 1/(10 N) (DESIGN.md)
         sigma = (calibrate_sigma(spec.epsilon, delta, q, steps * spec.rounds, spec.accountant)
                  if spec.dp else 0.0)
         return cls(q, steps, sigma, delta)
+
+
+def round_stream(plan: dict, model: torch.nn.Module, x: np.ndarray, y: np.ndarray
+                 ) -> tuple[str, ...]:
+    """What a round's secret streams are bound to: the plan as the server sent it (run seed,
+    budget, round), the global model the round starts from, and the training data. The same
+    request on the same data draws the same samples and noise again; anything different draws
+    independent ones. The digests stay inside the party (HKDF info), they are never sent."""
+    text = json.dumps({k: plan[k] for k in sorted(plan)}, sort_keys=True, default=str)
+    weights = hashlib.sha256()
+    for value in model.state_dict().values():
+        weights.update(value.detach().cpu().numpy().tobytes())
+    return ("horizontal", hashlib.sha256(text.encode()).hexdigest()[:32],
+            weights.hexdigest()[:32], digest(x), digest(y))
 
 
 @dataclass
@@ -96,8 +122,11 @@ class RoundResult:
 
 
 def train_round(model: BottomModel, x: np.ndarray, y: np.ndarray, spec: LocalSpec, plan: Plan,
-                history: History, region: str, round_: int) -> RoundResult:
-    """One round of local training on (x, y), in place on `model`."""
+                history: History, random: SecretRandom, stream: tuple) -> RoundResult:
+    """One round of local training on (x, y), in place on `model`.
+
+    The Poisson samples come from `random`'s stream ("poisson", *stream) and step t's DP-SGD
+    noise from ("dp-noise", *stream, t): the party's secret, never the run seed."""
     steps = plan.steps_per_round
     stopped = False
     if spec.dp:
@@ -105,25 +134,20 @@ def train_round(model: BottomModel, x: np.ndarray, y: np.ndarray, spec: LocalSpe
         steps = affordable_steps(spec.accountant, history, plan.noise_multiplier,
                                  plan.sample_rate, steps, plan.delta, cap)
         stopped = steps < plan.steps_per_round
-    salt = silo_salt(region)
-    rng = np.random.default_rng([spec.seed, salt, round_])
+    sampler = random.generator("poisson", *stream)
     anchor = [p.detach().clone() for p in model.parameters()]
     opt: torch.optim.Optimizer = torch.optim.Adam(model.parameters(), lr=spec.lr)
     module: torch.nn.Module = model
     if spec.dp:
-        module = GradSampleModule(model, loss_reduction="mean")
-        opt = DPOptimizer(opt, noise_multiplier=plan.noise_multiplier,
-                          max_grad_norm=spec.max_grad_norm,
-                          expected_batch_size=max(1, round(plan.sample_rate * len(y))),
-                          loss_reduction="mean",
-                          generator=torch.Generator().manual_seed(spec.seed * 7_919 + salt
-                                                                  + 104_729 * round_))
+        module, opt = make_private(model, opt, noise_multiplier=plan.noise_multiplier,
+                                   max_grad_norm=spec.max_grad_norm,
+                                   expected_batch=max(1, round(plan.sample_rate * len(y))))
     loss_fn = torch.nn.BCEWithLogitsLoss()
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     losses = []
     module.train()
-    for _ in range(steps):
-        idx = torch.from_numpy(np.flatnonzero(rng.random(len(y)) < plan.sample_rate))
+    for step in range(steps):
+        idx = torch.from_numpy(np.flatnonzero(sampler.random(len(y)) < plan.sample_rate))
         opt.zero_grad(set_to_none=True)
         if len(idx):
             loss = loss_fn(module(xt[idx]), yt[idx])
@@ -134,7 +158,9 @@ def train_round(model: BottomModel, x: np.ndarray, y: np.ndarray, spec: LocalSpe
                 p.grad_sample = torch.zeros((0, *p.shape))
         else:
             continue
-        _step(opt, model, anchor, spec.proximal_mu, spec.dp)
+        if isinstance(opt, SecretNoiseDPOptimizer):
+            opt.noise_rng = random.generator("dp-noise", *stream, step)
+        _step(opt, model, anchor, spec.proximal_mu)
     if spec.dp and steps:
         history = add_steps(history, plan.noise_multiplier, plan.sample_rate, steps)
     if isinstance(module, GradSampleModule):
@@ -144,9 +170,8 @@ def train_round(model: BottomModel, x: np.ndarray, y: np.ndarray, spec: LocalSpe
 
 
 def _step(opt: torch.optim.Optimizer, model: torch.nn.Module, anchor: list[torch.Tensor],
-          mu: float, dp: bool) -> None:
-    if dp:
-        assert isinstance(opt, DPOptimizer)
+          mu: float) -> None:
+    if isinstance(opt, SecretNoiseDPOptimizer):
         if not opt.pre_step():  # clipped, accumulated, noised into p.grad
             return
         inner = opt.original_optimizer

@@ -7,11 +7,22 @@ Flower's own strategy, unweighted (each region's reply weighs 1). Two kinds of p
   accountant per region for the whole run (clients/region_trainer.py). The server learns each
   region's history at the end and writes it to the ledger.
 - user-level (`horizontal.dp=user`): Flower's DP strategy wrapper clips each region's model
-  update (on the server, or on the region with `fixedclipping_mod`) and adds Gaussian noise of
-  std sigma * C / R to the average. A neighbouring federation differs in one region's whole
-  data, so this protects every customer of a region at once. Every region takes part in every
-  round (no sampling amplification): R rounds of the Gaussian mechanism, composed by our own
-  accountant and written to the ledger as party "regions", budget "user".
+  update to C (on the server, or on the region with `fixedclipping_mod`) and adds Gaussian
+  noise of std sigma * C / R to the average over the R regions. Adjacency is add/remove of one
+  region's whole contribution (its clipped update present or absent): the sum of the clipped
+  updates moves by at most C, so each round is a Gaussian mechanism of noise multiplier sigma.
+  It protects every customer of a region at once, against whoever receives the global model
+  (the regions each round, and the released model), not against the server, which sees every
+  update before the noise. Every region takes part in every round (no sampling
+  amplification): `rounds` Gaussian mechanisms, composed by our own accountant and written to
+  the ledger as party "regions", budget "user". Regions then send their model and nothing
+  else: no loss, AUC, size or step count.
+
+The noise is never drawn from the public run seed: each region's Poisson samples and DP-SGD
+noise come from its own secret, the user-level noise from the server's (crypto/secret_random.py;
+Flower's wrappers draw theirs from numpy's global generator, so ours replace that one method).
+The server aggregates the replies in an order fixed by their content, so the same replies give
+the same bits and keeping the keystores reproduces a run.
 
 Secure aggregation: Flower 1.41's SecAgg+ is a workflow of the legacy `flwr.server` API
 (`DefaultWorkflow` + `flwr.server.strategy`); it does not drive the Message-API strategies used
@@ -20,14 +31,17 @@ here (`flwr.serverapp.strategy.FedAvg`/`FedProx`), so it is not offered (docs/ho
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideFixedClipping,
@@ -36,11 +50,14 @@ from flwr.serverapp.strategy import (
     FedProx,
 )
 from flwr.serverapp.strategy.strategy import Strategy
+from flwr.supercore.differential_privacy import compute_stdv
 
 from clients.accounting import calibrate_sigma, epsilon
+from clients.model import secret_gaussian
 from clients.region_app import PREDICT, PRIVACY
 from clients.region_data import input_columns
 from clients.region_trainer import LocalSpec, global_model
+from crypto.secret_random import SecretRandom
 from server import ledger
 from server.config import AuthorityConfig
 from server.federation import FederationError
@@ -49,7 +66,19 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[..., None]
 USER_PARTY = "regions"
+SERVER_PARTY = "server"
 MODEL_FILE = "global_model.pt"
+# What each epsilon protects, and against whom: written beside the epsilons (metrics.json and
+# the ledger) so that no reader takes one for another.
+SCOPE_REGION = ("per region: one customer of this region (add/remove), against whoever "
+                "receives this region's models or anything computed from them (the server, "
+                "every region each round, the released global model); a customer is in one "
+                "region only, so their region's epsilon is their bound, and the regions' "
+                "epsilons are not one budget of the federation")
+SCOPE_USER = ("all regions together: a whole region's contribution (add/remove of its clipped "
+              "update), against whoever receives the global model (every region each round, "
+              "and the released model); not against the server, which sees each update before "
+              "the noise")
 
 
 class StrictGrid(Grid):
@@ -104,14 +133,24 @@ def local_spec(cfg: AuthorityConfig) -> LocalSpec:
         proximal_mu=h.proximal_mu if h.strategy == "fedprox" else 0.0,
         epsilon=cfg.privacy.epsilon if sample_dp else math.inf, delta=cfg.privacy.delta,
         accountant=cfg.privacy.accountant, max_grad_norm=cfg.privacy.max_grad_norm,
-        cap=cfg.privacy.cap,
+        cap=cfg.privacy.cap, user_level=h.dp == "user" and cfg.privacy.dp_sgd,
     )
 
 
-def user_delta(cfg: AuthorityConfig, people: int) -> float:
-    """delta of the user-level budget: privacy.delta, else 1/N over all customers (smaller
-    than 1/R, so no region-sized loophole)."""
-    return cfg.privacy.delta or 1.0 / people
+def server_random(keystore: Path | None, parties_root: Path) -> SecretRandom:
+    """The server's secret streams (user-level noise): the secret lives in the server's
+    keystore, else in its own folder of the parties directory, never in the published run
+    directory; made on first use (0600)."""
+    directory = Path(keystore) if keystore is not None else Path(parties_root) / SERVER_PARTY
+    return SecretRandom.load_or_create(directory, SERVER_PARTY)
+
+
+def user_delta(cfg: AuthorityConfig, declared_people: int) -> float:
+    """delta of the user-level budget: privacy.delta, else 1/(10 U) with U the declared size of
+    the population (public configuration, `population.users`). The regions hold at most U
+    customers, so this is at most 1/(10 N) without asking any region its size (an exact size
+    would be a release outside the guarantee); and far below 1/R, so no region-sized loophole."""
+    return cfg.privacy.delta or 0.1 / declared_people
 
 
 def user_sigma(cfg: AuthorityConfig, delta: float) -> float:
@@ -120,18 +159,105 @@ def user_sigma(cfg: AuthorityConfig, delta: float) -> float:
                            cfg.privacy.accountant)
 
 
-def build_strategy(cfg: AuthorityConfig, sigma_user: float) -> Strategy:
+def _reply_key(msg: Message) -> str:
+    if msg.has_error():
+        return ""
+    h = hashlib.sha256()
+    for name, record in sorted(msg.content.array_records.items()):
+        for key, array in record.items():
+            h.update(f"{name}/{key}".encode())
+            h.update(array.data)
+    return h.hexdigest()
+
+
+class _InContentOrder:
+    """Aggregate the replies in an order fixed by their content, not by their arrival: a float
+    sum depends on its order, and the server's noise stream is bound to the aggregate."""
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        return super().aggregate_train(server_round, sorted(replies, key=_reply_key))
+
+
+class OrderedFedAvg(_InContentOrder, FedAvg):
+    pass
+
+
+class OrderedFedProx(_InContentOrder, FedProx):
+    pass
+
+
+def arrays_digest(arrays: list[np.ndarray]) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()[:32]
+
+
+class _SecretNoise:
+    """Flower's fixed-clipping wrappers with their Gaussian noise drawn from the server's secret
+    stream instead of numpy's global generator (which a known seed or state would replay).
+
+    Round r's noise is the stream ("user-dp-noise", run, r, digest of the clipped aggregate):
+    the same aggregate gets the same noise again, a different one independent noise. Each
+    coordinate has std sigma * C / R, as Flower's `compute_stdv`."""
+
+    random: SecretRandom
+    stream: tuple
+    _round: int = 0
+
+    def _keep(self, random: SecretRandom, stream: tuple) -> None:
+        self.random, self.stream = random, stream
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        self._round = server_round
+        return super().aggregate_train(server_round, replies)
+
+    def _add_noise_to_aggregated_arrays(self, aggregated_arrays: ArrayRecord) -> ArrayRecord:
+        std = compute_stdv(self.noise_multiplier, self.clipping_norm, self.num_sampled_clients)
+        arrays = aggregated_arrays.to_numpy_ndarrays()
+        rng = self.random.generator("user-dp-noise", *self.stream, self._round,
+                                    arrays_digest(arrays))
+        noised = [a + secret_gaussian(rng, a.shape, std).numpy().astype(a.dtype)
+                  for a in arrays]
+        return ArrayRecord({k: Array(np.asarray(v))
+                            for k, v in zip(aggregated_arrays.keys(), noised, strict=True)})
+
+
+class SecretServerSideClipping(_SecretNoise, DifferentialPrivacyServerSideFixedClipping):
+    def __init__(self, *args, random: SecretRandom, stream: tuple, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._keep(random, stream)
+
+
+class SecretClientSideClipping(_SecretNoise, DifferentialPrivacyClientSideFixedClipping):
+    def __init__(self, *args, random: SecretRandom, stream: tuple, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._keep(random, stream)
+
+
+def plan_digest(plan: ConfigRecord) -> str:
+    text = json.dumps({k: plan[k] for k in sorted(plan)}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def build_strategy(cfg: AuthorityConfig, sigma_user: float, random: SecretRandom | None = None,
+                   stream: tuple = ()) -> Strategy:
     h, r = cfg.horizontal, cfg.regions
-    common = {"fraction_train": 1.0, "fraction_evaluate": 1.0, "min_train_nodes": r,
-                  "min_evaluate_nodes": r, "min_available_nodes": r, "weighted_by_key": "weight"}
-    base: Strategy = (FedProx(**common, proximal_mu=h.proximal_mu) if h.strategy == "fedprox"
-                      else FedAvg(**common))
-    if h.dp != "user" or not cfg.privacy.dp_sgd:
+    user_dp = h.dp == "user" and cfg.privacy.dp_sgd
+    # Under user-level DP the regions send no validation metrics (outside the guarantee): the
+    # experiment evaluates each round's global model itself.
+    common = {"fraction_train": 1.0, "fraction_evaluate": 0.0 if user_dp else 1.0,
+              "min_train_nodes": r, "min_evaluate_nodes": 0 if user_dp else r,
+              "min_available_nodes": r, "weighted_by_key": "weight"}
+    base: Strategy = (OrderedFedProx(**common, proximal_mu=h.proximal_mu)
+                      if h.strategy == "fedprox" else OrderedFedAvg(**common))
+    if not user_dp:
         return base
-    wrapper = (DifferentialPrivacyServerSideFixedClipping if h.clipping == "server"
-               else DifferentialPrivacyClientSideFixedClipping)
+    if random is None:
+        raise ValueError("user-level DP needs the server's secret randomness")
+    wrapper = SecretServerSideClipping if h.clipping == "server" else SecretClientSideClipping
     return wrapper(base, noise_multiplier=sigma_user, clipping_norm=h.update_clip,
-                   num_sampled_clients=r)
+                   num_sampled_clients=r, random=random, stream=stream)
 
 
 def _broadcast(grid: Grid, kind: str, content: RecordDict, timeout: float) -> list[Message]:
@@ -141,25 +267,31 @@ def _broadcast(grid: Grid, kind: str, content: RecordDict, timeout: float) -> li
 
 
 def run_regions(grid: Grid, cfg: AuthorityConfig, out_dir: Path, run_key: str,
+                random: SecretRandom, declared_people: int,
                 progress: Progress | None = None) -> dict:
-    """The whole horizontal run; returns what the authority measured (authority.json)."""
+    """The whole horizontal run; returns what the authority measured (authority.json), and
+    under user-level DP each round's global model ("round_models", for the experiment to
+    evaluate: the regions send no metrics then)."""
     t0 = time.perf_counter()
     grid = StrictGrid(grid, cfg.reply_timeout)
     h = cfg.horizontal
     spec = local_spec(cfg)
     plan = ConfigRecord({**spec.to_config(), "split.train": cfg.split.train,
                          "split.val": cfg.split.val})
-    # Wait for every region, then learn their sizes (aggregates only) for the user delta.
+    # Wait for every region and check it can read its table (under user-level DP a region
+    # answers with its name only).
     _wait_for(grid, cfg.regions, cfg.join_timeout)
-    privacy = _privacy(grid, plan, cfg.reply_timeout)
-    people = sum(int(p["n_train"]) for p in privacy.values())
-    user_dp = h.dp == "user" and cfg.privacy.dp_sgd
-    delta_user = user_delta(cfg, people) if user_dp else None
+    _privacy(grid, plan, cfg.reply_timeout)
+    user_dp = spec.user_level
+    delta_user = user_delta(cfg, declared_people) if user_dp else None
     sigma_user = user_sigma(cfg, delta_user) if user_dp else 0.0
-    strategy = build_strategy(cfg, sigma_user)
+    strategy = build_strategy(cfg, sigma_user, random, ("horizontal", plan_digest(plan)))
     history: list[dict] = []
+    round_models: dict[int, dict] = {}
 
     def after_round(round_: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if round_ > 0 and user_dp:
+            round_models[round_] = arrays.to_torch_state_dict()
         if progress and round_ > 0:
             progress("train", round_, h.rounds)
         return None
@@ -186,26 +318,34 @@ def run_regions(grid: Grid, cfg: AuthorityConfig, out_dir: Path, run_key: str,
     torch.save(result.arrays.to_torch_state_dict(), out_dir / MODEL_FILE)
     eps = _write_ledger(out_dir, cfg, privacy, sigma_user, delta_user)
     return {
+        "round_models": round_models,
         "topology": "horizontal",
         "strategy": h.strategy,
         "dp": h.dp if cfg.privacy.dp_sgd else "off",
         "rounds": h.rounds,
         "run_key": run_key,
         "regions": sorted(privacy),
-        "n_train": {r: int(p["n_train"]) for r, p in privacy.items()},
+        # Under user-level DP no region tells its size.
+        "n_train": {r: (int(p["n_train"]) if "n_train" in p else None)
+                    for r, p in privacy.items()},
         "history": history,
         "epsilon": eps,
+        "epsilon_scope": {"model": SCOPE_REGION if spec.dp else None,
+                          "user": SCOPE_USER if user_dp else None},
+        "adjacency": ("add/remove of one region's whole contribution" if user_dp else
+                      "add/remove of one customer of a region" if spec.dp else None),
         "delta": (delta_user if user_dp else
-                  max((float(p["delta"]) for p in privacy.values()), default=0.0)),
+                  max((float(p.get("delta", 0.0)) for p in privacy.values()), default=0.0)),
         "accountant": cfg.privacy.accountant,
         "noise_multiplier": ({USER_PARTY: sigma_user} if user_dp else
-                             {r: float(p["noise_multiplier"]) for r, p in privacy.items()}),
+                             {r: float(p.get("noise_multiplier", 0.0))
+                              for r, p in privacy.items()}),
         "sample_rate": ({USER_PARTY: 1.0} if user_dp else
-                        {r: float(p["sample_rate"]) for r, p in privacy.items()}),
+                        {r: float(p.get("sample_rate", 0.0)) for r, p in privacy.items()}),
         "max_grad_norm": h.update_clip if user_dp else cfg.privacy.max_grad_norm,
         "training_steps": {r: _steps(p) for r, p in privacy.items()},
         "stopped_by_budget_cap": any(row.get("stopped", 0) > 0 for row in history),
-        "round_trips": 2 * h.rounds + 3,
+        "round_trips": (1 if user_dp else 2) * h.rounds + 3,
         "seconds": {"train": round(train_seconds, 3),
                     "predict": round(time.perf_counter() - t1, 3)},
     }
@@ -230,7 +370,9 @@ def _privacy(grid: Grid, plan: ConfigRecord, timeout: float) -> dict[str, dict]:
     return out
 
 
-def _steps(p: dict) -> int:
+def _steps(p: dict) -> int | None:
+    if "history" not in p:
+        return None  # user-level DP: the region does not say
     flat = list(p["history"])
     return int(sum(flat[i + 2] for i in range(0, len(flat), 3)))
 
@@ -244,7 +386,7 @@ def _write_ledger(out_dir: Path, cfg: AuthorityConfig, privacy: dict[str, dict],
     model: dict[str, float | None] = {}
     for region in sorted(privacy):
         p = privacy[region]
-        flat = list(p["history"])
+        flat = list(p.get("history", []))
         history = [(float(flat[i]), float(flat[i + 1]), int(flat[i + 2]))
                    for i in range(0, len(flat), 3)]
         if not history:
@@ -253,11 +395,14 @@ def _write_ledger(out_dir: Path, cfg: AuthorityConfig, privacy: dict[str, dict],
         done: list[tuple[float, float, int]] = []
         for sigma, q, steps in history:
             done.append((sigma, q, steps))
-            book.append(party=region, budget="model", mechanism="poisson_gaussian",
-                        noise_multiplier=sigma, sample_rate=q, steps=steps,
-                        round=cfg.horizontal.rounds, epsilon=epsilon(kind, done,
-                                                                     float(p["delta"])),
-                        delta=float(p["delta"]), accountant=kind)
+            # Each region's customers are a population of their own (disjoint from every
+            # other region's): its lines compose with each other only, never across regions.
+            book.append(party=region, budget="model", population=region,
+                        mechanism="poisson_gaussian", noise_multiplier=sigma, sample_rate=q,
+                        steps=steps, round=cfg.horizontal.rounds,
+                        epsilon=epsilon(kind, done, float(p["delta"])),
+                        delta=float(p["delta"]), accountant=kind, adjacency="add/remove",
+                        scope=SCOPE_REGION, history=[list(h) for h in done])
         model[region] = epsilon(kind, done, float(p["delta"]))
     user = None
     if delta_user is not None:
@@ -265,18 +410,23 @@ def _write_ledger(out_dir: Path, cfg: AuthorityConfig, privacy: dict[str, dict],
         user = epsilon(kind, [(sigma_user, 1.0, rounds)], delta_user)
         book.append(party=USER_PARTY, budget="user", mechanism="gaussian",
                     noise_multiplier=sigma_user, sample_rate=1.0, steps=rounds, round=rounds,
-                    epsilon=user, delta=delta_user, accountant=kind)
+                    epsilon=user, delta=delta_user, accountant=kind, adjacency="add/remove",
+                    sensitivity=cfg.horizontal.update_clip, scope=SCOPE_USER,
+                    history=[[sigma_user, 1.0, rounds]])
     return {"model": model, "label": None, "user": user}
 
 
 def make_regions_app(cfg: AuthorityConfig, out_dir: Path, run_key: str,
                      progress: Progress | None = None,
-                     on_result: Callable[[dict], None] | None = None) -> ServerApp:
+                     on_result: Callable[[dict], None] | None = None, *,
+                     random: SecretRandom, declared_people: int) -> ServerApp:
+    """The server; `random` is its secret (server_random), `declared_people` the public size
+    of the population (the default user-level delta)."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        result = run_regions(grid, cfg, out_dir, run_key, progress)
+        result = run_regions(grid, cfg, out_dir, run_key, random, declared_people, progress)
         if on_result is not None:
             on_result(result)
 

@@ -1,6 +1,12 @@
 """One horizontal run: regions train the whole model, the server averages, the experiment
 compares.
 
+Under user-level DP the regions send no metrics (they would be outside the guarantee): this
+layer evaluates each round's global model (a DP release) on the union of the regions'
+validation customers instead. Its own baselines draw their samples and noise from the
+experiment's secret (`simulation` in the keystore, else in the parties' `simulation/` folder),
+as every party does: the public seed only chooses the data, the split and the initialisation.
+
 Shares the run directory's contract with the vertical topology (config.json, authority.json,
 ledger.jsonl, metrics.json, curves.json, manifest.json), so `fedscore report`, `fedscore ledger
 verify` and sweeps work on it. Only this layer sees every region's labels and the truth; it
@@ -22,8 +28,9 @@ from clients.region_app import PREDICTIONS_DIR, make_region_app
 from clients.region_data import listed_regions, load_region, region_split
 from clients.region_trainer import LocalSpec, Plan, global_model, predict_logits, train_round
 from crypto.at_rest import keystore_path, read_party_file
+from crypto.secret_random import SecretRandom, digest
 from server.config import AuthorityConfig
-from server.horizontal import local_spec, make_regions_app
+from server.horizontal import local_spec, make_regions_app, server_random
 from server.metrics import auc, summary
 from server.scoring import TIERS, tier_counts, to_score, to_tier
 from simulations.audit import membership_audit, per_example_loss
@@ -33,6 +40,7 @@ from simulations.engine import run_federation
 from simulations.regions import prepare_regions
 
 SPLIT_NAMES = np.array(["train", "val", "test"])
+EXPERIMENT_PARTY = "simulation"
 
 
 @dataclass
@@ -101,14 +109,25 @@ def run_horizontal(run, progress=None) -> dict:
     keystore = keystore_path(auth.storage.keystore, run.parties.root)
     run_federation(
         make_regions_app(auth, run.out_dir, run_key, progress,
-                         on_result=lambda r: run.authority.update(r)),
+                         on_result=lambda r: run.authority.update(r),
+                         random=server_random(keystore, run.parties.root),
+                         declared_people=cfg.population.users),
         make_region_app(run.parties.root, keystore, plaintext=keystore is None),
         silos=auth.regions,
     )
     if not run.authority:
         raise RuntimeError("the horizontal federation ended without a result; see the log")
+    round_models = run.authority.pop("round_models", {})
     (run.out_dir / "authority.json").write_text(json.dumps(run.authority, indent=2) + "\n")
-    return finish_horizontal(run, time.perf_counter() - t)
+    return finish_horizontal(run, time.perf_counter() - t, round_models)
+
+
+def experiment_random(run) -> SecretRandom:
+    """The experiment's own secret (its baselines' samples and noise): in the keystore, else in
+    the parties' `simulation/` folder beside the generator's truth."""
+    keystore = keystore_path(run.cfg.authority.storage.keystore, run.parties.root)
+    directory = keystore if keystore is not None else run.parties.root / "simulation"
+    return SecretRandom.load_or_create(directory, EXPERIMENT_PARTY)
 
 
 def _predictions(run, data: Pooled, run_key: str) -> np.ndarray:
@@ -127,23 +146,42 @@ def _predictions(run, data: Pooled, run_key: str) -> np.ndarray:
     return p
 
 
-def train_pooled(x: np.ndarray, y: np.ndarray, spec: LocalSpec, epochs: float, name: str
-                 ) -> tuple[object, float]:
+def train_pooled(x: np.ndarray, y: np.ndarray, spec: LocalSpec, epochs: float, name: str,
+                 random: SecretRandom) -> tuple[object, float]:
     """The same model and local trainer on one table for `epochs` epochs in one go (the
-    central baselines and each region alone); returns the model and the epsilon spent."""
-    one = replace(spec, rounds=1, local_epochs=epochs, proximal_mu=0.0)
+    central baselines and each region alone); returns the model and the epsilon spent.
+    Samples and noise come from `random` (the experiment's secret), bound to the baseline."""
+    one = replace(spec, rounds=1, local_epochs=epochs, proximal_mu=0.0, user_level=False)
     model = global_model(x.shape[1], one)
     plan = Plan.make(len(y), one)
+    x, y = x.astype(np.float32), y.astype(np.float32)
+    stream = ("baseline", name, str(one.to_config()), digest(x), digest(y))
     with one_thread():
-        result = train_round(model, x.astype(np.float32), y.astype(np.float32), one, plan, [],
-                             name, 1)
+        result = train_round(model, x, y, one, plan, [], random, stream)
     from clients.accounting import epsilon
 
     eps = epsilon(one.accountant, result.history, plan.delta) if one.dp else None
     return model, eps
 
 
-def finish_horizontal(run, federation_seconds: float) -> dict:
+def evaluate_rounds(data: Pooled, round_models: dict[int, dict], spec: LocalSpec
+                    ) -> dict[int, dict[str, float]]:
+    """Validation loss and AUC of each round's global model on the union of the regions'
+    validation customers: the experiment's view, used when the regions send no metrics."""
+    rows = data.rows(1)
+    x, y = data.x[rows], data.y[rows]
+    out = {}
+    for round_, state in sorted(round_models.items()):
+        model = global_model(x.shape[1], spec)
+        model.load_state_dict(state)
+        z = predict_logits(model, x)
+        out[int(round_)] = {"val_loss": float(np.mean(np.logaddexp(0.0, z) - y * z)),
+                            "val_auc": auc(y, z)}
+    return out
+
+
+def finish_horizontal(run, federation_seconds: float,
+                      round_models: dict[int, dict] | None = None) -> dict:
     from simulations.runner import _oracle_auc, write_results
 
     cfg, auth, timer = run.cfg, run.cfg.authority, run.timer
@@ -160,23 +198,29 @@ def finish_horizontal(run, federation_seconds: float) -> dict:
                            "score": score, "tier": np.array([t.key for t in TIERS])[tier]})
 
     spec = local_spec(auth)
+    history = [dict(h) for h in authority["history"]]
+    if round_models:
+        central_eval = timer("evaluate_rounds", evaluate_rounds, data, round_models, spec)
+        for h in history:
+            h.update(central_eval.get(int(h["round"]), {}))
+    secret = experiment_random(run)
     epochs = auth.horizontal.rounds * auth.horizontal.local_epochs
     private = spec.dp or authority["dp"] == "user"
     non_private = replace(spec, epsilon=float("inf"))
     central, _ = timer("baseline_central", train_pooled, data.x[train], data.y[train],
-                       non_private, epochs, "central")
+                       non_private, epochs, "central", secret)
     central_p = _sigmoid(predict_logits(central, data.x))
     central_dp_p = None
     if private:
         dp_spec = replace(spec, epsilon=auth.privacy.epsilon)
         central_dp, _ = timer("baseline_central_dp", train_pooled, data.x[train],
-                              data.y[train], dp_spec, epochs, "central")
+                              data.y[train], dp_spec, epochs, "central_dp", secret)
         central_dp_p = _sigmoid(predict_logits(central_dp, data.x))
     alone = {}
     for k, name in enumerate(data.names):
         rows = data.rows(0, k)
         model, _ = timer(f"baseline_{name}", train_pooled, data.x[rows], data.y[rows], spec,
-                         epochs, name)
+                         epochs, name, secret)
         alone[name] = _sigmoid(predict_logits(model, data.x))
     oracle_test = timer("oracle", _oracle_auc, run.parties, data.ids[test], data.y[test],
                         _store(run))
@@ -215,6 +259,10 @@ def finish_horizontal(run, federation_seconds: float) -> dict:
         "round_trips": authority["round_trips"],
         "aggregation_mode": authority["strategy"],
         "epsilon": authority["epsilon"],
+        # What each epsilon protects and against whom: under sample-level DP one per region
+        # (not a bound on the global model), under user-level DP one for all regions.
+        "epsilon_scope": authority.get("epsilon_scope"),
+        "adjacency": authority.get("adjacency"),
         **{k: authority[k] for k in ("delta", "accountant", "noise_multiplier", "sample_rate",
                                      "max_grad_norm", "training_steps",
                                      "stopped_by_budget_cap")},
@@ -226,9 +274,12 @@ def finish_horizontal(run, federation_seconds: float) -> dict:
             f"{best}_only": summary(data.y[test], alone[best][test]),
         },
         # Rounds on the report's epoch axis: round r has seen r * local_epochs epochs.
+        # Under user-level DP the validation figures are the experiment's (pooled validation
+        # customers, each round's released global model), not the regions'.
         "history": {"federated": [
             {**h, "epoch": h["round"] * auth.horizontal.local_epochs}
-            for h in authority["history"]]},
+            for h in history]},
+        "history_evaluated_by": "experiment" if round_models else "regions",
         "data": "generated",
     }
     return write_results(run, metrics, curves)

@@ -3,8 +3,10 @@ user-level accountant, and small runs on Flower's simulation engine."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
+import stat
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,8 +14,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
 
 from clients.accounting import epsilon
+from clients.region_app import make_region_app
 from clients.region_data import (
     LOG_SCALE,
     RegionDataError,
@@ -23,7 +28,8 @@ from clients.region_data import (
     region_inputs,
     region_split,
 )
-from clients.region_trainer import LocalSpec, Plan, global_model, train_round
+from clients.region_trainer import LocalSpec, Plan, global_model, round_stream, train_round
+from crypto.secret_random import SecretRandom
 from server import ledger
 from server.config import ConfigError
 from simulations.config import make_config
@@ -32,6 +38,8 @@ from simulations.population import PopulationConfig, generate
 from simulations.regions import assign_regions, customers, write_regions
 from tests import background
 from tests.conftest import assert_no_identifiers, run_cli
+
+SECRET = SecretRandom(bytes(range(32)))
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +136,7 @@ def _local(spec: LocalSpec, mu: float) -> float:
     spec = replace(spec, proximal_mu=mu)
     model = global_model(48, spec)
     start = [p.detach().clone() for p in model.parameters()]
-    train_round(model, x, y, spec, Plan.make(len(y), spec), [], "region_1", 1)
+    train_round(model, x, y, spec, Plan.make(len(y), spec), [], SECRET, ("r", 1))
     return float(sum(((p.detach() - s) ** 2).sum() for p, s in
                      zip(model.parameters(), start, strict=True)))
 
@@ -144,7 +152,7 @@ def test_plan_calibrates_to_the_target_over_the_whole_run():
     plan = Plan.make(2000, spec)
     total = plan.steps_per_round * spec.rounds
     assert plan.steps_per_round == 20
-    assert plan.delta == 1 / 2000
+    assert plan.delta == 1 / 20_000  # 1/(10 N)
     spent = epsilon("prv", [(plan.noise_multiplier, plan.sample_rate, total)], plan.delta)
     assert 0.97 < spent <= 1.0
 
@@ -158,11 +166,140 @@ def test_the_cap_stops_local_training_and_the_history_covers_every_step():
     plan = Plan.make(500, spec)
     history: list = []
     for round_ in (1, 2):
-        out = train_round(global_model(48, spec), x, y, spec, plan, history, "r", round_)
+        out = train_round(global_model(48, spec), x, y, spec, plan, history, SECRET,
+                          ("r", round_))
         history = out.history
     assert out.stopped
     assert epsilon("rdp", history, plan.delta) <= 0.5
     assert sum(h[2] for h in history) < 2 * plan.steps_per_round
+
+
+def _trained(spec: LocalSpec, random: SecretRandom, stream: tuple) -> list[torch.Tensor]:
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((400, 48)).astype(np.float32)
+    y = (x[:, 0] > 0.3).astype(np.float32)
+    model = global_model(48, spec)
+    train_round(model, x, y, spec, Plan.make(len(y), spec), [], random, stream)
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
+
+
+@pytest.mark.parametrize("eps", [math.inf, 2.0])
+def test_local_samples_and_noise_come_from_the_regions_secret(eps: float):
+    """The run seed chooses the start only: the Poisson samples and the DP-SGD noise follow
+    the region's secret and the round's stream, so the same secret replays the round exactly
+    and another secret (or another round) draws others."""
+    spec = LocalSpec(lr=0.03, batch_size=50, local_epochs=1, rounds=2, epsilon=eps, seed=4,
+                     accountant="rdp")
+    first = _trained(spec, SECRET, ("r", 1))
+    assert _same(first, _trained(spec, SECRET, ("r", 1)))
+    assert not _same(first, _trained(spec, SecretRandom(bytes(32)), ("r", 1)))
+    assert not _same(first, _trained(spec, SECRET, ("r", 2)))
+
+
+def test_a_rounds_stream_is_bound_to_plan_model_and_data():
+    model = global_model(48, LocalSpec())
+    x = np.zeros((5, 48), np.float32)
+    y = np.zeros(5, np.float32)
+    base = round_stream({"seed": 1, "server-round": 1}, model, x, y)
+    assert base == round_stream({"server-round": 1, "seed": 1}, model, x, y)
+    assert base != round_stream({"seed": 1, "server-round": 2}, model, x, y)
+    assert base != round_stream({"seed": 1, "server-round": 1}, model, x, y + 1)
+    with torch.no_grad():
+        next(model.parameters())[0, 0] += 1
+    assert base != round_stream({"seed": 1, "server-round": 1}, model, x, y)
+
+
+def test_user_level_noise_comes_from_the_servers_secret():
+    """Flower's wrapper draws from numpy's global generator; ours from the server's secret,
+    bound to the round and the aggregate, with Flower's std sigma * C / R."""
+    from flwr.app import Array
+
+    from server.horizontal import SecretClientSideClipping, build_strategy
+
+    cfg = make_config({"topology": "horizontal", "regions": 4, "horizontal.dp": "user",
+                       "horizontal.clipping": "client",
+                       "horizontal.update_clip": 0.5}).authority
+    aggregate = ArrayRecord({"w": Array(np.zeros((200, 100), np.float32))})
+
+    def noise(random: SecretRandom, round_: int = 1) -> np.ndarray:
+        strategy = build_strategy(cfg, 3.0, random, ("run",))
+        assert isinstance(strategy, SecretClientSideClipping)
+        strategy._round = round_
+        return strategy._add_noise_to_aggregated_arrays(aggregate)["w"].numpy()
+
+    first = noise(SECRET)
+    assert np.array_equal(first, noise(SECRET))
+    np.random.seed(0)  # the global generator plays no part
+    assert np.array_equal(first, noise(SECRET))
+    assert not np.array_equal(first, noise(SecretRandom(bytes(32))))
+    assert not np.array_equal(first, noise(SECRET, round_=2))
+    assert first.std() == pytest.approx(3.0 * 0.5 / 4, rel=0.02)
+    with pytest.raises(ValueError, match="secret"):
+        build_strategy(cfg, 3.0)
+
+
+# ---- what a region sends ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def region_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("regions")
+    write_regions(generate(PopulationConfig(users=2000, seed=1)), 2, root)
+    return root
+
+
+_ids = itertools.count(1)
+
+
+def _ask(app, context: Context, kind: str, spec: LocalSpec, model: bool = True,
+         **config) -> Message:
+    content = RecordDict({"config": ConfigRecord({**spec.to_config(), "split.train": 0.7,
+                                                  "split.val": 0.15, **config})})
+    if model:
+        content["arrays"] = ArrayRecord(global_model(len(input_columns()), spec).state_dict())
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    msg = Message(content, dst_node_id=1, message_type=kind)
+    msg.metadata.__dict__["_message_id"] = f"{next(_ids):064x}"
+    return app(msg, context)
+
+
+def _region_context() -> Context:
+    return Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(),
+                   run_config={})
+
+
+def test_under_user_level_dp_a_region_sends_its_model_and_nothing_else(region_root: Path):
+    """No loss, AUC, size, step count, plan or history: each would be an exact release about
+    the whole region outside the user-level guarantee. The handlers themselves refuse."""
+    app = make_region_app(region_root, None, plaintext=True)
+    context = _region_context()
+    spec = LocalSpec(batch_size=128, rounds=2, user_level=True)
+    reply = _ask(app, context, "train", spec, **{"server-round": 1})
+    assert not reply.has_error(), reply.error
+    assert set(reply.content) == {"arrays", "metrics"}
+    assert dict(reply.content["metrics"]) == {"weight": 1.0}
+    refused = _ask(app, context, "evaluate", spec)
+    assert refused.has_error()
+    assert "no validation metrics" in refused.error.reason
+    privacy = _ask(app, context, "query.privacy", spec, model=False)
+    assert dict(privacy.content["config"]) == {"region": "region_1"}
+    predict = _ask(app, context, "query.predict", spec, run_key="abc123")
+    assert dict(predict.content["config"]) == {"region": "region_1"}
+    # The region's secret is in its own folder when it has no keystore, readable by it only.
+    secret = region_root / "region_1" / "randomness-region_1.key"
+    assert stat.S_IMODE(secret.stat().st_mode) == 0o600
+
+
+def test_under_sample_level_dp_a_region_sends_no_loss(region_root: Path):
+    app = make_region_app(region_root, None, plaintext=True)
+    spec = LocalSpec(batch_size=128, rounds=2, epsilon=2.0, accountant="rdp")
+    reply = _ask(app, _region_context(), "train", spec, **{"server-round": 1})
+    assert not reply.has_error(), reply.error
+    assert set(dict(reply.content["metrics"])) == {"weight", "num-examples", "steps", "stopped"}
 
 
 def test_user_level_epsilon_matches_flowers_own_accountant():
@@ -201,15 +338,22 @@ def test_config_errors_name_the_fix():
 
 
 def _horizontal_commands(work: Path) -> list[tuple[str, ...]]:
-    """Two small runs on one population of 3 regions: sample-level DP (FedProx) and user-level
-    DP with client-side clipping (Flower's fixedclipping_mod)."""
-    common = ("--users", "3000", "--seed", "2", "--parties", str(work / "parties"),
-              "--set", "topology=horizontal", "--set", "regions=3",
-              "--set", "horizontal.rounds=3", "--set", "train.batch_size=256")
-    runs = {"sample": ("--set", "horizontal.strategy=fedprox", "--set", "privacy.epsilon=2"),
-            "user": ("--set", "horizontal.dp=user", "--set", "horizontal.clipping=client",
-                     "--set", "privacy.accountant=rdp")}
-    return [("run", "--out", str(work / name), *common, *extra) for name, extra in runs.items()]
+    """Small runs on one population of 3 regions: sample-level DP (FedProx) and user-level DP
+    with client-side clipping (Flower's fixedclipping_mod); then the sample-level run again,
+    once with the same keystores (it must come out identical) and once with fresh ones (the
+    same seed and data, other noise: another model)."""
+    common = ("--users", "3000", "--seed", "2", "--set", "topology=horizontal",
+              "--set", "regions=3", "--set", "horizontal.rounds=3",
+              "--set", "train.batch_size=256")
+    parties = ("--parties", str(work / "parties"))
+    sample = ("--set", "horizontal.strategy=fedprox", "--set", "privacy.epsilon=2")
+    user = ("--set", "horizontal.dp=user", "--set", "horizontal.clipping=client",
+            "--set", "privacy.accountant=rdp")
+    return [("run", "--out", str(work / "sample"), *parties, *common, *sample),
+            ("run", "--out", str(work / "user"), *parties, *common, *user),
+            ("run", "--out", str(work / "sample_again"), *parties, *common, *sample),
+            ("run", "--out", str(work / "sample_fresh"), "--parties", str(work / "fresh"),
+             *common, *sample)]
 
 
 background.register("horizontal_runs", _horizontal_commands)
@@ -220,8 +364,65 @@ def horizontal_runs(background_runs) -> dict[str, Path]:
     procs, work = background_runs("horizontal_runs")
     for proc in procs:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert len(procs) == 2
+    assert len(procs) == 4
     return {"sample": work / "sample", "user": work / "user"}
+
+
+@pytest.fixture(scope="module")
+def repeated_runs(horizontal_runs: dict[str, Path]) -> dict[str, Path]:
+    work = horizontal_runs["sample"].parent
+    return {"again": work / "sample_again", "fresh": work / "sample_fresh",
+            "fresh_parties": work / "fresh", "parties": work / "parties"}
+
+
+def _model(run: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run / "global_model.pt", weights_only=True)
+
+
+@pytest.mark.slow
+def test_the_same_keystores_reproduce_a_run_and_fresh_ones_do_not(horizontal_runs,
+                                                                   repeated_runs):
+    """The run seed chooses data and initialisation only: with the same keystores the regions
+    draw the same samples and noise and the run comes out bit for bit the same; with fresh
+    keystores (same seed, same data) the noise is another and so is the model."""
+    first, again = _model(horizontal_runs["sample"]), _model(repeated_runs["again"])
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    m1, m2 = (json.loads((r / "metrics.json").read_text())
+              for r in (horizontal_runs["sample"], repeated_runs["again"]))
+    for key in ("auc", "baseline_central_auc", "baseline_central_dp_auc", "epsilon"):
+        assert m1[key] == m2[key], key
+    fresh = _model(repeated_runs["fresh"])
+    assert not any(torch.equal(first[k], fresh[k]) for k in first if first[k].numel() > 1)
+    m3 = json.loads((repeated_runs["fresh"] / "metrics.json").read_text())
+    assert [r["customers"] for r in m3["regions"]] == [r["customers"] for r in m1["regions"]]
+    assert m3["epsilon"] == m1["epsilon"]  # the same plan: the same budgets
+    # Each party's secret is in the keystore, one file per party, readable by its owner only.
+    keys = Path(str(repeated_runs["parties"]) + ".keys")
+    secrets_ = sorted(p.name for p in keys.glob("randomness-*.key"))
+    assert secrets_ == ["randomness-region_1.key", "randomness-region_2.key",
+                        "randomness-region_3.key", "randomness-server.key",
+                        "randomness-simulation.key"]
+    assert all(stat.S_IMODE((keys / n).stat().st_mode) == 0o600 for n in secrets_)
+
+
+@pytest.mark.slow
+def test_user_level_run_reports_no_region_metric_and_evaluates_centrally(horizontal_runs):
+    run = horizontal_runs["user"]
+    authority = json.loads((run / "authority.json").read_text())
+    assert set(authority["n_train"].values()) == {None}
+    assert set(authority["training_steps"].values()) == {None}
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["history_evaluated_by"] == "experiment"
+    rows = m["history"]["federated"]
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    for row in rows:  # only what the experiment measured on the released global models
+        assert set(row) == {"round", "epoch", "val_loss", "val_auc"}
+    assert "region" in m["epsilon_scope"]["user"]
+    assert m["epsilon_scope"]["model"] is None
+    assert m["adjacency"].startswith("add/remove")
+    (line,) = ledger.read(run)
+    assert line["adjacency"] == "add/remove"
+    assert line["sensitivity"] == 1.0
 
 
 @pytest.mark.slow
@@ -232,6 +433,9 @@ def test_sample_level_run_reports_one_budget_per_region(horizontal_runs: dict[st
     assert set(m["epsilon"]["model"]) == {"region_1", "region_2", "region_3"}
     assert all(0.5 < e <= 2.0 for e in m["epsilon"]["model"].values())
     assert m["epsilon"]["user"] is None
+    assert m["epsilon_scope"]["model"].startswith("per region")
+    assert m["history_evaluated_by"] == "regions"
+    assert all("train_loss" not in r for r in m["history"]["federated"])
     assert 0.55 < m["auc"] <= 1
     assert 0.55 < m["oracle_auc"] <= 1
     assert len(m["history"]["federated"]) == 3
