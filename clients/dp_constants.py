@@ -7,3 +7,7 @@ without torch or Opacus (a silo's light handlers import it; clients/accounting.p
 # of this many times the statistic's L2 sensitivity. Composed for all of them, a few hundredths
 # of epsilon, which the calibration of the training noise takes into account.
 STATISTICS_NOISE_MULTIPLIER = 100.0
+
+# The authority's prior (two counts: positives and people, sensitivity sqrt 2) gets less noise:
+# it starts the bias, and at a few thousand people a multiplier of 100 would make it noise.
+PRIOR_NOISE_MULTIPLIER = 20.0

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from clients import messages as m
-from clients.dp_constants import STATISTICS_NOISE_MULTIPLIER
+from clients.dp_constants import PRIOR_NOISE_MULTIPLIER
 from clients.model import ModelSpec
 from clients.schema import AUTHORITY
 from crypto.at_rest import REF_HASH, Keystore, open_keystore
@@ -283,8 +283,8 @@ def derive_run_key(random: SecretRandom, config: dict) -> str:
 def private_prior(y_train: np.ndarray, rng: np.random.Generator) -> float:
     """The training default rate, from the count of positives and the count of people with
     Gaussian noise (L2 sensitivity sqrt 2 under adding or removing one person, multiplier
-    STATISTICS_NOISE_MULTIPLIER; a ledger line of its own). It starts the bias."""
-    std = STATISTICS_NOISE_MULTIPLIER * np.sqrt(2.0)
+    PRIOR_NOISE_MULTIPLIER; a ledger line of its own). It starts the bias."""
+    std = PRIOR_NOISE_MULTIPLIER * np.sqrt(2.0)
     positives, people = np.array([y_train.sum(), len(y_train)], float) + rng.normal(0, std, 2)
     return float(np.clip(positives / max(people, 1.0), 0.001, 0.999))
 

@@ -36,7 +36,7 @@ from clients.accounting import (
     calibrate_sigma,
     epsilon,
 )
-from clients.dp_constants import STATISTICS_NOISE_MULTIPLIER
+from clients.dp_constants import PRIOR_NOISE_MULTIPLIER, STATISTICS_NOISE_MULTIPLIER
 from server.config import ConfigError, PrivacyConfig
 from server.federation import FederationError
 from server.label_dp import flip_probability
@@ -82,12 +82,15 @@ class PrivacyPlan:
         self.rho = flip_probability(cfg.label_epsilon)
         # Each silo's preparation and the authority's prior: one Gaussian release per party;
         # then, with summaries, one histogram per silo.
-        self.releases_outside_sgd = [(p, "preparation statistics" if p != AUTHORITY else "prior")
-                                     for p in self.parties]
+        self.releases_outside_sgd = [(p, "preparation statistics", STATISTICS_NOISE_MULTIPLIER)
+                                     for p in silos]
         if summaries:
-            self.releases_outside_sgd += [(p, "contribution summary") for p in silos]
-        self.statistics: History = [(STATISTICS_NOISE_MULTIPLIER, 1.0,
-                                     len(self.releases_outside_sgd))]
+            self.releases_outside_sgd += [(p, "contribution summary",
+                                           STATISTICS_NOISE_MULTIPLIER) for p in silos]
+        self.releases_outside_sgd.append((AUTHORITY, "prior", PRIOR_NOISE_MULTIPLIER))
+        self.statistics: History = []
+        for _, _, multiplier in self.releases_outside_sgd:
+            self.statistics = add_steps(self.statistics, multiplier, 1.0, 1)
         self.sigma = 0.0  # per party
         self.joint_sigma = 0.0
         self.calibration_sigma = 0.0
@@ -180,12 +183,12 @@ class PrivacyPlan:
     def record_start(self) -> None:
         """The mechanisms before training: each party's preparation statistics, label DP."""
         history: History = []
-        for party, purpose in self.releases_outside_sgd:
-            history = add_steps(history, STATISTICS_NOISE_MULTIPLIER, 1.0, 1)
+        for party, purpose, multiplier in self.releases_outside_sgd:
+            history = add_steps(history, multiplier, 1.0, 1)
             self._write(
                 party=party, budget="model", population="all", mechanism="gaussian",
                 purpose=purpose,
-                noise_multiplier=STATISTICS_NOISE_MULTIPLIER, sample_rate=1.0, steps=1, round=0,
+                noise_multiplier=multiplier, sample_rate=1.0, steps=1, round=0,
                 epsilon=epsilon(self.cfg.accountant, history, self.delta), delta=self.delta,
                 accountant=self.cfg.accountant,
             )

@@ -73,7 +73,9 @@ def verify(run_dir: Path) -> list[Check]:
     entries = [e for e in ledger.read(run_dir) if e.get("event") != "refused"]
     checks = []
     model = [e for e in entries if e["budget"] == "model"]
-    for population in ("train", "val"):
+    # Populations are disjoint sets of people: training and validation people of a vertical
+    # run, each region's customers of a horizontal one ("all" lines touch everyone).
+    for population in sorted({e.get("population", "train") for e in model} - {"all"}):
         mine = [e for e in model if e.get("population", "train") in ("all", population)]
         if not any(e.get("population", "train") == population for e in mine):
             continue
@@ -84,7 +86,8 @@ def verify(run_dir: Path) -> list[Check]:
             _add(history, sigma, e["sample_rate"], e["steps"])
         last = mine[-1]
         kind = last["accountant"]
-        checks.append(Check("combined model", f"model/{population}", kind,
+        party = "combined model" if population in ("train", "val") else population
+        checks.append(Check(party, f"model/{population}", kind,
                             sum(h[2] for h in history), last["epsilon"],
                             independent_epsilon(history, last["delta"], kind)))
     for (party, budget), lines in ledger.budgets([e for e in entries

@@ -49,6 +49,9 @@ class Mapping:
     files: dict[str, Path]  # party -> CSV (one file may serve every party)
     # silo -> {column: kind} for columns not prepared "auto" (clients/schema.py COLUMN_KINDS)
     kinds: dict[str, dict[str, str]] = field(default_factory=dict)
+    # silo -> {column: declared values} of category columns: declared values cost no privacy
+    # (without them a silo picks them by a noisy, thresholded count; clients/silo_data.py)
+    categories: dict[str, dict[str, list[float]]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.identifier_kind not in ID_KINDS:
@@ -104,12 +107,15 @@ UCI_KINDS = {
                  **dict.fromkeys(UCI_SILOS["payments"][6:], "signed_log")},
     "consumption": dict.fromkeys(UCI_SILOS["consumption"], "signed_log"),
 }
+# The codes the dataset's documentation declares for PAY_x: public, so they cost no privacy.
+UCI_CATEGORIES = {"payments": {col: [float(v) for v in range(-2, 10)]
+                               for col in UCI_SILOS["payments"][:6]}}
 
 
 def uci_mapping(path: Path) -> Mapping:
     parties = (AUTHORITY, *UCI_SILOS)
     return Mapping("ID", "plain", "default.payment.next.month", dict(UCI_SILOS),
-                   dict.fromkeys(parties, path), UCI_KINDS)
+                   dict.fromkeys(parties, path), UCI_KINDS, UCI_CATEGORIES)
 
 
 def resolve_mapping(data: str) -> Mapping:
@@ -141,8 +147,10 @@ def read_mapping(directory: Path) -> Mapping:
         files = {AUTHORITY: directory / authority["file"]}
         files.update({name: directory / spec["file"] for name, spec in raw["silos"].items()})
         kinds = {name: dict(spec.get("kinds", {})) for name, spec in raw["silos"].items()}
+        categories = {name: dict(spec.get("categories", {}))
+                      for name, spec in raw["silos"].items() if spec.get("categories")}
         return Mapping(raw["identifier"], raw.get("identifier_kind", "plain"),
-                       authority["label"], silos, files, kinds)
+                       authority["label"], silos, files, kinds, categories)
     except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
         raise DataImportError(f"{path} is not a valid mapping ({type(exc).__name__}: {exc}); "
                               "it needs identifier, authority.file, authority.label and "
@@ -173,7 +181,8 @@ def fingerprint(mapping: Mapping) -> dict:
                for p in sorted(set(mapping.files.values()))}
     return {"files": digests, "identifier": mapping.identifier,
             "identifier_kind": mapping.identifier_kind, "label": mapping.label,
-            "silos": {k: list(v) for k, v in mapping.silos.items()}, "kinds": mapping.kinds}
+            "silos": {k: list(v) for k, v in mapping.silos.items()}, "kinds": mapping.kinds,
+            "categories": mapping.categories}
 
 
 def import_parties(mapping: Mapping, parties_dir: Path, store: Keystore | None = None) -> bool:
@@ -223,6 +232,8 @@ def _write_party(directory: Path, party: str, frame: pd.DataFrame, mapping: Mapp
         schema["features"] = list(mapping.silos[party])
         if mapping.kinds.get(party):
             schema["kinds"] = mapping.kinds[party]
+        if mapping.categories.get(party):
+            schema["categories"] = mapping.categories[party]
         name = "features.parquet"
         frame = frame.astype(dict.fromkeys(mapping.silos[party], np.float64))
     (directory / SCHEMA_FILE).write_text(json.dumps(schema, indent=2) + "\n")

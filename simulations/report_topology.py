@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from server.privacy import model_epsilon
 from simulations.report import (
     SERIES,
     Note,
@@ -78,7 +79,7 @@ def regions_section(run: RunData) -> Section | None:
 def _run_row(run: RunData, name: str) -> dict:
     m, cfg = run.metrics, run.config
     eps = m.get("epsilon") or {}
-    spent = [v for v in (eps.get("model") or {}).values() if v is not None]
+    spent = [v for v in [model_epsilon(m)] if v is not None]
     if eps.get("user") is not None:
         spent.append(eps["user"])
     target = cfg.get("privacy.epsilon")

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from clients.accounting import STATISTICS_NOISE_MULTIPLIER, epsilon
+from clients.accounting import epsilon
+from clients.dp_constants import PRIOR_NOISE_MULTIPLIER, STATISTICS_NOISE_MULTIPLIER
 from clients.model import ModelSpec, SiloTrainer
 from crypto.secret_random import SecretRandom
 from server.config import ConfigError, PrivacyConfig
@@ -140,7 +141,8 @@ def test_combined_epsilon_meets_the_target_and_per_party_noise_is_sqrt_k_larger(
     plan.spend(plan.steps_planned)
     summary = plan.summary()
     plan.close()
-    combined = epsilon("rdp", [(STATISTICS_NOISE_MULTIPLIER, 1.0, 4),
+    combined = epsilon("rdp", [(STATISTICS_NOISE_MULTIPLIER, 1.0, 3),
+                               (PRIOR_NOISE_MULTIPLIER, 1.0, 1),
                                (plan.joint_sigma, plan.q, plan.steps_planned)], plan.delta)
     assert summary["epsilon"]["model"] == pytest.approx(combined)
     assert 0.95 <= combined <= 1.0

@@ -57,9 +57,9 @@ def test_ledger_is_consistent_and_verifies_independently(private_run: Path):
     statistics = [e for e in entries if e.get("population") == "all"]
     assert [(e["party"], e["purpose"]) for e in statistics] == [
         ("payments", "preparation statistics"), ("social", "preparation statistics"),
-        ("device", "preparation statistics"), ("authority", "prior"),
-        ("payments", "contribution summary"), ("social", "contribution summary"),
-        ("device", "contribution summary")]
+        ("device", "preparation statistics"), ("payments", "contribution summary"),
+        ("social", "contribution summary"), ("device", "contribution summary"),
+        ("authority", "prior")]
     joint = [e for e in entries if e["mechanism"] == "joint_poisson_gaussian"]
     assert all(len(e["blocks"]) == 4 for e in joint)
     eps = [e["epsilon"] for e in statistics + joint]
