@@ -93,6 +93,12 @@ class Platt:
             w, loss = w_new, min(loss, new_loss)
             if converged:
                 break
+        # A calibration never reverses the model's ranking: on a handful of validation
+        # people the fitted slope can come out negative, which would turn every score upside
+        # down; the slope is kept positive (the released order stays the model's).
+        if w[0] < MIN_SLOPE:  # per standard deviation of z: nearly flat, the prior on average
+            a = MIN_SLOPE / sd
+            return cls(a, float(np.log(prior / (1 - prior)) - a * mu))
         return cls(float(w[0] / sd), float(w[1] - w[0] * mu / sd))
 
     @classmethod
@@ -137,6 +143,7 @@ class Platt:
         return _sigmoid(self.a * np.asarray(z, dtype=np.float64) + self.b)
 
 
+MIN_SLOPE = 1e-3
 # Declared constants of the private calibration: typical credit logits lie in [-6, 0].
 CALIBRATION_CENTRE, CALIBRATION_SCALE = -3.0, 3.0
 # One person's largest change to the five released sums: sqrt(2 + 3 / 16).

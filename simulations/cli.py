@@ -468,6 +468,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(message)s",
         handlers=[RichHandler(console=console, show_path=False)],
+        force=True,  # Opacus (imported through server.privacy) configures logging on import
     )
     configure_environment()
     quiet_engine_logs(args.verbose)

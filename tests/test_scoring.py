@@ -74,3 +74,16 @@ def test_contribution_points_known_answer():
     assert pts["p10"] == pytest.approx(-14.427, abs=1e-3)  # from q90: more risk, fewer points
     assert pts["p50"] == pytest.approx(0.0)
     assert pts["p90"] == pytest.approx(28.854, abs=1e-3)
+
+
+def test_calibration_never_reverses_the_ranking():
+    """On a few validation people whose logits happen to rank backwards, the fitted slope
+    stays positive, so released scores keep the model's order."""
+    from server.scoring import MIN_SLOPE, Platt
+
+    z = np.array([-3.0, -2.0, -1.0, 0.0, 1.0, 2.0])
+    y = np.array([1.0, 1.0, 0.0, 1.0, 0.0, 0.0])
+    calibrate = Platt.fit(z, y)
+    assert calibrate.a == pytest.approx(MIN_SLOPE / z.std())
+    assert np.all(np.diff(calibrate(z)) > 0)
+    assert calibrate(z).mean() == pytest.approx(y.mean(), abs=0.01)
