@@ -150,6 +150,7 @@ def small_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 PRIVATE_RUN_ARGS = ("--users", "3000", "--seed", "5",
                     "--set", "train.epochs=3", "--set", "train.batch_size=256",
+                    "--set", "train.chunk_batches=1",
                     "--set", "privacy.epsilon=8", "--set", "privacy.cap=5",
                     "--set", "privacy.label_epsilon=5", "--set", "privacy.accountant=rdp")
 
