@@ -392,20 +392,30 @@ def _config(_: argparse.Namespace) -> int:
 
 
 def _ledger(args: argparse.Namespace) -> int:
+    """Verify one run's ledger, or every finished cell of a sweep (a directory with
+    sweep.json: its cells are under runs/)."""
     from simulations.ledger_verify import TOLERANCE, verify
+    from simulations.sweep import SWEEP_FILE
 
-    with console.status("recomputing epsilons with dp-accounting"):
-        checks = verify(args.run_dir)
-    table = Table("party", "budget", "accountant", "steps", "ledger epsilon",
-                  "dp-accounting", "gap", "ok", title=f"ledger {args.run_dir}")
-    for c in checks:
-        table.add_row(c.party, c.budget, c.accountant, str(c.steps), f"{c.reported:.5f}",
-                      f"{c.independent:.5f}", f"{100 * c.relative_gap:.2f} %",
-                      "[green]yes[/]" if c.ok else "[red]NO[/]")
+    root = Path(args.run_dir)
+    runs = ([d for d in sorted((root / "runs").glob("*")) if (d / "ledger.jsonl").exists()]
+            if (root / SWEEP_FILE).exists() else [root])
+    table = Table("run", "party", "budget", "accountant", "steps", "ledger epsilon",
+                  "dp-accounting", "gap", "ok", title=f"ledger {root}")
+    ok = True
+    for run in runs:
+        with console.status(f"recomputing epsilons of {run.name} with dp-accounting"):
+            checks = verify(run)
+        for c in checks:
+            ok &= c.ok
+            table.add_row(run.name, c.party, c.budget, c.accountant, str(c.steps),
+                          f"{c.reported:.5f}", f"{c.independent:.5f}",
+                          f"{100 * c.relative_gap:.2f} %",
+                          "[green]yes[/]" if c.ok else "[red]NO[/]")
     out = Console()
     out.print(table)
     out.print(f"tolerances: RDP vs RDP {TOLERANCE['rdp']:.0%}, PRV vs PLD {TOLERANCE['prv']:.0%}")
-    return 0 if all(c.ok for c in checks) else 1
+    return 0 if ok and runs else 1
 
 
 def _keys(args: argparse.Namespace) -> int:
