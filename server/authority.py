@@ -255,7 +255,8 @@ def _align_and_split(
                                                   random.generator("label-rr", run_key))
     return RunState(
         run_key=run_key, config=config,
-        prior=private_prior(y_view[split.train], random.generator("prior", run_key)),
+        prior=(private_prior(y_view[split.train], random.generator("prior", run_key))
+               if cfg.privacy.dp_sgd else float(y_view[split.train].mean())),
         authority_rows=alignment.authority_rows, silo_rows=alignment.silo_rows,
         train=split.train, val=split.val, test=split.test, y_view=y_view,
         overlap=alignment.overlap,

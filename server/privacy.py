@@ -183,7 +183,9 @@ class PrivacyPlan:
     def record_start(self) -> None:
         """The mechanisms before training: each party's preparation statistics, label DP."""
         history: History = []
-        for party, purpose, multiplier in self.releases_outside_sgd:
+        # Without DP-SGD the model claims no epsilon, and its statistics need no line (the
+        # prior is then exact; the silos' preparation stays noisy, it is theirs to keep).
+        for party, purpose, multiplier in self.releases_outside_sgd if self.cfg.dp_sgd else ():
             history = add_steps(history, multiplier, 1.0, 1)
             self._write(
                 party=party, budget="model", population="all", mechanism="gaussian",

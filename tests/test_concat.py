@@ -23,6 +23,7 @@ def concat_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "run", "--out", str(work / "run"), "--users", "3000", "--seed", "7",
         "--set", "train.epochs=2", "--set", "train.batch_size=256",
         "--set", "train.chunk_batches=1", "--set", "privacy.epsilon=inf",
+        "--set", "privacy.label_epsilon=inf",
         "--set", "aggregation.mode=concat", "--set", "model.embedding_dim=3",
         cwd=work,
     )

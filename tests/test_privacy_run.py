@@ -37,13 +37,13 @@ def test_metrics_report_every_budget(private_run: Path):
 def test_the_cap_stops_training_before_it_is_passed(private_run: Path):
     m = json.loads((private_run / "metrics.json").read_text())
     assert m["stopped_by_budget_cap"] is True
-    assert 0 < m["epsilon"]["model_by_population"]["train"] <= 5.0
+    assert 0 < m["epsilon"]["model_by_population"]["train"] <= 7.5
     entries = ledger.read(private_run)
     refused = [e for e in entries if e.get("event") == "refused"]
     assert len(refused) == 1
-    assert refused[0]["epsilon"] > 5.0  # what the refused steps would have cost
+    assert refused[0]["epsilon"] > 7.5  # what the refused steps would have cost
     joint = [e for e in entries if e["mechanism"] == "joint_poisson_gaussian"]
-    assert max(e["epsilon"] for e in joint) <= 5.0
+    assert max(e["epsilon"] for e in joint) <= 7.5
     assert m["training_steps"] == sum(e["steps"] for e in joint)
 
 
@@ -120,7 +120,13 @@ def test_curves_hold_only_aggregates_that_match_the_metrics(private_run: Path):
             assert calibration[tier]["ci_low"] <= rate <= calibration[tier]["ci_high"]
     ks = curves["ks"]
     gap = max(abs(b - g) for b, g in zip(ks["cdf_bad"], ks["cdf_good"], strict=True))
-    assert gap == pytest.approx(metrics["ks"], abs=0.05)  # KS on 5-point score steps
+    # KS on 5-point score steps: coarser thresholds can only lower it; where the scores spread
+    # over many steps it matches the metrics' KS on probabilities.
+    assert gap <= metrics["ks"] + 0.05
+    scores = scores_of(private_run, with_split=True)
+    steps = (scores.loc[scores["split"] == "test", "score"].dropna() // 5).nunique()
+    if steps >= 20:
+        assert gap == pytest.approx(metrics["ks"], abs=0.05)
 
 
 def test_released_scores_carry_no_split(private_run: Path):
