@@ -187,17 +187,21 @@ SUMMARY_QUANTILES = (0.1, 0.5, 0.9)
 SUMMARY_EDGES = np.linspace(-8.0, 8.0, 65)
 
 
-def contribution_summary(values: np.ndarray, rng: np.random.Generator) -> dict[str, float]:
+def contribution_summary(values: np.ndarray, rng: np.random.Generator | None
+                         ) -> dict[str, float]:
     """Five numbers about this silo's contributions over everyone scored, for the report's
     per-silo points: their mean, mean absolute deviation and 10/50/90 % quantiles.
 
     All five are read off ONE differentially private histogram: contributions clipped to the
     declared range and counted in fixed bins, each count with Gaussian noise of std
     STATISTICS_NOISE_MULTIPLIER (one person moves one count by one: L2 sensitivity 1), drawn
-    from the silo's secret stream `rng`; the authority accounts it as one Gaussian release."""
+    from the silo's secret stream `rng`; the authority accounts it as one Gaussian release.
+    Without DP-SGD (`rng` None) the model claims no epsilon and the counts are exact."""
     counts = np.histogram(np.clip(values.astype(np.float64), SUMMARY_EDGES[0], SUMMARY_EDGES[-1]),
                           bins=SUMMARY_EDGES)[0].astype(np.float64)
-    counts = np.maximum(counts + rng.normal(0.0, STATISTICS_NOISE_MULTIPLIER, len(counts)), 0.0)
+    if rng is not None:
+        counts = np.maximum(counts + rng.normal(0.0, STATISTICS_NOISE_MULTIPLIER, len(counts)),
+                            0.0)
     centres = (SUMMARY_EDGES[:-1] + SUMMARY_EDGES[1:]) / 2
     total = max(counts.sum(), 1.0)
     mean = float(counts @ centres / total)
@@ -502,9 +506,9 @@ def make_client_app(root: Path | None = None, keystore: Path | None = None,
                                           digest(positions))
                 out[key] = _masked(context, defaults, values, round_, key) if secure else values
                 if key == "eval" and config.get("summary") and values.ndim == 1:
-                    reply_config.update(contribution_summary(
-                        values, silo_random(context, defaults).generator(
-                            "summary", trainer.run_key, round_)))
+                    noise = silo_random(context, defaults).generator(
+                        "summary", trainer.run_key, round_) if trainer.spec.dp else None
+                    reply_config.update(contribution_summary(values, noise))
                 if key == "eval" and int(config.get("explain", 0)) > 0:
                     data = silo_matrix(context, defaults)
                     why = _explained(trainer, data, data.x[_rows(context, positions)],

@@ -63,12 +63,17 @@ def test_unregistered_supernode_is_refused(tmp_path: Path):
 
 @pytest.fixture(scope="module")
 def deployed(tmp_path_factory: pytest.TempPathFactory, background_runs) -> tuple[Path, Path]:
+    """The deployed run, and the same run in the simulation engine on the SAME parties and
+    keystores: every DP draw comes from the parties' secrets, so only the same keystores can
+    give the same run."""
     work = tmp_path_factory.mktemp("deploy")
-    sim = run_cli("run", "--out", str(work / "simulated"), *ARGS, cwd=work)
-    assert sim.returncode == 0, sim.stderr[-3000:]
     (proc,), background_work = background_runs("deployed")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return background_work / "deployed", work / "simulated"
+    deployed = background_work / "deployed"
+    parties = json.loads((deployed / "run.json").read_text())["parties"]
+    sim = run_cli("run", "--out", str(work / "simulated"), "--parties", parties, *ARGS, cwd=work)
+    assert sim.returncode == 0, sim.stderr[-3000:]
+    return deployed, work / "simulated"
 
 
 def test_deployed_run_matches_the_simulation(deployed):

@@ -23,7 +23,8 @@ def test_flwr_run_trains_and_leaves_no_process(tmp_path: Path):
     env = {**os.environ, **ENGINE_ENV, "FLWR_HOME": str(home)}
     proc = subprocess.run(
         ["bash", str(ROOT / "scripts" / "flwr-run.sh"), "--run-config",
-         f'data-dir="{parties}" out-dir="{out}" train.epochs=1'],
+         f'data-dir="{parties}" out-dir="{out}" train.epochs=1 train.batch_size=256 '
+         'privacy.epsilon=inf privacy.label_epsilon=inf'],
         env=env, capture_output=True, text=True, timeout=300, check=False,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

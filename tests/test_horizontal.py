@@ -507,6 +507,9 @@ def test_report_shows_the_regions_and_compare_puts_topologies_side_by_side(
     by_eps = pd.read_csv(out.html.parent / "report" / "topologies_by_epsilon.csv")
     assert {"vertical, sample", "horizontal, sample", "horizontal, user"} <= set(by_eps.columns)
     at_2 = by_eps[by_eps["epsilon"] == 2.0].iloc[0]
-    assert 0.5 < at_2["vertical, sample"] <= 1
     assert 0.5 < at_2["horizontal, sample"] <= 1
+    # The shared private vertical run has its own target (combined eps 8, tests/conftest.py).
+    target = json.loads((private_run / "config.json").read_text())["privacy.epsilon"]
+    at_vertical = by_eps[by_eps["epsilon"] == float(target)].iloc[0]
+    assert 0.5 < at_vertical["vertical, sample"] <= 1
     assert "Topologies at equal ε" in out.html.read_text()

@@ -36,7 +36,8 @@ def test_run_writes_every_output(small_run: Path):
 def test_scores_are_on_the_scale_and_tiers_add_up(small_run: Path):
     scores = scores_of(small_run)
     metrics = json.loads((small_run / "metrics.json").read_text())
-    assert list(scores.columns[:5]) == ["subject_ref", "split", "probability", "score", "tier"]
+    assert list(scores.columns[:4]) == ["subject_ref", "probability", "score", "tier"]
+    assert "split" not in scores.columns  # who was trained on is the authority's own record
     assert {"status", "points_base", "reason_1", "reason_1_points"} <= set(scores.columns)
     scored = scores["status"] == "scored"
     assert scores.loc[scored, "score"].between(300, 850).all()

@@ -106,7 +106,9 @@ def test_uci_run_end_to_end(tmp_path: Path):
     """The same pipeline on real data, PSI included; no oracle without a truth table."""
     source = _small_uci(tmp_path)
     proc = run_cli("run", "--data", str(source), "--out", str(tmp_path / "run"),
-                   "--set", "train.epochs=1", "--set", "privacy.epsilon=inf", cwd=tmp_path)
+                   "--set", "train.epochs=1", "--set", "train.batch_size=512",
+                   "--set", "privacy.epsilon=inf", "--set", "privacy.label_epsilon=inf",
+                   cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["oracle_auc"] is None
