@@ -58,8 +58,13 @@ class SecretRandom:
 
     def generator(self, *purpose: object) -> np.random.Generator:
         """A numpy Generator over ChaCha20-20 keyed for `purpose`."""
-        key = int.from_bytes(self.key(*purpose), "little")
-        return np.random.Generator(ChaCha(key=key, counter=0, rounds=20))
+        return generator_from_key(self.key(*purpose))
+
+
+def generator_from_key(key: bytes) -> np.random.Generator:
+    """The stream of a key derived by `SecretRandom.key` (e.g. handed to a simulation-only
+    reference that must replay a party's draws)."""
+    return np.random.Generator(ChaCha(key=int.from_bytes(key, "little"), counter=0, rounds=20))
 
 
 def digest(array: np.ndarray) -> str:

@@ -29,7 +29,7 @@ from clients.schema import AUTHORITY, federation_silos, silo_salt
 from clients.silo_data import load_silo
 from crypto.at_rest import Keystore
 from crypto.identity import keyed_refs
-from crypto.secret_random import SecretRandom
+from crypto.secret_random import SecretRandom, generator_from_key
 from server.config import AuthorityConfig
 from server.labels import load_labels
 from server.metrics import summary
@@ -113,15 +113,17 @@ def train_central(
     cfg: AuthorityConfig,
     noise_multiplier: float = 0.0,
     noise_key: bytes = b"",
+    plan_keys: tuple[bytes, ...] = (),
 ) -> BaselineResult:
     """Train the summed bottom models of `silos` jointly; metrics on the test positions.
 
     With `noise_multiplier` > 0 this is central DP-SGD (Opacus) at the federated run's
     combined epsilon: pass the run's JOINT noise multiplier; one clip over each person's whole
     gradient, where the federation clips each party's part separately and noises each at
-    sqrt(K) times the joint multiplier. A simulation-only reference: its batch plans come from
-    the public seed (no party runs it), its noise from the experiment's secret `noise_key`
-    (32 bytes; a fresh one when empty).
+    sqrt(K) times the joint multiplier. A simulation-only reference: its batch plans replay the
+    authority's (`plan_keys`, one stream key per epoch, which the experiment layer derives from
+    the authority's keystore; the public seed's when empty), its noise comes from the
+    experiment's secret `noise_key` (32 bytes; a fresh one when empty).
     """
     t0 = time.perf_counter()
     concat = cfg.aggregation.mode == "concat"
@@ -157,7 +159,8 @@ def train_central(
     history = []
     for epoch in range(cfg.train.epochs):
         module.train()
-        plans = np.random.default_rng([cfg.seed, 0xBA7C, epoch])
+        plans = (generator_from_key(plan_keys[epoch]) if plan_keys
+                 else np.random.default_rng([cfg.seed, 0xBA7C, epoch]))
         for batch in batch_plan(train, cfg.train.batch_size, plans, poisson=dp):
             opt.zero_grad(set_to_none=True)
             if len(batch):
@@ -201,6 +204,7 @@ class BaselineJob:
     silos: tuple[str, ...]
     noise_multiplier: float = 0.0
     noise_key: bytes = b""  # the DP noise's stream key (the experiment's secret)
+    plan_keys: tuple[bytes, ...] = ()  # per epoch: the authority's batch-plan stream keys
 
 
 def run_baselines(data: JoinedData, jobs: list[BaselineJob], cfg: AuthorityConfig,
@@ -212,7 +216,7 @@ def run_baselines(data: JoinedData, jobs: list[BaselineJob], cfg: AuthorityConfi
     if workers <= 1 or len(jobs) <= 1 or len(data.y) < PARALLEL_MIN_PEOPLE:
         with one_thread():
             return {job.name: train_central(data, job.silos, cfg, job.noise_multiplier,
-                                            job.noise_key) for job in jobs}
+                                            job.noise_key, job.plan_keys) for job in jobs}
     with ExitStack() as stack:
         shared = {}
         for key, array in (*((f"x.{s}", x) for s, x in data.xs.items()), ("y", data.y)):
@@ -244,7 +248,8 @@ def _shared_job(shared: dict, split: pd.Series, job: BaselineJob, cfg: Authority
         data = JoinedData(xs=xs, y=arrays.pop("y"), split=split.astype(str),
                           ids=np.empty(0, dtype=object))
         with one_thread():
-            result = train_central(data, job.silos, cfg, job.noise_multiplier, job.noise_key)
+            result = train_central(data, job.silos, cfg, job.noise_multiplier, job.noise_key,
+                                   job.plan_keys)
         # The views must go before the blocks close, or close() finds them still exported.
         del data, xs, arrays
         return result

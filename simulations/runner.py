@@ -28,7 +28,7 @@ from clients.schema import AUTHORITY, federation_silos
 from clients.silo_data import load_silo
 from crypto.at_rest import Keystore, keystore_path, open_keystore, read_party_file
 from crypto.secret_random import SecretRandom
-from server.authority import RunResult
+from server.authority import RunResult, authority_random
 from server.config import ConfigError, to_flat
 from server.labels import load_labels
 from server.metrics import auc
@@ -330,10 +330,15 @@ def finish_run(run: Run, federation_seconds: float) -> dict:
     # The experiment's own secret (beside the parties' ones) keys the baselines' DP noise: the
     # same keystore reproduces them, nobody else can.
     secret = SecretRandom.load_or_create(store.path if store else parties.root, "simulation")
+    # The baselines replay the authority's own batch plans (the simulation holds its keystore),
+    # so without DP and staleness the central model is the federated one, step for step.
+    run_key = authority["model"]["run_key"]
+    plans = authority_random(store, parties.root).key
+    plan_keys = tuple(plans("plan", run_key, e) for e in range(cfg.authority.train.epochs))
 
     def job(name: str, members: tuple[str, ...], noise: float = 0.0) -> BaselineJob:
-        return BaselineJob(name, members, noise,
-                           secret.key("baseline", authority["model"]["run_key"], name))
+        return BaselineJob(name, members, noise, secret.key("baseline", run_key, name),
+                           plan_keys)
 
     jobs = [job("central", silos)]
     if sigma > 0:

@@ -91,6 +91,10 @@ def test_sweep_runs_every_cell_once_and_resumes(tmp_path: Path):
     assert table["auc"].between(0.5, 1).all()
     private = table[table["epsilon"] == 2].iloc[0]
     assert 0 <= private["audit_epsilon_lower"] <= private["eps_model"] <= 2.0
+    assert 0 <= private["audit_canary_epsilon_lower"] <= private["eps_model"]
+    verified = run_cli("ledger", "verify", str(out), cwd=tmp_path)  # every cell's ledger
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert "NO" not in verified.stdout
     assert (table["auc_oracle"] >= table["auc"] - 0.05).all()
     summary = pd.read_csv(out / "summary.csv")
     assert list(summary["epsilon"]) == [2.0, math.inf]
