@@ -152,13 +152,13 @@ def small_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 PRIVATE_RUN_ARGS = ("--users", "3000", "--seed", "5",
                     "--set", "train.epochs=3", "--set", "train.batch_size=256",
                     "--set", "train.chunk_batches=1",
-                    "--set", "privacy.epsilon=8", "--set", "privacy.cap=7.5",
+                    "--set", "privacy.epsilon=32", "--set", "privacy.cap=28",
                     "--set", "privacy.label_epsilon=5", "--set", "privacy.accountant=rdp")
 
 
 @pytest.fixture(scope="session")
 def private_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small private run: DP-SGD at combined eps 8 with a cap at 7.5 (so it stops early; 3,000
+    """A small private run: DP-SGD at combined eps 32 with a cap at 28 (so it stops early; 3,000
     people learn little at smaller budgets once the epsilon is the combined model's), label DP at
     eps 5, RDP accounting."""
     work = tmp_path_factory.mktemp("private_run")

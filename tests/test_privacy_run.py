@@ -37,13 +37,13 @@ def test_metrics_report_every_budget(private_run: Path):
 def test_the_cap_stops_training_before_it_is_passed(private_run: Path):
     m = json.loads((private_run / "metrics.json").read_text())
     assert m["stopped_by_budget_cap"] is True
-    assert 0 < m["epsilon"]["model_by_population"]["train"] <= 7.5
+    assert 0 < m["epsilon"]["model_by_population"]["train"] <= 28.0
     entries = ledger.read(private_run)
     refused = [e for e in entries if e.get("event") == "refused"]
     assert len(refused) == 1
-    assert refused[0]["epsilon"] > 7.5  # what the refused steps would have cost
+    assert refused[0]["epsilon"] > 28.0  # what the refused steps would have cost
     joint = [e for e in entries if e["mechanism"] == "joint_poisson_gaussian"]
-    assert max(e["epsilon"] for e in joint) <= 7.5
+    assert max(e["epsilon"] for e in joint) <= 28.0
     assert m["training_steps"] == sum(e["steps"] for e in joint)
 
 
