@@ -100,9 +100,10 @@ class PrivacyPlan:
                 self.joint_sigma = calibrate_sigma(cfg.epsilon, self.delta, self.q,
                                                    self.steps_planned, cfg.accountant,
                                                    prefix=self.statistics)
-                self.calibration_sigma = calibrate_sigma(cfg.epsilon, self.delta, 1.0,
-                                                         CALIBRATION_STEPS, cfg.accountant,
-                                                         prefix=self.statistics)
+                # The cap covers every population: validation people too.
+                self.calibration_sigma = calibrate_sigma(min(cfg.epsilon, cfg.budget_cap),
+                                                         self.delta, 1.0, CALIBRATION_STEPS,
+                                                         cfg.accountant, prefix=self.statistics)
             except ValueError as exc:
                 raise ConfigError(f"privacy.epsilon={cfg.epsilon} is too small: {exc}; raise "
                                   "it") from None

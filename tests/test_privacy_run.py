@@ -38,6 +38,7 @@ def test_the_cap_stops_training_before_it_is_passed(private_run: Path):
     m = json.loads((private_run / "metrics.json").read_text())
     assert m["stopped_by_budget_cap"] is True
     assert 0 < m["epsilon"]["model_by_population"]["train"] <= 28.0
+    assert m["epsilon"]["model"] <= 28.0  # the cap covers validation people too
     entries = ledger.read(private_run)
     refused = [e for e in entries if e.get("event") == "refused"]
     assert len(refused) == 1
