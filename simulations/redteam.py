@@ -526,15 +526,10 @@ def old_stratified_split(y: np.ndarray, train: float, val: float, seed: int) -> 
 
 def old_batch_plan(train: np.ndarray, batch_size: int, epoch: int, seed: int,
                    poisson: bool) -> list[np.ndarray]:
-    """The pre-e13c364 batch plan (server/training.py `batch_plan`), from the public seed."""
-    rng = np.random.default_rng([seed, PLAN_SALT, epoch])
-    if not poisson:
-        order = rng.permutation(train)
-        return np.array_split(order, max(1, int(np.ceil(len(order) / batch_size))))
-    q = min(1.0, batch_size / len(train))
-    steps = max(1, round(1 / q))
-    sizes = rng.binomial(len(train), q, size=steps)
-    return [np.sort(rng.choice(train, size=s, replace=False)) for s in sizes]
+    """The pre-e13c364 batch plan: today's `batch_plan` fed from the public seed, as it was."""
+    from server.training import batch_plan
+
+    return batch_plan(train, batch_size, np.random.default_rng([seed, PLAN_SALT, epoch]), poisson)
 
 
 def old_label_flips(n_train: int, epsilon: float, seed: int) -> np.ndarray:
