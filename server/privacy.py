@@ -100,10 +100,6 @@ class PrivacyPlan:
                 self.joint_sigma = calibrate_sigma(cfg.epsilon, self.delta, self.q,
                                                    self.steps_planned, cfg.accountant,
                                                    prefix=self.statistics)
-                # The cap covers every population: validation people too.
-                self.calibration_sigma = calibrate_sigma(min(cfg.epsilon, cfg.budget_cap),
-                                                         self.delta, 1.0, CALIBRATION_STEPS,
-                                                         cfg.accountant, prefix=self.statistics)
             except ValueError as exc:
                 raise ConfigError(f"privacy.epsilon={cfg.epsilon} is too small: {exc}; raise "
                                   "it") from None
@@ -120,6 +116,11 @@ class PrivacyPlan:
                     f"(epsilon {one:.3g} at joint noise {self.joint_sigma:.3g}, sample rate "
                     f"{self.q:.3g}); raise the cap or privacy.epsilon"
                 )
+            # The cap covers every population: validation people too. (A cap the statistics
+            # alone pass was refused just above: no step would be affordable.)
+            self.calibration_sigma = calibrate_sigma(min(cfg.epsilon, cfg.budget_cap),
+                                                     self.delta, 1.0, CALIBRATION_STEPS,
+                                                     cfg.accountant, prefix=self.statistics)
         self.history: History = list(self.statistics)  # the combined model's accountant
         self.party_history: History = []  # one party's DP-SGD steps (what silos report)
         self.calibration_history: History = []
