@@ -220,6 +220,7 @@ def run_authority(
         "subject_ref": f"hmac-{ref_hash}",
         "aggregation_mode": cfg.aggregation.mode,
         "secure_aggregation": secure,
+        "authority_sees": authority_sees(cfg, secure, reasons),
         "resumed": resume,
         "silo_compute_seconds": {s: round(v, 3) for s, v in result.silo_seconds.items()},
         "seconds": phases.seconds,
@@ -332,7 +333,22 @@ def _reasons_asked(cfg: AuthorityConfig) -> int:
                else "transcript DP does not account for exact per-silo points")
         log.warning("no reason codes: %s (explain.reasons=0 silences this)", why)
         return 0
+    log.warning("explain.reasons=%d: the authority will see each silo's points per person, "
+                "which secure sum otherwise hides", cfg.explain.reasons)
     return cfg.explain.reasons
+
+
+def authority_sees(cfg: AuthorityConfig, secure: bool, reasons: int) -> list[str]:
+    """What this run let the authority see of the silos, in words, for authority.json: the
+    README's promise (only the sum) holds exactly when this is the first line alone."""
+    seen = ["the per-person sum of the silos' contributions" if secure
+            else "each silo's contribution per person (secure sum off)"]
+    if cfg.aggregation.mode == "concat":
+        seen = ["each silo's embedding per person (aggregation.mode=concat)"]
+    if reasons:
+        seen.append(f"each silo's points per person and its top {reasons} reasons "
+                    "(explain.reasons)")
+    return seen
 
 
 def _reason_points(explained: dict, bias: float, calibrate: scoring.Platt,

@@ -103,10 +103,11 @@ MAX_REASONS = 8
 
 @dataclass(frozen=True)
 class ExplainConfig:
-    # Reason codes per person (0 = none). They release each silo's exact points per person,
-    # which secure sum otherwise hides from the authority (docs/threat-model.md); so they are
+    # Reason codes per person (0 = none, the default). Switching them on REVEALS each silo's
+    # exact points per person to the authority, which secure sum otherwise hides
+    # (docs/threat-model.md); each silo must also allow them in its own policy.json. They are
     # made in `sum` mode without transcript noise only, and skipped with a warning otherwise.
-    reasons: int = 4
+    reasons: int = 0
 
     def __post_init__(self) -> None:
         if not 0 <= self.reasons <= MAX_REASONS:

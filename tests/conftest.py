@@ -143,6 +143,7 @@ def small_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "--set", "train.epochs=2", "--set", "train.batch_size=256",
         "--set", "train.chunk_batches=1", "--set", "privacy.epsilon=inf",
         "--set", "privacy.label_epsilon=inf",
+        "--set", "explain.reasons=4",  # the research switch: reasons reveal per-silo points
         cwd=work,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr

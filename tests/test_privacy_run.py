@@ -136,6 +136,17 @@ def test_released_scores_carry_no_split(private_run: Path):
     assert not any("split" in c for c in scores.columns)
 
 
+def test_by_default_the_authority_sees_only_the_sum(private_run: Path,
+                                                   small_run: Path):
+    """The README's promise: per-silo points are a research switch that says what it reveals."""
+    scores = scores_of(private_run)
+    assert not [c for c in scores.columns if c.startswith(("points_", "reason_"))]
+    seen = json.loads((private_run / "authority.json").read_text())["authority_sees"]
+    assert seen == ["the per-person sum of the silos' contributions"]
+    switched = json.loads((small_run / "authority.json").read_text())["authority_sees"]
+    assert len(switched) == 2 and "points per person" in switched[1]
+
+
 def test_same_keystore_reproduces_the_run_and_fresh_secrets_do_not(private_run: Path,
                                                                    tmp_path: Path):
     """The public seed decides only the data and the initialisation: rerun with the same
