@@ -25,7 +25,42 @@ def _cli_env(cwd: Path) -> dict[str, str]:
     return {**os.environ, **ENGINE_ENV, "FLWR_HOME": str(cwd / ".flwr"), "COLUMNS": "200"}
 
 
+# The parties whose secret streams decide a default run's noise, plans, flips and split.
+FIXED_SECRET_PARTIES = ("authority", "payments", "social", "device")
+
+
+def fix_secrets(keystore: Path, label: str) -> None:
+    """Give a run's parties fixed randomness secrets, derived from `label`, before the run
+    makes fresh ones: a test's run is then the same run on every machine (the guarantee tests
+    that need fresh secrets delete these, test_privacy_run.py), so a figure a test asserts
+    cannot pass here and fail in CI by the luck of a draw."""
+    import hashlib
+
+    from crypto.at_rest import Keystore
+    from crypto.private_files import write_private
+    from crypto.secret_random import SECRET_FILE
+
+    if keystore.exists():
+        return
+    Keystore.init(keystore)
+    for party in FIXED_SECRET_PARTIES:
+        write_private(keystore / SECRET_FILE.format(party=party),
+                      hashlib.sha256(f"fedscore-test/{label}/{party}".encode()).digest())
+
+
+def _fix_run_secrets(args: tuple[str, ...], cwd: Path) -> None:
+    """`fedscore run --out X` without `--parties` makes X.parties and its keystore
+    X.parties.keys: fix the secrets there (see fix_secrets)."""
+    if not args or args[0] != "run" or "--out" not in args or "--parties" in args:
+        return
+    if any(a.startswith("storage.keystore=") for a in args):
+        return
+    out = cwd / args[args.index("--out") + 1]
+    fix_secrets(out.with_name(out.name + ".parties.keys"), out.name)
+
+
 def run_cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    _fix_run_secrets(args, cwd)
     return subprocess.run(
         [sys.executable, "-m", "simulations.cli", *args],
         cwd=cwd, env=_cli_env(cwd), capture_output=True, text=True, timeout=timeout,
