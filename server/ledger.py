@@ -4,11 +4,21 @@ One JSON object per line, run-length encoded like Opacus's accountant history: a
 a parameter changes or a round ends. Each line carries the cumulative epsilon of that party's
 budget after its steps, as its own accountant computed it, so anyone can re-check every epsilon
 with an independent accountant (`fedscore ledger verify RUN_DIR`).
+
+Every line carries `seq`, its position in the ledger (0, 1, 2, ...), and no step is ever
+recorded twice: an entry equal to one already in the ledger (everything but `seq` and the
+epsilon, which an accountant may compute at another precision) is refused. Two resumed runs on
+one directory once appended the same rounds twice (an epsilon above its target); the run lock
+(server/run_lock.py) stops the second run, and this check stops any other path to a duplicate.
+Appends hold an exclusive `flock` on the file and re-read it when it changed, so even writers in
+two processes cannot both append the same step.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,26 +27,90 @@ LEDGER_FILE = "ledger.jsonl"
 # Every line has these; Gaussian lines add noise_multiplier and sample_rate, randomised
 # response lines epsilon_rr.
 FIELDS = ("party", "budget", "mechanism", "steps", "round", "epsilon", "delta", "accountant")
+SEQ = "seq"
+# Not part of what makes a step the same step: its position, and the epsilon (intermediate
+# lines carry a default-precision bound, final ones a precise one).
+_NOT_IDENTITY = (SEQ, "epsilon")
+
+log = logging.getLogger(__name__)
 
 
 class LedgerError(ValueError):
     """A ledger that is not in the expected format."""
 
 
+class DuplicateStepError(LedgerError):
+    """An entry the ledger already holds: appending it would count a step twice."""
+
+
+def step_key(entry: dict) -> str:
+    """What identifies a ledger entry as one step (or one release) of one party's budget."""
+    return json.dumps({k: v for k, v in entry.items() if k not in _NOT_IDENTITY},
+                      sort_keys=True, allow_nan=False)
+
+
+def duplicates(entries: list[dict]) -> list[tuple[int, int]]:
+    """(earlier index, later index) of every entry that repeats an earlier one."""
+    seen: dict[str, int] = {}
+    out = []
+    for i, e in enumerate(entries):
+        key = step_key(e)
+        if key in seen:
+            out.append((seen[key], i))
+        else:
+            seen[key] = i
+    return out
+
+
 class Ledger:
     def __init__(self, run_dir: Path) -> None:
         self.path = run_dir / LEDGER_FILE
+        # What the file held when last read: its size, the keys of its entries, its length.
+        self._size = -1
+        self._keys: set[str] = set()
+        self._count = 0
 
-    def append(self, **entry: object) -> None:
+    def append(self, **entry: object) -> int:
+        """Append one entry; returns its sequence number. Refuses an entry already recorded."""
         missing = [f for f in FIELDS if f not in entry]
         if missing:
             raise LedgerError(f"ledger entry lacks {', '.join(missing)}")
-        line = json.dumps(entry, sort_keys=False, allow_nan=False) + "\n"
-        # Append and fsync line by line: the ledger is the record a resumed run trusts.
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(line)
+        entry.pop(SEQ, None)  # the ledger numbers its lines, callers do not
+        key = step_key(entry)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+        with os.fdopen(fd, "r+b") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)  # released when the file closes
+            self._refresh(fh)
+            if key in self._keys:
+                # No identifier here: a ledger line names parties and rounds, never people.
+                raise DuplicateStepError(
+                    f"{self.path}: party {entry['party']!r}, budget {entry['budget']!r}, round "
+                    f"{entry['round']} is already recorded; refusing to count it twice (is "
+                    "another process writing this run? `fedscore ledger verify` checks the "
+                    "ledger)")
+            seq = self._count
+            line = json.dumps({SEQ: seq, **entry}, sort_keys=False, allow_nan=False) + "\n"
+            # Append and fsync line by line: the ledger is the record a resumed run trusts.
+            fh.seek(0, os.SEEK_END)
+            fh.write(line.encode("utf-8"))
             fh.flush()
             os.fsync(fh.fileno())
+            self._size = fh.tell()
+            self._keys.add(key)
+            self._count += 1
+        return seq
+
+    def _refresh(self, fh) -> None:
+        """Re-read the entries when the file is not what this writer last saw (a truncation on
+        resume, another writer)."""
+        size = fh.seek(0, os.SEEK_END)
+        if size == self._size:
+            return
+        fh.seek(0)
+        entries = _parse(fh.read().decode("utf-8"), self.path)
+        self._keys = {step_key(e) for e in entries}
+        self._count = len(entries)
+        self._size = size
 
     def offset(self) -> int:
         return self.path.stat().st_size if self.path.exists() else 0
@@ -45,7 +119,9 @@ class Ledger:
         """Drop lines written after a checkpoint (their steps are replayed on resume)."""
         if self.path.exists() and self.path.stat().st_size > offset:
             with open(self.path, "r+b") as fh:
+                fcntl.flock(fh, fcntl.LOCK_EX)
                 fh.truncate(offset)
+        self._size = -1  # re-read before the next append
 
 
 def read(path: Path) -> list[dict]:
@@ -53,8 +129,12 @@ def read(path: Path) -> list[dict]:
         path = path / LEDGER_FILE
     if not path.exists():
         raise LedgerError(f"no ledger at {path}; runs with differential privacy write one")
+    return _parse(path.read_text(), path)
+
+
+def _parse(text: str, path: Path) -> list[dict]:
     entries = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         try:
             entries.append(json.loads(line))
         except json.JSONDecodeError as exc:

@@ -394,7 +394,7 @@ def _config(_: argparse.Namespace) -> int:
 def _ledger(args: argparse.Namespace) -> int:
     """Verify one run's ledger, or every finished cell of a sweep (a directory with
     sweep.json: its cells are under runs/)."""
-    from simulations.ledger_verify import TOLERANCE, verify
+    from simulations.ledger_verify import TOLERANCE, consistency, verify
     from simulations.sweep import SWEEP_FILE
 
     root = Path(args.run_dir)
@@ -403,9 +403,13 @@ def _ledger(args: argparse.Namespace) -> int:
     table = Table("run", "party", "budget", "accountant", "steps", "ledger epsilon",
                   "dp-accounting", "gap", "ok", title=f"ledger {root}")
     ok = True
+    problems: list[str] = []
     for run in runs:
         with console.status(f"recomputing epsilons of {run.name} with dp-accounting"):
             checks = verify(run)
+        # The ledger as the run's record: duplicates, gaps, steps against the run's own
+        # count, epsilons against the target (agreeing accountants alone prove none of it).
+        problems += [f"{run.name}: {p}" for p in consistency(run, checks)]
         for c in checks:
             ok &= c.ok
             table.add_row(run.name, c.party, c.budget, c.accountant, str(c.steps),
@@ -415,7 +419,12 @@ def _ledger(args: argparse.Namespace) -> int:
     out = Console()
     out.print(table)
     out.print(f"tolerances: RDP vs RDP {TOLERANCE['rdp']:.0%}, PRV vs PLD {TOLERANCE['prv']:.0%}")
-    return 0 if ok and runs else 1
+    for problem in problems:
+        out.print(f"[bold red]ledger problem:[/] {problem}", soft_wrap=True, highlight=False)
+    if problems:
+        out.print("[bold red]the ledger does not verify[/]: it is not a faithful record of the "
+                  "run's privacy spend; do not publish this run's epsilon", highlight=False)
+    return 0 if ok and runs and not problems else 1
 
 
 def _keys(args: argparse.Namespace) -> int:

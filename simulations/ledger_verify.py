@@ -3,10 +3,20 @@
 Opacus's RDP accountant is compared with dp-accounting's RDP accountant (tolerance 1 %), and
 Opacus's PRV accountant with dp-accounting's privacy-loss-distribution accountant (2 %): the
 same composition of Poisson-subsampled Gaussian steps, computed by different code.
+
+Agreeing accountants are not enough: a ledger that recorded rounds twice (two resumed runs on
+one directory) was re-computed consistently, epsilon above its target, and passed. So
+`consistency` also checks the ledger as a record: sequence numbers without gaps or repeats, no
+step recorded twice, the DP-SGD steps it holds equal to the steps the run itself reports
+(metrics.json / authority.json), rounds strictly increasing; and every epsilon, the ledger's
+and the independent one, at or below the run's target (privacy.cap, else privacy.epsilon).
 """
 
 from __future__ import annotations
 
+import itertools
+import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,3 +120,89 @@ def _add(history: list[tuple[float, float, int]], sigma: float, q: float, steps:
         history[-1] = (sigma, q, history[-1][2] + steps)
     else:
         history.append((sigma, q, steps))
+
+
+# Floating-point slack only: a calibrated run's epsilon sits at or below its target; a step
+# counted twice pushes it above by far more than this.
+TARGET_SLACK = 1e-9
+JOINT = "joint_poisson_gaussian"
+
+
+def consistency(run_dir: Path, checks: list[Check] | None = None) -> list[str]:
+    """What is wrong with the ledger as the run's record (empty when nothing): each problem a
+    sentence naming the line or budget and what to do."""
+    entries = ledger.read(run_dir)
+    problems: list[str] = []
+    seqs = [e.get(ledger.SEQ) for e in entries]
+    if any(q is not None for q in seqs):
+        for i, q in enumerate(seqs):
+            if q != i:
+                what = ("is missing its sequence number" if q is None
+                        else f"carries sequence number {q}")
+                problems.append(f"line {i + 1} {what}, expected {i}: lines were deleted, "
+                                "repeated or reordered")
+                break
+    for first, again in ledger.duplicates(entries):
+        e = entries[again]
+        problems.append(f"line {again + 1} repeats line {first + 1} (party {e['party']!r}, "
+                        f"budget {e['budget']!r}, round {e['round']}): a step counted twice")
+    joint = [e for e in entries if e.get("mechanism") == JOINT and e.get("event") != "refused"]
+    rounds = [int(e["round"]) for e in joint]
+    if any(b <= a for a, b in itertools.pairwise(rounds)):
+        problems.append(f"DP-SGD rounds are not strictly increasing ({_short(rounds)}): a "
+                        "round was recorded twice or out of order")
+    record = _run_record(Path(run_dir))
+    if record is not None and joint:
+        trained = record.get("training_steps")
+        counted = sum(int(e["steps"]) for e in joint)
+        if trained is not None and int(trained) != counted:
+            problems.append(f"the ledger holds {counted} DP-SGD steps, the run trained "
+                            f"{int(trained)} (its metrics): steps were "
+                            f"{'counted twice' if counted > int(trained) else 'lost'}")
+        trips = record.get("round_trips")
+        if trips is not None and rounds and max(rounds) > int(trips):
+            problems.append(f"the ledger records round {max(rounds)}, the run had "
+                            f"{int(trips)} rounds")
+    targets = _targets(Path(run_dir))
+    for c in checks if checks is not None else verify(run_dir):
+        target = targets.get("model" if c.budget.startswith("model/") else c.budget)
+        if target is None or not math.isfinite(target):
+            continue
+        worst = max(c.reported, c.independent)
+        if worst > target + TARGET_SLACK:
+            problems.append(f"{c.party} {c.budget}: epsilon {worst:.4f} (ledger "
+                            f"{c.reported:.4f}, dp-accounting {c.independent:.4f}) is above "
+                            f"the run's target {target:g}")
+    return problems
+
+
+def _run_record(run_dir: Path) -> dict | None:
+    """What the run reports it trained: metrics.json, else authority.json (a run stopped after
+    training), else nothing (a run still training: its checkpoint is the authority's)."""
+    for name in ("metrics.json", "authority.json"):
+        path = run_dir / name
+        if path.exists():
+            return json.loads(path.read_text())
+    return None
+
+
+def _targets(run_dir: Path) -> dict[str, float]:
+    """The epsilon each budget must stay within, from the run's config.json."""
+    path = run_dir / "config.json"
+    if not path.exists():
+        return {}
+    cfg = json.loads(path.read_text())
+    out: dict[str, float] = {}
+    eps = cfg.get("privacy.epsilon")
+    if eps is not None and cfg.get("topology", "vertical") != "horizontal":
+        cap = cfg.get("privacy.cap") or 0.0
+        out["model"] = float(cap or eps)
+    if cfg.get("privacy.label_dp", True) and cfg.get("privacy.label_epsilon") is not None:
+        out["label"] = float(cfg["privacy.label_epsilon"])
+    if cfg.get("privacy.transcript_cap") is not None:
+        out["transcript"] = float(cfg["privacy.transcript_cap"])
+    return out
+
+
+def _short(values: list[int]) -> str:
+    return ", ".join(map(str, values[:12])) + (", ..." if len(values) > 12 else "")
