@@ -25,6 +25,8 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from crypto.identity import check_party_name
+
 MAGIC = b"FSENC1"
 SUITES = {"aes-256-gcm": (1, 32), "sm4-gcm": (2, 16)}  # id, key length
 # The keyed hash of subject references that goes with each suite.
@@ -61,6 +63,8 @@ class Keystore:
             )
         self._check_private(self.path, 0o700)
         self.meta = json.loads(meta.read_text())
+        if self.meta.get("suite") not in SUITES:
+            raise AtRestError(f"{meta} names an unknown suite; restore the keystore from backup")
 
     @classmethod
     def init(cls, path: Path, suite: str = "aes-256-gcm") -> Keystore:
@@ -126,8 +130,19 @@ class Keystore:
                 f"{self.path} does not hold; use the keystore it was written with"
             )
         path = self.path / f"key-{key_id.hex()}.bin"
+        if path.is_symlink():
+            raise AtRestError(f"{path} is a symbolic link; a key file must be the file itself")
         self._check_private(path, 0o600)
-        return Key(key_id, self.suite, path.read_bytes())
+        material = path.read_bytes()
+        # Exactly the suite's length: AESGCM takes 16, 24 or 32 bytes, so a key file cut to 16
+        # would otherwise silently become AES-128 (and one of 24, AES-192).
+        expected = SUITES[self.suite][1]
+        if len(material) != expected:
+            raise AtRestError(
+                f"key file {path} holds {len(material)} bytes, but {self.suite} keys are "
+                f"{expected} bytes: the file is damaged or was replaced; restore it from backup"
+            )
+        return Key(key_id, self.suite, material)
 
     @staticmethod
     def _check_private(path: Path, mode: int) -> None:
@@ -139,6 +154,10 @@ class Keystore:
 
 
 def _crypt(key: Key, nonce: bytes, data: bytes, aad: bytes, encrypt: bool) -> bytes:
+    # Checked again here, for keys made outside Keystore.key: the suite fixes the key length.
+    if len(key.material) != SUITES[key.suite][1]:
+        raise AtRestError(f"a {key.suite} key must be {SUITES[key.suite][1]} bytes; refusing a "
+                          f"key of {len(key.material)}")
     if key.suite == "aes-256-gcm":
         aead = AESGCM(key.material)
         return aead.encrypt(nonce, data, aad) if encrypt else aead.decrypt(nonce, data, aad)
@@ -222,7 +241,9 @@ def open_keystore(setting: str, parties_root: Path) -> Keystore | None:
 
 def party_context(party: str, name: str) -> bytes:
     """A party's table (features, labels, the generator's truth) is bound to the party and the
-    file's name, not to a run: tables outlive runs."""
+    file's name, not to a run: tables outlive runs. The party's name is checked: it also names
+    the party's directory."""
+    check_party_name(party)
     return f"fedscore/parties/{party}/{name}".encode()
 
 

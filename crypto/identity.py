@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import os
+import re
 import secrets
 import stat
 from pathlib import Path
@@ -25,11 +27,80 @@ import pyarrow.compute as pc
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives import hmac as crypto_hmac
 
+log = logging.getLogger(__name__)
+
 PEPPER_BYTES = 32
 
 
 class IdentifierError(ValueError):
     """An identifier column that cannot be normalised."""
+
+
+class PartyNameError(IdentifierError):
+    """A party (silo, region, authority) name that cannot name a directory or a key."""
+
+
+# A party's name becomes a directory under the parties root, a file name in the credentials and
+# part of every encryption context: only a plain identifier may do that (no '/', '..', dots,
+# upper case that collides on case-insensitive file systems, or control characters).
+_PARTY_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
+
+
+def check_party_name(name: object, what: str = "party") -> str:
+    """`name` when it is a valid party name (^[a-z][a-z0-9_]{0,31}$), else PartyNameError."""
+    if not isinstance(name, str) or not _PARTY_NAME.fullmatch(name):
+        shown = repr(name[:40]) if isinstance(name, str) else type(name).__name__
+        raise PartyNameError(
+            f"{what} name {shown}: use 1 to 32 lower-case letters, digits or '_', starting "
+            "with a letter (e.g. payments or region_2)"
+        )
+    return name
+
+
+# Floats hold every integer exactly up to 2^53; a phone number (at most 17 digits) beyond that
+# may already have been rounded when the column was written.
+_EXACT_FLOAT = 2.0**53
+# A number written out from a float column ("13812345678.0"): digits, then only zeros after the
+# point. Without this the '.' would count as a separator and the trailing 0 as a digit.
+_FLOAT_TEXT = re.compile(r"^\s*(\+?[0-9]{6,17})\.0+\s*$")
+
+
+def _exact_text(raw: pd.Series) -> pd.Series:
+    """Identifiers as text: a numeric column is converted digit for digit when every value is
+    a whole number a float holds exactly, else refused naming the column (never a value)."""
+    column = f"column {raw.name!r}" if raw.name is not None else "the identifier column"
+    fix = ("write the column as text (e.g. pd.read_csv(..., dtype={col: str}) or "
+           "df[col].astype(str) before saving), so no digit is lost")
+    if pd.api.types.is_bool_dtype(raw.dtype):
+        raise IdentifierError(f"{column} holds true/false values, not identifiers; {fix}")
+    if pd.api.types.is_integer_dtype(raw.dtype):
+        return raw.astype("string")
+    if pd.api.types.is_float_dtype(raw.dtype):
+        return _floats_to_text(raw, column, fix)
+    if raw.dtype == object:
+        floats = raw.map(lambda v: isinstance(v, float | np.floating)).to_numpy(dtype=bool)
+        if floats.any():
+            out = raw.astype(object).copy()
+            out[floats] = _floats_to_text(raw[floats].astype(np.float64), column, fix)
+            return out
+    return raw
+
+
+def _floats_to_text(raw: pd.Series, column: str, fix: str) -> pd.Series:
+    values = raw.to_numpy(dtype=np.float64, na_value=np.nan)
+    known = ~np.isnan(values)
+    bad = known & ~(np.isfinite(values) & (np.abs(values) < _EXACT_FLOAT)
+                    & (values == np.round(values)) & (values >= 0))
+    if bad.any():
+        raise IdentifierError(
+            f"{column} was read as floating-point numbers and {int(bad.sum())} of them are not "
+            f"whole numbers below 2^53, so digits may already be lost; {fix}"
+        )
+    log.warning("%s was read as floating-point numbers; converted exactly (every value is a "
+                "whole number below 2^53); store it as text to avoid this", column)
+    text = np.full(len(values), None, dtype=object)
+    text[known] = [str(int(v)) for v in values[known]]
+    return pd.Series(text, index=raw.index, dtype="string")
 
 
 # Python's `\s` (str.isspace): RE2, which runs Arrow's regexes, knows only ASCII whitespace.
@@ -48,6 +119,7 @@ def normalize_phones(raw: pd.Series, default_country: str = "86") -> pd.Series:
     """
     if not default_country.isdigit():
         raise IdentifierError(f"default_country must be digits, got {default_country!r}")
+    raw = _exact_text(raw)
     try:
         text = pa.array(raw.to_numpy(dtype=object), type=pa.string(), from_pandas=True)
     except (pa.ArrowInvalid, pa.ArrowTypeError):
@@ -59,6 +131,8 @@ def normalize_phones(raw: pd.Series, default_country: str = "86") -> pd.Series:
             "(drop those rows before loading)"
         )
     text = pc.utf8_normalize(text, "NFKC")
+    # "13812345678.0": a float column written as text. The point is not a separator here.
+    text = pc.replace_substring_regex(text, _FLOAT_TEXT.pattern, r"\1")
     plus = pc.starts_with(pc.utf8_trim_whitespace(text), "+")
     digits = pc.utf8_ltrim(pc.replace_substring_regex(text, _SEPARATORS, ""), "+")
     bad = int(pc.sum(pc.invert(pc.match_substring_regex(digits, r"^[0-9]{6,17}$"))).as_py() or 0)
@@ -86,7 +160,7 @@ def normalize_ids(raw: pd.Series, kind: str = "phone") -> pd.Series:
         return normalize_phones(raw)
     if kind != "plain":
         raise IdentifierError(f"unknown identifier kind {kind!r}: use phone or plain")
-    text = raw.astype("string").str.strip()
+    text = _exact_text(raw).astype("string").str.strip()
     empty = text.isna() | (text == "")
     if empty.any():
         raise IdentifierError(f"{int(empty.sum())} identifiers are empty; every row needs one "

@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
+import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,9 +27,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from crypto.identity import PartyNameError, check_party_name
+
 CA_DAYS = 365
 LEAF_DAYS = 90  # short-lived: a stolen server key stops working soon
-SILO_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789_-")
 
 
 class CredentialError(ValueError):
@@ -58,9 +60,11 @@ class Credentials:
         return self.root / "superlink.key"
 
     def node_key(self, silo: str) -> Path:
+        _check_silo(silo)
         return self.root / "nodes" / f"{silo}.key"
 
     def node_public_key(self, silo: str) -> Path:
+        _check_silo(silo)
         return self.root / "nodes" / f"{silo}.pub"
 
     def check(self, silos: Iterable[str]) -> None:
@@ -74,11 +78,29 @@ class Credentials:
                     f"{path} is missing; make the credentials with `fedscore certs --out "
                     f"{self.root}` (add the silos and hosts the federation uses)"
                 )
-        for path in [self.server_key, *(self.node_key(s) for s in silos)]:
-            if path.stat().st_mode & 0o077:
-                raise CredentialError(
-                    f"{path} is readable by other users; run `chmod 600 {path}`"
-                )
+        # ca.key signs server certificates: whoever reads it can impersonate the SuperLink.
+        # It may be kept offline (absent here); when present it is checked like the others.
+        private = [self.server_key, *(self.node_key(s) for s in silos)]
+        if self.ca_key.exists() or self.ca_key.is_symlink():
+            private.insert(0, self.ca_key)
+        _check_owner_only(self.root, 0o700, "the credentials directory")
+        for path in private:
+            _check_owner_only(path, 0o600, "private key")
+
+
+def _check_owner_only(path: Path, mode: int, what: str) -> None:
+    """Refuse a private file or directory that another user owns or can read, or a symlink
+    (which could point anywhere, and whose target's mode is what matters)."""
+    info = os.lstat(path)
+    if stat.S_ISLNK(info.st_mode):
+        raise CredentialError(f"{what} {path} is a symbolic link; put the file itself there")
+    if info.st_uid != os.getuid():
+        raise CredentialError(f"{what} {path} belongs to another user (uid {info.st_uid}); "
+                              f"copy it and make it yours with `chmod {mode:o}`")
+    if stat.S_IMODE(info.st_mode) & 0o077:
+        raise CredentialError(
+            f"{what} {path} is readable by other users; run `chmod {mode:o} {path}`"
+        )
 
 
 def _private_dir(path: Path) -> None:
@@ -173,8 +195,12 @@ def make_node_key() -> tuple[bytes, bytes]:
 
 
 def _check_silo(silo: str) -> None:
-    if not silo or not set(silo) <= SILO_NAME_CHARS:
-        raise CredentialError(f"silo name {silo!r}: use lower-case letters, digits, - and _")
+    # The same rule as every other place a party's name enters (crypto/identity.py): it names
+    # the node key's file.
+    try:
+        check_party_name(silo, "silo")
+    except PartyNameError as exc:
+        raise CredentialError(str(exc)) from None
 
 
 def write_credentials(root: Path, hosts: Iterable[str], silos: Iterable[str],

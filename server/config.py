@@ -22,6 +22,17 @@ class ConfigError(ValueError):
     """A configuration key or value that cannot be used."""
 
 
+# The only settings where infinity means something ("off" or "no cap"); everywhere else an
+# inf or nan would reach arithmetic that was never meant for it (a clipping bound of inf turns
+# DP-SGD's noise into inf, a timeout of inf never fires), so it is refused at validation.
+INFINITE_OK = frozenset({"privacy.epsilon", "privacy.label_epsilon", "privacy.transcript_cap"})
+
+
+def _finite(key: str, value: float, hint: str = "") -> None:
+    if not math.isfinite(value):
+        raise ConfigError(f"{key}={value}: must be a finite number{hint}")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     hidden: tuple[int, ...] = (32, 16)
@@ -62,6 +73,7 @@ class TrainConfig:
         _positive("train.chunk_batches", self.chunk_batches)
         if not 0 < self.lr < 1:
             raise ConfigError(f"train.lr={self.lr}: use a learning rate in (0, 1), e.g. 0.003")
+        _finite("train.weight_decay", self.weight_decay, ", e.g. 0 or 1e-4")
         if self.weight_decay < 0:
             raise ConfigError(f"train.weight_decay={self.weight_decay}: must be >= 0")
 
@@ -90,6 +102,8 @@ class ScoreConfig:
     pdo: float = 50.0
 
     def __post_init__(self) -> None:
+        for key in ("base_score", "base_odds", "pdo"):
+            _finite(f"score.{key}", getattr(self, key), " (defaults: 650, 30, 50)")
         if self.pdo <= 0 or self.base_odds <= 0:
             raise ConfigError(
                 f"score.pdo={self.pdo}, score.base_odds={self.base_odds}: both must be > 0"
@@ -205,6 +219,8 @@ class HorizontalConfig:
                                   f"{', '.join(allowed)}")
         if not 0 < self.lr < 1:
             raise ConfigError(f"horizontal.lr={self.lr}: use a learning rate in (0, 1), e.g. 0.03")
+        _finite("horizontal.proximal_mu", self.proximal_mu, ", e.g. 0.1")
+        _finite("horizontal.update_clip", self.update_clip, ", e.g. 1.0")
         if self.proximal_mu < 0:
             raise ConfigError(f"horizontal.proximal_mu={self.proximal_mu}: must be >= 0")
         if not self.update_clip > 0:
@@ -268,6 +284,7 @@ class PrivacyConfig:
             )
         if not self.max_grad_norm > 0:
             raise ConfigError(f"privacy.max_grad_norm={self.max_grad_norm}: must be > 0")
+        _finite("privacy.cap", self.cap, " (0 means the target privacy.epsilon)")
         if self.cap < 0:
             raise ConfigError(f"privacy.cap={self.cap}: must be > 0 (0 means the target)")
         if not self.label_epsilon > 0:
@@ -280,7 +297,9 @@ class PrivacyConfig:
             )
         for key in ("max_grad_norm", "transcript_clip", "transcript_sigma"):
             if not math.isfinite(getattr(self, key)):
-                raise ConfigError(f"privacy.{key}={getattr(self, key)}: must be a finite number")
+                raise ConfigError(f"privacy.{key}={getattr(self, key)}: must be a finite number "
+                                  "(defaults: max_grad_norm 5, transcript_clip 4, "
+                                  "transcript_sigma 0 = off)")
         if not self.transcript_cap > 0:
             raise ConfigError(f"privacy.transcript_cap={self.transcript_cap}: must be > 0 "
                               "(inf = no cap)")
@@ -340,6 +359,7 @@ class AuthorityConfig:
 
     def __post_init__(self) -> None:
         for name in ("join_timeout", "reply_timeout"):
+            _finite(name, getattr(self, name), " of seconds, e.g. 120")
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name}={getattr(self, name)}: must be a positive number of "
                                   "seconds")
@@ -392,9 +412,15 @@ def to_flat(obj: Any, prefix: str = "") -> dict[str, Any]:
 def coerce(key: str, tp: Any, value: Any) -> Any:
     """Turn a command-line string or a JSON/TOML value into a field's type."""
     try:
-        return _coerce(tp, value)
+        typed = _coerce(tp, value)
     except (TypeError, ValueError, KeyError):
         raise ConfigError(f"{key}={value!r}: expected {_type_name(tp)}") from None
+    if key not in INFINITE_OK:
+        for number in typed if isinstance(typed, tuple) else (typed,):
+            if isinstance(number, float) and not math.isfinite(number):
+                off = " (inf is accepted only by " + ", ".join(sorted(INFINITE_OK)) + ")"
+                raise ConfigError(f"{key}={value!r}: must be a finite number{off}")
+    return typed
 
 
 def _coerce(tp: Any, value: Any) -> Any:
