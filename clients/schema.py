@@ -14,6 +14,8 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from crypto.identity import PartyNameError, check_party_name
+
 ID_COLUMN = "phone"
 LABEL_COLUMN = "default"
 
@@ -194,6 +196,9 @@ def _read_schema(directory: Path) -> dict | None:
 
 
 def silo_schema(silo_dir: Path, silo: str) -> TableSchema:
+    # The silo's name may come from a node config (`silo="..."`): it must name a directory
+    # under the parties root and nothing else.
+    check_party_name(silo, "silo")
     raw = _read_schema(silo_dir)
     if raw is None:
         features = SILO_FEATURES.get(silo)
@@ -235,7 +240,20 @@ def authority_schema(authority_dir: Path) -> TableSchema:
 def federation_silos(parties_root: Path | None) -> tuple[str, ...]:
     """The silos of a parties directory: parties.json, else the generated three."""
     if parties_root is not None and (parties_root / PARTIES_FILE).exists():
-        return tuple(json.loads((parties_root / PARTIES_FILE).read_text())["silos"])
+        path = parties_root / PARTIES_FILE
+        try:
+            silos = json.loads(path.read_text())["silos"]
+            if not isinstance(silos, list):
+                raise TypeError("silos is not a list")
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise PartyNameError(f"{path} is not valid ({type(exc).__name__}); it holds "
+                                 '{"silos": ["payments", ...]}') from None
+        for silo in silos:
+            try:
+                check_party_name(silo, "silo")
+            except PartyNameError as exc:
+                raise PartyNameError(f"{path}: {exc}") from None
+        return tuple(silos)
     return SILOS
 
 

@@ -10,13 +10,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from crypto.identity import check_party_name
+
 
 @dataclass(frozen=True)
 class Parties:
     root: Path
 
     def party(self, name: str) -> Path:
-        return self.root / name
+        return self.root / check_party_name(name)
 
     @property
     def truth(self) -> Path:

@@ -28,6 +28,7 @@ import pandas as pd
 
 from clients.schema import AUTHORITY, COLUMN_KINDS, ID_KINDS, PARTIES_FILE, SCHEMA_FILE
 from crypto.at_rest import Keystore, write_party_file
+from crypto.identity import PartyNameError, check_party_name
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,12 @@ class Mapping:
         if self.identifier_kind not in ID_KINDS:
             raise DataImportError(f"identifier_kind {self.identifier_kind!r}: choose one of "
                                   f"{', '.join(ID_KINDS)}")
+        for silo in self.silos:
+            # A silo's name becomes its directory under the parties root: "../../x" must not.
+            try:
+                check_party_name(silo, "silo")
+            except PartyNameError as exc:
+                raise DataImportError(f"{MAPPING_FILE}: {exc}") from None
         if len(self.silos) < 2:
             raise DataImportError("name at least two silos in the mapping (vertical FL needs "
                                   "features split across parties)")
