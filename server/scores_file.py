@@ -2,11 +2,24 @@
 
 Kept apart from server/authority.py so tools that only read or revise scores (fedscore score,
 dispute, drift) do not import the training stack.
+
+Which run a directory holds is the authority's record, not a file beside the ciphertext: when
+it writes a run's encrypted files, the authority records the run key in its keystore,
+`<keystore>/runs/<run id>.json`, where the run id is a digest of the run directory's path
+relative to the keystore. A reader takes the run key from there, so another run's scores
+copied in (with anything else of that run's directory) fail authentication. Copying a run
+together with its keystore, keeping their relative places, keeps it readable; moving the run
+alone does not (move it back, or keep it beside its keystore).
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
+import logging
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +28,58 @@ import pandas as pd
 from crypto.at_rest import AtRestError, Keystore, read_encrypted, write_encrypted
 from crypto.private_files import write_private
 
+log = logging.getLogger(__name__)
+
 PEPPER_FILE = "pepper.key"
 SCORES_FILE = "scores.parquet"
+RUNS_DIR = "runs"
+
+
+def run_id(keystore: Path, out_dir: Path) -> str:
+    """The name of a run's record in the keystore: the run directory's place relative to the
+    keystore (stable when both are copied together), digested to a file name."""
+    where = os.path.relpath(Path(out_dir).resolve(), Path(keystore).resolve())
+    return hashlib.sha256(where.encode()).hexdigest()[:32]
+
+
+def record_path(keystore: Path, out_dir: Path) -> Path:
+    return Path(keystore) / RUNS_DIR / f"{run_id(keystore, out_dir)}.json"
+
+
+def record_run(store: Keystore, out_dir: Path, run_key: str) -> None:
+    """Record in the authority's keystore that `out_dir` holds run `run_key`. Fields other
+    writers add to the record are kept."""
+    path = record_path(store.path, out_dir)
+    path.parent.mkdir(mode=0o700, exist_ok=True)
+    record = json.loads(path.read_text()) if path.exists() else {}
+    if record.get("run_key") not in (None, run_key):
+        # A new run in a directory that held another one (claim_run_dir refuses a non-empty
+        # one, so the old run was deleted): the keystore now vouches for the new run.
+        log.info("run record %s: a new run replaces the one recorded", path.name)
+    record.update({"run_key": run_key, "run_dir": str(Path(out_dir).resolve())})
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def recorded_run_key(store: Keystore, out_dir: Path) -> str:
+    """The run key the authority recorded for `out_dir` (record_run)."""
+    path = record_path(store.path, out_dir)
+    try:
+        run_key = json.loads(path.read_text())["run_key"]
+    except FileNotFoundError:
+        raise AtRestError(
+            f"the keystore {store.path} has no record of a run in {out_dir}: encrypted run "
+            "files are read where their run wrote them, with the keystore it used (a run moved "
+            "away from its keystore: move it back, or copy both keeping their relative places)"
+        ) from None
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise AtRestError(f"the run record {path} is damaged; restore the keystore from "
+                          "backup") from None
+    if not isinstance(run_key, str) or not run_key:
+        raise AtRestError(f"the run record {path} is damaged; restore the keystore from backup")
+    return run_key
 
 
 def scores_context(run_key: str) -> bytes:
@@ -31,9 +94,9 @@ def write_scores(out_dir: Path, scores: pd.DataFrame, store: Keystore | None, ru
         return
     buf = io.BytesIO()
     scores.to_parquet(buf, index=False)
+    record_run(store, out_dir, run_key)
     write_encrypted(store, out_dir / f"{SCORES_FILE}.enc", buf.getvalue(),
                     scores_context(run_key))
-    (out_dir / "run_key.txt").write_text(run_key + "\n")
 
 
 def read_scores(out_dir: Path, keystore: str | Path | None, with_split: bool = False
@@ -67,6 +130,7 @@ def write_split(out_dir: Path, names: np.ndarray, store: Keystore | None, run_ke
     if store is None:
         write_private(out_dir / SPLIT_FILE, buf.getvalue())
         return
+    record_run(store, out_dir, run_key)
     write_encrypted(store, out_dir / f"{SPLIT_FILE}.enc", buf.getvalue(), split_context(run_key))
 
 
@@ -84,5 +148,7 @@ def _read_private(out_dir: Path, keystore: str | Path | None, name: str, context
     encrypted = out_dir / name
     if not keystore:
         raise AtRestError(f"{encrypted} is encrypted; give the keystore it was written with")
-    run_key = (out_dir / "run_key.txt").read_text().strip()
-    return read_encrypted(Keystore(Path(keystore)), encrypted, context(run_key))
+    store = Keystore(Path(keystore))
+    # The run key comes from the authority's record, never from the run directory: a file
+    # there (the old run_key.txt) could be copied in along with another run's scores.
+    return read_encrypted(store, encrypted, context(recorded_run_key(store, out_dir)))
