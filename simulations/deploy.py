@@ -6,11 +6,16 @@ Every process is started in its own session and stopped by PID, with its whole p
 (Flower's SuperExec and the per-message ClientApp processes live there), also on Ctrl-C, on
 SIGTERM and on failure. Logs go to `<run dir>/deploy/`; credentials and Flower's own state to a
 private directory beside the party tables (`<parties>.deploy/`), never into the run directory.
+
+The app is built once into a snapshot there and pinned: each SuperNode runs only that bundle
+(simulations/app_pin.py), and `flwr run` ships the snapshot, so an edit to the source tree during
+the run cannot change what the silos execute.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import os
@@ -20,13 +25,16 @@ import ssl
 import subprocess
 import sys
 import time
+import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from crypto.private_files import ensure_private_dir
 from crypto.tls import CredentialError, Credentials, write_credentials
 from server.server_app import FAILURE_FILE, PROGRESS_PREFIX
+from simulations import app_pin
 from simulations.engine import QUIET_ENV
 
 log = logging.getLogger(__name__)
@@ -50,6 +58,26 @@ def project_root() -> Path:
             "(git clone, then `pip install -e .`)"
         )
     return root
+
+
+def snapshot_app(root: Path, dest: Path) -> tuple[Path, str]:
+    """Build the app in `root` once and unpack the bundle into `dest/fedscore`: (that
+    directory, its pin). Flower's builds are reproducible, so `flwr run` on the snapshot ships
+    exactly the pinned bundle whatever happens to `root` meanwhile."""
+    fab = app_pin.build_app(root)
+    ensure_private_dir(dest, "the app snapshot directory")
+    app = dest / "fedscore"
+    if app.exists():
+        import shutil
+
+        shutil.rmtree(app)
+    app.mkdir(mode=0o700)
+    with zipfile.ZipFile(io.BytesIO(fab)) as bundle:
+        for name in bundle.namelist():  # Flower's own bundle: relative names, no links
+            if name.startswith(("/", "..")) or "/../" in name:
+                raise DeploymentError(f"the app bundle names a file outside itself: {name}")
+        bundle.extractall(app)
+    return app, app_pin.app_hash(fab)
 
 
 def free_port() -> int:
@@ -98,6 +126,10 @@ class Deployment:
     processes: list[Process] = field(default_factory=list)
     nodes: dict[str, Process] = field(default_factory=dict)
     known: set[tuple[int, int]] = field(default_factory=set)  # (pid, start time)
+    # The bundle every SuperNode accepts (None: any, as Flower does) and the app `flwr run`
+    # ships (None: the source checkout).
+    app_pin: str | None = None
+    app_dir: Path | None = None
 
     @property
     def env(self) -> dict[str, str]:
@@ -185,7 +217,8 @@ class Deployment:
             "--host", HOST, "--port", str(self.port),
         ])
         _wait_for_tls(self.address, c.ca_cert, self.link)
-        self.home.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.home.parent.mkdir(parents=True, exist_ok=True)
+        ensure_private_dir(self.home, "Flower's home for the deployment")
         (self.home / "config.toml").write_text(
             f'[superlink]\ndefault = "{FEDERATION}"\n\n[superlink.{FEDERATION}]\n'
             f'address = "{self.address}"\nroot-certificates = "{c.ca_cert}"\n'
@@ -200,8 +233,12 @@ class Deployment:
         node_config = f'silo="{silo}" data-dir="{self.parties}"'
         if self.keystore is not None:
             node_config += f' keystore="{self.keystore}"'
+        # The pin is the hash of public code, not a secret, so it may sit on the command line.
+        launcher = [str(_tools() / "flower-supernode")] if self.app_pin is None else [
+            sys.executable, "-m", "simulations.app_pin", "supernode",
+            "--app-pin", self.app_pin, "--"]
         proc = self.spawn(f"supernode-{silo}", [
-            str(_tools() / "flower-supernode"),
+            *launcher,
             "--superlink", self.address,
             "--root-certificates", str(self.credentials.ca_cert),
             "--auth-supernode-private-key", str(self.credentials.node_key(silo)),
@@ -230,7 +267,7 @@ class Deployment:
         config_file = self.logs / "run-config.toml"
         config_file.write_text("".join(f"{k} = {_toml(v)}\n" for k, v in run_config.items()))
         run = self.spawn("run", [
-            str(_tools() / "flwr"), "run", str(project_root()), FEDERATION,
+            str(_tools() / "flwr"), "run", str(self.app_dir or project_root()), FEDERATION,
             "--run-config", str(config_file), "--stream",
         ])
         seen = 0
@@ -267,9 +304,13 @@ def deployment(silos: tuple[str, ...], parties: Path, keystore: Path | None, log
     """Bring up a loopback federation; stop every process it started on the way out, whatever
     the way out is (Ctrl-C and SIGTERM included)."""
     logs.mkdir(parents=True, exist_ok=True)
-    state.mkdir(mode=0o700, parents=True, exist_ok=True)
+    state.parent.mkdir(parents=True, exist_ok=True)
+    ensure_private_dir(state, "the deployment's private directory")
     creds = _credentials(credentials or state / "credentials", silos)
     dep = Deployment(silos, parties, keystore, creds, state / "flwr", logs)
+    # Here fedscore plays the silo operators too: it pins the bundle it is about to ship. On
+    # separate machines each operator pins the bundle they reviewed (docs/deployment.md).
+    dep.app_dir, dep.app_pin = snapshot_app(project_root(), state / "app")
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         if progress:

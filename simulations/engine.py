@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import tempfile
 import warnings
 from pathlib import Path
 
 from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
+
+from crypto.private_files import ensure_private_dir
 
 log = logging.getLogger(__name__)
 
@@ -31,18 +34,49 @@ def private_engine_home() -> Path:
     """A per-user directory for Flower and Ray state, kept out of ~/.flwr and /tmp/ray.
 
     Ray's socket paths must stay under ~107 bytes, so this lives directly under the temp dir.
+    The temp dir is shared: a directory of that name made by someone else, open to others or
+    a symlink is refused (it would collect our sockets, Ray's session and Flower's state).
     """
     home = Path(tempfile.gettempdir()) / f"fedscore-{os.getuid()}"
-    home.mkdir(mode=0o700, exist_ok=True)
-    return home
+    return ensure_private_dir(home, "the engine's private directory")
+
+
+# Ray's control plane (GCS, raylet, workers, runtime-env agent) listens on TCP. A private Ray
+# has no other machine to talk to, so it binds loopback only and every RPC carries a fresh
+# per-process token (Ray >= 2.52 token authentication), which a local user without our
+# environment cannot read: /proc/PID/environ is readable by its owner only.
+LOOPBACK_ENV = {
+    # Ray resolves a node address of 127.0.0.1 to the machine's outward address unless
+    # "cluster mode" is off; off, the node address is loopback and Ray 2.55's servers bind
+    # to it instead of 0.0.0.0 (checked by tests/test_security_machine.py).
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_AUTH_MODE": "token",
+}
+LOOPBACK = "127.0.0.1"
+
+
+def _private_ray() -> bool:
+    """A Ray of our own (not a cluster joined through RAY_ADDRESS, which has its own network
+    and authentication settings: docs/deployment.md)."""
+    return not os.environ.get("RAY_ADDRESS")
 
 
 def configure_environment() -> None:
     home = private_engine_home()
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
-    os.environ.setdefault("FLWR_HOME", str(home / "flwr"))
-    os.environ.setdefault("RAY_TMPDIR", str(home / "ray"))
+    for key, sub in (("FLWR_HOME", "flwr"), ("RAY_TMPDIR", "ray")):
+        # Inside the checked home nobody else can reach them, whatever their own mode (Ray
+        # makes its directories 0755).
+        os.environ.setdefault(key, str(home / sub))
+    if _private_ray():
+        for key, value in LOOPBACK_ENV.items():
+            os.environ.setdefault(key, value)
+        if os.environ["RAY_AUTH_MODE"] == "token" and not (
+                os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
+            # Fresh for each process that starts a Ray: nothing on disk to steal or reuse,
+            # and Ray hands it to its own processes through their environment.
+            os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
 
 
 _VERBOSE = False
@@ -87,12 +121,22 @@ def run_federation(server_app: ServerApp, client_app: ClientApp, silos: int) -> 
     quiet_engine_logs()
     from flwr.simulation import run_simulation
 
-    init_args: dict = {"logging_level": logging.ERROR, "log_to_driver": False}
-    if not os.environ.get("RAY_ADDRESS"):
+    if _private_ray():
+        # Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER once, at import: a caller that imported
+        # Ray before configure_environment would otherwise get a node on the outward address.
+        from ray._private import ray_constants
+
+        if getattr(ray_constants, "ENABLE_RAY_CLUSTER", False):
+            ray_constants.ENABLE_RAY_CLUSTER = False
+
+    init_args: dict = {"logging_level": logging.ERROR, "log_to_driver": False,
+                       "include_dashboard": False}
+    if _private_ray():
         # A private Ray with one worker per core (engine_workers); torch in each is pinned to
         # one thread. With RAY_ADDRESS set, Ray joins that cluster, which has its own
-        # resources (docs/deployment.md).
-        init_args.update(num_cpus=engine_workers(silos), num_gpus=0)
+        # resources (docs/deployment.md). Loopback only, dashboard off (LOOPBACK_ENV).
+        init_args.update(num_cpus=engine_workers(silos), num_gpus=0,
+                         _node_ip_address=LOOPBACK, dashboard_host=LOOPBACK)
     run_simulation(
         server_app=server_app,
         client_app=client_app,
