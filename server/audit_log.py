@@ -22,8 +22,14 @@ Why SHA-256 over the ciphertext, not HMAC over the record:
 - Hashing the ciphertext leaks nothing about the record, whereas an unkeyed hash of a record
   (a phone number, a score) could be enumerated; the chain's structure (order, gaps, edits) can
   be checked by someone who holds no key.
-- What no chain can show alone is that entries were cut from the end: `verify(expect_head=...)`
-  checks the last hash against one recorded elsewhere (e.g. in the run's manifest).
+- What no chain can show alone is that entries were cut from the end, or that the whole log
+  was deleted: every append also writes an ANCHOR outside the run directory, in the authority's
+  keystore (`<keystore>/audit-anchors/<run id>.json`, atomically): the head hash, the number
+  of entries, and digests of the files a dispute changes (the run's scores, each silo's
+  corrections). `check_anchor` (`fedscore audit`) compares the log and those files with it: a
+  deleted, truncated, replaced or rolled-back log, or scores or corrections that differ from
+  what the last dispute left, is reported. `verify(expect_head=...)` still checks the last hash
+  against one the caller kept.
 
 Appends take an exclusive `flock` on the file, re-read the tail under it, write one line and
 fsync, so concurrent writers serialise instead of forking the chain. An incomplete last line
@@ -41,7 +47,7 @@ import json
 import logging
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +133,9 @@ class AuditLog:
         self.path = Path(path)
         self.store = store
         self.log_name = self.path.name if log_name is None else log_name
+        # Outside the run directory, so deleting or rolling back the run's files cannot take
+        # the record of what they were with them.
+        self.anchor_path = anchor_path(store, self.log_name, self.path)
 
     def __repr__(self) -> str:
         return f"AuditLog({self.path}, log_name={self.log_name!r})"
@@ -148,6 +157,8 @@ class AuditLog:
             fh.write(_line(seq, prev, ciphertext, digest) + b"\n")
             fh.flush()
             os.fsync(fh.fileno())
+            # Still under the lock: the anchor moves with the log, one writer at a time.
+            write_anchor(self.anchor_path, Anchor(digest, seq + 1, guarded_digests(self.path)))
         if created:
             _fsync_dir(self.path.parent)
         log.info("audit log %s: appended entry %d", self.path.name, seq)
@@ -275,3 +286,163 @@ def _fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# ---- the anchor ---------------------------------------------------------------------------------
+
+ANCHOR_DIR = "audit-anchors"
+ANCHOR_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Anchor:
+    """What the log and the files a dispute changes were after the last append."""
+
+    head: str
+    entries: int
+    digests: dict[str, str | None] = field(default_factory=dict)
+
+
+def anchor_path(store: Keystore, log_name: str, log_path: Path) -> Path:
+    """`<keystore>/audit-anchors/<run id>.json`. The run id is the log's name (the run key)
+    with a digest of the log's place: two runs of one configuration share a run key."""
+    run = log_name.split("/", 1)[0]
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in run)[:64] or "log"
+    where = hashlib.sha256(str(Path(log_path).resolve()).encode()).hexdigest()[:12]
+    return Path(store.path) / ANCHOR_DIR / f"{safe}-{where}.json"
+
+
+def file_digest(path: Path) -> str | None:
+    """SHA-256 of a file's bytes (the files guarded are ciphertext), None when it is absent."""
+    if not path.exists():
+        return None
+    h = hashlib.sha256(DOMAIN + b"/anchor-file\x00")
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def guarded_files(log_path: Path) -> dict[str, Path]:
+    """The files a dispute changes, by name: the run's scores (beside the log) and each silo's
+    corrections (in the parties directory that the run's run.json names)."""
+    run_dir = Path(log_path).parent
+    out: dict[str, Path] = {}
+    for name in ("scores.parquet.enc", "scores.parquet"):
+        if (run_dir / name).exists():
+            out["scores"] = run_dir / name
+            break
+    else:
+        out["scores"] = run_dir / "scores.parquet.enc"
+    try:
+        parties = Path(json.loads((run_dir / "run.json").read_text())["parties"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return out
+    if parties.is_dir():
+        for silo in sorted(d for d in parties.iterdir() if d.is_dir()):
+            for name in ("corrections.json.enc", "corrections.json"):
+                if (silo / name).exists():
+                    out[f"corrections/{silo.name}"] = silo / name
+                    break
+    return out
+
+
+def guarded_digests(log_path: Path) -> dict[str, str | None]:
+    return {name: file_digest(path) for name, path in guarded_files(log_path).items()}
+
+
+def write_anchor(path: Path, anchor: Anchor) -> None:
+    """Atomically (temporary file, fsync, rename): a crash leaves the old anchor or the new."""
+    path.parent.mkdir(mode=0o700, exist_ok=True)
+    body = json.dumps({"version": ANCHOR_VERSION, "head": anchor.head, "entries": anchor.entries,
+                       "digests": anchor.digests}, sort_keys=True, indent=2) + "\n"
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(body)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def read_anchor(path: Path) -> Anchor | None:
+    if not path.exists():
+        return None
+    try:
+        raw = json.loads(path.read_text())
+        return Anchor(str(raw["head"]), int(raw["entries"]), dict(raw.get("digests", {})))
+    except (ValueError, KeyError, TypeError):
+        raise AuditLogError(f"the audit anchor {path} is damaged; restore the keystore from a "
+                            "backup") from None
+
+
+@dataclass(frozen=True)
+class AnchorCheck:
+    """The log and the guarded files against the anchor: `problems` empty when they agree."""
+
+    anchored: bool
+    entries: int
+    head: str
+    problems: list[str]
+
+    def __bool__(self) -> bool:
+        return not self.problems
+
+
+def check_anchor(audit: AuditLog, expect_head: str | None = None) -> AnchorCheck:
+    """Whether the log is whole (the chain verifies) and is the log the anchor recorded, and
+    whether the scores and corrections are what the last dispute left."""
+    anchor = read_anchor(audit.anchor_path)
+    problems: list[str] = []
+    if not audit.path.exists():
+        if anchor is not None and anchor.entries > 0:
+            problems.append(f"the audit log is missing, but its anchor records {anchor.entries} "
+                            f"entries: the log was deleted; restore {audit.path.name} from a "
+                            "backup")
+        elif expect_head is not None and expect_head != genesis_hash(audit.log_name):
+            problems.append("the audit log is missing, but a head hash was expected: the log "
+                            "was deleted; restore it from a backup")
+        head = anchor.head if anchor else genesis_hash(audit.log_name)
+        if anchor is not None:
+            problems += _file_problems(audit, anchor)
+        return AnchorCheck(anchor is not None, 0, head, problems)
+    result, entries = audit._scan(expect_head)
+    if not result.ok:
+        problems.append(str(result.reason))
+    if anchor is None:
+        problems.append(f"the audit log has {result.entries} entries but no anchor in the "
+                        "keystore: it cannot be shown complete (was the keystore replaced, or "
+                        "the log copied from elsewhere?)")
+        return AnchorCheck(False, result.entries, result.head, problems)
+    n = len(entries)
+    if result.ok and n < anchor.entries:
+        problems.append(f"the audit log has {n} entries, its anchor records {anchor.entries}: "
+                        "entries were cut from the end or the log was rolled back")
+    elif result.ok and n == anchor.entries and result.head != anchor.head:
+        problems.append("the audit log's head differs from its anchor: the log was replaced")
+    elif result.ok and n > anchor.entries:
+        if anchor.entries and entries[anchor.entries - 1].hash != anchor.head:
+            problems.append("the audit log's anchored entries differ from its anchor: the log "
+                            "was replaced")
+        else:
+            problems.append(f"the audit log has {n - anchor.entries} entries after its anchor "
+                            "(a dispute interrupted before anchoring?); check them and the "
+                            "scores")
+    problems += _file_problems(audit, anchor)
+    return AnchorCheck(True, n, result.head, problems)
+
+
+def _file_problems(audit: AuditLog, anchor: Anchor) -> list[str]:
+    now = guarded_digests(audit.path)
+    out = []
+    for name in sorted(set(anchor.digests) | set(now)):
+        if anchor.digests.get(name) != now.get(name):
+            what = "scores" if name == "scores" else f"{name.split('/', 1)[-1]}'s corrections"
+            if now.get(name) is None:
+                out.append(f"the {what} are missing, but the last dispute left them (anchored): "
+                           "deleted; restore them from a backup")
+            else:
+                out.append(f"the {what} differ from what the last dispute left (anchored): "
+                           "rolled back or replaced; restore them from a backup")
+    return out

@@ -25,7 +25,7 @@ from clients.schema import AUTHORITY
 from crypto.at_rest import REF_HASH, Keystore, open_keystore
 from crypto.identity import keyed_refs, load_or_create_pepper
 from crypto.secret_random import SecretRandom
-from server import checkpoint, explanations, metrics, scoring
+from server import checkpoint, explanations, metrics, run_phases, scoring
 from server.alignment import Alignment, announce, joint_order, private_intersections
 from server.checkpoint import RunState, TrainState
 from server.config import AuthorityConfig, to_flat
@@ -124,6 +124,7 @@ def run_authority(
                     "secure aggregation does not apply (docs/threat-model.md)")
     if state is None:
         checkpoint.save_run(out_dir, run, store)
+        run_phases.finish(out_dir, "align")
         inputs = announce(fed, Alignment(run.authority_rows, run.silo_rows, {}),
                           {**spec.to_config(), "run": run.run_key,
                            "secure": secure})
@@ -227,6 +228,9 @@ def run_authority(
         "config": to_flat(cfg),
     }
     (out_dir / "authority.json").write_text(json.dumps(out, indent=2))
+    # Before the checkpoint goes: a run killed from here on resumes at its baselines.
+    run_phases.finish(out_dir, "train")
+    run_phases.finish(out_dir, "score")
     checkpoint.remove(out_dir)
     log.info("test AUC %.4f, KS %.4f, Brier %.4f", summary["auc"], summary["ks"], summary["brier"])
     return RunResult(metrics=out, seconds=phases.seconds)

@@ -77,7 +77,8 @@ class Ledger:
             raise LedgerError(f"ledger entry lacks {', '.join(missing)}")
         entry.pop(SEQ, None)  # the ledger numbers its lines, callers do not
         key = step_key(entry)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+        # 0644 as before: the ledger is what the run publishes about its privacy spend.
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
         with os.fdopen(fd, "r+b") as fh:
             fcntl.flock(fh, fcntl.LOCK_EX)  # released when the file closes
             self._refresh(fh)

@@ -30,6 +30,7 @@ from types import TracebackType
 log = logging.getLogger(__name__)
 
 LOCK_FILE = ".lock"
+SERVE = "fedscore serve"  # its holder answers score/dispute/drift requests under its lock
 
 # Locks this process holds, by resolved directory: a command that claims a directory and then
 # calls code that claims it again (a sweep's cell, a resumed run) re-enters instead of
@@ -123,6 +124,13 @@ def claim(run_dir: Path, purpose: str, join_token: str | None = None) -> RunLock
     return RunLock(run_dir, purpose, join_token)
 
 
+def held_token(run_dir: Path) -> str | None:
+    """The token of this process's lock on `run_dir` (for a process it launches), or None."""
+    with _held_guard:
+        held = _held.get(Path(run_dir).resolve())
+        return held.token if held is not None else None
+
+
 def holder(run_dir: Path) -> dict | None:
     """Who holds `run_dir` now (PID, purpose), or None when nobody does."""
     path = Path(run_dir) / LOCK_FILE
@@ -133,7 +141,9 @@ def holder(run_dir: Path) -> dict | None:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except OSError:
-            return _holder(fd)
+            record = _holder(fd)
+            record.pop("token", None)  # the token lets a process act for the holder
+            return record
         fcntl.flock(fd, fcntl.LOCK_UN)
         return None
     finally:

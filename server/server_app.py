@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 FAILURE_FILE = "authority-failed.json"
 # Run config keys that are not authority settings.
-PATH_KEYS = ("data-dir", "out-dir", "run-dir", "resume")
+PATH_KEYS = ("data-dir", "out-dir", "run-dir", "resume", "run-lock")
 
 
 def _federation(grid: Grid, cfg: AuthorityConfig, data_dir: Path) -> Federation:
@@ -108,11 +108,16 @@ def main(grid: Grid, context: Context) -> None:
         raise ConfigError("topology=horizontal runs on the simulation engine (fedscore run); "
                           "this ServerApp serves the vertical topology")
     from server.authority import run_authority
+    from server.run_lock import claim
 
     log.info("authority: data %s, outputs %s", data_dir, out_dir)
     try:
-        run_authority(_federation(grid, cfg, data_dir), cfg, data_dir, out_dir,
-                      progress=report_progress, resume=resume)
+        # `flwr run` claims its run directory like `fedscore run` does; `run-lock` is the token
+        # of the `fedscore deploy` that launched this run and holds the directory for it.
+        with claim(out_dir, "flwr run (ServerApp)",
+                   join_token=str(run_config.get("run-lock") or "") or None):
+            run_authority(_federation(grid, cfg, data_dir), cfg, data_dir, out_dir,
+                          progress=report_progress, resume=resume)
     except Exception as exc:
         # Whoever launched `flwr run` reads why the authority stopped from the run directory,
         # not from Flower's log stream.

@@ -209,7 +209,11 @@ def _run(args: argparse.Namespace) -> int:
     except RuntimeError as exc:
         # A silo or the authority stopped (FederationError, DeploymentError, a crash): say how
         # to go on when there is a checkpoint.
-        if not checkpoint.path(out_dir).exists():  # no round finished: nothing to resume
+        from server.run_phases import federated_done
+
+        # Nothing to resume unless a round finished (the checkpoint) or the federated part did
+        # (phases.json, authority.json: baselines and audit resume from there).
+        if not checkpoint.path(out_dir).exists() and not federated_done(out_dir):
             raise
         console.print(f"[bold red]error:[/] {exc}", highlight=False)
         console.print(f"The run is checkpointed. Once the cause is fixed, resume it with:\n"

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 from pathlib import Path
 
 from rich.console import Console
@@ -114,7 +115,8 @@ def score(args: argparse.Namespace, console: Console) -> int:
 def dispute(args: argparse.Namespace, console: Console) -> int:
     from simulations.session import dispute as settle
 
-    with console.status("recording the correction and re-scoring through the federation"):
+    with _claimed(args.run_dir, "fedscore dispute"), \
+            console.status("recording the correction and re-scoring through the federation"):
         case = settle(args.run_dir, args.subject, args.silo, args.field, args.value,
                       args.category)
     out = Console()
@@ -133,19 +135,24 @@ def dispute(args: argparse.Namespace, console: Console) -> int:
 
 
 def audit(args: argparse.Namespace, console: Console) -> int:
+    from server.audit_log import check_anchor
     from simulations.session import open_finished
 
     log = open_finished(args.run_dir).audit_log()
-    if not log.path.exists():
-        Console().print(f"{log.path}: no disputes yet")
-        return 0
-    result = log.verify(expect_head=args.expect_head)
+    # Against the anchor in the keystore, not the log alone: a deleted or rolled-back log, or
+    # rolled-back scores or corrections, must not pass as "no disputes yet".
+    result = check_anchor(log, expect_head=args.expect_head)
     out = Console()
     if not result:
-        out.print(f"[bold red]audit log does not verify[/]: {result.reason}", highlight=False)
+        for problem in result.problems:
+            out.print(f"[bold red]audit log does not verify[/]: {problem}", soft_wrap=True,
+                      highlight=False)
         return 1
+    if not log.path.exists():
+        out.print(f"{log.path}: no disputes yet", soft_wrap=True, highlight=False)
+        return 0
     table = Table("#", "subject", "category", "silo.field", "score", "opened", "due",
-                  title=f"audit log: {result.entries} entries, chain verified")
+                  title=f"audit log: {result.entries} entries, chain and anchor verified")
     for i, e in enumerate(log.entries()):
         table.add_row(str(i), f"{e['subject_ref'][:12]}…", e["category"],
                       f"{e['silo']}.{e['field']}", f"{e['old_score']} -> {e['new_score']}",
@@ -158,7 +165,8 @@ def audit(args: argparse.Namespace, console: Console) -> int:
 def drift(args: argparse.Namespace, console: Console) -> int:
     from simulations.drift_run import run_drift
 
-    with console.status(f"scoring cohort {args.cohort!r} through the federation"):
+    with _claimed(args.run_dir, "fedscore drift"), \
+            console.status(f"scoring cohort {args.cohort!r} through the federation"):
         report = run_drift(args.run_dir, args.cohort, args.drift, args.seed)
     table = Table("population", "PSI", "status", title=f"drift: cohort {args.cohort!r} vs the "
                   "run's people")
@@ -170,6 +178,19 @@ def drift(args: argparse.Namespace, console: Console) -> int:
               f"{report['mean_score']['after']:.1f}; {report['files']['json']}, "
               f"{report['files']['png']}", soft_wrap=True, highlight=False)
     return 0
+
+
+def _claimed(run_dir: Path, purpose: str) -> contextlib.AbstractContextManager:
+    """The run directory for a command that writes into it (server/run_lock.py); when
+    `fedscore serve` holds it, the server does the writing under its own lock."""
+    from server.run_lock import SERVE, claim, holder
+
+    if not (run_dir / "run.json").exists():
+        return contextlib.nullcontext()  # not a run directory: opening it says so, unchanged
+    who = holder(run_dir)
+    if who is not None and who.get("purpose") == SERVE:
+        return contextlib.nullcontext()
+    return claim(run_dir, purpose)
 
 
 def serve(args: argparse.Namespace, console: Console) -> int:

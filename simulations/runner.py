@@ -15,7 +15,8 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -28,15 +29,23 @@ from clients.schema import AUTHORITY, federation_silos
 from clients.silo_data import load_silo
 from crypto.at_rest import Keystore, keystore_path, open_keystore, read_party_file
 from crypto.secret_random import SecretRandom
+from server import run_phases
 from server.authority import RunResult, authority_random
 from server.config import ConfigError, to_flat
 from server.labels import load_labels
 from server.metrics import auc
 from server.privacy import model_epsilon
+from server.run_lock import LOCK_FILE, claim
 from server.scores_file import read_scores
 from server.server_app import make_cells_app, make_server_app
 from simulations.audit import membership_audit, per_example_loss
-from simulations.baselines import BaselineJob, JoinedData, join_parties, run_baselines
+from simulations.baselines import (
+    BaselineJob,
+    BaselineResult,
+    JoinedData,
+    join_parties,
+    run_baselines,
+)
 from simulations.canary_audit import canary_audit
 from simulations.config import ExperimentConfig, from_flat, make_config
 from simulations.curves import build_curves
@@ -86,7 +95,8 @@ def check_parties(parties: Parties, store: Keystore | None = None) -> dict[str, 
 
 
 def claim_run_dir(out_dir: Path) -> None:
-    if out_dir.exists() and any(out_dir.iterdir()):
+    # The run lock's own file (taken just before) does not count as a result.
+    if out_dir.exists() and any(p.name != LOCK_FILE for p in out_dir.iterdir()):
         raise RunDirError(
             f"{out_dir} already holds files; choose a new --out directory (nothing was changed)"
         )
@@ -205,12 +215,32 @@ def run_experiment(
     (a SuperLink and one SuperNode per silo on loopback, with TLS and node authentication)."""
     if engine not in ENGINES:
         raise ConfigError(f"engine {engine!r}: choose one of {', '.join(ENGINES)}")
-    if cfg.authority.topology == "horizontal":
-        return _run_horizontal(cfg, out_dir, parties_dir, progress, resume, engine)
+    if not resume:
+        claim_run_dir(out_dir)  # before the lock creates the directory: nothing changed
+    # One writer per run directory for the whole command (server/run_lock.py): a second
+    # `--resume` is refused instead of replaying rounds into the same ledger.
+    with claim(out_dir, "fedscore run --resume" if resume else "fedscore run"):
+        if resume and (out_dir / "metrics.json").exists():  # finished while we waited
+            raise RunDirError(f"{out_dir} already finished (metrics.json exists); nothing to "
+                              "resume")
+        if cfg.authority.topology == "horizontal":
+            return _run_horizontal(cfg, out_dir, parties_dir, progress, resume, engine)
+        return _run_vertical(cfg, out_dir, parties_dir, progress, resume, engine, credentials)
+
+
+def _run_vertical(cfg: ExperimentConfig, out_dir: Path, parties_dir: Path,
+                  progress: Progress | None, resume: bool, engine: str,
+                  credentials: Path | None) -> dict:
     run = open_run(cfg, out_dir, parties_dir, resume, progress,
                    {"engine": engine, "credentials": str(credentials) if credentials else None})
     ready_parties(run)
     t = time.perf_counter()
+    if resume and run_phases.federated_done(out_dir):
+        # Killed after the federated part (baselines, audit, report): its results are all in
+        # authority.json and the scores; continue at the first unfinished phase.
+        run.authority.update(json.loads((out_dir / "authority.json").read_text()))
+        log.info("resuming %s at phase %s", out_dir.name, run_phases.first_unfinished(out_dir))
+        return finish_run(run, sum(run.authority["seconds"].values()))
     if engine == "deployment":
         run_deployed(run, progress, credentials)
     else:
@@ -247,8 +277,14 @@ def run_deployed(run: Run, progress: Progress | None, credentials: Path | None) 
 
     root = run.parties.root
     keystore = keystore_path(run.cfg.authority.storage.keystore, root)
+    from server.run_lock import held_token
+
+    # The ServerApp runs in another process and claims the run directory too: the token of
+    # our lock lets it act for us instead of being refused (server/run_lock.py).
+    lock_token = held_token(run.out_dir)
     run_config = {**to_flat(run.cfg.authority), "data-dir": str(root),
-                  "run-dir": str(run.out_dir), "resume": run.resume}
+                  "run-dir": str(run.out_dir), "resume": run.resume,
+                  "run-lock": lock_token}
     if progress:
         progress("connect", 0, None)
     with deployment(tuple(federation_silos(root)), root, keystore, run.out_dir / "deploy",
@@ -265,6 +301,18 @@ def run_cells(cells: list[tuple[ExperimentConfig, Path, bool]], parties_dir: Pat
     engine starts once and PSI runs once. Returns an error message per cell ("" = finished)."""
     if cells[0][0].authority.topology == "horizontal":
         return _horizontal_cells(cells, parties_dir, progress, on_done)
+    with ExitStack() as held:
+        # Every cell's directory is this sweep's until its cells are done.
+        for _, out, resume in cells:
+            if not resume:
+                claim_run_dir(out)
+            held.enter_context(claim(out, "fedscore sweep"))
+        return _run_cells(cells, parties_dir, progress, on_done)
+
+
+def _run_cells(cells: list[tuple[ExperimentConfig, Path, bool]], parties_dir: Path,
+               progress: Progress | None,
+               on_done: Callable[[int, str], None] | None) -> list[str]:
     runs = [open_run(cfg, out, parties_dir, resume, progress) for cfg, out, resume in cells]
     ready_parties(runs[0])
     for other in runs[1:]:
@@ -345,7 +393,7 @@ def finish_run(run: Run, federation_seconds: float) -> dict:
         jobs.append(job("central_dp", silos, sigma))
     # Each silo alone, under the run's own privacy; the best is chosen on validation AUC.
     jobs += [job(silo, (silo,), sigma) for silo in silos]
-    done = timer("baselines", run_baselines, joined, jobs, cfg.authority)
+    done = _baselines(run, joined, jobs)
     central, central_dp = done["central"], done.get("central_dp")
     alone = {silo: done[silo] for silo in silos}
     best = max(alone, key=lambda s: alone[s].history[-1]["val_auc"])
@@ -353,7 +401,11 @@ def finish_run(run: Run, federation_seconds: float) -> dict:
     # Real data has no truth table, hence no oracle.
     oracle = (timer("oracle", _oracle_auc, parties, joined.ids[test], joined.y[test], store)
               if cfg.generated else None)
-    audit = timer("audit", _audit, joined, scores, authority)
+    audit = run_phases.saved(run.out_dir, "audit")
+    if audit is None:
+        run_phases.maybe_fail("audit")
+        audit = timer("audit", _audit, joined, scores, authority)
+        run_phases.finish(run.out_dir, "audit", audit)
     curves = build_curves(scores, joined.y)
     if authority.get("contributions"):
         curves["contributions"] = authority["contributions"]
@@ -391,6 +443,19 @@ def finish_run(run: Run, federation_seconds: float) -> dict:
     return write_results(run, metrics, curves)
 
 
+def _baselines(run: Run, joined: JoinedData, jobs: list[BaselineJob]
+               ) -> dict[str, BaselineResult]:
+    """The baselines, or those a killed run finished already (phases.json): a resumed run goes
+    on from the first unfinished phase instead of training them again."""
+    kept = run_phases.saved(run.out_dir, "baselines")
+    if isinstance(kept, dict):
+        return {name: BaselineResult(**r) for name, r in kept.items()}
+    run_phases.maybe_fail("baselines")
+    done = run.timer("baselines", run_baselines, joined, jobs, run.cfg.authority)
+    run_phases.finish(run.out_dir, "baselines", {n: asdict(r) for n, r in done.items()})
+    return done
+
+
 def write_results(run: Run, metrics: dict, curves: dict) -> dict:
     """curves.json, manifest.json, then metrics.json: its presence marks the run finished
     (sweeps skip finished cells)."""
@@ -399,6 +464,7 @@ def write_results(run: Run, metrics: dict, curves: dict) -> dict:
     manifest = _manifest(run.cfg, run.started, run.timer.seconds, run.reused)
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    run_phases.finish(out_dir, "report")
     return metrics
 
 

@@ -88,13 +88,18 @@ def serve(run_dir: Path, progress: Progress | None = None,
           on_ready: Callable[[Path], None] | None = None,
           stop: threading.Event | None = None) -> int:
     """Serve requests until `stop` is set or a `stop` request arrives; returns how many."""
+    from server.run_lock import SERVE, claim
+
     run = open_finished(run_dir)
     stop = stop or threading.Event()
 
     def work(fed: Federation, scorer: Scorer) -> int:
         return _loop(run, fed, scorer, stop, on_ready)
 
-    return run_session(run, work, progress)
+    # The server writes disputes and drift reports into the run directory for its callers:
+    # it holds the directory while it serves (server/run_lock.py).
+    with claim(run.run_dir, SERVE):
+        return run_session(run, work, progress)
 
 
 def _loop(run: FinishedRun, fed: Federation, scorer: Scorer, stop: threading.Event,
