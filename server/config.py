@@ -419,7 +419,8 @@ def coerce(key: str, tp: Any, value: Any) -> Any:
         for number in typed if isinstance(typed, tuple) else (typed,):
             if isinstance(number, float) and not math.isfinite(number):
                 off = " (inf is accepted only by " + ", ".join(sorted(INFINITE_OK)) + ")"
-                raise ConfigError(f"{key}={value!r}: must be a finite number{off}")
+                raise ConfigError(f"{key}={value!r}: must be a finite number; see `fedscore "
+                                  f"config` for its default{off}")
     return typed
 
 

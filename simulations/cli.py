@@ -177,8 +177,8 @@ def _population_args(p: argparse.ArgumentParser) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from server import checkpoint
-    from simulations.config import make_config, parse_assignments
-    from simulations.paths import default_parties_dir
+    from simulations.config import check_delta, make_config, parse_assignments
+    from simulations.paths import check_new_dir, default_parties_dir
     from simulations.runner import resume_target, run_experiment
 
     overrides = parse_assignments(args.assignments)
@@ -199,6 +199,12 @@ def _run(args: argparse.Namespace) -> int:
         cfg = make_config(overrides, args.users, args.seed)
         out_dir = args.out.resolve()
         parties = (args.parties or default_parties_dir(args.out)).resolve()
+        # Input errors before anything is made or started: the paths, then delta against the
+        # population to generate (real data: against its table, in runner.ready_parties).
+        check_new_dir(out_dir, "--out")
+        check_new_dir(parties, "--parties")
+        if cfg.generated:
+            check_delta(cfg, cfg.population.users, "population.users")
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                MofNCompleteColumn(), TimeElapsedColumn())
     try:
@@ -297,6 +303,7 @@ def _print_summary(metrics: dict, out_dir: Path, parties: Path) -> None:
 
 def _sweep(args: argparse.Namespace) -> int:
     from simulations.config import parse_assignments
+    from simulations.paths import check_new_dir
     from simulations.sweep import (
         SweepSpec,
         is_done,
@@ -305,6 +312,7 @@ def _sweep(args: argparse.Namespace) -> int:
         run_sweep,
     )
 
+    check_new_dir(args.out, "--out")
     assignments = parse_assignments(args.assignments)
     if args.data:
         assignments["data"] = _data_source(args.data, args.users)
@@ -377,6 +385,9 @@ def _generate(args: argparse.Namespace) -> int:
 
         raise ConfigError(f"`generate` takes only population.* keys, not {', '.join(bad)}")
     cfg = make_config(values, args.users, args.seed)
+    from simulations.paths import check_new_dir
+
+    check_new_dir(args.parties, "--parties")
     store = Keystore(args.keystore) if args.keystore else None
     with console.status("generating population"):
         paths = write_parties(generate(cfg.population), args.parties, overwrite=args.overwrite,

@@ -99,7 +99,9 @@ def score(args: argparse.Namespace, console: Console) -> int:
     from simulations.session import lookup
 
     if args.repeat < 1:
-        raise ValueError("--repeat must be 1 or more")
+        from server.config import ConfigError  # a user error: printed, no traceback
+
+        raise ConfigError(f"--repeat {args.repeat}: give 1 or more lookups (the default is 1)")
     with console.status("scoring through the federation"):
         result = lookup(args.run_dir, args.subject, args.repeat)
     _print_person(result, args.lang, f"subject {result['subject_ref'][:12]}…")

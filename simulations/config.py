@@ -7,6 +7,7 @@ population's and the training seed; `--users` sets population.users.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,6 +97,25 @@ def make_config(
 def from_flat(values: dict[str, Any]) -> ExperimentConfig:
     """Rebuild from `config.json` (as written by ExperimentConfig.flat)."""
     return make_config(values)
+
+
+def check_delta(cfg: ExperimentConfig, people: int, source: str) -> None:
+    """Refuse privacy.delta >= 1/N before the engine starts, N bounded from above by what is
+    known then: `people` the authority knows (its table's rows, or the population to
+    generate), of whom at most split.train (rounded up, plus the split's per-class rounding)
+    can be in training. Training has at most that many people, so a delta refused here would
+    be refused after PSI too (PrivacyConfig.delta_for, which keeps the exact check)."""
+    delta = cfg.authority.privacy.delta
+    if not delta or people < 1:
+        return
+    n_max = min(people, math.ceil(cfg.authority.split.train * people) + 2)
+    if delta >= 1.0 / n_max:
+        raise ConfigError(
+            f"privacy.delta={delta:g} is not below 1/N: at most N = {n_max:,} people can be "
+            f"in training ({source}: {people:,} people, split.train="
+            f"{cfg.authority.split.train:g}); use --set privacy.delta=0 for the default "
+            f"1/(10 N), or a value at most {0.1 / n_max:.1e}"
+        )
 
 
 def describe_keys() -> list[tuple[str, str, str]]:

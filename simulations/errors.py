@@ -20,6 +20,7 @@ from server.ledger import LedgerError
 from server.rescore import RescoreError
 from server.split import SplitError
 from simulations.deploy import DeploymentError
+from simulations.paths import PathArgumentError
 from simulations.real_data import DataImportError
 from simulations.sweep import SweepError
 
@@ -46,4 +47,8 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     AuditLogError,
     ReasonError,
     DriftError,
+    PathArgumentError,
+    # A path under a regular file, wherever one is taken that has no check of its own: the
+    # message names the path, and a traceback would add nothing.
+    NotADirectoryError,
 )

@@ -7,6 +7,7 @@ directory holds only what the authority publishes plus the experiment's comparis
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,39 @@ class Parties:
     @property
     def population_json(self) -> Path:
         return self.root / "simulation" / "population.json"
+
+
+class PathArgumentError(ValueError):
+    """A directory given on the command line that cannot be made; nothing was written."""
+
+
+def check_new_dir(path: Path, flag: str) -> None:
+    """Refuse, before anything is made, a directory `path` that cannot be created or used: a
+    file in its place, a file among its parents (`--out afile/r`), or a nearest existing parent
+    this user cannot write. An existing directory passes (whether it may be reused is the
+    caller's rule)."""
+    path = Path(path)
+    try:
+        if path.exists():
+            if not path.is_dir():
+                raise PathArgumentError(f"{flag} {path}: a file is there, not a directory; "
+                                        f"choose another {flag}")
+            return
+        parent = path.parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+    except PermissionError:
+        raise PathArgumentError(f"{flag} {path}: a parent directory cannot be read (permission "
+                                f"denied); choose another {flag}") from None
+    if parent.is_symlink() and not parent.is_dir():
+        raise PathArgumentError(f"{flag} {path}: {parent} is a broken symbolic link; choose "
+                                f"another {flag}")
+    if not parent.is_dir():
+        raise PathArgumentError(f"{flag} {path}: {parent} is a file, so no directory can be "
+                                f"made under it; choose a {flag} path whose parent is a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PathArgumentError(f"{flag} {path}: cannot create directories in {parent} "
+                                f"(permission denied); choose a writable place for {flag}")
 
 
 def default_parties_dir(out_dir: Path) -> Path:

@@ -47,10 +47,10 @@ from simulations.baselines import (
     run_baselines,
 )
 from simulations.canary_audit import canary_audit
-from simulations.config import ExperimentConfig, from_flat, make_config
+from simulations.config import ExperimentConfig, check_delta, from_flat, make_config
 from simulations.curves import build_curves
 from simulations.engine import run_federation
-from simulations.paths import Parties
+from simulations.paths import Parties, check_new_dir
 from simulations.population import PopulationConfig, generate, write_parties
 from simulations.real_data import import_parties, resolve_mapping
 
@@ -94,7 +94,16 @@ def check_parties(parties: Parties, store: Keystore | None = None) -> dict[str, 
     return rows
 
 
+def unclaim_run_dir(out_dir: Path) -> None:
+    """Undo open_run's files when an input is refused before the engine starts, so the same
+    --out is free again once the input is fixed. Only what open_run wrote goes."""
+    for name in ("config.json", RUN_FILE):
+        (out_dir / name).unlink(missing_ok=True)
+
+
 def claim_run_dir(out_dir: Path) -> None:
+    # `--out afile/r` and the like: refused with the path named, before anything is made.
+    check_new_dir(out_dir, "--out")
     # The run lock's own file (taken just before) does not count as a result.
     if out_dir.exists() and any(p.name != LOCK_FILE for p in out_dir.iterdir()):
         raise RunDirError(
@@ -191,7 +200,9 @@ def ready_parties(run: Run) -> None:
     else:
         mapping = resolve_mapping(run.cfg.data)
         run.reused = run.timer("import", import_parties, mapping, run.parties.root, store)
-    run.timer("validate", check_parties, run.parties, store)
+    rows = run.timer("validate", check_parties, run.parties, store)
+    # delta against the people the authority declares: refused here, not after engine and PSI.
+    check_delta(run.cfg, rows[AUTHORITY], "the authority's table")
 
 
 def client_app_for(run: Run):
@@ -233,7 +244,12 @@ def _run_vertical(cfg: ExperimentConfig, out_dir: Path, parties_dir: Path,
                   credentials: Path | None) -> dict:
     run = open_run(cfg, out_dir, parties_dir, resume, progress,
                    {"engine": engine, "credentials": str(credentials) if credentials else None})
-    ready_parties(run)
+    try:
+        ready_parties(run)
+    except BaseException:
+        if not resume:  # a refused input must not leave a --out that refuses the retry
+            unclaim_run_dir(out_dir)
+        raise
     t = time.perf_counter()
     if resume and run_phases.federated_done(out_dir):
         # Killed after the federated part (baselines, audit, report): its results are all in
