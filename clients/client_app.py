@@ -27,11 +27,30 @@ from flwr.clientapp import ClientApp
 from clients import capture, corrections
 from clients import messages as m
 from clients.dp_constants import STATISTICS_NOISE_MULTIPLIER
+from clients.enrolment import identity_dir
+from clients.policy import PolicyError, PolicyRefusalError, SiloPolicy
 from clients.schema import federation_silos, silo_salt
 from clients.silo_data import SiloDataError, SiloMatrix, load_silo
 from crypto.at_rest import AUTO, Keystore, open_keystore, read_encrypted, write_encrypted
-from crypto.masking import MaskingError, PairwiseKeys, mask_context, masked_share
+from crypto.masking import (
+    MaskingError,
+    PairwiseKeys,
+    check_ring,
+    clip_contribution,
+    mask_context,
+    masked_share,
+)
 from crypto.psi import PsiError, PsiKey, hash_to_points
+from crypto.roster import (
+    ROSTER_FILE,
+    Roster,
+    RosterError,
+    hello_statement,
+    identity_key,
+    masking_statement,
+    public_hex,
+    sign,
+)
 from crypto.secret_random import SecretRandom, digest
 
 if TYPE_CHECKING:
@@ -124,8 +143,13 @@ def _guarded(handler: Callable[[Message, Context], Message]) -> Callable:
     def run(msg: Message, context: Context) -> Message:
         try:
             return handler(msg, context)
-        except SiloDataError as exc:
+        except (SiloDataError, PolicyError) as exc:
             return m.error_reply(msg, m.INPUT_ERROR, str(exc))
+        except (PolicyRefusalError, RefusedError, RosterError) as exc:
+            node = context.node_config
+            who = node.get("silo", f"partition {node.get('partition-id', '?')}")
+            log.warning("silo %s refused a %s: %s", who, msg.metadata.message_type, exc)
+            return m.error_reply(msg, m.REFUSED, f"silo {who}: {exc}")
         except (m.ProtocolError, PsiError) as exc:
             node = context.node_config
             who = node.get("silo", f"partition {node.get('partition-id', '?')}")
@@ -230,8 +254,127 @@ def _write_private(path: Path, secret: bytes) -> None:
         fh.write(secret)
 
 
+# ---- what the silo holds for itself: policy, roster, identity, answer journal ----------------
+
+
+class RefusedError(Exception):
+    """A request this silo will not answer: it conflicts with one it answered already."""
+
+
+def silo_policy(context: Context, defaults: Defaults) -> SiloPolicy:
+    """The operator's policy in the silo's directory (strict defaults without one)."""
+    return SiloPolicy.load(silo_dir(context, defaults))
+
+
+def silo_identity(context: Context, defaults: Defaults):  # -> Ed25519PrivateKey
+    store = silo_store(context, defaults)
+    silo = silo_name(context, defaults)
+    where = store.path if store is not None else identity_dir(silo_dir(context, defaults).parent,
+                                                               silo, None)
+    return identity_key(where, silo)
+
+
+def silo_roster(context: Context, defaults: Defaults) -> Roster:
+    """The roster in the silo's own directory, checked to pin this silo's own identity key."""
+    directory = silo_dir(context, defaults)
+    try:
+        roster = Roster.load(directory / ROSTER_FILE)
+    except RosterError as exc:
+        raise SiloDataError(str(exc)) from None
+    me = silo_name(context, defaults)
+    if roster.silos.get(me) != public_hex(silo_identity(context, defaults)):
+        raise SiloDataError(f"the roster in {directory} does not pin this silo's identity key "
+                            f"for {me!r}; enrol the silo again")
+    return roster
+
+
+def _checked_peers(roster: Roster, run_key: str, me: str, own_public: bytes,
+                   publics: dict[str, bytes], signatures: dict[str, bytes]) -> None:
+    """A relayed peer list is exactly the roster's silos, every key signed by its silo's
+    identity key for this run, and this silo's entry is its own key. Anything else lets the
+    authority put a key of its own in a peer's place and unmask this silo's shares."""
+    if set(publics) != set(roster.silos):
+        missing = sorted(set(roster.silos) - set(publics))
+        extra = sorted(set(publics) - set(roster.silos))
+        raise RosterError(f"the peer list is not the federation's roster (missing "
+                          f"{', '.join(missing) or 'none'}; not in the roster "
+                          f"{', '.join(extra) or 'none'})")
+    if publics[me] != own_public:
+        raise RosterError("the relayed key for this silo is not its own")
+    if len(set(publics.values())) != len(publics):
+        raise RosterError("two silos were relayed the same masking key")
+    for silo, public in publics.items():
+        if silo not in signatures:
+            raise RosterError(f"the masking key of silo {silo!r} comes without its signature")
+        roster.verify(silo, masking_statement(roster.fingerprint, run_key, silo, public),
+                      signatures[silo])
+
+
+JOURNAL_FILE = "answers.log"
+
+
+class Journal:
+    """What this silo released in a run, one line per answer: (kind, key) -> digest of the
+    message and of the reply. Append-only and fsynced, in the run's checkpoint directory, so it
+    survives `query.resume` and restarts: a DIFFERENT message for an answered (round, kind) is
+    refused (its masks would repeat, or two answers would differ by an exact contribution); the
+    same message may be answered again only with the same reply."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.entries: dict[tuple[str, str], tuple[str, str]] = {}
+        if path.exists():
+            for line in path.read_text().splitlines():
+                parts = line.split()
+                if len(parts) == 4:
+                    self.entries[(parts[0], parts[1])] = (parts[2], parts[3])
+
+    def check(self, kind: str, key: object, message: bytes, *, once: bool = False) -> None:
+        seen = self.entries.get((kind, str(key)))
+        if seen is None:
+            return
+        if once:
+            raise RefusedError(f"{kind} {key} was answered already; each is answered once")
+        if seen[0] != message.hex():
+            raise RefusedError(f"{kind} {key} was answered already for a different message; "
+                               "answering again would reuse its masks")
+
+    def record(self, kind: str, key: object, message: bytes, reply: bytes) -> None:
+        seen = self.entries.get((kind, str(key)))
+        if seen is not None:
+            if seen != (message.hex(), reply.hex()):
+                raise RefusedError(f"{kind} {key}: the repeated message would get a different "
+                                   "reply; refused (it would release the difference)")
+            return
+        with open(self.path, "a", encoding="ascii") as fh:
+            fh.write(f"{kind} {key} {message.hex()} {reply.hex()}\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        self.entries[(kind, str(key))] = (message.hex(), reply.hex())
+
+
+def _journal(context: Context, defaults: Defaults) -> Journal:
+    directory = _checkpoint_dir(context, defaults, str(context.state["model"]["run"]))
+    directory.mkdir(parents=True, exist_ok=True)
+    return Journal(directory / JOURNAL_FILE)
+
+
+def _reply_digest(reply: RecordDict) -> bytes:
+    return m.content_digest(reply, skip=("seconds",))
+
+
+def _check_group(policy: SiloPolicy, what: str, positions: np.ndarray) -> None:
+    """An aggregate over a few people, or over one person listed many times, is that person's
+    exact contribution: refuse below the policy's minimum group of distinct people."""
+    distinct = len(np.unique(positions))
+    if distinct != len(positions):
+        raise PolicyRefusalError("min_group", f"{what} over positions listed more than once "
+                            f"({len(positions)} positions, {distinct} distinct)", policy.path)
+    policy.check_group(what, distinct)
+
+
 def _masked(context: Context, defaults: Defaults, values: np.ndarray, round_: int,
-            purpose: str) -> np.ndarray:
+            purpose: str, binding: bytes) -> np.ndarray:
     if "mask" not in context.state:
         raise m.ProtocolError("secure aggregation without pairwise keys: send query.peers first")
     record = context.state["mask"]
@@ -242,7 +385,7 @@ def _masked(context: Context, defaults: Defaults, values: np.ndarray, round_: in
     run_key = str(context.state["model"]["run"])
     try:
         return masked_share(values, silo_name(context, defaults), shared,
-                            mask_context(run_key, round_, purpose))
+                            mask_context(run_key, round_, purpose, binding))
     except MaskingError as exc:
         raise m.ProtocolError(str(exc)) from None
 
@@ -295,9 +438,18 @@ def make_client_app(root: Path | None = None, keystore: Path | None = None,
     @_guarded
     def hello(msg: Message, context: Context) -> Message:
         data = silo_matrix(context, defaults)
-        reply = m.make_content({"silo": silo_name(context, defaults), "rows": len(data.x),
-                                "inputs": data.x.shape[1]})
-        return Message(reply, reply_to=msg)
+        me = silo_name(context, defaults)  # from this node's own config, never from a message
+        reply: dict = {"silo": me, "rows": len(data.x), "inputs": data.x.shape[1]}
+        challenge = m.get_config(msg).get("challenge")
+        if challenge is not None:
+            # Prove this silo's identity for this challenge only (a replay answers nothing).
+            if not isinstance(challenge, bytes) or len(challenge) < 16:
+                raise m.ProtocolError("a hello challenge is at least 16 random bytes")
+            roster = silo_roster(context, defaults)
+            reply["fingerprint"] = roster.fingerprint
+            reply["signature"] = sign(silo_identity(context, defaults),
+                                      hello_statement(roster.fingerprint, challenge, me))
+        return Message(m.make_content(reply), reply_to=msg)
 
     @app.query("psi_blind")
     @_guarded
@@ -326,6 +478,9 @@ def make_client_app(root: Path | None = None, keystore: Path | None = None,
         rows = m.get_array(msg, "rows", np.int64, 1)
         positions = m.get_array(msg, "positions", np.int64, 1)
         size = int(cfg["positions"])
+        policy = silo_policy(context, defaults)
+        policy.check_model(secure=bool(cfg.get("secure", False)),
+                           outputs=int(cfg.get("outputs", 1)))
         if len(rows) != len(positions) or (rows < 0).any() or (rows >= len(data.x)).any():
             raise m.ProtocolError("alignment rows do not fit this silo's table")
         pos2row = np.full(size, -1, dtype=np.int64)
@@ -350,10 +505,20 @@ def make_client_app(root: Path | None = None, keystore: Path | None = None,
         _save_round(context, defaults, 0)
         reply: dict = {"inputs": data.x.shape[1]}
         if model["secure"]:
+            roster = silo_roster(context, defaults)
+            try:
+                check_ring(len(roster.silos))
+            except MaskingError as exc:
+                raise SiloDataError(str(exc)) from None
             keys = PairwiseKeys()
             _write_file(context, defaults, directory, "mask.key", keys.secret, private=True)
             context.state["mask"] = ConfigRecord({"secret": keys.secret})
             reply["mask_public"] = keys.public
+            # Signed with the identity key the roster pins: the authority relays this key but
+            # cannot swap it for one of its own without every other silo noticing.
+            me = silo_name(context, defaults)
+            reply["mask_signature"] = sign(silo_identity(context, defaults), masking_statement(
+                roster.fingerprint, run_key, me, keys.public))
         return Message(m.make_content(reply), reply_to=msg)
 
     @app.query("peers")
@@ -362,18 +527,22 @@ def make_client_app(root: Path | None = None, keystore: Path | None = None,
         """Agree a pairwise secret with every other silo from its relayed public key."""
         if "mask" not in context.state:
             raise m.ProtocolError("peers before align, or secure aggregation is off")
-        publics = {k.removeprefix("peer."): bytes(v) for k, v in m.get_config(msg).items()
+        config = m.get_config(msg)
+        publics = {k.removeprefix("peer."): bytes(v) for k, v in config.items()
                    if k.startswith("peer.")}
+        signatures = {k.removeprefix("sig."): bytes(v) for k, v in config.items()
+                      if k.startswith("sig.")}
         me = silo_name(context, defaults)
-        if me not in publics:
-            raise m.ProtocolError("the peer list does not include this silo")
         keys = PairwiseKeys(bytes(context.state["mask"]["secret"]))
-        if publics[me] != keys.public:
-            raise m.ProtocolError("the relayed key for this silo is not its own")
+        run_key = str(context.state["model"]["run"])
+        _checked_peers(silo_roster(context, defaults), run_key, me, keys.public, publics,
+                       signatures)
         record = {f"peer.{s}": keys.shared_with(pub) for s, pub in publics.items() if s != me}
         context.state["mask"] = ConfigRecord({"secret": keys.secret, **record})
-        directory = _checkpoint_dir(context, defaults, str(context.state["model"]["run"]))
-        (directory / "peers.json").write_text(json.dumps({s: p.hex() for s, p in publics.items()}))
+        directory = _checkpoint_dir(context, defaults, run_key)
+        (directory / "peers.json").write_text(json.dumps(
+            {s: {"key": p.hex(), "signature": signatures.get(s, b"").hex()}
+             for s, p in publics.items()}))
         return Message(m.make_content({"peers": len(record)}), reply_to=msg)
 
     @app.query("resume")
@@ -397,11 +566,17 @@ def make_client_app(root: Path | None = None, keystore: Path | None = None,
         context.state["model"] = ConfigRecord({**model, "blob": blob})
         if model.get("secure"):
             keys = PairwiseKeys(_read_file(context, defaults, directory, "mask.key"))
-            publics = json.loads((directory / "peers.json").read_text())
+            stored = json.loads((directory / "peers.json").read_text())
+            if not all(isinstance(v, dict) for v in stored.values()):
+                raise SiloDataError(f"{directory} holds an unsigned peer list from an older "
+                                    "version; start a new run")
+            publics = {s: bytes.fromhex(v["key"]) for s, v in stored.items()}
             me = silo_name(context, defaults)
+            # The same checks as when the keys first arrived: the file sits on disk meanwhile.
+            _checked_peers(silo_roster(context, defaults), str(cfg["run"]), me, keys.public,
+                           publics, {s: bytes.fromhex(v["signature"]) for s, v in stored.items()})
             context.state["mask"] = ConfigRecord({"secret": keys.secret, **{
-                f"peer.{s}": keys.shared_with(bytes.fromhex(p))
-                for s, p in publics.items() if s != me}})
+                f"peer.{s}": keys.shared_with(p) for s, p in publics.items() if s != me}})
         return Message(m.make_content({"round": round_}), reply_to=msg)
 
     @app.query("correct")
@@ -412,6 +587,7 @@ def make_client_app(root: Path | None = None, keystore: Path | None = None,
         position = m.get_array(msg, "position", np.int64, 1)
         if len(position) != 1:
             raise m.ProtocolError("a correction names exactly one position")
+        silo_policy(context, defaults).check_correction(str(cfg["field"]))
         data = silo_matrix(context, defaults)
         silo = silo_name(context, defaults)
         row = int(_rows(context, position)[0])
@@ -436,13 +612,16 @@ def make_client_app(root: Path | None = None, keystore: Path | None = None,
         request = str(cfg.get("request", ""))
         if not request.isalnum() or len(request) > 64:
             raise m.ProtocolError("a score request needs an alphanumeric request id")
-        seen = context.state.get("served", ConfigRecord({"ids": []}))
-        if request in list(seen["ids"]):
-            raise m.ProtocolError("this request id was used already; masks are single-use")
-        context.state["served"] = ConfigRecord({"ids": [*seen["ids"], request]})
+        if int(cfg.get("explain", 0)) > 0:
+            silo_policy(context, defaults).check_explain(int(cfg["explain"]))
         positions = m.get_array(msg, "positions", np.int64, 1)
         rows = _rows(context, positions)
         trainer = _trainer(context, defaults)
+        # Each request id is answered once, remembered across restarts: its masks are
+        # single-use, and a repeat after a correction would release the difference.
+        journal = _journal(context, defaults)
+        binding = m.content_digest(msg.content)
+        journal.check("score", request, binding, once=True)
         data = silo_matrix(context, defaults)
         cohort = str(cfg.get("cohort", ""))
         if cohort:
@@ -452,7 +631,8 @@ def make_client_app(root: Path | None = None, keystore: Path | None = None,
                             silo_store(context, defaults), data)[rows]
         else:
             x = data.x[rows]
-        values = trainer.released(x, "score", request, cohort, digest(positions))
+        values = clip_contribution(trainer.released(x, "score", request, cohort,
+                                                    digest(positions)))
         reply: dict = {}
         out: dict[str, np.ndarray] = {}
         if cfg.get("drift"):
@@ -462,7 +642,8 @@ def make_client_app(root: Path | None = None, keystore: Path | None = None,
             # Points fall as contributions rise: compare -g, so bins follow points' order.
             reply["drift.psi"] = psi(-before.astype(np.float64), -values.astype(np.float64))
         if bool(context.state["model"].get("secure", False)):
-            out["contributions"] = _masked(context, defaults, values, 0, f"score/{request}")
+            out["contributions"] = _masked(context, defaults, values, 0, f"score/{request}",
+                                           binding)
         else:
             out["contributions"] = values
         if int(cfg.get("explain", 0)) > 0:
@@ -470,12 +651,24 @@ def make_client_app(root: Path | None = None, keystore: Path | None = None,
             out.update(arrays)
             reply.update(extra)
         reply["seconds"] = time.perf_counter() - t0
-        return Message(m.make_content(reply, **out), reply_to=msg)
+        content = m.make_content(reply, **out)
+        journal.record("score", request, binding, _reply_digest(content))
+        return Message(content, reply_to=msg)
 
     @app.train("step")
     @_guarded
     def step(msg: Message, context: Context) -> Message:
         t0 = time.perf_counter()
+        config = m.get_config(msg)
+        round_ = int(config.get("round", 0))
+        if "model" not in context.state:
+            raise m.ProtocolError("no model yet: the authority must send query.align first")
+        # One answer per round, whatever happened since (resume, restart): a different message
+        # for an answered round is refused before anything is computed.
+        journal = _journal(context, defaults)
+        binding = m.content_digest(msg.content)
+        journal.check("step", round_, binding)
+        _check_step_policy(msg, config, silo_policy(context, defaults))
         repeated = _repeated_step(msg, context)
         if repeated is not None:
             return repeated
@@ -492,19 +685,18 @@ def make_client_app(root: Path | None = None, keystore: Path | None = None,
             batches = [x[_rows(context, b)] for b in m.split_batches(done, sizes)]
             trainer.replay(batches, m.split_batches(grad, sizes))
             _save_trainer(context, trainer)
-        if "round" in m.get_config(msg):
-            _save_round(context, defaults, int(m.get_config(msg)["round"]))
+        if "round" in config:
+            _save_round(context, defaults, round_)
         out: dict[str, np.ndarray] = {}
         secure = bool(context.state["model"].get("secure", False))
-        config = m.get_config(msg)
-        round_ = int(config.get("round", 0))
         reply_config: dict = {"seconds": 0.0}
         for key in ("plan", "eval"):
             positions = m.get_array(msg, key, np.int64, 1, required=False)
             if positions is not None:
-                values = trainer.released(x[_rows(context, positions)], round_, key,
-                                          digest(positions))
-                out[key] = _masked(context, defaults, values, round_, key) if secure else values
+                values = clip_contribution(trainer.released(x[_rows(context, positions)], round_,
+                                                            key, digest(positions)))
+                out[key] = (_masked(context, defaults, values, round_, key, binding) if secure
+                            else values)
                 if key == "eval" and config.get("summary") and values.ndim == 1:
                     noise = silo_random(context, defaults).generator(
                         "summary", trainer.run_key, round_) if trainer.spec.dp else None
@@ -520,10 +712,24 @@ def make_client_app(root: Path | None = None, keystore: Path | None = None,
         _maybe_misbehave(silo_name(context, defaults), round_, out)
         reply_config["seconds"] = time.perf_counter() - t0
         reply = m.make_content(reply_config, **out)
+        journal.record("step", round_, binding, _reply_digest(reply))
         _remember_step(context, round_, reply)
         return Message(reply, reply_to=msg)
 
     return app
+
+
+def _check_step_policy(msg: Message, config: dict, policy: SiloPolicy) -> None:
+    """What a training step may ask of this silo: aggregates (the summary, reason codes) only
+    over at least `min_group` distinct people, and no more reason codes than allowed."""
+    reasons = int(config.get("explain", 0))
+    if reasons > 0:
+        policy.check_explain(reasons)
+    if not (config.get("summary") or reasons > 0):
+        return
+    positions = m.get_array(msg, "eval", np.int64, 1, required=False)
+    if positions is not None:
+        _check_group(policy, "a summary or reason codes", positions)
 
 
 def _explained(trainer: SiloTrainer, data: SiloMatrix, x: np.ndarray, k: int

@@ -28,6 +28,9 @@ With secure aggregation, contributions travel as uint64 fixed-point shares maske
 
 from __future__ import annotations
 
+import hashlib
+import struct
+
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, RecordDict
 
@@ -44,6 +47,10 @@ SCORE = "query.score"
 # Error codes a silo uses for problems it diagnosed itself; the reason is meant for people.
 INPUT_ERROR = 4001
 PROTOCOL_ERROR = 4002
+# The request is well formed but this silo's policy (clients/policy.py), roster or answer
+# journal does not allow it: the authority asked for something the silo will not release.
+REFUSED = 4003
+SILO_CODES = (INPUT_ERROR, PROTOCOL_ERROR, REFUSED)
 
 
 class ProtocolError(ValueError):
@@ -94,6 +101,32 @@ def get_array(
     if value.dtype.kind == "f" and not np.isfinite(value).all():
         raise ProtocolError(f"array {key!r} holds NaN or infinite values")
     return value
+
+
+def content_digest(content: RecordDict, *, skip: tuple[str, ...] = ()) -> bytes:
+    """SHA-256 over a message's config entries and arrays in a canonical order (name, type,
+    shape, bytes, each length-prefixed): equal for equal content however it travelled.
+    `skip` leaves out config keys that legitimately vary (a reply's timing)."""
+    h = hashlib.sha256(b"fedscore/content/v1")
+
+    def put(data: bytes) -> None:
+        h.update(struct.pack(">Q", len(data)))
+        h.update(data)
+
+    config = dict(content["config"]) if "config" in content else {}
+    for key in sorted(k for k in config if k not in skip):
+        value = config[key]
+        put(key.encode())
+        put(type(value).__name__.encode())
+        put(bytes(value) if isinstance(value, bytes) else repr(value).encode())
+    record = content.get("arrays", None)
+    for key in sorted(record or ()):
+        value = np.ascontiguousarray(record[key].numpy())
+        put(key.encode())
+        put(value.dtype.str.encode())
+        put(repr(value.shape).encode())
+        put(value.tobytes())
+    return h.digest()
 
 
 def error_reply(msg: Message, code: int, reason: str) -> Message:

@@ -1,11 +1,15 @@
 """Secure sum by pairwise masking: the authority learns sum_k g_k, never a silo's g_k.
 
-Each pair of silos (k, j) agrees on a secret with X25519 (public keys relayed by the authority,
-which cannot derive the secret). For every message they expand it with HKDF into a fresh
-ChaCha20 key bound to the run, the round and the purpose, and draw a mask vector in the ring
-Z_2^64. Silo k adds the masks it shares with higher-numbered silos and subtracts those it
-shares with lower-numbered ones, so the masks cancel in the sum and each masked vector alone is
-uniformly random. Values travel as fixed-point integers (FRACTION_BITS fractional bits).
+Each pair of silos (k, j) agrees on a secret with X25519. The authority relays the public
+keys and cannot derive the secret; each key is signed by its silo's identity key, pinned in the
+roster every silo holds, so the authority cannot substitute one of its own (crypto/roster.py).
+For every message the pair expands the secret with HKDF into a fresh ChaCha20 key bound to the
+run, the round, the purpose and a digest of the message the share answers, and draws a mask
+vector in the ring Z_2^64. Silo k adds the masks it shares with higher-numbered silos and
+subtracts those it shares with lower-numbered ones, so the masks cancel in the sum and each
+masked vector alone is uniformly random. Values travel as fixed-point integers (FRACTION_BITS
+fractional bits), each clipped to +-MAX_CONTRIBUTION, so the ring holds the sum of up to
+max_silos() silos.
 
 Cost: one ChaCha20 keystream of 8 bytes per value per peer, far below a round trip.
 """
@@ -23,8 +27,32 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 FRACTION_BITS = 24
 SCALE = float(1 << FRACTION_BITS)
-# |value| must stay below this so a sum of a few silos never wraps the ring.
-MAX_ABS = float(1 << 36)
+RING_BITS = 64
+# Every released contribution is clipped to +-MAX_CONTRIBUTION (logit units) by its silo
+# before encoding: real contributions are a few units, and the bound is what lets the ring be
+# sized for the federation and the authority call a decoded sum implausible.
+MAX_CONTRIBUTION = 256.0
+# encode() refuses anything beyond this (a value that was not clipped is a bug, not data).
+MAX_ABS = MAX_CONTRIBUTION
+
+
+def max_silos() -> int:
+    """The most silos whose clipped contributions sum without wrapping the signed ring."""
+    return (2 ** (RING_BITS - 1) - 1) // (int(MAX_CONTRIBUTION) << FRACTION_BITS)
+
+
+def check_ring(silos: int) -> None:
+    """Refuse a federation whose bound sum, silos x MAX_CONTRIBUTION, could wrap the ring: the
+    decoded sum would then be wrong without any sign of it."""
+    if silos > max_silos():
+        raise MaskingError(f"{silos} silos x {MAX_CONTRIBUTION:g} per contribution overflows the "
+                           f"{RING_BITS}-bit ring at {FRACTION_BITS} fraction bits; at most "
+                           f"{max_silos()} silos")
+
+
+def clip_contribution(values: np.ndarray) -> np.ndarray:
+    """The released contributions clipped to the declared bound."""
+    return np.clip(values, -MAX_CONTRIBUTION, MAX_CONTRIBUTION)
 
 
 class MaskingError(ValueError):
@@ -34,8 +62,9 @@ class MaskingError(ValueError):
 def encode(values: np.ndarray) -> np.ndarray:
     """Fixed-point encoding of finite floats into Z_2^64 (two's complement)."""
     values = np.asarray(values, dtype=np.float64)
-    if not np.isfinite(values).all() or (np.abs(values) >= MAX_ABS).any():
-        raise MaskingError(f"secure-sum values must be finite and below {MAX_ABS:.0e}")
+    if not np.isfinite(values).all() or (np.abs(values) > MAX_ABS).any():
+        raise MaskingError(f"secure-sum values must be finite and within +-{MAX_ABS:g} "
+                           "(clip_contribution)")
     return np.rint(values * SCALE).astype(np.int64).view(np.uint64)
 
 
@@ -99,10 +128,13 @@ def pair_mask(shared: bytes, context: bytes, n: int) -> np.ndarray:
     return np.frombuffer(stream, dtype=np.uint64).copy()
 
 
-def mask_context(run_key: str, round_: int, purpose: str) -> bytes:
-    """Binds a mask to the run, the round and what is being summed: reusing one would let the
-    authority cancel it between two messages."""
-    return run_key.encode() + struct.pack(">Q", round_) + purpose.encode()
+def mask_context(run_key: str, round_: int, purpose: str, binding: bytes) -> bytes:
+    """Binds a mask to the run, the round, what is being summed and `binding`, a digest of the
+    message it answers: a mask reused on two different messages would let the authority
+    subtract the shares and read the difference of exact contributions. Each field is
+    length-prefixed so no two tuples encode alike."""
+    parts = (run_key.encode(), struct.pack(">Q", round_), purpose.encode(), bytes(binding))
+    return b"".join(struct.pack(">Q", len(p)) + p for p in parts)
 
 
 def masked_share(

@@ -110,8 +110,15 @@ def announce(fed: Federation, alignment: Alignment, model_config: dict) -> dict[
     )
     inputs = {s: int(m.get_config(r)["inputs"]) for s, r in replies.items()}
     if model_config.get("secure"):
-        # Relay every silo's masking public key to every silo; the authority cannot derive
-        # the pairwise secrets from them (X25519).
-        publics = {f"peer.{s}": bytes(m.get_config(r)["mask_public"]) for s, r in replies.items()}
-        fed.broadcast(m.PEERS, m.make_content(publics))
+        # Relay every silo's masking public key, with its silo's signature, to every silo; the
+        # authority cannot derive the pairwise secrets from them (X25519), and each silo checks
+        # every key against the roster before using it (crypto/roster.py).
+        relayed: dict[str, bytes] = {}
+        for s, r in replies.items():
+            cfg = m.get_config(r)
+            if "mask_public" not in cfg or "mask_signature" not in cfg:
+                raise FederationError(f"silo {s!r} sent no signed masking key")
+            relayed[f"peer.{s}"] = bytes(cfg["mask_public"])
+            relayed[f"sig.{s}"] = bytes(cfg["mask_signature"])
+        fed.broadcast(m.PEERS, m.make_content(relayed))
     return inputs

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import logging
 import re
+import secrets
 import time
 from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
 
 from flwr.app import Message, RecordDict
 from flwr.common.constant import ErrorCode
@@ -18,12 +20,22 @@ from flwr.serverapp import Grid
 
 from clients import capture
 from clients import messages as m
+from crypto.roster import Roster, RosterError, authority_roster, hello_statement
 
 log = logging.getLogger(__name__)
 
 
 class FederationError(RuntimeError):
     """A silo is missing, failed, or did not answer in time."""
+
+
+def federation_roster(parties_root: Path) -> Roster:
+    """The authority's roster (in the parties root), or a FederationError saying how to make
+    one."""
+    try:
+        return authority_roster(parties_root)
+    except RosterError as exc:
+        raise FederationError(str(exc)) from None
 
 
 # {message id: (silo or node id, the message sent)}
@@ -36,7 +48,7 @@ UNDELIVERABLE = (ErrorCode.NODE_UNAVAILABLE, ErrorCode.MESSAGE_UNAVAILABLE,
 def _reason(msg: Message) -> str:
     """The readable part of an error reply (the simulation engine wraps tracebacks around it)."""
     reason = msg.error.reason
-    if msg.error.code in (m.INPUT_ERROR, m.PROTOCOL_ERROR):
+    if msg.error.code in m.SILO_CODES:
         return reason
     found = re.findall(r"Message: (.+?)(?:'>|$)", reason, flags=re.S)
     return found[-1].strip() if found else reason.strip().splitlines()[-1][:500]
@@ -50,8 +62,14 @@ class Federation:
         join_timeout: float = 120.0,
         reply_timeout: float = 600.0,
         retries: int = 0,
+        *,
+        roster: Roster | None = None,
     ) -> None:
         self.grid = grid
+        # The federation's roster (crypto/roster.py): every SuperNode proves which silo it is
+        # by signing a fresh challenge with that silo's identity key. Without one (benchmarks
+        # on throwaway parties) a node's claimed name is taken as given.
+        self.roster = roster
         self.silos = tuple(silos)
         self.join_timeout = join_timeout
         self.reply_timeout = reply_timeout
@@ -69,10 +87,19 @@ class Federation:
                     f"{self.join_timeout:.0f} s; start one SuperNode per silo"
                 )
             time.sleep(0.05)
-        replies = self._collect(self._push_to(_hello_messages(node_ids)))
+        challenges = {n: secrets.token_bytes(32) for n in node_ids}
+        replies = self._collect(self._push_to(_hello_messages(challenges)))
+        if self.roster is None:
+            log.warning("no roster: silos are not authenticated, their names are taken as given")
+        elif set(self.roster.silos) != set(self.silos):
+            raise FederationError("the roster's silos differ from the federation's "
+                                  f"({', '.join(sorted(self.roster.silos))} vs "
+                                  f"{', '.join(sorted(self.silos))}); enrol the silos again")
         for node_id, reply in replies.items():
             cfg = m.get_config(reply)
             silo = str(cfg["silo"])
+            if self.roster is not None:
+                self._authenticate(node_id, silo, cfg, challenges[node_id])
             if silo in self.nodes:
                 raise FederationError(f"two SuperNodes claim silo {silo!r}; give each its own")
             self.nodes[silo] = node_id
@@ -81,6 +108,21 @@ class Federation:
         if missing:
             raise FederationError(f"no SuperNode serves silo(s) {', '.join(missing)}")
         return self.info
+
+    def _authenticate(self, node_id: int, silo: str, cfg: dict, challenge: bytes) -> None:
+        """The node's claim to be `silo` holds only with that silo's signature over our fresh
+        challenge, made for this roster."""
+        assert self.roster is not None
+        if cfg.get("fingerprint") != self.roster.fingerprint:
+            raise FederationError(f"node {node_id} (claiming silo {silo!r}) holds another "
+                                  "roster than the authority; enrol the silos again")
+        if "signature" not in cfg:
+            raise FederationError(f"node {node_id} claims silo {silo!r} without proving it")
+        try:
+            self.roster.verify(silo, hello_statement(self.roster.fingerprint, challenge, silo),
+                               bytes(cfg["signature"]))
+        except RosterError as exc:
+            raise FederationError(f"node {node_id} is not silo {silo!r}: {exc}") from None
 
     def push(self, message_type: str, contents: Mapping[str, RecordDict]) -> Pending:
         """Send one message per silo; returns what `collect` needs to gather the replies."""
@@ -172,5 +214,6 @@ def _name(who: object) -> str:
     return who if isinstance(who, str) else f"node {who}"
 
 
-def _hello_messages(node_ids: Iterable[int]) -> dict[int, Message]:
-    return {n: Message(RecordDict(), dst_node_id=n, message_type=m.HELLO) for n in node_ids}
+def _hello_messages(challenges: Mapping[int, bytes]) -> dict[int, Message]:
+    return {n: Message(m.make_content({"challenge": c}), dst_node_id=n, message_type=m.HELLO)
+            for n, c in challenges.items()}

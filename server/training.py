@@ -32,7 +32,7 @@ import numpy as np
 from clients import messages as m
 from clients.accounting import History
 from clients.model import ModelSpec
-from crypto.masking import decode, ring_sum
+from crypto.masking import FRACTION_BITS, MAX_CONTRIBUTION, decode, ring_sum
 from crypto.secret_random import SecretRandom
 from server.checkpoint import TrainState
 from server.config import TrainConfig
@@ -104,21 +104,35 @@ def _summed(replies: dict, key: str, expected: int, secure: bool) -> np.ndarray:
                 f"silo {silo!r} sent {len(part)} contributions for {expected} rows; "
                 "its model or alignment is out of step"
             )
+        if not secure and len(part) and np.abs(part).max() > MAX_CONTRIBUTION:
+            # In plaintext the authority sees each silo's part, so it can name the one that
+            # shifted people's logits beyond what an honest silo (clipping) ever sends.
+            raise FederationError(
+                f"silo {silo!r} sent contributions beyond the declared bound "
+                f"+-{MAX_CONTRIBUTION:g} (largest {np.abs(part).max():.3g}); an honest silo "
+                "clips every contribution, so its replies are refused"
+            )
         parts.append(part)
     if secure:
         total = decode(ring_sum(parts))
+        # Every silo clips to +-MAX_CONTRIBUTION, so an honest sum stays within silos x bound.
         # Masks from the wrong round or run do not cancel: the "sum" is then uniform over
-        # about +-2^39, while real logits are small. Fail loudly rather than train on noise.
-        if len(total) and np.abs(total).max() > MAX_PLAUSIBLE_LOGIT:
+        # about +-2^39. Either way, fail loudly rather than train on it; under secure sum no
+        # single silo can be named (the authority sees only the sum).
+        if len(total) and np.abs(total).max() > plausible_bound(len(parts)):
             raise FederationError(
-                "the secure sum did not decode: a silo's masks are from another round or run, "
-                "or its share is malformed; restart the silos or resume from the checkpoint"
+                "the secure sum did not decode to a plausible value (beyond "
+                f"{len(parts)} silos x {MAX_CONTRIBUTION:g}): a silo's masks are from another "
+                "round or run, its share is malformed, or a silo sent contributions beyond the "
+                "declared bound; restart the silos or resume from the checkpoint"
             )
         return total
     return np.sum(np.asarray(parts, dtype=np.float64), axis=0)
 
 
-MAX_PLAUSIBLE_LOGIT = 1e6
+def plausible_bound(silos: int) -> float:
+    """The largest |sum| honest silos send: each clips to MAX_CONTRIBUTION, plus rounding."""
+    return silos * (MAX_CONTRIBUTION + 2.0 ** -FRACTION_BITS)
 
 
 def _stacked(replies: dict, key: str, expected: int, silos: tuple[str, ...], width: int

@@ -1,0 +1,536 @@
+"""A deviating authority against the real silo handlers (issue 18, items 1, 2 and the ring).
+
+Each attack is replayed the way an authority would send it: the silos are the real ClientApp
+(`make_client_app`) called with Flower Messages and Contexts in process, and the honest
+authority's side is the real `Federation` (hello) and `announce` (masking keys). Every attack
+first shows its mechanism (with the new check taken out, it works) and then that the silo
+refuses it now, with the REFUSED code and a message naming what to change.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import json
+import secrets
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from clients import client_app as ca
+from clients import messages as m
+from clients.enrolment import enrol
+from clients.model import ModelSpec
+from clients.policy import POLICY_FILE, PolicyError, SiloPolicy
+from clients.schema import federation_silos
+from crypto import masking
+from crypto.masking import PairwiseKeys, decode, mask_context, pair_mask
+from crypto.roster import (
+    ROSTER_FILE,
+    Roster,
+    RosterError,
+    authority_roster,
+    hello_statement,
+    identity_key,
+    public_hex,
+    sign,
+)
+from server.alignment import Alignment, announce
+from server.federation import Federation, FederationError
+from simulations.population import PopulationConfig, generate, write_parties
+
+PEOPLE = 300  # aligned positions: above the default minimum group of 100
+
+
+@pytest.fixture(autouse=True)
+def _task_identity():
+    # Flower stamps every message with the running task's identity; outside an app, set one.
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+
+
+_ids = itertools.count(1)
+
+
+def _stamp(msg: Message) -> Message:
+    msg.metadata.__dict__["_message_id"] = f"{next(_ids):064x}"
+    return msg
+
+
+@functools.cache
+def _population():
+    return generate(PopulationConfig(users=1000, seed=11))
+
+
+class AppGrid:
+    """A grid whose nodes are the real ClientApp, one Context per node (its silo's state)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.app = ca.make_client_app(root, None, plaintext=True)
+        self.silos = federation_silos(root)
+        self.contexts = {n + 1: _context(n) for n in range(len(self.silos))}
+        self.replies: dict[str, Message] = {}
+
+    def context(self, silo: str) -> Context:
+        return self.contexts[self.silos.index(silo) + 1]
+
+    def restart(self, silo: str) -> None:
+        """The silo's process starts again: its in-memory state is gone, its files stay."""
+        self.contexts[self.silos.index(silo) + 1] = _context(self.silos.index(silo))
+
+    def send(self, silo: str, message_type: str, content: RecordDict) -> Message:
+        """One message straight to a silo, as a deviating authority may send anything."""
+        msg = _stamp(Message(content, dst_node_id=self.silos.index(silo) + 1,
+                             message_type=message_type))
+        return self.app(msg, self.context(silo))
+
+    # the Grid calls Federation makes
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def push_messages(self, msgs):
+        ids = []
+        for msg in msgs:
+            _stamp(msg)
+            ids.append(msg.metadata.message_id)
+            node = msg.metadata.dst_node_id
+            self.replies[msg.metadata.message_id] = self.app(msg, self.contexts[node])
+        return ids
+
+    def pull_messages(self, ids):
+        return [self.replies.pop(i) for i in ids if i in self.replies]
+
+
+def _context(partition: int) -> Context:
+    return Context(run_id=1, node_id=partition + 1, node_config={"partition-id": partition},
+                   state=RecordDict(), run_config={})
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    parties = tmp_path / "parties"
+    write_parties(_population(), parties)
+    enrol(parties, federation_silos(parties), None)  # the strict default policy
+    return parties
+
+
+@pytest.fixture
+def grid(root: Path) -> AppGrid:
+    return AppGrid(root)
+
+
+def _model_config(run_key: str, *, secure: bool = True, outputs: int = 1) -> dict:
+    spec = ModelSpec(hidden=(4,), lr=0.01, seed=0, outputs=outputs)
+    return {**spec.to_config(), "run": run_key, "secure": secure}
+
+
+def _aligned(grid: AppGrid, *, secure: bool = True) -> tuple[Federation, str]:
+    """The honest authority: authenticated hello, alignment and relayed signed keys."""
+    fed = Federation(grid, grid.silos, roster=authority_roster(grid.root))
+    fed.connect()
+    run_key = secrets.token_hex(8)
+    rows = np.arange(PEOPLE, dtype=np.int64)
+    announce(fed, Alignment(rows, dict.fromkeys(grid.silos, rows), {}),
+             _model_config(run_key, secure=secure))
+    return fed, run_key
+
+
+def _refused(reply: Message, *needles: str) -> str:
+    assert reply.has_error(), "the silo answered a request it must refuse"
+    assert reply.error.code == m.REFUSED, reply.error.reason
+    for needle in needles:
+        assert needle in reply.error.reason, reply.error.reason
+    return reply.error.reason
+
+
+def _step(round_: int, *, plan=None, eval_=None, summary=False, explain=0, done=None
+          ) -> RecordDict:
+    """A train.step; `done` (the previous plan) adds a gradient for it, so the model moves
+    off its initialisation (whose contributions are all zero)."""
+    extras = {}
+    if done is not None:
+        extras = {"done_plan": done, "done_sizes": np.array([len(done)], dtype=np.int64),
+                  "grad": np.random.default_rng(round_).normal(size=len(done)).astype(np.float32)}
+    return m.make_content({"round": round_, "summary": summary, "explain": explain},
+                          plan=plan, eval=eval_, **extras)
+
+
+@pytest.fixture
+def released(monkeypatch) -> list[np.ndarray]:
+    """What each silo masked, in the order masked: the exact contributions an attack wants."""
+    seen: list[np.ndarray] = []
+    real = ca.masked_share
+
+    def spy(values, me, shared, context):
+        seen.append((me, np.asarray(values, dtype=np.float64).copy()))
+        return real(values, me, shared, context)
+
+    monkeypatch.setattr(ca, "masked_share", spy)
+    return seen
+
+
+# ---- 1. key substitution and the short peer list ----------------------------------------------
+
+
+def _substituted_peers(grid: AppGrid, victim: str, silos: list[str]
+                       ) -> tuple[RecordDict, dict[str, PairwiseKeys]]:
+    """The authority's peer list for `victim`: its real, signed key as relayed, and keys of the
+    authority's own for `silos` (signed with nothing the roster pins: it holds no silo's
+    identity key)."""
+    own = PairwiseKeys(bytes(grid.context(victim).state["mask"]["secret"]))
+    fake = {s: PairwiseKeys() for s in silos}
+    run_key = str(grid.context(victim).state["model"]["run"])
+    real_sig = sign(identity_key(grid.root / victim, victim), ca.masking_statement(
+        authority_roster(grid.root).fingerprint, run_key, victim, own.public))
+    config = {f"peer.{victim}": own.public, f"sig.{victim}": real_sig}
+    for s, k in fake.items():
+        config[f"peer.{s}"] = k.public
+        config[f"sig.{s}"] = b"\0" * 64
+    return m.make_content(config), fake
+
+
+def _unmask(share: np.ndarray, victim: str, fake: dict[str, PairwiseKeys], victim_public: bytes,
+            context: bytes) -> np.ndarray:
+    """What the authority reads from the victim's share when it holds every pairwise secret."""
+    ring = share.copy()
+    for peer, key in fake.items():
+        mask = pair_mask(key.shared_with(victim_public), context, len(ring))
+        ring = ring - mask if victim < peer else ring + mask
+    return decode(ring)
+
+
+def test_key_substitution_unmasks_a_silo_without_the_roster_and_is_refused(
+        grid: AppGrid, released, monkeypatch):
+    _, run_key = _aligned(grid)
+    victim, others = "payments", ["social", "device"]
+    victim_public = PairwiseKeys(bytes(grid.context(victim).state["mask"]["secret"])).public
+
+    # The mechanism (the old silo checked only its own key): the authority puts keys of its own
+    # in the other silos' places and reads the victim's exact contributions from its share.
+    with monkeypatch.context() as old:
+        old.setattr(ca, "_checked_peers", _own_key_only)
+        content, fake = _substituted_peers(grid, victim, others)
+        assert not grid.send(victim, m.PEERS, content).has_error()
+        first = np.arange(50, dtype=np.int64)
+        grid.send(victim, m.STEP, _step(1, plan=first))
+        step = _step(2, plan=np.arange(50, 100, dtype=np.int64), done=first)
+        reply = grid.send(victim, m.STEP, step)
+        share = m.get_array(reply, "plan", np.uint64, 1)
+        ctx = mask_context(run_key, 2, "plan", m.content_digest(step))
+        stolen = _unmask(share, victim, fake, victim_public, ctx)
+        exact = released[-1][1]
+        np.testing.assert_allclose(stolen, exact, atol=2.0 ** -masking.FRACTION_BITS)
+        assert np.abs(exact).max() > 1e-3  # real contributions, not zeros
+
+    # Now: a fresh run (the substituted keys are refused before any share is made).
+    grid = AppGrid(grid.root)
+    _aligned(grid)
+    honest = dict(grid.context(victim).state["mask"])
+    content, _ = _substituted_peers(grid, victim, others)
+    _refused(grid.send(victim, m.PEERS, content), "silo 'social' does not verify under its "
+             "roster key")
+    assert dict(grid.context(victim).state["mask"]) == honest  # nothing replaced
+
+    # A signature is bound to its run: social's real key, signed by social for another run,
+    # is refused (device's entry is honest here).
+    roster = authority_roster(grid.root)
+    run_key = str(grid.context(victim).state["model"]["run"])
+    config = m.get_config(Message(content, dst_node_id=1, message_type=m.PEERS))
+    for silo, run in (("social", "otherrun"), ("device", run_key)):
+        key = PairwiseKeys(bytes(grid.context(silo).state["mask"]["secret"])).public
+        config[f"peer.{silo}"] = key
+        config[f"sig.{silo}"] = sign(identity_key(grid.root / silo, silo), ca.masking_statement(
+            roster.fingerprint, run, silo, key))
+    _refused(grid.send(victim, m.PEERS, m.make_content(config)), "silo 'social'")
+    config["sig.social"] = sign(identity_key(grid.root / "social", "social"),
+                                ca.masking_statement(roster.fingerprint, run_key, "social",
+                                                     config["peer.social"]))
+    assert not grid.send(victim, m.PEERS, m.make_content(config)).has_error()  # the honest list
+
+
+def _own_key_only(roster, run_key, me, own_public, publics, signatures) -> None:
+    """The check the silo made before issue 18: its own key is in the list, nothing else."""
+    if publics.get(me) != own_public:
+        raise m.ProtocolError("the relayed key for this silo is not its own")
+
+
+def test_a_short_peer_list_is_refused(grid: AppGrid, monkeypatch):
+    _aligned(grid)
+    victim = "payments"
+    own = PairwiseKeys(bytes(grid.context(victim).state["mask"]["secret"]))
+    authority = PairwiseKeys()
+    short = m.make_content({f"peer.{victim}": own.public, "peer.social": authority.public})
+    # Old behaviour: accepted, and the victim's only mask is shared with the authority.
+    with monkeypatch.context() as old:
+        old.setattr(ca, "_checked_peers", _own_key_only)
+        assert not grid.send(victim, m.PEERS, short).has_error()
+        assert [k for k in grid.context(victim).state["mask"] if k.startswith("peer.")] == \
+            ["peer.social"]
+    reason = _refused(grid.send(victim, m.PEERS, short), "not the federation's roster",
+                      "missing device")
+    assert authority.public.hex() not in reason
+
+
+def test_the_honest_relay_is_accepted_and_the_masks_cancel(grid: AppGrid, released):
+    fed, _ = _aligned(grid)
+    first, plan = np.arange(40, dtype=np.int64), np.arange(40, 80, dtype=np.int64)
+    fed.exchange(m.STEP, dict.fromkeys(grid.silos, _step(1, plan=first)))
+    released.clear()
+    replies = fed.exchange(m.STEP, dict.fromkeys(grid.silos, _step(2, plan=plan, done=first)))
+    total = decode(masking.ring_sum([m.get_array(r, "plan", np.uint64, 1)
+                                     for r in replies.values()]))
+    exact = np.sum([v for _, v in released], axis=0)
+    assert np.abs(exact).max() > 1e-3
+    np.testing.assert_allclose(total, exact, atol=1e-5)
+    # Each share alone is no silo's contribution.
+    assert np.abs(decode(m.get_array(replies["payments"], "plan", np.uint64, 1))).max() > 1e6
+
+
+# ---- hello: a node proves which silo it is ------------------------------------------------------
+
+
+def test_hello_is_answered_with_a_signature_under_the_roster(grid: AppGrid):
+    fed = Federation(grid, grid.silos, roster=authority_roster(grid.root))
+    info = fed.connect()
+    assert set(info) == set(grid.silos)
+    assert fed.nodes == {s: i + 1 for i, s in enumerate(grid.silos)}
+
+
+class ForgingGrid(AppGrid):
+    """Node 1 answers hello claiming to be `claim`, with whatever signature `forge` makes."""
+
+    def __init__(self, root: Path, claim: str, forge) -> None:
+        super().__init__(root)
+        self.claim, self.forge = claim, forge
+
+    def push_messages(self, msgs):
+        ids = super().push_messages(msgs)
+        for msg, i in zip(msgs, ids, strict=True):
+            if msg.metadata.dst_node_id == 1 and msg.metadata.message_type == m.HELLO:
+                challenge = bytes(m.get_config(msg)["challenge"])
+                cfg = m.get_config(self.replies[i])
+                cfg.update(silo=self.claim, signature=self.forge(challenge))
+                self.replies[i] = Message(m.make_content(cfg), reply_to=msg)
+        return ids
+
+
+def test_a_node_cannot_claim_another_silos_name(root: Path):
+    roster = authority_roster(root)
+    social_key = identity_key(root / "social", "social")
+    # payments' node claims to be social, signing with its own identity key: refused.
+    own = identity_key(root / "payments", "payments")
+    grid = ForgingGrid(root, "social", lambda c: sign(own, hello_statement(
+        roster.fingerprint, c, "social")))
+    with pytest.raises(FederationError, match="node 1 is not silo 'social'"):
+        Federation(grid, grid.silos, roster=roster).connect()
+    # A signature social made for an earlier challenge does not answer a fresh one.
+    old = sign(social_key, hello_statement(roster.fingerprint, b"x" * 32, "social"))
+    grid = ForgingGrid(root, "social", lambda c: old)
+    with pytest.raises(FederationError, match="not silo 'social'"):
+        Federation(grid, grid.silos, roster=roster).connect()
+    # Without the roster check (the old authority) the same claim went through unnoticed.
+    grid = ForgingGrid(root, "social", lambda c: b"")
+    with pytest.raises(FederationError, match="two SuperNodes claim silo 'social'"):
+        Federation(grid, grid.silos, roster=None).connect()  # only a name clash, by chance
+
+
+def test_a_silo_takes_its_name_from_its_own_config(grid: AppGrid):
+    reply = grid.send("social", m.HELLO, m.make_content({"challenge": b"c" * 32,
+                                                         "silo": "payments"}))
+    assert m.get_config(reply)["silo"] == "social"
+
+
+# ---- the roster itself ------------------------------------------------------------------------
+
+
+def test_rosters_with_duplicates_or_edits_are_refused(root: Path):
+    roster = authority_roster(root)
+    text = roster.to_json()
+    assert Roster.from_json(text) == roster
+    assert json.loads((root / "payments" / ROSTER_FILE).read_text())["fingerprint"] == \
+        roster.fingerprint
+    payments = roster.silos["payments"]
+    doubled = (f'{{"version": 1, "silos": {{"payments": "{payments}", "payments": '
+               f'"{roster.silos["social"]}", "social": "{roster.silos["device"]}"}}}}')
+    with pytest.raises(RosterError, match="names a key twice"):
+        Roster.from_json(doubled)
+    with pytest.raises(RosterError, match="share one identity key"):
+        Roster({"payments": payments, "social": payments})
+    edited = json.loads(text)
+    edited["silos"]["device"] = public_hex(identity_key(root / "payments", "other"))
+    with pytest.raises(RosterError, match="fingerprint does not match"):
+        Roster.from_json(json.dumps(edited))
+    # The identity key file is the party's own secret.
+    assert (root / "payments" / "identity-payments.key").stat().st_mode & 0o077 == 0
+
+
+def test_a_silo_refuses_a_roster_that_does_not_pin_its_own_key(grid: AppGrid):
+    path = grid.root / "payments" / ROSTER_FILE
+    roster = Roster.load(path)
+    swapped = dict(roster.silos, payments=public_hex(identity_key(grid.root, "intruder")))
+    Roster(swapped).write(path)
+    reply = grid.send("payments", m.HELLO, m.make_content({"challenge": b"c" * 32}))
+    assert reply.has_error()
+    assert "does not pin this silo's identity key" in reply.error.reason
+
+
+# ---- 2. silo policy ------------------------------------------------------------------------------
+
+
+def _policy(root: Path, silo: str, **values) -> None:
+    (root / silo / POLICY_FILE).write_text(json.dumps(values))
+
+
+def test_a_one_person_summary_is_refused(grid: AppGrid, monkeypatch):
+    _aligned(grid)
+    one = _step(1, eval_=np.array([5], dtype=np.int64), summary=True)
+    seen = []
+    real = ca.contribution_summary
+    monkeypatch.setattr(ca, "contribution_summary",
+                        lambda values, rng: seen.append(values.copy()) or real(values, rng))
+    # The mechanism: a silo that allows groups of one answers with that person's contribution
+    # (no DP here: the "mean" is the centre of the one bin it falls in).
+    _policy(grid.root, "payments", min_group=1)
+    reply = grid.send("payments", m.STEP, one)
+    assert not reply.has_error(), reply.error.reason
+    mean = m.get_config(reply)["summary.mean"]
+    assert abs(mean - float(seen[0][0])) <= (ca.SUMMARY_EDGES[1] - ca.SUMMARY_EDGES[0]) / 2
+
+    # The default policy: refused, for one person and for one person listed 200 times.
+    grid = AppGrid(grid.root)
+    (grid.root / "payments" / POLICY_FILE).unlink()
+    _aligned(grid)
+    reason = _refused(grid.send("payments", m.STEP, one), "'min_group'", "1 distinct people",
+                      "minimum group of 100", POLICY_FILE)
+    assert "can change 'min_group'" in reason
+    repeated = _step(1, eval_=np.full(200, 5, dtype=np.int64), summary=True)
+    _refused(grid.send("payments", m.STEP, repeated), "listed more than once")
+    # A summary over enough distinct people is answered.
+    fine = _step(1, eval_=np.arange(PEOPLE, dtype=np.int64), summary=True)
+    assert not grid.send("payments", m.STEP, fine).has_error()
+
+
+def test_reason_codes_and_corrections_follow_the_silo_policy(grid: AppGrid):
+    _aligned(grid)
+    everyone = np.arange(PEOPLE, dtype=np.int64)
+    _refused(grid.send("payments", m.STEP, _step(1, eval_=everyone, explain=2)),
+             "'explain'", "2 reason codes asked, this silo allows 0")
+    correction = m.make_content({"field": "monthly_spend", "value": 1.0, "category": ""},
+                                position=np.array([3], dtype=np.int64))
+    _refused(grid.send("payments", m.CORRECT, correction), "'corrections'", "monthly_spend",
+             "operator's approval")
+    score = m.make_content({"request": "r1", "explain": 1}, positions=everyone[:1])
+    _refused(grid.send("payments", m.SCORE, score), "'explain'")
+    # A list of fields: only those.
+    _policy(grid.root, "payments", corrections=["some_other_field"])
+    _refused(grid.send("payments", m.CORRECT, correction), "monthly_spend")
+
+
+def test_plaintext_or_split_learning_is_refused_by_default(grid: AppGrid):
+    rows = np.arange(PEOPLE, dtype=np.int64)
+    for config, key in ((_model_config("runa", secure=False), "'require_secure_sum'"),
+                        (_model_config("runb", outputs=4), "'allow_concat'")):
+        content = m.make_content({**config, "positions": PEOPLE}, rows=rows, positions=rows)
+        _refused(grid.send("payments", m.ALIGN, content), key)
+    _policy(grid.root, "payments", require_secure_sum=False)
+    content = m.make_content({**_model_config("runc", secure=False), "positions": PEOPLE},
+                             rows=rows, positions=rows)
+    assert not grid.send("payments", m.ALIGN, content).has_error()
+
+
+@pytest.mark.parametrize(("text", "needle"), [
+    ('{"min_group": 0}', "min_group=0"),
+    ('{"explain": -1}', "explain=-1"),
+    ('{"corrections": "some"}', "corrections='some'"),
+    ('{"require_secure_sum": "yes"}', "true or false"),
+    ('{"min_groups": 5}', "unknown key(s) min_groups"),
+    ('[1]', "an object of policy keys"),
+    ('{"min_group": NaN}', "not valid JSON"),
+])
+def test_a_malformed_policy_is_a_clear_error(tmp_path: Path, text: str, needle: str):
+    (tmp_path / POLICY_FILE).write_text(text)
+    with pytest.raises(PolicyError) as info:
+        SiloPolicy.load(tmp_path)
+    assert needle in str(info.value)
+    assert str(tmp_path) in str(info.value)
+
+
+# ---- 2. mask reuse after resume ---------------------------------------------------------------
+
+
+def test_a_different_plan_for_an_answered_round_is_refused_even_after_resume(
+        grid: AppGrid, released, monkeypatch):
+    _, run_key = _aligned(grid)
+    silo = "payments"
+    plan_a = _step(1, plan=np.arange(0, 60, dtype=np.int64))
+    plan_b = _step(1, plan=np.arange(60, 120, dtype=np.int64))
+    first = grid.send(silo, m.STEP, plan_a)
+    share_a = m.get_array(first, "plan", np.uint64, 1)
+    value_a = released[-1][1]
+
+    # The mechanism of the attack: masks bound to (run, round, purpose) only, and no memory of
+    # what was answered. After `resume` the second plan gets the same masks, and the two shares
+    # subtract to the difference of exact contributions.
+    with monkeypatch.context() as old:
+        old.setattr(ca.Journal, "check", lambda *a, **k: None)
+        old.setattr(ca.Journal, "record", lambda *a, **k: None)
+        old.setattr(ca, "mask_context", lambda run, r, purpose, binding: mask_context(
+            run, r, purpose, b""))
+        grid.send(silo, m.RESUME, m.make_content({"run": run_key, "round": 0}))
+        share_old = m.get_array(grid.send(silo, m.STEP, plan_a), "plan", np.uint64, 1)
+        grid.send(silo, m.RESUME, m.make_content({"run": run_key, "round": 0}))
+        share_b = m.get_array(grid.send(silo, m.STEP, plan_b), "plan", np.uint64, 1)
+        value_b = released[-1][1]
+        np.testing.assert_allclose(decode(share_old - share_b), value_a - value_b, atol=1e-6)
+        # With the masks bound to the message alone the difference is noise, not data.
+        old.setattr(ca, "mask_context", mask_context)
+        grid.send(silo, m.RESUME, m.make_content({"run": run_key, "round": 0}))
+        share_b2 = m.get_array(grid.send(silo, m.STEP, plan_b), "plan", np.uint64, 1)
+        assert np.abs(decode(share_a - share_b2)).max() > 1e6
+
+    # Now: the journal refuses plan B for round 1, after resume and after a restart.
+    grid.send(silo, m.RESUME, m.make_content({"run": run_key, "round": 0}))
+    _refused(grid.send(silo, m.STEP, plan_b), "step 1 was answered already",
+             "different message")
+    grid.restart(silo)
+    grid.send(silo, m.RESUME, m.make_content({"run": run_key, "round": 0}))
+    _refused(grid.send(silo, m.STEP, plan_b), "step 1 was answered already")
+    # The same message again (a lost reply) gets the same answer.
+    again = grid.send(silo, m.STEP, plan_a)
+    assert not again.has_error(), again.error.reason
+    np.testing.assert_array_equal(m.get_array(again, "plan", np.uint64, 1), share_a)
+    journal = grid.root / silo / "checkpoints" / run_key / ca.JOURNAL_FILE
+    assert len(journal.read_text().splitlines()) == 1
+
+
+def test_a_score_request_id_is_answered_once_even_after_a_restart(grid: AppGrid):
+    _, run_key = _aligned(grid)
+    silo = "payments"
+    ask = m.make_content({"request": "abc123", "explain": 0},
+                         positions=np.array([1, 2, 3], dtype=np.int64))
+    assert not grid.send(silo, m.SCORE, ask).has_error()
+    _refused(grid.send(silo, m.SCORE, ask), "score abc123 was answered already")
+    grid.restart(silo)
+    grid.send(silo, m.RESUME, m.make_content({"run": run_key, "round": 0}))
+    other = m.make_content({"request": "abc123", "explain": 0},
+                           positions=np.array([4], dtype=np.int64))
+    _refused(grid.send(silo, m.SCORE, other), "answered once")
+
+
+# ---- 7. ring and bound ------------------------------------------------------------------------
+
+
+def test_a_silo_clips_what_it_releases(grid: AppGrid, monkeypatch):
+    _policy(grid.root, "payments", require_secure_sum=False)
+    _policy(grid.root, "social", require_secure_sum=False)
+    _policy(grid.root, "device", require_secure_sum=False)
+    _aligned(grid, secure=False)
+    from clients.model import SiloTrainer
+
+    monkeypatch.setattr(SiloTrainer, "released",
+                        lambda self, x, *purpose: np.full(len(x), 1e5, dtype=np.float32))
+    reply = grid.send("payments", m.STEP, _step(1, plan=np.arange(10, dtype=np.int64)))
+    assert np.abs(m.get_array(reply, "plan", np.float32, 1)).max() == masking.MAX_CONTRIBUTION
