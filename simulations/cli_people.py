@@ -1,23 +1,31 @@
 """`fedscore score | dispute | audit | drift`: the score as people meet it, after a run.
 
-  fedscore score RUN_DIR --subject PHONE [--repeat N] [--lang en|zh]
-  fedscore dispute RUN_DIR --subject PHONE --silo payments --field overdue_count --value 0
+  fedscore score RUN_DIR [--subject-file PATH] [--repeat N] [--lang en|zh]
+  fedscore dispute RUN_DIR [--subject-file PATH] --silo payments --field overdue_count --value 0
                    --category transaction|identity_theft|system_error
   fedscore audit RUN_DIR [--expect-head HASH]
   fedscore drift RUN_DIR [--cohort later] [--drift 0.3]
   fedscore serve RUN_DIR               # keep the federation up: score and dispute in ~1 s
+
+The person's phone number never goes on the command line, where every user of the machine sees
+it (`ps`) and Ray's job table keeps it: `score` and `dispute` read it from stdin
+(`echo 13812345678 | fedscore score RUN_DIR`), from a prompt on a terminal, or from
+--subject-file PATH.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import getpass
+import sys
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
 from clients.reasons import reason_text
+from server.rescore import RescoreError
 from server.scoring import TIERS
 from simulations.session import DUE_HOURS
 
@@ -26,7 +34,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     score = sub.add_parser("score", help="one person's score, tier and reasons, through the "
                                          "federation")
     score.add_argument("run_dir", type=Path, metavar="RUN_DIR")
-    score.add_argument("--subject", required=True, metavar="PHONE", help="the person's phone")
+    _add_subject(score)
     score.add_argument("--repeat", type=int, default=1,
                        help="score this many times in one session and report the latency")
     score.add_argument("--lang", choices=["en", "zh"], default="en", help="reason language")
@@ -34,7 +42,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     dispute = sub.add_parser("dispute", help="correct a silo's record of a person, re-score "
                                              "them and log the case")
     dispute.add_argument("run_dir", type=Path, metavar="RUN_DIR")
-    dispute.add_argument("--subject", required=True, metavar="PHONE")
+    _add_subject(dispute)
     dispute.add_argument("--silo", required=True, help="the silo holding the wrong record")
     dispute.add_argument("--field", required=True, help="the field to correct")
     dispute.add_argument("--value", required=True, type=float, help="its corrected value")
@@ -58,6 +66,42 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     serve = sub.add_parser("serve", help="keep a run's federation up so `score` and `dispute` "
                                          "skip the engine start (Ctrl-C stops it)")
     serve.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+
+
+SUBJECT_HOW = ("give it on stdin (`echo PHONE | fedscore score RUN_DIR`), at the prompt (run "
+               "in a terminal), or in a file with --subject-file PATH")
+
+
+def _add_subject(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--subject-file", type=Path, metavar="PATH",
+                        help="a file holding the person's phone number (without it: stdin, or "
+                             "a hidden prompt on a terminal)")
+    # Accepted only to be refused with a clear message (read_subject): the phone would be on
+    # the command line already, but not yet in Ray's job table.
+    parser.add_argument("--subject", default=None, help=argparse.SUPPRESS)
+
+
+def read_subject(args: argparse.Namespace) -> str:
+    """The person's phone number, from --subject-file, stdin or a prompt; never argv."""
+    if args.subject is not None:
+        raise RescoreError("--subject PHONE puts the phone number on the command line, where "
+                           "every user of this machine can read it (ps) and Ray's job table "
+                           f"keeps it; {SUBJECT_HOW}")
+    if args.subject_file is not None:
+        try:
+            text = args.subject_file.read_text()
+        except OSError as exc:
+            raise RescoreError(f"--subject-file {args.subject_file}: {exc.strerror}") from None
+    elif sys.stdin is not None and sys.stdin.isatty():
+        text = getpass.getpass("the person's phone number (not echoed): ")
+    elif sys.stdin is not None:
+        text = sys.stdin.readline()
+    else:
+        text = ""
+    phone = text.strip()
+    if not phone:
+        raise RescoreError(f"no phone number given; {SUBJECT_HOW}")
+    return phone
 
 
 def _reason_rows(row: dict, lang: str) -> list[tuple[str, str, str, str]]:
@@ -102,8 +146,9 @@ def score(args: argparse.Namespace, console: Console) -> int:
         from server.config import ConfigError  # a user error: printed, no traceback
 
         raise ConfigError(f"--repeat {args.repeat}: give 1 or more lookups (the default is 1)")
+    phone = read_subject(args)  # before the spinner: a prompt must be visible
     with console.status("scoring through the federation"):
-        result = lookup(args.run_dir, args.subject, args.repeat)
+        result = lookup(args.run_dir, phone, args.repeat)
     _print_person(result, args.lang, f"subject {result['subject_ref'][:12]}…")
     lat = result["latency"]
     if lat is None:
@@ -117,9 +162,10 @@ def score(args: argparse.Namespace, console: Console) -> int:
 def dispute(args: argparse.Namespace, console: Console) -> int:
     from simulations.session import dispute as settle
 
+    phone = read_subject(args)
     with _claimed(args.run_dir, "fedscore dispute"), \
             console.status("recording the correction and re-scoring through the federation"):
-        case = settle(args.run_dir, args.subject, args.silo, args.field, args.value,
+        case = settle(args.run_dir, phone, args.silo, args.field, args.value,
                       args.category)
     out = Console()
     out.print(f"dispute #{case['seq']} ({case['category']}, due {case['due']}): score "

@@ -68,6 +68,17 @@ def run_cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.Completed
     )
 
 
+def run_cli_for(phone: str, *args: str, cwd: Path, timeout: float = 300
+                ) -> subprocess.CompletedProcess:
+    """`run_cli` for a command about one person: the phone goes on stdin, as people pass it
+    (never on the command line, where `ps` and Ray's job table would show it)."""
+    return subprocess.run(
+        [sys.executable, "-m", "simulations.cli", *args], input=f"{phone}\n",
+        cwd=cwd, env=_cli_env(cwd), capture_output=True, text=True, timeout=timeout,
+        check=False,
+    )
+
+
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config,
                                   items: list[pytest.Item]) -> None:
     # Tests that await a background run go last, so it has the whole suite to finish in.

@@ -21,7 +21,7 @@ import pytest
 from clients.reasons import CATALOGUE
 from crypto.at_rest import Keystore, read_party_file
 from crypto.identity import keyed_refs, load_or_create_pepper
-from tests.conftest import ENGINE_ENV, assert_no_identifiers, run_cli, scores_of
+from tests.conftest import ENGINE_ENV, assert_no_identifiers, run_cli, run_cli_for, scores_of
 
 pytestmark = pytest.mark.slow
 
@@ -96,13 +96,13 @@ def test_served_score_dispute_drift_and_audit(small_run: Path, tmp_path: Path):
                               stderr=subprocess.PIPE, text=True)
     try:
         _wait_for(run / "serve.json", server, 120)
-        looked = run_cli("score", str(run), "--subject", phone, "--repeat", "5", cwd=tmp_path)
+        looked = run_cli_for(phone, "score", str(run), "--repeat", "5", cwd=tmp_path)
         assert looked.returncode == 0, looked.stderr
         assert f"score {int(person['score'])}," in looked.stdout
         assert "p50" in looked.stdout
 
         def settle(value: int) -> int:
-            proc = run_cli("dispute", str(run), "--subject", phone, "--silo", "payments",
+            proc = run_cli_for(phone, "dispute", str(run), "--silo", "payments",
                            "--field", "overdue_count", "--value", str(value),
                            "--category", "transaction", cwd=tmp_path)
             assert proc.returncode == 0, proc.stderr
@@ -124,7 +124,7 @@ def test_served_score_dispute_drift_and_audit(small_run: Path, tmp_path: Path):
         assert set(report["psi"]) == {"score", "points_payments", "points_social",
                                       "points_device"}
         assert (run / "drift" / "later" / "drift.png").stat().st_size > 10_000
-        bad = run_cli("dispute", str(run), "--subject", phone, "--silo", "payments",
+        bad = run_cli_for(phone, "dispute", str(run), "--silo", "payments",
                       "--field", "overdue_count", "--value", "-1", "--category",
                       "transaction", cwd=tmp_path)
         assert bad.returncode == 2
