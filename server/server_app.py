@@ -20,7 +20,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from clients.schema import federation_silos
 from server.config import AuthorityConfig, ConfigError, parse_flat
-from server.federation import Federation
+from server.federation import Federation, federation_roster
 
 if TYPE_CHECKING:  # the training stack (torch) loads when a run starts, not on import
     from server.authority import RunResult
@@ -34,7 +34,7 @@ PATH_KEYS = ("data-dir", "out-dir", "run-dir", "resume", "run-lock")
 
 def _federation(grid: Grid, cfg: AuthorityConfig, data_dir: Path) -> Federation:
     return Federation(grid, federation_silos(data_dir), cfg.join_timeout, cfg.reply_timeout,
-                      cfg.retries)
+                      cfg.retries, roster=federation_roster(data_dir))
 
 
 def make_server_app(

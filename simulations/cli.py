@@ -392,6 +392,14 @@ def _generate(args: argparse.Namespace) -> int:
     with console.status("generating population"):
         paths = write_parties(generate(cfg.population), args.parties, overwrite=args.overwrite,
                               store=store)
+    # Every silo gets an identity key, the roster and the strict default policy, in the
+    # keystore the parties run with (storage.keystore=auto without --keystore).
+    from clients.enrolment import enrol
+    from clients.schema import federation_silos
+    from crypto.at_rest import AUTO, keystore_path
+
+    keys = store or Keystore.open_or_init(keystore_path(AUTO, args.parties))
+    enrol(args.parties, federation_silos(args.parties), keys.path)
     Console().print(f"wrote {len(paths)} files under {args.parties}")
     return 0
 

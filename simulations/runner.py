@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from clients.client_app import make_client_app
+from clients.enrolment import enrol, policy_for
 from clients.schema import AUTHORITY, federation_silos
 from clients.silo_data import load_silo
 from crypto.at_rest import Keystore, keystore_path, open_keystore, read_party_file
@@ -203,6 +204,13 @@ def ready_parties(run: Run) -> None:
     rows = run.timer("validate", check_parties, run.parties, store)
     # delta against the people the authority declares: refused here, not after engine and PSI.
     check_delta(run.cfg, rows[AUTHORITY], "the authority's table")
+    # The simulation plays every silo's operator: identity keys, the roster, and a policy
+    # allowing what this experiment asks (clients/enrolment.py).
+    asked = run.cfg.authority
+    enrol(run.parties.root, federation_silos(run.parties.root),
+          store.path if store is not None else None,
+          policy_for(explain=asked.explain.reasons, secure_sum=asked.aggregation.secure_sum,
+                     concat=asked.aggregation.mode == "concat"))
 
 
 def client_app_for(run: Run):

@@ -29,7 +29,7 @@ from crypto.at_rest import REF_HASH, Keystore, keystore_path
 from crypto.identity import IdentifierError, keyed_refs, normalize_ids
 from server import rescore
 from server.audit_log import AuditLog
-from server.federation import Federation
+from server.federation import Federation, federation_roster
 from server.rescore import RescoreError, Scorer
 from server.scores_file import PEPPER_FILE, read_scores, write_scores
 from simulations.config import ExperimentConfig, from_flat
@@ -87,7 +87,8 @@ def run_session(run: FinishedRun, work: Callable[[Federation, Scorer], T],
     def main(grid: Grid, context: Context) -> None:
         try:
             fed = Federation(grid, federation_silos(run.parties), cfg.join_timeout,
-                             cfg.reply_timeout, cfg.retries)
+                             cfg.reply_timeout, cfg.retries,
+                             roster=federation_roster(run.parties))
             fed.connect()
             if progress:
                 progress("connect", 1, 1)
