@@ -2,9 +2,10 @@
 dispute, score a later cohort for drift.
 
 Each opens Flower's simulation engine on the run's party tables, has every silo restore its
-final-round model (server/rescore.py) and then does its work. A person is named by phone number
-on the command line only: it is turned into the run's keyed subject reference (HMAC under the
-authority's pepper) at once, and only row positions travel to the silos.
+final-round model (server/rescore.py) and then does its work. A person is named by phone number,
+read from stdin, a prompt or a file (never the command line: simulations/cli_people.py); it is
+turned into the run's keyed subject reference (HMAC under the authority's pepper) at once, and
+only row positions travel to the silos.
 """
 
 from __future__ import annotations
@@ -114,7 +115,7 @@ def subject(run: FinishedRun, phone: str) -> tuple[int, str, pd.DataFrame]:
     try:
         e164 = normalize_ids(pd.Series([phone]), authority_schema(authority).id_kind)
     except IdentifierError as exc:
-        raise RescoreError(f"--subject: {exc}") from None
+        raise RescoreError(f"the phone number given: {exc}") from None
     pepper_file = authority / PEPPER_FILE
     if not pepper_file.exists():
         raise RescoreError(f"{pepper_file} is missing: the authority's pepper made this run's "
