@@ -8,8 +8,8 @@
   fedscore sweep --out DIR [--epsilons 0.5,1,2,4,8,inf] [--seeds 0,1,2] [--set key=value ...]
   fedscore report RUN_OR_SWEEP_DIR     # report.html, tables.tex, report/*.csv
   fedscore config                      # every --set key with its type and default
-  fedscore score RUN_DIR --subject PHONE   # one person's score and reasons, via the federation
-  fedscore dispute RUN_DIR --subject PHONE --silo S --field F --value V --category C
+  echo PHONE | fedscore score RUN_DIR      # one person's score and reasons (phone on stdin)
+  echo PHONE | fedscore dispute RUN_DIR --silo S --field F --value V --category C
   fedscore audit RUN_DIR               # verify the dispute audit log
   fedscore drift RUN_DIR [--drift 0.3] # score a later cohort, population stability index
 """
@@ -512,7 +512,13 @@ def main(argv: list[str] | None = None) -> int:
         handlers=[RichHandler(console=console, show_path=False)],
         force=True,  # Opacus (imported through server.privacy) configures logging on import
     )
-    configure_environment()
+    from crypto.private_files import PrivateDirError
+
+    try:
+        configure_environment()  # refuses a hijacked private directory in the temp dir
+    except PrivateDirError as exc:
+        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        return 2
     quiet_engine_logs(args.verbose)
     from simulations.errors import USER_ERRORS
 
