@@ -451,12 +451,36 @@ def make_client_app(root: Path | None = None, keystore: Path | None = None,
                                       hello_statement(roster.fingerprint, challenge, me))
         return Message(m.make_content(reply), reply_to=msg)
 
+    def psi_claim(msg: Message, context: Context, step: str) -> None:
+        """Persist that this run took PSI step `step` ("blind" or "finish"), refusing a second
+        time: <silo dir>/checkpoints/psi-<run id>.<step>, created exclusively. Repeating
+        either step would let the authority probe identifiers one by one."""
+        directory = silo_dir(context, defaults) / "checkpoints"
+        directory.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(directory / f"psi-{int(msg.metadata.run_id)}.{step}", "x"):
+                pass
+        except FileExistsError:
+            raise m.ProtocolError(
+                f"psi_{step} was already answered in this run; a silo takes each PSI step "
+                "once per run (a second one would make it a membership oracle)") from None
+
     @app.query("psi_blind")
     @_guarded
     def psi_blind(msg: Message, context: Context) -> Message:
+        # The authority declares the size of its own set up front; psi_finish answers at most
+        # that many points, once. An operator may cap it (node config psi-max-authority-size).
+        declared = m.get_config(msg).get("set_size")
+        if not isinstance(declared, int) or isinstance(declared, bool) or declared < 1:
+            raise m.ProtocolError("psi_blind must declare the authority's set size (set_size)")
+        cap = context.node_config.get("psi-max-authority-size")
+        if cap is not None and declared > int(cap):
+            raise m.ProtocolError(f"the authority declared {declared} identifiers; this silo "
+                                  f"answers at most {int(cap)} (psi-max-authority-size)")
         data = silo_matrix(context, defaults)
+        psi_claim(msg, context, "blind")
         key = PsiKey()
-        context.state["psi"] = ConfigRecord({"secret": key.secret})
+        context.state["psi"] = ConfigRecord({"secret": key.secret, "set_size": declared})
         points = key.blind(hash_to_points(data.ids.to_numpy()))
         return Message(m.make_content(points=points), reply_to=msg)
 
@@ -465,9 +489,14 @@ def make_client_app(root: Path | None = None, keystore: Path | None = None,
     def psi_finish(msg: Message, context: Context) -> Message:
         if "psi" not in context.state:
             raise m.ProtocolError("psi_finish without psi_blind")
-        key = PsiKey(bytes(context.state["psi"]["secret"]))
-        del context.state["psi"]  # the blinding key is single-use
-        points = key.blind(m.get_array(msg, "points", np.uint8, 2))
+        state = context.state["psi"]
+        del context.state["psi"]  # the blinding key is single-use, even when refused below
+        points = m.get_array(msg, "points", np.uint8, 2)
+        if len(points) > int(state["set_size"]):
+            raise m.ProtocolError(f"psi_finish sent {len(points)} points after declaring "
+                                  f"{int(state['set_size'])}")
+        psi_claim(msg, context, "finish")
+        points = PsiKey(bytes(state["secret"])).blind(points)
         return Message(m.make_content(points=points), reply_to=msg)
 
     @app.query("align")

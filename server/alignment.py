@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+from randomgen import ChaCha
 
 from clients import messages as m
 from crypto.psi import PsiKey, blinding_pool, hash_to_points, match
@@ -38,9 +39,15 @@ class Alignment:
 def private_intersections(
     fed: Federation, ids: pd.Series, workers: int = 1
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """{silo: (authority rows, silo rows)} of the people both hold, via ECDH PSI."""
+    """{silo: (authority rows, silo rows)} of the people both hold, via ECDH PSI.
+
+    The blind request declares our set size: each silo finishes at most that many points, once
+    per run, so the authority cannot probe identifiers beyond its own table."""
+    if len(ids) == 0:
+        raise AlignmentError("the authority's table holds no identifiers")
     key = PsiKey()
-    pending = fed.push(m.PSI_BLIND, {s: m.make_content() for s in fed.silos})
+    pending = fed.push(m.PSI_BLIND,
+                       {s: m.make_content({"set_size": len(ids)}) for s in fed.silos})
     finishing: dict = {}
     theirs = {}
     with blinding_pool(workers, len(ids)) as pool:
@@ -75,8 +82,13 @@ def private_intersections(
 def joint_order(
     pairs: dict[str, tuple[np.ndarray, np.ndarray]], n_authority: int, rng: np.random.Generator
 ) -> Alignment:
-    """Positions for the people all silos hold, in a random order from `rng` (the authority's
-    secret stream): a silo learns nothing about the authority's table order from them."""
+    """Positions for the people all silos hold, in a random order from `rng`, which must be
+    the authority's secret stream (SecretRandom.generator, ChaCha20 keyed by the authority's
+    secret): a permutation from the public seed would let every silo map positions back to the
+    authority's table order, and through it to the other silos' rows."""
+    if not isinstance(rng.bit_generator, ChaCha):
+        raise TypeError("joint_order needs the authority's secret stream "
+                        "(SecretRandom.generator), not a generator from a public seed")
     silo_row_of: dict[str, np.ndarray] = {}
     present = np.ones(n_authority, dtype=bool)
     for silo, (auth_rows, silo_rows) in pairs.items():
