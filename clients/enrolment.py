@@ -34,6 +34,7 @@ def enrol(parties_root: Path, silos: tuple[str, ...] | list[str], keystore: Path
         where.mkdir(parents=True, exist_ok=True)
         keys[silo] = public_hex(identity_key(where, silo))
     roster = Roster(keys)
+    parties_root.mkdir(parents=True, exist_ok=True)
     roster.write(parties_root / ROSTER_FILE)
     for silo in silos:
         (parties_root / silo).mkdir(parents=True, exist_ok=True)
