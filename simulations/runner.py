@@ -254,6 +254,12 @@ def _run_vertical(cfg: ExperimentConfig, out_dir: Path, parties_dir: Path,
                    {"engine": engine, "credentials": str(credentials) if credentials else None})
     try:
         ready_parties(run)
+        if engine == "deployment" and credentials is not None:
+            from crypto.tls import Credentials
+
+            # Given credentials are an input too: a leaky ca.key is refused before anything
+            # starts (the default ones are made on first use, inside the deployment).
+            Credentials(credentials).check(federation_silos(run.parties.root))
     except BaseException:
         if not resume:  # a refused input must not leave a --out that refuses the retry
             unclaim_run_dir(out_dir)
