@@ -150,6 +150,14 @@ class AuditLog:
         with os.fdopen(fd, "r+b") as fh:
             fcntl.flock(fh, fcntl.LOCK_EX)  # released when the file closes
             seq, prev = self._tail(fh)
+            # A log behind its anchor (deleted, cut, replaced) must not be anchored afresh:
+            # the next append would hide what was removed.
+            anchor = read_anchor(self.anchor_path)
+            if anchor is not None and (anchor.entries, anchor.head) != (seq, prev):
+                raise AuditLogError(
+                    f"{self.path}: the log does not match its anchor in the keystore (it has "
+                    f"{seq} entries, the anchor records {anchor.entries}); nothing was "
+                    "appended. Run `fedscore audit RUN_DIR` and restore the log from a backup")
             plaintext = json.dumps({"seq": seq, "prev": prev, "record": body},
                                    ensure_ascii=False).encode()
             ciphertext = encrypt(self.store, plaintext, _context(self.log_name, seq, prev))

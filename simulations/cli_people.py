@@ -165,6 +165,7 @@ def dispute(args: argparse.Namespace, console: Console) -> int:
     phone = read_subject(args)
     with _claimed(args.run_dir, "fedscore dispute"), \
             console.status("recording the correction and re-scoring through the federation"):
+        _check_anchored(args.run_dir)
         case = settle(args.run_dir, phone, args.silo, args.field, args.value,
                       args.category)
     out = Console()
@@ -200,7 +201,7 @@ def audit(args: argparse.Namespace, console: Console) -> int:
         out.print(f"{log.path}: no disputes yet", soft_wrap=True, highlight=False)
         return 0
     table = Table("#", "subject", "category", "silo.field", "score", "opened", "due",
-                  title=f"audit log: {result.entries} entries, chain and anchor verified")
+                  title=f"audit log: {result.entries} entries, chain verified, anchored")
     for i, e in enumerate(log.entries()):
         table.add_row(str(i), f"{e['subject_ref'][:12]}…", e["category"],
                       f"{e['silo']}.{e['field']}", f"{e['old_score']} -> {e['new_score']}",
@@ -239,6 +240,21 @@ def _claimed(run_dir: Path, purpose: str) -> contextlib.AbstractContextManager:
     if who is not None and who.get("purpose") == SERVE:
         return contextlib.nullcontext()
     return claim(run_dir, purpose)
+
+
+def _check_anchored(run_dir: Path) -> None:
+    """Before a dispute changes the scores and the log: they must be what the last dispute
+    left (the anchor). A new case on a rolled-back run would anchor the rollback."""
+    from server.audit_log import AuditLogError, check_anchor
+    from simulations.session import open_finished
+
+    run = open_finished(run_dir)
+    if run.store is None:
+        return  # no keystore: the dispute itself refuses (it needs an encrypted log)
+    problems = check_anchor(run.audit_log()).problems
+    if problems:
+        raise AuditLogError(f"{problems[0]}; nothing was changed. Investigate with "
+                            f"`fedscore audit {run_dir}` before settling more disputes")
 
 
 def serve(args: argparse.Namespace, console: Console) -> int:

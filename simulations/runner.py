@@ -363,9 +363,21 @@ def _run_cells(cells: list[tuple[ExperimentConfig, Path, bool]], parties_dir: Pa
         if on_done:
             on_done(i, error)
 
+    # Cells killed after their federated part (phases.json) only have their later phases
+    # left: finished here, without the federation; the others go through it.
+    pending = []
+    for i, r in enumerate(runs):
+        if r.resume and run_phases.federated_done(r.out_dir):
+            authority = json.loads((r.out_dir / "authority.json").read_text())
+            finished(i, RunResult(authority), "", sum(authority["seconds"].values()))
+        else:
+            pending.append(i)
+    if not pending:
+        return errors
     run_federation(
-        make_cells_app([(r.cfg.authority, r.out_dir, r.resume) for r in runs],
-                       runs[0].parties.root, progress, finished),
+        make_cells_app([(runs[i].cfg.authority, runs[i].out_dir, runs[i].resume)
+                        for i in pending], runs[0].parties.root, progress,
+                       lambda j, *rest: finished(pending[j], *rest)),
         client_app_for(runs[0]),
         silos=len(federation_silos(runs[0].parties.root)),
     )

@@ -156,6 +156,10 @@ def set_aside_unfinished(out: Path, cell: Cell) -> bool:
         return False
     if (directory / "checkpoint").is_dir() and (directory / "config.json").exists():
         return True
+    from server.run_phases import federated_done
+
+    if federated_done(directory) and (directory / "config.json").exists():
+        return True  # killed after its federated part: it resumes at its baselines
     n = 1
     while directory.with_name(f"{directory.name}.unfinished-{n}").exists():
         n += 1
