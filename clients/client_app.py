@@ -9,6 +9,7 @@ derived from the table and cheap to rebuild.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -310,15 +311,18 @@ def _checked_peers(roster: Roster, run_key: str, me: str, own_public: bytes,
                       signatures[silo])
 
 
-JOURNAL_FILE = "answers.log"
+JOURNAL_FILE = "answers-{tag}.log"
 
 
 class Journal:
-    """What this silo released in a run, one line per answer: (kind, key) -> digest of the
-    message and of the reply. Append-only and fsynced, in the run's checkpoint directory, so it
-    survives `query.resume` and restarts: a DIFFERENT message for an answered (round, kind) is
-    refused (its masks would repeat, or two answers would differ by an exact contribution); the
-    same message may be answered again only with the same reply."""
+    """What this silo released under one masking key of a run, one line per answer: (kind,
+    key) -> digest of the message and of the reply. Append-only and fsynced, in the run's
+    checkpoint directory, so it survives `query.resume` and restarts: a DIFFERENT message for
+    an answered (round, kind) is refused (its masks would repeat, or two answers would differ
+    by an exact contribution); the same message may be answered again only with the same
+    reply. A new `query.align` makes a new masking key, whose masks share nothing with the old
+    ones, and so starts a new journal (the run key is derived from the configuration, so a
+    run repeated on the same parties has the same run key)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -356,7 +360,11 @@ class Journal:
 def _journal(context: Context, defaults: Defaults) -> Journal:
     directory = _checkpoint_dir(context, defaults, str(context.state["model"]["run"]))
     directory.mkdir(parents=True, exist_ok=True)
-    return Journal(directory / JOURNAL_FILE)
+    tag = "plaintext"
+    if "mask" in context.state:  # named by a digest of the public key, never the secret
+        public = PairwiseKeys(bytes(context.state["mask"]["secret"])).public
+        tag = hashlib.sha256(public).hexdigest()[:16]
+    return Journal(directory / JOURNAL_FILE.format(tag=tag))
 
 
 def _reply_digest(reply: RecordDict) -> bytes:
@@ -445,10 +453,13 @@ def make_client_app(root: Path | None = None, keystore: Path | None = None,
             # Prove this silo's identity for this challenge only (a replay answers nothing).
             if not isinstance(challenge, bytes) or len(challenge) < 16:
                 raise m.ProtocolError("a hello challenge is at least 16 random bytes")
-            roster = silo_roster(context, defaults)
-            reply["fingerprint"] = roster.fingerprint
-            reply["signature"] = sign(silo_identity(context, defaults),
-                                      hello_statement(roster.fingerprint, challenge, me))
+            # An unenrolled silo (no roster: a PSI benchmark's throwaway parties) answers
+            # unsigned; an authority holding a roster refuses that, and secure sum needs one.
+            if (silo_dir(context, defaults) / ROSTER_FILE).exists():
+                roster = silo_roster(context, defaults)
+                reply["fingerprint"] = roster.fingerprint
+                reply["signature"] = sign(silo_identity(context, defaults),
+                                          hello_statement(roster.fingerprint, challenge, me))
         return Message(m.make_content(reply), reply_to=msg)
 
     def psi_claim(msg: Message, context: Context, step: str) -> None:
@@ -738,10 +749,12 @@ def make_client_app(root: Path | None = None, keystore: Path | None = None,
                     reply_config.update(why[1])
         if trainer.history:
             out["accountant"] = np.array(trainer.history, dtype=np.float64)
+        # The journal holds what this silo computed and released; the test-only fault below
+        # corrupts the reply after that, as a faulty transport or a bug would.
+        journal.record("step", round_, binding, _reply_digest(m.make_content(reply_config, **out)))
         _maybe_misbehave(silo_name(context, defaults), round_, out)
         reply_config["seconds"] = time.perf_counter() - t0
         reply = m.make_content(reply_config, **out)
-        journal.record("step", round_, binding, _reply_digest(reply))
         _remember_step(context, round_, reply)
         return Message(reply, reply_to=msg)
 

@@ -113,11 +113,12 @@ class Federation:
         """The node's claim to be `silo` holds only with that silo's signature over our fresh
         challenge, made for this roster."""
         assert self.roster is not None
+        if "signature" not in cfg:
+            raise FederationError(f"node {node_id} claims silo {silo!r} without proving it "
+                                  "(no roster in its directory: enrol the silos)")
         if cfg.get("fingerprint") != self.roster.fingerprint:
             raise FederationError(f"node {node_id} (claiming silo {silo!r}) holds another "
                                   "roster than the authority; enrol the silos again")
-        if "signature" not in cfg:
-            raise FederationError(f"node {node_id} claims silo {silo!r} without proving it")
         try:
             self.roster.verify(silo, hello_statement(self.roster.fingerprint, challenge, silo),
                                bytes(cfg["signature"]))

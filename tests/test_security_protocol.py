@@ -337,6 +337,18 @@ def test_a_node_cannot_claim_another_silos_name(root: Path):
         Federation(grid, grid.silos, roster=None).connect()  # only a name clash, by chance
 
 
+def test_an_unenrolled_silo_is_not_taken_at_its_word(grid: AppGrid):
+    (grid.root / "device" / ROSTER_FILE).unlink()
+    with pytest.raises(FederationError, match="claims silo 'device' without proving it"):
+        Federation(grid, grid.silos, roster=authority_roster(grid.root)).connect()
+    # Another roster than the authority's (another federation's enrolment) is refused too.
+    grid = AppGrid(grid.root)
+    enrol(grid.root / "elsewhere", grid.silos, grid.root / "elsewhere-keys")
+    with pytest.raises(FederationError, match="holds another roster than the authority"):
+        Federation(grid, grid.silos,
+                   roster=authority_roster(grid.root / "elsewhere")).connect()
+
+
 def test_a_silo_takes_its_name_from_its_own_config(grid: AppGrid):
     reply = grid.send("social", m.HELLO, m.make_content({"challenge": b"c" * 32,
                                                          "silo": "payments"}))
@@ -502,8 +514,24 @@ def test_a_different_plan_for_an_answered_round_is_refused_even_after_resume(
     again = grid.send(silo, m.STEP, plan_a)
     assert not again.has_error(), again.error.reason
     np.testing.assert_array_equal(m.get_array(again, "plan", np.uint64, 1), share_a)
-    journal = grid.root / silo / "checkpoints" / run_key / ca.JOURNAL_FILE
+    (journal,) = (grid.root / silo / "checkpoints" / run_key).glob("answers-*.log")
     assert len(journal.read_text().splitlines()) == 1
+
+
+def test_a_new_alignment_starts_fresh_masks_and_a_fresh_journal(grid: AppGrid):
+    """The run key is derived from the configuration, so a run repeated on the same parties
+    aligns the same run key again: its new masking key shares no mask with the old one."""
+    fed, run_key = _aligned(grid)
+    silo = "payments"
+    plan_a = _step(1, plan=np.arange(0, 60, dtype=np.int64))
+    plan_b = _step(1, plan=np.arange(60, 120, dtype=np.int64))
+    share_a = m.get_array(grid.send(silo, m.STEP, plan_a), "plan", np.uint64, 1)
+    _refused(grid.send(silo, m.STEP, plan_b), "different message")
+    rows = np.arange(PEOPLE, dtype=np.int64)
+    announce(fed, Alignment(rows, dict.fromkeys(grid.silos, rows), {}), _model_config(run_key))
+    share_b = m.get_array(grid.send(silo, m.STEP, plan_b), "plan", np.uint64, 1)
+    assert np.abs(decode(share_a - share_b)).max() > 1e6  # independent masks: noise
+    assert len(list((grid.root / silo / "checkpoints" / run_key).glob("answers-*.log"))) == 2
 
 
 def test_a_score_request_id_is_answered_once_even_after_a_restart(grid: AppGrid):
