@@ -302,7 +302,7 @@ def _print_summary(metrics: dict, out_dir: Path, parties: Path) -> None:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from simulations.config import parse_assignments
+    from simulations.config import check_delta, make_config, parse_assignments
     from simulations.paths import check_new_dir
     from simulations.sweep import (
         SweepSpec,
@@ -316,6 +316,9 @@ def _sweep(args: argparse.Namespace) -> int:
     assignments = parse_assignments(args.assignments)
     if args.data:
         assignments["data"] = _data_source(args.data, args.users)
+    else:  # every cell's delta against the population, before any cell starts
+        shared = make_config(assignments, args.users)
+        check_delta(shared, shared.population.users, "population.users")
     spec = SweepSpec(parse_epsilons(args.epsilons), parse_seeds(args.seeds), args.users,
                      tuple(sorted(assignments.items())))
     out = args.out.resolve()

@@ -391,3 +391,11 @@ def test_credentials_directory_open_to_others_is_refused(tmp_path: Path):
     with pytest.raises(CredentialError, match="credentials directory"):
         creds.check(["payments"])
     assert stat.S_IMODE(creds.ca_key.stat().st_mode) == 0o600
+
+
+def test_delta_half_is_refused_before_a_sweep_starts(tmp_path: Path):
+    proc = run_cli("sweep", "--out", str(tmp_path / "sweep"), "--users", "2000",
+                   "--epsilons", "1", "--seeds", "0", "--set", "privacy.delta=0.5",
+                   cwd=tmp_path, timeout=120)
+    _assert_user_error(proc, "privacy.delta=0.5", "privacy.delta=0")
+    assert not (tmp_path / "sweep").exists()
