@@ -209,6 +209,9 @@ class Deployment:
 
     def start_superlink(self) -> None:
         c = self.credentials
+        # Before Flower makes it 0755. Inside `<parties>.deploy/` (checked private by
+        # `deployment`) its own mode matters less; a fresh one is 0700 all the same.
+        self.home.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.link = self.spawn("superlink", [
             str(_tools() / "flower-superlink"),
             "--ssl-ca-certfile", str(c.ca_cert), "--ssl-certfile", str(c.server_cert),
@@ -217,8 +220,6 @@ class Deployment:
             "--host", HOST, "--port", str(self.port),
         ])
         _wait_for_tls(self.address, c.ca_cert, self.link)
-        self.home.parent.mkdir(parents=True, exist_ok=True)
-        ensure_private_dir(self.home, "Flower's home for the deployment")
         (self.home / "config.toml").write_text(
             f'[superlink]\ndefault = "{FEDERATION}"\n\n[superlink.{FEDERATION}]\n'
             f'address = "{self.address}"\nroot-certificates = "{c.ca_cert}"\n'
