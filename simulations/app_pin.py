@@ -30,7 +30,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("simulations.app_pin")  # also when run as __main__
 
 PIN_ENTITY = "fedscore-app-pin"  # the name our pin takes among Flower's trusted entities
 # Flower checks this mark before asking its verifier; ours is the pin check below.

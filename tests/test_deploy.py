@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from clients.schema import federation_silos
 from crypto.tls import make_node_key, write_credentials
-from simulations.deploy import Deployment, process_tree
+from simulations import app_pin
+from simulations.deploy import FEDERATION, Deployment, process_tree, project_root, snapshot_app
 from tests import background
 from tests.conftest import processes_using, run_cli
 
@@ -61,6 +64,59 @@ def test_unregistered_supernode_is_refused(tmp_path: Path):
     assert processes_using(tmp_path / "flwr") == []
 
 
+def test_supernode_refuses_an_app_bundle_it_did_not_pin(tmp_path: Path):
+    """The silos pinned the bundle they reviewed; the SuperLink ships one differing by one
+    byte. Each SuperNode refuses it before storing or running it, and stays up."""
+    parties = tmp_path / "parties"
+    made = run_cli("generate", "--parties", str(parties), "--users", "1000", "--seed", "3",
+                   cwd=tmp_path)  # enrolled: the authority's first message needs a roster
+    assert made.returncode == 0, made.stderr
+    silos = federation_silos(parties)
+    creds = write_credentials(tmp_path / "creds", ["127.0.0.1", "localhost"], list(silos))
+    (tmp_path / "logs").mkdir()
+    app, pin = snapshot_app(project_root(), tmp_path / "app")
+    code = app / "clients" / "client_app.py"
+    source = code.read_bytes()
+    assert source.endswith(b"\n")
+    code.write_bytes(source[:-1] + b" ")  # one byte: the authority's edit to the silos' code
+    assert app_pin.pin_of(app) != pin
+    dep = Deployment(silos, parties, None, creds, tmp_path / "flwr", tmp_path / "logs",
+                     app_pin=pin, app_dir=app)
+    try:
+        dep.start_superlink()
+        nodes = []
+        for silo in silos:
+            dep.register(silo)
+            nodes.append(dep.start_supernode(silo))
+        for node in nodes:
+            wait_for(lambda node=node: "SuperNode ID" in node.log_path.read_text(), 60,
+                     "the pinned SuperNodes to join")
+        config = tmp_path / "run-config.toml"
+        config.write_text(f'data-dir = "{parties}"\nrun-dir = "{tmp_path / "run"}"\n')
+        dep.spawn("run", [str(Path(sys.executable).parent / "flwr"), "run", str(app),
+                          FEDERATION, "--run-config", str(config)])
+        for node in nodes:
+            wait_for(lambda node=node: "REFUSED an app bundle" in node.log_path.read_text(),
+                     120, "the SuperNodes to refuse the bundle")
+            text = node.log_path.read_text()
+            assert "FAB verification failed" in text  # Flower's refusal: not stored or run
+            assert f"pin {pin[:12]}" in text
+            assert "matches the pinned one" not in text
+            assert node.alive()
+    finally:
+        started = [p.pid for p in dep.processes]
+        dep.stop_all()
+    assert process_tree(started) == set()
+
+
+def test_app_pin_is_reproducible_and_checked(tmp_path: Path):
+    app, pin = snapshot_app(project_root(), tmp_path / "app")
+    assert app_pin.pin_of(app) == pin  # `flwr run` on the snapshot ships the pinned bundle
+    assert app_pin.checked_pin(pin.upper()) == pin
+    with pytest.raises(app_pin.AppPinError):
+        app_pin.checked_pin(pin[:-1])
+
+
 @pytest.fixture(scope="module")
 def deployed(tmp_path_factory: pytest.TempPathFactory, background_runs) -> tuple[Path, Path]:
     """The deployed run, and the same run in the simulation engine on the SAME parties and
@@ -101,3 +157,8 @@ def test_deployed_run_leaves_no_process_and_no_key_in_the_run(deployed):
               b"PRIVATE KEY" in p.read_bytes()]
     assert leaked == []
     assert os.path.getsize(run_dir / "deploy" / "superlink.log") > 0
+    # Every SuperNode ran only the bundle it pinned (simulations/app_pin.py).
+    for silo in ("payments", "social", "device"):
+        log_text = (run_dir / "deploy" / f"supernode-{silo}.log").read_text()
+        assert "the app bundle matches the pinned one" in log_text
+        assert "REFUSED" not in log_text
