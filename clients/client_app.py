@@ -55,6 +55,8 @@ from crypto.roster import (
 from crypto.secret_random import SecretRandom, digest
 
 if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     from clients.model import SiloTrainer
 
 log = logging.getLogger(__name__)
@@ -267,7 +269,8 @@ def silo_policy(context: Context, defaults: Defaults) -> SiloPolicy:
     return SiloPolicy.load(silo_dir(context, defaults))
 
 
-def silo_identity(context: Context, defaults: Defaults):  # -> Ed25519PrivateKey
+def silo_identity(context: Context, defaults: Defaults) -> Ed25519PrivateKey:
+    """The silo's long-term identity key: in its keystore, else in its own directory."""
     store = silo_store(context, defaults)
     silo = silo_name(context, defaults)
     where = store.path if store is not None else identity_dir(silo_dir(context, defaults).parent,
