@@ -397,3 +397,33 @@ def test_a_log_behind_its_anchor_is_not_appended_to(disputed):
         log.append({"kind": "dispute", "case": 2})
     assert not log.path.exists() or not log.path.read_bytes()
     assert log.anchor_path.read_bytes() == before
+
+
+def test_ledger_consistency_names_gaps_doubles_and_lost_steps(tmp_path: Path):
+    """The record checks alone (no accountant): what `fedscore ledger verify` adds to them."""
+    from simulations.ledger_verify import consistency
+
+    book = Ledger(tmp_path)
+    for r in (1, 2, 3):
+        book.append(**_line(r))
+    (tmp_path / "metrics.json").write_text(json.dumps({"training_steps": 9, "round_trips": 3}))
+    assert consistency(tmp_path, checks=[]) == []
+    lines = (tmp_path / "ledger.jsonl").read_text().splitlines()
+    (tmp_path / "ledger.jsonl").write_text("\n".join([lines[0], lines[2]]) + "\n")
+    problems = " ".join(consistency(tmp_path, checks=[]))
+    assert "carries sequence number 2, expected 1" in problems
+    assert "the ledger holds 6 DP-SGD steps, the run trained 9" in problems
+    assert "lost" in problems
+
+
+def test_phases_are_recorded_in_order_and_atomically(tmp_path: Path):
+    assert run_phases.first_unfinished(tmp_path) == "align"
+    for phase in ("align", "train", "score"):
+        run_phases.finish(tmp_path, phase)
+    run_phases.finish(tmp_path, "baselines", {"central": {"metrics": {"auc": 0.9}}})
+    assert run_phases.first_unfinished(tmp_path) == "audit"
+    assert run_phases.federated_done(tmp_path)
+    assert run_phases.saved(tmp_path, "baselines") == {"central": {"metrics": {"auc": 0.9}}}
+    assert [p.name for p in tmp_path.iterdir()] == [run_phases.PHASES_FILE]  # no temp left
+    with pytest.raises(ValueError, match="unknown run phase"):
+        run_phases.finish(tmp_path, "bake")
