@@ -439,6 +439,19 @@ def test_reason_codes_and_corrections_follow_the_silo_policy(grid: AppGrid):
     # A list of fields: only those.
     _policy(grid.root, "payments", corrections=["some_other_field"])
     _refused(grid.send("payments", m.CORRECT, correction), "monthly_spend")
+    # What the old silo did on the authority's word alone, now only with the operator's leave:
+    # per-person reason codes, and a correction recorded into every later run on this table.
+    _policy(grid.root, "payments", explain=2, corrections="all")
+    why = grid.send("payments", m.STEP, _step(1, eval_=everyone, explain=2))
+    assert not why.has_error(), why.error.reason
+    assert m.get_array(why, "reason_index").shape[0] == PEOPLE
+    from clients.explain import features_of
+
+    field = features_of(ca.silo_matrix(grid.context("payments"), ca.Defaults(grid.root, None,
+                                                                              True)))[0]
+    fixed = grid.send("payments", m.CORRECT, m.make_content(
+        {"field": field, "value": 1.0, "category": ""}, position=np.array([3], dtype=np.int64)))
+    assert not fixed.has_error(), fixed.error.reason
 
 
 def test_plaintext_or_split_learning_is_refused_by_default(grid: AppGrid):
