@@ -495,7 +495,8 @@ def make_client_app(root: Path | None = None, keystore: Path | None = None,
         psi_claim(msg, context, "blind")
         key = PsiKey()
         context.state["psi"] = ConfigRecord({"secret": key.secret, "set_size": declared})
-        points = key.blind(hash_to_points(data.ids.to_numpy()))
+        # Own hash outputs: on the curve by construction, so no peer-point check.
+        points = key.blind(hash_to_points(data.ids.to_numpy()), from_peer=False)
         return Message(m.make_content(points=points), reply_to=msg)
 
     @app.query("psi_finish")
@@ -510,6 +511,7 @@ def make_client_app(root: Path | None = None, keystore: Path | None = None,
             raise m.ProtocolError(f"psi_finish sent {len(points)} points after declaring "
                                   f"{int(state['set_size'])}")
         psi_claim(msg, context, "finish")
+        # The authority's points: canonical, on the curve (not the twist), not low order.
         points = PsiKey(bytes(state["secret"])).blind(points)
         return Message(m.make_content(points=points), reply_to=msg)
 

@@ -51,15 +51,16 @@ def private_intersections(
     finishing: dict = {}
     theirs = {}
     with blinding_pool(workers, len(ids)) as pool:
-        # Blind our own set while the silos blind theirs.
-        own = key.blind(hash_to_points(ids.to_numpy()), pool=pool)
+        # Hash and blind our own set while the silos blind theirs (own hash outputs are on
+        # the curve by construction: no peer-point check).
+        own = key.blind(hash_to_points(ids.to_numpy(), pool=pool), pool=pool, from_peer=False)
         # Pipelined: a silo that has answered gets our points at once and goes on to its
         # second step while we blind its points, instead of everyone waiting for the slowest
         # silo (with three silos on two cores, one of them always runs alone at the end).
         for silo, reply in fed.each(pending):
             points = m.get_array(reply, "points", np.uint8, 2)
             finishing.update(fed.push(m.PSI_FINISH, {silo: m.make_content(points=own)}))
-            theirs[silo] = key.blind(points, pool=pool)
+            theirs[silo] = key.blind(points, pool=pool)  # checked: canonical, on the curve
     doubled = {s: m.get_array(r, "points", np.uint8, 2)
                for s, r in fed.collect(finishing).items()}
     out = {}

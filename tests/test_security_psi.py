@@ -2,8 +2,10 @@
 
 1. Twist bit: the old hash took SHA-256 as an X25519 u-coordinate. About half of those lie on
    the quadratic twist, and X25519 keeps a point on its side, so every blinded point leaked one
-   bit of H(id). A tiny copy of the old mapping below shows it; ristretto255 (crypto/psi.py)
-   has no twist: every hashed and blinded value is an element of the prime-order group.
+   bit of H(id). A tiny copy of the old mapping below shows it. Now (crypto/psi.py) every
+   hashed point is on the curve (RFC 9380 Elligator 2), every blinded point is in the
+   prime-order subgroup (clamped X25519 scalars are multiples of 8), and a twist point sent
+   to a party is refused.
 2. Membership oracle: psi_finish answered any number of points and psi_blind could be
    repeated, so the authority could probe identifiers of its choosing. Now a silo blinds once
    per run (a marker file survives a restart), finishes once, and at most the set size the
@@ -29,7 +31,7 @@ from clients import client_app as ca
 from clients import messages as m
 from clients.enrolment import enrol
 from clients.schema import federation_silos
-from crypto.psi import PsiKey, hash_to_points, match, valid_points
+from crypto.psi import PsiError, PsiKey, hash_to_points, match, on_curve
 from crypto.secret_random import SecretRandom
 from server.alignment import joint_order
 from simulations.population import PopulationConfig, generate, write_parties
@@ -70,11 +72,17 @@ def test_old_hash_leaked_a_bit_per_blinded_point_and_the_new_group_leaks_none():
     assert np.array_equal([_on_twist(b) for b in blinded], twist)
     # The bit works as a filter: a guess of who a blinded point belongs to is right only
     # among candidates with the same bit, half the dictionary thrown away per point.
-    # Now: every hash and every blinded value is a valid element of the prime-order group,
-    # so there is no side of anything to learn.
+    # Now: every hashed point is on the curve and every blinded one too (in the prime-order
+    # subgroup), so the bit is the same for everyone and tells nothing.
     points = hash_to_points(ids)
-    assert valid_points(points).all()
-    assert valid_points(PsiKey().blind(points)).all()
+    assert on_curve(points).all()
+    assert on_curve(PsiKey().blind(points)).all()
+    assert not any(_on_twist(bytes(p)) for p in PsiKey().blind(points))
+    # An authority that sends a twist point to be blinded (to learn something from the twist's
+    # small subgroups, or to mark a point) is refused.
+    twist_u = next(u for u in old if _on_twist(u))
+    with pytest.raises(PsiError, match="twist"):
+        PsiKey().blind(np.frombuffer(twist_u, np.uint8).reshape(1, 32))
 
 
 # ---- the silo's handlers, as a deviating authority would drive them --------------------------
@@ -201,3 +209,18 @@ def test_positions_are_not_predictable_from_the_public_seed():
     other = SecretRandom(bytes(range(1, 33))).generator("positions", "run")
     assert not np.array_equal(joint_order(_pairs(n), n, other).authority_rows,
                               alignment.authority_rows)
+
+
+def test_finish_refuses_twist_and_low_order_points(root):
+    app = ca.make_client_app(root, None, plaintext=True)
+    context = _context()
+    assert not _send(app, context, m.PSI_BLIND, config={"set_size": 5}).has_error()
+    twist_u = next(u for u in _old_hash(_phones(50)) if _on_twist(u))
+    points = np.vstack([PsiKey().blind(hash_to_points(_phones(3))),
+                        np.frombuffer(twist_u, np.uint8).reshape(1, 32),
+                        np.zeros((1, 32), np.uint8)])
+    reply = _send(app, context, m.PSI_FINISH, points=points)
+    assert reply.has_error()
+    assert "1 of 5 PSI points are not canonical" in reply.error.reason
+    assert "1 have low order" in reply.error.reason
+    assert twist_u.hex() not in reply.error.reason
