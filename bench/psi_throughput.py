@@ -3,10 +3,10 @@
 Runs the real ClientApps and the authority's PSI (server.alignment.private_intersections) on
 the simulation engine, checks the private intersections against the plaintext ones, and
 compares the time with the X25519 floor measured in the same run (the scalar multiplications
-the protocol needs, spread perfectly over the machine's cores). Since issue 18 the PSI runs in
-ristretto255 (crypto/psi.py), whose multiplications cost more than X25519's; the floor stays
-X25519's, the cost of the protocol in the cheapest Curve25519 form. bench/psi_group.py times
-the group alone against the same count of X25519 exchanges, interleaved.
+the protocol needs, spread perfectly over the machine's cores). Since issue 18 the PSI hashes
+with RFC 9380 (curve25519_XMD:SHA-512_ELL2_NU_) and checks every received point before its
+X25519 blinding (crypto/psi.py); bench/psi_group.py times that computation alone against the
+same count of X25519 exchanges, interleaved.
 
     .venv/bin/python bench/psi_throughput.py --users 1000000 [--workers 1]
 Target: 1,000,000 people in <= 240 s on the 2-core reference machine.
