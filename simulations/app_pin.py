@@ -93,7 +93,7 @@ def install(pin: str) -> None:
         def checked_get_fab(fab_hash: str, run_id: int) -> Fab:
             fab = get_fab(fab_hash, run_id)
             if matches(pin, fab.hash_str, fab.content):
-                log.warning("run %s: the app bundle matches the pinned one", run_id)
+                log.info("run %s: the app bundle matches the pinned one", run_id)
             else:
                 # The bundle's own hash is public (Flower logs it too); a prefix identifies it.
                 log.error("run %s: REFUSED an app bundle that is not the pinned one (bundle "
@@ -111,6 +111,16 @@ def install(pin: str) -> None:
 
     sci._pull_and_store_message = pinned_pull
     sci._verify_fab = verify
+
+
+def _log_to_stderr() -> None:
+    """Our own lines only: a root handler would also print Flower's DEBUG records (it logs
+    every poll of its runtime API)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     rest = list(args.supernode_args)
     if rest[:1] == ["--"]:
         rest = rest[1:]
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    _log_to_stderr()
     install(pin)
     from flwr.supernode.cli import flower_supernode
 
