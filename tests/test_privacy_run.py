@@ -144,7 +144,8 @@ def test_by_default_the_authority_sees_only_the_sum(private_run: Path,
     seen = json.loads((private_run / "authority.json").read_text())["authority_sees"]
     assert seen == ["the per-person sum of the silos' contributions"]
     switched = json.loads((small_run / "authority.json").read_text())["authority_sees"]
-    assert len(switched) == 2 and "points per person" in switched[1]
+    assert len(switched) == 2
+    assert "points per person" in switched[1]
 
 
 def test_same_keystore_reproduces_the_run_and_fresh_secrets_do_not(private_run: Path,

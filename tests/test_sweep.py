@@ -19,7 +19,7 @@ from simulations.sweep import (
     parse_seeds,
     summarise,
 )
-from tests.conftest import run_cli
+from tests.conftest import fix_secrets, run_cli
 
 
 def test_epsilons_parse_sorted_with_inf():
@@ -83,12 +83,19 @@ def test_another_config_in_the_same_directory_is_refused(tmp_path: Path):
 def test_sweep_runs_every_cell_once_and_resumes(tmp_path: Path):
     out = tmp_path / "sweep"
     args = ("sweep", "--out", str(out), "--users", "2000", "--epsilons", "2,inf",
-            "--seeds", "3", "--set", "train.epochs=1")
+            "--seeds", "3", "--set", "train.epochs=1",
+            # Label DP off: 2,000 people and one epoch learn too little under eps_label 2 for
+            # the AUC check below to say anything about the sweep's plumbing.
+            "--set", "privacy.label_epsilon=inf",
+            "--set", f"storage.keystore={tmp_path / 'keys'}")
+    fix_secrets(tmp_path / "keys", "sweep")  # the same cells on every machine
     first = run_cli(*args, cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     table = pd.read_csv(out / "sweep.csv")
     assert list(table["status"]) == ["done", "done"]
-    assert table["auc"].between(0.5, 1).all()
+    assert table["auc"].between(0, 1).all()
+    # Only the non-private cell must have learnt: 2,000 people at eps 2 are mostly noise.
+    assert table.loc[table["epsilon"] == math.inf, "auc"].item() > 0.65
     private = table[table["epsilon"] == 2].iloc[0]
     assert 0 <= private["audit_epsilon_lower"] <= private["eps_model"] <= 2.0
     assert 0 <= private["audit_canary_epsilon_lower"] <= private["eps_model"]
