@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from crypto.identity import PartyNameError, check_party_name
+from crypto.private_files import replace_private
 
 CA_DAYS = 365
 LEAF_DAYS = 90  # short-lived: a stolen server key stops working soon
@@ -106,13 +107,6 @@ def _check_owner_only(path: Path, mode: int, what: str) -> None:
 def _private_dir(path: Path) -> None:
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     path.chmod(0o700)
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    path.chmod(0o600)
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -222,12 +216,12 @@ def write_credentials(root: Path, hosts: Iterable[str], silos: Iterable[str],
     _private_dir(root / "nodes")
     ca_key, ca_cert = make_ca()
     server_key, server_cert = make_server_cert(ca_key, ca_cert, hosts)
-    _write_private(creds.ca_key, _pem_key(ca_key))
+    replace_private(creds.ca_key, _pem_key(ca_key))
     creds.ca_cert.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    _write_private(creds.server_key, _pem_key(server_key))
+    replace_private(creds.server_key, _pem_key(server_key))
     creds.server_cert.write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
     for silo in silos:
         private, public = make_node_key()
-        _write_private(creds.node_key(silo), private)
+        replace_private(creds.node_key(silo), private)
         creds.node_public_key(silo).write_bytes(public)
     return creds

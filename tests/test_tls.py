@@ -3,6 +3,7 @@ node keys are what Flower's SuperNode loads, and private keys stay private."""
 
 from __future__ import annotations
 
+import errno
 import socket
 import ssl
 import stat
@@ -115,3 +116,17 @@ def test_bad_silo_names_are_refused(silo: str, tmp_path: Path):
     with pytest.raises(CredentialError, match="silo name"):
         write_credentials(tmp_path / "c", ["127.0.0.1"], [silo])
     assert not (tmp_path / "c").exists()
+
+
+def test_a_planted_symlink_does_not_receive_a_private_key(tmp_path: Path):
+    """Private writes never follow a link: one planted where the CA key goes makes the write
+    fail instead of putting the key where the link points."""
+    root = tmp_path / "creds"
+    root.mkdir(mode=0o700)
+    elsewhere = tmp_path / "elsewhere.pem"
+    elsewhere.write_bytes(b"")
+    (root / "ca.key").symlink_to(elsewhere)
+    with pytest.raises(OSError, match="Too many levels of symbolic links") as refused:
+        write_credentials(root, ["localhost"], ["payments"])
+    assert refused.value.errno == errno.ELOOP  # O_NOFOLLOW met the link
+    assert elsewhere.read_bytes() == b""
