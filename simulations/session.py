@@ -154,6 +154,8 @@ def lookup(run_dir: Path, phone: str, repeat: int = 1, progress: Progress | None
 
 def score_person(fed: Federation, scorer: Scorer, position: int, ref: str, repeat: int = 1
                  ) -> dict:
+    if repeat < 1:  # a served request skips the CLI's check; the latency figures need one
+        raise ValueError(f"repeat={repeat}: give 1 or more lookups")
     results = [rescore.score(fed, scorer, np.array([position])) for _ in range(repeat)]
     seconds = np.array([r.seconds for r in results])
     row = results[-1].frame.iloc[0].to_dict()
