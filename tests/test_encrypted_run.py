@@ -72,11 +72,26 @@ def _assert_parties_encrypted(parties: Path) -> None:
         assert (parties / party / f"{name}.enc").read_bytes().startswith(MAGIC)
         assert not (parties / party / name).exists()
     for silo in ("payments", "social", "device"):
-        (checkpoints,) = (parties / silo / "checkpoints").iterdir()
+        # Beside the run's checkpoint folder: the silo's PSI step markers (psi-<run id>.blind,
+        # .finish; empty files, they record that the run took each step once).
+        entries = list((parties / silo / "checkpoints").iterdir())
+        (checkpoints,) = [p for p in entries if p.is_dir()]
+        markers = {p.name for p in entries if not p.is_dir()}
+        assert markers
+        assert all(n.startswith("psi-") and n.endswith((".blind", ".finish"))
+                   for n in markers), markers
+        assert all((parties / silo / "checkpoints" / n).stat().st_size == 0 for n in markers)
         names = {p.name for p in checkpoints.iterdir()}
         assert {"alignment.npy.enc", "mask.key.enc"} <= names
         assert any(n.startswith("round-") and n.endswith(".pt.enc") for n in names)
         assert not names & {"alignment.npy", "mask.key"}
         assert not [n for n in names if n.endswith(".pt")]
-        for name in names - {"model.json", "peers.json"}:
+        # The answer journals (answers-<key tag>.log) hold only kinds, rounds and SHA-256
+        # digests of messages and replies, no person-level value: they rest in plaintext.
+        journals = {n for n in names if n.startswith("answers-") and n.endswith(".log")}
+        for name in journals:
+            for line in (checkpoints / name).read_text().splitlines():
+                kind, _, message, reply = line.split()
+                assert len(message) == len(reply) == 64, kind
+        for name in names - {"model.json", "peers.json"} - journals:
             assert (checkpoints / name).read_bytes().startswith(MAGIC), name
