@@ -46,7 +46,8 @@ def test_encrypted_outputs_and_checkpoints(tmp_path: Path):
     other = tmp_path / "other-keys"
     assert run_cli("keys", "init", str(other), "--suite", "sm4-gcm",
                    cwd=tmp_path).returncode == 0
-    with pytest.raises(AtRestError, match="does not hold"):
+    # Another keystore holds no record of this run (scores bound to the authority's record).
+    with pytest.raises(AtRestError, match="has no record of a run"):
         read_scores(run, str(other))
     blob = bytearray((run / "scores.parquet.enc").read_bytes())
     blob[-5] ^= 0x01
