@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from server.scores_file import read_scores
-from tests.conftest import ENGINE_ENV, processes_using, run_cli
+from tests.conftest import ENGINE_ENV, fix_secrets, processes_using, run_cli
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_flwr_run_trains_and_leaves_no_process(tmp_path: Path):
     parties, out, home = tmp_path / "parties", tmp_path / "out", tmp_path / "flwr"
+    fix_secrets(parties.with_name(parties.name + ".keys"), "flwr-run")  # same run everywhere
     assert run_cli("generate", "--parties", str(parties), "--users", "2000",
                    cwd=tmp_path).returncode == 0
     env = {**os.environ, **ENGINE_ENV, "FLWR_HOME": str(home)}
@@ -35,6 +36,7 @@ def test_flwr_run_trains_and_leaves_no_process(tmp_path: Path):
     # storage.keystore=auto: encrypted, keystore beside the parties, shared by every party.
     scores = read_scores(run_dir, parties.with_name(parties.name + ".keys"))
     assert len(scores) == metrics["people"]["aligned"]
-    assert next((parties / "payments" / "checkpoints").iterdir()).joinpath(
-        "alignment.npy.enc").exists()
+    # The run's checkpoint folder (beside it, the silo's PSI step markers).
+    (run_ckpt,) = [p for p in (parties / "payments" / "checkpoints").iterdir() if p.is_dir()]
+    assert (run_ckpt / "alignment.npy.enc").exists()
     assert processes_using(home) == []
