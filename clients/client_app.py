@@ -374,6 +374,18 @@ def _reply_digest(reply: RecordDict) -> bytes:
     return m.content_digest(reply, skip=("seconds",))
 
 
+def _check_alignment(rows: np.ndarray, positions: np.ndarray, size: int) -> None:
+    """One position per person and one person per position: otherwise an authority aligning
+    one row at many positions makes any group of "distinct" positions one person (min_group),
+    and a negative position would wrap around to another person's slot."""
+    if len(positions) and (positions.min() < 0 or positions.max() >= size):
+        raise m.ProtocolError(f"alignment positions outside 0..{size - 1}")
+    if len(np.unique(positions)) != len(positions):
+        raise m.ProtocolError("the alignment gives one position twice")
+    if len(np.unique(rows)) != len(rows):
+        raise m.ProtocolError("the alignment maps one of this silo's rows to several positions")
+
+
 def _check_group(policy: SiloPolicy, what: str, positions: np.ndarray) -> None:
     """An aggregate over a few people, or over one person listed many times, is that person's
     exact contribution: refuse below the policy's minimum group of distinct people."""
@@ -528,6 +540,7 @@ def make_client_app(root: Path | None = None, keystore: Path | None = None,
                            outputs=int(cfg.get("outputs", 1)))
         if len(rows) != len(positions) or (rows < 0).any() or (rows >= len(data.x)).any():
             raise m.ProtocolError("alignment rows do not fit this silo's table")
+        _check_alignment(rows, positions, size)
         pos2row = np.full(size, -1, dtype=np.int64)
         pos2row[positions] = rows
         _forget_steps(context)
@@ -743,8 +756,12 @@ def make_client_app(root: Path | None = None, keystore: Path | None = None,
                 out[key] = (_masked(context, defaults, values, round_, key, binding) if secure
                             else values)
                 if key == "eval" and config.get("summary") and values.ndim == 1:
+                    # Bound to the group it describes, as transcript noise is: a re-aligned
+                    # run asking the same round about a group one person apart must not get
+                    # the same noise twice (their difference would be that person, exact).
                     noise = silo_random(context, defaults).generator(
-                        "summary", trainer.run_key, round_) if trainer.spec.dp else None
+                        "summary", trainer.run_key, round_, digest(positions)
+                    ) if trainer.spec.dp else None
                     reply_config.update(contribution_summary(values, noise))
                 if key == "eval" and int(config.get("explain", 0)) > 0:
                     data = silo_matrix(context, defaults)

@@ -425,6 +425,17 @@ def test_a_one_person_summary_is_refused(grid: AppGrid, monkeypatch):
     assert not grid.send("payments", m.STEP, fine).has_error()
 
 
+def test_one_row_aligned_at_many_positions_is_refused(grid: AppGrid):
+    """The min_group bypass: align one person at 300 positions, then ask a summary over 200
+    "distinct" positions. The silo refuses the alignment itself."""
+    fed = Federation(grid, grid.silos, roster=authority_roster(grid.root))
+    fed.connect()
+    rows = np.arange(PEOPLE, dtype=np.int64)
+    per_silo = {**dict.fromkeys(grid.silos, rows), "payments": np.full(PEOPLE, 5, np.int64)}
+    with pytest.raises(FederationError, match="one of this silo's rows to several positions"):
+        announce(fed, Alignment(rows, per_silo, {}), _model_config(secrets.token_hex(8)))
+
+
 def test_reason_codes_and_corrections_follow_the_silo_policy(grid: AppGrid):
     _aligned(grid)
     everyone = np.arange(PEOPLE, dtype=np.int64)
