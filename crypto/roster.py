@@ -43,7 +43,7 @@ class RosterError(ValueError):
 
 def identity_key(directory: Path, party: str) -> Ed25519PrivateKey:
     """The party's identity key in `directory` (its keystore), made on first use (0600)."""
-    if not _NAME.match(party):
+    if not _NAME.fullmatch(party):
         raise RosterError(f"party name {party!r} is not an identifier (letters, digits, _ -)")
     path = Path(directory) / IDENTITY_FILE.format(party=party)
     seed = load_or_create_secret(path, IDENTITY_BYTES, "identity key")
@@ -88,7 +88,7 @@ class Roster:
         if not self.silos:
             raise RosterError("a roster needs at least one silo")
         for silo, key in self.silos.items():
-            if not _NAME.match(silo):
+            if not _NAME.fullmatch(silo):
                 raise RosterError(f"roster silo {silo!r} is not an identifier")
             if not re.fullmatch(r"[0-9a-f]{64}", key):
                 raise RosterError(f"roster key of silo {silo!r} is not 32 bytes of hex")

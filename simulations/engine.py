@@ -70,8 +70,9 @@ def configure_environment() -> None:
         # makes its directories 0755).
         os.environ.setdefault(key, str(home / sub))
     if _private_ray():
-        for key, value in LOOPBACK_ENV.items():
-            os.environ.setdefault(key, value)
+        # Forced, not defaulted: an inherited RAY_AUTH_MODE=disabled would silently open the
+        # control plane to every local user.
+        os.environ.update(LOOPBACK_ENV)
         if os.environ["RAY_AUTH_MODE"] == "token" and not (
                 os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
             # Fresh for each process that starts a Ray: nothing on disk to steal or reuse,
