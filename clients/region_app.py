@@ -121,7 +121,8 @@ def region_data(context: Context, defaults: RegionDefaults, seed: int, train: fl
         for old in [k for k in _CACHE if k[0] == key[0]]:
             del _CACHE[old]
         data = load_region(directory, name, region_store(context, defaults))
-        _CACHE[key] = (data, region_split(len(data), seed, name, train, val))
+        _CACHE[key] = (data, region_split(len(data), region_random(context, defaults), seed,
+                                          train, val))
     return _CACHE[key]
 
 

@@ -22,6 +22,7 @@ import pandas as pd
 
 from clients.schema import ID_COLUMN, LABEL_COLUMN, SILO_FEATURES, SILOS
 from crypto.at_rest import Keystore, read_party_file
+from crypto.secret_random import SecretRandom
 
 REGION_TABLE = "customers.parquet"
 REGIONS_FILE = "regions.json"
@@ -89,15 +90,13 @@ def region_inputs(df: pd.DataFrame) -> np.ndarray:
     return np.hstack([x, nan.astype(np.float64)]).astype(np.float32)
 
 
-def region_split(n: int, seed: int, region: str, train: float, val: float) -> np.ndarray:
-    """Split code per customer (0 train, 1 val, 2 test): a seeded permutation, the region's own
-    decision, reproducible by anyone who knows the seed and the region's name.
-
-    The public seed may choose it: no guarantee rests on it. Sample-level DP protects every
-    customer of the training split whoever knows who is in it, and user-level DP a whole region;
-    the draws that do carry a guarantee (Poisson samples, noise) come from the region's secret
-    (region_trainer.py)."""
-    rng = np.random.default_rng([seed, 4_409, *region.encode()])
+def region_split(n: int, random: SecretRandom, seed: int, train: float, val: float
+                 ) -> np.ndarray:
+    """Split code per customer (0 train, 1 val, 2 test): a permutation drawn from the region's
+    secret stream, so nobody without the region's keystore can tell who trained the model
+    (splits are among the draws an adversary must not predict). The same keystore and seed
+    give the same split, so a resumed or repeated run keeps it."""
+    rng = random.generator("region-split", seed)
     order = rng.permutation(n)
     codes = np.full(n, 2, dtype=np.int8)
     n_train, n_val = round(train * n), round(val * n)

@@ -74,7 +74,11 @@ def pooled(run, cfg: AuthorityConfig) -> Pooled:
         from clients.region_data import read_region_table
 
         spend = read_region_table(root / name, name, store)["spend_level"].to_numpy()
-        split = region_split(len(data), cfg.seed, name, cfg.split.train, cfg.split.val)
+        # The experiment layer replays each region's secret split from its keystore, where
+        # the region keeps its secret (clients/region_app.py `region_random`).
+        secret = SecretRandom.load_or_create(store.path if store is not None else root / name,
+                                             name)
+        split = region_split(len(data), secret, cfg.seed, cfg.split.train, cfg.split.val)
         parts.append((data, split, np.full(len(data), k), spend))
     return Pooled(
         x=np.concatenate([p[0].x for p in parts]),

@@ -120,9 +120,15 @@ def test_bad_region_tables_are_named(tmp_path: Path):
 
 
 def test_split_is_reproducible_and_has_the_asked_shares():
-    a = region_split(1000, 4, "region_2", 0.7, 0.15)
-    assert np.array_equal(a, region_split(1000, 4, "region_2", 0.7, 0.15))
-    assert not np.array_equal(a, region_split(1000, 4, "region_3", 0.7, 0.15))
+    """A region's split comes from its secret: the same secret and seed give the same split,
+    the public seed alone (another secret) does not."""
+    mine, other = SecretRandom(b"\x01" * 32), SecretRandom(b"\x02" * 32)
+    a = region_split(1000, mine, 4, 0.7, 0.15)
+    assert np.array_equal(a, region_split(1000, SecretRandom(b"\x01" * 32), 4, 0.7, 0.15))
+    guessed = region_split(1000, other, 4, 0.7, 0.15)
+    assert not np.array_equal(a, guessed)
+    # Knowing the seed, someone without the secret guesses training membership at chance.
+    assert abs(((a == 0) == (guessed == 0)).mean() - (0.7 ** 2 + 0.3 ** 2)) < 0.05
     assert np.bincount(a).tolist() == [700, 150, 150]
 
 
