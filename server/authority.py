@@ -282,8 +282,11 @@ def authority_random(store: Keystore | None, data_dir: Path) -> SecretRandom:
 
 def derive_run_key(random: SecretRandom, config: dict) -> str:
     """The run's public key, derived from the authority's secret and the configuration: the
-    same keystore and config give the same run (bit for bit), other keystores other runs."""
-    return random.key("run-key", json.dumps(config, sort_keys=True))[:8].hex()
+    same keystore and config give the same run (bit for bit), other keystores other runs.
+    Where the keystore sits (storage.*) says where files live, not what is computed: a keystore
+    moved or copied to another machine still reproduces its runs."""
+    computed = {k: v for k, v in config.items() if not k.startswith("storage.")}
+    return random.key("run-key", json.dumps(computed, sort_keys=True))[:8].hex()
 
 
 def private_prior(y_train: np.ndarray, rng: np.random.Generator) -> float:

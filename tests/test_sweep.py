@@ -83,8 +83,8 @@ def test_another_config_in_the_same_directory_is_refused(tmp_path: Path):
 def test_sweep_runs_every_cell_once_and_resumes(tmp_path: Path):
     out = tmp_path / "sweep"
     args = ("sweep", "--out", str(out), "--users", "2000", "--epsilons", "2,inf",
-            "--seeds", "3", "--set", "train.epochs=1",
-            # Label DP off: 2,000 people and one epoch learn too little under eps_label 2 for
+            "--seeds", "3", "--set", "train.epochs=3",
+            # Label DP off: 2,000 people and three epochs learn too little under eps_label 2 for
             # the AUC check below to say anything about the sweep's plumbing.
             "--set", "privacy.label_epsilon=inf",
             "--set", f"storage.keystore={tmp_path / 'keys'}")
