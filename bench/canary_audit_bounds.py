@@ -2,7 +2,8 @@
 
 For combined epsilon inf, 8, 4, 1: calibrate the joint noise multiplier as the run does (the
 statistics before training in the same accountant), noise each of K = 4 blocks at sqrt(K) times
-it, and audit with 1,000 white-box canaries (simulations/canary_audit.py), three seeds each.
+it, and audit with 1,000 white-box canaries (simulations/analysis/canary_audit.py), three
+seeds each.
 
     .venv/bin/python bench/canary_audit_bounds.py
 """
@@ -16,7 +17,7 @@ import numpy as np
 
 from clients.accounting import calibrate_sigma
 from clients.dp_constants import PRIOR_NOISE_MULTIPLIER, STATISTICS_NOISE_MULTIPLIER
-from simulations.canary_audit import canary_audit
+from simulations.analysis.canary_audit import canary_audit
 
 N_TRAIN, BLOCKS, CLIP = 60_000, 4, 5.0
 SAMPLE_RATE = 2048 / N_TRAIN

@@ -55,7 +55,7 @@ from server.label_dp import (
     stage_split,
 )
 from server.metrics import auc
-from simulations.population import PopulationConfig, generate
+from simulations.data.population import PopulationConfig, generate
 
 MECHANISMS = ("rr", "lp2st", "rr-2st", "rr-ce", "lp2st-ce")
 DEFAULT_MECHANISMS = ("rr", "lp2st", "rr-ce", "lp2st-ce")

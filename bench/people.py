@@ -38,7 +38,7 @@ from crypto.identity import keyed_refs, load_or_create_pepper
 from server.audit_log import AuditLog
 from server.scores_file import read_scores
 from server.scoring import SCORE_MAX, SCORE_MIN, scale
-from simulations.session import open_finished
+from simulations.service.session import open_finished
 
 CLI = [sys.executable, "-m", "simulations.cli"]
 

@@ -1,7 +1,7 @@
 """The privacy-utility table of issue 17: test AUC over label epsilon x combined model epsilon
 on one generated population, every cell in ONE Flower federation on one parties directory
-(simulations.runner's `run_cells`, as bench/tune_defaults.py does: the engine starts once and
-PSI runs once). Training settings are the defaults of server/config.py; only
+(simulations.run.experiment's `run_cells`, as bench/tune_defaults.py does: the engine starts
+once and PSI runs once). Training settings are the defaults of server/config.py; only
 privacy.label_epsilon and privacy.epsilon change.
 
 Cells run most important first, so a run stopped early still gives a useful table:
@@ -35,7 +35,7 @@ from pathlib import Path
 import pandas as pd
 from tune_defaults import markdown  # bench/tune_defaults.py, beside this file
 
-from simulations.config import make_config
+from simulations.run.config import make_config
 
 log = logging.getLogger("privacy_utility")
 
@@ -120,8 +120,8 @@ def write_tables(out: Path) -> pd.DataFrame:
 def run_group(cells: list[tuple[str, str]], out: Path, parties: Path, users: int, seed: int,
               stop_at: dt.datetime | None, seconds_per_cell: float) -> list[float]:
     """The unfinished `cells` in one federation; returns each finished cell's seconds."""
-    from simulations.engine import configure_environment, quiet_engine_logs
-    from simulations.runner import run_cells
+    from simulations.run.engine import configure_environment, quiet_engine_logs
+    from simulations.run.experiment import run_cells
 
     todo = [c for c in cells if not (out / "runs" / cell_name(*c) / "metrics.json").exists()]
     for c in todo:

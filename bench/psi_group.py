@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 
 from crypto.psi import PsiKey, hash_to_points, match
 
-SILO_COVERAGE = (0.97, 0.93, 0.95)  # the generator's defaults (simulations/population.py)
+SILO_COVERAGE = (0.97, 0.93, 0.95)  # the generator's defaults (simulations/data/population.py)
 OUTSIDERS = 0.03
 SLICES = 8  # tasks per party and step: the interleaving's granularity
 CHUNK = 8192  # points per pool job, for the PSI and the floor alike

@@ -31,8 +31,8 @@ from crypto.identity import normalize_phones
 from server.alignment import private_intersections
 from server.federation import Federation
 from server.labels import load_labels
-from simulations.engine import configure_environment, quiet_engine_logs, run_federation
-from simulations.population import PopulationConfig, generate, write_parties
+from simulations.data.population import PopulationConfig, generate, write_parties
+from simulations.run.engine import configure_environment, quiet_engine_logs, run_federation
 
 
 def x25519_rate(seconds: float = 2.0) -> float:

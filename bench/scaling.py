@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from simulations.deploy import process_tree
+from simulations.run.deploy import process_tree
 
 PHASES = ("generate", "validate", "psi", "train", "score", "baselines", "report", "total")
 

@@ -14,10 +14,10 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from simulations.config import make_config, parse_assignments
-from simulations.engine import configure_environment, quiet_engine_logs
-from simulations.paths import Parties
-from simulations.runner import prepare_parties, run_experiment
+from simulations.data.paths import Parties
+from simulations.run.config import make_config, parse_assignments
+from simulations.run.engine import configure_environment, quiet_engine_logs
+from simulations.run.experiment import prepare_parties, run_experiment
 
 
 def main() -> None:

@@ -19,9 +19,9 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from simulations.config import make_config, parse_assignments
-from simulations.engine import configure_environment, quiet_engine_logs
-from simulations.runner import run_experiment
+from simulations.run.config import make_config, parse_assignments
+from simulations.run.engine import configure_environment, quiet_engine_logs
+from simulations.run.experiment import run_experiment
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 """Training defaults that reach the privacy-utility target (issue 17): test AUC >= oracle - 0.03
 at the default privacy (combined eps_model 1, label DP by randomised response at eps 2).
 
-Two steps, each running its cells in ONE federation per population (simulations.runner's
+Two steps, each running its cells in ONE federation per population (simulations.run.experiment's
 `run_cells`: the engine starts once and PSI runs once), privacy.* left at the defaults:
 
   grid     the product of the --batch, --epochs, --lr and --chunk values on one population
@@ -46,7 +46,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from simulations.config import known_keys, make_config, parse_assignments
+from simulations.run.config import known_keys, make_config, parse_assignments
 
 log = logging.getLogger("tune_defaults")
 
@@ -114,10 +114,10 @@ def validation_oracle(run_dir: Path) -> float:
     if cache.exists():
         return json.loads(cache.read_text())["val_oracle_auc"]
     from server.scores_file import read_scores
-    from simulations.baselines import join_parties
-    from simulations.config import from_flat
-    from simulations.paths import Parties
-    from simulations.runner import _oracle_auc, keystore_of
+    from simulations.analysis.baselines import join_parties
+    from simulations.data.paths import Parties
+    from simulations.run.config import from_flat
+    from simulations.run.rundir import keystore_of, oracle_auc
 
     cfg = from_flat(json.loads((run_dir / "config.json").read_text()))
     parties = Parties(Path(json.loads((run_dir / "run.json").read_text())["parties"]))
@@ -126,7 +126,7 @@ def validation_oracle(run_dir: Path) -> float:
     ref_hash = json.loads((run_dir / "authority.json").read_text())["subject_ref"]
     joined = join_parties(parties, scores, ref_hash.removeprefix("hmac-"), store)
     val = joined.positions("val")
-    value = _oracle_auc(parties, joined.ids[val], joined.y[val], store)
+    value = oracle_auc(parties, joined.ids[val], joined.y[val], store)
     cache.write_text(json.dumps({"val_oracle_auc": value}) + "\n")
     return value
 
@@ -139,8 +139,8 @@ def collect(out: Path) -> pd.DataFrame:
 def run_federation_cells(cells: dict[str, dict], out: Path, parties: Path, users: int,
                          seed: int) -> None:
     """Run the unfinished `cells` (name -> overrides) on one population in one federation."""
-    from simulations.engine import configure_environment, quiet_engine_logs
-    from simulations.runner import run_cells
+    from simulations.run.engine import configure_environment, quiet_engine_logs
+    from simulations.run.experiment import run_cells
 
     todo = {name: values for name, values in cells.items()
             if not (out / "runs" / name / "metrics.json").exists()}

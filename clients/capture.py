@@ -6,7 +6,7 @@ Off unless FEDSCORE_CAPTURE_DIR is set. Two forms, both under that directory:
   process, so a test can scan everything that crossed the wire (tests/test_leak_canary.py);
 - structured: one `messages/<time>-<pid>-<seq>-<side>.npz` (the arrays, as sent) and `.json`
   (message type, side, silo, node ids, round, config values, error) per message, so an attack
-  can replay exactly what one party received (simulations/redteam.py, `read_messages`).
+  can replay exactly what one party received (simulations/analysis/redteam.py, `read_messages`).
 
 Sides: `silo-in` / `silo-out` (recorded in the silo's ClientApp, which knows its silo name) and
 `authority-out` / `authority-in` (recorded by the authority's federation).

@@ -196,7 +196,7 @@ def run_authority(
         "test_tiers": scoring.tier_counts(tier[test]),
         "test_default_rate_by_tier": _rate_by_tier(y[test], tier[test]),
         "calibration": {"a": calibrate.a, "b": calibrate.b},
-        # What re-scoring one person later needs (server/service.py): the silos keep their
+        # What re-scoring one person later needs (server/rescore.py): the silos keep their
         # models of the final round under the run key.
         "model": {"bias": result.bias, "final_round": result.round_trips,
                   "run_key": run.run_key, "reasons": reasons if why is not None else 0},

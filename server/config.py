@@ -466,7 +466,7 @@ def _type_name(tp: Any) -> str:
 
 def unknown_key_error(key: str, known: typing.Iterable[str]) -> ConfigError:
     close = difflib.get_close_matches(key, list(known), n=3, cutoff=0.5)
-    hint = f"did you mean {' or '.join(close)}?" if close else "see `fedscore run --help-config`"
+    hint = f"did you mean {' or '.join(close)}?" if close else "`fedscore config` lists every key"
     return ConfigError(f"unknown config key {key!r}: {hint}")
 
 

@@ -5,7 +5,7 @@ The table is read once: `load_authority` returns all three; `load_labels` and
 `load_eligibility` are the single-purpose forms.
 
 Which opening conditions a table can support: a generated table (no schema.json) holds all
-three account-status columns. A table with a schema.json (real data, simulations/real_data.py)
+three account-status columns. A table with a schema.json (real data, simulations/data/real_data.py)
 lists the ones it holds in `eligibility_columns` (none when absent); a switched-on condition
 whose column the schema does not declare is switched off, with an INFO log line saying why, so
 real data runs under the default configuration. A declared (or generated-layout) column that is

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from clients.accounting import add_steps, affordable_steps, calibrate_sigma, epsilon
-from simulations.ledger_verify import independent_epsilon
+from simulations.analysis.ledger_verify import independent_epsilon
 
 # (sigma, q, steps): a small grid plus what the default run uses (100,000 people, batch 512,
 # 4 epochs, epsilon 1: sigma ~1.02 with PRV, ~1.17 with RDP, q ~0.0085, 468 steps).

@@ -1,5 +1,6 @@
-"""The red team (simulations/redteam.py): every curious party plays its attack with exactly what
-it received, succeeds when the protection is off, and is held to its bound when it is on.
+"""The red team (simulations/analysis/redteam.py): every curious party plays its attack with
+exactly what it received, succeeds when the protection is off, and is held to its bound when it
+is on.
 
 Three engine runs, each with every message captured (clients/capture.py) and `-v` logs:
 
@@ -35,7 +36,7 @@ import numpy as np
 import pytest
 
 from clients.capture import CAPTURE_ENV
-from simulations import redteam as rt
+from simulations.analysis import redteam as rt
 from tests.conftest import run_cli
 
 pytestmark = pytest.mark.slow

@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 from opacus import PrivacyEngine
 from torch.utils.data import DataLoader, TensorDataset
 
-from simulations import audit
-from simulations.audit import (
+from simulations.analysis import audit
+from simulations.analysis.audit import (
     AuditResult,
     clopper_pearson,
     empirical_epsilon,

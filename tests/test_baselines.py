@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from server.config import AuthorityConfig
-from simulations import baselines
-from simulations.baselines import BaselineJob, JoinedData, one_thread, run_baselines
+from simulations.analysis import baselines
+from simulations.analysis.baselines import BaselineJob, JoinedData, one_thread, run_baselines
 
 
 def _joined(n: int = 3000, seed: int = 0) -> JoinedData:

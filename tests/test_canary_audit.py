@@ -17,7 +17,7 @@ from scipy.special import logit
 from scipy.stats import binom
 
 from clients.accounting import calibrate_sigma
-from simulations.canary_audit import (
+from simulations.analysis.canary_audit import (
     METHOD,
     best_bound,
     canary_audit,

@@ -14,7 +14,12 @@ import pytest
 from clients.schema import ID_COLUMN, SILOS
 from clients.silo_data import SiloDataError, load_cohort, load_silo
 from crypto.at_rest import AtRestError, Keystore
-from simulations.population import PopulationConfig, generate, write_later_cohort, write_parties
+from simulations.data.population import (
+    PopulationConfig,
+    generate,
+    write_later_cohort,
+    write_parties,
+)
 
 CONFIG = PopulationConfig(users=3_000, seed=11)
 

@@ -6,7 +6,7 @@ import pytest
 
 from server.config import AuthorityConfig, ConfigError, parse_flat
 from server.server_app import PATH_KEYS
-from simulations.config import ExperimentConfig, make_config, parse_assignments
+from simulations.run.config import ExperimentConfig, make_config, parse_assignments
 
 
 def test_defaults_round_trip_through_flat_keys():
@@ -99,7 +99,7 @@ def test_flower_app_config_matches_the_defaults():
 def test_engine_workers_one_per_core_at_most_one_per_silo(monkeypatch):
     import os
 
-    from simulations.engine import WORKERS_ENV, engine_workers
+    from simulations.run.engine import WORKERS_ENV, engine_workers
 
     monkeypatch.delenv(WORKERS_ENV, raising=False)
     cores = len(os.sched_getaffinity(0))

@@ -12,8 +12,8 @@ import pytest
 from clients import corrections
 from clients.silo_data import SiloDataError, load_silo
 from crypto.at_rest import Keystore
-from simulations.population import PopulationConfig, generate, write_parties
-from simulations.serve import request
+from simulations.data.population import PopulationConfig, generate, write_parties
+from simulations.service.channel import request
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,8 @@ import pytest
 
 from clients.schema import federation_silos
 from crypto.tls import make_node_key, write_credentials
-from simulations import app_pin
-from simulations.deploy import FEDERATION, Deployment, process_tree, project_root, snapshot_app
+from simulations.run import app_pin
+from simulations.run.deploy import FEDERATION, Deployment, process_tree, project_root, snapshot_app
 from tests import background
 from tests.conftest import processes_using, run_cli
 
@@ -166,7 +166,7 @@ def test_deployed_run_leaves_no_process_and_no_key_in_the_run(deployed):
               b"PRIVATE KEY" in p.read_bytes()]
     assert leaked == []
     assert os.path.getsize(run_dir / "deploy" / "superlink.log") > 0
-    # Every SuperNode ran only the bundle it pinned (simulations/app_pin.py).
+    # Every SuperNode ran only the bundle it pinned (simulations/run/app_pin.py).
     for silo in ("payments", "social", "device"):
         log_text = (run_dir / "deploy" / f"supernode-{silo}.log").read_text()
         assert "the app bundle matches the pinned one" in log_text

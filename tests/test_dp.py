@@ -187,7 +187,7 @@ def test_transcript_noise_and_clipping_at_the_silo():
 
 def test_transcript_budget_composes_each_persons_releases_and_model_steps(tmp_path):
     from server.ledger import Ledger
-    from simulations.ledger_verify import verify
+    from simulations.analysis.ledger_verify import verify
 
     cfg = PrivacyConfig(epsilon=1.0, transcript_sigma=4.0, accountant="rdp")
     plan = PrivacyPlan(cfg, ("a", "b"), 1000, 100, 1, ledger=Ledger(tmp_path))

@@ -28,8 +28,8 @@ from server.eligibility import (
     assess,
 )
 from server.labels import LabelDataError, load_authority, load_eligibility, load_labels
-from simulations.population import Population, PopulationConfig, generate, write_parties
-from simulations.real_data import import_parties, read_mapping
+from simulations.data.population import Population, PopulationConfig, generate, write_parties
+from simulations.data.real_data import import_parties, read_mapping
 
 BIG = PopulationConfig(users=20_000, seed=5)
 SMALL = PopulationConfig(users=3_000, seed=3)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from server import checkpoint
-from simulations.deploy import process_tree
+from simulations.run.deploy import process_tree
 from tests.conftest import ENGINE_ENV, processes_using, run_cli
 from tests.test_deploy import wait_for
 

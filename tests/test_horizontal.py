@@ -32,10 +32,10 @@ from clients.region_trainer import LocalSpec, Plan, global_model, round_stream, 
 from crypto.secret_random import SecretRandom
 from server import ledger
 from server.config import ConfigError
-from simulations.config import make_config
-from simulations.ledger_verify import verify
-from simulations.population import PopulationConfig, generate
-from simulations.regions import assign_regions, customers, write_regions
+from simulations.analysis.ledger_verify import verify
+from simulations.data.population import PopulationConfig, generate
+from simulations.data.regions import assign_regions, customers, write_regions
+from simulations.run.config import make_config
 from tests import background
 from tests.conftest import assert_no_identifiers, run_cli
 
@@ -496,8 +496,8 @@ def test_horizontal_refuses_real_data_and_the_deployment_engine(tmp_path: Path):
 @pytest.mark.slow
 def test_report_shows_the_regions_and_compare_puts_topologies_side_by_side(
         horizontal_runs, private_run: Path, tmp_path: Path):
-    from simulations.report import build_report
-    from simulations.report_topology import build_comparison
+    from simulations.report.compare import build_comparison
+    from simulations.report.render import build_report
 
     files = build_report(horizontal_runs["sample"])
     page = files.html.read_text()

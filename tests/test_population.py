@@ -14,7 +14,7 @@ from sklearn.metrics import roc_auc_score
 
 from clients.schema import AUTHORITY, ID_COLUMN, LABEL_COLUMN, SILO_FEATURES, SILOS, feature_names
 from crypto.identity import normalize_phones
-from simulations.population import (
+from simulations.data.population import (
     MISSING_COLUMNS,
     Population,
     PopulationConfig,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from server import ledger
-from simulations.ledger_verify import verify
+from simulations.analysis.ledger_verify import verify
 from tests.conftest import run_cli, scores_of
 
 pytestmark = pytest.mark.slow

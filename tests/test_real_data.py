@@ -12,7 +12,7 @@ import pytest
 from clients.schema import federation_silos
 from clients.silo_data import load_silo
 from server.labels import load_labels
-from simulations.real_data import (
+from simulations.data.real_data import (
     UCI_SILOS,
     DataImportError,
     import_parties,

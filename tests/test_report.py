@@ -19,9 +19,10 @@ import pytest
 from matplotlib.figure import Figure
 
 from server.scoring import TIER_KEYS, TIERS
-from simulations import report
-from simulations.cli import main
-from simulations.report import ReportError, build_report
+from simulations.cli.main import main
+from simulations.report.blocks import eps_axis
+from simulations.report.load import ReportError
+from simulations.report.render import build_report
 
 PARTIES = ("payments", "social", "device", "authority")
 CHROMIUM = Path("/usr/bin/chromium")
@@ -328,7 +329,7 @@ def test_sweep_falls_back_to_first_done_run_and_sweep_csv(tmp_path: Path) -> Non
 
 def test_infinity_sits_at_the_right_edge_of_the_epsilon_axis() -> None:
     ax = Figure().subplots()
-    to_x = report._eps_axis(ax, np.array([0.5, 1.0, 4.0, np.inf]))
+    to_x = eps_axis(ax, np.array([0.5, 1.0, 4.0, np.inf]))
     labels = [t.get_text() for t in ax.get_xticklabels()]
     assert labels == ["0.5", "1", "4", "∞"]
     assert ax.get_xscale() == "log"

@@ -35,9 +35,9 @@ from crypto.identity import (
 from crypto.tls import CredentialError, write_credentials
 from server.config import INFINITE_OK, ConfigError
 from server.scores_file import SCORES_FILE, read_scores, write_scores
-from simulations.config import check_delta, known_keys, make_config
-from simulations.paths import Parties, PathArgumentError, check_new_dir
-from simulations.real_data import DataImportError, read_mapping
+from simulations.data.paths import Parties, PathArgumentError, check_new_dir
+from simulations.data.real_data import DataImportError, read_mapping
+from simulations.run.config import check_delta, known_keys, make_config
 from tests.conftest import run_cli
 
 # ---- helpers -----------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from crypto.private_files import (
     replace_private,
     write_private,
 )
-from simulations.deploy import process_tree
+from simulations.run.deploy import process_tree
 from tests.conftest import ENGINE_ENV, run_cli
 
 # ---- private directories and files ------------------------------------------------------------

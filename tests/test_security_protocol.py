@@ -40,7 +40,7 @@ from crypto.roster import (
 )
 from server.alignment import Alignment, announce
 from server.federation import Federation, FederationError
-from simulations.population import PopulationConfig, generate, write_parties
+from simulations.data.population import PopulationConfig, generate, write_parties
 
 PEOPLE = 300  # aligned positions: above the default minimum group of 100
 

@@ -34,7 +34,7 @@ from clients.schema import federation_silos
 from crypto.psi import PsiError, PsiKey, hash_to_points, match, on_curve
 from crypto.secret_random import SecretRandom
 from server.alignment import joint_order
-from simulations.population import PopulationConfig, generate, write_parties
+from simulations.data.population import PopulationConfig, generate, write_parties
 
 P = 2**255 - 19
 A = 486662

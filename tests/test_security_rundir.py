@@ -366,7 +366,7 @@ def test_no_log_and_no_anchor_is_no_disputes_yet(tmp_path: Path):
 @slow
 def test_fedscore_audit_reports_a_deleted_log(resumed, tmp_path: Path):
     """Through the command, on a finished run: it said "no disputes yet" and exited 0."""
-    from simulations.session import open_finished
+    from simulations.service.session import open_finished
 
     run, work = resumed["run"], resumed["work"]
     log = open_finished(run).audit_log()
@@ -401,7 +401,7 @@ def test_a_log_behind_its_anchor_is_not_appended_to(disputed):
 
 def test_ledger_consistency_names_gaps_doubles_and_lost_steps(tmp_path: Path):
     """The record checks alone (no accountant): what `fedscore ledger verify` adds to them."""
-    from simulations.ledger_verify import consistency
+    from simulations.analysis.ledger_verify import consistency
 
     book = Ledger(tmp_path)
     for r in (1, 2, 3):

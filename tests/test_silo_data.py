@@ -402,7 +402,7 @@ def test_the_mechanism_is_stated_for_the_ledger():
 
 
 def test_prepare_on_generated_tables():
-    from simulations.population import PopulationConfig, generate
+    from simulations.data.population import PopulationConfig, generate
 
     pop = generate(PopulationConfig(users=2000, seed=4, missing_rate=0.1))
     for silo, tbl in pop.silos.items():

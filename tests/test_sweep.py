@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from simulations.sweep import (
+from simulations.run.sweep import (
     SweepError,
     SweepSpec,
     claim_sweep,

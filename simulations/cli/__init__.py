@@ -1,0 +1,1 @@
+"""The `fedscore` command (cli/main.py) and its commands about people (cli/people.py)."""

@@ -1,0 +1,7 @@
+"""`python -m simulations.cli`: the same as the `fedscore` command."""
+
+import sys
+
+from simulations.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,546 @@
+"""`fedscore`: run federated credit-scoring experiments.
+
+  fedscore run --out DIR [--users N] [--seed S] [--set key=value ...]
+  fedscore run --resume RUN_DIR        # continue an interrupted run, on its own engine
+  fedscore deploy --out DIR [...]      # `run` on the deployment engine (TLS, node auth)
+  fedscore certs --out DIR --host H    # TLS and SuperNode keys for separate machines
+  fedscore generate --parties DIR [--users N] [--seed S] [--keystore DIR] [--set population.k=v]
+  fedscore sweep --out DIR [--epsilons 0.5,1,2,4,8,inf] [--seeds 0,1,2] [--set key=value ...]
+  fedscore report RUN_OR_SWEEP_DIR     # report.html, tables.tex, report/*.csv
+  fedscore config                      # every --set key with its type and default
+  echo PHONE | fedscore score RUN_DIR      # one person's score and reasons (phone on stdin)
+  echo PHONE | fedscore dispute RUN_DIR --silo S --field F --value V --category C
+  fedscore audit RUN_DIR               # verify the dispute audit log
+  fedscore drift RUN_DIR [--drift 0.3] # score a later cohort, population stability index
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import threading
+from pathlib import Path
+
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from server.privacy import model_epsilon
+from simulations.cli import people as cli_people
+from simulations.run.engine import configure_environment, quiet_engine_logs
+
+console = Console(stderr=True)
+log = logging.getLogger("fedscore")
+
+PHASE_LABELS = {
+    "generate": "Generate population",
+    "import": "Import real data into party folders",
+    "validate": "Validate party tables",
+    "connect": "Start engine, connect silos",
+    "psi": "Align identities (ECDH PSI)",
+    "train": "Federated training",
+    "score": "Calibrate and score",
+    "join": "Join tables for baselines",
+    "baselines": "Baselines: central, central DP, each party alone",
+    "baseline_central": "Baseline: central model",
+    "baseline_central_dp": "Baseline: central model, DP",
+    "oracle": "Oracle AUC from the generator's truth",
+    "audit": "Membership-inference audit",
+}
+
+
+class PhaseProgress:
+    """Adapts the pipeline's progress(phase, done, total, **info) calls to a rich display."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.tasks: dict[str, int] = {}
+        self.lock = threading.Lock()
+
+    def __call__(self, phase: str, done: float, total: float | None, **info: object) -> None:
+        with self.lock:
+            label = PHASE_LABELS.get(phase, phase)
+            if "epoch" in info:
+                label = f"{label} (epoch {info['epoch']})"
+            if phase not in self.tasks:
+                self.tasks[phase] = self.progress.add_task(label, total=total)
+            task = self.tasks[phase]
+            if total is None:
+                self.progress.update(task, description=label)
+            else:
+                self.progress.update(task, completed=done, total=total, description=label)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fedscore", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="generate parties, train the federation, score, compare")
+    _run_args(run)
+    deploy = sub.add_parser(
+        "deploy", help="`run` on Flower's deployment engine: a TLS SuperLink and one "
+                       "authenticated SuperNode per silo, on this machine")
+    _run_args(deploy)
+    deploy.add_argument("--credentials", type=Path, default=None, metavar="DIR",
+                        help="TLS and node keys from `fedscore certs` (default: made on first "
+                             "use in <parties>.deploy/credentials)")
+
+    certs = sub.add_parser("certs", help="TLS certificates and SuperNode keys for a "
+                                         "federation across machines (docs/deployment.md)")
+    certs.add_argument("--out", type=Path, required=True, help="new credentials directory")
+    certs.add_argument("--host", dest="hosts", action="append", default=[],
+                       help="the SuperLink's host name or IP (repeat for several; default "
+                            "127.0.0.1 and localhost)")
+    certs.add_argument("--silos", default="payments,social,device",
+                       help="one node key per silo, comma-separated")
+
+    sweep = sub.add_parser("sweep", help="one run per (epsilon, seed) with baselines and an "
+                                         "audit; repeat the command to continue")
+    sweep.add_argument("--out", type=Path, required=True, help="sweep directory")
+    sweep.add_argument("--epsilons", default="0.5,1,2,4,8,inf",
+                       help="eps_model per cell, comma-separated; inf = no DP")
+    sweep.add_argument("--seeds", default="0,1,2",
+                       help="seeds (data and training), comma-separated")
+    sweep.add_argument("--users", type=int, default=None, help="people the authority knows")
+    sweep.add_argument("--data", default=None, metavar="uci|FILE.csv|DIR",
+                       help="real data instead of the generator (as for `fedscore run`)")
+    sweep.add_argument("--set", dest="assignments", action="append", default=[],
+                       metavar="KEY=VALUE", help="override a config key for every cell")
+
+    gen = sub.add_parser("generate", help="write a generated population's party tables")
+    gen.add_argument("--parties", type=Path, required=True, help="directory for party tables")
+    gen.add_argument("--overwrite", action="store_true", help="replace existing tables")
+    gen.add_argument("--keystore", type=Path, default=None,
+                     help="write the tables encrypted with this keystore (fedscore keys init)")
+    _population_args(gen)
+
+    sub.add_parser("config", help="list every --set key with its type and default")
+
+    led = sub.add_parser("ledger", help="privacy ledger tools")
+    led_sub = led.add_subparsers(dest="ledger_command", required=True)
+    verify = led_sub.add_parser(
+        "verify", help="recompute every party's epsilon with Google's dp-accounting"
+    )
+    verify.add_argument("run_dir", type=Path)
+
+    keys = sub.add_parser("keys", help="keystores for encryption at rest")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    init = keys_sub.add_parser("init", help="create a keystore (0700 directory, 0600 keys)")
+    init.add_argument("dir", type=Path)
+    init.add_argument("--suite", default="aes-256-gcm", choices=["aes-256-gcm", "sm4-gcm"])
+    rotate = keys_sub.add_parser("rotate", help="add a key and make it active")
+    rotate.add_argument("dir", type=Path)
+
+    report = sub.add_parser("report", help="write report.html, tables.tex and report/*.csv "
+                                           "into a run or sweep directory")
+    report.add_argument("dir", type=Path, metavar="RUN_OR_SWEEP_DIR")
+    compare = sub.add_parser("compare", help="one report comparing runs or sweeps (e.g. the "
+                                             "vertical and horizontal topologies) at equal ε")
+    compare.add_argument("dirs", type=Path, nargs="+", metavar="RUN_OR_SWEEP_DIR")
+    compare.add_argument("--out", type=Path, required=True, help="directory for the report")
+    cli_people.add_parsers(sub)
+    return p
+
+
+def _run_args(run: argparse.ArgumentParser) -> None:
+    target = run.add_mutually_exclusive_group(required=True)
+    target.add_argument("--out", type=Path, help="new run directory")
+    target.add_argument("--resume", type=Path, metavar="RUN_DIR",
+                        help="continue an interrupted run from its last checkpoint, on the "
+                             "engine it started on")
+    run.add_argument("--parties", type=Path, default=None,
+                     help="party tables (default: <out>.parties, beside the run)")
+    run.add_argument("--data", default=None, metavar="uci|FILE.csv|DIR",
+                     help="real data instead of the generator: `uci` (../shared/data), a CSV in "
+                          "the UCI layout, or a directory of one CSV per party + mapping.json")
+    _population_args(run)
+
+
+def _population_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--users", type=int, default=None, help="people the authority knows")
+    p.add_argument("--seed", type=int, default=None, help="seed for data and training")
+    p.add_argument("--set", dest="assignments", action="append", default=[],
+                   metavar="KEY=VALUE", help="override a config key (see `fedscore config`)")
+
+
+def _run(args: argparse.Namespace) -> int:
+    from server import checkpoint
+    from simulations.data.paths import check_new_dir, default_parties_dir
+    from simulations.run.config import check_delta, make_config, parse_assignments
+    from simulations.run.experiment import run_experiment
+    from simulations.run.rundir import resume_target
+
+    overrides = parse_assignments(args.assignments)
+    engine = "deployment" if args.command == "deploy" else "simulation"
+    credentials = getattr(args, "credentials", None)
+    if args.resume:
+        if args.users is not None or args.seed is not None:
+            overrides.update({"population.users": args.users} if args.users else {})
+            overrides.update({"seed": args.seed} if args.seed is not None else {})
+        out_dir = args.resume.resolve()
+        cfg, parties, how = resume_target(out_dir, overrides)
+        # A run resumes on the engine it started on, whichever command resumes it.
+        engine = how.get("engine", "simulation")
+        credentials = Path(how["credentials"]) if how.get("credentials") else credentials
+    else:
+        if args.data:
+            overrides["data"] = _data_source(args.data, args.users)
+        cfg = make_config(overrides, args.users, args.seed)
+        out_dir = args.out.resolve()
+        parties = (args.parties or default_parties_dir(args.out)).resolve()
+        # Input errors before anything is made or started: the paths, then delta against the
+        # population to generate (real data: against its table, in runner.ready_parties).
+        check_new_dir(out_dir, "--out")
+        check_new_dir(parties, "--parties")
+        if cfg.generated:
+            check_delta(cfg, cfg.population.users, "population.users")
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+               MofNCompleteColumn(), TimeElapsedColumn())
+    try:
+        with Progress(*columns, console=console, transient=False) as progress:
+            metrics = run_experiment(cfg, out_dir, parties, PhaseProgress(progress),
+                                     resume=args.resume is not None, engine=engine,
+                                     credentials=credentials and credentials.resolve())
+    except RuntimeError as exc:
+        # A silo or the authority stopped (FederationError, DeploymentError, a crash): say how
+        # to go on when there is a checkpoint.
+        from server.run_phases import federated_done
+
+        # Nothing to resume unless a round finished (the checkpoint) or the federated part did
+        # (phases.json, authority.json: baselines and audit resume from there).
+        if not checkpoint.path(out_dir).exists() and not federated_done(out_dir):
+            raise
+        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        console.print(f"The run is checkpointed. Once the cause is fixed, resume it with:\n"
+                      f"  fedscore run --resume {out_dir}", soft_wrap=True, highlight=False)
+        return 2
+    _print_summary(metrics, out_dir, parties)
+    return 0
+
+
+def _data_source(data: str, users: int | None) -> str:
+    """`uci` as is; a path made absolute, so config.json still finds it from anywhere."""
+    from server.config import ConfigError
+
+    if users is not None:
+        raise ConfigError("--users applies to generated populations; real data (--data) has "
+                          "the people it has")
+    return data if data == "uci" else str(Path(data).resolve())
+
+
+def privacy_rows(metrics: dict) -> list[tuple[str, str]]:
+    """Each budget with whom it protects against, in words (docs/threat-model.md)."""
+    eps = metrics.get("epsilon") or {}
+    model = model_epsilon(metrics)
+    rows = [(
+        "eps_model: the combined model, its scores, reasons and metrics, against anyone who "
+        "receives them",
+        "OFF: no protection" if model is None else f"{model:.3f}")]
+    label = eps.get("label")
+    rows.append((
+        "eps_label: the training labels, against each silo",
+        "OFF: every silo reads the training labels from its gradients" if label is None
+        else f"{label:g}"))
+    transcript = eps.get("transcript")
+    values = list((transcript or {}).values())
+    rows.append((
+        "eps_transcript: a person's contributions, against the authority",
+        "off: the authority sees each person's summed contribution exactly" if not transcript
+        else ("unbounded (no DP-SGD)" if None in values else f"{max(values):.3f}")))
+    return rows
+
+
+def _print_summary(metrics: dict, out_dir: Path, parties: Path) -> None:
+    table = Table(title="fedscore run", show_header=True)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key in ("auc", "ks", "gini", "brier"):
+        if metrics.get(key) is not None:
+            table.add_row(key, f"{metrics[key]:.4f}")
+    for row in privacy_rows(metrics):
+        table.add_row(*row)
+    audit = metrics.get("audit") or {}
+    canary = audit.get("canary")
+    if canary:
+        table.add_row("audit: one-run canary lower bound on eps_model",
+                      f"{canary['epsilon_lower_bound']:.3f}")
+    if "epsilon_lower" in audit:
+        table.add_row("audit: loss-threshold membership attack, eps >=",
+                      f"{audit['epsilon_lower']:.3f} (attack AUC {audit['attack_auc']:.3f})")
+    for key in ("oracle_auc", "baseline_central_auc", "baseline_central_dp_auc",
+                "baseline_best_silo_auc"):
+        if metrics.get(key) is not None:
+            table.add_row(f"{key} (simulation-only reference)", f"{metrics[key]:.4f}")
+    table.add_row("delta", f"{metrics['delta']:.2e}")
+    table.add_row("aligned people", f"{metrics['people']['aligned']:,}")
+    table.add_row("tiers", ", ".join(f"{k} {v:,}" for k, v in metrics["tiers"].items()))
+    table.add_row("round trips", str(metrics["round_trips"]))
+    table.add_row("seconds (total)", f"{metrics['seconds']['total']:.1f}")
+    out = Console()
+    out.print(table)
+    if metrics.get("data", "generated") != "generated":
+        out.print("[yellow]note:[/] the baselines above are simulation-only references: they "
+                  "join every party's raw table in one place, which no party of a real "
+                  "federation could do. Do not publish them as what the federation achieves.",
+                  soft_wrap=True)
+    scores = "scores.parquet.enc" if (out_dir / "scores.parquet.enc").exists() else \
+        "scores.parquet"
+    out.print(f"results: {out_dir}  (metrics.json, curves.json, {scores}, manifest.json); "
+              f"report: fedscore report {out_dir}", soft_wrap=True, highlight=False)
+    out.print(f"party tables: {parties}")
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from simulations.data.paths import check_new_dir
+    from simulations.run.config import check_delta, make_config, parse_assignments
+    from simulations.run.sweep import (
+        SweepSpec,
+        is_done,
+        parse_epsilons,
+        parse_seeds,
+        run_sweep,
+    )
+
+    check_new_dir(args.out, "--out")
+    assignments = parse_assignments(args.assignments)
+    if args.data:
+        assignments["data"] = _data_source(args.data, args.users)
+    else:  # every cell's delta against the population, before any cell starts
+        shared = make_config(assignments, args.users)
+        check_delta(shared, shared.population.users, "population.users")
+    spec = SweepSpec(parse_epsilons(args.epsilons), parse_seeds(args.seeds), args.users,
+                     tuple(sorted(assignments.items())))
+    out = args.out.resolve()
+    cells = [(e, s) for s in spec.seeds for e in spec.epsilons]
+    from simulations.run.sweep import Cell
+
+    todo = sum(not is_done(out, Cell(e, s)) for e, s in cells)
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+               MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"),
+               TimeRemainingColumn())
+    with Progress(*columns, console=console) as progress:
+        overall = progress.add_task(f"Sweep: {todo} of {len(cells)} cells to run", total=todo)
+        phase = progress.add_task("starting", total=None)
+
+        def on_phase(name: str, done: float, total: float | None, **info: object) -> None:
+            label = PHASE_LABELS.get(name, name.replace("_", " "))
+            if "epoch" in info:
+                label = f"{label} (epoch {info['epoch']})"
+            progress.update(phase, description=label)
+
+        def on_cell(status: str, cell: Cell | None) -> None:
+            progress.advance(overall)
+            if status != "done" and cell is not None:
+                console.print(f"[red]cell {cell.name} failed:[/] {status}", highlight=False)
+
+        table = run_sweep(out, spec, on_cell, on_phase)
+    _print_sweep(out, table)
+    return 0
+
+
+def _print_sweep(out: Path, table) -> None:
+    import pandas as pd
+
+    summary = pd.read_csv(out / "summary.csv")
+    view = Table(title=f"fedscore sweep ({len(table)} runs)")
+    for col in ("epsilon", "n", "AUC (95 % CI)", "central DP", "best silo",
+                "canary audit eps max"):
+        view.add_column(col, justify="right")
+    for _, row in summary.iterrows():
+        ci = "" if pd.isna(row["auc_ci_low"]) else f" [{row['auc_ci_low']:.3f}, " \
+            f"{row['auc_ci_high']:.3f}]"
+        view.add_row(f"{row['epsilon']:g}", str(int(row["n"])), f"{row['auc_mean']:.4f}{ci}",
+                     _fmt(row.get("central_dp_mean")), _fmt(row.get("best_silo_mean")),
+                     _fmt(row.get("audit_canary_epsilon_lower_max"), 2))
+    Console().print(view)
+    Console().print(f"results: {out}/sweep.csv, summary.csv; report: fedscore report {out}",
+                    soft_wrap=True, highlight=False)
+
+
+def _fmt(value: object, digits: int = 4) -> str:
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return "-"
+    return "-" if number != number else f"{number:.{digits}f}"
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from crypto.at_rest import Keystore
+    from simulations.data.population import generate, write_parties
+    from simulations.run.config import POPULATION_PREFIX, make_config, parse_assignments
+
+    values = parse_assignments(args.assignments)
+    bad = [k for k in values if not k.startswith(POPULATION_PREFIX)]
+    if bad:
+        from server.config import ConfigError
+
+        raise ConfigError(f"`generate` takes only population.* keys, not {', '.join(bad)}")
+    cfg = make_config(values, args.users, args.seed)
+    from simulations.data.paths import check_new_dir
+
+    check_new_dir(args.parties, "--parties")
+    store = Keystore(args.keystore) if args.keystore else None
+    with console.status("generating population"):
+        paths = write_parties(generate(cfg.population), args.parties, overwrite=args.overwrite,
+                              store=store)
+    # Every silo gets an identity key, the roster and the strict default policy, in the
+    # keystore the parties run with (storage.keystore=auto without --keystore).
+    from clients.enrolment import enrol
+    from clients.schema import federation_silos
+    from crypto.at_rest import AUTO, keystore_path
+
+    keys = store or Keystore.open_or_init(keystore_path(AUTO, args.parties))
+    enrol(args.parties, federation_silos(args.parties), keys.path)
+    Console().print(f"wrote {len(paths)} files under {args.parties}")
+    return 0
+
+
+def _config(_: argparse.Namespace) -> int:
+    from simulations.run.config import describe_keys
+
+    table = Table("key", "type", "default")
+    for row in describe_keys():
+        table.add_row(*row)
+    Console().print(table)
+    return 0
+
+
+def _ledger(args: argparse.Namespace) -> int:
+    """Verify one run's ledger, or every finished cell of a sweep (a directory with
+    sweep.json: its cells are under runs/)."""
+    from simulations.analysis.ledger_verify import TOLERANCE, consistency, verify
+    from simulations.run.sweep import SWEEP_FILE
+
+    root = Path(args.run_dir)
+    runs = ([d for d in sorted((root / "runs").glob("*")) if (d / "ledger.jsonl").exists()]
+            if (root / SWEEP_FILE).exists() else [root])
+    table = Table("run", "party", "budget", "accountant", "steps", "ledger epsilon",
+                  "dp-accounting", "gap", "ok", title=f"ledger {root}")
+    ok = True
+    problems: list[str] = []
+    for run in runs:
+        with console.status(f"recomputing epsilons of {run.name} with dp-accounting"):
+            checks = verify(run)
+        # The ledger as the run's record: duplicates, gaps, steps against the run's own
+        # count, epsilons against the target (agreeing accountants alone prove none of it).
+        problems += [f"{run.name}: {p}" for p in consistency(run, checks)]
+        for c in checks:
+            ok &= c.ok
+            table.add_row(run.name, c.party, c.budget, c.accountant, str(c.steps),
+                          f"{c.reported:.5f}", f"{c.independent:.5f}",
+                          f"{100 * c.relative_gap:.2f} %",
+                          "[green]yes[/]" if c.ok else "[red]NO[/]")
+    out = Console()
+    out.print(table)
+    out.print(f"tolerances: RDP vs RDP {TOLERANCE['rdp']:.0%}, PRV vs PLD {TOLERANCE['prv']:.0%}")
+    for problem in problems:
+        out.print(f"[bold red]ledger problem:[/] {problem}", soft_wrap=True, highlight=False)
+    if problems:
+        out.print("[bold red]the ledger does not verify[/]: it is not a faithful record of the "
+                  "run's privacy spend; do not publish this run's epsilon", highlight=False)
+    return 0 if ok and runs and not problems else 1
+
+
+def _keys(args: argparse.Namespace) -> int:
+    from crypto.at_rest import Keystore
+
+    if args.keys_command == "init":
+        store = Keystore.init(args.dir, args.suite)
+        verb = "created"
+    else:
+        store = Keystore(args.dir)
+        store.rotate()
+        verb = "rotated"
+    key = store.active()
+    Console().print(f"{verb} keystore {args.dir} ({store.suite}); active key {key.key_id.hex()}")
+    return 0
+
+
+def _certs(args: argparse.Namespace) -> int:
+    from crypto.tls import write_credentials
+
+    hosts = args.hosts or ["127.0.0.1", "localhost"]
+    silos = [s.strip() for s in args.silos.split(",") if s.strip()]
+    creds = write_credentials(args.out, hosts, silos)
+    out = Console()
+    out.print(f"credentials in {creds.root} for SuperLink host(s) {', '.join(hosts)}",
+              soft_wrap=True, highlight=False)
+    out.print(f"  SuperLink: {creds.server_cert.name}, {creds.server_key.name}; "
+              f"every party: {creds.ca_cert.name}", highlight=False)
+    for silo in silos:
+        out.print(f"  silo {silo}: {creds.node_key(silo)} (private, to that silo only), "
+                  f"{creds.node_public_key(silo).name} (register at the SuperLink)",
+                  soft_wrap=True, highlight=False)
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from simulations.report.compare import build_comparison
+    from simulations.report.load import ReportError
+    from simulations.report.render import build_report
+
+    try:
+        with console.status("writing the report"):
+            files = (build_comparison(args.dirs, args.out) if args.command == "compare"
+                     else build_report(args.dir))
+    except ReportError as exc:
+        # Handled here rather than in USER_ERRORS so the report stays one self-contained edit.
+        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        return 2
+    out = Console()
+    # soft_wrap: paths are printed whole, so they can be copied from a narrow terminal.
+    out.print(f"[bold]{files.kind} report[/] {files.html}", soft_wrap=True, highlight=False)
+    out.print(f"[bold]LaTeX tables[/] {files.tex}", soft_wrap=True, highlight=False)
+    out.print(f"[bold]{len(files.csvs)} CSVs[/] {files.html.parent / 'report'}", soft_wrap=True,
+              highlight=False)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(message)s",
+        handlers=[RichHandler(console=console, show_path=False)],
+        force=True,  # Opacus (imported through server.privacy) configures logging on import
+    )
+    from crypto.private_files import PrivateDirError
+
+    try:
+        configure_environment()  # refuses a hijacked private directory in the temp dir
+    except PrivateDirError as exc:
+        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        return 2
+    quiet_engine_logs(args.verbose)
+    from simulations.run.errors import USER_ERRORS
+
+    try:
+        commands = {"run": _run, "deploy": _run, "certs": _certs, "sweep": _sweep,
+                    "generate": _generate, "config": _config, "ledger": _ledger, "keys": _keys,
+                    "report": _report, "compare": _report}
+        if args.command in cli_people.COMMANDS:
+            return cli_people.COMMANDS[args.command](args, console)
+        return commands[args.command](args)
+    except USER_ERRORS as exc:
+        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        return 2
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

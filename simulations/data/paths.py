@@ -1,0 +1,72 @@
+"""Where things live on disk.
+
+Party tables sit in their own directory, one subdirectory per party as each would hold them;
+the generator's truth sits beside them in `simulation/`, never inside a party's folder. A run
+directory holds only what the authority publishes plus the experiment's comparisons.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from crypto.identity import check_party_name
+
+
+@dataclass(frozen=True)
+class Parties:
+    root: Path
+
+    def party(self, name: str) -> Path:
+        return self.root / check_party_name(name)
+
+    @property
+    def truth(self) -> Path:
+        return self.root / "simulation" / "truth.parquet"
+
+    @property
+    def population_json(self) -> Path:
+        return self.root / "simulation" / "population.json"
+
+
+class PathArgumentError(ValueError):
+    """A directory given on the command line that cannot be made; nothing was written."""
+
+
+class RunDirError(FileExistsError):
+    """The run (or party) directory already holds results of another kind."""
+
+
+def check_new_dir(path: Path, flag: str) -> None:
+    """Refuse, before anything is made, a directory `path` that cannot be created or used: a
+    file in its place, a file among its parents (`--out afile/r`), or a nearest existing parent
+    this user cannot write. An existing directory passes (whether it may be reused is the
+    caller's rule)."""
+    path = Path(path)
+    try:
+        if path.exists():
+            if not path.is_dir():
+                raise PathArgumentError(f"{flag} {path}: a file is there, not a directory; "
+                                        f"choose another {flag}")
+            return
+        parent = path.parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+    except PermissionError:
+        raise PathArgumentError(f"{flag} {path}: a parent directory cannot be read (permission "
+                                f"denied); choose another {flag}") from None
+    if parent.is_symlink() and not parent.is_dir():
+        raise PathArgumentError(f"{flag} {path}: {parent} is a broken symbolic link; choose "
+                                f"another {flag}")
+    if not parent.is_dir():
+        raise PathArgumentError(f"{flag} {path}: {parent} is a file, so no directory can be "
+                                f"made under it; choose a {flag} path whose parent is a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PathArgumentError(f"{flag} {path}: cannot create directories in {parent} "
+                                f"(permission denied); choose a writable place for {flag}")
+
+
+def default_parties_dir(out_dir: Path) -> Path:
+    """`runs/x` -> `runs/x.parties`: next to the run, never inside it."""
+    return out_dir.with_name(out_dir.name + ".parties")

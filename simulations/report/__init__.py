@@ -1,0 +1,2 @@
+"""`fedscore report` and `fedscore compare`: finished run directories in, one self-contained
+HTML page (figures embedded) out."""

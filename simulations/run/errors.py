@@ -1,0 +1,54 @@
+"""Errors a user can fix: the CLI prints their message without a traceback."""
+
+from __future__ import annotations
+
+from clients.drift import DriftError
+from clients.messages import ProtocolError
+from clients.reasons import ReasonError
+from clients.silo_data import SiloDataError
+from crypto.at_rest import AtRestError
+from crypto.identity import IdentifierError
+from crypto.psi import PsiError
+from crypto.tls import CredentialError
+from server.audit_log import AuditLogError
+from server.checkpoint import CheckpointError
+from server.config import ConfigError
+from server.explanations import ExplanationError
+from server.federation import FederationError
+from server.labels import LabelDataError
+from server.ledger import LedgerError
+from server.rescore import RescoreError
+from server.split import SplitError
+from simulations.data.paths import PathArgumentError
+from simulations.data.real_data import DataImportError
+from simulations.run.deploy import DeploymentError
+from simulations.run.sweep import SweepError
+
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ConfigError,
+    CheckpointError,
+    SiloDataError,
+    LabelDataError,
+    LedgerError,
+    IdentifierError,
+    AtRestError,
+    FederationError,
+    ProtocolError,
+    PsiError,
+    SplitError,
+    SweepError,
+    DataImportError,
+    DeploymentError,
+    CredentialError,
+    FileExistsError,
+    PermissionError,
+    RescoreError,
+    ExplanationError,
+    AuditLogError,
+    ReasonError,
+    DriftError,
+    PathArgumentError,
+    # A path under a regular file, wherever one is taken that has no check of its own: the
+    # message names the path, and a traceback would add nothing.
+    NotADirectoryError,
+)

@@ -1,0 +1,198 @@
+"""A run directory: claimed once, reopened to resume, filled with results.
+
+config.json (resolved) and run.json (parties, engine) when claimed; manifest.json (versions,
+commit, seed, timings), curves.json and last metrics.json, whose presence marks the run
+finished, when done. Party tables live elsewhere (simulations/data/paths.py).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from crypto.at_rest import Keystore, open_keystore, read_party_file
+from server import run_phases
+from server.config import ConfigError
+from server.metrics import auc
+from server.run_lock import LOCK_FILE
+from simulations.data.paths import Parties, RunDirError, check_new_dir
+from simulations.run.config import ExperimentConfig, from_flat, make_config
+
+Progress = Callable[..., None]
+
+
+Progress = Callable[..., None]
+
+
+def unclaim_run_dir(out_dir: Path) -> None:
+    """Undo open_run's files when an input is refused before the engine starts, so the same
+    --out is free again once the input is fixed. Only what open_run wrote goes."""
+    for name in ("config.json", RUN_FILE):
+        (out_dir / name).unlink(missing_ok=True)
+
+
+def claim_run_dir(out_dir: Path) -> None:
+    # `--out afile/r` and the like: refused with the path named, before anything is made.
+    check_new_dir(out_dir, "--out")
+    # The run lock's own file (taken just before) does not count as a result.
+    if out_dir.exists() and any(p.name != LOCK_FILE for p in out_dir.iterdir()):
+        raise RunDirError(
+            f"{out_dir} already holds files; choose a new --out directory (nothing was changed)"
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+
+RUN_FILE = "run.json"
+
+
+def resume_target(out_dir: Path, overrides: dict | None
+                  ) -> tuple[ExperimentConfig, Path, dict]:
+    """The configuration, parties directory and run.json of an interrupted run in `out_dir`.
+
+    Overrides must agree with the run's own config.json: a resumed run is the same run.
+    """
+    if not (out_dir / "config.json").exists() or not (out_dir / RUN_FILE).exists():
+        raise RunDirError(f"{out_dir} is not a fedscore run directory; nothing to resume")
+    if (out_dir / "metrics.json").exists():
+        raise RunDirError(f"{out_dir} already finished (metrics.json exists); nothing to resume")
+    saved = json.loads((out_dir / "config.json").read_text())
+    cfg = from_flat(saved)
+    if overrides:
+        resolved = cfg.flat()
+        asked = make_config({**resolved, **overrides}).flat()
+        changed = sorted(k for k in asked if asked[k] != resolved[k])
+        if changed:
+            raise ConfigError(
+                f"cannot resume {out_dir} with a different configuration ({', '.join(changed)} "
+                "differ from its config.json); drop those --set options or start a new run"
+            )
+    how = json.loads((out_dir / RUN_FILE).read_text())
+    return cfg, Path(how["parties"]), how
+
+
+class Timer:
+    """Seconds per phase of one run, reported to the progress display as it goes."""
+
+    def __init__(self, progress: Progress | None) -> None:
+        self.progress = progress
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, name: str, fn: Callable, *args):
+        if self.progress:
+            self.progress(name, 0, None)
+        t = time.perf_counter()
+        value = fn(*args)
+        self.seconds[name] = round(time.perf_counter() - t, 3)
+        if self.progress:
+            self.progress(name, 1, 1)
+        return value
+
+
+@dataclass
+class Run:
+    """One run directory being filled: what `finish_run` needs after the federation."""
+
+    cfg: ExperimentConfig
+    out_dir: Path
+    parties: Parties
+    resume: bool
+    started: datetime = field(default_factory=lambda: datetime.now(UTC))
+    t0: float = field(default_factory=time.perf_counter)
+    timer: Timer = field(default_factory=lambda: Timer(None))
+    reused: bool = False
+    authority: dict = field(default_factory=dict)
+
+
+def open_run(cfg: ExperimentConfig, out_dir: Path, parties_dir: Path, resume: bool,
+             progress: Progress | None = None, how: dict | None = None) -> Run:
+    """Claim a new run directory (config.json, run.json), or reopen one to resume. `how`
+    (engine, credentials) goes into run.json, so a resumed run runs the same way."""
+    if not resume:
+        claim_run_dir(out_dir)
+        (out_dir / "config.json").write_text(json.dumps(cfg.flat(), indent=2) + "\n")
+        (out_dir / RUN_FILE).write_text(
+            json.dumps({"parties": str(parties_dir), **(how or {})}) + "\n")
+    return Run(cfg, out_dir, Parties(parties_dir), resume, timer=Timer(progress))
+
+
+def keystore_of(cfg: ExperimentConfig, parties: Parties) -> Keystore | None:
+    # A missing or leaky keystore stops the run here, before anything is written; "auto"
+    # creates `<parties>.keys` on first use.
+    return open_keystore(cfg.authority.storage.keystore, parties.root)
+
+
+def write_results(run: Run, metrics: dict, curves: dict) -> dict:
+    """curves.json, manifest.json, then metrics.json: its presence marks the run finished
+    (sweeps skip finished cells)."""
+    out_dir = run.out_dir
+    (out_dir / "curves.json").write_text(json.dumps(curves) + "\n")
+    manifest = _manifest(run.cfg, run.started, run.timer.seconds, run.reused)
+    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    run_phases.finish(out_dir, "report")
+    return metrics
+
+
+def oracle_auc(parties: Parties, ids: np.ndarray, y: np.ndarray, store: Keystore | None
+                ) -> float:
+    path = parties.truth
+    if not path.exists():
+        path = path.with_name(path.name + ".enc")
+    data = read_party_file(path, "simulation", store)
+    truth = pd.read_parquet(io.BytesIO(data), columns=["phone", "p_true"])
+    idx = pd.Index(truth["phone"].astype(str)).get_indexer(ids)
+    if (idx < 0).any():
+        raise ValueError("the truth table lacks people the run scored; regenerate the parties")
+    return auc(y, truth["p_true"].to_numpy()[idx])
+
+
+def _git_commit() -> str:
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(here), "rev-parse", "HEAD"],
+            capture_output=True, text=True, timeout=5, check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, timeout=5, check=True,
+        ).stdout.strip()
+        return out + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _manifest(cfg: ExperimentConfig, started: datetime, seconds: dict, reused: bool) -> dict:
+    packages = ("fedscore", "flwr", "torch", "opacus", "numpy", "pandas", "pyarrow",
+                "cryptography", "ray")
+    versions = {}
+    for name in packages:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return {
+        "started_at": started.isoformat(timespec="seconds"),
+        "command": sys.argv,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "versions": versions,
+        "git_commit": _git_commit(),
+        "seed": cfg.authority.seed,
+        "population_seed": cfg.population.seed if cfg.generated else None,
+        "data": cfg.data or "generated",
+        "parties_reused": reused,
+        "seconds": seconds,
+    }
