@@ -5,4 +5,5 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 bash scripts/browser-setup.sh  # Debian's Chromium for the report's browser test
 .venv/bin/ruff check .
+.venv/bin/lint-imports --no-cache  # the dependency rules: [tool.importlinter] in pyproject.toml
 .venv/bin/python -m pytest "$@"
