@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Iterable, Sequence
+from typing import cast
 
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.accountant import IAccountant
@@ -53,9 +55,14 @@ def epsilon(kind: str, history: History, delta: float, precise: bool = True) -> 
     return rough if error >= 0.01 else float(acc.get_epsilon(delta, eps_error=error))
 
 
+def _copied(history: Iterable[Sequence[float]]) -> History:
+    # Entries may arrive as lists (from JSON); tuple() copies each as (sigma, q, steps).
+    return cast(History, [tuple(h) for h in history])
+
+
 def add_steps(history: History, sigma: float, q: float, steps: int) -> History:
     """History after `steps` more steps, run-length encoded as Opacus does."""
-    out = [tuple(h) for h in history]
+    out = _copied(history)
     if steps <= 0:
         return out
     if out and out[-1][0] == sigma and out[-1][1] == q:
@@ -67,7 +74,7 @@ def add_steps(history: History, sigma: float, q: float, steps: int) -> History:
 
 def calibrate_sigma(
     target_epsilon: float, delta: float, sample_rate: float, steps: int, kind: str,
-    prefix: History = (),
+    prefix: History | tuple[()] = (),
 ) -> float:
     """The smallest noise multiplier (within 0.5 % of the target epsilon) that keeps `steps`
     steps at `sample_rate`, after the mechanisms already in `prefix`, within
@@ -79,7 +86,7 @@ def calibrate_sigma(
             target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
             steps=steps, accountant=kind, epsilon_tolerance=0.005,
         ))
-    prefix = [tuple(h) for h in prefix]
+    prefix = _copied(prefix)
     if epsilon(kind, prefix, delta) >= target_epsilon:
         raise ValueError(f"the mechanisms before training already spend epsilon "
                          f"{epsilon(kind, prefix, delta):.3g} >= {target_epsilon:g}")

@@ -36,7 +36,7 @@ def enabled() -> bool:
 def payload_bytes(msg: Message) -> bytes:
     """Everything a message carries: array buffers, config values, error reasons."""
     if msg.has_error():
-        return msg.error.reason.encode()
+        return (msg.error.reason or "").encode()  # Flower allows an error without a reason
     parts: list[bytes] = []
     for record in msg.content.values():
         for key, value in record.items():
@@ -102,7 +102,7 @@ def _record_structured(directory: Path, side: str, msg: Message, silo: str | Non
     directory.mkdir(parents=True, exist_ok=True)
     stem = f"{info['time_ns']}-{os.getpid()}-{next(_SEQUENCE):06d}-{side}"
     buf = io.BytesIO()
-    np.savez(buf, **arrays)
+    np.savez(buf, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as allow_pickle
     (directory / f"{stem}.npz").write_bytes(buf.getvalue())
     # The .json goes last: a reader takes a message as complete once its .json exists.
     tmp = directory / f"{stem}.json.partial"

@@ -89,9 +89,9 @@ class Defaults:
 
 def silo_dir(context: Context, defaults: Defaults) -> Path:
     root = context.node_config.get("data-dir") or context.run_config.get("data-dir")
-    if root is None and defaults.root is None:
-        raise SiloDataError("no data directory: set node config or run config 'data-dir'")
     base = Path(str(root)) if root else defaults.root
+    if base is None:
+        raise SiloDataError("no data directory: set node config or run config 'data-dir'")
     return base / silo_name(context, defaults)
 
 
@@ -173,9 +173,9 @@ def _checkpoint_dir(context: Context, defaults: Defaults, run_key: str) -> Path:
 
 
 def _save_round(context: Context, defaults: Defaults, round_: int) -> None:
-    cfg = context.state["model"]
+    cfg = m.config_record(context.state, "model")
     directory = _checkpoint_dir(context, defaults, str(cfg["run"]))
-    _write_file(context, defaults, directory, f"round-{round_}.pt", bytes(cfg["blob"]))
+    _write_file(context, defaults, directory, f"round-{round_}.pt", m.config_bytes(cfg, "blob"))
     for old in directory.glob("round-*.pt*"):
         if int(old.name.split("-")[1].split(".")[0]) < round_ - 1:
             old.unlink(missing_ok=True)
@@ -233,7 +233,7 @@ def contribution_summary(values: np.ndarray, rng: np.random.Generator | None
     total = max(counts.sum(), 1.0)
     mean = float(counts @ centres / total)
     cdf = np.cumsum(counts) / total
-    q10, q50, q90 = (float(centres[min(np.searchsorted(cdf, q), len(centres) - 1)])
+    q10, q50, q90 = (float(centres[min(int(np.searchsorted(cdf, q)), len(centres) - 1)])
                      for q in SUMMARY_QUANTILES)
     return {"summary.mean": mean, "summary.mad": float(counts @ np.abs(centres - mean) / total),
             "summary.q10": q10, "summary.q50": q50, "summary.q90": q90}
@@ -365,7 +365,8 @@ def _journal(context: Context, defaults: Defaults) -> Journal:
     directory.mkdir(parents=True, exist_ok=True)
     tag = "plaintext"
     if "mask" in context.state:  # named by a digest of the public key, never the secret
-        public = PairwiseKeys(bytes(context.state["mask"]["secret"])).public
+        secret = m.config_bytes(m.config_record(context.state, "mask"), "secret")
+        public = PairwiseKeys(secret).public
         tag = hashlib.sha256(public).hexdigest()[:16]
     return Journal(directory / JOURNAL_FILE.format(tag=tag))
 
@@ -400,8 +401,8 @@ def _masked(context: Context, defaults: Defaults, values: np.ndarray, round_: in
             purpose: str, binding: bytes) -> np.ndarray:
     if "mask" not in context.state:
         raise m.ProtocolError("secure aggregation without pairwise keys: send query.peers first")
-    record = context.state["mask"]
-    shared = {k.removeprefix("peer."): bytes(v) for k, v in record.items()
+    record = m.config_record(context.state, "mask")
+    shared = {k.removeprefix("peer."): m.config_bytes(record, k) for k in record
               if k.startswith("peer.")}
     if not shared:
         raise m.ProtocolError("secure aggregation needs at least two silos")
@@ -427,21 +428,21 @@ def _model() -> ModuleType:
 def _trainer(context: Context, defaults: Defaults) -> SiloTrainer:
     if "model" not in context.state:
         raise m.ProtocolError("no model yet: the authority must send query.align first")
-    cfg = context.state["model"]
+    cfg = m.config_record(context.state, "model")
     model = _model()
-    trainer = model.SiloTrainer(int(cfg["inputs"]), model.ModelSpec.from_config(dict(cfg)),
-                                int(cfg["salt"]), random=silo_random(context, defaults),
+    trainer = model.SiloTrainer(m.config_int(cfg, "inputs"), model.ModelSpec.from_config(dict(cfg)),
+                                m.config_int(cfg, "salt"), random=silo_random(context, defaults),
                                 run_key=str(cfg["run"]))
-    trainer.load_bytes(bytes(cfg["blob"]))
+    trainer.load_bytes(m.config_bytes(cfg, "blob"))
     return trainer
 
 
 def _save_trainer(context: Context, trainer: SiloTrainer) -> None:
-    context.state["model"]["blob"] = trainer.to_bytes()
+    m.config_record(context.state, "model")["blob"] = trainer.to_bytes()
 
 
 def _rows(context: Context, positions: np.ndarray) -> np.ndarray:
-    pos2row = context.state["align"]["pos2row"].numpy()
+    pos2row = m.array_record(context.state, "align")["pos2row"].numpy()
     if len(positions) and (positions.min() < 0 or positions.max() >= len(pos2row)):
         raise m.ProtocolError(f"positions outside 0..{len(pos2row) - 1}")
     rows = pos2row[positions]
@@ -516,15 +517,16 @@ def make_client_app(root: Path | None = None, keystore: Path | None = None,
     def psi_finish(msg: Message, context: Context) -> Message:
         if "psi" not in context.state:
             raise m.ProtocolError("psi_finish without psi_blind")
-        state = context.state["psi"]
+        state = m.config_record(context.state, "psi")
         del context.state["psi"]  # the blinding key is single-use, even when refused below
         points = m.get_array(msg, "points", np.uint8, 2)
-        if len(points) > int(state["set_size"]):
+        declared = m.config_int(state, "set_size")
+        if len(points) > declared:
             raise m.ProtocolError(f"psi_finish sent {len(points)} points after declaring "
-                                  f"{int(state['set_size'])}")
+                                  f"{declared}")
         psi_claim(msg, context, "finish")
         # The authority's points: canonical, on the curve (not the twist), not low order.
-        points = PsiKey(bytes(state["secret"])).blind(points)
+        points = PsiKey(m.config_bytes(state, "secret")).blind(points)
         return Message(m.make_content(points=points), reply_to=msg)
 
     @app.query("align")
@@ -591,7 +593,7 @@ def make_client_app(root: Path | None = None, keystore: Path | None = None,
         signatures = {k.removeprefix("sig."): bytes(v) for k, v in config.items()
                       if k.startswith("sig.")}
         me = silo_name(context, defaults)
-        keys = PairwiseKeys(bytes(context.state["mask"]["secret"]))
+        keys = PairwiseKeys(m.config_bytes(m.config_record(context.state, "mask"), "secret"))
         run_key = str(context.state["model"]["run"])
         _checked_peers(silo_roster(context, defaults), run_key, me, keys.public, publics,
                        signatures)
@@ -836,7 +838,7 @@ def _repeated_step(msg: Message, context: Context) -> Message | None:
     round_ = int(m.get_config(msg).get("round", 0))
     if "last.step" not in context.state:
         return None
-    last = int(context.state["last.step"]["round"])
+    last = m.config_int(m.config_record(context.state, "last.step"), "round")
     if round_ == last:
         log.warning("step %d arrived again; answering from the cache", round_)
         reply = m.make_content(dict(context.state["last.config"]))

@@ -109,6 +109,8 @@ def apply(matrix: SiloMatrix, silo_dir: Path, silo: str, store: Keystore | None,
     for field, part in latest.assign(row=rows).groupby("field"):
         table.loc[table.index[part["row"].to_numpy()], field] = part["value"].to_numpy()
     changed = np.unique(rows)
+    if matrix.prep is None:
+        raise SiloDataError(f"silo {silo!r}: the matrix carries no preparation to re-apply")
     x = matrix.x.copy()
     x[changed] = matrix.prep.transform(table.iloc[changed])
     return SiloMatrix(x=x, columns=matrix.columns, ids=matrix.ids, prep=matrix.prep)

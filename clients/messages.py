@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import hashlib
 import struct
+from collections.abc import Mapping
+from typing import Literal, overload
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, RecordDict
@@ -78,6 +80,72 @@ def get_config(msg: Message) -> dict:
     return dict(msg.content["config"]) if "config" in msg.content else {}
 
 
+# Typed reads of records and config values. Flower types a RecordDict entry as any record kind
+# and a config value as any config type; these check the runtime type, so a peer (or a stale
+# node state) with the wrong kind fails as a ProtocolError naming the key instead of somewhere
+# later. An absent key still raises KeyError, as plain indexing does.
+
+
+def config_record(content: RecordDict, key: str) -> ConfigRecord:
+    record = content[key]
+    if not isinstance(record, ConfigRecord):
+        raise ProtocolError(f"record {key!r} is a {type(record).__name__}, not a ConfigRecord")
+    return record
+
+
+def array_record(content: RecordDict, key: str) -> ArrayRecord:
+    record = content[key]
+    if not isinstance(record, ArrayRecord):
+        raise ProtocolError(f"record {key!r} is a {type(record).__name__}, not an ArrayRecord")
+    return record
+
+
+def _wrong_type(key: str, value: object, expected: str) -> ProtocolError:
+    return ProtocolError(f"config {key!r} is a {type(value).__name__}, expected {expected}")
+
+
+def config_int(config: Mapping[str, object], key: str) -> int:
+    value = config[key]
+    if not isinstance(value, int):  # bool included: int(True) was always accepted
+        raise _wrong_type(key, value, "an int")
+    return int(value)
+
+
+def config_float(config: Mapping[str, object], key: str) -> float:
+    value = config[key]
+    if not isinstance(value, int | float):  # an int is a valid float setting (`--set lr=1`)
+        raise _wrong_type(key, value, "a number")
+    return float(value)
+
+
+def config_bytes(config: Mapping[str, object], key: str) -> bytes:
+    value = config[key]
+    if not isinstance(value, bytes):
+        raise _wrong_type(key, value, "bytes")
+    return value
+
+
+def config_floats(config: Mapping[str, object], key: str) -> list[float]:
+    value = config[key]
+    if not isinstance(value, list) or not all(isinstance(v, int | float) for v in value):
+        raise _wrong_type(key, value, "a list of numbers")
+    return [float(v) for v in value]
+
+
+def _arrays(content: RecordDict) -> ArrayRecord | None:
+    return array_record(content, "arrays") if "arrays" in content else None
+
+
+@overload
+def get_array(msg: Message, key: str, dtype: type | None = ..., ndim: int | None = ...,
+              required: Literal[True] = ...) -> np.ndarray: ...
+
+
+@overload
+def get_array(msg: Message, key: str, dtype: type | None = ..., ndim: int | None = ...,
+              required: bool = ...) -> np.ndarray | None: ...
+
+
 def get_array(
     msg: Message,
     key: str,
@@ -86,7 +154,7 @@ def get_array(
     required: bool = True,
 ) -> np.ndarray | None:
     """Read array `key`, checking dtype and rank so a malformed peer fails loudly here."""
-    record = msg.content.get("arrays", None)
+    record = _arrays(msg.content)
     if record is None or key not in record:
         if required:
             raise ProtocolError(f"message {msg.metadata.message_type} lacks array {key!r}")
@@ -119,13 +187,14 @@ def content_digest(content: RecordDict, *, skip: tuple[str, ...] = ()) -> bytes:
         put(key.encode())
         put(type(value).__name__.encode())
         put(bytes(value) if isinstance(value, bytes) else repr(value).encode())
-    record = content.get("arrays", None)
-    for key in sorted(record or ()):
-        value = np.ascontiguousarray(record[key].numpy())
-        put(key.encode())
-        put(value.dtype.str.encode())
-        put(repr(value.shape).encode())
-        put(value.tobytes())
+    record = _arrays(content)
+    if record is not None:
+        for key in sorted(record):
+            array = np.ascontiguousarray(record[key].numpy())
+            put(key.encode())
+            put(array.dtype.str.encode())
+            put(repr(array.shape).encode())
+            put(array.tobytes())
     return h.digest()
 
 

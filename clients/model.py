@@ -212,6 +212,9 @@ class SiloTrainer:
         self.run_key = run_key
         self.base, opt = build(n_inputs, spec, salt)
         self.history: History = []
+        # Opacus's wrappers under DP-SGD, the plain model and Adam otherwise.
+        self.model: nn.Module
+        self.opt: torch.optim.Optimizer
         if spec.dp:
             self.model, self.opt = make_private(
                 self.base, opt, noise_multiplier=spec.noise_multiplier,
@@ -266,7 +269,8 @@ class SiloTrainer:
                 out.backward(torch.from_numpy(gb))
             elif self.spec.dp:
                 for p in self.base.parameters():
-                    p.grad_sample = torch.zeros((0, *p.shape))
+                    # Opacus's per-sample field, which torch's stubs do not declare
+                    p.grad_sample = torch.zeros((0, *p.shape))  # type: ignore[attr-defined]
             if self.spec.dp:
                 assert self.random is not None
                 assert isinstance(self.opt, SecretNoiseDPOptimizer)

@@ -45,6 +45,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from clients import capture
 from clients import messages as m
 from clients.client_app import Defaults, node_store
+from clients.model import BottomModel
 from clients.region_data import (
     RegionData,
     RegionDataError,
@@ -141,19 +142,19 @@ def _guarded(handler: Callable[[Message, Context], Message]) -> Callable:
     return run
 
 
-def _model_from(msg: Message, n_inputs: int, spec: LocalSpec) -> torch.nn.Module:
+def _model_from(msg: Message, n_inputs: int, spec: LocalSpec) -> BottomModel:
     if "arrays" not in msg.content:
         raise m.ProtocolError("the message carries no model (an 'arrays' record)")
     model = global_model(n_inputs, spec)
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    model.load_state_dict(m.array_record(msg.content, "arrays").to_torch_state_dict())
     return model
 
 
 def _history(context: Context) -> list[tuple[float, float, int]]:
     if "privacy" not in context.state:
         return []
-    flat = list(context.state["privacy"]["history"])
-    return [(float(flat[i]), float(flat[i + 1]), int(flat[i + 2]))
+    flat = m.config_floats(m.config_record(context.state, "privacy"), "history")
+    return [(flat[i], flat[i + 1], int(flat[i + 2]))
             for i in range(0, len(flat), 3)]
 
 
@@ -167,7 +168,7 @@ def _save_history(context: Context, history: list, plan: Plan) -> None:
 def _plan(context: Context, n_train: int, spec: LocalSpec) -> Plan:
     """The plan is fixed at the first round and kept for the whole run."""
     if "privacy" in context.state and "plan" in context.state["privacy"]:
-        q, steps, sigma, delta = context.state["privacy"]["plan"]
+        q, steps, sigma, delta = m.config_floats(m.config_record(context.state, "privacy"), "plan")
         return Plan(float(q), int(steps), float(sigma), float(delta))
     return Plan.make(n_train, spec)
 
@@ -200,7 +201,7 @@ def make_region_app(root: Path | None = None, keystore: Path | None = None,
         cfg = dict(msg.content["config"]) if "config" in msg.content else {}
         try:
             spec = LocalSpec.from_config(cfg)
-            train, val = float(cfg["split.train"]), float(cfg["split.val"])
+            train, val = m.config_float(cfg, "split.train"), m.config_float(cfg, "split.val")
         except KeyError as exc:
             raise m.ProtocolError(f"the plan lacks {exc}") from None
         data, split = region_data(context, defaults, spec.seed, train, val)
@@ -212,7 +213,7 @@ def make_region_app(root: Path | None = None, keystore: Path | None = None,
         spec, data, split = setup(msg, context)
         cfg = dict(msg.content["config"])
         # FedProx's strategy sends its mu with the round; it overrides the plan's.
-        spec_mu = float(cfg.get("proximal-mu", spec.proximal_mu))
+        spec_mu = m.config_float(cfg, "proximal-mu") if "proximal-mu" in cfg else spec.proximal_mu
         spec = LocalSpec(**{**spec.__dict__, "proximal_mu": spec_mu})
         rows = split == 0
         model = _model_from(msg, data.x.shape[1], spec)
@@ -261,7 +262,7 @@ def make_region_app(root: Path | None = None, keystore: Path | None = None,
         if spec.user_level:
             # No size, plan or history: the size (and q, delta, which follow from it) would
             # be exact aggregates about the region outside the user-level guarantee.
-            reply = {"region": region_name(context, defaults)}
+            reply: dict = {"region": region_name(context, defaults)}
             return Message(m.make_content(reply), reply_to=msg)
         plan = _plan(context, int((split == 0).sum()), spec)
         history = _history(context)

@@ -155,7 +155,8 @@ def train_round(model: BottomModel, x: np.ndarray, y: np.ndarray, spec: LocalSpe
             losses.append(float(loss.detach()))
         elif spec.dp:  # an empty Poisson sample is still a noised step on the accountant
             for p in model.parameters():
-                p.grad_sample = torch.zeros((0, *p.shape))
+                # Opacus's per-sample field, which torch's stubs do not declare
+                p.grad_sample = torch.zeros((0, *p.shape))  # type: ignore[attr-defined]
         else:
             continue
         if isinstance(opt, SecretNoiseDPOptimizer):
@@ -180,6 +181,8 @@ def _step(opt: torch.optim.Optimizer, model: torch.nn.Module, anchor: list[torch
     if mu > 0:
         with torch.no_grad():
             for p, a in zip(model.parameters(), anchor, strict=True):
+                if p.grad is None:  # cannot happen: the step above filled every gradient
+                    raise RuntimeError("FedProx: a parameter has no gradient to add mu to")
                 p.grad.add_(p.detach() - a, alpha=mu)
     inner.step()
 

@@ -201,9 +201,8 @@ def silo_schema(silo_dir: Path, silo: str) -> TableSchema:
     check_party_name(silo, "silo")
     raw = _read_schema(silo_dir)
     if raw is None:
-        features = SILO_FEATURES.get(silo)
-        if features is None:
-            feature_names(silo)  # the error naming the known silos
+        feature_names(silo)  # the error naming the known silos, when `silo` is none of them
+        features = SILO_FEATURES[silo]
         return TableSchema(features=tuple(f.name for f in features),
                            kinds=tuple(sorted((f.name, f.kind) for f in features)),
                            ranges=tuple(sorted((f.name, f.bounds) for f in features

@@ -293,8 +293,8 @@ class Preparation:
         floor = np.maximum(MIN_SCALE**2, sigma / n * np.sqrt(1.0 + 4.0 * mean * mean))
         scale = np.sqrt(np.clip(second - mean * mean, np.minimum(floor, 1.0), 1.0))
         names = [*numeric, *(f"{c}__missing" for c in numeric)]
-        for col, values in categories:
-            names += [f"{col}={v:g}" for v in values] + [f"{col}=missing"]
+        for col, levels in categories:
+            names += [f"{col}={v:g}" for v in levels] + [f"{col}=missing"]
         release = StatisticsRelease(multiplier, sensitivity, tuple(histogram), threshold,
                                     _frozen(noisy[0]), _frozen(noisy[1]), _frozen(noisy[2]))
         return cls(silo, tuple(numeric), transforms, _frozen(low), _frozen(high), _frozen(mean),

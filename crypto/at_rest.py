@@ -153,7 +153,7 @@ class Keystore:
             )
 
 
-def _crypt(key: Key, nonce: bytes, data: bytes, aad: bytes, encrypt: bool) -> bytes:
+def _crypt(key: Key, nonce: bytes, data: bytes | memoryview, aad: bytes, encrypt: bool) -> bytes:
     # Checked again here, for keys made outside Keystore.key: the suite fixes the key length.
     if len(key.material) != SUITES[key.suite][1]:
         raise AtRestError(f"a {key.suite} key must be {SUITES[key.suite][1]} bytes; refusing a "

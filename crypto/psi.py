@@ -113,7 +113,7 @@ def hash_to_field(messages: Iterable[bytes], dst: bytes = DST) -> list:
     tail0 = FIELD_BYTES.to_bytes(2, "big") + b"\x00" + dst_prime
     tail1 = b"\x01" + dst_prime
     sha512, from_bytes = hashlib.sha512, _from_bytes
-    out = []
+    out: list = []
     append = out.append
     for msg in messages:
         h = zpad.copy()
@@ -141,7 +141,7 @@ def elligator2_u(us: Sequence) -> list:
     x1 = -A / (1 + 2 u^2); x1 if x1^3 + A x1^2 + x1 is a square, else -x1 - A."""
     # 1 + 2u^2 is never 0: -1/2 is not a square mod p (p = 5 mod 8), so no exceptional case.
     inverses = _batch_invert([(2 * u * u + 1) % _P for u in us])
-    out = []
+    out: list = []
     append = out.append
     for inv in inverses:
         x1 = _NEG_A * inv % _P
@@ -150,7 +150,7 @@ def elligator2_u(us: Sequence) -> list:
     return out
 
 
-def _hash_chunk(ids: Sequence) -> bytes:
+def _hash_chunk(ids: Iterable) -> bytes:
     """Map identifiers to 32-byte little-endian u-coordinates of the map output Q (a pool
     job: top-level, plain arguments)."""
     us = elligator2_u(hash_to_field([str(i).encode() for i in ids], DST))

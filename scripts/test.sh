@@ -6,4 +6,5 @@ bash scripts/setup.sh
 bash scripts/browser-setup.sh  # Debian's Chromium for the report's browser test
 .venv/bin/ruff check .
 .venv/bin/lint-imports --no-cache  # the dependency rules: [tool.importlinter] in pyproject.toml
+.venv/bin/mypy  # types: [tool.mypy] in pyproject.toml
 .venv/bin/python -m pytest "$@"

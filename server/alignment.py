@@ -59,7 +59,7 @@ def private_intersections(
         # silo (with three silos on two cores, one of them always runs alone at the end).
         for silo, reply in fed.each(pending):
             points = m.get_array(reply, "points", np.uint8, 2)
-            finishing.update(fed.push(m.PSI_FINISH, {silo: m.make_content(points=own)}))
+            finishing.update(fed.push(m.PSI_FINISH, {str(silo): m.make_content(points=own)}))
             theirs[silo] = key.blind(points, pool=pool)  # checked: canonical, on the curve
     doubled = {s: m.get_array(r, "points", np.uint8, 2)
                for s, r in fed.collect(finishing).items()}

@@ -91,7 +91,7 @@ def _write_npz(target: Path, store: Keystore | None = None, **arrays: np.ndarray
     """Atomic; encrypted and bound to the file's name when a keystore is given."""
     target.parent.mkdir(exist_ok=True)
     buf = io.BytesIO()
-    np.savez(buf, **arrays)
+    np.savez(buf, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as allow_pickle
     data = buf.getvalue()
     if store is not None:
         data = encrypt(store, data, _context(target))

@@ -391,7 +391,7 @@ def flat_fields(cls: type, prefix: str = "") -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             out.update(flat_fields(tp, f"{prefix}{f.name}."))
         else:
             out[f"{prefix}{f.name}"] = tp
@@ -477,7 +477,7 @@ def build(cls: type, flat: dict[str, Any], prefix: str = "") -> Any:
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         key = f"{prefix}{f.name}"
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             kwargs[f.name] = _build_section(tp, flat, f"{key}.")
         elif key in flat:
             kwargs[f.name] = flat[key]

@@ -48,6 +48,8 @@ UNDELIVERABLE = (ErrorCode.NODE_UNAVAILABLE, ErrorCode.MESSAGE_UNAVAILABLE,
 def _reason(msg: Message) -> str:
     """The readable part of an error reply (the simulation engine wraps tracebacks around it)."""
     reason = msg.error.reason
+    if reason is None:  # Flower allows an error without a reason
+        return f"error {msg.error.code} (no reason given)"
     if msg.error.code in m.SILO_CODES:
         return reason
     found = re.findall(r"Message: (.+?)(?:'>|$)", reason, flags=re.S)

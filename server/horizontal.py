@@ -36,8 +36,9 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -170,7 +171,16 @@ def _reply_key(msg: Message) -> str:
     return h.hexdigest()
 
 
-class _InContentOrder:
+# The mixins below reach the strategy they are mixed into through super(): mypy needs such a
+# base spelled out; at run time it stays object, so the classes' MRO is what it was.
+if TYPE_CHECKING:
+    _MixedIntoFedAvg = FedAvg
+    _MixedIntoClipping = DifferentialPrivacyServerSideFixedClipping
+else:
+    _MixedIntoFedAvg = _MixedIntoClipping = object
+
+
+class _InContentOrder(_MixedIntoFedAvg):
     """Aggregate the replies in an order fixed by their content, not by their arrival: a float
     sum depends on its order, and the server's noise stream is bound to the aggregate."""
 
@@ -193,7 +203,7 @@ def arrays_digest(arrays: list[np.ndarray]) -> str:
     return h.hexdigest()[:32]
 
 
-class _SecretNoise:
+class _SecretNoise(_MixedIntoClipping):
     """Flower's fixed-clipping wrappers with their Gaussian noise drawn from the server's secret
     stream instead of numpy's global generator (which a known seed or state would replay).
 
@@ -240,15 +250,24 @@ def plan_digest(plan: ConfigRecord) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
+def _metric(record: Mapping[str, object], key: str) -> float:
+    """A region's metric as a float; Flower also allows lists, which no region sends."""
+    value = record[key]
+    if not isinstance(value, int | float):
+        raise TypeError(f"metric {key!r} is a {type(value).__name__}, not a number")
+    return float(value)
+
+
 def build_strategy(cfg: AuthorityConfig, sigma_user: float, random: SecretRandom | None = None,
                    stream: tuple = ()) -> Strategy:
     h, r = cfg.horizontal, cfg.regions
     user_dp = h.dp == "user" and cfg.privacy.dp_sgd
     # Under user-level DP the regions send no validation metrics (outside the guarantee): the
     # experiment evaluates each round's global model itself.
-    common = {"fraction_train": 1.0, "fraction_evaluate": 0.0 if user_dp else 1.0,
-              "min_train_nodes": r, "min_evaluate_nodes": 0 if user_dp else r,
-              "min_available_nodes": r, "weighted_by_key": "weight"}
+    common: dict[str, Any] = {
+        "fraction_train": 1.0, "fraction_evaluate": 0.0 if user_dp else 1.0,
+        "min_train_nodes": r, "min_evaluate_nodes": 0 if user_dp else r,
+        "min_available_nodes": r, "weighted_by_key": "weight"}
     base: Strategy = (OrderedFedProx(**common, proximal_mu=h.proximal_mu)
                       if h.strategy == "fedprox" else OrderedFedAvg(**common))
     if not user_dp:
@@ -284,7 +303,7 @@ def run_regions(grid: Grid, cfg: AuthorityConfig, out_dir: Path, run_key: str,
     _privacy(grid, plan, cfg.reply_timeout)
     user_dp = spec.user_level
     delta_user = user_delta(cfg, declared_people) if user_dp else None
-    sigma_user = user_sigma(cfg, delta_user) if user_dp else 0.0
+    sigma_user = user_sigma(cfg, delta_user) if delta_user is not None else 0.0
     strategy = build_strategy(cfg, sigma_user, random, ("horizontal", plan_digest(plan)))
     history: list[dict] = []
     round_models: dict[int, dict] = {}
@@ -304,7 +323,8 @@ def run_regions(grid: Grid, cfg: AuthorityConfig, out_dir: Path, run_key: str,
     for round_ in range(1, h.rounds + 1):
         row: dict = {"round": round_}
         for source in (result.train_metrics_clientapp, result.evaluate_metrics_clientapp):
-            row.update({k: float(v) for k, v in dict(source.get(round_, {})).items()
+            metrics = dict(source.get(round_, {}))
+            row.update({k: _metric(metrics, k) for k in metrics
                         if k not in ("weight", "num-examples")})
         history.append(row)
     train_seconds = time.perf_counter() - t0

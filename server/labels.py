@@ -18,6 +18,7 @@ import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -103,7 +104,7 @@ def supported_config(cfg: EligibilityConfig, schema: TableSchema) -> Eligibility
     (real data); unchanged for the generated layout (no schema.json)."""
     if schema.eligibility_columns is None:
         return cfg
-    changes = {}
+    changes: dict[str, Any] = {}
     for column in cfg.required_columns():
         if column not in schema.eligibility_columns:
             name, off, _ = _SWITCHES[column]

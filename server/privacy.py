@@ -336,7 +336,7 @@ class PrivacyPlan:
             "epsilon": {
                 # The headline: the combined released model, for every person (training people
                 # through DP-SGD, validation people through the calibration).
-                "model": max(train_eps, val_eps or 0.0) if dp else None,
+                "model": max(train_eps, val_eps or 0.0) if train_eps is not None else None,
                 "model_by_population": {"train": train_eps, "val": val_eps} if dp else None,
                 "model_per_party": {"note": PER_PARTY_NOTE,
                                     **dict.fromkeys(self.parties, per_party)} if dp else None,

@@ -15,11 +15,20 @@ outputs) and is released with the model, so it needs its own eps_model like any 
 
 from __future__ import annotations
 
+from typing import cast
+
 import numpy as np
 import torch
 from torch import nn
 
-from clients.model import ModelSpec, hidden_layers, load_state_bytes, make_private, state_bytes
+from clients.model import (
+    ModelSpec,
+    SecretNoiseDPOptimizer,
+    hidden_layers,
+    load_state_bytes,
+    make_private,
+    state_bytes,
+)
 from crypto.secret_random import SecretRandom
 from server.label_dp import corrected_gradient
 
@@ -67,6 +76,9 @@ class _Head:
         self.random, self.run_key = random, run_key
         self.steps = 0  # DP-SGD steps taken: step t's noise is the stream (run, t)
         opt = torch.optim.Adam(module.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
+        # Opacus's wrappers under DP-SGD, the plain module and Adam otherwise.
+        self.module: nn.Module
+        self.opt: torch.optim.Optimizer
         if spec.dp:
             self.module, self.opt = make_private(
                 module, opt, noise_multiplier=spec.noise_multiplier,
@@ -82,8 +94,9 @@ class _Head:
 
     def _step(self) -> None:
         """One optimiser step; under DP its noise comes from the authority's secret stream."""
-        if self.dp:
-            self.opt.noise_rng = self.random.generator("head-noise", self.run_key, self.steps)
+        if self.dp:  # make_private built self.opt
+            dp_opt = cast(SecretNoiseDPOptimizer, self.opt)
+            dp_opt.noise_rng = self.random.generator("head-noise", self.run_key, self.steps)
             self.steps += 1
         self.opt.step()
 
@@ -91,7 +104,8 @@ class _Head:
         """A Poisson batch can be empty: under DP the noisy step still happens and counts."""
         if self.dp:
             for p in self.base.parameters():
-                p.grad_sample = torch.zeros((0, *p.shape))
+                # Opacus's per-sample field, which torch's stubs do not declare
+                p.grad_sample = torch.zeros((0, *p.shape))  # type: ignore[attr-defined]
             self._step()
 
     def _loss_grad(self, z: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -100,6 +114,7 @@ class _Head:
 
 
 class BiasHead(_Head):
+    base: nn.Linear  # the one-weight layer __init__ passes up
     """`sum` mode: z = b + sum_k g_k; `inputs` is the decoded sum, one value per row."""
 
     def __init__(self, prior: float, spec: ModelSpec, rho: float, random: SecretRandom,
@@ -165,6 +180,8 @@ class MlpHead(_Head):
                 z = self.module(e)
                 g = self._loss_grad(z.detach().numpy().astype(np.float64), y[start:stop])
                 z.backward(torch.from_numpy(g))
+                if e.grad is None:  # cannot happen: e requires grad and z depends on it
+                    raise RuntimeError("the head's backward pass left no input gradient")
                 grads[start:stop] = e.grad.numpy()
                 self._step()
             else:

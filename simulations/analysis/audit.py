@@ -155,7 +155,7 @@ def _is_integral(x: np.ndarray) -> bool:
 
 
 def _epsilon_one_direction(
-    tpr_low: np.ndarray, fpr_high: np.ndarray, delta: float
+    tpr_low: FloatOrArray, fpr_high: FloatOrArray, delta: float
 ) -> np.ndarray:
     """max(0, log((tpr_low - delta) / fpr_high)) elementwise; inf when fpr_high is 0."""
     gain = tpr_low - delta
@@ -166,7 +166,7 @@ def _epsilon_one_direction(
 
 
 def _epsilon_both_directions(
-    tpr_low: np.ndarray, fpr_high: np.ndarray, delta: float
+    tpr_low: FloatOrArray, fpr_high: FloatOrArray, delta: float
 ) -> np.ndarray:
     """The larger bound of the two DP inequalities; the second uses TNR >= 1 - fpr_high and
     FNR <= 1 - tpr_low, which hold on the same confidence event as the first."""

@@ -13,7 +13,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -90,7 +90,7 @@ class _Joint(torch.nn.Module):
     """The whole model in one module, so Opacus can clip each person's whole gradient: the
     silos' parts summed plus a bias (`sum`), or a head over their embeddings (`concat`)."""
 
-    def __init__(self, parts: list[torch.nn.Module], prior: float,
+    def __init__(self, parts: Sequence[torch.nn.Module], prior: float,
                  head: torch.nn.Module | None = None) -> None:
         super().__init__()
         self.parts = torch.nn.ModuleList(parts)
@@ -167,7 +167,8 @@ def train_central(
                 loss_fn(logits(batch, module), y[batch]).backward()
             elif dp:
                 for p in model.parameters():
-                    p.grad_sample = torch.zeros((0, *p.shape))
+                    # Opacus's per-sample field, which torch's stubs do not declare
+                    p.grad_sample = torch.zeros((0, *p.shape))  # type: ignore[attr-defined]
             if dp:
                 opt.noise_rng = noise.generator("baseline-noise", steps)  # type: ignore[attr-defined]
                 steps += 1

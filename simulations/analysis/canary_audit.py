@@ -187,7 +187,7 @@ def canary_scores(per_step: np.ndarray, statistic: str, sigma: float, blocks: in
 
 
 def _block(m: int, max_grad_norm: float, noise_multiplier: float, expected_batch: int
-           ) -> tuple[nn.Module, nn.Module, SecretNoiseDPOptimizer]:
+           ) -> tuple[nn.Linear, nn.Module, SecretNoiseDPOptimizer]:
     """One party's canary coordinates: a bias-free linear map with one weight per canary, so a
     canary's row (one-hot) has per-sample gradient only in its own coordinate."""
     base = nn.Linear(m, 1, bias=False, dtype=torch.float64)
@@ -232,12 +232,15 @@ def run_mechanism(included: np.ndarray, *, noise_multiplier: float, blocks: int,
                     # canary row's per-sample gradient is gain in its own coordinate.
                     (gain * private(x).mean()).backward()
                 else:  # an empty Poisson batch is still a step: noise only
-                    base.weight.grad_sample = torch.zeros((0, *base.weight.shape),
-                                                          dtype=torch.float64)
+                    # Opacus's per-sample field, which torch's stubs do not declare
+                    base.weight.grad_sample = torch.zeros(  # type: ignore[attr-defined]
+                        (0, *base.weight.shape), dtype=torch.float64)
                 opt.noise_rng = noise[b]
                 opt.step()
                 # The white-box view: the step's noisy sum (the optimizer divided it by
                 # expected_batch, as training does).
+                if base.weight.grad is None:  # cannot happen: the step noised it in
+                    raise RuntimeError("the DP step left the canary weights without a gradient")
                 observed[t] += base.weight.grad.detach().reshape(-1)
     per_step = observed.numpy() * (expected_batch / max_grad_norm)  # in units of C
     return per_step

@@ -94,6 +94,12 @@ def read_messages(capture_dir: Path) -> list[Captured]:
     return sorted(out, key=lambda c: c.time_ns)
 
 
+def _cuts(sizes: np.ndarray | None) -> np.ndarray:
+    """Where a concatenated plan splits into its batches; without sizes, nowhere: the plan
+    counts whole (as np.cumsum(None)[:-1], an empty array, had it)."""
+    return np.cumsum(sizes)[:-1] if sizes is not None else np.array([], dtype=np.int64)
+
+
 @dataclass(frozen=True)
 class Step:
     """One `train.step` as a silo received it."""
@@ -127,7 +133,9 @@ class SiloView:
         for s in self.steps:
             if s.grad is None:
                 continue
-            cuts = np.cumsum(s.done_sizes)[:-1]
+            if s.done_plan is None:  # the authority sends a gradient with the plan it answers
+                raise ValueError(f"round {s.round}: a gradient without the plan it belongs to")
+            cuts = _cuts(s.done_sizes)
             out += list(zip(np.split(s.done_plan, cuts), np.split(s.grad, cuts), strict=True))
         return out
 
@@ -568,7 +576,7 @@ def received_batches(view: SiloView) -> list[np.ndarray]:
     out: list[np.ndarray] = []
     for s in view.steps:
         if s.done_plan is not None:
-            out += np.split(s.done_plan, np.cumsum(s.done_sizes)[:-1])
+            out += np.split(s.done_plan, _cuts(s.done_sizes))
     if not out:  # a view without gradients (old_mechanism_view): plans cut by their sizes
         out = [b for s in view.steps if s.plan is not None and s.done_sizes is not None
                for b in np.split(s.plan, np.cumsum(s.done_sizes)[:-1])]

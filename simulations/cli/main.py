@@ -29,6 +29,7 @@ from rich.progress import (
     MofNCompleteColumn,
     Progress,
     SpinnerColumn,
+    TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -64,7 +65,7 @@ class PhaseProgress:
 
     def __init__(self, progress: Progress) -> None:
         self.progress = progress
-        self.tasks: dict[str, int] = {}
+        self.tasks: dict[str, TaskID] = {}
         self.lock = threading.Lock()
 
     def __call__(self, phase: str, done: float, total: float | None, **info: object) -> None:
@@ -402,7 +403,12 @@ def _generate(args: argparse.Namespace) -> int:
     from clients.schema import federation_silos
     from crypto.at_rest import AUTO, keystore_path
 
-    keys = store or Keystore.open_or_init(keystore_path(AUTO, args.parties))
+    keys = store
+    if keys is None:
+        path = keystore_path(AUTO, args.parties)
+        if path is None:  # cannot happen: "auto" always names a directory
+            raise RuntimeError("storage.keystore=auto named no keystore directory")
+        keys = Keystore.open_or_init(path)
     enrol(args.parties, federation_silos(args.parties), keys.path)
     Console().print(f"wrote {len(paths)} files under {args.parties}")
     return 0

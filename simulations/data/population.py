@@ -46,6 +46,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -212,7 +213,9 @@ class PopulationConfig:
     def from_json(cls, text: str) -> PopulationConfig:
         """Fields absent from older files (e.g. the eligibility rates) take their defaults."""
         data = json.loads(text)
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+        fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v
+                                  for k, v in data.items()}
+        return cls(**fields)
 
 
 @dataclass(frozen=True)
@@ -419,7 +422,8 @@ def _fit_label_model(
         raw[silo] = unit.silo_logit(silo, frames[silo])
     shares = dict(zip(SILOS, config.signal_share, strict=True))
     share_scale = {s: math.sqrt(shares[s]) / float(raw[s].std()) for s in SILOS}
-    total = sum(share_scale[s] * raw[s] for s in SILOS)
+    # sum() starts from 0, which the typing keeps; SILOS is never empty, so it is an array.
+    total = cast(np.ndarray, sum(share_scale[s] * raw[s] for s in SILOS))
     overall = config.signal_scale / float(total.std())
     scales = {s: share_scale[s] * overall for s in SILOS}
     parts = {s: scales[s] * raw[s] for s in SILOS}
@@ -517,7 +521,8 @@ def _generate(config: PopulationConfig) -> tuple[Population, _Layout]:
 
     known = {s: {c: v[:n_users] for c, v in features[s].items()} for s in SILOS}
     model, parts = _fit_label_model(known, config)
-    logit = model.intercept + sum(parts[s] for s in SILOS)
+    # cast: as in _fit_label_model, sum() over the non-empty SILOS is an array
+    logit = model.intercept + cast(np.ndarray, sum(parts[s] for s in SILOS))
     p_true = _sigmoid(logit)
     label = (rng.random(n_users) < p_true).astype(np.int8)
     t_label = time.perf_counter()

@@ -120,8 +120,9 @@ def audit_section(run: RunData) -> Section:
     canary = audit.get("canary")
     lower = None
     if canary:
-        keys = ("epsilon_lower_bound", "confidence", "canaries", "guesses", "correct",
-                "blocks", "noise_multiplier", "sample_rate", "steps", "seconds")
+        keys: tuple[str, ...] = ("epsilon_lower_bound", "confidence", "canaries", "guesses",
+                                 "correct", "blocks", "noise_multiplier", "sample_rate", "steps",
+                                 "seconds")
         rows = [("accounted epsilon (combined model)", accounted)]
         rows += [(k, canary.get(k)) for k in keys]
         frame = pd.DataFrame(rows, columns=["quantity", "value"]).astype({"value": object})

@@ -29,6 +29,7 @@ import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger("simulations.run.app_pin")  # also when run as __main__
 
@@ -87,8 +88,8 @@ def install(pin: str) -> None:
     pin = checked_pin(pin)
     original = sci._pull_and_store_message
 
-    def pinned_pull(**kwargs: object) -> int | None:
-        get_fab: Callable[[str, int], Fab] = kwargs["get_fab"]  # type: ignore[assignment]
+    def pinned_pull(**kwargs: Any) -> int | None:
+        get_fab: Callable[[str, int], Fab] = kwargs["get_fab"]
 
         def checked_get_fab(fab_hash: str, run_id: int) -> Fab:
             fab = get_fab(fab_hash, run_id)
@@ -109,7 +110,8 @@ def install(pin: str) -> None:
     def verify(fab: Fab, trusted_entities: dict[str, str]) -> bool:
         return matches(pin, fab.hash_str, fab.content)
 
-    sci._pull_and_store_message = pinned_pull
+    # Flower calls its private function by keyword; the wrapper passes every one through.
+    sci._pull_and_store_message = pinned_pull  # type: ignore[assignment]
     sci._verify_fab = verify
 
 

@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from clients.accounting import epsilon
+from clients.model import BottomModel
 from clients.region_app import PREDICTIONS_DIR, make_region_app
 from clients.region_data import listed_regions, load_region, read_region_table, region_split
 from clients.region_trainer import LocalSpec, Plan, global_model, predict_logits, train_round
@@ -143,7 +144,7 @@ def _predictions(run, data: Pooled, run_key: str) -> np.ndarray:
 
 
 def train_pooled(x: np.ndarray, y: np.ndarray, spec: LocalSpec, epochs: float, name: str,
-                 random: SecretRandom) -> tuple[object, float]:
+                 random: SecretRandom) -> tuple[BottomModel, float | None]:
     """The same model and local trainer on one table for `epochs` epochs in one go (the
     central baselines and each region alone); returns the model and the epsilon spent.
     Samples and noise come from `random` (the experiment's secret), bound to the baseline."""

@@ -33,9 +33,6 @@ from simulations.run.config import ExperimentConfig, from_flat, make_config
 Progress = Callable[..., None]
 
 
-Progress = Callable[..., None]
-
-
 def unclaim_run_dir(out_dir: Path) -> None:
     """Undo open_run's files when an input is refused before the engine starts, so the same
     --out is free again once the input is fixed. Only what open_run wrote goes."""
@@ -177,7 +174,7 @@ def _git_commit() -> str:
 def _manifest(cfg: ExperimentConfig, started: datetime, seconds: dict, reused: bool) -> dict:
     packages = ("fedscore", "flwr", "torch", "opacus", "numpy", "pandas", "pyarrow",
                 "cryptography", "ray")
-    versions = {}
+    versions: dict[str, str | None] = {}
     for name in packages:
         try:
             versions[name] = metadata.version(name)

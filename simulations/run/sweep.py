@@ -269,11 +269,16 @@ def run_sweep(out: Path, spec: SweepSpec, on_cell: CellProgress | None = None,
             continue
         resumes = {c.name: set_aside_unfinished(out, c) for c in todo}
         t0 = time.perf_counter()
+
+        def on_done(i: int, err: str, todo: list[Cell] = todo) -> None:
+            if on_cell:
+                on_cell(err or "done", todo[i])
+
         outcomes = run_cells(
             [(spec.config(c.eps, c.seed), cell_dir(out, c), resumes[c.name]) for c in todo],
             out / "parties" / f"seed={seed}",
             progress=progress,
-            on_done=(lambda i, err, todo=todo: on_cell and on_cell(err or "done", todo[i])),
+            on_done=on_done,
         )
         for cell, error in zip(todo, outcomes, strict=True):
             if error:

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -172,7 +172,7 @@ def dispute(run_dir: Path, phone: str, silo: str, field: str, value: float, cate
     run = open_finished(run_dir)
     _checked_audit(run)  # before the engine starts: a broken log stops the case at once
     position, ref, _ = subject(run, phone)
-    case = {"position": position, "ref": ref, "silo": silo, "field": field,
+    case: dict[str, Any] = {"position": position, "ref": ref, "silo": silo, "field": field,
             "value": float(value), "category": category,
             "opened": datetime.now(UTC).isoformat(timespec="seconds")}
     answer = request(run.run_dir, {"op": "dispute", **case})
@@ -246,7 +246,8 @@ def _ineligible(row: pd.Series) -> bool:
 
 
 def _int(value: object) -> int | None:
-    return None if pd.isna(value) else int(value)  # type: ignore[arg-type]
+    # A table cell: pandas types it as object; when present it is a number.
+    return None if pd.isna(value) else int(value)  # type: ignore[call-overload]
 
 
 def _str(value: object) -> str | None:
