@@ -40,7 +40,10 @@ def test_concat_without_staleness_equals_central_concat(concat_run: Path):
     assert len(fed) == len(central) == 2
     for f, c in zip(fed, central, strict=True):
         assert f["val_loss"] == pytest.approx(c["val_loss"], abs=1e-4)
-    assert metrics["auc"] > 0.75
+    # It learnt: measured against the best any model can do on the same 400-odd test people
+    # (the oracle's AUC moves by several points between draws of the split; 0.72 here).
+    assert metrics["auc"] > 0.6
+    assert metrics["gap_to_oracle"] < 0.08
 
 
 @pytest.mark.slow
