@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -114,15 +115,26 @@ def run_cli_crashing(after_round: int, *args: str, cwd: Path) -> subprocess.Comp
     return proc
 
 
-def processes_using(flwr_home: Path) -> list[int]:
+def processes_using(flwr_home: Path, *, grace: float = 15.0) -> list[int]:
     """Living processes whose environment names `flwr_home`: every process a Flower launch
-    starts inherits it, and each test's home is private, so these are the test's own."""
+    starts inherits it, and each test's home is private, so these are the test's own. A process
+    already told to stop may take a moment to go (Ray's workers after their raylet): it counts
+    only if it is still there after `grace` seconds."""
+    deadline = time.monotonic() + grace
+    while True:
+        pids = _living_with(f"FLWR_HOME={flwr_home}\0".encode())
+        if not pids or time.monotonic() > deadline:
+            return pids
+        time.sleep(0.5)
+
+
+def _living_with(env_entry: bytes) -> list[int]:
     pids = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
-            if f"FLWR_HOME={flwr_home}\0".encode() in (proc / "environ").read_bytes() and \
+            if env_entry in (proc / "environ").read_bytes() and \
                     "State:\tZ" not in (proc / "status").read_text():
                 pids.append(int(proc.name))
         except OSError:
