@@ -179,7 +179,7 @@ def make_server_cert(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certifica
 
 def make_node_key() -> tuple[bytes, bytes]:
     """A SuperNode's authentication key pair as OpenSSH private and public key bytes (EC
-    P-384: Flower 1.41 accepts NIST curves in OpenSSH format)."""
+    P-384: Flower 1.42 accepts NIST curves in OpenSSH format)."""
     key = ec.generate_private_key(ec.SECP384R1())
     private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
                                 serialization.NoEncryption())

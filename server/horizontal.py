@@ -24,7 +24,7 @@ Flower's wrappers draw theirs from numpy's global generator, so ours replace tha
 The server aggregates the replies in an order fixed by their content, so the same replies give
 the same bits and keeping the keystores reproduces a run.
 
-Secure aggregation: Flower 1.41's SecAgg+ is a workflow of the legacy `flwr.server` API
+Secure aggregation: Flower 1.42's SecAgg+ is a workflow of the legacy `flwr.server` API
 (`DefaultWorkflow` + `flwr.server.strategy`); it does not drive the Message-API strategies used
 here (`flwr.serverapp.strategy.FedAvg`/`FedProx`), so it is not offered (docs/horizontal.md).
 """

@@ -2,7 +2,7 @@
 SuperLink killed mid-run. Each run stops with a clear message and a checkpoint; `fedscore run
 --resume` finishes it with the same epsilon as an uninterrupted run and an AUC within 0.005.
 
-These take minutes (every message under Flower 1.41's deployment engine starts a process), so
+These take minutes (every message under Flower 1.42's deployment engine starts a process), so
 they run on demand: `pytest -m faults`."""
 
 from __future__ import annotations

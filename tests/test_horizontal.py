@@ -309,7 +309,7 @@ def test_under_sample_level_dp_a_region_sends_no_loss(region_root: Path):
 
 
 def test_user_level_epsilon_matches_flowers_own_accountant():
-    """Our Opacus RDP over R full-participation rounds against Flower 1.41's RdpAccountant
+    """Our Opacus RDP over R full-participation rounds against Flower 1.42's RdpAccountant
     (which wraps Google's dp-accounting) for the same Gaussian releases."""
     from flwr.supercore.privacy_accounting import (
         GaussianPrivacyEvent,

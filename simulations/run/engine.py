@@ -1,6 +1,6 @@
 """The one place that starts Flower's simulation engine.
 
-`flwr.simulation.run_simulation` is marked deprecated but is the in-process entry in flwr 1.41;
+`flwr.simulation.run_simulation` is marked deprecated but is the in-process entry in flwr 1.42;
 keeping it behind `run_federation` lets a later Flower be swapped in here alone.
 """
 
