@@ -102,6 +102,7 @@ def test_keys_never_show_in_reprs(store):
     assert key.material.hex() not in repr(key)
 
 
+@pytest.mark.slow
 def test_keys_cli(tmp_path):
     from tests.conftest import run_cli
 

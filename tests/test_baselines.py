@@ -30,6 +30,7 @@ JOBS = [BaselineJob("central", ("payments", "social")),
         BaselineJob("payments", ("payments",), 1.0, bytes(range(32)))]
 
 
+@pytest.mark.slow
 def test_processes_reproduce_the_serial_baselines(monkeypatch):
     data, cfg = _joined(), AuthorityConfig()
     serial = run_baselines(data, JOBS, cfg, workers=1)
@@ -45,6 +46,7 @@ def test_processes_reproduce_the_serial_baselines(monkeypatch):
     assert serial["payments"].metrics["auc"] < serial["central"].metrics["auc"]
 
 
+@pytest.mark.slow
 def test_a_failing_job_reaches_the_caller_and_frees_shared_memory(monkeypatch):
     monkeypatch.setattr(baselines, "PARALLEL_MIN_PEOPLE", 0)
     bad = [JOBS[0], BaselineJob("nobody", ("device",))]  # no such silo in the joined data

@@ -210,6 +210,7 @@ def _default_run_audit(noise_multiplier: float, seed: int) -> dict:
                         rng=np.random.default_rng(seed))
 
 
+@pytest.mark.slow
 def test_default_run_non_private_is_certified_and_private_stays_below_its_epsilon():
     open_run = _default_run_audit(0.0, seed=11)
     assert open_run["epsilon_lower_bound"] >= 2
@@ -221,6 +222,7 @@ def test_default_run_non_private_is_certified_and_private_stays_below_its_epsilo
     assert private["seconds"] < 60
 
 
+@pytest.mark.slow
 def test_default_run_catches_parties_that_forget_the_square_root_of_the_blocks():
     # A plausible bug: every party adds noise at the JOINT multiplier calibrated for epsilon 1
     # (forgetting the factor sqrt(K)), so the combined model is only about epsilon-8 private.

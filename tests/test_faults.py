@@ -21,7 +21,7 @@ from simulations.run.deploy import process_tree
 from tests.conftest import ENGINE_ENV, processes_using, run_cli
 from tests.test_deploy import wait_for
 
-pytestmark = pytest.mark.faults
+pytestmark = [pytest.mark.faults, pytest.mark.slow]  # minutes: never in the fast loop
 ARGS = ("--users", "2000", "--seed", "4", "--set", "train.epochs=2",
         "--set", "train.chunk_warmup=false", "--set", "train.chunk_batches=2",
         "--set", "reply_timeout=30", "--set", "retries=1")

@@ -147,6 +147,7 @@ def _local(spec: LocalSpec, mu: float) -> float:
                      zip(model.parameters(), start, strict=True)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("eps", [math.inf, 2.0])
 def test_fedprox_term_keeps_the_local_model_near_the_global_one(eps: float):
     spec = LocalSpec(lr=0.03, batch_size=64, local_epochs=2, rounds=2, epsilon=eps)
@@ -193,6 +194,7 @@ def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
     return all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("eps", [math.inf, 2.0])
 def test_local_samples_and_noise_come_from_the_regions_secret(eps: float):
     """The run seed chooses the start only: the Poisson samples and the DP-SGD noise follow

@@ -65,6 +65,7 @@ def test_blinding_commutes_and_hides_the_hash():
     assert not np.array_equal(a.blind(points), b.blind(points))
 
 
+@pytest.mark.slow
 def test_pool_gives_the_same_answer_as_one_process():
     points = hash_to_points([f"+86138{i:08d}" for i in range(25_000)])
     key = PsiKey()

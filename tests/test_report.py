@@ -377,6 +377,7 @@ def test_old_runs_without_curves_use_scores(tmp_path: Path) -> None:
     assert (calib["ci_low"] <= calib["observed_default_rate"]).all()
 
 
+@pytest.mark.slow
 def test_report_never_modifies_existing_files(tmp_path: Path) -> None:
     path = write_sweep(tmp_path / "sweep")
     before = _hashes(path)

@@ -95,6 +95,7 @@ def test_a_traversing_silo_in_mapping_json_is_refused(tmp_path: Path):
         read_mapping(data)
 
 
+@pytest.mark.slow
 def test_a_traversing_silo_writes_nothing_outside_the_parties_directory(tmp_path: Path):
     """The review's reproduction, through the CLI: nothing lands in ../../escaped, no
     traceback, and the --out is free for the corrected retry."""
@@ -208,6 +209,7 @@ def test_property_a_fractional_float_is_never_read_as_a_phone(number: float):
 # ---- command-line inputs -------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_out_under_a_regular_file_is_refused_without_a_traceback(tmp_path: Path):
     (tmp_path / "afile").write_text("")
     proc = run_cli("run", "--out", str(tmp_path / "afile" / "r"), "--users", "1000",
@@ -221,12 +223,14 @@ def test_out_under_a_regular_file_is_refused_without_a_traceback(tmp_path: Path)
     check_new_dir(tmp_path / "fresh" / "run", "--out")  # a place that can be made passes
 
 
+@pytest.mark.slow
 def test_repeat_zero_is_refused_without_a_traceback(tmp_path: Path):
     proc = run_cli("score", str(tmp_path / "run"), "--repeat", "0", cwd=tmp_path,
                    timeout=120)
     _assert_user_error(proc, "--repeat 0", "1 or more")
 
 
+@pytest.mark.slow
 def test_max_grad_norm_inf_is_refused_at_config_validation(tmp_path: Path):
     proc = run_cli("run", "--out", str(tmp_path / "r"), "--users", "1000",
                    "--set", "privacy.max_grad_norm=inf", cwd=tmp_path, timeout=120)
@@ -253,6 +257,7 @@ def test_delta_against_the_declared_people():
     check_delta(make_config({}), 10**9, "population.users")  # 0 = the default 1/(10 N)
 
 
+@pytest.mark.slow
 def test_delta_half_is_refused_fast_for_a_generated_population(tmp_path: Path):
     out = tmp_path / "run"
     t = time.perf_counter()
@@ -393,6 +398,7 @@ def test_credentials_directory_open_to_others_is_refused(tmp_path: Path):
     assert stat.S_IMODE(creds.ca_key.stat().st_mode) == 0o600
 
 
+@pytest.mark.slow
 def test_delta_half_is_refused_before_a_sweep_starts(tmp_path: Path):
     proc = run_cli("sweep", "--out", str(tmp_path / "sweep"), "--users", "2000",
                    "--epsilons", "1", "--seeds", "0", "--set", "privacy.delta=0.5",

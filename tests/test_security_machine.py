@@ -63,6 +63,7 @@ def test_private_dir_through_a_symlink_is_refused(tmp_path: Path):
         ensure_private_dir(tmp_path / "fedscore-x")
 
 
+@pytest.mark.slow
 def test_engine_refuses_a_hijacked_home_in_the_temp_dir(tmp_path: Path):
     """The whole CLI stops with a clear error, before any engine starts."""
     planted = tmp_path / f"fedscore-{os.getuid()}"
@@ -100,6 +101,7 @@ def test_replace_private_leaves_the_file_0600(tmp_path: Path):
 # ---- the phone number off the command line ----------------------------------------------------
 
 
+@pytest.mark.slow
 def test_subject_on_the_command_line_is_refused(tmp_path: Path):
     phone = "13812345678"
     proc = run_cli("score", str(tmp_path), "--subject", phone, cwd=tmp_path)
@@ -111,6 +113,7 @@ def test_subject_on_the_command_line_is_refused(tmp_path: Path):
     assert phone not in out
 
 
+@pytest.mark.slow
 def test_an_empty_stdin_is_refused(tmp_path: Path):
     proc = subprocess.run([sys.executable, "-m", "simulations.cli", "score", str(tmp_path)],
                           input="", cwd=tmp_path, env={**os.environ, **ENGINE_ENV},
