@@ -41,6 +41,7 @@ from crypto.masking import (
     mask_context,
     masked_share,
 )
+from crypto.private_files import replace_private
 from crypto.psi import PsiError, PsiKey, hash_to_points
 from crypto.roster import (
     ROSTER_FILE,
@@ -190,7 +191,7 @@ def _write_file(context: Context, defaults: Defaults, directory: Path, name: str
         context_ = _file_context(directory, silo_name(context, defaults), name)
         write_encrypted(store, directory / f"{name}.enc", data, context_)
     elif private:
-        _write_private(directory / name, data)
+        replace_private(directory / name, data)
     else:
         tmp = directory / f"{name}.partial"
         tmp.write_bytes(data)
@@ -247,14 +248,6 @@ def _npy_bytes(array: np.ndarray) -> bytes:
 
 def _file_context(directory: Path, silo: str, name: str) -> bytes:
     return f"fedscore/{directory.name}/{silo}/{name}".encode()  # directory name = run key
-
-
-def _write_private(path: Path, secret: bytes) -> None:
-    """A secret key file readable by its owner only (0600), created fresh."""
-    path.unlink(missing_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(secret)
 
 
 # ---- what the silo holds for itself: policy, roster, identity, answer journal ----------------

@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from crypto.identity import check_party_name
+from crypto.private_files import write_private
 
 MAGIC = b"FSENC1"
 SUITES = {"aes-256-gcm": (1, 32), "sm4-gcm": (2, 16)}  # id, key length
@@ -110,9 +111,7 @@ class Keystore:
         key_id = secrets.token_bytes(8)
         material = secrets.token_bytes(SUITES[self.suite][1])
         target = self.path / f"key-{key_id.hex()}.bin"
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(material)
+        write_private(target, material)
         self.meta["keys"].append(key_id.hex())
         self.meta["active"] = key_id.hex()
         tmp = self.path / (META + ".tmp")

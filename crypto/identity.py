@@ -14,10 +14,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-import os
 import re
 import secrets
-import stat
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +24,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives import hmac as crypto_hmac
+
+from crypto.private_files import load_or_create_secret
 
 log = logging.getLogger(__name__)
 
@@ -173,27 +173,9 @@ def new_pepper() -> bytes:
 
 
 def load_or_create_pepper(path: Path) -> bytes:
-    """Read the deployment's pepper from `path`, creating it (mode 0600) on first use."""
-    if path.exists():
-        mode = stat.S_IMODE(path.stat().st_mode)
-        if mode & 0o077:
-            raise PermissionError(
-                f"pepper file {path} is readable by others (mode {mode:o}); "
-                f"run `chmod 600 {path}`"
-            )
-        pepper = path.read_bytes()
-        if len(pepper) != PEPPER_BYTES:
-            raise ValueError(
-                f"pepper file {path} holds {len(pepper)} bytes, expected {PEPPER_BYTES}; "
-                "restore it from backup (a new pepper changes every subject reference)"
-            )
-        return pepper
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pepper = new_pepper()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(pepper)
-    return pepper
+    """The deployment's pepper at `path`, made (mode 0600) on first use. A lost pepper cannot
+    be made again: a new one changes every subject reference."""
+    return load_or_create_secret(path, PEPPER_BYTES, "pepper file")
 
 
 REF_HASHES = ("sha256", "sm3")
