@@ -24,6 +24,7 @@ from pathlib import Path
 import dp_accounting as dpa
 from dp_accounting import pld, rdp
 
+from clients.accounting import History, add_steps
 from server import ledger
 from server.privacy import joint_multiplier
 
@@ -90,11 +91,11 @@ def verify(run_dir: Path) -> list[Check]:
         mine = [e for e in model if e.get("population", "train") in ("all", population)]
         if not any(e.get("population", "train") == population for e in mine):
             continue
-        history: list[tuple[float, float, int]] = []
+        history: History = []
         for e in mine:
             sigma = (joint_multiplier([b["noise_multiplier"] for b in e["blocks"]])
                      if "blocks" in e else e["noise_multiplier"])
-            _add(history, sigma, e["sample_rate"], e["steps"])
+            history = add_steps(history, sigma, e["sample_rate"], e["steps"])
         last = mine[-1]
         kind = last["accountant"]
         party = "combined model" if population in ("train", "val") else population
@@ -114,13 +115,6 @@ def verify(run_dir: Path) -> list[Check]:
         checks.append(Check(party, budget, kind, sum(h[2] for h in history), last["epsilon"],
                             independent_epsilon(history, last["delta"], kind)))
     return checks
-
-
-def _add(history: list[tuple[float, float, int]], sigma: float, q: float, steps: int) -> None:
-    if history and history[-1][:2] == (sigma, q):
-        history[-1] = (sigma, q, history[-1][2] + steps)
-    else:
-        history.append((sigma, q, steps))
 
 
 # Floating-point slack only: a calibrated run's epsilon sits at or below its target; a step
