@@ -11,3 +11,12 @@ STATISTICS_NOISE_MULTIPLIER = 100.0
 # The authority's prior (two counts: positives and people, sensitivity sqrt 2) gets less noise:
 # it starts the bias, and at a few thousand people a multiplier of 100 would make it noise.
 PRIOR_NOISE_MULTIPLIER = 20.0
+
+# delta, unless a run sets its own: 1/(10 N) for N people the mechanism protects (DESIGN.md),
+# well below 1/N, the level at which releasing one random record whole would be allowed.
+DEFAULT_DELTA_PER_PERSON = 0.1
+
+
+def default_delta(asked: float, people: int) -> float:
+    """The delta in force: `asked` when set (non-zero), else 1/(10 N) with N = `people`."""
+    return asked or DEFAULT_DELTA_PER_PERSON / people

@@ -26,6 +26,7 @@ import torch
 from opacus import GradSampleModule
 
 from clients.accounting import History, add_steps, affordable_steps, calibrate_sigma
+from clients.dp_constants import default_delta
 from clients.model import BottomModel, SecretNoiseDPOptimizer, make_private
 from crypto.secret_random import SecretRandom, digest
 
@@ -93,7 +94,7 @@ class Plan:
     def make(cls, n_train: int, spec: LocalSpec) -> Plan:
         q = min(1.0, spec.batch_size / n_train)
         steps = max(1, round(spec.local_epochs / q))
-        delta = spec.delta or 0.1 / n_train  # at most 1/(10 N) (DESIGN.md)
+        delta = default_delta(spec.delta, n_train)
         sigma = (calibrate_sigma(spec.epsilon, delta, q, steps * spec.rounds, spec.accountant)
                  if spec.dp else 0.0)
         return cls(q, steps, sigma, delta)

@@ -15,6 +15,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from clients.dp_constants import default_delta
 from server.eligibility import EligibilityConfig
 
 
@@ -313,7 +314,7 @@ class PrivacyConfig:
                 f"(N = {n_train:,} people in training); use at most {0.1 / n_train:.1e}, or 0 "
                 "for the default 1/(10 N)"
             )
-        return self.delta or 0.1 / n_train
+        return default_delta(self.delta, n_train)
 
     @property
     def budget_cap(self) -> float:

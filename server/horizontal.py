@@ -54,6 +54,7 @@ from flwr.serverapp.strategy.strategy import Strategy
 from flwr.supercore.differential_privacy import compute_stdv
 
 from clients.accounting import calibrate_sigma, epsilon
+from clients.dp_constants import default_delta
 from clients.model import secret_gaussian
 from clients.region_app import PREDICT, PRIVACY
 from clients.region_data import input_columns
@@ -151,7 +152,7 @@ def user_delta(cfg: AuthorityConfig, declared_people: int) -> float:
     the population (public configuration, `population.users`). The regions hold at most U
     customers, so this is at most 1/(10 N) without asking any region its size (an exact size
     would be a release outside the guarantee); and far below 1/R, so no region-sized loophole."""
-    return cfg.privacy.delta or 0.1 / declared_people
+    return default_delta(cfg.privacy.delta, declared_people)
 
 
 def user_sigma(cfg: AuthorityConfig, delta: float) -> float:
