@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -49,30 +48,6 @@ class RunResult:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-class Phases:
-    """Wall time per phase, reported in metrics.json and the progress display."""
-
-    def __init__(self, progress: Callable[..., None] | None) -> None:
-        self.seconds: dict[str, float] = {}
-        self.progress = progress
-        self._name: str | None = None
-        self._t = 0.0
-
-    def start(self, name: str) -> None:
-        self.stop()
-        self._name, self._t = name, time.perf_counter()
-        if self.progress:
-            self.progress(name, 0, None)
-        log.info("phase %s", name)
-
-    def stop(self) -> None:
-        if self._name is not None:
-            self.seconds[self._name] = round(time.perf_counter() - self._t, 3)
-            if self.progress:
-                self.progress(self._name, 1, 1)
-        self._name = None
-
-
 def run_authority(
     fed: Federation,
     cfg: AuthorityConfig,
@@ -86,7 +61,7 @@ def run_authority(
 
     `psi_cache` (a dict kept across runs of one federation session on unchanged tables) lets
     later runs reuse the first run's private intersections instead of repeating PSI."""
-    phases = Phases(progress)
+    phases = run_phases.PhaseTimer(progress)
     out_dir.mkdir(parents=True, exist_ok=True)
     config = to_flat(cfg)
     ledger = Ledger(out_dir)

@@ -17,7 +17,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -96,3 +99,35 @@ def _write_atomic(path: Path, text: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class PhaseTimer:
+    """Wall time per phase of one run (metrics.json's `seconds`), reported to the progress
+    display as it goes: `start(name)` ... `stop()` around a stretch of code, or
+    `timer(name, fn, *args)` around one call."""
+
+    def __init__(self, progress: Callable[..., None] | None) -> None:
+        self.progress = progress
+        self.seconds: dict[str, float] = {}
+        self._name: str | None = None
+        self._t = 0.0
+
+    def start(self, name: str) -> None:
+        self.stop()
+        self._name, self._t = name, time.perf_counter()
+        if self.progress:
+            self.progress(name, 0, None)
+        log.info("phase %s", name)
+
+    def stop(self) -> None:
+        if self._name is not None:
+            self.seconds[self._name] = round(time.perf_counter() - self._t, 3)
+            if self.progress:
+                self.progress(self._name, 1, 1)
+        self._name = None
+
+    def __call__(self, name: str, fn: Callable[..., Any], *args: Any) -> Any:
+        self.start(name)
+        value = fn(*args)
+        self.stop()
+        return value

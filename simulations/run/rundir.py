@@ -27,6 +27,7 @@ from server import run_phases
 from server.config import ConfigError
 from server.metrics import auc
 from server.run_lock import LOCK_FILE
+from server.run_phases import PhaseTimer
 from simulations.data.paths import Parties, RunDirError, check_new_dir
 from simulations.run.config import ExperimentConfig, from_flat, make_config
 
@@ -79,24 +80,6 @@ def resume_target(out_dir: Path, overrides: dict | None
     return cfg, Path(how["parties"]), how
 
 
-class Timer:
-    """Seconds per phase of one run, reported to the progress display as it goes."""
-
-    def __init__(self, progress: Progress | None) -> None:
-        self.progress = progress
-        self.seconds: dict[str, float] = {}
-
-    def __call__(self, name: str, fn: Callable, *args):
-        if self.progress:
-            self.progress(name, 0, None)
-        t = time.perf_counter()
-        value = fn(*args)
-        self.seconds[name] = round(time.perf_counter() - t, 3)
-        if self.progress:
-            self.progress(name, 1, 1)
-        return value
-
-
 @dataclass
 class Run:
     """One run directory being filled: what `finish_run` needs after the federation."""
@@ -107,7 +90,7 @@ class Run:
     resume: bool
     started: datetime = field(default_factory=lambda: datetime.now(UTC))
     t0: float = field(default_factory=time.perf_counter)
-    timer: Timer = field(default_factory=lambda: Timer(None))
+    timer: PhaseTimer = field(default_factory=lambda: PhaseTimer(None))
     reused: bool = False
     authority: dict = field(default_factory=dict)
 
@@ -121,7 +104,7 @@ def open_run(cfg: ExperimentConfig, out_dir: Path, parties_dir: Path, resume: bo
         (out_dir / "config.json").write_text(json.dumps(cfg.flat(), indent=2) + "\n")
         (out_dir / RUN_FILE).write_text(
             json.dumps({"parties": str(parties_dir), **(how or {})}) + "\n")
-    return Run(cfg, out_dir, Parties(parties_dir), resume, timer=Timer(progress))
+    return Run(cfg, out_dir, Parties(parties_dir), resume, timer=PhaseTimer(progress))
 
 
 def keystore_of(cfg: ExperimentConfig, parties: Parties) -> Keystore | None:
