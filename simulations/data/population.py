@@ -52,7 +52,6 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-from scipy.stats import rankdata
 
 from clients.schema import AUTHORITY, ID_COLUMN, LABEL_COLUMN, SILOS, feature_names
 from clients.silo_data import (
@@ -64,6 +63,7 @@ from clients.silo_data import (
     read_table,
 )
 from crypto.at_rest import Keystore, write_encrypted, write_party_file
+from server.metrics import auc
 
 log = logging.getLogger(__name__)
 
@@ -280,17 +280,6 @@ class Population:
         var = {s: float(self.truth[f"logit_{s}"].var()) for s in SILOS}
         total = sum(var.values())
         return {s: v / total for s, v in var.items()}
-
-
-def auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Rank-based (Mann-Whitney) AUC with ties counted half."""
-    y = np.asarray(labels).astype(bool)
-    n_pos = int(y.sum())
-    n_neg = len(y) - n_pos
-    if n_pos == 0 or n_neg == 0:
-        raise ValueError(f"AUC needs both classes; got {n_pos} positives and {n_neg} negatives")
-    ranks = rankdata(scores)
-    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 # ---- generation ------------------------------------------------------------------------------
