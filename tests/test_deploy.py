@@ -103,6 +103,11 @@ def test_supernode_refuses_an_app_bundle_it_did_not_pin(tmp_path: Path):
         # The authority loads its table before its first message, which can take a while under
         # load; if it stops before that, say why.
         wait_for(lambda: refusals() or failed.exists(), 300, "a SuperNode to refuse the bundle")
+        # The authority can record the refusal (the node's error reply) a moment before the
+        # node's own log line is on disk: give the log time to catch up.
+        deadline = time.monotonic() + 30
+        while not refusals() and time.monotonic() < deadline:
+            time.sleep(0.5)
         assert refusals(), (failed.read_text() if failed.exists() else "") + \
             nodes[0].log_tail(20)
         for node in nodes:
