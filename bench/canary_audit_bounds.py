@@ -15,8 +15,8 @@ import time
 
 import numpy as np
 
-from clients.accounting import calibrate_sigma
-from clients.dp_constants import PRIOR_NOISE_MULTIPLIER, STATISTICS_NOISE_MULTIPLIER
+from clients.protocol.accounting import calibrate_sigma
+from clients.protocol.dp_constants import PRIOR_NOISE_MULTIPLIER, STATISTICS_NOISE_MULTIPLIER
 from simulations.analysis.canary_audit import canary_audit
 
 N_TRAIN, BLOCKS, CLIP = 60_000, 4, 5.0

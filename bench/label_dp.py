@@ -1,9 +1,9 @@
 """Label-DP mechanisms at equal label epsilon, measured centrally (issue 17, item 3).
 
 No Flower: the generated population's three silo tables are joined on the phone number and the
-project's model (one bottom MLP per silo from clients/model.py, summed plus a bias, as in `sum`
-mode) is trained in one process. The loss gradient per row is what the authority would send the
-silos (server/label_dp.py), backpropagated through the joint model. Test AUC on clean labels.
+project's model (one bottom MLP per silo from clients/protocol/model.py, summed plus a bias, as in
+`sum` mode) is trained in one process. The loss gradient per row is what the authority would send
+the silos (server/label_dp.py), backpropagated through the joint model. Test AUC on clean labels.
 
 Mechanisms, each at label epsilon eps against the silos (training labels only; validation and
 test labels never reach a silo):
@@ -39,10 +39,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from clients.accounting import epsilon as accounted_epsilon
-from clients.model import ModelSpec, build, make_private
-from clients.schema import ID_COLUMN, LABEL_COLUMN, SILOS, feature_names, silo_salt
-from clients.silo_data import prepare
+from clients.protocol.accounting import epsilon as accounted_epsilon
+from clients.protocol.dp_sgd import make_private
+from clients.protocol.model import ModelSpec
+from clients.protocol.schema import ID_COLUMN, LABEL_COLUMN, SILOS, feature_names, silo_salt
+from clients.silo.data import prepare
+from clients.silo.trainer import build
 from crypto.identity import normalize_phones
 from crypto.secret_random import SecretRandom
 from server.label_dp import (

@@ -32,7 +32,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from clients.silo_data import find_table, load_silo, read_table
+from clients.protocol.tables import read_table
+from clients.silo.data import find_table, load_silo
 from crypto.at_rest import Keystore, read_encrypted, read_party_file
 from crypto.identity import keyed_refs, load_or_create_pepper
 from server.audit_log import AuditLog
@@ -44,7 +45,8 @@ CLI = [sys.executable, "-m", "simulations.cli"]
 
 
 def silo_model(parties: Path, silo: str, store: Keystore, run_key: str, round_: int):
-    from clients.model import ModelSpec, SiloTrainer
+    from clients.protocol.model import ModelSpec
+    from clients.silo.trainer import SiloTrainer
     from crypto.secret_random import SecretRandom
 
     directory = parties / silo / "checkpoints" / run_key

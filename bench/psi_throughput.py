@@ -25,8 +25,8 @@ import numpy as np
 import pandas as pd
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
-from clients.client_app import make_client_app
-from clients.schema import AUTHORITY, SILOS
+from clients.protocol.schema import AUTHORITY, SILOS
+from clients.silo.app import make_client_app
 from crypto.identity import normalize_phones
 from server.alignment import private_intersections
 from server.federation import Federation

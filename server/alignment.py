@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 from randomgen import ChaCha
 
-from clients import messages as m
+from clients.protocol import messages as m
 from crypto.psi import PsiKey, blinding_pool, hash_to_points, match
 from server.federation import Federation, FederationError
 

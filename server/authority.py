@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from clients import messages as m
-from clients.dp_constants import PRIOR_NOISE_MULTIPLIER
-from clients.model import ModelSpec
-from clients.schema import AUTHORITY
+from clients.protocol import messages as m
+from clients.protocol.dp_constants import PRIOR_NOISE_MULTIPLIER
+from clients.protocol.model import ModelSpec
+from clients.protocol.schema import AUTHORITY
 from crypto.at_rest import REF_HASH, Keystore, open_keystore
 from crypto.identity import keyed_refs, load_or_create_pepper
 from crypto.secret_random import SecretRandom

@@ -15,7 +15,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from clients.dp_constants import default_delta
+from clients.protocol.dp_constants import default_delta
 from server.eligibility import EligibilityConfig
 
 

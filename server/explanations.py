@@ -20,8 +20,8 @@ import numpy as np
 import pandas as pd
 from flwr.app import Message
 
-from clients import messages as m
-from clients.reasons import top_reasons_matrix
+from clients.protocol import messages as m
+from clients.protocol.reasons import top_reasons_matrix
 from server.config import ScoreConfig
 from server.scoring import SCORE_MAX, SCORE_MIN, Platt, scale
 
@@ -34,7 +34,7 @@ class ExplanationError(ValueError):
 
 @dataclass(frozen=True)
 class Explained:
-    """One silo's answer for n people (see clients/explain.py)."""
+    """One silo's answer for n people (see clients/silo/explain.py)."""
 
     delta: np.ndarray  # (n,) g(x) - g(ref), logit units
     index: np.ndarray  # (n, k) feature indices, -1 = no reason

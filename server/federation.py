@@ -18,8 +18,8 @@ from flwr.app import Message, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
-from clients import capture
-from clients import messages as m
+from clients.protocol import capture
+from clients.protocol import messages as m
 from crypto.roster import Roster, RosterError, authority_roster, hello_statement
 
 log = logging.getLogger(__name__)

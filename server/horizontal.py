@@ -4,7 +4,7 @@ Every region trains the whole model on its own customers; the server averages th
 Flower's own strategy, unweighted (each region's reply weighs 1). Two kinds of privacy:
 
 - sample-level (`horizontal.dp=sample`, the default): DP-SGD inside each region, one Opacus
-  accountant per region for the whole run (clients/region_trainer.py). The server learns each
+  accountant per region for the whole run (clients/region/trainer.py). The server learns each
   region's history at the end and writes it to the ledger.
 - user-level (`horizontal.dp=user`): Flower's DP strategy wrapper clips each region's model
   update to C (on the server, or on the region with `fixedclipping_mod`) and adds Gaussian
@@ -53,12 +53,10 @@ from flwr.serverapp.strategy import (
 from flwr.serverapp.strategy.strategy import Strategy
 from flwr.supercore.differential_privacy import compute_stdv
 
-from clients.accounting import calibrate_sigma, epsilon
-from clients.dp_constants import default_delta
-from clients.model import secret_gaussian
-from clients.region_app import PREDICT, PRIVACY
-from clients.region_data import input_columns
-from clients.region_trainer import LocalSpec, global_model
+from clients.protocol.accounting import calibrate_sigma, epsilon
+from clients.protocol.dp_constants import default_delta
+from clients.protocol.dp_sgd import secret_gaussian
+from clients.protocol.region import PREDICT, PRIVACY, LocalSpec, global_model, input_columns
 from crypto.secret_random import SecretRandom
 from server import ledger
 from server.config import AuthorityConfig

@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from clients.schema import AUTHORITY, SCHEMA_FILE, TableSchema, authority_schema
-from clients.silo_data import read_table
+from clients.protocol.schema import AUTHORITY, SCHEMA_FILE, TableSchema, authority_schema
+from clients.protocol.tables import read_table
 from crypto.at_rest import Keystore
 from crypto.identity import IdentifierError, normalize_ids
 from server.eligibility import (

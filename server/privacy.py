@@ -29,14 +29,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
-from clients.accounting import (
+from clients.protocol.accounting import (
     History,
     add_steps,
     affordable_steps,
     calibrate_sigma,
     epsilon,
 )
-from clients.dp_constants import PRIOR_NOISE_MULTIPLIER, STATISTICS_NOISE_MULTIPLIER
+from clients.protocol.dp_constants import PRIOR_NOISE_MULTIPLIER, STATISTICS_NOISE_MULTIPLIER
 from server.config import ConfigError, PrivacyConfig
 from server.federation import FederationError
 from server.label_dp import flip_probability

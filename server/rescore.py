@@ -1,6 +1,6 @@
 """Scoring after the run: the authority re-scores people through the federation.
 
-The silos keep their models of the final round under the run key (clients/client_app.py), so a
+The silos keep their models of the final round under the run key (clients/silo/app.py), so a
 later federation session restores them (`query.resume`) and answers `query.score` for any
 positions: the people's current records (with the corrections a dispute made), or a later
 cohort's. The authority adds the silos' contributions (a secure sum when the run used one),
@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from clients import messages as m
+from clients.protocol import messages as m
 from server import explanations, scoring
 from server.config import AuthorityConfig, parse_flat
 from server.federation import Federation, FederationError

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from clients.schema import federation_silos
+from clients.protocol.schema import federation_silos
 from server.config import AuthorityConfig, ConfigError, parse_flat
 from server.federation import Federation, federation_roster
 

@@ -21,14 +21,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from clients.model import (
-    ModelSpec,
+from clients.protocol.dp_sgd import (
     SecretNoiseDPOptimizer,
-    hidden_layers,
     load_state_bytes,
     make_private,
     state_bytes,
 )
+from clients.protocol.model import ModelSpec, hidden_layers
 from crypto.secret_random import SecretRandom
 from server.label_dp import corrected_gradient
 

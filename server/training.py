@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from clients import messages as m
-from clients.accounting import History
-from clients.model import ModelSpec
+from clients.protocol import messages as m
+from clients.protocol.accounting import History
+from clients.protocol.model import ModelSpec
 from crypto.masking import FRACTION_BITS, MAX_CONTRIBUTION, decode, ring_sum
 from crypto.secret_random import SecretRandom
 from server.checkpoint import TrainState

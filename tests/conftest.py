@@ -158,7 +158,7 @@ def assert_no_identifiers(run_dir: Path) -> None:
     if (parties / "authority").exists():
         e164, _ = load_labels(parties / "authority", keys)
     else:  # the horizontal topology: each region holds its own customers
-        from clients.region_data import listed_regions, load_region
+        from clients.region.data import listed_regions, load_region
 
         e164 = pd.concat([load_region(parties / r, r, keys).ids
                           for r in listed_regions(parties)])

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from clients.accounting import add_steps, affordable_steps, calibrate_sigma, epsilon
+from clients.protocol.accounting import add_steps, affordable_steps, calibrate_sigma, epsilon
 from simulations.analysis.ledger_verify import independent_epsilon
 
 # (sigma, q, steps): a small grid plus what the default run uses (100,000 people, batch 512,

@@ -2,7 +2,7 @@
 exactly what it received, succeeds when the protection is off, and is held to its bound when it
 is on.
 
-Three engine runs, each with every message captured (clients/capture.py) and `-v` logs:
+Three engine runs, each with every message captured (clients/protocol/capture.py) and `-v` logs:
 
 - `guarded`: the default privacy (combined eps 1, label eps 2 by randomised response, secret
   draws everywhere). 14,000 people with a default rate of 0.5 and an 85 % training share, so
@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from clients.capture import CAPTURE_ENV
+from clients.protocol.capture import CAPTURE_ENV
 from simulations.analysis import redteam as rt
 from tests.conftest import run_cli
 

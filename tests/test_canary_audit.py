@@ -16,7 +16,7 @@ from opacus.optimizers import DPOptimizer
 from scipy.special import logit
 from scipy.stats import binom
 
-from clients.accounting import calibrate_sigma
+from clients.protocol.accounting import calibrate_sigma
 from simulations.analysis.canary_audit import (
     METHOD,
     best_bound,

@@ -11,8 +11,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from clients.schema import ID_COLUMN, SILOS
-from clients.silo_data import SiloDataError, load_cohort, load_silo
+from clients.protocol.schema import ID_COLUMN, SILOS
+from clients.protocol.tables import SiloDataError
+from clients.silo.data import load_cohort, load_silo
 from crypto.at_rest import AtRestError, Keystore
 from simulations.data.population import (
     PopulationConfig,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from clients.model import ModelSpec
+from clients.protocol.model import ModelSpec
 from crypto.secret_random import SecretRandom
 from server.config import AuthorityConfig, ConfigError, parse_flat
 from server.top import MlpHead

@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from clients import corrections
-from clients.silo_data import SiloDataError, load_silo
+from clients.protocol.tables import SiloDataError
+from clients.silo import corrections
+from clients.silo.data import load_silo
 from crypto.at_rest import Keystore
 from simulations.data.population import PopulationConfig, generate, write_parties
 from simulations.service.channel import request

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from clients.schema import federation_silos
+from clients.protocol.schema import federation_silos
 from crypto.tls import make_node_key, write_credentials
 from simulations.run import app_pin
 from simulations.run.deploy import FEDERATION, Deployment, process_tree, project_root, snapshot_app
@@ -75,7 +75,7 @@ def test_supernode_refuses_an_app_bundle_it_did_not_pin(tmp_path: Path):
     creds = write_credentials(tmp_path / "creds", ["127.0.0.1", "localhost"], list(silos))
     (tmp_path / "logs").mkdir()
     app, pin = snapshot_app(project_root(), tmp_path / "app")
-    code = app / "clients" / "client_app.py"
+    code = app / "clients" / "silo" / "app.py"
     source = code.read_bytes()
     assert source.endswith(b"\n")
     code.write_bytes(source[:-1] + b" ")  # one byte: the authority's edit to the silos' code

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from clients.accounting import epsilon
-from clients.dp_constants import PRIOR_NOISE_MULTIPLIER, STATISTICS_NOISE_MULTIPLIER
-from clients.model import ModelSpec, SiloTrainer
+from clients.protocol.accounting import epsilon
+from clients.protocol.dp_constants import PRIOR_NOISE_MULTIPLIER, STATISTICS_NOISE_MULTIPLIER
+from clients.protocol.model import ModelSpec
+from clients.silo.trainer import SiloTrainer
 from crypto.secret_random import SecretRandom
 from server.config import ConfigError, PrivacyConfig
 from server.label_dp import corrected_gradient, flip_probability, randomized_response
@@ -221,7 +222,7 @@ def test_contribution_summary_is_read_off_a_noisy_histogram():
     """The five per-silo aggregates come from one Gaussian histogram (sensitivity 1): close to
     the exact ones on many people, and a single person's extreme value moves nothing beyond a
     bin."""
-    from clients.client_app import contribution_summary
+    from clients.silo.app import contribution_summary
 
     rng = np.random.default_rng(3)
     values = rng.normal(-0.5, 1.0, 200_000)

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from clients.drift import (
+from clients.silo.drift import (
     EPSILON,
     DriftError,
     bin_counts,

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from clients.schema import AUTHORITY, ID_COLUMN, LABEL_COLUMN, SILOS
+from clients.protocol.schema import AUTHORITY, ID_COLUMN, LABEL_COLUMN, SILOS
 from crypto.at_rest import Keystore
 from crypto.identity import normalize_phones
 from server.config import AuthorityConfig, ConfigError, parse_flat, to_flat

@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from clients.explain import explain, features_of
-from clients.silo_data import SiloMatrix
+from clients.silo.data import SiloMatrix
+from clients.silo.explain import explain, features_of
 from server.config import ScoreConfig
 from server.explanations import Explained, ExplanationError, points_frame
 from server.scoring import Platt, scale, to_score

@@ -12,8 +12,8 @@ from flwr.app import Context, Error, Message, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.supercore.task_identity import TaskIdentity
 
-from clients import messages as m
-from clients.client_app import _remember_step, _repeated_step
+from clients.protocol import messages as m
+from clients.silo.app import _remember_step, _repeated_step
 from server.federation import Federation, FederationError
 
 

@@ -17,18 +17,11 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from clients.accounting import epsilon
-from clients.region_app import make_region_app
-from clients.region_data import (
-    LOG_SCALE,
-    RegionDataError,
-    feature_columns,
-    input_columns,
-    load_region,
-    region_inputs,
-    region_split,
-)
-from clients.region_trainer import LocalSpec, Plan, global_model, round_stream, train_round
+from clients.protocol.accounting import epsilon
+from clients.protocol.region import LocalSpec, feature_columns, global_model, input_columns
+from clients.region.app import make_region_app
+from clients.region.data import LOG_SCALE, RegionDataError, load_region, region_inputs, region_split
+from clients.region.trainer import Plan, round_stream, train_round
 from crypto.secret_random import SecretRandom
 from server import ledger
 from server.config import ConfigError

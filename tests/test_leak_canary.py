@@ -2,8 +2,8 @@
 
 Every phone number of every party is a canary. One run is crashed after round 2 (so the
 authority's checkpoint exists) and resumed, with every Flower message payload captured on both
-sides (clients.capture) and verbose logs on. Scanned: message payloads, logs, the run directory,
-the checkpoints of the authority and of every silo, for
+sides (clients.protocol.capture) and verbose logs on. Scanned: message payloads, logs, the run
+directory, the checkpoints of the authority and of every silo, for
   - the number in any party's format, E.164, or national digits;
   - SHA-256, SM3 and MD5 of the E.164 string or the national number, in hex or raw bytes.
 """
@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 from cryptography.hazmat.primitives import hashes
 
-from clients.capture import CAPTURE_ENV
+from clients.protocol.capture import CAPTURE_ENV
 from crypto.identity import normalize_phones
 from tests.conftest import run_cli, run_cli_crashing
 

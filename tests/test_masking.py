@@ -108,7 +108,7 @@ def test_the_authority_refuses_a_sum_with_stale_masks():
 
     class Reply:  # the two calls _summed makes on a Flower message
         def __init__(self, share: np.ndarray) -> None:
-            from clients.messages import make_content
+            from clients.protocol.messages import make_content
 
             self.content = make_content(plan=share)
             self.metadata = type("M", (), {"message_type": "train.step"})()
@@ -161,7 +161,7 @@ def test_the_authority_names_a_silo_beyond_the_bound_in_plaintext():
 
     class Reply:
         def __init__(self, part: np.ndarray) -> None:
-            from clients.messages import make_content
+            from clients.protocol.messages import make_content
 
             self.content = make_content(plan=part)
             self.metadata = type("M", (), {"message_type": "train.step"})()

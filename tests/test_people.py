@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from clients.reasons import CATALOGUE
+from clients.protocol.reasons import CATALOGUE
 from crypto.at_rest import Keystore, read_party_file
 from crypto.identity import keyed_refs, load_or_create_pepper
 from tests.conftest import ENGINE_ENV, assert_no_identifiers, run_cli, run_cli_for, scores_of

@@ -12,7 +12,14 @@ import pytest
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
-from clients.schema import AUTHORITY, ID_COLUMN, LABEL_COLUMN, SILO_FEATURES, SILOS, feature_names
+from clients.protocol.schema import (
+    AUTHORITY,
+    ID_COLUMN,
+    LABEL_COLUMN,
+    SILO_FEATURES,
+    SILOS,
+    feature_names,
+)
 from crypto.identity import normalize_phones
 from simulations.data.population import (
     MISSING_COLUMNS,

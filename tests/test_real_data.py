@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from clients.schema import federation_silos
-from clients.silo_data import load_silo
+from clients.protocol.schema import federation_silos
+from clients.silo.data import load_silo
 from server.labels import load_labels
 from simulations.data.real_data import (
     UCI_SILOS,

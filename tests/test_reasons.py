@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from clients.reasons import (
+from clients.protocol.reasons import (
     CATALOGUE,
     ReasonError,
     attribution_points,
@@ -33,7 +33,7 @@ from clients.reasons import (
     top_reasons,
     top_reasons_matrix,
 )
-from clients.schema import SILO_FEATURES, SILOS
+from clients.protocol.schema import SILO_FEATURES, SILOS
 
 ROOT = Path(__file__).resolve().parents[1]
 CJK = re.compile(r"[\u4e00-\u9fff]")
@@ -75,14 +75,14 @@ def test_unknown_features_get_a_generic_text_that_points_to_disputes():
 
 
 def test_no_torch_server_or_simulations_at_import():
-    code = ("import sys, clients.reasons; bad = [m for m in sys.modules if m == 'torch' or "
-            "m.startswith(('server', 'simulations'))]; assert not bad, bad; "
-            "print(clients.reasons.__file__)")
+    code = ("import sys, clients.protocol.reasons; bad = [m for m in sys.modules "
+            "if m == 'torch' or m.startswith(('server', 'simulations'))]; assert not bad, bad; "
+            "print(clients.protocol.reasons.__file__)")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True,
                           text=True, check=False)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == str(ROOT / "clients" / "reasons.py")
+    assert proc.stdout.strip() == str(ROOT / "clients" / "protocol" / "reasons.py")
 
 
 # ---- attributions: known answers ---------------------------------------------------------------

@@ -21,7 +21,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     resumed from its round-2 checkpoint once the silo behaves; and the same run uninterrupted.
     (An authority that crashes on its own is resumed in test_encrypted_run and the leak canary;
     killed processes under the deployment engine in test_faults.)"""
-    from clients.client_app import SILO_FAULT
+    from clients.silo.app import SILO_FAULT
 
     work = tmp_path_factory.mktemp("resume")
     crashed, full = work / "crashed", work / "full"

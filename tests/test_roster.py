@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from clients.enrolment import enrol, policy_for
-from clients.policy import POLICY_FILE, PolicyRefusalError, SiloPolicy
+from clients.silo.enrolment import enrol, policy_for
+from clients.silo.policy import POLICY_FILE, PolicyRefusalError, SiloPolicy
 from crypto.roster import (
     ROSTER_FILE,
     Roster,

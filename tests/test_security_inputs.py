@@ -22,8 +22,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from clients.schema import PARTIES_FILE, federation_silos, silo_schema
-from clients.silo_data import SiloDataError, load_silo
+from clients.protocol.schema import PARTIES_FILE, federation_silos, silo_schema
+from clients.protocol.tables import SiloDataError
+from clients.silo.data import load_silo
 from crypto.at_rest import AtRestError, Keystore, decrypt, encrypt
 from crypto.identity import (
     IdentifierError,

@@ -20,12 +20,12 @@ import pytest
 from flwr.app import Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from clients import client_app as ca
-from clients import messages as m
-from clients.enrolment import enrol
-from clients.model import ModelSpec
-from clients.policy import POLICY_FILE, PolicyError, SiloPolicy
-from clients.schema import federation_silos
+from clients.protocol import messages as m
+from clients.protocol.model import ModelSpec
+from clients.protocol.schema import federation_silos
+from clients.silo import app as ca
+from clients.silo.enrolment import enrol
+from clients.silo.policy import POLICY_FILE, PolicyError, SiloPolicy
 from crypto import masking
 from crypto.masking import PairwiseKeys, decode, mask_context, pair_mask
 from crypto.roster import (
@@ -456,7 +456,7 @@ def test_reason_codes_and_corrections_follow_the_silo_policy(grid: AppGrid):
     why = grid.send("payments", m.STEP, _step(1, eval_=everyone, explain=2))
     assert not why.has_error(), why.error.reason
     assert m.get_array(why, "reason_index").shape[0] == PEOPLE
-    from clients.explain import features_of
+    from clients.silo.explain import features_of
 
     field = features_of(ca.silo_matrix(grid.context("payments"), ca.Defaults(grid.root, None,
                                                                               True)))[0]
@@ -580,7 +580,7 @@ def test_a_silo_clips_what_it_releases(grid: AppGrid, monkeypatch):
     _policy(grid.root, "social", require_secure_sum=False)
     _policy(grid.root, "device", require_secure_sum=False)
     _aligned(grid, secure=False)
-    from clients.model import SiloTrainer
+    from clients.silo.trainer import SiloTrainer
 
     monkeypatch.setattr(SiloTrainer, "released",
                         lambda self, x, *purpose: np.full(len(x), 1e5, dtype=np.float32))

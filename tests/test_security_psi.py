@@ -27,10 +27,10 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from clients import client_app as ca
-from clients import messages as m
-from clients.enrolment import enrol
-from clients.schema import federation_silos
+from clients.protocol import messages as m
+from clients.protocol.schema import federation_silos
+from clients.silo import app as ca
+from clients.silo.enrolment import enrol
 from crypto.psi import PsiError, PsiKey, hash_to_points, match, on_curve
 from crypto.secret_random import SecretRandom
 from server.alignment import joint_order

@@ -15,12 +15,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from clients.accounting import STATISTICS_NOISE_MULTIPLIER
-from clients.schema import SCHEMA_FILE, TableSchema, feature_names, silo_schema
-from clients.silo_data import (
+from clients.protocol.accounting import STATISTICS_NOISE_MULTIPLIER
+from clients.protocol.schema import SCHEMA_FILE, TableSchema, feature_names, silo_schema
+from clients.protocol.tables import SiloDataError
+from clients.silo.data import (
     MIN_SCALE,
     THRESHOLD_DELTA,
-    SiloDataError,
     load_silo,
     prepare,
     statistics_mechanism,

@@ -24,9 +24,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from clients.model import ModelSpec, build, make_private
-from clients.schema import AUTHORITY, federation_silos, silo_salt
-from clients.silo_data import load_silo
+from clients.protocol.dp_sgd import make_private
+from clients.protocol.model import ModelSpec
+from clients.protocol.schema import AUTHORITY, federation_silos, silo_salt
+from clients.silo.data import load_silo
+from clients.silo.trainer import build
 from crypto.at_rest import Keystore
 from crypto.identity import keyed_refs
 from crypto.secret_random import SecretRandom, generator_from_key

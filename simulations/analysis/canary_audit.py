@@ -22,10 +22,10 @@ The game (their Algorithm 1, white-box with gradient canaries as in their DP-SGD
   q) per step for T steps; each party clips its per-sample block at C and adds Gaussian noise
   of std sigma_block * C from its own secret stream (combined noise multiplier
   sigma_block / sqrt(K)). Every block's step goes through the code that trains:
-  `clients.model.make_private` and `SecretNoiseDPOptimizer`, with Opacus computing the canaries'
-  per-sample gradients and clipping them. A canary's raw gradient is `canary_gradient_scale`
-  times C, so only working clipping keeps it at C (a broken clip shows up as a bound above the
-  accountant's).
+  `clients.protocol.dp_sgd.make_private` and `SecretNoiseDPOptimizer`, with Opacus computing the
+  canaries' per-sample gradients and clipping them. A canary's raw gradient is
+  `canary_gradient_scale` times C, so only working clipping keeps it at C (a broken clip shows up as
+  a bound above the accountant's).
 * The white-box auditor observes every step's noisy summed gradient of every block and scores
   each canary from its coordinates (`statistic`): "sum", the sum over steps and blocks (in units
   of C), or, by default, "likelihood", the sum over steps of the log likelihood ratio of the
@@ -55,7 +55,7 @@ from scipy.special import expit
 from scipy.stats import binom
 from torch import nn
 
-from clients.model import SecretNoiseDPOptimizer, make_private
+from clients.protocol.dp_sgd import SecretNoiseDPOptimizer, make_private
 from crypto.secret_random import SECRET_BYTES, SecretRandom
 from simulations.analysis.baselines import one_thread
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import dp_accounting as dpa
 from dp_accounting import pld, rdp
 
-from clients.accounting import History, add_steps
+from clients.protocol.accounting import History, add_steps
 from server import ledger
 from server.privacy import joint_multiplier
 

@@ -1,8 +1,8 @@
 """Red team: each curious party plays its attack with exactly what it received.
 
 DESIGN.md, "Attacks are part of the design". A silo's attacks read only the messages that silo
-received in a run (captured with FEDSCORE_CAPTURE_DIR, clients/capture.py) and the run's public
-config.json. The experiment layer (`Truth`) then reads what no party may: the authority's
+received in a run (captured with FEDSCORE_CAPTURE_DIR, clients/protocol/capture.py) and the run's
+public config.json. The experiment layer (`Truth`) then reads what no party may: the authority's
 labels, its private split, the released scores; it is used ONLY to score the attacks.
 
 Attacks (tests/test_attacks.py holds each to its bound):
@@ -38,8 +38,8 @@ import pandas as pd
 from scipy.special import gammaln, logsumexp
 from scipy.stats import rankdata
 
-from clients.capture import MESSAGES_DIR
-from clients.schema import AUTHORITY
+from clients.protocol.capture import MESSAGES_DIR
+from clients.protocol.schema import AUTHORITY
 from crypto.at_rest import Keystore, keystore_path
 from crypto.identity import keyed_refs
 from crypto.secret_random import SECRET_FILE
@@ -64,7 +64,7 @@ POSITIONS_SALT = 0xA11
 
 @dataclass(frozen=True)
 class Captured:
-    """One captured message (clients/capture.py's structured form)."""
+    """One captured message (clients/protocol/capture.py's structured form)."""
 
     side: str
     silo: str | None

@@ -399,8 +399,8 @@ def _generate(args: argparse.Namespace) -> int:
                               store=store)
     # Every silo gets an identity key, the roster and the strict default policy, in the
     # keystore the parties run with (storage.keystore=auto without --keystore).
-    from clients.enrolment import enrol
-    from clients.schema import federation_silos
+    from clients.protocol.schema import federation_silos
+    from clients.silo.enrolment import enrol
     from crypto.at_rest import AUTO, keystore_path
 
     keys = store

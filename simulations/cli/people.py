@@ -24,7 +24,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from clients.reasons import reason_text
+from clients.protocol.reasons import reason_text
 from server.rescore import RescoreError
 from server.scoring import TIERS
 from simulations.service.session import DUE_HOURS

@@ -53,15 +53,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from clients.schema import AUTHORITY, ID_COLUMN, LABEL_COLUMN, SILOS, feature_names
-from clients.silo_data import (
-    COHORT_INFO,
-    COHORT_TABLE,
-    cohort_context,
-    cohort_dir,
-    find_table,
-    read_table,
-)
+from clients.protocol.schema import AUTHORITY, ID_COLUMN, LABEL_COLUMN, SILOS, feature_names
+from clients.protocol.tables import read_table
+from clients.silo.data import COHORT_INFO, COHORT_TABLE, cohort_context, cohort_dir, find_table
 from crypto.at_rest import Keystore, write_encrypted, write_party_file
 from server.metrics import auc
 
@@ -601,7 +595,7 @@ def write_parties(pop: Population, parties_dir: Path, overwrite: bool = False,
 # latents keep their N(0, LATENT_CORR) distribution), then moves by -drift * COHORT_RISK_SHIFT
 # standard deviations: less responsible, a little poorer and less careful with security, i.e.
 # riskier. drift=0 keeps the distribution (only the refresh). Measured on 20,000 people (seed 2),
-# PSI of the true logit over the three silos against the training table (clients/drift.py):
+# PSI of the true logit over the three silos against the training table (clients/silo/drift.py):
 # drift 0 about 0.001, 0.3 about 0.14 ("moderate"), 0.5 about 0.38, 1 about 1.5 ("shift").
 COHORT_RHO = 0.9
 COHORT_RISK_SHIFT = np.array([1.5, 0.75, 0.0, 0.75])  # per LATENTS

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from clients.schema import AUTHORITY, COLUMN_KINDS, ID_KINDS, PARTIES_FILE, SCHEMA_FILE
+from clients.protocol.schema import AUTHORITY, COLUMN_KINDS, ID_KINDS, PARTIES_FILE, SCHEMA_FILE
 from crypto.at_rest import Keystore, write_party_file
 from crypto.identity import PartyNameError, check_party_name
 
@@ -48,10 +48,11 @@ class Mapping:
     label: str
     silos: dict[str, tuple[str, ...]]
     files: dict[str, Path]  # party -> CSV (one file may serve every party)
-    # silo -> {column: kind} for columns not prepared "auto" (clients/schema.py COLUMN_KINDS)
+    # silo -> {column: kind} for columns not prepared "auto" (COLUMN_KINDS of
+    # clients/protocol/schema.py)
     kinds: dict[str, dict[str, str]] = field(default_factory=dict)
     # silo -> {column: declared values} of category columns: declared values cost no privacy
-    # (without them a silo picks them by a noisy, thresholded count; clients/silo_data.py)
+    # (without them a silo picks them by a noisy, thresholded count; clients/silo/data.py)
     categories: dict[str, dict[str, list[float]]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

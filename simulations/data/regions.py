@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from clients.region_data import REGION_TABLE, REGIONS_FILE, region_names
-from clients.schema import ID_COLUMN, LABEL_COLUMN, SILOS, feature_names
+from clients.protocol.schema import ID_COLUMN, LABEL_COLUMN, SILOS, feature_names
+from clients.region.data import REGION_TABLE, REGIONS_FILE, region_names
 from crypto.at_rest import Keystore
 from crypto.identity import normalize_ids
 from simulations.data.paths import RunDirError

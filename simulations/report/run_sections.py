@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.ticker import FormatStrFormatter, MaxNLocator
 
-from clients.reasons import reason_text
+from clients.protocol.reasons import reason_text
 from server.scoring import SCORE_MAX, SCORE_MIN, TIER_KEYS, TIERS
 from simulations.report.blocks import (
     SERIES,

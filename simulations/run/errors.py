@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from clients.drift import DriftError
-from clients.messages import ProtocolError
-from clients.reasons import ReasonError
-from clients.silo_data import SiloDataError
+from clients.protocol.messages import ProtocolError
+from clients.protocol.reasons import ReasonError
+from clients.protocol.tables import SiloDataError
+from clients.silo.drift import DriftError
 from crypto.at_rest import AtRestError
 from crypto.identity import IdentifierError
 from crypto.psi import PsiError

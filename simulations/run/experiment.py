@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from clients.client_app import make_client_app
-from clients.enrolment import enrol, policy_for
-from clients.schema import AUTHORITY, federation_silos
-from clients.silo_data import load_silo
+from clients.protocol.schema import AUTHORITY, federation_silos
+from clients.silo.app import make_client_app
+from clients.silo.data import load_silo
+from clients.silo.enrolment import enrol, policy_for
 from crypto.at_rest import Keystore, keystore_path
 from crypto.secret_random import SecretRandom
 from crypto.tls import Credentials
@@ -109,7 +109,7 @@ def ready_parties(run: Run) -> None:
     # delta against the people the authority declares: refused here, not after engine and PSI.
     check_delta(run.cfg, rows[AUTHORITY], "the authority's table")
     # The simulation plays every silo's operator: identity keys, the roster, and a policy
-    # allowing what this experiment asks (clients/enrolment.py).
+    # allowing what this experiment asks (clients/silo/enrolment.py).
     asked = run.cfg.authority
     enrol(run.parties.root, federation_silos(run.parties.root),
           store.path if store is not None else None,

@@ -24,11 +24,12 @@ from dataclasses import dataclass, replace
 import numpy as np
 import pandas as pd
 
-from clients.accounting import epsilon
-from clients.model import BottomModel
-from clients.region_app import PREDICTIONS_DIR, make_region_app
-from clients.region_data import listed_regions, load_region, read_region_table, region_split
-from clients.region_trainer import LocalSpec, Plan, global_model, predict_logits, train_round
+from clients.protocol.accounting import epsilon
+from clients.protocol.model import BottomModel
+from clients.protocol.region import LocalSpec, global_model
+from clients.region.app import PREDICTIONS_DIR, make_region_app
+from clients.region.data import listed_regions, load_region, read_region_table, region_split
+from clients.region.trainer import Plan, predict_logits, train_round
 from crypto.at_rest import keystore_path, read_party_file
 from crypto.secret_random import SecretRandom, digest
 from server.config import AuthorityConfig
@@ -74,7 +75,7 @@ def pooled(run, cfg: AuthorityConfig) -> Pooled:
         data = load_region(root / name, name, store)
         spend = read_region_table(root / name, name, store)["spend_level"].to_numpy()
         # The experiment layer replays each region's secret split from its keystore, where
-        # the region keeps its secret (clients/region_app.py `region_random`).
+        # the region keeps its secret (clients/region/app.py `region_random`).
         secret = SecretRandom.load_or_create(store.path if store is not None else root / name,
                                              name)
         split = region_split(len(data), secret, cfg.seed, cfg.split.train, cfg.split.val)

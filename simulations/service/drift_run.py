@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from clients import drift
-from clients.schema import federation_silos
+from clients.protocol.schema import federation_silos
+from clients.silo import drift
 from server import rescore
 from server.federation import Federation
 from server.rescore import Scorer

@@ -24,8 +24,8 @@ import pandas as pd
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from clients.client_app import make_client_app
-from clients.schema import AUTHORITY, authority_schema, federation_silos
+from clients.protocol.schema import AUTHORITY, authority_schema, federation_silos
+from clients.silo.app import make_client_app
 from crypto.at_rest import REF_HASH, Keystore, keystore_path
 from crypto.identity import IdentifierError, keyed_refs, load_or_create_pepper, normalize_ids
 from server import rescore

@@ -42,32 +42,24 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from clients import capture
-from clients import messages as m
-from clients.client_app import Defaults, node_store
-from clients.model import BottomModel
-from clients.region_data import (
+from clients.node import Defaults, node_store
+from clients.protocol import capture
+from clients.protocol import messages as m
+from clients.protocol.model import BottomModel
+from clients.protocol.region import PREDICT, PRIVACY, LocalSpec, global_model
+from clients.region.data import (
     RegionData,
     RegionDataError,
     listed_regions,
     load_region,
     region_split,
 )
-from clients.region_trainer import (
-    LocalSpec,
-    Plan,
-    global_model,
-    predict_logits,
-    round_stream,
-    train_round,
-)
+from clients.region.trainer import Plan, predict_logits, round_stream, train_round
 from crypto.at_rest import Keystore, write_party_file
 from crypto.secret_random import SecretRandom
 
 log = logging.getLogger(__name__)
 
-PRIVACY = "query.privacy"
-PREDICT = "query.predict"
 PREDICTIONS_DIR = "predictions"
 
 _CACHE: dict[tuple[str, float], tuple[RegionData, np.ndarray]] = {}

@@ -19,7 +19,7 @@ Message types (Flower "<category>.<action>"):
 
 The last step of training and `query.score` can ask for reason codes ("explain": k): each silo
 then also sends, per person, g_k(x) - g_k(typical person) and its k features that raise the
-default logit most with their shares (clients/explain.py). That is a deliberate disclosure of
+default logit most with their shares (clients/silo/explain.py). That is a deliberate disclosure of
 per-silo contributions (docs/threat-model.md); `explain.reasons=0` keeps secure sum whole.
 
 With secure aggregation, contributions travel as uint64 fixed-point shares masked pairwise
@@ -49,7 +49,7 @@ SCORE = "query.score"
 # Error codes a silo uses for problems it diagnosed itself; the reason is meant for people.
 INPUT_ERROR = 4001
 PROTOCOL_ERROR = 4002
-# The request is well formed but this silo's policy (clients/policy.py), roster or answer
+# The request is well formed but this silo's policy (clients/silo/policy.py), roster or answer
 # journal does not allow it: the authority asked for something the silo will not release.
 REFUSED = 4003
 SILO_CODES = (INPUT_ERROR, PROTOCOL_ERROR, REFUSED)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from clients.policy import SiloPolicy
+from clients.silo.policy import SiloPolicy
 from crypto.roster import ROSTER_FILE, Roster, identity_key, public_hex
 
 log = logging.getLogger(__name__)
@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 def identity_dir(parties_root: Path, silo: str, keystore: Path | None) -> Path:
     """Where a silo's identity key lives: its keystore, else its own directory (0600), the
-    same place as its randomness secret (clients/client_app.py `silo_random`)."""
+    same place as its randomness secret (clients/silo/app.py `silo_random`)."""
     return Path(keystore) if keystore is not None else Path(parties_root) / silo
 
 

@@ -30,7 +30,7 @@ class Feature:
     kind: str  # "amount" (skewed, >= 0), "count" (>= 0), "rate" (0..1), "flag" (0/1), "real"
     description: str
     # The column's declared range in its own units, where the kind's default range
-    # (clients/silo_data.py KIND_RANGES) is far wider than the feature can be: values outside
+    # (clients/silo/data.py KIND_RANGES) is far wider than the feature can be: values outside
     # are clipped before the silo's noisy statistics, so a tighter range means less relative
     # noise. Public knowledge about the feature, never taken from data.
     bounds: tuple[float, float] | None = None
@@ -100,7 +100,7 @@ def feature_names(silo: str) -> list[str]:
 SCHEMA_FILE = "schema.json"
 PARTIES_FILE = "parties.json"
 ID_KINDS = ("phone", "plain")
-# How a silo prepares a column, fixed by the kind and never by the data (clients/silo_data.py):
+# How a silo prepares a column, fixed by the kind and never by the data (clients/silo/data.py):
 # "amount", "count" (log1p of the value, negatives as 0), "rate", "flag" (as they are, 0..1),
 # "signed_log", "real", "auto" (sign(x) log1p |x|: amounts that can be negative, or anything
 # undeclared); each is then clipped to a declared range and standardised with noisy statistics.

@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from clients.schema import SILO_FEATURES, silo_schema
-from clients.silo_data import SiloDataError, SiloMatrix, find_table, read_table
+from clients.protocol.schema import SILO_FEATURES, silo_schema
+from clients.protocol.tables import SiloDataError, read_table
+from clients.silo.data import SiloMatrix, find_table
 from crypto.at_rest import Keystore, read_encrypted, write_encrypted
 from crypto.identity import normalize_ids
 

@@ -16,7 +16,6 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
@@ -25,14 +24,17 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients import capture, corrections
-from clients import messages as m
-from clients.dp_constants import STATISTICS_NOISE_MULTIPLIER
-from clients.enrolment import identity_dir
-from clients.policy import PolicyError, PolicyRefusalError, SiloPolicy
-from clients.schema import federation_silos, silo_salt
-from clients.silo_data import SiloDataError, SiloMatrix, load_silo
-from crypto.at_rest import AUTO, Keystore, open_keystore, read_encrypted, write_encrypted
+from clients.node import Defaults, node_store
+from clients.protocol import capture
+from clients.protocol import messages as m
+from clients.protocol.dp_constants import STATISTICS_NOISE_MULTIPLIER
+from clients.protocol.schema import federation_silos, silo_salt
+from clients.protocol.tables import SiloDataError
+from clients.silo import corrections
+from clients.silo.data import SiloMatrix, load_silo
+from clients.silo.enrolment import identity_dir
+from clients.silo.policy import PolicyError, PolicyRefusalError, SiloPolicy
+from crypto.at_rest import Keystore, read_encrypted, write_encrypted
 from crypto.masking import (
     MaskingError,
     PairwiseKeys,
@@ -58,7 +60,7 @@ from crypto.secret_random import SecretRandom, digest
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from clients.model import SiloTrainer
+    from clients.silo.trainer import SiloTrainer
 
 log = logging.getLogger(__name__)
 
@@ -78,16 +80,6 @@ def silo_name(context: Context, defaults: Defaults | None = None) -> str:
     raise SiloDataError("this node has no silo: start the SuperNode with --node-config 'silo=...'")
 
 
-@dataclass(frozen=True)
-class Defaults:
-    """What the simulation hands every silo when no config names them: the parties directory
-    and the keystore for the silo's files at rest."""
-
-    root: Path | None = None
-    keystore: Path | None = None
-    plaintext: bool = False  # the run asked for storage.keystore=none
-
-
 def silo_dir(context: Context, defaults: Defaults) -> Path:
     root = context.node_config.get("data-dir") or context.run_config.get("data-dir")
     base = Path(str(root)) if root else defaults.root
@@ -98,20 +90,6 @@ def silo_dir(context: Context, defaults: Defaults) -> Path:
 
 def silo_store(context: Context, defaults: Defaults) -> Keystore | None:
     return node_store(context, defaults, silo_dir(context, defaults).parent)
-
-
-def node_store(context: Context, defaults: Defaults, parties_root: Path) -> Keystore | None:
-    """A party's keystore: node config `keystore=DIR` (deployment), else the one the
-    simulation gives, else the run's `storage.keystore` ("auto": beside the parties
-    directory, created on first use; `flwr run` on one machine)."""
-    if "keystore" in context.node_config:
-        return Keystore(Path(str(context.node_config["keystore"])))
-    if defaults.plaintext:
-        return None
-    if defaults.keystore is not None:
-        return Keystore.open_or_init(defaults.keystore)
-    setting = str(context.run_config.get("storage.keystore", AUTO))
-    return open_keystore(setting, parties_root)
 
 
 def silo_random(context: Context, defaults: Defaults) -> SecretRandom:
@@ -412,10 +390,10 @@ def _model() -> ModuleType:
     message runs in a fresh process, and importing them costs seconds that PSI never needs."""
     import torch
 
-    from clients import model
+    from clients.silo import trainer
 
     torch.set_num_threads(1)  # one core per silo: silos run side by side
-    return model
+    return trainer
 
 
 def _trainer(context: Context, defaults: Defaults) -> SiloTrainer:
@@ -423,7 +401,9 @@ def _trainer(context: Context, defaults: Defaults) -> SiloTrainer:
         raise m.ProtocolError("no model yet: the authority must send query.align first")
     cfg = m.config_record(context.state, "model")
     model = _model()
-    trainer = model.SiloTrainer(m.config_int(cfg, "inputs"), model.ModelSpec.from_config(dict(cfg)),
+    from clients.protocol.model import ModelSpec
+
+    trainer = model.SiloTrainer(m.config_int(cfg, "inputs"), ModelSpec.from_config(dict(cfg)),
                                 m.config_int(cfg, "salt"), random=silo_random(context, defaults),
                                 run_key=str(cfg["run"]))
     trainer.load_bytes(m.config_bytes(cfg, "blob"))
@@ -541,7 +521,9 @@ def make_client_app(root: Path | None = None, keystore: Path | None = None,
         _forget_steps(context)
         context.state["align"] = m.arrays(pos2row=pos2row)
         model_lib = _model()
-        spec = model_lib.ModelSpec.from_config(cfg)
+        from clients.protocol.model import ModelSpec
+
+        spec = ModelSpec.from_config(cfg)
         salt = silo_salt(silo_name(context, defaults))
         run_key = str(cfg["run"])
         if not run_key.isalnum():
@@ -644,7 +626,7 @@ def make_client_app(root: Path | None = None, keystore: Path | None = None,
         data = silo_matrix(context, defaults)
         silo = silo_name(context, defaults)
         row = int(_rows(context, position)[0])
-        from clients.explain import features_of
+        from clients.silo.explain import features_of
 
         value = corrections.check_value(silo, str(cfg["field"]), float(cfg["value"]),
                                         features_of(data))
@@ -678,7 +660,7 @@ def make_client_app(root: Path | None = None, keystore: Path | None = None,
         data = silo_matrix(context, defaults)
         cohort = str(cfg.get("cohort", ""))
         if cohort:
-            from clients.silo_data import load_cohort
+            from clients.silo.data import load_cohort
 
             x = load_cohort(silo_dir(context, defaults), silo_name(context, defaults), cohort,
                             silo_store(context, defaults), data)[rows]
@@ -689,7 +671,7 @@ def make_client_app(root: Path | None = None, keystore: Path | None = None,
         reply: dict = {}
         out: dict[str, np.ndarray] = {}
         if cfg.get("drift"):
-            from clients.drift import psi
+            from clients.silo.drift import psi
 
             before = trainer.contributions(data.x[rows])
             # Points fall as contributions rise: compare -g, so bins follow points' order.
@@ -799,7 +781,7 @@ def _explained(trainer: SiloTrainer, data: SiloMatrix, x: np.ndarray, k: int
     if trainer.spec.transcript_sigma > 0:
         raise m.ProtocolError("reason codes would release exact contributions that transcript "
                               "DP's accounting does not cover; ask for none (explain=0)")
-    from clients.explain import explain
+    from clients.silo.explain import explain
 
     why = explain(trainer, data, x, k)
     arrays = {"explain_delta": why.delta, "reason_index": why.index,

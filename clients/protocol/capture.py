@@ -111,13 +111,13 @@ def _record_structured(directory: Path, side: str, msg: Message, silo: str | Non
 
 
 def _silo_of(context: Context) -> str | None:
-    """The silo this node serves, as clients/client_app.py names it (node config `silo`, else
+    """The silo this node serves, as clients/silo/app.py names it (node config `silo`, else
     the simulation's partition-id over the federation's silos)."""
     node = context.node_config
     if "silo" in node:
         return str(node["silo"])
     if "partition-id" in node:
-        from clients.schema import federation_silos
+        from clients.protocol.schema import federation_silos
 
         root = context.node_config.get("data-dir") or context.run_config.get("data-dir")
         silos = federation_silos(Path(str(root)) if root else None)

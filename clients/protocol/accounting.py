@@ -18,7 +18,7 @@ from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.accountant import IAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
-from clients.dp_constants import STATISTICS_NOISE_MULTIPLIER  # noqa: F401 (re-exported)
+from clients.protocol.dp_constants import STATISTICS_NOISE_MULTIPLIER  # noqa: F401 (re-exported)
 
 History = list[tuple[float, float, int]]
 

@@ -1,5 +1,6 @@
 """Public constants of the privacy mechanisms that every party must agree on, in a module
-without torch or Opacus (a silo's light handlers import it; clients/accounting.py needs both).
+without torch or Opacus (a silo's light handlers import it; clients/protocol/accounting.py
+needs both).
 """
 
 # The noise multiplier of every statistic a party releases outside DP-SGD (a silo's

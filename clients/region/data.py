@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from clients.schema import ID_COLUMN, LABEL_COLUMN, SILO_FEATURES, SILOS
+from clients.protocol.region import feature_columns
+from clients.protocol.schema import ID_COLUMN, LABEL_COLUMN
 from crypto.at_rest import Keystore, read_party_file
 from crypto.secret_random import SecretRandom
 
@@ -49,16 +50,6 @@ def listed_regions(root: Path) -> list[str]:
         raise RegionDataError(f"{root} has no {REGIONS_FILE}: it is not a horizontal parties "
                               "directory (run with --set topology=horizontal to make one)")
     return list(json.loads(path.read_text())["regions"])
-
-
-def feature_columns() -> list[tuple[str, str]]:
-    """(column, kind) of every feature a region holds, in schema order."""
-    return [(f.name, f.kind) for silo in SILOS for f in SILO_FEATURES[silo]]
-
-
-def input_columns() -> list[str]:
-    names = [c for c, _ in feature_columns()]
-    return names + [f"{c}__missing" for c in names]
 
 
 def region_inputs(df: pd.DataFrame) -> np.ndarray:

@@ -25,18 +25,15 @@ from statistics import NormalDist
 import numpy as np
 import pandas as pd
 
-from clients.schema import ID_COLUMN, MAX_CATEGORIES, TableSchema, silo_schema
-from crypto.at_rest import AtRestError, Keystore, party_context, read_encrypted, read_party_file
+from clients.protocol.schema import MAX_CATEGORIES, TableSchema, silo_schema
+from clients.protocol.tables import SiloDataError, read_table
+from crypto.at_rest import AtRestError, Keystore, party_context, read_encrypted
 from crypto.identity import IdentifierError, normalize_ids
 from crypto.secret_random import SecretRandom
 
 log = logging.getLogger(__name__)
 
 TABLE_NAMES = ("features.parquet", "features.parquet.enc", "features.csv")
-
-
-class SiloDataError(ValueError):
-    """A silo table that cannot be used as it is."""
 
 
 def find_table(silo_dir: Path) -> Path:
@@ -47,18 +44,6 @@ def find_table(silo_dir: Path) -> Path:
         f"no table in {silo_dir}: expected one of {', '.join(TABLE_NAMES)}; "
         "generate party tables with `fedscore generate --parties DIR`"
     )
-
-
-def read_table(path: Path, silo: str = "", store: Keystore | None = None,
-               id_column: str = ID_COLUMN) -> pd.DataFrame:
-    """A table as a frame; an encrypted `.parquet.enc` is decrypted in memory with `store`."""
-    if path.name.endswith(".parquet.enc"):
-        return pd.read_parquet(io.BytesIO(read_party_file(path, silo, store)))
-    if path.suffix == ".parquet":
-        return pd.read_parquet(path)
-    if path.suffix == ".csv":
-        return pd.read_csv(path, dtype={id_column: "string"})
-    raise SiloDataError(f"unsupported table format {path.suffix!r} ({path}); use .parquet or .csv")
 
 
 def validate(df: pd.DataFrame, silo: str, expected: list[str],
@@ -114,10 +99,11 @@ def validate(df: pd.DataFrame, silo: str, expected: list[str],
 
 
 # ---- preparation: fixed transforms, declared ranges, noisy statistics ------------------------
-# A column's transform and clipping range follow from its declared kind (clients/schema.py),
-# never from the data; what does come from the data (the mean and spread that standardise each
-# column, the values of a category column the schema does not list) is released once per table
-# through one Gaussian mechanism, accounted by the authority (`statistics_mechanism`).
+# A column's transform and clipping range follow from its declared kind
+# (clients/protocol/schema.py), never from the data; what does come from the data (the mean and
+# spread that standardise each column, the values of a category column the schema does not list) is
+# released once per table through one Gaussian mechanism, accounted by the authority
+# (`statistics_mechanism`).
 
 TRANSFORMS: dict[str, str] = {
     "amount": "log1p", "count": "log1p",  # log1p(max(x, 0))
@@ -146,9 +132,9 @@ def _frozen(values: np.ndarray) -> np.ndarray:
 
 
 def _noise_multiplier() -> float:
-    # Imported here: clients.accounting loads Opacus (seconds), and this module is also read by
-    # tools that only load tables.
-    from clients.accounting import STATISTICS_NOISE_MULTIPLIER
+    # Imported here: clients.protocol.accounting loads Opacus (seconds), and this module is also
+    # read by tools that only load tables.
+    from clients.protocol.accounting import STATISTICS_NOISE_MULTIPLIER
 
     return float(STATISTICS_NOISE_MULTIPLIER)
 

@@ -43,7 +43,7 @@ from typing import Literal, TypeVar
 import numpy as np
 import numpy.typing as npt
 
-from clients.schema import SILO_FEATURES
+from clients.protocol.schema import SILO_FEATURES
 
 log = logging.getLogger(__name__)
 
@@ -220,7 +220,7 @@ def missing_from_catalogue() -> list[tuple[str, str]]:
 def feature_groups(columns: Sequence[str], features: Sequence[str]) -> list[np.ndarray]:
     """Model-input column indices of each feature, in `features` order.
 
-    A silo's matrix (clients/silo_data.py) has one column per numeric feature, plus
+    A silo's matrix (clients/silo/data.py) has one column per numeric feature, plus
     `<feature>__missing` indicators and `<feature>=<value>` one-hot columns; a feature's
     columns switch together, so "balance" and "balance__missing" are attributed as one."""
     owner: list[int] = []

@@ -1,8 +1,8 @@
 """Reason codes inside a silo: which of its features move a person's contribution most.
 
-The silo attributes g_k(x) - g_k(ref) to its own features (clients/reasons.py, "path" method,
-exact in sum) against its average person `ref`: the all-zero input, i.e. every numeric column
-at the silo's DP-estimated mean, present, and in no category group. (A median of the inputs
+The silo attributes g_k(x) - g_k(ref) to its own features (clients/protocol/reasons.py, "path"
+method, exact in sum) against its average person `ref`: the all-zero input, i.e. every numeric
+column at the silo's DP-estimated mean, present, and in no category group. (A median of the inputs
 would be a private statistic shaping every released reason, outside the accountant.)
 and releases per person only: the total, and the k features that raise the default logit most
 with their shares. The authority turns logit units into score points (-PDO / ln 2 * Platt
@@ -16,15 +16,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from clients.reasons import (
-    feature_attributions,
-    feature_groups,
-    top_reasons_matrix,
-)
-from clients.silo_data import SiloMatrix
+from clients.protocol.reasons import feature_attributions, feature_groups, top_reasons_matrix
+from clients.silo.data import SiloMatrix
 
 if TYPE_CHECKING:
-    from clients.model import SiloTrainer
+    from clients.silo.trainer import SiloTrainer
 
 NO_REASON = -1
 

@@ -2,7 +2,7 @@
 
 Read from `policy.json` in the silo's directory; without one the strict defaults hold. The
 authority's settings (explain.reasons, corrections, aggregation) are requests; a request
-beyond this policy is refused with `REFUSED` (clients/messages.py) and a message naming the
+beyond this policy is refused with `REFUSED` (clients/protocol/messages.py) and a message naming the
 key the operator would change.
 
   min_group           any aggregate a silo reports (the training summary, reason codes'
