@@ -1,6 +1,8 @@
 """The message schema between the authority and the silos.
 
-It lives on the silo side so a silo deploys without the authority's code; `server/` imports it.
+It lives in clients/protocol/, the door: a silo deploys without the authority's code, and
+`server/` imports it from here.
+
 After alignment no message carries an identifier: only row positions 0..M-1 of the shared order,
 contributions and gradients.
 

@@ -1,6 +1,6 @@
 """Reason codes: which of a person's features cost the most points, and what to do about them.
 
-Why here (the silo side): in `sum` mode the authority computes z = b + sum_k g_k(x_k) and never
+Why on the silo side: in `sum` mode the authority computes z = b + sum_k g_k(x_k) and never
 sees a silo's features, so only the silo can say which of its features moved g_k. Each silo
 attributes its own contribution against its typical person (the column-wise median of its
 model inputs) and sends points, never features; the authority merges the silos' points.
@@ -30,6 +30,10 @@ For a linear g every method gives w_j * (x_j - ref_j).
 Everything is vectorised over people: the substituted matrices are built in blocks of rows and g
 is called once per block, never per person. No torch at module level: a silo passes its bottom
 model wrapped as a numpy callable.
+
+In the protocol (clients/protocol/): the silo attributes and ranks its features with it
+(clients/silo/explain.py), the authority merges the silos' points with the same ranking
+(server/explanations.py), and the texts people read are the same on every side.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """What each party's table looks like.
 
-The silo side owns this schema: a silo deploys with it and validates its own table against it,
-and the generator in `simulations/` writes tables that follow it. The authority never needs
-the feature names; it only sees row positions and contributions.
+The party side owns this schema, in the protocol both sides share (clients/protocol/): a silo
+deploys with it and validates its own table against it, and the generator in `simulations/`
+writes tables that follow it. The authority never needs the feature names; it only sees row
+positions and contributions.
 """
 
 from __future__ import annotations
