@@ -16,8 +16,8 @@ from crypto.at_rest import AUTO, Keystore, open_keystore
 
 @dataclass(frozen=True)
 class Defaults:
-    """What the simulation hands every silo when no config names them: the parties directory
-    and the keystore for the silo's files at rest."""
+    """What the simulation hands every party's node (silo or region) when no config names them:
+    the parties directory and the keystore for the party's files at rest."""
 
     root: Path | None = None
     keystore: Path | None = None

@@ -4,7 +4,8 @@ The bottom model g_k maps a party's features to one logit contribution (or an em
 `concat` mode). No BatchNorm: DP-SGD needs per-sample gradients, and BatchNorm mixes samples.
 A single contribution's last layer starts at zero, so every silo begins by contributing nothing
 and the authority's bias starts at the prior. The authority builds its head from the same
-`hidden_layers`; under the horizontal topology the server builds the global model from it.
+`hidden_layers`; under the horizontal topology every region trains a BottomModel and the server
+builds the global one (clients/protocol/region.py `global_model`).
 """
 
 from __future__ import annotations
