@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests import background
+from tests import background, cli_inline
 
 ENGINE_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
@@ -59,8 +59,23 @@ def _fix_run_secrets(args: tuple[str, ...], cwd: Path) -> None:
     fix_secrets(out.with_name(out.name + ".parties.keys"), out.name)
 
 
-def run_cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+# Commands that never start an engine. Each fedscore process spends seconds importing torch,
+# Opacus and Flower before it does anything, so these run inside the test process (the suite
+# calls them about a hundred times); engine runs keep a process of their own (a fresh Ray).
+NO_ENGINE_COMMANDS = frozenset({"config", "ledger", "keys", "audit", "generate", "report",
+                                "compare", "certs"})
+
+
+def run_cli(*args: str, cwd: Path, timeout: float = 300, engine: bool | None = None
+            ) -> subprocess.CompletedProcess:
+    """`fedscore ARGS` in `cwd`. `engine=False` says the command must stop before any engine
+    starts (a refusal): it then runs in this process with the engine barred, so a refusal
+    that comes too late fails the test instead of starting Ray. By default the commands of
+    NO_ENGINE_COMMANDS run in this process too, and the others in a subprocess."""
     _fix_run_secrets(args, cwd)
+    command = next((a for a in args if not a.startswith("-")), "")
+    if engine is False or (engine is None and command in NO_ENGINE_COMMANDS):
+        return cli_inline.run(args, cwd=cwd, env=_cli_env(cwd))
     return subprocess.run(
         [sys.executable, "-m", "simulations.cli", *args],
         cwd=cwd, env=_cli_env(cwd), capture_output=True, text=True, timeout=timeout,

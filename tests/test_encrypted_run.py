@@ -58,7 +58,8 @@ def test_encrypted_outputs_and_checkpoints(tmp_path: Path):
 
 def test_a_missing_keystore_stops_before_the_engine(tmp_path: Path):
     proc = run_cli("run", "--out", str(tmp_path / "run"), "--users", "2000",
-                   "--set", f"storage.keystore={tmp_path / 'absent'}", cwd=tmp_path)
+                   "--set", f"storage.keystore={tmp_path / 'absent'}", cwd=tmp_path,
+                   engine=False)
     assert proc.returncode == 2
     assert "fedscore keys init" in proc.stderr
     assert "Start engine" not in proc.stderr

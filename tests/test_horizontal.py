@@ -483,7 +483,7 @@ def test_horizontal_run_leaks_no_identifier(horizontal_runs):
 @pytest.mark.slow
 def test_horizontal_refuses_real_data_and_the_deployment_engine(tmp_path: Path):
     proc = run_cli("run", "--out", str(tmp_path / "r"), "--data", "uci", "--set",
-                   "topology=horizontal", cwd=tmp_path)
+                   "topology=horizontal", cwd=tmp_path, engine=False)
     assert proc.returncode != 0
     assert "needs a generated population" in proc.stdout + proc.stderr
 

@@ -78,7 +78,7 @@ def test_bad_silo_table_stops_before_the_engine(tmp_path: Path):
     table = parties / "social" / "features.parquet"
     pd.read_parquet(table).assign(favourite_colour=1.0).to_parquet(table)
     proc = run_cli("run", "--out", str(tmp_path / "run"), "--parties", str(parties),
-                   "--users", "2000", cwd=tmp_path)
+                   "--users", "2000", cwd=tmp_path, engine=False)
     assert proc.returncode == 2
     assert "unexpected column(s) favourite_colour" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -87,7 +87,7 @@ def test_bad_silo_table_stops_before_the_engine(tmp_path: Path):
 
 def test_unknown_key_is_refused_and_nothing_is_written(tmp_path: Path):
     proc = run_cli("run", "--out", str(tmp_path / "run"), "--set", "train.epoch=2",
-                   cwd=tmp_path)
+                   cwd=tmp_path, engine=False)
     assert proc.returncode == 2
     assert "did you mean train.epochs" in proc.stderr
     assert not (tmp_path / "run").exists()
@@ -95,7 +95,8 @@ def test_unknown_key_is_refused_and_nothing_is_written(tmp_path: Path):
 
 def test_an_existing_run_is_never_overwritten(small_run: Path, tmp_path: Path):
     before = (small_run / "metrics.json").read_bytes()
-    proc = run_cli("run", "--out", str(small_run), "--users", "2000", cwd=tmp_path)
+    proc = run_cli("run", "--out", str(small_run), "--users", "2000", cwd=tmp_path,
+                   engine=False)
     assert proc.returncode == 2
     assert "already holds files" in proc.stderr
     assert (small_run / "metrics.json").read_bytes() == before

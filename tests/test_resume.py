@@ -86,7 +86,7 @@ def test_checkpoint_is_removed_after_success(runs):
 def test_resuming_a_finished_run_is_refused(runs, tmp_path: Path):
     crashed, _ = runs
     before = (crashed / "metrics.json").read_bytes()
-    proc = run_cli("run", "--resume", str(crashed), cwd=tmp_path)
+    proc = run_cli("run", "--resume", str(crashed), cwd=tmp_path, engine=False)
     assert proc.returncode == 2
     assert "already finished" in proc.stderr
     assert (crashed / "metrics.json").read_bytes() == before
@@ -97,7 +97,8 @@ def test_resuming_with_another_config_is_refused(tmp_path: Path):
     run.mkdir()
     (run / "config.json").write_text(json.dumps({"train.epochs": 2}))
     (run / "run.json").write_text(json.dumps({"parties": str(tmp_path / "p")}))
-    proc = run_cli("run", "--resume", str(run), "--set", "train.epochs=5", cwd=tmp_path)
+    proc = run_cli("run", "--resume", str(run), "--set", "train.epochs=5", cwd=tmp_path,
+                   engine=False)
     assert proc.returncode == 2
     assert "different configuration (train.epochs" in proc.stderr
     assert json.loads((run / "config.json").read_text()) == {"train.epochs": 2}
