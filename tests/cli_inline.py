@@ -3,7 +3,7 @@
 A `python -m simulations.cli` process spends several seconds importing torch, Opacus and
 Flower before it reads its arguments; the test process has them imported already. What a
 subprocess gives a command for free, this gives it explicitly and takes back afterwards: its
-own environment, working directory, standard streams (stdin empty), root logging and warning
+own environment, working directory, standard streams, root logging and warning
 filters. The engine is barred: a command that would start one fails instead.
 """
 
@@ -23,13 +23,13 @@ from unittest import mock
 ENGINE_BARRED = "the engine is barred here: this command was expected to stop before it"
 
 
-def run(args: Sequence[str], *, cwd: Path, env: Mapping[str, str]
+def run(args: Sequence[str], *, cwd: Path, env: Mapping[str, str], stdin: str = ""
         ) -> subprocess.CompletedProcess:
     from simulations.cli.main import main
 
     out, err = io.StringIO(), io.StringIO()
     with _isolated(cwd, env), _engine_barred(), contextlib.redirect_stdout(out), \
-            contextlib.redirect_stderr(err), mock.patch("sys.stdin", io.StringIO()):
+            contextlib.redirect_stderr(err), mock.patch("sys.stdin", io.StringIO(stdin)):
         try:
             code = main(list(args))
         except SystemExit as exc:  # argparse: usage errors and --help

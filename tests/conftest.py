@@ -83,10 +83,13 @@ def run_cli(*args: str, cwd: Path, timeout: float = 300, engine: bool | None = N
     )
 
 
-def run_cli_for(phone: str, *args: str, cwd: Path, timeout: float = 300
-                ) -> subprocess.CompletedProcess:
+def run_cli_for(phone: str, *args: str, cwd: Path, timeout: float = 300,
+                engine: bool = True) -> subprocess.CompletedProcess:
     """`run_cli` for a command about one person: the phone goes on stdin, as people pass it
-    (never on the command line, where `ps` and Ray's job table would show it)."""
+    (never on the command line, where `ps` and Ray's job table would show it). `engine=False`:
+    a command answered by a served federation, run in this process with the engine barred."""
+    if not engine:
+        return cli_inline.run(args, cwd=cwd, env=_cli_env(cwd), stdin=f"{phone}\n")
     return subprocess.run(
         [sys.executable, "-m", "simulations.cli", *args], input=f"{phone}\n",
         cwd=cwd, env=_cli_env(cwd), capture_output=True, text=True, timeout=timeout,

@@ -96,7 +96,8 @@ def test_served_score_dispute_drift_and_audit(small_run: Path, tmp_path: Path):
                               stderr=subprocess.PIPE, text=True)
     try:
         _wait_for(run / "serve.json", server, 120)
-        looked = run_cli_for(phone, "score", str(run), "--repeat", "5", cwd=tmp_path)
+        looked = run_cli_for(phone, "score", str(run), "--repeat", "5", cwd=tmp_path,
+                             engine=False)
         assert looked.returncode == 0, looked.stderr
         assert f"score {int(person['score'])}," in looked.stdout
         assert "p50" in looked.stdout
@@ -104,7 +105,7 @@ def test_served_score_dispute_drift_and_audit(small_run: Path, tmp_path: Path):
         def settle(value: int) -> int:
             proc = run_cli_for(phone, "dispute", str(run), "--silo", "payments",
                            "--field", "overdue_count", "--value", str(value),
-                           "--category", "transaction", cwd=tmp_path)
+                           "--category", "transaction", cwd=tmp_path, engine=False)
             assert proc.returncode == 0, proc.stderr
             assert "served federation" in proc.stdout
             new = int(proc.stdout.split(" -> ")[1].split(",")[0])
@@ -116,7 +117,7 @@ def test_served_score_dispute_drift_and_audit(small_run: Path, tmp_path: Path):
         assert none > many  # twelve overdue events cost points; clearing them gives them back
         # Drift through the same server: a later cohort of the same people, behaviour worse.
         drifted = run_cli("drift", str(run), "--cohort", "later", "--drift", "1",
-                          cwd=tmp_path)
+                          cwd=tmp_path, engine=False)
         assert drifted.returncode == 0, drifted.stderr
         report = json.loads((run / "drift" / "later" / "drift.json").read_text())
         assert report["psi"]["score"]["status"] == "shift"
@@ -126,7 +127,7 @@ def test_served_score_dispute_drift_and_audit(small_run: Path, tmp_path: Path):
         assert (run / "drift" / "later" / "drift.png").stat().st_size > 10_000
         bad = run_cli_for(phone, "dispute", str(run), "--silo", "payments",
                       "--field", "overdue_count", "--value", "-1", "--category",
-                      "transaction", cwd=tmp_path)
+                      "transaction", cwd=tmp_path, engine=False)
         assert bad.returncode == 2
         assert "cannot be negative" in bad.stderr
     finally:
