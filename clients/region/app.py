@@ -45,6 +45,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from clients.node import Defaults, node_store
 from clients.protocol import capture
 from clients.protocol import messages as m
+from clients.protocol.metrics import auc
 from clients.protocol.model import BottomModel
 from clients.protocol.region import PREDICT, PRIVACY, LocalSpec, global_model
 from clients.region.data import (
@@ -165,13 +166,9 @@ def _plan(context: Context, n_train: int, spec: LocalSpec) -> Plan:
     return Plan.make(n_train, spec)
 
 
-def _auc(y: np.ndarray, z: np.ndarray) -> float:
-    pos = y > 0.5
-    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    ranks = pd.Series(z).rank().to_numpy()
-    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+def _val_auc(y: np.ndarray, z: np.ndarray) -> float:
+    """The region's validation AUC; NaN when its validation people hold one class only."""
+    return auc(y, z) if 0 < int((y > 0.5).sum()) < len(y) else float("nan")
 
 
 def clipping_mod(msg: Message, context: Context, call_next) -> Message:
@@ -244,7 +241,7 @@ def make_region_app(root: Path | None = None, keystore: Path | None = None,
         loss = float(np.mean(np.logaddexp(0.0, z) - y * z))
         content = RecordDict({"metrics": MetricRecord({
             "weight": 1.0, "num-examples": int(rows.sum()), "val_loss": loss,
-            "val_auc": _auc(y, z)})})
+            "val_auc": _val_auc(y, z)})})
         return Message(content, reply_to=msg)
 
     @app.query(PRIVACY.split(".", 1)[1])
