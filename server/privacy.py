@@ -178,7 +178,7 @@ class PrivacyPlan:
             entry.update(epsilon=None, cap=self.cfg.transcript_cap)
         log.warning("privacy budget cap (%s) reached after %d steps: refusing %d more; "
                     "training stops here", budget, self.spent, steps)
-        self._write(**entry)
+        self._write_after_rounds(**entry)
 
     # ---- recording ----------------------------------------------------------------------------
 
@@ -237,7 +237,7 @@ class PrivacyPlan:
             return
         self.calibration_history = add_steps(self.statistics, self.calibration_sigma, 1.0,
                                              CALIBRATION_STEPS)
-        self._write(
+        self._write_after_rounds(
             party=AUTHORITY, budget="model", population="val", mechanism="gaussian",
             purpose="calibration", noise_multiplier=self.calibration_sigma, sample_rate=1.0,
             steps=CALIBRATION_STEPS, round=round_,
@@ -309,6 +309,12 @@ class PrivacyPlan:
     def _write(self, **entry: object) -> None:
         if self.ledger is not None:
             self.ledger.append(**entry)
+
+    def _write_after_rounds(self, **entry: object) -> None:
+        # Round lines are written by the ledger thread (their epsilon takes a while); a line
+        # recorded after them must queue behind them, or under load it overtakes them and the
+        # ledger of one run differs from its reproduction by the order of two lines.
+        self._pending.append(self._pool.submit(self._write, **entry))
 
     def flush(self) -> None:
         """Wait until every round's epsilon is computed and in the ledger."""
