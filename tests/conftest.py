@@ -241,3 +241,64 @@ def private_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     proc = run_cli("run", "--out", str(work / "run"), *PRIVATE_RUN_ARGS, cwd=work)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return work / "run"
+
+
+# ---- one interrupted run and its uninterrupted twin, shared by the modules that check them ----
+
+INTERRUPTED_RUN_ARGS = ("--users", "3000", "--seed", "3", "--set", "train.epochs=2",
+                        "--set", "train.batch_size=256")
+
+
+@pytest.fixture(scope="session")
+def interrupted_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A run with a keystore of the national-standard suite (SM4-GCM, HMAC-SM3 references;
+    every other run in the suite uses the default AES-256-GCM keystore), stopped at round 3 by
+    a faulty silo (payments sends one contribution too few), resumed from its round-2
+    checkpoint once the silo behaves; and the same run uninterrupted (same parties, same
+    keystore). test_resume checks that the two are one run, test_encrypted_run what rests
+    encrypted, test_privacy_run that a rerun with the same keystore reproduces it.
+
+    Returns paths: "crashed" (the resumed run), "full", "keys" (the keystore, where the
+    automatic one would be: `<parties>.keys`, so scores_of reads both runs), "parties" and
+    "stopped_checkpoint" (a copy of the authority's checkpoint as the stop left it; a finished
+    run removes its own)."""
+    import shutil
+
+    from clients.silo.app import SILO_FAULT
+
+    work = tmp_path_factory.mktemp("interrupted")
+    crashed, full = work / "crashed", work / "full"
+    parties = crashed.with_name(crashed.name + ".parties")
+    keys = parties.with_name(parties.name + ".keys")
+    init = run_cli("keys", "init", str(keys), "--suite", "sm4-gcm", cwd=work)
+    assert init.returncode == 0, init.stdout + init.stderr
+    _fix_secrets_in(keys, crashed.name)
+    args = (*INTERRUPTED_RUN_ARGS, "--set", f"storage.keystore={keys}")
+    os.environ[SILO_FAULT] = "payments:3:shape"
+    try:
+        stopped = run_cli("run", "--out", str(crashed), *args, cwd=work)
+    finally:
+        del os.environ[SILO_FAULT]
+    assert stopped.returncode == 2, stopped.stderr[-3000:]
+    (crashed / "stderr.txt").write_text(stopped.stderr)
+    assert (crashed / "checkpoint" / "authority.npz").exists()
+    assert not (crashed / "metrics.json").exists()
+    shutil.copytree(crashed / "checkpoint", work / "stopped-checkpoint")
+    resumed = run_cli("run", "--resume", str(crashed), cwd=work)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    whole = run_cli("run", "--out", str(full), "--parties", str(parties), *args, cwd=work)
+    assert whole.returncode == 0, whole.stdout + whole.stderr
+    return {"crashed": crashed, "full": full, "keys": keys, "parties": parties,
+            "stopped_checkpoint": work / "stopped-checkpoint"}
+
+
+def _fix_secrets_in(keystore: Path, label: str) -> None:
+    """fix_secrets for a keystore made beforehand (`fedscore keys init`, another suite)."""
+    import hashlib
+
+    from crypto.private_files import write_private
+    from crypto.secret_random import SECRET_FILE
+
+    for party in FIXED_SECRET_PARTIES:
+        write_private(keystore / SECRET_FILE.format(party=party),
+                      hashlib.sha256(f"fedscore-test/{label}/{party}".encode()).digest())

@@ -11,23 +11,21 @@ from crypto.at_rest import MAGIC, AtRestError, Keystore
 from crypto.identity import keyed_refs
 from server.labels import load_labels
 from server.scores_file import read_scores
-from tests.conftest import run_cli, run_cli_crashing
+from tests.conftest import run_cli
 
 pytestmark = pytest.mark.slow
 
 
-def test_encrypted_outputs_and_checkpoints(tmp_path: Path):
+def test_encrypted_outputs_and_checkpoints(interrupted_runs: dict[str, Path],
+                                           tmp_path: Path):
     """A keystore of the national-standard suite (SM4-GCM, HMAC-SM3 references; every other
-    run in the suite uses the default AES-256-GCM keystore), through a crash and a resume."""
-    keys, run = tmp_path / "keys", tmp_path / "run"
-    assert run_cli("keys", "init", str(keys), "--suite", "sm4-gcm", cwd=tmp_path).returncode == 0
-    args = ("--users", "2000", "--seed", "4", "--set", "train.epochs=2",
-            "--set", "train.batch_size=256", "--set", f"storage.keystore={keys}")
-    run_cli_crashing(2, "run", "--out", str(run), *args, cwd=tmp_path)
+    run in the suite uses the default AES-256-GCM keystore), through a stop and a resume:
+    conftest's interrupted_runs (stopped at round 3 by a faulty silo, its authority's round-2
+    checkpoint kept as the stop left it)."""
+    keys, run = interrupted_runs["keys"], interrupted_runs["crashed"]
+    assert json.loads((keys / "keystore.json").read_text())["suite"] == "sm4-gcm"
     for name in ("run.npz", "authority.npz"):
-        assert (run / "checkpoint" / name).read_bytes().startswith(MAGIC)
-    resumed = run_cli("run", "--resume", str(run), cwd=tmp_path)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+        assert (interrupted_runs["stopped_checkpoint"] / name).read_bytes().startswith(MAGIC)
 
     assert not (run / "scores.parquet").exists()
     parties = Path(f"{run}.parties")
@@ -37,6 +35,7 @@ def test_encrypted_outputs_and_checkpoints(tmp_path: Path):
     assert scores["score"].between(300, 850).all()
 
     authority = json.loads((run / "authority.json").read_text())
+    assert authority["resumed"] is True
     assert authority["subject_ref"] == "hmac-sm3"
     ids, _ = load_labels(parties / "authority", Keystore(keys))
     pepper = (parties / "authority" / "pepper.key").read_bytes()
@@ -49,11 +48,16 @@ def test_encrypted_outputs_and_checkpoints(tmp_path: Path):
     # Another keystore holds no record of this run (scores bound to the authority's record).
     with pytest.raises(AtRestError, match="has no record of a run"):
         read_scores(run, str(other))
-    blob = bytearray((run / "scores.parquet.enc").read_bytes())
+    # The run is shared with other modules: its scores are put back as they were.
+    original = (run / "scores.parquet.enc").read_bytes()
+    blob = bytearray(original)
     blob[-5] ^= 0x01
     (run / "scores.parquet.enc").write_bytes(bytes(blob))
-    with pytest.raises(AtRestError, match="authentication failed"):
-        read_scores(run, str(keys))
+    try:
+        with pytest.raises(AtRestError, match="authentication failed"):
+            read_scores(run, str(keys))
+    finally:
+        (run / "scores.parquet.enc").write_bytes(original)
 
 
 def test_a_missing_keystore_stops_before_the_engine(tmp_path: Path):

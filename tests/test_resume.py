@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -11,35 +10,16 @@ import pytest
 from tests.conftest import run_cli, scores_of
 
 pytestmark = pytest.mark.slow
-ARGS = ("--users", "3000", "--seed", "3", "--set", "train.epochs=2",
-        "--set", "train.batch_size=256")
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def runs(interrupted_runs: dict[str, Path]) -> tuple[Path, Path]:
     """A run stopped at round 3 by a faulty silo (payments sends one contribution too few),
-    resumed from its round-2 checkpoint once the silo behaves; and the same run uninterrupted.
-    (An authority that crashes on its own is resumed in test_encrypted_run and the leak canary;
-    killed processes under the deployment engine in test_faults.)"""
-    from clients.silo.app import SILO_FAULT
-
-    work = tmp_path_factory.mktemp("resume")
-    crashed, full = work / "crashed", work / "full"
-    os.environ[SILO_FAULT] = "payments:3:shape"
-    try:
-        stopped = run_cli("run", "--out", str(crashed), *ARGS, cwd=work)
-    finally:
-        del os.environ[SILO_FAULT]
-    assert stopped.returncode == 2, stopped.stderr[-3000:]
-    (crashed / "stderr.txt").write_text(stopped.stderr)
-    assert (crashed / "checkpoint" / "authority.npz").exists()
-    assert not (crashed / "metrics.json").exists()
-    resumed = run_cli("run", "--resume", str(crashed), cwd=work)
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    parties = crashed.with_name(crashed.name + ".parties")
-    whole = run_cli("run", "--out", str(full), "--parties", str(parties), *ARGS, cwd=work)
-    assert whole.returncode == 0, whole.stderr
-    return crashed, full
+    resumed from its round-2 checkpoint once the silo behaves; and the same run uninterrupted
+    (conftest's interrupted_runs, whose keystore test_encrypted_run checks). (An authority that
+    crashes on its own is resumed in test_security_rundir and the leak canary; killed processes
+    under the deployment engine in test_faults.)"""
+    return interrupted_runs["crashed"], interrupted_runs["full"]
 
 
 def test_malformed_contributions_stop_the_run_naming_the_silo(runs):
