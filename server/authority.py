@@ -1,6 +1,10 @@
 """One run of the scoring authority, start to finish.
 
-connect -> PSI alignment -> split -> federated training -> calibration -> scores -> outputs.
+connect -> PSI alignment -> split -> federated training -> calibration -> scores -> outputs,
+one function per phase (`_connect`, `_resume` or `_align_and_split`, `_plan_training`,
+`_train_and_calibrate`, `_score`, `_results` and `_write_results`), each taking what the
+phases before it produced (`_Tables`, `RunState`, `_Plan`, `_Trained`, `_Scored`): which
+inputs a phase reads is in its signature, not in a closure over a long function's locals.
 Writes into the run directory only what the authority may publish: keyed subject references
 (HMAC under the authority's pepper), never a phone number or an unkeyed hash of one.
 """
@@ -36,16 +40,77 @@ from server.ledger import Ledger
 from server.privacy import CALIBRATION_STEPS, PrivacyPlan
 from server.scores_file import PEPPER_FILE, write_scores, write_split
 from server.split import Split, random_split
-from server.training import train
+from server.training import TrainJob, TrainResult, train
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass
 class RunResult:
     metrics: dict
     seconds: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Context:
+    """What every phase of one run works with: the federation, the configuration, where the
+    run's files go, and the authority's keystore, ledger and secret streams."""
+
+    fed: Federation
+    cfg: AuthorityConfig
+    config: dict  # cfg flattened: what the run key and a resumed checkpoint are checked against
+    data_dir: Path
+    out_dir: Path
+    ledger: Ledger
+    store: Keystore | None
+    random: SecretRandom
+
+
+@dataclass(frozen=True)
+class _Tables:
+    """The authority's own table and what the silos said on connecting."""
+
+    ids: pd.Series
+    labels: np.ndarray
+    gate: pd.DataFrame  # eligibility: status, reason codes and words, per authority row
+    info: dict  # per silo: its row count and model inputs
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What training starts from: the run fixed before it (alignment, split, the labels the
+    gradients see), the state to resume, and the privacy plan and model that follow."""
+
+    run: RunState
+    state: TrainState | None  # None: a fresh start
+    split: Split
+    y: np.ndarray  # the clean labels of every aligned position
+    privacy: PrivacyPlan
+    spec: ModelSpec
+    inputs: dict[str, int]  # each silo's model inputs
+    reasons: int  # reason codes asked of the silos (0: none)
+
+
+@dataclass(frozen=True)
+class _Trained:
+    """Training's result, the calibration fitted on validation people, and the privacy
+    spent by both (read before the privacy plan closes)."""
+
+    result: TrainResult
+    calibrate: scoring.Platt
+    privacy_summary: dict
+
+
+@dataclass(frozen=True)
+class _Scored:
+    """The scores as written, and what the outputs say about them."""
+
+    p: np.ndarray  # the calibrated probability of every aligned position
+    tier: np.ndarray
+    gate: pd.DataFrame  # the eligibility gate of every aligned position
+    eligible: np.ndarray
+    ref_hash: str
+    with_reasons: bool
 
 
 def run_authority(
@@ -60,32 +125,83 @@ def run_authority(
     """Run (or, with `resume`, continue from its checkpoint) the authority's side of a run.
 
     `psi_cache` (a dict kept across runs of one federation session on unchanged tables) lets
-    later runs reuse the first run's private intersections instead of repeating PSI."""
+    later runs reuse the first run's private intersections instead of repeating PSI.
+
+    Each phase is a function of its own. Their order is the order of the run's secret draws
+    and ledger lines, which a rerun from the same keystore repeats bit for bit; the timer's
+    names (connect, psi, train, score) are authority.json's `seconds`."""
     phases = run_phases.PhaseTimer(progress)
     out_dir.mkdir(parents=True, exist_ok=True)
     config = to_flat(cfg)
     ledger = Ledger(out_dir)
     store = open_keystore(cfg.storage.keystore, data_dir)
-    random = authority_random(store, data_dir)
+    ctx = _Context(fed, cfg, config, data_dir, out_dir, ledger, store,
+                   authority_random(store, data_dir))
 
     phases.start("connect")
-    ids, labels, gate = load_authority(data_dir / AUTHORITY, store, cfg.eligibility)
-    info = fed.connect()
-
+    tables = _connect(ctx)
     if resume:
-        run, state, ledger_offset = checkpoint.load(out_dir, config, store)
-        ledger.truncate(ledger_offset)
-        fed.broadcast(m.RESUME, m.make_content({"run": run.run_key, "round": state.trip}))
-        log.info("resuming run %s after round %d", run.run_key, state.trip)
+        run, state = _resume(ctx)
     else:
         phases.start("psi")
-        run, state = _align_and_split(fed, cfg, ids, labels, config, random, psi_cache), None
+        run, state = _align_and_split(fed, cfg, tables.ids, tables.labels, config, ctx.random,
+                                      psi_cache), None
+    plan = _plan_training(ctx, tables, run, state)
+    phases.start("train")
+    trained = _train_and_calibrate(ctx, plan, phases, progress)
+    scored = _score(ctx, tables, plan, trained)
+    phases.stop()
+    out = _results(ctx, tables, plan, trained, scored, resume, phases.seconds)
+    _write_results(out_dir, out)
+    return RunResult(metrics=out, seconds=phases.seconds)
+
+
+def _connect(ctx: _Context) -> _Tables:
+    """The authority's table (decrypted with its keystore), then every silo's hello."""
+    ids, labels, gate = load_authority(ctx.data_dir / AUTHORITY, ctx.store, ctx.cfg.eligibility)
+    return _Tables(ids, labels, gate, ctx.fed.connect())
+
+
+def _resume(ctx: _Context) -> tuple[RunState, TrainState]:
+    """The run and training state of the checkpoint; the ledger cut back to the checkpoint's
+    length (lines after it are written again), and the silos told where to continue."""
+    run, state, ledger_offset = checkpoint.load(ctx.out_dir, ctx.config, ctx.store)
+    ctx.ledger.truncate(ledger_offset)
+    ctx.fed.broadcast(m.RESUME, m.make_content({"run": run.run_key, "round": state.trip}))
+    log.info("resuming run %s after round %d", run.run_key, state.trip)
+    return run, state
+
+
+def _plan_training(ctx: _Context, tables: _Tables, run: RunState, state: TrainState | None
+                   ) -> _Plan:
+    """Labels, privacy plan and model; then, on a fresh run, the run's checkpoint, the silos'
+    announcement and the ledger's first lines, or, resumed, the accountants as they were."""
+    cfg = ctx.cfg
     split = Split(run.train, run.val, run.test)
-    y = labels[run.authority_rows].astype(np.int8)
-    n_positions = len(run.authority_rows)
-    privacy = PrivacyPlan(cfg.privacy, fed.silos, len(split.train), cfg.train.batch_size,
-                          cfg.train.epochs, ledger, summaries=summaries_asked(cfg))
-    spec = ModelSpec(
+    privacy = PrivacyPlan(cfg.privacy, ctx.fed.silos, len(split.train), cfg.train.batch_size,
+                          cfg.train.epochs, ctx.ledger, summaries=summaries_asked(cfg))
+    spec = _model_spec(cfg, privacy)
+    if cfg.aggregation.mode == "concat":
+        log.warning("aggregation.mode=concat: the authority sees every silo's embeddings; "
+                    "secure aggregation does not apply (docs/threat-model.md)")
+    if state is None:
+        checkpoint.save_run(ctx.out_dir, run, ctx.store)
+        run_phases.finish(ctx.out_dir, "align")
+        inputs = announce(ctx.fed, Alignment(run.authority_rows, run.silo_rows, {}),
+                          {**spec.to_config(), "run": run.run_key,
+                           "secure": cfg.aggregation.secure_sum})
+        privacy.record_start()
+    else:
+        inputs = {s: int(tables.info[s]["inputs"]) for s in ctx.fed.silos}
+        privacy.restore(state.privacy_spent, state.privacy_round_steps,
+                        state.transcript_releases, state.transcript_sampled)
+    y = tables.labels[run.authority_rows].astype(np.int8)
+    return _Plan(run, state, split, y, privacy, spec, inputs, _reasons_asked(cfg))
+
+
+def _model_spec(cfg: AuthorityConfig, privacy: PrivacyPlan) -> ModelSpec:
+    """The silos' model: the configuration's, with the noise and sampling the plan fixed."""
+    return ModelSpec(
         cfg.model.hidden, cfg.train.lr, cfg.train.weight_decay, cfg.seed,
         noise_multiplier=privacy.sigma, max_grad_norm=cfg.privacy.max_grad_norm,
         sample_rate=privacy.q, expected_batch=privacy.expected_batch,
@@ -93,60 +209,68 @@ def run_authority(
         transcript_clip=cfg.privacy.transcript_clip,
         outputs=cfg.model.embedding_dim if cfg.aggregation.mode == "concat" else 1,
     )
-    secure = cfg.aggregation.secure_sum
-    if cfg.aggregation.mode == "concat":
-        log.warning("aggregation.mode=concat: the authority sees every silo's embeddings; "
-                    "secure aggregation does not apply (docs/threat-model.md)")
-    if state is None:
-        checkpoint.save_run(out_dir, run, store)
-        run_phases.finish(out_dir, "align")
-        inputs = announce(fed, Alignment(run.authority_rows, run.silo_rows, {}),
-                          {**spec.to_config(), "run": run.run_key,
-                           "secure": secure})
-        privacy.record_start()
-    else:
-        inputs = {s: int(info[s]["inputs"]) for s in fed.silos}
-        privacy.restore(state.privacy_spent, state.privacy_round_steps,
-                        state.transcript_releases, state.transcript_sampled)
 
-    def on_round(current: TrainState) -> None:
-        snapshot = replace(current, history=list(current.history),
-                           silo_seconds=dict(current.silo_seconds))
-        privacy.after_ledger(
-            lambda: checkpoint.save(out_dir, snapshot, ledger.offset(), store)
-        )
-        _maybe_inject_failure(current.trip, privacy)
 
-    reasons = _reasons_asked(cfg)
-    phases.start("train")
+def _train_and_calibrate(ctx: _Context, plan: _Plan, phases: run_phases.PhaseTimer,
+                         progress: Callable[..., None] | None) -> _Trained:
+    """Federated training (a checkpoint after every round), then, timed as `score`, the
+    calibration. The privacy plan closes however this ends: its ledger thread flushes."""
+    run, split, privacy = plan.run, plan.split, plan.privacy
+    n_positions = len(run.authority_rows)
     try:
-        result = train(
-            fed, run.y_view, y.astype(np.float64), split.train, split.val, n_positions,
-            cfg.train, spec, privacy, progress, state=state, on_round=on_round,
-            secure=secure, mode=cfg.aggregation.mode, top_hidden=cfg.model.top_hidden,
-            explain=reasons, random=random, run_key=run.run_key, prior=run.prior,
-        )
+        result = train(_train_job(ctx, plan), progress=progress, state=plan.state,
+                       on_round=_checkpointer(ctx, privacy))
         phases.start("score")
-        calibrate = _calibration(result.logits[split.val], y[split.val], privacy, random,
-                                 run.run_key, n_positions * cfg.split.val, result.round_trips)
-        privacy_summary = privacy.summary()
+        calibrate = _calibration(result.logits[split.val], plan.y[split.val], privacy,
+                                 ctx.random, run.run_key, n_positions * ctx.cfg.split.val,
+                                 result.round_trips)
+        return _Trained(result, calibrate, privacy.summary())
     finally:
         privacy.close()
 
-    p = calibrate(result.logits)
+
+def _train_job(ctx: _Context, plan: _Plan) -> TrainJob:
+    cfg, run = ctx.cfg, plan.run
+    return TrainJob(
+        fed=ctx.fed, y_train_view=run.y_view, y=plan.y.astype(np.float64),
+        train_pos=plan.split.train, val_pos=plan.split.val, n_positions=len(run.authority_rows),
+        cfg=cfg.train, spec=plan.spec, privacy=plan.privacy, random=ctx.random,
+        run_key=run.run_key, prior=run.prior, secure=cfg.aggregation.secure_sum,
+        mode=cfg.aggregation.mode, top_hidden=cfg.model.top_hidden, explain=plan.reasons,
+    )
+
+
+def _checkpointer(ctx: _Context, privacy: PrivacyPlan) -> Callable[[TrainState], None]:
+    """`on_round` for training: a copy of the state, saved once the ledger lines recorded so
+    far are written (so a checkpoint never runs ahead of its ledger); then, for resume tests,
+    a crash on purpose when asked."""
+    def on_round(current: TrainState) -> None:
+        # Training goes on mutating `current` while the ledger thread has yet to save it.
+        snapshot = replace(current, history=list(current.history),
+                           silo_seconds=dict(current.silo_seconds))
+        privacy.after_ledger(
+            lambda: checkpoint.save(ctx.out_dir, snapshot, ctx.ledger.offset(), ctx.store)
+        )
+        _maybe_inject_failure(current.trip, privacy)
+
+    return on_round
+
+
+def _score(ctx: _Context, tables: _Tables, plan: _Plan, trained: _Trained) -> _Scored:
+    """Scores, tiers and reasons for every aligned person under a keyed reference; the
+    scores file and the authority's private record of the split."""
+    cfg, run, calibrate = ctx.cfg, plan.run, trained.calibrate
+    p = calibrate(trained.result.logits)
     score = scoring.to_score(p, cfg.score)
     tier = scoring.to_tier(score)
-    # The opening conditions: people who fail them get a status and reasons, not a score. The
-    # model's metrics (AUC, KS, Brier) cover every test person, comparable with the baselines
-    # and the oracle; what is about scores (tiers, default rate by tier) covers scored people.
-    gate = gate.iloc[run.authority_rows].reset_index(drop=True)
+    # The opening conditions: people who fail them get a status and reasons, not a score.
+    gate = tables.gate.iloc[run.authority_rows].reset_index(drop=True)
     eligible = (gate["status"] == ELIGIBLE).to_numpy()
-    summary = metrics.summary(y[split.test], p[split.test])
-    test = split.test[eligible[split.test]]
-    pepper = load_or_create_pepper(data_dir / AUTHORITY / PEPPER_FILE)
-    ref_hash = REF_HASH[store.suite] if store else "sha256"
-    refs = keyed_refs(ids.to_numpy()[run.authority_rows], pepper, ref_hash)
-    why = _reason_points(result.explained, result.bias, calibrate, cfg, reasons)
+    pepper = load_or_create_pepper(ctx.data_dir / AUTHORITY / PEPPER_FILE)
+    ref_hash = REF_HASH[ctx.store.suite] if ctx.store else "sha256"
+    refs = keyed_refs(tables.ids.to_numpy()[run.authority_rows], pepper, ref_hash)
+    why = _reason_points(trained.result.explained, trained.result.bias, calibrate, cfg,
+                         plan.reasons)
     # Published scores carry no split: who was trained on is the authority's private record.
     scores = pd.DataFrame(
         {
@@ -159,56 +283,83 @@ def run_authority(
     if why is not None:
         scores = pd.concat([scores, why], axis=1)
     scores = _gated(scores, gate, eligible)
-    write_scores(out_dir, scores, store, run.run_key)
-    write_split(out_dir, split.labels(n_positions), store, run.run_key)
-    phases.stop()
+    write_scores(ctx.out_dir, scores, ctx.store, run.run_key)
+    write_split(ctx.out_dir, plan.split.labels(len(run.authority_rows)), ctx.store, run.run_key)
+    return _Scored(p, tier, gate, eligible, ref_hash, why is not None)
 
-    out = {
-        **summary,
+
+def _results(ctx: _Context, tables: _Tables, plan: _Plan, trained: _Trained, scored: _Scored,
+             resume: bool, seconds: dict[str, float]) -> dict:
+    """authority.json: the model's metrics, the privacy spent, and how the run went."""
+    cfg, result, secure = ctx.cfg, trained.result, ctx.cfg.aggregation.secure_sum
+    return {
+        **_model_metrics(ctx, plan, trained, scored),
+        "people": _people(ctx, tables, plan, scored),
+        **trained.privacy_summary,
+        "training_steps": result.steps,
+        "stopped_by_budget_cap": result.stopped_by_cap,
+        "model_inputs": plan.inputs,
+        "history": result.history,
+        "round_trips": result.round_trips,
+        "subject_ref": f"hmac-{scored.ref_hash}",
+        "aggregation_mode": cfg.aggregation.mode,
+        "secure_aggregation": secure,
+        "authority_sees": authority_sees(cfg, secure, plan.reasons),
+        "resumed": resume,
+        "silo_compute_seconds": {s: round(v, 3) for s, v in result.silo_seconds.items()},
+        "seconds": seconds,
+        "config": to_flat(cfg),
+    }
+
+
+def _model_metrics(ctx: _Context, plan: _Plan, trained: _Trained, scored: _Scored) -> dict:
+    """The model's metrics (AUC, KS, Brier) cover every test person, comparable with the
+    baselines and the oracle; what is about scores (tiers, default rate by tier) covers
+    scored people only."""
+    y, split, p, tier = plan.y, plan.split, scored.p, scored.tier
+    result, calibrate = trained.result, trained.calibrate
+    test = split.test[scored.eligible[split.test]]
+    return {
+        **metrics.summary(y[split.test], p[split.test]),
         "scored_test_auc": metrics.auc(y[test], p[test]) if len(np.unique(y[test])) == 2
         else None,
-        "tiers": scoring.tier_counts(tier[eligible]),
+        "tiers": scoring.tier_counts(tier[scored.eligible]),
         "test_tiers": scoring.tier_counts(tier[test]),
         "test_default_rate_by_tier": _rate_by_tier(y[test], tier[test]),
         "calibration": {"a": calibrate.a, "b": calibrate.b},
         # What re-scoring one person later needs (server/rescore.py): the silos keep their
         # models of the final round under the run key.
         "model": {"bias": result.bias, "final_round": result.round_trips,
-                  "run_key": run.run_key, "reasons": reasons if why is not None else 0},
-        "contributions": {silo: scoring.contribution_points(s, calibrate, cfg.score)
+                  "run_key": plan.run.run_key,
+                  "reasons": plan.reasons if scored.with_reasons else 0},
+        "contributions": {silo: scoring.contribution_points(s, calibrate, ctx.cfg.score)
                           for silo, s in result.contributions.items()},
-        "people": {
-            "authority": len(ids),
-            "silo_rows": {s: int(info[s]["rows"]) for s in fed.silos},
-            "overlap": run.overlap,
-            "ineligible": int((~eligible).sum()),
-            "ineligible_by_reason": {str(k): int(v) for k, v in
-                                     gate.loc[~eligible, "codes"].value_counts().items() if v},
-            "aligned": n_positions,
-            "train": len(split.train), "val": len(split.val), "test": len(split.test),
-        },
-        **privacy_summary,
-        "training_steps": result.steps,
-        "stopped_by_budget_cap": result.stopped_by_cap,
-        "model_inputs": inputs,
-        "history": result.history,
-        "round_trips": result.round_trips,
-        "subject_ref": f"hmac-{ref_hash}",
-        "aggregation_mode": cfg.aggregation.mode,
-        "secure_aggregation": secure,
-        "authority_sees": authority_sees(cfg, secure, reasons),
-        "resumed": resume,
-        "silo_compute_seconds": {s: round(v, 3) for s, v in result.silo_seconds.items()},
-        "seconds": phases.seconds,
-        "config": to_flat(cfg),
     }
+
+
+def _people(ctx: _Context, tables: _Tables, plan: _Plan, scored: _Scored) -> dict:
+    """How many people each step kept: counts only, nobody in particular."""
+    run, split, gate, eligible = plan.run, plan.split, scored.gate, scored.eligible
+    return {
+        "authority": len(tables.ids),
+        "silo_rows": {s: int(tables.info[s]["rows"]) for s in ctx.fed.silos},
+        "overlap": run.overlap,
+        "ineligible": int((~eligible).sum()),
+        "ineligible_by_reason": {str(k): int(v) for k, v in
+                                 gate.loc[~eligible, "codes"].value_counts().items() if v},
+        "aligned": len(run.authority_rows),
+        "train": len(split.train), "val": len(split.val), "test": len(split.test),
+    }
+
+
+def _write_results(out_dir: Path, out: dict) -> None:
+    """authority.json, then the phases' record, and only then the checkpoint goes: a run
+    killed from here on resumes at its baselines."""
     (out_dir / "authority.json").write_text(json.dumps(out, indent=2))
-    # Before the checkpoint goes: a run killed from here on resumes at its baselines.
     run_phases.finish(out_dir, "train")
     run_phases.finish(out_dir, "score")
     checkpoint.remove(out_dir)
-    log.info("test AUC %.4f, KS %.4f, Brier %.4f", summary["auc"], summary["ks"], summary["brier"])
-    return RunResult(metrics=out, seconds=phases.seconds)
+    log.info("test AUC %.4f, KS %.4f, Brier %.4f", out["auc"], out["ks"], out["brier"])
 
 
 def _align_and_split(

@@ -167,141 +167,186 @@ def chunk_schedule(batches_per_epoch: int, cfg: TrainConfig) -> list[tuple[int, 
     return out
 
 
+@dataclass(frozen=True)
+class TrainJob:
+    """Everything one training run is about, fixed before its first round: who trains, on
+    which labels and positions, with which model, privacy plan and secret streams. What may
+    differ between calls of the same job (progress display, a state to resume from, the
+    checkpoint callback) are `train`'s keyword arguments."""
+
+    fed: Federation
+    # The labels the gradients may see (randomised under label DP), and the authority's clean
+    # labels, which only validation reads: two arrays, so no code path mixes them up.
+    y_train_view: np.ndarray
+    y: np.ndarray
+    train_pos: np.ndarray
+    val_pos: np.ndarray
+    n_positions: int
+    cfg: TrainConfig
+    spec: ModelSpec
+    privacy: PrivacyPlan
+    # Batch plans and the head's DP noise come from the authority's secret streams for this
+    # run key, never from the public seed.
+    random: SecretRandom
+    run_key: str
+    prior: float = 0.5  # a DP estimate of the training default rate: it starts the bias
+    secure: bool = False
+    mode: str = "sum"
+    top_hidden: tuple[int, ...] = (16,)
+    explain: int = 0  # reason codes to ask the silos for at the end (0: none)
+
+
 def train(
-    fed: Federation,
-    y_train_view: np.ndarray,
-    y: np.ndarray,
-    train_pos: np.ndarray,
-    val_pos: np.ndarray,
-    n_positions: int,
-    cfg: TrainConfig,
-    spec: ModelSpec,
-    privacy: PrivacyPlan,
+    job: TrainJob,
+    *,
     progress: Progress | None = None,
     state: TrainState | None = None,
     on_round: Callable[[TrainState], None] | None = None,
-    secure: bool = False,
-    mode: str = "sum",
-    top_hidden: tuple[int, ...] = (16,),
-    explain: int = 0,
-    random: SecretRandom | None = None,
-    run_key: str = "",
-    prior: float = 0.5,
 ) -> TrainResult:
-    """Train from `state` (a fresh start when None); `on_round` receives the state after every
-    round trip, for checkpoints. `y_train_view` holds the labels the gradients may see
-    (randomised under label DP), `y` the authority's clean labels for validation. Batch plans
-    and the head's DP noise come from `random`, the authority's secret streams for `run_key`;
-    `prior` (a DP estimate of the default rate) starts the bias."""
-    if random is None:
-        raise ValueError("training needs the authority's secret randomness")
-    concat = mode == "concat"
-    head: BiasHead | MlpHead = (
-        MlpHead(prior, spec, privacy.rho, len(fed.silos), top_hidden, random, run_key)
-        if concat else BiasHead(prior, spec, privacy.rho, random, run_key)
-    )
-    if state is None:
-        state = TrainState(silo_seconds=dict.fromkeys(fed.silos, 0.0))
-    else:
-        head.load_bytes(state.top)
-    poisson = spec.dp
-
-    def plan_of(epoch: int) -> list[np.ndarray]:
-        return batch_plan(train_pos, cfg.batch_size, random.generator("plan", run_key, epoch),
-                          poisson)
-
-    schedule = chunk_schedule(len(plan_of(0)), cfg)
-    everyone = np.arange(n_positions, dtype=np.int64)
+    """Train `job` from `state` (a fresh start when None); `on_round` receives the state after
+    every round trip, for checkpoints."""
+    trips = _Trips(job, state)
+    schedule = chunk_schedule(len(trips.plan_of(0)), job.cfg)
     epoch_batches: dict[int, list[np.ndarray]] = {}
-    t0 = time.perf_counter()
+    for index in range(trips.state.next_chunk, len(schedule)):
+        if trips.state.stopped_by_cap:
+            break
+        epoch, first, end = schedule[index]
+        if epoch not in epoch_batches:
+            epoch_batches = {epoch: trips.plan_of(epoch)}
+        # Validation after the previous epoch, in the chunk that starts the next one.
+        evaluate = epoch > 0 and first == 0
+        if not trips.chunk(index, epoch, epoch_batches[epoch][first:end], evaluate):
+            break
+        if on_round:
+            on_round(trips.checkpoint_state())
+        if progress:
+            progress("train", index + 1, len(schedule), epoch=epoch + 1)
+    return trips.finish()
 
-    def inputs(replies: dict, key: str, expected: int) -> np.ndarray:
-        if concat:
-            return _stacked(replies, key, expected, fed.silos, spec.outputs)
-        return _summed(replies, key, expected, secure)
 
-    def send(plan: np.ndarray | None, eval_pos: np.ndarray | None, summary: bool = False,
+class _Trips:
+    """The round trips of one `train` call: the head, the state they advance, and the
+    exchange with the silos. A class rather than closures inside `train`, so each step of a
+    round (send, one chunk, the final read) is a short method of its own."""
+
+    def __init__(self, job: TrainJob, state: TrainState | None) -> None:
+        self.job = job
+        self.concat = job.mode == "concat"
+        self.head: BiasHead | MlpHead = (
+            MlpHead(job.prior, job.spec, job.privacy.rho, len(job.fed.silos), job.top_hidden,
+                    job.random, job.run_key)
+            if self.concat else BiasHead(job.prior, job.spec, job.privacy.rho, job.random,
+                                         job.run_key)
+        )
+        if state is None:
+            state = TrainState(silo_seconds=dict.fromkeys(job.fed.silos, 0.0))
+        else:
+            self.head.load_bytes(state.top)
+        self.state = state
+        self.everyone = np.arange(job.n_positions, dtype=np.int64)
+        self.t0 = time.perf_counter()
+
+    def plan_of(self, epoch: int) -> list[np.ndarray]:
+        job = self.job
+        return batch_plan(job.train_pos, job.cfg.batch_size,
+                          job.random.generator("plan", job.run_key, epoch), job.spec.dp)
+
+    def inputs(self, replies: dict, key: str, expected: int) -> np.ndarray:
+        if self.concat:
+            return _stacked(replies, key, expected, self.job.fed.silos, self.job.spec.outputs)
+        return _summed(replies, key, expected, self.job.secure)
+
+    def send(self, plan: np.ndarray | None, eval_pos: np.ndarray | None, summary: bool = False,
              reasons: int = 0) -> dict:
+        """One round trip: the previous chunk's gradient out, `plan`'s contributions back."""
+        job, state = self.job, self.state
         config = {"round": state.trip + 1, "summary": summary, "explain": reasons}
         extras: dict[str, np.ndarray | None] = {"plan": plan, "eval": eval_pos}
         if state.done_grad is not None:
             extras.update(done_plan=state.done_plan, done_sizes=state.done_sizes)
-        if concat:  # each silo gets its own embedding's gradient
+        if self.concat:  # each silo gets its own embedding's gradient
             contents = {silo: m.make_content(config, **extras,
-                                             grad=_grad_for(state.done_grad, k, spec))
-                        for k, silo in enumerate(fed.silos)}
+                                             grad=_grad_for(state.done_grad, k, job.spec))
+                        for k, silo in enumerate(job.fed.silos)}
         else:
             shared = m.make_content(config, **extras, grad=state.done_grad)
-            contents = dict.fromkeys(fed.silos, shared)
-        replies = fed.exchange(m.STEP, contents)
+            contents = dict.fromkeys(job.fed.silos, shared)
+        replies = job.fed.exchange(m.STEP, contents)
         state.trip += 1
-        privacy.record_releases(state.trip, n_positions, plan, eval_pos)
+        job.privacy.record_releases(state.trip, job.n_positions, plan, eval_pos)
         for silo, reply in replies.items():
             state.silo_seconds[silo] += float(m.get_config(reply).get("seconds", 0.0))
         if state.done_grad is not None:
-            privacy.record_round(state.trip - 1, _reported_histories(replies), final=plan is None)
+            job.privacy.record_round(state.trip - 1, _reported_histories(replies),
+                                     final=plan is None)
         return replies
 
-    for index in range(state.next_chunk, len(schedule)):
-        if state.stopped_by_cap:
-            break
-        epoch, first, end = schedule[index]
-        if epoch not in epoch_batches:
-            epoch_batches = {epoch: plan_of(epoch)}
-        chunk = epoch_batches[epoch][first:end]
+    def chunk(self, index: int, epoch: int, chunk: list[np.ndarray], evaluate: bool) -> bool:
+        """Round trip `index` of the schedule; False when a budget refuses it outright."""
+        job, state, privacy = self.job, self.state, self.job.privacy
         allowed = privacy.allow(len(chunk))
         if allowed < len(chunk):
             privacy.refuse(len(chunk) - allowed, allowed, state.trip + 1)
             state.stopped_by_cap = True
             chunk = chunk[:allowed]
             if not chunk:
-                break
-        # Validation after the previous epoch. Silos compute contributions for EVERY aligned
-        # person, so they never learn who is validated or tested.
-        evaluate = epoch > 0 and first == 0
+                return False
+        # Silos compute contributions for EVERY aligned person when validating, so they never
+        # learn who is validated or tested.
         plan = np.concatenate(chunk).astype(np.int64)
         sizes = [len(b) for b in chunk]
-        if not privacy.allow_releases(n_positions, plan, everyone if evaluate else None):
+        eval_pos = self.everyone if evaluate else None
+        if not privacy.allow_releases(job.n_positions, plan, eval_pos):
             privacy.refuse(len(sizes), 0, state.trip + 1, budget="transcript")
             state.stopped_by_cap = True
-            break
-        replies = send(plan, everyone if evaluate else None)
+            return False
+        replies = self.send(plan, eval_pos)
         if evaluate:
-            z_val = head.logits(inputs(replies, "eval", n_positions))[val_pos]
-            state.history.append(_history_row(z_val, y[val_pos], epoch - 1, t0))
-        grads = head.gradients(inputs(replies, "plan", len(plan)),
-                               y_train_view[plan].astype(np.float64), sizes)
+            z_val = self.head.logits(self.inputs(replies, "eval", job.n_positions))[job.val_pos]
+            state.history.append(_history_row(z_val, job.y[job.val_pos], epoch - 1, self.t0))
+        grads = self.head.gradients(self.inputs(replies, "plan", len(plan)),
+                                    job.y_train_view[plan].astype(np.float64), sizes)
         privacy.spend(len(sizes))
         state.done_plan, state.done_sizes, state.done_grad = (
             plan, np.asarray(sizes, dtype=np.int64), grads
         )
         state.steps += len(sizes)
         state.next_chunk = index + 1
-        if on_round:
-            state.top = head.to_bytes()
-            state.privacy_spent, state.privacy_round_steps = privacy.spent, privacy.round_steps
-            state.transcript_releases = privacy.releases.copy()
-            state.transcript_sampled = privacy.sampled.copy()
-            on_round(state)
-        if progress:
-            progress("train", index + 1, len(schedule), epoch=epoch + 1)
-    # Apply the last chunk and read every position's contribution at the final weights.
-    # In sum mode each silo also reports five aggregates of its contributions (for the report's
-    # per-silo points); not under transcript DP, whose releases are all noised.
-    replies = send(None, everyone, summary=not concat and spec.transcript_sigma == 0,
-                   reasons=explain)
-    logits = head.logits(inputs(replies, "eval", n_positions))
-    explained = {s: parse(replies[s], s, n_positions, explain) for s in fed.silos} if explain \
-        else {}
-    contributions = {silo: {k.removeprefix("summary."): float(v)
-                            for k, v in m.get_config(reply).items() if k.startswith("summary.")}
-                     for silo, reply in replies.items()}
-    history = [*state.history, _history_row(logits[val_pos], y[val_pos], len(state.history), t0)]
-    return TrainResult(
-        bias=head.bias, logits=logits, history=history, round_trips=state.trip,
-        steps=state.steps, stopped_by_cap=state.stopped_by_cap, silo_seconds=state.silo_seconds,
-        contributions={s: c for s, c in contributions.items() if c}, explained=explained,
-    )
+        return True
+
+    def checkpoint_state(self) -> TrainState:
+        """The state with what a checkpoint needs besides it: the head and the accountants."""
+        state, privacy = self.state, self.job.privacy
+        state.top = self.head.to_bytes()
+        state.privacy_spent, state.privacy_round_steps = privacy.spent, privacy.round_steps
+        state.transcript_releases = privacy.releases.copy()
+        state.transcript_sampled = privacy.sampled.copy()
+        return state
+
+    def finish(self) -> TrainResult:
+        """Apply the last chunk and read every position's contribution at the final weights.
+        In sum mode each silo also reports five aggregates of its contributions (for the
+        report's per-silo points); not under transcript DP, whose releases are all noised."""
+        job, state, n = self.job, self.state, self.job.n_positions
+        replies = self.send(None, self.everyone,
+                            summary=not self.concat and job.spec.transcript_sigma == 0,
+                            reasons=job.explain)
+        logits = self.head.logits(self.inputs(replies, "eval", n))
+        explained = ({s: parse(replies[s], s, n, job.explain) for s in job.fed.silos}
+                     if job.explain else {})
+        contributions = {silo: {k.removeprefix("summary."): float(v)
+                                for k, v in m.get_config(reply).items()
+                                if k.startswith("summary.")}
+                         for silo, reply in replies.items()}
+        history = [*state.history, _history_row(logits[job.val_pos], job.y[job.val_pos],
+                                                len(state.history), self.t0)]
+        return TrainResult(
+            bias=self.head.bias, logits=logits, history=history, round_trips=state.trip,
+            steps=state.steps, stopped_by_cap=state.stopped_by_cap,
+            silo_seconds=state.silo_seconds,
+            contributions={s: c for s, c in contributions.items() if c}, explained=explained,
+        )
 
 
 def _grad_for(grads: np.ndarray | None, k: int, spec: ModelSpec) -> np.ndarray | None:
