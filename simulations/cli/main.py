@@ -202,7 +202,7 @@ def _run(args: argparse.Namespace) -> int:
         out_dir = args.out.resolve()
         parties = (args.parties or default_parties_dir(args.out)).resolve()
         # Input errors before anything is made or started: the paths, then delta against the
-        # population to generate (real data: against its table, in runner.ready_parties).
+        # population to generate (real data: against its table, in run.experiment.ready_parties).
         check_new_dir(out_dir, "--out")
         check_new_dir(parties, "--parties")
         if cfg.generated:
