@@ -10,9 +10,13 @@ Three engine runs, each with every message captured (clients/protocol/capture.py
   about 10,000 training people of both classes. The gradient-sign attack sits exactly on that
   bound in expectation (it reads the randomised label); its sampling error there is 0.0032,
   so the tolerance of 0.01 is about 3 standard errors (with 6 % defaulters and 5,000 people it
-  would be one, and the test would fail one run in six).
+  would be one, and the test would fail one run in six). Three epochs at one round trip each
+  (chunk_batches 8 covers the 5 Poisson batches of an epoch; 15 batches for the plan replay):
+  each person's label is randomised once, so more epochs would show the gradient attacks the
+  same randomised labels again: more round trips, no more power.
 - `open_concat`: no protection (eps inf, label eps inf), split learning (`concat`), so the
-  silos receive gradient vectors: the direction attack.
+  silos receive gradient vectors: the direction attack. 1,500 people (about 900 trained on)
+  and two epochs: without protection every attack reads every label.
 - `overfit`: no protection, sum mode, 1,500 people (about 500 trained on, 30 % defaulters)
   and 80 epochs of a wide model, so the scores have memorisation for a membership attack to
   find. Its validation share is 20 %: on a validation set of 80 people the Platt calibration
@@ -88,13 +92,14 @@ def _engine_run(factory: pytest.TempPathFactory, name: str, *args: str) -> Engin
 def guarded(tmp_path_factory: pytest.TempPathFactory) -> EngineRun:
     return _engine_run(tmp_path_factory, "guarded", "--users", "14000", "--seed", "3",
                        "--set", "population.default_rate=0.5",
-                       "--set", "split.train=0.85", "--set", "split.val=0.1")
+                       "--set", "split.train=0.85", "--set", "split.val=0.1",
+                       "--set", "train.epochs=3", "--set", "train.chunk_batches=8")
 
 
 @pytest.fixture(scope="module")
 def open_concat(tmp_path_factory: pytest.TempPathFactory) -> EngineRun:
-    return _engine_run(tmp_path_factory, "open_concat", "--users", "3000", "--seed", "4",
-                       "--set", "aggregation.mode=concat", "--set", "train.epochs=3",
+    return _engine_run(tmp_path_factory, "open_concat", "--users", "1500", "--seed", "4",
+                       "--set", "aggregation.mode=concat", "--set", "train.epochs=2",
                        "--set", "privacy.epsilon=inf", "--set", "privacy.label_epsilon=inf")
 
 
