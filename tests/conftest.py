@@ -49,10 +49,15 @@ def fix_secrets(keystore: Path, label: str) -> None:
                       hashlib.sha256(f"fedscore-test/{label}/{party}".encode()).digest())
 
 
+def _command(args: tuple[str, ...]) -> str:
+    """The subcommand of a fedscore command line (options such as -v may come first)."""
+    return next((a for a in args if not a.startswith("-")), "")
+
+
 def _fix_run_secrets(args: tuple[str, ...], cwd: Path) -> None:
     """`fedscore run --out X` without `--parties` makes X.parties and its keystore
     X.parties.keys: fix the secrets there (see fix_secrets; a sweep's test fixes its own)."""
-    if not args or args[0] != "run" or "--out" not in args or "--parties" in args or \
+    if _command(args) != "run" or "--out" not in args or "--parties" in args or \
             any(a.startswith("storage.keystore=") for a in args):
         return
     out = cwd / args[args.index("--out") + 1]
@@ -73,8 +78,7 @@ def run_cli(*args: str, cwd: Path, timeout: float = 300, engine: bool | None = N
     that comes too late fails the test instead of starting Ray. By default the commands of
     NO_ENGINE_COMMANDS run in this process too, and the others in a subprocess."""
     _fix_run_secrets(args, cwd)
-    command = next((a for a in args if not a.startswith("-")), "")
-    if engine is False or (engine is None and command in NO_ENGINE_COMMANDS):
+    if engine is False or (engine is None and _command(args) in NO_ENGINE_COMMANDS):
         return cli_inline.run(args, cwd=cwd, env=_cli_env(cwd))
     return subprocess.run(
         [sys.executable, "-m", "simulations.cli", *args],
