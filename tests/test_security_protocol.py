@@ -458,8 +458,8 @@ def test_reason_codes_and_corrections_follow_the_silo_policy(grid: AppGrid):
     assert m.get_array(why, "reason_index").shape[0] == PEOPLE
     from clients.silo.explain import features_of
 
-    field = features_of(ca.silo_matrix(grid.context("payments"), ca.Defaults(grid.root, None,
-                                                                              True)))[0]
+    node = ca.Node(grid.context("payments"), ca.Defaults(grid.root, None, True))
+    field = features_of(ca.silo_matrix(node))[0]
     fixed = grid.send("payments", m.CORRECT, m.make_content(
         {"field": field, "value": 1.0, "category": ""}, position=np.array([3], dtype=np.int64)))
     assert not fixed.has_error(), fixed.error.reason

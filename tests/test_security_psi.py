@@ -177,7 +177,7 @@ def test_silo_cap_on_the_declared_size(root):
 def test_honest_exchange_still_matches(root):
     app = ca.make_client_app(root, None, plaintext=True)
     context = _context()
-    silo_ids = ca.silo_matrix(context, ca.Defaults(root, None, True)).ids.to_numpy()
+    silo_ids = ca.silo_matrix(ca.Node(context, ca.Defaults(root, None, True))).ids.to_numpy()
     mine = [*list(silo_ids[:30]), *_phones(20, 90_000_000)]
     blinded = _send(app, context, m.PSI_BLIND, config={"set_size": len(mine)})
     theirs = m.get_array(blinded, "points", np.uint8, 2)

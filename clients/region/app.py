@@ -25,13 +25,15 @@ release about the whole region outside the accountant.
 The Poisson samples and DP-SGD noise come from the region's own secret
 (crypto/secret_random.py), found like a silo's: in the region's keystore (`node_store`), else in
 the region's own data directory.
+
+The handlers are module-level functions registered on `handlers`, as a silo's are
+(clients/node.py); `make_region_app(root, keystore)` makes the ClientApp for a simulation.
 """
 
 from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -42,8 +44,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from clients.node import Defaults, node_store
-from clients.protocol import capture
+from clients.node import Defaults, Guard, Handlers, Node, node_store
 from clients.protocol import messages as m
 from clients.protocol.metrics import auc
 from clients.protocol.model import BottomModel
@@ -63,20 +64,17 @@ log = logging.getLogger(__name__)
 
 PREDICTIONS_DIR = "predictions"
 
-_CACHE: dict[tuple[str, float], tuple[RegionData, np.ndarray]] = {}
-
-
 # The same defaults as a silo's: the parties directory, the keystore, plaintext or not.
 RegionDefaults = Defaults
 
 
-def region_name(context: Context, defaults: RegionDefaults) -> str:
-    node = context.node_config
-    if "region" in node:
-        return str(node["region"])
-    if "partition-id" in node and defaults.root is not None:
-        pid = int(node["partition-id"])
-        names = listed_regions(defaults.root)
+def region_name(node: Node) -> str:
+    config = node.context.node_config
+    if "region" in config:
+        return str(config["region"])
+    if "partition-id" in config and node.defaults.root is not None:
+        pid = int(config["partition-id"])
+        names = listed_regions(node.defaults.root)
         if not 0 <= pid < len(names):
             raise RegionDataError(f"partition-id {pid} has no region; run {len(names)} "
                                   "supernodes")
@@ -84,55 +82,40 @@ def region_name(context: Context, defaults: RegionDefaults) -> str:
     raise RegionDataError("this node has no region: start it with --node-config 'region=...'")
 
 
-def region_dir(context: Context, defaults: RegionDefaults) -> Path:
+def region_dir(node: Node) -> Path:
+    context = node.context
     root = context.node_config.get("data-dir") or context.run_config.get("data-dir")
-    base = Path(str(root)) if root else defaults.root
+    base = Path(str(root)) if root else node.defaults.root
     if base is None:
         raise RegionDataError("no data directory: set node config or run config 'data-dir'")
-    return base / region_name(context, defaults)
+    return base / region_name(node)
 
 
-def region_store(context: Context, defaults: RegionDefaults) -> Keystore | None:
-    return node_store(context, defaults, region_dir(context, defaults).parent)
+def region_store(node: Node) -> Keystore | None:
+    return node_store(node.context, node.defaults, region_dir(node).parent)
 
 
-def region_random(context: Context, defaults: RegionDefaults) -> SecretRandom:
+def region_random(node: Node) -> SecretRandom:
     """The region's secret streams: the secret lives in the region's keystore when it has one
     (found as a silo's is, `node_store`), else in its own data directory; made on first use."""
-    store = region_store(context, defaults)
-    directory = store.path if store is not None else region_dir(context, defaults)
-    return SecretRandom.load_or_create(directory, region_name(context, defaults))
+    store = region_store(node)
+    directory = store.path if store is not None else region_dir(node)
+    return SecretRandom.load_or_create(directory, region_name(node))
 
 
-def region_data(context: Context, defaults: RegionDefaults, seed: int, train: float,
+def region_data(node: Node, seed: int, train: float,
                 val: float) -> tuple[RegionData, np.ndarray]:
     """The region's inputs and labels, and its split codes (0 train, 1 val, 2 test)."""
-    directory = region_dir(context, defaults)
-    name = region_name(context, defaults)
-    mtime = max((p.stat().st_mtime for p in directory.glob("customers.*")), default=0.0)
-    key = (f"{directory.resolve()}|{seed}|{train}|{val}", mtime)
-    if key not in _CACHE:
-        for old in [k for k in _CACHE if k[0] == key[0]]:
-            del _CACHE[old]
-        data = load_region(directory, name, region_store(context, defaults))
-        _CACHE[key] = (data, region_split(len(data), region_random(context, defaults), seed,
-                                          train, val))
-    return _CACHE[key]
+    directory = region_dir(node)
+    name = region_name(node)
+    version = max((p.stat().st_mtime for p in directory.glob("customers.*")), default=0.0)
 
+    def load() -> tuple[RegionData, np.ndarray]:
+        data = load_region(directory, name, region_store(node))
+        return data, region_split(len(data), region_random(node), seed, train, val)
 
-def _guarded(handler: Callable[[Message, Context], Message]) -> Callable:
-    def run(msg: Message, context: Context) -> Message:
-        try:
-            return handler(msg, context)
-        except RegionDataError as exc:
-            return m.error_reply(msg, m.INPUT_ERROR, str(exc))
-        except (m.ProtocolError, KeyError, ValueError) as exc:
-            who = context.node_config.get("region",
-                                          f"partition {context.node_config.get('partition-id')}")
-            return m.error_reply(msg, m.PROTOCOL_ERROR, f"region {who}: {exc}")
-
-    run.__name__ = handler.__name__
-    return run
+    return node.tables.get(("region", f"{directory.resolve()}|{seed}|{train}|{val}"), version,
+                           load)
 
 
 def _model_from(msg: Message, n_inputs: int, spec: LocalSpec) -> BottomModel:
@@ -180,105 +163,113 @@ def clipping_mod(msg: Message, context: Context, call_next) -> Message:
     return call_next(msg, context)
 
 
+handlers = Handlers(Guard(
+    "region", log,
+    input_errors=(RegionDataError,),
+    protocol_errors=(m.ProtocolError, KeyError, ValueError),
+    unnamed=None,
+))
+
+
 def make_region_app(root: Path | None = None, keystore: Path | None = None,
                     plaintext: bool = False) -> ClientApp:
-    defaults = RegionDefaults(root, keystore, plaintext)
-    app = ClientApp(mods=[capture.capture_mod] if capture.enabled() else None)
+    """A region's app; `root` is the parties directory and `keystore` the regions' keystore
+    when no config names them (the simulation)."""
+    return handlers.app(RegionDefaults(root, keystore, plaintext))
 
-    def setup(msg: Message, context: Context) -> tuple[LocalSpec, RegionData, np.ndarray]:
-        torch.set_num_threads(1)  # one core per region: regions run side by side
-        cfg = dict(msg.content["config"]) if "config" in msg.content else {}
-        try:
-            spec = LocalSpec.from_config(cfg)
-            train, val = m.config_float(cfg, "split.train"), m.config_float(cfg, "split.val")
-        except KeyError as exc:
-            raise m.ProtocolError(f"the plan lacks {exc}") from None
-        data, split = region_data(context, defaults, spec.seed, train, val)
-        return spec, data, split
 
-    @app.train(mods=[clipping_mod])
-    @_guarded
-    def train(msg: Message, context: Context) -> Message:
-        spec, data, split = setup(msg, context)
-        cfg = dict(msg.content["config"])
-        # FedProx's strategy sends its mu with the round; it overrides the plan's.
-        spec_mu = m.config_float(cfg, "proximal-mu") if "proximal-mu" in cfg else spec.proximal_mu
-        spec = LocalSpec(**{**spec.__dict__, "proximal_mu": spec_mu})
-        rows = split == 0
-        model = _model_from(msg, data.x.shape[1], spec)
-        plan = _plan(context, int(rows.sum()), spec)
-        x, y = data.x[rows], data.y[rows]
-        stream = round_stream(cfg, model, x, y)
-        result = train_round(model, x, y, spec, plan, _history(context),
-                             region_random(context, defaults), stream)
-        _save_history(context, result.history, plan)
-        metrics: dict = {"weight": 1.0}
-        if not spec.user_level:
-            # Under user-level DP the clipped, noised average is the only release about the
-            # region; its size, steps (q = batch / size) or loss would be others, outside it.
-            metrics.update({"num-examples": int(rows.sum()), "steps": result.steps,
-                            "stopped": int(result.stopped)})
-        if not spec.dp and not spec.user_level:
-            # Under DP the model is the only release about the training customers; their
-            # average loss would be another, outside the accountant.
-            metrics["train_loss"] = result.loss
-        content = RecordDict({"arrays": ArrayRecord(model.state_dict()),
-                              "metrics": MetricRecord(metrics)})
-        return Message(content, reply_to=msg)
+def _setup(msg: Message, node: Node) -> tuple[LocalSpec, RegionData, np.ndarray]:
+    torch.set_num_threads(1)  # one core per region: regions run side by side
+    cfg = dict(msg.content["config"]) if "config" in msg.content else {}
+    try:
+        spec = LocalSpec.from_config(cfg)
+        train, val = m.config_float(cfg, "split.train"), m.config_float(cfg, "split.val")
+    except KeyError as exc:
+        raise m.ProtocolError(f"the plan lacks {exc}") from None
+    data, split = region_data(node, spec.seed, train, val)
+    return spec, data, split
 
-    @app.evaluate()
-    @_guarded
-    def evaluate(msg: Message, context: Context) -> Message:
-        spec, data, split = setup(msg, context)
-        if spec.user_level:
-            raise m.ProtocolError("under user-level DP a region sends no validation metrics "
-                                  "(an exact loss or AUC is outside the guarantee); evaluate "
-                                  "the released global model instead")
-        rows = split == 1
-        model = _model_from(msg, data.x.shape[1], spec)
-        z = predict_logits(model, data.x[rows])
-        y = data.y[rows].astype(np.float64)
-        loss = float(np.mean(np.logaddexp(0.0, z) - y * z))
-        content = RecordDict({"metrics": MetricRecord({
-            "weight": 1.0, "num-examples": int(rows.sum()), "val_loss": loss,
-            "val_auc": _val_auc(y, z)})})
-        return Message(content, reply_to=msg)
 
-    @app.query(PRIVACY.split(".", 1)[1])
-    @_guarded
-    def privacy(msg: Message, context: Context) -> Message:
-        spec, _data, split = setup(msg, context)
-        if spec.user_level:
-            # No size, plan or history: the size (and q, delta, which follow from it) would
-            # be exact aggregates about the region outside the user-level guarantee.
-            reply: dict = {"region": region_name(context, defaults)}
-            return Message(m.make_content(reply), reply_to=msg)
-        plan = _plan(context, int((split == 0).sum()), spec)
-        history = _history(context)
-        reply = {"region": region_name(context, defaults), "n_train": int((split == 0).sum()),
-                 "history": [float(v) for h in history for v in h],
-                 "noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate,
-                 "delta": plan.delta}
+@handlers.train(mods=[clipping_mod])
+def train(msg: Message, node: Node) -> Message:
+    spec, data, split = _setup(msg, node)
+    cfg = dict(msg.content["config"])
+    # FedProx's strategy sends its mu with the round; it overrides the plan's.
+    spec_mu = m.config_float(cfg, "proximal-mu") if "proximal-mu" in cfg else spec.proximal_mu
+    spec = LocalSpec(**{**spec.__dict__, "proximal_mu": spec_mu})
+    rows = split == 0
+    model = _model_from(msg, data.x.shape[1], spec)
+    plan = _plan(node.context, int(rows.sum()), spec)
+    x, y = data.x[rows], data.y[rows]
+    stream = round_stream(cfg, model, x, y)
+    result = train_round(model, x, y, spec, plan, _history(node.context),
+                         region_random(node), stream)
+    _save_history(node.context, result.history, plan)
+    metrics: dict = {"weight": 1.0}
+    if not spec.user_level:
+        # Under user-level DP the clipped, noised average is the only release about the
+        # region; its size, steps (q = batch / size) or loss would be others, outside it.
+        metrics.update({"num-examples": int(rows.sum()), "steps": result.steps,
+                        "stopped": int(result.stopped)})
+    if not spec.dp and not spec.user_level:
+        # Under DP the model is the only release about the training customers; their
+        # average loss would be another, outside the accountant.
+        metrics["train_loss"] = result.loss
+    content = RecordDict({"arrays": ArrayRecord(model.state_dict()),
+                          "metrics": MetricRecord(metrics)})
+    return Message(content, reply_to=msg)
+
+
+@handlers.evaluate()
+def evaluate(msg: Message, node: Node) -> Message:
+    spec, data, split = _setup(msg, node)
+    if spec.user_level:
+        raise m.ProtocolError("under user-level DP a region sends no validation metrics "
+                              "(an exact loss or AUC is outside the guarantee); evaluate "
+                              "the released global model instead")
+    rows = split == 1
+    model = _model_from(msg, data.x.shape[1], spec)
+    z = predict_logits(model, data.x[rows])
+    y = data.y[rows].astype(np.float64)
+    loss = float(np.mean(np.logaddexp(0.0, z) - y * z))
+    content = RecordDict({"metrics": MetricRecord({
+        "weight": 1.0, "num-examples": int(rows.sum()), "val_loss": loss,
+        "val_auc": _val_auc(y, z)})})
+    return Message(content, reply_to=msg)
+
+
+@handlers.query(PRIVACY.split(".", 1)[1])
+def privacy(msg: Message, node: Node) -> Message:
+    spec, _data, split = _setup(msg, node)
+    if spec.user_level:
+        # No size, plan or history: the size (and q, delta, which follow from it) would
+        # be exact aggregates about the region outside the user-level guarantee.
+        reply: dict = {"region": region_name(node)}
         return Message(m.make_content(reply), reply_to=msg)
+    plan = _plan(node.context, int((split == 0).sum()), spec)
+    history = _history(node.context)
+    reply = {"region": region_name(node), "n_train": int((split == 0).sum()),
+             "history": [float(v) for h in history for v in h],
+             "noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate,
+             "delta": plan.delta}
+    return Message(m.make_content(reply), reply_to=msg)
 
-    @app.query(PREDICT.split(".", 1)[1])
-    @_guarded
-    def predict(msg: Message, context: Context) -> Message:
-        spec, data, split = setup(msg, context)
-        run_key = str(msg.content["config"]["run_key"])
-        if not run_key.isalnum():
-            raise m.ProtocolError("run_key must be letters and digits")
-        model = _model_from(msg, data.x.shape[1], spec)
-        z = predict_logits(model, data.x)
-        frame = pd.DataFrame({"split": np.array(["train", "val", "test"])[split],
-                              "probability": 1.0 / (1.0 + np.exp(-z))})
-        directory = region_dir(context, defaults) / PREDICTIONS_DIR
-        directory.mkdir(exist_ok=True)
-        buf = io.BytesIO()
-        frame.to_parquet(buf, index=False)
-        write_party_file(directory / f"{run_key}.parquet", region_name(context, defaults),
-                         buf.getvalue(), region_store(context, defaults))
-        reply = {"region": region_name(context, defaults)}
-        return Message(m.make_content(reply), reply_to=msg)
 
-    return app
+@handlers.query(PREDICT.split(".", 1)[1])
+def predict(msg: Message, node: Node) -> Message:
+    spec, data, split = _setup(msg, node)
+    run_key = str(msg.content["config"]["run_key"])
+    if not run_key.isalnum():
+        raise m.ProtocolError("run_key must be letters and digits")
+    model = _model_from(msg, data.x.shape[1], spec)
+    z = predict_logits(model, data.x)
+    frame = pd.DataFrame({"split": np.array(["train", "val", "test"])[split],
+                          "probability": 1.0 / (1.0 + np.exp(-z))})
+    directory = region_dir(node) / PREDICTIONS_DIR
+    directory.mkdir(exist_ok=True)
+    buf = io.BytesIO()
+    frame.to_parquet(buf, index=False)
+    write_party_file(directory / f"{run_key}.parquet", region_name(node),
+                     buf.getvalue(), region_store(node))
+    reply = {"region": region_name(node)}
+    return Message(m.make_content(reply), reply_to=msg)

@@ -5,6 +5,12 @@ A silo is named by its node config (`silo=payments`, deployment) or by the simul
 Model, optimiser and alignment live in the node's `context.state`, which Flower keeps on the
 silo's side between messages; the prepared feature matrix is cached per process because it is
 derived from the table and cheap to rebuild.
+
+Each message is a module-level handler registered on `handlers` (`@handlers.query("hello")`,
+`@handlers.train("step")`, Flower's style); it reads the node (`clients.node.Node`: Flower's
+context, the defaults the app was made with, the process's tables) instead of a closure.
+`make_client_app(root, keystore)` makes the ClientApp for a simulation's parties; `app` is the
+deployment's.
 """
 
 from __future__ import annotations
@@ -15,7 +21,6 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
@@ -24,8 +29,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients.node import Defaults, node_store
-from clients.protocol import capture
+from clients.node import Defaults, Guard, Handlers, Node, node_store
 from clients.protocol import messages as m
 from clients.protocol.dp_constants import STATISTICS_NOISE_MULTIPLIER
 from clients.protocol.schema import federation_silos, silo_salt
@@ -64,109 +68,84 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_CACHE: dict[tuple[str, str, float, float], SiloMatrix] = {}
 
-
-def silo_name(context: Context, defaults: Defaults | None = None) -> str:
-    node = context.node_config
-    if "silo" in node:
-        return str(node["silo"])
-    if "partition-id" in node:
-        pid = int(node["partition-id"])
-        silos = federation_silos(defaults.root if defaults else None)
+def silo_name(node: Node) -> str:
+    config = node.context.node_config
+    if "silo" in config:
+        return str(config["silo"])
+    if "partition-id" in config:
+        pid = int(config["partition-id"])
+        silos = federation_silos(node.defaults.root)
         if not 0 <= pid < len(silos):
             raise SiloDataError(f"partition-id {pid} has no silo; run {len(silos)} supernodes")
         return silos[pid]
     raise SiloDataError("this node has no silo: start the SuperNode with --node-config 'silo=...'")
 
 
-def silo_dir(context: Context, defaults: Defaults) -> Path:
+def silo_dir(node: Node) -> Path:
+    context = node.context
     root = context.node_config.get("data-dir") or context.run_config.get("data-dir")
-    base = Path(str(root)) if root else defaults.root
+    base = Path(str(root)) if root else node.defaults.root
     if base is None:
         raise SiloDataError("no data directory: set node config or run config 'data-dir'")
-    return base / silo_name(context, defaults)
+    return base / silo_name(node)
 
 
-def silo_store(context: Context, defaults: Defaults) -> Keystore | None:
-    return node_store(context, defaults, silo_dir(context, defaults).parent)
+def silo_store(node: Node) -> Keystore | None:
+    return node_store(node.context, node.defaults, silo_dir(node).parent)
 
 
-def silo_random(context: Context, defaults: Defaults) -> SecretRandom:
+def silo_random(node: Node) -> SecretRandom:
     """The silo's secret streams (DP noise, transcript noise, noisy statistics): the secret
     lives in the silo's keystore, or in its own directory without one (0600)."""
-    store = silo_store(context, defaults)
-    where = store.path if store is not None else silo_dir(context, defaults)
-    return SecretRandom.load_or_create(where, silo_name(context, defaults))
+    store = silo_store(node)
+    where = store.path if store is not None else silo_dir(node)
+    return SecretRandom.load_or_create(where, silo_name(node))
 
 
-def silo_matrix(context: Context, defaults: Defaults) -> SiloMatrix:
+def silo_matrix(node: Node) -> SiloMatrix:
     """The silo's prepared table, with the corrections it accepted after disputes."""
-    directory = silo_dir(context, defaults)
-    silo = silo_name(context, defaults)
+    directory = silo_dir(node)
+    silo = silo_name(node)
     mtime = max((p.stat().st_mtime for p in directory.glob("features.*")), default=0.0)
     fixes = corrections.path(directory)
-    key = (str(directory.resolve()), silo, mtime, fixes.stat().st_mtime if fixes else 0.0)
-    if key not in _CACHE:
-        # The engine may route any silo's message to any worker process, so keep every silo's
-        # matrix (a few MB per 100k people); drop stale versions of this silo's table only.
-        for old in [k for k in _CACHE if k[:2] == key[:2]]:
-            del _CACHE[old]
-        store = silo_store(context, defaults)
+    version = (mtime, fixes.stat().st_mtime if fixes else 0.0)
+
+    def load() -> SiloMatrix:
+        store = silo_store(node)
         matrix = load_silo(directory, silo, store)
         items = corrections.load(directory, silo, store)
-        _CACHE[key] = corrections.apply(matrix, directory, silo, store, items)
-    return _CACHE[key]
+        return corrections.apply(matrix, directory, silo, store, items)
 
-
-def _guarded(handler: Callable[[Message, Context], Message]) -> Callable:
-    """Turn the silo's own diagnoses into error replies with a readable reason."""
-
-    def run(msg: Message, context: Context) -> Message:
-        try:
-            return handler(msg, context)
-        except (SiloDataError, PolicyError) as exc:
-            return m.error_reply(msg, m.INPUT_ERROR, str(exc))
-        except (PolicyRefusalError, RefusedError, RosterError) as exc:
-            node = context.node_config
-            who = node.get("silo", f"partition {node.get('partition-id', '?')}")
-            log.warning("silo %s refused a %s: %s", who, msg.metadata.message_type, exc)
-            return m.error_reply(msg, m.REFUSED, f"silo {who}: {exc}")
-        except (m.ProtocolError, PsiError) as exc:
-            node = context.node_config
-            who = node.get("silo", f"partition {node.get('partition-id', '?')}")
-            return m.error_reply(msg, m.PROTOCOL_ERROR, f"silo {who}: {exc}")
-
-    run.__name__ = handler.__name__
-    return run
+    return node.tables.get(("silo", str(directory.resolve()), silo), version, load)
 
 
 # ---- the silo's own checkpoints: <silo dir>/checkpoints/<run key>/ ---------------------------
 # A silo keeps its last two rounds: the authority's newest checkpoint may be one round behind.
 
 
-def _checkpoint_dir(context: Context, defaults: Defaults, run_key: str) -> Path:
+def _checkpoint_dir(node: Node, run_key: str) -> Path:
     if not run_key.isalnum():
         raise m.ProtocolError("malformed run key")
-    return silo_dir(context, defaults) / "checkpoints" / run_key
+    return silo_dir(node) / "checkpoints" / run_key
 
 
-def _save_round(context: Context, defaults: Defaults, round_: int) -> None:
-    cfg = m.config_record(context.state, "model")
-    directory = _checkpoint_dir(context, defaults, str(cfg["run"]))
-    _write_file(context, defaults, directory, f"round-{round_}.pt", m.config_bytes(cfg, "blob"))
+def _save_round(node: Node, round_: int) -> None:
+    cfg = m.config_record(node.state, "model")
+    directory = _checkpoint_dir(node, str(cfg["run"]))
+    _write_file(node, directory, f"round-{round_}.pt", m.config_bytes(cfg, "blob"))
     for old in directory.glob("round-*.pt*"):
         if int(old.name.split("-")[1].split(".")[0]) < round_ - 1:
             old.unlink(missing_ok=True)
 
 
-def _write_file(context: Context, defaults: Defaults, directory: Path, name: str, data: bytes,
+def _write_file(node: Node, directory: Path, name: str, data: bytes,
                 private: bool = False) -> None:
     """A checkpoint file, atomically; `name.enc`, bound to the run and silo, when the silo has a
     keystore. `private` files (keys) are 0600 when they stay in plaintext."""
-    store = silo_store(context, defaults)
+    store = silo_store(node)
     if store is not None:
-        context_ = _file_context(directory, silo_name(context, defaults), name)
+        context_ = _file_context(directory, silo_name(node), name)
         write_encrypted(store, directory / f"{name}.enc", data, context_)
     elif private:
         replace_private(directory / name, data)
@@ -176,15 +155,15 @@ def _write_file(context: Context, defaults: Defaults, directory: Path, name: str
         tmp.replace(directory / name)
 
 
-def _read_file(context: Context, defaults: Defaults, directory: Path, name: str) -> bytes:
+def _read_file(node: Node, directory: Path, name: str) -> bytes:
     encrypted = directory / f"{name}.enc"
     if not encrypted.exists():
         return (directory / name).read_bytes()
-    store = silo_store(context, defaults)
+    store = silo_store(node)
     if store is None:
         raise SiloDataError(f"{encrypted} is encrypted; start the silo with its keystore "
                             "(node config keystore=DIR)")
-    aad = _file_context(directory, silo_name(context, defaults), name)
+    aad = _file_context(directory, silo_name(node), name)
     return read_encrypted(store, encrypted, aad)
 
 
@@ -235,29 +214,29 @@ class RefusedError(Exception):
     """A request this silo will not answer: it conflicts with one it answered already."""
 
 
-def silo_policy(context: Context, defaults: Defaults) -> SiloPolicy:
+def silo_policy(node: Node) -> SiloPolicy:
     """The operator's policy in the silo's directory (strict defaults without one)."""
-    return SiloPolicy.load(silo_dir(context, defaults))
+    return SiloPolicy.load(silo_dir(node))
 
 
-def silo_identity(context: Context, defaults: Defaults) -> Ed25519PrivateKey:
+def silo_identity(node: Node) -> Ed25519PrivateKey:
     """The silo's long-term identity key: in its keystore, else in its own directory."""
-    store = silo_store(context, defaults)
-    silo = silo_name(context, defaults)
-    where = store.path if store is not None else identity_dir(silo_dir(context, defaults).parent,
+    store = silo_store(node)
+    silo = silo_name(node)
+    where = store.path if store is not None else identity_dir(silo_dir(node).parent,
                                                                silo, None)
     return identity_key(where, silo)
 
 
-def silo_roster(context: Context, defaults: Defaults) -> Roster:
+def silo_roster(node: Node) -> Roster:
     """The roster in the silo's own directory, checked to pin this silo's own identity key."""
-    directory = silo_dir(context, defaults)
+    directory = silo_dir(node)
     try:
         roster = Roster.load(directory / ROSTER_FILE)
     except RosterError as exc:
         raise SiloDataError(str(exc)) from None
-    me = silo_name(context, defaults)
-    if roster.silos.get(me) != public_hex(silo_identity(context, defaults)):
+    me = silo_name(node)
+    if roster.silos.get(me) != public_hex(silo_identity(node)):
         raise SiloDataError(f"the roster in {directory} does not pin this silo's identity key "
                             f"for {me!r}; enrol the silo again")
     return roster
@@ -331,12 +310,12 @@ class Journal:
         self.entries[(kind, str(key))] = (message.hex(), reply.hex())
 
 
-def _journal(context: Context, defaults: Defaults) -> Journal:
-    directory = _checkpoint_dir(context, defaults, str(context.state["model"]["run"]))
+def _journal(node: Node) -> Journal:
+    directory = _checkpoint_dir(node, str(node.state["model"]["run"]))
     directory.mkdir(parents=True, exist_ok=True)
     tag = "plaintext"
-    if "mask" in context.state:  # named by a digest of the public key, never the secret
-        secret = m.config_bytes(m.config_record(context.state, "mask"), "secret")
+    if "mask" in node.state:  # named by a digest of the public key, never the secret
+        secret = m.config_bytes(m.config_record(node.state, "mask"), "secret")
         public = PairwiseKeys(secret).public
         tag = hashlib.sha256(public).hexdigest()[:16]
     return Journal(directory / JOURNAL_FILE.format(tag=tag))
@@ -368,18 +347,18 @@ def _check_group(policy: SiloPolicy, what: str, positions: np.ndarray) -> None:
     policy.check_group(what, distinct)
 
 
-def _masked(context: Context, defaults: Defaults, values: np.ndarray, round_: int,
+def _masked(node: Node, values: np.ndarray, round_: int,
             purpose: str, binding: bytes) -> np.ndarray:
-    if "mask" not in context.state:
+    if "mask" not in node.state:
         raise m.ProtocolError("secure aggregation without pairwise keys: send query.peers first")
-    record = m.config_record(context.state, "mask")
+    record = m.config_record(node.state, "mask")
     shared = {k.removeprefix("peer."): m.config_bytes(record, k) for k in record
               if k.startswith("peer.")}
     if not shared:
         raise m.ProtocolError("secure aggregation needs at least two silos")
-    run_key = str(context.state["model"]["run"])
+    run_key = str(node.state["model"]["run"])
     try:
-        return masked_share(values, silo_name(context, defaults), shared,
+        return masked_share(values, silo_name(node), shared,
                             mask_context(run_key, round_, purpose, binding))
     except MaskingError as exc:
         raise m.ProtocolError(str(exc)) from None
@@ -396,15 +375,15 @@ def _model() -> ModuleType:
     return trainer
 
 
-def _trainer(context: Context, defaults: Defaults) -> SiloTrainer:
-    if "model" not in context.state:
+def _trainer(node: Node) -> SiloTrainer:
+    if "model" not in node.state:
         raise m.ProtocolError("no model yet: the authority must send query.align first")
-    cfg = m.config_record(context.state, "model")
+    cfg = m.config_record(node.state, "model")
     model = _model()
     from clients.protocol.model import ModelSpec
 
     trainer = model.SiloTrainer(m.config_int(cfg, "inputs"), ModelSpec.from_config(dict(cfg)),
-                                m.config_int(cfg, "salt"), random=silo_random(context, defaults),
+                                m.config_int(cfg, "salt"), random=silo_random(node),
                                 run_key=str(cfg["run"]))
     trainer.load_bytes(m.config_bytes(cfg, "blob"))
     return trainer
@@ -424,340 +403,394 @@ def _rows(context: Context, positions: np.ndarray) -> np.ndarray:
     return rows
 
 
+# ---- the silo's messages: query.hello, query.psi_blind, query.psi_finish, query.align,
+# query.peers, query.resume, query.correct, query.score and train.step ------------------------
+
+handlers = Handlers(Guard(
+    "silo", log,
+    input_errors=(SiloDataError, PolicyError),
+    refusals=(PolicyRefusalError, RefusedError, RosterError),
+    protocol_errors=(m.ProtocolError, PsiError),
+))
+
+
 def make_client_app(root: Path | None = None, keystore: Path | None = None,
                     plaintext: bool = False) -> ClientApp:
     """The silo's app; `root` is the parties directory and `keystore` the silos' keystore when
     no config names them (the simulation)."""
-    defaults = Defaults(root, keystore, plaintext)
-    app = ClientApp(mods=[capture.capture_mod] if capture.enabled() else None)
+    return handlers.app(Defaults(root, keystore, plaintext))
 
-    @app.query("hello")
-    @_guarded
-    def hello(msg: Message, context: Context) -> Message:
-        data = silo_matrix(context, defaults)
-        me = silo_name(context, defaults)  # from this node's own config, never from a message
-        reply: dict = {"silo": me, "rows": len(data.x), "inputs": data.x.shape[1]}
-        challenge = m.get_config(msg).get("challenge")
-        if challenge is not None:
-            # Prove this silo's identity for this challenge only (a replay answers nothing).
-            if not isinstance(challenge, bytes) or len(challenge) < 16:
-                raise m.ProtocolError("a hello challenge is at least 16 random bytes")
-            # An unenrolled silo (no roster: a PSI benchmark's throwaway parties) answers
-            # unsigned; an authority holding a roster refuses that, and secure sum needs one.
-            if (silo_dir(context, defaults) / ROSTER_FILE).exists():
-                roster = silo_roster(context, defaults)
-                reply["fingerprint"] = roster.fingerprint
-                reply["signature"] = sign(silo_identity(context, defaults),
-                                          hello_statement(roster.fingerprint, challenge, me))
-        return Message(m.make_content(reply), reply_to=msg)
 
-    def psi_claim(msg: Message, context: Context, step: str) -> None:
-        """Persist that this run took PSI step `step` ("blind" or "finish"), refusing a second
-        time: <silo dir>/checkpoints/psi-<run id>.<step>, created exclusively. Repeating
-        either step would let the authority probe identifiers one by one."""
-        directory = silo_dir(context, defaults) / "checkpoints"
-        directory.mkdir(parents=True, exist_ok=True)
-        try:
-            with open(directory / f"psi-{int(msg.metadata.run_id)}.{step}", "x"):
-                pass
-        except FileExistsError:
-            raise m.ProtocolError(
-                f"psi_{step} was already answered in this run; a silo takes each PSI step "
-                "once per run (a second one would make it a membership oracle)") from None
+@handlers.query("hello")
+def hello(msg: Message, node: Node) -> Message:
+    data = silo_matrix(node)
+    me = silo_name(node)  # from this node's own config, never from a message
+    reply: dict = {"silo": me, "rows": len(data.x), "inputs": data.x.shape[1]}
+    challenge = m.get_config(msg).get("challenge")
+    if challenge is not None:
+        # Prove this silo's identity for this challenge only (a replay answers nothing).
+        if not isinstance(challenge, bytes) or len(challenge) < 16:
+            raise m.ProtocolError("a hello challenge is at least 16 random bytes")
+        # An unenrolled silo (no roster: a PSI benchmark's throwaway parties) answers
+        # unsigned; an authority holding a roster refuses that, and secure sum needs one.
+        if (silo_dir(node) / ROSTER_FILE).exists():
+            roster = silo_roster(node)
+            reply["fingerprint"] = roster.fingerprint
+            reply["signature"] = sign(silo_identity(node),
+                                      hello_statement(roster.fingerprint, challenge, me))
+    return Message(m.make_content(reply), reply_to=msg)
 
-    @app.query("psi_blind")
-    @_guarded
-    def psi_blind(msg: Message, context: Context) -> Message:
-        # The authority declares the size of its own set up front; psi_finish answers at most
-        # that many points, once. An operator may cap it (node config psi-max-authority-size).
-        declared = m.get_config(msg).get("set_size")
-        if not isinstance(declared, int) or isinstance(declared, bool) or declared < 1:
-            raise m.ProtocolError("psi_blind must declare the authority's set size (set_size)")
-        cap = context.node_config.get("psi-max-authority-size")
-        if cap is not None and declared > int(cap):
-            raise m.ProtocolError(f"the authority declared {declared} identifiers; this silo "
-                                  f"answers at most {int(cap)} (psi-max-authority-size)")
-        data = silo_matrix(context, defaults)
-        psi_claim(msg, context, "blind")
-        key = PsiKey()
-        context.state["psi"] = ConfigRecord({"secret": key.secret, "set_size": declared})
-        # Own hash outputs: on the curve by construction, so no peer-point check.
-        points = key.blind(hash_to_points(data.ids.to_numpy()), from_peer=False)
-        return Message(m.make_content(points=points), reply_to=msg)
 
-    @app.query("psi_finish")
-    @_guarded
-    def psi_finish(msg: Message, context: Context) -> Message:
-        if "psi" not in context.state:
-            raise m.ProtocolError("psi_finish without psi_blind")
-        state = m.config_record(context.state, "psi")
-        del context.state["psi"]  # the blinding key is single-use, even when refused below
-        points = m.get_array(msg, "points", np.uint8, 2)
-        declared = m.config_int(state, "set_size")
-        if len(points) > declared:
-            raise m.ProtocolError(f"psi_finish sent {len(points)} points after declaring "
-                                  f"{declared}")
-        psi_claim(msg, context, "finish")
-        # The authority's points: canonical, on the curve (not the twist), not low order.
-        points = PsiKey(m.config_bytes(state, "secret")).blind(points)
-        return Message(m.make_content(points=points), reply_to=msg)
+def _psi_claim(msg: Message, node: Node, step: str) -> None:
+    """Persist that this run took PSI step `step` ("blind" or "finish"), refusing a second
+    time: <silo dir>/checkpoints/psi-<run id>.<step>, created exclusively. Repeating
+    either step would let the authority probe identifiers one by one."""
+    directory = silo_dir(node) / "checkpoints"
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(directory / f"psi-{int(msg.metadata.run_id)}.{step}", "x"):
+            pass
+    except FileExistsError:
+        raise m.ProtocolError(
+            f"psi_{step} was already answered in this run; a silo takes each PSI step "
+            "once per run (a second one would make it a membership oracle)") from None
 
-    @app.query("align")
-    @_guarded
-    def align(msg: Message, context: Context) -> Message:
-        data = silo_matrix(context, defaults)
-        cfg = m.get_config(msg)
-        rows = m.get_array(msg, "rows", np.int64, 1)
-        positions = m.get_array(msg, "positions", np.int64, 1)
-        size = int(cfg["positions"])
-        policy = silo_policy(context, defaults)
-        policy.check_model(secure=bool(cfg.get("secure", False)),
-                           outputs=int(cfg.get("outputs", 1)))
-        if len(rows) != len(positions) or (rows < 0).any() or (rows >= len(data.x)).any():
-            raise m.ProtocolError("alignment rows do not fit this silo's table")
-        _check_alignment(rows, positions, size)
-        pos2row = np.full(size, -1, dtype=np.int64)
-        pos2row[positions] = rows
-        _forget_steps(context)
-        context.state["align"] = m.arrays(pos2row=pos2row)
-        model_lib = _model()
-        from clients.protocol.model import ModelSpec
 
-        spec = ModelSpec.from_config(cfg)
-        salt = silo_salt(silo_name(context, defaults))
-        run_key = str(cfg["run"])
-        if not run_key.isalnum():
-            raise m.ProtocolError("malformed run key")
-        trainer = model_lib.SiloTrainer(data.x.shape[1], spec, salt,
-                                        random=silo_random(context, defaults), run_key=run_key)
-        model = {**spec.to_config(), "inputs": data.x.shape[1], "salt": salt, "run": run_key,
-                 "secure": bool(cfg.get("secure", False))}
-        context.state["model"] = ConfigRecord({**model, "blob": trainer.to_bytes()})
-        directory = _checkpoint_dir(context, defaults, run_key)
-        directory.mkdir(parents=True, exist_ok=True)
-        _write_file(context, defaults, directory, "alignment.npy", _npy_bytes(pos2row))
-        (directory / "model.json").write_text(json.dumps(model))
-        _save_round(context, defaults, 0)
-        reply: dict = {"inputs": data.x.shape[1]}
-        if model["secure"]:
-            roster = silo_roster(context, defaults)
-            try:
-                check_ring(len(roster.silos))
-            except MaskingError as exc:
-                raise SiloDataError(str(exc)) from None
-            keys = PairwiseKeys()
-            _write_file(context, defaults, directory, "mask.key", keys.secret, private=True)
-            context.state["mask"] = ConfigRecord({"secret": keys.secret})
-            reply["mask_public"] = keys.public
-            # Signed with the identity key the roster pins: the authority relays this key but
-            # cannot swap it for one of its own without every other silo noticing.
-            me = silo_name(context, defaults)
-            reply["mask_signature"] = sign(silo_identity(context, defaults), masking_statement(
-                roster.fingerprint, run_key, me, keys.public))
-        return Message(m.make_content(reply), reply_to=msg)
+@handlers.query("psi_blind")
+def psi_blind(msg: Message, node: Node) -> Message:
+    # The authority declares the size of its own set up front; psi_finish answers at most
+    # that many points, once. An operator may cap it (node config psi-max-authority-size).
+    declared = m.get_config(msg).get("set_size")
+    if not isinstance(declared, int) or isinstance(declared, bool) or declared < 1:
+        raise m.ProtocolError("psi_blind must declare the authority's set size (set_size)")
+    cap = node.context.node_config.get("psi-max-authority-size")
+    if cap is not None and declared > int(cap):
+        raise m.ProtocolError(f"the authority declared {declared} identifiers; this silo "
+                              f"answers at most {int(cap)} (psi-max-authority-size)")
+    data = silo_matrix(node)
+    _psi_claim(msg, node, "blind")
+    key = PsiKey()
+    node.state["psi"] = ConfigRecord({"secret": key.secret, "set_size": declared})
+    # Own hash outputs: on the curve by construction, so no peer-point check.
+    points = key.blind(hash_to_points(data.ids.to_numpy()), from_peer=False)
+    return Message(m.make_content(points=points), reply_to=msg)
 
-    @app.query("peers")
-    @_guarded
-    def peers(msg: Message, context: Context) -> Message:
-        """Agree a pairwise secret with every other silo from its relayed public key."""
-        if "mask" not in context.state:
-            raise m.ProtocolError("peers before align, or secure aggregation is off")
-        config = m.get_config(msg)
-        publics = {k.removeprefix("peer."): bytes(v) for k, v in config.items()
-                   if k.startswith("peer.")}
-        signatures = {k.removeprefix("sig."): bytes(v) for k, v in config.items()
-                      if k.startswith("sig.")}
-        me = silo_name(context, defaults)
-        keys = PairwiseKeys(m.config_bytes(m.config_record(context.state, "mask"), "secret"))
-        run_key = str(context.state["model"]["run"])
-        _checked_peers(silo_roster(context, defaults), run_key, me, keys.public, publics,
-                       signatures)
-        record = {f"peer.{s}": keys.shared_with(pub) for s, pub in publics.items() if s != me}
-        context.state["mask"] = ConfigRecord({"secret": keys.secret, **record})
-        directory = _checkpoint_dir(context, defaults, run_key)
-        (directory / "peers.json").write_text(json.dumps(
-            {s: {"key": p.hex(), "signature": signatures.get(s, b"").hex()}
-             for s, p in publics.items()}))
-        return Message(m.make_content({"peers": len(record)}), reply_to=msg)
 
-    @app.query("resume")
-    @_guarded
-    def resume(msg: Message, context: Context) -> Message:
-        cfg = m.get_config(msg)
-        round_ = int(cfg["round"])
-        directory = _checkpoint_dir(context, defaults, str(cfg["run"]))
-        name = f"round-{round_}.pt"
-        if not any((directory / n).exists() for n in (name, f"{name}.enc")):
-            raise SiloDataError(
-                f"silo {silo_name(context, defaults)} has no checkpoint of round {round_} for "
-                f"this run (looked in {directory}); the run cannot resume, start a new one"
-            )
-        pos2row = np.load(io.BytesIO(_read_file(context, defaults, directory, "alignment.npy")),
-                          allow_pickle=False)
-        model = json.loads((directory / "model.json").read_text())
-        _forget_steps(context)
-        context.state["align"] = m.arrays(pos2row=pos2row)
-        blob = _read_file(context, defaults, directory, name)
-        context.state["model"] = ConfigRecord({**model, "blob": blob})
-        if model.get("secure"):
-            keys = PairwiseKeys(_read_file(context, defaults, directory, "mask.key"))
-            stored = json.loads((directory / "peers.json").read_text())
-            if not all(isinstance(v, dict) for v in stored.values()):
-                raise SiloDataError(f"{directory} holds an unsigned peer list from an older "
-                                    "version; start a new run")
-            publics = {s: bytes.fromhex(v["key"]) for s, v in stored.items()}
-            me = silo_name(context, defaults)
-            # The same checks as when the keys first arrived: the file sits on disk meanwhile.
-            _checked_peers(silo_roster(context, defaults), str(cfg["run"]), me, keys.public,
-                           publics, {s: bytes.fromhex(v["signature"]) for s, v in stored.items()})
-            context.state["mask"] = ConfigRecord({"secret": keys.secret, **{
-                f"peer.{s}": keys.shared_with(p) for s, p in publics.items() if s != me}})
-        return Message(m.make_content({"round": round_}), reply_to=msg)
+@handlers.query("psi_finish")
+def psi_finish(msg: Message, node: Node) -> Message:
+    if "psi" not in node.state:
+        raise m.ProtocolError("psi_finish without psi_blind")
+    state = m.config_record(node.state, "psi")
+    del node.state["psi"]  # the blinding key is single-use, even when refused below
+    points = m.get_array(msg, "points", np.uint8, 2)
+    declared = m.config_int(state, "set_size")
+    if len(points) > declared:
+        raise m.ProtocolError(f"psi_finish sent {len(points)} points after declaring "
+                              f"{declared}")
+    _psi_claim(msg, node, "finish")
+    # The authority's points: canonical, on the curve (not the twist), not low order.
+    points = PsiKey(m.config_bytes(state, "secret")).blind(points)
+    return Message(m.make_content(points=points), reply_to=msg)
 
-    @app.query("correct")
-    @_guarded
-    def correct(msg: Message, context: Context) -> Message:
-        """Record a disputed field's corrected value for the person at one position."""
-        cfg = m.get_config(msg)
-        position = m.get_array(msg, "position", np.int64, 1)
-        if len(position) != 1:
-            raise m.ProtocolError("a correction names exactly one position")
-        silo_policy(context, defaults).check_correction(str(cfg["field"]))
-        data = silo_matrix(context, defaults)
-        silo = silo_name(context, defaults)
-        row = int(_rows(context, position)[0])
-        from clients.silo.explain import features_of
 
-        value = corrections.check_value(silo, str(cfg["field"]), float(cfg["value"]),
-                                        features_of(data))
-        held = corrections.record(silo_dir(context, defaults), silo,
-                                  silo_store(context, defaults), str(data.ids.iloc[row]),
-                                  str(cfg["field"]), value, str(cfg.get("category", "")))
-        return Message(m.make_content({"corrections": held}), reply_to=msg)
+@handlers.query("align")
+def align(msg: Message, node: Node) -> Message:
+    """Take the authority's alignment (position -> this silo's row) and start the run's model
+    at round 0; under secure aggregation, answer with a masking key signed by the silo."""
+    data = silo_matrix(node)
+    cfg = m.get_config(msg)
+    pos2row = _alignment(msg, node, cfg, len(data.x))
+    _forget_steps(node.context)
+    node.state["align"] = m.arrays(pos2row=pos2row)
+    model = _start_model(node, cfg, data.x.shape[1])
+    run_key = str(model["run"])
+    directory = _checkpoint_dir(node, run_key)
+    directory.mkdir(parents=True, exist_ok=True)
+    _write_file(node, directory, "alignment.npy", _npy_bytes(pos2row))
+    (directory / "model.json").write_text(json.dumps(model))
+    _save_round(node, 0)
+    reply: dict = {"inputs": data.x.shape[1]}
+    if model["secure"]:
+        reply.update(_masking_key(node, directory, run_key))
+    return Message(m.make_content(reply), reply_to=msg)
 
-    @app.query("score")
-    @_guarded
-    def score(msg: Message, context: Context) -> Message:
-        """Contributions for positions at the restored model: the silo's current records (its
-        corrections applied), or a later cohort's (`cohort`), with reason codes when asked and,
-        with `drift`, the population stability index of the silo's points against its
-        contributions on the current records."""
-        t0 = time.perf_counter()
-        cfg = m.get_config(msg)
-        request = str(cfg.get("request", ""))
-        if not request.isalnum() or len(request) > 64:
-            raise m.ProtocolError("a score request needs an alphanumeric request id")
-        if int(cfg.get("explain", 0)) > 0:
-            silo_policy(context, defaults).check_explain(int(cfg["explain"]))
-        positions = m.get_array(msg, "positions", np.int64, 1)
-        rows = _rows(context, positions)
-        trainer = _trainer(context, defaults)
-        # Each request id is answered once, remembered across restarts: its masks are
-        # single-use, and a repeat after a correction would release the difference.
-        journal = _journal(context, defaults)
-        binding = m.content_digest(msg.content)
-        journal.check("score", request, binding, once=True)
-        data = silo_matrix(context, defaults)
-        cohort = str(cfg.get("cohort", ""))
-        if cohort:
-            from clients.silo.data import load_cohort
 
-            x = load_cohort(silo_dir(context, defaults), silo_name(context, defaults), cohort,
-                            silo_store(context, defaults), data)[rows]
-        else:
-            x = data.x[rows]
-        values = clip_contribution(trainer.released(x, "score", request, cohort,
-                                                    digest(positions)))
-        reply: dict = {}
-        out: dict[str, np.ndarray] = {}
-        if cfg.get("drift"):
-            from clients.silo.drift import psi
+def _alignment(msg: Message, node: Node, cfg: dict, n_rows: int) -> np.ndarray:
+    """The alignment the authority sent, as position -> row (-1 where this silo holds no
+    one), once the silo's policy allows the model it announces."""
+    rows = m.get_array(msg, "rows", np.int64, 1)
+    positions = m.get_array(msg, "positions", np.int64, 1)
+    size = int(cfg["positions"])
+    policy = silo_policy(node)
+    policy.check_model(secure=bool(cfg.get("secure", False)),
+                       outputs=int(cfg.get("outputs", 1)))
+    if len(rows) != len(positions) or (rows < 0).any() or (rows >= n_rows).any():
+        raise m.ProtocolError("alignment rows do not fit this silo's table")
+    _check_alignment(rows, positions, size)
+    pos2row = np.full(size, -1, dtype=np.int64)
+    pos2row[positions] = rows
+    return pos2row
 
-            before = trainer.contributions(data.x[rows])
-            # Points fall as contributions rise: compare -g, so bins follow points' order.
-            reply["drift.psi"] = psi(-before.astype(np.float64), -values.astype(np.float64))
-        if bool(context.state["model"].get("secure", False)):
-            out["contributions"] = _masked(context, defaults, values, 0, f"score/{request}",
-                                           binding)
-        else:
-            out["contributions"] = values
-        if int(cfg.get("explain", 0)) > 0:
-            arrays, extra = _explained(trainer, data, x, int(cfg["explain"]))
-            out.update(arrays)
-            reply.update(extra)
-        reply["seconds"] = time.perf_counter() - t0
-        content = m.make_content(reply, **out)
-        journal.record("score", request, binding, _reply_digest(content))
-        return Message(content, reply_to=msg)
 
-    @app.train("step")
-    @_guarded
-    def step(msg: Message, context: Context) -> Message:
-        t0 = time.perf_counter()
-        config = m.get_config(msg)
-        round_ = int(config.get("round", 0))
-        if "model" not in context.state:
-            raise m.ProtocolError("no model yet: the authority must send query.align first")
-        # One answer per round, whatever happened since (resume, restart): a different message
-        # for an answered round is refused before anything is computed.
-        journal = _journal(context, defaults)
-        binding = m.content_digest(msg.content)
-        journal.check("step", round_, binding)
-        _check_step_policy(msg, config, silo_policy(context, defaults))
-        repeated = _repeated_step(msg, context)
-        if repeated is not None:
-            return repeated
-        x = silo_matrix(context, defaults).x
-        trainer = _trainer(context, defaults)
-        width = trainer.spec.outputs
-        grad = m.get_array(msg, "grad", np.float32, 1 if width == 1 else 2, required=False)
-        if grad is not None and grad.ndim == 2 and grad.shape[1] != width:
-            raise m.ProtocolError(f"gradients have {grad.shape[1]} columns; this silo's "
-                                  f"embedding has {width}")
-        if grad is not None:
-            done = m.get_array(msg, "done_plan", np.int64, 1)
-            sizes = m.get_array(msg, "done_sizes", np.int64, 1)
-            batches = [x[_rows(context, b)] for b in m.split_batches(done, sizes)]
-            trainer.replay(batches, m.split_batches(grad, sizes))
-            _save_trainer(context, trainer)
-        if "round" in config:
-            _save_round(context, defaults, round_)
-        out: dict[str, np.ndarray] = {}
-        secure = bool(context.state["model"].get("secure", False))
-        reply_config: dict = {"seconds": 0.0}
-        for key in ("plan", "eval"):
-            positions = m.get_array(msg, key, np.int64, 1, required=False)
-            if positions is not None:
-                values = clip_contribution(trainer.released(x[_rows(context, positions)], round_,
-                                                            key, digest(positions)))
-                out[key] = (_masked(context, defaults, values, round_, key, binding) if secure
-                            else values)
-                if key == "eval" and config.get("summary") and values.ndim == 1:
-                    # Bound to the group it describes, as transcript noise is: a re-aligned
-                    # run asking the same round about a group one person apart must not get
-                    # the same noise twice (their difference would be that person, exact).
-                    noise = silo_random(context, defaults).generator(
-                        "summary", trainer.run_key, round_, digest(positions)
-                    ) if trainer.spec.dp else None
-                    reply_config.update(contribution_summary(values, noise))
-                if key == "eval" and int(config.get("explain", 0)) > 0:
-                    data = silo_matrix(context, defaults)
-                    why = _explained(trainer, data, data.x[_rows(context, positions)],
-                                     int(config["explain"]))
-                    out.update(why[0])
-                    reply_config.update(why[1])
-        if trainer.history:
-            out["accountant"] = np.array(trainer.history, dtype=np.float64)
-        # The journal holds what this silo computed and released; the test-only fault below
-        # corrupts the reply after that, as a faulty transport or a bug would.
-        journal.record("step", round_, binding, _reply_digest(m.make_content(reply_config, **out)))
-        _maybe_misbehave(silo_name(context, defaults), round_, out)
-        reply_config["seconds"] = time.perf_counter() - t0
-        reply = m.make_content(reply_config, **out)
-        _remember_step(context, round_, reply)
-        return Message(reply, reply_to=msg)
+def _start_model(node: Node, cfg: dict, inputs: int) -> dict:
+    """A fresh bottom model for the run the authority announces, kept in the node's state;
+    returns its description (without the weights)."""
+    model_lib = _model()
+    from clients.protocol.model import ModelSpec
 
-    return app
+    spec = ModelSpec.from_config(cfg)
+    salt = silo_salt(silo_name(node))
+    run_key = str(cfg["run"])
+    if not run_key.isalnum():
+        raise m.ProtocolError("malformed run key")
+    trainer = model_lib.SiloTrainer(inputs, spec, salt, random=silo_random(node),
+                                    run_key=run_key)
+    model = {**spec.to_config(), "inputs": inputs, "salt": salt, "run": run_key,
+             "secure": bool(cfg.get("secure", False))}
+    node.state["model"] = ConfigRecord({**model, "blob": trainer.to_bytes()})
+    return model
+
+
+def _masking_key(node: Node, directory: Path, run_key: str) -> dict:
+    """A new masking key for the run, kept in the checkpoint directory and the node's state;
+    its public half for the reply, signed with the silo's identity key."""
+    roster = silo_roster(node)
+    try:
+        check_ring(len(roster.silos))
+    except MaskingError as exc:
+        raise SiloDataError(str(exc)) from None
+    keys = PairwiseKeys()
+    _write_file(node, directory, "mask.key", keys.secret, private=True)
+    node.state["mask"] = ConfigRecord({"secret": keys.secret})
+    # Signed with the identity key the roster pins: the authority relays this key but
+    # cannot swap it for one of its own without every other silo noticing.
+    me = silo_name(node)
+    return {"mask_public": keys.public,
+            "mask_signature": sign(silo_identity(node), masking_statement(
+                roster.fingerprint, run_key, me, keys.public))}
+
+
+@handlers.query("peers")
+def peers(msg: Message, node: Node) -> Message:
+    """Agree a pairwise secret with every other silo from its relayed public key."""
+    if "mask" not in node.state:
+        raise m.ProtocolError("peers before align, or secure aggregation is off")
+    config = m.get_config(msg)
+    publics = {k.removeprefix("peer."): bytes(v) for k, v in config.items()
+               if k.startswith("peer.")}
+    signatures = {k.removeprefix("sig."): bytes(v) for k, v in config.items()
+                  if k.startswith("sig.")}
+    me = silo_name(node)
+    keys = PairwiseKeys(m.config_bytes(m.config_record(node.state, "mask"), "secret"))
+    run_key = str(node.state["model"]["run"])
+    _checked_peers(silo_roster(node), run_key, me, keys.public, publics,
+                   signatures)
+    record = {f"peer.{s}": keys.shared_with(pub) for s, pub in publics.items() if s != me}
+    node.state["mask"] = ConfigRecord({"secret": keys.secret, **record})
+    directory = _checkpoint_dir(node, run_key)
+    (directory / "peers.json").write_text(json.dumps(
+        {s: {"key": p.hex(), "signature": signatures.get(s, b"").hex()}
+         for s, p in publics.items()}))
+    return Message(m.make_content({"peers": len(record)}), reply_to=msg)
+
+
+@handlers.query("resume")
+def resume(msg: Message, node: Node) -> Message:
+    cfg = m.get_config(msg)
+    round_ = int(cfg["round"])
+    directory = _checkpoint_dir(node, str(cfg["run"]))
+    name = f"round-{round_}.pt"
+    if not any((directory / n).exists() for n in (name, f"{name}.enc")):
+        raise SiloDataError(
+            f"silo {silo_name(node)} has no checkpoint of round {round_} for "
+            f"this run (looked in {directory}); the run cannot resume, start a new one"
+        )
+    pos2row = np.load(io.BytesIO(_read_file(node, directory, "alignment.npy")),
+                      allow_pickle=False)
+    model = json.loads((directory / "model.json").read_text())
+    _forget_steps(node.context)
+    node.state["align"] = m.arrays(pos2row=pos2row)
+    blob = _read_file(node, directory, name)
+    node.state["model"] = ConfigRecord({**model, "blob": blob})
+    if model.get("secure"):
+        keys = PairwiseKeys(_read_file(node, directory, "mask.key"))
+        stored = json.loads((directory / "peers.json").read_text())
+        if not all(isinstance(v, dict) for v in stored.values()):
+            raise SiloDataError(f"{directory} holds an unsigned peer list from an older "
+                                "version; start a new run")
+        publics = {s: bytes.fromhex(v["key"]) for s, v in stored.items()}
+        me = silo_name(node)
+        # The same checks as when the keys first arrived: the file sits on disk meanwhile.
+        _checked_peers(silo_roster(node), str(cfg["run"]), me, keys.public,
+                       publics, {s: bytes.fromhex(v["signature"]) for s, v in stored.items()})
+        node.state["mask"] = ConfigRecord({"secret": keys.secret, **{
+            f"peer.{s}": keys.shared_with(p) for s, p in publics.items() if s != me}})
+    return Message(m.make_content({"round": round_}), reply_to=msg)
+
+
+@handlers.query("correct")
+def correct(msg: Message, node: Node) -> Message:
+    """Record a disputed field's corrected value for the person at one position."""
+    cfg = m.get_config(msg)
+    position = m.get_array(msg, "position", np.int64, 1)
+    if len(position) != 1:
+        raise m.ProtocolError("a correction names exactly one position")
+    silo_policy(node).check_correction(str(cfg["field"]))
+    data = silo_matrix(node)
+    silo = silo_name(node)
+    row = int(_rows(node.context, position)[0])
+    from clients.silo.explain import features_of
+
+    value = corrections.check_value(silo, str(cfg["field"]), float(cfg["value"]),
+                                    features_of(data))
+    held = corrections.record(silo_dir(node), silo,
+                              silo_store(node), str(data.ids.iloc[row]),
+                              str(cfg["field"]), value, str(cfg.get("category", "")))
+    return Message(m.make_content({"corrections": held}), reply_to=msg)
+
+
+@handlers.query("score")
+def score(msg: Message, node: Node) -> Message:
+    """Contributions for positions at the restored model: the silo's current records (its
+    corrections applied), or a later cohort's (`cohort`), with reason codes when asked and,
+    with `drift`, the population stability index of the silo's points against its
+    contributions on the current records."""
+    t0 = time.perf_counter()
+    cfg = m.get_config(msg)
+    request = str(cfg.get("request", ""))
+    if not request.isalnum() or len(request) > 64:
+        raise m.ProtocolError("a score request needs an alphanumeric request id")
+    explain = int(cfg.get("explain", 0))
+    if explain > 0:
+        silo_policy(node).check_explain(explain)
+    positions = m.get_array(msg, "positions", np.int64, 1)
+    rows = _rows(node.context, positions)
+    trainer = _trainer(node)
+    # Each request id is answered once, remembered across restarts: its masks are
+    # single-use, and a repeat after a correction would release the difference.
+    journal = _journal(node)
+    binding = m.content_digest(msg.content)
+    journal.check("score", request, binding, once=True)
+    data = silo_matrix(node)
+    cohort = str(cfg.get("cohort", ""))
+    x = _cohort_rows(node, data, cohort)[rows] if cohort else data.x[rows]
+    values = clip_contribution(trainer.released(x, "score", request, cohort,
+                                                digest(positions)))
+    reply: dict = _drift(trainer, data.x[rows], values) if cfg.get("drift") else {}
+    out: dict[str, np.ndarray] = {}
+    if bool(node.state["model"].get("secure", False)):
+        out["contributions"] = _masked(node, values, 0, f"score/{request}", binding)
+    else:
+        out["contributions"] = values
+    if explain > 0:
+        arrays, extra = _explained(trainer, data, x, explain)
+        out.update(arrays)
+        reply.update(extra)
+    reply["seconds"] = time.perf_counter() - t0
+    content = m.make_content(reply, **out)
+    journal.record("score", request, binding, _reply_digest(content))
+    return Message(content, reply_to=msg)
+
+
+def _cohort_rows(node: Node, data: SiloMatrix, cohort: str) -> np.ndarray:
+    """A later cohort's records of the silo's people, prepared as its table is."""
+    from clients.silo.data import load_cohort
+
+    return load_cohort(silo_dir(node), silo_name(node), cohort, silo_store(node), data)
+
+
+def _drift(trainer: SiloTrainer, x: np.ndarray, values: np.ndarray) -> dict:
+    """The population stability index of `values` against the contributions on `x`."""
+    from clients.silo.drift import psi
+
+    before = trainer.contributions(x)
+    # Points fall as contributions rise: compare -g, so bins follow points' order.
+    return {"drift.psi": psi(-before.astype(np.float64), -values.astype(np.float64))}
+
+
+@handlers.train("step")
+def step(msg: Message, node: Node) -> Message:
+    """One training step: apply the gradients the authority sent for the batches released last
+    step, checkpoint the round, and release contributions for the next batches (`plan`) and
+    the evaluation group (`eval`); answered once per round, a lost reply from the cache."""
+    t0 = time.perf_counter()
+    config = m.get_config(msg)
+    round_ = int(config.get("round", 0))
+    if "model" not in node.state:
+        raise m.ProtocolError("no model yet: the authority must send query.align first")
+    # One answer per round, whatever happened since (resume, restart): a different message
+    # for an answered round is refused before anything is computed.
+    journal = _journal(node)
+    binding = m.content_digest(msg.content)
+    journal.check("step", round_, binding)
+    _check_step_policy(msg, config, silo_policy(node))
+    repeated = _repeated_step(msg, node.context)
+    if repeated is not None:
+        return repeated
+    x = silo_matrix(node).x
+    trainer = _trainer(node)
+    _apply_gradients(msg, node, trainer, x)
+    if "round" in config:
+        _save_round(node, round_)
+    out, reply_config = _step_releases(msg, node, trainer, x, round_, binding)
+    if trainer.history:
+        out["accountant"] = np.array(trainer.history, dtype=np.float64)
+    # The journal holds what this silo computed and released; the test-only fault below
+    # corrupts the reply after that, as a faulty transport or a bug would.
+    journal.record("step", round_, binding, _reply_digest(m.make_content(reply_config, **out)))
+    _maybe_misbehave(silo_name(node), round_, out)
+    reply_config["seconds"] = time.perf_counter() - t0
+    reply = m.make_content(reply_config, **out)
+    _remember_step(node.context, round_, reply)
+    return Message(reply, reply_to=msg)
+
+
+def _apply_gradients(msg: Message, node: Node, trainer: SiloTrainer, x: np.ndarray) -> None:
+    """Train on the batches released last step (`done_plan`, `done_sizes`) with the gradients
+    the authority sent for them (`grad`), when it sent any, and keep the model."""
+    width = trainer.spec.outputs
+    grad = m.get_array(msg, "grad", np.float32, 1 if width == 1 else 2, required=False)
+    if grad is not None and grad.ndim == 2 and grad.shape[1] != width:
+        raise m.ProtocolError(f"gradients have {grad.shape[1]} columns; this silo's "
+                              f"embedding has {width}")
+    if grad is not None:
+        done = m.get_array(msg, "done_plan", np.int64, 1)
+        sizes = m.get_array(msg, "done_sizes", np.int64, 1)
+        batches = [x[_rows(node.context, b)] for b in m.split_batches(done, sizes)]
+        trainer.replay(batches, m.split_batches(grad, sizes))
+        _save_trainer(node.context, trainer)
+
+
+def _step_releases(msg: Message, node: Node, trainer: SiloTrainer, x: np.ndarray, round_: int,
+                   binding: bytes) -> tuple[dict[str, np.ndarray], dict]:
+    """A step's reply arrays and config: the contributions for `plan` and `eval` (masked under
+    secure aggregation), and for `eval` the summary and reason codes when asked."""
+    config = m.get_config(msg)
+    out: dict[str, np.ndarray] = {}
+    secure = bool(node.state["model"].get("secure", False))
+    reply_config: dict = {"seconds": 0.0}
+    for key in ("plan", "eval"):
+        positions = m.get_array(msg, key, np.int64, 1, required=False)
+        if positions is not None:
+            values = clip_contribution(trainer.released(x[_rows(node.context, positions)], round_,
+                                                        key, digest(positions)))
+            out[key] = (_masked(node, values, round_, key, binding) if secure
+                        else values)
+            if key == "eval" and config.get("summary") and values.ndim == 1:
+                # Bound to the group it describes, as transcript noise is: a re-aligned
+                # run asking the same round about a group one person apart must not get
+                # the same noise twice (their difference would be that person, exact).
+                noise = silo_random(node).generator(
+                    "summary", trainer.run_key, round_, digest(positions)
+                ) if trainer.spec.dp else None
+                reply_config.update(contribution_summary(values, noise))
+            if key == "eval" and int(config.get("explain", 0)) > 0:
+                data = silo_matrix(node)
+                why = _explained(trainer, data, data.x[_rows(node.context, positions)],
+                                 int(config["explain"]))
+                out.update(why[0])
+                reply_config.update(why[1])
+    return out, reply_config
 
 
 def _check_step_policy(msg: Message, config: dict, policy: SiloPolicy) -> None:
