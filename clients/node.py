@@ -89,6 +89,14 @@ class Node:
         return self.context.state
 
 
+def parties_root(node: Node) -> Path | None:
+    """Where the node's party directories live: node config `data-dir` (deployment), else the
+    run config's, else the directory the simulation gave the app; None if nobody said."""
+    config = node.context
+    root = config.node_config.get("data-dir") or config.run_config.get("data-dir")
+    return Path(str(root)) if root else node.defaults.root
+
+
 Handler = Callable[[Message, Node], Message]
 
 

@@ -44,7 +44,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from clients.node import Defaults, Guard, Handlers, Node, node_store
+from clients.node import Defaults, Guard, Handlers, Node, node_store, parties_root
 from clients.protocol import messages as m
 from clients.protocol.metrics import auc
 from clients.protocol.model import BottomModel
@@ -83,9 +83,7 @@ def region_name(node: Node) -> str:
 
 
 def region_dir(node: Node) -> Path:
-    context = node.context
-    root = context.node_config.get("data-dir") or context.run_config.get("data-dir")
-    base = Path(str(root)) if root else node.defaults.root
+    base = parties_root(node)
     if base is None:
         raise RegionDataError("no data directory: set node config or run config 'data-dir'")
     return base / region_name(node)

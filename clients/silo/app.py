@@ -29,7 +29,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients.node import Defaults, Guard, Handlers, Node, node_store
+from clients.node import Defaults, Guard, Handlers, Node, node_store, parties_root
 from clients.protocol import messages as m
 from clients.protocol.dp_constants import STATISTICS_NOISE_MULTIPLIER
 from clients.protocol.schema import federation_silos, silo_salt
@@ -83,9 +83,7 @@ def silo_name(node: Node) -> str:
 
 
 def silo_dir(node: Node) -> Path:
-    context = node.context
-    root = context.node_config.get("data-dir") or context.run_config.get("data-dir")
-    base = Path(str(root)) if root else node.defaults.root
+    base = parties_root(node)
     if base is None:
         raise SiloDataError("no data directory: set node config or run config 'data-dir'")
     return base / silo_name(node)
