@@ -1,5 +1,6 @@
 """Shared fixtures. Engine runs go through the CLI in a subprocess, as a user would run them,
-so each gets a fresh Ray and a private Flower home."""
+each with a private Flower home; one after another, they join the session's Ray head
+(tests/ray_head.py) instead of each starting a Ray of its own."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests import background, cli_inline
+from tests.ray_head import HEAD
 
 ENGINE_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
@@ -24,6 +26,12 @@ os.environ.update(ENGINE_ENV)
 
 def _cli_env(cwd: Path) -> dict[str, str]:
     return {**os.environ, **ENGINE_ENV, "FLWR_HOME": str(cwd / ".flwr"), "COLUMNS": "200"}
+
+
+def _engine_env(cwd: Path) -> dict[str, str]:
+    """_cli_env for a command that may start the engine in the foreground: it joins the
+    session's Ray head."""
+    return {**_cli_env(cwd), **HEAD.join_env()}
 
 
 # The parties whose secret streams decide a default run's noise, plans, flips and split.
@@ -82,7 +90,7 @@ def run_cli(*args: str, cwd: Path, timeout: float = 300, engine: bool | None = N
         return cli_inline.run(args, cwd=cwd, env=_cli_env(cwd))
     return subprocess.run(
         [sys.executable, "-m", "simulations.cli", *args],
-        cwd=cwd, env=_cli_env(cwd), capture_output=True, text=True, timeout=timeout,
+        cwd=cwd, env=_engine_env(cwd), capture_output=True, text=True, timeout=timeout,
         check=False,
     )
 
@@ -96,7 +104,7 @@ def run_cli_for(phone: str, *args: str, cwd: Path, timeout: float = 300,
         return cli_inline.run(args, cwd=cwd, env=_cli_env(cwd), stdin=f"{phone}\n")
     return subprocess.run(
         [sys.executable, "-m", "simulations.cli", *args], input=f"{phone}\n",
-        cwd=cwd, env=_cli_env(cwd), capture_output=True, text=True, timeout=timeout,
+        cwd=cwd, env=_engine_env(cwd), capture_output=True, text=True, timeout=timeout,
         check=False,
     )
 
@@ -113,6 +121,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
     background.stop_all()
+    HEAD.stop()
 
 
 @pytest.fixture(scope="session")

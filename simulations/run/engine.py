@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -16,6 +17,8 @@ from pathlib import Path
 from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
 
+from clients.protocol.capture import CAPTURE_ENV
+from clients.silo.app import SILO_FAULT
 from crypto.private_files import ensure_private_dir
 from server.config import ConfigError
 
@@ -54,6 +57,12 @@ LOOPBACK_ENV = {
     "RAY_AUTH_MODE": "token",
 }
 LOOPBACK = "127.0.0.1"
+
+
+# What a silo's ClientApp reads from its environment. A private Ray's workers inherit the
+# driver's environment; a joined cluster's workers inherit the cluster's, so these travel in
+# the job's runtime environment (never a secret: Ray's job table shows them).
+SILO_ENV = (CAPTURE_ENV, SILO_FAULT)
 
 
 def _private_ray() -> bool:
@@ -137,12 +146,39 @@ def run_federation(server_app: ServerApp, client_app: ClientApp, silos: int) -> 
         # resources (docs/deployment.md). Loopback only, dashboard off (LOOPBACK_ENV).
         init_args.update(num_cpus=engine_workers(silos), num_gpus=0,
                          _node_ip_address=LOOPBACK, dashboard_host=LOOPBACK)
-    run_simulation(
-        server_app=server_app,
-        client_app=client_app,
-        num_supernodes=silos,
-        backend_config={
-            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-            "init_args": init_args,
-        },
-    )
+    else:
+        _join_cluster(init_args)
+    try:
+        run_simulation(
+            server_app=server_app,
+            client_app=client_app,
+            num_supernodes=silos,
+            backend_config={
+                "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                "init_args": init_args,
+            },
+        )
+    finally:
+        import ray
+
+        if ray.is_initialized():  # Flower shuts Ray down, unless it failed before starting
+            ray.shutdown()
+
+
+def _join_cluster(init_args: dict) -> None:
+    """Join the cluster at RAY_ADDRESS with the silo-side settings in the job's environment.
+
+    A private Ray's workers inherit this process's environment; a cluster's workers inherit
+    the cluster's. Flower's backend starts Ray with only PYTHONPATH in the job's runtime
+    environment (and cannot be given another), so Ray is started here, the way Flower would,
+    plus SILO_ENV; Flower then uses this Ray (it starts one only when none runs) and shuts it
+    down at the end."""
+    import ray
+
+    pythonpath = os.pathsep.join(sys.path)
+    if os.environ.get("PYTHONPATH"):
+        pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
+    os.environ["PYTHONPATH"] = pythonpath
+    env_vars = {"PYTHONPATH": pythonpath, **{k: os.environ[k] for k in SILO_ENV
+                                             if k in os.environ}}
+    ray.init(runtime_env={"env_vars": env_vars}, **init_args)

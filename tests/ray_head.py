@@ -1,0 +1,112 @@
+"""One Ray head for the test session's engine runs, started on first use.
+
+A `fedscore run` that starts its own Ray spends seconds bringing up and tearing down Ray's
+control plane (GCS, raylet, agents): 5-9 s of a 20-30 s run, measured. The suite's foreground
+engine runs come one after another, so they join one private head instead, through
+RAY_ADDRESS, as a user joins a cluster (docs/deployment.md). Each run is still its own Ray
+job with its own workers and actors.
+
+The head is as private as a run's own Ray: loopback only, token authentication with a fresh
+token (passed to our subprocesses in their environment, never on a command line or on disk),
+a private temp dir. It is stopped at the end of the session by signalling its process group,
+which holds only the processes it started (never `ray stop`, which would end every Ray of
+this user on the machine).
+
+Runs that check the private Ray itself (tests/test_security_machine.py), or that run beside
+other engine runs (tests/background.py), do not join it. FEDSCORE_TEST_PRIVATE_RAY=1 turns
+the head off for a whole session.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+OFF_ENV = "FEDSCORE_TEST_PRIVATE_RAY"
+LOOPBACK = "127.0.0.1"
+STARTUP_SECONDS = 120
+
+
+class _Head:
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen | None = None
+        self.env: dict[str, str] = {}
+        self.temp: Path | None = None
+
+    def join_env(self) -> dict[str, str]:
+        """The environment that makes an engine run join the head (started now if needed);
+        empty when the head is off or the caller already chose a cluster."""
+        if os.environ.get(OFF_ENV) == "1" or os.environ.get("RAY_ADDRESS"):
+            return {}
+        if self.proc is None:
+            self._start()
+        return dict(self.env)
+
+    def _start(self) -> None:
+        # Short path: Ray's socket paths must stay under ~107 bytes.
+        self.temp = Path(tempfile.mkdtemp(prefix="fs-ray-", dir="/tmp"))
+        port = _free_port()
+        auth = {
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN": secrets.token_hex(32),
+            # Node address loopback, servers bound to it (as engine.LOOPBACK_ENV).
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        }
+        ray = Path(sys.executable).with_name("ray")
+        command = [str(ray) if ray.exists() else "ray", "start", "--head", "--block",
+                   f"--node-ip-address={LOOPBACK}", f"--port={port}",
+                   # As many CPUs as a run's private Ray has: one worker per core
+                   # (engine.engine_workers), so a run makes as many actors as before.
+                   f"--num-cpus={len(os.sched_getaffinity(0))}", "--num-gpus=0",
+                   "--include-dashboard=false", "--disable-usage-stats",
+                   f"--temp-dir={self.temp}"]
+        env = {**os.environ, **auth, "RAY_USAGE_STATS_ENABLED": "0"}
+        # Its own session, so that ending its process group ends only what it started.
+        self.proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, start_new_session=True)
+        self.env = {**auth, "RAY_ADDRESS": f"{LOOPBACK}:{port}"}
+        _wait_for_port(port, self.proc)
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=20)
+        with contextlib.suppress(ProcessLookupError):  # what outlived it: workers, agents
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc = None
+        if self.temp is not None:
+            shutil.rmtree(self.temp, ignore_errors=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((LOOPBACK, 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_for_port(port: int, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + STARTUP_SECONDS
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the test session's Ray head exited with {proc.returncode}; "
+                               f"set {OFF_ENV}=1 to give every run a private Ray")
+        with socket.socket() as sock:
+            if sock.connect_ex((LOOPBACK, port)) == 0:
+                return
+        time.sleep(0.2)
+    raise RuntimeError(f"the test session's Ray head did not listen on port {port} within "
+                       f"{STARTUP_SECONDS} s")
+
+
+HEAD = _Head()
