@@ -102,6 +102,9 @@ class _Head:
     def _empty_step(self) -> None:
         """A Poisson batch can be empty: under DP the noisy step still happens and counts."""
         if self.dp:
+            # Cleared first, like a batch's step: the previous step's summed gradient would
+            # otherwise be summed into this one (Opacus refuses it as not cleared).
+            self.opt.zero_grad(set_to_none=True)
             mark_empty_batch(self.base)
             self._step()
 

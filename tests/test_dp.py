@@ -311,3 +311,28 @@ def test_removing_the_private_hooks_stops_per_sample_gradients():
     remove_private_hooks(model)  # a plain module: nothing to remove, no error
     model(torch.ones(2, 3, dtype=torch.float64)).sum().backward()
     assert all(getattr(p, "grad_sample", None) is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("head", ["bias", "mlp"])
+def test_an_empty_batch_after_a_step_is_a_noised_step_of_the_head(head):
+    """The authority's head steps on every batch of a Poisson plan, an empty one after a full
+    one included: one noised step each, from the head's stream at that step's index."""
+    from server.top import BiasHead, MlpHead
+
+    spec = ModelSpec(noise_multiplier=1.0, max_grad_norm=C, sample_rate=0.01, expected_batch=4)
+
+    def make():
+        if head == "bias":
+            return BiasHead(0.2, spec, 0.0, SECRET, "r"), np.linspace(-1, 1, 7)
+        inputs = np.linspace(-1, 1, 14).reshape(7, 2)
+        return MlpHead(0.2, spec, 0.0, 2, (3,), SECRET, "r"), inputs
+
+    h, inputs = make()
+    y = np.array([0, 1, 0, 1, 1, 0, 0], dtype=np.float64)
+    h.gradients(inputs, y, [3, 0, 4, 0])
+    assert h.steps == 4
+    # The same plan on another head with the same secret: the same weights, step for step.
+    again, _ = make()
+    again.gradients(inputs, y, [3, 0, 4, 0])
+    assert all(torch.equal(a, b) for a, b in
+               zip(h.base.parameters(), again.base.parameters(), strict=True))
