@@ -40,7 +40,7 @@ import pandas as pd
 import torch
 
 from clients.protocol.accounting import epsilon as accounted_epsilon
-from clients.protocol.dp_sgd import make_private
+from clients.protocol.dp_sgd import make_private, mark_empty_batch, noised_step
 from clients.protocol.model import ModelSpec
 from clients.protocol.schema import ID_COLUMN, LABEL_COLUMN, SILOS, feature_names, silo_salt
 from clients.silo.data import prepare
@@ -167,11 +167,11 @@ class Trainer:
                 g = release_gradient(z.detach().numpy(), released[b], if_one[b], if_zero[b])
                 z.backward(torch.from_numpy((g / len(b)).astype(np.float32)))
             elif self.dp:
-                for p in self.model.parameters():
-                    p.grad_sample = torch.zeros((0, *p.shape))
+                mark_empty_batch(self.model)
             if self.dp:
-                self.opt.noise_rng = self.random.generator("dp-noise", self.steps)
-            self.opt.step()
+                noised_step(self.opt, noise=self.random.generator("dp-noise", self.steps))
+            else:
+                self.opt.step()
             self.steps += 1
 
 

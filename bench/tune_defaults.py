@@ -113,16 +113,16 @@ def validation_oracle(run_dir: Path) -> float:
     cache = run_dir / "val_oracle.json"
     if cache.exists():
         return json.loads(cache.read_text())["val_oracle_auc"]
+    from crypto.at_rest import Keystore
     from server.scores_file import read_scores
     from simulations.analysis.baselines import join_parties
-    from simulations.data.paths import Parties
-    from simulations.run.config import from_flat
-    from simulations.run.rundir import keystore_of, oracle_auc
+    from simulations.data.paths import Parties, run_keystore, run_parties
+    from simulations.run.rundir import oracle_auc
 
-    cfg = from_flat(json.loads((run_dir / "config.json").read_text()))
-    parties = Parties(Path(json.loads((run_dir / "run.json").read_text())["parties"]))
-    store = keystore_of(cfg, parties)
-    scores = read_scores(run_dir, store.path if store else None, with_split=True)
+    parties = Parties(run_parties(run_dir))
+    keystore = run_keystore(run_dir)
+    store = Keystore(keystore) if keystore is not None else None
+    scores = read_scores(run_dir, keystore, with_split=True)
     ref_hash = json.loads((run_dir / "authority.json").read_text())["subject_ref"]
     joined = join_parties(parties, scores, ref_hash.removeprefix("hmac-"), store)
     val = joined.positions("val")

@@ -15,16 +15,15 @@ outputs) and is released with the model, so it needs its own eps_model like any 
 
 from __future__ import annotations
 
-from typing import cast
-
 import numpy as np
 import torch
 from torch import nn
 
 from clients.protocol.dp_sgd import (
-    SecretNoiseDPOptimizer,
     load_state_bytes,
     make_private,
+    mark_empty_batch,
+    noised_step,
     state_bytes,
 )
 from clients.protocol.model import ModelSpec, hidden_layers
@@ -93,18 +92,20 @@ class _Head:
 
     def _step(self) -> None:
         """One optimiser step; under DP its noise comes from the authority's secret stream."""
-        if self.dp:  # make_private built self.opt
-            dp_opt = cast(SecretNoiseDPOptimizer, self.opt)
-            dp_opt.noise_rng = self.random.generator("head-noise", self.run_key, self.steps)
-            self.steps += 1
-        self.opt.step()
+        if not self.dp:
+            self.opt.step()
+            return
+        noised_step(self.opt, noise=self.random.generator("head-noise", self.run_key,
+                                                          self.steps))
+        self.steps += 1
 
     def _empty_step(self) -> None:
         """A Poisson batch can be empty: under DP the noisy step still happens and counts."""
         if self.dp:
-            for p in self.base.parameters():
-                # Opacus's per-sample field, which torch's stubs do not declare
-                p.grad_sample = torch.zeros((0, *p.shape))  # type: ignore[attr-defined]
+            # Cleared first, like a batch's step: the previous step's summed gradient would
+            # otherwise be summed into this one (Opacus refuses it as not cleared).
+            self.opt.zero_grad(set_to_none=True)
+            mark_empty_batch(self.base)
             self._step()
 
     def _loss_grad(self, z: np.ndarray, y: np.ndarray) -> np.ndarray:

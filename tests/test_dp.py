@@ -10,6 +10,14 @@ import torch
 
 from clients.protocol.accounting import epsilon
 from clients.protocol.dp_constants import PRIOR_NOISE_MULTIPLIER, STATISTICS_NOISE_MULTIPLIER
+from clients.protocol.dp_sgd import (
+    arm_noise,
+    make_private,
+    mark_empty_batch,
+    noised_step,
+    remove_private_hooks,
+    secret_gaussian,
+)
 from clients.protocol.model import ModelSpec
 from clients.silo.trainer import SiloTrainer
 from crypto.secret_random import SecretRandom
@@ -234,3 +242,97 @@ def test_contribution_summary_is_read_off_a_noisy_histogram():
     again = contribution_summary(outlier, SECRET.generator("summary", 1))
     assert again["summary.mean"] == pytest.approx(summary["summary.mean"], abs=1e-3)
     assert contribution_summary(values, SECRET.generator("summary", 1)) == summary
+
+
+# ---- clients/protocol/dp_sgd.py: the one Opacus wiring every trainer steps through ----------
+
+
+def _private_linear(dtype: torch.dtype, sigma: float = 2.0, clip: float = 0.5, batch: int = 4):
+    model = torch.nn.Linear(3, 2, dtype=dtype)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    module, dp_opt = make_private(model, opt, noise_multiplier=sigma, max_grad_norm=clip,
+                                  expected_batch=batch)
+    return model, module, dp_opt
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_an_empty_batch_steps_by_exactly_the_streams_noise(dtype):
+    """No sample, still a step: the gradient is the secret stream's Gaussian draw, parameter by
+    parameter in order, scaled by 1 / expected_batch, and SGD moves the weights by it."""
+    sigma, clip, batch = 2.0, 0.5, 4
+    model, _, opt = _private_linear(dtype, sigma, clip, batch)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.zero_grad(set_to_none=True)
+    mark_empty_batch(model)
+    noised_step(opt, noise=np.random.default_rng(11))
+    draws = np.random.default_rng(11)
+    for p, b in zip(model.parameters(), before, strict=True):
+        expected = (secret_gaussian(draws, tuple(p.shape), sigma * clip) / batch).to(dtype)
+        assert p.grad is not None
+        torch.testing.assert_close(p.grad, expected, rtol=1e-6, atol=0)
+        torch.testing.assert_close(b - p.detach(), expected, rtol=1e-5, atol=1e-7)
+        assert float(expected.abs().max()) > 0
+
+
+def test_a_dp_step_refuses_a_plain_optimiser_and_leaves_the_weights():
+    """A trainer that handed its plain optimiser to the DP step would release an unclipped,
+    unnoised update; it fails instead, before touching anything."""
+    model = torch.nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    model(torch.ones(2, 3)).sum().backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(TypeError, match="make_private"):
+        noised_step(opt, noise=np.random.default_rng(0))
+    with pytest.raises(TypeError, match="make_private"):
+        arm_noise(opt, noise=np.random.default_rng(0))
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+
+
+def test_each_stream_serves_one_step_only():
+    """The stream is handed over per step: a second step without its own stream fails rather
+    than draw predictable noise."""
+    model, _, opt = _private_linear(torch.float64)
+    opt.zero_grad(set_to_none=True)
+    mark_empty_batch(model)
+    noised_step(opt, noise=np.random.default_rng(1))
+    opt.zero_grad(set_to_none=True)
+    mark_empty_batch(model)
+    with pytest.raises(RuntimeError, match="secret noise stream"):
+        opt.step()
+
+
+def test_removing_the_private_hooks_stops_per_sample_gradients():
+    model, module, _ = _private_linear(torch.float64)
+    module(torch.ones(2, 3, dtype=torch.float64)).sum().backward()
+    assert all(p.grad_sample is not None for p in model.parameters())
+    for p in model.parameters():
+        p.grad_sample = None
+    remove_private_hooks(module)
+    remove_private_hooks(model)  # a plain module: nothing to remove, no error
+    model(torch.ones(2, 3, dtype=torch.float64)).sum().backward()
+    assert all(getattr(p, "grad_sample", None) is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("head", ["bias", "mlp"])
+def test_an_empty_batch_after_a_step_is_a_noised_step_of_the_head(head):
+    """The authority's head steps on every batch of a Poisson plan, an empty one after a full
+    one included: one noised step each, from the head's stream at that step's index."""
+    from server.top import BiasHead, MlpHead
+
+    spec = ModelSpec(noise_multiplier=1.0, max_grad_norm=C, sample_rate=0.01, expected_batch=4)
+
+    def make():
+        if head == "bias":
+            return BiasHead(0.2, spec, 0.0, SECRET, "r"), np.linspace(-1, 1, 7)
+        inputs = np.linspace(-1, 1, 14).reshape(7, 2)
+        return MlpHead(0.2, spec, 0.0, 2, (3,), SECRET, "r"), inputs
+
+    h, inputs = make()
+    y = np.array([0, 1, 0, 1, 1, 0, 0], dtype=np.float64)
+    h.gradients(inputs, y, [3, 0, 4, 0])
+    assert h.steps == 4
+    # The same plan on another head with the same secret: the same weights, step for step.
+    again, _ = make()
+    again.gradients(inputs, y, [3, 0, 4, 0])
+    assert all(torch.equal(a, b) for a, b in
+               zip(h.base.parameters(), again.base.parameters(), strict=True))

@@ -31,17 +31,18 @@ class SecretNoiseDPOptimizer(DPOptimizer):
 
     Opacus draws from a torch.Generator (Mersenne Twister), whose state follows from its seed;
     here every step's noise is drawn from a ChaCha20 stream keyed by a secret only this party
-    holds (crypto/secret_random.py). The caller hands in the step's stream (`noise_rng`)
-    before each `step()`; a step without one fails rather than add predictable noise. Each
-    coordinate is the sum of four standard normals halved, as Opacus's secure mode does against
-    floating-point attacks on the Gaussian's low bits (Holohan et al. 2021)."""
+    holds (crypto/secret_random.py). The caller hands in the step's stream (`noise_rng`, set by
+    `noised_step` or `arm_noise`) before each `step()`; a step without one fails rather than
+    add predictable noise. Each coordinate is the sum of four standard normals halved, as
+    Opacus's secure mode does against floating-point attacks on the Gaussian's low bits
+    (Holohan et al. 2021)."""
 
     noise_rng: np.random.Generator | None = None
 
     def add_noise(self) -> None:
         rng, self.noise_rng = self.noise_rng, None
         if rng is None:
-            raise RuntimeError("a DP-SGD step without its secret noise stream (set noise_rng)")
+            raise RuntimeError("a DP-SGD step without its secret noise stream (noised_step)")
         std = self.noise_multiplier * self.max_grad_norm
         for p in self.params:
             _check_processed_flag(p.summed_grad)
@@ -59,12 +60,47 @@ def secret_gaussian(rng: np.random.Generator, shape: tuple[int, ...], std: float
     return torch.from_numpy(draws)
 
 
+def mark_empty_batch(model: nn.Module) -> None:
+    """Make an empty Poisson batch a DP-SGD step: every parameter gets zero per-sample
+    gradients, so the optimiser clips and sums nothing and still adds the step's noise. The
+    accountant counts every sampled step, empty or not; skipping one would release less noise
+    than it accounts for, and would show that the batch was empty."""
+    for p in model.parameters():
+        # Opacus's per-sample field, which torch's stubs do not declare
+        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)  # type: ignore[attr-defined]
+
+
+def arm_noise(opt: torch.optim.Optimizer, *, noise: np.random.Generator
+              ) -> SecretNoiseDPOptimizer:
+    """`opt`, `make_private`'s optimiser, with `noise` as its next step's secret stream.
+
+    A plain optimiser is refused: a step the caller means to be private would otherwise go
+    out unclipped and unnoised."""
+    if not isinstance(opt, SecretNoiseDPOptimizer):
+        raise TypeError(f"a DP-SGD step needs make_private's optimiser, not {type(opt).__name__}")
+    opt.noise_rng = noise
+    return opt
+
+
+def noised_step(opt: torch.optim.Optimizer, *, noise: np.random.Generator) -> None:
+    """One DP-SGD step of `make_private`'s optimiser: clip, sum, add noise drawn from `noise`
+    (the party's secret stream for this step), then the inner optimiser's step."""
+    arm_noise(opt, noise=noise).step()
+
+
+def remove_private_hooks(module: nn.Module) -> None:
+    """Detach Opacus's per-sample hooks when `module` is `make_private`'s wrapper (a plain
+    module is left alone), so the model trains or evaluates without them afterwards."""
+    if isinstance(module, GradSampleModule):
+        module.remove_hooks()
+
+
 def make_private(
     model: nn.Module, opt: torch.optim.Optimizer, *, noise_multiplier: float,
     max_grad_norm: float, expected_batch: int,
 ) -> tuple[GradSampleModule, SecretNoiseDPOptimizer]:
     """Opacus's per-sample gradients and clipping around a model/optimiser, with secret noise
-    (set `noise_rng` on the optimiser before every step)."""
+    (step with `noised_step`, or `arm_noise` before a step taken in parts)."""
     private = GradSampleModule(model, loss_reduction="mean")
     dp_opt = SecretNoiseDPOptimizer(
         opt,

@@ -22,11 +22,15 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from opacus import GradSampleModule
 
 from clients.protocol.accounting import History, add_steps, affordable_steps, calibrate_sigma
 from clients.protocol.dp_constants import default_delta
-from clients.protocol.dp_sgd import SecretNoiseDPOptimizer, make_private
+from clients.protocol.dp_sgd import (
+    arm_noise,
+    make_private,
+    mark_empty_batch,
+    remove_private_hooks,
+)
 from clients.protocol.model import BottomModel
 from clients.protocol.region import LocalSpec
 from crypto.secret_random import SecretRandom, digest
@@ -106,30 +110,28 @@ def train_round(model: BottomModel, x: np.ndarray, y: np.ndarray, spec: LocalSpe
             loss.backward()
             losses.append(float(loss.detach()))
         elif spec.dp:  # an empty Poisson sample is still a noised step on the accountant
-            for p in model.parameters():
-                # Opacus's per-sample field, which torch's stubs do not declare
-                p.grad_sample = torch.zeros((0, *p.shape))  # type: ignore[attr-defined]
+            mark_empty_batch(model)
         else:
             continue
-        if isinstance(opt, SecretNoiseDPOptimizer):
-            opt.noise_rng = random.generator("dp-noise", *stream, step)
-        _step(opt, model, anchor, spec.proximal_mu)
+        noise = random.generator("dp-noise", *stream, step) if spec.dp else None
+        _step(opt, model, anchor, spec.proximal_mu, noise)
     if spec.dp and steps:
         history = add_steps(history, plan.noise_multiplier, plan.sample_rate, steps)
-    if isinstance(module, GradSampleModule):
-        module.remove_hooks()
+    remove_private_hooks(module)
     return RoundResult(history, steps, float(np.mean(losses)) if losses else float("nan"),
                        stopped)
 
 
 def _step(opt: torch.optim.Optimizer, model: torch.nn.Module, anchor: list[torch.Tensor],
-          mu: float) -> None:
-    if isinstance(opt, SecretNoiseDPOptimizer):
-        if not opt.pre_step():  # clipped, accumulated, noised into p.grad
+          mu: float, noise: np.random.Generator | None) -> None:
+    """One step; with `noise` (DP-SGD) Opacus clips and noises the data gradient first, and
+    the proximal term is added after, outside the clipping."""
+    inner = opt
+    if noise is not None:
+        dp_opt = arm_noise(opt, noise=noise)
+        if not dp_opt.pre_step():  # clipped, accumulated, noised into p.grad
             return
-        inner = opt.original_optimizer
-    else:
-        inner = opt
+        inner = dp_opt.original_optimizer
     if mu > 0:
         with torch.no_grad():
             for p, a in zip(model.parameters(), anchor, strict=True):

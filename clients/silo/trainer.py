@@ -15,9 +15,10 @@ from torch import nn
 
 from clients.protocol.accounting import History, add_steps
 from clients.protocol.dp_sgd import (
-    SecretNoiseDPOptimizer,
     load_state_bytes,
     make_private,
+    mark_empty_batch,
+    noised_step,
     state_bytes,
 )
 from clients.protocol.model import BottomModel, ModelSpec
@@ -104,17 +105,13 @@ class SiloTrainer:
                 out = self.model(torch.from_numpy(xb))
                 out.backward(torch.from_numpy(gb))
             elif self.spec.dp:
-                for p in self.base.parameters():
-                    # Opacus's per-sample field, which torch's stubs do not declare
-                    p.grad_sample = torch.zeros((0, *p.shape))  # type: ignore[attr-defined]
+                mark_empty_batch(self.base)
             if self.spec.dp:
-                assert self.random is not None
-                assert isinstance(self.opt, SecretNoiseDPOptimizer)
-                self.opt.noise_rng = self.random.generator("dp-noise", self.run_key,
-                                                           self.steps_taken)
-            if len(xb) or self.spec.dp:
-                self.opt.step()
-            if self.spec.dp:
+                assert self.random is not None  # __init__ refuses DP without it
+                noised_step(self.opt, noise=self.random.generator("dp-noise", self.run_key,
+                                                                  self.steps_taken))
                 self.history = add_steps(
                     self.history, self.spec.noise_multiplier, self.spec.sample_rate, 1
                 )
+            elif len(xb):
+                self.opt.step()

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from clients.protocol.dp_sgd import make_private
+from clients.protocol.dp_sgd import make_private, mark_empty_batch, noised_step
 from clients.protocol.model import ModelSpec
 from clients.protocol.schema import AUTHORITY, federation_silos, silo_salt
 from clients.silo.data import load_silo
@@ -168,13 +168,12 @@ def train_central(
             if len(batch):
                 loss_fn(logits(batch, module), y[batch]).backward()
             elif dp:
-                for p in model.parameters():
-                    # Opacus's per-sample field, which torch's stubs do not declare
-                    p.grad_sample = torch.zeros((0, *p.shape))  # type: ignore[attr-defined]
+                mark_empty_batch(model)
             if dp:
-                opt.noise_rng = noise.generator("baseline-noise", steps)  # type: ignore[attr-defined]
+                noised_step(opt, noise=noise.generator("baseline-noise", steps))
                 steps += 1
-            opt.step()
+            else:
+                opt.step()
         with torch.no_grad():
             z_val = logits(val, model).numpy()
         history.append({"epoch": epoch + 1, **_val_metrics(data.y[val], z_val),

@@ -55,7 +55,12 @@ from scipy.special import expit
 from scipy.stats import binom
 from torch import nn
 
-from clients.protocol.dp_sgd import SecretNoiseDPOptimizer, make_private
+from clients.protocol.dp_sgd import (
+    SecretNoiseDPOptimizer,
+    make_private,
+    mark_empty_batch,
+    noised_step,
+)
 from crypto.secret_random import SECRET_BYTES, SecretRandom
 from simulations.analysis.baselines import one_thread
 
@@ -232,11 +237,8 @@ def run_mechanism(included: np.ndarray, *, noise_multiplier: float, blocks: int,
                     # canary row's per-sample gradient is gain in its own coordinate.
                     (gain * private(x).mean()).backward()
                 else:  # an empty Poisson batch is still a step: noise only
-                    # Opacus's per-sample field, which torch's stubs do not declare
-                    base.weight.grad_sample = torch.zeros(  # type: ignore[attr-defined]
-                        (0, *base.weight.shape), dtype=torch.float64)
-                opt.noise_rng = noise[b]
-                opt.step()
+                    mark_empty_batch(base)
+                noised_step(opt, noise=noise[b])
                 # The white-box view: the step's noisy sum (the optimizer divided it by
                 # expected_batch, as training does).
                 if base.weight.grad is None:  # cannot happen: the step noised it in

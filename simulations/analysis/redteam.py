@@ -40,13 +40,14 @@ from scipy.stats import rankdata
 
 from clients.protocol.capture import MESSAGES_DIR
 from clients.protocol.schema import AUTHORITY
-from crypto.at_rest import Keystore, keystore_path
+from crypto.at_rest import Keystore
 from crypto.identity import keyed_refs
 from crypto.secret_random import SECRET_FILE
 from server.labels import load_labels
 from server.scores_file import PEPPER_FILE, read_scores
 from server.training import batch_plan
 from simulations.analysis.audit import membership_audit, per_example_loss
+from simulations.data.paths import run_keystore, run_parties
 
 STEP = "train.step"
 ALIGN = "query.align"
@@ -226,8 +227,7 @@ class Truth:
     @classmethod
     def load(cls, run_dir: Path) -> Truth:
         run_dir = Path(run_dir)
-        parties = Path(json.loads((run_dir / "run.json").read_text())["parties"])
-        keys = keystore_path(public_config(run_dir)["storage.keystore"], parties)
+        parties, keys = run_parties(run_dir), run_keystore(run_dir)
         scores = read_scores(run_dir, keys, with_split=True)
         ids, labels = load_labels(parties / AUTHORITY, Keystore(keys) if keys else None)
         metrics = json.loads((run_dir / "metrics.json").read_text())

@@ -401,15 +401,10 @@ def _generate(args: argparse.Namespace) -> int:
     # keystore the parties run with (storage.keystore=auto without --keystore).
     from clients.protocol.schema import federation_silos
     from clients.silo.enrolment import enrol
-    from crypto.at_rest import AUTO, keystore_path
+    from crypto.at_rest import AUTO, open_keystore
 
-    keys = store
-    if keys is None:
-        path = keystore_path(AUTO, args.parties)
-        if path is None:  # cannot happen: "auto" always names a directory
-            raise RuntimeError("storage.keystore=auto named no keystore directory")
-        keys = Keystore.open_or_init(path)
-    enrol(args.parties, federation_silos(args.parties), keys.path)
+    keys = store if store is not None else open_keystore(AUTO, args.parties)
+    enrol(args.parties, federation_silos(args.parties), keys.path if keys is not None else None)
     Console().print(f"wrote {len(paths)} files under {args.parties}")
     return 0
 

@@ -7,11 +7,15 @@ directory holds only what the authority publishes plus the experiment's comparis
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from crypto.at_rest import AUTO, keystore_path
 from crypto.identity import check_party_name
+
+RUN_FILE = "run.json"  # a run directory's parties and engine, written when it is claimed
 
 
 @dataclass(frozen=True)
@@ -70,3 +74,15 @@ def check_new_dir(path: Path, flag: str) -> None:
 def default_parties_dir(out_dir: Path) -> Path:
     """`runs/x` -> `runs/x.parties`: next to the run, never inside it."""
     return out_dir.with_name(out_dir.name + ".parties")
+
+
+def run_parties(run_dir: Path) -> Path:
+    """The parties directory a run ran on, as its run.json records it."""
+    return Path(json.loads((Path(run_dir) / RUN_FILE).read_text())["parties"])
+
+
+def run_keystore(run_dir: Path) -> Path | None:
+    """The keystore a run directory's files were written with (None: plaintext): its
+    config.json's `storage.keystore` against its parties, for readers of a finished run."""
+    config = json.loads((Path(run_dir) / "config.json").read_text())
+    return keystore_path(config.get("storage.keystore", AUTO), run_parties(run_dir))

@@ -22,7 +22,7 @@ from clients.protocol.schema import AUTHORITY, federation_silos
 from clients.silo.app import make_client_app
 from clients.silo.data import load_silo
 from clients.silo.enrolment import enrol, policy_for
-from crypto.at_rest import Keystore, keystore_path
+from crypto.at_rest import Keystore
 from crypto.secret_random import SecretRandom
 from crypto.tls import Credentials
 from server import run_phases
@@ -54,7 +54,6 @@ from simulations.run.rundir import (
     Progress,
     Run,
     claim_run_dir,
-    keystore_of,
     open_run,
     oracle_auc,
     unclaim_run_dir,
@@ -98,7 +97,7 @@ def check_parties(parties: Parties, store: Keystore | None = None) -> dict[str, 
 
 def ready_parties(run: Run) -> None:
     """Generate (or reuse) and validate the party tables before the engine starts."""
-    store = keystore_of(run.cfg, run.parties)
+    store = run.keystore
     if run.cfg.generated:
         run.reused = run.timer("generate", prepare_parties, run.cfg.population, run.parties,
                                store)
@@ -111,15 +110,14 @@ def ready_parties(run: Run) -> None:
     # The simulation plays every silo's operator: identity keys, the roster, and a policy
     # allowing what this experiment asks (clients/silo/enrolment.py).
     asked = run.cfg.authority
-    enrol(run.parties.root, federation_silos(run.parties.root),
-          store.path if store is not None else None,
+    enrol(run.parties.root, federation_silos(run.parties.root), run.keystore_dir,
           policy_for(explain=asked.explain.reasons, secure_sum=asked.aggregation.secure_sum,
                      concat=asked.aggregation.mode == "concat"))
 
 
 def client_app_for(run: Run):
-    keystore = keystore_path(run.cfg.authority.storage.keystore, run.parties.root)
-    return make_client_app(run.parties.root, keystore, plaintext=keystore is None)
+    return make_client_app(run.parties.root, run.keystore_dir,
+                           plaintext=run.keystore_dir is None)
 
 
 ENGINES = ("simulation", "deployment")
@@ -204,7 +202,6 @@ def run_deployed(run: Run, progress: Progress | None, credentials: Path | None) 
     """The federated part under the deployment engine; the authority writes authority.json
     into the run directory, which is all `finish_run` needs from it."""
     root = run.parties.root
-    keystore = keystore_path(run.cfg.authority.storage.keystore, root)
     # The ServerApp runs in another process and claims the run directory too: the token of
     # our lock lets it act for us instead of being refused (server/run_lock.py).
     lock_token = held_token(run.out_dir)
@@ -213,8 +210,8 @@ def run_deployed(run: Run, progress: Progress | None, credentials: Path | None) 
                   "run-lock": lock_token}
     if progress:
         progress("connect", 0, None)
-    with deployment(tuple(federation_silos(root)), root, keystore, run.out_dir / "deploy",
-                    state=root.with_name(root.name + ".deploy"),
+    with deployment(tuple(federation_silos(root)), root, run.keystore_dir,
+                    run.out_dir / "deploy", state=root.with_name(root.name + ".deploy"),
                     credentials=credentials) as dep:
         dep.submit(run_config, run.out_dir, progress_relay(progress))
     run.authority.update(json.loads((run.out_dir / "authority.json").read_text()))
@@ -305,9 +302,9 @@ def finish_run(run: Run, federation_seconds: float) -> dict:
     seconds = timer.seconds
     seconds.update(authority["seconds"])
     seconds["engine"] = round(federation_seconds - sum(authority["seconds"].values()), 3)
-    store = keystore_of(cfg, parties)
+    store = run.keystore
 
-    scores = read_scores(run.out_dir, store.path if store else None, with_split=True)
+    scores = read_scores(run.out_dir, run.keystore_dir, with_split=True)
     ref_hash = authority["subject_ref"].removeprefix("hmac-")
     joined = timer("join", join_parties, parties, scores, ref_hash, store)
     # Every DP baseline at the run's COMBINED epsilon: the joint noise multiplier.
@@ -315,7 +312,7 @@ def finish_run(run: Run, federation_seconds: float) -> dict:
     silos = federation_silos(parties.root)
     # The experiment's own secret (beside the parties' ones) keys the baselines' DP noise: the
     # same keystore reproduces them, nobody else can.
-    secret = SecretRandom.load_or_create(store.path if store else parties.root, "simulation")
+    secret = SecretRandom.load_or_create(run.keystore_dir or parties.root, "simulation")
     # The baselines replay the authority's own batch plans (the simulation holds its keystore),
     # so without DP and staleness the central model is the federated one, step for step.
     run_key = authority["model"]["run_key"]

@@ -30,7 +30,7 @@ from clients.protocol.region import LocalSpec, global_model
 from clients.region.app import PREDICTIONS_DIR, make_region_app
 from clients.region.data import listed_regions, load_region, read_region_table, region_split
 from clients.region.trainer import Plan, predict_logits, train_round
-from crypto.at_rest import keystore_path, read_party_file
+from crypto.at_rest import read_party_file
 from crypto.secret_random import SecretRandom, digest
 from server.config import AuthorityConfig
 from server.horizontal import local_spec, make_regions_app, server_random
@@ -41,7 +41,7 @@ from simulations.analysis.baselines import one_thread
 from simulations.analysis.curves import build_curves
 from simulations.data.regions import prepare_regions
 from simulations.run.engine import run_federation
-from simulations.run.rundir import keystore_of, oracle_auc, write_results
+from simulations.run.rundir import Progress, Run, oracle_auc, write_results
 
 SPLIT_NAMES = np.array(["train", "val", "test"])
 EXPERIMENT_PARTY = "simulation"
@@ -66,9 +66,9 @@ class Pooled:
         return np.flatnonzero(sel)
 
 
-def pooled(run, cfg: AuthorityConfig) -> Pooled:
+def pooled(run: Run, cfg: AuthorityConfig) -> Pooled:
     root = run.parties.root
-    store = keystore_of(run.cfg, run.parties)
+    store = run.keystore
     names = listed_regions(root)
     parts = []
     for k, name in enumerate(names):
@@ -76,8 +76,7 @@ def pooled(run, cfg: AuthorityConfig) -> Pooled:
         spend = read_region_table(root / name, name, store)["spend_level"].to_numpy()
         # The experiment layer replays each region's secret split from its keystore, where
         # the region keeps its secret (clients/region/app.py `region_random`).
-        secret = SecretRandom.load_or_create(store.path if store is not None else root / name,
-                                             name)
+        secret = SecretRandom.load_or_create(run.keystore_dir or root / name, name)
         split = region_split(len(data), secret, cfg.seed, cfg.split.train, cfg.split.val)
         parts.append((data, split, np.full(len(data), k), spend))
     return Pooled(
@@ -90,23 +89,22 @@ def pooled(run, cfg: AuthorityConfig) -> Pooled:
     )
 
 
-def check_regions(run) -> dict[str, int]:
-    store = keystore_of(run.cfg, run.parties)
+def check_regions(run: Run) -> dict[str, int]:
     root = run.parties.root
-    return {name: len(load_region(root / name, name, store)) for name in listed_regions(root)}
+    return {name: len(load_region(root / name, name, run.keystore))
+            for name in listed_regions(root)}
 
 
-def run_horizontal(run, progress=None) -> dict:
+def run_horizontal(run: Run, progress: Progress | None = None) -> dict:
     """Generate (or reuse) the regions, run the federation, and finish the run directory."""
     cfg = run.cfg
     auth = cfg.authority
-    store = keystore_of(cfg, run.parties)
     run.reused = run.timer("generate", prepare_regions, cfg.population, auth.regions,
-                           run.parties.root, store)
+                           run.parties.root, run.keystore)
     run.timer("validate", check_regions, run)
     run_key = secrets.token_hex(8)
     t = time.perf_counter()
-    keystore = keystore_path(auth.storage.keystore, run.parties.root)
+    keystore = run.keystore_dir
     run_federation(
         make_regions_app(auth, run.out_dir, run_key, progress,
                          on_result=lambda r: run.authority.update(r),
@@ -122,16 +120,15 @@ def run_horizontal(run, progress=None) -> dict:
     return finish_horizontal(run, time.perf_counter() - t, round_models)
 
 
-def experiment_random(run) -> SecretRandom:
+def experiment_random(run: Run) -> SecretRandom:
     """The experiment's own secret (its baselines' samples and noise): in the keystore, else in
     the parties' `simulation/` folder beside the generator's truth."""
-    keystore = keystore_path(run.cfg.authority.storage.keystore, run.parties.root)
-    directory = keystore if keystore is not None else run.parties.root / "simulation"
-    return SecretRandom.load_or_create(directory, EXPERIMENT_PARTY)
+    return SecretRandom.load_or_create(run.keystore_dir or run.parties.root / "simulation",
+                                       EXPERIMENT_PARTY)
 
 
-def _predictions(run, data: Pooled, run_key: str) -> np.ndarray:
-    store = keystore_of(run.cfg, run.parties)
+def _predictions(run: Run, data: Pooled, run_key: str) -> np.ndarray:
+    store = run.keystore
     p = np.empty(len(data.y))
     for k, name in enumerate(data.names):
         base = run.parties.root / name / PREDICTIONS_DIR / f"{run_key}.parquet"
@@ -176,7 +173,7 @@ def evaluate_rounds(data: Pooled, round_models: dict[int, dict], spec: LocalSpec
     return out
 
 
-def finish_horizontal(run, federation_seconds: float,
+def finish_horizontal(run: Run, federation_seconds: float,
                       round_models: dict[int, dict] | None = None) -> dict:
     cfg, auth, timer = run.cfg, run.cfg.authority, run.timer
     authority = run.authority
@@ -217,7 +214,7 @@ def finish_horizontal(run, federation_seconds: float,
                          epochs, name, secret)
         alone[name] = _sigmoid(predict_logits(model, data.x))
     oracle_test = timer("oracle", oracle_auc, run.parties, data.ids[test], data.y[test],
-                        _store(run))
+                        run.keystore)
     audit = timer("audit", _audit, data, p, authority)
     curves = build_curves(scores, data.y)
     per_region = _per_region(data, p, alone)
@@ -277,10 +274,6 @@ def finish_horizontal(run, federation_seconds: float,
         "data": "generated",
     }
     return write_results(run, metrics, curves)
-
-
-def _store(run):
-    return keystore_of(run.cfg, run.parties)
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import cached_property
 from importlib import metadata
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from server.config import ConfigError
 from server.metrics import auc
 from server.run_lock import LOCK_FILE
 from server.run_phases import PhaseTimer
-from simulations.data.paths import Parties, RunDirError, check_new_dir
+from simulations.data.paths import RUN_FILE, Parties, RunDirError, check_new_dir
 from simulations.run.config import ExperimentConfig, from_flat, make_config
 
 Progress = Callable[..., None]
@@ -50,9 +51,6 @@ def claim_run_dir(out_dir: Path) -> None:
             f"{out_dir} already holds files; choose a new --out directory (nothing was changed)"
         )
     out_dir.mkdir(parents=True, exist_ok=True)
-
-
-RUN_FILE = "run.json"
 
 
 def resume_target(out_dir: Path, overrides: dict | None
@@ -94,6 +92,19 @@ class Run:
     reused: bool = False
     authority: dict = field(default_factory=dict)
 
+    @cached_property
+    def keystore(self) -> Keystore | None:
+        """The run's keystore (`storage.keystore` against its parties), resolved once for the
+        whole run. A missing or leaky keystore stops the run at the first use, before the
+        party tables are touched; "auto" creates `<parties>.keys` on first use."""
+        return open_keystore(self.cfg.authority.storage.keystore, self.parties.root)
+
+    @property
+    def keystore_dir(self) -> Path | None:
+        """Where the keystore lives (None: plaintext), for what opens it on its own: the
+        parties' apps, the deployed nodes, the experiment's secret."""
+        return self.keystore.path if self.keystore is not None else None
+
 
 def open_run(cfg: ExperimentConfig, out_dir: Path, parties_dir: Path, resume: bool,
              progress: Progress | None = None, how: dict | None = None) -> Run:
@@ -105,12 +116,6 @@ def open_run(cfg: ExperimentConfig, out_dir: Path, parties_dir: Path, resume: bo
         (out_dir / RUN_FILE).write_text(
             json.dumps({"parties": str(parties_dir), **(how or {})}) + "\n")
     return Run(cfg, out_dir, Parties(parties_dir), resume, timer=PhaseTimer(progress))
-
-
-def keystore_of(cfg: ExperimentConfig, parties: Parties) -> Keystore | None:
-    # A missing or leaky keystore stops the run here, before anything is written; "auto"
-    # creates `<parties>.keys` on first use.
-    return open_keystore(cfg.authority.storage.keystore, parties.root)
 
 
 def write_results(run: Run, metrics: dict, curves: dict) -> dict:

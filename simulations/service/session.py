@@ -26,13 +26,14 @@ from flwr.serverapp import Grid, ServerApp
 
 from clients.protocol.schema import AUTHORITY, authority_schema, federation_silos
 from clients.silo.app import make_client_app
-from crypto.at_rest import REF_HASH, Keystore, keystore_path
+from crypto.at_rest import REF_HASH, Keystore
 from crypto.identity import IdentifierError, keyed_refs, load_or_create_pepper, normalize_ids
 from server import rescore
 from server.audit_log import AuditLog
 from server.federation import Federation, federation_roster
 from server.rescore import RescoreError, Scorer
 from server.scores_file import PEPPER_FILE, read_scores, write_scores
+from simulations.data.paths import run_keystore, run_parties
 from simulations.run.config import ExperimentConfig, from_flat
 from simulations.run.engine import run_federation
 from simulations.service.channel import request
@@ -72,10 +73,8 @@ def open_finished(run_dir: Path) -> FinishedRun:
     if not (run_dir / "run.json").exists():
         raise RescoreError(f"{run_dir} is not a fedscore run directory (no run.json)")
     cfg = from_flat(json.loads((run_dir / "config.json").read_text()))
-    parties = Path(json.loads((run_dir / "run.json").read_text())["parties"])
     scorer = Scorer.from_run(run_dir)
-    keystore = keystore_path(cfg.authority.storage.keystore, parties)
-    return FinishedRun(run_dir, cfg, parties, keystore, scorer)
+    return FinishedRun(run_dir, cfg, run_parties(run_dir), run_keystore(run_dir), scorer)
 
 
 def run_session(run: FinishedRun, work: Callable[[Federation, Scorer], T],
