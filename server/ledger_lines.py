@@ -159,7 +159,7 @@ class LedgerLine:
         if kinds is None:
             raise LedgerError(f"{where}: unknown mechanism {mechanism!r} (a ledger line is one "
                               f"of {', '.join(sorted(_KINDS))})")
-        fits = [k for k in kinds if keys == k.keys()]
+        fits = [k for k in kinds if k.fits(keys)]
         if not fits:
             raise LedgerError(f"{where}: a {mechanism!r} line with keys {', '.join(sorted(keys))}"
                               " fits no kind of ledger line")
@@ -169,8 +169,12 @@ class LedgerLine:
         return line
 
     @classmethod
-    def keys(cls) -> set[str]:
-        return {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    def fits(cls, keys: set[str]) -> bool:
+        """Whether an object with these keys is a line of this kind: every field's key, but
+        for the `omit_none` ones, and no other."""
+        fields = dataclasses.fields(cls)  # type: ignore[arg-type]
+        return ({f.name for f in fields if not f.metadata.get("omit_none")} <= keys
+                <= {f.name for f in fields})
 
     @classmethod
     def _parse(cls, entry: Mapping[str, object], where: str) -> LedgerLine:
@@ -356,7 +360,8 @@ ModelLine = GaussianRelease | JointRound | RegionLine
 
 
 def _by_mechanism() -> dict[str, list[type[LedgerLine]]]:
-    """The kinds of each mechanism (three Gaussian ones, told apart by their keys)."""
+    """The kinds of each mechanism (three Gaussian ones, told apart by their keys: no object
+    fits two of them)."""
     out: dict[str, list[type[LedgerLine]]] = {}
     for kind in KINDS:
         mechanism = next(f.default for f in dataclasses.fields(kind)  # type: ignore[arg-type]
