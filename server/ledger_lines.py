@@ -187,7 +187,10 @@ class LedgerLine:
                 continue
             if f.name in entry:
                 parse: Callable[[Any], object] = f.metadata.get("from_json", lambda v: v)
-                kwargs[f.name] = parse(entry[f.name])
+                try:
+                    kwargs[f.name] = parse(entry[f.name])
+                except (TypeError, KeyError, IndexError) as exc:
+                    raise LedgerError(f"{where}: {f.name} is malformed ({exc})") from None
         return cls(**kwargs)
 
 

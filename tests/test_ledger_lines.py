@@ -127,6 +127,8 @@ def test_a_line_with_keys_of_no_kind_is_refused():
         LedgerLine.from_json(entry)
     with pytest.raises(LedgerError, match="a JointRound line, not a RegionLine"):
         RegionLine.from_json(_joint().to_json())
+    with pytest.raises(LedgerError, match="blocks is malformed"):
+        LedgerLine.from_json({**_joint().to_json(), "blocks": [{"party": "a"}]})
 
 
 @pytest.mark.parametrize(("q", "steps"), [(0.01, 500), (0.05, 40)])
