@@ -2,7 +2,9 @@
 
 Opacus's RDP accountant is compared with dp-accounting's RDP accountant (tolerance 1 %), and
 Opacus's PRV accountant with dp-accounting's privacy-loss-distribution accountant (2 %): the
-same composition of Poisson-subsampled Gaussian steps, computed by different code.
+same composition of Poisson-subsampled Gaussian steps, computed by different code. The
+composition is made of the lines' own events (`dp_event()` of server/ledger_lines.py), so
+nothing here re-derives a mechanism from a line's fields.
 
 Agreeing accountants are not enough: a ledger that recorded rounds twice (two resumed runs on
 one directory) was re-computed consistently, epsilon above its target, and passed. So
@@ -25,7 +27,7 @@ import dp_accounting as dpa
 from dp_accounting import pld, rdp
 
 from server import ledger, ledger_lines
-from server.ledger_lines import LedgerLine, ModelLine, Refusal, budget_event
+from server.ledger_lines import JointRound, LedgerLine, ModelLine, Refusal, budget_event
 
 TOLERANCE = {"rdp": 0.01, "prv": 0.02}
 
@@ -132,7 +134,7 @@ def verify(run_dir: Path) -> list[Check]:
 # Floating-point slack only: a calibrated run's epsilon sits at or below its target; a step
 # counted twice pushes it above by far more than this.
 TARGET_SLACK = 1e-9
-JOINT = "joint_poisson_gaussian"
+JOINT = JointRound.mechanism
 
 
 def consistency(run_dir: Path, checks: list[Check] | None = None) -> list[str]:
