@@ -61,6 +61,7 @@ from crypto.secret_random import SecretRandom
 from server import ledger
 from server.config import AuthorityConfig
 from server.federation import FederationError
+from server.ledger_lines import RegionLine, UserLevelLine
 
 log = logging.getLogger(__name__)
 
@@ -416,22 +417,22 @@ def _write_ledger(out_dir: Path, cfg: AuthorityConfig, privacy: dict[str, dict],
             done.append((sigma, q, steps))
             # Each region's customers are a population of their own (disjoint from every
             # other region's): its lines compose with each other only, never across regions.
-            book.append(party=region, budget="model", population=region,
-                        mechanism="poisson_gaussian", noise_multiplier=sigma, sample_rate=q,
-                        steps=steps, round=cfg.horizontal.rounds,
-                        epsilon=epsilon(kind, done, float(p["delta"])),
-                        delta=float(p["delta"]), accountant=kind, adjacency="add/remove",
-                        scope=SCOPE_REGION, history=[list(h) for h in done])
+            book.append(RegionLine(
+                party=region, population=region, noise_multiplier=sigma, sample_rate=q,
+                steps=steps, round=cfg.horizontal.rounds,
+                epsilon=epsilon(kind, done, float(p["delta"])), delta=float(p["delta"]),
+                accountant=kind, adjacency="add/remove", scope=SCOPE_REGION,
+                history=tuple(done)))
         model[region] = epsilon(kind, done, float(p["delta"]))
     user = None
     if delta_user is not None:
         rounds = cfg.horizontal.rounds
         user = epsilon(kind, [(sigma_user, 1.0, rounds)], delta_user)
-        book.append(party=USER_PARTY, budget="user", mechanism="gaussian",
-                    noise_multiplier=sigma_user, sample_rate=1.0, steps=rounds, round=rounds,
-                    epsilon=user, delta=delta_user, accountant=kind, adjacency="add/remove",
-                    sensitivity=cfg.horizontal.update_clip, scope=SCOPE_USER,
-                    history=[[sigma_user, 1.0, rounds]])
+        book.append(UserLevelLine(
+            party=USER_PARTY, noise_multiplier=sigma_user, sample_rate=1.0, steps=rounds,
+            round=rounds, epsilon=user, delta=delta_user, accountant=kind,
+            adjacency="add/remove", sensitivity=cfg.horizontal.update_clip, scope=SCOPE_USER,
+            history=((sigma_user, 1.0, rounds),)))
     return {"model": model, "label": None, "user": user}
 
 

@@ -5,6 +5,9 @@ a parameter changes or a round ends. Each line carries the cumulative epsilon of
 budget after its steps, as its own accountant computed it, so anyone can re-check every epsilon
 with an independent accountant (`fedscore ledger verify RUN_DIR`).
 
+Each kind of line is a typed record (server/ledger_lines.py) that writes the JSON object and
+reads it back, and knows its mechanism as a dp-accounting event.
+
 Every line carries `seq`, its position in the ledger (0, 1, 2, ...), and no step is ever
 recorded twice: an entry equal to one already in the ledger (everything but `seq` and the
 epsilon, which an accountant may compute at another precision) is refused. Two resumed runs on
@@ -20,13 +23,10 @@ import fcntl
 import json
 import logging
 import os
-from collections.abc import Iterator
 from pathlib import Path
+from typing import Protocol
 
 LEDGER_FILE = "ledger.jsonl"
-# Every line has these; Gaussian lines add noise_multiplier and sample_rate, randomised
-# response lines epsilon_rr.
-FIELDS = ("party", "budget", "mechanism", "steps", "round", "epsilon", "delta", "accountant")
 SEQ = "seq"
 # Not part of what makes a step the same step: its position, and the epsilon (intermediate
 # lines carry a default-precision bound, final ones a precise one).
@@ -62,6 +62,12 @@ def duplicates(entries: list[dict]) -> list[tuple[int, int]]:
     return out
 
 
+class Line(Protocol):
+    """A ledger line (server/ledger_lines.py): the JSON object it is written as."""
+
+    def to_json(self) -> dict[str, object]: ...
+
+
 class Ledger:
     def __init__(self, run_dir: Path) -> None:
         self.path = run_dir / LEDGER_FILE
@@ -70,12 +76,9 @@ class Ledger:
         self._keys: set[str] = set()
         self._count = 0
 
-    def append(self, **entry: object) -> int:
-        """Append one entry; returns its sequence number. Refuses an entry already recorded."""
-        missing = [f for f in FIELDS if f not in entry]
-        if missing:
-            raise LedgerError(f"ledger entry lacks {', '.join(missing)}")
-        entry.pop(SEQ, None)  # the ledger numbers its lines, callers do not
+    def append(self, line: Line) -> int:
+        """Append one line; returns its sequence number. Refuses a step already recorded."""
+        entry = line.to_json()  # without `seq`: the ledger numbers its lines, callers do not
         key = step_key(entry)
         # 0644 as before: the ledger is what the run publishes about its privacy spend.
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
@@ -90,10 +93,10 @@ class Ledger:
                     "another process writing this run? `fedscore ledger verify` checks the "
                     "ledger)")
             seq = self._count
-            line = json.dumps({SEQ: seq, **entry}, sort_keys=False, allow_nan=False) + "\n"
+            text = json.dumps({SEQ: seq, **entry}, sort_keys=False, allow_nan=False) + "\n"
             # Append and fsync line by line: the ledger is the record a resumed run trusts.
             fh.seek(0, os.SEEK_END)
-            fh.write(line.encode("utf-8"))
+            fh.write(text.encode("utf-8"))
             fh.flush()
             os.fsync(fh.fileno())
             self._size = fh.tell()
@@ -141,11 +144,3 @@ def _parse(text: str, path: Path) -> list[dict]:
         except json.JSONDecodeError as exc:
             raise LedgerError(f"{path}:{number} is not JSON ({exc.msg})") from None
     return entries
-
-
-def budgets(entries: list[dict]) -> Iterator[tuple[tuple[str, str], list[dict]]]:
-    """Entries grouped by (party, budget), in ledger order."""
-    groups: dict[tuple[str, str], list[dict]] = {}
-    for e in entries:
-        groups.setdefault((e["party"], e["budget"]), []).append(e)
-    yield from groups.items()

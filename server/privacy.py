@@ -41,6 +41,15 @@ from server.config import ConfigError, PrivacyConfig
 from server.federation import FederationError
 from server.label_dp import flip_probability
 from server.ledger import Ledger
+from server.ledger_lines import (
+    Block,
+    GaussianRelease,
+    JointRound,
+    LabelRelease,
+    LedgerLine,
+    Refusal,
+    TranscriptLine,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +59,6 @@ JOINT = "*"
 CALIBRATION_STEPS = 3
 PER_PARTY_NOTE = ("per-party figure: the epsilon of one party's DP-SGD steps alone; it bounds "
                   "no release (the scores come from the combined model)")
-
-
-def joint_multiplier(sigmas: list[float]) -> float:
-    """The noise multiplier of blocks stacked into one Gaussian mechanism (each block clipped
-    at its own bound, noised at sigma_k times it)."""
-    return 1.0 / math.sqrt(sum(1.0 / s**2 for s in sigmas))
 
 
 class PrivacyPlan:
@@ -167,18 +170,19 @@ class PrivacyPlan:
     def refuse(self, steps: int, allowed: int, round_: int, budget: str = "model") -> None:
         """Record that `steps` steps (after `allowed` granted ones) were refused because they
         would pass a cap; a model line carries the epsilon they would have reached."""
-        entry: dict = {"party": JOINT, "budget": budget, "mechanism": "refusal",
-                       "event": "refused", "steps": steps, "round": round_,
-                       "delta": self.delta, "accountant": self.cfg.accountant}
         if budget == "model":
             after = add_steps(self.history, self.joint_sigma, self.q, allowed + steps)
-            entry.update(epsilon=epsilon(self.cfg.accountant, after, self.delta),
-                         cap=self.cfg.budget_cap, population="train")
+            line = Refusal(party=JOINT, budget=budget, steps=steps, round=round_,
+                           delta=self.delta, accountant=self.cfg.accountant,
+                           epsilon=epsilon(self.cfg.accountant, after, self.delta),
+                           cap=self.cfg.budget_cap, population="train")
         else:
-            entry.update(epsilon=None, cap=self.cfg.transcript_cap)
+            line = Refusal(party=JOINT, budget=budget, steps=steps, round=round_,
+                           delta=self.delta, accountant=self.cfg.accountant, epsilon=None,
+                           cap=self.cfg.transcript_cap)
         log.warning("privacy budget cap (%s) reached after %d steps: refusing %d more; "
                     "training stops here", budget, self.spent, steps)
-        self._write_after_rounds(**entry)
+        self._write_after_rounds(line)
 
     # ---- recording ----------------------------------------------------------------------------
 
@@ -189,19 +193,15 @@ class PrivacyPlan:
         # prior is then exact; the silos' preparation stays noisy, it is theirs to keep).
         for party, purpose, multiplier in self.releases_outside_sgd if self.cfg.dp_sgd else ():
             history = add_steps(history, multiplier, 1.0, 1)
-            self._write(
-                party=party, budget="model", population="all", mechanism="gaussian",
-                purpose=purpose,
-                noise_multiplier=multiplier, sample_rate=1.0, steps=1, round=0,
+            self._write(GaussianRelease(
+                party=party, population="all", purpose=purpose, noise_multiplier=multiplier,
+                sample_rate=1.0, steps=1, round=0,
                 epsilon=epsilon(self.cfg.accountant, history, self.delta), delta=self.delta,
                 accountant=self.cfg.accountant,
-            )
+            ))
         if self.cfg.label_dp:
-            self._write(
-                party=AUTHORITY, budget="label", mechanism="randomized_response",
-                epsilon_rr=self.cfg.label_epsilon, steps=1, round=0,
-                epsilon=self.cfg.label_epsilon, delta=0.0, accountant="pure",
-            )
+            self._write(LabelRelease(party=AUTHORITY, epsilon_rr=self.cfg.label_epsilon,
+                                     epsilon=self.cfg.label_epsilon))
 
     def record_round(self, round_: int, reported: dict[str, History], final: bool = False) -> None:
         """Check each silo's accountant against the plan and log the round's joint spend.
@@ -221,15 +221,14 @@ class PrivacyPlan:
         self._pending.append(self._pool.submit(self._log_round, round_, steps, history, final))
 
     def _log_round(self, round_: int, steps: int, history: History, final: bool) -> None:
-        self._write(
-            party=JOINT, budget="model", population="train",
-            mechanism="joint_poisson_gaussian",
-            blocks=[{"party": p, "noise_multiplier": self.sigma,
-                     "clip": self.cfg.max_grad_norm} for p in self.parties],
+        self._write(JointRound(
+            party=JOINT, population="train",
+            blocks=tuple(Block(party=p, noise_multiplier=self.sigma,
+                               clip=self.cfg.max_grad_norm) for p in self.parties),
             noise_multiplier=self.joint_sigma, sample_rate=self.q, steps=steps, round=round_,
             epsilon=epsilon(self.cfg.accountant, history, self.delta, precise=final),
             delta=self.delta, accountant=self.cfg.accountant,
-        )
+        ))
 
     def record_calibration(self, round_: int) -> None:
         """The authority's DP calibration on validation people (server/scoring.py)."""
@@ -237,13 +236,13 @@ class PrivacyPlan:
             return
         self.calibration_history = add_steps(self.statistics, self.calibration_sigma, 1.0,
                                              CALIBRATION_STEPS)
-        self._write_after_rounds(
-            party=AUTHORITY, budget="model", population="val", mechanism="gaussian",
-            purpose="calibration", noise_multiplier=self.calibration_sigma, sample_rate=1.0,
-            steps=CALIBRATION_STEPS, round=round_,
+        self._write_after_rounds(GaussianRelease(
+            party=AUTHORITY, population="val", purpose="calibration",
+            noise_multiplier=self.calibration_sigma, sample_rate=1.0, steps=CALIBRATION_STEPS,
+            round=round_,
             epsilon=epsilon(self.cfg.accountant, self.calibration_history, self.delta),
             delta=self.delta, accountant=self.cfg.accountant,
-        )
+        ))
 
     def after_ledger(self, job) -> None:
         """Run `job` once every ledger line recorded so far is written (for checkpoints)."""
@@ -294,27 +293,26 @@ class PrivacyPlan:
     def _log_transcript(self, round_: int, history: History) -> None:
         eps = self._transcript_epsilon(history)
         for silo in self.silos:
-            self._write(
-                party=silo, budget="transcript", mechanism="gaussian",
-                history=[list(h) for h in history], round=round_,
+            self._write(TranscriptLine(
+                party=silo, history=tuple(history), round=round_,
                 steps=sum(h[2] for h in history), epsilon=eps, delta=self.delta,
                 accountant=self.cfg.accountant, clip=self.cfg.transcript_clip,
-            )
+            ))
 
     def _transcript_epsilon(self, history: History) -> float | None:
         if not self.cfg.dp_sgd:
             return None  # the model channel is not protected: no finite bound
         return epsilon(self.cfg.accountant, history, self.delta)
 
-    def _write(self, **entry: object) -> None:
+    def _write(self, line: LedgerLine) -> None:
         if self.ledger is not None:
-            self.ledger.append(**entry)
+            self.ledger.append(line)
 
-    def _write_after_rounds(self, **entry: object) -> None:
+    def _write_after_rounds(self, line: LedgerLine) -> None:
         # Round lines are written by the ledger thread (their epsilon takes a while); a line
         # recorded after them must queue behind them, or under load it overtakes them and the
         # ledger of one run differs from its reproduction by the order of two lines.
-        self._pending.append(self._pool.submit(self._write, **entry))
+        self._pending.append(self._pool.submit(self._write, line))
 
     def flush(self) -> None:
         """Wait until every round's epsilon is computed and in the ledger."""

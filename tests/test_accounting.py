@@ -7,6 +7,7 @@ import math
 import pytest
 
 from clients.protocol.accounting import add_steps, affordable_steps, calibrate_sigma, epsilon
+from server.ledger_lines import history_event
 from simulations.analysis.ledger_verify import independent_epsilon
 
 # (sigma, q, steps): a small grid plus what the default run uses (100,000 people, batch 512,
@@ -25,14 +26,14 @@ DELTA = 1e-5
 @pytest.mark.parametrize(("sigma", "q", "steps"), GRID)
 def test_rdp_agrees_with_dp_accounting_within_1_percent(sigma, q, steps):
     ours = epsilon("rdp", [(sigma, q, steps)], DELTA)
-    theirs = independent_epsilon([(sigma, q, steps)], DELTA, "rdp")
+    theirs = independent_epsilon(history_event([(sigma, q, steps)]), DELTA, "rdp")
     assert ours == pytest.approx(theirs, rel=0.01)
 
 
 @pytest.mark.parametrize(("sigma", "q", "steps"), GRID)
 def test_prv_agrees_with_pld_within_2_percent(sigma, q, steps):
     ours = epsilon("prv", [(sigma, q, steps)], DELTA)
-    theirs = independent_epsilon([(sigma, q, steps)], DELTA, "prv")
+    theirs = independent_epsilon(history_event([(sigma, q, steps)]), DELTA, "prv")
     assert ours == pytest.approx(theirs, rel=0.02)
 
 
@@ -49,7 +50,7 @@ def test_history_is_run_length_encoded_and_composes():
     assert len(mixed) == 2
     assert epsilon("rdp", mixed, DELTA) > epsilon("rdp", hist, DELTA)
     assert epsilon("rdp", mixed, DELTA) == pytest.approx(
-        independent_epsilon(mixed, DELTA, "rdp"), rel=0.01
+        independent_epsilon(history_event(mixed), DELTA, "rdp"), rel=0.01
     )
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from server import ledger
+from server import ledger, ledger_lines
 from simulations.analysis.ledger_verify import verify
 from tests.conftest import run_cli, scores_of
 
@@ -66,6 +66,10 @@ def test_ledger_is_consistent_and_verifies_independently(private_run: Path):
     eps = [e["epsilon"] for e in statistics + joint]
     assert eps == sorted(eps), "cumulative epsilon never decreases"
     assert [e["purpose"] for e in entries if e.get("population") == "val"] == ["calibration"]
+    # Every line is a typed line, which writes itself back as the run wrote it.
+    typed = ledger_lines.read(private_run)
+    assert [{"seq": e["seq"], **x.to_json()} for e, x in zip(entries, typed, strict=True)] \
+        == entries
     checks = verify(private_run)
     assert [c.budget for c in checks] == ["model/train", "model/val", "label"]
     assert all(c.ok for c in checks), [(c.party, c.reported, c.independent) for c in checks]

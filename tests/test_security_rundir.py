@@ -28,6 +28,7 @@ from server import ledger as ledger_mod
 from server import run_phases
 from server.audit_log import AuditLog, check_anchor, genesis_hash
 from server.ledger import DuplicateStepError, Ledger
+from server.ledger_lines import Block, JointRound
 from server.run_lock import RunLockedError, claim, holder
 from tests.conftest import _cli_env, run_cli, run_cli_crashing
 
@@ -108,26 +109,26 @@ def test_the_flwr_run_server_app_joins_only_with_its_launchers_token(tmp_path: P
 # ---- the ledger ----------------------------------------------------------------------------
 
 
-def _line(round_: int, **extra: object) -> dict:
-    return {"party": "*", "budget": "model", "population": "train",
-            "mechanism": "joint_poisson_gaussian", "noise_multiplier": 2.0, "sample_rate": 0.1,
-            "steps": 3, "round": round_, "epsilon": 0.1 * round_, "delta": 1e-5,
-            "accountant": "rdp", **extra}
+def _line(round_: int, epsilon: float | None = None) -> JointRound:
+    return JointRound(blocks=(Block(party="a", noise_multiplier=2.0, clip=1.0),),
+                      noise_multiplier=2.0, sample_rate=0.1, steps=3, round=round_,
+                      epsilon=0.1 * round_ if epsilon is None else epsilon, delta=1e-5,
+                      accountant="rdp")
 
 
 def test_appending_a_step_already_recorded_is_refused(tmp_path: Path):
     book = Ledger(tmp_path)
-    assert [book.append(**_line(r)) for r in (1, 2, 3)] == [0, 1, 2]
+    assert [book.append(_line(r)) for r in (1, 2, 3)] == [0, 1, 2]
     # Another writer (a second resumed run) replaying round 2, even with an epsilon computed
     # at another precision, is refused: the step is the same step.
     with pytest.raises(DuplicateStepError, match="round 2 is already recorded"):
-        Ledger(tmp_path).append(**_line(2, epsilon=0.2000001))
+        Ledger(tmp_path).append(_line(2, epsilon=0.2000001))
     entries = ledger_mod.read(tmp_path)
     assert [e["seq"] for e in entries] == [0, 1, 2]
     assert ledger_mod.duplicates(entries) == []
     # A resume truncates to its checkpoint and replays: the replayed round is new again.
     book.truncate(len((tmp_path / "ledger.jsonl").read_text().splitlines()[0]) + 1)
-    assert book.append(**_line(2)) == 1
+    assert book.append(_line(2)) == 1
 
 
 # ---- concurrent resume, ledger verify (one crashed run, resumed twice at once) -------------
@@ -405,7 +406,7 @@ def test_ledger_consistency_names_gaps_doubles_and_lost_steps(tmp_path: Path):
 
     book = Ledger(tmp_path)
     for r in (1, 2, 3):
-        book.append(**_line(r))
+        book.append(_line(r))
     (tmp_path / "metrics.json").write_text(json.dumps({"training_steps": 9, "round_trips": 3}))
     assert consistency(tmp_path, checks=[]) == []
     lines = (tmp_path / "ledger.jsonl").read_text().splitlines()

@@ -60,6 +60,12 @@ def _copied(history: Iterable[Sequence[float]]) -> History:
     return cast(History, [tuple(h) for h in history])
 
 
+def joint_multiplier(sigmas: Iterable[float]) -> float:
+    """The noise multiplier of blocks stacked into one Gaussian mechanism (each block clipped
+    at its own bound, noised at sigma_k times it): 1 / sqrt(sum_k 1 / sigma_k^2)."""
+    return 1.0 / math.sqrt(sum(1.0 / s**2 for s in sigmas))
+
+
 def add_steps(history: History, sigma: float, q: float, steps: int) -> History:
     """History after `steps` more steps, run-length encoded as Opacus does."""
     out = _copied(history)

@@ -2,7 +2,9 @@
 
 Opacus's RDP accountant is compared with dp-accounting's RDP accountant (tolerance 1 %), and
 Opacus's PRV accountant with dp-accounting's privacy-loss-distribution accountant (2 %): the
-same composition of Poisson-subsampled Gaussian steps, computed by different code.
+same composition of Poisson-subsampled Gaussian steps, computed by different code. The
+composition is made of the lines' own events (`dp_event()` of server/ledger_lines.py), so
+nothing here re-derives a mechanism from a line's fields.
 
 Agreeing accountants are not enough: a ledger that recorded rounds twice (two resumed runs on
 one directory) was re-computed consistently, epsilon above its target, and passed. So
@@ -24,34 +26,51 @@ from pathlib import Path
 import dp_accounting as dpa
 from dp_accounting import pld, rdp
 
-from clients.protocol.accounting import History, add_steps
-from server import ledger
-from server.privacy import joint_multiplier
+from server import ledger, ledger_lines
+from server.ledger_lines import JointRound, LedgerLine, ModelLine, Refusal, budget_event
 
 TOLERANCE = {"rdp": 0.01, "prv": 0.02}
 
 
-def _event(history: list[tuple[float, float, int]]) -> dpa.DpEvent:
-    def one(sigma: float, q: float) -> dpa.DpEvent:
-        gaussian = dpa.GaussianDpEvent(sigma)
-        # q = 1: every release of a person's contribution, no sampling (the transcript budget)
-        return gaussian if q >= 1.0 else dpa.PoissonSampledDpEvent(q, gaussian)
-
-    return dpa.ComposedDpEvent(
-        [dpa.SelfComposedDpEvent(one(sigma, q), int(steps)) for sigma, q, steps in history
-         if steps > 0]
-    )
-
-
-def independent_epsilon(history: list[tuple[float, float, int]], delta: float, kind: str) -> float:
-    """Epsilon of Poisson-subsampled Gaussian steps by dp-accounting (RDP, or PLD for PRV)."""
+def independent_epsilon(event: dpa.DpEvent, delta: float, kind: str) -> float:
+    """Epsilon of a composition by dp-accounting: RDP for Opacus's RDP, PLD for its PRV, and
+    for pure mechanisms (randomised response) the sum of their epsilons."""
+    if kind == "pure":
+        return pure_epsilon(event)
     if kind == "rdp":
         acc = rdp.RdpAccountant()
     elif kind == "prv":
         acc = pld.PLDAccountant(value_discretization_interval=1e-4)
     else:
         raise ValueError(f"no independent accountant for {kind!r}")
-    return float(acc.compose(_event(history)).get_epsilon(delta))
+    return float(acc.compose(event).get_epsilon(delta))
+
+
+def pure_epsilon(event: dpa.DpEvent) -> float:
+    """The pure-DP epsilon of a composition of randomised responses. k-ary randomised response
+    with noise parameter p keeps the input with probability 1 - p + p/k and gives any other
+    bucket with p/k: epsilon = ln(1 + k (1 - p) / p)."""
+    if isinstance(event, dpa.RandomizedResponseDpEvent):
+        p, k = event.noise_parameter, event.num_buckets
+        return math.inf if p == 0 else math.log1p(k * (1 - p) / p)
+    if isinstance(event, dpa.SelfComposedDpEvent):
+        return event.count * pure_epsilon(event.event)
+    if isinstance(event, dpa.ComposedDpEvent):
+        return sum(pure_epsilon(e) for e in event.events)
+    if isinstance(event, dpa.NoOpDpEvent):
+        return 0.0
+    raise ValueError(f"{type(event).__name__} has no pure epsilon")
+
+
+def event_steps(event: dpa.DpEvent) -> int:
+    """How many mechanisms a composition holds (a subsampled step counts once)."""
+    if isinstance(event, dpa.SelfComposedDpEvent):
+        return event.count * event_steps(event.event)
+    if isinstance(event, dpa.ComposedDpEvent):
+        return sum(event_steps(e) for e in event.events)
+    if isinstance(event, dpa.PoissonSampledDpEvent):
+        return event_steps(event.event)
+    return 0 if isinstance(event, dpa.NoOpDpEvent) else 1
 
 
 @dataclass
@@ -70,57 +89,52 @@ class Check:
     @property
     def ok(self) -> bool:
         if self.accountant == "pure":
-            return self.reported == self.independent
+            # Both sides are ln of the same odds, one through the flip probability: equal but
+            # for the last bits.
+            return math.isclose(self.reported, self.independent, rel_tol=1e-9)
         return self.relative_gap <= TOLERANCE[self.accountant]
+
+
+def _check(party: str, budget: str, lines: list[LedgerLine]) -> Check:
+    """The last line's cumulative epsilon against dp-accounting's for every line's event."""
+    event, last = budget_event(lines), lines[-1]
+    assert last.epsilon is not None
+    return Check(party, budget, last.accountant, event_steps(event), last.epsilon,
+                 independent_epsilon(event, last.delta, last.accountant))
 
 
 def verify(run_dir: Path) -> list[Check]:
     """One check per budget: the last cumulative epsilon against a recomputation from every
-    line's mechanism.
+    line's mechanism (`LedgerLine.dp_event`).
 
     eps_model is checked per population: training people (each party's preparation statistics,
     the authority's prior, then the joint DP-SGD steps) and validation people (the same
     statistics, then the calibration). A joint line's noise multiplier is recomputed from its
     blocks, 1 / sqrt(sum_k 1 / sigma_k^2), not read from the line."""
-    entries = [e for e in ledger.read(run_dir) if e.get("event") != "refused"]
+    lines = [x for x in ledger_lines.read(run_dir) if not isinstance(x, Refusal)]
     checks = []
-    model = [e for e in entries if e["budget"] == "model"]
+    model = [x for x in lines if isinstance(x, ModelLine) and x.budget == "model"]
     # Populations are disjoint sets of people: training and validation people of a vertical
     # run, each region's customers of a horizontal one ("all" lines touch everyone).
-    for population in sorted({e.get("population", "train") for e in model} - {"all"}):
-        mine = [e for e in model if e.get("population", "train") in ("all", population)]
-        if not any(e.get("population", "train") == population for e in mine):
-            continue
-        history: History = []
-        for e in mine:
-            sigma = (joint_multiplier([b["noise_multiplier"] for b in e["blocks"]])
-                     if "blocks" in e else e["noise_multiplier"])
-            history = add_steps(history, sigma, e["sample_rate"], e["steps"])
-        last = mine[-1]
-        kind = last["accountant"]
+    for population in sorted({x.population for x in model} - {"all"}):
+        mine: list[LedgerLine] = [x for x in model if x.population in ("all", population)]
         party = "combined model" if population in ("train", "val") else population
-        checks.append(Check(party, f"model/{population}", kind,
-                            sum(h[2] for h in history), last["epsilon"],
-                            independent_epsilon(history, last["delta"], kind)))
-    for (party, budget), lines in ledger.budgets([e for e in entries
-                                                  if e["budget"] != "model"]):
-        last = lines[-1]
-        if last["mechanism"] == "randomized_response":
-            checks.append(Check(party, budget, "pure", 1, last["epsilon"], last["epsilon_rr"]))
-            continue
-        if last.get("epsilon") is None:
+        checks.append(_check(party, f"model/{population}", mine))
+    budgets: dict[tuple[str, str], list[LedgerLine]] = {}
+    for x in lines:
+        if not (isinstance(x, ModelLine) and x.budget == "model"):
+            budgets.setdefault((x.party, x.budget), []).append(x)
+    for (party, budget), mine in budgets.items():
+        if mine[-1].epsilon is None:
             continue  # no finite bound was claimed (transcript without DP-SGD)
-        history = [(float(s), float(q), int(n)) for s, q, n in last["history"]]
-        kind = last["accountant"]
-        checks.append(Check(party, budget, kind, sum(h[2] for h in history), last["epsilon"],
-                            independent_epsilon(history, last["delta"], kind)))
+        checks.append(_check(party, budget, mine))
     return checks
 
 
 # Floating-point slack only: a calibrated run's epsilon sits at or below its target; a step
 # counted twice pushes it above by far more than this.
 TARGET_SLACK = 1e-9
-JOINT = "joint_poisson_gaussian"
+JOINT = JointRound.mechanism
 
 
 def consistency(run_dir: Path, checks: list[Check] | None = None) -> list[str]:
