@@ -4,6 +4,7 @@
   fedscore run --resume RUN_DIR        # continue an interrupted run, on its own engine
   fedscore deploy --out DIR [...]      # `run` on the deployment engine (TLS, node auth)
   fedscore certs --out DIR --host H    # TLS and SuperNode keys for separate machines
+  fedscore data check DIR             # every problem of a mapping and its tables, at once
   fedscore generate --parties DIR [--users N] [--seed S] [--keystore DIR] [--set population.k=v]
   fedscore sweep --out DIR [--epsilons 0.5,1,2,4,8,inf] [--seeds 0,1,2] [--set key=value ...]
   fedscore report RUN_OR_SWEEP_DIR     # report.html, tables.tex, report/*.csv
@@ -38,6 +39,7 @@ from rich.table import Table
 
 from server.privacy import model_epsilon
 from simulations.cli import people as cli_people
+from simulations.data.mapping import MAPPING_HELP
 from simulations.run.engine import configure_environment, quiet_engine_logs
 
 console = Console(stderr=True)
@@ -88,7 +90,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = p.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="generate parties, train the federation, score, compare")
+    run = sub.add_parser("run", help="generate parties, train the federation, score, compare",
+                         epilog=MAPPING_HELP,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
     _run_args(run)
     deploy = sub.add_parser(
         "deploy", help="`run` on Flower's deployment engine: a TLS SuperLink and one "
@@ -119,6 +123,17 @@ def _parser() -> argparse.ArgumentParser:
                        help="real data instead of the generator (as for `fedscore run`)")
     sweep.add_argument("--set", dest="assignments", action="append", default=[],
                        metavar="KEY=VALUE", help="override a config key for every cell")
+
+    data = sub.add_parser("data", help="real-data tools (fedscore data check DIR)")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    check = data_sub.add_parser(
+        "check", help="validate mapping.json and every party's table; report every problem",
+        description="Validate a real-data directory before a run: the mapping, every party's "
+                    "table, labels and identifiers, and who the parties share (counted on "
+                    "keyed hashes). Exit code 2 when there are problems, 0 when clean.",
+        epilog=MAPPING_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    check.add_argument("dir", metavar="uci|FILE.csv|DIR",
+                       help="the data, as for `fedscore run --data`")
 
     gen = sub.add_parser("generate", help="write a generated population's party tables")
     gen.add_argument("--parties", type=Path, required=True, help="directory for party tables")
@@ -414,6 +429,45 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data(args: argparse.Namespace) -> int:
+    """`fedscore data check`: the summary on stdout, every problem on stderr."""
+    from simulations.data.check import inspect
+    from simulations.data.mapping import DataImportError, resolve_mapping
+
+    try:
+        with console.status("checking the data"):
+            checked = inspect(resolve_mapping(args.dir))
+    except DataImportError as exc:  # the mapping itself: its problems, no tables read
+        _print_problems(exc.problems)
+        return 2
+    table = Table("party", "file", "identifier column", "rows", "shared with the authority",
+                  title=f"fedscore data check {args.dir}")
+    for party, name in checked.files.items():
+        rows = checked.rows.get(party)
+        shared = checked.shared.get(party)
+        table.add_row(party, name, checked.id_columns[party],
+                      "-" if rows is None else f"{rows:,}",
+                      "" if shared is None else f"{shared:,}")
+    out = Console()
+    out.print(table)
+    out.print(f"identifiers: {checked.identifiers}; counted on keyed hashes only",
+              soft_wrap=True, highlight=False)
+    if checked.joint is not None:
+        out.print(f"people held by every party: {checked.joint:,}", highlight=False)
+    if checked.problems:
+        _print_problems(checked.problems)
+        return 2
+    out.print("[green]no problems[/]: ready for fedscore run --data", highlight=False)
+    return 0
+
+
+def _print_problems(problems) -> None:
+    noun = "problem" if len(problems) == 1 else "problems"
+    console.print(f"[bold red]{len(problems)} {noun}:[/]", highlight=False)
+    for problem in problems:
+        console.print(f"  - {problem}", soft_wrap=True, highlight=False, markup=False)
+
+
 def _config(_: argparse.Namespace) -> int:
     from simulations.run.config import describe_keys
 
@@ -535,8 +589,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         commands = {"run": _run, "deploy": _run, "certs": _certs, "sweep": _sweep,
-                    "generate": _generate, "config": _config, "ledger": _ledger, "keys": _keys,
-                    "report": _report, "compare": _report}
+                    "generate": _generate, "data": _data, "config": _config, "ledger": _ledger,
+                    "keys": _keys, "report": _report, "compare": _report}
         if args.command in cli_people.COMMANDS:
             return cli_people.COMMANDS[args.command](args, console)
         return commands[args.command](args)
