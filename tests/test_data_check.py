@@ -213,3 +213,74 @@ def test_property_normalising_is_idempotent_and_respects_the_options(raw, fold, 
         assert (after == after.casefold()) or not fold
         assert not (zeros and len(after) > 1 and after.startswith("0"))
         assert after.casefold() in before.casefold()  # only removed, never added or changed
+
+
+# ---- a failed run never blocks its own --out ---------------------------------------------------
+
+def _failed_run_dir(out: Path, *, checkpointed: bool = False) -> None:
+    """What a run that failed after the engine started leaves: its config, run.json, the
+    ledger's and phases' first lines, an engine log; a checkpoint only after a round."""
+    out.mkdir(parents=True)
+    for name in ("config.json", "run.json", "phases.json"):
+        (out / name).write_text("{}\n")
+    (out / "ledger.jsonl").write_text('{"party": "payments"}\n')
+    (out / "deploy").mkdir()
+    (out / "deploy" / "run.log").write_text("failed in psi\n")
+    if checkpointed:
+        from server import checkpoint
+
+        checkpoint.path(out).parent.mkdir()
+        checkpoint.path(out).write_bytes(b"x")
+
+
+def test_a_run_that_failed_before_its_checkpoint_is_replaced_by_the_retry(tmp_path: Path):
+    from server.run_lock import claim
+    from simulations.data.paths import RunDirError
+    from simulations.run.config import make_config
+    from simulations.run.rundir import failed_run, open_run
+
+    out = tmp_path / "run"
+    _failed_run_dir(out)
+    assert failed_run(out)
+    with claim(out, "fedscore run"):
+        open_run(make_config({}), out, tmp_path / "parties", resume=False)
+    assert not (out / "ledger.jsonl").exists()  # the retry's ledger starts empty
+    assert not (out / "deploy").exists()
+    assert json.loads((out / "run.json").read_text())["parties"] == str(tmp_path / "parties")
+    # A run with a checkpoint is resumable: refused, with the resume command.
+    other = tmp_path / "interrupted"
+    _failed_run_dir(other, checkpointed=True)
+    with pytest.raises(RunDirError, match="fedscore run --resume"):
+        open_run(make_config({}), other, tmp_path / "p2", resume=False)
+    assert (other / "ledger.jsonl").exists()
+
+
+def test_a_failed_run_held_by_a_running_process_is_not_touched(tmp_path: Path):
+    import fcntl
+    import os
+
+    from simulations.data.paths import RunDirError
+    from simulations.run.rundir import claim_run_dir, failed_run
+
+    out = tmp_path / "run"
+    _failed_run_dir(out)
+    fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # another "process": a second open file description
+        assert not failed_run(out)
+        with pytest.raises(RunDirError, match="already holds files"):
+            claim_run_dir(out, clear_failed=True)
+    finally:
+        os.close(fd)
+    assert (out / "ledger.jsonl").exists()
+
+
+def test_the_cli_retries_into_the_out_of_a_failed_run(tmp_path: Path):
+    data = _write(tmp_path / "data", two_ids=[f"X{i}" for i in range(N)])
+    out = tmp_path / "run"
+    _failed_run_dir(out)
+    proc = run_cli("run", "--data", str(data), "--out", str(out), cwd=tmp_path, engine=False)
+    # Past the --out (no "already holds files"): refused for the data, before the engine.
+    assert proc.returncode == 2, proc.stderr
+    assert "already holds files" not in proc.stderr
+    assert "shares no one" in proc.stderr
