@@ -181,6 +181,8 @@ def _plan_training(ctx: _Context, tables: _Tables, run: RunState, state: TrainSt
     split = Split(run.train, run.val, run.test)
     privacy = PrivacyPlan(cfg.privacy, ctx.fed.silos, len(split.train), cfg.train.batch_size,
                           cfg.train.epochs, ctx.ledger, summaries=summaries_asked(cfg))
+    for guardrail in privacy.guardrails():  # also in authority.json and metrics.json
+        log.warning("privacy guardrail (%s): %s", guardrail.check, guardrail.message)
     spec = _model_spec(cfg, privacy)
     if cfg.aggregation.mode == "concat":
         log.warning("aggregation.mode=concat: the authority sees every silo's embeddings; "

@@ -306,6 +306,9 @@ def _print_summary(metrics: dict, out_dir: Path, parties: Path) -> None:
     table.add_row("seconds (total)", f"{metrics['seconds']['total']:.1f}")
     out = Console()
     out.print(table)
+    for guardrail in metrics.get("guardrails", []):  # why DP may not have learned
+        out.print(f"[yellow]privacy guardrail ({guardrail['check']}):[/] {guardrail['message']}",
+                  soft_wrap=True, highlight=False)
     if metrics.get("data", "generated") != "generated":
         out.print("[yellow]note:[/] the baselines above are simulation-only references: they "
                   "join every party's raw table in one place, which no party of a real "
