@@ -112,7 +112,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="one node key per silo, comma-separated")
 
     sweep = sub.add_parser("sweep", help="one run per (epsilon, seed) with baselines and an "
-                                         "audit; repeat the command to continue")
+                                         "audit; repeat the command to continue",
+                           epilog=MAPPING_HELP,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     sweep.add_argument("--out", type=Path, required=True, help="sweep directory")
     sweep.add_argument("--epsilons", default="0.5,1,2,4,8,inf",
                        help="eps_model per cell, comma-separated; inf = no DP")

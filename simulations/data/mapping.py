@@ -135,13 +135,15 @@ class Mapping:
                 isinstance(self.label_positive, float) and not math.isfinite(self.label_positive)):
             problem("authority.label_positive must be the label value meaning default, e.g. "
                     '"bad" or 1', self.label)
+        # No identifier column of any party may become a feature (a shared file holds them all).
+        identifiers = {self.identifier, *self.identifiers.values()} - {""}
         seen: dict[str, str] = {}
         for silo, columns in self.silos.items():
             if not columns:
                 problem(f"silo {silo!r} has no columns; list its feature columns")
             for col in columns:
-                if col in (self.id_column(silo), self.label):
-                    problem(f"silo {silo!r} lists it, but it is the identifier or the label; "
+                if col in identifiers or col == self.label:
+                    problem(f"silo {silo!r} lists it, but it is an identifier or the label; "
                             "remove it", col)
                 elif col in seen:
                     problem(f"mapped to both {seen[col]!r} and {silo!r}; give each column to one "
