@@ -130,8 +130,8 @@ def _parser() -> argparse.ArgumentParser:
     data_sub = data.add_subparsers(dest="data_command", required=True)
     check = data_sub.add_parser(
         "check", help="validate mapping.json and every party's table; report every problem",
-        description="Validate a real-data directory before a run: the mapping, every party's "
-                    "table, labels and identifiers, and who the parties share (counted on "
+        description="Validate a real-data directory before a run: the mapping, every party's\n"
+                    "table, labels and identifiers, and who the parties share (counted on\n"
                     "keyed hashes). Exit code 2 when there are problems, 0 when clean.",
         epilog=MAPPING_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     check.add_argument("dir", metavar="uci|FILE.csv|DIR",
