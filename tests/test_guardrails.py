@@ -104,7 +104,8 @@ def test_the_pre_engine_check_refuses_only_what_cannot_learn():
         make_config({"privacy.guardrails": "maybe"})
 
 
-def test_run_refuses_before_the_engine_and_leaves_the_out_free(tmp_path: Path):
+def _small_data(tmp_path: Path) -> Path:
+    """1,000 people, two silos of one column each: the issue's small table."""
     data = tmp_path / "data"
     data.mkdir()
     rng = np.random.default_rng(3)
@@ -116,6 +117,11 @@ def test_run_refuses_before_the_engine_and_leaves_the_out_free(tmp_path: Path):
     (data / "mapping.json").write_text(json.dumps({
         "identifier": "id", "authority": {"file": "a.csv", "label": "y"},
         "silos": {s: {"file": f"{s}.csv", "columns": [f"x_{s}"]} for s in ("s1", "s2")}}))
+    return data
+
+
+def test_run_refuses_before_the_engine_and_leaves_the_out_free(tmp_path: Path):
+    data = _small_data(tmp_path)
     out = tmp_path / "run"
     proc = run_cli("run", "--data", str(data), "--out", str(out), "--set", "train.epochs=4",
                    cwd=tmp_path, engine=False)
@@ -126,3 +132,16 @@ def test_run_refuses_before_the_engine_and_leaves_the_out_free(tmp_path: Path):
     assert "train.batch_size=" in err
     assert "Traceback" not in proc.stderr
     assert not out.exists() or {p.name for p in out.iterdir()} <= {".lock"}
+
+
+def test_data_check_says_what_the_guardrails_would(tmp_path: Path):
+    data = _small_data(tmp_path)
+    proc = run_cli("data", "check", str(data), "--set", "train.epochs=4", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr  # the data are fine; the configuration is not
+    out = " ".join(proc.stdout.split())
+    assert "privacy guardrail (steps, refuse): only 4 DP-SGD steps" in out
+    assert "use train.batch_size=32 for 22 steps per epoch" in out
+    fine = run_cli("data", "check", str(data), "--set", "train.batch_size=32",
+                   "--set", "train.epochs=4", cwd=tmp_path)
+    assert fine.returncode == 0
+    assert "privacy guardrail" not in fine.stdout

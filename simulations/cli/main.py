@@ -136,6 +136,9 @@ def _parser() -> argparse.ArgumentParser:
         epilog=MAPPING_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     check.add_argument("dir", metavar="uci|FILE.csv|DIR",
                        help="the data, as for `fedscore run --data`")
+    check.add_argument("--set", dest="assignments", action="append", default=[],
+                       metavar="KEY=VALUE", help="the run's config keys, for the privacy "
+                       "guardrails on this many people (see `fedscore config`)")
 
     gen = sub.add_parser("generate", help="write a generated population's party tables")
     gen.add_argument("--parties", type=Path, required=True, help="directory for party tables")
@@ -463,7 +466,34 @@ def _data(args: argparse.Namespace) -> int:
         _print_problems(checked.problems)
         return 2
     out.print("[green]no problems[/]: ready for fedscore run --data", highlight=False)
+    _print_data_guardrails(args, checked.joint)
     return 0
+
+
+def _print_data_guardrails(args: argparse.Namespace, people: int | None) -> None:
+    """What the privacy guardrails say of a run on these people (sampling only: the noise
+    needs the run's calibration), with the configuration given by --set."""
+    import math
+
+    from server.privacy import Sampling, sampling_guardrails
+    from simulations.run.config import make_config, parse_assignments
+
+    cfg = make_config(parse_assignments(args.assignments))
+    privacy, train = cfg.authority.privacy, cfg.authority.train
+    if not people or not privacy.dp_sgd:
+        return
+    n_train = max(1, math.floor(cfg.authority.split.train * people))
+    sampling = Sampling(n_train=n_train, batch_size=train.batch_size, epochs=train.epochs)
+    found = sampling_guardrails(sampling, privacy.delta_for(n_train))
+    out = Console()
+    for guardrail in found:
+        colour = "red" if guardrail.level == "refuse" else "yellow"
+        out.print(f"[{colour}]privacy guardrail ({guardrail.check}, {guardrail.level}):[/] "
+                  f"{guardrail.message}", soft_wrap=True, highlight=False)
+    if found:
+        out.print(f"(for about {n_train:,} people in training at privacy.epsilon="
+                  f"{privacy.epsilon:g}; change the run with --set, e.g. "
+                  "--set train.batch_size=64)", soft_wrap=True, highlight=False)
 
 
 def _print_problems(problems) -> None:
