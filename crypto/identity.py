@@ -16,6 +16,7 @@ import hmac
 import logging
 import re
 import secrets
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -153,19 +154,74 @@ def normalize_phones(raw: pd.Series, default_country: str = "86") -> pd.Series:
     return pd.Series(out.to_numpy(zero_copy_only=False), index=raw.index, dtype="string")
 
 
-def normalize_ids(raw: pd.Series, kind: str = "phone") -> pd.Series:
-    """Canonical identifier strings: E.164 for phone numbers, trimmed text for `plain` ids
-    (customer numbers, already canonical in every party's table)."""
-    if kind == "phone":
+ID_KINDS = ("phone", "plain")
+
+
+@dataclass(frozen=True, kw_only=True)
+class IdentifierFormat:
+    """How a party's identifier column becomes the canonical string every party compares.
+
+    `phone`: E.164 (`normalize_phones`). `plain` (customer numbers and the like): trimmed text,
+    optionally with case folded ("ab12" = "AB12") and leading zeros dropped ("00123" = "123",
+    "0" stays "0"). Trailing zeros are significant ("1200" is not "12"), so they always stay.
+    Every party of a federation must use the same format, or PSI finds no one in common."""
+
+    kind: str = "phone"
+    fold_case: bool = False
+    strip_leading_zeros: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kind not in ID_KINDS:
+            raise IdentifierError(f"unknown identifier kind {self.kind!r}: use "
+                                  f"{' or '.join(ID_KINDS)}")
+        if self.kind == "phone" and (self.fold_case or self.strip_leading_zeros):
+            raise IdentifierError("fold_case and strip_leading_zeros apply to plain "
+                                  "identifiers; phone numbers have their own normalisation "
+                                  "(E.164)")
+
+    def describe(self) -> str:
+        """What the identifiers are and how they are compared, for error messages."""
+        if self.kind == "phone":
+            return "phone numbers (compared after E.164 normalisation)"
+        how = ["surrounding whitespace removed"]
+        if self.fold_case:
+            how.append("case folded")
+        if self.strip_leading_zeros:
+            how.append("leading zeros dropped")
+        return f"plain identifiers (compared as exact text, {', '.join(how)})"
+
+
+PHONE = IdentifierFormat()
+
+
+def normalize_ids(raw: pd.Series, kind: str | IdentifierFormat = "phone") -> pd.Series:
+    """Canonical identifier strings in `kind`'s format (a kind name: its default options)."""
+    fmt = kind if isinstance(kind, IdentifierFormat) else IdentifierFormat(kind=kind)
+    if fmt.kind == "phone":
         return normalize_phones(raw)
-    if kind != "plain":
-        raise IdentifierError(f"unknown identifier kind {kind!r}: use phone or plain")
     text = _exact_text(raw).astype("string").str.strip()
     empty = text.isna() | (text == "")
     if empty.any():
         raise IdentifierError(f"{int(empty.sum())} identifiers are empty; every row needs one "
                               "(drop those rows before loading)")
+    if fmt.fold_case:
+        text = text.str.casefold()
+    if fmt.strip_leading_zeros:
+        # "000" is the identifier 0, not an empty one; "0 7" becomes "7", not " 7".
+        text = text.str.replace(r"^[0\s]+(?=\S)", "", regex=True)
     return text
+
+
+def unique_ids(raw: pd.Series, fmt: IdentifierFormat) -> pd.Series:
+    """`normalize_ids`, refusing a column where one person appears twice after normalisation:
+    the one check every party (silo, authority, `fedscore data check`) applies to its table.
+    The error counts the duplicates and never names one."""
+    ids = normalize_ids(raw, fmt)
+    dup = int(ids.duplicated().sum())
+    if dup:
+        raise IdentifierError(f"{dup} identifiers appear more than once (after "
+                              "normalisation); keep one row per person")
+    return ids
 
 
 def new_pepper() -> bytes:

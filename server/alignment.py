@@ -15,6 +15,7 @@ import pandas as pd
 from randomgen import ChaCha
 
 from clients.protocol import messages as m
+from crypto.identity import PHONE, IdentifierFormat
 from crypto.psi import PsiKey, blinding_pool, hash_to_points, match
 from server.federation import Federation, FederationError
 
@@ -37,10 +38,12 @@ class Alignment:
 
 
 def private_intersections(
-    fed: Federation, ids: pd.Series, workers: int = 1
+    fed: Federation, ids: pd.Series, workers: int = 1,
+    id_format: IdentifierFormat = PHONE,
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """{silo: (authority rows, silo rows)} of the people both hold, via ECDH PSI.
 
+    `id_format`: how the parties normalised their identifiers, named when nobody matches.
     The blind request declares our set size: each silo finishes at most that many points, once
     per run, so the authority cannot probe identifiers beyond its own table."""
     if len(ids) == 0:
@@ -73,7 +76,7 @@ def private_intersections(
         if len(auth_rows) == 0:
             raise AlignmentError(
                 f"silo {silo!r} shares no one with the authority; check that both tables hold "
-                "phone numbers of the same people (compared after E.164 normalisation)"
+                f"{id_format.describe()} of the same people"
             )
         out[silo] = (auth_rows, silo_rows)
         log.info("PSI with %s: %d people in common", silo, len(auth_rows))

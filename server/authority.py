@@ -24,9 +24,9 @@ import pandas as pd
 from clients.protocol import messages as m
 from clients.protocol.dp_constants import PRIOR_NOISE_MULTIPLIER
 from clients.protocol.model import ModelSpec
-from clients.protocol.schema import AUTHORITY
+from clients.protocol.schema import AUTHORITY, authority_schema
 from crypto.at_rest import REF_HASH, Keystore, open_keystore
-from crypto.identity import keyed_refs, load_or_create_pepper
+from crypto.identity import PHONE, IdentifierFormat, keyed_refs, load_or_create_pepper
 from crypto.secret_random import SecretRandom
 from server import checkpoint, explanations, metrics, run_phases, scoring
 from server.alignment import Alignment, announce, joint_order, private_intersections
@@ -145,7 +145,8 @@ def run_authority(
     else:
         phases.start("psi")
         run, state = _align_and_split(fed, cfg, tables.ids, tables.labels, config, ctx.random,
-                                      psi_cache), None
+                                      psi_cache, authority_schema(data_dir / AUTHORITY).id_format
+                                      ), None
     plan = _plan_training(ctx, tables, run, state)
     phases.start("train")
     trained = _train_and_calibrate(ctx, plan, phases, progress)
@@ -180,6 +181,8 @@ def _plan_training(ctx: _Context, tables: _Tables, run: RunState, state: TrainSt
     split = Split(run.train, run.val, run.test)
     privacy = PrivacyPlan(cfg.privacy, ctx.fed.silos, len(split.train), cfg.train.batch_size,
                           cfg.train.epochs, ctx.ledger, summaries=summaries_asked(cfg))
+    for guardrail in privacy.guardrails():  # also in authority.json and metrics.json
+        log.warning("privacy guardrail (%s): %s", guardrail.check, guardrail.message)
     spec = _model_spec(cfg, privacy)
     if cfg.aggregation.mode == "concat":
         log.warning("aggregation.mode=concat: the authority sees every silo's embeddings; "
@@ -365,6 +368,7 @@ def _write_results(out_dir: Path, out: dict) -> None:
 def _align_and_split(
     fed: Federation, cfg: AuthorityConfig, ids: pd.Series, labels: np.ndarray, config: dict,
     random: SecretRandom, psi_cache: dict | None = None,
+    id_format: IdentifierFormat = PHONE,
 ) -> RunState:
     """PSI with every silo, the shared order, the split, and the labels gradients may see.
 
@@ -372,7 +376,7 @@ def _align_and_split(
     comes from the authority's secret streams for this run, never from the public seed."""
     pairs = psi_cache.get("pairs") if psi_cache is not None else None
     if pairs is None:
-        pairs = private_intersections(fed, ids, workers=cfg.psi.workers)
+        pairs = private_intersections(fed, ids, workers=cfg.psi.workers, id_format=id_format)
         if psi_cache is not None:
             psi_cache["pairs"] = pairs
     run_key = derive_run_key(random, config)

@@ -229,6 +229,7 @@ class HorizontalConfig:
 
 
 ACCOUNTANTS = ("rdp", "prv")
+GUARDRAIL_MODES = ("refuse", "warn")
 
 
 @dataclass(frozen=True)
@@ -269,6 +270,9 @@ class PrivacyConfig:
     transcript_clip: float = 4.0
     # eps_transcript cap: training stops before a release would pass it; inf = no cap.
     transcript_cap: float = math.inf
+    # Before training, a DP configuration that cannot learn (server/privacy.py guardrails) is
+    # refused ("refuse") or only warned about ("warn": machinery tests, deliberate studies).
+    guardrails: str = "refuse"
 
     def __post_init__(self) -> None:
         if not self.epsilon > 0:
@@ -304,6 +308,9 @@ class PrivacyConfig:
         if not self.transcript_cap > 0:
             raise ConfigError(f"privacy.transcript_cap={self.transcript_cap}: must be > 0 "
                               "(inf = no cap)")
+        if self.guardrails not in GUARDRAIL_MODES:
+            raise ConfigError(f"privacy.guardrails={self.guardrails!r}: choose one of "
+                              f"{', '.join(GUARDRAIL_MODES)}")
 
     def delta_for(self, n_train: int) -> float:
         """The delta in force: 1/(10 N) by default; refuses a delta that is not below 1/N, the

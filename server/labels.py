@@ -26,7 +26,7 @@ import pandas as pd
 from clients.protocol.schema import AUTHORITY, SCHEMA_FILE, TableSchema, authority_schema
 from clients.protocol.tables import read_table
 from crypto.at_rest import Keystore
-from crypto.identity import IdentifierError, normalize_ids
+from crypto.identity import IdentifierError, unique_ids
 from server.eligibility import (
     CARD,
     DEFAULT_DAYS,
@@ -79,12 +79,9 @@ def _read_authority(authority_dir: Path, store: Keystore | None) -> _AuthorityTa
             raise LabelDataError(f"{path}: no column {col!r}; the label table needs "
                                  f"{id_col!r} and {label_col!r}")
     try:
-        ids = normalize_ids(df[id_col], schema.id_kind)
+        ids = unique_ids(df[id_col], schema.id_format)
     except IdentifierError as exc:
         raise LabelDataError(f"{path}: {exc}") from None
-    dup = int(ids.duplicated().sum())
-    if dup:
-        raise LabelDataError(f"{path}: {dup} identifiers appear more than once; keep one row each")
     return _AuthorityTable(path, schema, df, ids)
 
 

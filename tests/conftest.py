@@ -75,7 +75,7 @@ def _fix_run_secrets(args: tuple[str, ...], cwd: Path) -> None:
 # Commands that never start an engine. Each fedscore process spends seconds importing torch,
 # Opacus and Flower before it does anything, so these run inside the test process (the suite
 # calls them about a hundred times); engine runs keep a process of their own (a fresh Ray).
-NO_ENGINE_COMMANDS = frozenset({"config", "ledger", "keys", "audit", "generate", "report",
+NO_ENGINE_COMMANDS = frozenset({"config", "ledger", "keys", "audit", "generate", "report", "data",
                                 "compare", "certs"})
 
 

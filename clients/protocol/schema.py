@@ -14,8 +14,15 @@ import numbers
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from crypto.identity import PartyNameError, check_party_name
+from crypto.identity import (
+    ID_KINDS,
+    IdentifierError,
+    IdentifierFormat,
+    PartyNameError,
+    check_party_name,
+)
 
 ID_COLUMN = "phone"
 LABEL_COLUMN = "default"
@@ -100,7 +107,6 @@ def feature_names(silo: str) -> list[str]:
 
 SCHEMA_FILE = "schema.json"
 PARTIES_FILE = "parties.json"
-ID_KINDS = ("phone", "plain")
 # How a silo prepares a column, fixed by the kind and never by the data (clients/silo/data.py):
 # "amount", "count" (log1p of the value, negatives as 0), "rate", "flag" (as they are, 0..1),
 # "signed_log", "real", "auto" (sign(x) log1p |x|: amounts that can be negative, or anything
@@ -131,11 +137,19 @@ class TableSchema:
     # `"categories": {"sex": [1, 2]}`. Without a list the values are chosen from the data by a
     # noisy thresholded count, which loses rare values.
     categories: tuple[tuple[str, tuple[float, ...]], ...] = ()
+    # How plain identifiers are normalised (crypto/identity.IdentifierFormat): "AB12" = "ab12",
+    # "007" = "7". The same in every party's schema, or PSI finds no one in common.
+    id_fold_case: bool = False
+    id_strip_leading_zeros: bool = False
 
     def __post_init__(self) -> None:
         if self.id_kind not in ID_KINDS:
             raise ValueError(f"{SCHEMA_FILE}: id_kind {self.id_kind!r}: choose one of "
                              f"{', '.join(ID_KINDS)}")
+        try:
+            _ = self.id_format
+        except IdentifierError as exc:
+            raise ValueError(f"{SCHEMA_FILE}: {exc}") from None
         for column, kind in self.kinds:
             if kind not in COLUMN_KINDS:
                 raise ValueError(f"{SCHEMA_FILE}: column {column!r} has kind {kind!r}; choose "
@@ -165,6 +179,12 @@ class TableSchema:
             if len(values) > MAX_CATEGORIES:
                 raise ValueError(f"{SCHEMA_FILE}: {column!r} declares {len(values)} categories "
                                  f"(more than {MAX_CATEGORIES}); declare it auto")
+
+    @property
+    def id_format(self) -> IdentifierFormat:
+        """How this table's identifiers are normalised (the same in every party's schema)."""
+        return IdentifierFormat(kind=self.id_kind, fold_case=self.id_fold_case,
+                                strip_leading_zeros=self.id_strip_leading_zeros)
 
     def kind(self, column: str) -> str:
         return dict(self.kinds).get(column, "auto")
@@ -213,11 +233,17 @@ def silo_schema(silo_dir: Path, silo: str) -> TableSchema:
         raise ValueError(f"{silo_dir / SCHEMA_FILE}: ranges and categories map column names to "
                          'lists, e.g. "ranges": {"age": [18, 100]}, "categories": {"sex": [1, 2]}')
     return TableSchema(raw.get("id_column", ID_COLUMN), raw.get("id_kind", "phone"),
-                       tuple(raw.get("features", ())),
+                       **_id_options(raw), features=tuple(raw.get("features", ())),
                        kinds=tuple(sorted(raw.get("kinds", {}).items())),
                        ranges=tuple(sorted((c, tuple(_as_list(v))) for c, v in ranges.items())),
                        categories=tuple(sorted((c, tuple(_as_list(v)))
                                                for c, v in categories.items())))
+
+
+def _id_options(raw: dict) -> dict[str, Any]:
+    """The identifier normalisation options of a schema.json (absent: off)."""
+    return {key: bool(raw.get(key, False))
+            for key in ("id_fold_case", "id_strip_leading_zeros")}
 
 
 def _as_list(value: object) -> list:
@@ -233,7 +259,7 @@ def authority_schema(authority_dir: Path) -> TableSchema:
         raise ValueError(f"{authority_dir / SCHEMA_FILE}: eligibility_columns must be a list of "
                          'column names, e.g. ["real_name_verified"] (or [] for none)')
     return TableSchema(raw.get("id_column", ID_COLUMN), raw.get("id_kind", "phone"),
-                       label_column=raw.get("label_column", LABEL_COLUMN),
+                       **_id_options(raw), label_column=raw.get("label_column", LABEL_COLUMN),
                        eligibility_columns=tuple(columns))
 
 

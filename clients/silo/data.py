@@ -28,7 +28,7 @@ import pandas as pd
 from clients.protocol.schema import MAX_CATEGORIES, TableSchema, silo_schema
 from clients.protocol.tables import SiloDataError, read_table
 from crypto.at_rest import AtRestError, Keystore, party_context, read_encrypted
-from crypto.identity import IdentifierError, normalize_ids
+from crypto.identity import IdentifierError, unique_ids
 from crypto.secret_random import SecretRandom
 
 log = logging.getLogger(__name__)
@@ -86,16 +86,9 @@ def validate(df: pd.DataFrame, silo: str, expected: list[str],
             "with real numbers or leave them empty"
         )
     try:
-        ids = normalize_ids(df[id_column], schema.id_kind)
+        return unique_ids(df[id_column], schema.id_format)
     except IdentifierError as exc:
         raise SiloDataError(f"{where}: {exc}") from None
-    dup = int(ids.duplicated().sum())
-    if dup:
-        raise SiloDataError(
-            f"{where}: {dup} identifiers appear more than once (after normalisation); "
-            "keep one row per person"
-        )
-    return ids
 
 
 # ---- preparation: fixed transforms, declared ranges, noisy statistics ------------------------

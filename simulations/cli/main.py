@@ -4,6 +4,7 @@
   fedscore run --resume RUN_DIR        # continue an interrupted run, on its own engine
   fedscore deploy --out DIR [...]      # `run` on the deployment engine (TLS, node auth)
   fedscore certs --out DIR --host H    # TLS and SuperNode keys for separate machines
+  fedscore data check DIR             # every problem of a mapping and its tables, at once
   fedscore generate --parties DIR [--users N] [--seed S] [--keystore DIR] [--set population.k=v]
   fedscore sweep --out DIR [--epsilons 0.5,1,2,4,8,inf] [--seeds 0,1,2] [--set key=value ...]
   fedscore report RUN_OR_SWEEP_DIR     # report.html, tables.tex, report/*.csv
@@ -38,6 +39,7 @@ from rich.table import Table
 
 from server.privacy import model_epsilon
 from simulations.cli import people as cli_people
+from simulations.data.mapping import MAPPING_HELP
 from simulations.run.engine import configure_environment, quiet_engine_logs
 
 console = Console(stderr=True)
@@ -88,7 +90,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = p.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="generate parties, train the federation, score, compare")
+    run = sub.add_parser("run", help="generate parties, train the federation, score, compare",
+                         epilog=MAPPING_HELP,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
     _run_args(run)
     deploy = sub.add_parser(
         "deploy", help="`run` on Flower's deployment engine: a TLS SuperLink and one "
@@ -108,7 +112,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="one node key per silo, comma-separated")
 
     sweep = sub.add_parser("sweep", help="one run per (epsilon, seed) with baselines and an "
-                                         "audit; repeat the command to continue")
+                                         "audit; repeat the command to continue",
+                           epilog=MAPPING_HELP,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     sweep.add_argument("--out", type=Path, required=True, help="sweep directory")
     sweep.add_argument("--epsilons", default="0.5,1,2,4,8,inf",
                        help="eps_model per cell, comma-separated; inf = no DP")
@@ -119,6 +125,20 @@ def _parser() -> argparse.ArgumentParser:
                        help="real data instead of the generator (as for `fedscore run`)")
     sweep.add_argument("--set", dest="assignments", action="append", default=[],
                        metavar="KEY=VALUE", help="override a config key for every cell")
+
+    data = sub.add_parser("data", help="real-data tools (fedscore data check DIR)")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    check = data_sub.add_parser(
+        "check", help="validate mapping.json and every party's table; report every problem",
+        description="Validate a real-data directory before a run: the mapping, every party's\n"
+                    "table, labels and identifiers, and who the parties share (counted on\n"
+                    "keyed hashes). Exit code 2 when there are problems, 0 when clean.",
+        epilog=MAPPING_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    check.add_argument("dir", metavar="uci|FILE.csv|DIR",
+                       help="the data, as for `fedscore run --data`")
+    check.add_argument("--set", dest="assignments", action="append", default=[],
+                       metavar="KEY=VALUE", help="the run's config keys, for the privacy "
+                       "guardrails on this many people (see `fedscore config`)")
 
     gen = sub.add_parser("generate", help="write a generated population's party tables")
     gen.add_argument("--parties", type=Path, required=True, help="directory for party tables")
@@ -291,6 +311,9 @@ def _print_summary(metrics: dict, out_dir: Path, parties: Path) -> None:
     table.add_row("seconds (total)", f"{metrics['seconds']['total']:.1f}")
     out = Console()
     out.print(table)
+    for guardrail in metrics.get("guardrails", []):  # why DP may not have learned
+        out.print(f"[yellow]privacy guardrail ({guardrail['check']}):[/] {guardrail['message']}",
+                  soft_wrap=True, highlight=False)
     if metrics.get("data", "generated") != "generated":
         out.print("[yellow]note:[/] the baselines above are simulation-only references: they "
                   "join every party's raw table in one place, which no party of a real "
@@ -407,6 +430,72 @@ def _generate(args: argparse.Namespace) -> int:
     enrol(args.parties, federation_silos(args.parties), keys.path if keys is not None else None)
     Console().print(f"wrote {len(paths)} files under {args.parties}")
     return 0
+
+
+def _data(args: argparse.Namespace) -> int:
+    """`fedscore data check`: the summary on stdout, every problem on stderr."""
+    from simulations.data.check import inspect
+    from simulations.data.mapping import DataImportError, resolve_mapping
+
+    try:
+        with console.status("checking the data"):
+            checked = inspect(resolve_mapping(args.dir))
+    except DataImportError as exc:  # the mapping itself: its problems, no tables read
+        _print_problems(exc.problems)
+        return 2
+    table = Table("party", "file", "identifier column", "rows", "shared with the authority",
+                  title=f"fedscore data check {args.dir}")
+    for party, name in checked.files.items():
+        rows = checked.rows.get(party)
+        shared = checked.shared.get(party)
+        table.add_row(party, name, checked.id_columns[party],
+                      "-" if rows is None else f"{rows:,}",
+                      "" if shared is None else f"{shared:,}")
+    out = Console()
+    out.print(table)
+    out.print(f"identifiers: {checked.identifiers}; counted on keyed hashes only",
+              soft_wrap=True, highlight=False)
+    if checked.joint is not None:
+        out.print(f"people held by every party: {checked.joint:,}", highlight=False)
+    if checked.problems:
+        _print_problems(checked.problems)
+        return 2
+    out.print("[green]no problems[/]: ready for fedscore run --data", highlight=False)
+    _print_data_guardrails(args, checked.joint)
+    return 0
+
+
+def _print_data_guardrails(args: argparse.Namespace, people: int | None) -> None:
+    """What the privacy guardrails say of a run on these people (sampling only: the noise
+    needs the run's calibration), with the configuration given by --set."""
+    import math
+
+    from server.privacy import Sampling, sampling_guardrails
+    from simulations.run.config import make_config, parse_assignments
+
+    cfg = make_config(parse_assignments(args.assignments))
+    privacy, train = cfg.authority.privacy, cfg.authority.train
+    if not people or not privacy.dp_sgd:
+        return
+    n_train = max(1, math.floor(cfg.authority.split.train * people))
+    sampling = Sampling(n_train=n_train, batch_size=train.batch_size, epochs=train.epochs)
+    found = sampling_guardrails(sampling, privacy.delta_for(n_train))
+    out = Console()
+    for guardrail in found:
+        colour = "red" if guardrail.level == "refuse" else "yellow"
+        out.print(f"[{colour}]privacy guardrail ({guardrail.check}, {guardrail.level}):[/] "
+                  f"{guardrail.message}", soft_wrap=True, highlight=False)
+    if found:
+        out.print(f"(for about {n_train:,} people in training at privacy.epsilon="
+                  f"{privacy.epsilon:g}; change the run with --set, e.g. "
+                  "--set train.batch_size=64)", soft_wrap=True, highlight=False)
+
+
+def _print_problems(problems) -> None:
+    noun = "problem" if len(problems) == 1 else "problems"
+    console.print(f"[bold red]{len(problems)} {noun}:[/]", highlight=False)
+    for problem in problems:
+        console.print(f"  - {problem}", soft_wrap=True, highlight=False, markup=False)
 
 
 def _config(_: argparse.Namespace) -> int:
@@ -530,8 +619,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         commands = {"run": _run, "deploy": _run, "certs": _certs, "sweep": _sweep,
-                    "generate": _generate, "config": _config, "ledger": _ledger, "keys": _keys,
-                    "report": _report, "compare": _report}
+                    "generate": _generate, "data": _data, "config": _config, "ledger": _ledger,
+                    "keys": _keys, "report": _report, "compare": _report}
         if args.command in cli_people.COMMANDS:
             return cli_people.COMMANDS[args.command](args, console)
         return commands[args.command](args)

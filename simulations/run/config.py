@@ -20,6 +20,7 @@ from server.config import (
     to_flat,
     unknown_key_error,
 )
+from server.privacy import Sampling, sampling_guardrails
 from simulations.data.population import PopulationConfig
 
 POPULATION_PREFIX = "population."
@@ -116,6 +117,25 @@ def check_delta(cfg: ExperimentConfig, people: int, source: str) -> None:
             f"{cfg.authority.split.train:g}); use --set privacy.delta=0 for the default "
             f"1/(10 N), or a value at most {0.1 / n_max:.1e}"
         )
+
+
+def check_guardrails(cfg: ExperimentConfig, people: int, source: str) -> None:
+    """Refuse, before the engine starts, a DP-SGD configuration that cannot learn at all
+    (server/privacy.py `sampling_guardrails`, level "refuse"), unless privacy.guardrails=warn.
+    N is bounded from above as in `check_delta`: more people only means more steps, so a
+    configuration refused here would be refused with the exact N too. Warnings wait for the
+    authority's plan, which knows the exact N and the noise."""
+    privacy, train = cfg.authority.privacy, cfg.authority.train
+    if not privacy.dp_sgd or privacy.guardrails == "warn" or people < 1:
+        return
+    n_max = min(people, math.ceil(cfg.authority.split.train * people) + 2)
+    sampling = Sampling(n_train=n_max, batch_size=train.batch_size, epochs=train.epochs)
+    refused = [g for g in sampling_guardrails(sampling, privacy.delta_for(n_max))
+               if g.level == "refuse"]
+    if refused:
+        reasons = "; ".join(g.message for g in refused)
+        raise ConfigError(f"this DP configuration cannot learn ({source}: {people:,} people): "
+                          f"{reasons}. To run it anyway: --set privacy.guardrails=warn")
 
 
 def describe_keys() -> list[tuple[str, str, str]]:

@@ -46,7 +46,7 @@ from simulations.analysis.curves import build_curves
 from simulations.data.paths import Parties, RunDirError
 from simulations.data.population import PopulationConfig, generate, write_parties
 from simulations.data.real_data import import_parties, resolve_mapping
-from simulations.run.config import ExperimentConfig, check_delta
+from simulations.run.config import ExperimentConfig, check_delta, check_guardrails
 from simulations.run.deploy import deployment, progress_relay
 from simulations.run.engine import run_federation
 from simulations.run.horizontal import run_horizontal
@@ -107,6 +107,9 @@ def ready_parties(run: Run) -> None:
     rows = run.timer("validate", check_parties, run.parties, store)
     # delta against the people the authority declares: refused here, not after engine and PSI.
     check_delta(run.cfg, rows[AUTHORITY], "the authority's table")
+    # A DP configuration that cannot learn, refused before the engine on an upper bound of the
+    # people in training (every party's rows bound who can be aligned).
+    check_guardrails(run.cfg, min(rows.values()), "the smallest party's table")
     # The simulation plays every silo's operator: identity keys, the roster, and a policy
     # allowing what this experiment asks (clients/silo/enrolment.py).
     asked = run.cfg.authority
@@ -367,6 +370,8 @@ def finish_run(run: Run, federation_seconds: float) -> dict:
         "round_trips": authority["round_trips"],
         "aggregation_mode": authority["aggregation_mode"],
         **{k: authority[k] for k in PRIVACY_KEYS},
+        # Why the DP configuration may not learn (server/privacy.py); absent before issue 20.
+        "guardrails": authority.get("guardrails", []),
         "audit": audit,
         "history": {"federated": authority["history"], "central": central.history,
                     "central_dp": central_dp.history if central_dp else None},

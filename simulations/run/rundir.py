@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -24,15 +26,17 @@ import numpy as np
 import pandas as pd
 
 from crypto.at_rest import Keystore, open_keystore, read_party_file
-from server import run_phases
+from server import checkpoint, run_phases
 from server.config import ConfigError
 from server.metrics import auc
-from server.run_lock import LOCK_FILE
+from server.run_lock import LOCK_FILE, held_token, holder
 from server.run_phases import PhaseTimer
 from simulations.data.paths import RUN_FILE, Parties, RunDirError, check_new_dir
 from simulations.run.config import ExperimentConfig, from_flat, make_config
 
 Progress = Callable[..., None]
+
+log = logging.getLogger(__name__)
 
 
 def unclaim_run_dir(out_dir: Path) -> None:
@@ -42,15 +46,53 @@ def unclaim_run_dir(out_dir: Path) -> None:
         (out_dir / name).unlink(missing_ok=True)
 
 
-def claim_run_dir(out_dir: Path) -> None:
+def claim_run_dir(out_dir: Path, *, clear_failed: bool = False) -> None:
+    """Refuse an --out that holds results; accept a new or empty one, or one holding only a
+    run that failed before anything could be resumed (`failed_run`): a failed run never
+    blocks its own --out. `clear_failed` (under the run's lock, `open_run`) removes that
+    failed attempt's files."""
     # `--out afile/r` and the like: refused with the path named, before anything is made.
     check_new_dir(out_dir, "--out")
     # The run lock's own file (taken just before) does not count as a result.
     if out_dir.exists() and any(p.name != LOCK_FILE for p in out_dir.iterdir()):
-        raise RunDirError(
-            f"{out_dir} already holds files; choose a new --out directory (nothing was changed)"
-        )
+        if not failed_run(out_dir):
+            raise RunDirError(f"{out_dir} already holds files; choose a new --out directory "
+                              f"(nothing was changed){_resume_hint(out_dir)}")
+        if clear_failed:
+            _clear(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def failed_run(out_dir: Path) -> bool:
+    """Whether `out_dir` holds a run that stopped before its first checkpoint, and that no
+    process is running: nothing in it can be resumed, so a retry may start afresh."""
+    return ((out_dir / "config.json").exists() and (out_dir / RUN_FILE).exists()
+            and not (out_dir / "metrics.json").exists()
+            and not checkpoint.path(out_dir).exists()
+            and not run_phases.federated_done(out_dir)
+            # Nobody else is running it (this process may hold its lock: the retry).
+            and (held_token(out_dir) is not None or holder(out_dir) is None))
+
+
+def _resume_hint(out_dir: Path) -> str:
+    resumable = checkpoint.path(out_dir).exists() or run_phases.federated_done(out_dir)
+    if resumable and not (out_dir / "metrics.json").exists():
+        return f"; it holds an interrupted run: fedscore run --resume {out_dir}"
+    return ""
+
+
+def _clear(out_dir: Path) -> None:
+    """Remove a failed run's files (not the lock we hold): the retry's ledger, phases and logs
+    must not mix with the failed attempt's."""
+    log.warning("%s: removing the files of a run that failed before its first checkpoint, "
+                "to start it again", out_dir)
+    for entry in out_dir.iterdir():
+        if entry.name == LOCK_FILE:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
 
 
 def resume_target(out_dir: Path, overrides: dict | None
@@ -111,7 +153,7 @@ def open_run(cfg: ExperimentConfig, out_dir: Path, parties_dir: Path, resume: bo
     """Claim a new run directory (config.json, run.json), or reopen one to resume. `how`
     (engine, credentials) goes into run.json, so a resumed run runs the same way."""
     if not resume:
-        claim_run_dir(out_dir)
+        claim_run_dir(out_dir, clear_failed=True)
         (out_dir / "config.json").write_text(json.dumps(cfg.flat(), indent=2) + "\n")
         (out_dir / RUN_FILE).write_text(
             json.dumps({"parties": str(parties_dir), **(how or {})}) + "\n")

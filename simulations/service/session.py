@@ -113,7 +113,7 @@ def subject(run: FinishedRun, phone: str) -> tuple[int, str, pd.DataFrame]:
     """(position, keyed reference, scores) of the person with this phone number in the run."""
     authority = run.parties / AUTHORITY
     try:
-        e164 = normalize_ids(pd.Series([phone]), authority_schema(authority).id_kind)
+        e164 = normalize_ids(pd.Series([phone]), authority_schema(authority).id_format)
     except IdentifierError as exc:
         raise RescoreError(f"the phone number given: {exc}") from None
     pepper_file = authority / PEPPER_FILE

@@ -1,0 +1,235 @@
+"""`fedscore data check`: every problem of a mapping and its tables, found at once.
+
+The same inspection runs before an import (`real_data.import_parties`), so `fedscore run --data
+DIR` refuses bad data before any engine starts, with the same messages. Each problem names the
+file, the column and the fix; none names an identifier. Who is held by which party is counted
+on keyed hashes (HMAC under a key drawn for this check and then forgotten), never on the
+identifiers themselves or an unkeyed hash of them.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+
+from clients.protocol.schema import AUTHORITY
+from crypto.identity import IdentifierError, IdentifierFormat, keyed_refs, unique_ids
+from simulations.data.mapping import MAPPING_FILE, Mapping, MappingProblem
+
+log = logging.getLogger(__name__)
+
+# The normalisation options of plain identifiers, tried when a silo shares no one with the
+# authority: if they find people in common, the problem says which options to set.
+LENIENT = ("fold_case", "strip_leading_zeros")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataCheck:
+    """What `inspect` found: the problems, and for a summary rows and overlaps (counts only)."""
+
+    problems: tuple[MappingProblem, ...]
+    files: dict[str, str]  # party -> table file name
+    id_columns: dict[str, str]  # party -> identifier column
+    rows: dict[str, int]  # party -> rows of its table (readable tables only)
+    shared: dict[str, int]  # silo -> people it shares with the authority
+    joint: int | None  # people every party holds (None when a table could not be read)
+    identifiers: str  # the identifier format, in words
+    # party -> the table as it will be imported (labels as 0/1); not for display.
+    frames: dict[str, pd.DataFrame] = field(default_factory=dict, repr=False)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def inspect(mapping: Mapping) -> DataCheck:
+    """Read every party's table once and collect every problem of every party."""
+    problems: list[MappingProblem] = []
+    frames: dict[str, pd.DataFrame] = {}
+    refs: dict[str, set[str]] = {}
+    key = secrets.token_bytes(32)  # this check's own: its hashes mean nothing afterwards
+    fmt = mapping.id_format
+    for party, path in mapping.files.items():
+        needed = (mapping.label,) if party == AUTHORITY else mapping.silos[party]
+        found: list[MappingProblem] = []
+        frame = _read(path, mapping.id_column(party), needed, found)
+        if frame is not None:
+            where, id_col = path.name, mapping.id_column(party)
+            if party == AUTHORITY:
+                frame = _labels(frame, mapping, where, found)
+            else:
+                found += _feature_problems(frame, needed, where, mapping.kinds.get(party, {}))
+            try:
+                ids = unique_ids(frame[id_col], fmt)
+                refs[party] = set(keyed_refs(ids.to_numpy(), key))
+            except IdentifierError as exc:
+                found.append(MappingProblem(where=where, column=id_col,
+                                            text=f"{exc} ({fmt.describe()})"))
+            frames[party] = frame
+        problems += found
+    shared, joint = _overlaps(mapping, refs, frames, key, problems)
+    return DataCheck(
+        problems=tuple(problems), files={p: f.name for p, f in mapping.files.items()},
+        id_columns={p: mapping.id_column(p) for p in mapping.files},
+        rows={p: len(f) for p, f in frames.items()}, shared=shared, joint=joint,
+        identifiers=fmt.describe(), frames=frames)
+
+
+def _read(path: Path, id_col: str, needed: tuple[str, ...], problems: list[MappingProblem]
+          ) -> pd.DataFrame | None:
+    """The identifier and `needed` columns of a table, or None with the problems noted."""
+    if not path.exists():
+        problems.append(MappingProblem(where=path.name, text=f"does not exist; add the file or "
+                                       f"fix its name in {MAPPING_FILE}"))
+        return None
+    try:
+        header = (pq.read_schema(path).names if path.suffix == ".parquet"
+                  else list(pd.read_csv(path, nrows=0).columns))
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        problems.append(MappingProblem(where=path.name, text=f"cannot be read as "
+                                       f"{path.suffix[1:]} ({type(exc).__name__}); export it "
+                                       "again"))
+        return None
+    missing = [c for c in dict.fromkeys((id_col, *needed)) if c not in header]
+    for col in missing:
+        problems.append(MappingProblem(where=path.name, column=col, text=_missing_text(
+            col, header)))
+    if missing:
+        return None
+    columns = list(dict.fromkeys((id_col, *needed)))
+    if path.suffix == ".parquet":
+        return pd.read_parquet(path, columns=columns)
+    return pd.read_csv(path, usecols=columns, dtype={id_col: "string"})
+
+
+def _missing_text(col: str, header: list[str]) -> str:
+    near = [h for h in header if h.strip().lower() == col.strip().lower()]
+    hint = f" ({near[0]!r} differs only in case or spaces)" if near else ""
+    shown = ", ".join(map(repr, header[:12])) + (", ..." if len(header) > 12 else "")
+    return (f"no such column{hint}; the table has {shown}: fix the column's name in the table "
+            f"or in {MAPPING_FILE}")
+
+
+def _labels(frame: pd.DataFrame, mapping: Mapping, where: str,
+            problems: list[MappingProblem]) -> pd.DataFrame:
+    """The table with its label column as 0/1 (1 = defaulted), or as read with a problem."""
+    label, positive = mapping.label, mapping.label_positive
+    raw = frame[label]
+    empty = raw.isna() | (raw.astype("string").str.strip() == "")
+    if empty.any():
+        problems.append(MappingProblem(where=where, column=label, text=(
+            f"{int(empty.sum())} rows have no label; drop them or fill them in")))
+        return frame
+    if positive is None:
+        values = pd.to_numeric(raw, errors="coerce")
+        bad = ~values.isin((0, 1))
+        if bad.any():
+            seen = _few_values(raw)
+            problems.append(MappingProblem(where=where, column=label, text=(
+                f"{int(bad.sum())} rows are not 0 or 1{seen}; recode them, or name the value "
+                'that means default with authority.label_positive (e.g. "bad" or 1)')))
+            return frame
+        return frame.assign(**{label: values.astype(np.int8)})
+    if isinstance(positive, str):
+        hit = raw.astype("string").str.strip() == positive.strip()
+    else:
+        hit = pd.to_numeric(raw, errors="coerce") == positive
+    hit = hit.fillna(False).astype(bool)
+    distinct = raw.astype("string").str.strip().nunique()
+    if not hit.any() or hit.all() or distinct != 2:
+        why = (f"no row has the value {positive!r}" if not hit.any() else
+               "every row has it" if hit.all() else f"the column holds {distinct} values")
+        problems.append(MappingProblem(where=where, column=label, text=(
+            f"label_positive {positive!r}: {why}{_few_values(raw)}; the label needs exactly "
+            "two values, one of them label_positive")))
+        return frame
+    return frame.assign(**{label: hit.astype(np.int8)})
+
+
+def _few_values(raw: pd.Series) -> str:
+    """The label's distinct values when there are a few (class names, never identifiers)."""
+    values = raw.astype("string").str.strip().dropna().unique()
+    if len(values) > 5:
+        return ""
+    return f" (values: {', '.join(sorted(map(repr, map(str, values))))})"
+
+
+def _feature_problems(frame: pd.DataFrame, columns: tuple[str, ...], where: str,
+                      kinds: dict[str, str]) -> list[MappingProblem]:
+    out = []
+    for col in columns:
+        values = frame[col]
+        if pd.api.types.is_bool_dtype(values):
+            continue  # true/false: imported as 1/0
+        if not pd.api.types.is_numeric_dtype(values):
+            text = int((pd.to_numeric(values, errors="coerce").isna() & values.notna()).sum())
+            fix = ("the column is declared a category: replace each category by a number "
+                   "code" if kinds.get(col) == "category" else
+                   "convert it to numbers, leaving unknown values empty; codes such as "
+                   f'"A"/"B" become numbers with "kinds": {{"{col}": "category"}}')
+            out.append(MappingProblem(where=where, column=col, text=(
+                f"not numeric ({text} of {len(values)} values are text); {fix}")))
+            continue
+        x = values.to_numpy(dtype=np.float64)
+        if np.isinf(x).any():
+            out.append(MappingProblem(where=where, column=col, text=(
+                f"{int(np.isinf(x).sum())} infinite values; replace them with real numbers or "
+                "leave them empty")))
+        if np.isnan(x).all():
+            out.append(MappingProblem(where=where, column=col, text=(
+                "entirely empty; fill it or drop it from the mapping")))
+    return out
+
+
+def _overlaps(mapping: Mapping, refs: dict[str, set[str]], frames: dict[str, pd.DataFrame],
+              key: bytes, problems: list[MappingProblem]) -> tuple[dict[str, int], int | None]:
+    """People each silo shares with the authority, and people every party holds."""
+    if AUTHORITY not in refs:
+        return {}, None
+    authority = refs[AUTHORITY]
+    shared = {s: len(refs[s] & authority) for s in mapping.silos if s in refs}
+    for silo, count in shared.items():
+        if count == 0:
+            problems.append(MappingProblem(
+                where=mapping.files[silo].name, column=mapping.id_column(silo),
+                text=(f"shares no one with the authority's {mapping.files[AUTHORITY].name}: "
+                      f"check that both hold {mapping.id_format.describe()} of the same "
+                      f"people{_lenient_hint(mapping, frames, silo, key)}")))
+    if len(refs) < len(mapping.files):
+        return shared, None
+    joint = len(set.intersection(*refs.values()))
+    if joint == 0 and all(shared.values()):
+        problems.append(MappingProblem(where=MAPPING_FILE, text=(
+            "no person is held by every party; the vertical model needs people all parties "
+            "know")))
+    return shared, joint
+
+
+def _lenient_hint(mapping: Mapping, frames: dict[str, pd.DataFrame], silo: str,
+                  key: bytes) -> str:
+    """For plain ids: the options (fold_case, strip_leading_zeros) that would match people."""
+    fmt = mapping.id_format
+    if fmt.kind != "plain":
+        return ""
+    current = {"fold_case": fmt.fold_case, "strip_leading_zeros": fmt.strip_leading_zeros}
+    for option in ({"fold_case"}, {"strip_leading_zeros"}, set(LENIENT)):
+        if all(current[o] for o in option):
+            continue
+        lenient = IdentifierFormat(kind="plain", **{**current, **dict.fromkeys(option, True)})
+        try:
+            mine, theirs = (set(keyed_refs(unique_ids(frames[p][mapping.id_column(p)],
+                                                      lenient).to_numpy(), key))
+                            for p in (silo, AUTHORITY))
+        except IdentifierError:
+            continue
+        if mine & theirs:
+            setting = " and ".join(f'"{o}": true' for o in sorted(option))
+            return (f"; with {setting} in {MAPPING_FILE}, {len(mine & theirs):,} people "
+                    "match")
+    return ""
