@@ -8,8 +8,9 @@ security, each candidate's pieces for N rows, F features per silo and B = 32 bin
 - keygen; encrypting the N (g, h) pairs; the silo's per-(feature, bin) sums over all N rows (a
   root node); decrypting the 2 F B sums; bytes sent each way; the error of the decrypted sums
   against float64;
-- then extrapolates to a tree (5 levels of histograms, the subtraction trick: below the root
-  only the smaller child, <= N/2 rows) and to 50 trees with 3 silos on 2 cores.
+- then a tree (5 levels of histograms, the subtraction trick: below the root only the smaller
+  child, <= N/2 rows), measured for BFV and extrapolated for the others, and 50 trees with 3
+  silos on 2 cores.
 
 Candidates (each skipped if its package is not importable):
 
@@ -17,11 +18,12 @@ Candidates (each skipped if its package is not importable):
   packed as signed fixed-point integers into one plaintext (the FATE trick), one ciphertext a
   row; a silo multiplies ciphertexts modulo n^2 (gmpy2) per bin.
 - lightphe, Paillier at the same size (its own key generation and arithmetic).
-- tenseal (Microsoft SEAL), BFV, N = 8192, SEAL's 128-bit coefficient modulus (218 bits), a
-  ~40-bit batching plaintext modulus: SIMD rows of 4096 slots, g in the first row and h in the
-  second. A silo routes each row to the slot class of its bin with rotations and 0/1 plaintext
-  masks, folds each class with rotations and packs 128 (feature, bin-block) results a
-  ciphertext; every slot the authority decrypts is a bin sum or zero.
+- tenseal (Microsoft SEAL), BFV through crypto/he.py: N = 8192, SEAL's 128-bit coefficient
+  modulus (218 bits), a ~40-bit batching plaintext modulus, 4096 rows a ciphertext (g in one
+  batching row, h in the other); a silo routes rows to their bin's slot class with rotations
+  and 0/1 masks and folds (crypto/he.py says how). All 5 levels of a tree are run: the root
+  over N rows, then 1, 2, 4, 8 smaller children sharing N/2 rows, each node's rows encrypted
+  apart (the authority re-encrypts grouped by node every level).
 - tenseal CKKS primitives at the same ring size, for the same design (not run end to end).
 
 Times are CPU seconds of this process (time.process_time), so other load on the shared machine
@@ -41,13 +43,19 @@ import argparse
 import importlib.util
 import math
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+# The scratch venv holding the candidates has no fedscore install: import crypto/ from here.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from crypto import he
 
 BINS = 32
 TREES = 50
@@ -235,220 +243,100 @@ def bench_lightphe(g: np.ndarray, h: np.ndarray, bins: np.ndarray, sample: int) 
     return res
 
 
-# ---- BFV (tenseal's SEAL) ------------------------------------------------------------------
+# ---- BFV (tenseal's SEAL, through crypto/he.py) ---------------------------------------------
 
-RING = 8192
-ROW = RING // 2  # slots in each of the two batching rows
-FIXED = 20  # fixed-point fraction bits: |sum| 2^20 < 2^37 < t/2 for N <= 100,000
+RING = he.HeParams().ring
+ROW = he.HeParams().row_slots  # slots in each of the two batching rows
 FOLDS = int(math.log2(ROW // BINS))  # rotations folding 4096 slots onto 32 classes
 
 
-class Bfv:
-    """SEAL BFV context, keys and the silo's histogram routine (benchmark version)."""
+@dataclass(frozen=True)
+class OpTimes:
+    """CPU seconds of the routing design's operations on one 4096-slot ciphertext."""
 
-    def __init__(self) -> None:
-        import tenseal.sealapi as s
+    rotate: float  # a one-step rotation, plus the NTT the masks need (BFV)
+    mask: float  # encode a 0/1 mask, transform it, multiply
 
-        self.s = s
-        parms = s.EncryptionParameters(s.SCHEME_TYPE.BFV)
-        parms.set_poly_modulus_degree(RING)
-        parms.set_coeff_modulus(s.CoeffModulus.BFVDefault(RING, s.SEC_LEVEL_TYPE.TC128))
-        parms.set_plain_modulus(s.PlainModulus.Batching(RING, 40))
-        self.t = parms.plain_modulus().value()
-        self.ctx = s.SEALContext(parms, True, s.SEC_LEVEL_TYPE.TC128)
-        kg = s.KeyGenerator(self.ctx)
-        self.sk = kg.secret_key()
-        self.pk = s.PublicKey()
-        kg.create_public_key(self.pk)
-        self.gk = s.GaloisKeys()
-        kg.create_galois_keys(self.gk)  # power-of-two steps: step 1 and the folds
-        self.enc = s.Encryptor(self.ctx, self.pk)
-        self.dec = s.Decryptor(self.ctx, self.sk)
-        self.ev = s.Evaluator(self.ctx)
-        self.be = s.BatchEncoder(self.ctx)
+    def level(self, rows: float, f: int, nodes: int, per_ct: int = ROW) -> float:
+        """One silo level's operation cost, nodes' rows in their own ciphertexts."""
+        chunks = nodes * math.ceil(rows / nodes / per_ct)
+        return chunks * (BINS - 1) * self.rotate + f * chunks * BINS * self.mask + (
+            f * nodes * (FOLDS * self.rotate + self.mask)
+        )
 
-    def plain(self, slots: np.ndarray) -> Any:
-        p = self.s.Plaintext()
-        self.be.encode((slots % self.t).astype(np.uint64).tolist(), p)
-        return p
 
-    def encrypt(self, g: np.ndarray, h: np.ndarray) -> list[Any]:
-        """Chunks of 4096 rows: g fixed-point in row 0, h in row 1."""
-        gi = np.rint(g * 2.0**FIXED).astype(np.int64)
-        hi = np.rint(h * 2.0**FIXED).astype(np.int64)
-        out = []
-        for lo in range(0, len(g), ROW):
-            slots = np.zeros(RING, dtype=np.int64)
-            k = min(ROW, len(g) - lo)
-            slots[:k], slots[ROW : ROW + k] = gi[lo : lo + k], hi[lo : lo + k]
-            ct = self.s.Ciphertext()
-            self.enc.encrypt(self.plain(slots), ct)
-            out.append(ct)
-        return out
+def level_nodes(level: int, rows: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Row indices of the nodes a level computes: the root, then the smaller child of each
+    pair (the sibling's histogram is the parent's minus it), N/2 rows among 2^(level-1)."""
+    if level == 0:
+        return [np.arange(rows)]
+    half = rng.permutation(rows)[: rows // 2]
+    return np.array_split(half, 2 ** (level - 1))
 
-    def rotate(self, ct: Any, step: int) -> Any:
-        out = self.s.Ciphertext()
-        self.ev.rotate_rows(ct, step, self.gk, out)
-        return out
 
-    def ntt(self, ct: Any) -> Any:
-        out = self.s.Ciphertext()
-        self.ev.transform_to_ntt(ct, out)
-        return out
+def bfv_ops(keys: he.SecretHe, pairs: he.EncryptedPairs) -> OpTimes:
+    import tenseal.sealapi as s
 
-    def mask_times(self, ct_ntt: Any, slots: np.ndarray) -> Any:
-        """ct * mask with both in NTT form: 3x cheaper than SEAL's multiply_plain on
-        coefficient-form operands, which transforms the ciphertext for every mask."""
-        p = self.plain(slots)
-        pn = self.s.Plaintext()
-        self.ev.transform_to_ntt(p, ct_ntt.parms_id(), pn)
-        out = self.s.Ciphertext()
-        self.ev.multiply_plain(ct_ntt, pn, out)
-        return out
-
-    def histograms(self, cts: list[Any], bins: np.ndarray) -> list[Any]:
-        """Per-(feature, bin) sums of g and h: F x 32 results packed 128 to a ciphertext.
-
-        Row at slot p with bin b must reach a slot j = b (mod 32): rotating left by
-        s = (p - b) mod 32 puts it there, so for each chunk the silo makes its 32 rotations
-        (31 rotations by one step) and, for each feature, adds each rotation times the 0/1 mask
-        of the rows it routes. Folding by 2048, ..., 32 then sums each class into slot b.
-        """
-        ev, f = self.ev, bins.shape[0]
-        acc: list[Any] = [None] * f
-        for c, ct in enumerate(cts):
-            lo = c * ROW
-            k = min(ROW, bins.shape[1] - lo)
-            rot = [ct]
-            for _ in range(BINS - 1):
-                rot.append(self.rotate(rot[-1], 1))
-            rot_ntt = [self.ntt(r) for r in rot]
-            p = np.arange(k)
-            for fi in range(f):
-                b = bins[fi, lo : lo + k]
-                s_of = (p - b) % BINS
-                masks = np.zeros((BINS, ROW), dtype=np.int64)
-                masks[s_of, (p - s_of) % ROW] = 1
-                for s_ in range(BINS):
-                    if not masks[s_].any():
-                        continue
-                    term = self.mask_times(rot_ntt[s_], np.tile(masks[s_], 2))
-                    if acc[fi] is None:
-                        acc[fi] = term
-                    else:
-                        ev.add_inplace(acc[fi], term)
-        per_ct = ROW // BINS
-        packed: list[Any] = []
-        for fi in range(f):
-            x = acc[fi]
-            ev.transform_from_ntt_inplace(x)  # BFV rotates coefficient-form ciphertexts only
-            for k in range(FOLDS):
-                ev.add_inplace(x, self.rotate(x, ROW >> (k + 1)))
-            # Keep block fi % 128 only: every other slot of the output is zero.
-            block = np.zeros(ROW, dtype=np.int64)
-            block[(fi % per_ct) * BINS : (fi % per_ct + 1) * BINS] = 1
-            x = self.mask_times(self.ntt(x), np.tile(block, 2))
-            if fi % per_ct == 0:
-                packed.append(x)
-            else:
-                ev.add_inplace(packed[-1], x)
-        for x in packed:
-            ev.transform_from_ntt_inplace(x)
-        return packed
-
-    def decrypt_sums(self, packed: list[Any], f: int) -> tuple[np.ndarray, np.ndarray]:
-        slots = []
-        for ct in packed:
-            p = self.s.Plaintext()
-            self.dec.decrypt(ct, p)
-            v = np.array(self.be.decode_int64(p), dtype=np.int64)
-            slots.append(v)
-        per_ct = ROW // BINS
-        g = np.zeros((f, BINS))
-        h = np.zeros((f, BINS))
-        for fi in range(f):
-            v = slots[fi // per_ct]
-            o = (fi % per_ct) * BINS
-            g[fi] = v[o : o + BINS] / 2.0**FIXED
-            h[fi] = v[ROW + o : ROW + o + BINS] / 2.0**FIXED
-        return g, h
-
-    def size(self, ct: Any) -> int:
-        with tempfile.TemporaryDirectory() as d:
-            path = os.path.join(d, "ct")
-            ct.save(path)
-            return os.path.getsize(path)
+    pub = keys.public
+    ev, enc = s.Evaluator(pub.context), s.BatchEncoder(pub.context)
+    ct = pairs.chunks[0]
+    t = cpu()
+    for _ in range(20):
+        out, ntt = s.Ciphertext(), s.Ciphertext()
+        ev.rotate_rows(ct, 1, pub.galois_keys, out)
+        ev.transform_to_ntt(out, ntt)
+    rotate = (cpu() - t) / 20
+    mask = (np.arange(RING) % BINS == 0).astype(np.uint64).tolist()
+    t = cpu()
+    for _ in range(20):
+        p, pn, out = s.Plaintext(), s.Plaintext(), s.Ciphertext()
+        enc.encode(mask, p)
+        ev.transform_to_ntt(p, ntt.parms_id(), pn)
+        ev.multiply_plain(ntt, pn, out)
+    return OpTimes(rotate=rotate, mask=(cpu() - t) / 20)
 
 
 def bench_bfv(g: np.ndarray, h: np.ndarray, bins: np.ndarray) -> Result:
     res = Result("tenseal (SEAL)", "BFV N=8192, t~2^40", version("tenseal"))
     t = cpu()
-    bfv = Bfv()
+    keys = he.keygen()
     res.keygen_s = cpu() - t
-    t = cpu()
-    cts = bfv.encrypt(g, h)
-    res.encrypt_s = cpu() - t
-    t = cpu()
-    packed = bfv.histograms(cts, bins)
-    res.silo_s = cpu() - t
-    budget = min(bfv.dec.invariant_noise_budget(ct) for ct in packed)
-    t = cpu()
-    gs, hs = bfv.decrypt_sums(packed, bins.shape[0])
-    res.decrypt_s = cpu() - t
-    res.bytes_to_silo = sum(bfv.size(ct) for ct in cts)
-    res.bytes_to_authority = sum(bfv.size(ct) for ct in packed)
-    res.max_err_g = float(np.abs(gs - true_sums(g, bins)).max())
-    res.max_err_h = float(np.abs(hs - true_sums(h, bins)).max())
-    res.notes.append(f"noise budget left after the silo's work: {budget} bits")
-    # Per-operation costs, for the level model below.
-    ct = cts[0]
-    mask = np.tile((np.arange(ROW) % BINS == 0).astype(np.int64), 2)
-    t = cpu()
-    for _ in range(20):
-        ct_ntt = bfv.ntt(bfv.rotate(ct, 1))
-    rot = (cpu() - t) / 20  # a rotation and its NTT, as the routing step uses them
-    t = cpu()
-    for _ in range(20):
-        bfv.mask_times(ct_ntt, mask)
-    mul = (cpu() - t) / 20
-    enc_ct = res.encrypt_s / len(cts)
+    pub, rows, f = keys.public, len(g), bins.shape[0]
+    rng = np.random.default_rng(1)
+    tree = 0.0
+    for level in range(LEVELS):
+        enc = silo = dec = 0.0
+        for idx in level_nodes(level, rows, rng):
+            t = cpu()
+            pairs = he.encrypt_pairs(pub, g=g[idx], h=h[idx])  # re-encrypted grouped by node
+            enc += cpu() - t
+            t = cpu()
+            sums = he.bin_sums(pub, pairs=pairs, bins=bins[:, idx], mask=np.ones(len(idx), bool))
+            silo += cpu() - t
+            t = cpu()
+            got_g, got_h = he.decrypt_sums(keys, sums=sums)
+            dec += cpu() - t
+            if level == 0:
+                res.bytes_to_silo = sum(_ser(c) for c in pairs.chunks)
+                res.bytes_to_authority = sum(_ser(c) for c in sums.chunks)
+                res.max_err_g = float(np.abs(got_g - true_sums(g, bins)).max())
+                res.max_err_h = float(np.abs(got_h - true_sums(h, bins)).max())
+                ops = bfv_ops(keys, pairs)
+        if level == 0:
+            res.encrypt_s, res.silo_s, res.decrypt_s = enc, silo, dec
+        nodes = 1 if level == 0 else 2 ** (level - 1)
+        res.notes.append(
+            f"level {level} ({nodes} node(s), {rows if level == 0 else rows // 2} rows): "
+            f"encrypt {enc:.1f} s, silo {silo:.1f} s (op model "
+            f"{ops.level(rows if level == 0 else rows / 2, f, nodes):.1f} s), decrypt {dec:.3f} s"
+        )
+        tree += enc + SILOS * (silo + dec)
+    res.tree_s = tree
     res.notes.append(
-        f"per op: rotate+NTT {rot * 1e3:.1f} ms, mask encode+NTT+multiply {mul * 1e3:.1f} ms, "
-        f"encrypt {enc_ct * 1e3:.1f} ms a 4096-row chunk"
-    )
-    res.tree_s = bfv_tree(
-        len(g), bins.shape[0], rot, mul, enc_ct, res.decrypt_s / len(packed), res.silo_s
-    )
-    res.notes.append(
-        f"tree model: {bfv_tree(len(g), bins.shape[0], rot, mul, enc_ct, 0.0):.0f} core-s from "
-        f"per-op times alone, {res.tree_s:.0f} scaled to the measured root level"
+        f"per op: rotate+NTT {ops.rotate * 1e3:.1f} ms, mask encode+NTT+multiply "
+        f"{ops.mask * 1e3:.1f} ms"
     )
     return res
-
-
-def bfv_tree(
-    rows: int, f: int, rot: float, mul: float, enc_ct: float, dec_ct: float, root: float = 0.0
-) -> float:
-    """Core-seconds of one tree: the authority re-encrypts each level's computed rows grouped by
-    node (chunks never mix many nodes), so a node's masks touch only its own chunks. The op
-    counts come from the per-op times; with `root` (a measured root level) each level is scaled
-    by measured / modelled root, which charges the silo's Python overhead (building masks) too."""
-
-    def silo(level: int) -> tuple[float, int]:
-        nodes = 1 if level == 0 else 2 ** (level - 1)  # smaller children only
-        level_rows = rows if level == 0 else rows / 2
-        chunks = math.ceil(level_rows / ROW) + (nodes - 1)
-        pairs = f * nodes
-        cost = chunks * (BINS - 1) * rot + f * chunks * BINS * mul + pairs * (FOLDS * rot + mul)
-        return cost, chunks
-
-    scale = root / silo(0)[0] if root else 1.0
-    total = 0.0
-    for level in range(LEVELS):
-        cost, chunks = silo(level)
-        outs = math.ceil(f * (2 ** max(level - 1, 0)) / (ROW // BINS))
-        total += chunks * enc_ct + SILOS * (scale * cost + outs * dec_ct)
-    return total
 
 
 # ---- CKKS primitives (tenseal's SEAL) -------------------------------------------------------
@@ -512,8 +400,14 @@ def bench_ckks(g: np.ndarray, h: np.ndarray, bins: np.ndarray) -> Result:
         f"per op: rotate {rot * 1e3:.1f} ms, encode+multiply_plain+rescale {mul * 1e3:.1f} ms; "
         "g and h need separate ciphertexts (2 x 25 chunks); error: one 4096-slot sum of g"
     )
-    # Same routing design as BFV: twice the chunks (g and h apart), same op counts per chunk.
-    res.tree_s = 2 * bfv_tree(len(g), bins.shape[0], rot, mul, res.encrypt_s / len(cts), 0.0)
+    # Same routing design as BFV, priced by op counts: g and h in separate ciphertexts, so
+    # twice the chunks; the authority's encryption per level grouped by node as for BFV.
+    ops, f = OpTimes(rotate=rot, mask=mul), bins.shape[0]
+    silo = ops.level(len(g), f, 1, ROW // 2) + sum(
+        ops.level(len(g) / 2, f, 2 ** (lv - 1), ROW // 2) for lv in range(1, LEVELS)
+    )
+    res.tree_s = LEVELS * res.encrypt_s + SILOS * silo
+    res.notes.append("tree: op-count model (not run end to end)")
     return res
 
 
