@@ -54,6 +54,7 @@ def node(draw: st.DrawFn, max_rows: int = 200) -> tuple[np.ndarray, ...]:
     return g, h, bins, mask
 
 
+@pytest.mark.slow
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=node())
 def test_sums_match_float64_including_negative_gradients(keys: he.SecretHe, case) -> None:
@@ -115,3 +116,19 @@ def test_refuses_bins_out_of_range(keys: he.SecretHe) -> None:
 def test_silo_side_holds_no_secret_key(keys: he.SecretHe) -> None:
     assert not hasattr(keys.public, "secret_key")
     assert "secret_key" not in repr(keys)
+
+
+@pytest.mark.slow
+def test_more_features_than_one_ciphertext_packs(keys: he.SecretHe) -> None:
+    # 128 features' bins fit one output ciphertext; the 129th and 130th start a second.
+    features = PARAMS.row_slots // BINS + 2
+    g, h = np.array([0.5, -0.125, 1.0]), np.array([0.25, 0.0, 0.0625])
+    bins = np.arange(features * 3).reshape(features, 3) % BINS
+    mask = np.array([True, True, False])
+    sums = he.bin_sums(
+        keys.public, pairs=he.encrypt_pairs(keys.public, g=g, h=h), bins=bins, mask=mask
+    )
+    assert len(sums.chunks) == 2
+    got_g, got_h = he.decrypt_sums(keys, sums=sums)
+    np.testing.assert_array_equal(got_g, float64_sums(g, bins, mask))
+    np.testing.assert_array_equal(got_h, float64_sums(h, bins, mask))
