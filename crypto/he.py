@@ -19,8 +19,7 @@ Not done here (see RESULTS.md): noise flooding for circuit privacy (the returned
 are re-randomised with a fresh encryption of zero but their noise still depends on the silo's
 masks), serialisation for the wire, one pass for all nodes of a level.
 
-tenseal is not a project dependency yet (its adoption is under review), so it is imported when
-first used; nothing else in the project imports this module.
+tenseal is imported when first used: only vertical trees need it, and it loads SEAL.
 """
 
 from __future__ import annotations

@@ -1,7 +1,4 @@
 """crypto/he.py: encrypted per-(feature, bin) sums of g and h decrypt to the float64 sums.
-
-tenseal is not a project dependency (issue 20: its adoption is under review), so this module
-is skipped where it is not installed; bench/he_choice.py names the scratch venv that has it.
 """
 
 from __future__ import annotations
@@ -11,8 +8,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
-
-pytest.importorskip("tenseal")
 
 from crypto import he
 
