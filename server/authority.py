@@ -410,12 +410,20 @@ def authority_random(store: Keystore | None, data_dir: Path) -> SecretRandom:
     return SecretRandom.load_or_create(store.path if store else data_dir / AUTHORITY, AUTHORITY)
 
 
+# Settings that do not change what a run computes, left out of its run key.
+NOT_COMPUTED_PREFIXES = ("storage.",)
+NOT_COMPUTED_KEYS = frozenset({"privacy.guardrails"})
+
+
 def derive_run_key(random: SecretRandom, config: dict) -> str:
     """The run's public key, derived from the authority's secret and the configuration: the
     same keystore and config give the same run (bit for bit), other keystores other runs.
     Where the keystore sits (storage.*) says where files live, not what is computed: a keystore
-    moved or copied to another machine still reproduces its runs."""
-    computed = {k: v for k, v in config.items() if not k.startswith("storage.")}
+    moved or copied to another machine still reproduces its runs. Nor does
+    privacy.guardrails (whether a configuration that cannot learn is refused or only warned
+    about) change what a run computes."""
+    computed = {k: v for k, v in config.items()
+                if not k.startswith(NOT_COMPUTED_PREFIXES) and k not in NOT_COMPUTED_KEYS}
     return random.key("run-key", json.dumps(computed, sort_keys=True))[:8].hex()
 
 
