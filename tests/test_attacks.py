@@ -108,15 +108,25 @@ def open_concat(tmp_path_factory: pytest.TempPathFactory) -> EngineRun:
                        "--set", "privacy.epsilon=inf", "--set", "privacy.label_epsilon=inf")
 
 
+# The overfit run's people and settings; bench/red_team_overfit.py tries others against the
+# same two attacks (its results: bench/RESULTS.md, issue 19).
+OVERFIT_USERS = 2500
+OVERFIT_SETTINGS = {
+    "population.default_rate": "0.3", "split.train": "0.15", "split.val": "0.1",
+    "train.epochs": "50", "train.batch_size": "64", "train.chunk_batches": "10",
+    "train.chunk_warmup": "false", "train.lr": "0.01", "model.hidden": "256,128",
+    "privacy.epsilon": "inf", "privacy.label_epsilon": "inf",
+}
+
+
+def set_options(settings: dict[str, str]) -> list[str]:
+    return [arg for key, value in settings.items() for arg in ("--set", f"{key}={value}")]
+
+
 @pytest.fixture(scope="module")
 def overfit(tmp_path_factory: pytest.TempPathFactory) -> EngineRun:
-    return _engine_run(tmp_path_factory, "overfit", "--users", "2500", "--seed", "5",
-                       "--set", "population.default_rate=0.3",
-                       "--set", "split.train=0.15", "--set", "split.val=0.1",
-                       "--set", "train.epochs=50", "--set", "train.batch_size=64",
-                       "--set", "train.chunk_batches=10", "--set", "train.chunk_warmup=false",
-                       "--set", "train.lr=0.01", "--set", "model.hidden=256,128",
-                       "--set", "privacy.epsilon=inf", "--set", "privacy.label_epsilon=inf")
+    return _engine_run(tmp_path_factory, "overfit", "--users", str(OVERFIT_USERS), "--seed",
+                       "5", *set_options(OVERFIT_SETTINGS))
 
 
 def _report(name: str, **numbers: float) -> None:
