@@ -14,12 +14,25 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-Commands = Callable[[Path], list[Sequence[str]]]  # work directory -> CLI argument lists
+
+@dataclass(frozen=True)
+class Command:
+    """One command of a background run, with environment settings of its own (a run whose
+    messages are captured names its capture directory)."""
+
+    args: Sequence[str]
+    env: Mapping[str, str] = field(default_factory=dict)
+
+
+# work directory -> the commands, each a CLI argument list or a Command
+Commands = Callable[[Path], list[Sequence[str] | Command]]
+Prepare = Callable[[tuple[str, ...], Path], None]  # what to do before a command starts
 
 _registered: dict[str, Commands] = {}
 _started: dict[str, _Runs] = {}
@@ -37,24 +50,28 @@ class _Runs:
     """The commands of one background run, one after another (they may share files); stops at
     the first that fails."""
 
-    def __init__(self, commands: list[Sequence[str]], work: Path,
-                 env: Callable[[Path], dict[str, str]]) -> None:
+    def __init__(self, commands: list[Sequence[str] | Command], work: Path,
+                 env: Callable[[Path], dict[str, str]], prepare: Prepare) -> None:
         self.work, self.results = work, []
         self._current: subprocess.Popen | None = None
         self._stopped = False
-        self._thread = threading.Thread(target=self._run, args=(commands, env(work)),
+        self._prepare = prepare
+        listed = [c if isinstance(c, Command) else Command(c) for c in commands]
+        self._thread = threading.Thread(target=self._run, args=(listed, env(work)),
                                         daemon=True)
         self._thread.start()
 
-    def _run(self, commands: list[Sequence[str]], env: dict[str, str]) -> None:
-        for i, args in enumerate(commands):
+    def _run(self, commands: list[Command], env: dict[str, str]) -> None:
+        for i, command in enumerate(commands):
+            args = tuple(command.args)
             out, err = self.work / f"cli-{i}.stdout", self.work / f"cli-{i}.stderr"
+            self._prepare(args, self.work)
             with out.open("w") as fo, err.open("w") as fe:
                 if self._stopped:
                     return
                 self._current = subprocess.Popen(
-                    [sys.executable, "-m", "simulations.cli", *args], cwd=self.work, env=env,
-                    stdout=fo, stderr=fe)
+                    [sys.executable, "-m", "simulations.cli", *args], cwd=self.work,
+                    env={**env, **command.env}, stdout=fo, stderr=fe)
             code = self._current.wait()
             self.results.append(subprocess.CompletedProcess(
                 list(args), code, out.read_text(), err.read_text()))
@@ -82,11 +99,14 @@ class _Runs:
         self._thread.join(60)
 
 
-def start_for(items: list[pytest.Item], env: Callable[[Path], dict[str, str]]) -> None:
+def start_for(items: list[pytest.Item], env: Callable[[Path], dict[str, str]],
+              prepare: Prepare) -> None:
+    """Start every registered run a collected test awaits; `prepare(args, work)` runs before
+    each command (the suite fixes a run's secrets there, as for a foreground run)."""
     for name, commands in _registered.items():
         if name not in _started and any(name in getattr(i, "fixturenames", ()) for i in items):
             work = Path(tempfile.mkdtemp(prefix=f"fedscore-{name}-"))
-            _started[name] = _Runs(commands(work), work, env)
+            _started[name] = _Runs(commands(work), work, env, prepare)
 
 
 def finish(name: str, timeout: float = 900) -> tuple[list[subprocess.CompletedProcess], Path]:

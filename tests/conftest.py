@@ -116,7 +116,7 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
-    background.start_for(session.items, _cli_env)
+    background.start_for(session.items, _cli_env, prepare=_fix_run_secrets)
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:

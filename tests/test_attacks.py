@@ -2,7 +2,8 @@
 exactly what it received, succeeds when the protection is off, and is held to its bound when it
 is on.
 
-Three engine runs, each with every message captured (clients/protocol/capture.py) and `-v` logs:
+Three engine runs, each with every message captured (clients/protocol/capture.py) and `-v` logs,
+one after another in the background while the rest of the suite runs (tests/background.py):
 
 - `guarded`: the default privacy (combined eps 1, label eps 2 by randomised response, secret
   draws everywhere). 14,000 people with a default rate of 0.5 and an 85 % training share, so
@@ -46,7 +47,7 @@ import pytest
 
 from clients.protocol.capture import CAPTURE_ENV
 from simulations.analysis import redteam as rt
-from tests.conftest import run_cli
+from tests import background
 
 pytestmark = pytest.mark.slow
 
@@ -77,36 +78,15 @@ class EngineRun:
         return self.views["payments"]
 
 
-def _engine_run(factory: pytest.TempPathFactory, name: str, *args: str) -> EngineRun:
-    work = factory.mktemp(name)
-    capture = work / "capture"
-    before = os.environ.get(CAPTURE_ENV)
-    os.environ[CAPTURE_ENV] = str(capture)
-    try:
-        proc = run_cli("-v", "run", "--out", str(work / "run"), *args, cwd=work, timeout=900)
-    finally:
-        if before is None:
-            os.environ.pop(CAPTURE_ENV, None)
-        else:
-            os.environ[CAPTURE_ENV] = before
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    return EngineRun(work / "run", capture, (proc.stdout + proc.stderr).encode())
-
-
-@pytest.fixture(scope="module")
-def guarded(tmp_path_factory: pytest.TempPathFactory) -> EngineRun:
-    return _engine_run(tmp_path_factory, "guarded", "--users", "14000", "--seed", "3",
-                       "--set", "population.default_rate=0.5",
-                       "--set", "split.train=0.85", "--set", "split.val=0.1",
-                       "--set", "train.epochs=3", "--set", "train.chunk_batches=8")
-
-
-@pytest.fixture(scope="module")
-def open_concat(tmp_path_factory: pytest.TempPathFactory) -> EngineRun:
-    return _engine_run(tmp_path_factory, "open_concat", "--users", "1500", "--seed", "4",
-                       "--set", "aggregation.mode=concat", "--set", "train.epochs=2",
-                       "--set", "privacy.epsilon=inf", "--set", "privacy.label_epsilon=inf")
-
+# The three runs, one after another in the background while the rest of the suite runs
+# (tests/background.py): each with its own capture directory, `-v` logs and fixed secrets.
+GUARDED = ("--users", "14000", "--seed", "3",
+           "--set", "population.default_rate=0.5",
+           "--set", "split.train=0.85", "--set", "split.val=0.1",
+           "--set", "train.epochs=3", "--set", "train.chunk_batches=8")
+OPEN_CONCAT = ("--users", "1500", "--seed", "4",
+               "--set", "aggregation.mode=concat", "--set", "train.epochs=2",
+               "--set", "privacy.epsilon=inf", "--set", "privacy.label_epsilon=inf")
 
 # The overfit run's people and settings; bench/red_team_overfit.py tries others against the
 # same two attacks (its results: bench/RESULTS.md, issue 19).
@@ -123,10 +103,50 @@ def set_options(settings: dict[str, str]) -> list[str]:
     return [arg for key, value in settings.items() for arg in ("--set", f"{key}={value}")]
 
 
+RUNS: dict[str, tuple[str, ...]] = {
+    "overfit": ("--users", str(OVERFIT_USERS), "--seed", "5", *set_options(OVERFIT_SETTINGS)),
+    "guarded": GUARDED,
+    "open_concat": OPEN_CONCAT,
+}
+
+
+def _attack_commands(work: Path) -> list[background.Command]:
+    commands = []
+    for name, args in RUNS.items():
+        (work / name).mkdir()
+        commands.append(background.Command(
+            ("-v", "run", "--out", str(work / name / "run"), *args),
+            env={CAPTURE_ENV: str(work / name / "capture")}))
+    return commands
+
+
+background.register("attack_runs", _attack_commands)
+
+
 @pytest.fixture(scope="module")
-def overfit(tmp_path_factory: pytest.TempPathFactory) -> EngineRun:
-    return _engine_run(tmp_path_factory, "overfit", "--users", str(OVERFIT_USERS), "--seed",
-                       "5", *set_options(OVERFIT_SETTINGS))
+def attack_runs(background_runs) -> dict[str, EngineRun]:
+    procs, work = background_runs("attack_runs")
+    for proc in procs:
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert len(procs) == len(RUNS)
+    return {name: EngineRun(work / name / "run", work / name / "capture",
+                            (proc.stdout + proc.stderr).encode())
+            for name, proc in zip(RUNS, procs, strict=True)}
+
+
+@pytest.fixture(scope="module")
+def guarded(attack_runs: dict[str, EngineRun]) -> EngineRun:
+    return attack_runs["guarded"]
+
+
+@pytest.fixture(scope="module")
+def open_concat(attack_runs: dict[str, EngineRun]) -> EngineRun:
+    return attack_runs["open_concat"]
+
+
+@pytest.fixture(scope="module")
+def overfit(attack_runs: dict[str, EngineRun]) -> EngineRun:
+    return attack_runs["overfit"]
 
 
 def _report(name: str, **numbers: float) -> None:
