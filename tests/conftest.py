@@ -221,19 +221,25 @@ def scores_of(run_dir: Path, with_split: bool = False):
     return read_scores(run_dir, parties.with_name(parties.name + ".keys"), with_split)
 
 
+SMALL_RUN_ARGS = ("--users", "3000", "--seed", "7",
+                  "--set", "train.epochs=2", "--set", "train.batch_size=256",
+                  "--set", "train.chunk_batches=1", "--set", "privacy.epsilon=inf",
+                  "--set", "privacy.label_epsilon=inf",
+                  # the research switch: reasons reveal per-silo points
+                  "--set", "explain.reasons=4")
+background.register("small_run", lambda work: [("run", "--out", str(work / "run"),
+                                                *SMALL_RUN_ARGS)])
+
+
 @pytest.fixture(scope="session")
-def small_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def small_run(background_runs) -> Path:
     """One small federated run with one batch per round trip (no staleness), shared by the
-    end-to-end tests."""
-    work = tmp_path_factory.mktemp("small_run")
-    proc = run_cli(
-        "run", "--out", str(work / "run"), "--users", "3000", "--seed", "7",
-        "--set", "train.epochs=2", "--set", "train.batch_size=256",
-        "--set", "train.chunk_batches=1", "--set", "privacy.epsilon=inf",
-        "--set", "privacy.label_epsilon=inf",
-        "--set", "explain.reasons=4",  # the research switch: reasons reveal per-silo points
-        cwd=work,
-    )
+    end-to-end tests; made in the background while the suite runs (tests/background.py)."""
+    return _finished_run(background_runs, "small_run")
+
+
+def _finished_run(background_runs, name: str) -> Path:
+    (proc,), work = background_runs(name)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return work / "run"
 
@@ -245,15 +251,17 @@ PRIVATE_RUN_ARGS = ("--users", "8000", "--seed", "5",
                     "--set", "privacy.label_epsilon=5", "--set", "privacy.accountant=rdp")
 
 
+background.register("private_run", lambda work: [("run", "--out", str(work / "run"),
+                                                  *PRIVATE_RUN_ARGS)])
+
+
 @pytest.fixture(scope="session")
-def private_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def private_run(background_runs) -> Path:
     """A small private run: DP-SGD at combined eps 32 with a cap at 28 (so it stops early; a
     few thousand people learn little at smaller budgets once the epsilon is the combined
-    model's, and 8,000 keep the test AUC's noise small), label DP at eps 5, RDP accounting."""
-    work = tmp_path_factory.mktemp("private_run")
-    proc = run_cli("run", "--out", str(work / "run"), *PRIVATE_RUN_ARGS, cwd=work)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return work / "run"
+    model's, and 8,000 keep the test AUC's noise small), label DP at eps 5, RDP accounting.
+    Made in the background while the suite runs."""
+    return _finished_run(background_runs, "private_run")
 
 
 # ---- one interrupted run and its uninterrupted twin, shared by the modules that check them ----
