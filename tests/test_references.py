@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from scipy.optimize import minimize
 
 from server.config import AuthorityConfig
 from server.metrics import auc
@@ -18,6 +19,7 @@ from simulations.analysis.references import (
     Split,
     central_references,
     fit_scorecard,
+    fit_sign_constrained_logistic,
     joined_references,
     monotone_bins,
 )
@@ -95,6 +97,36 @@ def test_the_same_seed_gives_the_same_references():
     for name in (GBDT, SCORECARD):
         assert first[name].metrics == again[name].metrics
         assert first[name].history == again[name].history
+
+
+def test_the_sign_constrained_regression_is_the_bounded_maximum_likelihood():
+    """Known answer from scipy's L-BFGS-B on the same bounds, and the KKT conditions: zero
+    gradient on the free coefficients, a gradient pushing past the bound on the others."""
+    rng = np.random.default_rng(5)
+    z = rng.normal(size=(3000, 4))
+    # Columns 0 and 1 lower the risk as they grow (allowed); 2 raises it, so its coefficient
+    # must stop at the bound 0; 3 is noise.
+    t = -1.5 - 1.0 * z[:, 0] - 0.4 * z[:, 1] + 0.7 * z[:, 2]
+    y = (rng.random(3000) < 1 / (1 + np.exp(-t))).astype(np.float64)
+    coef, intercept = fit_sign_constrained_logistic(z, y)
+    X = np.column_stack([z, np.ones(len(z))])
+
+    def loss(w: np.ndarray) -> tuple[float, np.ndarray]:
+        s = X @ w
+        return (float(np.mean(np.logaddexp(0.0, s) - y * s)),
+                X.T @ (1 / (1 + np.exp(-s)) - y) / len(y))
+
+    ref = minimize(loss, np.zeros(5), jac=True, method="L-BFGS-B",
+                   bounds=[(None, 0.0)] * 4 + [(None, None)],
+                   options={"ftol": 1e-15, "gtol": 1e-10})
+    ours = np.append(coef, intercept)
+    assert loss(ours)[0] <= ref.fun + 1e-10
+    np.testing.assert_allclose(ours, ref.x, atol=1e-4)
+    assert coef[2] == 0.0
+    grad = loss(ours)[1]
+    free = np.append(coef < 0, True)
+    assert np.abs(grad[free]).max() < 1e-6
+    assert (grad[~free] < 0).all()  # the likelihood would like a positive coefficient
 
 
 def test_a_constant_feature_gets_one_bin_and_no_weight():

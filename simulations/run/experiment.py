@@ -43,7 +43,7 @@ from simulations.analysis.baselines import (
 )
 from simulations.analysis.canary_audit import canary_audit
 from simulations.analysis.curves import build_curves
-from simulations.analysis.references import GBDT, SCORECARD, joined_references
+from simulations.analysis.references import REFERENCES, joined_references
 from simulations.data.paths import Parties, RunDirError
 from simulations.data.population import PopulationConfig, generate, write_parties
 from simulations.data.real_data import import_parties, resolve_mapping
@@ -335,7 +335,7 @@ def finish_run(run: Run, federation_seconds: float) -> dict:
     done = _baselines(run, joined, jobs)
     central, central_dp = done["central"], done.get("central_dp")
     # Absent from the baselines a run killed before this version saved (phases.json).
-    refs = {name: done[name].metrics for name in (GBDT, SCORECARD) if name in done}
+    refs = {name: done[name].metrics for name in REFERENCES if name in done}
     alone = {silo: done[silo] for silo in silos}
     best = max(alone, key=lambda s: alone[s].history[-1]["val_auc"])
     test = joined.positions("test")
@@ -358,7 +358,7 @@ def finish_run(run: Run, federation_seconds: float) -> dict:
         "baseline_central_auc": central.metrics["auc"],
         "baseline_central_dp_auc": central_dp.metrics["auc"] if central_dp else None,
         **{f"baseline_{name}_auc": refs[name]["auc"] if name in refs else None
-           for name in (GBDT, SCORECARD)},
+           for name in REFERENCES},
         "baseline_best_silo_auc": alone[best].metrics["auc"],
         "baseline_best_silo": best,
         "baseline_payments_only_auc": (alone["payments"].metrics["auc"]
