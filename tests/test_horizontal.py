@@ -390,7 +390,8 @@ def test_the_same_keystores_reproduce_a_run_and_fresh_ones_do_not(horizontal_run
     assert all(torch.equal(first[k], again[k]) for k in first)
     m1, m2 = (json.loads((r / "metrics.json").read_text())
               for r in (horizontal_runs["sample"], repeated_runs["again"]))
-    for key in ("auc", "baseline_central_auc", "baseline_central_dp_auc", "epsilon"):
+    for key in ("auc", "baseline_central_auc", "baseline_central_dp_auc",
+                "baseline_central_gbdt_auc", "baseline_central_scorecard_auc", "epsilon"):
         assert m1[key] == m2[key], key
     fresh = _model(repeated_runs["fresh"])
     assert not any(torch.equal(first[k], fresh[k]) for k in first if first[k].numel() > 1)

@@ -15,6 +15,7 @@ from tests.conftest import assert_no_identifiers, run_cli, scores_of
 pytestmark = pytest.mark.slow
 
 METRIC_KEYS = {"auc", "ks", "gini", "brier", "oracle_auc", "baseline_central_auc",
+               "baseline_central_gbdt_auc", "baseline_central_scorecard_auc",
                "baseline_payments_only_auc", "tiers", "seconds"}
 
 
@@ -25,6 +26,11 @@ def test_run_writes_every_output(small_run: Path):
     assert "scores.parquet" not in names
     metrics = json.loads((small_run / "metrics.json").read_text())
     assert metrics.keys() >= METRIC_KEYS
+    # The credit analyst's central references, on the run's own split, beside the central MLP.
+    assert {"central", "central_gbdt", "central_scorecard"} <= metrics["baselines"].keys()
+    for name in ("central_gbdt", "central_scorecard"):
+        assert metrics["baselines"][name]["auc"] == metrics[f"baseline_{name}_auc"] > 0.7
+        assert metrics["baseline_seconds"][name] > 0
     assert {"generate", "psi", "train", "score", "total"} <= metrics["seconds"].keys()
     manifest = json.loads((small_run / "manifest.json").read_text())
     assert manifest["seed"] == 7

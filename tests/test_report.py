@@ -46,6 +46,7 @@ def _metrics(eps: float, seed: int, audit: bool) -> dict:
     metrics = {
         "auc": 0.84, "ks": 0.55, "gini": 0.68, "brier": 0.045, "log_loss": 0.168,
         "oracle_auc": 0.867, "baseline_central_auc": 0.863, "baseline_central_dp_auc": 0.856,
+        "baseline_central_gbdt_auc": 0.866, "baseline_central_scorecard_auc": 0.861,
         "baseline_payments_only_auc": 0.818,
         "tiers": {"watch": 240, "fair": 1500, "good": 3200, "excellent": 5100,
                   "exceptional": 2600},
@@ -66,6 +67,10 @@ def _metrics(eps: float, seed: int, audit: bool) -> dict:
                            "log_loss": 0.167},
             "payments_only": {"auc": 0.818, "ks": 0.493, "gini": 0.635, "brier": 0.048,
                               "log_loss": 0.181},
+            "central_gbdt": {"auc": 0.866, "ks": 0.571, "gini": 0.732, "brier": 0.044,
+                             "log_loss": 0.164},
+            "central_scorecard": {"auc": 0.861, "ks": 0.562, "gini": 0.722, "brier": 0.044,
+                                  "log_loss": 0.166},
         },
     }
     if audit:
@@ -169,6 +174,7 @@ def _sweep_rows() -> list[dict]:
                 "epsilon": eps, "seed": seed, "run": f"eps={eps:g}_seed={seed}", "status": "done",
                 "auc": utility + 0.002 * seed, "auc_central": 0.863 + 0.001 * seed,
                 "auc_central_dp": utility + 0.004, "auc_best_silo": 0.81 + 0.002 * seed,
+                "auc_central_gbdt": 0.866 + 0.001 * seed,
                 "auc_oracle": 0.867, "eps_model": eps * 0.99 if private else None,
                 "eps_label": None, "audit_epsilon_lower": 0.2 * min(eps, 5) + 0.01 * seed,
                 "audit_attack_auc": 0.51, "seconds": 60.0})
@@ -182,7 +188,8 @@ def _summary(runs: pd.DataFrame, only_federated: bool = False) -> pd.DataFrame:
     out = []
     for eps, part in done.groupby("epsilon"):
         row = {"epsilon": eps, "n": len(part)}
-        for col in ("auc", "auc_central", "auc_central_dp", "auc_best_silo", "auc_oracle"):
+        for col in ("auc", "auc_central", "auc_central_dp", "auc_best_silo", "auc_oracle",
+                    "auc_central_gbdt"):
             if only_federated and col != "auc":
                 continue
             m, half = part[col].mean(), 1.96 * part[col].std() / np.sqrt(len(part))
@@ -269,6 +276,10 @@ def test_run_report_writes_html_tex_and_csvs(run_dir: Path) -> None:
     }
     for name, columns in expected.items():
         assert _csv_columns(run_dir / "report" / f"{name}.csv") == columns, name
+    # The credit analyst's references sit right after the central MLPs, before any silo.
+    models = pd.read_csv(run_dir / "report" / "model_comparison.csv")["model"].tolist()
+    assert models[:5] == ["federated", "central, non-private", "central, DP",
+                          "central gradient boosting (LightGBM)", "central WoE scorecard"]
 
 
 def test_ledger_tables_leave_refusals_out_of_the_spend(run_dir: Path) -> None:
@@ -303,7 +314,8 @@ def test_sweep_report_has_the_curve_tables_and_one_run(sweep_dir: Path) -> None:
     curve = pd.read_csv(sweep_dir / "report" / "privacy_utility.csv")
     assert list(curve.columns) == ["series", "epsilon", "mean", "ci_low", "ci_high"]
     assert set(curve["series"]) == {"federated", "central, DP", "best single silo",
-                                    "central, non-private", "oracle"}
+                                    "central, non-private", "oracle",
+                                    "central gradient boosting (LightGBM)"}
     assert np.isinf(curve["epsilon"]).any()
     runs = pd.read_csv(sweep_dir / "report" / "sweep_runs.csv")
     assert len(runs) == 9

@@ -4,7 +4,8 @@
 in `concat` mode), the same
 initialisation, split, epochs and batch plan, trained in one process on the joined data with no
 staleness. `payments_only`: the payments silo's bottom model alone. Both are calibrated and
-scored exactly like the federated model.
+scored exactly like the federated model. A credit analyst's references on the same split
+(central gradient boosting, a central WoE scorecard) are in simulations/analysis/references.py.
 """
 
 from __future__ import annotations
@@ -176,7 +177,7 @@ def train_central(
                 opt.step()
         with torch.no_grad():
             z_val = logits(val, model).numpy()
-        history.append({"epoch": epoch + 1, **_val_metrics(data.y[val], z_val),
+        history.append({"epoch": epoch + 1, **val_metrics(data.y[val], z_val),
                         "seconds": time.perf_counter() - t0})
     with torch.no_grad():
         z = logits(np.arange(len(data.y)), model).numpy().astype(np.float64)
@@ -257,6 +258,7 @@ def _shared_job(shared: dict, split: pd.Series, job: BaselineJob, cfg: Authority
         return result
 
 
-def _val_metrics(y: np.ndarray, z: np.ndarray) -> dict:
+def val_metrics(y: np.ndarray, z: np.ndarray) -> dict:
+    """Validation AUC and log loss of logits `z`, as every baseline's history records them."""
     s = summary(y, 1 / (1 + np.exp(-z)))
     return {"val_auc": s["auc"], "val_loss": s["log_loss"]}

@@ -55,6 +55,7 @@ PHASE_LABELS = {
     "score": "Calibrate and score",
     "join": "Join tables for baselines",
     "baselines": "Baselines: central, central DP, each party alone",
+    "references": "References: central gradient boosting, central WoE scorecard",
     "baseline_central": "Baseline: central model",
     "baseline_central_dp": "Baseline: central model, DP",
     "oracle": "Oracle AUC from the generator's truth",
@@ -301,6 +302,7 @@ def _print_summary(metrics: dict, out_dir: Path, parties: Path) -> None:
         table.add_row("audit: loss-threshold membership attack, eps >=",
                       f"{audit['epsilon_lower']:.3f} (attack AUC {audit['attack_auc']:.3f})")
     for key in ("oracle_auc", "baseline_central_auc", "baseline_central_dp_auc",
+                "baseline_central_gbdt_auc", "baseline_central_scorecard_auc",
                 "baseline_best_silo_auc"):
         if metrics.get(key) is not None:
             table.add_row(f"{key} (simulation-only reference)", f"{metrics[key]:.4f}")

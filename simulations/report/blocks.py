@@ -37,6 +37,9 @@ SERIES = {
     "federated": ("federated", "#1f4e79"),
     "central": ("central, non-private", "#555555"),
     "central_dp": ("central, DP", "#c0392b"),
+    # A credit analyst's central references (simulations/analysis/references.py).
+    "central_gbdt": ("central gradient boosting (LightGBM)", "#7d3c98"),
+    "central_scorecard": ("central WoE scorecard", "#16a085"),
     "best_silo": ("best single silo", "#e67e22"),
     "payments_only": ("payments silo only", "#e67e22"),
     "oracle": ("oracle", "#27ae60"),

@@ -47,6 +47,8 @@ def _run_row(run: RunData, name: str) -> dict:
         "auc": m.get("auc"),
         "oracle_auc": m.get("oracle_auc"),
         "central_auc": m.get("baseline_central_auc"),
+        "central_gbdt_auc": m.get("baseline_central_gbdt_auc"),
+        "central_scorecard_auc": m.get("baseline_central_scorecard_auc"),
         "gap_to_oracle": m.get("gap_to_oracle"),
         "seconds": (m.get("seconds") or {}).get("total"),
     }

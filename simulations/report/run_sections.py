@@ -47,7 +47,8 @@ def headline_run(run: RunData) -> Section:
          fmt((audit.get("canary") or {}).get("epsilon_lower_bound"))),
     ])
     keys = ("auc", "ks", "gini", "brier", "log_loss", "oracle_auc", "baseline_central_auc",
-            "baseline_central_dp_auc", "baseline_payments_only_auc")
+            "baseline_central_dp_auc", "baseline_central_gbdt_auc",
+            "baseline_central_scorecard_auc", "baseline_payments_only_auc")
     rows = [(k, m.get(k)) for k in keys]
     rows += [("epsilon_model", eps), ("epsilon_label", (m.get("epsilon") or {}).get("label")),
              ("delta", m.get("delta")),
@@ -64,7 +65,7 @@ def _comparison_table(m: dict) -> Table:
     cols = ("auc", "ks", "gini", "brier", "log_loss")
     rows = [{"model": SERIES["federated"][0], **{c: m.get(c) for c in cols}}]
     baselines = m.get("baselines") or {}
-    order = ["central", "central_dp", "payments_only"]
+    order = ["central", "central_dp", "central_gbdt", "central_scorecard", "payments_only"]
     for key in sorted(baselines, key=lambda k: (order.index(k) if k in order else 99, k)):
         values = baselines[key]
         label = SERIES.get(key, (key, ""))[0]
@@ -73,7 +74,9 @@ def _comparison_table(m: dict) -> Table:
         rows.append({"model": SERIES["oracle"][0], "auc": m["oracle_auc"]})
     frame = pd.DataFrame(rows, columns=["model", *cols])
     return Table("model_comparison", "Federated model against the baselines (test split)", frame,
-                 note="The oracle uses the generator's true default probabilities.")
+                 note="The oracle uses the generator's true default probabilities. Every "
+                      "central model joins all parties' tables, which only the simulation can "
+                      "do: a reference, not something a party could compute.")
 
 
 def _learning_section(run: RunData) -> Section:

@@ -64,7 +64,7 @@ def summary_series(sweep: SweepData, name: str) -> pd.DataFrame | None:
 
 def _privacy_utility(sweep: SweepData) -> Plot | Note:
     curves = {"auc": "federated", "central_dp": "central_dp", "best_silo": "best_silo"}
-    lines = {"central": "central", "oracle": "oracle"}
+    lines = {"central": "central", "central_gbdt": "central_gbdt", "oracle": "oracle"}
     series = {n: summary_series(sweep, n) for n in (*curves, *lines)}
     if series["auc"] is None:
         return Note("Privacy–utility curve not available: no federated AUC in the sweep.")

@@ -43,6 +43,7 @@ from simulations.analysis.baselines import (
 )
 from simulations.analysis.canary_audit import canary_audit
 from simulations.analysis.curves import build_curves
+from simulations.analysis.references import REFERENCES, joined_references
 from simulations.data.paths import Parties, RunDirError
 from simulations.data.population import PopulationConfig, generate, write_parties
 from simulations.data.real_data import import_parties, resolve_mapping
@@ -333,6 +334,8 @@ def finish_run(run: Run, federation_seconds: float) -> dict:
     jobs += [job(silo, (silo,), sigma) for silo in silos]
     done = _baselines(run, joined, jobs)
     central, central_dp = done["central"], done.get("central_dp")
+    # Absent from the baselines a run killed before this version saved (phases.json).
+    refs = {name: done[name].metrics for name in REFERENCES if name in done}
     alone = {silo: done[silo] for silo in silos}
     best = max(alone, key=lambda s: alone[s].history[-1]["val_auc"])
     test = joined.positions("test")
@@ -354,6 +357,8 @@ def finish_run(run: Run, federation_seconds: float) -> dict:
         "oracle_auc": oracle,
         "baseline_central_auc": central.metrics["auc"],
         "baseline_central_dp_auc": central_dp.metrics["auc"] if central_dp else None,
+        **{f"baseline_{name}_auc": refs[name]["auc"] if name in refs else None
+           for name in REFERENCES},
         "baseline_best_silo_auc": alone[best].metrics["auc"],
         "baseline_best_silo": best,
         "baseline_payments_only_auc": (alone["payments"].metrics["auc"]
@@ -377,6 +382,7 @@ def finish_run(run: Run, federation_seconds: float) -> dict:
                     "central_dp": central_dp.history if central_dp else None},
         "baselines": {"central": central.metrics, "central_dp": central_dp.metrics
                       if central_dp else None,
+                      **refs,
                       **{f"{s}_only": alone[s].metrics for s in silos}},
         "data": cfg.data or "generated",
     }
@@ -392,6 +398,8 @@ def _baselines(run: Run, joined: JoinedData, jobs: list[BaselineJob]
         return {name: BaselineResult(**r) for name, r in kept.items()}
     run_phases.maybe_fail("baselines")
     done = run.timer("baselines", run_baselines, joined, jobs, run.cfg.authority)
+    # A credit analyst's references beside the central MLP; saved and resumed with it.
+    done.update(run.timer("references", joined_references, joined, run.cfg.authority.seed))
     run_phases.finish(run.out_dir, "baselines", {n: asdict(r) for n, r in done.items()})
     return done
 

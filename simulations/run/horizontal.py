@@ -39,6 +39,7 @@ from server.scoring import TIERS, tier_counts, to_score, to_tier
 from simulations.analysis.audit import membership_audit, per_example_loss
 from simulations.analysis.baselines import one_thread
 from simulations.analysis.curves import build_curves
+from simulations.analysis.references import Split, central_references
 from simulations.data.regions import prepare_regions
 from simulations.run.engine import run_federation
 from simulations.run.rundir import Progress, Run, oracle_auc, write_results
@@ -213,6 +214,8 @@ def finish_horizontal(run: Run, federation_seconds: float,
         model, _ = timer(f"baseline_{name}", train_pooled, data.x[rows], data.y[rows], spec,
                          epochs, name, secret)
         alone[name] = _sigmoid(predict_logits(model, data.x))
+    refs = timer("references", central_references, data.x, data.y,
+                 Split(data.rows(0), data.rows(1), data.rows(2)), auth.seed)
     oracle_test = timer("oracle", oracle_auc, run.parties, data.ids[test], data.y[test],
                         run.keystore)
     audit = timer("audit", _audit, data, p, authority)
@@ -231,6 +234,7 @@ def finish_horizontal(run: Run, federation_seconds: float,
         "baseline_central_auc": auc(data.y[test], central_p[test]),
         "baseline_central_dp_auc": (auc(data.y[test], central_dp_p[test])
                                     if central_dp_p is not None else None),
+        **{f"baseline_{name}_auc": r.metrics["auc"] for name, r in refs.items()},
         # The best single party alone: here a region (sweeps and reports read this key).
         "baseline_best_silo_auc": auc(data.y[test], alone[best][test]),
         "baseline_best_silo": best,
@@ -262,6 +266,7 @@ def finish_horizontal(run: Run, federation_seconds: float,
             "central": summary(data.y[test], central_p[test]),
             "central_dp": (summary(data.y[test], central_dp_p[test])
                            if central_dp_p is not None else None),
+            **{name: r.metrics for name, r in refs.items()},
             f"{best}_only": summary(data.y[test], alone[best][test]),
         },
         # Rounds on the report's epoch axis: round r has seen r * local_epochs epochs.

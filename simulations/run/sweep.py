@@ -39,6 +39,8 @@ SUMMARY_FILE = "summary.csv"
 BASELINES = {  # sweep.csv column -> metrics.json key
     "auc_central": "baseline_central_auc",
     "auc_central_dp": "baseline_central_dp_auc",
+    "auc_central_gbdt": "baseline_central_gbdt_auc",
+    "auc_central_scorecard": "baseline_central_scorecard_auc",
     "auc_best_silo": "baseline_best_silo_auc",
     "auc_oracle": "oracle_auc",
 }
@@ -233,8 +235,9 @@ def summarise(table: pd.DataFrame) -> pd.DataFrame:
         row["auc_mean"], row["auc_ci_low"], row["auc_ci_high"] = mean_ci(group["auc"])
         for col in BASELINES:
             name = col.removeprefix("auc_")
+            # A sweep from before a baseline existed has no column for it.
             row[f"{name}_mean"], row[f"{name}_ci_low"], row[f"{name}_ci_high"] = mean_ci(
-                group[col])
+                group.get(col, pd.Series(dtype=float)))
         row["eps_model_max"] = pd.to_numeric(group["eps_model"]).max()
         row["audit_epsilon_lower_max"] = pd.to_numeric(group["audit_epsilon_lower"]).max()
         if "audit_canary_epsilon_lower" in group:
