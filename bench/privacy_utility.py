@@ -71,7 +71,6 @@ def row_of(run_dir: Path, cell_seconds: float = math.nan) -> dict | None:
     cfg = json.loads((run_dir / "config.json").read_text())
     audit = m.get("audit") or {}
     canary = audit.get("canary") or {}
-    membership = audit.get("membership") or {}
     central_dp = m.get("baseline_central_dp_auc")
     return {
         "cell": run_dir.name,
@@ -83,7 +82,7 @@ def row_of(run_dir: Path, cell_seconds: float = math.nan) -> dict | None:
         "eps_model": (m.get("epsilon") or {}).get("model"),
         "delta": m.get("delta"),
         "canary_lower": canary.get("epsilon_lower_bound", math.nan),
-        "membership_lower": membership.get("epsilon_lower", math.nan),
+        "membership_lower": audit.get("epsilon_lower", math.nan),
         "central_dp": central_dp if central_dp is not None else math.nan,
         "central": m["baseline_central_auc"],
         "sigma_joint": m.get("joint_noise_multiplier", m.get("noise_multiplier")),

@@ -37,6 +37,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -50,6 +51,7 @@ from flwr.serverapp.strategy import (
     FedAvg,
     FedProx,
 )
+from flwr.serverapp.strategy.result import Result
 from flwr.serverapp.strategy.strategy import Strategy
 from flwr.supercore.differential_privacy import compute_stdv
 
@@ -285,6 +287,23 @@ def _broadcast(grid: Grid, kind: str, content: RecordDict, timeout: float) -> li
     return list(grid.send_and_receive(messages, timeout=timeout))
 
 
+@dataclass(frozen=True)
+class UserNoise:
+    """The user-level Gaussian mechanism's noise multiplier and delta (0 and None without
+    user-level DP)."""
+
+    sigma: float = 0.0
+    delta: float | None = None
+
+
+def user_noise(cfg: AuthorityConfig, spec: LocalSpec, declared_people: int) -> UserNoise:
+    """The user-level noise of this configuration (none under sample-level DP or no DP)."""
+    if not spec.user_level:
+        return UserNoise()
+    delta = user_delta(cfg, declared_people)
+    return UserNoise(user_sigma(cfg, delta), delta)
+
+
 def run_regions(grid: Grid, cfg: AuthorityConfig, out_dir: Path, run_key: str,
                 random: SecretRandom, declared_people: int,
                 progress: Progress | None = None) -> dict:
@@ -293,7 +312,6 @@ def run_regions(grid: Grid, cfg: AuthorityConfig, out_dir: Path, run_key: str,
     evaluate: the regions send no metrics then)."""
     t0 = time.perf_counter()
     grid = StrictGrid(grid, cfg.reply_timeout)
-    h = cfg.horizontal
     spec = local_spec(cfg)
     plan = ConfigRecord({**spec.to_config(), "split.train": cfg.split.train,
                          "split.val": cfg.split.val})
@@ -301,73 +319,112 @@ def run_regions(grid: Grid, cfg: AuthorityConfig, out_dir: Path, run_key: str,
     # answers with its name only).
     _wait_for(grid, cfg.regions, cfg.join_timeout)
     _privacy(grid, plan, cfg.reply_timeout)
-    user_dp = spec.user_level
-    delta_user = user_delta(cfg, declared_people) if user_dp else None
-    sigma_user = user_sigma(cfg, delta_user) if delta_user is not None else 0.0
-    strategy = build_strategy(cfg, sigma_user, random, ("horizontal", plan_digest(plan)))
-    history: list[dict] = []
+    noise = user_noise(cfg, spec, declared_people)
+    strategy = build_strategy(cfg, noise.sigma, random, ("horizontal", plan_digest(plan)))
+    result, round_models = _train(grid, cfg, spec, plan, strategy, progress)
+    history = _round_history(result, cfg.horizontal.rounds)
+    train_seconds = time.perf_counter() - t0
+
+    t1 = time.perf_counter()
+    privacy = _release(grid, cfg, plan, result.arrays, run_key, out_dir)
+    eps = _write_ledger(out_dir, cfg, privacy, noise.sigma, noise.delta)
+    return {
+        "round_models": round_models,
+        **_measured(cfg, spec, privacy, history),
+        "run_key": run_key,
+        "epsilon": eps,
+        **_accounting(cfg, spec, privacy, history, noise),
+        "seconds": {"train": round(train_seconds, 3),
+                    "predict": round(time.perf_counter() - t1, 3)},
+    }
+
+
+def _train(grid: Grid, cfg: AuthorityConfig, spec: LocalSpec, plan: ConfigRecord,
+           strategy: Strategy, progress: Progress | None) -> tuple[Result, dict[int, dict]]:
+    """Flower's strategy over `horizontal.rounds` rounds; under user-level DP, also each
+    round's global model (the experiment evaluates them: the regions send no metrics)."""
+    rounds = cfg.horizontal.rounds
     round_models: dict[int, dict] = {}
 
     def after_round(round_: int, arrays: ArrayRecord) -> MetricRecord | None:
-        if round_ > 0 and user_dp:
+        if round_ > 0 and spec.user_level:
             round_models[round_] = arrays.to_torch_state_dict()
         if progress and round_ > 0:
-            progress("train", round_, h.rounds)
+            progress("train", round_, rounds)
         return None
 
     if progress:
-        progress("train", 0, h.rounds)
+        progress("train", 0, rounds)
     initial = ArrayRecord(global_model(len(input_columns()), spec).state_dict())
-    result = strategy.start(grid, initial, num_rounds=h.rounds, timeout=cfg.reply_timeout,
+    result = strategy.start(grid, initial, num_rounds=rounds, timeout=cfg.reply_timeout,
                             train_config=plan, evaluate_config=plan, evaluate_fn=after_round)
-    for round_ in range(1, h.rounds + 1):
+    return result, round_models
+
+
+def _round_history(result: Result, rounds: int) -> list[dict]:
+    """One row per round: the regions' aggregated training and validation metrics."""
+    history: list[dict] = []
+    for round_ in range(1, rounds + 1):
         row: dict = {"round": round_}
         for source in (result.train_metrics_clientapp, result.evaluate_metrics_clientapp):
             metrics = dict(source.get(round_, {}))
             row.update({k: _metric(metrics, k) for k in metrics
                         if k not in ("weight", "num-examples")})
         history.append(row)
-    train_seconds = time.perf_counter() - t0
+    return history
 
-    t1 = time.perf_counter()
+
+def _release(grid: Grid, cfg: AuthorityConfig, plan: ConfigRecord, arrays: ArrayRecord,
+             run_key: str, out_dir: Path) -> dict[str, dict]:
+    """Ask each region its privacy spent, have it predict its customers with the final model,
+    and save that model; returns each region's privacy reply."""
     privacy = _privacy(grid, plan, cfg.reply_timeout)
-    content = RecordDict({"arrays": result.arrays,
+    content = RecordDict({"arrays": arrays,
                           "config": ConfigRecord({**dict(plan), "run_key": run_key})})
     _broadcast(grid, PREDICT, content, cfg.reply_timeout)
     # The released model: DP-trained (or not, as configured), so it may leave the server.
-    torch.save(result.arrays.to_torch_state_dict(), out_dir / MODEL_FILE)
-    eps = _write_ledger(out_dir, cfg, privacy, sigma_user, delta_user)
+    torch.save(arrays.to_torch_state_dict(), out_dir / MODEL_FILE)
+    return privacy
+
+
+def _measured(cfg: AuthorityConfig, spec: LocalSpec, privacy: dict[str, dict],
+              history: list[dict]) -> dict:
+    """How the run went: topology, strategy, DP level, rounds, regions and their history."""
+    h = cfg.horizontal
     return {
-        "round_models": round_models,
         "topology": "horizontal",
         "strategy": h.strategy,
         "dp": h.dp if cfg.privacy.dp_sgd else "off",
         "rounds": h.rounds,
-        "run_key": run_key,
         "regions": sorted(privacy),
         # Under user-level DP no region tells its size.
         "n_train": {r: (int(p["n_train"]) if "n_train" in p else None)
                     for r, p in privacy.items()},
         "history": history,
-        "epsilon": eps,
+        "round_trips": (1 if spec.user_level else 2) * h.rounds + 3,
+    }
+
+
+def _accounting(cfg: AuthorityConfig, spec: LocalSpec, privacy: dict[str, dict],
+                history: list[dict], noise: UserNoise) -> dict:
+    """The privacy accounting beside the epsilons: what each protects, delta, noise, clip."""
+    user_dp = spec.user_level
+    return {
         "epsilon_scope": {"model": SCOPE_REGION if spec.dp else None,
                           "user": SCOPE_USER if user_dp else None},
         "adjacency": ("add/remove of one region's whole contribution" if user_dp else
                       "add/remove of one customer of a region" if spec.dp else None),
-        "delta": (delta_user if user_dp else
+        "delta": (noise.delta if user_dp else
                   max((float(p.get("delta", 0.0)) for p in privacy.values()), default=0.0)),
         "accountant": cfg.privacy.accountant,
-        "noise_multiplier": ({USER_PARTY: sigma_user} if user_dp else
+        "noise_multiplier": ({USER_PARTY: noise.sigma} if user_dp else
                              {r: float(p.get("noise_multiplier", 0.0))
                               for r, p in privacy.items()}),
         "sample_rate": ({USER_PARTY: 1.0} if user_dp else
                         {r: float(p.get("sample_rate", 0.0)) for r, p in privacy.items()}),
-        "max_grad_norm": h.update_clip if user_dp else cfg.privacy.max_grad_norm,
+        "max_grad_norm": cfg.horizontal.update_clip if user_dp else cfg.privacy.max_grad_norm,
         "training_steps": {r: _steps(p) for r, p in privacy.items()},
         "stopped_by_budget_cap": any(row.get("stopped", 0) > 0 for row in history),
-        "round_trips": (1 if user_dp else 2) * h.rounds + 3,
-        "seconds": {"train": round(train_seconds, 3),
-                    "predict": round(time.perf_counter() - t1, 3)},
     }
 
 

@@ -431,7 +431,7 @@ def test_user_level_run_reports_no_region_metric_and_evaluates_centrally(horizon
 def test_sample_level_run_reports_one_budget_per_region(horizontal_runs: dict[str, Path]):
     m = json.loads((horizontal_runs["sample"] / "metrics.json").read_text())
     assert m["topology"] == "horizontal"
-    assert m["strategy"] == "fedprox"
+    assert m["aggregation_mode"] == "fedprox"
     assert set(m["epsilon"]["model"]) == {"region_1", "region_2", "region_3"}
     assert all(0.5 < e <= 2.0 for e in m["epsilon"]["model"].values())
     assert m["epsilon"]["user"] is None

@@ -277,7 +277,50 @@ def canary_audit(
     guesses behind it, and the seconds taken."""
     start = time.perf_counter()
     m = int(canaries)
-    if m < 2:
+    _check_inputs(canaries=m, blocks=blocks, steps=steps, sample_rate=sample_rate,
+                  noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, delta=delta,
+                  canary_gradient_scale=canary_gradient_scale, statistic=statistic)
+    pairs = list(guesses) if guesses is not None else default_guesses(m)
+
+    included = rng.random(m) < 0.5  # the auditor's secret coins
+    per_step = run_mechanism(included, noise_multiplier=noise_multiplier, blocks=blocks,
+                             sample_rate=sample_rate, steps=steps, max_grad_norm=max_grad_norm,
+                             rng=rng, expected_batch=expected_batch,
+                             canary_gradient_scale=canary_gradient_scale)
+    scores = canary_scores(per_step, statistic, noise_multiplier, blocks, sample_rate)
+
+    best = best_bound(scores, included, pairs, delta, beta, rng)
+    result = {
+        **_bound(best, canaries=m, hypotheses=len(pairs), beta=beta, delta=delta),
+        "statistic": statistic if noise_multiplier > 0 else "sum",
+        **_mechanism(noise_multiplier, blocks, sample_rate, steps, max_grad_norm),
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+    _log_result(result)
+    return result
+
+
+def _bound(best: dict, *, canaries: int, hypotheses: int, beta: float, delta: float) -> dict:
+    """The lower bound and what it rests on: the best guess and its confidence."""
+    return {
+        "epsilon_lower_bound": best["epsilon"],
+        "confidence": 1 - beta,
+        "canaries": canaries,
+        "guesses": best["guesses"],
+        "correct": best["correct"],
+        "k_plus": best["k_plus"],
+        "k_minus": best["k_minus"],
+        "hypotheses": hypotheses,
+        "delta": float(delta),
+        "method": METHOD,
+    }
+
+
+def _check_inputs(*, canaries: int, blocks: int, steps: int, sample_rate: float,
+                  noise_multiplier: float, max_grad_norm: float, delta: float,
+                  canary_gradient_scale: float, statistic: str) -> None:
+    """Refuse an audit whose mechanism or guesses are not what the proof is about."""
+    if canaries < 2:
         raise ValueError(f"the audit needs at least 2 canaries, got {canaries}")
     if blocks < 1 or steps < 0:
         raise ValueError(f"need blocks >= 1 and steps >= 0, got {blocks} and {steps}")
@@ -293,41 +336,27 @@ def canary_audit(
         raise ValueError("canary_gradient_scale must be >= 1 (the clip must bind)")
     if statistic not in STATISTICS:
         raise ValueError(f"statistic must be one of {STATISTICS}, got {statistic!r}")
-    pairs = list(guesses) if guesses is not None else default_guesses(m)
 
-    included = rng.random(m) < 0.5  # the auditor's secret coins
-    per_step = run_mechanism(included, noise_multiplier=noise_multiplier, blocks=blocks,
-                             sample_rate=sample_rate, steps=steps, max_grad_norm=max_grad_norm,
-                             rng=rng, expected_batch=expected_batch,
-                             canary_gradient_scale=canary_gradient_scale)
-    scores = canary_scores(per_step, statistic, noise_multiplier, blocks, sample_rate)
 
-    best = best_bound(scores, included, pairs, delta, beta, rng)
-    result = {
-        "epsilon_lower_bound": best["epsilon"],
-        "confidence": 1 - beta,
-        "canaries": m,
-        "guesses": best["guesses"],
-        "correct": best["correct"],
-        "k_plus": best["k_plus"],
-        "k_minus": best["k_minus"],
-        "hypotheses": len(pairs),
-        "delta": float(delta),
-        "method": METHOD,
-        "statistic": statistic if noise_multiplier > 0 else "sum",
+def _mechanism(noise_multiplier: float, blocks: int, sample_rate: float, steps: int,
+               max_grad_norm: float) -> dict:
+    """The audited mechanism, as the result describes it."""
+    return {
         "noise_multiplier": float(noise_multiplier),
         "combined_noise_multiplier": float(noise_multiplier) / math.sqrt(blocks),
         "blocks": int(blocks),
         "sample_rate": float(sample_rate),
         "steps": int(steps),
         "max_grad_norm": float(max_grad_norm),
-        "seconds": round(time.perf_counter() - start, 3),
     }
+
+
+def _log_result(result: dict) -> None:
     logger.info(
         "canary audit: eps_lower %.3f at %.0f %% (%d/%d correct, k+ %d, k- %d; %d canaries, "
         "sigma %.4g x %d blocks, q %.4g, %d steps) in %.1f s",
         result["epsilon_lower_bound"], 100 * result["confidence"], result["correct"],
-        result["guesses"], result["k_plus"], result["k_minus"], m, noise_multiplier, blocks,
-        sample_rate, steps, result["seconds"],
+        result["guesses"], result["k_plus"], result["k_minus"], result["canaries"],
+        result["noise_multiplier"], result["blocks"], result["sample_rate"], result["steps"],
+        result["seconds"],
     )
-    return result

@@ -131,12 +131,12 @@ def audit_section(run: RunData) -> Section:
             "audit_canary", "One-run canary audit of the joint DP-SGD", frame,
             note=f"{canary.get('method', 'one-run canary audit')}. Result: "
                  f"{_verdict(lower, accounted)}."))
-    membership = audit.get("membership") or audit
+    # The membership attack sits at the top of `audit`, in every run directory.
     keys = ("epsilon_lower", "attack_auc", "threshold", "tpr", "fpr", "n_members",
             "n_nonmembers", "confidence", "delta")
-    rows = [(k, membership.get(k)) for k in keys]
+    rows = [(k, audit.get(k)) for k in keys]
     frame = pd.DataFrame(rows, columns=["quantity", "value"]).astype({"value": object})
-    weak = finite(membership.get("epsilon_lower"))
+    weak = finite(audit.get("epsilon_lower"))
     section.blocks.append(Table("audit", "Loss-threshold membership attack on released scores",
                                 frame, note=f"Result: {_verdict(weak, accounted)}. A weaker "
                                 "attack than the canary audit: a black-box view of the scores."))

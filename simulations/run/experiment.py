@@ -51,6 +51,13 @@ from simulations.run.config import ExperimentConfig, check_delta, check_guardrai
 from simulations.run.deploy import deployment, progress_relay
 from simulations.run.engine import run_federation
 from simulations.run.horizontal import run_horizontal
+from simulations.run.outcome import (
+    Comparison,
+    Outcome,
+    membership_summary,
+    merge_seconds,
+    write_metrics,
+)
 from simulations.run.rundir import (
     Progress,
     Run,
@@ -58,7 +65,6 @@ from simulations.run.rundir import (
     open_run,
     oracle_auc,
     unclaim_run_dir,
-    write_results,
 )
 
 log = logging.getLogger(__name__)
@@ -302,26 +308,36 @@ def _horizontal_cells(cells: list[tuple[ExperimentConfig, Path, bool]], parties_
 def finish_run(run: Run, federation_seconds: float) -> dict:
     """Baselines, the oracle, the audit and curves; writes metrics.json, curves.json and
     manifest.json. `run.authority` holds what the authority measured."""
-    cfg, parties, authority, timer = run.cfg, run.parties, run.authority, run.timer
-    seconds = timer.seconds
-    seconds.update(authority["seconds"])
-    seconds["engine"] = round(federation_seconds - sum(authority["seconds"].values()), 3)
-    store = run.keystore
-
+    merge_seconds(run, federation_seconds)
     scores = read_scores(run.out_dir, run.keystore_dir, with_split=True)
-    ref_hash = authority["subject_ref"].removeprefix("hmac-")
-    joined = timer("join", join_parties, parties, scores, ref_hash, store)
-    # Every DP baseline at the run's COMBINED epsilon: the joint noise multiplier.
+    ref_hash = run.authority["subject_ref"].removeprefix("hmac-")
+    joined = run.timer("join", join_parties, run.parties, scores, ref_hash, run.keystore)
+    done = _baselines(run, joined, _baseline_jobs(run))
+    test = joined.positions("test")
+    # Real data has no truth table, hence no oracle.
+    oracle = (run.timer("oracle", oracle_auc, run.parties, joined.ids[test], joined.y[test],
+                        run.keystore) if run.cfg.generated else None)
+    audit = _saved_audit(run, joined, scores)
+    curves = build_curves(scores, joined.y)
+    if run.authority.get("contributions"):
+        curves["contributions"] = run.authority["contributions"]
+    return write_metrics(run, _outcome(run, done, oracle, audit), curves)
+
+
+def _baseline_jobs(run: Run) -> list[BaselineJob]:
+    """The central model (and under DP its DP twin), and each silo alone under the run's own
+    privacy; every DP baseline at the run's COMBINED epsilon: the joint noise multiplier."""
+    authority, root = run.authority, run.parties.root
     sigma = authority.get("joint_noise_multiplier", authority["noise_multiplier"])
-    silos = federation_silos(parties.root)
+    silos = federation_silos(root)
     # The experiment's own secret (beside the parties' ones) keys the baselines' DP noise: the
     # same keystore reproduces them, nobody else can.
-    secret = SecretRandom.load_or_create(run.keystore_dir or parties.root, "simulation")
+    secret = SecretRandom.load_or_create(run.keystore_dir or root, "simulation")
     # The baselines replay the authority's own batch plans (the simulation holds its keystore),
     # so without DP and staleness the central model is the federated one, step for step.
     run_key = authority["model"]["run_key"]
-    plans = authority_random(store, parties.root).key
-    plan_keys = tuple(plans("plan", run_key, e) for e in range(cfg.authority.train.epochs))
+    plans = authority_random(run.keystore, root).key
+    plan_keys = tuple(plans("plan", run_key, e) for e in range(run.cfg.authority.train.epochs))
 
     def job(name: str, members: tuple[str, ...], noise: float = 0.0) -> BaselineJob:
         return BaselineJob(name, members, noise, secret.key("baseline", run_key, name),
@@ -330,63 +346,59 @@ def finish_run(run: Run, federation_seconds: float) -> dict:
     jobs = [job("central", silos)]
     if sigma > 0:
         jobs.append(job("central_dp", silos, sigma))
-    # Each silo alone, under the run's own privacy; the best is chosen on validation AUC.
-    jobs += [job(silo, (silo,), sigma) for silo in silos]
-    done = _baselines(run, joined, jobs)
+    return jobs + [job(silo, (silo,), sigma) for silo in silos]
+
+
+def _saved_audit(run: Run, joined: JoinedData, scores: pd.DataFrame) -> dict:
+    """The audit, or the one a killed run finished already (phases.json)."""
+    kept = run_phases.saved(run.out_dir, "audit")
+    if isinstance(kept, dict):
+        return kept
+    run_phases.maybe_fail("audit")
+    audit = run.timer("audit", _audit, joined, scores, run.authority)
+    run_phases.finish(run.out_dir, "audit", audit)
+    return audit
+
+
+def _outcome(run: Run, done: dict[str, BaselineResult], oracle: float | None,
+             audit: dict) -> Outcome:
+    """metrics.json's content: the authority's own measurements against the baselines."""
+    authority = run.authority
+    silos = federation_silos(run.parties.root)
     central, central_dp = done["central"], done.get("central_dp")
     # Absent from the baselines a run killed before this version saved (phases.json).
     refs = {name: done[name].metrics for name in REFERENCES if name in done}
     alone = {silo: done[silo] for silo in silos}
+    # The best silo alone is chosen on validation AUC, and reported on test.
     best = max(alone, key=lambda s: alone[s].history[-1]["val_auc"])
-    test = joined.positions("test")
-    # Real data has no truth table, hence no oracle.
-    oracle = (timer("oracle", oracle_auc, parties, joined.ids[test], joined.y[test], store)
-              if cfg.generated else None)
-    audit = run_phases.saved(run.out_dir, "audit")
-    if audit is None:
-        run_phases.maybe_fail("audit")
-        audit = timer("audit", _audit, joined, scores, authority)
-        run_phases.finish(run.out_dir, "audit", audit)
-    curves = build_curves(scores, joined.y)
-    if authority.get("contributions"):
-        curves["contributions"] = authority["contributions"]
-    seconds["total"] = round(time.perf_counter() - run.t0, 3)
-
-    metrics = {
-        **{k: authority[k] for k in ("auc", "ks", "gini", "brier", "log_loss")},
-        "oracle_auc": oracle,
-        "baseline_central_auc": central.metrics["auc"],
-        "baseline_central_dp_auc": central_dp.metrics["auc"] if central_dp else None,
-        **{f"baseline_{name}_auc": refs[name]["auc"] if name in refs else None
-           for name in REFERENCES},
-        "baseline_best_silo_auc": alone[best].metrics["auc"],
-        "baseline_best_silo": best,
-        "baseline_payments_only_auc": (alone["payments"].metrics["auc"]
-                                       if "payments" in alone else None),
-        "gap_to_oracle": oracle - authority["auc"] if oracle is not None else None,
-        "gap_to_central": central.metrics["auc"] - authority["auc"],
-        "tiers": authority["tiers"],
-        "scored_test_auc": authority.get("scored_test_auc"),
-        "test_default_rate_by_tier": authority["test_default_rate_by_tier"],
-        "seconds": seconds,
-        # Each baseline's own training time; they may have run side by side.
-        "baseline_seconds": {name: round(r.seconds, 3) for name, r in done.items()},
-        "people": authority["people"],
-        "round_trips": authority["round_trips"],
-        "aggregation_mode": authority["aggregation_mode"],
-        **{k: authority[k] for k in PRIVACY_KEYS},
-        # Why the DP configuration may not learn (server/privacy.py); absent before issue 20.
-        "guardrails": authority.get("guardrails", []),
-        "audit": audit,
-        "history": {"federated": authority["history"], "central": central.history,
-                    "central_dp": central_dp.history if central_dp else None},
-        "baselines": {"central": central.metrics, "central_dp": central_dp.metrics
-                      if central_dp else None,
-                      **refs,
-                      **{f"{s}_only": alone[s].metrics for s in silos}},
-        "data": cfg.data or "generated",
-    }
-    return write_results(run, metrics, curves)
+    comparison = Comparison(
+        auc=authority["auc"], oracle=oracle, central=central.metrics["auc"],
+        central_dp=central_dp.metrics["auc"] if central_dp else None,
+        best=best, best_auc=alone[best].metrics["auc"],
+        references={name: refs[name]["auc"] if name in refs else None for name in REFERENCES})
+    return Outcome(
+        figures={k: authority[k] for k in ("auc", "ks", "gini", "brier", "log_loss")},
+        comparison=comparison, tiers=authority["tiers"],
+        default_rate_by_tier=authority["test_default_rate_by_tier"],
+        people=authority["people"], round_trips=authority["round_trips"],
+        aggregation_mode=authority["aggregation_mode"],
+        privacy={k: authority[k] for k in PRIVACY_KEYS}, audit=audit,
+        history={"federated": authority["history"], "central": central.history,
+                 "central_dp": central_dp.history if central_dp else None},
+        baselines={"central": central.metrics,
+                   "central_dp": central_dp.metrics if central_dp else None,
+                   **refs,
+                   **{f"{s}_only": alone[s].metrics for s in silos}},
+        own={
+            "baseline_payments_only_auc": (alone["payments"].metrics["auc"]
+                                           if "payments" in alone else None),
+            "scored_test_auc": authority.get("scored_test_auc"),
+            # Each baseline's own training time; they may have run side by side.
+            "baseline_seconds": {name: round(r.seconds, 3) for name, r in done.items()},
+            # Why the DP configuration may not learn (server/privacy.py); absent before
+            # issue 20.
+            "guardrails": authority.get("guardrails", []),
+        })
 
 
 def _baselines(run: Run, joined: JoinedData, jobs: list[BaselineJob]
@@ -407,12 +419,12 @@ def _baselines(run: Run, joined: JoinedData, jobs: list[BaselineJob]
 def _audit(joined: JoinedData, scores: pd.DataFrame, authority: dict) -> dict:
     """Two empirical lower bounds on epsilon; each must stay below the accounted epsilon.
 
-    `canary`: the one-run audit of the run's joint DP-SGD (its noise, blocks, sample rate,
-    steps and clip) with white-box gradient canaries, a proof at 95 % (simulations/
-    canary_audit.py). Its coins are the auditor's, fresh each run. `membership` (also kept
-    flat at the top for the readers of the old layout): the loss-threshold membership attack
-    on the released scores, training people against held-out test people with the clean
-    labels, a sanity check that cannot tell DP from no DP."""
+    At the top, as in every run directory: the loss-threshold membership attack on the
+    released scores, training people against held-out test people with the clean labels, a
+    sanity check that cannot tell DP from no DP. `canary`: the one-run audit of the run's
+    joint DP-SGD (its noise, blocks, sample rate, steps and clip) with white-box gradient
+    canaries, a proof at 95 % (simulations/analysis/canary_audit.py). Its coins are the
+    auditor's, fresh each run."""
     p = scores["probability"].to_numpy(dtype=np.float64)
     loss = per_example_loss(joined.y, np.nan_to_num(p, nan=0.5))
     scored = scores["score"].notna().to_numpy()  # ineligible people have no released score
@@ -423,8 +435,6 @@ def _audit(joined: JoinedData, scores: pd.DataFrame, authority: dict) -> dict:
 
     accounted = model_epsilon(authority)
     result = membership_audit(released("train"), released("test"), authority["delta"])
-    membership = {**result.to_dict(), "method": "loss-threshold membership attack",
-                  "accounted_epsilon": accounted}
     canary = canary_audit(
         noise_multiplier=float(authority["noise_multiplier"]),
         blocks=int(authority.get("blocks") or len(joined.xs) + 1),
@@ -432,7 +442,5 @@ def _audit(joined: JoinedData, scores: pd.DataFrame, authority: dict) -> dict:
         max_grad_norm=float(authority["max_grad_norm"]), delta=float(authority["delta"]),
         rng=np.random.default_rng(),
     )
-    return {**membership, "membership": membership,
+    return {**membership_summary(result, accounted),
             "canary": {**canary, "accounted_epsilon": accounted}}
-
-

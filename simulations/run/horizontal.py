@@ -42,10 +42,19 @@ from simulations.analysis.curves import build_curves
 from simulations.analysis.references import Split, central_references
 from simulations.data.regions import prepare_regions
 from simulations.run.engine import run_federation
-from simulations.run.rundir import Progress, Run, oracle_auc, write_results
+from simulations.run.outcome import (
+    Comparison,
+    Outcome,
+    membership_summary,
+    merge_seconds,
+    write_metrics,
+)
+from simulations.run.rundir import Progress, Run, oracle_auc
 
 SPLIT_NAMES = np.array(["train", "val", "test"])
 EXPERIMENT_PARTY = "simulation"
+PRIVACY_KEYS = ("epsilon", "delta", "accountant", "noise_multiplier", "sample_rate",
+                "max_grad_norm", "training_steps", "stopped_by_budget_cap")
 
 
 @dataclass
@@ -174,111 +183,150 @@ def evaluate_rounds(data: Pooled, round_models: dict[int, dict], spec: LocalSpec
     return out
 
 
+@dataclass(frozen=True)
+class Predictions:
+    """Each model's probabilities for every pooled customer: the federated one, the central
+    baselines (without and, when the run is private, with DP) and each region's alone."""
+
+    federated: np.ndarray
+    central: np.ndarray
+    central_dp: np.ndarray | None
+    alone: dict[str, np.ndarray]
+    references: dict[str, dict]  # each central reference's test figures, by name
+
+
 def finish_horizontal(run: Run, federation_seconds: float,
                       round_models: dict[int, dict] | None = None) -> dict:
-    cfg, auth, timer = run.cfg, run.cfg.authority, run.timer
-    authority = run.authority
-    seconds = timer.seconds
-    seconds.update(authority["seconds"])
-    seconds["engine"] = round(federation_seconds - sum(authority["seconds"].values()), 3)
-    data = timer("join", pooled, run, auth)
-    p = _predictions(run, data, authority["run_key"])
-    test, train = data.rows(2), data.rows(0)
+    """The regions' predictions against the baselines and the truth; writes metrics.json,
+    curves.json and manifest.json. `run.authority` holds what the server measured."""
+    merge_seconds(run, federation_seconds)
+    data = run.timer("join", pooled, run, run.cfg.authority)
+    p = _predictions(run, data, run.authority["run_key"])
+    scores, tier = _scores(data, p, run.cfg.authority)
+    history = _round_history(run, data, round_models)
+    predictions = _baseline_predictions(run, data, p)
+    test = data.rows(2)
+    oracle = run.timer("oracle", oracle_auc, run.parties, data.ids[test], data.y[test],
+                       run.keystore)
+    audit = run.timer("audit", _audit, data, p, run.authority)
+    curves = build_curves(scores, data.y)
+    own = _own(run, data, predictions, "experiment" if round_models else "regions")
+    outcome = _outcome(run, data, predictions, tier, oracle, audit, history, own)
+    return write_metrics(run, outcome, curves)
+
+
+def _scores(data: Pooled, p: np.ndarray, auth: AuthorityConfig
+            ) -> tuple[pd.DataFrame, np.ndarray]:
+    """The scores as the vertical topology's scores file holds them, and each tier's index."""
     score = to_score(p, auth.score)
     tier = to_tier(score)
     scores = pd.DataFrame({"split": SPLIT_NAMES[data.split], "probability": p,
                            "score": score, "tier": np.array([t.key for t in TIERS])[tier]})
+    return scores, tier
 
-    spec = local_spec(auth)
-    history = [dict(h) for h in authority["history"]]
+
+def _round_history(run: Run, data: Pooled, round_models: dict[int, dict] | None
+                   ) -> list[dict]:
+    """The server's per-round history, on the report's epoch axis (round r has seen
+    r * local_epochs epochs). Under user-level DP (`round_models`) the validation figures
+    are the experiment's (pooled validation customers, each round's released global model),
+    not the regions'."""
+    auth = run.cfg.authority
+    history = [dict(h) for h in run.authority["history"]]
     if round_models:
-        central_eval = timer("evaluate_rounds", evaluate_rounds, data, round_models, spec)
+        evaluated = run.timer("evaluate_rounds", evaluate_rounds, data, round_models,
+                              local_spec(auth))
         for h in history:
-            h.update(central_eval.get(int(h["round"]), {}))
+            h.update(evaluated.get(int(h["round"]), {}))
+    return [{**h, "epoch": h["round"] * auth.horizontal.local_epochs} for h in history]
+
+
+def _baseline_predictions(run: Run, data: Pooled, p: np.ndarray) -> Predictions:
+    """Train the central baselines and each region alone on the pooled training customers,
+    for as many epochs as the federation ran; each predicts every customer."""
+    auth, timer = run.cfg.authority, run.timer
+    spec = local_spec(auth)
     secret = experiment_random(run)
     epochs = auth.horizontal.rounds * auth.horizontal.local_epochs
-    private = spec.dp or authority["dp"] == "user"
-    non_private = replace(spec, epsilon=float("inf"))
-    central, _ = timer("baseline_central", train_pooled, data.x[train], data.y[train],
-                       non_private, epochs, "central", secret)
-    central_p = _sigmoid(predict_logits(central, data.x))
-    central_dp_p = None
-    if private:
-        dp_spec = replace(spec, epsilon=auth.privacy.epsilon)
-        central_dp, _ = timer("baseline_central_dp", train_pooled, data.x[train],
-                              data.y[train], dp_spec, epochs, "central_dp", secret)
-        central_dp_p = _sigmoid(predict_logits(central_dp, data.x))
-    alone = {}
-    for k, name in enumerate(data.names):
-        rows = data.rows(0, k)
-        model, _ = timer(f"baseline_{name}", train_pooled, data.x[rows], data.y[rows], spec,
-                         epochs, name, secret)
-        alone[name] = _sigmoid(predict_logits(model, data.x))
-    refs = timer("references", central_references, data.x, data.y,
-                 Split(data.rows(0), data.rows(1), data.rows(2)), auth.seed)
-    oracle_test = timer("oracle", oracle_auc, run.parties, data.ids[test], data.y[test],
-                        run.keystore)
-    audit = timer("audit", _audit, data, p, authority)
-    curves = build_curves(scores, data.y)
-    per_region = _per_region(data, p, alone)
-    seconds["total"] = round(time.perf_counter() - run.t0, 3)
+    train = data.rows(0)
 
-    fed = summary(data.y[test], p[test])
-    best = max(alone, key=lambda n: auc(data.y[test], alone[n][test]))
-    metrics = {
-        **fed,
-        "topology": "horizontal",
-        "strategy": authority["strategy"],
-        "dp_level": authority["dp"],
-        "oracle_auc": oracle_test,
-        "baseline_central_auc": auc(data.y[test], central_p[test]),
-        "baseline_central_dp_auc": (auc(data.y[test], central_dp_p[test])
-                                    if central_dp_p is not None else None),
-        **{f"baseline_{name}_auc": r.metrics["auc"] for name, r in refs.items()},
-        # The best single party alone: here a region (sweeps and reports read this key).
-        "baseline_best_silo_auc": auc(data.y[test], alone[best][test]),
-        "baseline_best_silo": best,
-        "baseline_best_region_auc": auc(data.y[test], alone[best][test]),
-        "baseline_best_region": best,
-        "gap_to_oracle": oracle_test - fed["auc"],
-        "gap_to_central": auc(data.y[test], central_p[test]) - fed["auc"],
-        "tiers": tier_counts(tier),
-        "test_default_rate_by_tier": {
-            t.key: (float(data.y[test][tier[test] == i].mean())
-                    if (tier[test] == i).any() else None) for i, t in enumerate(TIERS)},
-        "regions": per_region,
-        "region_skew": cfg.population.region_skew,
-        "seconds": seconds,
-        "people": {"aligned": len(p), "scored": len(p), "ineligible": 0,
-                   "train": len(train), "test": len(test)},
-        "round_trips": authority["round_trips"],
-        "aggregation_mode": authority["strategy"],
-        "epsilon": authority["epsilon"],
+    def fit(name: str, rows: np.ndarray, fit_spec: LocalSpec) -> np.ndarray:
+        model, _ = timer(f"baseline_{name}", train_pooled, data.x[rows], data.y[rows],
+                         fit_spec, epochs, name, secret)
+        return _sigmoid(predict_logits(model, data.x))
+
+    central = fit("central", train, replace(spec, epsilon=float("inf")))
+    central_dp = None
+    if spec.dp or run.authority["dp"] == "user":
+        central_dp = fit("central_dp", train, replace(spec, epsilon=auth.privacy.epsilon))
+    alone = {name: fit(name, data.rows(0, k), spec) for k, name in enumerate(data.names)}
+    refs = run.timer("references", central_references, data.x, data.y,
+                     Split(data.rows(0), data.rows(1), data.rows(2)), auth.seed)
+    return Predictions(p, central, central_dp, alone,
+                       {name: r.metrics for name, r in refs.items()})
+
+
+def _outcome(run: Run, data: Pooled, predictions: Predictions, tier: np.ndarray,
+             oracle: float, audit: dict, history: list[dict], own: dict) -> Outcome:
+    """metrics.json's content: the federated model on the pooled test customers against the
+    baselines; `own` is what only a horizontal run has (`_own`)."""
+    authority, test = run.authority, data.rows(2)
+
+    def on_test(p: np.ndarray) -> dict[str, float]:
+        return summary(data.y[test], p[test])
+
+    fed = on_test(predictions.federated)
+    central_dp = (on_test(predictions.central_dp)
+                  if predictions.central_dp is not None else None)
+    alone = {name: on_test(p) for name, p in predictions.alone.items()}
+    # The best single party alone: here a region, chosen (and reported) on test.
+    best = max(alone, key=lambda n: alone[n]["auc"])
+    central = on_test(predictions.central)
+    comparison = Comparison(auc=fed["auc"], oracle=oracle, central=central["auc"],
+                            central_dp=central_dp["auc"] if central_dp else None,
+                            best=best, best_auc=alone[best]["auc"],
+                            references={name: m["auc"]
+                                        for name, m in predictions.references.items()})
+    return Outcome(
+        figures=fed, comparison=comparison, tiers=tier_counts(tier),
+        default_rate_by_tier=_default_rate_by_tier(data.y[test], tier[test]),
+        people={"aligned": len(data.y), "scored": len(data.y), "ineligible": 0,
+                "train": len(data.rows(0)), "test": len(test)},
+        round_trips=authority["round_trips"], aggregation_mode=authority["strategy"],
+        privacy=_privacy(authority), audit=audit, history={"federated": history},
+        baselines={"central": central, "central_dp": central_dp, **predictions.references,
+                   f"{best}_only": alone[best]},
+        own=own,
+    )
+
+
+def _privacy(authority: dict) -> dict:
+    """The server's accounting as metrics.json holds it."""
+    return {
+        **{k: authority[k] for k in PRIVACY_KEYS},
         # What each epsilon protects and against whom: under sample-level DP one per region
         # (not a bound on the global model), under user-level DP one for all regions.
         "epsilon_scope": authority.get("epsilon_scope"),
         "adjacency": authority.get("adjacency"),
-        **{k: authority[k] for k in ("delta", "accountant", "noise_multiplier", "sample_rate",
-                                     "max_grad_norm", "training_steps",
-                                     "stopped_by_budget_cap")},
-        "audit": audit,
-        "baselines": {
-            "central": summary(data.y[test], central_p[test]),
-            "central_dp": (summary(data.y[test], central_dp_p[test])
-                           if central_dp_p is not None else None),
-            **{name: r.metrics for name, r in refs.items()},
-            f"{best}_only": summary(data.y[test], alone[best][test]),
-        },
-        # Rounds on the report's epoch axis: round r has seen r * local_epochs epochs.
-        # Under user-level DP the validation figures are the experiment's (pooled validation
-        # customers, each round's released global model), not the regions'.
-        "history": {"federated": [
-            {**h, "epoch": h["round"] * auth.horizontal.local_epochs}
-            for h in history]},
-        "history_evaluated_by": "experiment" if round_models else "regions",
-        "data": "generated",
     }
-    return write_results(run, metrics, curves)
+
+
+def _own(run: Run, data: Pooled, predictions: Predictions, evaluated_by: str) -> dict:
+    """What only a horizontal run reports: the topology, the DP level, each region, and who
+    evaluated the rounds' history ("experiment" under user-level DP, else "regions")."""
+    return {
+        "topology": "horizontal",
+        "dp_level": run.authority["dp"],
+        "regions": _per_region(data, predictions.federated, predictions.alone),
+        "region_skew": run.cfg.population.region_skew,
+        "history_evaluated_by": evaluated_by,
+    }
+
+
+def _default_rate_by_tier(y: np.ndarray, tier: np.ndarray) -> dict[str, float | None]:
+    """Each tier's observed default rate (None for an empty tier)."""
+    return {t.key: float(y[tier == i].mean()) if (tier == i).any() else None
+            for i, t in enumerate(TIERS)}
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
@@ -312,4 +360,4 @@ def _audit(data: Pooled, p: np.ndarray, authority: dict) -> dict:
     spent = [v for v in eps["model"].values() if v is not None]
     if eps.get("user") is not None:
         spent.append(eps["user"])
-    return {**result.to_dict(), "accounted_epsilon": max(spent) if spent else None}
+    return membership_summary(result, max(spent) if spent else None)

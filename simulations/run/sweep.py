@@ -184,11 +184,10 @@ def cell_row(out: Path, cell: Cell, status: str = "done", error: str = "") -> di
         row["eps_model"] = model_epsilon(metrics) or math.inf
         row["eps_label"] = metrics["epsilon"]["label"]
         audit = metrics.get("audit") or {}
-        membership = audit.get("membership") or audit
         row["audit_canary_epsilon_lower"] = (audit.get("canary") or {}).get(
             "epsilon_lower_bound")
-        row["audit_epsilon_lower"] = membership.get("epsilon_lower")
-        row["audit_attack_auc"] = membership.get("attack_auc")
+        row["audit_epsilon_lower"] = audit.get("epsilon_lower")
+        row["audit_attack_auc"] = audit.get("attack_auc")
         row["seconds"] = metrics["seconds"]["total"]
     else:
         row["error"] = error
