@@ -34,6 +34,10 @@ from pathlib import Path
 OFF_ENV = "FEDSCORE_TEST_PRIVATE_RAY"
 LOOPBACK = "127.0.0.1"
 STARTUP_SECONDS = 120
+# prctl(PR_SET_PDEATHSIG, SIGTERM), then exec the command (the setting survives exec).
+_DIE_WITH_PARENT = ("import ctypes, os, signal, sys; "
+                    "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM); "
+                    "os.execvp(sys.argv[1], sys.argv[1:])")
 
 
 class _Head:
@@ -70,8 +74,11 @@ class _Head:
                    "--include-dashboard=false", "--disable-usage-stats",
                    f"--temp-dir={self.temp}"]
         env = {**os.environ, **auth, "RAY_USAGE_STATS_ENABLED": "0"}
-        # Its own session, so that ending its process group ends only what it started.
-        self.proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
+        # Its own session, so that ending its process group ends only what it started; and
+        # SIGTERM when this process dies, even killed (`ray start --block` then ends every
+        # process it started), so an interrupted suite leaves no Ray behind.
+        self.proc = subprocess.Popen([sys.executable, "-c", _DIE_WITH_PARENT, *command],
+                                     env=env, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL, start_new_session=True)
         self.env = {**auth, "RAY_ADDRESS": f"{LOOPBACK}:{port}"}
         _wait_for_port(port, self.proc)
