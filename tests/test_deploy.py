@@ -25,7 +25,9 @@ pytestmark = pytest.mark.slow
 ARGS = ("--users", "2000", "--seed", "4", "--set", "train.epochs=1",
         "--set", "train.chunk_warmup=false", "--set", "privacy.guardrails=warn")
 # Mostly waiting on the SuperNodes' 3 s polls, so it runs beside the rest of the suite.
-background.register("deployed", lambda work: [("deploy", "--out", str(work / "deployed"), *ARGS)])
+# SuperNodes poll for work every 3 s: the run mostly waits, so it does not queue.
+background.register("deployed", lambda work: [("deploy", "--out", str(work / "deployed"), *ARGS)],
+                    waits=True)
 
 
 def wait_for(predicate, timeout: float, what: str) -> None:
