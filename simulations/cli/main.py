@@ -13,6 +13,8 @@
   echo PHONE | fedscore dispute RUN_DIR --silo S --field F --value V --category C
   fedscore audit RUN_DIR               # verify the dispute audit log
   fedscore drift RUN_DIR [--drift 0.3] # score a later cohort, population stability index
+
+-v/--verbose goes anywhere on the line; `fedscore COMMAND --help` shows every option's default.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from rich.table import Table
 
 from server.privacy import model_epsilon
 from simulations.cli import people as cli_people
+from simulations.cli.parsing import Parser
 from simulations.data.mapping import MAPPING_HELP
 from simulations.run.engine import configure_environment, quiet_engine_logs
 
@@ -86,14 +89,11 @@ class PhaseProgress:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fedscore", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = Parser.top_level(prog="fedscore", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)  # of class Parser, like p
 
     run = sub.add_parser("run", help="generate parties, train the federation, score, compare",
-                         epilog=MAPPING_HELP,
-                         formatter_class=argparse.RawDescriptionHelpFormatter)
+                         epilog=MAPPING_HELP)
     _run_args(run)
     deploy = sub.add_parser(
         "deploy", help="`run` on Flower's deployment engine: a TLS SuperLink and one "
@@ -114,14 +114,13 @@ def _parser() -> argparse.ArgumentParser:
 
     sweep = sub.add_parser("sweep", help="one run per (epsilon, seed) with baselines and an "
                                          "audit; repeat the command to continue",
-                           epilog=MAPPING_HELP,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+                           epilog=MAPPING_HELP)
     sweep.add_argument("--out", type=Path, required=True, help="sweep directory")
     sweep.add_argument("--epsilons", default="0.5,1,2,4,8,inf",
                        help="eps_model per cell, comma-separated; inf = no DP")
     sweep.add_argument("--seeds", default="0,1,2",
                        help="seeds (data and training), comma-separated")
-    sweep.add_argument("--users", type=int, default=None, help="people the authority knows")
+    sweep.add_argument("--users", type=int, default=None, help=_shortcut_help("users"))
     sweep.add_argument("--data", default=None, metavar="uci|FILE.csv|DIR",
                        help="real data instead of the generator (as for `fedscore run`)")
     sweep.add_argument("--set", dest="assignments", action="append", default=[],
@@ -134,7 +133,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Validate a real-data directory before a run: the mapping, every party's\n"
                     "table, labels and identifiers, and who the parties share (counted on\n"
                     "keyed hashes). Exit code 2 when there are problems, 0 when clean.",
-        epilog=MAPPING_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=MAPPING_HELP)
     check.add_argument("dir", metavar="uci|FILE.csv|DIR",
                        help="the data, as for `fedscore run --data`")
     check.add_argument("--set", dest="assignments", action="append", default=[],
@@ -161,7 +160,8 @@ def _parser() -> argparse.ArgumentParser:
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
     init = keys_sub.add_parser("init", help="create a keystore (0700 directory, 0600 keys)")
     init.add_argument("dir", type=Path)
-    init.add_argument("--suite", default="aes-256-gcm", choices=["aes-256-gcm", "sm4-gcm"])
+    init.add_argument("--suite", default="aes-256-gcm", choices=["aes-256-gcm", "sm4-gcm"],
+                      help="cipher suite: AES-256-GCM, or SM4-GCM with HMAC-SM3 references")
     rotate = keys_sub.add_parser("rotate", help="add a key and make it active")
     rotate.add_argument("dir", type=Path)
 
@@ -174,6 +174,18 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("--out", type=Path, required=True, help="directory for the report")
     cli_people.add_parsers(sub)
     return p
+
+
+def _shortcut_help(option: str) -> str:
+    """--users and --seed set config keys, whose defaults are the options' defaults."""
+    from simulations.run.config import ExperimentConfig
+
+    defaults = ExperimentConfig()
+    if option == "users":
+        return (f"people the authority knows: sets population.users (default: "
+                f"{defaults.population.users})")
+    return (f"seed of the data and the models: sets population.seed and seed (default: "
+            f"{defaults.population.seed} and {defaults.authority.seed})")
 
 
 def _run_args(run: argparse.ArgumentParser) -> None:
@@ -191,8 +203,8 @@ def _run_args(run: argparse.ArgumentParser) -> None:
 
 
 def _population_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--users", type=int, default=None, help="people the authority knows")
-    p.add_argument("--seed", type=int, default=None, help="seed for data and training")
+    p.add_argument("--users", type=int, default=None, help=_shortcut_help("users"))
+    p.add_argument("--seed", type=int, default=None, help=_shortcut_help("seed"))
     p.add_argument("--set", dest="assignments", action="append", default=[],
                    metavar="KEY=VALUE", help="override a config key (see `fedscore config`)")
 

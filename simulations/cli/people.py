@@ -48,7 +48,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     dispute.add_argument("--value", required=True, type=float, help="its corrected value")
     dispute.add_argument("--category", required=True, choices=list(DUE_HOURS),
                          help="transaction (24 h), identity_theft (48 h), system_error (72 h)")
-    dispute.add_argument("--lang", choices=["en", "zh"], default="en")
+    dispute.add_argument("--lang", choices=["en", "zh"], default="en", help="reason language")
 
     audit = sub.add_parser("audit", help="verify a run's dispute audit log")
     audit.add_argument("run_dir", type=Path, metavar="RUN_DIR")
@@ -61,7 +61,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     drift.add_argument("--cohort", default="later", help="cohort name (made if missing)")
     drift.add_argument("--drift", type=float, default=0.3,
                        help="behaviour drift of a new cohort: 0 = none, 1 = large")
-    drift.add_argument("--seed", type=int, default=None, help="seed of a new cohort")
+    drift.add_argument("--seed", type=int, default=None,
+                       help="seed of a new cohort (default: the population's seed)")
 
     serve = sub.add_parser("serve", help="keep a run's federation up so `score` and `dispute` "
                                          "skip the engine start (Ctrl-C stops it)")

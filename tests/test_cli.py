@@ -1,0 +1,86 @@
+"""The `fedscore` command line itself: defaults in --help, --version, -v anywhere, descriptions
+in `fedscore config`, `ledger verify` on a sweep, and `report`/`compare` refusing to overwrite.
+Every command here runs in the test process (run_cli without an engine)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+from collections.abc import Iterator
+from pathlib import Path
+from unittest import mock
+
+import pytest
+
+from simulations.cli.main import _parser
+from simulations.cli.parsing import shows_default
+from tests.conftest import run_cli
+
+# ---- --help, --version, -v -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def parser() -> argparse.ArgumentParser:
+    return _parser()
+
+
+def _parsers(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()
+             ) -> Iterator[tuple[tuple[str, ...], argparse.ArgumentParser]]:
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _parsers(sub, (*path, name))
+
+
+def test_every_help_shows_every_default(parser: argparse.ArgumentParser):
+    parsers = dict(_parsers(parser))
+    assert {("sweep",), ("ledger", "verify"), ("keys", "init"), ("drift",)} <= set(parsers)
+    shown = 0
+    for path, parser in parsers.items():
+        text = " ".join(parser.format_help().split())  # as wrapped at any width
+        for action in parser._actions:
+            if shows_default(action):
+                assert f"(default: {action.default})" in text, (path, action.option_strings)
+                shown += 1
+        # Unset options, flags and empty lists say nothing rather than "None".
+        for nothing in ("None", "False", "[]"):
+            assert f"(default: {nothing})" not in text, path
+    assert shown >= 8
+
+
+def test_help_through_the_command(tmp_path: Path):
+    proc = run_cli("run", "--help", cwd=tmp_path, engine=False)
+    assert proc.returncode == 0, proc.stderr
+    text = " ".join(proc.stdout.split())
+    assert "sets population.users (default: 100000)" in text  # a shortcut: the key's default
+    assert "mapping.json" in text  # the epilog, as written
+    drift = run_cli("drift", "--help", cwd=tmp_path, engine=False)
+    assert "(default: 0.3)" in " ".join(drift.stdout.split())
+
+
+def test_version_is_the_installed_package(tmp_path: Path):
+    proc = run_cli("--version", cwd=tmp_path, engine=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"fedscore {importlib.metadata.version('fedscore')}"
+
+
+@pytest.mark.parametrize("argv", [
+    ["-v", "config"], ["config", "-v"], ["--verbose", "report", "d"], ["report", "d", "-v"],
+    ["ledger", "-v", "verify", "d"], ["ledger", "verify", "d", "--verbose"],
+    ["keys", "init", "d", "-v"], ["score", "d", "-v"],
+])
+def test_verbose_anywhere(parser: argparse.ArgumentParser, argv: list[str]):
+    assert parser.parse_args(argv).verbose is True
+
+
+@pytest.mark.parametrize("argv", [["config"], ["ledger", "verify", "d"], ["score", "d"]])
+def test_quiet_by_default(parser: argparse.ArgumentParser, argv: list[str]):
+    assert parser.parse_args(argv).verbose is False
+
+
+def test_verbose_after_the_command_has_its_effect(tmp_path: Path):
+    with mock.patch("simulations.cli.main.quiet_engine_logs") as quiet:
+        proc = run_cli("config", "-v", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    quiet.assert_called_once_with(True)
