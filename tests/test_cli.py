@@ -12,8 +12,12 @@ from unittest import mock
 
 import pytest
 
+from crypto.secret_random import SecretRandom
+from server.authority import derive_run_key
+from server.config import to_flat
 from simulations.cli.main import _parser
 from simulations.cli.parsing import shows_default
+from simulations.run.config import DESCRIPTIONS, known_keys, make_config
 from tests.conftest import run_cli
 
 # ---- --help, --version, -v -------------------------------------------------------------------
@@ -84,3 +88,30 @@ def test_verbose_after_the_command_has_its_effect(tmp_path: Path):
         proc = run_cli("config", "-v", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     quiet.assert_called_once_with(True)
+
+
+# ---- fedscore config ---------------------------------------------------------------------------
+
+
+def test_every_key_has_a_description():
+    assert set(DESCRIPTIONS) == set(known_keys())  # none missing, none left for a gone key
+
+
+def test_config_lists_every_key_with_its_description(tmp_path: Path):
+    proc = run_cli("config", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    header = next(line for line in lines if "┃" in line)
+    assert header.split() == ["┃", "key", "┃", "type", "┃", "default", "┃", "description", "┃"]
+    rows = [[c.strip() for c in line.split("│")[1:-1]] for line in lines if line.count("│") == 5]
+    listed = {row[0]: row[3] for row in rows if row[0]}  # a wrapped cell continues unkeyed
+    assert set(listed) == set(known_keys())
+    assert all(listed.values()), [k for k, text in listed.items() if not text]
+    assert listed["privacy.epsilon"].startswith("eps_model target")
+
+
+def test_default_run_key_is_pinned():
+    # The run key (server/authority.py) keys every secret draw of a run: descriptions and other
+    # words about the configuration must never reach it. Pinned for a fixed secret.
+    random = SecretRandom(bytes(range(32)))
+    assert derive_run_key(random, to_flat(make_config().authority)) == "91766f855853dfdf"

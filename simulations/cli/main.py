@@ -147,7 +147,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="write the tables encrypted with this keystore (fedscore keys init)")
     _population_args(gen)
 
-    sub.add_parser("config", help="list every --set key with its type and default")
+    sub.add_parser("config", help="list every --set key with its type, default and what it "
+                                  "does")
 
     led = sub.add_parser("ledger", help="privacy ledger tools")
     led_sub = led.add_subparsers(dest="ledger_command", required=True)
@@ -515,7 +516,7 @@ def _print_problems(problems) -> None:
 def _config(_: argparse.Namespace) -> int:
     from simulations.run.config import describe_keys
 
-    table = Table("key", "type", "default")
+    table = Table("key", "type", "default", "description")
     for row in describe_keys():
         table.add_row(*row)
     Console().print(table)

@@ -138,8 +138,78 @@ def check_guardrails(cfg: ExperimentConfig, people: int, source: str) -> None:
                           f"{reasons}. To run it anyway: --set privacy.guardrails=warn")
 
 
-def describe_keys() -> list[tuple[str, str, str]]:
-    """(key, type, default) for every key, for `fedscore config`."""
+# What each key does, in one line, for `fedscore config`: the one place these words live (the
+# comments beside the dataclass fields say why a default is what it is). Only words: nothing here
+# reaches a configuration, so a run's key and draws do not depend on it. tests/test_cli.py
+# checks that every key has a description and every description a key.
+DESCRIPTIONS: dict[str, str] = {
+    "seed": "training seed: the models' initialisation (DP noise and batches: keystores)",
+    "model.hidden": "hidden layers of each silo's bottom MLP, units per layer",
+    "model.embedding_dim": "aggregation.mode=concat: width of each silo's embedding",
+    "model.top_hidden": "aggregation.mode=concat: hidden layers of the authority's top MLP",
+    "train.epochs": "passes over the training people (vertical topology)",
+    "train.batch_size": "expected Poisson batch size of DP-SGD",
+    "train.lr": "learning rate (Adam) of the vertical model",
+    "train.weight_decay": "L2 weight decay (Adam) of the vertical model",
+    "train.chunk_batches": "mini-batches per Flower round trip",
+    "train.chunk_warmup": "start at one batch per round trip and double up to chunk_batches",
+    "split.train": "share of the aligned people in training",
+    "split.val": "share in validation (calibration); the rest is the test set",
+    "score.base_score": "score of a person at odds base_odds (300..850 scale)",
+    "score.base_odds": "good:bad odds that score base_score",
+    "score.pdo": "points to double the odds",
+    "explain.reasons": "reason codes per person, 0 = none (on: the authority sees silo points)",
+    "psi.workers": "processes for the authority's PSI blinding",
+    "privacy.epsilon": "eps_model target of the combined model; inf = no DP-SGD",
+    "privacy.delta": "delta of the (epsilon, delta) budgets; 0 = 1/(10 N), N = people in training",
+    "privacy.accountant": "DP-SGD accountant: prv or rdp",
+    "privacy.max_grad_norm": "per-sample clipping bound of every party's DP-SGD",
+    "privacy.cap": "eps_model at which training stops; 0 = the target privacy.epsilon",
+    "privacy.label_epsilon": "eps_label: randomised response on the training labels; inf = off",
+    "privacy.transcript_sigma": "noise multiplier on contributions sent to the authority; 0 = off",
+    "privacy.transcript_clip": "clipping bound of each contribution sent to the authority",
+    "privacy.transcript_cap": "eps_transcript at which training stops; inf = no cap",
+    "privacy.guardrails": "a DP configuration that cannot learn: refuse, or only warn",
+    "aggregation.mode": "sum (a scorecard, secure sum) or concat (split learning, weaker)",
+    "aggregation.secure": "sum mode: pairwise-masked secure sum of the silos' contributions",
+    "storage.keystore": "encryption at rest: auto (<parties>.keys), none, or a keystore dir",
+    "eligibility.require_real_name": "score only people with real-name verification",
+    "eligibility.require_bound_card": "score only people with a bound bank card",
+    "eligibility.severe_default_window_days": "no score after a severe default within this many "
+                                              "days; 0 = no check",
+    "topology": "vertical (silos hold different facts) or horizontal (regions hold people)",
+    "regions": "horizontal topology: number of regions",
+    "horizontal.rounds": "horizontal: federated rounds",
+    "horizontal.local_epochs": "horizontal: epochs each region trains per round",
+    "horizontal.lr": "horizontal: learning rate of each region's optimiser",
+    "horizontal.strategy": "horizontal: fedavg or fedprox",
+    "horizontal.proximal_mu": "horizontal, fedprox: weight mu of the proximal term",
+    "horizontal.dp": "horizontal: sample-level DP-SGD in each region, or user-level (a region)",
+    "horizontal.clipping": "horizontal, user-level DP: clip updates at the server or client",
+    "horizontal.update_clip": "horizontal, user-level DP: L2 bound of a region's update",
+    "join_timeout": "seconds to wait for every silo to join",
+    "reply_timeout": "seconds to wait for any one reply",
+    "retries": "times a message without a reply is sent again before the run stops",
+    "population.users": "people the authority knows (generated population)",
+    "population.seed": "seed of the generated population",
+    "population.default_rate": "mean true default probability over the authority's people",
+    "population.coverage": "share of the authority's people each silo holds (payments, social, "
+                           "device)",
+    "population.outsiders": "people the authority does not know, per silo, as a share of users",
+    "population.missing_rate": "share of missing cells in the columns that can be missing",
+    "population.signal_share": "share of the label's signal in each silo (sums to 1)",
+    "population.signal_scale": "std of the true default logit (sets the oracle AUC)",
+    "population.unverified_rate": "share of people without real-name verification",
+    "population.unbound_card_rate": "share of people without a bound bank card",
+    "population.severe_default_rate": "share of people with a severe default in the last year",
+    "population.region_skew": "horizontal: how far regions differ, 0 (alike) to 1",
+    DATA_KEY: "real data instead of the generator: uci, a CSV, or a directory; empty = generated",
+}
+
+
+def describe_keys() -> list[tuple[str, str, str, str]]:
+    """(key, type, default, description) for every key, for `fedscore config`."""
     defaults = ExperimentConfig().flat()
-    return [(k, getattr(t, "__name__", str(t)), repr(defaults[k])) for k, t in known_keys().items()]
+    return [(k, getattr(t, "__name__", str(t)), repr(defaults[k]), DESCRIPTIONS[k])
+            for k, t in known_keys().items()]
 
