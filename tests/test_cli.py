@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from unittest import mock
@@ -18,6 +20,7 @@ from server.config import to_flat
 from simulations.cli.main import _parser
 from simulations.cli.parsing import shows_default
 from simulations.run.config import DESCRIPTIONS, known_keys, make_config
+from simulations.run.sweep import SWEEP_FILE
 from tests.conftest import run_cli
 
 # ---- --help, --version, -v -------------------------------------------------------------------
@@ -115,3 +118,42 @@ def test_default_run_key_is_pinned():
     # words about the configuration must never reach it. Pinned for a fixed secret.
     random = SecretRandom(bytes(range(32)))
     assert derive_run_key(random, to_flat(make_config().authority)) == "91766f855853dfdf"
+
+
+# ---- ledger verify on a sweep ------------------------------------------------------------------
+
+
+def _sweep_of(run: Path, root: Path, cells: tuple[str, ...]) -> Path:
+    """A sweep directory laid out as simulations/run/sweep.py writes one, each cell a copy of
+    the finished run's files that the verification reads."""
+    (root / "runs").mkdir(parents=True, exist_ok=True)
+    (root / SWEEP_FILE).write_text(json.dumps({"epsilons": ["32"], "seeds": [5, 6]}))
+    for cell in cells:
+        (root / "runs" / cell).mkdir()
+        for name in ("ledger.jsonl", "metrics.json", "config.json"):
+            shutil.copy2(run / name, root / "runs" / cell / name)
+    return root
+
+
+@pytest.mark.slow  # awaits an engine run (the private_run fixture)
+def test_ledger_verify_gives_one_verdict_per_cell(private_run: Path, tmp_path: Path):
+    sweep = _sweep_of(private_run, tmp_path / "sweep", ("eps=32_seed=5",))
+    (sweep / "runs" / "eps=inf_seed=5").mkdir()  # a cell without a ledger: nothing to verify
+    good = run_cli("ledger", "verify", str(sweep), cwd=tmp_path)
+    text = " ".join(good.stdout.split())
+    assert good.returncode == 0, good.stdout + good.stderr
+    assert "eps=32_seed=5: the ledger verifies" in text
+    assert "eps=inf_seed=5: no ledger" in text
+    assert "1 of 2 cells verify, 0 do not, 1 have no ledger" in text
+
+    _sweep_of(private_run, sweep, ("eps=32_seed=6",))
+    ledger = sweep / "runs" / "eps=32_seed=6" / "ledger.jsonl"
+    lines = ledger.read_text().splitlines()
+    ledger.write_text("\n".join([*lines, lines[-1]]) + "\n")  # a step recorded twice
+    bad = run_cli("ledger", "verify", str(sweep), cwd=tmp_path)
+    text = " ".join(bad.stdout.split())
+    assert bad.returncode == 1, bad.stdout + bad.stderr
+    assert "eps=32_seed=5: the ledger verifies" in text
+    assert "ledger problem: eps=32_seed=6:" in text
+    assert "eps=32_seed=6: the ledger does not verify" in text
+    assert "1 of 3 cells verify, 1 do not, 1 have no ledger" in text
