@@ -107,7 +107,8 @@ def main() -> int:
           .to_string(index=False))
     subprocess.run([sys.executable, "-m", "simulations.cli", "compare",
                     *[str(out / n) for n in names if (out / n / "metrics.json").exists()],
-                    "--out", str(out / "compare")], env=env, check=False)
+                    "--out", str(out / "compare"), "--force"],  # this bench's own report
+                   env=env, check=False)
     return 0
 
 

@@ -22,6 +22,7 @@ from simulations.cli.parsing import shows_default
 from simulations.run.config import DESCRIPTIONS, known_keys, make_config
 from simulations.run.sweep import SWEEP_FILE
 from tests.conftest import run_cli
+from tests.test_report import write_run
 
 # ---- --help, --version, -v -------------------------------------------------------------------
 
@@ -157,3 +158,47 @@ def test_ledger_verify_gives_one_verdict_per_cell(private_run: Path, tmp_path: P
     assert "ledger problem: eps=32_seed=6:" in text
     assert "eps=32_seed=6: the ledger does not verify" in text
     assert "1 of 3 cells verify, 1 do not, 1 have no ledger" in text
+
+
+# ---- report and compare never overwrite silently -------------------------------------------------
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_report_refuses_to_overwrite_without_force(tmp_path: Path):
+    run = write_run(tmp_path / "run", curves=False)
+    (run / "tables.tex").write_text("% the paper's edited tables\n")
+    before = _files(run)
+    refused = run_cli("report", str(run), cwd=tmp_path)
+    err = " ".join(refused.stderr.split())
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert f"{run / 'tables.tex'} already exists: pass --force" in err
+    assert _files(run) == before  # nothing written
+    # --force goes on to the report (here refused for what the directory is: a full report
+    # costs seconds, and compare below shows --force replacing one).
+    (tmp_path / "other" / "report").mkdir(parents=True)
+    forced = run_cli("report", str(tmp_path / "other"), "--force", cwd=tmp_path)
+    assert forced.returncode == 2
+    assert "neither a run directory" in " ".join(forced.stderr.split())
+
+
+def test_compare_refuses_to_overwrite_without_force(tmp_path: Path):
+    run = write_run(tmp_path / "run", curves=False)
+    out = tmp_path / "cmp"
+    (out / "report").mkdir(parents=True)
+    (out / "report.html").write_text("<p>an earlier comparison</p>")
+    before = _files(out)
+    refused = run_cli("compare", str(run), "--out", str(out), cwd=tmp_path)
+    err = " ".join(refused.stderr.split())
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert f"{out / 'report.html'}, {out / 'report'} already exist" in err
+    assert "pass --force" in err
+    assert _files(out) == before
+
+    forced = run_cli("compare", str(run), "--out", str(out), "--force", cwd=tmp_path)
+    assert forced.returncode == 0, forced.stdout + forced.stderr
+    assert "an earlier comparison" not in (out / "report.html").read_text()
+    assert (out / "tables.tex").exists()

@@ -49,6 +49,8 @@ from simulations.run.engine import configure_environment, quiet_engine_logs
 console = Console(stderr=True)
 log = logging.getLogger("fedscore")
 
+FORCE_HELP = "replace the report files an earlier report wrote there"
+
 PHASE_LABELS = {
     "generate": "Generate population",
     "import": "Import real data into party folders",
@@ -171,10 +173,12 @@ def _parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="write report.html, tables.tex and report/*.csv "
                                            "into a run or sweep directory")
     report.add_argument("dir", type=Path, metavar="RUN_OR_SWEEP_DIR")
+    report.add_argument("--force", action="store_true", help=FORCE_HELP)
     compare = sub.add_parser("compare", help="one report comparing runs or sweeps (e.g. the "
                                              "vertical and horizontal topologies) at equal ε")
     compare.add_argument("dirs", type=Path, nargs="+", metavar="RUN_OR_SWEEP_DIR")
     compare.add_argument("--out", type=Path, required=True, help="directory for the report")
+    compare.add_argument("--force", action="store_true", help=FORCE_HELP)
     cli_people.add_parsers(sub)
     return p
 
@@ -637,6 +641,14 @@ def _report(args: argparse.Namespace) -> int:
     from simulations.report.load import ReportError
     from simulations.report.render import build_report
 
+    target = args.out if args.command == "compare" else args.dir
+    existing = [] if args.force else _report_outputs(target)
+    if existing:
+        console.print(f"[bold red]error:[/] {escape(', '.join(map(str, existing)))} already "
+                      f"exist{'s' if len(existing) == 1 else ''}: pass --force to overwrite "
+                      "the previous report (nothing was written)", soft_wrap=True,
+                      highlight=False)
+        return 2
     try:
         with console.status("writing the report"):
             files = (build_comparison(args.dirs, args.out) if args.command == "compare"
@@ -652,6 +664,15 @@ def _report(args: argparse.Namespace) -> int:
     out.print(f"[bold]{len(files.csvs)} CSVs[/] {files.html.parent / 'report'}", soft_wrap=True,
               highlight=False)
     return 0
+
+
+def _report_outputs(directory: Path) -> list[Path]:
+    """The files and folder of a report already in `directory` (simulations/report/render.py
+    writes these three names), which a new report would replace."""
+    from simulations.report.render import CSV_DIR, HTML_FILE, TEX_FILE
+
+    return [directory / name for name in (HTML_FILE, TEX_FILE, CSV_DIR)
+            if (directory / name).exists()]
 
 
 def main(argv: list[str] | None = None) -> int:
