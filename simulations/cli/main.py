@@ -7,8 +7,10 @@
   fedscore data check DIR             # every problem of a mapping and its tables, at once
   fedscore generate --parties DIR [--users N] [--seed S] [--keystore DIR] [--set population.k=v]
   fedscore sweep --out DIR [--epsilons 0.5,1,2,4,8,inf] [--seeds 0,1,2] [--set key=value ...]
-  fedscore report RUN_OR_SWEEP_DIR     # report.html, tables.tex, report/*.csv
-  fedscore config                      # every --set key with its type and default
+  fedscore report RUN_OR_SWEEP_DIR [--force]   # report.html, tables.tex, report/*.csv
+  fedscore compare DIR DIR ... --out DIR [--force]   # runs or sweeps side by side
+  fedscore ledger verify RUN_OR_SWEEP_DIR   # every epsilon recomputed with dp-accounting
+  fedscore config                      # every --set key: type, default, what it does
   echo PHONE | fedscore score RUN_DIR      # one person's score and reasons (phone on stdin)
   echo PHONE | fedscore dispute RUN_DIR --silo S --field F --value V --category C
   fedscore audit RUN_DIR               # verify the dispute audit log
