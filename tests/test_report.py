@@ -1,8 +1,10 @@
-"""`fedscore report`: HTML, LaTeX and CSV outputs from synthetic run and sweep directories.
+"""`fedscore report`: HTML, LaTeX, figure and CSV outputs from synthetic run and sweep
+directories.
 
 The fixtures follow the run directory's files (metrics.json with its audit, curves.json,
 ledger.jsonl, scores.parquet) and the sweep's (sweep.json, sweep.csv, summary.csv). The browser
-test opens the page in Debian's Chromium (scripts/browser-setup.sh) through playwright.
+test opens the page in Debian's Chromium (scripts/browser-setup.sh) through playwright; the
+LaTeX test compiles tables.tex with Debian's pdflatex (scripts/tex-setup.sh).
 """
 
 from __future__ import annotations
@@ -11,21 +13,29 @@ import hashlib
 import json
 import os
 import re
+import shutil
+import subprocess
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from matplotlib.figure import Figure
 
 from server.scoring import TIER_KEYS, TIERS
 from simulations.cli.main import main
-from simulations.report.blocks import eps_axis
+from simulations.report.blocks import cells, eps_axis
+from simulations.report.latex import TEX_DOCUMENT, TEX_FILE, header_text, tex_escape
 from simulations.report.load import ReportError
-from simulations.report.render import build_report
+from simulations.report.render import build_report, figure_bytes
 
 PARTIES = ("payments", "social", "device", "authority")
 CHROMIUM = Path("/usr/bin/chromium")
+# Tests that do not look at figures/ skip writing it (about 0.2 s a figure).
+NO_FIGURE_FILES: tuple[str, ...] = ()
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                   "--no-first-run", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync"]
@@ -217,14 +227,15 @@ def write_sweep(path: Path, *, representative: bool = True, only_federated: bool
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = write_run(tmp_path_factory.mktemp("report") / "run")
-    build_report(path)
+    build_report(path, figure_formats=NO_FIGURE_FILES)
     return path
 
 
 @pytest.fixture(scope="module")
 def sweep_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = write_sweep(tmp_path_factory.mktemp("report") / "sweep")
-    build_report(path)
+    # Its figures go through the same writer as the run's, which run_dir's tests check.
+    build_report(path, figure_formats=NO_FIGURE_FILES)
     return path
 
 
@@ -295,15 +306,20 @@ def test_ledger_tables_leave_refusals_out_of_the_spend(run_dir: Path) -> None:
 
 def test_tables_tex_uses_booktabs_and_escapes_specials(run_dir: Path) -> None:
     tex = (run_dir / "tables.tex").read_text(encoding="utf-8")
-    n = tex.count(r"\begin{tabular}")
+    n = len(re.findall(r"\\begin\{tabular\}\{", tex))  # not the headers' nested [b] ones
     assert n >= 8
     assert tex.count(r"\toprule") == tex.count(r"\midrule") == tex.count(r"\bottomrule") == n
-    for escaped in (r"100\%", r"log\_loss", r"abc123\_dirty", r"\fedscorezh{待观察}", r"$\infty$"):
+    for escaped in (r"100\%", r"abc123\_dirty", r"\fedscorezh{待观察}", r"$\infty$",
+                    r"& $-$20.1 &"):  # a p10 of the contributions: a minus sign, not a hyphen
         assert escaped in tex
-    body = [line for line in tex.splitlines()
-            if not line.startswith(("%", r"\providecommand"))]
-    for line in body:  # '&' separates columns, '$' opens \infty: only these must be escaped
+    rows = [line for line in tex.splitlines() if line.endswith(r"\\")]
+    for line in rows:  # '&' separates columns, '$' opens math: only these stay unescaped
         assert not re.search(r"(?<!\\)[%_#]", line), line
+    # Headers are typeset, not the CSV's snake_case: no escaped underscore right after \toprule.
+    headers = re.findall(r"\\toprule\n(.*)\n", tex)
+    assert len(headers) == n
+    assert not [h for h in headers if r"\_" in h]
+    assert "log loss" in tex
 
 
 def test_sweep_report_has_the_curve_tables_and_one_run(sweep_dir: Path) -> None:
@@ -329,7 +345,7 @@ def test_sweep_report_has_the_curve_tables_and_one_run(sweep_dir: Path) -> None:
 
 def test_sweep_falls_back_to_first_done_run_and_sweep_csv(tmp_path: Path) -> None:
     path = write_sweep(tmp_path / "sweep", representative=False, only_federated=True)
-    build_report(path)
+    build_report(path, figure_formats=NO_FIGURE_FILES)
     page = (path / "report.html").read_text(encoding="utf-8")
     assert "Representative run eps=0.5_seed=0" in page
     # summary.csv lacks the baselines' columns: they come from sweep.csv's done runs.
@@ -350,7 +366,7 @@ def test_infinity_sits_at_the_right_edge_of_the_epsilon_axis() -> None:
 
 def test_optional_pieces_become_notes(tmp_path: Path) -> None:
     path = write_run(tmp_path / "run", curves=False, audit=False, encrypted=True, ledger=False)
-    build_report(path)
+    build_report(path, figure_formats=NO_FIGURE_FILES)
     page = (path / "report.html").read_text(encoding="utf-8")
     for missing in ("Score histogram not available", "Calibration by tier not available",
                     "KS curve not available", "Per-silo contribution summary not available",
@@ -365,7 +381,7 @@ def test_minimal_run_and_unfinished_sweep_still_report(tmp_path: Path) -> None:
     for name, text in (("config.json", "{}"), ("manifest.json", "{}"),
                        ("metrics.json", '{"auc": 0.8}')):
         (run / name).write_text(text)
-    build_report(run)
+    build_report(run, figure_formats=NO_FIGURE_FILES)
     assert "Learning curves not available" in (run / "report.html").read_text(encoding="utf-8")
     sweep = tmp_path / "sweep"
     sweep.mkdir()
@@ -374,7 +390,7 @@ def test_minimal_run_and_unfinished_sweep_still_report(tmp_path: Path) -> None:
     failed.to_csv(sweep / "sweep.csv", index=False)
     pd.DataFrame(columns=["epsilon", "auc_mean", "auc_ci_low", "auc_ci_high"]).to_csv(
         sweep / "summary.csv", index=False)
-    build_report(sweep)
+    build_report(sweep, figure_formats=NO_FIGURE_FILES)
     page = (sweep / "report.html").read_text(encoding="utf-8")
     assert "No run of the sweep finished" in page
     assert "Privacy–utility curve not available" in page
@@ -382,7 +398,7 @@ def test_minimal_run_and_unfinished_sweep_still_report(tmp_path: Path) -> None:
 
 def test_old_runs_without_curves_use_scores(tmp_path: Path) -> None:
     path = write_run(tmp_path / "run", curves=False)
-    build_report(path)
+    build_report(path, figure_formats=NO_FIGURE_FILES)
     hist = pd.read_csv(path / "report" / "score_histogram.csv")
     assert int(hist[list(TIER_KEYS)].to_numpy().sum()) > 0
     calib = pd.read_csv(path / "report" / "calibration_by_tier.csv")
@@ -393,13 +409,22 @@ def test_old_runs_without_curves_use_scores(tmp_path: Path) -> None:
 def test_report_never_modifies_existing_files(tmp_path: Path) -> None:
     path = write_sweep(tmp_path / "sweep")
     before = _hashes(path)
-    build_report(path)
-    build_report(path)  # and again: a second report only replaces its own outputs
-    build_report(path / "eps=1_seed=0")
+    build_report(path, figure_formats=NO_FIGURE_FILES)
+    first = _hashes(path)
+    # and again: a second report only replaces its own outputs
+    build_report(path, figure_formats=NO_FIGURE_FILES)
+    build_report(path / "eps=1_seed=0", figure_formats=NO_FIGURE_FILES)
     after = _hashes(path)
     assert {k: v for k, v in after.items() if k in before} == before
-    ours = re.compile(r"^(eps=1_seed=0/)?(report\.html|tables\.tex|report/[\w]+\.csv)$")
+    assert {k: v for k, v in after.items() if k in first} == first  # the same bytes each time
+    ours = re.compile(r"^(eps=1_seed=0/)?(report\.html|tables(-document)?\.tex|"
+                      r"report/\w+\.csv)$")
     assert all(ours.match(k) for k in set(after) - set(before))
+    # A paper may \input both tables.tex files: no label is defined twice.
+    labels = [re.findall(r"\\label\{([^}]*)\}", (d / TEX_FILE).read_text(encoding="utf-8"))
+              for d in (path, path / "eps=1_seed=0")]
+    assert all(labels)
+    assert len(set(labels[0] + labels[1])) == len(labels[0]) + len(labels[1])
 
 
 # ---- errors ----------------------------------------------------------------------------------
@@ -426,7 +451,7 @@ def test_bad_directories_name_the_problem(tmp_path: Path, kind: str, name: str,
     path = write_run(tmp_path / "d") if kind == "run" else write_sweep(tmp_path / "d")
     _break(path, name, text)
     with pytest.raises(ReportError, match=re.escape(message)):
-        build_report(path)
+        build_report(path, figure_formats=NO_FIGURE_FILES)
     assert not (path / "report.html").exists()
 
 
@@ -446,6 +471,104 @@ def test_cli_writes_the_report(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert "report.html" in capsys.readouterr().out
     assert (path / "report.html").exists()
     assert (path / "tables.tex").exists()
+
+
+# ---- paper outputs: tables.tex under pdflatex, figures as PDF and SVG -------------------------
+
+OVERFULL_PT = 10.0
+
+
+def pdflatex_log(report: Path, work: Path) -> str:
+    """Compile a report's tables-document.tex (which inputs tables.tex) in `work`; the log."""
+    if shutil.which("pdflatex") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("no pdflatex in CI: scripts/test.sh runs scripts/tex-setup.sh first")
+        pytest.skip("no pdflatex: run `bash scripts/tex-setup.sh` (scripts/test.sh does)")
+    for name in (TEX_FILE, TEX_DOCUMENT):
+        shutil.copy(report / name, work / name)
+    # \tracinglostchars=3: a character its font lacks (Chinese without a CJK font) stops the
+    # run instead of leaving a silent gap.
+    proc = subprocess.run(
+        ["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "-no-shell-escape",
+         rf"\tracinglostchars=3\input{{{TEX_DOCUMENT}}}"],
+        cwd=work, capture_output=True, text=True, timeout=120, check=False)
+    log = (work / TEX_DOCUMENT.replace(".tex", ".log")).read_text(encoding="latin-1")
+    assert proc.returncode == 0, log[-4000:]
+    return log
+
+
+def assert_clean_log(log: str) -> None:
+    assert not [line for line in log.splitlines() if line.startswith("!")], log[-4000:]
+    overfull = re.findall(r"Overfull \\hbox \(([\d.]+)pt too wide\)[^\n]*\n([^\n]*)", log)
+    assert [(w, where) for w, where in overfull if float(w) > OVERFULL_PT] == []
+    for problem in ("Overfull \\vbox", "Float too large", "multiply defined",
+                    "Chinese text left out"):
+        assert problem not in log
+    assert "c70gbsn.fd" in log  # the Chinese text was set, in AR PL SungtiL
+
+
+@pytest.mark.parametrize("which", ["run", "sweep"])
+def test_tables_tex_compiles_with_pdflatex(which: str, run_dir: Path, sweep_dir: Path,
+                                           tmp_path: Path) -> None:
+    log = pdflatex_log(run_dir if which == "run" else sweep_dir, tmp_path)
+    assert_clean_log(log)
+    assert (tmp_path / TEX_DOCUMENT.replace(".tex", ".pdf")).read_bytes().startswith(b"%PDF-")
+
+
+@pytest.mark.slow
+def test_a_real_runs_tables_compile_with_pdflatex(small_run: Path, tmp_path: Path) -> None:
+    run = shutil.copytree(small_run, tmp_path / "run")  # the shared run stays as it was made
+    build_report(run, figure_formats=NO_FIGURE_FILES)
+    assert_clean_log(pdflatex_log(run, tmp_path))
+
+
+@given(st.text())
+def test_tex_escape_leaves_only_ascii_and_chinese_runs(text: str) -> None:
+    tex = tex_escape(text)
+    outside = re.sub(r"\\fedscorezh\{[\u3000-\u303f\u3400-\u4dbf\u4e00-\u9fff\uff00-\uffef]+\}",
+                     "", tex)
+    assert outside.isascii()
+    unescaped = re.sub(r"\\\$", "", outside)
+    assert unescaped.count("$") % 2 == 0  # every formula closes
+    assert "$$" not in unescaped  # neighbouring symbols share one formula, never display math
+
+
+def test_headers_and_numbers_are_typeset_for_a_paper() -> None:
+    assert header_text("auc_central_dp") == "AUC central DP"
+    assert header_text("audit_epsilon_lower") == "audit ε lower"
+    assert header_text("seed benefit") == "seed benefit"
+    assert tex_escape("−∞ ≤ε") == r"$- \infty$ $\le \varepsilon$"
+    frame = pd.DataFrame({"auc": [0.863, 0.059, 12.5], "delta": [1.67e-05, 2e-06, 0.0],
+                          "epsilon": [0.5, 1.0, float("inf")]})
+    assert cells(frame) == [["0.86", "1.67e-05", "0.5"], ["0.06", "2.00e-06", "1.0"],
+                            ["12.50", "0", "∞"]]
+
+
+def test_every_figure_is_written_as_pdf_and_svg(tmp_path: Path) -> None:
+    # A run without curves.json: five figures, each costs about 0.3 s in the two formats.
+    path = write_run(tmp_path / "run", curves=False)
+    build_report(path)
+    page = (path / "report.html").read_text(encoding="utf-8")
+    keys = re.findall(r'<figure id="fig-(\w+)"', page)
+    assert len(keys) >= 4
+    assert f"figures/{keys[0]}.pdf, figures/{keys[0]}.svg</figcaption>" in page
+    figures = path / "figures"
+    assert sorted(p.name for p in figures.iterdir()) == sorted(
+        f"{key}.{fmt}" for key in keys for fmt in ("pdf", "svg"))
+    for key in keys:
+        pdf = (figures / f"{key}.pdf").read_bytes()
+        assert pdf.startswith(b"%PDF-1."), key
+        assert pdf.rstrip().endswith(b"%%EOF"), key
+        svg = ET.parse(figures / f"{key}.svg").getroot()
+        assert svg.tag == "{http://www.w3.org/2000/svg}svg", key
+        assert len(list(svg.iter("{http://www.w3.org/2000/svg}path"))) > 10, key  # drawn
+
+
+def test_figure_files_carry_no_date_or_random_id() -> None:
+    fig = Figure(figsize=(2, 1.5))
+    fig.subplots().plot([0, 1], [1, 0], label="ε")
+    for fmt in ("png", "pdf", "svg"):
+        assert figure_bytes(fig, fmt) == figure_bytes(fig, fmt), fmt
 
 
 # ---- the page in a real browser --------------------------------------------------------------
@@ -489,3 +612,33 @@ def test_report_renders_in_chromium_offline(chromium, which: str, run_dir: Path,
     assert all(done and width > 0 and alt for done, width, alt in images), images
     assert problems == []
     assert all(u.startswith(("file://", "data:")) for u in requests), requests
+
+
+# Draws a text in the font of a table cell on a canvas: (pixels inked, a hash of the pixels).
+_INK = """([cell, text]) => {
+    const td = [...document.querySelectorAll("td")].find(e => e.textContent === cell);
+    const canvas = document.createElement("canvas");
+    canvas.width = 400;
+    canvas.height = 80;
+    const ctx = canvas.getContext("2d");
+    ctx.font = getComputedStyle(td).font;
+    ctx.textBaseline = "top";
+    ctx.fillText(text, 4, 4);
+    const alpha = ctx.getImageData(0, 0, 400, 80).data.filter((_, i) => i % 4 === 3);
+    let ink = 0, hash = 0;
+    alpha.forEach((a, i) => { if (a) { ink += 1; hash = (hash * 31 + i * 7 + a) >>> 0; } });
+    return [ink, hash];
+}"""
+
+
+def test_chinese_tier_names_render_as_glyphs_not_boxes(chromium, run_dir: Path) -> None:
+    """Without a CJK font, Chromium draws every Chinese character as the same empty box: two
+    different names of equal length then leave the same pixels (scripts/browser-setup.sh
+    installs WenQuanYi Micro Hei, which the page's font stack names)."""
+    page = chromium.new_page()
+    page.goto((run_dir / "report.html").as_uri(), wait_until="load")
+    first, second = [t.name_zh for t in TIERS if len(t.name_zh) == 2][:2]
+    drawn = [page.evaluate(_INK, [first, text]) for text in (first, second)]
+    page.close()
+    assert all(ink > 50 for ink, _ in drawn), drawn
+    assert drawn[0] != drawn[1], "Chinese text renders as boxes: no CJK font (browser-setup.sh)"

@@ -669,11 +669,17 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _report_outputs(directory: Path) -> list[Path]:
-    """The files and folder of a report already in `directory` (simulations/report/render.py
-    writes these three names), which a new report would replace."""
-    from simulations.report.render import CSV_DIR, HTML_FILE, TEX_FILE
+    """The files and folders of a report already in `directory` (the names
+    simulations/report/render.py writes), which a new report would replace."""
+    from simulations.report.render import (
+        CSV_DIR,
+        FIGURE_DIR,
+        HTML_FILE,
+        TEX_DOCUMENT,
+        TEX_FILE,
+    )
 
-    return [directory / name for name in (HTML_FILE, TEX_FILE, CSV_DIR)
+    return [directory / name for name in (HTML_FILE, TEX_FILE, TEX_DOCUMENT, FIGURE_DIR, CSV_DIR)
             if (directory / name).exists()]
 
 

@@ -3,12 +3,9 @@ formatting every table shares, and the figure helpers every plot is drawn with."
 
 from __future__ import annotations
 
-import io
 import json
 import math
-import re
-import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,7 +64,7 @@ class Plot:
     key: str
     title: str
     alt: str
-    png: bytes
+    fig: Figure  # drawn once; the report writes it as PNG (in the page), PDF and SVG
     data: pd.DataFrame
     note: str = ""
 
@@ -98,6 +95,7 @@ class ReportFiles:
     html: Path
     tex: Path
     csvs: tuple[Path, ...]
+    figures: tuple[Path, ...] = ()  # every figure as PDF and SVG, beside the page
 
 
 # ---- formatting ------------------------------------------------------------------------------
@@ -142,14 +140,49 @@ def fmt_eps(v: float) -> str:
     return "∞" if math.isinf(v) else f"{v:g}"
 
 
-def column_formatter(values: Iterable[Any]) -> Callable[[Any], str]:
-    """fmt, except that a column of round settings (ε 0.5, 1, 4) is shown without padding
-    while a column of measurements keeps fixed decimals so it lines up."""
-    floats = [float(v) for v in values if isinstance(v, float | np.floating) and math.isfinite(v)]
-    if floats and all(round(v, 2) == v for v in floats):
-        return lambda v: (f"{v:g}" if isinstance(v, float | np.floating) and math.isfinite(v)
-                          else fmt(v))
-    return fmt
+def column_formatter(column: pd.Series) -> Callable[[Any], str]:
+    """How one table column is shown: one number of decimals for every row, so that it lines
+    up on the decimal point. A column of round settings (ε 0.5, 1, 4) gets as many as its
+    roundest value needs (0.5, 1.0, 4.0); a column of measurements as many as its largest
+    value calls for (0.8630 above 0.0590). A column of mixed quantities (the value column of
+    a key-value table) shows each value on its own."""
+    floats = [float(v) for v in column if isinstance(v, float | np.floating) and math.isfinite(v)]
+    if not floats:
+        return fmt
+    if not pd.api.types.is_float_dtype(column):
+        return fmt
+    decimals = [next((d for d in range(3) if round(v, d) == v), None) for v in floats]
+    if None in decimals:
+        spec = _column_spec(max(abs(v) for v in floats))
+    else:
+        spec = f",.{max(d for d in decimals if d is not None)}f"
+
+    def show(v: Any) -> str:
+        if not isinstance(v, float | np.floating) or not math.isfinite(v):
+            return fmt(v)
+        return "0" if v == 0 and spec.endswith("e") else format(float(v), spec)
+    return show
+
+
+def _column_spec(largest: float) -> str:
+    if largest >= 1000:
+        return ",.1f"
+    if largest >= 10:
+        return ".2f"
+    if largest >= 0.01:
+        return ".4f"
+    return ".2e"  # a column of tiny numbers (delta): every row in the same scientific form
+
+
+def is_numeric(column: pd.Series) -> bool:
+    """A column of numbers (right-aligned in the page and in LaTeX), not of mixed values."""
+    if pd.api.types.is_bool_dtype(column):
+        return False
+    if pd.api.types.is_numeric_dtype(column):
+        return True
+    values = [v for v in column if v is not None]
+    return bool(values) and all(isinstance(v, int | float | np.number) and not isinstance(v, bool)
+                                for v in values)
 
 
 def cells(frame: pd.DataFrame) -> list[list[str]]:
@@ -160,21 +193,6 @@ def cells(frame: pd.DataFrame) -> list[list[str]]:
 
 def fmt_interval(mean: float, low: float, high: float) -> str:
     return f"{fmt(mean)} [{fmt(low)}, {fmt(high)}]"
-
-
-_TEX_SPECIALS = {
-    "\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
-    "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
-    "∞": r"$\infty$", "–": "--", "−": "$-$", "ε": r"$\varepsilon$", "…": r"\ldots{}",
-}
-_CJK = re.compile(r"[\u3400-\u9fff]+")
-
-
-def tex_escape(text: str) -> str:
-    """Plain text to LaTeX; Chinese runs go through \\fedscorezh so a paper without CJK fonts
-    can drop or typeset them (see the preamble of tables.tex)."""
-    escaped = "".join(_TEX_SPECIALS.get(ch, ch) for ch in text)
-    return _CJK.sub(lambda m: rf"\fedscorezh{{{m.group()}}}", escaped)
 
 
 def finite(value: Any) -> float | None:
@@ -200,13 +218,6 @@ def figure(width: float = 7.0, height: float = 3.8) -> tuple[Figure, Axes]:
     return fig, ax
 
 
-def png(fig: Figure) -> bytes:
-    buf = io.BytesIO()
-    # No Software metadata: the PNG should not even carry matplotlib's URL.
-    fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": None})
-    return buf.getvalue()
-
-
 def eps_axis(ax: Axes, eps: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
     """Log x-axis over the finite epsilons with ∞ drawn at the right edge; returns the map
     from epsilon to x position."""
@@ -225,11 +236,6 @@ def eps_axis(ax: Axes, eps: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
     ax.minorticks_off()
     ax.set_xlabel("privacy budget ε (log scale; ∞ = non-private)")
     return lambda e: np.where(np.isinf(e), inf_x, e)
-
-
-def png_size(png: bytes) -> tuple[int, int]:
-    width, height = struct.unpack(">II", png[16:24])
-    return width, height
 
 
 def finite_model_epsilon(metrics: dict) -> float | None:

@@ -23,7 +23,6 @@ from simulations.report.blocks import (
     Section,
     Table,
     figure,
-    png,
 )
 from simulations.report.load import ReportError, RunData, detect_kind, load_run, load_sweep
 from simulations.report.render import write_report
@@ -98,7 +97,7 @@ def _auc_by_epsilon(rows: pd.DataFrame) -> tuple[Plot, pd.DataFrame]:
     ax.legend(fontsize=8)
     plot = Plot("topologies_auc", "Test AUC against ε, by topology",
                 "Line chart of test AUC against the privacy budget for each topology",
-                png(fig), grouped,
+                fig, grouped,
                 note="Mean over the runs at each budget. Sample-level ε protects one customer; "
                      "user-level ε protects a whole region's data.")
     return plot, grouped
@@ -127,6 +126,5 @@ def build_comparison(directories: list[Path], out: Path) -> ReportFiles:
         Section("runs", "Every run compared", [
             Table("compared_runs", "Runs compared", rows, collapsed=len(rows) > 12)]),
     ]
-    page, tex, csvs = write_report(out.resolve(), "fedscore report: topologies compared",
-                                   sections)
-    return ReportFiles("comparison", page, tex, tuple(csvs))
+    return write_report(out.resolve(), "comparison", "fedscore report: topologies compared",
+                        sections)

@@ -18,7 +18,6 @@ from simulations.report.blocks import (
     finite,
     finite_model_epsilon,
     fmt,
-    png,
 )
 from simulations.report.load import RunData
 
@@ -73,7 +72,7 @@ def _ledger_plot(spent: list[dict], target: float | None) -> Plot:
     ax.set_xlabel("round")
     ax.set_ylabel("cumulative ε")
     ax.legend(frameon=False, fontsize="small", ncol=2)
-    return Plot("ledger_cumulative", "Cumulative ε by round, per party and budget", png=png(fig),
+    return Plot("ledger_cumulative", "Cumulative ε by round, per party and budget", fig=fig,
                 data=data, alt="Step chart of each party's cumulative privacy loss epsilon "
                                "against the training round, with the target budget as a line.")
 
@@ -163,6 +162,6 @@ def _audit_bar(accounted: float | None, lower: float | None) -> Plot:
     ax.invert_yaxis()  # accounted first, read top-down like the table
     ax.set_xlabel("ε")
     ax.margins(x=0.2)
-    return Plot("audit_bounds", "Empirical lower bound against accounted ε", png=png(fig),
+    return Plot("audit_bounds", "Empirical lower bound against accounted ε", fig=fig,
                 data=data, alt=f"Bar chart: accounted epsilon {fmt(accounted)} and the audit's "
                                f"empirical lower bound {fmt(lower)}.")

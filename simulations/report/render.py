@@ -1,25 +1,32 @@
-"""`fedscore report DIR`: a self-contained HTML report, LaTeX tables and CSVs for a run or sweep.
+"""`fedscore report DIR`: a self-contained HTML report, LaTeX tables, figures and CSVs for a run
+or sweep.
 
-The report only reads the directory it describes and writes three things into it:
-`report.html` (every figure embedded as a base64 PNG, no external URL), `tables.tex` (booktabs
-tables for a paper) and `report/*.csv` (the data behind every table and figure, so figures can
-be redrawn in the paper's own style). Optional inputs that a run may lack (curves.json, the
-privacy audit, a ledger, readable scores) become a short "not available" note; a directory that
-is neither a run nor a sweep, or a required file that is missing or corrupt, stops with a
-ReportError whose message names the fix.
+The report only reads the directory it describes and writes these into it: `report.html`
+(every figure embedded as a base64 PNG, no external URL), `tables.tex` (booktabs tables for a
+paper, see latex.py) with `tables-document.tex` (a document that compiles them),
+`figures/*.pdf` and `figures/*.svg` (every figure, for a paper) and `report/*.csv` (the data
+behind every table and figure, so figures can be redrawn in the paper's own style).
+
+Optional inputs that a run may lack (curves.json, the privacy audit, a ledger, readable
+scores) become a short "not available" note; a directory that is neither a run nor a sweep,
+or a required file that is missing or corrupt, stops with a ReportError whose message names
+the fix.
 """
 
 from __future__ import annotations
 
 import base64
 import html
+import io
 import logging
 import os
+import struct
 import tempfile
 from pathlib import Path
 
-import numpy as np
+import matplotlib as mpl
 import pandas as pd
+from matplotlib.figure import Figure
 
 from simulations.report.blocks import (
     DPI,
@@ -30,9 +37,9 @@ from simulations.report.blocks import (
     Section,
     Table,
     cells,
-    png_size,
-    tex_escape,
+    is_numeric,
 )
+from simulations.report.latex import TEX_DOCUMENT, TEX_FILE, render_document, render_tex
 from simulations.report.load import detect_kind, load_run, load_sweep
 from simulations.report.run_sections import headline_run, run_sections
 from simulations.report.sweep_sections import sweep_sections
@@ -40,16 +47,18 @@ from simulations.report.sweep_sections import sweep_sections
 log = logging.getLogger(__name__)
 
 HTML_FILE = "report.html"
-TEX_FILE = "tables.tex"
 CSV_DIR = "report"
+FIGURE_DIR = "figures"
+FIGURE_FORMATS = ("pdf", "svg")
 
 
 # ---- rendering -------------------------------------------------------------------------------
 
 
 CSS = """
-body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,"Noto Sans","Noto Sans CJK SC",
- sans-serif;color:#1d2733;background:#f6f7f9;margin:0;line-height:1.5}
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,"Noto Sans",
+ "WenQuanYi Micro Hei","Noto Sans CJK SC","PingFang SC","Microsoft YaHei",sans-serif;
+ color:#1d2733;background:#f6f7f9;margin:0;line-height:1.5}
 header{background:#1f4e79;color:#fff;padding:1.2rem 2rem}
 header h1{margin:0 0 .2rem;font-size:1.6rem}
 header p{margin:0;opacity:.85;font-size:.9rem;word-break:break-all}
@@ -87,7 +96,7 @@ class _Counter:
 
 
 def _html_table(t: Table, n: int) -> str:
-    numeric = [_is_numeric(t.frame[c]) for c in t.frame.columns]
+    numeric = [is_numeric(t.frame[c]) for c in t.frame.columns]
     head = "".join(f'<th scope="col"{" class=num" if num else ""}>{html.escape(str(c))}</th>'
                    for c, num in zip(t.frame.columns, numeric, strict=True))
     body = "".join(
@@ -104,35 +113,47 @@ def _html_table(t: Table, n: int) -> str:
     return table
 
 
-def _is_numeric(column: pd.Series) -> bool:
-    if pd.api.types.is_bool_dtype(column):
-        return False
-    if pd.api.types.is_numeric_dtype(column):
-        return True
-    values = [v for v in column if v is not None]
-    return bool(values) and all(isinstance(v, int | float | np.number) and not isinstance(v, bool)
-                                for v in values)
+def figure_bytes(fig: Figure, fmt: str) -> bytes:
+    """The figure in one format, with no date or software in it: a report written twice from
+    the same run is the same bytes."""
+    metadata = {"png": {"Software": None}, "pdf": {"Creator": None, "Producer": None,
+                                                   "CreationDate": None},
+                "svg": {"Creator": None, "Date": None}}[fmt]
+    buf = io.BytesIO()
+    # svg.hashsalt: SVG element ids are otherwise drawn at random on each save. pdf.fonttype
+    # 42: TrueType fonts, which publishers accept (some refuse matplotlib's default Type 3).
+    with mpl.rc_context({"svg.hashsalt": "fedscore", "pdf.fonttype": 42}):
+        fig.savefig(buf, format=fmt, dpi=DPI, metadata=metadata)
+    return buf.getvalue()
 
 
-def _html_plot(p: Plot, n: int) -> str:
-    width, height = png_size(p.png)
+def _png_size(png: bytes) -> tuple[int, int]:
+    width, height = struct.unpack(">II", png[16:24])
+    return width, height
+
+
+def _html_plot(p: Plot, n: int, formats: tuple[str, ...]) -> str:
+    png = figure_bytes(p.fig, "png")
+    width, height = _png_size(png)
     # Drawn at DPI; shown at 96 dpi-equivalent so text matches the page's size.
     w, h = round(width * 96 / DPI), round(height * 96 / DPI)
-    src = "data:image/png;base64," + base64.b64encode(p.png).decode("ascii")
+    src = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
     note = f" {html.escape(p.note)}" if p.note else ""
+    files = ", ".join(f"{FIGURE_DIR}/{html.escape(p.key)}.{f}" for f in formats)
+    files = f"; figure for a paper: {files}" if files else ""
     return (f'<figure id="fig-{html.escape(p.key)}"><img src="{src}" alt="{html.escape(p.alt)}" '
             f'width="{w}" height="{h}"><figcaption><strong>Figure {n}.</strong> '
-            f"{html.escape(p.title)}.{note} Data: {CSV_DIR}/{html.escape(p.key)}.csv"
+            f"{html.escape(p.title)}.{note} Data: {CSV_DIR}/{html.escape(p.key)}.csv{files}"
             "</figcaption></figure>")
 
 
-def _html_block(block: Block, counter: _Counter) -> str:
+def _html_block(block: Block, counter: _Counter, formats: tuple[str, ...]) -> str:
     if isinstance(block, Table):
         counter.tables += 1
         return _html_table(block, counter.tables)
     if isinstance(block, Plot):
         counter.figures += 1
-        return _html_plot(block, counter.figures)
+        return _html_plot(block, counter.figures, formats)
     if isinstance(block, Cards):
         cards = "".join(f'<div class="card"><div class="v">{html.escape(v)}</div>'
                         f'<div class="k">{html.escape(k)}</div></div>' for k, v in block.items)
@@ -140,13 +161,14 @@ def _html_block(block: Block, counter: _Counter) -> str:
     return f'<p class="note">{html.escape(block.text)}</p>'
 
 
-def render_html(title: str, source: Path, sections: list[Section]) -> str:
+def render_html(title: str, source: Path, sections: list[Section],
+                figure_formats: tuple[str, ...] = FIGURE_FORMATS) -> str:
     counter = _Counter()
     # Newlines between links: the only break opportunities in a line of nowrap links.
     nav = "\n".join(f'<a href="#{s.id}">{html.escape(s.title)}</a>' for s in sections)
     body = "".join(
         f'<section id="{s.id}"><h2>{html.escape(s.title)}</h2>'
-        + "".join(_html_block(b, counter) for b in s.blocks) + "</section>"
+        + "".join(_html_block(b, counter, figure_formats) for b in s.blocks) + "</section>"
         for s in sections)
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
@@ -156,38 +178,11 @@ def render_html(title: str, source: Path, sections: list[Section]) -> str:
         f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>"
         f"<header><h1>{html.escape(title)}</h1><p>{html.escape(str(source))}</p></header>"
         f"<nav>{nav}</nav><main>{body}</main>"
-        f"<footer>fedscore report · LaTeX tables: {TEX_FILE} · data behind every table and "
-        f"figure: {CSV_DIR}/*.csv</footer></body></html>\n"
+        f"<footer>fedscore report · LaTeX tables: {TEX_FILE} (compile {TEX_DOCUMENT}) · "
+        + (f"figures as {' and '.join(f.upper() for f in figure_formats)}: {FIGURE_DIR}/ · "
+           if figure_formats else "")
+        + f"data behind every table and figure: {CSV_DIR}/*.csv</footer></body></html>\n"
     )
-
-
-def _tex_table(t: Table) -> str:
-    numeric = [_is_numeric(t.frame[c]) for c in t.frame.columns]
-    spec = "".join("r" if num else "l" for num in numeric)
-    head = " & ".join(tex_escape(str(c)) for c in t.frame.columns)
-    rows = "\n".join("    " + " & ".join(tex_escape(v) for v in row) + r" \\"
-                     for row in cells(t.frame))
-    caption = tex_escape(t.title + (f". {t.note}" if t.note else ""))
-    size = "  \\small\n" if len(t.frame.columns) > 6 else ""
-    return (
-        f"% {t.key}: data in {CSV_DIR}/{t.data_key or t.key}.csv\n"
-        "\\begin{table}[htbp]\n  \\centering\n" + size
-        + f"  \\caption{{{caption}}}\n  \\label{{tab:fedscore-{t.key.replace('_', '-')}}}\n"
-        f"  \\begin{{tabular}}{{{spec}}}\n    \\toprule\n    {head} \\\\\n    \\midrule\n"
-        f"{rows}\n    \\bottomrule\n  \\end{{tabular}}\n\\end{{table}}\n"
-    )
-
-
-def render_tex(title: str, sections: list[Section]) -> str:
-    tables = [b for s in sections for b in s.blocks if isinstance(b, Table)]
-    preamble = (
-        f"% {tex_escape(title)}: tables written by `fedscore report`.\n"
-        "% Needs \\usepackage{booktabs}. Chinese tier names go through \\fedscorezh: with\n"
-        "% xeCJK or ctex loaded they print as they are; otherwise define\n"
-        "% \\newcommand{\\fedscorezh}[1]{} before \\input{tables.tex} to leave them out.\n"
-        "\\providecommand{\\fedscorezh}[1]{#1}\n\n"
-    )
-    return preamble + "\n".join(_tex_table(t) for t in tables)
 
 
 # ---- writing ---------------------------------------------------------------------------------
@@ -219,8 +214,26 @@ def _csv_frames(sections: list[Section]) -> dict[str, pd.DataFrame]:
     return frames
 
 
-def write_report(directory: Path, title: str, sections: list[Section]) -> tuple[Path, Path,
-                                                                                 list[Path]]:
+def _write_figures(directory: Path, sections: list[Section],
+                   formats: tuple[str, ...]) -> list[Path]:
+    """Every figure in each of `formats` in figures/, for a paper (the page embeds PNGs)."""
+    plots = [b for s in sections for b in s.blocks if isinstance(b, Plot)]
+    if not plots or not formats:
+        return []
+    figure_dir = directory / FIGURE_DIR
+    figure_dir.mkdir(exist_ok=True)
+    paths = []
+    for plot in plots:
+        for fmt in formats:
+            path = figure_dir / f"{plot.key}.{fmt}"
+            _write_atomic(path, figure_bytes(plot.fig, fmt))
+            paths.append(path)
+    return paths
+
+
+def write_report(directory: Path, kind: str, title: str, sections: list[Section], *,
+                 figure_formats: tuple[str, ...] = FIGURE_FORMATS) -> ReportFiles:
+    """Write the page, the LaTeX tables and their document, the figures and the CSVs."""
     csv_dir = directory / CSV_DIR
     csv_dir.mkdir(exist_ok=True)
     csvs = []
@@ -228,15 +241,20 @@ def write_report(directory: Path, title: str, sections: list[Section]) -> tuple[
         path = csv_dir / f"{key}.csv"
         _write_atomic(path, frame.to_csv(index=False).encode("utf-8"))
         csvs.append(path)
+    figures = _write_figures(directory, sections, figure_formats)
     tex = directory / TEX_FILE
-    _write_atomic(tex, render_tex(title, sections).encode("utf-8"))
+    _write_atomic(tex, render_tex(title, sections, directory.name).encode("utf-8"))
+    _write_atomic(directory / TEX_DOCUMENT, render_document(title).encode("utf-8"))
     page = directory / HTML_FILE
-    _write_atomic(page, render_html(title, directory, sections).encode("utf-8"))
-    return page, tex, csvs
+    _write_atomic(page, render_html(title, directory, sections, figure_formats).encode("utf-8"))
+    return ReportFiles(kind, page, tex, tuple(csvs), tuple(figures))
 
 
-def build_report(directory: Path) -> ReportFiles:
-    """Read a run or sweep directory and write report.html, tables.tex and report/*.csv."""
+def build_report(directory: Path, *,
+                 figure_formats: tuple[str, ...] = FIGURE_FORMATS) -> ReportFiles:
+    """Read a run or sweep directory and write report.html, tables.tex (with
+    tables-document.tex), every figure in figures/ (PDF and SVG unless `figure_formats` says
+    otherwise; each format costs about 0.1 s a figure) and report/*.csv."""
     directory = Path(directory)
     kind = detect_kind(directory)
     name = directory.resolve().name
@@ -249,5 +267,5 @@ def build_report(directory: Path) -> ReportFiles:
         sections = sweep_sections(sweep)
         title = f"fedscore report: sweep {name}"
     log.info("writing the %s report for %s (%d sections)", kind, directory, len(sections))
-    page, tex, csvs = write_report(directory.resolve(), title, sections)
-    return ReportFiles(kind, page, tex, tuple(csvs))
+    return write_report(directory.resolve(), kind, title, sections,
+                        figure_formats=figure_formats)

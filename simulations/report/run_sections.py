@@ -27,7 +27,6 @@ from simulations.report.blocks import (
     flatten,
     fmt,
     key_values,
-    png,
 )
 from simulations.report.load import Curves, RunData
 from simulations.report.privacy_sections import audit_section, ledger_section
@@ -99,7 +98,7 @@ def _learning_section(run: RunData) -> Section:
     ax.legend(frameon=False)
     models = ", ".join(SERIES.get(str(k), (str(k), ""))[0] for k in data["model"].unique())
     section.blocks.append(Plot(
-        "learning_curves", "Validation AUC by epoch", png=png(fig), data=data,
+        "learning_curves", "Validation AUC by epoch", fig=fig, data=data,
         alt=f"Line chart of validation AUC against training epoch for {models}.",
     ))
     return section
@@ -134,7 +133,7 @@ def _histogram_plot(data: pd.DataFrame, note: str) -> Plot:
     ax.set_ylabel("people")
     ax.set_xlim(SCORE_MIN, SCORE_MAX)
     ax.legend(frameon=False, fontsize="small")
-    return Plot("score_histogram", "Score distribution coloured by tier", png=png(fig),
+    return Plot("score_histogram", "Score distribution coloured by tier", fig=fig,
                 data=data, note=note,
                 alt="Stacked histogram of scores from 300 to 850, each bar coloured by tier "
                     "(watch, fair, good, excellent, exceptional).")
@@ -189,7 +188,7 @@ def _calibration_plot(data: pd.DataFrame, note: str) -> Plot:
     ax.set_xlabel("mean predicted default probability")
     ax.set_ylabel("observed default rate")
     ax.legend(frameon=False, fontsize="small")
-    return Plot("calibration_by_tier", "Calibration by tier", png=png(fig), data=data,
+    return Plot("calibration_by_tier", "Calibration by tier", fig=fig, data=data,
                 note=note, alt="Scatter plot of observed default rate against mean predicted "
                                "probability for each tier, with 95 % confidence intervals and "
                                "the diagonal of perfect calibration.")
@@ -207,7 +206,7 @@ def _ks_plot(data: pd.DataFrame) -> Plot:
     ax.set_xlabel("score")
     ax.set_ylabel("cumulative share")
     ax.legend(frameon=False)
-    return Plot("ks_curve", "KS curve: cumulative score distributions", png=png(fig), data=data,
+    return Plot("ks_curve", "KS curve: cumulative score distributions", fig=fig, data=data,
                 alt=f"Cumulative distribution of scores for defaulters and repayers; the largest "
                     f"gap, KS {gap.iloc[at]:.3f}, is at score {s:g}.")
 
@@ -220,7 +219,7 @@ def _roc_plot(data: pd.DataFrame, auc: float | None) -> Plot:
     ax.set_xlabel("false positive rate")
     ax.set_ylabel("true positive rate")
     ax.legend(frameon=False, loc="lower right")
-    return Plot("roc_curve", "ROC curve (test split)", png=png(fig), data=data,
+    return Plot("roc_curve", "ROC curve (test split)", fig=fig, data=data,
                 alt=f"ROC curve of the federated model, AUC {fmt(auc)}, above the chance line.")
 
 
@@ -285,7 +284,7 @@ def _contributions_section(run: RunData) -> Section:
     ax.set_xlabel("score points contributed")
     ax.legend(frameon=False, fontsize="small", loc="best")
     section.blocks.append(Plot(
-        "contributions", "Score points contributed per silo", png=png(fig), data=data,
+        "contributions", "Score points contributed per silo", fig=fig, data=data,
         alt="Range chart of the score points each silo contributes: 10th to 90th percentile, "
             "median and mean absolute points per silo."))
     section.blocks.append(Table("contributions_table", "Score points contributed per silo", data,
@@ -337,7 +336,7 @@ def _reasons_section(run: RunData) -> Section:
     ax.set_yticks(y, table["label"])
     ax.set_xlabel("share of scored people with it as their first reason")
     section.blocks.append(Plot(
-        "reasons", "The most common first reason codes", png=png(fig), data=table,
+        "reasons", "The most common first reason codes", fig=fig, data=table,
         alt="Bar chart of the share of scored people whose first reason code is each feature."))
     section.blocks.append(Table(
         "reasons_table", "Reason codes: how often first and listed, mean points lost", table,
@@ -388,7 +387,7 @@ def regions_section(run: RunData) -> Section | None:
     ax.legend(loc="lower right", fontsize=8)
     plot = Plot("regions_auc", "Test AUC per region: global model against the region alone",
                 "Bar chart of each region's test AUC for the federated model and for the "
-                "region's own model", png(fig), frame[["region", "default_rate",
+                "region's own model", fig, frame[["region", "default_rate",
                                                         "auc_global", "auc_alone"]],
                 note=f"region_skew = {skew}: 0 deals customers to regions at random, 1 makes "
                      "the regions strata of spending and balances, so their default rates "

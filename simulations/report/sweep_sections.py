@@ -25,7 +25,6 @@ from simulations.report.blocks import (
     fmt_eps,
     fmt_interval,
     key_values,
-    png,
 )
 from simulations.report.load import SweepData
 from simulations.report.run_sections import run_sections
@@ -90,7 +89,7 @@ def _privacy_utility(sweep: SweepData) -> Plot | Note:
     note = "Bands and bars: 95 % confidence intervals over seeds; ∞ is the non-private run."
     if absent:
         note += f" Not in this sweep: {', '.join(absent)}."
-    return Plot("privacy_utility", "Privacy–utility: test AUC against ε", png=png(fig),
+    return Plot("privacy_utility", "Privacy–utility: test AUC against ε", fig=fig,
                 data=data, note=note,
                 alt="Line chart of test AUC against the privacy budget epsilon on a log axis, "
                     "with 95 % confidence bands for the federated model and its baselines; the "
@@ -133,7 +132,7 @@ def _sweep_audit(sweep: SweepData) -> Plot | Note:
     ax.set_ylabel("ε")
     ax.legend(frameon=False, fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))
     return Plot("sweep_audit", "Audit: empirical lower bound and accounted ε against target ε",
-                png=png(fig), data=data,
+                fig=fig, data=data,
                 note="One marker per run; non-private runs have no accounted ε.",
                 alt="Scatter plot against the target epsilon (log axis, infinity at the right): "
                     "the accounted epsilon per run and the audit's empirical lower bound, with "
