@@ -6,10 +6,12 @@ with `register(name, commands)` at import; if a collected test uses the fixture 
 commands start one after another in a thread as soon as collection ends, and the fixture
 collects them with `finish(name)`. Tests that await one go last (conftest).
 
-The runs queue behind each other, in the order the tests need them: one background engine run
-beside the foreground fills the second core. All at once, they slowed each other and the
-foreground so much that the suite took longer than without them (1,013 s against 887 s in CI).
-A run that mostly waits (`waits=True`: the deployment engine's polling) does not queue.
+The runs queue for lanes, in the order the tests need them. While the foreground runs tests
+there is one lane: one background engine run beside the foreground fills the second core (all
+at once, they slowed each other and the foreground so much that the suite took longer than
+without them: 1,013 s against 887 s in CI). While the foreground waits for a background run
+its core is free, so there are two lanes, and the run it waits for goes to the front of the
+queue. A run that mostly waits (`waits=True`: the deployment engine's polling) takes no lane.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,26 +57,92 @@ def awaited_by(item: pytest.Item) -> bool:
     return any(name in getattr(item, "fixturenames", ()) for name in _registered)
 
 
+class _Lanes:
+    """Who may run now: the queued runs in order, as many at once as there are lanes (one while
+    the foreground runs tests, two while it waits); the awaited run first."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._queue: list[_Runs] = []
+        self._busy = 0
+        self._lanes = 1
+
+    def enqueue(self, runs: _Runs) -> None:
+        with self._cond:
+            self._queue.append(runs)
+
+    def acquire(self, runs: _Runs) -> bool:
+        """Wait for `runs`' turn and take a lane; False if it was taken off the queue."""
+        with self._cond:
+            self._cond.wait_for(lambda: runs not in self._queue or (
+                self._busy < self._lanes and self._queue[0] is runs))
+            if runs not in self._queue:
+                return False
+            self._queue.pop(0)
+            self._busy += 1
+            self._cond.notify_all()
+            return True
+
+    def release(self) -> None:
+        with self._cond:
+            self._busy -= 1
+            self._cond.notify_all()
+
+    def forget(self, runs: _Runs) -> None:
+        with self._cond:
+            if runs in self._queue:
+                self._queue.remove(runs)
+                self._cond.notify_all()
+
+    @contextmanager
+    def foreground_waits_for(self, runs: _Runs) -> Iterator[None]:
+        with self._cond:
+            if runs in self._queue:
+                self._queue.remove(runs)
+                self._queue.insert(0, runs)
+            self._lanes = 2
+            self._cond.notify_all()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._lanes = 1
+
+
+_LANES = _Lanes()
+
+
 class _Runs:
     """The commands of one background run, one after another (they may share files); stops at
-    the first that fails."""
+    the first that fails. A queued run takes a lane (_Lanes) for all its commands."""
 
     def __init__(self, commands: list[Sequence[str] | Command], work: Path,
                  env: Callable[[Path], dict[str, str]], prepare: Prepare,
-                 after: _Runs | None = None) -> None:
+                 queued: bool) -> None:
         self.work, self.results = work, []
         self._current: subprocess.Popen | None = None
         self._stopped = False
         self._prepare = prepare
-        self._after = after
+        self.queued = queued
+        if queued:
+            _LANES.enqueue(self)
         listed = [c if isinstance(c, Command) else Command(c) for c in commands]
-        self._thread = threading.Thread(target=self._run, args=(listed, env(work)),
+        self._thread = threading.Thread(target=self._run_in_lane, args=(listed, env(work)),
                                         daemon=True)
         self._thread.start()
 
+    def _run_in_lane(self, commands: list[Command], env: dict[str, str]) -> None:
+        if not self.queued:
+            self._run(commands, env)
+            return
+        if not _LANES.acquire(self):
+            return
+        try:
+            self._run(commands, env)
+        finally:
+            _LANES.release()
+
     def _run(self, commands: list[Command], env: dict[str, str]) -> None:
-        if self._after is not None:
-            self._after._thread.join()  # queued behind it (its failure is its own tests')
         for i, command in enumerate(commands):
             args = tuple(command.args)
             out, err = self.work / f"cli-{i}.stdout", self.work / f"cli-{i}.stderr"
@@ -91,7 +160,9 @@ class _Runs:
                 return
 
     def wait(self, timeout: float) -> list[subprocess.CompletedProcess]:
-        self._thread.join(timeout)
+        if self._thread.is_alive():
+            with _LANES.foreground_waits_for(self):
+                self._thread.join(timeout)
         if self._thread.is_alive():
             self.stop()
             raise TimeoutError(f"background run in {self.work} still running after {timeout} s")
@@ -100,6 +171,7 @@ class _Runs:
     def stop(self) -> None:
         """End the command still running, if any (the CLI stops the processes it started)."""
         self._stopped = True
+        _LANES.forget(self)  # a run still queued never starts
         proc = self._current
         if proc is not None and proc.poll() is None:
             proc.terminate()
@@ -121,16 +193,12 @@ def start_for(items: list[pytest.Item], env: Callable[[Path], dict[str, str]],
         for name in _registered:
             if name not in first and name in getattr(item, "fixturenames", ()):
                 first[name] = index
-    last: _Runs | None = None
     for name in sorted(first, key=first.__getitem__):
         if name in _started:
             continue
         work = Path(tempfile.mkdtemp(prefix=f"fedscore-{name}-"))
-        queued = name not in _waits
-        runs = _Runs(_registered[name](work), work, env, prepare, after=last if queued else None)
-        _started[name] = runs
-        if queued:
-            last = runs
+        _started[name] = _Runs(_registered[name](work), work, env, prepare,
+                               queued=name not in _waits)
 
 
 def finish(name: str, timeout: float = 900) -> tuple[list[subprocess.CompletedProcess], Path]:
