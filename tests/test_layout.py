@@ -10,7 +10,7 @@ from __future__ import annotations
 import grimp
 import pytest
 
-PACKAGES = ("crypto", "clients", "server", "simulations")
+PACKAGES = ("fedscore", "crypto", "clients", "server", "simulations")
 
 
 def import_circles(imports: dict[str, set[str]]) -> list[list[str]]:
