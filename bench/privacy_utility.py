@@ -76,7 +76,7 @@ def row_of(run_dir: Path, cell_seconds: float = math.nan) -> dict | None:
         "cell": run_dir.name,
         "label_eps": cfg["privacy.label_epsilon"],
         "model_eps": cfg["privacy.epsilon"],
-        "test_auc": m["auc"],
+        "test_auc": m["all_test_auc"],  # beside the oracle: every test person
         "oracle": m["oracle_auc"],
         "gap": m["gap_to_oracle"],
         "eps_model": (m.get("epsilon") or {}).get("model"),

@@ -77,7 +77,7 @@ def measure(n: int, out: Path, extra: list[str]) -> dict:
     s = m["seconds"]
     row = {
         "n": n, "wall": round(wall, 1), "peak_mb": round(peak), "report_peak_mb":
-        round(report_peak), "auc": m["auc"], "oracle_auc": m["oracle_auc"],
+        round(report_peak), "auc": m["all_test_auc"], "oracle_auc": m["oracle_auc"],
         "generate": s.get("generate", 0.0), "validate": s.get("validate", 0.0),
         "psi": s.get("psi", 0.0), "train": s.get("train", 0.0), "score": s.get("score", 0.0),
         "baselines": round(sum(v for k, v in s.items()

@@ -54,8 +54,8 @@ def main() -> None:
         print(f"  epsilon per party ({m['accountant']}, delta {m['delta']:.2e}): "
               + ", ".join(f"{k} {v:.4f}" for k, v in m["epsilon"]["model"].items()))
         print(f"  AUC central DP {m['baseline_central_dp_auc']:.4f} (eps {eps:.3f})")
-    print(f"  AUC federated {m['auc']:.4f}, central {m['baseline_central_auc']:.4f}, "
-          f"oracle {m['oracle_auc']:.4f}")
+    print(f"  AUC (all test people) federated {m['all_test_auc']:.4f}, "
+          f"central {m['baseline_central_auc']:.4f}, oracle {m['oracle_auc']:.4f}")
     print(f"  end to end: {s['total']:.1f} s")
 
 

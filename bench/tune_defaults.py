@@ -90,7 +90,7 @@ def row_of(run_dir: Path) -> dict | None:
         val_oracle=val_oracle,
         val_gap=val_oracle - fed[-1]["val_auc"],
         val_curve=" ".join(f"{h['val_auc']:.3f}" for h in fed),
-        test_auc=m["auc"],
+        test_auc=m["all_test_auc"],  # beside the oracle: every test person
         oracle=m["oracle_auc"],
         gap=m["gap_to_oracle"],
         central_dp=m["baseline_central_dp_auc"] if m["baseline_central_dp_auc"] is not None

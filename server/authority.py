@@ -316,16 +316,18 @@ def _results(ctx: _Context, tables: _Tables, plan: _Plan, trained: _Trained, sco
 
 
 def _model_metrics(ctx: _Context, plan: _Plan, trained: _Trained, scored: _Scored) -> dict:
-    """The model's metrics (AUC, KS, Brier) cover every test person, comparable with the
-    baselines and the oracle; what is about scores (tiers, default rate by tier) covers
-    scored people only."""
+    """The model's test figures (AUC, KS, Brier ...) on two named populations: `scored_test`,
+    the eligible test people, whom the score serves (None when they hold one class only), and
+    `all_test`, every test person, comparable with the baselines and the oracle, which see
+    no opening conditions. What is about scores (tiers, default rate by tier) covers scored
+    people only."""
     y, split, p, tier = plan.y, plan.split, scored.p, scored.tier
     result, calibrate = trained.result, trained.calibrate
     test = split.test[scored.eligible[split.test]]
     return {
-        **metrics.summary(y[split.test], p[split.test]),
-        "scored_test_auc": metrics.auc(y[test], p[test]) if len(np.unique(y[test])) == 2
-        else None,
+        "scored_test": (metrics.summary(y[test], p[test]) if len(np.unique(y[test])) == 2
+                        else None),
+        "all_test": metrics.summary(y[split.test], p[split.test]),
         "tiers": scoring.tier_counts(tier[scored.eligible]),
         "test_tiers": scoring.tier_counts(tier[test]),
         "test_default_rate_by_tier": _rate_by_tier(y[test], tier[test]),
@@ -352,6 +354,7 @@ def _people(ctx: _Context, tables: _Tables, plan: _Plan, scored: _Scored) -> dic
                                  gate.loc[~eligible, "codes"].value_counts().items() if v},
         "aligned": len(run.authority_rows),
         "train": len(split.train), "val": len(split.val), "test": len(split.test),
+        "test_scored": int(eligible[split.test].sum()),
     }
 
 
@@ -362,7 +365,14 @@ def _write_results(out_dir: Path, out: dict) -> None:
     run_phases.finish(out_dir, "train")
     run_phases.finish(out_dir, "score")
     checkpoint.remove(out_dir)
-    log.info("test AUC %.4f, KS %.4f, Brier %.4f", out["auc"], out["ks"], out["brier"])
+    scored, every = out["scored_test"] or {}, out["all_test"]
+    log.info("test AUC %s on scored people, %.4f on all test people; KS %s, Brier %s (scored)",
+             _fmt(scored.get("auc")), every["auc"], _fmt(scored.get("ks")),
+             _fmt(scored.get("brier")))
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
 
 
 def _align_and_split(

@@ -34,6 +34,12 @@ def log_loss(y: np.ndarray, p: np.ndarray) -> float:
     return float(-np.mean(y * np.log(p) + (1 - y) * np.log1p(-p)))
 
 
+# The figures `summary` measures, as metrics.json names them on the scored test people; on
+# every test person they carry the prefix ALL_TEST (simulations/run/outcome.py).
+FIGURES = ("auc", "ks", "gini", "brier", "log_loss")
+ALL_TEST = "all_test_"
+
+
 def summary(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
     a = auc(y, p)
     return {"auc": a, "ks": ks(y, p), "gini": 2 * a - 1, "brier": brier(y, p),

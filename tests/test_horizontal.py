@@ -491,7 +491,7 @@ def test_horizontal_refuses_real_data_and_the_deployment_engine(tmp_path: Path):
 
 @pytest.mark.slow
 def test_report_shows_the_regions_and_compare_puts_topologies_side_by_side(
-        horizontal_runs, private_run: Path, tmp_path: Path):
+        horizontal_runs, private_run: Path, tmp_path: Path, background_runs):
     from simulations.report.compare import build_comparison
     from simulations.report.render import build_report
 
@@ -501,6 +501,12 @@ def test_report_shows_the_regions_and_compare_puts_topologies_side_by_side(
     regions = pd.read_csv(files.html.parent / "report" / "regions.csv")
     assert set(regions["region"]) == {"region_1", "region_2", "region_3"}
     assert regions["median_spend_level"].is_monotonic_increasing
+    _assert_no_vertical_leftovers(files.html.parent, page, horizontal_runs["sample"])
+    # The run's closing line lists what it wrote: no scores file in a horizontal run.
+    procs, _ = background_runs("horizontal_runs")
+    closing = [line for p in procs for line in p.stdout.splitlines() if "results:" in line]
+    assert len(closing) == len(procs)
+    assert not any("scores.parquet" in line for line in closing)
 
     out = build_comparison([private_run, *horizontal_runs.values()], tmp_path / "cmp")
     rows = pd.read_csv(out.html.parent / "report" / "compared_runs.csv")
@@ -515,3 +521,23 @@ def test_report_shows_the_regions_and_compare_puts_topologies_side_by_side(
     at_vertical = by_eps[by_eps["epsilon"] == float(target)].iloc[0]
     assert 0.5 < at_vertical["vertical, sample"] <= 1
     assert "Topologies at equal ε" in out.html.read_text()
+
+
+def _assert_no_vertical_leftovers(report_dir: Path, page: str, run: Path) -> None:
+    """A horizontal run's report: no opening conditions, silo points or reason codes, one row
+    per region instead of a JSON object, and its history on rounds."""
+    for leftover in ("got no score", "opening conditions", "Per-silo contributions",
+                     "Reason codes", "combined model", "{&quot;", '{"'):
+        assert leftover not in page, leftover
+    csvs = report_dir / "report"
+    params = pd.read_csv(csvs / "privacy_parameters.csv")
+    assert not params["value"].astype(str).str.contains("{", regex=False).any()
+    assert "noise_multiplier (region_1)" in set(params["parameter"])
+    learning = pd.read_csv(csvs / "learning_curves.csv")
+    assert "round" in learning.columns
+    assert "epoch" not in learning.columns
+    m = json.loads((run / "metrics.json").read_text())
+    assert learning["round"].tolist() == [h["round"] for h in m["history"]["federated"]]
+    # Every customer is scored: both populations are one.
+    assert m["auc"] == m["all_test_auc"]
+    assert m["people"]["test_scored"] == m["people"]["test"]

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from matplotlib.figure import Figure
 
 from tests.conftest import assert_no_identifiers, run_cli, scores_of
 
@@ -58,8 +59,8 @@ def test_scores_are_on_the_scale_and_tiers_add_up(small_run: Path):
 
 def test_model_learns_something_real(small_run: Path):
     metrics = json.loads((small_run / "metrics.json").read_text())
-    assert metrics["auc"] > 0.75
-    assert metrics["auc"] <= metrics["oracle_auc"] + 0.03
+    assert metrics["all_test_auc"] > 0.75
+    assert metrics["all_test_auc"] <= metrics["oracle_auc"] + 0.03
 
 
 def test_without_staleness_federated_training_equals_central(small_run: Path):
@@ -67,10 +68,70 @@ def test_without_staleness_federated_training_equals_central(small_run: Path):
     step for step (same init, batch plan and optimiser), so any misrouted row, wrong
     gradient scale or sign shows up here."""
     metrics = json.loads((small_run / "metrics.json").read_text())
-    assert metrics["auc"] == pytest.approx(metrics["baseline_central_auc"], abs=1e-3)
+    assert metrics["all_test_auc"] == pytest.approx(metrics["baseline_central_auc"], abs=1e-3)
     fed, central = metrics["history"]["federated"], metrics["history"]["central"]
     for f, c in zip(fed, central, strict=True):
         assert f["val_loss"] == pytest.approx(c["val_loss"], abs=1e-4)
+
+
+def test_every_auc_in_the_report_is_the_metric_of_the_population_it_names(
+        small_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Issue 21: the ROC legend, the headline cards and tables show metrics.json's figure for
+    the population they name: `auc` on the scored test people (the ROC curve's own people),
+    `all_test_auc`, the oracle and the baselines on every test person. The report's sections
+    that show an AUC (headline with the model comparison, scores with ROC and KS), rendered
+    as `fedscore report` renders them; the others would only cost time."""
+    from simulations.report import run_sections
+    from simulations.report.blocks import fmt
+    from simulations.report.load import load_run
+    from simulations.report.render import write_report
+
+    legends: list[str] = []
+    drawn = run_sections.png
+
+    def recording(fig: Figure) -> bytes:
+        legends.extend(t.get_text() for ax in fig.axes if ax.get_legend()
+                       for t in ax.get_legend().get_texts())
+        return drawn(fig)
+
+    monkeypatch.setattr(run_sections, "png", recording)
+    run = load_run(small_run)
+    page_path, _, _ = write_report(tmp_path, "run", [run_sections.headline_run(run),
+                                                     run_sections.scores_section(run)])
+    page = page_path.read_text(encoding="utf-8")
+    m = json.loads((small_run / "metrics.json").read_text())
+    assert m["people"]["test_scored"] < m["people"]["test"]  # ineligible test people exist
+    assert abs(m["auc"] - m["all_test_auc"]) > 0.01  # so two populations, two numbers
+
+    (roc_label,) = [t for t in legends if "AUC" in t]
+    assert roc_label == f"federated, scored test people (AUC {fmt(m['auc'])})"
+    roc = pd.read_csv(tmp_path / "report" / "roc_curve.csv")
+    fpr, tpr = roc["fpr"].to_numpy(), roc["tpr"].to_numpy()
+    drawn_auc = float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
+    assert drawn_auc == pytest.approx(m["auc"], abs=0.005)  # the curve is the legend's
+    assert drawn_auc != pytest.approx(m["all_test_auc"], abs=0.005)
+    assert "ROC curve (scored test people)" in page
+
+    for card, key in (("AUC, scored test people", "auc"), ("AUC, all test people",
+                                                            "all_test_auc"),
+                      ("oracle AUC, all test people", "oracle_auc")):
+        assert f'<div class="v">{fmt(m[key])}</div><div class="k">{card}</div>' in page
+
+    headline = pd.read_csv(tmp_path / "report" / "headline.csv").set_index("metric")
+    for key in ("auc", "ks", "gini", "brier", "log_loss"):
+        assert headline.loc[key, "population"] == "scored test people"
+        assert float(headline.loc[key, "value"]) == m[key]
+        assert headline.loc[f"all_test_{key}", "population"] == "all test people"
+        assert float(headline.loc[f"all_test_{key}", "value"]) == m[f"all_test_{key}"]
+    for key in ("oracle_auc", "baseline_central_auc", "baseline_payments_only_auc"):
+        assert headline.loc[key, "population"] == "all test people"
+        assert float(headline.loc[key, "value"]) == m[key]
+
+    compared = pd.read_csv(tmp_path / "report" / "model_comparison.csv").set_index("model")
+    assert "Federated model against the baselines (all test people)" in page
+    assert compared.loc["federated", "auc"] == m["all_test_auc"]
+    assert compared.loc["central, non-private", "auc"] == m["baseline_central_auc"]
+    assert compared.loc["oracle", "auc"] == m["oracle_auc"]
 
 
 def test_no_identifier_in_the_run_directory(small_run: Path):

@@ -115,7 +115,7 @@ def test_uci_run_end_to_end(tmp_path: Path):
     assert metrics["people"]["aligned"] == 3000
     assert set(metrics["people"]["silo_rows"]) == set(UCI_SILOS)
     assert metrics["auc"] > 0.6
-    assert metrics["auc"] == pytest.approx(metrics["baseline_central_auc"], abs=0.03)
+    assert metrics["all_test_auc"] == pytest.approx(metrics["baseline_central_auc"], abs=0.03)
     assert metrics["baseline_best_silo"] == "payments"
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["data"] == str(source)

@@ -29,7 +29,7 @@ from server.scoring import TIER_KEYS, TIERS
 from simulations.cli.main import main
 from simulations.report.blocks import cells, eps_axis
 from simulations.report.latex import TEX_DOCUMENT, TEX_FILE, header_text, tex_escape
-from simulations.report.load import ReportError
+from simulations.report.load import ReportError, load_run, with_populations
 from simulations.report.render import build_report, figure_bytes
 
 PARTIES = ("payments", "social", "device", "authority")
@@ -54,7 +54,10 @@ def _metrics(eps: float, seed: int, audit: bool) -> dict:
     rng = np.random.default_rng(seed)
     private = np.isfinite(eps)
     metrics = {
-        "auc": 0.84, "ks": 0.55, "gini": 0.68, "brier": 0.045, "log_loss": 0.168,
+        # The score's figures on the scored test people, and the model's on all test people.
+        "auc": 0.82, "ks": 0.52, "gini": 0.64, "brier": 0.041, "log_loss": 0.158,
+        "all_test_auc": 0.84, "all_test_ks": 0.55, "all_test_gini": 0.68,
+        "all_test_brier": 0.045, "all_test_log_loss": 0.168,
         "oracle_auc": 0.867, "baseline_central_auc": 0.863, "baseline_central_dp_auc": 0.856,
         "baseline_central_gbdt_auc": 0.866, "baseline_central_scorecard_auc": 0.861,
         "baseline_payments_only_auc": 0.818,
@@ -63,7 +66,9 @@ def _metrics(eps: float, seed: int, audit: bool) -> dict:
         "test_default_rate_by_tier": {"watch": 0.63, "fair": 0.21, "good": 0.059,
                                       "excellent": 0.018, "exceptional": 0.004},
         "seconds": {"train": 12.2, "total": 66.9},
-        "people": {"authority": 1000, "aligned": 860, "train": 600, "val": 130, "test": 130},
+        "people": {"authority": 1000, "aligned": 860, "train": 600, "val": 130, "test": 130,
+                   "test_scored": 118, "ineligible": 90,
+                   "ineligible_by_reason": {"no_card": 60, "no_card;severe_default": 30}},
         "epsilon": {"model": dict.fromkeys(PARTIES, eps * 0.99 if private else None),
                     "label": None, "transcript": dict.fromkeys(PARTIES[:3])},
         "delta": 1.67e-05, "accountant": "prv", "noise_multiplier": 1.02,
@@ -182,7 +187,8 @@ def _sweep_rows() -> list[dict]:
             private = np.isfinite(eps)
             rows.append({
                 "epsilon": eps, "seed": seed, "run": f"eps={eps:g}_seed={seed}", "status": "done",
-                "auc": utility + 0.002 * seed, "auc_central": 0.863 + 0.001 * seed,
+                "auc": utility + 0.002 * seed, "auc_all_test": utility + 0.02,
+                "auc_central": 0.863 + 0.001 * seed,
                 "auc_central_dp": utility + 0.004, "auc_best_silo": 0.81 + 0.002 * seed,
                 "auc_central_gbdt": 0.866 + 0.001 * seed,
                 "auc_oracle": 0.867, "eps_model": eps * 0.99 if private else None,
@@ -198,8 +204,8 @@ def _summary(runs: pd.DataFrame, only_federated: bool = False) -> pd.DataFrame:
     out = []
     for eps, part in done.groupby("epsilon"):
         row = {"epsilon": eps, "n": len(part)}
-        for col in ("auc", "auc_central", "auc_central_dp", "auc_best_silo", "auc_oracle",
-                    "auc_central_gbdt"):
+        for col in ("auc", "auc_all_test", "auc_central", "auc_central_dp", "auc_best_silo",
+                    "auc_oracle", "auc_central_gbdt"):
             if only_federated and col != "auc":
                 continue
             m, half = part[col].mean(), 1.96 * part[col].std() / np.sqrt(len(part))
@@ -328,11 +334,22 @@ def test_sweep_report_has_the_curve_tables_and_one_run(sweep_dir: Path) -> None:
                  "Representative run eps=1_seed=0", "Run eps=1_seed=0: Privacy ledger"):
         assert text in page
     curve = pd.read_csv(sweep_dir / "report" / "privacy_utility.csv")
-    assert list(curve.columns) == ["series", "epsilon", "mean", "ci_low", "ci_high"]
-    assert set(curve["series"]) == {"federated", "central, DP", "best single silo",
-                                    "central, non-private", "oracle",
+    assert list(curve.columns) == ["series", "population", "epsilon", "mean", "ci_low",
+                                   "ci_high"]
+    assert set(curve["series"]) == {"federated, scored test people",
+                                    "federated, all test people", "central, DP",
+                                    "best single silo", "central, non-private", "oracle",
                                     "central gradient boosting (LightGBM)"}
     assert np.isinf(curve["epsilon"]).any()
+    # Each series is the summary's figure for the population it names.
+    population = dict(zip(curve["series"], curve["population"], strict=False))
+    assert population.pop("federated, scored test people") == "scored test people"
+    assert set(population.values()) == {"all test people"}
+    summary = pd.read_csv(sweep_dir / "summary.csv")
+    for series, column in (("federated, scored test people", "auc_mean"),
+                           ("federated, all test people", "auc_all_test_mean")):
+        shown = curve[curve["series"] == series]
+        assert shown["mean"].tolist() == pytest.approx(summary[column].tolist())
     runs = pd.read_csv(sweep_dir / "report" / "sweep_runs.csv")
     assert len(runs) == 9
     assert (runs["status"] == "failed").sum() == 1
@@ -353,6 +370,58 @@ def test_sweep_falls_back_to_first_done_run_and_sweep_csv(tmp_path: Path) -> Non
     dp = curve[curve["series"] == "central, DP"]
     assert len(dp) == len(SWEEP_EPS)
     assert (dp["ci_low"] <= dp["mean"]).all()
+
+
+def test_calibration_axes_are_linear_in_every_report(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One convention: linear axes whatever the rates (a tier without defaults included), so
+    two reports' calibration figures read the same way."""
+    from simulations.report import run_sections
+
+    scales: list[tuple[str, str]] = []
+    monkeypatch.setattr(run_sections, "png", lambda fig: scales.append(
+        (fig.axes[0].get_xscale(), fig.axes[0].get_yscale())) or b"")
+    rows = [dict(row, mean_predicted=p, observed_default_rate=rate, ci_low=rate / 2,
+                 ci_high=rate * 2) for row, p, rate in (
+        ({"tier": "watch", "n": 50}, 0.4, 0.45), ({"tier": "good", "n": 900}, 0.01, 0.012))]
+    spread = pd.DataFrame(rows)
+    with_zero = spread.assign(observed_default_rate=[0.45, 0.0], ci_low=[0.3, 0.0])
+    for frame in (spread, with_zero):
+        run_sections._calibration_plot(frame, "")
+    assert scales == [("linear", "linear")] * 2
+
+
+def test_eligibility_and_privacy_rows_read_as_sentences_and_rows(tmp_path: Path) -> None:
+    from simulations.report.privacy_sections import _privacy_parameters
+    from simulations.report.run_sections import _eligibility_text
+
+    assert _eligibility_text({"ineligible": 0, "aligned": 20000}) == (
+        "Every aligned person met the opening conditions and got a score.")
+    text = _eligibility_text({"ineligible": 90, "aligned": 860,
+                              "ineligible_by_reason": {"no_card;severe_default": 30}})
+    assert text.endswith("90 of 860 people failed the opening conditions and got no score "
+                         "(no_card + severe_default 30).")
+    run = load_run(write_run(tmp_path / "run"))
+    run.metrics["noise_multiplier"] = {"region_2": 2.2, "region_1": 2.1}
+    frame = _privacy_parameters(run).frame.set_index("parameter")
+    assert frame.loc["noise_multiplier (region_1)", "value"] == 2.1
+    assert not any("{" in str(v) for v in frame["value"])
+
+
+def test_metrics_of_older_runs_are_read_with_their_populations() -> None:
+    """Before issue 21 `auc` was every test person's: a report must not show it as the
+    score's."""
+    old = {"auc": 0.85, "ks": 0.5, "gini": 0.7, "brier": 0.04, "log_loss": 0.16,
+           "scored_test_auc": 0.81}
+    read = with_populations(old)
+    assert read["all_test_auc"] == 0.85
+    assert read["all_test_ks"] == 0.5
+    assert read["auc"] == 0.81
+    assert read["gini"] == pytest.approx(0.62)
+    assert read["ks"] is None
+    assert "scored_test_auc" not in read
+    horizontal = with_populations({**old, "topology": "horizontal"})
+    assert horizontal["auc"] == horizontal["all_test_auc"] == 0.85
+    assert with_populations(read) is read
 
 
 def test_infinity_sits_at_the_right_edge_of_the_epsilon_axis() -> None:

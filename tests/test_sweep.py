@@ -11,8 +11,11 @@ import pandas as pd
 import pytest
 
 from simulations.run.sweep import (
+    Cell,
     SweepError,
     SweepSpec,
+    cell_dir,
+    cell_row,
     claim_sweep,
     mean_ci,
     parse_epsilons,
@@ -59,7 +62,8 @@ def test_summary_groups_done_runs_by_epsilon():
     table = pd.DataFrame({
         "epsilon": [1.0, 1.0, math.inf, 1.0], "seed": [0, 1, 0, 2],
         "status": ["done", "done", "done", "failed"],
-        "auc": [0.80, 0.82, 0.86, None], "auc_central": [0.86] * 3 + [None],
+        "auc": [0.80, 0.82, 0.86, None], "auc_all_test": [0.83, 0.85, 0.88, None],
+        "auc_central": [0.86] * 3 + [None],
         "auc_central_dp": [0.84, 0.85, None, None], "auc_best_silo": [0.8] * 3 + [None],
         "auc_oracle": [0.87] * 3 + [None], "eps_model": [0.99, 0.98, math.inf, None],
         "audit_epsilon_lower": [0.0, 0.1, 0.3, None],
@@ -67,8 +71,23 @@ def test_summary_groups_done_runs_by_epsilon():
     summary = summarise(table).set_index("epsilon")
     assert summary.loc[1.0, "n"] == 2
     assert summary.loc[1.0, "auc_mean"] == pytest.approx(0.81)
+    assert summary.loc[1.0, "all_test_mean"] == pytest.approx(0.84)
     assert summary.loc[1.0, "audit_epsilon_lower_max"] == pytest.approx(0.1)
     assert math.isnan(summary.loc[math.inf, "central_dp_mean"])
+
+
+def test_a_cells_row_keeps_each_auc_with_its_population(tmp_path: Path):
+    """sweep.csv's `auc` is metrics.json's (scored test people), `auc_all_test` and the
+    references' columns are every test person's."""
+    cell = Cell(1.0, 0)
+    cell_dir(tmp_path, cell).mkdir(parents=True)
+    metrics = {"auc": 0.81, "all_test_auc": 0.85, "oracle_auc": 0.87,
+               "baseline_central_auc": 0.86, "epsilon": {"model": 0.99, "label": None},
+               "seconds": {"total": 1.0}}
+    (cell_dir(tmp_path, cell) / "metrics.json").write_text(json.dumps(metrics))
+    row = cell_row(tmp_path, cell)
+    assert (row["auc"], row["auc_all_test"]) == (0.81, 0.85)
+    assert (row["auc_oracle"], row["auc_central"]) == (0.87, 0.86)
 
 
 def test_another_config_in_the_same_directory_is_refused(tmp_path: Path):

@@ -311,7 +311,8 @@ def _print_summary(metrics: dict, out_dir: Path, parties: Path) -> None:
     table.add_column("value", justify="right")
     for key in ("auc", "ks", "gini", "brier"):
         if metrics.get(key) is not None:
-            table.add_row(key, f"{metrics[key]:.4f}")
+            table.add_row(f"{key} (scored test people)", f"{metrics[key]:.4f}")
+    table.add_row("all_test_auc (all test people)", f"{metrics['all_test_auc']:.4f}")
     for row in privacy_rows(metrics):
         table.add_row(*row)
     audit = metrics.get("audit") or {}
@@ -326,7 +327,8 @@ def _print_summary(metrics: dict, out_dir: Path, parties: Path) -> None:
                 "baseline_central_gbdt_auc", "baseline_central_scorecard_auc",
                 "baseline_best_silo_auc"):
         if metrics.get(key) is not None:
-            table.add_row(f"{key} (simulation-only reference)", f"{metrics[key]:.4f}")
+            table.add_row(f"{key} (simulation-only reference, all test people)",
+                          f"{metrics[key]:.4f}")
     table.add_row("delta", f"{metrics['delta']:.2e}")
     table.add_row("aligned people", f"{metrics['people']['aligned']:,}")
     table.add_row("tiers", ", ".join(f"{k} {v:,}" for k, v in metrics["tiers"].items()))
@@ -342,9 +344,10 @@ def _print_summary(metrics: dict, out_dir: Path, parties: Path) -> None:
                   "join every party's raw table in one place, which no party of a real "
                   "federation could do. Do not publish them as what the federation achieves.",
                   soft_wrap=True)
-    scores = "scores.parquet.enc" if (out_dir / "scores.parquet.enc").exists() else \
-        "scores.parquet"
-    out.print(f"results: {out_dir}  (metrics.json, curves.json, {scores}, manifest.json); "
+    # Only what the run wrote: a horizontal run writes no scores file.
+    files = [name for name in ("metrics.json", "curves.json", "scores.parquet.enc",
+                               "scores.parquet", "manifest.json") if (out_dir / name).exists()]
+    out.print(f"results: {out_dir}  ({', '.join(files)}); "
               f"report: fedscore report {out_dir}", soft_wrap=True, highlight=False)
     out.print(f"party tables: {parties}")
 

@@ -2,7 +2,8 @@
 
 `build_comparison` reads several run or sweep directories (typically one
 vertical and one horizontal, at the same budgets) and writes one report comparing AUC and the
-gap to the oracle at equal epsilon.
+gap to the oracle at equal epsilon. Topologies are compared on every test person
+(`all_test_auc`): a horizontal run has no opening conditions, and the oracle sees none.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from simulations.report.blocks import (
 )
 from simulations.report.load import ReportError, RunData, detect_kind, load_run, load_sweep
 from simulations.report.render import write_report
+from simulations.report.run_sections import ALL, SCORED
 
 
 def _run_row(run: RunData, name: str) -> dict:
@@ -44,6 +46,7 @@ def _run_row(run: RunData, name: str) -> dict:
         "epsilon": float(target) if target is not None else math.inf,
         "epsilon_spent_max": max(spent) if spent else None,
         "auc": m.get("auc"),
+        "all_test_auc": m.get("all_test_auc"),
         "oracle_auc": m.get("oracle_auc"),
         "central_auc": m.get("baseline_central_auc"),
         "central_gbdt_auc": m.get("baseline_central_gbdt_auc"),
@@ -72,7 +75,8 @@ def comparison_rows(directories: list[Path]) -> pd.DataFrame:
 
 def _auc_by_epsilon(rows: pd.DataFrame) -> tuple[Plot, pd.DataFrame]:
     grouped = (rows.groupby(["topology", "dp_level", "epsilon"], dropna=False)
-               .agg(auc=("auc", "mean"), oracle_auc=("oracle_auc", "mean"), runs=("auc", "size"))
+               .agg(all_test_auc=("all_test_auc", "mean"), oracle_auc=("oracle_auc", "mean"),
+                    runs=("all_test_auc", "size"))
                .reset_index())
     fig, ax = figure()
     finite = grouped["epsilon"].replace(math.inf, np.nan)
@@ -81,7 +85,7 @@ def _auc_by_epsilon(rows: pd.DataFrame) -> tuple[Plot, pd.DataFrame]:
     markers = {"sample": "o", "user": "s", "off": "D"}
     for (topology, level), part in shown.groupby(["topology", "dp_level"], dropna=False):
         part = part.sort_values("x")
-        ax.plot(part["x"], part["auc"], marker=markers.get(str(level), "o"),
+        ax.plot(part["x"], part["all_test_auc"], marker=markers.get(str(level), "o"),
                 label=f"{topology}, {'non-private' if level == 'off' else f'{level}-level DP'}",
                 color=TOPOLOGY_COLOURS.get(str(topology)),
                 linestyle="--" if level == "user" else "-")
@@ -93,13 +97,14 @@ def _auc_by_epsilon(rows: pd.DataFrame) -> tuple[Plot, pd.DataFrame]:
     ax.set_xticks(ticks, [("off" if t == top else f"{t:g}") for t in ticks])
     ax.minorticks_off()
     ax.set_xlabel("ε per party (off: non-private)")
-    ax.set_ylabel("test AUC")
+    ax.set_ylabel(f"test AUC, {ALL}")
     ax.legend(fontsize=8)
-    plot = Plot("topologies_auc", "Test AUC against ε, by topology",
-                "Line chart of test AUC against the privacy budget for each topology",
+    plot = Plot("topologies_auc", f"Test AUC against ε, by topology ({ALL})",
+                f"Line chart of test AUC on {ALL} against the privacy budget for each topology",
                 fig, grouped,
-                note="Mean over the runs at each budget. Sample-level ε protects one customer; "
-                     "user-level ε protects a whole region's data.")
+                note=f"Mean over the runs at each budget of all_test_auc, on {ALL} as the "
+                     "oracle. Sample-level ε protects one customer; user-level ε protects a "
+                     "whole region's data.")
     return plot, grouped
 
 
@@ -112,7 +117,7 @@ def build_comparison(directories: list[Path], out: Path) -> ReportFiles:
     # different things and are never averaged together.
     labelled = grouped.assign(model=grouped["topology"].astype(str) + ", "
                               + grouped["dp_level"].astype(str))
-    pairs = labelled.pivot_table(index="epsilon", columns="model", values="auc")
+    pairs = labelled.pivot_table(index="epsilon", columns="model", values="all_test_auc")
     pairs.columns.name = None
     sections = [
         Section("topologies", "Topologies at equal ε", [
@@ -120,11 +125,13 @@ def build_comparison(directories: list[Path], out: Path) -> ReportFiles:
                  "regions hold all facts about different people. Same generator, model family, "
                  "score scale and accountant."),
             plot,
-            Table("topologies_by_epsilon", "Test AUC by topology at each ε",
+            Table("topologies_by_epsilon", f"Test AUC by topology at each ε ({ALL})",
                   pairs.reset_index()),
         ]),
         Section("runs", "Every run compared", [
-            Table("compared_runs", "Runs compared", rows, collapsed=len(rows) > 12)]),
+            Table("compared_runs", "Runs compared", rows, collapsed=len(rows) > 12,
+                  note=f"auc: {SCORED} (metrics.json auc); all_test_auc, the oracle, the "
+                       f"central references and gap_to_oracle: {ALL}.")]),
     ]
     return write_report(out.resolve(), "comparison", "fedscore report: topologies compared",
                         sections)

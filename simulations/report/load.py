@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from server.metrics import ALL_TEST, FIGURES
 from server.scoring import TIER_KEYS
 
 RUN_REQUIRED = ("config.json", "manifest.json", "metrics.json")
@@ -159,6 +160,7 @@ def load_run(run_dir: Path) -> RunData:
     metrics = _read_object(run_dir / "metrics.json", fix)
     if "auc" not in metrics:
         raise ReportError(f"{run_dir / 'metrics.json'} has no 'auc'; {fix}")
+    metrics = with_populations(metrics)
     curves_path = run_dir / "curves.json"
     curves = None
     if curves_path.exists():
@@ -174,6 +176,20 @@ def load_run(run_dir: Path) -> RunData:
         scores=scores,
         scores_note=scores_note,
     )
+
+
+def with_populations(metrics: dict) -> dict:
+    """metrics.json in today's layout. Before issue 21 `auc`, `ks` ... covered every test
+    person and `scored_test_auc` the scored ones: read so, no section shows an all-people
+    figure as the score's (an old vertical run's scored KS, Brier ... are unknown: None)."""
+    if ALL_TEST + "auc" in metrics:
+        return metrics
+    out = {**metrics, **{ALL_TEST + k: metrics.get(k) for k in FIGURES}}
+    if metrics.get("topology") == "horizontal":
+        return out  # every customer is scored: one population
+    scored = out.pop("scored_test_auc", None)
+    return {**out, **dict.fromkeys(FIGURES), "auc": scored,
+            "gini": 2 * scored - 1 if scored is not None else None}
 
 
 def load_sweep(sweep_dir: Path) -> SweepData:

@@ -83,7 +83,11 @@ def _privacy_parameters(run: RunData) -> Table:
             "training_steps", "stopped_by_budget_cap")
     rows = [("target epsilon (config)", run.config.get("privacy.epsilon")),
             ("label epsilon (config)", run.config.get("privacy.label_epsilon"))]
-    rows += [(k, m.get(k)) for k in keys]
+    for k in keys:
+        value = m.get(k)
+        # Per party (a horizontal run's regions): one row each, never a JSON object.
+        rows += ([(f"{k} ({party})", v) for party, v in sorted(value.items())]
+                 if isinstance(value, dict) else [(k, value)])
     frame = pd.DataFrame(rows, columns=["parameter", "value"]).astype({"value": object})
     return Table("privacy_parameters", "Privacy parameters", frame)
 

@@ -9,9 +9,10 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from matplotlib.ticker import FormatStrFormatter, MaxNLocator
+from matplotlib.ticker import MaxNLocator
 
 from clients.protocol.reasons import reason_text
+from server.metrics import ALL_TEST, FIGURES
 from server.scoring import SCORE_MAX, SCORE_MIN, TIER_KEYS, TIERS
 from simulations.report.blocks import (
     SERIES,
@@ -23,6 +24,7 @@ from simulations.report.blocks import (
     Section,
     Table,
     figure,
+    finite,
     finite_model_epsilon,
     flatten,
     fmt,
@@ -33,36 +35,79 @@ from simulations.report.privacy_sections import audit_section, ledger_section
 
 # ---- run sections ----------------------------------------------------------------------------
 
+# The populations a figure can be on (metrics.json, docs/architecture.md): the score's figures
+# are on the scored test people; the model's comparison with the baselines and the oracle,
+# which see no opening conditions, on every test person.
+SCORED = "scored test people"
+ALL = "all test people"
+REFERENCE_KEYS = ("oracle_auc", "baseline_central_auc", "baseline_central_dp_auc",
+                  "baseline_central_gbdt_auc", "baseline_central_scorecard_auc",
+                  "baseline_payments_only_auc")
+
+
+def is_horizontal(run: RunData) -> bool:
+    return run.metrics.get("topology") == "horizontal"
+
 
 def headline_run(run: RunData) -> Section:
     m = run.metrics
     eps = finite_model_epsilon(m)
     audit = m.get("audit") or {}
-    cards = Cards([
-        ("test AUC", fmt(m.get("auc"))), ("KS", fmt(m.get("ks"))), ("Gini", fmt(m.get("gini"))),
-        ("ε model (combined model)", fmt(eps) if eps is not None else "non-private"),
-        ("oracle AUC", fmt(m.get("oracle_auc"))),
+    cards = [(f"AUC, {SCORED}", fmt(m.get("auc"))), (f"KS, {SCORED}", fmt(m.get("ks")))]
+    if m.get(ALL_TEST + "auc") != m.get("auc"):
+        cards.append((f"AUC, {ALL}", fmt(m.get(ALL_TEST + "auc"))))
+    cards += [
+        _epsilon_card(m),
+        (f"oracle AUC, {ALL}", fmt(m.get("oracle_auc"))),
         ("audit ε lower bound (canaries)",
          fmt((audit.get("canary") or {}).get("epsilon_lower_bound"))),
-    ])
-    keys = ("auc", "ks", "gini", "brier", "log_loss", "oracle_auc", "baseline_central_auc",
-            "baseline_central_dp_auc", "baseline_central_gbdt_auc",
-            "baseline_central_scorecard_auc", "baseline_payments_only_auc")
-    rows = [(k, m.get(k)) for k in keys]
-    rows += [("epsilon_model", eps), ("epsilon_label", (m.get("epsilon") or {}).get("label")),
-             ("delta", m.get("delta")),
-             ("audit_canary_epsilon_lower", (audit.get("canary") or {}).get("epsilon_lower_bound")),
-             ("audit_epsilon_lower", audit.get("epsilon_lower")),
-             ("people_aligned", (m.get("people") or {}).get("aligned")),
-             ("people_test", (m.get("people") or {}).get("test"))]
-    headline = Table("headline", "Headline numbers (test split)",
-                     pd.DataFrame(rows, columns=["metric", "value"]).astype({"value": object}))
-    return Section("headline", "Headline numbers", [cards, headline, _comparison_table(m)])
+    ]
+    rows = [(k, SCORED, m.get(k)) for k in FIGURES]
+    rows += [(ALL_TEST + k, ALL, m.get(ALL_TEST + k)) for k in FIGURES]
+    # A topology's own references (the payments silo: vertical only) where the run has them.
+    rows += [(k, ALL, m.get(k)) for k in REFERENCE_KEYS if k in m]
+    people = m.get("people") or {}
+    rows += [("epsilon_model", "", eps),
+             ("epsilon_label", "", (m.get("epsilon") or {}).get("label")),
+             ("delta", "", m.get("delta")),
+             ("audit_canary_epsilon_lower", "",
+              (audit.get("canary") or {}).get("epsilon_lower_bound")),
+             ("audit_epsilon_lower", "", audit.get("epsilon_lower")),
+             ("people_aligned", "", people.get("aligned")),
+             ("people_test", ALL, people.get("test")),
+             ("people_test_scored", SCORED, people.get("test_scored"))]
+    frame = pd.DataFrame(rows, columns=["metric", "population", "value"]).astype(
+        {"value": object})
+    headline = Table("headline", "Headline numbers (test split)", frame,
+                     note=_population_note(run))
+    return Section("headline", "Headline numbers",
+                   [Cards(cards), headline, _comparison_table(run)])
 
 
-def _comparison_table(m: dict) -> Table:
-    cols = ("auc", "ks", "gini", "brier", "log_loss")
-    rows = [{"model": SERIES["federated"][0], **{c: m.get(c) for c in cols}}]
+def _population_note(run: RunData) -> str:
+    if is_horizontal(run):
+        return (f"Every customer of a horizontal run is scored: {SCORED} and {ALL} are the "
+                "same people.")
+    return (f"Population: {SCORED}, the eligible people the score serves (metrics.json auc, "
+            f"ks ...); {ALL}, the ineligible included (all_test_*, the oracle and the "
+            "baselines, which see no opening conditions).")
+
+
+def _epsilon_card(m: dict) -> tuple[str, str]:
+    """The headline budget: the combined model's (vertical), the largest region's
+    (horizontal, sample-level DP) or the one user-level budget of all regions."""
+    eps = finite_model_epsilon(m)
+    user = finite((m.get("epsilon") or {}).get("user"))
+    if m.get("topology") != "horizontal":
+        return "ε model (combined model)", fmt(eps) if eps is not None else "non-private"
+    if user is not None:
+        return "ε user-level (one region's data)", fmt(user)
+    return "ε per region (largest)", fmt(eps) if eps is not None else "non-private"
+
+
+def _comparison_table(run: RunData) -> Table:
+    m, cols = run.metrics, FIGURES
+    rows = [{"model": SERIES["federated"][0], **{c: m.get(ALL_TEST + c) for c in cols}}]
     baselines = m.get("baselines") or {}
     order = ["central", "central_dp", "central_gbdt", "central_scorecard", "payments_only"]
     for key in sorted(baselines, key=lambda k: (order.index(k) if k in order else 99, k)):
@@ -72,8 +117,12 @@ def _comparison_table(m: dict) -> Table:
     if m.get("oracle_auc") is not None:
         rows.append({"model": SERIES["oracle"][0], "auc": m["oracle_auc"]})
     frame = pd.DataFrame(rows, columns=["model", *cols])
-    return Table("model_comparison", "Federated model against the baselines (test split)", frame,
-                 note="The oracle uses the generator's true default probabilities. Every "
+    return Table("model_comparison", f"Federated model against the baselines ({ALL})", frame,
+                 note=("" if is_horizontal(run) else
+                       f"Every row on {ALL}, the ineligible included: the baselines and the "
+                       "oracle see no opening conditions, so the federated row is metrics.json's "
+                       f"all_test_*; the score's own figures ({SCORED}) are in the headline. ")
+                      + "The oracle uses the generator's true default probabilities. Every "
                       "central model joins all parties' tables, which only the simulation can "
                       "do: a reference, not something a party could compute.")
 
@@ -81,7 +130,9 @@ def _comparison_table(m: dict) -> Table:
 def _learning_section(run: RunData) -> Section:
     section = Section("learning", "Learning curves")
     history = run.metrics.get("history") or {}
-    rows = [{"model": model, "epoch": h.get("epoch"), "val_auc": h.get("val_auc"),
+    # A horizontal run's history is per round (each of several local epochs).
+    step = "round" if is_horizontal(run) else "epoch"
+    rows = [{"model": model, step: h.get(step), "val_auc": h.get("val_auc"),
              "val_loss": h.get("val_loss"), "seconds": h.get("seconds")}
             for model, entries in history.items() for h in entries or []]
     if not rows:
@@ -91,15 +142,15 @@ def _learning_section(run: RunData) -> Section:
     fig, ax = figure()
     for model, part in data.groupby("model", sort=False):
         label, colour = SERIES.get(str(model), (str(model), None))
-        ax.plot(part["epoch"], part["val_auc"], marker="o", label=label, color=colour)
-    ax.set_xlabel("epoch")
+        ax.plot(part[step], part["val_auc"], marker="o", label=label, color=colour)
+    ax.set_xlabel(step)
     ax.set_ylabel("validation AUC")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(frameon=False)
     models = ", ".join(SERIES.get(str(k), (str(k), ""))[0] for k in data["model"].unique())
     section.blocks.append(Plot(
-        "learning_curves", "Validation AUC by epoch", fig=fig, data=data,
-        alt=f"Line chart of validation AUC against training epoch for {models}.",
+        "learning_curves", f"Validation AUC by {step} (all validation people)", fig=fig,
+        data=data, alt=f"Line chart of validation AUC against training {step} for {models}.",
     ))
     return section
 
@@ -141,7 +192,8 @@ def _histogram_plot(data: pd.DataFrame, note: str) -> Plot:
 
 def _calibration_data(run: RunData) -> tuple[pd.DataFrame | None, str]:
     if run.curves is not None and run.curves.calibration is not None:
-        return run.curves.calibration, "Test split, from curves.json; 95 % intervals."
+        return run.curves.calibration, (f"{SCORED.capitalize()}, from curves.json; 95 % "
+                                         "intervals.")
     rates = run.metrics.get("test_default_rate_by_tier")
     if run.scores is None or not rates:
         return None, run.scores_note or "metrics.json has no default rate by tier"
@@ -155,8 +207,8 @@ def _calibration_data(run: RunData) -> tuple[pd.DataFrame | None, str]:
         low, high = wilson(rate, n)
         rows.append({"tier": key, "n": n, "mean_predicted": float(part["probability"].mean()),
                      "observed_default_rate": rate, "ci_low": low, "ci_high": high})
-    return pd.DataFrame(rows), ("Test split: predictions from scores.parquet, observed rates "
-                                "from metrics.json, Wilson 95 % intervals.")
+    return pd.DataFrame(rows), (f"{SCORED.capitalize()}: predictions from scores.parquet, "
+                                "observed rates from metrics.json, Wilson 95 % intervals.")
 
 
 def wilson(rate: float, n: int) -> tuple[float, float]:
@@ -174,27 +226,24 @@ def _calibration_plot(data: pd.DataFrame, note: str) -> Plot:
     for i, key in enumerate(data["tier"]):
         ax.errorbar(pred[i], obs[i], yerr=[[obs[i] - low[i]], [high[i] - obs[i]]], fmt="o",
                     color=TIER_COLOURS.get(str(key), "#333333"), capsize=3, label=str(key))
-    values = np.concatenate([pred, low, high])
-    positive = values[values > 0]
-    if positive.size == len(values):
-        # Default rates span two orders of magnitude across tiers: log axes show all five.
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        for axis in (ax.xaxis, ax.yaxis):
-            axis.set_major_formatter(FormatStrFormatter("%g"))
-    lo, hi = (positive.min() / 1.5, min(1.0, positive.max() * 1.5)) if positive.size else (0, 1)
-    ax.plot([lo, hi], [lo, hi], color="#999999", linestyle="--", linewidth=1,
+    # Linear axes in every report: a tier without defaults (rate 0, interval from 0) has no
+    # place on a log axis, and switching by the data would draw runs on different scales.
+    hi = min(1.0, float(np.nanmax(np.concatenate([pred, high]))) * 1.05)
+    ax.set_xlim(-0.02 * hi, hi)  # a margin: the safest tiers sit near 0 and stay visible
+    ax.set_ylim(-0.02 * hi, hi)
+    ax.plot([0, hi], [0, hi], color="#999999", linestyle="--", linewidth=1,
             label="perfect calibration")
     ax.set_xlabel("mean predicted default probability")
     ax.set_ylabel("observed default rate")
     ax.legend(frameon=False, fontsize="small")
-    return Plot("calibration_by_tier", "Calibration by tier", fig=fig, data=data,
-                note=note, alt="Scatter plot of observed default rate against mean predicted "
-                               "probability for each tier, with 95 % confidence intervals and "
-                               "the diagonal of perfect calibration.")
+    return Plot("calibration_by_tier", f"Calibration by tier ({SCORED})", fig=fig,
+                data=data, note=note,
+                alt="Scatter plot on linear axes of observed default rate against mean "
+                    "predicted probability for each tier, with 95 % confidence intervals and "
+                    "the diagonal of perfect calibration.")
 
 
-def _ks_plot(data: pd.DataFrame) -> Plot:
+def _ks_plot(data: pd.DataFrame, ks: float | None) -> Plot:
     fig, ax = figure()
     ax.plot(data["score"], data["cdf_bad"], label="defaulters", color="#c0392b")
     ax.plot(data["score"], data["cdf_good"], label="repayers", color="#27ae60")
@@ -202,28 +251,34 @@ def _ks_plot(data: pd.DataFrame) -> Plot:
     at = int(gap.to_numpy().argmax())
     s = float(data["score"].iloc[at])
     ax.vlines(s, data["cdf_good"].iloc[at], data["cdf_bad"].iloc[at], color="#333333",
-              linestyle="--", label=f"KS = {gap.iloc[at]:.3f} at score {s:g}")
+              linestyle="--", label=f"largest gap {gap.iloc[at]:.3f} at score {s:g}")
     ax.set_xlabel("score")
     ax.set_ylabel("cumulative share")
     ax.legend(frameon=False)
-    return Plot("ks_curve", "KS curve: cumulative score distributions", fig=fig, data=data,
-                alt=f"Cumulative distribution of scores for defaulters and repayers; the largest "
-                    f"gap, KS {gap.iloc[at]:.3f}, is at score {s:g}.")
+    return Plot("ks_curve", f"KS curve: cumulative score distributions ({SCORED})",
+                fig=fig, data=data,
+                note=f"KS on the probabilities of the same people (metrics.json ks): {fmt(ks)}; "
+                     "the curve reads the score in 5-point steps, so its largest gap can be "
+                     "a little smaller.",
+                alt=f"Cumulative distribution of scores for defaulting and repaying scored test "
+                    f"people; the largest gap, {gap.iloc[at]:.3f}, is at score {s:g}.")
 
 
 def _roc_plot(data: pd.DataFrame, auc: float | None) -> Plot:
     fig, ax = figure(4.8, 4.4)
     ax.plot(data["fpr"], data["tpr"], color=SERIES["federated"][1],
-            label=f"federated (AUC {fmt(auc)})")
+            label=f"federated, {SCORED} (AUC {fmt(auc)})")
     ax.plot([0, 1], [0, 1], color="#999999", linestyle="--", linewidth=1, label="chance")
     ax.set_xlabel("false positive rate")
     ax.set_ylabel("true positive rate")
     ax.legend(frameon=False, loc="lower right")
-    return Plot("roc_curve", "ROC curve (test split)", fig=fig, data=data,
-                alt=f"ROC curve of the federated model, AUC {fmt(auc)}, above the chance line.")
+    return Plot("roc_curve", f"ROC curve ({SCORED})", fig=fig, data=data,
+                note=f"AUC: metrics.json auc, on the same {SCORED} as the curve.",
+                alt=f"ROC curve of the federated model on the {SCORED}, AUC {fmt(auc)}, above "
+                    "the chance line.")
 
 
-def _scores_section(run: RunData) -> Section:
+def scores_section(run: RunData) -> Section:
     section = Section("scores", "Scores: distribution, calibration, KS")
     hist, note = _histogram_data(run)
     section.blocks.append(_histogram_plot(hist, note) if hist is not None else
@@ -231,12 +286,13 @@ def _scores_section(run: RunData) -> Section:
     calib, note = _calibration_data(run)
     if calib is not None and not calib.empty:
         section.blocks.append(_calibration_plot(calib, note))
-        section.blocks.append(Table("calibration", "Calibration by tier (test split)", calib,
+        section.blocks.append(Table("calibration", f"Calibration by tier ({SCORED})", calib,
                                     note=note, data_key="calibration_by_tier"))
     else:
         section.blocks.append(Note(f"Calibration by tier not available: {note}."))
     curves = run.curves or Curves()
-    section.blocks.append(_ks_plot(curves.ks) if curves.ks is not None and len(curves.ks) else
+    section.blocks.append(_ks_plot(curves.ks, run.metrics.get("ks"))
+                          if curves.ks is not None and len(curves.ks) else
                           Note(f"KS curve not available: {_curves_missing(run, 'ks')}."))
     section.blocks.append(_roc_plot(curves.roc, run.metrics.get("auc"))
                           if curves.roc is not None and len(curves.roc) else
@@ -262,7 +318,7 @@ def _tiers_section(run: RunData) -> Section:
              "share": (counts.get(tier.key) or 0) / total if total else None,
              "test default rate": rates.get(tier.key)} for tier in TIERS]
     table = Table("tiers", "Tiers, their seed benefits, and the people in each", pd.DataFrame(rows),
-                  note="People: every scored person; default rate: test split.")
+                  note=f"People: every scored person; default rate: {SCORED}.")
     return Section("tiers", "Tiers and seed benefits", [table])
 
 
@@ -311,13 +367,9 @@ def _repro_section(run: RunData) -> Section:
 
 def _reasons_section(run: RunData) -> Section:
     section = Section("reasons", "Reason codes and eligibility")
-    people = run.metrics.get("people", {})
-    if people.get("ineligible") is not None:
-        by = ", ".join(f"{k.replace(';', ' + ')} {v:,}" for k, v in
-                       people.get("ineligible_by_reason", {}).items())
-        section.blocks.append(Note(f"{people['ineligible']:,} of {people.get('aligned', 0):,} "
-                                   f"people failed the opening conditions and got no score "
-                                   f"({by})."))
+    eligibility = _eligibility_text(run.metrics.get("people", {}))
+    if eligibility:
+        section.blocks.append(Note(eligibility))
     data = run.curves.reasons if run.curves is not None else None
     if data is None or data.empty:
         section.blocks.append(Note(f"Reason codes not available: {_curves_missing(run, 'reasons')}"
@@ -345,10 +397,26 @@ def _reasons_section(run: RunData) -> Section:
     return section
 
 
+def _eligibility_text(people: dict) -> str | None:
+    """Who got no score and why; None for a run that does not say (older runs)."""
+    ineligible = people.get("ineligible")
+    if ineligible is None:
+        return None
+    if not ineligible:
+        return "Every aligned person met the opening conditions and got a score."
+    by = ", ".join(f"{k.replace(';', ' + ')} {v:,}"
+                   for k, v in (people.get("ineligible_by_reason") or {}).items())
+    return (f"{ineligible:,} of {people.get('aligned', 0):,} people failed the opening "
+            f"conditions and got no score" + (f" ({by})." if by else "."))
+
+
 def run_sections(run: RunData, prefix: str = "") -> list[Section]:
-    sections = [_learning_section(run), _scores_section(run), _tiers_section(run),
-                _contributions_section(run), _reasons_section(run), ledger_section(run),
-                audit_section(run), _repro_section(run)]
+    # Silo contributions, reason codes and the opening conditions exist in the vertical
+    # topology only: a horizontal run's report has no such sections.
+    vertical = [] if is_horizontal(run) else [_contributions_section(run),
+                                             _reasons_section(run)]
+    sections = [_learning_section(run), scores_section(run), _tiers_section(run), *vertical,
+                ledger_section(run), audit_section(run), _repro_section(run)]
     regions = regions_section(run)
     if regions is not None:
         sections.insert(1, regions)

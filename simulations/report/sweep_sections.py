@@ -27,7 +27,7 @@ from simulations.report.blocks import (
     key_values,
 )
 from simulations.report.load import SweepData
-from simulations.report.run_sections import run_sections
+from simulations.report.run_sections import ALL, SCORED, run_sections
 
 # ---- sweep sections --------------------------------------------------------------------------
 
@@ -61,32 +61,45 @@ def summary_series(sweep: SweepData, name: str) -> pd.DataFrame | None:
                         ).reset_index(drop=True)
 
 
+# The privacy-utility curve's series: summary name -> (label, colour, population). The score's
+# AUC is on the scored test people; the model's, its baselines' and the oracle's on all.
+CURVES = {
+    "auc": (f"{SERIES['federated'][0]}, {SCORED}", SERIES["federated"][1], SCORED),
+    "all_test": (f"{SERIES['federated'][0]}, {ALL}", "#5dade2", ALL),
+    "central_dp": (*SERIES["central_dp"], ALL),
+    "best_silo": (*SERIES["best_silo"], ALL),
+}
+LINES = {name: (*SERIES[name], ALL) for name in ("central", "central_gbdt", "oracle")}
+
+
 def _privacy_utility(sweep: SweepData) -> Plot | Note:
-    curves = {"auc": "federated", "central_dp": "central_dp", "best_silo": "best_silo"}
-    lines = {"central": "central", "central_gbdt": "central_gbdt", "oracle": "oracle"}
-    series = {n: summary_series(sweep, n) for n in (*curves, *lines)}
+    series = {n: summary_series(sweep, n) for n in (*CURVES, *LINES)}
     if series["auc"] is None:
         return Note("Privacy–utility curve not available: no federated AUC in the sweep.")
     fig, ax = figure(7.2, 4.4)
     all_eps = np.concatenate([f["epsilon"].to_numpy() for f in series.values() if f is not None])
     to_x = eps_axis(ax, all_eps)
-    for name, style in curves.items():
+    for name, (label, colour, _) in CURVES.items():
         if series[name] is not None:
-            _draw_curve(ax, series[name], to_x, *SERIES[style])
-    for name, style in lines.items():
+            _draw_curve(ax, series[name], to_x, label, colour)
+    for name, (label, colour, _) in LINES.items():
         frame = series[name]
         if frame is not None:
-            label, colour = SERIES[style]
             ax.axhline(float(frame["mean"].mean()), color=colour, linestyle="--", linewidth=1.3,
                        label=label)
     ax.set_ylabel("test AUC")
     # Outside the axes: inside, it would cover the non-private points at the right edge.
     ax.legend(frameon=False, fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))
-    rows = [frame.assign(series=SERIES[{**curves, **lines}[name]][0])
+    styles = {**CURVES, **LINES}
+    rows = [frame.assign(series=styles[name][0], population=styles[name][2])
             for name, frame in series.items() if frame is not None]
-    data = pd.concat(rows, ignore_index=True)[["series", "epsilon", "mean", "ci_low", "ci_high"]]
-    absent = [SERIES[{**curves, **lines}[n]][0] for n, f in series.items() if f is None]
-    note = "Bands and bars: 95 % confidence intervals over seeds; ∞ is the non-private run."
+    data = pd.concat(rows, ignore_index=True)[
+        ["series", "population", "epsilon", "mean", "ci_low", "ci_high"]]
+    absent = [styles[n][0] for n, f in series.items() if f is None]
+    note = (f"Federated, {SCORED}: summary.csv auc (metrics.json auc), the people the score "
+            f"serves; every other series on {ALL}, the ineligible included (the baselines and "
+            "the oracle see no opening conditions). Bands and bars: 95 % confidence intervals "
+            "over seeds; ∞ is the non-private run.")
     if absent:
         note += f" Not in this sweep: {', '.join(absent)}."
     return Plot("privacy_utility", "Privacy–utility: test AUC against ε", fig=fig,
@@ -149,11 +162,11 @@ def _headline_sweep(sweep: SweepData) -> Section:
              ("seeds", ", ".join(fmt(s) for s in sorted(runs["seed"].unique())))]
     cards = [("runs done", f"{done} / {len(runs)}")]
     for _, row in (auc if auc is not None else pd.DataFrame()).iterrows():
-        items.append((f"federated AUC at ε = {fmt_eps(row['epsilon'])}",
+        items.append((f"federated AUC ({SCORED}) at ε = {fmt_eps(row['epsilon'])}",
                       fmt_interval(row["mean"], row["ci_low"], row["ci_high"])))
         # Cards only for the headline budgets: the default (1) and the non-private point.
         if row["epsilon"] in (1.0, math.inf):
-            cards.append((f"AUC at ε = {fmt_eps(row['epsilon'])}", fmt(row["mean"])))
+            cards.append((f"AUC, {SCORED}, at ε = {fmt_eps(row['epsilon'])}", fmt(row["mean"])))
     frame = pd.DataFrame(items, columns=["quantity", "value"])
     return Section("headline", "Headline numbers", [
         Cards(cards),
@@ -163,11 +176,14 @@ def _headline_sweep(sweep: SweepData) -> Section:
 
 def _sweep_tables(sweep: SweepData) -> Section:
     failed = int((sweep.runs["status"].astype(str) != "done").sum())
+    populations = (f"auc: {SCORED} (metrics.json auc); every other AUC column (all_test, the "
+                   f"baselines', the oracle's): {ALL}.")
     return Section("sweep-tables", "Sweep table and summary", [
         Table("sweep_summary", "Summary per ε (mean and 95 % interval over seeds)",
-              sweep.summary),
+              sweep.summary, note=populations),
         Table("sweep_runs", "Every run of the sweep", sweep.runs, collapsed=len(sweep.runs) > 20,
-              note=f"{failed} run(s) failed and are left out of the figures." if failed else ""),
+              note=populations + (f" {failed} run(s) failed and are left out of the figures."
+                                  if failed else "")),
     ])
 
 

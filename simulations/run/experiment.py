@@ -372,12 +372,12 @@ def _outcome(run: Run, done: dict[str, BaselineResult], oracle: float | None,
     # The best silo alone is chosen on validation AUC, and reported on test.
     best = max(alone, key=lambda s: alone[s].history[-1]["val_auc"])
     comparison = Comparison(
-        auc=authority["auc"], oracle=oracle, central=central.metrics["auc"],
+        oracle=oracle, central=central.metrics["auc"],
         central_dp=central_dp.metrics["auc"] if central_dp else None,
         best=best, best_auc=alone[best].metrics["auc"],
         references={name: refs[name]["auc"] if name in refs else None for name in REFERENCES})
     return Outcome(
-        figures={k: authority[k] for k in ("auc", "ks", "gini", "brier", "log_loss")},
+        figures=authority["scored_test"] or {}, all_test_figures=authority["all_test"],
         comparison=comparison, tiers=authority["tiers"],
         default_rate_by_tier=authority["test_default_rate_by_tier"],
         people=authority["people"], round_trips=authority["round_trips"],
@@ -392,7 +392,6 @@ def _outcome(run: Run, done: dict[str, BaselineResult], oracle: float | None,
         own={
             "baseline_payments_only_auc": (alone["payments"].metrics["auc"]
                                            if "payments" in alone else None),
-            "scored_test_auc": authority.get("scored_test_auc"),
             # Each baseline's own training time; they may have run side by side.
             "baseline_seconds": {name: round(r.seconds, 3) for name, r in done.items()},
             # Why the DP configuration may not learn (server/privacy.py); absent before

@@ -282,16 +282,17 @@ def _outcome(run: Run, data: Pooled, predictions: Predictions, tier: np.ndarray,
     # The best single party alone: here a region, chosen (and reported) on test.
     best = max(alone, key=lambda n: alone[n]["auc"])
     central = on_test(predictions.central)
-    comparison = Comparison(auc=fed["auc"], oracle=oracle, central=central["auc"],
+    comparison = Comparison(oracle=oracle, central=central["auc"],
                             central_dp=central_dp["auc"] if central_dp else None,
                             best=best, best_auc=alone[best]["auc"],
                             references={name: m["auc"]
                                         for name, m in predictions.references.items()})
     return Outcome(
-        figures=fed, comparison=comparison, tiers=tier_counts(tier),
+        # Every customer is scored (no opening conditions): one population, both names.
+        figures=fed, all_test_figures=fed, comparison=comparison, tiers=tier_counts(tier),
         default_rate_by_tier=_default_rate_by_tier(data.y[test], tier[test]),
         people={"aligned": len(data.y), "scored": len(data.y), "ineligible": 0,
-                "train": len(data.rows(0)), "test": len(test)},
+                "train": len(data.rows(0)), "test": len(test), "test_scored": len(test)},
         round_trips=authority["round_trips"], aggregation_mode=authority["strategy"],
         privacy=_privacy(authority), audit=audit, history={"federated": history},
         baselines={"central": central, "central_dp": central_dp, **predictions.references,

@@ -4,13 +4,21 @@ Each topology (experiment.py vertical, horizontal.py) measures its own way and f
 `Outcome`; the parts every run directory shares (the test figures, the comparison with the
 baselines and the oracle, timings, the privacy summary, audit, history, data description and
 manifest) are laid out here once, so a key means one figure, under one name, in every run.
+
+Populations (docs/architecture.md, "Metrics: one population per figure"): `auc`, `ks`,
+`gini`, `brier` and `log_loss` are the score's figures on the people it serves, the scored
+(eligible) test people; `all_test_<figure>` are the model's on every test person, the
+ineligible included. The oracle, the baselines and the gaps to them see no opening
+conditions, so they are all-test figures and the gaps are taken from `all_test_auc`.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from server.metrics import ALL_TEST, FIGURES
 from simulations.analysis.audit import AuditResult
 from simulations.run.rundir import Run, write_results
 
@@ -36,11 +44,10 @@ def membership_summary(result: AuditResult, accounted_epsilon: float | None) -> 
 
 @dataclass(frozen=True, kw_only=True)
 class Comparison:
-    """The federated model against what it is measured by, on the test split: the oracle (the
-    true probabilities; None on real data), the central model with and without DP, and the
-    best single party alone (a silo, or a region)."""
+    """What the federated model is measured by, on every test person: the oracle (the true
+    probabilities; None on real data), the central model with and without DP, and the best
+    single party alone (a silo, or a region)."""
 
-    auc: float
     oracle: float | None
     central: float
     central_dp: float | None
@@ -50,7 +57,9 @@ class Comparison:
     # None for one a run resumed from an older version's saved baselines lacks.
     references: dict[str, float | None] = field(default_factory=dict)
 
-    def to_dict(self) -> dict:
+    def to_dict(self, all_test_auc: float) -> dict:
+        """The comparison's keys, with the gaps from the federated model's AUC on the same
+        population (every test person)."""
         return {
             "oracle_auc": self.oracle,
             "baseline_central_auc": self.central,
@@ -58,8 +67,8 @@ class Comparison:
             **{f"baseline_{name}_auc": value for name, value in self.references.items()},
             "baseline_best_silo_auc": self.best_auc,
             "baseline_best_silo": self.best,
-            "gap_to_oracle": self.oracle - self.auc if self.oracle is not None else None,
-            "gap_to_central": self.central - self.auc,
+            "gap_to_oracle": self.oracle - all_test_auc if self.oracle is not None else None,
+            "gap_to_central": self.central - all_test_auc,
         }
 
 
@@ -68,7 +77,10 @@ class Outcome:
     """What a finished run measured, as both topologies report it; `own` holds the keys only
     one topology writes (it may not reuse a shared key: one key per figure)."""
 
-    figures: dict  # auc, ks, gini, brier, log_loss of the federated model on the test split
+    # FIGURES of the federated model on the scored test people (None for a population of one
+    # class) and on every test person.
+    figures: Mapping[str, float | None]
+    all_test_figures: Mapping[str, float]
     comparison: Comparison
     tiers: dict
     default_rate_by_tier: dict
@@ -88,8 +100,9 @@ def write_metrics(run: Run, outcome: Outcome, curves: dict) -> dict:
     seconds = run.timer.seconds
     seconds["total"] = round(time.perf_counter() - run.t0, 3)
     metrics = {
-        **outcome.figures,
-        **outcome.comparison.to_dict(),
+        **{k: outcome.figures.get(k) for k in FIGURES},
+        **{ALL_TEST + k: outcome.all_test_figures[k] for k in FIGURES},
+        **outcome.comparison.to_dict(outcome.all_test_figures["auc"]),
         "tiers": outcome.tiers,
         "test_default_rate_by_tier": outcome.default_rate_by_tier,
         "seconds": seconds,

@@ -6,6 +6,10 @@
     DIR/sweep.csv               one row per finished or failed cell
     DIR/summary.csv             per epsilon: mean and 95 % confidence interval over seeds
 
+Populations as in metrics.json: `auc` is the score's AUC on the scored (eligible) test
+people; every other AUC column (`auc_all_test`, the baselines', the oracle's) is on every
+test person.
+
 The cells of one seed share one Flower federation: the engine starts once and PSI runs once,
 since the population and the parties' keys do not change between epsilons; each cell still
 gets its own run key, model, accountants, ledger and checkpoint. A finished cell (its
@@ -36,7 +40,8 @@ SWEEP_FILE = "sweep.json"
 RESULTS_FILE = "sweep.csv"
 SUMMARY_FILE = "summary.csv"
 
-BASELINES = {  # sweep.csv column -> metrics.json key
+ALL_TEST_COLUMNS = {  # sweep.csv column -> metrics.json key, each on every test person
+    "auc_all_test": "all_test_auc",
     "auc_central": "baseline_central_auc",
     "auc_central_dp": "baseline_central_dp_auc",
     "auc_central_gbdt": "baseline_central_gbdt_auc",
@@ -180,7 +185,7 @@ def cell_row(out: Path, cell: Cell, status: str = "done", error: str = "") -> di
     if status == "done" and path.exists():
         metrics = json.loads(path.read_text())
         row["auc"] = metrics["auc"]
-        row.update({col: metrics.get(key) for col, key in BASELINES.items()})
+        row.update({col: metrics.get(key) for col, key in ALL_TEST_COLUMNS.items()})
         row["eps_model"] = model_epsilon(metrics) or math.inf
         row["eps_label"] = metrics["epsilon"]["label"]
         audit = metrics.get("audit") or {}
@@ -232,7 +237,7 @@ def summarise(table: pd.DataFrame) -> pd.DataFrame:
     for eps, group in done.groupby("epsilon", sort=True):
         row: dict = {"epsilon": eps, "n": len(group)}
         row["auc_mean"], row["auc_ci_low"], row["auc_ci_high"] = mean_ci(group["auc"])
-        for col in BASELINES:
+        for col in ALL_TEST_COLUMNS:
             name = col.removeprefix("auc_")
             # A sweep from before a baseline existed has no column for it.
             row[f"{name}_mean"], row[f"{name}_ci_low"], row[f"{name}_ci_high"] = mean_ci(
