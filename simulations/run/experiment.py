@@ -197,6 +197,7 @@ def _run_vertical(cfg: ExperimentConfig, out_dir: Path, parties_dir: Path,
     if engine == "deployment":
         run_deployed(run, progress, credentials)
     else:
+        import_optimizers()
         run_federation(
             make_server_app(cfg.authority, run.parties.root, out_dir, progress,
                             on_result=lambda r: run.authority.update(r.metrics), resume=resume),
@@ -219,6 +220,13 @@ def _run_horizontal(cfg: ExperimentConfig, out_dir: Path, parties_dir: Path,
                           "comes as vertical silos")
     run = open_run(cfg, out_dir, parties_dir, resume, progress, {"engine": engine})
     return run_horizontal(run, progress)
+
+
+def import_optimizers() -> None:
+    """torch imports its compiler (torch._dynamo) when it builds its first optimizer: seconds
+    that the authority would spend as training starts, in the ServerApp's thread, which Ctrl-C
+    stops only at its next message (engine.run_federation). Imported here, before the engine."""
+    import torch._dynamo  # noqa: F401
 
 
 def run_deployed(run: Run, progress: Progress | None, credentials: Path | None) -> None:
@@ -296,6 +304,7 @@ def _run_cells(cells: list[tuple[ExperimentConfig, Path, bool]], parties_dir: Pa
         outcomes.append((pending[j], result, error, seconds))
 
     if pending:
+        import_optimizers()
         run_federation(
             make_cells_app([(runs[i].cfg.authority, runs[i].out_dir, runs[i].resume)
                             for i in pending], runs[0].parties.root, progress, federated),
