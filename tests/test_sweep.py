@@ -23,6 +23,7 @@ from simulations.run.sweep import (
     summarise,
 )
 from tests.conftest import fix_secrets, run_cli
+from tests.test_interrupt import aligned, assert_stopped_cleanly, interrupt
 
 
 def test_epsilons_parse_sorted_with_inf():
@@ -141,3 +142,19 @@ def test_sweep_runs_every_cell_once_and_resumes(tmp_path: Path):
     assert other.returncode == 2
     assert "another configuration" in other.stderr
     assert json.loads((out / "sweep.json").read_text())["epsilons"] == ["2", "inf"]
+
+    # One Ctrl-C while a cell starts training (no round ended): the sweep stops at once with
+    # nothing left running; the same command starts that cell again, to the same results.
+    cell = runs / "eps=2_seed=3"
+    cell.rename(tmp_path / "uninterrupted")
+    stopped = interrupt(*args, cwd=tmp_path, when=lambda: aligned(cell))
+    assert_stopped_cleanly(stopped)
+    assert "fedscore sweep --out" in stopped.output
+    resumed = run_cli(*args, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "1 of 2 cells to run" in resumed.stderr
+    assert (out / "unfinished" / "eps=2_seed=3-1" / "config.json").exists()  # kept aside
+    # The auditor's canary coins are fresh in every run; everything else is the run's own.
+    fresh = ["seconds", "audit_canary_epsilon_lower"]
+    pd.testing.assert_frame_equal(pd.read_csv(out / "sweep.csv").drop(columns=fresh),
+                                  table.drop(columns=fresh))

@@ -22,7 +22,9 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
+import shlex
 import sys
 import threading
 from pathlib import Path
@@ -395,8 +397,19 @@ def _sweep(args: argparse.Namespace) -> int:
             if status != "done" and cell is not None:
                 console.print(f"[red]cell {cell.name} failed:[/] {status}", highlight=False)
 
-        table = run_sweep(out, spec, on_cell, on_phase)
+        try:
+            table = run_sweep(out, spec, on_cell, on_phase)
+        except KeyboardInterrupt as exc:
+            from simulations.run.rundir import Interrupted
+
+            # The same command continues a sweep: finished cells are kept, the others resume.
+            raise Interrupted(shlex.join(["fedscore", *args.command_line])) from exc
     _print_sweep(out, table)
+    failed = int((table["status"] == "failed").sum()) if "status" in table else 0
+    if failed:
+        console.print(f"[bold red]{failed} of {len(cells)} cells failed[/] (sweep.csv says why); "
+                      "the same command runs them again", highlight=False)
+        return 1
     return 0
 
 
@@ -688,6 +701,7 @@ def _report_outputs(directory: Path) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    args.command_line = sys.argv[1:] if argv is None else list(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(message)s",
@@ -714,8 +728,15 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as exc:
         console.print(f"[bold red]error:[/] {exc}", highlight=False)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         console.print("[yellow]interrupted[/]")
+        resume = getattr(exc, "resume", None)  # rundir.Interrupted: how to go on
+        if resume:
+            console.print(f"Continue it with:\n  {resume}", soft_wrap=True, highlight=False)
+        # The process ends now. Its last garbage collection walks every object of torch, Ray
+        # and pandas: 4-9 s measured on a busy 2-core machine, longer than the run took to
+        # stop. Nothing there needs collecting: the objects are left out of it.
+        gc.freeze()
         return 130
 
 

@@ -9,13 +9,21 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import signal
 import sys
 import tempfile
+import threading
+import time
 import warnings
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
-from flwr.serverapp import ServerApp
+from flwr.serverapp import Grid, ServerApp
+from flwr.supercore.run import Run
 
 from clients.protocol.capture import CAPTURE_ENV
 from clients.silo.app import SILO_FAULT
@@ -125,7 +133,15 @@ def engine_workers(silos: int) -> int:
 
 def run_federation(server_app: ServerApp, client_app: ClientApp, silos: int) -> None:
     """Run the apps in-process: one virtual SuperNode per silo, served by `engine_workers`
-    Ray workers."""
+    Ray workers.
+
+    Ctrl-C (SIGINT) ends the federation the way a finished run ends it, then raises
+    KeyboardInterrupt: the authority returns at its next message (`_StoppableGrid`; its
+    ledger and last checkpoint written), and Flower stops its workers and shuts Ray down
+    (ours: every process it started; a joined cluster: our job, whose actors and workers the
+    cluster then ends). Flower runs the ServerApp in a thread of its own that the signal never
+    reaches and Python waits for at exit: without the stop, that thread went on waiting for
+    replies from silos that were gone until `reply_timeout` (600 s)."""
     configure_environment()
     quiet_engine_logs()
     from flwr.simulation import run_simulation
@@ -148,21 +164,130 @@ def run_federation(server_app: ServerApp, client_app: ClientApp, silos: int) -> 
                          _node_ip_address=LOOPBACK, dashboard_host=LOOPBACK)
     else:
         _join_cluster(init_args)
+    stop = threading.Event()
     try:
-        run_simulation(
-            server_app=server_app,
-            client_app=client_app,
-            num_supernodes=silos,
-            backend_config={
-                "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                "init_args": init_args,
-            },
-        )
+        with _interrupt_sets(stop):
+            run_simulation(
+                server_app=_stoppable(server_app, stop),
+                client_app=client_app,
+                num_supernodes=silos,
+                backend_config={
+                    "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                    "init_args": init_args,
+                },
+            )
+    except BaseException:
+        # However the engine ended (a second Ctrl-C, a crash), the ServerApp thread must not
+        # outlive it waiting for replies that will never come.
+        stop.set()
+        raise
     finally:
         import ray
 
-        if ray.is_initialized():  # Flower shuts Ray down, unless it failed before starting
+        # Flower shuts Ray down, unless it failed before starting. For a joined cluster this
+        # ends our job (the cluster then ends its actors and workers), not the cluster.
+        if ray.is_initialized():
             ray.shutdown()
+    if stop.is_set():
+        raise KeyboardInterrupt("the federation was interrupted")
+
+
+@contextmanager
+def _interrupt_sets(stop: threading.Event) -> Iterator[None]:
+    """While the engine runs, the first SIGINT sets `stop` instead of raising
+    KeyboardInterrupt wherever the main thread happens to be (inside Flower's thread pool,
+    whose own clean-up would then shut Ray down under workers still using it); a second one
+    raises at once. Signals reach the main thread only: elsewhere (an event loop's worker
+    thread) this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_interrupt(signum: int, frame: object) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        log.warning("interrupted: stopping the federation (Ctrl-C again to stop at once)")
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
+
+
+class _Stopped(KeyboardInterrupt):
+    """Raised in the ServerApp's thread by its next message once the run is interrupted: a
+    KeyboardInterrupt, so no `except Exception` on the way records it as the run's failure."""
+
+
+def _stoppable(app: ServerApp, stop: threading.Event) -> ServerApp:
+    """`app` on a grid that refuses every call once `stop` is set. The authority then unwinds
+    (its `finally` blocks write the ledger and the last checkpoint) and the ServerApp returns,
+    which ends Flower's engine the way a finished run does: workers stopped, actors ended,
+    Ray shut down."""
+    outer = ServerApp()
+
+    @outer.main()
+    def main(grid: Grid, context: Context) -> None:
+        try:
+            app(grid=_StoppableGrid(grid, stop), context=context)
+        except _Stopped:
+            log.info("the authority stopped at its next message")
+
+    return outer
+
+
+class _StoppableGrid(Grid):
+    """The engine's grid, checking `stop` before every call. The authority polls for replies
+    every few milliseconds, so it notices within one poll."""
+
+    def __init__(self, inner: Grid, stop: threading.Event) -> None:
+        self.inner = inner
+        self.stop = stop
+
+    def _check(self) -> None:
+        if self.stop.is_set():
+            raise _Stopped()
+
+    def set_run(self, run: Run) -> None:
+        self.inner.set_run(run)
+
+    @property
+    def run(self) -> Run:
+        return self.inner.run
+
+    def create_message(self, *args: Any, **kwargs: Any) -> Message:
+        self._check()
+        return self.inner.create_message(*args, **kwargs)
+
+    def get_node_ids(self) -> Iterable[int]:
+        self._check()
+        return self.inner.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        self._check()
+        return self.inner.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        self._check()
+        return self.inner.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None
+                         ) -> Iterable[Message]:
+        """As Flower's in-memory grid does it, but polling through `pull_messages` here, so
+        the horizontal topology's rounds (server/horizontal.py) stop too."""
+        waiting = set(self.push_messages(messages))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        while waiting:
+            arrived = list(self.pull_messages(waiting))
+            replies.extend(arrived)
+            waiting -= {m.metadata.reply_to_message_id for m in arrived}
+            if not waiting or (deadline is not None and time.monotonic() >= deadline):
+                break
+            time.sleep(getattr(self.inner, "pull_interval", 0.1))
+        return replies
 
 
 def _join_cluster(init_args: dict) -> None:

@@ -59,11 +59,14 @@ from simulations.run.outcome import (
     write_metrics,
 )
 from simulations.run.rundir import (
+    Interrupted,
     Progress,
     Run,
     claim_run_dir,
     open_run,
     oracle_auc,
+    resumable,
+    resume_command,
     unclaim_run_dir,
 )
 
@@ -148,15 +151,25 @@ def run_experiment(
         raise ConfigError(f"engine {engine!r}: choose one of {', '.join(ENGINES)}")
     if not resume:
         claim_run_dir(out_dir)  # before the lock creates the directory: nothing changed
-    # One writer per run directory for the whole command (server/run_lock.py): a second
-    # `--resume` is refused instead of replaying rounds into the same ledger.
-    with claim(out_dir, "fedscore run --resume" if resume else "fedscore run"):
-        if resume and (out_dir / "metrics.json").exists():  # finished while we waited
-            raise RunDirError(f"{out_dir} already finished (metrics.json exists); nothing to "
-                              "resume")
-        if cfg.authority.topology == "horizontal":
-            return _run_horizontal(cfg, out_dir, parties_dir, progress, resume, engine)
-        return _run_vertical(cfg, out_dir, parties_dir, progress, resume, engine, credentials)
+    try:
+        # One writer per run directory for the whole command (server/run_lock.py): a second
+        # `--resume` is refused instead of replaying rounds into the same ledger.
+        with claim(out_dir, "fedscore run --resume" if resume else "fedscore run"):
+            if resume and (out_dir / "metrics.json").exists():  # finished while we waited
+                raise RunDirError(f"{out_dir} already finished (metrics.json exists); nothing "
+                                  "to resume")
+            if resume and not resumable(out_dir):
+                # Stopped before its first round ended (Ctrl-C while the engine started, say):
+                # nothing to continue, so it starts again in its own directory, as the same
+                # run (its config.json, parties and keystore).
+                log.warning("%s never finished a round: starting it again", out_dir.name)
+                resume = False
+            if cfg.authority.topology == "horizontal":
+                return _run_horizontal(cfg, out_dir, parties_dir, progress, resume, engine)
+            return _run_vertical(cfg, out_dir, parties_dir, progress, resume, engine,
+                                 credentials)
+    except KeyboardInterrupt as exc:
+        raise Interrupted(resume_command(out_dir)) from exc
 
 
 def _run_vertical(cfg: ExperimentConfig, out_dir: Path, parties_dir: Path,
@@ -184,6 +197,7 @@ def _run_vertical(cfg: ExperimentConfig, out_dir: Path, parties_dir: Path,
     if engine == "deployment":
         run_deployed(run, progress, credentials)
     else:
+        import_optimizers()
         run_federation(
             make_server_app(cfg.authority, run.parties.root, out_dir, progress,
                             on_result=lambda r: run.authority.update(r.metrics), resume=resume),
@@ -206,6 +220,13 @@ def _run_horizontal(cfg: ExperimentConfig, out_dir: Path, parties_dir: Path,
                           "comes as vertical silos")
     run = open_run(cfg, out_dir, parties_dir, resume, progress, {"engine": engine})
     return run_horizontal(run, progress)
+
+
+def import_optimizers() -> None:
+    """torch imports its compiler (torch._dynamo) when it builds its first optimizer: seconds
+    that the authority would spend as training starts, in the ServerApp's thread, which Ctrl-C
+    stops only at its next message (engine.run_federation). Imported here, before the engine."""
+    import torch._dynamo  # noqa: F401
 
 
 def run_deployed(run: Run, progress: Progress | None, credentials: Path | None) -> None:
@@ -253,7 +274,7 @@ def _run_cells(cells: list[tuple[ExperimentConfig, Path, bool]], parties_dir: Pa
     errors = [""] * len(runs)
 
     def finished(i: int, result: RunResult | None, error: str, seconds: float) -> None:
-        # The cell's clock starts when its federated part did, not when the sweep opened it.
+        # The cell's clock: its federated part, then its own finishing.
         runs[i].t0 = time.perf_counter() - seconds
         if result is not None:
             runs[i].authority.update(result.metrics)
@@ -267,23 +288,31 @@ def _run_cells(cells: list[tuple[ExperimentConfig, Path, bool]], parties_dir: Pa
             on_done(i, error)
 
     # Cells killed after their federated part (phases.json) only have their later phases
-    # left: finished here, without the federation; the others go through it.
+    # left: they skip the federation. The federation's thread only records the others'
+    # outcomes: their baselines and audit run here, after it, so the ServerApp thread is never
+    # busy for long away from the grid, where an interrupt stops it (engine.run_federation).
+    outcomes: list[tuple[int, RunResult | None, str, float]] = []
     pending = []
     for i, r in enumerate(runs):
         if r.resume and run_phases.federated_done(r.out_dir):
             authority = json.loads((r.out_dir / "authority.json").read_text())
-            finished(i, RunResult(authority), "", sum(authority["seconds"].values()))
+            outcomes.append((i, RunResult(authority), "", sum(authority["seconds"].values())))
         else:
             pending.append(i)
-    if not pending:
-        return errors
-    run_federation(
-        make_cells_app([(runs[i].cfg.authority, runs[i].out_dir, runs[i].resume)
-                        for i in pending], runs[0].parties.root, progress,
-                       lambda j, *rest: finished(pending[j], *rest)),
-        client_app_for(runs[0]),
-        silos=len(federation_silos(runs[0].parties.root)),
-    )
+
+    def federated(j: int, result: RunResult | None, error: str, seconds: float) -> None:
+        outcomes.append((pending[j], result, error, seconds))
+
+    if pending:
+        import_optimizers()
+        run_federation(
+            make_cells_app([(runs[i].cfg.authority, runs[i].out_dir, runs[i].resume)
+                            for i in pending], runs[0].parties.root, progress, federated),
+            client_app_for(runs[0]),
+            silos=len(federation_silos(runs[0].parties.root)),
+        )
+    for outcome in outcomes:
+        finished(*outcome)
     return errors
 
 

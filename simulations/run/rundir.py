@@ -63,20 +63,43 @@ def claim_run_dir(out_dir: Path, *, clear_failed: bool = False) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
 
 
+def resumable(out_dir: Path) -> bool:
+    """Whether the run in `out_dir` got far enough to continue from where it stopped: a
+    training round finished (the checkpoint) or the whole federated part did (phases.json,
+    authority.json: baselines and audit resume from there)."""
+    return checkpoint.path(out_dir).exists() or run_phases.federated_done(out_dir)
+
+
 def failed_run(out_dir: Path) -> bool:
     """Whether `out_dir` holds a run that stopped before its first checkpoint, and that no
     process is running: nothing in it can be resumed, so a retry may start afresh."""
     return ((out_dir / "config.json").exists() and (out_dir / RUN_FILE).exists()
             and not (out_dir / "metrics.json").exists()
-            and not checkpoint.path(out_dir).exists()
-            and not run_phases.federated_done(out_dir)
+            and not resumable(out_dir)
             # Nobody else is running it (this process may hold its lock: the retry).
             and (held_token(out_dir) is not None or holder(out_dir) is None))
 
 
+def resume_command(out_dir: Path) -> str | None:
+    """The command that continues the unfinished run in `out_dir` (from its checkpoint, or
+    from the start when it stopped before one: `run_experiment`), or None."""
+    if ((out_dir / "config.json").exists() and (out_dir / RUN_FILE).exists()
+            and not (out_dir / "metrics.json").exists()):
+        return f"fedscore run --resume {out_dir}"
+    return None
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a run or a sweep, once every process it started had ended. `resume` is
+    the command that continues it (None: nothing was left to continue)."""
+
+    def __init__(self, resume: str | None) -> None:
+        super().__init__(resume or "")
+        self.resume = resume
+
+
 def _resume_hint(out_dir: Path) -> str:
-    resumable = checkpoint.path(out_dir).exists() or run_phases.federated_done(out_dir)
-    if resumable and not (out_dir / "metrics.json").exists():
+    if resumable(out_dir) and not (out_dir / "metrics.json").exists():
         return f"; it holds an interrupted run: fedscore run --resume {out_dir}"
     return ""
 
@@ -167,7 +190,11 @@ def write_results(run: Run, metrics: dict, curves: dict) -> dict:
     (out_dir / "curves.json").write_text(json.dumps(curves) + "\n")
     manifest = _manifest(run.cfg, run.started, run.timer.seconds, run.reused)
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    # Whole or not at all: an interrupt while it is written must not leave a finished-looking
+    # run (a sweep never reruns a cell with a metrics.json).
+    partial = out_dir / "metrics.json.partial"
+    partial.write_text(json.dumps(metrics, indent=2) + "\n")
+    partial.replace(out_dir / "metrics.json")
     run_phases.finish(out_dir, "report")
     return metrics
 

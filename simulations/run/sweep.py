@@ -5,6 +5,7 @@
     DIR/runs/eps=E_seed=S/      an ordinary run directory (fedscore report works on it)
     DIR/sweep.csv               one row per finished or failed cell
     DIR/summary.csv             per epsilon: mean and 95 % confidence interval over seeds
+    DIR/unfinished/CELL-N/      a cell's attempt that stopped before its first round (kept)
 
 Populations as in metrics.json: `auc` is the score's AUC on the scored (eligible) test
 people; every other AUC column (`auc_all_test`, the baselines', the oracle's) is on every
@@ -13,8 +14,9 @@ test person.
 The cells of one seed share one Flower federation: the engine starts once and PSI runs once,
 since the population and the parties' keys do not change between epsilons; each cell still
 gets its own run key, model, accountants, ledger and checkpoint. A finished cell (its
-metrics.json exists) is never run again, so an interrupted sweep continues where it stopped;
-a cell interrupted mid-training resumes from its checkpoint.
+metrics.json exists) is never run again, so an interrupted sweep continues where it stopped:
+repeating its command resumes a cell interrupted mid-training from its checkpoint, and starts
+again one that never finished a round.
 """
 
 from __future__ import annotations
@@ -39,6 +41,9 @@ log = logging.getLogger(__name__)
 SWEEP_FILE = "sweep.json"
 RESULTS_FILE = "sweep.csv"
 SUMMARY_FILE = "summary.csv"
+# Attempts of cells that stopped before their first round, kept outside runs/ so that what
+# reads every cell (ledger verify, reports) never mistakes one for a cell of the sweep.
+UNFINISHED_DIR = "unfinished"
 
 ALL_TEST_COLUMNS = {  # sweep.csv column -> metrics.json key, each on every test person
     "auc_all_test": "all_test_auc",
@@ -156,22 +161,24 @@ def is_done(out: Path, cell: Cell) -> bool:
 
 
 def set_aside_unfinished(out: Path, cell: Cell) -> bool:
-    """An unfinished cell resumes from its checkpoint when there is one (returns True);
-    otherwise its directory is renamed aside (kept, never deleted) and the cell starts over."""
+    """An unfinished cell resumes from its checkpoint, or at its baselines when its federated
+    part finished (returns True); otherwise (it never finished a round: interrupted early, or
+    failed) its directory is renamed aside (kept, never deleted) and the cell starts over."""
+    from simulations.run.rundir import resumable
+
     directory = cell_dir(out, cell)
     if not directory.exists():
         return False
-    if (directory / "checkpoint").is_dir() and (directory / "config.json").exists():
+    if (directory / "config.json").exists() and resumable(directory):
         return True
-    from server.run_phases import federated_done
-
-    if federated_done(directory) and (directory / "config.json").exists():
-        return True  # killed after its federated part: it resumes at its baselines
+    aside = out / UNFINISHED_DIR
+    aside.mkdir(exist_ok=True)
     n = 1
-    while directory.with_name(f"{directory.name}.unfinished-{n}").exists():
+    while (aside / f"{cell.name}-{n}").exists():
         n += 1
-    directory.rename(directory.with_name(f"{directory.name}.unfinished-{n}"))
-    log.warning("cell %s had no checkpoint; kept as %s.unfinished-%d", cell.name, cell.name, n)
+    directory.rename(aside / f"{cell.name}-{n}")
+    log.warning("cell %s never finished a round; starting it again (the stopped attempt is "
+                "kept as %s/%s-%d)", cell.name, UNFINISHED_DIR, cell.name, n)
     return False
 
 
