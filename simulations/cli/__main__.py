@@ -2,6 +2,6 @@
 
 import sys
 
-from simulations.cli.main import main
+from simulations.cli.main import entry
 
-sys.exit(main())
+sys.exit(entry())
