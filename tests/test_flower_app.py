@@ -31,7 +31,7 @@ def test_flwr_run_trains_and_leaves_no_process(tmp_path: Path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (run_dir,) = out.iterdir()  # one subdirectory per Flower run
     metrics = json.loads((run_dir / "authority.json").read_text())
-    assert metrics["auc"] > 0.7
+    assert metrics["scored_test"]["auc"] > 0.7
     assert metrics["config"]["train.epochs"] == 1
     # storage.keystore=auto: encrypted, keystore beside the parties, shared by every party.
     scores = read_scores(run_dir, parties.with_name(parties.name + ".keys"))

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from matplotlib.figure import Figure
 
 from tests.conftest import assert_no_identifiers, run_cli, scores_of
 
@@ -75,30 +74,24 @@ def test_without_staleness_federated_training_equals_central(small_run: Path):
 
 
 def test_every_auc_in_the_report_is_the_metric_of_the_population_it_names(
-        small_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+        small_run: Path, tmp_path: Path):
     """Issue 21: the ROC legend, the headline cards and tables show metrics.json's figure for
     the population they name: `auc` on the scored test people (the ROC curve's own people),
     `all_test_auc`, the oracle and the baselines on every test person. The report's sections
     that show an AUC (headline with the model comparison, scores with ROC and KS), rendered
     as `fedscore report` renders them; the others would only cost time."""
     from simulations.report import run_sections
-    from simulations.report.blocks import fmt
+    from simulations.report.blocks import Plot, fmt
     from simulations.report.load import load_run
     from simulations.report.render import write_report
 
-    legends: list[str] = []
-    drawn = run_sections.png
-
-    def recording(fig: Figure) -> bytes:
-        legends.extend(t.get_text() for ax in fig.axes if ax.get_legend()
-                       for t in ax.get_legend().get_texts())
-        return drawn(fig)
-
-    monkeypatch.setattr(run_sections, "png", recording)
     run = load_run(small_run)
-    page_path, _, _ = write_report(tmp_path, "run", [run_sections.headline_run(run),
-                                                     run_sections.scores_section(run)])
-    page = page_path.read_text(encoding="utf-8")
+    sections = [run_sections.headline_run(run), run_sections.scores_section(run)]
+    legends = [t.get_text() for section in sections for block in section.blocks
+               if isinstance(block, Plot) for ax in block.fig.axes if ax.get_legend()
+               for t in ax.get_legend().get_texts()]
+    files = write_report(tmp_path, "run", "fedscore report", sections, figure_formats=())
+    page = files.html.read_text(encoding="utf-8")
     m = json.loads((small_run / "metrics.json").read_text())
     assert m["people"]["test_scored"] < m["people"]["test"]  # ineligible test people exist
     assert abs(m["auc"] - m["all_test_auc"]) > 0.01  # so two populations, two numbers

@@ -372,21 +372,20 @@ def test_sweep_falls_back_to_first_done_run_and_sweep_csv(tmp_path: Path) -> Non
     assert (dp["ci_low"] <= dp["mean"]).all()
 
 
-def test_calibration_axes_are_linear_in_every_report(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_calibration_axes_are_linear_in_every_report() -> None:
     """One convention: linear axes whatever the rates (a tier without defaults included), so
     two reports' calibration figures read the same way."""
     from simulations.report import run_sections
 
     scales: list[tuple[str, str]] = []
-    monkeypatch.setattr(run_sections, "png", lambda fig: scales.append(
-        (fig.axes[0].get_xscale(), fig.axes[0].get_yscale())) or b"")
     rows = [dict(row, mean_predicted=p, observed_default_rate=rate, ci_low=rate / 2,
                  ci_high=rate * 2) for row, p, rate in (
         ({"tier": "watch", "n": 50}, 0.4, 0.45), ({"tier": "good", "n": 900}, 0.01, 0.012))]
     spread = pd.DataFrame(rows)
     with_zero = spread.assign(observed_default_rate=[0.45, 0.0], ci_low=[0.3, 0.0])
     for frame in (spread, with_zero):
-        run_sections._calibration_plot(frame, "")
+        axes = run_sections._calibration_plot(frame, "").fig.axes[0]
+        scales.append((axes.get_xscale(), axes.get_yscale()))
     assert scales == [("linear", "linear")] * 2
 
 

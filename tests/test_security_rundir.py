@@ -277,7 +277,10 @@ def test_a_kill_as_the_baselines_start_resumes_to_the_same_outputs(tmp_path: Pat
     # The federated results are the ones written before the kill, not made again.
     assert (killed / "scores.parquet.enc").read_bytes() == scores
     assert (killed / "ledger.jsonl").read_bytes() == ledger
-    for key in ("auc", "ks", "brier", "training_steps", "epsilon", "tiers", "round_trips"):
+    for key in ("auc", "ks", "brier"):  # authority.json: per named population
+        assert metrics[key] == authority["scored_test"][key], key
+        assert metrics[f"all_test_{key}"] == authority["all_test"][key], key
+    for key in ("training_steps", "epsilon", "tiers", "round_trips"):
         assert metrics[key] == authority[key], key
     # The baselines are the ones the first resume trained, not trained again.
     assert metrics["baseline_seconds"] == {n: round(r["seconds"], 3) for n, r in kept.items()}

@@ -238,6 +238,13 @@ def _stoppable(app: ServerApp, stop: threading.Event) -> ServerApp:
     return outer
 
 
+def interrupted(grid: Grid) -> bool:
+    """Whether Ctrl-C stopped the engine: for a ServerApp that waits on something other than
+    its grid (the score server waits on its socket), which would otherwise wait on. A grid of
+    another engine (deployment) is never interrupted this way."""
+    return isinstance(grid, _StoppableGrid) and grid.stop.is_set()
+
+
 class _StoppableGrid(Grid):
     """The engine's grid, checking `stop` before every call. The authority polls for replies
     every few milliseconds, so it notices within one poll."""

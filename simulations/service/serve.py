@@ -24,6 +24,7 @@ from server import rescore
 from server.federation import Federation
 from server.rescore import Scorer
 from server.run_lock import SERVE, claim
+from simulations.run.engine import interrupted
 from simulations.service.channel import SERVE_FILE, read_line, socket_path
 from simulations.service.drift_run import drift_report
 from simulations.service.session import (
@@ -44,13 +45,21 @@ def serve(run_dir: Path, progress: Progress | None = None,
     run = open_finished(run_dir)
     stop = stop or threading.Event()
 
+    served: list[int] = []
+
     def work(fed: Federation, scorer: Scorer) -> int:
-        return _loop(run, fed, scorer, stop, on_ready)
+        served.append(_loop(run, fed, scorer, stop, on_ready))
+        return served[0]
 
     # The server writes disputes and drift reports into the run directory for its callers:
     # it holds the directory while it serves (server/run_lock.py).
     with claim(run.run_dir, SERVE):
-        return run_session(run, work, progress)
+        try:
+            return run_session(run, work, progress)
+        except KeyboardInterrupt:
+            if served:  # Ctrl-C ended the serving loop: a stop, as a `stop` request is
+                return served[0]
+            raise
 
 
 def _loop(run: FinishedRun, fed: Federation, scorer: Scorer, stop: threading.Event,
@@ -76,7 +85,9 @@ def _loop(run: FinishedRun, fed: Federation, scorer: Scorer, stop: threading.Eve
             on_ready(path)
         log.info("serving %s on %s", run.run_dir, path)
         try:
-            while not stop.is_set():
+            # Ctrl-C reaches the engine (run_federation), which stops the app at its next
+            # message; this loop sends none while it waits, so it looks.
+            while not (stop.is_set() or interrupted(fed.grid)):
                 try:
                     conn, _ = server.accept()
                 except TimeoutError:
