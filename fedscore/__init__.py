@@ -6,6 +6,7 @@
     fedscore.run_experiment(cfg, out, fedscore.default_parties_dir(out))
     run = fedscore.load_run(out)
     run.metrics["auc"], run.ledger, run.curves.roc, run.scores
+    fedscore.load_sweep(sweep_dir).summary   # a sweep: per grid point, paired differences
 
 A walk-through is in docs/python-api.md. This package only re-exports: each name lives in
 simulations/ (run/ for running, report/ for reading results). Names load on first use, so
@@ -22,7 +23,9 @@ if TYPE_CHECKING:
     from simulations.report.load import Curves as Curves
     from simulations.report.load import ReportError as ReportError
     from simulations.report.results import RunResults as RunResults
+    from simulations.report.results import SweepResults as SweepResults
     from simulations.report.results import load_run as load_run
+    from simulations.report.results import load_sweep as load_sweep
     from simulations.run.config import ExperimentConfig as ExperimentConfig
     from simulations.run.config import make_config as make_config
     from simulations.run.experiment import run_experiment as run_experiment
@@ -39,6 +42,8 @@ _EXPORTS = {
     "run_sweep": "simulations.run.sweep",
     "load_run": "simulations.report.results",
     "RunResults": "simulations.report.results",
+    "load_sweep": "simulations.report.results",
+    "SweepResults": "simulations.report.results",
     "Curves": "simulations.report.load",
     "ReportError": "simulations.report.load",
 }

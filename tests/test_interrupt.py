@@ -145,7 +145,7 @@ def test_a_run_stopped_before_its_first_round_starts_again_when_resumed(tmp_path
 def test_a_sweep_cell_without_a_finished_round_is_set_aside(tmp_path: Path):
     from simulations.run.sweep import UNFINISHED_DIR, Cell, cell_dir, set_aside_unfinished
 
-    cell = Cell(1.0, 0)
+    cell = Cell((("privacy.epsilon", "1"),), 0)
     directory = cell_dir(tmp_path, cell)
     (directory / checkpoint.CHECKPOINT_DIR).mkdir(parents=True)
     (directory / "config.json").write_text("{}")
@@ -166,7 +166,7 @@ def test_a_sweep_with_a_failed_cell_exits_non_zero(tmp_path: Path, monkeypatch):
     from simulations.run import sweep
 
     def failing(out: Path, spec, on_cell=None, progress=None) -> pd.DataFrame:
-        table = pd.DataFrame([sweep.cell_row(out, sweep.Cell(1.0, 0), "failed", "boom"),
+        table = pd.DataFrame([sweep.cell_row(out, spec, spec.cells()[0], "failed", "boom"),
                               {"epsilon": 1.0, "seed": 1, "run": "x", "status": "done"}])
         sweep.summarise(table).to_csv(out / sweep.SUMMARY_FILE, index=False)
         return table

@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import logging
 import shlex
@@ -49,6 +50,7 @@ from simulations.cli import people as cli_people
 from simulations.cli.parsing import Parser
 from simulations.data.mapping import MAPPING_HELP
 from simulations.run.engine import configure_environment, quiet_engine_logs
+from simulations.run.sweep import DEFAULT_EPSILONS
 
 console = Console(stderr=True)
 log = logging.getLogger("fedscore")
@@ -119,14 +121,25 @@ def _parser() -> argparse.ArgumentParser:
     certs.add_argument("--silos", default="payments,social,device",
                        help="one node key per silo, comma-separated")
 
-    sweep = sub.add_parser("sweep", help="one run per (epsilon, seed) with baselines and an "
-                                         "audit; repeat the command to continue",
-                           epilog=MAPPING_HELP)
+    sweep = sub.add_parser("sweep", help="one run per grid point and seed with baselines and "
+                                         "an audit; repeat the command to continue or extend",
+                           epilog=SWEEP_HELP + MAPPING_HELP)
     sweep.add_argument("--out", type=Path, required=True, help="sweep directory")
-    sweep.add_argument("--epsilons", default="0.5,1,2,4,8,inf",
-                       help="eps_model per cell, comma-separated; inf = no DP")
-    sweep.add_argument("--seeds", default="0,1,2",
-                       help="seeds (data and training), comma-separated")
+    sweep.add_argument("--epsilons", default=None,
+                       help="eps_model per cell, comma-separated; inf = no DP (short for --grid "
+                            "privacy.epsilon=...; a new sweep without a grid: "
+                            f"{DEFAULT_EPSILONS})")
+    sweep.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                       help="a config key and its values (repeat for more keys; tuple values "
+                            "in brackets: model.hidden=[32,16],[64])")
+    sweep.add_argument("--seeds", default=None,
+                       help="training seeds, comma-separated (a new sweep: 0,1,2)")
+    sweep.add_argument("--data-seeds", default=None,
+                       help="population seeds, comma-separated (default: each cell's training "
+                            "seed)")
+    sweep.add_argument("--reference", action="append", default=[], metavar="KEY=VALUE",
+                       help="the grid point paired differences are taken against (default: "
+                            "the largest epsilon, each other key's first value)")
     sweep.add_argument("--users", type=int, default=None, help=_shortcut_help("users"))
     sweep.add_argument("--data", default=None, metavar="uci|FILE.csv|DIR",
                        help="real data instead of the generator (as for `fedscore run`)")
@@ -354,31 +367,47 @@ def _print_summary(metrics: dict, out_dir: Path, parties: Path) -> None:
     out.print(f"party tables: {parties}")
 
 
+SWEEP_HELP = """\
+A sweep runs every combination of its grid's values, for each data seed and training seed:
+
+  fedscore sweep --out S --grid train.lr=0.003,0.01 --epsilons 1,inf --seeds 0,1,2
+
+Repeat the command to continue it; name more values or seeds to extend it (only new cells run):
+
+  fedscore sweep --out S --seeds 3
+
+summary.csv holds, per grid point, the mean AUC with its 95 % Student-t interval over the runs,
+and the mean difference to the reference point with its interval, paired by (data seed, seed).
+
+"""
+
+
 def _sweep(args: argparse.Namespace) -> int:
     from simulations.data.paths import check_new_dir
-    from simulations.run.config import check_delta, make_config, parse_assignments
+    from simulations.run.config import check_delta, parse_assignments
     from simulations.run.sweep import (
-        SweepSpec,
+        Cell,
         is_done,
-        parse_epsilons,
-        parse_seeds,
+        parse_reference,
+        plan_sweep,
         run_sweep,
     )
 
     check_new_dir(args.out, "--out")
+    out = args.out.resolve()
     assignments = parse_assignments(args.assignments)
     if args.data:
         assignments["data"] = _data_source(args.data, args.users)
-    else:  # every cell's delta against the population, before any cell starts
-        shared = make_config(assignments, args.users)
-        check_delta(shared, shared.population.users, "population.users")
-    spec = SweepSpec(parse_epsilons(args.epsilons), parse_seeds(args.seeds), args.users,
-                     tuple(sorted(assignments.items())))
-    out = args.out.resolve()
-    cells = [(e, s) for s in spec.seeds for e in spec.epsilons]
-    from simulations.run.sweep import Cell
-
-    todo = sum(not is_done(out, Cell(e, s)) for e, s in cells)
+    asked, given = _sweep_spec(args, assignments, new=not (out / "sweep.json").exists())
+    spec = plan_sweep(out, asked, given=given)
+    if args.reference:  # only the summary depends on it: a sweep's reference can change
+        spec = dataclasses.replace(spec, reference=parse_reference(args.reference))
+    if not args.data:  # every population's delta, before any cell starts
+        for cell in {c.population: c for c in spec.cells()}.values():
+            cfg = spec.config(cell)
+            check_delta(cfg, cfg.population.users, "population.users")
+    cells = spec.cells()
+    todo = sum(not is_done(out, c) for c in cells)
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"),
                TimeRemainingColumn())
@@ -413,23 +442,66 @@ def _sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep_spec(args: argparse.Namespace, assignments: dict[str, str], *, new: bool):
+    """The sweep the options ask for, and which options were given: continuing a sweep, an
+    option left out keeps the sweep's value; a new sweep takes the defaults."""
+    from simulations.run.sweep import (
+        DEFAULT_EPSILONS,
+        EPSILON_KEY,
+        SweepError,
+        SweepSpec,
+        parse_epsilons,
+        parse_grid,
+        parse_seeds,
+    )
+
+    grid = parse_grid(args.grid)
+    if args.epsilons is not None:
+        if EPSILON_KEY in grid:
+            raise SweepError("--epsilons and --grid privacy.epsilon name the same key; give one")
+        grid = {EPSILON_KEY: parse_epsilons(args.epsilons), **grid}
+    elif new and not grid and EPSILON_KEY not in assignments:
+        grid = {EPSILON_KEY: parse_epsilons(DEFAULT_EPSILONS)}
+    given = {name for name, present in (
+        ("grid", bool(grid) and (args.epsilons is not None or bool(args.grid))),
+        ("seeds", args.seeds is not None), ("data_seeds", args.data_seeds is not None),
+        ("users", args.users is not None), ("assignments", bool(assignments))) if present}
+    spec = SweepSpec(
+        grid=grid, seeds=parse_seeds(args.seeds or "0,1,2"),
+        data_seeds=None if args.data_seeds is None else parse_seeds(args.data_seeds,
+                                                                    "--data-seeds"),
+        users=args.users, assignments=tuple(sorted(assignments.items())))
+    return spec, given
+
+
 def _print_sweep(out: Path, table) -> None:
     import pandas as pd
 
     summary = pd.read_csv(out / "summary.csv")
+    groups = list(summary.columns[:list(summary.columns).index("n")])
     view = Table(title=f"fedscore sweep ({len(table)} runs)")
-    for col in ("epsilon", "n", "AUC (95 % CI)", "central DP", "best silo",
-                "canary audit eps max"):
+    for col in (*groups, "n", "AUC (95 % CI)", "AUC − reference (95 % CI)", "central DP",
+                "best silo", "canary audit eps max"):
         view.add_column(col, justify="right")
     for _, row in summary.iterrows():
-        ci = "" if pd.isna(row["auc_ci_low"]) else f" [{row['auc_ci_low']:.3f}, " \
-            f"{row['auc_ci_high']:.3f}]"
-        view.add_row(f"{row['epsilon']:g}", str(int(row["n"])), f"{row['auc_mean']:.4f}{ci}",
+        diff = "reference" if str(row.get("is_reference")) == "True" else _with_ci(row,
+                                                                                  "auc_diff")
+        view.add_row(*(f"{row[c]:g}" if c == "epsilon" else str(row[c]) for c in groups),
+                     str(int(row["n"])), _with_ci(row, "auc"), diff,
                      _fmt(row.get("central_dp_mean")), _fmt(row.get("best_silo_mean")),
                      _fmt(row.get("audit_canary_epsilon_lower_max"), 2))
     Console().print(view)
     Console().print(f"results: {out}/sweep.csv, summary.csv; report: fedscore report {out}",
                     soft_wrap=True, highlight=False)
+
+
+def _with_ci(row, name: str) -> str:
+    """`0.8123 [0.80, 0.82]` from summary.csv's NAME_mean, NAME_ci_low, NAME_ci_high."""
+    mean, low, high = (row.get(f"{name}_{part}") for part in ("mean", "ci_low", "ci_high"))
+    if _fmt(mean) == "-":
+        return "-"
+    ci = "" if _fmt(low) == "-" else f" [{low:.3f}, {high:.3f}]"
+    return f"{mean:+.4f}{ci}" if name.endswith("diff") else f"{mean:.4f}{ci}"
 
 
 def _fmt(value: object, digits: int = 4) -> str:

@@ -1,4 +1,5 @@
-"""A finished run's results as pandas objects, for notebooks and scripts (`fedscore.load_run`).
+"""A finished run's or sweep's results as pandas objects, for notebooks and scripts
+(`fedscore.load_run`, `fedscore.load_sweep`).
 
 The files are read by the report's readers (report/load.py) and the scores by the authority's
 own reader (server/scores_file.py), so the Python API, the report and the CLI agree on what a
@@ -18,6 +19,7 @@ from server.scores_file import read_scores
 from simulations.data.paths import run_keystore
 from simulations.report.load import Curves, ReportError, RunData, detect_kind
 from simulations.report.load import load_run as read_run_dir
+from simulations.report.load import load_sweep as read_sweep_dir
 
 # What every ledger line carries: its number (server/ledger.py), the party, budget and round
 # of the step, and the epsilon it spent.
@@ -106,3 +108,31 @@ def _recorded_keystore(run_dir: Path) -> Path | None:
     except (FileNotFoundError, KeyError):
         # No run.json (a `flwr run .` run): scores only readable with an explicit keystore.
         return None
+
+
+@dataclass(frozen=True)
+class SweepResults:
+    """A sweep directory (`fedscore sweep --out`): sweep.json as `config`, sweep.csv (one row
+    per cell) as `runs`, summary.csv (per grid point: means, intervals, paired differences) as
+    `summary`; `run(name)` loads one cell as a RunResults."""
+
+    path: Path
+    config: dict
+    runs: pd.DataFrame = field(repr=False)
+    summary: pd.DataFrame = field(repr=False)
+
+    def run(self, name: str, keystore: str | Path | None = None) -> RunResults:
+        """The cell `name` (sweep.csv's `run` column), e.g. `eps=1_seed=0`."""
+        if name not in set(self.runs["run"].astype(str)):
+            raise ReportError(f"{self.path} has no cell {name!r}; its cells are listed in "
+                              "the `run` column of sweep.csv")
+        return load_run(self.path / "runs" / name, keystore)
+
+
+def load_sweep(path: str | Path) -> SweepResults:
+    """Load the sweep in `path`, checked as `fedscore report` checks it."""
+    sweep_dir = Path(path).resolve()
+    if detect_kind(sweep_dir) != "sweep":
+        raise ReportError(f"{sweep_dir} is a run directory; load it with load_run")
+    data = read_sweep_dir(sweep_dir)
+    return SweepResults(sweep_dir, data.config, data.runs, data.summary)
