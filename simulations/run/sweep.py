@@ -561,7 +561,7 @@ def _paired_differences(done: pd.DataFrame, summary: pd.DataFrame, groups: list[
     summary["reference"] = point_name((k, v) for k, v in sorted(reference.items()))
     summary["is_reference"] = is_ref
     summary["interval"] = [
-        f"{LEVEL:.0%} Student t over {int(n)} runs"
+        f"{LEVEL * 100:.0f} % Student t over {int(n)} runs"
         + ("" if ref or not m else f"; difference paired by (data seed, seed) over {int(m)}")
         for n, m, ref in zip(summary["n"], summary["auc_diff_n"].fillna(0), is_ref,
                              strict=True)]
