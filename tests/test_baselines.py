@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import signal
+import threading
+import time
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from server.config import AuthorityConfig
+from server.config import AuthorityConfig, build
 from simulations.analysis import baselines
 from simulations.analysis.baselines import BaselineJob, JoinedData, one_thread, run_baselines
 
@@ -53,6 +57,25 @@ def test_a_failing_job_reaches_the_caller_and_frees_shared_memory(monkeypatch):
     before = set(os.listdir("/dev/shm"))
     with pytest.raises(KeyError, match="device"):
         run_baselines(_joined(500), bad, AuthorityConfig(), workers=2)
+    assert set(os.listdir("/dev/shm")) <= before
+
+
+@pytest.mark.slow
+def test_an_interrupt_stops_every_baseline_process_at_once(monkeypatch):
+    """Ctrl-C while the jobs train: no job outlives the call, none queued starts, and the
+    shared memory is freed."""
+    monkeypatch.setattr(baselines, "PARALLEL_MIN_PEOPLE", 0)
+    long = build(AuthorityConfig, {"train.epochs": 100, "train.batch_size": 64})  # ~minutes
+    before = set(os.listdir("/dev/shm"))
+    main = threading.main_thread().ident
+    assert main is not None
+    # Ctrl-C as a terminal sends it: SIGINT to the main thread, waiting for the jobs.
+    threading.Timer(4.0, signal.pthread_kill, (main, signal.SIGINT)).start()
+    t0 = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        run_baselines(_joined(20_000), JOBS, long, workers=2)
+    assert time.perf_counter() - t0 < 9.0
+    assert multiprocessing.active_children() == []
     assert set(os.listdir("/dev/shm")) <= before
 
 

@@ -235,7 +235,24 @@ def run_baselines(data: JoinedData, jobs: list[BaselineJob], cfg: AuthorityConfi
         # The costliest first (DP over every silo), so the short ones fill in at the end.
         order = sorted(jobs, key=lambda j: (j.noise_multiplier > 0, len(j.silos)), reverse=True)
         futures = {job.name: pool.submit(_shared_job, shared, split, job, cfg) for job in order}
-        return {job.name: futures[job.name].result() for job in jobs}
+        try:
+            return {job.name: futures[job.name].result() for job in jobs}
+        except BaseException:
+            _stop(pool)
+            raise
+
+
+def _stop(pool: ProcessPoolExecutor) -> None:
+    """Ctrl-C or a failed job: no queued job may start and no running one outlive the call.
+    Leaving the pool's block alone would wait for both (minutes at a million people). Python
+    3.11's executor has no way to end its workers (3.14 adds terminate_workers), hence its
+    process table."""
+    processes = list((pool._processes or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        process.join(5)
 
 
 def _shared_job(shared: dict, split: pd.Series, job: BaselineJob, cfg: AuthorityConfig
