@@ -159,6 +159,13 @@ def test_ledger_verify_gives_one_verdict_per_cell(private_run: Path, tmp_path: P
     assert "eps=32_seed=6: the ledger does not verify" in text
     assert "1 of 3 cells verify, 1 do not, 1 have no ledger" in text
 
+    (sweep / "runs" / "eps=32_seed=6" / "ledger.jsonl").unlink()  # DP reported, no record
+    missing = run_cli("ledger", "verify", str(sweep), cwd=tmp_path)
+    text = " ".join(missing.stdout.split())
+    assert missing.returncode == 1, missing.stdout + missing.stderr
+    assert "eps=32_seed=6: metrics.json reports eps_model" in text
+    assert "but ledger.jsonl is missing" in text
+
 
 # ---- report and compare never overwrite silently -------------------------------------------------
 

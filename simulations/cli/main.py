@@ -654,7 +654,7 @@ def _verify_ledger(run: Path, table: Table, in_sweep: bool) -> list[str] | None:
     from simulations.analysis.ledger_verify import consistency, verify
 
     if in_sweep and not (run / LEDGER_FILE).exists():
-        return None
+        return _missing_ledger(run)
     try:
         with console.status(f"recomputing epsilons of {run.name} with dp-accounting"):
             checks = verify(run)
@@ -674,6 +674,22 @@ def _verify_ledger(run: Path, table: Table, in_sweep: bool) -> list[str] | None:
                             f"dp-accounting's {c.independent:.5f} differ by more than the "
                             "tolerance")
     return problems
+
+
+def _missing_ledger(run: Path) -> list[str] | None:
+    """A sweep cell without a ledger: nothing to verify (None) unless its metrics.json reports
+    a DP epsilon, whose record is then missing."""
+    import json
+
+    try:
+        claimed = model_epsilon(json.loads((run / "metrics.json").read_text()))
+    except (OSError, ValueError):
+        return None  # unfinished: it may have no ledger yet
+    if claimed is None or claimed == float("inf"):
+        return None
+    return [f"metrics.json reports eps_model {claimed:.4f} but ledger.jsonl is missing: "
+            "restore it from the run, or run the cell again (move its directory away and "
+            "repeat the sweep's command)"]
 
 
 def _print_verdict(out: Console, name: str, problems: list[str] | None) -> None:
