@@ -41,6 +41,8 @@ DIFF_COLUMNS = (*DIFF, "auc_diff_n", "reference", "is_reference", "interval")
 GRID_COLOURS = ("#1f4e79", "#c0392b", "#27ae60", "#8e44ad", "#e67e22", "#16a085", "#7f8c8d",
                 "#d4ac0d", "#2c3e50", "#e84393")
 DEFAULT_INTERVAL = "95 % confidence intervals over seeds"
+REFERENCE_GID = "reference-line"  # marks the lines listed last in a legend
+ORACLE_STYLES = ("--", ":", "-.")
 
 
 def value_text(value: object) -> str:
@@ -157,17 +159,20 @@ class XAxis:
     joined: bool  # numbers: points joined by a line; categories: points with their interval
 
 
-def _x_axis(ax: Axes, key: str, values: pd.Series) -> XAxis:
+def _x_axis(ax: Axes, key: str, values: pd.Series, listed: Sequence[str] = ()) -> XAxis:
+    """Positive numbers (budgets, learning rates, epochs) on a log axis with ∞ at the right;
+    anything else as categories in the order the sweep lists them."""
     numbers = pd.to_numeric(values, errors="coerce")
     if key == "epsilon" or (numbers.notna().all() and (numbers > 0).all()):
-        # Positive settings (budgets, learning rates, epochs) on a log axis, ∞ at the right.
         to_x = eps_axis(ax, numbers.to_numpy(dtype=np.float64))
         if key != "epsilon":
             ax.set_xlabel(f"{key} (log scale)")
         return XAxis(key=key, joined=True, place=lambda v: to_x(
             pd.to_numeric(v, errors="coerce").to_numpy(dtype=np.float64)))
-    order = sorted(values.astype(str).unique())
+    present = list(values.dropna().astype(str).unique())
+    order = [v for v in listed if v in present] + sorted(v for v in present if v not in listed)
     ax.set_xticks(range(len(order)), order)
+    ax.set_xlim(-0.5, len(order) - 0.5)
     ax.set_xlabel(key)
     return XAxis(key=key, joined=False,
                  place=lambda v: np.array([order.index(str(x)) for x in v], dtype=np.float64))
@@ -206,18 +211,21 @@ def _yerr(frame: pd.DataFrame) -> np.ndarray:
     return np.vstack([low, high])
 
 
-def _reference_line(ax: Axes, frame: pd.DataFrame, axis: XAxis, label: str,
-                    colour: str) -> None:
+def _reference_line(ax: Axes, frame: pd.DataFrame, axis: XAxis, label: str, colour: str,
+                    linestyle: str = "--") -> None:
     """A model that does not depend on ε (central baselines, the oracle): one horizontal line
     on a privacy-utility curve; against another key, a dashed curve (it may depend on it)."""
     if axis.key == "epsilon":
-        ax.axhline(float(frame["mean"].mean()), color=colour, linestyle="--", linewidth=1.3,
-                   label=label)
-        return
-    order = np.argsort(axis.place(frame[axis.key]), kind="stable")
-    ax.plot(axis.place(frame[axis.key])[order], frame["mean"].to_numpy()[order],
-            linestyle="--" if axis.joined else "none", marker=None if axis.joined else "_",
-            markersize=14, color=colour, linewidth=1.3, label=label)
+        line = ax.axhline(float(frame["mean"].mean()), color=colour, linestyle=linestyle,
+                          linewidth=1.3, label=label)
+    else:
+        x = axis.place(frame[axis.key])
+        order = np.argsort(x, kind="stable")
+        (line,) = ax.plot(x[order], frame["mean"].to_numpy()[order],
+                          linestyle=linestyle if axis.joined else "none",
+                          marker=None if axis.joined else "_", markersize=14, color=colour,
+                          linewidth=1.3, label=label)
+    line.set_gid(REFERENCE_GID)
 
 
 def _series_keys(sweep: SweepData, x: str) -> list[str]:
@@ -234,16 +242,18 @@ def _privacy_utility(sweep: SweepData) -> Plot | Note:
     by = _series_keys(sweep, x)
     fig, ax = figure(7.2, 4.4)
     shown = [f for f in series.values() if f is not None]
-    axis = _x_axis(ax, x, pd.concat([f[x] for f in shown], ignore_index=True))
+    axis = _x_axis(ax, x, pd.concat([f[x] for f in shown], ignore_index=True),
+                   _listed(sweep, x))
     styles = {**CURVES, **LINES}
     if by:
         drawn = {n: f for n in ("auc", "oracle") if (f := series[n]) is not None}
         _draw_grid_series(ax, fed, series["oracle"], axis, by)
     else:
         drawn = {n: f for n, f in series.items() if f is not None}
-        for name, (label, colour, _) in CURVES.items():
-            if series[name] is not None:
-                _draw_curve(ax, series[name], axis, label, colour)
+        curves = [(series[n], style) for n, style in CURVES.items() if series[n] is not None]
+        for i, (frame, (label, colour, _)) in enumerate(curves):
+            _draw_curve(ax, frame, axis, label, colour,
+                        0.0 if axis.joined else (i - (len(curves) - 1) / 2) * 0.08)
         for name, (label, colour, _) in LINES.items():
             if series[name] is not None:
                 _reference_line(ax, series[name], axis, label, colour)
@@ -262,11 +272,12 @@ def _privacy_utility(sweep: SweepData) -> Plot | Note:
     title = ("Privacy–utility: test AUC against ε" if x == "epsilon"
              else f"Test AUC against {x}")
     return Plot("privacy_utility", title, fig=fig, data=data,
-                note=_curve_note(sweep, x, by, absent), alt=_curve_alt(x, by, axis.joined))
+                note=_curve_note(sweep, x, by, absent, joined=axis.joined),
+                alt=_curve_alt(x, by, axis.joined))
 
 
 def _is_reference_line(handle: object) -> bool:
-    return isinstance(handle, Line2D) and handle.get_linestyle() == "--"
+    return isinstance(handle, Line2D) and handle.get_gid() == REFERENCE_GID
 
 
 def _curve_alt(x: str, by: list[str], joined: bool) -> str:
@@ -283,26 +294,48 @@ def _curve_alt(x: str, by: list[str], joined: bool) -> str:
 def _draw_grid_series(ax: Axes, fed: pd.DataFrame, oracle: pd.DataFrame | None, axis: XAxis,
                       by: list[str]) -> None:
     """One line and band per combination of the other grid keys (the federated model's
-    scored AUC), and the oracle: one line when it is the same everywhere, else one per
-    series in its colour. Baselines are left out: with several series they would bury them."""
+    scored AUC), and the oracle once per value of the keys it depends on (the population's,
+    say; one line when it is the same everywhere). Baselines are left out: with several
+    series they would bury them."""
     parts = list(fed.groupby(by, sort=True, dropna=False))
     spread = 0.02 if axis.joined else 0.08
     for i, (values, part) in enumerate(parts):
-        values = values if isinstance(values, tuple) else (values,)
-        _draw_curve(ax, part, axis, point_label(by, values),
+        _draw_curve(ax, part, axis, point_label(by, _tuple(values)),
                     GRID_COLOURS[i % len(GRID_COLOURS)], (i - (len(parts) - 1) / 2) * spread)
     if oracle is None:
         return
-    if np.ptp(oracle["mean"].to_numpy(dtype=np.float64)) <= 1e-12:
-        _reference_line(ax, oracle, axis, SERIES["oracle"][0], SERIES["oracle"][1])
+    keys = [k for k in by if _depends_on(oracle, k, [*by, axis.key])]
+    colour = SERIES["oracle"][1]
+    if not keys:
+        _reference_line(ax, oracle, axis, SERIES["oracle"][0], colour)
         return
-    for i, (values, part) in enumerate(oracle.groupby(by, sort=True, dropna=False)):
-        values = values if isinstance(values, tuple) else (values,)
-        _reference_line(ax, part, axis, f"oracle, {point_label(by, values)}",
-                        GRID_COLOURS[i % len(GRID_COLOURS)])
+    for i, (values, part) in enumerate(oracle.groupby(keys, sort=True, dropna=False)):
+        _reference_line(ax, part, axis, f"oracle, {point_label(keys, _tuple(values))}", colour,
+                        ORACLE_STYLES[i % len(ORACLE_STYLES)])
 
 
-def _curve_note(sweep: SweepData, x: str, by: list[str], absent: list[str]) -> str:
+def _tuple(values: object) -> tuple:
+    return values if isinstance(values, tuple) else (values,)
+
+
+def _depends_on(frame: pd.DataFrame, key: str, columns: list[str]) -> bool:
+    """Whether `frame`'s mean changes with `key` when every other of `columns` is held."""
+    held = [c for c in columns if c != key]
+    spread = frame.groupby(held, dropna=False)["mean"].agg(np.ptp) if held else \
+        pd.Series([np.ptp(frame["mean"].to_numpy(dtype=np.float64))])
+    return bool((spread > 1e-12).any())
+
+
+def _listed(sweep: SweepData, column: str) -> list[str]:
+    """A grid key's values in the order sweep.json lists them."""
+    grid = sweep.config.get("grid")
+    values = grid.get(EPSILON_KEY if column == "epsilon" else column) \
+        if isinstance(grid, dict) else None
+    return [str(v) for v in values] if isinstance(values, list) else []
+
+
+def _curve_note(sweep: SweepData, x: str, by: list[str], absent: list[str], *,
+                joined: bool) -> str:
     fixed = [k for k in _others(sweep) if k != x and k not in by]
     note = (f"Federated, {SCORED}: summary.csv auc (metrics.json auc), the people the score "
             f"serves; every other series on {ALL}, the ineligible included (the baselines and "
@@ -313,15 +346,18 @@ def _curve_note(sweep: SweepData, x: str, by: list[str], absent: list[str]) -> s
     else:
         eps = sweep.runs["epsilon"].dropna().unique()
         budget = f"ε = {fmt_eps(float(eps[0]))}" if len(eps) == 1 else "one budget"
+        drawn = ("on a log axis" if joined else
+                 "as a point with its interval per value, in the sweep's order")
+        marks = "dashed curves" if joined else "short horizontal marks"
         note += (f" The sweep holds {budget} and varies {x}, so AUC is drawn against {x} "
-                 "(the accounted privacy does not change along it); models that do not "
-                 f"depend on ε are drawn as dashed curves, since they may depend on {x}.")
+                 f"({drawn}); models that do not depend on ε are drawn as {marks}, since "
+                 f"they may depend on {x}.")
     if by:
         note += (f" One line and band per value of {', '.join(by)}: the federated model on "
                  f"{SCORED} at each grid point (points are never pooled across "
                  f"{', '.join(by)}); the baselines are left out to keep the lines apart and "
-                 "are in the summary table. The oracle is drawn once when every grid point "
-                 "has the same, else per series.")
+                 "are in the summary table. The oracle is drawn once per value of the grid "
+                 "keys it depends on (once when it is the same everywhere).")
     if fixed:
         values = [f"{k}={value_text(sweep.runs[k].dropna().iloc[0])}" for k in fixed
                   if sweep.runs[k].notna().any()]
