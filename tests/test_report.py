@@ -28,7 +28,13 @@ from matplotlib.figure import Figure
 from server.scoring import TIER_KEYS, TIERS
 from simulations.cli.main import main
 from simulations.report.blocks import cells, eps_axis, fmt_eps
-from simulations.report.latex import TEX_DOCUMENT, TEX_FILE, header_text, tex_escape
+from simulations.report.latex import (
+    TEX_DOCUMENT,
+    TEX_FILE,
+    header_text,
+    tex_escape,
+    tex_number,
+)
 from simulations.report.load import ReportError, load_run, load_sweep, with_populations
 from simulations.report.render import build_report, figure_bytes
 from simulations.report.sweep_sections import _privacy_utility
@@ -306,9 +312,11 @@ def write_grid_sweep(path: Path, *, epsilons: tuple[float, ...] = (1.0, float("i
     # Written out of order: the report sorts by the grid columns.
     runs.iloc[::-1].to_csv(path / "sweep.csv", index=False)
     _grid_summary(runs, reference).iloc[::-1].to_csv(path / "summary.csv", index=False)
-    first = runs[(runs["epsilon"] == epsilons[0]) & (runs["train.lr"] == GRID_LR[0])
+    # Only the representative run's directory: epsilon 1, seed 0, the reference's rate.
+    eps = 1.0 if 1.0 in epsilons else epsilons[0]
+    first = runs[(runs["epsilon"] == eps) & (runs["train.lr"] == GRID_LR[0])
                  & (runs["seed"] == 0)].iloc[0]
-    write_run(path / "runs" / first["run"], eps=epsilons[0])
+    write_run(path / "runs" / first["run"], eps=eps)
     return path
 
 
@@ -511,6 +519,7 @@ def test_paired_differences_are_summary_csvs_numbers(grid_dir: Path) -> None:
     assert (grid_dir / "report" / "sweep_paired_differences.csv").exists() is False
     tex = (grid_dir / "tables.tex").read_text(encoding="utf-8")
     assert "tab:grid:sweep-paired-differences}" in tex
+    assert r"$-$0.0100 [$-$0.0100, $-$0.0100]" in tex  # minus signs inside the interval too
 
 
 def test_a_grid_without_epsilon_is_drawn_against_its_key(tmp_path: Path) -> None:
@@ -762,6 +771,7 @@ def test_headers_and_numbers_are_typeset_for_a_paper() -> None:
     assert header_text("audit_epsilon_lower") == "audit ε lower"
     assert header_text("seed benefit") == "seed benefit"
     assert tex_escape("−∞ ≤ε") == r"$- \infty$ $\le \varepsilon$"
+    assert tex_number("-0.0120 [-0.0200, 0.0004]") == r"$-$0.0120 [$-$0.0200, 0.0004]"
     frame = pd.DataFrame({"auc": [0.863, 0.059, 12.5], "delta": [1.67e-05, 2e-06, 0.0],
                           "epsilon": [0.5, 1.0, float("inf")]})
     assert cells(frame) == [["0.86", "1.67e-05", "0.5"], ["0.06", "2.00e-06", "1.0"],

@@ -1,5 +1,10 @@
-"""The sections of a sweep's report: privacy-utility curve, audit against accounting,
-the headline and the tables behind them."""
+"""The sections of a sweep's report: the privacy-utility curve, the paired differences
+against the reference grid point, the audit against accounting, the headline and the tables
+behind them.
+
+A sweep varies a grid of config keys (sweep.json "grid"; an old sweep only epsilon). Every
+figure and table keeps its grid points apart: the curve has one series per value of the keys
+other than its x-axis, and no number is a mean over different grid points."""
 
 from __future__ import annotations
 
