@@ -358,7 +358,7 @@ def _curve_note(sweep: SweepData, x: str, by: list[str], absent: list[str], *,
                  f"({drawn}); models that do not depend on ε are drawn as {marks}, since "
                  f"they may depend on {x}.")
     if by:
-        note += (f" One line and band per value of {', '.join(by)}: the federated model on "
+        note += (f" One series per value of {', '.join(by)}: the federated model on "
                  f"{SCORED} at each grid point (points are never pooled across "
                  f"{', '.join(by)}); the baselines are left out to keep the lines apart and "
                  "are in the summary table. The oracle is drawn once per value of the grid "
