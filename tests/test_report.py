@@ -27,10 +27,17 @@ from matplotlib.figure import Figure
 
 from server.scoring import TIER_KEYS, TIERS
 from simulations.cli.main import main
-from simulations.report.blocks import cells, eps_axis
-from simulations.report.latex import TEX_DOCUMENT, TEX_FILE, header_text, tex_escape
-from simulations.report.load import ReportError, load_run, with_populations
+from simulations.report.blocks import cells, eps_axis, fmt_eps
+from simulations.report.latex import (
+    TEX_DOCUMENT,
+    TEX_FILE,
+    header_text,
+    tex_escape,
+    tex_number,
+)
+from simulations.report.load import ReportError, load_run, load_sweep, with_populations
 from simulations.report.render import build_report, figure_bytes
+from simulations.report.sweep_sections import _privacy_utility
 
 PARTIES = ("payments", "social", "device", "authority")
 CHROMIUM = Path("/usr/bin/chromium")
@@ -230,9 +237,99 @@ def write_sweep(path: Path, *, representative: bool = True, only_federated: bool
     return path
 
 
+GRID_LR = (0.003, 0.01)
+GRID_SEEDS = (0, 1, 2)
+GRID_INTERVAL = "95 % Student t over 3 runs; differences paired by (data seed, seed)"
+
+
+def _grid_rows(epsilons: tuple[float, ...]) -> list[dict]:
+    """sweep.csv rows of a grid over privacy.epsilon x train.lr (the format of issue 21)."""
+    rows = []
+    for eps in epsilons:
+        for lr in GRID_LR:
+            for seed in GRID_SEEDS:
+                utility = 0.84 + (0.01 if np.isfinite(eps) else 0.02) + (2.0 * lr if lr > 0.005
+                                                                        else 0.0)
+                part = ("eps=inf" if np.isinf(eps) else f"eps={eps:g}") + f"_train.lr={lr:g}"
+                rows.append({
+                    "epsilon": eps, "train.lr": lr, "data_seed": seed, "seed": seed,
+                    "run": f"{part}_seed={seed}", "status": "done",
+                    # Seeds differ by more at the larger rate: differences have a spread.
+                    "auc": utility + (0.003 + lr) * seed - 0.001 * seed * seed,
+                    "auc_all_test": utility + 0.02, "auc_central": 0.863 + 0.001 * seed,
+                    "auc_oracle": 0.867,
+                    "eps_model": eps * 0.99 if np.isfinite(eps) else None,
+                    "audit_epsilon_lower": 0.1 + 0.01 * seed, "seconds": 30.0})
+    return rows
+
+
+def _grid_summary(runs: pd.DataFrame, reference: tuple[float, float]) -> pd.DataFrame:
+    """summary.csv with Student t intervals and paired differences against `reference`."""
+    from scipy import stats
+
+    def interval(x: np.ndarray) -> tuple[float, float, float]:
+        half = stats.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x))
+        return float(x.mean()), float(x.mean() - half), float(x.mean() + half)
+
+    ref = runs[(runs["epsilon"] == reference[0]) & (runs["train.lr"] == reference[1])]
+    ref_auc = ref.set_index(["data_seed", "seed"])["auc"]
+    out = []
+    for (eps, lr), part in runs.groupby(["epsilon", "train.lr"]):
+        row: dict = {"epsilon": eps, "train.lr": lr, "n": len(part)}
+        for col in ("auc", "auc_all_test", "auc_central", "auc_oracle"):
+            name = "auc" if col == "auc" else col.removeprefix("auc_")
+            row[f"{name}_mean"], row[f"{name}_ci_low"], row[f"{name}_ci_high"] = interval(
+                part[col].to_numpy())
+        row["eps_model_max"] = part["eps_model"].max()
+        is_ref = (eps, lr) == reference
+        diff = (part.set_index(["data_seed", "seed"])["auc"] - ref_auc).dropna().to_numpy()
+        row |= {"reference": "eps=inf_train.lr=0.003" if np.isinf(reference[0]) else
+                f"eps={reference[0]:g}_train.lr={reference[1]:g}", "is_reference": is_ref}
+        if is_ref:
+            row |= dict.fromkeys(("auc_diff_mean", "auc_diff_ci_low", "auc_diff_ci_high",
+                                  "auc_diff_n"))
+        else:
+            mean, low, high = interval(diff)
+            row |= {"auc_diff_mean": mean, "auc_diff_ci_low": low, "auc_diff_ci_high": high,
+                    "auc_diff_n": len(diff)}
+        row["interval"] = GRID_INTERVAL
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def write_grid_sweep(path: Path, *, epsilons: tuple[float, ...] = (1.0, float("inf"))
+                     ) -> Path:
+    """A sweep over a grid of privacy.epsilon x train.lr with 3 seeds, in the new format."""
+    path.mkdir(parents=True)
+    runs = pd.DataFrame(_grid_rows(epsilons))
+    grid = {"privacy.epsilon": [fmt_eps(e).replace("∞", "inf") for e in epsilons],
+            "train.lr": [f"{lr:g}" for lr in GRID_LR]}
+    reference = (max(epsilons), GRID_LR[0])
+    (path / "sweep.json").write_text(json.dumps(
+        {"grid": grid, "seeds": list(GRID_SEEDS), "data_seeds": None, "users": 1000,
+         "assignments": {}, "reference": {"privacy.epsilon": grid["privacy.epsilon"][-1],
+                                          "train.lr": grid["train.lr"][0]}}))
+    # Written out of order: the report sorts by the grid columns.
+    runs.iloc[::-1].to_csv(path / "sweep.csv", index=False)
+    _grid_summary(runs, reference).iloc[::-1].to_csv(path / "summary.csv", index=False)
+    # Only the representative run's directory: epsilon 1, seed 0, the reference's rate.
+    eps = 1.0 if 1.0 in epsilons else epsilons[0]
+    first = runs[(runs["epsilon"] == eps) & (runs["train.lr"] == GRID_LR[0])
+                 & (runs["seed"] == 0)].iloc[0]
+    write_run(path / "runs" / first["run"], eps=eps)
+    return path
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = write_run(tmp_path_factory.mktemp("report") / "run")
+    build_report(path, figure_formats=NO_FIGURE_FILES)
+    return path
+
+
+@pytest.fixture(scope="module")
+def grid_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = write_grid_sweep(tmp_path_factory.mktemp("report") / "grid")
     build_report(path, figure_formats=NO_FIGURE_FILES)
     return path
 
@@ -358,6 +455,7 @@ def test_sweep_report_has_the_curve_tables_and_one_run(sweep_dir: Path) -> None:
     audit = pd.read_csv(sweep_dir / "report" / "sweep_audit.csv")
     assert {"epsilon", "seed", "eps_model", "audit_epsilon_lower"} <= set(audit.columns)
     assert len(audit) == 8  # done runs only
+    assert "Paired differences not available: summary.csv has no auc_diff_*" in page
 
 
 def test_sweep_falls_back_to_first_done_run_and_sweep_csv(tmp_path: Path) -> None:
@@ -370,6 +468,73 @@ def test_sweep_falls_back_to_first_done_run_and_sweep_csv(tmp_path: Path) -> Non
     dp = curve[curve["series"] == "central, DP"]
     assert len(dp) == len(SWEEP_EPS)
     assert (dp["ci_low"] <= dp["mean"]).all()
+
+
+def test_grid_sweep_draws_one_series_per_value_and_never_pools_them(grid_dir: Path) -> None:
+    page = (grid_dir / "report.html").read_text(encoding="utf-8")
+    assert "Representative run eps=1_train.lr=0.003_seed=0" in page
+    assert "federated AUC (scored test people) at ε=1, train.lr=0.01" in page
+    summary = pd.read_csv(grid_dir / "summary.csv")
+    curve = pd.read_csv(grid_dir / "report" / "privacy_utility.csv")
+    assert list(curve.columns) == ["series", "population", "epsilon", "train.lr", "mean",
+                                   "ci_low", "ci_high"]
+    assert set(curve["series"]) == {"federated, scored test people", "oracle"}
+    fed = curve[curve["series"] == "federated, scored test people"]
+    # One row per grid point, each at one learning rate: no row averages the two.
+    assert fed["train.lr"].notna().all()
+    assert sorted(set(fed["train.lr"])) == list(GRID_LR)
+    assert not fed.duplicated(["epsilon", "train.lr"]).any()
+    expected = summary.set_index(["epsilon", "train.lr"])["auc_mean"]
+    shown = fed.set_index(["epsilon", "train.lr"])["mean"]
+    assert shown.sort_index().tolist() == pytest.approx(expected.sort_index().tolist())
+    legend = _privacy_utility(load_sweep(grid_dir)).fig.axes[0].get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == [
+        "train.lr=0.003", "train.lr=0.01", "oracle"]
+    # The tables lead with the grid columns (the CSV's order is the sort's).
+    assert _csv_columns(grid_dir / "report" / "sweep_summary.csv")[:3] == [
+        "epsilon", "train.lr", "n"]
+    runs = pd.read_csv(grid_dir / "report" / "sweep_runs.csv")
+    assert list(runs.columns[:5]) == ["epsilon", "train.lr", "data_seed", "seed", "run"]
+    assert runs[["epsilon", "train.lr", "seed"]].apply(tuple, axis=1).is_monotonic_increasing
+    audit = pd.read_csv(grid_dir / "report" / "sweep_audit.csv")
+    assert {"epsilon", "train.lr", "data_seed", "seed"} <= set(audit.columns)
+    assert len(audit) == len(GRID_LR) * 2 * len(GRID_SEEDS)
+
+
+def test_paired_differences_are_summary_csvs_numbers(grid_dir: Path) -> None:
+    page = (grid_dir / "report.html").read_text(encoding="utf-8")
+    assert "Paired differences in federated AUC (scored test people) against ε=∞, " \
+           "train.lr=0.003" in page
+    assert GRID_INTERVAL in page
+    summary = pd.read_csv(grid_dir / "summary.csv")
+    diffs = pd.read_csv(grid_dir / "report" / "paired_differences.csv")
+    assert list(diffs.columns) == ["epsilon", "train.lr", "n", "auc_diff_mean",
+                                   "auc_diff_ci_low", "auc_diff_ci_high", "auc_diff_n"]
+    assert len(diffs) == len(summary) - 1  # the reference itself has no difference
+    expected = summary[~summary["is_reference"]].set_index(["epsilon", "train.lr"])
+    got = diffs.set_index(["epsilon", "train.lr"])
+    for column in ("auc_diff_mean", "auc_diff_ci_low", "auc_diff_ci_high", "auc_diff_n"):
+        assert got[column].sort_index().tolist() == pytest.approx(
+            expected[column].sort_index().tolist()), column
+    assert (grid_dir / "report" / "sweep_paired_differences.csv").exists() is False
+    tex = (grid_dir / "tables.tex").read_text(encoding="utf-8")
+    assert "tab:grid:sweep-paired-differences}" in tex
+    assert r"$-$0.0100 [$-$0.0100, $-$0.0100]" in tex  # minus signs inside the interval too
+
+
+def test_a_grid_without_epsilon_is_drawn_against_its_key(tmp_path: Path) -> None:
+    """A sweep over train.lr at one budget: AUC against train.lr, baselines as curves."""
+    sweep = load_sweep(write_grid_sweep(tmp_path / "lr", epsilons=(1.0,)))
+    assert sweep.groups == ("epsilon", "train.lr")
+    plot = _privacy_utility(sweep)
+    assert plot.title == "Test AUC against train.lr"
+    ax = plot.fig.axes[0]
+    assert ax.get_xscale() == "log"
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0.003", "0.01"]
+    assert "holds ε = 1 and varies train.lr" in plot.note
+    fed = plot.data[plot.data["series"] == "federated, scored test people"]
+    assert fed["train.lr"].tolist() == list(GRID_LR)
+    assert fed["mean"].tolist() == pytest.approx(sweep.summary["auc_mean"].tolist())
 
 
 def test_calibration_axes_are_linear_in_every_report() -> None:
@@ -575,10 +740,10 @@ def assert_clean_log(log: str) -> None:
     assert "c70gbsn.fd" in log  # the Chinese text was set, in AR PL SungtiL
 
 
-@pytest.mark.parametrize("which", ["run", "sweep"])
+@pytest.mark.parametrize("which", ["run", "sweep", "grid"])
 def test_tables_tex_compiles_with_pdflatex(which: str, run_dir: Path, sweep_dir: Path,
-                                           tmp_path: Path) -> None:
-    log = pdflatex_log(run_dir if which == "run" else sweep_dir, tmp_path)
+                                           grid_dir: Path, tmp_path: Path) -> None:
+    log = pdflatex_log({"run": run_dir, "sweep": sweep_dir, "grid": grid_dir}[which], tmp_path)
     assert_clean_log(log)
     assert (tmp_path / TEX_DOCUMENT.replace(".tex", ".pdf")).read_bytes().startswith(b"%PDF-")
 
@@ -606,6 +771,7 @@ def test_headers_and_numbers_are_typeset_for_a_paper() -> None:
     assert header_text("audit_epsilon_lower") == "audit ε lower"
     assert header_text("seed benefit") == "seed benefit"
     assert tex_escape("−∞ ≤ε") == r"$- \infty$ $\le \varepsilon$"
+    assert tex_number("-0.0120 [-0.0200, 0.0004]") == r"$-$0.0120 [$-$0.0200, 0.0004]"
     frame = pd.DataFrame({"auc": [0.863, 0.059, 12.5], "delta": [1.67e-05, 2e-06, 0.0],
                           "epsilon": [0.5, 1.0, float("inf")]})
     assert cells(frame) == [["0.86", "1.67e-05", "0.5"], ["0.06", "2.00e-06", "1.0"],

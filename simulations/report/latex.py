@@ -106,18 +106,19 @@ def tex_escape(text: str) -> str:
 
 
 _SCIENTIFIC = re.compile(r"^(-?\d(?:\.\d+)?)e([+-])0*(\d+)$")
+_MINUS = re.compile(r"(^|\[|, )-(?=\d)")  # a hyphen that is a number's sign
 
 
 def tex_number(cell: str) -> str:
-    """A formatted number: a true minus sign, and 1.67e-05 as 1.67 x 10^-5."""
+    """A formatted number: a true minus sign, and 1.67e-05 as 1.67 x 10^-5. In a
+    "mean [low, high]" cell every number gets its minus sign (a paired difference's interval
+    is often below zero)."""
     m = _SCIENTIFIC.match(cell)
     if m:
         sign = "-" if m.group(2) == "-" else ""
         mantissa = m.group(1).replace("-", "$-$")
         return rf"{mantissa}$\times 10^{{{sign}{m.group(3)}}}$"
-    if cell.startswith("-"):
-        cell = "−" + cell[1:]
-    return tex_escape(cell)
+    return tex_escape(_MINUS.sub("\\1−", cell))
 
 
 def _breakable(text: str) -> str:

@@ -22,7 +22,11 @@ RUN_REQUIRED = ("config.json", "manifest.json", "metrics.json")
 SWEEP_REQUIRED = ("sweep.json", "sweep.csv", "summary.csv")
 SWEEP_COLUMNS = ("epsilon", "seed", "run", "status", "auc")
 SUMMARY_COLUMNS = ("epsilon", "auc_mean", "auc_ci_low", "auc_ci_high")
-# The representative run of a sweep: the default experiment's budget and first seed.
+# sweep.json names grid keys by their config key; sweep.csv and summary.csv call this one
+# "epsilon" and every other by its dotted key.
+EPSILON_KEY = "privacy.epsilon"
+# The representative run of a sweep: the default experiment's budget and first seed (and,
+# in a grid sweep, the reference's value of every other grid key).
 PREFERRED_RUN = {"epsilon": 1.0, "seed": 0}
 
 
@@ -63,6 +67,9 @@ class SweepData:
     summary: pd.DataFrame
     representative: RunData | None
     representative_name: str | None
+    # The columns naming a grid point in sweep.csv and summary.csv: "epsilon" first, then
+    # each other grid key in sweep.json's order. Never pool rows that differ in one of them.
+    groups: tuple[str, ...] = ("epsilon",)
 
 
 def detect_kind(directory: Path) -> str:
@@ -192,12 +199,37 @@ def with_populations(metrics: dict) -> dict:
             "gini": 2 * scored - 1 if scored is not None else None}
 
 
+def grid_columns(config: dict) -> tuple[str, ...]:
+    """The group columns of a sweep from its sweep.json: "epsilon" and every other grid key
+    (a sweep from before grids, with "epsilons", has only "epsilon")."""
+    grid = config.get("grid")
+    if not isinstance(grid, dict):
+        return ("epsilon",)
+    return ("epsilon", *(str(k) for k in grid if k != EPSILON_KEY))
+
+
+def _require_groups(frame: pd.DataFrame, groups: tuple[str, ...], path: Path, fix: str
+                    ) -> pd.DataFrame:
+    missing = [g for g in groups if g not in frame.columns]
+    if missing and len(frame):
+        raise ReportError(f"{path} lacks grid column(s) {', '.join(missing)} that sweep.json "
+                          f"lists; {fix}")
+    # An empty summary (no cell finished) may have been written without them.
+    return frame.assign(**dict.fromkeys(missing, np.nan))
+
+
 def load_sweep(sweep_dir: Path) -> SweepData:
     fix = f"{sweep_dir} is not a complete sweep; re-run the sweep to produce it"
     config = _read_object(sweep_dir / "sweep.json", fix)
-    runs = _read_csv(sweep_dir / "sweep.csv", SWEEP_COLUMNS, fix)
-    summary = _read_csv(sweep_dir / "summary.csv", SUMMARY_COLUMNS, fix)
-    name = _representative(runs)
+    groups = grid_columns(config)
+    runs = _require_groups(_read_csv(sweep_dir / "sweep.csv", SWEEP_COLUMNS, fix), groups,
+                           sweep_dir / "sweep.csv", fix)
+    summary = _require_groups(_read_csv(sweep_dir / "summary.csv", SUMMARY_COLUMNS, fix),
+                              groups, sweep_dir / "summary.csv", fix)
+    seeds = [c for c in ("data_seed", "seed") if c in runs.columns]
+    runs = runs.sort_values([*groups, *seeds], kind="stable", na_position="last")
+    summary = summary.sort_values(list(groups), kind="stable", na_position="last")
+    name = _representative(runs, _reference(config, groups))
     rep = None
     if name is not None:
         # Runs live in DIR/runs/<name> (simulations/run/sweep.py); DIR/<name> is accepted too.
@@ -209,18 +241,42 @@ def load_sweep(sweep_dir: Path) -> SweepData:
                               f"{sweep_dir / 'runs' / name} is not a directory inside the "
                               "sweep; restore it or re-run that point")
         rep = load_run(run_dir)
-    return SweepData(sweep_dir, config, runs.sort_values(["epsilon", "seed"]),
-                     summary.sort_values("epsilon"), rep, name)
+    return SweepData(sweep_dir, config, runs.reset_index(drop=True),
+                     summary.reset_index(drop=True), rep, name, groups)
 
 
-def _representative(runs: pd.DataFrame) -> str | None:
+def _reference(config: dict, groups: tuple[str, ...]) -> dict[str, str]:
+    """sweep.json's reference grid point by group column, without epsilon (the
+    representative run keeps its preferred budget)."""
+    reference = config.get("reference")
+    if not isinstance(reference, dict):
+        return {}
+    return {k: str(v) for k, v in reference.items() if k in groups and k != "epsilon"}
+
+
+def same_value(value: Any, text: str) -> bool:
+    """A sweep.csv cell equals a grid value as sweep.json writes it ("0.003", "inf")."""
+    try:
+        return float(value) == float(text)
+    except (TypeError, ValueError):
+        return str(value) == text
+
+
+def _representative(runs: pd.DataFrame, reference: dict[str, str]) -> str | None:
+    """The preferred run (epsilon 1, seed 0, the reference's other grid values) when it
+    finished, else the first finished run in the sweep's order."""
     done = runs[runs["status"].astype(str) == "done"]
     if done.empty:
         return None
     preferred = done[(done["epsilon"] == PREFERRED_RUN["epsilon"])
                      & (pd.to_numeric(done["seed"], errors="coerce") == PREFERRED_RUN["seed"])]
-    row = preferred.iloc[0] if len(preferred) else done.iloc[0]
-    return str(row["run"])
+    at_reference = preferred[np.array(
+        [all(same_value(row[k], v) for k, v in reference.items())
+         for _, row in preferred.iterrows()], dtype=bool)]
+    for candidates in (at_reference, preferred, done):
+        if len(candidates):
+            return str(candidates.iloc[0]["run"])
+    return None
 
 
 # ---- curves.json -----------------------------------------------------------------------------
