@@ -390,9 +390,10 @@ def _align_and_split(
         if psi_cache is not None:
             psi_cache["pairs"] = pairs
     run_key = derive_run_key(random, config)
-    alignment = joint_order(pairs, len(ids), random.generator("positions", run_key))
+    people = derive_people_key(random, config)
+    alignment = joint_order(pairs, len(ids), random.generator("positions", people))
     y = labels[alignment.authority_rows].astype(np.int8)
-    split = random_split(y, cfg.split, random.generator("split", run_key))
+    split = random_split(y, cfg.split, random.generator("split", people))
     # Randomised response once, before training: gradients only ever see y_view.
     y_view = y.astype(np.float64)
     if cfg.privacy.label_dp:
@@ -435,6 +436,20 @@ def derive_run_key(random: SecretRandom, config: dict) -> str:
     computed = {k: v for k, v in config.items()
                 if not k.startswith(NOT_COMPUTED_PREFIXES) and k not in NOT_COMPUTED_KEYS}
     return random.key("run-key", json.dumps(computed, sort_keys=True))[:8].hex()
+
+
+# What chooses which people a run trains, calibrates and tests on (with the aligned data).
+PEOPLE_KEYS = ("seed", "split.train", "split.val")
+
+
+def derive_people_key(random: SecretRandom, config: dict) -> str:
+    """The key of the draws that say who is where: the shared order and the split. From the
+    authority's secret, so the silos cannot predict them, but from only the seed and the split's
+    shares, not the whole configuration: two runs on the same data and seed that differ in
+    training or privacy settings test on the same people, so a sweep's differences between them
+    are paired on the test set too, and their oracle is the same."""
+    chosen = {k: config[k] for k in PEOPLE_KEYS}
+    return random.key("people-key", json.dumps(chosen, sort_keys=True))[:8].hex()
 
 
 def private_prior(y_train: np.ndarray, rng: np.random.Generator) -> float:

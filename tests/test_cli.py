@@ -54,7 +54,7 @@ def test_every_help_shows_every_default(parser: argparse.ArgumentParser):
         # Unset options, flags and empty lists say nothing rather than "None".
         for nothing in ("None", "False", "[]"):
             assert f"(default: {nothing})" not in text, path
-    assert shown >= 8
+    assert shown >= 6  # sweep options default to the sweep's own values, said in words
 
 
 def test_help_through_the_command(tmp_path: Path):
