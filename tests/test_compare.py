@@ -147,8 +147,10 @@ def test_configurations_are_series_never_averaged(compared: Path) -> None:
     assert sweep_1["all_test_auc_ci_high"] == pytest.approx(0.7 + half)
     assert sweep_1["interval"] == "95 % Student t over 3 runs"
     eight = at.loc[(EIGHT_SERIES, 1.0)]
-    assert eight["n"] == 1 and eight["all_test_auc_mean"] == 0.5
-    assert math.isnan(eight["all_test_auc_ci_low"]) and eight["interval"] == "one run: no interval"
+    assert eight["n"] == 1
+    assert eight["all_test_auc_mean"] == 0.5
+    assert math.isnan(eight["all_test_auc_ci_low"])
+    assert eight["interval"] == "one run: no interval"
     # A run that differs from the sweep only in its seeds, keystore, PSI processes, timeouts,
     # retries and guardrails is one more replicate of the sweep's non-private point.
     sweep_inf = at.loc[(SWEEP_SERIES, math.inf)]
@@ -184,12 +186,18 @@ def test_each_series_has_its_own_oracle_gap_and_delta(compared: Path) -> None:
 
 
 def test_figure_draws_each_series_oracle(compared: Path) -> None:
-    rows, series = comparison_rows([compared.parent / "sweep", compared.parent / "horizontal"])
+    work = compared.parent
+    rows, series = comparison_rows([work / "sweep", work / "horizontal"])
     plot = _auc_by_epsilon(points(rows, series), series)
     _, labels = plot.fig.axes[0].get_legend_handles_labels()
-    assert "oracle, vertical, sample-level DP" in labels
-    assert "oracle, horizontal, user-level DP" in labels
-    assert {"vertical, sample-level DP", "horizontal, user-level DP"} <= set(labels)
+    assert {"vertical, sample-level DP", "horizontal, user-level DP",
+            "oracle, vertical, sample-level DP", "oracle, horizontal, user-level DP"} == set(labels)
+    # Series on one population share their oracle: one line naming both.
+    rows, series = comparison_rows([work / "sweep", work / "epochs8", work / "horizontal"])
+    plot = _auc_by_epsilon(points(rows, series), series)
+    _, labels = plot.fig.axes[0].get_legend_handles_labels()
+    assert f"oracle, {SWEEP_SERIES}; {EIGHT_SERIES}" in labels
+    assert f"oracle, {HORIZONTAL_SERIES}" in labels
 
 
 def test_times_are_the_training_phase_in_both(compared: Path) -> None:
@@ -205,9 +213,10 @@ def test_times_are_the_training_phase_in_both(compared: Path) -> None:
 
 
 def test_old_sweeps_and_lone_runs_are_compared(tmp_path: Path) -> None:
-    """Nothing valid is refused: an old-format sweep, a run of its configuration (one more
-    replicate), and a run whose config lacks settings newer runs write (a series of its own:
-    its missing settings are not assumed to be the defaults)."""
+    """Nothing valid is refused: an old-format sweep, runs of its configuration (replicates;
+    one repeats a cell's seeds, which a note says), and a run whose config lacks settings newer
+    runs write (a series of its own: its missing settings are not assumed to be the
+    defaults)."""
     sweep = write_compare_sweep(tmp_path / "sweep", old_format=True)
     twin = write_cell(tmp_path / "twin", {**VERTICAL, "seed": 9, "population.seed": 9},
                       all_test_auc=0.7)
@@ -220,8 +229,15 @@ def test_old_sweeps_and_lone_runs_are_compared(tmp_path: Path) -> None:
     data = points(rows, series).set_index(["series", "epsilon"])
     assert data.loc[(labels[0], 1.0), "n"] == 4
     assert data.loc[(labels[1], 1.0), "n"] == 1
-    files = build_comparison([sweep], tmp_path / "cmp", figure_formats=())
-    assert "1 series" in files.html.read_text()
+    files = build_comparison([sweep, twin], tmp_path / "cmp", figure_formats=())
+    page = " ".join(files.html.read_text().split())
+    assert "7 run(s), 1 series" in page
+    assert "share a seed and population seed" not in page
+    rerun = write_cell(tmp_path / "rerun", VERTICAL, all_test_auc=0.6)  # the cell's seeds
+    files = build_comparison([sweep, rerun], tmp_path / "cmp2", figure_formats=())
+    page = " ".join(files.html.read_text().split())
+    assert f"share a seed and population seed ({labels[0].removesuffix(', train.lr=0.01')}, " \
+           "ε = 1)" in page
 
 
 def test_a_grid_sweeps_cells_are_named_by_their_grid_values() -> None:

@@ -119,6 +119,8 @@ def _run_row(run: RunData, name: str) -> dict:
         "region_skew": (cfg.get("population.region_skew")
                         if m.get("topology") == "horizontal" else None),
         "epsilon": float(target) if target is not None else math.inf,
+        "seed": cfg.get("seed"),
+        "data_seed": cfg.get("population.seed"),
         "epsilon_spent_max": max(spent) if spent else None,
         # A non-private run spends no epsilon, so it has no delta to be read with one.
         "delta": m.get("delta") if level != "off" else None,
@@ -326,6 +328,24 @@ def delta_note(table: pd.DataFrame) -> str:
             "guarantees at different δ and are not comparable as such.")
 
 
+def repeats_note(rows: pd.DataFrame) -> str | None:
+    """Points where two runs share their seed and population seed: not independent
+    replicates (the same keystore repeats a run bit for bit; another draws only other noise).
+    None when every replicate has seeds of its own."""
+    measured = rows.dropna(subset=["all_test_auc"])
+    seeds = measured[["seed", "data_seed"]].astype(str).agg("/".join, axis=1)
+    repeated = [f"{label}, ε = {fmt_eps(eps)}"
+                for (label, eps), part in seeds.groupby([measured["series"],
+                                                         measured["epsilon"]], sort=False)
+                if part.duplicated().any()]
+    if not repeated:
+        return None
+    return (f"Some points average runs that share a seed and population seed "
+            f"({'; '.join(repeated)}): a rerun with the same keystore repeats its run bit for bit, "
+            "one with another keystore draws only other noise, so the interval there is "
+            "narrower than over independent seeds.")
+
+
 # ---- figure ----------------------------------------------------------------------------------
 
 
@@ -361,16 +381,27 @@ def _auc_by_epsilon(data: pd.DataFrame, series: list[Series]) -> Plot:
 
 
 def _oracle_lines(ax: Any, data: pd.DataFrame, series: list[Series]) -> None:
-    oracles = [_mean(data.loc[data["series"] == s.label, "oracle_auc"]) for s in series]
-    known = [(s, o) for s, o in zip(series, oracles, strict=True) if not math.isnan(o)]
-    if not known:
-        return
-    if all(math.isclose(o, known[0][1], rel_tol=1e-9) for _, o in known):
-        ax.axhline(known[0][1], color=SERIES["oracle"][1], linestyle=":",
-                   label="oracle (the same for every series)" if len(series) > 1 else "oracle")
-        return
-    for s, o in known:
-        ax.axhline(o, color=s.colour, linestyle=":", linewidth=1.2, label=f"oracle, {s.label}")
+    """One dotted line per oracle: a series' own in its colour, or one shared by several
+    series (the same population and test set) in the oracle's colour, naming them."""
+    groups: list[tuple[float, list[Series]]] = []
+    for s in series:
+        oracle = _mean(data.loc[data["series"] == s.label, "oracle_auc"])
+        if math.isnan(oracle):
+            continue
+        same = next((g for o, g in groups if math.isclose(o, oracle, rel_tol=1e-9)), None)
+        if same is None:
+            groups.append((oracle, [s]))
+        else:
+            same.append(s)
+    for oracle, members in groups:
+        if len(members) == len(series) > 1:
+            label = "oracle (the same for every series)"
+        elif len(series) == 1:
+            label = "oracle"
+        else:
+            label = "oracle, " + "; ".join(s.label for s in members)
+        colour = members[0].colour if len(members) == 1 else SERIES["oracle"][1]
+        ax.axhline(oracle, color=colour, linestyle=":", linewidth=1.2, label=label)
 
 
 # ---- the report ------------------------------------------------------------------------------
@@ -411,6 +442,7 @@ def build_comparison(directories: list[Path], out: Path, *,
                        f"oracle. delta: the largest of those runs. {TIME_NOTE}."
                        .replace("%", " %")),
             Note(delta_note(described)),
+            *[Note(text) for text in [repeats_note(rows)] if text],
         ]),
         Section("series", "Series compared", [
             Table("compared_series", "Series: what each one is", described,
