@@ -220,7 +220,7 @@ def test_old_sweeps_and_lone_runs_are_compared(tmp_path: Path) -> None:
     sweep = write_compare_sweep(tmp_path / "sweep", old_format=True)
     twin = write_cell(tmp_path / "twin", {**VERTICAL, "seed": 9, "population.seed": 9},
                       all_test_auc=0.7)
-    older = {k: v for k, v in VERTICAL.items() if k != "train.lr"}
+    older = {k: v for k, v in VERTICAL.items() if k not in ("train.lr", "population.seed")}
     old = write_cell(tmp_path / "old", older, all_test_auc=0.7)
     rows, series = comparison_rows([sweep, twin, old])
     labels = [s.label for s in series]
@@ -233,6 +233,8 @@ def test_old_sweeps_and_lone_runs_are_compared(tmp_path: Path) -> None:
     page = " ".join(files.html.read_text().split())
     assert "7 run(s), 1 series" in page
     assert "share a seed and population seed" not in page
+    alone = build_comparison([old], tmp_path / "alone", figure_formats=())  # one run alone
+    assert "1 run(s), 1 series" in " ".join(alone.html.read_text().split())
     rerun = write_cell(tmp_path / "rerun", VERTICAL, all_test_auc=0.6)  # the cell's seeds
     files = build_comparison([sweep, rerun], tmp_path / "cmp2", figure_formats=())
     page = " ".join(files.html.read_text().split())

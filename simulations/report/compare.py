@@ -333,7 +333,8 @@ def repeats_note(rows: pd.DataFrame) -> str | None:
     replicates (the same keystore repeats a run bit for bit; another draws only other noise).
     None when every replicate has seeds of its own."""
     measured = rows.dropna(subset=["all_test_auc"])
-    seeds = measured[["seed", "data_seed"]].astype(str).agg("/".join, axis=1)
+    seeds = pd.Series([f"{s}/{d}" for s, d in zip(measured["seed"], measured["data_seed"],
+                                                  strict=True)], index=measured.index)
     repeated = [f"{label}, ε = {fmt_eps(eps)}"
                 for (label, eps), part in seeds.groupby([measured["series"],
                                                          measured["epsilon"]], sort=False)
