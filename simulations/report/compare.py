@@ -188,7 +188,7 @@ def _identity(settings: dict) -> str:
 
 
 def setting_text(value: Any) -> str:
-    """A setting as a label shows it: 8, 0.01, inf, 32,16, fedprox, true (null: set to
+    """A setting as a label shows it: 8, 0.01, inf, [32,16], fedprox, true (null: set to
     nothing; unset: the run's config.json does not have the key)."""
     if isinstance(value, str) and value == ABSENT:
         return "unset"
@@ -199,7 +199,7 @@ def setting_text(value: Any) -> str:
     if isinstance(value, float) and math.isinf(value):
         return "inf" if value > 0 else "-inf"
     if isinstance(value, list | tuple):
-        return ",".join(setting_text(v) for v in value)
+        return "[" + ",".join(setting_text(v) for v in value) + "]"
     return str(value)
 
 
