@@ -508,18 +508,27 @@ def test_report_shows_the_regions_and_compare_puts_topologies_side_by_side(
     assert len(closing) == len(procs)
     assert not any("scores.parquet" in line for line in closing)
 
-    out = build_comparison([private_run, *horizontal_runs.values()], tmp_path / "cmp")
+    out = build_comparison([private_run, *horizontal_runs.values()], tmp_path / "cmp",
+                           figure_formats=())
     rows = pd.read_csv(out.html.parent / "report" / "compared_runs.csv")
     assert set(rows["topology"]) == {"vertical", "horizontal"}
     assert set(rows["dp_level"]) == {"sample", "user"}
-    by_eps = pd.read_csv(out.html.parent / "report" / "topologies_by_epsilon.csv")
-    assert {"vertical, sample", "horizontal, sample", "horizontal, user"} <= set(by_eps.columns)
-    at_2 = by_eps[by_eps["epsilon"] == 2.0].iloc[0]
-    assert 0.5 < at_2["horizontal, sample"] <= 1
+    # Three configurations, three series, each at its own budgets, oracle and delta.
+    by_eps = pd.read_csv(out.html.parent / "report" / "topologies_auc.csv")
+    assert set(by_eps["series"]) == {"vertical, sample-level DP", "horizontal, sample-level DP",
+                                     "horizontal, user-level DP"}
+    by_eps = by_eps.set_index(["series", "epsilon"])
+    assert 0.5 < by_eps.loc[("horizontal, sample-level DP", 2.0), "all_test_auc_mean"] <= 1
     # The shared private vertical run has its own target (combined eps 8, tests/conftest.py).
     target = json.loads((private_run / "config.json").read_text())["privacy.epsilon"]
-    at_vertical = by_eps[by_eps["epsilon"] == float(target)].iloc[0]
-    assert 0.5 < at_vertical["vertical, sample"] <= 1
+    assert 0.5 < by_eps.loc[("vertical, sample-level DP", float(target)),
+                            "all_test_auc_mean"] <= 1
+    series = pd.read_csv(out.html.parent / "report" / "compared_series.csv").set_index("series")
+    for run, label in ((private_run, "vertical, sample-level DP"),
+                       (horizontal_runs["user"], "horizontal, user-level DP")):
+        m = json.loads((run / "metrics.json").read_text())
+        assert series.loc[label, "oracle_auc"] == pytest.approx(m["oracle_auc"])
+        assert series.loc[label, "delta"] == pytest.approx(m["delta"])
     assert "Topologies at equal ε" in out.html.read_text()
 
 
