@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from server.metrics import ALL_TEST, FIGURES
+from server.scores_file import read_split
 from server.scoring import TIER_KEYS
 from simulations.data.paths import FLWR_ENGINE, RUN_FILE
 
@@ -151,7 +152,11 @@ def _read_scores(run_dir: Path) -> tuple[pd.DataFrame | None, str]:
                           "need individual scores come only from curves.json")
         return None, "the run has no scores.parquet"
     try:
-        scores = pd.read_parquet(path, columns=["split", "probability", "score", "tier"])
+        scores = pd.read_parquet(path)
+        if "split" not in scores.columns:
+            # The published scores carry no split: the authority keeps it beside them.
+            scores["split"] = read_split(run_dir, None)
+        scores = scores[["split", "probability", "score", "tier"]]
     except Exception as exc:  # pyarrow raises several types for a damaged file
         raise ReportError(f"{path} cannot be read ({exc}); restore it from the run or re-run "
                           "`fedscore run`") from None
