@@ -66,7 +66,7 @@ def finish(run_dir: Path, phase: str, result: object | None = None) -> None:
         record["finished"].append(phase)
     if result is not None:
         record["saved"][phase] = result
-    _write_atomic(Path(run_dir) / PHASES_FILE, json.dumps(record, allow_nan=True) + "\n")
+    write_atomic(Path(run_dir) / PHASES_FILE, json.dumps(record, allow_nan=True) + "\n")
     log.info("run phase %s finished", phase)
 
 
@@ -87,7 +87,9 @@ def maybe_fail(phase: str) -> None:
         raise InjectedFailureError(f"injected failure as phase {phase} starts ({FAIL_AT_PHASE})")
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
+    """`text` into `path` whole or not at all (temporary file, fsync, rename), also for the
+    run directory's other records."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w", encoding="utf-8") as fh:
         fh.write(text)

@@ -76,7 +76,7 @@ def _fix_run_secrets(args: tuple[str, ...], cwd: Path) -> None:
 # Opacus and Flower before it does anything, so these run inside the test process (the suite
 # calls them about a hundred times); engine runs keep a process of their own (a fresh Ray).
 NO_ENGINE_COMMANDS = frozenset({"config", "ledger", "keys", "audit", "generate", "report", "data",
-                                "compare", "certs"})
+                                "compare", "certs", "finish"})
 
 
 def run_cli(*args: str, cwd: Path, timeout: float = 300, engine: bool | None = None

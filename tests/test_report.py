@@ -10,6 +10,7 @@ LaTeX test compiles tables.tex with Debian's pdflatex (scripts/tex-setup.sh).
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
@@ -876,3 +877,20 @@ def test_chinese_tier_names_render_as_glyphs_not_boxes(chromium, run_dir: Path) 
     page.close()
     assert all(ink > 50 for ink, _ in drawn), drawn
     assert drawn[0] != drawn[1], "Chinese text renders as boxes: no CJK font (browser-setup.sh)"
+
+
+def test_plaintext_scores_are_read_with_the_split_kept_beside_them(tmp_path: Path) -> None:
+    """A run with storage.keystore=none publishes scores.parquet without the split, which the
+    authority keeps in split.npy: the report reads both (it refused such runs before)."""
+    path = write_run(tmp_path / "run")
+    scores = pd.read_parquet(path / "scores.parquet")
+    codes = pd.Categorical(scores.pop("split"), ("train", "val", "test")).codes
+    scores.to_parquet(path / "scores.parquet")
+    buf = io.BytesIO()
+    np.save(buf, codes, allow_pickle=False)
+    (path / "split.npy").write_bytes(buf.getvalue())
+    run = load_run(path)
+    assert run.scores is not None
+    assert list(run.scores["split"].astype(str)) == list(
+        pd.Categorical.from_codes(codes, ("train", "val", "test")).astype(str))
+    assert list(run.scores.columns) == ["split", "probability", "score", "tier"]

@@ -7,6 +7,7 @@
   fedscore data check DIR             # every problem of a mapping and its tables, at once
   fedscore generate --parties DIR [--users N] [--seed S] [--keystore DIR] [--set population.k=v]
   fedscore sweep --out DIR [--epsilons 0.5,1,2,4,8,inf] [--seeds 0,1,2] [--set key=value ...]
+  fedscore finish FLWR_RUN_DIR --parties DIR   # a `flwr run .` output made a run directory
   fedscore report RUN_OR_SWEEP_DIR [--force]   # report.html, tables.tex, report/*.csv
   fedscore compare DIR DIR ... --out DIR [--force]   # runs or sweeps side by side
   fedscore ledger verify RUN_OR_SWEEP_DIR   # every epsilon recomputed with dp-accounting
@@ -186,6 +187,24 @@ def _parser() -> argparse.ArgumentParser:
                       help="cipher suite: AES-256-GCM, or SM4-GCM with HMAC-SM3 references")
     rotate = keys_sub.add_parser("rotate", help="add a key and make it active")
     rotate.add_argument("dir", type=Path)
+
+    finish = sub.add_parser(
+        "finish", help="complete a `flwr run .` output into a run directory (baselines, "
+                       "oracle, audit, curves, metrics.json), so `fedscore report` reads it",
+        description="A `flwr run .` writes what the authority measured into <out-dir>/<run id>/\n"
+                    "(authority.json, ledger, scores). This adds what `fedscore run` adds after\n"
+                    "the federation, with the same code: config.json (from the settings\n"
+                    "recorded in authority.json and the parties' population.json), baselines,\n"
+                    "the oracle, the audit, curves.json, manifest.json and metrics.json.\n"
+                    "Interrupted or failed: run the same command again.")
+    finish.add_argument("dir", type=Path, metavar="FLWR_RUN_DIR",
+                        help="the directory `flwr run .` wrote: <out-dir>/<Flower run id>")
+    finish.add_argument("--parties", type=Path, required=True,
+                        help="the party tables the run used: its run config's data-dir")
+    finish.add_argument("--data", default=None, metavar="uci|FILE.csv|DIR",
+                        help="parties imported from real data: the source they were imported "
+                             "from (as given to `fedscore run --data`); generated parties "
+                             "record their population themselves")
 
     report = sub.add_parser("report", help="write report.html, tables.tex and report/*.csv "
                                            "into a run or sweep directory")
@@ -742,6 +761,20 @@ def _certs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _finish(args: argparse.Namespace) -> int:
+    from simulations.run.finish import finish_flwr_run
+
+    data = _data_source(args.data, None) if args.data else None
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+               MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False) as progress:
+        metrics, done = finish_flwr_run(args.dir, args.parties, data, PhaseProgress(progress))
+    for source in done.sources:
+        console.print(f"configuration: {escape(source)}", soft_wrap=True, highlight=False)
+    _print_summary(metrics, done.out_dir, done.parties)
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     from simulations.report.compare import build_comparison
     from simulations.report.load import ReportError
@@ -809,7 +842,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         commands = {"run": _run, "deploy": _run, "certs": _certs, "sweep": _sweep,
                     "generate": _generate, "data": _data, "config": _config, "ledger": _ledger,
-                    "keys": _keys, "report": _report, "compare": _report}
+                    "keys": _keys, "finish": _finish, "report": _report, "compare": _report}
         if args.command in cli_people.COMMANDS:
             return cli_people.COMMANDS[args.command](args, console)
         return commands[args.command](args)

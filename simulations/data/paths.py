@@ -16,6 +16,8 @@ from crypto.at_rest import AUTO, keystore_path
 from crypto.identity import check_party_name
 
 RUN_FILE = "run.json"  # a run directory's parties and engine, written when it is claimed
+# run.json's engine for a directory `flwr run .` made and `fedscore finish` completed.
+FLWR_ENGINE = "flwr run"
 
 
 @dataclass(frozen=True)

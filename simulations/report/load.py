@@ -16,9 +16,12 @@ import numpy as np
 import pandas as pd
 
 from server.metrics import ALL_TEST, FIGURES
+from server.scores_file import read_split
 from server.scoring import TIER_KEYS
+from simulations.data.paths import FLWR_ENGINE, RUN_FILE
 
 RUN_REQUIRED = ("config.json", "manifest.json", "metrics.json")
+AUTHORITY_FILE = "authority.json"  # the federation's own results: the experiment's may lack
 SWEEP_REQUIRED = ("sweep.json", "sweep.csv", "summary.csv")
 SWEEP_COLUMNS = ("epsilon", "seed", "run", "status", "auc")
 SUMMARY_COLUMNS = ("epsilon", "auc_mean", "auc_ci_low", "auc_ci_high")
@@ -81,6 +84,9 @@ def detect_kind(directory: Path) -> str:
         return "sweep"
     if (directory / "metrics.json").exists() or (directory / "manifest.json").exists():
         return "run"
+    unfinished = _unfinished(directory)
+    if unfinished:
+        raise ReportError(unfinished)
     raise ReportError(
         f"{directory} is neither a run directory (config.json, manifest.json, metrics.json) "
         "nor a sweep directory (sweep.json, sweep.csv, summary.csv); pass the directory that "
@@ -153,14 +159,40 @@ def _read_scores(run_dir: Path) -> tuple[pd.DataFrame | None, str]:
                           "need individual scores come only from curves.json")
         return None, "the run has no scores.parquet"
     try:
-        scores = pd.read_parquet(path, columns=["split", "probability", "score", "tier"])
+        scores = pd.read_parquet(path)
+        if "split" not in scores.columns:
+            # The published scores carry no split: the authority keeps it beside them.
+            scores["split"] = read_split(run_dir, None)
+        scores = scores[["split", "probability", "score", "tier"]]
     except Exception as exc:  # pyarrow raises several types for a damaged file
         raise ReportError(f"{path} cannot be read ({exc}); restore it from the run or re-run "
                           "`fedscore run`") from None
     return scores, ""
 
 
+def _unfinished(run_dir: Path) -> str | None:
+    """Why a directory holding the federation's results (authority.json) but not the
+    experiment's (metrics.json) cannot be reported yet, with the command that completes it;
+    None when it is no such directory."""
+    if not (run_dir / AUTHORITY_FILE).exists() or (run_dir / "metrics.json").exists():
+        return None
+    how = json.loads((run_dir / RUN_FILE).read_text()) if (run_dir / RUN_FILE).exists() else {}
+    if how.get("engine") == FLWR_ENGINE or not (how or (run_dir / "config.json").exists()):
+        parties = how.get("parties") or "PARTIES_DIR"
+        return (f"{run_dir} holds a federation's results (authority.json) without the "
+                "experiment's (metrics.json: baselines, oracle, audit), as `flwr run .` leaves "
+                f"them; complete it with `fedscore finish {run_dir} --parties {parties}` (the "
+                "data-dir the run was given), then report it")
+    if how:
+        return (f"{run_dir} holds an unfinished run (no metrics.json); continue it with "
+                f"`fedscore run --resume {run_dir}`, then report it")
+    return None
+
+
 def load_run(run_dir: Path) -> RunData:
+    unfinished = _unfinished(run_dir)
+    if unfinished:
+        raise ReportError(unfinished)
     fix = f"{run_dir} is not a complete run; re-run `fedscore run --out DIR` to produce it"
     for name in RUN_REQUIRED:
         _require(run_dir / name, fix)

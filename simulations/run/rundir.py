@@ -11,6 +11,7 @@ import io
 import json
 import logging
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -31,7 +32,13 @@ from server.config import ConfigError
 from server.metrics import auc
 from server.run_lock import LOCK_FILE, held_token, holder
 from server.run_phases import PhaseTimer
-from simulations.data.paths import RUN_FILE, Parties, RunDirError, check_new_dir
+from simulations.data.paths import (
+    FLWR_ENGINE,
+    RUN_FILE,
+    Parties,
+    RunDirError,
+    check_new_dir,
+)
 from simulations.run.config import ExperimentConfig, from_flat, make_config
 
 Progress = Callable[..., None]
@@ -82,11 +89,31 @@ def failed_run(out_dir: Path) -> bool:
 
 def resume_command(out_dir: Path) -> str | None:
     """The command that continues the unfinished run in `out_dir` (from its checkpoint, or
-    from the start when it stopped before one: `run_experiment`), or None."""
-    if ((out_dir / "config.json").exists() and (out_dir / RUN_FILE).exists()
-            and not (out_dir / "metrics.json").exists()):
-        return f"fedscore run --resume {out_dir}"
-    return None
+    from the start when it stopped before one: `run_experiment`; a `flwr run .` output:
+    `fedscore finish`), or None."""
+    if (out_dir / "metrics.json").exists():
+        return None
+    how = run_record(out_dir)
+    if how is None:
+        # `flwr run .` writes the federation's results and no run.json of its own.
+        return finish_command(out_dir) if (out_dir / "authority.json").exists() else None
+    if not (out_dir / "config.json").exists():
+        return None
+    if how.get("engine") == FLWR_ENGINE:
+        return finish_command(out_dir, how.get("parties"))
+    return f"fedscore run --resume {out_dir}"
+
+
+def finish_command(out_dir: Path, parties: str | None = None) -> str:
+    """The command that completes a `flwr run .` output into a run directory."""
+    where = shlex.quote(parties) if parties else "PARTIES_DIR (the data-dir it ran on)"
+    return f"fedscore finish {shlex.quote(str(out_dir))} --parties {where}"
+
+
+def run_record(out_dir: Path) -> dict | None:
+    """run.json (parties, engine), or None when there is none."""
+    path = out_dir / RUN_FILE
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 class Interrupted(KeyboardInterrupt):
@@ -99,9 +126,8 @@ class Interrupted(KeyboardInterrupt):
 
 
 def _resume_hint(out_dir: Path) -> str:
-    if resumable(out_dir) and not (out_dir / "metrics.json").exists():
-        return f"; it holds an interrupted run: fedscore run --resume {out_dir}"
-    return ""
+    command = resume_command(out_dir) if resumable(out_dir) else None
+    return f"; it holds an unfinished run: {command}" if command else ""
 
 
 def _clear(out_dir: Path) -> None:
@@ -140,6 +166,9 @@ def resume_target(out_dir: Path, overrides: dict | None
                 "differ from its config.json); drop those --set options or start a new run"
             )
     how = json.loads((out_dir / RUN_FILE).read_text())
+    if how.get("engine") == FLWR_ENGINE:
+        raise RunDirError(f"{out_dir} holds a `flwr run .` federation being completed, not an "
+                          f"interrupted fedscore run; continue it with: {resume_command(out_dir)}")
     return cfg, Path(how["parties"]), how
 
 
