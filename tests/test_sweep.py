@@ -22,7 +22,6 @@ from simulations.run.sweep import (
     cell_dir,
     cell_row,
     claim_sweep,
-    mean_ci,
     parse_epsilons,
     parse_grid,
     parse_seeds,
@@ -121,14 +120,6 @@ def test_the_reference_defaults_to_the_least_private_point_and_can_be_named():
     assert named.reference == {EPS: "inf", "train.lr": "0.003"}
     with pytest.raises(SweepError, match="not a point of the grid"):
         SweepSpec(grid=spec.grid, seeds=(0,), reference={"train.lr": 0.1})
-
-
-def test_mean_ci_known_answer():
-    # mean 2, sd 1, n 3: half-width t(0.975, 2) / sqrt(3) = 4.3027 / 1.7321 = 2.4841
-    mean, low, high = mean_ci(pd.Series([1.0, 2.0, 3.0]), bounds=(-math.inf, math.inf))
-    assert (mean, low, high) == pytest.approx((2.0, -0.4841, 4.4841), abs=1e-4)
-    assert mean_ci(pd.Series([0.9, 0.95, 0.99]))[2] <= 1.0  # AUC intervals stay in 0..1
-    assert math.isnan(mean_ci(pd.Series([0.8]))[1])
 
 
 def test_summary_groups_done_runs_by_epsilon():

@@ -43,10 +43,10 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 from server.config import ConfigError, coerce, unknown_key_error
 from server.privacy import model_epsilon
+from simulations.report.stats import interval_method, mean_ci
 from simulations.run.config import (
     DATA_KEY,
     POPULATION_PREFIX,
@@ -66,7 +66,6 @@ SUMMARY_FILE = "summary.csv"
 UNFINISHED_DIR = "unfinished"
 EPSILON_KEY = "privacy.epsilon"
 DEFAULT_EPSILONS = "0.5,1,2,4,8,inf"
-LEVEL = 0.95
 
 # Keys a grid cannot vary, and what to use instead: the cells of one population share one
 # federation (one topology, one data source, one keystore), and seeds have options of their own.
@@ -490,20 +489,6 @@ def write_results(out: Path, spec: SweepSpec, failures: dict[str, str]) -> pd.Da
     return table
 
 
-def mean_ci(values: pd.Series, level: float = LEVEL,
-            bounds: tuple[float, float] = (0.0, 1.0)) -> tuple[float, float, float]:
-    """Mean and a Student-t confidence interval over seeds (NaN interval for one seed),
-    clipped to the metric's range (AUC: 0..1)."""
-    x = pd.to_numeric(values, errors="coerce").dropna().to_numpy(dtype=float)
-    if len(x) == 0:
-        return (math.nan, math.nan, math.nan)
-    mean = float(x.mean())
-    if len(x) < 2:
-        return (mean, math.nan, math.nan)
-    half = float(stats.t.ppf(0.5 + level / 2, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x)))
-    return (mean, max(bounds[0], mean - half), min(bounds[1], mean + half))
-
-
 def summarise(table: pd.DataFrame, groups: list[str] | None = None,
               reference: Mapping[str, str] | None = None) -> pd.DataFrame:
     """Per grid point (the `groups` columns; default: epsilon): means with Student-t intervals
@@ -561,7 +546,7 @@ def _paired_differences(done: pd.DataFrame, summary: pd.DataFrame, groups: list[
     summary["reference"] = point_name((k, v) for k, v in sorted(reference.items()))
     summary["is_reference"] = is_ref
     summary["interval"] = [
-        f"{LEVEL * 100:.0f} % Student t over {int(n)} runs"
+        interval_method(int(n))
         + ("" if ref or not m else f"; difference paired by (data seed, seed) over {int(m)}")
         for n, m, ref in zip(summary["n"], summary["auc_diff_n"].fillna(0), is_ref,
                              strict=True)]
