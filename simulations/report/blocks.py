@@ -238,6 +238,13 @@ def eps_axis(ax: Axes, eps: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
     return lambda e: np.where(np.isinf(e), inf_x, e)
 
 
+def dodge(i: int, n: int, spread: float) -> float:
+    """How far series i of n moves sideways (in `spread` steps, centred on the true place) so
+    that their bars do not hide each other: in decades on a log axis, widths on a category
+    one."""
+    return (i - (n - 1) / 2) * spread
+
+
 def finite_model_epsilon(metrics: dict) -> float | None:
     """The combined model's epsilon (vertical), the largest region's (horizontal)."""
     value = model_epsilon(metrics)

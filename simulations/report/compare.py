@@ -48,6 +48,7 @@ from simulations.report.blocks import (
     ReportFiles,
     Section,
     Table,
+    dodge,
     eps_axis,
     figure,
     fmt,
@@ -353,10 +354,11 @@ def repeats_note(rows: pd.DataFrame) -> str | None:
 def _auc_by_epsilon(data: pd.DataFrame, series: list[Series]) -> Plot:
     fig, ax = figure()
     to_x = eps_axis(ax, data["epsilon"].to_numpy(dtype=np.float64))
-    for s in series:
+    for i, s in enumerate(series):
         part = data[data["series"] == s.label]
         eps = part["epsilon"].to_numpy(dtype=np.float64)
-        x, y = to_x(eps), part["all_test_auc_mean"].to_numpy(dtype=np.float64)
+        x = to_x(eps) * 10.0 ** dodge(i, len(series), 0.02)
+        y = part["all_test_auc_mean"].to_numpy(dtype=np.float64)
         below = (y - part["all_test_auc_ci_low"].to_numpy(dtype=np.float64))
         above = (part["all_test_auc_ci_high"].to_numpy(dtype=np.float64) - y)
         level = "user" if "user" in s.dp else "off" if s.dp == "non-private" else "sample"
@@ -367,7 +369,7 @@ def _auc_by_epsilon(data: pd.DataFrame, series: list[Series]) -> Plot:
         ax.plot(x[np.isfinite(eps)], y[np.isfinite(eps)], color=s.colour,
                 linestyle="--" if level == "user" else "-")
     _oracle_lines(ax, data, series)
-    ax.set_xlabel("ε per party, as configured (log scale; ∞ = non-private)")
+    ax.set_xlabel("target ε, privacy.epsilon (log scale; ∞ = non-private)")
     ax.set_ylabel(f"test AUC, {ALL}")
     ax.legend(fontsize=7)
     return Plot("topologies_auc", f"Test AUC against ε, one line per series ({ALL})",
@@ -376,7 +378,10 @@ def _auc_by_epsilon(data: pd.DataFrame, series: list[Series]) -> Plot:
                 fig, data,
                 note=f"Mean over the replicates (seeds, population seeds) of all_test_auc, on "
                      f"{ALL} as the oracle; bars: {LEVEL:.0%} Student t intervals (none for one "
-                     "run). Dotted: each series' oracle (mean over its runs). Sample-level ε "
+                     "run). Dotted: each series' oracle (mean over its runs). Series at one ε "
+                     "are drawn a little apart so that their bars stay visible. The target ε "
+                     "is the combined "
+                     "model's (vertical) or each region's (horizontal): sample-level ε "
                      "protects one customer; user-level ε a whole region's data."
                      .replace("%", " %"))
 

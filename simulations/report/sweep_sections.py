@@ -26,6 +26,7 @@ from simulations.report.blocks import (
     Plot,
     Section,
     Table,
+    dodge,
     eps_axis,
     figure,
     flatten,
@@ -258,7 +259,7 @@ def _privacy_utility(sweep: SweepData) -> Plot | Note:
         curves = [(series[n], style) for n, style in CURVES.items() if series[n] is not None]
         for i, (frame, (label, colour, _)) in enumerate(curves):
             _draw_curve(ax, frame, axis, label, colour,
-                        0.0 if axis.joined else (i - (len(curves) - 1) / 2) * 0.08)
+                        0.0 if axis.joined else dodge(i, len(curves), 0.08))
         for name, (label, colour, _) in LINES.items():
             if series[name] is not None:
                 _reference_line(ax, series[name], axis, label, colour)
@@ -306,7 +307,7 @@ def _draw_grid_series(ax: Axes, fed: pd.DataFrame, oracle: pd.DataFrame | None, 
     spread = 0.02 if axis.joined else 0.08
     for i, (values, part) in enumerate(parts):
         _draw_curve(ax, part, axis, point_label(by, _tuple(values)),
-                    GRID_COLOURS[i % len(GRID_COLOURS)], (i - (len(parts) - 1) / 2) * spread)
+                    GRID_COLOURS[i % len(GRID_COLOURS)], dodge(i, len(parts), spread))
     if oracle is None:
         return
     keys = [k for k in by if _depends_on(oracle, k, [*by, axis.key])]
