@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from simulations.run.config import ExperimentConfig as ExperimentConfig
     from simulations.run.config import make_config as make_config
     from simulations.run.experiment import run_experiment as run_experiment
-    from simulations.run.sweep import SweepSpec as SweepSpec
+    from simulations.run.grid import SweepSpec as SweepSpec
     from simulations.run.sweep import run_sweep as run_sweep
 
 # public name -> the module that defines it
@@ -38,7 +38,7 @@ _EXPORTS = {
     "ExperimentConfig": "simulations.run.config",
     "default_parties_dir": "simulations.data.paths",
     "run_experiment": "simulations.run.experiment",
-    "SweepSpec": "simulations.run.sweep",
+    "SweepSpec": "simulations.run.grid",
     "run_sweep": "simulations.run.sweep",
     "load_run": "simulations.report.results",
     "RunResults": "simulations.report.results",

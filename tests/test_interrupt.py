@@ -143,7 +143,8 @@ def test_a_run_stopped_before_its_first_round_starts_again_when_resumed(tmp_path
 
 
 def test_a_sweep_cell_without_a_finished_round_is_set_aside(tmp_path: Path):
-    from simulations.run.sweep import UNFINISHED_DIR, Cell, cell_dir, set_aside_unfinished
+    from simulations.run.grid import Cell
+    from simulations.run.sweep import UNFINISHED_DIR, cell_dir, set_aside_unfinished
 
     cell = Cell((("privacy.epsilon", "1"),), 0)
     directory = cell_dir(tmp_path, cell)

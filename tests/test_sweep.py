@@ -14,20 +14,22 @@ from hypothesis import strategies as st
 
 from server.config import ConfigError
 from simulations.run import experiment
-from simulations.run.sweep import (
+from simulations.run.grid import (
     Cell,
     SweepError,
     SweepSpec,
     canonical,
-    cell_dir,
-    cell_row,
-    claim_sweep,
     parse_epsilons,
     parse_grid,
     parse_seeds,
+    split_values,
+)
+from simulations.run.sweep import (
+    cell_dir,
+    cell_row,
+    claim_sweep,
     plan_sweep,
     run_sweep,
-    split_values,
     summarise,
 )
 from tests.conftest import fix_secrets, run_cli

@@ -23,12 +23,9 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gc
 import logging
-import shlex
 import sys
-import threading
 from pathlib import Path
 
 from rich.console import Console
@@ -39,64 +36,24 @@ from rich.progress import (
     MofNCompleteColumn,
     Progress,
     SpinnerColumn,
-    TaskID,
     TextColumn,
     TimeElapsedColumn,
-    TimeRemainingColumn,
 )
 from rich.table import Table
 
 from server.privacy import model_epsilon
 from simulations.cli import people as cli_people
-from simulations.cli.parsing import Parser
+from simulations.cli.ledger import ledger_command
+from simulations.cli.output import PhaseProgress, console
+from simulations.cli.parsing import Parser, data_source
+from simulations.cli.sweep import SWEEP_HELP, sweep_command
 from simulations.data.mapping import MAPPING_HELP
 from simulations.run.engine import configure_environment, quiet_engine_logs
-from simulations.run.sweep import DEFAULT_EPSILONS
+from simulations.run.grid import DEFAULT_EPSILONS
 
-console = Console(stderr=True)
 log = logging.getLogger("fedscore")
 
 FORCE_HELP = "replace the report files an earlier report wrote there"
-
-PHASE_LABELS = {
-    "generate": "Generate population",
-    "import": "Import real data into party folders",
-    "validate": "Validate party tables",
-    "connect": "Start engine, connect silos",
-    "psi": "Align identities (ECDH PSI)",
-    "train": "Federated training",
-    "score": "Calibrate and score",
-    "join": "Join tables for baselines",
-    "baselines": "Baselines: central, central DP, each party alone",
-    "references": "References: central gradient boosting, central WoE scorecard",
-    "baseline_central": "Baseline: central model",
-    "baseline_central_dp": "Baseline: central model, DP",
-    "oracle": "Oracle AUC from the generator's truth",
-    "audit": "Membership-inference audit",
-}
-
-
-class PhaseProgress:
-    """Adapts the pipeline's progress(phase, done, total, **info) calls to a rich display."""
-
-    def __init__(self, progress: Progress) -> None:
-        self.progress = progress
-        self.tasks: dict[str, TaskID] = {}
-        self.lock = threading.Lock()
-
-    def __call__(self, phase: str, done: float, total: float | None, **info: object) -> None:
-        with self.lock:
-            label = PHASE_LABELS.get(phase, phase)
-            if "epoch" in info:
-                label = f"{label} (epoch {info['epoch']})"
-            if phase not in self.tasks:
-                self.tasks[phase] = self.progress.add_task(label, total=total)
-            task = self.tasks[phase]
-            if total is None:
-                self.progress.update(task, description=label)
-            else:
-                self.progress.update(task, completed=done, total=total, description=label)
-
 
 def _parser() -> argparse.ArgumentParser:
     p = Parser.top_level(prog="fedscore", description=__doc__)
@@ -273,7 +230,7 @@ def _run(args: argparse.Namespace) -> int:
         credentials = Path(how["credentials"]) if how.get("credentials") else credentials
     else:
         if args.data:
-            overrides["data"] = _data_source(args.data, args.users)
+            overrides["data"] = data_source(args.data, args.users)
         cfg = make_config(overrides, args.users, args.seed)
         out_dir = args.out.resolve()
         parties = (args.parties or default_parties_dir(args.out)).resolve()
@@ -305,16 +262,6 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     _print_summary(metrics, out_dir, parties)
     return 0
-
-
-def _data_source(data: str, users: int | None) -> str:
-    """`uci` as is; a path made absolute, so config.json still finds it from anywhere."""
-    from server.config import ConfigError
-
-    if users is not None:
-        raise ConfigError("--users applies to generated populations; real data (--data) has "
-                          "the people it has")
-    return data if data == "uci" else str(Path(data).resolve())
 
 
 def privacy_rows(metrics: dict) -> list[tuple[str, str]]:
@@ -384,151 +331,6 @@ def _print_summary(metrics: dict, out_dir: Path, parties: Path) -> None:
     out.print(f"results: {out_dir}  ({', '.join(files)}); "
               f"report: fedscore report {out_dir}", soft_wrap=True, highlight=False)
     out.print(f"party tables: {parties}")
-
-
-SWEEP_HELP = """\
-A sweep runs every combination of its grid's values, for each data seed and training seed:
-
-  fedscore sweep --out S --grid train.lr=0.003,0.01 --epsilons 1,inf --seeds 0,1,2
-
-Repeat the command to continue it; name more values or seeds to extend it (only new cells run):
-
-  fedscore sweep --out S --seeds 3
-
-summary.csv holds, per grid point, the mean AUC with its 95 % Student-t interval over the runs,
-and the mean difference to the reference point with its interval, paired by (data seed, seed).
-
-"""
-
-
-def _sweep(args: argparse.Namespace) -> int:
-    from simulations.data.paths import check_new_dir
-    from simulations.run.config import check_delta, parse_assignments
-    from simulations.run.sweep import (
-        Cell,
-        is_done,
-        parse_reference,
-        plan_sweep,
-        run_sweep,
-    )
-
-    check_new_dir(args.out, "--out")
-    out = args.out.resolve()
-    assignments = parse_assignments(args.assignments)
-    if args.data:
-        assignments["data"] = _data_source(args.data, args.users)
-    asked, given = _sweep_spec(args, assignments, new=not (out / "sweep.json").exists())
-    spec = plan_sweep(out, asked, given=given)
-    if args.reference:  # only the summary depends on it: a sweep's reference can change
-        spec = dataclasses.replace(spec, reference=parse_reference(args.reference))
-    if not args.data:  # every population's delta, before any cell starts
-        for cell in {c.population: c for c in spec.cells()}.values():
-            cfg = spec.config(cell)
-            check_delta(cfg, cfg.population.users, "population.users")
-    cells = spec.cells()
-    todo = sum(not is_done(out, c) for c in cells)
-    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-               MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"),
-               TimeRemainingColumn())
-    with Progress(*columns, console=console) as progress:
-        overall = progress.add_task(f"Sweep: {todo} of {len(cells)} cells to run", total=todo)
-        phase = progress.add_task("starting", total=None)
-
-        def on_phase(name: str, done: float, total: float | None, **info: object) -> None:
-            label = PHASE_LABELS.get(name, name.replace("_", " "))
-            if "epoch" in info:
-                label = f"{label} (epoch {info['epoch']})"
-            progress.update(phase, description=label)
-
-        def on_cell(status: str, cell: Cell | None) -> None:
-            progress.advance(overall)
-            if status != "done" and cell is not None:
-                console.print(f"[red]cell {cell.name} failed:[/] {status}", highlight=False)
-
-        try:
-            table = run_sweep(out, spec, on_cell, on_phase)
-        except KeyboardInterrupt as exc:
-            from simulations.run.rundir import Interrupted
-
-            # The same command continues a sweep: finished cells are kept, the others resume.
-            raise Interrupted(shlex.join(["fedscore", *args.command_line])) from exc
-    _print_sweep(out, table)
-    failed = int((table["status"] == "failed").sum()) if "status" in table else 0
-    if failed:
-        console.print(f"[bold red]{failed} of {len(cells)} cells failed[/] (sweep.csv says why); "
-                      "the same command runs them again", highlight=False)
-        return 1
-    return 0
-
-
-def _sweep_spec(args: argparse.Namespace, assignments: dict[str, str], *, new: bool):
-    """The sweep the options ask for, and which options were given: continuing a sweep, an
-    option left out keeps the sweep's value; a new sweep takes the defaults."""
-    from simulations.run.sweep import (
-        DEFAULT_EPSILONS,
-        EPSILON_KEY,
-        SweepError,
-        SweepSpec,
-        parse_epsilons,
-        parse_grid,
-        parse_seeds,
-    )
-
-    grid = parse_grid(args.grid)
-    if args.epsilons is not None:
-        if EPSILON_KEY in grid:
-            raise SweepError("--epsilons and --grid privacy.epsilon name the same key; give one")
-        grid = {EPSILON_KEY: parse_epsilons(args.epsilons), **grid}
-    elif new and not grid and EPSILON_KEY not in assignments:
-        grid = {EPSILON_KEY: parse_epsilons(DEFAULT_EPSILONS)}
-    given = {name for name, present in (
-        ("grid", bool(grid) and (args.epsilons is not None or bool(args.grid))),
-        ("seeds", args.seeds is not None), ("data_seeds", args.data_seeds is not None),
-        ("users", args.users is not None), ("assignments", bool(assignments))) if present}
-    spec = SweepSpec(
-        grid=grid, seeds=parse_seeds(args.seeds or "0,1,2"),
-        data_seeds=None if args.data_seeds is None else parse_seeds(args.data_seeds,
-                                                                    "--data-seeds"),
-        users=args.users, assignments=tuple(sorted(assignments.items())))
-    return spec, given
-
-
-def _print_sweep(out: Path, table) -> None:
-    import pandas as pd
-
-    summary = pd.read_csv(out / "summary.csv")
-    groups = list(summary.columns[:list(summary.columns).index("n")])
-    view = Table(title=f"fedscore sweep ({len(table)} runs)")
-    for col in (*groups, "n", "AUC (95 % CI)", "AUC − reference (95 % CI)", "central DP",
-                "best silo", "canary audit eps max"):
-        view.add_column(col, justify="right")
-    for _, row in summary.iterrows():
-        diff = "reference" if str(row.get("is_reference")) == "True" else _with_ci(row,
-                                                                                  "auc_diff")
-        view.add_row(*(f"{row[c]:g}" if c == "epsilon" else str(row[c]) for c in groups),
-                     str(int(row["n"])), _with_ci(row, "auc"), diff,
-                     _fmt(row.get("central_dp_mean")), _fmt(row.get("best_silo_mean")),
-                     _fmt(row.get("audit_canary_epsilon_lower_max"), 2))
-    Console().print(view)
-    Console().print(f"results: {out}/sweep.csv, summary.csv; report: fedscore report {out}",
-                    soft_wrap=True, highlight=False)
-
-
-def _with_ci(row, name: str) -> str:
-    """`0.8123 [0.80, 0.82]` from summary.csv's NAME_mean, NAME_ci_low, NAME_ci_high."""
-    mean, low, high = (row.get(f"{name}_{part}") for part in ("mean", "ci_low", "ci_high"))
-    if _fmt(mean) == "-":
-        return "-"
-    ci = "" if _fmt(low) == "-" else f" [{low:.3f}, {high:.3f}]"
-    return f"{mean:+.4f}{ci}" if name.endswith("diff") else f"{mean:.4f}{ci}"
-
-
-def _fmt(value: object, digits: int = 4) -> str:
-    try:
-        number = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return "-"
-    return "-" if number != number else f"{number:.{digits}f}"
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -638,96 +440,6 @@ def _config(_: argparse.Namespace) -> int:
     return 0
 
 
-def _ledger(args: argparse.Namespace) -> int:
-    """Verify one run's ledger, or each cell's of a sweep (a directory with sweep.json: its
-    cells are under runs/), with one verdict per run; exit 1 when any does not verify."""
-    from simulations.analysis.ledger_verify import TOLERANCE
-    from simulations.run.sweep import SWEEP_FILE
-
-    root = Path(args.run_dir)
-    sweep = (root / SWEEP_FILE).exists()
-    runs = sorted(d for d in (root / "runs").glob("*") if d.is_dir()) if sweep else [root]
-    table = Table("run", "party", "budget", "accountant", "steps", "ledger epsilon",
-                  "dp-accounting", "gap", "ok", title=f"ledger {root}")
-    # Each run's problems; None: a sweep cell without a ledger, which has nothing to verify.
-    verdicts = {run.name: _verify_ledger(run, table, sweep) for run in runs}
-    out = Console()
-    out.print(table)
-    out.print(f"tolerances: RDP vs RDP {TOLERANCE['rdp']:.0%}, PRV vs PLD {TOLERANCE['prv']:.0%}")
-    for name, problems in verdicts.items():
-        _print_verdict(out, name, problems)
-    checked = [p for p in verdicts.values() if p is not None]
-    if sweep:
-        failed = sum(bool(p) for p in checked)
-        out.print(f"sweep {root}: {len(checked) - failed} of {len(verdicts)} cells verify, "
-                  f"{failed} do not, {len(verdicts) - len(checked)} have no ledger",
-                  soft_wrap=True, highlight=False)
-    return 0 if checked and not any(checked) else 1
-
-
-def _verify_ledger(run: Path, table: Table, in_sweep: bool) -> list[str] | None:
-    """One run's ledger problems (empty: it verifies), its checks added to `table`. A sweep
-    cell whose ledger is missing (None) or unreadable is one cell's verdict; a single run's
-    stops the command (LedgerError)."""
-    from server.ledger import LEDGER_FILE, LedgerError
-    from simulations.analysis.ledger_verify import consistency, verify
-
-    if in_sweep and not (run / LEDGER_FILE).exists():
-        return _missing_ledger(run)
-    try:
-        with console.status(f"recomputing epsilons of {run.name} with dp-accounting"):
-            checks = verify(run)
-        # The ledger as the run's record: duplicates, gaps, steps against the run's own
-        # count, epsilons against the target (agreeing accountants alone prove none of it).
-        problems = consistency(run, checks)
-    except LedgerError as exc:
-        if not in_sweep:
-            raise
-        return [str(exc)]
-    for c in checks:
-        table.add_row(run.name, c.party, c.budget, c.accountant, str(c.steps),
-                      f"{c.reported:.5f}", f"{c.independent:.5f}",
-                      f"{100 * c.relative_gap:.2f} %", "[green]yes[/]" if c.ok else "[red]NO[/]")
-        if not c.ok:
-            problems.append(f"{c.party} {c.budget}: the ledger's epsilon {c.reported:.5f} and "
-                            f"dp-accounting's {c.independent:.5f} differ by more than the "
-                            "tolerance")
-    return problems
-
-
-def _missing_ledger(run: Path) -> list[str] | None:
-    """A sweep cell without a ledger: nothing to verify (None) unless its metrics.json reports
-    a DP epsilon, whose record is then missing."""
-    import json
-
-    try:
-        claimed = model_epsilon(json.loads((run / "metrics.json").read_text()))
-    except (OSError, ValueError):
-        return None  # unfinished: it may have no ledger yet
-    if claimed is None or claimed == float("inf"):
-        return None
-    return [f"metrics.json reports eps_model {claimed:.4f} but ledger.jsonl is missing: "
-            "restore it from the run, or run the cell again (move its directory away and "
-            "repeat the sweep's command)"]
-
-
-def _print_verdict(out: Console, name: str, problems: list[str] | None) -> None:
-    run = escape(name)
-    if problems is None:
-        out.print(f"[yellow]{run}: no ledger[/] (a cell without differential privacy writes "
-                  "none, an unfinished one may have none yet): nothing to verify",
-                  soft_wrap=True, highlight=False)
-    elif not problems:
-        out.print(f"[green]{run}: the ledger verifies[/]", soft_wrap=True, highlight=False)
-    else:
-        for problem in problems:
-            out.print(f"[bold red]ledger problem:[/] {run}: {escape(problem)}", soft_wrap=True,
-                      highlight=False)
-        out.print(f"[bold red]{run}: the ledger does not verify[/]: it is not a faithful "
-                  "record of the run's privacy spend; do not publish this run's epsilon",
-                  soft_wrap=True, highlight=False)
-
-
 def _keys(args: argparse.Namespace) -> int:
     from crypto.at_rest import Keystore
 
@@ -764,7 +476,7 @@ def _certs(args: argparse.Namespace) -> int:
 def _finish(args: argparse.Namespace) -> int:
     from simulations.run.finish import finish_flwr_run
 
-    data = _data_source(args.data, None) if args.data else None
+    data = data_source(args.data, None) if args.data else None
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as progress:
@@ -840,9 +552,10 @@ def main(argv: list[str] | None = None) -> int:
     from simulations.run.errors import USER_ERRORS
 
     try:
-        commands = {"run": _run, "deploy": _run, "certs": _certs, "sweep": _sweep,
-                    "generate": _generate, "data": _data, "config": _config, "ledger": _ledger,
-                    "keys": _keys, "finish": _finish, "report": _report, "compare": _report}
+        commands = {"run": _run, "deploy": _run, "certs": _certs, "sweep": sweep_command,
+                    "generate": _generate, "data": _data, "config": _config,
+                    "ledger": ledger_command, "keys": _keys, "finish": _finish,
+                    "report": _report, "compare": _report}
         if args.command in cli_people.COMMANDS:
             return cli_people.COMMANDS[args.command](args, console)
         return commands[args.command](args)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+from pathlib import Path
 from typing import Any
 
 PACKAGE = "fedscore"
@@ -60,3 +61,13 @@ class Parser(argparse.ArgumentParser):
                             version=f"%(prog)s {package_version()}",
                             help="print the installed fedscore's version and exit")
         return parser
+
+
+def data_source(data: str, users: int | None) -> str:
+    """`uci` as is; a path made absolute, so config.json still finds it from anywhere."""
+    from server.config import ConfigError
+
+    if users is not None:
+        raise ConfigError("--users applies to generated populations; real data (--data) has "
+                          "the people it has")
+    return data if data == "uci" else str(Path(data).resolve())

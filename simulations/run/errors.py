@@ -22,7 +22,7 @@ from server.split import SplitError
 from simulations.data.paths import PathArgumentError
 from simulations.data.real_data import DataImportError
 from simulations.run.deploy import DeploymentError
-from simulations.run.sweep import SweepError
+from simulations.run.grid import SweepError
 
 USER_ERRORS: tuple[type[BaseException], ...] = (
     ConfigError,

@@ -1,0 +1,103 @@
+"""`fedscore ledger verify`: every epsilon of a run's or a sweep's ledgers, recomputed."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from server.privacy import model_epsilon
+from simulations.cli.output import console
+
+
+def ledger_command(args: argparse.Namespace) -> int:
+    """Verify one run's ledger, or each cell's of a sweep (a directory with sweep.json: its
+    cells are under runs/), with one verdict per run; exit 1 when any does not verify."""
+    from simulations.analysis.ledger_verify import TOLERANCE
+    from simulations.run.sweep import SWEEP_FILE
+
+    root = Path(args.run_dir)
+    sweep = (root / SWEEP_FILE).exists()
+    runs = sorted(d for d in (root / "runs").glob("*") if d.is_dir()) if sweep else [root]
+    table = Table("run", "party", "budget", "accountant", "steps", "ledger epsilon",
+                  "dp-accounting", "gap", "ok", title=f"ledger {root}")
+    # Each run's problems; None: a sweep cell without a ledger, which has nothing to verify.
+    verdicts = {run.name: _verify_ledger(run, table, sweep) for run in runs}
+    out = Console()
+    out.print(table)
+    out.print(f"tolerances: RDP vs RDP {TOLERANCE['rdp']:.0%}, PRV vs PLD {TOLERANCE['prv']:.0%}")
+    for name, problems in verdicts.items():
+        _print_verdict(out, name, problems)
+    checked = [p for p in verdicts.values() if p is not None]
+    if sweep:
+        failed = sum(bool(p) for p in checked)
+        out.print(f"sweep {root}: {len(checked) - failed} of {len(verdicts)} cells verify, "
+                  f"{failed} do not, {len(verdicts) - len(checked)} have no ledger",
+                  soft_wrap=True, highlight=False)
+    return 0 if checked and not any(checked) else 1
+
+
+def _verify_ledger(run: Path, table: Table, in_sweep: bool) -> list[str] | None:
+    """One run's ledger problems (empty: it verifies), its checks added to `table`. A sweep
+    cell whose ledger is missing (None) or unreadable is one cell's verdict; a single run's
+    stops the command (LedgerError)."""
+    from server.ledger import LEDGER_FILE, LedgerError
+    from simulations.analysis.ledger_verify import consistency, verify
+
+    if in_sweep and not (run / LEDGER_FILE).exists():
+        return _missing_ledger(run)
+    try:
+        with console.status(f"recomputing epsilons of {run.name} with dp-accounting"):
+            checks = verify(run)
+        # The ledger as the run's record: duplicates, gaps, steps against the run's own
+        # count, epsilons against the target (agreeing accountants alone prove none of it).
+        problems = consistency(run, checks)
+    except LedgerError as exc:
+        if not in_sweep:
+            raise
+        return [str(exc)]
+    for c in checks:
+        table.add_row(run.name, c.party, c.budget, c.accountant, str(c.steps),
+                      f"{c.reported:.5f}", f"{c.independent:.5f}",
+                      f"{100 * c.relative_gap:.2f} %", "[green]yes[/]" if c.ok else "[red]NO[/]")
+        if not c.ok:
+            problems.append(f"{c.party} {c.budget}: the ledger's epsilon {c.reported:.5f} and "
+                            f"dp-accounting's {c.independent:.5f} differ by more than the "
+                            "tolerance")
+    return problems
+
+
+def _missing_ledger(run: Path) -> list[str] | None:
+    """A sweep cell without a ledger: nothing to verify (None) unless its metrics.json reports
+    a DP epsilon, whose record is then missing."""
+    import json
+
+    try:
+        claimed = model_epsilon(json.loads((run / "metrics.json").read_text()))
+    except (OSError, ValueError):
+        return None  # unfinished: it may have no ledger yet
+    if claimed is None or claimed == float("inf"):
+        return None
+    return [f"metrics.json reports eps_model {claimed:.4f} but ledger.jsonl is missing: "
+            "restore it from the run, or run the cell again (move its directory away and "
+            "repeat the sweep's command)"]
+
+
+def _print_verdict(out: Console, name: str, problems: list[str] | None) -> None:
+    run = escape(name)
+    if problems is None:
+        out.print(f"[yellow]{run}: no ledger[/] (a cell without differential privacy writes "
+                  "none, an unfinished one may have none yet): nothing to verify",
+                  soft_wrap=True, highlight=False)
+    elif not problems:
+        out.print(f"[green]{run}: the ledger verifies[/]", soft_wrap=True, highlight=False)
+    else:
+        for problem in problems:
+            out.print(f"[bold red]ledger problem:[/] {run}: {escape(problem)}", soft_wrap=True,
+                      highlight=False)
+        out.print(f"[bold red]{run}: the ledger does not verify[/]: it is not a faithful "
+                  "record of the run's privacy spend; do not publish this run's epsilon",
+                  soft_wrap=True, highlight=False)

@@ -1,0 +1,154 @@
+"""`fedscore sweep`: a grid of config values x seeds, continued or extended by its command."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shlex
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from simulations.cli.output import PHASE_LABELS, console, fmt
+from simulations.cli.parsing import data_source
+from simulations.run.grid import DEFAULT_EPSILONS
+
+SWEEP_HELP = """\
+A sweep runs every combination of its grid's values, for each data seed and training seed:
+
+  fedscore sweep --out S --grid train.lr=0.003,0.01 --epsilons 1,inf --seeds 0,1,2
+
+Repeat the command to continue it; name more values or seeds to extend it (only new cells run):
+
+  fedscore sweep --out S --seeds 3
+
+summary.csv holds, per grid point, the mean AUC with its 95 % Student-t interval over the runs,
+and the mean difference to the reference point with its interval, paired by (data seed, seed).
+
+"""
+
+
+def sweep_command(args: argparse.Namespace) -> int:
+    from simulations.data.paths import check_new_dir
+    from simulations.run.config import check_delta, parse_assignments
+    from simulations.run.grid import Cell, parse_reference
+    from simulations.run.sweep import is_done, plan_sweep, run_sweep
+
+    check_new_dir(args.out, "--out")
+    out = args.out.resolve()
+    assignments = parse_assignments(args.assignments)
+    if args.data:
+        assignments["data"] = data_source(args.data, args.users)
+    asked, given = _sweep_spec(args, assignments, new=not (out / "sweep.json").exists())
+    spec = plan_sweep(out, asked, given=given)
+    if args.reference:  # only the summary depends on it: a sweep's reference can change
+        spec = dataclasses.replace(spec, reference=parse_reference(args.reference))
+    if not args.data:  # every population's delta, before any cell starts
+        for cell in {c.population: c for c in spec.cells()}.values():
+            cfg = spec.config(cell)
+            check_delta(cfg, cfg.population.users, "population.users")
+    cells = spec.cells()
+    todo = sum(not is_done(out, c) for c in cells)
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+               MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"),
+               TimeRemainingColumn())
+    with Progress(*columns, console=console) as progress:
+        overall = progress.add_task(f"Sweep: {todo} of {len(cells)} cells to run", total=todo)
+        phase = progress.add_task("starting", total=None)
+
+        def on_phase(name: str, done: float, total: float | None, **info: object) -> None:
+            label = PHASE_LABELS.get(name, name.replace("_", " "))
+            if "epoch" in info:
+                label = f"{label} (epoch {info['epoch']})"
+            progress.update(phase, description=label)
+
+        def on_cell(status: str, cell: Cell | None) -> None:
+            progress.advance(overall)
+            if status != "done" and cell is not None:
+                console.print(f"[red]cell {cell.name} failed:[/] {status}", highlight=False)
+
+        try:
+            table = run_sweep(out, spec, on_cell, on_phase)
+        except KeyboardInterrupt as exc:
+            from simulations.run.rundir import Interrupted
+
+            # The same command continues a sweep: finished cells are kept, the others resume.
+            raise Interrupted(shlex.join(["fedscore", *args.command_line])) from exc
+    _print_sweep(out, table)
+    failed = int((table["status"] == "failed").sum()) if "status" in table else 0
+    if failed:
+        console.print(f"[bold red]{failed} of {len(cells)} cells failed[/] (sweep.csv says why); "
+                      "the same command runs them again", highlight=False)
+        return 1
+    return 0
+
+
+def _sweep_spec(args: argparse.Namespace, assignments: dict[str, str], *, new: bool):
+    """The sweep the options ask for, and which options were given: continuing a sweep, an
+    option left out keeps the sweep's value; a new sweep takes the defaults."""
+    from simulations.run.grid import (
+        EPSILON_KEY,
+        SweepError,
+        SweepSpec,
+        parse_epsilons,
+        parse_grid,
+        parse_seeds,
+    )
+
+    grid = parse_grid(args.grid)
+    if args.epsilons is not None:
+        if EPSILON_KEY in grid:
+            raise SweepError("--epsilons and --grid privacy.epsilon name the same key; give one")
+        grid = {EPSILON_KEY: parse_epsilons(args.epsilons), **grid}
+    elif new and not grid and EPSILON_KEY not in assignments:
+        grid = {EPSILON_KEY: parse_epsilons(DEFAULT_EPSILONS)}
+    given = {name for name, present in (
+        ("grid", bool(grid) and (args.epsilons is not None or bool(args.grid))),
+        ("seeds", args.seeds is not None), ("data_seeds", args.data_seeds is not None),
+        ("users", args.users is not None), ("assignments", bool(assignments))) if present}
+    spec = SweepSpec(
+        grid=grid, seeds=parse_seeds(args.seeds or "0,1,2"),
+        data_seeds=None if args.data_seeds is None else parse_seeds(args.data_seeds,
+                                                                    "--data-seeds"),
+        users=args.users, assignments=tuple(sorted(assignments.items())))
+    return spec, given
+
+
+def _print_sweep(out: Path, table) -> None:
+    import pandas as pd
+
+    summary = pd.read_csv(out / "summary.csv")
+    groups = list(summary.columns[:list(summary.columns).index("n")])
+    view = Table(title=f"fedscore sweep ({len(table)} runs)")
+    for col in (*groups, "n", "AUC (95 % CI)", "AUC − reference (95 % CI)", "central DP",
+                "best silo", "canary audit eps max"):
+        view.add_column(col, justify="right")
+    for _, row in summary.iterrows():
+        diff = "reference" if str(row.get("is_reference")) == "True" else _with_ci(row,
+                                                                                  "auc_diff")
+        view.add_row(*(f"{row[c]:g}" if c == "epsilon" else str(row[c]) for c in groups),
+                     str(int(row["n"])), _with_ci(row, "auc"), diff,
+                     fmt(row.get("central_dp_mean")), fmt(row.get("best_silo_mean")),
+                     fmt(row.get("audit_canary_epsilon_lower_max"), 2))
+    Console().print(view)
+    Console().print(f"results: {out}/sweep.csv, summary.csv; report: fedscore report {out}",
+                    soft_wrap=True, highlight=False)
+
+
+def _with_ci(row, name: str) -> str:
+    """`0.8123 [0.80, 0.82]` from summary.csv's NAME_mean, NAME_ci_low, NAME_ci_high."""
+    mean, low, high = (row.get(f"{name}_{part}") for part in ("mean", "ci_low", "ci_high"))
+    if fmt(mean) == "-":
+        return "-"
+    ci = "" if fmt(low) == "-" else f" [{low:.3f}, {high:.3f}]"
+    return f"{mean:+.4f}{ci}" if name.endswith("diff") else f"{mean:.4f}{ci}"
