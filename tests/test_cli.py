@@ -136,6 +136,24 @@ def _sweep_of(run: Path, root: Path, cells: tuple[str, ...]) -> Path:
     return root
 
 
+def test_a_label_dp_cell_without_its_ledger_does_not_verify(tmp_path: Path):
+    from simulations.cli.ledger import _missing_ledger
+
+    cell = tmp_path / "eps=inf_seed=0"
+    cell.mkdir()
+    assert _missing_ledger(cell) is None  # unfinished: no ledger yet
+    (cell / "metrics.json").write_text(json.dumps(
+        {"epsilon": {"model": None, "label": 2.0, "transcript": None}}))
+    (problem,) = _missing_ledger(cell) or [None]
+    assert problem is not None
+    assert "label 2.0000" in problem
+    (cell / "metrics.json").write_text(json.dumps(
+        {"epsilon": {"model": {"north": 1.5, "note": "per region"}, "label": None}}))
+    assert "model.north 1.5000" in " ".join(_missing_ledger(cell) or [])
+    (cell / "metrics.json").write_text(json.dumps({"epsilon": {"model": None, "label": None}}))
+    assert _missing_ledger(cell) is None  # non-private: nothing to record
+
+
 @pytest.mark.slow  # awaits an engine run (the private_run fixture)
 def test_ledger_verify_gives_one_verdict_per_cell(private_run: Path, tmp_path: Path):
     sweep = _sweep_of(private_run, tmp_path / "sweep", ("eps=32_seed=5",))
@@ -163,7 +181,7 @@ def test_ledger_verify_gives_one_verdict_per_cell(private_run: Path, tmp_path: P
     missing = run_cli("ledger", "verify", str(sweep), cwd=tmp_path)
     text = " ".join(missing.stdout.split())
     assert missing.returncode == 1, missing.stdout + missing.stderr
-    assert "eps=32_seed=6: metrics.json reports eps_model" in text
+    assert "eps=32_seed=6: metrics.json reports epsilon (model" in text
     assert "but ledger.jsonl is missing" in text
 
 

@@ -60,9 +60,9 @@ def test_bad_seeds_are_refused():
 
 def test_grid_values_are_typed_and_spelt_one_way():
     grid = parse_grid(["train.lr=0.003, 1e-2", "model.hidden=[32,16],[64]",
-                       "aggregation.mode=sum,concat", "train.chunk_warmup=true,no"])
+                       "privacy.accountant=prv,rdp", "train.chunk_warmup=true,no"])
     assert grid == {"train.lr": ("0.003", "0.01"), "model.hidden": ("32,16", "64"),
-                    "aggregation.mode": ("sum", "concat"),
+                    "privacy.accountant": ("prv", "rdp"),
                     "train.chunk_warmup": ("true", "false")}
 
 
@@ -74,6 +74,8 @@ def test_grid_values_are_typed_and_spelt_one_way():
     (["train.lr=0.1,0.10"], "twice"), (["train.lr=0.1", "train.lr=0.2"], "given twice"),
     (["train.epochs=2.5"], "expected"), (["train.lr"], "key=value"),
     (["model.hidden=[32,16"], "without its ']'"),
+    (["aggregation.mode=sum,concat"], "silos admit one aggregation"),
+    (["explain.reasons=0,3"], "reason-code"), (["aggregation.secure=true,false"], "secure-sum"),
 ])
 def test_bad_grids_are_refused_by_name(items, problem):
     with pytest.raises((SweepError, ConfigError), match=problem):
@@ -115,11 +117,27 @@ def test_cells_are_named_by_grid_point_and_seeds():
     assert (cfg.authority.seed, cfg.population.seed) == (1, 7)
 
 
+def test_data_seeds_on_real_data_are_refused():
+    with pytest.raises(SweepError, match="one population"):
+        SweepSpec(grid={}, seeds=(0,), data_seeds=(0, 1), assignments=(("data", "uci"),))
+
+
+def test_regions_get_a_population_each():
+    spec = SweepSpec(grid={"regions": [2, 4]}, seeds=(0,),
+                     assignments=(("topology", "horizontal"),))
+    assert {c.population for c in spec.cells()} == {"seed=0_regions=2", "seed=0_regions=4"}
+
+
 def test_the_reference_defaults_to_the_least_private_point_and_can_be_named():
     spec = SweepSpec(grid={EPS: [1, "inf", 4], "train.lr": [0.01, 0.003]}, seeds=(0,))
-    assert spec.reference == {EPS: "inf", "train.lr": "0.01"}
+    assert spec.reference_point == {EPS: "inf", "train.lr": "0.01"}
     named = SweepSpec(grid=spec.grid, seeds=(0,), reference={"train.lr": "0.003"})
-    assert named.reference == {EPS: "inf", "train.lr": "0.003"}
+    assert named.reference_point == {EPS: "inf", "train.lr": "0.003"}
+    # Only what was asked for is kept: the default follows the grid as it grows.
+    assert named.to_json()["reference"] == {"train.lr": "0.003"}
+    grown = SweepSpec(grid={EPS: [1, 2]}, seeds=(0,)).extended_by(
+        SweepSpec(grid={EPS: ["inf"]}, seeds=(0,)), given={"grid"})
+    assert grown.reference_point == {EPS: "inf"}
     with pytest.raises(SweepError, match="not a point of the grid"):
         SweepSpec(grid=spec.grid, seeds=(0,), reference={"train.lr": 0.1})
 

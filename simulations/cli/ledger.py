@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from server.privacy import model_epsilon
 from simulations.cli.output import console
 
 
@@ -72,18 +72,32 @@ def _verify_ledger(run: Path, table: Table, in_sweep: bool) -> list[str] | None:
 
 def _missing_ledger(run: Path) -> list[str] | None:
     """A sweep cell without a ledger: nothing to verify (None) unless its metrics.json reports
-    a DP epsilon, whose record is then missing."""
+    any finite epsilon (the model's, the labels', the transcript's, a region's), whose record
+    is then missing."""
     import json
 
     try:
-        claimed = model_epsilon(json.loads((run / "metrics.json").read_text()))
+        reported = json.loads((run / "metrics.json").read_text()).get("epsilon") or {}
     except (OSError, ValueError):
         return None  # unfinished: it may have no ledger yet
-    if claimed is None or claimed == float("inf"):
+    claimed = dict(_finite_epsilons(reported))
+    if not claimed:
         return None
-    return [f"metrics.json reports eps_model {claimed:.4f} but ledger.jsonl is missing: "
-            "restore it from the run, or run the cell again (move its directory away and "
-            "repeat the sweep's command)"]
+    named = ", ".join(f"{name} {value:.4f}" for name, value in claimed.items())
+    return [f"metrics.json reports epsilon ({named}) but ledger.jsonl is missing: restore it "
+            "from the run, or run the cell again (move its directory away and repeat the "
+            "sweep's command)"]
+
+
+def _finite_epsilons(reported: object, name: str = "") -> list[tuple[str, float]]:
+    """Every finite number in metrics.json's `epsilon` (nested per party or region), by name."""
+    if isinstance(reported, dict):
+        return [pair for key, value in reported.items()
+                for pair in _finite_epsilons(value, f"{name}.{key}" if name else str(key))]
+    if isinstance(reported, int | float) and not isinstance(reported, bool) \
+            and math.isfinite(reported):
+        return [(name, float(reported))]
+    return []
 
 
 def _print_verdict(out: Console, name: str, problems: list[str] | None) -> None:

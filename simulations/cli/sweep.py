@@ -52,12 +52,13 @@ def sweep_command(args: argparse.Namespace) -> int:
     asked, given = _sweep_spec(args, assignments, new=not (out / "sweep.json").exists())
     spec = plan_sweep(out, asked, given=given)
     if args.reference:  # only the summary depends on it: a sweep's reference can change
-        spec = dataclasses.replace(spec, reference=parse_reference(args.reference))
-    if not args.data:  # every population's delta, before any cell starts
-        for cell in {c.population: c for c in spec.cells()}.values():
-            cfg = spec.config(cell)
-            check_delta(cfg, cfg.population.users, "population.users")
+        spec = dataclasses.replace(spec, reference={**spec.reference,
+                                                    **parse_reference(args.reference)})
     cells = spec.cells()
+    for cell in cells:  # every cell's delta (a grid may vary it), before any cell starts
+        cfg = spec.config(cell)
+        if cfg.generated:  # real data: checked against its tables when they are read
+            check_delta(cfg, cfg.population.users, "population.users")
     todo = sum(not is_done(out, c) for c in cells)
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"),

@@ -38,7 +38,17 @@ NOT_SWEPT = {
     "topology": "sweep one topology per sweep and put two sweeps side by side with "
                 "`fedscore compare`",
     DATA_KEY: "use --data; one data source per sweep",
+    # The silos' operators enrol once per population for what the experiment asks (their
+    # policy: reason codes, aggregation, secure sum); one federation cannot admit two of them.
+    "explain.reasons": "silos admit one reason-code setting per federation; run one sweep per "
+                       "setting and put them side by side with `fedscore compare`",
+    "aggregation.mode": "silos admit one aggregation per federation; run one sweep per mode "
+                        "and put them side by side with `fedscore compare`",
+    "aggregation.secure": "silos admit one secure-sum setting per federation; run one sweep "
+                          "per setting and put them side by side with `fedscore compare`",
 }
+# Keys that shape the parties' tables: cells with different values need their own population.
+POPULATION_KEYS = ("regions",)
 NOT_SWEPT_PREFIXES = ("storage.",)
 
 # A value becomes part of a directory name: plain words and numbers only.
@@ -194,7 +204,8 @@ class Cell:
     @property
     def population(self) -> str:
         """The directory name of this cell's population under DIR/parties."""
-        varied = [f"{k}={v}" for k, v in self.point if k.startswith(POPULATION_PREFIX)]
+        varied = [f"{k}={v}" for k, v in self.point
+                  if k.startswith(POPULATION_PREFIX) or k in POPULATION_KEYS]
         return "_".join([f"seed={self.population_seed}", *varied])
 
 
@@ -208,8 +219,10 @@ class SweepSpec:
 
     grid: {config key: values} (`--grid`, `--epsilons`); values as numbers or strings.
     seeds: training seeds. data_seeds: population seeds, or None for each cell's training seed.
-    reference: the grid point paired differences are taken against; missing keys default to
-    privacy.epsilon's largest value (inf: the non-private run) and each other key's first.
+    reference: the values of the reference point that were asked for (`--reference`); the
+    point paired differences are taken against is `reference_point`, where the keys not asked
+    for take privacy.epsilon's largest value (inf: the non-private run) and each other key's
+    first, in the grid as it is now (an extended sweep's default follows its new values).
     """
 
     grid: Mapping[str, Sequence[Any]]
@@ -227,6 +240,11 @@ class SweepSpec:
             object.__setattr__(self, "data_seeds", tuple(self.data_seeds))
         if not self.seeds:
             raise SweepError("--seeds: give at least one seed")
+        if self.data_seeds is not None and DATA_KEY in dict(self.assignments):
+            # population.seed draws generated people; on real data cells would differ only in
+            # name and pass for independent replicates.
+            raise SweepError("--data-seeds: real data (--data) has one population; vary "
+                             "--seeds instead")
         swept = {**{k: f"--grid {k}" for k in grid}, "seed": "--seeds",
                  "population.seed": "--data-seeds"}
         for key, _ in self.assignments:
@@ -244,8 +262,14 @@ class SweepSpec:
             if key not in grid or value not in grid[key]:
                 raise SweepError(f"--reference {key}={value}: not a point of the grid "
                                  f"({', '.join(f'{k}={list(v)}' for k, v in grid.items())})")
-        default = {k: (max(v, key=float) if k == EPSILON_KEY else v[0]) for k, v in grid.items()}
-        return {k: given.get(k, default[k]) for k in sorted(grid)}
+        return given
+
+    @property
+    def reference_point(self) -> dict[str, str]:
+        """The grid point paired differences are taken against (see the class docstring)."""
+        default = {k: (max(v, key=float) if k == EPSILON_KEY else v[0])
+                   for k, v in self.grid.items()}
+        return {k: self.reference.get(k, default[k]) for k in sorted(self.grid)}
 
     def points(self) -> list[tuple[tuple[str, str], ...]]:
         keys = sorted(self.grid)

@@ -179,7 +179,7 @@ def write_results(out: Path, spec: SweepSpec, failures: dict[str, str]) -> pd.Da
             rows.append(cell_row(out, spec, cell, "failed", failures[cell.name]))
     table = pd.DataFrame(rows)
     _atomic_csv(table, out / RESULTS_FILE)
-    _atomic_csv(summarise(table, grid_columns(spec), spec.reference), out / SUMMARY_FILE)
+    _atomic_csv(summarise(table, grid_columns(spec), spec.reference_point), out / SUMMARY_FILE)
     return table
 
 
