@@ -337,6 +337,9 @@ def _model_metrics(ctx: _Context, plan: _Plan, trained: _Trained, scored: _Score
         "model": {"bias": result.bias, "final_round": result.round_trips,
                   "run_key": plan.run.run_key,
                   "reasons": plan.reasons if scored.with_reasons else 0},
+        # What keys the split and the shared order (derive_people_key): runs that agree on
+        # these settings test on the same people; runs made before this record do not say.
+        "split_from": list(PEOPLE_KEYS),
         "contributions": {silo: scoring.contribution_points(s, calibrate, ctx.cfg.score)
                           for silo, s in result.contributions.items()},
     }

@@ -15,7 +15,7 @@ from unittest import mock
 import pytest
 
 from crypto.secret_random import SecretRandom
-from server.authority import derive_run_key
+from server.authority import derive_people_key, derive_run_key
 from server.config import to_flat
 from simulations.cli.main import _parser
 from simulations.cli.parsing import shows_default
@@ -119,6 +119,21 @@ def test_default_run_key_is_pinned():
     # words about the configuration must never reach it. Pinned for a fixed secret.
     random = SecretRandom(bytes(range(32)))
     assert derive_run_key(random, to_flat(make_config().authority)) == "91766f855853dfdf"
+
+
+def test_the_people_key_follows_only_the_seed_and_the_split_shares():
+    """Who is in training, validation and test: the same for runs that differ in training or
+    privacy settings (a sweep's pairs test on the same people), another for another seed or
+    split, and unpredictable without the authority's secret."""
+    random = SecretRandom(bytes(range(32)))
+    base = to_flat(make_config().authority)
+    key = derive_people_key(random, base)
+    assert key == derive_people_key(random, {**base, "train.lr": 0.1, "privacy.epsilon": 4.0,
+                                             "privacy.label_epsilon": 8.0})
+    for change in ({"seed": 1}, {"split.train": 0.6}, {"split.val": 0.2}):
+        assert derive_people_key(random, {**base, **change}) != key
+    assert derive_people_key(SecretRandom(bytes(range(1, 33))), base) != key
+    assert key != derive_run_key(random, base)
 
 
 # ---- ledger verify on a sweep ------------------------------------------------------------------

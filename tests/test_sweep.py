@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from server.authority import PEOPLE_KEYS
 from server.config import ConfigError
 from simulations.run import experiment
 from simulations.run.grid import (
@@ -253,6 +254,7 @@ class FakeEngine:
             out.mkdir(parents=True)
             (out / "config.json").write_text(json.dumps(cfg.flat()))
             (out / "manifest.json").write_text("{}")
+            (out / "authority.json").write_text(json.dumps({"split_from": list(PEOPLE_KEYS)}))
             auc = (0.7 + 0.01 * cfg.authority.seed + 0.001 * cfg.population.seed
                    + 2 * cfg.authority.train.lr)
             metrics = {"auc": auc, "epsilon": {"model": cfg.authority.privacy.epsilon,
@@ -406,3 +408,17 @@ def test_the_command_extends_a_sweep_with_what_it_names(tmp_path: Path, monkeypa
         assert problem in capsys.readouterr().err.replace("\n", " ")
     assert engine.ran == []
     assert (tmp_path / "s" / "sweep.json").read_bytes() == before
+
+
+def test_cells_split_the_old_way_are_not_extended(tmp_path: Path, monkeypatch):
+    """Cells made before the split was keyed by the seed tested on other people than new
+    cells would: extending (or continuing) such a sweep is refused; reading it is not."""
+    monkeypatch.setattr(experiment, "run_cells", FakeEngine())
+    out = tmp_path / "s"
+    spec = SweepSpec(grid={EPS: [1, "inf"]}, seeds=(0,))
+    run_sweep(out, spec)
+    for cell in spec.cells():
+        (cell_dir(out, cell) / "authority.json").write_text("{}")  # as before the record
+    assert plan_sweep(out, spec) == spec  # finished: nothing new to pair
+    with pytest.raises(SweepError, match="split by an earlier fedscore"):
+        plan_sweep(out, SweepSpec(grid={}, seeds=(1,)), given={"seeds"})

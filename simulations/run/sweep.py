@@ -93,12 +93,31 @@ def claim_sweep(out: Path, spec: SweepSpec) -> None:
 
 def check_cells(out: Path, spec: SweepSpec) -> None:
     """Refuse a sweep whose cell directories hold runs of other configurations (a sweep.json
-    edited by hand, a directory copied in): nothing is ever summarised with what it is not."""
+    edited by hand, a directory copied in), or whose finished cells drew their split in an
+    older way than the cells still to run would: nothing is ever summarised or paired with
+    what it is not."""
+    old_split = []
     for cell in spec.cells():
         path = cell_dir(out, cell) / "config.json"
         if path.exists() and from_flat(json.loads(path.read_text())) != spec.config(cell):
             raise SweepError(f"{cell_dir(out, cell)} holds a run of another configuration "
                              f"than the sweep's cell {cell.name}; move it away")
+        if is_done(out, cell) and not _split_recorded(cell_dir(out, cell)):
+            old_split.append(cell.name)
+    if old_split and not all(is_done(out, c) for c in spec.cells()):
+        raise SweepError(
+            f"{len(old_split)} finished cells of this sweep (e.g. {old_split[0]}) were split by "
+            "an earlier fedscore, whose split changed with every setting; new cells would test "
+            "on other people and their paired differences would mean little. Start a new "
+            "sweep (a new --out); this one still reports as it is")
+
+
+def _split_recorded(run_dir: Path) -> bool:
+    """Whether the run's authority recorded what keys its split (`split_from`)."""
+    try:
+        return "split_from" in json.loads((run_dir / "authority.json").read_text())
+    except (OSError, ValueError):
+        return False
 
 
 def is_done(out: Path, cell: Cell) -> bool:
