@@ -79,6 +79,11 @@ def test_an_interrupt_stops_every_baseline_process_at_once(monkeypatch):
     assert set(os.listdir("/dev/shm")) <= before
 
 
+def test_baseline_workers_leave_ctrl_c_to_the_main_process():
+    with baselines._pool(1) as pool:
+        assert pool.submit(signal.getsignal, signal.SIGINT).result() == signal.SIG_IGN
+
+
 def test_one_thread_restores_the_thread_count():
     before = torch.get_num_threads()
     with one_thread():

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import signal
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -229,8 +230,7 @@ def run_baselines(data: JoinedData, jobs: list[BaselineJob], cfg: AuthorityConfi
             np.ndarray(array.shape, array.dtype, buffer=shm.buf)[...] = array
             shared[key] = (shm.name, array.shape, array.dtype.str)
         split = data.split.astype("category")
-        pool = stack.enter_context(ProcessPoolExecutor(
-            min(workers, len(jobs)), mp_context=get_context("spawn")))
+        pool = stack.enter_context(_pool(min(workers, len(jobs))))
         log.info("baselines: %d jobs in %d processes", len(jobs), min(workers, len(jobs)))
         # The costliest first (DP over every silo), so the short ones fill in at the end.
         order = sorted(jobs, key=lambda j: (j.noise_multiplier > 0, len(j.silos)), reverse=True)
@@ -240,6 +240,15 @@ def run_baselines(data: JoinedData, jobs: list[BaselineJob], cfg: AuthorityConfi
         except BaseException:
             _stop(pool)
             raise
+
+
+def _pool(workers: int) -> ProcessPoolExecutor:
+    """Spawned workers that ignore SIGINT: a terminal's Ctrl-C reaches the whole process group,
+    and the main process alone decides what it means (it ends them, `_stop`); otherwise each
+    worker printed its own KeyboardInterrupt traceback."""
+    return ProcessPoolExecutor(workers, mp_context=get_context("spawn"),
+                               initializer=signal.signal,
+                               initargs=(signal.SIGINT, signal.SIG_IGN))
 
 
 def _stop(pool: ProcessPoolExecutor) -> None:
