@@ -102,9 +102,9 @@ def _finish(target: FlwrRun, progress: Progress | None) -> dict:
             # The scores' keyed references are not the parties' people, or the parties never
             # ran (no pepper): plaintext runs; an encrypted run's keystore check refuses other
             # parties first.
-            raise RunDirError(f"the party tables in {target.parties} do not hold this run's "
-                              f"people ({exc}): pass as --parties the data-dir the run was "
-                              "given") from None
+            raise RunDirError(f"this run's scores cannot be joined with the party tables in "
+                              f"{target.parties} ({exc}); if those are not the run's parties, "
+                              "pass as --parties the data-dir the run was given") from None
     except BaseException:
         # Stopped before the baselines were kept (other parties' tables, say): the directory
         # goes back to what `flwr run .` left, so the retry may name other parties. Later,
