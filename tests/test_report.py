@@ -164,6 +164,7 @@ def write_run(path: Path, *, eps: float = 1.0, seed: int = 0, curves: bool = Tru
     (path / "manifest.json").write_text(json.dumps(manifest, indent=2))
     (path / "metrics.json").write_text(json.dumps(_metrics(eps, seed, audit), indent=2))
     (path / "authority.json").write_text(json.dumps({"auc": 0.84}))
+    (path / "run.json").write_text(json.dumps({"parties": str(path) + ".parties"}))
     if ledger and np.isfinite(eps):
         (path / "ledger.jsonl").write_text(
             "".join(json.dumps(e) + "\n" for e in _ledger_lines(eps)))
@@ -672,7 +673,8 @@ def _break(path: Path, name: str, text: str | None) -> None:
 
 
 @pytest.mark.parametrize(("kind", "name", "text", "message"), [
-    ("run", "metrics.json", None, "metrics.json is missing"),
+    ("run", "metrics.json", None, "holds an unfinished run (no metrics.json); continue it with "
+                                  "`fedscore run --resume"),
     ("run", "metrics.json", '{"auc": 0.8', "metrics.json is corrupt"),
     ("run", "curves.json", '{"roc": {"fpr": [0, 1], "tpr": [0]}}', "part 'roc' is malformed"),
     ("run", "ledger.jsonl", "{not json\n", "ledger.jsonl:1 is not JSON"),

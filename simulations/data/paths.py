@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,3 +89,32 @@ def run_keystore(run_dir: Path) -> Path | None:
     config.json's `storage.keystore` against its parties, for readers of a finished run."""
     config = json.loads((Path(run_dir) / "config.json").read_text())
     return keystore_path(config.get("storage.keystore", AUTO), run_parties(run_dir))
+
+
+def resume_command(out_dir: Path) -> str | None:
+    """The command that continues the unfinished run in `out_dir` (from its checkpoint, or
+    from the start when it stopped before one: `run_experiment`; a `flwr run .` output:
+    `fedscore finish`), or None."""
+    if (out_dir / "metrics.json").exists():
+        return None
+    how = run_record(out_dir)
+    if how is None:
+        # `flwr run .` writes the federation's results and no run.json of its own.
+        return finish_command(out_dir) if (out_dir / "authority.json").exists() else None
+    if not (out_dir / "config.json").exists():
+        return None
+    if how.get("engine") == FLWR_ENGINE:
+        return finish_command(out_dir, how.get("parties"))
+    return f"fedscore run --resume {out_dir}"
+
+
+def finish_command(out_dir: Path, parties: str | None = None) -> str:
+    """The command that completes a `flwr run .` output into a run directory."""
+    where = shlex.quote(parties) if parties else "PARTIES_DIR (the data-dir it ran on)"
+    return f"fedscore finish {shlex.quote(str(out_dir))} --parties {where}"
+
+
+def run_record(out_dir: Path) -> dict | None:
+    """run.json (parties, engine), or None when there is none."""
+    path = out_dir / RUN_FILE
+    return json.loads(path.read_text()) if path.exists() else None

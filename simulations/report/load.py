@@ -18,7 +18,7 @@ import pandas as pd
 from server.metrics import ALL_TEST, FIGURES
 from server.scores_file import read_split
 from server.scoring import TIER_KEYS
-from simulations.data.paths import FLWR_ENGINE, RUN_FILE
+from simulations.data.paths import resume_command
 
 RUN_REQUIRED = ("config.json", "manifest.json", "metrics.json")
 AUTHORITY_FILE = "authority.json"  # the federation's own results: the experiment's may lack
@@ -172,21 +172,20 @@ def _read_scores(run_dir: Path) -> tuple[pd.DataFrame | None, str]:
 
 def _unfinished(run_dir: Path) -> str | None:
     """Why a directory holding the federation's results (authority.json) but not the
-    experiment's (metrics.json) cannot be reported yet, with the command that completes it;
-    None when it is no such directory."""
-    if not (run_dir / AUTHORITY_FILE).exists() or (run_dir / "metrics.json").exists():
+    experiment's (metrics.json) cannot be reported yet, with the command that completes it
+    (simulations/data/paths.py `resume_command`, as every other message names it); None when
+    it is no such directory."""
+    if not (run_dir / AUTHORITY_FILE).exists():
         return None
-    how = json.loads((run_dir / RUN_FILE).read_text()) if (run_dir / RUN_FILE).exists() else {}
-    if how.get("engine") == FLWR_ENGINE or not (how or (run_dir / "config.json").exists()):
-        parties = how.get("parties") or "PARTIES_DIR"
+    command = resume_command(run_dir)
+    if command is None:
+        return None
+    if command.startswith("fedscore finish"):
         return (f"{run_dir} holds a federation's results (authority.json) without the "
                 "experiment's (metrics.json: baselines, oracle, audit), as `flwr run .` leaves "
-                f"them; complete it with `fedscore finish {run_dir} --parties {parties}` (the "
-                "data-dir the run was given), then report it")
-    if how:
-        return (f"{run_dir} holds an unfinished run (no metrics.json); continue it with "
-                f"`fedscore run --resume {run_dir}`, then report it")
-    return None
+                f"them; complete it with `{command}`, then report it")
+    return (f"{run_dir} holds an unfinished run (no metrics.json); continue it with "
+            f"`{command}`, then report it")
 
 
 def load_run(run_dir: Path) -> RunData:

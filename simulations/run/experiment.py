@@ -44,7 +44,7 @@ from simulations.analysis.baselines import (
 from simulations.analysis.canary_audit import canary_audit
 from simulations.analysis.curves import build_curves
 from simulations.analysis.references import REFERENCES, joined_references
-from simulations.data.paths import Parties, RunDirError
+from simulations.data.paths import Parties, RunDirError, resume_command
 from simulations.data.population import PopulationConfig, generate, write_parties
 from simulations.data.real_data import import_parties, resolve_mapping
 from simulations.run.config import ExperimentConfig, check_delta, check_guardrails
@@ -66,7 +66,6 @@ from simulations.run.rundir import (
     open_run,
     oracle_auc,
     resumable,
-    resume_command,
     unclaim_run_dir,
 )
 

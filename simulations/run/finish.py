@@ -34,7 +34,15 @@ from server.run_lock import claim
 from server.run_phases import PhaseTimer, write_atomic
 from server.scores_file import SCORES_FILE, recorded_run_key
 from server.server_app import FAILURE_FILE
-from simulations.data.paths import FLWR_ENGINE, RUN_FILE, Parties, RunDirError
+from simulations.data.paths import (
+    FLWR_ENGINE,
+    RUN_FILE,
+    Parties,
+    RunDirError,
+    finish_command,
+    resume_command,
+    run_record,
+)
 from simulations.data.population import PopulationConfig
 from simulations.data.real_data import SOURCE_FILE
 from simulations.run.config import ExperimentConfig, make_config
@@ -43,9 +51,6 @@ from simulations.run.rundir import (
     Interrupted,
     Progress,
     Run,
-    finish_command,
-    resume_command,
-    run_record,
     unclaim_run_dir,
 )
 

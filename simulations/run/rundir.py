@@ -11,7 +11,6 @@ import io
 import json
 import logging
 import platform
-import shlex
 import shutil
 import subprocess
 import sys
@@ -38,6 +37,7 @@ from simulations.data.paths import (
     Parties,
     RunDirError,
     check_new_dir,
+    resume_command,
 )
 from simulations.run.config import ExperimentConfig, from_flat, make_config
 
@@ -85,35 +85,6 @@ def failed_run(out_dir: Path) -> bool:
             and not resumable(out_dir)
             # Nobody else is running it (this process may hold its lock: the retry).
             and (held_token(out_dir) is not None or holder(out_dir) is None))
-
-
-def resume_command(out_dir: Path) -> str | None:
-    """The command that continues the unfinished run in `out_dir` (from its checkpoint, or
-    from the start when it stopped before one: `run_experiment`; a `flwr run .` output:
-    `fedscore finish`), or None."""
-    if (out_dir / "metrics.json").exists():
-        return None
-    how = run_record(out_dir)
-    if how is None:
-        # `flwr run .` writes the federation's results and no run.json of its own.
-        return finish_command(out_dir) if (out_dir / "authority.json").exists() else None
-    if not (out_dir / "config.json").exists():
-        return None
-    if how.get("engine") == FLWR_ENGINE:
-        return finish_command(out_dir, how.get("parties"))
-    return f"fedscore run --resume {out_dir}"
-
-
-def finish_command(out_dir: Path, parties: str | None = None) -> str:
-    """The command that completes a `flwr run .` output into a run directory."""
-    where = shlex.quote(parties) if parties else "PARTIES_DIR (the data-dir it ran on)"
-    return f"fedscore finish {shlex.quote(str(out_dir))} --parties {where}"
-
-
-def run_record(out_dir: Path) -> dict | None:
-    """run.json (parties, engine), or None when there is none."""
-    path = out_dir / RUN_FILE
-    return json.loads(path.read_text()) if path.exists() else None
 
 
 class Interrupted(KeyboardInterrupt):
