@@ -130,7 +130,7 @@ def test_student_t_interval_known_answer() -> None:
     # An AUC's interval stays within 0..1; one run has none; missing values are no runs.
     assert mean_ci(pd.Series([0.7, 0.8, 0.9]))[2] == 1.0
     assert math.isnan(mean_ci(pd.Series([0.7, None]))[1])
-    assert interval_method(3) == "95 % Student t over 3 runs"
+    assert interval_method(3) == "95 % Student t over 3 runs, clipped to the metric range"
     assert interval_method(1) == "one run: no interval"
 
 
@@ -145,7 +145,7 @@ def test_configurations_are_series_never_averaged(compared: Path) -> None:
     assert sweep_1["all_test_auc_mean"] == pytest.approx(0.7)
     assert sweep_1["all_test_auc_ci_low"] == pytest.approx(0.7 - half)
     assert sweep_1["all_test_auc_ci_high"] == pytest.approx(0.7 + half)
-    assert sweep_1["interval"] == "95 % Student t over 3 runs"
+    assert sweep_1["interval"] == "95 % Student t over 3 runs, clipped to the metric range"
     eight = at.loc[(EIGHT_SERIES, 1.0)]
     assert eight["n"] == 1
     assert eight["all_test_auc_mean"] == 0.5

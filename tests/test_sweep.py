@@ -422,3 +422,20 @@ def test_cells_split_the_old_way_are_not_extended(tmp_path: Path, monkeypatch):
     assert plan_sweep(out, spec) == spec  # finished: nothing new to pair
     with pytest.raises(SweepError, match="split by an earlier fedscore"):
         plan_sweep(out, SweepSpec(grid={}, seeds=(1,)), given={"seeds"})
+
+
+def test_grid_values_read_back_as_sweep_json_spells_them(tmp_path: Path, monkeypatch):
+    """Numbers stay numbers; a bool key's values read back as "true"/"false", so the report
+    finds the reference and the order sweep.json gives."""
+    import fedscore
+
+    monkeypatch.setattr(experiment, "run_cells", FakeEngine())
+    out = tmp_path / "s"
+    run_sweep(out, SweepSpec(grid={"train.chunk_warmup": ["false", "true"],
+                                   "train.epochs": [3, 5]}, seeds=(0,)))
+    sweep = fedscore.load_sweep(out)
+    assert list(sweep.runs["train.chunk_warmup"].unique()) == ["false", "true"]
+    assert sweep.runs["train.epochs"].dtype.kind == "i"
+    reference = sweep.summary[sweep.summary["is_reference"]]
+    assert (reference["train.chunk_warmup"].item(), reference["train.epochs"].item()) == (
+        "false", 3)

@@ -246,7 +246,10 @@ def _require_groups(frame: pd.DataFrame, groups: tuple[str, ...], path: Path, fi
         raise ReportError(f"{path} lacks grid column(s) {', '.join(missing)} that sweep.json "
                           f"lists; {fix}")
     # An empty summary (no cell finished) may have been written without them.
-    return frame.assign(**dict.fromkeys(missing, np.nan))
+    frame = frame.assign(**dict.fromkeys(missing, np.nan))
+    # pandas reads a bool key's "true"/"false" as booleans: back to sweep.json's spelling.
+    return frame.assign(**{g: frame[g].map({True: "true", False: "false"})
+                           for g in groups if frame[g].dtype == bool})
 
 
 def load_sweep(sweep_dir: Path) -> SweepData:

@@ -17,7 +17,7 @@ AUC_BOUNDS = (0.0, 1.0)
 def mean_ci(values: pd.Series, level: float = LEVEL,
             bounds: tuple[float, float] = AUC_BOUNDS) -> tuple[float, float, float]:
     """Mean and a Student t confidence interval over replicates (NaN interval for one run,
-    NaN everything for none), clipped to the metric's range (AUC: 0..1). Missing values are
+    NaN everything for none), clipped to the metric range (AUC: 0..1). Missing values are
     left out: a run that did not measure the figure is not a replicate of it."""
     x = pd.to_numeric(values, errors="coerce").dropna().to_numpy(dtype=float)
     if len(x) == 0:
@@ -38,4 +38,5 @@ def interval_method(n: int, level: float = LEVEL) -> str:
     """What an interval over `n` runs is, in words, for a table's `interval` column."""
     if n < 2:
         return "one run: no interval"
-    return f"{level:.0%} Student t over {n} runs".replace("%", " %")
+    return f"{level:.0%} Student t over {n} runs, clipped to the metric range".replace(
+        "%", " %")

@@ -19,7 +19,6 @@ from matplotlib.lines import Line2D
 
 from simulations.report.blocks import (
     SERIES,
-    Z95,
     Block,
     Cards,
     Note,
@@ -37,6 +36,7 @@ from simulations.report.blocks import (
 )
 from simulations.report.load import EPSILON_KEY, SweepData, same_value
 from simulations.report.run_sections import ALL, SCORED, run_sections
+from simulations.report.stats import mean_ci
 
 # ---- grid points ---------------------------------------------------------------------------
 
@@ -86,8 +86,10 @@ def _interval_text(sweep: SweepData) -> str:
     """The interval method summary.csv names (one text per sweep), or the old sweeps' one."""
     if "interval" not in sweep.summary:
         return DEFAULT_INTERVAL
-    texts = sweep.summary["interval"].dropna().astype(str).unique()
-    return "; ".join(texts) if len(texts) else DEFAULT_INTERVAL
+    texts = list(sweep.summary["interval"].dropna().astype(str).unique())
+    # The reference row's text is the others' without the pairing: say each method once.
+    kept = [t for t in texts if not any(o != t and o.startswith(t) for o in texts)]
+    return "; ".join(kept) if kept else DEFAULT_INTERVAL
 
 
 def _is_reference(summary: pd.DataFrame) -> pd.Series:
@@ -116,7 +118,8 @@ def summary_series(sweep: SweepData, name: str) -> pd.DataFrame | None:
     """(grid columns..., mean, ci_low, ci_high) of one model's AUC at each grid point.
 
     Read from summary.csv; when it lacks that model's columns, computed from sweep.csv's done
-    runs (normal 95 % interval). Every row is one grid point: never a pool of several."""
+    runs (the same Student t interval, report/stats.py). Every row is one grid point: never a
+    pool of several."""
     groups = list(sweep.groups)
     prefixes = ["auc"] if name == "auc" else [f"auc_{name}", name, f"{name}_auc"]
     s = sweep.summary
@@ -132,15 +135,12 @@ def summary_series(sweep: SweepData, name: str) -> pd.DataFrame | None:
     done = sweep.runs[sweep.runs["status"].astype(str) == "done"]
     if column not in done.columns:
         return None
-    values = pd.to_numeric(done[column], errors="coerce")
-    grouped = values.groupby([done[g] for g in groups], dropna=False).agg(
-        ["mean", "std", "count"]).dropna(subset=["mean"])
-    if grouped.empty:
-        return None
-    half = Z95 * grouped["std"].fillna(0) / np.sqrt(grouped["count"])
-    return pd.DataFrame({"mean": grouped["mean"], "ci_low": grouped["mean"] - half,
-                         "ci_high": grouped["mean"] + half}).reset_index()[
-        [*groups, "mean", "ci_low", "ci_high"]]
+    rows = [{**dict(zip(groups, key if isinstance(key, tuple) else (key,), strict=True)),
+             **dict(zip(("mean", "ci_low", "ci_high"), mean_ci(part[column]), strict=True))}
+            for key, part in done.groupby(groups, dropna=False, sort=True)]
+    frame = pd.DataFrame(rows, columns=[*groups, "mean", "ci_low", "ci_high"])
+    frame = frame.dropna(subset=["mean"]).reset_index(drop=True)
+    return frame if len(frame) else None
 
 
 # ---- the privacy-utility curve ---------------------------------------------------------------

@@ -38,9 +38,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from server.config import coerce
 from server.privacy import model_epsilon
 from simulations.report.stats import interval_method, mean_ci
-from simulations.run.config import from_flat
+from simulations.run.config import from_flat, known_keys
 from simulations.run.grid import EPSILON_KEY, Cell, SweepError, SweepSpec, point_name
 
 log = logging.getLogger(__name__)
@@ -149,11 +150,12 @@ def set_aside_unfinished(out: Path, cell: Cell) -> bool:
 # ---- results -----------------------------------------------------------------------------------
 
 
-def _number(value: str) -> Any:
-    try:
-        return float(value)
-    except ValueError:
-        return value
+def _csv_value(key: str, text: str) -> Any:
+    """A grid value as sweep.csv and summary.csv hold it: a number for a numeric key (so it
+    sorts and plots), its canonical spelling otherwise ("32,16", "true", "prv")."""
+    key = "privacy.epsilon" if key == "epsilon" else key
+    typed = coerce(key, known_keys()[key], text)
+    return typed if isinstance(typed, int | float) and not isinstance(typed, bool) else text
 
 
 def grid_columns(spec: SweepSpec) -> list[str]:
@@ -167,7 +169,7 @@ def cell_row(out: Path, spec: SweepSpec, cell: Cell, status: str = "done",
     """One sweep.csv row from a cell's metrics.json (or a failure)."""
     point = dict(cell.point)
     row: dict = {"epsilon": spec.config(cell).authority.privacy.epsilon}
-    row.update({k: _number(v) for k, v in point.items() if k != EPSILON_KEY})
+    row.update({k: _csv_value(k, v) for k, v in point.items() if k != EPSILON_KEY})
     row.update({"data_seed": cell.population_seed, "seed": cell.seed, "run": cell.name,
                 "status": status})
     path = cell_dir(out, cell) / "metrics.json"
@@ -237,7 +239,7 @@ def summarise(table: pd.DataFrame, groups: list[str] | None = None,
 
 def _paired_differences(done: pd.DataFrame, summary: pd.DataFrame, groups: list[str],
                         reference: Mapping[str, str]) -> pd.DataFrame:
-    ref_values = {("epsilon" if k == EPSILON_KEY else k): _number(v)
+    ref_values = {("epsilon" if k == EPSILON_KEY else k): _csv_value(k, v)
                   for k, v in reference.items()}
     for col in groups:  # a grid without epsilon: the reference has the sweep's one epsilon
         ref_values.setdefault(col, done[col].iloc[0])
