@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,3 +119,14 @@ def run_record(out_dir: Path) -> dict | None:
     """run.json (parties, engine), or None when there is none."""
     path = out_dir / RUN_FILE
     return json.loads(path.read_text()) if path.exists() else None
+
+
+# ---- a sweep's layout (simulations/run/sweep.py writes it, simulations/report reads it) ---------
+
+EPSILON_KEY = "privacy.epsilon"
+
+
+def grid_columns(grid_keys: Iterable[str]) -> list[str]:
+    """sweep.csv's and summary.csv's columns that name a grid point: `epsilon` (every cell has
+    one, swept or not), then each other grid key by its dotted name, sorted."""
+    return ["epsilon", *sorted(str(k) for k in grid_keys if k != EPSILON_KEY)]

@@ -18,6 +18,7 @@ import pandas as pd
 from server.metrics import ALL_TEST, FIGURES
 from server.scores_file import read_split
 from server.scoring import TIER_KEYS
+from simulations.data import paths
 from simulations.data.paths import resume_command
 
 RUN_REQUIRED = ("config.json", "manifest.json", "metrics.json")
@@ -27,7 +28,6 @@ SWEEP_COLUMNS = ("epsilon", "seed", "run", "status", "auc")
 SUMMARY_COLUMNS = ("epsilon", "auc_mean", "auc_ci_low", "auc_ci_high")
 # sweep.json names grid keys by their config key; sweep.csv and summary.csv call this one
 # "epsilon" and every other by its dotted key.
-EPSILON_KEY = "privacy.epsilon"
 # The representative run of a sweep: the default experiment's budget and first seed (and,
 # in a grid sweep, the reference's value of every other grid key).
 PREFERRED_RUN = {"epsilon": 1.0, "seed": 0}
@@ -234,9 +234,7 @@ def grid_columns(config: dict) -> tuple[str, ...]:
     """The group columns of a sweep from its sweep.json: "epsilon" and every other grid key
     (a sweep from before grids, with "epsilons", has only "epsilon")."""
     grid = config.get("grid")
-    if not isinstance(grid, dict):
-        return ("epsilon",)
-    return ("epsilon", *(str(k) for k in grid if k != EPSILON_KEY))
+    return tuple(paths.grid_columns(grid if isinstance(grid, dict) else ()))
 
 
 def _require_groups(frame: pd.DataFrame, groups: tuple[str, ...], path: Path, fix: str

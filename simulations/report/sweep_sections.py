@@ -17,6 +17,7 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.lines import Line2D
 
+from simulations.data.paths import EPSILON_KEY
 from simulations.report.blocks import (
     SERIES,
     Block,
@@ -34,7 +35,7 @@ from simulations.report.blocks import (
     fmt_interval,
     key_values,
 )
-from simulations.report.load import EPSILON_KEY, SweepData, same_value
+from simulations.report.load import SweepData, same_value
 from simulations.report.run_sections import ALL, SCORED, run_sections
 from simulations.report.stats import mean_ci
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from server.config import ConfigError, coerce, unknown_key_error
+from simulations.data.paths import EPSILON_KEY
 from simulations.run.config import (
     DATA_KEY,
     POPULATION_PREFIX,
@@ -27,7 +28,6 @@ from simulations.run.config import (
     make_config,
 )
 
-EPSILON_KEY = "privacy.epsilon"
 DEFAULT_EPSILONS = "0.5,1,2,4,8,inf"
 
 # Keys a grid cannot vary, and what to use instead: the cells of one population share one

@@ -40,6 +40,7 @@ import pandas as pd
 
 from server.config import coerce
 from server.privacy import model_epsilon
+from simulations.data.paths import grid_columns
 from simulations.report.stats import interval_method, mean_ci
 from simulations.run.config import from_flat, known_keys
 from simulations.run.grid import EPSILON_KEY, Cell, SweepError, SweepSpec, point_name
@@ -158,12 +159,6 @@ def _csv_value(key: str, text: str) -> Any:
     return typed if isinstance(typed, int | float) and not isinstance(typed, bool) else text
 
 
-def grid_columns(spec: SweepSpec) -> list[str]:
-    """sweep.csv's and summary.csv's columns that name a grid point: `epsilon` (every cell has
-    one), then each other grid key by its dotted name."""
-    return ["epsilon", *(k for k in sorted(spec.grid) if k != EPSILON_KEY)]
-
-
 def cell_row(out: Path, spec: SweepSpec, cell: Cell, status: str = "done",
              error: str = "") -> dict:
     """One sweep.csv row from a cell's metrics.json (or a failure)."""
@@ -200,7 +195,8 @@ def write_results(out: Path, spec: SweepSpec, failures: dict[str, str]) -> pd.Da
             rows.append(cell_row(out, spec, cell, "failed", failures[cell.name]))
     table = pd.DataFrame(rows)
     _atomic_csv(table, out / RESULTS_FILE)
-    _atomic_csv(summarise(table, grid_columns(spec), spec.reference_point), out / SUMMARY_FILE)
+    summary = summarise(table, grid_columns(spec.grid), spec.reference_point)
+    _atomic_csv(summary, out / SUMMARY_FILE)
     return table
 
 
