@@ -38,7 +38,7 @@ from simulations.report.latex import (
 )
 from simulations.report.load import ReportError, load_run, load_sweep, with_populations
 from simulations.report.render import build_report, figure_bytes
-from simulations.report.sweep_sections import _privacy_utility
+from simulations.report.sweep_curves import privacy_utility
 
 PARTIES = ("payments", "social", "device", "authority")
 CHROMIUM = Path("/usr/bin/chromium")
@@ -467,7 +467,7 @@ def test_grid_sweep_draws_one_series_per_value_and_never_pools_them(grid_dir: Pa
     expected = summary.set_index(["epsilon", "train.lr"])["auc_mean"]
     shown = fed.set_index(["epsilon", "train.lr"])["mean"]
     assert shown.sort_index().tolist() == pytest.approx(expected.sort_index().tolist())
-    legend = _privacy_utility(load_sweep(grid_dir)).fig.axes[0].get_legend()
+    legend = privacy_utility(load_sweep(grid_dir)).fig.axes[0].get_legend()
     assert [t.get_text() for t in legend.get_texts()] == [
         "train.lr=0.003", "train.lr=0.01", "oracle"]
     # The tables lead with the grid columns (the CSV's order is the sort's).
@@ -506,7 +506,7 @@ def test_a_grid_without_epsilon_is_drawn_against_its_key(tmp_path: Path) -> None
     """A sweep over train.lr at one budget: AUC against train.lr, baselines as curves."""
     sweep = load_sweep(write_grid_sweep(tmp_path / "lr", epsilons=(1.0,)))
     assert sweep.groups == ("epsilon", "train.lr")
-    plot = _privacy_utility(sweep)
+    plot = privacy_utility(sweep)
     assert plot.title == "Test AUC against train.lr"
     ax = plot.fig.axes[0]
     assert ax.get_xscale() == "log"
