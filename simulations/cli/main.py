@@ -31,21 +31,13 @@ from pathlib import Path
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    SpinnerColumn,
-    TextColumn,
-    TimeElapsedColumn,
-)
 from rich.table import Table
 
-from server.privacy import model_epsilon
 from simulations.cli import people as cli_people
 from simulations.cli.ledger import ledger_command
-from simulations.cli.output import PhaseProgress, console
-from simulations.cli.parsing import Parser, data_source
+from simulations.cli.output import console
+from simulations.cli.parsing import Parser
+from simulations.cli.run import finish_command, run_command
 from simulations.cli.sweep import SWEEP_HELP, sweep_command
 from simulations.data.mapping import MAPPING_HELP
 from simulations.run.engine import configure_environment, quiet_engine_logs
@@ -209,130 +201,6 @@ def _population_args(p: argparse.ArgumentParser) -> None:
                    metavar="KEY=VALUE", help="override a config key (see `fedscore config`)")
 
 
-def _run(args: argparse.Namespace) -> int:
-    from server import checkpoint
-    from simulations.data.paths import check_new_dir, default_parties_dir
-    from simulations.run.config import check_delta, make_config, parse_assignments
-    from simulations.run.experiment import run_experiment
-    from simulations.run.rundir import resume_target
-
-    overrides = parse_assignments(args.assignments)
-    engine = "deployment" if args.command == "deploy" else "simulation"
-    credentials = getattr(args, "credentials", None)
-    if args.resume:
-        if args.users is not None or args.seed is not None:
-            overrides.update({"population.users": args.users} if args.users else {})
-            overrides.update({"seed": args.seed} if args.seed is not None else {})
-        out_dir = args.resume.resolve()
-        cfg, parties, how = resume_target(out_dir, overrides)
-        # A run resumes on the engine it started on, whichever command resumes it.
-        engine = how.get("engine", "simulation")
-        credentials = Path(how["credentials"]) if how.get("credentials") else credentials
-    else:
-        if args.data:
-            overrides["data"] = data_source(args.data, args.users)
-        cfg = make_config(overrides, args.users, args.seed)
-        out_dir = args.out.resolve()
-        parties = (args.parties or default_parties_dir(args.out)).resolve()
-        # Input errors before anything is made or started: the paths, then delta against the
-        # population to generate (real data: against its table, in run.experiment.ready_parties).
-        check_new_dir(out_dir, "--out")
-        check_new_dir(parties, "--parties")
-        if cfg.generated:
-            check_delta(cfg, cfg.population.users, "population.users")
-    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-               MofNCompleteColumn(), TimeElapsedColumn())
-    try:
-        with Progress(*columns, console=console, transient=False) as progress:
-            metrics = run_experiment(cfg, out_dir, parties, PhaseProgress(progress),
-                                     resume=args.resume is not None, engine=engine,
-                                     credentials=credentials and credentials.resolve())
-    except RuntimeError as exc:
-        # A silo or the authority stopped (FederationError, DeploymentError, a crash): say how
-        # to go on when there is a checkpoint.
-        from server.run_phases import federated_done
-
-        # Nothing to resume unless a round finished (the checkpoint) or the federated part did
-        # (phases.json, authority.json: baselines and audit resume from there).
-        if not checkpoint.path(out_dir).exists() and not federated_done(out_dir):
-            raise
-        console.print(f"[bold red]error:[/] {exc}", highlight=False)
-        console.print(f"The run is checkpointed. Once the cause is fixed, resume it with:\n"
-                      f"  fedscore run --resume {out_dir}", soft_wrap=True, highlight=False)
-        return 2
-    _print_summary(metrics, out_dir, parties)
-    return 0
-
-
-def privacy_rows(metrics: dict) -> list[tuple[str, str]]:
-    """Each budget with whom it protects against, in words (docs/threat-model.md)."""
-    eps = metrics.get("epsilon") or {}
-    model = model_epsilon(metrics)
-    rows = [(
-        "eps_model: the combined model, its scores, reasons and metrics, against anyone who "
-        "receives them",
-        "OFF: no protection" if model is None else f"{model:.3f}")]
-    label = eps.get("label")
-    rows.append((
-        "eps_label: the training labels, against each silo",
-        "OFF: every silo reads the training labels from its gradients" if label is None
-        else f"{label:g}"))
-    transcript = eps.get("transcript")
-    values = list((transcript or {}).values())
-    rows.append((
-        "eps_transcript: a person's contributions, against the authority",
-        "off: the authority sees each person's summed contribution exactly" if not transcript
-        else ("unbounded (no DP-SGD)" if None in values else f"{max(values):.3f}")))
-    return rows
-
-
-def _print_summary(metrics: dict, out_dir: Path, parties: Path) -> None:
-    table = Table(title="fedscore run", show_header=True)
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for key in ("auc", "ks", "gini", "brier"):
-        if metrics.get(key) is not None:
-            table.add_row(f"{key} (scored test people)", f"{metrics[key]:.4f}")
-    table.add_row("all_test_auc (all test people)", f"{metrics['all_test_auc']:.4f}")
-    for row in privacy_rows(metrics):
-        table.add_row(*row)
-    audit = metrics.get("audit") or {}
-    canary = audit.get("canary")
-    if canary:
-        table.add_row("audit: one-run canary lower bound on eps_model",
-                      f"{canary['epsilon_lower_bound']:.3f}")
-    if "epsilon_lower" in audit:
-        table.add_row("audit: loss-threshold membership attack, eps >=",
-                      f"{audit['epsilon_lower']:.3f} (attack AUC {audit['attack_auc']:.3f})")
-    for key in ("oracle_auc", "baseline_central_auc", "baseline_central_dp_auc",
-                "baseline_central_gbdt_auc", "baseline_central_scorecard_auc",
-                "baseline_best_silo_auc"):
-        if metrics.get(key) is not None:
-            table.add_row(f"{key} (simulation-only reference, all test people)",
-                          f"{metrics[key]:.4f}")
-    table.add_row("delta", f"{metrics['delta']:.2e}")
-    table.add_row("aligned people", f"{metrics['people']['aligned']:,}")
-    table.add_row("tiers", ", ".join(f"{k} {v:,}" for k, v in metrics["tiers"].items()))
-    table.add_row("round trips", str(metrics["round_trips"]))
-    table.add_row("seconds (total)", f"{metrics['seconds']['total']:.1f}")
-    out = Console()
-    out.print(table)
-    for guardrail in metrics.get("guardrails", []):  # why DP may not have learned
-        out.print(f"[yellow]privacy guardrail ({guardrail['check']}):[/] {guardrail['message']}",
-                  soft_wrap=True, highlight=False)
-    if metrics.get("data", "generated") != "generated":
-        out.print("[yellow]note:[/] the baselines above are simulation-only references: they "
-                  "join every party's raw table in one place, which no party of a real "
-                  "federation could do. Do not publish them as what the federation achieves.",
-                  soft_wrap=True)
-    # Only what the run wrote: a horizontal run writes no scores file.
-    files = [name for name in ("metrics.json", "curves.json", "scores.parquet.enc",
-                               "scores.parquet", "manifest.json") if (out_dir / name).exists()]
-    out.print(f"results: {out_dir}  ({', '.join(files)}); "
-              f"report: fedscore report {out_dir}", soft_wrap=True, highlight=False)
-    out.print(f"party tables: {parties}")
-
-
 def _generate(args: argparse.Namespace) -> int:
     from crypto.at_rest import Keystore
     from simulations.data.population import generate, write_parties
@@ -473,20 +341,6 @@ def _certs(args: argparse.Namespace) -> int:
     return 0
 
 
-def _finish(args: argparse.Namespace) -> int:
-    from simulations.run.finish import finish_flwr_run
-
-    data = data_source(args.data, None) if args.data else None
-    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-               MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=False) as progress:
-        metrics, done = finish_flwr_run(args.dir, args.parties, data, PhaseProgress(progress))
-    for source in done.sources:
-        console.print(f"configuration: {escape(source)}", soft_wrap=True, highlight=False)
-    _print_summary(metrics, done.out_dir, done.parties)
-    return 0
-
-
 def _report(args: argparse.Namespace) -> int:
     from simulations.report.compare import build_comparison
     from simulations.report.load import ReportError
@@ -552,9 +406,9 @@ def main(argv: list[str] | None = None) -> int:
     from simulations.run.errors import USER_ERRORS
 
     try:
-        commands = {"run": _run, "deploy": _run, "certs": _certs, "sweep": sweep_command,
-                    "generate": _generate, "data": _data, "config": _config,
-                    "ledger": ledger_command, "keys": _keys, "finish": _finish,
+        commands = {"run": run_command, "deploy": run_command, "certs": _certs,
+                    "sweep": sweep_command, "generate": _generate, "data": _data, "config": _config,
+                    "ledger": ledger_command, "keys": _keys, "finish": finish_command,
                     "report": _report, "compare": _report}
         if args.command in cli_people.COMMANDS:
             return cli_people.COMMANDS[args.command](args, console)
