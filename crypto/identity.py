@@ -61,9 +61,10 @@ def check_party_name(name: object, what: str = "party") -> str:
 # Floats hold every integer exactly up to 2^53; a phone number (at most 17 digits) beyond that
 # may already have been rounded when the column was written.
 _EXACT_FLOAT = 2.0**53
-# A number written out from a float column ("13812345678.0"): digits, then only zeros after the
-# point. Without this the '.' would count as a separator and the trailing 0 as a digit.
-_FLOAT_TEXT = re.compile(r"^\s*(\+?[0-9]{6,17})\.0+\s*$")
+# A number written out from a float column ("13812345678.0", as Python and pandas write one):
+# digits, then ".0". Without this the '.' would count as a separator and the 0 as a digit. A
+# float never carries a '+' nor more zeros, so "+86 1300.0000000" is a dot-separated number.
+FLOAT_TEXT = re.compile(r"^\s*([0-9]{6,17})\.0\s*$")
 
 
 def _exact_text(raw: pd.Series) -> pd.Series:
@@ -133,7 +134,7 @@ def normalize_phones(raw: pd.Series, default_country: str = "86") -> pd.Series:
         )
     text = pc.utf8_normalize(text, "NFKC")
     # "13812345678.0": a float column written as text. The point is not a separator here.
-    text = pc.replace_substring_regex(text, _FLOAT_TEXT.pattern, r"\1")
+    text = pc.replace_substring_regex(text, FLOAT_TEXT.pattern, r"\1")
     plus = pc.starts_with(pc.utf8_trim_whitespace(text), "+")
     digits = pc.utf8_ltrim(pc.replace_substring_regex(text, _SEPARATORS, ""), "+")
     bad = int(pc.sum(pc.invert(pc.match_substring_regex(digits, r"^[0-9]{6,17}$"))).as_py() or 0)

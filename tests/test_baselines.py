@@ -69,11 +69,16 @@ def test_an_interrupt_stops_every_baseline_process_at_once(monkeypatch):
     before = set(os.listdir("/dev/shm"))
     main = threading.main_thread().ident
     assert main is not None
+    # Ctrl-C raises KeyboardInterrupt here, whatever handler the process had.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     # Ctrl-C as a terminal sends it: SIGINT to the main thread, waiting for the jobs.
     threading.Timer(4.0, signal.pthread_kill, (main, signal.SIGINT)).start()
     t0 = time.perf_counter()
-    with pytest.raises(KeyboardInterrupt):
-        run_baselines(_joined(20_000), JOBS, long, workers=2)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_baselines(_joined(20_000), JOBS, long, workers=2)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert time.perf_counter() - t0 < 9.0
     assert multiprocessing.active_children() == []
     assert set(os.listdir("/dev/shm")) <= before

@@ -40,10 +40,11 @@ def test_concat_without_staleness_equals_central_concat(concat_run: Path):
     assert len(fed) == len(central) == 2
     for f, c in zip(fed, central, strict=True):
         assert f["val_loss"] == pytest.approx(c["val_loss"], abs=1e-4)
-    # It learnt: measured against the best any model can do on the same 400-odd test people
-    # (the oracle's AUC moves by several points between draws of the split; 0.72 here).
+    # It learnt, and on the test people it is the central model: the same AUC. (Its gap to
+    # the oracle, 0.13 on this draw of the split, is two epochs' undertraining, which the
+    # central model shares: it says nothing about the federation.)
     assert metrics["auc"] > 0.6
-    assert metrics["gap_to_oracle"] < 0.08
+    assert metrics["gap_to_central"] == pytest.approx(0.0, abs=1e-6)
 
 
 @pytest.mark.slow

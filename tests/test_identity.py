@@ -9,10 +9,11 @@ import numpy as np
 import pandas as pd
 import pytest
 from cryptography.hazmat.primitives import hashes
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from crypto.identity import (
+    FLOAT_TEXT,
     WHITESPACE,
     IdentifierError,
     keyed_refs,
@@ -57,7 +58,15 @@ def test_any_separator_anywhere_is_ignored(number, fmt, noise):
     text = fmt(number)
     for at, sep in noise:
         text = text[:at] + sep + text[at:]
+    # "1300000000.0" is how a float column writes a number: read so, not as a separator.
+    assume(not FLOAT_TEXT.match(text))
     assert normalize_phones(pd.Series([text])).iloc[0] == f"+86{number}"
+
+
+def test_a_dot_before_zeros_after_a_plus_is_a_separator():
+    """Found by the property above: a float is written with one zero and no '+'."""
+    assert normalize_phones(pd.Series(["+861300.0000000"])).iloc[0] == "+8613000000000"
+    assert normalize_phones(pd.Series(["13000000000.0"])).iloc[0] == "+8613000000000"
 
 
 def test_full_width_digits_count_as_ascii():

@@ -185,5 +185,8 @@ def test_each_silo_reports_its_points_for_the_report(small_run: Path):
     for silo in points.values():
         assert silo["p10"] <= silo["p50"] <= silo["p90"]
         assert silo["mean_abs_points"] > 0
-    # The generated payments silo carries most of the signal (60 % of the logit's variance).
-    assert points["payments"]["mean_abs_points"] > points["device"]["mean_abs_points"]
+    # What the report draws is what the authority computed from the silos' contributions.
+    authority = json.loads((small_run / "authority.json").read_text())
+    assert points == authority["contributions"]
+    # (Which silo moves scores most after two epochs depends on the draw of the split and the
+    # initialisation, not only on the generator's signal shares: not asserted here.)

@@ -265,15 +265,21 @@ def serve(args: argparse.Namespace, console: Console) -> int:
     from simulations.service.serve import serve as run_server
 
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    # Ctrl-C and SIGTERM stop serving while serving; after it they mean what they meant (a
+    # caller that runs this in its own process, a test, gets its handlers back).
+    previous = {sig: signal.signal(sig, lambda *_: stop.set())
+                for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def ready(path: Path) -> None:
         console.print(f"serving {args.run_dir} (socket {path}); fedscore score / dispute now "
                       "go through it. Ctrl-C stops.", soft_wrap=True, highlight=False)
 
-    with console.status("starting the federation and restoring the silos' models"):
-        served = run_server(args.run_dir, on_ready=ready, stop=stop)
+    try:
+        with console.status("starting the federation and restoring the silos' models"):
+            served = run_server(args.run_dir, on_ready=ready, stop=stop)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     console.print(f"stopped after {served} request(s)")
     return 0
 
