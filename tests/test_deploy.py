@@ -14,7 +14,14 @@ import pytest
 from clients.protocol.schema import federation_silos
 from crypto.tls import make_node_key, write_credentials
 from simulations.run import app_pin
-from simulations.run.deploy import FEDERATION, Deployment, process_tree, project_root, snapshot_app
+from simulations.run.deploy import (
+    FEDERATION,
+    Deployment,
+    process_tree,
+    project_root,
+    snapshot_app,
+    write_run_config,
+)
 from tests import background
 from tests.conftest import processes_using, run_cli
 
@@ -125,6 +132,15 @@ def test_supernode_refuses_an_app_bundle_it_did_not_pin(tmp_path: Path):
         started = [p.pid for p in dep.processes]
         dep.stop_all()
     assert process_tree(started) == set()
+
+
+def test_the_run_config_with_the_lock_token_is_private(tmp_path: Path):
+    path = tmp_path / "run-config.toml"
+    path.write_text("old")
+    os.chmod(path, 0o644)  # a resumed deployment rewrites last time's file
+    write_run_config(path, {"run-lock": "abc123", "train.epochs": 3, "model.hidden": (32, 16)})
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert path.read_text() == 'run-lock = "abc123"\ntrain.epochs = 3\nmodel.hidden = "32,16"\n'
 
 
 def test_app_pin_is_reproducible_and_checked(tmp_path: Path):

@@ -31,7 +31,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from crypto.private_files import ensure_private_dir
+from crypto.private_files import ensure_private_dir, replace_private
 from crypto.tls import CredentialError, Credentials, write_credentials
 from server.server_app import FAILURE_FILE, PROGRESS_PREFIX
 from simulations.run import app_pin
@@ -266,7 +266,7 @@ class Deployment:
         did not produce authority.json."""
         (run_dir / FAILURE_FILE).unlink(missing_ok=True)
         config_file = self.logs / "run-config.toml"
-        config_file.write_text("".join(f"{k} = {_toml(v)}\n" for k, v in run_config.items()))
+        write_run_config(config_file, run_config)
         run = self.spawn("run", [
             str(_tools() / "flwr"), "run", str(self.app_dir or project_root()), FEDERATION,
             "--run-config", str(config_file), "--stream",
@@ -463,6 +463,13 @@ def progress_relay(progress: Callable[..., None] | None) -> Callable[[str], None
 
 def _last_lines(text: str, lines: int = 8) -> str:
     return "\n".join(line for line in text.strip().splitlines()[-lines:])
+
+
+def write_run_config(path: Path, run_config: Mapping[str, object]) -> None:
+    """The run config `flwr run` reads, readable by its owner only: it carries the token of
+    our lock on the run directory (`run-lock`), which lets a process act for the holder."""
+    replace_private(path, "".join(f"{k} = {_toml(v)}\n" for k, v in run_config.items())
+                    .encode())
 
 
 def _toml(value: object) -> str:
