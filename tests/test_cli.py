@@ -15,8 +15,8 @@ from unittest import mock
 import pytest
 
 from crypto.secret_random import SecretRandom
-from server.authority import derive_people_key, derive_run_key
 from server.config import to_flat
+from server.run_keys import derive_people_key, derive_run_key
 from simulations.cli.main import _parser
 from simulations.cli.parsing import shows_default
 from simulations.run.config import DESCRIPTIONS, known_keys, make_config

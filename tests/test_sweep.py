@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from server.authority import PEOPLE_KEYS
 from server.config import ConfigError
+from server.run_keys import PEOPLE_KEYS
 from simulations.run import experiment
 from simulations.run.grid import (
     Cell,

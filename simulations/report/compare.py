@@ -38,8 +38,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from server.authority import NOT_COMPUTED_KEYS, NOT_COMPUTED_PREFIXES
 from server.privacy import model_epsilon
+from server.run_keys import NOT_COMPUTED_KEYS, NOT_COMPUTED_PREFIXES
 from simulations.report.blocks import (
     SERIES,
     TOPOLOGY_COLOURS,
@@ -61,7 +61,7 @@ from simulations.report.stats import LEVEL, interval_method, mean_ci, replicates
 
 # What a comparison spans: the x axis and the replicates averaged at each point.
 SPANNED_KEYS = frozenset({"privacy.epsilon", "seed", "population.seed"})
-# Settings that are part of a run's key (server.authority.derive_run_key: leaving them out
+# Settings that are part of a run's key (server.run_keys.derive_run_key: leaving them out
 # now would change every run's secret draws) but not of what it learns: the number of PSI
 # processes (the same intersection), how long to wait for a party and how often to ask again.
 OPERATIONAL_KEYS = frozenset({"psi.workers", "join_timeout", "reply_timeout", "retries"})

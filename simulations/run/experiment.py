@@ -26,10 +26,11 @@ from crypto.at_rest import Keystore
 from crypto.secret_random import SecretRandom
 from crypto.tls import Credentials
 from server import run_phases
-from server.authority import RunResult, authority_random
+from server.authority import RunResult
 from server.config import ConfigError, to_flat
 from server.labels import load_labels
 from server.privacy import model_epsilon
+from server.run_keys import authority_random
 from server.run_lock import claim, held_token
 from server.scores_file import read_scores
 from server.server_app import make_cells_app, make_server_app

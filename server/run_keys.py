@@ -1,0 +1,50 @@
+"""The keys that address a run's secret draws (crypto/secret_random.py): the authority's secret,
+the run key (every setting that changes what is computed) and the people key (who is in
+training, validation and test). Keys, not secrets: they never let anyone without the secret
+replay a draw."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from clients.protocol.schema import AUTHORITY
+from crypto.at_rest import Keystore
+from crypto.secret_random import SecretRandom
+
+
+def authority_random(store: Keystore | None, data_dir: Path) -> SecretRandom:
+    """The authority's secret streams: its secret lives in its keystore (or, without one, in its
+    own party directory), 0600, never in config, messages or outputs."""
+    return SecretRandom.load_or_create(store.path if store else data_dir / AUTHORITY, AUTHORITY)
+
+
+# Settings that do not change what a run computes, left out of its run key.
+NOT_COMPUTED_PREFIXES = ("storage.",)
+NOT_COMPUTED_KEYS = frozenset({"privacy.guardrails"})
+
+
+def derive_run_key(random: SecretRandom, config: dict) -> str:
+    """The run's public key, derived from the authority's secret and the configuration: the
+    same keystore and config give the same run (bit for bit), other keystores other runs.
+    Where the keystore sits (storage.*) says where files live, not what is computed: a keystore
+    moved or copied to another machine still reproduces its runs. Nor does
+    privacy.guardrails (whether a configuration that cannot learn is refused or only warned
+    about) change what a run computes."""
+    computed = {k: v for k, v in config.items()
+                if not k.startswith(NOT_COMPUTED_PREFIXES) and k not in NOT_COMPUTED_KEYS}
+    return random.key("run-key", json.dumps(computed, sort_keys=True))[:8].hex()
+
+
+# What chooses which people a run trains, calibrates and tests on (with the aligned data).
+PEOPLE_KEYS = ("seed", "split.train", "split.val")
+
+
+def derive_people_key(random: SecretRandom, config: dict) -> str:
+    """The key of the draws that say who is where: the shared order and the split. From the
+    authority's secret, so the silos cannot predict them, but from only the seed and the split's
+    shares, not the whole configuration: two runs on the same data and seed that differ in
+    training or privacy settings test on the same people, so a sweep's differences between them
+    are paired on the test set too, and their oracle is the same."""
+    chosen = {k: config[k] for k in PEOPLE_KEYS}
+    return random.key("people-key", json.dumps(chosen, sort_keys=True))[:8].hex()
