@@ -330,14 +330,14 @@ def test_sweep_runs_every_cell_once_and_resumes(tmp_path: Path):
     runs = out / "runs"
     digests = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in runs.rglob("*.json")}
 
-    again = run_cli(*args, cwd=tmp_path)
+    again = run_cli(*args, cwd=tmp_path, engine=False)  # nothing to run: no engine may start
     assert again.returncode == 0, again.stderr[-3000:]
     assert "0 of 2 cells to run" in again.stderr
     assert digests == {p: hashlib.sha256(p.read_bytes()).hexdigest()
                        for p in runs.rglob("*.json")}
 
     other = run_cli("sweep", "--out", str(out), "--users", "2000", "--epsilons", "1",
-                    "--seeds", "3", "--set", "train.epochs=4", cwd=tmp_path)
+                    "--seeds", "3", "--set", "train.epochs=4", cwd=tmp_path, engine=False)
     assert other.returncode == 2
     assert "another configuration" in other.stderr
     assert json.loads((out / "sweep.json").read_text())["grid"] == {EPS: ["2", "inf"]}
