@@ -1,5 +1,4 @@
-"""Red-team attack 1 (simulations/analysis/redteam.py): labels from the gradients a silo
-receives.
+"""Red-team attack 1 (overview in redteam.py): labels from the gradients a silo receives.
 
 Label inference from the gradients a silo receives (Li et al., "Label Leakage and Protection
 in Two-party Split Learning", ICLR 2022): the sign of d loss / d contribution, its norm

@@ -1,5 +1,4 @@
-"""Red-team attacks 4 and 5 (simulations/analysis/redteam.py): what leaks through what a
-party may read.
+"""Red-team attacks 4 and 5 (overview in redteam.py): membership on the scores, leaked secrets.
 
 Membership on the released scores: a loss threshold per label (simulations/analysis/audit.py's
 audit turns it into an epsilon lower bound).

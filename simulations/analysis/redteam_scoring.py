@@ -1,4 +1,4 @@
-"""Scoring the red team's attacks (simulations/analysis/redteam.py): the experiment layer.
+"""Scoring the red team's attacks (overview in redteam.py): the experiment layer.
 
 AUC, its standard error, balanced accuracy and the label-DP bound they are held to, and
 `Truth`: what no party may read (the authority's labels, its private split, the released

@@ -1,4 +1,4 @@
-"""Red-team attack 3 (simulations/analysis/redteam.py): replaying the public seed.
+"""Red-team attack 3 (overview in redteam.py): replaying the old code's public seed.
 
 Seed replay: what the old code drew from the public seed (batch plans, label flips, the
 order of positions) replayed and compared with what the silo actually received.

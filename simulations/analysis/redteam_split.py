@@ -1,5 +1,4 @@
-"""Red-team attack 2 (simulations/analysis/redteam.py): labels from the split and
-evaluation pattern.
+"""Red-team attack 2 (overview in redteam.py): labels from the split and evaluation pattern.
 
 Split / evaluation pattern: which positions appear in plans and in eval messages. Two
 attacks: pattern statistics (how often a position is sampled, whether it is evaluated), and
