@@ -21,6 +21,9 @@ from pathlib import Path
 
 from clients.protocol.capture import CAPTURE_ENV
 from simulations.analysis import redteam as rt
+from simulations.analysis import redteam_gradients as rt_grad
+from simulations.analysis import redteam_leaks as rt_leaks
+from simulations.analysis import redteam_scoring as rt_score
 from tests.conftest import run_cli
 from tests.test_attacks import OVERFIT_SETTINGS, OVERFIT_USERS, _scored, set_options
 
@@ -29,11 +32,11 @@ ROOT = Path("/tmp/fedscore-overfit")
 
 def scores(out: Path, capture: Path) -> dict:
     """Both tests' figures for a finished run."""
-    truth, view = rt.Truth.load(out), rt.silo_views(capture)["payments"]
-    y, acc, _, _ = _scored(rt.sign_attack(view), truth)
-    _, _, _, norm_auc = _scored(rt.norm_attack(view), truth)
-    result = rt.membership(truth)
-    se = rt.auc_standard_error(result.attack_auc, result.n_members, result.n_nonmembers)
+    truth, view = rt_score.Truth.load(out), rt.silo_views(capture)["payments"]
+    y, acc, _, _ = _scored(rt_grad.sign_attack(view), truth)
+    _, _, _, norm_auc = _scored(rt_grad.norm_attack(view), truth)
+    result = rt_leaks.membership(truth)
+    se = rt_score.auc_standard_error(result.attack_auc, result.n_members, result.n_nonmembers)
     return {"all_trained": len(y) == int((truth.split == 0).sum()), "sign_acc": acc,
             "norm_auc": norm_auc, "mia_auc": result.attack_auc, "mia_se": se,
             "z": (result.attack_auc - 0.5) / se, "members": result.n_members,

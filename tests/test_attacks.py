@@ -30,7 +30,7 @@ one after another in the background while the rest of the suite runs (tests/back
 
 Where the protection is a mechanism the code no longer has (a stratified split, plans, flips
 and an order drawn from the public seed), the "off" side replays the same attack on that old
-mechanism reproduced here (`redteam.old_*`) over the run's own labels.
+mechanism reproduced here (`redteam_seed.old_*`) over the run's own labels.
 """
 
 from __future__ import annotations
@@ -47,6 +47,11 @@ import pytest
 
 from clients.protocol.capture import CAPTURE_ENV
 from simulations.analysis import redteam as rt
+from simulations.analysis import redteam_gradients as rt_grad
+from simulations.analysis import redteam_leaks as rt_leaks
+from simulations.analysis import redteam_scoring as rt_score
+from simulations.analysis import redteam_seed as rt_seed
+from simulations.analysis import redteam_split as rt_split
 from tests import background
 
 pytestmark = pytest.mark.slow
@@ -70,8 +75,8 @@ class EngineRun:
         return rt.silo_views(self.capture)
 
     @cached_property
-    def truth(self) -> rt.Truth:
-        return rt.Truth.load(self.run_dir)
+    def truth(self) -> rt_score.Truth:
+        return rt_score.Truth.load(self.run_dir)
 
     @property
     def payments(self) -> rt.SiloView:
@@ -155,14 +160,15 @@ def _report(name: str, **numbers: float) -> None:
     print(f"\nREDTEAM {name}: {shown}")
 
 
-def _scored(guess: rt.LabelGuess, truth: rt.Truth) -> tuple[np.ndarray, float, float, float]:
+def _scored(guess: rt_grad.LabelGuess, truth: rt_score.Truth
+            ) -> tuple[np.ndarray, float, float, float]:
     """Clean labels of the people the attack saw; accuracy, balanced accuracy and AUC, each
     taken the attacker's better way round (the flipped attack is an attack too)."""
     assert (truth.split[guess.positions] == 0).all(), "gradients reached non-training people"
     y = truth.y[guess.positions]
     acc = float((guess.guess == y.astype(bool)).mean())
-    ba = rt.balanced_accuracy(y, guess.guess)
-    auc = rt.auc(y, guess.score)
+    ba = rt_score.balanced_accuracy(y, guess.guess)
+    auc = rt_score.auc(y, guess.score)
     return y, acc, max(ba, 1 - ba), max(auc, 1 - auc)
 
 
@@ -171,9 +177,9 @@ def _scored(guess: rt.LabelGuess, truth: rt.Truth) -> tuple[np.ndarray, float, f
 
 def test_gradient_sign_reads_every_label_without_label_dp(overfit: EngineRun):
     truth, view = overfit.truth, overfit.payments
-    sign = rt.sign_attack(view)
+    sign = rt_grad.sign_attack(view)
     y, acc, ba, auc = _scored(sign, truth)
-    _, _, _, norm_auc = _scored(rt.norm_attack(view), truth)
+    _, _, _, norm_auc = _scored(rt_grad.norm_attack(view), truth)
     _report("sign attack, label DP off (sum)", people=len(y), accuracy=acc, balanced=ba,
             auc=auc, norm_auc=norm_auc)
     # Every training person is in every epoch's plan without DP-SGD.
@@ -186,9 +192,9 @@ def test_gradient_direction_reads_labels_in_concat_mode(open_concat: EngineRun):
     truth = open_concat.truth
     for silo, view in open_concat.views.items():
         assert view.batches()[0][1].ndim == 2  # each silo gets its own embedding's gradient
-        cos = rt.cosine_attack(view)
+        cos = rt_grad.cosine_attack(view)
         y, acc, ba, auc = _scored(cos, truth)
-        _, _, _, norm_auc = _scored(rt.norm_attack(view), truth)
+        _, _, _, norm_auc = _scored(rt_grad.norm_attack(view), truth)
         _report(f"cosine attack, label DP off (concat, {silo})", people=len(y), accuracy=acc,
                 balanced=ba, auc=auc, norm_auc=norm_auc)
         assert acc >= 0.99
@@ -198,15 +204,15 @@ def test_gradient_direction_reads_labels_in_concat_mode(open_concat: EngineRun):
 def test_gradient_attacks_held_to_label_dp(guarded: EngineRun):
     truth, config = guarded.truth, guarded.config
     epsilon = float(config["privacy.label_epsilon"])
-    bound = rt.label_dp_bound(epsilon)
+    bound = rt_score.label_dp_bound(epsilon)
     assert math.isclose(bound, math.exp(2) / (1 + math.exp(2)))
     views = guarded.views
     reference = views["payments"].batches()
     for view in views.values():  # in sum mode every silo receives the same gradients
         assert all(np.array_equal(g, r[1]) for (_, g), r in zip(view.batches(), reference,
                                                                   strict=True))
-    for name, attack in (("sign", rt.sign_attack), ("norm", rt.norm_attack),
-                         ("cosine", rt.cosine_attack)):
+    for name, attack in (("sign", rt_grad.sign_attack), ("norm", rt_grad.norm_attack),
+                         ("cosine", rt_grad.cosine_attack)):
         y, acc, ba, auc = _scored(attack(guarded.payments), truth)
         _report(f"{name} attack, label eps {epsilon:g}", people=len(y), positives=int(y.sum()),
                 accuracy=acc, balanced=ba, auc=auc, bound=bound)
@@ -223,9 +229,9 @@ def test_split_and_eval_pattern_say_nothing_about_labels(guarded: EngineRun):
     truth, view, config = guarded.truth, guarded.payments, guarded.config
     assert len(view.evals()) > 0
     assert all(len(np.unique(ev)) == view.n_positions for ev in view.evals())  # everyone
-    pattern = rt.auc(truth.y, rt.pattern_attack(view))
-    replay = rt.stratified_replay(view, config)
-    replay_auc = rt.auc(truth.y, replay.probability)
+    pattern = rt_score.auc(truth.y, rt_split.pattern_attack(view))
+    replay = rt_split.stratified_replay(view, config)
+    replay_auc = rt_score.auc(truth.y, replay.probability)
     _report("split/eval pattern, secret independent split", people=view.n_positions,
             pattern_auc=pattern, replay_auc=replay_auc, p_old=replay.p_old,
             replayed_counts=len(replay.survivors))
@@ -241,10 +247,10 @@ def test_split_replay_reads_labels_from_the_old_stratified_split(guarded: Engine
     truth = guarded.truth
     config = {**guarded.config, "split.train": 0.7, "split.val": 0.15,
               "privacy.epsilon": math.inf}
-    old = rt.old_mechanism_view(truth.y, config)
-    replay = rt.stratified_replay(old, config)
-    replay_auc = rt.auc(truth.y, replay.probability)
-    pattern = rt.auc(truth.y, rt.pattern_attack(old))
+    old = rt_seed.old_mechanism_view(truth.y, config)
+    replay = rt_split.stratified_replay(old, config)
+    replay_auc = rt_score.auc(truth.y, replay.probability)
+    pattern = rt_score.auc(truth.y, rt_split.pattern_attack(old))
     _report("split/eval pattern, OLD stratified public-seed split", people=len(truth.y),
             replay_auc=replay_auc, pattern_auc=pattern, p_old=replay.p_old,
             defaulters_found=replay.survivors[0] if replay.survivors else -1,
@@ -259,9 +265,9 @@ def test_split_replay_reads_labels_from_the_old_stratified_split(guarded: Engine
 
 def test_plans_replayed_from_the_seed_match_only_by_chance(guarded: EngineRun):
     view, config = guarded.payments, guarded.config
-    replay = rt.replay_plans(view, config)
+    replay = rt_seed.replay_plans(view, config)
     old_config = {**config, "privacy.epsilon": math.inf}
-    old = rt.replay_plans(rt.old_mechanism_view(guarded.truth.y, old_config), old_config)
+    old = rt_seed.replay_plans(rt_seed.old_mechanism_view(guarded.truth.y, old_config), old_config)
     _report("seed replay of batch plans", q=replay.q, overlap=replay.overlap,
             jaccard=replay.jaccard, first_jaccard=replay.first_jaccard,
             batches=replay.batches, old_overlap=old.overlap, old_jaccard=old.jaccard)
@@ -276,20 +282,21 @@ def test_plans_replayed_from_the_seed_match_only_by_chance(guarded: EngineRun):
 def test_label_flips_replayed_from_the_seed_do_not_undo_randomised_response(
         guarded: EngineRun):
     truth, view, config = guarded.truth, guarded.payments, guarded.config
-    bound = rt.label_dp_bound(float(config["privacy.label_epsilon"]))
-    noisy = rt.sign_attack(view)
-    undone = rt.replay_flips(view, config, noisy)
+    bound = rt_score.label_dp_bound(float(config["privacy.label_epsilon"]))
+    noisy = rt_grad.sign_attack(view)
+    undone = rt_seed.replay_flips(view, config, noisy)
     y, _, ba, _ = _scored(undone, truth)
     # The old code: flips from the public seed over the old split's training people.
     old_config = {**config, "privacy.epsilon": math.inf}
-    old = rt.old_mechanism_view(truth.y, old_config)
-    train = np.unique(np.concatenate(rt.received_batches(old)))
-    seen = truth.y[train].astype(bool) ^ rt.old_label_flips(
+    old = rt_seed.old_mechanism_view(truth.y, old_config)
+    train = np.unique(np.concatenate(rt_seed.received_batches(old)))
+    seen = truth.y[train].astype(bool) ^ rt_seed.old_label_flips(
         len(train), float(config["privacy.label_epsilon"]), int(config["seed"]))
-    old_undone = rt.replay_flips(old, old_config, rt.LabelGuess(train, seen.astype(float), seen))
-    old_ba = rt.balanced_accuracy(truth.y[train], old_undone.guess)
+    old_undone = rt_seed.replay_flips(old, old_config,
+                                      rt_grad.LabelGuess(train, seen.astype(float), seen))
+    old_ba = rt_score.balanced_accuracy(truth.y[train], old_undone.guess)
     _report("seed replay of label flips", people=len(y), balanced=ba, bound=bound,
-            old_balanced=old_ba, old_seen_balanced=rt.balanced_accuracy(truth.y[train], seen))
+            old_balanced=old_ba, old_seen_balanced=rt_score.balanced_accuracy(truth.y[train], seen))
     assert len(y) >= MIN_PEOPLE
     assert ba <= bound + TOLERANCE
     assert old_ba == 1.0
@@ -297,12 +304,12 @@ def test_label_flips_replayed_from_the_seed_do_not_undo_randomised_response(
 
 def test_position_order_replayed_from_the_seed_is_unrelated(guarded: EngineRun):
     truth, view, config = guarded.truth, guarded.payments, guarded.config
-    replayed = rt.replay_position_order(view, config)
-    rho = rt.rank_correlation(replayed, truth.authority_row)
+    replayed = rt_seed.replay_position_order(view, config)
+    rho = rt_seed.rank_correlation(replayed, truth.authority_row)
     # The old order: the aligned authority rows permuted by the public seed.
     joint = np.sort(truth.authority_row)
-    old_rows = joint[rt.old_position_order(len(joint), int(config["seed"]))]
-    old_rho = rt.rank_correlation(replayed, old_rows)
+    old_rows = joint[rt_seed.old_position_order(len(joint), int(config["seed"]))]
+    old_rho = rt_seed.rank_correlation(replayed, old_rows)
     _report("seed replay of the position order", people=len(replayed), rho=rho,
             old_rho=old_rho)
     assert abs(rho) <= 0.05
@@ -313,9 +320,9 @@ def test_position_order_replayed_from_the_seed_is_unrelated(guarded: EngineRun):
 
 
 def test_membership_attack_finds_members_without_dp(overfit: EngineRun):
-    result = rt.membership(overfit.truth)
-    pooled = rt.membership(overfit.truth, per_class=False)
-    se = rt.auc_standard_error(result.attack_auc, result.n_members, result.n_nonmembers)
+    result = rt_leaks.membership(overfit.truth)
+    pooled = rt_leaks.membership(overfit.truth, per_class=False)
+    se = rt_score.auc_standard_error(result.attack_auc, result.n_members, result.n_nonmembers)
     _report("membership, eps inf (overfit)", auc=result.attack_auc, auc_se=se,
             advantage=2 * result.attack_auc - 1, tpr=result.tpr, fpr=result.fpr,
             eps_lower=result.epsilon_lower, pooled_auc=pooled.attack_auc,
@@ -332,7 +339,7 @@ def test_membership_attack_held_to_the_combined_epsilon(guarded: EngineRun):
     assert truth.epsilon is not None
     assert truth.epsilon <= 1.0 + 1e-6
     for per_class in (True, False):
-        result = rt.membership(truth, per_class=per_class)
+        result = rt_leaks.membership(truth, per_class=per_class)
         _report(f"membership, combined eps ({'per class' if per_class else 'pooled'})",
                 epsilon=truth.epsilon, auc=result.attack_auc, tpr=result.tpr, fpr=result.fpr,
                 eps_lower=result.epsilon_lower, members=result.n_members,
@@ -362,7 +369,7 @@ def _readable(run: EngineRun) -> dict[str, bytes]:
 def test_no_secret_in_what_others_read(name: str, request: pytest.FixtureRequest):
     run: EngineRun = request.getfixturevalue(name)
     parties = run.run_dir.with_name("run.parties")
-    secrets = rt.party_secrets(parties.with_name(parties.name + ".keys"), parties)
+    secrets = rt_leaks.party_secrets(parties.with_name(parties.name + ".keys"), parties)
     owners = {Path(s).name.removeprefix("randomness-").removesuffix(".key") for s in secrets
               if "randomness-" in s}
     assert {"authority", "payments", "social", "device"} <= owners
@@ -374,7 +381,7 @@ def test_no_secret_in_what_others_read(name: str, request: pytest.FixtureRequest
         assert required in readable
     assert any(k.startswith("capture/messages/") for k in readable)
     leaks = {where: found for where, data in readable.items()
-             if (found := rt.secret_leaks(data, secrets))}
+             if (found := rt_leaks.secret_leaks(data, secrets))}
     _report(f"secrets scan ({name})", files=len(readable), secrets=len(secrets),
             leaks=len(leaks))
     assert not leaks
@@ -389,6 +396,6 @@ def test_secret_scanner_finds_planted_secrets(encode):
     secret = os.urandom(32)
     secrets = {"randomness-authority.key": secret}
     noise = os.urandom(4000)
-    assert rt.secret_leaks(noise, secrets) == []
-    assert rt.secret_leaks(noise + encode(secret) + noise, secrets) == [
+    assert rt_leaks.secret_leaks(noise, secrets) == []
+    assert rt_leaks.secret_leaks(noise + encode(secret) + noise, secrets) == [
         "randomness-authority.key"]

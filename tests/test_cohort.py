@@ -15,12 +15,8 @@ from clients.protocol.schema import ID_COLUMN, SILOS
 from clients.protocol.tables import SiloDataError
 from clients.silo.data import load_cohort, load_silo
 from crypto.at_rest import AtRestError, Keystore
-from simulations.data.population import (
-    PopulationConfig,
-    generate,
-    write_later_cohort,
-    write_parties,
-)
+from simulations.data.cohort import write_later_cohort
+from simulations.data.population import PopulationConfig, generate, write_parties
 
 CONFIG = PopulationConfig(users=3_000, seed=11)
 

@@ -21,13 +21,8 @@ from clients.protocol.schema import (
     feature_names,
 )
 from crypto.identity import normalize_phones
-from simulations.data.population import (
-    MISSING_COLUMNS,
-    Population,
-    PopulationConfig,
-    generate,
-    write_parties,
-)
+from simulations.data.features import MISSING_COLUMNS
+from simulations.data.population import Population, PopulationConfig, generate, write_parties
 
 SMALL = PopulationConfig(users=20_000, seed=7)
 

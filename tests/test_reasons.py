@@ -60,7 +60,7 @@ def test_the_catalogue_holds_no_feature_the_schema_lacks():
 
 
 def test_the_generator_writes_no_feature_without_a_tip():
-    from simulations.data.population import LABEL_TERMS
+    from simulations.data.label_model import LABEL_TERMS
 
     for silo, terms in LABEL_TERMS.items():
         for column, _, _ in terms:

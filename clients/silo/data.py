@@ -506,7 +506,7 @@ def load_cohort(silo_dir: Path, silo: str, name: str, store: Keystore | None,
     else:
         raise SiloDataError(f"{where}: no table in {folder} (expected {COHORT_TABLE} or "
                             f"{COHORT_TABLE}.enc); write one with "
-                            "simulations.data.population.write_later_cohort")
+                            "simulations.data.cohort.write_later_cohort")
     try:
         schema = silo_schema(Path(silo_dir), silo)
     except ValueError as exc:

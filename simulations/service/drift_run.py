@@ -1,7 +1,7 @@
 """Drift monitoring: score a later cohort of the run's people with the run's models.
 
 The later cohort is the same people some time on, their behaviour drifted
-(`simulations.data.population.write_later_cohort`). Every silo scores it with its final-round model,
+(`simulations.data.cohort.write_later_cohort`). Every silo scores it with its final-round model,
 prepared with the statistics of the table the model was trained on, and reports the population
 stability index of its own points (only that number leaves the silo); the authority compares
 the score distributions. Thresholds: < 0.1 stable, 0.1..0.25 moderate, >= 0.25 shift.
@@ -22,7 +22,7 @@ from server.federation import Federation
 from server.rescore import Scorer
 from server.scores_file import read_scores
 from server.scoring import TIER_KEYS
-from simulations.data.population import write_later_cohort
+from simulations.data.cohort import write_later_cohort
 from simulations.service.channel import request
 from simulations.service.session import FinishedRun, Progress, open_finished, run_session
 
