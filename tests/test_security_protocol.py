@@ -24,8 +24,8 @@ from clients.node import Defaults, Node
 from clients.protocol import messages as m
 from clients.protocol.model import ModelSpec
 from clients.protocol.schema import federation_silos
+from clients.silo import alignment, training
 from clients.silo import app as ca
-from clients.silo import training
 from clients.silo.enrolment import enrol
 from clients.silo.policy import POLICY_FILE, PolicyError, SiloPolicy
 from clients.silo.state import Journal, silo_matrix
@@ -215,7 +215,7 @@ def test_key_substitution_unmasks_a_silo_without_the_roster_and_is_refused(
     # The mechanism (the old silo checked only its own key): the authority puts keys of its own
     # in the other silos' places and reads the victim's exact contributions from its share.
     with monkeypatch.context() as old:
-        old.setattr(ca, "_checked_peers", _own_key_only)
+        old.setattr(alignment, "_checked_peers", _own_key_only)
         content, fake = _substituted_peers(grid, victim, others)
         assert not grid.send(victim, m.PEERS, content).has_error()
         first = np.arange(50, dtype=np.int64)
@@ -269,7 +269,7 @@ def test_a_short_peer_list_is_refused(grid: AppGrid, monkeypatch):
     short = m.make_content({f"peer.{victim}": own.public, "peer.social": authority.public})
     # Old behaviour: accepted, and the victim's only mask is shared with the authority.
     with monkeypatch.context() as old:
-        old.setattr(ca, "_checked_peers", _own_key_only)
+        old.setattr(alignment, "_checked_peers", _own_key_only)
         assert not grid.send(victim, m.PEERS, short).has_error()
         assert [k for k in grid.context(victim).state["mask"] if k.startswith("peer.")] == \
             ["peer.social"]
