@@ -46,7 +46,7 @@ One exchange between the authority (secret a, identifiers X) and a silo (secret 
   5. authority computes a*(b*H(y)) and matches: it learns which of its rows the silo holds and
      at which silo row; the silo learns only |X|.
 A silo blinds once per run and finishes once, at most the declared number of points
-(clients/silo/app.py), so the authority cannot use it as a membership oracle.
+(clients/silo/alignment.py), so the authority cannot use it as a membership oracle.
 """
 
 from __future__ import annotations

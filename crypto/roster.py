@@ -6,7 +6,7 @@ in its directory), and so does the authority (`roster.json` in the parties root)
 
 - a silo signs its per-run masking public key, so the authority relays keys it cannot
   substitute: a silo accepts a peer list only if it names exactly the roster's silos and each
-  key carries its silo's signature (clients/silo/app.py `peers`);
+  key carries its silo's signature (clients/silo/alignment.py `peers`);
 - a silo answers the authority's `hello` challenge with a signature, so a SuperNode cannot
   claim another silo's name (server/federation.py).
 

@@ -1,6 +1,6 @@
 """Scoring after the run: the authority re-scores people through the federation.
 
-The silos keep their models of the final round under the run key (clients/silo/app.py), so a
+The silos keep their models of the final round under the run key (clients/silo/state.py), so a
 later federation session restores them (`query.resume`) and answers `query.score` for any
 positions: the people's current records (with the corrections a dispute made), or a later
 cohort's. The authority adds the silos' contributions (a secure sum when the run used one),

@@ -285,7 +285,7 @@ def interrupted_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path
     run removes its own)."""
     import shutil
 
-    from clients.silo.app import SILO_FAULT
+    from clients.silo.training import SILO_FAULT
 
     work = tmp_path_factory.mktemp("interrupted")
     crashed, full = work / "crashed", work / "full"

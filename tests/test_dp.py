@@ -230,7 +230,7 @@ def test_contribution_summary_is_read_off_a_noisy_histogram():
     """The five per-silo aggregates come from one Gaussian histogram (sensitivity 1): close to
     the exact ones on many people, and a single person's extreme value moves nothing beyond a
     bin."""
-    from clients.silo.app import contribution_summary
+    from clients.silo.training import contribution_summary
 
     rng = np.random.default_rng(3)
     values = rng.normal(-0.5, 1.0, 200_000)

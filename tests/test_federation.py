@@ -13,7 +13,7 @@ from flwr.common.constant import ErrorCode
 from flwr.supercore.task_identity import TaskIdentity
 
 from clients.protocol import messages as m
-from clients.silo.app import _remember_step, _repeated_step
+from clients.silo.training import _remember_step, _repeated_step
 from server.federation import Federation, FederationError
 
 

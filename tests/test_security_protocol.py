@@ -20,12 +20,15 @@ import pytest
 from flwr.app import Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
+from clients.node import Defaults, Node
 from clients.protocol import messages as m
 from clients.protocol.model import ModelSpec
 from clients.protocol.schema import federation_silos
+from clients.silo import alignment, training
 from clients.silo import app as ca
 from clients.silo.enrolment import enrol
 from clients.silo.policy import POLICY_FILE, PolicyError, SiloPolicy
+from clients.silo.state import Journal, silo_matrix
 from crypto import masking
 from crypto.masking import PairwiseKeys, decode, mask_context, pair_mask
 from crypto.roster import (
@@ -35,6 +38,7 @@ from crypto.roster import (
     authority_roster,
     hello_statement,
     identity_key,
+    masking_statement,
     public_hex,
     sign,
 )
@@ -162,13 +166,13 @@ def _step(round_: int, *, plan=None, eval_=None, summary=False, explain=0, done=
 def released(monkeypatch) -> list[np.ndarray]:
     """What each silo masked, in the order masked: the exact contributions an attack wants."""
     seen: list[np.ndarray] = []
-    real = ca.masked_share
+    real = training.masked_share
 
     def spy(values, me, shared, context):
         seen.append((me, np.asarray(values, dtype=np.float64).copy()))
         return real(values, me, shared, context)
 
-    monkeypatch.setattr(ca, "masked_share", spy)
+    monkeypatch.setattr(training, "masked_share", spy)
     return seen
 
 
@@ -183,7 +187,7 @@ def _substituted_peers(grid: AppGrid, victim: str, silos: list[str]
     own = PairwiseKeys(bytes(grid.context(victim).state["mask"]["secret"]))
     fake = {s: PairwiseKeys() for s in silos}
     run_key = str(grid.context(victim).state["model"]["run"])
-    real_sig = sign(identity_key(grid.root / victim, victim), ca.masking_statement(
+    real_sig = sign(identity_key(grid.root / victim, victim), masking_statement(
         authority_roster(grid.root).fingerprint, run_key, victim, own.public))
     config = {f"peer.{victim}": own.public, f"sig.{victim}": real_sig}
     for s, k in fake.items():
@@ -211,7 +215,7 @@ def test_key_substitution_unmasks_a_silo_without_the_roster_and_is_refused(
     # The mechanism (the old silo checked only its own key): the authority puts keys of its own
     # in the other silos' places and reads the victim's exact contributions from its share.
     with monkeypatch.context() as old:
-        old.setattr(ca, "_checked_peers", _own_key_only)
+        old.setattr(alignment, "_checked_peers", _own_key_only)
         content, fake = _substituted_peers(grid, victim, others)
         assert not grid.send(victim, m.PEERS, content).has_error()
         first = np.arange(50, dtype=np.int64)
@@ -242,11 +246,11 @@ def test_key_substitution_unmasks_a_silo_without_the_roster_and_is_refused(
     for silo, run in (("social", "otherrun"), ("device", run_key)):
         key = PairwiseKeys(bytes(grid.context(silo).state["mask"]["secret"])).public
         config[f"peer.{silo}"] = key
-        config[f"sig.{silo}"] = sign(identity_key(grid.root / silo, silo), ca.masking_statement(
+        config[f"sig.{silo}"] = sign(identity_key(grid.root / silo, silo), masking_statement(
             roster.fingerprint, run, silo, key))
     _refused(grid.send(victim, m.PEERS, m.make_content(config)), "silo 'social'")
     config["sig.social"] = sign(identity_key(grid.root / "social", "social"),
-                                ca.masking_statement(roster.fingerprint, run_key, "social",
+                                masking_statement(roster.fingerprint, run_key, "social",
                                                      config["peer.social"]))
     assert not grid.send(victim, m.PEERS, m.make_content(config)).has_error()  # the honest list
 
@@ -265,7 +269,7 @@ def test_a_short_peer_list_is_refused(grid: AppGrid, monkeypatch):
     short = m.make_content({f"peer.{victim}": own.public, "peer.social": authority.public})
     # Old behaviour: accepted, and the victim's only mask is shared with the authority.
     with monkeypatch.context() as old:
-        old.setattr(ca, "_checked_peers", _own_key_only)
+        old.setattr(alignment, "_checked_peers", _own_key_only)
         assert not grid.send(victim, m.PEERS, short).has_error()
         assert [k for k in grid.context(victim).state["mask"] if k.startswith("peer.")] == \
             ["peer.social"]
@@ -400,8 +404,8 @@ def test_a_one_person_summary_is_refused(grid: AppGrid, monkeypatch):
     _aligned(grid)
     one = _step(1, eval_=np.array([5], dtype=np.int64), summary=True)
     seen = []
-    real = ca.contribution_summary
-    monkeypatch.setattr(ca, "contribution_summary",
+    real = training.contribution_summary
+    monkeypatch.setattr(training, "contribution_summary",
                         lambda values, rng: seen.append(values.copy()) or real(values, rng))
     # The mechanism: a silo that allows groups of one answers with that person's contribution
     # (no DP here: the "mean" is the centre of the one bin it falls in).
@@ -409,7 +413,8 @@ def test_a_one_person_summary_is_refused(grid: AppGrid, monkeypatch):
     reply = grid.send("payments", m.STEP, one)
     assert not reply.has_error(), reply.error.reason
     mean = m.get_config(reply)["summary.mean"]
-    assert abs(mean - float(seen[0][0])) <= (ca.SUMMARY_EDGES[1] - ca.SUMMARY_EDGES[0]) / 2
+    edges = training.SUMMARY_EDGES
+    assert abs(mean - float(seen[0][0])) <= (edges[1] - edges[0]) / 2
 
     # The default policy: refused, for one person and for one person listed 200 times.
     grid = AppGrid(grid.root)
@@ -458,8 +463,8 @@ def test_reason_codes_and_corrections_follow_the_silo_policy(grid: AppGrid):
     assert m.get_array(why, "reason_index").shape[0] == PEOPLE
     from clients.silo.explain import features_of
 
-    node = ca.Node(grid.context("payments"), ca.Defaults(grid.root, None, True))
-    field = features_of(ca.silo_matrix(node))[0]
+    node = Node(grid.context("payments"), Defaults(grid.root, None, True))
+    field = features_of(silo_matrix(node))[0]
     fixed = grid.send("payments", m.CORRECT, m.make_content(
         {"field": field, "value": 1.0, "category": ""}, position=np.array([3], dtype=np.int64)))
     assert not fixed.has_error(), fixed.error.reason
@@ -511,9 +516,9 @@ def test_a_different_plan_for_an_answered_round_is_refused_even_after_resume(
     # what was answered. After `resume` the second plan gets the same masks, and the two shares
     # subtract to the difference of exact contributions.
     with monkeypatch.context() as old:
-        old.setattr(ca.Journal, "check", lambda *a, **k: None)
-        old.setattr(ca.Journal, "record", lambda *a, **k: None)
-        old.setattr(ca, "mask_context", lambda run, r, purpose, binding: mask_context(
+        old.setattr(Journal, "check", lambda *a, **k: None)
+        old.setattr(Journal, "record", lambda *a, **k: None)
+        old.setattr(training, "mask_context", lambda run, r, purpose, binding: mask_context(
             run, r, purpose, b""))
         grid.send(silo, m.RESUME, m.make_content({"run": run_key, "round": 0}))
         share_old = m.get_array(grid.send(silo, m.STEP, plan_a), "plan", np.uint64, 1)
@@ -522,7 +527,7 @@ def test_a_different_plan_for_an_answered_round_is_refused_even_after_resume(
         value_b = released[-1][1]
         np.testing.assert_allclose(decode(share_old - share_b), value_a - value_b, atol=1e-6)
         # With the masks bound to the message alone the difference is noise, not data.
-        old.setattr(ca, "mask_context", mask_context)
+        old.setattr(training, "mask_context", mask_context)
         grid.send(silo, m.RESUME, m.make_content({"run": run_key, "round": 0}))
         share_b2 = m.get_array(grid.send(silo, m.STEP, plan_b), "plan", np.uint64, 1)
         assert np.abs(decode(share_a - share_b2)).max() > 1e6

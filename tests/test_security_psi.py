@@ -27,10 +27,12 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
+from clients.node import Defaults, Node
 from clients.protocol import messages as m
 from clients.protocol.schema import federation_silos
 from clients.silo import app as ca
 from clients.silo.enrolment import enrol
+from clients.silo.state import silo_matrix
 from crypto.psi import PsiError, PsiKey, hash_to_points, match, on_curve
 from crypto.secret_random import SecretRandom
 from server.alignment import joint_order
@@ -177,7 +179,7 @@ def test_silo_cap_on_the_declared_size(root):
 def test_honest_exchange_still_matches(root):
     app = ca.make_client_app(root, None, plaintext=True)
     context = _context()
-    silo_ids = ca.silo_matrix(ca.Node(context, ca.Defaults(root, None, True))).ids.to_numpy()
+    silo_ids = silo_matrix(Node(context, Defaults(root, None, True))).ids.to_numpy()
     mine = [*list(silo_ids[:30]), *_phones(20, 90_000_000)]
     blinded = _send(app, context, m.PSI_BLIND, config={"set_size": len(mine)})
     theirs = m.get_array(blinded, "points", np.uint8, 2)

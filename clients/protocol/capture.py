@@ -111,7 +111,7 @@ def _record_structured(directory: Path, side: str, msg: Message, silo: str | Non
 
 
 def _silo_of(context: Context) -> str | None:
-    """The silo this node serves, as clients/silo/app.py names it (node config `silo`, else
+    """The silo this node serves, as clients/silo/state.py names it (node config `silo`, else
     the simulation's partition-id over the federation's silos)."""
     node = context.node_config
     if "silo" in node:

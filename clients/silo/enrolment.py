@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 def identity_dir(parties_root: Path, silo: str, keystore: Path | None) -> Path:
     """Where a silo's identity key lives: its keystore, else its own directory (0600), the
-    same place as its randomness secret (clients/silo/app.py `silo_random`)."""
+    same place as its randomness secret (clients/silo/state.py `silo_random`)."""
     return Path(keystore) if keystore is not None else Path(parties_root) / silo
 
 

@@ -26,7 +26,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.run import Run
 
 from clients.protocol.capture import CAPTURE_ENV
-from clients.silo.app import SILO_FAULT
+from clients.silo.training import SILO_FAULT
 from crypto.private_files import ensure_private_dir
 from server.config import ConfigError
 
