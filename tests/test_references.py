@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from scipy.optimize import minimize
 
@@ -71,7 +71,7 @@ def test_scorecard_woe_is_monotone_and_coefficients_have_the_woe_sign():
     card = fit_scorecard(x, y)
     for bins in card.bins:
         step = np.diff(bins.woe)
-        assert (step >= 0).all() or (step <= 0).all()
+        assert (step >= -1e-12).all() or (step <= 1e-12).all()
     # More defaults as column 0 grows: its WoE (share of goods over share of bads) falls.
     assert (np.diff(card.bins[0].woe) <= 0).all()
     assert (np.diff(card.bins[1].woe) >= 0).all()
@@ -140,6 +140,7 @@ def test_a_constant_feature_gets_one_bin_and_no_weight():
 @settings(max_examples=60, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), n=st.integers(20, 600), levels=st.integers(1, 40),
        bins=st.integers(2, 12), share=st.floats(0.0, 0.3))
+@example(seed=27, n=29, levels=9, bins=8, share=0.0)  # two equal rates: WoE equal to rounding
 def test_binning_always_gives_monotone_finite_woe_over_ordered_cuts(
         seed: int, n: int, levels: int, bins: int, share: float):
     rng = np.random.default_rng(seed)
@@ -149,8 +150,10 @@ def test_binning_always_gives_monotone_finite_woe_over_ordered_cuts(
     assert len(fb.woe) == len(fb.cuts) + 1 <= bins + 1
     assert np.isfinite(fb.woe).all()
     assert (np.diff(fb.cuts) > 0).all()
+    # Two neighbours with the same default rate have the same WoE up to rounding (found by
+    # this test: a step of 1.1e-16 among falling ones); monotone means up to that.
     step = np.diff(fb.woe)
-    assert (step >= 0).all() or (step <= 0).all()
+    assert (step >= -1e-12).all() or (step <= 1e-12).all()
     counts = np.bincount(np.searchsorted(fb.cuts, v, side="left"), minlength=len(fb.woe))
     assert (counts > 0).all()  # no empty bin
     if len(fb.woe) > 1:
