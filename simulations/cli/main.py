@@ -37,11 +37,10 @@ from simulations.cli import people as cli_people
 from simulations.cli.ledger import ledger_command
 from simulations.cli.output import console
 from simulations.cli.parsing import Parser
-from simulations.cli.run import finish_command, run_command
-from simulations.cli.sweep import SWEEP_HELP, sweep_command
+from simulations.cli.run import add_finish_parser, finish_command, run_command
+from simulations.cli.sweep import add_sweep_parser, sweep_command
 from simulations.data.mapping import MAPPING_HELP
 from simulations.run.engine import configure_environment, quiet_engine_logs
-from simulations.run.grid import DEFAULT_EPSILONS
 
 log = logging.getLogger("fedscore")
 
@@ -71,31 +70,18 @@ def _parser() -> argparse.ArgumentParser:
     certs.add_argument("--silos", default="payments,social,device",
                        help="one node key per silo, comma-separated")
 
-    sweep = sub.add_parser("sweep", help="one run per grid point and seed with baselines and "
-                                         "an audit; repeat the command to continue or extend",
-                           epilog=SWEEP_HELP + MAPPING_HELP)
-    sweep.add_argument("--out", type=Path, required=True, help="sweep directory")
-    sweep.add_argument("--epsilons", default=None,
-                       help="eps_model per cell, comma-separated; inf = no DP (short for --grid "
-                            "privacy.epsilon=...; a new sweep without a grid: "
-                            f"{DEFAULT_EPSILONS})")
-    sweep.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
-                       help="a config key and its values (repeat for more keys; tuple values "
-                            "in brackets: model.hidden=[32,16],[64])")
-    sweep.add_argument("--seeds", default=None,
-                       help="training seeds, comma-separated (a new sweep: 0,1,2)")
-    sweep.add_argument("--data-seeds", default=None,
-                       help="population seeds, comma-separated (default: each cell's training "
-                            "seed)")
-    sweep.add_argument("--reference", action="append", default=[], metavar="KEY=VALUE",
-                       help="the grid point paired differences are taken against (default: "
-                            "the largest epsilon, each other key's first value)")
-    sweep.add_argument("--users", type=int, default=None, help=_shortcut_help("users"))
-    sweep.add_argument("--data", default=None, metavar="uci|FILE.csv|DIR",
-                       help="real data instead of the generator (as for `fedscore run`)")
-    sweep.add_argument("--set", dest="assignments", action="append", default=[],
-                       metavar="KEY=VALUE", help="override a config key for every cell")
+    add_sweep_parser(sub, users_help=_shortcut_help("users"))
 
+    _tool_parsers(sub)
+    add_finish_parser(sub)
+
+    _report_parsers(sub)
+    cli_people.add_parsers(sub)
+    return p
+
+
+def _tool_parsers(sub: argparse._SubParsersAction) -> None:
+    """data check, generate, config, ledger verify, keys."""
     data = sub.add_parser("data", help="real-data tools (fedscore data check DIR)")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     check = data_sub.add_parser(
@@ -137,35 +123,18 @@ def _parser() -> argparse.ArgumentParser:
     rotate = keys_sub.add_parser("rotate", help="add a key and make it active")
     rotate.add_argument("dir", type=Path)
 
-    finish = sub.add_parser(
-        "finish", help="complete a `flwr run .` output into a run directory (baselines, "
-                       "oracle, audit, curves, metrics.json), so `fedscore report` reads it",
-        description="A `flwr run .` writes what the authority measured into <out-dir>/<run id>/\n"
-                    "(authority.json, ledger, scores). This adds what `fedscore run` adds after\n"
-                    "the federation, with the same code: config.json (from the settings\n"
-                    "recorded in authority.json and the parties' population.json), baselines,\n"
-                    "the oracle, the audit, curves.json, manifest.json and metrics.json.\n"
-                    "Interrupted or failed: run the same command again.")
-    finish.add_argument("dir", type=Path, metavar="FLWR_RUN_DIR",
-                        help="the directory `flwr run .` wrote: <out-dir>/<Flower run id>")
-    finish.add_argument("--parties", type=Path, required=True,
-                        help="the party tables the run used: its run config's data-dir")
-    finish.add_argument("--data", default=None, metavar="uci|FILE.csv|DIR",
-                        help="parties imported from real data: the source they were imported "
-                             "from (as given to `fedscore run --data`); generated parties "
-                             "record their population themselves")
 
+def _report_parsers(sub: argparse._SubParsersAction) -> None:
     report = sub.add_parser("report", help="write report.html, tables.tex and report/*.csv "
                                            "into a run or sweep directory")
     report.add_argument("dir", type=Path, metavar="RUN_OR_SWEEP_DIR")
     report.add_argument("--force", action="store_true", help=FORCE_HELP)
     compare = sub.add_parser("compare", help="one report comparing runs or sweeps (e.g. the "
-                                             "vertical and horizontal topologies) at equal ε")
+                                             "vertical and horizontal topologies): one series per "
+                                             "configuration, intervals, each one's oracle")
     compare.add_argument("dirs", type=Path, nargs="+", metavar="RUN_OR_SWEEP_DIR")
     compare.add_argument("--out", type=Path, required=True, help="directory for the report")
     compare.add_argument("--force", action="store_true", help=FORCE_HELP)
-    cli_people.add_parsers(sub)
-    return p
 
 
 def _shortcut_help(option: str) -> str:

@@ -159,3 +159,23 @@ def finish_command(args: argparse.Namespace) -> int:
         console.print(f"configuration: {escape(source)}", soft_wrap=True, highlight=False)
     print_summary(metrics, done.out_dir, done.parties)
     return 0
+
+
+def add_finish_parser(sub: argparse._SubParsersAction) -> None:
+    finish = sub.add_parser(
+        "finish", help="complete a `flwr run .` output into a run directory (baselines, "
+                       "oracle, audit, curves, metrics.json), so `fedscore report` reads it",
+        description="A `flwr run .` writes what the authority measured into <out-dir>/<run id>/\n"
+                    "(authority.json, ledger, scores). This adds what `fedscore run` adds after\n"
+                    "the federation, with the same code: config.json (from the settings\n"
+                    "recorded in authority.json and the parties' population.json), baselines,\n"
+                    "the oracle, the audit, curves.json, manifest.json and metrics.json.\n"
+                    "Interrupted or failed: run the same command again.")
+    finish.add_argument("dir", type=Path, metavar="FLWR_RUN_DIR",
+                        help="the directory `flwr run .` wrote: <out-dir>/<Flower run id>")
+    finish.add_argument("--parties", type=Path, required=True,
+                        help="the party tables the run used: its run config's data-dir")
+    finish.add_argument("--data", default=None, metavar="uci|FILE.csv|DIR",
+                        help="parties imported from real data: the source they were imported "
+                             "from (as given to `fedscore run --data`); generated parties "
+                             "record their population themselves")

@@ -21,6 +21,7 @@ from rich.table import Table
 
 from simulations.cli.output import PHASE_LABELS, console, fmt
 from simulations.cli.parsing import data_source
+from simulations.data.mapping import MAPPING_HELP
 from simulations.run.grid import DEFAULT_EPSILONS
 
 SWEEP_HELP = """\
@@ -153,3 +154,32 @@ def _with_ci(row, name: str) -> str:
         return "-"
     ci = "" if fmt(low) == "-" else f" [{low:.3f}, {high:.3f}]"
     return f"{mean:+.4f}{ci}" if name.endswith("diff") else f"{mean:.4f}{ci}"
+
+
+def add_sweep_parser(sub: argparse._SubParsersAction, *, users_help: str) -> None:
+    """`fedscore sweep`'s options (`users_help`: what --users sets, as `fedscore run` says it)."""
+    sweep = sub.add_parser("sweep", help="one run per grid point and seed with baselines and "
+                                         "an audit; repeat the command to continue or extend",
+                           epilog=SWEEP_HELP + MAPPING_HELP)
+    sweep.add_argument("--out", type=Path, required=True, help="sweep directory")
+    sweep.add_argument("--epsilons", default=None,
+                       help="eps_model per cell, comma-separated; inf = no DP (short for --grid "
+                            "privacy.epsilon=...; a new sweep without a grid: "
+                            f"{DEFAULT_EPSILONS})")
+    sweep.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                       help="a config key and its values (repeat for more keys; tuple values "
+                            "in brackets: model.hidden=[32,16],[64])")
+    sweep.add_argument("--seeds", default=None,
+                       help="training seeds, comma-separated (a new sweep: 0,1,2)")
+    sweep.add_argument("--data-seeds", default=None,
+                       help="population seeds, comma-separated (default: each cell's training "
+                            "seed)")
+    sweep.add_argument("--reference", action="append", default=[], metavar="KEY=VALUE",
+                       help="the grid point paired differences are taken against (default: "
+                            "the largest epsilon, each other key's first value)")
+    sweep.add_argument("--users", type=int, default=None,
+                       help=f"{users_help}; continuing a sweep: the sweep's")
+    sweep.add_argument("--data", default=None, metavar="uci|FILE.csv|DIR",
+                       help="real data instead of the generator (as for `fedscore run`)")
+    sweep.add_argument("--set", dest="assignments", action="append", default=[],
+                       metavar="KEY=VALUE", help="override a config key for every cell")
