@@ -5,7 +5,16 @@ from __future__ import annotations
 import threading
 
 from rich.console import Console
-from rich.progress import Progress, TaskID
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 console = Console(stderr=True)
 
@@ -55,3 +64,14 @@ def fmt(value: object, digits: int = 4) -> str:
     except (TypeError, ValueError):
         return "-"
     return "-" if number != number else f"{number:.{digits}f}"
+
+
+def progress_bar(*, eta: bool = False) -> Progress:
+    """The commands' progress display on the console: a spinner, the phase, a bar, done of
+    total and the time taken, with an estimate of the time left (`eta`) where the steps are
+    alike (a sweep's cells)."""
+    columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+               MofNCompleteColumn(), TimeElapsedColumn()]
+    if eta:
+        columns += [TextColumn("ETA"), TimeRemainingColumn()]
+    return Progress(*columns, console=console, transient=False)

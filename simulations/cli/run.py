@@ -8,18 +8,10 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    SpinnerColumn,
-    TextColumn,
-    TimeElapsedColumn,
-)
 from rich.table import Table
 
 from server.privacy import model_epsilon
-from simulations.cli.output import PhaseProgress, console
+from simulations.cli.output import PhaseProgress, console, progress_bar
 from simulations.cli.parsing import data_source
 
 
@@ -54,10 +46,8 @@ def run_command(args: argparse.Namespace) -> int:
         check_new_dir(parties, "--parties")
         if cfg.generated:
             check_delta(cfg, cfg.population.users, "population.users")
-    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-               MofNCompleteColumn(), TimeElapsedColumn())
     try:
-        with Progress(*columns, console=console, transient=False) as progress:
+        with progress_bar() as progress:
             metrics = run_experiment(cfg, out_dir, parties, PhaseProgress(progress),
                                      resume=args.resume is not None, engine=engine,
                                      credentials=credentials and credentials.resolve())
@@ -151,9 +141,7 @@ def finish_command(args: argparse.Namespace) -> int:
     from simulations.run.finish import finish_flwr_run
 
     data = data_source(args.data, None) if args.data else None
-    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-               MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=False) as progress:
+    with progress_bar() as progress:
         metrics, done = finish_flwr_run(args.dir, args.parties, data, PhaseProgress(progress))
     for source in done.sources:
         console.print(f"configuration: {escape(source)}", soft_wrap=True, highlight=False)

@@ -8,18 +8,9 @@ import shlex
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    SpinnerColumn,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from rich.table import Table
 
-from simulations.cli.output import PHASE_LABELS, console, fmt
+from simulations.cli.output import PHASE_LABELS, console, fmt, progress_bar
 from simulations.cli.parsing import data_source
 from simulations.data.mapping import MAPPING_HELP
 from simulations.run.grid import DEFAULT_EPSILONS
@@ -61,10 +52,7 @@ def sweep_command(args: argparse.Namespace) -> int:
         if cfg.generated:  # real data: checked against its tables when they are read
             check_delta(cfg, cfg.population.users, "population.users")
     todo = sum(not is_done(out, c) for c in cells)
-    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-               MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"),
-               TimeRemainingColumn())
-    with Progress(*columns, console=console) as progress:
+    with progress_bar(eta=True) as progress:
         overall = progress.add_task(f"Sweep: {todo} of {len(cells)} cells to run", total=todo)
         phase = progress.add_task("starting", total=None)
 
