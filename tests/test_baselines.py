@@ -7,6 +7,7 @@ import os
 import signal
 import threading
 import time
+from concurrent.futures import process as futures_process
 
 import numpy as np
 import pandas as pd
@@ -94,6 +95,21 @@ def test_an_interrupt_stops_every_baseline_process_at_once(monkeypatch):
 def test_baseline_workers_leave_ctrl_c_to_the_main_process():
     with baselines._pool(1) as pool:
         assert pool.submit(signal.getsignal, signal.SIGINT).result() == signal.SIG_IGN
+
+
+def test_a_stop_ends_a_worker_started_before_the_pool_recorded_it():
+    """The executor starts a worker, then records it: Ctrl-C between the two left a worker
+    that no shutdown knew of (a CI run caught it alive after the interrupt)."""
+    pool = baselines._pool(1)
+    orphan = pool._mp_context.Process(
+        target=futures_process._process_worker,
+        args=(pool._call_queue, pool._result_queue, None, (), None))
+    orphan.start()
+    pool._call_queue.put(futures_process._CallItem(0, os.getpid, (), {}))
+    assert pool._result_queue.get().result == orphan.pid  # it is up and waiting
+    baselines._stop(pool)
+    assert not orphan.is_alive()
+    assert orphan not in multiprocessing.active_children()
 
 
 def test_one_thread_restores_the_thread_count():

@@ -19,8 +19,10 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from multiprocessing import get_context
+from multiprocessing.context import SpawnContext, SpawnProcess
+from multiprocessing.process import BaseProcess
 from multiprocessing.shared_memory import SharedMemory
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -234,8 +236,9 @@ def run_baselines(data: JoinedData, jobs: list[BaselineJob], cfg: AuthorityConfi
         log.info("baselines: %d jobs in %d processes", len(jobs), min(workers, len(jobs)))
         # The costliest first (DP over every silo), so the short ones fill in at the end.
         order = sorted(jobs, key=lambda j: (j.noise_multiplier > 0, len(j.silos)), reverse=True)
-        futures = {job.name: pool.submit(_shared_job, shared, split, job, cfg) for job in order}
-        try:
+        try:  # Ctrl-C may come while the workers start: the submissions start them
+            futures = {job.name: pool.submit(_shared_job, shared, split, job, cfg)
+                       for job in order}
             return {job.name: futures[job.name].result() for job in jobs}
         except BaseException:
             _stop(pool)
@@ -246,7 +249,7 @@ def _pool(workers: int) -> ProcessPoolExecutor:
     """Spawned workers that ignore SIGINT: a terminal's Ctrl-C reaches the whole process group,
     and the main process alone decides what it means (it ends them, `_stop`); otherwise each
     worker printed its own KeyboardInterrupt traceback."""
-    return ProcessPoolExecutor(workers, mp_context=get_context("spawn"),
+    return ProcessPoolExecutor(workers, mp_context=_RecordingSpawn(),
                                initializer=signal.signal,
                                initargs=(signal.SIGINT, signal.SIG_IGN))
 
@@ -254,14 +257,33 @@ def _pool(workers: int) -> ProcessPoolExecutor:
 def _stop(pool: ProcessPoolExecutor) -> None:
     """Ctrl-C or a failed job: no queued job may start and no running one outlive the call.
     Leaving the pool's block alone would wait for both (minutes at a million people). Python
-    3.11's executor has no way to end its workers (3.14 adds terminate_workers), hence its
-    process table."""
-    processes = list((pool._processes or {}).values())
+    3.11's executor has no way to end its workers (3.14 adds terminate_workers), hence the
+    processes its context recorded."""
+    processes = _workers(pool)
     pool.shutdown(wait=False, cancel_futures=True)
     for process in processes:
         process.terminate()
     for process in processes:
         process.join(5)
+
+
+def _workers(pool: ProcessPoolExecutor) -> list[BaseProcess]:
+    """Every process the pool started, including one that Ctrl-C caught after the executor
+    started it and before it recorded it (it does the two in that order)."""
+    started = getattr(pool._mp_context, "started", [])
+    return [p for p in started if p.pid is not None]
+
+
+class _RecordingSpawn(SpawnContext):
+    """The spawn context, recording each process it makes (see _workers)."""
+
+    def __init__(self) -> None:
+        self.started: list[BaseProcess] = []
+
+    def Process(self, *args: Any, **kwargs: Any) -> SpawnProcess:  # type: ignore[override]  # noqa: N802
+        process = SpawnProcess(*args, **kwargs)
+        self.started.append(process)
+        return process
 
 
 def _shared_job(shared: dict, split: pd.Series, job: BaselineJob, cfg: AuthorityConfig
