@@ -162,6 +162,17 @@ def _batch_advice(sampling: Sampling) -> str:
             f"train on more people ({sampling.n_train:,} is very few for DP-SGD)")
 
 
+def releases_outside_sgd(silos: tuple[str, ...], summaries: bool
+                         ) -> list[tuple[str, str, float]]:
+    """(party, what, noise multiplier) of every Gaussian release beside DP-SGD: each silo's
+    preparation statistics and the authority's prior, and with `summaries` one histogram of
+    its contributions per silo."""
+    releases = [(p, "preparation statistics", STATISTICS_NOISE_MULTIPLIER) for p in silos]
+    if summaries:
+        releases += [(p, "contribution summary", STATISTICS_NOISE_MULTIPLIER) for p in silos]
+    return [*releases, (AUTHORITY, "prior", PRIOR_NOISE_MULTIPLIER)]
+
+
 class PrivacyPlan:
     def __init__(
         self,
@@ -185,14 +196,7 @@ class PrivacyPlan:
         self.steps_planned = self.sampling.steps
         self.expected_batch = self.sampling.expected_batch
         self.rho = flip_probability(cfg.label_epsilon)
-        # Each silo's preparation and the authority's prior: one Gaussian release per party;
-        # then, with summaries, one histogram per silo.
-        self.releases_outside_sgd = [(p, "preparation statistics", STATISTICS_NOISE_MULTIPLIER)
-                                     for p in silos]
-        if summaries:
-            self.releases_outside_sgd += [(p, "contribution summary",
-                                           STATISTICS_NOISE_MULTIPLIER) for p in silos]
-        self.releases_outside_sgd.append((AUTHORITY, "prior", PRIOR_NOISE_MULTIPLIER))
+        self.releases_outside_sgd = releases_outside_sgd(silos, summaries)
         self.statistics: History = []
         for _, _, multiplier in self.releases_outside_sgd:
             self.statistics = add_steps(self.statistics, multiplier, 1.0, 1)
@@ -201,31 +205,7 @@ class PrivacyPlan:
         self.calibration_sigma = 0.0
         self.max_steps = math.inf
         if cfg.dp_sgd:
-            try:
-                self.joint_sigma = calibrate_sigma(cfg.epsilon, self.delta, self.q,
-                                                   self.steps_planned, cfg.accountant,
-                                                   prefix=self.statistics)
-            except ValueError as exc:
-                raise ConfigError(f"privacy.epsilon={cfg.epsilon} is too small: {exc}; raise "
-                                  "it") from None
-            self.sigma = self.joint_sigma * math.sqrt(self.blocks)
-            self.max_steps = affordable_steps(
-                cfg.accountant, self.statistics, self.joint_sigma, self.q, self.steps_planned,
-                self.delta, cfg.budget_cap,
-            )
-            if self.max_steps == 0:
-                one = epsilon(cfg.accountant,
-                              add_steps(self.statistics, self.joint_sigma, self.q, 1), self.delta)
-                raise ConfigError(
-                    f"privacy.cap={cfg.budget_cap} is below the cost of a single step "
-                    f"(epsilon {one:.3g} at joint noise {self.joint_sigma:.3g}, sample rate "
-                    f"{self.q:.3g}); raise the cap or privacy.epsilon"
-                )
-            # The cap covers every population: validation people too. (A cap the statistics
-            # alone pass was refused just above: no step would be affordable.)
-            self.calibration_sigma = calibrate_sigma(min(cfg.epsilon, cfg.budget_cap),
-                                                     self.delta, 1.0, CALIBRATION_STEPS,
-                                                     cfg.accountant, prefix=self.statistics)
+            self._calibrate()
         self.history: History = list(self.statistics)  # the combined model's accountant
         self.party_history: History = []  # one party's DP-SGD steps (what silos report)
         self.calibration_history: History = []
@@ -244,6 +224,36 @@ class PrivacyPlan:
             "delta %.2e, cap %s", self.joint_sigma, self.sigma, self.blocks, self.q,
             self.steps_planned, self.delta, cfg.budget_cap,
         )
+
+    def _calibrate(self) -> None:
+        """The joint noise for the planned steps, the steps the cap affords, and the
+        calibration's noise on validation people."""
+        cfg = self.cfg
+        try:
+            self.joint_sigma = calibrate_sigma(cfg.epsilon, self.delta, self.q,
+                                               self.steps_planned, cfg.accountant,
+                                               prefix=self.statistics)
+        except ValueError as exc:
+            raise ConfigError(f"privacy.epsilon={cfg.epsilon} is too small: {exc}; raise "
+                              "it") from None
+        self.sigma = self.joint_sigma * math.sqrt(self.blocks)
+        self.max_steps = affordable_steps(
+            cfg.accountant, self.statistics, self.joint_sigma, self.q, self.steps_planned,
+            self.delta, cfg.budget_cap,
+        )
+        if self.max_steps == 0:
+            one = epsilon(cfg.accountant,
+                          add_steps(self.statistics, self.joint_sigma, self.q, 1), self.delta)
+            raise ConfigError(
+                f"privacy.cap={cfg.budget_cap} is below the cost of a single step "
+                f"(epsilon {one:.3g} at joint noise {self.joint_sigma:.3g}, sample rate "
+                f"{self.q:.3g}); raise the cap or privacy.epsilon"
+            )
+        # The cap covers every population: validation people too. (A cap the statistics
+        # alone pass was refused just above: no step would be affordable.)
+        self.calibration_sigma = calibrate_sigma(min(cfg.epsilon, cfg.budget_cap),
+                                                 self.delta, 1.0, CALIBRATION_STEPS,
+                                                 cfg.accountant, prefix=self.statistics)
 
     def guardrails(self) -> list[Guardrail]:
         """Why this plan may not learn (empty without DP-SGD): the sampling's reasons, and the

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from tests import background, cli_inline
 from tests.ray_head import HEAD
@@ -22,6 +23,11 @@ ENGINE_ENV = {
     "FLWR_DISABLE_UPDATE_CHECK": "1",
 }
 os.environ.update(ENGINE_ENV)
+
+# No per-example deadline: engine runs share the two cores with the foreground, and a property
+# test whose example waited for a core failed on time, not on its property.
+settings.register_profile("fedscore", deadline=None)
+settings.load_profile("fedscore")
 
 
 def _cli_env(cwd: Path) -> dict[str, str]:
