@@ -77,6 +77,7 @@ def test_a_clean_directory_passes_with_a_summary_of_counts_only(tmp_path: Path):
 
 def test_every_failing_party_is_reported_at_once(tmp_path: Path):
     data = _write(tmp_path / "data")
+    _set_mapping(data, silos__one__kinds={"a": "real"})  # text in a column declared numeric
     pd.read_csv(data / "one.csv").assign(a="x").to_csv(data / "one.csv", index=False)
     two = pd.read_parquet(data / "two.parquet").drop(columns="b")
     two.to_parquet(data / "two.parquet")
@@ -86,7 +87,9 @@ def test_every_failing_party_is_reported_at_once(tmp_path: Path):
     assert proc.returncode == 2
     err = " ".join(proc.stderr.split())
     assert "3 problems" in err
-    assert "one.csv, column 'a': not numeric" in err
+    assert ("one.csv, column 'a': not numeric: 400 of 400 cells are text in a column declared "
+            "real" in err)
+    assert '"kinds": {"a": "category"}' in err  # the fix
     assert "two.parquet, column 'b': no such column" in err
     assert "authority.csv, column 'outcome': 400 rows are not 0 or 1" in err
     assert "label_positive" in err  # the fix for a label that is not 0/1
