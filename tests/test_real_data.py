@@ -87,8 +87,9 @@ def test_a_directory_of_party_csvs_imports(tmp_path: Path):
      "no such column"),
     (lambda d: pd.read_csv(d / "auth.csv").assign(bad=2).to_csv(d / "auth.csv", index=False),
      "are not 0 or 1"),
-    (lambda d: pd.read_csv(d / "s1.csv").assign(a="x").to_csv(d / "s1.csv", index=False),
-     "not numeric"),
+    (lambda d: pd.read_csv(d / "s1.csv").assign(a=lambda t: t["a"].astype(object).where(
+        t.index >= 3, "x")).to_csv(d / "s1.csv", index=False),  # 3 words among numbers
+     "not numeric: 3 of 250 cells are text among 247 numbers"),
     (lambda d: (d / "mapping.json").write_text("{not json"), "not a valid mapping"),
 ])
 def test_bad_data_directories_are_refused_and_nothing_is_written(tmp_path, change, problem):

@@ -16,15 +16,23 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from clients.protocol.accounting import STATISTICS_NOISE_MULTIPLIER
-from clients.protocol.schema import SCHEMA_FILE, TableSchema, feature_names, silo_schema
+from clients.protocol.schema import (
+    MAX_CATEGORIES,
+    SCHEMA_FILE,
+    TableSchema,
+    feature_names,
+    silo_schema,
+)
 from clients.protocol.tables import SiloDataError
 from clients.silo.data import (
     MIN_SCALE,
     THRESHOLD_DELTA,
+    _common_texts,
     load_silo,
     prepare,
     statistics_mechanism,
     table_digest,
+    text_cells,
 )
 from crypto.secret_random import SECRET_FILE
 
@@ -87,7 +95,9 @@ def test_every_numeric_column_has_an_indicator_whatever_the_data():
         (lambda df: df.drop(columns=[COLS[1]]), f"missing column.*{COLS[1]}.*add them"),
         (lambda df: df.assign(shoe_size=1.0), "unexpected column.*shoe_size.*drop them"),
         (lambda df: df.rename(columns={"phone": "mobile"}), "identifier column 'phone'"),
-        (lambda df: df.assign(**{COLS[0]: "high"}), f"{COLS[0]}.*not numeric"),
+        # A few words in a column of numbers: a mistake to fix (all words: a text category).
+        (lambda df: df.assign(**{COLS[0]: ["high"] * 5 + [*df[COLS[0]][5:]]}),
+         f"{COLS[0]}.*not numeric: 5 of 50 cells are text among 45 numbers"),
         (lambda df: df.assign(**{COLS[3]: np.inf}), f"{COLS[3]}.*infinite"),
         (lambda df: df.assign(**{COLS[4]: np.nan}), f"{COLS[4]}.*entirely empty"),
         (lambda df: df.iloc[:0], "no rows"),
@@ -504,3 +514,132 @@ def test_preparation_is_immutable_and_checks_new_tables():
         m.prep.transform(table().assign(**{COLS[1]: "x"}))
     with pytest.raises(SiloDataError, match="infinite"):
         m.prep.transform(table().assign(**{COLS[1]: np.inf}))
+
+
+# ---- text category columns -----------------------------------------------------------------
+
+TEXT_SCHEMA = TableSchema("id", "plain", ("a", "job"))  # "job" undeclared: auto, detected
+
+
+def _text_table(n: int = 1000, seed: int = 3) -> pd.DataFrame:
+    """`job`: three common values (with stray spaces), one held by one person, empty cells."""
+    rng = np.random.default_rng(seed)
+    job = rng.choice(["clerk", " farmer", "Teacher "], n).astype(object)
+    job[0], job[1], job[2] = "astronaut", "", None  # one person; blank; missing
+    return pd.DataFrame({"id": [f"P{i}" for i in range(n)], "a": rng.normal(size=n), "job": job})
+
+
+def test_a_text_column_prepares_and_a_value_held_by_one_person_is_not_kept(monkeypatch):
+    df = _text_table()
+    m = prepare(df, "s", ["a", "job"], TEXT_SCHEMA, rng=noise(2))
+    release = m.prep.release
+    assert release.histogram_columns == ("job",)  # counted like a numeric category column
+    assert release.sensitivity == pytest.approx(2.0)  # sqrt(3 * 1 + 1)
+    # At the ledger's multiplier a value needs a noisy count above ~1,200: on 1,000 rows none
+    # is kept, and everyone present is "other" (declare public values to keep them).
+    assert release.threshold > len(df)
+    assert m.columns == ["a", "a__missing", "job=other", "job=missing"]
+    np.testing.assert_array_equal(m.x[:3, 2:], [[1, 0], [0, 1], [0, 1]])
+    # With less noise (here 1 instead of the ledger's), the common values pass, the
+    # astronaut never does: the threshold is what keeps one person's value out.
+    monkeypatch.setattr("clients.silo.data._noise_multiplier", lambda: 1.0)
+    for seed in range(20):
+        m = prepare(df, "s", ["a", "job"], TEXT_SCHEMA, rng=noise(seed))
+        assert m.columns[2:] == ["job='Teacher'", "job='clerk'", "job='farmer'", "job=other",
+                                 "job=missing"]
+    # Known answer: one draw per value seen, in code point order (stripped, case kept), after
+    # the numeric statistics (in `prepare`) on the same stream.
+    cells = text_cells(df["job"])
+    seen, counts = np.unique(cells.dropna().to_numpy(dtype=str), return_counts=True)
+    assert list(seen) == ["Teacher", "astronaut", "clerk", "farmer"]
+    for seed in range(5):
+        noisy = counts + 300.0 * noise(seed).standard_normal(len(seen))
+        want = tuple(seen[noisy > 330.0])
+        assert _common_texts(cells, "job", noise(seed), 300.0, 330.0) == want
+
+
+def test_declared_text_values_are_kept_whatever_their_count_and_cost_nothing():
+    schema = TableSchema("id", "plain", ("a", "job"), kinds=(("job", "category"),),
+                         categories=(("job", ("astronaut", " clerk")),))
+    df = _text_table()
+    m = prepare(df, "s", ["a", "job"], schema, rng=noise(2))
+    assert m.columns == ["a", "a__missing", "job='astronaut'", "job='clerk'", "job=other",
+                         "job=missing"]
+    assert m.prep.release.histogram_columns == ()
+    assert m.prep.release.sensitivity == pytest.approx(math.sqrt(3))
+    assert m.x[0, 2] == 1  # the one person's value: public, so it has its column
+    clerk = (df["job"] == "clerk").to_numpy()
+    np.testing.assert_array_equal(m.x[clerk, 3], 1)
+    assert m.x[~clerk, 3].sum() == m.x[0, 3] == 0
+    # Declared numbers for a text column (or texts for numbers): refused with the fix.
+    numbers = TableSchema("id", "plain", ("a", "job"), kinds=(("job", "category"),),
+                          categories=(("job", (1.0, 2.0)),))
+    with pytest.raises(SiloDataError, match="'job' holds text but its declared categories are "
+                                            "numbers"):
+        prepare(df, "s", ["a", "job"], numbers, rng=noise(2))
+
+
+def test_a_text_column_keeps_at_most_max_categories_values_the_most_common():
+    # v00 held once, v01 twice, ... v69 seventy times: the 64 most common are kept.
+    job = [f"v{i:02d}" for i in range(70) for _ in range(i + 1)]
+    df = pd.DataFrame({"id": [str(i) for i in range(len(job))], "a": 0.0, "job": job})
+    m = prepare(df, "s", ["a", "job"], TEXT_SCHEMA, rng=None)
+    assert MAX_CATEGORIES == 64
+    assert m.columns[2:] == [*(f"job='v{i:02d}'" for i in range(6, 70)), "job=other",
+                             "job=missing"]
+    assert m.x[: 21, -2].sum() == 21  # v00..v05: 1 + 2 + ... + 6 people, all "other"
+
+
+def test_only_feature_names_and_kept_values_name_anything_leaving_the_silo():
+    """Reason codes travel as feature names (`features_of`), never as one-hot column names; the
+    one-hot names hold kept values only."""
+    from clients.silo.explain import features_of
+
+    df = _text_table()
+    df.loc[3, "job"] = "+86 138 0000 0003"  # an identifier typed into the wrong column
+    m = prepare(df, "s", ["a", "job"], TEXT_SCHEMA, rng=noise(2))
+    assert features_of(m) == ["a", "job"]
+    exact = prepare(df, "s", ["a", "job"], TEXT_SCHEMA, rng=None)  # a reference, not released
+    assert "job='+86 138 0000 0003'" in exact.columns
+    assert not any("0003" in c or "astronaut" in c for c in m.columns)
+
+
+def test_text_in_a_column_declared_numeric_is_refused_with_a_count_never_the_values():
+    df = _text_table(50)
+    df["a"] = df["a"].astype(object)
+    df.loc[[4, 9], "a"] = "C0042"
+    schema = TableSchema("id", "plain", ("a", "job"), kinds=(("a", "amount"),))
+    with pytest.raises(SiloDataError, match=r"column 'a' is not numeric: 2 of 50 cells are text "
+                                            "in a column declared amount") as err:
+        prepare(df, "s", ["a", "job"], schema, rng=noise())
+    assert "C0042" not in str(err.value)
+    assert '"kinds": {"a": "category"}' in str(err.value)
+
+
+_word = st.text(alphabet="abAB é-", min_size=1, max_size=4).map(str.strip).filter(bool)
+
+
+@settings(max_examples=40, deadline=None)
+@given(kept=st.lists(_word, min_size=1, max_size=4, unique=True), data=st.data())
+def test_property_text_categories_one_hot_consistently(kept, data):
+    """A kept value lights its own column, any other value (rare or unseen) `=other`, an empty
+    or blank cell `=missing`; surrounding spaces never matter, case always does."""
+    others = st.one_of(_word.filter(lambda w: w not in kept), st.just("zz"))
+    cell = st.one_of(st.sampled_from(kept), others, st.sampled_from(["", "  ", None]))
+    pad = st.sampled_from(["", " ", "\t"])
+    cells = data.draw(st.lists(st.tuples(cell, pad, pad), min_size=1, max_size=12))
+    column = [None if c is None else f"{left}{c}{right}" for c, left, right in cells]
+    df = pd.DataFrame({"id": [str(i) for i in range(len(column))], "a": 1.0, "job": column})
+    schema = TableSchema("id", "plain", ("a", "job"), kinds=(("job", "category"),),
+                         categories=(("job", tuple(kept)),))
+    m = prepare(df, "s", ["a", "job"], schema, rng=noise())
+    names = m.columns[2:]
+    assert names == [*(f"job={v!r}" for v in sorted(kept)), "job=other", "job=missing"]
+    block = m.x[:, 2:]
+    assert (block.sum(axis=1) == 1).all()
+    for row, (c, _, _) in enumerate(cells):
+        value = None if c is None else c.strip()
+        want = ("job=missing" if not value else
+                f"job={value!r}" if value in kept else "job=other")
+        assert names[int(block[row].argmax())] == want
+    np.testing.assert_array_equal(m.prep.transform(df.iloc[::-1]), m.x[::-1])

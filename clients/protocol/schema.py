@@ -112,10 +112,32 @@ PARTIES_FILE = "parties.json"
 # "signed_log", "real", "auto" (sign(x) log1p |x|: amounts that can be negative, or anything
 # undeclared); each is then clipped to a declared range and standardised with noisy statistics.
 # "category": one column per value (codes such as repayment status are not amounts), the values
-# listed in the schema or, without a list, chosen by a noisy thresholded count.
+# listed in the schema or, without a list, chosen by a noisy thresholded count. A column of text
+# is a category column whether declared so or "auto" (clients/silo/data.py `is_text`).
 COLUMN_KINDS = ("auto", "signed_log", "category", "amount", "count", "rate", "flag", "real")
-# Beyond this many values a "category" column is probably an amount or an id.
+# Beyond this many values a numeric "category" column is probably an amount or an id (refused);
+# a text category column keeps this many values at most, its most common, the rest "other".
 MAX_CATEGORIES = 64
+
+
+def categories_problem(values: object) -> str | None:
+    """What is wrong with a category column's declared values, or None: they must be distinct
+    numbers, or distinct texts (compared with surrounding whitespace stripped, case kept)."""
+    if not isinstance(values, list | tuple) or not values:
+        return 'must be a non-empty list of distinct numbers or texts, e.g. [1, 2] or ["a", "b"]'
+    if all(isinstance(v, str) for v in values):
+        texts = [v.strip() for v in values]
+        if not all(texts) or len(set(texts)) != len(texts):
+            return ("must be distinct non-empty texts (surrounding spaces do not count), e.g. "
+                    '["a", "b"]')
+    elif not all(_finite(v) for v in values) or len(set(values)) != len(values):
+        return ("must be a non-empty list of distinct numbers, e.g. [1, 2], or of distinct "
+                'texts, e.g. ["a", "b"] (not both)')
+    if len(values) > MAX_CATEGORIES:
+        fix = ("list none (its most common values are then kept)" if isinstance(values[0], str)
+               else "declare it auto")
+        return f"are {len(values)} values (more than {MAX_CATEGORIES}); {fix}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -133,10 +155,10 @@ class TableSchema:
     # (column, (low, high)): a numeric column's declared range in its own units, tighter than
     # its kind's default; schema.json `"ranges": {"age": [18, 100]}`.
     ranges: tuple[tuple[str, tuple[float, float]], ...] = ()
-    # (column, values): a category column's declared values; schema.json
-    # `"categories": {"sex": [1, 2]}`. Without a list the values are chosen from the data by a
-    # noisy thresholded count, which loses rare values.
-    categories: tuple[tuple[str, tuple[float, ...]], ...] = ()
+    # (column, values): a category column's declared values, numbers or texts; schema.json
+    # `"categories": {"sex": [1, 2], "region": ["north", "south"]}`. Without a list the values
+    # are chosen from the data by a noisy thresholded count, which loses rare values.
+    categories: tuple[tuple[str, tuple[float, ...] | tuple[str, ...]], ...] = ()
     # How plain identifiers are normalised (crypto/identity.IdentifierFormat): "AB12" = "ab12",
     # "007" = "7". The same in every party's schema, or PSI finds no one in common.
     id_fold_case: bool = False
@@ -172,13 +194,9 @@ class TableSchema:
             if self.kind(column) != "category":
                 raise ValueError(f"{SCHEMA_FILE}: categories names {column!r}, whose kind is "
                                  f"{self.kind(column)!r}; declare its kind category")
-            if not values or not all(_finite(v) for v in values) \
-                    or len(set(values)) != len(values):
-                raise ValueError(f"{SCHEMA_FILE}: the categories of {column!r} must be a "
-                                 "non-empty list of distinct numbers, e.g. [1, 2]")
-            if len(values) > MAX_CATEGORIES:
-                raise ValueError(f"{SCHEMA_FILE}: {column!r} declares {len(values)} categories "
-                                 f"(more than {MAX_CATEGORIES}); declare it auto")
+            problem = categories_problem(values)
+            if problem is not None:
+                raise ValueError(f"{SCHEMA_FILE}: the categories of {column!r} {problem}")
 
     @property
     def id_format(self) -> IdentifierFormat:
@@ -193,7 +211,7 @@ class TableSchema:
         """The column's declared range in its own units, None for its kind's default."""
         return dict(self.ranges).get(column)
 
-    def declared_categories(self, column: str) -> tuple[float, ...] | None:
+    def declared_categories(self, column: str) -> tuple[float, ...] | tuple[str, ...] | None:
         """A category column's declared values, None when the schema lists none."""
         return dict(self.categories).get(column)
 

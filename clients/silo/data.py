@@ -72,14 +72,10 @@ def validate(df: pd.DataFrame, silo: str, expected: list[str],
         )
     if len(df) == 0:
         raise SiloDataError(f"{where}: the table has no rows")
-    for col in expected:
-        if not pd.api.types.is_numeric_dtype(df[col]) or pd.api.types.is_bool_dtype(df[col]):
-            raise SiloDataError(
-                f"{where}: column {col!r} is not numeric (dtype {df[col].dtype}); convert it "
-                "to numbers, leaving unknown values empty"
-            )
-    values = df[expected].to_numpy(dtype=np.float64)
-    inf_cols = [c for c, bad in zip(expected, np.isinf(values).any(axis=0), strict=True) if bad]
+    text = text_columns(df, expected, schema, where)
+    numeric = [c for c in expected if c not in text]
+    values = df[numeric].to_numpy(dtype=np.float64)
+    inf_cols = [c for c, bad in zip(numeric, np.isinf(values).any(axis=0), strict=True) if bad]
     if inf_cols:
         raise SiloDataError(
             f"{where}: column(s) {', '.join(inf_cols)} hold infinite values; replace them "
@@ -89,6 +85,74 @@ def validate(df: pd.DataFrame, silo: str, expected: list[str],
         return unique_ids(df[id_column], schema.id_format)
     except IdentifierError as exc:
         raise SiloDataError(f"{where}: {exc}") from None
+
+
+# ---- text columns --------------------------------------------------------------------------
+# A feature column holding text is a category column, declared ("category") or detected (an
+# "auto" column whose non-empty cells are at least half text: a column of numbers with a few
+# stray words is a mistake to fix, not categories). Cells are compared with surrounding
+# whitespace stripped and case kept ("North" and "north" are two values); an empty or blank cell
+# is missing. No cell value is ever echoed in a message: it might be an identifier.
+
+def _numbers(values: pd.Series) -> bool:
+    """Whether a column is stored as numbers (true/false is not)."""
+    return pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values)
+
+
+def text_cells(values: pd.Series) -> pd.Series:
+    """A text column's cells as stripped strings; empty or blank cells missing (<NA>)."""
+    cells = values.astype("string").str.strip()
+    return cells.replace("", pd.NA)
+
+
+def count_text(values: pd.Series) -> tuple[int, int]:
+    """(text cells, number cells) of a column: its non-empty cells that are not numbers, and
+    those that are."""
+    if _numbers(values):
+        return 0, int(values.notna().sum())
+    cells = text_cells(values)
+    present = cells.notna().to_numpy()
+    number = pd.to_numeric(cells, errors="coerce").notna().to_numpy()
+    return int((present & ~number).sum()), int((present & number).sum())
+
+
+def is_text(values: pd.Series, kind: str) -> bool:
+    """Whether a feature column is a text category column: not stored as numbers, and declared
+    a category, or "auto" with at least as many text cells as numbers (and one at least)."""
+    if _numbers(values) or pd.api.types.is_bool_dtype(values) or kind not in ("category", "auto"):
+        return False
+    if kind == "category":
+        return True
+    text, numbers = count_text(values)
+    return text > 0 and text >= numbers
+
+
+def not_numeric(col: str, kind: str | None, values: pd.Series) -> str:
+    """Why a column that must hold numbers is refused, and the fix: counts only."""
+    text, numbers = count_text(values)
+    if not text:
+        return (f"not numeric (stored as {values.dtype}); convert it to numbers, leaving "
+                "unknown values empty")
+    why = (f"among {numbers} numbers" if kind in (None, "auto")
+           else f"in a column declared {kind}")
+    return (f"not numeric: {text} of {len(values)} cells are text {why}; declare it a category "
+            f'("kinds": {{"{col}": "category"}}) or clean the column, leaving unknown values '
+            "empty")
+
+
+def text_columns(df: pd.DataFrame, expected: list[str], schema: TableSchema,
+                 where: str) -> list[str]:
+    """The table's text category columns, in `expected` order; SiloDataError naming any other
+    column not stored as numbers."""
+    out = []
+    for col in expected:
+        if _numbers(df[col]):
+            continue
+        kind = schema.kind(col)
+        if not is_text(df[col], kind):
+            raise SiloDataError(f"{where}: column {col!r} is {not_numeric(col, kind, df[col])}")
+        out.append(col)
+    return out
 
 
 # ---- preparation: fixed transforms, declared ranges, noisy statistics ------------------------
@@ -137,10 +201,10 @@ def statistics_mechanism() -> dict:
 
     One Gaussian mechanism per silo table: per numeric column the sum of u, the sum of u^2 and
     the count of present cells, where u in [-1, 1] is the transformed value clipped to its
-    declared range; per category column whose values the schema does not list, the count of
-    each value seen. Adding or removing one person changes each numeric column's three numbers
-    by at most 1 each and one count per category column by 1, so the L2 sensitivity is
-    sqrt(3 numeric + histogram columns), and every number gets N(0, (multiplier *
+    declared range; per category column (numbers or text) whose values the schema does not
+    list, the count of each value seen. Adding or removing one person changes each numeric
+    column's three numbers by at most 1 each and one count per category column by 1, so the L2
+    sensitivity is sqrt(3 numeric + histogram columns), and every number gets N(0, (multiplier *
     sensitivity)^2): account it as `history` (noise multiplier, sample rate 1, 1 step), one
     ledger line per silo. A category value is kept only when its noisy count passes a threshold
     that a value held by one person passes with probability at most `extra_delta` over the
@@ -200,9 +264,12 @@ class Preparation:
     nothing beyond its clip) and mapped linearly to u in [-1, 1]; a missing cell takes the
     fitted mean, then (u - mean) / scale. Every numeric column has a `__missing` indicator
     column, whether or not the training table had missing cells (that too would be a private
-    fact). Category columns: one 0/1 column per value (declared in the schema, else kept by the
-    noisy count), then `=missing`. A value not among them gives an all-zero row: the person is
-    like no group the model knows, which is neutral for its first layer.
+    fact). Category columns of numbers: one 0/1 column per value (declared in the schema, else
+    kept by the noisy count), then `=missing`; a value not among them gives an all-zero row: the
+    person is like no group the model knows, which is neutral for its first layer. Text category
+    columns (`texts`, after them): one 0/1 column per kept value (`col='value'`), then
+    `=other` for every value not kept (rare, unseen, or beyond `MAX_CATEGORIES`), then
+    `=missing`; only kept values (declared, or past the noisy threshold) name a column.
     """
 
     silo: str
@@ -215,6 +282,7 @@ class Preparation:
     categories: tuple[tuple[str, tuple[float, ...]], ...]  # (column, values in sorted order)
     columns: tuple[str, ...]  # names of the model inputs, in order
     release: StatisticsRelease
+    texts: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (column, kept values, sorted)
 
     @classmethod
     def fit(cls, df: pd.DataFrame, silo: str, expected: list[str],
@@ -226,7 +294,8 @@ class Preparation:
         (simulations/ baselines, tests) that never release a model."""
         schema = schema or TableSchema()
         where = f"silo {silo!r}"
-        categorical = [c for c in expected if schema.kind(c) == "category"]
+        text = text_columns(df, expected, schema, where)
+        categorical = [c for c in expected if schema.kind(c) == "category" or c in text]
         numeric = [c for c in expected if c not in categorical]
         raw = df[numeric].to_numpy(dtype=np.float64, copy=True)
         nan = np.isnan(raw)
@@ -248,15 +317,25 @@ class Preparation:
         sensitivity = math.sqrt(3 * len(numeric) + len(histogram))
         sigma = multiplier * sensitivity
         # Draw order (a known answer for tests): sums, squares, counts, each over the numeric
-        # columns; then each histogram column's counts in schema order, values ascending.
+        # columns; then each histogram column's counts in schema order, values ascending (text
+        # by code point).
         noisy = exact if rng is None else exact + sigma * rng.standard_normal(exact.shape)
         threshold = 0.0
         if rng is not None and histogram:
             z = -NormalDist().inv_cdf(THRESHOLD_DELTA / len(histogram))
             threshold = 1.0 + sigma * z
-        categories = []
+        categories, texts = [], []
         for col in categorical:
             declared = schema.declared_categories(col)
+            if declared is not None and (col in text) != isinstance(declared[0], str):
+                held, listed = ("text", "numbers") if col in text else ("numbers", "texts")
+                raise SiloDataError(f"{where}: column {col!r} holds {held} but its declared "
+                                    f"categories are {listed}; declare its values as {held}")
+            if col in text:
+                kept = (tuple(sorted({str(v).strip() for v in declared})) if declared is not None
+                        else _common_texts(text_cells(df[col]), col, rng, sigma, threshold))
+                texts.append((col, kept))
+                continue
             if declared is not None:
                 values = np.unique(np.asarray(declared, dtype=np.float64))
             else:
@@ -274,15 +353,17 @@ class Preparation:
         names = [*numeric, *(f"{c}__missing" for c in numeric)]
         for col, levels in categories:
             names += [f"{col}={v:g}" for v in levels] + [f"{col}=missing"]
+        for col, kept in texts:
+            names += [f"{col}={v!r}" for v in kept] + [f"{col}=other", f"{col}=missing"]
         release = StatisticsRelease(multiplier, sensitivity, tuple(histogram), threshold,
                                     _frozen(noisy[0]), _frozen(noisy[1]), _frozen(noisy[2]))
         return cls(silo, tuple(numeric), transforms, _frozen(low), _frozen(high), _frozen(mean),
-                   _frozen(scale), tuple(categories), tuple(names), release)
+                   _frozen(scale), tuple(categories), tuple(names), release, tuple(texts))
 
     @property
     def features(self) -> tuple[str, ...]:
         """The table columns this preparation reads."""
-        return (*self.numeric, *(c for c, _ in self.categories))
+        return (*self.numeric, *(c for c, _ in self.categories), *(c for c, _ in self.texts))
 
     @property
     def fill(self) -> np.ndarray:
@@ -302,11 +383,11 @@ class Preparation:
         if absent:
             raise SiloDataError(f"{where}: missing column(s) {', '.join(absent)}; add them "
                                 "(empty values are allowed) or fix the column names")
+        text = {c for c, _ in self.texts}
         for col in self.features:
-            if not pd.api.types.is_numeric_dtype(df[col]) or pd.api.types.is_bool_dtype(df[col]):
-                raise SiloDataError(f"{where}: column {col!r} is not numeric (dtype "
-                                    f"{df[col].dtype}); convert it to numbers, leaving unknown "
-                                    "values empty")
+            if col not in text and not _numbers(df[col]):
+                raise SiloDataError(f"{where}: column {col!r} is "
+                                    f"{not_numeric(col, None, df[col])}")
         raw = df[list(self.numeric)].to_numpy(dtype=np.float64, copy=True)
         if np.isinf(raw).any():
             raise SiloDataError(f"{where}: infinite values; replace them with real numbers or "
@@ -320,12 +401,16 @@ class Preparation:
         x /= self.scale
         d = x.shape[1]
         widths = [len(v) + 1 for _, v in self.categories]
-        out = np.empty((len(x), 2 * d + sum(widths)), dtype=np.float32)
+        text_widths = [len(v) + 2 for _, v in self.texts]
+        out = np.empty((len(x), 2 * d + sum(widths) + sum(text_widths)), dtype=np.float32)
         out[:, :d] = x
         out[:, d : 2 * d] = nan
         start = 2 * d
         for (col, values), width in zip(self.categories, widths, strict=True):
             out[:, start : start + width] = _one_hot(df[col].to_numpy(dtype=np.float64), values)
+            start += width
+        for (col, kept), width in zip(self.texts, text_widths, strict=True):
+            out[:, start : start + width] = _one_hot_text(text_cells(df[col]), kept)
             start += width
         return out
 
@@ -376,14 +461,51 @@ def _common_values(values: np.ndarray, col: str, rng: np.random.Generator | None
     """The values of an undeclared category column: those whose count plus N(0, sigma^2)
     passes `threshold` (with rng=None, every value seen: exact, not private)."""
     seen, counts = np.unique(values[~np.isnan(values)], return_counts=True)
-    if rng is not None:
-        seen = seen[counts + sigma * rng.standard_normal(len(seen)) > threshold]
+    seen = seen[_noisy_counts(counts, rng, sigma) > threshold]
     if len(seen) > MAX_CATEGORIES:
         raise SiloDataError(
             f"column {col!r} is declared a category but has {len(seen)} "
             f"{'common ' if rng is not None else ''}distinct values (more than "
             f"{MAX_CATEGORIES}); declare it auto")
     return seen
+
+
+def _noisy_counts(counts: np.ndarray, rng: np.random.Generator | None,
+                  sigma: float) -> np.ndarray:
+    """Each value's count plus N(0, sigma^2) from `rng`, in order (exact with rng=None): what
+    the histogram of a category column releases."""
+    if rng is None:
+        return counts.astype(np.float64)
+    return counts + sigma * rng.standard_normal(len(counts))
+
+
+def _common_texts(cells: pd.Series, col: str, rng: np.random.Generator | None, sigma: float,
+                  threshold: float) -> tuple[str, ...]:
+    """The kept values of an undeclared text column: those whose count plus N(0, sigma^2) passes
+    `threshold` (the same mechanism as numbers: `_common_values`), at most `MAX_CATEGORIES` of
+    them, the largest noisy counts (post-processing); in code point order. rng=None: every
+    value seen up to the cap, exact, not private."""
+    seen, counts = np.unique(cells.dropna().to_numpy(dtype=str), return_counts=True)
+    noisy = _noisy_counts(counts, rng, sigma)
+    keep = np.flatnonzero(noisy > threshold)
+    if len(keep) > MAX_CATEGORIES:
+        log.info("column %s: %d values pass the threshold; the %d most common are kept, the "
+                 "rest count as other", col, len(keep), MAX_CATEGORIES)
+        keep = np.sort(keep[np.argsort(-noisy[keep], kind="stable")[:MAX_CATEGORIES]])
+    return tuple(str(v) for v in seen[keep])
+
+
+def _one_hot_text(cells: pd.Series, kept: tuple[str, ...]) -> np.ndarray:
+    """One 0/1 column per kept value, then `=other` (any other value), then `=missing`."""
+    width = len(kept) + 2
+    missing = cells.isna().to_numpy()
+    # "" for a missing cell: never a kept value (kept values are stripped and non-empty).
+    codes = pd.Index(list(kept), dtype=object).get_indexer(
+        cells.fillna("").to_numpy(dtype=object))
+    column = np.where(codes >= 0, codes, np.where(missing, width - 1, width - 2))
+    out = np.zeros((len(cells), width))
+    out[np.arange(len(cells)), column] = 1.0
+    return out
 
 
 def _one_hot(values: np.ndarray, categories: tuple[float, ...]) -> np.ndarray:

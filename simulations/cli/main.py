@@ -226,6 +226,9 @@ def _data(args: argparse.Namespace) -> int:
               soft_wrap=True, highlight=False)
     if checked.joint is not None:
         out.print(f"people held by every party: {checked.joint:,}", highlight=False)
+    for silo, columns in checked.text_columns.items():
+        listed = ", ".join(f"{c} ({how})" for c, how in columns.items())
+        out.print(f"text category columns of {silo}: {listed}", soft_wrap=True, highlight=False)
     if checked.problems:
         _print_problems(checked.problems)
         return 2

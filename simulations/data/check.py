@@ -19,6 +19,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from clients.protocol.schema import AUTHORITY
+from clients.silo.data import count_text, is_text, not_numeric, text_cells
 from crypto.identity import IdentifierError, IdentifierFormat, keyed_refs, unique_ids
 from simulations.data.mapping import MAPPING_FILE, Mapping, MappingProblem
 
@@ -40,6 +41,8 @@ class DataCheck:
     shared: dict[str, int]  # silo -> people it shares with the authority
     joint: int | None  # people every party holds (None when a table could not be read)
     identifiers: str  # the identifier format, in words
+    # silo -> {column: "declared" or "detected"}: its text category columns
+    text_columns: dict[str, dict[str, str]] = field(default_factory=dict)
     # party -> the table as it will be imported (labels as 0/1); not for display.
     frames: dict[str, pd.DataFrame] = field(default_factory=dict, repr=False)
 
@@ -52,19 +55,24 @@ def inspect(mapping: Mapping) -> DataCheck:
     """Read every party's table once and collect every problem of every party."""
     problems: list[MappingProblem] = []
     frames: dict[str, pd.DataFrame] = {}
+    text: dict[str, dict[str, str]] = {}
     refs: dict[str, set[str]] = {}
     key = secrets.token_bytes(32)  # this check's own: its hashes mean nothing afterwards
     fmt = mapping.id_format
     for party, path in mapping.files.items():
         needed = (mapping.label,) if party == AUTHORITY else mapping.silos[party]
         found: list[MappingProblem] = []
-        frame = _read(path, mapping.id_column(party), needed, found)
+        declared = mapping.categories.get(party, {})
+        # Declared text values are read as text: "01" stays "01".
+        as_text = tuple(c for c, v in declared.items() if v and isinstance(v[0], str))
+        frame = _read(path, mapping.id_column(party), needed, found, as_text)
         if frame is not None:
             where, id_col = path.name, mapping.id_column(party)
             if party == AUTHORITY:
                 frame = _labels(frame, mapping, where, found)
             else:
-                found += _feature_problems(frame, needed, where, mapping.kinds.get(party, {}))
+                frame, text[party] = _features(frame, needed, where,
+                                               mapping.kinds.get(party, {}), declared, found)
             try:
                 ids = unique_ids(frame[id_col], fmt)
                 refs[party] = set(keyed_refs(ids.to_numpy(), key))
@@ -78,12 +86,14 @@ def inspect(mapping: Mapping) -> DataCheck:
         problems=tuple(problems), files={p: f.name for p, f in mapping.files.items()},
         id_columns={p: mapping.id_column(p) for p in mapping.files},
         rows={p: len(f) for p, f in frames.items()}, shared=shared, joint=joint,
-        identifiers=fmt.describe(), frames=frames)
+        identifiers=fmt.describe(), text_columns={p: t for p, t in text.items() if t},
+        frames=frames)
 
 
-def _read(path: Path, id_col: str, needed: tuple[str, ...], problems: list[MappingProblem]
-          ) -> pd.DataFrame | None:
-    """The identifier and `needed` columns of a table, or None with the problems noted."""
+def _read(path: Path, id_col: str, needed: tuple[str, ...], problems: list[MappingProblem],
+          as_text: tuple[str, ...] = ()) -> pd.DataFrame | None:
+    """The identifier and `needed` columns of a table (`as_text` read as text from a CSV), or
+    None with the problems noted."""
     if not path.exists():
         problems.append(MappingProblem(where=path.name, text=f"does not exist; add the file or "
                                        f"fix its name in {MAPPING_FILE}"))
@@ -105,7 +115,8 @@ def _read(path: Path, id_col: str, needed: tuple[str, ...], problems: list[Mappi
     columns = list(dict.fromkeys((id_col, *needed)))
     if path.suffix == ".parquet":
         return pd.read_parquet(path, columns=columns)
-    return pd.read_csv(path, usecols=columns, dtype={id_col: "string"})
+    return pd.read_csv(path, usecols=columns,
+                       dtype={id_col: "string", **dict.fromkeys(as_text, "string")})
 
 
 def _missing_text(col: str, header: list[str]) -> str:
@@ -160,31 +171,49 @@ def _few_values(raw: pd.Series) -> str:
     return f" (values: {', '.join(sorted(map(repr, map(str, values))))})"
 
 
-def _feature_problems(frame: pd.DataFrame, columns: tuple[str, ...], where: str,
-                      kinds: dict[str, str]) -> list[MappingProblem]:
-    out = []
+def _features(frame: pd.DataFrame, columns: tuple[str, ...], where: str, kinds: dict[str, str],
+              categories: dict[str, list], problems: list[MappingProblem]
+              ) -> tuple[pd.DataFrame, dict[str, str]]:
+    """The table with its feature columns as they will be imported (numbers as float64, text
+    stripped, empty cells missing) and its text category columns ({column: "declared" or
+    "detected"}); problems noted. The silo applies the same rules (clients/silo/data.py)."""
+    out: dict[str, pd.Series] = {}
+    text: dict[str, str] = {}
     for col in columns:
-        values = frame[col]
-        if pd.api.types.is_bool_dtype(values):
-            continue  # true/false: imported as 1/0
-        if not pd.api.types.is_numeric_dtype(values):
-            text = int((pd.to_numeric(values, errors="coerce").isna() & values.notna()).sum())
-            fix = ("the column is declared a category: replace each category by a number "
-                   "code" if kinds.get(col) == "category" else
-                   "convert it to numbers, leaving unknown values empty; codes such as "
-                   f'"A"/"B" become numbers with "kinds": {{"{col}": "category"}}')
-            out.append(MappingProblem(where=where, column=col, text=(
-                f"not numeric ({text} of {len(values)} values are text); {fix}")))
+        values, kind = frame[col], kinds.get(col, "auto")
+        listed = categories.get(col) or []
+        listed_text = bool(listed) and isinstance(listed[0], str)
+
+        def problem(message: str, col: str = col) -> None:
+            problems.append(MappingProblem(where=where, column=col, text=message))
+
+        if is_text(values, kind):
+            cells = text_cells(values)
+            text[col] = "declared" if kind == "category" else "detected"
+            if listed and not listed_text:
+                problem(f"{count_text(values)[0]} of {len(values)} cells are text but its "
+                        "categories are numbers; list its text values, or clean the column")
+            elif cells.isna().all():
+                problem("entirely empty; fill it or drop it from the mapping")
+            out[col] = cells
             continue
-        x = values.to_numpy(dtype=np.float64)
+        if not pd.api.types.is_numeric_dtype(values):
+            if count_text(values)[0]:
+                problem(not_numeric(col, kind, values))
+                continue
+            values = pd.Series(pd.to_numeric(text_cells(values)).to_numpy(
+                dtype=np.float64, na_value=np.nan), index=values.index)  # numbers stored as text
+        if listed_text:
+            problem("holds numbers but its categories are texts; list its values as numbers, or "
+                    "store the column as text")
+        x = values.to_numpy(dtype=np.float64)  # true/false: imported as 1/0
         if np.isinf(x).any():
-            out.append(MappingProblem(where=where, column=col, text=(
-                f"{int(np.isinf(x).sum())} infinite values; replace them with real numbers or "
-                "leave them empty")))
+            problem(f"{int(np.isinf(x).sum())} infinite values; replace them with real numbers "
+                    "or leave them empty")
         if np.isnan(x).all():
-            out.append(MappingProblem(where=where, column=col, text=(
-                "entirely empty; fill it or drop it from the mapping")))
-    return out
+            problem("entirely empty; fill it or drop it from the mapping")
+        out[col] = values.astype(np.float64)
+    return frame.assign(**out), text
 
 
 def _overlaps(mapping: Mapping, refs: dict[str, set[str]], frames: dict[str, pd.DataFrame],

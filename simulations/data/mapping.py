@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from clients.protocol.schema import AUTHORITY, COLUMN_KINDS
+from clients.protocol.schema import AUTHORITY, COLUMN_KINDS, categories_problem
 from crypto.identity import ID_KINDS, IdentifierError, IdentifierFormat, check_party_name
 
 UCI_NAME = "uci"
@@ -27,14 +27,17 @@ MAPPING_HELP = """\
    "strip_leading_zeros": false,    plain ids: "00123" and "123" are one person
    "authority": {"file": "labels.csv", "label": "default",
                  "label_positive": "bad"},       the label value meaning "defaulted"
-   "silos": {"payments": {"file": "payments.csv", "columns": ["pay_0", "bill"],
+   "silos": {"payments": {"file": "payments.csv", "columns": ["pay_0", "bill", "region"],
                           "identifier": "customer_no",    this party's identifier column
-                          "kinds": {"pay_0": "category"}},
-             "profile":  {"file": "profile.parquet", "columns": ["age"]}}}
+                          "kinds": {"pay_0": "category", "region": "category"},
+                          "categories": {"region": ["north", "south"]}},  public values
+             "profile":  {"file": "profile.parquet", "columns": ["age", "job"]}}}
 
 Labels are 0/1 (1 = defaulted) unless label_positive names the default value ("bad", 2, ...).
-Feature columns are numbers (empty = missing); "kinds" per column: auto, signed_log, category,
-amount, count, rate, flag, real. Check the data first: fedscore data check DIR
+Feature columns are numbers or text (empty = missing); "kinds" per column: auto, signed_log,
+category, amount, count, rate, flag, real. A text column ("job") is a category: its listed
+values, else its common values (a noisy count), the rest "other". Check the data first:
+fedscore data check DIR
 """
 
 # Keys each level of mapping.json may hold: anything else is a typo worth reporting.
@@ -83,9 +86,10 @@ class Mapping:
     # silo -> {column: kind} for columns not prepared "auto" (COLUMN_KINDS of
     # clients/protocol/schema.py)
     kinds: dict[str, dict[str, str]] = field(default_factory=dict)
-    # silo -> {column: declared values} of category columns: declared values cost no privacy
-    # (without them a silo picks them by a noisy, thresholded count; clients/silo/data.py)
-    categories: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    # silo -> {column: declared values (numbers or texts)} of category columns: declared values
+    # cost no privacy (without them a silo picks them by a noisy, thresholded count;
+    # clients/silo/data.py)
+    categories: dict[str, dict[str, list]] = field(default_factory=dict)
     # party -> its own identifier column, where it differs from `identifier`
     identifiers: dict[str, str] = field(default_factory=dict)
     # The label value meaning "defaulted" (None: labels are already 0/1).
@@ -157,6 +161,17 @@ class Mapping:
                 elif kind not in COLUMN_KINDS:
                     problem(f"silo {silo!r}: kind {kind!r}; choose one of "
                             f"{', '.join(COLUMN_KINDS)}", col)
+        for silo, declared in self.categories.items():
+            for col, values in declared.items():
+                why = categories_problem(values)
+                if col not in self.silos.get(silo, ()):
+                    problem(f"silo {silo!r}: categories names it, but it is not one of the "
+                            "silo's columns", col)
+                elif self.kinds.get(silo, {}).get(col) != "category":
+                    problem(f'silo {silo!r}: categories lists its values; add "kinds": '
+                            f'{{"{col}": "category"}}', col)
+                elif why is not None:
+                    problem(f"silo {silo!r}: the categories {why}", col)
         return out
 
 

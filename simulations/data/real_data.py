@@ -19,7 +19,6 @@ import json
 import logging
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from clients.protocol.schema import AUTHORITY, PARTIES_FILE, SCHEMA_FILE
@@ -113,8 +112,7 @@ def _write_party(directory: Path, party: str, frame: pd.DataFrame, mapping: Mapp
             schema["kinds"] = mapping.kinds[party]
         if mapping.categories.get(party):
             schema["categories"] = mapping.categories[party]
-        name = "features.parquet"
-        frame = frame.astype(dict.fromkeys(mapping.silos[party], np.float64))
+        name = "features.parquet"  # numbers as float64, text stripped (check.inspect)
     (directory / SCHEMA_FILE).write_text(json.dumps(schema, indent=2) + "\n")
     buf = frame.to_parquet(index=False)
     write_party_file(directory / name, party, buf, store)
