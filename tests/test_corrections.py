@@ -40,6 +40,14 @@ def test_impossible_values_are_refused_with_the_reason(field, value, message):
         corrections.check_value("payments", field, value, FEATURES)
 
 
+def test_a_text_field_or_a_word_is_refused_before_anything_is_recorded():
+    fields = [*FEATURES, "employment"]
+    with pytest.raises(SiloDataError, match="employment holds text categories"):
+        corrections.check_value("payments", "employment", "salaried", fields, ["employment"])
+    with pytest.raises(SiloDataError, match="balance: give a number"):
+        corrections.check_value("payments", "balance", "lots", fields, ["employment"])
+
+
 def test_a_correction_changes_that_persons_row_only(parties):
     root, store = parties
     silo_dir = root / "payments"

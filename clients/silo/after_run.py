@@ -48,8 +48,9 @@ def correct(msg: Message, node: Node) -> Message:
     row = int(rows_at(node.context, position)[0])
     from clients.silo.explain import features_of
 
-    value = corrections.check_value(silo, str(cfg["field"]), float(cfg["value"]),
-                                    features_of(data))
+    texts = [c for c, _ in data.prep.texts] if data.prep is not None else []
+    value = corrections.check_value(silo, str(cfg["field"]), cfg["value"], features_of(data),
+                                    texts)
     held = corrections.record(silo_dir(node), silo,
                               silo_store(node), str(data.ids.iloc[row]),
                               str(cfg["field"]), value, str(cfg.get("category", "")))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Collection
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -64,11 +65,20 @@ def _save(silo_dir: Path, silo: str, store: Keystore | None, items: list[dict]) 
         tmp.replace(silo_dir / FILE)
 
 
-def check_value(silo: str, field: str, value: float, features: list[str]) -> float:
-    """The corrected value, if it is one the field can hold; else a SiloDataError naming why."""
+def check_value(silo: str, field: str, given: object, features: list[str],
+                text_fields: Collection[str] = ()) -> float:
+    """The corrected value, if it is one the field can hold; else a SiloDataError naming why.
+    A text category field is not correctable here (its value is a word, never echoed)."""
     if field not in features:
         raise SiloDataError(f"silo {silo!r} has no field {field!r}; correctable fields: "
                             f"{', '.join(features)}")
+    if field in text_fields:
+        raise SiloDataError(f"{field} holds text categories and corrections take numbers only; "
+                            "correct it in the silo's table instead")
+    try:
+        value = float(given)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise SiloDataError(f"{field}: give a number") from None
     if not math.isfinite(value):
         raise SiloDataError(f"{field}={value}: give a finite number")
     kind = {f.name: f.kind for f in SILO_FEATURES.get(silo, ())}.get(field, "real")
