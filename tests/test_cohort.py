@@ -13,7 +13,8 @@ import pytest
 
 from clients.protocol.schema import ID_COLUMN, SILOS
 from clients.protocol.tables import SiloDataError
-from clients.silo.data import load_cohort, load_silo
+from clients.silo.cohorts import load_cohort
+from clients.silo.data import load_silo
 from crypto.at_rest import AtRestError, Keystore
 from simulations.data.cohort import write_later_cohort
 from simulations.data.population import PopulationConfig, generate, write_parties

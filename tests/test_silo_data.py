@@ -27,13 +27,12 @@ from clients.protocol.tables import SiloDataError
 from clients.silo.data import (
     MIN_SCALE,
     THRESHOLD_DELTA,
-    _common_texts,
     load_silo,
     prepare,
     statistics_mechanism,
     table_digest,
-    text_cells,
 )
+from clients.silo.text_columns import common_texts, text_cells
 from crypto.secret_random import SECRET_FILE
 
 SILO = "device"
@@ -555,7 +554,7 @@ def test_a_text_column_prepares_and_a_value_held_by_one_person_is_not_kept(monke
     for seed in range(5):
         noisy = counts + 300.0 * noise(seed).standard_normal(len(seen))
         want = tuple(seen[noisy > 330.0])
-        assert _common_texts(cells, "job", noise(seed), 300.0, 330.0) == want
+        assert common_texts(cells, "job", noise(seed), 300.0, 330.0) == want
 
 
 def test_declared_text_values_are_kept_whatever_their_count_and_cost_nothing():

@@ -102,7 +102,7 @@ def score(msg: Message, node: Node) -> Message:
 
 def _cohort_rows(node: Node, data: SiloMatrix, cohort: str) -> np.ndarray:
     """A later cohort's records of the silo's people, prepared as its table is."""
-    from clients.silo.data import load_cohort
+    from clients.silo.cohorts import load_cohort
 
     return load_cohort(silo_dir(node), silo_name(node), cohort, silo_store(node), data)
 

@@ -13,11 +13,9 @@ stream, which the authority accounts (`statistics_mechanism`).
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import NormalDist
@@ -27,7 +25,16 @@ import pandas as pd
 
 from clients.protocol.schema import MAX_CATEGORIES, TableSchema, silo_schema
 from clients.protocol.tables import SiloDataError, read_table
-from crypto.at_rest import AtRestError, Keystore, party_context, read_encrypted
+from clients.silo.text_columns import (
+    common_texts,
+    noisy_counts,
+    not_numeric,
+    one_hot_text,
+    stored_as_numbers,
+    text_cells,
+    text_columns,
+)
+from crypto.at_rest import Keystore
 from crypto.identity import IdentifierError, unique_ids
 from crypto.secret_random import SecretRandom
 
@@ -85,74 +92,6 @@ def validate(df: pd.DataFrame, silo: str, expected: list[str],
         return unique_ids(df[id_column], schema.id_format)
     except IdentifierError as exc:
         raise SiloDataError(f"{where}: {exc}") from None
-
-
-# ---- text columns --------------------------------------------------------------------------
-# A feature column holding text is a category column, declared ("category") or detected (an
-# "auto" column whose non-empty cells are at least half text: a column of numbers with a few
-# stray words is a mistake to fix, not categories). Cells are compared with surrounding
-# whitespace stripped and case kept ("North" and "north" are two values); an empty or blank cell
-# is missing. No cell value is ever echoed in a message: it might be an identifier.
-
-def _numbers(values: pd.Series) -> bool:
-    """Whether a column is stored as numbers (true/false is not)."""
-    return pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values)
-
-
-def text_cells(values: pd.Series) -> pd.Series:
-    """A text column's cells as stripped strings; empty or blank cells missing (<NA>)."""
-    cells = values.astype("string").str.strip()
-    return cells.replace("", pd.NA)
-
-
-def count_text(values: pd.Series) -> tuple[int, int]:
-    """(text cells, number cells) of a column: its non-empty cells that are not numbers, and
-    those that are."""
-    if _numbers(values):
-        return 0, int(values.notna().sum())
-    cells = text_cells(values)
-    present = cells.notna().to_numpy()
-    number = pd.to_numeric(cells, errors="coerce").notna().to_numpy()
-    return int((present & ~number).sum()), int((present & number).sum())
-
-
-def is_text(values: pd.Series, kind: str) -> bool:
-    """Whether a feature column is a text category column: not stored as numbers, and declared
-    a category, or "auto" with at least as many text cells as numbers (and one at least)."""
-    if _numbers(values) or pd.api.types.is_bool_dtype(values) or kind not in ("category", "auto"):
-        return False
-    if kind == "category":
-        return True
-    text, numbers = count_text(values)
-    return text > 0 and text >= numbers
-
-
-def not_numeric(col: str, kind: str | None, values: pd.Series) -> str:
-    """Why a column that must hold numbers is refused, and the fix: counts only."""
-    text, numbers = count_text(values)
-    if not text:
-        return (f"not numeric (stored as {values.dtype}); convert it to numbers, leaving "
-                "unknown values empty")
-    why = (f"among {numbers} numbers" if kind in (None, "auto")
-           else f"in a column declared {kind}")
-    return (f"not numeric: {text} of {len(values)} cells are text {why}; declare it a category "
-            f'("kinds": {{"{col}": "category"}}) or clean the column, leaving unknown values '
-            "empty")
-
-
-def text_columns(df: pd.DataFrame, expected: list[str], schema: TableSchema,
-                 where: str) -> list[str]:
-    """The table's text category columns, in `expected` order; SiloDataError naming any other
-    column not stored as numbers."""
-    out = []
-    for col in expected:
-        if _numbers(df[col]):
-            continue
-        kind = schema.kind(col)
-        if not is_text(df[col], kind):
-            raise SiloDataError(f"{where}: column {col!r} is {not_numeric(col, kind, df[col])}")
-        out.append(col)
-    return out
 
 
 # ---- preparation: fixed transforms, declared ranges, noisy statistics ------------------------
@@ -333,7 +272,7 @@ class Preparation:
                                     f"categories are {listed}; declare its values as {held}")
             if col in text:
                 kept = (tuple(sorted({str(v).strip() for v in declared})) if declared is not None
-                        else _common_texts(text_cells(df[col]), col, rng, sigma, threshold))
+                        else common_texts(text_cells(df[col]), col, rng, sigma, threshold))
                 texts.append((col, kept))
                 continue
             if declared is not None:
@@ -385,7 +324,7 @@ class Preparation:
                                 "(empty values are allowed) or fix the column names")
         text = {c for c, _ in self.texts}
         for col in self.features:
-            if col not in text and not _numbers(df[col]):
+            if col not in text and not stored_as_numbers(df[col]):
                 raise SiloDataError(f"{where}: column {col!r} is "
                                     f"{not_numeric(col, None, df[col])}")
         raw = df[list(self.numeric)].to_numpy(dtype=np.float64, copy=True)
@@ -410,7 +349,7 @@ class Preparation:
             out[:, start : start + width] = _one_hot(df[col].to_numpy(dtype=np.float64), values)
             start += width
         for (col, kept), width in zip(self.texts, text_widths, strict=True):
-            out[:, start : start + width] = _one_hot_text(text_cells(df[col]), kept)
+            out[:, start : start + width] = one_hot_text(text_cells(df[col]), kept)
             start += width
         return out
 
@@ -461,51 +400,13 @@ def _common_values(values: np.ndarray, col: str, rng: np.random.Generator | None
     """The values of an undeclared category column: those whose count plus N(0, sigma^2)
     passes `threshold` (with rng=None, every value seen: exact, not private)."""
     seen, counts = np.unique(values[~np.isnan(values)], return_counts=True)
-    seen = seen[_noisy_counts(counts, rng, sigma) > threshold]
+    seen = seen[noisy_counts(counts, rng, sigma) > threshold]
     if len(seen) > MAX_CATEGORIES:
         raise SiloDataError(
             f"column {col!r} is declared a category but has {len(seen)} "
             f"{'common ' if rng is not None else ''}distinct values (more than "
             f"{MAX_CATEGORIES}); declare it auto")
     return seen
-
-
-def _noisy_counts(counts: np.ndarray, rng: np.random.Generator | None,
-                  sigma: float) -> np.ndarray:
-    """Each value's count plus N(0, sigma^2) from `rng`, in order (exact with rng=None): what
-    the histogram of a category column releases."""
-    if rng is None:
-        return counts.astype(np.float64)
-    return counts + sigma * rng.standard_normal(len(counts))
-
-
-def _common_texts(cells: pd.Series, col: str, rng: np.random.Generator | None, sigma: float,
-                  threshold: float) -> tuple[str, ...]:
-    """The kept values of an undeclared text column: those whose count plus N(0, sigma^2) passes
-    `threshold` (the same mechanism as numbers: `_common_values`), at most `MAX_CATEGORIES` of
-    them, the largest noisy counts (post-processing); in code point order. rng=None: every
-    value seen up to the cap, exact, not private."""
-    seen, counts = np.unique(cells.dropna().to_numpy(dtype=str), return_counts=True)
-    noisy = _noisy_counts(counts, rng, sigma)
-    keep = np.flatnonzero(noisy > threshold)
-    if len(keep) > MAX_CATEGORIES:
-        log.info("column %s: %d values pass the threshold; the %d most common are kept, the "
-                 "rest count as other", col, len(keep), MAX_CATEGORIES)
-        keep = np.sort(keep[np.argsort(-noisy[keep], kind="stable")[:MAX_CATEGORIES]])
-    return tuple(str(v) for v in seen[keep])
-
-
-def _one_hot_text(cells: pd.Series, kept: tuple[str, ...]) -> np.ndarray:
-    """One 0/1 column per kept value, then `=other` (any other value), then `=missing`."""
-    width = len(kept) + 2
-    missing = cells.isna().to_numpy()
-    # "" for a missing cell: never a kept value (kept values are stripped and non-empty).
-    codes = pd.Index(list(kept), dtype=object).get_indexer(
-        cells.fillna("").to_numpy(dtype=object))
-    column = np.where(codes >= 0, codes, np.where(missing, width - 1, width - 2))
-    out = np.zeros((len(cells), width))
-    out[np.arange(len(cells)), column] = 1.0
-    return out
 
 
 def _one_hot(values: np.ndarray, categories: tuple[float, ...]) -> np.ndarray:
@@ -577,69 +478,3 @@ def load_silo(silo_dir: Path, silo: str, store: Keystore | None = None) -> SiloM
                                          silo)
     rng = random.generator("statistics", table_digest(table))
     return prepare(table, silo, list(schema.features), schema, rng=rng)
-
-
-# ---- later cohorts (drift monitoring) ----------------------------------------------------------
-# `<silo_dir>/cohorts/<name>/features.parquet` (or `.parquet.enc`): the same people as the silo's
-# table, in the same order, observed later. An encrypted cohort is bound to the silo and to the
-# cohort's name, so it can pass neither for the silo's own table nor for another cohort.
-
-COHORTS_DIR = "cohorts"
-COHORT_TABLE = "features.parquet"
-COHORT_INFO = "cohort.json"
-_COHORT_NAME = re.compile(r"[A-Za-z0-9_-]{1,40}")
-
-
-def check_cohort_name(name: str) -> str:
-    if not isinstance(name, str) or not _COHORT_NAME.fullmatch(name):
-        raise SiloDataError(f"cohort name {name!r}: use 1 to 40 letters, digits, '_' or '-', "
-                            "e.g. later or 2024-q3")
-    return name
-
-
-def cohort_dir(silo_dir: Path, name: str) -> Path:
-    return Path(silo_dir) / COHORTS_DIR / check_cohort_name(name)
-
-
-def cohort_context(silo: str, name: str) -> bytes:
-    """What an encrypted cohort table is bound to: the silo, and the cohort's name."""
-    return party_context(silo, f"{COHORTS_DIR}/{check_cohort_name(name)}/{COHORT_TABLE}")
-
-
-def load_cohort(silo_dir: Path, silo: str, name: str, store: Keystore | None,
-                base: SiloMatrix) -> np.ndarray:
-    """A later cohort of the silo's people as model inputs prepared with the TRAINING table's
-    statistics (`base.prep`), so a shift in behaviour shows up as drift instead of being
-    standardised away. The cohort must hold exactly base's people, in base's row order."""
-    folder = cohort_dir(silo_dir, name)
-    where = f"silo {silo!r}, cohort {name!r}"
-    if base.prep is None:
-        raise SiloDataError(f"{where}: the base matrix has no fitted preparation; build it with "
-                            "prepare() or load_silo()")
-    plain, encrypted = folder / COHORT_TABLE, folder / (COHORT_TABLE + ".enc")
-    if encrypted.exists():
-        if store is None:
-            raise AtRestError(f"{encrypted} is encrypted; give the keystore it was written with "
-                              "(`--set storage.keystore=DIR`, or node config `keystore=DIR`)")
-        df = pd.read_parquet(io.BytesIO(read_encrypted(store, encrypted,
-                                                       cohort_context(silo, name))))
-    elif plain.exists():
-        df = pd.read_parquet(plain)
-    else:
-        raise SiloDataError(f"{where}: no table in {folder} (expected {COHORT_TABLE} or "
-                            f"{COHORT_TABLE}.enc); write one with "
-                            "simulations.data.cohort.write_later_cohort")
-    try:
-        schema = silo_schema(Path(silo_dir), silo)
-    except ValueError as exc:
-        raise SiloDataError(f"silo {silo!r}: {exc}") from None
-    ids = validate(df, silo, list(schema.features), schema)
-    if len(ids) != len(base.ids):
-        raise SiloDataError(f"{where}: {len(ids)} rows, but the training table has "
-                            f"{len(base.ids)}; a cohort holds the same people in the same order")
-    differ = int((ids.to_numpy() != base.ids.to_numpy()).sum())
-    if differ:
-        raise SiloDataError(f"{where}: {differ} of {len(ids)} rows hold another person than the "
-                            "training table's row; write the cohort in the training table's "
-                            "row order")
-    return base.prep.transform(df)

@@ -19,7 +19,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from clients.protocol.schema import AUTHORITY
-from clients.silo.data import count_text, is_text, not_numeric, text_cells
+from clients.silo.text_columns import count_text, is_text, not_numeric, text_cells
 from crypto.identity import IdentifierError, IdentifierFormat, keyed_refs, unique_ids
 from simulations.data.mapping import MAPPING_FILE, Mapping, MappingProblem
 

@@ -20,7 +20,8 @@ import pyarrow.parquet as pq
 
 from clients.protocol.schema import ID_COLUMN, SILOS, feature_names
 from clients.protocol.tables import read_table
-from clients.silo.data import COHORT_INFO, COHORT_TABLE, cohort_context, cohort_dir, find_table
+from clients.silo.cohorts import COHORT_INFO, COHORT_TABLE, cohort_context, cohort_dir
+from clients.silo.data import find_table
 from crypto.at_rest import Keystore, write_encrypted
 from simulations.data.features import LATENT_CORR, LATENTS, _draw_features
 from simulations.data.population import PopulationConfig, _generate
