@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -263,8 +264,55 @@ def _parse(raw: object, directory: Path, problems: list[MappingProblem]) -> Mapp
         problem('silos: give {"<name>": {"file": "x.csv", "columns": ["a", "b"]}, ...}')
         silos, usable = {}, False
     _unknown_keys(authority, AUTHORITY_KEYS, "authority", problem)
+    files, identifiers, parties_usable = _party_files(authority, silos, directory, problem)
+    label = authority.get("label")
+    if authority and (not isinstance(label, str) or not label):
+        problem("authority.label: name the label column (1 or label_positive = defaulted)")
+        usable = False
+    identifier = raw.get("identifier")
+    if identifier is not None and not (isinstance(identifier, str) and identifier):
+        problem("identifier: name the identifier column")
+    missing_id = [p for p in (AUTHORITY, *silos) if p not in identifiers]
+    if identifier is None and missing_id:
+        problem(f"identifier: name the identifier column (for {', '.join(missing_id)}), or give "
+                "each party its own `identifier`")
+    columns, columns_usable = _silo_columns(silos, problem)
+    flags = {}
+    for key in ("fold_case", "strip_leading_zeros"):
+        value = raw.get(key, False)
+        if not isinstance(value, bool):
+            problem(f"{key}: true or false")
+        flags[key] = value is True
+    positive = authority.get("label_positive")
+    if positive is not None and (isinstance(positive, bool)
+                                 or not isinstance(positive, str | int | float)):
+        problem('authority.label_positive: the label value meaning default, e.g. "bad" or 1')
+        positive = None
+    kind = raw.get("identifier_kind", "plain")
+    if not (usable and parties_usable and columns_usable):
+        return None
+    try:
+        return Mapping(
+            identifier or "", kind, str(label), columns, files,
+            {s: dict(spec.get("kinds", {})) for s, spec in silos.items()},
+            {s: dict(spec["categories"]) for s, spec in silos.items() if spec.get("categories")},
+            identifiers, positive, **flags)
+    except DataImportError as exc:
+        problems.extend(exc.problems)
+        return None
+    except (TypeError, ValueError, AttributeError) as exc:
+        problem(f"kinds and categories map column names to a kind and to a list of values "
+                f"({type(exc).__name__})")
+        return None
+
+
+def _party_files(authority: dict, silos: dict, directory: Path, problem: Callable[[str], None]
+                 ) -> tuple[dict[str, Path], dict[str, str], bool]:
+    """Each party's table and own identifier column, and whether every silo's entry is an
+    object; the problems of each entry."""
     files: dict[str, Path] = {}
     identifiers: dict[str, str] = {}
+    usable = True
     for party, spec in ((AUTHORITY, authority), *silos.items()):
         what = "authority" if party == AUTHORITY else f"silos.{party}"
         if party != AUTHORITY:
@@ -286,18 +334,14 @@ def _parse(raw: object, directory: Path, problems: list[MappingProblem]) -> Mapp
                 identifiers[party] = spec["identifier"]
             else:
                 problem(f"{what}.identifier: name the party's identifier column")
-    label = authority.get("label")
-    if authority and (not isinstance(label, str) or not label):
-        problem("authority.label: name the label column (1 or label_positive = defaulted)")
-        usable = False
-    identifier = raw.get("identifier")
-    if identifier is not None and not (isinstance(identifier, str) and identifier):
-        problem("identifier: name the identifier column")
-    missing_id = [p for p in (AUTHORITY, *silos) if p not in identifiers]
-    if identifier is None and missing_id:
-        problem(f"identifier: name the identifier column (for {', '.join(missing_id)}), or give "
-                "each party its own `identifier`")
+    return files, identifiers, usable
+
+
+def _silo_columns(silos: dict, problem: Callable[[str], None]
+                  ) -> tuple[dict[str, tuple[str, ...]], bool]:
+    """Each silo's feature columns, and whether every silo lists them."""
     columns: dict[str, tuple[str, ...]] = {}
+    usable = True
     for silo, spec in silos.items():
         cols = spec.get("columns") if isinstance(spec, dict) else None
         if not isinstance(cols, list) or not all(isinstance(c, str) for c in cols):
@@ -305,33 +349,7 @@ def _parse(raw: object, directory: Path, problems: list[MappingProblem]) -> Mapp
             usable = False
             continue
         columns[silo] = tuple(cols)
-    flags = {}
-    for key in ("fold_case", "strip_leading_zeros"):
-        value = raw.get(key, False)
-        if not isinstance(value, bool):
-            problem(f"{key}: true or false")
-        flags[key] = value is True
-    positive = authority.get("label_positive")
-    if positive is not None and (isinstance(positive, bool)
-                                 or not isinstance(positive, str | int | float)):
-        problem('authority.label_positive: the label value meaning default, e.g. "bad" or 1')
-        positive = None
-    kind = raw.get("identifier_kind", "plain")
-    if not usable:
-        return None
-    try:
-        return Mapping(
-            identifier or "", kind, str(label), columns, files,
-            {s: dict(spec.get("kinds", {})) for s, spec in silos.items()},
-            {s: dict(spec["categories"]) for s, spec in silos.items() if spec.get("categories")},
-            identifiers, positive, **flags)
-    except DataImportError as exc:
-        problems.extend(exc.problems)
-        return None
-    except (TypeError, ValueError, AttributeError) as exc:
-        problem(f"kinds and categories map column names to a kind and to a list of values "
-                f"({type(exc).__name__})")
-        return None
+    return columns, usable
 
 
 def _unknown_keys(spec: dict, allowed: frozenset[str], what: str, problem) -> None:
