@@ -23,7 +23,7 @@ from clients.protocol.schema import (
     feature_names,
     silo_schema,
 )
-from clients.protocol.tables import SiloDataError
+from clients.protocol.tables import SiloDataError, read_table
 from clients.silo.data import (
     MIN_SCALE,
     THRESHOLD_DELTA,
@@ -642,3 +642,42 @@ def test_property_text_categories_one_hot_consistently(kept, data):
                 f"job={value!r}" if value in kept else "job=other")
         assert names[int(block[row].argmax())] == want
     np.testing.assert_array_equal(m.prep.transform(df.iloc[::-1]), m.x[::-1])
+
+
+def test_codes_arriving_as_floats_and_na_words_meet_the_fitted_values():
+    """A text column of codes read back as floats at scoring time ("1.0") must meet its
+    fitted value "1"; the words pandas reads as missing in a CSV are missing in parquet too."""
+    fitted = pd.Series(["A", "B", "1", "1", "A", "nan", "None", " "], dtype=object)
+    assert text_cells(fitted).tolist()[:5] == ["A", "B", "1", "1", "A"]
+    assert text_cells(fitted).isna().tolist()[5:] == [True, True, True]
+    later = pd.Series([1.0, np.nan, 2.5, -3.0])
+    assert text_cells(later).fillna("<missing>").tolist() == ["1", "<missing>", "2.5", "-3"]
+    schema = TableSchema("id", "plain", ("job",), kinds=(("job", "category"),),
+                         categories=(("job", ("1", "A")),))
+    df = pd.DataFrame({"id": ["p0", "p1", "p2"], "job": ["1", "A", "1"]})
+    prep = prepare(df, "s", ["job"], schema, rng=noise(1)).prep
+    x = prep.transform(pd.DataFrame({"id": ["p0", "p1"], "job": [1.0, np.nan]}))
+    assert prep.columns == ("job='1'", "job='A'", "job=other", "job=missing")
+    np.testing.assert_array_equal(x, [[1, 0, 0, 0], [0, 0, 0, 1]])
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ([True, False, True], "stored as true/false; store it as 0/1"),
+    (pd.to_datetime(["2020-01-01", "2020-02-01", "2021-01-01"]), "stored as dates or durations"),
+])
+def test_true_false_and_dates_are_refused_with_the_fix_even_as_categories(values, message):
+    df = pd.DataFrame({"id": ["p0", "p1", "p2"], "f": values})
+    for kinds in ((("f", "category"),), ()):
+        schema = TableSchema("id", "plain", ("f",), kinds=kinds)
+        with pytest.raises(SiloDataError, match=message):
+            prepare(df, "s", ["f"], schema, rng=noise(1))
+
+
+def test_a_csv_reads_declared_text_as_text_and_guesses_types_over_the_whole_file(tmp_path):
+    path = tmp_path / "features.csv"
+    rows = 300_000  # past pandas' chunk for type guessing: chunk by chunk "7" became "7.0" too
+    pd.DataFrame({"id": [f"p{i}" for i in range(rows)], "code": ["01", "02"] * (rows // 2),
+                  "mixed": ["7", ""] * 135_000 + ["x"] * 30_000}).to_csv(path, index=False)
+    table = read_table(path, "s", None, "id", ["code"])
+    assert set(table["code"]) == {"01", "02"}
+    assert set(text_cells(table["mixed"]).dropna()) == {"7", "x"}

@@ -215,6 +215,10 @@ class TableSchema:
         """A category column's declared values, None when the schema lists none."""
         return dict(self.categories).get(column)
 
+    def declared_text(self) -> tuple[str, ...]:
+        """The columns whose declared categories are texts (a CSV reads them as text)."""
+        return tuple(c for c, values in self.categories if values and isinstance(values[0], str))
+
 
 def _finite(value: object) -> bool:
     return (isinstance(value, numbers.Real) and not isinstance(value, bool)

@@ -8,6 +8,7 @@ the same way; the error a table that cannot be used raises is the same on both s
 from __future__ import annotations
 
 import io
+from collections.abc import Iterable
 from pathlib import Path
 
 import pandas as pd
@@ -21,12 +22,16 @@ class SiloDataError(ValueError):
 
 
 def read_table(path: Path, silo: str = "", store: Keystore | None = None,
-               id_column: str = ID_COLUMN) -> pd.DataFrame:
-    """A table as a frame; an encrypted `.parquet.enc` is decrypted in memory with `store`."""
+               id_column: str = ID_COLUMN, text: Iterable[str] = ()) -> pd.DataFrame:
+    """A table as a frame; an encrypted `.parquet.enc` is decrypted in memory with `store`.
+    A CSV's `text` columns (declared text categories) are read as text, so "01" stays "01";
+    its other columns' types are guessed over the whole file, not chunk by chunk (which split
+    a column of "7" and "x" into "7" and "7.0")."""
     if path.name.endswith(".parquet.enc"):
         return pd.read_parquet(io.BytesIO(read_party_file(path, silo, store)))
     if path.suffix == ".parquet":
         return pd.read_parquet(path)
     if path.suffix == ".csv":
-        return pd.read_csv(path, dtype={id_column: "string"})
+        return pd.read_csv(path, dtype={id_column: "string", **dict.fromkeys(text, "string")},
+                           low_memory=False)
     raise SiloDataError(f"unsupported table format {path.suffix!r} ({path}); use .parquet or .csv")

@@ -110,7 +110,8 @@ def apply(matrix: SiloMatrix, silo_dir: Path, silo: str, store: Keystore | None,
     if not items:
         return matrix
     schema = silo_schema(silo_dir, silo)
-    table = read_table(find_table(silo_dir), silo, store, schema.id_column)
+    table = read_table(find_table(silo_dir), silo, store, schema.id_column,
+                       schema.declared_text())
     ids = normalize_ids(table[schema.id_column], schema.id_format)
     latest = pd.DataFrame(items).drop_duplicates(["id", "field"], keep="last")
     rows = pd.Index(ids).get_indexer(latest["id"])

@@ -473,7 +473,8 @@ def load_silo(silo_dir: Path, silo: str, store: Keystore | None = None) -> SiloM
         schema = silo_schema(silo_dir, silo)
     except ValueError as exc:
         raise SiloDataError(f"silo {silo!r}: {exc}") from None
-    table = read_table(find_table(silo_dir), silo, store, schema.id_column)
+    table = read_table(find_table(silo_dir), silo, store, schema.id_column,
+                       schema.declared_text())
     random = SecretRandom.load_or_create(store.path if store is not None else Path(silo_dir),
                                          silo)
     rng = random.generator("statistics", table_digest(table))

@@ -26,10 +26,26 @@ def stored_as_numbers(values: pd.Series) -> bool:
     return pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values)
 
 
+# The texts pandas reads as missing in a CSV by default: a parquet table written from a frame
+# with `astype(str)` holds them as words, and they must mean the same in both formats.
+NA_TEXTS = frozenset({"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan",
+                      "1.#IND", "1.#QNAN", "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a",
+                      "nan", "null"})
+
+
 def text_cells(values: pd.Series) -> pd.Series:
-    """A text column's cells as stripped strings; empty or blank cells missing (<NA>)."""
-    cells = values.astype("string").str.strip()
-    return cells.replace("", pd.NA)
+    """A text column's cells as stripped strings; empty, blank or NA-word cells missing (<NA>).
+    Whole numbers stored as floats read as integers ("1", not "1.0"): a column of codes that
+    arrives as floats at scoring time must meet the values it was fitted on."""
+    if pd.api.types.is_float_dtype(values):
+        number = values.to_numpy(dtype=np.float64)
+        whole = np.isfinite(number) & (np.abs(number) < 2.0**53) & (number == np.round(number))
+        cells = values.astype("string")
+        cells[whole] = pd.Series(number[whole].astype(np.int64)).astype("string").to_numpy()
+    else:
+        cells = values.astype("string")
+    cells = cells.str.strip()
+    return cells.mask(cells.isin(NA_TEXTS))
 
 
 def count_text(values: pd.Series) -> tuple[int, int]:
@@ -46,7 +62,7 @@ def count_text(values: pd.Series) -> tuple[int, int]:
 def is_text(values: pd.Series, kind: str) -> bool:
     """Whether a feature column is a text category column: not stored as numbers, and declared
     a category, or "auto" with at least as many text cells as numbers (and one at least)."""
-    if (stored_as_numbers(values) or pd.api.types.is_bool_dtype(values)
+    if (stored_as_numbers(values) or _not_text(values) is not None
             or kind not in ("category", "auto")):
         return False
     if kind == "category":
@@ -55,8 +71,22 @@ def is_text(values: pd.Series, kind: str) -> bool:
     return text > 0 and text >= numbers
 
 
+def _not_text(values: pd.Series) -> str | None:
+    """Why a column stored as true/false, dates or durations is neither numbers nor text
+    categories (one category per date would be no model input), with the fix; else None."""
+    if pd.api.types.is_bool_dtype(values):
+        return "stored as true/false; store it as 0/1 (kind flag)"
+    if pd.api.types.is_datetime64_any_dtype(values) or pd.api.types.is_timedelta64_dtype(values):
+        return ("stored as dates or durations; convert it to a number, e.g. days since an event "
+                "or a duration in days")
+    return None
+
+
 def not_numeric(col: str, kind: str | None, values: pd.Series) -> str:
     """Why a column that must hold numbers is refused, and the fix: counts only."""
+    stored = _not_text(values)
+    if stored is not None:
+        return stored
     text, numbers = count_text(values)
     if not text:
         return (f"not numeric (stored as {values.dtype}); convert it to numbers, leaving "
@@ -98,7 +128,11 @@ def common_texts(cells: pd.Series, col: str, rng: np.random.Generator | None, si
     `threshold` (the same mechanism as numbers: clients/silo/data.py `_common_values`), at most
     `MAX_CATEGORIES` of them, the largest noisy counts (post-processing); in code point order.
     rng=None: every value seen up to the cap, exact, not private."""
-    seen, counts = np.unique(cells.dropna().to_numpy(dtype=str), return_counts=True)
+    # value_counts, not np.unique over a fixed-width copy: one long free-text cell would make
+    # that copy rows x longest cell x 4 bytes. Sorted by code point, as the draw order says.
+    counted = cells.dropna().value_counts().sort_index()
+    seen = counted.index.to_numpy(dtype=object)
+    counts = counted.to_numpy(dtype=np.int64)
     noisy = noisy_counts(counts, rng, sigma)
     keep = np.flatnonzero(noisy > threshold)
     if len(keep) > MAX_CATEGORIES:

@@ -115,7 +115,7 @@ def _read(path: Path, id_col: str, needed: tuple[str, ...], problems: list[Mappi
     columns = list(dict.fromkeys((id_col, *needed)))
     if path.suffix == ".parquet":
         return pd.read_parquet(path, columns=columns)
-    return pd.read_csv(path, usecols=columns,
+    return pd.read_csv(path, usecols=columns, low_memory=False,
                        dtype={id_col: "string", **dict.fromkeys(as_text, "string")})
 
 
