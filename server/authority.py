@@ -332,7 +332,7 @@ def _model_metrics(ctx: _Context, plan: _Plan, trained: _Trained, scored: _Score
         "tiers": scoring.tier_counts(tier[scored.eligible]),
         "test_tiers": scoring.tier_counts(tier[test]),
         "test_default_rate_by_tier": _rate_by_tier(y[test], tier[test]),
-        "calibration": {"a": calibrate.a, "b": calibrate.b},
+        "calibration": calibrate.to_json(),
         # What re-scoring one person later needs (server/rescore.py): the silos keep their
         # models of the final round under the run key.
         "model": {"bias": result.bias, "final_round": result.round_trips,

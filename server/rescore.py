@@ -63,7 +63,7 @@ class Scorer:
                                "scoring again would release more, which its accountant does not "
                                "cover. Score with a run without privacy.transcript_sigma")
         model = info["model"]
-        return cls(cfg, float(model["bias"]), scoring.Platt(**info["calibration"]),
+        return cls(cfg, float(model["bias"]), scoring.Platt.from_json(info["calibration"]),
                    str(model["run_key"]), int(model["final_round"]), int(model["reasons"]),
                    int(info["people"]["aligned"]))
 

@@ -6,6 +6,7 @@ every PDO points double the odds of repaying; base_score sits at base_odds.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -61,14 +62,31 @@ def tier_counts(tier_index: np.ndarray) -> dict[str, int]:
 
 @dataclass(frozen=True)
 class Platt:
-    """p = sigmoid(a * z + b), fitted on held-out logits.
+    """p = sigmoid(a * clip(z, low, high) + b), fitted on held-out logits.
 
     Newton's method with backtracking on the standardised logit, so extreme or badly scaled
     logits (an unstable model) still give a finite, loss-decreasing fit instead of diverging.
+    The exact fit holds for every logit; the private fit only saw logits clipped to its declared
+    domain, so it is applied the same way (`low`, `high`): outside it, the fitted function is
+    flat, and extending its line there scored a diverged model's people as almost riskless.
     """
 
     a: float = 1.0
     b: float = 0.0
+    low: float = -math.inf
+    high: float = math.inf
+
+    def to_json(self) -> dict[str, float | list[float]]:
+        """For authority.json (JSON holds no infinity: an unbounded domain is left out)."""
+        out: dict[str, float | list[float]] = {"a": self.a, "b": self.b}
+        if math.isfinite(self.low) or math.isfinite(self.high):
+            out["domain"] = [self.low, self.high]
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict) -> Platt:
+        low, high = data.get("domain", (-math.inf, math.inf))
+        return cls(float(data["a"]), float(data["b"]), float(low), float(high))
 
     @classmethod
     def fit(cls, z: np.ndarray, y: np.ndarray, iterations: int = 100) -> Platt:
@@ -128,10 +146,15 @@ class Platt:
             hess = np.array([[h00, h01], [h01, h11]]) + ridge * np.eye(2)
             values, vectors = np.linalg.eigh(hess)
             hess = (vectors * np.maximum(values, ridge)) @ vectors.T
-            w = w - np.linalg.solve(hess, np.array([g0, g1]))
+            step = np.linalg.solve(hess, np.array([g0, g1]))
+            # A trust region (post-processing, no privacy cost): from the identity, a model far
+            # from calibrated (a diverged one) made a full Newton step overshoot to the slope's
+            # bound, and the few affordable steps never came back.
+            w = w - step * min(1.0, CALIBRATION_TRUST / max(float(np.linalg.norm(step)), 1e-12))
         # A calibration never reverses the ranking (post-processing, no privacy cost).
         a = float(np.clip(w[0] / CALIBRATION_SCALE, 0.1, 10.0))
-        return cls(a, float(w[1] - a * CALIBRATION_CENTRE))
+        return cls(a, float(w[1] - a * CALIBRATION_CENTRE),
+                   CALIBRATION_CENTRE - CALIBRATION_SCALE, CALIBRATION_CENTRE + CALIBRATION_SCALE)
 
     @staticmethod
     def private_fit_pays(noise_multiplier: float, expected_n: float) -> bool:
@@ -140,7 +163,8 @@ class Platt:
         return noise_multiplier * CALIBRATION_SENSITIVITY < 0.02 * expected_n
 
     def __call__(self, z: np.ndarray) -> np.ndarray:
-        return _sigmoid(self.a * np.asarray(z, dtype=np.float64) + self.b)
+        z = np.clip(np.asarray(z, dtype=np.float64), self.low, self.high)
+        return _sigmoid(self.a * z + self.b)
 
 
 MIN_SLOPE = 1e-3
@@ -149,6 +173,7 @@ CALIBRATION_CENTRE, CALIBRATION_SCALE = -3.0, 3.0
 # One person's largest change to the five released sums: sqrt(2 + 3 / 16).
 CALIBRATION_SENSITIVITY = float(np.sqrt(2.0 + 3.0 / 16.0))
 CALIBRATION_RIDGE = 0.01  # share of the expected count added to the Hessian's diagonal
+CALIBRATION_TRUST = 1.5  # the longest Newton step in (slope, intercept) of the unit logit
 
 
 def contribution_points(summary: dict[str, float], calibration: Platt, cfg: ScoreConfig
