@@ -91,6 +91,14 @@ def rows_of(data: Path) -> int:
         return sum(1 for _ in f) - 1
 
 
+def _why(stderr: str) -> str:
+    """The first problem a refusal lists (`fedscore data check`'s "  - file, column: ..."),
+    else its last line."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()] or ["?"]
+    problems = [line[2:] for line in lines if line.startswith("- ")]
+    return (problems or lines[-1:])[0].split(";")[0][:120]
+
+
 def measure(data: Path, out: Path, privacy: str) -> Outcome:
     """`fedscore run` on `data` into `out` (a fresh directory) and its outcome."""
     env = {**os.environ, **ENGINE_ENV, "FLWR_HOME": str(out.parent / ".flwr")}
@@ -100,9 +108,8 @@ def measure(data: Path, out: Path, privacy: str) -> Outcome:
     seconds = time.perf_counter() - t0
     rows = rows_of(data)
     if proc.returncode != 0:
-        last = [line for line in proc.stderr.splitlines() if line.strip()][-1:] or ["?"]
         return Outcome(dataset=data.name, privacy=privacy, rows=rows, seconds=seconds,
-                       refused=last[0].strip()[:200])
+                       refused=_why(proc.stderr))
     metrics = json.loads((out / "metrics.json").read_text())
     return outcome_of(data.name, privacy, rows, metrics, seconds)
 
