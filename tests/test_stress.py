@@ -62,7 +62,7 @@ def test_federated_within_002_of_the_best_central_reference(tmp_path: Path, name
     data = GENERATORS[name](tmp_path / "data" / name)
     _fix_party_secrets(tmp_path / "run.parties.keys", name, read_mapping(data).silos)
     proc = run_cli(*run_args(data, Path("run"), "inf"), cwd=tmp_path, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-3000:], proc.stdout[-3000:])
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     outcome = outcome_of(name, "inf", rows_of(data), metrics)
     assert outcome.passed, (f"{name}: federated {outcome.federated:.4f}, {outcome.reference} "
