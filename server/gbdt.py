@@ -35,6 +35,8 @@ from clients.protocol.gbdt import (
 
 log = logging.getLogger(__name__)
 
+EMPTY = 1e-9  # a child with less than this share of its node's hessian holds no rows
+
 
 @dataclass(frozen=True, kw_only=True)
 class GbdtParams:
@@ -105,9 +107,11 @@ def split_gains(
     lam = params.lambda_
     gain = 0.5 * (_score(gl, hl, lam) + _score(gr, hr, lam) - _score(g_total, h_total, lam))
     gain -= params.gamma
-    # A child must carry hessian (at least min_child_weight, and above zero so that it holds
-    # rows): otherwise the "split" only moves nothing to one side.
-    ok = (hl >= params.min_child_weight) & (hr >= params.min_child_weight) & (hl > 0) & (hr > 0)
+    # A child must carry at least min_child_weight of hessian, and more than rounding: sums
+    # taken from the parent by subtraction leave ~1e-16 relative residue in an empty child, and
+    # a "split" that moves nothing to one side would otherwise pass when min_child_weight is 0.
+    floor = max(params.min_child_weight, EMPTY * h_total)
+    ok = (hl >= floor) & (hr >= floor) & (hl > 0) & (hr > 0)
     return np.where(ok, gain, -np.inf)
 
 
@@ -140,6 +144,9 @@ def leaf_value(g_total: float, h_total: float, params: GbdtParams) -> float:
     return -params.lr * g_total / (h_total + params.lambda_)
 
 
+Sums = dict[str, tuple[np.ndarray, np.ndarray]]  # per silo: (G, H), each (features, bins)
+
+
 def grow_tree(
     silos: Mapping[str, SiloEndpoint], g: np.ndarray, h: np.ndarray, tree_id: int,
     params: GbdtParams,
@@ -150,13 +157,17 @@ def grow_tree(
     tree = Tree()
     values = np.zeros(len(g))
     open_nodes: dict[int, np.ndarray] = {0: np.arange(len(g), dtype=np.int64)}
+    parents: dict[int, Sums] = {}
     for level in range(params.depth + 1):
         if not open_nodes:
             break
         if level == params.depth:
             found: dict[int, Split | None] = dict.fromkeys(open_nodes)
         else:
-            found = _level_splits(silos, open_nodes, g, h, tree_id, params)
+            sums = _level_sums(silos, open_nodes, parents, tree_id, params.bins)
+            found = {node: _node_split(sums[node], g[rows], h[rows], params)
+                     for node, rows in open_nodes.items()}
+            parents = sums
         children: dict[int, np.ndarray] = {}
         for node, rows in open_nodes.items():
             split = found[node]
@@ -176,20 +187,42 @@ def grow_tree(
     return tree, values
 
 
-def _level_splits(
+def _node_split(sums: Sums, g: np.ndarray, h: np.ndarray, params: GbdtParams) -> Split | None:
+    best = best_split(sums, float(g.sum()), float(h.sum()), params)
+    return None if best is None else best[0]
+
+
+def _level_sums(
     silos: Mapping[str, SiloEndpoint], open_nodes: dict[int, np.ndarray],
-    g: np.ndarray, h: np.ndarray, tree_id: int, params: GbdtParams,
-) -> dict[int, Split | None]:
+    parents: dict[int, Sums], tree_id: int, bins: int,
+) -> dict[int, Sums]:
+    """Every open node's histograms per silo. Siblings are opened together, so the silos sum
+    only the smaller of each pair and the authority takes the other from the parent's sums
+    (LightGBM's and XGBoost's subtraction trick): half the silos' work, and under encryption
+    half the ciphertext work. Both sides of a lossless comparison subtract alike."""
+    asked = [n for n in open_nodes
+             if n == 0 or _size(n, open_nodes) < _size(_sibling(n), open_nodes)]
     request = HistogramRequest(
-        tree=tree_id, nodes=tuple(NodeRows(node=n, rows=r) for n, r in open_nodes.items()))
-    replies = {name: _by_node(silo.histograms(request), silo.features, params.bins)
+        tree=tree_id, nodes=tuple(NodeRows(node=n, rows=open_nodes[n]) for n in asked))
+    replies = {name: _by_node(silo.histograms(request), silo.features, bins)
                for name, silo in silos.items()}
-    found: dict[int, Split | None] = {}
-    for node, rows in open_nodes.items():
-        per_silo = {name: sums[node] for name, sums in replies.items()}
-        best = best_split(per_silo, float(g[rows].sum()), float(h[rows].sum()), params)
-        found[node] = None if best is None else best[0]
-    return found
+    sums: dict[int, Sums] = {n: {name: r[n] for name, r in replies.items()} for n in asked}
+    for n in asked:
+        if n == 0:
+            continue
+        parent, sibling = parents[(n - 1) // 2], _sibling(n)
+        sums[sibling] = {name: (pg - sums[n][name][0], ph - sums[n][name][1])
+                         for name, (pg, ph) in parent.items()}
+    return sums
+
+
+def _size(node: int, open_nodes: dict[int, np.ndarray]) -> tuple[int, int]:
+    """Order of siblings for the silos' work: fewer rows first, a tie to the left child."""
+    return len(open_nodes[node]), node
+
+
+def _sibling(node: int) -> int:
+    return node + 1 if node % 2 else node - 1
 
 
 def _by_node(
