@@ -20,10 +20,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 
 from clients.protocol.gbdt import (
+    EncryptedGradients,
+    EncryptedNodeHistogram,
     Gradients,
     HistogramReply,
     HistogramRequest,
@@ -32,6 +35,7 @@ from clients.protocol.gbdt import (
     SiloEndpoint,
     SplitRequest,
 )
+from crypto import he
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +51,9 @@ class GbdtParams:
     lambda_: float = 1.0
     min_child_weight: float = 1.0
     gamma: float = 0.0
+    # "he": the silos see g, h only under BFV and return encrypted sums (crypto/he.py; bins
+    # must then be a power of two). "plain" reveals labels to the silos: simulation only.
+    protection: Literal["plain", "he"] = "plain"
 
     def __post_init__(self) -> None:
         if self.trees < 1 or self.depth < 1:
@@ -149,11 +156,16 @@ Sums = dict[str, tuple[np.ndarray, np.ndarray]]  # per silo: (G, H), each (featu
 
 def grow_tree(
     silos: Mapping[str, SiloEndpoint], g: np.ndarray, h: np.ndarray, tree_id: int,
-    params: GbdtParams,
+    params: GbdtParams, keys: he.SecretHe | None = None,
 ) -> tuple[Tree, np.ndarray]:
-    """One tree level by level; also returns each training row's leaf value."""
+    """One tree level by level; also returns each training row's leaf value. With `keys`,
+    g and h go out encrypted (once per tree) and the silos' sums come back encrypted."""
+    message: Gradients | EncryptedGradients = Gradients(tree=tree_id, g=g, h=h)
+    if keys is not None:
+        pairs = he.encrypt_pairs(keys.public, g=g, h=h)
+        message = EncryptedGradients(tree=tree_id, public=keys.public, pairs=pairs)
     for silo in silos.values():
-        silo.gradients(Gradients(tree=tree_id, g=g, h=h))
+        silo.gradients(message)
     tree = Tree()
     values = np.zeros(len(g))
     open_nodes: dict[int, np.ndarray] = {0: np.arange(len(g), dtype=np.int64)}
@@ -164,7 +176,7 @@ def grow_tree(
         if level == params.depth:
             found: dict[int, Split | None] = dict.fromkeys(open_nodes)
         else:
-            sums = _level_sums(silos, open_nodes, parents, tree_id, params.bins)
+            sums = _level_sums(silos, open_nodes, parents, tree_id, params.bins, keys)
             found = {node: _node_split(sums[node], g[rows], h[rows], params)
                      for node, rows in open_nodes.items()}
             parents = sums
@@ -194,7 +206,7 @@ def _node_split(sums: Sums, g: np.ndarray, h: np.ndarray, params: GbdtParams) ->
 
 def _level_sums(
     silos: Mapping[str, SiloEndpoint], open_nodes: dict[int, np.ndarray],
-    parents: dict[int, Sums], tree_id: int, bins: int,
+    parents: dict[int, Sums], tree_id: int, bins: int, keys: he.SecretHe | None,
 ) -> dict[int, Sums]:
     """Every open node's histograms per silo. Siblings are opened together, so the silos sum
     only the smaller of each pair and the authority takes the other from the parent's sums
@@ -204,7 +216,7 @@ def _level_sums(
              if n == 0 or _size(n, open_nodes) < _size(_sibling(n), open_nodes)]
     request = HistogramRequest(
         tree=tree_id, nodes=tuple(NodeRows(node=n, rows=open_nodes[n]) for n in asked))
-    replies = {name: _by_node(silo.histograms(request), silo.features, bins)
+    replies = {name: _by_node(silo.histograms(request), silo.features, bins, keys)
                for name, silo in silos.items()}
     sums: dict[int, Sums] = {n: {name: r[n] for name, r in replies.items()} for n in asked}
     for n in asked:
@@ -226,10 +238,19 @@ def _sibling(node: int) -> int:
 
 
 def _by_node(
-    reply: HistogramReply, features: int, bins: int
+    reply: HistogramReply, features: int, bins: int, keys: he.SecretHe | None
 ) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     out = {}
-    for sums in reply.nodes:
+    for node in reply.nodes:
+        if isinstance(node, EncryptedNodeHistogram):
+            if keys is None or node.sums.features != features:
+                raise ValueError(f"silo {reply.silo} sent unexpected encrypted sums")
+            g, h = he.decrypt_sums(keys, sums=node.sums)
+            out[node.node] = (g, h)
+            continue
+        if keys is not None:
+            raise ValueError(f"silo {reply.silo} sent plain sums under encryption")
+        sums = node
         if sums.g.shape != (features, bins) or sums.h.shape != (features, bins):
             raise ValueError(f"silo {reply.silo} sent histograms of the wrong shape")
         out[sums.node] = (sums.g, sums.h)
@@ -246,10 +267,11 @@ def fit_trees(
     rate = float(np.clip(y.mean(), 1e-6, 1 - 1e-6))
     base = float(np.log(rate / (1 - rate)))
     margin = np.full(len(y), base)
+    keys = he.keygen(params=he.HeParams(bins=params.bins)) if params.protection == "he" else None
     trees = []
     for t in range(params.trees):
         g, h = gradients(margin, y)
-        tree, values = grow_tree(silos, g, h, t, params)
+        tree, values = grow_tree(silos, g, h, t, params, keys)
         margin += values
         trees.append(tree)
         log.debug("tree %d: %d splits, %d leaves", t, len(tree.splits), len(tree.leaves))

@@ -295,3 +295,30 @@ def test_a_wrong_sized_partition_is_refused() -> None:
 
     with pytest.raises(ValueError, match="wrong size"):
         fit_trees({"liar": Liar("liar", x, bins=8)}, y, GbdtParams(trees=1, depth=2, bins=8))
+
+
+# ---- encrypted histograms ----------------------------------------------------------------
+
+
+def test_encrypted_histograms_grow_the_plain_trees() -> None:
+    """Under BFV the silos sum ciphertexts; fixed-point rounding (2^-21 a row) is far below
+    the gain gaps of this problem, so the trees are the plain ones. The leaves come from the
+    authority's own g, h, so they match exactly too."""
+    x, y = credit_like(300, seed=8)
+    split = {"bank": slice(0, 2), "telco": slice(2, 4)}
+    settings_ = {"trees": 2, "depth": 2, "bins": 8, "lr": 0.3}
+    plain = fit_vertical(by_silo(x, split), y, **settings_)
+    encrypted = fit_vertical(by_silo(x, split), y, protection="he", **settings_)
+    assert encrypted.trees == plain.trees
+    assert sum(len(t.splits) for t in plain.trees) >= 4  # splits were chosen, not only leaves
+
+
+def test_encrypted_mode_sends_no_plain_gradients() -> None:
+    x, y = credit_like(64, seed=9)
+    log: list[tuple[str, Any]] = []
+    silos = {"bank": Recorder(GbdtSilo("bank", x[:, :2], bins=4), log)}
+    fit_trees(silos, y, GbdtParams(trees=1, depth=1, bins=4, protection="he"))
+    assert not any(isinstance(m, msg.Gradients) for _, m in log)
+    replies = [m for d, m in log if isinstance(m, msg.HistogramReply)]
+    assert replies
+    assert all(isinstance(n, msg.EncryptedNodeHistogram) for m in replies for n in m.nodes)

@@ -16,10 +16,11 @@ left/right bits for the silo's splits on new rows.
 
 Labels never reach a silo; the only per-row arrays it receives are g and h. But plain g, h
 reveal the labels: for logistic loss g = p - y, so y = 1 exactly when g < 0. The plain mode
-here is therefore for simulation and tests only; the shipped modes must send g, h encrypted
-(crypto/he.py: the silo then returns encrypted sums) or label-DP'd gradients with their own
-ledger line. That choice, and the accounting, belong to the session that wires this into
-Flower.
+(`Gradients`) is therefore for simulation and tests only; the shipped modes must send g, h
+encrypted (`EncryptedGradients`, crypto/he.py: the silo then returns `EncryptedNodeHistogram`s)
+or label-DP'd gradients with their own ledger line. That choice, and the accounting, belong to
+the session that wires this into Flower. Even under encryption the authority learns each
+node's partition (as in SecureBoost) and the decrypted per-bin sums.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
+
+from crypto.he import EncryptedPairs, EncryptedSums, PublicHe
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -38,6 +41,17 @@ class Gradients:
     tree: int
     g: np.ndarray  # (rows,) float64
     h: np.ndarray  # (rows,) float64
+
+
+@dataclass(frozen=True, kw_only=True)
+class EncryptedGradients:
+    """Authority -> every silo, once per tree under `protection="he"`: (g, h) under BFV
+    (crypto/he.py) with the public and rotation keys, never the secret key. Sending the keys
+    with every tree keeps the in-process protocol stateless; the wiring can send them once."""
+
+    tree: int
+    public: PublicHe
+    pairs: EncryptedPairs
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,10 +76,18 @@ class NodeHistogram:
 
 
 @dataclass(frozen=True, kw_only=True)
+class EncryptedNodeHistogram:
+    """The same sums under encryption: only the authority's secret key opens them."""
+
+    node: int
+    sums: EncryptedSums
+
+
+@dataclass(frozen=True, kw_only=True)
 class HistogramReply:
     silo: str
     tree: int
-    nodes: tuple[NodeHistogram, ...]
+    nodes: tuple[NodeHistogram | EncryptedNodeHistogram, ...]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -106,7 +128,7 @@ class SiloEndpoint(Protocol):
     @property
     def features(self) -> int: ...
 
-    def gradients(self, msg: Gradients) -> None: ...
+    def gradients(self, msg: Gradients | EncryptedGradients) -> None: ...
 
     def histograms(self, msg: HistogramRequest) -> HistogramReply: ...
 

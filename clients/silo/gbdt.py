@@ -18,6 +18,8 @@ import logging
 import numpy as np
 
 from clients.protocol.gbdt import (
+    EncryptedGradients,
+    EncryptedNodeHistogram,
     Gradients,
     HistogramReply,
     HistogramRequest,
@@ -27,6 +29,7 @@ from clients.protocol.gbdt import (
     SplitReply,
     SplitRequest,
 )
+from crypto import he
 
 log = logging.getLogger(__name__)
 
@@ -85,25 +88,45 @@ class GbdtSilo:
         self._bin_idx = bin_index(x, bins)
         self._g: np.ndarray | None = None
         self._h: np.ndarray | None = None
+        self._encrypted: EncryptedGradients | None = None
         self._tree = -1
 
     @property
     def features(self) -> int:
         return int(self._bin_idx.shape[1])
 
-    def gradients(self, msg: Gradients) -> None:
-        if msg.g.shape != (self._bin_idx.shape[0],) or msg.h.shape != msg.g.shape:
+    def gradients(self, msg: Gradients | EncryptedGradients) -> None:
+        rows = self._bin_idx.shape[0]
+        if isinstance(msg, EncryptedGradients):
+            if msg.pairs.rows != rows or msg.public.params.bins != self.bins:
+                raise ValueError("encrypted gradients for other rows or another bin count")
+            self._tree, self._encrypted, self._g, self._h = msg.tree, msg, None, None
+            return
+        if msg.g.shape != (rows,) or msg.h.shape != msg.g.shape:
             raise ValueError("gradients must have one value per row")
-        self._tree, self._g, self._h = msg.tree, msg.g, msg.h
+        self._tree, self._encrypted, self._g, self._h = msg.tree, None, msg.g, msg.h
 
     def histograms(self, msg: HistogramRequest) -> HistogramReply:
-        if self._g is None or self._h is None or msg.tree != self._tree:
+        if msg.tree != self._tree:
             raise ValueError(f"no gradients for tree {msg.tree}")
-        sums = []
+        sums: list[NodeHistogram | EncryptedNodeHistogram] = []
         for node in msg.nodes:
+            if self._encrypted is not None:
+                sums.append(self._encrypted_sums(node.node, node.rows, self._encrypted))
+                continue
+            if self._g is None or self._h is None:
+                raise ValueError(f"no gradients for tree {msg.tree}")
             gs, hs = histograms(self._bin_idx, node.rows, self._g, self._h, self.bins)
             sums.append(NodeHistogram(node=node.node, g=gs, h=hs))
         return HistogramReply(silo=self.name, tree=msg.tree, nodes=tuple(sums))
+
+    def _encrypted_sums(
+        self, node: int, rows: np.ndarray, msg: EncryptedGradients
+    ) -> EncryptedNodeHistogram:
+        mask = np.zeros(self._bin_idx.shape[0], dtype=bool)
+        mask[rows] = True
+        sums = he.bin_sums(msg.public, pairs=msg.pairs, bins=self._bin_idx.T, mask=mask)
+        return EncryptedNodeHistogram(node=node, sums=sums)
 
     def split(self, msg: SplitRequest) -> SplitReply:
         self._check(msg.feature, msg.bin)
