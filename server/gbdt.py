@@ -10,8 +10,8 @@ The maths is XGBoost's second-order boosting for logistic loss: g = p - y, h = p
 current margin; a split's gain 1/2 [GL^2/(HL+lambda) + GR^2/(HR+lambda) - G^2/(H+lambda)] -
 gamma, valid when both children keep at least `min_child_weight` of hessian; a leaf's weight
 -G/(H+lambda) times the learning rate. Trees grow level by level (XGBoost's depthwise policy,
-which is also what a level-per-round protocol does) to `depth`; a node without a split of
-positive gain becomes a leaf. The first margin is the training log-odds (LightGBM's and
+which is also what a level-per-round protocol does) to `depth`; a node without a split gaining
+more than MIN_GAIN becomes a leaf. The first margin is the training log-odds (LightGBM's and
 XGBoost's boost-from-average): the authority holds the labels, so this discloses nothing.
 """
 
@@ -40,6 +40,9 @@ from crypto import he
 log = logging.getLogger(__name__)
 
 EMPTY = 1e-9  # a child with less than this share of its node's hessian holds no rows
+# XGBoost's kRtEps: a split must gain more than this, so that rounding (float sums taken by
+# subtraction, or HE's fixed point at 2^-21 a row) never makes a useless split look positive.
+MIN_GAIN = 1e-6
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -112,7 +115,8 @@ def split_gains(
     hl = np.cumsum(h_hist, axis=1)[:, :-1]
     gr, hr = g_total - gl, h_total - hl
     lam = params.lambda_
-    gain = 0.5 * (_score(gl, hl, lam) + _score(gr, hr, lam) - _score(g_total, h_total, lam))
+    with np.errstate(divide="ignore", invalid="ignore"):  # lambda_ = 0 and an empty child
+        gain = 0.5 * (_score(gl, hl, lam) + _score(gr, hr, lam) - _score(g_total, h_total, lam))
     gain -= params.gamma
     # A child must carry at least min_child_weight of hessian, and more than rounding: sums
     # taken from the parent by subtraction leave ~1e-16 relative residue in an empty child, and
@@ -128,7 +132,8 @@ def best_split(
     h_total: float,
     params: GbdtParams,
 ) -> tuple[Split, float] | None:
-    """The best split over every silo's (G, H) of one node, or None if no gain is positive.
+    """The best split over every silo's (G, H) of one node, or None if none gains more than
+    MIN_GAIN.
 
     Ties go to the first silo in the mapping's order, then the lowest feature, then the lowest
     bin, so a run over the joined matrix (silos' columns concatenated in that order) chooses
@@ -141,7 +146,7 @@ def best_split(
             continue
         flat = int(np.argmax(gains))
         gain = float(gains.flat[flat])
-        if gain > 0 and (best is None or gain > best[1]):
+        if gain > MIN_GAIN and (best is None or gain > best[1]):
             feature, bin = divmod(flat, gains.shape[1])
             best = (Split(silo=silo, feature=feature, bin=bin), gain)
     return best

@@ -4,6 +4,7 @@ the joined matrix, close to LightGBM, and what crosses the message boundary."""
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any
 
 import numpy as np
@@ -15,7 +16,15 @@ from sklearn.metrics import roc_auc_score
 
 from clients.protocol import gbdt as msg
 from clients.silo.gbdt import GbdtSilo, bin_index, histograms, split_rows
-from server.gbdt import GbdtParams, Split, Tree, fit_trees, gradients, split_gains
+from server.gbdt import (
+    GbdtParams,
+    Split,
+    Tree,
+    fit_trees,
+    gradients,
+    grow_tree,
+    split_gains,
+)
 from simulations.run.gbdt import fit_vertical, predict_vertical
 
 
@@ -285,6 +294,21 @@ def test_depth_one_is_a_stump() -> None:
     assert len(np.unique(p)) <= 2**3
 
 
+def test_no_empty_child_without_min_child_weight_or_lambda() -> None:
+    """With both guards at 0 a split that moves no row (or a division by a zero hessian) is
+    the failure to look for: every leaf must hold training rows."""
+    x, y = credit_like(400, seed=10)
+    silos = {name: GbdtSilo(name, m, bins=32) for name, m in by_silo(x).items()}
+    # A random margin makes every row's (g, h) distinct, so distinct leaves get distinct values.
+    g, h = gradients(np.random.default_rng(0).normal(0, 1, len(y)), y)
+    params = GbdtParams(depth=4, bins=32, lambda_=0.0, min_child_weight=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tree, values = grow_tree(silos, g, h, 0, params)
+    assert len(tree.leaves) >= 8
+    assert len(np.unique(values)) == len(tree.leaves)
+
+
 def test_a_wrong_sized_partition_is_refused() -> None:
     x, y = credit_like(100, seed=7)
 
@@ -306,11 +330,13 @@ def test_encrypted_histograms_grow_the_plain_trees() -> None:
     authority's own g, h, so they match exactly too."""
     x, y = credit_like(300, seed=8)
     split = {"bank": slice(0, 2), "telco": slice(2, 4)}
-    settings_ = {"trees": 2, "depth": 2, "bins": 8, "lr": 0.3}
+    settings_ = {"trees": 1, "depth": 2, "bins": 8, "lr": 0.3}
     plain = fit_vertical(by_silo(x, split), y, **settings_)
     encrypted = fit_vertical(by_silo(x, split), y, protection="he", **settings_)
     assert encrypted.trees == plain.trees
-    assert sum(len(t.splits) for t in plain.trees) >= 4  # splits were chosen, not only leaves
+    assert len(plain.trees[0].splits) == 3  # a full tree was chosen, not only leaves
+    assert np.array_equal(predict_vertical(encrypted, by_silo(x, split)),
+                          predict_vertical(plain, by_silo(x, split)))
 
 
 def test_encrypted_mode_sends_no_plain_gradients() -> None:
