@@ -63,6 +63,8 @@ class GbdtParams:
             raise ValueError("trees and depth must be at least 1")
         if self.lambda_ < 0 or self.min_child_weight < 0 or self.gamma < 0:
             raise ValueError("lambda_, min_child_weight and gamma must be >= 0")
+        if not 0 < self.lr <= 1 or not 2 <= self.bins <= 256:
+            raise ValueError("lr must lie in (0, 1] and bins in [2, 256]")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -171,7 +173,8 @@ def grow_tree(
         message = EncryptedGradients(tree=tree_id, public=keys.public, pairs=pairs)
     for silo in silos.values():
         silo.gradients(message)
-    tree = Tree()
+    splits: dict[int, Split] = {}
+    leaves: dict[int, float] = {}
     values = np.zeros(len(g))
     open_nodes: dict[int, np.ndarray] = {0: np.arange(len(g), dtype=np.int64)}
     parents: dict[int, Sums] = {}
@@ -190,7 +193,7 @@ def grow_tree(
             split = found[node]
             if split is None:
                 value = leaf_value(float(g[rows].sum()), float(h[rows].sum()), params)
-                tree.leaves[node] = value
+                leaves[node] = value
                 values[rows] = value
                 continue
             reply = silos[split.silo].split(SplitRequest(
@@ -198,10 +201,10 @@ def grow_tree(
             left = np.asarray(reply.left, dtype=bool)
             if left.shape != rows.shape:
                 raise ValueError(f"silo {split.silo} returned a partition of the wrong size")
-            tree.splits[node] = split
+            splits[node] = split
             children[2 * node + 1], children[2 * node + 2] = rows[left], rows[~left]
         open_nodes = children
-    return tree, values
+    return Tree(splits=splits, leaves=leaves), values
 
 
 def _node_split(sums: Sums, g: np.ndarray, h: np.ndarray, params: GbdtParams) -> Split | None:
@@ -223,6 +226,9 @@ def _level_sums(
         tree=tree_id, nodes=tuple(NodeRows(node=n, rows=open_nodes[n]) for n in asked))
     replies = {name: _by_node(silo.histograms(request), silo.features, bins, keys)
                for name, silo in silos.items()}
+    for name, reply in replies.items():
+        if set(reply) != set(asked):
+            raise ValueError(f"silo {name} answered for other nodes than asked")
     sums: dict[int, Sums] = {n: {name: r[n] for name, r in replies.items()} for n in asked}
     for n in asked:
         if n == 0:
@@ -269,6 +275,8 @@ def fit_trees(
     if not silos:
         raise ValueError("at least one silo is needed")
     y = np.asarray(y, dtype=np.float64)
+    if y.ndim != 1 or not np.isin(y, (0.0, 1.0)).all():
+        raise ValueError("y must be a 1-d array of 0/1 labels")
     rate = float(np.clip(y.mean(), 1e-6, 1 - 1e-6))
     base = float(np.log(rate / (1 - rate)))
     margin = np.full(len(y), base)
@@ -289,6 +297,8 @@ def predict_trees(model: Model, silos: Mapping[str, SiloEndpoint], rows: int) ->
     owned: dict[str, list[tuple[int, int, Split]]] = {name: [] for name in silos}
     for t, tree in enumerate(model.trees):
         for node, split in tree.splits.items():
+            if split.silo not in owned:
+                raise ValueError(f"the model splits on silo {split.silo}, which is not here")
             owned[split.silo].append((t, node, split))
     bits: dict[tuple[int, int], np.ndarray] = {}
     for name, splits in owned.items():

@@ -348,3 +348,13 @@ def test_encrypted_mode_sends_no_plain_gradients() -> None:
     replies = [m for d, m in log if isinstance(m, msg.HistogramReply)]
     assert replies
     assert all(isinstance(n, msg.EncryptedNodeHistogram) for m in replies for n in m.nodes)
+
+
+def test_labels_must_be_zero_one_and_scoring_needs_every_splitting_silo() -> None:
+    x, y = credit_like(200, seed=11)
+    with pytest.raises(ValueError, match="0/1"):
+        fit_vertical(by_silo(x), 2 * y - 1, trees=1, depth=1)
+    model = fit_vertical(by_silo(x), y, trees=2, depth=2, bins=16)
+    assert model.trees[0].splits  # there is a silo to miss
+    with pytest.raises(ValueError, match="not here"):
+        predict_vertical(model, {"other": x})
