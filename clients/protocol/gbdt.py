@@ -1,0 +1,137 @@
+"""Messages of vertical gradient-boosted trees, SecureBoost-style (issue 20 item 1).
+
+Not wired into Flower yet: these dataclasses are the message boundary of the in-process
+protocol (server/gbdt.py drives it, clients/silo/gbdt.py answers), chosen so that a later
+session can map each request/reply pair one-to-one onto a Flower message.
+
+Per tree the authority (label holder) sends every silo the rows' gradients (`Gradients`);
+then, level by level, the rows of each open node (`HistogramRequest`), and each silo answers
+with per-(feature, bin) sums of g and h (`HistogramReply`: shape (features, bins), nothing per
+row). The authority picks the best split over all silos and asks only the owning silo for the
+partition of that node's rows (`SplitRequest` -> `SplitReply`: one left/right bit per row of
+the node, the only per-row thing a silo ever sends). The authority learns (silo, feature index,
+bin) of each split; the silo's own mapping from its raw column to the bin (its declared ranges
+and transforms) never leaves it. For scoring, `RouteRequest` -> `RouteReply` gives the same
+left/right bits for the silo's splits on new rows.
+
+Labels never reach a silo; the only per-row arrays it receives are g and h. But plain g, h
+reveal the labels: for logistic loss g = p - y, so y = 1 exactly when g < 0. The plain mode
+(`Gradients`) is therefore for simulation and tests only; the shipped modes must send g, h
+encrypted (`EncryptedGradients`, crypto/he.py: the silo then returns `EncryptedNodeHistogram`s)
+or label-DP'd gradients with their own ledger line. That choice, and the accounting, belong to
+the session that wires this into Flower. Even under encryption the authority learns each
+node's partition (as in SecureBoost) and the decrypted per-bin sums.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from crypto.he import EncryptedPairs, EncryptedSums, PublicHe
+
+
+@dataclass(frozen=True, kw_only=True)
+class Gradients:
+    """Authority -> every silo, once per tree: per-row gradient and hessian (see the module
+    docstring: plain values reveal labels)."""
+
+    tree: int
+    g: np.ndarray  # (rows,) float64
+    h: np.ndarray  # (rows,) float64
+
+
+@dataclass(frozen=True, kw_only=True)
+class EncryptedGradients:
+    """Authority -> every silo, once per tree under `protection="he"`: (g, h) under BFV
+    (crypto/he.py) with the public and rotation keys, never the secret key. Sending the keys
+    with every tree keeps the in-process protocol stateless; the wiring can send them once."""
+
+    tree: int
+    public: PublicHe
+    pairs: EncryptedPairs
+
+
+@dataclass(frozen=True, kw_only=True)
+class NodeRows:
+    node: int
+    rows: np.ndarray  # positions 0..M-1 of the shared order, int64, ascending
+
+
+@dataclass(frozen=True, kw_only=True)
+class HistogramRequest:
+    """Authority -> every silo, once per level: the open nodes and their rows."""
+
+    tree: int
+    nodes: tuple[NodeRows, ...]
+
+
+@dataclass(frozen=True, kw_only=True)
+class NodeHistogram:
+    node: int
+    g: np.ndarray  # (features, bins) sums of g per bin of each of the silo's features
+    h: np.ndarray  # (features, bins) sums of h
+
+
+@dataclass(frozen=True, kw_only=True)
+class EncryptedNodeHistogram:
+    """The same sums under encryption: only the authority's secret key opens them."""
+
+    node: int
+    sums: EncryptedSums
+
+
+@dataclass(frozen=True, kw_only=True)
+class HistogramReply:
+    silo: str
+    tree: int
+    nodes: tuple[NodeHistogram | EncryptedNodeHistogram, ...]
+
+
+@dataclass(frozen=True, kw_only=True)
+class SplitRequest:
+    """Authority -> the silo that owns the chosen split: partition this node's rows."""
+
+    tree: int
+    node: int
+    feature: int  # the silo's own column index
+    bin: int  # a row goes left when its bin <= this one
+    rows: np.ndarray
+
+
+@dataclass(frozen=True, kw_only=True)
+class SplitReply:
+    silo: str
+    tree: int
+    node: int
+    left: np.ndarray  # (len(rows),) bool, in the order of the request's rows
+
+
+@dataclass(frozen=True, kw_only=True)
+class RouteRequest:
+    """Scoring: the silo's splits as (feature, bin) pairs, evaluated on its rows to be scored."""
+
+    splits: tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True, kw_only=True)
+class RouteReply:
+    silo: str
+    left: np.ndarray  # (len(splits), rows) bool
+
+
+class SiloEndpoint(Protocol):
+    """What the authority can ask a silo during training and scoring."""
+
+    @property
+    def features(self) -> int: ...
+
+    def gradients(self, msg: Gradients | EncryptedGradients) -> None: ...
+
+    def histograms(self, msg: HistogramRequest) -> HistogramReply: ...
+
+    def split(self, msg: SplitRequest) -> SplitReply: ...
+
+    def route(self, msg: RouteRequest) -> RouteReply: ...
