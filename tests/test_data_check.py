@@ -327,6 +327,23 @@ def test_text_columns_are_detected_reported_and_imported_with_kept_values_only(t
                          "grade='02'", "grade='03'", "grade=other", "grade=missing"]
 
 
+def test_a_category_of_numbers_stored_as_text_imports_as_numbers(tmp_path: Path):
+    """The review's case: "1", "2" stored as text in a category column became text categories
+    ('1') where the same column stored as numbers gives f=1, and numeric declared values were
+    refused as "text"."""
+    data = _write(tmp_path / "data")
+    two = pd.read_parquet(data / "two.parquet")
+    two["c"] = [str(int(v)) if i % 9 else " " for i, v in enumerate(two["c"])]
+    two.to_parquet(data / "two.parquet")
+    for listed in ({"c": [0, 1, 2, 3]}, {}):
+        _set_mapping(data, silos__two__categories=listed)
+        checked = inspect(read_mapping(data))
+        assert not checked.problems, [str(p) for p in checked.problems]
+        assert "two" not in checked.text_columns
+        assert checked.frames["two"]["c"].dtype == np.float64
+        assert checked.frames["two"]["c"].isna().sum() == (len(two) + 8) // 9
+
+
 def test_text_where_numbers_are_declared_is_counted_with_the_fix_among_all_problems(
         tmp_path: Path):
     data = _write(tmp_path / "data")

@@ -187,7 +187,9 @@ def _features(frame: pd.DataFrame, columns: tuple[str, ...], where: str, kinds: 
         def problem(message: str, col: str = col) -> None:
             problems.append(MappingProblem(where=where, column=col, text=message))
 
-        if is_text(values, kind):
+        # A category column of numbers stored as text ("1", "2") is a category of numbers, as
+        # the same column stored as numbers would be, unless its listed values are texts.
+        if is_text(values, kind) and (listed_text or count_text(values)[0] > 0):
             cells = text_cells(values)
             text[col] = "declared" if kind == "category" else "detected"
             if listed and not listed_text:
