@@ -11,6 +11,7 @@ scored exactly like the federated model. A credit analyst's references on the sa
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import secrets
 import signal
@@ -236,12 +237,13 @@ def run_baselines(data: JoinedData, jobs: list[BaselineJob], cfg: AuthorityConfi
         log.info("baselines: %d jobs in %d processes", len(jobs), min(workers, len(jobs)))
         # The costliest first (DP over every silo), so the short ones fill in at the end.
         order = sorted(jobs, key=lambda j: (j.noise_multiplier > 0, len(j.silos)), reverse=True)
+        before = set(multiprocessing.active_children())
         try:  # Ctrl-C may come while the workers start: the submissions start them
             futures = {job.name: pool.submit(_shared_job, shared, split, job, cfg)
                        for job in order}
             return {job.name: futures[job.name].result() for job in jobs}
         except BaseException:
-            _stop(pool)
+            _stop(pool, spared=before)
             raise
 
 
@@ -254,13 +256,19 @@ def _pool(workers: int) -> ProcessPoolExecutor:
                                initargs=(signal.SIGINT, signal.SIG_IGN))
 
 
-def _stop(pool: ProcessPoolExecutor) -> None:
+def _stop(pool: ProcessPoolExecutor, spared: set[BaseProcess] | None = None) -> None:
     """Ctrl-C or a failed job: no queued job may start and no running one outlive the call.
     Leaving the pool's block alone would wait for both (minutes at a million people). Python
     3.11's executor has no way to end its workers (3.14 adds terminate_workers), hence the
     processes its context recorded."""
     processes = _workers(pool)
     pool.shutdown(wait=False, cancel_futures=True)
+    # Two CI runs still found one worker alive after the interrupt, once the pool's own record
+    # was used: every child started since the pool began (`spared`: those alive before it) is
+    # this call's, as the baselines run alone in their process.
+    if spared is not None:
+        processes += [p for p in multiprocessing.active_children()
+                      if p not in spared and p not in processes]
     for process in processes:
         process.terminate()
     for process in processes:
