@@ -141,6 +141,7 @@ def test_a_constant_feature_gets_one_bin_and_no_weight():
 @given(seed=st.integers(0, 2**32 - 1), n=st.integers(20, 600), levels=st.integers(1, 40),
        bins=st.integers(2, 12), share=st.floats(0.0, 0.3))
 @example(seed=27, n=29, levels=9, bins=8, share=0.0)  # two equal rates: WoE equal to rounding
+@example(seed=19, n=20, levels=19, bins=10, share=0.0)  # tied quantile cuts: an empty bin
 def test_binning_always_gives_monotone_finite_woe_over_ordered_cuts(
         seed: int, n: int, levels: int, bins: int, share: float):
     rng = np.random.default_rng(seed)

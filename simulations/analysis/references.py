@@ -173,7 +173,9 @@ def monotone_bins(v: np.ndarray, y: np.ndarray, params: ScorecardParams) -> Feat
     index = np.searchsorted(np.asarray(cuts), v, side="left")
     n = list(np.bincount(index, minlength=len(cuts) + 1).astype(np.float64))
     bad = list(np.bincount(index, weights=y, minlength=len(cuts) + 1))
-    while len(n) > 1 and min(n) < params.min_bin_share * len(v):
+    # An empty bin is merged whatever the share asked: quantile cuts over tied values can
+    # leave one (its WoE would rest on the smoothing alone).
+    while len(n) > 1 and min(n) < max(params.min_bin_share * len(v), 1.0):
         i = int(np.argmin(n))
         # Into the smaller neighbour, so the bins stay as even as the data allows.
         j = i - 1 if i == len(n) - 1 or (i > 0 and n[i - 1] <= n[i + 1]) else i
