@@ -21,6 +21,12 @@ ENGINE_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
     "RAY_USAGE_STATS_ENABLED": "0",
     "FLWR_DISABLE_UPDATE_CHECK": "1",
+    # One Ray worker per test run (simulations/run/engine.py, engine_workers; the session's
+    # head has one CPU to match, tests/ray_head.py). The suite's runs are small, so a second
+    # worker buys no parallelism on two cores already shared with a background run; it costs
+    # its own torch, Opacus and Flower imports and its own copy of the silos' tables. Measured
+    # on a loaded machine, the same 3,000-person run: 45-51 s with one worker, 65-69 s with two.
+    "FEDSCORE_ENGINE_WORKERS": "1",  # engine.WORKERS_ENV (importing it here loads Flower)
 }
 os.environ.update(ENGINE_ENV)
 

@@ -68,9 +68,10 @@ class _Head:
         ray = Path(sys.executable).with_name("ray")
         command = [str(ray) if ray.exists() else "ray", "start", "--head", "--block",
                    f"--node-ip-address={LOOPBACK}", f"--port={port}",
-                   # As many CPUs as a run's private Ray has: one worker per core
-                   # (engine.engine_workers), so a run makes as many actors as before.
-                   f"--num-cpus={len(os.sched_getaffinity(0))}", "--num-gpus=0",
+                   # As many CPUs as a test run's private Ray has: one worker
+                   # (FEDSCORE_ENGINE_WORKERS=1 in conftest.ENGINE_ENV), so a run makes as
+                   # many actors either way.
+                   "--num-cpus=1", "--num-gpus=0",
                    "--include-dashboard=false", "--disable-usage-stats",
                    f"--temp-dir={self.temp}"]
         env = {**os.environ, **auth, "RAY_USAGE_STATS_ENABLED": "0"}
