@@ -13,6 +13,13 @@ re-derives (sigma, q, steps) by hand.
 A line with a `history` (transcript, horizontal region and user-level lines) carries its
 budget's whole composition up to that line (`cumulative`); every other line records only its
 own steps, composed with the lines before it.
+
+delta: a line's (`epsilon`, `delta`) holds for everything its budget released up to it. A
+mechanism may add a delta of its own outside the Gaussian accounting (`extra_delta`: a silo's
+statistics release keeps a category value only past a threshold that a value held by one person
+passes with that probability); such deltas add up, so a line's `delta` is the accountant's delta
+plus the `extra_delta` of every line composed up to it (`budget_extra_delta`), and the
+accountant's epsilon is computed at `delta` minus that sum.
 """
 
 from __future__ import annotations
@@ -85,6 +92,17 @@ def budget_event(lines: Iterable[LedgerLine]) -> dpa.ComposedDpEvent:
     return compose(events)
 
 
+def budget_extra_delta(lines: Iterable[LedgerLine]) -> float:
+    """The delta a budget's lines (in ledger order) add outside their events, composed as
+    `budget_event` composes the events: summed, a cumulative line standing for everything up
+    to it. The last line's `delta` minus this is the delta its accountant composed at."""
+    total = 0.0
+    for line in lines:
+        own = line.extra_delta or 0.0
+        total = own if line.cumulative else total + own
+    return total
+
+
 # ---- the JSON form of fields ------------------------------------------------------------------
 
 
@@ -137,6 +155,10 @@ class LedgerLine:
     accountant: str
     # True when the line's event is its budget's whole composition up to it (it has a history).
     cumulative: ClassVar[bool] = False
+
+    # The delta this line's mechanism adds outside its event (None: none); kinds that can have
+    # one declare it as a field.
+    extra_delta: float | None = None
 
     def dp_event(self) -> dpa.DpEvent:
         raise NotImplementedError
@@ -200,7 +222,10 @@ class LedgerLine:
 @dataclass(frozen=True, kw_only=True)
 class GaussianRelease(LedgerLine):
     """A Gaussian release of one party outside DP-SGD: preparation statistics, the prior and
-    contribution summaries (population "all": everyone), the calibration (validation people)."""
+    contribution summaries (population "all": everyone), the calibration (validation people).
+    A silo's preparation statistics carry `extra_delta`, the delta of their category
+    thresholds (clients/protocol/dp_constants.py THRESHOLD_DELTA); lines without one (and
+    ledgers written before it existed) leave the key out."""
 
     party: str
     budget: str = "model"
@@ -213,6 +238,7 @@ class GaussianRelease(LedgerLine):
     round: int
     epsilon: float
     delta: float
+    extra_delta: float | None = field(default=None, metadata={"omit_none": True})
     accountant: str
 
     def dp_event(self) -> dpa.DpEvent:

@@ -16,6 +16,12 @@ authority fits its calibration on validation people, disjoint from training peop
 independent secret draw, with a Gaussian mechanism of its own: eps_model is the larger of the
 two populations' compositions, each calibrated to the target.
 
+delta: each silo's statistics release keeps a category value only past a threshold that a value
+held by one person passes with probability THRESHOLD_DELTA, a delta outside the Gaussian
+accounting. The plan reserves it out of the configured delta (`DeltaSplit`): the accountants
+compose at what is left, and the combined model's delta (accountant + thresholds, `delta` in
+metrics.json and on the ledger's model lines) never exceeds the configured one.
+
 The authority mirrors every silo's accountant (same steps, same per-party sigma) and stops the
 run if one disagrees. Epsilons are computed on a background thread so they overlap the next
 round trip instead of adding to it.
@@ -27,6 +33,7 @@ import logging
 import math
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -37,7 +44,11 @@ from clients.protocol.accounting import (
     calibrate_sigma,
     epsilon,
 )
-from clients.protocol.dp_constants import PRIOR_NOISE_MULTIPLIER, STATISTICS_NOISE_MULTIPLIER
+from clients.protocol.dp_constants import (
+    PRIOR_NOISE_MULTIPLIER,
+    STATISTICS_NOISE_MULTIPLIER,
+    THRESHOLD_DELTA,
+)
 from server.config import ConfigError, PrivacyConfig
 from server.federation import FederationError
 from server.label_dp import flip_probability
@@ -162,15 +173,66 @@ def _batch_advice(sampling: Sampling) -> str:
             f"train on more people ({sampling.n_train:,} is very few for DP-SGD)")
 
 
-def releases_outside_sgd(silos: tuple[str, ...], summaries: bool
-                         ) -> list[tuple[str, str, float]]:
-    """(party, what, noise multiplier) of every Gaussian release beside DP-SGD: each silo's
-    preparation statistics and the authority's prior, and with `summaries` one histogram of
-    its contributions per silo."""
-    releases = [(p, "preparation statistics", STATISTICS_NOISE_MULTIPLIER) for p in silos]
+class OutsideRelease(NamedTuple):
+    """A Gaussian release beside DP-SGD, and the delta it adds outside its Gaussian (0: none)."""
+
+    party: str
+    purpose: str
+    noise_multiplier: float
+    extra_delta: float = 0.0
+
+
+def releases_outside_sgd(silos: tuple[str, ...], summaries: bool) -> list[OutsideRelease]:
+    """Every Gaussian release beside DP-SGD: each silo's preparation statistics and the
+    authority's prior, and with `summaries` one histogram of its contributions per silo.
+
+    Every silo's statistics release is charged its category thresholds' delta, whether or not
+    its schema leaves a category column's values to the data: the authority cannot know that
+    without the silo telling (a fact about its table that would then need trusting or proving),
+    and the reservation is cheap: 1e-9 per silo against the default delta 1/(10 N) (1.7e-6 for
+    the default run) moves the noise multiplier by under 0.1 %. The contribution summaries
+    count in fixed bins, with no threshold: no extra delta."""
+    releases = [OutsideRelease(p, "preparation statistics", STATISTICS_NOISE_MULTIPLIER,
+                               THRESHOLD_DELTA) for p in silos]
     if summaries:
-        releases += [(p, "contribution summary", STATISTICS_NOISE_MULTIPLIER) for p in silos]
-    return [*releases, (AUTHORITY, "prior", PRIOR_NOISE_MULTIPLIER)]
+        releases += [OutsideRelease(p, "contribution summary", STATISTICS_NOISE_MULTIPLIER)
+                     for p in silos]
+    return [*releases, OutsideRelease(AUTHORITY, "prior", PRIOR_NOISE_MULTIPLIER)]
+
+
+@dataclass(frozen=True)
+class DeltaSplit:
+    """The combined model's delta budget: the configured delta (`PrivacyConfig.delta_for`:
+    privacy.delta, else 1/(10 N)), of which `reserved` goes to the releases' extra deltas and
+    `accountant` to the Gaussian compositions (DP-SGD, statistics, calibration)."""
+
+    configured: float
+    reserved: float
+    accountant: float
+
+    @property
+    def combined(self) -> float:
+        """The delta the combined model claims: the accountant's plus every extra delta, at
+        most the configured one (`split_delta` rounds the accountant's down to make sure)."""
+        return self.accountant + self.reserved
+
+
+def split_delta(configured: float, releases: list[OutsideRelease]) -> DeltaSplit:
+    """Reserve the releases' extra deltas out of `configured`. Summed in release order, as the
+    ledger's lines add them up (`record_start`), so the last statistics line's delta is
+    `combined` to the last bit."""
+    reserved = 0.0
+    for release in releases:
+        reserved += release.extra_delta
+    if reserved >= configured:
+        raise ConfigError(
+            f"privacy.delta={configured:.3g} leaves nothing for DP-SGD after the {reserved:.3g} "
+            f"reserved for the silos' category thresholds ({THRESHOLD_DELTA:g} per silo); "
+            f"raise it, e.g. to {100 * reserved:.0e}, or use 0 for the default 1/(10 N)")
+    accountant = configured - reserved
+    while accountant + reserved > configured:  # floating point: never claim past the target
+        accountant = math.nextafter(accountant, 0.0)
+    return DeltaSplit(configured, reserved, accountant)
 
 
 class PrivacyPlan:
@@ -190,6 +252,7 @@ class PrivacyPlan:
         self.silos = silos
         self.parties = (*silos, AUTHORITY)
         self.blocks = len(self.parties)  # every silo's bottom model and the authority's head
+        # The configured delta: the transcript budget's, and the guardrails'.
         self.delta = cfg.delta_for(n_train)
         self.sampling = Sampling(n_train=n_train, batch_size=batch_size, epochs=epochs)
         self.q = self.sampling.q
@@ -197,9 +260,14 @@ class PrivacyPlan:
         self.expected_batch = self.sampling.expected_batch
         self.rho = flip_probability(cfg.label_epsilon)
         self.releases_outside_sgd = releases_outside_sgd(silos, summaries)
+        # The combined model's delta: without DP-SGD it claims nothing, so nothing is reserved.
+        self.deltas = (split_delta(self.delta, self.releases_outside_sgd) if cfg.dp_sgd
+                       else DeltaSplit(self.delta, 0.0, self.delta))
+        # Every epsilon of the model budget is composed at this delta.
+        self.accountant_delta = self.deltas.accountant
         self.statistics: History = []
-        for _, _, multiplier in self.releases_outside_sgd:
-            self.statistics = add_steps(self.statistics, multiplier, 1.0, 1)
+        for release in self.releases_outside_sgd:
+            self.statistics = add_steps(self.statistics, release.noise_multiplier, 1.0, 1)
         self.sigma = 0.0  # per party
         self.joint_sigma = 0.0
         self.calibration_sigma = 0.0
@@ -221,8 +289,9 @@ class PrivacyPlan:
         self._pending: list[Future] = []
         log.info(
             "privacy: joint sigma %.4f (%.4f per party, %d blocks), q %.5f, %d steps planned, "
-            "delta %.2e, cap %s", self.joint_sigma, self.sigma, self.blocks, self.q,
-            self.steps_planned, self.delta, cfg.budget_cap,
+            "delta %.3e (%.3e accounted, %.1e for category thresholds), cap %s",
+            self.joint_sigma, self.sigma, self.blocks, self.q, self.steps_planned,
+            self.deltas.combined, self.deltas.accountant, self.deltas.reserved, cfg.budget_cap,
         )
 
     def _calibrate(self) -> None:
@@ -230,7 +299,7 @@ class PrivacyPlan:
         calibration's noise on validation people."""
         cfg = self.cfg
         try:
-            self.joint_sigma = calibrate_sigma(cfg.epsilon, self.delta, self.q,
+            self.joint_sigma = calibrate_sigma(cfg.epsilon, self.accountant_delta, self.q,
                                                self.steps_planned, cfg.accountant,
                                                prefix=self.statistics)
         except ValueError as exc:
@@ -239,11 +308,11 @@ class PrivacyPlan:
         self.sigma = self.joint_sigma * math.sqrt(self.blocks)
         self.max_steps = affordable_steps(
             cfg.accountant, self.statistics, self.joint_sigma, self.q, self.steps_planned,
-            self.delta, cfg.budget_cap,
+            self.accountant_delta, cfg.budget_cap,
         )
         if self.max_steps == 0:
-            one = epsilon(cfg.accountant,
-                          add_steps(self.statistics, self.joint_sigma, self.q, 1), self.delta)
+            one = epsilon(cfg.accountant, add_steps(self.statistics, self.joint_sigma, self.q, 1),
+                          self.accountant_delta)
             raise ConfigError(
                 f"privacy.cap={cfg.budget_cap} is below the cost of a single step "
                 f"(epsilon {one:.3g} at joint noise {self.joint_sigma:.3g}, sample rate "
@@ -252,7 +321,7 @@ class PrivacyPlan:
         # The cap covers every population: validation people too. (A cap the statistics
         # alone pass was refused just above: no step would be affordable.)
         self.calibration_sigma = calibrate_sigma(min(cfg.epsilon, cfg.budget_cap),
-                                                 self.delta, 1.0, CALIBRATION_STEPS,
+                                                 self.accountant_delta, 1.0, CALIBRATION_STEPS,
                                                  cfg.accountant, prefix=self.statistics)
 
     def guardrails(self) -> list[Guardrail]:
@@ -302,8 +371,8 @@ class PrivacyPlan:
         if budget == "model":
             after = add_steps(self.history, self.joint_sigma, self.q, allowed + steps)
             line = Refusal(party=JOINT, budget=budget, steps=steps, round=round_,
-                           delta=self.delta, accountant=self.cfg.accountant,
-                           epsilon=epsilon(self.cfg.accountant, after, self.delta),
+                           delta=self.deltas.combined, accountant=self.cfg.accountant,
+                           epsilon=epsilon(self.cfg.accountant, after, self.accountant_delta),
                            cap=self.cfg.budget_cap, population="train")
         else:
             line = Refusal(party=JOINT, budget=budget, steps=steps, round=round_,
@@ -316,16 +385,23 @@ class PrivacyPlan:
     # ---- recording ----------------------------------------------------------------------------
 
     def record_start(self) -> None:
-        """The mechanisms before training: each party's preparation statistics, label DP."""
+        """The mechanisms before training: each party's preparation statistics, label DP.
+
+        Each line's (epsilon, delta) holds for everything released up to it: its delta is the
+        accountant's plus the extra deltas so far (a silo's statistics line carries its own as
+        `extra_delta`), so from the last silo's line on it is the combined delta."""
         history: History = []
+        extra = 0.0
         # Without DP-SGD the model claims no epsilon, and its statistics need no line (the
         # prior is then exact; the silos' preparation stays noisy, it is theirs to keep).
-        for party, purpose, multiplier in self.releases_outside_sgd if self.cfg.dp_sgd else ():
-            history = add_steps(history, multiplier, 1.0, 1)
+        for release in self.releases_outside_sgd if self.cfg.dp_sgd else ():
+            history = add_steps(history, release.noise_multiplier, 1.0, 1)
+            extra += release.extra_delta
             self._write(GaussianRelease(
-                party=party, population="all", purpose=purpose, noise_multiplier=multiplier,
-                sample_rate=1.0, steps=1, round=0,
-                epsilon=epsilon(self.cfg.accountant, history, self.delta), delta=self.delta,
+                party=release.party, population="all", purpose=release.purpose,
+                noise_multiplier=release.noise_multiplier, sample_rate=1.0, steps=1, round=0,
+                epsilon=epsilon(self.cfg.accountant, history, self.accountant_delta),
+                delta=self.accountant_delta + extra, extra_delta=release.extra_delta or None,
                 accountant=self.cfg.accountant,
             ))
         if self.cfg.label_dp:
@@ -355,8 +431,9 @@ class PrivacyPlan:
             blocks=tuple(Block(party=p, noise_multiplier=self.sigma,
                                clip=self.cfg.max_grad_norm) for p in self.parties),
             noise_multiplier=self.joint_sigma, sample_rate=self.q, steps=steps, round=round_,
-            epsilon=epsilon(self.cfg.accountant, history, self.delta, precise=final),
-            delta=self.delta, accountant=self.cfg.accountant,
+            epsilon=epsilon(self.cfg.accountant, history, self.accountant_delta,
+                            precise=final),
+            delta=self.deltas.combined, accountant=self.cfg.accountant,
         ))
 
     def record_calibration(self, round_: int) -> None:
@@ -369,8 +446,9 @@ class PrivacyPlan:
             party=AUTHORITY, population="val", purpose="calibration",
             noise_multiplier=self.calibration_sigma, sample_rate=1.0, steps=CALIBRATION_STEPS,
             round=round_,
-            epsilon=epsilon(self.cfg.accountant, self.calibration_history, self.delta),
-            delta=self.delta, accountant=self.cfg.accountant,
+            epsilon=epsilon(self.cfg.accountant, self.calibration_history,
+                            self.accountant_delta),
+            delta=self.deltas.combined, accountant=self.cfg.accountant,
         ))
 
     def after_ledger(self, job) -> None:
@@ -458,10 +536,11 @@ class PrivacyPlan:
     def summary(self) -> dict:
         self.flush()
         dp = self.cfg.dp_sgd
-        train_eps = epsilon(self.cfg.accountant, self.history, self.delta) if dp else None
-        val_eps = (epsilon(self.cfg.accountant, self.calibration_history, self.delta)
+        kind, delta = self.cfg.accountant, self.accountant_delta
+        train_eps = epsilon(kind, self.history, delta) if dp else None
+        val_eps = (epsilon(kind, self.calibration_history, delta)
                    if dp and self.calibration_history else 0.0)
-        per_party = epsilon(self.cfg.accountant, self.party_history, self.delta) if dp else None
+        per_party = epsilon(kind, self.party_history, delta) if dp else None
         transcript = (self._transcript_epsilon(self._transcript_history(self.releases,
                                                                         self.sampled))
                       if self.cfg.transcript_dp else None)
@@ -477,7 +556,12 @@ class PrivacyPlan:
                 "transcript": dict.fromkeys(self.silos, transcript) if self.cfg.transcript_dp
                 else None,
             },
-            "delta": self.delta,
+            # The combined model's delta (the other budgets' is the configured one, at least
+            # as large): the accountant's, at which every model epsilon is composed, plus the
+            # silos' category thresholds reserved out of the configured delta.
+            "delta": self.deltas.combined,
+            "delta_accountant": self.deltas.accountant,
+            "delta_thresholds": self.deltas.reserved,
             "accountant": self.cfg.accountant,
             "noise_multiplier": self.sigma,
             "joint_noise_multiplier": self.joint_sigma,

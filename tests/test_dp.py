@@ -150,9 +150,12 @@ def test_combined_epsilon_meets_the_target_and_per_party_noise_is_sqrt_k_larger(
     plan.spend(plan.steps_planned)
     summary = plan.summary()
     plan.close()
+    # Composed at the accountant's delta: the configured one less the three silos' category
+    # thresholds (tests/test_threshold_delta.py).
     combined = epsilon("rdp", [(STATISTICS_NOISE_MULTIPLIER, 1.0, 3),
                                (PRIOR_NOISE_MULTIPLIER, 1.0, 1),
-                               (plan.joint_sigma, plan.q, plan.steps_planned)], plan.delta)
+                               (plan.joint_sigma, plan.q, plan.steps_planned)],
+                       plan.accountant_delta)
     assert summary["epsilon"]["model"] == pytest.approx(combined)
     assert 0.95 <= combined <= 1.0
     # A party's own steps alone look far cheaper: that figure bounds no release.

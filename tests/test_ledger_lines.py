@@ -48,7 +48,7 @@ common = {"steps": counts, "round": counts, "epsilon": numbers, "delta": numbers
 LINES = {
     GaussianRelease: st.builds(GaussianRelease, party=names, budget=names, population=names,
                                purpose=names, noise_multiplier=positive, sample_rate=rates,
-                               **common),
+                               extra_delta=st.none() | numbers, **common),
     JointRound: st.builds(
         JointRound, party=names, budget=names, population=names,
         blocks=st.lists(st.builds(Block, party=names, noise_multiplier=positive,

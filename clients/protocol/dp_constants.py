@@ -13,6 +13,14 @@ STATISTICS_NOISE_MULTIPLIER = 100.0
 # it starts the bias, and at a few thousand people a multiplier of 100 would make it noise.
 PRIOR_NOISE_MULTIPLIER = 20.0
 
+# A silo's statistics release keeps a category value its schema does not list only when the
+# value's noisy count passes a threshold (clients/silo/data.py), set so that a value held by one
+# person passes with probability at most this over the whole release. The Gaussian accounting
+# covers the noisy numbers, not which values exist, so the release is (epsilon, delta_gaussian +
+# THRESHOLD_DELTA)-DP: the authority adds it to the combined model's delta, one per silo release
+# (server/privacy.py reserves it out of the configured delta).
+THRESHOLD_DELTA = 1e-9
+
 # delta, unless a run sets its own: 1/(10 N) for N people the mechanism protects (DESIGN.md),
 # well below 1/N, the level at which releasing one random record whole would be allowed.
 DEFAULT_DELTA_PER_PERSON = 0.1

@@ -23,6 +23,9 @@ from statistics import NormalDist
 import numpy as np
 import pandas as pd
 
+# THRESHOLD_DELTA: the probability, for one release of a silo's table, that a category value
+# held by one person passes the threshold; public, the authority reserves it per silo.
+from clients.protocol.dp_constants import THRESHOLD_DELTA
 from clients.protocol.schema import MAX_CATEGORIES, TableSchema, silo_schema
 from clients.protocol.tables import SiloDataError, read_table
 from clients.silo.text_columns import (
@@ -116,9 +119,6 @@ KIND_RANGES: dict[str, tuple[float, float]] = {
 # that a constant column stays finite. The floor also grows with the noise of the variance's
 # estimate, so on a table too small for its noise the scale is 1 and the inputs stay in [-2, 2].
 MIN_SCALE = 0.05
-# The probability, for one release of a silo's table, that a category value held by one person
-# only passes the threshold: the histograms' share of the release's delta.
-THRESHOLD_DELTA = 1e-9
 
 
 def _frozen(values: np.ndarray) -> np.ndarray:
@@ -147,7 +147,9 @@ def statistics_mechanism() -> dict:
     sensitivity)^2): account it as `history` (noise multiplier, sample rate 1, 1 step), one
     ledger line per silo. A category value is kept only when its noisy count passes a threshold
     that a value held by one person passes with probability at most `extra_delta` over the
-    whole release: add it to the delta. The noise is drawn from the silo's secret stream
+    whole release, which adds to the delta: the authority reserves it for every silo's release
+    out of the configured delta and writes it on the release's ledger line (`extra_delta`,
+    server/privacy.py). The noise is drawn from the silo's secret stream
     addressed by the table's digest: the same table repeats the same release (no new cost); a
     changed table is a new release."""
     multiplier = _noise_multiplier()

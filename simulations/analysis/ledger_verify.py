@@ -13,6 +13,10 @@ step recorded twice, the DP-SGD steps it holds equal to the steps the run itself
 (metrics.json / authority.json), rounds strictly increasing; and every epsilon, the ledger's
 at or below the run's target (privacy.cap, else privacy.epsilon), and the independent one
 within the accountants' tolerance of it.
+
+delta: a line's delta is its accountant's plus the extra deltas of the lines it composes (a
+silo's category thresholds, `extra_delta`); the independent accountant composes at the
+difference, and the combined delta must not exceed the run's own (metrics.json `delta`).
 """
 
 from __future__ import annotations
@@ -27,7 +31,15 @@ import dp_accounting as dpa
 from dp_accounting import pld, rdp
 
 from server import ledger, ledger_lines
-from server.ledger_lines import JointRound, LedgerLine, ModelLine, Refusal, budget_event
+from server.ledger import LedgerError
+from server.ledger_lines import (
+    JointRound,
+    LedgerLine,
+    ModelLine,
+    Refusal,
+    budget_event,
+    budget_extra_delta,
+)
 
 TOLERANCE = {"rdp": 0.01, "prv": 0.02}
 
@@ -81,6 +93,10 @@ class Check:
     steps: int
     reported: float
     independent: float
+    # The delta of the reported epsilon (the last line's), and what of it the lines add outside
+    # the composition (category thresholds): dp-accounting composes at the difference.
+    delta: float = 0.0
+    extra_delta: float = 0.0
 
     @property
     def relative_gap(self) -> float:
@@ -97,10 +113,15 @@ class Check:
 
 def _check(party: str, budget: str, lines: list[LedgerLine]) -> Check:
     """The last line's cumulative epsilon against dp-accounting's for every line's event."""
-    event, last = budget_event(lines), lines[-1]
+    event, last, extra = budget_event(lines), lines[-1], budget_extra_delta(lines)
     assert last.epsilon is not None
+    if extra and not extra < last.delta:
+        raise LedgerError(f"{party} {budget}: the lines' extra delta {extra:.3g} is not below "
+                          f"the last line's delta {last.delta:.3g}: the ledger claims less "
+                          "delta than its mechanisms spend")
     return Check(party, budget, last.accountant, event_steps(event), last.epsilon,
-                 independent_epsilon(event, last.delta, last.accountant))
+                 independent_epsilon(event, last.delta - extra, last.accountant),
+                 delta=last.delta, extra_delta=extra)
 
 
 def verify(run_dir: Path) -> list[Check]:
@@ -110,7 +131,8 @@ def verify(run_dir: Path) -> list[Check]:
     eps_model is checked per population: training people (each party's preparation statistics,
     the authority's prior, then the joint DP-SGD steps) and validation people (the same
     statistics, then the calibration). A joint line's noise multiplier is recomputed from its
-    blocks, 1 / sqrt(sum_k 1 / sigma_k^2), not read from the line."""
+    blocks, 1 / sqrt(sum_k 1 / sigma_k^2), not read from the line. The silos' statistics lines'
+    `extra_delta` (category thresholds) is part of both populations' delta."""
     lines = [x for x in ledger_lines.read(run_dir) if not isinstance(x, Refusal)]
     checks = []
     model = [x for x in lines if isinstance(x, ModelLine) and x.budget == "model"]
@@ -134,6 +156,8 @@ def verify(run_dir: Path) -> list[Check]:
 # Floating-point slack only: a calibrated run's epsilon sits at or below its target; a step
 # counted twice pushes it above by far more than this.
 TARGET_SLACK = 1e-9
+# Relative: a delta is a sum of a few floating-point terms.
+DELTA_SLACK = 1e-12
 JOINT = JointRound.mechanism
 
 
@@ -172,6 +196,9 @@ def consistency(run_dir: Path, checks: list[Check] | None = None) -> list[str]:
         if trips is not None and rounds and max(rounds) > int(trips):
             problems.append(f"the ledger records round {max(rounds)}, the run had "
                             f"{int(trips)} rounds")
+    if record is not None and record.get("delta") is not None:
+        problems += _deltas_above(checks if checks is not None else verify(run_dir),
+                                  float(record["delta"]))
     targets = _targets(Path(run_dir))
     for c in checks if checks is not None else verify(run_dir):
         target = targets.get("model" if c.budget.startswith("model/") else c.budget)
@@ -188,6 +215,15 @@ def consistency(run_dir: Path, checks: list[Check] | None = None) -> list[str]:
                             f"{c.reported:.4f}, dp-accounting {c.independent:.4f}) is above "
                             f"the run's target {target:g}")
     return problems
+
+
+def _deltas_above(checks: list[Check], reported: float) -> list[str]:
+    """A budget whose lines add an extra delta claims accountant + extra: at most the delta
+    the run reports, of which the extra was reserved (server/privacy.py `DeltaSplit`)."""
+    return [f"{c.party} {c.budget}: delta {c.delta:.6g} (of which {c.extra_delta:.3g} for "
+            f"category thresholds) is above the run's delta {reported:.6g}: the extra delta "
+            "was not reserved out of the run's"
+            for c in checks if c.extra_delta and c.delta > reported * (1 + DELTA_SLACK)]
 
 
 def _run_record(run_dir: Path) -> dict | None:

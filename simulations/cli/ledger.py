@@ -5,12 +5,16 @@ from __future__ import annotations
 import argparse
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from simulations.cli.output import console
+
+if TYPE_CHECKING:  # imported when verifying: it loads dp-accounting
+    from simulations.analysis.ledger_verify import Check
 
 
 def ledger_command(args: argparse.Namespace) -> int:
@@ -22,7 +26,7 @@ def ledger_command(args: argparse.Namespace) -> int:
     root = Path(args.run_dir)
     sweep = (root / SWEEP_FILE).exists()
     runs = sorted(d for d in (root / "runs").glob("*") if d.is_dir()) if sweep else [root]
-    table = Table("run", "party", "budget", "accountant", "steps", "ledger epsilon",
+    table = Table("run", "party", "budget", "accountant", "steps", "delta", "ledger epsilon",
                   "dp-accounting", "gap", "ok", title=f"ledger {root}")
     # Each run's problems; None: a sweep cell without a ledger, which has nothing to verify.
     verdicts = {run.name: _verify_ledger(run, table, sweep) for run in runs}
@@ -60,7 +64,7 @@ def _verify_ledger(run: Path, table: Table, in_sweep: bool) -> list[str] | None:
             raise
         return [str(exc)]
     for c in checks:
-        table.add_row(run.name, c.party, c.budget, c.accountant, str(c.steps),
+        table.add_row(run.name, c.party, c.budget, c.accountant, str(c.steps), _delta(c),
                       f"{c.reported:.5f}", f"{c.independent:.5f}",
                       f"{100 * c.relative_gap:.2f} %", "[green]yes[/]" if c.ok else "[red]NO[/]")
         if not c.ok:
@@ -68,6 +72,16 @@ def _verify_ledger(run: Path, table: Table, in_sweep: bool) -> list[str] | None:
                             f"dp-accounting's {c.independent:.5f} differ by more than the "
                             "tolerance")
     return problems
+
+
+def _delta(check: Check) -> str:
+    """The delta of a budget's epsilon, and what of it its lines add outside the composition
+    (the silos' category thresholds: dp-accounting composes at the rest)."""
+    if check.accountant == "pure":
+        return "0"
+    if not check.extra_delta:
+        return f"{check.delta:.3g}"
+    return f"{check.delta:.3g} (incl. {check.extra_delta:.0e} thresholds)"
 
 
 def _missing_ledger(run: Path) -> list[str] | None:

@@ -79,11 +79,13 @@ def _ledger_plot(spent: list[dict], target: float | None) -> Plot:
 
 def _privacy_parameters(run: RunData) -> Table:
     m = run.metrics
-    keys = ("accountant", "delta", "noise_multiplier", "sample_rate", "max_grad_norm",
-            "training_steps", "stopped_by_budget_cap")
+    keys = ("accountant", "delta", "delta_accountant", "delta_thresholds", "noise_multiplier",
+            "sample_rate", "max_grad_norm", "training_steps", "stopped_by_budget_cap")
     rows = [("target epsilon (config)", run.config.get("privacy.epsilon")),
             ("label epsilon (config)", run.config.get("privacy.label_epsilon"))]
     for k in keys:
+        if k.startswith("delta_") and k not in m:
+            continue  # how delta splits: vertical runs since the thresholds' reservation
         value = m.get(k)
         # Per party (a horizontal run's regions): one row each, never a JSON object.
         rows += ([(f"{k} ({party})", v) for party, v in sorted(value.items())]

@@ -75,6 +75,9 @@ log = logging.getLogger(__name__)
 PRIVACY_KEYS = ("epsilon", "delta", "accountant", "noise_multiplier", "joint_noise_multiplier",
                 "blocks", "statistics_noise_multiplier", "calibration_noise_multiplier",
                 "sample_rate", "max_grad_norm", "training_steps", "stopped_by_budget_cap")
+# How `delta` splits: the accountant's and the silos' category thresholds reserved out of the
+# configured delta (server/privacy.py DeltaSplit); absent from runs made before the split.
+DELTA_KEYS = ("delta_accountant", "delta_thresholds")
 
 
 def prepare_parties(pop: PopulationConfig, parties: Parties, store: Keystore | None = None
@@ -411,7 +414,8 @@ def _outcome(run: Run, done: dict[str, BaselineResult], oracle: float | None,
         default_rate_by_tier=authority["test_default_rate_by_tier"],
         people=authority["people"], round_trips=authority["round_trips"],
         aggregation_mode=authority["aggregation_mode"],
-        privacy={k: authority[k] for k in PRIVACY_KEYS}, audit=audit,
+        privacy={**{k: authority[k] for k in PRIVACY_KEYS},
+                 **{k: authority[k] for k in DELTA_KEYS if k in authority}}, audit=audit,
         history={"federated": authority["history"], "central": central.history,
                  "central_dp": central_dp.history if central_dp else None},
         baselines={"central": central.metrics,
