@@ -270,7 +270,7 @@ class PrivacyConfig:
     transcript_clip: float = 4.0
     # eps_transcript cap: training stops before a release would pass it; inf = no cap.
     transcript_cap: float = math.inf
-    # Before training, a DP configuration that cannot learn (server/privacy.py guardrails) is
+    # Before training, a DP configuration that cannot learn (server/dp_guardrails.py) is
     # refused ("refuse") or only warned about ("warn": machinery tests, deliberate studies).
     guardrails: str = "refuse"
 

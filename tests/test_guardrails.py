@@ -12,7 +12,8 @@ import pandas as pd
 import pytest
 
 from server.config import ConfigError, PrivacyConfig
-from server.privacy import PrivacyPlan, Sampling, sampling_guardrails
+from server.dp_guardrails import Sampling, sampling_guardrails
+from server.privacy import PrivacyPlan
 from simulations.run.config import check_guardrails, make_config
 from tests.conftest import run_cli
 

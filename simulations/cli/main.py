@@ -242,7 +242,7 @@ def _print_data_guardrails(args: argparse.Namespace, people: int | None) -> None
     needs the run's calibration), with the configuration given by --set."""
     import math
 
-    from server.privacy import Sampling, sampling_guardrails
+    from server.dp_guardrails import Sampling, sampling_guardrails
     from simulations.run.config import make_config, parse_assignments
 
     cfg = make_config(parse_assignments(args.assignments))

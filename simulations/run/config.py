@@ -20,7 +20,7 @@ from server.config import (
     to_flat,
     unknown_key_error,
 )
-from server.privacy import Sampling, sampling_guardrails
+from server.dp_guardrails import Sampling, sampling_guardrails
 from simulations.data.population import PopulationConfig
 
 POPULATION_PREFIX = "population."
@@ -121,7 +121,7 @@ def check_delta(cfg: ExperimentConfig, people: int, source: str) -> None:
 
 def check_guardrails(cfg: ExperimentConfig, people: int, source: str) -> None:
     """Refuse, before the engine starts, a DP-SGD configuration that cannot learn at all
-    (server/privacy.py `sampling_guardrails`, level "refuse"), unless privacy.guardrails=warn.
+    (server/dp_guardrails.py `sampling_guardrails`, level "refuse"), unless privacy.guardrails=warn.
     N is bounded from above as in `check_delta`: more people only means more steps, so a
     configuration refused here would be refused with the exact N too. Warnings wait for the
     authority's plan, which knows the exact N and the noise."""
