@@ -104,6 +104,13 @@ def test_every_auc_in_the_report_is_the_metric_of_the_population_it_names(
     assert drawn_auc == pytest.approx(m["auc"], abs=0.005)  # the curve is the legend's
     assert drawn_auc != pytest.approx(m["all_test_auc"], abs=0.005)
     assert "ROC curve (scored test people)" in page
+    # The KS figure's gap is read on 5-point score steps of the same people as metrics.json's
+    # ks: never above it, and close (the figure, on other people, was 0.065 below).
+    ks = pd.read_csv(tmp_path / "report" / "ks_curve.csv")
+    drawn_ks = float((ks["cdf_bad"] - ks["cdf_good"]).abs().max())
+    assert m["ks"] - 0.03 <= drawn_ks <= m["ks"] + 1e-9
+    (ks_label,) = [t for t in legends if t.startswith("largest gap")]
+    assert ks_label.startswith(f"largest gap {drawn_ks:.3f}")
 
     for card, key in (("AUC, scored test people", "auc"), ("AUC, all test people",
                                                             "all_test_auc"),

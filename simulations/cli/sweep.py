@@ -166,7 +166,7 @@ def add_sweep_parser(sub: argparse._SubParsersAction, *, users_help: str) -> Non
                        help="the grid point paired differences are taken against (default: "
                             "the largest epsilon, each other key's first value)")
     sweep.add_argument("--users", type=int, default=None,
-                       help=f"{users_help}; continuing a sweep: the sweep's")
+                       help=f"{users_help}; a sweep being continued keeps its own")
     sweep.add_argument("--data", default=None, metavar="uci|FILE.csv|DIR",
                        help="real data instead of the generator (as for `fedscore run`)")
     sweep.add_argument("--set", dest="assignments", action="append", default=[],
