@@ -11,13 +11,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
 from clients.protocol import gbdt as gmsg
 from clients.protocol import scorecard as smsg
+from clients.silo.data import Preparation
 from clients.silo.gbdt import bin_index
-from clients.silo.scorecard import TABLE_COLUMNS, ScorecardSilo
+from clients.silo.scorecard import TABLE_COLUMNS, ScorecardSilo, raw_units
 from server.config import ScoreConfig
 from server.scorecard import ScorecardParams, fit_scorecard, points, pre_bin_woe
 from server.scoring import scale, to_score
@@ -183,7 +185,7 @@ def recorded_fit(x: np.ndarray, y: np.ndarray, split: dict[str, slice],
     log: list[tuple[str, Any]] = []
     silos = {name: Recorder(ScorecardSilo(name, m, bins=params.bins), log)
              for name, m in by_silo(x, split).items()}
-    return fit_scorecard(silos, y, params), log  # type: ignore[arg-type]
+    return fit_scorecard(silos, y, params), log
 
 
 def test_only_sums_and_partial_logits_leave_a_silo() -> None:
@@ -251,3 +253,32 @@ def test_bad_tables_and_missing_silos_are_refused() -> None:
         predict_vertical_scorecard(model, {"bank": x[:, :3]})
     with pytest.raises(ValueError, match="0/1"):
         fit_vertical_scorecard(by_silo(x), 2 * y - 1)
+
+
+def test_table_ranges_in_the_silos_own_units() -> None:
+    """Through the inverse of the silo's preparation, each person's raw value lies in the raw
+    range of the bin its prepared value falls in."""
+    rng = np.random.default_rng(4)
+    n = 3000
+    df = pd.DataFrame({"income": rng.lognormal(8, 1, n), "age": rng.integers(18, 80, n) * 1.0})
+    prep = Preparation.fit(df, "bank", ["income", "age"], rng=None)
+    x = prep.transform(df)
+    t = -1 - 0.8 * (np.log(df["income"]) - 8) + 0.03 * (df["age"] - 50)
+    y = (rng.random(n) < 1 / (1 + np.exp(-t.to_numpy()))).astype(np.float64)
+    model = fit_vertical_scorecard({"bank": x}, y, bins=32)
+    _, silos = scored_silos(model, {"bank": x}, ScoreConfig(), {"bank": list(prep.columns)},
+                            {"bank": raw_units(prep)})
+    table = silos["bank"].table()
+    for f, column in enumerate(("income", "age")):
+        rows = [r for r in table if r["feature"] == f]
+        assert len(rows) >= 3
+        assert {r["column"] for r in rows} == {column}
+        high = np.array([float(r["high"]) for r in rows])
+        at = np.searchsorted(high, x[:, f].astype(np.float64), side="right")
+        raw_low = np.array([float(r["raw_low"]) for r in rows])
+        raw_high = np.array([float(r["raw_high"]) for r in rows])
+        value = df[column].to_numpy()
+        assert (value >= raw_low[at] * (1 - 1e-5) - 1e-6).all()
+        assert (value <= raw_high[at] * (1 + 1e-5) + 1e-6).all()
+    indicator = [r for r in table if r["column"] == "income__missing"]
+    assert all(np.isnan(float(r["raw_low"])) for r in indicator)

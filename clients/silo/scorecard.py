@@ -14,7 +14,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -26,24 +26,51 @@ from clients.protocol.scorecard import (
     PointsTables,
     WoeTables,
 )
+from clients.silo.data import Preparation
 from clients.silo.gbdt import GbdtSilo
 
 log = logging.getLogger(__name__)
 
-TABLE_COLUMNS = ("feature", "column", "bin", "pre_bins", "low", "high", "woe", "points")
+TABLE_COLUMNS = ("feature", "column", "bin", "pre_bins", "low", "high", "raw_low", "raw_high",
+                 "woe", "points")
+# (feature index, prepared values) -> the same values in the column's own units (NaN: none)
+RawUnits = Callable[[int, np.ndarray], np.ndarray]
+
+
+def raw_units(prep: Preparation) -> RawUnits:
+    """The inverse of a silo's preparation for its numeric columns: standardisation, the
+    linear map from the clip range, and the column's transform. Prepared values beyond the
+    clip range map to its ends (the preparation clipped them there), infinite ones stay
+    infinite; indicator and category columns have no raw range (NaN)."""
+    def to_raw(feature: int, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float64)
+        if feature >= len(prep.numeric):
+            return np.full(x.shape, np.nan)
+        u = np.clip(x * prep.scale[feature] + prep.mean[feature], -1.0, 1.0)
+        low, high = prep.low[feature], prep.high[feature]
+        t = u * (high - low) / 2 + (low + high) / 2
+        how = prep.transforms[feature]
+        if how == "log1p":
+            t = np.expm1(t)
+        elif how == "signed_log":
+            t = np.sign(t) * np.expm1(np.abs(t))
+        return np.where(np.isinf(x), x, t)
+    return to_raw
 
 
 class ScorecardSilo(GbdtSilo):
     """One silo's binned rows, its merged bins and WoE, and its points per bin.
 
     `columns` names the silo's features in its table (default "x0", "x1", ...); `low`/`high`
-    in the table are on the prepared scale (u in [-1, 1], the end bins open), the one scale a
-    silo shares with its own preparation.
+    in the table are on the prepared scale (the pre-bins' edges, the end bins open), and
+    `raw_low`/`raw_high` in the column's own units when `to_raw` (e.g. `raw_units` of the
+    silo's preparation) is given.
     """
 
     def __init__(self, name: str, x: np.ndarray, *, bins: int,
-                 columns: Sequence[str] | None = None) -> None:
+                 columns: Sequence[str] | None = None, to_raw: RawUnits | None = None) -> None:
         super().__init__(name, x, bins=bins)
+        self._to_raw = to_raw
         self.columns = list(columns) if columns is not None else [
             f"x{f}" for f in range(self.features)]
         if len(self.columns) != self.features:
@@ -115,13 +142,17 @@ class ScorecardSilo(GbdtSilo):
         for f, t in enumerate(tables.features):
             highs = [int(c) for c in t.cuts] + [self.bins - 1]
             lows = [0] + [h + 1 for h in highs[:-1]]
-            for b, (lo, hi) in enumerate(zip(lows, highs, strict=True)):
-                out.append({
-                    "feature": f, "column": self.columns[f], "bin": b,
-                    "pre_bins": f"{lo}..{hi}",
-                    "low": -math.inf if lo == 0 else -1.0 + 2.0 * lo / self.bins,
-                    "high": math.inf if hi == self.bins - 1 else -1.0 + 2.0 * (hi + 1) / self.bins,
-                    "woe": float(t.woe[b]), "points": float(points[f][b])})
+            low = np.array([-math.inf if lo == 0 else -1.0 + 2.0 * lo / self.bins
+                            for lo in lows])
+            high = np.array([math.inf if hi == self.bins - 1 else -1.0 + 2.0 * (hi + 1) / self.bins
+                             for hi in highs])
+            raw = ((self._to_raw(f, low), self._to_raw(f, high)) if self._to_raw is not None
+                   else (np.full(len(low), np.nan), np.full(len(low), np.nan)))
+            out += [{"feature": f, "column": self.columns[f], "bin": b,
+                     "pre_bins": f"{lows[b]}..{highs[b]}", "low": float(low[b]),
+                     "high": float(high[b]), "raw_low": float(raw[0][b]),
+                     "raw_high": float(raw[1][b]), "woe": float(t.woe[b]),
+                     "points": float(points[f][b])} for b in range(len(t.woe))]
         return out
 
     def write_table(self, path: Path) -> None:

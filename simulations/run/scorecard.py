@@ -18,7 +18,7 @@ from typing import Literal
 import numpy as np
 
 from clients.protocol.reasons import MAX_REASONS, top_reasons_matrix
-from clients.silo.scorecard import ScorecardSilo
+from clients.silo.scorecard import RawUnits, ScorecardSilo
 from server.config import ScoreConfig
 from server.scorecard import (
     ScorecardParams,
@@ -33,12 +33,16 @@ TABLE_FILE = "scorecard.csv"
 
 
 def silos_for(silo_matrices: Mapping[str, np.ndarray], bins: int,
-              columns: Mapping[str, list[str]] | None = None) -> dict[str, ScorecardSilo]:
+              columns: Mapping[str, list[str]] | None = None,
+              to_raw: Mapping[str, RawUnits] | None = None) -> dict[str, ScorecardSilo]:
+    """A silo per matrix; `columns` and `to_raw` (e.g. `raw_units` of each silo's
+    preparation) name its columns and give its tables' ranges in its own units."""
     rows = {m.shape[0] for m in silo_matrices.values()}
     if len(rows) != 1:
         raise ValueError("every silo's matrix must have the same aligned rows")
-    columns = columns or {}
-    return {name: ScorecardSilo(name, x, bins=bins, columns=columns.get(name))
+    columns, to_raw = columns or {}, to_raw or {}
+    return {name: ScorecardSilo(name, x, bins=bins, columns=columns.get(name),
+                                to_raw=to_raw.get(name))
             for name, x in silo_matrices.items()}
 
 
@@ -62,11 +66,12 @@ def predict_vertical_scorecard(model: VerticalScorecard,
 
 
 def scored_silos(model: VerticalScorecard, silo_matrices: Mapping[str, np.ndarray],
-                 cfg: ScoreConfig, columns: Mapping[str, list[str]] | None = None
+                 cfg: ScoreConfig, columns: Mapping[str, list[str]] | None = None,
+                 to_raw: Mapping[str, RawUnits] | None = None
                  ) -> tuple[float, dict[str, ScorecardSilo]]:
     """Silos on the rows of `silo_matrices` holding their tables and points: (base points,
     silos). Each can then give its table, its rows' points and its reasons."""
-    silos = silos_for(silo_matrices, model.params.bins, columns)
+    silos = silos_for(silo_matrices, model.params.bins, columns, to_raw)
     rows = next(iter(silo_matrices.values())).shape[0]
     predict_margins(model, silos, rows)  # tells each silo its tables
     return send_points(model, silos, cfg), silos
