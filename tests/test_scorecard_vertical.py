@@ -282,3 +282,12 @@ def test_table_ranges_in_the_silos_own_units() -> None:
         assert (value <= raw_high[at] * (1 + 1e-5) + 1e-6).all()
     indicator = [r for r in table if r["column"] == "income__missing"]
     assert all(np.isnan(float(r["raw_low"])) for r in indicator)
+
+
+def test_a_constant_feature_gets_one_bin_and_no_weight() -> None:
+    x, y = additive(2000, seed=5)
+    matrices = {"bank": x[:, :2], "const": np.full((2000, 1), 0.3)}
+    model = fit_vertical_scorecard(matrices, y, bins=16)
+    assert model.tables["const"][0].woe.tolist() == [0.0]
+    assert model.coef["const"].tolist() == [0.0]
+    assert (model.coef["bank"] < 0).all()
