@@ -167,12 +167,7 @@ def grow_tree(
 ) -> tuple[Tree, np.ndarray]:
     """One tree level by level; also returns each training row's leaf value. With `keys`,
     g and h go out encrypted (once per tree) and the silos' sums come back encrypted."""
-    message: Gradients | EncryptedGradients = Gradients(tree=tree_id, g=g, h=h)
-    if keys is not None:
-        pairs = he.encrypt_pairs(keys.public, g=g, h=h)
-        message = EncryptedGradients(tree=tree_id, public=keys.public, pairs=pairs)
-    for silo in silos.values():
-        silo.gradients(message)
+    send_gradients(silos, g, h, tree_id, keys)
     splits: dict[int, Split] = {}
     leaves: dict[int, float] = {}
     values = np.zeros(len(g))
@@ -207,6 +202,20 @@ def grow_tree(
     return Tree(splits=splits, leaves=leaves), values
 
 
+def send_gradients(
+    silos: Mapping[str, SiloEndpoint], g: np.ndarray, h: np.ndarray, tree_id: int,
+    keys: he.SecretHe | None,
+) -> None:
+    """Every silo gets the rows' (g, h): in the clear, or under BFV when `keys` is given (the
+    silos then hold only the public and rotation keys)."""
+    message: Gradients | EncryptedGradients = Gradients(tree=tree_id, g=g, h=h)
+    if keys is not None:
+        pairs = he.encrypt_pairs(keys.public, g=g, h=h)
+        message = EncryptedGradients(tree=tree_id, public=keys.public, pairs=pairs)
+    for silo in silos.values():
+        silo.gradients(message)
+
+
 def _node_split(sums: Sums, g: np.ndarray, h: np.ndarray, params: GbdtParams) -> Split | None:
     best = best_split(sums, float(g.sum()), float(h.sum()), params)
     return None if best is None else best[0]
@@ -224,7 +233,7 @@ def _level_sums(
              if n == 0 or _size(n, open_nodes) < _size(_sibling(n), open_nodes)]
     request = HistogramRequest(
         tree=tree_id, nodes=tuple(NodeRows(node=n, rows=open_nodes[n]) for n in asked))
-    replies = {name: _by_node(silo.histograms(request), silo.features, bins, keys)
+    replies = {name: node_sums(silo.histograms(request), silo.features, bins, keys)
                for name, silo in silos.items()}
     for name, reply in replies.items():
         if set(reply) != set(asked):
@@ -248,9 +257,11 @@ def _sibling(node: int) -> int:
     return node + 1 if node % 2 else node - 1
 
 
-def _by_node(
+def node_sums(
     reply: HistogramReply, features: int, bins: int, keys: he.SecretHe | None
 ) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """A silo's reply as {node: (G, H)}, each (features, bins): decrypted with `keys`, checked
+    for shape, and refused when its protection is not the one asked for."""
     out = {}
     for node in reply.nodes:
         if isinstance(node, EncryptedNodeHistogram):

@@ -15,7 +15,8 @@ bin holds enough people and the default rate is monotone (the direction that fit
 labels best); weight of evidence per bin from the training labels; a logistic regression over
 the WoE columns whose coefficients are constrained to the WoE-consistent sign. Written here in
 numpy instead of optbinning, the reference library, which pulls ortools, cvxpy and six solver
-packages (about 310 MB installed) for what takes about a hundred lines here.
+packages (about 310 MB installed) for what takes about a hundred lines here; the count-based
+merging and WoE are server/woe.py's, shared with the vertical scorecard (server/scorecard.py).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from threadpoolctl import threadpool_limits
 
 from server.metrics import summary
 from server.scoring import Platt
+from server.woe import monotone_woe
 from simulations.analysis.baselines import BaselineResult, JoinedData, val_metrics
 
 log = logging.getLogger(__name__)
@@ -134,62 +136,17 @@ def _candidate_cuts(v: np.ndarray, max_bins: int) -> np.ndarray:
     return np.unique(qs[qs < values[-1]])
 
 
-def _merge(cuts: list[float], n: list[float], bad: list[float], i: int) -> None:
-    """Merge bin i with bin i + 1 (in place)."""
-    n[i] += n.pop(i + 1)
-    bad[i] += bad.pop(i + 1)
-    cuts.pop(i)
-
-
-def _rates(n: list[float], bad: list[float], s: float) -> np.ndarray:
-    return (np.asarray(bad) + s) / (np.asarray(n) + 2 * s)
-
-
-def _monotone(cuts: np.ndarray, n: np.ndarray, bad: np.ndarray, s: float, increasing: bool
-              ) -> tuple[list[float], list[float], list[float]]:
-    """Merge adjacent bins that break the trend until the smoothed default rate is monotone
-    (pool adjacent violators)."""
-    c, nn, bb = list(cuts), list(n), list(bad)
-    while len(nn) > 1:
-        step = np.diff(_rates(nn, bb, s))
-        broken = np.flatnonzero(step < 0 if increasing else step > 0)
-        if not len(broken):
-            break
-        _merge(c, nn, bb, int(broken[0]))
-    return c, nn, bb
-
-
-def _log_likelihood(n: list[float], bad: list[float], s: float) -> float:
-    r = _rates(n, bad, s)
-    b, g = np.asarray(bad), np.asarray(n) - np.asarray(bad)
-    return float(b @ np.log(r) + g @ np.log1p(-r))
-
-
 def monotone_bins(v: np.ndarray, y: np.ndarray, params: ScorecardParams) -> FeatureBins:
-    """Quantile pre-bins, small bins merged into a neighbour, then the monotone default-rate
-    trend (rising or falling, whichever fits the labels better) by merging violators."""
-    s = params.smoothing
+    """Quantile pre-bins, then server/woe.py's merging (small bins into a neighbour, then the
+    monotone default-rate trend that fits the labels better) and smoothed WoE: the same
+    count-based maths the vertical scorecard applies to the silos' histograms."""
     cuts = list(_candidate_cuts(v, params.max_bins))
     index = np.searchsorted(np.asarray(cuts), v, side="left")
     n = list(np.bincount(index, minlength=len(cuts) + 1).astype(np.float64))
     bad = list(np.bincount(index, weights=y, minlength=len(cuts) + 1))
-    # An empty bin is merged whatever the share asked: quantile cuts over tied values can
-    # leave one (its WoE would rest on the smoothing alone).
-    while len(n) > 1 and min(n) < max(params.min_bin_share * len(v), 1.0):
-        i = int(np.argmin(n))
-        # Into the smaller neighbour, so the bins stay as even as the data allows.
-        j = i - 1 if i == len(n) - 1 or (i > 0 and n[i - 1] <= n[i + 1]) else i
-        _merge(cuts, n, bad, j)
-    fits = [_monotone(np.asarray(cuts), np.asarray(n), np.asarray(bad), s, up)
-            for up in (True, False)]
-    cuts_m, n_m, bad_m = max(fits, key=lambda f: _log_likelihood(f[1], f[2], s))
-    nb, bb = np.asarray(n_m), np.asarray(bad_m)
-    good, total_bad = nb - bb, bb.sum()
-    k = len(nb)
-    woe = (np.log((good + s) / (good.sum() + s * k)) - np.log((bb + s) / (total_bad + s * k)))
-    if k == 1:
-        woe = np.zeros(1)  # one bin says nothing about risk
-    return FeatureBins(cuts=np.asarray(cuts_m, dtype=np.float64), woe=woe)
+    final_cuts, woe = monotone_woe(cuts, n, bad, min_count=params.min_bin_share * len(v),
+                                   smoothing=params.smoothing)
+    return FeatureBins(cuts=final_cuts, woe=woe)
 
 
 def _loss(X: np.ndarray, y: np.ndarray, w: np.ndarray) -> tuple[float, np.ndarray]:
