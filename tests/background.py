@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -45,6 +46,10 @@ Prepare = Callable[[tuple[str, ...], Path], None]  # what to do before a command
 _registered: dict[str, Commands] = {}
 _waits: set[str] = set()
 _started: dict[str, _Runs] = {}
+# (work directory name, command index, seconds from collection to its start, seconds it took,
+# exit code): what the suite's summary prints, to show where the end of the suite waits.
+_timings: list[tuple[str, int, float, float, int]] = []
+_EPOCH = time.monotonic()
 
 
 def register(name: str, commands: Commands, *, waits: bool = False) -> None:
@@ -153,7 +158,10 @@ class _Runs:
                 self._current = subprocess.Popen(
                     [sys.executable, "-m", "simulations.cli", *args], cwd=self.work,
                     env={**env, **command.env}, stdout=fo, stderr=fe)
+            started = time.monotonic()
             code = self._current.wait()
+            _timings.append((self.work.name, i, started - _EPOCH,
+                             time.monotonic() - started, code))
             self.results.append(subprocess.CompletedProcess(
                 list(args), code, out.read_text(), err.read_text()))
             if code != 0:
@@ -211,3 +219,10 @@ def stop_all() -> None:
         runs.stop()
         shutil.rmtree(runs.work, ignore_errors=True)
     _started.clear()
+
+
+def timings() -> list[str]:
+    """One line per background command that ran: when it started (seconds after the module
+    loaded, about when collection began) and how long it took."""
+    return [f"{name} command {i}: started at {start:.0f} s, took {took:.0f} s, exit {code}"
+            for name, i, start, took, code in _timings]

@@ -131,6 +131,14 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     background.start_for(session.items, _cli_env, prepare=_fix_run_secrets)
 
 
+def pytest_terminal_summary(terminalreporter) -> None:
+    lines = background.timings()
+    if lines:
+        terminalreporter.section("background runs")
+        for line in lines:
+            terminalreporter.write_line(line)
+
+
 def pytest_sessionfinish(session: pytest.Session) -> None:
     background.stop_all()
     HEAD.stop()
