@@ -26,6 +26,7 @@ from server.gbdt import (
     split_gains,
 )
 from simulations.run.gbdt import fit_vertical, predict_vertical
+from tests.messages import arrays_in
 
 
 def credit_like(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -211,20 +212,6 @@ class Recorder:
 
     def route(self, m: msg.RouteRequest) -> msg.RouteReply:
         raise AssertionError("no routing during training")
-
-
-def arrays_in(obj: Any) -> list[tuple[str, np.ndarray]]:
-    """Every array inside a message, with its field path."""
-    found: list[tuple[str, np.ndarray]] = []
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        if isinstance(value, np.ndarray):
-            found.append((f.name, value))
-        elif isinstance(value, tuple):
-            for item in value:
-                if dataclasses.is_dataclass(item):
-                    found += [(f"{f.name}.{k}", a) for k, a in arrays_in(item)]
-    return found
 
 
 def test_only_partitions_leave_a_silo_and_no_label_reaches_one() -> None:

@@ -32,6 +32,7 @@ from simulations.run.scorecard import (
     scores,
     write_tables,
 )
+from tests.messages import arrays_in
 
 SPLIT = {"bank": slice(0, 3), "telco": slice(3, 5), "utility": slice(5, 7)}
 
@@ -163,21 +164,6 @@ class Recorder:
                 self.log.append(("from", reply))
             return reply
         return call
-
-
-def arrays_in(obj: Any) -> list[tuple[str, np.ndarray]]:
-    found: list[tuple[str, np.ndarray]] = []
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        if isinstance(value, np.ndarray):
-            found.append((f.name, value))
-        elif isinstance(value, tuple):
-            for item in value:
-                if dataclasses.is_dataclass(item):
-                    found += [(f"{f.name}.{k}", a) for k, a in arrays_in(item)]
-                elif isinstance(item, np.ndarray):
-                    found.append((f.name, item))
-    return found
 
 
 def recorded_fit(x: np.ndarray, y: np.ndarray, split: dict[str, slice],
