@@ -48,7 +48,7 @@ from crypto import he
 from server.config import ScoreConfig
 from server.gbdt import node_sums, send_gradients, sigmoid
 from server.scoring import scale
-from server.woe import monotone_woe
+from server.woe import monotone_woe, projected_step
 
 log = logging.getLogger(__name__)
 
@@ -189,6 +189,14 @@ def fit_coefficients(silos: Silos, y: np.ndarray, woe: Mapping[str, np.ndarray],
     prior = float(np.clip(y.mean(), 1e-6, 1 - 1e-6))
     w = np.concatenate([np.zeros(d), [np.log(prior / (1 - prior))]])
     asked = 0
+
+    def trial(cand: np.ndarray) -> tuple[float, np.ndarray]:
+        """The loss at `cand`, from one round of the silos' partial logits."""
+        nonlocal asked
+        asked += 1
+        new_z = margins(silos, _split(cand, sizes), float(cand[d]), n, asked)
+        return _mean_loss(new_z, y), new_z
+
     z = margins(silos, _split(w, sizes), float(w[d]), n, asked)
     loss, steps = _mean_loss(z, y), 0
     pairs: list[tuple[np.ndarray, np.ndarray]] = []
@@ -201,18 +209,10 @@ def fit_coefficients(silos: Silos, y: np.ndarray, woe: Mapping[str, np.ndarray],
         if np.abs(g[free]).max() < 1e-9:
             break
         step = _direction(g, hdiag, free, pairs)
-        t = 1.0
-        while t > 1e-10:
-            cand = w - t * step
-            cand[:d] = np.minimum(cand[:d], 0.0)
-            asked += 1
-            new_z = margins(silos, _split(cand, sizes), float(cand[d]), n, asked)
-            new_loss = _mean_loss(new_z, y)
-            if new_loss < loss:
-                break
-            t /= 2
-        else:
+        taken = projected_step(w, step, d, loss, trial)
+        if taken is None:
             break  # no step lowers the loss: converged to the precision of the sums
+        cand, new_loss, new_z = taken
         converged = loss - new_loss < 1e-12
         last = (cand - w, g)
         w, z, loss = cand, new_z, new_loss

@@ -14,6 +14,9 @@ non-defaulters) stays finite.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 import numpy as np
 
 
@@ -85,3 +88,26 @@ def monotone_woe(cuts: list[float], n: list[float], bad: list[float], *, min_cou
     cuts_m, n_m, bad_m = max(fits, key=lambda f: log_likelihood(f[1], f[2], smoothing))
     return np.asarray(cuts_m, dtype=np.float64), woe(np.asarray(n_m), np.asarray(bad_m),
                                                      smoothing)
+
+
+# ---- the sign-constrained regression over WoE: one projected, backtracking step --------------
+T = TypeVar("T")
+
+
+def projected_step(w: np.ndarray, step: np.ndarray, n_coef: int, loss: float,
+                   loss_at: Callable[[np.ndarray], tuple[float, T]]
+                   ) -> tuple[np.ndarray, float, T] | None:
+    """`w - t * step` with every coefficient (the first `n_coef` entries) projected onto <= 0,
+    t halved from 1 until the loss falls: (new w, its loss, what `loss_at` returned beside the
+    loss), or None when no step lowers it (converged to the precision of the sums). Shared by
+    the central fit (references.py, projected Newton on the WoE columns) and the vertical one
+    (server/scorecard.py, where each trial costs a round of the silos' partial logits)."""
+    t = 1.0
+    while t > 1e-10:
+        cand = w - t * step
+        cand[:n_coef] = np.minimum(cand[:n_coef], 0.0)
+        new_loss, extra = loss_at(cand)
+        if new_loss < loss:
+            return cand, new_loss, extra
+        t /= 2
+    return None

@@ -32,7 +32,7 @@ from threadpoolctl import threadpool_limits
 
 from server.metrics import summary
 from server.scoring import Platt
-from server.woe import monotone_woe
+from server.woe import monotone_woe, projected_step
 from simulations.analysis.baselines import BaselineResult, JoinedData, val_metrics
 
 log = logging.getLogger(__name__)
@@ -178,16 +178,10 @@ def fit_sign_constrained_logistic(z: np.ndarray, y: np.ndarray, iterations: int 
         H = (X * (p * (1 - p))[:, None]).T @ X / n + 1e-10 * np.eye(d + 1)
         step = np.zeros(d + 1)
         step[free] = np.linalg.solve(H[np.ix_(free, free)], g[free])
-        t = 1.0
-        while t > 1e-10:
-            cand = w - t * step
-            cand[:d] = np.minimum(cand[:d], 0.0)
-            new_loss, new_p = _loss(X, y, cand)
-            if new_loss < loss:
-                break
-            t /= 2
-        else:
+        taken = projected_step(w, step, d, loss, lambda c: _loss(X, y, c))
+        if taken is None:
             break  # no step lowers the loss: converged to the precision of the sums
+        cand, new_loss, new_p = taken
         converged = loss - new_loss < 1e-12
         w, loss, p = cand, new_loss, new_p
         if converged:
