@@ -219,7 +219,7 @@ def test_user_level_noise_comes_from_the_servers_secret():
     bound to the round and the aggregate, with Flower's std sigma * C / R."""
     from flwr.app import Array
 
-    from server.horizontal import SecretClientSideClipping, build_strategy
+    from server.horizontal_strategy import SecretClientSideClipping, build_strategy
 
     cfg = make_config({"topology": "horizontal", "regions": 4, "horizontal.dp": "user",
                        "horizontal.clipping": "client",
