@@ -18,6 +18,7 @@ from server.config import ConfigError, PrivacyConfig
 from server.ledger import Ledger
 from server.privacy import PrivacyPlan
 from simulations.analysis.ledger_verify import consistency, independent_epsilon, verify
+from simulations.run.config import check_delta_reservation, make_config
 
 SILOS = ("payments", "social", "device")
 # Small enough that the reservation (3e-9) moves epsilon visibly: 30 % of the delta.
@@ -107,3 +108,23 @@ def test_a_delta_the_thresholds_would_use_up_is_refused():
                        500, 2, ledger=None)
     assert plan.summary()["delta"] == RESERVED
     plan.close()
+
+    # The run's own check before the engine: the same refusal, and none for what the plan keeps.
+    with pytest.raises(ConfigError, match="category thresholds"):
+        check_delta_reservation(make_config({"privacy.delta": f"{RESERVED!r}"}), SILOS)
+    check_delta_reservation(make_config({"privacy.delta": f"{CONFIGURED!r}"}), SILOS)
+    check_delta_reservation(make_config({"privacy.delta": f"{RESERVED!r}",
+                                         "privacy.epsilon": "inf"}), SILOS)
+
+
+@pytest.mark.slow
+def test_the_run_refuses_such_a_delta_before_any_engine_starts(tmp_path: Path):
+    """The same refusal before the engine (and PSI) starts: engine=False runs the command in
+    this process with the engine barred, so a refusal that came later would fail here."""
+    from tests.conftest import run_cli
+
+    proc = run_cli("run", "--out", str(tmp_path / "run"), "--users", "1000",
+                   "--set", f"privacy.delta={RESERVED:g}", cwd=tmp_path, engine=False)
+    assert proc.returncode != 0
+    assert "category thresholds" in proc.stderr + proc.stdout
+    assert f"privacy.delta={RESERVED:.3g}" in proc.stderr + proc.stdout

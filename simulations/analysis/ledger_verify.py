@@ -219,7 +219,7 @@ def consistency(run_dir: Path, checks: list[Check] | None = None) -> list[str]:
 
 def _deltas_above(checks: list[Check], reported: float) -> list[str]:
     """A budget whose lines add an extra delta claims accountant + extra: at most the delta
-    the run reports, of which the extra was reserved (server/privacy.py `DeltaSplit`)."""
+    the run reports, of which the extra was reserved (server/delta_budget.py `DeltaSplit`)."""
     return [f"{c.party} {c.budget}: delta {c.delta:.6g} (of which {c.extra_delta:.3g} for "
             f"category thresholds) is above the run's delta {reported:.6g}: the extra delta "
             "was not reserved out of the run's"

@@ -20,6 +20,7 @@ from server.config import (
     to_flat,
     unknown_key_error,
 )
+from server.delta_budget import releases_outside_sgd, split_delta
 from server.dp_guardrails import Sampling, sampling_guardrails
 from simulations.data.population import PopulationConfig
 
@@ -117,6 +118,15 @@ def check_delta(cfg: ExperimentConfig, people: int, source: str) -> None:
             f"{cfg.authority.split.train:g}); use --set privacy.delta=0 for the default "
             f"1/(10 N), or a value at most {0.1 / n_max:.1e}"
         )
+
+
+def check_delta_reservation(cfg: ExperimentConfig, silos: tuple[str, ...]) -> None:
+    """Refuse, before the engine starts, a privacy.delta that the silos' category thresholds
+    would use up (server/delta_budget.py `split_delta`, the plan's own check, which otherwise
+    comes after PSI). The default delta 1/(10 N) waits for N."""
+    privacy = cfg.authority.privacy
+    if privacy.delta and privacy.dp_sgd:
+        split_delta(privacy.delta, releases_outside_sgd(silos, summaries=False))
 
 
 def check_guardrails(cfg: ExperimentConfig, people: int, source: str) -> None:

@@ -48,7 +48,12 @@ from simulations.analysis.references import REFERENCES, joined_references
 from simulations.data.paths import Parties, RunDirError, resume_command
 from simulations.data.population import PopulationConfig, generate, write_parties
 from simulations.data.real_data import import_parties, resolve_mapping
-from simulations.run.config import ExperimentConfig, check_delta, check_guardrails
+from simulations.run.config import (
+    ExperimentConfig,
+    check_delta,
+    check_delta_reservation,
+    check_guardrails,
+)
 from simulations.run.deploy import deployment, progress_relay
 from simulations.run.engine import run_federation
 from simulations.run.horizontal import run_horizontal
@@ -76,7 +81,7 @@ PRIVACY_KEYS = ("epsilon", "delta", "accountant", "noise_multiplier", "joint_noi
                 "blocks", "statistics_noise_multiplier", "calibration_noise_multiplier",
                 "sample_rate", "max_grad_norm", "training_steps", "stopped_by_budget_cap")
 # How `delta` splits: the accountant's and the silos' category thresholds reserved out of the
-# configured delta (server/privacy.py DeltaSplit); absent from runs made before the split.
+# configured delta (server/delta_budget.py DeltaSplit); absent from runs made before the split.
 DELTA_KEYS = ("delta_accountant", "delta_thresholds")
 
 
@@ -120,6 +125,7 @@ def ready_parties(run: Run) -> None:
     rows = run.timer("validate", check_parties, run.parties, store)
     # delta against the people the authority declares: refused here, not after engine and PSI.
     check_delta(run.cfg, rows[AUTHORITY], "the authority's table")
+    check_delta_reservation(run.cfg, tuple(federation_silos(run.parties.root)))
     # A DP configuration that cannot learn, refused before the engine on an upper bound of the
     # people in training (every party's rows bound who can be aligned).
     check_guardrails(run.cfg, min(rows.values()), "the smallest party's table")
