@@ -196,11 +196,12 @@ def consistency(run_dir: Path, checks: list[Check] | None = None) -> list[str]:
         if trips is not None and rounds and max(rounds) > int(trips):
             problems.append(f"the ledger records round {max(rounds)}, the run had "
                             f"{int(trips)} rounds")
+    if checks is None:
+        checks = verify(run_dir)
     if record is not None and record.get("delta") is not None:
-        problems += _deltas_above(checks if checks is not None else verify(run_dir),
-                                  float(record["delta"]))
+        problems += _deltas_above(checks, float(record["delta"]))
     targets = _targets(Path(run_dir))
-    for c in checks if checks is not None else verify(run_dir):
+    for c in checks:
         target = targets.get("model" if c.budget.startswith("model/") else c.budget)
         if target is None or not math.isfinite(target):
             continue
