@@ -110,6 +110,11 @@ class PrivacyPlan:
         self.statistics: History = []
         for release in self.releases_outside_sgd:
             self.statistics = add_steps(self.statistics, release.noise_multiplier, 1.0, 1)
+        self._silo_releases: History = []
+        for release in self.releases_outside_sgd:
+            if silos and release.party == silos[0]:
+                self._silo_releases = add_steps(self._silo_releases, release.noise_multiplier,
+                                                1.0, 1)
         self.sigma = 0.0  # per party
         self.joint_sigma = 0.0
         self.calibration_sigma = 0.0
@@ -197,7 +202,7 @@ class PrivacyPlan:
             return True
         releases, sampled = self._counted(n_positions, *sent)
         eps = epsilon(self.cfg.accountant, self._transcript_history(releases, sampled),
-                      self.delta, precise=False)
+                      self.accountant_delta, precise=False)
         return eps <= self.cfg.transcript_cap
 
     def spend(self, steps: int) -> None:
@@ -323,10 +328,15 @@ class PrivacyPlan:
         return releases, sampled
 
     def _transcript_history(self, releases: np.ndarray, sampled: np.ndarray) -> History:
-        """What the authority sees of one person, composed without amplification: the noised
-        contributions released for the worst-off person, and every DP-SGD step of a silo's
-        model that person was in (the model channel: later contributions depend on it)."""
-        history = add_steps([], self.cfg.transcript_sigma, 1.0, int(releases.max(initial=0)))
+        """What the authority sees of one person from one silo, composed without
+        amplification: the silo's own releases beside DP-SGD (its preparation statistics and,
+        with summaries, its contribution summary), the noised contributions released for the
+        worst-off person, and every DP-SGD step of the silo's model that person was in (the
+        model channel: later contributions depend on it). Every silo's releases are alike, so
+        one history holds for each."""
+        history = list(self._silo_releases)
+        history = add_steps(history, self.cfg.transcript_sigma, 1.0,
+                            int(releases.max(initial=0)))
         return add_steps(history, self.sigma, 1.0, int(sampled.max(initial=0)))
 
     def record_releases(self, round_: int, n_positions: int, plan: np.ndarray | None,
@@ -344,14 +354,14 @@ class PrivacyPlan:
         for silo in self.silos:
             self._write(TranscriptLine(
                 party=silo, history=tuple(history), round=round_,
-                steps=sum(h[2] for h in history), epsilon=eps, delta=self.delta,
+                steps=sum(h[2] for h in history), epsilon=eps, delta=self.accountant_delta,
                 accountant=self.cfg.accountant, clip=self.cfg.transcript_clip,
             ))
 
     def _transcript_epsilon(self, history: History) -> float | None:
         if not self.cfg.dp_sgd:
             return None  # the model channel is not protected: no finite bound
-        return epsilon(self.cfg.accountant, history, self.delta)
+        return epsilon(self.cfg.accountant, history, self.accountant_delta)
 
     def _write(self, line: LedgerLine) -> None:
         if self.ledger is not None:

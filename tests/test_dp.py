@@ -9,7 +9,11 @@ import pytest
 import torch
 
 from clients.protocol.accounting import epsilon
-from clients.protocol.dp_constants import PRIOR_NOISE_MULTIPLIER, STATISTICS_NOISE_MULTIPLIER
+from clients.protocol.dp_constants import (
+    PRIOR_NOISE_MULTIPLIER,
+    STATISTICS_NOISE_MULTIPLIER,
+    THRESHOLD_DELTA,
+)
 from clients.protocol.dp_sgd import (
     arm_noise,
     make_private,
@@ -212,12 +216,15 @@ def test_transcript_budget_composes_each_persons_releases_and_model_steps(tmp_pa
     assert summary["transcript_releases_max"] == 4
     assert summary["transcript_sampled_max"] == 2
     eps = summary["epsilon"]["transcript"]["a"]
-    # No amplification: four full Gaussian releases at sigma 4, and the model channel: each
-    # DP-SGD step the person was in, at the per-party multiplier.
-    assert eps == pytest.approx(epsilon("rdp", [(4.0, 1.0, 4), (plan.sigma, 1.0, 2)],
-                                        plan.delta))
+    # No amplification: the silo's own statistics release, four full Gaussian releases at
+    # sigma 4, and the model channel: each DP-SGD step the person was in, at the per-party
+    # multiplier; at the delta left after the category thresholds' reservation.
+    assert eps == pytest.approx(epsilon("rdp", [(STATISTICS_NOISE_MULTIPLIER, 1.0, 1),
+                                                (4.0, 1.0, 4), (plan.sigma, 1.0, 2)],
+                                        plan.delta - 2 * THRESHOLD_DELTA))
+    assert eps > epsilon("rdp", [(4.0, 1.0, 4), (plan.sigma, 1.0, 2)], plan.delta)
     checks = [c for c in verify(tmp_path) if c.budget == "transcript"]
-    assert [c.steps for c in checks] == [6, 6]
+    assert [c.steps for c in checks] == [7, 7]
     assert all(c.ok for c in checks)
 
 
