@@ -70,3 +70,17 @@ def test_affordable_steps_stop_before_the_cap():
     n = affordable_steps("rdp", [], sigma, q, 10_000, DELTA, cap=1.0)
     assert epsilon("rdp", [(sigma, q, n)], DELTA) <= 1.0
     assert epsilon("rdp", [(sigma, q, n + 1)], DELTA) > 1.0
+
+
+def test_the_memoised_opacus_rdp_gives_opacus_own_numbers():
+    """clients/protocol/accounting.py memoises Opacus's per-order RDP: the same floats as the
+    function it wraps, for integer and fractional orders, and a repeated question is a hit."""
+    from opacus.accountants.analysis import rdp as opacus_rdp
+
+    memo = opacus_rdp._compute_rdp
+    assert hasattr(memo, "cache_info")
+    for q, sigma, alpha in ((0.01, 2.9, 1.5), (0.37, 1.1, 32.0), (1.0, 40.0, 2.0), (0.2, 0.7, 3.3)):
+        assert memo(q, sigma, alpha) == memo.__wrapped__(q, sigma, alpha)
+    hits = memo.cache_info().hits
+    memo(0.01, 2.9, 1.5)
+    assert memo.cache_info().hits == hits + 1
