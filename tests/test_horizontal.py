@@ -340,9 +340,12 @@ def test_config_errors_name_the_fix():
 
 def _horizontal_commands(work: Path) -> list[tuple[str, ...]]:
     """Small runs on one population of 3 regions: sample-level DP (FedProx) and user-level DP
-    with client-side clipping (Flower's fixedclipping_mod); then the sample-level run again,
+    with client-side clipping (Flower's fixedclipping_mod); then the user-level run again,
     once with the same keystores (it must come out identical) and once with fresh ones (the
-    same seed and data, other noise: another model)."""
+    same seed and data, other noise: another model). The repeats are user-level runs, a
+    third of a sample-level run's time: the regions' own Poisson samples come from their
+    secrets in both, the server's noise only here; the DP-SGD noise of sample-level rounds is
+    checked without the engine (test_local_samples_and_noise_come_from_the_regions_secret)."""
     common = ("--users", "3000", "--seed", "2", "--set", "topology=horizontal",
               "--set", "regions=3", "--set", "horizontal.rounds=3",
               "--set", "train.batch_size=256")
@@ -352,9 +355,9 @@ def _horizontal_commands(work: Path) -> list[tuple[str, ...]]:
             "--set", "privacy.accountant=rdp")
     return [("run", "--out", str(work / "sample"), *parties, *common, *sample),
             ("run", "--out", str(work / "user"), *parties, *common, *user),
-            ("run", "--out", str(work / "sample_again"), *parties, *common, *sample),
-            ("run", "--out", str(work / "sample_fresh"), "--parties", str(work / "fresh"),
-             *common, *sample)]
+            ("run", "--out", str(work / "user_again"), *parties, *common, *user),
+            ("run", "--out", str(work / "user_fresh"), "--parties", str(work / "fresh"),
+             *common, *user)]
 
 
 background.register("horizontal_runs", _horizontal_commands)
@@ -372,7 +375,7 @@ def horizontal_runs(background_runs) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def repeated_runs(horizontal_runs: dict[str, Path]) -> dict[str, Path]:
     work = horizontal_runs["sample"].parent
-    return {"again": work / "sample_again", "fresh": work / "sample_fresh",
+    return {"again": work / "user_again", "fresh": work / "user_fresh",
             "fresh_parties": work / "fresh", "parties": work / "parties"}
 
 
@@ -384,12 +387,13 @@ def _model(run: Path) -> dict[str, torch.Tensor]:
 def test_the_same_keystores_reproduce_a_run_and_fresh_ones_do_not(horizontal_runs,
                                                                    repeated_runs):
     """The run seed chooses data and initialisation only: with the same keystores the regions
-    draw the same samples and noise and the run comes out bit for bit the same; with fresh
-    keystores (same seed, same data) the noise is another and so is the model."""
-    first, again = _model(horizontal_runs["sample"]), _model(repeated_runs["again"])
+    draw the same samples and the server the same noise, and the run comes out bit for bit the
+    same; with fresh keystores (same seed, same data) the draws are others and so is the
+    model."""
+    first, again = _model(horizontal_runs["user"]), _model(repeated_runs["again"])
     assert all(torch.equal(first[k], again[k]) for k in first)
     m1, m2 = (json.loads((r / "metrics.json").read_text())
-              for r in (horizontal_runs["sample"], repeated_runs["again"]))
+              for r in (horizontal_runs["user"], repeated_runs["again"]))
     for key in ("auc", "baseline_central_auc", "baseline_central_dp_auc",
                 "baseline_central_gbdt_auc", "baseline_central_scorecard_auc", "epsilon"):
         assert m1[key] == m2[key], key
