@@ -264,6 +264,35 @@ def _finished_run(background_runs, name: str) -> Path:
     return work / "run"
 
 
+# Split learning without protection, one batch per round trip, every message captured: the
+# red team's open run (test_attacks.py: the silos read labels from their gradient vectors) and
+# the concat mode's exactness (test_concat.py: no staleness, so the federation is the central
+# model step for step) check different things of this one run.
+CONCAT_RUN_ARGS = ("--users", "2000", "--seed", "7",
+                   "--set", "aggregation.mode=concat", "--set", "model.embedding_dim=3",
+                   "--set", "train.epochs=2", "--set", "train.batch_size=256",
+                   "--set", "train.chunk_batches=1", "--set", "privacy.epsilon=inf",
+                   "--set", "privacy.label_epsilon=inf")
+
+
+def _concat_commands(work: Path) -> list[background.Command]:
+    from clients.protocol.capture import CAPTURE_ENV
+
+    return [background.Command(("-v", "run", "--out", str(work / "run"), *CONCAT_RUN_ARGS),
+                               env={CAPTURE_ENV: str(work / "capture")})]
+
+
+background.register("concat_run", _concat_commands)
+
+
+@pytest.fixture(scope="session")
+def concat_run(background_runs) -> tuple[Path, Path, str]:
+    """The shared concat run: (run directory, capture directory, its -v output)."""
+    (proc,), work = background_runs("concat_run")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return work / "run", work / "capture", proc.stdout + proc.stderr
+
+
 PRIVATE_RUN_ARGS = ("--users", "8000", "--seed", "5",
                     "--set", "train.epochs=3", "--set", "train.batch_size=256",
                     "--set", "train.chunk_batches=1",

@@ -16,8 +16,9 @@ one after another in the background while the rest of the suite runs (tests/back
   each person's label is randomised once, so more epochs would show the gradient attacks the
   same randomised labels again: more round trips, no more power.
 - `open_concat`: no protection (eps inf, label eps inf), split learning (`concat`), so the
-  silos receive gradient vectors: the direction attack. 1,500 people (about 900 trained on)
-  and two epochs: without protection every attack reads every label.
+  silos receive gradient vectors: the direction attack. conftest's shared `concat_run` (2,000
+  people, about 1,200 trained on, two epochs of one batch per round trip; test_concat.py checks
+  its exactness): without protection every attack reads every label.
 - `overfit`: no protection, sum mode, 2,500 people (about 330 trained on, 30 % defaulters)
   and 50 epochs of a wide model (256,128), so the scores have memorisation for a membership
   attack to find. Few members memorise faster; the many test people (about 1,450) keep the
@@ -89,9 +90,6 @@ GUARDED = ("--users", "14000", "--seed", "3",
            "--set", "population.default_rate=0.5",
            "--set", "split.train=0.85", "--set", "split.val=0.1",
            "--set", "train.epochs=3", "--set", "train.chunk_batches=8")
-OPEN_CONCAT = ("--users", "1500", "--seed", "4",
-               "--set", "aggregation.mode=concat", "--set", "train.epochs=2",
-               "--set", "privacy.epsilon=inf", "--set", "privacy.label_epsilon=inf")
 
 # The overfit run's people and settings; bench/red_team_overfit.py tries others against the
 # same two attacks (its results: bench/RESULTS.md, issue 19).
@@ -111,7 +109,6 @@ def set_options(settings: dict[str, str]) -> list[str]:
 RUNS: dict[str, tuple[str, ...]] = {
     "overfit": ("--users", str(OVERFIT_USERS), "--seed", "5", *set_options(OVERFIT_SETTINGS)),
     "guarded": GUARDED,
-    "open_concat": OPEN_CONCAT,
 }
 
 
@@ -129,14 +126,16 @@ background.register("attack_runs", _attack_commands)
 
 
 @pytest.fixture(scope="module")
-def attack_runs(background_runs) -> dict[str, EngineRun]:
+def attack_runs(background_runs, concat_run: tuple[Path, Path, str]) -> dict[str, EngineRun]:
     procs, work = background_runs("attack_runs")
     for proc in procs:
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert len(procs) == len(RUNS)
-    return {name: EngineRun(work / name / "run", work / name / "capture",
+    runs = {name: EngineRun(work / name / "run", work / name / "capture",
                             (proc.stdout + proc.stderr).encode())
             for name, proc in zip(RUNS, procs, strict=True)}
+    run_dir, capture, logs = concat_run
+    return {**runs, "open_concat": EngineRun(run_dir, capture, logs.encode())}
 
 
 @pytest.fixture(scope="module")

@@ -13,29 +13,13 @@ from clients.protocol.model import ModelSpec
 from crypto.secret_random import SecretRandom
 from server.config import AuthorityConfig, ConfigError, parse_flat
 from server.top import MlpHead
-from tests.conftest import run_cli
-
-
-@pytest.fixture(scope="module")
-def concat_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    work = tmp_path_factory.mktemp("concat_run")
-    proc = run_cli(
-        "run", "--out", str(work / "run"), "--users", "3000", "--seed", "7",
-        "--set", "train.epochs=2", "--set", "train.batch_size=256",
-        "--set", "train.chunk_batches=1", "--set", "privacy.epsilon=inf",
-        "--set", "privacy.label_epsilon=inf",
-        "--set", "aggregation.mode=concat", "--set", "model.embedding_dim=3",
-        cwd=work,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return work / "run"
 
 
 @pytest.mark.slow
-def test_concat_without_staleness_equals_central_concat(concat_run: Path):
+def test_concat_without_staleness_equals_central_concat(concat_run: tuple[Path, Path, str]):
     """One batch per trip: per-silo embedding gradients must reproduce central training of the
     same bottoms-plus-head model step for step."""
-    metrics = json.loads((concat_run / "metrics.json").read_text())
+    metrics = json.loads((concat_run[0] / "metrics.json").read_text())
     fed, central = metrics["history"]["federated"], metrics["history"]["central"]
     assert len(fed) == len(central) == 2
     for f, c in zip(fed, central, strict=True):
@@ -48,8 +32,8 @@ def test_concat_without_staleness_equals_central_concat(concat_run: Path):
 
 
 @pytest.mark.slow
-def test_concat_is_recorded_and_does_not_claim_a_secure_sum(concat_run: Path):
-    authority = json.loads((concat_run / "authority.json").read_text())
+def test_concat_is_recorded_and_does_not_claim_a_secure_sum(concat_run: tuple[Path, Path, str]):
+    authority = json.loads((concat_run[0] / "authority.json").read_text())
     assert authority["aggregation_mode"] == "concat"
     assert authority["secure_aggregation"] is False
     assert set(authority["model_inputs"]) == {"payments", "social", "device"}
