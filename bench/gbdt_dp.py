@@ -1,0 +1,162 @@
+"""DP vertical trees on UCI (issue 20 item 1's DP mode; server/gbdt_dp.py), in process.
+
+The UCI table is imported as `fedscore run --data uci` imports it (three silos, the shared
+data README's split of columns) and each silo prepares its matrix as in a run (`load_silo`:
+noisy preparation statistics from the silo's secret). Per seed, the authority's secret draws
+the run's 70/15/15 split (`server.split.random_split`); the DP trees train on the training
+people at combined eps_model (the silos' preparation statistics, the prior and the trees, one
+PRV accountant) with the project's delta: the default 1/(10 N_train), of which the silos'
+category thresholds' share is reserved as a run reserves it (`server.privacy.split_delta`).
+Beside them: the same random trees without noise (eps inf), and central LightGBM on the same
+split and prepared features (`central_gbdt`, simulations/analysis/references.py: early
+stopping on the validation people). Test AUC on the test people.
+
+    PYTHONPATH=. nice -n 19 .venv/bin/python bench/gbdt_dp.py
+    PYTHONPATH=. nice -n 19 .venv/bin/python bench/gbdt_dp.py --epsilons 1 \\
+        --variants '[{}, {"sample_rate": 1.0}, {"lambda_": 50}]'
+
+A variant is a dict of DpTreeParams overrides (keys of server/gbdt_dp.DpTreeParams, plus
+"weights": "uniform" (default) or "no-missing", which never draws the silos' `__missing`
+indicator columns, a choice from the column names alone). Each row prints as it finishes;
+the bench's secrets are fixed per seed, so the table reproduces (a party keeps its own).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+from clients.protocol.dp_constants import default_delta
+from clients.silo.data import load_silo
+from clients.silo.gbdt import GbdtSilo
+from crypto.secret_random import SecretRandom
+from server.config import SplitConfig
+from server.gbdt import predict_trees
+from server.gbdt_dp import DpTreeParams, plan_noise, train_dp_trees
+from server.labels import load_labels
+from server.metrics import auc
+from server.privacy import releases_outside_sgd, split_delta
+from server.split import random_split
+from simulations.analysis.references import Split, fit_gbdt, gbdt_logits
+from simulations.data.real_data import import_parties, uci_default_path, uci_mapping
+
+SILOS = ("payments", "consumption", "profile")
+
+
+@dataclasses.dataclass
+class Uci:
+    silos: dict[str, np.ndarray]
+    columns: dict[str, list[str]]
+    y: np.ndarray
+
+
+def load(parties: Path) -> Uci:
+    import_parties(uci_mapping(uci_default_path()), parties)
+    ids, y = load_labels(parties / "authority")
+    silos, columns = {}, {}
+    for name in SILOS:
+        matrix = load_silo(parties / name, name)
+        if not (matrix.ids.to_numpy() == ids.to_numpy()).all():
+            raise SystemExit("the UCI parties are not in one row order")  # PSI not needed
+        silos[name], columns[name] = matrix.x.astype(np.float64), matrix.columns
+    return Uci(silos, columns, y.astype(np.float64))
+
+
+def weights(data: Uci, kind: str) -> dict[str, np.ndarray] | None:
+    if kind == "uniform":
+        return None
+    if kind == "no-missing":
+        return {s: np.array([0.0 if c.endswith("__missing") else 1.0 for c in cols])
+                for s, cols in data.columns.items()}
+    raise SystemExit(f"unknown weights {kind!r}")
+
+
+def secret(seed: int, party: str) -> SecretRandom:
+    return SecretRandom(hashlib.sha256(f"bench-gbdt-dp/{seed}/{party}".encode()).digest())
+
+
+def dp_trees(data: Uci, split: Split, seed: int, eps: float, variant: dict) -> dict:
+    variant = dict(variant)
+    kind = variant.pop("weights", "uniform")
+    params = DpTreeParams(**variant)
+    n = len(split.train)
+    # The silos' preparation statistics (each with its category thresholds' delta) come
+    # before the trees on the same people; the prior is the trees' own (server/gbdt_dp.py).
+    before = [r for r in releases_outside_sgd(SILOS, summaries=False) if r.purpose != "prior"]
+    deltas = split_delta(default_delta(0.0, n), before)
+    prefix = [(r.noise_multiplier, 1.0, 1) for r in before]
+    train = {s: GbdtSilo(s, x[split.train], bins=params.bins) for s, x in data.silos.items()}
+    test = {s: GbdtSilo(s, x[split.test], bins=params.bins) for s, x in data.silos.items()}
+    t0 = time.perf_counter()
+    release = plan_noise(params, epsilon_=eps, delta=deltas.accountant,
+                         prefix=prefix if math.isfinite(eps) else ())
+    t1 = time.perf_counter()
+    fitted = train_dp_trees(train, data.y[split.train], params, release,
+                            secret(seed, "authority"), weights=weights(data, kind))
+    t2 = time.perf_counter()
+    margin = predict_trees(fitted.model, test, len(split.test))
+    return {"auc": auc(data.y[split.test], margin), "calibrate": t1 - t0, "seconds": t2 - t1,
+            "epsilon": release.epsilon, "delta": deltas.combined,
+            "sigma": release.noise_multiplier, "n_train": n}
+
+
+def central(data: Uci, split: Split, seed: int) -> dict:
+    x = np.hstack([data.silos[s] for s in SILOS])
+    t0 = time.perf_counter()
+    model = fit_gbdt(x, data.y, split, seed)
+    seconds = time.perf_counter() - t0
+    return {"auc": auc(data.y[split.test], gbdt_logits(model, x[split.test])),
+            "seconds": seconds, "rounds": model.best_iteration}
+
+
+def summary(values: list[float]) -> str:
+    return f"{statistics.mean(values):.4f} ({', '.join(f'{v:.4f}' for v in values)})"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--epsilons", default="1,inf")
+    parser.add_argument("--variants", default="[{}]", help="JSON list of DpTreeParams dicts")
+    parser.add_argument("--parties", type=Path, default=Path("/tmp/gbdt_dp/parties"),
+                        help="where the UCI parties are imported (reused, with the silos' "
+                        "secrets, so a second call prepares the same matrices)")
+    parser.add_argument("--no-central", action="store_true")
+    args = parser.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    epsilons = [float(e) for e in args.epsilons.split(",")]
+    data = load(args.parties)
+    splits = {}
+    for seed in seeds:
+        drawn = random_split(data.y, SplitConfig(), secret(seed, "authority").generator("split"))
+        splits[seed] = Split(drawn.train, drawn.val, drawn.test)
+    print("| model | eps_model (accounted) | delta | joint sigma | test AUC mean (per seed) "
+          "| train s per seed (+ noise calibration) |", flush=True)
+    print("| --- | --- | --- | --- | --- | --- |", flush=True)
+    if not args.no_central:
+        rows = [central(data, splits[s], s) for s in seeds]
+        print(f"| central LightGBM (rounds {', '.join(str(r['rounds']) for r in rows)}) | inf "
+              f"| n/a | n/a | {summary([r['auc'] for r in rows])} "
+              f"| {statistics.mean(r['seconds'] for r in rows):.1f} |", flush=True)
+    for variant in json.loads(args.variants):
+        for eps in epsilons:
+            rows = [dp_trees(data, splits[s], s, eps, variant) for s in seeds]
+            spent = max(r["epsilon"] for r in rows)
+            delta = f"{max(r['delta'] for r in rows):.2e}" if math.isfinite(eps) else "n/a"
+            print(f"| DP random trees {json.dumps(variant)} | {eps:g} ({spent:.3f}) "
+                  f"| {delta} | {rows[0]['sigma']:.2f} "
+                  f"| {summary([r['auc'] for r in rows])} "
+                  f"| {statistics.mean(r['seconds'] for r in rows):.1f} "
+                  f"(+ {statistics.mean(r['calibrate'] for r in rows):.1f}) |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
