@@ -80,7 +80,8 @@ def level(msg: Message, node: Node) -> Message:
             silo.gradients(Gradients(tree=tree, g=g, h=h))  # checks one value per row
         node.state["gbdt_grad"] = m.arrays(g=g, h=h)
         m.config_record(node.state, "gbdt")["tree"] = tree
-    elif m.config_int(m.config_record(node.state, "gbdt"), "tree") != tree:
+    elif (m.config_int(m.config_record(node.state, "gbdt"), "tree") != tree
+          or "gbdt_grad" not in node.state):
         raise m.ProtocolError(f"no gradients for tree {tree}")
     else:
         held = m.array_record(node.state, "gbdt_grad")
