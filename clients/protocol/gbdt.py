@@ -1,8 +1,10 @@
 """Messages of vertical gradient-boosted trees, SecureBoost-style (issue 20 item 1).
 
-Not wired into Flower yet: these dataclasses are the message boundary of the in-process
-protocol (server/gbdt.py drives it, clients/silo/gbdt.py answers), chosen so that a later
-session can map each request/reply pair one-to-one onto a Flower message.
+These dataclasses are the message boundary of the protocol (server/gbdt.py drives it,
+clients/silo/gbdt.py answers): in process (simulations/run/gbdt.py), or carried by Flower
+messages in `fedscore run --set model.kind=gbdt` (server/gbdt_run.py and
+clients/silo/gbdt_handlers.py: one message per silo for all of a level's histogram requests,
+another for its split requests, the gradients riding on the root's).
 
 Per tree the authority (label holder) sends every silo the rows' gradients (`Gradients`);
 then, level by level, the rows of each open node (`HistogramRequest`), and each silo answers
@@ -16,11 +18,11 @@ left/right bits for the silo's splits on new rows.
 
 Labels never reach a silo; the only per-row arrays it receives are g and h. But plain g, h
 reveal the labels: for logistic loss g = p - y, so y = 1 exactly when g < 0. The plain mode
-(`Gradients`) is therefore for simulation and tests only; the shipped modes must send g, h
-encrypted (`EncryptedGradients`, crypto/he.py: the silo then returns `EncryptedNodeHistogram`s)
-or label-DP'd gradients with their own ledger line. That choice, and the accounting, belong to
-the session that wires this into Flower. Even under encryption the authority learns each
-node's partition (as in SecureBoost) and the decrypted per-bin sums.
+(`Gradients` of clean labels) is therefore for simulation and tests only. A run sends
+`Gradients` computed from the randomised-response labels (gbdt.protection=rr: post-processing
+of eps_label, whose ledger line is the whole account); `EncryptedGradients` (crypto/he.py: the
+silo then returns `EncryptedNodeHistogram`s) run in process only so far. Even under encryption
+the authority learns each node's partition (as in SecureBoost) and the decrypted per-bin sums.
 """
 
 from __future__ import annotations
