@@ -26,13 +26,8 @@ from simulations.data.paths import Parties
 from simulations.run.gbdt import fit_vertical, predict_vertical
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run_dir", type=Path)
-    parser.add_argument("--parties", type=Path, help="default: RUN_DIR.parties")
-    args = parser.parse_args()
-    run_dir = args.run_dir
-    parties = Parties(args.parties or run_dir.with_name(run_dir.name + ".parties"))
+def compare(run_dir: Path, parties: Parties) -> dict:
+    """The run's test AUC beside the in-process core's on the same people and settings."""
     config = json.loads((run_dir / "config.json").read_text())
     flat = config.get("authority", config)
     store = open_keystore(str(flat.get("storage.keystore", AUTO)), parties.root)
@@ -49,17 +44,26 @@ def main() -> None:
                          min_child_weight=gbdt["min_child_weight"])
     fit_seconds = time.perf_counter() - t0
     p = predict_vertical(model, {s: x[test] for s, x in joined.xs.items()})
-    print(json.dumps({
+    return {
         "label_epsilon": metrics["epsilon"]["label"],
         # metrics.json's all_test_auc: every test person (the scores file hides the
         # probability of people who fail the opening conditions).
-        "federated_all_test_auc": round(metrics["all_test_auc"], 4),
-        "in_process_test_auc": round(float(auc(joined.y[test], p)), 4),
+        "federated_all_test_auc": metrics["all_test_auc"],
+        "in_process_test_auc": float(auc(joined.y[test], p)),
         "central_gbdt_auc": metrics.get("baseline_central_gbdt_auc"),
         "federated_train_seconds": metrics["seconds"]["train"],
         "in_process_fit_seconds": round(fit_seconds, 2),
         "round_trips": metrics["round_trips"],
-    }, indent=2))
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--parties", type=Path, help="default: RUN_DIR.parties")
+    args = parser.parse_args()
+    parties = Parties(args.parties or args.run_dir.with_name(args.run_dir.name + ".parties"))
+    print(json.dumps(compare(args.run_dir, parties), indent=2))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import pytest
 from flwr.app import Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
+from bench.gbdt_wired import compare
 from clients.protocol import gbdt as msg
 from clients.protocol import messages as m
 from clients.protocol.schema import federation_silos
@@ -36,7 +37,9 @@ from server.gbdt_run import (
 )
 from server.label_dp import flip_probability, keep_probability, randomized_response
 from server.run_keys import computed_settings
+from simulations.data.paths import Parties
 from simulations.data.population import write_parties
+from tests.conftest import run_cli
 from tests.test_gbdt import by_silo, credit_like
 from tests.test_security_protocol import _population  # the same 1,000 people, generated once
 
@@ -47,6 +50,8 @@ GBDT = {"model.kind": "gbdt", "privacy.epsilon": "inf"}
 
 
 def test_gbdt_refuses_a_finite_model_epsilon_and_says_why() -> None:
+    """Refused when the configuration is parsed: `fedscore run` parses it before it generates
+    data or starts an engine."""
     with pytest.raises(ConfigError, match=r"privacy\.epsilon=inf") as info:
         parse_flat(AuthorityConfig, {"model.kind": "gbdt"})
     assert "not differentially private" in str(info.value)
@@ -91,6 +96,21 @@ def test_tree_settings_leave_an_mlp_runs_key_alone() -> None:
     assert computed_settings({**mlp, "gbdt.trees": 7}) == base
     trees = {**base, "model.kind": "gbdt", "gbdt.trees": 50}
     assert computed_settings(trees) == trees
+
+
+@pytest.mark.stress
+@pytest.mark.slow
+def test_engine_run_grows_the_in_process_trees(tmp_path: Path) -> None:
+    """On demand (`pytest -m stress`, about 2 minutes): a whole run on the Flower engine at
+    label_epsilon=inf scores its test people exactly as the in-process core does."""
+    proc = run_cli("run", "--out", "run", "--users", "3000", "--set", "model.kind=gbdt",
+                   "--set", "privacy.epsilon=inf", "--set", "privacy.label_epsilon=inf",
+                   cwd=tmp_path, timeout=900)
+    assert proc.returncode == 0, (proc.stderr[-3000:], proc.stdout[-3000:])
+    figures = compare(tmp_path / "run", Parties(tmp_path / "run.parties"))
+    assert figures["federated_all_test_auc"] == pytest.approx(figures["in_process_test_auc"],
+                                                              abs=1e-9)
+    assert figures["round_trips"] <= 50 * 2 * 5 + 2
 
 
 # ---- the Flower endpoint against the in-process driver -----------------------------------
