@@ -18,6 +18,8 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
+
 from crypto.at_rest import AUTO, open_keystore
 from server.metrics import auc
 from server.scores_file import read_scores
@@ -37,6 +39,10 @@ def compare(run_dir: Path, parties: Parties) -> dict:
     joined = join_parties(parties, scores, authority["subject_ref"].removeprefix("hmac-"), store)
     train, test = joined.positions("train"), joined.positions("test")
     gbdt = authority["gbdt"]
+    # What the silos' trees bin (clients/silo/gbdt_handlers.py); runs made before the scale
+    # existed binned the prepared matrix as is.
+    scale = float(gbdt.get("input_scale", 1.0))
+    joined.xs = {s: x.astype(np.float64) / scale for s, x in joined.xs.items()}
     t0 = time.perf_counter()
     model = fit_vertical({s: x[train] for s, x in joined.xs.items()}, joined.y[train],
                          trees=gbdt["trees"], depth=gbdt["depth"], bins=gbdt["bins"],

@@ -34,6 +34,7 @@ from flwr.app import Message
 
 from clients.protocol import messages as m
 from clients.protocol.gbdt import (
+    STANDARD_UNITS,
     EncryptedGradients,
     Gradients,
     HistogramReply,
@@ -445,6 +446,8 @@ def annotate(out: dict, cfg: AuthorityConfig) -> None:
     out["gbdt"] = {
         **{k: getattr(cfg.gbdt, k) for k in ("trees", "depth", "bins", "lr", "reg_lambda",
                                               "min_child_weight", "protection")},
+        # The silos bin their prepared matrix divided by this (clients/protocol/gbdt.py).
+        "input_scale": STANDARD_UNITS,
         "model_epsilon": "inf",
         "model_note": ("the trees (splits, leaf values) and the scores are released without "
                        "differential privacy: eps_model is infinite (privacy.epsilon=inf)"),

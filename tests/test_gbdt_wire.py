@@ -22,6 +22,7 @@ from clients.protocol.schema import federation_silos
 from clients.silo import app as ca
 from clients.silo.data import load_silo
 from clients.silo.gbdt import GbdtSilo
+from clients.silo.gbdt_handlers import tree_inputs
 from server import gbdt
 from server.config import AuthorityConfig, ConfigError, parse_flat
 from server.federation import Federation, FederationError
@@ -170,7 +171,7 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> tuple[Federation, Ap
     for silo, table in tables.items():
         rows = pd.Index(table.ids.to_numpy()).get_indexer(common).astype(np.int64)
         grid.contexts[fed.nodes[silo]].state["align"] = m.arrays(pos2row=rows)
-        xs[silo] = table.x[rows]
+        xs[silo] = tree_inputs(table.x[rows])  # what the silo's trees bin
     return fed, grid, xs
 
 

@@ -27,6 +27,7 @@ from flwr.app import ConfigRecord, Message
 from clients.node import Node
 from clients.protocol import messages as m
 from clients.protocol.gbdt import (
+    STANDARD_UNITS,
     Gradients,
     HistogramRequest,
     NodeHistogram,
@@ -132,13 +133,18 @@ def route(msg: Message, node: Node) -> Message:
     positions = m.get_array(msg, "positions", np.int64, 1)
     if len(features) != len(split_bins):
         raise m.ProtocolError("features and bins differ in length")
-    binned = bin_index(silo_matrix(node).x[rows_at(node.context, positions)], bins)
+    binned = bin_index(tree_inputs(silo_matrix(node).x[rows_at(node.context, positions)]), bins)
     left = np.zeros((len(features), len(positions)), dtype=bool)
     for i, (feature, bin_) in enumerate(zip(features, split_bins, strict=True)):
         if not (0 <= feature < binned.shape[1] and 0 <= bin_ < bins - 1):
             raise m.ProtocolError("split outside this silo's features or bins")
         left[i] = binned[:, feature] <= bin_
     return Message(m.make_content(left=np.packbits(left, axis=1)), reply_to=msg)
+
+
+def tree_inputs(x: np.ndarray) -> np.ndarray:
+    """What the trees bin: the prepared matrix in units of STANDARD_UNITS (see there)."""
+    return np.asarray(x, dtype=np.float64) / STANDARD_UNITS
 
 
 def _silo(node: Node) -> GbdtSilo:
@@ -152,10 +158,12 @@ def _silo(node: Node) -> GbdtSilo:
     matrix = silo_matrix(node)
 
     def build() -> GbdtSilo:
-        return GbdtSilo(silo_name(node), matrix.x[rows_at(node.context, positions)], bins=bins)
+        x = tree_inputs(matrix.x[rows_at(node.context, positions)])
+        return GbdtSilo(silo_name(node), x, bins=bins)
 
     identity = ("gbdt", str(silo_dir(node).resolve()), run)
-    return node.tables.get(identity, (id(matrix), bins, digest(positions)), build)
+    version = (id(matrix), bins, STANDARD_UNITS, digest(positions))
+    return node.tables.get(identity, version, build)
 
 
 def _groups(msg: Message, count: int, rows: int) -> list[np.ndarray]:
