@@ -360,8 +360,9 @@ def _contributions_section(run: RunData) -> Section:
         section.blocks.append(Note(
             "Trees have no additive per-silo model: along each person's path in every tree, "
             "the change of node value at a split is credited to the silo that owns the split "
-            "(the node values are the trees' leaf weights at every node), so the silos' "
-            "points add up to the score exactly; other attributions would differ."))
+            "(the node values are the trees' leaf weights at every node), so a common "
+            "constant and the silos' points add up to each score; other attributions would "
+            "differ."))
     return section
 
 
