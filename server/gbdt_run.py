@@ -34,7 +34,11 @@ from flwr.app import Message
 
 from clients.protocol import messages as m
 from clients.protocol.gbdt import (
+    LEVEL,
+    ROUTE,
+    SPLIT,
     STANDARD_UNITS,
+    START,
     EncryptedGradients,
     Gradients,
     HistogramReply,
@@ -54,11 +58,6 @@ from server.training import TrainResult
 
 log = logging.getLogger(__name__)
 
-# The silo's message types (clients/silo/gbdt_handlers.py: server/ may not import it).
-START = "query.gbdt_start"
-LEVEL = "train.gbdt_level"
-SPLIT = "train.gbdt_split"
-ROUTE = "query.gbdt_route"
 HISTORY_POINTS = 10  # validation AUC after this many evenly spaced tree counts
 
 

@@ -47,6 +47,14 @@ from crypto.he import EncryptedPairs, EncryptedSums, PublicHe
 # (a DP quantile release): later work.
 STANDARD_UNITS = 4.0
 
+# The Flower messages of a run's trees (server/gbdt_run.py sends them, clients/silo/
+# gbdt_handlers.py answers): start on the training positions, a level's histograms (with the
+# tree's g, h on the root's), a level's partitions from the silos owning its splits, scoring.
+START = "query.gbdt_start"
+LEVEL = "train.gbdt_level"
+SPLIT = "train.gbdt_split"
+ROUTE = "query.gbdt_route"
+
 
 @dataclass(frozen=True, kw_only=True)
 class Gradients:

@@ -27,7 +27,11 @@ from flwr.app import ConfigRecord, Message
 from clients.node import Node
 from clients.protocol import messages as m
 from clients.protocol.gbdt import (
+    LEVEL,
+    ROUTE,
+    SPLIT,
     STANDARD_UNITS,
+    START,
     Gradients,
     HistogramRequest,
     NodeHistogram,
@@ -39,13 +43,8 @@ from clients.silo.registry import handlers
 from clients.silo.state import rows_at, silo_dir, silo_matrix, silo_name
 from crypto.secret_random import digest
 
-START = "query.gbdt_start"
-LEVEL = "train.gbdt_level"
-SPLIT = "train.gbdt_split"
-ROUTE = "query.gbdt_route"
 
-
-@handlers.query("gbdt_start")
+@handlers.query(START.removeprefix("query."))
 def start(msg: Message, node: Node) -> Message:
     """Start a run's trees on the training positions the authority names."""
     cfg = m.get_config(msg)
@@ -67,7 +66,7 @@ def start(msg: Message, node: Node) -> Message:
     return Message(m.make_content({"features": _silo(node).features}), reply_to=msg)
 
 
-@handlers.train("gbdt_level")
+@handlers.train(LEVEL.removeprefix("train."))
 def level(msg: Message, node: Node) -> Message:
     """One tree level: take the tree's g, h when they come (with its root), then the sums of
     every open node the authority asks for."""
@@ -99,7 +98,7 @@ def level(msg: Message, node: Node) -> Message:
         g=np.stack([s.g for s in sums]), h=np.stack([s.h for s in sums])), reply_to=msg)
 
 
-@handlers.train("gbdt_split")
+@handlers.train(SPLIT.removeprefix("train."))
 def split(msg: Message, node: Node) -> Message:
     """The left/right bits of the rows of each node this silo's splits cut."""
     silo = _silo(node)
@@ -120,7 +119,7 @@ def split(msg: Message, node: Node) -> Message:
     return Message(content, reply_to=msg)
 
 
-@handlers.query("gbdt_route")
+@handlers.query(ROUTE.removeprefix("query."))
 def route(msg: Message, node: Node) -> Message:
     """Scoring: the bits of the silo's splits (feature, bin pairs) for the given positions,
     packed 8 to a byte along the positions."""
