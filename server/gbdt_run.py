@@ -100,11 +100,11 @@ class FlowerSilos(Mapping[str, "FlowerEndpoint"]):
         return len(self.features)
 
     def _exchange(self, message_type: str, contents: Mapping) -> dict[str, Message]:
-        t0 = time.perf_counter()
         replies = self.fed.exchange(message_type, contents)
         self.round_trips += 1
-        for silo in replies:
-            self.silo_seconds[silo] = self.silo_seconds.get(silo, 0.0) + time.perf_counter() - t0
+        for silo, reply in replies.items():  # what each silo says it computed
+            seconds = float(m.get_config(reply).get("seconds", 0.0))
+            self.silo_seconds[silo] = self.silo_seconds.get(silo, 0.0) + seconds
         return replies
 
     # ---- gbdt.LevelSilos ----------------------------------------------------------------------

@@ -18,6 +18,7 @@ indices into the training positions the authority sent with `query.gbdt_start`.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -70,6 +71,7 @@ def start(msg: Message, node: Node) -> Message:
 def level(msg: Message, node: Node) -> Message:
     """One tree level: take the tree's g, h when they come (with its root), then the sums of
     every open node the authority asks for."""
+    t0 = time.perf_counter()
     cfg = m.get_config(msg)
     tree = m.config_int(cfg, "tree")
     silo = _silo(node)
@@ -93,14 +95,17 @@ def level(msg: Message, node: Node) -> Message:
     with _refused():
         reply = silo.histograms(request)
     sums = [s for s in reply.nodes if isinstance(s, NodeHistogram)]
-    return Message(m.make_content(
-        {"tree": tree}, nodes=np.array([s.node for s in sums], dtype=np.int64),
-        g=np.stack([s.g for s in sums]), h=np.stack([s.h for s in sums])), reply_to=msg)
+    content = m.make_content(
+        {"tree": tree, "seconds": time.perf_counter() - t0},
+        nodes=np.array([s.node for s in sums], dtype=np.int64),
+        g=np.stack([s.g for s in sums]), h=np.stack([s.h for s in sums]))
+    return Message(content, reply_to=msg)
 
 
 @handlers.train(SPLIT.removeprefix("train."))
 def split(msg: Message, node: Node) -> Message:
     """The left/right bits of the rows of each node this silo's splits cut."""
+    t0 = time.perf_counter()
     silo = _silo(node)
     nodes = m.get_array(msg, "nodes", np.int64, 1)
     features = m.get_array(msg, "features", np.int64, 1)
@@ -115,7 +120,8 @@ def split(msg: Message, node: Node) -> Message:
             lefts.append(silo.split(SplitRequest(tree=tree, node=int(n), feature=int(feature),
                                                  bin=int(bin_), rows=rows)).left)
     left = np.concatenate(lefts) if lefts else np.zeros(0, dtype=bool)
-    content = m.make_content({"tree": tree}, nodes=nodes, left=np.packbits(left))
+    content = m.make_content({"tree": tree, "seconds": time.perf_counter() - t0}, nodes=nodes,
+                             left=np.packbits(left))
     return Message(content, reply_to=msg)
 
 
@@ -123,6 +129,7 @@ def split(msg: Message, node: Node) -> Message:
 def route(msg: Message, node: Node) -> Message:
     """Scoring: the bits of the silo's splits (feature, bin pairs) for the given positions,
     packed 8 to a byte along the positions."""
+    t0 = time.perf_counter()
     bins = m.config_int(m.config_record(node.state, "gbdt"), "bins") \
         if "gbdt" in node.state else None
     if bins is None:
@@ -138,7 +145,8 @@ def route(msg: Message, node: Node) -> Message:
         if not (0 <= feature < binned.shape[1] and 0 <= bin_ < bins - 1):
             raise m.ProtocolError("split outside this silo's features or bins")
         left[i] = binned[:, feature] <= bin_
-    return Message(m.make_content(left=np.packbits(left, axis=1)), reply_to=msg)
+    return Message(m.make_content({"seconds": time.perf_counter() - t0},
+                                  left=np.packbits(left, axis=1)), reply_to=msg)
 
 
 def tree_inputs(x: np.ndarray) -> np.ndarray:
