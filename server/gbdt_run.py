@@ -15,7 +15,10 @@ Protection toward the silos (`gbdt.protection`):
   clean and the silos can read them from the sign of g.
 - "he": BFV-encrypted g, h (crypto/he.py) is implemented in process only
   (simulations/run/gbdt.py); its ciphertexts do not travel in Flower messages yet, so a run
-  refuses it (`refuse_unwired`).
+  refuses it (`refuse_unwired`). For whoever wires it: SEAL objects serialise with their
+  save/load (to files); the rotation (Galois) keys are 17 MB at ring 8192, a ciphertext 0.43 MB
+  (4,096 rows of g, h), so the keys should go once per run into the silo's run directory, not
+  into the node's Flower state, which travels with every message.
 
 The trees themselves are released without differential privacy: the configuration refuses a
 finite privacy.epsilon with model.kind=gbdt (server/config.py), and the run reports no

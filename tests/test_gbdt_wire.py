@@ -28,6 +28,7 @@ from server.config import AuthorityConfig, ConfigError, parse_flat
 from server.federation import Federation, FederationError
 from server.gbdt_run import (
     FlowerSilos,
+    annotate,
     base_margin,
     fit,
     refuse_unwired,
@@ -86,6 +87,20 @@ def test_he_is_refused_before_any_message_and_needs_power_of_two_bins() -> None:
     with pytest.raises(ConfigError, match="in process only"):
         refuse_unwired(cfg)
     refuse_unwired(parse_flat(AuthorityConfig, GBDT))  # rr runs
+
+
+def test_a_tree_run_says_its_model_epsilon_is_infinite_and_what_the_authority_saw() -> None:
+    out = {"model": {"bias": 0.0, "reasons": 0}, "authority_sees": ["the sum"]}
+    annotate(out, parse_flat(AuthorityConfig, {**GBDT, "privacy.label_epsilon": "1.5"}))
+    assert out["model"]["kind"] == out["model_kind"] == "gbdt"
+    assert out["gbdt"]["model_epsilon"] == "inf"
+    assert "without differential privacy" in out["gbdt"]["model_note"]
+    assert "privacy.label_epsilon=1.5" in out["gbdt"]["label_protection"]
+    assert "the sum" not in out["authority_sees"]
+    assert any("(silo, feature index, bin)" in line for line in out["authority_sees"])
+    mlp = {"model": {"bias": 0.0}, "authority_sees": ["the sum"]}
+    annotate(mlp, parse_flat(AuthorityConfig, {}))
+    assert mlp == {"model": {"bias": 0.0}, "authority_sees": ["the sum"]}
 
 
 def test_tree_settings_leave_an_mlp_runs_key_alone() -> None:
