@@ -28,7 +28,7 @@ from clients.protocol.schema import AUTHORITY, authority_schema
 from crypto.at_rest import REF_HASH, Keystore, open_keystore
 from crypto.identity import PHONE, IdentifierFormat, keyed_refs, load_or_create_pepper
 from crypto.secret_random import SecretRandom
-from server import checkpoint, explanations, metrics, run_phases, scoring
+from server import checkpoint, explanations, gbdt_run, metrics, run_phases, scoring
 from server.alignment import Alignment, announce, joint_order, private_intersections
 from server.checkpoint import RunState, TrainState
 from server.config import AuthorityConfig, to_flat
@@ -39,7 +39,7 @@ from server.labels import load_authority
 from server.ledger import Ledger
 from server.privacy import CALIBRATION_STEPS, PrivacyPlan
 from server.run_keys import PEOPLE_KEYS, authority_random, derive_people_key, derive_run_key
-from server.scores_file import PEPPER_FILE, write_scores, write_split
+from server.scores_file import PEPPER_FILE, gated, write_scores, write_split
 from server.split import Split, random_split
 from server.training import TrainJob, TrainResult, train
 
@@ -154,6 +154,7 @@ def run_authority(
     scored = _score(ctx, tables, plan, trained)
     phases.stop()
     out = _results(ctx, tables, plan, trained, scored, resume, phases.seconds)
+    gbdt_run.annotate(out, cfg)  # model.kind=gbdt only
     _write_results(out_dir, out)
     return RunResult(metrics=out, seconds=phases.seconds)
 
@@ -222,6 +223,11 @@ def _train_and_calibrate(ctx: _Context, plan: _Plan, phases: run_phases.PhaseTim
     run, split, privacy = plan.run, plan.split, plan.privacy
     n_positions = len(run.authority_rows)
     try:
+        if ctx.cfg.model.kind == "gbdt":
+            result, calibrate = gbdt_run.train_and_calibrate(gbdt_run.TreeJob(
+                ctx.fed, ctx.cfg, run.run_key, split.train, split.val, n_positions, plan.y,
+                run.y_view), phases)
+            return _Trained(result, calibrate, privacy.summary())
         result = train(_train_job(ctx, plan), progress=progress, state=plan.state,
                        on_round=_checkpointer(ctx, privacy))
         phases.start("score")
@@ -286,7 +292,7 @@ def _score(ctx: _Context, tables: _Tables, plan: _Plan, trained: _Trained) -> _S
     )
     if why is not None:
         scores = pd.concat([scores, why], axis=1)
-    scores = _gated(scores, gate, eligible)
+    scores = gated(scores, gate, eligible)
     write_scores(ctx.out_dir, scores, ctx.store, run.run_key)
     write_split(ctx.out_dir, plan.split.labels(len(run.authority_rows)), ctx.store, run.run_key)
     return _Scored(p, tier, gate, eligible, ref_hash, why is not None)
@@ -331,7 +337,7 @@ def _model_metrics(ctx: _Context, plan: _Plan, trained: _Trained, scored: _Score
         "all_test": metrics.summary(y[split.test], p[split.test]),
         "tiers": scoring.tier_counts(tier[scored.eligible]),
         "test_tiers": scoring.tier_counts(tier[test]),
-        "test_default_rate_by_tier": _rate_by_tier(y[test], tier[test]),
+        "test_default_rate_by_tier": scoring.rate_by_tier(y[test], tier[test]),
         "calibration": calibrate.to_json(),
         # What re-scoring one person later needs (server/rescore.py): the silos keep their
         # models of the final round under the run key.
@@ -446,21 +452,6 @@ def _calibration(z_val: np.ndarray, y_val: np.ndarray, privacy: PrivacyPlan,
         expected_n=expected_n, rng=random.generator("calibration", run_key))
 
 
-def _gated(scores: pd.DataFrame, gate: pd.DataFrame, eligible: np.ndarray) -> pd.DataFrame:
-    """`status` (scored / ineligible) and the reasons; no score, tier or points for people who
-    fail the opening conditions."""
-    out = scores.copy()
-    out["status"] = pd.Categorical.from_codes((~eligible).astype(np.int8),
-                                              ["scored", "ineligible"])
-    out["ineligible_reason"] = gate["reason"].to_numpy()
-    out["ineligible_reason_zh"] = gate["reason_zh"].to_numpy()
-    out["score"] = pd.array(np.where(eligible, out["score"], 0), dtype="Int16")
-    out.loc[~eligible, "score"] = pd.NA
-    hidden = ["probability", "tier"] + [c for c in out if c.startswith(("points_", "reason_"))]
-    out.loc[~eligible, hidden] = np.nan
-    return out
-
-
 def _reasons_asked(cfg: AuthorityConfig) -> int:
     """Reason codes to ask the silos for: none outside plain `sum` mode (config comment)."""
     if not cfg.explain.reasons:
@@ -507,11 +498,3 @@ def _maybe_inject_failure(round_: int, privacy: PrivacyPlan) -> None:
     if os.environ.get(FAIL_AFTER_ROUND) == str(round_):
         privacy.flush()
         raise RuntimeError(f"injected failure after round {round_} ({FAIL_AFTER_ROUND})")
-
-
-def _rate_by_tier(y: np.ndarray, tier: np.ndarray) -> dict[str, float | None]:
-    out: dict[str, float | None] = {}
-    for i, key in enumerate(scoring.TIER_KEYS):
-        sel = tier == i
-        out[key] = float(y[sel].mean()) if sel.any() else None
-    return out

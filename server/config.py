@@ -34,14 +34,23 @@ def _finite(key: str, value: float, hint: str = "") -> None:
         raise ConfigError(f"{key}={value}: must be a finite number{hint}")
 
 
+MODEL_KINDS = ("mlp", "gbdt")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
+    # "mlp": each silo's bottom MLP trained by DP-SGD (the default). "gbdt": vertical
+    # gradient-boosted trees, SecureBoost-style (server/gbdt_run.py; the `gbdt.*` keys); its
+    # release is not differentially private, so it needs privacy.epsilon=inf.
+    kind: str = "mlp"
     hidden: tuple[int, ...] = (32, 16)
     # `concat` mode only: each silo's embedding width, and the authority's MLP layers on top.
     embedding_dim: int = 4
     top_hidden: tuple[int, ...] = (16,)
 
     def __post_init__(self) -> None:
+        if self.kind not in MODEL_KINDS:
+            raise ConfigError(f"model.kind={self.kind!r}: choose one of {', '.join(MODEL_KINDS)}")
         for key, layers in (("model.hidden", self.hidden), ("model.top_hidden", self.top_hidden)):
             if not layers or any(h < 1 or h > 4096 for h in layers):
                 raise ConfigError(
@@ -49,6 +58,50 @@ class ModelConfig:
                 )
         if not 1 <= self.embedding_dim <= 256:
             raise ConfigError(f"model.embedding_dim={self.embedding_dim}: use 1 to 256")
+
+
+GBDT_PROTECTIONS = ("rr", "he")
+
+
+@dataclass(frozen=True)
+class GbdtConfig:
+    """model.kind=gbdt: the trees (server/gbdt.py) and how the silos see the gradients."""
+
+    # The defaults of bench/RESULTS.md "Vertical GBDT core": 50 trees of depth 5 over 32
+    # equal-width bins of the prepared [-1, 1] scale, XGBoost's lr / lambda / min_child_weight.
+    trees: int = 50
+    depth: int = 5
+    bins: int = 32
+    lr: float = 0.1
+    reg_lambda: float = 1.0
+    min_child_weight: float = 1.0
+    # "rr": every silo sees g, h computed from the randomised-response labels at
+    # privacy.label_epsilon (forward-corrected): post-processing of eps_label label DP.
+    # "he": g, h under BFV encryption (crypto/he.py); silos see nothing in clear, but it costs
+    # about 20 s of a core per silo level at 100,000 people (87 min for 50 trees).
+    protection: str = "rr"
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.trees <= 10_000:
+            raise ConfigError(f"gbdt.trees={self.trees}: use 1 to 10000 trees, e.g. 50")
+        if not 1 <= self.depth <= 12:
+            raise ConfigError(f"gbdt.depth={self.depth}: use a depth of 1 to 12, e.g. 5")
+        if not 2 <= self.bins <= 256:
+            raise ConfigError(f"gbdt.bins={self.bins}: use 2 to 256 bins, e.g. 32")
+        if not 0 < self.lr <= 1:
+            raise ConfigError(f"gbdt.lr={self.lr}: use a learning rate in (0, 1], e.g. 0.1")
+        for key in ("reg_lambda", "min_child_weight"):
+            value = getattr(self, key)
+            _finite(f"gbdt.{key}", value, ", e.g. 1")
+            if value < 0:
+                raise ConfigError(f"gbdt.{key}={value}: must be >= 0, e.g. 1")
+        if self.protection not in GBDT_PROTECTIONS:
+            raise ConfigError(f"gbdt.protection={self.protection!r}: choose one of "
+                              f"{', '.join(GBDT_PROTECTIONS)} (rr: label DP at "
+                              "privacy.label_epsilon; he: encrypted gradients, slow)")
+        if self.protection == "he" and self.bins & (self.bins - 1):
+            raise ConfigError(f"gbdt.bins={self.bins}: gbdt.protection=he packs bins by "
+                              "halving, so use a power of two, e.g. 32")
 
 
 @dataclass(frozen=True)
@@ -344,6 +397,7 @@ class PrivacyConfig:
 class AuthorityConfig:
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
+    gbdt: GbdtConfig = field(default_factory=GbdtConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
@@ -378,11 +432,31 @@ class AuthorityConfig:
                               f"{', '.join(TOPOLOGIES)}")
         if not 2 <= self.regions <= 64:
             raise ConfigError(f"regions={self.regions}: use 2 to 64 regions")
+        if self.model.kind == "gbdt":
+            _check_gbdt(self)
         if self.aggregation.mode == "concat" and self.privacy.transcript_dp:
             raise ConfigError(
                 "privacy.transcript_sigma > 0 needs aggregation.mode=sum: transcript noise is "
                 "defined on one clipped contribution per person, not on embeddings"
             )
+
+
+def _check_gbdt(cfg: AuthorityConfig) -> None:
+    """What model.kind=gbdt cannot do in this wiring, refused before any engine starts."""
+    if cfg.topology != "vertical":
+        raise ConfigError(f"model.kind=gbdt with topology={cfg.topology}: the trees are "
+                          "vertical only (silos hold different facts about the same people); "
+                          "use topology=vertical, or model.kind=mlp for the horizontal topology")
+    if cfg.privacy.dp_sgd:
+        raise ConfigError(
+            f"model.kind=gbdt with privacy.epsilon={cfg.privacy.epsilon:g}: the trees' release "
+            "(splits, leaf values, scores) is not differentially private in this version, so "
+            "no finite eps_model can be claimed for it; set privacy.epsilon=inf (the labels "
+            "stay protected against the silos by gbdt.protection: rr at "
+            "privacy.label_epsilon, or he)")
+    if cfg.privacy.transcript_dp:
+        raise ConfigError("model.kind=gbdt sends no contributions to noise: set "
+                          "privacy.transcript_sigma=0")
 
 
 def _positive(name: str, value: int) -> None:

@@ -1,10 +1,10 @@
 """The authority's side of vertical gradient-boosted trees, SecureBoost-style (issue 20 item 1).
 
-Not wired into Flower yet: `fit_trees` and `predict_trees` drive the protocol of
-clients/protocol/gbdt.py through `SiloEndpoint`s called in-process; the wiring session
-replaces the calls by messages, one request/reply pair each. They send plain g, h, which
-reveal the labels (see that module's docstring): a shipped mode must encrypt them or add
-label-DP noise on the ledger first.
+`fit_trees` and `predict_trees` drive the protocol of clients/protocol/gbdt.py through
+`SiloEndpoint`s called in-process (plain g, h, which reveal the labels: simulation only);
+`grow_tree` also serves `fedscore run --set model.kind=gbdt` (server/gbdt_run.py), whose
+silos are a `LevelSilos`: one Flower message per silo and level, with g, h from randomised
+labels or under encryption.
 
 The maths is XGBoost's second-order boosting for logistic loss: g = p - y, h = p (1 - p) at the
 current margin; a split's gain 1/2 [GL^2/(HL+lambda) + GR^2/(HR+lambda) - G^2/(H+lambda)] -
@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -33,6 +33,7 @@ from clients.protocol.gbdt import (
     NodeRows,
     RouteRequest,
     SiloEndpoint,
+    SplitReply,
     SplitRequest,
 )
 from crypto import he
@@ -183,7 +184,7 @@ def grow_tree(
             found = {node: _node_split(sums[node], g[rows], h[rows], params)
                      for node, rows in open_nodes.items()}
             parents = sums
-        children: dict[int, np.ndarray] = {}
+        asked: dict[str, list[SplitRequest]] = {}
         for node, rows in open_nodes.items():
             split = found[node]
             if split is None:
@@ -191,15 +192,53 @@ def grow_tree(
                 leaves[node] = value
                 values[rows] = value
                 continue
-            reply = silos[split.silo].split(SplitRequest(
+            asked.setdefault(split.silo, []).append(SplitRequest(
                 tree=tree_id, node=node, feature=split.feature, bin=split.bin, rows=rows))
-            left = np.asarray(reply.left, dtype=bool)
+        lefts = _partitions(silos, asked)
+        children: dict[int, np.ndarray] = {}
+        for node, rows in open_nodes.items():
+            split = found[node]
+            if split is None:
+                continue
+            left = lefts[node]
             if left.shape != rows.shape:
                 raise ValueError(f"silo {split.silo} returned a partition of the wrong size")
             splits[node] = split
             children[2 * node + 1], children[2 * node + 2] = rows[left], rows[~left]
         open_nodes = children
     return Tree(splits=splits, leaves=leaves), values
+
+
+@runtime_checkable
+class LevelSilos(Protocol):
+    """Silos addressed a level at a time: one message per silo carrying all of a level's
+    nodes, every silo at once (the Flower wiring, server/gbdt_run.py). A plain mapping of
+    `SiloEndpoint`s is asked one call at a time instead (in process)."""
+
+    def send_gradients(self, msg: Gradients | EncryptedGradients) -> None: ...
+
+    def histograms_all(self, msg: HistogramRequest) -> dict[str, HistogramReply]: ...
+
+    def splits_all(self, asked: Mapping[str, list[SplitRequest]]
+                   ) -> dict[str, list[SplitReply]]: ...
+
+
+def _partitions(silos: Mapping[str, SiloEndpoint], asked: Mapping[str, list[SplitRequest]]
+                ) -> dict[int, np.ndarray]:
+    """{node: left mask over its rows} for a level's chosen splits, each from its owner."""
+    if isinstance(silos, LevelSilos):
+        replies = silos.splits_all(asked)
+    else:
+        replies = {name: [silos[name].split(r) for r in requests]
+                   for name, requests in asked.items()}
+    out: dict[int, np.ndarray] = {}
+    for name, requests in asked.items():
+        answered = {reply.node: reply for reply in replies.get(name, [])}
+        for request in requests:
+            if request.node not in answered:
+                raise ValueError(f"silo {name} did not partition node {request.node}")
+            out[request.node] = np.asarray(answered[request.node].left, dtype=bool)
+    return out
 
 
 def send_gradients(
@@ -212,6 +251,9 @@ def send_gradients(
     if keys is not None:
         pairs = he.encrypt_pairs(keys.public, g=g, h=h)
         message = EncryptedGradients(tree=tree_id, public=keys.public, pairs=pairs)
+    if isinstance(silos, LevelSilos):
+        silos.send_gradients(message)
+        return
     for silo in silos.values():
         silo.gradients(message)
 
@@ -233,7 +275,9 @@ def _level_sums(
              if n == 0 or _size(n, open_nodes) < _size(_sibling(n), open_nodes)]
     request = HistogramRequest(
         tree=tree_id, nodes=tuple(NodeRows(node=n, rows=open_nodes[n]) for n in asked))
-    replies = {name: node_sums(silo.histograms(request), silo.features, bins, keys)
+    raw = (silos.histograms_all(request) if isinstance(silos, LevelSilos)
+           else {name: silo.histograms(request) for name, silo in silos.items()})
+    replies = {name: node_sums(raw[name], silo.features, bins, keys)
                for name, silo in silos.items()}
     for name, reply in replies.items():
         if set(reply) != set(asked):

@@ -55,6 +55,9 @@ class Scorer:
             raise RescoreError(f"{run_dir} was made by an older fedscore that did not keep what "
                                "re-scoring needs; run it again")
         cfg = parse_flat(AuthorityConfig, info["config"], ignore=ignore)
+        if cfg.model.kind != "mlp":
+            raise RescoreError(f"re-scoring a model.kind={cfg.model.kind} run is not built yet "
+                               "(its people are scored once, in the run); use an MLP run")
         if cfg.aggregation.mode != "sum":
             raise RescoreError("re-scoring needs a run in aggregation.mode=sum; this run used "
                                f"{cfg.aggregation.mode!r}")

@@ -22,6 +22,17 @@ def authority_random(store: Keystore | None, data_dir: Path) -> SecretRandom:
 # Settings that do not change what a run computes, left out of its run key.
 NOT_COMPUTED_PREFIXES = ("storage.",)
 NOT_COMPUTED_KEYS = frozenset({"privacy.guardrails"})
+# The trees' settings change nothing an MLP run computes: left out of an MLP run's key, so a
+# default run keeps the key (and every secret draw) it had before model.kind existed.
+TREE_KEYS = ("model.kind", "gbdt.")
+
+
+def computed_settings(config: dict) -> dict:
+    """The settings that change what a run computes (see `derive_run_key`)."""
+    mlp = config.get("model.kind", "mlp") == "mlp"
+    return {k: v for k, v in config.items()
+            if not k.startswith(NOT_COMPUTED_PREFIXES) and k not in NOT_COMPUTED_KEYS
+            and not (mlp and k.startswith(TREE_KEYS))}
 
 
 def derive_run_key(random: SecretRandom, config: dict) -> str:
@@ -30,9 +41,8 @@ def derive_run_key(random: SecretRandom, config: dict) -> str:
     Where the keystore sits (storage.*) says where files live, not what is computed: a keystore
     moved or copied to another machine still reproduces its runs. Nor does
     privacy.guardrails (whether a configuration that cannot learn is refused or only warned
-    about) change what a run computes."""
-    computed = {k: v for k, v in config.items()
-                if not k.startswith(NOT_COMPUTED_PREFIXES) and k not in NOT_COMPUTED_KEYS}
+    about) change what a run computes, nor, in an MLP run, the trees' settings."""
+    computed = computed_settings(config)
     return random.key("run-key", json.dumps(computed, sort_keys=True))[:8].hex()
 
 

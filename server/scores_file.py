@@ -152,3 +152,18 @@ def _read_private(out_dir: Path, keystore: str | Path | None, name: str, context
     # The run key comes from the authority's record, never from the run directory: a file
     # there (the old run_key.txt) could be copied in along with another run's scores.
     return read_encrypted(store, encrypted, context(recorded_run_key(store, out_dir)))
+
+
+def gated(scores: pd.DataFrame, gate: pd.DataFrame, eligible: np.ndarray) -> pd.DataFrame:
+    """`status` (scored / ineligible) and the reasons; no score, tier or points for people who
+    fail the opening conditions."""
+    out = scores.copy()
+    out["status"] = pd.Categorical.from_codes((~eligible).astype(np.int8),
+                                              ["scored", "ineligible"])
+    out["ineligible_reason"] = gate["reason"].to_numpy()
+    out["ineligible_reason_zh"] = gate["reason_zh"].to_numpy()
+    out["score"] = pd.array(np.where(eligible, out["score"], 0), dtype="Int16")
+    out.loc[~eligible, "score"] = pd.NA
+    hidden = ["probability", "tier"] + [c for c in out if c.startswith(("points_", "reason_"))]
+    out.loc[~eligible, hidden] = np.nan
+    return out

@@ -199,3 +199,11 @@ def _nll(X: np.ndarray, y: np.ndarray, w: np.ndarray) -> float:
     s = X @ w
     # log(1 + e^s) - y s, computed without overflow
     return float(np.sum(np.logaddexp(0.0, s) - y * s))
+
+
+def rate_by_tier(y: np.ndarray, tier: np.ndarray) -> dict[str, float | None]:
+    out: dict[str, float | None] = {}
+    for i, key in enumerate(TIER_KEYS):
+        sel = tier == i
+        out[key] = float(y[sel].mean()) if sel.any() else None
+    return out

@@ -18,6 +18,8 @@ Message types (Flower "<category>.<action>"):
   query.correct      position + field + value -> the silo records a correction of its record
   query.score        request id + positions [+ cohort] -> contributions (masked under secure
                      sum), with reason codes when asked; [+ drift] the PSI of the silo's points
+  query.gbdt_start, train.gbdt_level, train.gbdt_split, query.gbdt_route
+                     model.kind=gbdt: the trees' messages (clients/protocol/gbdt.py)
 
 The last step of training and `query.score` can ask for reason codes ("explain": k): each silo
 then also sends, per person, g_k(x) - g_k(typical person) and its k features that raise the

@@ -1,6 +1,6 @@
 """A silo's side of vertical gradient-boosted trees (issue 20 item 1; messages in
-clients/protocol/gbdt.py). Not wired into Flower yet: `GbdtSilo` answers the protocol's
-messages in-process.
+clients/protocol/gbdt.py). `GbdtSilo` answers the protocol's messages: in process
+(simulations/run/gbdt.py) or behind the silo's Flower handlers (clients/silo/gbdt_handlers.py).
 
 Binning is data-independent: `bins` equal-width bins over [-1, 1], the range the silo's
 preparation maps every numeric column to by its declared ranges (clients/silo/data.py
@@ -97,6 +97,10 @@ class GbdtSilo:
     @property
     def features(self) -> int:
         return int(self._bin_idx.shape[1])
+
+    @property
+    def rows(self) -> int:
+        return int(self._bin_idx.shape[0])
 
     def gradients(self, msg: Gradients | EncryptedGradients) -> None:
         rows = self._bin_idx.shape[0]

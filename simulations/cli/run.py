@@ -72,10 +72,12 @@ def privacy_rows(metrics: dict) -> list[tuple[str, str]]:
     """Each budget with whom it protects against, in words (docs/threat-model.md)."""
     eps = metrics.get("epsilon") or {}
     model = model_epsilon(metrics)
+    trees = metrics.get("model_kind") == "gbdt"
     rows = [(
         "eps_model: the combined model, its scores, reasons and metrics, against anyone who "
         "receives them",
-        "OFF: no protection" if model is None else f"{model:.3f}")]
+        ("OFF (inf): the trees are released without DP" if trees else "OFF: no protection")
+        if model is None else f"{model:.3f}")]
     label = eps.get("label")
     rows.append((
         "eps_label: the training labels, against each silo",
@@ -85,7 +87,9 @@ def privacy_rows(metrics: dict) -> list[tuple[str, str]]:
     values = list((transcript or {}).values())
     rows.append((
         "eps_transcript: a person's contributions, against the authority",
-        "off: the authority sees each person's summed contribution exactly" if not transcript
+        ("n/a (trees): the authority sees per-bin sums, splits and partitions" if trees
+         else "off: the authority sees each person's summed contribution exactly")
+        if not transcript
         else ("unbounded (no DP-SGD)" if None in values else f"{max(values):.3f}")))
     return rows
 

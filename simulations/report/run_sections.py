@@ -80,8 +80,19 @@ def headline_run(run: RunData) -> Section:
         {"value": object})
     headline = Table("headline", "Headline numbers (test split)", frame,
                      note=_population_note(run))
-    return Section("headline", "Headline numbers",
-                   [Cards(cards), headline, _comparison_table(run)])
+    blocks: list[Table | Plot | Note | Cards] = [Cards(cards), headline, _comparison_table(run)]
+    if m.get("model_kind") == "gbdt":
+        blocks.insert(0, Note(_trees_note(m)))
+    return Section("headline", "Headline numbers", blocks)
+
+
+def _trees_note(m: dict) -> str:
+    """What a model.kind=gbdt run is, and what it does not claim (server/gbdt_run.py)."""
+    g = m.get("gbdt") or {}
+    return (f"Model: vertical gradient-boosted trees ({g.get('trees')} trees of depth "
+            f"{g.get('depth')} over {g.get('bins')} bins, protection {g.get('protection')}). "
+            f"{str(g.get('model_note', '')).capitalize()}. Labels against the silos: "
+            f"{g.get('label_protection', 'not recorded')}.")
 
 
 def _population_note(run: RunData) -> str:
@@ -345,6 +356,13 @@ def _contributions_section(run: RunData) -> Section:
             "median and mean absolute points per silo."))
     section.blocks.append(Table("contributions_table", "Score points contributed per silo", data,
                                 data_key="contributions"))
+    if run.metrics.get("model_kind") == "gbdt":
+        section.blocks.append(Note(
+            "Trees have no additive per-silo model: along each person's path in every tree, "
+            "the change of node value at a split is credited to the silo that owns the split "
+            "(the node values are the trees' leaf weights at every node), so a common "
+            "constant and the silos' points add up to each score; other attributions would "
+            "differ."))
     return section
 
 
@@ -371,6 +389,11 @@ def _reasons_section(run: RunData) -> Section:
     if eligibility:
         section.blocks.append(Note(eligibility))
     data = run.curves.reasons if run.curves is not None else None
+    if (data is None or data.empty) and run.metrics.get("model_kind") == "gbdt":
+        section.blocks.append(Note("Reason codes per person are not built for model.kind=gbdt "
+                                   "yet (a later session); the per-silo points above are the "
+                                   "trees' only explanation in this run."))
+        return section
     if data is None or data.empty:
         section.blocks.append(Note(f"Reason codes not available: {_curves_missing(run, 'reasons')}"
                                    " (runs with explain.reasons=0 or in concat mode have none)."))

@@ -154,9 +154,17 @@ def check_guardrails(cfg: ExperimentConfig, people: int, source: str) -> None:
 # checks that every key has a description and every description a key.
 DESCRIPTIONS: dict[str, str] = {
     "seed": "training seed: the models' initialisation (DP noise and batches: keystores)",
+    "model.kind": "mlp (bottom MLPs, DP-SGD) or gbdt (vertical boosted trees, needs epsilon=inf)",
     "model.hidden": "hidden layers of each silo's bottom MLP, units per layer",
     "model.embedding_dim": "aggregation.mode=concat: width of each silo's embedding",
     "model.top_hidden": "aggregation.mode=concat: hidden layers of the authority's top MLP",
+    "gbdt.trees": "model.kind=gbdt: boosting rounds (trees)",
+    "gbdt.depth": "model.kind=gbdt: depth of each tree",
+    "gbdt.bins": "model.kind=gbdt: equal-width bins of each prepared feature over [-1, 1]",
+    "gbdt.lr": "model.kind=gbdt: learning rate (shrinkage of each tree's leaves)",
+    "gbdt.reg_lambda": "model.kind=gbdt: L2 penalty lambda on leaf weights",
+    "gbdt.min_child_weight": "model.kind=gbdt: least hessian a child of a split must keep",
+    "gbdt.protection": "model.kind=gbdt: rr (gradients from RR labels) or he (BFV, slow)",
     "train.epochs": "passes over the training people (vertical topology)",
     "train.batch_size": "expected Poisson batch size of DP-SGD",
     "train.lr": "learning rate (Adam) of the vertical model",

@@ -436,6 +436,10 @@ def _outcome(run: Run, done: dict[str, BaselineResult], oracle: float | None,
             # Why the DP configuration may not learn (server/privacy.py); absent before
             # issue 20.
             "guardrails": authority.get("guardrails", []),
+            # model.kind=gbdt: the trees' settings, their protection, and that eps_model is
+            # infinite (server/gbdt_run.py `annotate`); absent from MLP runs.
+            **{k: authority[k] for k in ("model_kind", "gbdt", "authority_sees")
+               if "gbdt" in authority and k in authority},
         })
 
 

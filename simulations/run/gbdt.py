@@ -1,7 +1,8 @@
 """In-process vertical gradient-boosted trees (issue 20 item 1): the authority's driver
 (server/gbdt.py) talking to `GbdtSilo`s (clients/silo/gbdt.py) through plain method calls
-instead of Flower messages. For simulations and tests, and the reference the Flower wiring must
-reproduce; not wired into `fedscore run` yet.
+instead of Flower messages. For simulations and tests, and the reference the Flower wiring
+(`fedscore run --set model.kind=gbdt`, server/gbdt_run.py) reproduces exactly at
+privacy.label_epsilon=inf (bench/gbdt_wired.py).
 
 `protection="plain"` gives the silos g, h in the clear, which reveal the labels (see
 clients/protocol/gbdt.py); `"he"` encrypts them (crypto/he.py), about 20 s of one core per

@@ -1,0 +1,197 @@
+"""The silo's messages of vertical gradient-boosted trees (`model.kind=gbdt`; the protocol in
+clients/protocol/gbdt.py, the answers in clients/silo/gbdt.py `GbdtSilo`).
+
+  query.gbdt_start   run key, bins, training positions -> the silo's feature count
+  train.gbdt_level   [g, h of a new tree] + the level's open nodes and their rows
+                     -> per node, per-(feature, bin) sums of g and h
+  train.gbdt_split   the level's chosen splits this silo owns (feature, bin, node rows)
+                     -> one left/right bit per row of each node
+  query.gbdt_route   the silo's splits of the model + positions -> their bits (scoring)
+
+What the silo keeps between messages lives in the node's Flower state (`gbdt`: the run, its
+bins and training positions; `gbdt_grad`: the current tree's g, h), so any worker process can
+answer; its binned matrix (`GbdtSilo`, built from the same prepared matrix and aligned rows as
+the MLP's) is derived from the table and cached per process. Thresholds stay here: a request
+names the silo's own column index and a bin, never a value. Rows in the training messages are
+indices into the training positions the authority sent with `query.gbdt_start`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import numpy as np
+from flwr.app import ConfigRecord, Message
+
+from clients.node import Node
+from clients.protocol import messages as m
+from clients.protocol.gbdt import (
+    LEVEL,
+    ROUTE,
+    SPLIT,
+    STANDARD_UNITS,
+    START,
+    Gradients,
+    HistogramRequest,
+    NodeHistogram,
+    NodeRows,
+    SplitRequest,
+)
+from clients.silo.gbdt import MAX_BINS, GbdtSilo, bin_index
+from clients.silo.registry import handlers
+from clients.silo.state import rows_at, silo_dir, silo_matrix, silo_name
+from crypto.secret_random import digest
+
+
+@handlers.query(START.removeprefix("query."))
+def start(msg: Message, node: Node) -> Message:
+    """Start a run's trees on the training positions the authority names."""
+    cfg = m.get_config(msg)
+    run, bins = str(cfg.get("run", "")), m.config_int(cfg, "bins")
+    if not run.isalnum():
+        raise m.ProtocolError("malformed run key")
+    if not 2 <= bins <= MAX_BINS:
+        raise m.ProtocolError(f"bins must lie in [2, {MAX_BINS}]")
+    if "align" not in node.state:
+        raise m.ProtocolError("no alignment yet: the authority must send query.align first")
+    positions = m.get_array(msg, "positions", np.int64, 1)
+    if len(np.unique(positions)) != len(positions):
+        raise m.ProtocolError("the training positions name one position twice")
+    rows_at(node.context, positions)  # every position must be this silo's
+    node.state["gbdt"] = ConfigRecord({"run": run, "bins": bins, "tree": -1})
+    node.state["gbdt_rows"] = m.arrays(positions=positions)
+    if "gbdt_grad" in node.state:
+        del node.state["gbdt_grad"]
+    return Message(m.make_content({"features": _silo(node).features}), reply_to=msg)
+
+
+@handlers.train(LEVEL.removeprefix("train."))
+def level(msg: Message, node: Node) -> Message:
+    """One tree level: take the tree's g, h when they come (with its root), then the sums of
+    every open node the authority asks for."""
+    t0 = time.perf_counter()
+    cfg = m.get_config(msg)
+    tree = m.config_int(cfg, "tree")
+    silo = _silo(node)
+    g = m.get_array(msg, "g", np.float64, 1, required=False)
+    if g is not None:
+        h = m.get_array(msg, "h", np.float64, 1)
+        with _refused():
+            silo.gradients(Gradients(tree=tree, g=g, h=h))  # checks one value per row
+        node.state["gbdt_grad"] = m.arrays(g=g, h=h)
+        m.config_record(node.state, "gbdt")["tree"] = tree
+    elif (m.config_int(m.config_record(node.state, "gbdt"), "tree") != tree
+          or "gbdt_grad" not in node.state):
+        raise m.ProtocolError(f"no gradients for tree {tree}")
+    else:
+        held = m.array_record(node.state, "gbdt_grad")
+        silo.gradients(Gradients(tree=tree, g=held["g"].numpy(), h=held["h"].numpy()))
+    nodes = m.get_array(msg, "nodes", np.int64, 1)
+    groups = _groups(msg, len(nodes), silo.rows)
+    request = HistogramRequest(tree=tree, nodes=tuple(
+        NodeRows(node=int(n), rows=r) for n, r in zip(nodes, groups, strict=True)))
+    with _refused():
+        reply = silo.histograms(request)
+    sums = [s for s in reply.nodes if isinstance(s, NodeHistogram)]
+    content = m.make_content(
+        {"tree": tree, "seconds": time.perf_counter() - t0},
+        nodes=np.array([s.node for s in sums], dtype=np.int64),
+        g=np.stack([s.g for s in sums]), h=np.stack([s.h for s in sums]))
+    return Message(content, reply_to=msg)
+
+
+@handlers.train(SPLIT.removeprefix("train."))
+def split(msg: Message, node: Node) -> Message:
+    """The left/right bits of the rows of each node this silo's splits cut."""
+    t0 = time.perf_counter()
+    silo = _silo(node)
+    nodes = m.get_array(msg, "nodes", np.int64, 1)
+    features = m.get_array(msg, "features", np.int64, 1)
+    bins = m.get_array(msg, "bins", np.int64, 1)
+    if not len(nodes) == len(features) == len(bins):
+        raise m.ProtocolError("nodes, features and bins differ in length")
+    groups = _groups(msg, len(nodes), silo.rows)
+    tree = m.config_int(m.get_config(msg), "tree")
+    lefts = []
+    for n, feature, bin_, rows in zip(nodes, features, bins, groups, strict=True):
+        with _refused():
+            lefts.append(silo.split(SplitRequest(tree=tree, node=int(n), feature=int(feature),
+                                                 bin=int(bin_), rows=rows)).left)
+    left = np.concatenate(lefts) if lefts else np.zeros(0, dtype=bool)
+    content = m.make_content({"tree": tree, "seconds": time.perf_counter() - t0}, nodes=nodes,
+                             left=np.packbits(left))
+    return Message(content, reply_to=msg)
+
+
+@handlers.query(ROUTE.removeprefix("query."))
+def route(msg: Message, node: Node) -> Message:
+    """Scoring: the bits of the silo's splits (feature, bin pairs) for the given positions,
+    packed 8 to a byte along the positions."""
+    t0 = time.perf_counter()
+    bins = m.config_int(m.config_record(node.state, "gbdt"), "bins") \
+        if "gbdt" in node.state else None
+    if bins is None:
+        raise m.ProtocolError("no trees yet: the authority must send query.gbdt_start first")
+    features = m.get_array(msg, "features", np.int64, 1)
+    split_bins = m.get_array(msg, "bins", np.int64, 1)
+    positions = m.get_array(msg, "positions", np.int64, 1)
+    if len(features) != len(split_bins):
+        raise m.ProtocolError("features and bins differ in length")
+    binned = bin_index(tree_inputs(silo_matrix(node).x[rows_at(node.context, positions)]), bins)
+    left = np.zeros((len(features), len(positions)), dtype=bool)
+    for i, (feature, bin_) in enumerate(zip(features, split_bins, strict=True)):
+        if not (0 <= feature < binned.shape[1] and 0 <= bin_ < bins - 1):
+            raise m.ProtocolError("split outside this silo's features or bins")
+        left[i] = binned[:, feature] <= bin_
+    return Message(m.make_content({"seconds": time.perf_counter() - t0},
+                                  left=np.packbits(left, axis=1)), reply_to=msg)
+
+
+def tree_inputs(x: np.ndarray) -> np.ndarray:
+    """What the trees bin: the prepared matrix in units of STANDARD_UNITS (see there)."""
+    return np.asarray(x, dtype=np.float64) / STANDARD_UNITS
+
+
+def _silo(node: Node) -> GbdtSilo:
+    """The run's `GbdtSilo` over its training positions, cached per process (derived from the
+    prepared table and the state's positions, cheap to rebuild)."""
+    if "gbdt" not in node.state:
+        raise m.ProtocolError("no trees yet: the authority must send query.gbdt_start first")
+    cfg = m.config_record(node.state, "gbdt")
+    positions = m.array_record(node.state, "gbdt_rows")["positions"].numpy()
+    run, bins = str(cfg["run"]), m.config_int(cfg, "bins")
+    matrix = silo_matrix(node)
+
+    def build() -> GbdtSilo:
+        x = tree_inputs(matrix.x[rows_at(node.context, positions)])
+        return GbdtSilo(silo_name(node), x, bins=bins)
+
+    identity = ("gbdt", str(silo_dir(node).resolve()), run)
+    version = (id(matrix), bins, STANDARD_UNITS, digest(positions))
+    return node.tables.get(identity, version, build)
+
+
+def _groups(msg: Message, count: int, rows: int) -> list[np.ndarray]:
+    """The rows of each of `count` nodes: `rows` concatenated, cut by `sizes`; each group
+    ascending, within the silo's training rows."""
+    flat = m.get_array(msg, "rows", np.int64, 1)
+    sizes = m.get_array(msg, "sizes", np.int64, 1)
+    if len(sizes) != count or (sizes < 0).any():
+        raise m.ProtocolError("one row count per node is needed")
+    if len(flat) and (flat.min() < 0 or flat.max() >= rows):
+        raise m.ProtocolError(f"rows outside 0..{rows - 1}")
+    return m.split_batches(flat, sizes) if count else []
+
+
+@contextmanager
+def _refused() -> Iterator[None]:
+    """`GbdtSilo`'s checks (wrong row counts, a split outside its features or bins) answered
+    as protocol errors naming the silo, not as a failed message."""
+    try:
+        yield
+    except m.ProtocolError:
+        raise
+    except ValueError as exc:
+        raise m.ProtocolError(str(exc)) from None

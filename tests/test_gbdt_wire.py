@@ -1,0 +1,316 @@
+"""`model.kind=gbdt` in `fedscore run` (issue 20 item 1): its configuration, the Flower-side
+endpoint against the in-process driver (the silo's real ClientApp, no engine), and what a silo
+can learn of the labels from the gradients it receives under randomised response."""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from flwr.app import Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from bench.gbdt_wired import compare
+from clients.protocol import gbdt as msg
+from clients.protocol import messages as m
+from clients.protocol.schema import federation_silos
+from clients.silo import app as ca
+from clients.silo.data import load_silo
+from clients.silo.gbdt import GbdtSilo
+from clients.silo.gbdt_handlers import tree_inputs
+from server import gbdt
+from server.config import AuthorityConfig, ConfigError, parse_flat
+from server.federation import Federation, FederationError
+from server.gbdt_run import (
+    FlowerSilos,
+    annotate,
+    base_margin,
+    fit,
+    refuse_unwired,
+    route,
+    rr_gradients,
+    score,
+    start,
+)
+from server.label_dp import flip_probability, keep_probability, randomized_response
+from server.run_keys import computed_settings
+from simulations.data.paths import Parties
+from simulations.data.population import write_parties
+from tests.conftest import run_cli
+from tests.test_gbdt import by_silo, credit_like
+from tests.test_security_protocol import _population  # the same 1,000 people, generated once
+
+GBDT = {"model.kind": "gbdt", "privacy.epsilon": "inf"}
+
+
+# ---- configuration -----------------------------------------------------------------------
+
+
+def test_gbdt_refuses_a_finite_model_epsilon_and_says_why() -> None:
+    """Refused when the configuration is parsed: `fedscore run` parses it before it generates
+    data or starts an engine."""
+    with pytest.raises(ConfigError, match=r"privacy\.epsilon=inf") as info:
+        parse_flat(AuthorityConfig, {"model.kind": "gbdt"})
+    assert "not differentially private" in str(info.value)
+    cfg = parse_flat(AuthorityConfig, GBDT)
+    assert (cfg.model.kind, cfg.gbdt.protection, cfg.privacy.label_epsilon) == ("gbdt", "rr", 2)
+    assert math.isinf(cfg.privacy.epsilon)
+
+
+@pytest.mark.parametrize(("key", "value", "words"), [
+    ("topology", "horizontal", "vertical only"),
+    ("gbdt.bins", "1", "gbdt.bins=1"),
+    ("gbdt.bins", "300", "gbdt.bins=300"),
+    ("gbdt.depth", "0", "gbdt.depth=0"),
+    ("gbdt.trees", "0", "gbdt.trees=0"),
+    ("gbdt.lr", "0", "gbdt.lr=0"),
+    ("gbdt.reg_lambda", "-1", "gbdt.reg_lambda=-1"),
+    ("gbdt.min_child_weight", "-0.5", "gbdt.min_child_weight=-0.5"),
+    ("gbdt.protection", "plain", "choose one of rr, he"),
+    ("privacy.transcript_sigma", "1", "transcript_sigma=0"),
+    ("model.kind", "forest", "choose one of mlp, gbdt"),
+])
+def test_gbdt_settings_are_checked_at_the_edge(key: str, value: str, words: str) -> None:
+    with pytest.raises(ConfigError, match=words.replace(".", r"\.")):
+        parse_flat(AuthorityConfig, {**GBDT, key: value})
+
+
+def test_he_is_refused_before_any_message_and_needs_power_of_two_bins() -> None:
+    with pytest.raises(ConfigError, match="power of two"):
+        parse_flat(AuthorityConfig, {**GBDT, "gbdt.protection": "he", "gbdt.bins": "24"})
+    cfg = parse_flat(AuthorityConfig, {**GBDT, "gbdt.protection": "he"})
+    with pytest.raises(ConfigError, match="in process only"):
+        refuse_unwired(cfg)
+    refuse_unwired(parse_flat(AuthorityConfig, GBDT))  # rr runs
+
+
+def test_a_tree_run_says_its_model_epsilon_is_infinite_and_what_the_authority_saw() -> None:
+    out = {"model": {"bias": 0.0, "reasons": 0}, "authority_sees": ["the sum"]}
+    annotate(out, parse_flat(AuthorityConfig, {**GBDT, "privacy.label_epsilon": "1.5"}))
+    assert out["model"]["kind"] == out["model_kind"] == "gbdt"
+    assert out["gbdt"]["model_epsilon"] == "inf"
+    assert "without differential privacy" in out["gbdt"]["model_note"]
+    assert "privacy.label_epsilon=1.5" in out["gbdt"]["label_protection"]
+    assert "the sum" not in out["authority_sees"]
+    assert any("(silo, feature index, bin)" in line for line in out["authority_sees"])
+    mlp = {"model": {"bias": 0.0}, "authority_sees": ["the sum"]}
+    annotate(mlp, parse_flat(AuthorityConfig, {}))
+    assert mlp == {"model": {"bias": 0.0}, "authority_sees": ["the sum"]}
+
+
+def test_tree_settings_leave_an_mlp_runs_key_alone() -> None:
+    """The default run's draws are keyed by its settings: adding model.kind and gbdt.* must
+    not change an MLP run's key, and must change a tree run's."""
+    base = {"seed": 0, "train.lr": 0.01}
+    mlp = {**base, "model.kind": "mlp", "gbdt.trees": 50}
+    assert computed_settings(mlp) == base
+    assert computed_settings({**mlp, "gbdt.trees": 7}) == base
+    trees = {**base, "model.kind": "gbdt", "gbdt.trees": 50}
+    assert computed_settings(trees) == trees
+
+
+@pytest.mark.stress
+@pytest.mark.slow
+def test_engine_run_grows_the_in_process_trees(tmp_path: Path) -> None:
+    """On demand (`pytest -m stress`, about 2 minutes): a whole run on the Flower engine at
+    label_epsilon=inf scores its test people exactly as the in-process core does."""
+    proc = run_cli("run", "--out", "run", "--users", "3000", "--set", "model.kind=gbdt",
+                   "--set", "privacy.epsilon=inf", "--set", "privacy.label_epsilon=inf",
+                   cwd=tmp_path, timeout=900)
+    assert proc.returncode == 0, (proc.stderr[-3000:], proc.stdout[-3000:])
+    figures = compare(tmp_path / "run", Parties(tmp_path / "run.parties"))
+    assert figures["federated_all_test_auc"] == pytest.approx(figures["in_process_test_auc"],
+                                                              abs=1e-9)
+    assert figures["round_trips"] <= 50 * 2 * 5 + 2
+
+
+# ---- the Flower endpoint against the in-process driver -----------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _task_identity():
+    # Flower stamps every message with the running task's identity; outside an app, set one.
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+
+
+_ids = itertools.count(1)
+
+
+class AppGrid:
+    """The Grid calls Federation makes, answered by the silos' real ClientApp (one Context
+    per node, its state kept between messages); every message is logged."""
+
+    def __init__(self, root: Path) -> None:
+        self.app = ca.make_client_app(root, None, plaintext=True)
+        silos = federation_silos(root)
+        self.contexts = {n + 1: Context(run_id=1, node_id=n + 1,
+                                        node_config={"partition-id": n}, state=RecordDict(),
+                                        run_config={}) for n in range(len(silos))}
+        self.replies: dict[str, Message] = {}
+        self.sent: list[Message] = []
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.contexts)
+
+    def push_messages(self, msgs: list[Message]) -> list[str]:
+        ids = []
+        for one in msgs:
+            one.metadata.__dict__["_message_id"] = f"{next(_ids):064x}"
+            ids.append(one.metadata.message_id)
+            self.sent.append(one)
+            self.replies[one.metadata.message_id] = self.app(one, self.contexts[
+                one.metadata.dst_node_id])
+        return ids
+
+    def pull_messages(self, ids: list[str]) -> list[Message]:
+        return [self.replies.pop(i) for i in ids if i in self.replies]
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory: pytest.TempPathFactory) -> tuple[Federation, AppGrid, dict]:
+    """Three silos with their real tables, aligned on the people all of them hold (the
+    test plays PSI's result: position i is the i-th common identifier)."""
+    root = tmp_path_factory.mktemp("gbdtwire") / "parties"
+    write_parties(_population(), root)
+    grid = AppGrid(root)
+    fed = Federation(grid, federation_silos(root))  # type: ignore[arg-type]
+    fed.connect()
+    tables = {s: load_silo(root / s, s, None) for s in fed.silos}
+    common = sorted(functools.reduce(np.intersect1d, [t.ids.to_numpy() for t in tables.values()]))
+    xs = {}
+    for silo, table in tables.items():
+        rows = pd.Index(table.ids.to_numpy()).get_indexer(common).astype(np.int64)
+        grid.contexts[fed.nodes[silo]].state["align"] = m.arrays(pos2row=rows)
+        xs[silo] = tree_inputs(table.x[rows])  # what the silo's trees bin
+    return fed, grid, xs
+
+
+def test_flower_trees_equal_the_in_process_trees(federation) -> None:
+    """The same trees, predictions and per-silo contributions as the in-process driver on the
+    same aligned matrices; one level's histograms and one level's partitions per message, so
+    a tree costs at most 2 x depth round trips."""
+    fed, grid, xs = federation
+    n = len(next(iter(xs.values())))
+    rng = np.random.default_rng(0)
+    train = np.sort(rng.choice(n, size=n * 2 // 3, replace=False))
+    val = np.setdiff1d(np.arange(n), train)
+    y = (rng.random(n) < 1 / (1 + np.exp(-3 * xs["payments"][:, 0]))).astype(np.float64)
+    params = gbdt.GbdtParams(trees=3, depth=3, bins=16)
+    features = start(fed, "run1", params.bins, train)
+    assert features == {s: x.shape[1] for s, x in xs.items()}
+    silos = FlowerSilos(fed, features, route_positions=np.arange(n))
+    grid.sent.clear()
+    fitted = fit(silos, y[train], 0.0, params)
+    local = {s: GbdtSilo(s, x[train], bins=params.bins) for s, x in xs.items()}
+    assert fitted.model == gbdt.fit_trees(local, y[train], params)
+    assert silos.round_trips <= params.trees * 2 * params.depth
+    assert len(grid.sent) <= silos.round_trips * len(xs)
+    bits = route(fitted.model, silos)
+    scored = score(fitted, bits, n, train, val, y)
+    everyone = {s: GbdtSilo(s, x, bins=params.bins) for s, x in xs.items()}
+    np.testing.assert_allclose(scored.margins, gbdt.predict_trees(fitted.model, everyone, n))
+    total = scored.bias + sum(scored.contributions.values())
+    np.testing.assert_allclose(total, scored.margins, atol=1e-9)
+    # One silo's endpoint alone: one message per request, the same answer.
+    name = next(iter(silos))
+    one = silos[name].histograms(msg.HistogramRequest(
+        tree=2, nodes=(msg.NodeRows(node=0, rows=np.arange(len(train))),)))
+    assert one.nodes[0].g.shape == (features[name], params.bins)
+
+
+def test_silo_handlers_refuse_malformed_requests(federation) -> None:
+    fed, _, _ = federation
+    start(fed, "run2", 8, np.arange(20))
+    silos = FlowerSilos(fed, dict.fromkeys(fed.silos, 1))
+    name = fed.silos[0]
+    with pytest.raises(FederationError, match="split outside"):
+        silos.splits_all({name: [msg.SplitRequest(tree=0, node=0, feature=999, bin=0,
+                                                  rows=np.arange(5))]})
+    silos.send_gradients(msg.Gradients(tree=0, g=np.zeros(20), h=np.ones(20)))
+    with pytest.raises(FederationError, match="rows outside"):
+        silos.histograms_all(msg.HistogramRequest(tree=0, nodes=(
+            msg.NodeRows(node=0, rows=np.array([0, 10_000])),)))
+    with pytest.raises(FederationError, match="no gradients for tree 5"):
+        silos.histograms_all(msg.HistogramRequest(tree=5, nodes=(
+            msg.NodeRows(node=0, rows=np.arange(3)),)))
+    silos.send_gradients(msg.Gradients(tree=1, g=np.zeros(19), h=np.ones(19)))
+    with pytest.raises(FederationError, match="one value per row"):
+        silos.histograms_all(msg.HistogramRequest(tree=1, nodes=(
+            msg.NodeRows(node=0, rows=np.arange(3)),)))
+
+
+# ---- what a silo learns of the labels ------------------------------------------------------
+
+
+class GradientTap:
+    """A silo endpoint that keeps every gradient message it receives."""
+
+    def __init__(self, silo: GbdtSilo, seen: list[msg.Gradients]) -> None:
+        self.silo, self.seen = silo, seen
+
+    @property
+    def features(self) -> int:
+        return self.silo.features
+
+    def gradients(self, m_: msg.Gradients | msg.EncryptedGradients) -> None:
+        assert isinstance(m_, msg.Gradients)
+        self.seen.append(m_)
+        self.silo.gradients(m_)
+
+    def histograms(self, m_: msg.HistogramRequest) -> msg.HistogramReply:
+        return self.silo.histograms(m_)
+
+    def split(self, m_: msg.SplitRequest) -> msg.SplitReply:
+        return self.silo.split(m_)
+
+    def route(self, m_: msg.RouteRequest) -> msg.RouteReply:
+        return self.silo.route(m_)
+
+
+@pytest.mark.parametrize("epsilon", [0.5, 1.0, 2.0, math.inf])
+def test_a_silo_guesses_labels_from_g_no_better_than_rr_allows(epsilon: float) -> None:
+    """A curious silo's best guess of y from what it receives (g's sign gives the RR label
+    exactly, and the RR label is all g depends on) is right e^eps / (1 + e^eps) of the time,
+    in every tree; with protection off (label eps inf) it is right every time."""
+    x, y = credit_like(8000, seed=21)
+    rng = np.random.default_rng(int(epsilon * 10) if math.isfinite(epsilon) else 99)
+    y_view = randomized_response(y.astype(np.int8), epsilon, rng).astype(np.float64)
+    rho = flip_probability(epsilon)
+    seen: list[msg.Gradients] = []
+    silos = {name: GradientTap(GbdtSilo(name, part, bins=16), seen)
+             for name, part in by_silo(x).items()}
+    fit(silos, y_view, rho, gbdt.GbdtParams(trees=4, depth=3, bins=16))
+    bound = keep_probability(epsilon)
+    slack = 4 * math.sqrt(bound * (1 - bound) / len(y)) + 1e-12
+    assert len(seen) == 4 * 3
+    for m_ in seen:
+        guess = (m_.g < 0).astype(np.float64)
+        assert np.array_equal(guess, y_view)  # g carries the RR label, nothing more
+        accuracy = float((guess == y).mean())
+        if math.isinf(epsilon):
+            assert accuracy == 1.0
+        else:
+            assert accuracy <= bound + slack
+            assert accuracy >= bound - slack  # the bound is what RR gives, not more
+
+
+def test_rr_gradients_reduce_to_logistic_loss_and_keep_hessians_positive() -> None:
+    rng = np.random.default_rng(4)
+    margin = rng.normal(0, 2, 500)
+    y = (rng.random(500) < 0.3).astype(np.float64)
+    g, h = rr_gradients(margin, y, 0.0)
+    g0, h0 = gbdt.gradients(margin, y)
+    np.testing.assert_array_equal(np.stack([g, h]), np.stack([g0, h0]))
+    for rho in (0.05, 0.27, 0.45):
+        g, h = rr_gradients(margin, y, rho)
+        assert (h > 0).all()
+        assert np.isfinite(g).all()
+        # The first margin: the clean default rate, estimated back from the RR labels.
+        clean = (rng.random(200_000) < 0.2).astype(np.float64)
+        released = np.where(rng.random(len(clean)) < rho, 1 - clean, clean)
+        assert abs(1 / (1 + np.exp(-base_margin(released, rho))) - 0.2) < 0.01
