@@ -31,7 +31,8 @@ from crypto.secret_random import SecretRandom
 from server import checkpoint, explanations, gbdt_run, metrics, run_phases, scoring
 from server.alignment import Alignment, announce, joint_order, private_intersections
 from server.checkpoint import RunState, TrainState
-from server.config import AuthorityConfig, to_flat
+from server.config import AuthorityConfig
+from server.config_keys import to_flat
 from server.eligibility import ELIGIBLE
 from server.federation import Federation
 from server.label_dp import randomized_response

@@ -22,7 +22,8 @@ import pandas as pd
 
 from clients.protocol import messages as m
 from server import explanations, scoring
-from server.config import AuthorityConfig, parse_flat
+from server.config import AuthorityConfig
+from server.config_keys import parse_flat
 from server.federation import Federation, FederationError
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,8 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from clients.protocol.schema import federation_silos
-from server.config import AuthorityConfig, ConfigError, parse_flat
+from server.config import AuthorityConfig, ConfigError
+from server.config_keys import parse_flat
 from server.federation import Federation, federation_roster
 
 if TYPE_CHECKING:  # the training stack (torch) loads when a run starts, not on import

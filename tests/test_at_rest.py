@@ -147,7 +147,8 @@ def test_an_explicit_keystore_is_never_created_silently(tmp_path):
 
 
 def test_empty_keystore_setting_is_refused():
-    from server.config import AuthorityConfig, ConfigError, parse_flat
+    from server.config import AuthorityConfig, ConfigError
+    from server.config_keys import parse_flat
 
     with pytest.raises(ConfigError, match='"auto", "none"'):
         parse_flat(AuthorityConfig, {"storage.keystore": ""})

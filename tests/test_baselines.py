@@ -14,7 +14,8 @@ import pandas as pd
 import pytest
 import torch
 
-from server.config import AuthorityConfig, build
+from server.config import AuthorityConfig
+from server.config_keys import build
 from simulations.analysis import baselines
 from simulations.analysis.baselines import BaselineJob, JoinedData, one_thread, run_baselines
 

@@ -15,7 +15,7 @@ from unittest import mock
 import pytest
 
 from crypto.secret_random import SecretRandom
-from server.config import to_flat
+from server.config_keys import to_flat
 from server.run_keys import derive_people_key, derive_run_key
 from simulations.cli.main import _parser
 from simulations.cli.parsing import shows_default

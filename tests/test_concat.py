@@ -11,7 +11,8 @@ import torch
 
 from clients.protocol.model import ModelSpec
 from crypto.secret_random import SecretRandom
-from server.config import AuthorityConfig, ConfigError, parse_flat
+from server.config import AuthorityConfig, ConfigError
+from server.config_keys import parse_flat
 from server.top import MlpHead
 
 

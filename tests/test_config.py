@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from server.config import AuthorityConfig, ConfigError, parse_flat
+from server.config import AuthorityConfig, ConfigError
+from server.config_keys import parse_flat
 from server.server_app import PATH_KEYS
 from simulations.run.config import ExperimentConfig, make_config, parse_assignments
 
@@ -76,7 +77,7 @@ def test_flower_app_config_matches_the_defaults():
     import tomllib
     from pathlib import Path
 
-    from server.config import to_flat
+    from server.config_keys import to_flat
 
     root = Path(__file__).resolve().parents[1]
     app_config = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["flwr"]["app"]

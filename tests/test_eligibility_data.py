@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 from clients.protocol.schema import AUTHORITY, ID_COLUMN, LABEL_COLUMN, SILOS
 from crypto.at_rest import Keystore
 from crypto.identity import normalize_phones
-from server.config import AuthorityConfig, ConfigError, parse_flat, to_flat
+from server.config import AuthorityConfig, ConfigError
+from server.config_keys import parse_flat, to_flat
 from server.eligibility import (
     CARD,
     DEFAULT_DAYS,

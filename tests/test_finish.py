@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from crypto.at_rest import Keystore
-from server.config import AuthorityConfig, to_flat
+from server.config import AuthorityConfig
+from server.config_keys import to_flat
 from server.server_app import FAILURE_FILE
 from simulations.data.population import PopulationConfig
 from simulations.data.real_data import SOURCE_FILE

@@ -24,7 +24,8 @@ from clients.silo.data import load_silo
 from clients.silo.gbdt import GbdtSilo
 from clients.silo.gbdt_handlers import tree_inputs
 from server import gbdt
-from server.config import AuthorityConfig, ConfigError, parse_flat
+from server.config import AuthorityConfig, ConfigError
+from server.config_keys import parse_flat
 from server.federation import Federation, FederationError
 from server.gbdt_run import (
     FlowerSilos,

@@ -11,15 +11,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from server.config import (
-    AuthorityConfig,
-    ConfigError,
-    build,
-    coerce,
-    flat_fields,
-    to_flat,
-    unknown_key_error,
-)
+from server.config import AuthorityConfig, ConfigError
+from server.config_keys import build, coerce, flat_fields, to_flat, unknown_key_error
 from server.delta_budget import releases_outside_sgd, split_delta
 from server.dp_guardrails import Sampling, sampling_guardrails
 from simulations.data.population import PopulationConfig

@@ -27,7 +27,8 @@ from crypto.secret_random import SecretRandom
 from crypto.tls import Credentials
 from server import run_phases
 from server.authority import RunResult
-from server.config import ConfigError, to_flat
+from server.config import ConfigError
+from server.config_keys import to_flat
 from server.labels import load_labels
 from server.privacy import model_epsilon
 from server.run_keys import authority_random

@@ -18,7 +18,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from server.config import ConfigError, coerce, unknown_key_error
+from server.config import ConfigError
+from server.config_keys import coerce, unknown_key_error
 from simulations.data.paths import EPSILON_KEY
 from simulations.run.config import (
     DATA_KEY,

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from server.config import coerce
+from server.config_keys import coerce
 from server.privacy import model_epsilon
 from simulations.data.paths import grid_columns
 from simulations.report.stats import interval_method, mean_ci
