@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from hypothesis import settings
 
+from simulations.run.engine import SILO_ENV
 from tests import background, cli_inline
 from tests.ray_head import HEAD
 
@@ -127,8 +128,15 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     items.sort(key=lambda item: background.awaited_by(item))
 
 
+def _background_env(cwd: Path) -> dict[str, str]:
+    """_cli_env without the silo settings a foreground test may have set for its own run
+    (conftest's faulty silo): a background run starting meanwhile must not inherit them. A
+    background run names its own (Command.env)."""
+    return {k: v for k, v in _cli_env(cwd).items() if k not in SILO_ENV}
+
+
 def pytest_collection_finish(session: pytest.Session) -> None:
-    background.start_for(session.items, _cli_env, prepare=_fix_run_secrets)
+    background.start_for(session.items, _background_env, prepare=_fix_run_secrets)
 
 
 def pytest_terminal_summary(terminalreporter) -> None:

@@ -31,6 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from simulations.run.engine import SILO_ENV
+
 OFF_ENV = "FEDSCORE_TEST_PRIVATE_RAY"
 LOOPBACK = "127.0.0.1"
 STARTUP_SECONDS = 120
@@ -74,7 +76,12 @@ class _Head:
                    "--num-cpus=1", "--num-gpus=0",
                    "--include-dashboard=false", "--disable-usage-stats",
                    f"--temp-dir={self.temp}"]
-        env = {**os.environ, **auth, "RAY_USAGE_STATS_ENABLED": "0"}
+        # Every worker of every job inherits the head's environment, and a job's runtime
+        # environment can add variables, not remove them: a silo setting (a test's injected
+        # fault, a capture directory) set while the head started would reach every later run.
+        # (It did once the first engine run of the suite became the faulty-silo run.)
+        env = {k: v for k, v in os.environ.items() if k not in SILO_ENV}
+        env.update(auth, RAY_USAGE_STATS_ENABLED="0")
         # Its own session, so that ending its process group ends only what it started; and
         # SIGTERM when this process dies, even killed (`ray start --block` then ends every
         # process it started), so an interrupted suite leaves no Ray behind.
