@@ -37,6 +37,11 @@ class Command:
 
     args: Sequence[str]
     env: Mapping[str, str] = field(default_factory=dict)
+    # The exit code that lets the next command start (a run stopped on purpose exits 2).
+    expect: int = 0
+    # Called with the work directory before the command starts (a check, or a copy of what
+    # the previous command left); an exception ends the run as a failed command would.
+    before: Callable[[Path], None] | None = None
 
 
 # work directory -> the commands, each a CLI argument list or a Command
@@ -152,6 +157,13 @@ class _Runs:
             args = tuple(command.args)
             out, err = self.work / f"cli-{i}.stdout", self.work / f"cli-{i}.stderr"
             self._prepare(args, self.work)
+            if command.before is not None:
+                try:
+                    command.before(self.work)
+                except Exception as exc:  # reported to the test that awaits this run
+                    self.results.append(subprocess.CompletedProcess(
+                        list(args), -1, "", f"before this command: {exc!r}"))
+                    return
             with out.open("w") as fo, err.open("w") as fe:
                 if self._stopped:
                     return
@@ -164,7 +176,7 @@ class _Runs:
                              time.monotonic() - started, code))
             self.results.append(subprocess.CompletedProcess(
                 list(args), code, out.read_text(), err.read_text()))
-            if code != 0:
+            if code != command.expect:
                 return
 
     def wait(self, timeout: float) -> list[subprocess.CompletedProcess]:

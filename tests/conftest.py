@@ -327,46 +327,60 @@ INTERRUPTED_RUN_ARGS = ("--users", "3000", "--seed", "3", "--set", "train.epochs
                         "--set", "train.batch_size=256")
 
 
+def _interrupted_commands(work: Path) -> list[background.Command]:
+    """The interrupted run and its twin as one background run (see `interrupted_runs`)."""
+    import shutil
+
+    from clients.silo.training import SILO_FAULT
+
+    crashed, full = work / "crashed", work / "full"
+    parties = crashed.with_name(crashed.name + ".parties")
+    keys = parties.with_name(parties.name + ".keys")
+    args = (*INTERRUPTED_RUN_ARGS, "--set", f"storage.keystore={keys}")
+
+    def stopped_as_it_should(work: Path) -> None:
+        """What the stop left, checked and kept before the resume removes it."""
+        if not (crashed / "checkpoint" / "authority.npz").exists():
+            raise AssertionError("the stopped run left no authority checkpoint")
+        if (crashed / "metrics.json").exists():
+            raise AssertionError("the stopped run wrote metrics.json")
+        (crashed / "stderr.txt").write_text((work / "cli-1.stderr").read_text())
+        shutil.copytree(crashed / "checkpoint", work / "stopped-checkpoint")
+
+    return [
+        background.Command(("keys", "init", str(keys), "--suite", "sm4-gcm")),
+        background.Command(("run", "--out", str(crashed), *args),
+                           env={SILO_FAULT: "payments:3:shape"}, expect=2,
+                           before=lambda _: _fix_secrets_in(keys, crashed.name)),
+        background.Command(("run", "--resume", str(crashed)), before=stopped_as_it_should),
+        background.Command(("run", "--out", str(full), "--parties", str(parties), *args)),
+    ]
+
+
+background.register("interrupted_runs", _interrupted_commands)
+
+
 @pytest.fixture(scope="session")
-def interrupted_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def interrupted_runs(background_runs) -> dict[str, Path]:
     """A run with a keystore of the national-standard suite (SM4-GCM, HMAC-SM3 references;
     every other run in the suite uses the default AES-256-GCM keystore), stopped at round 3 by
     a faulty silo (payments sends one contribution too few), resumed from its round-2
     checkpoint once the silo behaves; and the same run uninterrupted (same parties, same
-    keystore). test_resume checks that the two are one run, test_encrypted_run what rests
-    encrypted, test_privacy_run that a rerun with the same keystore reproduces it.
+    keystore). Made in the background while the suite runs. test_resume checks that the two
+    are one run, test_encrypted_run what rests encrypted, test_privacy_run that a rerun with
+    the same keystore reproduces it.
 
     Returns paths: "crashed" (the resumed run), "full", "keys" (the keystore, where the
     automatic one would be: `<parties>.keys`, so scores_of reads both runs), "parties" and
     "stopped_checkpoint" (a copy of the authority's checkpoint as the stop left it; a finished
     run removes its own)."""
-    import shutil
-
-    from clients.silo.training import SILO_FAULT
-
-    work = tmp_path_factory.mktemp("interrupted")
-    crashed, full = work / "crashed", work / "full"
+    procs, work = background_runs("interrupted_runs")
+    outputs = "\n".join(p.stdout[-2000:] + p.stderr[-3000:] for p in procs)
+    assert [p.returncode for p in procs] == [0, 2, 0, 0], outputs
+    crashed = work / "crashed"
     parties = crashed.with_name(crashed.name + ".parties")
-    keys = parties.with_name(parties.name + ".keys")
-    init = run_cli("keys", "init", str(keys), "--suite", "sm4-gcm", cwd=work)
-    assert init.returncode == 0, init.stdout + init.stderr
-    _fix_secrets_in(keys, crashed.name)
-    args = (*INTERRUPTED_RUN_ARGS, "--set", f"storage.keystore={keys}")
-    os.environ[SILO_FAULT] = "payments:3:shape"
-    try:
-        stopped = run_cli("run", "--out", str(crashed), *args, cwd=work)
-    finally:
-        del os.environ[SILO_FAULT]
-    assert stopped.returncode == 2, stopped.stderr[-3000:]
-    (crashed / "stderr.txt").write_text(stopped.stderr)
-    assert (crashed / "checkpoint" / "authority.npz").exists()
-    assert not (crashed / "metrics.json").exists()
-    shutil.copytree(crashed / "checkpoint", work / "stopped-checkpoint")
-    resumed = run_cli("run", "--resume", str(crashed), cwd=work)
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    whole = run_cli("run", "--out", str(full), "--parties", str(parties), *args, cwd=work)
-    assert whole.returncode == 0, whole.stdout + whole.stderr
-    return {"crashed": crashed, "full": full, "keys": keys, "parties": parties,
+    return {"crashed": crashed, "full": work / "full", "parties": parties,
+            "keys": parties.with_name(parties.name + ".keys"),
             "stopped_checkpoint": work / "stopped-checkpoint"}
 
 
