@@ -347,6 +347,19 @@ def _interrupted_commands(work: Path) -> list[background.Command]:
         (crashed / "stderr.txt").write_text((work / "cli-1.stderr").read_text())
         shutil.copytree(crashed / "checkpoint", work / "stopped-checkpoint")
 
+    def without_secrets(work: Path) -> None:
+        """A copy of the parties and keystore whose randomness secrets are gone (the tables'
+        data keys kept; the silos' checkpoints are the run's, not the tables')."""
+        from crypto.secret_random import SECRET_FILE
+
+        shutil.copytree(parties, work / "fresh.parties",
+                        ignore=shutil.ignore_patterns("checkpoints"))
+        shutil.copytree(keys, work / "fresh.parties.keys")
+        for path in (work / "fresh.parties.keys").glob(SECRET_FILE.format(party="*")):
+            path.unlink()
+
+    fresh = ("--parties", str(work / "fresh.parties"), *INTERRUPTED_RUN_ARGS,
+             "--set", f"storage.keystore={work / 'fresh.parties.keys'}")
     return [
         background.Command(("keys", "init", str(keys), "--suite", "sm4-gcm")),
         background.Command(("run", "--out", str(crashed), *args),
@@ -354,6 +367,11 @@ def _interrupted_commands(work: Path) -> list[background.Command]:
                            before=lambda _: _fix_secrets_in(keys, crashed.name)),
         background.Command(("run", "--resume", str(crashed)), before=stopped_as_it_should),
         background.Command(("run", "--out", str(full), "--parties", str(parties), *args)),
+        # test_privacy_run's reruns: the same keystore, then fresh randomness secrets.
+        background.Command(("run", "--out", str(work / "again"), "--parties", str(parties),
+                            *args)),
+        background.Command(("run", "--out", str(work / "fresh"), *fresh),
+                           before=without_secrets),
     ]
 
 
@@ -366,7 +384,9 @@ def interrupted_runs(background_runs) -> dict[str, Path]:
     every other run in the suite uses the default AES-256-GCM keystore), stopped at round 3 by
     a faulty silo (payments sends one contribution too few), resumed from its round-2
     checkpoint once the silo behaves; and the same run uninterrupted (same parties, same
-    keystore). Made in the background while the suite runs. test_resume checks that the two
+    keystore); then the uninterrupted run again with the same parties and keystore ("again"),
+    and with a copy of both whose randomness secrets are gone ("fresh"). Made in the
+    background while the suite runs. test_resume checks that the two
     are one run, test_encrypted_run what rests encrypted, test_privacy_run that a rerun with
     the same keystore reproduces it.
 
@@ -376,12 +396,14 @@ def interrupted_runs(background_runs) -> dict[str, Path]:
     run removes its own)."""
     procs, work = background_runs("interrupted_runs")
     outputs = "\n".join(p.stdout[-2000:] + p.stderr[-3000:] for p in procs)
-    assert [p.returncode for p in procs] == [0, 2, 0, 0], outputs
+    assert [p.returncode for p in procs] == [0, 2, 0, 0, 0, 0], outputs
     crashed = work / "crashed"
     parties = crashed.with_name(crashed.name + ".parties")
     return {"crashed": crashed, "full": work / "full", "parties": parties,
             "keys": parties.with_name(parties.name + ".keys"),
-            "stopped_checkpoint": work / "stopped-checkpoint"}
+            "stopped_checkpoint": work / "stopped-checkpoint",
+            "again": work / "again", "fresh": work / "fresh",
+            "fresh_keys": work / "fresh.parties.keys"}
 
 
 def _fix_secrets_in(keystore: Path, label: str) -> None:

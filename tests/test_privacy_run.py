@@ -153,29 +153,23 @@ def test_by_default_the_authority_sees_only_the_sum(private_run: Path,
 
 
 def test_same_keystore_reproduces_the_run_and_fresh_secrets_do_not(
-        interrupted_runs: dict[str, Path], tmp_path: Path):
+        interrupted_runs: dict[str, Path]):
     """The public seed decides only the data and the initialisation: rerun with the same
     keystores, the run is the same bit for bit; with fresh randomness secrets (the tables'
     data keys kept), the noise, plans, flips and split all differ. On conftest's
     interrupted_runs (3,000 people, DP-SGD and label DP at their defaults): its uninterrupted
-    run is rerun with the same parties and keystore, then with a copy of both whose
-    randomness secrets are gone."""
-    import shutil
-
+    run, rerun with the same parties and keystore ("again"), then with a copy of both whose
+    randomness secrets are gone ("fresh")."""
     from crypto.secret_random import SECRET_FILE
-    from tests.conftest import INTERRUPTED_RUN_ARGS
 
-    first, parties, keys = (interrupted_runs[k] for k in ("full", "parties", "keys"))
+    first, again, fresh, keys = (interrupted_runs[k]
+                                 for k in ("full", "again", "fresh", "keys"))
     m = json.loads((first / "metrics.json").read_text())
     # Noise is in play: DP-SGD's and randomised response's draws come from the secrets.
     assert 0 < m["epsilon"]["model"] < float("inf")
     assert m["epsilon"]["label"] == 2
     assert m["noise_multiplier"] > 0
 
-    again = tmp_path / "again"
-    proc = run_cli("run", "--out", str(again), "--parties", str(parties), *INTERRUPTED_RUN_ARGS,
-                   "--set", f"storage.keystore={keys}", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
     one, two = (json.loads((r / "metrics.json").read_text()) for r in (first, again))
     assert one["auc"] == two["auc"]
     assert _run_key(first) == _run_key(again)
@@ -185,20 +179,11 @@ def test_same_keystore_reproduces_the_run_and_fresh_secrets_do_not(
     secrets = sorted(keys.glob(SECRET_FILE.format(party="*")))
     assert {p.name for p in secrets} >= {SECRET_FILE.format(party=s) for s in
                                          ("authority", "payments", "social", "device")}
-    # A copy, so the shared run's parties and keystore stay as other modules check them (the
-    # silos' checkpoints are the run's, not the tables').
-    fresh_parties = tmp_path / "fresh.parties"
-    fresh_keys = fresh_parties.with_name(fresh_parties.name + ".keys")
-    shutil.copytree(parties, fresh_parties, ignore=shutil.ignore_patterns("checkpoints"))
-    shutil.copytree(keys, fresh_keys)
-    for path in fresh_keys.glob(SECRET_FILE.format(party="*")):
-        path.unlink()
-    assert not list(fresh_keys.glob(SECRET_FILE.format(party="*")))
-    fresh = tmp_path / "fresh"
-    proc = run_cli("run", "--out", str(fresh), "--parties", str(fresh_parties),
-                   *INTERRUPTED_RUN_ARGS, "--set", f"storage.keystore={fresh_keys}",
-                   cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    # The fresh run made its own secrets, none of them the same.
+    fresh_secrets = {p.name: p.read_bytes()
+                     for p in interrupted_runs["fresh_keys"].glob(SECRET_FILE.format(party="*"))}
+    assert {p.name for p in secrets} <= set(fresh_secrets)
+    assert all(fresh_secrets[p.name] != p.read_bytes() for p in secrets)
     assert _run_key(fresh) != _run_key(first)
     a, b = scores_of(first, True), scores_of(fresh, True)
     assert not a["probability"].equals(b["probability"])
