@@ -129,10 +129,13 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
 
 
 def _background_env(cwd: Path) -> dict[str, str]:
-    """_cli_env without the silo settings a foreground test may have set for its own run
-    (conftest's faulty silo): a background run starting meanwhile must not inherit them. A
-    background run names its own (Command.env)."""
-    return {k: v for k, v in _cli_env(cwd).items() if k not in SILO_ENV}
+    """_cli_env without the faults a foreground test may have set for its own run (a faulty
+    silo, an authority failing after a round: run_cli_crashing): a background run starting
+    meanwhile must not inherit them. A background run names its own (Command.env)."""
+    from server.authority import FAIL_AFTER_ROUND
+
+    return {k: v for k, v in _cli_env(cwd).items()
+            if k not in SILO_ENV and k != FAIL_AFTER_ROUND}
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
