@@ -230,12 +230,22 @@ def _split_replies(name: str, requests: list[SplitRequest], reply: Message) -> l
 # ---- training ------------------------------------------------------------------------------
 
 
+def shared_settings(cfg: AuthorityConfig) -> tuple[int, float, float]:
+    """gbdt.trees, gbdt.lr, gbdt.reg_lambda: unset in a GbdtConfig of its own, filled in by
+    mode when AuthorityConfig is built (server/config.py GBDT_DEFAULTS)."""
+    g = cfg.gbdt
+    if g.trees is None or g.lr is None or g.reg_lambda is None:
+        raise ConfigError("gbdt.trees, gbdt.lr and gbdt.reg_lambda were not resolved")
+    return g.trees, g.lr, g.reg_lambda
+
+
 def params_of(cfg: AuthorityConfig) -> gbdt.GbdtParams:
     g = cfg.gbdt
+    trees, lr, reg_lambda = shared_settings(cfg)
     # server/gbdt.py's "plain" means g, h travel as numbers; under rr they are the randomised
     # labels' gradients, which is what makes them safe to send.
-    return gbdt.GbdtParams(trees=g.trees, depth=g.depth, bins=g.bins, lr=g.lr,
-                           lambda_=g.reg_lambda, min_child_weight=g.min_child_weight)
+    return gbdt.GbdtParams(trees=trees, depth=g.depth, bins=g.bins, lr=lr,
+                           lambda_=reg_lambda, min_child_weight=g.min_child_weight)
 
 
 def start(fed: Federation, run_key: str, bins: int, train: np.ndarray) -> dict[str, int]:
@@ -377,11 +387,11 @@ def score(fitted: Fitted, bits: Bits, rows: int, train: np.ndarray, val: np.ndar
         table[list(tree.leaves)] = list(tree.leaves.values())
         margin += table[leaf]
         if (t + 1) % every == 0 or t + 1 == len(model.trees):
-            history.append(_history_row(margin[val], y[val], t + 1, t0))
+            history.append(history_row(margin[val], y[val], t + 1, t0))
     return Scored(margin, bias, contrib, history)
 
 
-def _history_row(z: np.ndarray, y: np.ndarray, trees: int, t0: float) -> dict:
+def history_row(z: np.ndarray, y: np.ndarray, trees: int, t0: float) -> dict:
     p = 1 / (1 + np.exp(-z))
     both = len(np.unique(y)) == 2
     return {"epoch": trees, "trees": trees, "val_auc": auc(y, p) if both else None,
