@@ -1,8 +1,9 @@
 """Differentially private vertical trees: totally random trees with noisy Newton leaves
 (issue 20 item 1's DP mode; Maddock et al., "Federated Boosted Decision Trees with
 Differential Privacy", CCS 2022, DP-TR Newton boosting). In process, like server/gbdt.py:
-`fit_dp_trees` talks to `SiloEndpoint`s by method calls; the Flower wiring maps each call onto
-one message.
+`fit_dp_trees` talks to `SiloEndpoint`s by method calls; in `fedscore run` (model.kind=gbdt at
+a finite privacy.epsilon) server/gbdt_dp_run.py sends the routing request as one Flower message
+per silo over every aligned person and boosts with `boost` on the training people's leaves.
 
 The protocol. The tree STRUCTURE (per internal node: which silo, which of its columns, which
 bin of the equal-width bins over the prepared scale u in [-1, 1]) is drawn from the authority's
@@ -35,9 +36,10 @@ ledger's `GaussianRelease` lines, so `fedscore ledger verify` can recompute the 
 
 Costs. Training is one routing round trip per silo; its reply is one bit per (node, row):
 300 trees of depth 5 on 21,000 rows are 195 million bits, 24 MB bit-packed (np.packbits) for
-all silos together, which the Flower wiring should send packed and may split by trees. In
-process, the (trees, nodes, rows) routing bits are one bool array (190 MB at that size).
-Calibrating the noise (PRV, subsampled, after a prefix) takes 10-30 s on this machine.
+all silos together, which the Flower wiring sends packed (one message per silo, everyone's
+bits: 30,000 UCI people are 35 MB). In process, the (trees, nodes, rows) routing bits are one
+bool array (190 MB at that size). Calibrating the noise (PRV, subsampled, after a prefix) takes
+10-30 s on this machine.
 
 What each party learns. The released model (structure + noisy leaf values + noisy prior) is
 (epsilon, delta)-DP against whoever receives it. The AUTHORITY is not protected against: it

@@ -20,9 +20,9 @@ Protection toward the silos (`gbdt.protection`):
   (4,096 rows of g, h), so the keys should go once per run into the silo's run directory, not
   into the node's Flower state, which travels with every message.
 
-The trees themselves are released without differential privacy: the configuration refuses a
-finite privacy.epsilon with model.kind=gbdt (server/config.py), and the run reports no
-eps_model (None: infinite).
+The trees themselves are released without differential privacy: this phase runs at
+privacy.epsilon=inf and the run reports no eps_model (None: infinite). At a finite epsilon a
+tree run trains the DP trees of server/gbdt_dp_run.py instead.
 """
 
 from __future__ import annotations

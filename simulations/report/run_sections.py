@@ -89,8 +89,9 @@ def headline_run(run: RunData) -> Section:
 def _trees_note(m: dict) -> str:
     """What a model.kind=gbdt run is, and what it does not claim (server/gbdt_run.py)."""
     g = m.get("gbdt") or {}
+    how = g.get("mode") or f"protection {g.get('protection')}"  # DP trees: their mode
     return (f"Model: vertical gradient-boosted trees ({g.get('trees')} trees of depth "
-            f"{g.get('depth')} over {g.get('bins')} bins, protection {g.get('protection')}). "
+            f"{g.get('depth')} over {g.get('bins')} bins, {how}). "
             f"{str(g.get('model_note', '')).capitalize()}. Labels against the silos: "
             f"{g.get('label_protection', 'not recorded')}.")
 
