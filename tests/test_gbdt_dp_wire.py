@@ -144,3 +144,13 @@ def test_a_dp_tree_run_says_its_epsilon_and_that_no_label_budget_is_spent() -> N
     assert out["gbdt"]["trees"] == 300
     assert out["gbdt"]["sample_rate"] == 0.3
     assert not any("the sum" in line for line in out["authority_sees"])
+
+
+def test_the_run_summary_says_the_dp_trees_spend_no_label_budget() -> None:
+    from simulations.cli.run import privacy_rows
+
+    rows = dict(privacy_rows({"model_kind": "gbdt", "epsilon": {"model": 0.99, "label": None}}))
+    assert any("not spent" in v for v in rows.values())
+    assert "0.990" in rows.values()
+    plain = dict(privacy_rows({"model_kind": "gbdt", "epsilon": {"model": None, "label": None}}))
+    assert any("reads the training labels" in v for v in plain.values())
