@@ -8,9 +8,9 @@ authority has drawn every tree's structure (silo, column, bin per node) from its
 its left/right bit at each of its (column, bin) pairs for EVERY aligned person, bit-packed along
 the people. Those bits place everyone in a leaf of every tree: the authority boosts on the
 training people's leaves (`gbdt_dp.boost`) and scores everyone from the same leaves, so there
-is no second routing and a run costs two round trips. The silos bin what they bin for the
-SecureBoost trees, their prepared matrix divided by STANDARD_UNITS (clients/protocol/gbdt.py):
-one silo-side binning for both modes, so the route message needs no scale of its own.
+is no second routing and a run costs two round trips. The silos bin their prepared matrix
+divided by DP_UNITS, which query.gbdt_start names (the SecureBoost trees: STANDARD_UNITS;
+clients/protocol/gbdt.py says why they differ).
 
 Privacy. The silos receive the training positions and their own (column, bin) pairs, drawn
 independently of every label and table: nothing label-dependent, so no randomised response is
@@ -40,7 +40,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from clients.protocol.accounting import History, add_steps, calibrate_sigma, epsilon
-from clients.protocol.gbdt import STANDARD_UNITS
+from clients.protocol.gbdt import DP_UNITS
 from crypto.secret_random import SecretRandom
 from server import gbdt_dp, gbdt_run, run_phases, scoring
 from server.checkpoint import RunState
@@ -217,7 +217,7 @@ def train_and_calibrate(job: TreeJob, phases: run_phases.PhaseTimer, ledger: Led
     budget = plan_budget(cfg, tuple(job.fed.silos), len(job.train), params)
     for line in statistics_lines(budget):
         ledger.append(line)
-    features = start(job.fed, key, params.bins, job.train)
+    features = start(job.fed, key, params.bins, job.train, units=DP_UNITS)
     silos = FlowerSilos(job.fed, features,
                         route_positions=np.arange(job.n_positions, dtype=np.int64))
     t0 = time.perf_counter()
@@ -278,7 +278,7 @@ def annotate(out: dict, cfg: AuthorityConfig) -> None:
         **{k: getattr(g, k) for k in ("trees", "depth", "bins", "lr", "reg_lambda",
                                       "sample_rate", "batch", "hessian_noise", "max_leaf")},
         "mode": "dp random trees (server/gbdt_dp.py)",
-        "input_scale": STANDARD_UNITS,
+        "input_scale": DP_UNITS,
         "model_epsilon": eps,
         "model_note": (f"the trees (structure, noisy leaf values, noisy prior) and the scores "
                        f"are ({eps:.4g}, {out.get('delta', 0):.3g})-DP for the combined model "

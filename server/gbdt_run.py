@@ -248,9 +248,14 @@ def params_of(cfg: AuthorityConfig) -> gbdt.GbdtParams:
                            lambda_=reg_lambda, min_child_weight=g.min_child_weight)
 
 
-def start(fed: Federation, run_key: str, bins: int, train: np.ndarray) -> dict[str, int]:
-    """Every silo builds its binned matrix over the training positions; returns their widths."""
-    content = m.make_content({"run": run_key, "bins": bins}, positions=train.astype(np.int64))
+def start(fed: Federation, run_key: str, bins: int, train: np.ndarray,
+          units: float | None = None) -> dict[str, int]:
+    """Every silo builds its binned matrix over the training positions (x / units, by default
+    STANDARD_UNITS); returns their widths."""
+    config: dict[str, str | int | float] = {"run": run_key, "bins": bins}
+    if units is not None:
+        config["units"] = units
+    content = m.make_content(config, positions=train.astype(np.int64))
     replies = fed.broadcast(START, content)
     return {s: m.config_int(m.get_config(r), "features") for s, r in replies.items()}
 

@@ -17,9 +17,10 @@ from crypto.secret_random import SecretRandom
 from server import gbdt_dp_run, run_phases
 from server.config import AuthorityConfig, ConfigError
 from server.config_keys import parse_flat, to_flat
+from server.federation import FederationError
 from server.gbdt import predict_trees
 from server.gbdt_dp import fit_dp_trees
-from server.gbdt_run import TreeJob
+from server.gbdt_run import TreeJob, start
 from server.ledger import Ledger
 from server.run_keys import computed_settings
 from simulations.analysis.ledger_verify import consistency, verify
@@ -108,6 +109,8 @@ def test_the_phase_reproduces_the_in_process_dp_trees_and_its_ledger_verifies(
     # In process, from the same secret: the same structure, prior, samples and noise.
     params = gbdt_dp_run.dp_params(cfg)
     budget = gbdt_dp_run.plan_budget(cfg, tuple(fed.silos), len(train), params)
+    # The fixture's matrices are in STANDARD_UNITS; the DP trees' silos bin x / DP_UNITS.
+    xs = {s: x * msg.STANDARD_UNITS / msg.DP_UNITS for s, x in xs.items()}
     local = {s: GbdtSilo(s, x[train], bins=params.bins) for s, x in xs.items()}
     trees = fit_dp_trees(local, y[train], params, epsilon=budget.target,
                          delta=budget.deltas.accountant, rng=SecretRandom(SECRET),
@@ -154,3 +157,10 @@ def test_the_run_summary_says_the_dp_trees_spend_no_label_budget() -> None:
     assert "0.990" in rows.values()
     plain = dict(privacy_rows({"model_kind": "gbdt", "epsilon": {"model": None, "label": None}}))
     assert any("reads the training labels" in v for v in plain.values())
+
+
+def test_a_silo_refuses_units_outside_their_range(federation) -> None:  # noqa: F811
+    fed, _, _ = federation
+    for bad in (0.0, math.inf, math.nan):
+        with pytest.raises(FederationError, match="units must lie"):
+            start(fed, "dpkey2", 8, np.arange(20), units=bad)
