@@ -54,7 +54,10 @@ def start(msg: Message, node: Node) -> Message:
         raise m.ProtocolError("malformed run key")
     if not 2 <= bins <= MAX_BINS:
         raise m.ProtocolError(f"bins must lie in [2, {MAX_BINS}]")
-    units = float(cfg.get("units", STANDARD_UNITS))
+    try:
+        units = float(cfg.get("units", STANDARD_UNITS))
+    except (TypeError, ValueError):
+        raise m.ProtocolError("units must be a number") from None
     if not 0.1 <= units <= 100:  # also refuses nan and inf
         raise m.ProtocolError("units must lie in [0.1, 100]")
     if "align" not in node.state:
