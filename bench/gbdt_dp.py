@@ -18,7 +18,7 @@ stopping on the validation people). Test AUC on the test people.
 A variant is a dict of DpTreeParams overrides (keys of server/gbdt_dp.DpTreeParams, plus
 "weights": "uniform" (default) or "no-missing", which never draws the silos' `__missing`
 indicator columns, a choice from the column names alone; "scale": the silos bin their
-prepared matrix divided by it, 1 by default, 4 as in `fedscore run`, STANDARD_UNITS). Each
+prepared matrix divided by it, 1 by default as the DP trees in `fedscore run`, DP_UNITS). Each
 row prints as it finishes; the bench's secrets are fixed per seed, so the table reproduces (a
 party keeps its own).
 """
@@ -88,7 +88,8 @@ def secret(seed: int, party: str) -> SecretRandom:
 def dp_trees(data: Uci, split: Split, seed: int, eps: float, variant: dict) -> dict:
     variant = dict(variant)
     kind = variant.pop("weights", "uniform")
-    # "scale": the silos bin x / scale; 4 is what `fedscore run` bins (STANDARD_UNITS).
+    # "scale": the silos bin x / scale. `fedscore run` bins x for the DP trees (DP_UNITS) and
+    # x / 4 for the SecureBoost trees (STANDARD_UNITS).
     scale = float(variant.pop("scale", 1.0))
     params = DpTreeParams(**variant)
     n = len(split.train)
