@@ -17,8 +17,10 @@ stopping on the validation people). Test AUC on the test people.
 
 A variant is a dict of DpTreeParams overrides (keys of server/gbdt_dp.DpTreeParams, plus
 "weights": "uniform" (default) or "no-missing", which never draws the silos' `__missing`
-indicator columns, a choice from the column names alone). Each row prints as it finishes;
-the bench's secrets are fixed per seed, so the table reproduces (a party keeps its own).
+indicator columns, a choice from the column names alone; "scale": the silos bin their
+prepared matrix divided by it, 1 by default as the DP trees in `fedscore run`, DP_UNITS). Each
+row prints as it finishes; the bench's secrets are fixed per seed, so the table reproduces (a
+party keeps its own).
 """
 
 from __future__ import annotations
@@ -86,6 +88,9 @@ def secret(seed: int, party: str) -> SecretRandom:
 def dp_trees(data: Uci, split: Split, seed: int, eps: float, variant: dict) -> dict:
     variant = dict(variant)
     kind = variant.pop("weights", "uniform")
+    # "scale": the silos bin x / scale. `fedscore run` bins x for the DP trees (DP_UNITS) and
+    # x / 4 for the SecureBoost trees (STANDARD_UNITS).
+    scale = float(variant.pop("scale", 1.0))
     params = DpTreeParams(**variant)
     n = len(split.train)
     # The silos' preparation statistics (each with its category thresholds' delta) come
@@ -93,8 +98,10 @@ def dp_trees(data: Uci, split: Split, seed: int, eps: float, variant: dict) -> d
     before = [r for r in releases_outside_sgd(SILOS, summaries=False) if r.purpose != "prior"]
     deltas = split_delta(default_delta(0.0, n), before)
     prefix = [(r.noise_multiplier, 1.0, 1) for r in before]
-    train = {s: GbdtSilo(s, x[split.train], bins=params.bins) for s, x in data.silos.items()}
-    test = {s: GbdtSilo(s, x[split.test], bins=params.bins) for s, x in data.silos.items()}
+    train = {s: GbdtSilo(s, x[split.train] / scale, bins=params.bins)
+             for s, x in data.silos.items()}
+    test = {s: GbdtSilo(s, x[split.test] / scale, bins=params.bins)
+            for s, x in data.silos.items()}
     t0 = time.perf_counter()
     release = plan_noise(params, epsilon_=eps, delta=deltas.accountant,
                          prefix=prefix if math.isfinite(eps) else ())

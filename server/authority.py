@@ -28,7 +28,7 @@ from clients.protocol.schema import AUTHORITY, authority_schema
 from crypto.at_rest import REF_HASH, Keystore, open_keystore
 from crypto.identity import PHONE, IdentifierFormat, keyed_refs, load_or_create_pepper
 from crypto.secret_random import SecretRandom
-from server import checkpoint, explanations, gbdt_run, metrics, run_phases, scoring
+from server import checkpoint, explanations, gbdt_dp_run, metrics, run_phases, scoring
 from server.alignment import Alignment, announce, joint_order, private_intersections
 from server.checkpoint import RunState, TrainState
 from server.config import AuthorityConfig
@@ -145,17 +145,17 @@ def run_authority(
     if resume:
         run, state = _resume(ctx)
     else:
-        phases.start("psi")
-        run, state = _align_and_split(fed, cfg, tables.ids, tables.labels, config, ctx.random,
-                                      psi_cache, authority_schema(data_dir / AUTHORITY).id_format
-                                      ), None
+        phases.start("psi")  # the DP trees draw no RR nor prior of the run's (sgd_config)
+        run, state = _align_and_split(fed, gbdt_dp_run.sgd_config(cfg), tables.ids,
+                                      tables.labels, config, ctx.random, psi_cache,
+                                      authority_schema(data_dir / AUTHORITY).id_format), None
     plan = _plan_training(ctx, tables, run, state)
     phases.start("train")
     trained = _train_and_calibrate(ctx, plan, phases, progress)
     scored = _score(ctx, tables, plan, trained)
     phases.stop()
     out = _results(ctx, tables, plan, trained, scored, resume, phases.seconds)
-    gbdt_run.annotate(out, cfg)  # model.kind=gbdt only
+    gbdt_dp_run.annotate(out, cfg)  # model.kind=gbdt only
     _write_results(out_dir, out)
     return RunResult(metrics=out, seconds=phases.seconds)
 
@@ -182,8 +182,8 @@ def _plan_training(ctx: _Context, tables: _Tables, run: RunState, state: TrainSt
     announcement and the ledger's first lines, or, resumed, the accountants as they were."""
     cfg = ctx.cfg
     split = Split(run.train, run.val, run.test)
-    privacy = PrivacyPlan(cfg.privacy, ctx.fed.silos, len(split.train), cfg.train.batch_size,
-                          cfg.train.epochs, ctx.ledger, summaries=summaries_asked(cfg))
+    privacy = PrivacyPlan(gbdt_dp_run.sgd_config(cfg).privacy, ctx.fed.silos, len(split.train),
+                          cfg.train.batch_size, cfg.train.epochs, ctx.ledger, summaries_asked(cfg))
     for guardrail in privacy.guardrails():  # also in authority.json and metrics.json
         log.warning("privacy guardrail (%s): %s", guardrail.check, guardrail.message)
     spec = _model_spec(cfg, privacy)
@@ -225,10 +225,9 @@ def _train_and_calibrate(ctx: _Context, plan: _Plan, phases: run_phases.PhaseTim
     n_positions = len(run.authority_rows)
     try:
         if ctx.cfg.model.kind == "gbdt":
-            result, calibrate = gbdt_run.train_and_calibrate(gbdt_run.TreeJob(
-                ctx.fed, ctx.cfg, run.run_key, split.train, split.val, n_positions, plan.y,
-                run.y_view), phases)
-            return _Trained(result, calibrate, privacy.summary())
+            result, calibrate, spent = gbdt_dp_run.train_trees(
+                ctx.fed, ctx.cfg, run, split, plan.y, phases, ctx.ledger, ctx.random)
+            return _Trained(result, calibrate, {**privacy.summary(), **spent})
         result = train(_train_job(ctx, plan), progress=progress, state=plan.state,
                        on_round=_checkpointer(ctx, privacy))
         phases.start("score")

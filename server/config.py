@@ -8,7 +8,8 @@ config they appear as flat dotted keys ("train.epochs"), so one parser serves `f
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 from clients.protocol.dp_constants import default_delta
 from server.eligibility import EligibilityConfig
@@ -35,8 +36,9 @@ MODEL_KINDS = ("mlp", "gbdt")
 @dataclass(frozen=True)
 class ModelConfig:
     # "mlp": each silo's bottom MLP trained by DP-SGD (the default). "gbdt": vertical
-    # gradient-boosted trees, SecureBoost-style (server/gbdt_run.py; the `gbdt.*` keys); its
-    # release is not differentially private, so it needs privacy.epsilon=inf.
+    # gradient-boosted trees (the `gbdt.*` keys): SecureBoost-style without DP at
+    # privacy.epsilon=inf (server/gbdt_run.py), DP random trees at a finite one
+    # (server/gbdt_dp_run.py).
     kind: str = "mlp"
     hidden: tuple[int, ...] = (32, 16)
     # `concat` mode only: each silo's embedding width, and the authority's MLP layers on top.
@@ -58,38 +60,64 @@ class ModelConfig:
 GBDT_PROTECTIONS = ("rr", "he")
 
 
+# Per mode, the defaults of the gbdt.* keys left unset (None): privacy.epsilon=inf grows
+# SecureBoost trees (bench/RESULTS.md "Vertical GBDT core"), a finite epsilon the DP random
+# trees (server/gbdt_dp.py `DpTreeParams`, the best on UCI at eps 1, "DP vertical trees on UCI").
+GBDT_DEFAULTS: dict[bool, dict[str, Any]] = {False: {"trees": 50, "lr": 0.1, "reg_lambda": 1.0},
+                                             True: {"trees": 300, "lr": 0.5, "reg_lambda": 200.0}}
+
+
 @dataclass(frozen=True)
 class GbdtConfig:
-    """model.kind=gbdt: the trees (server/gbdt.py) and how the silos see the gradients."""
+    """model.kind=gbdt: the trees and how the silos see the gradients.
 
-    # The defaults of bench/RESULTS.md "Vertical GBDT core": 50 trees of depth 5 over 32
-    # equal-width bins of the prepared [-1, 1] scale, XGBoost's lr / lambda / min_child_weight.
-    trees: int = 50
+    Which keys apply: trees, depth, bins, lr, reg_lambda to both modes (trees, lr, reg_lambda
+    default by mode, GBDT_DEFAULTS); min_child_weight and protection to the SecureBoost trees
+    of privacy.epsilon=inf only (server/gbdt_run.py); sample_rate, batch, hessian_noise and
+    max_leaf to the DP trees of a finite privacy.epsilon only (server/gbdt_dp_run.py), which
+    send the silos nothing label-dependent, so protection has nothing to protect there."""
+
+    # 32 equal-width bins of the prepared scale over depth-5 trees, both modes.
+    trees: int | None = None
     depth: int = 5
     bins: int = 32
-    lr: float = 0.1
-    reg_lambda: float = 1.0
+    lr: float | None = None
+    reg_lambda: float | None = None
     min_child_weight: float = 1.0
     # "rr": every silo sees g, h computed from the randomised-response labels at
     # privacy.label_epsilon (forward-corrected): post-processing of eps_label label DP.
     # "he": g, h under BFV encryption (crypto/he.py); silos see nothing in clear, but it costs
     # about 20 s of a core per silo level at 100,000 people (87 min for 50 trees).
     protection: str = "rr"
+    # DP trees: Poisson row sampling per tree, trees per boosting step, H's noise over G's,
+    # the bound on a leaf value (server/gbdt_dp.py `DpTreeParams`).
+    sample_rate: float = 0.3
+    batch: int = 1
+    hessian_noise: float = 2.0
+    max_leaf: float = 1.0
+
+    def resolved(self, dp: bool) -> GbdtConfig:
+        """The keys left unset filled in with the mode's defaults."""
+        unset = {k: v for k, v in GBDT_DEFAULTS[dp].items() if getattr(self, k) is None}
+        return replace(self, **unset) if unset else self
 
     def __post_init__(self) -> None:
-        if not 1 <= self.trees <= 10_000:
+        if self.trees is not None and not 1 <= self.trees <= 10_000:
             raise ConfigError(f"gbdt.trees={self.trees}: use 1 to 10000 trees, e.g. 50")
         if not 1 <= self.depth <= 12:
             raise ConfigError(f"gbdt.depth={self.depth}: use a depth of 1 to 12, e.g. 5")
         if not 2 <= self.bins <= 256:
             raise ConfigError(f"gbdt.bins={self.bins}: use 2 to 256 bins, e.g. 32")
-        if not 0 < self.lr <= 1:
+        if self.lr is not None and not 0 < self.lr <= 1:
             raise ConfigError(f"gbdt.lr={self.lr}: use a learning rate in (0, 1], e.g. 0.1")
-        for key in ("reg_lambda", "min_child_weight"):
+        for key in ("reg_lambda", "min_child_weight", "hessian_noise", "max_leaf"):
             value = getattr(self, key)
+            if value is None:
+                continue
             _finite(f"gbdt.{key}", value, ", e.g. 1")
             if value < 0:
                 raise ConfigError(f"gbdt.{key}={value}: must be >= 0, e.g. 1")
+        self._check_dp_keys()
         if self.protection not in GBDT_PROTECTIONS:
             raise ConfigError(f"gbdt.protection={self.protection!r}: choose one of "
                               f"{', '.join(GBDT_PROTECTIONS)} (rr: label DP at "
@@ -97,6 +125,15 @@ class GbdtConfig:
         if self.protection == "he" and self.bins & (self.bins - 1):
             raise ConfigError(f"gbdt.bins={self.bins}: gbdt.protection=he packs bins by "
                               "halving, so use a power of two, e.g. 32")
+
+    def _check_dp_keys(self) -> None:
+        if not 0 < self.sample_rate <= 1:
+            raise ConfigError(f"gbdt.sample_rate={self.sample_rate}: use a rate in (0, 1], "
+                              "e.g. 0.3")
+        if self.batch < 1 or (self.trees is not None and self.trees % self.batch):
+            raise ConfigError(f"gbdt.batch={self.batch}: use a divisor of gbdt.trees, e.g. 1")
+        if not (self.hessian_noise > 0 and self.max_leaf > 0):
+            raise ConfigError("gbdt.hessian_noise and gbdt.max_leaf must be > 0, e.g. 2 and 1")
 
 
 @dataclass(frozen=True)
@@ -427,6 +464,9 @@ class AuthorityConfig:
                               f"{', '.join(TOPOLOGIES)}")
         if not 2 <= self.regions <= 64:
             raise ConfigError(f"regions={self.regions}: use 2 to 64 regions")
+        # The gbdt keys left unset take the defaults of the mode the privacy settings choose
+        # (GBDT_DEFAULTS), so config.json and the run key record what was run.
+        object.__setattr__(self, "gbdt", self.gbdt.resolved(self.privacy.dp_sgd))
         if self.model.kind == "gbdt":
             _check_gbdt(self)
         if self.aggregation.mode == "concat" and self.privacy.transcript_dp:
@@ -442,13 +482,14 @@ def _check_gbdt(cfg: AuthorityConfig) -> None:
         raise ConfigError(f"model.kind=gbdt with topology={cfg.topology}: the trees are "
                           "vertical only (silos hold different facts about the same people); "
                           "use topology=vertical, or model.kind=mlp for the horizontal topology")
-    if cfg.privacy.dp_sgd:
+    if cfg.privacy.dp_sgd and cfg.gbdt.protection == "he":
         raise ConfigError(
-            f"model.kind=gbdt with privacy.epsilon={cfg.privacy.epsilon:g}: the trees' release "
-            "(splits, leaf values, scores) is not differentially private in this version, so "
-            "no finite eps_model can be claimed for it; set privacy.epsilon=inf (the labels "
-            "stay protected against the silos by gbdt.protection: rr at "
-            "privacy.label_epsilon, or he)")
+            f"model.kind=gbdt with privacy.epsilon={cfg.privacy.epsilon:g} trains DP random "
+            "trees, which send the silos no gradients: gbdt.protection=he has nothing to "
+            "encrypt; leave gbdt.protection at rr (unused there) or set privacy.epsilon=inf")
+    if cfg.privacy.dp_sgd and cfg.gbdt.depth > 10:
+        raise ConfigError(f"gbdt.depth={cfg.gbdt.depth}: the DP trees are complete trees; use "
+                          "a depth of 1 to 10, e.g. 5")
     if cfg.privacy.transcript_dp:
         raise ConfigError("model.kind=gbdt sends no contributions to noise: set "
                           "privacy.transcript_sigma=0")

@@ -1,8 +1,9 @@
 """Differentially private vertical trees: totally random trees with noisy Newton leaves
 (issue 20 item 1's DP mode; Maddock et al., "Federated Boosted Decision Trees with
 Differential Privacy", CCS 2022, DP-TR Newton boosting). In process, like server/gbdt.py:
-`fit_dp_trees` talks to `SiloEndpoint`s by method calls; the Flower wiring maps each call onto
-one message.
+`fit_dp_trees` talks to `SiloEndpoint`s by method calls; in `fedscore run` (model.kind=gbdt at
+a finite privacy.epsilon) server/gbdt_dp_run.py sends the routing request as one Flower message
+per silo over every aligned person and boosts with `boost` on the training people's leaves.
 
 The protocol. The tree STRUCTURE (per internal node: which silo, which of its columns, which
 bin of the equal-width bins over the prepared scale u in [-1, 1]) is drawn from the authority's
@@ -35,9 +36,10 @@ ledger's `GaussianRelease` lines, so `fedscore ledger verify` can recompute the 
 
 Costs. Training is one routing round trip per silo; its reply is one bit per (node, row):
 300 trees of depth 5 on 21,000 rows are 195 million bits, 24 MB bit-packed (np.packbits) for
-all silos together, which the Flower wiring should send packed and may split by trees. In
-process, the (trees, nodes, rows) routing bits are one bool array (190 MB at that size).
-Calibrating the noise (PRV, subsampled, after a prefix) takes 10-30 s on this machine.
+all silos together, which the Flower wiring sends packed (one message per silo, everyone's
+bits: 30,000 UCI people are 35 MB). In process, the (trees, nodes, rows) routing bits are one
+bool array (190 MB at that size). Calibrating the noise (PRV, subsampled, after a prefix) takes
+10-30 s on this machine.
 
 What each party learns. The released model (structure + noisy leaf values + noisy prior) is
 (epsilon, delta)-DP against whoever receives it. The AUTHORITY is not protected against: it
@@ -62,7 +64,7 @@ import numpy as np
 from clients.protocol.accounting import History, add_steps, calibrate_sigma
 from clients.protocol.accounting import epsilon as accounted_epsilon
 from clients.protocol.dp_constants import PRIOR_NOISE_MULTIPLIER
-from clients.protocol.gbdt import RouteRequest, SiloEndpoint
+from clients.protocol.gbdt import RouteReply, RouteRequest, SiloEndpoint
 from crypto.secret_random import SecretRandom
 from server.gbdt import GbdtParams, Model, Split, Tree, gradients
 from server.ledger_lines import GaussianRelease
@@ -223,29 +225,47 @@ def draw_structure(silos: Mapping[str, SiloEndpoint], params: DpTreeParams,
             for t in range(params.trees)]
 
 
-def route_all(silos: Mapping[str, SiloEndpoint], structure: list[dict[int, Split]],
-              rows: int, depth: int) -> np.ndarray:
-    """(trees, rows) leaf index (0 .. 2^depth - 1) of every row: ONE routing request per silo
-    for all its nodes of all trees."""
-    owned: dict[str, list[tuple[int, int, Split]]] = {name: [] for name in silos}
+def route_requests(names: Sequence[str], structure: list[dict[int, Split]]
+                   ) -> tuple[dict[str, list[tuple[int, int]]], dict[str, RouteRequest]]:
+    """Per silo, the (tree, node) of each of its splits in every tree, and the ONE routing
+    request that asks for all of them (silos that own no split are not asked)."""
+    owned: dict[str, list[tuple[int, int]]] = {name: [] for name in names}
+    asked: dict[str, list[tuple[int, int]]] = {name: [] for name in names}
     for t, splits in enumerate(structure):
         for node, split in splits.items():
-            owned[split.silo].append((t, node, split))
-    left = np.zeros((len(structure), 2**depth - 1, rows), dtype=bool)
+            owned[split.silo].append((t, node))
+            asked[split.silo].append((split.feature, split.bin))
+    return owned, {name: RouteRequest(splits=tuple(pairs)) for name, pairs in asked.items()
+                   if pairs}
+
+
+def leaves_from(owned: Mapping[str, list[tuple[int, int]]], replies: Mapping[str, RouteReply],
+                trees: int, rows: int, depth: int) -> np.ndarray:
+    """(trees, rows) leaf index (0 .. 2^depth - 1) of every row from the silos' routing bits
+    (`route_requests`' order)."""
+    left = np.zeros((trees, 2**depth - 1, rows), dtype=bool)
     for name, mine in owned.items():
         if not mine:
             continue
-        reply = silos[name].route(RouteRequest(splits=tuple((s.feature, s.bin)
-                                                            for *_, s in mine)))
+        reply = replies[name]
         if reply.left.shape != (len(mine), rows):
             raise ValueError(f"silo {name} returned routing bits of the wrong shape")
-        for (t, node, _), bits in zip(mine, reply.left, strict=True):
-            left[t, node] = bits
-    position = np.zeros((len(structure), rows), dtype=np.int64)
+        nodes = np.array(mine, dtype=np.int64)
+        left[nodes[:, 0], nodes[:, 1]] = reply.left
+    position = np.zeros((trees, rows), dtype=np.int64)
     for _ in range(depth):  # complete trees: every row takes `depth` steps
         go_left = np.take_along_axis(left, position[:, None, :], axis=1)[:, 0, :]
         position = np.where(go_left, 2 * position + 1, 2 * position + 2)
     return position - (2**depth - 1)
+
+
+def route_all(silos: Mapping[str, SiloEndpoint], structure: list[dict[int, Split]],
+              rows: int, depth: int) -> np.ndarray:
+    """(trees, rows) leaf index (0 .. 2^depth - 1) of every row: ONE routing request per silo
+    for all its nodes of all trees."""
+    owned, asked = route_requests(list(silos), structure)
+    replies = {name: silos[name].route(request) for name, request in asked.items()}
+    return leaves_from(owned, replies, len(structure), rows, depth)
 
 
 def noisy_prior(y: np.ndarray, release: DpTreesRelease, rng: np.random.Generator) -> float:
@@ -298,14 +318,26 @@ def train_dp_trees(silos: Mapping[str, SiloEndpoint], y: np.ndarray, params: DpT
     if not silos:
         raise ValueError("at least one silo is needed")
     y = np.asarray(y, dtype=np.float64)
+    structure = draw_structure(silos, params, rng.generator(PURPOSE, purpose, "structure"),
+                               weights)
+    leaf = route_all(silos, structure, len(y), params.depth)
+    return boost(leaf, y, structure, params, release, rng, purpose=purpose)
+
+
+def boost(leaf: np.ndarray, y: np.ndarray, structure: list[dict[int, Split]],
+          params: DpTreeParams, release: DpTreesRelease, rng: SecretRandom, *,
+          purpose: str = "") -> DpTrees:
+    """The authority's part after routing: the noisy prior, then every tree's noisy leaves on
+    the rows' (trees, rows) leaf indices `leaf` (y: their 0/1 labels). The Flower wiring
+    (server/gbdt_dp_run.py) routes everyone once and boosts on the training rows' columns."""
+    y = np.asarray(y, dtype=np.float64)
     if y.ndim != 1 or not np.isin(y, (0.0, 1.0)).all():
         raise ValueError("y must be a 1-d array of 0/1 labels")
     if release.trees != params.trees or release.sample_rate != params.sample_rate:
         raise ValueError("the release was planned for other trees or another sampling rate")
+    if leaf.shape != (params.trees, len(y)):
+        raise ValueError("leaf needs one row of leaf indices per tree, one column per label")
     rows = len(y)
-    structure = draw_structure(silos, params, rng.generator(PURPOSE, purpose, "structure"),
-                               weights)
-    leaf = route_all(silos, structure, rows, params.depth)
     base = noisy_prior(y, release, rng.generator(PURPOSE, purpose, "prior"))
     sample_rng = rng.generator(PURPOSE, purpose, "rows")
     noise_rng = rng.generator(PURPOSE, purpose, "noise")

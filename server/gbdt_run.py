@@ -20,9 +20,9 @@ Protection toward the silos (`gbdt.protection`):
   (4,096 rows of g, h), so the keys should go once per run into the silo's run directory, not
   into the node's Flower state, which travels with every message.
 
-The trees themselves are released without differential privacy: the configuration refuses a
-finite privacy.epsilon with model.kind=gbdt (server/config.py), and the run reports no
-eps_model (None: infinite).
+The trees themselves are released without differential privacy: this phase runs at
+privacy.epsilon=inf and the run reports no eps_model (None: infinite). At a finite epsilon a
+tree run trains the DP trees of server/gbdt_dp_run.py instead.
 """
 
 from __future__ import annotations
@@ -230,17 +230,32 @@ def _split_replies(name: str, requests: list[SplitRequest], reply: Message) -> l
 # ---- training ------------------------------------------------------------------------------
 
 
+def shared_settings(cfg: AuthorityConfig) -> tuple[int, float, float]:
+    """gbdt.trees, gbdt.lr, gbdt.reg_lambda: unset in a GbdtConfig of its own, filled in by
+    mode when AuthorityConfig is built (server/config.py GBDT_DEFAULTS)."""
+    g = cfg.gbdt
+    if g.trees is None or g.lr is None or g.reg_lambda is None:
+        raise ConfigError("gbdt.trees, gbdt.lr and gbdt.reg_lambda were not resolved")
+    return g.trees, g.lr, g.reg_lambda
+
+
 def params_of(cfg: AuthorityConfig) -> gbdt.GbdtParams:
     g = cfg.gbdt
+    trees, lr, reg_lambda = shared_settings(cfg)
     # server/gbdt.py's "plain" means g, h travel as numbers; under rr they are the randomised
     # labels' gradients, which is what makes them safe to send.
-    return gbdt.GbdtParams(trees=g.trees, depth=g.depth, bins=g.bins, lr=g.lr,
-                           lambda_=g.reg_lambda, min_child_weight=g.min_child_weight)
+    return gbdt.GbdtParams(trees=trees, depth=g.depth, bins=g.bins, lr=lr,
+                           lambda_=reg_lambda, min_child_weight=g.min_child_weight)
 
 
-def start(fed: Federation, run_key: str, bins: int, train: np.ndarray) -> dict[str, int]:
-    """Every silo builds its binned matrix over the training positions; returns their widths."""
-    content = m.make_content({"run": run_key, "bins": bins}, positions=train.astype(np.int64))
+def start(fed: Federation, run_key: str, bins: int, train: np.ndarray,
+          units: float | None = None) -> dict[str, int]:
+    """Every silo builds its binned matrix over the training positions (x / units, by default
+    STANDARD_UNITS); returns their widths."""
+    config: dict[str, str | int | float] = {"run": run_key, "bins": bins}
+    if units is not None:
+        config["units"] = units
+    content = m.make_content(config, positions=train.astype(np.int64))
     replies = fed.broadcast(START, content)
     return {s: m.config_int(m.get_config(r), "features") for s, r in replies.items()}
 
@@ -377,11 +392,11 @@ def score(fitted: Fitted, bits: Bits, rows: int, train: np.ndarray, val: np.ndar
         table[list(tree.leaves)] = list(tree.leaves.values())
         margin += table[leaf]
         if (t + 1) % every == 0 or t + 1 == len(model.trees):
-            history.append(_history_row(margin[val], y[val], t + 1, t0))
+            history.append(history_row(margin[val], y[val], t + 1, t0))
     return Scored(margin, bias, contrib, history)
 
 
-def _history_row(z: np.ndarray, y: np.ndarray, trees: int, t0: float) -> dict:
+def history_row(z: np.ndarray, y: np.ndarray, trees: int, t0: float) -> dict:
     p = 1 / (1 + np.exp(-z))
     both = len(np.unique(y)) == 2
     return {"epoch": trees, "trees": trees, "val_auc": auc(y, p) if both else None,

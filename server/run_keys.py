@@ -6,6 +6,7 @@ replay a draw."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from clients.protocol.schema import AUTHORITY
@@ -25,14 +26,19 @@ NOT_COMPUTED_KEYS = frozenset({"privacy.guardrails"})
 # The trees' settings change nothing an MLP run computes: left out of an MLP run's key, so a
 # default run keeps the key (and every secret draw) it had before model.kind existed.
 TREE_KEYS = ("model.kind", "gbdt.")
+# Likewise the DP trees' own settings in a tree run without DP (privacy.epsilon=inf): such a
+# run keeps the key it had before the DP trees were wired.
+DP_TREE_KEYS = frozenset({"gbdt.sample_rate", "gbdt.batch", "gbdt.hessian_noise",
+                          "gbdt.max_leaf"})
 
 
 def computed_settings(config: dict) -> dict:
     """The settings that change what a run computes (see `derive_run_key`)."""
     mlp = config.get("model.kind", "mlp") == "mlp"
+    dp = math.isfinite(float(config.get("privacy.epsilon", math.inf)))
     return {k: v for k, v in config.items()
             if not k.startswith(NOT_COMPUTED_PREFIXES) and k not in NOT_COMPUTED_KEYS
-            and not (mlp and k.startswith(TREE_KEYS))}
+            and not (mlp and k.startswith(TREE_KEYS)) and (dp or k not in DP_TREE_KEYS)}
 
 
 def derive_run_key(random: SecretRandom, config: dict) -> str:

@@ -52,15 +52,15 @@ GBDT = {"model.kind": "gbdt", "privacy.epsilon": "inf"}
 # ---- configuration -----------------------------------------------------------------------
 
 
-def test_gbdt_refuses_a_finite_model_epsilon_and_says_why() -> None:
-    """Refused when the configuration is parsed: `fedscore run` parses it before it generates
-    data or starts an engine."""
-    with pytest.raises(ConfigError, match=r"privacy\.epsilon=inf") as info:
-        parse_flat(AuthorityConfig, {"model.kind": "gbdt"})
-    assert "not differentially private" in str(info.value)
+def test_gbdt_takes_its_defaults_from_the_privacy_mode() -> None:
+    """Without DP the SecureBoost trees' defaults (and the rr protection at label eps 2); at a
+    finite epsilon (the default) the DP trees' (server/gbdt_dp_run.py, tests there)."""
     cfg = parse_flat(AuthorityConfig, GBDT)
     assert (cfg.model.kind, cfg.gbdt.protection, cfg.privacy.label_epsilon) == ("gbdt", "rr", 2)
+    assert (cfg.gbdt.trees, cfg.gbdt.lr, cfg.gbdt.reg_lambda) == (50, 0.1, 1.0)
     assert math.isinf(cfg.privacy.epsilon)
+    dp = parse_flat(AuthorityConfig, {"model.kind": "gbdt"})
+    assert (dp.gbdt.trees, dp.gbdt.lr, dp.gbdt.reg_lambda) == (300, 0.5, 200.0)
 
 
 @pytest.mark.parametrize(("key", "value", "words"), [

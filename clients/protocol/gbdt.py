@@ -46,6 +46,13 @@ from crypto.he import EncryptedPairs, EncryptedSums, PublicHe
 # about the test set's standard error. Quantile bins would suit both, but they read the data
 # (a DP quantile release): later work.
 STANDARD_UNITS = 4.0
+# What the DP trees bin (server/gbdt_dp_run.py sends it with query.gbdt_start): the prepared
+# matrix as is. Their thresholds are drawn uniformly over the bins, not chosen on the data, so
+# bins spanning +-4 standard units leave most random thresholds in the tails, cutting nobody.
+# Measured at eps 1 (bench/RESULTS.md "DP vertical trees in fedscore run"): UCI in process,
+# seeds 0-2, x 0.7715, x/2 0.7667, x/4 0.7475; in `fedscore run`, UCI x 0.7612 against x/4
+# 0.7442, the default population x 0.8435 against x/4 0.8468 (one split each).
+DP_UNITS = 1.0
 
 # The Flower messages of a run's trees (server/gbdt_run.py sends them, clients/silo/
 # gbdt_handlers.py answers): start on the training positions, a level's histograms (with the

@@ -1,7 +1,7 @@
 """The silo's messages of vertical gradient-boosted trees (`model.kind=gbdt`; the protocol in
 clients/protocol/gbdt.py, the answers in clients/silo/gbdt.py `GbdtSilo`).
 
-  query.gbdt_start   run key, bins, training positions -> the silo's feature count
+  query.gbdt_start   run key, bins, [units], training positions -> the silo's feature count
   train.gbdt_level   [g, h of a new tree] + the level's open nodes and their rows
                      -> per node, per-(feature, bin) sums of g and h
   train.gbdt_split   the level's chosen splits this silo owns (feature, bin, node rows)
@@ -54,13 +54,19 @@ def start(msg: Message, node: Node) -> Message:
         raise m.ProtocolError("malformed run key")
     if not 2 <= bins <= MAX_BINS:
         raise m.ProtocolError(f"bins must lie in [2, {MAX_BINS}]")
+    try:
+        units = float(cfg.get("units", STANDARD_UNITS))
+    except (TypeError, ValueError):
+        raise m.ProtocolError("units must be a number") from None
+    if not 0.1 <= units <= 100:  # also refuses nan and inf
+        raise m.ProtocolError("units must lie in [0.1, 100]")
     if "align" not in node.state:
         raise m.ProtocolError("no alignment yet: the authority must send query.align first")
     positions = m.get_array(msg, "positions", np.int64, 1)
     if len(np.unique(positions)) != len(positions):
         raise m.ProtocolError("the training positions name one position twice")
     rows_at(node.context, positions)  # every position must be this silo's
-    node.state["gbdt"] = ConfigRecord({"run": run, "bins": bins, "tree": -1})
+    node.state["gbdt"] = ConfigRecord({"run": run, "bins": bins, "units": units, "tree": -1})
     node.state["gbdt_rows"] = m.arrays(positions=positions)
     if "gbdt_grad" in node.state:
         del node.state["gbdt_grad"]
@@ -130,16 +136,16 @@ def route(msg: Message, node: Node) -> Message:
     """Scoring: the bits of the silo's splits (feature, bin pairs) for the given positions,
     packed 8 to a byte along the positions."""
     t0 = time.perf_counter()
-    bins = m.config_int(m.config_record(node.state, "gbdt"), "bins") \
-        if "gbdt" in node.state else None
-    if bins is None:
+    if "gbdt" not in node.state:
         raise m.ProtocolError("no trees yet: the authority must send query.gbdt_start first")
+    bins, units = _binning(node)
     features = m.get_array(msg, "features", np.int64, 1)
     split_bins = m.get_array(msg, "bins", np.int64, 1)
     positions = m.get_array(msg, "positions", np.int64, 1)
     if len(features) != len(split_bins):
         raise m.ProtocolError("features and bins differ in length")
-    binned = bin_index(tree_inputs(silo_matrix(node).x[rows_at(node.context, positions)]), bins)
+    binned = bin_index(tree_inputs(silo_matrix(node).x[rows_at(node.context, positions)], units),
+                       bins)
     left = np.zeros((len(features), len(positions)), dtype=bool)
     for i, (feature, bin_) in enumerate(zip(features, split_bins, strict=True)):
         if not (0 <= feature < binned.shape[1] and 0 <= bin_ < bins - 1):
@@ -149,9 +155,16 @@ def route(msg: Message, node: Node) -> Message:
                                   left=np.packbits(left, axis=1)), reply_to=msg)
 
 
-def tree_inputs(x: np.ndarray) -> np.ndarray:
-    """What the trees bin: the prepared matrix in units of STANDARD_UNITS (see there)."""
-    return np.asarray(x, dtype=np.float64) / STANDARD_UNITS
+def tree_inputs(x: np.ndarray, units: float = STANDARD_UNITS) -> np.ndarray:
+    """What the trees bin: the prepared matrix in `units` standard units, STANDARD_UNITS (see
+    there) unless query.gbdt_start names others (the DP trees: DP_UNITS)."""
+    return np.asarray(x, dtype=np.float64) / units
+
+
+def _binning(node: Node) -> tuple[int, float]:
+    """The run's bins and units (units absent from a state written before they existed)."""
+    cfg = m.config_record(node.state, "gbdt")
+    return m.config_int(cfg, "bins"), float(cfg.get("units", STANDARD_UNITS))  # type: ignore[arg-type]
 
 
 def _silo(node: Node) -> GbdtSilo:
@@ -161,15 +174,15 @@ def _silo(node: Node) -> GbdtSilo:
         raise m.ProtocolError("no trees yet: the authority must send query.gbdt_start first")
     cfg = m.config_record(node.state, "gbdt")
     positions = m.array_record(node.state, "gbdt_rows")["positions"].numpy()
-    run, bins = str(cfg["run"]), m.config_int(cfg, "bins")
+    run, (bins, units) = str(cfg["run"]), _binning(node)
     matrix = silo_matrix(node)
 
     def build() -> GbdtSilo:
-        x = tree_inputs(matrix.x[rows_at(node.context, positions)])
+        x = tree_inputs(matrix.x[rows_at(node.context, positions)], units)
         return GbdtSilo(silo_name(node), x, bins=bins)
 
     identity = ("gbdt", str(silo_dir(node).resolve()), run)
-    version = (id(matrix), bins, STANDARD_UNITS, digest(positions))
+    version = (id(matrix), bins, units, digest(positions))
     return node.tables.get(identity, version, build)
 
 

@@ -81,8 +81,9 @@ def privacy_rows(metrics: dict) -> list[tuple[str, str]]:
     label = eps.get("label")
     rows.append((
         "eps_label: the training labels, against each silo",
-        "OFF: every silo reads the training labels from its gradients" if label is None
-        else f"{label:g}"))
+        f"{label:g}" if label is not None else
+        "not spent: the DP trees send the silos nothing label-dependent" if trees and model
+        else "OFF: every silo reads the training labels from its gradients"))
     transcript = eps.get("transcript")
     values = list((transcript or {}).values())
     rows.append((

@@ -89,10 +89,16 @@ def headline_run(run: RunData) -> Section:
 def _trees_note(m: dict) -> str:
     """What a model.kind=gbdt run is, and what it does not claim (server/gbdt_run.py)."""
     g = m.get("gbdt") or {}
+    how = g.get("mode") or f"protection {g.get('protection')}"  # DP trees: their mode
     return (f"Model: vertical gradient-boosted trees ({g.get('trees')} trees of depth "
-            f"{g.get('depth')} over {g.get('bins')} bins, protection {g.get('protection')}). "
-            f"{str(g.get('model_note', '')).capitalize()}. Labels against the silos: "
+            f"{g.get('depth')} over {g.get('bins')} bins, {how}). "
+            f"{_first_upper(str(g.get('model_note', '')))}. Labels against the silos: "
             f"{g.get('label_protection', 'not recorded')}.")
+
+
+def _first_upper(text: str) -> str:
+    """str.capitalize() lowercases the rest: "DP" would read "dp"."""
+    return text[:1].upper() + text[1:]
 
 
 def _population_note(run: RunData) -> str:

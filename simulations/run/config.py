@@ -129,7 +129,8 @@ def check_guardrails(cfg: ExperimentConfig, people: int, source: str) -> None:
     configuration refused here would be refused with the exact N too. Warnings wait for the
     authority's plan, which knows the exact N and the noise."""
     privacy, train = cfg.authority.privacy, cfg.authority.train
-    if not privacy.dp_sgd or privacy.guardrails == "warn" or people < 1:
+    if (not privacy.dp_sgd or privacy.guardrails == "warn" or people < 1
+            or cfg.authority.model.kind == "gbdt"):  # DP-SGD's sampling: not the trees'
         return
     n_max = min(people, math.ceil(cfg.authority.split.train * people) + 2)
     sampling = Sampling(n_train=n_max, batch_size=train.batch_size, epochs=train.epochs)
@@ -147,17 +148,21 @@ def check_guardrails(cfg: ExperimentConfig, people: int, source: str) -> None:
 # checks that every key has a description and every description a key.
 DESCRIPTIONS: dict[str, str] = {
     "seed": "training seed: the models' initialisation (DP noise and batches: keystores)",
-    "model.kind": "mlp (bottom MLPs, DP-SGD) or gbdt (vertical boosted trees, needs epsilon=inf)",
+    "model.kind": "mlp (bottom MLPs, DP-SGD) or gbdt (vertical trees: DP at a finite epsilon)",
     "model.hidden": "hidden layers of each silo's bottom MLP, units per layer",
     "model.embedding_dim": "aggregation.mode=concat: width of each silo's embedding",
     "model.top_hidden": "aggregation.mode=concat: hidden layers of the authority's top MLP",
-    "gbdt.trees": "model.kind=gbdt: boosting rounds (trees)",
+    "gbdt.trees": "model.kind=gbdt: trees (unset: 50 at epsilon=inf, 300 DP)",
     "gbdt.depth": "model.kind=gbdt: depth of each tree",
     "gbdt.bins": "model.kind=gbdt: equal-width bins of each prepared feature over [-1, 1]",
-    "gbdt.lr": "model.kind=gbdt: learning rate (shrinkage of each tree's leaves)",
-    "gbdt.reg_lambda": "model.kind=gbdt: L2 penalty lambda on leaf weights",
-    "gbdt.min_child_weight": "model.kind=gbdt: least hessian a child of a split must keep",
-    "gbdt.protection": "model.kind=gbdt: rr (gradients from RR labels) or he (BFV, slow)",
+    "gbdt.lr": "model.kind=gbdt: shrinkage of each tree's leaves (unset: 0.1, DP 0.5)",
+    "gbdt.reg_lambda": "model.kind=gbdt: L2 penalty on leaf weights (unset: 1, DP 200)",
+    "gbdt.min_child_weight": "gbdt at epsilon=inf: least hessian a child of a split must keep",
+    "gbdt.protection": "gbdt at epsilon=inf: rr (gradients from RR labels) or he (BFV, slow)",
+    "gbdt.sample_rate": "DP trees (finite epsilon): Poisson row sampling rate per tree",
+    "gbdt.batch": "DP trees: trees per boosting step (same gradients, values averaged)",
+    "gbdt.hessian_noise": "DP trees: noise multiplier of the leaves' H over that of G",
+    "gbdt.max_leaf": "DP trees: bound on each leaf value",
     "train.epochs": "passes over the training people (vertical topology)",
     "train.batch_size": "expected Poisson batch size of DP-SGD",
     "train.lr": "learning rate (Adam) of the vertical model",

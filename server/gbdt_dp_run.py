@@ -1,0 +1,299 @@
+"""The DP trees in `fedscore run` (`model.kind=gbdt` at a finite privacy.epsilon; the trees
+themselves are server/gbdt_dp.py's totally random trees with noisy Newton leaves).
+
+Messages. `query.gbdt_start` as for the SecureBoost trees (run key, bins, training positions:
+each silo's column count), then ONE `query.gbdt_route` per silo, all silos at once: the
+authority has drawn every tree's structure (silo, column, bin per node) from its secret stream
+("dp-trees", run key, "structure") before reading any label or table, so it asks each silo for
+its left/right bit at each of its (column, bin) pairs for EVERY aligned person, bit-packed along
+the people. Those bits place everyone in a leaf of every tree: the authority boosts on the
+training people's leaves (`gbdt_dp.boost`) and scores everyone from the same leaves, so there
+is no second routing and a run costs two round trips. The silos bin their prepared matrix
+divided by DP_UNITS, which query.gbdt_start names (the SecureBoost trees: STANDARD_UNITS;
+clients/protocol/gbdt.py says why they differ).
+
+Privacy. The silos receive the training positions and their own (column, bin) pairs, drawn
+independently of every label and table: nothing label-dependent, so no randomised response is
+drawn (privacy.label_epsilon is not spent; eps_label is reported as None). eps_model covers
+what is released, per population as the MLP run does: training people through the silos'
+preparation statistics (their ledger lines are written here, as PrivacyPlan writes them for
+an MLP run), the trees' noisy prior and the trees' leaf sums (`DpTreesRelease.ledger_lines`);
+validation people through the same statistics and the DP Platt calibration of the MLP run
+(server/scoring.py `fit_private`, its noise calibrated to the same target). No prior of the
+run's own is released (the trees' is the one), and no per-silo contribution summary: exact
+quantiles over people would need DP summaries of their own, so `contributions` stays empty.
+delta is the MLP run's: the configured one less the silos' category thresholds' reservation,
+at which every epsilon is composed.
+
+The authority learns what server/gbdt_dp.py says: every person's leaf in every tree. The
+DP-SGD machinery of the run (its PrivacyPlan, randomised response, prior) is turned off for
+these runs (`sgd_config`): the trees account for themselves.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from clients.protocol.accounting import History, add_steps, calibrate_sigma, epsilon
+from clients.protocol.gbdt import DP_UNITS
+from crypto.secret_random import SecretRandom
+from server import gbdt_dp, gbdt_run, run_phases, scoring
+from server.checkpoint import RunState
+from server.config import AuthorityConfig, ConfigError
+from server.delta_budget import DeltaSplit, OutsideRelease, releases_outside_sgd, split_delta
+from server.federation import Federation
+from server.gbdt import Model
+from server.gbdt_run import HISTORY_POINTS, FlowerSilos, TreeJob, history_row, start
+from server.ledger import Ledger
+from server.ledger_lines import GaussianRelease
+from server.privacy import AUTHORITY, CALIBRATION_STEPS
+from server.split import Split
+from server.training import TrainResult
+
+log = logging.getLogger(__name__)
+
+
+def dp_trees(cfg: AuthorityConfig) -> bool:
+    """Whether the run trains the DP trees."""
+    return cfg.model.kind == "gbdt" and cfg.privacy.dp_sgd
+
+
+def sgd_config(cfg: AuthorityConfig) -> AuthorityConfig:
+    """What the run's DP-SGD machinery (randomised response, the run's prior, PrivacyPlan)
+    sees: for the DP trees nothing to do (epsilon and label epsilon inf); else `cfg`."""
+    if not dp_trees(cfg):
+        return cfg
+    return replace(cfg, privacy=replace(cfg.privacy, epsilon=math.inf,
+                                        label_epsilon=math.inf, cap=0.0))
+
+
+def dp_params(cfg: AuthorityConfig) -> gbdt_dp.DpTreeParams:
+    g = cfg.gbdt
+    trees, lr, reg_lambda = gbdt_run.shared_settings(cfg)
+    return gbdt_dp.DpTreeParams(
+        trees=trees, depth=g.depth, bins=g.bins, lr=lr, lambda_=reg_lambda,
+        sample_rate=g.sample_rate, batch=g.batch, hessian_noise=g.hessian_noise,
+        max_leaf=g.max_leaf, accountant=cfg.privacy.accountant)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The run's mechanisms, planned before any data is read: the silos' preparation
+    statistics (the prefix of both populations), the delta split, the trees' release and the
+    calibration's noise."""
+
+    accountant: str
+    target: float
+    statistics: tuple[OutsideRelease, ...]
+    deltas: DeltaSplit
+    release: gbdt_dp.DpTreesRelease
+    calibration_sigma: float
+
+    def calibration_epsilon(self) -> float:
+        history = add_steps(statistics_history(self.statistics), self.calibration_sigma, 1.0,
+                            CALIBRATION_STEPS)
+        return epsilon(self.accountant, history, self.deltas.accountant)
+
+
+def statistics_history(statistics: tuple[OutsideRelease, ...]) -> History:
+    history: History = []
+    for r in statistics:
+        history = add_steps(history, r.noise_multiplier, 1.0, 1)
+    return history
+
+
+def plan_budget(cfg: AuthorityConfig, silos: tuple[str, ...], n_train: int,
+                params: gbdt_dp.DpTreeParams) -> Budget:
+    """Calibrate the trees and the calibration to min(epsilon, cap) at the accountant's delta
+    (the configured delta less the silos' thresholds)."""
+    privacy = cfg.privacy
+    statistics = tuple(r for r in releases_outside_sgd(silos, summaries=False)
+                       if r.party != AUTHORITY)
+    deltas = split_delta(privacy.delta_for(n_train), list(statistics))
+    target = min(privacy.epsilon, privacy.budget_cap)
+    prefix = statistics_history(statistics)
+    try:
+        release = gbdt_dp.plan_noise(params, epsilon_=target, delta=deltas.accountant,
+                                     prefix=prefix)
+        sigma = calibrate_sigma(target, deltas.accountant, 1.0, CALIBRATION_STEPS,
+                                privacy.accountant, prefix=prefix)
+    except ValueError as exc:
+        raise ConfigError(f"privacy.epsilon={privacy.epsilon} is too small for the DP trees: "
+                          f"{exc}; raise it") from None
+    return Budget(privacy.accountant, target, statistics, deltas, release, sigma)
+
+
+def statistics_lines(budget: Budget) -> list[GaussianRelease]:
+    """Each silo's preparation statistics, as PrivacyPlan.record_start writes them for an MLP
+    run (`extra_delta`: its category thresholds): released before training."""
+    lines, extra = [], 0.0
+    history: History = []
+    delta = budget.deltas.accountant
+    for r in budget.statistics:
+        history = add_steps(history, r.noise_multiplier, 1.0, 1)
+        extra += r.extra_delta
+        lines.append(GaussianRelease(
+            party=r.party, population="all", purpose=r.purpose,
+            noise_multiplier=r.noise_multiplier, sample_rate=1.0, steps=1, round=0,
+            epsilon=epsilon(budget.accountant, history, delta), delta=delta + extra,
+            extra_delta=r.extra_delta or None, accountant=budget.accountant))
+    return lines
+
+
+def release_lines(budget: Budget, calibrated: bool) -> list[GaussianRelease]:
+    """After the statistics: the trees' prior and leaf sums (training people) and, when it
+    ran, the calibration (validation people), each claiming the combined delta."""
+    combined = budget.deltas.combined
+    lines = [replace(line, delta=combined) for line in budget.release.ledger_lines()]
+    if calibrated:
+        lines.append(GaussianRelease(
+            party=AUTHORITY, population="val", purpose="calibration",
+            noise_multiplier=budget.calibration_sigma, sample_rate=1.0,
+            steps=CALIBRATION_STEPS, round=0, epsilon=budget.calibration_epsilon(),
+            delta=combined, accountant=budget.accountant))
+    return lines
+
+
+def route_everyone(silos: FlowerSilos, structure: list[dict[int, gbdt_dp.Split]],
+                   rows: int, depth: int) -> np.ndarray:
+    """(trees, rows) leaf of every routed person: ONE route message per silo, all at once."""
+    owned, asked = gbdt_dp.route_requests(list(silos), structure)
+    replies = silos.route_all(asked)
+    return gbdt_dp.leaves_from(owned, replies, len(structure), rows, depth)
+
+
+def margins(model: Model, leaf: np.ndarray, val: np.ndarray, y: np.ndarray
+            ) -> tuple[np.ndarray, list[dict]]:
+    """Everyone's margin from their leaves (what `gbdt.predict_trees` computes from the
+    silos' bits), with validation AUC at HISTORY_POINTS tree counts (y: clean labels)."""
+    offset = 2**model.params.depth - 1
+    margin = np.full(leaf.shape[1], model.base_margin)
+    every = max(1, len(model.trees) // HISTORY_POINTS)
+    history, t0 = [], time.perf_counter()
+    for t, tree in enumerate(model.trees):
+        values = np.array([tree.leaves[offset + i] for i in range(len(tree.leaves))])
+        margin += values[leaf[t]]
+        if (t + 1) % every == 0 or t + 1 == len(model.trees):
+            history.append(history_row(margin[val], y[val], t + 1, t0))
+    return margin, history
+
+
+def calibration(z_val: np.ndarray, y_val: np.ndarray, budget: Budget, expected_n: float,
+                rng: np.random.Generator) -> scoring.Platt | None:
+    """The MLP run's DP Platt fit on validation people (None when too few people make it
+    not worth its noise: the trees' own probabilities are used, nothing released)."""
+    if not scoring.Platt.private_fit_pays(budget.calibration_sigma, expected_n):
+        log.warning("too few validation people (about %d) for a private calibration at this "
+                    "epsilon: the trees' own probabilities are used", expected_n)
+        return None
+    return scoring.Platt.fit_private(z_val, y_val, noise_multiplier=budget.calibration_sigma,
+                                     steps=CALIBRATION_STEPS, expected_n=expected_n, rng=rng)
+
+
+def train_trees(fed: Federation, cfg: AuthorityConfig, run: RunState, split: Split,
+                y: np.ndarray, phases: run_phases.PhaseTimer, ledger: Ledger,
+                random: SecretRandom) -> tuple[TrainResult, scoring.Platt, dict]:
+    """A tree run's training and calibration: the DP trees at a finite epsilon, else the
+    SecureBoost trees (server/gbdt_run.py, whose privacy the idle PrivacyPlan reports)."""
+    job = TreeJob(fed, cfg, run.run_key, split.train, split.val, len(run.authority_rows), y,
+                  run.y_view)
+    if dp_trees(cfg):
+        return train_and_calibrate(job, phases, ledger, random)
+    return (*gbdt_run.train_and_calibrate(job, phases), {})
+
+
+def train_and_calibrate(job: TreeJob, phases: run_phases.PhaseTimer, ledger: Ledger,
+                        random: SecretRandom) -> tuple[TrainResult, scoring.Platt, dict]:
+    """Plan, route everyone once, boost on the training people, then (timed as `score`) score
+    and calibrate; the ledger's lines; what the run reports of its privacy (to overwrite the
+    idle PrivacyPlan's summary)."""
+    cfg, key = job.cfg, job.run_key
+    params = dp_params(cfg)
+    budget = plan_budget(cfg, tuple(job.fed.silos), len(job.train), params)
+    for line in statistics_lines(budget):
+        ledger.append(line)
+    features = start(job.fed, key, params.bins, job.train, units=DP_UNITS)
+    silos = FlowerSilos(job.fed, features,
+                        route_positions=np.arange(job.n_positions, dtype=np.int64))
+    t0 = time.perf_counter()
+    structure = gbdt_dp.draw_structure(
+        silos, params, random.generator(gbdt_dp.PURPOSE, key, "structure"))
+    leaf = route_everyone(silos, structure, job.n_positions, params.depth)
+    y = job.y.astype(np.float64)
+    trees = gbdt_dp.boost(leaf[:, job.train], y[job.train], structure, params,
+                          budget.release, random, purpose=key)
+    log.info("%d DP trees in %.1f s, %d round trips", params.trees, time.perf_counter() - t0,
+             silos.round_trips + 1)
+    phases.start("score")
+    margin, history = margins(trees.model, leaf, job.val, y)
+    platt = calibration(margin[job.val], y[job.val], budget, job.n_positions * cfg.split.val,
+                        random.generator("calibration", key))
+    for line in release_lines(budget, calibrated=platt is not None):
+        ledger.append(line)
+    result = TrainResult(
+        bias=trees.model.base_margin, logits=margin, history=history,
+        round_trips=silos.round_trips + 1, steps=0,
+        silo_seconds={s: round(v, 3) for s, v in silos.silo_seconds.items()})
+    return result, platt or scoring.Platt(), summary(budget, platt is not None)
+
+
+def summary(budget: Budget, calibrated: bool) -> dict:
+    """authority.json's privacy figures of the DP trees (the keys of PrivacyPlan.summary
+    they change): eps_model per population and combined, no label budget spent."""
+    release = budget.release
+    train, val = release.epsilon, budget.calibration_epsilon() if calibrated else 0.0
+    return {
+        "epsilon": {"model": max(train, val), "model_by_population": {"train": train,
+                                                                      "val": val},
+                    "model_per_party": None, "label": None, "transcript": None},
+        "delta": budget.deltas.combined,
+        "delta_accountant": budget.deltas.accountant,
+        "delta_thresholds": budget.deltas.reserved,
+        "accountant": budget.accountant,
+        "noise_multiplier": release.noise_multiplier,
+        "joint_noise_multiplier": release.noise_multiplier,
+        "blocks": 1,
+        "calibration_noise_multiplier": budget.calibration_sigma if calibrated else 0.0,
+        "sample_rate": release.sample_rate,
+        "steps": release.trees,
+        "steps_planned": release.trees,
+    }
+
+
+def annotate(out: dict, cfg: AuthorityConfig) -> None:
+    """authority.json for a tree run: the DP trees' here, the SecureBoost trees' by
+    server/gbdt_run.py `annotate` (which leaves an MLP run alone)."""
+    if not dp_trees(cfg):
+        gbdt_run.annotate(out, cfg)
+        return
+    g, eps = cfg.gbdt, (out.get("epsilon") or {}).get("model")
+    out["model"] = {**out["model"], "kind": "gbdt", "reasons": 0}
+    out["model_kind"] = "gbdt"
+    out["gbdt"] = {
+        **{k: getattr(g, k) for k in ("trees", "depth", "bins", "lr", "reg_lambda",
+                                      "sample_rate", "batch", "hessian_noise", "max_leaf")},
+        "mode": "dp random trees (server/gbdt_dp.py)",
+        "input_scale": DP_UNITS,
+        "model_epsilon": eps,
+        "model_note": (f"the trees (structure, noisy leaf values, noisy prior) and the scores "
+                       f"are ({eps:.4g}, {out.get('delta', 0):.3g})-DP for the combined model "
+                       "(training people: the silos' statistics, prior and leaves; "
+                       "validation people: the statistics and the DP calibration)"
+                       if eps is not None else "no epsilon recorded"),
+        "label_protection": ("not needed: the silos receive only the training positions and "
+                             "their own (column, bin) pairs, drawn from the authority's "
+                             "secret stream before any data is read; privacy.label_epsilon "
+                             "is not spent (no randomised response is drawn)"),
+        "reasons": "none for the DP trees, nor per-silo points (no DP summaries of them yet)",
+    }
+    out["authority_sees"] = [
+        "every aligned person's left/right bit at each split of every tree (one routing "
+        "request per silo), hence every person's leaf in every tree",
+        "each split's (silo, feature index, bin), drawn by the authority itself; never the "
+        "silo's threshold",
+    ]

@@ -1,0 +1,166 @@
+"""The DP trees in `fedscore run` (server/gbdt_dp_run.py): configuration by mode, the phase over
+the silos' real ClientApp (no engine) reproducing server/gbdt_dp.py in process from the same
+secret, and its ledger lines checked by the independent accountant."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from clients.protocol import gbdt as msg
+from clients.silo.gbdt import GbdtSilo
+from crypto.secret_random import SecretRandom
+from server import gbdt_dp_run, run_phases
+from server.config import AuthorityConfig, ConfigError
+from server.config_keys import parse_flat, to_flat
+from server.federation import FederationError
+from server.gbdt import predict_trees
+from server.gbdt_dp import fit_dp_trees
+from server.gbdt_run import TreeJob, start
+from server.ledger import Ledger
+from server.run_keys import computed_settings
+from simulations.analysis.ledger_verify import consistency, verify
+from tests.test_gbdt_wire import _task_identity, federation  # noqa: F401 (fixtures)
+
+DP = {"model.kind": "gbdt", "privacy.epsilon": "4"}
+# Small and fast: RDP without subsampling calibrates in milliseconds (PRV takes seconds).
+SMALL = {**DP, "privacy.accountant": "rdp", "gbdt.trees": "12", "gbdt.depth": "3",
+         "gbdt.bins": "16", "gbdt.sample_rate": "1"}
+SECRET = b"\x07" * 32
+
+
+# ---- configuration -----------------------------------------------------------------------
+
+
+def test_dp_trees_take_gbdt_dps_defaults_unless_keys_are_given() -> None:
+    cfg = parse_flat(AuthorityConfig, DP)
+    assert gbdt_dp_run.dp_trees(cfg)
+    params = gbdt_dp_run.dp_params(cfg)
+    assert (params.trees, params.depth, params.bins, params.lr, params.lambda_) == (
+        300, 5, 32, 0.5, 200.0)
+    assert (params.sample_rate, params.batch, params.hessian_noise, params.max_leaf) == (
+        0.3, 1, 2.0, 1.0)
+    given = parse_flat(AuthorityConfig, {**DP, "gbdt.trees": "40", "gbdt.lr": "0.2"})
+    assert (given.gbdt.trees, given.gbdt.lr, given.gbdt.reg_lambda) == (40, 0.2, 200.0)
+    # config.json holds the values run, and reads back to the same configuration.
+    assert parse_flat(AuthorityConfig, to_flat(given)) == given
+
+
+def test_dp_trees_refuse_what_means_nothing_for_them() -> None:
+    with pytest.raises(ConfigError, match="nothing to encrypt"):
+        parse_flat(AuthorityConfig, {**DP, "gbdt.protection": "he"})
+    with pytest.raises(ConfigError, match="depth of 1 to 10"):
+        parse_flat(AuthorityConfig, {**DP, "gbdt.depth": "11"})
+    with pytest.raises(ConfigError, match=r"divisor of gbdt\.trees"):
+        parse_flat(AuthorityConfig, {**DP, "gbdt.trees": "10", "gbdt.batch": "3"})
+    with pytest.raises(ConfigError, match="sample_rate"):
+        parse_flat(AuthorityConfig, {**DP, "gbdt.sample_rate": "0"})
+
+
+def test_the_dp_settings_leave_a_non_private_tree_runs_key_alone() -> None:
+    """A tree run at epsilon inf keeps the key (and every secret draw) it had before the DP
+    trees were wired: the same gbdt keys and values, none of the DP trees' own."""
+    flat = to_flat(parse_flat(AuthorityConfig, {"model.kind": "gbdt", "privacy.epsilon": "inf"}))
+    gbdt = {k: v for k, v in computed_settings(flat).items() if k.startswith("gbdt.")}
+    assert gbdt == {"gbdt.trees": 50, "gbdt.depth": 5, "gbdt.bins": 32, "gbdt.lr": 0.1,
+                    "gbdt.reg_lambda": 1.0, "gbdt.min_child_weight": 1.0,
+                    "gbdt.protection": "rr"}
+    dp = computed_settings(to_flat(parse_flat(AuthorityConfig, DP)))
+    assert dp["gbdt.sample_rate"] == 0.3
+
+
+def test_the_runs_sgd_machinery_sees_no_dp_for_the_dp_trees() -> None:
+    cfg = parse_flat(AuthorityConfig, DP)
+    idle = gbdt_dp_run.sgd_config(cfg)
+    assert not idle.privacy.dp_sgd
+    assert not idle.privacy.label_dp
+    assert idle.gbdt == cfg.gbdt
+    mlp = parse_flat(AuthorityConfig, {})
+    assert gbdt_dp_run.sgd_config(mlp) is mlp
+
+
+# ---- the phase over the silos' real handlers ---------------------------------------------
+
+
+def test_the_phase_reproduces_the_in_process_dp_trees_and_its_ledger_verifies(
+        federation, tmp_path: Path) -> None:  # noqa: F811 (the fixture)
+    """One route message per silo for every tree and person; the same margins as
+    `fit_dp_trees` in process from the same secret on the training rows; ledger lines the
+    independent accountant agrees with, within the target, eps_model = the ledger's."""
+    fed, grid, xs = federation
+    cfg = parse_flat(AuthorityConfig, SMALL)
+    n = len(next(iter(xs.values())))
+    rng = np.random.default_rng(3)
+    order = rng.permutation(n)
+    train, val = np.sort(order[: n * 6 // 10]), np.sort(order[n * 6 // 10: n * 8 // 10])
+    y = (rng.random(n) < 1 / (1 + np.exp(-2 * xs["payments"][:, 0] - 1))).astype(np.int8)
+    job = TreeJob(fed, cfg, "dpkey1", train, val, n, y, y.astype(np.float64))
+    grid.sent.clear()
+    result, platt, spent = gbdt_dp_run.train_and_calibrate(
+        job, run_phases.PhaseTimer(None), Ledger(tmp_path), SecretRandom(SECRET))
+    routes = [m for m in grid.sent if m.metadata.message_type.endswith(msg.ROUTE)]
+    assert len(routes) == len(xs)
+    assert result.round_trips == 2
+
+    # In process, from the same secret: the same structure, prior, samples and noise.
+    params = gbdt_dp_run.dp_params(cfg)
+    budget = gbdt_dp_run.plan_budget(cfg, tuple(fed.silos), len(train), params)
+    # The fixture's matrices are in STANDARD_UNITS; the DP trees' silos bin x / DP_UNITS.
+    xs = {s: x * msg.STANDARD_UNITS / msg.DP_UNITS for s, x in xs.items()}
+    local = {s: GbdtSilo(s, x[train], bins=params.bins) for s, x in xs.items()}
+    trees = fit_dp_trees(local, y[train], params, epsilon=budget.target,
+                         delta=budget.deltas.accountant, rng=SecretRandom(SECRET),
+                         purpose="dpkey1",
+                         prefix=gbdt_dp_run.statistics_history(budget.statistics))
+    everyone = {s: GbdtSilo(s, x, bins=params.bins) for s, x in xs.items()}
+    np.testing.assert_allclose(result.logits, predict_trees(trees.model, everyone, n),
+                               rtol=0, atol=1e-12)
+    assert result.bias == trees.model.base_margin
+    assert spent["epsilon"]["model_by_population"]["train"] == trees.release.epsilon
+
+    (tmp_path / "config.json").write_text(json.dumps(to_flat(cfg)))
+    (tmp_path / "metrics.json").write_text(json.dumps({**spent, "training_steps": 0,
+                                                       "round_trips": 2}))
+    checks = verify(tmp_path)
+    assert {c.budget for c in checks} == {"model/train", "model/val"}
+    assert all(c.ok for c in checks), checks
+    assert consistency(tmp_path, checks) == []
+    by = {c.budget: c.reported for c in checks}
+    assert by["model/train"] == spent["epsilon"]["model_by_population"]["train"]
+    assert max(by.values()) == spent["epsilon"]["model"] <= 4.0
+    assert spent["epsilon"]["label"] is None
+    assert math.isclose(spent["delta"], spent["delta_accountant"] + spent["delta_thresholds"])
+    assert platt.a != 1.0 or platt.b != 0.0  # the DP calibration ran (its line is checked)
+
+
+def test_a_dp_tree_run_says_its_epsilon_and_that_no_label_budget_is_spent() -> None:
+    out = {"model": {"bias": 0.0}, "epsilon": {"model": 0.98}, "delta": 1e-6,
+           "authority_sees": ["the sum"]}
+    gbdt_dp_run.annotate(out, parse_flat(AuthorityConfig, DP))
+    assert out["model_kind"] == "gbdt"
+    assert out["gbdt"]["model_epsilon"] == 0.98
+    assert "not spent" in out["gbdt"]["label_protection"]
+    assert out["gbdt"]["trees"] == 300
+    assert out["gbdt"]["sample_rate"] == 0.3
+    assert not any("the sum" in line for line in out["authority_sees"])
+
+
+def test_the_run_summary_says_the_dp_trees_spend_no_label_budget() -> None:
+    from simulations.cli.run import privacy_rows
+
+    rows = dict(privacy_rows({"model_kind": "gbdt", "epsilon": {"model": 0.99, "label": None}}))
+    assert any("not spent" in v for v in rows.values())
+    assert "0.990" in rows.values()
+    plain = dict(privacy_rows({"model_kind": "gbdt", "epsilon": {"model": None, "label": None}}))
+    assert any("reads the training labels" in v for v in plain.values())
+
+
+def test_a_silo_refuses_units_outside_their_range(federation) -> None:  # noqa: F811
+    fed, _, _ = federation
+    for bad in (0.0, math.inf, math.nan):
+        with pytest.raises(FederationError, match="units must lie"):
+            start(fed, "dpkey2", 8, np.arange(20), units=bad)
