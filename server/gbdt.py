@@ -58,6 +58,9 @@ class GbdtParams:
     # "he": the silos see g, h only under BFV and return encrypted sums (crypto/he.py; bins
     # must then be a power of two). "plain" reveals labels to the silos: simulation only.
     protection: Literal["plain", "he"] = "plain"
+    # How the silos bin (clients/silo/gbdt.py `Binning`): equal width over a fixed range, or
+    # each silo's own quantiles of its training rows. The authority only says which.
+    binning: Literal["uniform", "quantile"] = "uniform"
 
     def __post_init__(self) -> None:
         if self.trees < 1 or self.depth < 1:
@@ -349,6 +352,15 @@ def fit_trees(
 def predict_trees(model: Model, silos: Mapping[str, SiloEndpoint], rows: int) -> np.ndarray:
     """Margins of `rows` people: each silo evaluates its own splits (routing bits), the
     authority walks the trees with them."""
+    margin = np.full(rows, model.base_margin)
+    for values in tree_values(model, silos, rows):  # tree by tree, as the run's scoring adds
+        margin += values
+    return margin
+
+
+def tree_values(model: Model, silos: Mapping[str, SiloEndpoint], rows: int) -> np.ndarray:
+    """(trees, rows): each tree's leaf value for each of `rows` people (the margin after k
+    trees is the base margin plus the first k rows' sum), from one routing request per silo."""
     owned: dict[str, list[tuple[int, int, Split]]] = {name: [] for name in silos}
     for t, tree in enumerate(model.trees):
         for node, split in tree.splits.items():
@@ -365,7 +377,7 @@ def predict_trees(model: Model, silos: Mapping[str, SiloEndpoint], rows: int) ->
             raise ValueError(f"silo {name} returned routing bits of the wrong shape")
         for (t, node, _), left in zip(splits, reply.left, strict=True):
             bits[(t, node)] = left
-    margin = np.full(rows, model.base_margin)
+    out = np.zeros((len(model.trees), rows))
     for t, tree in enumerate(model.trees):
         position = np.zeros(rows, dtype=np.int64)
         # Children have larger heap indices than their parent: one pass in order routes all.
@@ -374,5 +386,5 @@ def predict_trees(model: Model, silos: Mapping[str, SiloEndpoint], rows: int) ->
             position[at] = np.where(bits[(t, n)][at], 2 * n + 1, 2 * n + 2)
         table = np.zeros(max(tree.leaves) + 1)
         table[list(tree.leaves)] = list(tree.leaves.values())
-        margin += table[position]
-    return margin
+        out[t] = table[position]
+    return out

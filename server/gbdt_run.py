@@ -31,6 +31,7 @@ import logging
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 from flwr.app import Message
@@ -242,19 +243,26 @@ def shared_settings(cfg: AuthorityConfig) -> tuple[int, float, float]:
 def params_of(cfg: AuthorityConfig) -> gbdt.GbdtParams:
     g = cfg.gbdt
     trees, lr, reg_lambda = shared_settings(cfg)
+    if g.min_child_weight is None or g.binning not in ("quantile", "uniform"):
+        raise ConfigError("gbdt.min_child_weight and gbdt.binning were not resolved")
+    binning: Literal["quantile", "uniform"] = "quantile" if g.binning == "quantile" else "uniform"
     # server/gbdt.py's "plain" means g, h travel as numbers; under rr they are the randomised
     # labels' gradients, which is what makes them safe to send.
     return gbdt.GbdtParams(trees=trees, depth=g.depth, bins=g.bins, lr=lr,
-                           lambda_=reg_lambda, min_child_weight=g.min_child_weight)
+                           lambda_=reg_lambda, min_child_weight=g.min_child_weight,
+                           binning=binning)
 
 
 def start(fed: Federation, run_key: str, bins: int, train: np.ndarray,
-          units: float | None = None) -> dict[str, int]:
+          units: float | None = None, binning: str | None = None) -> dict[str, int]:
     """Every silo builds its binned matrix over the training positions (x / units, by default
-    STANDARD_UNITS); returns their widths."""
+    STANDARD_UNITS; binned equal width, or by its own quantiles of those rows with
+    binning="quantile"); returns their widths."""
     config: dict[str, str | int | float] = {"run": run_key, "bins": bins}
     if units is not None:
         config["units"] = units
+    if binning is not None:
+        config["binning"] = binning
     content = m.make_content(config, positions=train.astype(np.int64))
     replies = fed.broadcast(START, content)
     return {s: m.config_int(m.get_config(r), "features") for s, r in replies.items()}
@@ -396,6 +404,43 @@ def score(fitted: Fitted, bits: Bits, rows: int, train: np.ndarray, val: np.ndar
     return Scored(margin, bias, contrib, history)
 
 
+def keep_best(fitted: Fitted, bits: Bits, val: np.ndarray, y: np.ndarray
+              ) -> tuple[Fitted, list[dict]]:
+    """The model cut to the number of trees with the best validation log loss (the first of
+    equals), and the validation curve at HISTORY_POINTS tree counts plus the kept count (its
+    row marked "kept"). Issue 20 item 5: no silent divergence. The validation people are the
+    authority's own and their labels never reach a silo (they are clean even under rr), and
+    the trees' epsilon is infinite anyway, so the choice costs no privacy budget.
+    `bits` are every routed person's, `y` their clean labels."""
+    model = fitted.model
+    if not len(val):
+        return fitted, []
+    z = np.full(len(val), model.base_margin)
+    val_bits = {k: v[val] for k, v in bits.items()}
+    every = max(1, len(model.trees) // HISTORY_POINTS)
+    curve, t0 = [], time.perf_counter()
+    best, best_loss, best_z = len(model.trees), np.inf, z
+    for t, tree in enumerate(model.trees):
+        leaf = leaf_positions(tree, t, val_bits, len(val))
+        table = np.zeros(max(tree.leaves) + 1)
+        table[list(tree.leaves)] = list(tree.leaves.values())
+        z = z + table[leaf]
+        loss = log_loss(y[val], 1 / (1 + np.exp(-z)))
+        if loss < best_loss:
+            best, best_loss, best_z = t + 1, loss, z
+        if (t + 1) % every == 0 or t + 1 == len(model.trees):
+            curve.append(history_row(z, y[val], t + 1, t0))
+    if best not in {row["trees"] for row in curve}:
+        curve.append(history_row(best_z, y[val], best, t0))
+    curve.sort(key=lambda row: row["trees"])
+    for row in curve:
+        if row["trees"] == best:
+            row["kept"] = True
+    kept = gbdt.Model(params=model.params, base_margin=model.base_margin,
+                      trees=model.trees[:best])
+    return Fitted(kept, fitted.grads[:best]), curve
+
+
 def history_row(z: np.ndarray, y: np.ndarray, trees: int, t0: float) -> dict:
     p = 1 / (1 + np.exp(-z))
     both = len(np.unique(y)) == 2
@@ -435,7 +480,7 @@ def train_and_calibrate(job: TreeJob, phases: run_phases.PhaseTimer
     params = params_of(job.cfg)
     rho = flip_probability(job.cfg.privacy.label_epsilon)
     everyone = np.arange(job.n_positions, dtype=np.int64)
-    features = start(job.fed, job.run_key, params.bins, job.train)
+    features = start(job.fed, job.run_key, params.bins, job.train, binning=params.binning)
     silos = FlowerSilos(job.fed, features, route_positions=everyone)
     t0 = time.perf_counter()
     fitted = fit(silos, job.y_view[job.train], rho, params)
@@ -443,10 +488,14 @@ def train_and_calibrate(job: TreeJob, phases: run_phases.PhaseTimer
              silos.round_trips + 1)
     phases.start("score")
     bits = route(fitted.model, silos)
-    scored = score(fitted, bits, job.n_positions, job.train, job.val, job.y.astype(np.float64))
+    y = job.y.astype(np.float64)
+    kept, curve = keep_best(fitted, bits, job.val, y)
+    log.info("kept %d of %d trees (best validation log loss)", len(kept.model.trees),
+             params.trees)
+    scored = score(kept, bits, job.n_positions, job.train, job.val, y)
     calibrate = scoring.Platt.fit(scored.margins[job.val], job.y[job.val])
     result = TrainResult(
-        bias=scored.bias, logits=scored.margins, history=scored.history,
+        bias=scored.bias, logits=scored.margins, history=curve,
         round_trips=silos.round_trips + 1, steps=0,
         silo_seconds={s: round(v, 3) for s, v in silos.silo_seconds.items()},
         contributions={s: contribution_summary(v) for s, v in scored.contributions.items()})
@@ -460,9 +509,12 @@ def annotate(out: dict, cfg: AuthorityConfig) -> None:
         return
     out["model"] = {**out["model"], "kind": "gbdt", "reasons": 0}
     out["model_kind"] = "gbdt"
+    kept = [row["trees"] for row in out.get("history", []) if row.get("kept")]
     out["gbdt"] = {
-        **{k: getattr(cfg.gbdt, k) for k in ("trees", "depth", "bins", "lr", "reg_lambda",
-                                              "min_child_weight", "protection")},
+        **{k: getattr(cfg.gbdt, k) for k in ("trees", "depth", "bins", "binning", "lr",
+                                              "reg_lambda", "min_child_weight", "protection")},
+        # The model keeps this many of the trees grown: the best validation log loss.
+        "trees_kept": kept[0] if kept else cfg.gbdt.trees,
         # The silos bin their prepared matrix divided by this (clients/protocol/gbdt.py).
         "input_scale": STANDARD_UNITS,
         "model_epsilon": "inf",
@@ -479,7 +531,10 @@ def annotate(out: dict, cfg: AuthorityConfig) -> None:
     }
     out["authority_sees"] = [
         "per node of every tree, each silo's per-(feature, bin) sums of g and h",
-        "each split's (silo, feature index, bin), never the silo's threshold",
+        "each split's (silo, feature index, bin), never the silo's threshold"
+        + (" (with gbdt.binning=quantile the bin is a rank: about the share of training people "
+           "at or below the threshold in that silo's column)"
+           if cfg.gbdt.binning == "quantile" else ""),
         "the left/right partition of the training rows at every split",
         "every person's left/right bit at each silo's splits (scoring)",
     ]

@@ -30,6 +30,9 @@ TREE_KEYS = ("model.kind", "gbdt.")
 # run keeps the key it had before the DP trees were wired.
 DP_TREE_KEYS = frozenset({"gbdt.sample_rate", "gbdt.batch", "gbdt.hessian_noise",
                           "gbdt.max_leaf"})
+# And gbdt.binning in a DP tree run (always uniform there): such a run keeps the key it had
+# before the SecureBoost trees' quantile bins.
+SECUREBOOST_KEYS = frozenset({"gbdt.binning"})
 
 
 def computed_settings(config: dict) -> dict:
@@ -38,7 +41,8 @@ def computed_settings(config: dict) -> dict:
     dp = math.isfinite(float(config.get("privacy.epsilon", math.inf)))
     return {k: v for k, v in config.items()
             if not k.startswith(NOT_COMPUTED_PREFIXES) and k not in NOT_COMPUTED_KEYS
-            and not (mlp and k.startswith(TREE_KEYS)) and (dp or k not in DP_TREE_KEYS)}
+            and not (mlp and k.startswith(TREE_KEYS)) and (dp or k not in DP_TREE_KEYS)
+            and not (dp and k in SECUREBOOST_KEYS)}
 
 
 def derive_run_key(random: SecretRandom, config: dict) -> str:

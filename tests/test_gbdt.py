@@ -15,7 +15,7 @@ from hypothesis.extra.numpy import arrays
 from sklearn.metrics import roc_auc_score
 
 from clients.protocol import gbdt as msg
-from clients.silo.gbdt import GbdtSilo, bin_index, histograms, split_rows
+from clients.silo.gbdt import Binning, GbdtSilo, bin_index, histograms, split_rows
 from server.gbdt import (
     GbdtParams,
     Split,
@@ -76,6 +76,50 @@ def test_indicator_columns_fall_in_two_bins() -> None:
 def test_bin_index_refuses_missing_values() -> None:
     with pytest.raises(ValueError, match="missing"):
         bin_index(np.array([[np.nan]]), 8)
+
+
+def test_quantile_bins_are_each_columns_own_ranks() -> None:
+    """Continuous: about equal counts per bin over the rows fitted on; few distinct values:
+    one bin per value (no two merged); bin i holds edges[i-1] < x <= edges[i]; values never
+    seen fall in the end bins; order kept."""
+    rng = np.random.default_rng(0)
+    x = np.column_stack([rng.standard_t(2, 8000) * 100, rng.integers(-2, 9, 8000)])
+    binning = Binning.fit(x, 16, "quantile")
+    b = binning.apply(x)
+    counts = np.bincount(b[:, 0], minlength=16)
+    assert counts.min() >= 400  # 500 each
+    assert counts.max() <= 600
+    assert sorted(np.unique(b[:, 1])) == list(range(11))  # 11 values, 11 bins
+    edges = binning.edges[0]
+    for i in (0, 5, 15):
+        inside = b[:, 0] == i
+        assert np.all(x[inside, 0] <= (edges[i] if i < len(edges) else np.inf))
+        assert np.all(x[inside, 0] > (edges[i - 1] if i > 0 else -np.inf))
+    far = binning.apply(np.array([[-1e9, -50.0], [1e9, 50.0]]))
+    assert far.tolist() == [[0, 0], [15, 10]]
+    order = np.argsort(x[:, 0])
+    assert np.all(np.diff(b[order, 0].astype(int)) >= 0)
+    assert Binning.fit(x, 16).edges is None  # uniform reads nothing
+    with pytest.raises(ValueError, match="binning must be one of"):
+        Binning.fit(x, 16, "median")
+    with pytest.raises(ValueError, match="missing"):
+        Binning.fit(np.array([[np.nan], [1.0]]), 4, "quantile")
+
+
+def test_quantile_bins_change_only_the_edges() -> None:
+    """A monotone transform of a column leaves its quantile bins, hence the trees, unchanged
+    (what uniform bins over a fixed range cannot do), in process."""
+    x, y = credit_like(3000, seed=1)
+    matrices = by_silo(x)
+    warped = {k: np.sinh(3 * v) for k, v in matrices.items()}
+    settings_ = {"trees": 3, "depth": 3, "bins": 16, "binning": "quantile"}
+    plain = fit_vertical(matrices, y, **settings_)
+    assert fit_vertical(warped, y, **settings_) == plain
+    assert fit_vertical(warped, y, **{**settings_, "binning": "uniform"}) != plain
+    with pytest.raises(ValueError, match="training matrices"):
+        predict_vertical(plain, matrices)
+    np.testing.assert_array_equal(predict_vertical(plain, matrices, fitted_on=matrices),
+                                  predict_vertical(plain, warped, fitted_on=warped))
 
 
 @st.composite

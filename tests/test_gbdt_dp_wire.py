@@ -62,15 +62,18 @@ def test_dp_trees_refuse_what_means_nothing_for_them() -> None:
 
 
 def test_the_dp_settings_leave_a_non_private_tree_runs_key_alone() -> None:
-    """A tree run at epsilon inf keeps the key (and every secret draw) it had before the DP
-    trees were wired: the same gbdt keys and values, none of the DP trees' own."""
+    """A tree run at epsilon inf has none of the DP trees' own settings in its key (its
+    binning and min_child_weight are its own, quantile and 20 since they measured better);
+    a DP tree run keeps the key it had before those: no binning, min_child_weight 1."""
     flat = to_flat(parse_flat(AuthorityConfig, {"model.kind": "gbdt", "privacy.epsilon": "inf"}))
     gbdt = {k: v for k, v in computed_settings(flat).items() if k.startswith("gbdt.")}
     assert gbdt == {"gbdt.trees": 50, "gbdt.depth": 5, "gbdt.bins": 32, "gbdt.lr": 0.1,
-                    "gbdt.reg_lambda": 1.0, "gbdt.min_child_weight": 1.0,
-                    "gbdt.protection": "rr"}
+                    "gbdt.reg_lambda": 1.0, "gbdt.min_child_weight": 20.0,
+                    "gbdt.protection": "rr", "gbdt.binning": "quantile"}
     dp = computed_settings(to_flat(parse_flat(AuthorityConfig, DP)))
     assert dp["gbdt.sample_rate"] == 0.3
+    assert dp["gbdt.min_child_weight"] == 1.0
+    assert "gbdt.binning" not in dp
 
 
 def test_the_runs_sgd_machinery_sees_no_dp_for_the_dp_trees() -> None:

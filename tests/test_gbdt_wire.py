@@ -21,7 +21,7 @@ from clients.protocol import messages as m
 from clients.protocol.schema import federation_silos
 from clients.silo import app as ca
 from clients.silo.data import load_silo
-from clients.silo.gbdt import GbdtSilo
+from clients.silo.gbdt import Binning, GbdtSilo
 from clients.silo.gbdt_handlers import tree_inputs
 from server import gbdt
 from server.config import AuthorityConfig, ConfigError
@@ -32,6 +32,8 @@ from server.gbdt_run import (
     annotate,
     base_margin,
     fit,
+    keep_best,
+    params_of,
     refuse_unwired,
     route,
     rr_gradients,
@@ -42,6 +44,7 @@ from server.label_dp import flip_probability, keep_probability, randomized_respo
 from server.run_keys import computed_settings
 from simulations.data.paths import Parties
 from simulations.data.population import write_parties
+from simulations.run.gbdt import best_count
 from tests.conftest import run_cli
 from tests.test_gbdt import by_silo, credit_like
 from tests.test_security_protocol import _population  # the same 1,000 people, generated once
@@ -58,9 +61,15 @@ def test_gbdt_takes_its_defaults_from_the_privacy_mode() -> None:
     cfg = parse_flat(AuthorityConfig, GBDT)
     assert (cfg.model.kind, cfg.gbdt.protection, cfg.privacy.label_epsilon) == ("gbdt", "rr", 2)
     assert (cfg.gbdt.trees, cfg.gbdt.lr, cfg.gbdt.reg_lambda) == (50, 0.1, 1.0)
+    assert (cfg.gbdt.binning, cfg.gbdt.min_child_weight) == ("quantile", 20.0)
     assert math.isinf(cfg.privacy.epsilon)
     dp = parse_flat(AuthorityConfig, {"model.kind": "gbdt"})
     assert (dp.gbdt.trees, dp.gbdt.lr, dp.gbdt.reg_lambda) == (300, 0.5, 200.0)
+    assert dp.gbdt.binning == "uniform"
+    with pytest.raises(ConfigError, match=r"gbdt\.binning=quantile with privacy\.epsilon=1"):
+        parse_flat(AuthorityConfig, {"model.kind": "gbdt", "gbdt.binning": "quantile"})
+    uniform = parse_flat(AuthorityConfig, {**GBDT, "gbdt.binning": "uniform"})
+    assert params_of(uniform).binning == "uniform"
 
 
 @pytest.mark.parametrize(("key", "value", "words"), [
@@ -73,6 +82,7 @@ def test_gbdt_takes_its_defaults_from_the_privacy_mode() -> None:
     ("gbdt.reg_lambda", "-1", "gbdt.reg_lambda=-1"),
     ("gbdt.min_child_weight", "-0.5", "gbdt.min_child_weight=-0.5"),
     ("gbdt.protection", "plain", "choose one of rr, he"),
+    ("gbdt.binning", "median", "choose one of quantile, uniform"),
     ("privacy.transcript_sigma", "1", "transcript_sigma=0"),
     ("model.kind", "forest", "choose one of mlp, gbdt"),
 ])
@@ -99,6 +109,12 @@ def test_a_tree_run_says_its_model_epsilon_is_infinite_and_what_the_authority_sa
     assert "privacy.label_epsilon=1.5" in out["gbdt"]["label_protection"]
     assert "the sum" not in out["authority_sees"]
     assert any("(silo, feature index, bin)" in line for line in out["authority_sees"])
+    assert out["gbdt"]["binning"] == "quantile"
+    assert any("the bin is a rank" in line for line in out["authority_sees"])
+    kept = {"model": {"bias": 0.0}, "history": [{"trees": 5}, {"trees": 7, "kept": True},
+                                                {"trees": 10}]}
+    annotate(kept, parse_flat(AuthorityConfig, GBDT))
+    assert (kept["gbdt"]["trees"], kept["gbdt"]["trees_kept"]) == (50, 7)
     mlp = {"model": {"bias": 0.0}, "authority_sees": ["the sum"]}
     annotate(mlp, parse_flat(AuthorityConfig, {}))
     assert mlp == {"model": {"bias": 0.0}, "authority_sees": ["the sum"]}
@@ -191,32 +207,43 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> tuple[Federation, Ap
     return fed, grid, xs
 
 
-def test_flower_trees_equal_the_in_process_trees(federation) -> None:
+@pytest.mark.parametrize("binning", ["uniform", "quantile"])
+def test_flower_trees_equal_the_in_process_trees(federation, binning: str) -> None:
     """The same trees, predictions and per-silo contributions as the in-process driver on the
-    same aligned matrices; one level's histograms and one level's partitions per message, so
-    a tree costs at most 2 x depth round trips."""
+    same aligned matrices, with either binning (quantile: each silo's edges over its training
+    rows, applied to everyone it routes); one level's histograms and one level's partitions
+    per message, so a tree costs at most 2 x depth round trips."""
     fed, grid, xs = federation
     n = len(next(iter(xs.values())))
     rng = np.random.default_rng(0)
     train = np.sort(rng.choice(n, size=n * 2 // 3, replace=False))
     val = np.setdiff1d(np.arange(n), train)
     y = (rng.random(n) < 1 / (1 + np.exp(-3 * xs["payments"][:, 0]))).astype(np.float64)
-    params = gbdt.GbdtParams(trees=3, depth=3, bins=16)
-    features = start(fed, "run1", params.bins, train)
+    params = gbdt.GbdtParams(trees=3, depth=3, bins=16, binning=binning)  # type: ignore[arg-type]
+    features = start(fed, f"run1{binning}", params.bins, train, binning=binning)
     assert features == {s: x.shape[1] for s, x in xs.items()}
     silos = FlowerSilos(fed, features, route_positions=np.arange(n))
     grid.sent.clear()
     fitted = fit(silos, y[train], 0.0, params)
-    local = {s: GbdtSilo(s, x[train], bins=params.bins) for s, x in xs.items()}
+    edges = {s: Binning.fit(x[train], params.bins, binning) for s, x in xs.items()}
+    local = {s: GbdtSilo(s, x[train], bins=params.bins, binning=edges[s])
+             for s, x in xs.items()}
     assert fitted.model == gbdt.fit_trees(local, y[train], params)
+    uniform = {s: GbdtSilo(s, x[train], bins=params.bins) for s, x in xs.items()}
+    assert (fitted.model == gbdt.fit_trees(uniform, y[train], params)) == (binning == "uniform")
     assert silos.round_trips <= params.trees * 2 * params.depth
     assert len(grid.sent) <= silos.round_trips * len(xs)
     bits = route(fitted.model, silos)
     scored = score(fitted, bits, n, train, val, y)
-    everyone = {s: GbdtSilo(s, x, bins=params.bins) for s, x in xs.items()}
+    everyone = {s: GbdtSilo(s, x, bins=params.bins, binning=edges[s]) for s, x in xs.items()}
     np.testing.assert_allclose(scored.margins, gbdt.predict_trees(fitted.model, everyone, n))
     total = scored.bias + sum(scored.contributions.values())
     np.testing.assert_allclose(total, scored.margins, atol=1e-9)
+    # The model the run keeps: as many trees as the in-process best validation count.
+    kept, curve = keep_best(fitted, bits, val, y)
+    count = best_count(fitted.model, {s: x[val] for s, x in xs.items()}, y[val],
+                       {s: x[train] for s, x in xs.items()})
+    assert len(kept.model.trees) == count == next(r["trees"] for r in curve if r.get("kept"))
     # One silo's endpoint alone: one message per request, the same answer.
     name = next(iter(silos))
     one = silos[name].histograms(msg.HistogramRequest(
@@ -224,8 +251,36 @@ def test_flower_trees_equal_the_in_process_trees(federation) -> None:
     assert one.nodes[0].g.shape == (features[name], params.bins)
 
 
+def test_the_run_keeps_the_trees_of_the_best_validation_loss(federation) -> None:
+    """Trees fitted to noise (labels independent of the features, lr 1, no weight floor):
+    validation loss rises after the first trees, and the model scored is cut there; the
+    curve marks the kept count, whose loss is the lowest of the curve."""
+    fed, _, xs = federation
+    n = len(next(iter(xs.values())))
+    rng = np.random.default_rng(1)
+    train, val = np.arange(0, n, 2), np.arange(1, n, 2)
+    y = (rng.random(n) < 0.3).astype(np.float64)
+    params = gbdt.GbdtParams(trees=8, depth=3, bins=16, lr=1.0, min_child_weight=0.0)
+    silos = FlowerSilos(fed, start(fed, "run3", params.bins, train), route_positions=np.arange(n))
+    fitted = fit(silos, y[train], 0.0, params)
+    bits = route(fitted.model, silos)
+    kept, curve = keep_best(fitted, bits, val, y)
+    assert 1 <= len(kept.model.trees) < params.trees
+    assert kept.model.trees == fitted.model.trees[:len(kept.model.trees)]
+    best = [r for r in curve if r.get("kept")]
+    assert len(best) == 1
+    assert best[0]["val_loss"] == min(r["val_loss"] for r in curve)
+    assert curve[-1]["trees"] == params.trees
+    assert curve[-1]["val_loss"] > best[0]["val_loss"]
+    margins = score(kept, bits, n, train, val, y).margins
+    local = {s: GbdtSilo(s, x, bins=params.bins) for s, x in xs.items()}
+    np.testing.assert_allclose(margins, gbdt.predict_trees(kept.model, local, n))
+
+
 def test_silo_handlers_refuse_malformed_requests(federation) -> None:
     fed, _, _ = federation
+    with pytest.raises(FederationError, match="binning must be one of"):
+        start(fed, "run2", 8, np.arange(20), binning="median")
     start(fed, "run2", 8, np.arange(20))
     silos = FlowerSilos(fed, dict.fromkeys(fed.silos, 1))
     name = fed.silos[0]

@@ -2,18 +2,25 @@
 clients/protocol/gbdt.py). `GbdtSilo` answers the protocol's messages: in process
 (simulations/run/gbdt.py) or behind the silo's Flower handlers (clients/silo/gbdt_handlers.py).
 
-Binning is data-independent: `bins` equal-width bins over [-1, 1], the range the silo's
-preparation maps every numeric column to by its declared ranges (clients/silo/data.py
-Preparation), so choosing the edges reads no data and costs no privacy. Values outside
-[-1, 1] fall into the end bins; one-hot and 0/1 indicator columns land in the first bin of
-the upper half and the last bin. Quantile edges (what LightGBM and XGBoost use) would follow
-the data and would need a DP quantile release on the ledger; equal width on a declared range
-is what DP tree papers (e.g. Maddock et al., CCS 2022) use for the same reason.
+Two binnings (`Binning`):
+- "uniform", data-independent: `bins` equal-width bins over [-1, 1] (the caller scales its
+  prepared matrix onto that range, clients/protocol/gbdt.py STANDARD_UNITS), so choosing the
+  edges reads no data and costs no privacy. Values outside [-1, 1] fall into the end bins.
+  What the DP trees must use: equal width on a declared range is what DP tree papers (e.g.
+  Maddock et al., CCS 2022) use, since data-dependent edges would be a release needing its
+  own DP accounting.
+- "quantile", what LightGBM and XGBoost do, computed by each silo over its OWN column on the
+  training rows (`quantile_edges`): the edges stay in the silo like every threshold, and the
+  authority still learns only (silo, column, bin index), but that index is now a rank (about
+  the share of training people at or below the threshold) instead of a position on a fixed
+  scale. For the non-private trees only (their model epsilon is infinite anyway;
+  docs/threat-model.md).
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -34,6 +41,7 @@ from crypto import he
 log = logging.getLogger(__name__)
 
 MAX_BINS = 256  # bin indices are uint8
+BINNINGS = ("uniform", "quantile")
 
 
 def bin_index(x: np.ndarray, bins: int) -> np.ndarray:
@@ -50,6 +58,58 @@ def bin_index(x: np.ndarray, bins: int) -> np.ndarray:
         raise ValueError("x has missing values: prepare the table first")
     scaled = np.floor((x + 1.0) * (bins / 2.0))
     return np.clip(scaled, 0, bins - 1).astype(np.uint8)
+
+
+def quantile_edges(column: np.ndarray, bins: int) -> np.ndarray:
+    """Ascending inner edges of one column, at most bins - 1: bin i holds
+    edges[i-1] < x <= edges[i]. A column with at most `bins` distinct values gets one bin per
+    value (edges at the midpoints, as LightGBM does for few values), so no quantile merges two
+    values; otherwise the distinct quantiles at evenly spaced levels."""
+    values = np.unique(np.asarray(column, dtype=np.float64))
+    if np.isnan(values).any():
+        raise ValueError("x has missing values: prepare the table first")
+    if len(values) <= bins:
+        return (values[:-1] + values[1:]) / 2.0
+    levels = np.linspace(0.0, 1.0, bins + 1)[1:-1]
+    return np.unique(np.quantile(column, levels, method="inverted_cdf"))
+
+
+@dataclass(frozen=True)
+class Binning:
+    """A silo's map from values to bin indices: equal width (`edges` None) or its own
+    per-column edges. Kept by the silo: the edges are thresholds in its own units."""
+
+    bins: int
+    edges: tuple[np.ndarray, ...] | None = None
+
+    @classmethod
+    def fit(cls, x: np.ndarray, bins: int, kind: str = "uniform") -> Binning:
+        """`kind` "uniform" reads nothing; "quantile" reads the columns of `x` (the silo's
+        training rows)."""
+        if kind not in BINNINGS:
+            raise ValueError(f"binning must be one of {', '.join(BINNINGS)}")
+        if not 2 <= bins <= MAX_BINS:
+            raise ValueError(f"bins must lie in [2, {MAX_BINS}]")
+        if kind == "uniform":
+            return cls(bins)
+        x = np.asarray(x, dtype=np.float64)
+        if x.ndim != 2:
+            raise ValueError("x must be (rows, features)")
+        return cls(bins, tuple(quantile_edges(x[:, f], bins) for f in range(x.shape[1])))
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        """(rows, features) uint8 bin of each value."""
+        if self.edges is None:
+            return bin_index(x, self.bins)
+        x = np.asarray(x, dtype=np.float64)
+        if x.ndim != 2 or x.shape[1] != len(self.edges):
+            raise ValueError(f"x must be (rows, {len(self.edges)})")
+        if np.isnan(x).any():
+            raise ValueError("x has missing values: prepare the table first")
+        out = np.empty(x.shape, dtype=np.uint8)
+        for f, edges in enumerate(self.edges):
+            out[:, f] = np.searchsorted(edges, x[:, f], side="left")
+        return out
 
 
 def histograms(
@@ -85,10 +145,15 @@ class GbdtSilo:
     silo's raw units (through its declared range) stays here.
     """
 
-    def __init__(self, name: str, x: np.ndarray, *, bins: int) -> None:
+    def __init__(self, name: str, x: np.ndarray, *, bins: int,
+                 binning: Binning | None = None) -> None:
+        """`binning` (fitted by the silo, e.g. on its training rows) defaults to equal width."""
+        if binning is not None and binning.bins != bins:
+            raise ValueError("the binning has another bin count")
         self.name = name
         self.bins = bins
-        self._bin_idx = bin_index(x, bins)
+        self.binning = binning or Binning(bins)
+        self._bin_idx = self.binning.apply(x)
         self._g: np.ndarray | None = None
         self._h: np.ndarray | None = None
         self._encrypted: EncryptedGradients | None = None

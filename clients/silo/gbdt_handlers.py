@@ -1,7 +1,8 @@
 """The silo's messages of vertical gradient-boosted trees (`model.kind=gbdt`; the protocol in
 clients/protocol/gbdt.py, the answers in clients/silo/gbdt.py `GbdtSilo`).
 
-  query.gbdt_start   run key, bins, [units], training positions -> the silo's feature count
+  query.gbdt_start   run key, bins, [units], [binning], training positions
+                     -> the silo's feature count
   train.gbdt_level   [g, h of a new tree] + the level's open nodes and their rows
                      -> per node, per-(feature, bin) sums of g and h
   train.gbdt_split   the level's chosen splits this silo owns (feature, bin, node rows)
@@ -13,7 +14,9 @@ bins and training positions; `gbdt_grad`: the current tree's g, h), so any worke
 answer; its binned matrix (`GbdtSilo`, built from the same prepared matrix and aligned rows as
 the MLP's) is derived from the table and cached per process. Thresholds stay here: a request
 names the silo's own column index and a bin, never a value. Rows in the training messages are
-indices into the training positions the authority sent with `query.gbdt_start`.
+indices into the training positions the authority sent with `query.gbdt_start`. With
+binning="quantile" the silo bins each column at its own quantiles over those training
+positions (clients/silo/gbdt.py `Binning`): the edges, like every threshold, never leave it.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from clients.protocol.gbdt import (
     NodeRows,
     SplitRequest,
 )
-from clients.silo.gbdt import MAX_BINS, GbdtSilo, bin_index
+from clients.silo.gbdt import BINNINGS, MAX_BINS, Binning, GbdtSilo
 from clients.silo.registry import handlers
 from clients.silo.state import rows_at, silo_dir, silo_matrix, silo_name
 from crypto.secret_random import digest
@@ -60,13 +63,17 @@ def start(msg: Message, node: Node) -> Message:
         raise m.ProtocolError("units must be a number") from None
     if not 0.1 <= units <= 100:  # also refuses nan and inf
         raise m.ProtocolError("units must lie in [0.1, 100]")
+    binning = str(cfg.get("binning", "uniform"))
+    if binning not in BINNINGS:
+        raise m.ProtocolError(f"binning must be one of {', '.join(BINNINGS)}")
     if "align" not in node.state:
         raise m.ProtocolError("no alignment yet: the authority must send query.align first")
     positions = m.get_array(msg, "positions", np.int64, 1)
     if len(np.unique(positions)) != len(positions):
         raise m.ProtocolError("the training positions name one position twice")
     rows_at(node.context, positions)  # every position must be this silo's
-    node.state["gbdt"] = ConfigRecord({"run": run, "bins": bins, "units": units, "tree": -1})
+    node.state["gbdt"] = ConfigRecord({"run": run, "bins": bins, "units": units,
+                                       "binning": binning, "tree": -1})
     node.state["gbdt_rows"] = m.arrays(positions=positions)
     if "gbdt_grad" in node.state:
         del node.state["gbdt_grad"]
@@ -139,13 +146,14 @@ def route(msg: Message, node: Node) -> Message:
     if "gbdt" not in node.state:
         raise m.ProtocolError("no trees yet: the authority must send query.gbdt_start first")
     bins, units = _binning(node)
+    binning = _silo(node).binning  # the training positions' edges, kept in the silo
     features = m.get_array(msg, "features", np.int64, 1)
     split_bins = m.get_array(msg, "bins", np.int64, 1)
     positions = m.get_array(msg, "positions", np.int64, 1)
     if len(features) != len(split_bins):
         raise m.ProtocolError("features and bins differ in length")
-    binned = bin_index(tree_inputs(silo_matrix(node).x[rows_at(node.context, positions)], units),
-                       bins)
+    binned = binning.apply(tree_inputs(silo_matrix(node).x[rows_at(node.context, positions)],
+                                       units))
     left = np.zeros((len(features), len(positions)), dtype=bool)
     for i, (feature, bin_) in enumerate(zip(features, split_bins, strict=True)):
         if not (0 <= feature < binned.shape[1] and 0 <= bin_ < bins - 1):
@@ -175,14 +183,15 @@ def _silo(node: Node) -> GbdtSilo:
     cfg = m.config_record(node.state, "gbdt")
     positions = m.array_record(node.state, "gbdt_rows")["positions"].numpy()
     run, (bins, units) = str(cfg["run"]), _binning(node)
+    kind = str(cfg.get("binning", "uniform"))  # absent from a state written before it existed
     matrix = silo_matrix(node)
 
     def build() -> GbdtSilo:
         x = tree_inputs(matrix.x[rows_at(node.context, positions)], units)
-        return GbdtSilo(silo_name(node), x, bins=bins)
+        return GbdtSilo(silo_name(node), x, bins=bins, binning=Binning.fit(x, bins, kind))
 
     identity = ("gbdt", str(silo_dir(node).resolve()), run)
-    version = (id(matrix), bins, units, digest(positions))
+    version = (id(matrix), bins, units, kind, digest(positions))
     return node.tables.get(identity, version, build)
 
 
