@@ -1,5 +1,6 @@
 """A silo's side of the vertical WoE scorecard (issue 20 item 2; messages in
-clients/protocol/scorecard.py). Not wired into Flower yet: `ScorecardSilo` answers in-process.
+clients/protocol/scorecard.py). `ScorecardSilo` answers in process, and behind the Flower
+messages of clients/silo/scorecard_handlers.py.
 
 It is a `GbdtSilo` (clients/silo/gbdt.py): the same data-independent pre-bins (equal width over
 the prepared range [-1, 1]) and the same per-bin sums, plain or under BFV, which is how the
@@ -111,6 +112,11 @@ class ScorecardSilo(GbdtSilo):
             raise ValueError("points must have the WoE tables' shapes")
         self._points = tuple(np.asarray(p, dtype=np.float64) for p in msg.points)
 
+    def merged_bins(self) -> list[int]:
+        """The number of merged bins of each feature (the shapes points must have)."""
+        tables, _ = self._require_tables()
+        return [len(t.woe) for t in tables.features]
+
     def _require_tables(self) -> tuple[WoeTables, np.ndarray]:
         if self._tables is None or self._merged is None:
             raise ValueError("no WoE tables yet")
@@ -133,6 +139,24 @@ class ScorecardSilo(GbdtSilo):
         empty slots hold -1 and NaN (clients/protocol/reasons.py's ranking)."""
         best = np.array([p.max() for p in self._require_points()])
         return top_reasons_matrix(self.row_points() - best, k)
+
+    def explain(self, weights: np.ndarray, k: int = MAX_REASONS
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+        """Reason codes in logit units under `weights` (clients/silo/explain.py's format):
+        per row its partial logit's excess over the best bins' (delta), the k features whose
+        bins add the most to it (index, -1 for none) and what each adds (share, 0 for none),
+        and the best bins' partial logit (reference). Points are -factor * a * logits, so
+        the ranking is `reasons`'s: the bins that cost the most points."""
+        tables, merged = self._require_tables()
+        weights = np.asarray(weights, dtype=np.float64)
+        if weights.shape != (self.features,):
+            raise ValueError("one weight per feature")
+        per_bin = [weights[f] * np.asarray(t.woe) for f, t in enumerate(tables.features)]
+        best = np.array([p.min() for p in per_bin])
+        excess = np.column_stack([per_bin[f][merged[:, f]] - best[f]
+                                  for f in range(self.features)])
+        index, lost = top_reasons_matrix(-excess, k)
+        return excess.sum(axis=1), index, np.nan_to_num(-lost, nan=0.0), float(best.sum())
 
     def table(self) -> list[dict[str, object]]:
         """The silo's part of the points table, one entry per (feature, merged bin)."""
