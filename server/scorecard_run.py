@@ -144,7 +144,8 @@ def train_and_calibrate(job: TreeJob, phases: run_phases.PhaseTimer, reasons: in
     explained = silos.finish(model, per_silo, everyone, reasons)
     history = history_row(margin[job.val], y[job.val], model.steps, t0)
     del history["trees"]  # the epoch is the regression step
-    history |= {"steps": model.steps, "bins": sum(len(t.woe) for ts in model.tables.values() for t in ts),
+    history |= {"steps": model.steps,
+                "bins": sum(len(t.woe) for ts in model.tables.values() for t in ts),
                 "inputs": sum(len(c) for c in model.coef.values()),
                 "inputs_used": sum(int(np.count_nonzero(c)) for c in model.coef.values())}
     result = TrainResult(
