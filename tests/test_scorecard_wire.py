@@ -160,6 +160,10 @@ def test_flower_scorecard_equals_the_in_process_scorecard(federation, label_epsi
         # Named by the silo's own columns, with ranges in its own units.
         assert {r["column"] for r in table} == set(load_silo(root / s, s, None).columns)
         assert any(math.isfinite(float(r["raw_high"])) for r in table)
+        # Ranges on the prepared scale: the pre-bins span +-UNITS of it, not +-1.
+        first = model.tables[s][0]
+        highs = [float(r["high"]) for r in table if r["feature"] == "0"]
+        np.testing.assert_allclose(highs[:-1], UNITS * (-1 + 2 * (first.cuts + 1) / params.bins))
 
 
 def _request(weights: np.ndarray) -> PartialLogitsRequest:

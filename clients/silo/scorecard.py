@@ -65,13 +65,16 @@ class ScorecardSilo(GbdtSilo):
     `columns` names the silo's features in its table (default "x0", "x1", ...); `low`/`high`
     in the table are on the prepared scale (the pre-bins' edges, the end bins open), and
     `raw_low`/`raw_high` in the column's own units when `to_raw` (e.g. `raw_units` of the
-    silo's preparation) is given.
+    silo's preparation) is given. `x` is the prepared matrix divided by `units` (the pre-bins
+    are equal-width over [-1, 1] of x, so over [-units, units] of the prepared scale).
     """
 
     def __init__(self, name: str, x: np.ndarray, *, bins: int,
-                 columns: Sequence[str] | None = None, to_raw: RawUnits | None = None) -> None:
+                 columns: Sequence[str] | None = None, to_raw: RawUnits | None = None,
+                 units: float = 1.0) -> None:
         super().__init__(name, x, bins=bins)
         self._to_raw = to_raw
+        self._units = units
         self.columns = list(columns) if columns is not None else [
             f"x{f}" for f in range(self.features)]
         if len(self.columns) != self.features:
@@ -166,10 +169,11 @@ class ScorecardSilo(GbdtSilo):
         for f, t in enumerate(tables.features):
             highs = [int(c) for c in t.cuts] + [self.bins - 1]
             lows = [0] + [h + 1 for h in highs[:-1]]
-            low = np.array([-math.inf if lo == 0 else -1.0 + 2.0 * lo / self.bins
-                            for lo in lows])
-            high = np.array([math.inf if hi == self.bins - 1 else -1.0 + 2.0 * (hi + 1) / self.bins
-                             for hi in highs])
+            low = self._units * np.array([-math.inf if lo == 0 else -1.0 + 2.0 * lo / self.bins
+                                          for lo in lows])
+            high = self._units * np.array([math.inf if hi == self.bins - 1
+                                           else -1.0 + 2.0 * (hi + 1) / self.bins
+                                           for hi in highs])
             raw = ((self._to_raw(f, low), self._to_raw(f, high)) if self._to_raw is not None
                    else (np.full(len(low), np.nan), np.full(len(low), np.nan)))
             out += [{"feature": f, "column": self.columns[f], "bin": b,
@@ -180,8 +184,8 @@ class ScorecardSilo(GbdtSilo):
         return out
 
     def write_table(self, path: Path) -> None:
-        """`scorecard.csv`: a row per (feature, bin) with its range, WoE and points. A value
-        lies in [low, high) on the prepared scale."""
+        """`scorecard.csv`: a row per (feature, bin) with its range, WoE and points. A
+        prepared value lies in [low, high) (the prepared scale, whatever `units`)."""
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=TABLE_COLUMNS)

@@ -150,10 +150,9 @@ def _silo(node: Node, positions: np.ndarray, tables: tuple[FeatureWoe, ...], rol
 
     def build() -> ScorecardSilo:
         x = tree_inputs(matrix.x[rows_at(node.context, positions)], units)
-        # raw_units inverts the preparation from the prepared scale, that is units = 1.
-        to_raw = raw_units(matrix.prep) if matrix.prep is not None and units == 1.0 else None
+        to_raw = raw_units(matrix.prep) if matrix.prep is not None else None
         silo = ScorecardSilo(silo_name(node), x, bins=bins, columns=matrix.columns,
-                             to_raw=to_raw)
+                             to_raw=to_raw, units=units)
         with _refused():
             silo.woe_tables(WoeTables(features=tables))
         return silo
