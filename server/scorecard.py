@@ -1,8 +1,12 @@
 """The authority's side of the vertical WoE scorecard (issue 20 item 2).
 
-Not wired into Flower yet: `fit_scorecard` and `predict_margins` drive the protocol of
-clients/protocol/scorecard.py through `ScorecardEndpoint`s called in-process (the silos' side is
-clients/silo/scorecard.py), as server/gbdt.py does for the trees.
+`fit_scorecard` and `predict_margins` drive the protocol of clients/protocol/scorecard.py
+through `ScorecardEndpoint`s called in process (the silos' side is clients/silo/scorecard.py),
+as server/gbdt.py does for the trees; `fedscore run --set model.kind=scorecard` drives the same
+code over Flower messages (server/scorecard_run.py's silos are `gbdt.LevelSilos` and
+`AllSilos`: one message per silo per round, every silo at once). With randomised-response
+labels (rho > 0), the counts are forward-corrected and the regression uses the trees'
+corrected gradient and loss (`rr_gradients`), so the silos see post-processing of the RR labels.
 
 1. Counts: g = y, h = 1 on the trees' histogram path (server/gbdt.py's `send_gradients` and
    `node_sums`), root node only: per (silo, feature, pre-bin) the defaulters and the people,
