@@ -16,19 +16,22 @@ import pytest
 from flwr.supercore.task_identity import TaskIdentity
 
 from clients.protocol import messages as m
+from clients.protocol.gbdt import EncryptedGradients, Gradients
 from clients.protocol.schema import federation_silos
 from clients.protocol.scorecard import PartialLogitsRequest, WoeTables
 from clients.silo.data import load_silo
+from clients.silo.scorecard import ScorecardSilo
 from server.config import AuthorityConfig, ConfigError, ScoreConfig
 from server.config_keys import parse_flat
 from server.federation import Federation, FederationError
 from server.gbdt_run import start
-from server.label_dp import flip_probability, randomized_response
+from server.label_dp import flip_probability, keep_probability, randomized_response
 from server.scorecard import ScorecardParams, Silos, fit_scorecard, points, predict_margins
 from server.scorecard_run import UNITS, ScorecardSilos, annotate, calibrated
 from server.scoring import Platt, to_score
 from simulations.data.population import write_parties
 from simulations.run.scorecard import fit_vertical_scorecard, scored_silos, scores, silos_for
+from tests.test_gbdt import by_silo, credit_like
 from tests.test_gbdt_wire import AppGrid
 from tests.test_security_protocol import _population  # the same 1,000 people, generated once
 
@@ -192,3 +195,42 @@ def test_silo_handlers_refuse_malformed_requests(federation) -> None:
              for s, t in points(model, ScoreConfig())[1].items()}
     with pytest.raises(FederationError, match="one value per merged bin"):
         silos.finish(model, short, np.arange(5), 0)
+
+
+# ---- what a silo learns of the labels ------------------------------------------------------
+
+
+class _Tap(ScorecardSilo):
+    """A silo that keeps every gradient message it receives."""
+
+    seen: list[Gradients]
+
+    def gradients(self, msg: Gradients | EncryptedGradients) -> None:
+        assert isinstance(msg, Gradients)
+        self.seen.append(msg)
+        super().gradients(msg)
+
+
+@pytest.mark.parametrize("epsilon", [1.0, math.inf])
+def test_a_silo_guesses_labels_no_better_than_rr_allows(epsilon: float) -> None:
+    """Everything label-dependent a silo receives (the counts' g = RR label, each step's
+    forward-corrected g) gives the RR label and nothing more: a curious silo's best guess of y
+    is right e^eps / (1 + e^eps) of the time, at every step; every time without protection."""
+    x, y = credit_like(6000, seed=5)
+    rng = np.random.default_rng(8)
+    y_view = randomized_response(y.astype(np.int8), epsilon, rng).astype(np.float64)
+    seen: list[Gradients] = []
+    silos = {}
+    for name, part in by_silo(x).items():
+        silos[name] = _Tap(name, part, bins=16)
+        silos[name].seen = seen
+    model = fit_scorecard(silos, y_view, ScorecardParams(bins=16), flip_probability(epsilon))
+    assert len(seen) == len(silos) * (1 + model.steps)
+    assert model.steps > 2
+    bound = keep_probability(epsilon)
+    slack = 4 * math.sqrt(bound * (1 - bound) / len(y)) + 1e-12
+    for msg in seen:
+        guess = msg.g if msg.tree == 0 else (msg.g < 0).astype(np.float64)
+        assert np.array_equal(guess, y_view)  # the RR label, nothing more
+        accuracy = float((guess == y).mean())
+        assert abs(accuracy - bound) <= slack
