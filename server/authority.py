@@ -24,17 +24,27 @@ import pandas as pd
 from clients.protocol import messages as m
 from clients.protocol.dp_constants import PRIOR_NOISE_MULTIPLIER
 from clients.protocol.model import ModelSpec
+from clients.protocol.reasons import MAX_REASONS
 from clients.protocol.schema import AUTHORITY, authority_schema
 from crypto.at_rest import REF_HASH, Keystore, open_keystore
 from crypto.identity import PHONE, IdentifierFormat, keyed_refs, load_or_create_pepper
 from crypto.secret_random import SecretRandom
-from server import checkpoint, explanations, gbdt_dp_run, metrics, run_phases, scoring
+from server import (
+    checkpoint,
+    explanations,
+    gbdt_dp_run,
+    metrics,
+    run_phases,
+    scorecard_run,
+    scoring,
+)
 from server.alignment import Alignment, announce, joint_order, private_intersections
 from server.checkpoint import RunState, TrainState
 from server.config import AuthorityConfig
 from server.config_keys import to_flat
 from server.eligibility import ELIGIBLE
 from server.federation import Federation
+from server.gbdt_run import TreeJob
 from server.label_dp import randomized_response
 from server.labels import load_authority
 from server.ledger import Ledger
@@ -156,6 +166,7 @@ def run_authority(
     phases.stop()
     out = _results(ctx, tables, plan, trained, scored, resume, phases.seconds)
     gbdt_dp_run.annotate(out, cfg)  # model.kind=gbdt only
+    scorecard_run.annotate(out, cfg)  # model.kind=scorecard only
     _write_results(out_dir, out)
     return RunResult(metrics=out, seconds=phases.seconds)
 
@@ -228,6 +239,11 @@ def _train_and_calibrate(ctx: _Context, plan: _Plan, phases: run_phases.PhaseTim
             result, calibrate, spent = gbdt_dp_run.train_trees(
                 ctx.fed, ctx.cfg, run, split, plan.y, phases, ctx.ledger, ctx.random)
             return _Trained(result, calibrate, {**privacy.summary(), **spent})
+        if ctx.cfg.model.kind == "scorecard":
+            job = TreeJob(ctx.fed, ctx.cfg, run.run_key, split.train, split.val,
+                                      n_positions, plan.y, run.y_view)
+            result, calibrate = scorecard_run.train_and_calibrate(job, phases, plan.reasons)
+            return _Trained(result, calibrate, privacy.summary())
         result = train(_train_job(ctx, plan), progress=progress, state=plan.state,
                        on_round=_checkpointer(ctx, privacy))
         phases.start("score")
@@ -454,6 +470,8 @@ def _calibration(z_val: np.ndarray, y_val: np.ndarray, privacy: PrivacyPlan,
 
 def _reasons_asked(cfg: AuthorityConfig) -> int:
     """Reason codes to ask the silos for: none outside plain `sum` mode (config comment)."""
+    if cfg.model.kind == "scorecard":  # its partial logits show the authority as much
+        return cfg.explain.reasons or MAX_REASONS
     if not cfg.explain.reasons:
         return 0
     if cfg.aggregation.mode != "sum" or cfg.privacy.transcript_dp:

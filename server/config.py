@@ -30,7 +30,7 @@ def _finite(key: str, value: float, hint: str = "") -> None:
         raise ConfigError(f"{key}={value}: must be a finite number{hint}")
 
 
-MODEL_KINDS = ("mlp", "gbdt")
+MODEL_KINDS = ("mlp", "gbdt", "scorecard")
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,8 @@ class ModelConfig:
     # "mlp": each silo's bottom MLP trained by DP-SGD (the default). "gbdt": vertical
     # gradient-boosted trees (the `gbdt.*` keys): SecureBoost-style without DP at
     # privacy.epsilon=inf (server/gbdt_run.py), DP random trees at a finite one
-    # (server/gbdt_dp_run.py).
+    # (server/gbdt_dp_run.py). "scorecard": the vertical WoE scorecard (server/scorecard_run.py),
+    # without DP only (privacy.epsilon=inf), labels protected from the silos by RR.
     kind: str = "mlp"
     hidden: tuple[int, ...] = (32, 16)
     # `concat` mode only: each silo's embedding width, and the authority's MLP layers on top.
@@ -488,6 +489,8 @@ class AuthorityConfig:
         object.__setattr__(self, "gbdt", self.gbdt.resolved(self.privacy.dp_sgd))
         if self.model.kind == "gbdt":
             _check_gbdt(self)
+        if self.model.kind == "scorecard":
+            _check_scorecard(self)
         if self.aggregation.mode == "concat" and self.privacy.transcript_dp:
             raise ConfigError(
                 "privacy.transcript_sigma > 0 needs aggregation.mode=sum: transcript noise is "
@@ -518,6 +521,23 @@ def _check_gbdt(cfg: AuthorityConfig) -> None:
                           "a depth of 1 to 10, e.g. 5")
     if cfg.privacy.transcript_dp:
         raise ConfigError("model.kind=gbdt sends no contributions to noise: set "
+                          "privacy.transcript_sigma=0")
+
+
+def _check_scorecard(cfg: AuthorityConfig) -> None:
+    """What model.kind=scorecard cannot do, refused before any engine starts."""
+    if cfg.topology != "vertical":
+        raise ConfigError(f"model.kind=scorecard with topology={cfg.topology}: the scorecard is "
+                          "vertical only (silos hold different facts about the same people); "
+                          "use topology=vertical, or model.kind=mlp for the horizontal topology")
+    if cfg.privacy.dp_sgd:
+        raise ConfigError(
+            f"model.kind=scorecard with privacy.epsilon={cfg.privacy.epsilon:g}: a DP scorecard "
+            "is not built (its bins, WoE and coefficients would be released without noise); "
+            "set privacy.epsilon=inf (the labels stay protected from the silos by randomised "
+            "response at privacy.label_epsilon), or use model.kind=gbdt or mlp for a DP model")
+    if cfg.privacy.transcript_dp:
+        raise ConfigError("model.kind=scorecard sends no contributions to noise: set "
                           "privacy.transcript_sigma=0")
 
 

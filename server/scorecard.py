@@ -1,8 +1,12 @@
 """The authority's side of the vertical WoE scorecard (issue 20 item 2).
 
-Not wired into Flower yet: `fit_scorecard` and `predict_margins` drive the protocol of
-clients/protocol/scorecard.py through `ScorecardEndpoint`s called in-process (the silos' side is
-clients/silo/scorecard.py), as server/gbdt.py does for the trees.
+`fit_scorecard` and `predict_margins` drive the protocol of clients/protocol/scorecard.py
+through `ScorecardEndpoint`s called in process (the silos' side is clients/silo/scorecard.py),
+as server/gbdt.py does for the trees; `fedscore run --set model.kind=scorecard` drives the same
+code over Flower messages (server/scorecard_run.py's silos are `gbdt.LevelSilos` and
+`AllSilos`: one message per silo per round, every silo at once). With randomised-response
+labels (rho > 0), the counts are forward-corrected and the regression uses the trees'
+corrected gradient and loss (`rr_gradients`), so the silos see post-processing of the RR labels.
 
 1. Counts: g = y, h = 1 on the trees' histogram path (server/gbdt.py's `send_gradients` and
    `node_sums`), root node only: per (silo, feature, pre-bin) the defaulters and the people,
@@ -32,13 +36,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol, runtime_checkable
 
 import numpy as np
 
 from clients.protocol.gbdt import HistogramRequest, NodeRows
 from clients.protocol.scorecard import (
     FeatureWoe,
+    PartialLogits,
     PartialLogitsRequest,
     PointsTables,
     ScorecardEndpoint,
@@ -46,13 +51,26 @@ from clients.protocol.scorecard import (
 )
 from crypto import he
 from server.config import ScoreConfig
-from server.gbdt import node_sums, send_gradients, sigmoid
+from server.gbdt import LevelSilos, node_sums, send_gradients, sigmoid
+from server.gbdt_run import base_margin, rr_gradients
 from server.scoring import scale
 from server.woe import monotone_woe, projected_step
 
 log = logging.getLogger(__name__)
 
 Silos = Mapping[str, ScorecardEndpoint]
+
+
+@runtime_checkable
+class AllSilos(Protocol):
+    """Silos addressed all at once, one message each (the Flower wiring,
+    server/scorecard_run.py); a plain mapping of `ScorecardEndpoint`s is asked one call at a
+    time instead (in process). Histograms go the trees' way (`gbdt.LevelSilos`)."""
+
+    def woe_tables_all(self, asked: Mapping[str, WoeTables]) -> None: ...
+
+    def partial_logits_all(self, asked: Mapping[str, PartialLogitsRequest]
+                           ) -> dict[str, PartialLogits]: ...
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -81,6 +99,7 @@ class VerticalScorecard:
     tables: dict[str, tuple[FeatureWoe, ...]]
     coef: dict[str, np.ndarray]
     intercept: float
+    steps: int = 0  # of the regression (each one root histogram round trip)
 
 
 def root_sums(silos: Silos, g: np.ndarray, h: np.ndarray, round_id: int, bins: int,
@@ -89,9 +108,11 @@ def root_sums(silos: Silos, g: np.ndarray, h: np.ndarray, round_id: int, bins: i
     send_gradients(silos, g, h, round_id, keys)
     request = HistogramRequest(
         tree=round_id, nodes=(NodeRows(node=0, rows=np.arange(len(g), dtype=np.int64)),))
+    raw = (silos.histograms_all(request) if isinstance(silos, LevelSilos)
+           else {name: silo.histograms(request) for name, silo in silos.items()})
     out = {}
     for name, silo in silos.items():
-        sums = node_sums(silo.histograms(request), silo.features, bins, keys)
+        sums = node_sums(raw[name], silo.features, bins, keys)
         if set(sums) != {0}:
             raise ValueError(f"silo {name} answered for other nodes than the root")
         out[name] = sums[0]
@@ -123,16 +144,43 @@ def margins(silos: Silos, coef: Mapping[str, np.ndarray], intercept: float, rows
             round_id: int) -> np.ndarray:
     """The intercept plus every silo's partial logits."""
     z = np.full(rows, intercept)
-    for name, silo in silos.items():
-        reply = silo.partial_logits(PartialLogitsRequest(round=round_id, weights=coef[name]))
+    asked = {name: PartialLogitsRequest(round=round_id, weights=coef[name]) for name in silos}
+    replies = (silos.partial_logits_all(asked) if isinstance(silos, AllSilos)
+               else {name: silo.partial_logits(asked[name]) for name, silo in silos.items()})
+    for name, reply in replies.items():
         if reply.logits.shape != (rows,):
             raise ValueError(f"silo {name} returned partial logits of the wrong shape")
         z += reply.logits
     return z
 
 
-def _mean_loss(z: np.ndarray, y: np.ndarray) -> float:
-    return float(np.mean(np.logaddexp(0.0, z) - y * z))
+def send_tables(silos: Silos, tables: Mapping[str, tuple[FeatureWoe, ...]]) -> None:
+    """Tell every silo its merged bins and their WoE."""
+    asked = {name: WoeTables(features=tables[name]) for name in silos}
+    if isinstance(silos, AllSilos):
+        silos.woe_tables_all(asked)
+        return
+    for name, silo in silos.items():
+        silo.woe_tables(asked[name])
+
+
+def _mean_loss(z: np.ndarray, y: np.ndarray, rho: float = 0.0) -> float:
+    """Mean log loss; with randomised-response labels (flip probability rho > 0), the
+    forward-corrected one (server/label_dp.py), whose gradient is `rr_gradients`'s g."""
+    if rho == 0.0:
+        return float(np.mean(np.logaddexp(0.0, z) - y * z))
+    q = np.clip(rho + (1 - 2 * rho) * sigmoid(z), 1e-12, 1 - 1e-12)
+    return float(-np.mean(y * np.log(q) + (1 - y) * np.log1p(-q)))
+
+
+def clean_counts(bad: np.ndarray, n: np.ndarray, rho: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per bin (defaulters, people) from the sums of the labels the silos saw and of ones:
+    whole numbers, in the clear or after decryption; with randomised-response labels, the
+    unbiased estimate of the clean defaulters (bad - rho n) / (1 - 2 rho), held to [0, n]."""
+    bad, n = np.rint(bad), np.rint(n)
+    if rho == 0.0:
+        return bad, n
+    return np.clip((bad - rho * n) / (1 - 2 * rho), 0.0, n), n
 
 
 def _split(w: np.ndarray, sizes: dict[str, int]) -> dict[str, np.ndarray]:
@@ -141,12 +189,13 @@ def _split(w: np.ndarray, sizes: dict[str, int]) -> dict[str, np.ndarray]:
 
 
 def _derivatives(silos: Silos, y: np.ndarray, z: np.ndarray, woe: Mapping[str, np.ndarray],
-                 round_id: int, params: ScorecardParams, keys: he.SecretHe | None
-                 ) -> tuple[np.ndarray, np.ndarray]:
+                 round_id: int, params: ScorecardParams, keys: he.SecretHe | None,
+                 rho: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """Gradient and Hessian diagonal of the mean loss in (every beta, intercept), from one
-    root histogram of (p - y, p (1 - p)) per silo."""
-    p = sigmoid(z)
-    g, h = p - y, p * (1.0 - p)
+    root histogram of (p - y, p (1 - p)) per silo; with RR labels (rho > 0) the trees'
+    forward-corrected gradient and expected hessian (server/gbdt_run.py `rr_gradients`), a
+    function of the margins and the RR labels only."""
+    g, h = rr_gradients(z, y, rho)
     sums = root_sums(silos, g, h, round_id, params.bins, keys)
     grad = [np.sum(woe[name] * sums[name][0], axis=1) for name in silos]
     hess = [np.sum(woe[name] ** 2 * sums[name][1], axis=1) for name in silos]
@@ -180,14 +229,14 @@ def _direction(g: np.ndarray, hdiag: np.ndarray, free: np.ndarray,
 
 
 def fit_coefficients(silos: Silos, y: np.ndarray, woe: Mapping[str, np.ndarray],
-                     params: ScorecardParams, keys: he.SecretHe | None
+                     params: ScorecardParams, keys: he.SecretHe | None, rho: float = 0.0
                      ) -> tuple[dict[str, np.ndarray], float, int]:
     """Projected quasi-Newton with backtracking (each trial one partial-logit round):
-    (coef per silo, intercept, steps taken)."""
+    (coef per silo, intercept, steps taken). Every decision (steps, their acceptance) depends
+    on the labels only through `y` (the RR labels when rho > 0) and the silos' answers."""
     sizes = {name: woe[name].shape[0] for name in silos}
     d, n = sum(sizes.values()), len(y)
-    prior = float(np.clip(y.mean(), 1e-6, 1 - 1e-6))
-    w = np.concatenate([np.zeros(d), [np.log(prior / (1 - prior))]])
+    w = np.concatenate([np.zeros(d), [base_margin(y, rho)]])
     asked = 0
 
     def trial(cand: np.ndarray) -> tuple[float, np.ndarray]:
@@ -195,14 +244,14 @@ def fit_coefficients(silos: Silos, y: np.ndarray, woe: Mapping[str, np.ndarray],
         nonlocal asked
         asked += 1
         new_z = margins(silos, _split(cand, sizes), float(cand[d]), n, asked)
-        return _mean_loss(new_z, y), new_z
+        return _mean_loss(new_z, y, rho), new_z
 
     z = margins(silos, _split(w, sizes), float(w[d]), n, asked)
-    loss, steps = _mean_loss(z, y), 0
+    loss, steps = _mean_loss(z, y, rho), 0
     pairs: list[tuple[np.ndarray, np.ndarray]] = []
     last: tuple[np.ndarray, np.ndarray] | None = None  # (step taken, gradient before it)
     for steps in range(1, params.iterations + 1):
-        g, hdiag = _derivatives(silos, y, z, woe, steps, params, keys)
+        g, hdiag = _derivatives(silos, y, z, woe, steps, params, keys, rho)
         if last is not None and float(last[0] @ (g - last[1])) > 1e-12:
             pairs = [*pairs[-(MEMORY - 1):], (last[0], g - last[1])]
         free = np.append((w[:d] < 0) | (g[:d] > 0), True)
@@ -222,9 +271,13 @@ def fit_coefficients(silos: Silos, y: np.ndarray, woe: Mapping[str, np.ndarray],
     return _split(w, sizes), float(w[d]), steps
 
 
-def fit_scorecard(silos: Silos, y: np.ndarray, params: ScorecardParams) -> VerticalScorecard:
-    """Bins and WoE from protected counts, then the sign-constrained regression; y is the
-    authority's 0/1 labels of the silos' aligned rows."""
+def fit_scorecard(silos: Silos, y: np.ndarray, params: ScorecardParams, rho: float = 0.0
+                  ) -> VerticalScorecard:
+    """Bins and WoE from protected counts, then the sign-constrained regression. y is the
+    0/1 labels of the silos' aligned rows that the silos may see: the clean ones (rho = 0),
+    or randomised response with flip probability rho, whose counts and gradients are
+    forward-corrected so that all the silos receive (g, the WoE tables, the coefficients) is
+    post-processing of the RR labels."""
     if not silos:
         raise ValueError("at least one silo is needed")
     y = np.asarray(y, dtype=np.float64)
@@ -234,16 +287,16 @@ def fit_scorecard(silos: Silos, y: np.ndarray, params: ScorecardParams) -> Verti
     counts = root_sums(silos, y, np.ones_like(y), 0, params.bins, keys)
     tables = {}
     for name, (bad, n) in counts.items():
-        # Sums of 0/1 values: whole numbers, in the clear or after decryption.
-        bad, n = np.rint(bad), np.rint(n)
+        bad, n = clean_counts(bad, n, rho)
         tables[name] = tuple(feature_woe(n[f], bad[f], params) for f in range(n.shape[0]))
-        silos[name].woe_tables(WoeTables(features=tables[name]))
+    send_tables(silos, tables)
     woe = {name: pre_bin_woe(tables[name], params.bins) for name in silos}
-    coef, intercept, steps = fit_coefficients(silos, y, woe, params, keys)
+    coef, intercept, steps = fit_coefficients(silos, y, woe, params, keys, rho)
     log.info("vertical scorecard: %d bins over %d features, %d steps",
              sum(len(t.woe) for ts in tables.values() for t in ts),
              sum(len(ts) for ts in tables.values()), steps)
-    return VerticalScorecard(params=params, tables=tables, coef=coef, intercept=intercept)
+    return VerticalScorecard(params=params, tables=tables, coef=coef, intercept=intercept,
+                             steps=steps)
 
 
 def predict_margins(model: VerticalScorecard, silos: Silos, rows: int) -> np.ndarray:
@@ -252,9 +305,8 @@ def predict_margins(model: VerticalScorecard, silos: Silos, rows: int) -> np.nda
     missing = set(model.tables) - set(silos)
     if missing:
         raise ValueError(f"the scorecard needs silos {sorted(missing)}, which are not here")
-    for name in model.tables:
-        silos[name].woe_tables(WoeTables(features=model.tables[name]))
     used = {name: silos[name] for name in model.tables}
+    send_tables(used, model.tables)
     return margins(used, model.coef, model.intercept, rows, 0)
 
 

@@ -1,8 +1,10 @@
 """Messages of the vertical WoE scorecard (issue 20 item 2), beside those of the vertical trees.
 
-Not wired into Flower yet: like clients/protocol/gbdt.py, these dataclasses are the message
-boundary of an in-process protocol (server/scorecard.py drives it, clients/silo/scorecard.py
-answers), one request/reply pair per later Flower message.
+Like clients/protocol/gbdt.py, these dataclasses are the message boundary of the protocol
+(server/scorecard.py drives it, clients/silo/scorecard.py answers): called in process
+(simulations/run/scorecard.py), or carried by the Flower messages below in `fedscore run
+--set model.kind=scorecard` (server/scorecard_run.py sends them, clients/silo/
+scorecard_handlers.py answers).
 
 The label-dependent sums travel on the trees' path, unchanged: the authority sends every silo
 `Gradients` (or, protected, `EncryptedGradients`) and a `HistogramRequest` for the root node
@@ -31,6 +33,16 @@ from typing import Protocol
 import numpy as np
 
 from clients.protocol.gbdt import SiloEndpoint
+
+# The Flower messages of a run's scorecard, after the trees' `query.gbdt_start` (which fixes the
+# run, the pre-bins and the training positions) and beside their `train.gbdt_level` (root node
+# only: the counts, then one root histogram per regression step):
+WOE = "train.scorecard_woe"  # WoeTables -> acknowledged
+LOGITS = "train.scorecard_logits"  # PartialLogitsRequest -> PartialLogits (training rows)
+# Scoring: the partial logits of any aligned positions; with the points tables, the silo also
+# writes its `scorecard.csv` and, when asked, returns its reason codes in logit units.
+SCORE = "query.scorecard_score"
+TABLE_FILE = "scorecard.csv"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -83,3 +95,23 @@ class ScorecardEndpoint(SiloEndpoint, Protocol):
     def partial_logits(self, msg: PartialLogitsRequest) -> PartialLogits: ...
 
     def points_tables(self, msg: PointsTables) -> None: ...
+
+
+def pack_tables(features: tuple[FeatureWoe, ...]) -> dict[str, np.ndarray]:
+    """A silo's tables as three flat arrays (cuts and WoE concatenated, cuts per feature)."""
+    return {"cuts": np.concatenate([np.asarray(t.cuts, dtype=np.int64) for t in features]),
+            "sizes": np.array([len(t.cuts) for t in features], dtype=np.int64),
+            "woe": np.concatenate([np.asarray(t.woe, dtype=np.float64) for t in features])}
+
+
+def unpack_tables(cuts: np.ndarray, sizes: np.ndarray, woe: np.ndarray
+                  ) -> tuple[FeatureWoe, ...]:
+    """`pack_tables` undone; ValueError when the arrays do not fit together."""
+    if (sizes < 0).any() or sizes.sum() != len(cuts) or len(woe) != len(cuts) + len(sizes):
+        raise ValueError("WoE tables: one more WoE value than cuts per feature")
+    if not len(sizes):
+        return ()
+    cut_at = np.cumsum(sizes)[:-1]
+    woe_at = np.cumsum(sizes + 1)[:-1]
+    return tuple(FeatureWoe(cuts=c, woe=w) for c, w in
+                 zip(np.split(cuts, cut_at), np.split(woe, woe_at), strict=True))

@@ -11,8 +11,9 @@ Each message is a module-level handler registered on `registry.handlers`
 (`clients.node.Node`: Flower's context, the defaults the app was made with, the process's
 tables) instead of a closure. The handlers live by concern: alignment.py (query.hello,
 query.psi_blind, query.psi_finish, query.align, query.peers, query.resume), training.py
-(train.step), after_run.py (query.score, query.correct) and gbdt_handlers.py (the trees'
-messages, `model.kind=gbdt`); state.py holds what they share.
+(train.step), after_run.py (query.score, query.correct), gbdt_handlers.py (the trees'
+messages, `model.kind=gbdt`) and scorecard_handlers.py (`model.kind=scorecard`); state.py holds
+what they share.
 `make_client_app(root, keystore)` makes the ClientApp for a simulation's parties; `app` is the
 deployment's (pyproject.toml names it as the Flower app's clientapp).
 """
@@ -26,7 +27,13 @@ from flwr.clientapp import ClientApp
 from clients.node import Defaults
 
 # Imported for their handlers, which register on `handlers` as each module loads.
-from clients.silo import after_run, alignment, gbdt_handlers, training  # noqa: F401
+from clients.silo import (  # noqa: F401
+    after_run,
+    alignment,
+    gbdt_handlers,
+    scorecard_handlers,
+    training,
+)
 from clients.silo.registry import handlers
 
 

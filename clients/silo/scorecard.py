@@ -1,5 +1,6 @@
 """A silo's side of the vertical WoE scorecard (issue 20 item 2; messages in
-clients/protocol/scorecard.py). Not wired into Flower yet: `ScorecardSilo` answers in-process.
+clients/protocol/scorecard.py). `ScorecardSilo` answers in process, and behind the Flower
+messages of clients/silo/scorecard_handlers.py.
 
 It is a `GbdtSilo` (clients/silo/gbdt.py): the same data-independent pre-bins (equal width over
 the prepared range [-1, 1]) and the same per-bin sums, plain or under BFV, which is how the
@@ -64,13 +65,16 @@ class ScorecardSilo(GbdtSilo):
     `columns` names the silo's features in its table (default "x0", "x1", ...); `low`/`high`
     in the table are on the prepared scale (the pre-bins' edges, the end bins open), and
     `raw_low`/`raw_high` in the column's own units when `to_raw` (e.g. `raw_units` of the
-    silo's preparation) is given.
+    silo's preparation) is given. `x` is the prepared matrix divided by `units` (the pre-bins
+    are equal-width over [-1, 1] of x, so over [-units, units] of the prepared scale).
     """
 
     def __init__(self, name: str, x: np.ndarray, *, bins: int,
-                 columns: Sequence[str] | None = None, to_raw: RawUnits | None = None) -> None:
+                 columns: Sequence[str] | None = None, to_raw: RawUnits | None = None,
+                 units: float = 1.0) -> None:
         super().__init__(name, x, bins=bins)
         self._to_raw = to_raw
+        self._units = units
         self.columns = list(columns) if columns is not None else [
             f"x{f}" for f in range(self.features)]
         if len(self.columns) != self.features:
@@ -111,6 +115,11 @@ class ScorecardSilo(GbdtSilo):
             raise ValueError("points must have the WoE tables' shapes")
         self._points = tuple(np.asarray(p, dtype=np.float64) for p in msg.points)
 
+    def merged_bins(self) -> list[int]:
+        """The number of merged bins of each feature (the shapes points must have)."""
+        tables, _ = self._require_tables()
+        return [len(t.woe) for t in tables.features]
+
     def _require_tables(self) -> tuple[WoeTables, np.ndarray]:
         if self._tables is None or self._merged is None:
             raise ValueError("no WoE tables yet")
@@ -134,6 +143,24 @@ class ScorecardSilo(GbdtSilo):
         best = np.array([p.max() for p in self._require_points()])
         return top_reasons_matrix(self.row_points() - best, k)
 
+    def explain(self, weights: np.ndarray, k: int = MAX_REASONS
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+        """Reason codes in logit units under `weights` (clients/silo/explain.py's format):
+        per row its partial logit's excess over the best bins' (delta), the k features whose
+        bins add the most to it (index, -1 for none) and what each adds (share, 0 for none),
+        and the best bins' partial logit (reference). Points are -factor * a * logits, so
+        the ranking is `reasons`'s: the bins that cost the most points."""
+        tables, merged = self._require_tables()
+        weights = np.asarray(weights, dtype=np.float64)
+        if weights.shape != (self.features,):
+            raise ValueError("one weight per feature")
+        per_bin = [weights[f] * np.asarray(t.woe) for f, t in enumerate(tables.features)]
+        best = np.array([p.min() for p in per_bin])
+        excess = np.column_stack([per_bin[f][merged[:, f]] - best[f]
+                                  for f in range(self.features)])
+        index, lost = top_reasons_matrix(-excess, k)
+        return excess.sum(axis=1), index, np.nan_to_num(-lost, nan=0.0), float(best.sum())
+
     def table(self) -> list[dict[str, object]]:
         """The silo's part of the points table, one entry per (feature, merged bin)."""
         tables, _ = self._require_tables()
@@ -142,10 +169,11 @@ class ScorecardSilo(GbdtSilo):
         for f, t in enumerate(tables.features):
             highs = [int(c) for c in t.cuts] + [self.bins - 1]
             lows = [0] + [h + 1 for h in highs[:-1]]
-            low = np.array([-math.inf if lo == 0 else -1.0 + 2.0 * lo / self.bins
-                            for lo in lows])
-            high = np.array([math.inf if hi == self.bins - 1 else -1.0 + 2.0 * (hi + 1) / self.bins
-                             for hi in highs])
+            low = self._units * np.array([-math.inf if lo == 0 else -1.0 + 2.0 * lo / self.bins
+                                          for lo in lows])
+            high = self._units * np.array([math.inf if hi == self.bins - 1
+                                           else -1.0 + 2.0 * (hi + 1) / self.bins
+                                           for hi in highs])
             raw = ((self._to_raw(f, low), self._to_raw(f, high)) if self._to_raw is not None
                    else (np.full(len(low), np.nan), np.full(len(low), np.nan)))
             out += [{"feature": f, "column": self.columns[f], "bin": b,
@@ -156,8 +184,8 @@ class ScorecardSilo(GbdtSilo):
         return out
 
     def write_table(self, path: Path) -> None:
-        """`scorecard.csv`: a row per (feature, bin) with its range, WoE and points. A value
-        lies in [low, high) on the prepared scale."""
+        """`scorecard.csv`: a row per (feature, bin) with its range, WoE and points. A
+        prepared value lies in [low, high) (the prepared scale, whatever `units`)."""
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=TABLE_COLUMNS)

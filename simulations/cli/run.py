@@ -73,10 +73,12 @@ def privacy_rows(metrics: dict) -> list[tuple[str, str]]:
     eps = metrics.get("epsilon") or {}
     model = model_epsilon(metrics)
     trees = metrics.get("model_kind") == "gbdt"
+    card = metrics.get("model_kind") == "scorecard"
     rows = [(
         "eps_model: the combined model, its scores, reasons and metrics, against anyone who "
         "receives them",
-        ("OFF (inf): the trees are released without DP" if trees else "OFF: no protection")
+        ("OFF (inf): the trees are released without DP" if trees else
+         "OFF (inf): the scorecard is released without DP" if card else "OFF: no protection")
         if model is None else f"{model:.3f}")]
     label = eps.get("label")
     rows.append((
@@ -89,6 +91,8 @@ def privacy_rows(metrics: dict) -> list[tuple[str, str]]:
     rows.append((
         "eps_transcript: a person's contributions, against the authority",
         ("n/a (trees): the authority sees per-bin sums, splits and partitions" if trees
+         else "n/a (scorecard): the authority sees per-bin sums and each silo's partial "
+              "logits" if card
          else "off: the authority sees each person's summed contribution exactly")
         if not transcript
         else ("unbounded (no DP-SGD)" if None in values else f"{max(values):.3f}")))

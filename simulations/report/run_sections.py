@@ -83,7 +83,20 @@ def headline_run(run: RunData) -> Section:
     blocks: list[Table | Plot | Note | Cards] = [Cards(cards), headline, _comparison_table(run)]
     if m.get("model_kind") == "gbdt":
         blocks.insert(0, Note(_trees_note(m)))
+    if m.get("model_kind") == "scorecard":
+        blocks.insert(0, Note(_scorecard_note(m)))
     return Section("headline", "Headline numbers", blocks)
+
+
+def _scorecard_note(m: dict) -> str:
+    """What a model.kind=scorecard run is (server/scorecard_run.py)."""
+    c = m.get("scorecard") or {}
+    return (f"Model: vertical WoE scorecard ({c.get('bins')} monotone bins over "
+            f"{c.get('inputs_used')} of {c.get('inputs')} inputs with a nonzero coefficient, "
+            f"{c.get('steps')} regression steps; each silo's points table: "
+            f"{c.get('tables', 'not recorded')}). "
+            f"{_first_upper(str(c.get('model_note', '')))}. Labels against the silos: "
+            f"{c.get('label_protection', 'not recorded')}.")
 
 
 def _trees_note(m: dict) -> str:

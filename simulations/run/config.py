@@ -130,7 +130,7 @@ def check_guardrails(cfg: ExperimentConfig, people: int, source: str) -> None:
     authority's plan, which knows the exact N and the noise."""
     privacy, train = cfg.authority.privacy, cfg.authority.train
     if (not privacy.dp_sgd or privacy.guardrails == "warn" or people < 1
-            or cfg.authority.model.kind == "gbdt"):  # DP-SGD's sampling: not the trees'
+            or cfg.authority.model.kind != "mlp"):  # DP-SGD's sampling: the MLP's only
         return
     n_max = min(people, math.ceil(cfg.authority.split.train * people) + 2)
     sampling = Sampling(n_train=n_max, batch_size=train.batch_size, epochs=train.epochs)
@@ -148,7 +148,8 @@ def check_guardrails(cfg: ExperimentConfig, people: int, source: str) -> None:
 # checks that every key has a description and every description a key.
 DESCRIPTIONS: dict[str, str] = {
     "seed": "training seed: the models' initialisation (DP noise and batches: keystores)",
-    "model.kind": "mlp (bottom MLPs, DP-SGD) or gbdt (vertical trees: DP at a finite epsilon)",
+    "model.kind": "mlp (bottom MLPs, DP-SGD), gbdt (vertical trees: DP at a finite epsilon) "
+                  "or scorecard (vertical WoE scorecard, privacy.epsilon=inf only)",
     "model.hidden": "hidden layers of each silo's bottom MLP, units per layer",
     "model.embedding_dim": "aggregation.mode=concat: width of each silo's embedding",
     "model.top_hidden": "aggregation.mode=concat: hidden layers of the authority's top MLP",

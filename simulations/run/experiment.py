@@ -437,10 +437,11 @@ def _outcome(run: Run, done: dict[str, BaselineResult], oracle: float | None,
             # Why the DP configuration may not learn (server/privacy.py); absent before
             # issue 20.
             "guardrails": authority.get("guardrails", []),
-            # model.kind=gbdt: the trees' settings, their protection, and that eps_model is
-            # infinite (server/gbdt_run.py `annotate`); absent from MLP runs.
-            **{k: authority[k] for k in ("model_kind", "gbdt", "authority_sees")
-               if "gbdt" in authority and k in authority},
+            # model.kind=gbdt or scorecard: the model's settings, its protection, and that
+            # eps_model is infinite (server/gbdt_run.py, server/scorecard_run.py `annotate`);
+            # absent from MLP runs.
+            **{k: authority[k] for k in ("model_kind", "gbdt", "scorecard", "authority_sees")
+               if ("gbdt" in authority or "scorecard" in authority) and k in authority},
         })
 
 

@@ -1,8 +1,8 @@
 """In-process vertical WoE scorecard (issue 20 item 2): the authority's driver
 (server/scorecard.py) talking to `ScorecardSilo`s (clients/silo/scorecard.py) through plain
 method calls instead of Flower messages, as simulations/run/gbdt.py does for the trees. For
-simulations and tests, and the reference the Flower wiring must reproduce; not wired into
-`fedscore run` yet.
+simulations and tests, and the reference the Flower wiring of `fedscore run --set
+model.kind=scorecard` (server/scorecard_run.py) reproduces (tests/test_scorecard_wire.py).
 
 `protection="plain"` gives the silos the labels (as g = y) and p - y in the clear;
 `"he"` encrypts them (crypto/he.py). The central reference on the joined matrix is
@@ -18,6 +18,7 @@ from typing import Literal
 import numpy as np
 
 from clients.protocol.reasons import MAX_REASONS, top_reasons_matrix
+from clients.protocol.scorecard import TABLE_FILE
 from clients.silo.scorecard import RawUnits, ScorecardSilo
 from server.config import ScoreConfig
 from server.scorecard import (
@@ -28,8 +29,6 @@ from server.scorecard import (
     send_points,
 )
 from server.scoring import SCORE_MAX, SCORE_MIN
-
-TABLE_FILE = "scorecard.csv"
 
 
 def silos_for(silo_matrices: Mapping[str, np.ndarray], bins: int,
@@ -49,12 +48,14 @@ def silos_for(silo_matrices: Mapping[str, np.ndarray], bins: int,
 def fit_vertical_scorecard(
     silo_matrices: Mapping[str, np.ndarray], y: np.ndarray, *, bins: int = 32,
     min_bin_share: float = 0.05, smoothing: float = 0.5, iterations: int = 50,
-    protection: Literal["plain", "he"] = "plain",
+    protection: Literal["plain", "he"] = "plain", rho: float = 0.0,
 ) -> VerticalScorecard:
-    """Fit on aligned rows: each silo's (rows, features) prepared matrix (u in [-1, 1])."""
+    """Fit on aligned rows: each silo's (rows, features) prepared matrix (u in [-1, 1]); y the
+    labels the silos may see, randomised response with flip probability `rho` if > 0 (the
+    Flower wiring's `rr` protection, server/scorecard_run.py)."""
     params = ScorecardParams(bins=bins, min_bin_share=min_bin_share, smoothing=smoothing,
                              iterations=iterations, protection=protection)
-    return fit_scorecard(silos_for(silo_matrices, bins), y, params)
+    return fit_scorecard(silos_for(silo_matrices, bins), y, params, rho)
 
 
 def predict_vertical_scorecard(model: VerticalScorecard,

@@ -1,0 +1,236 @@
+"""`model.kind=scorecard` in `fedscore run` (issue 20 item 2): its configuration, and the whole
+protocol over the silos' real ClientApp (no engine) against the in-process scorecard of
+simulations/run/scorecard.py on the same inputs."""
+
+from __future__ import annotations
+
+import csv
+import functools
+import math
+from pathlib import Path
+from typing import cast
+
+import numpy as np
+import pandas as pd
+import pytest
+from flwr.supercore.task_identity import TaskIdentity
+
+from clients.protocol import messages as m
+from clients.protocol.gbdt import EncryptedGradients, Gradients
+from clients.protocol.schema import federation_silos
+from clients.protocol.scorecard import PartialLogitsRequest, WoeTables
+from clients.silo.data import load_silo
+from clients.silo.scorecard import ScorecardSilo
+from server.config import AuthorityConfig, ConfigError, ScoreConfig
+from server.config_keys import parse_flat
+from server.federation import Federation, FederationError
+from server.gbdt_run import start
+from server.label_dp import flip_probability, keep_probability, randomized_response
+from server.scorecard import ScorecardParams, Silos, fit_scorecard, points, predict_margins
+from server.scorecard_run import UNITS, ScorecardSilos, annotate, calibrated
+from server.scoring import Platt, to_score
+from simulations.data.population import write_parties
+from simulations.run.scorecard import fit_vertical_scorecard, scored_silos, scores, silos_for
+from tests.test_gbdt import by_silo, credit_like
+from tests.test_gbdt_wire import AppGrid
+from tests.test_security_protocol import _population  # the same 1,000 people, generated once
+
+CARD = {"model.kind": "scorecard", "privacy.epsilon": "inf"}
+
+
+# ---- configuration -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("key", "value", "words"), [
+    ("privacy.epsilon", "1", "a DP scorecard is not built"),
+    ("topology", "horizontal", "vertical only"),
+    ("privacy.transcript_sigma", "1", "transcript_sigma=0"),
+])
+def test_scorecard_settings_are_checked_at_the_edge(key: str, value: str, words: str) -> None:
+    with pytest.raises(ConfigError, match=words) as caught:
+        parse_flat(AuthorityConfig, {**CARD, key: value})
+    if key == "privacy.epsilon":  # the reason, and the fix
+        assert "set privacy.epsilon=inf" in str(caught.value)
+
+
+def test_a_scorecard_run_is_accepted_without_dp_and_says_what_it_is() -> None:
+    cfg = parse_flat(AuthorityConfig, {**CARD, "privacy.label_epsilon": "1.5"})
+    assert cfg.model.kind == "scorecard"
+    assert math.isinf(cfg.privacy.epsilon)
+    out = {"model": {"bias": 0.0}, "authority_sees": ["the sum"], "training_steps": 17,
+           "history": [{"bins": 120, "inputs": 48, "inputs_used": 24}]}
+    annotate(out, cfg)
+    assert out["model"]["kind"] == out["model_kind"] == "scorecard"
+    section = out["scorecard"]
+    assert (section["steps"], section["bins"], section["inputs_used"]) == (17, 120, 24)
+    assert section["model_epsilon"] == "inf"
+    assert "privacy.label_epsilon=1.5" in section["label_protection"]
+    assert "the sum" not in out["authority_sees"]
+    assert any("partial logit" in line for line in out["authority_sees"])
+    mlp = {"model": {"bias": 0.0}, "authority_sees": ["the sum"]}
+    annotate(mlp, parse_flat(AuthorityConfig, {}))
+    assert mlp == {"model": {"bias": 0.0}, "authority_sees": ["the sum"]}
+
+
+# ---- the Flower messages against the in-process scorecard ---------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _task_identity():
+    # Flower stamps every message with the running task's identity; outside an app, set one.
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory: pytest.TempPathFactory
+               ) -> tuple[Federation, AppGrid, dict[str, np.ndarray], Path]:
+    """Three silos with their real tables, aligned on the people all of them hold (the
+    test plays PSI's result: position i is the i-th common identifier)."""
+    root = tmp_path_factory.mktemp("cardwire") / "parties"
+    write_parties(_population(), root)
+    grid = AppGrid(root)
+    fed = Federation(grid, federation_silos(root))  # type: ignore[arg-type]
+    fed.connect()
+    tables = {s: load_silo(root / s, s, None) for s in fed.silos}
+    common = sorted(functools.reduce(np.intersect1d, [t.ids.to_numpy() for t in tables.values()]))
+    xs = {}
+    for silo, table in tables.items():
+        rows = pd.Index(table.ids.to_numpy()).get_indexer(common).astype(np.int64)
+        grid.contexts[fed.nodes[silo]].state["align"] = m.arrays(pos2row=rows)
+        xs[silo] = np.asarray(table.x[rows], dtype=np.float64) / UNITS  # what the silo bins
+    return fed, grid, xs, root
+
+
+@pytest.mark.parametrize("label_epsilon", [math.inf, 2.0])
+def test_flower_scorecard_equals_the_in_process_scorecard(federation, label_epsilon: float
+                                                          ) -> None:
+    """Same bins, WoE, coefficients and steps as simulations/run/scorecard.py on the same
+    aligned matrices and labels (clean, or RR with the forward correction); then everyone's
+    margins, the silos' tables on disk and their reason codes, and scores that are the base
+    points plus the points of each person's bins."""
+    fed, grid, xs, root = federation
+    n = len(next(iter(xs.values())))
+    rng = np.random.default_rng(3)
+    train = np.sort(rng.choice(n, size=n * 7 // 10, replace=False))
+    val = np.setdiff1d(np.arange(n), train)
+    y = (rng.random(n) < 1 / (1 + np.exp(2 - 2 * xs["payments"][:, 0]))).astype(np.float64)
+    y_view = randomized_response(y.astype(np.int8), label_epsilon, rng).astype(np.float64)
+    rho = flip_probability(label_epsilon)
+    run = "card" + ("inf" if math.isinf(label_epsilon) else "rr")
+    params = ScorecardParams()
+    features = start(fed, run, params.bins, train, units=UNITS)
+    silos = ScorecardSilos(fed, features)
+    grid.sent.clear()
+    model = fit_scorecard(cast(Silos, silos), y_view[train], params, rho)
+    local = fit_vertical_scorecard({s: x[train] for s, x in xs.items()}, y_view[train], rho=rho)
+    assert model.steps == local.steps > 2
+    for s in xs:
+        for ours, theirs in zip(model.tables[s], local.tables[s], strict=True):
+            np.testing.assert_array_equal(ours.cuts, theirs.cuts)
+            np.testing.assert_allclose(ours.woe, theirs.woe, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(model.coef[s], local.coef[s], rtol=0, atol=1e-9)
+        assert (model.coef[s] <= 0).all()
+    assert model.intercept == pytest.approx(local.intercept, abs=1e-9)
+    # One message per silo per round: counts, tables, the first logits, then per step a
+    # histogram and its trials (one, unless the step is halved).
+    assert len(grid.sent) == silos.round_trips * len(xs)
+    if math.isinf(label_epsilon):  # (the RR labels of 700 people stop it at 50 steps)
+        assert model.steps < params.iterations
+        assert silos.round_trips <= 3 + model.steps * 3
+
+    everyone = np.arange(n, dtype=np.int64)
+    partial = silos.partial_logits_at(model.coef, everyone)
+    margin = model.intercept + sum(partial.values(), np.zeros(n))
+    platt = Platt.fit(margin[val], y[val])
+    cfg = ScoreConfig()
+    base, in_process = scored_silos(calibrated(model, platt), xs, cfg)
+    np.testing.assert_allclose(margin, predict_margins(local, silos_for(xs, params.bins), n),
+                               rtol=0, atol=1e-8)
+    _, per_silo = points(calibrated(model, platt), cfg)
+    explained = silos.finish(model, per_silo, everyone, 4)
+    published = to_score(platt(margin), cfg)
+    assert np.abs(published.astype(int) - scores(base, in_process).astype(int)).max() <= 1
+    for s, silo in in_process.items():
+        why = explained[s]
+        np.testing.assert_allclose(why.delta + why.reference, partial[s], atol=1e-4)
+        index, _ = silo.reasons(4)
+        np.testing.assert_array_equal(why.index, index)
+        with (root / s / "scorecards" / run / "scorecard.csv").open() as f:
+            table = list(csv.DictReader(f))
+        assert len(table) == sum(len(t.woe) for t in model.tables[s])
+        np.testing.assert_allclose([float(r["points"]) for r in table],
+                                   np.concatenate(per_silo[s]))
+        # Named by the silo's own columns, with ranges in its own units.
+        assert {r["column"] for r in table} == set(load_silo(root / s, s, None).columns)
+        assert any(math.isfinite(float(r["raw_high"])) for r in table)
+        # Ranges on the prepared scale: the pre-bins span +-UNITS of it, not +-1.
+        first = model.tables[s][0]
+        highs = [float(r["high"]) for r in table if r["feature"] == "0"]
+        np.testing.assert_allclose(highs[:-1], UNITS * (-1 + 2 * (first.cuts + 1) / params.bins))
+
+
+def _request(weights: np.ndarray) -> PartialLogitsRequest:
+    return PartialLogitsRequest(round=0, weights=weights)
+
+
+def test_silo_handlers_refuse_malformed_requests(federation) -> None:
+    fed, _, xs, _ = federation
+    silos = ScorecardSilos(fed, {s: x.shape[1] for s, x in xs.items()})
+    name = fed.silos[0]
+    start(fed, "cardbad", 8, np.arange(20), units=UNITS)
+    with pytest.raises(FederationError, match="no WoE tables for this run yet"):
+        silos.partial_logits_at({s: np.zeros(x.shape[1]) for s, x in xs.items()}, np.arange(5))
+    model = fit_vertical_scorecard({s: x[:200] for s, x in xs.items()},
+                                   (np.arange(200) % 5 == 0).astype(float), bins=8)
+    tables = model.tables
+    wrong = {s: WoeTables(features=tables[s][:-1]) for s in xs}  # a feature short
+    with pytest.raises(FederationError, match="one WoE table per feature"):
+        silos.woe_tables_all(wrong)
+    silos.woe_tables_all({s: WoeTables(features=tables[s]) for s in xs})
+    with pytest.raises(FederationError, match="one weight per feature"):
+        silos.partial_logits_all({name: _request(np.zeros(999))})
+    with pytest.raises(FederationError, match="NaN or infinite"):
+        silos.partial_logits_all({name: _request(np.full(xs[name].shape[1], np.nan))})
+    short = {s: tuple(p[:-1] if i == 0 else p for i, p in enumerate(t))
+             for s, t in points(model, ScoreConfig())[1].items()}
+    with pytest.raises(FederationError, match="one value per merged bin"):
+        silos.finish(model, short, np.arange(5), 0)
+
+
+# ---- what a silo learns of the labels ------------------------------------------------------
+
+
+class _Tap(ScorecardSilo):
+    """A silo that keeps every gradient message it receives."""
+
+    seen: list[Gradients]
+
+    def gradients(self, msg: Gradients | EncryptedGradients) -> None:
+        assert isinstance(msg, Gradients)
+        self.seen.append(msg)
+        super().gradients(msg)
+
+
+@pytest.mark.parametrize("epsilon", [1.0, math.inf])
+def test_a_silo_guesses_labels_no_better_than_rr_allows(epsilon: float) -> None:
+    """Everything label-dependent a silo receives (the counts' g = RR label, each step's
+    forward-corrected g) gives the RR label and nothing more: a curious silo's best guess of y
+    is right e^eps / (1 + e^eps) of the time, at every step; every time without protection."""
+    x, y = credit_like(6000, seed=5)
+    rng = np.random.default_rng(8)
+    y_view = randomized_response(y.astype(np.int8), epsilon, rng).astype(np.float64)
+    seen: list[Gradients] = []
+    silos = {}
+    for name, part in by_silo(x).items():
+        silos[name] = _Tap(name, part, bins=16)
+        silos[name].seen = seen
+    model = fit_scorecard(silos, y_view, ScorecardParams(bins=16), flip_probability(epsilon))
+    assert len(seen) == len(silos) * (1 + model.steps)
+    assert model.steps > 2
+    bound = keep_probability(epsilon)
+    slack = 4 * math.sqrt(bound * (1 - bound) / len(y)) + 1e-12
+    for msg in seen:
+        guess = msg.g if msg.tree == 0 else (msg.g < 0).astype(np.float64)
+        assert np.array_equal(guess, y_view)  # the RR label, nothing more
+        accuracy = float((guess == y).mean())
+        assert abs(accuracy - bound) <= slack
