@@ -91,7 +91,7 @@ def level(msg: Message, node: Node) -> Message:
     g = m.get_array(msg, "g", np.float64, 1, required=False)
     if g is not None:
         h = m.get_array(msg, "h", np.float64, 1)
-        with _refused():
+        with refused_as_protocol_errors():
             silo.gradients(Gradients(tree=tree, g=g, h=h))  # checks one value per row
         node.state["gbdt_grad"] = m.arrays(g=g, h=h)
         m.config_record(node.state, "gbdt")["tree"] = tree
@@ -105,7 +105,7 @@ def level(msg: Message, node: Node) -> Message:
     groups = _groups(msg, len(nodes), silo.rows)
     request = HistogramRequest(tree=tree, nodes=tuple(
         NodeRows(node=int(n), rows=r) for n, r in zip(nodes, groups, strict=True)))
-    with _refused():
+    with refused_as_protocol_errors():
         reply = silo.histograms(request)
     sums = [s for s in reply.nodes if isinstance(s, NodeHistogram)]
     content = m.make_content(
@@ -129,7 +129,7 @@ def split(msg: Message, node: Node) -> Message:
     tree = m.config_int(m.get_config(msg), "tree")
     lefts = []
     for n, feature, bin_, rows in zip(nodes, features, bins, groups, strict=True):
-        with _refused():
+        with refused_as_protocol_errors():
             lefts.append(silo.split(SplitRequest(tree=tree, node=int(n), feature=int(feature),
                                                  bin=int(bin_), rows=rows)).left)
     left = np.concatenate(lefts) if lefts else np.zeros(0, dtype=bool)
@@ -145,7 +145,7 @@ def route(msg: Message, node: Node) -> Message:
     t0 = time.perf_counter()
     if "gbdt" not in node.state:
         raise m.ProtocolError("no trees yet: the authority must send query.gbdt_start first")
-    bins, units = _binning(node)
+    bins, units = bins_and_units(node)
     binning = _silo(node).binning  # the training positions' edges, kept in the silo
     features = m.get_array(msg, "features", np.int64, 1)
     split_bins = m.get_array(msg, "bins", np.int64, 1)
@@ -169,7 +169,7 @@ def tree_inputs(x: np.ndarray, units: float = STANDARD_UNITS) -> np.ndarray:
     return np.asarray(x, dtype=np.float64) / units
 
 
-def _binning(node: Node) -> tuple[int, float]:
+def bins_and_units(node: Node) -> tuple[int, float]:
     """The run's bins and units (units absent from a state written before they existed)."""
     cfg = m.config_record(node.state, "gbdt")
     return m.config_int(cfg, "bins"), float(cfg.get("units", STANDARD_UNITS))  # type: ignore[arg-type]
@@ -182,7 +182,7 @@ def _silo(node: Node) -> GbdtSilo:
         raise m.ProtocolError("no trees yet: the authority must send query.gbdt_start first")
     cfg = m.config_record(node.state, "gbdt")
     positions = m.array_record(node.state, "gbdt_rows")["positions"].numpy()
-    run, (bins, units) = str(cfg["run"]), _binning(node)
+    run, (bins, units) = str(cfg["run"]), bins_and_units(node)
     kind = str(cfg.get("binning", "uniform"))  # absent from a state written before it existed
     matrix = silo_matrix(node)
 
@@ -208,7 +208,7 @@ def _groups(msg: Message, count: int, rows: int) -> list[np.ndarray]:
 
 
 @contextmanager
-def _refused() -> Iterator[None]:
+def refused_as_protocol_errors() -> Iterator[None]:
     """`GbdtSilo`'s checks (wrong row counts, a split outside its features or bins) answered
     as protocol errors naming the silo, not as a failed message."""
     try:

@@ -41,7 +41,7 @@ from clients.protocol.scorecard import (
     pack_tables,
     unpack_tables,
 )
-from clients.silo.gbdt_handlers import _binning, _refused, tree_inputs
+from clients.silo.gbdt_handlers import bins_and_units, refused_as_protocol_errors, tree_inputs
 from clients.silo.registry import handlers
 from clients.silo.scorecard import ScorecardSilo, raw_units
 from clients.silo.state import rows_at, silo_dir, silo_matrix, silo_name
@@ -58,7 +58,7 @@ def woe(msg: Message, node: Node) -> Message:
     t0 = time.perf_counter()
     packed = {k: m.get_array(msg, k, dtype, 1) for k, dtype in
               (("cuts", np.int64), ("sizes", np.int64), ("woe", np.float64))}
-    with _refused():
+    with refused_as_protocol_errors():
         tables = unpack_tables(packed["cuts"], packed["sizes"], packed["woe"])
         _silo(node, _positions(node), tables, "train")  # checks the tables fit
     node.state[STATE] = m.arrays(**packed)
@@ -73,7 +73,7 @@ def logits(msg: Message, node: Node) -> Message:
     round_ = m.config_int(m.get_config(msg), "round")
     weights = m.get_array(msg, "weights", np.float64, 1)  # refuses NaN and infinities
     silo = _silo(node, _positions(node), _held_tables(node), "train")
-    with _refused():
+    with refused_as_protocol_errors():
         reply = silo.partial_logits(PartialLogitsRequest(round=round_, weights=weights))
     return Message(m.make_content({"round": round_, "seconds": time.perf_counter() - t0},
                                   logits=reply.logits), reply_to=msg)
@@ -88,7 +88,7 @@ def score(msg: Message, node: Node) -> Message:
     positions = m.get_array(msg, "positions", np.int64, 1)
     weights = m.get_array(msg, "weights", np.float64, 1)
     silo = _silo(node, positions, _held_tables(node), "score")
-    with _refused():
+    with refused_as_protocol_errors():
         reply = silo.partial_logits(PartialLogitsRequest(round=0, weights=weights))
     arrays: dict[str, np.ndarray] = {"logits": reply.logits}
     config: dict[str, object] = {}
@@ -97,7 +97,7 @@ def score(msg: Message, node: Node) -> Message:
         sizes = np.cumsum(silo.merged_bins())
         if len(points) != (sizes[-1] if len(sizes) else 0):
             raise m.ProtocolError("points: one value per merged bin")
-        with _refused():
+        with refused_as_protocol_errors():
             silo.points_tables(PointsTables(points=tuple(np.split(points, sizes[:-1]))))
         silo.write_table(table_path(node))
         k = m.config_int(cfg, "reasons") if "reasons" in cfg else 0
@@ -144,7 +144,7 @@ def _silo(node: Node, positions: np.ndarray, tables: tuple[FeatureWoe, ...], rol
     role (training rows, scored positions): rebuilt when the table, positions or bins
     change."""
     run = _run(node)
-    bins, units = _binning(node)
+    bins, units = bins_and_units(node)
     matrix = silo_matrix(node)
     packed = pack_tables(tables)
 
@@ -153,7 +153,7 @@ def _silo(node: Node, positions: np.ndarray, tables: tuple[FeatureWoe, ...], rol
         to_raw = raw_units(matrix.prep) if matrix.prep is not None else None
         silo = ScorecardSilo(silo_name(node), x, bins=bins, columns=matrix.columns,
                              to_raw=to_raw, units=units)
-        with _refused():
+        with refused_as_protocol_errors():
             silo.woe_tables(WoeTables(features=tables))
         return silo
 
