@@ -16,7 +16,9 @@ from hypothesis import settings
 
 from simulations.run.engine import SILO_ENV
 from tests import background, cli_inline
-from tests.ray_head import HEAD
+from tests.ray_head import HEAD, LANE_HEADS
+from tests.ray_head import stop_all as stop_ray_heads
+from tests.resumed_run import resumed_run  # noqa: F401  (a fixture: the shared resumed run)
 
 ENGINE_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
@@ -139,7 +141,11 @@ def _background_env(cwd: Path) -> dict[str, str]:
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
-    background.start_for(session.items, _background_env, prepare=_fix_run_secrets)
+    if any(background.awaited_by(item) for item in session.items):
+        for head in LANE_HEADS:  # here, in the main thread (ray_head.spawn says why)
+            head.spawn()
+    background.start_for(session.items, _background_env, prepare=_fix_run_secrets,
+                         lane_env=lambda lane: LANE_HEADS[lane].join_env())
 
 
 def pytest_terminal_summary(terminalreporter) -> None:
@@ -152,7 +158,7 @@ def pytest_terminal_summary(terminalreporter) -> None:
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
     background.stop_all()
-    HEAD.stop()
+    stop_ray_heads()
 
 
 @pytest.fixture(scope="session")
