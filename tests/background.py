@@ -47,6 +47,7 @@ class Command:
 # work directory -> the commands, each a CLI argument list or a Command
 Commands = Callable[[Path], list[Sequence[str] | Command]]
 Prepare = Callable[[tuple[str, ...], Path], None]  # what to do before a command starts
+LaneEnv = Callable[[int], dict[str, str]]  # a lane's own settings (its Ray head), by number
 
 _registered: dict[str, Commands] = {}
 _waits: set[str] = set()
@@ -74,28 +75,31 @@ class _Lanes:
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._queue: list[_Runs] = []
-        self._busy = 0
+        self._free = [0, 1]  # the lanes' numbers (each lane has a Ray head of its own)
         self._lanes = 1
 
     def enqueue(self, runs: _Runs) -> None:
         with self._cond:
             self._queue.append(runs)
 
-    def acquire(self, runs: _Runs) -> bool:
-        """Wait for `runs`' turn and take a lane; False if it was taken off the queue."""
+    def _busy(self) -> int:
+        return 2 - len(self._free)
+
+    def acquire(self, runs: _Runs) -> int | None:
+        """Wait for `runs`' turn and take a lane: its number, or None if the run was taken
+        off the queue."""
         with self._cond:
             self._cond.wait_for(lambda: runs not in self._queue or (
-                self._busy < self._lanes and self._queue[0] is runs))
+                self._busy() < self._lanes and self._queue[0] is runs))
             if runs not in self._queue:
-                return False
+                return None
             self._queue.pop(0)
-            self._busy += 1
             self._cond.notify_all()
-            return True
+            return self._free.pop(0)
 
-    def release(self) -> None:
+    def release(self, lane: int) -> None:
         with self._cond:
-            self._busy -= 1
+            self._free.append(lane)
             self._cond.notify_all()
 
     def forget(self, runs: _Runs) -> None:
@@ -128,11 +132,12 @@ class _Runs:
 
     def __init__(self, commands: list[Sequence[str] | Command], work: Path,
                  env: Callable[[Path], dict[str, str]], prepare: Prepare,
-                 queued: bool) -> None:
+                 queued: bool, lane_env: LaneEnv) -> None:
         self.work, self.results = work, []
         self._current: subprocess.Popen | None = None
         self._stopped = False
         self._prepare = prepare
+        self._lane_env = lane_env
         self.queued = queued
         if queued:
             _LANES.enqueue(self)
@@ -145,12 +150,13 @@ class _Runs:
         if not self.queued:
             self._run(commands, env)
             return
-        if not _LANES.acquire(self):
+        lane = _LANES.acquire(self)
+        if lane is None:
             return
         try:
-            self._run(commands, env)
+            self._run(commands, {**env, **self._lane_env(lane)})
         finally:
-            _LANES.release()
+            _LANES.release(lane)
 
     def _run(self, commands: list[Command], env: dict[str, str]) -> None:
         for i, command in enumerate(commands):
@@ -170,6 +176,7 @@ class _Runs:
                 self._current = subprocess.Popen(
                     [sys.executable, "-m", "simulations.cli", *args], cwd=self.work,
                     env={**env, **command.env}, stdout=fo, stderr=fe)
+            (self.work / f"cli-{i}.pid").write_text(str(self._current.pid))
             started = time.monotonic()
             code = self._current.wait()
             _timings.append((self.work.name, i, started - _EPOCH,
@@ -204,10 +211,11 @@ class _Runs:
 
 
 def start_for(items: list[pytest.Item], env: Callable[[Path], dict[str, str]],
-              prepare: Prepare) -> None:
+              prepare: Prepare, lane_env: LaneEnv) -> None:
     """Start every registered run a collected test awaits, queued in the order of the first
     test that awaits each; `prepare(args, work)` runs before each command (the suite fixes a
-    run's secrets there, as for a foreground run)."""
+    run's secrets there, as for a foreground run); a run in lane n adds `lane_env(n)` to its
+    environment (the suite's lanes each join a Ray head of their own)."""
     first = {}
     for index, item in enumerate(items):
         for name in _registered:
@@ -218,12 +226,19 @@ def start_for(items: list[pytest.Item], env: Callable[[Path], dict[str, str]],
             continue
         work = Path(tempfile.mkdtemp(prefix=f"fedscore-{name}-"))
         _started[name] = _Runs(_registered[name](work), work, env, prepare,
-                               queued=name not in _waits)
+                               queued=name not in _waits, lane_env=lane_env)
 
 
 def finish(name: str, timeout: float = 900) -> tuple[list[subprocess.CompletedProcess], Path]:
     runs = _started[name]
     return runs.wait(timeout), runs.work
+
+
+def pids(work: Path) -> list[int]:
+    """The process ID of each command of the run in `work` that started, in order (what a
+    lock or a log names)."""
+    return [int((work / f"cli-{i}.pid").read_text())
+            for i in range(len(list(work.glob("cli-*.pid"))))]
 
 
 def stop_all() -> None:

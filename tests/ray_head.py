@@ -12,9 +12,9 @@ a private temp dir. It is stopped at the end of the session by signalling its pr
 which holds only the processes it started (never `ray stop`, which would end every Ray of
 this user on the machine).
 
-Runs that check the private Ray itself (tests/test_security_machine.py), or that run beside
-other engine runs (tests/background.py), do not join it. FEDSCORE_TEST_PRIVATE_RAY=1 turns
-the head off for a whole session.
+Runs that check the private Ray itself (tests/test_security_machine.py) do not join it; runs
+beside the foreground's (tests/background.py) join their lane's own head (LANE_HEADS).
+FEDSCORE_TEST_PRIVATE_RAY=1 turns the heads off for a whole session.
 """
 
 from __future__ import annotations
@@ -47,17 +47,32 @@ class _Head:
         self.proc: subprocess.Popen | None = None
         self.env: dict[str, str] = {}
         self.temp: Path | None = None
+        self._port = 0
+        self._listening = False
+
+    @staticmethod
+    def off() -> bool:
+        return os.environ.get(OFF_ENV) == "1" or bool(os.environ.get("RAY_ADDRESS"))
 
     def join_env(self) -> dict[str, str]:
         """The environment that makes an engine run join the head (started now if needed);
         empty when the head is off or the caller already chose a cluster."""
-        if os.environ.get(OFF_ENV) == "1" or os.environ.get("RAY_ADDRESS"):
+        if self.off():
             return {}
         if self.proc is None:
-            self._start()
+            self.spawn()
+        if not self._listening:
+            assert self.proc is not None
+            _wait_for_port(self._port, self.proc)
+            self._listening = True
         return dict(self.env)
 
-    def _start(self) -> None:
+    def spawn(self) -> None:
+        """Start the head without waiting for it. From the main thread: the head is told to
+        end with the thread that started it (PR_SET_PDEATHSIG follows the thread, not the
+        process), and a background run's thread ends before the session does."""
+        if self.off() or self.proc is not None:
+            return
         # Short path: Ray's socket paths must stay under ~107 bytes.
         self.temp = Path(tempfile.mkdtemp(prefix="fs-ray-", dir="/tmp"))
         port = _free_port()
@@ -89,7 +104,7 @@ class _Head:
                                      env=env, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL, start_new_session=True)
         self.env = {**auth, "RAY_ADDRESS": f"{LOOPBACK}:{port}"}
-        _wait_for_port(port, self.proc)
+        self._port = port
 
     def stop(self) -> None:
         if self.proc is None:
@@ -99,7 +114,7 @@ class _Head:
             self.proc.wait(timeout=20)
         with contextlib.suppress(ProcessLookupError):  # what outlived it: workers, agents
             os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc = None
+        self.proc, self._listening = None, False
         if self.temp is not None:
             shutil.rmtree(self.temp, ignore_errors=True)
 
@@ -125,3 +140,12 @@ def _wait_for_port(port: int, proc: subprocess.Popen) -> None:
 
 
 HEAD = _Head()
+# One head per background lane (tests/background.py): a run beside the foreground's (or beside
+# the other lane's) must not wait for the foreground head's one CPU. Each lane runs one
+# command at a time, so each head serves one run at a time, as HEAD does.
+LANE_HEADS = (_Head(), _Head())
+
+
+def stop_all() -> None:
+    for head in (HEAD, *LANE_HEADS):
+        head.stop()

@@ -1,8 +1,9 @@
 """Leak canary: no raw identifier, nor an unkeyed hash of one, anywhere a run leaves bytes.
 
 Every phone number of every party is a canary. One run is crashed after round 2 (so the
-authority's checkpoint exists) and resumed, with every Flower message payload captured on both
-sides (clients.protocol.capture) and verbose logs on. Scanned: message payloads, logs, the run
+authority's checkpoint exists) and resumed (tests/resumed_run.py, shared with
+test_security_rundir.py), with every Flower message payload captured on both sides
+(clients.protocol.capture) and verbose logs on. Scanned: message payloads, logs, the run
 directory, the checkpoints of the authority and of every silo, for
   - the number in any party's format, E.164, or national digits;
   - SHA-256, SM3 and MD5 of the E.164 string or the national number, in hex or raw bytes.
@@ -20,9 +21,8 @@ import pandas as pd
 import pytest
 from cryptography.hazmat.primitives import hashes
 
-from clients.protocol.capture import CAPTURE_ENV
 from crypto.identity import normalize_phones
-from tests.conftest import run_cli, run_cli_crashing
+from tests.conftest import run_cli
 
 pytestmark = pytest.mark.slow
 PARTY_TABLES = ("authority/labels.parquet", "payments/features.parquet",
@@ -88,42 +88,24 @@ def _scan_tree(root: Path, canaries: Canaries) -> dict[str, list[str]]:
     return leaks
 
 
-def test_no_identifier_leaks_anywhere(tmp_path: Path):
-    parties, run = tmp_path / "parties", tmp_path / "run"
-    capture = tmp_path / "capture"
-    # The run draws fresh secrets (no keystore), so its split is a fresh draw: at the default
-    # 6 % rate a validation split of 1,500 people holds about 12 defaulters, and fewer than
-    # five (a refused split) came up in CI. At 15 % it holds about 30; fewer than five is
-    # a one-in-10^8 draw.
-    rate = ("--set", "population.default_rate=0.15")
-    assert run_cli("generate", "--parties", str(parties), "--users", "1500", "--seed", "11",
-                   *rate, cwd=tmp_path).returncode == 0
+def test_no_identifier_leaks_anywhere(resumed_run):
+    """The shared run (tests/resumed_run.py): crashed after round 2, resumed three times (once
+    beside a refused second resume), every message captured, verbose logs, plaintext at rest."""
+    parties, run, capture = resumed_run["parties"], resumed_run["run"], resumed_run["capture"]
     canaries = Canaries(parties)
-
-    os.environ[CAPTURE_ENV] = str(capture)
-    try:
-        crashed = run_cli_crashing(
-            2, "-v", "run", "--out", str(run), "--parties", str(parties), "--users", "1500",
-            "--seed", "11", *rate, "--set", "train.epochs=2", "--set", "train.batch_size=128",
-            # Plaintext at rest: the scan must see inside every checkpoint, not ciphertext.
-            "--set", "storage.keystore=none", cwd=tmp_path,
-        )
-        assert (run / "checkpoint" / "run.npz").exists()
-        checkpoint_leaks = _scan_tree(run, canaries)
-        resumed = run_cli("-v", "run", "--resume", str(run), cwd=tmp_path)
-        assert resumed.returncode == 0, resumed.stderr[-2000:]
-    finally:
-        os.environ.pop(CAPTURE_ENV, None)
+    assert (resumed_run["crashed_copy"] / "checkpoint" / "run.npz").exists()
 
     captured = sorted(capture.glob("*.bin"))
     sides = {p.name.split("-")[0] + "-" + p.name.split("-")[1] for p in captured}
     assert {"silo-in", "silo-out", "authority-in", "authority-out"} <= sides
     assert sum(p.stat().st_size for p in captured) > 100_000  # PSI points and contributions
-    logs = (crashed.stdout + crashed.stderr + resumed.stdout + resumed.stderr).encode()
+    second = resumed_run["second"]
+    logs = "".join([*(p.stdout + p.stderr for p in resumed_run["procs"]),
+                    second["stdout"], second["stderr"]]).encode()
     assert b"INFO" in logs or b"phase" in logs  # verbose logging was on
 
     leaks = {
-        "checkpoint (mid-run)": checkpoint_leaks,
+        "checkpoint (mid-run)": _scan_tree(resumed_run["crashed_copy"], canaries),
         "messages": _scan_tree(capture, canaries),
         "run directory": _scan_tree(run, canaries),
         **{f"{s} checkpoints": _scan_tree(parties / s / "checkpoints", canaries)

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from tests import background
 from tests.conftest import assert_no_identifiers, run_cli, scores_of
 
 pytestmark = pytest.mark.slow
@@ -169,17 +170,33 @@ def test_an_existing_run_is_never_overwritten(small_run: Path, tmp_path: Path):
     assert (small_run / "metrics.json").read_bytes() == before
 
 
-def test_empty_intersection_names_the_silo(tmp_path: Path):
-    parties = tmp_path / "parties"
-    assert run_cli("generate", "--parties", str(parties), "--users", "2000",
-                   cwd=tmp_path).returncode == 0
-    table = parties / "device" / "features.parquet"
-    df = pd.read_parquet(table)
-    rng = np.random.default_rng(0)
-    df["phone"] = [f"+1415{n:07d}" for n in rng.choice(10**7, len(df), replace=False)]
-    df.to_parquet(table)
-    proc = run_cli("run", "--out", str(tmp_path / "run"), "--parties", str(parties),
-                   "--users", "2000", cwd=tmp_path)
+def _no_overlap_commands(work: Path) -> list[background.Command]:
+    parties = work / "parties"
+
+    def device_shares_no_one(work: Path) -> None:
+        table = parties / "device" / "features.parquet"
+        df = pd.read_parquet(table)
+        rng = np.random.default_rng(0)
+        df["phone"] = [f"+1415{n:07d}" for n in rng.choice(10**7, len(df), replace=False)]
+        df.to_parquet(table)
+
+    return [background.Command(("generate", "--parties", str(parties), "--users", "2000")),
+            background.Command(("run", "--out", str(work / "run"), "--parties", str(parties),
+                                "--users", "2000"), expect=2, before=device_shares_no_one)]
+
+
+# The refusal comes from the silos' alignment, inside the engine: run in the background.
+background.register("no_overlap_run", _no_overlap_commands)
+
+
+@pytest.fixture
+def no_overlap_run(background_runs) -> list:
+    return background_runs("no_overlap_run")[0]
+
+
+def test_empty_intersection_names_the_silo(no_overlap_run):
+    made, proc = no_overlap_run
+    assert made.returncode == 0, made.stderr
     assert proc.returncode == 2, proc.stderr
     assert "silo 'device' shares no one with the authority" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -157,13 +157,14 @@ def test_same_keystore_reproduces_the_run_and_fresh_secrets_do_not(
     """The public seed decides only the data and the initialisation: rerun with the same
     keystores, the run is the same bit for bit; with fresh randomness secrets (the tables'
     data keys kept), the noise, plans, flips and split all differ. On conftest's
-    interrupted_runs (3,000 people, DP-SGD and label DP at their defaults): its uninterrupted
-    run, rerun with the same parties and keystore ("again"), then with a copy of both whose
-    randomness secrets are gone ("fresh")."""
+    interrupted_runs (3,000 people, DP-SGD and label DP at their defaults): its first run (it
+    made the keystore; stopped by a faulty silo and resumed, test_resume checks the resume
+    releases nothing new), the second run with the same parties and keystore ("full"), then a
+    run with a copy of both whose randomness secrets are gone ("fresh")."""
     from crypto.secret_random import SECRET_FILE
 
     first, again, fresh, keys = (interrupted_runs[k]
-                                 for k in ("full", "again", "fresh", "keys"))
+                                 for k in ("full", "crashed", "fresh", "keys"))
     m = json.loads((first / "metrics.json").read_text())
     # Noise is in play: DP-SGD's and randomised response's draws come from the secrets.
     assert 0 < m["epsilon"]["model"] < float("inf")

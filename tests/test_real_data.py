@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,8 @@ from simulations.data.real_data import (
     uci_default_path,
     uci_mapping,
 )
-from tests.conftest import run_cli, scores_of
+from tests import background
+from tests.conftest import scores_of
 
 UCI = uci_default_path()
 needs_uci = pytest.mark.skipif(not UCI.exists(), reason="../shared/data is not beside the repo")
@@ -101,15 +103,30 @@ def test_bad_data_directories_are_refused_and_nothing_is_written(tmp_path, chang
     assert not parties.exists() or not any(parties.iterdir())
 
 
+def _uci_run_commands(work: Path) -> list[background.Command]:
+    return [background.Command(
+        ("run", "--data", str(work / "uci_small.csv"), "--out", str(work / "run"),
+         "--set", "train.epochs=1", "--set", "train.batch_size=512",
+         "--set", "privacy.epsilon=inf", "--set", "privacy.label_epsilon=inf"),
+        before=_small_uci)]
+
+
+if UCI.exists():  # the run starts when collection ends, in the background
+    background.register("uci_run", _uci_run_commands)
+
+
+@pytest.fixture
+def uci_run(background_runs) -> tuple[Path, subprocess.CompletedProcess]:
+    (proc,), work = background_runs("uci_run")
+    return work, proc
+
+
 @needs_uci
 @pytest.mark.slow
-def test_uci_run_end_to_end(tmp_path: Path):
+def test_uci_run_end_to_end(uci_run):
     """The same pipeline on real data, PSI included; no oracle without a truth table."""
-    source = _small_uci(tmp_path)
-    proc = run_cli("run", "--data", str(source), "--out", str(tmp_path / "run"),
-                   "--set", "train.epochs=1", "--set", "train.batch_size=512",
-                   "--set", "privacy.epsilon=inf", "--set", "privacy.label_epsilon=inf",
-                   cwd=tmp_path)
+    tmp_path, proc = uci_run
+    source = tmp_path / "uci_small.csv"
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["oracle_auc"] is None

@@ -39,6 +39,7 @@ from server.scores_file import SCORES_FILE, read_scores, write_scores
 from simulations.data.paths import Parties, PathArgumentError, check_new_dir
 from simulations.data.real_data import DataImportError, read_mapping
 from simulations.run.config import check_delta, known_keys, make_config
+from tests import background
 from tests.conftest import run_cli
 
 # ---- helpers -----------------------------------------------------------------------------
@@ -271,18 +272,43 @@ def test_delta_half_is_refused_fast_for_a_generated_population(tmp_path: Path):
     assert not (out / "config.json").exists()
 
 
+_FAST = ("--set", "train.epochs=1", "--set", "train.batch_size=256",
+         "--set", "privacy.epsilon=inf", "--set", "privacy.label_epsilon=inf")
+
+
+def _delta_retry_commands(work: Path) -> list[background.Command]:
+    """The refused command, then the same with a fixed delta into the same --out."""
+    data, out = work / "data", work / "run"
+
+    def out_left_free(work: Path) -> None:
+        if (out / "config.json").exists() or (out / "run.json").exists():
+            raise AssertionError("the refused run left its --out taken")
+
+    return [background.Command(("run", "--out", str(out), "--data", str(data), *_FAST,
+                                "--set", "privacy.delta=0.5"),
+                               expect=2, before=lambda work: _party_csvs(work) and None),
+            background.Command(("run", "--out", str(out), "--data", str(data), *_FAST,
+                                "--set", "privacy.delta=1e-5"), before=out_left_free)]
+
+
+# The retry trains: in the background while the suite runs.
+background.register("delta_retry", _delta_retry_commands)
+
+
+@pytest.fixture
+def delta_retry(background_runs) -> tuple[list, Path]:
+    return background_runs("delta_retry")
+
+
 @pytest.mark.slow
-def test_delta_half_on_real_data_is_refused_before_the_engine_and_the_retry_runs(
-        tmp_path: Path):
+def test_delta_half_on_real_data_is_refused_before_the_engine(tmp_path: Path):
     """Real data: N is known only from the authority's table, after --out is claimed and the
-    tables imported. The refusal still comes before the engine and PSI, and leaves the --out
-    free, so the same command with a fixed delta goes through."""
+    tables imported. The refusal still comes before the engine and PSI (the engine is barred
+    here), and leaves the --out free."""
     data = _party_csvs(tmp_path)
     out = tmp_path / "run"
-    fast = ("--set", "train.epochs=1", "--set", "train.batch_size=256",
-            "--set", "privacy.epsilon=inf", "--set", "privacy.label_epsilon=inf")
     t = time.perf_counter()
-    proc = run_cli("run", "--out", str(out), "--data", str(data), *fast,
+    proc = run_cli("run", "--out", str(out), "--data", str(data), *_FAST,
                    "--set", "privacy.delta=0.5", cwd=tmp_path, engine=False)
     seconds = time.perf_counter() - t
     _assert_user_error(proc, "privacy.delta=0.5", "privacy.delta=0", "authority's table")
@@ -292,10 +318,16 @@ def test_delta_half_on_real_data_is_refused_before_the_engine_and_the_retry_runs
     assert not (out / "config.json").exists()
     assert not (out / "run.json").exists()
 
-    retry = run_cli("run", "--out", str(out), "--data", str(data), *fast,
-                    "--set", "privacy.delta=1e-5", cwd=tmp_path, timeout=600)
+
+@pytest.mark.slow
+def test_after_the_delta_refusal_the_same_command_with_a_fixed_delta_runs(delta_retry):
+    """The same refusal as a user's process meets it, then the retry into the same --out."""
+    (refused, retry), work = delta_retry
+    _assert_user_error(refused, "privacy.delta=0.5", "authority's table")
+    assert "Start engine" not in refused.stderr
     assert retry.returncode == 0, retry.stderr[-3000:]
-    assert json.loads((out / "metrics.json").read_text())["delta"] == pytest.approx(1e-5)
+    assert json.loads((work / "run" / "metrics.json").read_text())["delta"] == \
+        pytest.approx(1e-5)
 
 
 # ---- keys and the run's record -------------------------------------------------------------

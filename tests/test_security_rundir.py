@@ -18,7 +18,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -30,11 +29,8 @@ from server.audit_log import AuditLog, check_anchor, genesis_hash
 from server.ledger import DuplicateStepError, Ledger
 from server.ledger_lines import Block, JointRound
 from server.run_lock import RunLockedError, claim, holder
-from tests.conftest import _cli_env, run_cli, run_cli_crashing
-
-ARGS = ("--users", "3000", "--seed", "3", "--set", "train.epochs=2",
-        "--set", "train.batch_size=256")
-
+from tests.conftest import run_cli
+from tests.resumed_run import federated_digests
 
 # ---- the lock ------------------------------------------------------------------------------
 
@@ -135,29 +131,13 @@ def test_appending_a_step_already_recorded_is_refused(tmp_path: Path):
 
 
 @pytest.fixture(scope="module")
-def resumed(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """A run crashed after round 2, then two `--resume` at once: the first holds the run, the
-    second must be refused while it does."""
-    work = tmp_path_factory.mktemp("rundir")
-    crashed = work / "crashed"
-    run_cli_crashing(2, "run", "--out", str(crashed), *ARGS, cwd=work)
-    assert (crashed / "checkpoint").exists()
-    first = subprocess.Popen([sys.executable, "-m", "simulations.cli", "run", "--resume",
-                              str(crashed)], cwd=work, env=_cli_env(work),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while (holder(crashed) or {}).get("pid") != first.pid:
-            assert first.poll() is None, first.communicate()
-            assert time.monotonic() < deadline, "the first resume never claimed the run"
-            time.sleep(0.1)
-        second = run_cli("run", "--resume", str(crashed), cwd=work)
-        out, err = first.communicate(timeout=600)
-    finally:
-        if first.poll() is None:
-            first.kill()
-    assert first.returncode == 0, out + err
-    return {"work": work, "run": crashed, "first_pid": first.pid, "second": second}
+def resumed(resumed_run) -> dict:
+    """The shared run (tests/resumed_run.py): crashed after round 2, then two `--resume` at
+    once: the first holds the run, the second must be refused while it does."""
+    return {"work": resumed_run["work"], "run": resumed_run["run"],
+            "first_pid": resumed_run["pids"][2], "second": resumed_run["second"],
+            "at_baselines": resumed_run["at_baselines"], "at_audit": resumed_run["at_audit"],
+            "procs": resumed_run["procs"]}
 
 
 slow = pytest.mark.slow
@@ -166,11 +146,12 @@ slow = pytest.mark.slow
 @slow
 def test_a_second_resume_is_refused_while_the_first_runs(resumed):
     second = resumed["second"]
-    assert second.returncode == 2, second.stdout + second.stderr
-    text = " ".join((second.stdout + second.stderr).split())
+    assert second["holder_pid"] == resumed["first_pid"]
+    assert second["returncode"] == 2, second["stdout"] + second["stderr"]
+    text = " ".join((second["stdout"] + second["stderr"]).split())
     assert "is in use" in text
     assert f"process {resumed['first_pid']}" in text
-    assert "Traceback" not in second.stderr
+    assert "Traceback" not in second["stderr"]
 
 
 @slow
@@ -241,42 +222,29 @@ def test_serve_and_drift_are_refused_on_a_run_someone_holds(resumed):
 
 
 @slow
-def test_a_kill_as_the_baselines_start_resumes_to_the_same_outputs(tmp_path: Path):
-    """Killed as the baselines start, then as the audit starts; each `--resume` continues at
-    the first unfinished phase (no engine, no retraining) and ends with the outputs the
-    federated part wrote before the kill: same scores, same ledger, same figures."""
-    killed = tmp_path / "killed"
-    os.environ[run_phases.FAIL_AT_PHASE] = "baselines"
-    try:
-        stopped = run_cli("run", "--out", str(killed), *ARGS, cwd=tmp_path)
-    finally:
-        del os.environ[run_phases.FAIL_AT_PHASE]
-    said = " ".join((stopped.stdout + stopped.stderr).split())
-    assert stopped.returncode == 2, said[-3000:]
+def test_a_kill_as_the_baselines_start_resumes_to_the_same_outputs(resumed, tmp_path: Path):
+    """The shared run was killed as the baselines start, then as the audit starts; each
+    `--resume` continued at the first unfinished phase (no engine, no retraining) and ended
+    with the outputs the federated part wrote before the kill: same scores, same ledger, same
+    figures."""
+    killed, procs = resumed["run"], resumed["procs"]
+    said = " ".join((procs[2].stdout + procs[2].stderr).split())
+    assert procs[2].returncode == 2, said[-3000:]
     assert "injected failure as phase baselines starts" in said
     assert f"fedscore run --resume {killed}" in said
-    assert run_phases.finished(killed) == ["align", "train", "score"]
-    assert not (killed / "metrics.json").exists()
-    scores = (killed / "scores.parquet.enc").read_bytes()
-    ledger = (killed / "ledger.jsonl").read_bytes()
-    authority = json.loads((killed / "authority.json").read_text())
+    at_baselines, at_audit = resumed["at_baselines"], resumed["at_audit"]
+    assert at_baselines["finished"] == ["align", "train", "score"]
+    assert not at_baselines["metrics_written"]
+    assert procs[3].returncode == 2, procs[3].stderr[-3000:]
+    assert at_audit["finished"][-1] == "baselines"
+    kept = at_audit["baselines"]
 
-    os.environ[run_phases.FAIL_AT_PHASE] = "audit"
-    try:
-        again = run_cli("run", "--resume", str(killed), cwd=tmp_path)
-    finally:
-        del os.environ[run_phases.FAIL_AT_PHASE]
-    assert again.returncode == 2, again.stderr[-3000:]
-    assert run_phases.finished(killed)[-1] == "baselines"
-    kept = run_phases.saved(killed, "baselines")
-
-    done = run_cli("run", "--resume", str(killed), cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert procs[4].returncode == 0, procs[4].stderr[-3000:]
     assert run_phases.finished(killed) == list(run_phases.PHASES)
     metrics = json.loads((killed / "metrics.json").read_text())
+    authority = json.loads((killed / "authority.json").read_text())
     # The federated results are the ones written before the kill, not made again.
-    assert (killed / "scores.parquet.enc").read_bytes() == scores
-    assert (killed / "ledger.jsonl").read_bytes() == ledger
+    assert federated_digests(killed) == at_baselines["digests"]
     for key in ("auc", "ks", "brier"):  # authority.json: per named population
         assert metrics[key] == authority["scored_test"][key], key
         assert metrics[f"all_test_{key}"] == authority["all_test"][key], key
@@ -368,11 +336,13 @@ def test_no_log_and_no_anchor_is_no_disputes_yet(tmp_path: Path):
 
 
 @slow
-def test_fedscore_audit_reports_a_deleted_log(resumed, tmp_path: Path):
-    """Through the command, on a finished run: it said "no disputes yet" and exited 0."""
+def test_fedscore_audit_reports_a_deleted_log(small_run, tmp_path: Path):
+    """Through the command, on a finished run: it said "no disputes yet" and exited 0. On a
+    copy of the shared small run (its keystore keeps the copy's anchor under the copy's path)."""
     from simulations.service.session import open_finished
 
-    run, work = resumed["run"], resumed["work"]
+    run, work = tmp_path / "run", tmp_path
+    shutil.copytree(small_run, run, ignore=shutil.ignore_patterns(".lock"))
     log = open_finished(run).audit_log()
     entry = log.append({"kind": "dispute", "subject_ref": "0" * 16, "silo": "payments",
                         "field": "overdue_count", "value": 0.0, "category": "transaction",

@@ -33,6 +33,7 @@ from simulations.run.sweep import (
     run_sweep,
     summarise,
 )
+from tests import background
 from tests.conftest import fix_secrets, run_cli
 from tests.test_interrupt import aligned, assert_stopped_cleanly, interrupt
 
@@ -298,20 +299,35 @@ def test_a_grid_sweep_extended_by_a_seed_runs_only_the_new_cells(tmp_path: Path,
     assert set(summary["reference"]) == {"eps=inf_train.lr=0.01"}
 
 
-@pytest.mark.slow
-def test_sweep_runs_every_cell_once_and_resumes(tmp_path: Path):
-    out = tmp_path / "sweep"
-    args = ("sweep", "--out", str(out), "--users", "2000", "--epsilons", "2,inf",
+def _sweep_args(work: Path) -> tuple[str, ...]:
+    return ("sweep", "--out", str(work / "sweep"), "--users", "2000", "--epsilons", "2,inf",
             "--seeds", "3", "--set", "train.epochs=3",
-            # Label DP off: 2,000 people and three epochs learn too little under eps_label 2 for
-            # the AUC check below to say anything about the sweep's plumbing.
+            # Label DP off: 2,000 people and three epochs learn too little under eps_label 2
+            # for the AUC check below to say anything about the sweep's plumbing.
             "--set", "privacy.label_epsilon=inf",
             # Three full-batch DP steps cannot learn (server/privacy.py guardrails); the
             # sweep's plumbing is what is tested.
             "--set", "privacy.guardrails=warn",
-            "--set", f"storage.keystore={tmp_path / 'keys'}")
-    fix_secrets(tmp_path / "keys", "sweep")  # the same cells on every machine
-    first = run_cli(*args, cwd=tmp_path)
+            "--set", f"storage.keystore={work / 'keys'}")
+
+
+# The sweep's first pass runs in the background while the suite runs; the test then reruns,
+# interrupts and resumes it.
+background.register("sweep_run", lambda work: [background.Command(
+    _sweep_args(work),
+    before=lambda work: fix_secrets(work / "keys", "sweep"))])  # the same cells everywhere
+
+
+@pytest.fixture
+def sweep_run(background_runs):
+    (first,), work = background_runs("sweep_run")
+    return first, work
+
+
+@pytest.mark.slow
+def test_sweep_runs_every_cell_once_and_resumes(sweep_run):
+    first, tmp_path = sweep_run
+    args, out = _sweep_args(tmp_path), tmp_path / "sweep"
     assert first.returncode == 0, first.stderr[-3000:]
     table = pd.read_csv(out / "sweep.csv")
     assert list(table["status"]) == ["done", "done"]

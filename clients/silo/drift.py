@@ -65,14 +65,18 @@ def _values(x: npt.ArrayLike, name: str) -> np.ndarray:
 
 
 def quantile_edges(expected: npt.ArrayLike, bins: int = 10) -> np.ndarray:
-    """The inner bin edges: the 1/bins, ..., (bins-1)/bins quantiles of `expected`, ties merged.
+    """The inner bin edges: the 1/bins, ..., (bins-1)/bins quantiles of `expected` (each a value
+    of it), ties merged.
 
     A value v falls in bin `searchsorted(edges, v, side="right")`, i.e. bins are [edge, next edge)
     with the lowest open to -inf and the highest to +inf."""
     if isinstance(bins, bool) or not isinstance(bins, int | np.integer) or bins < 2:
         raise DriftError(f"bins={bins!r}: must be an integer >= 2 (10 gives deciles)")
     e = _values(expected, "expected")
-    inner = np.unique(np.quantile(e, np.arange(1, bins) / bins))
+    # Edges are values of `expected` (the next value up, no interpolation): an interpolated edge
+    # is rounded, and an increasing affine map of the data (points vs. logits) could round it to
+    # the other side of a value sitting on it, changing the PSI with the units.
+    inner = np.unique(np.quantile(e, np.arange(1, bins) / bins, method="higher"))
     # An edge at the minimum (ties at the bottom) would leave the lowest bin empty for ever.
     return inner[inner > e.min()]
 
