@@ -13,12 +13,16 @@ class _Fake:
     """Stands in for a queued background run: only its identity matters to the lanes."""
 
 
-def _start(lanes: _Lanes, runs: _Fake, log: list, hold: threading.Event) -> threading.Thread:
+def _start(lanes: _Lanes, runs: _Fake, log: list, hold: threading.Event,
+           numbers: dict | None = None) -> threading.Thread:
     def body() -> None:
-        if lanes.acquire(runs):  # type: ignore[arg-type]
+        lane = lanes.acquire(runs)  # type: ignore[arg-type]
+        if lane is not None:
             log.append(runs)
+            if numbers is not None:
+                numbers[runs] = lane
             hold.wait(5)
-            lanes.release()
+            lanes.release(lane)
     thread = threading.Thread(target=body, daemon=True)
     thread.start()
     return thread
@@ -33,12 +37,15 @@ def test_one_lane_in_order_then_two_while_the_foreground_waits():
     a, b, c = _Fake(), _Fake(), _Fake()
     for runs in (a, b, c):
         lanes.enqueue(runs)  # type: ignore[arg-type]
-    threads = [_start(lanes, runs, log, hold) for runs in (c, b, a)]
+    numbers: dict = {}
+    threads = [_start(lanes, runs, log, hold, numbers) for runs in (c, b, a)]
     _settle()
     assert log == [a]  # one lane: the first queued, whatever thread asked first
     with lanes.foreground_waits_for(c):  # type: ignore[arg-type]
         _settle()
         assert log == [a, c]  # a second lane, and the awaited run jumps the queue
+        # Each lane has its own number (its own Ray head): two runs at once never share one.
+        assert sorted(numbers.values()) == [0, 1]
         hold.set()
         for thread in threads:
             thread.join(2)
