@@ -188,11 +188,10 @@ class AppGrid:
         return [self.replies.pop(i) for i in ids if i in self.replies]
 
 
-@pytest.fixture(scope="module")
-def federation(tmp_path_factory: pytest.TempPathFactory) -> tuple[Federation, AppGrid, dict]:
-    """Three silos with their real tables, aligned on the people all of them hold (the
-    test plays PSI's result: position i is the i-th common identifier)."""
-    root = tmp_path_factory.mktemp("gbdtwire") / "parties"
+def aligned_federation(root: Path) -> tuple[Federation, AppGrid, dict[str, np.ndarray]]:
+    """Three silos with their real tables under `root`, aligned on the people all of them
+    hold (the test plays PSI's result: position i is the i-th common identifier); with each
+    silo's aligned prepared matrix."""
     write_parties(_population(), root)
     grid = AppGrid(root)
     fed = Federation(grid, federation_silos(root))  # type: ignore[arg-type]
@@ -203,8 +202,14 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> tuple[Federation, Ap
     for silo, table in tables.items():
         rows = pd.Index(table.ids.to_numpy()).get_indexer(common).astype(np.int64)
         grid.contexts[fed.nodes[silo]].state["align"] = m.arrays(pos2row=rows)
-        xs[silo] = tree_inputs(table.x[rows])  # what the silo's trees bin
+        xs[silo] = np.asarray(table.x[rows], dtype=np.float64)
     return fed, grid, xs
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory: pytest.TempPathFactory) -> tuple[Federation, AppGrid, dict]:
+    fed, grid, xs = aligned_federation(tmp_path_factory.mktemp("gbdtwire") / "parties")
+    return fed, grid, {s: tree_inputs(x) for s, x in xs.items()}  # what the silo's trees bin
 
 
 @pytest.mark.parametrize("binning", ["uniform", "quantile"])

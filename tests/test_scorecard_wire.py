@@ -5,19 +5,15 @@ simulations/run/scorecard.py on the same inputs."""
 from __future__ import annotations
 
 import csv
-import functools
 import math
 from pathlib import Path
 from typing import cast
 
 import numpy as np
-import pandas as pd
 import pytest
 from flwr.supercore.task_identity import TaskIdentity
 
-from clients.protocol import messages as m
 from clients.protocol.gbdt import EncryptedGradients, Gradients
-from clients.protocol.schema import federation_silos
 from clients.protocol.scorecard import PartialLogitsRequest, WoeTables
 from clients.silo.data import load_silo
 from clients.silo.scorecard import ScorecardSilo
@@ -29,11 +25,9 @@ from server.label_dp import flip_probability, keep_probability, randomized_respo
 from server.scorecard import ScorecardParams, Silos, fit_scorecard, points, predict_margins
 from server.scorecard_run import UNITS, ScorecardSilos, annotate, calibrated
 from server.scoring import Platt, to_score
-from simulations.data.population import write_parties
 from simulations.run.scorecard import fit_vertical_scorecard, scored_silos, scores, silos_for
 from tests.test_gbdt import by_silo, credit_like
-from tests.test_gbdt_wire import AppGrid
-from tests.test_security_protocol import _population  # the same 1,000 people, generated once
+from tests.test_gbdt_wire import AppGrid, aligned_federation
 
 CARD = {"model.kind": "scorecard", "privacy.epsilon": "inf"}
 
@@ -84,21 +78,10 @@ def _task_identity():
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory: pytest.TempPathFactory
                ) -> tuple[Federation, AppGrid, dict[str, np.ndarray], Path]:
-    """Three silos with their real tables, aligned on the people all of them hold (the
-    test plays PSI's result: position i is the i-th common identifier)."""
+    """The trees' aligned federation (tests/test_gbdt_wire.py), in the scorecard's units."""
     root = tmp_path_factory.mktemp("cardwire") / "parties"
-    write_parties(_population(), root)
-    grid = AppGrid(root)
-    fed = Federation(grid, federation_silos(root))  # type: ignore[arg-type]
-    fed.connect()
-    tables = {s: load_silo(root / s, s, None) for s in fed.silos}
-    common = sorted(functools.reduce(np.intersect1d, [t.ids.to_numpy() for t in tables.values()]))
-    xs = {}
-    for silo, table in tables.items():
-        rows = pd.Index(table.ids.to_numpy()).get_indexer(common).astype(np.int64)
-        grid.contexts[fed.nodes[silo]].state["align"] = m.arrays(pos2row=rows)
-        xs[silo] = np.asarray(table.x[rows], dtype=np.float64) / UNITS  # what the silo bins
-    return fed, grid, xs, root
+    fed, grid, xs = aligned_federation(root)
+    return fed, grid, {s: x / UNITS for s, x in xs.items()}, root  # what the silo bins
 
 
 @pytest.mark.parametrize("label_epsilon", [math.inf, 2.0])
