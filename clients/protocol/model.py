@@ -33,6 +33,10 @@ class ModelSpec:
     transcript_clip: float = 4.0
     # Values per person a silo sends: 1 in `sum` mode, the embedding width in `concat` mode.
     outputs: int = 1
+    # Delay compensation of stale gradients (clients/silo/trainer.py `replay`): 0 replays the
+    # authority's gradients as sent; lambda > 0 corrects each row's for the silo's own drift
+    # since its contribution was sent, scaled by lambda (train.staleness_correction).
+    staleness_correction: float = 0.0
 
     @property
     def dp(self) -> bool:
@@ -51,6 +55,7 @@ class ModelSpec:
             "transcript_sigma": self.transcript_sigma,
             "transcript_clip": self.transcript_clip,
             "outputs": self.outputs,
+            "staleness_correction": self.staleness_correction,
         }
 
     @classmethod
@@ -67,6 +72,7 @@ class ModelSpec:
             transcript_sigma=float(cfg.get("transcript_sigma", 0.0)),
             transcript_clip=float(cfg.get("transcript_clip", 4.0)),
             outputs=int(cfg.get("outputs", 1)),
+            staleness_correction=float(cfg.get("staleness_correction", 0.0)),
         )
 
 
