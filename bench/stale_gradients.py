@@ -41,6 +41,7 @@ from clients.silo.data import load_silo
 from clients.silo.trainer import SiloTrainer
 from crypto.secret_random import SecretRandom
 from server.config import TrainConfig
+from server.label_dp import flip_probability, randomized_response
 from server.labels import load_labels
 from server.metrics import auc
 from server.top import BiasHead
@@ -93,19 +94,40 @@ class Outcome:
     seconds: float
 
 
-def simulate(data: Joined, cfg: TrainConfig, hidden: tuple[int, ...] = (32, 16), seed: int = 0
-             ) -> Outcome:
-    """The protocol's training loop (server/training.py `train`, sum mode, no DP) in-process,
-    with the silos' delay compensation as server/authority.py sets it (factor x silos)."""
+@dataclass(frozen=True)
+class Privacy:
+    """DP-SGD per party (noise multiplier, clip) on Poisson batches, and randomised response
+    on the training labels: what the engine derives from privacy.* (read them from a run's
+    metrics.json: `noise_multiplier`, `max_grad_norm`, `epsilon.label`)."""
+
+    sigma: float = 0.0
+    clip: float = 5.0
+    label_epsilon: float = float("inf")
+
+
+def simulate(data: Joined, cfg: TrainConfig, hidden: tuple[int, ...] = (32, 16), seed: int = 0,
+             privacy: Privacy = Privacy()) -> Outcome:
+    """The protocol's training loop (server/training.py `train`, sum mode) in-process, with the
+    silos' delay compensation as server/authority.py sets it (factor x silos)."""
     t0 = time.perf_counter()
     torch.set_num_threads(1)
+    dp = privacy.sigma > 0
+    q = min(1.0, cfg.batch_size / len(data.train))
     spec = ModelSpec(hidden, cfg.lr, cfg.weight_decay, seed,
+                     noise_multiplier=privacy.sigma, max_grad_norm=privacy.clip,
+                     sample_rate=q if dp else 0.0,
+                     expected_batch=max(1, round(q * len(data.train))) if dp else 0,
                      staleness_correction=cfg.delay_compensation * len(data.xs))
-    random = SecretRandom(bytes(32))
-    silos = [SiloTrainer(x.shape[1], spec, salt) for x, salt in zip(data.xs, data.salts,
-                                                                    strict=True)]
-    head = BiasHead(float(data.y[data.train].mean()), spec, 0.0, random, "bench")
-    plans = {e: batch_plan(data.train, cfg.batch_size, np.random.default_rng([seed, 0xBA7C, e]))
+    random = SecretRandom(bytes([seed % 256]) * 32)
+    silos = [SiloTrainer(x.shape[1], spec, salt, random=random, run_key=f"silo{salt}")
+             for x, salt in zip(data.xs, data.salts, strict=True)]
+    rho = flip_probability(privacy.label_epsilon)
+    y_view = (randomized_response(data.y, privacy.label_epsilon,
+                                  np.random.default_rng([seed, 0x1AB]))
+              if rho > 0 else data.y)
+    head = BiasHead(float(data.y[data.train].mean()), spec, rho, random, "bench")
+    plans = {e: batch_plan(data.train, cfg.batch_size, np.random.default_rng([seed, 0xBA7C, e]),
+                           poisson=dp)
              for e in range(cfg.epochs)}
     schedule = chunk_schedule(len(plans[0]), cfg)
     val_auc = []
@@ -117,7 +139,7 @@ def simulate(data: Joined, cfg: TrainConfig, hidden: tuple[int, ...] = (32, 16),
         sizes = [len(b) for b in chunk]
         summed = np.sum([s.contributions(x[plan]) for s, x in zip(silos, data.xs, strict=True)],
                         axis=0, dtype=np.float64)
-        grads = head.gradients(summed, data.y[plan], sizes)
+        grads = head.gradients(summed, y_view[plan].astype(np.float64), sizes)
         cuts = np.cumsum(sizes)[:-1]
         for s, x in zip(silos, data.xs, strict=True):
             s.replay(np.split(x[plan], cuts), np.split(grads, cuts))
@@ -141,6 +163,10 @@ def main() -> None:
     ap.add_argument("--chunks", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--compensation", type=float, nargs="+", default=[0.0, 1.0],
                     help="train.delay_compensation values to compare")
+    ap.add_argument("--sigma", type=float, default=0.0,
+                    help="DP-SGD noise multiplier per party (0: no DP); eps 1 on UCI: 9.016")
+    ap.add_argument("--clip", type=float, default=5.0)
+    ap.add_argument("--label-epsilon", type=float, default=float("inf"))
     ap.add_argument("--set", dest="assignments", action="append", default=[],
                     help="train.KEY=VALUE (epochs, batch_size, lr, chunk_warmup, ...)")
     args = ap.parse_args()
@@ -158,7 +184,8 @@ def main() -> None:
               f"people={len(data.y):,} train={len(data.train):,} {base}")
         for chunk, factor in [(c, f) for c in args.chunks for f in args.compensation]:
             cfg = dataclasses.replace(base, chunk_batches=chunk, delay_compensation=factor)
-            out = simulate(data, cfg, seed=seed)
+            out = simulate(data, cfg, seed=seed,
+                           privacy=Privacy(args.sigma, args.clip, args.label_epsilon))
             print(f"  chunk {chunk:3d} compensation {factor:g}: test AUC {out.test_auc:.4f}  "
                   f"trips {out.trips:4d}  {out.seconds:6.1f} s  val AUC by epoch "
                   + " ".join(f"{v:.3f}" for v in out.val_auc), flush=True)

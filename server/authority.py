@@ -218,8 +218,10 @@ def _plan_training(ctx: _Context, tables: _Tables, run: RunState, state: TrainSt
 
 def _model_spec(cfg: AuthorityConfig, privacy: PrivacyPlan, silos: int) -> ModelSpec:
     """The silos' model: the configuration's, with the noise and sampling the plan fixed.
-    Delay compensation applies in `sum` mode, the one where it was measured."""
+    Delay compensation applies where it was measured better: `sum` mode without DP-SGD (under
+    DP-SGD it cost 0.001-0.003; bench/RESULTS.md "Stale gradients")."""
     concat = cfg.aggregation.mode == "concat"
+    compensate = not concat and privacy.sigma == 0
     return ModelSpec(
         cfg.model.hidden, cfg.train.lr, cfg.train.weight_decay, cfg.seed,
         noise_multiplier=privacy.sigma, max_grad_norm=cfg.privacy.max_grad_norm,
@@ -227,7 +229,7 @@ def _model_spec(cfg: AuthorityConfig, privacy: PrivacyPlan, silos: int) -> Model
         transcript_sigma=cfg.privacy.transcript_sigma,
         transcript_clip=cfg.privacy.transcript_clip,
         outputs=cfg.model.embedding_dim if concat else 1,
-        staleness_correction=0.0 if concat else cfg.train.delay_compensation * silos,
+        staleness_correction=cfg.train.delay_compensation * silos if compensate else 0.0,
     )
 
 

@@ -172,11 +172,13 @@ class TrainConfig:
     # Start with one batch per trip and double up to chunk_batches: staleness hurts most early,
     # when the model moves fastest; the warm-up costs only log2(chunk_batches) extra trips.
     chunk_warmup: bool = True
-    # Delay compensation of the stale gradients within a chunk, `sum` mode (clients/silo/
-    # trainer.py `compensated`): each silo corrects a row's gradient for its own drift since it
-    # sent the row's contribution, times this factor times the number of silos (the others
-    # drift alike). 0 replays the gradients as sent. Measured (bench/RESULTS.md "Stale
-    # gradients"): with it, chunks of 16 match chunks of 1 where without it they lost 0.03.
+    # Delay compensation of the stale gradients within a chunk (clients/silo/trainer.py
+    # `compensated`): each silo corrects a row's gradient for its own drift since it sent the
+    # row's contribution, times this factor times the number of silos (the others drift
+    # alike); 0 replays the gradients as sent. Applies in `sum` mode without DP-SGD, where it
+    # was measured better (bench/RESULTS.md "Stale gradients": non-private UCI, chunks of 4 and
+    # 16 match chunks of 1 with it, lose 0.011 and 0.050 without); under DP-SGD staleness cost
+    # nothing measurable and the correction 0.001-0.003, so it is off there.
     delay_compensation: float = 1.0
 
     def __post_init__(self) -> None:

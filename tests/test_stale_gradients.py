@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
+from types import SimpleNamespace
+from typing import cast
+
 import numpy as np
 import torch
 
 from clients.protocol.model import ModelSpec
 from clients.silo.trainer import SiloTrainer, compensated
+from crypto.secret_random import SecretRandom
+from server.authority import _model_spec
+from server.config_keys import to_flat
+from server.privacy import PrivacyPlan
+from server.run_keys import derive_run_key
+from simulations.run.config import make_config
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
@@ -67,3 +77,33 @@ def test_the_setting_travels_in_the_model_spec() -> None:
     legacy = spec.to_config()
     del legacy["staleness_correction"]  # a silo's spec from before the setting existed
     assert ModelSpec.from_config(legacy).staleness_correction == 0.0
+
+
+def _flat(**changes: object) -> dict:
+    return {**to_flat(make_config().authority), **changes}
+
+
+def test_the_run_key_follows_the_setting_only_where_it_applies() -> None:
+    random = SecretRandom(bytes(range(32)))
+
+    def key(**changes: object) -> str:
+        return derive_run_key(random, _flat(**changes))
+
+    # Under DP-SGD (the default) and in concat mode compensation is off: their keys, and so
+    # every secret draw of those runs, are those of before the setting existed.
+    assert key() == key(**{"train.delay_compensation": 0.0})
+    off = {"privacy.epsilon": float("inf"), "aggregation.mode": "concat"}
+    assert key(**off) == key(**off, **{"train.delay_compensation": 0.0})
+    plain = {"privacy.epsilon": float("inf")}
+    assert key(**plain) != key(**plain, **{"train.delay_compensation": 0.0})
+
+
+def test_the_authority_turns_it_on_in_sum_mode_without_dp_sgd() -> None:
+    cfg = make_config().authority
+    silent = SimpleNamespace(sigma=0.0, q=0.0, expected_batch=0)
+    noisy = SimpleNamespace(sigma=9.0, q=0.1, expected_batch=2048)
+    concat = dataclasses.replace(cfg, aggregation=dataclasses.replace(cfg.aggregation,
+                                                                      mode="concat"))
+    assert _model_spec(cfg, cast(PrivacyPlan, silent), 3).staleness_correction == 3.0
+    assert _model_spec(cfg, cast(PrivacyPlan, noisy), 3).staleness_correction == 0.0
+    assert _model_spec(concat, cast(PrivacyPlan, silent), 3).staleness_correction == 0.0
