@@ -219,7 +219,7 @@ def _plan_training(ctx: _Context, tables: _Tables, run: RunState, state: TrainSt
 def _model_spec(cfg: AuthorityConfig, privacy: PrivacyPlan, silos: int) -> ModelSpec:
     """The silos' model: the configuration's, with the noise and sampling the plan fixed.
     Delay compensation applies where it was measured better: `sum` mode without DP-SGD (under
-    DP-SGD it cost 0.001-0.003; bench/RESULTS.md "Stale gradients")."""
+    DP-SGD it was not: -0.001 on average; bench/RESULTS.md "Stale gradients")."""
     concat = cfg.aggregation.mode == "concat"
     compensate = not concat and privacy.sigma == 0
     return ModelSpec(

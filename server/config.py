@@ -178,7 +178,7 @@ class TrainConfig:
     # alike); 0 replays the gradients as sent. Applies in `sum` mode without DP-SGD, where it
     # was measured better (bench/RESULTS.md "Stale gradients": non-private UCI, chunks of 4 and
     # 16 match chunks of 1 with it, lose 0.011 and 0.050 without); under DP-SGD staleness cost
-    # nothing measurable and the correction 0.001-0.003, so it is off there.
+    # at most 0.002 and the correction moved seeds by -0.003..+0.005, so it is off there.
     delay_compensation: float = 1.0
 
     def __post_init__(self) -> None:
