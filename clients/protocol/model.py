@@ -35,7 +35,8 @@ class ModelSpec:
     outputs: int = 1
     # Delay compensation of stale gradients (clients/silo/trainer.py `replay`): 0 replays the
     # authority's gradients as sent; lambda > 0 corrects each row's for the silo's own drift
-    # since its contribution was sent, scaled by lambda (train.staleness_correction).
+    # since its contribution was sent, scaled by lambda (train.delay_compensation x silos, set
+    # by the authority in `sum` mode without DP-SGD).
     staleness_correction: float = 0.0
 
     @property
