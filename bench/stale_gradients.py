@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import secrets
 import tempfile
 import time
 from dataclasses import dataclass
@@ -106,9 +107,11 @@ class Privacy:
 
 
 def simulate(data: Joined, cfg: TrainConfig, hidden: tuple[int, ...] = (32, 16), seed: int = 0,
-             privacy: Privacy = Privacy()) -> Outcome:
+             privacy: Privacy = Privacy(), secret: bytes = b"") -> Outcome:
     """The protocol's training loop (server/training.py `train`, sum mode) in-process, with the
-    silos' delay compensation as server/authority.py sets it (factor x silos)."""
+    silos' delay compensation as server/authority.py sets it (factor x silos). DP noise and
+    label flips come from `secret` (fresh when empty); pass the same one to compare settings
+    on the same draws."""
     t0 = time.perf_counter()
     torch.set_num_threads(1)
     dp = privacy.sigma > 0
@@ -118,12 +121,12 @@ def simulate(data: Joined, cfg: TrainConfig, hidden: tuple[int, ...] = (32, 16),
                      sample_rate=q if dp else 0.0,
                      expected_batch=max(1, round(q * len(data.train))) if dp else 0,
                      staleness_correction=cfg.delay_compensation * len(data.xs))
-    random = SecretRandom(bytes([seed % 256]) * 32)
+    random = SecretRandom(secret or secrets.token_bytes(32))
     silos = [SiloTrainer(x.shape[1], spec, salt, random=random, run_key=f"silo{salt}")
              for x, salt in zip(data.xs, data.salts, strict=True)]
     rho = flip_probability(privacy.label_epsilon)
     y_view = (randomized_response(data.y, privacy.label_epsilon,
-                                  np.random.default_rng([seed, 0x1AB]))
+                                  random.generator("labels", "bench"))
               if rho > 0 else data.y)
     head = BiasHead(float(data.y[data.train].mean()), spec, rho, random, "bench")
     plans = {e: batch_plan(data.train, cfg.batch_size, np.random.default_rng([seed, 0xBA7C, e]),
@@ -178,6 +181,7 @@ def main() -> None:
                   else type(current)(value))
         base = dataclasses.replace(base, **{key: parsed})
     for seed in args.seeds:
+        secret = secrets.token_bytes(32)  # the same DP draws for every setting of this seed
         with tempfile.TemporaryDirectory(prefix="stale-") as tmp:
             data = load(args.data, args.users, seed, Path(tmp) / "parties")
         print(f"data={args.data or f'generated {args.users:,}'} seed={seed} "
@@ -185,7 +189,8 @@ def main() -> None:
         for chunk, factor in [(c, f) for c in args.chunks for f in args.compensation]:
             cfg = dataclasses.replace(base, chunk_batches=chunk, delay_compensation=factor)
             out = simulate(data, cfg, seed=seed,
-                           privacy=Privacy(args.sigma, args.clip, args.label_epsilon))
+                           privacy=Privacy(args.sigma, args.clip, args.label_epsilon),
+                           secret=secret)
             print(f"  chunk {chunk:3d} compensation {factor:g}: test AUC {out.test_auc:.4f}  "
                   f"trips {out.trips:4d}  {out.seconds:6.1f} s  val AUC by epoch "
                   + " ".join(f"{v:.3f}" for v in out.val_auc), flush=True)
