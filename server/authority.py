@@ -197,7 +197,7 @@ def _plan_training(ctx: _Context, tables: _Tables, run: RunState, state: TrainSt
                           cfg.train.batch_size, cfg.train.epochs, ctx.ledger, summaries_asked(cfg))
     for guardrail in privacy.guardrails():  # also in authority.json and metrics.json
         log.warning("privacy guardrail (%s): %s", guardrail.check, guardrail.message)
-    spec = _model_spec(cfg, privacy)
+    spec = _model_spec(cfg, privacy, len(ctx.fed.silos))
     if cfg.aggregation.mode == "concat":
         log.warning("aggregation.mode=concat: the authority sees every silo's embeddings; "
                     "secure aggregation does not apply (docs/threat-model.md)")
@@ -216,15 +216,20 @@ def _plan_training(ctx: _Context, tables: _Tables, run: RunState, state: TrainSt
     return _Plan(run, state, split, y, privacy, spec, inputs, _reasons_asked(cfg))
 
 
-def _model_spec(cfg: AuthorityConfig, privacy: PrivacyPlan) -> ModelSpec:
-    """The silos' model: the configuration's, with the noise and sampling the plan fixed."""
+def _model_spec(cfg: AuthorityConfig, privacy: PrivacyPlan, silos: int) -> ModelSpec:
+    """The silos' model: the configuration's, with the noise and sampling the plan fixed.
+    Delay compensation applies where it was measured better: `sum` mode without DP-SGD (under
+    DP-SGD it was not: -0.001 on average; bench/RESULTS.md "Stale gradients")."""
+    concat = cfg.aggregation.mode == "concat"
+    compensate = not concat and privacy.sigma == 0
     return ModelSpec(
         cfg.model.hidden, cfg.train.lr, cfg.train.weight_decay, cfg.seed,
         noise_multiplier=privacy.sigma, max_grad_norm=cfg.privacy.max_grad_norm,
         sample_rate=privacy.q, expected_batch=privacy.expected_batch,
         transcript_sigma=cfg.privacy.transcript_sigma,
         transcript_clip=cfg.privacy.transcript_clip,
-        outputs=cfg.model.embedding_dim if cfg.aggregation.mode == "concat" else 1,
+        outputs=cfg.model.embedding_dim if concat else 1,
+        staleness_correction=cfg.train.delay_compensation * silos if compensate else 0.0,
     )
 
 

@@ -172,9 +172,21 @@ class TrainConfig:
     # Start with one batch per trip and double up to chunk_batches: staleness hurts most early,
     # when the model moves fastest; the warm-up costs only log2(chunk_batches) extra trips.
     chunk_warmup: bool = True
+    # Delay compensation of the stale gradients within a chunk (clients/silo/trainer.py
+    # `compensated`): each silo corrects a row's gradient for its own drift since it sent the
+    # row's contribution, times this factor times the number of silos (the others drift
+    # alike); 0 replays the gradients as sent. Applies in `sum` mode without DP-SGD, where it
+    # was measured better (bench/RESULTS.md "Stale gradients": non-private UCI, chunks of 4 and
+    # 16 match chunks of 1 with it, lose 0.011 and 0.050 without); under DP-SGD staleness cost
+    # at most 0.002 and the correction moved seeds by -0.003..+0.005, so it is off there.
+    delay_compensation: float = 1.0
 
     def __post_init__(self) -> None:
         _positive("train.epochs", self.epochs)
+        _finite("train.delay_compensation", self.delay_compensation, ", e.g. 0 or 1")
+        if self.delay_compensation < 0:
+            raise ConfigError(f"train.delay_compensation={self.delay_compensation}: must be "
+                              ">= 0 (0: off, 1: as many silos as drift)")
         _positive("train.batch_size", self.batch_size)
         _positive("train.chunk_batches", self.chunk_batches)
         if not 0 < self.lr < 1:

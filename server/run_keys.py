@@ -30,6 +30,10 @@ TREE_KEYS = ("model.kind", "gbdt.")
 # run keeps the key it had before the DP trees were wired.
 DP_TREE_KEYS = frozenset({"gbdt.sample_rate", "gbdt.batch", "gbdt.hessian_noise",
                           "gbdt.max_leaf"})
+# Delay compensation applies to `sum` mode without DP-SGD only (server/authority.py
+# `_model_spec`): elsewhere it changes nothing, so a DP or concat run keeps the key it had
+# before the setting existed.
+COMPENSATION_KEY = "train.delay_compensation"
 # And gbdt.binning in a DP tree run (always uniform there): such a run keeps the key it had
 # before the SecureBoost trees' quantile bins.
 SECUREBOOST_KEYS = frozenset({"gbdt.binning"})
@@ -39,10 +43,12 @@ def computed_settings(config: dict) -> dict:
     """The settings that change what a run computes (see `derive_run_key`)."""
     mlp = config.get("model.kind", "mlp") == "mlp"
     dp = math.isfinite(float(config.get("privacy.epsilon", math.inf)))
+    compensated = mlp and not dp and config.get("aggregation.mode", "sum") == "sum"
     return {k: v for k, v in config.items()
             if not k.startswith(NOT_COMPUTED_PREFIXES) and k not in NOT_COMPUTED_KEYS
             and not (mlp and k.startswith(TREE_KEYS)) and (dp or k not in DP_TREE_KEYS)
-            and not (dp and k in SECUREBOOST_KEYS)}
+            and not (dp and k in SECUREBOOST_KEYS)
+            and (compensated or k != COMPENSATION_KEY)}
 
 
 def derive_run_key(random: SecretRandom, config: dict) -> str:

@@ -33,6 +33,11 @@ class ModelSpec:
     transcript_clip: float = 4.0
     # Values per person a silo sends: 1 in `sum` mode, the embedding width in `concat` mode.
     outputs: int = 1
+    # Delay compensation of stale gradients (clients/silo/trainer.py `replay`): 0 replays the
+    # authority's gradients as sent; lambda > 0 corrects each row's for the silo's own drift
+    # since its contribution was sent, scaled by lambda (train.delay_compensation x silos, set
+    # by the authority in `sum` mode without DP-SGD).
+    staleness_correction: float = 0.0
 
     @property
     def dp(self) -> bool:
@@ -51,6 +56,7 @@ class ModelSpec:
             "transcript_sigma": self.transcript_sigma,
             "transcript_clip": self.transcript_clip,
             "outputs": self.outputs,
+            "staleness_correction": self.staleness_correction,
         }
 
     @classmethod
@@ -67,6 +73,7 @@ class ModelSpec:
             transcript_sigma=float(cfg.get("transcript_sigma", 0.0)),
             transcript_clip=float(cfg.get("transcript_clip", 4.0)),
             outputs=int(cfg.get("outputs", 1)),
+            staleness_correction=float(cfg.get("staleness_correction", 0.0)),
         )
 
 

@@ -25,6 +25,25 @@ from clients.protocol.model import BottomModel, ModelSpec
 from crypto.secret_random import SecretRandom
 
 
+def compensated(grad: np.ndarray, drift: np.ndarray, lam: float) -> np.ndarray:
+    """The authority's d loss / d contribution for a batch, corrected for this silo's drift
+    since it sent the contributions (delay compensation, Zheng et al., "Asynchronous Stochastic
+    Gradient Descent with Delay Compensation", ICML 2017, in output space).
+
+    A batch's gradient was computed at the stale logit z; at the current one it would be
+    about grad + h * dz, with h = sigmoid'(z) / B the curvature of the mean log-loss. As in
+    DC-ASGD, h is estimated from the gradient itself: B * grad^2 = (sigmoid(z) - y)^2 / B,
+    whose expectation over the label is exactly sigmoid'(z) / B (the Fisher information).
+    The silo sees only its own drift dz_k; the other silos move too, descending the same
+    residuals, so `lam` scales it (about the number of silos when they move alike). Each row's
+    correction reads only that row's gradient and the silo's own data: post-processing of what
+    the silo received, per person, so DP-SGD's per-sample clipping and every budget hold as
+    before, and nothing new is sent.
+    """
+    batch = len(grad)
+    return (grad + lam * batch * grad * grad * drift).astype(np.float32)
+
+
 def build(n_inputs: int, spec: ModelSpec, salt: int = 0) -> tuple[BottomModel, torch.optim.Adam]:
     """A freshly initialised model and optimiser; `salt` separates parties sharing a seed."""
     with torch.random.fork_rng(devices=[]):
@@ -98,11 +117,18 @@ class SiloTrainer:
         Poisson sample can be empty; the noise is still added and the step still counts). Step
         t's noise is the stream ("dp-noise", run, t) of the silo's secret.
         """
+        # The contributions this silo sent for the chunk, at the weights it sent them with: the
+        # replay starts from those weights (the silo computes a chunk's contributions right
+        # after replaying the previous chunk, and nothing moves its weights in between).
+        lam = self.spec.staleness_correction
+        sent = [self.contributions(xb) for xb in batches] if lam > 0 else []
         self.model.train()
-        for xb, gb in zip(batches, grads, strict=True):
+        for j, (xb, gb) in enumerate(zip(batches, grads, strict=True)):
             self.opt.zero_grad(set_to_none=True)
             if len(xb):
                 out = self.model(torch.from_numpy(xb))
+                if lam > 0:
+                    gb = compensated(gb, out.detach().numpy() - sent[j], lam)
                 out.backward(torch.from_numpy(gb))
             elif self.spec.dp:
                 mark_empty_batch(self.base)

@@ -171,6 +171,7 @@ DESCRIPTIONS: dict[str, str] = {
     "train.weight_decay": "L2 weight decay (Adam) of the vertical model",
     "train.chunk_batches": "mini-batches per Flower round trip",
     "train.chunk_warmup": "start at one batch per round trip and double up to chunk_batches",
+    "train.delay_compensation": "silos correct stale gradients (sum mode, no DP-SGD; 0: off)",
     "split.train": "share of the aligned people in training",
     "split.val": "share in validation (calibration); the rest is the test set",
     "score.base_score": "score of a person at odds base_odds (300..850 scale)",
