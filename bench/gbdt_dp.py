@@ -15,6 +15,9 @@ stopping on the validation people). Test AUC on the test people.
     PYTHONPATH=. nice -n 19 .venv/bin/python bench/gbdt_dp.py --epsilons 1 \\
         --variants '[{}, {"sample_rate": 1.0}, {"lambda_": 50}]'
 
+`--on val` scores the validation people instead of the test people: settings are chosen there
+(bench/RESULTS.md "DP trees, chosen without UCI's test people"), the test people only confirm.
+
 A variant is a dict of DpTreeParams overrides (keys of server/gbdt_dp.DpTreeParams, plus
 "weights": "uniform" (default) or "no-missing", which never draws the silos' `__missing`
 indicator columns, a choice from the column names alone; "scale": the silos bin their
