@@ -15,6 +15,9 @@ stopping on the validation people). Test AUC on the test people.
     PYTHONPATH=. nice -n 19 .venv/bin/python bench/gbdt_dp.py --epsilons 1 \\
         --variants '[{}, {"sample_rate": 1.0}, {"lambda_": 50}]'
 
+`--on val` scores the validation people instead of the test people: settings are chosen there
+(bench/RESULTS.md "DP trees, chosen without UCI's test people"), the test people only confirm.
+
 A variant is a dict of DpTreeParams overrides (keys of server/gbdt_dp.DpTreeParams, plus
 "weights": "uniform" (default) or "no-missing", which never draws the silos' `__missing`
 indicator columns, a choice from the column names alone; "scale": the silos bin their
@@ -42,7 +45,7 @@ from clients.silo.gbdt import GbdtSilo
 from crypto.secret_random import SecretRandom
 from server.config import SplitConfig
 from server.gbdt import predict_trees
-from server.gbdt_dp import DpTreeParams, plan_noise, train_dp_trees
+from server.gbdt_dp import DpTreeParams, DpTreesRelease, plan_noise, train_dp_trees
 from server.labels import load_labels
 from server.metrics import auc
 from server.privacy import releases_outside_sgd, split_delta
@@ -85,7 +88,20 @@ def secret(seed: int, party: str) -> SecretRandom:
     return SecretRandom(hashlib.sha256(f"bench-gbdt-dp/{seed}/{party}".encode()).digest())
 
 
-def dp_trees(data: Uci, split: Split, seed: int, eps: float, variant: dict) -> dict:
+_PLANS: dict[tuple, DpTreesRelease] = {}
+
+
+def planned(params: DpTreeParams, eps: float, delta: float, prefix: tuple) -> DpTreesRelease:
+    """plan_noise, once per mechanism (the seeds share N_train, hence delta and the noise)."""
+    key = (params.trees, params.sample_rate, params.hessian_noise, params.accountant, eps,
+           delta, prefix)
+    if key not in _PLANS:
+        _PLANS[key] = plan_noise(params, epsilon_=eps, delta=delta, prefix=prefix)
+    return _PLANS[key]
+
+
+def dp_trees(data: Uci, split: Split, seed: int, eps: float, variant: dict,
+             on: str = "test") -> dict:
     variant = dict(variant)
     kind = variant.pop("weights", "uniform")
     # "scale": the silos bin x / scale. `fedscore run` bins x for the DP trees (DP_UNITS) and
@@ -100,27 +116,28 @@ def dp_trees(data: Uci, split: Split, seed: int, eps: float, variant: dict) -> d
     prefix = [(r.noise_multiplier, 1.0, 1) for r in before]
     train = {s: GbdtSilo(s, x[split.train] / scale, bins=params.bins)
              for s, x in data.silos.items()}
-    test = {s: GbdtSilo(s, x[split.test] / scale, bins=params.bins)
-            for s, x in data.silos.items()}
     t0 = time.perf_counter()
-    release = plan_noise(params, epsilon_=eps, delta=deltas.accountant,
-                         prefix=prefix if math.isfinite(eps) else ())
+    release = planned(params, eps, deltas.accountant, tuple(prefix) if math.isfinite(eps) else ())
     t1 = time.perf_counter()
     fitted = train_dp_trees(train, data.y[split.train], params, release,
                             secret(seed, "authority"), weights=weights(data, kind))
     t2 = time.perf_counter()
-    margin = predict_trees(fitted.model, test, len(split.test))
-    return {"auc": auc(data.y[split.test], margin), "calibrate": t1 - t0, "seconds": t2 - t1,
+    # --on val scores the validation people: settings are chosen there, never on test.
+    people = split.val if on == "val" else split.test
+    scored = {s: GbdtSilo(s, x[people] / scale, bins=params.bins) for s, x in data.silos.items()}
+    margin = predict_trees(fitted.model, scored, len(people))
+    return {"auc": auc(data.y[people], margin), "calibrate": t1 - t0, "seconds": t2 - t1,
             "epsilon": release.epsilon, "delta": deltas.combined,
             "sigma": release.noise_multiplier, "n_train": n}
 
 
-def central(data: Uci, split: Split, seed: int) -> dict:
+def central(data: Uci, split: Split, seed: int, on: str = "test") -> dict:
     x = np.hstack([data.silos[s] for s in SILOS])
     t0 = time.perf_counter()
     model = fit_gbdt(x, data.y, split, seed)
     seconds = time.perf_counter() - t0
-    return {"auc": auc(data.y[split.test], gbdt_logits(model, x[split.test])),
+    people = split.val if on == "val" else split.test
+    return {"auc": auc(data.y[people], gbdt_logits(model, x[people])),
             "seconds": seconds, "rounds": model.best_iteration}
 
 
@@ -137,6 +154,9 @@ def main() -> None:
                         help="where the UCI parties are imported (reused, with the silos' "
                         "secrets, so a second call prepares the same matrices)")
     parser.add_argument("--no-central", action="store_true")
+    parser.add_argument("--on", choices=("test", "val"), default="test",
+                        help="score the test people (default) or the validation people, "
+                        "on which settings are chosen")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     epsilons = [float(e) for e in args.epsilons.split(",")]
@@ -149,13 +169,13 @@ def main() -> None:
           "| train s per seed (+ noise calibration) |", flush=True)
     print("| --- | --- | --- | --- | --- | --- |", flush=True)
     if not args.no_central:
-        rows = [central(data, splits[s], s) for s in seeds]
+        rows = [central(data, splits[s], s, args.on) for s in seeds]
         print(f"| central LightGBM (rounds {', '.join(str(r['rounds']) for r in rows)}) | inf "
               f"| n/a | n/a | {summary([r['auc'] for r in rows])} "
               f"| {statistics.mean(r['seconds'] for r in rows):.1f} |", flush=True)
     for variant in json.loads(args.variants):
         for eps in epsilons:
-            rows = [dp_trees(data, splits[s], s, eps, variant) for s in seeds]
+            rows = [dp_trees(data, splits[s], s, eps, variant, args.on) for s in seeds]
             spent = max(r["epsilon"] for r in rows)
             delta = f"{max(r['delta'] for r in rows):.2e}" if math.isfinite(eps) else "n/a"
             print(f"| DP random trees {json.dumps(variant)} | {eps:g} ({spent:.3f}) "

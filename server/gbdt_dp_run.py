@@ -76,7 +76,7 @@ def dp_params(cfg: AuthorityConfig) -> gbdt_dp.DpTreeParams:
     g = cfg.gbdt
     trees, lr, reg_lambda = gbdt_run.shared_settings(cfg)
     return gbdt_dp.DpTreeParams(
-        trees=trees, depth=g.depth, bins=g.bins, lr=lr, lambda_=reg_lambda,
+        trees=trees, depth=gbdt_run.depth_of(cfg), bins=g.bins, lr=lr, lambda_=reg_lambda,
         sample_rate=g.sample_rate, batch=g.batch, hessian_noise=g.hessian_noise,
         max_leaf=g.max_leaf, accountant=cfg.privacy.accountant)
 

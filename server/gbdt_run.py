@@ -240,6 +240,13 @@ def shared_settings(cfg: AuthorityConfig) -> tuple[int, float, float]:
     return g.trees, g.lr, g.reg_lambda
 
 
+def depth_of(cfg: AuthorityConfig) -> int:
+    """gbdt.depth, filled in by mode like shared_settings' keys."""
+    if cfg.gbdt.depth is None:
+        raise ConfigError("gbdt.depth was not resolved")
+    return cfg.gbdt.depth
+
+
 def params_of(cfg: AuthorityConfig) -> gbdt.GbdtParams:
     g = cfg.gbdt
     trees, lr, reg_lambda = shared_settings(cfg)
@@ -248,7 +255,7 @@ def params_of(cfg: AuthorityConfig) -> gbdt.GbdtParams:
     binning: Literal["quantile", "uniform"] = "quantile" if g.binning == "quantile" else "uniform"
     # server/gbdt.py's "plain" means g, h travel as numbers; under rr they are the randomised
     # labels' gradients, which is what makes them safe to send.
-    return gbdt.GbdtParams(trees=trees, depth=g.depth, bins=g.bins, lr=lr,
+    return gbdt.GbdtParams(trees=trees, depth=depth_of(cfg), bins=g.bins, lr=lr,
                            lambda_=reg_lambda, min_child_weight=g.min_child_weight,
                            binning=binning)
 

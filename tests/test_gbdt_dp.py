@@ -21,8 +21,10 @@ from server.gbdt import predict_trees
 from server.gbdt_dp import (
     DpTreeParams,
     DpTreesRelease,
+    draw_structure,
     fit_dp_trees,
     plan_noise,
+    route_all,
     train_dp_trees,
 )
 from server.ledger_lines import budget_event
@@ -156,6 +158,27 @@ def test_learns_and_predicts_through_the_silos_routing() -> None:
                           rng=SECRET)
     margin = predict_trees(fitted.model, silos_of(test_x), len(test_y))
     assert auc(test_y, margin) > 0.8
+
+
+def test_single_column_trees_cut_one_column_into_intervals() -> None:
+    xs, y = problem(2000)
+    test_x, test_y = problem(2000, seed=1)
+    params = DpTreeParams(trees=40, depth=3, lambda_=1.0, sample_rate=1.0, bins=16,
+                          single_column=True)
+    silos = silos_of(xs, bins=16)
+    structure = draw_structure(silos, params, SECRET.generator("structure"))
+    columns = [{(s.silo, s.feature) for s in tree.values()} for tree in structure]
+    assert all(len(c) == 1 for c in columns)
+    assert len(set().union(*columns[:4])) == 4  # the first round visits every column
+    leaf = route_all(silos, structure, len(y), params.depth)
+    for t, column in enumerate(columns):
+        (silo, feature), = column
+        binned = bin_index(xs[silo], 16)[:, feature]
+        order = np.argsort(binned, kind="stable")
+        assert (np.diff(leaf[t][order]) >= 0).all()  # leaves are consecutive intervals
+        assert len(np.unique(leaf[t])) > 2**params.depth // 2
+    fitted = fit_dp_trees(silos, y, params, epsilon=math.inf, delta=1e-5, rng=SECRET)
+    assert auc(test_y, predict_trees(fitted.model, silos_of(test_x, bins=16), len(test_y))) > 0.8
 
 
 # ---- the attack ---------------------------------------------------------------------------

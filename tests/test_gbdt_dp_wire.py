@@ -41,7 +41,7 @@ def test_dp_trees_take_gbdt_dps_defaults_unless_keys_are_given() -> None:
     assert gbdt_dp_run.dp_trees(cfg)
     params = gbdt_dp_run.dp_params(cfg)
     assert (params.trees, params.depth, params.bins, params.lr, params.lambda_) == (
-        300, 5, 32, 0.5, 200.0)
+        300, 6, 32, 0.5, 200.0)
     assert (params.sample_rate, params.batch, params.hessian_noise, params.max_leaf) == (
         0.3, 1, 2.0, 1.0)
     given = parse_flat(AuthorityConfig, {**DP, "gbdt.trees": "40", "gbdt.lr": "0.2"})

@@ -154,7 +154,7 @@ DESCRIPTIONS: dict[str, str] = {
     "model.embedding_dim": "aggregation.mode=concat: width of each silo's embedding",
     "model.top_hidden": "aggregation.mode=concat: hidden layers of the authority's top MLP",
     "gbdt.trees": "model.kind=gbdt: trees (unset: 50 at epsilon=inf, 300 DP)",
-    "gbdt.depth": "model.kind=gbdt: depth of each tree",
+    "gbdt.depth": "model.kind=gbdt: depth of each tree (unset: 5 at epsilon=inf, 6 DP)",
     "gbdt.bins": "model.kind=gbdt: bins of each prepared feature (at most)",
     "gbdt.binning": "gbdt: quantile (each silo's own, epsilon=inf default) or uniform (DP)",
     "gbdt.lr": "model.kind=gbdt: shrinkage of each tree's leaves (unset: 0.1, DP 0.5)",
