@@ -27,7 +27,7 @@ RESERVED = 3 * THRESHOLD_DELTA
 
 
 @pytest.fixture(scope="module")
-def private_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, PrivacyPlan, dict]:
+def planned_ledger(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, PrivacyPlan, dict]:
     """A calibrated plan's ledger and summary: statistics, one final round, the calibration
     (made once: each plan calibrates its noise, half a second)."""
     directory = tmp_path_factory.mktemp("threshold_delta")
@@ -42,10 +42,10 @@ def private_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Privacy
     return directory, plan, summary
 
 
-def test_each_silo_statistics_release_reserves_its_threshold_delta(private_run):
+def test_each_silo_statistics_release_reserves_its_threshold_delta(planned_ledger):
     """Known answer: the accountant composes at what the thresholds leave of the configured
     delta, and the combined delta (accountant + thresholds) never exceeds the configured."""
-    _, plan, summary = private_run
+    _, plan, summary = planned_ledger
     assert statistics_mechanism()["extra_delta"] == THRESHOLD_DELTA
     accountant = CONFIGURED - RESERVED
     assert summary["delta_accountant"] == pytest.approx(accountant, rel=1e-12)
@@ -62,8 +62,8 @@ def test_each_silo_statistics_release_reserves_its_threshold_delta(private_run):
     assert 0.95 <= summary["epsilon"]["model"] <= 1.0
 
 
-def test_the_ledger_carries_the_threshold_delta_and_verify_rederives_it(private_run):
-    tmp_path, _, summary = private_run
+def test_the_ledger_carries_the_threshold_delta_and_verify_rederives_it(planned_ledger):
+    tmp_path, _, summary = planned_ledger
     entries = ledger.read(tmp_path)
     statistics = [e for e in entries if e.get("purpose") == "preparation statistics"]
     assert [e["party"] for e in statistics] == list(SILOS)
@@ -92,8 +92,8 @@ def test_the_ledger_carries_the_threshold_delta_and_verify_rederives_it(private_
     assert consistency(tmp_path) == []
 
 
-def test_verify_refuses_a_combined_delta_above_the_runs(private_run, tmp_path: Path):
-    shutil.copy(private_run[0] / ledger.LEDGER_FILE, tmp_path)
+def test_verify_refuses_a_combined_delta_above_the_runs(planned_ledger, tmp_path: Path):
+    shutil.copy(planned_ledger[0] / ledger.LEDGER_FILE, tmp_path)
     (tmp_path / "metrics.json").write_text(json.dumps({"delta": CONFIGURED - RESERVED}))
     problems = consistency(tmp_path)
     assert any("delta" in p and "above the run's delta" in p for p in problems), problems
