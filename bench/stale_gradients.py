@@ -109,7 +109,7 @@ class Privacy:
 def simulate(data: Joined, cfg: TrainConfig, hidden: tuple[int, ...] = (32, 16), seed: int = 0,
              privacy: Privacy = Privacy(), secret: bytes = b"") -> Outcome:
     """The protocol's training loop (server/training.py `train`, sum mode) in-process, with the
-    silos' delay compensation as server/authority.py sets it (factor x silos). DP noise and
+    silos' delay compensation as server/run_plan.py sets it (factor x silos). DP noise and
     label flips come from `secret` (fresh when empty); pass the same one to compare settings
     on the same draws."""
     t0 = time.perf_counter()

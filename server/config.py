@@ -2,33 +2,23 @@
 
 Sections are dataclasses validated at construction. On the command line and in Flower's run
 config they appear as flat dotted keys ("train.epochs"), so one parser serves `fedscore run
---set train.epochs=5`, `[tool.flwr.app.config]` and `config.json`.
+--set train.epochs=5`, `[tool.flwr.app.config]` and `config.json`. The privacy and
+horizontal sections live in config_privacy.py and config_horizontal.py, ConfigError and the
+shared checks in config_checks.py; all are importable from here.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from clients.protocol.dp_constants import default_delta
+# ConfigError, PrivacyConfig and HorizontalConfig stay importable from here (callers import
+# the configuration from server.config); INFINITE_OK is re-exported explicitly.
+from server.config_checks import INFINITE_OK as INFINITE_OK
+from server.config_checks import ConfigError, finite, positive
+from server.config_horizontal import HorizontalConfig
+from server.config_privacy import PrivacyConfig
 from server.eligibility import EligibilityConfig
-
-
-class ConfigError(ValueError):
-    """A configuration key or value that cannot be used."""
-
-
-# The only settings where infinity means something ("off" or "no cap"); everywhere else an
-# inf or nan would reach arithmetic that was never meant for it (a clipping bound of inf turns
-# DP-SGD's noise into inf, a timeout of inf never fires), so it is refused at validation.
-INFINITE_OK = frozenset({"privacy.epsilon", "privacy.label_epsilon", "privacy.transcript_cap"})
-
-
-def _finite(key: str, value: float, hint: str = "") -> None:
-    if not math.isfinite(value):
-        raise ConfigError(f"{key}={value}: must be a finite number{hint}")
-
 
 MODEL_KINDS = ("mlp", "gbdt", "scorecard")
 
@@ -132,7 +122,7 @@ class GbdtConfig:
             value = getattr(self, key)
             if value is None:
                 continue
-            _finite(f"gbdt.{key}", value, ", e.g. 1")
+            finite(f"gbdt.{key}", value, ", e.g. 1")
             if value < 0:
                 raise ConfigError(f"gbdt.{key}={value}: must be >= 0, e.g. 1")
         self._check_dp_keys()
@@ -184,16 +174,16 @@ class TrainConfig:
     delay_compensation: float = 1.0
 
     def __post_init__(self) -> None:
-        _positive("train.epochs", self.epochs)
-        _finite("train.delay_compensation", self.delay_compensation, ", e.g. 0 or 1")
+        positive("train.epochs", self.epochs)
+        finite("train.delay_compensation", self.delay_compensation, ", e.g. 0 or 1")
         if self.delay_compensation < 0:
             raise ConfigError(f"train.delay_compensation={self.delay_compensation}: must be "
                               ">= 0 (0: off, 1: as many silos as drift)")
-        _positive("train.batch_size", self.batch_size)
-        _positive("train.chunk_batches", self.chunk_batches)
+        positive("train.batch_size", self.batch_size)
+        positive("train.chunk_batches", self.chunk_batches)
         if not 0 < self.lr < 1:
             raise ConfigError(f"train.lr={self.lr}: use a learning rate in (0, 1), e.g. 0.003")
-        _finite("train.weight_decay", self.weight_decay, ", e.g. 0 or 1e-4")
+        finite("train.weight_decay", self.weight_decay, ", e.g. 0 or 1e-4")
         if self.weight_decay < 0:
             raise ConfigError(f"train.weight_decay={self.weight_decay}: must be >= 0")
 
@@ -223,7 +213,7 @@ class ScoreConfig:
 
     def __post_init__(self) -> None:
         for key in ("base_score", "base_odds", "pdo"):
-            _finite(f"score.{key}", getattr(self, key), " (defaults: 650, 30, 50)")
+            finite(f"score.{key}", getattr(self, key), " (defaults: 650, 30, 50)")
         if self.pdo <= 0 or self.base_odds <= 0:
             raise ConfigError(
                 f"score.pdo={self.pdo}, score.base_odds={self.base_odds}: both must be > 0"
@@ -298,166 +288,6 @@ class StorageConfig:
 
 
 TOPOLOGIES = ("vertical", "horizontal")
-STRATEGIES = ("fedavg", "fedprox")
-HORIZONTAL_DP = ("sample", "user")
-CLIPPING_SIDES = ("server", "client")
-
-
-@dataclass(frozen=True)
-class HorizontalConfig:
-    """The horizontal topology (docs/horizontal.md): regions hold all features of their own
-    customers and train the whole model locally; the server averages the models."""
-
-    # Federated rounds; each region trains `local_epochs` over its own customers per round.
-    rounds: int = 10
-    local_epochs: float = 1.0
-    # Each round restarts a region's Adam from the global model, so a larger step than the
-    # vertical default pays: at eps 1 on the default population, lr 0.003 / 0.01 / 0.03 gave
-    # AUC 0.817 / 0.823 / 0.841 (10 rounds of 1 epoch, bench/RESULTS.md).
-    lr: float = 0.03
-    # fedavg, or fedprox with a proximal term mu/2 |w - w_global|^2 on every local step.
-    strategy: str = "fedavg"
-    proximal_mu: float = 0.1
-    # "sample": DP-SGD inside each region (one accountant per region for the whole run);
-    # "user": Flower's DP wrapper clips each region's update and noises the average, so a
-    # whole region's contribution is protected (our accountant over rounds).
-    dp: str = "sample"
-    clipping: str = "server"
-    # user-level DP: the clipping bound of a region's model update (L2).
-    update_clip: float = 1.0
-
-    def __post_init__(self) -> None:
-        _positive("horizontal.rounds", self.rounds)
-        if not 0 < self.local_epochs <= 100:
-            raise ConfigError(f"horizontal.local_epochs={self.local_epochs}: use a number of "
-                              "epochs in (0, 100], e.g. 1 or 0.5")
-        for key, value, allowed in (("strategy", self.strategy, STRATEGIES),
-                                    ("dp", self.dp, HORIZONTAL_DP),
-                                    ("clipping", self.clipping, CLIPPING_SIDES)):
-            if value not in allowed:
-                raise ConfigError(f"horizontal.{key}={value!r}: choose one of "
-                                  f"{', '.join(allowed)}")
-        if not 0 < self.lr < 1:
-            raise ConfigError(f"horizontal.lr={self.lr}: use a learning rate in (0, 1), e.g. 0.03")
-        _finite("horizontal.proximal_mu", self.proximal_mu, ", e.g. 0.1")
-        _finite("horizontal.update_clip", self.update_clip, ", e.g. 1.0")
-        if self.proximal_mu < 0:
-            raise ConfigError(f"horizontal.proximal_mu={self.proximal_mu}: must be >= 0")
-        if not self.update_clip > 0:
-            raise ConfigError(f"horizontal.update_clip={self.update_clip}: must be > 0")
-
-
-ACCOUNTANTS = ("rdp", "prv")
-GUARDRAIL_MODES = ("refuse", "warn")
-
-
-@dataclass(frozen=True)
-class PrivacyConfig:
-    """The three budgets of DESIGN.md's privacy model, each stated with whom it protects
-    against (docs/threat-model.md).
-
-    - eps_model (default 1): the COMBINED released model and everything computed from it
-      (scores, reasons, metrics on released outputs), against whoever receives it. One
-      accountant over the joint mechanism of all parties' DP-SGD; per-party noise is calibrated
-      so the combination meets the target.
-    - eps_label (default 2): the authority's labels against the silos, by randomised response
-      from the authority's secret randomness, once, before training.
-    - eps_transcript (off by default): what the authority sees of a person (noised clipped
-      contributions and the model channel), without subsampling amplification.
-    delta defaults to 1/(10 N), N = people in training; a delta >= 1/N is refused.
-    """
-
-    # eps_model target of the combined model; `inf` turns DP-SGD off (baselines).
-    epsilon: float = 1.0
-    # 0 means 1/(10 N), N = people in the training split (TOML and Flower run configs have no
-    # null).
-    delta: float = 0.0
-    accountant: str = "prv"
-    # Per-sample clipping bound of every party. Measured on the default population at eps 1
-    # (validation AUC after 4 epochs): C=1 0.763, 2 0.763, 3 0.798, 5 0.867, 10 0.856, vs 0.871
-    # without DP. Small bounds clip the rare defaulters' large gradients in each silo while the
-    # authority's bias gradient |p - y| <= 1 is never clipped, and the mismatch compounds.
-    max_grad_norm: float = 5.0
-    # eps_model cap of the combined model: training stops before a step would pass it.
-    # 0 = the target.
-    cap: float = 0.0
-    # Randomised response on the labels, once, before training; `inf` = off (then every silo
-    # reads the training labels from the sign of the gradients it receives).
-    label_epsilon: float = 2.0
-    # Gaussian noise multiplier on clipped contributions sent to the authority; 0 = off.
-    transcript_sigma: float = 0.0
-    transcript_clip: float = 4.0
-    # eps_transcript cap: training stops before a release would pass it; inf = no cap.
-    transcript_cap: float = math.inf
-    # Before training, a DP configuration that cannot learn (server/dp_guardrails.py) is
-    # refused ("refuse") or only warned about ("warn": machinery tests, deliberate studies).
-    guardrails: str = "refuse"
-
-    def __post_init__(self) -> None:
-        if not self.epsilon > 0:
-            raise ConfigError(
-                f"privacy.epsilon={self.epsilon}: must be > 0 (use inf to turn DP-SGD off)"
-            )
-        if not 0 <= self.delta < 1:
-            raise ConfigError(
-                f"privacy.delta={self.delta}: must lie in (0, 1), e.g. 1e-6 (0 means 1/(10 N))"
-            )
-        if self.accountant not in ACCOUNTANTS:
-            raise ConfigError(
-                f"privacy.accountant={self.accountant!r}: choose one of {', '.join(ACCOUNTANTS)}"
-            )
-        if not self.max_grad_norm > 0:
-            raise ConfigError(f"privacy.max_grad_norm={self.max_grad_norm}: must be > 0")
-        _finite("privacy.cap", self.cap, " (0 means the target privacy.epsilon)")
-        if self.cap < 0:
-            raise ConfigError(f"privacy.cap={self.cap}: must be > 0 (0 means the target)")
-        if not self.label_epsilon > 0:
-            raise ConfigError(
-                f"privacy.label_epsilon={self.label_epsilon}: must be > 0 (inf turns it off)"
-            )
-        if self.transcript_sigma < 0 or not self.transcript_clip > 0:
-            raise ConfigError(
-                "privacy.transcript_sigma must be >= 0 and privacy.transcript_clip > 0"
-            )
-        for key in ("max_grad_norm", "transcript_clip", "transcript_sigma"):
-            if not math.isfinite(getattr(self, key)):
-                raise ConfigError(f"privacy.{key}={getattr(self, key)}: must be a finite number "
-                                  "(defaults: max_grad_norm 5, transcript_clip 4, "
-                                  "transcript_sigma 0 = off)")
-        if not self.transcript_cap > 0:
-            raise ConfigError(f"privacy.transcript_cap={self.transcript_cap}: must be > 0 "
-                              "(inf = no cap)")
-        if self.guardrails not in GUARDRAIL_MODES:
-            raise ConfigError(f"privacy.guardrails={self.guardrails!r}: choose one of "
-                              f"{', '.join(GUARDRAIL_MODES)}")
-
-    def delta_for(self, n_train: int) -> float:
-        """The delta in force: 1/(10 N) by default; refuses a delta that is not below 1/N, the
-        level at which releasing one random record whole would be allowed."""
-        if self.delta and self.delta >= 1.0 / n_train:
-            raise ConfigError(
-                f"privacy.delta={self.delta} is not below 1/N = {1 / n_train:.2e} "
-                f"(N = {n_train:,} people in training); use at most {0.1 / n_train:.1e}, or 0 "
-                "for the default 1/(10 N)"
-            )
-        return default_delta(self.delta, n_train)
-
-    @property
-    def budget_cap(self) -> float:
-        return self.cap or self.epsilon
-
-    @property
-    def dp_sgd(self) -> bool:
-        return math.isfinite(self.epsilon)
-
-    @property
-    def label_dp(self) -> bool:
-        return math.isfinite(self.label_epsilon)
-
-    @property
-    def transcript_dp(self) -> bool:
-        return self.transcript_sigma > 0
-
 
 @dataclass(frozen=True)
 class AuthorityConfig:
@@ -487,7 +317,7 @@ class AuthorityConfig:
 
     def __post_init__(self) -> None:
         for name in ("join_timeout", "reply_timeout"):
-            _finite(name, getattr(self, name), " of seconds, e.g. 120")
+            finite(name, getattr(self, name), " of seconds, e.g. 120")
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name}={getattr(self, name)}: must be a positive number of "
                                   "seconds")
@@ -553,8 +383,3 @@ def _check_scorecard(cfg: AuthorityConfig) -> None:
     if cfg.privacy.transcript_dp:
         raise ConfigError("model.kind=scorecard sends no contributions to noise: set "
                           "privacy.transcript_sigma=0")
-
-
-def _positive(name: str, value: int) -> None:
-    if value < 1:
-        raise ConfigError(f"{name}={value}: must be a positive whole number")

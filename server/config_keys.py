@@ -11,7 +11,7 @@ import types
 import typing
 from typing import Any
 
-from server.config import INFINITE_OK, ConfigError
+from server.config_checks import INFINITE_OK, ConfigError
 
 
 def flat_fields(cls: type, prefix: str = "") -> dict[str, Any]:

@@ -20,7 +20,7 @@ sample at rate `sample_rate` from its secret stream), Gaussian noise on both, an
 value -lr G~ / (max(H~, 0) + lambda), clipped to `max_leaf` (post-processing). Trees come in
 batches of `batch` sharing the same gradients, their values averaged (Maddock's batched
 updates). The first margin is the logit of a noisy prior (two noisy counts, as
-server/authority.py `private_prior`), accounted too.
+server/run_plan.py `private_prior`), accounted too.
 
 Privacy (add/remove one person's record). The structure reads no data. Per tree, one person's
 row lands in exactly one leaf and moves that leaf's (G, H) by at most (1, 1/4): noising G with
@@ -312,7 +312,7 @@ def route_all(silos: Mapping[str, SiloEndpoint], structure: list[dict[int, Split
 
 def noisy_prior(y: np.ndarray, release: DpTreesRelease, rng: np.random.Generator) -> float:
     """The logit of the training default rate from two noisy counts (positives, people;
-    sensitivity sqrt 2), as server/authority.py `private_prior`; exact without noise."""
+    sensitivity sqrt 2), as server/run_plan.py `private_prior`; exact without noise."""
     counts = np.array([y.sum(), len(y)], dtype=float)
     if release.private:
         counts += rng.normal(0.0, release.prior_noise_multiplier * math.sqrt(2.0), 2)

@@ -48,7 +48,10 @@ from server.config import AuthorityConfig, ConfigError
 from server.delta_budget import DeltaSplit, OutsideRelease, releases_outside_sgd, split_delta
 from server.federation import Federation
 from server.gbdt import Model
-from server.gbdt_run import HISTORY_POINTS, FlowerSilos, TreeJob, history_row, start
+from server.gbdt_boost import depth_of, shared_settings
+from server.gbdt_run import TreeJob
+from server.gbdt_scores import HISTORY_POINTS, history_row
+from server.gbdt_silos import FlowerSilos, start
 from server.ledger import Ledger
 from server.ledger_lines import GaussianRelease
 from server.privacy import AUTHORITY, CALIBRATION_STEPS
@@ -74,9 +77,9 @@ def sgd_config(cfg: AuthorityConfig) -> AuthorityConfig:
 
 def dp_params(cfg: AuthorityConfig) -> gbdt_dp.DpTreeParams:
     g = cfg.gbdt
-    trees, lr, reg_lambda = gbdt_run.shared_settings(cfg)
+    trees, lr, reg_lambda = shared_settings(cfg)
     return gbdt_dp.DpTreeParams(
-        trees=trees, depth=gbdt_run.depth_of(cfg), bins=g.bins, lr=lr, lambda_=reg_lambda,
+        trees=trees, depth=depth_of(cfg), bins=g.bins, lr=lr, lambda_=reg_lambda,
         sample_rate=g.sample_rate, batch=g.batch, hessian_noise=g.hessian_noise,
         max_leaf=g.max_leaf, accountant=cfg.privacy.accountant)
 

@@ -30,8 +30,8 @@ TREE_KEYS = ("model.kind", "gbdt.")
 # run keeps the key it had before the DP trees were wired.
 DP_TREE_KEYS = frozenset({"gbdt.sample_rate", "gbdt.batch", "gbdt.hessian_noise",
                           "gbdt.max_leaf"})
-# Delay compensation applies to `sum` mode without DP-SGD only (server/authority.py
-# `_model_spec`): elsewhere it changes nothing, so a DP or concat run keeps the key it had
+# Delay compensation applies to `sum` mode without DP-SGD only (server/run_plan.py
+# `model_spec`): elsewhere it changes nothing, so a DP or concat run keeps the key it had
 # before the setting existed.
 COMPENSATION_KEY = "train.delay_compensation"
 # And gbdt.binning in a DP tree run (always uniform there): such a run keeps the key it had

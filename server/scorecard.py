@@ -52,7 +52,7 @@ from clients.protocol.scorecard import (
 from crypto import he
 from server.config import ScoreConfig
 from server.gbdt import LevelSilos, node_sums, send_gradients, sigmoid
-from server.gbdt_run import base_margin, rr_gradients
+from server.gbdt_boost import base_margin, rr_gradients
 from server.scoring import scale
 from server.woe import monotone_woe, projected_step
 
@@ -193,7 +193,7 @@ def _derivatives(silos: Silos, y: np.ndarray, z: np.ndarray, woe: Mapping[str, n
                  rho: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """Gradient and Hessian diagonal of the mean loss in (every beta, intercept), from one
     root histogram of (p - y, p (1 - p)) per silo; with RR labels (rho > 0) the trees'
-    forward-corrected gradient and expected hessian (server/gbdt_run.py `rr_gradients`), a
+    forward-corrected gradient and expected hessian (server/gbdt_boost.py `rr_gradients`), a
     function of the margins and the RR labels only."""
     g, h = rr_gradients(z, y, rho)
     sums = root_sums(silos, g, h, round_id, params.bins, keys)

@@ -52,7 +52,9 @@ from server import run_phases, scoring
 from server.config import AuthorityConfig
 from server.explanations import Explained, parse
 from server.federation import FederationError
-from server.gbdt_run import FlowerSilos, TreeJob, contribution_summary, history_row, start
+from server.gbdt_run import TreeJob
+from server.gbdt_scores import contribution_summary, history_row
+from server.gbdt_silos import FlowerSilos, start
 from server.label_dp import flip_probability
 from server.scorecard import ScorecardParams, Silos, VerticalScorecard, fit_scorecard, points
 from server.training import TrainResult

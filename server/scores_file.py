@@ -1,7 +1,8 @@
 """The run's published scores: `scores.parquet`, or `scores.parquet.enc` bound to the run.
 
-Kept apart from server/authority.py so tools that only read or revise scores (fedscore score,
-dispute, drift) do not import the training stack.
+Kept apart from the run (server/authority.py; server/run_results.py writes the scores) so tools
+that only read or revise scores (fedscore score, dispute, drift) do not import the training
+stack.
 
 Which run a directory holds is the authority's record, not a file beside the ciphertext: when
 it writes a run's encrypted files, the authority records the run key in its keystore,

@@ -115,7 +115,7 @@ def test_config_lists_every_key_with_its_description(tmp_path: Path):
 
 
 def test_default_run_key_is_pinned():
-    # The run key (server/authority.py) keys every secret draw of a run: descriptions and other
+    # The run key (server/run_keys.py) keys every secret draw of a run: descriptions and other
     # words about the configuration must never reach it. Pinned for a fixed secret.
     random = SecretRandom(bytes(range(32)))
     assert derive_run_key(random, to_flat(make_config().authority)) == "91766f855853dfdf"

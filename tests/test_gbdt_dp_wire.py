@@ -20,7 +20,8 @@ from server.config_keys import parse_flat, to_flat
 from server.federation import FederationError
 from server.gbdt import predict_trees
 from server.gbdt_dp import fit_dp_trees
-from server.gbdt_run import TreeJob, start
+from server.gbdt_run import TreeJob
+from server.gbdt_silos import start
 from server.ledger import Ledger
 from server.run_keys import computed_settings
 from simulations.analysis.ledger_verify import consistency, verify

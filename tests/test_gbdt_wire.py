@@ -27,19 +27,10 @@ from server import gbdt
 from server.config import AuthorityConfig, ConfigError
 from server.config_keys import parse_flat
 from server.federation import Federation, FederationError
-from server.gbdt_run import (
-    FlowerSilos,
-    annotate,
-    base_margin,
-    fit,
-    keep_best,
-    params_of,
-    refuse_unwired,
-    route,
-    rr_gradients,
-    score,
-    start,
-)
+from server.gbdt_boost import base_margin, fit, params_of, rr_gradients
+from server.gbdt_run import annotate, refuse_unwired
+from server.gbdt_scores import keep_best, route, score
+from server.gbdt_silos import FlowerSilos, start
 from server.label_dp import flip_probability, keep_probability, randomized_response
 from server.run_keys import computed_settings
 from simulations.data.paths import Parties

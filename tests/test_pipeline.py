@@ -81,13 +81,13 @@ def test_every_auc_in_the_report_is_the_metric_of_the_population_it_names(
     `all_test_auc`, the oracle and the baselines on every test person. The report's sections
     that show an AUC (headline with the model comparison, scores with ROC and KS), rendered
     as `fedscore report` renders them; the others would only cost time."""
-    from simulations.report import run_sections
+    from simulations.report import run_sections, score_sections
     from simulations.report.blocks import Plot, fmt
     from simulations.report.load import load_run
     from simulations.report.render import write_report
 
     run = load_run(small_run)
-    sections = [run_sections.headline_run(run), run_sections.scores_section(run)]
+    sections = [run_sections.headline_run(run), score_sections.scores_section(run)]
     legends = [t.get_text() for section in sections for block in section.blocks
                if isinstance(block, Plot) for ax in block.fig.axes if ax.get_legend()
                for t in ax.get_legend().get_texts()]

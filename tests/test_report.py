@@ -520,7 +520,7 @@ def test_a_grid_without_epsilon_is_drawn_against_its_key(tmp_path: Path) -> None
 def test_calibration_axes_are_linear_in_every_report() -> None:
     """One convention: linear axes whatever the rates (a tier without defaults included), so
     two reports' calibration figures read the same way."""
-    from simulations.report import run_sections
+    from simulations.report import score_sections
 
     scales: list[tuple[str, str]] = []
     rows = [dict(row, mean_predicted=p, observed_default_rate=rate, ci_low=rate / 2,
@@ -529,7 +529,7 @@ def test_calibration_axes_are_linear_in_every_report() -> None:
     spread = pd.DataFrame(rows)
     with_zero = spread.assign(observed_default_rate=[0.45, 0.0], ci_low=[0.3, 0.0])
     for frame in (spread, with_zero):
-        axes = run_sections._calibration_plot(frame, "").fig.axes[0]
+        axes = score_sections._calibration_plot(frame, "").fig.axes[0]
         scales.append((axes.get_xscale(), axes.get_yscale()))
     assert scales == [("linear", "linear")] * 2
 

@@ -20,7 +20,7 @@ from clients.silo.scorecard import ScorecardSilo
 from server.config import AuthorityConfig, ConfigError, ScoreConfig
 from server.config_keys import parse_flat
 from server.federation import Federation, FederationError
-from server.gbdt_run import start
+from server.gbdt_silos import start
 from server.label_dp import flip_probability, keep_probability, randomized_response
 from server.scorecard import ScorecardParams, Silos, fit_scorecard, points, predict_margins
 from server.scorecard_run import UNITS, ScorecardSilos, annotate, calibrated

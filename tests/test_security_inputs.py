@@ -34,7 +34,7 @@ from crypto.identity import (
     normalize_phones,
 )
 from crypto.tls import CredentialError, write_credentials
-from server.config import INFINITE_OK, ConfigError
+from server.config_checks import INFINITE_OK, ConfigError
 from server.scores_file import SCORES_FILE, read_scores, write_scores
 from simulations.data.paths import Parties, PathArgumentError, check_new_dir
 from simulations.data.real_data import DataImportError, read_mapping

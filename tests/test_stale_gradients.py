@@ -12,10 +12,10 @@ import torch
 from clients.protocol.model import ModelSpec
 from clients.silo.trainer import SiloTrainer, compensated
 from crypto.secret_random import SecretRandom
-from server.authority import _model_spec
 from server.config_keys import to_flat
 from server.privacy import PrivacyPlan
 from server.run_keys import derive_run_key
+from server.run_plan import model_spec
 from simulations.run.config import make_config
 
 
@@ -104,6 +104,6 @@ def test_the_authority_turns_it_on_in_sum_mode_without_dp_sgd() -> None:
     noisy = SimpleNamespace(sigma=9.0, q=0.1, expected_batch=2048)
     concat = dataclasses.replace(cfg, aggregation=dataclasses.replace(cfg.aggregation,
                                                                       mode="concat"))
-    assert _model_spec(cfg, cast(PrivacyPlan, silent), 3).staleness_correction == 3.0
-    assert _model_spec(cfg, cast(PrivacyPlan, noisy), 3).staleness_correction == 0.0
-    assert _model_spec(concat, cast(PrivacyPlan, silent), 3).staleness_correction == 0.0
+    assert model_spec(cfg, cast(PrivacyPlan, silent), 3).staleness_correction == 3.0
+    assert model_spec(cfg, cast(PrivacyPlan, noisy), 3).staleness_correction == 0.0
+    assert model_spec(concat, cast(PrivacyPlan, silent), 3).staleness_correction == 0.0

@@ -42,6 +42,12 @@ SERIES = {
     "oracle": ("oracle", "#27ae60"),
 }
 
+# The populations a figure can be on (metrics.json, docs/architecture.md): the score's figures
+# are on the scored test people; the model's comparison with the baselines and the oracle,
+# which see no opening conditions, on every test person.
+SCORED = "scored test people"
+ALL = "all test people"
+
 # The two topologies, when runs of both are compared.
 TOPOLOGY_COLOURS = {"vertical": "#1f4e79", "horizontal": "#8e44ad"}
 

@@ -41,6 +41,8 @@ import pandas as pd
 from server.privacy import model_epsilon
 from server.run_keys import NOT_COMPUTED_KEYS, NOT_COMPUTED_PREFIXES
 from simulations.report.blocks import (
+    ALL,
+    SCORED,
     SERIES,
     TOPOLOGY_COLOURS,
     Note,
@@ -56,7 +58,6 @@ from simulations.report.blocks import (
 )
 from simulations.report.load import ReportError, RunData, detect_kind, load_run, load_sweep
 from simulations.report.render import FIGURE_FORMATS, write_report
-from simulations.report.run_sections import ALL, SCORED
 from simulations.report.stats import LEVEL, interval_method, mean_ci, replicates
 
 # What a comparison spans: the x axis and the replicates averaged at each point.

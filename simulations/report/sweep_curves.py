@@ -14,6 +14,8 @@ from matplotlib.lines import Line2D
 
 from simulations.data.paths import EPSILON_KEY
 from simulations.report.blocks import (
+    ALL,
+    SCORED,
     SERIES,
     Note,
     Plot,
@@ -23,7 +25,6 @@ from simulations.report.blocks import (
     fmt_eps,
 )
 from simulations.report.load import SweepData
-from simulations.report.run_sections import ALL, SCORED
 from simulations.report.sweep_grid import (
     GRID_COLOURS,
     ORACLE_STYLES,

@@ -15,6 +15,8 @@ import numpy as np
 import pandas as pd
 
 from simulations.report.blocks import (
+    ALL,
+    SCORED,
     SERIES,
     Block,
     Cards,
@@ -31,7 +33,7 @@ from simulations.report.blocks import (
     key_values,
 )
 from simulations.report.load import SweepData, same_value
-from simulations.report.run_sections import ALL, SCORED, run_sections
+from simulations.report.run_sections import run_sections
 from simulations.report.sweep_curves import privacy_utility
 from simulations.report.sweep_grid import (
     DIFF,

@@ -81,7 +81,7 @@ def staged_margins(model: Model, silo_matrices: dict[str, np.ndarray],
 def best_count(model: Model, val_matrices: dict[str, np.ndarray], y_val: np.ndarray,
                fitted_on: dict[str, np.ndarray] | None = None) -> int:
     """The number of trees with the best validation log loss (the first of equals), as the
-    run keeps (server/gbdt_run.py `keep_best`)."""
+    run keeps (server/gbdt_scores.py `keep_best`)."""
     margins = staged_margins(model, val_matrices, fitted_on)[1:]
     losses = [log_loss(y_val, 1 / (1 + np.exp(-z))) for z in margins]
     return int(np.argmin(losses)) + 1
