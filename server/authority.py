@@ -25,6 +25,7 @@ from clients.protocol import messages as m
 from clients.protocol.dp_constants import PRIOR_NOISE_MULTIPLIER
 from clients.protocol.model import ModelSpec
 from clients.protocol.reasons import MAX_REASONS
+from clients.protocol.run_mode import RunMode
 from clients.protocol.schema import AUTHORITY, authority_schema
 from crypto.at_rest import REF_HASH, Keystore, open_keystore
 from crypto.identity import PHONE, IdentifierFormat, keyed_refs, load_or_create_pepper
@@ -204,9 +205,12 @@ def _plan_training(ctx: _Context, tables: _Tables, run: RunState, state: TrainSt
     if state is None:
         checkpoint.save_run(ctx.out_dir, run, ctx.store)
         run_phases.finish(ctx.out_dir, "align")
+        # The run's kind and target epsilon ride on the announcement: each silo pins them
+        # and judges the run's later requests by them (clients/protocol/run_mode.py).
         inputs = announce(ctx.fed, Alignment(run.authority_rows, run.silo_rows, {}),
                           {**spec.to_config(), "run": run.run_key,
-                           "secure": cfg.aggregation.secure_sum})
+                           "secure": cfg.aggregation.secure_sum,
+                           **RunMode(cfg.model.kind, cfg.privacy.epsilon).to_config()})
         privacy.record_start()
     else:
         inputs = {s: int(tables.info[s]["inputs"]) for s in ctx.fed.silos}

@@ -12,17 +12,19 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from flwr.app import Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from bench.gbdt_wired import compare
 from clients.protocol import gbdt as msg
 from clients.protocol import messages as m
+from clients.protocol.run_mode import RunMode
 from clients.protocol.schema import federation_silos
 from clients.silo import app as ca
 from clients.silo.data import load_silo
 from clients.silo.gbdt import Binning, GbdtSilo
 from clients.silo.gbdt_handlers import tree_inputs
+from clients.silo.policy import MAX_REASONS, SiloPolicy
 from server import gbdt
 from server.config import AuthorityConfig, ConfigError
 from server.config_keys import parse_flat
@@ -191,8 +193,12 @@ class AppGrid:
 def aligned_federation(root: Path) -> tuple[Federation, AppGrid, dict[str, np.ndarray]]:
     """Three silos with their real tables under `root`, aligned on the people all of them
     hold (the test plays PSI's result: position i is the i-th common identifier); with each
-    silo's aligned prepared matrix."""
+    silo's aligned prepared matrix. Their operators allow what these tests ask (`OPEN`):
+    groups of one (trees at min_child_weight 0 or 1 have nodes of a few people), reason codes,
+    plaintext answers; the attack tests set the policy they test."""
     write_parties(_population(), root)
+    for silo in federation_silos(root):
+        OPEN.write(root / silo)
     grid = AppGrid(root)
     fed = Federation(grid, federation_silos(root))  # type: ignore[arg-type]
     fed.connect()
@@ -204,6 +210,17 @@ def aligned_federation(root: Path) -> tuple[Federation, AppGrid, dict[str, np.nd
         grid.contexts[fed.nodes[silo]].state["align"] = m.arrays(pos2row=rows)
         xs[silo] = np.asarray(table.x[rows], dtype=np.float64)
     return fed, grid, xs
+
+
+OPEN = SiloPolicy(min_group=1, explain=MAX_REASONS, require_secure_sum=False)
+
+
+def announce_run(grid: AppGrid, run: str, kind: str = "gbdt", epsilon: float = math.inf
+                 ) -> None:
+    """What `query.align`'s announcement leaves in each silo (played, as `aligned_federation`
+    plays PSI): the run key and its mode, pinned (clients/silo/run_checks.py)."""
+    for context in grid.contexts.values():
+        context.state["model"] = ConfigRecord({"run": run, **RunMode(kind, epsilon).to_config()})
 
 
 @pytest.fixture(scope="module")
@@ -225,6 +242,7 @@ def test_flower_trees_equal_the_in_process_trees(federation, binning: str) -> No
     val = np.setdiff1d(np.arange(n), train)
     y = (rng.random(n) < 1 / (1 + np.exp(-3 * xs["payments"][:, 0]))).astype(np.float64)
     params = gbdt.GbdtParams(trees=3, depth=3, bins=16, binning=binning)  # type: ignore[arg-type]
+    announce_run(grid, f"run1{binning}")
     features = start(fed, f"run1{binning}", params.bins, train, binning=binning)
     assert features == {s: x.shape[1] for s, x in xs.items()}
     silos = FlowerSilos(fed, features, route_positions=np.arange(n))
@@ -260,9 +278,10 @@ def test_the_run_keeps_the_trees_of_the_best_validation_loss(federation) -> None
     """Trees fitted to noise (labels independent of the features, lr 1, no weight floor):
     validation loss rises after the first trees, and the model scored is cut there; the
     curve marks the kept count, whose loss is the lowest of the curve."""
-    fed, _, xs = federation
+    fed, grid, xs = federation
     n = len(next(iter(xs.values())))
     rng = np.random.default_rng(1)
+    announce_run(grid, "run3")
     train, val = np.arange(0, n, 2), np.arange(1, n, 2)
     y = (rng.random(n) < 0.3).astype(np.float64)
     params = gbdt.GbdtParams(trees=8, depth=3, bins=16, lr=1.0, min_child_weight=0.0)
@@ -283,7 +302,8 @@ def test_the_run_keeps_the_trees_of_the_best_validation_loss(federation) -> None
 
 
 def test_silo_handlers_refuse_malformed_requests(federation) -> None:
-    fed, _, _ = federation
+    fed, grid, _ = federation
+    announce_run(grid, "run2")
     with pytest.raises(FederationError, match="binning must be one of"):
         start(fed, "run2", 8, np.arange(20), binning="median")
     start(fed, "run2", 8, np.arange(20))

@@ -27,7 +27,7 @@ from server.scorecard_run import UNITS, ScorecardSilos, annotate, calibrated
 from server.scoring import Platt, to_score
 from simulations.run.scorecard import fit_vertical_scorecard, scored_silos, scores, silos_for
 from tests.test_gbdt import by_silo, credit_like
-from tests.test_gbdt_wire import AppGrid, aligned_federation
+from tests.test_gbdt_wire import AppGrid, aligned_federation, announce_run
 
 CARD = {"model.kind": "scorecard", "privacy.epsilon": "inf"}
 
@@ -101,6 +101,7 @@ def test_flower_scorecard_equals_the_in_process_scorecard(federation, label_epsi
     rho = flip_probability(label_epsilon)
     run = "card" + ("inf" if math.isinf(label_epsilon) else "rr")
     params = ScorecardParams()
+    announce_run(grid, run, "scorecard")
     features = start(fed, run, params.bins, train, units=UNITS)
     silos = ScorecardSilos(fed, features)
     grid.sent.clear()
@@ -157,9 +158,10 @@ def _request(weights: np.ndarray) -> PartialLogitsRequest:
 
 
 def test_silo_handlers_refuse_malformed_requests(federation) -> None:
-    fed, _, xs, _ = federation
+    fed, grid, xs, _ = federation
     silos = ScorecardSilos(fed, {s: x.shape[1] for s, x in xs.items()})
     name = fed.silos[0]
+    announce_run(grid, "cardbad", "scorecard")
     start(fed, "cardbad", 8, np.arange(20), units=UNITS)
     with pytest.raises(FederationError, match="no WoE tables for this run yet"):
         silos.partial_logits_at({s: np.zeros(x.shape[1]) for s, x in xs.items()}, np.arange(5))
