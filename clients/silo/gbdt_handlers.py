@@ -17,6 +17,11 @@ names the silo's own column index and a bin, never a value. Rows in the training
 indices into the training positions the authority sent with `query.gbdt_start`. With
 binning="quantile" the silo bins each column at its own quantiles over those training
 positions (clients/silo/gbdt.py `Binning`): the edges, like every threshold, never leave it.
+
+Before answering, each handler checks the run's mode as announced with `query.align` and
+pinned by the silo (clients/silo/run_checks.py: the start must name the announced run key; a
+DP run gets uniform bins and routing only, never SecureBoost's histograms or partitions) and
+the silo's policy (`min_group` over the training positions and over each node's rows).
 """
 
 from __future__ import annotations

@@ -16,6 +16,9 @@ What the silo keeps between messages lives in the node's Flower state (`scorecar
 tables), so any worker process can answer; the `ScorecardSilo`s over the training positions
 and over the scored positions are derived from the prepared table and cached per process.
 The bins' ranges in the silo's own units stay here, in its table file.
+
+Each message is answered only in a run announced as a non-private scorecard
+(clients/silo/run_checks.py), and reason codes only within the silo's policy (`explain`).
 """
 
 from __future__ import annotations

@@ -84,7 +84,7 @@ def step(msg: Message, node: Node) -> Message:
     # corrupts the reply after that, as a faulty transport or a bug would.
     journal.record("step", round_, binding, reply_digest(m.make_content(reply_config, **out)))
     if summary:
-        journal.record(SUMMARY, "run", binding, binding)
+        _record_summary(journal, binding)
     _maybe_misbehave(silo_name(node), round_, out)
     reply_config["seconds"] = time.perf_counter() - t0
     reply = m.make_content(reply_config, **out)
@@ -171,6 +171,10 @@ def _check_one_summary(journal: Journal, binding: bytes) -> None:
                            "silo answers one per run (a second, over a group one person "
                            "apart, would release that person's contribution outside the "
                            "run's accounting)")
+
+
+def _record_summary(journal: Journal, binding: bytes) -> None:
+    journal.record(SUMMARY, "run", binding, binding)
 
 
 def _check_group(policy: SiloPolicy, what: str, positions: np.ndarray) -> None:
