@@ -467,6 +467,37 @@ def test_tree_aggregates_over_a_few_people_are_refused(federation, policy, monke
     assert not ask(grid, 1, msg.LEVEL, level_request(0, [np.arange(100)], n)).has_error()
 
 
+class _SizeTap(GbdtSilo):
+    """A silo that records the size of every node it is asked about."""
+
+    sizes: list[int]
+
+    def histograms(self, m_: msg.HistogramRequest) -> msg.HistogramReply:
+        self.sizes += [len(n.rows) for n in m_.nodes]
+        return super().histograms(m_)
+
+    def split(self, m_: msg.SplitRequest) -> msg.SplitReply:
+        self.sizes.append(len(m_.rows))
+        return super().split(m_)
+
+
+def test_secureboost_nodes_hold_at_least_four_times_min_child_weight() -> None:
+    """What policy_for's min_group for the trees rests on: a node's hessian is at least
+    min_child_weight and one person's at most 1/4 (also under randomised response), so every
+    node a silo is asked about holds at least 4 x min_child_weight people."""
+    x, y = credit_like(8000, seed=21)
+    y_view = randomized_response(y.astype(np.int8), 2.0, np.random.default_rng(2))
+    sizes: list[int] = []
+    silos = {}
+    for name, part in by_silo(x).items():
+        silos[name] = _SizeTap(name, part, bins=16)
+        silos[name].sizes = sizes
+    fit(silos, y_view.astype(np.float64), flip_probability(2.0),
+        gbdt.GbdtParams(trees=3, depth=5, bins=16, min_child_weight=5.0))
+    assert len(sizes) > 20
+    assert 4 * 5.0 <= min(sizes) < 100  # the floor holds, and below the default min_group
+
+
 # ---- what a silo learns of the labels ------------------------------------------------------
 
 
