@@ -521,6 +521,18 @@ def test_a_run_key_keeps_the_mode_it_was_announced_with(grid: AppGrid, monkeypat
     _refused(grid.send("payments", START, quantile), "binning=quantile")  # still the DP run
 
 
+def test_a_model_json_without_a_mode_pins_nothing(tmp_path: Path):
+    """A run's model.json from before modes were announced holds no mode to keep: the run key
+    is taken at its new announcement (a mode written since is held)."""
+    (tmp_path / "model.json").write_text(json.dumps({"run": "runo", "noise_multiplier": 0.0}))
+    run_checks.check_same_mode(tmp_path, "runo", RunMode("gbdt"))
+    (tmp_path / "model.json").write_text(json.dumps({"run": "runo", "kind": "gbdt",
+                                                     "epsilon": 1.0}))
+    run_checks.check_same_mode(tmp_path, "runo", RunMode("gbdt", 1.0))
+    with pytest.raises(run_checks.RunModeRefusalError, match=r"announced as model\.kind=gbdt"):
+        run_checks.check_same_mode(tmp_path, "runo", RunMode("gbdt"))
+
+
 def test_a_tree_run_is_not_answered_mlp_steps(grid: AppGrid, monkeypatch):
     """A DP tree run announces the MLP spec of its idle DP-SGD machinery: no noise. A
     `train.step` there would train and release this silo's contributions without DP."""

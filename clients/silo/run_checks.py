@@ -28,7 +28,7 @@ from pathlib import Path
 from clients.node import Node
 from clients.protocol import messages as m
 from clients.protocol.gbdt import LEVEL, ROUTE, SPLIT, START
-from clients.protocol.run_mode import TREE_KINDS, RunMode, RunModeError
+from clients.protocol.run_mode import KIND, TREE_KINDS, RunMode, RunModeError
 from clients.protocol.scorecard import LOGITS, SCORE, WOE
 
 MODEL_FILE = "model.json"  # in the run's checkpoint directory: the pinned announcement
@@ -67,9 +67,12 @@ def check_same_mode(directory: Path, run_key: str, mode: RunMode) -> None:
     if not path.exists():
         return
     try:
-        before = RunMode.from_config(json.loads(path.read_text()))
+        record = json.loads(path.read_text())
+        if not isinstance(record, dict) or KIND not in record:
+            return  # from a version that announced no mode: nothing pinned to hold it to
+        before = RunMode.from_config(record)
     except (ValueError, RunModeError):
-        return  # unreadable or from an older version: nothing pinned to hold it to
+        return  # unreadable: nothing pinned to hold it to
     if before != mode:
         raise RunModeRefusalError(
             f"run {run_key} was announced as {before.describe()}; it cannot be announced "

@@ -2,10 +2,10 @@
 
 Each step applies the gradients the authority sent for the batches released last step,
 checkpoints the round and releases contributions for the next batches and the evaluation group:
-clipped, masked under secure aggregation, with the differentially private summary and reason
-codes when asked and the policy allows them. A step is answered once per round (the journal);
-a re-sent step whose reply was lost is answered from the node's cache. `FEDSCORE_SILO_FAULT`
-makes a silo misbehave on purpose, for tests.
+clipped, masked under secure aggregation, with the differentially private summary (one per
+run) and reason codes when asked and the policy allows them. A step is answered once per round
+(the journal); a re-sent step whose reply was lost is answered from the node's cache.
+`FEDSCORE_SILO_FAULT` makes a silo misbehave on purpose, for tests.
 """
 
 from __future__ import annotations
