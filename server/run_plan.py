@@ -16,6 +16,7 @@ import pandas as pd
 from clients.protocol.dp_constants import PRIOR_NOISE_MULTIPLIER
 from clients.protocol.model import ModelSpec
 from clients.protocol.reasons import MAX_REASONS
+from clients.protocol.run_mode import RunMode
 from crypto.identity import PHONE, IdentifierFormat
 from crypto.secret_random import SecretRandom
 from server import checkpoint, gbdt_dp_run, run_phases
@@ -99,9 +100,12 @@ def plan_training(ctx: RunContext, tables: Tables, run: RunState, state: TrainSt
     if state is None:
         checkpoint.save_run(ctx.out_dir, run, ctx.store)
         run_phases.finish(ctx.out_dir, "align")
+        # The run's kind and target epsilon ride on the announcement: each silo pins them
+        # and judges the run's later requests by them (clients/protocol/run_mode.py).
         inputs = announce(ctx.fed, Alignment(run.authority_rows, run.silo_rows, {}),
                           {**spec.to_config(), "run": run.run_key,
-                           "secure": cfg.aggregation.secure_sum})
+                           "secure": cfg.aggregation.secure_sum,
+                           **RunMode(cfg.model.kind, cfg.privacy.epsilon).to_config()})
         privacy.record_start()
     else:
         inputs = {s: int(tables.info[s]["inputs"]) for s in ctx.fed.silos}

@@ -25,7 +25,7 @@ from server.gbdt_silos import start
 from server.ledger import Ledger
 from server.run_keys import computed_settings
 from simulations.analysis.ledger_verify import consistency, verify
-from tests.test_gbdt_wire import _task_identity, federation  # noqa: F401 (fixtures)
+from tests.test_gbdt_wire import _task_identity, announce_run, federation  # noqa: F401
 
 DP = {"model.kind": "gbdt", "privacy.epsilon": "4"}
 # Small and fast: RDP without subsampling calibrates in milliseconds (PRV takes seconds).
@@ -102,6 +102,7 @@ def test_the_phase_reproduces_the_in_process_dp_trees_and_its_ledger_verifies(
     order = rng.permutation(n)
     train, val = np.sort(order[: n * 6 // 10]), np.sort(order[n * 6 // 10: n * 8 // 10])
     y = (rng.random(n) < 1 / (1 + np.exp(-2 * xs["payments"][:, 0] - 1))).astype(np.int8)
+    announce_run(grid, "dpkey1", epsilon=cfg.privacy.epsilon)
     job = TreeJob(fed, cfg, "dpkey1", train, val, n, y, y.astype(np.float64))
     grid.sent.clear()
     result, platt, spent = gbdt_dp_run.train_and_calibrate(

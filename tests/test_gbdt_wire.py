@@ -12,17 +12,20 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from flwr.app import Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from bench.gbdt_wired import compare
 from clients.protocol import gbdt as msg
 from clients.protocol import messages as m
+from clients.protocol.run_mode import RunMode
 from clients.protocol.schema import federation_silos
 from clients.silo import app as ca
+from clients.silo import run_checks
 from clients.silo.data import load_silo
 from clients.silo.gbdt import Binning, GbdtSilo
 from clients.silo.gbdt_handlers import tree_inputs
+from clients.silo.policy import MAX_REASONS, SiloPolicy
 from server import gbdt
 from server.config import AuthorityConfig, ConfigError
 from server.config_keys import parse_flat
@@ -154,6 +157,7 @@ class AppGrid:
     per node, its state kept between messages); every message is logged."""
 
     def __init__(self, root: Path) -> None:
+        self.root = root
         self.app = ca.make_client_app(root, None, plaintext=True)
         silos = federation_silos(root)
         self.contexts = {n + 1: Context(run_id=1, node_id=n + 1,
@@ -182,8 +186,12 @@ class AppGrid:
 def aligned_federation(root: Path) -> tuple[Federation, AppGrid, dict[str, np.ndarray]]:
     """Three silos with their real tables under `root`, aligned on the people all of them
     hold (the test plays PSI's result: position i is the i-th common identifier); with each
-    silo's aligned prepared matrix."""
+    silo's aligned prepared matrix. Their operators allow what these tests ask (`OPEN`):
+    groups of one (trees at min_child_weight 0 or 1 have nodes of a few people), reason codes,
+    plaintext answers; the attack tests set the policy they test."""
     write_parties(_population(), root)
+    for silo in federation_silos(root):
+        OPEN.write(root / silo)
     grid = AppGrid(root)
     fed = Federation(grid, federation_silos(root))  # type: ignore[arg-type]
     fed.connect()
@@ -195,6 +203,17 @@ def aligned_federation(root: Path) -> tuple[Federation, AppGrid, dict[str, np.nd
         grid.contexts[fed.nodes[silo]].state["align"] = m.arrays(pos2row=rows)
         xs[silo] = np.asarray(table.x[rows], dtype=np.float64)
     return fed, grid, xs
+
+
+OPEN = SiloPolicy(min_group=1, explain=MAX_REASONS, require_secure_sum=False)
+
+
+def announce_run(grid: AppGrid, run: str, kind: str = "gbdt", epsilon: float = math.inf
+                 ) -> None:
+    """What `query.align`'s announcement leaves in each silo (played, as `aligned_federation`
+    plays PSI): the run key and its mode, pinned (clients/silo/run_checks.py)."""
+    for context in grid.contexts.values():
+        context.state["model"] = ConfigRecord({"run": run, **RunMode(kind, epsilon).to_config()})
 
 
 @pytest.fixture(scope="module")
@@ -216,6 +235,7 @@ def test_flower_trees_equal_the_in_process_trees(federation, binning: str) -> No
     val = np.setdiff1d(np.arange(n), train)
     y = (rng.random(n) < 1 / (1 + np.exp(-3 * xs["payments"][:, 0]))).astype(np.float64)
     params = gbdt.GbdtParams(trees=3, depth=3, bins=16, binning=binning)  # type: ignore[arg-type]
+    announce_run(grid, f"run1{binning}")
     features = start(fed, f"run1{binning}", params.bins, train, binning=binning)
     assert features == {s: x.shape[1] for s, x in xs.items()}
     silos = FlowerSilos(fed, features, route_positions=np.arange(n))
@@ -251,9 +271,10 @@ def test_the_run_keeps_the_trees_of_the_best_validation_loss(federation) -> None
     """Trees fitted to noise (labels independent of the features, lr 1, no weight floor):
     validation loss rises after the first trees, and the model scored is cut there; the
     curve marks the kept count, whose loss is the lowest of the curve."""
-    fed, _, xs = federation
+    fed, grid, xs = federation
     n = len(next(iter(xs.values())))
     rng = np.random.default_rng(1)
+    announce_run(grid, "run3")
     train, val = np.arange(0, n, 2), np.arange(1, n, 2)
     y = (rng.random(n) < 0.3).astype(np.float64)
     params = gbdt.GbdtParams(trees=8, depth=3, bins=16, lr=1.0, min_child_weight=0.0)
@@ -274,7 +295,8 @@ def test_the_run_keeps_the_trees_of_the_best_validation_loss(federation) -> None
 
 
 def test_silo_handlers_refuse_malformed_requests(federation) -> None:
-    fed, _, _ = federation
+    fed, grid, _ = federation
+    announce_run(grid, "run2")
     with pytest.raises(FederationError, match="binning must be one of"):
         start(fed, "run2", 8, np.arange(20), binning="median")
     start(fed, "run2", 8, np.arange(20))
@@ -294,6 +316,177 @@ def test_silo_handlers_refuse_malformed_requests(federation) -> None:
     with pytest.raises(FederationError, match="one value per row"):
         silos.histograms_all(msg.HistogramRequest(tree=1, nodes=(
             msg.NodeRows(node=0, rows=np.arange(3)),)))
+
+
+# ---- a deviating authority: the run's announced mode and the silo's policy ----------------
+# Each attack sends exactly the messages a deviating authority would (built as
+# server/gbdt_run.py builds them), first with the silo's new check taken out (it is answered,
+# and the answer shows what leaks), then as the silo answers now (REFUSED, naming the problem).
+
+
+def ask(grid: AppGrid, silo: int, message_type: str, content: RecordDict) -> Message:
+    """One message straight to one silo's ClientApp (node id 1..3), as a deviating authority
+    may send anything."""
+    msg = Message(content, dst_node_id=silo, message_type=message_type)
+    msg.metadata.__dict__["_message_id"] = f"{next(_ids):064x}"
+    return grid.app(msg, grid.contexts[silo])
+
+
+def refused(reply: Message, *needles: str) -> str:
+    assert reply.has_error(), "the silo answered a request it must refuse"
+    assert reply.error.code == m.REFUSED, reply.error.reason
+    for needle in needles:
+        assert needle in reply.error.reason, reply.error.reason
+    return reply.error.reason
+
+
+def tree_start(run: str, positions: np.ndarray, binning: str = "uniform", bins: int = 32
+               ) -> RecordDict:
+    return m.make_content({"run": run, "bins": bins, "binning": binning},
+                          positions=positions.astype(np.int64))
+
+
+def level_request(tree: int, groups: list[np.ndarray], rows: int) -> RecordDict:
+    """A level's histogram request with the tree's g, h riding on it: g = 0, h = 1 on every
+    row, so each per-bin h sum is a count of the node's people in that bin."""
+    return m.make_content({"tree": tree}, g=np.zeros(rows), h=np.ones(rows),
+                          nodes=np.arange(len(groups), dtype=np.int64),
+                          rows=np.concatenate(groups).astype(np.int64),
+                          sizes=np.array([len(r) for r in groups], dtype=np.int64))
+
+
+@pytest.fixture
+def policy(federation):
+    """Write a silo policy for one test (every silo); the open one is back afterwards."""
+    root = federation[1].root
+
+    def write(**values) -> None:
+        for silo in federation[0].silos:
+            SiloPolicy(**values).write(root / silo)
+
+    yield write
+    write(min_group=1, explain=MAX_REASONS, require_secure_sum=False)
+
+
+def test_quantile_bins_in_a_dp_run_are_refused(federation, monkeypatch) -> None:
+    """An authority that announced a DP tree run (epsilon 1), then asks for quantile bins: the
+    silo's bin edges would follow its people's values, so the routing bit at the middle bin
+    is "at or below this column's median": a data-dependent release no accounting covers."""
+    _, grid, xs = federation
+    n = len(xs["payments"])
+    train = np.arange(0, n, 2, dtype=np.int64)
+    announce_run(grid, "dpquant", epsilon=1.0)
+    route_mid = m.make_content(features=np.array([0], dtype=np.int64),
+                               bins=np.array([15], dtype=np.int64), positions=train)
+    with monkeypatch.context() as old:  # the mechanism: a silo that takes binning on its word
+        old.setattr(run_checks, "check_tree_start", lambda node, run, binning: None)
+        assert not ask(grid, 1, msg.START, tree_start("dpquant", train, "quantile")).has_error()
+        left = np.unpackbits(m.get_array(ask(grid, 1, msg.ROUTE, route_mid), "left", np.uint8,
+                                         2), axis=1)[0, :len(train)]
+        column = xs["payments"][train, 0]
+        np.testing.assert_array_equal(left, column <= np.quantile(column, 0.5,
+                                                                  method="inverted_cdf"))
+    reason = refused(ask(grid, 1, msg.START, tree_start("dpquant", train, "quantile")),
+                     "binning=quantile", "privacy.epsilon=1")
+    assert "a DP run bins uniformly" in reason
+    assert not ask(grid, 1, msg.START, tree_start("dpquant", train)).has_error()  # uniform
+
+
+def test_secureboost_requests_in_a_dp_run_are_refused(federation, monkeypatch) -> None:
+    """In a run announced at epsilon 1 (the DP trees: start, then routing only), the
+    authority asks SecureBoost's per-bin sums and a partition: exact counts of the training
+    people in every bin of every column, and everyone's bit, released without noise."""
+    _, grid, xs = federation
+    n = len(xs["payments"])
+    train = np.arange(n, dtype=np.int64)
+    announce_run(grid, "dplevel", epsilon=1.0)
+    assert not ask(grid, 1, msg.START, tree_start("dplevel", train)).has_error()
+    level = level_request(0, [np.arange(n)], n)
+    split = m.make_content({"tree": 0}, nodes=np.array([0], dtype=np.int64),
+                           features=np.array([0], dtype=np.int64),
+                           bins=np.array([15], dtype=np.int64), rows=np.arange(n, dtype=np.int64),
+                           sizes=np.array([n], dtype=np.int64))
+    with monkeypatch.context() as old:  # the mechanism: no mode check
+        old.setattr(run_checks, "check_request", lambda node, message_type: RunMode("gbdt"))
+        counts = m.get_array(ask(grid, 1, msg.LEVEL, level), "h", np.float64, 3)[0]
+        exact = Binning(32).apply(xs["payments"])
+        np.testing.assert_array_equal(counts[0], np.bincount(exact[:, 0], minlength=32))
+        assert not ask(grid, 1, msg.SPLIT, split).has_error()
+    refused(ask(grid, 1, msg.LEVEL, level), msg.LEVEL, "non-private run only",
+            "privacy.epsilon=1")
+    refused(ask(grid, 1, msg.SPLIT, split), msg.SPLIT, "non-private run only")
+
+
+def test_a_start_for_another_run_key_is_refused(federation) -> None:
+    """The trees' answers are judged by the mode pinned with the announced run key: a start
+    naming another key (one announced without DP, say) is refused."""
+    _, grid, xs = federation
+    announce_run(grid, "announced", epsilon=1.0)
+    train = np.arange(len(xs["payments"]), dtype=np.int64)
+    refused(ask(grid, 1, msg.START, tree_start("other", train, "quantile")),
+            "names run other", "aligned for run announced")
+
+
+def test_tree_aggregates_over_a_few_people_are_refused(federation, policy, monkeypatch
+                                                       ) -> None:
+    """min_group for the trees: per-bin sums of a one-person node are that person's bin in
+    every column (h = 1 counts them); so is one person listed many times; a partition of a
+    one-person node is their bit; a run over three training people bins and sums over three."""
+    _, grid, xs = federation
+    n = len(xs["payments"])
+    announce_run(grid, "fewpeople")
+    assert not ask(grid, 1, msg.START, tree_start("fewpeople", np.arange(n))).has_error()
+    one = level_request(0, [np.array([5])], n)
+    # The mechanism: a silo that allows groups of one.
+    policy(min_group=1, require_secure_sum=False)
+    h = m.get_array(ask(grid, 1, msg.LEVEL, one), "h", np.float64, 3)[0]
+    np.testing.assert_array_equal(h.argmax(axis=1), Binning(32).apply(xs["payments"])[5])
+    assert (h.sum(axis=1) == 1).all()
+    # The default minimum group of 100 distinct people.
+    policy(require_secure_sum=False)
+    refused(ask(grid, 1, msg.LEVEL, one), "'min_group'", "node 0 over 1 distinct people")
+    repeated = level_request(0, [np.full(150, 5)], n)
+    refused(ask(grid, 1, msg.LEVEL, repeated), "listed more than once")
+    split = m.make_content({"tree": 0}, nodes=np.array([3], dtype=np.int64),
+                           features=np.array([0], dtype=np.int64),
+                           bins=np.array([15], dtype=np.int64), rows=np.array([5], np.int64),
+                           sizes=np.array([1], dtype=np.int64))
+    refused(ask(grid, 1, msg.SPLIT, split), "partition of node 3 over 1 distinct people")
+    refused(ask(grid, 1, msg.START, tree_start("fewpeople", np.arange(3))),
+            "the training positions over 3 distinct people")
+    # Nodes of at least 100 people are answered.
+    assert not ask(grid, 1, msg.LEVEL, level_request(0, [np.arange(100)], n)).has_error()
+
+
+class _SizeTap(GbdtSilo):
+    """A silo that records the size of every node it is asked about."""
+
+    sizes: list[int]
+
+    def histograms(self, m_: msg.HistogramRequest) -> msg.HistogramReply:
+        self.sizes += [len(n.rows) for n in m_.nodes]
+        return super().histograms(m_)
+
+    def split(self, m_: msg.SplitRequest) -> msg.SplitReply:
+        self.sizes.append(len(m_.rows))
+        return super().split(m_)
+
+
+def test_secureboost_nodes_hold_at_least_four_times_min_child_weight() -> None:
+    """What policy_for's min_group for the trees rests on: a node's hessian is at least
+    min_child_weight and one person's at most 1/4 (also under randomised response), so every
+    node a silo is asked about holds at least 4 x min_child_weight people."""
+    x, y = credit_like(8000, seed=21)
+    y_view = randomized_response(y.astype(np.int8), 2.0, np.random.default_rng(2))
+    sizes: list[int] = []
+    silos = {}
+    for name, part in by_silo(x).items():
+        silos[name] = _SizeTap(name, part, bins=16)
+        silos[name].sizes = sizes
+    fit(silos, y_view.astype(np.float64), flip_probability(2.0),
+        gbdt.GbdtParams(trees=3, depth=5, bins=16, min_child_weight=5.0))
+    assert len(sizes) > 20
+    assert 4 * 5.0 <= min(sizes) < 100  # the floor holds, and below the default min_group
 
 
 # ---- what a silo learns of the labels ------------------------------------------------------

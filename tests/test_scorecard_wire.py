@@ -13,9 +13,19 @@ import numpy as np
 import pytest
 from flwr.supercore.task_identity import TaskIdentity
 
-from clients.protocol.gbdt import EncryptedGradients, Gradients
-from clients.protocol.scorecard import PartialLogitsRequest, WoeTables
+from clients.protocol import messages as m
+from clients.protocol.gbdt import LEVEL, START, EncryptedGradients, Gradients
+from clients.protocol.scorecard import (
+    LOGITS,
+    SCORE,
+    WOE,
+    PartialLogitsRequest,
+    WoeTables,
+    pack_tables,
+)
+from clients.silo import gbdt_handlers
 from clients.silo.data import load_silo
+from clients.silo.policy import SiloPolicy
 from clients.silo.scorecard import ScorecardSilo
 from server.config import AuthorityConfig, ConfigError, ScoreConfig
 from server.config_keys import parse_flat
@@ -27,7 +37,16 @@ from server.scorecard_run import UNITS, ScorecardSilos, annotate, calibrated
 from server.scoring import Platt, to_score
 from simulations.run.scorecard import fit_vertical_scorecard, scored_silos, scores, silos_for
 from tests.test_gbdt import by_silo, credit_like
-from tests.test_gbdt_wire import AppGrid, aligned_federation
+from tests.test_gbdt_wire import (
+    OPEN,
+    AppGrid,
+    aligned_federation,
+    announce_run,
+    ask,
+    level_request,
+    refused,
+    tree_start,
+)
 
 CARD = {"model.kind": "scorecard", "privacy.epsilon": "inf"}
 
@@ -101,6 +120,7 @@ def test_flower_scorecard_equals_the_in_process_scorecard(federation, label_epsi
     rho = flip_probability(label_epsilon)
     run = "card" + ("inf" if math.isinf(label_epsilon) else "rr")
     params = ScorecardParams()
+    announce_run(grid, run, "scorecard")
     features = start(fed, run, params.bins, train, units=UNITS)
     silos = ScorecardSilos(fed, features)
     grid.sent.clear()
@@ -157,9 +177,10 @@ def _request(weights: np.ndarray) -> PartialLogitsRequest:
 
 
 def test_silo_handlers_refuse_malformed_requests(federation) -> None:
-    fed, _, xs, _ = federation
+    fed, grid, xs, _ = federation
     silos = ScorecardSilos(fed, {s: x.shape[1] for s, x in xs.items()})
     name = fed.silos[0]
+    announce_run(grid, "cardbad", "scorecard")
     start(fed, "cardbad", 8, np.arange(20), units=UNITS)
     with pytest.raises(FederationError, match="no WoE tables for this run yet"):
         silos.partial_logits_at({s: np.zeros(x.shape[1]) for s, x in xs.items()}, np.arange(5))
@@ -178,6 +199,82 @@ def test_silo_handlers_refuse_malformed_requests(federation) -> None:
              for s, t in points(model, ScoreConfig())[1].items()}
     with pytest.raises(FederationError, match="one value per merged bin"):
         silos.finish(model, short, np.arange(5), 0)
+
+
+# ---- a deviating authority: the run's announced mode and the silo's policy ----------------
+
+
+def _policy(root: Path, **values) -> None:
+    SiloPolicy(**values).write(root / "payments")
+
+
+@pytest.fixture(scope="module")
+def card(federation) -> tuple:
+    """payments' WoE tables over 300 training people and their points per merged bin."""
+    xs = federation[2]
+    model = fit_vertical_scorecard({"payments": xs["payments"][:300]},
+                                   (np.arange(300) % 5 == 0).astype(float), bins=8)
+    return model.tables["payments"], np.concatenate(points(model, ScoreConfig())[1]["payments"])
+
+
+def _held_tables(grid: AppGrid, card: tuple, run: str) -> tuple:
+    """An announced scorecard run on 300 training people, with `card`'s WoE tables held by
+    payments (node 1)."""
+    announce_run(grid, run, "scorecard")
+    train = np.arange(300, dtype=np.int64)
+    assert not ask(grid, 1, START, tree_start(run, train, bins=8)).has_error()
+    assert not ask(grid, 1, WOE, m.make_content(None, **pack_tables(card[0]))).has_error()
+    return card
+
+
+def test_scorecard_reason_codes_beyond_the_policy_are_refused(federation, card) -> None:
+    """`explain` for the scorecard: the authority asks four reason codes per person with the
+    points tables; a silo allowing none refuses before it writes or computes anything."""
+    _, grid, xs, root = federation
+    _, table_points = _held_tables(grid, card, "cardwhy")
+    weights = -np.ones(xs["payments"].shape[1])
+    everyone = np.arange(len(xs["payments"]), dtype=np.int64)
+    asked = m.make_content({"reasons": 4}, weights=weights, positions=everyone,
+                           points=table_points)
+    try:
+        _policy(root, min_group=1, explain=4, require_secure_sum=False)  # the mechanism
+        reply = ask(grid, 1, SCORE, asked)
+        assert m.get_array(reply, "reason_index", np.int16, 2).shape == (len(everyone), 4)
+        _policy(root, min_group=1, require_secure_sum=False)  # the default explain=0
+        refused(ask(grid, 1, SCORE, asked), "'explain'", "4 reason codes asked, this silo "
+                "allows 0")
+    finally:
+        OPEN.write(root / "payments")
+
+
+def test_scorecard_requests_outside_a_scorecard_run_are_refused(federation, card) -> None:
+    """The scorecard's messages belong to a non-private scorecard run: asked in a DP tree run,
+    or in a run announced as a scorecard at a finite epsilon (no DP scorecard exists), they
+    would release WoE-weighted partial logits of every training person without noise."""
+    _, grid, xs, _ = federation
+    tables, _ = _held_tables(grid, card, "cardmode")
+    content = m.make_content(None, **pack_tables(tables))
+    logits = m.make_content({"round": 1}, weights=-np.ones(xs["payments"].shape[1]))
+    assert not ask(grid, 1, LOGITS, logits).has_error()  # in the announced scorecard run
+    announce_run(grid, "cardmode", "gbdt", epsilon=1.0)
+    refused(ask(grid, 1, WOE, content), "no request of a model.kind=gbdt run")
+    refused(ask(grid, 1, LOGITS, logits), "no request of a model.kind=gbdt run")
+    announce_run(grid, "cardmode", "scorecard", epsilon=1.0)
+    refused(ask(grid, 1, LOGITS, logits), "non-private run only", "privacy.epsilon=1")
+
+
+def test_a_scorecard_run_answers_root_histograms_only(federation, card, monkeypatch) -> None:
+    """A scorecard run's label sums are over the root (every training row). Per-bin counts
+    over a subset the authority picks are the trees' disclosure, not the scorecard's."""
+    _, grid, xs, _ = federation
+    _held_tables(grid, card, "cardroot")
+    subset = level_request(0, [np.arange(0, 300, 2)], 300)
+    with monkeypatch.context() as old:  # the mechanism: any node is answered
+        old.setattr(gbdt_handlers, "_check_level", lambda *args: None)
+        h = m.get_array(ask(grid, 1, LEVEL, subset), "h", np.float64, 3)[0]
+        assert h.sum(axis=1).tolist() == [150.0] * xs["payments"].shape[1]
+    refused(ask(grid, 1, LEVEL, subset), "root node over every training row")
+    assert not ask(grid, 1, LEVEL, level_request(0, [np.arange(300)], 300)).has_error()
 
 
 # ---- what a silo learns of the labels ------------------------------------------------------

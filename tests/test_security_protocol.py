@@ -22,9 +22,11 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from clients.node import Defaults, Node
 from clients.protocol import messages as m
+from clients.protocol.gbdt import START
 from clients.protocol.model import ModelSpec
+from clients.protocol.run_mode import RunMode
 from clients.protocol.schema import federation_silos
-from clients.silo import alignment, training
+from clients.silo import alignment, run_checks, training
 from clients.silo import app as ca
 from clients.silo.enrolment import enrol
 from clients.silo.policy import POLICY_FILE, PolicyError, SiloPolicy
@@ -480,6 +482,97 @@ def test_plaintext_or_split_learning_is_refused_by_default(grid: AppGrid):
     content = m.make_content({**_model_config("runc", secure=False), "positions": PEOPLE},
                              rows=rows, positions=rows)
     assert not grid.send("payments", m.ALIGN, content).has_error()
+
+
+def _align(run_key: str, **mode) -> RecordDict:
+    """A `query.align` as `announce` builds it, announcing `mode` (RunMode's kind, epsilon)."""
+    rows = np.arange(PEOPLE, dtype=np.int64)
+    return m.make_content({**_model_config(run_key, secure=False), "positions": PEOPLE,
+                           **RunMode(**mode).to_config()}, rows=rows, positions=rows)
+
+
+def test_a_tree_run_needs_the_operators_leave_to_answer_in_plaintext(grid: AppGrid):
+    """A tree or scorecard run has no secure sum: its per-bin sums, partitions and partial
+    logits reach the authority silo by silo. The strict default refuses to join one."""
+    _policy(grid.root, "payments", require_secure_sum=True)
+    for kind in ("gbdt", "scorecard"):
+        _refused(grid.send("payments", m.ALIGN, _align("runt", kind=kind)),
+                 "'require_secure_sum'", f"model.kind={kind} run sends this silo's answers")
+    _policy(grid.root, "payments", require_secure_sum=False)
+    assert not grid.send("payments", m.ALIGN, _align("runt", kind="gbdt")).has_error()
+
+
+def test_a_run_key_keeps_the_mode_it_was_announced_with(grid: AppGrid, monkeypatch):
+    """The authority announces a DP tree run, then aligns the same run key again as a
+    non-private one, so that quantile bins (data-dependent edges) pass under the DP run's
+    name. The silo holds the run key to its first announcement."""
+    _policy(grid.root, "payments", require_secure_sum=False)
+    dp, plain = _align("rund", kind="gbdt", epsilon=1.0), _align("rund", kind="gbdt")
+    quantile = m.make_content({"run": "rund", "bins": 32, "binning": "quantile"},
+                              positions=np.arange(PEOPLE, dtype=np.int64))
+    assert not grid.send("payments", m.ALIGN, dp).has_error()
+    with monkeypatch.context() as old:  # the mechanism: a silo that pins nothing per run key
+        old.setattr(run_checks, "check_same_mode", lambda directory, run_key, mode: None)
+        assert not grid.send("payments", m.ALIGN, plain).has_error()
+        assert not grid.send("payments", START, quantile).has_error()
+        assert not grid.send("payments", m.ALIGN, dp).has_error()  # back, for the check below
+    _refused(grid.send("payments", m.ALIGN, plain), "run rund was announced as model.kind=gbdt "
+             "at privacy.epsilon=1", "a run key names one configuration")
+    _refused(grid.send("payments", START, quantile), "binning=quantile")  # still the DP run
+
+
+def test_a_model_json_without_a_mode_pins_nothing(tmp_path: Path):
+    """A run's model.json from before modes were announced holds no mode to keep: the run key
+    is taken at its new announcement (a mode written since is held)."""
+    (tmp_path / "model.json").write_text(json.dumps({"run": "runo", "noise_multiplier": 0.0}))
+    run_checks.check_same_mode(tmp_path, "runo", RunMode("gbdt"))
+    (tmp_path / "model.json").write_text(json.dumps({"run": "runo", "kind": "gbdt",
+                                                     "epsilon": 1.0}))
+    run_checks.check_same_mode(tmp_path, "runo", RunMode("gbdt", 1.0))
+    with pytest.raises(run_checks.RunModeRefusalError, match=r"announced as model\.kind=gbdt"):
+        run_checks.check_same_mode(tmp_path, "runo", RunMode("gbdt"))
+
+
+def test_a_tree_run_is_not_answered_mlp_steps(grid: AppGrid, monkeypatch):
+    """A DP tree run announces the MLP spec of its idle DP-SGD machinery: no noise. A
+    `train.step` there would train and release this silo's contributions without DP."""
+    _policy(grid.root, "payments", require_secure_sum=False)
+    assert not grid.send("payments", m.ALIGN, _align("runs", kind="gbdt",
+                                                     epsilon=1.0)).has_error()
+    assert not ModelSpec.from_config(dict(grid.context("payments").state["model"])).dp
+    plan = _step(1, plan=np.arange(50, dtype=np.int64))
+    with monkeypatch.context() as old:  # the mechanism: no mode check
+        old.setattr(run_checks, "check_request", lambda node, message_type: RunMode())
+        assert m.get_array(grid.send("payments", m.STEP, plan), "plan").shape == (50,)
+    _refused(grid.send("payments", m.STEP, _step(2, plan=np.arange(50, dtype=np.int64))),
+             "train.step is no request of a model.kind=gbdt run")
+
+
+def test_a_second_summary_in_a_run_is_refused(grid: AppGrid, released, monkeypatch):
+    """Differencing: two summaries, over everyone and over everyone but one person, at the
+    same model (the third step sends no gradient). Without DP-SGD they are exact, and
+    N x mean - (N - 1) x mean' is that person's contribution to within a bin. The silo
+    answers one summary per run."""
+    def attack(grid: AppGrid) -> tuple[Message, Message]:
+        _aligned(grid)
+        first = np.arange(50, dtype=np.int64)
+        grid.send("payments", m.STEP, _step(1, plan=first))
+        everyone = np.arange(PEOPLE, dtype=np.int64)
+        one = grid.send("payments", m.STEP, _step(2, eval_=everyone, summary=True, done=first))
+        assert not one.has_error(), one.error.reason
+        return one, grid.send("payments", m.STEP, _step(3, eval_=everyone[1:], summary=True))
+
+    with monkeypatch.context() as old:  # the mechanism: a silo that answers every summary
+        old.setattr(training, "_check_one_summary", lambda journal, binding: None)
+        old.setattr(training, "_record_summary", lambda journal, binding: None)
+        one, two = attack(grid)
+        means = [m.get_config(r)["summary.mean"] for r in (one, two)]
+        stolen = PEOPLE * means[0] - (PEOPLE - 1) * means[1]
+        exact = next(v for who, v in released if who == "payments" and len(v) == PEOPLE)[0]
+        assert abs(stolen - exact) <= training.SUMMARY_EDGES[1] - training.SUMMARY_EDGES[0]
+        assert abs(exact) > 1e-3  # a contribution the gradient moved, not the zero start
+    one, two = attack(AppGrid(grid.root))
+    _refused(two, "a contribution summary was answered already in this run")
 
 
 @pytest.mark.parametrize(("text", "needle"), [

@@ -11,6 +11,7 @@ Message types (Flower "<category>.<action>"):
   query.psi_blind    -> b*H(y) for the silo's rows                  (PSI step 1)
   query.psi_finish   a*H(x) -> b*(a*H(x))                           (PSI step 3)
   query.align        silo rows + shared positions + model spec      (alignment, model init)
+                     + the run's kind and target epsilon (clients/protocol/run_mode.py)
   train.step         [grad for the previous plan] [new plan] [eval positions]
                      -> contributions for the new plan and the eval positions
   query.peers        every silo's masking public key (relayed, secure sum only)
@@ -53,8 +54,9 @@ SCORE = "query.score"
 # Error codes a silo uses for problems it diagnosed itself; the reason is meant for people.
 INPUT_ERROR = 4001
 PROTOCOL_ERROR = 4002
-# The request is well formed but this silo's policy (clients/silo/policy.py), roster or answer
-# journal does not allow it: the authority asked for something the silo will not release.
+# The request is well formed but this silo's policy (clients/silo/policy.py), roster, answer
+# journal or the run's announced mode (clients/silo/run_checks.py) does not allow it: the
+# authority asked for something the silo will not release.
 REFUSED = 4003
 SILO_CODES = (INPUT_ERROR, PROTOCOL_ERROR, REFUSED)
 

@@ -3,8 +3,9 @@ resuming a run.
 
 `query.hello` names the silo (and proves its identity for the authority's challenge);
 `query.psi_blind` and `query.psi_finish` are its two PSI steps, each taken once per run;
-`query.align` takes the authority's alignment and starts the run's model at round 0 (under
-secure aggregation with a signed masking key); `query.peers` agrees a pairwise secret with
+`query.align` takes the authority's alignment, pins the run's announced mode (kind and epsilon,
+clients/silo/run_checks.py) and starts the run's model at round 0 (under secure aggregation with
+a signed masking key); `query.peers` agrees a pairwise secret with
 every other silo from the relayed, signed keys; `query.resume` restores a round from the silo's
 own checkpoints.
 """
@@ -22,6 +23,7 @@ from clients.node import Node
 from clients.protocol import messages as m
 from clients.protocol.schema import silo_salt
 from clients.protocol.tables import SiloDataError
+from clients.silo import run_checks
 from clients.silo.registry import handlers
 from clients.silo.state import (
     checkpoint_dir,
@@ -129,6 +131,9 @@ def align(msg: Message, node: Node) -> Message:
     data = silo_matrix(node)
     cfg = m.get_config(msg)
     pos2row = _alignment(msg, node, cfg, len(data.x))
+    # Before anything is kept: the run key's mode, pinned by its first announcement.
+    run_checks.check_same_mode(checkpoint_dir(node, str(cfg["run"])), str(cfg["run"]),
+                               run_checks.announced(cfg))
     forget_steps(node.context)
     node.state["align"] = m.arrays(pos2row=pos2row)
     model = _start_model(node, cfg, data.x.shape[1])
@@ -152,7 +157,7 @@ def _alignment(msg: Message, node: Node, cfg: dict, n_rows: int) -> np.ndarray:
     size = int(cfg["positions"])
     policy = silo_policy(node)
     policy.check_model(secure=bool(cfg.get("secure", False)),
-                       outputs=int(cfg.get("outputs", 1)))
+                       outputs=int(cfg.get("outputs", 1)), kind=run_checks.announced(cfg).kind)
     if len(rows) != len(positions) or (rows < 0).any() or (rows >= n_rows).any():
         raise m.ProtocolError("alignment rows do not fit this silo's table")
     _check_alignment(rows, positions, size)
@@ -187,7 +192,8 @@ def _start_model(node: Node, cfg: dict, inputs: int) -> dict:
     trainer = model_lib.SiloTrainer(inputs, spec, salt, random=silo_random(node),
                                     run_key=run_key)
     model = {**spec.to_config(), "inputs": inputs, "salt": salt, "run": run_key,
-             "secure": bool(cfg.get("secure", False))}
+             "secure": bool(cfg.get("secure", False)),
+             **run_checks.announced(cfg).to_config()}  # the mode, pinned for the run
     node.state["model"] = ConfigRecord({**model, "blob": trainer.to_bytes()})
     return model
 

@@ -9,8 +9,10 @@ each silo's directory and to the parties root (the authority's copy), the policy
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
+from clients.protocol.reasons import MAX_REASONS
 from clients.silo.policy import SiloPolicy
 from crypto.roster import ROSTER_FILE, Roster, identity_key, public_hex
 
@@ -44,8 +46,24 @@ def enrol(parties_root: Path, silos: tuple[str, ...] | list[str], keystore: Path
     return roster
 
 
-def policy_for(*, explain: int, secure_sum: bool, concat: bool) -> SiloPolicy:
+def policy_for(*, explain: int, secure_sum: bool, concat: bool, kind: str = "mlp",
+               min_child_weight: float | None = None) -> SiloPolicy:
     """The policy a simulated silo operator sets to allow what one experiment asks: its reason
-    codes, corrections after disputes (the experiment's own dispute flow), its aggregation."""
-    return SiloPolicy(explain=explain, corrections="all", require_secure_sum=secure_sum,
-                      allow_concat=concat)
+    codes, corrections after disputes (the experiment's own dispute flow), its aggregation.
+
+    A tree or scorecard run (`kind`) has no secure sum: every answer goes to the authority per
+    silo, so the operator allows plaintext. The SecureBoost trees (`min_child_weight`, given
+    for them only) ask the per-bin sums of nodes as small as their children may be: a child
+    keeps at least min_child_weight of hessian and one person's hessian is at most 1/4
+    (p (1 - p), or under randomised response dq^2 / (q (1 - q)) <= s (1 - s)), so a node holds
+    at least 4 x min_child_weight people (80 at the default 20); the operator lowers
+    min_group to that when it is below the default, never raises it. A scorecard run asks
+    reason codes even at explain.reasons=0 (server/authority.py `_reasons_asked`: its partial
+    logits show the authority as much): the operator allows them."""
+    min_group = SiloPolicy.min_group
+    if min_child_weight is not None:
+        min_group = max(1, min(min_group, math.floor(4 * min_child_weight)))
+    if kind == "scorecard":
+        explain = explain or MAX_REASONS
+    return SiloPolicy(min_group=min_group, explain=explain, corrections="all",
+                      require_secure_sum=secure_sum and kind == "mlp", allow_concat=concat)

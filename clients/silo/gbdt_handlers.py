@@ -17,6 +17,11 @@ names the silo's own column index and a bin, never a value. Rows in the training
 indices into the training positions the authority sent with `query.gbdt_start`. With
 binning="quantile" the silo bins each column at its own quantiles over those training
 positions (clients/silo/gbdt.py `Binning`): the edges, like every threshold, never leave it.
+
+Before answering, each handler checks the run's mode as announced with `query.align` and
+pinned by the silo (clients/silo/run_checks.py: the start must name the announced run key; a
+DP run gets uniform bins and routing only, never SecureBoost's histograms or partitions) and
+the silo's policy (`min_group` over the training positions and over each node's rows).
 """
 
 from __future__ import annotations
@@ -42,9 +47,11 @@ from clients.protocol.gbdt import (
     NodeRows,
     SplitRequest,
 )
+from clients.protocol.run_mode import RunMode
+from clients.silo import run_checks
 from clients.silo.gbdt import BINNINGS, MAX_BINS, Binning, GbdtSilo
 from clients.silo.registry import handlers
-from clients.silo.state import rows_at, silo_dir, silo_matrix, silo_name
+from clients.silo.state import rows_at, silo_dir, silo_matrix, silo_name, silo_policy
 from crypto.secret_random import digest
 
 
@@ -68,10 +75,13 @@ def start(msg: Message, node: Node) -> Message:
         raise m.ProtocolError(f"binning must be one of {', '.join(BINNINGS)}")
     if "align" not in node.state:
         raise m.ProtocolError("no alignment yet: the authority must send query.align first")
+    run_checks.check_tree_start(node, run, binning)
     positions = m.get_array(msg, "positions", np.int64, 1)
     if len(np.unique(positions)) != len(positions):
         raise m.ProtocolError("the training positions name one position twice")
     rows_at(node.context, positions)  # every position must be this silo's
+    # Every bin edge (quantile), histogram and partial logit of the run is over these people.
+    silo_policy(node).check_people("the training positions", positions)
     node.state["gbdt"] = ConfigRecord({"run": run, "bins": bins, "units": units,
                                        "binning": binning, "tree": -1})
     node.state["gbdt_rows"] = m.arrays(positions=positions)
@@ -85,6 +95,7 @@ def level(msg: Message, node: Node) -> Message:
     """One tree level: take the tree's g, h when they come (with its root), then the sums of
     every open node the authority asks for."""
     t0 = time.perf_counter()
+    mode = run_checks.check_request(node, LEVEL)
     cfg = m.get_config(msg)
     tree = m.config_int(cfg, "tree")
     silo = _silo(node)
@@ -103,6 +114,7 @@ def level(msg: Message, node: Node) -> Message:
         silo.gradients(Gradients(tree=tree, g=held["g"].numpy(), h=held["h"].numpy()))
     nodes = m.get_array(msg, "nodes", np.int64, 1)
     groups = _groups(msg, len(nodes), silo.rows)
+    _check_level(node, mode, nodes, groups, silo.rows)
     request = HistogramRequest(tree=tree, nodes=tuple(
         NodeRows(node=int(n), rows=r) for n, r in zip(nodes, groups, strict=True)))
     with refused_as_protocol_errors():
@@ -119,6 +131,7 @@ def level(msg: Message, node: Node) -> Message:
 def split(msg: Message, node: Node) -> Message:
     """The left/right bits of the rows of each node this silo's splits cut."""
     t0 = time.perf_counter()
+    run_checks.check_request(node, SPLIT)
     silo = _silo(node)
     nodes = m.get_array(msg, "nodes", np.int64, 1)
     features = m.get_array(msg, "features", np.int64, 1)
@@ -126,6 +139,9 @@ def split(msg: Message, node: Node) -> Message:
     if not len(nodes) == len(features) == len(bins):
         raise m.ProtocolError("nodes, features and bins differ in length")
     groups = _groups(msg, len(nodes), silo.rows)
+    policy = silo_policy(node)
+    for n, rows in zip(nodes, groups, strict=True):  # one bit per row: the node's partition
+        policy.check_people(f"the partition of node {int(n)}", rows)
     tree = m.config_int(m.get_config(msg), "tree")
     lefts = []
     for n, feature, bin_, rows in zip(nodes, features, bins, groups, strict=True):
@@ -143,6 +159,7 @@ def route(msg: Message, node: Node) -> Message:
     """Scoring: the bits of the silo's splits (feature, bin pairs) for the given positions,
     packed 8 to a byte along the positions."""
     t0 = time.perf_counter()
+    run_checks.check_request(node, ROUTE)
     if "gbdt" not in node.state:
         raise m.ProtocolError("no trees yet: the authority must send query.gbdt_start first")
     bins, units = bins_and_units(node)
@@ -193,6 +210,21 @@ def _silo(node: Node) -> GbdtSilo:
     identity = ("gbdt", str(silo_dir(node).resolve()), run)
     version = (id(matrix), bins, units, kind, digest(positions))
     return node.tables.get(identity, version, build)
+
+
+def _check_level(node: Node, mode: RunMode, nodes: np.ndarray, groups: list[np.ndarray],
+                 rows: int) -> None:
+    """A level's sums are aggregates over each node's rows: each over at least min_group
+    distinct people. A scorecard run asks the root's only (every training row): per-node sums
+    over subsets the authority picks are the trees' disclosure, not the scorecard's."""
+    if mode.kind == "scorecard" and not (
+            len(nodes) == 1 and nodes[0] == 0 and np.array_equal(groups[0], np.arange(rows))):
+        raise run_checks.RunModeRefusalError(
+            f"{LEVEL} in a model.kind=scorecard run asks the root node over every training "
+            "row, nothing else")
+    policy = silo_policy(node)
+    for n, group in zip(nodes, groups, strict=True):
+        policy.check_people(f"the per-bin sums of node {int(n)}", group)
 
 
 def _groups(msg: Message, count: int, rows: int) -> list[np.ndarray]:

@@ -6,10 +6,13 @@ beyond this policy is refused with `REFUSED` (clients/protocol/messages.py) and 
 key the operator would change.
 
   min_group           any aggregate a silo reports (the training summary, reason codes'
-                      reference) covers at least this many DISTINCT people
+                      reference; a tree's per-bin sums and partitions of a node, the
+                      training positions a tree or scorecard run bins and sums over)
+                      covers at least this many DISTINCT people
   explain             at most this many reason codes per person (0: none)
   corrections         "none", "all", or a list of fields the silo accepts corrections of
-  require_secure_sum  refuse a run whose contributions travel in plaintext
+  require_secure_sum  refuse a run whose contributions travel in plaintext (every tree or
+                      scorecard run: its answers are per silo, with no secure sum)
   allow_concat        allow split learning (the authority sees each silo's embeddings)
 """
 
@@ -18,6 +21,8 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 POLICY_FILE = "policy.json"
 MAX_REASONS = 16
@@ -73,6 +78,16 @@ class SiloPolicy:
                                      f"people, below the minimum group of {self.min_group}",
                                      self.path)
 
+    def check_people(self, what: str, positions: np.ndarray) -> None:
+        """An aggregate over a few people, or over one person listed many times, is that
+        person's exact value: refuse below the minimum group of DISTINCT people."""
+        distinct = len(np.unique(positions))
+        if distinct != len(positions):
+            raise PolicyRefusalError("min_group", f"{what} over positions listed more than once "
+                                     f"({len(positions)} positions, {distinct} distinct)",
+                                     self.path)
+        self.check_group(what, distinct)
+
     def check_explain(self, asked: int) -> None:
         if asked > self.explain:
             raise PolicyRefusalError("explain", f"{asked} reason codes asked, this silo allows "
@@ -85,7 +100,14 @@ class SiloPolicy:
             raise PolicyRefusalError("corrections", f"a correction of field {field_!r} needs the "
                                      "silo operator's approval", self.path)
 
-    def check_model(self, *, secure: bool, outputs: int) -> None:
+    def check_model(self, *, secure: bool, outputs: int, kind: str = "mlp") -> None:
+        if kind != "mlp" and self.require_secure_sum:
+            # The trees' per-bin sums and split bits, the scorecard's partial logits: each
+            # silo's own answers, read one by one by the authority. No sum hides them.
+            raise PolicyRefusalError("require_secure_sum", f"a model.kind={kind} run sends "
+                                     "this silo's answers (per-bin sums, partitions, partial "
+                                     "logits) to the authority in plaintext, with no secure "
+                                     "sum", self.path)
         if outputs != 1 and not self.allow_concat:
             raise PolicyRefusalError("allow_concat", "split learning (aggregation.mode=concat) "
                                      "shows the authority this silo's embeddings", self.path)

@@ -1,6 +1,7 @@
 """The silo's message handlers register here (`@handlers.query("hello")`,
 `@handlers.train("step")`, Flower's style), each behind one guard that answers the silo's
-errors: bad input, refusals (its policy, its journal, the roster) and protocol errors.
+errors: bad input, refusals (its policy, its journal, the roster, the run's announced mode)
+and protocol errors.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from clients.node import Guard, Handlers
 from clients.protocol import messages as m
 from clients.protocol.tables import SiloDataError
 from clients.silo.policy import PolicyError, PolicyRefusalError
+from clients.silo.run_checks import RunModeRefusalError
 from clients.silo.state import RefusedError
 from crypto.psi import PsiError
 from crypto.roster import RosterError
@@ -20,6 +22,6 @@ log = logging.getLogger(__name__)
 handlers = Handlers(Guard(
     "silo", log,
     input_errors=(SiloDataError, PolicyError),
-    refusals=(PolicyRefusalError, RefusedError, RosterError),
+    refusals=(PolicyRefusalError, RefusedError, RosterError, RunModeRefusalError),
     protocol_errors=(m.ProtocolError, PsiError),
 ))

@@ -16,6 +16,9 @@ What the silo keeps between messages lives in the node's Flower state (`scorecar
 tables), so any worker process can answer; the `ScorecardSilo`s over the training positions
 and over the scored positions are derived from the prepared table and cached per process.
 The bins' ranges in the silo's own units stay here, in its table file.
+
+Each message is answered only in a run announced as a non-private scorecard
+(clients/silo/run_checks.py), and reason codes only within the silo's policy (`explain`).
 """
 
 from __future__ import annotations
@@ -41,10 +44,11 @@ from clients.protocol.scorecard import (
     pack_tables,
     unpack_tables,
 )
+from clients.silo import run_checks
 from clients.silo.gbdt_handlers import bins_and_units, refused_as_protocol_errors, tree_inputs
 from clients.silo.registry import handlers
 from clients.silo.scorecard import ScorecardSilo, raw_units
-from clients.silo.state import rows_at, silo_dir, silo_matrix, silo_name
+from clients.silo.state import rows_at, silo_dir, silo_matrix, silo_name, silo_policy
 from crypto.secret_random import digest
 
 STATE = "scorecard"  # node state: the WoE tables as packed arrays (cuts, sizes, woe)
@@ -56,6 +60,7 @@ def woe(msg: Message, node: Node) -> Message:
     """Keep the merged bins the authority chose (checked against the silo's features and
     pre-bins before they are kept)."""
     t0 = time.perf_counter()
+    run_checks.check_request(node, WOE)
     packed = {k: m.get_array(msg, k, dtype, 1) for k, dtype in
               (("cuts", np.int64), ("sizes", np.int64), ("woe", np.float64))}
     with refused_as_protocol_errors():
@@ -70,6 +75,7 @@ def woe(msg: Message, node: Node) -> Message:
 def logits(msg: Message, node: Node) -> Message:
     """Per training row, sum_f weights[f] * WoE_f(bin of the row)."""
     t0 = time.perf_counter()
+    run_checks.check_request(node, LOGITS)
     round_ = m.config_int(m.get_config(msg), "round")
     weights = m.get_array(msg, "weights", np.float64, 1)  # refuses NaN and infinities
     silo = _silo(node, _positions(node), _held_tables(node), "train")
@@ -84,7 +90,11 @@ def score(msg: Message, node: Node) -> Message:
     """Scoring: the partial logits of the given aligned positions; with the points per bin,
     the silo's table written to its own directory and, for `reasons` > 0, its reason codes."""
     t0 = time.perf_counter()
+    run_checks.check_request(node, SCORE)
     cfg = m.get_config(msg)
+    k = m.config_int(cfg, "reasons") if "reasons" in cfg else 0
+    if k > 0:  # before anything is computed or written
+        silo_policy(node).check_explain(k)
     positions = m.get_array(msg, "positions", np.int64, 1)
     weights = m.get_array(msg, "weights", np.float64, 1)
     silo = _silo(node, positions, _held_tables(node), "score")
@@ -100,7 +110,6 @@ def score(msg: Message, node: Node) -> Message:
         with refused_as_protocol_errors():
             silo.points_tables(PointsTables(points=tuple(np.split(points, sizes[:-1]))))
         silo.write_table(table_path(node))
-        k = m.config_int(cfg, "reasons") if "reasons" in cfg else 0
         if not 0 <= k <= MAX_REASONS:
             raise m.ProtocolError(f"reasons must lie in [0, {MAX_REASONS}]")
         if k:

@@ -2,10 +2,10 @@
 
 Each step applies the gradients the authority sent for the batches released last step,
 checkpoints the round and releases contributions for the next batches and the evaluation group:
-clipped, masked under secure aggregation, with the differentially private summary and reason
-codes when asked and the policy allows them. A step is answered once per round (the journal);
-a re-sent step whose reply was lost is answered from the node's cache. `FEDSCORE_SILO_FAULT`
-makes a silo misbehave on purpose, for tests.
+clipped, masked under secure aggregation, with the differentially private summary (one per
+run) and reason codes when asked and the policy allows them. A step is answered once per round
+(the journal); a re-sent step whose reply was lost is answered from the node's cache.
+`FEDSCORE_SILO_FAULT` makes a silo misbehave on purpose, for tests.
 """
 
 from __future__ import annotations
@@ -21,10 +21,13 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from clients.node import Node
 from clients.protocol import messages as m
 from clients.protocol.dp_constants import STATISTICS_NOISE_MULTIPLIER
+from clients.silo import run_checks
 from clients.silo.data import SiloMatrix
-from clients.silo.policy import PolicyRefusalError, SiloPolicy
+from clients.silo.policy import SiloPolicy
 from clients.silo.registry import handlers
 from clients.silo.state import (
+    Journal,
+    RefusedError,
     reply_digest,
     rows_at,
     save_round,
@@ -55,12 +58,17 @@ def step(msg: Message, node: Node) -> Message:
     round_ = int(config.get("round", 0))
     if "model" not in node.state:
         raise m.ProtocolError("no model yet: the authority must send query.align first")
+    # A tree or scorecard run announces an MLP spec without DP-SGD noise: never train on it.
+    run_checks.check_request(node, m.STEP)
     # One answer per round, whatever happened since (resume, restart): a different message
     # for an answered round is refused before anything is computed.
     journal = silo_journal(node)
     binding = m.content_digest(msg.content)
     journal.check("step", round_, binding)
     _check_step_policy(msg, config, silo_policy(node))
+    summary = _asks_summary(msg, config)
+    if summary:
+        _check_one_summary(journal, binding)
     repeated = _repeated_step(msg, node.context)
     if repeated is not None:
         return repeated
@@ -75,6 +83,8 @@ def step(msg: Message, node: Node) -> Message:
     # The journal holds what this silo computed and released; the test-only fault below
     # corrupts the reply after that, as a faulty transport or a bug would.
     journal.record("step", round_, binding, reply_digest(m.make_content(reply_config, **out)))
+    if summary:
+        _record_summary(journal, binding)
     _maybe_misbehave(silo_name(node), round_, out)
     reply_config["seconds"] = time.perf_counter() - t0
     reply = m.make_content(reply_config, **out)
@@ -142,14 +152,33 @@ def _check_step_policy(msg: Message, config: dict, policy: SiloPolicy) -> None:
         _check_group(policy, "a summary or reason codes", positions)
 
 
+SUMMARY = "summary"  # journal kind: the one step of a run answered with a summary
+
+
+def _asks_summary(msg: Message, config: dict) -> bool:
+    return bool(config.get("summary")) and m.get_array(msg, "eval", np.int64, 1,
+                                                        required=False) is not None
+
+
+def _check_one_summary(journal: Journal, binding: bytes) -> None:
+    """One contribution summary per run (per journal: per masking key), as the authority's
+    accountant counts it: each summary is a Gaussian release, and two over groups one person
+    apart differ by that person's contribution with only their noise to hide it. The step
+    that got the summary may be sent again (a lost reply); no other step gets one."""
+    seen = journal.entries.get((SUMMARY, "run"))
+    if seen is not None and seen[0] != binding.hex():
+        raise RefusedError("a contribution summary was answered already in this run; this "
+                           "silo answers one per run (a second, over a group one person "
+                           "apart, would release that person's contribution outside the "
+                           "run's accounting)")
+
+
+def _record_summary(journal: Journal, binding: bytes) -> None:
+    journal.record(SUMMARY, "run", binding, binding)
+
+
 def _check_group(policy: SiloPolicy, what: str, positions: np.ndarray) -> None:
-    """An aggregate over a few people, or over one person listed many times, is that person's
-    exact contribution: refuse below the policy's minimum group of distinct people."""
-    distinct = len(np.unique(positions))
-    if distinct != len(positions):
-        raise PolicyRefusalError("min_group", f"{what} over positions listed more than once "
-                            f"({len(positions)} positions, {distinct} distinct)", policy.path)
-    policy.check_group(what, distinct)
+    policy.check_people(what, positions)
 
 
 def masked(node: Node, values: np.ndarray, round_: int,

@@ -135,7 +135,9 @@ def ready_parties(run: Run) -> None:
     asked = run.cfg.authority
     enrol(run.parties.root, federation_silos(run.parties.root), run.keystore_dir,
           policy_for(explain=asked.explain.reasons, secure_sum=asked.aggregation.secure_sum,
-                     concat=asked.aggregation.mode == "concat"))
+                     concat=asked.aggregation.mode == "concat", kind=asked.model.kind,
+                     min_child_weight=asked.gbdt.min_child_weight
+                     if asked.model.kind == "gbdt" and not asked.privacy.dp_sgd else None))
 
 
 def client_app_for(run: Run):

@@ -1,0 +1,121 @@
+"""What a silo allows in a run, judged by the run's announced mode (clients/protocol/run_mode.py).
+
+The authority announces the run's `model.kind` and target epsilon with `query.align`; the silo
+pins them (node state `model`, `<silo dir>/checkpoints/<run key>/model.json`). Every later
+request of the run is checked here against the pinned mode, not against what the request
+says of itself:
+
+- each message belongs to some kinds of run (`REQUESTS`): a DP tree run, whose announced
+  MLP spec has no DP-SGD noise, must not be answered `train.step` contributions; a scorecard
+  run asks root histograms only;
+- a request only a non-private run makes is refused in a run announced at a finite epsilon:
+  the SecureBoost trees' histograms and splits choose thresholds on the data, the scorecard
+  has no DP version, and quantile bins put data-dependent edges behind every split (the DP
+  trees' splits are drawn over bins fixed before any data is read);
+- `query.gbdt_start` must name the announced run key, so the trees' answers are bound to the
+  pinned mode;
+- the same run key cannot be announced again with another mode (a run key names one
+  configuration, server/run_keys.py).
+
+A refusal is `REFUSED` (clients/protocol/messages.py), naming the request and the mode.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from clients.node import Node
+from clients.protocol import messages as m
+from clients.protocol.gbdt import LEVEL, ROUTE, SPLIT, START
+from clients.protocol.run_mode import KIND, TREE_KINDS, RunMode, RunModeError
+from clients.protocol.scorecard import LOGITS, SCORE, WOE
+
+MODEL_FILE = "model.json"  # in the run's checkpoint directory: the pinned announcement
+
+
+class RunModeRefusalError(Exception):
+    """A request the run's announced mode does not allow."""
+
+
+# message type -> (the kinds of run that send it, whether only a non-private run may)
+REQUESTS: dict[str, tuple[tuple[str, ...], bool]] = {
+    m.STEP: (("mlp",), False),
+    START: (TREE_KINDS, False),  # its binning is checked by `check_tree_start`
+    LEVEL: (TREE_KINDS, True),
+    SPLIT: (("gbdt",), True),
+    ROUTE: (("gbdt",), False),  # the DP trees' one request after the start
+    WOE: (("scorecard",), True),
+    LOGITS: (("scorecard",), True),
+    SCORE: (("scorecard",), True),
+}
+
+
+def announced(cfg: dict) -> RunMode:
+    """The mode a `query.align` announces."""
+    try:
+        return RunMode.from_config(cfg)
+    except RunModeError as exc:
+        raise m.ProtocolError(f"the announcement's run mode: {exc}") from None
+
+
+def check_same_mode(directory: Path, run_key: str, mode: RunMode) -> None:
+    """A run key announced before keeps the mode it was first announced with: otherwise an
+    authority announces a DP run, then re-aligns the same run key as a non-private one and
+    asks what only a non-private run may ask, under the DP run's name."""
+    path = directory / MODEL_FILE
+    if not path.exists():
+        return
+    try:
+        record = json.loads(path.read_text())
+        if not isinstance(record, dict) or KIND not in record:
+            return  # from a version that announced no mode: nothing pinned to hold it to
+        before = RunMode.from_config(record)
+    except (ValueError, RunModeError):
+        return  # unreadable: nothing pinned to hold it to
+    if before != mode:
+        raise RunModeRefusalError(
+            f"run {run_key} was announced as {before.describe()}; it cannot be announced "
+            f"again as {mode.describe()} (a run key names one configuration)")
+
+
+def pinned(node: Node) -> tuple[str, RunMode]:
+    """The run key and mode this silo pinned at `query.align` (or `query.resume`)."""
+    if "model" not in node.state:
+        raise m.ProtocolError("no run announced: the authority must send query.align first")
+    record = dict(m.config_record(node.state, "model"))
+    try:
+        return str(record["run"]), RunMode.from_config(record)
+    except RunModeError as exc:
+        raise m.ProtocolError(f"the pinned run mode: {exc}") from None
+
+
+def check_request(node: Node, message_type: str) -> RunMode:
+    """Refuse `message_type` unless the pinned run is of a kind that sends it and, for a
+    request only a non-private run makes, the run was announced without DP."""
+    _, mode = pinned(node)
+    kinds, non_private_only = REQUESTS[message_type]
+    if mode.kind not in kinds:
+        raise RunModeRefusalError(f"{message_type} is no request of a model.kind={mode.kind} "
+                                  "run (as announced with query.align)")
+    if non_private_only and mode.private:
+        raise RunModeRefusalError(
+            f"{message_type} is a request of a non-private run only (its answers are "
+            f"released without DP), and this run was announced as {mode.describe()}")
+    return mode
+
+
+def check_tree_start(node: Node, run: str, binning: str) -> RunMode:
+    """`query.gbdt_start`: the announced run, a tree or scorecard run, and in a DP run bins
+    fixed before any data is read."""
+    run_key, _ = pinned(node)
+    if run != run_key:
+        raise RunModeRefusalError(f"{START} names run {run}, but this silo was aligned for "
+                                  f"run {run_key}")
+    mode = check_request(node, START)
+    if mode.private and binning != "uniform":
+        raise RunModeRefusalError(
+            f"binning={binning} places bin edges at this silo's own data (a release no DP "
+            f"accounting covers), and this run was announced as {mode.describe()}; a DP run "
+            "bins uniformly")
+    return mode
