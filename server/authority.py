@@ -35,7 +35,7 @@ from server import (
     gbdt_dp_run,
     metrics,
     run_phases,
-    scorecard_run,
+    scorecard_dp_run,
     scoring,
 )
 from server.alignment import Alignment, announce, joint_order, private_intersections
@@ -166,7 +166,7 @@ def run_authority(
     phases.stop()
     out = _results(ctx, tables, plan, trained, scored, resume, phases.seconds)
     gbdt_dp_run.annotate(out, cfg)  # model.kind=gbdt only
-    scorecard_run.annotate(out, cfg)  # model.kind=scorecard only
+    scorecard_dp_run.annotate(out, cfg)  # model.kind=scorecard only
     _write_results(out_dir, out)
     return RunResult(metrics=out, seconds=phases.seconds)
 
@@ -247,8 +247,9 @@ def _train_and_calibrate(ctx: _Context, plan: _Plan, phases: run_phases.PhaseTim
         if ctx.cfg.model.kind == "scorecard":
             job = TreeJob(ctx.fed, ctx.cfg, run.run_key, split.train, split.val,
                                       n_positions, plan.y, run.y_view)
-            result, calibrate = scorecard_run.train_and_calibrate(job, phases, plan.reasons)
-            return _Trained(result, calibrate, privacy.summary())
+            result, calibrate, spent = scorecard_dp_run.train_scorecard(
+                job, phases, ctx.ledger, ctx.random, plan.reasons)
+            return _Trained(result, calibrate, {**privacy.summary(), **spent})
         result = train(_train_job(ctx, plan), progress=progress, state=plan.state,
                        on_round=_checkpointer(ctx, privacy))
         phases.start("score")
