@@ -96,7 +96,7 @@ def test_the_ledgers_epsilon_is_the_mechanisms() -> None:
     assert pld.get_epsilon(delta) == pytest.approx(exact, rel=0.01)
     assert exact <= lines[-1].epsilon == release.epsilon <= 1.0 * 1.005
     assert exact > 0.8  # RDP's looseness is small here: the noise is not wasted
-    prv = accounted_epsilon("prv", release.history(), delta)
+    prv = accounted_epsilon("prv", release.history(), delta, precise=False)
     assert exact * 0.995 <= prv <= exact * 1.02
     # The step's two blocks: 1/s_G^2 + 1/s_H^2 = 1/sigma^2, s_H = hessian_noise * s_G.
     assert release.hessian_noise_multiplier == pytest.approx(
@@ -115,14 +115,15 @@ def test_a_difference_attack_on_the_counts_is_held_to_the_gaussian_bound() -> No
     with the release's noise its best accuracy is Phi(mu / 2), mu = 1 / the counts'
     multiplier (the release is mu-GDP), within the (epsilon, delta) bound of the counts."""
     rng = np.random.default_rng(11)
-    bins, rows = 8, 2000
+    bins, rows = 8, 1000
     data = {"a": rng.integers(0, bins, (rows, 3)), "b": rng.integers(0, bins, (rows, 2))}
     y = (rng.random(rows) < 0.2).astype(np.float64)
     target = {"a": np.array([[1, 5, 7]]), "b": np.array([[0, 3]])}
     with_target = {s: np.vstack([b, target[s]]) for s, b in data.items()}
     y_in = np.append(y, 1.0)
     params = scorecard_dp.DpScorecardParams(accountant="rdp")
-    noisy = scorecard_dp.plan_noise(params, epsilon_=1.0, delta=1e-5)
+    # At epsilon 4 the bound Phi(mu / 2) is well away from both 1/2 and 1.
+    noisy = scorecard_dp.plan_noise(params, epsilon_=4.0, delta=1e-5)
     exact = scorecard_dp.plan_noise(params, epsilon_=math.inf, delta=1e-5)
     known = scorecard_dp.noisy_counts(data, y, bins, exact, rng)
 
@@ -142,7 +143,7 @@ def test_a_difference_attack_on_the_counts_is_held_to_the_gaussian_bound() -> No
         return right / trials
 
     assert accuracy(exact, 40) == 1.0
-    trials = 600
+    trials = 400
     got = accuracy(noisy, trials)
     mu = 1 / noisy.count_noise_multiplier
     bound = norm.cdf(mu / 2)
