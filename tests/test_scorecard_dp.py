@@ -14,6 +14,7 @@ from scipy.optimize import brentq
 from scipy.stats import norm
 
 from clients.protocol.accounting import epsilon as accounted_epsilon
+from crypto.secret_random import SecretRandom
 from server import gbdt_dp_run, scorecard_dp, scorecard_dp_run
 from server.config import AuthorityConfig, ConfigError
 from server.config_keys import parse_flat, to_flat
@@ -150,3 +151,23 @@ def test_a_difference_attack_on_the_counts_is_held_to_the_gaussian_bound() -> No
     assert abs(got - bound) <= 4 * math.sqrt(bound * (1 - bound) / trials) + 0.01
     eps_counts = noisy.ledger_lines()[0].epsilon
     assert got <= math.exp(eps_counts) / (1 + math.exp(eps_counts)) + 1e-5 + 0.02
+
+
+def test_the_noise_comes_from_the_authoritys_secret_alone() -> None:
+    """The same secret and purpose give the same model, another secret another one; no public
+    seed enters (fit_from_bins takes none)."""
+    rng = np.random.default_rng(2)
+    bins = {"a": rng.integers(0, 8, (600, 2)), "b": rng.integers(0, 8, (600, 1))}
+    y = (rng.random(600) < 0.1 + 0.05 * bins["a"][:, 0]).astype(np.float64)
+    params = scorecard_dp.DpScorecardParams(accountant="rdp",
+                                            card=scorecard_dp.ScorecardParams(bins=8))
+    release = scorecard_dp.plan_noise(params, epsilon_=2.0, delta=1e-5)
+
+    def coef(secret: bytes, purpose: str = "k") -> np.ndarray:
+        fit = scorecard_dp.fit_from_bins(bins, y, params, release, SecretRandom(secret),
+                                         purpose=purpose)
+        return np.concatenate([*fit.model.coef.values(), [fit.model.intercept]])
+
+    np.testing.assert_array_equal(coef(b"\x01" * 32), coef(b"\x01" * 32))
+    assert not np.array_equal(coef(b"\x01" * 32), coef(b"\x02" * 32))
+    assert not np.array_equal(coef(b"\x01" * 32), coef(b"\x01" * 32, "other run"))
