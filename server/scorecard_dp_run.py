@@ -4,11 +4,11 @@ calibration and the privacy summary are the DP trees' (server/gbdt_dp_run.py), r
 
 Messages, every silo at once: the trees' `query.gbdt_start` (run key, pre-bins, units, training
 positions), ONE `query.gbdt_route` per silo asking its bit at every threshold of every column
-for every aligned person (bit-packed; 24 columns x 31 thresholds x 100,000 people is 9 MB over
-all silos), then, once the model is fitted, the scorecard's own `train.scorecard_woe` (the DP
-tables) and `query.scorecard_score` with the points per bin (each silo writes its
-`scorecard.csv`) and the reason codes. Four round trips; the authority scores everyone from the
-pre-bins it holds.
+for every aligned person (bit-packed; the generated population's 48 columns x 31 thresholds x
+100,000 people are 19 MB over all silos), then, once the model is fitted, the scorecard's own
+`train.scorecard_woe` (the DP tables) and `query.scorecard_score` with the points per bin (each
+silo writes its `scorecard.csv`) and the reason codes. Four round trips; the authority scores
+everyone from the pre-bins it holds.
 
 Privacy. The silos receive nothing label-dependent before the DP model (its WoE tables,
 coefficients and points), so no randomised response is drawn and privacy.label_epsilon is not
