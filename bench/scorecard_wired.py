@@ -9,7 +9,8 @@ in-process scorecard with the run's settings on the training people's clean labe
 the test AUC of both beside the run's central WoE scorecard reference. With
 privacy.label_epsilon=inf the two fits see the same labels and must agree (the wiring is
 lossless); at a finite label epsilon the run fits on randomised-response labels, so the
-difference is what label DP costs.
+difference is what label DP costs; for a DP scorecard run (a finite privacy.epsilon), what
+the DP model costs against the non-private one on the same people.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import numpy as np
 
 from crypto.at_rest import AUTO, open_keystore
 from server.metrics import auc
+from server.scorecard import ScorecardParams
 from server.scores_file import read_scores
 from simulations.analysis.baselines import join_parties
 from simulations.data.paths import Parties
@@ -42,13 +44,17 @@ def compare(run_dir: Path, parties: Parties) -> dict:
     card = authority["scorecard"]
     xs = {s: x.astype(np.float64) / float(card["input_scale"]) for s, x in joined.xs.items()}
     t0 = time.perf_counter()
+    # A DP run (its "mode" says so) made a fixed number of noisy Newton steps: the
+    # non-private reference beside it runs the non-private scorecard's L-BFGS to the end.
+    steps = ScorecardParams().iterations if "mode" in card else card["max_steps"]
     model = fit_vertical_scorecard({s: x[train] for s, x in xs.items()}, joined.y[train],
                                    bins=card["pre_bins"], min_bin_share=card["min_bin_share"],
-                                   smoothing=card["smoothing"], iterations=card["max_steps"])
+                                   smoothing=card["smoothing"], iterations=steps)
     fit_seconds = time.perf_counter() - t0
     p = predict_vertical_scorecard(model, {s: x[test] for s, x in xs.items()})
     return {
         "label_epsilon": metrics["epsilon"]["label"],
+        "model_epsilon": metrics["epsilon"]["model"],
         # metrics.json's all_test_auc: every test person (the scores file hides the
         # probability of people who fail the opening conditions).
         "federated_all_test_auc": metrics["all_test_auc"],

@@ -23,7 +23,7 @@ from clients.protocol import messages as m
 from clients.protocol.schema import AUTHORITY, authority_schema
 from crypto.at_rest import open_keystore
 from crypto.secret_random import SecretRandom
-from server import checkpoint, gbdt_dp_run, run_phases, scorecard_run, scoring
+from server import checkpoint, gbdt_dp_run, run_phases, scorecard_dp_run, scoring
 from server.checkpoint import RunState, TrainState
 from server.config import AuthorityConfig
 from server.config_keys import to_flat
@@ -88,7 +88,7 @@ def run_authority(
     phases.stop()
     out = results(ctx, tables, plan, trained, scored, resume, phases.seconds)
     gbdt_dp_run.annotate(out, cfg)  # model.kind=gbdt only
-    scorecard_run.annotate(out, cfg)  # model.kind=scorecard only
+    scorecard_dp_run.annotate(out, cfg)  # model.kind=scorecard only
     write_results(out_dir, out)
     return RunResult(metrics=out, seconds=phases.seconds)
 
@@ -123,8 +123,9 @@ def _train_and_calibrate(ctx: RunContext, plan: Plan, phases: run_phases.PhaseTi
         if ctx.cfg.model.kind == "scorecard":
             job = TreeJob(ctx.fed, ctx.cfg, run.run_key, split.train, split.val,
                           n_positions, plan.y, run.y_view)
-            result, calibrate = scorecard_run.train_and_calibrate(job, phases, plan.reasons)
-            return Trained(result, calibrate, privacy.summary())
+            result, calibrate, spent = scorecard_dp_run.train_scorecard(
+                job, phases, ctx.ledger, ctx.random, plan.reasons)
+            return Trained(result, calibrate, {**privacy.summary(), **spent})
         result = train(_train_job(ctx, plan), progress=progress, state=plan.state,
                        on_round=_checkpointer(ctx, privacy))
         phases.start("score")

@@ -29,7 +29,8 @@ class ModelConfig:
     # gradient-boosted trees (the `gbdt.*` keys): SecureBoost-style without DP at
     # privacy.epsilon=inf (server/gbdt_run.py), DP random trees at a finite one
     # (server/gbdt_dp_run.py). "scorecard": the vertical WoE scorecard (server/scorecard_run.py),
-    # without DP only (privacy.epsilon=inf), labels protected from the silos by RR.
+    # labels protected from the silos by RR, at privacy.epsilon=inf; the DP scorecard at a
+    # finite one (server/scorecard_dp_run.py: noisy counts and Newton steps, no RR needed).
     kind: str = "mlp"
     hidden: tuple[int, ...] = (32, 16)
     # `concat` mode only: each silo's embedding width, and the authority's MLP layers on top.
@@ -374,12 +375,6 @@ def _check_scorecard(cfg: AuthorityConfig) -> None:
         raise ConfigError(f"model.kind=scorecard with topology={cfg.topology}: the scorecard is "
                           "vertical only (silos hold different facts about the same people); "
                           "use topology=vertical, or model.kind=mlp for the horizontal topology")
-    if cfg.privacy.dp_sgd:
-        raise ConfigError(
-            f"model.kind=scorecard with privacy.epsilon={cfg.privacy.epsilon:g}: a DP scorecard "
-            "is not built (its bins, WoE and coefficients would be released without noise); "
-            "set privacy.epsilon=inf (the labels stay protected from the silos by randomised "
-            "response at privacy.label_epsilon), or use model.kind=gbdt or mlp for a DP model")
     if cfg.privacy.transcript_dp:
         raise ConfigError("model.kind=scorecard sends no contributions to noise: set "
                           "privacy.transcript_sigma=0")

@@ -144,6 +144,11 @@ class DpTreesRelease:
     def private(self) -> bool:
         return self.noise_multiplier > 0
 
+    @property
+    def steps(self) -> int:
+        """The trees' releases (one Gaussian mechanism each)."""
+        return self.trees
+
     def history(self) -> History:
         """The accountant's history: prefix, prior, trees."""
         history = add_steps(list(self.prefix), self.prior_noise_multiplier, 1.0, 1)

@@ -36,13 +36,14 @@ import logging
 import math
 import time
 from dataclasses import dataclass, replace
+from typing import Any, Generic, Protocol, TypeVar, overload
 
 import numpy as np
 
 from clients.protocol.accounting import History, add_steps, calibrate_sigma, epsilon
 from clients.protocol.gbdt import DP_UNITS
 from crypto.secret_random import SecretRandom
-from server import gbdt_dp, gbdt_run, run_phases, scoring
+from server import gbdt_dp, gbdt_run, run_phases, scorecard_dp, scoring
 from server.checkpoint import RunState
 from server.config import AuthorityConfig, ConfigError
 from server.delta_budget import DeltaSplit, OutsideRelease, releases_outside_sgd, split_delta
@@ -66,10 +67,17 @@ def dp_trees(cfg: AuthorityConfig) -> bool:
     return cfg.model.kind == "gbdt" and cfg.privacy.dp_sgd
 
 
+def accounts_itself(cfg: AuthorityConfig) -> bool:
+    """Whether the run's model accounts for its own releases: the DP trees, and the DP
+    scorecard (server/scorecard_dp_run.py), which uses this module's budget and lines."""
+    return cfg.model.kind in ("gbdt", "scorecard") and cfg.privacy.dp_sgd
+
+
 def sgd_config(cfg: AuthorityConfig) -> AuthorityConfig:
     """What the run's DP-SGD machinery (randomised response, the run's prior, PrivacyPlan)
-    sees: for the DP trees nothing to do (epsilon and label epsilon inf); else `cfg`."""
-    if not dp_trees(cfg):
+    sees: for a model that accounts for itself nothing to do (epsilon and label epsilon inf);
+    else `cfg`."""
+    if not accounts_itself(cfg):
         return cfg
     return replace(cfg, privacy=replace(cfg.privacy, epsilon=math.inf,
                                         label_epsilon=math.inf, cap=0.0))
@@ -84,17 +92,39 @@ def dp_params(cfg: AuthorityConfig) -> gbdt_dp.DpTreeParams:
         max_leaf=g.max_leaf, accountant=cfg.privacy.accountant)
 
 
+class Release(Protocol):
+    """A model's own DP mechanism on the training people (`gbdt_dp.DpTreesRelease`,
+    `scorecard_dp.DpScorecardRelease`): what the budget, the ledger and the summary read."""
+
+    @property
+    def epsilon(self) -> float: ...
+
+    @property
+    def noise_multiplier(self) -> float: ...
+
+    @property
+    def sample_rate(self) -> float: ...
+
+    @property
+    def steps(self) -> int: ...
+
+    def ledger_lines(self, round_: int = 0) -> list[GaussianRelease]: ...
+
+
+R = TypeVar("R", bound=Release)
+
+
 @dataclass(frozen=True)
-class Budget:
+class Budget(Generic[R]):
     """The run's mechanisms, planned before any data is read: the silos' preparation
-    statistics (the prefix of both populations), the delta split, the trees' release and the
-    calibration's noise."""
+    statistics (the prefix of both populations), the delta split, the model's release (the
+    trees' or the scorecard's) and the calibration's noise."""
 
     accountant: str
     target: float
     statistics: tuple[OutsideRelease, ...]
     deltas: DeltaSplit
-    release: gbdt_dp.DpTreesRelease
+    release: R
     calibration_sigma: float
 
     def calibration_epsilon(self) -> float:
@@ -110,28 +140,47 @@ def statistics_history(statistics: tuple[OutsideRelease, ...]) -> History:
     return history
 
 
+@overload
 def plan_budget(cfg: AuthorityConfig, silos: tuple[str, ...], n_train: int,
-                params: gbdt_dp.DpTreeParams) -> Budget:
-    """Calibrate the trees and the calibration to min(epsilon, cap) at the accountant's delta
-    (the configured delta less the silos' thresholds)."""
+                params: gbdt_dp.DpTreeParams) -> Budget[gbdt_dp.DpTreesRelease]: ...
+
+
+@overload
+def plan_budget(cfg: AuthorityConfig, silos: tuple[str, ...], n_train: int,
+                params: scorecard_dp.DpScorecardParams
+                ) -> Budget[scorecard_dp.DpScorecardRelease]: ...
+
+
+def plan_budget(cfg: AuthorityConfig, silos: tuple[str, ...], n_train: int,
+                params: gbdt_dp.DpTreeParams | scorecard_dp.DpScorecardParams) -> Budget[Any]:
+    """Calibrate the model (the trees, or the scorecard for its params) and the calibration
+    to min(epsilon, cap) at the accountant's delta (the configured delta less the silos'
+    thresholds)."""
     privacy = cfg.privacy
     statistics = tuple(r for r in releases_outside_sgd(silos, summaries=False)
                        if r.party != AUTHORITY)
     deltas = split_delta(privacy.delta_for(n_train), list(statistics))
     target = min(privacy.epsilon, privacy.budget_cap)
     prefix = statistics_history(statistics)
+    card = isinstance(params, scorecard_dp.DpScorecardParams)
     try:
-        release = gbdt_dp.plan_noise(params, epsilon_=target, delta=deltas.accountant,
-                                     prefix=prefix)
+        release: Release
+        if isinstance(params, scorecard_dp.DpScorecardParams):
+            release = scorecard_dp.plan_noise(params, epsilon_=target, delta=deltas.accountant,
+                                              prefix=prefix)
+        else:
+            release = gbdt_dp.plan_noise(params, epsilon_=target, delta=deltas.accountant,
+                                         prefix=prefix)
         sigma = calibrate_sigma(target, deltas.accountant, 1.0, CALIBRATION_STEPS,
                                 privacy.accountant, prefix=prefix)
     except ValueError as exc:
-        raise ConfigError(f"privacy.epsilon={privacy.epsilon} is too small for the DP trees: "
+        model = "the DP scorecard" if card else "the DP trees"
+        raise ConfigError(f"privacy.epsilon={privacy.epsilon} is too small for {model}: "
                           f"{exc}; raise it") from None
     return Budget(privacy.accountant, target, statistics, deltas, release, sigma)
 
 
-def statistics_lines(budget: Budget) -> list[GaussianRelease]:
+def statistics_lines(budget: Budget[Any]) -> list[GaussianRelease]:
     """Each silo's preparation statistics, as PrivacyPlan.record_start writes them for an MLP
     run (`extra_delta`: its category thresholds): released before training."""
     lines, extra = [], 0.0
@@ -148,7 +197,7 @@ def statistics_lines(budget: Budget) -> list[GaussianRelease]:
     return lines
 
 
-def release_lines(budget: Budget, calibrated: bool) -> list[GaussianRelease]:
+def release_lines(budget: Budget[Any], calibrated: bool) -> list[GaussianRelease]:
     """After the statistics: the trees' prior and leaf sums (training people) and, when it
     ran, the calibration (validation people), each claiming the combined delta."""
     combined = budget.deltas.combined
@@ -186,13 +235,13 @@ def margins(model: Model, leaf: np.ndarray, val: np.ndarray, y: np.ndarray
     return margin, history
 
 
-def calibration(z_val: np.ndarray, y_val: np.ndarray, budget: Budget, expected_n: float,
+def calibration(z_val: np.ndarray, y_val: np.ndarray, budget: Budget[Any], expected_n: float,
                 rng: np.random.Generator) -> scoring.Platt | None:
     """The MLP run's DP Platt fit on validation people (None when too few people make it
     not worth its noise: the trees' own probabilities are used, nothing released)."""
     if not scoring.Platt.private_fit_pays(budget.calibration_sigma, expected_n):
         log.warning("too few validation people (about %d) for a private calibration at this "
-                    "epsilon: the trees' own probabilities are used", expected_n)
+                    "epsilon: the model's own probabilities are used", expected_n)
         return None
     return scoring.Platt.fit_private(z_val, y_val, noise_multiplier=budget.calibration_sigma,
                                      steps=CALIBRATION_STEPS, expected_n=expected_n, rng=rng)
@@ -245,9 +294,10 @@ def train_and_calibrate(job: TreeJob, phases: run_phases.PhaseTimer, ledger: Led
     return result, platt or scoring.Platt(), summary(budget, platt is not None)
 
 
-def summary(budget: Budget, calibrated: bool) -> dict:
-    """authority.json's privacy figures of the DP trees (the keys of PrivacyPlan.summary
-    they change): eps_model per population and combined, no label budget spent."""
+def summary(budget: Budget[Any], calibrated: bool) -> dict:
+    """authority.json's privacy figures of the DP trees or scorecard (the keys of
+    PrivacyPlan.summary they change): eps_model per population and combined, no label
+    budget spent."""
     release = budget.release
     train, val = release.epsilon, budget.calibration_epsilon() if calibrated else 0.0
     return {
@@ -263,8 +313,8 @@ def summary(budget: Budget, calibrated: bool) -> dict:
         "blocks": 1,
         "calibration_noise_multiplier": budget.calibration_sigma if calibrated else 0.0,
         "sample_rate": release.sample_rate,
-        "steps": release.trees,
-        "steps_planned": release.trees,
+        "steps": release.steps,
+        "steps_planned": release.steps,
     }
 
 

@@ -5,6 +5,7 @@ simulations/run/scorecard.py on the same inputs."""
 from __future__ import annotations
 
 import csv
+import json
 import math
 from pathlib import Path
 from typing import cast
@@ -13,11 +14,13 @@ import numpy as np
 import pytest
 from flwr.supercore.task_identity import TaskIdentity
 
+from clients.protocol import gbdt as gbdt_msg
 from clients.protocol import messages as m
 from clients.protocol.gbdt import LEVEL, START, EncryptedGradients, Gradients
 from clients.protocol.scorecard import (
     LOGITS,
     SCORE,
+    TABLE_FILE,
     WOE,
     PartialLogitsRequest,
     WoeTables,
@@ -25,16 +28,22 @@ from clients.protocol.scorecard import (
 )
 from clients.silo import gbdt_handlers
 from clients.silo.data import load_silo
+from clients.silo.gbdt import GbdtSilo
 from clients.silo.policy import SiloPolicy
 from clients.silo.scorecard import ScorecardSilo
+from crypto.secret_random import SecretRandom
+from server import gbdt_dp_run, run_phases, scorecard_dp, scorecard_dp_run
 from server.config import AuthorityConfig, ConfigError, ScoreConfig
-from server.config_keys import parse_flat
+from server.config_keys import parse_flat, to_flat
 from server.federation import Federation, FederationError
+from server.gbdt_run import TreeJob
 from server.gbdt_silos import start
 from server.label_dp import flip_probability, keep_probability, randomized_response
+from server.ledger import Ledger
 from server.scorecard import ScorecardParams, Silos, fit_scorecard, points, predict_margins
 from server.scorecard_run import UNITS, ScorecardSilos, annotate, calibrated
 from server.scoring import Platt, to_score
+from simulations.analysis.ledger_verify import consistency, verify
 from simulations.run.scorecard import fit_vertical_scorecard, scored_silos, scores, silos_for
 from tests.test_gbdt import by_silo, credit_like
 from tests.test_gbdt_wire import (
@@ -49,21 +58,23 @@ from tests.test_gbdt_wire import (
 )
 
 CARD = {"model.kind": "scorecard", "privacy.epsilon": "inf"}
+# The DP scorecard, small and fast: RDP without subsampling calibrates in milliseconds; eps 4
+# so that the validation people of the fixture pay for a DP calibration (its ledger line).
+DP_FAST = {"model.kind": "scorecard", "privacy.epsilon": "4", "privacy.accountant": "rdp"}
+SECRET = b"\x0b" * 32
 
 
 # ---- configuration -----------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(("key", "value", "words"), [
-    ("privacy.epsilon", "1", "a DP scorecard is not built"),
     ("topology", "horizontal", "vertical only"),
     ("privacy.transcript_sigma", "1", "transcript_sigma=0"),
 ])
 def test_scorecard_settings_are_checked_at_the_edge(key: str, value: str, words: str) -> None:
-    with pytest.raises(ConfigError, match=words) as caught:
-        parse_flat(AuthorityConfig, {**CARD, key: value})
-    if key == "privacy.epsilon":  # the reason, and the fix
-        assert "set privacy.epsilon=inf" in str(caught.value)
+    for epsilon in ("inf", "1"):  # the same refusals with and without DP
+        with pytest.raises(ConfigError, match=words):
+            parse_flat(AuthorityConfig, {**CARD, "privacy.epsilon": epsilon, key: value})
 
 
 def test_a_scorecard_run_is_accepted_without_dp_and_says_what_it_is() -> None:
@@ -98,6 +109,8 @@ def _task_identity():
 def federation(tmp_path_factory: pytest.TempPathFactory
                ) -> tuple[Federation, AppGrid, dict[str, np.ndarray], Path]:
     """The trees' aligned federation (tests/test_gbdt_wire.py), in the scorecard's units."""
+    # Set up before the autouse identity above when a test that needs it runs alone.
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
     root = tmp_path_factory.mktemp("cardwire") / "parties"
     fed, grid, xs = aligned_federation(root)
     return fed, grid, {s: x / UNITS for s, x in xs.items()}, root  # what the silo bins
@@ -248,9 +261,11 @@ def test_scorecard_reason_codes_beyond_the_policy_are_refused(federation, card) 
 
 
 def test_scorecard_requests_outside_a_scorecard_run_are_refused(federation, card) -> None:
-    """The scorecard's messages belong to a non-private scorecard run: asked in a DP tree run,
-    or in a run announced as a scorecard at a finite epsilon (no DP scorecard exists), they
-    would release WoE-weighted partial logits of every training person without noise."""
+    """The scorecard's messages belong to a scorecard run: asked in a DP tree run, they would
+    release WoE-weighted partial logits of every person without noise; the training logits
+    belong to the non-private scorecard only (the DP scorecard computes its steps from the
+    pre-bins), and the pre-bins (`query.gbdt_route`) to the DP scorecard only: a non-private
+    scorecard's authority sees merged bins' logits, not every person's pre-bin."""
     _, grid, xs, _ = federation
     tables, _ = _held_tables(grid, card, "cardmode")
     content = m.make_content(None, **pack_tables(tables))
@@ -261,6 +276,10 @@ def test_scorecard_requests_outside_a_scorecard_run_are_refused(federation, card
     refused(ask(grid, 1, LOGITS, logits), "no request of a model.kind=gbdt run")
     announce_run(grid, "cardmode", "scorecard", epsilon=1.0)
     refused(ask(grid, 1, LOGITS, logits), "non-private run only", "privacy.epsilon=1")
+    route = m.make_content(None, features=np.zeros(1, np.int64), bins=np.zeros(1, np.int64),
+                           positions=np.arange(10, dtype=np.int64))
+    announce_run(grid, "cardmode", "scorecard")
+    refused(ask(grid, 1, gbdt_msg.ROUTE, route), "DP run only", "without DP")
 
 
 def test_a_scorecard_run_answers_root_histograms_only(federation, card, monkeypatch) -> None:
@@ -314,3 +333,65 @@ def test_a_silo_guesses_labels_no_better_than_rr_allows(epsilon: float) -> None:
         assert np.array_equal(guess, y_view)  # the RR label, nothing more
         accuracy = float((guess == y).mean())
         assert abs(accuracy - bound) <= slack
+
+
+# ---- the DP scorecard (server/scorecard_dp_run.py) over the same handlers -------------------
+
+
+def test_the_phase_reproduces_the_in_process_fit_and_its_ledger_verifies(
+        federation, tmp_path: Path) -> None:
+    """Four round trips, none carrying a label or a gradient to a silo; the same tables,
+    coefficients and margins as `fit_dp_scorecard` in process from the same secret; each
+    silo's points table on disk; ledger lines the independent accountant agrees with."""
+    fed, grid, xs, root = federation
+    cfg = parse_flat(AuthorityConfig, DP_FAST)
+    n = len(next(iter(xs.values())))
+    rng = np.random.default_rng(5)
+    order = rng.permutation(n)
+    train, val = np.sort(order[: n * 6 // 10]), np.sort(order[n * 6 // 10: n * 8 // 10])
+    y = (rng.random(n) < 1 / (1 + np.exp(1 - 3 * xs["payments"][:, 0]))).astype(np.int8)
+    job = TreeJob(fed, cfg, "dpcard1", train, val, n, y, y.astype(np.float64))
+    announce_run(grid, "dpcard1", "scorecard", cfg.privacy.epsilon)
+    grid.sent.clear()
+    result, platt, spent = scorecard_dp_run.train_and_calibrate(
+        job, run_phases.PhaseTimer(None), Ledger(tmp_path), SecretRandom(SECRET), 4)
+    kinds = [msg.metadata.message_type for msg in grid.sent]
+    assert set(kinds) == {gbdt_msg.START, gbdt_msg.ROUTE, WOE, SCORE}
+    assert kinds.count(gbdt_msg.ROUTE) == len(xs)
+    assert result.round_trips == 4
+    for msg in grid.sent:  # nothing label-dependent before the DP model
+        sent = set(msg.content["arrays"].keys()) if "arrays" in msg.content else set()
+        assert not {"g", "h"} & sent
+
+    params = scorecard_dp_run.dp_params(cfg)
+    budget = gbdt_dp_run.plan_budget(cfg, tuple(fed.silos), len(train), params)
+    local = {s: GbdtSilo(s, x[train], bins=params.card.bins) for s, x in xs.items()}
+    fit = scorecard_dp.fit_dp_scorecard(
+        local, y[train], params, epsilon=budget.target, delta=budget.deltas.accountant,
+        rng=SecretRandom(SECRET), purpose="dpcard1",
+        prefix=gbdt_dp_run.statistics_history(budget.statistics))
+    everyone = scorecard_dp.route_pre_bins(
+        {s: GbdtSilo(s, x, bins=params.card.bins) for s, x in xs.items()}, params.card.bins)
+    np.testing.assert_allclose(result.logits, scorecard_dp.margins(fit.model, everyone),
+                               rtol=0, atol=1e-10)
+    assert result.bias == fit.model.intercept
+    assert result.steps == params.steps
+    assert all((c <= 0).all() for c in fit.model.coef.values())
+    assert set(result.explained) == set(xs)  # the silos' reason codes
+    for s in xs:
+        with (root / s / "scorecards" / "dpcard1" / TABLE_FILE).open() as f:
+            table = list(csv.DictReader(f))
+        assert len(table) == sum(len(t.woe) for t in fit.model.tables[s])
+
+    (tmp_path / "config.json").write_text(json.dumps(to_flat(cfg)))
+    (tmp_path / "metrics.json").write_text(json.dumps({**spent, "training_steps": 6,
+                                                       "round_trips": 4}))
+    checks = verify(tmp_path)
+    assert {c.budget for c in checks} == {"model/train", "model/val"}
+    assert all(c.ok for c in checks), checks
+    assert consistency(tmp_path, checks) == []
+    by = {c.budget: c.reported for c in checks}
+    assert by["model/train"] == spent["epsilon"]["model_by_population"]["train"]
+    assert max(by.values()) == spent["epsilon"]["model"] <= 4.0
+    assert spent["epsilon"]["label"] is None
+    assert platt.a != 1.0 or platt.b != 0.0  # the DP calibration ran (its line is checked)

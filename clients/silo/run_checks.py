@@ -9,9 +9,11 @@ says of itself:
   MLP spec has no DP-SGD noise, must not be answered `train.step` contributions; a scorecard
   run asks root histograms only;
 - a request only a non-private run makes is refused in a run announced at a finite epsilon:
-  the SecureBoost trees' histograms and splits choose thresholds on the data, the scorecard
-  has no DP version, and quantile bins put data-dependent edges behind every split (the DP
-  trees' splits are drawn over bins fixed before any data is read);
+  the SecureBoost trees' histograms and splits choose thresholds on the data, the
+  scorecard's training logits have no DP version, and quantile bins put data-dependent
+  edges behind every split (the DP trees' splits are drawn over bins fixed before any data
+  is read); the pre-bins a DP scorecard asks (`query.gbdt_route`) are refused in a
+  non-private scorecard run, which needs none;
 - `query.gbdt_start` must name the announced run key, so the trees' answers are bound to the
   pinned mode;
 - the same run key cannot be announced again with another mode (a run key names one
@@ -28,7 +30,7 @@ from pathlib import Path
 from clients.node import Node
 from clients.protocol import messages as m
 from clients.protocol.gbdt import LEVEL, ROUTE, SPLIT, START
-from clients.protocol.run_mode import KIND, TREE_KINDS, RunMode, RunModeError
+from clients.protocol.run_mode import KIND, RunMode, RunModeError
 from clients.protocol.scorecard import LOGITS, SCORE, WOE
 
 MODEL_FILE = "model.json"  # in the run's checkpoint directory: the pinned announcement
@@ -38,16 +40,21 @@ class RunModeRefusalError(Exception):
     """A request the run's announced mode does not allow."""
 
 
-# message type -> (the kinds of run that send it, whether only a non-private run may)
-REQUESTS: dict[str, tuple[tuple[str, ...], bool]] = {
-    m.STEP: (("mlp",), False),
-    START: (TREE_KINDS, False),  # its binning is checked by `check_tree_start`
-    LEVEL: (TREE_KINDS, True),
-    SPLIT: (("gbdt",), True),
-    ROUTE: (("gbdt",), False),  # the DP trees' one request after the start
-    WOE: (("scorecard",), True),
-    LOGITS: (("scorecard",), True),
-    SCORE: (("scorecard",), True),
+ANY, NON_PRIVATE, DP_ONLY = "any", "non-private", "dp"  # at which privacy a kind sends it
+
+# message type -> {the kind of run that sends it: at which privacy}
+REQUESTS: dict[str, dict[str, str]] = {
+    m.STEP: {"mlp": ANY},
+    START: {"gbdt": ANY, "scorecard": ANY},  # its binning is checked by `check_tree_start`
+    LEVEL: {"gbdt": NON_PRIVATE, "scorecard": NON_PRIVATE},
+    SPLIT: {"gbdt": NON_PRIVATE},
+    # The DP trees' one request after the start; the DP scorecard's too (each person's
+    # pre-bin, from which the authority computes the noisy counts and Newton steps). A
+    # non-private scorecard needs no pre-bins: its authority sees merged bins' logits only.
+    ROUTE: {"gbdt": ANY, "scorecard": DP_ONLY},
+    WOE: {"scorecard": ANY},  # the released WoE tables, DP ones in a DP run
+    LOGITS: {"scorecard": NON_PRIVATE},  # training rows' partial logits: no DP version
+    SCORE: {"scorecard": ANY},
 }
 
 
@@ -91,17 +98,22 @@ def pinned(node: Node) -> tuple[str, RunMode]:
 
 
 def check_request(node: Node, message_type: str) -> RunMode:
-    """Refuse `message_type` unless the pinned run is of a kind that sends it and, for a
-    request only a non-private run makes, the run was announced without DP."""
+    """Refuse `message_type` unless the pinned run is of a kind that sends it, at the
+    privacy the run was announced with."""
     _, mode = pinned(node)
-    kinds, non_private_only = REQUESTS[message_type]
-    if mode.kind not in kinds:
+    sent_by = REQUESTS[message_type]
+    if mode.kind not in sent_by:
         raise RunModeRefusalError(f"{message_type} is no request of a model.kind={mode.kind} "
                                   "run (as announced with query.align)")
-    if non_private_only and mode.private:
+    when = sent_by[mode.kind]
+    if when == NON_PRIVATE and mode.private:
         raise RunModeRefusalError(
             f"{message_type} is a request of a non-private run only (its answers are "
             f"released without DP), and this run was announced as {mode.describe()}")
+    if when == DP_ONLY and not mode.private:
+        raise RunModeRefusalError(
+            f"{message_type} is a request of a DP run only in a model.kind={mode.kind} run, "
+            f"and this run was announced as {mode.describe()}")
     return mode
 
 

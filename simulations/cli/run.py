@@ -85,12 +85,16 @@ def privacy_rows(metrics: dict) -> list[tuple[str, str]]:
         "eps_label: the training labels, against each silo",
         f"{label:g}" if label is not None else
         "not spent: the DP trees send the silos nothing label-dependent" if trees and model
+        else "not spent: the DP scorecard sends the silos nothing label-dependent before "
+             "its DP release" if card and model
         else "OFF: every silo reads the training labels from its gradients"))
     transcript = eps.get("transcript")
     values = list((transcript or {}).values())
     rows.append((
         "eps_transcript: a person's contributions, against the authority",
         ("n/a (trees): the authority sees per-bin sums, splits and partitions" if trees
+         else "n/a (DP scorecard): the authority sees every person's pre-bin of each "
+              "silo column" if card and model
          else "n/a (scorecard): the authority sees per-bin sums and each silo's partial "
               "logits" if card
          else "off: the authority sees each person's summed contribution exactly")

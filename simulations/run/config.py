@@ -149,7 +149,7 @@ def check_guardrails(cfg: ExperimentConfig, people: int, source: str) -> None:
 DESCRIPTIONS: dict[str, str] = {
     "seed": "training seed: the models' initialisation (DP noise and batches: keystores)",
     "model.kind": "mlp (bottom MLPs, DP-SGD), gbdt (vertical trees: DP at a finite epsilon) "
-                  "or scorecard (vertical WoE scorecard, privacy.epsilon=inf only)",
+                  "or scorecard (vertical WoE scorecard: DP at a finite epsilon)",
     "model.hidden": "hidden layers of each silo's bottom MLP, units per layer",
     "model.embedding_dim": "aggregation.mode=concat: width of each silo's embedding",
     "model.top_hidden": "aggregation.mode=concat: hidden layers of the authority's top MLP",
