@@ -7,7 +7,7 @@ node state and in `<silo dir>/checkpoints/<run key>/model.json` (clients/silo/al
 and from then on judges every request of the run against the PINNED mode, never against a
 flag in the request itself: the trees' `query.gbdt_start` must name the announced run key, and
 a request only a non-private run makes (quantile bins, SecureBoost histograms and splits, the
-scorecard's messages) is refused in a run announced at a finite epsilon
+scorecard's training logits) is refused in a run announced at a finite epsilon
 (clients/silo/run_checks.py). A run key names one configuration (server/run_keys.py), so the
 silo also refuses a later announcement of the same run key with another mode: an authority
 cannot announce a DP run, then re-align the same run as a non-private one to get its
