@@ -168,6 +168,21 @@ def test_combined_epsilon_meets_the_target_and_per_party_noise_is_sqrt_k_larger(
     assert "bounds no release" in summary["epsilon"]["model_per_party"]["note"]
 
 
+def test_the_clip_bounds_a_persons_whole_gradient_so_each_party_adds_the_central_noise():
+    """privacy.max_grad_norm C is split over the K blocks (C / sqrt(K) each): the joint
+    sensitivity is C, as in central DP, and each party's noise std (its multiplier times its
+    clip) equals the central model's at the joint multiplier, not sqrt(K) times it."""
+    plan = PrivacyPlan(PrivacyConfig(epsilon=1.0, max_grad_norm=5.0, accountant="rdp"),
+                       ("a", "b", "c"), 20_000, 500, 1, ledger=None)
+    assert plan.block_clip == pytest.approx(2.5)  # 4 blocks: 3 silos and the authority's head
+    assert math.sqrt(plan.blocks * plan.block_clip**2) == pytest.approx(5.0)  # joint sensitivity
+    assert plan.sigma * plan.block_clip == pytest.approx(plan.joint_sigma * 5.0)
+    summary = plan.summary()
+    plan.close()
+    assert summary["max_grad_norm"] == pytest.approx(2.5)
+    assert summary["joint_max_grad_norm"] == 5.0
+
+
 def test_a_cap_below_one_steps_cost_is_refused():
     with pytest.raises(ConfigError, match="below the cost of a single step"):
         PrivacyPlan(PrivacyConfig(epsilon=1.0, cap=1e-6, accountant="rdp"), ("a",), 10_000,

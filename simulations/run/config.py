@@ -182,7 +182,8 @@ DESCRIPTIONS: dict[str, str] = {
     "privacy.epsilon": "eps_model target of the combined model; inf = no DP-SGD",
     "privacy.delta": "delta of the (epsilon, delta) budgets; 0 = 1/(10 N), N = people in training",
     "privacy.accountant": "DP-SGD accountant: prv or rdp",
-    "privacy.max_grad_norm": "per-sample clipping bound of every party's DP-SGD",
+    "privacy.max_grad_norm": "per-sample clipping bound of a person's whole gradient (each "
+                             "of the K parties clips its block at it / sqrt(K))",
     "privacy.cap": "eps_model at which training stops; 0 = the target privacy.epsilon",
     "privacy.label_epsilon": "eps_label: randomised response on the training labels; inf = off",
     "privacy.transcript_sigma": "noise multiplier on contributions sent to the authority; 0 = off",
