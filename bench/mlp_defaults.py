@@ -8,11 +8,12 @@ the training labels), with the noise each cell's privacy plan calibrates: server
 statistics' releases composed first, as in a run). Cells are chosen on VALIDATION AUC (the last
 epoch's); test AUC is printed beside it, never used to choose.
 
-A cell is `key=value,...` over: b (batch, or `auto` for the size rule), e (epochs, or `auto`),
-lr (or `auto`), clip (privacy.max_grad_norm), label (label epsilon, inf = off), k (the blocks
+A cell is `key=value,...` over: b (batch), e (epochs),
+lr, clip (each party's clip: privacy.max_grad_norm / sqrt(K) since the split; 2.5 is the
+joint 5 of 4 blocks), label (label epsilon, inf = off), k (the blocks
 the per-party noise is calibrated over: 4 in a 3-silo run; 1 gives each party the joint noise,
 the central model's noise, which no run may use: a diagnostic of what the split costs), c
-(chunk batches).
+(chunk batches), h (model.hidden, e.g. 32-16).
 
     PYTHONPATH=. nice -n 19 .venv/bin/python bench/mlp_defaults.py --data uci --seeds 0 1 2 \
         --cell b=2048,e=12,lr=0.01 --cell b=2048,e=12,lr=0.01,k=1 --cell b=auto,e=auto,lr=0.01
@@ -37,7 +38,7 @@ from server.config import PrivacyConfig, TrainConfig
 from server.privacy import PrivacyPlan
 
 DEFAULT_CELL = {"b": "2048", "e": "12", "lr": "0.01", "clip": "5", "label": "2", "k": "4",
-                "c": "4"}
+                "c": "4", "h": "32-16"}
 
 
 def parse_cell(text: str) -> dict[str, str]:
@@ -62,7 +63,8 @@ def run_cell(data: Joined, cell: dict[str, str], seed: int, secret: bytes) -> di
     plan = PrivacyPlan(PrivacyConfig(epsilon=1.0, max_grad_norm=float(cell["clip"])), silos,
                        n_train, cfg.batch_size, cfg.epochs, ledger=None)
     sigma = plan.joint_sigma * math.sqrt(int(cell["k"]))
-    out = simulate(data, cfg, seed=seed,
+    hidden = tuple(int(h) for h in cell["h"].split("-"))
+    out = simulate(data, cfg, hidden, seed=seed,
                    privacy=Privacy(sigma, float(cell["clip"]), float(cell["label"])),
                    secret=secret)
     return {"batch": cfg.batch_size, "epochs": cfg.epochs, "lr": cfg.lr, "steps":

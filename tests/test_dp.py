@@ -361,3 +361,16 @@ def test_an_empty_batch_after_a_step_is_a_noised_step_of_the_head(head):
     again.gradients(inputs, y, [3, 0, 4, 0])
     assert all(torch.equal(a, b) for a, b in
                zip(h.base.parameters(), again.base.parameters(), strict=True))
+
+
+def test_a_dp_mlp_runs_key_says_its_clip_is_the_joint_one():
+    """Same settings, other computation since the clip split: a DP-SGD run's key changes (no
+    resume or draw shared with a run made before); runs without DP-SGD and tree runs keep
+    theirs."""
+    from server.run_keys import CLIP_MARK, computed_settings
+
+    dp = {"seed": 0, "privacy.epsilon": 1.0}
+    assert computed_settings(dp) == {**CLIP_MARK, **dp}
+    for kept in ({"seed": 0, "privacy.epsilon": math.inf},
+                 {**dp, "model.kind": "gbdt"}, {**dp, "topology": "horizontal"}):
+        assert computed_settings(kept) == kept
