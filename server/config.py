@@ -377,8 +377,8 @@ class PrivacyConfig:
     # parties (silos + the authority's head) clips its block at max_grad_norm / sqrt(K), 2.5 with
     # 3 silos (server/privacy.py `block_clip`), so each party adds the central model's noise.
     # Until issue 20 every block clipped at 5, which doubled every party's noise for gradients
-    # that rarely reach 2.5: at eps 1 the split took UCI's validation AUC from 0.71 to 0.76
-    # and the generated 30,000's from 0.75 to 0.81 (bench/RESULTS.md "MLP defaults that hold
+    # that rarely reach 2.5: at eps 1 the split took UCI's validation AUC from 0.713 to 0.751
+    # and the generated 30,000's from 0.746 to 0.813 (bench/RESULTS.md "MLP defaults that hold
     # on both data sizes"). 3 (1.5 a block) was better at 30,000 people but oscillated at
     # 100,000 (val 0.848 at epoch 4, 0.819 at 12); 5 held on both.
     max_grad_norm: float = 5.0
