@@ -374,3 +374,15 @@ def test_a_dp_mlp_runs_key_says_its_clip_is_the_joint_one():
     for kept in ({"seed": 0, "privacy.epsilon": math.inf},
                  {**dp, "model.kind": "gbdt"}, {**dp, "topology": "horizontal"}):
         assert computed_settings(kept) == kept
+
+
+def test_the_silos_model_spec_carries_each_partys_clip_not_the_joint_bound():
+    from types import SimpleNamespace
+    from typing import cast
+
+    from server.authority import _model_spec
+    from simulations.run.config import make_config
+
+    plan = SimpleNamespace(sigma=9.0, q=0.1, expected_batch=2048, block_clip=2.5)
+    spec = _model_spec(make_config().authority, cast(PrivacyPlan, plan), 3)
+    assert (spec.max_grad_norm, spec.noise_multiplier) == (2.5, 9.0)
