@@ -35,10 +35,14 @@ class PrivacyConfig:
     # null).
     delta: float = 0.0
     accountant: str = "prv"
-    # Per-sample clipping bound of every party. Measured on the default population at eps 1
-    # (validation AUC after 4 epochs): C=1 0.763, 2 0.763, 3 0.798, 5 0.867, 10 0.856, vs 0.871
-    # without DP. Small bounds clip the rare defaulters' large gradients in each silo while the
-    # authority's bias gradient |p - y| <= 1 is never clipped, and the mismatch compounds.
+    # Per-sample clipping bound of a person's WHOLE gradient, as in central DP: each of the K
+    # parties (silos + the authority's head) clips its block at max_grad_norm / sqrt(K), 2.5 with
+    # 3 silos (server/privacy.py `block_clip`), so each party adds the central model's noise.
+    # Until issue 20 every block clipped at 5, which doubled every party's noise for gradients
+    # that rarely reach 2.5: at eps 1 the split took UCI's validation AUC from 0.713 to 0.751
+    # and the generated 30,000's from 0.746 to 0.813 (bench/RESULTS.md "MLP defaults that hold
+    # on both data sizes"). 3 (1.5 a block) was better at 30,000 people but oscillated at
+    # 100,000 (val 0.848 at epoch 4, 0.819 at 12); 5 held on both.
     max_grad_norm: float = 5.0
     # eps_model cap of the combined model: training stops before a step would pass it.
     # 0 = the target.

@@ -2,14 +2,21 @@
 
 What is released is the COMBINED model z = b + sum_k g_k (and every score, reason and metric
 computed from it). All parties train on one shared Poisson batch; each clips its own
-per-sample gradient block at C and adds Gaussian noise of std sigma * C from its own secret
+per-sample gradient block at c and adds Gaussian noise of std sigma * c from its own secret
 stream. Stacked, that is one subsampled Gaussian mechanism on the joint gradient whose noise
 multiplier, after whitening each block by its own noise, is
 
     sigma_joint = 1 / sqrt(sum_k 1 / sigma_k^2)  =  sigma / sqrt(K)  for K equal blocks,
 
 so the per-party sigma is calibrated as sqrt(K) times the joint multiplier that meets the
-target. Before training, every party releases data-preparation statistics (each silo's
+target. privacy.max_grad_norm C bounds a person's gradient over the WHOLE model, as the central
+DP model's clip does: each block clips at c = C / sqrt(K) (`block_clip`), so the joint sensitivity
+is C and each party's noise std sigma * C / sqrt(K) = sigma_joint * C is the central model's.
+(Clipping each block at C instead made the joint sensitivity sqrt(K) C: with 4 blocks every
+party added twice the central noise, although the parties' gradients rarely reach C / 2;
+bench/RESULTS.md "MLP defaults that hold on both data sizes".)
+
+Before training, every party releases data-preparation statistics (each silo's
 standardisation, the authority's prior) through a Gaussian mechanism with noise multiplier
 STATISTICS_NOISE_MULTIPLIER; they are composed in the same accountant. After training the
 authority fits its calibration on validation people, disjoint from training people by an
@@ -116,6 +123,8 @@ class PrivacyPlan:
                 self._silo_releases = add_steps(self._silo_releases, release.noise_multiplier,
                                                 1.0, 1)
         self.sigma = 0.0  # per party
+        # What each party clips its block at: the joint bound split evenly (module docstring).
+        self.block_clip = cfg.max_grad_norm / math.sqrt(self.blocks)
         self.joint_sigma = 0.0
         self.calibration_sigma = 0.0
         self.max_steps = math.inf
@@ -276,7 +285,7 @@ class PrivacyPlan:
         self._write(JointRound(
             party=JOINT, population="train",
             blocks=tuple(Block(party=p, noise_multiplier=self.sigma,
-                               clip=self.cfg.max_grad_norm) for p in self.parties),
+                               clip=self.block_clip) for p in self.parties),
             noise_multiplier=self.joint_sigma, sample_rate=self.q, steps=steps, round=round_,
             epsilon=epsilon(self.cfg.accountant, history, self.accountant_delta,
                             precise=final),
@@ -421,7 +430,10 @@ class PrivacyPlan:
             "statistics_noise_multiplier": STATISTICS_NOISE_MULTIPLIER,
             "calibration_noise_multiplier": self.calibration_sigma,
             "sample_rate": self.q,
-            "max_grad_norm": self.cfg.max_grad_norm,
+            # Each party's clip (as noise_multiplier is each party's), and the joint bound
+            # (as joint_noise_multiplier), which the central DP baseline clips at.
+            "max_grad_norm": self.block_clip,
+            "joint_max_grad_norm": self.cfg.max_grad_norm,
             "steps": self.spent,
             "steps_planned": self.steps_planned,
             "label_flip_probability": self.rho,

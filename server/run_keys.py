@@ -37,6 +37,11 @@ COMPENSATION_KEY = "train.delay_compensation"
 # And gbdt.binning in a DP tree run (always uniform there): such a run keeps the key it had
 # before the SecureBoost trees' quantile bins.
 SECUREBOOST_KEYS = frozenset({"gbdt.binning"})
+# Since issue 20's MLP defaults, privacy.max_grad_norm bounds a person's whole gradient and each
+# of the K blocks clips at it / sqrt(K) (server/privacy.py): a DP-SGD run computes otherwise
+# than before with the same settings, so its key says which clip it used (no resume or
+# secret draw is shared with a run made before).
+CLIP_MARK = {"privacy.clip_split": "joint"}
 
 
 def computed_settings(config: dict) -> dict:
@@ -44,7 +49,8 @@ def computed_settings(config: dict) -> dict:
     mlp = config.get("model.kind", "mlp") == "mlp"
     dp = math.isfinite(float(config.get("privacy.epsilon", math.inf)))
     compensated = mlp and not dp and config.get("aggregation.mode", "sum") == "sum"
-    return {k: v for k, v in config.items()
+    mark = CLIP_MARK if mlp and dp and config.get("topology", "vertical") == "vertical" else {}
+    return mark | {k: v for k, v in config.items()
             if not k.startswith(NOT_COMPUTED_PREFIXES) and k not in NOT_COMPUTED_KEYS
             and not (mlp and k.startswith(TREE_KEYS)) and (dp or k not in DP_TREE_KEYS)
             and not (dp and k in SECUREBOOST_KEYS)

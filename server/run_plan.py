@@ -123,7 +123,7 @@ def model_spec(cfg: AuthorityConfig, privacy: PrivacyPlan, silos: int) -> ModelS
     compensate = not concat and privacy.sigma == 0
     return ModelSpec(
         cfg.model.hidden, cfg.train.lr, cfg.train.weight_decay, cfg.seed,
-        noise_multiplier=privacy.sigma, max_grad_norm=cfg.privacy.max_grad_norm,
+        noise_multiplier=privacy.sigma, max_grad_norm=privacy.block_clip,
         sample_rate=privacy.q, expected_batch=privacy.expected_batch,
         transcript_sigma=cfg.privacy.transcript_sigma,
         transcript_clip=cfg.privacy.transcript_clip,

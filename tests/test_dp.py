@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
+from typing import cast
 
 import numpy as np
 import pytest
@@ -28,6 +30,9 @@ from crypto.secret_random import SecretRandom
 from server.config import ConfigError, PrivacyConfig
 from server.label_dp import corrected_gradient, flip_probability, randomized_response
 from server.privacy import PrivacyPlan
+from server.run_keys import CLIP_MARK, computed_settings
+from server.run_plan import model_spec
+from simulations.run.config import make_config
 
 C = 1.0
 SECRET = SecretRandom(bytes(range(32)))
@@ -166,6 +171,21 @@ def test_combined_epsilon_meets_the_target_and_per_party_noise_is_sqrt_k_larger(
     per_party = summary["epsilon"]["model_per_party"]["a"]
     assert per_party < 0.6 * combined
     assert "bounds no release" in summary["epsilon"]["model_per_party"]["note"]
+
+
+def test_the_clip_bounds_a_persons_whole_gradient_so_each_party_adds_the_central_noise():
+    """privacy.max_grad_norm C is split over the K blocks (C / sqrt(K) each): the joint
+    sensitivity is C, as in central DP, and each party's noise std (its multiplier times its
+    clip) equals the central model's at the joint multiplier, not sqrt(K) times it."""
+    plan = PrivacyPlan(PrivacyConfig(epsilon=1.0, max_grad_norm=5.0, accountant="rdp"),
+                       ("a", "b", "c"), 20_000, 500, 1, ledger=None)
+    assert plan.block_clip == pytest.approx(2.5)  # 4 blocks: 3 silos and the authority's head
+    assert math.sqrt(plan.blocks * plan.block_clip**2) == pytest.approx(5.0)  # joint sensitivity
+    assert plan.sigma * plan.block_clip == pytest.approx(plan.joint_sigma * 5.0)
+    summary = plan.summary()
+    plan.close()
+    assert summary["max_grad_norm"] == pytest.approx(2.5)
+    assert summary["joint_max_grad_norm"] == 5.0
 
 
 def test_a_cap_below_one_steps_cost_is_refused():
@@ -346,3 +366,20 @@ def test_an_empty_batch_after_a_step_is_a_noised_step_of_the_head(head):
     again.gradients(inputs, y, [3, 0, 4, 0])
     assert all(torch.equal(a, b) for a, b in
                zip(h.base.parameters(), again.base.parameters(), strict=True))
+
+
+def test_a_dp_mlp_runs_key_says_its_clip_is_the_joint_one():
+    """Same settings, other computation since the clip split: a DP-SGD run's key changes (no
+    resume or draw shared with a run made before); runs without DP-SGD and tree runs keep
+    theirs."""
+    dp = {"seed": 0, "privacy.epsilon": 1.0}
+    assert computed_settings(dp) == {**CLIP_MARK, **dp}
+    for kept in ({"seed": 0, "privacy.epsilon": math.inf},
+                 {**dp, "model.kind": "gbdt"}, {**dp, "topology": "horizontal"}):
+        assert computed_settings(kept) == kept
+
+
+def test_the_silos_model_spec_carries_each_partys_clip_not_the_joint_bound():
+    plan = SimpleNamespace(sigma=9.0, q=0.1, expected_batch=2048, block_clip=2.5)
+    spec = model_spec(make_config().authority, cast(PrivacyPlan, plan), 3)
+    assert (spec.max_grad_norm, spec.noise_multiplier) == (2.5, 9.0)

@@ -100,8 +100,8 @@ def test_the_run_key_follows_the_setting_only_where_it_applies() -> None:
 
 def test_the_authority_turns_it_on_in_sum_mode_without_dp_sgd() -> None:
     cfg = make_config().authority
-    silent = SimpleNamespace(sigma=0.0, q=0.0, expected_batch=0)
-    noisy = SimpleNamespace(sigma=9.0, q=0.1, expected_batch=2048)
+    silent = SimpleNamespace(sigma=0.0, q=0.0, expected_batch=0, block_clip=2.5)
+    noisy = SimpleNamespace(sigma=9.0, q=0.1, expected_batch=2048, block_clip=2.5)
     concat = dataclasses.replace(cfg, aggregation=dataclasses.replace(cfg.aggregation,
                                                                       mode="concat"))
     assert model_spec(cfg, cast(PrivacyPlan, silent), 3).staleness_correction == 3.0

@@ -150,7 +150,8 @@ DESCRIPTIONS: dict[str, str] = {
     "seed": "training seed: the models' initialisation (DP noise and batches: keystores)",
     "model.kind": "mlp (bottom MLPs, DP-SGD), gbdt (vertical trees: DP at a finite epsilon) "
                   "or scorecard (vertical WoE scorecard: DP at a finite epsilon)",
-    "model.hidden": "hidden layers of each silo's bottom MLP, units per layer",
+    "model.hidden": "hidden layers of each silo's bottom MLP, units per layer (unset: 16 "
+                    "under DP-SGD in the vertical sum model, else 32,16)",
     "model.embedding_dim": "aggregation.mode=concat: width of each silo's embedding",
     "model.top_hidden": "aggregation.mode=concat: hidden layers of the authority's top MLP",
     "gbdt.trees": "model.kind=gbdt: trees (unset: 50 at epsilon=inf, 300 DP)",
@@ -182,7 +183,8 @@ DESCRIPTIONS: dict[str, str] = {
     "privacy.epsilon": "eps_model target of the combined model; inf = no DP-SGD",
     "privacy.delta": "delta of the (epsilon, delta) budgets; 0 = 1/(10 N), N = people in training",
     "privacy.accountant": "DP-SGD accountant: prv or rdp",
-    "privacy.max_grad_norm": "per-sample clipping bound of every party's DP-SGD",
+    "privacy.max_grad_norm": "per-sample clipping bound of a person's whole gradient (each "
+                             "of the K parties clips its block at it / sqrt(K))",
     "privacy.cap": "eps_model at which training stops; 0 = the target privacy.epsilon",
     "privacy.label_epsilon": "eps_label: randomised response on the training labels; inf = off",
     "privacy.transcript_sigma": "noise multiplier on contributions sent to the authority; 0 = off",
