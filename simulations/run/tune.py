@@ -28,6 +28,7 @@ import math
 import secrets
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +100,7 @@ class TuneSpec:
                 raise TuneError(f"--set {key}: {why}")
         if not self.grid:
             raise TuneError("--grid: name the candidates, e.g. --grid train.lr=0.01,0.03")
-        cfg = self.sweep(1.0).config(self.cells([0])[0])  # every key and value checked
+        cfg = self._unit.config(self.cells([0])[0])  # every key and value checked
         authority = cfg.authority
         if not cfg.generated:
             raise TuneError("--data: a tune plans each run's budget from the number of people "
@@ -119,8 +120,13 @@ class TuneSpec:
         return SweepSpec(grid=self.grid, seeds=(0,), data_seeds=(self.data_seed,),
                          users=self.users, assignments=tuple(sorted((*self.assignments, *own))))
 
+    @cached_property
+    def _unit(self) -> SweepSpec:
+        """The candidates at a placeholder epsilon: what does not depend on the budget."""
+        return self.sweep(1.0)
+
     def points(self) -> list[tuple[tuple[str, str], ...]]:
-        return self.sweep(1.0).points()
+        return self._unit.points()
 
     def cells(self, choices: Sequence[int]) -> list[Cell]:
         """Run i trains candidate choices[i] with training seed i, on the tune's population."""
@@ -128,7 +134,7 @@ class TuneSpec:
         return [Cell(points[c], i, self.data_seed) for i, c in enumerate(choices)]
 
     def to_json(self) -> dict:
-        return {"grid": {k: list(v) for k, v in self.sweep(1.0).grid.items()},
+        return {"grid": {k: list(v) for k, v in self._unit.grid.items()},
                 "epsilon": self.epsilon,
                 "law": {"distribution": self.law.distribution, "mean": self.law.mean,
                         "shape": self.law.shape},
