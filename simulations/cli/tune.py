@@ -154,15 +154,15 @@ def add_tune_parser(sub: argparse._SubParsersAction, *, users_help: str) -> None
                       help="the tuned, released model's total epsilon (every run and the "
                            "selection)")
     tune.add_argument("--mean-runs", type=float, default=DEFAULT_MEAN_RUNS,
-                      help=f"E[K], the mean number of runs (default {DEFAULT_MEAN_RUNS:g})")
+                      help="E[K], the mean number of runs")
     tune.add_argument("--distribution", choices=DISTRIBUTIONS, default="logarithmic",
-                      help="K's law (default logarithmic: the cheapest truncated one; poisson "
-                           "may draw no run)")
+                      help="K's law (logarithmic: the cheapest truncated one; poisson may "
+                           "draw no run, then nothing is released)")
     tune.add_argument("--shape", type=float, default=1.0,
                       help="--distribution negbin: its shape eta >= 0")
     tune.add_argument("--score-noise", type=float, default=DEFAULT_SCORE_NOISE,
-                      help="noise multiplier of the validation score (default "
-                           f"{DEFAULT_SCORE_NOISE:g}; higher: cheaper, coarser choice)")
+                      help="noise multiplier of the validation score (higher: cheaper, "
+                           "coarser choice)")
     tune.add_argument("--users", type=int, default=None, help=users_help)
     tune.add_argument("--data-seed", type=int, default=0, help="the population's seed")
     tune.add_argument("--set", dest="assignments", action="append", default=[],
