@@ -272,3 +272,21 @@ def test_another_tune_in_the_same_directory_is_refused(tmp_path: Path):
     plan_tune(out, _spec(), budget=lambda s: (1.0, 1.9, 1e-5, 1400, {}))
     with pytest.raises(TuneError, match="epsilon differ"):
         plan_tune(out, _spec(epsilon=3.0), budget=lambda s: (1.0, 1.9, 1e-5, 1400, {}))
+
+
+def test_a_refused_candidate_leaves_no_tune_behind(tmp_path: Path):
+    """The guardrails and delta are checked at the planned per-run epsilon, before the draw
+    makes the authority's keystore or tune.json: the corrected command can reuse --out."""
+    from server.config import ConfigError
+
+    seen = []
+
+    def refuse(cfg):
+        seen.append(cfg.authority.privacy.epsilon)
+        raise ConfigError("this DP configuration cannot learn")
+
+    with pytest.raises(ConfigError, match="cannot learn"):
+        plan_tune(tmp_path / "t", _spec(), budget=lambda s: (1.25, 1.9, 1e-5, 1400, {}),
+                  check=refuse)
+    assert seen == [1.25]
+    assert not (tmp_path / "t").exists()

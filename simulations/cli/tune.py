@@ -46,12 +46,12 @@ def tune_command(args: argparse.Namespace) -> int:
     spec = TuneSpec(grid=parse_grid(args.grid), epsilon=args.epsilon, law=law,
                     score_noise=args.score_noise, users=args.users, data_seed=args.data_seed,
                     assignments=tuple(sorted(assignments.items())))
-    with console.status("planning the budget (each run's epsilon for the total)"):
-        plan = plan_tune(out, spec)
-    for cell in plan.cells():  # before any engine starts
-        cfg = plan.config(cell)
+    def check(cfg) -> None:  # each candidate at the planned epsilon, before anything runs
         check_delta(cfg, cfg.population.users, "population.users")
         check_guardrails(cfg, cfg.population.users, "population.users")
+
+    with console.status("planning the budget (each run's epsilon for the total)"):
+        plan = plan_tune(out, spec, check=check)
     _print_plan(plan)
     cells = plan.cells()
     todo = sum(not is_done(out, c) for c in cells)

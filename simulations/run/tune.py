@@ -299,10 +299,13 @@ def authority_stream(out: Path, spec: TuneSpec, nonce: str, purpose: str
 
 
 def plan_tune(out: Path, spec: TuneSpec, *,
-              budget: Callable[[TuneSpec], tuple] = plan_budget) -> TunePlan:
+              budget: Callable[[TuneSpec], tuple] = plan_budget,
+              check: Callable[[ExperimentConfig], None] | None = None) -> TunePlan:
     """The tune in `out`: the one written there (the same options must be asked), or a new plan
     (budget, then K and the candidates from the authority's secret stream), written to
-    tune.json before any run starts."""
+    tune.json before any run starts. `check` refuses a candidate's configuration at the
+    planned per-run epsilon (delta, guardrails) before anything is written, so a refused tune
+    leaves no directory behind."""
     path = out / TUNE_FILE
     if path.exists():
         saved = json.loads(path.read_text())
@@ -317,6 +320,10 @@ def plan_tune(out: Path, spec: TuneSpec, *,
     if out.exists() and any(out.iterdir()):
         raise TuneError(f"{out} holds files but no {TUNE_FILE}; choose a new --out")
     run_eps, total, delta, n_train, curves = budget(spec)
+    if check is not None:
+        sweep = spec.sweep(run_eps)
+        for point in spec.points():
+            check(sweep.config(Cell(point, 0, spec.data_seed)))
     nonce = secrets.token_hex(16)
     runs = draw_runs(spec, authority_stream(out, spec, nonce, "runs"))
     plan = TunePlan(spec, run_eps, total, delta, n_train, runs, nonce,
