@@ -162,6 +162,11 @@ def test_the_runs_come_from_the_authoritys_secret_not_the_seed(tmp_path: Path):
     assert a.nonce != b.nonce
     again = plan_tune(tmp_path / "a", spec, budget=fake_budget)  # continued: the same plan
     assert (again.runs, again.nonce) == (a.runs, a.nonce)
+    # Each run at the planned epsilon and delta, in RDP; a delta the user set is kept.
+    privacy = a.config(a.cells()[0]).authority.privacy
+    assert (privacy.epsilon, privacy.delta, privacy.accountant) == (1.0, 1e-5, "rdp")
+    mine = _spec(assignments=(("privacy.delta", "1e-06"),))
+    assert mine.sweep(1.0, 1e-5).config(a.cells()[0]).authority.privacy.delta == 1e-6
 
 
 # ---- the score ----------------------------------------------------------------------------------

@@ -57,6 +57,7 @@ RUNS_FILE = "tune_runs.csv"
 SUMMARY_FILE = "summary.json"
 SCORE_FILE = "tune_score.json"
 ACCOUNTANT_KEY = "privacy.accountant"
+DELTA_KEY = "privacy.delta"
 DEFAULT_SCORE_NOISE = 5.0
 DEFAULT_MEAN_RUNS = 3.0
 # Keys the tune sets itself, and why they cannot be given.
@@ -114,9 +115,14 @@ class TuneSpec:
                             "authority's secret in its keystore; leave storage.keystore at auto"
                             " or name one")
 
-    def sweep(self, run_epsilon: float) -> SweepSpec:
-        """The candidates as a sweep's grid, each run at `run_epsilon` accounted in RDP."""
-        own = ((EPSILON_KEY, canonical(float(run_epsilon))), (ACCOUNTANT_KEY, "rdp"))
+    def sweep(self, run_epsilon: float, delta: float | None = None) -> SweepSpec:
+        """The candidates as a sweep's grid, each run at `run_epsilon` accounted in RDP; with
+        `delta`, each run composes at it unless --set privacy.delta named one (a run would
+        otherwise take 1/(10 N) of its own N, which the plan can only estimate)."""
+        own: tuple[tuple[str, str], ...] = (
+            (EPSILON_KEY, canonical(float(run_epsilon))), (ACCOUNTANT_KEY, "rdp"))
+        if delta is not None and DELTA_KEY not in dict(self.assignments):
+            own += ((DELTA_KEY, canonical(float(delta))),)
         return SweepSpec(grid=self.grid, seeds=(0,), data_seeds=(self.data_seed,),
                          users=self.users, assignments=tuple(sorted((*self.assignments, *own))))
 
@@ -170,7 +176,7 @@ class TunePlan:
         return self.spec.cells(self.runs)
 
     def config(self, cell: Cell) -> ExperimentConfig:
-        return self.spec.sweep(self.run_epsilon).config(cell)
+        return self.spec.sweep(self.run_epsilon, self.delta).config(cell)
 
     def to_json(self) -> dict:
         return {**self.spec.to_json(), "plan": {
@@ -321,7 +327,7 @@ def plan_tune(out: Path, spec: TuneSpec, *,
         raise TuneError(f"{out} holds files but no {TUNE_FILE}; choose a new --out")
     run_eps, total, delta, n_train, curves = budget(spec)
     if check is not None:
-        sweep = spec.sweep(run_eps)
+        sweep = spec.sweep(run_eps, delta)
         for point in spec.points():
             check(sweep.config(Cell(point, 0, spec.data_seed)))
     nonce = secrets.token_hex(16)
