@@ -257,6 +257,7 @@ def test_the_lowest_noisy_loss_is_chosen_and_the_total_read_from_the_ledgers(tmp
     (["--epsilon", "inf"], "finite number"),
     (["--epsilon", "2", "--grid", "privacy.epsilon=1,2"], "TOTAL meets --epsilon"),
     (["--epsilon", "2", "--set", "privacy.accountant=prv"], "RDP"),
+    (["--epsilon", "2", "--set", "privacy.selection_noise=1"], "--score-noise"),
     (["--epsilon", "2", "--set", "storage.keystore=none"], "secret in its keystore"),
     (["--epsilon", "2", "--set", "topology=horizontal"], "vertical MLP"),
     (["--epsilon", "2", "--distribution", "poisson", "--mean-runs", "0"], "> 0"),
@@ -295,3 +296,17 @@ def test_a_refused_candidate_leaves_no_tune_behind(tmp_path: Path):
                   check=refuse)
     assert seen == [1.25]
     assert not (tmp_path / "t").exists()
+
+
+def test_each_run_leaves_room_for_its_score_on_validation_people():
+    """privacy.selection_noise: the run's calibration is noisier, so that validation people,
+    the tune's score included, stay within the run's own target (ledger verify's check)."""
+    from clients.protocol.schema import SILOS
+    from server.config import PrivacyConfig
+    from server.privacy import CALIBRATION_STEPS, PrivacyPlan
+
+    cfg = PrivacyConfig(epsilon=1.5, accountant="rdp", selection_noise=5.0)
+    plan = PrivacyPlan(cfg, SILOS, 7000, 2048, 4, None)
+    val = add_steps(add_steps(plan.statistics, plan.calibration_sigma, 1.0, CALIBRATION_STEPS),
+                    5.0, 1.0, 1)
+    assert 0.97 * 1.5 <= epsilon("rdp", val, plan.accountant_delta) <= 1.5

@@ -58,12 +58,14 @@ SUMMARY_FILE = "summary.json"
 SCORE_FILE = "tune_score.json"
 ACCOUNTANT_KEY = "privacy.accountant"
 DELTA_KEY = "privacy.delta"
+SELECTION_KEY = "privacy.selection_noise"
 DEFAULT_SCORE_NOISE = 5.0
 DEFAULT_MEAN_RUNS = 3.0
 # Keys the tune sets itself, and why they cannot be given.
 OWN_KEYS = {
     EPSILON_KEY: "the tune sets each run's epsilon so the TOTAL meets --epsilon",
     ACCOUNTANT_KEY: "the tune accounts every run in RDP (the theorem composes RDP curves)",
+    SELECTION_KEY: "the tune sets it from --score-noise",
 }
 
 
@@ -120,7 +122,8 @@ class TuneSpec:
         `delta`, each run composes at it unless --set privacy.delta named one (a run would
         otherwise take 1/(10 N) of its own N, which the plan can only estimate)."""
         own: tuple[tuple[str, str], ...] = (
-            (EPSILON_KEY, canonical(float(run_epsilon))), (ACCOUNTANT_KEY, "rdp"))
+            (EPSILON_KEY, canonical(float(run_epsilon))), (ACCOUNTANT_KEY, "rdp"),
+            (SELECTION_KEY, canonical(float(self.score_noise))))
         if delta is not None and DELTA_KEY not in dict(self.assignments):
             own += ((DELTA_KEY, canonical(float(delta))),)
         return SweepSpec(grid=self.grid, seeds=(0,), data_seeds=(self.data_seed,),
@@ -210,7 +213,8 @@ class Budget:
 
 def planned_budget(cfg: ExperimentConfig, n_train: int, score_noise: float) -> Budget:
     """One run's spend as its authority will plan it (server/privacy.py PrivacyPlan, the same
-    calibration), with the score's Gaussian on validation people after the calibration."""
+    calibration, which leaves room for privacy.selection_noise), with the score's Gaussian on
+    validation people after the calibration."""
     from clients.protocol.schema import SILOS
     from server.authority import summaries_asked
     from server.privacy import CALIBRATION_STEPS, PrivacyPlan
