@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from clients.protocol.accounting import History, add_steps, epsilon
-from server.ledger_lines import GaussianRelease, LedgerLine, ModelLine
+from server.ledger_lines import GaussianRelease, LedgerLine
 
 P_MIN = 0.01
 CLIP = math.log(1 / P_MIN)  # the largest log-loss a person can add to the sum
@@ -68,9 +68,8 @@ def val_history(lines: list[LedgerLine]) -> History:
     "all" (preparation statistics) and "val" (the calibration), in ledger order."""
     history: History = []
     for line in lines:
-        if (isinstance(line, ModelLine) and line.budget == "model"
-                and getattr(line, "population", None) in ("all", "val")
-                and isinstance(line, GaussianRelease)):
+        if (isinstance(line, GaussianRelease) and line.budget == "model"
+                and line.population in ("all", "val")):
             history = add_steps(history, line.noise_multiplier, line.sample_rate, line.steps)
     return history
 

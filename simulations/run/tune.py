@@ -240,6 +240,7 @@ def plan_budget(spec: TuneSpec) -> tuple[float, float, float, int, dict[str, np.
     per-run epsilon). The per-run epsilon is the largest whose tuned total meets spec.epsilon;
     candidates that spend alike (only what DP ignores differs, e.g. the learning rate) are
     planned once."""
+    from clients.protocol.schema import SILOS
     from server.delta_budget import releases_outside_sgd, split_delta
 
     points = spec.points()
@@ -250,8 +251,6 @@ def plan_budget(spec: TuneSpec) -> tuple[float, float, float, int, dict[str, np.
     delta = privacy.delta_for(n_train)
     # Each run's category thresholds add their delta outside RDP: over K runs at most E[K]
     # times one run's (a union bound), reserved out of the tuned model's delta.
-    from clients.protocol.schema import SILOS
-
     reserved = split_delta(delta, releases_outside_sgd(SILOS, summaries=False)).reserved
     rdp_delta = delta - spec.law.mean * reserved
     if rdp_delta <= 0:
@@ -395,6 +394,7 @@ def score_run(plan: TunePlan, out: Path, cell: Cell) -> NoisyScore:
 
 def ledger_budget(run_dir: Path) -> Budget:
     """A finished run's spend per population, from its ledger (the score's line included)."""
+    from clients.protocol.accounting import joint_multiplier
     from server import ledger_lines
 
     train: History = []
@@ -403,8 +403,6 @@ def ledger_budget(run_dir: Path) -> Budget:
         if line.budget != "model":
             continue
         if isinstance(line, ledger_lines.JointRound):
-            from clients.protocol.accounting import joint_multiplier
-
             sigma = joint_multiplier([b.noise_multiplier for b in line.blocks])
             train = add_steps(train, sigma, line.sample_rate, line.steps)
         elif isinstance(line, ledger_lines.GaussianRelease):
