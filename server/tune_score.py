@@ -4,11 +4,12 @@ Each validation person's log-loss under the run's calibrated probability is clip
 [0, CLIP] (probabilities held within [P_MIN, 1 - P_MIN]), so adding or removing one person
 moves the sum by at most CLIP: the sum is released with Gaussian noise of standard deviation
 `noise_multiplier * CLIP` from the authority's secret stream. The tuner keeps the run with the
-lowest noisy sum; every run of a tune scores the same validation people (the split is keyed by
-the people, not the run), so comparing sums is comparing means, and the count of validation
-people takes no part in the choice. The release is one Gaussian mechanism on the validation
-population, recorded on the run's ledger as a `GaussianRelease` (purpose "tune_score"), composed
-there after the run's calibration on the same people.
+lowest noisy mean (the sum over the run's count of scored validation people: each run of a tune
+has its own training seed, hence its own split, and the counts differ by a few people; the
+split's sizes are public in every run's authority.json, as for any run). The release is one
+Gaussian mechanism on the validation population, recorded on the run's ledger as a
+`GaussianRelease` (purpose "tune_score"), composed there after the run's calibration on the
+same people.
 """
 
 from __future__ import annotations

@@ -415,10 +415,10 @@ def ledger_budget(run_dir: Path) -> Budget:
 
 
 def select(scores: Mapping[str, NoisyScore]) -> str:
-    """The run with the lowest noisy validation loss (ties: the earlier run)."""
+    """The run with the lowest noisy mean validation loss (ties: the earlier run)."""
     if not scores:
         raise TuneError("no run of the tune finished; nothing to select")
-    return min(scores, key=lambda name: scores[name].loss_sum)
+    return min(scores, key=lambda name: scores[name].mean_loss)
 
 
 def accounted_total(plan: TunePlan, budgets: Sequence[Budget]) -> float:
