@@ -375,6 +375,9 @@ def score_run(plan: TunePlan, out: Path, cell: Cell) -> NoisyScore:
     rows = pd.Index(refs).get_indexer(scores["subject_ref"])
     val = (scores["split"].astype(str) == "val").to_numpy() & scores["probability"].notna() \
         .to_numpy()
+    if (rows[val] < 0).any():
+        raise TuneError(f"{run_dir}: its scores name people the authority's table does not "
+                        "hold; was the population replaced?")
     y = labels[rows[val]].astype(float)
     rng = authority_random(store, parties.root).generator(
         "tune-score", authority["model"]["run_key"])
