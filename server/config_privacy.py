@@ -58,6 +58,10 @@ class PrivacyConfig:
     # Before training, a DP configuration that cannot learn (server/dp_guardrails.py) is
     # refused ("refuse") or only warned about ("warn": machinery tests, deliberate studies).
     guardrails: str = "refuse"
+    # Noise multiplier of the selection score a tune releases on validation people after the
+    # run (`fedscore tune`, server/tune_score.py); 0 = none. The run's calibration leaves room
+    # for it, so validation people, the score included, stay within the target.
+    selection_noise: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.epsilon > 0:
@@ -96,6 +100,9 @@ class PrivacyConfig:
         if self.guardrails not in GUARDRAIL_MODES:
             raise ConfigError(f"privacy.guardrails={self.guardrails!r}: choose one of "
                               f"{', '.join(GUARDRAIL_MODES)}")
+        if not (math.isfinite(self.selection_noise) and self.selection_noise >= 0):
+            raise ConfigError(f"privacy.selection_noise={self.selection_noise}: a noise "
+                              "multiplier >= 0 (0 = no selection score; fedscore tune sets it)")
 
     def delta_for(self, n_train: int) -> float:
         """The delta in force: 1/(10 N) by default; refuses a delta that is not below 1/N, the

@@ -175,10 +175,17 @@ class PrivacyPlan:
                 f"{self.q:.3g}); raise the cap or privacy.epsilon"
             )
         # The cap covers every population: validation people too. (A cap the statistics
-        # alone pass was refused just above: no step would be affordable.)
-        self.calibration_sigma = calibrate_sigma(min(cfg.epsilon, cfg.budget_cap),
-                                                 self.accountant_delta, 1.0, CALIBRATION_STEPS,
-                                                 cfg.accountant, prefix=self.statistics)
+        # alone pass was refused just above: no step would be affordable.) A tune's selection
+        # score on the same people comes after the run: room is left for it here.
+        before = (add_steps(self.statistics, cfg.selection_noise, 1.0, 1)
+                  if cfg.selection_noise else self.statistics)
+        try:
+            self.calibration_sigma = calibrate_sigma(
+                min(cfg.epsilon, cfg.budget_cap), self.accountant_delta, 1.0,
+                CALIBRATION_STEPS, cfg.accountant, prefix=before)
+        except ValueError as exc:
+            raise ConfigError(f"privacy.epsilon={cfg.epsilon} is too small for the validation "
+                              f"people: {exc}; raise it (or privacy.selection_noise)") from None
 
     def guardrails(self) -> list[Guardrail]:
         """Why this plan may not learn (empty without DP-SGD): the sampling's reasons, and the

@@ -23,6 +23,9 @@ def authority_random(store: Keystore | None, data_dir: Path) -> SecretRandom:
 # Settings that do not change what a run computes, left out of its run key.
 NOT_COMPUTED_PREFIXES = ("storage.",)
 NOT_COMPUTED_KEYS = frozenset({"privacy.guardrails"})
+# A tune's selection score (privacy.selection_noise) changes the calibration's noise; left out
+# of the key when unset, so every other run keeps the key it had before the setting existed.
+SELECTION_KEY = "privacy.selection_noise"
 # The trees' settings change nothing an MLP run computes: left out of an MLP run's key, so a
 # default run keeps the key (and every secret draw) it had before model.kind existed.
 TREE_KEYS = ("model.kind", "gbdt.")
@@ -54,7 +57,8 @@ def computed_settings(config: dict) -> dict:
             if not k.startswith(NOT_COMPUTED_PREFIXES) and k not in NOT_COMPUTED_KEYS
             and not (mlp and k.startswith(TREE_KEYS)) and (dp or k not in DP_TREE_KEYS)
             and not (dp and k in SECUREBOOST_KEYS)
-            and (compensated or k != COMPENSATION_KEY)}
+            and (compensated or k != COMPENSATION_KEY)
+            and not (k == SELECTION_KEY and not float(v))}
 
 
 def derive_run_key(random: SecretRandom, config: dict) -> str:

@@ -22,9 +22,11 @@ def ledger_command(args: argparse.Namespace) -> int:
     cells are under runs/), with one verdict per run; exit 1 when any does not verify."""
     from simulations.analysis.ledger_verify import TOLERANCE
     from simulations.run.sweep import SWEEP_FILE
+    from simulations.run.tune import TUNE_FILE
 
     root = Path(args.run_dir)
-    sweep = (root / SWEEP_FILE).exists()
+    # A tune's runs are a sweep's cells (runs/), each ledger ending with its score's line.
+    sweep = (root / SWEEP_FILE).exists() or (root / TUNE_FILE).exists()
     runs = sorted(d for d in (root / "runs").glob("*") if d.is_dir()) if sweep else [root]
     table = Table("run", "party", "budget", "accountant", "steps", "delta", "ledger epsilon",
                   "dp-accounting", "gap", "ok", title=f"ledger {root}")

@@ -7,6 +7,7 @@
   fedscore data check DIR             # every problem of a mapping and its tables, at once
   fedscore generate --parties DIR [--users N] [--seed S] [--keystore DIR] [--set population.k=v]
   fedscore sweep --out DIR [--epsilons 0.5,1,2,4,8,inf] [--seeds 0,1,2] [--set key=value ...]
+  fedscore tune --out DIR --grid key=v1,v2 --epsilon E   # selection on private labels, accounted
   fedscore finish FLWR_RUN_DIR --parties DIR   # a `flwr run .` output made a run directory
   fedscore report RUN_OR_SWEEP_DIR [--force]   # report.html, tables.tex, report/*.csv
   fedscore compare DIR DIR ... --out DIR [--force]   # runs or sweeps side by side
@@ -42,6 +43,7 @@ from simulations.cli.output import console
 from simulations.cli.parsing import Parser
 from simulations.cli.run import add_finish_parser, finish_command, run_command
 from simulations.cli.sweep import add_sweep_parser, sweep_command
+from simulations.cli.tune import add_tune_parser, tune_command
 from simulations.data.mapping import MAPPING_HELP
 from simulations.run.engine import configure_environment, quiet_engine_logs
 
@@ -75,6 +77,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="one node key per silo, comma-separated")
 
     add_sweep_parser(sub, users_help=_shortcut_help("users"))
+    add_tune_parser(sub, users_help=_shortcut_help("users"))
 
     _tool_parsers(sub)
     add_finish_parser(sub)
@@ -383,7 +386,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         commands = {"run": run_command, "deploy": run_command, "certs": _certs,
-                    "sweep": sweep_command, "generate": _generate, "data": _data, "config": _config,
+                    "sweep": sweep_command, "tune": tune_command, "generate": _generate,
+                    "data": _data, "config": _config,
                     "ledger": ledger_command, "keys": _keys, "finish": finish_command,
                     "report": _report, "compare": _report}
         if args.command in cli_people.COMMANDS:
