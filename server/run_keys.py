@@ -29,7 +29,9 @@ TREE_KEYS = ("model.kind", "gbdt.")
 # Likewise the DP trees' own settings in a tree run without DP (privacy.epsilon=inf): such a
 # run keeps the key it had before the DP trees were wired.
 DP_TREE_KEYS = frozenset({"gbdt.sample_rate", "gbdt.batch", "gbdt.hessian_noise",
-                          "gbdt.max_leaf"})
+                          "gbdt.max_leaf", "gbdt.guide_every", "gbdt.guide_sigma",
+                          "gbdt.guide_beta", "gbdt.guide_mix", "gbdt.guide_stat",
+                          "gbdt.guide_bins", "gbdt.guide_share"})
 # Delay compensation applies to `sum` mode without DP-SGD only (server/authority.py
 # `_model_spec`): elsewhere it changes nothing, so a DP or concat run keeps the key it had
 # before the setting existed.
