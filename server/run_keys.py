@@ -29,9 +29,10 @@ TREE_KEYS = ("model.kind", "gbdt.")
 # Likewise the DP trees' own settings in a tree run without DP (privacy.epsilon=inf): such a
 # run keeps the key it had before the DP trees were wired.
 DP_TREE_KEYS = frozenset({"gbdt.sample_rate", "gbdt.batch", "gbdt.hessian_noise",
-                          "gbdt.max_leaf", "gbdt.guide_every", "gbdt.guide_sigma",
-                          "gbdt.guide_beta", "gbdt.guide_mix", "gbdt.guide_stat",
-                          "gbdt.guide_bins", "gbdt.guide_share"})
+                          "gbdt.max_leaf"})
+# The guided DP trees' settings (server/gbdt_dp_guide.py) change nothing unless
+# gbdt.guide_every > 0: left out otherwise, so every other run keeps the key it had before.
+GUIDE_PREFIX = "gbdt.guide_"
 # Delay compensation applies to `sum` mode without DP-SGD only (server/authority.py
 # `_model_spec`): elsewhere it changes nothing, so a DP or concat run keeps the key it had
 # before the setting existed.
@@ -46,8 +47,10 @@ def computed_settings(config: dict) -> dict:
     mlp = config.get("model.kind", "mlp") == "mlp"
     dp = math.isfinite(float(config.get("privacy.epsilon", math.inf)))
     compensated = mlp and not dp and config.get("aggregation.mode", "sum") == "sum"
+    guided = dp and int(config.get("gbdt.guide_every", 0) or 0) > 0
     return {k: v for k, v in config.items()
-            if not k.startswith(NOT_COMPUTED_PREFIXES) and k not in NOT_COMPUTED_KEYS
+            if (guided or not k.startswith(GUIDE_PREFIX))
+            and not k.startswith(NOT_COMPUTED_PREFIXES) and k not in NOT_COMPUTED_KEYS
             and not (mlp and k.startswith(TREE_KEYS)) and (dp or k not in DP_TREE_KEYS)
             and not (dp and k in SECUREBOOST_KEYS)
             and (compensated or k != COMPENSATION_KEY)}

@@ -216,3 +216,17 @@ def test_the_guided_phase_reproduces_the_in_process_trees_and_its_ledger_verifie
     assert all(c.ok for c in checks), checks
     assert consistency(tmp_path, checks) == []
     assert max(c.reported for c in checks) == spent["epsilon"]["model"] <= 4.0
+
+
+def test_the_guide_settings_enter_a_run_key_only_when_the_trees_are_guided() -> None:
+    """A DP tree run with gbdt.guide_every=0 (the default) computes what it did before the
+    guided trees existed, so it keeps its key; a guided run's key holds every guide key."""
+    plain = computed_settings(to_flat(parse_flat(AuthorityConfig, DP)))
+    assert not any(k.startswith("gbdt.guide_") for k in plain)
+    guided = computed_settings(to_flat(parse_flat(AuthorityConfig,
+                                                  {**DP, "gbdt.guide_every": "150"})))
+    assert {k for k in guided if k.startswith("gbdt.guide_")} == {
+        "gbdt.guide_every", "gbdt.guide_sigma", "gbdt.guide_beta", "gbdt.guide_mix",
+        "gbdt.guide_stat", "gbdt.guide_bins", "gbdt.guide_share"}
+    with pytest.raises(ConfigError, match="guide_bins"):
+        parse_flat(AuthorityConfig, {**DP, "gbdt.guide_bins": "5"})
