@@ -118,6 +118,7 @@ class DpTreeParams:
     guide_stat: str = "bins"
     guide_bins: int = 0  # "bins": the histograms' bin count (a divisor of bins); 0: bins
     guide_share: float = 0.02  # "mass": both sides of a drawn threshold hold this share
+    guide_levels: int = 0  # > 0: only the first levels' nodes are guided (bench only)
     accountant: str = "prv"
 
     def __post_init__(self) -> None:

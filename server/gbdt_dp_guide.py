@@ -194,10 +194,14 @@ def slot_weights(gains: np.ndarray, beta: float, mix: float,
 
 
 def draw_stage(p: np.ndarray, binned: Binned, bins: int, depth: int, trees: int,
-               rng: np.random.Generator) -> list[dict[int, Split]]:
-    """`trees` complete trees whose every node's (column, bin) is drawn from `p`."""
+               rng: np.random.Generator, levels: int = 0) -> list[dict[int, Split]]:
+    """`trees` complete trees whose every node's (column, bin) is drawn from `p` (`levels` >
+    0: only the nodes of the first `levels` levels; below, uniformly, as the random trees)."""
     internal = 2**depth - 1
     picks = rng.choice(p.size, size=(trees, internal), p=p)
+    if levels:
+        below = 2**levels - 1
+        picks[:, below:] = rng.integers(0, p.size, size=(trees, internal - below))
     column, threshold = np.divmod(picks, bins - 1)
     return [{node: Split(silo=binned.slots[column[t, node]][0],
                          feature=binned.slots[column[t, node]][1],
@@ -336,7 +340,8 @@ def boost_guided(binned: Binned, y: np.ndarray, params: gbdt_dp.DpTreeParams,
             gains = stage_gains(binned, g, h, params, noise, guide_rng)
         p = slot_weights(gains, params.guide_beta, params.guide_mix, mask)
         drawn = draw_stage(p, binned, params.bins, params.depth,
-                           min(params.guide_every, params.trees - stage), structure_rng)
+                           min(params.guide_every, params.trees - stage), structure_rng,
+                           params.guide_levels)
         leaf = leaves_of(drawn, binned, params.depth)
         for start in range(0, len(drawn), params.batch):
             g, h = gradients(margin, y)
