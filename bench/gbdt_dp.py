@@ -45,7 +45,8 @@ from clients.silo.gbdt import GbdtSilo
 from crypto.secret_random import SecretRandom
 from server.config import SplitConfig
 from server.gbdt import predict_trees
-from server.gbdt_dp import DpTreeParams, DpTreesRelease, plan_noise, train_dp_trees
+from server.gbdt_dp import DpTreeParams, DpTreesRelease, plan_noise
+from server.gbdt_dp_guide import train as train_dp_trees
 from server.labels import load_labels
 from server.metrics import auc
 from server.privacy import releases_outside_sgd, split_delta
@@ -94,7 +95,7 @@ _PLANS: dict[tuple, DpTreesRelease] = {}
 def planned(params: DpTreeParams, eps: float, delta: float, prefix: tuple) -> DpTreesRelease:
     """plan_noise, once per mechanism (the seeds share N_train, hence delta and the noise)."""
     key = (params.trees, params.sample_rate, params.hessian_noise, params.accountant, eps,
-           delta, prefix)
+           delta, prefix, params.guides, params.guide_sigma)
     if key not in _PLANS:
         _PLANS[key] = plan_noise(params, epsilon_=eps, delta=delta, prefix=prefix)
     return _PLANS[key]

@@ -120,6 +120,19 @@ class GbdtConfig:
     batch: int = 1
     hessian_noise: float = 2.0
     max_leaf: float = 1.0
+    # DP trees guided by noisy split histograms (server/gbdt_dp_guide.py): one accounted
+    # release per guide_every trees (0: totally random trees) at joint multiplier guide_sigma;
+    # guide_beta sharpens the draws towards high gains, guide_mix of them stay uniform.
+    guide_every: int = 0
+    guide_sigma: float = 10.0
+    guide_beta: float = 10.0
+    guide_mix: float = 0.2
+    # What is released: "bins" (g, h per column and bin), "score" (per column), "mass" (people
+    # per column and bin, once, label-free: thresholds that cut at least guide_share of them),
+    # "leaves" (nothing: the trees released so far). guide_bins: the histograms' bins (0: bins).
+    guide_stat: str = "bins"
+    guide_bins: int = 0
+    guide_share: float = 0.02
 
     def resolved(self, dp: bool) -> GbdtConfig:
         """The keys left unset filled in with the mode's defaults."""
@@ -163,6 +176,20 @@ class GbdtConfig:
             raise ConfigError(f"gbdt.batch={self.batch}: use a divisor of gbdt.trees, e.g. 1")
         if not (self.hessian_noise > 0 and self.max_leaf > 0):
             raise ConfigError("gbdt.hessian_noise and gbdt.max_leaf must be > 0, e.g. 2 and 1")
+        if self.guide_every < 0 or (self.guide_every and self.guide_every % self.batch):
+            raise ConfigError(f"gbdt.guide_every={self.guide_every}: use 0 (random trees) or "
+                              "a multiple of gbdt.batch, e.g. 100")
+        if not (self.guide_sigma > 0 and self.guide_beta >= 0 and 0 <= self.guide_mix <= 1):
+            raise ConfigError("gbdt.guide_sigma must be > 0, gbdt.guide_beta >= 0 and "
+                              "gbdt.guide_mix in [0, 1], e.g. 10, 10 and 0.2")
+        if self.guide_stat not in ("bins", "score", "mass", "leaves"):
+            raise ConfigError(f"gbdt.guide_stat={self.guide_stat!r}: choose bins, score, "
+                              "mass or leaves")
+        if self.guide_bins and (self.guide_bins < 2 or self.bins % self.guide_bins):
+            raise ConfigError(f"gbdt.guide_bins={self.guide_bins}: use 0 or a divisor of "
+                              "gbdt.bins, e.g. 8")
+        if not 0 <= self.guide_share < 0.5:
+            raise ConfigError(f"gbdt.guide_share={self.guide_share}: use a share in [0, 0.5)")
 
 
 @dataclass(frozen=True)

@@ -77,6 +77,7 @@ G_BOUND = 1.0  # g = p - y in [-1, 1]: the gradient's sensitivity, no clipping n
 PURPOSE = "dp-trees"
 PRIOR_PURPOSE = "prior"
 TREES_PURPOSE = "dp-trees leaf sums"
+GUIDE_PURPOSE = "dp-trees split histograms"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -104,6 +105,20 @@ class DpTreeParams:
     # boosting an additive model, as DP-EBM (Nori et al., ICML 2021) and Maddock et al.'s
     # one-feature interactions do. False: every node draws its own column (totally random).
     single_column: bool = False
+    # >= 1: guided trees (server/gbdt_dp_guide.py): before every `guide_every` trees one noisy
+    # release of every (column, bin)'s (G, H) at joint multiplier `guide_sigma` steers the
+    # stage's random (column, bin) draws towards high gains: exp(guide_beta * gain / max gain)
+    # for a share 1 - guide_mix of the draws, uniform for the rest. 0: totally random trees.
+    guide_every: int = 0
+    guide_sigma: float = 10.0
+    guide_beta: float = 10.0
+    guide_mix: float = 0.2
+    # "bins": per-(column, bin) histograms; "score": per column; "leaves": no release, the
+    # columns the trees released so far favour (post-processing).
+    guide_stat: str = "bins"
+    guide_bins: int = 0  # "bins": the histograms' bin count (a divisor of bins); 0: bins
+    guide_share: float = 0.02  # "mass": both sides of a drawn threshold hold this share
+    guide_levels: int = 0  # > 0: only the first levels' nodes are guided (bench only)
     accountant: str = "prv"
 
     def __post_init__(self) -> None:
@@ -117,6 +132,25 @@ class DpTreeParams:
             raise ValueError("lr must lie in (0, 1], lambda_ >= 0, max_leaf > 0")
         if self.hessian_noise <= 0 or self.accountant not in ("prv", "rdp"):
             raise ValueError("hessian_noise must be > 0 and accountant 'prv' or 'rdp'")
+        if self.guide_every < 0 or (self.guide_every and (
+                self.guide_every % self.batch or self.single_column)):
+            raise ValueError("guide_every must be >= 0, a multiple of batch, and not with "
+                             "single_column")
+        if self.guide_bins and (self.guide_bins < 2 or self.bins % self.guide_bins):
+            raise ValueError("guide_bins must be 0 or a divisor of bins, at least 2")
+        if self.guide_stat not in ("bins", "score", "leaves", "mass"):
+            raise ValueError("guide_stat must be 'bins', 'score', 'leaves' or 'mass'")
+        if self.guide_sigma <= 0 or self.guide_beta < 0 or not 0 <= self.guide_mix <= 1:
+            raise ValueError("guide_sigma must be > 0, guide_beta >= 0, guide_mix in [0, 1]")
+
+    @property
+    def guides(self) -> int:
+        """The number of histogram releases (stages); 0 for totally random trees."""
+        if not self.guide_every or self.guide_stat == "leaves":
+            return 0
+        if self.guide_stat == "mass":
+            return 1
+        return -(-self.trees // self.guide_every)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -139,6 +173,12 @@ class DpTreesRelease:
     sample_rate: float
     prior_noise_multiplier: float
     prefix: tuple[tuple[float, float, int], ...] = ()
+    # Guided trees: `guides` releases of the split histograms on everyone, each one Gaussian
+    # mechanism of whitened multiplier `guide_noise_multiplier` (G's and H's parts below).
+    guides: int = 0
+    guide_noise_multiplier: float = 0.0
+    guide_gradient_noise_multiplier: float = 0.0
+    guide_hessian_noise_multiplier: float = 0.0
 
     @property
     def private(self) -> bool:
@@ -149,10 +189,15 @@ class DpTreesRelease:
         """The trees' releases (one Gaussian mechanism each)."""
         return self.trees
 
-    def history(self) -> History:
-        """The accountant's history: prefix, prior, trees."""
+    def before_trees(self) -> History:
+        """The accountant's history before the leaf sums: prefix, prior, split histograms."""
         history = add_steps(list(self.prefix), self.prior_noise_multiplier, 1.0, 1)
-        return add_steps(history, self.noise_multiplier, self.sample_rate, self.trees)
+        return add_steps(history, self.guide_noise_multiplier, 1.0, self.guides)
+
+    def history(self) -> History:
+        """The accountant's history: prefix, prior, split histograms (guided), trees."""
+        return add_steps(self.before_trees(), self.noise_multiplier, self.sample_rate,
+                         self.trees)
 
     def ledger_lines(self, round_: int = 0) -> list[GaussianRelease]:
         """The prior's and the trees' lines (the prefix's own lines are its releaser's), each
@@ -160,11 +205,19 @@ class DpTreesRelease:
         if not self.private:
             return []
         prior = add_steps(list(self.prefix), self.prior_noise_multiplier, 1.0, 1)
-        return [
+        lines = [
             GaussianRelease(party=AUTHORITY, population="train", purpose=PRIOR_PURPOSE,
                             noise_multiplier=self.prior_noise_multiplier, sample_rate=1.0,
                             steps=1, round=round_, delta=self.delta, accountant=self.accountant,
-                            epsilon=accounted_epsilon(self.accountant, prior, self.delta)),
+                            epsilon=accounted_epsilon(self.accountant, prior, self.delta))]
+        if self.guides:
+            lines.append(GaussianRelease(
+                party=AUTHORITY, population="train", purpose=GUIDE_PURPOSE,
+                noise_multiplier=self.guide_noise_multiplier, sample_rate=1.0,
+                steps=self.guides, round=round_, delta=self.delta, accountant=self.accountant,
+                epsilon=accounted_epsilon(self.accountant, self.before_trees(), self.delta)))
+        return [
+            *lines,
             GaussianRelease(party=AUTHORITY, population="train", purpose=TREES_PURPOSE,
                             noise_multiplier=self.noise_multiplier,
                             sample_rate=self.sample_rate, steps=self.trees, round=round_,
@@ -183,18 +236,24 @@ def plan_noise(params: DpTreeParams, *, epsilon_: float, delta: float,
                               epsilon=math.inf, delta=delta, noise_multiplier=0.0,
                               gradient_noise_multiplier=0.0, hessian_noise_multiplier=0.0,
                               trees=params.trees, sample_rate=params.sample_rate,
-                              prior_noise_multiplier=0.0, prefix=prefix_t)
+                              prior_noise_multiplier=0.0, prefix=prefix_t,
+                              guides=params.guides)
     if not 0 < delta < 1 or epsilon_ <= 0:
         raise ValueError("epsilon must be > 0 and delta in (0, 1)")
+    guide = params.guide_sigma if params.guides else 0.0
     before = add_steps(list(prefix_t), PRIOR_NOISE_MULTIPLIER, 1.0, 1)
+    before = add_steps(before, guide, 1.0, params.guides)
     joint = calibrate_sigma(epsilon_, delta, params.sample_rate, params.trees,
                             params.accountant, prefix=before)
     s_g = joint * math.sqrt(1.0 + 1.0 / k**2)  # 1/s_G^2 + 1/(k s_G)^2 = 1/joint^2
+    guide_g = guide * math.sqrt(1.0 + 1.0 / k**2)
     release = DpTreesRelease(
         accountant=params.accountant, target_epsilon=epsilon_, epsilon=0.0, delta=delta,
         noise_multiplier=joint, gradient_noise_multiplier=s_g, hessian_noise_multiplier=k * s_g,
         trees=params.trees, sample_rate=params.sample_rate,
-        prior_noise_multiplier=PRIOR_NOISE_MULTIPLIER, prefix=prefix_t)
+        prior_noise_multiplier=PRIOR_NOISE_MULTIPLIER, prefix=prefix_t, guides=params.guides,
+        guide_noise_multiplier=guide, guide_gradient_noise_multiplier=guide_g,
+        guide_hessian_noise_multiplier=k * guide_g)
     spent = accounted_epsilon(params.accountant, release.history(), delta)
     log.info("dp trees: joint noise multiplier %.3f (G %.3f, H %.3f), %d trees at q %.3f, "
              "epsilon %.4f at delta %.3g", joint, s_g, k * s_g, params.trees,

@@ -43,7 +43,7 @@ import numpy as np
 from clients.protocol.accounting import History, add_steps, calibrate_sigma, epsilon
 from clients.protocol.gbdt import DP_UNITS
 from crypto.secret_random import SecretRandom
-from server import gbdt_dp, gbdt_run, run_phases, scorecard_dp, scoring
+from server import gbdt_dp, gbdt_dp_guide, gbdt_run, run_phases, scorecard_dp, scoring
 from server.checkpoint import RunState
 from server.config import AuthorityConfig, ConfigError
 from server.delta_budget import DeltaSplit, OutsideRelease, releases_outside_sgd, split_delta
@@ -89,7 +89,9 @@ def dp_params(cfg: AuthorityConfig) -> gbdt_dp.DpTreeParams:
     return gbdt_dp.DpTreeParams(
         trees=trees, depth=depth_of(cfg), bins=g.bins, lr=lr, lambda_=reg_lambda,
         sample_rate=g.sample_rate, batch=g.batch, hessian_noise=g.hessian_noise,
-        max_leaf=g.max_leaf, accountant=cfg.privacy.accountant)
+        max_leaf=g.max_leaf, guide_every=g.guide_every, guide_sigma=g.guide_sigma,
+        guide_beta=g.guide_beta, guide_mix=g.guide_mix, guide_stat=g.guide_stat,
+        guide_bins=g.guide_bins, guide_share=g.guide_share, accountant=cfg.privacy.accountant)
 
 
 class Release(Protocol):
@@ -219,6 +221,23 @@ def route_everyone(silos: FlowerSilos, structure: list[dict[int, gbdt_dp.Split]]
     return gbdt_dp.leaves_from(owned, replies, len(structure), rows, depth)
 
 
+def guided(silos: FlowerSilos, params: gbdt_dp.DpTreeParams, budget: Budget, y: np.ndarray,
+           train: np.ndarray, random: SecretRandom, key: str
+           ) -> tuple[gbdt_dp.DpTrees, np.ndarray]:
+    """The guided trees: ONE route message per silo for all its (column, bin) pairs over every
+    routed person (their bins), boosting on the training people's bins, and everyone's leaf in
+    every tree computed by the authority from the same bins (no second routing)."""
+    asked = {name: gbdt_dp_guide.bins_request(count, params.bins)
+             for name, count in silos.features.items() if count}
+    binned = gbdt_dp_guide.binned_from(
+        {name: count for name, count in silos.features.items() if count},
+        silos.route_all(asked), params.bins)
+    trees = gbdt_dp_guide.boost_guided(binned.rows(train), y[train], params, budget.release,
+                                       random, purpose=key)
+    structure = [tree.splits for tree in trees.model.trees]
+    return trees, gbdt_dp_guide.leaves_of(structure, binned, params.depth)
+
+
 def margins(model: Model, leaf: np.ndarray, val: np.ndarray, y: np.ndarray
             ) -> tuple[np.ndarray, list[dict]]:
     """Everyone's margin from their leaves (what `gbdt.predict_trees` computes from the
@@ -273,12 +292,15 @@ def train_and_calibrate(job: TreeJob, phases: run_phases.PhaseTimer, ledger: Led
     silos = FlowerSilos(job.fed, features,
                         route_positions=np.arange(job.n_positions, dtype=np.int64))
     t0 = time.perf_counter()
-    structure = gbdt_dp.draw_structure(
-        silos, params, random.generator(gbdt_dp.PURPOSE, key, "structure"))
-    leaf = route_everyone(silos, structure, job.n_positions, params.depth)
     y = job.y.astype(np.float64)
-    trees = gbdt_dp.boost(leaf[:, job.train], y[job.train], structure, params,
-                          budget.release, random, purpose=key)
+    if params.guide_every:
+        trees, leaf = guided(silos, params, budget, y, job.train, random, key)
+    else:
+        structure = gbdt_dp.draw_structure(
+            silos, params, random.generator(gbdt_dp.PURPOSE, key, "structure"))
+        leaf = route_everyone(silos, structure, job.n_positions, params.depth)
+        trees = gbdt_dp.boost(leaf[:, job.train], y[job.train], structure, params,
+                              budget.release, random, purpose=key)
     log.info("%d DP trees in %.1f s, %d round trips", params.trees, time.perf_counter() - t0,
              silos.round_trips + 1)
     phases.start("score")
@@ -329,8 +351,12 @@ def annotate(out: dict, cfg: AuthorityConfig) -> None:
     out["model_kind"] = "gbdt"
     out["gbdt"] = {
         **{k: getattr(g, k) for k in ("trees", "depth", "bins", "lr", "reg_lambda",
-                                      "sample_rate", "batch", "hessian_noise", "max_leaf")},
-        "mode": "dp random trees (server/gbdt_dp.py)",
+                                      "sample_rate", "batch", "hessian_noise", "max_leaf",
+                                      "guide_every", "guide_sigma", "guide_beta",
+                                      "guide_mix", "guide_stat", "guide_bins",
+                                      "guide_share")},
+        "mode": ("dp trees guided by noisy split histograms (server/gbdt_dp_guide.py)"
+                 if g.guide_every else "dp random trees (server/gbdt_dp.py)"),
         "input_scale": DP_UNITS,
         "model_epsilon": eps,
         "model_note": (f"the trees (structure, noisy leaf values, noisy prior) and the scores "
@@ -349,4 +375,10 @@ def annotate(out: dict, cfg: AuthorityConfig) -> None:
         "request per silo), hence every person's leaf in every tree",
         "each split's (silo, feature index, bin), drawn by the authority itself; never the "
         "silo's threshold",
+    ] if not g.guide_every else [
+        "every aligned person's bin on every silo column of the public equal-width grid (one "
+        "routing request per silo for all its (column, bin) pairs), hence every person's leaf "
+        "in every tree; never a silo's raw value, range or threshold",
+        "each split's (silo, feature index, bin), drawn by the authority from its noisy "
+        "(accounted) split histograms",
     ]

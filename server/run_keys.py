@@ -33,6 +33,9 @@ TREE_KEYS = ("model.kind", "gbdt.")
 # run keeps the key it had before the DP trees were wired.
 DP_TREE_KEYS = frozenset({"gbdt.sample_rate", "gbdt.batch", "gbdt.hessian_noise",
                           "gbdt.max_leaf"})
+# The guided DP trees' settings (server/gbdt_dp_guide.py) change nothing unless
+# gbdt.guide_every > 0: left out otherwise, so every other run keeps the key it had before.
+GUIDE_PREFIX = "gbdt.guide_"
 # Delay compensation applies to `sum` mode without DP-SGD only (server/run_plan.py
 # `model_spec`): elsewhere it changes nothing, so a DP or concat run keeps the key it had
 # before the setting existed.
@@ -52,9 +55,11 @@ def computed_settings(config: dict) -> dict:
     mlp = config.get("model.kind", "mlp") == "mlp"
     dp = math.isfinite(float(config.get("privacy.epsilon", math.inf)))
     compensated = mlp and not dp and config.get("aggregation.mode", "sum") == "sum"
+    guided = dp and int(config.get("gbdt.guide_every", 0) or 0) > 0
     mark = CLIP_MARK if mlp and dp and config.get("topology", "vertical") == "vertical" else {}
     return mark | {k: v for k, v in config.items()
-            if not k.startswith(NOT_COMPUTED_PREFIXES) and k not in NOT_COMPUTED_KEYS
+            if (guided or not k.startswith(GUIDE_PREFIX))
+            and not k.startswith(NOT_COMPUTED_PREFIXES) and k not in NOT_COMPUTED_KEYS
             and not (mlp and k.startswith(TREE_KEYS)) and (dp or k not in DP_TREE_KEYS)
             and not (dp and k in SECUREBOOST_KEYS)
             and (compensated or k != COMPENSATION_KEY)

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 
 from clients.protocol import gbdt as msg
+from clients.protocol.messages import get_array
 from clients.silo.gbdt import GbdtSilo
 from crypto.secret_random import SecretRandom
-from server import gbdt_dp_run, run_phases
+from server import gbdt_dp_guide, gbdt_dp_run, run_phases
 from server.config import AuthorityConfig, ConfigError
 from server.config_keys import parse_flat, to_flat
 from server.federation import FederationError
@@ -169,3 +170,66 @@ def test_a_silo_refuses_units_outside_their_range(federation) -> None:  # noqa: 
     for bad in (0.0, math.inf, math.nan):
         with pytest.raises(FederationError, match="units must lie"):
             start(fed, "dpkey2", 8, np.arange(20), units=bad)
+
+
+def test_the_guided_phase_reproduces_the_in_process_trees_and_its_ledger_verifies(
+        federation, tmp_path: Path) -> None:  # noqa: F811 (the fixture)
+    """gbdt.guide_every > 0: one route message per silo asking for every (column, bin) pair
+    of its own columns, nothing else; the same margins as server/gbdt_dp_guide.py in process
+    from the same secret; the split histograms' line in a ledger that verifies."""
+    fed, grid, xs = federation
+    cfg = parse_flat(AuthorityConfig, {**SMALL, "gbdt.guide_every": "6",
+                                       "gbdt.guide_sigma": "20"})
+    n = len(next(iter(xs.values())))
+    rng = np.random.default_rng(4)
+    order = rng.permutation(n)
+    train, val = np.sort(order[: n * 6 // 10]), np.sort(order[n * 6 // 10: n * 8 // 10])
+    y = (rng.random(n) < 1 / (1 + np.exp(-2 * xs["payments"][:, 0] - 1))).astype(np.int8)
+    announce_run(grid, "dpkey3", epsilon=cfg.privacy.epsilon)
+    job = TreeJob(fed, cfg, "dpkey3", train, val, n, y, y.astype(np.float64))
+    grid.sent.clear()
+    result, _, spent = gbdt_dp_run.train_and_calibrate(
+        job, run_phases.PhaseTimer(None), Ledger(tmp_path), SecretRandom(SECRET))
+    routes = [m for m in grid.sent if m.metadata.message_type.endswith(msg.ROUTE)]
+    assert len(routes) == len(xs)
+    assert result.round_trips == 2
+    params = gbdt_dp_run.dp_params(cfg)
+    assert params.guides == 2
+    for sent in routes:  # every (column, bin) pair of the silo, for every person
+        features = get_array(sent, "features", np.int64, 1)
+        bins = get_array(sent, "bins", np.int64, 1)
+        assert len(features) == len(bins) == (features.max() + 1) * (params.bins - 1)
+        assert set(bins.tolist()) == set(range(params.bins - 1))
+        assert len(get_array(sent, "positions", np.int64, 1)) == n
+
+    budget = gbdt_dp_run.plan_budget(cfg, tuple(fed.silos), len(train), params)
+    xs = {s: x * msg.STANDARD_UNITS / msg.DP_UNITS for s, x in xs.items()}
+    local = {s: GbdtSilo(s, x[train], bins=params.bins) for s, x in xs.items()}
+    trees = gbdt_dp_guide.train(local, y[train], params, budget.release, SecretRandom(SECRET),
+                                purpose="dpkey3")
+    everyone = {s: GbdtSilo(s, x, bins=params.bins) for s, x in xs.items()}
+    np.testing.assert_allclose(result.logits, predict_trees(trees.model, everyone, n),
+                               rtol=0, atol=1e-12)
+    (tmp_path / "config.json").write_text(json.dumps(to_flat(cfg)))
+    (tmp_path / "metrics.json").write_text(json.dumps({**spent, "training_steps": 0,
+                                                       "round_trips": 2}))
+    lines = [json.loads(line) for line in (tmp_path / "ledger.jsonl").read_text().splitlines()]
+    assert [line["purpose"] for line in lines].count("dp-trees split histograms") == 1
+    checks = verify(tmp_path)
+    assert all(c.ok for c in checks), checks
+    assert consistency(tmp_path, checks) == []
+    assert max(c.reported for c in checks) == spent["epsilon"]["model"] <= 4.0
+
+
+def test_the_guide_settings_enter_a_run_key_only_when_the_trees_are_guided() -> None:
+    """A DP tree run with gbdt.guide_every=0 (the default) computes what it did before the
+    guided trees existed, so it keeps its key; a guided run's key holds every guide key."""
+    plain = computed_settings(to_flat(parse_flat(AuthorityConfig, DP)))
+    assert not any(k.startswith("gbdt.guide_") for k in plain)
+    guided = computed_settings(to_flat(parse_flat(AuthorityConfig,
+                                                  {**DP, "gbdt.guide_every": "150"})))
+    assert {k for k in guided if k.startswith("gbdt.guide_")} == {
+        "gbdt.guide_every", "gbdt.guide_sigma", "gbdt.guide_beta", "gbdt.guide_mix",
+        "gbdt.guide_stat", "gbdt.guide_bins", "gbdt.guide_share"}
+    with pytest.raises(ConfigError, match="guide_bins"):
+        parse_flat(AuthorityConfig, {**DP, "gbdt.guide_bins": "5"})

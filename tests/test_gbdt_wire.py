@@ -189,6 +189,9 @@ def aligned_federation(root: Path) -> tuple[Federation, AppGrid, dict[str, np.nd
     silo's aligned prepared matrix. Their operators allow what these tests ask (`OPEN`):
     groups of one (trees at min_child_weight 0 or 1 have nodes of a few people), reason codes,
     plaintext answers; the attack tests set the policy they test."""
+    # Flower stamps every message with the running task's identity, and a module fixture is
+    # set up before the autouse identity when a test that needs it runs alone.
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
     write_parties(_population(), root)
     for silo in federation_silos(root):
         OPEN.write(root / silo)

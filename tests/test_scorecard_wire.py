@@ -109,8 +109,6 @@ def _task_identity():
 def federation(tmp_path_factory: pytest.TempPathFactory
                ) -> tuple[Federation, AppGrid, dict[str, np.ndarray], Path]:
     """The trees' aligned federation (tests/test_gbdt_wire.py), in the scorecard's units."""
-    # Set up before the autouse identity above when a test that needs it runs alone.
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
     root = tmp_path_factory.mktemp("cardwire") / "parties"
     fed, grid, xs = aligned_federation(root)
     return fed, grid, {s: x / UNITS for s, x in xs.items()}, root  # what the silo bins

@@ -216,8 +216,8 @@ def planned_budget(cfg: ExperimentConfig, n_train: int, score_noise: float) -> B
     calibration, which leaves room for privacy.selection_noise), with the score's Gaussian on
     validation people after the calibration."""
     from clients.protocol.schema import SILOS
-    from server.run_plan import summaries_asked
     from server.privacy import CALIBRATION_STEPS, PrivacyPlan
+    from server.run_plan import summaries_asked
 
     authority = cfg.authority
     try:
