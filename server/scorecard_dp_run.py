@@ -41,11 +41,10 @@ from server.gbdt_dp_run import (
     summary,
 )
 from server.gbdt_run import TreeJob
-from server.gbdt_scores import history_row
 from server.gbdt_silos import start
 from server.ledger import Ledger
 from server.scorecard import points
-from server.scorecard_run import UNITS, ScorecardSilos, calibrated
+from server.scorecard_run import UNITS, ScorecardSilos, calibrated, scorecard_history
 from server.training import TrainResult
 
 log = logging.getLogger(__name__)
@@ -107,13 +106,7 @@ def train_and_calibrate(job: TreeJob, phases: run_phases.PhaseTimer, ledger: Led
     silos.woe_tables_all({name: WoeTables(features=model.tables[name]) for name in features})
     _, per_silo = points(calibrated(model, platt), cfg.score)
     explained = silos.finish(model, per_silo, everyone, reasons)
-    history = history_row(margin[job.val], y[job.val], model.steps, t0)
-    del history["trees"]  # the epoch is the Newton step
-    history |= {"steps": model.steps,
-                "bins": sum(len(t.woe) for ts in model.tables.values() for t in ts),
-                "inputs": sum(len(c) for c in model.coef.values()),
-                "inputs_used": sum(int(np.count_nonzero(c)) for c in model.coef.values()),
-                "clip": fit.clip}
+    history = scorecard_history(model, margin[job.val], y[job.val], t0) | {"clip": fit.clip}
     result = TrainResult(
         bias=model.intercept, logits=margin, history=[history],
         round_trips=silos.round_trips + 1, steps=model.steps,

@@ -147,19 +147,27 @@ def train_and_calibrate(job: TreeJob, phases: run_phases.PhaseTimer, reasons: in
     platt = scoring.Platt.fit(margin[job.val], y[job.val])
     _, per_silo = points(calibrated(model, platt), job.cfg.score)
     explained = silos.finish(model, per_silo, everyone, reasons)
-    history = history_row(margin[job.val], y[job.val], model.steps, t0)
-    del history["trees"]  # the epoch is the regression step
-    history |= {"steps": model.steps,
-                "bins": sum(len(t.woe) for ts in model.tables.values() for t in ts),
-                "inputs": sum(len(c) for c in model.coef.values()),
-                "inputs_used": sum(int(np.count_nonzero(c)) for c in model.coef.values())}
     result = TrainResult(
-        bias=model.intercept, logits=margin, history=[history],
+        bias=model.intercept, logits=margin,
+        history=[scorecard_history(model, margin[job.val], y[job.val], t0)],
         round_trips=silos.round_trips + 1, steps=model.steps,
         silo_seconds={s: round(v, 3) for s, v in silos.silo_seconds.items()},
         contributions={s: contribution_summary(v) for s, v in partial.items()},
         explained=explained)
     return result, platt
+
+
+def scorecard_history(model: VerticalScorecard, margin_val: np.ndarray, y_val: np.ndarray,
+                      t0: float) -> dict:
+    """The scorecard's one history row: validation figures after the fit (its epoch is the
+    whole regression), the steps taken, the merged bins and the inputs the fit kept."""
+    history = history_row(margin_val, y_val, model.steps, t0)
+    del history["trees"]
+    return history | {
+        "steps": model.steps,
+        "bins": sum(len(t.woe) for ts in model.tables.values() for t in ts),
+        "inputs": sum(len(c) for c in model.coef.values()),
+        "inputs_used": sum(int(np.count_nonzero(c)) for c in model.coef.values())}
 
 
 def annotate(out: dict, cfg: AuthorityConfig) -> None:

@@ -128,17 +128,7 @@ def test_the_phase_reproduces_the_in_process_dp_trees_and_its_ledger_verifies(
     assert result.bias == trees.model.base_margin
     assert spent["epsilon"]["model_by_population"]["train"] == trees.release.epsilon
 
-    (tmp_path / "config.json").write_text(json.dumps(to_flat(cfg)))
-    (tmp_path / "metrics.json").write_text(json.dumps({**spent, "training_steps": 0,
-                                                       "round_trips": 2}))
-    checks = verify(tmp_path)
-    assert {c.budget for c in checks} == {"model/train", "model/val"}
-    assert all(c.ok for c in checks), checks
-    assert consistency(tmp_path, checks) == []
-    by = {c.budget: c.reported for c in checks}
-    assert by["model/train"] == spent["epsilon"]["model_by_population"]["train"]
-    assert max(by.values()) == spent["epsilon"]["model"] <= 4.0
-    assert spent["epsilon"]["label"] is None
+    assert_dp_model_ledger_verifies(tmp_path, cfg, spent, steps=0, round_trips=2)
     assert math.isclose(spent["delta"], spent["delta_accountant"] + spent["delta_thresholds"])
     assert platt.a != 1.0 or platt.b != 0.0  # the DP calibration ran (its line is checked)
 
@@ -210,15 +200,27 @@ def test_the_guided_phase_reproduces_the_in_process_trees_and_its_ledger_verifie
     everyone = {s: GbdtSilo(s, x, bins=params.bins) for s, x in xs.items()}
     np.testing.assert_allclose(result.logits, predict_trees(trees.model, everyone, n),
                                rtol=0, atol=1e-12)
-    (tmp_path / "config.json").write_text(json.dumps(to_flat(cfg)))
-    (tmp_path / "metrics.json").write_text(json.dumps({**spent, "training_steps": 0,
-                                                       "round_trips": 2}))
     lines = [json.loads(line) for line in (tmp_path / "ledger.jsonl").read_text().splitlines()]
     assert [line["purpose"] for line in lines].count("dp-trees split histograms") == 1
-    checks = verify(tmp_path)
+    assert_dp_model_ledger_verifies(tmp_path, cfg, spent, steps=0, round_trips=2)
+
+
+def assert_dp_model_ledger_verifies(run_dir: Path, cfg: AuthorityConfig, spent: dict, *,
+                                    steps: int, round_trips: int) -> None:
+    """A DP model phase's ledger, beside the config and metrics a run writes, verifies
+    independently: one budget per population, the train one as reported, the model's epsilon
+    the larger, within the fixture's target of 4; no label budget (no RR drawn)."""
+    (run_dir / "config.json").write_text(json.dumps(to_flat(cfg)))
+    (run_dir / "metrics.json").write_text(json.dumps({**spent, "training_steps": steps,
+                                                      "round_trips": round_trips}))
+    checks = verify(run_dir)
+    assert {c.budget for c in checks} == {"model/train", "model/val"}
     assert all(c.ok for c in checks), checks
-    assert consistency(tmp_path, checks) == []
-    assert max(c.reported for c in checks) == spent["epsilon"]["model"] <= 4.0
+    assert consistency(run_dir, checks) == []
+    by = {c.budget: c.reported for c in checks}
+    assert by["model/train"] == spent["epsilon"]["model_by_population"]["train"]
+    assert max(by.values()) == spent["epsilon"]["model"] <= 4.0
+    assert spent["epsilon"]["label"] is None
 
 
 def test_the_guide_settings_enter_a_run_key_only_when_the_trees_are_guided() -> None:

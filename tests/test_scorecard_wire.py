@@ -5,7 +5,6 @@ simulations/run/scorecard.py on the same inputs."""
 from __future__ import annotations
 
 import csv
-import json
 import math
 from pathlib import Path
 from typing import cast
@@ -34,7 +33,7 @@ from clients.silo.scorecard import ScorecardSilo
 from crypto.secret_random import SecretRandom
 from server import gbdt_dp_run, run_phases, scorecard_dp, scorecard_dp_run
 from server.config import AuthorityConfig, ConfigError, ScoreConfig
-from server.config_keys import parse_flat, to_flat
+from server.config_keys import parse_flat
 from server.federation import Federation, FederationError
 from server.gbdt_run import TreeJob
 from server.gbdt_silos import start
@@ -43,9 +42,9 @@ from server.ledger import Ledger
 from server.scorecard import ScorecardParams, Silos, fit_scorecard, points, predict_margins
 from server.scorecard_run import UNITS, ScorecardSilos, annotate, calibrated
 from server.scoring import Platt, to_score
-from simulations.analysis.ledger_verify import consistency, verify
 from simulations.run.scorecard import fit_vertical_scorecard, scored_silos, scores, silos_for
 from tests.test_gbdt import by_silo, credit_like
+from tests.test_gbdt_dp_wire import assert_dp_model_ledger_verifies
 from tests.test_gbdt_wire import (
     OPEN,
     AppGrid,
@@ -381,15 +380,5 @@ def test_the_phase_reproduces_the_in_process_fit_and_its_ledger_verifies(
             table = list(csv.DictReader(f))
         assert len(table) == sum(len(t.woe) for t in fit.model.tables[s])
 
-    (tmp_path / "config.json").write_text(json.dumps(to_flat(cfg)))
-    (tmp_path / "metrics.json").write_text(json.dumps({**spent, "training_steps": 6,
-                                                       "round_trips": 4}))
-    checks = verify(tmp_path)
-    assert {c.budget for c in checks} == {"model/train", "model/val"}
-    assert all(c.ok for c in checks), checks
-    assert consistency(tmp_path, checks) == []
-    by = {c.budget: c.reported for c in checks}
-    assert by["model/train"] == spent["epsilon"]["model_by_population"]["train"]
-    assert max(by.values()) == spent["epsilon"]["model"] <= 4.0
-    assert spent["epsilon"]["label"] is None
+    assert_dp_model_ledger_verifies(tmp_path, cfg, spent, steps=6, round_trips=4)
     assert platt.a != 1.0 or platt.b != 0.0  # the DP calibration ran (its line is checked)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import shlex
 import threading
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from rich.console import Console
 from rich.progress import (
@@ -17,6 +20,8 @@ from rich.progress import (
 )
 
 console = Console(stderr=True)
+
+T = TypeVar("T")
 
 PHASE_LABELS = {
     "generate": "Generate population",
@@ -75,3 +80,32 @@ def progress_bar(*, eta: bool = False) -> Progress:
     if eta:
         columns += [TextColumn("ETA"), TimeRemainingColumn()]
     return Progress(*columns, console=console, transient=False)
+
+
+def run_cells_with_progress(run: Callable[[Callable, Callable], T], *, title: str, noun: str,
+                            todo: int, command_line: Sequence[str]) -> T:
+    """`run(on_cell, on_phase)` for a command that runs cells one after another (a sweep's
+    cells, a tune's runs): a bar over the cells with an estimate of the time left, the current
+    cell's phase, each failed cell named as it fails. Ctrl-C stops with the command that
+    continues it (finished cells are kept)."""
+    from simulations.run.rundir import Interrupted
+
+    with progress_bar(eta=True) as progress:
+        overall = progress.add_task(title, total=todo)
+        phase = progress.add_task("starting", total=None)
+
+        def on_phase(name: str, done: float, total: float | None, **info: object) -> None:
+            label = PHASE_LABELS.get(name, name.replace("_", " "))
+            if "epoch" in info:
+                label = f"{label} (epoch {info['epoch']})"
+            progress.update(phase, description=label)
+
+        def on_cell(status: str, cell: Any) -> None:
+            progress.advance(overall)
+            if status != "done" and cell is not None:
+                console.print(f"[red]{noun} {cell.name} failed:[/] {status}", highlight=False)
+
+        try:
+            return run(on_cell, on_phase)
+        except KeyboardInterrupt as exc:
+            raise Interrupted(shlex.join(["fedscore", *command_line])) from exc

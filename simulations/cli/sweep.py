@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import shlex
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
-from simulations.cli.output import PHASE_LABELS, console, fmt, progress_bar
+from simulations.cli.output import console, fmt, run_cells_with_progress
 from simulations.cli.parsing import data_source
 from simulations.data.mapping import MAPPING_HELP
 from simulations.run.grid import DEFAULT_EPSILONS
@@ -33,7 +32,7 @@ and the mean difference to the reference point with its interval, paired by (dat
 def sweep_command(args: argparse.Namespace) -> int:
     from simulations.data.paths import check_new_dir
     from simulations.run.config import check_delta, parse_assignments
-    from simulations.run.grid import Cell, parse_reference
+    from simulations.run.grid import parse_reference
     from simulations.run.sweep import is_done, plan_sweep, run_sweep
 
     check_new_dir(args.out, "--out")
@@ -52,28 +51,11 @@ def sweep_command(args: argparse.Namespace) -> int:
         if cfg.generated:  # real data: checked against its tables when they are read
             check_delta(cfg, cfg.population.users, "population.users")
     todo = sum(not is_done(out, c) for c in cells)
-    with progress_bar(eta=True) as progress:
-        overall = progress.add_task(f"Sweep: {todo} of {len(cells)} cells to run", total=todo)
-        phase = progress.add_task("starting", total=None)
-
-        def on_phase(name: str, done: float, total: float | None, **info: object) -> None:
-            label = PHASE_LABELS.get(name, name.replace("_", " "))
-            if "epoch" in info:
-                label = f"{label} (epoch {info['epoch']})"
-            progress.update(phase, description=label)
-
-        def on_cell(status: str, cell: Cell | None) -> None:
-            progress.advance(overall)
-            if status != "done" and cell is not None:
-                console.print(f"[red]cell {cell.name} failed:[/] {status}", highlight=False)
-
-        try:
-            table = run_sweep(out, spec, on_cell, on_phase)
-        except KeyboardInterrupt as exc:
-            from simulations.run.rundir import Interrupted
-
-            # The same command continues a sweep: finished cells are kept, the others resume.
-            raise Interrupted(shlex.join(["fedscore", *args.command_line])) from exc
+    # The same command continues a sweep: finished cells are kept, the others resume.
+    table = run_cells_with_progress(
+        lambda on_cell, on_phase: run_sweep(out, spec, on_cell, on_phase),
+        title=f"Sweep: {todo} of {len(cells)} cells to run", noun="cell", todo=todo,
+        command_line=args.command_line)
     _print_sweep(out, table)
     failed = int((table["status"] == "failed").sum()) if "status" in table else 0
     if failed:

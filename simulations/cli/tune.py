@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import shlex
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
-from simulations.cli.output import PHASE_LABELS, console, fmt, progress_bar
+from simulations.cli.output import console, fmt, run_cells_with_progress
 
 TUNE_HELP = """\
 A tune trains a random number K of runs, each on a candidate of the grid drawn at random, and
@@ -55,27 +54,10 @@ def tune_command(args: argparse.Namespace) -> int:
     _print_plan(plan)
     cells = plan.cells()
     todo = sum(not is_done(out, c) for c in cells)
-    with progress_bar(eta=True) as progress:
-        overall = progress.add_task(f"Tune: {todo} of {len(cells)} runs to run", total=todo)
-        phase = progress.add_task("starting", total=None)
-
-        def on_phase(name: str, done: float, total: float | None, **info: object) -> None:
-            label = PHASE_LABELS.get(name, name.replace("_", " "))
-            if "epoch" in info:
-                label = f"{label} (epoch {info['epoch']})"
-            progress.update(phase, description=label)
-
-        def on_cell(status: str, cell) -> None:
-            progress.advance(overall)
-            if status != "done":
-                console.print(f"[red]run {cell.name} failed:[/] {status}", highlight=False)
-
-        try:
-            summary = run_tune(out, plan, on_cell, on_phase)
-        except KeyboardInterrupt as exc:
-            from simulations.run.rundir import Interrupted
-
-            raise Interrupted(shlex.join(["fedscore", *args.command_line])) from exc
+    summary = run_cells_with_progress(
+        lambda on_cell, on_phase: run_tune(out, plan, on_cell, on_phase),
+        title=f"Tune: {todo} of {len(cells)} runs to run", noun="run", todo=todo,
+        command_line=args.command_line)
     if not summary:
         console.print("[bold red]some runs failed[/] (tune_runs.csv says why); the same command "
                       "runs them again; nothing is released until every run finished",
