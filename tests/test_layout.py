@@ -1,4 +1,5 @@
-"""The house's shape: no import circle between any two modules of the project.
+"""The house's shape: no import circle between any two modules of the project, and no room
+too big to live in.
 
 The dependency rules between packages (DESIGN.md) are import-linter contracts in
 pyproject.toml, checked by `lint-imports` in scripts/test.sh. A circle inside a package is
@@ -6,6 +7,9 @@ what those contracts cannot see; it is also what pushes imports into function bo
 """
 
 from __future__ import annotations
+
+import ast
+from pathlib import Path
 
 import grimp
 import pytest
@@ -70,3 +74,44 @@ def test_no_module_imports_itself_back():
     imports = {m: set(graph.find_modules_directly_imported_by(m)) for m in graph.modules}
     assert import_circles(imports) == [], (
         "import circles (break them by moving what both sides need into a module of its own)")
+
+
+# Issue 19's sizes: a module a newcomer can read in one sitting, a function that fits a screen.
+MODULE_LINES = 500
+FUNCTION_LINES = 80
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _sources() -> list[Path]:
+    return sorted(p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py"))
+
+
+def long_functions(source: str, limit: int) -> list[tuple[str, int]]:
+    """(qualified name, lines from `def` to its last line) of every function over `limit`."""
+    found = []
+    stack: list[tuple[ast.AST, str]] = [(ast.parse(source), "")]
+    while stack:
+        node, prefix = stack.pop()
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+                name = prefix + child.name
+                if not isinstance(child, ast.ClassDef):
+                    lines = (child.end_lineno or child.lineno) - child.lineno + 1
+                    if lines > limit:
+                        found.append((name, lines))
+                stack.append((child, name + "."))
+    return found
+
+
+def test_long_functions_are_found():
+    source = "class A:\n    def f(self):\n" + "        x = 1\n" * 5 + "def g():\n    pass\n"
+    assert long_functions(source, 5) == [("A.f", 6)]
+    assert long_functions(source, 6) == []
+
+
+def test_no_module_or_function_is_too_long():
+    too_long = [f"{p.relative_to(ROOT)}: {n} lines" for p in _sources()
+                if (n := len(p.read_text().splitlines())) > MODULE_LINES]
+    too_long += [f"{p.relative_to(ROOT)}: {name} has {n} lines" for p in _sources()
+                 for name, n in long_functions(p.read_text(), FUNCTION_LINES)]
+    assert too_long == [], f"split these by concern (issue 19's sizes): {too_long}"

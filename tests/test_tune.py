@@ -34,7 +34,8 @@ from server.tune_privacy import (
 )
 from server.tune_score import CLIP, clipped_log_loss_sum, noisy_score, score_line
 from simulations.run import tune
-from simulations.run.tune import TuneError, TuneSpec, draw_runs, plan_tune, select, summarise
+from simulations.run.tune import draw_runs, plan_tune, select, summarise
+from simulations.run.tune_spec import TuneError, TuneSpec
 from tests.conftest import run_cli
 
 LAWS = [RunsLaw("geometric", 3), RunsLaw("logarithmic", 3), RunsLaw("negbin", 5, 0.5),

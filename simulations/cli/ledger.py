@@ -22,7 +22,7 @@ def ledger_command(args: argparse.Namespace) -> int:
     cells are under runs/), with one verdict per run; exit 1 when any does not verify."""
     from simulations.analysis.ledger_verify import TOLERANCE
     from simulations.run.sweep import SWEEP_FILE
-    from simulations.run.tune import TUNE_FILE
+    from simulations.run.tune_spec import TUNE_FILE
 
     root = Path(args.run_dir)
     # A tune's runs are a sweep's cells (runs/), each ledger ending with its score's line.

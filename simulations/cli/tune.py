@@ -33,7 +33,8 @@ def tune_command(args: argparse.Namespace) -> int:
     from simulations.run.config import check_delta, check_guardrails, parse_assignments
     from simulations.run.grid import parse_grid
     from simulations.run.sweep import is_done
-    from simulations.run.tune import TuneError, TuneSpec, plan_tune, run_tune
+    from simulations.run.tune import plan_tune, run_tune
+    from simulations.run.tune_spec import TuneError, TuneSpec
 
     check_new_dir(args.out, "--out")
     out = args.out.resolve()
@@ -124,7 +125,7 @@ def _print_summary(out: Path, summary: dict) -> None:
 
 def add_tune_parser(sub: argparse._SubParsersAction, *, users_help: str) -> None:
     from server.tune_privacy import DISTRIBUTIONS
-    from simulations.run.tune import DEFAULT_MEAN_RUNS, DEFAULT_SCORE_NOISE
+    from simulations.run.tune_spec import DEFAULT_MEAN_RUNS, DEFAULT_SCORE_NOISE
 
     tune = sub.add_parser("tune", help="pick among candidate settings on private labels, the "
                                        "selection's privacy cost accounted",
