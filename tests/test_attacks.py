@@ -47,6 +47,7 @@ import numpy as np
 import pytest
 
 from clients.protocol.capture import CAPTURE_ENV
+from clients.protocol.metrics import auc as auc_of
 from simulations.analysis import redteam as rt
 from simulations.analysis import redteam_gradients as rt_grad
 from simulations.analysis import redteam_leaks as rt_leaks
@@ -167,7 +168,7 @@ def _scored(guess: rt_grad.LabelGuess, truth: rt_score.Truth
     y = truth.y[guess.positions]
     acc = float((guess.guess == y.astype(bool)).mean())
     ba = rt_score.balanced_accuracy(y, guess.guess)
-    auc = rt_score.auc(y, guess.score)
+    auc = auc_of(y, guess.score)
     return y, acc, max(ba, 1 - ba), max(auc, 1 - auc)
 
 
@@ -228,9 +229,9 @@ def test_split_and_eval_pattern_say_nothing_about_labels(guarded: EngineRun):
     truth, view, config = guarded.truth, guarded.payments, guarded.config
     assert len(view.evals()) > 0
     assert all(len(np.unique(ev)) == view.n_positions for ev in view.evals())  # everyone
-    pattern = rt_score.auc(truth.y, rt_split.pattern_attack(view))
+    pattern = auc_of(truth.y, rt_split.pattern_attack(view))
     replay = rt_split.stratified_replay(view, config)
-    replay_auc = rt_score.auc(truth.y, replay.probability)
+    replay_auc = auc_of(truth.y, replay.probability)
     _report("split/eval pattern, secret independent split", people=view.n_positions,
             pattern_auc=pattern, replay_auc=replay_auc, p_old=replay.p_old,
             replayed_counts=len(replay.survivors))
@@ -248,8 +249,8 @@ def test_split_replay_reads_labels_from_the_old_stratified_split(guarded: Engine
               "privacy.epsilon": math.inf}
     old = rt_seed.old_mechanism_view(truth.y, config)
     replay = rt_split.stratified_replay(old, config)
-    replay_auc = rt_score.auc(truth.y, replay.probability)
-    pattern = rt_score.auc(truth.y, rt_split.pattern_attack(old))
+    replay_auc = auc_of(truth.y, replay.probability)
+    pattern = auc_of(truth.y, rt_split.pattern_attack(old))
     _report("split/eval pattern, OLD stratified public-seed split", people=len(truth.y),
             replay_auc=replay_auc, pattern_auc=pattern, p_old=replay.p_old,
             defaulters_found=replay.survivors[0] if replay.survivors else -1,

@@ -1,8 +1,8 @@
 """Scoring the red team's attacks (overview in redteam.py): the experiment layer.
 
-AUC, its standard error, balanced accuracy and the label-DP bound they are held to, and
-`Truth`: what no party may read (the authority's labels, its private split, the released
-scores), used ONLY to score the attacks.
+An AUC's standard error (the AUC itself is clients/protocol/metrics.py's), balanced accuracy
+and the label-DP bound they are held to, and `Truth`: what no party may read (the authority's
+labels, its private split, the released scores), used ONLY to score the attacks.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy.stats import rankdata
 
 from clients.protocol.schema import AUTHORITY
 from crypto.at_rest import Keystore
@@ -22,14 +21,6 @@ from crypto.identity import keyed_refs
 from server.labels import load_labels
 from server.scores_file import PEPPER_FILE, read_scores
 from simulations.data.paths import run_keystore, run_parties
-
-
-def auc(y: np.ndarray, score: np.ndarray) -> float:
-    """P(score of a 1 > score of a 0), ties counted half."""
-    y = np.asarray(y).astype(bool)
-    r = rankdata(np.asarray(score, dtype=np.float64))
-    n1, n0 = int(y.sum()), int((~y).sum())
-    return float((r[y].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
 
 
 def auc_standard_error(value: float, n1: int, n0: int) -> float:
