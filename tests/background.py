@@ -42,6 +42,9 @@ class Command:
     # Called with the work directory before the command starts (a check, or a copy of what
     # the previous command left); an exception ends the run as a failed command would.
     before: Callable[[Path], None] | None = None
+    # A program of its own instead of `python -m simulations.cli ARGS` (a script using the
+    # Python API): not prepared as a run.
+    program: Sequence[str] | None = None
 
 
 # work directory -> the commands, each a CLI argument list or a Command
@@ -162,7 +165,11 @@ class _Runs:
         for i, command in enumerate(commands):
             args = tuple(command.args)
             out, err = self.work / f"cli-{i}.stdout", self.work / f"cli-{i}.stderr"
-            self._prepare(args, self.work)
+            if command.program is None:
+                argv = [sys.executable, "-m", "simulations.cli", *args]
+                self._prepare(args, self.work)
+            else:
+                argv = list(command.program)
             if command.before is not None:
                 try:
                     command.before(self.work)
@@ -173,9 +180,9 @@ class _Runs:
             with out.open("w") as fo, err.open("w") as fe:
                 if self._stopped:
                     return
-                self._current = subprocess.Popen(
-                    [sys.executable, "-m", "simulations.cli", *args], cwd=self.work,
-                    env={**env, **command.env}, stdout=fo, stderr=fe)
+                self._current = subprocess.Popen(argv, cwd=self.work,
+                                                 env={**env, **command.env}, stdout=fo,
+                                                 stderr=fe)
             (self.work / f"cli-{i}.pid").write_text(str(self._current.pid))
             started = time.monotonic()
             code = self._current.wait()

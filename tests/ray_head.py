@@ -36,6 +36,7 @@ from simulations.run.engine import SILO_ENV
 OFF_ENV = "FEDSCORE_TEST_PRIVATE_RAY"
 LOOPBACK = "127.0.0.1"
 STARTUP_SECONDS = 120
+WORKER_PORTS = 1000  # a head's range of worker and driver ports
 # prctl(PR_SET_PDEATHSIG, SIGTERM), then exec the command (the setting survives exec).
 _DIE_WITH_PARENT = ("import ctypes, os, signal, sys; "
                     "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM); "
@@ -43,7 +44,12 @@ _DIE_WITH_PARENT = ("import ctypes, os, signal, sys; "
 
 
 class _Head:
-    def __init__(self) -> None:
+    def __init__(self, worker_ports: int) -> None:
+        # Each head's workers and drivers take ports from a range of their own: Ray's default
+        # range (10002-19999) is per cluster, and two heads running at once gave one driver
+        # port 10002 while the other's process held it ("Address already in use", the raylet
+        # check failed and the run died).
+        self.worker_ports = worker_ports
         self.proc: subprocess.Popen | None = None
         self.env: dict[str, str] = {}
         self.temp: Path | None = None
@@ -90,6 +96,8 @@ class _Head:
                    # many actors either way.
                    "--num-cpus=1", "--num-gpus=0",
                    "--include-dashboard=false", "--disable-usage-stats",
+                   f"--min-worker-port={self.worker_ports}",
+                   f"--max-worker-port={self.worker_ports + WORKER_PORTS - 1}",
                    f"--temp-dir={self.temp}"]
         # Every worker of every job inherits the head's environment, and a job's runtime
         # environment can add variables, not remove them: a silo setting (a test's injected
@@ -139,11 +147,11 @@ def _wait_for_port(port: int, proc: subprocess.Popen) -> None:
                        f"{STARTUP_SECONDS} s")
 
 
-HEAD = _Head()
+HEAD = _Head(worker_ports=20000)
 # One head per background lane (tests/background.py): a run beside the foreground's (or beside
 # the other lane's) must not wait for the foreground head's one CPU. Each lane runs one
 # command at a time, so each head serves one run at a time, as HEAD does.
-LANE_HEADS = (_Head(), _Head())
+LANE_HEADS = (_Head(worker_ports=21000), _Head(worker_ports=22000))
 
 
 def stop_all() -> None:

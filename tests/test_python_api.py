@@ -14,7 +14,8 @@ import pandas as pd
 import pytest
 
 import fedscore
-from tests.conftest import _engine_env, scores_of
+from tests import background
+from tests.conftest import scores_of
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "python-api.md"
 
@@ -102,11 +103,21 @@ def test_a_run_missing_its_metrics_is_not_finished(small_run: Path, tmp_path: Pa
         fedscore.load_run(copy)
 
 
+# The example trains: in the background while the suite runs (joining the lane's Ray head,
+# as the foreground's engine runs join theirs).
+background.register("docs_example", lambda work: [background.Command(
+    (), program=(sys.executable, "-c", example_code() + DESCRIBE))])
+
+
+@pytest.fixture
+def docs_example(background_runs) -> subprocess.CompletedProcess:
+    (proc,), _ = background_runs("docs_example")
+    return proc
+
+
 @pytest.mark.slow
-def test_the_docs_example_runs_and_loads_pandas_frames(tmp_path: Path):
-    proc = subprocess.run(
-        [sys.executable, "-c", example_code() + DESCRIBE], cwd=tmp_path,
-        env=_engine_env(tmp_path), capture_output=True, text=True, timeout=300, check=False)
+def test_the_docs_example_runs_and_loads_pandas_frames(docs_example):
+    proc = docs_example
     assert proc.returncode == 0, proc.stdout + proc.stderr
     line = next(x for x in proc.stdout.splitlines() if x.startswith("DESCRIBE "))
     seen = json.loads(line.removeprefix("DESCRIBE "))
