@@ -53,7 +53,9 @@ import logging
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from scipy.stats import beta, rankdata
+from scipy.stats import beta
+
+from clients.protocol.metrics import auc
 
 logger = logging.getLogger(__name__)
 
@@ -191,10 +193,8 @@ def empirical_epsilon(tpr_low: float, fpr_high: float, delta: float) -> float:
 def attack_auc(member_losses: np.ndarray, nonmember_losses: np.ndarray) -> float:
     """AUC of 'member when loss is low': P(member loss < non-member loss), ties counted half
     (the Mann-Whitney statistic, from average ranks)."""
-    n_m, n_n = member_losses.size, nonmember_losses.size
-    ranks = rankdata(np.concatenate([member_losses, nonmember_losses]))
-    u_nonmember = ranks[n_m:].sum() - n_n * (n_n + 1) / 2
-    return float(u_nonmember / (n_m * n_n))
+    is_nonmember = np.r_[np.zeros(member_losses.size), np.ones(nonmember_losses.size)]
+    return auc(is_nonmember, np.concatenate([member_losses, nonmember_losses]))
 
 
 def _validated_losses(losses: np.ndarray, side: str) -> np.ndarray:
