@@ -128,7 +128,7 @@ def test_run_refuses_before_the_engine_and_leaves_the_out_free(tmp_path: Path):
                    cwd=tmp_path, engine=False)
     assert proc.returncode == 2, proc.stderr
     err = " ".join(proc.stderr.split())
-    assert "this DP configuration cannot learn" in err
+    assert "this configuration cannot learn" in err
     assert "only 4 DP-SGD steps" in err
     assert "train.batch_size=" in err
     assert "Traceback" not in proc.stderr
@@ -146,3 +146,80 @@ def test_data_check_says_what_the_guardrails_would(tmp_path: Path):
                    "--set", "train.epochs=4", cwd=tmp_path)
     assert fine.returncode == 0
     assert "privacy guardrail" not in fine.stdout
+
+
+# ---- trees on randomised labels, DP trees, DP scorecard (server/guardrails.py) ---------------
+
+
+def _tree_cfg(**keys: str):
+    return make_config({"model.kind": "gbdt", "privacy.epsilon": "inf", **keys}).authority
+
+
+def test_rr_hessian_is_what_the_trees_see_at_their_first_margin():
+    """The rule's hessian is server/gbdt_boost.py's at the base margin, p (1 - p) without RR,
+    and about a quarter of it at label epsilon 2 and a 6.5 % default rate."""
+    from server.gbdt_boost import rr_gradients
+    from server.guardrails import rr_hessian
+    from server.label_dp import flip_probability
+
+    rate = 0.065
+    margin = np.full(3, np.log(rate / (1 - rate)))
+    for eps in (1.0, 2.0, float("inf")):
+        _, h = rr_gradients(margin, np.array([0.0, 1.0, 0.0]), flip_probability(eps))
+        assert rr_hessian(rate, eps) == pytest.approx(h[0], rel=1e-9)
+    assert rr_hessian(rate, float("inf")) == pytest.approx(rate * (1 - rate))
+    assert 0.2 < rr_hessian(rate, 2.0) / (rate * (1 - rate)) < 0.3
+
+
+def test_the_issue_case_is_refused_with_fixes_that_pass_the_rule():
+    """3,000 people (2,102 at most in training), 6.5 % defaults, label eps 2, the default
+    min_child_weight 20: 32 of hessian at the root, under 2 x 20, so no tree ever splits."""
+    from server.guardrails import People, before_training, rr_tree_guardrails
+
+    cfg = _tree_cfg()
+    (found,) = before_training(cfg, People(n_train=2102, positive_rate=0.065))
+    assert (found.check, found.level) == ("tree_hessian", "refuse")
+    assert found.message.startswith("hessian mass 32.1 at the root (2,102 people in training")
+    assert "AUC 0.5" in found.message
+    assert "use gbdt.min_child_weight=8," in found.message
+    assert "privacy.label_epsilon=3.5" in found.message
+    assert "about 5,237 people in training" in found.message
+    # Each advice gives four times min_child_weight of mass: no guardrail left.
+    assert rr_tree_guardrails(2102, 0.065, 2.0, 8.0) == []
+    assert rr_tree_guardrails(2102, 0.065, 3.5, 20.0) == []
+    assert rr_tree_guardrails(5237, 0.065, 2.0, 20.0) == []
+
+
+@pytest.mark.parametrize(("n_train", "expected"), [
+    (2102, {"tree_hessian": "refuse"}),  # 32 < 2 x 20
+    (3500, {"tree_hessian": "warn"}),  # 54: between 2x and 3x
+    (7000, {}),  # 107 >= 3 x 20
+])
+def test_tree_thresholds(n_train, expected):
+    from server.guardrails import People, before_training
+
+    found = before_training(_tree_cfg(), People(n_train=n_train, positive_rate=0.065))
+    assert _checks(found) == expected
+
+
+def test_no_tree_guardrail_without_randomised_labels_or_a_rate():
+    from server.guardrails import People, before_training
+
+    small = People(n_train=700, positive_rate=0.065)
+    assert before_training(_tree_cfg(**{"privacy.label_epsilon": "inf"}), small) == []
+    assert before_training(_tree_cfg(**{"gbdt.protection": "he"}), small) == []
+    assert before_training(_tree_cfg(), People(n_train=700)) == []  # rate unknown
+
+
+def test_the_pre_engine_check_refuses_trees_and_only_warns_when_asked(caplog):
+    cfg = make_config({"model.kind": "gbdt", "privacy.epsilon": "inf"})
+    with pytest.raises(ConfigError, match="this configuration cannot learn") as caught:
+        check_guardrails(cfg, 3000, "the smallest party's table", 0.065)
+    assert "gbdt.min_child_weight=8" in str(caught.value)
+    assert "privacy.guardrails=warn" in str(caught.value)
+    check_guardrails(cfg, 3000, "x")  # no rate read: nothing to judge
+    asked = make_config({"model.kind": "gbdt", "privacy.epsilon": "inf",
+                         "privacy.guardrails": "warn"})
+    with caplog.at_level("WARNING"):
+        check_guardrails(asked, 3000, "x", 0.065)
+    assert "guardrail (tree_hessian, refuse): hessian mass" in caplog.text

@@ -7,6 +7,7 @@ population's and the training seed; `--users` sets population.users.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,8 +15,10 @@ from typing import Any
 from server.config import AuthorityConfig, ConfigError
 from server.config_keys import build, coerce, flat_fields, to_flat, unknown_key_error
 from server.delta_budget import releases_outside_sgd, split_delta
-from server.dp_guardrails import Sampling, sampling_guardrails
+from server.guardrails import People, before_training
 from simulations.data.population import PopulationConfig
+
+log = logging.getLogger(__name__)
 
 POPULATION_PREFIX = "population."
 
@@ -122,24 +125,28 @@ def check_delta_reservation(cfg: ExperimentConfig, silos: tuple[str, ...]) -> No
         split_delta(privacy.delta, releases_outside_sgd(silos, summaries=False))
 
 
-def check_guardrails(cfg: ExperimentConfig, people: int, source: str) -> None:
-    """Refuse, before the engine starts, a DP-SGD configuration that cannot learn at all
-    (server/dp_guardrails.py `sampling_guardrails`, level "refuse"), unless privacy.guardrails=warn.
-    N is bounded from above as in `check_delta`: more people only means more steps, so a
-    configuration refused here would be refused with the exact N too. Warnings wait for the
-    authority's plan, which knows the exact N and the noise."""
-    privacy, train = cfg.authority.privacy, cfg.authority.train
-    if (not privacy.dp_sgd or privacy.guardrails == "warn" or people < 1
-            or cfg.authority.model.kind != "mlp"):  # DP-SGD's sampling: the MLP's only
+def check_guardrails(cfg: ExperimentConfig, people: int, source: str,
+                     positive_rate: float | None = None) -> None:
+    """Before the engine starts, refuse a configuration that cannot learn, whatever the model
+    (server/guardrails.py `before_training`, level "refuse"), unless privacy.guardrails=warn;
+    log the warnings of the models whose authority has no later plan to log them (the MLP's
+    come from its PrivacyPlan, which knows the exact N and the noise). N is bounded from above
+    as in `check_delta`: more people only means more steps or more hessian, so a configuration
+    refused here would be refused with the exact N too. `positive_rate`: the authority's
+    default rate, when its table was read (the trees on randomised labels need it)."""
+    if people < 1:
         return
     n_max = min(people, math.ceil(cfg.authority.split.train * people) + 2)
-    sampling = Sampling(n_train=n_max, batch_size=train.batch_size, epochs=train.epochs)
-    refused = [g for g in sampling_guardrails(sampling, privacy.delta_for(n_max))
-               if g.level == "refuse"]
-    if refused:
+    found = before_training(cfg.authority, People(n_train=n_max, positive_rate=positive_rate))
+    refused = [g for g in found if g.level == "refuse"]
+    if refused and cfg.authority.privacy.guardrails != "warn":
         reasons = "; ".join(g.message for g in refused)
-        raise ConfigError(f"this DP configuration cannot learn ({source}: {people:,} people): "
+        raise ConfigError(f"this configuration cannot learn ({source}: {people:,} people): "
                           f"{reasons}. To run it anyway: --set privacy.guardrails=warn")
+    if cfg.authority.model.kind != "mlp":
+        for guardrail in found:
+            log.warning("guardrail (%s, %s): %s", guardrail.check, guardrail.level,
+                        guardrail.message)
 
 
 # What each key does, in one line, for `fedscore config`: the one place these words live (the
