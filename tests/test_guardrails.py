@@ -5,6 +5,7 @@ authority.json and metrics.json), each with what would work."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -222,4 +223,37 @@ def test_the_pre_engine_check_refuses_trees_and_only_warns_when_asked(caplog):
                          "privacy.guardrails": "warn"})
     with caplog.at_level("WARNING"):
         check_guardrails(asked, 3000, "x", 0.065)
-    assert "guardrail (tree_hessian, refuse): hessian mass" in caplog.text
+    assert "privacy guardrail (tree_hessian, refuse): hessian mass" in caplog.text
+
+
+@pytest.mark.parametrize(("kind", "n_train", "epsilon", "warned"), [
+    ("scorecard", 2100, 1.0, True), ("scorecard", 2100, 4.0, True),  # 8,400 < 10,000
+    ("scorecard", 14_000, 1.0, False), ("gbdt", 2100, 1.0, True), ("gbdt", 2100, 4.0, False),
+    ("gbdt", 70_000, 1.0, False),
+])
+def test_dp_trees_and_scorecard_warn_on_few_people_times_epsilon(kind, n_train, epsilon, warned):
+    from server.guardrails import People, before_training
+
+    cfg = make_config({"model.kind": kind, "privacy.epsilon": str(epsilon)}).authority
+    found = before_training(cfg, People(n_train=n_train, positive_rate=0.06))
+    assert _checks(found) == ({"people_epsilon": "warn"} if warned else {})
+    if warned and kind == "scorecard" and epsilon == 1.0:
+        assert found[0].message.startswith(
+            "2,100 people in training x privacy.epsilon=1 = 2,100 is under 10,000")
+        # The advice passes the rule: epsilon 4.8 on these people, or 10,000 people.
+        assert "use privacy.epsilon=4.8, or about 10,000 people in training" in found[0].message
+        assert before_training(replace(cfg, privacy=replace(cfg.privacy, epsilon=4.8)),
+                               People(n_train=n_train)) == []
+
+
+def test_data_check_says_what_the_tree_guardrail_would(tmp_path: Path):
+    """The data check reads the authority's default rate (half of the fixture's random labels):
+    700 people at label eps 2 carry about 101 of hessian, under 2 x min_child_weight 60."""
+    data = _small_data(tmp_path)
+    proc = run_cli("data", "check", str(data), "--set", "model.kind=gbdt",
+                   "--set", "privacy.epsilon=inf", "--set", "gbdt.min_child_weight=60",
+                   cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    out = " ".join(proc.stdout.split())
+    assert "privacy guardrail (tree_hessian, refuse): hessian mass" in out
+    assert "model.kind=gbdt" in out

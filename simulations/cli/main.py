@@ -215,7 +215,8 @@ def _data(args: argparse.Namespace) -> int:
 
     try:
         with console.status("checking the data"):
-            checked = inspect(resolve_mapping(args.dir))
+            mapping = resolve_mapping(args.dir)
+            checked = inspect(mapping)
     except DataImportError as exc:  # the mapping itself: its problems, no tables read
         _print_problems(exc.problems)
         return 2
@@ -240,34 +241,45 @@ def _data(args: argparse.Namespace) -> int:
         _print_problems(checked.problems)
         return 2
     out.print("[green]no problems[/]: ready for fedscore run --data", highlight=False)
-    _print_data_guardrails(args, checked.joint)
+    _print_data_guardrails(args, checked.joint, _label_rate(checked, mapping.label))
     return 0
 
 
-def _print_data_guardrails(args: argparse.Namespace, people: int | None) -> None:
-    """What the privacy guardrails say of a run on these people (sampling only: the noise
-    needs the run's calibration), with the configuration given by --set."""
+def _print_data_guardrails(args: argparse.Namespace, people: int | None,
+                           positive_rate: float | None = None) -> None:
+    """What the guardrails (server/guardrails.py) say of a run on these people with the
+    configuration given by --set, before any engine: for DP-SGD the sampling only (the noise
+    needs the run's calibration)."""
     import math
 
-    from server.dp_guardrails import Sampling, sampling_guardrails
+    from server.guardrails import People, before_training
     from simulations.run.config import make_config, parse_assignments
 
     cfg = make_config(parse_assignments(args.assignments))
-    privacy, train = cfg.authority.privacy, cfg.authority.train
-    if not people or not privacy.dp_sgd:
+    if not people:
         return
     n_train = max(1, math.floor(cfg.authority.split.train * people))
-    sampling = Sampling(n_train=n_train, batch_size=train.batch_size, epochs=train.epochs)
-    found = sampling_guardrails(sampling, privacy.delta_for(n_train))
+    found = before_training(cfg.authority, People(n_train=n_train, positive_rate=positive_rate))
     out = Console()
     for guardrail in found:
         colour = "red" if guardrail.level == "refuse" else "yellow"
         out.print(f"[{colour}]privacy guardrail ({guardrail.check}, {guardrail.level}):[/] "
                   f"{guardrail.message}", soft_wrap=True, highlight=False)
     if found:
-        out.print(f"(for about {n_train:,} people in training at privacy.epsilon="
-                  f"{privacy.epsilon:g}; change the run with --set, e.g. "
-                  "--set train.batch_size=64)", soft_wrap=True, highlight=False)
+        out.print(f"(for about {n_train:,} people in training, model.kind="
+                  f"{cfg.authority.model.kind}, privacy.epsilon="
+                  f"{cfg.authority.privacy.epsilon:g}; change the run with --set KEY=VALUE "
+                  "as each message says)", soft_wrap=True, highlight=False)
+
+
+def _label_rate(checked, label: str) -> float | None:
+    """The authority's default rate in its checked table (labels already 0/1 there)."""
+    from clients.protocol.schema import AUTHORITY
+
+    frame = checked.frames.get(AUTHORITY)
+    if frame is None or label not in frame or not len(frame):
+        return None
+    return float(frame[label].astype(float).mean())
 
 
 def _print_problems(problems) -> None:

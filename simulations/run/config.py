@@ -145,7 +145,7 @@ def check_guardrails(cfg: ExperimentConfig, people: int, source: str,
                           f"{reasons}. To run it anyway: --set privacy.guardrails=warn")
     if cfg.authority.model.kind != "mlp":
         for guardrail in found:
-            log.warning("guardrail (%s, %s): %s", guardrail.check, guardrail.level,
+            log.warning("privacy guardrail (%s, %s): %s", guardrail.check, guardrail.level,
                         guardrail.message)
 
 
