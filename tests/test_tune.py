@@ -312,3 +312,40 @@ def test_each_run_leaves_room_for_its_score_on_validation_people():
     val = add_steps(add_steps(plan.statistics, plan.calibration_sigma, 1.0, CALIBRATION_STEPS),
                     5.0, 1.0, 1)
     assert 0.97 * 1.5 <= epsilon("rdp", val, plan.accountant_delta) <= 1.5
+
+
+# ---- real data ----------------------------------------------------------------------------------
+
+
+def _real_data(tmp_path: Path) -> Path:
+    """1,000 people at the authority, one silo holding 900 of them: 900 can be aligned."""
+    import pandas as pd
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(5)
+    ids = [f"K{i}" for i in range(1000)]
+    pd.DataFrame({"id": ids, "y": rng.integers(0, 2, 1000)}).to_csv(data / "a.csv", index=False)
+    pd.DataFrame({"id": ids, "x1": rng.normal(size=1000)}).to_csv(data / "s1.csv", index=False)
+    pd.DataFrame({"id": ids[100:], "x2": rng.normal(size=900)}).to_csv(data / "s2.csv",
+                                                                       index=False)
+    (data / "mapping.json").write_text(json.dumps({
+        "identifier": "id", "authority": {"file": "a.csv", "label": "y"},
+        "silos": {s: {"file": f"{s}.csv", "columns": [c]}
+                  for s, c in (("s1", "x1"), ("s2", "x2"))}}))
+    return data
+
+
+def test_a_tune_on_real_data_plans_on_the_people_every_party_holds(tmp_path: Path):
+    data = str(_real_data(tmp_path))
+    spec = _spec(users=None, assignments=(("data", data),))
+    assert spec.real_data
+    cells = spec.cells([0, 1])
+    assert {c.population for c in cells} == {"seed=0"}  # one population, every run
+    cfg = spec.sweep(1.0).config(cells[0])
+    assert cfg.data == data
+    assert not cfg.generated
+    assert tune.planned_people(cfg) == 900
+    assert tune.planned_train_people(cfg) == 630  # split.train 0.7 of them
+    with pytest.raises(TuneError, match="--data-seed"):
+        _spec(users=None, data_seed=1, assignments=(("data", data),))

@@ -19,6 +19,7 @@ truncated negative binomial, Theorem 6 for Poisson), and each run's epsilon targ
 largest that keeps that total within --epsilon:
 
   fedscore tune --out T --grid train.lr=0.01,0.03 --epsilon 2 --mean-runs 3
+  fedscore tune --out T --data uci --grid train.lr=0.01,0.03 --epsilon 2
 
 Repeat the command to continue a tune (finished runs are kept). summary.json is the release
 (the chosen run, its noisy score, the total epsilon); tune_runs.csv is the authority's own record
@@ -29,16 +30,19 @@ of every run, not a release.
 
 def tune_command(args: argparse.Namespace) -> int:
     from server.tune_privacy import RunsLaw
+    from simulations.cli.parsing import data_source
     from simulations.data.paths import check_new_dir
     from simulations.run.config import check_delta, check_guardrails, parse_assignments
     from simulations.run.grid import parse_grid
     from simulations.run.sweep import is_done
-    from simulations.run.tune import plan_tune, run_tune
+    from simulations.run.tune import plan_tune, planned_people, run_tune
     from simulations.run.tune_spec import TuneError, TuneSpec
 
     check_new_dir(args.out, "--out")
     out = args.out.resolve()
     assignments = parse_assignments(args.assignments)
+    if args.data:  # real data: the plan counts its people before anything runs
+        assignments["data"] = data_source(args.data, args.users)
     try:
         law = RunsLaw(args.distribution, args.mean_runs, args.shape)
     except ValueError as exc:
@@ -47,8 +51,10 @@ def tune_command(args: argparse.Namespace) -> int:
                     score_noise=args.score_noise, users=args.users, data_seed=args.data_seed,
                     assignments=tuple(sorted(assignments.items())))
     def check(cfg) -> None:  # each candidate at the planned epsilon, before anything runs
-        check_delta(cfg, cfg.population.users, "population.users")
-        check_guardrails(cfg, cfg.population.users, "population.users")
+        people = planned_people(cfg)
+        source = "population.users" if cfg.generated else "the people every party holds"
+        check_delta(cfg, people, source)
+        check_guardrails(cfg, people, source)
 
     with console.status("planning the budget (each run's epsilon for the total)"):
         plan = plan_tune(out, spec, check=check)
@@ -90,9 +96,10 @@ def _print_plan(plan) -> None:
 
 def _score_std(plan) -> float:
     from server.tune_score import CLIP
+    from simulations.run.tune import planned_people
 
     cfg = plan.config(plan.spec.cells([0])[0])
-    val = max(1, round(cfg.authority.split.val * cfg.population.users))
+    val = max(1, round(cfg.authority.split.val * planned_people(cfg)))
     return plan.spec.score_noise * CLIP / val
 
 
@@ -147,6 +154,9 @@ def add_tune_parser(sub: argparse._SubParsersAction, *, users_help: str) -> None
                       help="noise multiplier of the validation score (higher: cheaper, "
                            "coarser choice)")
     tune.add_argument("--users", type=int, default=None, help=users_help)
+    tune.add_argument("--data", default=None, metavar="uci|FILE.csv|DIR",
+                      help="real data instead of the generator, as for `fedscore run --data` "
+                           "(the plan counts the people every party holds)")
     tune.add_argument("--data-seed", type=int, default=0, help="the population's seed")
     tune.add_argument("--set", dest="assignments", action="append", default=[],
                       metavar="KEY=VALUE", help="override a config key for every run")

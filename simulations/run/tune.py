@@ -22,6 +22,7 @@ same command continues a tune.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import secrets
@@ -92,9 +93,33 @@ def planned_budget(cfg: ExperimentConfig, n_train: int, score_noise: float) -> B
     return Budget(train, add_steps(val, score_noise, 1.0, 1))
 
 
+def planned_people(cfg: ExperimentConfig) -> int:
+    """The people a run will align: a generated population's population.users, or on real
+    data (--data) the people every party's table holds (PSI keeps exactly those), counted on
+    keyed hashes by the import's own inspection (simulations/data/check.py) before anything
+    is written."""
+    if cfg.generated:
+        return cfg.population.users
+    return _real_people(cfg.data)
+
+
+@functools.lru_cache(maxsize=4)
+def _real_people(data: str) -> int:
+    """Once per data source and process: the command's checks and the plan ask alike."""
+    from simulations.data.check import inspect
+    from simulations.data.mapping import DataImportError, resolve_mapping
+
+    checked = inspect(resolve_mapping(data))
+    if checked.problems:  # the run's import would refuse them too, with the same messages
+        raise DataImportError.of(list(checked.problems))
+    if not checked.joint:
+        raise TuneError(f"--data {data}: no person is held by every party; nothing to tune on")
+    return checked.joint
+
+
 def planned_train_people(cfg: ExperimentConfig) -> int:
-    """The training people a generated population gives (split.train of its people)."""
-    return max(1, round(cfg.authority.split.train * cfg.population.users))
+    """The training people of a run (split.train of the people it aligns)."""
+    return max(1, round(cfg.authority.split.train * planned_people(cfg)))
 
 
 def plan_budget(spec: TuneSpec) -> tuple[float, float, float, int, dict[str, np.ndarray]]:

@@ -12,7 +12,7 @@ from typing import Any
 
 from server.tune_privacy import RunsLaw
 from simulations.data.paths import EPSILON_KEY
-from simulations.run.config import ExperimentConfig
+from simulations.run.config import DATA_KEY, ExperimentConfig
 from simulations.run.grid import Cell, SweepError, SweepSpec, canonical
 
 TUNE_FILE = "tune.json"
@@ -68,10 +68,9 @@ class TuneSpec:
             raise TuneError("--grid: name the candidates, e.g. --grid train.lr=0.01,0.03")
         cfg = self._unit.config(self.cells([0])[0])  # every key and value checked
         authority = cfg.authority
-        if not cfg.generated:
-            raise TuneError("--data: a tune plans each run's budget from the number of people "
-                            "before anything runs; on real data that is not yet wired (tune on "
-                            "generated data, or sweep real data)")
+        if not cfg.generated and self.data_seed:
+            raise TuneError("--data-seed: real data (--data) has one population; leave "
+                            "--data-seed at 0")
         if authority.topology != "vertical" or authority.model.kind != "mlp":
             raise TuneError("a tune accounts DP-SGD runs of the vertical MLP (topology=vertical,"
                             " model.kind=mlp); other models are not yet accounted")
@@ -89,8 +88,16 @@ class TuneSpec:
             (SELECTION_KEY, canonical(float(self.score_noise))))
         if delta is not None and DELTA_KEY not in dict(self.assignments):
             own += ((DELTA_KEY, canonical(float(delta))),)
-        return SweepSpec(grid=self.grid, seeds=(0,), data_seeds=(self.data_seed,),
+        # Real data has one population (no data seeds: the sweep refuses them with --data);
+        # the tune's cells still name data seed 0, so every run shares DIR/parties/seed=0.
+        data_seeds = (self.data_seed,) if not self.real_data else None
+        return SweepSpec(grid=self.grid, seeds=(0,), data_seeds=data_seeds,
                          users=self.users, assignments=tuple(sorted((*self.assignments, *own))))
+
+    @property
+    def real_data(self) -> bool:
+        """--data: the runs import real tables instead of generating people."""
+        return bool(dict(self.assignments).get(DATA_KEY))
 
     @cached_property
     def _unit(self) -> SweepSpec:
