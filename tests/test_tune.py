@@ -349,3 +349,34 @@ def test_a_tune_on_real_data_plans_on_the_people_every_party_holds(tmp_path: Pat
     assert tune.planned_train_people(cfg) == 630  # split.train 0.7 of them
     with pytest.raises(TuneError, match="--data-seed"):
         _spec(users=None, data_seed=1, assignments=(("data", data),))
+
+
+def test_the_report_of_a_tune_shows_its_release_not_the_other_runs(tmp_path: Path):
+    """`fedscore report TUNE_DIR`: the candidates with their draws, the released run and the
+    accounted total; the authority's record of the other runs stays out."""
+    import pandas as pd
+
+    from simulations.report.render import build_report
+
+    out = tmp_path / "t"
+    out.mkdir()
+    plan = tune.TunePlan(_spec(), 1.25, 1.97, 1e-5, 1400, runs=(0, 2, 2), nonce="n")
+    (out / tune.TUNE_FILE).write_text(json.dumps(plan.to_json()))
+    pd.DataFrame({"run": ["a"], "noisy_val_loss": [0.123456789]}).to_csv(out / tune.RUNS_FILE)
+    (out / tune.SUMMARY_FILE).write_text(json.dumps({
+        "chosen": {"run": "train.lr=0.1_data=0_seed=2", "candidate": {"train.lr": "0.1"},
+                   "noisy_val_loss": 0.2468, "score_noise_std": 0.005, "test_auc": 0.7712,
+                   "directory": str(out / "runs" / "gone")},
+        "epsilon": {"total": 1.9876, "asked": 2.0, "theorem": "Papernot & Steinke, Theorem 2",
+                    "label_against_silos": 6.0},
+        "within_budget": True}))
+    files = build_report(out, figure_formats=())
+    assert files.kind == "tune"
+    candidates = pd.read_csv(out / "report" / "tune_candidates.csv", dtype=str)
+    assert candidates["train.lr"].tolist() == ["0.01", "0.03", "0.1"]
+    assert candidates["runs drawn"].tolist() == ["1", "0", "2"]
+    assert candidates["released"].tolist() == ["False", "False", "True"]
+    page = files.html.read_text()
+    assert "1.9876" in page
+    assert "train.lr=0.1_data=0_seed=2" in page
+    assert "0.1234" not in page  # tune_runs.csv is not a release

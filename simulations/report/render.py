@@ -43,6 +43,7 @@ from simulations.report.latex import TEX_DOCUMENT, TEX_FILE, render_document, re
 from simulations.report.load import detect_kind, load_run, load_sweep
 from simulations.report.run_sections import headline_run, run_sections
 from simulations.report.sweep_sections import sweep_sections
+from simulations.report.tune_sections import is_tune, load_tune, tune_sections
 
 log = logging.getLogger(__name__)
 
@@ -256,8 +257,12 @@ def build_report(directory: Path, *,
     tables-document.tex), every figure in figures/ (PDF and SVG unless `figure_formats` says
     otherwise; each format costs about 0.1 s a figure) and report/*.csv."""
     directory = Path(directory)
-    kind = detect_kind(directory)
     name = directory.resolve().name
+    if is_tune(directory):  # a `fedscore tune` directory: its release, then the chosen run
+        sections = tune_sections(load_tune(directory))
+        return write_report(directory.resolve(), "tune", f"fedscore report: tune {name}",
+                            sections, figure_formats=figure_formats)
+    kind = detect_kind(directory)
     if kind == "run":
         run = load_run(directory)
         sections = [headline_run(run), *run_sections(run)]
