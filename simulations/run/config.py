@@ -205,7 +205,8 @@ DESCRIPTIONS: dict[str, str] = {
     "privacy.transcript_sigma": "noise multiplier on contributions sent to the authority; 0 = off",
     "privacy.transcript_clip": "clipping bound of each contribution sent to the authority",
     "privacy.transcript_cap": "eps_transcript at which training stops; inf = no cap",
-    "privacy.guardrails": "a DP configuration that cannot learn: refuse, or only warn",
+    "privacy.guardrails": "a configuration that cannot learn on this data (any model): refuse, "
+                          "or only warn",
     "privacy.selection_noise": "noise multiplier of a tune's validation score, room left for "
                                "it in the calibration; 0 = none (fedscore tune sets it)",
     "aggregation.mode": "sum (a scorecard, secure sum) or concat (split learning, weaker)",
