@@ -347,6 +347,8 @@ def test_a_tune_on_real_data_plans_on_the_people_every_party_holds(tmp_path: Pat
     assert not cfg.generated
     assert tune.planned_people(cfg) == 900
     assert tune.planned_train_people(cfg) == 630  # split.train 0.7 of them
+    # The delta is planned on 4 standard deviations more: 630 + 4 sqrt(900 x 0.21) = 684.97.
+    assert tune.most_train_people(cfg) == 685
     with pytest.raises(TuneError, match="--data-seed"):
         _spec(users=None, data_seed=1, assignments=(("data", data),))
 
