@@ -200,9 +200,10 @@ def _min_child_weight(cfg: AuthorityConfig) -> float:
 # The DP trees and the DP scorecard add noise of a fixed size to sums over the training
 # people, so what they keep of the signal follows training people x epsilon. Measured on the
 # generated population (bench/small_data.py, 20,000 held-out people, 2-3 seeds), the loss to
-# the same model without noise: the DP scorecard lost about 0.10 AUC at 2,100 people x eps 1,
-# 0.06 at 7,000, 0.03 at 8,400 (2,100 x eps 4), under 0.01 from 14,000; the DP trees about
-# 0.17 below their large-data level at 700, 0.06 at 2,100 to 2,800, 0.02 at 7,000 to 8,400.
+# the same model without noise: the DP scorecard lost 0.10 AUC at 2,100 people x eps 1, 0.06 at
+# 7,000, 0.03 at 8,400 (2,100 x eps 4) and at 10,500, 0.014 at 14,000, 0.003 at 21,000; the DP
+# trees about 0.17 below their large-data level at 700, 0.06 at 2,100 to 2,800, 0.02 at 7,000
+# to 8,400.
 # Neither collapsed to AUC 0.5 (lowest 0.63), so these only warn.
 PEOPLE_EPSILON: dict[str, float] = {"scorecard": 10_000.0, "gbdt": 5_000.0}
 MODEL_NAMES = {"scorecard": "DP scorecard's", "gbdt": "DP trees'"}
