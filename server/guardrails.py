@@ -24,10 +24,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
+from crypto.at_rest import Keystore
 from server.config import AuthorityConfig
 from server.dp_guardrails import Guardrail, Sampling, sampling_guardrails
 from server.label_dp import flip_probability
+from server.labels import load_labels
 
 # SecureBoost trees on randomised-response labels. A split must leave gbdt.min_child_weight of
 # hessian on both sides, so below 2 x min_child_weight of mass at the root no tree ever splits
@@ -222,6 +225,13 @@ def dp_model_guardrails(cfg: AuthorityConfig, n_train: int) -> list[Guardrail]:
         "same model without noise (measured: docs/real-data.md); use privacy.epsilon="
         f"{math.ceil(10 * wanted / n_train) / 10:g}, or about "
         f"{math.ceil(wanted / epsilon):,} people in training"))]
+
+
+def default_rate(authority_dir: Path, store: Keystore | None = None) -> float:
+    """The authority's default rate over its own table (the trees' rule on randomised labels
+    weighs their hessian by it): the authority's figure, never sent to a silo."""
+    _, labels = load_labels(authority_dir, store)
+    return float(labels.mean()) if len(labels) else 0.0
 
 
 def needs_rate(cfg: AuthorityConfig) -> bool:

@@ -29,7 +29,7 @@ from server import run_phases
 from server.authority import RunResult
 from server.config import ConfigError
 from server.config_keys import to_flat
-from server.guardrails import needs_rate
+from server.guardrails import default_rate, needs_rate
 from server.labels import load_labels
 from server.privacy import model_epsilon
 from server.run_keys import authority_random
@@ -118,13 +118,6 @@ def check_parties(parties: Parties, store: Keystore | None = None) -> dict[str, 
     return rows
 
 
-def positive_rate(parties: Parties, store: Keystore | None = None) -> float:
-    """The authority's default rate over its table (the trees' guardrail on randomised labels
-    weighs their hessian by it; the authority's own figure, never sent to a silo)."""
-    _, labels = load_labels(parties.party(AUTHORITY), store)
-    return float(labels.mean()) if len(labels) else 0.0
-
-
 def ready_parties(run: Run) -> None:
     """Generate (or reuse) and validate the party tables before the engine starts."""
     store = run.keystore
@@ -141,7 +134,8 @@ def ready_parties(run: Run) -> None:
     # A DP configuration that cannot learn, refused before the engine on an upper bound of the
     # people in training (every party's rows bound who can be aligned).
     check_guardrails(run.cfg, min(rows.values()), "the smallest party's table",
-                     positive_rate(run.parties, store) if needs_rate(run.cfg.authority) else None)
+                     default_rate(run.parties.party(AUTHORITY), store)
+                     if needs_rate(run.cfg.authority) else None)
     # The simulation plays every silo's operator: identity keys, the roster, and a policy
     # allowing what this experiment asks (clients/silo/enrolment.py).
     asked = run.cfg.authority
