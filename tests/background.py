@@ -16,6 +16,7 @@ queue. A run that mostly waits (`waits=True`: the deployment engine's polling) t
 
 from __future__ import annotations
 
+import inspect
 import shutil
 import subprocess
 import sys
@@ -59,12 +60,33 @@ _started: dict[str, _Runs] = {}
 # exit code): what the suite's summary prints, to show where the end of the suite waits.
 _timings: list[tuple[str, int, float, float, int]] = []
 _EPOCH = time.monotonic()
+_ROOT = Path(__file__).resolve().parents[1]
 
 
 def register(name: str, commands: Commands, *, waits: bool = False) -> None:
     _registered[name] = commands
     if waits:
         _waits.add(name)
+
+
+def register_check(name: str, check: Callable[[Path], None], *, waits: bool = False) -> None:
+    """A test's body run in a process of its own beside the suite, like a run: `check` (a
+    module-level function of tests/) gets an empty work directory and fails by raising. For
+    bodies that mostly wait (SuperNodes polling) or start an engine of their own; the test
+    that awaits it by fixture `name` fails with the check's traceback (`passed`)."""
+    # By file: pytest may have imported the test module under its bare name.
+    target = f"tests.{Path(inspect.getfile(check)).stem}:{check.__qualname__}"
+    register(name, lambda work: [Command((), env={"PYTHONPATH": str(_ROOT)}, program=(
+        sys.executable, "-m", "tests.background_check", target, str(work / "check")))],
+        waits=waits)
+
+
+def passed(name: str, timeout: float = 900) -> None:
+    """Await the check `name` (register_check) and fail as it failed."""
+    (proc,), work = finish(name, timeout)
+    if proc.returncode != 0:
+        pytest.fail(f"{name} (run beside the suite in {work}) failed:\n{proc.stdout}"
+                    f"{proc.stderr}", pytrace=False)
 
 
 def awaited_by(item: pytest.Item) -> bool:

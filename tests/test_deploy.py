@@ -45,7 +45,9 @@ def wait_for(predicate, timeout: float, what: str) -> None:
         time.sleep(0.2)
 
 
-def test_unregistered_supernode_is_refused(tmp_path: Path):
+# The two refusals below mostly wait for SuperNodes to join (3 s polls): each runs in a
+# process of its own beside the suite (background.register_check) and its test awaits it.
+def refuses_an_unregistered_supernode(tmp_path: Path) -> None:
     creds = write_credentials(tmp_path / "creds", ["127.0.0.1", "localhost"], ["payments"])
     rogue_private, _ = make_node_key()
     rogue_key = tmp_path / "rogue.key"
@@ -75,7 +77,7 @@ def test_unregistered_supernode_is_refused(tmp_path: Path):
     assert processes_using(tmp_path / "flwr") == []
 
 
-def test_supernode_refuses_an_app_bundle_it_did_not_pin(tmp_path: Path):
+def refuses_an_app_bundle_it_did_not_pin(tmp_path: Path) -> None:
     """The silos pinned the bundle they reviewed; the SuperLink ships one differing by one
     byte. Each SuperNode refuses it before storing or running it, and stays up."""
     parties = tmp_path / "parties"
@@ -132,6 +134,31 @@ def test_supernode_refuses_an_app_bundle_it_did_not_pin(tmp_path: Path):
         started = [p.pid for p in dep.processes]
         dep.stop_all()
     assert process_tree(started) == set()
+
+
+background.register_check("unregistered_refused", refuses_an_unregistered_supernode, waits=True)
+background.register_check("unpinned_refused", refuses_an_app_bundle_it_did_not_pin, waits=True)
+
+
+@pytest.fixture
+def unregistered_refused() -> None:
+    background.passed("unregistered_refused")
+
+
+@pytest.fixture
+def unpinned_refused() -> None:
+    background.passed("unpinned_refused")
+
+
+def test_unregistered_supernode_is_refused(unregistered_refused):
+    """A SuperNode whose key was never registered is refused; a registered one joins, over TLS
+    only (refuses_an_unregistered_supernode)."""
+
+
+def test_supernode_refuses_an_app_bundle_it_did_not_pin(unpinned_refused):
+    """The silos pinned the bundle they reviewed; the SuperLink ships one differing by one
+    byte: each SuperNode refuses it before storing or running it, and stays up
+    (refuses_an_app_bundle_it_did_not_pin)."""
 
 
 def test_the_run_config_with_the_lock_token_is_private(tmp_path: Path):

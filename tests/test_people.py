@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from clients.protocol.reasons import CATALOGUE
 from crypto.at_rest import Keystore, read_party_file
 from crypto.identity import keyed_refs, load_or_create_pepper
 from tests.conftest import ENGINE_ENV, assert_no_identifiers, run_cli, run_cli_for, scores_of
+from tests.machine_watch import Watch, check_ray, probe_gcs, wait
 
 pytestmark = pytest.mark.slow
 
@@ -86,6 +88,10 @@ def _wait_for(path: Path, proc: subprocess.Popen, seconds: float) -> None:
 
 
 def test_served_score_dispute_drift_and_audit(small_run: Path, tmp_path: Path):
+    """One served federation answers `score`, `dispute` and `drift`; the audit log chains what
+    it changed. Watched from /proc while it serves (tests/machine_watch.py): its Ray listens
+    on loopback only and refuses a client without its token, and no command line on the
+    machine, nor Ray's job table, ever holds the phone number."""
     run = _copy_run(small_run, tmp_path)
     people = _phones(run)
     person = people[(people["status"] == "scored")].iloc[0]
@@ -94,8 +100,14 @@ def test_served_score_dispute_drift_and_audit(small_run: Path, tmp_path: Path):
     server = subprocess.Popen([sys.executable, "-m", "simulations.cli", "serve", str(run)],
                               cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
+    watch = Watch(server.pid, phone)
+    sampler = threading.Thread(target=watch.run, daemon=True)
+    sampler.start()
     try:
         _wait_for(run / "serve.json", server, 120)
+        wait(lambda: watch.gcs_port is not None and watch.token is not None, 60, "Ray GCS",
+             server)
+        probe_gcs(watch)
         looked = run_cli_for(phone, "score", str(run), "--repeat", "5", cwd=tmp_path,
                              engine=False)
         assert looked.returncode == 0, looked.stderr
@@ -131,8 +143,14 @@ def test_served_score_dispute_drift_and_audit(small_run: Path, tmp_path: Path):
         assert bad.returncode == 2
         assert "cannot be negative" in bad.stderr
     finally:
+        watch.stop.set()
+        sampler.join()
         server.send_signal(signal.SIGINT)
         server.wait(timeout=90)
+    check_ray(watch)
+    assert watch.phone_in == set(), "the phone number was on a command line"
+    assert watch.jobs_seen >= 1, "the sampler never read Ray's job table"
+    assert not watch.phone_in_jobs
     assert not (run / "serve.json").exists()
     assert "stopped after" in server.stderr.read()
 
