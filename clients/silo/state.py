@@ -243,7 +243,7 @@ def reply_digest(reply: RecordDict) -> bytes:
 def trainer_module() -> ModuleType:
     """torch and Opacus, imported by the messages that train. Under the deployment engine every
     message runs in a fresh process, and importing them costs seconds that PSI never needs."""
-    import torch
+    import torch  # here, not at the top: see the docstring
 
     from clients.silo import trainer
 
@@ -256,7 +256,7 @@ def silo_trainer(node: Node) -> SiloTrainer:
         raise m.ProtocolError("no model yet: the authority must send query.align first")
     cfg = m.config_record(node.state, "model")
     model = trainer_module()
-    from clients.protocol.model import ModelSpec
+    from clients.protocol.model import ModelSpec  # imports torch: see trainer_module
 
     trainer = model.SiloTrainer(m.config_int(cfg, "inputs"), ModelSpec.from_config(dict(cfg)),
                                 m.config_int(cfg, "salt"), random=silo_random(node),

@@ -8,7 +8,15 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from server.tune_privacy import DISTRIBUTIONS, RunsLaw
+from server.tune_score import CLIP
 from simulations.cli.output import console, fmt, run_cells_with_progress
+from simulations.data.paths import check_new_dir
+from simulations.run.config import check_delta, check_guardrails, parse_assignments
+from simulations.run.grid import parse_grid
+from simulations.run.sweep import is_done
+from simulations.run.tune import plan_tune, run_tune
+from simulations.run.tune_spec import DEFAULT_MEAN_RUNS, DEFAULT_SCORE_NOISE, TuneError, TuneSpec
 
 TUNE_HELP = """\
 A tune trains a random number K of runs, each on a candidate of the grid drawn at random, and
@@ -28,14 +36,6 @@ of every run, not a release.
 
 
 def tune_command(args: argparse.Namespace) -> int:
-    from server.tune_privacy import RunsLaw
-    from simulations.data.paths import check_new_dir
-    from simulations.run.config import check_delta, check_guardrails, parse_assignments
-    from simulations.run.grid import parse_grid
-    from simulations.run.sweep import is_done
-    from simulations.run.tune import plan_tune, run_tune
-    from simulations.run.tune_spec import TuneError, TuneSpec
-
     check_new_dir(args.out, "--out")
     out = args.out.resolve()
     assignments = parse_assignments(args.assignments)
@@ -89,8 +89,6 @@ def _print_plan(plan) -> None:
 
 
 def _score_std(plan) -> float:
-    from server.tune_score import CLIP
-
     cfg = plan.config(plan.spec.cells([0])[0])
     val = max(1, round(cfg.authority.split.val * cfg.population.users))
     return plan.spec.score_noise * CLIP / val
@@ -124,9 +122,6 @@ def _print_summary(out: Path, summary: dict) -> None:
 
 
 def add_tune_parser(sub: argparse._SubParsersAction, *, users_help: str) -> None:
-    from server.tune_privacy import DISTRIBUTIONS
-    from simulations.run.tune_spec import DEFAULT_MEAN_RUNS, DEFAULT_SCORE_NOISE
-
     tune = sub.add_parser("tune", help="pick among candidate settings on private labels, the "
                                        "selection's privacy cost accounted",
                           epilog=TUNE_HELP)

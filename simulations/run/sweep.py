@@ -44,6 +44,7 @@ from simulations.data.paths import grid_columns
 from simulations.report.stats import interval_method, mean_ci
 from simulations.run.config import from_flat, known_keys
 from simulations.run.grid import EPSILON_KEY, Cell, SweepError, SweepSpec, point_name
+from simulations.run.rundir import resumable
 
 log = logging.getLogger(__name__)
 
@@ -130,8 +131,6 @@ def set_aside_unfinished(out: Path, cell: Cell) -> bool:
     """An unfinished cell resumes from its checkpoint, or at its baselines when its federated
     part finished (returns True); otherwise (it never finished a round: interrupted early, or
     failed) its directory is renamed aside (kept, never deleted) and the cell starts over."""
-    from simulations.run.rundir import resumable
-
     directory = cell_dir(out, cell)
     if not directory.exists():
         return False
