@@ -47,7 +47,7 @@ from simulations.data.paths import (
 from simulations.data.population import PopulationConfig
 from simulations.data.real_data import SOURCE_FILE
 from simulations.run.config import ExperimentConfig, make_config
-from simulations.run.experiment import finish_run
+from simulations.run.finish_vertical import finish_run
 from simulations.run.rundir import (
     Interrupted,
     Progress,
