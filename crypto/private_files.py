@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+# write_atomic(public=True): records anyone on the machine may read, as the umask made them.
+PUBLIC_MODE = 0o644
 
 
 class PrivateFileError(PermissionError):
@@ -116,15 +118,15 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes | str, *, mode: int = 0o600, sync: bool = True
+def write_atomic(path: Path, data: bytes | str, *, public: bool = False, sync: bool = True
                  ) -> None:
     """`data` (str: UTF-8) into `path` whole or not at all: a reader or a crash sees the old
     file or the new one, never half of one.
 
     The temporary file beside `path` has an unpredictable name and is made with O_EXCL, so a
     link planted in advance cannot redirect the write; the rename replaces whatever is at
-    `path` (a planted link included) instead of writing where it points. The file gets `mode`
-    (0600 unless the caller says it is public, e.g. 0o644 for a report) whatever the umask.
+    `path` (a planted link included) instead of writing where it points. The file is 0600, or
+    0644 when `public` (a report, a run's metrics, public keys), whatever the umask.
     `sync`: fsync the file before the rename and the directory after (durable when this
     returns); off only for large files a run can write again (party tables)."""
     path = Path(path)
@@ -132,7 +134,7 @@ def write_atomic(path: Path, data: bytes | str, *, mode: int = 0o600, sync: bool
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
-            os.fchmod(fh.fileno(), mode)
+            os.fchmod(fh.fileno(), PUBLIC_MODE if public else 0o600)
             fh.write(raw)
             if sync:
                 fh.flush()

@@ -27,8 +27,6 @@ from crypto.private_files import write_atomic
 log = logging.getLogger(__name__)
 
 PHASES_FILE = "phases.json"
-# Mode of the run directory's records (metrics, no person), as they were before atomic writes.
-PUBLIC = 0o644
 # In run order. align/train/score are the authority's federated part; the rest the runner's.
 PHASES = ("align", "train", "score", "baselines", "audit", "report")
 FAIL_AT_PHASE = "FEDSCORE_FAIL_AT_PHASE"
@@ -71,7 +69,7 @@ def finish(run_dir: Path, phase: str, result: object | None = None) -> None:
     if result is not None:
         record["saved"][phase] = result
     write_atomic(Path(run_dir) / PHASES_FILE, json.dumps(record, allow_nan=True) + "\n",
-                 mode=PUBLIC)
+                 public=True)
     log.info("run phase %s finished", phase)
 
 

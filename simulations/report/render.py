@@ -190,7 +190,7 @@ def render_html(title: str, source: Path, sections: list[Section],
 def _write_atomic(path: Path, data: bytes) -> None:
     """Whole or not at all, so a reader never sees half a report; readable by all (0644) like
     any report. Not fsynced: a report can be rebuilt from its run."""
-    write_atomic(path, data, mode=0o644, sync=False)
+    write_atomic(path, data, public=True, sync=False)
 
 
 def _csv_frames(sections: list[Section]) -> dict[str, pd.DataFrame]:

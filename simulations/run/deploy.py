@@ -159,7 +159,7 @@ class Deployment:
         # Atomic: Ctrl-C may land mid-write, and whoever cleans up after us reads this file.
         write_atomic(self.logs / "processes.json",
                      json.dumps({p.name: p.pid for p in self.processes}, indent=1) + "\n",
-                     mode=0o644, sync=False)
+                     public=True, sync=False)
         log.info("started %s (pid %d)", name, proc.pid)
         return proc
 

@@ -32,7 +32,7 @@ from crypto.private_files import write_atomic
 from server import run_phases
 from server.config import ConfigError
 from server.run_lock import claim
-from server.run_phases import PUBLIC, PhaseTimer
+from server.run_phases import PhaseTimer
 from server.scores_file import SCORES_FILE, recorded_run_key
 from server.server_app import FAILURE_FILE
 from simulations.data.paths import (
@@ -223,7 +223,7 @@ def _record(target: FlwrRun) -> None:
     """config.json and run.json, as `fedscore run` writes them when it claims a run; each
     whole or not at all."""
     write_atomic(target.out_dir / "config.json", json.dumps(target.cfg.flat(), indent=2) + "\n",
-                 mode=PUBLIC)
+                 public=True)
     write_atomic(target.out_dir / RUN_FILE,
                  json.dumps({"parties": str(target.parties), "engine": FLWR_ENGINE}) + "\n",
-                 mode=PUBLIC)
+                 public=True)

@@ -37,6 +37,7 @@ from clients.protocol.accounting import History, add_steps, joint_multiplier
 from clients.protocol.schema import SILOS
 from crypto.at_rest import open_keystore
 from crypto.identity import keyed_refs
+from crypto.private_files import write_atomic
 from server import ledger_lines
 from server.config import ConfigError
 from server.delta_budget import releases_outside_sgd, split_delta
@@ -202,9 +203,7 @@ def plan_tune(out: Path, spec: TuneSpec, *,
     plan = TunePlan(spec, run_eps, total, delta, n_train, runs, nonce,
                     {k: [float(x) for x in v] for k, v in curves.items()})
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / (TUNE_FILE + ".partial")
-    tmp.write_text(json.dumps(plan.to_json(), indent=2) + "\n")
-    tmp.replace(path)
+    write_atomic(path, json.dumps(plan.to_json(), indent=2) + "\n", public=True)
     return plan
 
 
@@ -242,10 +241,9 @@ def score_run(plan: TunePlan, out: Path, cell: Cell) -> NoisyScore:
             lines, plan.spec.score_noise, authority["accountant"],
             authority["delta_accountant"], authority["delta"],
             max((x.round for x in lines), default=0)))
-    tmp = run_dir / (SCORE_FILE + ".partial")
-    tmp.write_text(json.dumps({"loss_sum": score.loss_sum, "people": score.people,
-                               "noise_multiplier": score.noise_multiplier}) + "\n")
-    tmp.replace(saved)
+    write_atomic(saved, json.dumps({"loss_sum": score.loss_sum, "people": score.people,
+                                    "noise_multiplier": score.noise_multiplier}) + "\n",
+                 public=True)
     return score
 
 
@@ -302,9 +300,7 @@ def summarise(plan: TunePlan, out: Path, scores: Mapping[str, NoisyScore],
                        error=failures.get(cell.name, ""))
         rows.append(row)
     table = pd.DataFrame(rows, columns=["run", "candidate", "status"] if not rows else None)
-    tmp = out / (RUNS_FILE + ".partial")
-    table.to_csv(tmp, index=False)
-    tmp.replace(out / RUNS_FILE)
+    write_atomic(out / RUNS_FILE, table.to_csv(index=False), public=True)
     if len(scores) < plan.k:
         return {}
     if plan.k == 0:  # a Poisson draw of no run: nothing is released, nothing is spent
@@ -341,9 +337,7 @@ def summarise(plan: TunePlan, out: Path, scores: Mapping[str, NoisyScore],
 
 
 def _write_summary(out: Path, summary: dict) -> dict:
-    tmp = out / (SUMMARY_FILE + ".partial")
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    tmp.replace(out / SUMMARY_FILE)
+    write_atomic(out / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n", public=True)
     return summary
 
 
