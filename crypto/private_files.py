@@ -6,7 +6,7 @@
 - `check_private`: the one permission check of a private file or directory (symlink, owner,
   mode), used by every module that reads a secret.
 - `write_atomic`: a file replaced whole or not at all (unpredictable temporary name, fsync,
-  rename, directory fsync); `append_private`: an append-only private file (the audit log).
+  rename, directory fsync); `open_append`: an append-only file (the audit log, the ledger).
 
 This module imports nothing of the project (crypto/ is a leaf), so every package may use it."""
 
@@ -43,7 +43,9 @@ def check_private(path: Path, what: str, *, directory: bool = False) -> None:
     _check_info(os.lstat(path), Path(path), what, directory)
 
 
-def _check_info(info: os.stat_result, path: Path, what: str, directory: bool) -> None:
+def _check_info(info: os.stat_result, path: Path, what: str, directory: bool,
+                public: bool = False) -> None:
+    """check_private's rules on `info`; `public`: others may read the file (not write it)."""
     error = PrivateDirError if directory else PrivateFileError
     kind = "directory" if directory else "file"
     if stat.S_ISLNK(info.st_mode):
@@ -58,6 +60,11 @@ def _check_info(info: os.stat_result, path: Path, what: str, directory: bool) ->
                     "trap: remove it, or copy it and make it yours (in the temp directory: set "
                     "TMPDIR to a directory of your own)")
     mode = stat.S_IMODE(info.st_mode)
+    if public and mode & 0o022:
+        raise error(f"{what} {path} is writable by other users (mode {mode:o}); run "
+                    f"`chmod 644 {path}`")
+    if public:
+        return
     if mode & 0o077 and directory:
         raise error(f"{what} {path} is open to other users (mode {mode:o}); remove it (others "
                     f"may have left files in it) or run `chmod 700 {path}`")
@@ -149,16 +156,19 @@ def write_atomic(path: Path, data: bytes | str, *, public: bool = False, sync: b
 
 
 @contextlib.contextmanager
-def append_private(path: Path, what: str) -> Iterator[BinaryIO]:
-    """`path` open for reading and appending (every write lands at the end), created 0600 when
+def open_append(path: Path, what: str, *, public: bool = False) -> Iterator[BinaryIO]:
+    """`path` open for reading and appending (every write lands at the end), created when
     missing (its directory entry fsynced at once), never through a symlink, and refused
-    (`PrivateFileError`) when it is not a regular file of ours that only we can read. The
-    caller flushes and fsyncs what it writes: when a write must be durable is its decision."""
+    (`PrivateFileError`) when it is not a regular file of ours that only we can read, or with
+    `public` (a privacy ledger anyone may check) only we can write. Created 0600, or 0644 when
+    `public`. The caller flushes and fsyncs what it writes: when is its decision."""
     path = Path(path)
+    mode = PUBLIC_MODE if public else 0o600
     flags = os.O_RDWR | os.O_APPEND | os.O_CLOEXEC | _NOFOLLOW
     try:
         try:
-            fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600)
+            fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, mode)
+            os.fchmod(fd, mode)  # whatever the umask
             created = True
         except FileExistsError:  # O_EXCL also meets a planted link here, even a dangling one
             fd = os.open(path, flags)
@@ -169,7 +179,7 @@ def append_private(path: Path, what: str) -> Iterator[BinaryIO]:
                                    "have planted it) and put the file itself there") from None
         raise
     with os.fdopen(fd, "r+b") as fh:
-        _check_info(os.fstat(fd), path, what, directory=False)
+        _check_info(os.fstat(fd), path, what, directory=False, public=public)
         if created:
             fsync_dir(path.parent)
         yield fh

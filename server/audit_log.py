@@ -54,9 +54,9 @@ from typing import Any
 from crypto.at_rest import AtRestError, Keystore, decrypt, encrypt
 from crypto.private_files import (
     PrivateFileError,
-    append_private,
     check_private,
     ensure_private_dir,
+    open_append,
     write_atomic,
 )
 
@@ -153,7 +153,7 @@ class AuditLog:
         """Append `record`; returns the entry as written (durable when this returns)."""
         body = _encode_record(record)
         # 0600, never through a planted link, created with its directory entry fsynced.
-        with append_private(self.path, "audit log") as fh:
+        with open_append(self.path, "audit log") as fh:
             fcntl.flock(fh, fcntl.LOCK_EX)  # released when the file closes
             seq, prev = self._tail(fh)
             # A log behind its anchor (deleted, cut, replaced) must not be anchored afresh:

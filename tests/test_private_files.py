@@ -18,9 +18,9 @@ from crypto.identity import load_or_create_pepper
 from crypto.private_files import (
     PrivateDirError,
     PrivateFileError,
-    append_private,
     check_private,
     ensure_private_dir,
+    open_append,
     write_atomic,
 )
 from crypto.tls import CredentialError, write_credentials
@@ -71,7 +71,7 @@ def test_a_failed_write_atomic_keeps_the_old_file_and_leaves_no_temporary(tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keys.json"]
 
 
-# ---- append_private: attacks --------------------------------------------------------------------
+# ---- open_append: attacks --------------------------------------------------------------------
 
 
 def test_append_refuses_a_planted_link_even_a_dangling_one(tmp_path: Path):
@@ -81,7 +81,7 @@ def test_append_refuses_a_planted_link_even_a_dangling_one(tmp_path: Path):
     (tmp_path / "dangling.log").symlink_to(tmp_path / "nowhere")
     for name in ("live.log", "dangling.log"):
         with pytest.raises(PrivateFileError, match="symbolic link"), \
-                append_private(tmp_path / name, "audit log") as fh:
+                open_append(tmp_path / name, "audit log") as fh:
             fh.write(b"ours")
     assert victim.read_bytes() == b"theirs"
     assert not (tmp_path / "nowhere").exists()
@@ -91,13 +91,13 @@ def test_append_refuses_a_file_open_to_others_or_someone_elses(tmp_path: Path, m
     path = tmp_path / "audit.log"
     path.write_bytes(b"line\n")
     path.chmod(0o644)
-    with pytest.raises(PrivateFileError, match="chmod 600"), append_private(path, "audit log"):
+    with pytest.raises(PrivateFileError, match="chmod 600"), open_append(path, "audit log"):
         pass
     path.chmod(0o600)
     real = os.getuid()
     monkeypatch.setattr(os, "getuid", lambda: real + 1)
     with pytest.raises(PrivateFileError, match="belongs to another user"), \
-            append_private(path, "audit log"):
+            open_append(path, "audit log"):
         pass
     assert path.read_bytes() == b"line\n"
 
@@ -105,7 +105,7 @@ def test_append_refuses_a_file_open_to_others_or_someone_elses(tmp_path: Path, m
 def test_append_creates_0600_and_appends(tmp_path: Path):
     path = tmp_path / "audit.log"
     for line in (b"a\n", b"b\n"):
-        with append_private(path, "audit log") as fh:
+        with open_append(path, "audit log") as fh:
             fh.write(line)
     assert path.read_bytes() == b"a\nb\n"
     assert _mode(path) == 0o600
@@ -231,9 +231,24 @@ def test_appends_concatenate_in_order(chunks):
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "audit.log"
         for chunk in chunks:
-            with append_private(path, "audit log") as fh:
+            with open_append(path, "audit log") as fh:
                 fh.write(chunk)
                 fh.seek(0)  # a read in between (the audit log reads its tail) moves nothing
                 fh.read()
         assert path.read_bytes() == b"".join(chunks)
         assert _mode(path) == 0o600
+
+
+def test_a_public_append_file_is_0644_and_refused_when_others_may_write(tmp_path: Path):
+    path = tmp_path / "ledger.jsonl"
+    old = os.umask(0o077)  # public whatever the umask
+    try:
+        with open_append(path, "privacy ledger", public=True) as fh:
+            fh.write(b"{}\n")
+    finally:
+        os.umask(old)
+    assert _mode(path) == 0o644
+    path.chmod(0o664)
+    with pytest.raises(PrivateFileError, match="writable by other users"), \
+            open_append(path, "privacy ledger", public=True):
+        pass
