@@ -16,7 +16,6 @@ import json
 import os
 import secrets
 import shutil
-import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,13 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from crypto.identity import check_party_name
-from crypto.private_files import write_private
+from crypto.private_files import (
+    PrivateFileError,
+    check_private,
+    ensure_private_dir,
+    write_atomic,
+    write_private,
+)
 
 MAGIC = b"FSENC1"
 SUITES = {"aes-256-gcm": (1, 32), "sm4-gcm": (2, 16)}  # id, key length
@@ -62,7 +67,7 @@ class Keystore:
             raise AtRestError(
                 f"no keystore at {self.path}; create one with `fedscore keys init {self.path}`"
             )
-        self._check_private(self.path, 0o700)
+        _check_private(self.path, "keystore", directory=True)
         self.meta = json.loads(meta.read_text())
         if self.meta.get("suite") not in SUITES:
             raise AtRestError(f"{meta} names an unknown suite; restore the keystore from backup")
@@ -74,9 +79,11 @@ class Keystore:
         path = Path(path)
         if path.exists() and any(path.iterdir()):
             raise AtRestError(f"{path} is not empty; a keystore needs a new directory")
-        path.mkdir(parents=True, exist_ok=True)
-        path.chmod(0o700)
-        (path / META).write_text(json.dumps({"suite": suite, "active": None, "keys": []}))
+        try:
+            ensure_private_dir(path, "keystore", parents=True, claim_empty=True)
+        except PrivateFileError as exc:
+            raise AtRestError(str(exc)) from None
+        write_atomic(path / META, json.dumps({"suite": suite, "active": None, "keys": []}))
         store = cls(path)
         store.rotate()
         return store
@@ -114,9 +121,7 @@ class Keystore:
         write_private(target, material)
         self.meta["keys"].append(key_id.hex())
         self.meta["active"] = key_id.hex()
-        tmp = self.path / (META + ".tmp")
-        tmp.write_text(json.dumps(self.meta))
-        tmp.replace(self.path / META)
+        write_atomic(self.path / META, json.dumps(self.meta))
         return Key(key_id, self.suite, material)
 
     def active(self) -> Key:
@@ -129,9 +134,7 @@ class Keystore:
                 f"{self.path} does not hold; use the keystore it was written with"
             )
         path = self.path / f"key-{key_id.hex()}.bin"
-        if path.is_symlink():
-            raise AtRestError(f"{path} is a symbolic link; a key file must be the file itself")
-        self._check_private(path, 0o600)
+        _check_private(path, "key file")
         material = path.read_bytes()
         # Exactly the suite's length: AESGCM takes 16, 24 or 32 bytes, so a key file cut to 16
         # would otherwise silently become AES-128 (and one of 24, AES-192).
@@ -143,13 +146,13 @@ class Keystore:
             )
         return Key(key_id, self.suite, material)
 
-    @staticmethod
-    def _check_private(path: Path, mode: int) -> None:
-        actual = stat.S_IMODE(path.stat().st_mode)
-        if actual & 0o077:
-            raise AtRestError(
-                f"{path} is readable by others (mode {actual:o}); run `chmod {mode:o} {path}`"
-            )
+
+def _check_private(path: Path, what: str, directory: bool = False) -> None:
+    """crypto/private_files.py's check, raising the keystore's own error."""
+    try:
+        check_private(path, what, directory=directory)
+    except PrivateFileError as exc:
+        raise AtRestError(str(exc)) from None
 
 
 def _crypt(key: Key, nonce: bytes, data: bytes | memoryview, aad: bytes, encrypt: bool) -> bytes:
@@ -202,9 +205,8 @@ def decrypt(store: Keystore, blob: bytes, context: bytes) -> bytes:
 
 def write_encrypted(store: Keystore, path: Path, data: bytes, context: bytes) -> None:
     """Atomically: a reader sees the whole encrypted file or none, never a partial one."""
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_bytes(encrypt(store, data, context))
-    os.replace(tmp, path)
+    # Not fsynced: party tables are hundreds of MB and a run writes them again.
+    write_atomic(path, encrypt(store, data, context), sync=False)
 
 
 def read_encrypted(store: Keystore, path: Path, context: bytes) -> bytes:

@@ -27,7 +27,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from crypto.private_files import load_or_create_secret
+from crypto.private_files import load_or_create_secret, write_atomic
 
 ROSTER_FILE = "roster.json"
 IDENTITY_FILE = "identity-{party}.key"
@@ -150,9 +150,7 @@ class Roster:
         return cls.from_json(path.read_text())
 
     def write(self, path: Path) -> None:
-        tmp = Path(path).with_name(Path(path).name + ".partial")
-        tmp.write_text(self.to_json())
-        tmp.replace(path)
+        write_atomic(path, self.to_json(), public=True)  # public keys: readable by all
 
 
 def authority_roster(parties_root: Path) -> Roster:

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
-import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +26,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from crypto.identity import PartyNameError, check_party_name
-from crypto.private_files import replace_private
+from crypto.private_files import (
+    PrivateFileError,
+    check_private,
+    ensure_private_dir,
+    replace_private,
+)
 
 CA_DAYS = 365
 LEAF_DAYS = 90  # short-lived: a stolen server key stops working soon
@@ -84,29 +87,12 @@ class Credentials:
         private = [self.server_key, *(self.node_key(s) for s in silos)]
         if self.ca_key.exists() or self.ca_key.is_symlink():
             private.insert(0, self.ca_key)
-        _check_owner_only(self.root, 0o700, "the credentials directory")
-        for path in private:
-            _check_owner_only(path, 0o600, "private key")
-
-
-def _check_owner_only(path: Path, mode: int, what: str) -> None:
-    """Refuse a private file or directory that another user owns or can read, or a symlink
-    (which could point anywhere, and whose target's mode is what matters)."""
-    info = os.lstat(path)
-    if stat.S_ISLNK(info.st_mode):
-        raise CredentialError(f"{what} {path} is a symbolic link; put the file itself there")
-    if info.st_uid != os.getuid():
-        raise CredentialError(f"{what} {path} belongs to another user (uid {info.st_uid}); "
-                              f"copy it and make it yours with `chmod {mode:o}`")
-    if stat.S_IMODE(info.st_mode) & 0o077:
-        raise CredentialError(
-            f"{what} {path} is readable by other users; run `chmod {mode:o} {path}`"
-        )
-
-
-def _private_dir(path: Path) -> None:
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    path.chmod(0o700)
+        try:
+            check_private(self.root, "the credentials directory", directory=True)
+            for path in private:
+                check_private(path, "private key")
+        except PrivateFileError as exc:
+            raise CredentialError(str(exc)) from None
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -212,8 +198,11 @@ def write_credentials(root: Path, hosts: Iterable[str], silos: Iterable[str],
             f"{root} already holds credentials; choose another directory (replacing them would "
             "lock out every SuperNode that has the old ones)"
         )
-    _private_dir(root)
-    _private_dir(root / "nodes")
+    try:
+        ensure_private_dir(root, "the credentials directory", parents=True, claim_empty=True)
+        ensure_private_dir(root / "nodes", "the node keys' directory", claim_empty=True)
+    except PrivateFileError as exc:
+        raise CredentialError(str(exc)) from None
     ca_key, ca_cert = make_ca()
     server_key, server_cert = make_server_cert(ca_key, ca_cert, hosts)
     replace_private(creds.ca_key, _pem_key(ca_key))

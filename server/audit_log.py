@@ -52,6 +52,13 @@ from pathlib import Path
 from typing import Any
 
 from crypto.at_rest import AtRestError, Keystore, decrypt, encrypt
+from crypto.private_files import (
+    PrivateFileError,
+    check_private,
+    ensure_private_dir,
+    open_append,
+    write_atomic,
+)
 
 log = logging.getLogger(__name__)
 
@@ -145,9 +152,8 @@ class AuditLog:
     def append(self, record: Mapping[str, Any]) -> Entry:
         """Append `record`; returns the entry as written (durable when this returns)."""
         body = _encode_record(record)
-        created = not self.path.exists()
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
-        with os.fdopen(fd, "r+b") as fh:
+        # 0600, never through a planted link, created with its directory entry fsynced.
+        with open_append(self.path, "audit log") as fh:
             fcntl.flock(fh, fcntl.LOCK_EX)  # released when the file closes
             seq, prev = self._tail(fh)
             # A log behind its anchor (deleted, cut, replaced) must not be anchored afresh:
@@ -167,8 +173,6 @@ class AuditLog:
             os.fsync(fh.fileno())
             # Still under the lock: the anchor moves with the log, one writer at a time.
             write_anchor(self.anchor_path, Anchor(digest, seq + 1, guarded_digests(self.path)))
-        if created:
-            _fsync_dir(self.path.parent)
         log.info("audit log %s: appended entry %d", self.path.name, seq)
         return Entry(seq, prev, digest, body)
 
@@ -287,15 +291,6 @@ class AuditLog:
         return [e.record for e in entries]
 
 
-def _fsync_dir(directory: Path) -> None:
-    """Make a new file's directory entry durable too."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 # ---- the anchor ---------------------------------------------------------------------------------
 
 ANCHOR_DIR = "audit-anchors"
@@ -361,22 +356,19 @@ def guarded_digests(log_path: Path) -> dict[str, str | None]:
 
 def write_anchor(path: Path, anchor: Anchor) -> None:
     """Atomically (temporary file, fsync, rename): a crash leaves the old anchor or the new."""
-    path.parent.mkdir(mode=0o700, exist_ok=True)
+    ensure_private_dir(path.parent, "the keystore's audit anchors")
     body = json.dumps({"version": ANCHOR_VERSION, "head": anchor.head, "entries": anchor.entries,
                        "digests": anchor.digests}, sort_keys=True, indent=2) + "\n"
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(body)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    write_atomic(path, body)
 
 
 def read_anchor(path: Path) -> Anchor | None:
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         return None
+    try:
+        check_private(path, "the audit anchor")  # what vouches for the log: ours alone
+    except PrivateFileError as exc:
+        raise AuditLogError(f"{exc}; or restore the keystore from a backup") from None
     try:
         raw = json.loads(path.read_text())
         return Anchor(str(raw["head"]), int(raw["entries"]), dict(raw.get("digests", {})))

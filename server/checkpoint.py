@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from crypto.at_rest import Keystore, decrypt, encrypt
+from crypto.private_files import write_atomic
 
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_FILE = "authority.npz"
@@ -95,12 +95,7 @@ def _write_npz(target: Path, store: Keystore | None = None, **arrays: np.ndarray
     data = buf.getvalue()
     if store is not None:
         data = encrypt(store, data, _context(target))
-    tmp = target.with_suffix(".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, target)
+    write_atomic(target, data)
 
 
 def _read_npz(source: Path, store: Keystore | None = None) -> dict[str, np.ndarray]:

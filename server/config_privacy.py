@@ -105,15 +105,19 @@ class PrivacyConfig:
                               "multiplier >= 0 (0 = no selection score; fedscore tune sets it)")
 
     def delta_for(self, n_train: int) -> float:
-        """The delta in force: 1/(10 N) by default; refuses a delta that is not below 1/N, the
-        level at which releasing one random record whole would be allowed."""
-        if self.delta and self.delta >= 1.0 / n_train:
-            raise ConfigError(
-                f"privacy.delta={self.delta} is not below 1/N = {1 / n_train:.2e} "
-                f"(N = {n_train:,} people in training); use at most {0.1 / n_train:.1e}, or 0 "
-                "for the default 1/(10 N)"
-            )
+        """The delta in force: 1/(10 N) by default; refuses a delta that is not below 1/N."""
+        self.check_delta(n_train, f"N = {n_train:,} people in training")
         return default_delta(self.delta, n_train)
+
+    def check_delta(self, n: int, what_n: str) -> None:
+        """Refuse a set delta that is not below 1/N, the level at which releasing one random
+        record whole would be allowed. `what_n` says what N is: the people in training, or,
+        before PSI, an upper bound on them (a delta refused then would be refused after)."""
+        if self.delta and self.delta >= 1.0 / n:
+            raise ConfigError(
+                f"privacy.delta={self.delta:g} is not below 1/N = {1 / n:.2e} ({what_n}); use "
+                f"privacy.delta=0 for the default 1/(10 N), or a value at most {0.1 / n:.1e}"
+            )
 
     @property
     def budget_cap(self) -> float:

@@ -26,6 +26,8 @@ import os
 from pathlib import Path
 from typing import Protocol
 
+from crypto.private_files import open_append
+
 LEDGER_FILE = "ledger.jsonl"
 SEQ = "seq"
 # Not part of what makes a step the same step: its position, and the epsilon (intermediate
@@ -80,9 +82,9 @@ class Ledger:
         """Append one line; returns its sequence number. Refuses a step already recorded."""
         entry = line.to_json()  # without `seq`: the ledger numbers its lines, callers do not
         key = step_key(entry)
-        # 0644 as before: the ledger is what the run publishes about its privacy spend.
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
-        with os.fdopen(fd, "r+b") as fh:
+        # Public (0644): the ledger is what the run publishes about its privacy spend. Never
+        # through a planted link, and refused when others could write it.
+        with open_append(self.path, "privacy ledger", public=True) as fh:
             fcntl.flock(fh, fcntl.LOCK_EX)  # released when the file closes
             self._refresh(fh)
             if key in self._keys:

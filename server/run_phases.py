@@ -22,6 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from crypto.private_files import write_atomic
+
 log = logging.getLogger(__name__)
 
 PHASES_FILE = "phases.json"
@@ -66,7 +68,8 @@ def finish(run_dir: Path, phase: str, result: object | None = None) -> None:
         record["finished"].append(phase)
     if result is not None:
         record["saved"][phase] = result
-    write_atomic(Path(run_dir) / PHASES_FILE, json.dumps(record, allow_nan=True) + "\n")
+    write_atomic(Path(run_dir) / PHASES_FILE, json.dumps(record, allow_nan=True) + "\n",
+                 public=True)
     log.info("run phase %s finished", phase)
 
 
@@ -85,22 +88,6 @@ def maybe_fail(phase: str) -> None:
     """Crash on purpose as `phase` starts: `FEDSCORE_FAIL_AT_PHASE=baselines` (resume tests)."""
     if os.environ.get(FAIL_AT_PHASE) == phase:
         raise InjectedFailureError(f"injected failure as phase {phase} starts ({FAIL_AT_PHASE})")
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """`text` into `path` whole or not at all (temporary file, fsync, rename), also for the
-    run directory's other records."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class PhaseTimer:

@@ -20,14 +20,13 @@ import io
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from crypto.at_rest import AtRestError, Keystore, read_encrypted, write_encrypted
-from crypto.private_files import write_private
+from crypto.private_files import ensure_private_dir, write_atomic, write_private
 
 log = logging.getLogger(__name__)
 
@@ -51,17 +50,14 @@ def record_run(store: Keystore, out_dir: Path, run_key: str) -> None:
     """Record in the authority's keystore that `out_dir` holds run `run_key`. Fields other
     writers add to the record are kept."""
     path = record_path(store.path, out_dir)
-    path.parent.mkdir(mode=0o700, exist_ok=True)
+    ensure_private_dir(path.parent, "the keystore's run records")
     record = json.loads(path.read_text()) if path.exists() else {}
     if record.get("run_key") not in (None, run_key):
         # A new run in a directory that held another one (claim_run_dir refuses a non-empty
         # one, so the old run was deleted): the keystore now vouches for the new run.
         log.info("run record %s: a new run replaces the one recorded", path.name)
     record.update({"run_key": run_key, "run_dir": str(Path(out_dir).resolve())})
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(record, indent=2) + "\n")
 
 
 def recorded_run_key(store: Keystore, out_dir: Path) -> str:

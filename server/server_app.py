@@ -22,6 +22,7 @@ from clients.protocol.schema import federation_silos
 from server.config import AuthorityConfig, ConfigError
 from server.config_keys import parse_flat
 from server.federation import Federation, federation_roster
+from server.run_lock import claim
 
 if TYPE_CHECKING:  # the training stack (torch) loads when a run starts, not on import
     from server.authority import RunResult
@@ -50,7 +51,7 @@ def make_server_app(
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        from server.authority import run_authority
+        from server.authority import run_authority  # torch loads when a run starts (see top)
 
         fed = _federation(grid, cfg, data_dir)
         result = run_authority(fed, cfg, data_dir, out_dir, progress, resume=resume)
@@ -77,7 +78,7 @@ def make_cells_app(
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        from server.authority import run_authority
+        from server.authority import run_authority  # torch loads when a run starts (see top)
 
         psi_cache: dict = {}
         for i, (cfg, out_dir, resume) in enumerate(cells):
@@ -108,8 +109,7 @@ def main(grid: Grid, context: Context) -> None:
     if cfg.topology != "vertical":
         raise ConfigError("topology=horizontal runs on the simulation engine (fedscore run); "
                           "this ServerApp serves the vertical topology")
-    from server.authority import run_authority
-    from server.run_lock import claim
+    from server.authority import run_authority  # torch loads when a run starts (see top)
 
     log.info("authority: data %s, outputs %s", data_dir, out_dir)
     try:

@@ -85,6 +85,34 @@ def test_the_file_is_private_and_one_line_per_entry(tmp_path, store):
     assert sorted(json.loads(lines[0])) == ["ct", "hash", "prev", "seq"]
 
 
+def test_a_link_planted_at_the_log_is_refused_and_nothing_is_anchored(tmp_path, store):
+    """Someone who can write the run directory plants a link where the log goes: the append
+    neither writes through it nor moves the anchor."""
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"theirs\n")
+    (tmp_path / "audit.log").symlink_to(victim)
+    log = AuditLog(tmp_path / "audit.log", store, log_name="planted-link")
+    with pytest.raises(PermissionError, match="symbolic link"):
+        log.append(_dispute(0))
+    assert victim.read_bytes() == b"theirs\n"
+    assert not log.anchor_path.exists()
+
+
+def test_a_link_planted_at_the_anchor_is_refused_not_read(tmp_path, store):
+    """The anchor vouches for the log: one that is a link (to a forged anchor, say) is
+    refused like any private file that is not the file itself."""
+    log = AuditLog(tmp_path / "audit.log", store, log_name="planted-anchor")
+    log.append(_dispute(0))
+    forged = tmp_path / "forged.json"
+    forged.write_bytes(log.anchor_path.read_bytes())
+    log.anchor_path.unlink()
+    log.anchor_path.symlink_to(forged)
+    with pytest.raises(AuditLogError, match="symbolic link"):
+        log.append(_dispute(1))
+    assert forged.read_bytes() == log.anchor_path.read_bytes()
+    assert AuditLog(log.path, store, log_name="planted-anchor").verify().entries == 1
+
+
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.text()
     | st.floats(allow_nan=False, allow_infinity=False),

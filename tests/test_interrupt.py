@@ -164,6 +164,7 @@ def test_a_sweep_cell_without_a_finished_round_is_set_aside(tmp_path: Path):
 
 def test_a_sweep_with_a_failed_cell_exits_non_zero(tmp_path: Path, monkeypatch):
     from simulations.cli import main as cli
+    from simulations.cli import sweep as sweep_cli
     from simulations.run import sweep
 
     def failing(out: Path, spec, on_cell=None, progress=None) -> pd.DataFrame:
@@ -172,7 +173,7 @@ def test_a_sweep_with_a_failed_cell_exits_non_zero(tmp_path: Path, monkeypatch):
         sweep.summarise(table).to_csv(out / sweep.SUMMARY_FILE, index=False)
         return table
 
-    monkeypatch.setattr(sweep, "run_sweep", failing)
+    monkeypatch.setattr(sweep_cli, "run_sweep", failing)  # where the command looks it up
     (tmp_path / "s").mkdir()
     code = cli.main(["sweep", "--out", str(tmp_path / "s"), "--users", "2000",
                      "--epsilons", "1", "--seeds", "0,1"])

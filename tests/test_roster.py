@@ -51,7 +51,7 @@ def test_identity_keys_are_private_and_whole(tmp_path: Path):
     assert public_hex(identity_key(tmp_path, "payments")) == public_hex(key)
     path = tmp_path / "identity-payments.key"
     os.chmod(path, 0o644)
-    with pytest.raises(PermissionError, match="readable by others"):
+    with pytest.raises(PermissionError, match="readable by other users"):
         identity_key(tmp_path, "payments")
     os.chmod(path, 0o600)
     path.write_bytes(path.read_bytes()[:16])  # a cut key must not become a weaker one

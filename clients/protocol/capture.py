@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 from flwr.app import Context, Message
 
+from clients.protocol.schema import federation_silos
+
 CAPTURE_ENV = "FEDSCORE_CAPTURE_DIR"
 MESSAGES_DIR = "messages"
 _SEQUENCE = itertools.count()
@@ -117,8 +119,6 @@ def _silo_of(context: Context) -> str | None:
     if "silo" in node:
         return str(node["silo"])
     if "partition-id" in node:
-        from clients.protocol.schema import federation_silos
-
         root = context.node_config.get("data-dir") or context.run_config.get("data-dir")
         silos = federation_silos(Path(str(root)) if root else None)
         pid = int(node["partition-id"])

@@ -14,7 +14,10 @@ from flwr.app import Message
 from clients.node import Node
 from clients.protocol import messages as m
 from clients.silo import corrections
+from clients.silo.cohorts import load_cohort
 from clients.silo.data import SiloMatrix
+from clients.silo.drift import psi
+from clients.silo.explain import features_of
 from clients.silo.registry import handlers
 from clients.silo.state import (
     reply_digest,
@@ -46,7 +49,6 @@ def correct(msg: Message, node: Node) -> Message:
     data = silo_matrix(node)
     silo = silo_name(node)
     row = int(rows_at(node.context, position)[0])
-    from clients.silo.explain import features_of
 
     texts = [c for c, _ in data.prep.texts] if data.prep is not None else []
     value = corrections.check_value(silo, str(cfg["field"]), cfg["value"], features_of(data),
@@ -102,15 +104,11 @@ def score(msg: Message, node: Node) -> Message:
 
 def _cohort_rows(node: Node, data: SiloMatrix, cohort: str) -> np.ndarray:
     """A later cohort's records of the silo's people, prepared as its table is."""
-    from clients.silo.cohorts import load_cohort
-
     return load_cohort(silo_dir(node), silo_name(node), cohort, silo_store(node), data)
 
 
 def _drift(trainer: SiloTrainer, x: np.ndarray, values: np.ndarray) -> dict:
     """The population stability index of `values` against the contributions on `x`."""
-    from clients.silo.drift import psi
-
     before = trainer.contributions(x)
     # Points fall as contributions rise: compare -g, so bins follow points' order.
     return {"drift.psi": psi(-before.astype(np.float64), -values.astype(np.float64))}

@@ -182,7 +182,7 @@ def _start_model(node: Node, cfg: dict, inputs: int) -> dict:
     """A fresh bottom model for the run the authority announces, kept in the node's state;
     returns its description (without the weights)."""
     model_lib = trainer_module()
-    from clients.protocol.model import ModelSpec
+    from clients.protocol.model import ModelSpec  # imports torch: see trainer_module
 
     spec = ModelSpec.from_config(cfg)
     salt = silo_salt(silo_name(node))

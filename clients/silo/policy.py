@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from crypto.private_files import write_atomic
+
 POLICY_FILE = "policy.json"
 MAX_REASONS = 16
 
@@ -147,10 +149,7 @@ class SiloPolicy:
             raise PolicyError(f"{path}: {exc}") from None
 
     def write(self, silo_dir: Path) -> None:
-        path = Path(silo_dir) / POLICY_FILE
-        tmp = path.with_name(POLICY_FILE + ".partial")
-        tmp.write_text(self.to_json())
-        tmp.replace(path)
+        write_atomic(Path(silo_dir) / POLICY_FILE, self.to_json(), public=True)
 
 
 def _no_constants(name: str) -> float:

@@ -28,7 +28,7 @@ from clients.silo.enrolment import identity_dir
 from clients.silo.policy import SiloPolicy
 from crypto.at_rest import Keystore, read_encrypted, write_encrypted
 from crypto.masking import PairwiseKeys
-from crypto.private_files import replace_private
+from crypto.private_files import open_append, replace_private
 from crypto.roster import ROSTER_FILE, Roster, RosterError, identity_key, public_hex
 from crypto.secret_random import SecretRandom
 
@@ -215,8 +215,11 @@ class Journal:
                 raise RefusedError(f"{kind} {key}: the repeated message would get a different "
                                    "reply; refused (it would release the difference)")
             return
-        with open(self.path, "a", encoding="ascii") as fh:
-            fh.write(f"{kind} {key} {message.hex()} {reply.hex()}\n")
+        # Never through a planted link (one to an empty file would make the silo forget
+        # what it answered), and only we may write it. 0644 as before (digests only): a
+        # journal of a run made before stays usable on resume.
+        with open_append(self.path, "the silo's answer journal", public=True) as fh:
+            fh.write(f"{kind} {key} {message.hex()} {reply.hex()}\n".encode("ascii"))
             fh.flush()
             os.fsync(fh.fileno())
         self.entries[(kind, str(key))] = (message.hex(), reply.hex())
@@ -243,7 +246,7 @@ def reply_digest(reply: RecordDict) -> bytes:
 def trainer_module() -> ModuleType:
     """torch and Opacus, imported by the messages that train. Under the deployment engine every
     message runs in a fresh process, and importing them costs seconds that PSI never needs."""
-    import torch
+    import torch  # here, not at the top: see the docstring
 
     from clients.silo import trainer
 
@@ -256,7 +259,7 @@ def silo_trainer(node: Node) -> SiloTrainer:
         raise m.ProtocolError("no model yet: the authority must send query.align first")
     cfg = m.config_record(node.state, "model")
     model = trainer_module()
-    from clients.protocol.model import ModelSpec
+    from clients.protocol.model import ModelSpec  # imports torch: see trainer_module
 
     trainer = model.SiloTrainer(m.config_int(cfg, "inputs"), ModelSpec.from_config(dict(cfg)),
                                 m.config_int(cfg, "salt"), random=silo_random(node),

@@ -23,6 +23,7 @@ from clients.protocol import messages as m
 from clients.protocol.dp_constants import STATISTICS_NOISE_MULTIPLIER
 from clients.silo import run_checks
 from clients.silo.data import SiloMatrix
+from clients.silo.explain import explain
 from clients.silo.policy import SiloPolicy
 from clients.silo.registry import handlers
 from clients.silo.state import (
@@ -236,7 +237,6 @@ def explained(trainer: SiloTrainer, data: SiloMatrix, x: np.ndarray, k: int
     if trainer.spec.transcript_sigma > 0:
         raise m.ProtocolError("reason codes would release exact contributions that transcript "
                               "DP's accounting does not cover; ask for none (explain=0)")
-    from clients.silo.explain import explain
 
     why = explain(trainer, data, x, k)
     arrays = {"explain_delta": why.delta, "reason_index": why.index,

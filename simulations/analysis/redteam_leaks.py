@@ -7,6 +7,7 @@ Secrets: no party's randomness secret or the pepper in anything another party re
 
 from __future__ import annotations
 
+import base64
 from pathlib import Path
 
 import numpy as np
@@ -63,8 +64,6 @@ def party_secrets(keystore: Path | None, parties: Path) -> dict[str, bytes]:
 
 def secret_leaks(data: bytes, secrets: dict[str, bytes]) -> list[str]:
     """Which secrets appear in `data`: raw, or as hex (either case), or as base64."""
-    import base64
-
     out = []
     lowered = data.lower()
     for name, secret in secrets.items():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -11,7 +12,11 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from server.ledger import LEDGER_FILE, LedgerError
+from simulations.analysis.ledger_verify import TOLERANCE, consistency, verify
 from simulations.cli.output import console
+from simulations.run.sweep import SWEEP_FILE
+from simulations.run.tune_spec import TUNE_FILE
 
 if TYPE_CHECKING:  # imported when verifying: it loads dp-accounting
     from simulations.analysis.ledger_verify import Check
@@ -20,10 +25,6 @@ if TYPE_CHECKING:  # imported when verifying: it loads dp-accounting
 def ledger_command(args: argparse.Namespace) -> int:
     """Verify one run's ledger, or each cell's of a sweep (a directory with sweep.json: its
     cells are under runs/), with one verdict per run; exit 1 when any does not verify."""
-    from simulations.analysis.ledger_verify import TOLERANCE
-    from simulations.run.sweep import SWEEP_FILE
-    from simulations.run.tune_spec import TUNE_FILE
-
     root = Path(args.run_dir)
     # A tune's runs are a sweep's cells (runs/), each ledger ending with its score's line.
     sweep = (root / SWEEP_FILE).exists() or (root / TUNE_FILE).exists()
@@ -50,9 +51,6 @@ def _verify_ledger(run: Path, table: Table, in_sweep: bool) -> list[str] | None:
     """One run's ledger problems (empty: it verifies), its checks added to `table`. A sweep
     cell whose ledger is missing (None) or unreadable is one cell's verdict; a single run's
     stops the command (LedgerError)."""
-    from server.ledger import LEDGER_FILE, LedgerError
-    from simulations.analysis.ledger_verify import consistency, verify
-
     if in_sweep and not (run / LEDGER_FILE).exists():
         return _missing_ledger(run)
     try:
@@ -90,8 +88,6 @@ def _missing_ledger(run: Path) -> list[str] | None:
     """A sweep cell without a ledger: nothing to verify (None) unless its metrics.json reports
     any finite epsilon (the model's, the labels', the transcript's, a region's), whose record
     is then missing."""
-    import json
-
     try:
         reported = json.loads((run / "metrics.json").read_text()).get("epsilon") or {}
     except (OSError, ValueError):

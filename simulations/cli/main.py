@@ -27,6 +27,7 @@ import argparse
 import atexit
 import gc
 import logging
+import math
 import os
 import sys
 import threading
@@ -37,6 +38,12 @@ from rich.logging import RichHandler
 from rich.markup import escape
 from rich.table import Table
 
+from clients.protocol.schema import AUTHORITY
+from crypto.at_rest import Keystore
+from crypto.private_files import PrivateDirError
+from crypto.tls import write_credentials
+from server.config import ConfigError
+from server.guardrails import People, before_training
 from simulations.cli import people as cli_people
 from simulations.cli.ledger import ledger_command
 from simulations.cli.output import console
@@ -44,8 +51,19 @@ from simulations.cli.parsing import Parser
 from simulations.cli.run import add_finish_parser, finish_command, run_command
 from simulations.cli.sweep import add_sweep_parser, sweep_command
 from simulations.cli.tune import add_tune_parser, tune_command
-from simulations.data.mapping import MAPPING_HELP
+from simulations.data.check import inspect
+from simulations.data.mapping import MAPPING_HELP, DataImportError, resolve_mapping
+from simulations.data.paths import check_new_dir
+from simulations.data.population import generate, write_parties
+from simulations.run.config import (
+    POPULATION_PREFIX,
+    ExperimentConfig,
+    describe_keys,
+    make_config,
+    parse_assignments,
+)
 from simulations.run.engine import configure_environment, quiet_engine_logs
+from simulations.run.errors import USER_ERRORS
 
 log = logging.getLogger("fedscore")
 
@@ -146,8 +164,6 @@ def _report_parsers(sub: argparse._SubParsersAction) -> None:
 
 def _shortcut_help(option: str) -> str:
     """--users and --seed set config keys, whose defaults are the options' defaults."""
-    from simulations.run.config import ExperimentConfig
-
     defaults = ExperimentConfig()
     if option == "users":
         return (f"people the authority knows: sets population.users (default: "
@@ -178,18 +194,11 @@ def _population_args(p: argparse.ArgumentParser) -> None:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from crypto.at_rest import Keystore
-    from simulations.data.population import generate, write_parties
-    from simulations.run.config import POPULATION_PREFIX, make_config, parse_assignments
-
     values = parse_assignments(args.assignments)
     bad = [k for k in values if not k.startswith(POPULATION_PREFIX)]
     if bad:
-        from server.config import ConfigError
-
         raise ConfigError(f"`generate` takes only population.* keys, not {', '.join(bad)}")
     cfg = make_config(values, args.users, args.seed)
-    from simulations.data.paths import check_new_dir
 
     check_new_dir(args.parties, "--parties")
     store = Keystore(args.keystore) if args.keystore else None
@@ -210,9 +219,6 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _data(args: argparse.Namespace) -> int:
     """`fedscore data check`: the summary on stdout, every problem on stderr."""
-    from simulations.data.check import inspect
-    from simulations.data.mapping import DataImportError, resolve_mapping
-
     try:
         with console.status("checking the data"):
             mapping = resolve_mapping(args.dir)
@@ -250,11 +256,6 @@ def _print_data_guardrails(args: argparse.Namespace, people: int | None,
     """What the guardrails (server/guardrails.py) say of a run on these people with the
     configuration given by --set, before any engine: for DP-SGD the sampling only (the noise
     needs the run's calibration)."""
-    import math
-
-    from server.guardrails import People, before_training
-    from simulations.run.config import make_config, parse_assignments
-
     cfg = make_config(parse_assignments(args.assignments))
     if not people:
         return
@@ -274,8 +275,6 @@ def _print_data_guardrails(args: argparse.Namespace, people: int | None,
 
 def _label_rate(checked, label: str) -> float | None:
     """The authority's default rate in its checked table (labels already 0/1 there)."""
-    from clients.protocol.schema import AUTHORITY
-
     frame = checked.frames.get(AUTHORITY)
     if frame is None or label not in frame or not len(frame):
         return None
@@ -290,8 +289,6 @@ def _print_problems(problems) -> None:
 
 
 def _config(_: argparse.Namespace) -> int:
-    from simulations.run.config import describe_keys
-
     table = Table("key", "type", "default", "description")
     for row in describe_keys():
         table.add_row(*row)
@@ -300,8 +297,6 @@ def _config(_: argparse.Namespace) -> int:
 
 
 def _keys(args: argparse.Namespace) -> int:
-    from crypto.at_rest import Keystore
-
     if args.keys_command == "init":
         store = Keystore.init(args.dir, args.suite)
         verb = "created"
@@ -315,8 +310,6 @@ def _keys(args: argparse.Namespace) -> int:
 
 
 def _certs(args: argparse.Namespace) -> int:
-    from crypto.tls import write_credentials
-
     hosts = args.hosts or ["127.0.0.1", "localhost"]
     silos = [s.strip() for s in args.silos.split(",") if s.strip()]
     creds = write_credentials(args.out, hosts, silos)
@@ -333,6 +326,8 @@ def _certs(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
+    # Here, not at the top: the report's figures load matplotlib (seconds), which no other
+    # command needs.
     from simulations.report.compare import build_comparison
     from simulations.report.load import ReportError
     from simulations.report.render import build_report
@@ -365,7 +360,7 @@ def _report(args: argparse.Namespace) -> int:
 def _report_outputs(directory: Path) -> list[Path]:
     """The files and folders of a report already in `directory` (the names
     simulations/report/render.py writes), which a new report would replace."""
-    from simulations.report.render import (
+    from simulations.report.render import (  # matplotlib: see _report
         CSV_DIR,
         FIGURE_DIR,
         HTML_FILE,
@@ -386,7 +381,6 @@ def main(argv: list[str] | None = None) -> int:
         handlers=[RichHandler(console=console, show_path=False)],
         force=True,  # Opacus (imported through server.privacy) configures logging on import
     )
-    from crypto.private_files import PrivateDirError
 
     try:
         configure_environment()  # refuses a hijacked private directory in the temp dir
@@ -394,7 +388,6 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[bold red]error:[/] {exc}", highlight=False)
         return 2
     quiet_engine_logs(args.verbose)
-    from simulations.run.errors import USER_ERRORS
 
     try:
         commands = {"run": run_command, "deploy": run_command, "certs": _certs,

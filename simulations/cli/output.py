@@ -19,6 +19,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from simulations.run.rundir import Interrupted
+
 console = Console(stderr=True)
 
 T = TypeVar("T")
@@ -88,8 +90,6 @@ def run_cells_with_progress(run: Callable[[Callable, Callable], T], *, title: st
     cells, a tune's runs): a bar over the cells with an estimate of the time left, the current
     cell's phase, each failed cell named as it fails. Ctrl-C stops with the command that
     continues it (finished cells are kept)."""
-    from simulations.run.rundir import Interrupted
-
     with progress_bar(eta=True) as progress:
         overall = progress.add_task(title, total=todo)
         phase = progress.add_task("starting", total=None)

@@ -7,6 +7,8 @@ import importlib.metadata
 from pathlib import Path
 from typing import Any
 
+from server.config import ConfigError
+
 PACKAGE = "fedscore"
 
 
@@ -65,8 +67,6 @@ class Parser(argparse.ArgumentParser):
 
 def data_source(data: str, users: int | None) -> str:
     """`uci` as is; a path made absolute, so config.json still finds it from anywhere."""
-    from server.config import ConfigError
-
     if users is not None:
         raise ConfigError("--users applies to generated populations; real data (--data) has "
                           "the people it has")

@@ -18,16 +18,23 @@ from __future__ import annotations
 import argparse
 import contextlib
 import getpass
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
 from clients.protocol.reasons import reason_text
+from server.audit_log import AuditLogError, check_anchor
 from server.rescore import RescoreError
+from server.run_lock import SERVE, claim, holder
 from server.scoring import TIERS
-from simulations.service.session import DUE_HOURS
+from simulations.service.drift_run import run_drift
+from simulations.service.serve import serve as run_server
+from simulations.service.session import DUE_HOURS, lookup, open_finished
+from simulations.service.session import dispute as settle
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -141,8 +148,6 @@ def _print_person(row: dict, lang: str, title: str) -> None:
 
 
 def score(args: argparse.Namespace, console: Console) -> int:
-    from simulations.service.session import lookup
-
     if args.repeat < 1:
         from server.config import ConfigError  # a user error: printed, no traceback
 
@@ -161,8 +166,6 @@ def score(args: argparse.Namespace, console: Console) -> int:
 
 
 def dispute(args: argparse.Namespace, console: Console) -> int:
-    from simulations.service.session import dispute as settle
-
     phone = read_subject(args)
     with _claimed(args.run_dir, "fedscore dispute"), \
             console.status("recording the correction and re-scoring through the federation"):
@@ -185,9 +188,6 @@ def dispute(args: argparse.Namespace, console: Console) -> int:
 
 
 def audit(args: argparse.Namespace, console: Console) -> int:
-    from server.audit_log import check_anchor
-    from simulations.service.session import open_finished
-
     log = open_finished(args.run_dir).audit_log()
     # Against the anchor in the keystore, not the log alone: a deleted or rolled-back log, or
     # rolled-back scores or corrections, must not pass as "no disputes yet".
@@ -213,8 +213,6 @@ def audit(args: argparse.Namespace, console: Console) -> int:
 
 
 def drift(args: argparse.Namespace, console: Console) -> int:
-    from simulations.service.drift_run import run_drift
-
     with _claimed(args.run_dir, "fedscore drift"), \
             console.status(f"scoring cohort {args.cohort!r} through the federation"):
         report = run_drift(args.run_dir, args.cohort, args.drift, args.seed)
@@ -233,8 +231,6 @@ def drift(args: argparse.Namespace, console: Console) -> int:
 def _claimed(run_dir: Path, purpose: str) -> contextlib.AbstractContextManager:
     """The run directory for a command that writes into it (server/run_lock.py); when
     `fedscore serve` holds it, the server does the writing under its own lock."""
-    from server.run_lock import SERVE, claim, holder
-
     if not (run_dir / "run.json").exists():
         return contextlib.nullcontext()  # not a run directory: opening it says so, unchanged
     who = holder(run_dir)
@@ -246,9 +242,6 @@ def _claimed(run_dir: Path, purpose: str) -> contextlib.AbstractContextManager:
 def _check_anchored(run_dir: Path) -> None:
     """Before a dispute changes the scores and the log: they must be what the last dispute
     left (the anchor). A new case on a rolled-back run would anchor the rollback."""
-    from server.audit_log import AuditLogError, check_anchor
-    from simulations.service.session import open_finished
-
     run = open_finished(run_dir)
     if run.store is None:
         return  # no keystore: the dispute itself refuses (it needs an encrypted log)
@@ -259,11 +252,6 @@ def _check_anchored(run_dir: Path) -> None:
 
 
 def serve(args: argparse.Namespace, console: Console) -> int:
-    import signal
-    import threading
-
-    from simulations.service.serve import serve as run_server
-
     stop = threading.Event()
     # Ctrl-C and SIGTERM stop serving while serving; after it they mean what they meant (a
     # caller that runs this in its own process, a test, gets its handlers back).

@@ -10,17 +10,19 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from server import checkpoint
 from server.privacy import model_epsilon
 from simulations.cli.output import PhaseProgress, console, progress_bar
 from simulations.cli.parsing import data_source
+from simulations.data.paths import check_new_dir, default_parties_dir
+from simulations.run.config import check_delta, make_config, parse_assignments
+from simulations.run.rundir import resume_target
 
 
 def run_command(args: argparse.Namespace) -> int:
-    from server import checkpoint
-    from simulations.data.paths import check_new_dir, default_parties_dir
-    from simulations.run.config import check_delta, make_config, parse_assignments
+    # Here, not at the top: the experiment's baselines load scikit-learn and LightGBM (about a
+    # second), which every other command, `--help` included, would otherwise pay for.
     from simulations.run.experiment import run_experiment
-    from simulations.run.rundir import resume_target
 
     overrides = parse_assignments(args.assignments)
     engine = "deployment" if args.command == "deploy" else "simulation"
@@ -151,7 +153,7 @@ def print_summary(metrics: dict, out_dir: Path, parties: Path) -> None:
 
 
 def finish_command(args: argparse.Namespace) -> int:
-    from simulations.run.finish import finish_flwr_run
+    from simulations.run.finish import finish_flwr_run  # loads the experiment: see run_command
 
     data = data_source(args.data, None) if args.data else None
     with progress_bar() as progress:

@@ -6,13 +6,26 @@ import argparse
 import dataclasses
 from pathlib import Path
 
+import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
 from simulations.cli.output import console, fmt, run_cells_with_progress
 from simulations.cli.parsing import data_source
 from simulations.data.mapping import MAPPING_HELP
-from simulations.run.grid import DEFAULT_EPSILONS
+from simulations.data.paths import check_new_dir
+from simulations.run.config import check_delta, parse_assignments
+from simulations.run.grid import (
+    DEFAULT_EPSILONS,
+    EPSILON_KEY,
+    SweepError,
+    SweepSpec,
+    parse_epsilons,
+    parse_grid,
+    parse_reference,
+    parse_seeds,
+)
+from simulations.run.sweep import is_done, plan_sweep, run_sweep
 
 SWEEP_HELP = """\
 A sweep runs every combination of its grid's values, for each data seed and training seed:
@@ -30,11 +43,6 @@ and the mean difference to the reference point with its interval, paired by (dat
 
 
 def sweep_command(args: argparse.Namespace) -> int:
-    from simulations.data.paths import check_new_dir
-    from simulations.run.config import check_delta, parse_assignments
-    from simulations.run.grid import parse_reference
-    from simulations.run.sweep import is_done, plan_sweep, run_sweep
-
     check_new_dir(args.out, "--out")
     out = args.out.resolve()
     assignments = parse_assignments(args.assignments)
@@ -68,15 +76,6 @@ def sweep_command(args: argparse.Namespace) -> int:
 def _sweep_spec(args: argparse.Namespace, assignments: dict[str, str], *, new: bool):
     """The sweep the options ask for, and which options were given: continuing a sweep, an
     option left out keeps the sweep's value; a new sweep takes the defaults."""
-    from simulations.run.grid import (
-        EPSILON_KEY,
-        SweepError,
-        SweepSpec,
-        parse_epsilons,
-        parse_grid,
-        parse_seeds,
-    )
-
     grid = parse_grid(args.grid)
     if args.epsilons is not None:
         if EPSILON_KEY in grid:
@@ -97,8 +96,6 @@ def _sweep_spec(args: argparse.Namespace, assignments: dict[str, str], *, new: b
 
 
 def _print_sweep(out: Path, table) -> None:
-    import pandas as pd
-
     summary = pd.read_csv(out / "summary.csv")
     groups = list(summary.columns[:list(summary.columns).index("n")])
     view = Table(title=f"fedscore sweep ({len(table)} runs)")

@@ -8,7 +8,16 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from server.tune_privacy import DISTRIBUTIONS, RunsLaw
+from server.tune_score import CLIP
 from simulations.cli.output import console, fmt, run_cells_with_progress
+from simulations.cli.parsing import data_source
+from simulations.data.paths import check_new_dir
+from simulations.run.config import check_delta, check_guardrails, parse_assignments
+from simulations.run.grid import parse_grid
+from simulations.run.sweep import is_done
+from simulations.run.tune import plan_tune, planned_people, run_tune
+from simulations.run.tune_spec import DEFAULT_MEAN_RUNS, DEFAULT_SCORE_NOISE, TuneError, TuneSpec
 
 TUNE_HELP = """\
 A tune trains a random number K of runs, each on a candidate of the grid drawn at random, and
@@ -29,15 +38,6 @@ of every run, not a release.
 
 
 def tune_command(args: argparse.Namespace) -> int:
-    from server.tune_privacy import RunsLaw
-    from simulations.cli.parsing import data_source
-    from simulations.data.paths import check_new_dir
-    from simulations.run.config import check_delta, check_guardrails, parse_assignments
-    from simulations.run.grid import parse_grid
-    from simulations.run.sweep import is_done
-    from simulations.run.tune import plan_tune, planned_people, run_tune
-    from simulations.run.tune_spec import TuneError, TuneSpec
-
     check_new_dir(args.out, "--out")
     out = args.out.resolve()
     assignments = parse_assignments(args.assignments)
@@ -95,9 +95,6 @@ def _print_plan(plan) -> None:
 
 
 def _score_std(plan) -> float:
-    from server.tune_score import CLIP
-    from simulations.run.tune import planned_people
-
     cfg = plan.config(plan.spec.cells([0])[0])
     val = max(1, round(cfg.authority.split.val * planned_people(cfg)))
     return plan.spec.score_noise * CLIP / val
@@ -131,9 +128,6 @@ def _print_summary(out: Path, summary: dict) -> None:
 
 
 def add_tune_parser(sub: argparse._SubParsersAction, *, users_help: str) -> None:
-    from server.tune_privacy import DISTRIBUTIONS
-    from simulations.run.tune_spec import DEFAULT_MEAN_RUNS, DEFAULT_SCORE_NOISE
-
     tune = sub.add_parser("tune", help="pick among candidate settings on private labels, the "
                                        "selection's privacy cost accounted",
                           epilog=TUNE_HELP)

@@ -19,15 +19,14 @@ import base64
 import html
 import io
 import logging
-import os
 import struct
-import tempfile
 from pathlib import Path
 
 import matplotlib as mpl
 import pandas as pd
 from matplotlib.figure import Figure
 
+from crypto.private_files import write_atomic
 from simulations.report.blocks import (
     DPI,
     Block,
@@ -190,16 +189,9 @@ def render_html(title: str, source: Path, sections: list[Section],
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    """Write via a temporary file and rename, so a reader never sees half a report."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Whole or not at all, so a reader never sees half a report; readable by all (0644) like
+    any report. Not fsynced: a report can be rebuilt from its run."""
+    write_atomic(path, data, public=True, sync=False)
 
 
 def _csv_frames(sections: list[Section]) -> dict[str, pd.DataFrame]:

@@ -45,7 +45,7 @@ class AppPinError(ValueError):
 
 def build_app(root: Path) -> bytes:
     """The FAB that `flwr run root` ships, byte for byte (Flower's own builder)."""
-    from flwr.cli.build import build_fab_from_disk
+    from flwr.cli.build import build_fab_from_disk  # Flower's CLI internals: `deploy` only
 
     return build_fab_from_disk(Path(root))
 
@@ -82,6 +82,7 @@ def matches(pin: str, hash_str: str, content: bytes) -> bool:
 
 def install(pin: str) -> None:
     """Make this process's Flower SuperNode run only the bundle pinned by `pin`."""
+    # Flower's SuperNode internals, patched in the one process that becomes a SuperNode.
     from flwr.supercore.fab import Fab
     from flwr.supernode import start_client_internal as sci
 
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         rest = rest[1:]
     _log_to_stderr()
     install(pin)
-    from flwr.supernode.cli import flower_supernode
+    from flwr.supernode.cli import flower_supernode  # after install: it must see the patch
 
     sys.argv = ["flower-supernode", *rest]
     flower_supernode()

@@ -97,23 +97,24 @@ def from_flat(values: dict[str, Any]) -> ExperimentConfig:
     return make_config(values)
 
 
+def most_in_training(cfg: ExperimentConfig, people: int) -> int:
+    """An upper bound on the people in training when the authority knows `people`: split.train
+    of them, rounded up, plus the split's per-class rounding."""
+    return min(people, math.ceil(cfg.authority.split.train * people) + 2)
+
+
 def check_delta(cfg: ExperimentConfig, people: int, source: str) -> None:
     """Refuse privacy.delta >= 1/N before the engine starts, N bounded from above by what is
     known then: `people` the authority knows (its table's rows, or the population to
-    generate), of whom at most split.train (rounded up, plus the split's per-class rounding)
-    can be in training. Training has at most that many people, so a delta refused here would
-    be refused after PSI too (PrivacyConfig.delta_for, which keeps the exact check)."""
-    delta = cfg.authority.privacy.delta
-    if not delta or people < 1:
+    generate), of whom at most `most_in_training` can be in training. A delta refused here
+    would be refused after PSI too (PrivacyConfig.delta_for, the exact check)."""
+    if people < 1:
         return
-    n_max = min(people, math.ceil(cfg.authority.split.train * people) + 2)
-    if delta >= 1.0 / n_max:
-        raise ConfigError(
-            f"privacy.delta={delta:g} is not below 1/N: at most N = {n_max:,} people can be "
-            f"in training ({source}: {people:,} people, split.train="
-            f"{cfg.authority.split.train:g}); use --set privacy.delta=0 for the default "
-            f"1/(10 N), or a value at most {0.1 / n_max:.1e}"
-        )
+    split = cfg.authority.split.train
+    n_max = most_in_training(cfg, people)
+    cfg.authority.privacy.check_delta(
+        n_max, f"at most N = {n_max:,} people can be in training: {source} has {people:,} "
+        f"people, split.train={split:g}")
 
 
 def check_delta_reservation(cfg: ExperimentConfig, silos: tuple[str, ...]) -> None:
@@ -136,7 +137,7 @@ def check_guardrails(cfg: ExperimentConfig, people: int, source: str,
     default rate, when its table was read (the trees on randomised labels need it)."""
     if people < 1:
         return
-    n_max = min(people, math.ceil(cfg.authority.split.train * people) + 2)
+    n_max = most_in_training(cfg, people)
     found = before_training(cfg.authority, People(n_train=n_max, positive_rate=positive_rate))
     refused = [g for g in found if g.level == "refuse"]
     if refused and cfg.authority.privacy.guardrails != "warn":

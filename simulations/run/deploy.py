@@ -19,6 +19,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import ssl
@@ -31,7 +32,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from crypto.private_files import ensure_private_dir, replace_private
+from crypto.private_files import ensure_private_dir, replace_private, write_atomic
 from crypto.tls import CredentialError, Credentials, write_credentials
 from server.server_app import FAILURE_FILE, PROGRESS_PREFIX
 from simulations.run import app_pin
@@ -68,8 +69,6 @@ def snapshot_app(root: Path, dest: Path) -> tuple[Path, str]:
     ensure_private_dir(dest, "the app snapshot directory")
     app = dest / "fedscore"
     if app.exists():
-        import shutil
-
         shutil.rmtree(app)
     app.mkdir(mode=0o700)
     with zipfile.ZipFile(io.BytesIO(fab)) as bundle:
@@ -158,9 +157,9 @@ class Deployment:
         self.processes.append(proc)
         self.watch()
         # Atomic: Ctrl-C may land mid-write, and whoever cleans up after us reads this file.
-        tmp = self.logs / "processes.json.tmp"
-        tmp.write_text(json.dumps({p.name: p.pid for p in self.processes}, indent=1) + "\n")
-        tmp.replace(self.logs / "processes.json")
+        write_atomic(self.logs / "processes.json",
+                     json.dumps({p.name: p.pid for p in self.processes}, indent=1) + "\n",
+                     public=True, sync=False)
         log.info("started %s (pid %d)", name, proc.pid)
         return proc
 

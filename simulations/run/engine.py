@@ -144,6 +144,8 @@ def run_federation(server_app: ServerApp, client_app: ClientApp, silos: int) -> 
     replies from silos that were gone until `reply_timeout` (600 s)."""
     configure_environment()
     quiet_engine_logs()
+    # After configure_environment (Ray reads some variables at import), and seconds of
+    # imports that commands without the engine never pay.
     from flwr.simulation import run_simulation
 
     if _private_ray():
@@ -182,7 +184,7 @@ def run_federation(server_app: ServerApp, client_app: ClientApp, silos: int) -> 
         stop.set()
         raise
     finally:
-        import ray
+        import ray  # Ray's import is heavy and reads the environment: only with the engine
 
         # Flower shuts Ray down, unless it failed before starting. For a joined cluster this
         # ends our job (the cluster then ends its actors and workers), not the cluster.
@@ -305,7 +307,7 @@ def _join_cluster(init_args: dict) -> None:
     environment (and cannot be given another), so Ray is started here, the way Flower would,
     plus SILO_ENV; Flower then uses this Ray (it starts one only when none runs) and shuts it
     down at the end."""
-    import ray
+    import ray  # Ray's import is heavy and reads the environment: only with the engine
 
     pythonpath = os.pathsep.join(sys.path)
     if os.environ.get("PYTHONPATH"):

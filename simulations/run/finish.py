@@ -28,10 +28,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from crypto.at_rest import AtRestError, Keystore, keystore_path
+from crypto.private_files import write_atomic
 from server import run_phases
 from server.config import ConfigError
 from server.run_lock import claim
-from server.run_phases import PhaseTimer, write_atomic
+from server.run_phases import PhaseTimer
 from server.scores_file import SCORES_FILE, recorded_run_key
 from server.server_app import FAILURE_FILE
 from simulations.data.paths import (
@@ -46,7 +47,7 @@ from simulations.data.paths import (
 from simulations.data.population import PopulationConfig
 from simulations.data.real_data import SOURCE_FILE
 from simulations.run.config import ExperimentConfig, make_config
-from simulations.run.experiment import finish_run
+from simulations.run.finish_vertical import finish_run
 from simulations.run.rundir import (
     Interrupted,
     Progress,
@@ -221,6 +222,8 @@ def _check_keystore(target: FlwrRun) -> None:
 def _record(target: FlwrRun) -> None:
     """config.json and run.json, as `fedscore run` writes them when it claims a run; each
     whole or not at all."""
-    write_atomic(target.out_dir / "config.json", json.dumps(target.cfg.flat(), indent=2) + "\n")
+    write_atomic(target.out_dir / "config.json", json.dumps(target.cfg.flat(), indent=2) + "\n",
+                 public=True)
     write_atomic(target.out_dir / RUN_FILE,
-                 json.dumps({"parties": str(target.parties), "engine": FLWR_ENGINE}) + "\n")
+                 json.dumps({"parties": str(target.parties), "engine": FLWR_ENGINE}) + "\n",
+                 public=True)

@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from crypto.at_rest import Keystore, open_keystore, read_party_file
+from crypto.private_files import write_atomic
 from server import checkpoint, run_phases
 from server.config import ConfigError
 from server.metrics import auc
@@ -192,9 +193,8 @@ def write_results(run: Run, metrics: dict, curves: dict) -> dict:
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     # Whole or not at all: an interrupt while it is written must not leave a finished-looking
     # run (a sweep never reruns a cell with a metrics.json).
-    partial = out_dir / "metrics.json.partial"
-    partial.write_text(json.dumps(metrics, indent=2) + "\n")
-    partial.replace(out_dir / "metrics.json")
+    write_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n",
+                 public=True)
     run_phases.finish(out_dir, "report")
     return metrics
 

@@ -38,12 +38,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from crypto.private_files import write_atomic
 from server.config_keys import coerce
 from server.privacy import model_epsilon
 from simulations.data.paths import grid_columns
 from simulations.report.stats import interval_method, mean_ci
 from simulations.run.config import from_flat, known_keys
 from simulations.run.grid import EPSILON_KEY, Cell, SweepError, SweepSpec, point_name
+from simulations.run.rundir import resumable
 
 log = logging.getLogger(__name__)
 
@@ -88,9 +90,7 @@ def plan_sweep(out: Path, asked: SweepSpec, *, given: Iterable[str] = ALL_OPTION
 def claim_sweep(out: Path, spec: SweepSpec) -> None:
     """Write the sweep.json of a planned sweep (plan_sweep), new or extended."""
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / (SWEEP_FILE + ".partial")
-    tmp.write_text(json.dumps(spec.to_json(), indent=2) + "\n")
-    tmp.replace(out / SWEEP_FILE)
+    write_atomic(out / SWEEP_FILE, json.dumps(spec.to_json(), indent=2) + "\n", public=True)
 
 
 def check_cells(out: Path, spec: SweepSpec) -> None:
@@ -130,8 +130,6 @@ def set_aside_unfinished(out: Path, cell: Cell) -> bool:
     """An unfinished cell resumes from its checkpoint, or at its baselines when its federated
     part finished (returns True); otherwise (it never finished a round: interrupted early, or
     failed) its directory is renamed aside (kept, never deleted) and the cell starts over."""
-    from simulations.run.rundir import resumable
-
     directory = cell_dir(out, cell)
     if not directory.exists():
         return False
@@ -265,9 +263,7 @@ def _paired_differences(done: pd.DataFrame, summary: pd.DataFrame, groups: list[
 
 
 def _atomic_csv(frame: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    frame.to_csv(tmp, index=False)
-    tmp.replace(path)
+    write_atomic(path, frame.to_csv(index=False), public=True)
 
 
 # ---- running ---------------------------------------------------------------------------------

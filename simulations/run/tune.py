@@ -35,16 +35,29 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from clients.protocol.accounting import History, add_steps
+from clients.protocol.accounting import History, add_steps, joint_multiplier
+from clients.protocol.schema import SILOS
+from crypto.at_rest import open_keystore
+from crypto.identity import keyed_refs
+from crypto.private_files import write_atomic
+from server import ledger_lines
 from server.config import ConfigError
+from server.delta_budget import releases_outside_sgd, split_delta
+from server.labels import load_labels
+from server.ledger import Ledger
+from server.privacy import CALIBRATION_STEPS, PrivacyPlan
+from server.run_keys import authority_random
+from server.run_plan import summaries_asked
+from server.scores_file import PEPPER_FILE, read_scores
 from server.tune_privacy import (
     TuneBudgetError,
     per_run_target,
     rdp_curve,
     tuned_epsilon,
 )
-from server.tune_score import NoisyScore
-from simulations.run.config import ExperimentConfig
+from server.tune_score import NoisyScore, has_score, noisy_score, score_line
+from simulations.data.paths import Parties
+from simulations.run.config import ExperimentConfig, from_flat
 from simulations.run.grid import Cell, point_name
 from simulations.run.sweep import cell_dir, is_done, set_aside_unfinished
 from simulations.run.tune_spec import (
@@ -79,10 +92,6 @@ def planned_budget(cfg: ExperimentConfig, n_train: int, score_noise: float) -> B
     """One run's spend as its authority will plan it (server/privacy.py PrivacyPlan, the same
     calibration, which leaves room for privacy.selection_noise), with the score's Gaussian on
     validation people after the calibration."""
-    from clients.protocol.schema import SILOS
-    from server.privacy import CALIBRATION_STEPS, PrivacyPlan
-    from server.run_plan import summaries_asked
-
     authority = cfg.authority
     try:
         plan = PrivacyPlan(authority.privacy, SILOS, n_train, authority.train.batch_size,
@@ -139,9 +148,6 @@ def plan_budget(spec: TuneSpec) -> tuple[float, float, float, int, dict[str, np.
     per-run epsilon). The per-run epsilon is the largest whose tuned total meets spec.epsilon;
     candidates that spend alike (only what DP ignores differs, e.g. the learning rate) are
     planned once."""
-    from clients.protocol.schema import SILOS
-    from server.delta_budget import releases_outside_sgd, split_delta
-
     points = spec.points()
     base = spec.sweep(1.0)
     first = base.config(spec.cells([0])[0])
@@ -197,9 +203,6 @@ def authority_stream(out: Path, spec: TuneSpec, nonce: str, purpose: str
                      ) -> np.random.Generator:
     """The authority's secret stream for this tune: its secret lives in the keystore of the
     tune's population (created there on first use, as a run would)."""
-    from crypto.at_rest import open_keystore
-    from server.run_keys import authority_random
-
     cell = spec.cells([0])[0]
     parties = out / "parties" / cell.population
     store = open_keystore(spec.sweep(1.0).config(cell).authority.storage.keystore, parties)
@@ -237,9 +240,7 @@ def plan_tune(out: Path, spec: TuneSpec, *,
     plan = TunePlan(spec, run_eps, total, delta, n_train, runs, nonce,
                     {k: [float(x) for x in v] for k, v in curves.items()})
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / (TUNE_FILE + ".partial")
-    tmp.write_text(json.dumps(plan.to_json(), indent=2) + "\n")
-    tmp.replace(path)
+    write_atomic(path, json.dumps(plan.to_json(), indent=2) + "\n", public=True)
     return plan
 
 
@@ -249,16 +250,6 @@ def plan_tune(out: Path, spec: TuneSpec, *,
 def score_run(plan: TunePlan, out: Path, cell: Cell) -> NoisyScore:
     """The authority's noisy validation loss of a finished run: released once on its ledger
     (a rerun draws the same noise from the same keyed stream and writes no second line)."""
-    from crypto.at_rest import open_keystore
-    from crypto.identity import keyed_refs
-    from server import ledger_lines
-    from server.labels import load_labels
-    from server.ledger import Ledger
-    from server.run_keys import authority_random
-    from server.scores_file import PEPPER_FILE, read_scores
-    from server.tune_score import has_score, noisy_score, score_line
-    from simulations.data.paths import Parties
-
     run_dir = cell_dir(out, cell)
     saved = run_dir / SCORE_FILE
     if saved.exists():
@@ -287,18 +278,14 @@ def score_run(plan: TunePlan, out: Path, cell: Cell) -> NoisyScore:
             lines, plan.spec.score_noise, authority["accountant"],
             authority["delta_accountant"], authority["delta"],
             max((x.round for x in lines), default=0)))
-    tmp = run_dir / (SCORE_FILE + ".partial")
-    tmp.write_text(json.dumps({"loss_sum": score.loss_sum, "people": score.people,
-                               "noise_multiplier": score.noise_multiplier}) + "\n")
-    tmp.replace(saved)
+    write_atomic(saved, json.dumps({"loss_sum": score.loss_sum, "people": score.people,
+                                    "noise_multiplier": score.noise_multiplier}) + "\n",
+                 public=True)
     return score
 
 
 def ledger_budget(run_dir: Path) -> Budget:
     """A finished run's spend per population, from its ledger (the score's line included)."""
-    from clients.protocol.accounting import joint_multiplier
-    from server import ledger_lines
-
     train: History = []
     val: History = []
     for line in ledger_lines.read(run_dir):
@@ -326,9 +313,6 @@ def select(scores: Mapping[str, NoisyScore]) -> str:
 def accounted_total(plan: TunePlan, budgets: Sequence[Budget]) -> float:
     """The tuned epsilon from the runs' own ledgers, with the planned curves of candidates no
     run drew (the theorem's base algorithm could have drawn them)."""
-    from clients.protocol.schema import SILOS
-    from server.delta_budget import releases_outside_sgd, split_delta
-
     drawn = {point_name(c.point) for c in plan.cells()}
     curves = [b.curve() for b in budgets]
     curves += [np.asarray(v) for k, v in plan.curves.items() if k not in drawn]
@@ -353,9 +337,7 @@ def summarise(plan: TunePlan, out: Path, scores: Mapping[str, NoisyScore],
                        error=failures.get(cell.name, ""))
         rows.append(row)
     table = pd.DataFrame(rows, columns=["run", "candidate", "status"] if not rows else None)
-    tmp = out / (RUNS_FILE + ".partial")
-    table.to_csv(tmp, index=False)
-    tmp.replace(out / RUNS_FILE)
+    write_atomic(out / RUNS_FILE, table.to_csv(index=False), public=True)
     if len(scores) < plan.k:
         return {}
     if plan.k == 0:  # a Poisson draw of no run: nothing is released, nothing is spent
@@ -392,9 +374,7 @@ def summarise(plan: TunePlan, out: Path, scores: Mapping[str, NoisyScore],
 
 
 def _write_summary(out: Path, summary: dict) -> dict:
-    tmp = out / (SUMMARY_FILE + ".partial")
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    tmp.replace(out / SUMMARY_FILE)
+    write_atomic(out / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n", public=True)
     return summary
 
 
@@ -406,12 +386,9 @@ def run_tune(out: Path, plan: TunePlan, on_cell=None, progress=None) -> dict:
     cells = plan.cells()
     for cell in cells:  # a directory of another configuration is never taken for a run
         path = cell_dir(out, cell) / "config.json"
-        if path.exists():
-            from simulations.run.config import from_flat
-
-            if from_flat(json.loads(path.read_text())) != plan.config(cell):
-                raise TuneError(f"{cell_dir(out, cell)} holds a run of another configuration "
-                                f"than the tune's run {cell.name}; move it away")
+        if path.exists() and from_flat(json.loads(path.read_text())) != plan.config(cell):
+            raise TuneError(f"{cell_dir(out, cell)} holds a run of another configuration "
+                            f"than the tune's run {cell.name}; move it away")
     todo = [c for c in cells if not is_done(out, c)]
     failures: dict[str, str] = {}
     if todo:  # every run trains on one population: one federation

@@ -94,6 +94,8 @@ def _shares(tiers: np.ndarray) -> dict[str, float]:
 
 
 def _plot(before: np.ndarray, after: np.ndarray, psi: dict, path: Path, cohort: str) -> None:
+    # Here, not at the top: matplotlib costs seconds, and the backend must be chosen before
+    # pyplot is imported.
     import matplotlib
 
     matplotlib.use("Agg")
