@@ -133,6 +133,15 @@ class GbdtConfig:
     guide_stat: str = "bins"
     guide_bins: int = 0
     guide_share: float = 0.02
+    # Post-processing of the DP trees' released leaf sums (server/gbdt_dp_post.py, no budget):
+    # leaf_rule "newton" (-G~ / (H~ + reg_lambda)), "hs" (hierarchical shrinkage towards the
+    # ancestors' sums, strength hs_kappa) or "eb" (empirical Bayes, prior pooled with weight
+    # eb_decay per tree); reuse: the share of steps that re-release the routed structure of
+    # largest noisy gain so far.
+    leaf_rule: str = "newton"
+    hs_kappa: float = 100.0
+    eb_decay: float = 0.9
+    reuse: float = 0.0
 
     def resolved(self, dp: bool) -> GbdtConfig:
         """The keys left unset filled in with the mode's defaults."""
@@ -190,6 +199,17 @@ class GbdtConfig:
                               "gbdt.bins, e.g. 8")
         if not 0 <= self.guide_share < 0.5:
             raise ConfigError(f"gbdt.guide_share={self.guide_share}: use a share in [0, 0.5)")
+        self._check_post()
+
+    def _check_post(self) -> None:
+        if self.leaf_rule not in ("newton", "hs", "eb"):
+            raise ConfigError(f"gbdt.leaf_rule={self.leaf_rule!r}: choose newton, hs or eb")
+        if not (self.hs_kappa >= 0 and 0 <= self.eb_decay <= 1):
+            raise ConfigError("gbdt.hs_kappa must be >= 0 and gbdt.eb_decay in [0, 1], e.g. "
+                              "100 and 0.9")
+        if not 0 <= self.reuse < 1 or (self.reuse and (self.guide_every or self.batch > 1)):
+            raise ConfigError(f"gbdt.reuse={self.reuse}: use a share in [0, 1), and only for "
+                              "the random trees (gbdt.guide_every=0, gbdt.batch=1)")
 
 
 @dataclass(frozen=True)

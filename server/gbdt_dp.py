@@ -66,6 +66,7 @@ from clients.protocol.accounting import epsilon as accounted_epsilon
 from clients.protocol.dp_constants import PRIOR_NOISE_MULTIPLIER
 from clients.protocol.gbdt import RouteReply, RouteRequest, SiloEndpoint
 from crypto.secret_random import SecretRandom
+from server import gbdt_dp_post
 from server.gbdt import GbdtParams, Model, Split, Tree, gradients
 from server.ledger_lines import GaussianRelease
 
@@ -119,6 +120,14 @@ class DpTreeParams:
     guide_bins: int = 0  # "bins": the histograms' bin count (a divisor of bins); 0: bins
     guide_share: float = 0.02  # "mass": both sides of a drawn threshold hold this share
     guide_levels: int = 0  # > 0: only the first levels' nodes are guided (bench only)
+    # Post-processing of the released leaf sums (server/gbdt_dp_post.py; no budget):
+    # "newton" -lr G~ / (H~ + lambda); "eb" empirical-Bayes shrinkage from the known noise,
+    # its prior variance pooled over the trees released so far with weight eb_decay per tree.
+    leaf_rule: str = "newton"
+    eb_decay: float = 0.9
+    hs_kappa: float = 100.0  # "hs": hierarchical shrinkage's strength (hessian mass)
+    # A share of the steps re-release the routed structure of largest noisy gain so far.
+    reuse: float = 0.0
     accountant: str = "prv"
 
     def __post_init__(self) -> None:
@@ -142,6 +151,10 @@ class DpTreeParams:
             raise ValueError("guide_stat must be 'bins', 'score', 'leaves' or 'mass'")
         if self.guide_sigma <= 0 or self.guide_beta < 0 or not 0 <= self.guide_mix <= 1:
             raise ValueError("guide_sigma must be > 0, guide_beta >= 0, guide_mix in [0, 1]")
+        if self.leaf_rule not in ("newton", "eb", "hs") or not 0 <= self.eb_decay <= 1:
+            raise ValueError("leaf_rule must be 'newton' or 'eb', eb_decay in [0, 1]")
+        if not 0 <= self.reuse < 1 or (self.reuse and (self.guide_every or self.batch > 1)):
+            raise ValueError("reuse must lie in [0, 1), and not with guide_every or batch > 1")
 
     @property
     def guides(self) -> int:
@@ -267,6 +280,13 @@ class DpTrees:
 
     model: Model
     release: DpTreesRelease
+    # The routed structure each tree uses (structure reuse, server/gbdt_dp_post.py); None:
+    # tree t is structure t.
+    sources: tuple[int, ...] | None = None
+
+    def leaves(self, leaf: np.ndarray) -> np.ndarray:
+        """Each tree's rows of `leaf` (the routed structures' leaf indices, one row each)."""
+        return leaf if self.sources is None else leaf[list(self.sources)]
 
 
 def draw_structure(silos: Mapping[str, SiloEndpoint], params: DpTreeParams,
@@ -384,10 +404,10 @@ def noisy_prior(y: np.ndarray, release: DpTreesRelease, rng: np.random.Generator
     return math.log(rate / (1.0 - rate))
 
 
-def leaf_values(g: np.ndarray, h: np.ndarray, leaf: np.ndarray, params: DpTreeParams,
-                release: DpTreesRelease, rng: np.random.Generator) -> np.ndarray:
-    """One tree's (2^depth,) leaf values from the rows' g, h and leaves (the sampled rows
-    only): noisy sums, Newton step, averaged over the batch, clipped."""
+def noisy_sums(g: np.ndarray, h: np.ndarray, leaf: np.ndarray, params: DpTreeParams,
+               release: DpTreesRelease, rng: np.random.Generator
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """One tree's released (2^depth,) sums G~, H~ from the sampled rows' g, h and leaves."""
     leaves = 2**params.depth
     g_sum = np.bincount(leaf, weights=g, minlength=leaves)
     h_sum = np.bincount(leaf, weights=h, minlength=leaves)
@@ -395,9 +415,15 @@ def leaf_values(g: np.ndarray, h: np.ndarray, leaf: np.ndarray, params: DpTreePa
         # Noise is drawn for every leaf, empty ones too: which leaves are empty is data.
         g_sum = g_sum + rng.normal(0.0, release.gradient_noise_multiplier * G_BOUND, leaves)
         h_sum = h_sum + rng.normal(0.0, release.hessian_noise_multiplier * H_BOUND, leaves)
-    denominator = np.maximum(h_sum, 0.0) + params.lambda_
-    with np.errstate(divide="ignore", invalid="ignore"):
-        value = np.where(denominator > 0, -g_sum / denominator, 0.0)
+    return g_sum, h_sum
+
+
+def leaf_values(g: np.ndarray, h: np.ndarray, leaf: np.ndarray, params: DpTreeParams,
+                release: DpTreesRelease, rng: np.random.Generator) -> np.ndarray:
+    """One tree's (2^depth,) leaf values from the rows' g, h and leaves (the sampled rows
+    only): noisy sums, Newton step, averaged over the batch, clipped."""
+    g_sum, h_sum = noisy_sums(g, h, leaf, params, release, rng)
+    value = gbdt_dp_post.newton_values(g_sum, h_sum, params.lambda_)
     return np.clip(params.lr * value / params.batch, -params.max_leaf, params.max_leaf)
 
 
@@ -447,22 +473,46 @@ def boost(leaf: np.ndarray, y: np.ndarray, structure: list[dict[int, Split]],
     base = noisy_prior(y, release, rng.generator(PURPOSE, purpose, "prior"))
     sample_rng = rng.generator(PURPOSE, purpose, "rows")
     noise_rng = rng.generator(PURPOSE, purpose, "noise")
+    noise_var = (release.gradient_noise_multiplier * G_BOUND) ** 2
+    shrink = gbdt_dp_post.Shrinkage(decay=params.eb_decay, noise_var=noise_var)
+    chooser = gbdt_dp_post.Chooser(params.reuse, rng.generator(PURPOSE, purpose, "reuse"))
     margin = np.full(rows, base)
     offset = 2**params.depth - 1  # heap index of the first leaf
-    trees = []
+    trees, sources = [], []
     for start in range(0, params.trees, params.batch):
         g, h = gradients(margin, y)  # g = p - y lies in [-1, 1], h in [0, 1/4]
         step = np.zeros(rows)
-        for t in range(start, start + params.batch):
+        for _ in range(start, start + params.batch):
+            s = chooser.next(len(structure))
             taken = (sample_rng.random(rows) < params.sample_rate if params.sample_rate < 1
                      else slice(None))
-            values = leaf_values(g[taken], h[taken], leaf[t][taken], params, release,
-                                 noise_rng)
-            step += values[leaf[t]]
-            trees.append(Tree(splits=structure[t],
+            g_sum, h_sum = noisy_sums(g[taken], h[taken], leaf[s][taken], params, release,
+                                      noise_rng)
+            values = _values(g_sum, h_sum, params, shrink)
+            if params.reuse:
+                chooser.released(s, gbdt_dp_post.noisy_gain(g_sum, h_sum, noise_var,
+                                                            params.lambda_))
+            step += values[leaf[s]]
+            sources.append(s)
+            trees.append(Tree(splits=structure[s],
                               leaves={offset + i: float(v) for i, v in enumerate(values)}))
         margin += step
     model = Model(params=GbdtParams(trees=params.trees, depth=params.depth, bins=params.bins,
                                     lr=params.lr, lambda_=params.lambda_),
                   base_margin=base, trees=tuple(trees))
-    return DpTrees(model=model, release=release)
+    return DpTrees(model=model, release=release,
+                   sources=tuple(sources) if params.reuse else None)
+
+
+def _values(g_sum: np.ndarray, h_sum: np.ndarray, params: DpTreeParams,
+            shrink: gbdt_dp_post.Shrinkage) -> np.ndarray:
+    """A tree's leaf values from its released sums by `params.leaf_rule` (post-processing),
+    averaged over the batch and clipped."""
+    if params.leaf_rule == "eb":
+        shrink.update(g_sum, h_sum)
+        value = shrink.values(g_sum, h_sum, params.lambda_)
+    elif params.leaf_rule == "hs":
+        value = gbdt_dp_post.hierarchical_values(g_sum, h_sum, params.lambda_, params.hs_kappa)
+    else:
+        value = gbdt_dp_post.newton_values(g_sum, h_sum, params.lambda_)
+    return np.clip(params.lr * value / params.batch, -params.max_leaf, params.max_leaf)
