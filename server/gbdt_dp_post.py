@@ -54,17 +54,15 @@ def hierarchical_values(g_sum: np.ndarray, h_sum: np.ndarray, lambda_: float,
     leaves = len(g_sum)
     depth = leaves.bit_length() - 1
     idx = np.arange(leaves)
-    value = np.zeros(leaves)
-    parent_v = parent_h = None
-    for level in range(depth + 1):  # root (level 0) down to the leaves
+    parent_h = np.maximum(h_sum.sum(), 0.0) * np.ones(leaves)
+    parent_v = newton_values(np.full(leaves, g_sum.sum()), parent_h, lambda_)
+    value = parent_v.copy()  # the root's value, then each step down
+    for level in range(1, depth + 1):
         width = 2 ** (depth - level)  # leaves under one node of this level
         g = g_sum.reshape(-1, width).sum(axis=1)[idx // width]
         h = np.maximum(h_sum.reshape(-1, width).sum(axis=1), 0.0)[idx // width]
         v = newton_values(g, h, lambda_)
-        if parent_v is None:
-            value += v
-        else:
-            value += (v - parent_v) / (1.0 + kappa / np.maximum(parent_h, 1e-9))
+        value += (v - parent_v) / (1.0 + kappa / np.maximum(parent_h, 1e-9))
         parent_v, parent_h = v, h
     return value
 
