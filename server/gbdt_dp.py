@@ -128,6 +128,9 @@ class DpTreeParams:
     hs_kappa: float = 100.0  # "hs": hierarchical shrinkage's strength (hessian mass)
     # A share of the steps re-release the routed structure of largest noisy gain so far.
     reuse: float = 0.0
+    # "gain": after boosting, each tree's values scaled by its noisy gain's positive part over
+    # their mean (pure-noise trees count less in the score); "none": as boosted.
+    tree_weight: str = "none"
     accountant: str = "prv"
 
     def __post_init__(self) -> None:
@@ -153,6 +156,8 @@ class DpTreeParams:
             raise ValueError("guide_sigma must be > 0, guide_beta >= 0, guide_mix in [0, 1]")
         if self.leaf_rule not in ("newton", "eb", "hs") or not 0 <= self.eb_decay <= 1:
             raise ValueError("leaf_rule must be 'newton' or 'eb', eb_decay in [0, 1]")
+        if self.tree_weight not in ("none", "gain"):
+            raise ValueError("tree_weight must be 'none' or 'gain'")
         if not 0 <= self.reuse < 1 or (self.reuse and (self.guide_every or self.batch > 1)):
             raise ValueError("reuse must lie in [0, 1), and not with guide_every or batch > 1")
 
@@ -478,7 +483,7 @@ def boost(leaf: np.ndarray, y: np.ndarray, structure: list[dict[int, Split]],
     chooser = gbdt_dp_post.Chooser(params.reuse, rng.generator(PURPOSE, purpose, "reuse"))
     margin = np.full(rows, base)
     offset = 2**params.depth - 1  # heap index of the first leaf
-    trees, sources = [], []
+    trees, sources, gains = [], [], []
     for start in range(0, params.trees, params.batch):
         g, h = gradients(margin, y)  # g = p - y lies in [-1, 1], h in [0, 1/4]
         step = np.zeros(rows)
@@ -489,14 +494,17 @@ def boost(leaf: np.ndarray, y: np.ndarray, structure: list[dict[int, Split]],
             g_sum, h_sum = noisy_sums(g[taken], h[taken], leaf[s][taken], params, release,
                                       noise_rng)
             values = _values(g_sum, h_sum, params, shrink)
+            gain = gbdt_dp_post.noisy_gain(g_sum, h_sum, noise_var, params.lambda_)
+            gains.append(gain)
             if params.reuse:
-                chooser.released(s, gbdt_dp_post.noisy_gain(g_sum, h_sum, noise_var,
-                                                            params.lambda_))
+                chooser.released(s, gain)
             step += values[leaf[s]]
             sources.append(s)
             trees.append(Tree(splits=structure[s],
                               leaves={offset + i: float(v) for i, v in enumerate(values)}))
         margin += step
+    if params.tree_weight == "gain":
+        trees = gbdt_dp_post.weighted(trees, gains)
     model = Model(params=GbdtParams(trees=params.trees, depth=params.depth, bins=params.bins,
                                     lr=params.lr, lambda_=params.lambda_),
                   base_margin=base, trees=tuple(trees))

@@ -32,9 +32,11 @@ other step (the accountant counts steps, not distinct structures).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
+
+from server.gbdt import Tree
 
 
 def newton_values(g_sum: np.ndarray, h_sum: np.ndarray, lambda_: float) -> np.ndarray:
@@ -130,3 +132,12 @@ class Chooser:
         if self.gains is None:
             self.gains = {}
         self.gains[source] = gain
+
+
+def weighted(trees: list[Tree], gains: list[float]) -> list[Tree]:
+    """Each tree's leaf values times its noisy gain's positive part over their mean (all 1
+    when no gain is positive): a final reweighting read from the released sums only."""
+    w = np.maximum(np.asarray(gains, dtype=float), 0.0)
+    w = w / w.mean() if w.sum() > 0 else np.ones(len(trees))
+    return [replace(tree, leaves={k: float(v * wt) for k, v in tree.leaves.items()})
+            for tree, wt in zip(trees, w, strict=True)]

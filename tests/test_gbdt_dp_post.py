@@ -133,3 +133,19 @@ def test_the_post_processing_keys_enter_a_run_key_only_when_not_at_their_old_def
     assert not post & set(computed_settings(to_flat(parse_flat(AuthorityConfig, inf))))
     with pytest.raises(ConfigError, match="reuse"):
         parse_flat(AuthorityConfig, {**dp, "gbdt.reuse": "0.1", "gbdt.guide_every": "150"})
+
+
+def test_tree_weights_follow_the_noisy_gains() -> None:
+    params = DpTreeParams(trees=12, depth=3, sample_rate=0.5)
+    _, y, structure, leaf = routed(params)
+    plain = boost(leaf, y, structure, params, release_for(params), SECRET)
+    weighted = boost(leaf, y, structure, DpTreeParams(trees=12, depth=3, sample_rate=0.5,
+                                                      tree_weight="gain"),
+                     release_for(params), SECRET)
+    ratios = [np.array(list(b.leaves.values())) / np.array(list(a.leaves.values()))
+              for a, b in zip(plain.model.trees, weighted.model.trees, strict=True)]
+    per_tree = [r[0] for r in ratios]
+    assert all(np.allclose(r, r[0]) for r in ratios)  # one factor per tree
+    assert np.mean(per_tree) == pytest.approx(1.0)
+    assert min(per_tree) >= 0.0
+    assert max(per_tree) > 1.0
