@@ -17,7 +17,8 @@ scoring uses too): its left/right bit per row for each of its nodes. Then the au
 which holds the labels, boosts: per tree, with g = p - y in [-1, 1] and h = p (1 - p) in
 [0, 1/4] at the current margin, each leaf's sums G and H over the tree's rows (a Poisson
 sample at rate `sample_rate` from its secret stream), Gaussian noise on both, and the leaf
-value -lr G~ / (max(H~, 0) + lambda), clipped to `max_leaf` (post-processing). Trees come in
+value -lr G~ / (max(H~, 0) + lambda), clipped to `max_leaf` (post-processing; other rules
+that read only the released sums, and structure reuse, in server/gbdt_dp_post.py). Trees come in
 batches of `batch` sharing the same gradients, their values averaged (Maddock's batched
 updates). The first margin is the logit of a noisy prior (two noisy counts, as
 server/run_plan.py `private_prior`), accounted too.
@@ -96,10 +97,10 @@ class DpTreeParams:
     depth: int = 6
     bins: int = 32  # must be the silos' bin count (GbdtSilo(bins=...))
     lr: float = 0.5
-    lambda_: float = 200.0  # shrinks leaves towards 0: damps the noise of small leaves
+    lambda_: float = 300.0  # shrinks leaves towards 0: damps the noise of small leaves
     sample_rate: float = 0.3  # Poisson row sampling per tree (amplification)
     batch: int = 1  # trees per boosting step: same gradients, values averaged
-    hessian_noise: float = 2.0
+    hessian_noise: float = 4.0  # with lambda_ 300: RESULTS.md "DP trees: post-processing ..."
     max_leaf: float = 1.0
     # True: every tree splits ONE column (cycled in a random order) at 2^depth - 1 sorted
     # random thresholds laid out as a search tree, so its leaves are that column's intervals:

@@ -21,7 +21,7 @@ from server.gbdt_dp import (
     leaf_values,
     route_all,
 )
-from server.run_keys import computed_settings
+from server.run_keys import computed_settings, derive_run_key
 
 SECRET = SecretRandom(b"\x03" * 32)
 
@@ -149,3 +149,19 @@ def test_tree_weights_follow_the_noisy_gains() -> None:
     assert np.mean(per_tree) == pytest.approx(1.0)
     assert min(per_tree) >= 0.0
     assert max(per_tree) > 1.0
+
+
+def test_the_dp_tree_defaults_changed_so_their_run_key_did() -> None:
+    """hessian_noise 4 and reg_lambda 300 (chosen on validation people): a default DP tree run
+    computes otherwise than one at the old 2 and 200, so the two keys differ; a non-private
+    tree run, whose trees read neither, keeps its key."""
+    random = SecretRandom(b"\x05" * 32)
+    dp = {"model.kind": "gbdt", "privacy.epsilon": "1"}
+    old = {"gbdt.hessian_noise": "2", "gbdt.reg_lambda": "200"}
+    new = computed_settings(to_flat(parse_flat(AuthorityConfig, dp)))
+    assert (new["gbdt.hessian_noise"], new["gbdt.reg_lambda"]) == (4.0, 300.0)
+    assert derive_run_key(random, to_flat(parse_flat(AuthorityConfig, dp))) != derive_run_key(
+        random, to_flat(parse_flat(AuthorityConfig, {**dp, **old})))
+    inf = {"model.kind": "gbdt", "privacy.epsilon": "inf"}
+    assert derive_run_key(random, to_flat(parse_flat(AuthorityConfig, inf))) == derive_run_key(
+        random, to_flat(parse_flat(AuthorityConfig, {**inf, "gbdt.hessian_noise": "2"})))

@@ -43,11 +43,11 @@ def test_dp_trees_take_gbdt_dps_defaults_unless_keys_are_given() -> None:
     assert gbdt_dp_run.dp_trees(cfg)
     params = gbdt_dp_run.dp_params(cfg)
     assert (params.trees, params.depth, params.bins, params.lr, params.lambda_) == (
-        300, 6, 32, 0.5, 200.0)
+        300, 6, 32, 0.5, 300.0)
     assert (params.sample_rate, params.batch, params.hessian_noise, params.max_leaf) == (
-        0.3, 1, 2.0, 1.0)
+        0.3, 1, 4.0, 1.0)
     given = parse_flat(AuthorityConfig, {**DP, "gbdt.trees": "40", "gbdt.lr": "0.2"})
-    assert (given.gbdt.trees, given.gbdt.lr, given.gbdt.reg_lambda) == (40, 0.2, 200.0)
+    assert (given.gbdt.trees, given.gbdt.lr, given.gbdt.reg_lambda) == (40, 0.2, 300.0)
     # config.json holds the values run, and reads back to the same configuration.
     assert parse_flat(AuthorityConfig, to_flat(given)) == given
 

@@ -159,7 +159,7 @@ DESCRIPTIONS: dict[str, str] = {
     "gbdt.bins": "model.kind=gbdt: bins of each prepared feature (at most)",
     "gbdt.binning": "gbdt: quantile (each silo's own, epsilon=inf default) or uniform (DP)",
     "gbdt.lr": "model.kind=gbdt: shrinkage of each tree's leaves (unset: 0.1, DP 0.5)",
-    "gbdt.reg_lambda": "model.kind=gbdt: L2 penalty on leaf weights (unset: 1, DP 200)",
+    "gbdt.reg_lambda": "model.kind=gbdt: L2 penalty on leaf weights (unset: 1, DP 300)",
     "gbdt.min_child_weight": "gbdt at epsilon=inf: least hessian a child keeps (unset: 20)",
     "gbdt.protection": "gbdt at epsilon=inf: rr (gradients from RR labels) or he (BFV, slow)",
     "gbdt.sample_rate": "DP trees (finite epsilon): Poisson row sampling rate per tree",
