@@ -155,12 +155,7 @@ class DpTreeParams:
             raise ValueError("guide_stat must be 'bins', 'score', 'leaves' or 'mass'")
         if self.guide_sigma <= 0 or self.guide_beta < 0 or not 0 <= self.guide_mix <= 1:
             raise ValueError("guide_sigma must be > 0, guide_beta >= 0, guide_mix in [0, 1]")
-        if self.leaf_rule not in ("newton", "eb", "hs") or not 0 <= self.eb_decay <= 1:
-            raise ValueError("leaf_rule must be 'newton' or 'eb', eb_decay in [0, 1]")
-        if self.tree_weight not in ("none", "gain"):
-            raise ValueError("tree_weight must be 'none' or 'gain'")
-        if not 0 <= self.reuse < 1 or (self.reuse and (self.guide_every or self.batch > 1)):
-            raise ValueError("reuse must lie in [0, 1), and not with guide_every or batch > 1")
+        gbdt_dp_post.check(self)
 
     @property
     def guides(self) -> int:
@@ -479,49 +474,25 @@ def boost(leaf: np.ndarray, y: np.ndarray, structure: list[dict[int, Split]],
     base = noisy_prior(y, release, rng.generator(PURPOSE, purpose, "prior"))
     sample_rng = rng.generator(PURPOSE, purpose, "rows")
     noise_rng = rng.generator(PURPOSE, purpose, "noise")
-    noise_var = (release.gradient_noise_multiplier * G_BOUND) ** 2
-    shrink = gbdt_dp_post.Shrinkage(decay=params.eb_decay, noise_var=noise_var)
-    chooser = gbdt_dp_post.Chooser(params.reuse, rng.generator(PURPOSE, purpose, "reuse"))
+    post = gbdt_dp_post.Post(params, (release.gradient_noise_multiplier * G_BOUND) ** 2,
+                             rng.generator(PURPOSE, purpose, "reuse"))
     margin = np.full(rows, base)
     offset = 2**params.depth - 1  # heap index of the first leaf
-    trees, sources, gains = [], [], []
+    trees = []
     for start in range(0, params.trees, params.batch):
         g, h = gradients(margin, y)  # g = p - y lies in [-1, 1], h in [0, 1/4]
         step = np.zeros(rows)
         for _ in range(start, start + params.batch):
-            s = chooser.next(len(structure))
+            s = post.next(len(structure))
             taken = (sample_rng.random(rows) < params.sample_rate if params.sample_rate < 1
                      else slice(None))
-            g_sum, h_sum = noisy_sums(g[taken], h[taken], leaf[s][taken], params, release,
-                                      noise_rng)
-            values = _values(g_sum, h_sum, params, shrink)
-            gain = gbdt_dp_post.noisy_gain(g_sum, h_sum, noise_var, params.lambda_)
-            gains.append(gain)
-            if params.reuse:
-                chooser.released(s, gain)
+            values = post.values(s, *noisy_sums(g[taken], h[taken], leaf[s][taken], params,
+                                                release, noise_rng))
             step += values[leaf[s]]
-            sources.append(s)
             trees.append(Tree(splits=structure[s],
                               leaves={offset + i: float(v) for i, v in enumerate(values)}))
         margin += step
-    if params.tree_weight == "gain":
-        trees = gbdt_dp_post.weighted(trees, gains)
     model = Model(params=GbdtParams(trees=params.trees, depth=params.depth, bins=params.bins,
                                     lr=params.lr, lambda_=params.lambda_),
-                  base_margin=base, trees=tuple(trees))
-    return DpTrees(model=model, release=release,
-                   sources=tuple(sources) if params.reuse else None)
-
-
-def _values(g_sum: np.ndarray, h_sum: np.ndarray, params: DpTreeParams,
-            shrink: gbdt_dp_post.Shrinkage) -> np.ndarray:
-    """A tree's leaf values from its released sums by `params.leaf_rule` (post-processing),
-    averaged over the batch and clipped."""
-    if params.leaf_rule == "eb":
-        shrink.update(g_sum, h_sum)
-        value = shrink.values(g_sum, h_sum, params.lambda_)
-    elif params.leaf_rule == "hs":
-        value = gbdt_dp_post.hierarchical_values(g_sum, h_sum, params.lambda_, params.hs_kappa)
-    else:
-        value = gbdt_dp_post.newton_values(g_sum, h_sum, params.lambda_)
-    return np.clip(params.lr * value / params.batch, -params.max_leaf, params.max_leaf)
+                  base_margin=base, trees=tuple(post.finish(trees)))
+    return DpTrees(model=model, release=release, sources=post.sources())

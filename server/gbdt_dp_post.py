@@ -33,10 +33,46 @@ other step (the accountant counts steps, not distinct structures).
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 import numpy as np
 
 from server.gbdt import Tree
+
+
+class DpTreeParams(Protocol):
+    """The settings read here (server/gbdt_dp.py `DpTreeParams`, which imports this module)."""
+
+    @property
+    def lr(self) -> float: ...
+    @property
+    def lambda_(self) -> float: ...
+    @property
+    def batch(self) -> int: ...
+    @property
+    def max_leaf(self) -> float: ...
+    @property
+    def guide_every(self) -> int: ...
+    @property
+    def leaf_rule(self) -> str: ...
+    @property
+    def hs_kappa(self) -> float: ...
+    @property
+    def eb_decay(self) -> float: ...
+    @property
+    def reuse(self) -> float: ...
+    @property
+    def tree_weight(self) -> str: ...
+
+
+def check(params: DpTreeParams) -> None:
+    """Refuse post-processing settings that mean nothing."""
+    if params.tree_weight not in ("none", "gain"):
+        raise ValueError("tree_weight must be 'none' or 'gain'")
+    if params.leaf_rule not in ("newton", "eb", "hs") or not 0 <= params.eb_decay <= 1:
+        raise ValueError("leaf_rule must be 'newton', 'eb' or 'hs', eb_decay in [0, 1]")
+    if not 0 <= params.reuse < 1 or (params.reuse and (params.guide_every or params.batch > 1)):
+        raise ValueError("reuse must lie in [0, 1), and not with guide_every or batch > 1")
 
 
 def newton_values(g_sum: np.ndarray, h_sum: np.ndarray, lambda_: float) -> np.ndarray:
@@ -141,3 +177,44 @@ def weighted(trees: list[Tree], gains: list[float]) -> list[Tree]:
     w = w / w.mean() if w.sum() > 0 else np.ones(len(trees))
     return [replace(tree, leaves={k: float(v * wt) for k, v in tree.leaves.items()})
             for tree, wt in zip(trees, w, strict=True)]
+
+
+class Post:
+    """One boosting's post-processing state: which routed structure each step uses, each
+    tree's leaf values from its released sums by `params.leaf_rule` (averaged over the batch,
+    clipped), and the final reweighting."""
+
+    def __init__(self, params: DpTreeParams, noise_var: float,
+                 reuse_rng: np.random.Generator) -> None:
+        self.params, self.noise_var = params, noise_var
+        self.shrink = Shrinkage(decay=params.eb_decay, noise_var=noise_var)
+        self.chooser = Chooser(params.reuse, reuse_rng)
+        self.used: list[int] = []
+        self.gains: list[float] = []
+
+    def next(self, available: int) -> int:
+        source = self.chooser.next(available)
+        self.used.append(source)
+        return source
+
+    def values(self, source: int, g_sum: np.ndarray, h_sum: np.ndarray) -> np.ndarray:
+        p = self.params
+        gain = noisy_gain(g_sum, h_sum, self.noise_var, p.lambda_)
+        self.gains.append(gain)
+        if p.reuse:
+            self.chooser.released(source, gain)
+        if p.leaf_rule == "eb":
+            self.shrink.update(g_sum, h_sum)
+            value = self.shrink.values(g_sum, h_sum, p.lambda_)
+        elif p.leaf_rule == "hs":
+            value = hierarchical_values(g_sum, h_sum, p.lambda_, p.hs_kappa)
+        else:
+            value = newton_values(g_sum, h_sum, p.lambda_)
+        return np.clip(p.lr * value / p.batch, -p.max_leaf, p.max_leaf)
+
+    def finish(self, trees: list[Tree]) -> list[Tree]:
+        return weighted(trees, self.gains) if self.params.tree_weight == "gain" else trees
+
+    def sources(self) -> tuple[int, ...] | None:
+        """The structure each tree used, when reuse made it differ from tree t = structure t."""
+        return tuple(self.used) if self.params.reuse else None
