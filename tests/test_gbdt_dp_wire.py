@@ -91,13 +91,15 @@ def test_the_runs_sgd_machinery_sees_no_dp_for_the_dp_trees() -> None:
 # ---- the phase over the silos' real handlers ---------------------------------------------
 
 
+@pytest.mark.parametrize("extra", [{}, {"gbdt.reuse": "0.3"}], ids=["random", "reuse"])
 def test_the_phase_reproduces_the_in_process_dp_trees_and_its_ledger_verifies(
-        federation, tmp_path: Path) -> None:  # noqa: F811 (the fixture)
+        federation, tmp_path: Path, extra: dict) -> None:  # noqa: F811 (the fixture)
     """One route message per silo for every tree and person; the same margins as
-    `fit_dp_trees` in process from the same secret on the training rows; ledger lines the
+    `fit_dp_trees` in process from the same secret on the training rows (with structure
+    reuse too: everyone scored through the structure each tree re-released); ledger lines the
     independent accountant agrees with, within the target, eps_model = the ledger's."""
     fed, grid, xs = federation
-    cfg = parse_flat(AuthorityConfig, SMALL)
+    cfg = parse_flat(AuthorityConfig, {**SMALL, **extra})
     n = len(next(iter(xs.values())))
     rng = np.random.default_rng(3)
     order = rng.permutation(n)
@@ -126,6 +128,8 @@ def test_the_phase_reproduces_the_in_process_dp_trees_and_its_ledger_verifies(
     np.testing.assert_allclose(result.logits, predict_trees(trees.model, everyone, n),
                                rtol=0, atol=1e-12)
     assert result.bias == trees.model.base_margin
+    if extra:  # some structure was released twice, so the leaves were remapped
+        assert len({repr(t.splits) for t in trees.model.trees}) < len(trees.model.trees)
     assert spent["epsilon"]["model_by_population"]["train"] == trees.release.epsilon
 
     assert_dp_model_ledger_verifies(tmp_path, cfg, spent, steps=0, round_trips=2)
