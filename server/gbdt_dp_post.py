@@ -28,6 +28,13 @@ structure whose last release showed the largest noisy gain, sum over leaves of (
 Every structure was routed before any label was read, so the silos see nothing new; the
 choice reads only released sums. A re-released structure costs one tree's release like any
 other step (the accountant counts steps, not distinct structures).
+
+`tree_weight` "gain" (bench only): each finished tree scaled by its noisy gain over the mean.
+
+Measured on UCI's validation people at eps 1 (bench/RESULTS.md "DP trees: post-processing the
+released leaf sums"): none of them beats "newton" (hs and eb lose 0.001-0.009, reuse 0.0003-
+0.002, tree_weight 0.021), so all are off by default; the random trees' small leaves are often
+the rare informative cells, which any extra shrinkage costs.
 """
 
 from __future__ import annotations
