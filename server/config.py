@@ -78,8 +78,9 @@ GBDT_DEFAULTS: dict[bool, dict[str, Any]] = {
             "min_child_weight": 20.0},
     # min_child_weight is unused by the DP trees; 1 keeps their run key as it was. Depth 6:
     # the best validation AUC of the settings tried on UCI at eps 1, chosen without the test
-    # people (bench/RESULTS.md "DP trees, chosen without UCI's test people").
-    True: {"trees": 300, "depth": 6, "lr": 0.5, "reg_lambda": 200.0, "binning": "uniform",
+    # people (bench/RESULTS.md "DP trees, chosen without UCI's test people"); reg_lambda 300
+    # with hessian_noise 4 likewise ("DP trees: post-processing the released leaf sums").
+    True: {"trees": 300, "depth": 6, "lr": 0.5, "reg_lambda": 300.0, "binning": "uniform",
            "min_child_weight": 1.0}}
 GBDT_BINNINGS = ("quantile", "uniform")
 
@@ -92,7 +93,8 @@ class GbdtConfig:
     binning, lr, reg_lambda default by mode, GBDT_DEFAULTS; binning=quantile is refused with
     DP); min_child_weight and protection to the SecureBoost trees
     of privacy.epsilon=inf only (server/gbdt_run.py); sample_rate, batch, hessian_noise and
-    max_leaf to the DP trees of a finite privacy.epsilon only (server/gbdt_dp_run.py), which
+    max_leaf (and the guide_*, leaf_rule, hs_kappa, eb_decay and reuse keys) to the DP trees
+    of a finite privacy.epsilon only (server/gbdt_dp_run.py), which
     send the silos nothing label-dependent, so protection has nothing to protect there."""
 
     # 32 bins, both modes; depth 5 (SecureBoost) or 6 (DP trees) unless set.
@@ -118,7 +120,7 @@ class GbdtConfig:
     # the bound on a leaf value (server/gbdt_dp.py `DpTreeParams`).
     sample_rate: float = 0.3
     batch: int = 1
-    hessian_noise: float = 2.0
+    hessian_noise: float = 4.0  # 2 until "DP trees: post-processing the released leaf sums"
     max_leaf: float = 1.0
     # DP trees guided by noisy split histograms (server/gbdt_dp_guide.py): one accounted
     # release per guide_every trees (0: totally random trees) at joint multiplier guide_sigma;
@@ -133,6 +135,15 @@ class GbdtConfig:
     guide_stat: str = "bins"
     guide_bins: int = 0
     guide_share: float = 0.02
+    # Post-processing of the DP trees' released leaf sums (server/gbdt_dp_post.py, no budget):
+    # leaf_rule "newton" (-G~ / (H~ + reg_lambda)), "hs" (hierarchical shrinkage towards the
+    # ancestors' sums, strength hs_kappa) or "eb" (empirical Bayes, prior pooled with weight
+    # eb_decay per tree); reuse: the share of steps that re-release the routed structure of
+    # largest noisy gain so far.
+    leaf_rule: str = "newton"
+    hs_kappa: float = 100.0
+    eb_decay: float = 0.9
+    reuse: float = 0.0
 
     def resolved(self, dp: bool) -> GbdtConfig:
         """The keys left unset filled in with the mode's defaults."""
@@ -175,7 +186,7 @@ class GbdtConfig:
         if self.batch < 1 or (self.trees is not None and self.trees % self.batch):
             raise ConfigError(f"gbdt.batch={self.batch}: use a divisor of gbdt.trees, e.g. 1")
         if not (self.hessian_noise > 0 and self.max_leaf > 0):
-            raise ConfigError("gbdt.hessian_noise and gbdt.max_leaf must be > 0, e.g. 2 and 1")
+            raise ConfigError("gbdt.hessian_noise and gbdt.max_leaf must be > 0, e.g. 4 and 1")
         if self.guide_every < 0 or (self.guide_every and self.guide_every % self.batch):
             raise ConfigError(f"gbdt.guide_every={self.guide_every}: use 0 (random trees) or "
                               "a multiple of gbdt.batch, e.g. 100")
@@ -190,6 +201,17 @@ class GbdtConfig:
                               "gbdt.bins, e.g. 8")
         if not 0 <= self.guide_share < 0.5:
             raise ConfigError(f"gbdt.guide_share={self.guide_share}: use a share in [0, 0.5)")
+        self._check_post()
+
+    def _check_post(self) -> None:
+        if self.leaf_rule not in ("newton", "hs", "eb"):
+            raise ConfigError(f"gbdt.leaf_rule={self.leaf_rule!r}: choose newton, hs or eb")
+        if not (self.hs_kappa >= 0 and 0 <= self.eb_decay <= 1):
+            raise ConfigError("gbdt.hs_kappa must be >= 0 and gbdt.eb_decay in [0, 1], e.g. "
+                              "100 and 0.9")
+        if not 0 <= self.reuse < 1 or (self.reuse and (self.guide_every or self.batch > 1)):
+            raise ConfigError(f"gbdt.reuse={self.reuse}: use a share in [0, 1), and only for "
+                              "the random trees (gbdt.guide_every=0, gbdt.batch=1)")
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,8 @@ scoring uses too): its left/right bit per row for each of its nodes. Then the au
 which holds the labels, boosts: per tree, with g = p - y in [-1, 1] and h = p (1 - p) in
 [0, 1/4] at the current margin, each leaf's sums G and H over the tree's rows (a Poisson
 sample at rate `sample_rate` from its secret stream), Gaussian noise on both, and the leaf
-value -lr G~ / (max(H~, 0) + lambda), clipped to `max_leaf` (post-processing). Trees come in
+value -lr G~ / (max(H~, 0) + lambda), clipped to `max_leaf` (post-processing; other rules
+that read only the released sums, and structure reuse, in server/gbdt_dp_post.py). Trees come in
 batches of `batch` sharing the same gradients, their values averaged (Maddock's batched
 updates). The first margin is the logit of a noisy prior (two noisy counts, as
 server/run_plan.py `private_prior`), accounted too.
@@ -66,6 +67,7 @@ from clients.protocol.accounting import epsilon as accounted_epsilon
 from clients.protocol.dp_constants import PRIOR_NOISE_MULTIPLIER
 from clients.protocol.gbdt import RouteReply, RouteRequest, SiloEndpoint
 from crypto.secret_random import SecretRandom
+from server import gbdt_dp_post
 from server.gbdt import GbdtParams, Model, Split, Tree, gradients
 from server.ledger_lines import GaussianRelease
 
@@ -95,10 +97,10 @@ class DpTreeParams:
     depth: int = 6
     bins: int = 32  # must be the silos' bin count (GbdtSilo(bins=...))
     lr: float = 0.5
-    lambda_: float = 200.0  # shrinks leaves towards 0: damps the noise of small leaves
+    lambda_: float = 300.0  # shrinks leaves towards 0: damps the noise of small leaves
     sample_rate: float = 0.3  # Poisson row sampling per tree (amplification)
     batch: int = 1  # trees per boosting step: same gradients, values averaged
-    hessian_noise: float = 2.0
+    hessian_noise: float = 4.0  # with lambda_ 300: RESULTS.md "DP trees: post-processing ..."
     max_leaf: float = 1.0
     # True: every tree splits ONE column (cycled in a random order) at 2^depth - 1 sorted
     # random thresholds laid out as a search tree, so its leaves are that column's intervals:
@@ -119,6 +121,17 @@ class DpTreeParams:
     guide_bins: int = 0  # "bins": the histograms' bin count (a divisor of bins); 0: bins
     guide_share: float = 0.02  # "mass": both sides of a drawn threshold hold this share
     guide_levels: int = 0  # > 0: only the first levels' nodes are guided (bench only)
+    # Post-processing of the released leaf sums (server/gbdt_dp_post.py; no budget):
+    # "newton" -lr G~ / (H~ + lambda); "eb" empirical-Bayes shrinkage from the known noise,
+    # its prior variance pooled over the trees released so far with weight eb_decay per tree.
+    leaf_rule: str = "newton"
+    eb_decay: float = 0.9
+    hs_kappa: float = 100.0  # "hs": hierarchical shrinkage's strength (hessian mass)
+    # A share of the steps re-release the routed structure of largest noisy gain so far.
+    reuse: float = 0.0
+    # "gain": after boosting, each tree's values scaled by its noisy gain's positive part over
+    # their mean (pure-noise trees count less in the score); "none": as boosted.
+    tree_weight: str = "none"
     accountant: str = "prv"
 
     def __post_init__(self) -> None:
@@ -142,6 +155,7 @@ class DpTreeParams:
             raise ValueError("guide_stat must be 'bins', 'score', 'leaves' or 'mass'")
         if self.guide_sigma <= 0 or self.guide_beta < 0 or not 0 <= self.guide_mix <= 1:
             raise ValueError("guide_sigma must be > 0, guide_beta >= 0, guide_mix in [0, 1]")
+        gbdt_dp_post.check(self)
 
     @property
     def guides(self) -> int:
@@ -267,6 +281,13 @@ class DpTrees:
 
     model: Model
     release: DpTreesRelease
+    # The routed structure each tree uses (structure reuse, server/gbdt_dp_post.py); None:
+    # tree t is structure t.
+    sources: tuple[int, ...] | None = None
+
+    def leaves(self, leaf: np.ndarray) -> np.ndarray:
+        """Each tree's rows of `leaf` (the routed structures' leaf indices, one row each)."""
+        return leaf if self.sources is None else leaf[list(self.sources)]
 
 
 def draw_structure(silos: Mapping[str, SiloEndpoint], params: DpTreeParams,
@@ -384,10 +405,10 @@ def noisy_prior(y: np.ndarray, release: DpTreesRelease, rng: np.random.Generator
     return math.log(rate / (1.0 - rate))
 
 
-def leaf_values(g: np.ndarray, h: np.ndarray, leaf: np.ndarray, params: DpTreeParams,
-                release: DpTreesRelease, rng: np.random.Generator) -> np.ndarray:
-    """One tree's (2^depth,) leaf values from the rows' g, h and leaves (the sampled rows
-    only): noisy sums, Newton step, averaged over the batch, clipped."""
+def noisy_sums(g: np.ndarray, h: np.ndarray, leaf: np.ndarray, params: DpTreeParams,
+               release: DpTreesRelease, rng: np.random.Generator
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """One tree's released (2^depth,) sums G~, H~ from the sampled rows' g, h and leaves."""
     leaves = 2**params.depth
     g_sum = np.bincount(leaf, weights=g, minlength=leaves)
     h_sum = np.bincount(leaf, weights=h, minlength=leaves)
@@ -395,9 +416,15 @@ def leaf_values(g: np.ndarray, h: np.ndarray, leaf: np.ndarray, params: DpTreePa
         # Noise is drawn for every leaf, empty ones too: which leaves are empty is data.
         g_sum = g_sum + rng.normal(0.0, release.gradient_noise_multiplier * G_BOUND, leaves)
         h_sum = h_sum + rng.normal(0.0, release.hessian_noise_multiplier * H_BOUND, leaves)
-    denominator = np.maximum(h_sum, 0.0) + params.lambda_
-    with np.errstate(divide="ignore", invalid="ignore"):
-        value = np.where(denominator > 0, -g_sum / denominator, 0.0)
+    return g_sum, h_sum
+
+
+def leaf_values(g: np.ndarray, h: np.ndarray, leaf: np.ndarray, params: DpTreeParams,
+                release: DpTreesRelease, rng: np.random.Generator) -> np.ndarray:
+    """One tree's (2^depth,) leaf values from the rows' g, h and leaves (the sampled rows
+    only): noisy sums, Newton step, averaged over the batch, clipped."""
+    g_sum, h_sum = noisy_sums(g, h, leaf, params, release, rng)
+    value = gbdt_dp_post.newton_values(g_sum, h_sum, params.lambda_)
     return np.clip(params.lr * value / params.batch, -params.max_leaf, params.max_leaf)
 
 
@@ -447,22 +474,25 @@ def boost(leaf: np.ndarray, y: np.ndarray, structure: list[dict[int, Split]],
     base = noisy_prior(y, release, rng.generator(PURPOSE, purpose, "prior"))
     sample_rng = rng.generator(PURPOSE, purpose, "rows")
     noise_rng = rng.generator(PURPOSE, purpose, "noise")
+    post = gbdt_dp_post.Post(params, (release.gradient_noise_multiplier * G_BOUND) ** 2,
+                             rng.generator(PURPOSE, purpose, "reuse"))
     margin = np.full(rows, base)
     offset = 2**params.depth - 1  # heap index of the first leaf
     trees = []
     for start in range(0, params.trees, params.batch):
         g, h = gradients(margin, y)  # g = p - y lies in [-1, 1], h in [0, 1/4]
         step = np.zeros(rows)
-        for t in range(start, start + params.batch):
+        for _ in range(start, start + params.batch):
+            s = post.next(len(structure))
             taken = (sample_rng.random(rows) < params.sample_rate if params.sample_rate < 1
                      else slice(None))
-            values = leaf_values(g[taken], h[taken], leaf[t][taken], params, release,
-                                 noise_rng)
-            step += values[leaf[t]]
-            trees.append(Tree(splits=structure[t],
+            values = post.values(s, *noisy_sums(g[taken], h[taken], leaf[s][taken], params,
+                                                release, noise_rng))
+            step += values[leaf[s]]
+            trees.append(Tree(splits=structure[s],
                               leaves={offset + i: float(v) for i, v in enumerate(values)}))
         margin += step
     model = Model(params=GbdtParams(trees=params.trees, depth=params.depth, bins=params.bins,
                                     lr=params.lr, lambda_=params.lambda_),
-                  base_margin=base, trees=tuple(trees))
-    return DpTrees(model=model, release=release)
+                  base_margin=base, trees=tuple(post.finish(trees)))
+    return DpTrees(model=model, release=release, sources=post.sources())

@@ -91,7 +91,9 @@ def dp_params(cfg: AuthorityConfig) -> gbdt_dp.DpTreeParams:
         sample_rate=g.sample_rate, batch=g.batch, hessian_noise=g.hessian_noise,
         max_leaf=g.max_leaf, guide_every=g.guide_every, guide_sigma=g.guide_sigma,
         guide_beta=g.guide_beta, guide_mix=g.guide_mix, guide_stat=g.guide_stat,
-        guide_bins=g.guide_bins, guide_share=g.guide_share, accountant=cfg.privacy.accountant)
+        guide_bins=g.guide_bins, guide_share=g.guide_share, leaf_rule=g.leaf_rule,
+        hs_kappa=g.hs_kappa, eb_decay=g.eb_decay, reuse=g.reuse,
+        accountant=cfg.privacy.accountant)
 
 
 class Release(Protocol):
@@ -301,6 +303,7 @@ def train_and_calibrate(job: TreeJob, phases: run_phases.PhaseTimer, ledger: Led
         leaf = route_everyone(silos, structure, job.n_positions, params.depth)
         trees = gbdt_dp.boost(leaf[:, job.train], y[job.train], structure, params,
                               budget.release, random, purpose=key)
+        leaf = trees.leaves(leaf)  # each tree's routed structure (reuse repeats some)
     log.info("%d DP trees in %.1f s, %d round trips", params.trees, time.perf_counter() - t0,
              silos.round_trips + 1)
     phases.start("score")
@@ -354,7 +357,8 @@ def annotate(out: dict, cfg: AuthorityConfig) -> None:
                                       "sample_rate", "batch", "hessian_noise", "max_leaf",
                                       "guide_every", "guide_sigma", "guide_beta",
                                       "guide_mix", "guide_stat", "guide_bins",
-                                      "guide_share")},
+                                      "guide_share", "leaf_rule", "hs_kappa", "eb_decay",
+                                      "reuse")},
         "mode": ("dp trees guided by noisy split histograms (server/gbdt_dp_guide.py)"
                  if g.guide_every else "dp random trees (server/gbdt_dp.py)"),
         "input_scale": DP_UNITS,

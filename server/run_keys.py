@@ -36,6 +36,10 @@ DP_TREE_KEYS = frozenset({"gbdt.sample_rate", "gbdt.batch", "gbdt.hessian_noise"
 # The guided DP trees' settings (server/gbdt_dp_guide.py) change nothing unless
 # gbdt.guide_every > 0: left out otherwise, so every other run keeps the key it had before.
 GUIDE_PREFIX = "gbdt.guide_"
+# The DP trees' post-processing (server/gbdt_dp_post.py) changes nothing at its old
+# defaults (leaf_rule newton, no reuse): its keys are left out then, so such a run keeps the
+# key it had before they existed; otherwise all of them enter (with DP only).
+POST_KEYS = frozenset({"gbdt.leaf_rule", "gbdt.hs_kappa", "gbdt.eb_decay", "gbdt.reuse"})
 # Delay compensation applies to `sum` mode without DP-SGD only (server/run_plan.py
 # `model_spec`): elsewhere it changes nothing, so a DP or concat run keeps the key it had
 # before the setting existed.
@@ -56,9 +60,11 @@ def computed_settings(config: dict) -> dict:
     dp = math.isfinite(float(config.get("privacy.epsilon", math.inf)))
     compensated = mlp and not dp and config.get("aggregation.mode", "sum") == "sum"
     guided = dp and int(config.get("gbdt.guide_every", 0) or 0) > 0
+    posted = dp and (config.get("gbdt.leaf_rule", "newton") != "newton"
+                     or float(config.get("gbdt.reuse", 0) or 0) > 0)
     mark = CLIP_MARK if mlp and dp and config.get("topology", "vertical") == "vertical" else {}
     return mark | {k: v for k, v in config.items()
-            if (guided or not k.startswith(GUIDE_PREFIX))
+            if (guided or not k.startswith(GUIDE_PREFIX)) and (posted or k not in POST_KEYS)
             and not k.startswith(NOT_COMPUTED_PREFIXES) and k not in NOT_COMPUTED_KEYS
             and not (mlp and k.startswith(TREE_KEYS)) and (dp or k not in DP_TREE_KEYS)
             and not (dp and k in SECUREBOOST_KEYS)

@@ -226,8 +226,11 @@ def _excess(scores: dict[int, np.ndarray], eps: float, delta: float) -> float:
 
 
 def test_attack_on_leaf_values_is_exact_without_noise_and_bounded_with_it() -> None:
+    # hessian_noise 2 (the default until RESULTS.md "DP trees: post-processing the released
+    # leaf sums"): at lambda 1 a harder-noised H swamps the leaf's denominator, and the check
+    # that the attack has power (a tenth of the noise passes the bound) needs it legible.
     params = DpTreeParams(trees=1, depth=1, lambda_=1.0, lr=1.0, max_leaf=100.0,
-                          sample_rate=1.0, accountant=RDP)
+                          sample_rate=1.0, hessian_noise=2.0, accountant=RDP)
     eps, delta, trials = 1.0, 1e-5, 150
     # Without noise, a target with label 1 raises its leaf by exactly lr / (H + lambda).
     clear = _attack_scores(plan_noise(params, epsilon_=math.inf, delta=delta), params, 10)

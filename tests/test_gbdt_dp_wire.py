@@ -43,11 +43,11 @@ def test_dp_trees_take_gbdt_dps_defaults_unless_keys_are_given() -> None:
     assert gbdt_dp_run.dp_trees(cfg)
     params = gbdt_dp_run.dp_params(cfg)
     assert (params.trees, params.depth, params.bins, params.lr, params.lambda_) == (
-        300, 6, 32, 0.5, 200.0)
+        300, 6, 32, 0.5, 300.0)
     assert (params.sample_rate, params.batch, params.hessian_noise, params.max_leaf) == (
-        0.3, 1, 2.0, 1.0)
+        0.3, 1, 4.0, 1.0)
     given = parse_flat(AuthorityConfig, {**DP, "gbdt.trees": "40", "gbdt.lr": "0.2"})
-    assert (given.gbdt.trees, given.gbdt.lr, given.gbdt.reg_lambda) == (40, 0.2, 200.0)
+    assert (given.gbdt.trees, given.gbdt.lr, given.gbdt.reg_lambda) == (40, 0.2, 300.0)
     # config.json holds the values run, and reads back to the same configuration.
     assert parse_flat(AuthorityConfig, to_flat(given)) == given
 
@@ -91,13 +91,15 @@ def test_the_runs_sgd_machinery_sees_no_dp_for_the_dp_trees() -> None:
 # ---- the phase over the silos' real handlers ---------------------------------------------
 
 
+@pytest.mark.parametrize("extra", [{}, {"gbdt.reuse": "0.3"}], ids=["random", "reuse"])
 def test_the_phase_reproduces_the_in_process_dp_trees_and_its_ledger_verifies(
-        federation, tmp_path: Path) -> None:  # noqa: F811 (the fixture)
+        federation, tmp_path: Path, extra: dict) -> None:  # noqa: F811 (the fixture)
     """One route message per silo for every tree and person; the same margins as
-    `fit_dp_trees` in process from the same secret on the training rows; ledger lines the
+    `fit_dp_trees` in process from the same secret on the training rows (with structure
+    reuse too: everyone scored through the structure each tree re-released); ledger lines the
     independent accountant agrees with, within the target, eps_model = the ledger's."""
     fed, grid, xs = federation
-    cfg = parse_flat(AuthorityConfig, SMALL)
+    cfg = parse_flat(AuthorityConfig, {**SMALL, **extra})
     n = len(next(iter(xs.values())))
     rng = np.random.default_rng(3)
     order = rng.permutation(n)
@@ -126,6 +128,8 @@ def test_the_phase_reproduces_the_in_process_dp_trees_and_its_ledger_verifies(
     np.testing.assert_allclose(result.logits, predict_trees(trees.model, everyone, n),
                                rtol=0, atol=1e-12)
     assert result.bias == trees.model.base_margin
+    if extra:  # some structure was released twice, so the leaves were remapped
+        assert len({repr(t.splits) for t in trees.model.trees}) < len(trees.model.trees)
     assert spent["epsilon"]["model_by_population"]["train"] == trees.release.epsilon
 
     assert_dp_model_ledger_verifies(tmp_path, cfg, spent, steps=0, round_trips=2)

@@ -58,7 +58,7 @@ def test_gbdt_takes_its_defaults_from_the_privacy_mode() -> None:
     assert (cfg.gbdt.binning, cfg.gbdt.min_child_weight) == ("quantile", 20.0)
     assert math.isinf(cfg.privacy.epsilon)
     dp = parse_flat(AuthorityConfig, {"model.kind": "gbdt"})
-    assert (dp.gbdt.trees, dp.gbdt.lr, dp.gbdt.reg_lambda) == (300, 0.5, 200.0)
+    assert (dp.gbdt.trees, dp.gbdt.lr, dp.gbdt.reg_lambda) == (300, 0.5, 300.0)
     assert dp.gbdt.binning == "uniform"
     with pytest.raises(ConfigError, match=r"gbdt\.binning=quantile with privacy\.epsilon=1"):
         parse_flat(AuthorityConfig, {"model.kind": "gbdt", "gbdt.binning": "quantile"})
