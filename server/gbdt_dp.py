@@ -267,6 +267,9 @@ class DpTrees:
 
     model: Model
     release: DpTreesRelease
+    # Per tree, the released (G~, H~) of every leaf, shape (2, 2^depth): what the reason codes
+    # read (server/gbdt_reasons.py), never the exact g, h.
+    sums: tuple[np.ndarray, ...] = ()
 
 
 def draw_structure(silos: Mapping[str, SiloEndpoint], params: DpTreeParams,
@@ -388,6 +391,14 @@ def leaf_values(g: np.ndarray, h: np.ndarray, leaf: np.ndarray, params: DpTreePa
                 release: DpTreesRelease, rng: np.random.Generator) -> np.ndarray:
     """One tree's (2^depth,) leaf values from the rows' g, h and leaves (the sampled rows
     only): noisy sums, Newton step, averaged over the batch, clipped."""
+    return newton_values(*noisy_leaf_sums(g, h, leaf, params, release, rng), params)
+
+
+def noisy_leaf_sums(g: np.ndarray, h: np.ndarray, leaf: np.ndarray, params: DpTreeParams,
+                    release: DpTreesRelease, rng: np.random.Generator
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """One tree's (2^depth,) released sums (G~, H~): the Gaussian mechanism's output, of which
+    the leaf values (and the trees' reason codes, server/gbdt_reasons.py) are post-processing."""
     leaves = 2**params.depth
     g_sum = np.bincount(leaf, weights=g, minlength=leaves)
     h_sum = np.bincount(leaf, weights=h, minlength=leaves)
@@ -395,6 +406,12 @@ def leaf_values(g: np.ndarray, h: np.ndarray, leaf: np.ndarray, params: DpTreePa
         # Noise is drawn for every leaf, empty ones too: which leaves are empty is data.
         g_sum = g_sum + rng.normal(0.0, release.gradient_noise_multiplier * G_BOUND, leaves)
         h_sum = h_sum + rng.normal(0.0, release.hessian_noise_multiplier * H_BOUND, leaves)
+    return g_sum, h_sum
+
+
+def newton_values(g_sum: np.ndarray, h_sum: np.ndarray, params: DpTreeParams) -> np.ndarray:
+    """Leaf values from (noisy) sums: Newton step, averaged over the batch, clipped; also
+    an inner node's value from the sums of its leaves (post-processing)."""
     denominator = np.maximum(h_sum, 0.0) + params.lambda_
     with np.errstate(divide="ignore", invalid="ignore"):
         value = np.where(denominator > 0, -g_sum / denominator, 0.0)
@@ -449,15 +466,16 @@ def boost(leaf: np.ndarray, y: np.ndarray, structure: list[dict[int, Split]],
     noise_rng = rng.generator(PURPOSE, purpose, "noise")
     margin = np.full(rows, base)
     offset = 2**params.depth - 1  # heap index of the first leaf
-    trees = []
+    trees, sums = [], []
     for start in range(0, params.trees, params.batch):
         g, h = gradients(margin, y)  # g = p - y lies in [-1, 1], h in [0, 1/4]
         step = np.zeros(rows)
         for t in range(start, start + params.batch):
             taken = (sample_rng.random(rows) < params.sample_rate if params.sample_rate < 1
                      else slice(None))
-            values = leaf_values(g[taken], h[taken], leaf[t][taken], params, release,
-                                 noise_rng)
+            sums.append(np.stack(noisy_leaf_sums(g[taken], h[taken], leaf[t][taken], params,
+                                                 release, noise_rng)))
+            values = newton_values(sums[-1][0], sums[-1][1], params)
             step += values[leaf[t]]
             trees.append(Tree(splits=structure[t],
                               leaves={offset + i: float(v) for i, v in enumerate(values)}))
@@ -465,4 +483,4 @@ def boost(leaf: np.ndarray, y: np.ndarray, structure: list[dict[int, Split]],
     model = Model(params=GbdtParams(trees=params.trees, depth=params.depth, bins=params.bins,
                                     lr=params.lr, lambda_=params.lambda_),
                   base_margin=base, trees=tuple(trees))
-    return DpTrees(model=model, release=release)
+    return DpTrees(model=model, release=release, sums=tuple(sums))

@@ -21,6 +21,7 @@ from server.config_keys import parse_flat, to_flat
 from server.federation import FederationError
 from server.gbdt import predict_trees
 from server.gbdt_dp import fit_dp_trees
+from server.gbdt_reasons import released_values
 from server.gbdt_run import TreeJob
 from server.gbdt_silos import start
 from server.ledger import Ledger
@@ -125,7 +126,9 @@ def test_the_phase_reproduces_the_in_process_dp_trees_and_its_ledger_verifies(
     everyone = {s: GbdtSilo(s, x, bins=params.bins) for s, x in xs.items()}
     np.testing.assert_allclose(result.logits, predict_trees(trees.model, everyone, n),
                                rtol=0, atol=1e-12)
-    assert result.bias == trees.model.base_margin
+    # The bias the points start from: the noisy prior and every root's released value.
+    roots = sum(released_values(sums, params)[0] for sums in trees.sums)
+    assert result.bias == pytest.approx(trees.model.base_margin + roots)
     assert spent["epsilon"]["model_by_population"]["train"] == trees.release.epsilon
 
     assert_dp_model_ledger_verifies(tmp_path, cfg, spent, steps=0, round_trips=2)
