@@ -18,11 +18,12 @@ column) and every person's path (the routing bits), so it credits the splits its
 silo to rank its own columns' credits would send it, per person, node values that depend on
 which nodes the person reached, i.e. on the OTHER silos' splits. The silo's say is its consent,
 asked before training (`query.gbdt_explain` with k): it answers with its feature names only when
-its policy `explain` allows k reason codes per person, and refuses otherwise (the run stops
-before any tree is grown). As for the scorecard, a tree run asks k = explain.reasons, or
-MAX_REASONS when none are configured (server/run_plan.py `reasons_asked`): the reasons show
-the authority nothing it does not hold already. Each silo's Explained carries at most k of its
-features, as a silo's own answer would.
+its policy `explain` allows k reason codes per person. Beyond it, a run that configured
+explain.reasons is refused (it stops before any tree is grown); the default ask is declined
+and the run goes on without reason codes. As for the scorecard, a tree run asks
+k = explain.reasons, or MAX_REASONS when none are configured (server/run_plan.py
+`reasons_asked`): the reasons show the authority nothing it does not hold already. Each silo's
+Explained carries at most k of its features, as a silo's own answer would.
 
 Privacy. SecureBoost trees: node values from the exact training g, h (the trees are released
 without DP anyway). DP trees (server/gbdt_dp.py): node values come only from the released noisy
