@@ -206,6 +206,14 @@ def test_the_guided_phase_reproduces_the_in_process_trees_and_its_ledger_verifie
     lines = [json.loads(line) for line in (tmp_path / "ledger.jsonl").read_text().splitlines()]
     assert [line["purpose"] for line in lines].count("dp-trees split histograms") == 1
     assert_dp_model_ledger_verifies(tmp_path, cfg, spent, steps=0, round_trips=2)
+    # The guided trees keep their released leaf sums too (the reasons' only input): every
+    # leaf's value is their Newton step, and the bias starts from every root's.
+    offset = 2**params.depth - 1
+    for tree, sums in zip(trees.model.trees, trees.sums, strict=True):
+        np.testing.assert_allclose(released_values(sums, params)[offset:],
+                                   [tree.leaves[offset + i] for i in range(offset + 1)])
+    roots = sum(released_values(sums, params)[0] for sums in trees.sums)
+    assert result.bias == pytest.approx(trees.model.base_margin + roots)
 
 
 def assert_dp_model_ledger_verifies(run_dir: Path, cfg: AuthorityConfig, spent: dict, *,
