@@ -377,8 +377,10 @@ def annotate(out: dict, cfg: AuthorityConfig) -> None:
                              "secret stream before any data is read; privacy.label_epsilon "
                              "is not spent (no randomised response is drawn)"),
         "reasons": gbdt_run.REASONS_NOTE + (
-            "; node values from the released noisy leaf sums only (an inner node's from the "
-            "sums of its leaves' G~ and H~), so each person's reasons and points are "
+            "; node values from the released noisy leaf sums only (an inner node's: the "
+            "Newton step of its leaves' summed G~ and H~ with each leaf's lambda, i.e. the "
+            "mean of its leaves' released values weighted by max(H~, 0) + lambda), so each "
+            "person's reasons and points are "
             "post-processing of the DP model and their own leaves: no privacy budget. "
             "`contributions` stays empty: a summary over people would be a statistic outside "
             "the accountant"),

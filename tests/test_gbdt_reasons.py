@@ -201,3 +201,15 @@ def test_the_silos_policy_decides(federation, policy) -> None:  # noqa: F811
     # A scorecard run is no tree run: the consent request is refused by its mode.
     announce_run(grid, "rsn6", kind="scorecard")
     refused(ask(grid, 1, msg.EXPLAIN, m.make_content({"reasons": 1})), msg.EXPLAIN)
+
+
+def test_an_inner_dp_node_is_the_newton_step_of_its_leaves_sums_with_each_leafs_lambda() -> None:
+    """Root of a depth-1 tree: -lr (G1 + G2) / (H1 + H2 + 2 lambda), the mean of the leaves'
+    values weighted by H~ + lambda, so it stays within the leaves' values however noisy the
+    sums (a negative H~ counts as 0, as in a leaf's step)."""
+    params = gbdt_dp.DpTreeParams(trees=1, depth=1, bins=4, lr=1.0, lambda_=1.0,
+                                  sample_rate=1.0, max_leaf=10.0)
+    values = released_values(np.array([[-2.0, 4.0], [1.0, 3.0]]), params)
+    np.testing.assert_allclose(values, [-2.0 / 6.0, 1.0, -1.0])
+    noisy = released_values(np.array([[-900.0, 50.0], [-40.0, 2.0]]), params)
+    assert noisy[2] < noisy[0] < noisy[1] == 10.0  # clipped leaf, root between the leaves
