@@ -118,7 +118,8 @@ def _train_and_calibrate(ctx: RunContext, plan: Plan, phases: run_phases.PhaseTi
     try:
         if ctx.cfg.model.kind == "gbdt":
             result, calibrate, spent = gbdt_dp_run.train_trees(
-                ctx.fed, ctx.cfg, run, split, plan.y, phases, ctx.ledger, ctx.random)
+                ctx.fed, ctx.cfg, run, split, plan.y, phases, ctx.ledger, ctx.random,
+                plan.reasons)
             return Trained(result, calibrate, {**privacy.summary(), **spent})
         if ctx.cfg.model.kind == "scorecard":
             job = TreeJob(ctx.fed, ctx.cfg, run.run_key, split.train, split.val,

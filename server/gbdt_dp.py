@@ -284,6 +284,8 @@ class DpTrees:
     # The routed structure each tree uses (structure reuse, server/gbdt_dp_post.py); None:
     # tree t is structure t.
     sources: tuple[int, ...] | None = None
+    # Per tree, the released (G~, H~) of every leaf, (2, 2^depth): the reasons' input.
+    sums: tuple[np.ndarray, ...] = ()
 
     def leaves(self, leaf: np.ndarray) -> np.ndarray:
         """Each tree's rows of `leaf` (the routed structures' leaf indices, one row each)."""
@@ -419,11 +421,8 @@ def noisy_sums(g: np.ndarray, h: np.ndarray, leaf: np.ndarray, params: DpTreePar
     return g_sum, h_sum
 
 
-def leaf_values(g: np.ndarray, h: np.ndarray, leaf: np.ndarray, params: DpTreeParams,
-                release: DpTreesRelease, rng: np.random.Generator) -> np.ndarray:
-    """One tree's (2^depth,) leaf values from the rows' g, h and leaves (the sampled rows
-    only): noisy sums, Newton step, averaged over the batch, clipped."""
-    g_sum, h_sum = noisy_sums(g, h, leaf, params, release, rng)
+def newton_leaf_values(g_sum: np.ndarray, h_sum: np.ndarray, params: DpTreeParams) -> np.ndarray:
+    """Leaf values from released sums: Newton step, averaged over the batch, clipped."""
     value = gbdt_dp_post.newton_values(g_sum, h_sum, params.lambda_)
     return np.clip(params.lr * value / params.batch, -params.max_leaf, params.max_leaf)
 
@@ -478,7 +477,7 @@ def boost(leaf: np.ndarray, y: np.ndarray, structure: list[dict[int, Split]],
                              rng.generator(PURPOSE, purpose, "reuse"))
     margin = np.full(rows, base)
     offset = 2**params.depth - 1  # heap index of the first leaf
-    trees = []
+    trees, sums = [], []
     for start in range(0, params.trees, params.batch):
         g, h = gradients(margin, y)  # g = p - y lies in [-1, 1], h in [0, 1/4]
         step = np.zeros(rows)
@@ -486,8 +485,9 @@ def boost(leaf: np.ndarray, y: np.ndarray, structure: list[dict[int, Split]],
             s = post.next(len(structure))
             taken = (sample_rng.random(rows) < params.sample_rate if params.sample_rate < 1
                      else slice(None))
-            values = post.values(s, *noisy_sums(g[taken], h[taken], leaf[s][taken], params,
-                                                release, noise_rng))
+            sums.append(np.stack(noisy_sums(g[taken], h[taken], leaf[s][taken], params,
+                                            release, noise_rng)))
+            values = post.values(s, sums[-1][0], sums[-1][1])
             step += values[leaf[s]]
             trees.append(Tree(splits=structure[s],
                               leaves={offset + i: float(v) for i, v in enumerate(values)}))
@@ -495,4 +495,5 @@ def boost(leaf: np.ndarray, y: np.ndarray, structure: list[dict[int, Split]],
     model = Model(params=GbdtParams(trees=params.trees, depth=params.depth, bins=params.bins,
                                     lr=params.lr, lambda_=params.lambda_),
                   base_margin=base, trees=tuple(post.finish(trees)))
-    return DpTrees(model=model, release=release, sources=post.sources())
+    return DpTrees(model=model, release=release, sources=post.sources(),
+                   sums=tuple(sums))

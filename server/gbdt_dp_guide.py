@@ -326,6 +326,7 @@ def boost_guided(binned: Binned, y: np.ndarray, params: gbdt_dp.DpTreeParams,
     margin = np.full(rows, base)
     offset = 2**params.depth - 1
     trees: list[Tree] = []
+    sums: list[np.ndarray] = []
     for stage in range(0, params.trees, params.guide_every):
         g, h = gradients(margin, y)
         if params.guide_stat == "leaves":  # from the trees released so far: no budget
@@ -349,8 +350,9 @@ def boost_guided(binned: Binned, y: np.ndarray, params: gbdt_dp.DpTreeParams,
             for t in range(start, start + params.batch):
                 taken = (sample_rng.random(rows) < params.sample_rate
                          if params.sample_rate < 1 else slice(None))
-                values = gbdt_dp.leaf_values(g[taken], h[taken], leaf[t][taken], params,
-                                             release, noise_rng)
+                sums.append(np.stack(gbdt_dp.noisy_sums(
+                    g[taken], h[taken], leaf[t][taken], params, release, noise_rng)))
+                values = gbdt_dp.newton_leaf_values(sums[-1][0], sums[-1][1], params)
                 step += values[leaf[t]]
                 trees.append(Tree(splits=drawn[t],
                                   leaves={offset + i: float(v) for i, v in enumerate(values)}))
@@ -358,7 +360,7 @@ def boost_guided(binned: Binned, y: np.ndarray, params: gbdt_dp.DpTreeParams,
     model = Model(params=GbdtParams(trees=params.trees, depth=params.depth, bins=params.bins,
                                     lr=params.lr, lambda_=params.lambda_),
                   base_margin=base, trees=tuple(trees))
-    return gbdt_dp.DpTrees(model=model, release=release)
+    return gbdt_dp.DpTrees(model=model, release=release, sums=tuple(sums))
 
 
 def train_guided(silos: Mapping[str, SiloEndpoint], y: np.ndarray,

@@ -50,6 +50,7 @@ from server.delta_budget import DeltaSplit, OutsideRelease, releases_outside_sgd
 from server.federation import Federation
 from server.gbdt import Model
 from server.gbdt_boost import depth_of, shared_settings
+from server.gbdt_reasons import ExplainedSilos, consent_and_names, dp_credits, settle
 from server.gbdt_run import TreeJob
 from server.gbdt_scores import HISTORY_POINTS, history_row
 from server.gbdt_silos import FlowerSilos, start
@@ -270,29 +271,34 @@ def calibration(z_val: np.ndarray, y_val: np.ndarray, budget: Budget[Any], expec
 
 def train_trees(fed: Federation, cfg: AuthorityConfig, run: RunState, split: Split,
                 y: np.ndarray, phases: run_phases.PhaseTimer, ledger: Ledger,
-                random: SecretRandom) -> tuple[TrainResult, scoring.Platt, dict]:
+                random: SecretRandom, reasons: int = 0
+                ) -> tuple[TrainResult, scoring.Platt, dict]:
     """A tree run's training and calibration: the DP trees at a finite epsilon, else the
-    SecureBoost trees (server/gbdt_run.py, whose privacy the idle PrivacyPlan reports)."""
+    SecureBoost trees (server/gbdt_run.py, whose privacy the idle PrivacyPlan reports); with
+    `reasons` > 0, everyone's reason codes (server/gbdt_reasons.py)."""
     job = TreeJob(fed, cfg, run.run_key, split.train, split.val, len(run.authority_rows), y,
                   run.y_view)
     if dp_trees(cfg):
-        return train_and_calibrate(job, phases, ledger, random)
-    return (*gbdt_run.train_and_calibrate(job, phases), {})
+        return train_and_calibrate(job, phases, ledger, random, reasons)
+    return (*gbdt_run.train_and_calibrate(job, phases, reasons), {})
 
 
 def train_and_calibrate(job: TreeJob, phases: run_phases.PhaseTimer, ledger: Ledger,
-                        random: SecretRandom) -> tuple[TrainResult, scoring.Platt, dict]:
+                        random: SecretRandom, reasons: int = 0
+                        ) -> tuple[TrainResult, scoring.Platt, dict]:
     """Plan, route everyone once, boost on the training people, then (timed as `score`) score
     and calibrate; the ledger's lines; what the run reports of its privacy (to overwrite the
-    idle PrivacyPlan's summary)."""
+    idle PrivacyPlan's summary). Reason codes (`reasons` > 0, after the silos' consent) are
+    post-processing of the released trees and each person's own leaves: no ledger line."""
     cfg, key = job.cfg, job.run_key
     params = dp_params(cfg)
     budget = plan_budget(cfg, tuple(job.fed.silos), len(job.train), params)
     for line in statistics_lines(budget):
         ledger.append(line)
     features = start(job.fed, key, params.bins, job.train, units=DP_UNITS)
-    silos = FlowerSilos(job.fed, features,
-                        route_positions=np.arange(job.n_positions, dtype=np.int64))
+    silos = ExplainedSilos(job.fed, features,
+                           route_positions=np.arange(job.n_positions, dtype=np.int64))
+    names = consent_and_names(silos, reasons, job.cfg.explain.reasons > 0)
     t0 = time.perf_counter()
     y = job.y.astype(np.float64)
     if params.guide_every:
@@ -312,10 +318,12 @@ def train_and_calibrate(job: TreeJob, phases: run_phases.PhaseTimer, ledger: Led
                         random.generator("calibration", key))
     for line in release_lines(budget, calibrated=platt is not None):
         ledger.append(line)
+    credits, bias = dp_credits(trees, params, leaf, features)
     result = TrainResult(
-        bias=trees.model.base_margin, logits=margin, history=history,
+        bias=bias, logits=margin, history=history,
         round_trips=silos.round_trips + 1, steps=0,
-        silo_seconds={s: round(v, 3) for s, v in silos.silo_seconds.items()})
+        silo_seconds={s: round(v, 3) for s, v in silos.silo_seconds.items()},
+        explained=settle(names, credits, reasons))
     return result, platt or scoring.Platt(), summary(budget, platt is not None)
 
 
@@ -350,7 +358,7 @@ def annotate(out: dict, cfg: AuthorityConfig) -> None:
         gbdt_run.annotate(out, cfg)
         return
     g, eps = cfg.gbdt, (out.get("epsilon") or {}).get("model")
-    out["model"] = {**out["model"], "kind": "gbdt", "reasons": 0}
+    out["model"] = {**out["model"], "kind": "gbdt"}
     out["model_kind"] = "gbdt"
     out["gbdt"] = {
         **{k: getattr(g, k) for k in ("trees", "depth", "bins", "lr", "reg_lambda",
@@ -372,7 +380,14 @@ def annotate(out: dict, cfg: AuthorityConfig) -> None:
                              "their own (column, bin) pairs, drawn from the authority's "
                              "secret stream before any data is read; privacy.label_epsilon "
                              "is not spent (no randomised response is drawn)"),
-        "reasons": "none for the DP trees, nor per-silo points (no DP summaries of them yet)",
+        "reasons": gbdt_run.REASONS_NOTE + (
+            "; node values from the released noisy leaf sums only (an inner node's: the "
+            "Newton step of its leaves' summed G~ and H~ with each leaf's lambda, i.e. the "
+            "mean of its leaves' released values weighted by max(H~, 0) + lambda), so each "
+            "person's reasons and points are "
+            "post-processing of the DP model and their own leaves: no privacy budget. "
+            "`contributions` stays empty: a summary over people would be a statistic outside "
+            "the accountant"),
     }
     out["authority_sees"] = [
         "every aligned person's left/right bit at each split of every tree (one routing "
@@ -386,3 +401,5 @@ def annotate(out: dict, cfg: AuthorityConfig) -> None:
         "each split's (silo, feature index, bin), drawn by the authority from its noisy "
         "(accounted) split histograms",
     ]
+    if out["model"].get("reasons"):
+        out["authority_sees"].append(gbdt_run.REASONS_SEEN)

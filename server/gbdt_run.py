@@ -35,8 +35,9 @@ from server import run_phases, scoring
 from server.config import AuthorityConfig, ConfigError
 from server.federation import Federation
 from server.gbdt_boost import fit, params_of
+from server.gbdt_reasons import ExplainedSilos, consent_and_names, settle
 from server.gbdt_scores import contribution_summary, keep_best, route, score
-from server.gbdt_silos import FlowerSilos, start
+from server.gbdt_silos import start
 from server.label_dp import flip_probability
 from server.training import TrainResult
 
@@ -53,6 +54,18 @@ def refuse_unwired(cfg: AuthorityConfig) -> None:
             "gbdt.protection=rr, whose gradients are label-DP at privacy.label_epsilon")
 
 
+# authority.json's words on the trees' reason codes and points (server/gbdt_reasons.py).
+REASONS_NOTE = (
+    "per person, the features whose splits cost the most points: along the person's path in "
+    "every tree, each split's change of node value is credited to the split's (silo, column), "
+    "a silo's points (points_<silo>, and `contributions` for the SecureBoost trees) are its "
+    "columns' credits; each silo consented to them within its policy `explain` "
+    "(query.gbdt_explain) and named its features")
+REASONS_SEEN = ("each silo's feature names and which column is which feature (its consent to "
+                "reason codes); the reasons and points themselves are the authority's own "
+                "arithmetic on the splits and paths above")
+
+
 @dataclass(frozen=True)
 class TreeJob:
     fed: Federation
@@ -65,16 +78,18 @@ class TreeJob:
     y_view: np.ndarray  # the labels gradients may see (RR on training positions)
 
 
-def train_and_calibrate(job: TreeJob, phases: run_phases.PhaseTimer
+def train_and_calibrate(job: TreeJob, phases: run_phases.PhaseTimer, reasons: int = 0
                         ) -> tuple[TrainResult, scoring.Platt]:
     """Grow the trees over Flower, then (timed as `score`) route everyone and calibrate on
-    validation people's clean labels, as the MLP run without DP-SGD does."""
+    validation people's clean labels, as the MLP run without DP-SGD does. With `reasons` > 0
+    the silos consent first (server/gbdt_reasons.py) and everyone gets reason codes."""
     refuse_unwired(job.cfg)
     params = params_of(job.cfg)
     rho = flip_probability(job.cfg.privacy.label_epsilon)
     everyone = np.arange(job.n_positions, dtype=np.int64)
     features = start(job.fed, job.run_key, params.bins, job.train, binning=params.binning)
-    silos = FlowerSilos(job.fed, features, route_positions=everyone)
+    silos = ExplainedSilos(job.fed, features, route_positions=everyone)
+    names = consent_and_names(silos, reasons, job.cfg.explain.reasons > 0)
     t0 = time.perf_counter()
     fitted = fit(silos, job.y_view[job.train], rho, params)
     log.info("%d trees in %.1f s, %d round trips", params.trees, time.perf_counter() - t0,
@@ -85,13 +100,14 @@ def train_and_calibrate(job: TreeJob, phases: run_phases.PhaseTimer
     kept, curve = keep_best(fitted, bits, job.val, y)
     log.info("kept %d of %d trees (best validation log loss)", len(kept.model.trees),
              params.trees)
-    scored = score(kept, bits, job.n_positions, job.train, job.val, y)
+    scored = score(kept, bits, job.n_positions, job.train, job.val, y, features)
     calibrate = scoring.Platt.fit(scored.margins[job.val], job.y[job.val])
     result = TrainResult(
         bias=scored.bias, logits=scored.margins, history=curve,
         round_trips=silos.round_trips + 1, steps=0,
         silo_seconds={s: round(v, 3) for s, v in silos.silo_seconds.items()},
-        contributions={s: contribution_summary(v) for s, v in scored.contributions.items()})
+        contributions={s: contribution_summary(v) for s, v in scored.contributions.items()},
+        explained=settle(names, scored.credits, reasons))
     return result, calibrate
 
 
@@ -100,7 +116,7 @@ def annotate(out: dict, cfg: AuthorityConfig) -> None:
     epsilon is infinite, and what the authority saw of the silos."""
     if cfg.model.kind != "gbdt":
         return
-    out["model"] = {**out["model"], "kind": "gbdt", "reasons": 0}
+    out["model"] = {**out["model"], "kind": "gbdt"}
     out["model_kind"] = "gbdt"
     kept = [row["trees"] for row in out.get("history", []) if row.get("kept")]
     out["gbdt"] = {
@@ -119,8 +135,7 @@ def annotate(out: dict, cfg: AuthorityConfig) -> None:
                              if cfg.privacy.label_dp else
                              "none: privacy.label_epsilon=inf, the silos can read every "
                              "training label from the sign of g"),
-        "reasons": ("none yet for trees: per-silo points in `contributions` credit each "
-                    "split's change of node value along a person's path to the split's silo"),
+        "reasons": REASONS_NOTE,
     }
     out["authority_sees"] = [
         "per node of every tree, each silo's per-(feature, bin) sums of g and h",
@@ -130,4 +145,5 @@ def annotate(out: dict, cfg: AuthorityConfig) -> None:
            if cfg.gbdt.binning == "quantile" else ""),
         "the left/right partition of the training rows at every split",
         "every person's left/right bit at each silo's splits (scoring)",
+        *([REASONS_SEEN] if out["model"].get("reasons") else []),
     ]

@@ -6,6 +6,7 @@ contribution, and the validation curve that chooses how many trees to keep.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,6 +14,7 @@ import numpy as np
 from clients.protocol.gbdt import RouteRequest
 from server import gbdt
 from server.gbdt_boost import Fitted
+from server.gbdt_reasons import Credits, heap_values
 from server.gbdt_silos import FlowerSilos
 from server.metrics import auc, log_loss
 
@@ -38,22 +40,13 @@ def route(model: gbdt.Model, silos: FlowerSilos) -> Bits:
     return bits
 
 
-def leaf_positions(tree: gbdt.Tree, t: int, bits: Bits, rows: int,
-                   credit: tuple[dict[int, float], dict[str, np.ndarray]] | None = None
-                   ) -> np.ndarray:
+def leaf_positions(tree: gbdt.Tree, t: int, bits: Bits, rows: int) -> np.ndarray:
     """Each person's leaf (heap index) in tree `t`: children have larger heap indices than
-    their parent, so one pass in order routes all (as `gbdt.predict_trees` does). With
-    `credit` (node values, per-silo contributions), each step down a split adds the change of
-    node value to the contribution of the silo owning the split."""
+    their parent, so one pass in order routes all (as `gbdt.predict_trees` does)."""
     position = np.zeros(rows, dtype=np.int64)
     for n in sorted(tree.splits):
         at = position == n
-        left = bits[(t, n)][at]
-        position[at] = np.where(left, 2 * n + 1, 2 * n + 2)
-        if credit is not None:
-            values, contrib = credit
-            step = np.where(left, values[2 * n + 1], values[2 * n + 2]) - values[n]
-            contrib[tree.splits[n].silo][at] += step
+        position[at] = np.where(bits[(t, n)][at], 2 * n + 1, 2 * n + 2)
     return position
 
 
@@ -79,31 +72,37 @@ class Scored:
     bias: float  # base margin + every tree's root value
     contributions: dict[str, np.ndarray]  # per silo, per person: margin moved by its splits
     history: list[dict]
+    credits: Credits  # the same per (silo, column): what the reason codes rank
 
 
 def score(fitted: Fitted, bits: Bits, rows: int, train: np.ndarray, val: np.ndarray,
-          y: np.ndarray) -> Scored:
+          y: np.ndarray, widths: Mapping[str, int] | None = None) -> Scored:
     """Margins of the routed people, with each silo's contribution: along each person's path
-    in every tree, the change in node value at a split is credited to the silo owning the
-    split, so margin = bias + the silos' contributions exactly. Validation AUC is recorded at
-    HISTORY_POINTS tree counts (y: clean labels of the routed people)."""
+    in every tree, the change in node value at a split is credited to the (silo, column)
+    owning the split (server/gbdt_reasons.py), so margin = bias + the silos' contributions
+    exactly. Validation AUC is recorded at HISTORY_POINTS tree counts (y: clean labels of the
+    routed people). `widths`: each silo's column count (default: as far as the splits use)."""
     model = fitted.model
     margin = np.full(rows, model.base_margin)
     bias = model.base_margin
-    contrib = {s.silo: np.zeros(rows) for t in model.trees for s in t.splits.values()}
+    if widths is None:
+        widths = {}
+        for s in (s for t in model.trees for s in t.splits.values()):
+            widths[s.silo] = max(widths.get(s.silo, 0), s.feature + 1)
+    credits = Credits(widths, rows)
     every = max(1, len(model.trees) // HISTORY_POINTS)
     history, t0 = [], time.perf_counter()
     for t, tree in enumerate(model.trees):
         leaf = leaf_positions(tree, t, bits, rows)
         values = node_values(tree, leaf[train], *fitted.grads[t], model.params)
         bias += values[0]
-        leaf_positions(tree, t, bits, rows, credit=(values, contrib))
+        credits.add(tree, heap_values(tree, values), leaf)
         table = np.zeros(max(tree.leaves) + 1)
         table[list(tree.leaves)] = list(tree.leaves.values())
         margin += table[leaf]
         if (t + 1) % every == 0 or t + 1 == len(model.trees):
             history.append(history_row(margin[val], y[val], t + 1, t0))
-    return Scored(margin, bias, contrib, history)
+    return Scored(margin, bias, credits.contributions(), history, credits)
 
 
 def keep_best(fitted: Fitted, bits: Bits, val: np.ndarray, y: np.ndarray

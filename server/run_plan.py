@@ -136,6 +136,8 @@ def reasons_asked(cfg: AuthorityConfig) -> int:
     """Reason codes to ask the silos for: none outside plain `sum` mode (config comment)."""
     if cfg.model.kind == "scorecard":  # its partial logits show the authority as much
         return cfg.explain.reasons or MAX_REASONS
+    if cfg.model.kind == "gbdt":  # the splits and paths show the authority as much
+        return cfg.explain.reasons or MAX_REASONS
     if not cfg.explain.reasons:
         return 0
     if cfg.aggregation.mode != "sum" or cfg.privacy.transcript_dp:

@@ -18,7 +18,8 @@ from server.gbdt_dp import (
     DpTreesRelease,
     boost,
     draw_structure,
-    leaf_values,
+    newton_leaf_values,
+    noisy_sums,
     route_all,
 )
 from server.run_keys import computed_settings, derive_run_key
@@ -83,15 +84,15 @@ def test_the_defaults_boost_as_before_and_draw_no_reuse_stream() -> None:
     release = release_for(params)
     fitted = boost(leaf, y, structure, params, release, SECRET)
     assert fitted.sources is None
-    # The values the trees had before the leaf rules existed: leaf_values in sequence.
+    # The values the trees had before the leaf rules existed: noisy sums, Newton step.
     sample = SECRET.generator(PURPOSE, "", "rows")
     noise = SECRET.generator(PURPOSE, "", "noise")
     margin = np.full(len(y), fitted.model.base_margin)
     for t, tree in enumerate(fitted.model.trees):
         p = 1 / (1 + np.exp(-margin))
         taken = sample.random(len(y)) < params.sample_rate
-        values = leaf_values((p - y)[taken], (p * (1 - p))[taken], leaf[t][taken], params,
-                             release, noise)
+        values = newton_leaf_values(*noisy_sums((p - y)[taken], (p * (1 - p))[taken],
+                                                leaf[t][taken], params, release, noise), params)
         np.testing.assert_array_equal([tree.leaves[7 + i] for i in range(8)], values)
         margin = margin + values[leaf[t]]
 

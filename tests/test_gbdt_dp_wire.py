@@ -15,12 +15,13 @@ from clients.protocol import gbdt as msg
 from clients.protocol.messages import get_array
 from clients.silo.gbdt import GbdtSilo
 from crypto.secret_random import SecretRandom
-from server import gbdt_dp_guide, gbdt_dp_run, run_phases
+from server import gbdt_dp, gbdt_dp_guide, gbdt_dp_run, run_phases
 from server.config import AuthorityConfig, ConfigError
 from server.config_keys import parse_flat, to_flat
 from server.federation import FederationError
 from server.gbdt import predict_trees
 from server.gbdt_dp import fit_dp_trees
+from server.gbdt_reasons import leaf_array, released_values
 from server.gbdt_run import TreeJob
 from server.gbdt_silos import start
 from server.ledger import Ledger
@@ -127,7 +128,10 @@ def test_the_phase_reproduces_the_in_process_dp_trees_and_its_ledger_verifies(
     everyone = {s: GbdtSilo(s, x, bins=params.bins) for s, x in xs.items()}
     np.testing.assert_allclose(result.logits, predict_trees(trees.model, everyone, n),
                                rtol=0, atol=1e-12)
-    assert result.bias == trees.model.base_margin
+    # The bias the points start from: the noisy prior and every root's released value.
+    roots = sum(released_values(leaf_array(tree, params.depth), sums, params)[0]
+                for tree, sums in zip(trees.model.trees, trees.sums, strict=True))
+    assert result.bias == pytest.approx(trees.model.base_margin + roots)
     if extra:  # some structure was released twice, so the leaves were remapped
         assert len({repr(t.splits) for t in trees.model.trees}) < len(trees.model.trees)
     assert spent["epsilon"]["model_by_population"]["train"] == trees.release.epsilon
@@ -207,6 +211,14 @@ def test_the_guided_phase_reproduces_the_in_process_trees_and_its_ledger_verifie
     lines = [json.loads(line) for line in (tmp_path / "ledger.jsonl").read_text().splitlines()]
     assert [line["purpose"] for line in lines].count("dp-trees split histograms") == 1
     assert_dp_model_ledger_verifies(tmp_path, cfg, spent, steps=0, round_trips=2)
+    # The guided trees keep their released leaf sums too (the reasons' only input): every
+    # leaf's value is their Newton step, and the bias starts from every root's.
+    for tree, sums in zip(trees.model.trees, trees.sums, strict=True):
+        np.testing.assert_allclose(gbdt_dp.newton_leaf_values(sums[0], sums[1], params),
+                                   leaf_array(tree, params.depth))
+    roots = sum(released_values(leaf_array(tree, params.depth), sums, params)[0]
+                for tree, sums in zip(trees.model.trees, trees.sums, strict=True))
+    assert result.bias == pytest.approx(trees.model.base_margin + roots)
 
 
 def assert_dp_model_ledger_verifies(run_dir: Path, cfg: AuthorityConfig, spent: dict, *,

@@ -106,13 +106,13 @@ def test_policy_refusals_name_the_key_and_the_file(tmp_path: Path):
 def test_the_simulated_operator_allows_what_a_tree_or_scorecard_run_asks():
     """policy_for, openly: a tree or scorecard run answers in plaintext (no secure sum); the
     SecureBoost trees' nodes hold at least 4 x min_child_weight people, the least min_group
-    is lowered to (never raised); a scorecard run's reason codes are asked whatever
-    explain.reasons says. An MLP run keeps the strict keys."""
+    is lowered to (never raised); a tree or scorecard run's reason codes are asked
+    whatever explain.reasons says. An MLP run keeps the strict keys."""
     mlp = policy_for(explain=0, secure_sum=True, concat=False)
     assert (mlp.require_secure_sum, mlp.min_group, mlp.explain) == (True, 100, 0)
     trees = policy_for(explain=0, secure_sum=True, concat=False, kind="gbdt",
                        min_child_weight=20.0)
-    assert (trees.require_secure_sum, trees.min_group, trees.explain) == (False, 80, 0)
+    assert (trees.require_secure_sum, trees.min_group, trees.explain) == (False, 80, 4)
     assert policy_for(explain=0, secure_sum=True, concat=False, kind="gbdt",
                       min_child_weight=50.0).min_group == 100
     assert policy_for(explain=0, secure_sum=True, concat=False, kind="gbdt").min_group == 100

@@ -62,6 +62,10 @@ START = "query.gbdt_start"
 LEVEL = "train.gbdt_level"
 SPLIT = "train.gbdt_split"
 ROUTE = "query.gbdt_route"
+# Reason codes k -> the silo's consent (checked against its policy `explain`) and its
+# feature names with the feature of each column (server/gbdt_reasons.py says why the
+# authority, not the silo, ranks the credits).
+EXPLAIN = "query.gbdt_explain"
 
 
 @dataclass(frozen=True, kw_only=True)

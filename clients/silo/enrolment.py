@@ -57,13 +57,14 @@ def policy_for(*, explain: int, secure_sum: bool, concat: bool, kind: str = "mlp
     keeps at least min_child_weight of hessian and one person's hessian is at most 1/4
     (p (1 - p), or under randomised response dq^2 / (q (1 - q)) <= s (1 - s)), so a node holds
     at least 4 x min_child_weight people (80 at the default 20); the operator lowers
-    min_group to that when it is below the default, never raises it. A scorecard run asks
-    reason codes even at explain.reasons=0 (server/authority.py `_reasons_asked`: its partial
-    logits show the authority as much): the operator allows them."""
+    min_group to that when it is below the default, never raises it. A scorecard or tree run
+    asks reason codes even at explain.reasons=0 (server/run_plan.py `reasons_asked`: its
+    partial logits, or the trees' splits and paths, show the authority as much): the operator
+    allows them."""
     min_group = SiloPolicy.min_group
     if min_child_weight is not None:
         min_group = max(1, min(min_group, math.floor(4 * min_child_weight)))
-    if kind == "scorecard":
+    if kind in ("scorecard", "gbdt"):
         explain = explain or MAX_REASONS
     return SiloPolicy(min_group=min_group, explain=explain, corrections="all",
                       require_secure_sum=secure_sum and kind == "mlp", allow_concat=concat)

@@ -8,6 +8,8 @@ clients/protocol/gbdt.py, the answers in clients/silo/gbdt.py `GbdtSilo`).
   train.gbdt_split   the level's chosen splits this silo owns (feature, bin, node rows)
                      -> one left/right bit per row of each node
   query.gbdt_route   the silo's splits of the model + positions -> their bits (scoring)
+  query.gbdt_explain reason codes k -> the silo's consent (its policy `explain` allows k)
+                     and its feature names, with the feature of each of its columns
 
 What the silo keeps between messages lives in the node's Flower state (`gbdt`: the run, its
 bins and training positions; `gbdt_grad`: the current tree's g, h), so any worker process can
@@ -36,6 +38,7 @@ from flwr.app import ConfigRecord, Message
 from clients.node import Node
 from clients.protocol import messages as m
 from clients.protocol.gbdt import (
+    EXPLAIN,
     LEVEL,
     ROUTE,
     SPLIT,
@@ -47,8 +50,10 @@ from clients.protocol.gbdt import (
     NodeRows,
     SplitRequest,
 )
+from clients.protocol.reasons import MAX_REASONS, feature_groups
 from clients.protocol.run_mode import RunMode
 from clients.silo import run_checks
+from clients.silo.explain import features_of
 from clients.silo.gbdt import BINNINGS, MAX_BINS, Binning, GbdtSilo
 from clients.silo.registry import handlers
 from clients.silo.state import rows_at, silo_dir, silo_matrix, silo_name, silo_policy
@@ -178,6 +183,35 @@ def route(msg: Message, node: Node) -> Message:
         left[i] = binned[:, feature] <= bin_
     return Message(m.make_content({"seconds": time.perf_counter() - t0},
                                   left=np.packbits(left, axis=1)), reply_to=msg)
+
+
+@handlers.query(EXPLAIN.removeprefix("query."))
+def explain(msg: Message, node: Node) -> Message:
+    """Consent to `reasons` reason codes per person from the trees' splits on this silo's
+    columns, within the silo's policy (`explain`): beyond it, a request the authority marks
+    `required` (the run's explain.reasons asked them) is refused, an optional one declined
+    (`consent` 0, nothing else). With consent, the reply names the silo's features and the
+    feature of each column (the trees split columns: a feature's missing indicator and
+    one-hot columns count as the feature). No data: the names are the schema's."""
+    t0 = time.perf_counter()
+    run_checks.check_request(node, EXPLAIN)
+    cfg = m.get_config(msg)
+    k = m.config_int(cfg, "reasons")
+    if not 1 <= k <= MAX_REASONS:
+        raise m.ProtocolError(f"reasons must lie in [1, {MAX_REASONS}]")
+    policy = silo_policy(node)
+    if k > policy.explain and not cfg.get("required", True):
+        return Message(m.make_content({"consent": 0, "seconds": time.perf_counter() - t0}),
+                       reply_to=msg)
+    policy.check_explain(k)
+    matrix = silo_matrix(node)
+    features = features_of(matrix)
+    column_feature = np.zeros(len(matrix.columns), dtype=np.int64)
+    for f, columns in enumerate(feature_groups(matrix.columns, features)):
+        column_feature[columns] = f
+    return Message(m.make_content({"consent": k, "explain.features": features,
+                                   "seconds": time.perf_counter() - t0},
+                                  columns=column_feature), reply_to=msg)
 
 
 def tree_inputs(x: np.ndarray, units: float = STANDARD_UNITS) -> np.ndarray:

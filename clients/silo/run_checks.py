@@ -29,7 +29,7 @@ from pathlib import Path
 
 from clients.node import Node
 from clients.protocol import messages as m
-from clients.protocol.gbdt import LEVEL, ROUTE, SPLIT, START
+from clients.protocol.gbdt import EXPLAIN, LEVEL, ROUTE, SPLIT, START
 from clients.protocol.run_mode import KIND, RunMode, RunModeError
 from clients.protocol.scorecard import LOGITS, SCORE, WOE
 
@@ -52,6 +52,9 @@ REQUESTS: dict[str, dict[str, str]] = {
     # pre-bin, from which the authority computes the noisy counts and Newton steps). A
     # non-private scorecard needs no pre-bins: its authority sees merged bins' logits only.
     ROUTE: {"gbdt": ANY, "scorecard": DP_ONLY},
+    # The trees' reason codes: the silo's consent and its feature names (no data), in a DP
+    # run too (the reasons are post-processing of the released trees, server/gbdt_reasons.py).
+    EXPLAIN: {"gbdt": ANY},
     WOE: {"scorecard": ANY},  # the released WoE tables, DP ones in a DP run
     LOGITS: {"scorecard": NON_PRIVATE},  # training rows' partial logits: no DP version
     SCORE: {"scorecard": ANY},
