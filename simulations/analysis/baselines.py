@@ -10,7 +10,9 @@ scored exactly like the federated model. A credit analyst's references on the sa
 
 from __future__ import annotations
 
+import copy
 import logging
+import math
 import multiprocessing
 import os
 import secrets
@@ -163,7 +165,10 @@ def train_central(
     def logits(idx: np.ndarray, net: torch.nn.Module) -> torch.Tensor:
         return net([x[idx] for x in xs])
 
-    history = []
+    history: list[dict] = []
+    # As the federation does (server/training.py): without DP the epoch of the best validation
+    # log loss is kept (the first of equals), with DP the last.
+    best_loss, kept = math.inf, None
     for epoch in range(cfg.train.epochs):
         module.train()
         plans = (generator_from_key(plan_keys[epoch]) if plan_keys
@@ -183,6 +188,12 @@ def train_central(
             z_val = logits(val, model).numpy()
         history.append({"epoch": epoch + 1, **val_metrics(data.y[val], z_val),
                         "seconds": time.perf_counter() - t0})
+        if not dp and history[-1]["val_loss"] < best_loss:
+            best_loss, kept = history[-1]["val_loss"], (epoch + 1, copy.deepcopy(
+                model.state_dict()))
+    if kept is not None:
+        model.load_state_dict(kept[1])
+        history[kept[0] - 1]["kept"] = True
     with torch.no_grad():
         z = logits(np.arange(len(data.y)), model).numpy().astype(np.float64)
     calibrate = Platt.fit(z[val], data.y[val])
