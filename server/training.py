@@ -429,6 +429,7 @@ class _Trips:
             replies = self.send(None, self.everyone, summary=summary, reasons=job.explain,
                                 restore=restore)
             logits = self.head.logits(self.inputs(replies, "eval", n))
+            _check_restored(logits[job.val_pos], job.y[job.val_pos], state.best_loss)
         else:
             _warn_if_diverged(history)
         explained = ({s: parse(replies[s], s, n, job.explain) for s in job.fed.silos}
@@ -444,6 +445,17 @@ class _Trips:
             contributions={s: c for s, c in contributions.items() if c}, explained=explained,
             kept=kept_record(history, self.select, state.best_epoch),
         )
+
+
+def _check_restored(z_val: np.ndarray, y_val: np.ndarray, kept_loss: float | None) -> None:
+    """The final read at the kept weights must give back the kept epoch's validation loss: a
+    party that kept or restored the wrong weights shows here."""
+    loss = log_loss(y_val, 1 / (1 + np.exp(-z_val)))
+    if kept_loss is not None and abs(loss - kept_loss) > 1e-6:
+        log.warning("the kept weights read back at validation log loss %.6f, not the kept "
+                    "epoch's %.6f: a party's kept block is out of step", loss, kept_loss)
+    else:
+        log.info("scored at the kept weights (validation log loss %.6f)", loss)
 
 
 def _warn_if_diverged(history: list[dict]) -> None:
