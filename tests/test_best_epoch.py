@@ -9,7 +9,7 @@ from clients.protocol.model import ModelSpec
 from clients.silo.trainer import SiloTrainer
 from crypto.secret_random import SecretRandom
 from server.checkpoint import RunState, TrainState, load, save, save_run
-from server.training import diverged, improves, kept_record, selects_epoch
+from server.training import _warn_if_diverged, diverged, improves, kept_record, selects_epoch
 
 
 def _curve(*losses: float) -> list[dict]:
@@ -47,6 +47,17 @@ def test_divergence_is_a_fixed_relative_margin_above_the_best():
     assert diverged(_curve(0.20, 0.16, 0.165)) is None  # within 5 %
     assert diverged(_curve(0.20, 0.18, 0.16)) is None
     assert diverged(_curve(0.2)) is None
+
+
+def test_a_dp_run_that_went_past_its_best_names_the_settings_to_lower(caplog):
+    _warn_if_diverged(_curve(0.20, 0.16, 0.165))
+    assert not caplog.records
+    _warn_if_diverged(_curve(0.20, 0.16, 0.19))
+    (record,) = caplog.records
+    assert record.levelname == "WARNING"
+    assert "epoch 2" in record.getMessage()
+    assert "train.epochs" in record.getMessage()
+    assert "train.lr" in record.getMessage()
 
 
 def test_only_a_run_without_dp_noise_selects_its_epoch():
