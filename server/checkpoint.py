@@ -44,13 +44,19 @@ class TrainState:
     transcript_releases: np.ndarray | None = None
     transcript_sampled: np.ndarray | None = None
     top: bytes = b""
+    # Epoch selection (non-private runs, server/training.py): the best validation log loss so
+    # far, its epoch and head, and whether the silos have yet to be told to keep that epoch.
+    best_epoch: int = 0
+    best_loss: float | None = None
+    keep_pending: bool = False
+    kept_top: bytes = b""
 
     _ARRAYS = ("done_plan", "done_sizes", "done_grad", "transcript_releases",
                "transcript_sampled")
 
     def meta(self) -> dict:
         out = asdict(self)
-        for key in (*self._ARRAYS, "top"):
+        for key in (*self._ARRAYS, "top", "kept_top"):
             out.pop(key)
         return out
 
@@ -128,7 +134,8 @@ def save(out_dir: Path, state: TrainState, ledger_offset: int,
          store: Keystore | None = None) -> None:
     """Training state after a round (small: the run's fixed parts are in run.npz)."""
     meta = {"train": state.meta(), "ledger_offset": ledger_offset}
-    arrays = {"top": np.frombuffer(state.top, dtype=np.uint8)}
+    arrays = {"top": np.frombuffer(state.top, dtype=np.uint8),
+              "kept_top": np.frombuffer(state.kept_top, dtype=np.uint8)}
     for key in TrainState._ARRAYS:
         value = getattr(state, key)
         if value is not None:
@@ -168,6 +175,7 @@ def load(out_dir: Path, config: dict, store: Keystore | None = None
     meta = json.loads(str(arrays.pop("meta")))
     state = TrainState(**meta["train"])
     state.top = arrays["top"].tobytes()
+    state.kept_top = arrays["kept_top"].tobytes() if "kept_top" in arrays else b""
     for key in TrainState._ARRAYS:
         setattr(state, key, arrays.get(key))
     return run, state, int(meta["ledger_offset"])

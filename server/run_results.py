@@ -73,6 +73,8 @@ def results(ctx: RunContext, tables: Tables, plan: Plan, trained: Trained, score
         "stopped_by_budget_cap": result.stopped_by_cap,
         "model_inputs": plan.inputs,
         "history": result.history,
+        # MLP runs: the epoch whose weights were scored and why (server/training.py).
+        **({"kept": result.kept} if result.kept else {}),
         "round_trips": result.round_trips,
         "subject_ref": f"hmac-{scored.ref_hash}",
         "aggregation_mode": cfg.aggregation.mode,

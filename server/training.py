@@ -18,6 +18,17 @@ With DP-SGD, batches are Poisson samples (each training row independently with p
 every party clips per-sample gradients and adds noise (Opacus), and every party's accountant
 advances one step per batch. The authority checks the budget cap before each chunk and refuses
 the steps that would pass it.
+
+Epoch selection (issue 20 item 5, no silent divergence): in a non-private run (no DP-SGD, no
+transcript noise) the authority evaluates every epoch's weights on its validation people and
+keeps the epoch with the best validation log loss: it keeps a copy of its head, and tells the
+silos in the next `train.step` (`keep`) to keep a copy of their blocks, taken before that
+step's gradients move them. After the last epoch's evaluation, one more read (`restore` when
+an earlier epoch was better) puts every party back on the kept weights, and everything after
+training (calibration, scores, reasons, the saved models) uses them. A DP run keeps its last
+epoch: choosing on validation labels would be a selection on private labels that its ledger
+does not account; it only warns when the last epoch's validation loss is clearly above the
+best (a diagnostic on the validation curve, which is itself outside the ledger).
 """
 
 from __future__ import annotations
@@ -60,6 +71,55 @@ class TrainResult:
     contributions: dict[str, dict[str, float]] = field(default_factory=dict)
     # Per silo: its reason codes for everyone, when asked for (server/explanations.py).
     explained: dict[str, Explained] = field(default_factory=dict)
+    # Which epoch's weights the result holds, and why (`kept_record`).
+    kept: dict = field(default_factory=dict)
+
+
+# A DP run's last validation loss this far above its best (relative) is worth a warning.
+DIVERGENCE_MARGIN = 0.05
+
+
+def selects_epoch(spec: ModelSpec) -> bool:
+    """Whether a run may choose its epoch on validation labels: only without DP-SGD and
+    without transcript noise (eps_model infinite: nothing to account the choice against)."""
+    return not spec.dp and spec.transcript_sigma == 0
+
+
+def improves(loss: float, best: float | None) -> bool:
+    """Whether an epoch's validation log loss beats the best so far (the first of equals
+    stays: an epoch must do strictly better to replace it)."""
+    return best is None or loss < best
+
+
+def kept_record(history: list[dict], selected: bool, kept_epoch: int) -> dict:
+    """What the result says of the epoch it holds: the kept epoch, its and the last epoch's
+    validation loss, and the rule that chose it; marks the kept row of `history`."""
+    last: dict = history[-1] if history else {"epoch": 0, "val_loss": None}
+    if not selected:
+        kept_epoch = int(last["epoch"])
+    for row in history:
+        if row["epoch"] == kept_epoch:
+            row["kept"] = True
+    kept_row = next((r for r in history if r["epoch"] == kept_epoch), last)
+    return {
+        "epoch": kept_epoch, "val_loss": kept_row["val_loss"],
+        "last_epoch": int(last["epoch"]), "last_val_loss": last["val_loss"],
+        "rule": ("best validation log loss (a non-private run: the choice costs no budget)"
+                 if selected else
+                 "last epoch: a DP run does not choose its epoch on validation labels (a "
+                 "selection on private labels its ledger does not account)"),
+    }
+
+
+def diverged(history: list[dict], margin: float = DIVERGENCE_MARGIN) -> dict | None:
+    """The best row when the last epoch's validation loss is more than `margin` (relative)
+    above it, else None."""
+    if len(history) < 2:
+        return None
+    best = min(history, key=lambda r: r["val_loss"])
+    if history[-1]["val_loss"] > best["val_loss"] * (1 + margin):
+        return best
+    return None
 
 
 def batch_plan(
@@ -244,6 +304,7 @@ class _Trips:
         else:
             self.head.load_bytes(state.top)
         self.state = state
+        self.select = selects_epoch(job.spec)
         self.everyone = np.arange(job.n_positions, dtype=np.int64)
         self.t0 = time.perf_counter()
 
@@ -257,11 +318,26 @@ class _Trips:
             return _stacked(replies, key, expected, self.job.fed.silos, self.job.spec.outputs)
         return _summed(replies, key, expected, self.job.secure)
 
+    def consider(self, row: dict) -> None:
+        """An epoch's validation row: the best so far is kept (non-private runs only). The
+        head is at that epoch's weights now; the silos are told in the next step."""
+        state = self.state
+        if not self.select or not improves(row["val_loss"], state.best_loss):
+            return
+        state.best_epoch, state.best_loss = int(row["epoch"]), float(row["val_loss"])
+        state.kept_top = self.head.to_bytes()
+        state.keep_pending = True
+
     def send(self, plan: np.ndarray | None, eval_pos: np.ndarray | None, summary: bool = False,
-             reasons: int = 0) -> dict:
+             reasons: int = 0, restore: bool = False) -> dict:
         """One round trip: the previous chunk's gradient out, `plan`'s contributions back."""
         job, state = self.job, self.state
         config = {"round": state.trip + 1, "summary": summary, "explain": reasons}
+        # Only when set: a run that selects nothing sends exactly the messages it always did.
+        if state.keep_pending:
+            config["keep"] = True
+        if restore:
+            config["restore"] = True
         extras: dict[str, np.ndarray | None] = {"plan": plan, "eval": eval_pos}
         if state.done_grad is not None:
             extras.update(done_plan=state.done_plan, done_sizes=state.done_sizes)
@@ -273,6 +349,7 @@ class _Trips:
             shared = m.make_content(config, **extras, grad=state.done_grad)
             contents = dict.fromkeys(job.fed.silos, shared)
         replies = job.fed.exchange(m.STEP, contents)
+        state.keep_pending = False
         state.trip += 1
         job.privacy.record_releases(state.trip, job.n_positions, plan, eval_pos)
         for silo, reply in replies.items():
@@ -305,6 +382,7 @@ class _Trips:
         if evaluate:
             z_val = self.head.logits(self.inputs(replies, "eval", job.n_positions))[job.val_pos]
             state.history.append(_history_row(z_val, job.y[job.val_pos], epoch - 1, self.t0))
+            self.consider(state.history[-1])
         grads = self.head.gradients(self.inputs(replies, "plan", len(plan)),
                                     job.y_train_view[plan].astype(np.float64), sizes)
         privacy.spend(len(sizes))
@@ -325,28 +403,71 @@ class _Trips:
         return state
 
     def finish(self) -> TrainResult:
-        """Apply the last chunk and read every position's contribution at the final weights.
-        In sum mode each silo also reports five aggregates of its contributions (for the
-        report's per-silo points); not under transcript DP, whose releases are all noised."""
+        """Apply the last chunk and read every position's contribution at the final weights
+        (the last epoch's evaluation); when the run selects its epoch, one more read at the
+        kept weights (`restore` when an earlier epoch was better). The final read asks the
+        silos for reason codes and, in sum mode, five aggregates of their contributions (for
+        the report's per-silo points); not under transcript DP, whose releases are all noised."""
         job, state, n = self.job, self.state, self.job.n_positions
-        replies = self.send(None, self.everyone,
-                            summary=not self.concat and job.spec.transcript_sigma == 0,
-                            reasons=job.explain)
+        summary = not self.concat and job.spec.transcript_sigma == 0
+        replies = self.send(None, self.everyone, summary=summary and not self.select,
+                            reasons=0 if self.select else job.explain)
         logits = self.head.logits(self.inputs(replies, "eval", n))
+        history = [*state.history, _history_row(logits[job.val_pos], job.y[job.val_pos],
+                                                len(state.history), self.t0)]
+        if self.select:
+            self.consider(history[-1])
+            restore = state.best_epoch != history[-1]["epoch"]
+            if restore:
+                log.info("keeping epoch %d of %d (best validation log loss %.4f; last %.4f)",
+                         state.best_epoch, history[-1]["epoch"], state.best_loss,
+                         history[-1]["val_loss"])
+                self.head.load_bytes(state.kept_top)
+            # The last gradients were applied by the read above: none to send again.
+            state.done_plan = state.done_sizes = state.done_grad = None
+            state.keep_pending = False
+            replies = self.send(None, self.everyone, summary=summary, reasons=job.explain,
+                                restore=restore)
+            logits = self.head.logits(self.inputs(replies, "eval", n))
+            _check_restored(logits[job.val_pos], job.y[job.val_pos], state.best_loss)
+        else:
+            _warn_if_diverged(history)
         explained = ({s: parse(replies[s], s, n, job.explain) for s in job.fed.silos}
                      if job.explain else {})
         contributions = {silo: {k.removeprefix("summary."): float(v)
                                 for k, v in m.get_config(reply).items()
                                 if k.startswith("summary.")}
                          for silo, reply in replies.items()}
-        history = [*state.history, _history_row(logits[job.val_pos], job.y[job.val_pos],
-                                                len(state.history), self.t0)]
         return TrainResult(
             bias=self.head.bias, logits=logits, history=history, round_trips=state.trip,
             steps=state.steps, stopped_by_cap=state.stopped_by_cap,
             silo_seconds=state.silo_seconds,
             contributions={s: c for s, c in contributions.items() if c}, explained=explained,
+            kept=kept_record(history, self.select, state.best_epoch),
         )
+
+
+def _check_restored(z_val: np.ndarray, y_val: np.ndarray, kept_loss: float | None) -> None:
+    """The final read at the kept weights must give back the kept epoch's validation loss: a
+    party that kept or restored the wrong weights shows here."""
+    loss = log_loss(y_val, 1 / (1 + np.exp(-z_val)))
+    if kept_loss is not None and abs(loss - kept_loss) > 1e-6:
+        log.warning("the kept weights read back at validation log loss %.6f, not the kept "
+                    "epoch's %.6f: a party's kept block is out of step", loss, kept_loss)
+    else:
+        log.info("scored at the kept weights (validation log loss %.6f)", loss)
+
+
+def _warn_if_diverged(history: list[dict]) -> None:
+    """A DP run keeps its last epoch; say so when the validation curve turned up (what the
+    warning reads is the run's validation curve: diagnostics outside the ledger)."""
+    best = diverged(history)
+    if best is not None:
+        log.warning(
+            "validation log loss rose from %.4f (epoch %d) to %.4f (epoch %d): training went "
+            "past its best, and a DP run keeps its last epoch (choosing one on validation "
+            "labels would be an unaccounted selection); lower train.epochs or train.lr",
+            best["val_loss"], best["epoch"], history[-1]["val_loss"], history[-1]["epoch"])
 
 
 def _grad_for(grads: np.ndarray | None, k: int, spec: ModelSpec) -> np.ndarray | None:

@@ -684,3 +684,36 @@ def test_a_silo_clips_what_it_releases(grid: AppGrid, monkeypatch):
                         lambda self, x, *purpose: np.full(len(x), 1e5, dtype=np.float32))
     reply = grid.send("payments", m.STEP, _step(1, plan=np.arange(10, dtype=np.int64)))
     assert np.abs(m.get_array(reply, "plan", np.float32, 1)).max() == masking.MAX_CONTRIBUTION
+
+
+def test_epoch_selection_is_answered_in_a_non_private_run_only(grid: AppGrid):
+    """`keep` / `restore` choose the scored epoch on validation labels: a selection no DP
+    accounting covers. A non-private run keeps the weights it is told to, moves on, and
+    restores them exactly; a run announced at a finite epsilon refuses both."""
+    _policy(grid.root, "payments", require_secure_sum=False)
+    assert not grid.send("payments", m.ALIGN, _align("runk")).has_error()
+    rows = np.arange(50, dtype=np.int64)
+    everyone = np.arange(PEOPLE, dtype=np.int64)
+    assert not grid.send("payments", m.STEP, _step(1, plan=rows)).has_error()
+    at_keep = m.get_array(grid.send("payments", m.STEP, _step(2, plan=rows, eval_=everyone,
+                                                                 done=rows)), "eval")
+    keep = _step(3, plan=rows, done=rows)
+    keep["config"]["keep"] = True  # kept before this step's gradients move the weights
+    assert not grid.send("payments", m.STEP, keep).has_error()
+    moved = m.get_array(grid.send("payments", m.STEP, _step(4, eval_=everyone, done=rows)),
+                        "eval")
+    assert not np.allclose(moved, at_keep)
+    with_grad = _step(5, eval_=everyone, done=rows)
+    with_grad["config"]["restore"] = True
+    assert grid.send("payments", m.STEP, with_grad).has_error()  # restore comes after the last
+    restore = _step(5, eval_=everyone)
+    restore["config"]["restore"] = True
+    np.testing.assert_array_equal(
+        m.get_array(grid.send("payments", m.STEP, restore), "eval"), at_keep)
+
+    assert not grid.send("payments", m.ALIGN, _align("rune", epsilon=1.0)).has_error()
+    for key in ("keep", "restore"):
+        step = _step(1, plan=rows)
+        step["config"][key] = True
+        _refused(grid.send("payments", m.STEP, step), f"train.step with {key}",
+                 "privacy.epsilon=1", "keeps its last epoch")

@@ -120,6 +120,28 @@ def check_request(node: Node, message_type: str) -> RunMode:
     return mode
 
 
+SELECTION_KEYS = ("keep", "restore")  # a train.step's epoch selection (non-private runs)
+
+
+def check_selection(node: Node, config: dict, spec_private: bool) -> bool:
+    """A `train.step` that keeps this silo's weights as the best epoch so far (`keep`) or goes
+    back to them (`restore`): whether it asks either, refused unless the pinned run is
+    non-private. Choosing an epoch on validation labels is a selection on private labels
+    that no DP run accounts for; a DP run keeps its last epoch. `spec_private`: the pinned
+    model spec adds DP-SGD or transcript noise (refused too, whatever the announced epsilon)."""
+    asked = [key for key in SELECTION_KEYS if config.get(key)]
+    if not asked:
+        return False
+    mode = check_request(node, m.STEP)
+    if mode.private or spec_private:
+        what = mode.describe() if mode.private else "a model with DP noise"
+        raise RunModeRefusalError(
+            f"{m.STEP} with {' and '.join(asked)} chooses an epoch on validation labels (a "
+            f"selection no DP accounting covers), and this run was announced as {what}; a DP "
+            "run keeps its last epoch")
+    return True
+
+
 def check_tree_start(node: Node, run: str, binning: str) -> RunMode:
     """`query.gbdt_start`: the announced run, a tree or scorecard run, and in a DP run bins
     fixed before any data is read."""

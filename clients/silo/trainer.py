@@ -68,6 +68,9 @@ class SiloTrainer:
         self.run_key = run_key
         self.base, opt = build(n_inputs, spec, salt)
         self.history: History = []
+        # The bottom model's weights at the epoch the authority named the best on validation
+        # so far (non-private runs only, `keep`); the final read restores them (`restore`).
+        self.kept: dict[str, torch.Tensor] | None = None
         # Opacus's wrappers under DP-SGD, the plain model and Adam otherwise.
         self.model: nn.Module
         self.opt: torch.optim.Optimizer
@@ -83,11 +86,27 @@ class SiloTrainer:
         return sum(h[2] for h in self.history)
 
     def to_bytes(self) -> bytes:
-        return state_bytes(self.base, self.opt, history=[list(h) for h in self.history])
+        # The kept weights travel with the model, so every round's checkpoint (and a resumed
+        # run) holds the same best-epoch state as an uninterrupted run.
+        extra = {} if self.kept is None else {"kept": self.kept}
+        return state_bytes(self.base, self.opt, history=[list(h) for h in self.history],
+                           **extra)
 
     def load_bytes(self, blob: bytes) -> None:
         state = load_state_bytes(blob, self.base, self.opt)
         self.history = [(float(s), float(q), int(n)) for s, q, n in state["history"]]
+        self.kept = state.get("kept")
+
+    def keep(self) -> None:
+        """Keep a copy of the current weights: the ones the last evaluation was computed at."""
+        self.kept = {k: v.detach().clone() for k, v in self.base.state_dict().items()}
+
+    def restore(self) -> None:
+        """Go back to the kept weights (the optimiser's state no longer matters: the final
+        read comes after the last step)."""
+        if self.kept is None:
+            raise ValueError("no weights were kept in this run")
+        self.base.load_state_dict(self.kept)
 
     @torch.no_grad()
     def contributions(self, x: np.ndarray) -> np.ndarray:

@@ -75,6 +75,7 @@ def step(msg: Message, node: Node) -> Message:
         return repeated
     x = silo_matrix(node).x
     trainer = silo_trainer(node)
+    _select_epoch(msg, node, config, trainer)
     _apply_gradients(msg, node, trainer, x)
     if "round" in config:
         save_round(node, round_)
@@ -91,6 +92,27 @@ def step(msg: Message, node: Node) -> Message:
     reply = m.make_content(reply_config, **out)
     _remember_step(node.context, round_, reply)
     return Message(reply, reply_to=msg)
+
+
+def _select_epoch(msg: Message, node: Node, config: dict, trainer: SiloTrainer) -> None:
+    """Before this step's gradients move the weights: keep them as the best epoch so far
+    (`keep`: the last evaluation was computed at them), or go back to the kept ones for the
+    final read (`restore`). Non-private runs only (run_checks.check_selection)."""
+    private = trainer.spec.dp or trainer.spec.transcript_sigma > 0
+    if not run_checks.check_selection(node, config, private):
+        return
+    if config.get("keep"):
+        trainer.keep()
+    if config.get("restore"):
+        if m.get_array(msg, "grad", np.float32, 1 if trainer.spec.outputs == 1 else 2,
+                       required=False) is not None:
+            raise m.ProtocolError("restore comes with the final read, after the last "
+                                  "gradients: not with gradients to apply")
+        try:
+            trainer.restore()
+        except ValueError as exc:
+            raise m.ProtocolError(f"restore: {exc}") from None
+    save_trainer(node.context, trainer)
 
 
 def _apply_gradients(msg: Message, node: Node, trainer: SiloTrainer, x: np.ndarray) -> None:

@@ -10,6 +10,7 @@ scored exactly like the federated model. A credit analyst's references on the sa
 
 from __future__ import annotations
 
+import copy
 import logging
 import multiprocessing
 import os
@@ -163,7 +164,8 @@ def train_central(
     def logits(idx: np.ndarray, net: torch.nn.Module) -> torch.Tensor:
         return net([x[idx] for x in xs])
 
-    history = []
+    history: list[dict] = []
+    kept: _Kept | None = None  # without DP, the best validation epoch so far
     for epoch in range(cfg.train.epochs):
         module.train()
         plans = (generator_from_key(plan_keys[epoch]) if plan_keys
@@ -183,11 +185,30 @@ def train_central(
             z_val = logits(val, model).numpy()
         history.append({"epoch": epoch + 1, **val_metrics(data.y[val], z_val),
                         "seconds": time.perf_counter() - t0})
+        kept = kept if dp else _keep_if_best(kept, history[-1], model)
+    if kept is not None:
+        model.load_state_dict(kept.weights)
+        history[kept.epoch - 1]["kept"] = True
     with torch.no_grad():
         z = logits(np.arange(len(data.y)), model).numpy().astype(np.float64)
     calibrate = Platt.fit(z[val], data.y[val])
     metrics = summary(data.y[test], calibrate(z[test]))
     return BaselineResult(metrics=metrics, history=history, seconds=time.perf_counter() - t0)
+
+
+@dataclass(frozen=True)
+class _Kept:
+    epoch: int
+    loss: float
+    weights: dict
+
+
+def _keep_if_best(kept: _Kept | None, row: dict, model: torch.nn.Module) -> _Kept | None:
+    """As the federation does without DP (server/training.py): the epoch of the best
+    validation log loss is kept, the first of equals; with DP the caller keeps the last."""
+    if kept is not None and row["val_loss"] >= kept.loss:
+        return kept
+    return _Kept(row["epoch"], row["val_loss"], copy.deepcopy(model.state_dict()))
 
 
 @contextmanager

@@ -146,6 +146,9 @@ def _outcome(run: Run, done: dict[str, BaselineResult], oracle: float | None,
             # Why the DP configuration may not learn (server/privacy.py); absent before
             # issue 20.
             "guardrails": authority.get("guardrails", []),
+            # MLP runs: the epoch scored, and why (best validation loss without DP, last with
+            # DP; server/training.py); absent before issue 20 item 5 and from tree runs.
+            **({"kept": authority["kept"]} if "kept" in authority else {}),
             # model.kind=gbdt or scorecard: the model's settings, its protection, and that
             # eps_model is infinite (server/gbdt_run.py, server/scorecard_run.py `annotate`);
             # absent from MLP runs.
