@@ -238,6 +238,10 @@ class TrainConfig:
     # 16 match chunks of 1 with it, lose 0.011 and 0.050 without); under DP-SGD staleness cost
     # at most 0.002 and the correction moved seeds by -0.003..+0.005, so it is off there.
     delay_compensation: float = 1.0
+    # Without DP, score the epoch of the best validation log loss (issue 20 item 5: no silent
+    # divergence); false keeps the last epoch, as a deployment without early stopping does
+    # (the red team's overfit run, tests/test_attacks.py). DP runs keep the last epoch anyway.
+    keep_best: bool = True
 
     def __post_init__(self) -> None:
         positive("train.epochs", self.epochs)

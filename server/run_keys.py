@@ -26,6 +26,9 @@ NOT_COMPUTED_KEYS = frozenset({"privacy.guardrails"})
 # A tune's selection score (privacy.selection_noise) changes the calibration's noise; left out
 # of the key when unset, so every other run keeps the key it had before the setting existed.
 SELECTION_KEY = "privacy.selection_noise"
+# Keeping the best-validation epoch (the default) is what every run without the key did since
+# issue 20 item 5; only turning it off in a non-private MLP run changes what is computed.
+KEEP_BEST_KEY = "train.keep_best"
 # The trees' settings change nothing an MLP run computes: left out of an MLP run's key, so a
 # default run keeps the key (and every secret draw) it had before model.kind existed.
 TREE_KEYS = ("model.kind", "gbdt.")
@@ -69,7 +72,8 @@ def computed_settings(config: dict) -> dict:
             and not (mlp and k.startswith(TREE_KEYS)) and (dp or k not in DP_TREE_KEYS)
             and not (dp and k in SECUREBOOST_KEYS)
             and (compensated or k != COMPENSATION_KEY)
-            and not (k == SELECTION_KEY and not float(v))}
+            and not (k == SELECTION_KEY and not float(v))
+            and not (k == KEEP_BEST_KEY and (v in (True, "true") or dp or not mlp))}
 
 
 def derive_run_key(random: SecretRandom, config: dict) -> str:

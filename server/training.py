@@ -304,7 +304,7 @@ class _Trips:
         else:
             self.head.load_bytes(state.top)
         self.state = state
-        self.select = selects_epoch(job.spec)
+        self.select = selects_epoch(job.spec) and job.cfg.keep_best
         self.everyone = np.arange(job.n_positions, dtype=np.int64)
         self.t0 = time.perf_counter()
 

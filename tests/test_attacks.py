@@ -99,6 +99,8 @@ OVERFIT_SETTINGS = {
     "population.default_rate": "0.3", "split.train": "0.15", "split.val": "0.1",
     "train.epochs": "50", "train.batch_size": "64", "train.chunk_batches": "10",
     "train.chunk_warmup": "false", "train.lr": "0.01", "model.hidden": "256,128",
+    # A model that memorises: the last of 50 epochs, not the best on validation.
+    "train.keep_best": "false",
     "privacy.epsilon": "inf", "privacy.label_epsilon": "inf",
 }
 

@@ -185,7 +185,7 @@ def train_central(
             z_val = logits(val, model).numpy()
         history.append({"epoch": epoch + 1, **val_metrics(data.y[val], z_val),
                         "seconds": time.perf_counter() - t0})
-        kept = kept if dp else _keep_if_best(kept, history[-1], model)
+        kept = kept if dp or not cfg.train.keep_best else _keep_if_best(kept, history[-1], model)
     if kept is not None:
         model.load_state_dict(kept.weights)
         history[kept.epoch - 1]["kept"] = True

@@ -191,6 +191,7 @@ DESCRIPTIONS: dict[str, str] = {
     "train.lr": "learning rate (Adam) of the vertical model",
     "train.weight_decay": "L2 weight decay (Adam) of the vertical model",
     "train.chunk_batches": "mini-batches per Flower round trip",
+    "train.keep_best": "without DP, score the epoch of the best validation loss (false: the last)",
     "train.chunk_warmup": "start at one batch per round trip and double up to chunk_batches",
     "train.delay_compensation": "silos correct stale gradients (sum mode, no DP-SGD; 0: off)",
     "split.train": "share of the aligned people in training",
