@@ -30,6 +30,8 @@ from pathlib import Path
 
 import pytest
 
+from tests import priority
+
 
 @dataclass(frozen=True)
 class Command:
@@ -203,8 +205,9 @@ class _Runs:
                 if self._stopped:
                     return
                 self._current = subprocess.Popen(argv, cwd=self.work,
-                                                 env={**env, **command.env}, stdout=fo,
-                                                 stderr=fe)
+                                                 env={**env, **command.env,
+                                                      **priority.background_env()},
+                                                 stdout=fo, stderr=fe)
             (self.work / f"cli-{i}.pid").write_text(str(self._current.pid))
             started = time.monotonic()
             code = self._current.wait()

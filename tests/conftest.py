@@ -16,7 +16,7 @@ import torch
 from hypothesis import settings
 
 from simulations.run.engine import SILO_ENV
-from tests import background, cli_inline
+from tests import background, cli_inline, priority
 from tests.ray_head import HEAD, LANE_HEADS
 from tests.ray_head import stop_all as stop_ray_heads
 from tests.resumed_run import resumed_run  # noqa: F401  (a fixture: the shared resumed run)
@@ -151,6 +151,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     if any(background.awaited_by(item) for item in session.items):
         for head in LANE_HEADS:  # here, in the main thread (ray_head.spawn says why)
             head.spawn()
+        priority.YIELDER.start()  # the background yields the CPU to the foreground
     background.start_for(session.items, _background_env, prepare=_fix_run_secrets,
                          lane_env=lambda lane: LANE_HEADS[lane].join_env())
 
@@ -177,6 +178,7 @@ def pytest_terminal_summary(terminalreporter) -> None:
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
+    priority.YIELDER.stop()
     background.stop_all()
     stop_ray_heads()
 

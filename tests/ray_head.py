@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 from simulations.run.engine import SILO_ENV
+from tests import priority
 
 OFF_ENV = "FEDSCORE_TEST_PRIVATE_RAY"
 LOOPBACK = "127.0.0.1"
@@ -44,12 +45,14 @@ _DIE_WITH_PARENT = ("import ctypes, os, signal, sys; "
 
 
 class _Head:
-    def __init__(self, worker_ports: int) -> None:
+    def __init__(self, worker_ports: int, *, background: bool = False) -> None:
         # Each head's workers and drivers take ports from a range of their own: Ray's default
         # range (10002-19999) is per cluster, and two heads running at once gave one driver
         # port 10002 while the other's process held it ("Address already in use", the raylet
         # check failed and the run died).
         self.worker_ports = worker_ports
+        # A lane's head: its workers yield the CPU to the foreground (tests/priority.py).
+        self.background = background
         self.proc: subprocess.Popen | None = None
         self.env: dict[str, str] = {}
         self.temp: Path | None = None
@@ -105,6 +108,8 @@ class _Head:
         # (It did once the first engine run of the suite became the faulty-silo run.)
         env = {k: v for k, v in os.environ.items() if k not in SILO_ENV}
         env.update(auth, RAY_USAGE_STATS_ENABLED="0")
+        if self.background:
+            env.update(priority.background_env())
         # Its own session, so that ending its process group ends only what it started; and
         # SIGTERM when this process dies, even killed (`ray start --block` then ends every
         # process it started), so an interrupted suite leaves no Ray behind.
@@ -151,7 +156,8 @@ HEAD = _Head(worker_ports=20000)
 # One head per background lane (tests/background.py): a run beside the foreground's (or beside
 # the other lane's) must not wait for the foreground head's one CPU. Each lane runs one
 # command at a time, so each head serves one run at a time, as HEAD does.
-LANE_HEADS = (_Head(worker_ports=21000), _Head(worker_ports=22000))
+LANE_HEADS = (_Head(worker_ports=21000, background=True),
+              _Head(worker_ports=22000, background=True))
 
 
 def stop_all() -> None:
