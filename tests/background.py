@@ -6,12 +6,13 @@ with `register(name, commands)` at import; if a collected test uses the fixture 
 commands start one after another in a thread as soon as collection ends, and the fixture
 collects them with `finish(name)`. Tests that await one go last (conftest).
 
-The runs queue for lanes, in the order the tests need them. While the foreground runs tests
-there is one lane: one background engine run beside the foreground fills the second core (all
-at once, they slowed each other and the foreground so much that the suite took longer than
-without them: 1,013 s against 887 s in CI). While the foreground waits for a background run
-its core is free, so there are two lanes, and the run it waits for goes to the front of the
-queue. A run that mostly waits (`waits=True`: the deployment engine's polling) takes no lane.
+The runs queue for two lanes, in the order the tests need them; the run the foreground waits
+for goes to the front of the queue. Every background process yields the CPU to the foreground
+(tests/priority.py), so the lanes take what the foreground leaves: two runs fill the gaps one
+leaves while it starts processes or waits for Ray. (Before the background yielded, all runs at
+once slowed the foreground so much that the suite took longer than without them, 1,013 s
+against 887 s in CI, and one lane beside the foreground was the best.) A run that mostly waits
+(`waits=True`: the deployment engine's polling) takes no lane.
 """
 
 from __future__ import annotations
@@ -23,8 +24,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -96,28 +96,23 @@ def awaited_by(item: pytest.Item) -> bool:
 
 
 class _Lanes:
-    """Who may run now: the queued runs in order, as many at once as there are lanes (one while
-    the foreground runs tests, two while it waits); the awaited run first."""
+    """Who may run now: the queued runs in order, one per free lane; the awaited run first."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._queue: list[_Runs] = []
         self._free = [0, 1]  # the lanes' numbers (each lane has a Ray head of its own)
-        self._lanes = 1
 
     def enqueue(self, runs: _Runs) -> None:
         with self._cond:
             self._queue.append(runs)
-
-    def _busy(self) -> int:
-        return 2 - len(self._free)
 
     def acquire(self, runs: _Runs) -> int | None:
         """Wait for `runs`' turn and take a lane: its number, or None if the run was taken
         off the queue."""
         with self._cond:
             self._cond.wait_for(lambda: runs not in self._queue or (
-                self._busy() < self._lanes and self._queue[0] is runs))
+                bool(self._free) and self._queue[0] is runs))
             if runs not in self._queue:
                 return None
             self._queue.pop(0)
@@ -135,19 +130,13 @@ class _Lanes:
                 self._queue.remove(runs)
                 self._cond.notify_all()
 
-    @contextmanager
-    def foreground_waits_for(self, runs: _Runs) -> Iterator[None]:
+    def to_front(self, runs: _Runs) -> None:
+        """The foreground waits for `runs`: it goes next."""
         with self._cond:
             if runs in self._queue:
                 self._queue.remove(runs)
                 self._queue.insert(0, runs)
-            self._lanes = 2
-            self._cond.notify_all()
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._lanes = 1
+                self._cond.notify_all()
 
 
 _LANES = _Lanes()
@@ -220,8 +209,8 @@ class _Runs:
 
     def wait(self, timeout: float) -> list[subprocess.CompletedProcess]:
         if self._thread.is_alive():
-            with _LANES.foreground_waits_for(self):
-                self._thread.join(timeout)
+            _LANES.to_front(self)
+            self._thread.join(timeout)
         if self._thread.is_alive():
             self.stop()
             raise TimeoutError(f"background run in {self.work} still running after {timeout} s")
