@@ -3,16 +3,29 @@ by a deviating authority with exactly the messages it can send, against the silo
 ClientApp (no engine): the mechanism first (the check patched out: the silo answers what it
 must not), then the refusal.
 
-- `query.score` in a run announced as a tree run (clients/silo/run_checks.py `REQUESTS`).
+- `query.score` in a run announced as a tree run (clients/silo/run_checks.py `REQUESTS`);
+- SecureBoost partitions of nodes the silo never summed, over rows not the node's, more than
+  once, or beyond the trees and depth the run announced (clients/silo/tree_caps.py).
 """
 
 from __future__ import annotations
 
 import numpy as np
+from flwr.app import RecordDict
 
+from clients.protocol import gbdt as msg
 from clients.protocol import messages as m
 from clients.protocol.run_mode import RunMode
-from clients.silo import run_checks
+from clients.silo import run_checks, tree_caps
+from clients.silo.gbdt import Binning
+from tests.test_gbdt_wire import (  # noqa: F401 (fixtures)
+    announce_run,
+    ask,
+    federation,
+    level_request,
+    refused,
+    tree_start,
+)
 from tests.test_security_protocol import (  # noqa: F401 (fixtures)
     PEOPLE,
     AppGrid,
@@ -49,3 +62,104 @@ def test_a_tree_run_is_not_answered_score_queries(grid: AppGrid, monkeypatch):  
     _aligned(grid)
     assert not grid.send("device", m.SCORE, m.make_content(
         {"request": "sc3", "explain": 0}, positions=np.arange(5, dtype=np.int64))).has_error()
+
+
+# ---- SecureBoost: partitions tied to summed nodes, trees and splits capped -------------------
+
+
+def _level(tree: int, node: int, rows: np.ndarray) -> RecordDict:
+    """A level's sums of one node of a tree whose gradients the silo holds already."""
+    return m.make_content({"tree": tree}, nodes=np.array([node], dtype=np.int64),
+                          rows=rows.astype(np.int64), sizes=np.array([len(rows)], np.int64))
+
+
+def _split(tree: int, node: int, feature: int, bin_: int, rows: np.ndarray) -> RecordDict:
+    return m.make_content({"tree": tree}, nodes=np.array([node], dtype=np.int64),
+                          features=np.array([feature], dtype=np.int64),
+                          bins=np.array([bin_], dtype=np.int64), rows=rows.astype(np.int64),
+                          sizes=np.array([len(rows)], dtype=np.int64))
+
+
+def test_partitions_of_nodes_never_summed_are_refused(federation, monkeypatch) -> None:  # noqa: F811
+    """With one root histogram asked, a deviating authority asks partitions of node 5 (never
+    summed) over every training row, one bin at a time: the bits give every person's bin of
+    the column, the whole binned matrix column by column. The silo answers a partition only
+    for a node it can place, over exactly that node's rows."""
+    _, wire, xs = federation
+    n = len(xs["payments"])
+    everyone = np.arange(n, dtype=np.int64)
+    announce_run(wire, "capsa")
+    assert not ask(wire, 1, msg.START, tree_start("capsa", everyone, trees=2,
+                                                  depth=3)).has_error()
+    assert not ask(wire, 1, msg.LEVEL, level_request(0, [everyone], n)).has_error()
+    exact = Binning(32).apply(xs["payments"])[:, 0]
+    with monkeypatch.context() as old:  # the mechanism: partitions of any node, any rows
+        old.setattr(tree_caps, "check_split", lambda *a: None)
+        below = np.zeros(n, dtype=np.int64)
+        for b in range(31):
+            bits = np.unpackbits(m.get_array(ask(wire, 1, msg.SPLIT, _split(
+                0, 5, 0, b, everyone)), "left", np.uint8, 1), count=n).astype(bool)
+            below += ~bits  # rows above bin b
+        np.testing.assert_array_equal(below, exact)
+    refused(ask(wire, 1, msg.SPLIT, _split(0, 5, 0, 15, everyone)),
+            "node 5, whose sums this silo never gave")
+    # The root over other rows than its own (every training row), or a node below the depth.
+    refused(ask(wire, 1, msg.SPLIT, _split(0, 0, 0, 15, everyone[:200])),
+            "node 0 over other rows than the node's")
+    refused(ask(wire, 1, msg.LEVEL, _level(0, 0, everyone[:200])),
+            "the root is every training row")
+    refused(ask(wire, 1, msg.LEVEL, _level(0, 7, everyone)), "below the announced depth 3")
+    # The honest sequence: the root's partition once, then its smaller child's sums, then
+    # the larger child's partition over the root's rows less the summed child's.
+    mid = int(np.sort(exact)[n // 2]) - 1  # both children hold people
+    root_bits = m.get_array(ask(wire, 1, msg.SPLIT, _split(0, 0, 0, mid, everyone)), "left",
+                            np.uint8, 1)
+    left = np.unpackbits(root_bits, count=n).astype(bool)
+    refused(ask(wire, 1, msg.SPLIT, _split(0, 0, 0, 15, everyone)), "partitioned once")
+    small, large = (1, 2) if left.sum() <= (~left).sum() else (2, 1)
+    rows = {1: everyone[left], 2: everyone[~left]}
+    # This silo partitioned the root: its children's rows are known exactly.
+    refused(ask(wire, 1, msg.LEVEL, _level(0, small, everyone)), "other rows than the node's")
+    assert not ask(wire, 1, msg.LEVEL, _level(0, small, rows[small])).has_error()
+    refused(ask(wire, 1, msg.LEVEL, _level(0, 2 * small + 1, everyone)),
+            "rows outside its parent")
+    assert not ask(wire, 1, msg.SPLIT, _split(0, large, 1, 15, rows[large])).has_error()
+    refused(ask(wire, 1, msg.SPLIT, _split(0, 2 * large + 1, 1, 15, rows[large])),
+            "never gave")
+
+
+def test_trees_and_splits_beyond_the_announced_run_are_refused(federation) -> None:  # noqa: F811
+    """A run announced with 1 tree of depth 1 has one partition to ask. Gradients for a second
+    tree, the same tree index again, a start re-sent to reset the count, or one announcing
+    more trees are refused; the count survives a restart of the silo's process."""
+    _, wire, xs = federation
+    n = len(xs["payments"])
+    everyone = np.arange(n, dtype=np.int64)
+    announce_run(wire, "capsb")
+    assert not ask(wire, 1, msg.START, tree_start("capsb", everyone, trees=1,
+                                                  depth=1)).has_error()
+    assert not ask(wire, 1, msg.LEVEL, level_request(0, [everyone], n)).has_error()
+    assert not ask(wire, 1, msg.SPLIT, _split(0, 0, 0, 15, everyone)).has_error()
+    refused(ask(wire, 1, msg.LEVEL, level_request(1, [everyone], n)),
+            "gradients for tree 1", "announced 1 trees")
+    refused(ask(wire, 1, msg.LEVEL, level_request(0, [everyone], n)), "each tree comes once")
+    assert not ask(wire, 1, msg.START, tree_start("capsb", everyone, trees=1,
+                                                  depth=1)).has_error()
+    refused(ask(wire, 1, msg.LEVEL, level_request(0, [everyone], n)), "each tree comes once")
+    refused(ask(wire, 1, msg.START, tree_start("capsb", everyone, trees=50, depth=5)),
+            "announced 1 trees of depth 1", "a run key names one configuration")
+    context = wire.contexts[1]
+    for key in list(context.state.keys()):  # a restart: the node's state is gone
+        if key not in ("model", "align"):
+            del context.state[key]
+    assert not ask(wire, 1, msg.START, tree_start("capsb", everyone, trees=1,
+                                                  depth=1)).has_error()
+    refused(ask(wire, 1, msg.LEVEL, level_request(0, [everyone], n)), "each tree comes once")
+    # A start of a SecureBoost run that announces no trees is malformed.
+    bare = m.make_content({"run": "capsb", "bins": 32, "binning": "uniform"},
+                          positions=everyone)
+    assert "announce its trees and depth" in ask(wire, 1, msg.START, bare).error.reason
+
+
+def test_the_split_cap_is_trees_times_inner_nodes() -> None:
+    assert tree_caps.Caps(trees=3, depth=2).inner == 3  # nodes 0, 1, 2 can split
