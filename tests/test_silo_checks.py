@@ -5,7 +5,9 @@ must not), then the refusal.
 
 - `query.score` in a run announced as a tree run (clients/silo/run_checks.py `REQUESTS`);
 - SecureBoost partitions of nodes the silo never summed, over rows not the node's, more than
-  once, or beyond the trees and depth the run announced (clients/silo/tree_caps.py).
+  once, or beyond the trees and depth the run announced (clients/silo/tree_caps.py);
+- a second contribution summary after a re-align under secure sum (clients/silo/state.py
+  `run_journal`).
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ from flwr.app import RecordDict
 from clients.protocol import gbdt as msg
 from clients.protocol import messages as m
 from clients.protocol.run_mode import RunMode
-from clients.silo import run_checks, tree_caps
+from clients.silo import run_checks, training, tree_caps
 from clients.silo.gbdt import Binning
+from clients.silo.state import silo_journal
+from server.alignment import Alignment, announce
 from tests.test_gbdt_wire import (  # noqa: F401 (fixtures)
     announce_run,
     ask,
@@ -31,10 +35,13 @@ from tests.test_security_protocol import (  # noqa: F401 (fixtures)
     AppGrid,
     _align,
     _aligned,
+    _model_config,
     _policy,
     _refused,
+    _step,
     _task_identity,
     grid,
+    released,
     root,
 )
 
@@ -163,3 +170,38 @@ def test_trees_and_splits_beyond_the_announced_run_are_refused(federation) -> No
 
 def test_the_split_cap_is_trees_times_inner_nodes() -> None:
     assert tree_caps.Caps(trees=3, depth=2).inner == 3  # nodes 0, 1, 2 can split
+
+
+# ---- one contribution summary per run, across re-aligns ------------------------------------
+
+
+def test_a_second_summary_after_a_re_align_is_refused(grid: AppGrid, released, monkeypatch):  # noqa: F811
+    """Differencing across a re-align: the authority gets a summary over everyone, aligns the
+    same run key again (new masking keys, so a new answer journal), replays the same step to
+    the same model, and asks a summary over everyone but one person. Without DP-SGD both are
+    exact: N x mean - (N - 1) x mean' is that person's contribution to within a bin."""
+    def attack(grid: AppGrid):
+        fed, run_key = _aligned(grid)
+        first = np.arange(50, dtype=np.int64)
+        everyone = np.arange(PEOPLE, dtype=np.int64)
+        grid.send("payments", m.STEP, _step(1, plan=first))
+        one = grid.send("payments", m.STEP, _step(2, eval_=everyone, summary=True, done=first))
+        assert not one.has_error(), one.error.reason
+        rows = np.arange(PEOPLE, dtype=np.int64)
+        announce(fed, Alignment(rows, dict.fromkeys(grid.silos, rows), {}),
+                 _model_config(run_key))
+        grid.send("payments", m.STEP, _step(1, plan=first))
+        return one, grid.send("payments", m.STEP, _step(2, eval_=everyone[1:], summary=True,
+                                                        done=first))
+
+    with monkeypatch.context() as old:  # the mechanism: one summary per masking key
+        old.setattr(training, "run_journal", silo_journal)
+        one, two = attack(grid)
+        assert not two.has_error(), two.error.reason
+        means = [m.get_config(r)["summary.mean"] for r in (one, two)]
+        stolen = PEOPLE * means[0] - (PEOPLE - 1) * means[1]
+        exact = next(v for who, v in released if who == "payments" and len(v) == PEOPLE)[0]
+        assert abs(stolen - exact) <= training.SUMMARY_EDGES[1] - training.SUMMARY_EDGES[0]
+        assert abs(exact) > 1e-3
+    _, two = attack(AppGrid(grid.root))
+    _refused(two, "a contribution summary was answered already in this run")
