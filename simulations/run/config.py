@@ -131,7 +131,9 @@ def check_guardrails(cfg: ExperimentConfig, people: int, source: str,
     """Before the engine starts, refuse a configuration that cannot learn, whatever the model
     (server/guardrails.py `before_training`, level "refuse"), unless privacy.guardrails=warn;
     log the warnings of the models whose authority has no later plan to log them (the MLP's
-    come from its PrivacyPlan, which knows the exact N and the noise). N is bounded from above
+    come from its PrivacyPlan, which knows the exact N and the noise): their messages only,
+    while a refusal's error carries the label figures too (`Guardrail.for_operator`: the
+    operator's console; a refused run writes nothing). N is bounded from above
     as in `check_delta`: more people only means more steps or more hessian, so a configuration
     refused here would be refused with the exact N too. `positive_rate`: the authority's
     default rate, when its table was read (the trees on randomised labels need it)."""
@@ -141,7 +143,7 @@ def check_guardrails(cfg: ExperimentConfig, people: int, source: str,
     found = before_training(cfg.authority, People(n_train=n_max, positive_rate=positive_rate))
     refused = [g for g in found if g.level == "refuse"]
     if refused and cfg.authority.privacy.guardrails != "warn":
-        reasons = "; ".join(g.message for g in refused)
+        reasons = "; ".join(g.for_operator() for g in refused)
         raise ConfigError(f"this configuration cannot learn ({source}: {people:,} people): "
                           f"{reasons}. To run it anyway: --set privacy.guardrails=warn")
     if cfg.authority.model.kind != "mlp":
