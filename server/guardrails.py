@@ -15,9 +15,11 @@ is overridden with privacy.guardrails=warn (machinery tests, deliberate studies)
   training people times epsilon, the figure the accounted noise per person follows.
 
 `before_training` is the one entry: simulations/run/config.py `check_guardrails` calls it
-before the engine (a run, a sweep's cells, a tune's candidates), `fedscore data check` prints
-what it says. No message a run logs carries a statistic of the labels: the trees' rule on
-randomised labels keeps its figures in `Guardrail.detail`, for the operator's console.
+before the engine (a run, a sweep's cells, a tune's candidates) to refuse, the authority
+(server/run_plan.py `run_guardrails`) on its exact training people to log and record what it
+says (authority.json and metrics.json `guardrails`, as the MLP's), `fedscore data check`
+prints it. No message a run logs or records carries a statistic of the labels: the trees'
+rule on randomised labels keeps its figures in `Guardrail.detail`, for the operator's console.
 The thresholds were measured, not guessed: bench/small_data.py, bench/RESULTS.md
 "Guardrails for small data: trees and scorecard".
 """

@@ -15,6 +15,7 @@ import pytest
 from server.config import ConfigError, PrivacyConfig
 from server.dp_guardrails import Sampling, sampling_guardrails
 from server.privacy import PrivacyPlan
+from server.run_plan import run_guardrails
 from simulations.run.config import check_guardrails, make_config
 from tests.conftest import run_cli
 
@@ -77,7 +78,9 @@ def test_the_plan_reports_its_noise_and_the_summary_carries_every_guardrail():
         noise = next(g.message for g in found if g.check == "noise")
         assert f"noise multiplier {plan.joint_sigma:.2f} joint" in noise
         assert plan.joint_sigma > 10
-        assert plan.summary()["guardrails"] == [g.as_dict() for g in found]
+        # The run records them (server/run_plan.py `run_guardrails`), not the plan's summary.
+        assert run_guardrails(make_config({}).authority, plan, np.zeros(700)) == found
+        assert "guardrails" not in plan.summary()
     finally:
         plan.close()
     # The advised batch for the issue's case: 88 steps, but sigma / batch = 0.088 (measured:
@@ -239,8 +242,9 @@ def test_the_pre_engine_check_refuses_trees_and_only_warns_when_asked(caplog):
                          "privacy.guardrails": "warn"})
     with caplog.at_level("WARNING"):
         check_guardrails(asked, 3000, "x", 0.065)
-    assert "privacy guardrail (tree_hessian, refuse): hessian mass at the root" in caplog.text
-    assert "6.5%" not in caplog.text  # the figures stay on the operator's console
+    # The authority logs and records them on its exact people (`run_guardrails`), without
+    # the rate; the pre-engine check only refuses.
+    assert "privacy guardrail" not in caplog.text
 
 
 @pytest.mark.parametrize(("kind", "n_train", "epsilon", "warned"), [
@@ -276,7 +280,7 @@ def test_data_check_says_what_the_tree_guardrail_would(tmp_path: Path):
     assert "model.kind=gbdt" in out
 
 
-# ---- no label statistic in what a run logs or records ------------------------------------
+# ---- no label statistic in what a run logs or records; every model's in metrics.json --------
 
 
 @pytest.mark.parametrize("keys", [
@@ -302,3 +306,32 @@ def test_a_private_runs_guardrail_messages_carry_no_label_statistic(keys):
         assert "6.5%" in said[0][0].detail
         assert "7.0%" in said[1][0].detail
 
+
+def test_the_run_records_the_trees_guardrails_as_the_mlps(monkeypatch):
+    """Trees' and scorecards' guardrails reached the log and `fedscore data check` only: the
+    authority now judges every model on its exact training people and authority.json (and
+    from it metrics.json, simulations/run/finish_vertical.py) carries them under the MLP's
+    key `guardrails`, messages only."""
+    from types import SimpleNamespace
+
+    from server import run_results
+
+    cfg = make_config({"model.kind": "gbdt", "privacy.epsilon": "inf"}).authority
+    idle = PrivacyPlan(PrivacyConfig(epsilon=float("inf")), ("a", "b"), 2102, 2048, 1, None)
+    y = np.zeros(2102)
+    y[:137] = 1  # 6.5 % defaults: 32 of hessian at the root, under 2 x 20
+    found = run_guardrails(cfg, idle, y)
+    idle.close()
+    assert [(g.check, g.level) for g in found] == [("tree_hessian", "refuse")]
+    monkeypatch.setattr(run_results, "_model_metrics", lambda *a: {})
+    monkeypatch.setattr(run_results, "_people", lambda *a: {})
+    result = SimpleNamespace(steps=0, stopped_by_cap=False, history=[], kept=None,
+                             round_trips=1, silo_seconds={})
+    out = run_results.results(
+        SimpleNamespace(cfg=cfg), None,
+        SimpleNamespace(inputs={}, reasons=0, guardrails=tuple(found)),
+        SimpleNamespace(result=result, privacy_summary=idle.summary()),
+        SimpleNamespace(ref_hash="0"), False, {})
+    assert out["guardrails"] == [{"check": "tree_hessian", "level": "refuse",
+                                  "message": found[0].message}]
+    assert "%" not in json.dumps(out["guardrails"])
