@@ -195,7 +195,7 @@ def _trees_and_people(draw):
     return widths, [(tree, values, heap) for _ in range(draw(st.integers(1, 3)))]
 
 
-@settings(max_examples=60)
+@settings(max_examples=30)
 @given(_trees_and_people())
 def test_credits_over_touched_slots_equal_the_dense_bincount(case) -> None:
     """Credits.add adds only the slots a tree touches (stop 34's review: the bincount over
