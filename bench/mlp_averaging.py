@@ -30,11 +30,8 @@ fraction X of the steps).
 
 from __future__ import annotations
 
-import argparse
 import math
-import secrets
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -45,7 +42,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from stale_gradients import Joined, load
+from mlp_cells import cell_arguments, parse_cell, seeded_data
+from stale_gradients import Joined
 
 from clients.protocol.model import BottomModel, ModelSpec
 from clients.silo.trainer import SiloTrainer
@@ -60,16 +58,6 @@ from server.training import batch_plan, chunk_schedule
 DEFAULT_CELL = {"b": "2048", "e": "12", "lr": "0.01", "clip": "5", "label": "2", "h": "16",
                 "c": "4", "loss": "forward", "sched": "const"}
 DEFAULT_AVERAGES = ("last", "ema0.9", "ema0.95", "ema0.98", "tail0.5", "tail0.25")
-
-
-def parse_cell(text: str) -> dict[str, str]:
-    cell = dict(DEFAULT_CELL)
-    for item in filter(None, text.split(",")):
-        key, value = item.split("=", 1)
-        if key not in cell:
-            raise SystemExit(f"unknown cell key {key!r}: use {', '.join(cell)}")
-        cell[key] = value
-    return cell
 
 
 class Averages:
@@ -231,23 +219,13 @@ def _evaluator(data: Joined, silos: list[SiloTrainer], silo_avg: list[Averages],
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default=None, help="uci, a CSV or a mapping directory")
-    ap.add_argument("--users", type=int, default=30000)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
-    ap.add_argument("--cell", action="append", required=True)
+    ap = cell_arguments(__doc__)
     ap.add_argument("--averages", nargs="+", default=list(DEFAULT_AVERAGES))
     args = ap.parse_args()
     names = tuple(args.averages)
-    cells = [parse_cell(c) for c in args.cell]
+    cells = [parse_cell(c, DEFAULT_CELL) for c in args.cell]
     results: dict[int, list[dict]] = {i: [] for i in range(len(cells))}
-    for seed in args.seeds:
-        secret = secrets.token_bytes(32)  # the same DP draws for every cell of this seed
-        with tempfile.TemporaryDirectory(prefix="mlpavg-") as tmp:
-            data = load(args.data, args.users, seed, Path(tmp) / "parties")
-        print(f"data={args.data or f'generated {args.users:,}'} seed={seed} "
-              f"people={len(data.y):,} train={len(data.train):,}", flush=True)
+    for seed, secret, data in seeded_data(args, "mlpavg-"):
         for i, cell in enumerate(cells):
             r = run_cell(data, cell, seed, secret, names)
             results[i].append(r)

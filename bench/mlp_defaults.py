@@ -23,34 +23,22 @@ the central model's noise, which no run may use: a diagnostic of what the split 
 
 from __future__ import annotations
 
-import argparse
 import math
-import secrets
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from stale_gradients import Joined, Privacy, load, simulate
+from mlp_cells import cell_arguments, parse_cell, seeded_data
+from stale_gradients import Joined, Privacy, simulate
 
 from server.config import PrivacyConfig, TrainConfig
 from server.privacy import PrivacyPlan
 
 DEFAULT_CELL = {"b": "2048", "e": "12", "lr": "0.01", "clip": "5", "label": "2", "k": "4",
                 "c": "4", "h": "32-16"}
-
-
-def parse_cell(text: str) -> dict[str, str]:
-    cell = dict(DEFAULT_CELL)
-    for item in filter(None, text.split(",")):
-        key, value = item.split("=", 1)
-        if key not in cell:
-            raise SystemExit(f"unknown cell key {key!r}: use {', '.join(cell)}")
-        cell[key] = value
-    return cell
 
 
 def train_config(cell: dict[str, str], n_train: int) -> TrainConfig:
@@ -76,21 +64,10 @@ def run_cell(data: Joined, cell: dict[str, str], seed: int, secret: bytes) -> di
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default=None, help="uci, a CSV or a mapping directory")
-    ap.add_argument("--users", type=int, default=30000)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
-    ap.add_argument("--cell", action="append", required=True)
-    args = ap.parse_args()
-    cells = [parse_cell(c) for c in args.cell]
+    args = cell_arguments(__doc__).parse_args()
+    cells = [parse_cell(c, DEFAULT_CELL) for c in args.cell]
     results: dict[int, list[dict]] = {i: [] for i in range(len(cells))}
-    for seed in args.seeds:
-        secret = secrets.token_bytes(32)  # the same DP draws for every cell of this seed
-        with tempfile.TemporaryDirectory(prefix="mlpdef-") as tmp:
-            data = load(args.data, args.users, seed, Path(tmp) / "parties")
-        print(f"data={args.data or f'generated {args.users:,}'} seed={seed} "
-              f"people={len(data.y):,} train={len(data.train):,}", flush=True)
+    for seed, secret, data in seeded_data(args, "mlpdef-"):
         for i, cell in enumerate(cells):
             r = run_cell(data, cell, seed, secret)
             results[i].append(r)

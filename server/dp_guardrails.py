@@ -57,14 +57,24 @@ class Sampling:
 @dataclass(frozen=True, kw_only=True)
 class Guardrail:
     """One reason a DP configuration may not learn: `check` names the figure, `level` is
-    "warn" or "refuse", `message` says what and what would work."""
+    "warn" or "refuse", `message` says what and what would work. `detail`: figures computed
+    from the authority's labels (the trees' rule on randomised labels reads the default
+    rate), for the operator's console only (a refusal before the engine, `fedscore data
+    check`): never logged nor recorded, since they are statistics of the labels no
+    accountant covers. `message` never carries them."""
 
     check: str
     level: str
     message: str
+    detail: str = ""
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        """What a run records (authority.json, metrics.json): never `detail`."""
+        return {k: v for k, v in asdict(self).items() if k != "detail"}
+
+    def for_operator(self) -> str:
+        """The message, and the label figures behind it when there are any."""
+        return f"{self.message} ({self.detail})" if self.detail else self.message
 
 
 def sampling_guardrails(sampling: Sampling, delta: float) -> list[Guardrail]:

@@ -87,7 +87,8 @@ def train_and_calibrate(job: TreeJob, phases: run_phases.PhaseTimer, reasons: in
     params = params_of(job.cfg)
     rho = flip_probability(job.cfg.privacy.label_epsilon)
     everyone = np.arange(job.n_positions, dtype=np.int64)
-    features = start(job.fed, job.run_key, params.bins, job.train, binning=params.binning)
+    features = start(job.fed, job.run_key, params.bins, job.train, binning=params.binning,
+                     trees=params.trees, depth=params.depth)
     silos = ExplainedSilos(job.fed, features, route_positions=everyone)
     names = consent_and_names(silos, reasons, job.cfg.explain.reasons > 0)
     t0 = time.perf_counter()

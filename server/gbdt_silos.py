@@ -189,11 +189,16 @@ def _split_replies(name: str, requests: list[SplitRequest], reply: Message) -> l
 
 
 def start(fed: Federation, run_key: str, bins: int, train: np.ndarray,
-          units: float | None = None, binning: str | None = None) -> dict[str, int]:
+          units: float | None = None, binning: str | None = None,
+          trees: int | None = None, depth: int | None = None) -> dict[str, int]:
     """Every silo builds its binned matrix over the training positions (x / units, by default
     STANDARD_UNITS; binned equal width, or by its own quantiles of those rows with
-    binning="quantile"); returns their widths."""
+    binning="quantile"); returns their widths. The SecureBoost trees announce their `trees`
+    and `depth`: each silo answers no more trees, nodes and partitions than those allow
+    (clients/silo/tree_caps.py)."""
     config: dict[str, str | int | float] = {"run": run_key, "bins": bins}
+    if trees is not None and depth is not None:
+        config.update(trees=trees, depth=depth)
     if units is not None:
         config["units"] = units
     if binning is not None:

@@ -15,8 +15,12 @@ is overridden with privacy.guardrails=warn (machinery tests, deliberate studies)
   training people times epsilon, the figure the accounted noise per person follows.
 
 `before_training` is the one entry: simulations/run/config.py `check_guardrails` calls it
-before the engine (a run, a sweep's cells, a tune's candidates), `fedscore data check` prints
-what it says. The thresholds were measured, not guessed: bench/small_data.py, bench/RESULTS.md
+before the engine (a run, a sweep's cells, a tune's candidates) to refuse, the authority
+(server/run_plan.py `run_guardrails`) on its exact training people to log and record what it
+says (authority.json and metrics.json `guardrails`, as the MLP's), `fedscore data check`
+prints it. No message a run logs or records carries a statistic of the labels: the trees'
+rule on randomised labels keeps its figures in `Guardrail.detail`, for the operator's console.
+The thresholds were measured, not guessed: bench/small_data.py, bench/RESULTS.md
 "Guardrails for small data: trees and scorecard".
 """
 
@@ -123,6 +127,11 @@ def _splits(n_train: int, rate: float, label_epsilon: float, min_child_weight: f
 
 def rr_tree_guardrails(n_train: int, rate: float, label_epsilon: float,
                        min_child_weight: float) -> list[Guardrail]:
+    """The rule on randomised labels. Its figures (the rate, the hessian mass and what would
+    pass) follow the authority's default rate: they go to `detail`, the operator's console
+    only; `message`, which the run logs and records, names the rule, the public settings and
+    which way to move them. (The verdict itself, refuse, warn or nothing, is one coarse
+    function of the rate; a refused run writes nothing.)"""
     mass, low = _masses(n_train, rate, label_epsilon)
     floor = MIN_SPLITS_OF_MASS * min_child_weight
     if min_child_weight <= 0 or low >= floor:
@@ -137,11 +146,24 @@ def rr_tree_guardrails(n_train: int, rate: float, label_epsilon: float,
            f"{min_child_weight:g}, and every tree a single leaf (AUC 0.5)")
     figure = (f"under 2 x gbdt.min_child_weight={min_child_weight:g}, " if refuse else
               f"close to 2 x gbdt.min_child_weight={min_child_weight:g}, ")
-    return [Guardrail(check="tree_hessian", level="refuse" if refuse else "warn", message=(
+    detail = (
         f"hessian mass {mass:.1f} at the root ({n_train:,} people in training, default rate "
         f"about {rate:.1%}, privacy.label_epsilon={label_epsilon:g}: a randomised label "
         f"carries {each:.0%} of a clean label's hessian) is {figure}{why}; "
-        f"{_rr_fix(n_train, rate, label_epsilon, min_child_weight, mass, low)}"))]
+        f"{_rr_fix(n_train, rate, label_epsilon, min_child_weight, mass, low)}")
+    said = ("is under 2 x gbdt.min_child_weight={w:g}: no split can leave that much on both "
+            "sides, every tree is a single leaf and the model scores everyone alike (AUC 0.5)"
+            if refuse else
+            "is close to 2 x gbdt.min_child_weight={w:g}: a default rate the run estimates "
+            "low from the randomised labels would leave every tree a single leaf (AUC 0.5)")
+    message = (
+        f"hessian mass at the root ({n_train:,} people in training, privacy.label_epsilon="
+        f"{label_epsilon:g}, at the authority's default rate) {said.format(w=min_child_weight)}"
+        "; lower gbdt.min_child_weight, raise privacy.label_epsilon or train on more people "
+        "(the values that pass follow the default rate, a statistic of the labels a run does "
+        "not record: `fedscore data check` prints them on the authority's console)")
+    return [Guardrail(check="tree_hessian", level="refuse" if refuse else "warn",
+                      message=message, detail=detail)]
 
 
 def _rr_fix(n_train: int, rate: float, label_epsilon: float, min_child_weight: float,

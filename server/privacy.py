@@ -189,7 +189,8 @@ class PrivacyPlan:
 
     def guardrails(self) -> list[Guardrail]:
         """Why this plan may not learn (empty without DP-SGD): the sampling's reasons, and the
-        noise the calibration chose. Logged and reported; refusals are made before the engine
+        noise the calibration chose. Logged and recorded by the run (server/run_plan.py
+        `run_guardrails`, with every other model's); refusals are made before the engine
         (`sampling_guardrails` on an upper bound of the training people)."""
         if not self.cfg.dp_sgd:
             return []
@@ -446,7 +447,6 @@ class PrivacyPlan:
             "label_flip_probability": self.rho,
             "transcript_releases_max": int(self.releases.max(initial=0)),
             "transcript_sampled_max": int(self.sampled.max(initial=0)),
-            "guardrails": [g.as_dict() for g in self.guardrails()],
         }
 
 

@@ -17,6 +17,7 @@ from crypto.secret_random import SecretRandom
 from server import scoring
 from server.checkpoint import RunState, TrainState
 from server.config import AuthorityConfig
+from server.dp_guardrails import Guardrail
 from server.federation import Federation
 from server.ledger import Ledger
 from server.privacy import PrivacyPlan
@@ -62,6 +63,9 @@ class Plan:
     spec: ModelSpec
     inputs: dict[str, int]  # each silo's model inputs
     reasons: int  # reason codes asked of the silos (0: none)
+    # Why the run may not learn, any model (server/run_plan.py `run_guardrails`): logged, and
+    # recorded in authority.json and metrics.json `guardrails`.
+    guardrails: tuple[Guardrail, ...] = ()
 
 
 @dataclass(frozen=True)

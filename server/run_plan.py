@@ -23,7 +23,9 @@ from server import checkpoint, gbdt_dp_run, run_phases
 from server.alignment import Alignment, announce, joint_order, private_intersections
 from server.checkpoint import RunState, TrainState
 from server.config import AuthorityConfig
+from server.dp_guardrails import Guardrail
 from server.federation import Federation
+from server.guardrails import People, before_training, needs_rate
 from server.label_dp import randomized_response
 from server.privacy import PrivacyPlan
 from server.run_context import Plan, RunContext, Tables
@@ -91,8 +93,10 @@ def plan_training(ctx: RunContext, tables: Tables, run: RunState, state: TrainSt
     split = Split(run.train, run.val, run.test)
     privacy = PrivacyPlan(gbdt_dp_run.sgd_config(cfg).privacy, ctx.fed.silos, len(split.train),
                           cfg.train.batch_size, cfg.train.epochs, ctx.ledger, summaries_asked(cfg))
-    for guardrail in privacy.guardrails():  # also in authority.json and metrics.json
-        log.warning("privacy guardrail (%s): %s", guardrail.check, guardrail.message)
+    guardrails = run_guardrails(cfg, privacy, tables.labels[run.authority_rows][split.train])
+    for guardrail in guardrails:  # also in authority.json and metrics.json
+        log.warning("privacy guardrail (%s, %s): %s", guardrail.check, guardrail.level,
+                    guardrail.message)
     spec = model_spec(cfg, privacy, len(ctx.fed.silos))
     if cfg.aggregation.mode == "concat":
         log.warning("aggregation.mode=concat: the authority sees every silo's embeddings; "
@@ -112,7 +116,21 @@ def plan_training(ctx: RunContext, tables: Tables, run: RunState, state: TrainSt
         privacy.restore(state.privacy_spent, state.privacy_round_steps,
                         state.transcript_releases, state.transcript_sampled)
     y = tables.labels[run.authority_rows].astype(np.int8)
-    return Plan(run, state, split, y, privacy, spec, inputs, reasons_asked(cfg))
+    return Plan(run, state, split, y, privacy, spec, inputs, reasons_asked(cfg),
+                tuple(guardrails))
+
+
+def run_guardrails(cfg: AuthorityConfig, privacy: PrivacyPlan, y_train: np.ndarray
+                   ) -> list[Guardrail]:
+    """Why this run may not learn, for every model kind, on its exact training people: the
+    MLP's from its privacy plan (the sampling and the noise it calibrated), the trees' and
+    the scorecard's from server/guardrails.py `before_training`, which judges the trees on
+    randomised labels by the training default rate. The run logs and records `message` only
+    (no statistic of the labels: `Guardrail.detail` stays out)."""
+    if cfg.model.kind == "mlp":
+        return privacy.guardrails()
+    rate = float(y_train.mean()) if needs_rate(cfg) and len(y_train) else None
+    return before_training(cfg, People(n_train=len(y_train), positive_rate=rate))
 
 
 def model_spec(cfg: AuthorityConfig, privacy: PrivacyPlan, silos: int) -> ModelSpec:

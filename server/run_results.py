@@ -69,6 +69,9 @@ def results(ctx: RunContext, tables: Tables, plan: Plan, trained: Trained, score
         **_model_metrics(ctx, plan, trained, scored),
         "people": _people(ctx, tables, plan, scored),
         **trained.privacy_summary,
+        # Why the configuration may not learn, whatever the model (the MLP's sampling and
+        # noise, the trees' and scorecard's rules): messages only, no label statistic.
+        "guardrails": [g.as_dict() for g in plan.guardrails],
         "training_steps": result.steps,
         "stopped_by_budget_cap": result.stopped_by_cap,
         "model_inputs": plan.inputs,

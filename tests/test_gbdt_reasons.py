@@ -11,7 +11,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from bench.credits import dense_add
 from clients.protocol import gbdt as msg
 from clients.protocol import messages as m
 from clients.protocol.schema import SILO_FEATURES
@@ -166,6 +169,45 @@ def test_credits_telescope_on_a_small_tree() -> None:
     why = explained(credits, names, 1)
     np.testing.assert_array_equal(why["a"].index[:, 0], [1, -1, 1])  # only what costs
     np.testing.assert_array_equal(why["b"].index[:, 0], [0, -1, -1])
+
+
+@st.composite
+def _trees_and_people(draw):
+    """A SecureBoost-like tree (leaves at any depth up to 4, every split on a random silo's
+    column, columns repeating along paths), node values, and each person's leaf."""
+    widths = {s: draw(st.integers(1, 4)) for s in ("a", "b", "c")[:draw(st.integers(1, 3))]}
+    splits, leaves, open_ = {}, {}, [0]
+    while open_:
+        n = open_.pop()
+        if n < 15 and draw(st.booleans()):
+            silo = draw(st.sampled_from(sorted(widths)))
+            splits[n] = gbdt.Split(silo=silo, feature=draw(st.integers(0, widths[silo] - 1)),
+                                   bin=0)
+            open_ += [2 * n + 1, 2 * n + 2]
+        else:
+            leaves[n] = 0.0
+    tree = gbdt.Tree(splits=splits, leaves=leaves)
+    size = max([*leaves, *splits]) + 1
+    values = np.array(draw(st.lists(st.floats(-3, 3), min_size=size, max_size=size)))
+    rows = draw(st.integers(1, 40))
+    heap = np.array(draw(st.lists(st.sampled_from(sorted(leaves)), min_size=rows,
+                                  max_size=rows)), dtype=np.int64)
+    return widths, [(tree, values, heap) for _ in range(draw(st.integers(1, 3)))]
+
+
+@settings(max_examples=30)
+@given(_trees_and_people())
+def test_credits_over_touched_slots_equal_the_dense_bincount(case) -> None:
+    """Credits.add adds only the slots a tree touches (stop 34's review: the bincount over
+    every slot allocated rows x columns per tree); the credits are the old ones bit for bit
+    (bench/credits.py `dense_add`), repeated columns on a path included."""
+    widths, trees = case
+    rows = len(trees[0][2])
+    new, old = Credits(widths, rows), Credits(widths, rows)
+    for tree, values, heap in trees:
+        new.add(tree, values, heap)
+        dense_add(old, tree, values, heap)
+    np.testing.assert_array_equal(new._flat, old._flat)
 
 
 def test_the_silos_policy_decides(federation, policy) -> None:  # noqa: F811

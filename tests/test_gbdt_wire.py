@@ -21,7 +21,7 @@ from clients.protocol import messages as m
 from clients.protocol.run_mode import RunMode
 from clients.protocol.schema import federation_silos
 from clients.silo import app as ca
-from clients.silo import run_checks
+from clients.silo import run_checks, tree_caps
 from clients.silo.data import load_silo
 from clients.silo.gbdt import Binning, GbdtSilo
 from clients.silo.gbdt_handlers import tree_inputs
@@ -239,7 +239,8 @@ def test_flower_trees_equal_the_in_process_trees(federation, binning: str) -> No
     y = (rng.random(n) < 1 / (1 + np.exp(-3 * xs["payments"][:, 0]))).astype(np.float64)
     params = gbdt.GbdtParams(trees=3, depth=3, bins=16, binning=binning)  # type: ignore[arg-type]
     announce_run(grid, f"run1{binning}")
-    features = start(fed, f"run1{binning}", params.bins, train, binning=binning)
+    features = start(fed, f"run1{binning}", params.bins, train, binning=binning,
+                     trees=params.trees, depth=params.depth)
     assert features == {s: x.shape[1] for s, x in xs.items()}
     silos = FlowerSilos(fed, features, route_positions=np.arange(n))
     grid.sent.clear()
@@ -281,7 +282,8 @@ def test_the_run_keeps_the_trees_of_the_best_validation_loss(federation) -> None
     train, val = np.arange(0, n, 2), np.arange(1, n, 2)
     y = (rng.random(n) < 0.3).astype(np.float64)
     params = gbdt.GbdtParams(trees=8, depth=3, bins=16, lr=1.0, min_child_weight=0.0)
-    silos = FlowerSilos(fed, start(fed, "run3", params.bins, train), route_positions=np.arange(n))
+    silos = FlowerSilos(fed, start(fed, "run3", params.bins, train, trees=params.trees,
+                                   depth=params.depth), route_positions=np.arange(n))
     fitted = fit(silos, y[train], 0.0, params)
     bits = route(fitted.model, silos)
     kept, curve = keep_best(fitted, bits, val, y)
@@ -302,7 +304,7 @@ def test_silo_handlers_refuse_malformed_requests(federation) -> None:
     announce_run(grid, "run2")
     with pytest.raises(FederationError, match="binning must be one of"):
         start(fed, "run2", 8, np.arange(20), binning="median")
-    start(fed, "run2", 8, np.arange(20))
+    start(fed, "run2", 8, np.arange(20), trees=1, depth=1)
     silos = FlowerSilos(fed, dict.fromkeys(fed.silos, 1))
     name = fed.silos[0]
     with pytest.raises(FederationError, match="split outside"):
@@ -343,10 +345,11 @@ def refused(reply: Message, *needles: str) -> str:
     return reply.error.reason
 
 
-def tree_start(run: str, positions: np.ndarray, binning: str = "uniform", bins: int = 32
-               ) -> RecordDict:
-    return m.make_content({"run": run, "bins": bins, "binning": binning},
-                          positions=positions.astype(np.int64))
+def tree_start(run: str, positions: np.ndarray, binning: str = "uniform", bins: int = 32,
+               trees: int = 4, depth: int = 3) -> RecordDict:
+    """A `query.gbdt_start` (the trees and depth a SecureBoost run announces ride on it)."""
+    return m.make_content({"run": run, "bins": bins, "binning": binning, "trees": trees,
+                           "depth": depth}, positions=positions.astype(np.int64))
 
 
 def level_request(tree: int, groups: list[np.ndarray], rows: int) -> RecordDict:
@@ -382,7 +385,8 @@ def test_quantile_bins_in_a_dp_run_are_refused(federation, monkeypatch) -> None:
     route_mid = m.make_content(features=np.array([0], dtype=np.int64),
                                bins=np.array([15], dtype=np.int64), positions=train)
     with monkeypatch.context() as old:  # the mechanism: a silo that takes binning on its word
-        old.setattr(run_checks, "check_tree_start", lambda node, run, binning: None)
+        old.setattr(run_checks, "check_tree_start",
+                    lambda node, run, binning: run_checks.pinned(node)[1])
         assert not ask(grid, 1, msg.START, tree_start("dpquant", train, "quantile")).has_error()
         left = np.unpackbits(m.get_array(ask(grid, 1, msg.ROUTE, route_mid), "left", np.uint8,
                                          2), axis=1)[0, :len(train)]
@@ -409,8 +413,10 @@ def test_secureboost_requests_in_a_dp_run_are_refused(federation, monkeypatch) -
                            features=np.array([0], dtype=np.int64),
                            bins=np.array([15], dtype=np.int64), rows=np.arange(n, dtype=np.int64),
                            sizes=np.array([n], dtype=np.int64))
-    with monkeypatch.context() as old:  # the mechanism: no mode check
+    with monkeypatch.context() as old:  # the mechanism: no mode check (nor the trees' caps)
         old.setattr(run_checks, "check_request", lambda node, message_type: RunMode("gbdt"))
+        old.setattr(tree_caps, "check_level", lambda *a: None)
+        old.setattr(tree_caps, "check_split", lambda *a: None)
         counts = m.get_array(ask(grid, 1, msg.LEVEL, level), "h", np.float64, 3)[0]
         exact = Binning(32).apply(xs["payments"])
         np.testing.assert_array_equal(counts[0], np.bincount(exact[:, 0], minlength=32))
@@ -440,9 +446,11 @@ def test_tree_aggregates_over_a_few_people_are_refused(federation, policy, monke
     announce_run(grid, "fewpeople")
     assert not ask(grid, 1, msg.START, tree_start("fewpeople", np.arange(n))).has_error()
     one = level_request(0, [np.array([5])], n)
-    # The mechanism: a silo that allows groups of one.
+    # The mechanism: a silo that allows groups of one (and no caps: a root of one person).
     policy(min_group=1, require_secure_sum=False)
-    h = m.get_array(ask(grid, 1, msg.LEVEL, one), "h", np.float64, 3)[0]
+    with monkeypatch.context() as old:
+        old.setattr(tree_caps, "check_level", lambda *a: None)
+        h = m.get_array(ask(grid, 1, msg.LEVEL, one), "h", np.float64, 3)[0]
     np.testing.assert_array_equal(h.argmax(axis=1), Binning(32).apply(xs["payments"])[5])
     assert (h.sum(axis=1) == 1).all()
     # The default minimum group of 100 distinct people.
@@ -457,8 +465,8 @@ def test_tree_aggregates_over_a_few_people_are_refused(federation, policy, monke
     refused(ask(grid, 1, msg.SPLIT, split), "partition of node 3 over 1 distinct people")
     refused(ask(grid, 1, msg.START, tree_start("fewpeople", np.arange(3))),
             "the training positions over 3 distinct people")
-    # Nodes of at least 100 people are answered.
-    assert not ask(grid, 1, msg.LEVEL, level_request(0, [np.arange(100)], n)).has_error()
+    # Nodes of at least 100 people are answered (the root: every training row).
+    assert not ask(grid, 1, msg.LEVEL, level_request(0, [np.arange(n)], n)).has_error()
 
 
 class _SizeTap(GbdtSilo):

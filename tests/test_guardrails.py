@@ -15,6 +15,7 @@ import pytest
 from server.config import ConfigError, PrivacyConfig
 from server.dp_guardrails import Sampling, sampling_guardrails
 from server.privacy import PrivacyPlan
+from server.run_plan import run_guardrails
 from simulations.run.config import check_guardrails, make_config
 from tests.conftest import run_cli
 
@@ -77,7 +78,9 @@ def test_the_plan_reports_its_noise_and_the_summary_carries_every_guardrail():
         noise = next(g.message for g in found if g.check == "noise")
         assert f"noise multiplier {plan.joint_sigma:.2f} joint" in noise
         assert plan.joint_sigma > 10
-        assert plan.summary()["guardrails"] == [g.as_dict() for g in found]
+        # The run records them (server/run_plan.py `run_guardrails`), not the plan's summary.
+        assert run_guardrails(make_config({}).authority, plan, np.zeros(700)) == found
+        assert "guardrails" not in plan.summary()
     finally:
         plan.close()
     # The advised batch for the issue's case: 88 steps, but sigma / batch = 0.088 (measured:
@@ -180,11 +183,12 @@ def test_the_issue_case_is_refused_with_fixes_that_pass_the_rule():
     cfg = _tree_cfg()
     (found,) = before_training(cfg, People(n_train=2102, positive_rate=0.065))
     assert (found.check, found.level) == ("tree_hessian", "refuse")
-    assert found.message.startswith("hessian mass 32.1 at the root (2,102 people in training")
+    # The figures follow the default rate: the operator's console only (`detail`).
+    assert found.detail.startswith("hessian mass 32.1 at the root (2,102 people in training")
     assert "AUC 0.5" in found.message
-    assert "use gbdt.min_child_weight=8," in found.message
-    assert "privacy.label_epsilon=3.5" in found.message
-    assert "about 5,300 people in training" in found.message
+    assert "use gbdt.min_child_weight=8," in found.detail
+    assert "privacy.label_epsilon=3.5" in found.detail
+    assert "about 5,300 people in training" in found.detail
     # Each advice leaves no guardrail (four times min_child_weight of expected mass, and two
     # times at a rate estimated two standard errors low).
     assert rr_tree_guardrails(2102, 0.065, 2.0, 8.0) == []
@@ -201,8 +205,8 @@ def test_a_rate_the_run_may_underestimate_is_warned_about():
     assert low_rate(7002, 0.06, 1.0) == pytest.approx(0.036, abs=5e-4)
     (found,) = rr_tree_guardrails(7002, 0.06, 1.0, 5.0)
     assert found.level == "warn"
-    assert "at 3.6% (2 standard errors low) the mass would be 9.0" in found.message
-    assert "use gbdt.min_child_weight=4.5," in found.message
+    assert "at 3.6% (2 standard errors low) the mass would be 9.0" in found.detail
+    assert "use gbdt.min_child_weight=4.5," in found.detail
     assert rr_tree_guardrails(7002, 0.06, 1.0, 4.5) == []
 
 
@@ -238,7 +242,9 @@ def test_the_pre_engine_check_refuses_trees_and_only_warns_when_asked(caplog):
                          "privacy.guardrails": "warn"})
     with caplog.at_level("WARNING"):
         check_guardrails(asked, 3000, "x", 0.065)
-    assert "privacy guardrail (tree_hessian, refuse): hessian mass" in caplog.text
+    # The authority logs and records them on its exact people (`run_guardrails`), without
+    # the rate; the pre-engine check only refuses.
+    assert "privacy guardrail" not in caplog.text
 
 
 @pytest.mark.parametrize(("kind", "n_train", "epsilon", "warned"), [
@@ -272,3 +278,60 @@ def test_data_check_says_what_the_tree_guardrail_would(tmp_path: Path):
     out = " ".join(proc.stdout.split())
     assert "privacy guardrail (tree_hessian, refuse): hessian mass" in out
     assert "model.kind=gbdt" in out
+
+
+# ---- no label statistic in what a run logs or records; every model's in metrics.json --------
+
+
+@pytest.mark.parametrize("keys", [
+    {"model.kind": "gbdt", "privacy.epsilon": "inf"},  # SecureBoost on RR labels (label eps 2)
+    {"model.kind": "gbdt", "privacy.epsilon": "1"},
+    {"model.kind": "scorecard", "privacy.epsilon": "1"},
+    {"train.epochs": "2"},  # the MLP under DP-SGD
+])
+def test_a_private_runs_guardrail_messages_carry_no_label_statistic(keys):
+    """Stop 34's review: the trees' rule logged the authority's exact default rate (to 0.1 %)
+    in a run whose labels are under DP. What a run logs and records (`message`, `as_dict`)
+    is now the same whatever the rate; the figures stay in `detail` (the operator's console:
+    a refusal before the engine, `fedscore data check`)."""
+    from server.guardrails import People, before_training
+
+    cfg = make_config(keys).authority
+    said = [before_training(cfg, People(n_train=2102, positive_rate=rate))
+            for rate in (0.065, 0.07)]
+    assert said[0], "each of these configurations has a guardrail on 2,102 people"
+    assert [g.as_dict() for g in said[0]] == [g.as_dict() for g in said[1]]
+    assert all("%" not in g.message and "detail" not in g.as_dict() for g in said[0])
+    if keys.get("model.kind") == "gbdt" and keys.get("privacy.epsilon") == "inf":
+        assert "6.5%" in said[0][0].detail
+        assert "7.0%" in said[1][0].detail
+
+
+def test_the_run_records_the_trees_guardrails_as_the_mlps(monkeypatch):
+    """Trees' and scorecards' guardrails reached the log and `fedscore data check` only: the
+    authority now judges every model on its exact training people and authority.json (and
+    from it metrics.json, simulations/run/finish_vertical.py) carries them under the MLP's
+    key `guardrails`, messages only."""
+    from types import SimpleNamespace
+
+    from server import run_results
+
+    cfg = make_config({"model.kind": "gbdt", "privacy.epsilon": "inf"}).authority
+    idle = PrivacyPlan(PrivacyConfig(epsilon=float("inf")), ("a", "b"), 2102, 2048, 1, None)
+    y = np.zeros(2102)
+    y[:137] = 1  # 6.5 % defaults: 32 of hessian at the root, under 2 x 20
+    found = run_guardrails(cfg, idle, y)
+    idle.close()
+    assert [(g.check, g.level) for g in found] == [("tree_hessian", "refuse")]
+    monkeypatch.setattr(run_results, "_model_metrics", lambda *a: {})
+    monkeypatch.setattr(run_results, "_people", lambda *a: {})
+    result = SimpleNamespace(steps=0, stopped_by_cap=False, history=[], kept=None,
+                             round_trips=1, silo_seconds={})
+    out = run_results.results(
+        SimpleNamespace(cfg=cfg), None,
+        SimpleNamespace(inputs={}, reasons=0, guardrails=tuple(found)),
+        SimpleNamespace(result=result, privacy_summary=idle.summary()),
+        SimpleNamespace(ref_hash="0"), False, {})
+    assert out["guardrails"] == [{"check": "tree_hessian", "level": "refuse",
+                                  "message": found[0].message}]
+    assert "%" not in json.dumps(out["guardrails"])

@@ -508,7 +508,8 @@ def test_a_run_key_keeps_the_mode_it_was_announced_with(grid: AppGrid, monkeypat
     name. The silo holds the run key to its first announcement."""
     _policy(grid.root, "payments", require_secure_sum=False)
     dp, plain = _align("rund", kind="gbdt", epsilon=1.0), _align("rund", kind="gbdt")
-    quantile = m.make_content({"run": "rund", "bins": 32, "binning": "quantile"},
+    quantile = m.make_content({"run": "rund", "bins": 32, "binning": "quantile", "trees": 2,
+                               "depth": 2},
                               positions=np.arange(PEOPLE, dtype=np.int64))
     assert not grid.send("payments", m.ALIGN, dp).has_error()
     with monkeypatch.context() as old:  # the mechanism: a silo that pins nothing per run key

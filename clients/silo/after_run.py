@@ -13,7 +13,7 @@ from flwr.app import Message
 
 from clients.node import Node
 from clients.protocol import messages as m
-from clients.silo import corrections
+from clients.silo import corrections, run_checks
 from clients.silo.cohorts import load_cohort
 from clients.silo.data import SiloMatrix
 from clients.silo.drift import psi
@@ -66,6 +66,7 @@ def score(msg: Message, node: Node) -> Message:
     with `drift`, the population stability index of the silo's points against its
     contributions on the current records."""
     t0 = time.perf_counter()
+    run_checks.check_request(node, m.SCORE)  # an MLP run's: the pinned kind, not the request's
     cfg = m.get_config(msg)
     request = str(cfg.get("request", ""))
     if not request.isalnum() or len(request) > 64:

@@ -23,7 +23,9 @@ positions (clients/silo/gbdt.py `Binning`): the edges, like every threshold, nev
 Before answering, each handler checks the run's mode as announced with `query.align` and
 pinned by the silo (clients/silo/run_checks.py: the start must name the announced run key; a
 DP run gets uniform bins and routing only, never SecureBoost's histograms or partitions) and
-the silo's policy (`min_group` over the training positions and over each node's rows).
+the silo's policy (`min_group` over the training positions and over each node's rows), and,
+in a SecureBoost run, the trees and depth its start announced (clients/silo/tree_caps.py: each
+tree once, sums and partitions only of nodes the silo can place, over their own rows).
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ from clients.protocol.gbdt import (
 )
 from clients.protocol.reasons import MAX_REASONS, feature_groups
 from clients.protocol.run_mode import RunMode
-from clients.silo import run_checks
+from clients.silo import run_checks, tree_caps
 from clients.silo.explain import features_of
 from clients.silo.gbdt import BINNINGS, MAX_BINS, Binning, GbdtSilo
 from clients.silo.registry import handlers
@@ -80,7 +82,9 @@ def start(msg: Message, node: Node) -> Message:
         raise m.ProtocolError(f"binning must be one of {', '.join(BINNINGS)}")
     if "align" not in node.state:
         raise m.ProtocolError("no alignment yet: the authority must send query.align first")
-    run_checks.check_tree_start(node, run, binning)
+    mode = run_checks.check_tree_start(node, run, binning)
+    if mode.kind == "gbdt" and not mode.private:  # SecureBoost: its trees bound its answers
+        tree_caps.announce(node, run, cfg)
     positions = m.get_array(msg, "positions", np.int64, 1)
     if len(np.unique(positions)) != len(positions):
         raise m.ProtocolError("the training positions name one position twice")
@@ -90,8 +94,9 @@ def start(msg: Message, node: Node) -> Message:
     node.state["gbdt"] = ConfigRecord({"run": run, "bins": bins, "units": units,
                                        "binning": binning, "tree": -1})
     node.state["gbdt_rows"] = m.arrays(positions=positions)
-    if "gbdt_grad" in node.state:
-        del node.state["gbdt_grad"]
+    for held in ("gbdt_grad", tree_caps.KNOWN, tree_caps.NODES):
+        if held in node.state:
+            del node.state[held]
     return Message(m.make_content({"features": _silo(node).features}), reply_to=msg)
 
 
@@ -104,22 +109,25 @@ def level(msg: Message, node: Node) -> Message:
     cfg = m.get_config(msg)
     tree = m.config_int(cfg, "tree")
     silo = _silo(node)
+    nodes = m.get_array(msg, "nodes", np.int64, 1)
+    groups = _groups(msg, len(nodes), silo.rows)
+    _check_level(node, mode, nodes, groups, silo.rows)
     g = m.get_array(msg, "g", np.float64, 1, required=False)
     if g is not None:
         h = m.get_array(msg, "h", np.float64, 1)
         with refused_as_protocol_errors():
             silo.gradients(Gradients(tree=tree, g=g, h=h))  # checks one value per row
-        node.state["gbdt_grad"] = m.arrays(g=g, h=h)
-        m.config_record(node.state, "gbdt")["tree"] = tree
     elif (m.config_int(m.config_record(node.state, "gbdt"), "tree") != tree
           or "gbdt_grad" not in node.state):
         raise m.ProtocolError(f"no gradients for tree {tree}")
+    if mode.kind == "gbdt":  # SecureBoost: trees and nodes within what was announced
+        tree_caps.check_level(node, _run(node), tree, g is not None, nodes, groups, silo.rows)
+    if g is not None:
+        node.state["gbdt_grad"] = m.arrays(g=g, h=h)
+        m.config_record(node.state, "gbdt")["tree"] = tree
     else:
         held = m.array_record(node.state, "gbdt_grad")
         silo.gradients(Gradients(tree=tree, g=held["g"].numpy(), h=held["h"].numpy()))
-    nodes = m.get_array(msg, "nodes", np.int64, 1)
-    groups = _groups(msg, len(nodes), silo.rows)
-    _check_level(node, mode, nodes, groups, silo.rows)
     request = HistogramRequest(tree=tree, nodes=tuple(
         NodeRows(node=int(n), rows=r) for n, r in zip(nodes, groups, strict=True)))
     with refused_as_protocol_errors():
@@ -153,6 +161,8 @@ def split(msg: Message, node: Node) -> Message:
         with refused_as_protocol_errors():
             lefts.append(silo.split(SplitRequest(tree=tree, node=int(n), feature=int(feature),
                                                  bin=int(bin_), rows=rows)).left)
+    # Checked once the request is well formed (its features and bins), before any bit leaves.
+    tree_caps.check_split(node, _run(node), tree, nodes, groups, lefts)
     left = np.concatenate(lefts) if lefts else np.zeros(0, dtype=bool)
     content = m.make_content({"tree": tree, "seconds": time.perf_counter() - t0}, nodes=nodes,
                              left=np.packbits(left))
@@ -224,6 +234,11 @@ def bins_and_units(node: Node) -> tuple[int, float]:
     """The run's bins and units (units absent from a state written before they existed)."""
     cfg = m.config_record(node.state, "gbdt")
     return m.config_int(cfg, "bins"), float(cfg.get("units", STANDARD_UNITS))  # type: ignore[arg-type]
+
+
+def _run(node: Node) -> str:
+    """The run key of the trees' start."""
+    return str(m.config_record(node.state, "gbdt")["run"])
 
 
 def _silo(node: Node) -> GbdtSilo:

@@ -6,8 +6,8 @@ request of the run is checked here against the pinned mode, not against what the
 says of itself:
 
 - each message belongs to some kinds of run (`REQUESTS`): a DP tree run, whose announced
-  MLP spec has no DP-SGD noise, must not be answered `train.step` contributions; a scorecard
-  run asks root histograms only;
+  MLP spec has no DP-SGD noise, must not be answered `train.step` contributions, nor
+  `query.score` ones; a scorecard run asks root histograms only;
 - a request only a non-private run makes is refused in a run announced at a finite epsilon:
   the SecureBoost trees' histograms and splits choose thresholds on the data, the
   scorecard's training logits have no DP version, and quantile bins put data-dependent
@@ -58,6 +58,9 @@ REQUESTS: dict[str, dict[str, str]] = {
     WOE: {"scorecard": ANY},  # the released WoE tables, DP ones in a DP run
     LOGITS: {"scorecard": NON_PRIVATE},  # training rows' partial logits: no DP version
     SCORE: {"scorecard": ANY},
+    # Contributions of the MLP's bottom model: a tree or scorecard run has trained none, and
+    # its announced spec has no DP noise (the untrained model's exact outputs, every person).
+    m.SCORE: {"mlp": ANY},
 }
 
 

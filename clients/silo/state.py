@@ -236,6 +236,19 @@ def silo_journal(node: Node) -> Journal:
     return Journal(directory / JOURNAL_FILE.format(tag=tag))
 
 
+RUN_JOURNAL_FILE = "run-answers.log"
+
+
+def run_journal(node: Node) -> Journal:
+    """What this silo answered once per RUN, whatever masking key: the contribution summary.
+    A re-align under secure sum makes a new masking key and so a new `silo_journal`; the
+    summary's count must not start again with it (a second summary, over a group one person
+    apart, is that person's contribution outside the run's accounting)."""
+    directory = checkpoint_dir(node, str(node.state["model"]["run"]))
+    directory.mkdir(parents=True, exist_ok=True)
+    return Journal(directory / RUN_JOURNAL_FILE)
+
+
 def reply_digest(reply: RecordDict) -> bytes:
     return m.content_digest(reply, skip=("seconds",))
 

@@ -31,6 +31,7 @@ from clients.silo.state import (
     RefusedError,
     reply_digest,
     rows_at,
+    run_journal,
     save_round,
     save_trainer,
     silo_journal,
@@ -69,7 +70,7 @@ def step(msg: Message, node: Node) -> Message:
     _check_step_policy(msg, config, silo_policy(node))
     summary = _asks_summary(msg, config)
     if summary:
-        _check_one_summary(journal, binding)
+        _check_one_summary(run_journal(node), binding)
     repeated = _repeated_step(msg, node.context)
     if repeated is not None:
         return repeated
@@ -86,7 +87,7 @@ def step(msg: Message, node: Node) -> Message:
     # corrupts the reply after that, as a faulty transport or a bug would.
     journal.record("step", round_, binding, reply_digest(m.make_content(reply_config, **out)))
     if summary:
-        _record_summary(journal, binding)
+        _record_summary(run_journal(node), binding)
     _maybe_misbehave(silo_name(node), round_, out)
     reply_config["seconds"] = time.perf_counter() - t0
     reply = m.make_content(reply_config, **out)
@@ -184,10 +185,11 @@ def _asks_summary(msg: Message, config: dict) -> bool:
 
 
 def _check_one_summary(journal: Journal, binding: bytes) -> None:
-    """One contribution summary per run (per journal: per masking key), as the authority's
-    accountant counts it: each summary is a Gaussian release, and two over groups one person
-    apart differ by that person's contribution with only their noise to hide it. The step
-    that got the summary may be sent again (a lost reply); no other step gets one."""
+    """One contribution summary per run (the run's journal, kept across re-aligns and their
+    new masking keys), as the authority's accountant counts it: each summary is a Gaussian
+    release, and two over groups one person apart differ by that person's contribution with
+    only their noise to hide it. The step that got the summary may be sent again (a lost
+    reply); no other step gets one."""
     seen = journal.entries.get((SUMMARY, "run"))
     if seen is not None and seen[0] != binding.hex():
         raise RefusedError("a contribution summary was answered already in this run; this "

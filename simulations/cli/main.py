@@ -265,7 +265,7 @@ def _print_data_guardrails(args: argparse.Namespace, people: int | None,
     for guardrail in found:
         colour = "red" if guardrail.level == "refuse" else "yellow"
         out.print(f"[{colour}]privacy guardrail ({guardrail.check}, {guardrail.level}):[/] "
-                  f"{guardrail.message}", soft_wrap=True, highlight=False)
+                  f"{guardrail.for_operator()}", soft_wrap=True, highlight=False)
     if found:
         out.print(f"(for about {n_train:,} people in training, model.kind="
                   f"{cfg.authority.model.kind}, privacy.epsilon="

@@ -129,25 +129,23 @@ def check_delta_reservation(cfg: ExperimentConfig, silos: tuple[str, ...]) -> No
 def check_guardrails(cfg: ExperimentConfig, people: int, source: str,
                      positive_rate: float | None = None) -> None:
     """Before the engine starts, refuse a configuration that cannot learn, whatever the model
-    (server/guardrails.py `before_training`, level "refuse"), unless privacy.guardrails=warn;
-    log the warnings of the models whose authority has no later plan to log them (the MLP's
-    come from its PrivacyPlan, which knows the exact N and the noise). N is bounded from above
-    as in `check_delta`: more people only means more steps or more hessian, so a configuration
-    refused here would be refused with the exact N too. `positive_rate`: the authority's
-    default rate, when its table was read (the trees on randomised labels need it)."""
+    (server/guardrails.py `before_training`, level "refuse"), unless privacy.guardrails=warn.
+    The warnings are the authority's to log and record (server/run_plan.py `run_guardrails`,
+    on its exact training people), as a refusal's figures are the operator's: the error
+    carries them (`Guardrail.for_operator`), and a refused run writes nothing. N is bounded
+    from above as in `check_delta`: more people only means more steps or more hessian, so a
+    configuration refused here would be refused with the exact N too. `positive_rate`: the
+    authority's default rate, when its table was read (the trees on randomised labels need
+    it)."""
     if people < 1:
         return
     n_max = most_in_training(cfg, people)
     found = before_training(cfg.authority, People(n_train=n_max, positive_rate=positive_rate))
     refused = [g for g in found if g.level == "refuse"]
     if refused and cfg.authority.privacy.guardrails != "warn":
-        reasons = "; ".join(g.message for g in refused)
+        reasons = "; ".join(g.for_operator() for g in refused)
         raise ConfigError(f"this configuration cannot learn ({source}: {people:,} people): "
                           f"{reasons}. To run it anyway: --set privacy.guardrails=warn")
-    if cfg.authority.model.kind != "mlp":
-        for guardrail in found:
-            log.warning("privacy guardrail (%s, %s): %s", guardrail.check, guardrail.level,
-                        guardrail.message)
 
 
 # What each key does, in one line, for `fedscore config`: the one place these words live (the

@@ -143,8 +143,8 @@ def _outcome(run: Run, done: dict[str, BaselineResult], oracle: float | None,
                                            if "payments" in alone else None),
             # Each baseline's own training time; they may have run side by side.
             "baseline_seconds": {name: round(r.seconds, 3) for name, r in done.items()},
-            # Why the DP configuration may not learn (server/privacy.py); absent before
-            # issue 20.
+            # Why the configuration may not learn, any model (server/run_plan.py
+            # `run_guardrails`; the MLP's only before stop 35, none before issue 20).
             "guardrails": authority.get("guardrails", []),
             # MLP runs: the epoch scored, and why (best validation loss without DP, last with
             # DP; server/training.py); absent before issue 20 item 5 and from tree runs.
