@@ -236,7 +236,8 @@ def silo_journal(node: Node) -> Journal:
     return Journal(directory / JOURNAL_FILE.format(tag=tag))
 
 
-RUN_JOURNAL_FILE = "run-answers.log"
+# Named as the per-key journals (answers-<tag>.log): digests only, plaintext at rest.
+RUN_JOURNAL_FILE = "answers-run.log"
 
 
 def run_journal(node: Node) -> Journal:
