@@ -52,7 +52,7 @@ from clients.protocol.gbdt import (
 )
 from clients.protocol.reasons import MAX_REASONS, feature_groups
 from clients.protocol.run_mode import RunMode
-from clients.silo import run_checks
+from clients.silo import kept_state, run_checks
 from clients.silo.explain import features_of
 from clients.silo.gbdt import BINNINGS, MAX_BINS, Binning, GbdtSilo
 from clients.silo.registry import handlers
@@ -92,7 +92,11 @@ def start(msg: Message, node: Node) -> Message:
     node.state["gbdt_rows"] = m.arrays(positions=positions)
     if "gbdt_grad" in node.state:
         del node.state["gbdt_grad"]
-    return Message(m.make_content({"features": _silo(node).features}), reply_to=msg)
+    if kept_state.EDGES in node.state:  # a resumed run's edges: not this start's
+        del node.state[kept_state.EDGES]
+    silo = _silo(node)
+    kept_state.keep_start(node, silo.binning)  # to score after the run (a new session)
+    return Message(m.make_content({"features": silo.features}), reply_to=msg)
 
 
 @handlers.train(LEVEL.removeprefix("train."))
@@ -168,7 +172,9 @@ def route(msg: Message, node: Node) -> Message:
     if "gbdt" not in node.state:
         raise m.ProtocolError("no trees yet: the authority must send query.gbdt_start first")
     bins, units = bins_and_units(node)
-    binning = _silo(node).binning  # the training positions' edges, kept in the silo
+    # The training positions' edges, kept in the silo: after the run, the run's own (kept on
+    # disk at the start), whatever corrections changed since in the training people's rows.
+    binning = kept_state.held_binning(node, bins) or _silo(node).binning
     features = m.get_array(msg, "features", np.int64, 1)
     split_bins = m.get_array(msg, "bins", np.int64, 1)
     positions = m.get_array(msg, "positions", np.int64, 1)
