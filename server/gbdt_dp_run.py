@@ -183,8 +183,13 @@ def plan_budget(cfg: AuthorityConfig, silos: tuple[str, ...], n_train: int,
         else:
             release = gbdt_dp.plan_noise(params, epsilon_=target, delta=deltas.accountant,
                                          prefix=prefix)
+        # A tune's run (privacy.selection_noise) releases a noisy validation score after
+        # the calibration, on the same people: the calibration leaves it room, as
+        # PrivacyPlan's does for the MLP, so the run's validation epsilon stays in its target.
+        before = (add_steps(prefix, privacy.selection_noise, 1.0, 1)
+                  if privacy.selection_noise else prefix)
         sigma = calibrate_sigma(target, deltas.accountant, 1.0, CALIBRATION_STEPS,
-                                privacy.accountant, prefix=prefix)
+                                privacy.accountant, prefix=before)
     except ValueError as exc:
         model = "the DP scorecard" if card else "the DP trees"
         raise ConfigError(f"privacy.epsilon={privacy.epsilon} is too small for {model}: "
