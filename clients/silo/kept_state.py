@@ -22,6 +22,7 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 from flwr.app import ConfigRecord
@@ -88,7 +89,8 @@ def held_binning(node: Node, bins: int) -> Binning | None:
 
 def _npz(**arrays: np.ndarray) -> bytes:
     buf = io.BytesIO()
-    np.savez(buf, **arrays)
+    # numpy's stubs type **kwds as if one could be allow_pickle; these are all arrays.
+    np.savez(buf, **cast(dict[str, Any], arrays))
     return buf.getvalue()
 
 
