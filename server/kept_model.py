@@ -97,7 +97,8 @@ def trees_of(record: dict) -> tuple[list[gbdt.Tree], list[np.ndarray]]:
     trees, values = [], []
     for saved in record["trees"]:
         value = np.asarray(saved["values"], dtype=np.float64)
-        splits = {int(n): gbdt.Split(silo=str(s), feature=int(f), bin=int(b)) for n, s, f, b in saved["splits"]}
+        splits = {int(n): gbdt.Split(silo=str(s), feature=int(f), bin=int(b))
+                  for n, s, f, b in saved["splits"]}
         leaves = _leaves(splits, len(value))
         trees.append(gbdt.Tree(splits=splits, leaves={n: float(value[n]) for n in leaves}))
         values.append(value)
