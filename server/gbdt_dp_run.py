@@ -50,10 +50,17 @@ from server.delta_budget import DeltaSplit, OutsideRelease, releases_outside_sgd
 from server.federation import Federation
 from server.gbdt import Model
 from server.gbdt_boost import depth_of, shared_settings
-from server.gbdt_reasons import ExplainedSilos, consent_and_names, dp_credits, settle
+from server.gbdt_reasons import (
+    ExplainedSilos,
+    consent_and_names,
+    dp_credits,
+    dp_values,
+    settle,
+)
 from server.gbdt_run import TreeJob
 from server.gbdt_scores import HISTORY_POINTS, history_row
 from server.gbdt_silos import FlowerSilos, start
+from server.kept_model import tree_record
 from server.ledger import Ledger
 from server.ledger_lines import GaussianRelease
 from server.privacy import AUTHORITY, CALIBRATION_STEPS
@@ -176,8 +183,13 @@ def plan_budget(cfg: AuthorityConfig, silos: tuple[str, ...], n_train: int,
         else:
             release = gbdt_dp.plan_noise(params, epsilon_=target, delta=deltas.accountant,
                                          prefix=prefix)
+        # A tune's run (privacy.selection_noise) releases a noisy validation score after
+        # the calibration, on the same people: the calibration leaves it room, as
+        # PrivacyPlan's does for the MLP, so the run's validation epsilon stays in its target.
+        before = (add_steps(prefix, privacy.selection_noise, 1.0, 1)
+                  if privacy.selection_noise else prefix)
         sigma = calibrate_sigma(target, deltas.accountant, 1.0, CALIBRATION_STEPS,
-                                privacy.accountant, prefix=prefix)
+                                privacy.accountant, prefix=before)
     except ValueError as exc:
         model = "the DP scorecard" if card else "the DP trees"
         raise ConfigError(f"privacy.epsilon={privacy.epsilon} is too small for {model}: "
@@ -323,7 +335,9 @@ def train_and_calibrate(job: TreeJob, phases: run_phases.PhaseTimer, ledger: Led
         bias=bias, logits=margin, history=history,
         round_trips=silos.round_trips + 1, steps=0,
         silo_seconds={s: round(v, 3) for s, v in silos.silo_seconds.items()},
-        explained=settle(names, credits, reasons))
+        explained=settle(names, credits, reasons),
+        kept_model=tree_record(trees.model.base_margin, trees.model.trees,
+                               dp_values(trees, params), features, names))
     return result, platt or scoring.Platt(), summary(budget, platt is not None)
 
 

@@ -219,11 +219,19 @@ def dp_credits(trees: gbdt_dp.DpTrees, params: gbdt_dp.DpTreeParams, leaf: np.nd
     bias = trees.model.base_margin
     offset = 2**params.depth - 1
     used = trees.leaves(leaf)  # each tree's own structure's leaves (structure reuse)
-    for t, tree in enumerate(trees.model.trees):
-        values = released_values(leaf_array(tree, params.depth), trees.sums[t], params)
+    for t, (tree, values) in enumerate(zip(trees.model.trees, dp_values(trees, params),
+                                           strict=True)):
         bias += float(values[0])
         credits.add(tree, values, offset + used[t].astype(np.int64))
     return credits, bias
+
+
+def dp_values(trees: gbdt_dp.DpTrees, params: gbdt_dp.DpTreeParams) -> list[np.ndarray]:
+    """Every DP tree's node values by heap index (`released_values`)."""
+    if len(trees.sums) != len(trees.model.trees):
+        raise ValueError("the DP trees carry no released leaf sums")
+    return [released_values(leaf_array(tree, params.depth), trees.sums[t], params)
+            for t, tree in enumerate(trees.model.trees)]
 
 
 def explained(credits: Credits, names: Mapping[str, FeatureNames], k: int

@@ -38,6 +38,7 @@ from server.gbdt_boost import fit, params_of
 from server.gbdt_reasons import ExplainedSilos, consent_and_names, settle
 from server.gbdt_scores import contribution_summary, keep_best, route, score
 from server.gbdt_silos import start
+from server.kept_model import tree_record
 from server.label_dp import flip_probability
 from server.training import TrainResult
 
@@ -108,7 +109,9 @@ def train_and_calibrate(job: TreeJob, phases: run_phases.PhaseTimer, reasons: in
         round_trips=silos.round_trips + 1, steps=0,
         silo_seconds={s: round(v, 3) for s, v in silos.silo_seconds.items()},
         contributions={s: contribution_summary(v) for s, v in scored.contributions.items()},
-        explained=settle(names, scored.credits, reasons))
+        explained=settle(names, scored.credits, reasons),
+        kept_model=tree_record(kept.model.base_margin, kept.model.trees, scored.values,
+                               features, names))
     return result, calibrate
 
 

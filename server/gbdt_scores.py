@@ -73,6 +73,7 @@ class Scored:
     contributions: dict[str, np.ndarray]  # per silo, per person: margin moved by its splits
     history: list[dict]
     credits: Credits  # the same per (silo, column): what the reason codes rank
+    values: tuple[np.ndarray, ...] = ()  # per tree, every node's value by heap index
 
 
 def score(fitted: Fitted, bits: Bits, rows: int, train: np.ndarray, val: np.ndarray,
@@ -92,17 +93,19 @@ def score(fitted: Fitted, bits: Bits, rows: int, train: np.ndarray, val: np.ndar
     credits = Credits(widths, rows)
     every = max(1, len(model.trees) // HISTORY_POINTS)
     history, t0 = [], time.perf_counter()
+    kept: list[np.ndarray] = []
     for t, tree in enumerate(model.trees):
         leaf = leaf_positions(tree, t, bits, rows)
         values = node_values(tree, leaf[train], *fitted.grads[t], model.params)
         bias += values[0]
-        credits.add(tree, heap_values(tree, values), leaf)
+        kept.append(heap_values(tree, values))
+        credits.add(tree, kept[-1], leaf)
         table = np.zeros(max(tree.leaves) + 1)
         table[list(tree.leaves)] = list(tree.leaves.values())
         margin += table[leaf]
         if (t + 1) % every == 0 or t + 1 == len(model.trees):
             history.append(history_row(margin[val], y[val], t + 1, t0))
-    return Scored(margin, bias, credits.contributions(), history, credits)
+    return Scored(margin, bias, credits.contributions(), history, credits, tuple(kept))
 
 
 def keep_best(fitted: Fitted, bits: Bits, val: np.ndarray, y: np.ndarray

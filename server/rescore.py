@@ -21,10 +21,11 @@ import numpy as np
 import pandas as pd
 
 from clients.protocol import messages as m
-from server import explanations, scoring
+from server import explanations, rescore_kept, scoring
 from server.config import AuthorityConfig
 from server.config_keys import parse_flat
 from server.federation import Federation, FederationError
+from server.kept_model import KINDS, KeptModelError, read_kept
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +45,13 @@ class Scorer:
     final_round: int
     reasons: int
     positions: int
+    kept: dict | None = None  # a tree or scorecard run's model (server/kept_model.py)
 
     @classmethod
-    def from_run(cls, run_dir: Path, ignore: tuple[str, ...] = ()) -> Scorer:
+    def from_run(cls, run_dir: Path, ignore: tuple[str, ...] = (),
+                 keystore: Path | None = None) -> Scorer:
+        """`keystore`: the one the run wrote its files with (a tree or scorecard run's kept
+        model is encrypted with it)."""
         path = run_dir / "authority.json"
         if not path.exists():
             raise RescoreError(f"{run_dir} has no authority.json: the run did not finish; "
@@ -56,9 +61,20 @@ class Scorer:
             raise RescoreError(f"{run_dir} was made by an older fedscore that did not keep what "
                                "re-scoring needs; run it again")
         cfg = parse_flat(AuthorityConfig, info["config"], ignore=ignore)
-        if cfg.model.kind != "mlp":
-            raise RescoreError(f"re-scoring a model.kind={cfg.model.kind} run is not built yet "
-                               "(its people are scored once, in the run); use an MLP run")
+        model = info["model"]
+        if cfg.model.kind in KINDS:  # trees, scorecard: the authority's kept model
+            if cfg.topology != "vertical":
+                raise RescoreError(f"re-scoring a horizontal model.kind={cfg.model.kind} run is "
+                                   "not built")
+            try:
+                kept = read_kept(run_dir, keystore, cfg.model.kind)
+            except KeptModelError as exc:
+                raise RescoreError(str(exc)) from None
+            # The silos keep no rounds of a tree or scorecard run: round 0 (the alignment,
+            # the pinned mode) and the run's kept start and tables (clients/silo/kept_state.py).
+            return cls(cfg, float(model["bias"]), scoring.Platt.from_json(info["calibration"]),
+                       str(model["run_key"]), 0, int(model["reasons"]),
+                       int(info["people"]["aligned"]), kept)
         if cfg.aggregation.mode != "sum":
             raise RescoreError("re-scoring needs a run in aggregation.mode=sum; this run used "
                                f"{cfg.aggregation.mode!r}")
@@ -66,7 +82,6 @@ class Scorer:
             raise RescoreError("this run noised every released contribution (transcript DP); "
                                "scoring again would release more, which its accountant does not "
                                "cover. Score with a run without privacy.transcript_sigma")
-        model = info["model"]
         return cls(cfg, float(model["bias"]), scoring.Platt.from_json(info["calibration"]),
                    str(model["run_key"]), int(model["final_round"]), int(model["reasons"]),
                    int(info["people"]["aligned"]))
@@ -105,6 +120,8 @@ def score(fed: Federation, scorer: Scorer, positions: np.ndarray, cohort: str = 
     positions = np.asarray(positions, dtype=np.int64)
     _check_positions(scorer, positions)
     k = scorer.reasons if explain is None else explain
+    if scorer.kept is not None:
+        return _score_kept(fed, scorer, positions, k, cohort, drift)
     config = {"request": secrets.token_hex(8), "explain": k, "cohort": cohort, "drift": drift}
     t0 = time.perf_counter()
     replies = fed.broadcast(m.SCORE, m.make_content(config, positions=positions))
@@ -127,6 +144,35 @@ def score(fed: Federation, scorer: Scorer, positions: np.ndarray, cohort: str = 
             explained, scorer.bias, scorer.calibrate, scorer.cfg.score, k)], axis=1)
     psi = {s: float(m.get_config(r)["drift.psi"]) for s, r in replies.items()} if drift else {}
     return Scored(positions, frame, seconds, psi)
+
+
+def _score_kept(fed: Federation, scorer: Scorer, positions: np.ndarray, k: int, cohort: str,
+                drift: bool) -> Scored:
+    """A tree or scorecard run's scores (server/rescore_kept.py), turned into probabilities,
+    scores, tiers, points and reasons as the run did (server/run_results.py)."""
+    kind = scorer.cfg.model.kind
+    if cohort or drift:
+        raise RescoreError(f"scoring a later cohort or its drift is built for MLP runs only, "
+                           f"not model.kind={kind}")
+    assert scorer.kept is not None
+    t0 = time.perf_counter()
+    try:
+        if kind == "gbdt":
+            margin, why = rescore_kept.tree_margins(fed, scorer.kept, positions, k)
+        else:
+            margin, why = rescore_kept.scorecard_margins(fed, scorer.kept, positions, k)
+    except FederationError as exc:
+        raise FederationError(f"re-scoring failed: {exc}") from None
+    seconds = time.perf_counter() - t0
+    p = scorer.calibrate(margin)
+    points = scoring.to_score(p, scorer.cfg.score)
+    frame = pd.DataFrame({
+        "probability": p, "score": points,
+        "tier": pd.Categorical.from_codes(scoring.to_tier(points), scoring.TIER_KEYS)})
+    if k and why:
+        frame = pd.concat([frame, explanations.points_frame(
+            why, scorer.bias, scorer.calibrate, scorer.cfg.score, k)], axis=1)
+    return Scored(positions, frame, seconds)
 
 
 def _check_positions(scorer: Scorer, positions: np.ndarray) -> None:

@@ -22,6 +22,7 @@ from server import checkpoint, explanations, metrics, run_phases, scoring
 from server.config import AuthorityConfig
 from server.config_keys import to_flat
 from server.eligibility import ELIGIBLE
+from server.kept_model import write_kept
 from server.run_context import Plan, RunContext, Scored, Tables, Trained
 from server.run_keys import PEOPLE_KEYS
 from server.scores_file import PEPPER_FILE, gated, write_scores, write_split
@@ -58,6 +59,8 @@ def score_everyone(ctx: RunContext, tables: Tables, plan: Plan, trained: Trained
     scores = gated(scores, gate, eligible)
     write_scores(ctx.out_dir, scores, ctx.store, run.run_key)
     write_split(ctx.out_dir, plan.split.labels(len(run.authority_rows)), ctx.store, run.run_key)
+    if trained.result.kept_model:  # a tree or scorecard run: to score again after it
+        write_kept(ctx.out_dir, trained.result.kept_model, ctx.store, run.run_key)
     return Scored(p, tier, gate, eligible, ref_hash, why is not None)
 
 

@@ -42,6 +42,7 @@ from server.gbdt_dp_run import (
 )
 from server.gbdt_run import TreeJob
 from server.gbdt_silos import start
+from server.kept_model import scorecard_record
 from server.ledger import Ledger
 from server.scorecard import points
 from server.scorecard_run import UNITS, ScorecardSilos, calibrated, scorecard_history
@@ -111,7 +112,8 @@ def train_and_calibrate(job: TreeJob, phases: run_phases.PhaseTimer, ledger: Led
         bias=model.intercept, logits=margin, history=[history],
         round_trips=silos.round_trips + 1, steps=model.steps,
         silo_seconds={s: round(v, 3) for s, v in silos.silo_seconds.items()},
-        explained=explained)
+        explained=explained,
+        kept_model=scorecard_record(model.coef, model.intercept))
     return result, platt, summary(budget, platt is not None)
 
 

@@ -55,6 +55,7 @@ from server.federation import FederationError
 from server.gbdt_run import TreeJob
 from server.gbdt_scores import contribution_summary, history_row
 from server.gbdt_silos import FlowerSilos, start
+from server.kept_model import scorecard_record
 from server.label_dp import flip_probability
 from server.scorecard import ScorecardParams, Silos, VerticalScorecard, fit_scorecard, points
 from server.training import TrainResult
@@ -153,7 +154,8 @@ def train_and_calibrate(job: TreeJob, phases: run_phases.PhaseTimer, reasons: in
         round_trips=silos.round_trips + 1, steps=model.steps,
         silo_seconds={s: round(v, 3) for s, v in silos.silo_seconds.items()},
         contributions={s: contribution_summary(v) for s, v in partial.items()},
-        explained=explained)
+        explained=explained,
+        kept_model=scorecard_record(model.coef, model.intercept))
     return result, platt
 
 

@@ -73,6 +73,8 @@ class TrainResult:
     explained: dict[str, Explained] = field(default_factory=dict)
     # Which epoch's weights the result holds, and why (`kept_record`).
     kept: dict = field(default_factory=dict)
+    # A tree or scorecard run's model, to score again after the run (server/kept_model.py).
+    kept_model: dict = field(default_factory=dict)
 
 
 # A DP run's last validation loss this far above its best (relative) is worth a warning.

@@ -260,7 +260,7 @@ def test_the_lowest_noisy_loss_is_chosen_and_the_total_read_from_the_ledgers(tmp
     (["--epsilon", "2", "--set", "privacy.accountant=prv"], "RDP"),
     (["--epsilon", "2", "--set", "privacy.selection_noise=1"], "--score-noise"),
     (["--epsilon", "2", "--set", "storage.keystore=none"], "secret in its keystore"),
-    (["--epsilon", "2", "--set", "topology=horizontal"], "vertical MLP"),
+    (["--epsilon", "2", "--set", "topology=horizontal"], "vertical runs only"),
     (["--epsilon", "2", "--distribution", "poisson", "--mean-runs", "0"], "> 0"),
     (["--epsilon", "2", "--score-noise", "0"], "--score-noise"),
     (["--epsilon", "2", "--grid", "train.lrr=1"], "train.lr"),
@@ -312,6 +312,53 @@ def test_each_run_leaves_room_for_its_score_on_validation_people():
     val = add_steps(add_steps(plan.statistics, plan.calibration_sigma, 1.0, CALIBRATION_STEPS),
                     5.0, 1.0, 1)
     assert 0.97 * 1.5 <= epsilon("rdp", val, plan.accountant_delta) <= 1.5
+
+
+# ---- trees and scorecards ----------------------------------------------------------------------
+
+# Full batches (gbdt.sample_rate 1): the subsampled RDP of the trees takes seconds to
+# calibrate; the tune's arithmetic is the same at any sample rate.
+TREES = (("gbdt.sample_rate", "1"), ("model.kind", "gbdt"))
+
+
+def test_a_tune_plans_dp_tree_runs_on_their_own_budget():
+    """The DP trees tune as the MLP does: each candidate's curve is the
+    lines its run will write (server/gbdt_dp_run.py: statistics, the model's release, the
+    calibration) plus the score on validation people; the per-run target keeps the tuned total
+    within --epsilon, and each run's calibration leaves the score room, so its validation
+    people stay within the run's own target."""
+    from clients.protocol.schema import SILOS
+    from server import gbdt_dp_run
+    from server.privacy import CALIBRATION_STEPS
+
+    spec = TuneSpec(grid={"gbdt.trees": ["100", "300"]},
+                    epsilon=2.0, law=RunsLaw("logarithmic", 3), users=4000, assignments=TREES)
+    run_eps, total, delta, n_train, curves = tune.plan_budget(spec)
+    assert 0.5 < run_eps < total <= 2.0
+    assert len(curves) == len(spec.points())
+    cfg = spec.sweep(run_eps, delta).config(spec.cells([0])[0]).authority
+    assert gbdt_dp_run.accounts_itself(cfg)
+    assert cfg.privacy.selection_noise == spec.score_noise
+    params = gbdt_dp_run.dp_params(cfg)
+    budget = gbdt_dp_run.plan_budget(cfg, SILOS, n_train, params)
+    assert budget.release.epsilon <= run_eps * (1 + 1e-6)
+    val = add_steps(add_steps(gbdt_dp_run.statistics_history(budget.statistics),
+                              budget.calibration_sigma, 1.0, CALIBRATION_STEPS),
+                    spec.score_noise, 1.0, 1)
+    assert 0.9 * run_eps <= epsilon("rdp", val, budget.deltas.accountant) <= run_eps * 1.0001
+    # The planned curve is the run's own: its lines, read as the tune reads a ledger.
+    lines = [*gbdt_dp_run.statistics_lines(budget), *gbdt_dp_run.release_lines(budget, True)]
+    planned = tune.planned_budget(spec.sweep(run_eps, delta).config(spec.cells([0])[0]),
+                                  n_train, spec.score_noise)
+    read = tune.lines_budget(lines)
+    np.testing.assert_allclose(planned.curve(), np.maximum(
+        rdp_curve(read.train), rdp_curve(add_steps(read.val, spec.score_noise, 1.0, 1))))
+
+
+def test_a_horizontal_tune_is_refused_with_its_reason():
+    with pytest.raises(TuneError, match="labels stay with the regions"):
+        _spec(assignments=(("topology", "horizontal"),))
+    assert _spec(assignments=(("model.kind", "scorecard"),)).points()
 
 
 # ---- real data ----------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from clients.node import Node
 from clients.protocol import messages as m
 from clients.protocol.schema import silo_salt
 from clients.protocol.tables import SiloDataError
-from clients.silo import run_checks
+from clients.silo import kept_state, run_checks
 from clients.silo.registry import handlers
 from clients.silo.state import (
     checkpoint_dir,
@@ -287,6 +287,7 @@ def resume(msg: Message, node: Node) -> Message:
     node.state["align"] = m.arrays(pos2row=pos2row)
     blob = read_file(node, directory, name)
     node.state["model"] = ConfigRecord({**model, "blob": blob})
+    kept_state.restore(node, directory)  # a tree or scorecard run's start and tables
     if model.get("secure"):
         keys = PairwiseKeys(read_file(node, directory, "mask.key"))
         stored = json.loads((directory / "peers.json").read_text())

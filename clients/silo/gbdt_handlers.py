@@ -54,7 +54,7 @@ from clients.protocol.gbdt import (
 )
 from clients.protocol.reasons import MAX_REASONS, feature_groups
 from clients.protocol.run_mode import RunMode
-from clients.silo import run_checks, tree_caps
+from clients.silo import kept_state, run_checks, tree_caps
 from clients.silo.explain import features_of
 from clients.silo.gbdt import BINNINGS, MAX_BINS, Binning, GbdtSilo
 from clients.silo.registry import handlers
@@ -94,10 +94,13 @@ def start(msg: Message, node: Node) -> Message:
     node.state["gbdt"] = ConfigRecord({"run": run, "bins": bins, "units": units,
                                        "binning": binning, "tree": -1})
     node.state["gbdt_rows"] = m.arrays(positions=positions)
-    for held in ("gbdt_grad", tree_caps.KNOWN, tree_caps.NODES):
+    # A resumed run's edges are not this start's.
+    for held in ("gbdt_grad", tree_caps.KNOWN, tree_caps.NODES, kept_state.EDGES):
         if held in node.state:
             del node.state[held]
-    return Message(m.make_content({"features": _silo(node).features}), reply_to=msg)
+    silo = _silo(node)
+    kept_state.keep_start(node, silo.binning)  # to score after the run (a new session)
+    return Message(m.make_content({"features": silo.features}), reply_to=msg)
 
 
 @handlers.train(LEVEL.removeprefix("train."))
@@ -178,7 +181,9 @@ def route(msg: Message, node: Node) -> Message:
     if "gbdt" not in node.state:
         raise m.ProtocolError("no trees yet: the authority must send query.gbdt_start first")
     bins, units = bins_and_units(node)
-    binning = _silo(node).binning  # the training positions' edges, kept in the silo
+    # The training positions' edges, kept in the silo: after the run, the run's own (kept on
+    # disk at the start), whatever corrections changed since in the training people's rows.
+    binning = kept_state.held_binning(node, bins) or _silo(node).binning
     features = m.get_array(msg, "features", np.int64, 1)
     split_bins = m.get_array(msg, "bins", np.int64, 1)
     positions = m.get_array(msg, "positions", np.int64, 1)

@@ -44,15 +44,15 @@ from clients.protocol.scorecard import (
     pack_tables,
     unpack_tables,
 )
-from clients.silo import run_checks
+from clients.silo import kept_state, run_checks
 from clients.silo.gbdt_handlers import bins_and_units, refused_as_protocol_errors, tree_inputs
 from clients.silo.registry import handlers
 from clients.silo.scorecard import ScorecardSilo, raw_units
 from clients.silo.state import rows_at, silo_dir, silo_matrix, silo_name, silo_policy
 from crypto.secret_random import digest
 
-STATE = "scorecard"  # node state: the WoE tables as packed arrays (cuts, sizes, woe)
-RUN = "scorecard_run"  # node state: the run they belong to (a later query.gbdt_start drops them)
+STATE = kept_state.WOE_STATE  # node state: the WoE tables as packed arrays (cuts, sizes, woe)
+RUN = kept_state.WOE_RUN  # node state: the run they belong to (a later gbdt_start drops them)
 
 
 @handlers.train(WOE.removeprefix("train."))
@@ -68,6 +68,7 @@ def woe(msg: Message, node: Node) -> Message:
         _silo(node, _positions(node), tables, "train")  # checks the tables fit
     node.state[STATE] = m.arrays(**packed)
     node.state[RUN] = ConfigRecord({"run": _run(node)})
+    kept_state.keep_woe(node, _run(node), packed)  # to score after the run
     return Message(m.make_content({"seconds": time.perf_counter() - t0}), reply_to=msg)
 
 
@@ -110,14 +111,16 @@ def score(msg: Message, node: Node) -> Message:
         with refused_as_protocol_errors():
             silo.points_tables(PointsTables(points=tuple(np.split(points, sizes[:-1]))))
         silo.write_table(table_path(node))
-        if not 0 <= k <= MAX_REASONS:
-            raise m.ProtocolError(f"reasons must lie in [0, {MAX_REASONS}]")
-        if k:
-            delta, index, share, reference = silo.explain(weights, k)
-            arrays |= {"explain_delta": delta.astype(np.float32),
-                       "reason_index": index.astype(np.int16),
-                       "reason_share": share.astype(np.float32)}
-            config |= {"explain.reference": reference, "explain.features": silo.columns}
+    # Reasons with the points (the end of the run) or without them (scoring after the run,
+    # `fedscore score` / `dispute`: the table stays as the run wrote it).
+    if not 0 <= k <= MAX_REASONS:
+        raise m.ProtocolError(f"reasons must lie in [0, {MAX_REASONS}]")
+    if k:
+        delta, index, share, reference = silo.explain(weights, k)
+        arrays |= {"explain_delta": delta.astype(np.float32),
+                   "reason_index": index.astype(np.int16),
+                   "reason_share": share.astype(np.float32)}
+        config |= {"explain.reference": reference, "explain.features": silo.columns}
     return Message(m.make_content({**config, "seconds": time.perf_counter() - t0}, **arrays),
                    reply_to=msg)
 

@@ -40,8 +40,8 @@ from clients.protocol.schema import SILOS
 from crypto.at_rest import open_keystore
 from crypto.identity import keyed_refs
 from crypto.private_files import write_atomic
-from server import ledger_lines
-from server.config import ConfigError
+from server import gbdt_dp, gbdt_dp_run, ledger_lines, scorecard_dp, scorecard_dp_run
+from server.config import AuthorityConfig, ConfigError
 from server.delta_budget import releases_outside_sgd, split_delta
 from server.labels import load_labels
 from server.ledger import Ledger
@@ -93,6 +93,8 @@ def planned_budget(cfg: ExperimentConfig, n_train: int, score_noise: float) -> B
     calibration, which leaves room for privacy.selection_noise), with the score's Gaussian on
     validation people after the calibration."""
     authority = cfg.authority
+    if gbdt_dp_run.accounts_itself(authority):  # the DP trees or the DP scorecard
+        return _model_budget(authority, n_train, score_noise)
     try:
         plan = PrivacyPlan(authority.privacy, SILOS, n_train, authority.train.batch_size,
                            authority.train.epochs, None, summaries_asked(authority))
@@ -101,6 +103,26 @@ def planned_budget(cfg: ExperimentConfig, n_train: int, score_noise: float) -> B
     train = add_steps(plan.statistics, plan.joint_sigma, plan.q, plan.steps_planned)
     val = add_steps(plan.statistics, plan.calibration_sigma, 1.0, CALIBRATION_STEPS)
     return Budget(train, add_steps(val, score_noise, 1.0, 1))
+
+
+def _model_budget(authority: AuthorityConfig, n_train: int, score_noise: float) -> Budget:
+    """A DP tree or DP scorecard run's spend as it will plan it (server/gbdt_dp_run.py
+    `plan_budget`, whose calibration leaves room for privacy.selection_noise as PrivacyPlan's
+    does): the lines it will write (the statistics, the model's release, the calibration),
+    read as the finished run's ledger is read, with the score's Gaussian on validation
+    people."""
+    params: gbdt_dp.DpTreeParams | scorecard_dp.DpScorecardParams
+    if authority.model.kind == "scorecard":
+        params = scorecard_dp_run.dp_params(authority)
+    else:
+        params = gbdt_dp_run.dp_params(authority)
+    try:
+        budget = gbdt_dp_run.plan_budget(authority, SILOS, n_train, params)
+    except ConfigError as exc:  # a target below what the statistics alone spend
+        raise TuneBudgetError(str(exc)) from None
+    spent = lines_budget([*gbdt_dp_run.statistics_lines(budget),
+                          *gbdt_dp_run.release_lines(budget, calibrated=True)])
+    return Budget(spent.train, add_steps(spent.val, score_noise, 1.0, 1))
 
 
 def planned_people(cfg: ExperimentConfig) -> int:
@@ -170,7 +192,7 @@ def plan_budget(spec: TuneSpec) -> tuple[float, float, float, int, dict[str, np.
             cfg = sweep.config(Cell(point, 0, spec.data_seed))
             a = cfg.authority
             key = (eps_run, a.privacy, a.train.batch_size, a.train.epochs, a.split,
-                   a.aggregation.mode)
+                   a.aggregation.mode, a.model.kind, a.gbdt)
             if key not in cache:
                 cache[key] = planned_budget(cfg, n_train, spec.score_noise).curve()
             out[point_name(point)] = cache[key]
@@ -286,9 +308,15 @@ def score_run(plan: TunePlan, out: Path, cell: Cell) -> NoisyScore:
 
 def ledger_budget(run_dir: Path) -> Budget:
     """A finished run's spend per population, from its ledger (the score's line included)."""
+    return lines_budget(ledger_lines.read(run_dir))
+
+
+def lines_budget(lines: Sequence[ledger_lines.LedgerLine]) -> Budget:
+    """The spend per population of a run's ledger lines (model budget): training people
+    through lines of population all/train, validation people through all/val."""
     train: History = []
     val: History = []
-    for line in ledger_lines.read(run_dir):
+    for line in lines:
         if line.budget != "model":
             continue
         if isinstance(line, ledger_lines.JointRound):

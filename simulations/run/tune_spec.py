@@ -24,6 +24,9 @@ DELTA_KEY = "privacy.delta"
 SELECTION_KEY = "privacy.selection_noise"
 DEFAULT_SCORE_NOISE = 5.0
 DEFAULT_MEAN_RUNS = 3.0
+# The vertical models whose runs account their releases in RDP curves the tune composes: the
+# MLP's DP-SGD (server/privacy.py), the DP trees and the DP scorecard (server/gbdt_dp_run.py).
+TUNED_KINDS = ("mlp", "gbdt", "scorecard")
 # Keys the tune sets itself, and why they cannot be given.
 OWN_KEYS = {
     EPSILON_KEY: "the tune sets each run's epsilon so the TOTAL meets --epsilon",
@@ -71,9 +74,16 @@ class TuneSpec:
         if not cfg.generated and self.data_seed:
             raise TuneError("--data-seed: real data (--data) has one population; leave "
                             "--data-seed at 0")
-        if authority.topology != "vertical" or authority.model.kind != "mlp":
-            raise TuneError("a tune accounts DP-SGD runs of the vertical MLP (topology=vertical,"
-                            " model.kind=mlp); other models are not yet accounted")
+        if authority.topology != "vertical":
+            raise TuneError(
+                "a tune accounts vertical runs only (topology=vertical): in a horizontal run the "
+                "labels stay with the regions, so the authority holds no validation labels to "
+                "score a run on (the score would be one more release of the regions' own, "
+                "outside their accountants), and the regions' per-region DP-SGD or user-level "
+                "ledgers are not the RDP curves the selection theorem composes")
+        if authority.model.kind not in TUNED_KINDS:
+            raise TuneError(f"model.kind={authority.model.kind}: a tune accounts "
+                            f"{', '.join(TUNED_KINDS)} runs")
         if authority.storage.keystore == "none":
             raise TuneError("storage.keystore=none: the tune draws its runs from the "
                             "authority's secret in its keystore; leave storage.keystore at auto"

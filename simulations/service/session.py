@@ -73,8 +73,9 @@ def open_finished(run_dir: Path) -> FinishedRun:
     if not (run_dir / "run.json").exists():
         raise RescoreError(f"{run_dir} is not a fedscore run directory (no run.json)")
     cfg = from_flat(json.loads((run_dir / "config.json").read_text()))
-    scorer = Scorer.from_run(run_dir)
-    return FinishedRun(run_dir, cfg, run_parties(run_dir), run_keystore(run_dir), scorer)
+    keystore = run_keystore(run_dir)
+    scorer = Scorer.from_run(run_dir, keystore=keystore)
+    return FinishedRun(run_dir, cfg, run_parties(run_dir), keystore, scorer)
 
 
 def run_session(run: FinishedRun, work: Callable[[Federation, Scorer], T],
