@@ -203,9 +203,15 @@ class DpTreesRelease:
         """The trees' releases (one Gaussian mechanism each)."""
         return self.trees
 
+    @property
+    def priors(self) -> int:
+        """1 when the trees release their own prior; 0 after a first stage that gives the
+        margin they start from (server/gbdt_dp_init.py)."""
+        return 1 if self.prior_noise_multiplier > 0 else 0
+
     def before_trees(self) -> History:
         """The accountant's history before the leaf sums: prefix, prior, split histograms."""
-        history = add_steps(list(self.prefix), self.prior_noise_multiplier, 1.0, 1)
+        history = add_steps(list(self.prefix), self.prior_noise_multiplier, 1.0, self.priors)
         return add_steps(history, self.guide_noise_multiplier, 1.0, self.guides)
 
     def history(self) -> History:
@@ -223,7 +229,8 @@ class DpTreesRelease:
             GaussianRelease(party=AUTHORITY, population="train", purpose=PRIOR_PURPOSE,
                             noise_multiplier=self.prior_noise_multiplier, sample_rate=1.0,
                             steps=1, round=round_, delta=self.delta, accountant=self.accountant,
-                            epsilon=accounted_epsilon(self.accountant, prior, self.delta))]
+                            epsilon=accounted_epsilon(self.accountant, prior, self.delta))
+        ] if self.priors else []
         if self.guides:
             lines.append(GaussianRelease(
                 party=AUTHORITY, population="train", purpose=GUIDE_PURPOSE,
@@ -240,9 +247,11 @@ class DpTreesRelease:
 
 
 def plan_noise(params: DpTreeParams, *, epsilon_: float, delta: float,
-               prefix: History | Sequence[tuple[float, float, int]] = ()) -> DpTreesRelease:
+               prefix: History | Sequence[tuple[float, float, int]] = (),
+               prior: bool = True) -> DpTreesRelease:
     """Calibrate the trees' noise so that prefix + prior + trees meet (epsilon_, delta) with the
-    project's accountant (within `calibrate_sigma`'s 0.5 %). epsilon_ = inf: no noise."""
+    project's accountant (within `calibrate_sigma`'s 0.5 %). epsilon_ = inf: no noise.
+    prior=False: no prior is released (a first stage in `prefix` gives the starting margin)."""
     prefix_t = tuple((float(s), float(q), int(n)) for s, q, n in prefix)
     k = params.hessian_noise
     if not math.isfinite(epsilon_):
@@ -255,7 +264,8 @@ def plan_noise(params: DpTreeParams, *, epsilon_: float, delta: float,
     if not 0 < delta < 1 or epsilon_ <= 0:
         raise ValueError("epsilon must be > 0 and delta in (0, 1)")
     guide = params.guide_sigma if params.guides else 0.0
-    before = add_steps(list(prefix_t), PRIOR_NOISE_MULTIPLIER, 1.0, 1)
+    prior_sigma = PRIOR_NOISE_MULTIPLIER if prior else 0.0
+    before = add_steps(list(prefix_t), prior_sigma, 1.0, 1 if prior else 0)
     before = add_steps(before, guide, 1.0, params.guides)
     joint = calibrate_sigma(epsilon_, delta, params.sample_rate, params.trees,
                             params.accountant, prefix=before)
@@ -265,7 +275,7 @@ def plan_noise(params: DpTreeParams, *, epsilon_: float, delta: float,
         accountant=params.accountant, target_epsilon=epsilon_, epsilon=0.0, delta=delta,
         noise_multiplier=joint, gradient_noise_multiplier=s_g, hessian_noise_multiplier=k * s_g,
         trees=params.trees, sample_rate=params.sample_rate,
-        prior_noise_multiplier=PRIOR_NOISE_MULTIPLIER, prefix=prefix_t, guides=params.guides,
+        prior_noise_multiplier=prior_sigma, prefix=prefix_t, guides=params.guides,
         guide_noise_multiplier=guide, guide_gradient_noise_multiplier=guide_g,
         guide_hessian_noise_multiplier=k * guide_g)
     spent = accounted_epsilon(params.accountant, release.history(), delta)
@@ -444,24 +454,28 @@ def fit_dp_trees(silos: Mapping[str, SiloEndpoint], y: np.ndarray, params: DpTre
 
 def train_dp_trees(silos: Mapping[str, SiloEndpoint], y: np.ndarray, params: DpTreeParams,
                    release: DpTreesRelease, rng: SecretRandom, *, purpose: str = "",
-                   weights: Mapping[str, Sequence[float]] | None = None) -> DpTrees:
+                   weights: Mapping[str, Sequence[float]] | None = None,
+                   init: np.ndarray | None = None) -> DpTrees:
     """`fit_dp_trees` with the noise already planned (`plan_noise`), e.g. for many trainings
-    at one calibration."""
+    at one calibration; `init` as for `boost`."""
     if not silos:
         raise ValueError("at least one silo is needed")
     y = np.asarray(y, dtype=np.float64)
     structure = draw_structure(silos, params, rng.generator(PURPOSE, purpose, "structure"),
                                weights)
     leaf = route_all(silos, structure, len(y), params.depth)
-    return boost(leaf, y, structure, params, release, rng, purpose=purpose)
+    return boost(leaf, y, structure, params, release, rng, purpose=purpose, init=init)
 
 
 def boost(leaf: np.ndarray, y: np.ndarray, structure: list[dict[int, Split]],
           params: DpTreeParams, release: DpTreesRelease, rng: SecretRandom, *,
-          purpose: str = "") -> DpTrees:
+          purpose: str = "", init: np.ndarray | None = None) -> DpTrees:
     """The authority's part after routing: the noisy prior, then every tree's noisy leaves on
     the rows' (trees, rows) leaf indices `leaf` (y: their 0/1 labels). The Flower wiring
-    (server/gbdt_dp_run.py) routes everyone once and boosts on the training rows' columns."""
+    (server/gbdt_dp_run.py) routes everyone once and boosts on the training rows' columns.
+    `init`: the rows' margin from a released first stage (server/gbdt_dp_init.py) to boost
+    from instead of the prior (the release then has none): the model's base margin is 0 and
+    a person's score adds the stage's margin."""
     y = np.asarray(y, dtype=np.float64)
     if y.ndim != 1 or not np.isin(y, (0.0, 1.0)).all():
         raise ValueError("y must be a 1-d array of 0/1 labels")
@@ -470,12 +484,18 @@ def boost(leaf: np.ndarray, y: np.ndarray, structure: list[dict[int, Split]],
     if leaf.shape != (params.trees, len(y)):
         raise ValueError("leaf needs one row of leaf indices per tree, one column per label")
     rows = len(y)
-    base = noisy_prior(y, release, rng.generator(PURPOSE, purpose, "prior"))
+    if release.private and (init is None) != bool(release.priors):
+        raise ValueError("a first stage's margin replaces the trees' prior: pass init exactly "
+                         "when the release has no prior")
+    if init is not None and init.shape != (rows,):
+        raise ValueError("init needs one margin per label")
+    base = (0.0 if init is not None
+            else noisy_prior(y, release, rng.generator(PURPOSE, purpose, "prior")))
     sample_rng = rng.generator(PURPOSE, purpose, "rows")
     noise_rng = rng.generator(PURPOSE, purpose, "noise")
     post = gbdt_dp_post.Post(params, (release.gradient_noise_multiplier * G_BOUND) ** 2,
                              rng.generator(PURPOSE, purpose, "reuse"))
-    margin = np.full(rows, base)
+    margin = np.full(rows, base) if init is None else np.asarray(init, dtype=np.float64).copy()
     offset = 2**params.depth - 1  # heap index of the first leaf
     trees, sums = [], []
     for start in range(0, params.trees, params.batch):

@@ -126,6 +126,14 @@ class Credits:
             self._flat += np.bincount(np.concatenate(flats), weights=np.concatenate(steps),
                                       minlength=len(self._flat))
 
+    def add_columns(self, silo: str, table: np.ndarray) -> None:
+        """(rows, columns) margin moved by each of `silo`'s columns outside the trees (the DP
+        trees' first additive stage, server/gbdt_dp_init.py: coefficient x WoE)."""
+        if table.shape != (self.rows, self.widths[silo]):
+            raise ValueError(f"silo {silo}'s credits need one column per column of its own")
+        view = self._flat.reshape(self.rows, self._slots)
+        view[:, self.offsets[silo]:self.offsets[silo] + self.widths[silo]] += table
+
     def per_silo(self) -> dict[str, np.ndarray]:
         """(rows, columns) credits of each silo."""
         table = self._flat.reshape(self.rows, self._slots)
