@@ -67,7 +67,7 @@ from clients.protocol.accounting import epsilon as accounted_epsilon
 from clients.protocol.dp_constants import PRIOR_NOISE_MULTIPLIER
 from clients.protocol.gbdt import RouteReply, RouteRequest, SiloEndpoint
 from crypto.secret_random import SecretRandom
-from server import gbdt_dp_post
+from server import gbdt_dp_columns, gbdt_dp_post
 from server.gbdt import GbdtParams, Model, Split, Tree, gradients
 from server.ledger_lines import GaussianRelease
 
@@ -322,46 +322,14 @@ def draw_structure(silos: Mapping[str, SiloEndpoint], params: DpTreeParams,
     p = w / w.sum()
     internal = 2**params.depth - 1
     if params.single_column:
-        picks, bins = _single_column(params, p, rng)
+        picks, bins = gbdt_dp_columns.single_column(params.trees, params.depth,
+                                                     params.bins, p, rng)
     else:
         picks = rng.choice(len(slots), size=(params.trees, internal), p=p)
         bins = rng.integers(0, params.bins - 1, size=(params.trees, internal))
     return [{node: Split(silo=slots[picks[t, node]][0], feature=slots[picks[t, node]][1],
                          bin=int(bins[t, node])) for node in range(internal)}
             for t in range(params.trees)]
-
-
-def _in_order(depth: int) -> list[int]:
-    """Heap indices of a complete tree of `depth` levels in in-order (left, node, right)."""
-    order: list[int] = []
-
-    def visit(node: int) -> None:
-        if node < 2**depth - 1:
-            visit(2 * node + 1)
-            order.append(node)
-            visit(2 * node + 2)
-
-    visit(0)
-    return order
-
-
-def _single_column(params: DpTreeParams, p: np.ndarray,
-                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """(trees, nodes) column and bin picks for one-column trees: columns cycled in rounds
-    (each round a fresh random order of the columns of positive weight), thresholds sorted
-    and placed in-order, so the leaves are the column's consecutive intervals (distinct
-    thresholds while there are enough bins; a repeated one only leaves an interval empty)."""
-    internal = 2**params.depth - 1
-    columns = np.flatnonzero(p > 0)
-    rounds = -(-params.trees // len(columns))
-    order = np.concatenate([rng.permutation(columns) for _ in range(rounds)])[:params.trees]
-    picks = np.repeat(order[:, None], internal, axis=1)
-    bins = np.empty((params.trees, internal), dtype=np.int64)
-    place = np.array(_in_order(params.depth))
-    replace_ = internal > params.bins - 1
-    for t in range(params.trees):
-        bins[t, place] = np.sort(rng.choice(params.bins - 1, size=internal, replace=replace_))
-    return picks, bins
 
 
 def route_requests(names: Sequence[str], structure: list[dict[int, Split]]

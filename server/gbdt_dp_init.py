@@ -46,6 +46,7 @@ from clients.protocol.accounting import History, calibrate_sigma
 from clients.protocol.gbdt import STANDARD_UNITS
 from crypto.secret_random import SecretRandom
 from server import gbdt_dp, scorecard_dp
+from server.gbdt_silos import FlowerSilos
 from server.ledger_lines import GaussianRelease
 from server.scorecard import VerticalScorecard
 
@@ -137,6 +138,22 @@ def fit_stage(pre: Mapping[str, np.ndarray], y: np.ndarray, init: InitParams,
     noise from the authority's "dp-scorecard" streams, addressed by `purpose`."""
     return scorecard_dp.fit_from_bins(pre, y, init.card, release.stage, rng,
                                       purpose=purpose).model
+
+
+def route_and_fit(silos: FlowerSilos, train: np.ndarray, y: np.ndarray, init: InitParams,
+                  release: InitTreesRelease, rng: SecretRandom, *, purpose: str = ""
+                  ) -> tuple[VerticalScorecard, dict[str, np.ndarray]]:
+    """In a run: ONE routing request per silo for its bit at every threshold of every column
+    (every routed person's pre-bins, the silos started on the stage's scale), then the stage
+    on the `train` positions (y: everyone's 0/1 labels). The stage and everyone's pre-bins."""
+    bins = init.card.card.bins
+    widths = {name: f for name, f in silos.features.items() if f}
+    replies = silos.route_all({name: scorecard_dp.thresholds_request(f, bins)
+                               for name, f in widths.items()})
+    pre = {name: scorecard_dp.pre_bins(replies[name], f, bins) for name, f in widths.items()}
+    stage = fit_stage({name: b[train] for name, b in pre.items()}, y[train], init, release,
+                      rng, purpose=purpose)
+    return stage, pre
 
 
 def stage_credits(model: VerticalScorecard, pre: Mapping[str, np.ndarray]

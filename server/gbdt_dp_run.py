@@ -322,7 +322,7 @@ def train_and_calibrate(job: TreeJob, phases: run_phases.PhaseTimer, ledger: Led
     post-processing of the released trees and each person's own leaves: no ledger line."""
     cfg, key = job.cfg, job.run_key
     params, init = dp_params(cfg), init_params(cfg)
-    if init is not None:
+    if init is not None:  # a first additive stage
         return train_staged(job, phases, ledger, random, reasons, params, init)
     budget = plan_budget(cfg, tuple(job.fed.silos), len(job.train), params)
     for line in statistics_lines(budget):
@@ -360,27 +360,20 @@ def train_staged(job: TreeJob, phases: run_phases.PhaseTimer, ledger: Ledger,
     """`train_and_calibrate` with the first additive stage (server/gbdt_dp_init.py): the
     silos start on the stage's scale and answer ONE routing request each for their bit at
     every threshold of every column (everyone's pre-bins), the authority fits the DP
-    scorecard on the training people; then the silos start again on the trees' scale and
-    the random trees route and boost as without the stage, from its margin. Four round
-    trips; one ledger (statistics, the stage's counts and steps, the leaf sums, the
-    calibration) on one accountant."""
+    scorecard on the training people; then the silos start on the trees' scale and the
+    random trees route and boost from its margin. Four round trips, one accountant."""
     cfg, key = job.cfg, job.run_key
     budget = plan_budget(cfg, tuple(job.fed.silos), len(job.train), params, init)
     for line in statistics_lines(budget):
         ledger.append(line)
-    everyone = np.arange(job.n_positions, dtype=np.int64)
-    bins = init.card.card.bins
-    features = start(job.fed, key, bins, job.train, units=gbdt_dp_init.UNITS)
-    silos = ExplainedSilos(job.fed, features, route_positions=everyone)
+    features = start(job.fed, key, init.card.card.bins, job.train, units=gbdt_dp_init.UNITS)
+    silos = ExplainedSilos(job.fed, features,
+                           route_positions=np.arange(job.n_positions, dtype=np.int64))
     names = consent_and_names(silos, reasons, job.cfg.explain.reasons > 0)
     t0 = time.perf_counter()
-    replies = silos.route_all({name: scorecard_dp.thresholds_request(f, bins)
-                               for name, f in features.items() if f})
-    pre = {name: scorecard_dp.pre_bins(replies[name], f, bins)
-           for name, f in features.items() if f}
     y = job.y.astype(np.float64)
-    stage = gbdt_dp_init.fit_stage({name: b[job.train] for name, b in pre.items()},
-                                   y[job.train], init, budget.release, random, purpose=key)
+    stage, pre = gbdt_dp_init.route_and_fit(silos, job.train, y, init, budget.release, random,
+                                            purpose=key)
     first = scorecard_dp.margins(stage, pre)
     start(job.fed, key, params.bins, job.train, units=DP_UNITS)
     structure = gbdt_dp.draw_structure(
