@@ -43,9 +43,18 @@ from clients.protocol.dp_constants import default_delta
 from clients.silo.data import load_silo
 from clients.silo.gbdt import GbdtSilo
 from crypto.secret_random import SecretRandom
+from server import gbdt_dp_init, scorecard_dp
 from server.config import SplitConfig
 from server.gbdt import predict_trees
-from server.gbdt_dp import DpTreeParams, DpTreesRelease, plan_noise
+from server.gbdt_dp import (
+    PURPOSE,
+    DpTreeParams,
+    DpTreesRelease,
+    boost,
+    draw_structure,
+    plan_noise,
+    route_all,
+)
 from server.gbdt_dp_guide import train as train_dp_trees
 from server.labels import load_labels
 from server.metrics import auc
@@ -89,16 +98,68 @@ def secret(seed: int, party: str) -> SecretRandom:
     return SecretRandom(hashlib.sha256(f"bench-gbdt-dp/{seed}/{party}".encode()).digest())
 
 
-_PLANS: dict[tuple, DpTreesRelease] = {}
+_PLANS: dict[tuple, DpTreesRelease | gbdt_dp_init.InitTreesRelease] = {}
 
 
-def planned(params: DpTreeParams, eps: float, delta: float, prefix: tuple) -> DpTreesRelease:
+def planned(params: DpTreeParams, eps: float, delta: float, prefix: tuple,
+            init: gbdt_dp_init.InitParams | None = None
+            ) -> DpTreesRelease | gbdt_dp_init.InitTreesRelease:
     """plan_noise, once per mechanism (the seeds share N_train, hence delta and the noise)."""
     key = (params.trees, params.sample_rate, params.hessian_noise, params.accountant, eps,
-           delta, prefix, params.guides, params.guide_sigma)
+           delta, prefix, params.guides, params.guide_sigma, init)
     if key not in _PLANS:
-        _PLANS[key] = plan_noise(params, epsilon_=eps, delta=delta, prefix=prefix)
+        _PLANS[key] = (plan_noise(params, epsilon_=eps, delta=delta, prefix=prefix)
+                       if init is None else
+                       gbdt_dp_init.plan_noise(params, init, epsilon_=eps, delta=delta,
+                                               prefix=prefix))
     return _PLANS[key]
+
+
+# Per (seed, structure settings, scale, scored people): the routed structure's leaves of the
+# training and scored people and their pre-bins. The structure is drawn from the seed's
+# secret alone, so the stage's variants share one routing (the bench's time is the routing).
+_ROUTED: dict[tuple, tuple] = {}
+
+
+def routed_once(data: Uci, split: Split, seed: int, params: DpTreeParams, scale: float,
+                people: np.ndarray, bins: int) -> tuple:
+    key = (seed, params.trees, params.depth, params.bins, scale, len(people), int(people[0]))
+    if key not in _ROUTED:
+        structure = draw_structure(
+            {s: GbdtSilo(s, x[split.train[:2]] / scale, bins=params.bins)
+             for s, x in data.silos.items()},
+            params, secret(seed, "authority").generator(PURPOSE, "", "structure"))
+        leaves, pre = [], []
+        for rows in (split.train, people):
+            silos = {s: GbdtSilo(s, x[rows] / scale, bins=params.bins)
+                     for s, x in data.silos.items()}
+            leaves.append(route_all(silos, structure, len(rows), params.depth).astype(np.uint8))
+            pre.append(scorecard_dp.route_pre_bins(
+                {s: GbdtSilo(s, x[rows] / gbdt_dp_init.UNITS, bins=bins)
+                 for s, x in data.silos.items()}, bins))
+        _ROUTED[key] = (structure, *leaves, *pre)
+    return _ROUTED[key]
+
+
+def staged(data: Uci, split: Split, seed: int, params: DpTreeParams, scale: float,
+           people: np.ndarray, init: gbdt_dp_init.InitParams,
+           release: gbdt_dp_init.InitTreesRelease) -> tuple[np.ndarray, np.ndarray]:
+    """The first additive stage (server/gbdt_dp_init.py) and the random trees on its margin,
+    fitted on the training people (the same draws as `gbdt_dp.train_dp_trees`); the scored
+    people's margins: the stage's alone, and the whole model's."""
+    structure, leaf, leaf_scored, pre, pre_scored = routed_once(
+        data, split, seed, params, scale, people, init.card.card.bins)
+    y = data.y[split.train]
+    model = gbdt_dp_init.fit_stage(pre, y, init, release, secret(seed, "authority"))
+    first = scorecard_dp.margins(model, pre_scored)
+    trees = boost(leaf.astype(np.int64), y, structure, params, release.trees,
+                  secret(seed, "authority"), init=scorecard_dp.margins(model, pre))
+    offset = 2**params.depth - 1
+    margin = first.copy()
+    for t, tree in enumerate(trees.model.trees):
+        values = np.array([tree.leaves[offset + i] for i in range(2**params.depth)])
+        margin += values[leaf_scored[t]]
+    return first, margin
 
 
 def dp_trees(data: Uci, split: Split, seed: int, eps: float, variant: dict,
@@ -108,6 +169,9 @@ def dp_trees(data: Uci, split: Split, seed: int, eps: float, variant: dict,
     # "scale": the silos bin x / scale. `fedscore run` bins x for the DP trees (DP_UNITS) and
     # x / 4 for the SecureBoost trees (STANDARD_UNITS).
     scale = float(variant.pop("scale", 1.0))
+    # "init_share": the first additive stage (gbdt.init=additive) on that share of the budget.
+    share = variant.pop("init_share", None)
+    init = None if share is None else gbdt_dp_init.InitParams(share=float(share))
     params = DpTreeParams(**variant)
     n = len(split.train)
     # The silos' preparation statistics (each with its category thresholds' delta) come
@@ -118,16 +182,28 @@ def dp_trees(data: Uci, split: Split, seed: int, eps: float, variant: dict,
     train = {s: GbdtSilo(s, x[split.train] / scale, bins=params.bins)
              for s, x in data.silos.items()}
     t0 = time.perf_counter()
-    release = planned(params, eps, deltas.accountant, tuple(prefix) if math.isfinite(eps) else ())
+    release = planned(params, eps, deltas.accountant, tuple(prefix) if math.isfinite(eps) else (),
+                      init)
     t1 = time.perf_counter()
-    fitted = train_dp_trees(train, data.y[split.train], params, release,
-                            secret(seed, "authority"), weights=weights(data, kind))
-    t2 = time.perf_counter()
     # --on val scores the validation people: settings are chosen there, never on test.
     people = split.val if on == "val" else split.test
-    scored = {s: GbdtSilo(s, x[people] / scale, bins=params.bins) for s, x in data.silos.items()}
-    margin = predict_trees(fitted.model, scored, len(people))
-    return {"auc": auc(data.y[people], margin), "calibrate": t1 - t0, "seconds": t2 - t1,
+    stage_auc = math.nan
+    if init is not None:  # uniform weights only, as `fedscore run`
+        assert isinstance(release, gbdt_dp_init.InitTreesRelease)
+        assert kind == "uniform"
+        first, margin = staged(data, split, seed, params, scale, people, init, release)
+        stage_auc = auc(data.y[people], first)
+        t2 = time.perf_counter()
+    else:
+        assert isinstance(release, DpTreesRelease)
+        fitted = train_dp_trees(train, data.y[split.train], params, release,
+                                secret(seed, "authority"), weights=weights(data, kind))
+        t2 = time.perf_counter()
+        scored = {s: GbdtSilo(s, x[people] / scale, bins=params.bins)
+                  for s, x in data.silos.items()}
+        margin = predict_trees(fitted.model, scored, len(people))
+    return {"auc": auc(data.y[people], margin), "stage_auc": stage_auc,
+            "calibrate": t1 - t0, "seconds": t2 - t1,
             "epsilon": release.epsilon, "delta": deltas.combined,
             "sigma": release.noise_multiplier, "n_train": n}
 
@@ -181,7 +257,9 @@ def main() -> None:
             delta = f"{max(r['delta'] for r in rows):.2e}" if math.isfinite(eps) else "n/a"
             print(f"| DP random trees {json.dumps(variant)} | {eps:g} ({spent:.3f}) "
                   f"| {delta} | {rows[0]['sigma']:.2f} "
-                  f"| {summary([r['auc'] for r in rows])} "
+                  f"| {summary([r['auc'] for r in rows])}"
+                  + (f" [stage alone {summary([r['stage_auc'] for r in rows])}]"
+                     if "init_share" in variant else "") + " "
                   f"| {statistics.mean(r['seconds'] for r in rows):.1f} "
                   f"(+ {statistics.mean(r['calibrate'] for r in rows):.1f}) |", flush=True)
 

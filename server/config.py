@@ -144,6 +144,11 @@ class GbdtConfig:
     hs_kappa: float = 100.0
     eb_decay: float = 0.9
     reuse: float = 0.0
+    # A first additive stage under the DP trees (server/gbdt_dp_init.py): "additive" fits the
+    # DP WoE scorecard on init_share of the budget (in 1/sigma^2) and boosts the trees on its
+    # margin; "none": the trees alone, from their own noisy prior.
+    init: str = "none"
+    init_share: float = 0.5
 
     def resolved(self, dp: bool) -> GbdtConfig:
         """The keys left unset filled in with the mode's defaults."""
@@ -212,6 +217,12 @@ class GbdtConfig:
         if not 0 <= self.reuse < 1 or (self.reuse and (self.guide_every or self.batch > 1)):
             raise ConfigError(f"gbdt.reuse={self.reuse}: use a share in [0, 1), and only for "
                               "the random trees (gbdt.guide_every=0, gbdt.batch=1)")
+        if self.init not in ("none", "additive"):
+            raise ConfigError(f"gbdt.init={self.init!r}: choose none or additive")
+        if not 0 < self.init_share < 1 or (self.init == "additive" and self.guide_every):
+            raise ConfigError(f"gbdt.init_share={self.init_share}: use a share in (0, 1); "
+                              "gbdt.init=additive boosts the random trees only "
+                              "(gbdt.guide_every=0)")
 
 
 @dataclass(frozen=True)

@@ -67,7 +67,7 @@ from clients.protocol.accounting import epsilon as accounted_epsilon
 from clients.protocol.dp_constants import PRIOR_NOISE_MULTIPLIER
 from clients.protocol.gbdt import RouteReply, RouteRequest, SiloEndpoint
 from crypto.secret_random import SecretRandom
-from server import gbdt_dp_post
+from server import gbdt_dp_columns, gbdt_dp_post
 from server.gbdt import GbdtParams, Model, Split, Tree, gradients
 from server.ledger_lines import GaussianRelease
 
@@ -203,9 +203,15 @@ class DpTreesRelease:
         """The trees' releases (one Gaussian mechanism each)."""
         return self.trees
 
+    @property
+    def priors(self) -> int:
+        """1 when the trees release their own prior; 0 after a first stage that gives the
+        margin they start from (server/gbdt_dp_init.py)."""
+        return 1 if self.prior_noise_multiplier > 0 else 0
+
     def before_trees(self) -> History:
         """The accountant's history before the leaf sums: prefix, prior, split histograms."""
-        history = add_steps(list(self.prefix), self.prior_noise_multiplier, 1.0, 1)
+        history = add_steps(list(self.prefix), self.prior_noise_multiplier, 1.0, self.priors)
         return add_steps(history, self.guide_noise_multiplier, 1.0, self.guides)
 
     def history(self) -> History:
@@ -223,7 +229,8 @@ class DpTreesRelease:
             GaussianRelease(party=AUTHORITY, population="train", purpose=PRIOR_PURPOSE,
                             noise_multiplier=self.prior_noise_multiplier, sample_rate=1.0,
                             steps=1, round=round_, delta=self.delta, accountant=self.accountant,
-                            epsilon=accounted_epsilon(self.accountant, prior, self.delta))]
+                            epsilon=accounted_epsilon(self.accountant, prior, self.delta))
+        ] if self.priors else []
         if self.guides:
             lines.append(GaussianRelease(
                 party=AUTHORITY, population="train", purpose=GUIDE_PURPOSE,
@@ -240,9 +247,11 @@ class DpTreesRelease:
 
 
 def plan_noise(params: DpTreeParams, *, epsilon_: float, delta: float,
-               prefix: History | Sequence[tuple[float, float, int]] = ()) -> DpTreesRelease:
+               prefix: History | Sequence[tuple[float, float, int]] = (),
+               prior: bool = True) -> DpTreesRelease:
     """Calibrate the trees' noise so that prefix + prior + trees meet (epsilon_, delta) with the
-    project's accountant (within `calibrate_sigma`'s 0.5 %). epsilon_ = inf: no noise."""
+    project's accountant (within `calibrate_sigma`'s 0.5 %). epsilon_ = inf: no noise.
+    prior=False: no prior is released (a first stage in `prefix` gives the starting margin)."""
     prefix_t = tuple((float(s), float(q), int(n)) for s, q, n in prefix)
     k = params.hessian_noise
     if not math.isfinite(epsilon_):
@@ -255,7 +264,8 @@ def plan_noise(params: DpTreeParams, *, epsilon_: float, delta: float,
     if not 0 < delta < 1 or epsilon_ <= 0:
         raise ValueError("epsilon must be > 0 and delta in (0, 1)")
     guide = params.guide_sigma if params.guides else 0.0
-    before = add_steps(list(prefix_t), PRIOR_NOISE_MULTIPLIER, 1.0, 1)
+    prior_sigma = PRIOR_NOISE_MULTIPLIER if prior else 0.0
+    before = add_steps(list(prefix_t), prior_sigma, 1.0, 1 if prior else 0)
     before = add_steps(before, guide, 1.0, params.guides)
     joint = calibrate_sigma(epsilon_, delta, params.sample_rate, params.trees,
                             params.accountant, prefix=before)
@@ -265,7 +275,7 @@ def plan_noise(params: DpTreeParams, *, epsilon_: float, delta: float,
         accountant=params.accountant, target_epsilon=epsilon_, epsilon=0.0, delta=delta,
         noise_multiplier=joint, gradient_noise_multiplier=s_g, hessian_noise_multiplier=k * s_g,
         trees=params.trees, sample_rate=params.sample_rate,
-        prior_noise_multiplier=PRIOR_NOISE_MULTIPLIER, prefix=prefix_t, guides=params.guides,
+        prior_noise_multiplier=prior_sigma, prefix=prefix_t, guides=params.guides,
         guide_noise_multiplier=guide, guide_gradient_noise_multiplier=guide_g,
         guide_hessian_noise_multiplier=k * guide_g)
     spent = accounted_epsilon(params.accountant, release.history(), delta)
@@ -312,46 +322,14 @@ def draw_structure(silos: Mapping[str, SiloEndpoint], params: DpTreeParams,
     p = w / w.sum()
     internal = 2**params.depth - 1
     if params.single_column:
-        picks, bins = _single_column(params, p, rng)
+        picks, bins = gbdt_dp_columns.single_column(params.trees, params.depth,
+                                                     params.bins, p, rng)
     else:
         picks = rng.choice(len(slots), size=(params.trees, internal), p=p)
         bins = rng.integers(0, params.bins - 1, size=(params.trees, internal))
     return [{node: Split(silo=slots[picks[t, node]][0], feature=slots[picks[t, node]][1],
                          bin=int(bins[t, node])) for node in range(internal)}
             for t in range(params.trees)]
-
-
-def _in_order(depth: int) -> list[int]:
-    """Heap indices of a complete tree of `depth` levels in in-order (left, node, right)."""
-    order: list[int] = []
-
-    def visit(node: int) -> None:
-        if node < 2**depth - 1:
-            visit(2 * node + 1)
-            order.append(node)
-            visit(2 * node + 2)
-
-    visit(0)
-    return order
-
-
-def _single_column(params: DpTreeParams, p: np.ndarray,
-                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """(trees, nodes) column and bin picks for one-column trees: columns cycled in rounds
-    (each round a fresh random order of the columns of positive weight), thresholds sorted
-    and placed in-order, so the leaves are the column's consecutive intervals (distinct
-    thresholds while there are enough bins; a repeated one only leaves an interval empty)."""
-    internal = 2**params.depth - 1
-    columns = np.flatnonzero(p > 0)
-    rounds = -(-params.trees // len(columns))
-    order = np.concatenate([rng.permutation(columns) for _ in range(rounds)])[:params.trees]
-    picks = np.repeat(order[:, None], internal, axis=1)
-    bins = np.empty((params.trees, internal), dtype=np.int64)
-    place = np.array(_in_order(params.depth))
-    replace_ = internal > params.bins - 1
-    for t in range(params.trees):
-        bins[t, place] = np.sort(rng.choice(params.bins - 1, size=internal, replace=replace_))
-    return picks, bins
 
 
 def route_requests(names: Sequence[str], structure: list[dict[int, Split]]
@@ -444,24 +422,28 @@ def fit_dp_trees(silos: Mapping[str, SiloEndpoint], y: np.ndarray, params: DpTre
 
 def train_dp_trees(silos: Mapping[str, SiloEndpoint], y: np.ndarray, params: DpTreeParams,
                    release: DpTreesRelease, rng: SecretRandom, *, purpose: str = "",
-                   weights: Mapping[str, Sequence[float]] | None = None) -> DpTrees:
+                   weights: Mapping[str, Sequence[float]] | None = None,
+                   init: np.ndarray | None = None) -> DpTrees:
     """`fit_dp_trees` with the noise already planned (`plan_noise`), e.g. for many trainings
-    at one calibration."""
+    at one calibration; `init` as for `boost`."""
     if not silos:
         raise ValueError("at least one silo is needed")
     y = np.asarray(y, dtype=np.float64)
     structure = draw_structure(silos, params, rng.generator(PURPOSE, purpose, "structure"),
                                weights)
     leaf = route_all(silos, structure, len(y), params.depth)
-    return boost(leaf, y, structure, params, release, rng, purpose=purpose)
+    return boost(leaf, y, structure, params, release, rng, purpose=purpose, init=init)
 
 
 def boost(leaf: np.ndarray, y: np.ndarray, structure: list[dict[int, Split]],
           params: DpTreeParams, release: DpTreesRelease, rng: SecretRandom, *,
-          purpose: str = "") -> DpTrees:
+          purpose: str = "", init: np.ndarray | None = None) -> DpTrees:
     """The authority's part after routing: the noisy prior, then every tree's noisy leaves on
     the rows' (trees, rows) leaf indices `leaf` (y: their 0/1 labels). The Flower wiring
-    (server/gbdt_dp_run.py) routes everyone once and boosts on the training rows' columns."""
+    (server/gbdt_dp_run.py) routes everyone once and boosts on the training rows' columns.
+    `init`: the rows' margin from a released first stage (server/gbdt_dp_init.py) to boost
+    from instead of the prior (the release then has none): the model's base margin is 0 and
+    a person's score adds the stage's margin."""
     y = np.asarray(y, dtype=np.float64)
     if y.ndim != 1 or not np.isin(y, (0.0, 1.0)).all():
         raise ValueError("y must be a 1-d array of 0/1 labels")
@@ -470,12 +452,18 @@ def boost(leaf: np.ndarray, y: np.ndarray, structure: list[dict[int, Split]],
     if leaf.shape != (params.trees, len(y)):
         raise ValueError("leaf needs one row of leaf indices per tree, one column per label")
     rows = len(y)
-    base = noisy_prior(y, release, rng.generator(PURPOSE, purpose, "prior"))
+    if release.private and (init is None) != bool(release.priors):
+        raise ValueError("a first stage's margin replaces the trees' prior: pass init exactly "
+                         "when the release has no prior")
+    if init is not None and init.shape != (rows,):
+        raise ValueError("init needs one margin per label")
+    base = (0.0 if init is not None
+            else noisy_prior(y, release, rng.generator(PURPOSE, purpose, "prior")))
     sample_rng = rng.generator(PURPOSE, purpose, "rows")
     noise_rng = rng.generator(PURPOSE, purpose, "noise")
     post = gbdt_dp_post.Post(params, (release.gradient_noise_multiplier * G_BOUND) ** 2,
                              rng.generator(PURPOSE, purpose, "reuse"))
-    margin = np.full(rows, base)
+    margin = np.full(rows, base) if init is None else np.asarray(init, dtype=np.float64).copy()
     offset = 2**params.depth - 1  # heap index of the first leaf
     trees, sums = [], []
     for start in range(0, params.trees, params.batch):

@@ -35,6 +35,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Generic, Protocol, TypeVar, overload
 
@@ -43,7 +44,7 @@ import numpy as np
 from clients.protocol.accounting import History, add_steps, calibrate_sigma, epsilon
 from clients.protocol.gbdt import DP_UNITS
 from crypto.secret_random import SecretRandom
-from server import gbdt_dp, gbdt_dp_guide, gbdt_run, run_phases, scorecard_dp, scoring
+from server import gbdt_dp, gbdt_dp_guide, gbdt_dp_init, gbdt_run, run_phases, scorecard_dp, scoring
 from server.checkpoint import RunState
 from server.config import AuthorityConfig, ConfigError
 from server.delta_budget import DeltaSplit, OutsideRelease, releases_outside_sgd, split_delta
@@ -51,7 +52,9 @@ from server.federation import Federation
 from server.gbdt import Model
 from server.gbdt_boost import depth_of, shared_settings
 from server.gbdt_reasons import (
+    Credits,
     ExplainedSilos,
+    FeatureNames,
     consent_and_names,
     dp_credits,
     dp_values,
@@ -60,7 +63,7 @@ from server.gbdt_reasons import (
 from server.gbdt_run import TreeJob
 from server.gbdt_scores import HISTORY_POINTS, history_row
 from server.gbdt_silos import FlowerSilos, start
-from server.kept_model import tree_record
+from server.kept_model import tree_record, unsupported_record
 from server.ledger import Ledger
 from server.ledger_lines import GaussianRelease
 from server.privacy import AUTHORITY, CALIBRATION_STEPS
@@ -102,6 +105,14 @@ def dp_params(cfg: AuthorityConfig) -> gbdt_dp.DpTreeParams:
         guide_bins=g.guide_bins, guide_share=g.guide_share, leaf_rule=g.leaf_rule,
         hs_kappa=g.hs_kappa, eb_decay=g.eb_decay, reuse=g.reuse,
         accountant=cfg.privacy.accountant)
+
+
+def init_params(cfg: AuthorityConfig) -> gbdt_dp_init.InitParams | None:
+    """The first additive stage's settings (server/gbdt_dp_init.py); None without one."""
+    if cfg.gbdt.init == "none":
+        return None
+    card = scorecard_dp.DpScorecardParams(accountant=cfg.privacy.accountant)
+    return gbdt_dp_init.InitParams(share=cfg.gbdt.init_share, card=card)
 
 
 class Release(Protocol):
@@ -154,20 +165,28 @@ def statistics_history(statistics: tuple[OutsideRelease, ...]) -> History:
 
 @overload
 def plan_budget(cfg: AuthorityConfig, silos: tuple[str, ...], n_train: int,
-                params: gbdt_dp.DpTreeParams) -> Budget[gbdt_dp.DpTreesRelease]: ...
+                params: gbdt_dp.DpTreeParams, init: None = None
+                ) -> Budget[gbdt_dp.DpTreesRelease]: ...
 
 
 @overload
 def plan_budget(cfg: AuthorityConfig, silos: tuple[str, ...], n_train: int,
-                params: scorecard_dp.DpScorecardParams
+                params: gbdt_dp.DpTreeParams, init: gbdt_dp_init.InitParams
+                ) -> Budget[gbdt_dp_init.InitTreesRelease]: ...
+
+
+@overload
+def plan_budget(cfg: AuthorityConfig, silos: tuple[str, ...], n_train: int,
+                params: scorecard_dp.DpScorecardParams, init: None = None
                 ) -> Budget[scorecard_dp.DpScorecardRelease]: ...
 
 
 def plan_budget(cfg: AuthorityConfig, silos: tuple[str, ...], n_train: int,
-                params: gbdt_dp.DpTreeParams | scorecard_dp.DpScorecardParams) -> Budget[Any]:
-    """Calibrate the model (the trees, or the scorecard for its params) and the calibration
-    to min(epsilon, cap) at the accountant's delta (the configured delta less the silos'
-    thresholds)."""
+                params: gbdt_dp.DpTreeParams | scorecard_dp.DpScorecardParams,
+                init: gbdt_dp_init.InitParams | None = None) -> Budget[Any]:
+    """Calibrate the model (the trees, or the scorecard for its params; the trees after their
+    first additive stage with `init`) and the calibration to min(epsilon, cap) at the
+    accountant's delta (the configured delta less the silos' thresholds)."""
     privacy = cfg.privacy
     statistics = tuple(r for r in releases_outside_sgd(silos, summaries=False)
                        if r.party != AUTHORITY)
@@ -180,6 +199,9 @@ def plan_budget(cfg: AuthorityConfig, silos: tuple[str, ...], n_train: int,
         if isinstance(params, scorecard_dp.DpScorecardParams):
             release = scorecard_dp.plan_noise(params, epsilon_=target, delta=deltas.accountant,
                                               prefix=prefix)
+        elif init is not None:
+            release = gbdt_dp_init.plan_noise(params, init, epsilon_=target,
+                                              delta=deltas.accountant, prefix=prefix)
         else:
             release = gbdt_dp.plan_noise(params, epsilon_=target, delta=deltas.accountant,
                                          prefix=prefix)
@@ -253,12 +275,15 @@ def guided(silos: FlowerSilos, params: gbdt_dp.DpTreeParams, budget: Budget, y: 
     return trees, gbdt_dp_guide.leaves_of(structure, binned, params.depth)
 
 
-def margins(model: Model, leaf: np.ndarray, val: np.ndarray, y: np.ndarray
-            ) -> tuple[np.ndarray, list[dict]]:
+def margins(model: Model, leaf: np.ndarray, val: np.ndarray, y: np.ndarray,
+            start: np.ndarray | None = None) -> tuple[np.ndarray, list[dict]]:
     """Everyone's margin from their leaves (what `gbdt.predict_trees` computes from the
-    silos' bits), with validation AUC at HISTORY_POINTS tree counts (y: clean labels)."""
+    silos' bits), with validation AUC at HISTORY_POINTS tree counts (y: clean labels);
+    `start`: everyone's margin from a first stage, added to the base margin."""
     offset = 2**model.params.depth - 1
     margin = np.full(leaf.shape[1], model.base_margin)
+    if start is not None:
+        margin = margin + start
     every = max(1, len(model.trees) // HISTORY_POINTS)
     history, t0 = [], time.perf_counter()
     for t, tree in enumerate(model.trees):
@@ -303,7 +328,9 @@ def train_and_calibrate(job: TreeJob, phases: run_phases.PhaseTimer, ledger: Led
     idle PrivacyPlan's summary). Reason codes (`reasons` > 0, after the silos' consent) are
     post-processing of the released trees and each person's own leaves: no ledger line."""
     cfg, key = job.cfg, job.run_key
-    params = dp_params(cfg)
+    params, init = dp_params(cfg), init_params(cfg)
+    if init is not None:  # a first additive stage
+        return train_staged(job, phases, ledger, random, reasons, params, init)
     budget = plan_budget(cfg, tuple(job.fed.silos), len(job.train), params)
     for line in statistics_lines(budget):
         ledger.append(line)
@@ -331,13 +358,71 @@ def train_and_calibrate(job: TreeJob, phases: run_phases.PhaseTimer, ledger: Led
     for line in release_lines(budget, calibrated=platt is not None):
         ledger.append(line)
     credits, bias = dp_credits(trees, params, leaf, features)
+    kept = tree_record(trees.model.base_margin, trees.model.trees, dp_values(trees, params),
+                       features, names)
+    return finish(silos, names, reasons, (margin, history, credits, bias), platt, budget, kept)
+
+
+def train_staged(job: TreeJob, phases: run_phases.PhaseTimer, ledger: Ledger,
+                 random: SecretRandom, reasons: int, params: gbdt_dp.DpTreeParams,
+                 init: gbdt_dp_init.InitParams) -> tuple[TrainResult, scoring.Platt, dict]:
+    """`train_and_calibrate` with the first additive stage (server/gbdt_dp_init.py): the
+    silos start on the stage's scale and answer ONE routing request each for their bit at
+    every threshold of every column (everyone's pre-bins), the authority fits the DP
+    scorecard on the training people; then the silos start on the trees' scale and the
+    random trees route and boost from its margin. Four round trips, one accountant."""
+    cfg, key = job.cfg, job.run_key
+    budget = plan_budget(cfg, tuple(job.fed.silos), len(job.train), params, init)
+    for line in statistics_lines(budget):
+        ledger.append(line)
+    features = start(job.fed, key, init.card.card.bins, job.train, units=gbdt_dp_init.UNITS)
+    silos = ExplainedSilos(job.fed, features,
+                           route_positions=np.arange(job.n_positions, dtype=np.int64))
+    names = consent_and_names(silos, reasons, job.cfg.explain.reasons > 0)
+    t0 = time.perf_counter()
+    y = job.y.astype(np.float64)
+    stage, pre = gbdt_dp_init.route_and_fit(silos, job.train, y, init, budget.release, random,
+                                            purpose=key)
+    first = scorecard_dp.margins(stage, pre)
+    start(job.fed, key, params.bins, job.train, units=DP_UNITS)
+    structure = gbdt_dp.draw_structure(
+        silos, params, random.generator(gbdt_dp.PURPOSE, key, "structure"))
+    leaf = route_everyone(silos, structure, job.n_positions, params.depth)
+    trees = gbdt_dp.boost(leaf[:, job.train], y[job.train], structure, params,
+                          budget.release.trees, random, purpose=key, init=first[job.train])
+    leaf = trees.leaves(leaf)
+    log.info("a DP scorecard stage and %d DP trees in %.1f s, %d round trips", params.trees,
+             time.perf_counter() - t0, silos.round_trips + 2)
+    phases.start("score")
+    margin, history = margins(trees.model, leaf, job.val, y, start=first)
+    platt = calibration(margin[job.val], y[job.val], budget, job.n_positions * cfg.split.val,
+                        random.generator("calibration", key))
+    for line in release_lines(budget, calibrated=platt is not None):
+        ledger.append(line)
+    credits, bias = dp_credits(trees, params, leaf, features)
+    tables, intercept = gbdt_dp_init.stage_credits(stage, pre)
+    for name, table in tables.items():
+        credits.add_columns(name, table)
+    # The kept model holds trees only: scoring after the run cannot replay the stage.
+    kept = unsupported_record("gbdt", "its trees start from a first additive stage "
+                              "(gbdt.init=additive), which scoring after the run does not replay")
+    return finish(silos, names, reasons, (margin, history, credits, bias + intercept),
+                  platt, budget, kept, starts=2)
+
+
+def finish(silos: ExplainedSilos, names: Mapping[str, FeatureNames], reasons: int,
+           scored: tuple[np.ndarray, list[dict], Credits, float], platt: scoring.Platt | None,
+           budget: Budget[Any], kept: dict,
+           starts: int = 1) -> tuple[TrainResult, scoring.Platt, dict]:
+    """The run's TrainResult from everyone's margin, the history, the reasons' credits and
+    the kept model (`starts`: the query.gbdt_start round trips, besides the silos' counted
+    ones)."""
+    margin, history, credits, bias = scored
     result = TrainResult(
         bias=bias, logits=margin, history=history,
-        round_trips=silos.round_trips + 1, steps=0,
+        round_trips=silos.round_trips + starts, steps=0,
         silo_seconds={s: round(v, 3) for s, v in silos.silo_seconds.items()},
-        explained=settle(names, credits, reasons),
-        kept_model=tree_record(trees.model.base_margin, trees.model.trees,
-                               dp_values(trees, params), features, names))
+        explained=settle(names, credits, reasons), kept_model=kept)
     return result, platt or scoring.Platt(), summary(budget, platt is not None)
 
 
@@ -380,14 +465,19 @@ def annotate(out: dict, cfg: AuthorityConfig) -> None:
                                       "guide_every", "guide_sigma", "guide_beta",
                                       "guide_mix", "guide_stat", "guide_bins",
                                       "guide_share", "leaf_rule", "hs_kappa", "eb_decay",
-                                      "reuse")},
+                                      "reuse", "init", "init_share")},
         "mode": ("dp trees guided by noisy split histograms (server/gbdt_dp_guide.py)"
-                 if g.guide_every else "dp random trees (server/gbdt_dp.py)"),
+                 if g.guide_every else
+                 "a DP WoE scorecard stage, then dp random trees boosted on its margin "
+                 "(server/gbdt_dp_init.py)" if g.init != "none"
+                 else "dp random trees (server/gbdt_dp.py)"),
         "input_scale": DP_UNITS,
         "model_epsilon": eps,
         "model_note": (f"the trees (structure, noisy leaf values, noisy prior) and the scores "
                        f"are ({eps:.4g}, {out.get('delta', 0):.3g})-DP for the combined model "
-                       "(training people: the silos' statistics, prior and leaves; "
+                       "(training people: the silos' statistics, "
+                       + ("the first stage's counts and Newton steps, and the leaves; "
+                          if g.init != "none" else "prior and leaves; ") +
                        "validation people: the statistics and the DP calibration)"
                        if eps is not None else "no epsilon recorded"),
         "label_protection": ("not needed: the silos receive only the training positions and "
@@ -415,5 +505,10 @@ def annotate(out: dict, cfg: AuthorityConfig) -> None:
         "each split's (silo, feature index, bin), drawn by the authority from its noisy "
         "(accounted) split histograms",
     ]
+    if g.init != "none":
+        out["authority_sees"].append(
+            "the first stage's question: every aligned person's pre-bin of every silo column "
+            f"(the bit at every threshold, {gbdt_dp_init.UNITS:g} standard units), as the DP "
+            "scorecard's; the stage's tables and coefficients stay with the authority")
     if out["model"].get("reasons"):
         out["authority_sees"].append(gbdt_run.REASONS_SEEN)

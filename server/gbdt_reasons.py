@@ -121,6 +121,14 @@ class Credits:
         index = np.arange(self.rows, dtype=np.int64)[:, None] * self._slots + slots
         self._flat[index[live]] += steps[live]  # person by person: ascending, cache-friendly
 
+    def add_columns(self, silo: str, table: np.ndarray) -> None:
+        """(rows, columns) margin moved by each of `silo`'s columns outside the trees (the DP
+        trees' first additive stage, server/gbdt_dp_init.py: coefficient x WoE)."""
+        if table.shape != (self.rows, self.widths[silo]):
+            raise ValueError(f"silo {silo}'s credits need one column per column of its own")
+        view = self._flat.reshape(self.rows, self._slots)
+        view[:, self.offsets[silo]:self.offsets[silo] + self.widths[silo]] += table
+
     def per_silo(self) -> dict[str, np.ndarray]:
         """(rows, columns) credits of each silo."""
         table = self._flat.reshape(self.rows, self._slots)

@@ -75,6 +75,11 @@ def write_kept(out_dir: Path, record: dict, store: Keystore | None, run_key: str
     write_encrypted(store, out_dir / f"{KEPT_FILE}.enc", data, kept_context(run_key))
 
 
+def unsupported_record(kind: str, why: str) -> dict:
+    """What a run keeps when scoring after it is not possible, and why (read_kept says so)."""
+    return {"kind": kind, "unsupported": why}
+
+
 def read_kept(out_dir: Path, keystore: str | Path | None, kind: str) -> dict:
     """The kept model of a `kind` run; KeptModelError when the run did not keep one."""
     if (out_dir / KEPT_FILE).exists():
@@ -85,6 +90,8 @@ def read_kept(out_dir: Path, keystore: str | Path | None, kind: str) -> dict:
         raise KeptModelError(f"{out_dir} keeps no {kind} model ({KEPT_FILE}): it was made by "
                              "an older fedscore that scored its people only once; run it again")
     record = json.loads(data)
+    if record.get("unsupported"):
+        raise KeptModelError(f"{out_dir} cannot be scored after the run: {record['unsupported']}")
     if record.get("kind") != kind:
         raise KeptModelError(f"{out_dir}/{KEPT_FILE} holds a {record.get('kind')!r} model, "
                              f"not the run's {kind!r}")

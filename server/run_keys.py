@@ -43,6 +43,9 @@ GUIDE_PREFIX = "gbdt.guide_"
 # defaults (leaf_rule newton, no reuse): its keys are left out then, so such a run keeps the
 # key it had before they existed; otherwise all of them enter (with DP only).
 POST_KEYS = frozenset({"gbdt.leaf_rule", "gbdt.hs_kappa", "gbdt.eb_decay", "gbdt.reuse"})
+# The DP trees' first additive stage (server/gbdt_dp_init.py): its keys enter only when it
+# runs (gbdt.init other than none, with DP), so every other run keeps its key.
+INIT_KEYS = frozenset({"gbdt.init", "gbdt.init_share"})
 # Delay compensation applies to `sum` mode without DP-SGD only (server/run_plan.py
 # `model_spec`): elsewhere it changes nothing, so a DP or concat run keeps the key it had
 # before the setting existed.
@@ -65,9 +68,11 @@ def computed_settings(config: dict) -> dict:
     guided = dp and int(config.get("gbdt.guide_every", 0) or 0) > 0
     posted = dp and (config.get("gbdt.leaf_rule", "newton") != "newton"
                      or float(config.get("gbdt.reuse", 0) or 0) > 0)
+    staged = dp and config.get("gbdt.init", "none") != "none"
     mark = CLIP_MARK if mlp and dp and config.get("topology", "vertical") == "vertical" else {}
     return mark | {k: v for k, v in config.items()
             if (guided or not k.startswith(GUIDE_PREFIX)) and (posted or k not in POST_KEYS)
+            and (staged or k not in INIT_KEYS)
             and not k.startswith(NOT_COMPUTED_PREFIXES) and k not in NOT_COMPUTED_KEYS
             and not (mlp and k.startswith(TREE_KEYS)) and (dp or k not in DP_TREE_KEYS)
             and not (dp and k in SECUREBOOST_KEYS)

@@ -167,6 +167,20 @@ def plan_noise(params: DpScorecardParams, *, epsilon_: float, delta: float,
     if not 0 < delta < 1 or epsilon_ <= 0:
         raise ValueError("epsilon must be > 0 and delta in (0, 1)")
     whole = calibrate_sigma(epsilon_, delta, 1.0, 1, params.accountant, prefix=list(prefix_t))
+    return split_noise(params, whole, target=epsilon_, delta=delta, prefix=prefix_t)
+
+
+def split_noise(params: DpScorecardParams, whole: float, *, target: float, delta: float,
+                prefix: History | Sequence[tuple[float, float, int]] = ()
+                ) -> DpScorecardRelease:
+    """The scorecard's mechanism at ONE given Gaussian multiplier `whole` for counts and steps
+    together (split by `count_share`), its epsilon accounted after `prefix`. plan_noise
+    calibrates `whole` to the whole budget; a stage of a larger model (the DP trees' first
+    additive stage, server/gbdt_dp_init.py) gives it a share of one."""
+    prefix_t = tuple((float(s), float(q), int(n)) for s, q, n in prefix)
+    if not whole > 0:
+        raise ValueError("the scorecard's noise multiplier must be > 0")
+    epsilon_ = target
     counts = whole / math.sqrt(params.count_share)
     step = whole * math.sqrt(params.steps / (1.0 - params.count_share))
     k = params.hessian_noise

@@ -27,7 +27,13 @@ from server import explanations, gbdt_dp_run, gbdt_run, rescore, run_phases, sco
 from server.config import AuthorityConfig
 from server.config_keys import parse_flat
 from server.gbdt_run import TreeJob
-from server.kept_model import KeptModelError, read_kept, trees_of, write_kept
+from server.kept_model import (
+    KeptModelError,
+    read_kept,
+    trees_of,
+    unsupported_record,
+    write_kept,
+)
 from server.ledger import Ledger
 from server.rescore import RescoreError, Scorer
 from server.scoring import to_score
@@ -221,3 +227,9 @@ def test_a_tree_run_without_a_kept_model_is_refused_with_its_reason(tmp_path: Pa
     assert math.isinf(scorer.cfg.privacy.epsilon)
     with pytest.raises(RescoreError, match="MLP runs only"):
         rescore._score_kept(None, scorer, np.array([0]), 0, "later", False)  # type: ignore[arg-type]
+
+
+def test_a_run_whose_model_cannot_be_replayed_says_why(tmp_path: Path):
+    write_kept(tmp_path, unsupported_record("gbdt", "a first additive stage"), None, "k")
+    with pytest.raises(KeptModelError, match="cannot be scored after the run: a first additive"):
+        read_kept(tmp_path, None, "gbdt")

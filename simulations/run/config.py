@@ -184,6 +184,8 @@ DESCRIPTIONS: dict[str, str] = {
     "gbdt.hs_kappa": "DP trees, leaf_rule=hs: hierarchical shrinkage strength",
     "gbdt.eb_decay": "DP trees, leaf_rule=eb: the prior's weight per earlier tree",
     "gbdt.reuse": "DP trees: share of steps re-releasing the best structure so far",
+    "gbdt.init": "DP trees: none, or additive (boost on a DP scorecard stage first)",
+    "gbdt.init_share": "DP trees, init=additive: the stage's share of the budget",
     "train.epochs": "passes over the training people (vertical topology)",
     "train.batch_size": "expected Poisson batch size of DP-SGD",
     "train.lr": "learning rate (Adam) of the vertical model",
