@@ -3,7 +3,7 @@ at eps 1 >= 0.76 on UCI), in process.
 
 Each silo's bottom model sees its prepared numeric columns either as they are (`scaled`, what a
 run does) or through a fixed thermometer code over equal-width pre-bins of the prepared scale
-(clients/silo/encoding.py; data-independent post-processing of the accounted preparation, so no
+(`thermometer` below; data-independent post-processing of the accounted preparation, so no
 privacy cost), the code the DP scorecard bins on. Training is bench/mlp_averaging.py
 `run_cell` (the real SiloTrainer, BiasHead, DP-SGD from a secret stream, randomised response,
 PrivacyPlan's noise at combined eps 1, the joint clip split over the blocks, chunks of 4).
@@ -37,13 +37,71 @@ from stale_gradients import Joined
 
 from clients.protocol.schema import AUTHORITY, federation_silos, silo_salt
 from clients.silo.data import load_silo
-from clients.silo.encoding import encode
 from server.labels import load_labels
 from simulations.data.mapping import resolve_mapping
 from simulations.data.paths import Parties
 from simulations.data.population import PopulationConfig
 from simulations.data.real_data import import_parties
 from simulations.run.experiment import prepare_parties
+
+ENCODINGS = ("scaled", "thermometer", "scaled+thermometer")
+# The DP scorecard's pre-bins (server/scorecard_dp.py): 32 equal-width bins over +-4 units.
+DEFAULT_BINS = 32
+DEFAULT_UNITS = 4.0
+
+
+def thresholds(bins: int = DEFAULT_BINS, units: float = DEFAULT_UNITS) -> np.ndarray:
+    """The bins - 1 inner edges, ascending, fixed by (bins, units) alone."""
+    if bins < 2:
+        raise ValueError("bins must be at least 2")
+    if not units > 0:
+        raise ValueError("units must be positive")
+    step = 2.0 * units / bins
+    return -units + step * np.arange(1, bins, dtype=np.float64)
+
+
+def thermometer(x: np.ndarray, bins: int = DEFAULT_BINS,
+                units: float = DEFAULT_UNITS) -> np.ndarray:
+    """(rows, columns * (bins - 1)) float32, column-major by input column: bit j of column c
+    is `step` where x[:, c] > t_j, else 0. NaN is refused (prepared values have none)."""
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 2:
+        raise ValueError("x must be (rows, columns)")
+    if np.isnan(x).any():
+        raise ValueError("x has missing values: prepare the table first")
+    edges = thresholds(bins, units)
+    step = np.float32(2.0 * units / bins)
+    bits = (x[:, :, None] > edges[None, None, :]).astype(np.float32)
+    bits *= step
+    return bits.reshape(len(x), x.shape[1] * (bins - 1))
+
+
+def encode(x: np.ndarray, numeric: int, encoding: str = "scaled", bins: int = DEFAULT_BINS,
+           units: float = DEFAULT_UNITS) -> np.ndarray:
+    """The model inputs for a prepared matrix whose first `numeric` columns are the
+    standardised numeric values: `scaled` returns `x` unchanged; otherwise those columns are
+    replaced by (`scaled+thermometer`: followed by) their thermometer code, and the rest of the
+    matrix (missing indicators, one-hot columns) follows unchanged."""
+    if encoding not in ENCODINGS:
+        raise ValueError(f"encoding must be one of {', '.join(ENCODINGS)}")
+    if not 0 <= numeric <= x.shape[1]:
+        raise ValueError("numeric must lie in [0, columns]")
+    if encoding == "scaled":
+        return x
+    code = thermometer(x[:, :numeric], bins, units)
+    head = [x[:, :numeric].astype(np.float32)] if encoding == "scaled+thermometer" else []
+    return np.concatenate([*head, code, x[:, numeric:].astype(np.float32)], axis=1)
+
+
+def encoded_names(columns: list[str] | tuple[str, ...], numeric: int, encoding: str = "scaled",
+                  bins: int = DEFAULT_BINS) -> list[str]:
+    """Names of `encode`'s output columns: `col>j` for bit j (1-based) of a numeric column."""
+    if encoding == "scaled":
+        return list(columns)
+    bits = [f"{c}>{j}" for c in columns[:numeric] for j in range(1, bins)]
+    head = list(columns[:numeric]) if encoding == "scaled+thermometer" else []
+    return [*head, *bits, *columns[numeric:]]
+
 
 OWN_KEYS = {"enc": "scaled", "nb": "32", "u": "4", "central": "0"}
 

@@ -46,7 +46,7 @@ class ModelConfig:
                              else (1,)),
                             ("model.top_hidden", self.top_hidden)):
             if not layers or any(h < 1 or h > 4096 for h in layers):
-                zero = " (or model.hidden=0 alone: no hidden layer)" if key == "model.hidden" else ""
+                zero = " (model.hidden=0 alone: no hidden layer)" if key == "model.hidden" else ""
                 raise ConfigError(
                     f"{key}={layers}: give 1 to 4096 units per layer, e.g. 32,16{zero}"
                 )
