@@ -139,7 +139,7 @@ def run_cell(data: Joined, cell: dict[str, str], seed: int, secret: bytes,
                                      label_epsilon=label), silo_names,
                        len(data.train), cfg.batch_size, cfg.epochs, ledger=None)
     sigma = plan.sigma
-    hidden = tuple(int(h) for h in cell["h"].split("-"))
+    hidden = tuple(int(h) for h in cell["h"].split("-") if h not in ("", "0"))  # h=0: linear
     t0 = time.perf_counter()
     torch.set_num_threads(1)
     q = min(1.0, cfg.batch_size / len(data.train))

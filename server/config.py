@@ -32,7 +32,8 @@ class ModelConfig:
     # labels protected from the silos by RR, at privacy.epsilon=inf; the DP scorecard at a
     # finite one (server/scorecard_dp_run.py: noisy counts and Newton steps, no RR needed).
     kind: str = "mlp"
-    # Each silo's bottom MLP; unset (empty) = MLP_HIDDEN's default for the run's mode.
+    # Each silo's bottom MLP; unset (empty) = MLP_HIDDEN's default for the run's mode; 0 = no
+    # hidden layer (each silo's contribution linear in its inputs).
     hidden: tuple[int, ...] = ()
     # `concat` mode only: each silo's embedding width, and the authority's MLP layers on top.
     embedding_dim: int = 4
@@ -41,23 +42,30 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.kind not in MODEL_KINDS:
             raise ConfigError(f"model.kind={self.kind!r}: choose one of {', '.join(MODEL_KINDS)}")
-        for key, layers in (("model.hidden", self.hidden or (1,)),
+        for key, layers in (("model.hidden", self.hidden if self.hidden not in ((), LINEAR)
+                             else (1,)),
                             ("model.top_hidden", self.top_hidden)):
             if not layers or any(h < 1 or h > 4096 for h in layers):
+                zero = " (model.hidden=0 alone: no hidden layer)" if key == "model.hidden" else ""
                 raise ConfigError(
-                    f"{key}={layers}: give 1 to 4096 units per layer, e.g. 32,16"
+                    f"{key}={layers}: give 1 to 4096 units per layer, e.g. 32,16{zero}"
                 )
         if not 1 <= self.embedding_dim <= 256:
             raise ConfigError(f"model.embedding_dim={self.embedding_dim}: use 1 to 256")
 
 
-# model.hidden left unset: one layer of 16 under DP-SGD in the vertical `sum` model, else
-# (32, 16). DP-SGD noises every weight, so a smaller bottom MLP keeps more signal per step:
-# at eps 1, in process, mean validation AUC 0.762 against 0.750 on UCI (21,000 in training,
-# 3 seeds), 0.829 against 0.824 on 30,000 generated people (3 seeds), 0.855 against 0.850 on
-# 100,000 (2 seeds) (bench/RESULTS.md "MLP defaults that hold on both data sizes"). Not
-# measured elsewhere (no DP, concat, horizontal), which keep (32, 16).
-MLP_HIDDEN: dict[bool, tuple[int, ...]] = {True: (16,), False: (32, 16)}
+# model.hidden=0: no hidden layer, so each silo's bottom model is linear in its prepared inputs
+# (clients/protocol/model.py `hidden_layers` skips a width of 0).
+LINEAR: tuple[int, ...] = (0,)
+
+# model.hidden left unset: no hidden layer (LINEAR) under DP-SGD in the vertical `sum` model,
+# else (32, 16). DP-SGD noises every weight, so a smaller bottom model keeps more signal per
+# step: at eps 1, in process, one layer of 16 beat (32, 16) (bench/RESULTS.md "MLP defaults
+# that hold on both data sizes"), and no hidden layer beat 16: mean validation AUC 0.768
+# against 0.760 on UCI (seeds 0-2, every seed), 0.859 against 0.854 on 100,000 generated
+# people (bench/RESULTS.md "Input encodings and a linear bottom model at eps 1"). Not measured
+# elsewhere (no DP, concat, horizontal), which keep (32, 16).
+MLP_HIDDEN: dict[bool, tuple[int, ...]] = {True: LINEAR, False: (32, 16)}
 
 
 def default_hidden(dp_sgd: bool, topology: str, mode: str) -> tuple[int, ...]:

@@ -113,15 +113,42 @@ def test_engine_workers_one_per_core_at_most_one_per_silo(monkeypatch):
         engine_workers(3)
 
 
-def test_the_bottom_mlp_is_smaller_by_default_under_dp_sgd_only() -> None:
-    """model.hidden unset: 16 under DP-SGD in the vertical sum model (measured better at eps 1
-    on UCI and the generated population), 32,16 elsewhere; a value set is kept; config.json
-    (and so the run key) records the resolved layers."""
+def test_the_bottom_model_is_linear_by_default_under_dp_sgd_only() -> None:
+    """model.hidden unset: no hidden layer (0) under DP-SGD in the vertical sum model (measured
+    better at eps 1 on UCI and the generated population), 32,16 elsewhere; a value set is kept;
+    config.json (and so the run key) records the resolved layers."""
     from server.config import PrivacyConfig
 
-    assert AuthorityConfig().model.hidden == (16,)
+    assert AuthorityConfig().model.hidden == (0,)
     assert AuthorityConfig(privacy=PrivacyConfig(epsilon=float("inf"))).model.hidden == (32, 16)
     for other in ({"aggregation.mode": "concat"}, {"topology": "horizontal"}):
         assert parse_flat(AuthorityConfig, other).model.hidden == (32, 16)
-    assert parse_flat(AuthorityConfig, {"model.hidden": ""}).model.hidden == (16,)
+    assert parse_flat(AuthorityConfig, {"model.hidden": ""}).model.hidden == (0,)
     assert parse_flat(AuthorityConfig, {"model.hidden": "8,4"}).model.hidden == (8, 4)
+    assert parse_flat(AuthorityConfig, {"privacy.epsilon": "inf",
+                                        "model.hidden": "0"}).model.hidden == (0,)
+
+
+@pytest.mark.parametrize("layers", ["0,16", "16,0", "0,0", "-1"])
+def test_a_zero_width_is_only_accepted_alone(layers: str) -> None:
+    with pytest.raises(ConfigError, match=r"model\.hidden=0 alone"):
+        parse_flat(AuthorityConfig, {"model.hidden": layers})
+
+
+def test_model_hidden_zero_is_one_linear_map() -> None:
+    """hidden (0,): each silo's contribution is w . x + b (no ReLU), so scaling every input
+    doubles the contribution's change; it travels in ModelSpec's config unchanged."""
+    import torch
+
+    from clients.protocol.model import BottomModel, ModelSpec
+
+    spec = ModelSpec.from_config(ModelSpec((0,), 0.01, 0.0, 0).to_config())
+    assert spec.hidden == (0,)
+    model = BottomModel(3, spec.hidden)
+    assert [type(m).__name__ for m in model.net] == ["Linear"]
+    with torch.no_grad():
+        model.net[0].weight.copy_(torch.tensor([[1.0, -2.0, 0.5]]))
+        model.net[0].bias.fill_(0.25)
+        x = torch.tensor([[1.0, 1.0, 2.0], [-3.0, 0.0, 0.0]])
+        assert torch.allclose(model(x), torch.tensor([0.25, -2.75]))
+        assert torch.allclose(model(2 * x) - model(torch.zeros(2, 3)), 2 * (model(x) - 0.25))

@@ -78,10 +78,11 @@ class ModelSpec:
 
 
 def hidden_layers(inputs: int, hidden: tuple[int, ...]) -> tuple[list[nn.Module], int]:
-    """Linear + ReLU per hidden width; returns the layers and the last width."""
+    """Linear + ReLU per hidden width; returns the layers and the last width. A width of 0
+    adds no layer: `hidden` = (0,) (`model.hidden=0`) leaves the model one linear map."""
     layers: list[nn.Module] = []
     width = inputs
-    for h in hidden:
+    for h in filter(None, hidden):
         layers += [nn.Linear(width, h), nn.ReLU()]
         width = h
     return layers, width
