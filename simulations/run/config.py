@@ -157,7 +157,7 @@ DESCRIPTIONS: dict[str, str] = {
     "model.kind": "mlp (bottom MLPs, DP-SGD), gbdt (vertical trees: DP at a finite epsilon) "
                   "or scorecard (vertical WoE scorecard: DP at a finite epsilon)",
     "model.hidden": "hidden layers of each silo's bottom MLP, units per layer; 0 = none, "
-                    "linear (unset: 0 under DP-SGD in the vertical sum model, else 32,16)",
+                    "linear (unset: 16 under DP-SGD in the vertical sum model, else 32,16)",
     "model.embedding_dim": "aggregation.mode=concat: width of each silo's embedding",
     "model.top_hidden": "aggregation.mode=concat: hidden layers of the authority's top MLP",
     "gbdt.trees": "model.kind=gbdt: trees (unset: 50 at epsilon=inf, 300 DP)",
