@@ -23,7 +23,7 @@ from clients.protocol import messages as m
 from clients.protocol.schema import AUTHORITY, authority_schema
 from crypto.at_rest import open_keystore
 from crypto.secret_random import SecretRandom
-from server import checkpoint, gbdt_dp_run, run_phases, scorecard_dp_run, scoring
+from server import checkpoint, gbdt_dp_notes, gbdt_dp_run, run_phases, scorecard_dp_run, scoring
 from server.checkpoint import RunState, TrainState
 from server.config import AuthorityConfig
 from server.config_keys import to_flat
@@ -87,7 +87,7 @@ def run_authority(
     scored = score_everyone(ctx, tables, plan, trained)
     phases.stop()
     out = results(ctx, tables, plan, trained, scored, resume, phases.seconds)
-    gbdt_dp_run.annotate(out, cfg)  # model.kind=gbdt only
+    gbdt_dp_notes.annotate(out, cfg)  # model.kind=gbdt only
     scorecard_dp_run.annotate(out, cfg)  # model.kind=scorecard only
     write_results(out_dir, out)
     return RunResult(metrics=out, seconds=phases.seconds)

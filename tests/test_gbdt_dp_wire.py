@@ -15,7 +15,7 @@ from clients.protocol import gbdt as msg
 from clients.protocol.messages import get_array
 from clients.silo.gbdt import GbdtSilo
 from crypto.secret_random import SecretRandom
-from server import gbdt_dp, gbdt_dp_guide, gbdt_dp_run, run_phases
+from server import gbdt_dp, gbdt_dp_guide, gbdt_dp_notes, gbdt_dp_run, run_phases
 from server.config import AuthorityConfig, ConfigError
 from server.config_keys import parse_flat, to_flat
 from server.federation import FederationError
@@ -144,7 +144,7 @@ def test_the_phase_reproduces_the_in_process_dp_trees_and_its_ledger_verifies(
 def test_a_dp_tree_run_says_its_epsilon_and_that_no_label_budget_is_spent() -> None:
     out = {"model": {"bias": 0.0}, "epsilon": {"model": 0.98}, "delta": 1e-6,
            "authority_sees": ["the sum"]}
-    gbdt_dp_run.annotate(out, parse_flat(AuthorityConfig, DP))
+    gbdt_dp_notes.annotate(out, parse_flat(AuthorityConfig, DP))
     assert out["model_kind"] == "gbdt"
     assert out["gbdt"]["model_epsilon"] == 0.98
     assert "not spent" in out["gbdt"]["label_protection"]
