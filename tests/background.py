@@ -155,6 +155,9 @@ class _Runs:
         self._prepare = prepare
         self._lane_env = lane_env
         self.queued = queued
+        # How much it yields to the foreground (tests/priority.py): a run that mostly waits
+        # on the deployment engine's polls less than the lanes' runs.
+        self._nice = priority.NICE if queued else priority.WAITS_NICE
         if queued:
             _LANES.enqueue(self)
         listed = [c if isinstance(c, Command) else Command(c) for c in commands]
@@ -195,7 +198,8 @@ class _Runs:
                     return
                 self._current = subprocess.Popen(argv, cwd=self.work,
                                                  env={**env, **command.env,
-                                                      **priority.background_env()},
+                                                      **priority.background_env(
+                                                          self._nice)},
                                                  stdout=fo, stderr=fe)
             (self.work / f"cli-{i}.pid").write_text(str(self._current.pid))
             started = time.monotonic()

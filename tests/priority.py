@@ -9,12 +9,15 @@ engine's SuperLink and each SuperNode start sessions of their own, so at the sta
 a dozen sessions split two cores and the foreground got a twelfth of them: tests that take 7 s
 alone took 25 s in a quiet CI and 67 s beside other work.
 
-Every process of a background run carries BACKGROUND_ENV in its environment (the run's, its
-lane head's and everything they start inherit it). A watcher thread marks each such process
-nice 10 and, when it leads a session of its own, that session's autogroup nice 10 as well: the
-weight of a nice-10 group is a tenth of a nice-0 one, so the background takes what the
-foreground leaves and all of it while the foreground waits. Raising a nice value needs no
-privilege; on a machine without autogroups only the per-process nice applies.
+Every process of a background run carries BACKGROUND_ENV=<nice> in its environment (the
+run's, its lane head's and everything they start inherit it). A watcher thread gives each such
+process that nice value and, when it leads a session of its own, that session's autogroup the
+same: the weight of a nice-10 group is a tenth of a nice-0 one, so the lanes take what the
+foreground leaves and all of it while the foreground waits. The deployment engine's runs
+(`waits=True`) get nice 5 (a third): they mostly wait on 3 s polls, but each message starts a
+process, and at nice 10 beside two lanes a deployed run took 429 s instead of 264 s and the
+suite waited for it. Raising a nice value needs no privilege; on a machine without autogroups
+only the per-process nice applies.
 """
 
 from __future__ import annotations
@@ -28,15 +31,16 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 BACKGROUND_ENV = "FEDSCORE_TEST_BACKGROUND"
-NICE = 10
+NICE = 10  # the lanes' runs and heads
+WAITS_NICE = 5  # runs that mostly wait (the deployment engine's)
 PERIOD = 1.0  # seconds between scans: a run's processes live for seconds to minutes
-_MARKER = f"{BACKGROUND_ENV}=1".encode()
+_MARKER = f"{BACKGROUND_ENV}=".encode()
 _PROC = Path("/proc")
 
 
-def background_env() -> dict[str, str]:
-    """What a background process's environment adds to be yielded to the foreground."""
-    return {BACKGROUND_ENV: "1"}
+def background_env(nice: int = NICE) -> dict[str, str]:
+    """What a background process's environment adds to yield to the foreground at `nice`."""
+    return {BACKGROUND_ENV: str(nice)}
 
 
 def _stat(pid: int) -> tuple[int, int] | None:
@@ -49,21 +53,27 @@ def _stat(pid: int) -> tuple[int, int] | None:
     return int(fields[3]), int(fields[19])
 
 
-def _marked(pid: int) -> bool:
+def _marked(pid: int) -> int | None:
+    """The nice value `pid`'s environment asks for, if it is a background process."""
     try:
-        return _MARKER in (_PROC / str(pid) / "environ").read_bytes().split(b"\0")
+        environ = (_PROC / str(pid) / "environ").read_bytes()
     except OSError:  # gone, or not ours
-        return False
+        return None
+    for entry in environ.split(b"\0"):
+        if entry.startswith(_MARKER):
+            value = entry.removeprefix(_MARKER)
+            return int(value) if value.isdigit() and int(value) <= 19 else None
+    return None
 
 
-def _yield(pid: int, session: int, own_session: int) -> None:
+def _yield(pid: int, nice: int, session: int, own_session: int) -> None:
     with contextlib.suppress(OSError):
-        if os.getpriority(os.PRIO_PROCESS, pid) < NICE:
-            os.setpriority(os.PRIO_PROCESS, pid, NICE)
+        if os.getpriority(os.PRIO_PROCESS, pid) < nice:
+            os.setpriority(os.PRIO_PROCESS, pid, nice)
     # The autogroup belongs to the session: never the suite's own, which holds the foreground.
     if session == pid and session != own_session:
         with contextlib.suppress(OSError):
-            (_PROC / str(pid) / "autogroup").write_text(str(NICE))
+            (_PROC / str(pid) / "autogroup").write_text(str(nice))
 
 
 class Yielder:
@@ -98,8 +108,9 @@ class Yielder:
                 except OSError:
                     continue
                 # Not cached when unmarked: a child forked from the suite is marked at its exec.
-                if _marked(pid):
-                    _yield(pid, stat[0], own[0])
+                nice = _marked(pid)
+                if nice is not None:
+                    _yield(pid, nice, stat[0], own[0])
                     self._done.add((pid, stat[1]))
 
     def stop(self) -> None:

@@ -34,13 +34,17 @@ def test_marked_processes_and_their_sessions_yield_and_the_rest_do_not():
         subprocess.Popen(SLEEPER, env=env, start_new_session=True),  # a session of its own
         subprocess.Popen(SLEEPER, env=env),  # in the suite's session
         subprocess.Popen(SLEEPER, start_new_session=True),  # unmarked: the foreground's
+        subprocess.Popen(SLEEPER, env={**os.environ, **priority.background_env(
+            priority.WAITS_NICE)}),  # a run that mostly waits yields less
     ]
-    own, shared, unmarked = started
+    own, shared, unmarked, waits = started
     watcher = priority.Yielder(period=0.05)
     watcher.start()
     try:
         assert _wait_for(lambda: os.getpriority(os.PRIO_PROCESS, shared.pid) == priority.NICE)
         assert _wait_for(lambda: os.getpriority(os.PRIO_PROCESS, own.pid) == priority.NICE)
+        assert _wait_for(
+            lambda: os.getpriority(os.PRIO_PROCESS, waits.pid) == priority.WAITS_NICE)
         if own_group is not None:  # autogroups: the marked session yields, the suite's not
             assert _wait_for(lambda: _autogroup_nice(own.pid) == priority.NICE)
             assert _autogroup_nice(os.getpid()) == own_group
