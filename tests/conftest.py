@@ -56,11 +56,14 @@ def _engine_env(cwd: Path) -> dict[str, str]:
     return {**_cli_env(cwd), **HEAD.join_env()}
 
 
-# The parties whose secret streams decide a default run's noise, plans, flips and split.
+# The parties whose secret streams decide a default run's noise, plans, flips and split; a
+# horizontal run's.
 FIXED_SECRET_PARTIES = ("authority", "payments", "social", "device")
+HORIZONTAL_SECRET_PARTIES = ("region_1", "region_2", "region_3", "server", "simulation")
 
 
-def fix_secrets(keystore: Path, label: str) -> None:
+def fix_secrets(keystore: Path, label: str,
+                parties: tuple[str, ...] = FIXED_SECRET_PARTIES) -> None:
     """Give a run's parties fixed randomness secrets, derived from `label`, before the run
     makes fresh ones: a test's run is then the same run on every machine (the guarantee tests
     that need fresh secrets delete these, test_privacy_run.py), so a figure a test asserts
@@ -74,7 +77,7 @@ def fix_secrets(keystore: Path, label: str) -> None:
     if keystore.exists():
         return
     Keystore.init(keystore)
-    for party in FIXED_SECRET_PARTIES:
+    for party in parties:
         write_private(keystore / SECRET_FILE.format(party=party),
                       hashlib.sha256(f"fedscore-test/{label}/{party}".encode()).digest())
 

@@ -30,7 +30,12 @@ from simulations.data.population import PopulationConfig, generate
 from simulations.data.regions import assign_regions, customers, write_regions
 from simulations.run.config import make_config
 from tests import background
-from tests.conftest import assert_no_identifiers, fix_secrets, run_cli
+from tests.conftest import (
+    HORIZONTAL_SECRET_PARTIES,
+    assert_no_identifiers,
+    fix_secrets,
+    run_cli,
+)
 
 SECRET = SecretRandom(bytes(range(32)))
 
@@ -358,8 +363,9 @@ def _horizontal_commands(work: Path) -> list[tuple[str, ...] | background.Comman
     # 3,000 people, 3 rounds and eps 2, one fresh draw in CI gave the sample run 0.478).
     fixed = background.Command(("run", "--out", str(work / "sample"), *parties, *common,
                                 *sample),
-                               before=lambda work: fix_secrets(work / "parties.keys",
-                                                               "horizontal"))
+                               before=lambda work: fix_secrets(
+                                   work / "parties.keys", "horizontal",
+                                   HORIZONTAL_SECRET_PARTIES))
     return [fixed,
             ("run", "--out", str(work / "user"), *parties, *common, *user),
             ("run", "--out", str(work / "user_again"), *parties, *common, *user),
