@@ -31,13 +31,10 @@ pytestmark = pytest.mark.slow
 # deployment's machinery.
 ARGS = ("--users", "2000", "--seed", "4", "--set", "train.epochs=1",
         "--set", "train.chunk_warmup=false", "--set", "privacy.guardrails=warn")
-# SuperNodes poll for work every 3 s: the run mostly waits, so it does not queue. Its twin in
-# the simulation engine on the same parties and keystores follows it there: every DP draw comes
-# from the parties' secrets, so only the same keystores can give the same run.
-background.register("deployed", lambda work: [
-    ("deploy", "--out", str(work / "deployed"), *ARGS),
-    ("run", "--out", str(work / "simulated"), "--parties", str(work / "deployed.parties"),
-     *ARGS)], waits=True)
+# Mostly waiting on the SuperNodes' 3 s polls, so it runs beside the rest of the suite.
+# SuperNodes poll for work every 3 s: the run mostly waits, so it does not queue.
+background.register("deployed", lambda work: [("deploy", "--out", str(work / "deployed"), *ARGS)],
+                    waits=True)
 
 
 def wait_for(predicate, timeout: float, what: str) -> None:
@@ -182,15 +179,17 @@ def test_app_pin_is_reproducible_and_checked(tmp_path: Path):
 
 
 @pytest.fixture(scope="module")
-def deployed(background_runs) -> tuple[Path, Path]:
+def deployed(tmp_path_factory: pytest.TempPathFactory, background_runs) -> tuple[Path, Path]:
     """The deployed run, and the same run in the simulation engine on the SAME parties and
-    keystores."""
-    procs, work = background_runs("deployed")
-    assert [p.returncode for p in procs] == [0, 0], "\n".join(
-        p.stdout[-3000:] + p.stderr[-3000:] for p in procs)
-    deployed = work / "deployed"
-    assert json.loads((deployed / "run.json").read_text())["parties"] == str(
-        work / "deployed.parties")
+    keystores: every DP draw comes from the parties' secrets, so only the same keystores can
+    give the same run."""
+    work = tmp_path_factory.mktemp("deploy")
+    (proc,), background_work = background_runs("deployed")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    deployed = background_work / "deployed"
+    parties = json.loads((deployed / "run.json").read_text())["parties"]
+    sim = run_cli("run", "--out", str(work / "simulated"), "--parties", parties, *ARGS, cwd=work)
+    assert sim.returncode == 0, sim.stderr[-3000:]
     return deployed, work / "simulated"
 
 
