@@ -8,9 +8,15 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tests import priority
 
-SLEEPER = (sys.executable, "-c", "import time; time.sleep(30)")
+pytestmark = pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs Linux's /proc")
+
+# A second thread started at once: nice values are per thread on Linux.
+SLEEPER = (sys.executable, "-c", "import threading, time; "
+           "threading.Thread(target=time.sleep, args=(30,), daemon=True).start(); time.sleep(30)")
 
 
 def _wait_for(predicate, timeout: float = 10.0) -> bool:
@@ -22,9 +28,18 @@ def _wait_for(predicate, timeout: float = 10.0) -> bool:
     return False
 
 
+def _threads_nice(pid: int) -> set[int]:
+    return {os.getpriority(os.PRIO_PROCESS, int(t.name))
+            for t in Path(f"/proc/{pid}/task").iterdir()}
+
+
 def _autogroup_nice(pid: int) -> int | None:
     path = Path(f"/proc/{pid}/autogroup")
     return int(path.read_text().split()[-1]) if path.exists() else None
+
+
+OWN = os.getpriority(os.PRIO_PROCESS, 0)
+NICE, WAITS = min(19, OWN + priority.NICE), min(19, OWN + priority.WAITS_NICE)
 
 
 def test_marked_processes_and_their_sessions_yield_and_the_rest_do_not():
@@ -38,20 +53,23 @@ def test_marked_processes_and_their_sessions_yield_and_the_rest_do_not():
             priority.WAITS_NICE)}),  # a run that mostly waits yields less
     ]
     own, shared, unmarked, waits = started
+    # Their second threads exist before the watcher looks: it must find them itself.
+    assert _wait_for(lambda: all(len(list(Path(f"/proc/{p.pid}/task").iterdir())) >= 2
+                                 for p in (own, shared)))
     watcher = priority.Yielder(period=0.05)
     watcher.start()
     try:
-        assert _wait_for(lambda: os.getpriority(os.PRIO_PROCESS, shared.pid) == priority.NICE)
-        assert _wait_for(lambda: os.getpriority(os.PRIO_PROCESS, own.pid) == priority.NICE)
+        assert _wait_for(lambda: _threads_nice(shared.pid) == {NICE})  # every thread
+        assert _wait_for(lambda: _threads_nice(own.pid) == {NICE})
         assert _wait_for(
-            lambda: os.getpriority(os.PRIO_PROCESS, waits.pid) == priority.WAITS_NICE)
+            lambda: os.getpriority(os.PRIO_PROCESS, waits.pid) == WAITS)
         if own_group is not None:  # autogroups: the marked session yields, the suite's not
-            assert _wait_for(lambda: _autogroup_nice(own.pid) == priority.NICE)
+            assert _wait_for(lambda: _autogroup_nice(own.pid) == NICE)
             assert _autogroup_nice(os.getpid()) == own_group
         time.sleep(0.2)  # several more scans
         assert os.getpriority(os.PRIO_PROCESS, unmarked.pid) == os.getpriority(
             os.PRIO_PROCESS, os.getpid())
-        assert os.getpriority(os.PRIO_PROCESS, os.getpid()) < priority.NICE
+        assert os.getpriority(os.PRIO_PROCESS, os.getpid()) == OWN
     finally:
         watcher.stop()
         for proc in started:
