@@ -9,17 +9,18 @@ engine's SuperLink and each SuperNode start sessions of their own, so at the sta
 a dozen sessions split two cores and the foreground got a twelfth of them: tests that take 7 s
 alone took 25 s in a quiet CI and 67 s beside other work.
 
-Every process of a background run carries BACKGROUND_ENV=<nice> in its environment (the
-run's, its lane head's and everything they start inherit it). A watcher thread gives each such
-process (every thread of it: nice values are per thread) that much more than the suite's own
-nice value and, when it belongs to a session other than the suite's, that session's autogroup
-the same (retried at the next scan if the kernel refuses, as it does more often than once per
-100 ms without CAP_SYS_ADMIN): the weight of a nice-10 group is a tenth of a nice-0 one, so
-the lanes take what the foreground leaves and all of it while the foreground waits. The deployment engine's runs
-(`waits=True`) get nice 5 (a third): they mostly wait on 3 s polls, but each message starts a
-process, and at nice 10 beside two lanes a deployed run took 429 s instead of 264 s and the
-suite waited for it. Raising a nice value needs no privilege; on a machine without autogroups
-only the per-process nice applies.
+Every process of a background run carries BACKGROUND_ENV=<nice>:<the suite's pid> in its
+environment (the run's, its lane head's and everything they start inherit it). The suite's
+watcher thread gives each of its own such processes (every thread: nice values are per thread)
+that much more than the suite's own nice value and, when it belongs to a session other than
+the suite's, that session's autogroup the same (retried at the next scan if the kernel
+refuses, as it does more often than once per 100 ms without CAP_SYS_ADMIN). The weight of a
+nice-10 group is a tenth of a nice-0 one, so the lanes take what the foreground leaves, and
+all of it while the foreground waits. The deployment engine's runs (`waits=True`) get nice 5
+(a third): they mostly wait on 3 s polls, but each message starts a process, and at nice 10
+beside two lanes a deployed run took 429 s instead of 264 s and the suite waited for it.
+Raising a nice value needs no privilege; on a machine without autogroups only the per-thread
+nice applies.
 """
 
 from __future__ import annotations
@@ -41,8 +42,10 @@ _PROC = Path("/proc")
 
 
 def background_env(nice: int = NICE) -> dict[str, str]:
-    """What a background process's environment adds to yield to the foreground at `nice`."""
-    return {BACKGROUND_ENV: str(nice)}
+    """What a background process's environment adds to yield to the foreground at `nice`:
+    the value names this process (the suite), whose watcher alone acts on it, so that two test
+    sessions at once (a developer's fast loop beside a full suite) never renice each other."""
+    return {BACKGROUND_ENV: f"{nice}:{os.getpid()}"}
 
 
 def _stat(pid: int) -> tuple[int, int] | None:
@@ -56,15 +59,18 @@ def _stat(pid: int) -> tuple[int, int] | None:
 
 
 def _marked(pid: int) -> int | None:
-    """The nice value `pid`'s environment asks for, if it is a background process."""
+    """The nice value `pid`'s environment asks for, if it is a background process of this
+    suite."""
     try:
         environ = (_PROC / str(pid) / "environ").read_bytes()
     except OSError:  # gone, or not ours
         return None
     for entry in environ.split(b"\0"):
         if entry.startswith(_MARKER):
-            value = entry.removeprefix(_MARKER)
-            return int(value) if value.isdigit() and int(value) <= 19 else None
+            nice, _, owner = entry.removeprefix(_MARKER).partition(b":")
+            if owner != str(os.getpid()).encode() or not nice.isdigit():
+                return None
+            return min(int(nice), 19)
     return None
 
 

@@ -66,7 +66,11 @@ def test_marked_processes_and_their_sessions_yield_and_the_rest_do_not():
         if own_group is not None:  # autogroups: the marked session yields, the suite's not
             assert _wait_for(lambda: _autogroup_nice(own.pid) == NICE)
             assert _autogroup_nice(os.getpid()) == own_group
+        stranger = subprocess.Popen(SLEEPER, env={  # another test session's background
+            **os.environ, priority.BACKGROUND_ENV: f"{priority.NICE}:{os.getpid() + 1}"})
+        started.append(stranger)
         time.sleep(0.2)  # several more scans
+        assert os.getpriority(os.PRIO_PROCESS, stranger.pid) == OWN
         assert os.getpriority(os.PRIO_PROCESS, unmarked.pid) == os.getpriority(
             os.PRIO_PROCESS, os.getpid())
         assert os.getpriority(os.PRIO_PROCESS, os.getpid()) == OWN
