@@ -42,7 +42,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from mlp_cells import cell_arguments, parse_cell, seeded_data
+from mlp_cells import cell_arguments, parse_cell, print_averages, print_means, seeded_data
 from stale_gradients import Joined
 
 from clients.protocol.model import BottomModel, ModelSpec
@@ -231,18 +231,8 @@ def main() -> None:
             results[i].append(r)
             print(f"  {args.cell[i]} steps {r['steps']} sigma_j {r['joint_sigma']:.2f} "
                   f"sigma {r['sigma']:.2f} {r['seconds']:.1f} s", flush=True)
-            for n in names:
-                print(f"    {n:9s} val {r['val'][n]:.4f} test {r['test'][n]:.4f}  val by epoch "
-                      + " ".join(f"{v:.3f}" for v in r["curve"][n]), flush=True)
-    print("\nmeans over seeds", args.seeds)
-    print("| cell | average | val AUC | test AUC | val per seed |")
-    print("| --- | --- | --- | --- | --- |")
-    for i in range(len(cells)):
-        for n in names:
-            rs = results[i]
-            print(f"| {args.cell[i]} | {n} | {np.mean([r['val'][n] for r in rs]):.4f} | "
-                  f"{np.mean([r['test'][n] for r in rs]):.4f} | "
-                  + " ".join(f"{r['val'][n]:.4f}" for r in rs) + " |")
+            print_averages(r, names)
+    print_means(args.cell, results, names, args.seeds)
 
 
 if __name__ == "__main__":

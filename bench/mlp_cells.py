@@ -9,8 +9,10 @@ import argparse
 import secrets
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -49,3 +51,24 @@ def seeded_data(args: argparse.Namespace, prefix: str) -> Iterator[tuple[int, by
         print(f"data={args.data or f'generated {args.users:,}'} seed={seed} "
               f"people={len(data.y):,} train={len(data.train):,}", flush=True)
         yield seed, secret, data
+
+
+def print_averages(r: dict, names: list[str]) -> None:
+    """One run's AUCs under each average (bench/mlp_averaging.py `run_cell`'s result)."""
+    for n in names:
+        print(f"    {n:9s} val {r['val'][n]:.4f} test {r['test'][n]:.4f}  val by epoch "
+              + " ".join(f"{v:.3f}" for v in r["curve"][n]), flush=True)
+
+
+def print_means(labels: list[str], results: Mapping[int, list[dict]], names: list[str],
+                seeds: list[int]) -> None:
+    """The cells' mean AUCs over the seeds, as a markdown table (what bench/RESULTS.md holds)."""
+    print("\nmeans over seeds", seeds)
+    print("| cell | average | val AUC | test AUC | val per seed |")
+    print("| --- | --- | --- | --- | --- |")
+    for i, label in enumerate(labels):
+        rs = results[i]  # cell i's runs, one per seed
+        for n in names:
+            print(f"| {label} | {n} | {np.mean([r['val'][n] for r in rs]):.4f} | "
+                  f"{np.mean([r['test'][n] for r in rs]):.4f} | "
+                  + " ".join(f"{r['val'][n]:.4f}" for r in rs) + " |")

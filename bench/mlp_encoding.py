@@ -32,7 +32,8 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from mlp_averaging import parse_cell, run_cell
+from mlp_averaging import DEFAULT_CELL, run_cell
+from mlp_cells import parse_cell, print_averages, print_means
 from stale_gradients import Joined
 
 from clients.protocol.schema import AUTHORITY, federation_silos, silo_salt
@@ -138,7 +139,7 @@ def split_cell(text: str) -> tuple[dict[str, str], dict[str, str]]:
             own[key] = value
         else:
             rest.append(item)
-    cell = parse_cell(",".join(rest))
+    cell = parse_cell(",".join(rest), DEFAULT_CELL)
     return cell, own
 
 
@@ -179,18 +180,8 @@ def main() -> None:
             print(f"  {args.cell[i]} inputs {[x.shape[1] for x in view.xs]} steps {r['steps']} "
                   f"sigma_j {r['joint_sigma']:.2f} sigma {r['sigma']:.2f} "
                   f"{r['seconds']:.1f} s", flush=True)
-            for n in names:
-                print(f"    {n:9s} val {r['val'][n]:.4f} test {r['test'][n]:.4f}  val by epoch "
-                      + " ".join(f"{v:.3f}" for v in r["curve"][n]), flush=True)
-    print("\nmeans over seeds", args.seeds)
-    print("| cell | average | val AUC | test AUC | val per seed |")
-    print("| --- | --- | --- | --- | --- |")
-    for i in range(len(cells)):
-        for n in names:
-            rs = results[i]
-            print(f"| {args.cell[i]} | {n} | {np.mean([r['val'][n] for r in rs]):.4f} | "
-                  f"{np.mean([r['test'][n] for r in rs]):.4f} | "
-                  + " ".join(f"{r['val'][n]:.4f}" for r in rs) + " |")
+            print_averages(r, names)
+    print_means(args.cell, results, names, args.seeds)
 
 
 if __name__ == "__main__":
