@@ -87,9 +87,22 @@ def _renice_threads(pid: int, nice: int) -> None:
                 os.setpriority(os.PRIO_PROCESS, tid, nice)
 
 
+def autogroup_nice(pid: int) -> int | None:
+    """The nice value of `pid`'s autogroup, or None where autogroups do not apply: no such file
+    (a kernel without them), or an empty one (the process sits in a cgroup of its own, as in
+    a container: the kernel then schedules by that cgroup and the file reads nothing)."""
+    try:
+        words = (_PROC / str(pid) / "autogroup").read_text().split()
+    except OSError:
+        return None
+    return int(words[-1]) if len(words) >= 3 and words[-2] == "nice" else None
+
+
 def _set_autogroup(pid: int, nice: int) -> bool:
     """The autogroup of `pid`'s session at `nice`; False if the kernel refused (without
     CAP_SYS_ADMIN it takes one such write per 100 ms on the whole machine: EAGAIN)."""
+    if autogroup_nice(pid) is None:  # no autogroup to yield: the per-thread nice is all
+        return True
     try:
         (_PROC / str(pid) / "autogroup").write_text(str(nice))
     except FileNotFoundError:  # no autogroups here: the per-thread nice is all there is

@@ -33,17 +33,12 @@ def _threads_nice(pid: int) -> set[int]:
             for t in Path(f"/proc/{pid}/task").iterdir()}
 
 
-def _autogroup_nice(pid: int) -> int | None:
-    path = Path(f"/proc/{pid}/autogroup")
-    return int(path.read_text().split()[-1]) if path.exists() else None
-
-
 OWN = os.getpriority(os.PRIO_PROCESS, 0)
 NICE, WAITS = min(19, OWN + priority.NICE), min(19, OWN + priority.WAITS_NICE)
 
 
 def test_marked_processes_and_their_sessions_yield_and_the_rest_do_not():
-    own_group = _autogroup_nice(os.getpid())
+    own_group = priority.autogroup_nice(os.getpid())
     env = {**os.environ, **priority.background_env()}
     started = [
         subprocess.Popen(SLEEPER, env=env, start_new_session=True),  # a session of its own
@@ -64,8 +59,8 @@ def test_marked_processes_and_their_sessions_yield_and_the_rest_do_not():
         assert _wait_for(
             lambda: os.getpriority(os.PRIO_PROCESS, waits.pid) == WAITS)
         if own_group is not None:  # autogroups: the marked session yields, the suite's not
-            assert _wait_for(lambda: _autogroup_nice(own.pid) == NICE)
-            assert _autogroup_nice(os.getpid()) == own_group
+            assert _wait_for(lambda: priority.autogroup_nice(own.pid) == NICE)
+            assert priority.autogroup_nice(os.getpid()) == own_group
         stranger = subprocess.Popen(SLEEPER, env={  # another test session's background
             **os.environ, priority.BACKGROUND_ENV: f"{priority.NICE}:{os.getpid() + 1}"})
         started.append(stranger)
@@ -79,3 +74,16 @@ def test_marked_processes_and_their_sessions_yield_and_the_rest_do_not():
         for proc in started:
             proc.kill()
             proc.wait()
+
+
+def test_autogroups_that_do_not_apply_read_as_none(tmp_path, monkeypatch):
+    """In a container the file exists but reads empty (the CI machine's case at stop 35)."""
+    monkeypatch.setattr(priority, "_PROC", tmp_path)
+    (tmp_path / "7").mkdir()
+    assert priority.autogroup_nice(7) is None  # no file: a kernel without autogroups
+    (tmp_path / "7" / "autogroup").write_text("")
+    assert priority.autogroup_nice(7) is None
+    assert priority._set_autogroup(7, 10)  # nothing to yield, and nothing written
+    assert (tmp_path / "7" / "autogroup").read_text() == ""
+    (tmp_path / "7" / "autogroup").write_text("/autogroup-1480 nice 3\n")
+    assert priority.autogroup_nice(7) == 3
