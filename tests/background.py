@@ -18,6 +18,7 @@ against 887 s in CI, and one lane beside the foreground was the best.) A run tha
 from __future__ import annotations
 
 import inspect
+import os
 import shutil
 import subprocess
 import sys
@@ -27,6 +28,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import pytest
 
@@ -54,6 +56,30 @@ class Command:
 Commands = Callable[[Path], list[Sequence[str] | Command]]
 Prepare = Callable[[tuple[str, ...], Path], None]  # what to do before a command starts
 LaneEnv = Callable[[int], dict[str, str]]  # a lane's own settings (its Ray head), by number
+
+
+class Launch(Protocol):
+    """Starts `python -m simulations.cli ARGS` for lane `lane` (None: no lane): a process of
+    its own, or one forked from the lane's zygote (tests/zygote.py)."""
+
+    def __call__(self, lane: int | None, args: Sequence[str], *, cwd: Path,
+                 env: Mapping[str, str], stdin: int, stdout: int, stderr: int
+                 ) -> Waitable: ...
+
+
+class Waitable(Protocol):
+    pid: int
+
+    def poll(self) -> int | None: ...
+    def wait(self, timeout: float | None = None) -> int: ...
+    def terminate(self) -> None: ...
+    def kill(self) -> None: ...
+
+
+def _own_process(lane: int | None, args: Sequence[str], *, cwd: Path, env: Mapping[str, str],
+                 stdin: int, stdout: int, stderr: int) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "simulations.cli", *args], cwd=cwd,
+                            env=dict(env), stdin=stdin, stdout=stdout, stderr=stderr)
 
 _registered: dict[str, Commands] = {}
 _waits: set[str] = set()
@@ -148,9 +174,10 @@ class _Runs:
 
     def __init__(self, commands: list[Sequence[str] | Command], work: Path,
                  env: Callable[[Path], dict[str, str]], prepare: Prepare,
-                 queued: bool, lane_env: LaneEnv) -> None:
+                 queued: bool, lane_env: LaneEnv, launch: Launch) -> None:
         self.work, self.results = work, []
-        self._current: subprocess.Popen | None = None
+        self._current: Waitable | None = None
+        self._launch = launch
         self._stopped = False
         self._prepare = prepare
         self._lane_env = lane_env
@@ -167,25 +194,23 @@ class _Runs:
 
     def _run_in_lane(self, commands: list[Command], env: dict[str, str]) -> None:
         if not self.queued:
-            self._run(commands, env)
+            self._run(commands, env, None)
             return
         lane = _LANES.acquire(self)
         if lane is None:
             return
         try:
-            self._run(commands, {**env, **self._lane_env(lane)})
+            self._run(commands, {**env, **self._lane_env(lane)}, lane)
         finally:
             _LANES.release(lane)
 
-    def _run(self, commands: list[Command], env: dict[str, str]) -> None:
+    def _run(self, commands: list[Command], env: dict[str, str], lane: int | None) -> None:
         for i, command in enumerate(commands):
             args = tuple(command.args)
             out, err = self.work / f"cli-{i}.stdout", self.work / f"cli-{i}.stderr"
+            argv = list(command.program or ())
             if command.program is None:
-                argv = [sys.executable, "-m", "simulations.cli", *args]
                 self._prepare(args, self.work)
-            else:
-                argv = list(command.program)
             if command.before is not None:
                 try:
                     command.before(self.work)
@@ -193,14 +218,15 @@ class _Runs:
                     self.results.append(subprocess.CompletedProcess(
                         list(args), -1, "", f"before this command: {exc!r}"))
                     return
-            with out.open("w") as fo, err.open("w") as fe:
+            with out.open("w") as fo, err.open("w") as fe, open(os.devnull, "rb") as null:
                 if self._stopped:
                     return
-                self._current = subprocess.Popen(argv, cwd=self.work,
-                                                 env={**env, **command.env,
-                                                      **priority.background_env(
-                                                          self._nice)},
-                                                 stdout=fo, stderr=fe)
+                full = {**env, **command.env, **priority.background_env(self._nice)}
+                self._current = (
+                    self._launch(lane, args, cwd=self.work, env=full, stdin=null.fileno(),
+                                 stdout=fo.fileno(), stderr=fe.fileno())
+                    if command.program is None else
+                    subprocess.Popen(argv, cwd=self.work, env=full, stdout=fo, stderr=fe))
             (self.work / f"cli-{i}.pid").write_text(str(self._current.pid))
             started = time.monotonic()
             code = self._current.wait()
@@ -236,11 +262,12 @@ class _Runs:
 
 
 def start_for(items: list[pytest.Item], env: Callable[[Path], dict[str, str]],
-              prepare: Prepare, lane_env: LaneEnv) -> None:
+              prepare: Prepare, lane_env: LaneEnv, launch: Launch = _own_process) -> None:
     """Start every registered run a collected test awaits, queued in the order of the first
     test that awaits each; `prepare(args, work)` runs before each command (the suite fixes a
     run's secrets there, as for a foreground run); a run in lane n adds `lane_env(n)` to its
-    environment (the suite's lanes each join a Ray head of their own)."""
+    environment (the suite's lanes each join a Ray head of their own) and `launch` starts its
+    fedscore commands."""
     first = {}
     for index, item in enumerate(items):
         for name in _registered:
@@ -251,7 +278,7 @@ def start_for(items: list[pytest.Item], env: Callable[[Path], dict[str, str]],
             continue
         work = Path(tempfile.mkdtemp(prefix=f"fedscore-{name}-"))
         _started[name] = _Runs(_registered[name](work), work, env, prepare,
-                               queued=name not in _waits, lane_env=lane_env)
+                               queued=name not in _waits, lane_env=lane_env, launch=launch)
 
 
 def finish(name: str, timeout: float = 900) -> tuple[list[subprocess.CompletedProcess], Path]:

@@ -33,11 +33,17 @@ from pathlib import Path
 
 from simulations.run.engine import SILO_ENV
 from tests import priority
+from tests.zygote import Zygote
 
 OFF_ENV = "FEDSCORE_TEST_PRIVATE_RAY"
 LOOPBACK = "127.0.0.1"
 STARTUP_SECONDS = 120
-WORKER_PORTS = 1000  # a head's range of worker and driver ports
+WORKER_PORTS = 200  # a head's range of worker and driver ports (it serves one run at a time)
+# Where this session's three ranges start: below Linux's ephemeral ports (32768 on) and above
+# Ray's default range (10002-19999, which private-Ray runs use), one of 20 slots by process
+# ID, so that two test sessions on one machine (a fast loop beside a full suite) rarely share
+# a range: they did at fixed ranges, and the second suite's runs failed to reach their heads.
+_PORTS_BASE = 20000 + (os.getpid() % 20) * 3 * WORKER_PORTS
 # prctl(PR_SET_PDEATHSIG, SIGTERM), then exec the command (the setting survives exec).
 _DIE_WITH_PARENT = ("import ctypes, os, signal, sys; "
                     "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM); "
@@ -56,6 +62,8 @@ class _Head:
         self.proc: subprocess.Popen | None = None
         self.env: dict[str, str] = {}
         self.temp: Path | None = None
+        # Forks the head's runs from one process that imported the CLI (tests/zygote.py).
+        self.zygote: Zygote | None = None
         self._port = 0
         self._listening = False
 
@@ -118,8 +126,14 @@ class _Head:
                                      stderr=subprocess.DEVNULL, start_new_session=True)
         self.env = {**auth, "RAY_ADDRESS": f"{LOOPBACK}:{port}"}
         self._port = port
+        # Ray reads its authentication settings as it loads: the zygote has the head's.
+        self.zygote = Zygote({**env, **self.env})
+        self.zygote.start()
 
     def stop(self) -> None:
+        if self.zygote is not None:
+            self.zygote.stop()
+            self.zygote = None
         if self.proc is None:
             return
         with contextlib.suppress(ProcessLookupError, subprocess.TimeoutExpired):
@@ -152,12 +166,12 @@ def _wait_for_port(port: int, proc: subprocess.Popen) -> None:
                        f"{STARTUP_SECONDS} s")
 
 
-HEAD = _Head(worker_ports=20000)
+HEAD = _Head(worker_ports=_PORTS_BASE)
 # One head per background lane (tests/background.py): a run beside the foreground's (or beside
 # the other lane's) must not wait for the foreground head's one CPU. Each lane runs one
 # command at a time, so each head serves one run at a time, as HEAD does.
-LANE_HEADS = (_Head(worker_ports=21000, background=True),
-              _Head(worker_ports=22000, background=True))
+LANE_HEADS = (_Head(worker_ports=_PORTS_BASE + WORKER_PORTS, background=True),
+              _Head(worker_ports=_PORTS_BASE + 2 * WORKER_PORTS, background=True))
 
 
 def stop_all() -> None:
