@@ -1,0 +1,62 @@
+"""Engine commands forked from the zygote behave as a process of their own (tests/zygote.py)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+
+from tests import zygote
+from tests.conftest import _engine_env
+from tests.ray_head import HEAD
+
+pytestmark = pytest.mark.skipif(HEAD.off(), reason="the Ray heads are off in this session")
+
+
+def _forked(tmp_path, args, **extra):
+    env = {**_engine_env(tmp_path), **extra}
+    assert HEAD.zygote is not None
+    assert HEAD.zygote.ready()
+    return zygote.run(HEAD.zygote, args, cwd=tmp_path, env=env, timeout=120,
+                      input="not read\n")
+
+
+def test_a_forked_command_takes_the_callers_directory_environment_and_streams(tmp_path):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("mine")
+    result = _forked(tmp_path, ["run", "--out", "taken", "--users", "1000"],
+                     COLUMNS="61")
+    assert result.returncode != 0
+    # The refusal names the caller's directory (its own cwd) and wraps at the caller's width.
+    assert "taken" in result.stderr + result.stdout
+    assert max(len(line) for line in (result.stderr + result.stdout).splitlines()) <= 61
+    assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
+
+
+def test_a_command_the_zygote_cannot_take_runs_in_a_process_of_its_own(tmp_path):
+    env = {**_engine_env(tmp_path), "OMP_NUM_THREADS": "2"}  # read by OpenMP as torch loads
+    assert HEAD.zygote is not None
+    with pytest.raises(ValueError, match="OMP_NUM_THREADS"):
+        HEAD.zygote.spawn(["--help"], cwd=tmp_path, env=env, stdin=0, stdout=1, stderr=2)
+    with open(os.devnull, "wb") as null:
+        proc = zygote.launch(HEAD.zygote, ["--help"], cwd=tmp_path, env=env,
+                             stdin=null.fileno(), stdout=null.fileno(), stderr=null.fileno())
+        assert isinstance(proc, subprocess.Popen)
+        proc.kill()  # no need to wait for its imports
+        proc.wait(60)
+
+
+def test_a_forked_command_can_be_stopped(tmp_path):
+    assert HEAD.zygote is not None
+    assert HEAD.zygote.ready()
+    with open(os.devnull, "wb") as null:
+        proc = HEAD.zygote.spawn(["run", "--out", "r", "--users", "1000"], cwd=tmp_path,
+                                 env=_engine_env(tmp_path), stdin=null.fileno(),
+                                 stdout=null.fileno(), stderr=null.fileno())
+    with pytest.raises(subprocess.TimeoutExpired):
+        proc.wait(0.05)  # still generating its people
+    proc.terminate()
+    assert proc.wait(60) != 0
+    assert proc.poll() == proc.returncode
+    assert not (tmp_path / "r" / "metrics.json").exists()
