@@ -2,9 +2,10 @@
 
 Sections are dataclasses validated at construction. On the command line and in Flower's run
 config they appear as flat dotted keys ("train.epochs"), so one parser serves `fedscore run
---set train.epochs=5`, `[tool.flwr.app.config]` and `config.json`. The privacy and
-horizontal sections live in config_privacy.py and config_horizontal.py, ConfigError and the
-shared checks in config_checks.py; all are importable from here.
+--set train.epochs=5`, `[tool.flwr.app.config]` and `config.json`. The privacy, horizontal
+and scorecard sections live in config_privacy.py, config_horizontal.py and
+config_scorecard.py, ConfigError and the shared checks in config_checks.py; all are
+importable from here.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from server.config_checks import INFINITE_OK as INFINITE_OK
 from server.config_checks import ConfigError, finite, positive
 from server.config_horizontal import HorizontalConfig
 from server.config_privacy import PrivacyConfig
+from server.config_scorecard import ScorecardConfig
 from server.eligibility import EligibilityConfig
 
 MODEL_KINDS = ("mlp", "gbdt", "scorecard")
@@ -386,6 +388,7 @@ class AuthorityConfig:
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
     gbdt: GbdtConfig = field(default_factory=GbdtConfig)
+    scorecard: ScorecardConfig = field(default_factory=ScorecardConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)

@@ -12,6 +12,7 @@ from pathlib import Path
 from clients.protocol.schema import AUTHORITY
 from crypto.at_rest import Keystore
 from crypto.secret_random import SecretRandom
+from server import config_scorecard
 
 
 def authority_random(store: Keystore | None, data_dir: Path) -> SecretRandom:
@@ -46,6 +47,10 @@ POST_KEYS = frozenset({"gbdt.leaf_rule", "gbdt.hs_kappa", "gbdt.eb_decay", "gbdt
 # The DP trees' first additive stage (server/gbdt_dp_init.py): its keys enter only when it
 # runs (gbdt.init other than none, with DP), so every other run keeps its key.
 INIT_KEYS = frozenset({"gbdt.init", "gbdt.init_share"})
+# The scorecard's settings (server/config_scorecard.py `computed`) enter only in a scorecard
+# run, off their defaults and where they apply to its mode: every run keeps the key it had
+# before they existed.
+SCORECARD_PREFIX = config_scorecard.PREFIX
 # Delay compensation applies to `sum` mode without DP-SGD only (server/run_plan.py
 # `model_spec`): elsewhere it changes nothing, so a DP or concat run keeps the key it had
 # before the setting existed.
@@ -70,8 +75,10 @@ def computed_settings(config: dict) -> dict:
                      or float(config.get("gbdt.reuse", 0) or 0) > 0)
     staged = dp and config.get("gbdt.init", "none") != "none"
     mark = CLIP_MARK if mlp and dp and config.get("topology", "vertical") == "vertical" else {}
-    return mark | {k: v for k, v in config.items()
-            if (guided or not k.startswith(GUIDE_PREFIX)) and (posted or k not in POST_KEYS)
+    card = config_scorecard.computed(config)
+    return mark | card | {k: v for k, v in config.items()
+            if not k.startswith(SCORECARD_PREFIX)
+            and (guided or not k.startswith(GUIDE_PREFIX)) and (posted or k not in POST_KEYS)
             and (staged or k not in INIT_KEYS)
             and not k.startswith(NOT_COMPUTED_PREFIXES) and k not in NOT_COMPUTED_KEYS
             and not (mlp and k.startswith(TREE_KEYS)) and (dp or k not in DP_TREE_KEYS)

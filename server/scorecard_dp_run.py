@@ -45,7 +45,13 @@ from server.gbdt_silos import start
 from server.kept_model import scorecard_record
 from server.ledger import Ledger
 from server.scorecard import points
-from server.scorecard_run import UNITS, ScorecardSilos, calibrated, scorecard_history
+from server.scorecard_run import (
+    UNITS,
+    ScorecardSilos,
+    calibrated,
+    card_params,
+    scorecard_history,
+)
 from server.training import TrainResult
 
 log = logging.getLogger(__name__)
@@ -57,7 +63,11 @@ def dp_scorecard(cfg: AuthorityConfig) -> bool:
 
 
 def dp_params(cfg: AuthorityConfig) -> scorecard_dp.DpScorecardParams:
-    return scorecard_dp.DpScorecardParams(accountant=cfg.privacy.accountant)
+    """The DP scorecard's settings from the run's `scorecard.*` keys and privacy.accountant."""
+    card = cfg.scorecard
+    return scorecard_dp.DpScorecardParams(
+        card=card_params(cfg), steps=card.steps, count_share=card.count_share,
+        hessian_noise=card.hessian_noise, clip=card.clip, accountant=cfg.privacy.accountant)
 
 
 def train_scorecard(job: TreeJob, phases: run_phases.PhaseTimer, ledger: Ledger,

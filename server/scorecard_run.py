@@ -119,6 +119,13 @@ def _logits(name: str, reply: Message, rows: int) -> np.ndarray:
     return logits
 
 
+def card_params(cfg: AuthorityConfig) -> ScorecardParams:
+    """The scorecard's settings from the run's `scorecard.*` keys (server/config_scorecard.py)."""
+    card = cfg.scorecard
+    return ScorecardParams(bins=card.bins, min_bin_share=card.min_bin_share,
+                           smoothing=card.smoothing, iterations=card.iterations)
+
+
 def calibrated(model: VerticalScorecard, platt: scoring.Platt) -> VerticalScorecard:
     """The same scorecard with the calibration folded in: logit a z + b."""
     return replace(model, coef={s: platt.a * c for s, c in model.coef.items()},
@@ -130,7 +137,7 @@ def train_and_calibrate(job: TreeJob, phases: run_phases.PhaseTimer, reasons: in
     """Fit the scorecard over Flower on the training people's RR labels, then (timed as
     `score`) everyone's margins, the calibration on validation people's clean labels, the
     silos' points tables and, for `reasons` > 0, their reason codes."""
-    params = ScorecardParams()
+    params = card_params(job.cfg)
     rho = flip_probability(job.cfg.privacy.label_epsilon)
     everyone = np.arange(job.n_positions, dtype=np.int64)
     features = start(job.fed, job.run_key, params.bins, job.train, units=UNITS)
@@ -177,7 +184,7 @@ def annotate(out: dict, cfg: AuthorityConfig) -> None:
     epsilon is infinite, where the points tables are, and what the authority saw."""
     if cfg.model.kind != "scorecard":
         return
-    params = ScorecardParams()
+    params = card_params(cfg)
     last = (out.get("history") or [{}])[-1]
     out["model"] = {**out["model"], "kind": "scorecard"}
     out["model_kind"] = "scorecard"

@@ -17,17 +17,20 @@ from scipy.stats import norm
 from clients.protocol import gbdt as msg
 from clients.silo.gbdt import GbdtSilo
 from crypto.secret_random import SecretRandom
-from server import gbdt_dp_init, gbdt_dp_run, run_phases, scorecard_dp
+from server import gbdt_dp_init, gbdt_dp_run, scorecard_dp
 from server.config import AuthorityConfig, ConfigError
 from server.config_keys import parse_flat, to_flat
 from server.gbdt import predict_trees
 from server.gbdt_dp import PURPOSE, DpTreeParams, boost, draw_structure, route_all, train_dp_trees
 from server.gbdt_reasons import Credits, dp_credits
-from server.gbdt_run import TreeJob
-from server.ledger import Ledger
 from server.ledger_lines import GaussianRelease
 from server.run_keys import computed_settings
-from tests.test_gbdt_dp_wire import SMALL, assert_dp_model_ledger_verifies
+from tests.test_gbdt_dp_wire import (
+    SMALL,
+    assert_dp_model_ledger_verifies,
+    dp_tree_phase,
+    wired_job,
+)
 from tests.test_gbdt_wire import _task_identity, announce_run, federation  # noqa: F401
 
 SECRET = SecretRandom(b"\x07" * 32)
@@ -160,18 +163,9 @@ def test_the_staged_phase_reproduces_the_in_process_model_and_its_ledger_verifie
     the stage and the trees fitted in process from the same secret; a ledger with the
     stage's two lines and no prior that the independent accountant verifies."""
     fed, grid, xs = federation
-    cfg = parse_flat(AuthorityConfig, {**SMALL, "gbdt.init": "additive"})
-    n = len(next(iter(xs.values())))
-    rng = np.random.default_rng(5)
-    order = rng.permutation(n)
-    train, val = np.sort(order[: n * 6 // 10]), np.sort(order[n * 6 // 10: n * 8 // 10])
-    y = (rng.random(n) < 1 / (1 + np.exp(-2 * xs["payments"][:, 0] - 1))).astype(np.int8)
-    announce_run(grid, "dpkey5", epsilon=cfg.privacy.epsilon)
-    job = TreeJob(fed, cfg, "dpkey5", train, val, n, y, y.astype(np.float64))
-    grid.sent.clear()
-    result, _, spent = gbdt_dp_run.train_and_calibrate(
-        job, run_phases.PhaseTimer(None), Ledger(tmp_path), SecretRandom(SECRET_RUN))
-    routes = [m for m in grid.sent if m.metadata.message_type.endswith(msg.ROUTE)]
+    job = wired_job(federation, {**SMALL, "gbdt.init": "additive"}, "dpkey5", 5)
+    cfg, train, y, n = job.cfg, job.train, job.y, job.n_positions
+    result, _, spent, routes = dp_tree_phase(job, grid, tmp_path, SECRET_RUN)
     assert len(routes) == 2 * len(xs)
     assert result.round_trips == 4
 

@@ -36,6 +36,34 @@ SMALL = {**DP, "privacy.accountant": "rdp", "gbdt.trees": "12", "gbdt.depth": "3
 SECRET = b"\x07" * 32
 
 
+def wired_job(federation: tuple, flat: dict, run: str, seed: int,  # noqa: F811
+              *, kind: str = "gbdt", logit: tuple[float, float] = (2.0, 1.0)) -> TreeJob:
+    """A run's training job on the fixture's federation (fed, grid, xs, ...), announced to its
+    silos with their sent messages cleared: `flat`'s configuration, a 60/20/20 split and
+    labels y ~ Bernoulli(sigmoid(a x + b)) of the payments silo's first column, (a, b) =
+    `logit`, both drawn from `seed`."""
+    fed, grid, xs = federation[:3]
+    cfg = parse_flat(AuthorityConfig, flat)
+    n = len(next(iter(xs.values())))
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(n)
+    train, val = np.sort(order[: n * 6 // 10]), np.sort(order[n * 6 // 10: n * 8 // 10])
+    slope, shift = logit
+    y = (rng.random(n) < 1 / (1 + np.exp(-slope * xs["payments"][:, 0] - shift))).astype(np.int8)
+    announce_run(grid, run, kind, cfg.privacy.epsilon)
+    grid.sent.clear()
+    return TreeJob(fed, cfg, run, train, val, n, y, y.astype(np.float64))
+
+
+def dp_tree_phase(job: TreeJob, grid, ledger_dir: Path, secret: bytes) -> tuple:
+    """The DP trees' training phase of `job` over the silos' handlers, with its ledger in
+    `ledger_dir`: (result, calibration, what it spent, the route messages it sent)."""
+    result, platt, spent = gbdt_dp_run.train_and_calibrate(
+        job, run_phases.PhaseTimer(None), Ledger(ledger_dir), SecretRandom(secret))
+    routes = [m for m in grid.sent if m.metadata.message_type.endswith(msg.ROUTE)]
+    return result, platt, spent, routes
+
+
 # ---- configuration -----------------------------------------------------------------------
 
 
@@ -100,18 +128,9 @@ def test_the_phase_reproduces_the_in_process_dp_trees_and_its_ledger_verifies(
     reuse too: everyone scored through the structure each tree re-released); ledger lines the
     independent accountant agrees with, within the target, eps_model = the ledger's."""
     fed, grid, xs = federation
-    cfg = parse_flat(AuthorityConfig, {**SMALL, **extra})
-    n = len(next(iter(xs.values())))
-    rng = np.random.default_rng(3)
-    order = rng.permutation(n)
-    train, val = np.sort(order[: n * 6 // 10]), np.sort(order[n * 6 // 10: n * 8 // 10])
-    y = (rng.random(n) < 1 / (1 + np.exp(-2 * xs["payments"][:, 0] - 1))).astype(np.int8)
-    announce_run(grid, "dpkey1", epsilon=cfg.privacy.epsilon)
-    job = TreeJob(fed, cfg, "dpkey1", train, val, n, y, y.astype(np.float64))
-    grid.sent.clear()
-    result, platt, spent = gbdt_dp_run.train_and_calibrate(
-        job, run_phases.PhaseTimer(None), Ledger(tmp_path), SecretRandom(SECRET))
-    routes = [m for m in grid.sent if m.metadata.message_type.endswith(msg.ROUTE)]
+    job = wired_job(federation, {**SMALL, **extra}, "dpkey1", 3)
+    cfg, train, y, n = job.cfg, job.train, job.y, job.n_positions
+    result, platt, spent, routes = dp_tree_phase(job, grid, tmp_path, SECRET)
     assert len(routes) == len(xs)
     assert result.round_trips == 2
 
@@ -176,19 +195,10 @@ def test_the_guided_phase_reproduces_the_in_process_trees_and_its_ledger_verifie
     of its own columns, nothing else; the same margins as server/gbdt_dp_guide.py in process
     from the same secret; the split histograms' line in a ledger that verifies."""
     fed, grid, xs = federation
-    cfg = parse_flat(AuthorityConfig, {**SMALL, "gbdt.guide_every": "6",
-                                       "gbdt.guide_sigma": "20"})
-    n = len(next(iter(xs.values())))
-    rng = np.random.default_rng(4)
-    order = rng.permutation(n)
-    train, val = np.sort(order[: n * 6 // 10]), np.sort(order[n * 6 // 10: n * 8 // 10])
-    y = (rng.random(n) < 1 / (1 + np.exp(-2 * xs["payments"][:, 0] - 1))).astype(np.int8)
-    announce_run(grid, "dpkey3", epsilon=cfg.privacy.epsilon)
-    job = TreeJob(fed, cfg, "dpkey3", train, val, n, y, y.astype(np.float64))
-    grid.sent.clear()
-    result, _, spent = gbdt_dp_run.train_and_calibrate(
-        job, run_phases.PhaseTimer(None), Ledger(tmp_path), SecretRandom(SECRET))
-    routes = [m for m in grid.sent if m.metadata.message_type.endswith(msg.ROUTE)]
+    job = wired_job(federation, {**SMALL, "gbdt.guide_every": "6", "gbdt.guide_sigma": "20"},
+                    "dpkey3", 4)
+    cfg, train, y, n = job.cfg, job.train, job.y, job.n_positions
+    result, _, spent, routes = dp_tree_phase(job, grid, tmp_path, SECRET)
     assert len(routes) == len(xs)
     assert result.round_trips == 2
     params = gbdt_dp_run.dp_params(cfg)

@@ -28,7 +28,7 @@ from server.gbdt_reasons import Credits, FeatureNames, dp_credits, explained, re
 from server.gbdt_run import TreeJob
 from server.ledger import Ledger
 from server.run_plan import reasons_asked
-from tests.test_gbdt_dp_wire import SECRET, SMALL
+from tests.test_gbdt_dp_wire import SECRET, SMALL, wired_job
 from tests.test_gbdt_wire import (  # noqa: F401 (fixtures)
     _task_identity,
     announce_run,
@@ -43,16 +43,8 @@ PLAIN = {"model.kind": "gbdt", "privacy.epsilon": "inf", "privacy.label_epsilon"
 
 
 def _job(federation, flat: dict, run: str, seed: int) -> TreeJob:  # noqa: F811
-    fed, grid, xs = federation
-    cfg = parse_flat(AuthorityConfig, flat)
-    n = len(next(iter(xs.values())))
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(n)
-    train, val = np.sort(order[: n * 6 // 10]), np.sort(order[n * 6 // 10: n * 8 // 10])
     # About 15 % defaulters: margins inside the DP calibration's domain (logits -6..0).
-    y = (rng.random(n) < 1 / (1 + np.exp(-2 * xs["payments"][:, 0] + 2))).astype(np.int8)
-    announce_run(grid, run, epsilon=cfg.privacy.epsilon)
-    return TreeJob(fed, cfg, run, train, val, n, y, y.astype(np.float64))
+    return wired_job(federation, flat, run, seed, logit=(2.0, -2.0))
 
 
 def assert_points_add_up(result, platt: scoring.Platt, cfg: AuthorityConfig, k: int

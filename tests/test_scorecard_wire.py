@@ -35,7 +35,6 @@ from server import gbdt_dp_run, run_phases, scorecard_dp, scorecard_dp_run
 from server.config import AuthorityConfig, ConfigError, ScoreConfig
 from server.config_keys import parse_flat
 from server.federation import Federation, FederationError
-from server.gbdt_run import TreeJob
 from server.gbdt_silos import start
 from server.label_dp import flip_probability, keep_probability, randomized_response
 from server.ledger import Ledger
@@ -44,7 +43,7 @@ from server.scorecard_run import UNITS, ScorecardSilos, annotate, calibrated
 from server.scoring import Platt, to_score
 from simulations.run.scorecard import fit_vertical_scorecard, scored_silos, scores, silos_for
 from tests.test_gbdt import by_silo, credit_like
-from tests.test_gbdt_dp_wire import assert_dp_model_ledger_verifies
+from tests.test_gbdt_dp_wire import assert_dp_model_ledger_verifies, wired_job
 from tests.test_gbdt_wire import (
     OPEN,
     AppGrid,
@@ -341,15 +340,8 @@ def test_the_phase_reproduces_the_in_process_fit_and_its_ledger_verifies(
     coefficients and margins as `fit_dp_scorecard` in process from the same secret; each
     silo's points table on disk; ledger lines the independent accountant agrees with."""
     fed, grid, xs, root = federation
-    cfg = parse_flat(AuthorityConfig, DP_FAST)
-    n = len(next(iter(xs.values())))
-    rng = np.random.default_rng(5)
-    order = rng.permutation(n)
-    train, val = np.sort(order[: n * 6 // 10]), np.sort(order[n * 6 // 10: n * 8 // 10])
-    y = (rng.random(n) < 1 / (1 + np.exp(1 - 3 * xs["payments"][:, 0]))).astype(np.int8)
-    job = TreeJob(fed, cfg, "dpcard1", train, val, n, y, y.astype(np.float64))
-    announce_run(grid, "dpcard1", "scorecard", cfg.privacy.epsilon)
-    grid.sent.clear()
+    job = wired_job(federation, DP_FAST, "dpcard1", 5, kind="scorecard", logit=(3.0, -1.0))
+    cfg, train, y = job.cfg, job.train, job.y
     result, platt, spent = scorecard_dp_run.train_and_calibrate(
         job, run_phases.PhaseTimer(None), Ledger(tmp_path), SecretRandom(SECRET), 4)
     kinds = [msg.metadata.message_type for msg in grid.sent]

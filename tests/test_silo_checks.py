@@ -22,6 +22,7 @@ from clients.silo import run_checks, training, tree_caps
 from clients.silo.gbdt import Binning
 from clients.silo.state import silo_journal
 from server.alignment import Alignment, announce
+from tests.test_gbdt_wire import AppGrid as TreeGrid
 from tests.test_gbdt_wire import (  # noqa: F401 (fixtures)
     announce_run,
     ask,
@@ -80,6 +81,20 @@ def _level(tree: int, node: int, rows: np.ndarray) -> RecordDict:
                           rows=rows.astype(np.int64), sizes=np.array([len(rows)], np.int64))
 
 
+def _root_summed(federation, run: str, *, trees: int, depth: int  # noqa: F811
+                 ) -> tuple[TreeGrid, dict[str, np.ndarray], np.ndarray]:
+    """SecureBoost run `run` (`trees` trees of `depth`) started on every training row of the
+    fixture's federation and tree 0's root summed, as an honest authority begins:
+    (the silos' app grid, their matrices, every training position)."""
+    _, wire, xs = federation
+    everyone = np.arange(len(xs["payments"]), dtype=np.int64)
+    announce_run(wire, run)
+    assert not ask(wire, 1, msg.START, tree_start(run, everyone, trees=trees,
+                                                  depth=depth)).has_error()
+    assert not ask(wire, 1, msg.LEVEL, level_request(0, [everyone], len(everyone))).has_error()
+    return wire, xs, everyone
+
+
 def _split(tree: int, node: int, feature: int, bin_: int, rows: np.ndarray) -> RecordDict:
     return m.make_content({"tree": tree}, nodes=np.array([node], dtype=np.int64),
                           features=np.array([feature], dtype=np.int64),
@@ -92,13 +107,8 @@ def test_partitions_of_nodes_never_summed_are_refused(federation, monkeypatch) -
     summed) over every training row, one bin at a time: the bits give every person's bin of
     the column, the whole binned matrix column by column. The silo answers a partition only
     for a node it can place, over exactly that node's rows."""
-    _, wire, xs = federation
-    n = len(xs["payments"])
-    everyone = np.arange(n, dtype=np.int64)
-    announce_run(wire, "capsa")
-    assert not ask(wire, 1, msg.START, tree_start("capsa", everyone, trees=2,
-                                                  depth=3)).has_error()
-    assert not ask(wire, 1, msg.LEVEL, level_request(0, [everyone], n)).has_error()
+    wire, xs, everyone = _root_summed(federation, "capsa", trees=2, depth=3)
+    n = len(everyone)
     exact = Binning(32).apply(xs["payments"])[:, 0]
     with monkeypatch.context() as old:  # the mechanism: partitions of any node, any rows
         old.setattr(tree_caps, "check_split", lambda *a: None)
@@ -139,13 +149,8 @@ def test_trees_and_splits_beyond_the_announced_run_are_refused(federation) -> No
     """A run announced with 1 tree of depth 1 has one partition to ask. Gradients for a second
     tree, the same tree index again, a start re-sent to reset the count, or one announcing
     more trees are refused; the count survives a restart of the silo's process."""
-    _, wire, xs = federation
-    n = len(xs["payments"])
-    everyone = np.arange(n, dtype=np.int64)
-    announce_run(wire, "capsb")
-    assert not ask(wire, 1, msg.START, tree_start("capsb", everyone, trees=1,
-                                                  depth=1)).has_error()
-    assert not ask(wire, 1, msg.LEVEL, level_request(0, [everyone], n)).has_error()
+    wire, _, everyone = _root_summed(federation, "capsb", trees=1, depth=1)
+    n = len(everyone)
     assert not ask(wire, 1, msg.SPLIT, _split(0, 0, 0, 15, everyone)).has_error()
     refused(ask(wire, 1, msg.LEVEL, level_request(1, [everyone], n)),
             "gradients for tree 1", "announced 1 trees")

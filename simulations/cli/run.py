@@ -15,7 +15,7 @@ from server.privacy import model_epsilon
 from simulations.cli.output import PhaseProgress, console, progress_bar
 from simulations.cli.parsing import data_source
 from simulations.data.paths import check_new_dir, default_parties_dir
-from simulations.run.config import check_delta, make_config, parse_assignments
+from simulations.run.config import check_delta, make_config, parse_assignments, warn_unused
 from simulations.run.rundir import resume_target
 
 
@@ -40,6 +40,7 @@ def run_command(args: argparse.Namespace) -> int:
         if args.data:
             overrides["data"] = data_source(args.data, args.users)
         cfg = make_config(overrides, args.users, args.seed)
+        warn_unused([cfg], "--set")
         out_dir = args.out.resolve()
         parties = (args.parties or default_parties_dir(args.out)).resolve()
         # Input errors before anything is made or started: the paths, then delta against the

@@ -14,7 +14,7 @@ from simulations.cli.output import console, fmt, run_cells_with_progress
 from simulations.cli.parsing import data_source
 from simulations.data.mapping import MAPPING_HELP
 from simulations.data.paths import check_new_dir
-from simulations.run.config import check_delta, parse_assignments
+from simulations.run.config import check_delta, parse_assignments, warn_unused
 from simulations.run.grid import (
     DEFAULT_EPSILONS,
     EPSILON_KEY,
@@ -54,10 +54,11 @@ def sweep_command(args: argparse.Namespace) -> int:
         spec = dataclasses.replace(spec, reference={**spec.reference,
                                                     **parse_reference(args.reference)})
     cells = spec.cells()
-    for cell in cells:  # every cell's delta (a grid may vary it), before any cell starts
-        cfg = spec.config(cell)
+    configs = [spec.config(cell) for cell in cells]
+    for cfg in configs:  # every cell's delta (a grid may vary it), before any cell starts
         if cfg.generated:  # real data: checked against its tables when they are read
             check_delta(cfg, cfg.population.users, "population.users")
+    warn_unused(configs, "--set")
     todo = sum(not is_done(out, c) for c in cells)
     # The same command continues a sweep: finished cells are kept, the others resume.
     table = run_cells_with_progress(

@@ -13,7 +13,12 @@ from server.tune_score import CLIP
 from simulations.cli.output import console, fmt, run_cells_with_progress
 from simulations.cli.parsing import data_source
 from simulations.data.paths import check_new_dir
-from simulations.run.config import check_delta, check_guardrails, parse_assignments
+from simulations.run.config import (
+    check_delta,
+    check_guardrails,
+    parse_assignments,
+    warn_unused,
+)
 from simulations.run.grid import parse_grid
 from simulations.run.sweep import is_done
 from simulations.run.tune import plan_tune, planned_people, run_tune
@@ -50,6 +55,9 @@ def tune_command(args: argparse.Namespace) -> int:
     spec = TuneSpec(grid=parse_grid(args.grid), epsilon=args.epsilon, law=law,
                     score_noise=args.score_noise, users=args.users, data_seed=args.data_seed,
                     assignments=tuple(sorted(assignments.items())))
+    warn_unused([spec.sweep(1.0).config(cell) for cell in spec.cells(range(len(spec.points())))],
+                "--set")
+
     def check(cfg) -> None:  # each candidate at the planned epsilon, before anything runs
         people = planned_people(cfg)
         source = "population.users" if cfg.generated else "the people every party holds"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -103,6 +104,24 @@ def most_in_training(cfg: ExperimentConfig, people: int) -> int:
     return min(people, math.ceil(cfg.authority.split.train * people) + 2)
 
 
+def warn_unused(configs: Iterable[ExperimentConfig], where: str) -> list[str]:
+    """Warn of the scorecard.* keys set off their default that change nothing in any of
+    `configs` (another model.kind, or a key of the other privacy mode): accepted, as the gbdt.*
+    keys are in an MLP run, since a grid may vary model.kind or privacy.epsilon under one
+    --set, but never silently. Returns the keys."""
+    unused = [set(c.authority.scorecard.unused(c.authority.model.kind,
+                                               c.authority.privacy.dp_sgd)) for c in configs]
+    keys = sorted(set.intersection(*unused)) if unused else []
+    if keys:
+        log.warning("%s %s: %s nothing in %s: the scorecard's bins, min_bin_share and "
+                    "smoothing apply to model.kind=scorecard, its iterations at "
+                    "privacy.epsilon=inf only, its steps, count_share, hessian_noise and clip "
+                    "at a finite privacy.epsilon only", where, ", ".join(keys),
+                    "changes" if len(keys) == 1 else "change",
+                    "this run" if len(unused) == 1 else "any of its runs")
+    return keys
+
+
 def check_delta(cfg: ExperimentConfig, people: int, source: str) -> None:
     """Refuse privacy.delta >= 1/N before the engine starts, N bounded from above by what is
     known then: `people` the authority knows (its table's rows, or the population to
@@ -186,6 +205,15 @@ DESCRIPTIONS: dict[str, str] = {
     "gbdt.reuse": "DP trees: share of steps re-releasing the best structure so far",
     "gbdt.init": "DP trees: none, or additive (boost on a DP scorecard stage first)",
     "gbdt.init_share": "DP trees, init=additive: the stage's share of the budget",
+    "scorecard.bins": "model.kind=scorecard: equal-width pre-bins of each prepared feature",
+    "scorecard.min_bin_share": "scorecard: least share of the training people per merged bin",
+    "scorecard.smoothing": "scorecard: the WoE's pseudo-count per bin and class",
+    "scorecard.iterations": "scorecard at epsilon=inf: most steps of the regression (L-BFGS)",
+    "scorecard.steps": "DP scorecard (finite epsilon): noisy Newton steps, fixed in number",
+    "scorecard.count_share": "DP scorecard: the noisy counts' share of the budget",
+    "scorecard.hessian_noise": "DP scorecard: noise multiplier of the Hessian over the "
+                               "gradient's",
+    "scorecard.clip": "DP scorecard: clipping bound over the RMS norm of a person's WoE row",
     "train.epochs": "passes over the training people (vertical topology)",
     "train.batch_size": "expected Poisson batch size of DP-SGD",
     "train.lr": "learning rate (Adam) of the vertical model",

@@ -192,7 +192,7 @@ def plan_budget(spec: TuneSpec) -> tuple[float, float, float, int, dict[str, np.
             cfg = sweep.config(Cell(point, 0, spec.data_seed))
             a = cfg.authority
             key = (eps_run, a.privacy, a.train.batch_size, a.train.epochs, a.split,
-                   a.aggregation.mode, a.model.kind, a.gbdt)
+                   a.aggregation.mode, a.model.kind, a.gbdt, a.scorecard)
             if key not in cache:
                 cache[key] = planned_budget(cfg, n_train, spec.score_noise).curve()
             out[point_name(point)] = cache[key]
