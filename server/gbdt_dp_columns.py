@@ -39,3 +39,29 @@ def single_column(trees: int, depth: int, bins: int, p: np.ndarray,
     for t in range(trees):
         picked[t, place] = np.sort(rng.choice(bins - 1, size=internal, replace=replace_))
     return picks, picked
+
+
+def source_weights(sources: np.ndarray, power: float) -> np.ndarray:
+    """Per column, its draw weight when each SOURCE column (the table column a silo's input
+    comes from: a numeric value with its `__missing` indicator, or every one-hot level of a
+    categorical column, clients/silo/data.py) weighs k^power in total, k its input count,
+    shared equally among its inputs. `sources`: each input's source index. power 1 gives
+    every input weight 1 (the uniform draw); 0 every source the same weight, so a one-hot
+    column of 13 levels is drawn as often as one numeric column; between, in between. The
+    grouping comes from the schema (declared categories) and column names, never the data."""
+    sources = np.asarray(sources, dtype=np.int64)
+    if sources.ndim != 1 or (sources < 0).any():
+        raise ValueError("sources needs one non-negative source index per input column")
+    count = np.bincount(sources)[sources].astype(np.float64)
+    return count ** (power - 1.0)
+
+
+def source_index(columns: list[str] | tuple[str, ...]) -> np.ndarray:
+    """Each input column's source index from the prepared matrix's names alone
+    (clients/silo/data.py: `<col>`, `<col>__missing`, `<col>=<value>`), in first-seen order."""
+    order: dict[str, int] = {}
+    out = []
+    for name in columns:
+        base = name.split("=", 1)[0] if "=" in name else name.removesuffix("__missing")
+        out.append(order.setdefault(base, len(order)))
+    return np.array(out, dtype=np.int64)
