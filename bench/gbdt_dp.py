@@ -20,10 +20,12 @@ stopping on the validation people). Test AUC on the test people.
 
 A variant is a dict of DpTreeParams overrides (keys of server/gbdt_dp.DpTreeParams, plus
 "weights": "uniform" (default) or "no-missing", which never draws the silos' `__missing`
-indicator columns, a choice from the column names alone; "scale": the silos bin their
-prepared matrix divided by it, 1 by default as the DP trees in `fedscore run`, DP_UNITS). Each
-row prints as it finishes; the bench's secrets are fixed per seed, so the table reproduces (a
-party keeps its own).
+indicator columns, a choice from the column names alone; "source_power": each source column
+(a numeric column with its indicator, or a one-hot column's levels) weighs k^power over its k
+inputs (server/gbdt_dp_columns.py source_weights; 1: uniform, 0: every source alike);
+"scale": the silos bin their prepared matrix divided by it, 1 by default as the DP trees in
+`fedscore run`, DP_UNITS). Each row prints as it finishes; the bench's secrets are fixed per
+seed, so the table reproduces (a party keeps its own).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from clients.protocol.dp_constants import default_delta
 from clients.silo.data import load_silo
 from clients.silo.gbdt import GbdtSilo
 from crypto.secret_random import SecretRandom
-from server import gbdt_dp_init, scorecard_dp
+from server import gbdt_dp_columns, gbdt_dp_init, scorecard_dp
 from server.config import SplitConfig
 from server.gbdt import predict_trees
 from server.gbdt_dp import (
@@ -85,13 +87,22 @@ def load(parties: Path) -> Uci:
     return Uci(silos, columns, y.astype(np.float64))
 
 
-def weights(data: Uci, kind: str) -> dict[str, np.ndarray] | None:
-    if kind == "uniform":
+def weights(data: Uci, kind: str, power: float | None = None
+            ) -> dict[str, list[float]] | None:
+    """Per silo, each column's draw weight: None (uniform), "no-missing" (never a `__missing`
+    indicator), and with `power` per source column (server/gbdt_dp_columns.py)."""
+    if kind not in ("uniform", "no-missing"):
+        raise SystemExit(f"unknown weights {kind!r}")
+    if power is None and kind == "uniform":
         return None
-    if kind == "no-missing":
-        return {s: np.array([0.0 if c.endswith("__missing") else 1.0 for c in cols])
-                for s, cols in data.columns.items()}
-    raise SystemExit(f"unknown weights {kind!r}")
+    out = {}
+    for s, cols in data.columns.items():
+        w = (np.ones(len(cols)) if power is None else
+             gbdt_dp_columns.source_weights(gbdt_dp_columns.source_index(cols), power))
+        if kind == "no-missing":
+            w = np.where([c.endswith("__missing") for c in cols], 0.0, w)
+        out[s] = [float(v) for v in w]
+    return out
 
 
 def secret(seed: int, party: str) -> SecretRandom:
@@ -166,6 +177,7 @@ def dp_trees(data: Uci, split: Split, seed: int, eps: float, variant: dict,
              on: str = "test") -> dict:
     variant = dict(variant)
     kind = variant.pop("weights", "uniform")
+    power = variant.pop("source_power", None)
     # "scale": the silos bin x / scale. `fedscore run` bins x for the DP trees (DP_UNITS) and
     # x / 4 for the SecureBoost trees (STANDARD_UNITS).
     scale = float(variant.pop("scale", 1.0))
@@ -197,7 +209,7 @@ def dp_trees(data: Uci, split: Split, seed: int, eps: float, variant: dict,
     else:
         assert isinstance(release, DpTreesRelease)
         fitted = train_dp_trees(train, data.y[split.train], params, release,
-                                secret(seed, "authority"), weights=weights(data, kind))
+                                secret(seed, "authority"), weights=weights(data, kind, power))
         t2 = time.perf_counter()
         scored = {s: GbdtSilo(s, x[people] / scale, bins=params.bins)
                   for s, x in data.silos.items()}
