@@ -50,6 +50,9 @@ class Command:
     # A program of its own instead of `python -m simulations.cli ARGS` (a script using the
     # Python API): not prepared as a run.
     program: Sequence[str] | None = None
+    # A process of its own, never forked from the lane's zygote (tests/zygote.py): a run
+    # compared with another the zygote forked, which shares its hash seed.
+    fresh: bool = False
 
 
 # work directory -> the commands, each a CLI argument list or a Command
@@ -222,9 +225,10 @@ class _Runs:
                 if self._stopped:
                     return
                 full = {**env, **command.env, **priority.background_env(self._nice)}
+                launch = _own_process if command.fresh else self._launch
                 self._current = (
-                    self._launch(lane, args, cwd=self.work, env=full, stdin=null.fileno(),
-                                 stdout=fo.fileno(), stderr=fe.fileno())
+                    launch(lane, args, cwd=self.work, env=full, stdin=null.fileno(),
+                           stdout=fo.fileno(), stderr=fe.fileno())
                     if command.program is None else
                     subprocess.Popen(argv, cwd=self.work, env=full, stdout=fo, stderr=fe))
             (self.work / f"cli-{i}.pid").write_text(str(self._current.pid))

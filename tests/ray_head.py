@@ -20,6 +20,7 @@ FEDSCORE_TEST_PRIVATE_RAY=1 turns the heads off for a whole session.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import secrets
 import shutil
@@ -39,11 +40,31 @@ OFF_ENV = "FEDSCORE_TEST_PRIVATE_RAY"
 LOOPBACK = "127.0.0.1"
 STARTUP_SECONDS = 120
 WORKER_PORTS = 200  # a head's range of worker and driver ports (it serves one run at a time)
-# Where this session's three ranges start: below Linux's ephemeral ports (32768 on) and above
-# Ray's default range (10002-19999, which private-Ray runs use), one of 20 slots by process
-# ID, so that two test sessions on one machine (a fast loop beside a full suite) rarely share
-# a range: they did at fixed ranges, and the second suite's runs failed to reach their heads.
-_PORTS_BASE = 20000 + (os.getpid() % 20) * 3 * WORKER_PORTS
+_SLOTS = 20  # of three ranges each, from 20000 to 31999
+_held_slot: list[int] = []  # the locked file of this session's slot, held until it ends
+
+
+def _ports_base() -> int:
+    """Where this session's three ranges start: below Linux's ephemeral ports (32768 on) and
+    above Ray's default range (10002-19999, which private-Ray runs use), in a slot no other
+    test session on the machine holds (a lock file each): two sessions at fixed ranges (a fast
+    loop beside a full suite) took the same ports, and the second one's runs failed to reach
+    their heads."""
+    start = os.getpid() % _SLOTS
+    for i in range(_SLOTS):
+        slot = (start + i) % _SLOTS
+        if _held_slot and _held_slot[0] == slot:
+            return 20000 + slot * 3 * WORKER_PORTS
+        fd = os.open(f"/tmp/fedscore-test-ports-{os.getuid()}-{slot}.lock",
+                     os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        _held_slot[:] = [slot, fd]
+        return 20000 + slot * 3 * WORKER_PORTS
+    return 20000 + start * 3 * WORKER_PORTS  # every slot taken: share one
 # prctl(PR_SET_PDEATHSIG, SIGTERM), then exec the command (the setting survives exec).
 _DIE_WITH_PARENT = ("import ctypes, os, signal, sys; "
                     "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM); "
@@ -51,12 +72,12 @@ _DIE_WITH_PARENT = ("import ctypes, os, signal, sys; "
 
 
 class _Head:
-    def __init__(self, worker_ports: int, *, background: bool = False) -> None:
+    def __init__(self, range_index: int, *, background: bool = False) -> None:
         # Each head's workers and drivers take ports from a range of their own: Ray's default
         # range (10002-19999) is per cluster, and two heads running at once gave one driver
         # port 10002 while the other's process held it ("Address already in use", the raylet
         # check failed and the run died).
-        self.worker_ports = worker_ports
+        self.range_index = range_index
         # A lane's head: its workers yield the CPU to the foreground (tests/priority.py).
         self.background = background
         self.proc: subprocess.Popen | None = None
@@ -93,6 +114,7 @@ class _Head:
         # Short path: Ray's socket paths must stay under ~107 bytes.
         self.temp = Path(tempfile.mkdtemp(prefix="fs-ray-", dir="/tmp"))
         port = _free_port()
+        worker_ports = _ports_base() + self.range_index * WORKER_PORTS
         auth = {
             "RAY_AUTH_MODE": "token",
             "RAY_AUTH_TOKEN": secrets.token_hex(32),
@@ -107,8 +129,8 @@ class _Head:
                    # many actors either way.
                    "--num-cpus=1", "--num-gpus=0",
                    "--include-dashboard=false", "--disable-usage-stats",
-                   f"--min-worker-port={self.worker_ports}",
-                   f"--max-worker-port={self.worker_ports + WORKER_PORTS - 1}",
+                   f"--min-worker-port={worker_ports}",
+                   f"--max-worker-port={worker_ports + WORKER_PORTS - 1}",
                    f"--temp-dir={self.temp}"]
         # Every worker of every job inherits the head's environment, and a job's runtime
         # environment can add variables, not remove them: a silo setting (a test's injected
@@ -166,12 +188,11 @@ def _wait_for_port(port: int, proc: subprocess.Popen) -> None:
                        f"{STARTUP_SECONDS} s")
 
 
-HEAD = _Head(worker_ports=_PORTS_BASE)
+HEAD = _Head(range_index=0)
 # One head per background lane (tests/background.py): a run beside the foreground's (or beside
 # the other lane's) must not wait for the foreground head's one CPU. Each lane runs one
 # command at a time, so each head serves one run at a time, as HEAD does.
-LANE_HEADS = (_Head(worker_ports=_PORTS_BASE + WORKER_PORTS, background=True),
-              _Head(worker_ports=_PORTS_BASE + 2 * WORKER_PORTS, background=True))
+LANE_HEADS = (_Head(range_index=1, background=True), _Head(range_index=2, background=True))
 
 
 def stop_all() -> None:

@@ -33,6 +33,7 @@ import contextlib
 import json
 import os
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -47,6 +48,8 @@ from pathlib import Path
 _FIXED = ("OMP_NUM_THREADS", "RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN")
 _ROOT = Path(__file__).resolve().parents[1]
 _MAX_REQUEST = 1 << 20
+_BLOCKED = {signal.SIGTERM, signal.SIGINT, signal.SIGCHLD}
+_ZYGOTE_PID = os.getpid()  # set again in the zygote (`_serve`)
 
 
 def _preload() -> None:
@@ -61,11 +64,21 @@ def _preload() -> None:
 def _serve(path: str) -> dict:
     """The zygote's loop; returns only in a forked child, with its request."""
     import ctypes
+    import gc
 
     # SIGTERM when the suite ends, even killed (prctl PR_SET_PDEATHSIG; not inherited by the
-    # children, which the suite stops itself).
+    # children, which the suite stops itself). Ctrl-C in the suite's terminal is for the
+    # commands, whose handlers are Python's default again.
+    global _ZYGOTE_PID
+    _ZYGOTE_PID = os.getpid()
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    before = dict(os.environ)
     _preload()
+    # What the libraries set in the environment as they loaded (GRPC_VERBOSITY, Ray's client
+    # mode...): a fresh process keeps them for its whole life, so a command gets them too.
+    added = {k: v for k, v in os.environ.items() if k not in before}
+    gc.freeze()  # the children's collectors never walk (and so copy) the shared heap
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     listener.bind(path)
     listener.listen(64)
@@ -86,31 +99,59 @@ def _serve(path: str) -> dict:
             _reap(children)
         if listener not in readable:
             continue
-        conn, _ = listener.accept()
         try:
-            message, fds, _, _ = socket.recv_fds(conn, _MAX_REQUEST, 3)
-            request = json.loads(message)
-        except (OSError, ValueError):
-            conn.close()
+            request = _fork(listener, children, (wake_r, wake_w))
+        except OSError:  # this caller falls back to a process of its own; the rest go on
             continue
-        pid = os.fork()
-        if pid == 0:  # the child: nothing of the zygote's loop stays open
-            signal.set_wakeup_fd(-1)
-            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            for sock in (listener, conn, *children.values()):
-                sock.close()
-            os.close(wake_r)
-            os.close(wake_w)
-            for target, fd in enumerate(fds):
-                os.dup2(fd, target)
-                os.close(fd)
-            return request
-        for fd in fds:
+        if request is not None:
+            return {**request, "added": added}
+
+
+def _fork(listener: socket.socket, children: dict[int, socket.socket],
+          pipe: tuple[int, int]) -> dict | None:
+    """Take one request and fork its child: the request in the child, None in the zygote;
+    OSError if the request could not be served (its caller falls back)."""
+    conn, _ = listener.accept()
+    fds: list[int] = []
+    try:
+        message, fds, _, _ = socket.recv_fds(conn, _MAX_REQUEST, 3)
+        request = json.loads(message)
+        if len(fds) != 3:
+            raise ValueError("a request carries the three standard streams")
+        # No signal between fork and the child's own handlers: the zygote's SIGTERM handler
+        # would end the child with 0, "success".
+        signal.pthread_sigmask(signal.SIG_BLOCK, _BLOCKED)
+        try:
+            pid = os.fork()
+        finally:
+            if os.getpid() == _ZYGOTE_PID:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, _BLOCKED)
+    except (OSError, ValueError):
+        for fd in fds:  # never left open for the next children to inherit
             os.close(fd)
+        conn.close()
+        raise OSError("request refused") from None
+    if pid == 0:  # the child: nothing of the zygote's loop stays open
+        signal.set_wakeup_fd(-1)
+        for sig, handler in ((signal.SIGCHLD, signal.SIG_DFL), (signal.SIGTERM, signal.SIG_DFL),
+                             (signal.SIGINT, signal.default_int_handler)):
+            signal.signal(sig, handler)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _BLOCKED)
+        for sock in (listener, conn, *children.values()):
+            sock.close()
+        for fd in pipe:
+            os.close(fd)
+        for target, fd in enumerate(fds):
+            os.dup2(fd, target)
+            os.close(fd)
+        return request
+    for fd in fds:
+        os.close(fd)
+    children[pid] = conn
+    with contextlib.suppress(OSError):  # a caller gone already: its child is reaped all the same
         conn.sendall(str(pid).encode())
-        children[pid] = conn
-        _reap(children)  # a child may have ended before it was listed
+    _reap(children)  # a child may have ended before it was listed
+    return None
 
 
 def _reap(children: dict[int, socket.socket]) -> None:
@@ -134,7 +175,7 @@ def _child(request: dict) -> None:
 
     os.chdir(request["cwd"])
     os.environ.clear()
-    os.environ.update(request["env"])
+    os.environ.update({**request["added"], **request["env"]})
     sys.argv = ["-m", *request["args"]]
     runpy.run_module("simulations.cli", run_name="__main__", alter_sys=True)
 
@@ -153,22 +194,28 @@ class Zygote:
             return
         self._dir = tempfile.mkdtemp(prefix="fs-zygote-", dir="/tmp")
         self.path = os.path.join(self._dir, "socket")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.zygote", self.path],
-            env={**self.env, "PYTHONPATH": str(_ROOT)}, cwd=_ROOT,
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
+        # Not the suite's terminal: rich decides colours and width as the CLI's console is
+        # made, here at import, from this process's stderr and environment.
+        env = {k: v for k, v in self.env.items() if k not in ("COLUMNS", "LINES")}
+        with open(os.path.join(self._dir, "stderr"), "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "tests.zygote", self.path],
+                env={**env, "PYTHONPATH": str(_ROOT)}, cwd=_ROOT,
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log, text=True)
 
-    def ready(self) -> bool:
+    def ready(self, timeout: float = 300) -> bool:
         """Wait until the zygote has imported what it shares; False if it failed to."""
         if self.proc is None:
             return False
         if self.proc.stdout is not None:
-            line = self.proc.stdout.readline()  # blocks until "ready" or the end
+            waited, _, _ = select.select([self.proc.stdout], [], [], timeout)
+            line = self.proc.stdout.readline() if waited else ""
             self.proc.stdout.close()
             self.proc.stdout = None
             if line.strip() != "ready":
+                self.stop()
                 return False
-        return self.proc.poll() is None
+        return self.proc is not None and self.proc.poll() is None
 
     def spawn(self, args: Sequence[str], *, cwd: Path | str, env: Mapping[str, str],
               stdin: int, stdout: int, stderr: int) -> Forked:
@@ -196,9 +243,7 @@ class Zygote:
                 self.proc.wait()
             self.proc = None
         if self._dir is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(self.path)
-                os.rmdir(self._dir)
+            shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None
 
 
@@ -233,7 +278,9 @@ class Forked:
                                             else max(0, min(0.2, deadline - time.monotonic())))
                 if ready:
                     data = self._sock.recv(64)
-                    # No answer: the zygote ended before its child (the suite is stopping).
+                    if not data:  # the zygote ended before its child: end the child too
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(self.pid, signal.SIGKILL)
                     self.returncode = int(data) if data else -signal.SIGKILL
                     self._sock.close()
                     return self.returncode
@@ -278,7 +325,7 @@ def run(zygote: Zygote | None, args: Sequence[str], *, cwd: Path, env: Mapping[s
                       stdout=out.fileno(), stderr=err.fileno())
         try:
             code = proc.wait(timeout)
-        except subprocess.TimeoutExpired:
+        except BaseException:  # a timeout, or the test aborted (pytest-timeout): as subprocess.run
             proc.kill()
             proc.wait()
             raise
