@@ -146,7 +146,7 @@ def test_a_tree_runs_ledger_names_its_releases():
         depth=5, trees=300, sample_rate=0.3, noise_multiplier=19.0, hessian_noise=3.0,
         guides=6, guide_noise_multiplier=10.0, counts=1, count_noise_multiplier=9.0,
         columns=6, not_audited=mech.not_audited)
-    assert gbdt_dp_init.STEPS_PURPOSE in mech.not_audited
+    assert f"ledger line {gbdt_dp_init.STEPS_PURPOSE!r}" in mech.not_audited
     # A histogram release of another statistic is named, not audited.
     score = from_ledger(lines, depth=5, hessian_noise=3.0, guide_stat="score", columns=6,
                         accountant="prv")

@@ -181,10 +181,10 @@ def from_ledger(lines: Sequence[LedgerLine], *, depth: int, hessian_noise: float
     if leaves is None and counts is None:
         return None
     audited_guides = guide if guide is not None and guide_stat == "bins" else None
-    skipped = [p for p in (gbdt_dp.PRIOR_PURPOSE, gbdt_dp_init.STEPS_PURPOSE,
-                           scorecard_dp.STEPS_PURPOSE) if p in found]
+    skipped = [f"ledger line {p!r}" for p in (gbdt_dp.PRIOR_PURPOSE, gbdt_dp_init.STEPS_PURPOSE,
+                                              scorecard_dp.STEPS_PURPOSE) if p in found]
     if guide is not None and audited_guides is None:
-        skipped.append(f"{gbdt_dp.GUIDE_PURPOSE} (guide_stat {guide_stat!r})")
+        skipped.append(f"ledger line {gbdt_dp.GUIDE_PURPOSE!r} (guide_stat {guide_stat!r})")
     return TreeMechanism(
         depth=depth, trees=leaves.steps if leaves else 0,
         sample_rate=leaves.sample_rate if leaves else 1.0,

@@ -52,6 +52,9 @@ DELTA_KEYS = ("delta_accountant", "delta_thresholds")
 # max_grad_norm is each party's clip; the joint bound (privacy.max_grad_norm, split over the
 # blocks since the MLP defaults of issue 20) is absent from runs made before.
 OPTIONAL_PRIVACY_KEYS = (*DELTA_KEYS, "joint_max_grad_norm")
+# Runs whose model accounts for its own releases (server/gbdt_dp_run.py `accounts_itself`):
+# their canary audit is simulations/analysis/tree_audit.py's.
+MODEL_KINDS = ("gbdt", "scorecard")
 
 
 
@@ -105,8 +108,10 @@ def _saved_audit(run: Run, joined: JoinedData, scores: pd.DataFrame) -> dict:
     if isinstance(kept, dict):
         return kept
     run_phases.maybe_fail("audit")
+    # A DP tree or scorecard run's canary audit replays the releases its ledger records.
     ledger = run.out_dir / LEDGER_FILE
-    lines = ledger_lines.read(ledger) if ledger.exists() else []
+    lines = (ledger_lines.read(ledger) if run.authority.get("model_kind") in MODEL_KINDS
+             and ledger.exists() else [])
     audit = run.timer("audit", _audit, joined, scores, run.authority, lines)
     run_phases.finish(run.out_dir, "audit", audit)
     return audit
@@ -218,7 +223,7 @@ def model_mechanism(joined: JoinedData, authority: dict,
     """What a DP tree or DP scorecard run released, from its ledger lines and its settings
     (authority.json's `gbdt`); None for any other run (and for a tree run without DP: the
     SecureBoost trees write no such line)."""
-    if authority.get("model_kind") not in ("gbdt", "scorecard"):
+    if authority.get("model_kind") not in MODEL_KINDS:
         return None
     trees = authority.get("gbdt") or {}
     return from_ledger(lines, depth=int(trees.get("depth") or 6),
