@@ -6,15 +6,15 @@ vertical trees in fedscore run" measured them) and combined epsilon (inf, 8, 1),
 planned as a run plans it: the silos' preparation statistics (with their thresholds' delta
 reserved) before the model on one PRV accountant at delta 1/(10 N_train)
 (server/gbdt_dp.py `plan_noise`, or server/gbdt_dp_init.py's for `gbdt.init=additive`). Each
-mechanism is audited with 1,000 canaries (the run's default) over three seeds; the audit's
-seconds include the accountant's epsilon of the audited releases alone (cached after the first
-seed). The last rows of each size audit the default leaves at epsilon 1 with 1,000, 5,000 and
-10,000 canaries, honest and broken on purpose (G noised at H's bound 1/4: a quarter of the
-noise).
+mechanism is audited with 5,000 canaries (the run's default, tree_audit.CANARIES) over three
+seeds; the audit's seconds include the accountant's epsilon of the audited releases alone
+(cached after the first seed). The last rows of each size audit the default leaves at epsilon
+1 with 1,000, 5,000 and 10,000 canaries, honest and broken on purpose (`--bugs`: G noised at
+H's bound 1/4, a quarter of G's noise; or half the noise on G and H).
 
     PYTHONPATH=. nice -n 19 .venv/bin/python bench/tree_audit_bounds.py
-    PYTHONPATH=. nice -n 19 .venv/bin/python bench/tree_audit_bounds.py --mechanisms default \\
-        --epsilons 1
+    PYTHONPATH=. nice -n 19 .venv/bin/python bench/tree_audit_bounds.py --epsilons '' \\
+        --broken-canaries 5000 --bugs "half the noise"
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import numpy as np
 from clients.protocol.dp_constants import default_delta
 from server import gbdt_dp, gbdt_dp_init
 from server.delta_budget import releases_outside_sgd, split_delta
-from simulations.analysis.tree_audit import TreeMechanism, from_release, tree_audit
+from simulations.analysis.tree_audit import CANARIES, TreeMechanism, from_release, tree_audit
 
 # (name, N_train, silos, prepared columns). The columns only set how many cells the
 # histograms and counts have per canary; the whitened statistic does not depend on them.
@@ -60,7 +60,7 @@ def mechanism(kind: str, n: int, silos: tuple[str, ...], columns: int, eps: floa
 
 
 def audit_row(label: str, mech: TreeMechanism, accounted: float, delta: float,
-              canaries: int = 1000) -> None:
+              canaries: int = CANARIES) -> None:
     bounds, seconds, audited = [], [], None
     for seed in SEEDS:
         result = tree_audit(mech, delta=delta, rng=np.random.default_rng(seed),
@@ -73,19 +73,24 @@ def audit_row(label: str, mech: TreeMechanism, accounted: float, delta: float,
           f"| {', '.join(f'{s:.1f}' for s in seconds)} |", flush=True)
 
 
+# Bugs in server/gbdt_dp.py `noisy_sums`, by the (G_BOUND, H_BOUND) it would noise at: the typo
+# `gradient_noise_multiplier * H_BOUND` (a quarter of G's noise), and half the noise on both.
+BUGS = {"G noised at H's bound": (0.25, 0.25), "half the noise": (0.5, 0.125)}
+
+
 def broken_rows(name: str, mech: TreeMechanism, accounted: float, delta: float,
-                counts: list[int]) -> None:
-    """Honest and broken (G noised at H's bound 1/4: the typo `gradient_noise_multiplier *
-    H_BOUND` in gbdt_dp.noisy_sums) leaves at epsilon 1, per number of canaries."""
+                counts: list[int], bugs: list[str]) -> None:
+    """Honest and broken leaves at epsilon 1, per number of canaries."""
     for m in counts:
         audit_row(f"{name}, default, 1, honest, {m} canaries", mech, accounted, delta, m)
-        honest_bound = gbdt_dp.G_BOUND
-        gbdt_dp.G_BOUND = gbdt_dp.H_BOUND
-        try:
-            audit_row(f"{name}, default, 1, BROKEN: G noised at H's bound, {m} canaries", mech,
-                      accounted, delta, m)
-        finally:
-            gbdt_dp.G_BOUND = honest_bound
+        honest = gbdt_dp.G_BOUND, gbdt_dp.H_BOUND
+        for bug in bugs:
+            gbdt_dp.G_BOUND, gbdt_dp.H_BOUND = BUGS[bug]
+            try:
+                audit_row(f"{name}, default, 1, BROKEN: {bug}, {m} canaries", mech,
+                          accounted, delta, m)
+            finally:
+                gbdt_dp.G_BOUND, gbdt_dp.H_BOUND = honest
 
 
 def main() -> None:
@@ -94,6 +99,7 @@ def main() -> None:
     parser.add_argument("--epsilons", default="inf,8,1")
     parser.add_argument("--broken-canaries", default="1000,5000,10000",
                         help="canary counts of the honest/broken rows ('' for none)")
+    parser.add_argument("--bugs", default="G noised at H's bound", help=", ".join(BUGS))
     args = parser.parse_args()
     print("| size, mechanism, eps | accounted eps (whole release) | accounted eps (audited "
           "releases) | lower bound, seeds 0-2 | max | audit s |")
@@ -101,14 +107,15 @@ def main() -> None:
     for name, n, silos, columns in SIZES:
         delta = default_delta(0.0, n)
         for kind in args.mechanisms.split(","):
-            for eps in (float(e) for e in args.epsilons.split(",")):
+            for eps in (float(e) for e in args.epsilons.split(",") if e):
                 mech, accounted, planned = mechanism(kind, n, silos, columns, eps)
                 audit_row(f"{name}, {kind}, {eps:g} (planned in {planned:.0f} s)", mech,
                           accounted, delta)
         if args.broken_canaries:
             mech, accounted, _ = mechanism("default", n, silos, columns, 1.0)
             broken_rows(name, mech, accounted, delta,
-                        [int(m) for m in args.broken_canaries.split(",")])
+                        [int(m) for m in args.broken_canaries.split(",")],
+                        args.bugs.split(","))
 
 if __name__ == "__main__":
     main()
