@@ -18,6 +18,7 @@ import pandas as pd
 from clients.protocol.schema import federation_silos
 from crypto.secret_random import SecretRandom
 from server import ledger_lines, run_phases
+from server.gbdt_dp import DpTreeParams
 from server.ledger import LEDGER_FILE
 from server.privacy import model_epsilon
 from server.run_keys import authority_random
@@ -204,18 +205,25 @@ def _audit(joined: JoinedData, scores: pd.DataFrame, authority: dict,
 
     accounted = model_epsilon(authority)
     result = membership_audit(released("train"), released("test"), authority["delta"])
-    rng = np.random.default_rng()
+    canary = _canary(joined, authority, lines)
+    return {**membership_summary(result, accounted),
+            "canary": {**canary, "accounted_epsilon": accounted}}
+
+
+def _canary(joined: JoinedData, authority: dict,
+            lines: Sequence[ledger_lines.LedgerLine]) -> dict:
+    """The canary audit of what the run released (see `_audit`)."""
+    rng = np.random.default_rng()  # the auditor's coins: OS entropy, fresh each run
     mechanism = model_mechanism(joined, authority, lines)
-    canary = (tree_audit(mechanism, delta=float(authority["delta"]), rng=rng)
-              if mechanism is not None else canary_audit(
+    if mechanism is not None:
+        return tree_audit(mechanism, delta=float(authority["delta"]), rng=rng)
+    return canary_audit(
         noise_multiplier=float(authority["noise_multiplier"]),
         blocks=int(authority.get("blocks") or len(joined.xs) + 1),
         sample_rate=float(authority["sample_rate"]), steps=int(authority["steps"]),
         max_grad_norm=float(authority["max_grad_norm"]), delta=float(authority["delta"]),
         rng=rng,
-    ))
-    return {**membership_summary(result, accounted),
-            "canary": {**canary, "accounted_epsilon": accounted}}
+    )
 
 
 def model_mechanism(joined: JoinedData, authority: dict,
@@ -225,9 +233,10 @@ def model_mechanism(joined: JoinedData, authority: dict,
     SecureBoost trees write no such line)."""
     if authority.get("model_kind") not in MODEL_KINDS:
         return None
-    trees = authority.get("gbdt") or {}
-    return from_ledger(lines, depth=int(trees.get("depth") or 6),
-                       hessian_noise=float(trees.get("hessian_noise") or 4.0),
-                       guide_stat=str(trees.get("guide_stat") or "bins"),
+    # A scorecard run has no `gbdt` (and no leaves or histograms: the defaults go unused).
+    trees, default = authority.get("gbdt") or {}, DpTreeParams()
+    return from_ledger(lines, depth=int(trees.get("depth") or default.depth),
+                       hessian_noise=float(trees.get("hessian_noise") or default.hessian_noise),
+                       guide_stat=str(trees.get("guide_stat") or default.guide_stat),
                        columns=sum(x.shape[1] for x in joined.xs.values()),
                        accountant=str(authority.get("accountant") or "prv"))
