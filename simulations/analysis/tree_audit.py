@@ -306,6 +306,7 @@ def replay_counts(included: np.ndarray, mech: TreeMechanism, noise: np.random.Ge
     m, f = included.size, mech.columns
     rows = np.flatnonzero(included)
     c = mech.count_noise_multiplier
+    # noisy_counts reads the count multiplier and `private` (the steps' multiplier > 0) only.
     release = scorecard_dp.DpScorecardRelease(
         accountant=mech.accountant, target_epsilon=math.inf, epsilon=math.inf, delta=0.5,
         count_noise_multiplier=c, noise_multiplier=c, gradient_noise_multiplier=c,
