@@ -190,9 +190,21 @@ def canary_scores(per_step: np.ndarray, statistic: str, sigma: float, blocks: in
         raise ValueError(f"statistic must be one of {STATISTICS}, got {statistic!r}")
     if statistic == "sum" or sigma == 0 or sample_rate >= 1:
         return per_step.sum(axis=0)
-    # y_t ~ N(0, K sigma^2) if the canary is out; if in, N(K, K sigma^2) with probability q.
-    z = (per_step - blocks / 2) / sigma**2
-    return np.logaddexp(math.log1p(-sample_rate), math.log(sample_rate) + z).sum(axis=0)
+    return log_likelihood_ratios(per_step, sigma, blocks, sample_rate).sum(axis=0)
+
+
+def log_likelihood_ratios(observed: np.ndarray, sigma: float, blocks: int,
+                          sample_rate: float) -> np.ndarray:
+    """Per release, log P[observed | canary in] / P[observed | out] of one Poisson-subsampled
+    Gaussian release: `observed` in units of one block's clipped contribution, out
+    N(0, K sigma^2), in N(K, K sigma^2) with probability q (sigma > 0). Summed over
+    independent releases it is the whole transcript's (Neyman-Pearson) statistic."""
+    if not sigma > 0 or not 0 < sample_rate <= 1:
+        raise ValueError(f"need sigma > 0 and sample_rate in (0, 1], got {sigma}, {sample_rate}")
+    z = (np.asarray(observed, dtype=np.float64) - blocks / 2) / sigma**2
+    if sample_rate >= 1:
+        return z
+    return np.logaddexp(math.log1p(-sample_rate), math.log(sample_rate) + z)
 
 
 # ---- the mechanism: the project's DP optimizer, one per block ---------------------------------
@@ -298,7 +310,7 @@ def canary_audit(
 
     best = best_bound(scores, included, pairs, delta, beta, rng)
     result = {
-        **_bound(best, canaries=m, hypotheses=len(pairs), beta=beta, delta=delta),
+        **bound_summary(best, canaries=m, hypotheses=len(pairs), beta=beta, delta=delta),
         "statistic": statistic if noise_multiplier > 0 else "sum",
         **_mechanism(noise_multiplier, blocks, sample_rate, steps, max_grad_norm),
         "seconds": round(time.perf_counter() - start, 3),
@@ -307,7 +319,8 @@ def canary_audit(
     return result
 
 
-def _bound(best: dict, *, canaries: int, hypotheses: int, beta: float, delta: float) -> dict:
+def bound_summary(best: dict, *, canaries: int, hypotheses: int, beta: float,
+                  delta: float) -> dict:
     """The lower bound and what it rests on: the best guess and its confidence."""
     return {
         "epsilon_lower_bound": best["epsilon"],
@@ -349,6 +362,8 @@ def _mechanism(noise_multiplier: float, blocks: int, sample_rate: float, steps: 
                max_grad_norm: float) -> dict:
     """The audited mechanism, as the result describes it."""
     return {
+        "audited": (f"joint DP-SGD: {steps} steps of {blocks} blocks at q {sample_rate:.4g}, "
+                    f"noise multiplier {noise_multiplier:.4g} per block"),
         "noise_multiplier": float(noise_multiplier),
         "combined_noise_multiplier": float(noise_multiplier) / math.sqrt(blocks),
         "blocks": int(blocks),

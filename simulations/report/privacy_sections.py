@@ -132,9 +132,12 @@ def audit_section(run: RunData) -> Section:
         rows += [(k, canary.get(k)) for k in keys]
         frame = pd.DataFrame(rows, columns=["quantity", "value"]).astype({"value": object})
         lower = finite(canary.get("epsilon_lower_bound"))
+        # DP tree and DP scorecard runs audit their own releases (tree_audit.py).
+        what = "the model's own releases" if "not_audited" in canary else "the joint DP-SGD"
+        audited = f" Audited: {canary['audited']}." if canary.get("audited") else ""
         section.blocks.append(Table(
-            "audit_canary", "One-run canary audit of the joint DP-SGD", frame,
-            note=f"{canary.get('method', 'one-run canary audit')}. Result: "
+            "audit_canary", f"One-run canary audit of {what}", frame,
+            note=f"{canary.get('method', 'one-run canary audit')}.{audited} Result: "
                  f"{_verdict(lower, accounted)}."))
     # The membership attack sits at the top of `audit`, in every run directory.
     keys = ("epsilon_lower", "attack_auc", "threshold", "tpr", "fpr", "n_members",

@@ -9,6 +9,7 @@ horizontal topology's counterpart is `horizontal.finish_horizontal`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict
 
 import numpy as np
@@ -16,7 +17,9 @@ import pandas as pd
 
 from clients.protocol.schema import federation_silos
 from crypto.secret_random import SecretRandom
-from server import run_phases
+from server import ledger_lines, run_phases
+from server.gbdt_dp import DpTreeParams
+from server.ledger import LEDGER_FILE
 from server.privacy import model_epsilon
 from server.run_keys import authority_random
 from server.scores_file import read_scores
@@ -31,6 +34,7 @@ from simulations.analysis.baselines import (
 from simulations.analysis.canary_audit import canary_audit
 from simulations.analysis.curves import build_curves
 from simulations.analysis.references import REFERENCES, joined_references
+from simulations.analysis.tree_audit import TreeMechanism, from_ledger, tree_audit
 from simulations.run.outcome import (
     Comparison,
     Outcome,
@@ -49,6 +53,9 @@ DELTA_KEYS = ("delta_accountant", "delta_thresholds")
 # max_grad_norm is each party's clip; the joint bound (privacy.max_grad_norm, split over the
 # blocks since the MLP defaults of issue 20) is absent from runs made before.
 OPTIONAL_PRIVACY_KEYS = (*DELTA_KEYS, "joint_max_grad_norm")
+# Runs whose model accounts for its own releases (server/gbdt_dp_run.py `accounts_itself`):
+# their canary audit is simulations/analysis/tree_audit.py's.
+MODEL_KINDS = ("gbdt", "scorecard")
 
 
 
@@ -102,7 +109,11 @@ def _saved_audit(run: Run, joined: JoinedData, scores: pd.DataFrame) -> dict:
     if isinstance(kept, dict):
         return kept
     run_phases.maybe_fail("audit")
-    audit = run.timer("audit", _audit, joined, scores, run.authority)
+    # A DP tree or scorecard run's canary audit replays the releases its ledger records.
+    ledger = run.out_dir / LEDGER_FILE
+    lines = (ledger_lines.read(ledger) if run.authority.get("model_kind") in MODEL_KINDS
+             and ledger.exists() else [])
+    audit = run.timer("audit", _audit, joined, scores, run.authority, lines)
     run_phases.finish(run.out_dir, "audit", audit)
     return audit
 
@@ -172,14 +183,17 @@ def _baselines(run: Run, joined: JoinedData, jobs: list[BaselineJob]
     return done
 
 
-def _audit(joined: JoinedData, scores: pd.DataFrame, authority: dict) -> dict:
+def _audit(joined: JoinedData, scores: pd.DataFrame, authority: dict,
+           lines: Sequence[ledger_lines.LedgerLine] = ()) -> dict:
     """Two empirical lower bounds on epsilon; each must stay below the accounted epsilon.
 
     At the top, as in every run directory: the loss-threshold membership attack on the
     released scores, training people against held-out test people with the clean labels, a
-    sanity check that cannot tell DP from no DP. `canary`: the one-run audit of the run's
-    joint DP-SGD (its noise, blocks, sample rate, steps and clip) with white-box gradient
-    canaries, a proof at 95 % (simulations/analysis/canary_audit.py). Its coins are the
+    sanity check that cannot tell DP from no DP. `canary`: a one-run audit with white-box
+    canaries, a proof at 95 %, of the mechanism the run released: the DP trees' (or the DP
+    scorecard's) own releases as the run's ledger records them (`lines`;
+    simulations/analysis/tree_audit.py), else the run's joint DP-SGD (its noise, blocks,
+    sample rate, steps and clip; simulations/analysis/canary_audit.py). Its coins are the
     auditor's, fresh each run."""
     p = scores["probability"].to_numpy(dtype=np.float64)
     loss = per_example_loss(joined.y, np.nan_to_num(p, nan=0.5))
@@ -191,12 +205,38 @@ def _audit(joined: JoinedData, scores: pd.DataFrame, authority: dict) -> dict:
 
     accounted = model_epsilon(authority)
     result = membership_audit(released("train"), released("test"), authority["delta"])
-    canary = canary_audit(
+    canary = _canary(joined, authority, lines)
+    return {**membership_summary(result, accounted),
+            "canary": {**canary, "accounted_epsilon": accounted}}
+
+
+def _canary(joined: JoinedData, authority: dict,
+            lines: Sequence[ledger_lines.LedgerLine]) -> dict:
+    """The canary audit of what the run released (see `_audit`)."""
+    rng = np.random.default_rng()  # the auditor's coins: OS entropy, fresh each run
+    mechanism = model_mechanism(joined, authority, lines)
+    if mechanism is not None:
+        return tree_audit(mechanism, delta=float(authority["delta"]), rng=rng)
+    return canary_audit(
         noise_multiplier=float(authority["noise_multiplier"]),
         blocks=int(authority.get("blocks") or len(joined.xs) + 1),
         sample_rate=float(authority["sample_rate"]), steps=int(authority["steps"]),
         max_grad_norm=float(authority["max_grad_norm"]), delta=float(authority["delta"]),
-        rng=np.random.default_rng(),
+        rng=rng,
     )
-    return {**membership_summary(result, accounted),
-            "canary": {**canary, "accounted_epsilon": accounted}}
+
+
+def model_mechanism(joined: JoinedData, authority: dict,
+                    lines: Sequence[ledger_lines.LedgerLine]) -> TreeMechanism | None:
+    """What a DP tree or DP scorecard run released, from its ledger lines and its settings
+    (authority.json's `gbdt`); None for any other run (and for a tree run without DP: the
+    SecureBoost trees write no such line)."""
+    if authority.get("model_kind") not in MODEL_KINDS:
+        return None
+    # A scorecard run has no `gbdt` (and no leaves or histograms: the defaults go unused).
+    trees, default = authority.get("gbdt") or {}, DpTreeParams()
+    return from_ledger(lines, depth=int(trees.get("depth") or default.depth),
+                       hessian_noise=float(trees.get("hessian_noise") or default.hessian_noise),
+                       guide_stat=str(trees.get("guide_stat") or default.guide_stat),
+                       columns=sum(x.shape[1] for x in joined.xs.values()),
+                       accountant=str(authority.get("accountant") or "prv"))
