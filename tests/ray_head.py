@@ -113,7 +113,7 @@ class _Head:
             return
         # Short path: Ray's socket paths must stay under ~107 bytes.
         self.temp = Path(tempfile.mkdtemp(prefix="fs-ray-", dir="/tmp"))
-        port, *agents = _free_ports(5)
+        port = _free_port()
         worker_ports = _ports_base() + self.range_index * WORKER_PORTS
         auth = {
             "RAY_AUTH_MODE": "token",
@@ -129,14 +129,6 @@ class _Head:
                    # many actors either way.
                    "--num-cpus=1", "--num-gpus=0",
                    "--include-dashboard=false", "--disable-usage-stats",
-                   # The agents' ports named, not chosen by the agents: with none given, the
-                   # raylet waits 15 s (hard-coded) for each agent to write its port to a file
-                   # and aborts after, and on a loaded machine (the suite's start: a dozen
-                   # processes importing torch) both lane heads died so (ray-project/ray#65983).
-                   f"--dashboard-agent-grpc-port={agents[0]}",
-                   f"--dashboard-agent-listen-port={agents[1]}",
-                   f"--metrics-export-port={agents[2]}",
-                   f"--runtime-env-agent-port={agents[3]}",
                    f"--min-worker-port={worker_ports}",
                    f"--max-worker-port={worker_ports + WORKER_PORTS - 1}",
                    f"--temp-dir={self.temp}"]
@@ -176,13 +168,10 @@ class _Head:
             shutil.rmtree(self.temp, ignore_errors=True)
 
 
-def _free_ports(count: int) -> list[int]:
-    """`count` distinct ports free now (all held open until each is chosen)."""
-    with contextlib.ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
-        for sock in socks:
-            sock.bind((LOOPBACK, 0))
-        return [int(sock.getsockname()[1]) for sock in socks]
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((LOOPBACK, 0))
+        return int(sock.getsockname()[1])
 
 
 def _wait_for_port(port: int, proc: subprocess.Popen) -> None:
