@@ -105,6 +105,28 @@ class _Head:
             self._listening = True
         return dict(self.env)
 
+    def forking(self) -> Zygote | None:
+        """This head's zygote, ready to fork its runs (tests/zygote.py), or None: a command
+        then starts a process of its own. The zygote starts only once the agents of every
+        head started so far are up: a raylet aborts when its dashboard agent has not written
+        its port within 15 s (hard-coded, ray-project/ray#65983), and at the suite's start
+        three zygotes importing torch beside two starting heads made both lane heads' agents
+        late in a CI (their raylets died 33 s and 80 s into the suite)."""
+        if self.zygote is None:
+            return None
+        if not self.zygote.started():
+            _wait_for_agents([head for head in (HEAD, *LANE_HEADS) if head.proc is not None])
+            self.zygote.start()
+        return self.zygote if self.zygote.ready() else None
+
+    def agents_up(self) -> bool:
+        """Whether the head's raylet has its agents (each writes its port to a file in the
+        session directory once it listens), or the head has ended (it will not have them)."""
+        if self.proc is None or self.proc.poll() is not None or self.temp is None:
+            return True
+        files = {path.name.split("_port_")[0] for path in self.temp.glob("session_*/*_port_*")}
+        return {"dashboard_agent_listen", "runtime_env_agent"} <= files
+
     def spawn(self) -> None:
         """Start the head without waiting for it. From the main thread: the head is told to
         end with the thread that started it (PR_SET_PDEATHSIG follows the thread, not the
@@ -148,9 +170,9 @@ class _Head:
                                      stderr=subprocess.DEVNULL, start_new_session=True)
         self.env = {**auth, "RAY_ADDRESS": f"{LOOPBACK}:{port}"}
         self._port = port
-        # Ray reads its authentication settings as it loads: the zygote has the head's.
+        # Ray reads its authentication settings as it loads: the zygote has the head's. It
+        # starts on first use, once every head is up (`forking`).
         self.zygote = Zygote({**env, **self.env})
-        self.zygote.start()
 
     def stop(self) -> None:
         if self.zygote is not None:
@@ -172,6 +194,12 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind((LOOPBACK, 0))
         return int(sock.getsockname()[1])
+
+
+def _wait_for_agents(heads: list[_Head]) -> None:
+    deadline = time.monotonic() + STARTUP_SECONDS
+    while time.monotonic() < deadline and not all(head.agents_up() for head in heads):
+        time.sleep(0.2)
 
 
 def _wait_for_port(port: int, proc: subprocess.Popen) -> None:
