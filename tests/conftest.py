@@ -115,7 +115,7 @@ def run_cli(*args: str, cwd: Path, timeout: float = 300, engine: bool | None = N
     # A process of its own as far as the command can tell, forked from one that imported the
     # CLI once (tests/zygote.py: 4 s of CPU saved a command).
     env = _engine_env(cwd)
-    return zygote.run(HEAD.zygote, args, cwd=cwd, env=env, timeout=timeout)
+    return zygote.run(HEAD.forking(), args, cwd=cwd, env=env, timeout=timeout)
 
 
 def run_cli_for(phone: str, *args: str, cwd: Path, timeout: float = 300,
@@ -126,7 +126,7 @@ def run_cli_for(phone: str, *args: str, cwd: Path, timeout: float = 300,
     if not engine:
         return cli_inline.run(args, cwd=cwd, env=_cli_env(cwd), stdin=f"{phone}\n")
     env = _engine_env(cwd)
-    return zygote.run(HEAD.zygote, args, cwd=cwd, env=env, timeout=timeout,
+    return zygote.run(HEAD.forking(), args, cwd=cwd, env=env, timeout=timeout,
                       input=f"{phone}\n")
 
 
@@ -158,7 +158,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 
 def _launch(lane: int | None, args, **how):
     """A background command forked from its lane head's zygote (tests/zygote.py)."""
-    return zygote.launch(None if lane is None else LANE_HEADS[lane].zygote, args, **how)
+    return zygote.launch(None if lane is None else LANE_HEADS[lane].forking(), args, **how)
 
 
 _SESSION_START = time.time()

@@ -105,6 +105,28 @@ class _Head:
             self._listening = True
         return dict(self.env)
 
+    def forking(self) -> Zygote | None:
+        """This head's zygote, ready to fork its runs (tests/zygote.py), or None: a command
+        then starts a process of its own. The zygote starts only once the agents of every
+        head started so far are up: a raylet aborts when its dashboard agent has not written
+        its port within 15 s (hard-coded, ray-project/ray#65983), and at the suite's start
+        three zygotes importing torch beside two starting heads made both lane heads' agents
+        late in a CI (their raylets died 33 s and 80 s into the suite)."""
+        if self.zygote is None:
+            return None
+        if not self.zygote.started():
+            _wait_for_agents([head for head in (HEAD, *LANE_HEADS) if head.proc is not None])
+            self.zygote.start()
+        return self.zygote if self.zygote.ready() else None
+
+    def agents_up(self) -> bool:
+        """Whether the head's raylet has its agents (each writes its port to a file in the
+        session directory once it listens), or the head has ended (it will not have them)."""
+        if self.proc is None or self.proc.poll() is not None or self.temp is None:
+            return True
+        files = {path.name.split("_port_")[0] for path in self.temp.glob("session_*/*_port_*")}
+        return {"dashboard_agent_listen", "runtime_env_agent"} <= files
+
     def spawn(self) -> None:
         """Start the head without waiting for it. From the main thread: the head is told to
         end with the thread that started it (PR_SET_PDEATHSIG follows the thread, not the
@@ -113,7 +135,7 @@ class _Head:
             return
         # Short path: Ray's socket paths must stay under ~107 bytes.
         self.temp = Path(tempfile.mkdtemp(prefix="fs-ray-", dir="/tmp"))
-        port, *agents = _free_ports(5)
+        port = _free_port()
         worker_ports = _ports_base() + self.range_index * WORKER_PORTS
         auth = {
             "RAY_AUTH_MODE": "token",
@@ -129,14 +151,6 @@ class _Head:
                    # many actors either way.
                    "--num-cpus=1", "--num-gpus=0",
                    "--include-dashboard=false", "--disable-usage-stats",
-                   # The agents' ports named, not chosen by the agents: with none given, the
-                   # raylet waits 15 s (hard-coded) for each agent to write its port to a file
-                   # and aborts after, and on a loaded machine (the suite's start: a dozen
-                   # processes importing torch) both lane heads died so (ray-project/ray#65983).
-                   f"--dashboard-agent-grpc-port={agents[0]}",
-                   f"--dashboard-agent-listen-port={agents[1]}",
-                   f"--metrics-export-port={agents[2]}",
-                   f"--runtime-env-agent-port={agents[3]}",
                    f"--min-worker-port={worker_ports}",
                    f"--max-worker-port={worker_ports + WORKER_PORTS - 1}",
                    f"--temp-dir={self.temp}"]
@@ -156,9 +170,9 @@ class _Head:
                                      stderr=subprocess.DEVNULL, start_new_session=True)
         self.env = {**auth, "RAY_ADDRESS": f"{LOOPBACK}:{port}"}
         self._port = port
-        # Ray reads its authentication settings as it loads: the zygote has the head's.
+        # Ray reads its authentication settings as it loads: the zygote has the head's. It
+        # starts on first use, once every head is up (`forking`).
         self.zygote = Zygote({**env, **self.env})
-        self.zygote.start()
 
     def stop(self) -> None:
         if self.zygote is not None:
@@ -176,13 +190,16 @@ class _Head:
             shutil.rmtree(self.temp, ignore_errors=True)
 
 
-def _free_ports(count: int) -> list[int]:
-    """`count` distinct ports free now (all held open until each is chosen)."""
-    with contextlib.ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
-        for sock in socks:
-            sock.bind((LOOPBACK, 0))
-        return [int(sock.getsockname()[1]) for sock in socks]
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((LOOPBACK, 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_for_agents(heads: list[_Head]) -> None:
+    deadline = time.monotonic() + STARTUP_SECONDS
+    while time.monotonic() < deadline and not all(head.agents_up() for head in heads):
+        time.sleep(0.2)
 
 
 def _wait_for_port(port: int, proc: subprocess.Popen) -> None:

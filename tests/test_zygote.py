@@ -14,11 +14,17 @@ from tests.ray_head import HEAD
 pytestmark = pytest.mark.skipif(HEAD.off(), reason="the Ray heads are off in this session")
 
 
+def _zygote(tmp_path) -> tuple[zygote.Zygote, dict[str, str]]:
+    """The foreground head's zygote, ready, and a command's environment that joins its head."""
+    env = _engine_env(tmp_path)  # starts the head if no test did yet
+    forking = HEAD.forking()
+    assert forking is not None
+    return forking, env
+
+
 def _forked(tmp_path, args, **extra):
-    env = {**_engine_env(tmp_path), **extra}
-    assert HEAD.zygote is not None
-    assert HEAD.zygote.ready()
-    return zygote.run(HEAD.zygote, args, cwd=tmp_path, env=env, timeout=120,
+    forking, env = _zygote(tmp_path)
+    return zygote.run(forking, args, cwd=tmp_path, env={**env, **extra}, timeout=120,
                       input="not read\n")
 
 
@@ -35,12 +41,12 @@ def test_a_forked_command_takes_the_callers_directory_environment_and_streams(tm
 
 
 def test_a_command_the_zygote_cannot_take_runs_in_a_process_of_its_own(tmp_path):
-    env = {**_engine_env(tmp_path), "OMP_NUM_THREADS": "2"}  # read by OpenMP as torch loads
-    assert HEAD.zygote is not None
+    forking, env = _zygote(tmp_path)
+    env["OMP_NUM_THREADS"] = "2"  # read by OpenMP as torch loads
     with pytest.raises(ValueError, match="OMP_NUM_THREADS"):
-        HEAD.zygote.spawn(["--help"], cwd=tmp_path, env=env, stdin=0, stdout=1, stderr=2)
+        forking.spawn(["--help"], cwd=tmp_path, env=env, stdin=0, stdout=1, stderr=2)
     with open(os.devnull, "wb") as null:
-        proc = zygote.launch(HEAD.zygote, ["--help"], cwd=tmp_path, env=env,
+        proc = zygote.launch(forking, ["--help"], cwd=tmp_path, env=env,
                              stdin=null.fileno(), stdout=null.fileno(), stderr=null.fileno())
         assert isinstance(proc, subprocess.Popen)
         proc.kill()  # no need to wait for its imports
@@ -48,12 +54,10 @@ def test_a_command_the_zygote_cannot_take_runs_in_a_process_of_its_own(tmp_path)
 
 
 def test_a_forked_command_can_be_stopped(tmp_path):
-    assert HEAD.zygote is not None
-    assert HEAD.zygote.ready()
+    forking, env = _zygote(tmp_path)
     with open(os.devnull, "wb") as null:
-        proc = HEAD.zygote.spawn(["run", "--out", "r", "--users", "1000"], cwd=tmp_path,
-                                 env=_engine_env(tmp_path), stdin=null.fileno(),
-                                 stdout=null.fileno(), stderr=null.fileno())
+        proc = forking.spawn(["run", "--out", "r", "--users", "1000"], cwd=tmp_path, env=env,
+                             stdin=null.fileno(), stdout=null.fileno(), stderr=null.fileno())
     with pytest.raises(subprocess.TimeoutExpired):
         proc.wait(0.05)  # still generating its people
     proc.terminate()

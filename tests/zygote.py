@@ -188,10 +188,17 @@ class Zygote:
         self.proc: subprocess.Popen | None = None
         self._dir: str | None = None
         self.path = ""
+        self._lock = threading.RLock()  # the lanes' threads and the foreground share it
+
+    def started(self) -> bool:
+        return self.proc is not None
 
     def start(self) -> None:
-        if self.proc is not None:
-            return
+        with self._lock:
+            if self.proc is None:
+                self._start()
+
+    def _start(self) -> None:
         self._dir = tempfile.mkdtemp(prefix="fs-zygote-", dir="/tmp")
         self.path = os.path.join(self._dir, "socket")
         # Not the suite's terminal: rich decides colours and width as the CLI's console is
@@ -205,6 +212,10 @@ class Zygote:
 
     def ready(self, timeout: float = 300) -> bool:
         """Wait until the zygote has imported what it shares; False if it failed to."""
+        with self._lock:
+            return self._ready(timeout)
+
+    def _ready(self, timeout: float) -> bool:
         if self.proc is None:
             return False
         if self.proc.stdout is not None:
