@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from hypothesis import settings
 
 from simulations.run.engine import SILO_ENV
 from tests import background, cli_inline, priority, zygote
-from tests.ray_head import HEAD, LANE_HEADS
+from tests.ray_head import HEAD, LANE_HEADS, wait_for_agents
 from tests.ray_head import stop_all as stop_ray_heads
 from tests.resumed_run import resumed_run  # noqa: F401  (a fixture: the shared resumed run)
 
@@ -150,10 +151,18 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     if any(background.awaited_by(item) for item in session.items):
         for head in LANE_HEADS:  # here, in the main thread (ray_head.spawn says why)
             head.spawn()
-        priority.YIELDER.start()  # the background yields the CPU to the foreground
+        # The background yields the CPU to the foreground, once the lanes' heads are up: at
+        # nice 10 beside the foreground and the deployment engine's start, a head's dashboard
+        # agent missed the raylet's 15 s deadline and both lane heads died (two CIs).
+        threading.Thread(target=_yield_once_up, name="yield-after-heads", daemon=True).start()
     background.start_for(session.items, _background_env, prepare=_fix_run_secrets,
                          lane_env=lambda lane: LANE_HEADS[lane].join_env(),
                          launch=_launch)
+
+
+def _yield_once_up() -> None:
+    wait_for_agents(list(LANE_HEADS))
+    priority.YIELDER.start()
 
 
 def _launch(lane: int | None, args, **how):

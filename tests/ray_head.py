@@ -115,7 +115,7 @@ class _Head:
         if self.zygote is None:
             return None
         if not self.zygote.started():
-            _wait_for_agents([head for head in (HEAD, *LANE_HEADS) if head.proc is not None])
+            wait_for_agents([HEAD, *LANE_HEADS])
             self.zygote.start()
         return self.zygote if self.zygote.ready() else None
 
@@ -196,7 +196,9 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _wait_for_agents(heads: list[_Head]) -> None:
+def wait_for_agents(heads: list[_Head]) -> None:
+    """Until each of `heads` that was started has its agents up (or has ended), at most
+    STARTUP_SECONDS."""
     deadline = time.monotonic() + STARTUP_SECONDS
     while time.monotonic() < deadline and not all(head.agents_up() for head in heads):
         time.sleep(0.2)
