@@ -107,15 +107,18 @@ class _Head:
 
     def forking(self) -> Zygote | None:
         """This head's zygote, ready to fork its runs (tests/zygote.py), or None: a command
-        then starts a process of its own. The zygote starts only once the agents of every
-        head started so far are up: a raylet aborts when its dashboard agent has not written
+        then starts a process of its own. The zygote starts only once the agents of this head and
+        of the lanes' heads are up: a raylet aborts when its dashboard agent has not written
         its port within 15 s (hard-coded, ray-project/ray#65983), and at the suite's start
         three zygotes importing torch beside two starting heads made both lane heads' agents
         late in a CI (their raylets died 33 s and 80 s into the suite)."""
         if self.zygote is None:
             return None
         if not self.zygote.started():
-            wait_for_agents([HEAD, *LANE_HEADS])
+            # The heads that start with the suite (the lanes'), and this one; not the
+            # foreground's head when it is another: it starts with the first foreground engine
+            # test, maybe minutes later, at the foreground's priority.
+            wait_for_agents([self, *LANE_HEADS])
             self.zygote.start()
         return self.zygote if self.zygote.ready() else None
 
