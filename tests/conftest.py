@@ -162,6 +162,8 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 
 def _yield_once_up() -> None:
     wait_for_agents(list(LANE_HEADS))
+    for head in LANE_HEADS:
+        head.forking()  # starts its zygote; the lanes' runs use it once it is ready
     priority.YIELDER.start()
 
 

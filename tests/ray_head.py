@@ -105,22 +105,25 @@ class _Head:
             self._listening = True
         return dict(self.env)
 
-    def forking(self) -> Zygote | None:
-        """This head's zygote, ready to fork its runs (tests/zygote.py), or None: a command
-        then starts a process of its own. The zygote starts only once the agents of this head and
-        of the lanes' heads are up: a raylet aborts when its dashboard agent has not written
-        its port within 15 s (hard-coded, ray-project/ray#65983), and at the suite's start
-        three zygotes importing torch beside two starting heads made both lane heads' agents
-        late in a CI (their raylets died 33 s and 80 s into the suite)."""
+    def forking(self, *, wait: bool = False) -> Zygote | None:
+        """This head's zygote if it is ready to fork its runs (tests/zygote.py), else None: a
+        command then starts a process of its own, as before the zygote, rather than wait for
+        it (`wait=True` waits). The zygote starts once the agents of this head and of the
+        lanes' heads are up: a raylet aborts when its dashboard agent has not written its port
+        within 15 s (hard-coded, ray-project/ray#65983), and at the suite's start zygotes
+        importing torch beside two starting heads made both lane heads' agents late in a CI.
+        (Waiting for the zygote made the lanes' first runs start at 82-90 s instead of 18 s.)"""
         if self.zygote is None:
             return None
         if not self.zygote.started():
-            # The heads that start with the suite (the lanes'), and this one; not the
-            # foreground's head when it is another: it starts with the first foreground engine
-            # test, maybe minutes later, at the foreground's priority.
-            wait_for_agents([self, *LANE_HEADS])
+            heads = [self, *LANE_HEADS]
+            if wait:
+                wait_for_agents(heads)
+            elif not all(head.agents_up() for head in heads):
+                return None
             self.zygote.start()
-        return self.zygote if self.zygote.ready() else None
+        ready = self.zygote.ready() if wait else self.zygote.ready(timeout=0)
+        return self.zygote if ready else None
 
     def agents_up(self) -> bool:
         """Whether the head's raylet has its agents (each writes its port to a file in the

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(HEAD.off(), reason="the Ray heads are off in thi
 def _zygote(tmp_path) -> tuple[zygote.Zygote, dict[str, str]]:
     """The foreground head's zygote, ready, and a command's environment that joins its head."""
     env = _engine_env(tmp_path)  # starts the head if no test did yet
-    forking = HEAD.forking()
+    forking = HEAD.forking(wait=True)
     assert forking is not None
     return forking, env
 

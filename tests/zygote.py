@@ -211,7 +211,8 @@ class Zygote:
                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log, text=True)
 
     def ready(self, timeout: float = 300) -> bool:
-        """Wait until the zygote has imported what it shares; False if it failed to."""
+        """Wait until the zygote has imported what it shares; False if it failed to, or (at
+        `timeout` 0) if it is still importing."""
         with self._lock:
             return self._ready(timeout)
 
@@ -220,6 +221,8 @@ class Zygote:
             return False
         if self.proc.stdout is not None:
             waited, _, _ = select.select([self.proc.stdout], [], [], timeout)
+            if not waited and timeout == 0:
+                return False  # still importing: ask again later
             line = self.proc.stdout.readline() if waited else ""
             self.proc.stdout.close()
             self.proc.stdout = None
