@@ -25,7 +25,7 @@ import pandas as pd
 
 # THRESHOLD_DELTA: the probability, for one release of a silo's table, that a category value
 # held by one person passes the threshold; public, the authority reserves it per silo.
-from clients.protocol.dp_constants import THRESHOLD_DELTA
+from clients.protocol.dp_constants import STATISTICS_NOISE_MULTIPLIER, THRESHOLD_DELTA
 from clients.protocol.schema import MAX_CATEGORIES, TableSchema, silo_schema
 from clients.protocol.tables import SiloDataError, read_table
 from clients.silo.text_columns import (
@@ -127,14 +127,6 @@ def _frozen(values: np.ndarray) -> np.ndarray:
     return out
 
 
-def _noise_multiplier() -> float:
-    # Imported here: clients.protocol.accounting loads Opacus (seconds), and this module is also
-    # read by tools that only load tables.
-    from clients.protocol.accounting import STATISTICS_NOISE_MULTIPLIER
-
-    return float(STATISTICS_NOISE_MULTIPLIER)
-
-
 def statistics_mechanism() -> dict:
     """What fitting a silo's preparation releases, for the authority's ledger.
 
@@ -152,7 +144,7 @@ def statistics_mechanism() -> dict:
     server/privacy.py). The noise is drawn from the silo's secret stream
     addressed by the table's digest: the same table repeats the same release (no new cost); a
     changed table is a new release."""
-    multiplier = _noise_multiplier()
+    multiplier = STATISTICS_NOISE_MULTIPLIER
     return {
         "mechanism": "gaussian",
         "noise_multiplier": multiplier,
@@ -254,7 +246,7 @@ class Preparation:
         u.sort(axis=0)  # sums independent of the row order, to the last bit
         exact = np.stack([u.sum(axis=0), (u * u).sum(axis=0), present.sum(axis=0)])
         histogram = [c for c in categorical if schema.declared_categories(c) is None]
-        multiplier = 0.0 if rng is None else _noise_multiplier()
+        multiplier = 0.0 if rng is None else STATISTICS_NOISE_MULTIPLIER
         sensitivity = math.sqrt(3 * len(numeric) + len(histogram))
         sigma = multiplier * sensitivity
         # Draw order (a known answer for tests): sums, squares, counts, each over the numeric
