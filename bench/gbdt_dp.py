@@ -22,7 +22,7 @@ A variant is a dict of DpTreeParams overrides (keys of server/gbdt_dp.DpTreePara
 "weights": "uniform" (default) or "no-missing", which never draws the silos' `__missing`
 indicator columns, a choice from the column names alone; "source_power": each source column
 (a numeric column with its indicator, or a one-hot column's levels) weighs k^power over its k
-inputs (server/gbdt_dp_columns.py source_weights; 1: uniform, 0: every source alike);
+inputs (bench/gbdt_dp_sources.py source_weights; 1: uniform, 0: every source alike);
 "scale": the silos bin their prepared matrix divided by it, 1 by default as the DP trees in
 `fedscore run`, DP_UNITS). Each row prints as it finishes; the bench's secrets are fixed per
 seed, so the table reproduces (a party keeps its own).
@@ -41,11 +41,12 @@ from pathlib import Path
 
 import numpy as np
 
+from bench import gbdt_dp_sources
 from clients.protocol.dp_constants import default_delta
 from clients.silo.data import load_silo
 from clients.silo.gbdt import GbdtSilo
 from crypto.secret_random import SecretRandom
-from server import gbdt_dp_columns, gbdt_dp_init, scorecard_dp
+from server import gbdt_dp_init, scorecard_dp
 from server.config import SplitConfig
 from server.gbdt import predict_trees
 from server.gbdt_dp import (
@@ -90,7 +91,7 @@ def load(parties: Path) -> Uci:
 def weights(data: Uci, kind: str, power: float | None = None
             ) -> dict[str, list[float]] | None:
     """Per silo, each column's draw weight: None (uniform), "no-missing" (never a `__missing`
-    indicator), and with `power` per source column (server/gbdt_dp_columns.py)."""
+    indicator), and with `power` per source column (bench/gbdt_dp_sources.py)."""
     if kind not in ("uniform", "no-missing"):
         raise SystemExit(f"unknown weights {kind!r}")
     if power is None and kind == "uniform":
@@ -98,7 +99,7 @@ def weights(data: Uci, kind: str, power: float | None = None
     out = {}
     for s, cols in data.columns.items():
         w = (np.ones(len(cols)) if power is None else
-             gbdt_dp_columns.source_weights(gbdt_dp_columns.source_index(cols), power))
+             gbdt_dp_sources.source_weights(gbdt_dp_sources.source_index(cols), power))
         if kind == "no-missing":
             w = np.where([c.endswith("__missing") for c in cols], 0.0, w)
         out[s] = [float(v) for v in w]

@@ -4,12 +4,9 @@ One-column trees (`DpTreeParams.single_column`): each tree cuts ONE column at so
 thresholds laid out as a search tree, so its leaves are that column's intervals (an additive
 model, as DP-EBM). Drawn from the authority's stream, reading no data.
 
-Per-source weights (`source_index`, `source_weights`): a draw weight per input column from the
-grouping of a silo's inputs by the table column they come from, read from the prepared
-matrix's names alone. Measured on UCI's validation people at eps 1 (bench/RESULTS.md "DP trees:
-per-source columns, cut one-hot levels, guided shallow trees"): no power beats the uniform draw
-(power 0.5 ties, 0 loses 0.006), so `fedscore run` keeps the uniform draw and only the bench
-uses them; they are also the grouping a per-source split release would use.
+`draw_structure` (server/gbdt_dp.py) also takes a draw weight per input column; `fedscore run`
+keeps the uniform draw, and the per-source weights that were measured against it live in
+bench/gbdt_dp_sources.py (no power beat the uniform draw on UCI's validation people).
 """
 
 from __future__ import annotations
@@ -48,29 +45,3 @@ def single_column(trees: int, depth: int, bins: int, p: np.ndarray,
     for t in range(trees):
         picked[t, place] = np.sort(rng.choice(bins - 1, size=internal, replace=replace_))
     return picks, picked
-
-
-def source_weights(sources: np.ndarray, power: float) -> np.ndarray:
-    """Per column, its draw weight when each SOURCE column (the table column a silo's input
-    comes from: a numeric value with its `__missing` indicator, or every one-hot level of a
-    categorical column, clients/silo/data.py) weighs k^power in total, k its input count,
-    shared equally among its inputs. `sources`: each input's source index. power 1 gives
-    every input weight 1 (the uniform draw); 0 every source the same weight, so a one-hot
-    column of 13 levels is drawn as often as one numeric column; between, in between. The
-    grouping comes from the schema (declared categories) and column names, never the data."""
-    sources = np.asarray(sources, dtype=np.int64)
-    if sources.ndim != 1 or (sources < 0).any():
-        raise ValueError("sources needs one non-negative source index per input column")
-    count = np.bincount(sources)[sources].astype(np.float64)
-    return count ** (power - 1.0)
-
-
-def source_index(columns: list[str] | tuple[str, ...]) -> np.ndarray:
-    """Each input column's source index from the prepared matrix's names alone
-    (clients/silo/data.py: `<col>`, `<col>__missing`, `<col>=<value>`), in first-seen order."""
-    order: dict[str, int] = {}
-    out = []
-    for name in columns:
-        base = name.split("=", 1)[0] if "=" in name else name.removesuffix("__missing")
-        out.append(order.setdefault(base, len(order)))
-    return np.array(out, dtype=np.int64)

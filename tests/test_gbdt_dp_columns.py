@@ -1,4 +1,4 @@
-"""Per-source-column draws of the DP random trees (server/gbdt_dp_columns.py): the grouping
+"""Per-source-column draws of the DP random trees (bench/gbdt_dp_sources.py): the grouping
 from the prepared matrix's names, the weights, and the draw that follows them."""
 
 from __future__ import annotations
@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from bench.gbdt_dp_sources import source_index, source_weights
 from clients.silo.gbdt import GbdtSilo
 from crypto.secret_random import SecretRandom
 from server.gbdt_dp import DpTreeParams, draw_structure
-from server.gbdt_dp_columns import source_index, source_weights
 
 # A silo's matrix as clients/silo/data.py names it: numeric columns, their indicators, then
 # one-hot levels of a declared categorical column ending in `=missing`.
