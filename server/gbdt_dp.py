@@ -385,6 +385,13 @@ def noisy_prior(y: np.ndarray, release: DpTreesRelease, rng: np.random.Generator
     return math.log(rate / (1.0 - rate))
 
 
+def row_sample(rng: np.random.Generator, rows: int, rate: float) -> np.ndarray:
+    """One tree's Poisson sample of `rows` people (a mask: each in with probability `rate`,
+    everyone at rate 1), drawn from the authority's secret stream. The canary audit replays
+    the same draw (simulations/analysis/tree_audit.py)."""
+    return rng.random(rows) < rate if rate < 1 else np.ones(rows, dtype=bool)
+
+
 def noisy_sums(g: np.ndarray, h: np.ndarray, leaf: np.ndarray, params: DpTreeParams,
                release: DpTreesRelease, rng: np.random.Generator
                ) -> tuple[np.ndarray, np.ndarray]:
@@ -471,8 +478,7 @@ def boost(leaf: np.ndarray, y: np.ndarray, structure: list[dict[int, Split]],
         step = np.zeros(rows)
         for _ in range(start, start + params.batch):
             s = post.next(len(structure))
-            taken = (sample_rng.random(rows) < params.sample_rate if params.sample_rate < 1
-                     else slice(None))
+            taken = row_sample(sample_rng, rows, params.sample_rate)
             sums.append(np.stack(noisy_sums(g[taken], h[taken], leaf[s][taken], params,
                                             release, noise_rng)))
             values = post.values(s, sums[-1][0], sums[-1][1])

@@ -258,9 +258,8 @@ def replay_leaves(included: np.ndarray, mech: TreeMechanism, batches: np.random.
     g_obs = np.empty((mech.trees, 1, groups * cells))
     h_obs = np.empty_like(g_obs)
     for t in range(mech.trees):
-        # The run's row sample (server/gbdt_dp.py `boost`), restricted to the included canaries.
-        taken = (batches.random(m) < mech.sample_rate if mech.sample_rate < 1
-                 else np.ones(m, dtype=bool))
+        # The run's row sample, restricted to the included canaries.
+        taken = gbdt_dp.row_sample(batches, m, mech.sample_rate)
         rows = np.flatnonzero(taken & included)
         bounds = np.searchsorted(rows, np.arange(groups + 1) * cells)
         for j in range(groups):
