@@ -7,6 +7,7 @@ import threading
 import time
 
 from tests.background import _Lanes
+from tests.waiting import until
 
 
 class _Fake:
@@ -32,15 +33,6 @@ def _settle() -> None:
     time.sleep(0.05)
 
 
-def _until(predicate, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return False
-
-
 def test_two_lanes_in_order_and_the_awaited_run_next():
     lanes, log = _Lanes(), []
     a, b, c, d = _Fake(), _Fake(), _Fake(), _Fake()
@@ -49,17 +41,17 @@ def test_two_lanes_in_order_and_the_awaited_run_next():
         lanes.enqueue(runs)  # type: ignore[arg-type]
     numbers: dict = {}
     threads = [_start(lanes, runs, log, holds[runs], numbers) for runs in (d, c, b, a)]
-    assert _until(lambda: len(log) == 2)
+    assert until(lambda: len(log) == 2)
     _settle()
     assert set(log) == {a, b}  # the first two queued, whoever asked first
     # Each lane has its own number (its own Ray head): two runs at once never share one.
     assert sorted(numbers.values()) == [0, 1]
     lanes.to_front(d)  # type: ignore[arg-type]  # the foreground waits for d: it goes next
     holds[a].set()
-    assert _until(lambda: len(log) == 3)
+    assert until(lambda: len(log) == 3)
     assert log[2] is d
     holds[b].set()
-    assert _until(lambda: len(log) == 4)
+    assert until(lambda: len(log) == 4)
     assert log[3] is c
     for hold in holds.values():
         hold.set()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -24,6 +23,7 @@ from simulations.run.deploy import (
 )
 from tests import background
 from tests.conftest import processes_using, run_cli
+from tests.waiting import until
 
 pytestmark = pytest.mark.slow
 # Every message under the deployment engine starts a process: few round trips keep it quick.
@@ -38,11 +38,8 @@ background.register("deployed", lambda work: [("deploy", "--out", str(work / "de
 
 
 def wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.2)
+    if not until(predicate, timeout, every=0.2):
+        raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 # The two refusals below mostly wait for SuperNodes to join (3 s polls): each runs in a
@@ -118,11 +115,8 @@ def refuses_an_app_bundle_it_did_not_pin(tmp_path: Path) -> None:
         wait_for(lambda: refusals() or failed.exists(), 300, "a SuperNode to refuse the bundle")
         # The authority can record the refusal (the node's error reply) a moment before the
         # node's own log line is on disk: give the log time to catch up.
-        deadline = time.monotonic() + 30
-        while not refusals() and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert refusals(), (failed.read_text() if failed.exists() else "") + \
-            nodes[0].log_tail(20)
+        assert until(refusals, 30, every=0.5), \
+            (failed.read_text() if failed.exists() else "") + nodes[0].log_tail(20)
         refused = refusals()
         for node in nodes:
             if node.name in refused:  # Flower's refusal path: the bundle is not stored or run

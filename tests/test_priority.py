@@ -11,21 +11,13 @@ from pathlib import Path
 import pytest
 
 from tests import priority
+from tests.waiting import until
 
 pytestmark = pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs Linux's /proc")
 
 # A second thread started at once: nice values are per thread on Linux.
 SLEEPER = (sys.executable, "-c", "import threading, time; "
            "threading.Thread(target=time.sleep, args=(30,), daemon=True).start(); time.sleep(30)")
-
-
-def _wait_for(predicate, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def _threads_nice(pid: int) -> set[int]:
@@ -49,17 +41,17 @@ def test_marked_processes_and_their_sessions_yield_and_the_rest_do_not():
     ]
     own, shared, unmarked, waits = started
     # Their second threads exist before the watcher looks: it must find them itself.
-    assert _wait_for(lambda: all(len(list(Path(f"/proc/{p.pid}/task").iterdir())) >= 2
+    assert until(lambda: all(len(list(Path(f"/proc/{p.pid}/task").iterdir())) >= 2
                                  for p in (own, shared)))
     watcher = priority.Yielder(period=0.05)
     watcher.start()
     try:
-        assert _wait_for(lambda: _threads_nice(shared.pid) == {NICE})  # every thread
-        assert _wait_for(lambda: _threads_nice(own.pid) == {NICE})
-        assert _wait_for(
+        assert until(lambda: _threads_nice(shared.pid) == {NICE})  # every thread
+        assert until(lambda: _threads_nice(own.pid) == {NICE})
+        assert until(
             lambda: os.getpriority(os.PRIO_PROCESS, waits.pid) == WAITS)
         if own_group is not None:  # autogroups: the marked session yields, the suite's not
-            assert _wait_for(lambda: priority.autogroup_nice(own.pid) == NICE)
+            assert until(lambda: priority.autogroup_nice(own.pid) == NICE)
             assert priority.autogroup_nice(os.getpid()) == own_group
         stranger = subprocess.Popen(SLEEPER, env={  # another test session's background
             **os.environ, priority.BACKGROUND_ENV: f"{priority.NICE}:{os.getpid() + 1}"})
