@@ -543,7 +543,7 @@ def test_a_text_column_prepares_and_a_value_held_by_one_person_is_not_kept(monke
     np.testing.assert_array_equal(m.x[:3, 2:], [[1, 0], [0, 1], [0, 1]])
     # With less noise (here 1 instead of the ledger's), the common values pass, the
     # astronaut never does: the threshold is what keeps one person's value out.
-    monkeypatch.setattr("clients.silo.data._noise_multiplier", lambda: 1.0)
+    monkeypatch.setattr("clients.silo.data.STATISTICS_NOISE_MULTIPLIER", 1.0)
     for seed in range(20):
         m = prepare(df, "s", ["a", "job"], TEXT_SCHEMA, rng=noise(seed))
         assert m.columns[2:] == ["job='Teacher'", "job='clerk'", "job='farmer'", "job=other",
