@@ -37,6 +37,10 @@ BACKGROUND_ENV = "FEDSCORE_TEST_BACKGROUND"
 NICE = 10  # the lanes' runs and heads
 WAITS_NICE = 5  # runs that mostly wait (the deployment engine's)
 PERIOD = 0.5  # seconds between scans: a run's processes live for seconds to minutes
+# Seconds after its start by which a process has exec'd (a child forked from the suite carries
+# the suite's environment until then): an unmarked process this old is settled as not ours.
+SETTLE = 2.0
+_TICKS = os.sysconf("SC_CLK_TCK")
 _MARKER = f"{BACKGROUND_ENV}=".encode()
 _PROC = Path("/proc")
 
@@ -56,6 +60,11 @@ def _stat(pid: int) -> tuple[int, int] | None:
         return None
     fields = stat.rsplit(b")", 1)[1].split()  # after the parenthesised name: field 3 on
     return int(fields[3]), int(fields[19])
+
+
+def _uptime() -> float:
+    """Seconds since boot, the clock of a process's start time in /proc/PID/stat."""
+    return float((_PROC / "uptime").read_text().split()[0])
 
 
 def _marked(pid: int) -> int | None:
@@ -119,8 +128,11 @@ class Yielder:
         self._period = period
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        # (pid, start time, session): pids are reused, and a process may lead a session later
-        self._done: set[tuple[int, int, int]] = set()
+        # (pid, start time, session) of the processes never read again: yielded, or settled as
+        # not ours (pids are reused, and a process may lead a session later). Reading every
+        # process's environment at every scan cost 5 ms a scan at 70 processes, and the suite
+        # runs several hundred.
+        self._settled: set[tuple[int, int, int]] = set()
         self._groups: set[int] = set()  # sessions whose autogroup yields already
         self._warned = False
         self._base = os.getpriority(os.PRIO_PROCESS, 0)  # a suite run under `nice` keeps its
@@ -143,23 +155,28 @@ class Yielder:
 
     def _scan(self, own_session: int) -> None:
         me, uid = os.getpid(), os.getuid()
+        settled_before = _uptime() - SETTLE
         for entry in _PROC.iterdir():
             if not entry.name.isdigit() or int(entry.name) == me:
                 continue
             pid = int(entry.name)
             stat = _stat(pid)
-            if stat is None or (pid, stat[1], stat[0]) in self._done:
+            if stat is None:
+                continue
+            key = (pid, stat[1], stat[0])
+            if key in self._settled:
                 continue
             try:
-                if entry.stat().st_uid != uid:
-                    continue
+                theirs = entry.stat().st_uid != uid
             except OSError:
                 continue
-            # Not cached when unmarked: a child forked from the suite is marked at its exec.
-            nice = _marked(pid)
-            if nice is not None and self._yield(pid, min(19, self._base + nice), stat[0],
-                                                own_session):
-                self._done.add((pid, stat[1], stat[0]))
+            nice = None if theirs else _marked(pid)
+            if nice is None:
+                # A child forked from the suite is marked at its exec: settled once it is old.
+                if theirs or stat[1] / _TICKS < settled_before:
+                    self._settled.add(key)
+            elif self._yield(pid, min(19, self._base + nice), stat[0], own_session):
+                self._settled.add(key)
 
     def _yield(self, pid: int, nice: int, session: int, own_session: int) -> bool:
         """Renice `pid` and its session's autogroup (never the suite's own, which holds the
