@@ -183,8 +183,12 @@ def _yield_once_up() -> None:
 
 
 def _launch(lane: int | None, args, **how):
-    """A background command forked from its lane head's zygote (tests/zygote.py)."""
-    return zygote.launch(None if lane is None else LANE_HEADS[lane].forking(), args, **how)
+    """A background command forked from its lane head's zygote (tests/zygote.py), waiting for
+    it if it is still importing: the suite keeps both cores busy throughout, so the 4 s of CPU
+    a command's own imports would take are the suite's, and the lanes' first runs crawl beside
+    the foreground for minutes whenever they start."""
+    return zygote.launch(None if lane is None else LANE_HEADS[lane].forking(wait=True), args,
+                         **how)
 
 
 _SESSION_START = time.time()

@@ -112,7 +112,7 @@ class _Head:
         lanes' heads are up: a raylet aborts when its dashboard agent has not written its port
         within 15 s (hard-coded, ray-project/ray#65983), and at the suite's start zygotes
         importing torch beside two starting heads made both lane heads' agents late in a CI.
-        (Waiting for the zygote made the lanes' first runs start at 82-90 s instead of 18 s.)"""
+        The lanes wait (conftest `_launch`); the foreground's first commands do not."""
         if self.zygote is None:
             return None
         if not self.zygote.started():
