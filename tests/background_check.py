@@ -5,12 +5,21 @@ on stderr if it raises."""
 from __future__ import annotations
 
 import importlib
+import signal
 import sys
 import traceback
 from pathlib import Path
 
 
+def _stop(signum: int, frame: object) -> None:
+    # The suite ends a check it no longer waits for with SIGTERM (background.stop): unwind, so
+    # that the check's own `finally` stops what it started (a SuperLink and its SuperNodes live
+    # in sessions of their own and outlived a check killed outright).
+    raise SystemExit(128 + signum)
+
+
 def main(target: str, work: str) -> int:
+    signal.signal(signal.SIGTERM, _stop)
     module, _, name = target.partition(":")
     check = getattr(importlib.import_module(module), name)
     Path(work).mkdir(parents=True, exist_ok=True)

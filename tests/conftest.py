@@ -163,6 +163,8 @@ def _background_env(cwd: Path) -> dict[str, str]:
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
+    if session.config.option.collectonly:  # nothing will await them
+        return
     if any(background.awaited_by(item) for item in session.items):
         for head in LANE_HEADS:  # here, in the main thread (ray_head.spawn says why)
             head.spawn()

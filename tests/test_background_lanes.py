@@ -3,8 +3,12 @@ the awaited run first."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
+from pathlib import Path
+
+import pytest
 
 from tests.background import _Lanes
 from tests.waiting import until
@@ -73,3 +77,37 @@ def test_a_forgotten_run_never_starts_and_its_thread_ends():
     for thread in threads[:2]:
         thread.join(2)
     assert sorted(log, key=id) == sorted([a, b], key=id)
+
+
+def holds_a_process_of_its_own(work) -> None:
+    """A check that starts a process in a session of its own (as a SuperLink is) and stops it
+    in its `finally`."""
+    import signal
+    import subprocess
+
+    child = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    (work / "pid").write_text(str(child.pid))
+    try:
+        time.sleep(60)
+    finally:
+        os.killpg(child.pid, signal.SIGTERM)
+        child.wait()
+
+
+@pytest.mark.slow  # two processes of their own
+def test_a_check_ended_by_the_suite_stops_what_it_started(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    check = subprocess.Popen(
+        [sys.executable, "-m", "tests.background_check",
+         "tests.test_background_lanes:holds_a_process_of_its_own", str(tmp_path)],
+        cwd=root, env={**os.environ, "PYTHONPATH": str(root)},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert until(lambda: (tmp_path / "pid").exists(), 60), check.communicate()
+    child = int((tmp_path / "pid").read_text())
+    check.send_signal(signal.SIGTERM)  # as background.stop ends it
+    assert check.wait(30) != 0
+    assert until(lambda: not Path(f"/proc/{child}").exists(), 10)
