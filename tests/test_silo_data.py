@@ -685,6 +685,7 @@ def test_a_csv_reads_declared_text_as_text_and_guesses_types_over_the_whole_file
     assert set(text_cells(table["mixed"]).dropna()) == {"7", "x"}
 
 
+@pytest.mark.slow  # a process of its own
 def test_preparing_a_table_loads_neither_torch_nor_opacus():
     """Under the deployment engine each message a silo answers is a process of its own, and
     the light ones (hello, the PSI steps) prepare the silo's table: importing Opacus there cost

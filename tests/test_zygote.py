@@ -11,7 +11,9 @@ from tests import zygote
 from tests.conftest import _engine_env
 from tests.ray_head import HEAD
 
-pytestmark = pytest.mark.skipif(HEAD.off(), reason="the Ray heads are off in this session")
+# Slow: the zygote waits for the session's Ray head and imports the CLI (12 s of the fast loop).
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(HEAD.off(), reason="the Ray heads are off in this session")]
 
 
 def _zygote(tmp_path) -> tuple[zygote.Zygote, dict[str, str]]:
