@@ -86,6 +86,7 @@ def _own_process(lane: int | None, args: Sequence[str], *, cwd: Path, env: Mappi
 
 _registered: dict[str, Commands] = {}
 _waits: set[str] = set()
+_early: set[str] = set()
 _started: dict[str, _Runs] = {}
 # (work directory name, command index, seconds from collection to its start, seconds it took,
 # exit code): what the suite's summary prints, to show where the end of the suite waits.
@@ -94,10 +95,17 @@ _EPOCH = time.monotonic()
 _ROOT = Path(__file__).resolve().parents[1]
 
 
-def register(name: str, commands: Commands, *, waits: bool = False) -> None:
+def register(name: str, commands: Commands, *, waits: bool = False, early: bool = False
+             ) -> None:
+    """`early`: the tests that await the run have work of their own to do after it (an
+    interactive session, an interrupted sweep): they go first among the tests that await runs,
+    and so the run goes first in the lanes' queue, so that their work overlaps the lanes'
+    instead of following it on one core at the suite's end (conftest)."""
     _registered[name] = commands
     if waits:
         _waits.add(name)
+    if early:
+        _early.add(name)
 
 
 def register_check(name: str, check: Callable[[Path], None], *, waits: bool = False) -> None:
@@ -122,6 +130,11 @@ def passed(name: str, timeout: float = 900) -> None:
 
 def awaited_by(item: pytest.Item) -> bool:
     return any(name in getattr(item, "fixturenames", ()) for name in _registered)
+
+
+def awaits_early(item: pytest.Item) -> bool:
+    """Whether `item` awaits a run registered `early`."""
+    return any(name in getattr(item, "fixturenames", ()) for name in _early)
 
 
 class _Lanes:

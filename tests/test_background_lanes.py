@@ -111,3 +111,21 @@ def test_a_check_ended_by_the_suite_stops_what_it_started(tmp_path):
     check.send_signal(signal.SIGTERM)  # as background.stop ends it
     assert check.wait(30) != 0
     assert until(lambda: not Path(f"/proc/{child}").exists(), 10)
+
+
+def test_tests_awaiting_an_early_run_go_first_among_those_that_await(monkeypatch):
+    """conftest's order: tests that await no run, then those awaiting an `early` run, then
+    the rest, each group in collection order."""
+    from types import SimpleNamespace
+
+    from tests import background, conftest
+
+    monkeypatch.setattr(background, "_registered", {"late": lambda work: [],
+                                                    "first": lambda work: []})
+    monkeypatch.setattr(background, "_early", {"first"})
+    items = [SimpleNamespace(name=name, fixturenames=fixtures) for name, fixtures in [
+        ("awaits_late", ["late"]), ("plain", ["tmp_path"]), ("awaits_first", ["first"]),
+        ("awaits_both", ["late", "first"]), ("plain_too", [])]]
+    conftest.pytest_collection_modifyitems(None, None, items)  # type: ignore[arg-type]
+    assert [item.name for item in items] == ["plain", "plain_too", "awaits_first",
+                                             "awaits_both", "awaits_late"]
