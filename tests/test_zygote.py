@@ -8,7 +8,7 @@ import subprocess
 import pytest
 
 from tests import zygote
-from tests.conftest import _engine_env
+from tests.conftest import _cli_env, _engine_env
 from tests.ray_head import HEAD
 
 # Slow: the zygote waits for the session's Ray head and imports the CLI (12 s of the fast loop).
@@ -66,3 +66,27 @@ def test_a_forked_command_can_be_stopped(tmp_path):
     assert proc.wait(60) != 0
     assert proc.poll() == proc.returncode
     assert not (tmp_path / "r" / "metrics.json").exists()
+
+
+def test_a_zygote_outlives_the_thread_that_started_it(tmp_path):
+    """A lane's zygote is started by whichever thread asks first (a lane's run, which ends
+    long before the suite): it must serve until the suite ends, not until that thread does."""
+    import threading
+    import time
+
+    env = _cli_env(tmp_path)
+    started = zygote.Zygote(env)
+    starter = threading.Thread(target=started.start)
+    starter.start()
+    starter.join()
+    try:
+        assert started.ready()
+        time.sleep(2 * zygote._PARENT_CHECK)  # the starting thread is gone
+        assert started.proc is not None
+        assert started.proc.poll() is None
+        result = zygote.run(started, ["keys", "init", "keys"], cwd=tmp_path, env=env,
+                            timeout=120)
+        assert result.returncode == 0, result.stderr
+        assert (tmp_path / "keys" / "keystore.json").exists()
+    finally:
+        started.stop()

@@ -50,6 +50,7 @@ _ROOT = Path(__file__).resolve().parents[1]
 _MAX_REQUEST = 1 << 20
 _BLOCKED = {signal.SIGTERM, signal.SIGINT, signal.SIGCHLD}
 _ZYGOTE_PID = os.getpid()  # set again in the zygote (`_serve`)
+_PARENT_CHECK = 1.0  # seconds between the zygote's checks that the suite is still there
 
 
 def _preload() -> None:
@@ -63,15 +64,13 @@ def _preload() -> None:
 
 def _serve(path: str) -> dict:
     """The zygote's loop; returns only in a forked child, with its request."""
-    import ctypes
     import gc
 
-    # SIGTERM when the suite ends, even killed (prctl PR_SET_PDEATHSIG; not inherited by the
-    # children, which the suite stops itself). Ctrl-C in the suite's terminal is for the
-    # commands, whose handlers are Python's default again.
+    # Ctrl-C in the suite's terminal is for the commands, whose handlers are Python's default
+    # again.
     global _ZYGOTE_PID
     _ZYGOTE_PID = os.getpid()
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+    suite = os.getppid()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     before = dict(os.environ)
     _preload()
@@ -91,9 +90,17 @@ def _serve(path: str) -> dict:
     print("ready", flush=True)  # the caller waits for this line: the imports are done
     while True:
         try:
-            readable, _, _ = select.select([listener, wake_r], [], [])
+            readable, _, _ = select.select([listener, wake_r], [], [], _PARENT_CHECK)
         except InterruptedError:
             continue
+        # The suite is gone, even killed: end (the children, which the suite stops itself,
+        # go on to their end). Not prctl(PR_SET_PDEATHSIG): that signal follows the THREAD
+        # that started the zygote, and a lane's zygote is started by whichever thread asks
+        # first (a lane's run, the thread that waits for the heads' agents), which ends long
+        # before the suite: the zygote died with it, a command forked just before was killed,
+        # and the lane's later commands ran in processes of their own.
+        if os.getppid() != suite:
+            os._exit(0)
         if wake_r in readable:
             os.read(wake_r, 4096)
             _reap(children)
