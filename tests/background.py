@@ -97,8 +97,8 @@ _ROOT = Path(__file__).resolve().parents[1]
 
 def register(name: str, commands: Commands, *, waits: bool = False, early: bool = False
              ) -> None:
-    """`early`: the tests that await the run have work of their own to do after it (an
-    interactive session, an interrupted sweep): they go first among the tests that await runs,
+    """`early`: the tests that await the run have work of their own to do after it (a served
+    session on a private Ray): they go first among the tests that await runs,
     and so the run goes first in the lanes' queue, so that their work overlaps the lanes'
     instead of following it on one core at the suite's end (conftest)."""
     _registered[name] = commands
