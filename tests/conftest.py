@@ -181,9 +181,11 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 
 def _yield_once_up() -> None:
     wait_for_agents(list(LANE_HEADS))
+    # First: a lane's run waiting for its zygote's imports holds the zygote's lock, and
+    # forking() would wait for it too.
+    priority.YIELDER.start()
     for head in LANE_HEADS:
         head.forking()  # starts its zygote; the lanes' runs use it once it is ready
-    priority.YIELDER.start()
 
 
 def _launch(lane: int | None, args, **how):
